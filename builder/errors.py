@@ -1,0 +1,36 @@
+"""Errors a user can act on: each message says what was expected, what was found, and what to do."""
+
+
+class Eagle3CacheError(Exception):
+    """Base for errors reported to the user without a traceback."""
+
+
+class ConfigError(Eagle3CacheError, ValueError):
+    """A flag has an invalid value; raised before any data or weights load."""
+
+    def __init__(self, flag: str, value, expected: str, hint: str = ""):
+        message = f"{flag}: expected {expected}, got {value!r}"
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+        self.flag = flag
+
+
+class InputError(Eagle3CacheError, ValueError):
+    """The input data cannot be read as chat rows."""
+
+
+class BadRowError(Eagle3CacheError, ValueError):
+    """--strict and a row is invalid."""
+
+
+class ResumeMismatch(Eagle3CacheError):
+    """--resume on a cache built with different identity fields."""
+
+    def __init__(self, differences: dict):
+        lines = [f"  {field}: cache has {old!r}, this run has {new!r}" for field, (old, new) in sorted(differences.items())]
+        super().__init__(
+            "--resume: the cache in the output directory was built with different settings, so it cannot be "
+            "continued:\n" + "\n".join(lines) + "\nUse the original settings, or a new --output-dir."
+        )
+        self.differences = differences

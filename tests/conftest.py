@@ -1,0 +1,26 @@
+"""Test setup: no network, a private Hugging Face cache per session, tests/ importable."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS_DIR))
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_hf_cache(tmp_path_factory):
+    """Keep `datasets` map caches of one test run away from the user's (and other runs')."""
+    cache = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(cache)
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "datasets")
+    import datasets.config
+
+    datasets.config.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
+    yield

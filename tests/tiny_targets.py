@@ -1,0 +1,135 @@
+"""Tiny random-weight targets of several architectures, built offline for tests.
+
+Every target shares the embedded tokenizer (builder/assets/tiny-llama), so token
+ids, vocab size and chat template are the same whatever the architecture.
+
+    make_tiny_target(tmp_path / "m", "qwen3_moe")  # -> directory loadable by
+    AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained
+
+Caveat (transformers 5.x): for model_type "qwen2" AutoTokenizer ignores
+tokenizer_config's class and loads Qwen2Tokenizer, which keeps the vocab, merges,
+special tokens and chat template but swaps in Qwen's pre-tokenizer (digits split
+one by one, NFC): the same text can get different ids than with the other archs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+
+from builder.embedded import EMBEDDED_TARGETS, NO_GENERATION_TEMPLATE
+
+ARCHITECTURES = (
+    "llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "text_config", "llama_tied",
+)
+NUM_LAYERS = 6
+HIDDEN = 64
+
+
+def tiny_tokenizer(generation_template: bool = True):
+    """The embedded tokenizer; with generation_template=False its template has no
+    {% generation %} blocks, which forces the prefix-rendering loss-mask path."""
+    tok = AutoTokenizer.from_pretrained(EMBEDDED_TARGETS["tiny-llama"])
+    if not generation_template:
+        tok.chat_template = NO_GENERATION_TEMPLATE.read_text(encoding="utf-8")
+    return tok
+
+
+def _text_settings(tok, **overrides) -> dict:
+    settings = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HIDDEN // 4,  # Qwen3 and Gemma3 default to much wider heads
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    settings.update(overrides)
+    return settings
+
+
+def _gemma3_config(tok) -> Gemma3Config:
+    # Multimodal wrapper: the decoder's settings live in config.text_config and
+    # AutoModelForCausalLM loads Gemma3ForConditionalGeneration. No soft-capping,
+    # so logits are plain lm_head outputs like the other architectures.
+    text = _text_settings(tok, sliding_window=16,
+                          final_logit_softcapping=None, attn_logit_softcapping=None)
+    text.pop("tie_word_embeddings")
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    # 28/14 = 2x2 patches pooled to mm_tokens_per_image = 4 (must be a square).
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                        tie_word_embeddings=False)
+
+
+def _config(arch: str, tok) -> PretrainedConfig:
+    moe = dict(num_experts_per_tok=2)
+    builders = {
+        "llama": lambda: LlamaConfig(**_text_settings(tok)),
+        "llama_tied": lambda: LlamaConfig(**_text_settings(tok, tie_word_embeddings=True)),
+        "qwen2": lambda: Qwen2Config(**_text_settings(tok)),
+        "qwen3": lambda: Qwen3Config(**_text_settings(tok)),
+        "mistral": lambda: MistralConfig(**_text_settings(tok, sliding_window=None)),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**_text_settings(
+            tok, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, **moe)),
+        "mixtral": lambda: MixtralConfig(**_text_settings(tok, num_local_experts=4, **moe)),
+        "text_config": lambda: _gemma3_config(tok),
+    }
+    if arch not in builders:
+        raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
+    return builders[arch]()
+
+
+def _init_weights(model, seed: int) -> None:
+    """Seeded normal(0.02) matrices, a wider embedding (0.05) so token identity shows
+    in the logits, and a wide lm_head (0.5) so the softmax is peaked rather than near
+    uniform; 1-D params (norms, biases) keep their defaults. A tied head is also the
+    embedding, which then dominates the residual stream: 0.5 there would predict the
+    input token with probability ~1, so a tied matrix gets 0.1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        if head is embed:
+            head.copy_(torch.randn(head.shape, generator=gen) * 0.1)
+        else:
+            embed.copy_(torch.randn(embed.shape, generator=gen) * 0.05)
+            head.copy_(torch.randn(head.shape, generator=gen) * 0.5)
+
+
+def make_tiny_target(
+    directory: Path, arch: str, *, seed: int = 0, generation_template: bool = True
+) -> Path:
+    """Save a tiny fp32 model of `arch` plus the embedded tokenizer into `directory`."""
+    directory = Path(directory)
+    tok = tiny_tokenizer(generation_template)
+    config = _config(arch, tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _init_weights(model, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
