@@ -1,0 +1,112 @@
+"""`eagle3-cache` command line: `build` (and `scripts/build_cache.py`, same parser)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .embedded import DEFAULT_INPUT, DEFAULT_TARGET, describe_embedded
+from .errors import Eagle3CacheError
+
+
+def _layer_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,13,28, got {text!r}") from None
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target")
+    g.add_argument("--target-model", default=DEFAULT_TARGET, help=f"local model dir, Hub model id, or an embedded name (default: {DEFAULT_TARGET})")
+    g.add_argument("--target-revision", default=None, help="Hub revision (branch, tag or commit) of the target")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model/tokenizer code from the target repo")
+    g.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template overriding the tokenizer's")
+    g.add_argument("--aux-layer-ids", type=_layer_ids, default=None, help="decoder layers whose outputs feed the draft (default: 1,N//2-1,N-4)")
+    g = p.add_argument_group("input")
+    g.add_argument("--input-data", default=DEFAULT_INPUT, help=f".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name (default: {DEFAULT_INPUT})")
+    g.add_argument("--input-config", default=None, help="Hub dataset config name")
+    g.add_argument("--split", default=None, help="dataset split (default: train)")
+    g.add_argument("--max-samples", type=int, default=None, help="use the first N rows of the shuffled input")
+    g.add_argument("--shuffle-seed", type=int, default=42, help="seed of the input permutation (default: 42)")
+    g.add_argument("--seq-length", type=int, default=2048, help="right-truncate samples to this many tokens (default: 2048)")
+    g.add_argument("--num-proc", type=int, default=1, help="processes for tokenization (default: 1)")
+    g.add_argument("--strict", action="store_true", help="stop on the first invalid row instead of skipping and counting it")
+    g = p.add_argument_group("cache")
+    g.add_argument("--output-dir", default="eagle3-cache-out", help="cache directory (default: ./eagle3-cache-out)")
+    g.add_argument("--draft-vocab-size", type=int, default=None, help="draft vocabulary size (default: the full target vocab)")
+    g.add_argument("--dtype", default="bf16", help="storage dtype of float tensors: bf16, fp16 or fp32 (default: bf16)")
+    g.add_argument("--target-format", default="probs", help="target supervision format (default: probs)")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per Parquet shard (default: 1000)")
+    g.add_argument("--row-group-bytes", type=int, default=128 << 20, help="bytes per Parquet row group (default: 128 MiB)")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=8, help="max samples per forward batch (default: 8)")
+    g.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward batch, padding included (default: batch size x seq length)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build in --output-dir (identity must match)")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import BuildConfig
+
+    return BuildConfig(
+        target_model=args.target_model, target_revision=args.target_revision, input_data=args.input_data,
+        input_config=args.input_config, split=args.split, max_samples=args.max_samples, shuffle_seed=args.shuffle_seed,
+        output_dir=args.output_dir, seq_length=args.seq_length, draft_vocab_size=args.draft_vocab_size,
+        batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, shard_size=args.shard_size,
+        dtype=args.dtype, aux_layer_ids=args.aux_layer_ids, target_format=args.target_format,
+        row_group_bytes=args.row_group_bytes, resume=args.resume, strict=args.strict, dry_run=args.dry_run,
+        trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, num_proc=args.num_proc,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eagle3-cache", description="Build, share and read EAGLE-3 supervision caches.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser(
+        "build", help="run the target over a chat dataset and write a cache",
+        epilog=describe_embedded(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_build_arguments(build)
+    build.set_defaults(func=run_build)
+    return parser
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .plan import format_plan, plan_summary
+
+    cfg = config_from_args(args)
+    result = build(cfg, progress=not args.quiet)
+    if cfg.dry_run:
+        print(format_plan(plan_summary(result.prepared)))
+        return 0
+    print(format_summary(result))
+    return 0
+
+
+def format_summary(result) -> str:
+    from dataset_card import summary_rows
+
+    m = result.manifest
+    resumed = len(m["shards"]) - len(result.written)
+    lines = [f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; {len(result.written)} shards written, {resumed} resumed)"]
+    lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
+    if m["skipped"]:
+        lines.append(f"  skipped by reason: {json.dumps(m['skipped'])}")
+    lines.append(f"  read it: builder.load_cache({str(result.output_dir)!r}, layout='nemo')")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Eagle3CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,130 @@
+"""Everything before the target's weights load: flags, tokenizer, config, input rows,
+tokenization, bad-row accounting, draft vocabulary and the build's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from . import __version__
+from .config import BuildConfig, resolve_aux_layer_ids, validate
+from .embedded import resolve_input, resolve_target
+from .errors import BadRowError
+from .inputs import load_rows, select_rows
+from .manifest import FORMAT_VERSION
+from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
+from .tokenize import template_of, tokenize_rows, tokenizer_hash
+from .vocab import array_hash, count_loss_tokens, select_draft_vocab, special_token_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    cfg: BuildConfig
+    model_path: str
+    tokenizer: object
+    model_config: object
+    aux_layer_ids: list[int]
+    samples: datasets.Dataset  # valid tokenized samples, in build order
+    skipped: dict[str, int]
+    token_counts: np.ndarray  # [V] loss-masked token counts
+    selected_token_ids: np.ndarray  # [Vd]
+    identity: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return text_config(self.model_config).vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return text_config(self.model_config).hidden_size
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.samples) // self.cfg.shard_size)
+
+
+def prepare(cfg: BuildConfig) -> Prepared:
+    validate(cfg)
+    model_path = resolve_target(cfg.target_model)
+    model_config = load_config(model_path, cfg.target_revision, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.target_revision, cfg.trust_remote_code)
+    num_layers = text_config(model_config).num_hidden_layers
+    aux_layer_ids = resolve_aux_layer_ids(cfg.aux_layer_ids, num_layers)
+    template = template_of(tokenizer, Path(cfg.chat_template).read_text() if cfg.chat_template else None)
+
+    rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
+    rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
+    tokenized = tokenize_rows(rows, source_indices, tokenizer, template, cfg.seq_length, cfg.num_proc)
+    samples, skipped = split_valid(tokenized, cfg.strict)
+
+    vocab_size = text_config(model_config).vocab_size
+    counts = count_loss_tokens(samples, vocab_size)
+    selected = select_draft_vocab(counts, cfg.draft_vocab_size, special_token_ids(tokenizer, vocab_size))
+    identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
+    return Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity)
+
+
+def split_valid(tokenized: datasets.Dataset, strict: bool) -> tuple[datasets.Dataset, dict[str, int]]:
+    reasons = tokenized["skip_reason"]
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    if bad and strict:
+        row = tokenized[bad[0]]
+        raise BadRowError(
+            f"--strict: input row {row['source_index']} (id {row['sample_id']!r}) is invalid: "
+            f"{row['skip_reason']}: {row['skip_detail']}. Fix or drop the row, or run without --strict to skip and count bad rows."
+        )
+    skipped = dict(sorted(Counter(reasons[i] for i in bad).items()))
+    for i in bad[:5]:
+        row = tokenized[i]
+        log.warning("skipping input row %s: %s: %s", row["source_index"], row["skip_reason"], row["skip_detail"])
+    if bad:
+        log.warning("skipped %d of %d rows: %s", len(bad), len(reasons), skipped)
+    valid = np.flatnonzero(np.asarray([not r for r in reasons], dtype=bool))
+    return tokenized.select(valid), skipped
+
+
+def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:
+    """Every field that shapes the cache's bytes; equal identities build equal caches."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "target": {
+            "model": cfg.target_model,
+            "revision": resolved_revision(model_path, cfg.target_revision),
+            "config_sha256": _local_config_hash(model_path),
+        },
+        "tokenizer_sha256": tokenizer_hash(tokenizer, template),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "input": {
+            "data": input_info["input_data"],
+            "config": cfg.input_config,
+            "split": input_info.get("split"),
+            "content_hash": input_info["content_hash"],
+            "shuffle_seed": cfg.shuffle_seed,
+            "max_samples": cfg.max_samples,
+        },
+        "seq_length": cfg.seq_length,
+        "aux_layer_ids": list(aux_layer_ids),
+        "aux_convention": AUX_CONVENTION,
+        "draft_vocab_size": int(len(selected)),
+        "selected_token_ids_sha256": array_hash(selected),
+        "dtype": cfg.dtype,
+        "target_format": cfg.target_format,
+        "shard_size": cfg.shard_size,
+        "builder_format": f"eagle3-cache {__version__.split('.')[0]}",
+    }
+
+
+def _local_config_hash(model_path: str) -> str | None:
+    config = Path(model_path) / "config.json"
+    if not config.exists():
+        return None
+    return hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode()).hexdigest()
