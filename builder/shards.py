@@ -1,0 +1,169 @@
+"""Parquet shards: one row per sample, tensors as raw little-endian bytes in binary columns.
+
+A shard is written row group by row group (groups sized by bytes) to a hidden temp name,
+hashed while it is written, fsynced, then renamed: a shard file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
+    raise ImportError("eagle3-cache stores tensors little-endian and supports little-endian hosts only")
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int32": torch.int32, "uint8": torch.uint8}
+
+# Column -> (dtype name or "float" for the build's --dtype, inner shape description).
+TENSOR_COLUMNS_PROBS = {
+    "input_ids": ("int32", "[L]"),
+    "loss_mask": ("uint8", "[L]"),
+    "aux_hidden_states": ("float", "[L, A*H]"),
+    "target_probs": ("float", "[n_loss, Vd] at loss-masked positions"),
+    "target_argmax": ("int32", "[n_loss] full-vocab argmax at loss-masked positions"),
+}
+SCALAR_COLUMNS = {"sample_id": pa.string(), "source_index": pa.int64(), "num_tokens": pa.int32()}
+
+
+def shard_schema(tensor_columns=TENSOR_COLUMNS_PROBS) -> pa.Schema:
+    return pa.schema([*(pa.field(k, v) for k, v in SCALAR_COLUMNS.items()), *(pa.field(k, pa.binary()) for k in tensor_columns)])
+
+
+def column_dtypes(float_dtype: str, tensor_columns=TENSOR_COLUMNS_PROBS) -> dict[str, str]:
+    return {name: float_dtype if kind == "float" else kind for name, (kind, _) in tensor_columns.items()}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def shard_name(index: int, num_shards: int, split: str = "train") -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through, so a shard is never re-read to checksum it."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.closed = True
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class ShardWriter:
+    """Writes one shard; use as a context manager so a failure leaves no partial file behind."""
+
+    def __init__(self, path: Path, schema: pa.Schema, row_group_bytes: int):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.schema = schema
+        self.row_group_bytes = row_group_bytes
+        self._rows: list[dict] = []
+        self._buffered_bytes = 0
+        self._sink = _HashingFile(self.tmp_path)
+        scalar = [name for name in SCALAR_COLUMNS]
+        self._writer = pq.ParquetWriter(
+            pa.PythonFile(self._sink, mode="w"), schema, compression="none", use_dictionary=False,
+            write_statistics=scalar,  # min/max of megabyte-sized binary values would be waste
+        )
+        self.rows = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self._buffered_bytes += sum(len(v) for v in row.values() if isinstance(v, bytes))
+        self.rows += 1
+        if self._buffered_bytes >= self.row_group_bytes:
+            self._flush_row_group()
+
+    def _flush_row_group(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows, self._buffered_bytes = [], 0
+
+    def close(self) -> ShardInfo:
+        self._flush_row_group()
+        self._writer.close()
+        self._sink.close()
+        return ShardInfo(self.path.name, self.rows, self.tmp_path.stat().st_size, self._sink.hexdigest())
+
+    def publish(self) -> None:
+        """Atomically give the finished shard its real name."""
+        os.replace(self.tmp_path, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:
+            pass
+        self._sink.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_row_count(path: Path) -> int | None:
+    """Rows per the Parquet footer, or None when the file is not a readable Parquet file."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowInvalid, OSError):
+        return None

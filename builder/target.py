@@ -1,0 +1,170 @@
+"""The frozen target: tokenizer and config (cheap, before any weights), the model, and one
+supervised forward per batch.
+
+Aux states are captured with forward hooks on the chosen decoder layers (the layer
+*output*, i.e. HF `hidden_states[i + 1]`), so no other layer's states are kept. Logits are
+computed only at loss-masked positions, in fixed-size row chunks: a 128k vocabulary never
+materialises `[B, T, V]`, and because every chunk has the same shape a row's logits do not
+depend on which other rows share its chunk (matmul kernels are chosen by shape).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .supervision import compute_target_distribution
+
+HEAD_CHUNK_ROWS = 256
+AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
+
+
+def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise InputError(
+            f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {err}); "
+            "expected tokenizer files (tokenizer.json / tokenizer_config.json) beside the model"
+        ) from None
+
+
+def load_config(model_path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise InputError(
+            f"--target-model: cannot read a model config from {model_path!r} ({type(err).__name__}: {err}); "
+            "expected a local model directory with config.json or a Hub model id"
+        ) from None
+
+
+def text_config(config):
+    """The language-model settings, also for multimodal wrappers that keep them in `text_config`."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def resolved_revision(model_path: str, revision: str | None) -> str | None:
+    """The commit a Hub id resolves to; None for a local directory (its files are hashed instead)."""
+    if Path(model_path).exists():
+        return None
+    from huggingface_hub import model_info
+
+    return model_info(model_path, revision=revision).sha
+
+
+def compute_device() -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU, fp32 on CPU (CPUs are slow in bf16 and tests want exact fp32)."""
+    from accelerate import PartialState
+
+    device = PartialState().device
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(model_path: str, revision: str | None, trust_remote_code: bool, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
+    """The decoder's layer list, wherever the architecture keeps it (`model.layers`, `language_model.layers`, ...)."""
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] == "layers"
+    ]
+    if not found:
+        raise ValueError(f"could not find the {num_layers} decoder layers of {type(model).__name__}")
+    return min(found, key=lambda item: len(item[0]))[1]
+
+
+def head_transform(config):
+    """Logit post-processing some families apply after `lm_head`; applied exactly here."""
+    cfg = text_config(config)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    divide = getattr(cfg, "logits_scaling", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None and divide != 1:
+            logits = logits / divide
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+class Target:
+    """A loaded target with aux-layer hooks; `supervise` runs one batch."""
+
+    def __init__(self, model, aux_layer_ids: list[int]):
+        cfg = text_config(model.config)
+        self.model = model
+        self.aux_layer_ids = list(aux_layer_ids)
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.head = model.get_output_embeddings()
+        self.transform = head_transform(model.config)
+        self._captured: dict[int, torch.Tensor] = {}
+        layers = decoder_layers(model, cfg.num_hidden_layers)
+        self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in self.aux_layer_ids]
+
+    def _capture_hook(self, layer_id: int):
+        def hook(_module, _inputs, output):
+            self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aux states `[B, T, A*H]` (concatenated in aux-id order) and the final hidden state `[B, T, H]`."""
+        self._captured.clear()
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
+        self._captured.clear()
+        return aux, out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits_at(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits `[n, V]` for `[n, H]` rows, in fixed-shape chunks."""
+        n = hidden_rows.shape[0]
+        padded = torch.nn.functional.pad(hidden_rows, (0, 0, 0, -n % HEAD_CHUNK_ROWS))
+        chunks = [self.transform(self.head(chunk)) for chunk in padded.split(HEAD_CHUNK_ROWS)]
+        return torch.cat(chunks)[:n] if chunks else hidden_rows.new_zeros(0, self.vocab_size)
+
+    @torch.inference_mode()
+    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids):
+        """One padded batch -> aux `[B, T, A*H]` and, at the `n` loss-masked positions (row-major),
+        draft-vocab probs `[n, Vd]` fp32 and full-vocab argmax `[n]`."""
+        aux, final_hidden = self.forward(input_ids, attention_mask)
+        rows = final_hidden[loss_mask.bool()]
+        probs, argmax = [], []
+        # Bound the [rows, V] logits: several fixed-shape chunks at a time.
+        for block in rows.split(HEAD_CHUNK_ROWS * 8):
+            logits = self.logits_at(block)
+            sup = compute_target_distribution(logits, torch.ones(len(block), dtype=torch.bool), selected_token_ids)
+            probs.append(sup.target_probs)
+            argmax.append(sup.argmax)
+        empty = rows.new_zeros(0, len(selected_token_ids), dtype=torch.float32)
+        return aux, torch.cat(probs) if probs else empty, torch.cat(argmax) if argmax else rows.new_zeros(0, dtype=torch.long)

@@ -1,0 +1,5 @@
+"""The dataset card (README.md) of a cache: a template and small pure functions that fill it."""
+
+from .render import card_data, render_card, summary_rows
+
+__all__ = ["card_data", "render_card", "summary_rows"]

@@ -1,0 +1,35 @@
+"""Shared test helpers: small build configs and reading a cache back in build order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.config import BuildConfig
+from builder.reader import load_cache
+
+
+def small_config(output_dir: Path, target: str | Path = "tiny-llama", **overrides) -> BuildConfig:
+    """14 samples in shards of 4 (three full, one trailing partial), short sequences."""
+    settings = dict(
+        target_model=str(target), input_data="sample-chats", output_dir=str(output_dir), max_samples=14,
+        seq_length=96, shard_size=4, batch_size=3, draft_vocab_size=300, dtype="fp32",
+    )
+    settings.update(overrides)
+    return BuildConfig(**settings)
+
+
+def decoded_rows(cache_dir: Path, layout: str = "raw") -> list[dict]:
+    return list(load_cache(cache_dir, layout=layout, streaming=True))
+
+
+def assert_same_content(rows_a: list[dict], rows_b: list[dict]) -> None:
+    import torch
+
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key

@@ -1,0 +1,201 @@
+"""The cache on disk: shards, row groups, round trip, card, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import assert_same_content, decoded_rows, small_config
+from tiny_targets import make_tiny_target
+
+import builder.build as build_module
+from builder.build import build
+from builder.errors import ResumeMismatch
+from builder.reader import read_manifest
+from builder.shards import file_sha256
+
+
+ROW_GROUP_BYTES = 150_000  # rows here are 20-90 kB: a 4-row shard needs 2+ groups
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One cache with small row groups, recording every tensor handed to the writer."""
+    out = tmp_path_factory.mktemp("built") / "cache"
+    written = {}
+    real_encode_row = build_module.encode_row
+
+    def recording_encode_row(sample, aux, probs, argmax):
+        written[sample["sample_id"]] = {
+            "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.int32),
+            "loss_mask": torch.as_tensor(sample["loss_mask"], dtype=torch.uint8),
+            "aux_hidden_states": aux.clone(),
+            "target_probs": probs.clone(),
+            "target_argmax": argmax.clone(),
+        }
+        return real_encode_row(sample, aux, probs, argmax)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_module, "encode_row", recording_encode_row)
+        result = build(small_config(out, dtype="bf16", row_group_bytes=ROW_GROUP_BYTES), progress=False)
+    return result, written
+
+
+def test_every_field_round_trips(built):
+    result, written = built
+    rows = decoded_rows(result.output_dir)
+    assert [r["sample_id"] for r in rows] == list(result.prepared.samples["sample_id"])
+    assert len(rows) == len(written) == 14
+    for row in rows:
+        expected = written[row["sample_id"]]
+        for key, tensor in expected.items():
+            assert row[key].dtype == tensor.dtype, key
+            assert torch.equal(row[key], tensor), key
+        assert row["num_tokens"] == len(expected["input_ids"])
+        assert row["target_probs"].shape[0] == int(expected["loss_mask"].sum())
+
+
+def test_shards_hold_consecutive_build_positions(built):
+    result, _ = built
+    files = sorted((result.output_dir / "data").glob("*.parquet"))
+    assert [f.name for f in files] == [f"train-{k:05d}-of-00004.parquet" for k in range(4)]
+    ids = list(result.prepared.samples["sample_id"])
+    for k, path in enumerate(files):
+        assert pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist() == ids[4 * k : 4 * k + 4]
+    assert [s["rows"] for s in result.manifest["shards"]] == [4, 4, 4, 2]
+
+
+def test_row_groups_are_sized_by_bytes(built):
+    result, _ = built
+    meta = pq.ParquetFile(result.output_dir / "data" / "train-00000-of-00004.parquet").metadata
+    assert meta.num_row_groups > 1
+    sizes = [meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)]
+    rows = decoded_rows(result.output_dir)
+    largest_row = max(sum(t.numel() * t.element_size() for t in r.values() if isinstance(t, torch.Tensor)) for r in rows)
+    assert ROW_GROUP_BYTES > 1.5 * largest_row  # so that several rows share a group
+    assert max(sizes) < ROW_GROUP_BYTES + largest_row + 1024  # a group closes at the first row past the limit
+    assert meta.num_row_groups < meta.num_rows
+
+
+def test_manifest_records_checksums_and_totals(built):
+    result, _ = built
+    out = result.output_dir
+    manifest = read_manifest(out)
+    assert manifest == result.manifest
+    for shard in manifest["shards"]:
+        path = out / "data" / shard["name"]
+        assert shard["sha256"] == file_sha256(path)
+        assert shard["bytes"] == path.stat().st_size
+    assert manifest["vocab_file"]["sha256"] == hashlib.sha256((out / "vocab/vocab.safetensors").read_bytes()).hexdigest()
+    assert manifest["totals"]["samples"] == 14
+    assert manifest["totals"]["tokens"] == sum(result.prepared.samples["num_tokens"])
+    assert manifest["totals"]["loss_tokens"] == sum(result.prepared.samples["num_loss_tokens"])
+    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "byte_order": "little"}
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+def test_plain_load_dataset_opens_the_cache(built):
+    result, _ = built
+    ds = datasets.load_dataset(str(result.output_dir), split="train")
+    assert ds.num_rows == 14
+    assert ds.features["aux_hidden_states"] == datasets.Value("binary")
+    streamed = next(iter(datasets.load_dataset(str(result.output_dir), split="train", streaming=True)))
+    assert streamed["sample_id"] == ds[0]["sample_id"]
+    card = (result.output_dir / "README.md").read_text()
+    assert "eagle3_cache:" in card and "load_cache" in card and "bytes per token" in card
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupted_build(cfg, monkeypatch, after_shards: int):
+    real = build_module.write_one_shard
+    done = []
+
+    def stop_after(*args, **kwargs):
+        if len(done) == after_shards:
+            raise Interrupt()
+        done.append(real(*args, **kwargs))
+        return done[-1]
+
+    monkeypatch.setattr(build_module, "write_one_shard", stop_after)
+    with pytest.raises(Interrupt):
+        build(cfg, progress=False)
+    monkeypatch.setattr(build_module, "write_one_shard", real)
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_ino, file_sha256(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_interruption_gives_identical_content(tmp_path, monkeypatch):
+    reference = build(small_config(tmp_path / "reference"), progress=False)
+    cfg = small_config(tmp_path / "resumed")
+    interrupted_build(cfg, monkeypatch, after_shards=2)
+    first_two = snapshot(tmp_path / "resumed" / "data")
+    assert len(first_two) == 2 and not (tmp_path / "resumed" / "README.md").exists()
+    (tmp_path / "resumed" / "data" / ".train-00002-of-00004.parquet.tmp-999").write_bytes(b"partial")
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00002-of-00004.parquet", "train-00003-of-00004.parquet"]
+    after = snapshot(tmp_path / "resumed" / "data")
+    assert {k: after[k] for k in first_two} == first_two  # finished shards never rewritten
+    assert not list((tmp_path / "resumed" / "data").glob(".*"))  # leftover temp file cleaned
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+    assert resumed.manifest["fingerprint"] == reference.manifest["fingerprint"]
+
+
+def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):
+    cfg = small_config(tmp_path / "cache")
+    build(cfg, progress=False)
+    before = snapshot(tmp_path / "cache" / "data")
+    again = build(cfg.replace(resume=True), progress=False)
+    assert again.written == [] and snapshot(tmp_path / "cache" / "data") == before
+
+
+@pytest.fixture(scope="module")
+def partial_cache(tmp_path_factory):
+    """An interrupted build to try mismatched resumes on, plus what each change needs."""
+    root = tmp_path_factory.mktemp("partial")
+    cfg = small_config(root / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        interrupted_build(cfg, mp, after_shards=1)
+    other_target = make_tiny_target(root / "other_target", "qwen3")
+    template = root / "template.jinja"
+    template.write_text((Path(__file__).parents[1] / "builder/assets/templates/no_generation.jinja").read_text())
+    return root, cfg, other_target, template
+
+
+IDENTITY_CHANGES = {
+    "seq_length": dict(seq_length=80),
+    "input.shuffle_seed": dict(shuffle_seed=7),
+    "input.max_samples": dict(max_samples=13),
+    "input.data": dict(input_data="sample-openai"),
+    "draft_vocab_size": dict(draft_vocab_size=200),
+    "dtype": dict(dtype="bf16"),
+    "aux_layer_ids": dict(aux_layer_ids=(1, 2, 3)),
+    "shard_size": dict(shard_size=5),
+    "target.model": "other_target",
+    "chat_template_sha256": "template",
+}
+
+
+@pytest.mark.parametrize("field", IDENTITY_CHANGES)
+def test_resume_refuses_each_identity_change_before_loading_weights(partial_cache, monkeypatch, field):
+    root, cfg, other_target, template = partial_cache
+    change = IDENTITY_CHANGES[field]
+    if change == "other_target":
+        change = dict(target_model=str(other_target))
+    elif change == "template":
+        change = dict(chat_template=str(template))
+    monkeypatch.setattr(build_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
+    before = snapshot(root / "cache")
+    with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
+        build(cfg.replace(resume=True, **change), progress=False)
+    assert snapshot(root / "cache") == before
