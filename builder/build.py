@@ -1,7 +1,15 @@
-"""The build: prepared samples -> target forward -> Parquet shards -> vocab files -> card (last)."""
+"""The build: prepared samples -> target forward -> Parquet shards -> vocab files -> card (last).
+
+Data parallel under `accelerate launch`: every rank prepares the same samples (rank 0
+first, so the others reuse its `datasets` cache), rank r writes the shards
+k with k % world_size == r, and rank 0 writes the vocab files and the card once every rank
+is done. Shard contents depend only on the build's settings, never on the world size,
+so a build started on N processes can be resumed on M.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,17 +21,11 @@ from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
 from .config import BuildConfig
-from .manifest import (
-    BUILD_STATE_FILE,
-    VOCAB_FILE,
-    check_resume,
-    read_sidecar,
-    sidecar_path,
-    write_json_atomic,
-)
+from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
 from .prepare import Prepared, prepare
-from .shards import TORCH_DTYPES, ShardWriter, file_sha256, shard_name, shard_row_count, shard_schema, tensor_bytes
+from .shards import TORCH_DTYPES, shard_name, shard_row_count
 from .target import Target, compute_device, load_model
+from .writer import BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
 WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
@@ -33,41 +35,55 @@ WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this 
 class BuildResult:
     output_dir: Path
     prepared: Prepared
+    rank: int = 0
+    world_size: int = 1
     shards: list[dict] = field(default_factory=list)
-    written: list[str] = field(default_factory=list)  # shards written by this run (others were resumed)
-    manifest: dict | None = None
+    written: list[str] = field(default_factory=list)  # shards written by this rank in this run
+    manifest: dict | None = None  # rank 0 only
 
 
 def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
-    prep = prepare(cfg)
+    from accelerate import PartialState
+
+    # Without a GPU, accelerate runs several processes only when told they are CPU ranks (gloo).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():  # rank 0 tokenizes; the others then hit its cache
+        prep = prepare(cfg)
+    state.wait_for_everyone()  # every rank has validated the output dir before rank 0 writes to it
     out = Path(cfg.output_dir)
-    result = BuildResult(out, prep)
+    result = BuildResult(out, prep, state.process_index, state.num_processes)
     if cfg.dry_run:
         return result
-    if cfg.resume and (out / BUILD_STATE_FILE).exists():
-        check_resume(out, prep.identity)  # refuses before anything is written
-        remove_leftover_temp_files(out)
-    elif cfg.resume:
-        check_resume(out, prep.identity)
-    else:
-        write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
+    if cfg.resume:
+        check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
+    state.wait_for_everyone()
+    if state.is_main_process:
+        start_or_continue(out, prep, cfg.resume)
+    state.wait_for_everyone()
 
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
-    pending = [k for k, name in enumerate(names) if not shard_is_complete(out, name, expected_rows(prep, k))]
+    mine = [k for k in range(prep.num_shards) if k % state.num_processes == state.process_index]
+    pending = [k for k in mine if not shard_is_complete(out, names[k], expected_rows(prep, k))]
+    started = time.perf_counter()
     if pending:
-        device, compute_dtype = compute_device()
-        model = load_model(prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, compute_dtype)
-        target = Target(model, prep.aux_layer_ids)
-        try:
-            write_shards(prep, target, out, pending, names, result, progress)
-        finally:
-            target.close()
-    result.shards = [read_sidecar(out, name) for name in names]
-    write_vocab(out, prep)
-    from .card import write_card  # the card is written last: a cache with a card is complete
+        run_forward(prep, out, pending, names, result, progress and state.is_main_process)
+    write_rank_stats(out, result, pending, prep, time.perf_counter() - started)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        result.shards = [read_sidecar(out, name) for name in names]
+        write_vocab(out, prep)
+        from .card import write_card  # the card is written last: a cache with a card is complete
 
-    result.manifest = write_card(out, prep, result.shards)
+        result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
     return result
+
+
+def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
+    if resume:
+        for tmp in (out / "data").glob(".*.tmp-*"):  # leftovers of a killed writer
+            tmp.unlink()
+    else:
+        write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 
 
 def expected_rows(prep: Prepared, shard: int) -> int:
@@ -87,48 +103,40 @@ def shard_is_complete(out: Path, name: str, rows: int) -> bool:
     return True
 
 
-def remove_leftover_temp_files(out: Path) -> None:
-    for tmp in (out / "data").glob(".*.tmp-*"):
-        tmp.unlink()
-
-
-def write_shards(prep: Prepared, target: Target, out: Path, pending: list[int], names: list[str], result: BuildResult, progress: bool):
+def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool) -> None:
+    device, compute_dtype = compute_device()
+    model = load_model(prep.model_path, prep.cfg.target_revision, prep.cfg.trust_remote_code, device, compute_dtype)
+    target = Target(model, prep.aux_layer_ids)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    total = sum(expected_rows(prep, k) for k in pending)
-    bar = tqdm(total=total, unit="sample", desc="Building", disable=not progress, dynamic_ncols=True)
-    stats = {"tokens": 0, "bytes": 0, "start": time.perf_counter()}
-    for k in pending:
-        info = write_one_shard(prep, target, out / "data" / names[k], k, bar, stats)
-        result.written.append(info["name"])
-    bar.close()
-
-
-def write_one_shard(prep: Prepared, target: Target, path: Path, shard: int, bar, stats) -> dict:
-    cfg = prep.cfg
-    start = shard * cfg.shard_size
-    rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
+    progress = Progress(prep, out, show_progress)
     selected = torch.as_tensor(prep.selected_token_ids)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[selected] = True
-    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0}
-    with ShardWriter(path, shard_schema(), cfg.row_group_bytes) as writer:
-        for window in row_windows(prep, rows, cfg.row_group_bytes * WINDOW_ROW_GROUPS):
-            encoded = supervise_window(prep, target, window, selected)
-            for row in encoded:  # build order
-                argmax = torch.frombuffer(bytearray(row["target_argmax"]), dtype=torch.int32).long()
-                totals["tokens"] += row["num_tokens"]
-                totals["loss_tokens"] += len(argmax)
-                totals["argmax_in_vocab"] += int(in_vocab[argmax].sum())
-                writer.add(row)
-                stats["tokens"] += row["num_tokens"]
-                stats["bytes"] += sum(len(v) for v in row.values() if isinstance(v, bytes))
-            bar.update(len(encoded))
-            elapsed = max(time.perf_counter() - stats["start"], 1e-9)
-            bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", written=f"{stats['bytes'] / 1e9:.3f}GB", refresh=False)
-        info = writer.close().to_dict() | totals
-        write_json_atomic(sidecar_path(path.parent.parent, path.name), info)  # before the rename: a shard never lacks one
-        writer.publish()
-    return info
+    writer = BackgroundWriter(in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done)
+    try:
+        for k in pending:
+            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress)
+            result.written.append(names[k])
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        target.close()
+        progress.close()
+
+
+def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress) -> None:
+    start = shard * prep.cfg.shard_size
+    rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
+    selected = torch.as_tensor(prep.selected_token_ids, device=target.device)
+    writer.open_shard(path)
+    for window in row_windows(prep, rows, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS):
+        for batch in forward_window(prep, target, window, selected):
+            writer.submit(batch)
+            progress.batch_done(batch)
+        writer.end_window(len(window))
+    writer.close_shard()
 
 
 def row_windows(prep: Prepared, rows, window_bytes: int):
@@ -153,35 +161,86 @@ def bytes_per_position(prep: Prepared) -> tuple[int, int]:
     return per_token, per_loss
 
 
-def supervise_window(prep: Prepared, target: Target, window: list[dict], selected: torch.Tensor) -> list[dict]:
-    cfg = prep.cfg
-    store_dtype = TORCH_DTYPES[cfg.dtype]
-    encoded: list[dict | None] = [None] * len(window)
+def forward_window(prep: Prepared, target: Target, window: list[dict], selected: torch.Tensor):
+    """Length-sorted token-budget batches of one window, each copied to the host asynchronously."""
+    store_dtype = TORCH_DTYPES[prep.cfg.dtype]
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
-    for batch in plan_batches([r["num_tokens"] for r in window], cfg.token_budget, cfg.batch_size):
-        samples = [window[i] for i in batch]
+    for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
+        samples = [window[i] for i in positions]
         ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
-        aux, probs, argmax = target.supervise(ids.to(target.device), attention.to(target.device), loss.to(target.device), selected)
-        aux, probs, argmax = aux.to(store_dtype).cpu(), probs.to(store_dtype).cpu(), argmax.to(torch.int32).cpu()
-        offset = 0
-        for row_in_batch, (i, sample) in enumerate(zip(batch, samples)):
-            n_loss = sample["num_loss_tokens"]
-            encoded[i] = encode_row(sample, aux[row_in_batch, : sample["num_tokens"]], probs[offset : offset + n_loss], argmax[offset : offset + n_loss])
-            offset += n_loss
-    return encoded
+        dev = target.device
+        aux, probs, argmax = target.supervise(ids.to(dev, non_blocking=True), attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True), selected)
+        # Cast on the device (halves the copy), then copy into pinned host memory without waiting.
+        host, ready = to_host([aux.to(store_dtype), probs.to(store_dtype), argmax.to(torch.int32)])
+        yield BatchOutput(positions, samples, *host, ready=ready)
 
 
-def encode_row(sample: dict, aux: torch.Tensor, probs: torch.Tensor, argmax: torch.Tensor) -> dict:
-    return {
-        "sample_id": sample["sample_id"],
-        "source_index": sample["source_index"],
-        "num_tokens": sample["num_tokens"],
-        "input_ids": tensor_bytes(torch.as_tensor(sample["input_ids"], dtype=torch.int32)),
-        "loss_mask": tensor_bytes(torch.as_tensor(sample["loss_mask"], dtype=torch.uint8)),
-        "aux_hidden_states": tensor_bytes(aux),
-        "target_probs": tensor_bytes(probs),
-        "target_argmax": tensor_bytes(argmax),
-    }
+def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+    if tensors[0].device.type != "cuda":
+        return [t.contiguous() for t in tensors], None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        h.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class Progress:
+    """One bar on rank 0: samples over every rank's pending shards (others' from their sidecars)."""
+
+    def __init__(self, prep: Prepared, out: Path, enabled: bool):
+        self.enabled, self.out = enabled, out
+        self.start = time.perf_counter()
+        self.tokens = self.bytes = 0
+        self.seen_sidecars = {p.name for p in self._sidecars()} if enabled else set()
+        total = len(prep.samples) - sum(json.loads(p.read_text())["rows"] for p in self._sidecars()) if enabled else 0
+        self.bar = tqdm(total=total, unit="sample", desc="Building", disable=not enabled, dynamic_ncols=True)
+        self._mine: set[str] = set()
+        self._last_poll = 0.0
+
+    def _sidecars(self):
+        return (self.out / BUILD_STATE_DIR / "shards").glob("*.json")
+
+    def batch_done(self, batch: BatchOutput) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(len(batch.samples))
+        self.tokens += sum(s["num_tokens"] for s in batch.samples)
+        self._poll_other_ranks()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:,.0f}", written=f"{self.bytes / 1e9:.3f}GB", refresh=False)
+
+    def shard_done(self, info: dict) -> None:  # called on the writer thread
+        self.bytes += info["bytes"]
+        self._mine.add(f"{info['name']}.json")
+
+    def _poll_other_ranks(self) -> None:
+        """Shards other ranks finished since the last look (at most once a second)."""
+        now = time.perf_counter()
+        if now - self._last_poll < 1.0:
+            return
+        self._last_poll = now
+        for path in self._sidecars():
+            if path.name not in self.seen_sidecars and path.name not in self._mine:
+                self.seen_sidecars.add(path.name)
+                info = json.loads(path.read_text())
+                self.bar.update(info["rows"])
+                self.tokens += info["tokens"]
+                self.bytes += info["bytes"]
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: Prepared, seconds: float) -> None:
+    rows = sum(expected_rows(prep, k) for k in pending)
+    stats = {"rank": result.rank, "world_size": result.world_size, "shards_written": result.written, "samples": rows, "seconds": round(seconds, 3)}
+    write_json_atomic(out / BUILD_STATE_DIR / "ranks" / f"rank-{result.rank:05d}.json", stats)
+
+
+def read_rank_stats(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))]
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:
@@ -196,7 +255,3 @@ def write_vocab(out: Path, prep: Prepared) -> None:
         str(tmp),
     )
     tmp.replace(path)
-
-
-def vocab_file_sha256(out: Path) -> str:
-    return file_sha256(out / VOCAB_FILE)

@@ -48,7 +48,7 @@ def column_specs(prep: Prepared) -> dict:
     return specs
 
 
-def assemble_manifest(out: Path, prep: Prepared, shards: list[dict]) -> dict:
+def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
@@ -70,13 +70,18 @@ def assemble_manifest(out: Path, prep: Prepared, shards: list[dict]) -> dict:
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
         "skipped": prep.skipped,
-        "build": {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget, "row_group_bytes": prep.cfg.row_group_bytes},
+        "build": {
+            "batch_size": prep.cfg.batch_size,
+            "max_tokens_per_batch": prep.cfg.token_budget,
+            "row_group_bytes": prep.cfg.row_group_bytes,
+            "ranks": ranks or [],  # per-rank work of the last run; the content does not depend on it
+        },
         "versions": library_versions(),
     }
 
 
-def write_card(out: Path, prep: Prepared, shards: list[dict]) -> dict:
-    manifest = assemble_manifest(out, prep, shards)
+def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
+    manifest = assemble_manifest(out, prep, shards, ranks)
     text = render_card(manifest, location=str(out))
     tmp = out / f".README.md.tmp-{os.getpid()}"
     tmp.write_text(text)

@@ -80,10 +80,19 @@ def run_build(args: argparse.Namespace) -> int:
     from .plan import format_plan, plan_summary
 
     cfg = config_from_args(args)
+    if args.quiet:  # also the bars of `datasets` (loading, tokenizing)
+        from datasets import disable_progress_bars
+
+        disable_progress_bars()
     result = build(cfg, progress=not args.quiet)
+    if result.rank != 0:
+        if not cfg.dry_run:
+            print(f"[rank {result.rank}/{result.world_size}] wrote {len(result.written)} shards: {result.written}")
+        return 0
     if cfg.dry_run:
         print(format_plan(plan_summary(result.prepared)))
         return 0
+    print(f"[rank 0/{result.world_size}] wrote {len(result.written)} shards: {result.written}")
     print(format_summary(result))
     return 0
 
@@ -92,8 +101,8 @@ def format_summary(result) -> str:
     from dataset_card import summary_rows
 
     m = result.manifest
-    resumed = len(m["shards"]) - len(result.written)
-    lines = [f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; {len(result.written)} shards written, {resumed} resumed)"]
+    written = sum(len(r["shards_written"]) for r in m["build"]["ranks"])
+    lines = [f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; {written} shards written by {result.world_size} processes, {len(m['shards']) - written} already complete)"]
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:
         lines.append(f"  skipped by reason: {json.dumps(m['skipped'])}")
@@ -101,10 +110,17 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
+def _is_main_process() -> bool:
+    """Log on rank 0 only (before torch.distributed exists, the launcher's env tells the rank)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except Eagle3CacheError as err:

@@ -14,6 +14,7 @@ from helpers import assert_same_content, decoded_rows, small_config
 from tiny_targets import make_tiny_target
 
 import builder.build as build_module
+import builder.writer as writer_module
 from builder.build import build
 from builder.errors import ResumeMismatch
 from builder.reader import read_manifest
@@ -28,7 +29,7 @@ def built(tmp_path_factory):
     """One cache with small row groups, recording every tensor handed to the writer."""
     out = tmp_path_factory.mktemp("built") / "cache"
     written = {}
-    real_encode_row = build_module.encode_row
+    real_encode_row = writer_module.encode_row
 
     def recording_encode_row(sample, aux, probs, argmax):
         written[sample["sample_id"]] = {
@@ -41,7 +42,7 @@ def built(tmp_path_factory):
         return real_encode_row(sample, aux, probs, argmax)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_module, "encode_row", recording_encode_row)
+        mp.setattr(writer_module, "encode_row", recording_encode_row)
         result = build(small_config(out, dtype="bf16", row_group_bytes=ROW_GROUP_BYTES), progress=False)
     return result, written
 
@@ -121,8 +122,8 @@ def interrupted_build(cfg, monkeypatch, after_shards: int):
     def stop_after(*args, **kwargs):
         if len(done) == after_shards:
             raise Interrupt()
-        done.append(real(*args, **kwargs))
-        return done[-1]
+        done.append(args[-2])  # the shard index
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(build_module, "write_one_shard", stop_after)
     with pytest.raises(Interrupt):

@@ -1,0 +1,153 @@
+"""The background shard writer: encoding, checksumming and writing run on their own thread,
+fed through a bounded queue, so the forward never waits on disk.
+
+The forward thread submits each batch's host tensors (copied from the device
+asynchronously, with a CUDA event to wait on) and marks the end of every window; the
+writer buffers one window's rows and writes them in build order, row group by row group.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .manifest import sidecar_path, write_json_atomic
+from .shards import ShardWriter, shard_schema, tensor_bytes
+
+QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
+
+
+@dataclass
+class BatchOutput:
+    """One forward batch on the host: rows of `samples` are positions `window_positions` of the window."""
+
+    window_positions: list[int]
+    samples: list[dict]
+    aux: torch.Tensor  # [B, T, A*H] in the storage dtype
+    probs: torch.Tensor  # [n_loss, Vd] in the storage dtype, row-major over the batch
+    argmax: torch.Tensor  # [n_loss] int32
+    ready: object = None  # a torch.cuda.Event marking the end of the device->host copy
+
+    def rows(self):
+        if self.ready is not None:
+            self.ready.synchronize()
+        offset = 0
+        for b, (position, sample) in enumerate(zip(self.window_positions, self.samples)):
+            n_loss = sample["num_loss_tokens"]
+            argmax = self.argmax[offset : offset + n_loss]
+            yield position, (encode_row(sample, self.aux[b, : sample["num_tokens"]], self.probs[offset : offset + n_loss], argmax), argmax)
+            offset += n_loss
+
+
+def encode_row(sample: dict, aux: torch.Tensor, probs: torch.Tensor, argmax: torch.Tensor) -> dict:
+    return {
+        "sample_id": sample["sample_id"],
+        "source_index": sample["source_index"],
+        "num_tokens": sample["num_tokens"],
+        "input_ids": tensor_bytes(torch.as_tensor(sample["input_ids"], dtype=torch.int32)),
+        "loss_mask": tensor_bytes(torch.as_tensor(sample["loss_mask"], dtype=torch.uint8)),
+        "aux_hidden_states": tensor_bytes(aux),
+        "target_probs": tensor_bytes(probs),
+        "target_argmax": tensor_bytes(argmax),
+    }
+
+
+class BackgroundWriter:
+    """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
+
+    def __init__(self, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None):
+        self.in_vocab = in_vocab
+        self.row_group_bytes = row_group_bytes
+        self.on_shard_done = on_shard_done
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="eagle3-shard-writer", daemon=True)
+        self._thread.start()
+
+    # ---- forward thread side --------------------------------------------------------
+
+    def open_shard(self, path: Path) -> None:
+        self._put(("open", path))
+
+    def submit(self, batch: BatchOutput) -> None:
+        self._put(("batch", batch))
+
+    def end_window(self, num_rows: int) -> None:
+        self._put(("window", num_rows))
+
+    def close_shard(self) -> None:
+        self._put(("close", None))
+
+    def finish(self) -> None:
+        """Wait until everything submitted is on disk; re-raise a writer failure here."""
+        self._put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop without finishing: the shard in progress is discarded (its temp file removed)."""
+        self._put(("abort", None), check=False)
+        self._thread.join()
+
+    def _put(self, item, check: bool = True) -> None:
+        while True:
+            if check:
+                self._raise_if_failed()
+            if not self._thread.is_alive():
+                return
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the shard writer failed: {self._error}") from self._error
+
+    # ---- writer thread side ---------------------------------------------------------
+
+    def _run(self) -> None:
+        shard: ShardWriter | None = None
+        window: dict[int, dict] = {}
+        totals: dict[str, int] = {}
+        try:
+            while (item := self._queue.get()) is not None:
+                kind, payload = item
+                if kind == "open":
+                    shard = ShardWriter(payload, shard_schema(), self.row_group_bytes)
+                    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0}
+                elif kind == "batch":
+                    window.update(payload.rows())
+                elif kind == "window":
+                    for position in range(payload):  # build order
+                        self._write_row(shard, window.pop(position), totals)
+                elif kind == "close":
+                    self._publish(shard, totals)
+                    shard = None
+                elif kind == "abort":
+                    break
+        except BaseException as err:  # surfaced on the forward thread at its next call
+            self._error = err
+        finally:
+            if shard is not None:
+                shard.abort()
+
+    def _write_row(self, shard: ShardWriter, encoded: tuple[dict, torch.Tensor], totals: dict) -> None:
+        row, argmax = encoded
+        totals["tokens"] += row["num_tokens"]
+        totals["loss_tokens"] += len(argmax)
+        totals["argmax_in_vocab"] += int(self.in_vocab[argmax.long()].sum())
+        shard.add(row)
+
+    def _publish(self, shard: ShardWriter, totals: dict) -> None:
+        info = shard.close().to_dict() | totals
+        write_json_atomic(sidecar_path(shard.path.parent.parent, shard.path.name), info)  # before the rename
+        shard.publish()
+        if self.on_shard_done is not None:
+            self.on_shard_done(info)

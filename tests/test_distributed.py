@@ -1,0 +1,102 @@
+"""Data-parallel builds under `accelerate launch`: two CPU processes (gloo) write the same
+cache as one, and a build started on two processes resumes on one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_content, decoded_rows
+
+from builder.manifest import BUILD_STATE_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "build_cache.py"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+FLAGS = ["--seq-length", "128", "--draft-vocab-size", "200", "--dtype", "fp32", "--quiet", "--batch-size", "4"]
+
+
+def env() -> dict:
+    # One thread per process: both runs then use identical kernels, so results are bit-equal.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def two_process_command(out: Path, *flags: str) -> list[str]:
+    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(SCRIPT), "--output-dir", str(out), *FLAGS, *flags]
+
+
+def one_process_command(out: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--output-dir", str(out), *FLAGS, *flags]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str]) -> str:
+    proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "cache"
+    stdout = run(one_process_command(out, "--max-samples", "30", "--shard-size", "4"))
+    assert "[rank 0/1] wrote 8 shards" in stdout
+    return out
+
+
+def test_two_processes_write_the_same_cache_as_one(tmp_path, reference):
+    out = tmp_path / "two"
+    stdout = run(two_process_command(out, "--max-samples", "30", "--shard-size", "4"))
+    assert "[rank 0/2] wrote 4 shards" in stdout and "[rank 1/2] wrote 4 shards" in stdout
+    ranks = sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))
+    assert [p.name for p in ranks] == ["rank-00000.json", "rank-00001.json"]
+    # each rank wrote exactly the shards k with k % 2 == rank
+    import json
+
+    for rank, path in enumerate(ranks):
+        stats = json.loads(path.read_text())
+        assert stats["world_size"] == 2
+        assert stats["shards_written"] == [f"train-{k:05d}-of-00008.parquet" for k in range(rank, 8, 2)]
+    assert_same_content(decoded_rows(reference), decoded_rows(out))
+    assert_same_content(decoded_rows(reference, "nemo"), decoded_rows(out, "nemo"))
+
+
+def test_two_process_build_killed_midway_resumes_on_one(tmp_path):
+    flags = ["--max-samples", "160", "--shard-size", "4"]  # 40 shards: slow enough to stop midway
+    reference = tmp_path / "reference"
+    run(one_process_command(reference, *flags))
+    out = tmp_path / "cache"
+    proc = subprocess.Popen(two_process_command(out, *flags), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards_at_kill = wait_for_shards(out, proc, at_least=6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert 6 <= shards_at_kill < 40, "the build was not stopped midway"
+    assert not (out / "README.md").exists()
+
+    stdout = run(one_process_command(out, *flags, "--resume"))
+    assert "[rank 0/1]" in stdout
+    assert_same_content(decoded_rows(reference), decoded_rows(out))
+
+
+def wait_for_shards(out: Path, proc: subprocess.Popen, at_least: int) -> int:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        count = len(list((out / "data").glob("train-*.parquet")))
+        if count >= at_least:
+            return count
+        time.sleep(0.02)
+    pytest.fail(f"the 2-process build ended (rc {proc.returncode}) or stalled before writing {at_least} shards")

@@ -1,0 +1,85 @@
+"""Reader layouts and batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import small_config
+
+from builder.build import build
+from builder.reader import collate_nemo, load_cache, read_manifest, to_nemo
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return build(small_config(tmp_path_factory.mktemp("reader") / "cache", dtype="bf16"), progress=False).output_dir
+
+
+def test_nemo_layout_is_the_raw_fields_shifted_by_one(cache):
+    raw = load_cache(cache, layout="raw", streaming=False)
+    nemo = load_cache(cache, layout="nemo", streaming=False)
+    assert len(raw) == len(nemo) == 14
+    for i in range(len(raw)):
+        r, n = raw[i], nemo[i]
+        length = r["num_tokens"]
+        assert torch.equal(n["input_ids"][:-1], r["input_ids"][1:].long()) and n["input_ids"][-1] == 0
+        assert torch.equal(n["loss_mask"][:-1], r["loss_mask"][1:].long()) and n["loss_mask"][-1] == 0
+        assert torch.equal(n["attention_mask"], torch.ones(length, dtype=torch.long))
+        assert torch.equal(n["aux_hidden_states"], r["aux_hidden_states"])  # unshifted
+        loss_positions = r["loss_mask"].bool().nonzero().squeeze(-1)
+        # slot t carries the stored probs of position t + 1; off the mask it is zero
+        assert torch.equal(n["target_probs"][loss_positions - 1], r["target_probs"])
+        off = torch.ones(length, dtype=torch.bool)
+        off[loss_positions - 1] = False
+        assert not n["target_probs"][off].any()
+        assert n["position_mask"].shape == (length, 1) and n["position_mask"].dtype == torch.bool
+        assert not n["position_mask"][off].any()
+
+
+def test_position_mask_follows_argmax_membership():
+    t2d = torch.tensor([True, False, True, False])
+    raw = {
+        "input_ids": torch.tensor([5, 6, 7, 8], dtype=torch.int32),
+        "loss_mask": torch.tensor([0, 1, 1, 1], dtype=torch.uint8),
+        "aux_hidden_states": torch.zeros(4, 2),
+        "target_probs": torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]]),
+        "target_argmax": torch.tensor([0, 1, 2], dtype=torch.int32),
+    }
+    nemo = to_nemo(raw, t2d)
+    assert nemo["position_mask"].squeeze(-1).tolist() == [True, False, True, False]
+    assert nemo["loss_mask"].tolist() == [1, 1, 1, 0]
+    assert torch.equal(nemo["target_probs"], torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75], [0.0, 0.0]]))
+
+
+def test_collate_pads_to_longest_or_fixed_length(cache):
+    samples = [s for _, s in zip(range(3), load_cache(cache, layout="nemo"))]
+    longest = max(s["input_ids"].shape[0] for s in samples)
+    batch = collate_nemo(samples)
+    assert batch["aux_hidden_states"].shape == (3, longest, 192)
+    assert batch["target_probs"].shape == (3, longest, 300)
+    for row, s in enumerate(samples):
+        n = s["input_ids"].shape[0]
+        assert torch.equal(batch["input_ids"][row, :n], s["input_ids"])
+        assert not batch["attention_mask"][row, n:].any() and not batch["position_mask"][row, n:].any()
+    fixed = collate_nemo(samples, pad_to=96)
+    assert fixed["input_ids"].shape == (3, 96) and fixed["position_mask"].shape == (3, 96, 1)
+
+
+def test_dataloader_with_workers_yields_every_sample(cache):
+    loader = torch.utils.data.DataLoader(load_cache(cache, layout="nemo", streaming=False), batch_size=4, collate_fn=collate_nemo, num_workers=2)
+    assert sum(b["input_ids"].shape[0] for b in loader) == 14
+
+
+def test_raw_layout_can_select_columns(cache):
+    row = next(iter(load_cache(cache, layout="raw", columns=["sample_id", "input_ids"])))
+    assert set(row) == {"sample_id", "input_ids"} and row["input_ids"].dtype == torch.int32
+
+
+def test_reader_errors_are_clear(tmp_path, cache):
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        load_cache(cache, layout="padded")
+    with pytest.raises(FileNotFoundError, match="no README.md.*--resume"):
+        read_manifest(tmp_path)
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# not a cache\n")
+    with pytest.raises(ValueError, match="no 'eagle3_cache' manifest block"):
+        read_manifest(tmp_path)
