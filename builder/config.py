@@ -108,13 +108,12 @@ def holds_cache(out: Path) -> bool:
 def resolve_aux_layer_ids(requested: tuple[int, ...] | None, num_layers: int) -> list[int]:
     """Default `[1, N//2 - 1, N - 4]` (NeMo Automodel / SpecForge); any distinct in-range ids otherwise."""
     if requested is None:
-        if num_layers < 5:
+        if num_layers < 7:
             raise ConfigError(
                 "--aux-layer-ids", None, f"explicit ids for a target with only {num_layers} layers",
-                "The default [1, N//2-1, N-4] needs at least 5 layers.",
+                "The default [1, N//2-1, N-4] needs at least 7 layers to give three distinct layers.",
             )
-        ids = [1, num_layers // 2 - 1, num_layers - 4]
-        return sorted(set(ids), key=ids.index)
+        return [1, num_layers // 2 - 1, num_layers - 4]
     bad = [i for i in requested if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(

@@ -69,6 +69,20 @@ def _json_rows(files: list[str], stamps: list[str]):
                         yield {"raw": line}  # bytes: invalid UTF-8 is judged per row, later
 
 
+def _check_parquet_columns(files: list[Path]) -> None:
+    """`datasets` cannot load Parquet files with different columns as one table; say which differ."""
+    import pyarrow.parquet as pq
+
+    first = pq.read_schema(files[0]).names
+    for path in files[1:]:
+        names = pq.read_schema(path).names
+        if sorted(names) != sorted(first):
+            raise InputError(
+                f"--input-data: Parquet files {files[0].name} (columns {first}) and {path.name} (columns {names}) "
+                "differ; expected one set of columns per input: give ShareGPT and OpenAI rows as separate inputs, or as JSON Lines"
+            )
+
+
 def _from_json_files(files: list[Path], stamps: list[str]) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_generator(_json_rows, gen_kwargs={"files": [str(p) for p in files], "stamps": stamps})
@@ -97,6 +111,7 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
             return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": split, "content_hash": ds._fingerprint}
         files = local_data_files(spec)
         if files[0].suffix == ".parquet":
+            _check_parquet_columns(files)
             ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
         else:
             stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]

@@ -10,6 +10,7 @@ A token is masked when it overlaps an assistant span, as transformers does.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import datasets
@@ -20,7 +21,15 @@ from .errors import Eagle3CacheError, InputError
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 # Bump when the tokenization or masking code changes, so stale map caches are not reused.
-TOKENIZE_CODE_VERSION = "2"
+def _code_hash() -> str:
+    """The source of tokenization and normalisation: an edit to either invalidates cached maps."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("tokenize.py", "conversations.py"))).hexdigest()[:16]
+
+
+TOKENIZE_CODE_VERSION = _code_hash()
 
 
 class TemplateNotPrefixStable(Eagle3CacheError, ValueError):
@@ -108,6 +117,7 @@ def tokenizer_hash(tokenizer, template: str) -> str:
     """Identity of everything in the tokenizer that shapes token ids and masks."""
     h = hashlib.sha256()
     h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())  # {{ bos_token }} etc.
     h.update(template.encode())
     return h.hexdigest()
 

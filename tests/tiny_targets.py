@@ -35,7 +35,7 @@ from builder.embedded import EMBEDDED_TARGETS, NO_GENERATION_TEMPLATE
 ARCHITECTURES = (
     "llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "text_config", "llama_tied",
 )
-NUM_LAYERS = 6
+NUM_LAYERS = 8  # the default aux layers [1, N//2-1, N-4] are distinct from 7 on
 HIDDEN = 64
 
 

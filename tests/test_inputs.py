@@ -1,0 +1,327 @@
+"""Input loading: every local kind of input gives the same rows and the same seeded
+selection; bad inputs raise InputError; bad rows are skipped and counted (or --strict)."""
+
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import builder.build as build_mod
+import builder.target as target_mod
+from builder.build import build
+from builder.config import BuildConfig
+from builder.conversations import SKIP_REASONS, normalize_row, parse_raw_row
+from builder.errors import BadRowError, InputError
+from builder.inputs import load_rows, select_rows
+from builder.prepare import prepare
+
+
+def sharegpt(i, turns):
+    return {"id": f"sg-{i}", "conversations": [{"from": s, "value": v} for s, v in turns]}
+
+
+def openai(i, turns):
+    return {"id": f"oa-{i}", "messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def conversations(n=20):
+    """Alternating ShareGPT and OpenAI rows, some with system prompts and tool turns."""
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            turns = [("human", f"What is {i} squared?"), ("gpt", f"It is {i * i}.")]
+            if i % 4 == 0:
+                turns.insert(0, ("system", "Answer with a number."))
+            rows.append(sharegpt(i, turns))
+        else:
+            turns = [("user", f"Look up item {i}."), ("assistant", None), ("tool", json.dumps({"item": i})), ("assistant", f"Item {i} is in stock.")]
+            if i % 3 == 0:
+                turns.insert(0, ("system", "You manage a shop."))
+            rows.append(openai(i, turns))
+    return rows
+
+
+def arrow_rows(rows):
+    """Arrow infers a table's columns from its first row: give every row both columns."""
+    return [{"id": r["id"], "conversations": r.get("conversations"), "messages": r.get("messages")} for r in rows]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_kind(kind, rows, root):
+    """Write `rows` as one kind of input under `root`; returns the --input-data path."""
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "jsonl":
+        return write_jsonl(root / "chats.jsonl", rows)
+    if kind == "json_array":
+        path = root / "chats.json"
+        path.write_text(json.dumps(rows, indent=2))
+        return path
+    if kind == "parquet":
+        path = root / "chats.parquet"
+        pq.write_table(pa.Table.from_pylist(arrow_rows(rows)), path)
+        return path
+    if kind == "jsonl_directory":
+        half = len(rows) // 2
+        write_jsonl(root / "dir" / "part-0.jsonl", rows[:half])
+        write_jsonl(root / "dir" / "part-1.jsonl", rows[half:])
+        (root / "dir" / "README.md").write_text("not data")
+        write_jsonl(root / "dir" / ".hidden.jsonl", [{"junk": 1}])
+        return root / "dir"
+    if kind == "saved_dataset":
+        datasets.Dataset.from_list(arrow_rows(rows)).save_to_disk(str(root / "saved"))
+        return root / "saved"
+    if kind == "saved_dataset_dict":
+        other = datasets.Dataset.from_list(arrow_rows(conversations(4)[::-1]))
+        datasets.DatasetDict({"test": other, "train": datasets.Dataset.from_list(arrow_rows(rows))}).save_to_disk(str(root / "saved_dict"))
+        return root / "saved_dict"
+    raise ValueError(kind)
+
+
+KINDS = ["jsonl", "json_array", "parquet", "jsonl_directory", "saved_dataset", "saved_dataset_dict"]
+
+
+def row_messages(ds, i):
+    row = ds[i]
+    if list(row) == ["raw"]:
+        row = parse_raw_row(row["raw"])
+    return normalize_row(row), row["id"]
+
+
+def selected_messages(path, seed, max_samples):
+    ds, info = load_rows(str(path))
+    selected, order = select_rows(ds, seed, max_samples)
+    return [row_messages(selected, i) for i in range(len(selected))], order, info
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_loads_the_same_rows_in_order(tmp_path, kind):
+    rows = conversations()
+    ds, info = load_rows(str(write_kind(kind, rows, tmp_path)))
+    assert len(ds) == len(rows)
+    assert [row_messages(ds, i) for i in range(len(ds))] == [(normalize_row(r), r["id"]) for r in rows]
+    assert info["kind"] == ("saved_dataset" if kind.startswith("saved") else "files")
+    assert info["content_hash"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shuffle_and_max_samples_pick_the_same_conversations_for_every_kind(tmp_path, kind):
+    rows = conversations()
+    picked, order, _ = selected_messages(write_kind(kind, rows, tmp_path), seed=7, max_samples=9)
+    reference, reference_order, _ = selected_messages(write_kind("jsonl", rows, tmp_path / "ref"), seed=7, max_samples=9)
+    assert picked == reference
+    assert list(order) == list(reference_order)
+    assert len(picked) == 9
+    assert picked == [(normalize_row(rows[i]), rows[i]["id"]) for i in order]
+    assert sorted(order) != list(range(9))  # shuffled, not the first nine
+
+
+def test_selection_depends_on_seed_and_max_samples(tmp_path):
+    path = write_kind("jsonl", conversations(), tmp_path)
+    ds, _ = load_rows(str(path))
+    _, a = select_rows(ds, 7, None)
+    _, b = select_rows(ds, 8, None)
+    _, c = select_rows(ds, 7, 5)
+    assert sorted(a) == list(range(20)) and list(a) != list(b)
+    assert list(c) == list(a[:5])  # max_samples cuts the same permutation
+    _, d = select_rows(ds, 7, 500)
+    assert list(d) == list(a)
+
+
+def test_json_file_of_openai_content_parts(tmp_path):
+    rows = [openai(0, [("user", [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]), ("assistant", "Hello")])]
+    ds, _ = load_rows(str(write_kind("json_array", rows, tmp_path)))
+    assert row_messages(ds, 0)[0] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+
+
+def test_content_hash_changes_with_the_bytes(tmp_path):
+    path = write_kind("jsonl", conversations(), tmp_path)
+    _, before = load_rows(str(path))
+    write_jsonl(path, conversations()[:-1])
+    ds, after = load_rows(str(path))
+    assert before["content_hash"] != after["content_hash"]
+    assert len(ds) == 19  # not a stale cached load
+
+
+# ---- DatasetDict splits ---------------------------------------------------------------
+
+
+def test_dataset_dict_without_split_picks_train(tmp_path):
+    path = write_kind("saved_dataset_dict", conversations(6), tmp_path)
+    ds, _ = load_rows(str(path))
+    assert ds["id"] == [f"{'sg' if i % 2 == 0 else 'oa'}-{i}" for i in range(6)]
+    test, info = load_rows(str(path), split="test")
+    assert test["id"] == ["oa-3", "sg-2", "oa-1", "sg-0"]
+    assert info["split"] == "test"
+
+
+def test_dataset_dict_without_train_split_lists_the_splits(tmp_path):
+    rows = arrow_rows(conversations(4))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(InputError, match=r"--split: .* has splits \['test', 'validation'\], not 'train'; pass --split with one of them"):
+        load_rows(str(tmp_path / "d"))
+    with pytest.raises(InputError, match=r"has splits \['test', 'validation'\], not 'dev'"):
+        load_rows(str(tmp_path / "d"), split="dev")
+
+
+# ---- inputs that cannot be read --------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(InputError, match=r"--input-data: '.*nope\.jsonl' does not exist; expected a \.json/\.jsonl/\.parquet file"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"--input-data: directory '.*empty' holds no \.jsonl/\.json/\.parquet files"):
+        load_rows(str(tmp_path / "empty"))
+
+
+def test_wrong_suffix(tmp_path):
+    path = tmp_path / "chats.csv"
+    path.write_text("a,b\n")
+    with pytest.raises(InputError, match=r"--input-data: '.*chats\.csv' has suffix '\.csv'; expected one of \.jsonl, \.json, \.parquet"):
+        load_rows(str(path))
+
+
+def test_mixed_parquet_and_json_directory(tmp_path):
+    write_kind("parquet", conversations(4), tmp_path / "mixed")
+    write_jsonl(tmp_path / "mixed" / "more.jsonl", conversations(4))
+    with pytest.raises(InputError, match="mixes Parquet and JSON files; keep one kind per input"):
+        load_rows(str(tmp_path / "mixed"))
+
+
+def test_parquet_files_with_different_columns(tmp_path):
+    rows = conversations(4)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist([r for r in rows if "conversations" in r]), tmp_path / "pq" / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([r for r in rows if "messages" in r]), tmp_path / "pq" / "b.parquet")
+    with pytest.raises(InputError, match=r"Parquet files a\.parquet \(columns \['id', 'conversations'\]\) and b\.parquet \(columns \['id', 'messages'\]\) differ"):
+        load_rows(str(tmp_path / "pq"))
+
+
+def test_invalid_json_array(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[{"messages": []},\n  {"messages": ')
+    with pytest.raises(InputError, match=r"broken\.json starts like a JSON array but is not valid JSON .*write it as JSON Lines"):
+        load_rows(str(path))
+
+
+# ---- bad rows through prepare() with the embedded target ---------------------------------
+
+# Raises on any message that asks for it; generation blocks as in the embedded template.
+RAISING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('forbidden word') }}{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] ~ '<|end|>' }}{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# One raw JSONL line per reason (bytes: one of them is not UTF-8).
+BAD_LINES = {
+    "unparseable_json": b'{"id": "bad-json", "messages": [',
+    "missing_messages": b'{"id": "bad-missing", "text": "hello"}',
+    "wrong_type": b'{"id": "bad-type", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+    "unknown_role": b'{"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]}',
+    "empty_conversation": b'{"id": "bad-empty", "messages": []}',
+    "no_assistant_turn": b'{"id": "bad-noassistant", "messages": [{"role": "user", "content": "q"}]}',
+    "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, {"role": "assistant", "content": "no"}]}',
+    "no_loss_tokens_after_truncation": json.dumps(
+        {"id": "bad-long", "messages": [{"role": "user", "content": "very long question " * 40}, {"role": "assistant", "content": "ok"}]}
+    ).encode(),
+}
+INVALID_UTF8 = b'{"id": "bad-utf8", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+
+
+def test_bad_lines_cover_every_reason():
+    assert set(BAD_LINES) == set(SKIP_REASONS)
+
+
+def valid_lines(n):
+    return [json.dumps(r).encode() for r in conversations(n)]
+
+
+def prepare_lines(tmp_path, lines, **overrides):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    template = tmp_path / "template.jinja"
+    template.write_text(RAISING_TEMPLATE)
+    settings = dict(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), seq_length=64, chat_template=str(template))
+    settings.update(overrides)
+    return prepare(BuildConfig(**settings))
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
+    good = valid_lines(10)
+    lines = good[:3] + list(BAD_LINES.values()) + good[3:6] + [INVALID_UTF8, b"   ", b"[1, 2]"] + good[6:]
+    prep = prepare_lines(tmp_path, lines)
+    expected = {reason: 1 for reason in SKIP_REASONS}
+    expected["unparseable_json"] = 2  # the bad JSON line and the invalid UTF-8 line
+    expected["wrong_type"] = 2  # int content, and a row that is a JSON array; the blank line is not a row
+    assert prep.skipped == expected
+    assert len(prep.samples) == 10
+    assert sorted(prep.samples["sample_id"]) == sorted(r["id"] for r in conversations(10))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_rows_keep_their_ids_in_the_accounting(tmp_path):
+    from builder.tokenize import tokenize_rows
+    from tiny_targets import tiny_tokenizer
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join([BAD_LINES["unknown_role"], BAD_LINES["unparseable_json"]]) + b"\n")
+    rows, order = select_rows(load_rows(str(path))[0], 0, None)
+    tok = tiny_tokenizer()
+    out = tokenize_rows(rows, order, tok, tok.chat_template, 64, 1)
+    by_index = {r["source_index"]: r for r in out}
+    assert by_index[0]["sample_id"] == "bad-role" and by_index[0]["skip_reason"] == "unknown_role"
+    assert by_index[1]["sample_id"] == "1" and by_index[1]["skip_reason"] == "unparseable_json"  # no id to read
+
+
+@pytest.mark.parametrize("reason", SKIP_REASONS)
+def test_strict_names_the_row_and_reason(tmp_path, reason):
+    lines = valid_lines(3)
+    lines.insert(2, BAD_LINES[reason])
+    row_id = "2" if reason == "unparseable_json" else json.loads(BAD_LINES[reason])["id"]
+    with pytest.raises(BadRowError, match=rf"^--strict: input row 2 \(id '{row_id}'\) is invalid: {reason}: .*run without --strict to skip"):
+        prepare_lines(tmp_path, lines, strict=True)
+    # Without --strict the same input prepares, skipping that one row.
+    prep = prepare_lines(tmp_path, lines)
+    assert prep.skipped == {reason: 1} and len(prep.samples) == 3
+
+
+def test_strict_stops_before_the_model_loads(tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("model weights loaded")
+
+    monkeypatch.setattr(target_mod, "load_model", no_weights)
+    monkeypatch.setattr(build_mod, "load_model", no_weights)
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join(valid_lines(3) + [BAD_LINES["no_assistant_turn"]]) + b"\n")
+    cfg = BuildConfig(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), strict=True)
+    with pytest.raises(BadRowError, match=r"input row 3 \(id 'bad-noassistant'\) is invalid: no_assistant_turn"):
+        build(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_valid_samples_match_direct_encoding(tmp_path):
+    from builder.tokenize import encode_messages
+
+    prep = prepare_lines(tmp_path, valid_lines(6), max_samples=4, shuffle_seed=5)
+    template = (tmp_path / "template.jinja").read_text()
+    rows = conversations(6)
+    order = np.random.default_rng(5).permutation(6)[:4]
+    assert prep.samples["source_index"] == [int(i) for i in order]
+    for record, i in zip(prep.samples, order):
+        ids, mask = encode_messages(normalize_row(rows[i]), prep.tokenizer, template, 64)
+        assert record["input_ids"] == ids and record["loss_mask"] == mask

@@ -1,0 +1,277 @@
+"""Tokenization and loss mask (DESIGN §2): generation blocks vs prefix spans, truncation,
+template failures, and the cached `datasets.map`."""
+
+import json
+
+import pytest
+
+import builder.tokenize as tokenize_mod
+from builder.conversations import BadRow, normalize_row
+from builder.embedded import EMBEDDED_INPUTS, NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
+from builder.inputs import load_rows, select_rows
+from builder.tokenize import TemplateNotPrefixStable, encode_messages, has_generation_blocks, template_of, tokenize_rows
+from tiny_targets import tiny_tokenizer
+
+WITH_GEN = WITH_GENERATION_TEMPLATE.read_text()
+NO_GEN = NO_GENERATION_TEMPLATE.read_text()
+TEMPLATES = {"generation_blocks": WITH_GEN, "prefix_spans": NO_GEN}
+
+SYSTEM_MULTI_TURN = [
+    {"role": "system", "content": "You are a terse math tutor."},
+    {"role": "user", "content": "What is 7 times 6?"},
+    {"role": "assistant", "content": "42."},
+    {"role": "user", "content": "And 7 times 7?"},
+    {"role": "assistant", "content": "49, one more seven."},
+]
+WITH_TOOL = [
+    {"role": "system", "content": "You can call a weather tool."},
+    {"role": "user", "content": "Is it raining in Oslo?"},
+    {"role": "assistant", "content": "Let me check the weather."},
+    {"role": "tool", "content": '{"city": "Oslo", "rain": true}'},
+    {"role": "assistant", "content": "Yes, it is raining in Oslo."},
+]
+NO_SYSTEM = [
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hi!"},
+]
+CHATS = {"system_multi_turn": SYSTEM_MULTI_TURN, "with_tool": WITH_TOOL, "no_system": NO_SYSTEM}
+
+# Hand-written: what the loss mask must select, one string per contiguous masked run.
+EXPECTED_MASKED = {
+    "system_multi_turn": ["42.<|end|>", "49, one more seven.<|end|>"],
+    "with_tool": ["Let me check the weather.<|end|>", "Yes, it is raining in Oslo.<|end|>"],
+    "no_system": ["Hi!<|end|>"],
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def masked_runs(tok, ids, mask):
+    """Decode each contiguous run of loss-masked tokens."""
+    runs, current = [], []
+    for token, m in zip(ids, mask):
+        if m:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tok.decode(run) for run in runs]
+
+
+def test_the_two_templates_take_the_two_paths(tok):
+    assert has_generation_blocks(WITH_GEN)
+    assert not has_generation_blocks(NO_GEN)
+    assert has_generation_blocks(tok.chat_template)  # the embedded target's own template
+
+
+@pytest.mark.parametrize("name", sorted(CHATS))
+@pytest.mark.parametrize("path", sorted(TEMPLATES))
+def test_masked_tokens_are_exactly_the_assistant_turns(tok, name, path):
+    ids, mask = encode_messages(CHATS[name], tok, TEMPLATES[path], 4096)
+    assert masked_runs(tok, ids, mask) == EXPECTED_MASKED[name]
+    assert tok.decode(ids) == tok.apply_chat_template(CHATS[name], chat_template=WITH_GEN, tokenize=False)
+    assert ids[0] == tok.bos_token_id and mask[0] == 0
+
+
+@pytest.mark.parametrize("name", sorted(CHATS))
+def test_generation_blocks_and_prefix_spans_agree(tok, name):
+    assert encode_messages(CHATS[name], tok, WITH_GEN, 4096) == encode_messages(CHATS[name], tok, NO_GEN, 4096)
+
+
+def test_mask_values_on_the_shortest_chat(tok):
+    ids, mask = encode_messages(NO_SYSTEM, tok, NO_GEN, 4096)
+    tokens = tok.convert_ids_to_tokens(ids)
+    # <bos><|user|>\nSay hi.<|end|>\n<|assistant|>\n [Hi!<|end|>] \n
+    start = tokens.index("<|assistant|>") + 2
+    end = len(tokens) - 1
+    assert mask == [0] * start + [1] * (end - start) + [0]
+    assert tokens[end - 1] == "<|end|>" and tokens[-1] == "Ċ"
+
+
+def test_every_sample_chat_agrees_across_paths(tok):
+    rows = [json.loads(line) for path in (EMBEDDED_INPUTS["sample-sharegpt"], EMBEDDED_INPUTS["sample-openai"]) for line in path.open()]
+    assert len(rows) == 300
+    for row in rows:
+        messages = normalize_row(row)
+        with_gen = encode_messages(messages, tok, WITH_GEN, 4096)
+        assert with_gen == encode_messages(messages, tok, NO_GEN, 4096), row.get("id")
+        expected = [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
+        assert masked_runs(tok, *with_gen) == expected, row.get("id")
+
+
+def test_trailing_whitespace_in_content_stays_masked(tok):
+    # Only whitespace the template adds after the turn is dropped from a prefix span.
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "two lines\n\n"}]
+    assert encode_messages(messages, tok, NO_GEN, 4096) == encode_messages(messages, tok, WITH_GEN, 4096)
+    assert masked_runs(tok, *encode_messages(messages, tok, NO_GEN, 4096)) == ["two lines\n\n<|end|>"]
+
+
+# ---- truncation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(TEMPLATES))
+def test_right_truncation_is_a_prefix(tok, path):
+    full_ids, full_mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], 4096)
+    first_loss = full_mask.index(1)
+    for n in (first_loss + 1, first_loss + 5, len(full_ids) - 1, len(full_ids), len(full_ids) + 10):
+        ids, mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], n)
+        assert len(ids) == min(n, len(full_ids))
+        assert ids == full_ids[:n] and mask == full_mask[:n]
+
+
+def test_truncation_mid_turn_keeps_the_start_of_the_turn(tok):
+    full_ids, full_mask = encode_messages(WITH_TOOL, tok, WITH_GEN, 4096)
+    n = full_mask.index(1) + 3
+    ids, mask = encode_messages(WITH_TOOL, tok, WITH_GEN, n)
+    assert masked_runs(tok, ids, mask) == [tok.decode(full_ids[n - 3 : n])]
+    assert "Let me check the weather.".startswith(masked_runs(tok, ids, mask)[0])
+
+
+@pytest.mark.parametrize("path", sorted(TEMPLATES))
+def test_no_assistant_token_within_seq_length(tok, path):
+    messages = [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "ok"}]
+    _, full_mask = encode_messages(messages, tok, TEMPLATES[path], 4096)
+    first_loss = full_mask.index(1)
+    assert first_loss > 40
+    with pytest.raises(BadRow, match=f"^no_loss_tokens_after_truncation: no assistant token within the first {first_loss} tokens") as info:
+        encode_messages(messages, tok, TEMPLATES[path], first_loss)
+    assert info.value.reason == "no_loss_tokens_after_truncation"
+    assert sum(encode_messages(messages, tok, TEMPLATES[path], first_loss + 1)[1]) == 1
+
+
+# ---- templates that fail -----------------------------------------------------------------
+
+RAISES = "{{ bos_token }}{% for m in messages %}{{ raise_exception('no tools here') if m['role'] == 'tool' else m['content'] }}{% endfor %}"
+RAISES_WITH_GEN = "{% for m in messages %}{% generation %}{{ m['content'] + 1 }}{% endgeneration %}{% endfor %}"
+LAST_MESSAGE_ONLY = (
+    "{{ bos_token }}{% set m = messages[-1] %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DROPS_EARLIER_ASSISTANT_TURNS = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] != 'assistant' or loop.last %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_template_that_raises_is_a_template_error(tok):
+    with pytest.raises(BadRow, match="^template_error: TemplateError: no tools here") as info:
+        encode_messages(WITH_TOOL, tok, RAISES, 4096)
+    assert info.value.reason == "template_error"
+    # The same template is fine on a conversation that does not reach the raise.
+    ids, mask = encode_messages(NO_SYSTEM, tok, RAISES, 4096)
+    assert tok.decode(ids) == "<|bos|>Say hi.Hi!" and any(mask)
+
+
+def test_template_with_generation_blocks_that_raises(tok):
+    with pytest.raises(BadRow, match="^template_error: TypeError: .*str.*int") as info:
+        encode_messages(NO_SYSTEM, tok, RAISES_WITH_GEN, 4096)
+    assert info.value.reason == "template_error"
+
+
+@pytest.mark.parametrize("template", [LAST_MESSAGE_ONLY, DROPS_EARLIER_ASSISTANT_TURNS], ids=["last_message_only", "drops_assistant_turns"])
+def test_template_not_prefix_stable(tok, template):
+    with pytest.raises(TemplateNotPrefixStable, match=r"does not render messages\[:\d\] as a prefix .*--chat-template"):
+        encode_messages(SYSTEM_MULTI_TURN, tok, template, 4096)
+
+
+def test_template_not_prefix_stable_names_the_turn(tok):
+    with pytest.raises(TemplateNotPrefixStable, match=r"messages\[:2\]"):
+        encode_messages(SYSTEM_MULTI_TURN, tok, LAST_MESSAGE_ONLY, 4096)
+
+
+def test_template_of(tok):
+    assert template_of(tok, None) == tok.chat_template
+    assert template_of(tok, NO_GEN) == NO_GEN
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="the tokenizer has no chat template.*--chat-template"):
+        template_of(bare, None)
+
+
+# ---- the cached datasets.map ---------------------------------------------------------------
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def twelve_rows():
+    rows = []
+    for i in range(12):
+        if i % 2:
+            rows.append({"id": f"oa-{i}", "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]})
+        else:
+            rows.append({"id": f"sg-{i}", "conversations": [{"from": "system", "value": "Be short."}, {"from": "human", "value": f"Q{i}"}, {"from": "gpt", "value": f"A{i}"}]})
+    rows[5] = {"id": "bad-5", "messages": [{"role": "user", "content": "no answer"}]}
+    return rows
+
+
+def tokenized(path, tok, num_proc, seq_length=64):
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=3, max_samples=None)
+    return tokenize_rows(rows, order, tok, tok.chat_template, seq_length, num_proc), order
+
+
+def test_tokenize_rows_values(tmp_path, tok):
+    rows = twelve_rows()
+    out, order = tokenized(write_jsonl(tmp_path / "a" / "chats.jsonl", rows), tok, 1)
+    assert out["source_index"] == [int(i) for i in order]
+    assert out["sample_id"] == [rows[i]["id"] for i in order]
+    for record, i in zip(out, order):
+        if rows[i]["id"] == "bad-5":
+            assert record["skip_reason"] == "no_assistant_turn" and record["input_ids"] == []
+            continue
+        ids, mask = encode_messages(normalize_row(rows[i]), tok, tok.chat_template, 64)
+        assert (record["input_ids"], record["loss_mask"]) == (ids, mask)
+        assert record["num_tokens"] == len(ids) and record["num_loss_tokens"] == sum(mask)
+        assert record["skip_reason"] == ""
+
+
+def test_tokenize_rows_same_output_at_num_proc_1_and_2(tmp_path, tok):
+    rows = twelve_rows()
+    # Two copies of the same data, so neither run can be served from the other's cache.
+    one, _ = tokenized(write_jsonl(tmp_path / "one" / "chats.jsonl", rows), tok, 1)
+    two, _ = tokenized(write_jsonl(tmp_path / "two" / "chats.jsonl", rows), tok, 2)
+    assert len(two.cache_files) == 2  # really ran in two shards
+    assert one.to_list() == two.to_list()
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_second_call_is_served_from_the_cache(tmp_path, tok, monkeypatch, num_proc):
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    first, _ = tokenized(path, tok, num_proc)
+    assert first.cache_files
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reusing the cache")
+
+    monkeypatch.setattr(tokenize_mod, "_tokenize_batch", must_not_run)
+    second, _ = tokenized(path, tok, num_proc)
+    assert [f["filename"] for f in second.cache_files] == [f["filename"] for f in first.cache_files]
+    assert second.to_list() == first.to_list()
+
+
+def test_cache_is_not_reused_when_seq_length_changes(tmp_path, tok):
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    long, _ = tokenized(path, tok, 1, seq_length=64)
+    short, _ = tokenized(path, tok, 1, seq_length=15)
+    assert long.cache_files != short.cache_files
+    assert max(short["num_tokens"]) == 15 < max(long["num_tokens"])
+    assert "no_loss_tokens_after_truncation" in short["skip_reason"]
+    assert "no_loss_tokens_after_truncation" not in long["skip_reason"]
+
+
+def test_not_prefix_stable_template_stops_tokenize_rows(tmp_path, tok):
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=3, max_samples=None)
+    with pytest.raises(TemplateNotPrefixStable, match="does not render messages"):
+        tokenize_rows(rows, order, tok, LAST_MESSAGE_ONLY, 64, 1)

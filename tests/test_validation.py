@@ -1,0 +1,259 @@
+"""Every invalid flag fails before any data or weights load, naming the flag and the value;
+the CLI prints one `error:` line (exit 2); `--dry-run` prints the plan and writes nothing."""
+
+import re
+
+import numpy as np
+import pytest
+
+import builder.build as build_mod
+import builder.prepare as prepare_mod
+import builder.target as target_mod
+from builder.cli import main
+from builder.config import BuildConfig, resolve_aux_layer_ids, validate
+from builder.errors import ConfigError
+from builder.manifest import BUILD_STATE_FILE
+
+
+def cfg(tmp_path, **changes):
+    return BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), **changes)
+
+
+# (flag in BuildConfig, value, the message's regex); each message names the flag, the value and what was expected.
+INVALID = [
+    ("seq_length", 0, r"--seq-length: expected an integer >= 2, got 0"),
+    ("seq_length", 1, r"--seq-length: expected an integer >= 2, got 1"),
+    ("batch_size", 0, r"--batch-size: expected an integer >= 1, got 0"),
+    ("batch_size", -3, r"--batch-size: expected an integer >= 1, got -3"),
+    ("shard_size", 0, r"--shard-size: expected an integer >= 1, got 0"),
+    ("max_samples", 0, r"--max-samples: expected an integer >= 1, got 0"),
+    ("draft_vocab_size", 0, r"--draft-vocab-size: expected an integer >= 1, got 0"),
+    ("num_proc", 0, r"--num-proc: expected an integer >= 1, got 0"),
+    ("row_group_bytes", 0, r"--row-group-bytes: expected an integer >= 1, got 0"),
+    ("shuffle_seed", -1, r"--shuffle-seed: expected an integer >= 0, got -1"),
+    ("seq_length", 2.5, r"--seq-length: expected an integer >= 2, got 2.5"),
+    ("max_tokens_per_batch", 100, r"--max-tokens-per-batch: expected at least --seq-length \(2048\), got 100\. A batch must hold"),
+    ("dtype", "fp8", r"--dtype: expected one of bf16, fp16, fp32, got 'fp8'"),
+    ("dtype", "bfloat16", r"--dtype: expected one of bf16, fp16, fp32, got 'bfloat16'"),
+    ("target_format", "logits", r"--target-format: expected one of probs, got 'logits'"),
+    ("aux_layer_ids", (1, 3, 1), r"--aux-layer-ids: expected distinct layer ids, got \[1, 3, 1\]\. Remove the duplicates\."),
+    ("aux_layer_ids", (), r"--aux-layer-ids: expected at least one layer id, got \(\)"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", INVALID, ids=[f"{f}={v}" for f, v, _ in INVALID])
+def test_validate_rejects(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as info:
+        validate(cfg(tmp_path, **{field: value}))
+    assert info.value.flag == "--" + field.replace("_", "-")
+
+
+def test_validate_accepts_the_boundaries(tmp_path):
+    validate(cfg(tmp_path, seq_length=2, batch_size=1, shard_size=1, max_samples=1, draft_vocab_size=1, num_proc=1,
+                 shuffle_seed=0, max_tokens_per_batch=2, aux_layer_ids=(0,)))
+    validate(cfg(tmp_path, dtype="fp16"))
+    validate(cfg(tmp_path, dtype="fp32"))
+
+
+def test_missing_chat_template(tmp_path):
+    missing = tmp_path / "nope.jinja"
+    with pytest.raises(ConfigError, match=rf"^--chat-template: expected a path to a Jinja template file, got '{re.escape(str(missing))}'\. The file does not exist\."):
+        validate(cfg(tmp_path, chat_template=str(missing)))
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ConfigError, match=r"^--output-dir: expected a directory \(or a path to create\), got '.*out'\. It is a file\."):
+        validate(cfg(tmp_path))
+    with pytest.raises(ConfigError, match="It is a file"):
+        validate(cfg(tmp_path, dry_run=True))
+
+
+@pytest.mark.parametrize("marker", [BUILD_STATE_FILE, "README.md", "data/train-00000-of-00001.parquet"])
+def test_output_dir_holding_a_cache_needs_resume(tmp_path, marker):
+    path = tmp_path / "out" / marker
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match=r"^--output-dir: expected an empty or new directory, got '.*out'\. It already holds an eagle3-cache build; pass --resume"):
+        validate(cfg(tmp_path))
+    validate(cfg(tmp_path, resume=True))
+    validate(cfg(tmp_path, dry_run=True))
+
+
+def test_empty_existing_output_dir_is_fine(tmp_path):
+    (tmp_path / "out" / "other").mkdir(parents=True)
+    validate(cfg(tmp_path))
+
+
+# ---- aux layer ids, once the target's config is read ------------------------------------------
+
+
+def test_default_aux_layer_ids():
+    assert resolve_aux_layer_ids(None, 32) == [1, 15, 28]
+    assert resolve_aux_layer_ids(None, 8) == [1, 3, 4]
+    assert resolve_aux_layer_ids((7, 0, 3), 8) == [7, 0, 3]  # explicit ids keep their order
+
+
+@pytest.mark.parametrize("requested, bad", [((1, 3, 8), "[8]"), ((-1, 2), "[-1]"), ((9, 10), "[9, 10]")])
+def test_out_of_range_aux_layer_ids(requested, bad):
+    with pytest.raises(ConfigError, match=rf"^--aux-layer-ids: expected ids in \[0, 7\] \(the target has 8 decoder layers\), got .*\. Out of range: {re.escape(bad)}\."):
+        resolve_aux_layer_ids(requested, 8)
+
+
+@pytest.mark.parametrize("layers", [1, 4, 6])
+def test_too_few_layers_for_the_default(layers):
+    with pytest.raises(ConfigError, match=rf"^--aux-layer-ids: expected explicit ids for a target with only {layers} layers, got None\. The default \[1, N//2-1, N-4\] needs at least 7 layers"):
+        resolve_aux_layer_ids(None, layers)
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if model weights, or (unless allowed) the config, tokenizer or data load."""
+
+    def forbid(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} loaded before the flags were checked")
+
+        return fail
+
+    for module in (target_mod, build_mod):
+        monkeypatch.setattr(module, "load_model", forbid("model weights"))
+    monkeypatch.setattr(prepare_mod, "load_rows", forbid("input data"))
+    monkeypatch.setattr(prepare_mod, "load_tokenizer", forbid("tokenizer"))
+    monkeypatch.setattr(prepare_mod, "load_config", forbid("model config"))
+    return monkeypatch
+
+
+def test_out_of_range_aux_ids_fail_before_data_loads(tmp_path, monkeypatch):
+    # The config must be read for this check; the data and the weights must not.
+    monkeypatch.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    with pytest.raises(ConfigError, match=r"--aux-layer-ids: expected ids in \[0, 7\] .*Out of range: \[8\]"):
+        prepare_mod.prepare(cfg(tmp_path, aux_layer_ids=(1, 8)))
+
+
+# ---- the CLI ------------------------------------------------------------------------------
+
+
+CLI_INVALID = [
+    (["--dtype", "fp8"], "--dtype: expected one of bf16, fp16, fp32, got 'fp8'"),
+    (["--seq-length", "0"], "--seq-length: expected an integer >= 2, got 0"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    (["--shard-size", "0"], "--shard-size: expected an integer >= 1, got 0"),
+    (["--max-samples", "0"], "--max-samples: expected an integer >= 1, got 0"),
+    (["--draft-vocab-size", "0"], "--draft-vocab-size: expected an integer >= 1, got 0"),
+    (["--num-proc", "0"], "--num-proc: expected an integer >= 1, got 0"),
+    (["--max-tokens-per-batch", "100"], "--max-tokens-per-batch: expected at least --seq-length (2048), got 100. A batch must hold at least one full-length sample."),
+    (["--target-format", "logits"], "--target-format: expected one of probs, got 'logits'"),
+    (["--aux-layer-ids", "2,2,5"], "--aux-layer-ids: expected distinct layer ids, got [2, 2, 5]. Remove the duplicates."),
+]
+
+
+@pytest.mark.parametrize("argv, line", CLI_INVALID, ids=[a[0] for a, _ in CLI_INVALID])
+def test_cli_bad_flag_is_one_error_line(tmp_path, capsys, nothing_loads, argv, line):
+    code = main(["build", "--output-dir", str(tmp_path / "out"), *argv])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err == f"error: {line}\n"
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_chat_template(tmp_path, capsys, nothing_loads):
+    assert main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(tmp_path / "t.jinja")]) == 2
+    assert capsys.readouterr().err == f"error: --chat-template: expected a path to a Jinja template file, got '{tmp_path / 't.jinja'}'. The file does not exist.\n"
+
+
+def test_cli_output_dir_with_a_cache(tmp_path, capsys, nothing_loads):
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").write_bytes(b"")
+    assert main(["build", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output-dir: expected an empty or new directory, got '{tmp_path / 'out'}'. It already holds")
+    assert err.count("\n") == 1
+
+
+def test_cli_out_of_range_aux_ids(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
+    assert main(["build", "--output-dir", str(tmp_path / "out"), "--aux-layer-ids", "1,3,8"]) == 2
+    assert capsys.readouterr().err == "error: --aux-layer-ids: expected ids in [0, 7] (the target has 8 decoder layers), got [1, 3, 8]. Out of range: [8].\n"
+
+
+def test_cli_unreadable_input_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"messages": [')
+    for data, start in [(str(tmp_path / "missing.jsonl"), "error: --input-data: "), (str(broken), "error: --input-data: ")]:
+        assert main(["build", "--quiet", "--output-dir", str(tmp_path / "out"), "--input-data", data]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(start) and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_template_that_is_not_prefix_stable_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    template = tmp_path / "last_only.jinja"
+    template.write_text("{{ bos_token }}{% set m = messages[-1] %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    code = main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(template), "--max-samples", "5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"^error: the chat template does not render messages\[:\d+\] as a prefix of the whole conversation.*--chat-template", err, re.M)
+
+
+def test_cli_bad_layer_list_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--aux-layer-ids", "1,x"])
+    assert info.value.code == 2
+    assert "argument --aux-layer-ids: expected comma-separated integers like 1,13,28, got '1,x'" in capsys.readouterr().err
+
+
+# ---- --dry-run ---------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    out = tmp_path / "out"
+    assert main(["build", "--dry-run", "--quiet", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+
+    # The same numbers, computed here from the prepared samples.
+    prep = prepare_mod.prepare(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(out), dry_run=True))
+    num_tokens = np.asarray(prep.samples["num_tokens"])
+    loss = int(np.sum(prep.samples["num_loss_tokens"]))
+    p50, p90, p99 = (int(x) for x in np.percentile(num_tokens, [50, 90, 99]))
+    assert text.startswith("Build plan (dry run: nothing written)\n")
+    assert re.search(r"^  valid samples +300$", text, re.M)
+    assert re.search(r"^  skipped rows +0 *$", text, re.M)
+    assert re.search(rf"^  tokens +{num_tokens.sum():,}$", text, re.M)
+    assert re.search(rf"^  loss-masked tokens +{loss:,}$", text, re.M)
+    assert re.search(rf"^  length p50/p90/p99/max +{p50}/{p90}/{p99}/{num_tokens.max()}$", text, re.M)
+    assert p50 < p90 <= p99 <= num_tokens.max() <= 2048
+    assert re.search(r"^  vocab +target 1,024, draft 1,024$", text, re.M)
+    assert re.search(r"^  draft-vocab coverage 100\.00% of loss-masked tokens$", text, re.M)
+    assert re.search(r"^  aux layers +\[1, 3, 4\]$", text, re.M)
+    for name in ("probs", "topk", "hidden"):
+        assert re.search(rf"^    {name} +[\d,.]+ MB +\([\d,.]+x smaller than the reference\)$", text, re.M), name
+    # Reference: 300 samples x 2048 positions x (3 int64 fields + aux 3x64 bf16 + 1024 bf16 probs + 1 bool).
+    assert 300 * 2048 * (24 + 192 * 2 + 1024 * 2 + 1) == 1_509_580_800
+    assert re.search(r"^    reference padded dense layout 1,509\.58 MB$", text, re.M)
+    probs = num_tokens.sum() * (4 + 1 + 192 * 2) + loss * (1024 * 2 + 4)
+    assert f"    {'probs':8s} {probs / 1e6:12,.2f} MB" in text
+
+
+def test_dry_run_with_a_draft_vocab_reports_its_coverage(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("an existing cache")  # a dry run may look at a built cache
+    assert main(["build", "--dry-run", "--quiet", "--output-dir", str(out), "--draft-vocab-size", "100", "--max-samples", "40"]) == 0
+    text = capsys.readouterr().out
+    prep = prepare_mod.prepare(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(out),
+                                           dry_run=True, draft_vocab_size=100, max_samples=40))
+    coverage = prep.token_counts[prep.selected_token_ids].sum() / prep.token_counts.sum()
+    assert 0.5 < coverage < 1.0
+    assert re.search(r"^  valid samples +40$", text, re.M)
+    assert re.search(r"^  vocab +target 1,024, draft 100$", text, re.M)
+    assert f"  draft-vocab coverage {coverage:.2%} of loss-masked tokens\n" in text
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]

@@ -1,0 +1,159 @@
+"""Draft vocabulary (DESIGN §2): specials first, counts descending with ties to the lower id,
+unseen ids ascending; counts over loss-masked tokens of the whole input."""
+
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+
+from builder.config import BuildConfig
+from builder.prepare import prepare
+from builder.tokenize import TOKENIZED_FEATURES
+from builder.vocab import array_hash, count_loss_tokens, d2t_t2d, select_draft_vocab, special_token_ids, vocab_coverage
+
+# id:         0  1  2  3  4  5  6  7  8  9
+COUNTS = np.array([5, 9, 3, 3, 0, 7, 1, 3, 0, 0])
+SPECIALS = [4, 1]  # bos=4 (never seen), eos=1 (the most frequent id, yet placed by being special)
+# By hand: specials 4, 1; then 5 (7), 0 (5), the tie 2, 3, 7 (3 each, lower id first), 6 (1);
+# then the unseen 8, 9 ascending.
+FULL_ORDER = [4, 1, 5, 0, 2, 3, 7, 6, 8, 9]
+
+
+def tokenizer(bos=None, eos=None, pad=None, unk=None):
+    return SimpleNamespace(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk)
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+def test_select_draft_vocab_hand_checked(size):
+    selected = select_draft_vocab(COUNTS, size, SPECIALS)
+    assert selected.dtype == np.int64
+    assert selected.tolist() == FULL_ORDER[:size]
+
+
+def test_select_draft_vocab_spelled_out():
+    assert select_draft_vocab(COUNTS, 6, SPECIALS).tolist() == [4, 1, 5, 0, 2, 3]
+    assert select_draft_vocab(COUNTS, 9, SPECIALS).tolist() == [4, 1, 5, 0, 2, 3, 7, 6, 8]
+    assert select_draft_vocab(COUNTS, 4, []).tolist() == [1, 5, 0, 2]
+
+
+@pytest.mark.parametrize("size", [None, 10, 11, 10_000])
+def test_select_draft_vocab_identity(size):
+    assert select_draft_vocab(COUNTS, size, SPECIALS).tolist() == list(range(10))
+
+
+def test_all_ties_fall_back_to_id_order():
+    assert select_draft_vocab(np.zeros(6, dtype=np.int64), 4, [5]).tolist() == [5, 0, 1, 2]
+    assert select_draft_vocab(np.full(6, 2), 3, []).tolist() == [0, 1, 2]
+
+
+def test_special_token_ids_order_dedup_and_validity():
+    assert special_token_ids(tokenizer(bos=4, eos=1, pad=4, unk=None), 10) == [4, 1]
+    assert special_token_ids(tokenizer(bos=0, eos=1, pad=2, unk=3), 10) == [0, 1, 2, 3]
+    assert special_token_ids(tokenizer(bos=None, eos=7, pad=7, unk=7), 10) == [7]
+    assert special_token_ids(tokenizer(bos=12, eos=3, pad=-1, unk=10), 10) == [3]  # out of range dropped
+    assert special_token_ids(tokenizer(), 10) == []
+
+
+def test_select_with_specials_from_a_tokenizer():
+    specials = special_token_ids(tokenizer(bos=4, eos=1, pad=1, unk=99), 10)
+    assert select_draft_vocab(COUNTS, 5, specials).tolist() == [4, 1, 5, 0, 2]
+
+
+def test_d2t_t2d():
+    selected = select_draft_vocab(COUNTS, 5, SPECIALS)
+    d2t, t2d = d2t_t2d(selected, 10)
+    assert d2t.tolist() == [4, 0, 3, -3, -2]
+    assert (d2t + np.arange(5)).tolist() == selected.tolist()
+    assert t2d.dtype == bool
+    assert t2d.tolist() == [True, True, True, False, True, True, False, False, False, False]
+    d2t, t2d = d2t_t2d(np.arange(10), 10)
+    assert not d2t.any() and t2d.all()
+
+
+def test_vocab_coverage():
+    assert vocab_coverage(COUNTS, select_draft_vocab(COUNTS, 5, SPECIALS)) == pytest.approx((0 + 9 + 7 + 5 + 3) / 31)
+    assert vocab_coverage(COUNTS, np.arange(10)) == 1.0
+    assert vocab_coverage(np.zeros(10, dtype=np.int64), np.arange(3)) == 0.0
+
+
+def test_array_hash_depends_on_order_not_dtype():
+    a = np.array([4, 1, 5])
+    assert array_hash(a) == array_hash(a.astype(np.int32))
+    assert array_hash(a) != array_hash(a[::-1])
+
+
+# ---- counting ------------------------------------------------------------------------------
+
+
+def samples(ids, masks):
+    n = len(ids)
+    return datasets.Dataset.from_dict(
+        {
+            "sample_id": [str(i) for i in range(n)],
+            "source_index": list(range(n)),
+            "input_ids": ids,
+            "loss_mask": masks,
+            "num_tokens": [len(x) for x in ids],
+            "num_loss_tokens": [sum(m) for m in masks],
+            "skip_reason": [""] * n,
+            "skip_detail": [""] * n,
+        },
+        features=TOKENIZED_FEATURES,
+    )
+
+
+def test_count_loss_tokens_counts_only_masked_tokens():
+    ds = samples([[1, 2, 3, 2], [2, 5], [7, 7, 7]], [[0, 1, 1, 1], [1, 0], [0, 0, 0]])
+    assert count_loss_tokens(ds, 8).tolist() == [0, 0, 3, 1, 0, 0, 0, 0]
+
+
+def test_count_loss_tokens_on_a_selection_and_across_batches():
+    ds = samples([[1, 2], [3, 4], [5, 6]] * 2000, [[1, 1], [0, 1], [1, 0]] * 2000)  # 6000 rows > one 4096-row batch
+    assert count_loss_tokens(ds, 8).tolist() == [0, 2000, 2000, 0, 2000, 2000, 0, 0]
+    picked = ds.select([2, 0, 3])  # an indices mapping: rows [5, 6]+[1, 0], [1, 2]+[1, 1] twice
+    assert count_loss_tokens(picked, 8).tolist() == [0, 2, 2, 0, 0, 1, 0, 0]
+    assert count_loss_tokens(ds.select([]), 8).tolist() == [0] * 8
+
+
+def test_count_loss_tokens_rejects_ids_outside_the_vocab():
+    ds = samples([[1, 9]], [[1, 1]])
+    with pytest.raises(ValueError, match="token id 9 is outside the target's vocabulary of 8; the tokenizer does not match"):
+        count_loss_tokens(ds, 8)
+    assert count_loss_tokens(samples([[1, 9]], [[1, 0]]), 8).tolist() == [0, 1, 0, 0, 0, 0, 0, 0]  # unmasked: not counted
+
+
+# ---- through prepare(): the whole input, not a shard ------------------------------------------
+
+
+def hand_count(prep):
+    counts = np.zeros(prep.vocab_size, dtype=np.int64)
+    for row in prep.samples:
+        for token, m in zip(row["input_ids"], row["loss_mask"]):
+            counts[token] += m
+    return counts
+
+
+def test_draft_vocab_counts_use_the_whole_input(tmp_path):
+    common = dict(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), draft_vocab_size=64)
+    small = prepare(BuildConfig(shard_size=7, **common))
+    assert len(small.samples) == 300 and small.num_shards == 43
+    counts = hand_count(small)
+    assert small.token_counts.tolist() == counts.tolist()
+    assert small.token_counts.sum() == sum(small.samples["num_loss_tokens"])
+
+    # DESIGN §2 by hand: bos, eos, pad, unk (ids 0..3), then by count, ties to the lower id.
+    assert special_token_ids(small.tokenizer, small.vocab_size) == [0, 1, 2, 3]
+    rest = sorted(range(4, small.vocab_size), key=lambda i: (-counts[i], i))
+    assert small.selected_token_ids.tolist() == [0, 1, 2, 3] + rest[:60]
+
+    large = prepare(BuildConfig(shard_size=1000, **common))
+    assert large.token_counts.tolist() == small.token_counts.tolist()
+    assert large.selected_token_ids.tolist() == small.selected_token_ids.tolist()
+
+
+def test_draft_vocab_follows_max_samples(tmp_path):
+    prep = prepare(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), max_samples=20))
+    assert len(prep.samples) == 20
+    assert prep.token_counts.tolist() == hand_count(prep).tolist()
+    assert prep.selected_token_ids.tolist() == list(range(prep.vocab_size))  # no size: the identity
