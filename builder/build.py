@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, VOCAB_FILE, check_resum
 from .prepare import Prepared, prepare
 from .shards import TORCH_DTYPES, shard_name, shard_row_count
 from .target import Target, compute_device, load_model
-from .writer import BackgroundWriter, BatchOutput
+from .errors import DiskFull, Eagle3CacheError
+from .lock import CacheLock
+from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
 WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
@@ -56,11 +59,18 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     if cfg.resume:
         check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
-    state.wait_for_everyone()
-    if state.is_main_process:
-        start_or_continue(out, prep, cfg.resume)
-    state.wait_for_everyone()
+    lock = CacheLock(out)
+    agree(state, lambda: (lock.acquire(), start_or_continue(out, prep, cfg.resume)))
+    try:
+        with disk_full_as_error():
+            write_cache(state, prep, out, result, progress)
+    finally:
+        if state.is_main_process:
+            lock.release()
+    return result
 
+
+def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool) -> None:
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
     mine = [k for k in range(prep.num_shards) if k % state.num_processes == state.process_index]
     pending = [k for k in mine if not shard_is_complete(out, names[k], expected_rows(prep, k))]
@@ -75,7 +85,35 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         from .card import write_card  # the card is written last: a cache with a card is complete
 
         result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
-    return result
+
+
+def agree(state, main_process_step) -> None:
+    """Run a step on rank 0 and raise its error on every rank, so no rank waits at a barrier forever."""
+    error = None
+    if state.is_main_process:
+        try:
+            main_process_step()
+        except Eagle3CacheError as err:
+            error = err
+    if state.num_processes > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
+@contextmanager
+def disk_full_as_error():
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise DiskFull(
+            f"no space left writing {err.filename or 'the cache'} ({err.strerror}); every shard already written is "
+            "complete and valid. Free space (or raise the quota), then rerun with --resume."
+        ) from err
 
 
 def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
@@ -96,7 +134,12 @@ def shard_is_complete(out: Path, name: str, rows: int) -> bool:
     if not path.exists():
         return False
     sidecar = read_sidecar(out, name)
-    if sidecar is None or sidecar["bytes"] != path.stat().st_size or shard_row_count(path) != rows:
+    if (
+        sidecar is None
+        or sidecar["bytes"] != path.stat().st_size
+        or sidecar["rows"] + len(sidecar.get("failed", [])) != rows
+        or shard_row_count(path) != sidecar["rows"]
+    ):
         log.warning("shard %s exists but does not match its record; it will be rebuilt", name)
         path.unlink()
         return False
@@ -112,7 +155,7 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     selected = torch.as_tensor(prep.selected_token_ids)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[selected] = True
-    writer = BackgroundWriter(in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done)
+    writer = BackgroundWriter(in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done, strict=prep.cfg.strict)
     try:
         for k in pending:
             write_one_shard(prep, target, writer, out / "data" / names[k], k, progress)
@@ -171,8 +214,17 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], selected:
         dev = target.device
         aux, probs, argmax = target.supervise(ids.to(dev, non_blocking=True), attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True), selected)
         # Cast on the device (halves the copy), then copy into pinned host memory without waiting.
-        host, ready = to_host([aux.to(store_dtype), probs.to(store_dtype), argmax.to(torch.int32)])
+        finite = finite_rows(aux, probs, attention.to(dev), loss.to(dev))
+        host, ready = to_host([aux.to(store_dtype), probs.to(store_dtype), argmax.to(torch.int32), finite])
         yield BatchOutput(positions, samples, *host, ready=ready)
+
+
+def finite_rows(aux: torch.Tensor, probs: torch.Tensor, attention: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the sample's aux states (real tokens) and probs are all finite; stays on the device."""
+    aux_ok = (aux.isfinite().all(-1) | ~attention.bool()).all(-1)
+    probs_bad = torch.zeros(aux.shape[0], dtype=torch.long, device=aux.device)
+    probs_bad.index_add_(0, loss.nonzero()[:, 0], (~probs.isfinite().all(-1)).long())
+    return aux_ok & (probs_bad == 0)
 
 
 def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:

@@ -34,3 +34,11 @@ class ResumeMismatch(Eagle3CacheError):
             "continued:\n" + "\n".join(lines) + "\nUse the original settings, or a new --output-dir."
         )
         self.differences = differences
+
+
+class NonFiniteOutput(Eagle3CacheError):
+    """--strict and the target produced NaN or Inf for a sample."""
+
+
+class DiskFull(Eagle3CacheError):
+    """Writing failed for lack of space; complete shards stay valid."""

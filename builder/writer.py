@@ -8,6 +8,7 @@ writer buffers one window's rows and writes them in build order, row group by ro
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from dataclasses import dataclass
@@ -16,9 +17,11 @@ from typing import Callable
 
 import torch
 
+from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
 from .manifest import sidecar_path, write_json_atomic
 from .shards import ShardWriter, shard_schema, tensor_bytes
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
 
 
@@ -31,16 +34,21 @@ class BatchOutput:
     aux: torch.Tensor  # [B, T, A*H] in the storage dtype
     probs: torch.Tensor  # [n_loss, Vd] in the storage dtype, row-major over the batch
     argmax: torch.Tensor  # [n_loss] int32
+    finite: torch.Tensor  # [B] bool: no NaN/Inf in the sample's aux states or probs
     ready: object = None  # a torch.cuda.Event marking the end of the device->host copy
 
     def rows(self):
+        """(window position, (encoded row, argmax)), or (position, (None, sample)) for a non-finite sample."""
         if self.ready is not None:
             self.ready.synchronize()
         offset = 0
         for b, (position, sample) in enumerate(zip(self.window_positions, self.samples)):
             n_loss = sample["num_loss_tokens"]
-            argmax = self.argmax[offset : offset + n_loss]
-            yield position, (encode_row(sample, self.aux[b, : sample["num_tokens"]], self.probs[offset : offset + n_loss], argmax), argmax)
+            if not self.finite[b]:
+                yield position, (None, sample)
+            else:
+                argmax = self.argmax[offset : offset + n_loss]
+                yield position, (encode_row(sample, self.aux[b, : sample["num_tokens"]], self.probs[offset : offset + n_loss], argmax), argmax)
             offset += n_loss
 
 
@@ -60,8 +68,9 @@ def encode_row(sample: dict, aux: torch.Tensor, probs: torch.Tensor, argmax: tor
 class BackgroundWriter:
     """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
 
-    def __init__(self, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None):
+    def __init__(self, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False):
         self.in_vocab = in_vocab
+        self.strict = strict
         self.row_group_bytes = row_group_bytes
         self.on_shard_done = on_shard_done
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
@@ -107,8 +116,17 @@ class BackgroundWriter:
                 continue
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"the shard writer failed: {self._error}") from self._error
+        err = self._error
+        if err is None:
+            return
+        if isinstance(err, Eagle3CacheError):
+            raise err
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(
+                f"no space left writing {getattr(err, 'filename', None) or 'a shard'} ({err.strerror}); every shard "
+                "already written is complete and valid. Free space (or raise the quota), then rerun with --resume."
+            ) from err
+        raise RuntimeError(f"the shard writer failed: {err!r}") from err
 
     # ---- writer thread side ---------------------------------------------------------
 
@@ -121,7 +139,7 @@ class BackgroundWriter:
                 kind, payload = item
                 if kind == "open":
                     shard = ShardWriter(payload, shard_schema(), self.row_group_bytes)
-                    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0}
+                    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0, "failed": []}
                 elif kind == "batch":
                     window.update(payload.rows())
                 elif kind == "window":
@@ -138,8 +156,17 @@ class BackgroundWriter:
             if shard is not None:
                 shard.abort()
 
-    def _write_row(self, shard: ShardWriter, encoded: tuple[dict, torch.Tensor], totals: dict) -> None:
+    def _write_row(self, shard: ShardWriter, encoded: tuple, totals: dict) -> None:
         row, argmax = encoded
+        if row is None:  # never written silently: recorded, or fatal with --strict
+            sample = argmax
+            if self.strict:
+                raise NonFiniteOutput(
+                    f"--strict: the target produced NaN/Inf for input row {sample['source_index']} (id {sample['sample_id']!r}); "
+                    "check the model's dtype and weights, or run without --strict to record and skip such samples"
+                )
+            totals["failed"].append({"sample_id": sample["sample_id"], "source_index": sample["source_index"], "reason": "non_finite_output"})
+            return
         totals["tokens"] += row["num_tokens"]
         totals["loss_tokens"] += len(argmax)
         totals["argmax_in_vocab"] += int(self.in_vocab[argmax.long()].sum())

@@ -1,0 +1,168 @@
+"""Crash safety under SIGKILL, non-finite target outputs, a full disk, and one writer per cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import assert_same_content, decoded_rows, small_config
+from tiny_targets import make_tiny_target
+
+from builder.build import build
+from builder.errors import DiskFull, NonFiniteOutput
+from builder.lock import LOCK_FILE, CacheLocked, _me
+from builder.manifest import read_sidecar
+from builder.reader import read_manifest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_cache.py"
+FLAGS = ["--max-samples", "60", "--shard-size", "3", "--seq-length", "96", "--draft-vocab-size", "200", "--dtype", "fp32", "--quiet"]
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--output-dir", str(out), *FLAGS, *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def assert_every_shard_file_is_complete(out: Path) -> None:
+    """What a kill leaves behind: each real shard name is a whole file matching its record."""
+    for path in (out / "data").glob("train-*.parquet"):
+        sidecar = read_sidecar(out, path.name)
+        assert sidecar is not None and sidecar["bytes"] == path.stat().st_size, path.name
+        assert pq.ParquetFile(path).metadata.num_rows == sidecar["rows"]
+
+
+def test_sigkill_at_random_points_then_resume_gives_identical_content(tmp_path):
+    reference = tmp_path / "reference"
+    started = time.monotonic()
+    subprocess.run(command(reference), env=env(), check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - started
+
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(12):
+        flags = ("--resume",) if (out / ".eagle3_build" / "identity.json").exists() else ()
+        proc = subprocess.Popen(command(out, *flags), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, duration))  # anywhere from start-up to the last shard
+        if proc.poll() is not None:
+            break  # finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert_every_shard_file_is_complete(out)
+        if kills >= 5 and rng.random() < 0.5:
+            break
+    assert kills >= 5
+    flags = ("--resume",) if (out / ".eagle3_build" / "identity.json").exists() else ()
+    subprocess.run(command(out, *flags), env=env(), check=True, capture_output=True, timeout=300)
+    assert not list((out / "data").glob(".*"))  # temp files of killed writers are gone
+    assert_same_content(decoded_rows(reference), decoded_rows(out))
+
+
+def poisoned_target(tmp_path: Path, token_id: int) -> Path:
+    """A target whose embedding of one token is NaN: every sample holding it goes non-finite."""
+    from safetensors.torch import load_file, save_file
+
+    target = make_tiny_target(tmp_path / "target", "llama")
+    weights = load_file(target / "model.safetensors")
+    weights["model.embed_tokens.weight"][token_id] = float("nan")
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_non_finite_samples_are_recorded_not_written(tmp_path):
+    clean = build(small_config(tmp_path / "clean"), progress=False)
+    samples = clean.prepared.samples
+    # a token present in some samples but not all
+    counts = {}
+    for ids in samples["input_ids"]:
+        for t in set(ids):
+            counts[t] = counts.get(t, 0) + 1
+    token = min((t for t, c in counts.items() if 1 <= c <= 3), key=lambda t: (counts[t], t))
+    poisoned_ids = {s["sample_id"] for s in samples if token in s["input_ids"]}
+
+    target = poisoned_target(tmp_path, token)
+    result = build(small_config(tmp_path / "cache", target), progress=False)
+    manifest = read_manifest(result.output_dir)
+    assert {f["sample_id"] for f in manifest["failed"]} == poisoned_ids
+    assert all(f["reason"] == "non_finite_output" for f in manifest["failed"])
+    rows = decoded_rows(result.output_dir)
+    assert {r["sample_id"] for r in rows} == {s["sample_id"] for s in samples} - poisoned_ids
+    for row in rows:
+        assert torch.isfinite(row["aux_hidden_states"]).all() and torch.isfinite(row["target_probs"]).all()
+    # resume accepts shards that are short by exactly their recorded failures
+    again = build(small_config(tmp_path / "cache", target, resume=True), progress=False)
+    assert again.written == []
+
+
+def test_non_finite_output_stops_a_strict_build(tmp_path):
+    target = poisoned_target(tmp_path, token_id=6)  # <|assistant|>: in every sample
+    with pytest.raises(NonFiniteOutput, match=r"--strict: the target produced NaN/Inf for input row \d+"):
+        build(small_config(tmp_path / "cache", target, strict=True), progress=False)
+    assert not list((tmp_path / "cache" / "data").glob("*.parquet"))
+
+
+def test_full_disk_gives_a_clear_error_and_resume_completes(tmp_path):
+    reference = build(small_config(tmp_path / "reference"), progress=False)
+    sizes = [s["bytes"] for s in reference.manifest["shards"]]
+    limit = sizes[0] + 1  # the first shard fits; a later, larger one does not
+    assert max(sizes) > limit
+    out = tmp_path / "cache"
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing
+
+    cmd = [sys.executable, str(SCRIPT), "--output-dir", str(out), "--max-samples", "14", "--shard-size", "4",
+           "--seq-length", "96", "--batch-size", "3", "--draft-vocab-size", "300", "--dtype", "fp32", "--quiet"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: no space left writing" in proc.stderr and "rerun with --resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_every_shard_file_is_complete(out)
+    assert not list((out / "data").glob(".*"))  # the failed shard's temp file was removed
+    assert (out / "data" / "train-00000-of-00004.parquet").exists()
+
+    subprocess.run(cmd + ["--resume"], env=env(), check=True, capture_output=True, timeout=300)
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(out))
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "cache"
+    build(small_config(out, max_samples=4), progress=False)
+    lock = out / LOCK_FILE
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from builder.lock import _start_time
+
+        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "start_time": _start_time(holder.pid), "since": "now"}))
+        with pytest.raises(CacheLocked, match=rf"is being written by pid {holder.pid} on .*delete .*lock"):
+            build(small_config(out, max_samples=4, resume=True), progress=False)
+        assert lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "cache"
+    build(small_config(out, max_samples=4), progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = _me() | {"pid": dead.pid}
+    (out / LOCK_FILE).write_text(json.dumps(stale))
+    result = build(small_config(out, max_samples=4, resume=True), progress=False)
+    assert result.manifest is not None and not (out / LOCK_FILE).exists()
