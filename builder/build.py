@@ -174,7 +174,7 @@ def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, pa
     rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
     selected = torch.as_tensor(prep.selected_token_ids, device=target.device)
     writer.open_shard(path)
-    for window in row_windows(prep, rows, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS):
+    for window in shard_windows(prep, rows):
         for batch in forward_window(prep, target, window, selected):
             writer.submit(batch)
             progress.batch_done(batch)
@@ -182,9 +182,8 @@ def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, pa
     writer.close_shard()
 
 
-def row_windows(prep: Prepared, rows, window_bytes: int):
+def row_windows(rows, per_token: int, per_loss: int, window_bytes: int):
     """Consecutive runs of samples whose encoded size (known from lengths alone) fits the window."""
-    per_token, per_loss = bytes_per_position(prep)
     window, size = [], 0
     for row in rows:
         row_size = row["num_tokens"] * per_token + row["num_loss_tokens"] * per_loss
@@ -197,11 +196,15 @@ def row_windows(prep: Prepared, rows, window_bytes: int):
         yield window
 
 
-def bytes_per_position(prep: Prepared) -> tuple[int, int]:
-    item = TORCH_DTYPES[prep.cfg.dtype].itemsize
-    per_token = 4 + 1 + len(prep.aux_layer_ids) * prep.hidden_size * item
-    per_loss = len(prep.selected_token_ids) * item + 4
-    return per_token, per_loss
+def bytes_per_position(dtype: str, aux_width: int, draft_vocab_size: int) -> tuple[int, int]:
+    """Encoded bytes per token and per loss-masked position (probs format)."""
+    item = TORCH_DTYPES[dtype].itemsize
+    return 4 + 1 + aux_width * item, draft_vocab_size * item + 4
+
+
+def shard_windows(prep: Prepared, rows):
+    per_token, per_loss = bytes_per_position(prep.cfg.dtype, len(prep.aux_layer_ids) * prep.hidden_size, len(prep.selected_token_ids))
+    return row_windows(rows, per_token, per_loss, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS)
 
 
 def forward_window(prep: Prepared, target: Target, window: list[dict], selected: torch.Tensor):

@@ -1,0 +1,162 @@
+"""`eagle3-cache verify`: check a cache against its manifest, and optionally recompute samples live.
+
+Structural checks read every byte once: files present and no strays, sizes, sha256, schema,
+row counts, the identity's fingerprint (an edited manifest no longer matches it), per-row
+shapes against the manifest and finite values. `--recompute N` reruns the target on N
+random samples, rebuilding each one's exact forward batch from the cached rows (batches
+depend only on lengths and the recorded settings), so fp32 caches must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from .batching import pad_batch, plan_batches
+from .build import WINDOW_ROW_GROUPS, bytes_per_position, row_windows
+from .manifest import VOCAB_FILE, fingerprint
+from .reader import RowDecoder, read_manifest, read_vocab
+from .shards import TORCH_DTYPES, file_sha256
+
+
+def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None) -> list[str]:
+    """Every problem found, as `shard/sample: message` lines; empty when the cache is intact."""
+    out = Path(location)
+    manifest = read_manifest(out)
+    problems = check_manifest(out, manifest)
+    for shard in manifest["shards"]:
+        problems += check_shard(out, manifest, shard)
+    if recompute and not problems:
+        problems += recompute_samples(out, manifest, recompute, seed, target_model)
+    return problems
+
+
+def check_manifest(out: Path, manifest: dict) -> list[str]:
+    problems = []
+    if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
+        problems.append(
+            f"README.md: the manifest's identity fields no longer match its fingerprint {manifest['fingerprint']} "
+            "(the card was edited); rebuild, or restore the card"
+        )
+    vocab = out / VOCAB_FILE
+    if not vocab.exists():
+        problems.append(f"{VOCAB_FILE}: missing")
+    elif file_sha256(vocab) != manifest["vocab_file"]["sha256"]:
+        problems.append(f"{VOCAB_FILE}: sha256 differs from the manifest")
+    listed = {s["name"] for s in manifest["shards"]}
+    for stray in sorted(p.name for p in (out / "data").glob("*.parquet") if p.name not in listed):
+        problems.append(f"data/{stray}: a shard not in the manifest")
+    return problems
+
+
+def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
+    name, path = shard["name"], out / "data" / shard["name"]
+    if not path.exists():
+        return [f"data/{name}: missing"]
+    if path.stat().st_size != shard["bytes"]:
+        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
+    if file_sha256(path) != shard["sha256"]:
+        return [f"data/{name}: sha256 differs from the manifest (the file is damaged)"]
+    parquet = pq.ParquetFile(path)
+    expected_columns = list(manifest["columns"])
+    if parquet.schema_arrow.names != expected_columns:
+        return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
+    if parquet.metadata.num_rows != shard["rows"]:
+        return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+    decode = RowDecoder(manifest)
+    problems = []
+    for batch in parquet.iter_batches(batch_size=64):
+        for row in batch.to_pylist():
+            problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+    return problems
+
+
+def check_row(row: dict, manifest: dict) -> list[str]:
+    length, seq_length = row["num_tokens"], manifest["identity"]["seq_length"]
+    n_loss = int(row["loss_mask"].sum()) if row["loss_mask"].numel() == length else -1
+    checks = [
+        (0 < length <= seq_length, f"num_tokens {length} outside [1, seq_length {seq_length}]"),
+        (row["input_ids"].numel() == length and row["loss_mask"].numel() == length, "input_ids/loss_mask length differs from num_tokens"),
+        (row["aux_hidden_states"].shape[0] == length, f"aux_hidden_states has {row['aux_hidden_states'].shape[0]} rows for {length} tokens"),
+        (row["target_probs"].shape[0] == n_loss and row["target_argmax"].numel() == n_loss, "target rows differ from the loss-masked positions"),
+        (bool(torch.isfinite(row["aux_hidden_states"]).all()), "aux_hidden_states has NaN/Inf"),
+        (bool(torch.isfinite(row["target_probs"]).all()), "target_probs has NaN/Inf"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+# ---- recompute ----------------------------------------------------------------------------
+
+
+def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> list[str]:
+    from .embedded import resolve_target
+    from .target import Target, compute_device, load_model
+
+    identity = manifest["identity"]
+    positions = [(s["name"], i) for s in manifest["shards"] for i in range(s["rows"])]
+    chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
+    device, dtype = compute_device()
+    model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
+    target = Target(model, identity["aux_layer_ids"])
+    selected = read_vocab(out)["selected_token_ids"].to(device)
+    decode = RowDecoder(manifest)
+    problems = []
+    try:
+        for name in sorted({n for n, _ in chosen}):
+            rows = [decode(r) for r in pq.read_table(out / "data" / name).to_pylist()]
+            for index in (i for n, i in chosen if n == name):
+                problems += [f"data/{name}/{rows[index]['sample_id']}: {p}" for p in compare_live(target, manifest, rows, index, selected)]
+    finally:
+        target.close()
+    return problems
+
+
+def batch_of(manifest: dict, rows: list[dict], index: int) -> list[int]:
+    """Positions (in the shard) of the forward batch that produced row `index` at build time."""
+    build = manifest["build"]
+    aux_width = manifest["columns"]["aux_hidden_states"]["shape"][1]
+    per_token, per_loss = bytes_per_position(manifest["identity"]["dtype"], aux_width, manifest["identity"]["draft_vocab_size"])
+    lengths = [{"num_tokens": r["num_tokens"], "num_loss_tokens": int(r["loss_mask"].sum()), "position": i} for i, r in enumerate(rows)]
+    for window in row_windows(lengths, per_token, per_loss, build["row_group_bytes"] * WINDOW_ROW_GROUPS):
+        for batch in plan_batches([r["num_tokens"] for r in window], build["max_tokens_per_batch"], build["batch_size"]):
+            members = [window[i]["position"] for i in batch]
+            if index in members:
+                return members
+    raise AssertionError(f"row {index} is in no batch")
+
+
+def compare_live(target, manifest: dict, rows: list[dict], index: int, selected: torch.Tensor) -> list[str]:
+    members = batch_of(manifest, rows, index)
+    ids, attention, loss = pad_batch([rows[i]["input_ids"].tolist() for i in members], [rows[i]["loss_mask"].tolist() for i in members], 0)
+    dev = target.device
+    aux, probs, argmax = target.supervise(ids.to(dev), attention.to(dev), loss.to(dev), selected)
+    b = members.index(index)
+    before = int(loss[:b].sum())
+    row, n_loss = rows[index], int(loss[b].sum())
+    store = TORCH_DTYPES[manifest["identity"]["dtype"]]
+    live = {
+        "aux_hidden_states": aux[b, : row["num_tokens"]].to(store).cpu(),
+        "target_probs": probs[before : before + n_loss].to(store).cpu(),
+        "target_argmax": argmax[before : before + n_loss].to(torch.int32).cpu(),
+    }
+    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live, store)]
+
+
+def differences(stored: dict, live: dict, store: torch.dtype):
+    """Exact in fp32; within one rounding step of the storage dtype otherwise."""
+    for key, want in live.items():
+        got = stored[key]
+        if got.shape != want.shape:
+            yield key, float("inf")
+            continue
+        if store == torch.float32 or not want.is_floating_point():
+            if not torch.equal(got, want):
+                yield key, (got.double() - want.double()).abs().max().item()
+            continue
+        eps = torch.finfo(store).eps
+        diff = (got.float() - want.float()).abs()
+        if (diff > eps * want.float().abs() + 1e-30).any():
+            yield key, diff.max().item()

@@ -1,0 +1,89 @@
+"""`verify`: an intact cache passes; each kind of damage is named with its shard."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import small_config
+from huggingface_hub import DatasetCard
+
+from builder.build import build
+from builder.shards import file_sha256
+from builder.verify import verify_cache
+
+SHARD = "train-00001-of-00004.parquet"
+
+
+@pytest.fixture(scope="module")
+def intact(tmp_path_factory):
+    return build(small_config(tmp_path_factory.mktemp("verify") / "cache"), progress=False).output_dir
+
+
+@pytest.fixture
+def cache(intact, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(intact, copy)
+    return copy
+
+
+def test_intact_cache_passes_with_recompute(intact):
+    assert verify_cache(intact) == []
+    assert verify_cache(intact, recompute=5, seed=3) == []
+
+
+def test_flipped_byte_is_caught(cache):
+    path = cache / "data" / SHARD
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert verify_cache(cache) == [f"data/{SHARD}: sha256 differs from the manifest (the file is damaged)"]
+
+
+def test_truncated_shard_is_caught(cache):
+    path = cache / "data" / SHARD
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: size // 2])
+    assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced)"]
+
+
+def test_missing_shard_is_caught(cache):
+    (cache / "data" / SHARD).unlink()
+    assert verify_cache(cache) == [f"data/{SHARD}: missing"]
+
+
+def test_edited_manifest_is_caught(cache):
+    card = DatasetCard.load(cache / "README.md")
+    card.data["eagle3_cache"]["identity"]["seq_length"] = 80
+    card.save(cache / "README.md")
+    problems = verify_cache(cache)
+    assert problems[0].startswith("README.md: the manifest's identity fields no longer match its fingerprint")
+    assert any("outside [1, seq_length 80]" in p for p in problems)  # rows longer than the claimed length
+
+
+def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
+    """A consistent but wrong shard (as a buggy build would write): checksums updated to match."""
+    path = cache / "data" / shard_name
+    table = pq.read_table(path)
+    aux = table.column("aux_hidden_states").to_pylist()
+    first = torch.frombuffer(bytearray(aux[0]), dtype=torch.float32) + 1e-3
+    aux[0] = first.numpy().tobytes()
+    table = table.set_column(table.schema.get_field_index("aux_hidden_states"), "aux_hidden_states", pa.array(aux, pa.binary()))
+    pq.write_table(table, path, compression="none")
+    card = DatasetCard.load(cache / "README.md")
+    for shard in card.data["eagle3_cache"]["shards"]:
+        if shard["name"] == shard_name:
+            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
+    card.save(cache / "README.md")
+
+
+def test_recompute_catches_wrong_but_consistent_aux(cache):
+    rewrite_with_perturbed_aux(cache, SHARD)
+    assert verify_cache(cache) == []  # structurally fine
+    sample_id = pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"][0].as_py()
+    problems = verify_cache(cache, recompute=14)  # every sample
+    assert len(problems) == 1
+    assert problems[0].startswith(f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute")
