@@ -71,8 +71,13 @@ def normalize_row(row: dict) -> list[dict[str, str]]:
     if not turns:
         raise BadRow("empty_conversation", "the conversation has no turns")
     messages = [_normalize_turn(turn, role_key, text_key, i) for i, turn in enumerate(turns)]
-    if not any(m["role"] == "assistant" for m in messages):
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not assistant:
         raise BadRow("no_assistant_turn", "no assistant turn to supervise")
+    # Empty or None content is an empty message (OpenAI tool-call turns have none), but a row
+    # whose every assistant turn is empty would only supervise the template's end-of-turn tokens.
+    if not any(text.strip() for text in assistant):
+        raise BadRow("no_assistant_turn", f"all {len(assistant)} assistant turns are empty; no assistant text to supervise")
     return messages
 
 

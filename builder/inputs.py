@@ -89,6 +89,9 @@ def _from_json_files(files: list[Path], stamps: list[str]) -> datasets.Dataset:
     except datasets.exceptions.DatasetGenerationError as err:
         if isinstance(err.__cause__, InputError):  # raised in the generator; `datasets` wraps it
             raise err.__cause__ from None
+        if isinstance(err.__cause__, datasets.arrow_writer.SchemaInferenceError):  # the generator yielded nothing
+            names = ", ".join(p.name for p in files)
+            raise InputError(f"--input-data: {names} holds no rows; expected one JSON object per line (JSON Lines) or a JSON array of objects") from None
         raise
 
 
@@ -121,12 +124,29 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
 
 
 def _load_hub(repo_id: str, config: str | None, split: str | None):
+    from huggingface_hub import is_offline_mode
+
     try:
         loaded = datasets.load_dataset(repo_id, name=config)
     except datasets.exceptions.DatasetNotFoundError as err:
-        raise InputError(f"--input-data: Hub dataset {repo_id!r} was not found ({err}); check the id, or give a local path") from None
+        raise InputError(f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path") from None
+    except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
+        hint = (
+            "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
+            if is_offline_mode() else "check the path or the id, the network, and --input-config"
+        )
+        raise InputError(
+            f"--input-data: {repo_id!r} is not a local path, and as a Hub dataset it could not be loaded "
+            f"({type(err).__name__}: {_one_line(err)}); expected a .json/.jsonl/.parquet file, a directory of them, "
+            f"a saved dataset or a reachable Hub dataset id: {hint}"
+        ) from None
     ds = _pick_split(loaded, split, repo_id)
     return ds, {"input_data": repo_id, "kind": "hub", "config": config, "split": split or "train", "content_hash": ds._fingerprint}
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _pick_split(loaded, split: str | None, spec: str) -> datasets.Dataset:

@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
-from .errors import BadRowError
+from .errors import BadRowError, InputError
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
@@ -38,6 +38,7 @@ class Prepared:
     token_counts: np.ndarray  # [V] loss-masked token counts
     selected_token_ids: np.ndarray  # [Vd]
     identity: dict
+    duplicate_ids: int = 0  # valid samples whose sample_id an earlier valid sample already has
 
     @property
     def vocab_size(self) -> int:
@@ -65,12 +66,13 @@ def prepare(cfg: BuildConfig) -> Prepared:
     rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
     tokenized = tokenize_rows(rows, source_indices, tokenizer, template, cfg.seq_length, cfg.num_proc)
     samples, skipped = split_valid(tokenized, cfg.strict)
+    duplicates = count_duplicate_ids(samples)
 
     vocab_size = text_config(model_config).vocab_size
     counts = count_loss_tokens(samples, vocab_size)
     selected = select_draft_vocab(counts, cfg.draft_vocab_size, special_token_ids(tokenizer, vocab_size))
     identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
-    return Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity)
+    return Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity, duplicates)
 
 
 def split_valid(tokenized: datasets.Dataset, strict: bool) -> tuple[datasets.Dataset, dict[str, int]]:
@@ -88,8 +90,31 @@ def split_valid(tokenized: datasets.Dataset, strict: bool) -> tuple[datasets.Dat
         log.warning("skipping input row %s: %s: %s", row["source_index"], row["skip_reason"], row["skip_detail"])
     if bad:
         log.warning("skipped %d of %d rows: %s", len(bad), len(reasons), skipped)
+    if not reasons:
+        raise InputError(
+            "--input-data: the input holds no rows; expected at least one chat row (a JSON object per line, "
+            "a JSON array of objects, or a table with 'conversations' or 'messages')"
+        )
+    if len(bad) == len(reasons):  # nothing to build: refuse now rather than write an empty cache
+        row = tokenized[bad[0]]
+        raise InputError(
+            f"no usable rows: all {len(reasons)} selected rows of --input-data were skipped (by reason: {skipped}); "
+            f"the first, input row {row['source_index']} (id {row['sample_id']!r}), is {row['skip_reason']}: "
+            f"{row['skip_detail']}. Fix the input or the chat template (--chat-template)"
+        )
     valid = np.flatnonzero(np.asarray([not r for r in reasons], dtype=bool))
     return tokenized.select(valid), skipped
+
+
+def count_duplicate_ids(samples: datasets.Dataset) -> int:
+    """Ids are informational (a row without one gets its source index): duplicates are kept and
+    counted, since `source_index` is the key that tells samples apart."""
+    ids = samples["sample_id"]
+    duplicates = len(ids) - len(set(ids))
+    if duplicates:
+        log.warning("%d of %d samples share their id with another sample; all are kept (source_index is the "
+                    "unique key)", duplicates, len(ids))
+    return duplicates
 
 
 def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:

@@ -50,7 +50,7 @@ def encode_messages(messages, tokenizer, template: str, seq_length: int) -> tupl
     except (BadRow, TemplateNotPrefixStable):
         raise
     except Exception as err:  # a user template may raise anything (jinja, raise_exception, ...)
-        raise BadRow("template_error", f"{type(err).__name__}: {err}") from None
+        raise BadRow("template_error", f"{type(err).__name__}: {' '.join(str(err).split())}") from None
     ids, mask = ids[:seq_length], mask[:seq_length]
     if not any(mask):
         raise BadRow("no_loss_tokens_after_truncation", f"no assistant token within the first {seq_length} tokens")
@@ -104,12 +104,28 @@ def _turn_end(upto: str, start: int, content: str) -> int:
 
 
 def template_of(tokenizer, override: str | None) -> str:
+    """The chat template in use; one that does not compile (syntax error, unknown filter or
+    test) is refused here, before any data loads, instead of failing every row."""
     template = override if override is not None else tokenizer.chat_template
     if not template:
         raise InputError(
             "the tokenizer has no chat template; expected one in tokenizer_config.json or a file given "
             "with --chat-template"
         )
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper; without it, a broken template shows up as template_error rows
+        return template
+    try:
+        _compile_jinja_template(template)  # the environment apply_chat_template renders with
+    except Exception as err:
+        where = "--chat-template: the template file" if override is not None else "the tokenizer's chat template"
+        fix = "fix the template file" if override is not None else "pass --chat-template with a working template"
+        line = f" (line {err.lineno})" if getattr(err, "lineno", None) else ""
+        raise InputError(
+            f"{where} does not compile{line}: {type(err).__name__}: {' '.join(str(err).split()).rstrip('.')}; "
+            f"expected a Jinja chat template: {fix}"
+        ) from None
     return template
 
 

@@ -1,0 +1,380 @@
+"""The bad-input matrix (issue 7, item 3), end to end through `eagle3-cache build`.
+
+Every case has one of two outcomes (DESIGN §5):
+
+- **skipped and counted**: the bad row is left out, `manifest["skipped"]` counts it under
+  its reason, the valid rows are still built; with `--strict` the same input stops with
+  exit 2 and one `error: --strict: input row N (id ...) is invalid: REASON: ...` line,
+  before any weights load and with nothing written;
+- **clear error**: exit 2, one `error: ...` line on stderr naming the flag, what was
+  expected or found and what to do, no traceback, `load_model` never called, and the
+  output directory never created.
+
+| case                                               | outcome                                            | test |
+|----------------------------------------------------|----------------------------------------------------|------|
+| invalid JSON line                                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_json_line] |
+| missing `conversations`/`messages`                 | skipped: missing_messages                          | test_bad_row_is_skipped_and_counted[missing_messages] |
+| wrong types (row, turn list, turn, role)           | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[wrong_types] |
+| unknown role                                       | skipped: unknown_role                              | test_bad_row_is_skipped_and_counted[unknown_role] |
+| empty or None content                              | kept (empty message); all-empty assistant turns: skipped no_assistant_turn; no turns: skipped empty_conversation | test_bad_row_is_skipped_and_counted[empty_or_none_content], test_empty_and_none_content_are_empty_messages |
+| non-string content (number, object, image part)    | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[non_string_content] |
+| no assistant turn                                  | skipped: no_assistant_turn                         | test_bad_row_is_skipped_and_counted[no_assistant_turn] |
+| assistant-only conversation                        | kept and built (only its content is supervised)    | test_assistant_only_conversation_is_built |
+| longer than --seq-length before the first assistant token | skipped: no_loss_tokens_after_truncation    | test_bad_row_is_skipped_and_counted[longer_than_seq_length_before_assistant] |
+| invalid UTF-8 in a JSON Lines row                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_utf8] |
+| template that raises on some rows                  | skipped: template_error                            | test_bad_row_is_skipped_and_counted[template_raises_on_some_rows] |
+| template that raises on every row                  | error: no usable rows (counts + first row)         | test_template_that_raises_on_every_row |
+| template that does not compile (undefined filter)  | error before any data loads                        | test_template_that_does_not_compile |
+| duplicate ids                                      | all kept and built; counted (`Prepared.duplicate_ids`, a warning) | test_duplicate_ids_are_kept_and_counted |
+| Hub dataset id that does not exist (offline)       | error                                              | test_hub_dataset_that_does_not_exist |
+| Hub model id that does not exist (offline)         | error before any data loads                        | test_hub_model_that_does_not_exist |
+| model path without tokenizer                       | error before any data loads                        | test_model_path_without_tokenizer |
+| model path without (or with a broken) config.json  | error before any data loads                        | test_model_path_without_config |
+| unknown dtype                                      | error before anything loads                        | test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype], test_validation.py::test_validate_rejects[dtype=*] |
+| directory with no data files                       | error                                              | test_directory_with_no_data_files (load level: test_inputs.py::test_empty_directory) |
+| data file with no rows (empty, blank lines, `[]`)  | error                                              | test_data_file_with_no_rows |
+| every row invalid                                  | error: no usable rows                              | test_template_that_raises_on_every_row, test_every_row_invalid |
+
+Related, tested elsewhere: a JSON array file that is not valid JSON, a missing path,
+a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
+(test_inputs.py, test_validation.py::test_cli_unreadable_input_is_one_error_line); a
+template that is not prefix-stable (test_validation.py); --strict for every reason at
+the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import builder.build as build_mod
+import builder.prepare as prepare_mod
+import builder.target as target_mod
+from builder.build import build
+from builder.cli import main
+from builder.config import BuildConfig
+from builder.embedded import EMBEDDED_TARGETS
+from builder.reader import read_manifest
+
+SEQ = 64
+COMMON = ["--quiet", "--seq-length", str(SEQ), "--dtype", "fp32", "--draft-vocab-size", "200", "--shard-size", "16"]
+
+
+def good_row(i: int) -> dict:
+    """A valid row: ShareGPT for even i, OpenAI for odd i."""
+    if i % 2 == 0:
+        return {"id": f"ok-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"It is {2 * i}."}]}
+    return {"id": f"ok-{i}", "messages": [{"role": "user", "content": f"Name item {i}."}, {"role": "assistant", "content": f"Item {i} is a box."}]}
+
+
+def openai_row(row_id, *turns) -> dict:
+    return {"id": row_id, "messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def line(row) -> bytes:
+    return json.dumps(row).encode()
+
+
+GOOD = [line(good_row(i)) for i in range(4)]
+GOOD_IDS = [f"ok-{i}" for i in range(4)]
+
+# Like the embedded template, but raises on a message that contains FORBIDDEN.
+RAISE_ON_FORBIDDEN = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('the word FORBIDDEN is not allowed') }}{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] ~ '<|end|>' }}{% endgeneration %}\n"
+    "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# (case, bad JSONL lines, expected manifest["skipped"], chat template or None)
+SKIP_CASES = [
+    ("invalid_json_line", [b'{"id": "bad-json", "messages": [{"role": "user", "content": "hi"}', b"{'id': 1}"],
+     {"unparseable_json": 2}, None),
+    ("missing_messages", [line({"id": "bad-missing", "text": "hello"}), line({"id": "bad-null", "conversations": None, "messages": None})],
+     {"missing_messages": 2}, None),
+    ("wrong_types", [
+        b"[1, 2, 3]",  # the row is not an object
+        line({"id": "bad-str", "messages": "user: hi"}),  # turns not a list
+        line({"id": "bad-turn", "messages": ["hi", {"role": "assistant", "content": "x"}]}),  # a turn not an object
+        line({"id": "bad-role-type", "conversations": [{"from": 1, "value": "hi"}, {"from": "gpt", "value": "x"}]}),
+    ], {"wrong_type": 4}, None),
+    ("unknown_role", [line({"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]})],
+     {"unknown_role": 1}, None),
+    ("empty_or_none_content", [
+        line(openai_row("bad-empty-assistant", ("user", "hi"), ("assistant", ""))),
+        line(openai_row("bad-none-assistant", ("user", "hi"), ("assistant", None), ("assistant", "  \n"))),
+        line({"id": "bad-no-turns", "messages": []}),
+        line(openai_row("ok-none-user", ("user", None), ("assistant", "Hello."))),  # kept
+        line(openai_row("ok-tool-call", ("user", "Look it up."), ("assistant", None), ("tool", "{}"), ("assistant", "Found."))),  # kept
+    ], {"no_assistant_turn": 2, "empty_conversation": 1}, None),
+    ("non_string_content", [
+        line(openai_row("bad-int", ("user", 5), ("assistant", "five"))),
+        line(openai_row("bad-dict", ("user", "hi"), ("assistant", {"text": "x"}))),
+        line(openai_row("bad-image", ("user", [{"type": "image_url", "image_url": {"url": "x.png"}}]), ("assistant", "a cat"))),
+    ], {"wrong_type": 3}, None),
+    ("no_assistant_turn", [line(openai_row("bad-noassistant", ("system", "be brief"), ("user", "q")))], {"no_assistant_turn": 1}, None),
+    ("longer_than_seq_length_before_assistant", [line(openai_row("bad-long", ("user", "a very long question " * 40), ("assistant", "ok")))],
+     {"no_loss_tokens_after_truncation": 1}, None),
+    ("invalid_utf8", [b'{"id": "bad-utf8", "messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}'],
+     {"unparseable_json": 1}, None),
+    ("template_raises_on_some_rows", [line(openai_row("bad-template", ("user", "say FORBIDDEN"), ("assistant", "no")))],
+     {"template_error": 1}, RAISE_ON_FORBIDDEN),
+]
+KEPT_IDS = {"empty_or_none_content": ["ok-none-user", "ok-tool-call"]}
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["build", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def built_rows(out: Path) -> list[dict]:
+    """sample_id and source_index of every stored row, read from the shards themselves."""
+    rows = []
+    for shard in sorted((out / "data").glob("*.parquet")):
+        rows += pq.read_table(shard, columns=["sample_id", "source_index"]).to_pylist()
+    return rows
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Make loading the target's weights fail the test."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model weights loaded")
+
+    monkeypatch.setattr(target_mod, "load_model", fail)
+    monkeypatch.setattr(build_mod, "load_model", fail)
+    return monkeypatch
+
+
+@pytest.fixture
+def no_data(no_weights):
+    """Also make loading the input data fail the test."""
+    no_weights.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
+    return no_weights
+
+
+def assert_clean_error(code: int, out: str, err: str, pattern: str, out_dir: Path) -> str:
+    """Exit 2, exactly one `error:` line (the last thing on stderr), no traceback, nothing written."""
+    assert code == 2, (out, err)
+    errors = [text for text in err.splitlines() if text.startswith("error: ")]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    assert "Traceback" not in err and out == ""
+    assert re.search(pattern, errors[0]), errors[0]
+    assert not out_dir.exists()
+    return errors[0]
+
+
+# ---- rows that are skipped and counted ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, bad, skipped, template", SKIP_CASES, ids=[c[0] for c in SKIP_CASES])
+def test_bad_row_is_skipped_and_counted(tmp_path, capsys, monkeypatch, case, bad, skipped, template):
+    lines = GOOD[:2] + bad + GOOD[2:]
+    data = write_lines(tmp_path / "rows.jsonl", lines)
+    extra = []
+    if template:
+        (tmp_path / "template.jinja").write_text(template)
+        extra = ["--chat-template", str(tmp_path / "template.jinja")]
+    kept = GOOD_IDS + KEPT_IDS.get(case, [])
+
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out), *extra)
+    assert code == 0, err
+    assert f"  skipped by reason: {json.dumps(dict(sorted(skipped.items())))}" in stdout
+    manifest = read_manifest(out)
+    assert manifest["skipped"] == skipped
+    assert manifest["totals"]["samples"] == len(kept)
+    rows = built_rows(out)
+    assert sorted(r["sample_id"] for r in rows) == sorted(kept)  # the valid rows were built, the bad ones not
+    assert len({r["source_index"] for r in rows}) == len(kept)
+
+    # --strict: the same input stops at the first bad row, before any weights load.
+    monkeypatch.setattr(target_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    strict_out = tmp_path / "strict"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(strict_out), "--strict", *extra)
+    reasons = "|".join(skipped)
+    assert_clean_error(code, stdout, err, rf"^error: --strict: input row \d+ \(id '[^']*'\) is invalid: ({reasons}): .*"
+                       r"Fix or drop the row, or run without --strict", strict_out)
+
+
+def test_empty_and_none_content_are_empty_messages(tmp_path):
+    """None content (OpenAI tool-call turns) and "" are empty messages, not errors; only a row
+    whose every assistant turn is empty is skipped, since it would supervise nothing but the
+    template's end-of-turn tokens."""
+    from builder.conversations import BadRow, normalize_row
+
+    assert normalize_row(openai_row("a", ("user", None), ("assistant", "Hi"))) == [
+        {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]
+    assert normalize_row(openai_row("b", ("user", "q"), ("assistant", None), ("tool", ""), ("assistant", "Done")))[1] == {
+        "role": "assistant", "content": ""}
+    for turns in ([("user", "q"), ("assistant", "")], [("user", "q"), ("assistant", None), ("assistant", " \n\t")]):
+        with pytest.raises(BadRow, match=r"^no_assistant_turn: all \d assistant turns are empty; no assistant text to supervise$"):
+            normalize_row(openai_row("c", *turns))
+    with pytest.raises(BadRow, match=r"^empty_conversation: the conversation has no turns$"):
+        normalize_row({"messages": []})
+
+
+def test_assistant_only_conversation_is_built(tmp_path, capsys):
+    """A conversation with assistant turns only (no prompt) is valid: the template renders it and
+    its content is supervised; nothing is skipped."""
+    rows = [openai_row("assistant-only", ("assistant", "Once upon a time there was a box.")),
+            openai_row("two-assistant-turns", ("assistant", "First part."), ("assistant", "Second part."))]
+    data = write_lines(tmp_path / "rows.jsonl", GOOD + [line(r) for r in rows])
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
+    assert code == 0, err
+    manifest = read_manifest(out)
+    assert manifest["skipped"] == {}
+    assert sorted(r["sample_id"] for r in built_rows(out)) == sorted(GOOD_IDS + [r["id"] for r in rows])
+
+    prep = prepare_mod.prepare(BuildConfig(target_model="tiny-llama", input_data=str(data), output_dir=str(out), seq_length=SEQ, dry_run=True))
+    sample = next(s for s in prep.samples if s["sample_id"] == "assistant-only")
+    supervised = prep.tokenizer.decode([t for t, m in zip(sample["input_ids"], sample["loss_mask"]) if m])
+    assert supervised == "Once upon a time there was a box.<|end|>"
+    assert sample["loss_mask"][0] == 0  # the bos and the assistant header are not supervised
+
+
+def test_duplicate_ids_are_kept_and_counted(tmp_path, caplog):
+    """Ids are informational: rows sharing one are all kept and built (`source_index` is the
+    stable key), never skipped, even with --strict. A row without an id gets its source index
+    as id, so it can collide with a row whose id is that number. The count of samples whose id
+    an earlier sample already has is `Prepared.duplicate_ids`, and a warning says so."""
+    rows = [good_row(0), {**good_row(1), "id": "same"}, {**good_row(2), "id": "same"}, good_row(3), {**good_row(5), "id": "3"}]
+    del rows[3]["id"]  # source index 3 -> sample_id "3", like the last row's id
+    data = write_lines(tmp_path / "rows.jsonl", [line(r) for r in rows])
+    cfg = BuildConfig(target_model="tiny-llama", input_data=str(data), output_dir=str(tmp_path / "out"), seq_length=SEQ,
+                      dtype="fp32", draft_vocab_size=200, strict=True)
+    result = build(cfg, progress=False)
+    assert result.prepared.duplicate_ids == 2
+    assert "2 of 5 samples share their id with another sample; all are kept" in caplog.text
+    assert result.manifest["skipped"] == {}
+    assert result.manifest["totals"]["samples"] == 5
+    stored = built_rows(tmp_path / "out")
+    assert sorted(r["sample_id"] for r in stored) == ["3", "3", "ok-0", "same", "same"]
+    assert sorted(r["source_index"] for r in stored) == [0, 1, 2, 3, 4]
+    by_index = {r["source_index"]: r["sample_id"] for r in stored}
+    assert by_index[3] == "3" and by_index[4] == "3" and by_index[1] == by_index[2] == "same"
+
+
+# ---- whole-input problems: one clear error, nothing loaded or written ------------------------------
+
+
+def test_template_that_raises_on_every_row(tmp_path, capsys, no_weights):
+    """Every row skipped as template_error leaves nothing to build: refused (instead of an empty
+    cache) with the counts and the first row's reason, before any weights load."""
+    template = tmp_path / "boom.jinja"
+    template.write_text("{{ raise_exception('boom') }}")
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out), "--chat-template", str(template))
+    assert_clean_error(code, stdout, err, r"^error: no usable rows: all 6 selected rows of --input-data were skipped "
+                       r"\(by reason: \{'template_error': 6\}\); the first, input row \d+ \(id '[^']+'\), is template_error: "
+                       r"TemplateError: boom\. Fix the input or the chat template \(--chat-template\)$", out)
+    # The dry run refuses alike: its plan would show 0 valid samples.
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out), "--chat-template", str(template), "--dry-run")
+    assert_clean_error(code, stdout, err, r"^error: no usable rows: all 6 selected rows", out)
+
+
+def test_every_row_invalid(tmp_path, capsys, no_weights):
+    data = write_lines(tmp_path / "rows.jsonl", [b"not json", line({"id": "x", "text": "hi"})])
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, r"^error: no usable rows: all 2 selected rows of --input-data were skipped "
+                       r"\(by reason: \{'missing_messages': 1, 'unparseable_json': 1\}\); the first, input row \d", out)
+
+
+@pytest.mark.parametrize("template, found", [
+    ("{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}", r"TemplateAssertionError: No filter named 'nosuchfilter'"),
+    ("{% for m in messages %}{{ m['content'] }}", r"TemplateSyntaxError: Unexpected end of template"),
+], ids=["undefined_filter", "syntax_error"])
+def test_template_that_does_not_compile(tmp_path, capsys, no_data, template, found):
+    """Checked once when the template is read, before any data loads, instead of failing every row."""
+    path = tmp_path / "broken.jinja"
+    path.write_text(template)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--output-dir", str(out), "--chat-template", str(path))
+    assert_clean_error(code, stdout, err, rf"^error: --chat-template: the template file does not compile \(line 1\): {found}.*; "
+                       r"expected a Jinja chat template: fix the template file$", out)
+
+
+def test_hub_dataset_that_does_not_exist(tmp_path, capsys, no_weights):
+    """Offline (HF_HUB_OFFLINE=1, set by conftest) `datasets` raises ConnectionError; the user
+    sees what the string was taken for, what was expected and what to do."""
+    out = tmp_path / "out"
+    for spec in ("no-such-org/no-such-dataset", "data/typo-of-a-local-dir", "a/b/c"):
+        code, stdout, err = cli(capsys, *COMMON, "--input-data", spec, "--output-dir", str(out))
+        assert_clean_error(code, stdout, err, rf"^error: --input-data: '{re.escape(spec)}' is not a local path, and as a Hub dataset it "
+                           r"could not be loaded \((ConnectionError|FileNotFoundError): .*\); expected a \.json/\.jsonl/\.parquet file, "
+                           r"a directory of them, a saved dataset or a reachable Hub dataset id: HF_HUB_OFFLINE is set, so only "
+                           r"datasets already in the local cache load: unset it, or give a local path$", out)
+
+
+def test_hub_model_that_does_not_exist(tmp_path, capsys, no_data):
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--target-model", "no-such-org/no-such-model", "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, r"^error: --target-model: 'no-such-org/no-such-model' is not a local path, and as a Hub "
+                       r"model id its config could not be loaded \(OSError: .*\); HF_HUB_OFFLINE is set, so only models already "
+                       r"in the local cache load: unset it, download the model first, or give a local model directory$", out)
+
+
+def test_model_path_without_tokenizer(tmp_path, capsys, no_data):
+    model = tmp_path / "weights-only"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(EMBEDDED_TARGETS["tiny-llama"] / name, model / name)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, rf"^error: --target-model: '{re.escape(str(model))}' has no tokenizer files \(found "
+                       r"\['config\.json', 'model\.safetensors'\]\); expected tokenizer\.json and tokenizer_config\.json beside "
+                       r"config\.json: copy them from the model the weights came from$", out)
+
+
+def test_model_path_without_config(tmp_path, capsys, no_data):
+    model = tmp_path / "tokenizer-only"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(EMBEDDED_TARGETS["tiny-llama"] / name, model / name)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, rf"^error: --target-model: '{re.escape(str(model))}' has no config\.json \(found "
+                       r"\['tokenizer\.json', 'tokenizer_config\.json'\]\); expected a model directory with config\.json, "
+                       r"weights and tokenizer files$", out)
+    (model / "config.json").write_text("{not json")
+    code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, rf"^error: --target-model: cannot read a model config from the local path "
+                       rf"'{re.escape(str(model))}' \((OSError|ValueError): .*\); expected a model directory with its config\.json$", out)
+
+
+def test_directory_with_no_data_files(tmp_path, capsys, no_weights):
+    data = tmp_path / "chats"
+    data.mkdir()
+    (data / "README.md").write_text("no data here")
+    (data / "rows.csv").write_text("a,b\n")
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, rf"^error: --input-data: directory '{re.escape(str(data))}' holds no "
+                       r"\.jsonl/\.json/\.parquet files; point it at a directory with data files$", out)
+
+
+@pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n\n"), ("empty-array.json", b"[]")])
+def test_data_file_with_no_rows(tmp_path, capsys, no_weights, name, content):
+    data = tmp_path / name
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, rf"^error: --input-data: {re.escape(name)} holds no rows; expected one JSON object per "
+                       r"line \(JSON Lines\) or a JSON array of objects$", out)
