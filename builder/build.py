@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, VOCAB_FILE, check_resum
 from .prepare import Prepared, prepare
 from .shards import TORCH_DTYPES, shard_name, shard_row_count
 from .target import Target, compute_device, load_model
-from .errors import DiskFull, Eagle3CacheError
+from .errors import ConfigError, DiskFull, Eagle3CacheError
 from .lock import CacheLock
+from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
 from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class BuildResult:
     shards: list[dict] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # shards written by this rank in this run
     manifest: dict | None = None  # rank 0 only
+    placement: dict = field(default_factory=dict)  # recorded in the card; content never depends on it
 
 
 def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
@@ -57,6 +60,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     result = BuildResult(out, prep, state.process_index, state.num_processes)
     if cfg.dry_run:
         return result
+    check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
         check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
     lock = CacheLock(out)
@@ -147,8 +151,8 @@ def shard_is_complete(out: Path, name: str, rows: int) -> bool:
 
 
 def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool) -> None:
-    device, compute_dtype = compute_device()
-    model = load_model(prep.model_path, prep.cfg.target_revision, prep.cfg.trust_remote_code, device, compute_dtype)
+    model = load_placed_model(prep)
+    result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
     (out / "data").mkdir(parents=True, exist_ok=True)
     progress = Progress(prep, out, show_progress)
@@ -167,6 +171,62 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     finally:
         target.close()
         progress.close()
+
+
+def load_placed_model(prep: Prepared):
+    """One device, an explicit --device-map, or this process's GPU group (--gpus-per-target)."""
+    cfg = prep.cfg
+    device, dtype = compute_device()
+    load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype)
+    if cfg.device_map is not None:
+        return load(device_map=read_device_map(cfg.device_map))
+    if cfg.gpus_per_target > 1:
+        from accelerate import PartialState
+
+        gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
+        plan = memory_plan(prep)
+        per_gpu = available_per_gpu(cfg, gpus)
+        return load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+    return load()
+
+
+def memory_plan(prep: Prepared):
+    return plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
+                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2 if torch.cuda.is_available() else 4)
+
+
+def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:
+    if cfg.max_memory_per_gpu is not None:
+        return parse_bytes(cfg.max_memory_per_gpu)
+    if gpus and torch.cuda.is_available():
+        return min(torch.cuda.get_device_properties(g).total_memory for g in gpus)
+    return None  # CPU: no budget to check against
+
+
+def check_placement(prep: Prepared) -> None:
+    """Refuse a target that cannot fit before any weights load (not for explicit --device-map)."""
+    from accelerate import PartialState
+
+    cfg = prep.cfg
+    if cfg.device_map is not None:
+        return
+    gpus = []
+    if torch.cuda.is_available():
+        gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
+    budget = available_per_gpu(cfg, gpus)
+    if budget is not None:
+        check_fits(memory_plan(prep), budget)
+
+
+def read_device_map(spec: str) -> dict | str:
+    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device})."""
+    if spec == "auto":
+        return spec
+    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
 
 
 def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress) -> None:
@@ -214,8 +274,8 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], selected:
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
         samples = [window[i] for i in positions]
         ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
-        dev = target.device
-        aux, probs, argmax = target.supervise(ids.to(dev, non_blocking=True), attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True), selected)
+        dev, inp = target.device, target.input_device
+        aux, probs, argmax = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp, non_blocking=True), loss.to(dev, non_blocking=True), selected)
         # Cast on the device (halves the copy), then copy into pinned host memory without waiting.
         finite = finite_rows(aux, probs, attention.to(dev), loss.to(dev))
         host, ready = to_host([aux.to(store_dtype), probs.to(store_dtype), argmax.to(torch.int32), finite])
@@ -290,7 +350,8 @@ class Progress:
 
 def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: Prepared, seconds: float) -> None:
     rows = sum(expected_rows(prep, k) for k in pending)
-    stats = {"rank": result.rank, "world_size": result.world_size, "shards_written": result.written, "samples": rows, "seconds": round(seconds, 3)}
+    stats = {"rank": result.rank, "world_size": result.world_size, "shards_written": result.written, "samples": rows,
+             "seconds": round(seconds, 3), "placement": result.placement}
     write_json_atomic(out / BUILD_STATE_DIR / "ranks" / f"rank-{result.rank:05d}.json", stats)
 
 

@@ -38,6 +38,9 @@ class BuildConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     num_proc: int = 1
+    gpus_per_target: int = 1
+    max_memory_per_gpu: str | None = None
+    device_map: str | None = None
 
     def replace(self, **changes) -> "BuildConfig":
         return dataclasses.replace(self, **changes)
@@ -54,6 +57,11 @@ def validate(cfg: BuildConfig) -> None:
     _at_least("--batch-size", cfg.batch_size, 1)
     _at_least("--shard-size", cfg.shard_size, 1)
     _at_least("--num-proc", cfg.num_proc, 1)
+    _at_least("--gpus-per-target", cfg.gpus_per_target, 1)
+    if cfg.max_memory_per_gpu is not None:
+        from .placement import parse_bytes
+
+        parse_bytes(cfg.max_memory_per_gpu)
     _at_least("--row-group-bytes", cfg.row_group_bytes, 1)
     _at_least("--shuffle-seed", cfg.shuffle_seed, 0)
     if cfg.max_samples is not None:

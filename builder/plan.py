@@ -40,6 +40,7 @@ def plan_summary(prep) -> dict:
     return {
         "valid_samples": len(num_tokens),
         "skipped": prep.skipped,
+        "duplicate_ids": prep.duplicate_ids,
         "tokens": int(num_tokens.sum()),
         "loss_tokens": int(num_loss.sum()),
         "length_p50_p90_p99_max": [*pct, int(num_tokens.max()) if len(num_tokens) else 0],
@@ -49,7 +50,17 @@ def plan_summary(prep) -> dict:
         "aux_layer_ids": prep.aux_layer_ids,
         "shards": prep.num_shards,
         "estimated_bytes": sizes,
+        "memory": memory_estimate(prep),
     }
+
+
+def memory_estimate(prep) -> str:
+    """The placement planner's per-GPU estimate (bf16 weights, as a GPU build runs them)."""
+    from .placement import plan_memory
+
+    plan = plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
+                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2)
+    return plan.describe()
 
 
 def format_plan(plan: dict) -> str:
@@ -72,4 +83,6 @@ def format_plan(plan: dict) -> str:
         ratio = ref / sizes[name] if sizes[name] else float("inf")
         lines.append(f"    {name:8s} {sizes[name] / 1e6:12,.2f} MB   ({ratio:,.1f}x smaller than the reference)")
     lines.append(f"    reference padded dense layout {ref / 1e6:,.2f} MB")
+    if "memory" in plan:
+        lines.append(f"  GPU memory (bf16)    {plan['memory']}")
     return "\n".join(lines)

@@ -24,24 +24,52 @@ AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], 
 def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    local = Path(model_path)
+    if local.is_dir() and not any(
+        p.name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "merges")) or p.suffix == ".tiktoken"
+        for p in local.iterdir()
+    ):  # checked here: transformers would blame a missing sentencepiece install
+        raise InputError(
+            f"--target-model: {model_path!r} has no tokenizer files (found {sorted(p.name for p in local.iterdir())}); "
+            "expected tokenizer.json and tokenizer_config.json beside config.json: copy them from the model the "
+            "weights came from"
+        )
     try:
         return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise InputError(
-            f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {err}); "
+            f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {' '.join(str(err).split())}); "
             "expected tokenizer files (tokenizer.json / tokenizer_config.json) beside the model"
         ) from None
 
 
 def load_config(model_path: str, revision: str | None, trust_remote_code: bool):
+    from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
 
+    local = Path(model_path)
+    if local.is_dir() and not (local / "config.json").is_file():  # transformers would ask for a `model_type` key
+        raise InputError(
+            f"--target-model: {model_path!r} has no config.json (found {sorted(p.name for p in local.iterdir())}); "
+            "expected a model directory with config.json, weights and tokenizer files"
+        )
     try:
         return AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        found = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        if Path(model_path).exists():
+            raise InputError(
+                f"--target-model: cannot read a model config from the local path {model_path!r} ({found}); "
+                "expected a model directory with its config.json"
+            ) from None
+        hint = (
+            "HF_HUB_OFFLINE is set, so only models already in the local cache load: unset it, download the model "
+            "first, or give a local model directory" if is_offline_mode()
+            else "check the id, --target-revision and your access, or give a local model directory"
+        )
         raise InputError(
-            f"--target-model: cannot read a model config from {model_path!r} ({type(err).__name__}: {err}); "
-            "expected a local model directory with config.json or a Hub model id"
+            f"--target-model: {model_path!r} is not a local path, and as a Hub model id its config could not be "
+            f"loaded ({found}); {hint}"
         ) from None
 
 
@@ -67,13 +95,17 @@ def compute_device() -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(model_path: str, revision: str | None, trust_remote_code: bool, device, dtype):
+def load_model(model_path: str, revision: str | None, trust_remote_code: bool, device, dtype, *, device_map=None, max_memory=None):
+    """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+        model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+        device_map=device_map, max_memory=max_memory,
     )
-    return model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
 
 
 def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
@@ -134,16 +166,22 @@ class Target:
 
     @property
     def device(self) -> torch.device:
+        """Where outputs are gathered (the head's device); inputs go to `input_device`."""
         return self.head.weight.device
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aux states `[B, T, A*H]` (concatenated in aux-id order) and the final hidden state `[B, T, H]`."""
         self._captured.clear()
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)
+        # Layers may sit on different devices (a placed target): gather on the head's device.
+        aux = torch.cat([self._captured[i].to(self.device) for i in self.aux_layer_ids], dim=-1)
         self._captured.clear()
-        return aux, out.last_hidden_state
+        return aux, out.last_hidden_state.to(self.device)
 
     @torch.inference_mode()
     def logits_at(self, hidden_rows: torch.Tensor) -> torch.Tensor:

@@ -44,28 +44,32 @@ def assert_every_shard_file_is_complete(out: Path) -> None:
         assert pq.ParquetFile(path).metadata.num_rows == sidecar["rows"]
 
 
+def shard_count(out: Path) -> int:
+    return len(list((out / "data").glob("train-*.parquet")))
+
+
 def test_sigkill_at_random_points_then_resume_gives_identical_content(tmp_path):
     reference = tmp_path / "reference"
-    started = time.monotonic()
     subprocess.run(command(reference), env=env(), check=True, capture_output=True, timeout=300)
-    duration = time.monotonic() - started
 
     out = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(12):
+    for _ in range(6):  # 20 shards; each run may add at most a few before it is killed
         flags = ("--resume",) if (out / ".eagle3_build" / "identity.json").exists() else ()
         proc = subprocess.Popen(command(out, *flags), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, duration))  # anywhere from start-up to the last shard
-        if proc.poll() is not None:
-            break  # finished before this kill
-        proc.send_signal(signal.SIGKILL)
+        # A random point: after 0-2 more shards appear (0 = during start-up), then a random extra delay.
+        wanted = shard_count(out) + rng.randint(0, 2)
+        deadline = time.monotonic() + 120
+        while shard_count(out) < wanted and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
         proc.wait()
-        kills += 1
         assert_every_shard_file_is_complete(out)
-        if kills >= 5 and rng.random() < 0.5:
-            break
-    assert kills >= 5
+    assert kills >= 5 and shard_count(out) < 20
     flags = ("--resume",) if (out / ".eagle3_build" / "identity.json").exists() else ()
     subprocess.run(command(out, *flags), env=env(), check=True, capture_output=True, timeout=300)
     assert not list((out / "data").glob(".*"))  # temp files of killed writers are gone

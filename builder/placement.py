@@ -1,0 +1,116 @@
+"""Targets larger than one GPU: which GPUs a process's target replica spans, how its layers
+are placed, and whether it fits — decided from the config alone, before any weights load.
+
+Under `accelerate launch --num_processes GPUS/N`, process with local rank r owns GPUs
+[r*N, (r+1)*N) of its node and places one target replica over them with a `device_map`;
+processes still work data parallel on shards exactly like single-GPU ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+GiB = 1 << 30
+CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' workspaces, per GPU
+
+
+def parse_bytes(text: str) -> int:
+    """'70GiB', '80GB', '512MiB', or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError("--max-memory-per-gpu", text, "a size like 70GiB, 80GB or 512MiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+    return int(number * scale[unit])
+
+
+def group_gpus(local_rank: int, gpus_per_target: int, visible_gpus: int) -> list[int]:
+    gpus = list(range(local_rank * gpus_per_target, (local_rank + 1) * gpus_per_target))
+    if gpus[-1] >= visible_gpus:
+        raise ConfigError(
+            "--gpus-per-target", gpus_per_target,
+            f"a group that fits the node's {visible_gpus} GPUs (local rank {local_rank} would need GPUs {gpus})",
+            f"Launch with --num_processes {max(1, visible_gpus // gpus_per_target)} per node.",
+        )
+    return gpus
+
+
+def meta_model(config):
+    """The target's module tree on the meta device: exact parameter counts, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+@dataclass
+class MemoryPlan:
+    gpus_per_target: int
+    parameters: int
+    weights_per_gpu: int
+    activations: int
+    aux_capture: int
+    head_chunks: int
+    overhead: int
+
+    @property
+    def per_gpu(self) -> int:
+        # Weights are split over the group; a batch's activations live on one GPU at a time.
+        return self.weights_per_gpu + self.activations + self.aux_capture + self.head_chunks + self.overhead
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"per_gpu": self.per_gpu}
+
+    def describe(self) -> str:
+        parts = [f"weights {self.weights_per_gpu / GiB:.1f}", f"activations {self.activations / GiB:.1f}",
+                 f"aux {self.aux_capture / GiB:.1f}", f"head {self.head_chunks / GiB:.1f}", f"overhead {self.overhead / GiB:.1f}"]
+        return f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) ({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
+
+
+def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2) -> MemoryPlan:
+    from .target import HEAD_CHUNK_ROWS, text_config
+
+    cfg = text_config(config)
+    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    # Residual stream and norms (4H), gate/up/act of the MLP (3I), q/k/v (attention is fused: no T^2 buffer).
+    activations = max_tokens * dtype_bytes * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim)
+    head_rows = HEAD_CHUNK_ROWS * 8  # rows of fp32 logits alive at once, plus their softmax
+    return MemoryPlan(
+        gpus_per_target=gpus_per_target,
+        parameters=parameters,
+        weights_per_gpu=-(-parameters * dtype_bytes // gpus_per_target),
+        activations=activations,
+        aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes,
+        head_chunks=head_rows * cfg.vocab_size * 4 * 2,
+        overhead=CUDA_CONTEXT_BYTES,
+    )
+
+
+def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
+    if plan.per_gpu > available_per_gpu:
+        raise ConfigError(
+            "--gpus-per-target", plan.gpus_per_target,
+            f"a placement that fits {available_per_gpu / GiB:.1f} GiB per GPU; the target needs {plan.describe()}",
+            "Raise --gpus-per-target, lower --max-tokens-per-batch, or raise --max-memory-per-gpu if the GPUs have more.",
+        )
+
+
+def max_memory_map(gpus: list[int], per_gpu: int, plan: MemoryPlan) -> dict:
+    """`max_memory` for `from_pretrained(device_map="auto")`: weights only, leaving room for the batch."""
+    room = plan.activations + plan.aux_capture + plan.head_chunks + plan.overhead
+    return {gpu: max(per_gpu - room, 0) for gpu in gpus} | {"cpu": 0}
+
+
+def device_map_summary(model) -> dict:
+    """{device: parameter count} of where the weights actually are, for the manifest."""
+    summary: dict[str, int] = {}
+    for p in model.parameters():
+        summary[str(p.device)] = summary.get(str(p.device), 0) + p.numel()
+    return summary
