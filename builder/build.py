@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -23,10 +24,11 @@ from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
 from .config import BuildConfig
-from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
+from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
+from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
 from .prepare import Prepared, prepare
-from .shards import TORCH_DTYPES, shard_name, shard_row_count
-from .target import Target, compute_device, load_model
+from .shards import shard_name, shard_row_count
+from .target import Target, compute_device, head_spec, load_model
 from .errors import ConfigError, DiskFull, Eagle3CacheError
 from .lock import CacheLock
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
@@ -86,6 +88,10 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
     if state.is_main_process:
         result.shards = [read_sidecar(out, name) for name in names]
         write_vocab(out, prep)
+        if prep.cfg.target_format == "hidden" and not (out / LM_HEAD_FILE).exists():  # rank 0 had no shard to build
+            target = Target(load_placed_model(prep), prep.aux_layer_ids)
+            write_head_rows(out, prep, target)
+            target.close()
         from .card import write_card  # the card is written last: a cache with a card is complete
 
         result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
@@ -155,14 +161,16 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
     (out / "data").mkdir(parents=True, exist_ok=True)
+    if prep.cfg.target_format == "hidden" and result.rank == 0:
+        write_head_rows(out, prep, target)
     progress = Progress(prep, out, show_progress)
-    selected = torch.as_tensor(prep.selected_token_ids)
+    head = HeadRows.of(target, prep.selected_token_ids)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
-    in_vocab[selected] = True
-    writer = BackgroundWriter(in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done, strict=prep.cfg.strict)
+    in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
+    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done, strict=prep.cfg.strict)
     try:
         for k in pending:
-            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress)
+            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head)
             result.written.append(names[k])
         writer.finish()
     except BaseException:
@@ -229,13 +237,12 @@ def read_device_map(spec: str) -> dict | str:
         raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
 
 
-def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress) -> None:
+def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress, head: HeadRows) -> None:
     start = shard * prep.cfg.shard_size
     rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
-    selected = torch.as_tensor(prep.selected_token_ids, device=target.device)
     writer.open_shard(path)
     for window in shard_windows(prep, rows):
-        for batch in forward_window(prep, target, window, selected):
+        for batch in forward_window(prep, target, window, head):
             writer.submit(batch)
             progress.batch_done(batch)
         writer.end_window(len(window))
@@ -256,30 +263,28 @@ def row_windows(rows, per_token: int, per_loss: int, window_bytes: int):
         yield window
 
 
-def bytes_per_position(dtype: str, aux_width: int, draft_vocab_size: int) -> tuple[int, int]:
-    """Encoded bytes per token and per loss-masked position (probs format)."""
-    item = TORCH_DTYPES[dtype].itemsize
-    return 4 + 1 + aux_width * item, draft_vocab_size * item + 4
-
-
 def shard_windows(prep: Prepared, rows):
-    per_token, per_loss = bytes_per_position(prep.cfg.dtype, len(prep.aux_layer_ids) * prep.hidden_size, len(prep.selected_token_ids))
+    per_token, per_loss = prep.layout.bytes_per_position()
     return row_windows(rows, per_token, per_loss, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS)
 
 
-def forward_window(prep: Prepared, target: Target, window: list[dict], selected: torch.Tensor):
+def forward_window(prep: Prepared, target: Target, window: list[dict], head: HeadRows):
     """Length-sorted token-budget batches of one window, each copied to the host asynchronously."""
-    store_dtype = TORCH_DTYPES[prep.cfg.dtype]
+    layout = prep.layout
+    per_loss = frozenset(name for name, spec in layout.columns().items() if spec["per"] == "loss")
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
         samples = [window[i] for i in positions]
         ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
         dev, inp = target.device, target.input_device
-        aux, probs, argmax = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp, non_blocking=True), loss.to(dev, non_blocking=True), selected)
-        # Cast on the device (halves the copy), then copy into pinned host memory without waiting.
-        finite = finite_rows(aux, probs, attention.to(dev), loss.to(dev))
-        host, ready = to_host([aux.to(store_dtype), probs.to(store_dtype), argmax.to(torch.int32), finite])
-        yield BatchOutput(positions, samples, *host, ready=ready)
+        attention, loss = attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True)
+        live = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp), loss, head.selected) | {"attention": attention}
+        # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
+        encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
+        quality = quality_of_batch(layout, live, encoded, loss.bool(), head.draft_rows, head.transform)
+        finite = finite_rows(live["aux"], live["probs"], attention, loss)
+        (columns, quality, finite), ready = to_host((encoded, quality, finite))
+        yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready)
 
 
 def finite_rows(aux: torch.Tensor, probs: torch.Tensor, attention: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
@@ -290,15 +295,70 @@ def finite_rows(aux: torch.Tensor, probs: torch.Tensor, attention: torch.Tensor,
     return aux_ok & (probs_bad == 0)
 
 
-def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
-    if tensors[0].device.type != "cuda":
-        return [t.contiguous() for t in tensors], None
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for h, t in zip(host, tensors):
-        h.copy_(t, non_blocking=True)
+def to_host(tree):
+    """Copy a (nested) structure of device tensors into pinned host memory without waiting;
+    returns the copies and a CUDA event to wait on (None on CPU, where nothing is copied)."""
+    flat = []
+
+    def collect(node):
+        if isinstance(node, torch.Tensor):
+            flat.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                collect(v)
+
+    collect(tree)
+    if not flat or flat[0].device.type != "cuda":
+        return tree, None
+    copies = {}
+    for t in flat:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        copies[id(t)] = host
+
+    def rebuild(node):
+        if isinstance(node, torch.Tensor):
+            return copies[id(node)]
+        if isinstance(node, dict):
+            return {k: rebuild(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(v) for v in node)
+        return node
+
     event = torch.cuda.Event()
     event.record()
-    return host, event
+    return rebuild(tree), event
+
+
+@dataclass
+class HeadRows:
+    """What every batch needs from the head: the draft ids on the device, and for `hidden` caches
+    the draft rows and logit transform used to rebuild probs (quality report, vocab/lm_head)."""
+
+    selected: torch.Tensor
+    draft_rows: torch.Tensor | None
+    transform: object
+
+    @classmethod
+    def of(cls, target: Target, selected_token_ids) -> "HeadRows":
+        selected = torch.as_tensor(selected_token_ids, device=target.device)
+        rows = target.head.weight.index_select(0, selected).float()
+        return cls(selected, rows, head_transform_from(head_spec(target.model.config)))
+
+
+def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
+    """vocab/lm_head.safetensors for `hidden` caches: the draft rows (and with --store-full-head all rows)."""
+    tensors = {"draft_rows": target.head.weight.index_select(0, torch.as_tensor(prep.selected_token_ids, device=target.device)).float().cpu()}
+    if prep.cfg.store_full_head:
+        tensors["weight"] = target.head.weight.float().cpu()
+    path = out / LM_HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 class Progress:

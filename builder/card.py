@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 from dataset_card import render_card
+from dataset_card.pictures import PICTURES, card_pictures
 
-from .manifest import VOCAB_FILE, fingerprint
+from .manifest import LM_HEAD_FILE, VOCAB_FILE, fingerprint
 from .prepare import Prepared
-from .shards import TENSOR_COLUMNS_PROBS, column_dtypes, file_sha256
-from .vocab import vocab_coverage
+from .formats import merge_quality, quality_report
+from .shards import SCALAR_COLUMNS, file_sha256
+from .target import head_spec
+from .vocab import special_token_ids, vocab_coverage
 
 
 def library_versions() -> dict:
@@ -29,23 +33,25 @@ def library_versions() -> dict:
 
 
 def column_specs(prep: Prepared) -> dict:
-    dtypes = column_dtypes(prep.cfg.dtype)
-    specs = {
-        "sample_id": {"arrow": "string"},
-        "source_index": {"arrow": "int64"},
-        "num_tokens": {"arrow": "int32"},
-    }
-    aux_width = len(prep.aux_layer_ids) * prep.hidden_size
-    shapes = {
-        "input_ids": ["L"],
-        "loss_mask": ["L"],
-        "aux_hidden_states": ["L", aux_width],
-        "target_probs": ["n_loss", len(prep.selected_token_ids)],
-        "target_argmax": ["n_loss"],
-    }
-    for name in TENSOR_COLUMNS_PROBS:
-        specs[name] = {"arrow": "binary", "dtype": dtypes[name], "shape": shapes[name], "byte_order": "little"}
+    """Every column's Arrow type; tensor columns also their dtype, inner shape and what they are per."""
+    specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
+    for name, spec in prep.layout.columns().items():
+        specs[name] = {"arrow": "binary", **spec, "byte_order": "little"}
     return specs
+
+
+def head_files(out: Path, prep: Prepared) -> dict:
+    """`hidden` caches: where the head rows are, and the logit transform a reader must apply."""
+    if prep.cfg.target_format != "hidden":
+        return {}
+    return {"lm_head_file": {"path": LM_HEAD_FILE, "sha256": file_sha256(out / LM_HEAD_FILE)}, "head_transform": head_spec(prep.model_config)}
+
+
+def merged_quality(shards: list[dict]) -> dict:
+    merged: dict = {}
+    for shard in shards:
+        merged = merge_quality(merged, shard.get("quality", {}))
+    return quality_report(merged)
 
 
 def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
@@ -58,7 +64,11 @@ def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list
         "columns": column_specs(prep),
         "target_vocab_size": prep.vocab_size,
         "hidden_size": prep.hidden_size,
+        "layout": asdict(prep.layout),
+        "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
         "vocab_file": {"path": VOCAB_FILE, "sha256": file_sha256(out / VOCAB_FILE)},
+        **head_files(out, prep),
+        "quality": merged_quality(shards),  # measured against the live target during the build
         "shards": shards,
         "totals": {
             "samples": sum(s["rows"] for s in shards),
@@ -70,19 +80,39 @@ def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
         "skipped": prep.skipped,
+        "duplicate_ids": prep.duplicate_ids,  # kept: source_index is the stable key
+        "failed": [failure for shard in shards for failure in shard.get("failed", [])],  # e.g. non-finite outputs
         "build": {
             "batch_size": prep.cfg.batch_size,
             "max_tokens_per_batch": prep.cfg.token_budget,
             "row_group_bytes": prep.cfg.row_group_bytes,
+            "pad_token_id": prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0,
             "ranks": ranks or [],  # per-rank work of the last run; the content does not depend on it
         },
         "versions": library_versions(),
     }
 
 
+def write_pictures(out: Path, prep: Prepared) -> None:
+    """The card's PNGs, from what the build already holds (shards may be gone after an upload)."""
+    pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, len(prep.selected_token_ids), prep.cfg.seq_length)
+    for relative, data in pictures.items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+
+def existing_pictures(out: Path) -> list[tuple[str, str]]:
+    """(path, caption) of the card pictures present in a cache folder."""
+    return [(path, caption) for path, caption in PICTURES.values() if (Path(out) / path).exists()]
+
+
 def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
     manifest = assemble_manifest(out, prep, shards, ranks)
-    text = render_card(manifest, location=str(out))
+    write_pictures(out, prep)
+    text = render_card(manifest, location=str(out), pictures=existing_pictures(out))
     tmp = out / f".README.md.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, out / "README.md")

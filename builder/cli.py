@@ -1,4 +1,4 @@
-"""`eagle3-cache` command line: `build` (and `scripts/build_cache.py`, same parser)."""
+"""`eagle3-cache` command line: `build` (and `scripts/build_cache.py`, same parser) and `push`."""
 
 from __future__ import annotations
 
@@ -38,9 +38,16 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default="eagle3-cache-out", help="cache directory (default: ./eagle3-cache-out)")
     g.add_argument("--draft-vocab-size", type=int, default=None, help="draft vocabulary size (default: the full target vocab)")
     g.add_argument("--dtype", default="bf16", help="storage dtype of float tensors: bf16, fp16 or fp32 (default: bf16)")
-    g.add_argument("--target-format", default="probs", help="target supervision format (default: probs)")
+    g.add_argument("--target-format", default="probs", help="probs (dense draft-vocab probs, exact), topk (the K largest log-probs), or hidden (final hidden state; logits recomputed by the reader) (default: probs)")
+    g.add_argument("--topk", type=int, default=64, help="K of --target-format topk (default: 64)")
+    g.add_argument("--aux-dtype", default=None, help="storage of aux hidden states: bf16, fp16, fp32 or fp8 (e4m3, one scale per token) (default: --dtype)")
+    g.add_argument("--store-full-head", action="store_true", help="hidden format: store every lm_head row, so any draft vocabulary can be read without a rebuild")
     g.add_argument("--shard-size", type=int, default=1000, help="samples per Parquet shard (default: 1000)")
     g.add_argument("--row-group-bytes", type=int, default=128 << 20, help="bytes per Parquet row group (default: 128 MiB)")
+    g = p.add_argument_group("placement (targets larger than one GPU)")
+    g.add_argument("--gpus-per-target", type=int, default=1, help="GPUs one target replica spans; launch with --num_processes = GPUs / N (default: 1)")
+    g.add_argument("--max-memory-per-gpu", default=None, help="memory budget per GPU, e.g. 70GiB: leaves room for activations (default: the GPU's total)")
+    g.add_argument("--device-map", default=None, help='explicit placement: "auto", a JSON object {module: device}, or a JSON file')
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=8, help="max samples per forward batch (default: 8)")
     g.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget per forward batch, padding included (default: batch size x seq length)")
@@ -57,9 +64,11 @@ def config_from_args(args: argparse.Namespace):
         input_config=args.input_config, split=args.split, max_samples=args.max_samples, shuffle_seed=args.shuffle_seed,
         output_dir=args.output_dir, seq_length=args.seq_length, draft_vocab_size=args.draft_vocab_size,
         batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch, shard_size=args.shard_size,
-        dtype=args.dtype, aux_layer_ids=args.aux_layer_ids, target_format=args.target_format,
+        dtype=args.dtype, aux_layer_ids=args.aux_layer_ids, target_format=args.target_format, topk=args.topk,
+        aux_dtype=args.aux_dtype, store_full_head=args.store_full_head,
         row_group_bytes=args.row_group_bytes, resume=args.resume, strict=args.strict, dry_run=args.dry_run,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, num_proc=args.num_proc,
+        gpus_per_target=args.gpus_per_target, max_memory_per_gpu=args.max_memory_per_gpu, device_map=args.device_map,
     )
 
 
@@ -72,7 +81,83 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_build_arguments(build)
     build.set_defaults(func=run_build)
+    push = sub.add_parser(
+        "push", help="upload a finished cache to a Hugging Face dataset repo (re-run to resume)",
+        description="Upload a finished cache directory to a Hub dataset repo: shards first (a re-run skips those "
+        "already there), then card, vocab and pictures in one commit, then the tag. The token comes from HF_TOKEN "
+        "or `hf auth login`, the endpoint from HF_ENDPOINT.",
+    )
+    push.add_argument("cache_dir", metavar="DIR", help="cache directory written by `eagle3-cache build`")
+    push.add_argument("repo_id", metavar="REPO_ID", help="dataset repo, e.g. my-org/llama8b-eagle3 (created if missing)")
+    add_hub_arguments(push)
+    push.set_defaults(func=run_push)
+    verify = sub.add_parser(
+        "verify", help="check a cache against its manifest (and recompute samples live)",
+        description="Check every shard against the manifest: presence, size, sha256, schema, rows, shapes, finite "
+        "values. With --recompute N, rerun the target on N random samples (same device kind as the build) and "
+        "compare: exact in fp32, within one rounding step of bf16/fp16. Exit status 1 on any problem.",
+    )
+    verify.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
+    verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
+    verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
+    verify.set_defaults(func=run_verify)
+    export = sub.add_parser("export", help="write a cache in another trainer's offline format (nemo, specforge)")
+    export.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    export.add_argument("--to", required=True, choices=("nemo", "specforge"), help="nemo: NeMo Automodel's cached_target_path (format 2); specforge: SpecForge offline files (hidden caches)")
+    export.add_argument("out_dir", metavar="OUT", help="new or empty output directory")
+    export.add_argument("--target-model", default=None, help="the target, for its input embeddings (nemo), if not where the manifest says")
+    export.set_defaults(func=run_export)
     return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_cache
+
+    out = export_cache(args.cache_dir, args.to, args.out_dir, target_model=args.target_model)
+    print(f"Exported {args.cache_dir} for {args.to} to {out}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_cache
+
+    problems = verify_cache(args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{args.cache_dir}: {len(problems)} problem(s)")
+        return 1
+    print(f"{args.cache_dir}: OK" + (f" ({args.recompute} samples recomputed)" if args.recompute else ""))
+    return 0
+
+
+def add_hub_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `push` and `build --push-to-hub`."""
+    g = p.add_argument_group("hub")
+    g.add_argument("--hub-config", default=None, metavar="NAME", help="put the cache in sub-folder NAME as config NAME (several caches per repo); default: the repo root")
+    g.add_argument("--hub-branch", default="main", help="branch to commit to, created from main if missing (default: main)")
+    g.add_argument("--hub-tag", default=None, help="tag naming this version, created only once every file is committed")
+    g.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+
+
+def target_from_args(args: argparse.Namespace, repo_id: str):
+    from .hub import PushTarget, validate_target
+
+    target = PushTarget(repo_id, config=args.hub_config, branch=args.hub_branch, tag=args.hub_tag, private=args.private)
+    validate_target(target)
+    return target
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .hub import push_cache
+
+    result = push_cache(args.cache_dir, target_from_args(args, args.repo_id))
+    where = f"{result.repo_id}@{result.tag or result.branch}" + (f" (config {result.config})" if result.config else "")
+    print(f"Pushed {args.cache_dir} to {where}: commit {result.commit[:12]}, {len(result.uploaded)} shards uploaded, "
+          f"{len(result.skipped)} already there, {len(result.deleted)} stale data files removed")
+    print(f"  read it: {result.load_snippet()}")
+    return 0
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .errors import ConfigError
 
+from .formats import AUX_DTYPES, TARGET_FORMATS
+
 DTYPES = ("bf16", "fp16", "fp32")
-TARGET_FORMATS = ("probs",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class BuildConfig:
     dtype: str = "bf16"
     aux_layer_ids: tuple[int, ...] | None = None
     target_format: str = "probs"
+    topk: int = 64
+    aux_dtype: str | None = None  # None: the same as dtype
+    store_full_head: bool = False  # hidden format: all lm_head rows, so any draft vocab can be read
     row_group_bytes: int = 128 << 20
     resume: bool = False
     strict: bool = False
@@ -44,6 +48,10 @@ class BuildConfig:
 
     def replace(self, **changes) -> "BuildConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def storage_aux_dtype(self) -> str:
+        return self.aux_dtype or self.dtype
 
     @property
     def token_budget(self) -> int:
@@ -77,6 +85,11 @@ def validate(cfg: BuildConfig) -> None:
         raise ConfigError("--dtype", cfg.dtype, f"one of {', '.join(DTYPES)}")
     if cfg.target_format not in TARGET_FORMATS:
         raise ConfigError("--target-format", cfg.target_format, f"one of {', '.join(TARGET_FORMATS)}")
+    if cfg.aux_dtype is not None and cfg.aux_dtype not in AUX_DTYPES:
+        raise ConfigError("--aux-dtype", cfg.aux_dtype, f"one of {', '.join(AUX_DTYPES)}")
+    _at_least("--topk", cfg.topk, 1)
+    if cfg.draft_vocab_size is not None and cfg.target_format == "topk" and cfg.topk > cfg.draft_vocab_size:
+        raise ConfigError("--topk", cfg.topk, f"at most --draft-vocab-size ({cfg.draft_vocab_size})")
     if cfg.aux_layer_ids is not None:
         if not cfg.aux_layer_ids:
             raise ConfigError("--aux-layer-ids", cfg.aux_layer_ids, "at least one layer id")

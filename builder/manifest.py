@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 BUILD_STATE_DIR = ".eagle3_build"
 BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
 VOCAB_FILE = "vocab/vocab.safetensors"
+LM_HEAD_FILE = "vocab/lm_head.safetensors"  # `hidden` caches: the target's head rows
 
 
 def fingerprint(identity: dict) -> str:

@@ -49,6 +49,14 @@ class Prepared:
         return text_config(self.model_config).hidden_size
 
     @property
+    def layout(self):
+        from .formats import Layout
+
+        cfg = self.cfg
+        return Layout(cfg.target_format, cfg.dtype, cfg.storage_aux_dtype, min(cfg.topk, len(self.selected_token_ids)),
+                      len(self.selected_token_ids), len(self.aux_layer_ids) * self.hidden_size, self.hidden_size)
+
+    @property
     def num_shards(self) -> int:
         return -(-len(self.samples) // self.cfg.shard_size)
 
@@ -142,7 +150,10 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "draft_vocab_size": int(len(selected)),
         "selected_token_ids_sha256": array_hash(selected),
         "dtype": cfg.dtype,
+        "aux_dtype": cfg.storage_aux_dtype,
         "target_format": cfg.target_format,
+        "topk": cfg.topk if cfg.target_format == "topk" else None,
+        "store_full_head": cfg.store_full_head if cfg.target_format == "hidden" else None,
         "shard_size": cfg.shard_size,
         "builder_format": f"eagle3-cache {__version__.split('.')[0]}",
     }

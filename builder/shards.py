@@ -16,28 +16,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
+
 if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
     raise ImportError("eagle3-cache stores tensors little-endian and supports little-endian hosts only")
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int32": torch.int32, "uint8": torch.uint8}
-
-# Column -> (dtype name or "float" for the build's --dtype, inner shape description).
-TENSOR_COLUMNS_PROBS = {
-    "input_ids": ("int32", "[L]"),
-    "loss_mask": ("uint8", "[L]"),
-    "aux_hidden_states": ("float", "[L, A*H]"),
-    "target_probs": ("float", "[n_loss, Vd] at loss-masked positions"),
-    "target_argmax": ("int32", "[n_loss] full-vocab argmax at loss-masked positions"),
-}
 SCALAR_COLUMNS = {"sample_id": pa.string(), "source_index": pa.int64(), "num_tokens": pa.int32()}
 
 
-def shard_schema(tensor_columns=TENSOR_COLUMNS_PROBS) -> pa.Schema:
-    return pa.schema([*(pa.field(k, v) for k, v in SCALAR_COLUMNS.items()), *(pa.field(k, pa.binary()) for k in tensor_columns)])
-
-
-def column_dtypes(float_dtype: str, tensor_columns=TENSOR_COLUMNS_PROBS) -> dict[str, str]:
-    return {name: float_dtype if kind == "float" else kind for name, (kind, _) in tensor_columns.items()}
+def shard_schema(layout) -> pa.Schema:
+    """Scalar columns, then one binary column per tensor column of the layout (see formats.Layout)."""
+    fields = [pa.field(k, v) for k, v in SCALAR_COLUMNS.items()]
+    return pa.schema(fields + [pa.field(name, pa.binary()) for name in layout.columns()])
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -83,6 +73,15 @@ class _HashingFile:
             os.fsync(self._file.fileno())
             self._file.close()
             self.closed = True
+
+    def discard(self) -> None:
+        """Close without flushing: after a failed write (a full disk) the buffer cannot go anywhere."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -141,7 +140,7 @@ class ShardWriter:
             self._writer.close()
         except Exception:
             pass
-        self._sink.close()
+        self._sink.discard()
         self.tmp_path.unlink(missing_ok=True)
 
 

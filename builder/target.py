@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .formats import head_transform_from
 from .supervision import compute_target_distribution
 
 HEAD_CHUNK_ROWS = 256
@@ -120,23 +121,12 @@ def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
     return min(found, key=lambda item: len(item[0]))[1]
 
 
-def head_transform(config):
-    """Logit post-processing some families apply after `lm_head`; applied exactly here."""
+def head_spec(config) -> dict:
+    """Logit post-processing some families apply after `lm_head` (None when absent); recorded in the
+    manifest so that a reader of `hidden` caches applies it exactly as the build did."""
     cfg = text_config(config)
-    softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None)
-    scale = getattr(cfg, "logit_scale", None)
-    divide = getattr(cfg, "logits_scaling", None)
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if divide is not None and divide != 1:
-            logits = logits / divide
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return transform
+    keys = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    return {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else getattr(config, k, None) for k in keys}
 
 
 class Target:
@@ -149,7 +139,7 @@ class Target:
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
         self.head = model.get_output_embeddings()
-        self.transform = head_transform(model.config)
+        self.transform = head_transform_from(head_spec(model.config)) or (lambda logits: logits)
         self._captured: dict[int, torch.Tensor] = {}
         layers = decoder_layers(model, cfg.num_hidden_layers)
         self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in self.aux_layer_ids]
@@ -192,17 +182,26 @@ class Target:
         return torch.cat(chunks)[:n] if chunks else hidden_rows.new_zeros(0, self.vocab_size)
 
     @torch.inference_mode()
-    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids):
-        """One padded batch -> aux `[B, T, A*H]` and, at the `n` loss-masked positions (row-major),
-        draft-vocab probs `[n, Vd]` fp32 and full-vocab argmax `[n]`."""
+    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids) -> dict:
+        """One padded batch -> the live outputs every format is encoded from:
+        `aux` `[B, T, A*H]`, `final_hidden` `[B, T, H]`, and at the `n` loss-masked positions
+        (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`."""
         aux, final_hidden = self.forward(input_ids, attention_mask)
         rows = final_hidden[loss_mask.bool()]
-        probs, argmax = [], []
+        probs, argmax, log_mass = [], [], []
         # Bound the [rows, V] logits: several fixed-shape chunks at a time.
         for block in rows.split(HEAD_CHUNK_ROWS * 8):
             logits = self.logits_at(block)
             sup = compute_target_distribution(logits, torch.ones(len(block), dtype=torch.bool), selected_token_ids)
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
-        empty = rows.new_zeros(0, len(selected_token_ids), dtype=torch.float32)
-        return aux, torch.cat(probs) if probs else empty, torch.cat(argmax) if argmax else rows.new_zeros(0, dtype=torch.long)
+            full = logits.float()
+            log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
+        empty = rows.new_zeros(0, dtype=torch.float32)
+        return {
+            "aux": aux,
+            "final_hidden": final_hidden,
+            "probs": torch.cat(probs) if probs else empty.new_zeros(0, len(selected_token_ids)),
+            "argmax": torch.cat(argmax) if argmax else empty.new_zeros(0, dtype=torch.long),
+            "log_draft_mass": torch.cat(log_mass) if log_mass else empty,
+        }

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import torch
 
 from .batching import pad_batch, plan_batches
-from .build import WINDOW_ROW_GROUPS, bytes_per_position, row_windows
+from .build import WINDOW_ROW_GROUPS, row_windows
+from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import TORCH_DTYPES, file_sha256
+from .shards import file_sha256
 
 
 def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None) -> list[str]:
@@ -67,6 +68,7 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
     if parquet.metadata.num_rows != shard["rows"]:
         return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
     decode = RowDecoder(manifest)
+    manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
     problems = []
     for batch in parquet.iter_batches(batch_size=64):
         for row in batch.to_pylist():
@@ -76,16 +78,19 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
 
 def check_row(row: dict, manifest: dict) -> list[str]:
     length, seq_length = row["num_tokens"], manifest["identity"]["seq_length"]
-    n_loss = int(row["loss_mask"].sum()) if row["loss_mask"].numel() == length else -1
-    checks = [
-        (0 < length <= seq_length, f"num_tokens {length} outside [1, seq_length {seq_length}]"),
-        (row["input_ids"].numel() == length and row["loss_mask"].numel() == length, "input_ids/loss_mask length differs from num_tokens"),
-        (row["aux_hidden_states"].shape[0] == length, f"aux_hidden_states has {row['aux_hidden_states'].shape[0]} rows for {length} tokens"),
-        (row["target_probs"].shape[0] == n_loss and row["target_argmax"].numel() == n_loss, "target rows differ from the loss-masked positions"),
-        (bool(torch.isfinite(row["aux_hidden_states"]).all()), "aux_hidden_states has NaN/Inf"),
-        (bool(torch.isfinite(row["target_probs"]).all()), "target_probs has NaN/Inf"),
-    ]
-    return [message for ok, message in checks if not ok]
+    if not 0 < length <= seq_length:
+        return [f"num_tokens {length} outside [1, seq_length {seq_length}]"]
+    if row["loss_mask"].numel() != length:
+        return [f"loss_mask has {row['loss_mask'].numel()} entries for {length} tokens"]
+    rows_per = {"token": length, "loss": int(row["loss_mask"].sum())}
+    problems = []
+    for name, spec in manifest["layout_columns"].items():
+        tensor, want = row[name], rows_per[spec["per"]]
+        if tensor.shape[0] != want:
+            problems.append(f"{name} has {tensor.shape[0]} rows, expected {want} (one per {spec['per']})")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+            problems.append(f"{name} has NaN/Inf")
+    return problems
 
 
 # ---- recompute ----------------------------------------------------------------------------
@@ -117,8 +122,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
 def batch_of(manifest: dict, rows: list[dict], index: int) -> list[int]:
     """Positions (in the shard) of the forward batch that produced row `index` at build time."""
     build = manifest["build"]
-    aux_width = manifest["columns"]["aux_hidden_states"]["shape"][1]
-    per_token, per_loss = bytes_per_position(manifest["identity"]["dtype"], aux_width, manifest["identity"]["draft_vocab_size"])
+    per_token, per_loss = Layout(**manifest["layout"]).bytes_per_position()
     lengths = [{"num_tokens": r["num_tokens"], "num_loss_tokens": int(r["loss_mask"].sum()), "position": i} for i, r in enumerate(rows)]
     for window in row_windows(lengths, per_token, per_loss, build["row_group_bytes"] * WINDOW_ROW_GROUPS):
         for batch in plan_batches([r["num_tokens"] for r in window], build["max_tokens_per_batch"], build["batch_size"]):
@@ -129,34 +133,32 @@ def batch_of(manifest: dict, rows: list[dict], index: int) -> list[int]:
 
 
 def compare_live(target, manifest: dict, rows: list[dict], index: int, selected: torch.Tensor) -> list[str]:
+    """Re-encode the live outputs of the sample's batch exactly as the build did, and compare."""
+    layout = Layout(**manifest["layout"])
     members = batch_of(manifest, rows, index)
-    ids, attention, loss = pad_batch([rows[i]["input_ids"].tolist() for i in members], [rows[i]["loss_mask"].tolist() for i in members], 0)
+    ids, attention, loss = pad_batch([rows[i]["input_ids"].tolist() for i in members], [rows[i]["loss_mask"].tolist() for i in members], manifest["build"].get("pad_token_id", 0))
     dev = target.device
-    aux, probs, argmax = target.supervise(ids.to(dev), attention.to(dev), loss.to(dev), selected)
+    live = target.supervise(ids.to(target.input_device), attention.to(target.input_device), loss.to(dev), selected)
+    encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
     b = members.index(index)
-    before = int(loss[:b].sum())
-    row, n_loss = rows[index], int(loss[b].sum())
-    store = TORCH_DTYPES[manifest["identity"]["dtype"]]
-    live = {
-        "aux_hidden_states": aux[b, : row["num_tokens"]].to(store).cpu(),
-        "target_probs": probs[before : before + n_loss].to(store).cpu(),
-        "target_argmax": argmax[before : before + n_loss].to(torch.int32).cpu(),
-    }
-    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live, store)]
+    before, n_loss, length = int(loss[:b].sum()), int(loss[b].sum()), rows[index]["num_tokens"]
+    columns = layout.columns()
+    live_row = {name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()}
+    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(rows[index], live_row)]
 
 
-def differences(stored: dict, live: dict, store: torch.dtype):
-    """Exact in fp32; within one rounding step of the storage dtype otherwise."""
+def differences(stored: dict, live: dict):
+    """Exact for fp32 and integers; within one rounding step of a lower-precision float dtype."""
     for key, want in live.items():
         got = stored[key]
-        if got.shape != want.shape:
+        if got.shape != want.shape or got.dtype != want.dtype:
             yield key, float("inf")
             continue
-        if store == torch.float32 or not want.is_floating_point():
+        if want.dtype == torch.float32 or not want.is_floating_point():
             if not torch.equal(got, want):
                 yield key, (got.double() - want.double()).abs().max().item()
             continue
-        eps = torch.finfo(store).eps
+        eps = torch.finfo(want.dtype).eps
         diff = (got.float() - want.float()).abs()
         if (diff > eps * want.float().abs() + 1e-30).any():
             yield key, diff.max().item()

@@ -19,6 +19,7 @@ import torch
 
 from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
 from .manifest import sidecar_path, write_json_atomic
+from .formats import merge_quality
 from .shards import ShardWriter, shard_schema, tensor_bytes
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -27,14 +28,18 @@ QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds 
 
 @dataclass
 class BatchOutput:
-    """One forward batch on the host: rows of `samples` are positions `window_positions` of the window."""
+    """One forward batch on the host: rows of `samples` are positions `window_positions` of the window.
+
+    `columns` holds per-token tensors `[B, T, ...]` and per-loss-row tensors `[n_loss, ...]`
+    (row-major over the batch), named as the layout's columns; `per_loss` names the latter.
+    """
 
     window_positions: list[int]
     samples: list[dict]
-    aux: torch.Tensor  # [B, T, A*H] in the storage dtype
-    probs: torch.Tensor  # [n_loss, Vd] in the storage dtype, row-major over the batch
-    argmax: torch.Tensor  # [n_loss] int32
-    finite: torch.Tensor  # [B] bool: no NaN/Inf in the sample's aux states or probs
+    columns: dict[str, torch.Tensor]
+    per_loss: frozenset
+    finite: torch.Tensor  # [B] bool: no NaN/Inf in the sample's live aux states or probs
+    quality: dict  # device->host scalars/vectors of formats.quality_of_batch
     ready: object = None  # a torch.cuda.Event marking the end of the device->host copy
 
     def rows(self):
@@ -43,32 +48,34 @@ class BatchOutput:
             self.ready.synchronize()
         offset = 0
         for b, (position, sample) in enumerate(zip(self.window_positions, self.samples)):
-            n_loss = sample["num_loss_tokens"]
+            n_loss, length = sample["num_loss_tokens"], sample["num_tokens"]
             if not self.finite[b]:
                 yield position, (None, sample)
             else:
-                argmax = self.argmax[offset : offset + n_loss]
-                yield position, (encode_row(sample, self.aux[b, : sample["num_tokens"]], self.probs[offset : offset + n_loss], argmax), argmax)
+                tensors = {
+                    name: t[offset : offset + n_loss] if name in self.per_loss else t[b, :length]
+                    for name, t in self.columns.items()
+                }
+                yield position, (encode_row(sample, tensors), tensors["target_argmax"])
             offset += n_loss
 
 
-def encode_row(sample: dict, aux: torch.Tensor, probs: torch.Tensor, argmax: torch.Tensor) -> dict:
-    return {
+def encode_row(sample: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    row = {
         "sample_id": sample["sample_id"],
         "source_index": sample["source_index"],
         "num_tokens": sample["num_tokens"],
         "input_ids": tensor_bytes(torch.as_tensor(sample["input_ids"], dtype=torch.int32)),
         "loss_mask": tensor_bytes(torch.as_tensor(sample["loss_mask"], dtype=torch.uint8)),
-        "aux_hidden_states": tensor_bytes(aux),
-        "target_probs": tensor_bytes(probs),
-        "target_argmax": tensor_bytes(argmax),
     }
+    return row | {name: tensor_bytes(t) for name, t in tensors.items()}
 
 
 class BackgroundWriter:
     """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
 
-    def __init__(self, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False):
+    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False):
+        self.schema = shard_schema(layout)
         self.in_vocab = in_vocab
         self.strict = strict
         self.row_group_bytes = row_group_bytes
@@ -138,10 +145,11 @@ class BackgroundWriter:
             while (item := self._queue.get()) is not None:
                 kind, payload = item
                 if kind == "open":
-                    shard = ShardWriter(payload, shard_schema(), self.row_group_bytes)
-                    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0, "failed": []}
+                    shard = ShardWriter(payload, self.schema, self.row_group_bytes)
+                    totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0, "failed": [], "quality": {}}
                 elif kind == "batch":
                     window.update(payload.rows())
+                    totals["quality"] = merge_quality(totals["quality"], {k: v.tolist() for k, v in payload.quality.items()})
                 elif kind == "window":
                     for position in range(payload):  # build order
                         self._write_row(shard, window.pop(position), totals)

@@ -1,25 +1,68 @@
-"""Pure functions from a manifest to the card's metadata and text."""
+"""Pure functions from a manifest to the card's metadata and text.
+
+A repo holds one cache at its root (config `default`, the same layout as on local disk), or
+several in sub-folders, one config each: then the root card is an index listing them
+(`configs` for `datasets`, `eagle3_cache_index` for people and tools) and each cache's full
+manifest lives in the card of its own folder.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
+INDEX_TEMPLATE_PATH = Path(__file__).with_name("index_template.md")
+DEFAULT_CONFIG = "default"
+TAGS = ["eagle3", "speculative-decoding", "eagle3-cache"]
 
 
-def card_data(manifest: dict) -> dict:
-    """YAML front matter: `configs` (so `load_dataset(DIR)` needs no arguments), features,
-    tags, and the full manifest under `eagle3_cache`."""
-    columns = manifest["columns"]
+def data_prefix(config: str | None) -> str:
+    """Folder of a config inside the repo: the root for `default`, else a sub-folder named after it."""
+    return "" if config in (None, DEFAULT_CONFIG) else f"{config}/"
+
+
+def features(manifest: dict) -> list[dict]:
+    return [{"name": name, "dtype": spec["arrow"]} for name, spec in manifest["columns"].items()]
+
+
+def index_entry(manifest: dict, config: str | None = None, revision: str | None = None) -> dict:
+    """What the root card records about one config (its full manifest stays in its own card);
+    `revision`: the tag (or branch) it was pushed with."""
+    identity, totals = manifest["identity"], manifest["totals"]
     return {
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
-        "dataset_info": {
-            "features": [{"name": name, "dtype": spec["arrow"]} for name, spec in columns.items()],
-            "splits": [{"name": "train", "num_bytes": manifest["totals"]["bytes"], "num_examples": manifest["totals"]["samples"]}],
-        },
-        "tags": ["eagle3", "speculative-decoding", "eagle3-cache"],
-        "eagle3_cache": manifest,
+        "path": data_prefix(config).rstrip("/") or ".",
+        "revision": revision,
+        "fingerprint": manifest["fingerprint"],
+        "target_model": identity["target"]["model"],
+        "seq_length": identity["seq_length"],
+        "aux_layer_ids": identity["aux_layer_ids"],
+        "draft_vocab_size": identity["draft_vocab_size"],
+        "dtype": identity["dtype"],
+        "target_format": identity["target_format"],
+        "samples": totals["samples"],
+        "tokens": totals["tokens"],
+        "bytes": totals["bytes"],
+        "features": features(manifest),
     }
+
+
+def _config_yaml(name: str, entry: dict) -> tuple[dict, dict]:
+    prefix = data_prefix(name)
+    config = {"config_name": name, "data_files": [{"split": "train", "path": f"{prefix}data/train-*"}]}
+    info = {
+        "config_name": name,
+        "features": entry["features"],
+        "splits": [{"name": "train", "num_bytes": entry["bytes"], "num_examples": entry["samples"]}],
+    }
+    return config, info
+
+
+def card_data(manifest: dict, config: str | None = None) -> dict:
+    """YAML front matter: `configs` (so `load_dataset` needs no data_files), features, tags, and
+    the full manifest under `eagle3_cache`. A config's card names its repo-relative data path."""
+    config_yaml, info = _config_yaml(config or DEFAULT_CONFIG, index_entry(manifest, config))
+    info.pop("config_name")  # single-config form, as `datasets` writes it
+    return {"configs": [config_yaml], "dataset_info": info, "tags": TAGS, "eagle3_cache": manifest}
 
 
 def summary_rows(manifest: dict) -> list[tuple[str, str]]:
@@ -34,16 +77,46 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
         ("bytes", f"{t['bytes']:,} ({t['bytes'] / 1e9:.3f} GB)"),
         ("bytes per token", f"{t['bytes_per_token']:,.1f}"),
         ("skipped input rows", f"{sum(manifest['skipped'].values()):,}"),
+        ("failed samples (non-finite target outputs, not stored)", f"{len(manifest.get('failed', [])):,}"),
     ]
 
 
-def render_card(manifest: dict, location: str) -> str:
-    """The whole README.md; `location` is what users pass to load it (a path or a repo id)."""
+def load_arguments(location: str, config: str | None = None, revision: str | None = None) -> str:
+    """The exact arguments that open this cache, for the usage snippets."""
+    args = [repr(location)]
+    if config not in (None, DEFAULT_CONFIG):
+        args.append(f"name={config!r}")
+    if revision:
+        args.append(f"revision={revision!r}")
+    return ", ".join(args)
+
+
+def _datasets_arguments(location: str, config: str | None, revision: str | None) -> str:
+    args = [repr(location)]
+    if config not in (None, DEFAULT_CONFIG):
+        args.append(repr(config))
+    if revision:
+        args.append(f"revision={revision!r}")
+    return ", ".join(args)
+
+
+def render_card(
+    manifest: dict,
+    location: str,
+    *,
+    config: str | None = None,
+    revision: str | None = None,
+    pictures: list[tuple[str, str]] = (),
+    picture_base: str = "",
+) -> str:
+    """The whole README.md. `location` is what users pass to load it (a path or a repo id);
+    `config`/`revision` complete the usage snippet; `pictures` are (path, caption) pairs
+    relative to the cache folder, linked as `picture_base + path`."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     identity = manifest["identity"]
     card = DatasetCard.from_template(
-        DatasetCardData(**card_data(manifest)),
+        DatasetCardData(**card_data(manifest, config)),
         template_path=str(TEMPLATE_PATH),
         target_model=identity["target"]["model"],
         format_version=identity["format_version"],
@@ -54,7 +127,43 @@ def render_card(manifest: dict, location: str) -> str:
         target_format=identity["target_format"],
         dtype=identity["dtype"],
         location=location,
+        load_args=load_arguments(location, config, revision),
+        datasets_args=_datasets_arguments(location, config, revision),
+        config=config or DEFAULT_CONFIG,
+        revision=revision,
         summary_rows=summary_rows(manifest),
         skipped=manifest["skipped"],
+        pictures=[(picture_base + path, caption) for path, caption in pictures],
     )
     return str(card)
+
+
+def render_index_card(location: str, index: dict) -> str:
+    """Root card of a repo whose caches all live in sub-folders: lists them, no manifest of its own.
+    Each entry's snippet names the revision that config was pushed with (`entry["revision"]`)."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    configs, infos = zip(*(_config_yaml(k, v) for k, v in sorted(index.items())))
+    data = {
+        "configs": list(configs),
+        "dataset_info": list(infos),
+        "tags": TAGS,
+        "eagle3_cache_index": {k: {key: v[key] for key in v if key != "features"} for k, v in sorted(index.items())},
+    }
+    card = DatasetCard.from_template(
+        DatasetCardData(**data),
+        template_path=str(INDEX_TEMPLATE_PATH),
+        location=location,
+        others=[(name, entry, load_arguments(location, name, entry.get("revision"))) for name, entry in sorted(index.items())],
+    )
+    return str(card)
+
+
+def index_from_card_data(data: dict) -> dict:
+    """The configs an index card lists, with their features, by name (empty for any other card)."""
+    index = {k: dict(v) for k, v in (data.get("eagle3_cache_index") or {}).items()}
+    infos = data.get("dataset_info")
+    for info in infos if isinstance(infos, list) else []:
+        if info.get("config_name") in index:
+            index[info["config_name"]]["features"] = info.get("features", [])
+    return index

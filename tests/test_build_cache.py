@@ -31,15 +31,13 @@ def built(tmp_path_factory):
     written = {}
     real_encode_row = writer_module.encode_row
 
-    def recording_encode_row(sample, aux, probs, argmax):
+    def recording_encode_row(sample, tensors):
         written[sample["sample_id"]] = {
             "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.int32),
             "loss_mask": torch.as_tensor(sample["loss_mask"], dtype=torch.uint8),
-            "aux_hidden_states": aux.clone(),
-            "target_probs": probs.clone(),
-            "target_argmax": argmax.clone(),
+            **{name: t.clone() for name, t in tensors.items()},
         }
-        return real_encode_row(sample, aux, probs, argmax)
+        return real_encode_row(sample, tensors)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(writer_module, "encode_row", recording_encode_row)
@@ -96,7 +94,7 @@ def test_manifest_records_checksums_and_totals(built):
     assert manifest["totals"]["samples"] == 14
     assert manifest["totals"]["tokens"] == sum(result.prepared.samples["num_tokens"])
     assert manifest["totals"]["loss_tokens"] == sum(result.prepared.samples["num_loss_tokens"])
-    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "byte_order": "little"}
+    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "per": "token", "byte_order": "little"}
     assert not list(out.rglob(".*.tmp-*"))
 
 

@@ -35,7 +35,7 @@ INVALID = [
     ("max_tokens_per_batch", 100, r"--max-tokens-per-batch: expected at least --seq-length \(2048\), got 100\. A batch must hold"),
     ("dtype", "fp8", r"--dtype: expected one of bf16, fp16, fp32, got 'fp8'"),
     ("dtype", "bfloat16", r"--dtype: expected one of bf16, fp16, fp32, got 'bfloat16'"),
-    ("target_format", "logits", r"--target-format: expected one of probs, got 'logits'"),
+    ("target_format", "logits", r"--target-format: expected one of probs, topk, hidden, got 'logits'"),
     ("aux_layer_ids", (1, 3, 1), r"--aux-layer-ids: expected distinct layer ids, got \[1, 3, 1\]\. Remove the duplicates\."),
     ("aux_layer_ids", (), r"--aux-layer-ids: expected at least one layer id, got \(\)"),
 ]
@@ -144,7 +144,7 @@ CLI_INVALID = [
     (["--draft-vocab-size", "0"], "--draft-vocab-size: expected an integer >= 1, got 0"),
     (["--num-proc", "0"], "--num-proc: expected an integer >= 1, got 0"),
     (["--max-tokens-per-batch", "100"], "--max-tokens-per-batch: expected at least --seq-length (2048), got 100. A batch must hold at least one full-length sample."),
-    (["--target-format", "logits"], "--target-format: expected one of probs, got 'logits'"),
+    (["--target-format", "logits"], "--target-format: expected one of probs, topk, hidden, got 'logits'"),
     (["--aux-layer-ids", "2,2,5"], "--aux-layer-ids: expected distinct layer ids, got [2, 2, 5]. Remove the duplicates."),
 ]
 

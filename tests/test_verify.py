@@ -87,3 +87,13 @@ def test_recompute_catches_wrong_but_consistent_aux(cache):
     problems = verify_cache(cache, recompute=14)  # every sample
     assert len(problems) == 1
     assert problems[0].startswith(f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute")
+
+
+def test_verify_command_exit_status(cache, capsys):
+    from builder.cli import main
+
+    assert main(["verify", str(cache)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": OK")
+    (cache / "data" / SHARD).unlink()
+    assert main(["verify", str(cache)]) == 1
+    assert f"FAIL data/{SHARD}: missing" in capsys.readouterr().out

@@ -1,0 +1,229 @@
+"""Supervision formats (DESIGN §2): which tensor columns a cache stores for each
+`--target-format` / `--aux-dtype`, how a batch's live outputs become those columns, and how
+a reader turns them back into dense `target_probs` and aux states.
+
+- `probs`: dense draft-vocab probs at loss-masked positions (exact).
+- `topk`: the K largest draft-vocab log-probs and their draft column ids, plus the log of the
+  draft-vocab mass; rebuilt renormalised over the K (NeMo Automodel) or with the tail spread.
+- `hidden`: the final hidden state at every position; logits are recomputed with the
+  target's `lm_head` rows stored under vocab/, so another draft vocabulary needs no rebuild.
+- `--aux-dtype fp8`: e4m3 with one fp32 scale per token.
+
+Builder and reader share `probs_from_hidden` and `decode_aux`, so the quality figures the build
+measures against the live target are exactly what a reader will see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .supervision import compute_target_distribution
+
+TARGET_FORMATS = ("probs", "topk", "hidden")
+AUX_DTYPES = ("bf16", "fp16", "fp32", "fp8")
+TORCH_DTYPES = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
+    "int16": torch.int16, "int32": torch.int32, "uint8": torch.uint8,
+}
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+HEAD_ROWS = 256  # fixed chunk: a row's logits never depend on its chunk-mates
+
+
+@dataclass(frozen=True)
+class Layout:
+    target_format: str
+    dtype: str  # floats of the target fields
+    aux_dtype: str
+    topk: int
+    draft_vocab_size: int
+    aux_width: int
+    hidden_size: int
+
+    @property
+    def topk_value_dtype(self) -> str:
+        return "fp32" if self.dtype == "fp32" else "fp16"
+
+    @property
+    def topk_id_dtype(self) -> str:
+        return "int16" if self.draft_vocab_size <= 32767 else "int32"
+
+    def columns(self) -> dict[str, dict]:
+        """Tensor columns in file order: {name: {"dtype", "shape", "per"}}; `per` is token or loss."""
+        cols = {
+            "input_ids": ("int32", ["L"], "token"),
+            "loss_mask": ("uint8", ["L"], "token"),
+            "aux_hidden_states": (self.aux_dtype, ["L", self.aux_width], "token"),
+        }
+        if self.aux_dtype == "fp8":
+            cols["aux_scales"] = ("fp32", ["L"], "token")
+        cols["target_argmax"] = ("int32", ["n_loss"], "loss")
+        if self.target_format == "probs":
+            cols["target_probs"] = (self.dtype, ["n_loss", self.draft_vocab_size], "loss")
+        elif self.target_format == "topk":
+            cols["topk_logprobs"] = (self.topk_value_dtype, ["n_loss", self.topk], "loss")
+            cols["topk_ids"] = (self.topk_id_dtype, ["n_loss", self.topk], "loss")
+            cols["log_draft_mass"] = ("fp32", ["n_loss"], "loss")
+        else:
+            cols["final_hidden"] = (self.dtype, ["L", self.hidden_size], "token")
+        return {name: {"dtype": d, "shape": s, "per": p} for name, (d, s, p) in cols.items()}
+
+    def bytes_per_position(self) -> tuple[int, int]:
+        """Encoded bytes per token and per loss-masked position."""
+        per = {"token": 0, "loss": 0}
+        for spec in self.columns().values():
+            width = spec["shape"][1] if len(spec["shape"]) == 2 else 1
+            per[spec["per"]] += width * TORCH_DTYPES[spec["dtype"]].itemsize
+        return per["token"], per["loss"]
+
+
+# ---- build side (on the device, per batch) ----------------------------------------------
+
+
+def encode_aux(aux: torch.Tensor, aux_dtype: str) -> dict[str, torch.Tensor]:
+    if aux_dtype != "fp8":
+        return {"aux_hidden_states": aux.to(TORCH_DTYPES[aux_dtype])}
+    scales = (aux.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return {"aux_hidden_states": (aux.float() / scales.unsqueeze(-1)).to(torch.float8_e4m3fn), "aux_scales": scales}
+
+
+def decode_aux(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scales is None:
+        return stored.to(dtype) if stored.dtype != dtype else stored
+    return (stored.float() * scales.unsqueeze(-1)).to(dtype)
+
+
+def encode_targets(layout: Layout, live: dict) -> dict[str, torch.Tensor]:
+    """Per-loss-row (or per-token for `hidden`) target columns from the batch's live outputs."""
+    float_dtype = TORCH_DTYPES[layout.dtype]
+    out = {"target_argmax": live["argmax"].to(torch.int32)}
+    if layout.target_format == "probs":
+        out["target_probs"] = live["probs"].to(float_dtype)
+    elif layout.target_format == "topk":
+        values, ids = live["probs"].topk(min(layout.topk, layout.draft_vocab_size), dim=-1)
+        out["topk_logprobs"] = values.log().to(TORCH_DTYPES[layout.topk_value_dtype])
+        out["topk_ids"] = ids.to(TORCH_DTYPES[layout.topk_id_dtype])
+        out["log_draft_mass"] = live["log_draft_mass"].float()
+    else:
+        out["final_hidden"] = live["final_hidden"].to(float_dtype)
+    return out
+
+
+# ---- read side (also used by the build's quality report) --------------------------------
+
+
+def probs_from_topk(logprobs: torch.Tensor, ids: torch.Tensor, draft_vocab_size: int, spread_tail: bool = False) -> torch.Tensor:
+    """Dense `[n, Vd]` fp32: the kept K renormalised (NeMo Automodel), or the tail spread evenly."""
+    kept = logprobs.float().exp()
+    dense = kept.new_zeros(kept.shape[0], draft_vocab_size)
+    if spread_tail and draft_vocab_size > kept.shape[1]:
+        tail = (1.0 - kept.sum(-1, keepdim=True)).clamp(min=0) / (draft_vocab_size - kept.shape[1])
+        dense += tail
+        return dense.scatter(1, ids.long(), kept)
+    return dense.scatter(1, ids.long(), kept / kept.sum(-1, keepdim=True))
+
+
+def probs_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
+    """Dense `[n, Vd]` fp32 draft-vocab probs from final hidden rows and the head's draft rows."""
+    n = hidden_rows.shape[0]
+    padded = torch.nn.functional.pad(hidden_rows.float(), (0, 0, 0, -n % HEAD_ROWS))
+    out = []
+    for chunk in padded.split(HEAD_ROWS):
+        logits = chunk @ draft_rows.float().T
+        if transform is not None:
+            logits = transform(logits)
+        out.append(torch.softmax(logits, dim=-1))
+    return torch.cat(out)[:n] if out else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
+
+
+def head_transform_from(spec: dict | None):
+    """The head transform recorded in the manifest, as a function (None for a plain linear head)."""
+    if not spec:
+        return None
+
+    def transform(logits):
+        if spec.get("logit_scale") is not None:
+            logits = logits * spec["logit_scale"]
+        if spec.get("logits_scaling") not in (None, 1):
+            logits = logits / spec["logits_scaling"]
+        if spec.get("final_logit_softcapping") is not None:
+            cap = spec["final_logit_softcapping"]
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_rows=None, transform=None, spread_tail=False) -> torch.Tensor:
+    """Dense `[n_loss, Vd]` fp32 target probs at the loss-masked positions of one decoded row."""
+    if layout.target_format == "probs":
+        return decoded["target_probs"].float()
+    if layout.target_format == "topk":
+        return probs_from_topk(decoded["topk_logprobs"], decoded["topk_ids"], layout.draft_vocab_size, spread_tail)
+    return probs_from_hidden(decoded["final_hidden"][loss], draft_rows, transform)
+
+
+# ---- quality, measured against the live target during the build --------------------------
+
+
+def quality_of_batch(layout: Layout, live: dict, encoded: dict, loss: torch.Tensor, draft_rows=None, transform=None) -> dict:
+    """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card."""
+    stats = {}
+    if layout.aux_dtype == "fp8":
+        rebuilt = decode_aux(encoded["aux_hidden_states"], encoded["aux_scales"], torch.float32)
+        valid = live["attention"].bool()
+        stats["aux_max_abs_diff"] = (rebuilt - live["aux"].float())[valid].abs().max() if valid.any() else torch.zeros(())
+    if layout.target_format == "topk":
+        kept = encoded["topk_logprobs"].float().exp().sum(-1)
+        spread = probs_from_topk(encoded["topk_logprobs"], encoded["topk_ids"], layout.draft_vocab_size, spread_tail=True)
+        p = live["probs"]
+        kl = torch.where(p > 0, p * (p.clamp(min=1e-38).log() - spread.clamp(min=1e-38).log()), torch.zeros_like(p)).sum(-1)
+        stats |= {"kept_mass_sum": kept.sum(), "kept_mass_min": kept.min() if len(kept) else torch.ones(()),
+                  "kept_mass_hist": torch.histc(kept.float(), bins=1000, min=0, max=1), "kl_spread_sum": kl.sum(),
+                  "kl_renorm_reverse_sum": (-kept.clamp(min=1e-38).log()).sum(), "rows": torch.tensor(len(kept))}
+    if layout.target_format == "hidden":
+        rebuilt = probs_from_hidden(encoded["final_hidden"][loss], draft_rows, transform)
+        diff = (rebuilt - live["probs"]).abs()
+        stats["probs_max_abs_diff"] = diff.max() if diff.numel() else torch.zeros(())
+    return stats
+
+
+def merge_quality(a: dict, b: dict) -> dict:
+    merged = dict(a)
+    for key, value in b.items():
+        if key not in merged:
+            merged[key] = value
+        elif key.endswith("_max_abs_diff"):
+            merged[key] = max(merged[key], value)
+        elif key.endswith("_min"):
+            merged[key] = min(merged[key], value)
+        elif key.endswith("_hist"):
+            merged[key] = [x + y for x, y in zip(merged[key], value)]
+        else:
+            merged[key] = merged[key] + value
+    return merged
+
+
+def quality_report(stats: dict) -> dict:
+    """The card's figures from merged per-shard sums."""
+    report = {k: v for k, v in stats.items() if k.endswith("_max_abs_diff")}
+    rows = stats.get("rows", 0)
+    if rows:
+        hist, seen, p1 = stats["kept_mass_hist"], 0, 0.0
+        for i, count in enumerate(hist):  # 1st percentile from the 1000-bin histogram (bin's upper edge)
+            seen += count
+            if seen >= 0.01 * rows:
+                p1 = (i + 1) / len(hist)
+                break
+        report |= {
+            "kept_mass_mean": stats["kept_mass_sum"] / rows,
+            "kept_mass_p1": p1,
+            "kept_mass_min": stats["kept_mass_min"],
+            "kl_live_to_rebuilt_spread_mean": stats["kl_spread_sum"] / rows,
+            "kl_rebuilt_renorm_to_live_mean": stats["kl_renorm_reverse_sum"] / rows,
+        }
+    return report
+
+
+__all__ = ["Layout", "TARGET_FORMATS", "AUX_DTYPES", "compute_target_distribution"]

@@ -1,0 +1,582 @@
+"""All Hugging Face Hub access: push a cache (after the build, or shard by shard while it
+runs) and fetch what a reader needs (the revision's commit, the card, the vocab file).
+
+Layout in a dataset repo. A single cache lives at the root, exactly as on local disk
+(config `default`). Several caches live in sub-folders, one config each
+(`NAME/README.md`, `NAME/data/...`, `NAME/vocab/...`), and the root card is an index
+listing them. A repo is one or the other: mixing a root cache with sub-folder configs is
+refused, so a root card never has to describe two caches.
+
+Versions. Shards go up first, in commits of a few shards each (a re-run skips every shard
+already on the branch with the right sha256, so an interrupted push resumes). The card,
+vocab and pictures follow in one final commit that also deletes data files left over from
+an earlier version; only after that commit succeeded is the tag created, pointing at it.
+A tag therefore never names a half-uploaded version, and an earlier tag keeps its content.
+
+Uploads use `create_commit` (never `Dataset.push_to_hub`: it rewrites the split and cannot
+append). The token comes from `HF_TOKEN` or the saved `hf auth login`; the endpoint from
+`HF_ENDPOINT`. Transient failures (connection errors, 408/429/5xx) are retried with
+exponential backoff; anything else fails at once with what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from dataset_card import data_prefix, index_entry, index_from_card_data, render_card, render_index_card
+
+from .errors import Eagle3CacheError
+
+log = logging.getLogger(__name__)
+
+REPO_TYPE = "dataset"
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+SHARDS_PER_COMMIT = 8  # few commits (the Hub rate-limits them) yet small steps to resume from
+RESERVED_CONFIG_NAMES = frozenset({"default", "data", "vocab", "images"})
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+
+
+class HubError(Eagle3CacheError):
+    """A Hub operation failed; the message says what was expected, found, and what to do."""
+
+
+# ---- where and who ------------------------------------------------------------------------
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_api(token: str | None = None):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub_endpoint(), token=token, library_name="eagle3-cache")
+
+
+def is_hub_location(location) -> bool:
+    """A repo id ("user/name") that is not also a local path."""
+    text = str(location)
+    return not Path(text).exists() and re.fullmatch(rf"{_NAME}/{_NAME}", text) is not None
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a cache goes: repo, config (None: the repo root), branch, tag, visibility."""
+
+    repo_id: str
+    config: str | None = None
+    branch: str = "main"
+    tag: str | None = None
+    private: bool = False
+    token: str | None = None  # None: HF_TOKEN or the saved login
+
+    @property
+    def prefix(self) -> str:
+        return data_prefix(self.config)
+
+    @property
+    def revision(self) -> str:
+        """What the card's usage snippet names: the tag when there is one (immutable), else the branch."""
+        return self.tag or self.branch
+
+
+def validate_target(target: PushTarget) -> None:
+    """Checks that need no network, run before any data or weights load."""
+    if re.fullmatch(rf"{_NAME}/{_NAME}", target.repo_id) is None:
+        raise HubError(f"repo id: expected 'user/name' (letters, digits, '.', '_', '-'), got {target.repo_id!r}")
+    if target.config is not None and (re.fullmatch(_NAME, target.config) is None or target.config in RESERVED_CONFIG_NAMES):
+        raise HubError(
+            f"--hub-config: expected a folder name (letters, digits, '.', '_', '-') other than {sorted(RESERVED_CONFIG_NAMES)}, "
+            f"got {target.config!r}. Leave it out to put the cache at the repo root."
+        )
+    for flag, ref in (("--hub-branch", target.branch), ("--hub-tag", target.tag)):
+        if ref is not None and (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith((".lock", "/"))):
+            raise HubError(f"{flag}: expected a git ref name like 'v1' or 'release/2026-01', got {ref!r}")
+    if target.token is None:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise HubError(
+                f"pushing to {target.repo_id}: no Hugging Face token found. Set HF_TOKEN, or run `hf auth login`, then re-run."
+            )
+
+
+# ---- retries and errors -----------------------------------------------------------------
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: the connection broke or timed out, or the server said "later" (408/429/5xx).
+    The client wraps upload failures (RuntimeError from ...), so the cause chain is searched."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    transport = _transport_errors()
+    while err is not None:
+        if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, but retrying cannot help
+            return False
+        if isinstance(err, transport) or _status(err) in TRANSIENT_STATUS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    import importlib
+
+    classes: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(classes)
+
+
+def explain(err: BaseException, what: str, repo_id: str) -> HubError:
+    """A user-facing error for a failed Hub call."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    status = _status(err)
+    if isinstance(err, OfflineModeIsEnabled):
+        hint = "offline mode is enabled (HF_HUB_OFFLINE=1): unset it to reach the Hub"
+    elif status == 401:
+        hint = "the Hub did not accept the token: set HF_TOKEN to a token with write access (or run `hf auth login`)"
+    elif status == 403:
+        hint = f"the token has no write access to {repo_id}: use a write token of a member of its namespace"
+    elif status == 404:
+        hint = f"{repo_id} (or the revision) does not exist on {hub_endpoint()}, or it is private and the token cannot see it"
+    elif status == 412:
+        hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
+    elif is_transient(err):
+        hint = f"the Hub kept failing ({err}); the push resumes where it stopped: re-run the same command"
+    else:
+        hint = str(err)
+    return HubError(f"{what} on {repo_id} failed: {hint}")
+
+
+@dataclass
+class Retry:
+    retries: int = 4
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, at most 30 s
+
+    def __call__(self, what: str, fn, repo_id: str = ""):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except (HubError, FileNotFoundError):  # already clear, or an answer ("no such file"), not a failure
+                raise
+            except Exception as err:  # noqa: BLE001 - classified right below
+                if not is_transient(err) or attempt == self.retries:
+                    raise explain(err, what, repo_id) from err
+                wait = min(self.backoff * 2**attempt, 30.0)
+                log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
+                time.sleep(wait)
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def resolve_commit(repo_id: str, revision: str | None = None, token: str | None = None) -> str:
+    """The commit a revision (branch, tag or commit) points at now: pin every read to it so the
+    card, the vocab and the shards all come from one version even if the branch moves."""
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = hub_api(token)
+    try:
+        return api.dataset_info(repo_id, revision=revision).sha
+    except OfflineModeIsEnabled:
+        raise HubError(
+            f"{repo_id}: no local directory of that name, and the Hub cannot be asked: offline mode is enabled. "
+            "Pass an existing cache directory, or unset HF_HUB_OFFLINE to read from the Hub."
+        ) from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"{repo_id}: no local directory of that name, and no dataset repo on {hub_endpoint()} "
+            "(or it is private and no token with access is set: set HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+        known = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+        raise HubError(f"{repo_id}: no revision {revision!r}; branches and tags: {known}. Pass one of them as revision=.") from None
+
+
+def download_file(repo_id: str, path: str, commit: str, token: str | None = None) -> Path:
+    """One file of a pinned commit, through the local Hugging Face cache."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hub_api(token).hf_hub_download(repo_id, path, repo_type=REPO_TYPE, revision=commit))
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"{repo_id}@{commit[:12]} has no {path}") from None
+
+
+def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str, str]:
+    """{path: sha256 (LFS) or git blob id} of every file under `prefix` at `revision`."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        entries = api.list_repo_tree(repo_id, path_in_repo=prefix.rstrip("/") or None, recursive=True, revision=revision, repo_type=REPO_TYPE)
+        return {e.path: (e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if hasattr(e, "blob_id")}
+    except EntryNotFoundError:
+        return {}
+
+
+# ---- pushing ------------------------------------------------------------------------------
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    config: str | None
+    branch: str
+    tag: str | None
+    commit: str
+    uploaded: list[str] = field(default_factory=list)  # shard names sent by this run
+    skipped: list[str] = field(default_factory=list)  # shard names already on the branch
+    deleted: list[str] = field(default_factory=list)  # stale data files removed from the branch
+
+    def load_snippet(self) -> str:
+        from dataset_card.render import load_arguments
+
+        return f"builder.load_cache({load_arguments(self.repo_id, self.config, self.tag or self.branch)}, streaming=True)"
+
+
+def _card_files(cache_dir: Path) -> list[Path]:
+    """What the final commit carries besides the card: vocab, pictures (never data, hidden state or temp files)."""
+    out = []
+    for path in sorted(cache_dir.rglob("*")):
+        relative = path.relative_to(cache_dir)
+        if not path.is_file() or relative.parts[0] == "data" or relative.as_posix() == "README.md":
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        out.append(path)
+    return out
+
+
+class HubPusher:
+    """The steps of a push, shared by `push_cache` (after a build) and `ShardUploader` (during one)."""
+
+    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None):
+        validate_target(target)
+        self.target = target
+        self.retry = retry or Retry()
+        self.api = api or hub_api(target.token)
+
+    def _call(self, what: str, fn):
+        return self.retry(what, fn, self.target.repo_id)
+
+    def open(self) -> "HubPusher":
+        """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
+        t = self.target
+        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
+        if t.private and not self._call("repo info", lambda: self.api.dataset_info(t.repo_id)).private:
+            log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
+        if t.branch != "main":
+            self._call("create branch", lambda: self.api.create_branch(t.repo_id, branch=t.branch, repo_type=REPO_TYPE, exist_ok=True))
+        self._check_layout(self._root_card_data(self.head())[0])
+        return self
+
+    def head(self) -> str:
+        t = self.target
+        return self._call("read branch head", lambda: self.api.dataset_info(t.repo_id, revision=t.branch).sha)
+
+    def tag_commit(self) -> str | None:
+        t = self.target
+        if t.tag is None:
+            return None
+        refs = self._call("list refs", lambda: self.api.list_repo_refs(t.repo_id, repo_type=REPO_TYPE))
+        return next((r.target_commit for r in refs.tags if r.name == t.tag), None)
+
+    def tagged_fingerprint(self) -> str | None:
+        """Fingerprint of the cache the tag already names (None: no such tag)."""
+        commit = self.tag_commit()
+        if commit is None:
+            return None
+        try:
+            card = self._call("read tagged card", lambda: download_file(self.target.repo_id, f"{self.target.prefix}README.md", commit, self.target.token))
+        except FileNotFoundError:
+            return ""
+        from huggingface_hub import DatasetCard
+
+        return DatasetCard.load(card).data.to_dict().get("eagle3_cache", {}).get("fingerprint", "")
+
+    def check_tag(self, fingerprint: str | None) -> bool:
+        """True when the tag already names this very cache (nothing left to do); raise when it names another."""
+        found = self.tagged_fingerprint()
+        if found is None:
+            return False
+        if fingerprint is not None and found == fingerprint:
+            return True
+        raise HubError(
+            f"--hub-tag {self.target.tag}: the tag already exists on {self.target.repo_id} and names "
+            f"{'cache ' + found if found else 'something else'}, not this cache ({fingerprint}). Tags name immutable versions: "
+            "choose a new tag (the existing one stays as it is)."
+        )
+
+    def remote_shards(self, revision: str | None = None) -> dict[str, str]:
+        """{shard file name: sha256} committed for this config on the branch (or at `revision`)."""
+        data = f"{self.target.prefix}data/"
+        revision = revision or self.target.branch
+        files = self._call("list files", lambda: remote_files(self.api, self.target.repo_id, revision, data))
+        return {path[len(data):]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data):]}
+
+    def upload_shards(self, shards: list[tuple[Path, str | None]]) -> None:
+        """One commit adding these shard files; `sha256` (from the manifest) spares re-reading them to hash."""
+        from huggingface_hub import CommitOperationAdd
+
+        def operations():  # fresh objects per attempt: the client mutates them
+            ops = []
+            for path, sha256 in shards:
+                op = CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path))
+                if sha256:
+                    op.upload_info.sha256 = bytes.fromhex(sha256)
+                ops.append(op)
+            return ops
+
+        names = [Path(p).name for p, _ in shards]
+        message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
+        self._call(
+            f"upload {', '.join(names)}",
+            lambda: self.api.create_commit(
+                self.target.repo_id, operations(), commit_message=message, repo_type=REPO_TYPE, revision=self.target.branch
+            ),
+        )
+
+    def finish(self, cache_dir: Path, manifest: dict) -> PushResult:
+        """Final commit (card, vocab, pictures; stale data files deleted), then the tag."""
+        t = self.target
+        expected = {s["name"]: s["sha256"] for s in manifest["shards"]}
+        remote = self.remote_shards()
+        missing = sorted(name for name, sha in expected.items() if remote.get(name) != sha)
+        if missing:
+            raise HubError(
+                f"{t.repo_id}@{t.branch}: {len(missing)} shard(s) of this cache are not on the branch ({missing[:3]}...); "
+                "upload them first (re-run the push with the shards present locally)."
+            )
+        commit, stale = self._commit_card(cache_dir, manifest, expected)
+        if t.tag is not None:
+            self._call("create tag", lambda: self._create_tag(commit))
+        return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=[f"{t.prefix}data/{n}" for n in stale])
+
+    def _commit_card(self, cache_dir: Path, manifest: dict, expected: dict, attempts: int = 3) -> tuple[str, list[str]]:
+        """The final commit, on top of the branch head it was prepared from (`parent_commit`): if the
+        branch moved meanwhile (another config's push, or our own commit whose answer was lost),
+        everything is recomputed from the new head and committed again (a no-op if nothing changed)."""
+        t = self.target
+        message = f"eagle3-cache: {t.config or 'cache'} {manifest['fingerprint']}" + (f" (tag {t.tag})" if t.tag else "")
+        removed: set[str] = set()  # reported even when the commit that removed them lost its answer
+        for attempt in range(attempts):
+            head = self.head()
+            root_data, root_exists = self._root_card_data(head)
+            self._check_layout(root_data)
+            stale = sorted(name for name in self.remote_shards(head) if name not in expected)
+            removed.update(stale)
+            commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
+            try:
+                return self._call("commit card", commit), sorted(removed)
+            except HubError as err:
+                if _status(err.__cause__) != 412 or attempt == attempts - 1:
+                    raise
+                log.warning("%s moved while committing the card; retrying on top of it", t.branch)
+        raise AssertionError("unreachable")
+
+    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
+        t = self.target
+        operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
+        info = self.api.create_commit(t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head)
+        return info.oid
+
+    def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        t = self.target
+        ops = [CommitOperationDelete(path_in_repo=f"{t.prefix}data/{name}") for name in stale]
+        ops += [CommitOperationAdd(f"{t.prefix}{p.relative_to(cache_dir).as_posix()}", str(p)) for p in _card_files(cache_dir)]
+        ops.append(CommitOperationAdd(f"{t.prefix}README.md", self.card_text(cache_dir, manifest).encode()))
+        if t.config is not None:  # the root card indexes every config
+            index = index_from_card_data(root_data) if root_data is not None else {}
+            index[t.config] = index_entry(manifest, t.config, t.revision)
+            ops.append(CommitOperationAdd("README.md", render_index_card(t.repo_id, index).encode()))
+        return ops
+
+    def card_text(self, cache_dir: Path, manifest: dict) -> str:
+        from .card import existing_pictures
+
+        t = self.target
+        base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
+        return render_card(manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base)
+
+    def _create_tag(self, commit: str) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        t = self.target
+        try:
+            self.api.create_tag(t.repo_id, tag=t.tag, revision=commit, repo_type=REPO_TYPE)
+        except HfHubHTTPError as err:
+            if _status(err) == 409 and self.tag_commit() == commit:
+                return  # our own earlier attempt got through; its answer was lost
+            raise
+
+    def _root_card_data(self, commit: str) -> tuple[dict, bool]:
+        from huggingface_hub import DatasetCard
+
+        try:
+            path = self._call("read root card", lambda: download_file(self.target.repo_id, "README.md", commit, self.target.token))
+        except FileNotFoundError:
+            return {}, False
+        return DatasetCard.load(path).data.to_dict(), True
+
+    def _check_layout(self, root: dict) -> None:
+        t = self.target
+        if t.config is not None and "eagle3_cache" in root:
+            raise HubError(
+                f"{t.repo_id} holds a cache at its root, so it cannot also take config {t.config!r} in a sub-folder. "
+                "Push to another repo, or push this cache without --hub-config to replace the root cache."
+            )
+        if t.config is None and root.get("eagle3_cache_index") and "eagle3_cache" not in root:
+            names = sorted(root["eagle3_cache_index"])
+            raise HubError(f"{t.repo_id} holds several caches in sub-folders ({names}); pass --hub-config NAME to add or update one.")
+
+
+def push_cache(
+    cache_dir: str | Path,
+    target: PushTarget,
+    *,
+    shards_per_commit: int = SHARDS_PER_COMMIT,
+    retry: Retry | None = None,
+) -> PushResult:
+    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
+    from .reader import read_manifest
+
+    cache_dir = Path(cache_dir)
+    validate_target(target)
+    manifest = read_manifest(cache_dir)
+    pusher = HubPusher(target, retry=retry).open()
+    if pusher.check_tag(manifest["fingerprint"]):
+        log.info("%s@%s already holds cache %s; nothing to push", target.repo_id, target.tag, manifest["fingerprint"])
+        return PushResult(target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]])
+    remote = pusher.remote_shards()
+    pending, skipped = [], []
+    for shard in manifest["shards"]:
+        if remote.get(shard["name"]) == shard["sha256"]:
+            skipped.append(shard["name"])
+            continue
+        path = cache_dir / "data" / shard["name"]
+        if not path.exists():
+            raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
+        pending.append((path, shard["sha256"]))
+    for start in range(0, len(pending), shards_per_commit):
+        group = pending[start : start + shards_per_commit]
+        pusher.upload_shards(group)
+        log.info("uploaded %d/%d shards", start + len(group), len(pending))
+    result = pusher.finish(cache_dir, manifest)
+    result.uploaded, result.skipped = [p.name for p, _ in pending], skipped
+    return result
+
+
+class ShardUploader:
+    """Upload while building: each finished shard is committed from a background thread as
+    soon as `upload` hands it over, and removed locally afterwards with `delete_local`.
+
+        uploader = ShardUploader(PushTarget(repo, tag="v1"), delete_local=True, fingerprint=fp)  # every rank
+        done = uploader.remote_shards()     # {name: sha256} already on the branch: skip them on resume
+        ...                                 # for each shard this rank publishes:
+        uploader.upload(path, sha256)       # returns at once; blocks only when `max_pending` wait
+        uploader.wait()                     # every rank, before the final barrier
+        ...                                 # rank 0, after the barrier and the card:
+        result = uploader.finish(cache_dir) # final commit (card, vocab, pictures), then the tag
+
+    Local disk then holds at most `max_pending` queued shards plus the one uploading plus the
+    one being written. A failed upload is raised by the next `upload` or by `finish`.
+    """
+
+    def __init__(
+        self,
+        target: PushTarget,
+        *,
+        delete_local: bool = False,
+        max_pending: int = 1,
+        fingerprint: str | None = None,
+        retry: Retry | None = None,
+    ):
+        self.pusher = HubPusher(target, retry=retry).open()
+        self.already_pushed = self.pusher.check_tag(fingerprint)
+        self.delete_local = delete_local
+        self._remote = self.pusher.remote_shards()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self.uploaded: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="eagle3-shard-uploader", daemon=True)
+        self._thread.start()
+
+    def remote_shards(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._remote)
+
+    def upload(self, path: str | Path, sha256: str | None = None) -> None:
+        """Hand over a published shard; `sha256` (the writer's, from its sidecar) spares re-hashing it."""
+        self._raise_if_failed()
+        if not self._thread.is_alive():
+            raise RuntimeError("ShardUploader.upload after wait()/finish()/close(): hand over every shard first")
+        self._queue.put((Path(path), sha256))
+
+    def wait(self) -> None:
+        """Block until every handed-over shard is committed (each rank, before the build's final
+        barrier); raise if one failed. No `upload` after this."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def finish(self, cache_dir: str | Path) -> PushResult:
+        """Rank 0, after every rank's `wait` and after the card is written: final commit, then the tag."""
+        from .reader import read_manifest
+
+        self.wait()
+        manifest = read_manifest(cache_dir)
+        result = self.pusher.finish(Path(cache_dir), manifest)
+        result.uploaded = list(self.uploaded)
+        return result
+
+    def close(self) -> None:
+        """Stop after the queued uploads, without finishing or raising (after a failed build)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise HubError(f"uploading shards to {self.pusher.target.repo_id} failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the build learns of the failure at its next upload/finish
+            path, sha256 = item
+            try:
+                if self.remote_shards().get(path.name) != sha256 or sha256 is None:
+                    self.pusher.upload_shards([(path, sha256)])
+                    self.uploaded.append(path.name)
+                with self._lock:
+                    self._remote[path.name] = sha256
+                if self.delete_local:
+                    path.unlink(missing_ok=True)
+            except BaseException as err:  # noqa: BLE001 - handed to the build thread
+                self._error = err

@@ -1,0 +1,123 @@
+"""topk, hidden and fp8: the reader rebuilds what the live target gave, within the bounds the card
+reports (which must be the true maxima); hidden caches change draft vocabulary with no rebuild."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import small_config
+from transformers import AutoModelForCausalLM
+
+from builder import compute_target_distribution
+from builder.build import build
+from builder.embedded import resolve_target
+from builder.reader import load_cache, read_manifest
+
+KEYS = {"input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(resolve_target("tiny-llama"), dtype=torch.float32).eval()
+
+
+def live(model, sample, selected):
+    """Unshifted live aux `[L, 3H]` and probs at the loss positions `[n, Vd]` (fp32), one sample per forward."""
+    ids = torch.as_tensor(sample["input_ids"]).long()[None]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    loss = torch.as_tensor(sample["loss_mask"]).bool()
+    sup = compute_target_distribution(out.logits[0], loss, selected)
+    aux = torch.cat([out.hidden_states[i + 1] for i in (1, 3, 4)], dim=-1)[0]
+    return aux, sup.target_probs[loss]
+
+
+def build_format(tmp_path_factory, name, **overrides):
+    # batch_size 1: the live per-sample forward sees the batch the build ran
+    settings = dict(batch_size=1, max_tokens_per_batch=96, draft_vocab_size=256) | overrides
+    cfg = small_config(tmp_path_factory.mktemp(name) / "cache", **settings)
+    return build(cfg, progress=False)
+
+
+def unshifted(sample_nemo, loss):
+    """The loss-position probs of a NeMo sample (slot t carries position t + 1)."""
+    probs = torch.cat([sample_nemo["target_probs"][-1:], sample_nemo["target_probs"][:-1]])  # undo the shift
+    return probs[loss].float()
+
+
+@pytest.fixture(scope="module")
+def fp8_hidden(tmp_path_factory):
+    return build_format(tmp_path_factory, "fp8_hidden", target_format="hidden", aux_dtype="fp8", store_full_head=True)
+
+
+@pytest.fixture(scope="module")
+def topk(tmp_path_factory):
+    return build_format(tmp_path_factory, "topk", target_format="topk", topk=8)
+
+
+def test_fp8_aux_and_hidden_probs_stay_within_the_reported_maxima(fp8_hidden, model):
+    result = fp8_hidden
+    quality = read_manifest(result.output_dir)["quality"]
+    selected = torch.as_tensor(result.prepared.selected_token_ids)
+    cached = load_cache(result.output_dir, layout="nemo", streaming=False, aux_dtype=torch.float32)
+    aux_diff = probs_diff = 0.0
+    for i, sample in enumerate(result.prepared.samples):
+        live_aux, live_probs = live(model, sample, selected)
+        got = cached[i]
+        assert set(got) == KEYS and got["aux_hidden_states"].dtype == torch.float32
+        aux_diff = max(aux_diff, (got["aux_hidden_states"] - live_aux).abs().max().item())
+        probs_diff = max(probs_diff, (unshifted(got, torch.as_tensor(sample["loss_mask"]).bool()) - live_probs).abs().max().item())
+    assert 0 < aux_diff == pytest.approx(quality["aux_max_abs_diff"], rel=1e-6)
+    assert probs_diff == pytest.approx(quality["probs_max_abs_diff"], rel=1e-6, abs=1e-12)
+    assert aux_diff < 0.05 and probs_diff < 1e-5  # e4m3 with a per-token scale; fp32 hidden
+
+
+def test_topk_reports_true_kept_mass_and_kl(topk, model):
+    result = topk
+    quality = read_manifest(result.output_dir)["quality"]
+    selected = torch.as_tensor(result.prepared.selected_token_ids)
+    raw = load_cache(result.output_dir, layout="raw", streaming=False)
+    spread = load_cache(result.output_dir, layout="nemo", streaming=False, spread_tail=True)
+    renorm = load_cache(result.output_dir, layout="nemo", streaming=False)
+    kept, kls = [], []
+    for i, sample in enumerate(result.prepared.samples):
+        loss = torch.as_tensor(sample["loss_mask"]).bool()
+        _, live_probs = live(model, sample, selected)
+        kept.append(raw[i]["topk_logprobs"].float().exp().sum(-1))
+        rebuilt = unshifted(spread[i], loss)
+        kls.append((live_probs * (live_probs.clamp(min=1e-38).log() - rebuilt.clamp(min=1e-38).log())).sum(-1))
+        renormed = unshifted(renorm[i], loss)
+        assert torch.allclose(renormed.sum(-1), torch.ones(len(renormed)), atol=1e-5)  # renormalised over the K
+        assert int((renormed > 0).sum(-1).max()) <= 8
+    kept, kls = torch.cat(kept), torch.cat(kls)
+    assert quality["kept_mass_mean"] == pytest.approx(kept.mean().item(), rel=1e-5)
+    assert quality["kept_mass_min"] == pytest.approx(kept.min().item(), rel=1e-6)
+    nearest_rank = kept.sort().values[math.ceil(0.01 * len(kept)) - 1].item()  # the 1st percentile, nearest rank
+    assert nearest_rank <= quality["kept_mass_p1"] <= nearest_rank + 1e-3 + 1e-9  # its 0.001-wide histogram bin's upper edge
+    assert quality["kl_live_to_rebuilt_spread_mean"] == pytest.approx(kls.mean().item(), rel=1e-4)
+
+
+def test_every_format_yields_the_same_keys_and_shapes(fp8_hidden, topk, tmp_path_factory):
+    probs = build_format(tmp_path_factory, "probs")
+    first = [load_cache(r.output_dir, layout="nemo", streaming=False, aux_dtype=torch.float32)[3] for r in (probs, topk, fp8_hidden)]
+    for sample in first[1:]:
+        assert {k: (v.shape, v.dtype) for k, v in sample.items()} == {k: (v.shape, v.dtype) for k, v in first[0].items()}
+        assert torch.equal(sample["input_ids"], first[0]["input_ids"]) and torch.equal(sample["position_mask"], first[0]["position_mask"])
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_hidden_cache_reads_another_draft_vocab_like_a_probs_build(fp8_hidden, tmp_path_factory, size):
+    probs = build_format(tmp_path_factory, f"probs{size}", draft_vocab_size=size)
+    want = load_cache(probs.output_dir, layout="nemo", streaming=False)
+    got = load_cache(fp8_hidden.output_dir, layout="nemo", streaming=False, draft_vocab_size=size)
+    for i in range(len(want)):
+        assert got[i]["target_probs"].shape[-1] == size
+        torch.testing.assert_close(got[i]["target_probs"], want[i]["target_probs"], rtol=0, atol=2e-6)
+        assert torch.equal(got[i]["position_mask"], want[i]["position_mask"])
+
+
+def test_changing_the_draft_vocab_of_a_probs_cache_is_refused(topk):
+    with pytest.raises(ValueError, match=r"draft_vocab_size: a topk cache holds supervision for its 256-token draft vocabulary only; got 100"):
+        load_cache(topk.output_dir, layout="nemo", draft_vocab_size=100)

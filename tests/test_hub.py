@@ -1,0 +1,370 @@
+"""Share and stream through a loopback Hub (tests/hub_server.py): the real `huggingface_hub`
+and `datasets` clients push caches over HTTP on 127.0.0.1 and stream them back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from helpers import assert_same_content, decoded_rows, small_config
+from hub_server import TOKEN, hub_fixtures
+
+from builder.build import build
+from builder.cli import main
+from builder.hub import HubError, PushTarget, Retry, ShardUploader, push_cache, validate_target
+from builder.reader import CacheMismatch, load_cache, read_manifest, read_vocab
+
+hub_server, hub = hub_fixtures()
+FAST = Retry(retries=2, backoff=0.01)  # our own retries: quick in tests
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+    """14 samples in 4 shards, each shard several row groups."""
+    return build(small_config(tmp_path_factory.mktemp("v1") / "cache", row_group_bytes=150_000), progress=False).output_dir
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    """A second version: other settings, other shard names (3 shards of 5)."""
+    cfg = small_config(tmp_path_factory.mktemp("v2") / "cache", shard_size=5, seq_length=80, row_group_bytes=150_000)
+    return build(cfg, progress=False).output_dir
+
+
+def push(cache, repo, retry=FAST, **kwargs):
+    return push_cache(cache, PushTarget(repo, **kwargs), retry=retry)
+
+
+def sample_ids(dataset) -> list[str]:
+    return [row["sample_id"] for row in dataset]
+
+
+def data_files(hub, repo, revision) -> list[str]:
+    return sorted(p for p in hub.files_at(repo, revision) if "data/" in p)
+
+
+# ---- push, then stream back -------------------------------------------------------------------
+
+
+def test_push_then_stream_yields_the_local_cache(hub, v1):
+    result = push(v1, "tester/roundtrip", tag="v1")
+    assert result.tag == "v1" and len(result.uploaded) == 4 and not result.skipped
+    assert hub.repo("tester/roundtrip").tags["v1"] == result.commit
+    for layout in ("raw", "nemo"):
+        remote = list(load_cache("tester/roundtrip", revision="v1", layout=layout, streaming=True))
+        assert_same_content(remote, decoded_rows(v1, layout=layout))  # torch.equal, every field, every sample
+    # Without this package: plain `datasets` opens the same rows.
+    plain = datasets.load_dataset("tester/roundtrip", revision="v1", split="train", streaming=True)
+    assert sample_ids(plain) == sample_ids(decoded_rows(v1))
+    assert torch.equal(read_vocab("tester/roundtrip", revision="v1")["selected_token_ids"], read_vocab(v1)["selected_token_ids"])
+    downloaded = load_cache("tester/roundtrip", revision="v1", layout="raw", streaming=False)  # map-style: downloads once
+    assert_same_content([downloaded[i] for i in range(len(downloaded))], decoded_rows(v1))
+
+
+def test_card_names_repo_and_revision_and_shows_pictures(hub, v1):
+    push(v1, "tester/card", tag="release-1")
+    files = hub.files_at("tester/card", "release-1")
+    assert {"README.md", "vocab/vocab.safetensors", "images/length_histogram.png", "images/vocab_coverage.png"} <= set(files)
+    for picture in ("images/length_histogram.png", "images/vocab_coverage.png"):
+        assert hub.state.blob_path(files[picture].sha256).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    card = hub.state.blob_path(files["README.md"].sha256).read_text()
+    assert "load_cache('tester/card', revision='release-1', layout=\"nemo\", streaming=True)" in card
+    assert f"]({hub.url}/datasets/tester/card/resolve/release-1/images/length_histogram.png)" in card
+    assert read_manifest("tester/card", revision="release-1") == read_manifest(v1)
+    local_card = (v1 / "README.md").read_text()
+    assert "](images/vocab_coverage.png)" in local_card  # the local card shows the local files
+
+
+def test_second_version_leaves_the_first_tag_unchanged(hub, v1, v2):
+    first = push(v1, "tester/versions", tag="v1")
+    files_v1 = hub.files_at("tester/versions", "v1")
+    # The final commit (card + deletion of v1's shards) lands but its answer is lost: the retry,
+    # on a branch that moved, is answered 412, recomputed on top, and finds nothing left to do.
+    lost = hub.add_fault("POST", r"/commit/", action="drop_after", skip=1)
+    second = push(v2, "tester/versions", tag="v2")
+    assert lost.fired == 1 and ("POST", "/api/datasets/tester/versions/commit/main", 412) in hub.requests("POST")
+    assert hub.repo("tester/versions").tags == {"v1": first.commit, "v2": second.commit}
+    assert hub.files_at("tester/versions", "v1") == files_v1
+    assert_same_content(list(load_cache("tester/versions", revision="v1", layout="raw")), decoded_rows(v1))
+    assert_same_content(list(load_cache("tester/versions", revision="v2", layout="raw")), decoded_rows(v2))
+    # v1's 4 shards were removed from the branch by v2's final commit, so the branch reads as v2
+    assert data_files(hub, "tester/versions", "main") == [f"data/train-0000{k}-of-00003.parquet" for k in range(3)]
+    assert sorted(second.deleted) == [f"data/train-0000{k}-of-00004.parquet" for k in range(4)]
+
+
+def test_interrupted_push_resumes_and_is_never_tagged_early(hub, v1):
+    # The connection drops on every commit after the first: shards 0 lands, then the push fails.
+    hub.add_fault("POST", r"/commit/", action="drop", skip=1, times=None)
+    with pytest.raises(HubError, match="re-run the same command"):
+        push_cache(v1, PushTarget("tester/interrupted", tag="v1"), retry=FAST, shards_per_commit=1)
+    assert hub.repo("tester/interrupted").tags == {}  # no tag before completion
+    assert data_files(hub, "tester/interrupted", "main") == ["data/train-00000-of-00004.parquet"]
+    assert "README.md" not in hub.files_at("tester/interrupted", "main")
+
+    hub.clear_faults()
+    hub.reset_counters()
+    result = push_cache(v1, PushTarget("tester/interrupted", tag="v1"), retry=FAST, shards_per_commit=1)
+    assert result.skipped == ["train-00000-of-00004.parquet"] and len(result.uploaded) == 3
+    # Shard 0 is committed and shard 1 reached LFS storage before its commit dropped: neither is sent again.
+    sent = {path.rsplit("/", 1)[1] for _, path, _ in hub.requests("PUT", r"/lfs-upload/")}
+    shas = [s["sha256"] for s in read_manifest(v1)["shards"]]
+    assert not sent & set(shas[:2]) and set(shas[2:]) <= sent
+    assert hub.repo("tester/interrupted").tags["v1"] == result.commit
+    assert_same_content(list(load_cache("tester/interrupted", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_transient_failures_are_retried(hub, v1):
+    hub.add_fault("POST", r"/preupload/", status=503)  # retried by the client (http_backoff)
+    hub.add_fault("PUT", r"/lfs-upload/", action="drop")  # connection dropped mid-body, retried by the client
+    hub.add_fault("POST", r"/commit/", action="drop_after")  # commit applied, answer lost: our retry is a no-op
+    hub.add_fault("POST", r"/tag/", status=502)  # retried by us
+    result = push(v1, "tester/flaky", tag="v1")
+    assert hub.repo("tester/flaky").tags["v1"] == result.commit
+    assert_same_content(list(load_cache("tester/flaky", revision="v1", layout="raw")), decoded_rows(v1))
+    assert [f.fired for f in hub.state.faults] == [1, 1, 1, 1], hub.state.faults
+
+
+def test_slow_server_still_streams(hub, v1):
+    push(v1, "tester/slow", tag="v1")
+    hub.add_fault("GET", r"/resolve/.*parquet", action="delay", delay=0.2, times=3)
+    assert len(list(load_cache("tester/slow", revision="v1", layout="raw", columns=["sample_id"]))) == 14
+
+
+def test_permanent_errors_fail_at_once_with_what_to_do(hub, v1):
+    hub.add_fault("POST", r"/api/repos/create", status=403, times=None)
+    with pytest.raises(HubError, match="no write access to tester/forbidden"):
+        push(v1, "tester/forbidden", retry=Retry(retries=3, backoff=5.0))  # would take 35 s if it retried
+
+
+def test_existing_tag_is_never_moved(hub, v1, v2):
+    push(v1, "tester/tagged", tag="v1")
+    hub.reset_counters()
+    again = push(v1, "tester/tagged", tag="v1")  # the same cache: nothing to do
+    assert again.skipped and not hub.requests("POST", r"/commit/")
+    with pytest.raises(HubError, match="--hub-tag v1: the tag already exists"):
+        push(v2, "tester/tagged", tag="v1")
+    assert hub.state.bytes_uploaded == 0 and not hub.requests("POST", r"/commit/")
+
+
+# ---- several caches in one repo ---------------------------------------------------------------
+
+
+def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2):
+    push(v1, "tester/multi", config="llama", tag="llama-v1")
+    push(v2, "tester/multi", config="short", tag="short-v1")
+    files = hub.files_at("tester/multi", "main")
+    assert {"llama/README.md", "short/README.md", "llama/vocab/vocab.safetensors", "short/images/vocab_coverage.png"} <= set(files)
+    root = hub.state.blob_path(files["README.md"].sha256).read_text()
+    assert "config_name: llama" in root and "config_name: short" in root and "name='short', revision='short-v1'" in root and "name='llama', revision='llama-v1'" in root
+    assert_same_content(list(load_cache("tester/multi", name="llama", revision="llama-v1", layout="raw")), decoded_rows(v1))
+    assert_same_content(list(load_cache("tester/multi", name="short", layout="raw")), decoded_rows(v2))
+    plain = datasets.load_dataset("tester/multi", "short", split="train", streaming=True)
+    assert sample_ids(plain) == sample_ids(decoded_rows(v2))
+    with pytest.raises(ValueError, match=r"several caches: pass name= one of \['llama', 'short'\]"):
+        load_cache("tester/multi")
+    with pytest.raises(HubError, match="holds several caches in sub-folders"):
+        push(v1, "tester/multi")
+    push(v1, "tester/single")
+    with pytest.raises(HubError, match="holds a cache at its root"):
+        push(v2, "tester/single", config="other")
+
+
+# ---- distributed streaming --------------------------------------------------------------------
+
+
+@pytest.fixture
+def pushed_v1(hub, v1):
+    push(v1, "tester/dist", tag="v1")
+    hub.reset_counters()
+    return "tester/dist"
+
+
+def test_ranks_read_disjoint_shards_covering_every_sample_once(hub, pushed_v1, v1):
+    everything = sample_ids(decoded_rows(v1))
+    for world_size in (2, 3, 5):  # 4 files: by file (even, uneven), then by row group
+        parts = [sample_ids(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], rank=r, world_size=world_size)) for r in range(world_size)]
+        assert all(parts), world_size
+        assert sorted(sum(parts, [])) == sorted(everything), world_size
+    hub.reset_counters()
+    sample_ids(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], rank=1, world_size=2))
+    touched = sorted(p for p in hub.state.bytes_served if p.startswith("data/"))
+    assert touched == ["data/train-00001-of-00004.parquet", "data/train-00003-of-00004.parquet"]  # rank 1's shards only
+
+
+def test_ranks_and_dataloader_workers_split_further(hub, pushed_v1, v1):
+    seen = []
+    for rank in range(2):
+        dataset = load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list)
+        seen += [row["sample_id"] for batch in loader for row in batch]
+    assert sorted(seen) == sorted(sample_ids(decoded_rows(v1)))
+
+
+def test_two_torch_distributed_processes_read_disjoint_parts(hub, pushed_v1, v1, tmp_path):
+    script = (
+        "import json, os, torch.distributed as dist\n"
+        "from builder.reader import load_cache\n"
+        "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], rank=int(os.environ['RANK']), world_size=2)\n"
+        "ids = [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', columns=['sample_id'])]\n"
+        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'ids': ids}))\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
+           "RDZV": str(tmp_path / "rdzv"), "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert sorted(o["rank"] for o in outs) == [0, 1] and all(o["world"] == 2 for o in outs)
+    a, b = (set(o["ids"]) for o in outs)
+    assert a and b and not a & b
+    assert sorted(outs[0]["ids"] + outs[1]["ids"]) == sorted(sample_ids(decoded_rows(v1)))
+
+
+def test_shuffle_buffer_reorders_but_keeps_every_sample(hub, pushed_v1, v1, monkeypatch):
+    # `datasets` interleaves shards to shuffle and then waits 5 s per pass (a pyarrow thread-shutdown workaround)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+    dataset = load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], shuffle_buffer=8, seed=3)
+    first = sample_ids(dataset)
+    dataset.set_epoch(1)
+    second = sample_ids(dataset)
+    assert sorted(first) == sorted(second) == sorted(sample_ids(decoded_rows(v1)))
+    assert first != sample_ids(decoded_rows(v1)) and first != second
+
+
+def test_only_the_needed_columns_are_downloaded(hub, pushed_v1, v1):
+    total = sum(f.stat().st_size for f in (v1 / "data").glob("*.parquet"))
+    rows = list(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], block_size=16 << 10))
+    assert len(rows) == 14 and set(rows[0]) == {"sample_id", "input_ids"}
+    fetched = sum(n for p, n in hub.state.bytes_served.items() if p.startswith("data/"))
+    assert fetched < 0.25 * total, (fetched, total)  # aux states and probs (most bytes) never travel
+
+
+# ---- compatibility check ------------------------------------------------------------------------
+
+
+def test_expect_passes_on_matching_settings_and_names_each_mismatch(hub, pushed_v1, v1):
+    manifest = read_manifest(v1)
+    identity = manifest["identity"]
+    matching = {
+        "target_model": identity["target"]["model"], "aux_layer_ids": identity["aux_layer_ids"],
+        "draft_vocab_size": 300, "seq_length": 96, "dtype": torch.float32,
+        "selected_token_ids": read_vocab(v1)["selected_token_ids"], "hidden_size": manifest["hidden_size"],
+    }
+    assert load_cache(pushed_v1, revision="v1", expect=matching).manifest == manifest
+    wrong = {**matching, "aux_layer_ids": [1, 2, 3], "dtype": "bf16", "seq_length": 2048, "selected_token_ids": torch.arange(300)}
+    with pytest.raises(CacheMismatch) as err:
+        load_cache(pushed_v1, revision="v1", expect=wrong)
+    message = str(err.value)
+    for name in ("aux_layer_ids", "dtype", "seq_length", "selected_token_ids"):
+        assert f"  {name}: trainer expects" in message
+    assert "target_model" not in message and set(err.value.differences) == {"aux_layer_ids", "dtype", "seq_length", "selected_token_ids"}
+    with pytest.raises(ValueError, match="unknown field"):
+        load_cache(v1, expect={"aux_layers": [1]})  # local caches are checked the same way
+
+
+# ---- access, arguments, command line ------------------------------------------------------------
+
+
+def test_private_repo_needs_the_token(hub, v1, monkeypatch):
+    push(v1, "tester/secret", private=True, tag="v1")
+    assert hub.repo("tester/secret").private
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(HubError, match="private"):
+        load_cache("tester/secret", revision="v1")
+    assert len(list(load_cache("tester/secret", revision="v1", token=TOKEN, layout="raw", columns=["sample_id"]))) == 14
+
+
+def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
+    for target, message in [
+        (PushTarget("not a repo"), "repo id: expected 'user/name'"),
+        (PushTarget("tester/x", tag="v 1"), "--hub-tag: expected a git ref name"),
+        (PushTarget("tester/x", config="data"), "--hub-config: expected a folder name"),
+    ]:
+        with pytest.raises(HubError, match=message):
+            validate_target(target)
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    with pytest.raises(HubError, match="no Hugging Face token found. Set HF_TOKEN"):
+        push(v1, "tester/x")
+    with pytest.raises(FileNotFoundError, match="no README.md"):
+        push_cache(tmp_path, PushTarget("tester/x", token=TOKEN))
+    assert not hub.requests()
+
+
+def test_offline_mode_is_reported_and_not_retried(v1):  # no `hub` fixture: HF_HUB_OFFLINE=1 (conftest)
+    with pytest.raises(HubError, match="no local directory of that name.*offline mode is enabled"):
+        load_cache("tester/nowhere")
+    with pytest.raises(HubError, match="offline mode is enabled"):
+        push(v1, "tester/nowhere", retry=Retry(retries=3, backoff=5.0), token=TOKEN)  # would take 35 s if it retried
+
+
+def test_push_command_line(hub, v1, capsys):
+    assert main(["push", str(v1), "tester/cli", "--hub-branch", "dev", "--hub-tag", "dev-1", "--private"]) == 0
+    out = capsys.readouterr().out
+    assert "4 shards uploaded" in out and "load_cache('tester/cli', revision='dev-1', streaming=True)" in out
+    repo = hub.repo("tester/cli")
+    assert repo.private and repo.tags["dev-1"] == repo.branches["dev"]
+    assert not data_files(hub, "tester/cli", "main")  # main untouched
+    assert main(["push", str(v1), "tester/cli", "--hub-tag", "bad tag"]) == 2
+    assert "--hub-tag: expected a git ref name" in capsys.readouterr().err
+
+
+# ---- upload while building (the build calls ShardUploader; simulated here) ----------------------
+
+
+def test_shard_uploader_keeps_few_shards_locally(hub, v1, tmp_path):
+    import shutil
+
+    out = tmp_path / "building"
+    uploader = ShardUploader(PushTarget("tester/streamed", tag="v1"), delete_local=True, max_pending=1, retry=FAST)
+    assert uploader.remote_shards() == {}
+    for shard in read_manifest(v1)["shards"]:  # the build publishing shards one by one
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copy(v1 / "data" / shard["name"], out / "data" / shard["name"])
+        uploader.upload(out / "data" / shard["name"], shard["sha256"])
+        assert len(list((out / "data").glob("*.parquet"))) <= 3  # queued + uploading + just written
+    uploader.wait()  # every rank, before the build's final barrier
+    assert "README.md" not in hub.files_at("tester/streamed", "main") and not hub.repo("tester/streamed").tags
+    for item in ("README.md", "vocab", "images"):  # rank 0 writes vocab, pictures and card last
+        (shutil.copytree if (v1 / item).is_dir() else shutil.copy)(v1 / item, out / item)
+    result = uploader.finish(out)
+    assert not list((out / "data").glob("*.parquet")) and len(result.uploaded) == 4
+    assert hub.repo("tester/streamed").tags["v1"] == result.commit
+    assert_same_content(list(load_cache("tester/streamed", revision="v1", layout="raw")), decoded_rows(v1))
+    assert set(ShardUploader(PushTarget("tester/streamed"), retry=FAST).remote_shards()) == {s["name"] for s in read_manifest(v1)["shards"]}
+
+
+def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
+    """The server itself, through the real client: paths-info, trees, refs, commits, HEAD, Range."""
+    from huggingface_hub import HfApi, HfFileSystem
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    name = "data/train-00001-of-00004.parquet"
+    (info,) = api.get_paths_info(pushed_v1, [name, "no/such/file"], repo_type="dataset", revision="v1")
+    local = (v1 / name).read_bytes()
+    assert info.size == len(local) and info.lfs.sha256 == read_manifest(v1)["shards"][1]["sha256"]
+    top = {e.path for e in api.list_repo_tree(pushed_v1, repo_type="dataset", revision="v1")}
+    assert {"README.md", ".gitattributes", "data", "vocab", "images"} == top
+    assert [t.name for t in api.list_repo_refs(pushed_v1, repo_type="dataset").tags] == ["v1"]
+    assert len(api.list_repo_commits(pushed_v1, repo_type="dataset", revision="v1")) == 3  # initial, shards, card
+    assert api.file_exists(pushed_v1, name, repo_type="dataset", revision="v1")
+    assert not api.file_exists(pushed_v1, "data/nope.parquet", repo_type="dataset", revision="v1")
+    fs = HfFileSystem(endpoint=hub.url, token=TOKEN)
+    with fs.open(f"datasets/{pushed_v1}@v1/{name}", "rb", block_size=256) as f:  # ranged reads
+        f.seek(1000)
+        assert f.read(64) == local[1000:1064]
+    assert fs.cat_file(f"datasets/{pushed_v1}@v1/{name}", start=-8) == local[-8:]  # footer: a suffix Range
