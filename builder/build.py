@@ -48,6 +48,7 @@ class BuildResult:
     written: list[str] = field(default_factory=list)  # shards written by this rank in this run
     manifest: dict | None = None  # rank 0 only
     placement: dict = field(default_factory=dict)  # recorded in the card; content never depends on it
+    pushed: object = None  # hub.PushResult of --push-to-hub (rank 0)
 
 
 def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
@@ -65,25 +66,50 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
         check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
+    uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     lock = CacheLock(out)
     agree(state, lambda: (lock.acquire(), start_or_continue(out, prep, cfg.resume)))
     try:
         with disk_full_as_error():
-            write_cache(state, prep, out, result, progress)
+            write_cache(state, prep, out, result, progress, uploader)
+    except BaseException:
+        if uploader is not None:
+            uploader.close()
+        raise
     finally:
         if state.is_main_process:
             lock.release()
     return result
 
 
-def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool) -> None:
+def open_uploader(cfg: BuildConfig, prep: Prepared):
+    """--push-to-hub: the background uploader every rank hands its finished shards to."""
+    if not cfg.push_to_hub:
+        return None
+    from .hub import PushTarget, ShardUploader, validate_target
+    from .manifest import fingerprint
+
+    target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
+    validate_target(target)
+    return ShardUploader(target, delete_local=cfg.delete_local_after_upload, fingerprint=fingerprint(prep.identity))
+
+
+def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
     mine = [k for k in range(prep.num_shards) if k % state.num_processes == state.process_index]
-    pending = [k for k in mine if not shard_is_complete(out, names[k], expected_rows(prep, k))]
+    remote = uploader.remote_shards() if uploader is not None else {}
+    pending = [k for k in mine if not shard_is_complete(out, names[k], expected_rows(prep, k), remote)]
+    if uploader is not None:  # finished locally in an earlier run but never uploaded
+        for k in mine:
+            path = out / "data" / names[k]
+            if k not in pending and path.exists() and remote.get(names[k]) != read_sidecar(out, names[k])["sha256"]:
+                uploader.upload(path, read_sidecar(out, names[k])["sha256"])
     started = time.perf_counter()
     if pending:
-        run_forward(prep, out, pending, names, result, progress and state.is_main_process)
+        run_forward(prep, out, pending, names, result, progress and state.is_main_process, uploader)
     write_rank_stats(out, result, pending, prep, time.perf_counter() - started)
+    if uploader is not None:
+        uploader.wait()  # this rank's shards are all committed
     state.wait_for_everyone()
     if state.is_main_process:
         result.shards = [read_sidecar(out, name) for name in names]
@@ -95,6 +121,8 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
         from .card import write_card  # the card is written last: a cache with a card is complete
 
         result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
+        if uploader is not None:
+            result.pushed = uploader.finish(out)  # card, vocab and pictures last, then the tag
 
 
 def agree(state, main_process_step) -> None:
@@ -138,11 +166,13 @@ def expected_rows(prep: Prepared, shard: int) -> int:
     return min(prep.cfg.shard_size, len(prep.samples) - shard * prep.cfg.shard_size)
 
 
-def shard_is_complete(out: Path, name: str, rows: int) -> bool:
-    """A shard file exists only once complete (atomic rename); its sidecar and footer must agree."""
+def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = None) -> bool:
+    """A shard file exists only once complete (atomic rename); its sidecar and footer must agree.
+    With upload-while-building, a shard deleted locally is complete when the Hub has its bytes."""
     path = out / "data" / name
     if not path.exists():
-        return False
+        sidecar = read_sidecar(out, name)
+        return bool(remote) and sidecar is not None and remote.get(name) == sidecar["sha256"]
     sidecar = read_sidecar(out, name)
     if (
         sidecar is None
@@ -156,7 +186,7 @@ def shard_is_complete(out: Path, name: str, rows: int) -> bool:
     return True
 
 
-def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool) -> None:
+def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool, uploader=None) -> None:
     model = load_placed_model(prep)
     result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
@@ -167,7 +197,12 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     head = HeadRows.of(target, prep.selected_token_ids)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
-    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=progress.shard_done, strict=prep.cfg.strict)
+    def shard_done(info: dict) -> None:  # on the writer thread, right after the rename
+        progress.shard_done(info)
+        if uploader is not None:  # blocks while one shard already waits: bounds local disk
+            uploader.upload(out / "data" / info["name"], info["sha256"])
+
+    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=shard_done, strict=prep.cfg.strict)
     try:
         for k in pending:
             write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head)

@@ -69,6 +69,8 @@ def config_from_args(args: argparse.Namespace):
         row_group_bytes=args.row_group_bytes, resume=args.resume, strict=args.strict, dry_run=args.dry_run,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, num_proc=args.num_proc,
         gpus_per_target=args.gpus_per_target, max_memory_per_gpu=args.max_memory_per_gpu, device_map=args.device_map,
+        push_to_hub=args.push_to_hub, hub_config=args.hub_config, hub_branch=args.hub_branch, hub_tag=args.hub_tag,
+        private=args.private, delete_local_after_upload=args.delete_local_after_upload,
     )
 
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=describe_embedded(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_build_arguments(build)
+    g = build.add_argument_group("upload while building")
+    g.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload each shard to this Hub dataset repo as soon as it is written; card and tag last")
+    g.add_argument("--delete-local-after-upload", action="store_true", help="remove each shard locally once uploaded: local disk for only a few shards")
+    add_hub_arguments(build)
     build.set_defaults(func=run_build)
     push = sub.add_parser(
         "push", help="upload a finished cache to a Hugging Face dataset repo (re-run to resume)",
@@ -179,6 +185,8 @@ def run_build(args: argparse.Namespace) -> int:
         return 0
     print(f"[rank 0/{result.world_size}] wrote {len(result.written)} shards: {result.written}")
     print(format_summary(result))
+    if result.pushed is not None:
+        print(f"  pushed: {result.pushed.load_snippet()}")
     return 0
 
 

@@ -45,6 +45,12 @@ class BuildConfig:
     gpus_per_target: int = 1
     max_memory_per_gpu: str | None = None
     device_map: str | None = None
+    push_to_hub: str | None = None  # upload each shard as soon as it is written, then card and tag
+    hub_config: str | None = None
+    hub_branch: str = "main"
+    hub_tag: str | None = None
+    private: bool = False
+    delete_local_after_upload: bool = False
 
     def replace(self, **changes) -> "BuildConfig":
         return dataclasses.replace(self, **changes)
@@ -97,6 +103,8 @@ def validate(cfg: BuildConfig) -> None:
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
         raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file", "The file does not exist.")
+    if cfg.delete_local_after_upload and not cfg.push_to_hub:
+        raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
     _check_output_dir(cfg)
 
 

@@ -1,0 +1,61 @@
+"""Upload while building (`build --push-to-hub --delete-local-after-upload`) against the loopback Hub."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import assert_same_content, decoded_rows, small_config
+from hub_server import hub_fixtures
+
+import builder.hub as hub_module
+from builder.build import build
+from builder.hub import PushTarget, push_cache
+from builder.reader import load_cache
+
+hub_server, hub = hub_fixtures()
+
+
+def test_upload_while_building_keeps_few_shards_and_equals_push_after_build(hub, tmp_path, monkeypatch):
+    local = build(small_config(tmp_path / "local", shard_size=2), progress=False).output_dir  # 7 shards
+    push_cache(local, PushTarget("tester/after-build", tag="v1"))
+
+    counts = []
+    real_upload = hub_module.ShardUploader.upload
+
+    def counting_upload(self, path, sha256=None):
+        counts.append(len(list(path.parent.glob("*.parquet"))))  # at every shard handed over
+        return real_upload(self, path, sha256)
+
+    monkeypatch.setattr(hub_module.ShardUploader, "upload", counting_upload)
+    out = tmp_path / "streamed"
+    cfg = small_config(out, shard_size=2, push_to_hub="tester/while-building", hub_tag="v1", delete_local_after_upload=True)
+    result = build(cfg, progress=False)
+    assert len(counts) == 7 and max(counts) <= 3  # queued + uploading + just written
+    assert not list((out / "data").glob("*.parquet"))  # every shard went to the Hub and was removed
+    assert hub.repo("tester/while-building").tags["v1"] == result.pushed.commit
+    remote = list(load_cache("tester/while-building", revision="v1", layout="raw"))
+    assert_same_content(remote, list(load_cache("tester/after-build", revision="v1", layout="raw")))
+    assert_same_content(remote, decoded_rows(local))
+
+
+def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    cfg = small_config(out, shard_size=2, push_to_hub="tester/resumed", hub_tag="v1", delete_local_after_upload=True)
+    import builder.build as build_module
+
+    real, done = build_module.write_one_shard, []
+
+    def stop_after_three(*args, **kwargs):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "write_one_shard", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, progress=False)
+    assert "v1" not in hub.repo("tester/resumed").tags  # no tag on an incomplete version
+    monkeypatch.setattr(build_module, "write_one_shard", real)
+    result = build(cfg.replace(resume=True), progress=False)
+    assert len(result.written) == 4  # the three shards already on the Hub were not rebuilt
+    reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
+    assert_same_content(list(load_cache("tester/resumed", revision="v1", layout="raw")), decoded_rows(reference))
