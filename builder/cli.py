@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "values. With --recompute N, rerun the target on N random samples (same device kind as the build) and "
         "compare: exact in fp32, within one rounding step of bf16/fp16. Exit status 1 on any problem.",
     )
-    verify.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
+    verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
     verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
@@ -128,7 +129,7 @@ def run_export(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify_cache
 
-    problems = verify_cache(args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model)
+    problems = verify_cache(args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision)
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:

@@ -23,9 +23,11 @@ from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import file_sha256
 
 
-def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None) -> list[str]:
-    """Every problem found, as `shard/sample: message` lines; empty when the cache is intact."""
-    out = Path(location)
+def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None,
+                 revision: str | None = None) -> list[str]:
+    """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
+    A Hub repo id is downloaded first (every byte must be read to check its sha256 anyway)."""
+    out = Path(location) if Path(location).exists() else download(str(location), revision)
     manifest = read_manifest(out)
     problems = check_manifest(out, manifest)
     for shard in manifest["shards"]:
@@ -33,6 +35,16 @@ def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, tar
     if recompute and not problems:
         problems += recompute_samples(out, manifest, recompute, seed, target_model)
     return problems
+
+
+def download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    from .hub import is_hub_location
+
+    if not is_hub_location(repo_id):
+        raise FileNotFoundError(f"verify: {repo_id!r} is neither a local cache directory nor a Hub dataset repo id")
+    return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
 
 
 def check_manifest(out: Path, manifest: dict) -> list[str]:

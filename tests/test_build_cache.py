@@ -198,3 +198,21 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
     with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
         build(cfg.replace(resume=True, **change), progress=False)
     assert snapshot(root / "cache") == before
+
+
+def test_shards_are_written_off_the_forward_thread(tmp_path, monkeypatch):
+    """No GPU idles on I/O: encoding, hashing and writing happen on the writer thread."""
+    import threading
+
+    import builder.shards as shards_module
+
+    threads = set()
+    real_add = shards_module.ShardWriter.add
+
+    def recording_add(self, row):
+        threads.add(threading.current_thread().name)
+        return real_add(self, row)
+
+    monkeypatch.setattr(shards_module.ShardWriter, "add", recording_add)
+    build(small_config(tmp_path / "cache", max_samples=6), progress=False)
+    assert threads == {"eagle3-shard-writer"}

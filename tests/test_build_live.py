@@ -45,10 +45,10 @@ def test_cached_equals_live_fp32(tmp_path, arch):
     check_against_live(result, target, torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["llama", "text_config"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cached_equals_live_cast_to_bf16(tmp_path, arch):
     target = make_tiny_target(tmp_path / "target", arch)
-    cfg = small_config(tmp_path / "cache", target, batch_size=1, max_tokens_per_batch=96, dtype="bf16")
+    cfg = small_config(tmp_path / "cache", target, batch_size=1, max_tokens_per_batch=96, dtype="bf16", aux_layer_ids=(0, 2, 4))
     result = build(cfg, progress=False)
     check_against_live(result, target, torch.bfloat16)
 

@@ -59,3 +59,12 @@ def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
     assert len(result.written) == 4  # the three shards already on the Hub were not rebuilt
     reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
     assert_same_content(list(load_cache("tester/resumed", revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_verify_a_pushed_repo(hub, tmp_path, capsys):
+    from builder.cli import main
+
+    local = build(small_config(tmp_path / "local", max_samples=6), progress=False).output_dir
+    push_cache(local, PushTarget("tester/verified", tag="v1"))
+    assert main(["verify", "tester/verified", "--revision", "v1", "--recompute", "2"]) == 0
+    assert "tester/verified: OK (2 samples recomputed)" in capsys.readouterr().out
