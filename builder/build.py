@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,9 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     from accelerate import PartialState
 
     # Without a GPU, accelerate runs several processes only when told they are CPU ranks (gloo).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Barriers may wait for hours (rank 0 tokenizing a large input, a rank's last uploads):
+    # far past NCCL's 10-minute default watchdog.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     with state.main_process_first():  # rank 0 tokenizes; the others then hit its cache
         prep = prepare(cfg)
     state.wait_for_everyone()  # every rank has validated the output dir before rank 0 writes to it
@@ -67,6 +70,10 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     if cfg.resume:
         check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
+    if uploader is not None and uploader.already_pushed:
+        log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)
+        uploader.close()
+        return result
     lock = CacheLock(out)
     agree(state, lambda: (lock.acquire(), start_or_continue(out, prep, cfg.resume)))
     try:
@@ -91,7 +98,9 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
 
     target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
     validate_target(target)
-    return ShardUploader(target, delete_local=cfg.delete_local_after_upload, fingerprint=fingerprint(prep.identity))
+    # Bounding the queue bounds local disk; without deletion it would only slow the build to upload speed.
+    max_pending = 1 if cfg.delete_local_after_upload else 1 << 20
+    return ShardUploader(target, delete_local=cfg.delete_local_after_upload, max_pending=max_pending, fingerprint=fingerprint(prep.identity))
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
@@ -227,6 +236,7 @@ def load_placed_model(prep: Prepared):
         from accelerate import PartialState
 
         gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
+        torch.cuda.set_device(gpus[0])  # not another group's GPU
         plan = memory_plan(prep)
         per_gpu = available_per_gpu(cfg, gpus)
         return load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
@@ -235,7 +245,8 @@ def load_placed_model(prep: Prepared):
 
 def memory_plan(prep: Prepared):
     return plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
-                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2 if torch.cuda.is_available() else 4)
+                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2 if torch.cuda.is_available() else 4,
+                       draft_vocab_size=len(prep.selected_token_ids))
 
 
 def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:
@@ -317,17 +328,26 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], head: Hea
         # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
         encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
         quality = quality_of_batch(layout, live, encoded, loss.bool(), head.draft_rows, head.transform)
-        finite = finite_rows(live["aux"], live["probs"], attention, loss)
+        finite = finite_rows(live, encoded, attention, loss, per_loss)
         (columns, quality, finite), ready = to_host((encoded, quality, finite))
         yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready)
 
 
-def finite_rows(aux: torch.Tensor, probs: torch.Tensor, attention: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the sample's aux states (real tokens) and probs are all finite; stays on the device."""
-    aux_ok = (aux.isfinite().all(-1) | ~attention.bool()).all(-1)
-    probs_bad = torch.zeros(aux.shape[0], dtype=torch.long, device=aux.device)
-    probs_bad.index_add_(0, loss.nonzero()[:, 0], (~probs.isfinite().all(-1)).long())
-    return aux_ok & (probs_bad == 0)
+def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, loss: torch.Tensor, per_loss) -> torch.Tensor:
+    """[B] bool, on the device: the live probs and every stored float column of the sample are finite
+    (checked after the cast: fp16 turns activations above 65504 into inf; fp8 saturates instead)."""
+    batch, length = attention.shape
+    ok = torch.ones(batch, dtype=torch.bool, device=attention.device)
+    row_of_loss = loss.nonzero()[:, 0]
+    floats = {"probs": live["probs"]} | {n: t for n, t in encoded.items() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn}
+    for name, tensor in floats.items():
+        bad = ~tensor.float().isfinite()
+        if name == "probs" or name in per_loss:  # [n_loss, ...] rows, row-major over the batch
+            bad_rows = bad.reshape(len(bad), -1).any(-1).long()
+            ok &= torch.zeros(batch, dtype=torch.long, device=ok.device).index_add_(0, row_of_loss, bad_rows) == 0
+        else:  # [B, T, ...]: real tokens only
+            ok &= ~(bad.reshape(batch, length, -1).any(-1) & attention.bool()).any(-1)
+    return ok
 
 
 def to_host(tree):
@@ -364,7 +384,7 @@ def to_host(tree):
         return node
 
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(flat[0].device))  # the copies' device, not the current one
     return rebuild(tree), event
 
 

@@ -54,7 +54,13 @@ def merged_quality(shards: list[dict]) -> dict:
     return quality_report(merged)
 
 
-def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
+SHARD_FIELDS = ("name", "rows", "bytes", "sha256", "tokens", "loss_tokens", "argmax_in_vocab")
+
+
+def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: list[dict] | None = None) -> dict:
+    # Per-shard records stay small (a card with thousands of shards must parse fast); quality
+    # histograms and failures are merged once below.
+    shards = [{k: s[k] for k in SHARD_FIELDS} for s in sidecars]
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
@@ -68,7 +74,7 @@ def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list
         "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
         "vocab_file": {"path": VOCAB_FILE, "sha256": file_sha256(out / VOCAB_FILE)},
         **head_files(out, prep),
-        "quality": merged_quality(shards),  # measured against the live target during the build
+        "quality": merged_quality(sidecars),  # measured against the live target during the build
         "shards": shards,
         "totals": {
             "samples": sum(s["rows"] for s in shards),
@@ -81,7 +87,7 @@ def assemble_manifest(out: Path, prep: Prepared, shards: list[dict], ranks: list
         },
         "skipped": prep.skipped,
         "duplicate_ids": prep.duplicate_ids,  # kept: source_index is the stable key
-        "failed": [failure for shard in shards for failure in shard.get("failed", [])],  # e.g. non-finite outputs
+        "failed": [failure for shard in sidecars for failure in shard.get("failed", [])],  # e.g. non-finite outputs
         "build": {
             "batch_size": prep.cfg.batch_size,
             "max_tokens_per_batch": prep.cfg.token_budget,

@@ -77,6 +77,8 @@ def validate(cfg: BuildConfig) -> None:
 
         parse_bytes(cfg.max_memory_per_gpu)
     _at_least("--row-group-bytes", cfg.row_group_bytes, 1)
+    if cfg.row_group_bytes > 1 << 30:  # a column of one row group must stay under Arrow's 2 GiB offsets
+        raise ConfigError("--row-group-bytes", cfg.row_group_bytes, "at most 1 GiB (1073741824)")
     _at_least("--shuffle-seed", cfg.shuffle_seed, 0)
     if cfg.max_samples is not None:
         _at_least("--max-samples", cfg.max_samples, 1)

@@ -28,7 +28,7 @@ TORCH_DTYPES = {
     "int16": torch.int16, "int32": torch.int32, "uint8": torch.uint8,
 }
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-HEAD_ROWS = 256  # fixed chunk: a row's logits never depend on its chunk-mates
+HEAD_ROWS = 256  # fixed chunk: a row's logits never depend on its chunk-mates (= target.HEAD_CHUNK_ROWS)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ def encode_targets(layout: Layout, live: dict) -> dict[str, torch.Tensor]:
         out["target_probs"] = live["probs"].to(float_dtype)
     elif layout.target_format == "topk":
         values, ids = live["probs"].topk(min(layout.topk, layout.draft_vocab_size), dim=-1)
-        out["topk_logprobs"] = values.log().to(TORCH_DTYPES[layout.topk_value_dtype])
+        # An underflowed probability inside the top K would store -inf: floor it at the smallest normal.
+        out["topk_logprobs"] = values.clamp(min=torch.finfo(torch.float32).tiny).log().to(TORCH_DTYPES[layout.topk_value_dtype])
         out["topk_ids"] = ids.to(TORCH_DTYPES[layout.topk_id_dtype])
         out["log_draft_mass"] = live["log_draft_mass"].float()
     else:

@@ -120,6 +120,16 @@ def _status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def retry_after(err: BaseException) -> float | None:
+    """Seconds a 429/503 answer asked us to wait (Retry-After), capped at 15 minutes."""
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    try:
+        return min(float(value), 900.0) if value is not None else None
+    except ValueError:
+        return None
+
+
 def is_transient(err: BaseException) -> bool:
     """Worth retrying: the connection broke or timed out, or the server said "later" (408/429/5xx).
     The client wraps upload failures (RuntimeError from ...), so the cause chain is searched."""
@@ -183,7 +193,7 @@ class Retry:
             except Exception as err:  # noqa: BLE001 - classified right below
                 if not is_transient(err) or attempt == self.retries:
                     raise explain(err, what, repo_id) from err
-                wait = min(self.backoff * 2**attempt, 30.0)
+                wait = retry_after(err) or min(self.backoff * 2**attempt, 30.0)
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
                 time.sleep(wait)
 
@@ -337,17 +347,11 @@ class HubPusher:
         return {path[len(data):]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data):]}
 
     def upload_shards(self, shards: list[tuple[Path, str | None]]) -> None:
-        """One commit adding these shard files; `sha256` (from the manifest) spares re-reading them to hash."""
+        """One commit adding these shard files (the client hashes each file itself)."""
         from huggingface_hub import CommitOperationAdd
 
         def operations():  # fresh objects per attempt: the client mutates them
-            ops = []
-            for path, sha256 in shards:
-                op = CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path))
-                if sha256:
-                    op.upload_info.sha256 = bytes.fromhex(sha256)
-                ops.append(op)
-            return ops
+            return [CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path)) for path, _ in shards]
 
         names = [Path(p).name for p, _ in shards]
         message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
@@ -565,18 +569,38 @@ class ShardUploader:
         if self._error is not None:
             raise HubError(f"uploading shards to {self.pusher.target.repo_id} failed: {self._error}") from self._error
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the build learns of the failure at its next upload/finish
-            path, sha256 = item
+    def _next_batch(self) -> tuple[list, bool]:
+        """The next shard and whatever else is already queued (up to SHARDS_PER_COMMIT): one commit
+        for them all, since the Hub rate-limits commits per repo. Returns (items, stop)."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        items = [first]
+        while len(items) < SHARDS_PER_COMMIT:
             try:
-                if self.remote_shards().get(path.name) != sha256 or sha256 is None:
-                    self.pusher.upload_shards([(path, sha256)])
-                    self.uploaded.append(path.name)
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return items, True
+            items.append(item)
+        return items, False
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            items, stop = self._next_batch()
+            if self._error is not None or not items:
+                continue  # drain: the build learns of the failure at its next upload/finish
+            try:
+                missing = [(path, sha) for path, sha in items if sha is None or self.remote_shards().get(path.name) != sha]
+                if missing:
+                    self.pusher.upload_shards(missing)
+                    self.uploaded.extend(path.name for path, _ in missing)
                 with self._lock:
-                    self._remote[path.name] = sha256
+                    self._remote.update({path.name: sha for path, sha in items})
                 if self.delete_local:
-                    path.unlink(missing_ok=True)
+                    for path, _ in items:
+                        path.unlink(missing_ok=True)
             except BaseException as err:  # noqa: BLE001 - handed to the build thread
                 self._error = err

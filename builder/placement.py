@@ -55,23 +55,26 @@ class MemoryPlan:
     activations: int
     aux_capture: int
     head_chunks: int
+    outputs: int
     overhead: int
 
     @property
     def per_gpu(self) -> int:
         # Weights are split over the group; a batch's activations live on one GPU at a time.
-        return self.weights_per_gpu + self.activations + self.aux_capture + self.head_chunks + self.overhead
+        return self.weights_per_gpu + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
 
     def to_dict(self) -> dict:
         return asdict(self) | {"per_gpu": self.per_gpu}
 
     def describe(self) -> str:
         parts = [f"weights {self.weights_per_gpu / GiB:.1f}", f"activations {self.activations / GiB:.1f}",
-                 f"aux {self.aux_capture / GiB:.1f}", f"head {self.head_chunks / GiB:.1f}", f"overhead {self.overhead / GiB:.1f}"]
+                 f"aux {self.aux_capture / GiB:.1f}", f"head {self.head_chunks / GiB:.1f}", f"outputs {self.outputs / GiB:.1f}",
+                 f"overhead {self.overhead / GiB:.1f}"]
         return f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) ({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
 
 
-def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2) -> MemoryPlan:
+def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2,
+                draft_vocab_size: int | None = None) -> MemoryPlan:
     from .target import HEAD_CHUNK_ROWS, text_config
 
     cfg = text_config(config)
@@ -89,6 +92,8 @@ def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers
         activations=activations,
         aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes,
         head_chunks=head_rows * cfg.vocab_size * 4 * 2,
+        # A batch's supervision before the copy: fp32 probs per block, their concatenation, the cast.
+        outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
     )
 
@@ -104,7 +109,7 @@ def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
 
 def max_memory_map(gpus: list[int], per_gpu: int, plan: MemoryPlan) -> dict:
     """`max_memory` for `from_pretrained(device_map="auto")`: weights only, leaving room for the batch."""
-    room = plan.activations + plan.aux_capture + plan.head_chunks + plan.overhead
+    room = plan.activations + plan.aux_capture + plan.head_chunks + plan.outputs + plan.overhead
     return {gpu: max(per_gpu - room, 0) for gpu in gpus} | {"cpu": 0}
 
 

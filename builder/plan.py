@@ -59,7 +59,7 @@ def memory_estimate(prep) -> str:
     from .placement import plan_memory
 
     plan = plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
-                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2)
+                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2, draft_vocab_size=len(prep.selected_token_ids))
     return plan.describe()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
-from .errors import BadRowError, InputError
+from .errors import BadRowError, ConfigError, InputError
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
@@ -80,7 +80,27 @@ def prepare(cfg: BuildConfig) -> Prepared:
     counts = count_loss_tokens(samples, vocab_size)
     selected = select_draft_vocab(counts, cfg.draft_vocab_size, special_token_ids(tokenizer, vocab_size))
     identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
-    return Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity, duplicates)
+    prepared = Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity, duplicates)
+    check_row_sizes(prepared)
+    return prepared
+
+
+MAX_ROW_BYTES = 2**31 - 1  # one Parquet binary value (Arrow's int32 offsets)
+
+
+def check_row_sizes(prep: Prepared) -> None:
+    """Refuse, before any weights load, a sample whose row could not be written."""
+    per_token, per_loss = prep.layout.bytes_per_position()
+    tokens = np.asarray(prep.samples["num_tokens"], dtype=np.int64)
+    loss = np.asarray(prep.samples["num_loss_tokens"], dtype=np.int64)
+    sizes = tokens * per_token + loss * per_loss
+    if len(sizes) and sizes.max() > MAX_ROW_BYTES:
+        i = int(sizes.argmax())
+        raise ConfigError(
+            "--seq-length", prep.cfg.seq_length, "samples whose row stays under Parquet's 2 GiB per value",
+            f"A sample of {int(tokens[i])} tokens ({int(loss[i])} supervised) would take {sizes[i] / 2**30:.1f} GiB. "
+            "Lower --seq-length or --draft-vocab-size, or use --target-format topk or hidden.",
+        )
 
 
 def split_valid(tokenized: datasets.Dataset, strict: bool) -> tuple[datasets.Dataset, dict[str, int]]:

@@ -9,6 +9,7 @@ depend only on lengths and the recorded settings), so fp32 caches must match bit
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint
 from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import file_sha256
+
+log = logging.getLogger(__name__)
 
 
 def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None,
@@ -59,6 +62,9 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
         problems.append(f"{VOCAB_FILE}: missing")
     elif file_sha256(vocab) != manifest["vocab_file"]["sha256"]:
         problems.append(f"{VOCAB_FILE}: sha256 differs from the manifest")
+    head = manifest.get("lm_head_file")
+    if head is not None and (not (out / head["path"]).exists() or file_sha256(out / head["path"]) != head["sha256"]):
+        problems.append(f"{head['path']}: missing or its sha256 differs from the manifest (every hidden-format sample depends on it)")
     listed = {s["name"] for s in manifest["shards"]}
     for stray in sorted(p.name for p in (out / "data").glob("*.parquet") if p.name not in listed):
         problems.append(f"data/{stray}: a shard not in the manifest")
@@ -113,29 +119,50 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     from .target import Target, compute_device, load_model
 
     identity = manifest["identity"]
-    positions = [(s["name"], i) for s in manifest["shards"] for i in range(s["rows"])]
+    # A shard with failed (unstored) samples was batched with them: its batches cannot be rebuilt.
+    incomplete = {f.get("shard") for f in manifest.get("failed", [])}
+    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] not in incomplete for i in range(s["rows"])]
+    if incomplete:
+        log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
     device, dtype = compute_device()
     model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
-    decode = RowDecoder(manifest)
     problems = []
     try:
         for name in sorted({n for n, _ in chosen}):
-            rows = [decode(r) for r in pq.read_table(out / "data" / name).to_pylist()]
+            shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             for index in (i for n, i in chosen if n == name):
-                problems += [f"data/{name}/{rows[index]['sample_id']}: {p}" for p in compare_live(target, manifest, rows, index, selected)]
+                problems += [f"data/{name}/{shard.row(index)['sample_id']}: {p}" for p in compare_live(target, manifest, shard, index, selected)]
     finally:
         target.close()
     return problems
 
 
-def batch_of(manifest: dict, rows: list[dict], index: int) -> list[int]:
+class ShardRows:
+    """Random access to a shard's decoded rows, one row group in memory at a time: lengths and
+    loss masks (to rebuild batches) come from two small columns, whole rows only when needed."""
+
+    def __init__(self, path: Path, decode: RowDecoder):
+        self.file, self.decode = pq.ParquetFile(path), decode
+        small = self.file.read(columns=["num_tokens", "loss_mask"]).to_pylist()
+        self.lengths = [{"num_tokens": r["num_tokens"], "num_loss_tokens": sum(r["loss_mask"]), "position": i} for i, r in enumerate(small)]
+        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        self._group, self._rows = None, []
+
+    def row(self, index: int) -> dict:
+        group = max(g for g, start in enumerate(self.starts) if start <= index)
+        if group != self._group:
+            self._group, self._rows = group, self.file.read_row_group(group).to_pylist()
+        return self.decode(self._rows[index - self.starts[group]])
+
+
+def batch_of(manifest: dict, lengths: list[dict], index: int) -> list[int]:
     """Positions (in the shard) of the forward batch that produced row `index` at build time."""
     build = manifest["build"]
     per_token, per_loss = Layout(**manifest["layout"]).bytes_per_position()
-    lengths = [{"num_tokens": r["num_tokens"], "num_loss_tokens": int(r["loss_mask"].sum()), "position": i} for i, r in enumerate(rows)]
     for window in row_windows(lengths, per_token, per_loss, build["row_group_bytes"] * WINDOW_ROW_GROUPS):
         for batch in plan_batches([r["num_tokens"] for r in window], build["max_tokens_per_batch"], build["batch_size"]):
             members = [window[i]["position"] for i in batch]
@@ -144,19 +171,21 @@ def batch_of(manifest: dict, rows: list[dict], index: int) -> list[int]:
     raise AssertionError(f"row {index} is in no batch")
 
 
-def compare_live(target, manifest: dict, rows: list[dict], index: int, selected: torch.Tensor) -> list[str]:
+def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor) -> list[str]:
     """Re-encode the live outputs of the sample's batch exactly as the build did, and compare."""
     layout = Layout(**manifest["layout"])
-    members = batch_of(manifest, rows, index)
-    ids, attention, loss = pad_batch([rows[i]["input_ids"].tolist() for i in members], [rows[i]["loss_mask"].tolist() for i in members], manifest["build"].get("pad_token_id", 0))
+    members = batch_of(manifest, shard.lengths, index)
+    member_rows = [shard.row(i) for i in members]
+    ids, attention, loss = pad_batch([r["input_ids"].tolist() for r in member_rows], [r["loss_mask"].tolist() for r in member_rows], manifest["build"].get("pad_token_id", 0))
     dev = target.device
     live = target.supervise(ids.to(target.input_device), attention.to(target.input_device), loss.to(dev), selected)
     encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
     b = members.index(index)
-    before, n_loss, length = int(loss[:b].sum()), int(loss[b].sum()), rows[index]["num_tokens"]
+    row = member_rows[b]
+    before, n_loss, length = int(loss[:b].sum()), int(loss[b].sum()), row["num_tokens"]
     columns = layout.columns()
     live_row = {name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()}
-    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(rows[index], live_row)]
+    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
 
 
 def differences(stored: dict, live: dict):

@@ -173,7 +173,7 @@ class BackgroundWriter:
                     f"--strict: the target produced NaN/Inf for input row {sample['source_index']} (id {sample['sample_id']!r}); "
                     "check the model's dtype and weights, or run without --strict to record and skip such samples"
                 )
-            totals["failed"].append({"sample_id": sample["sample_id"], "source_index": sample["source_index"], "reason": "non_finite_output"})
+            totals["failed"].append({"sample_id": sample["sample_id"], "source_index": sample["source_index"], "shard": shard.path.name, "reason": "non_finite_output"})
             return
         totals["tokens"] += row["num_tokens"]
         totals["loss_tokens"] += len(argmax)

@@ -257,3 +257,16 @@ def test_dry_run_with_a_draft_vocab_reports_its_coverage(tmp_path, capsys):
     assert re.search(r"^  vocab +target 1,024, draft 100$", text, re.M)
     assert f"  draft-vocab coverage {coverage:.2%} of loss-masked tokens\n" in text
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+
+
+def test_rows_over_two_gib_are_refused_before_weights(tmp_path, monkeypatch):
+    """A 1024-token row with a full-vocabulary fp32 `probs` layout would be written fine; one whose
+    encoded size passes 2 GiB (forced here by a tiny limit) is refused with what to change."""
+    import builder.prepare as prepare_module
+    from builder.config import BuildConfig
+    from builder.prepare import prepare
+
+    monkeypatch.setattr(prepare_module, "MAX_ROW_BYTES", 100_000)
+    cfg = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), max_samples=20, seq_length=512)
+    with pytest.raises(ConfigError, match=r"--seq-length: expected samples whose row stays under Parquet's 2 GiB per value, got 512\. A sample of \d+ tokens \(\d+ supervised\) would take .*use --target-format topk or hidden"):
+        prepare(cfg)
