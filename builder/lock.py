@@ -1,12 +1,13 @@
-"""One writer per cache: a lock file naming its holder, taken over when the holder is dead.
+"""One writer per cache: an exclusive `flock` on `.eagle3_build/lock`, whose content names the holder.
 
-`O_CREAT | O_EXCL` creation is atomic on local filesystems and NFSv3+; a holder on the
-same host is checked by pid and process start time (pids are reused), a holder on another
-host cannot be checked, so it is reported and left to the user.
+The kernel drops the lock when its holder dies (even by SIGKILL), so a dead build's lock is
+taken over with no staleness guesswork and no race between two processes taking it over.
+The file is never deleted: unlinking a locked file lets a second process lock a new inode.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -22,59 +23,42 @@ class CacheLocked(Eagle3CacheError):
     pass
 
 
-def _start_time(pid: int) -> str | None:
-    """Process start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _me() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _start_time(os.getpid()), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-
-
-def _alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True  # cannot tell from here: assume it is working
-    return _start_time(holder["pid"]) == holder.get("start_time") is not None
+def holder_info() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class CacheLock:
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _alive(holder):
-                    raise CacheLocked(
-                        f"--output-dir: {self.path.parent.parent} is being written by pid {holder['pid']} on "
-                        f"{holder['host']} (since {holder.get('since')}); expected no other build on it. Wait for that "
-                        f"build, or, if it is gone, delete {self.path}."
-                    ) from None
-                self.path.unlink(missing_ok=True)  # a dead holder's lock: take it over
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(_me(), f)
-            return
-        raise CacheLocked(f"--output-dir: could not take {self.path}; another build is starting on it")
-
-    def _holder(self) -> dict | None:
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            return json.loads(self.path.read_text())
-        except OSError:
-            return None
-        except ValueError:  # empty: being written right now, or left half-written by a killed process
-            recent = time.time() - self.path.stat().st_mtime < 10
-            return {"pid": "?", "host": "?", "since": "just now"} if recent else None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self._holder()
+            raise CacheLocked(
+                f"--output-dir: {self.path.parent.parent} is being written by pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} (since {holder.get('since', '?')}); expected no other build on it. "
+                "Wait for that build to finish or stop it (its lock goes with it), then rerun with --resume."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder_info()).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
 
     def release(self) -> None:
-        holder = self._holder()
-        if holder is not None and holder.get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -20,7 +20,7 @@ from tiny_targets import make_tiny_target
 
 from builder.build import build
 from builder.errors import DiskFull, NonFiniteOutput
-from builder.lock import LOCK_FILE, CacheLocked, _me
+from builder.lock import LOCK_FILE, CacheLock, CacheLocked
 from builder.manifest import read_sidecar
 from builder.reader import read_manifest
 
@@ -144,29 +144,45 @@ def test_full_disk_gives_a_clear_error_and_resume_completes(tmp_path):
     assert_same_content(decoded_rows(reference.output_dir), decoded_rows(out))
 
 
+HOLD_LOCK = """
+import sys, time
+from builder.lock import CacheLock
+CacheLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "cache"
     build(small_config(out, max_samples=4), progress=False)
-    lock = out / LOCK_FILE
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        from builder.lock import _start_time
-
-        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "start_time": _start_time(holder.pid), "since": "now"}))
-        with pytest.raises(CacheLocked, match=rf"is being written by pid {holder.pid} on .*delete .*lock"):
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot_files(out)
+        with pytest.raises(CacheLocked, match=rf"is being written by pid {holder.pid} on .*Wait for that build"):
             build(small_config(out, max_samples=4, resume=True), progress=False)
-        assert lock.exists()
+        assert snapshot_files(out) == before  # nothing touched
     finally:
         holder.kill()
         holder.wait()
+    # its holder died (SIGKILL): the kernel released the lock, and the next build takes it
+    result = build(small_config(out, max_samples=4, resume=True), progress=False)
+    assert result.manifest is not None
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     out = tmp_path / "cache"
     build(small_config(out, max_samples=4), progress=False)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    assert dead.stdout.readline().strip() == "locked"
+    dead.send_signal(signal.SIGKILL)
     dead.wait()
-    stale = _me() | {"pid": dead.pid}
-    (out / LOCK_FILE).write_text(json.dumps(stale))
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == dead.pid  # its record is still there
     result = build(small_config(out, max_samples=4, resume=True), progress=False)
-    assert result.manifest is not None and not (out / LOCK_FILE).exists()
+    assert result.manifest is not None
+    CacheLock(out).acquire()  # released again after the build
+
+
+def snapshot_files(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
