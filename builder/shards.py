@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -50,16 +53,26 @@ class ShardInfo:
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through, so a shard is never re-read to checksum it."""
+    """A write-only file that hashes what passes through, so a shard is never re-read to checksum it.
+    sha256 is slower than a disk write: a helper thread hashes (hashlib releases the GIL) while the
+    writer goes on encoding and writing."""
 
     def __init__(self, path: Path):
         self._file = open(path, "wb")
         self._hash = hashlib.sha256()
+        self._chunks: queue.Queue = queue.Queue(maxsize=64)
+        self._hasher = threading.Thread(target=self._hash_chunks, name="eagle3-shard-hasher", daemon=True)
+        self._hasher.start()
         self.closed = False
 
+    def _hash_chunks(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._hash.update(chunk)
+
     def write(self, data) -> int:
-        self._hash.update(data)
-        return self._file.write(data)
+        written = self._file.write(data)
+        self._chunks.put(bytes(data))  # a copy: the caller may reuse its buffer
+        return written
 
     def tell(self) -> int:
         return self._file.tell()
@@ -72,12 +85,15 @@ class _HashingFile:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            self._chunks.put(None)
+            self._hasher.join()
             self.closed = True
 
     def discard(self) -> None:
         """Close without flushing: after a failed write (a full disk) the buffer cannot go anywhere."""
         if not self.closed:
             self.closed = True
+            self._chunks.put(None)
             try:
                 self._file.close()
             except OSError:
@@ -121,7 +137,8 @@ class ShardWriter:
 
     def _flush_row_group(self) -> None:
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            columns = [column_array([row[f.name] for row in self._rows], f.type) for f in self.schema]
+            self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
             self._rows, self._buffered_bytes = [], 0
 
     def close(self) -> ShardInfo:
@@ -142,6 +159,16 @@ class ShardWriter:
             pass
         self._sink.discard()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def column_array(values: list, arrow_type: pa.DataType) -> pa.Array:
+    """Binary values as one buffer + offsets (a single memcpy; `from_pylist` copies value by value
+    at a fraction of disk speed); other types through `pa.array`."""
+    if arrow_type != pa.binary():
+        return pa.array(values, type=arrow_type)
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
 
 
 def fsync_dir(path: Path) -> None:
