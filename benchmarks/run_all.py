@@ -18,7 +18,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-BENCHMARKS = ("tokenize_throughput", "cache_size", "peak_rss")
+BENCHMARKS = ("tokenize_throughput", "cache_size", "peak_rss", "build_overhead", "io_throughput", "scaling", "format_sizes")
+# Not here: hub_stream (run it on its own) and gpu_check.sh (needs an NVIDIA GPU).
 
 
 def run(name: str) -> float:
@@ -80,6 +81,42 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                 + (f"; identical runs differ by up to {r['build_peak_run_to_run_spread_percent']:.1f}%"
                    if r.get("build_peak_run_to_run_spread_percent") is not None else "")
             )
+        elif name == "build_overhead":
+            lines.append(f"build_overhead{took} (issue 4): build tokens/s / bare model() tokens/s, same batches, "
+                         f"{data.get('torch_threads', '?')} torch thread(s)")
+            for c in data["cases"]:
+                verdict = ""
+                if c["label"] == "big":
+                    verdict = f" (target >= {data['target_ratio_big']}: {'MET' if r.get('big_meets_0_90') else 'NOT MET'})"
+                diag = (f"; / Target.supervise {c['ratio_build_over_target_supervise']:.2f}"
+                        if "ratio_build_over_target_supervise" in c else "")
+                lines.append(
+                    f"  {c['label']:4s} {c['params']['total'] / 1e6:,.1f}M params: {c['ratio_build_over_bare_model']:.3f}{verdict}{diag}; "
+                    f"bare {c['bare_tokens_per_s']:,.0f} tok/s [CPU], FLOPs/byte {c['compute_per_byte']['flops_per_byte']:,.0f} "
+                    f"({c['compute_per_byte']['flops_per_byte'] / c['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x Llama-3.1-8B's)"
+                )
+        elif name == "io_throughput":
+            mb = data["mb_per_s"]
+            ok = lambda key: "MET" if r.get(key) else "NOT MET"  # noqa: E731
+            lines.append(f"io_throughput{took} (issue 4): {data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}")
+            lines.append(f"  writer / plain write+fsync: {r['writer_over_plain_write']:.3f} (target >= 0.7: {ok('writer_meets_0_7')}); "
+                         f"{mb['writer']:,.0f} vs {mb['plain_write']:,.0f} MB/s")
+            lines.append(f"  reader / plain read, cold: {r['reader_over_plain_read_cold']:.3f} (target >= 0.5: {ok('reader_cold_meets_0_5')}); "
+                         f"warm: {r['reader_over_plain_read_warm']:.3f} ({ok('reader_warm_meets_0_5')}); pyarrow's own read: "
+                         f"{r['pyarrow_read_over_plain_read_cold']:.2f} cold, {r['pyarrow_read_over_plain_read_warm']:.2f} warm")
+        elif name == "scaling":
+            best = data["best"]
+            lines.append(f"scaling{took} (issue 4): {data['cores']} cores, OMP_NUM_THREADS=1 per process")
+            for case, b in best.items():
+                if case == "one":
+                    continue
+                lines.append(f"  {case} processes vs one: wall {best['one']['wall_s']:.1f} -> {b['wall_s']:.1f} s "
+                             f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
+                             f"identical shards: {data['identical_shards']}")
+        elif name == "format_sizes":
+            lines.append(f"format_sizes{took} (issue 6): Llama-3.1-8B extrapolation, reference / cache per 2,048-token sample")
+            lines.append("  " + ", ".join(f"{p['target_format']}/{p['aux_dtype']} {p['ratio_reference_over_cache']:.1f}x "
+                                          f"({p['bytes_per_sample'] / 1e6:,.0f} MB)" for p in data["projections"]))
     if machine:
         lines.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu')}, torch {machine.get('torch')}")
     lines.append("ratios: one run, one machine; [CPU] figures only matter relative to each other")
