@@ -11,10 +11,13 @@ FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
 .PHONY: demo test bench clean
 
+# Last step: NeMo Automodel's chat dataset, which tests compare loss masks with (skipped without
+# it); --no-deps keeps its training stack out, and its dataset imports need pillow besides ours.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
+	$(PY) -m pip install -q $(FIND_LINKS) --no-deps nemo-automodel==0.7.0 pillow
 	touch $(STAMP)
 
 # The embedded tiny target over the 300 sample chats: 3 shards, a 256-token draft vocabulary.

@@ -34,6 +34,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, default=2048, help="right-truncate samples to this many tokens (default: 2048)")
     g.add_argument("--num-proc", type=int, default=1, help="processes for tokenization (default: 1)")
     g.add_argument("--strict", action="store_true", help="stop on the first invalid row instead of skipping and counting it")
+    g.add_argument("--mask-generation-prompt", action="store_true", help="leave out of the loss mask the tokens the chat template's generation prompt supplies to each assistant turn (role header, an empty <think></think>); NeMo Automodel's option of that name (default: supervised)")
+    g.add_argument("--mask-reasoning-content", action="store_true", help="leave the rendered reasoning_content of assistant turns out of the loss mask; NeMo Automodel's option of that name (default: supervised)")
     g = p.add_argument_group("cache")
     g.add_argument("--output-dir", default="eagle3-cache-out", help="cache directory (default: ./eagle3-cache-out)")
     g.add_argument("--draft-vocab-size", type=int, default=None, help="draft vocabulary size (default: the full target vocab)")
@@ -68,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         aux_dtype=args.aux_dtype, store_full_head=args.store_full_head,
         row_group_bytes=args.row_group_bytes, resume=args.resume, strict=args.strict, dry_run=args.dry_run,
         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template, num_proc=args.num_proc,
+        mask_generation_prompt=args.mask_generation_prompt, mask_reasoning_content=args.mask_reasoning_content,
         gpus_per_target=args.gpus_per_target, max_memory_per_gpu=args.max_memory_per_gpu, device_map=args.device_map,
         push_to_hub=args.push_to_hub, hub_config=args.hub_config, hub_branch=args.hub_branch, hub_tag=args.hub_tag,
         private=args.private, delete_local_after_upload=args.delete_local_after_upload,

@@ -41,6 +41,9 @@ class BuildConfig:
     dry_run: bool = False
     trust_remote_code: bool = False
     chat_template: str | None = None
+    # NeMo Automodel's loss-mask options (its defaults: both off, so both are supervised)
+    mask_generation_prompt: bool = False  # drop the tokens the generation prompt supplies (role header)
+    mask_reasoning_content: bool = False  # drop the rendered reasoning_content
     num_proc: int = 1
     gpus_per_target: int = 1
     max_memory_per_gpu: str | None = None

@@ -1,5 +1,13 @@
 """Normalise chat rows (ShareGPT or OpenAI) into OpenAI-style message lists.
 
+What reaches the chat template follows NeMo Automodel's chat dataset, so that a cache
+supervises what its trainer would: an OpenAI message keeps its other fields
+(`reasoning_content`, `tool_calls`, `tool_call_id`, `name`, ...), with tool calls in the
+shape templates expect; a ShareGPT turn gives its role and text only; the row's `tools`
+(a list, or that list as a JSON string) is passed alongside. A field whose value is null
+counts as absent: Arrow tables fill missing fields with nulls, and the same conversation
+must encode alike from JSON and from Parquet.
+
 Every way a row can be unusable is a `BadRow` with a short reason code; the build skips
 and counts those (or, with --strict, stops on the first one before any model loads).
 """
@@ -31,6 +39,7 @@ SKIP_REASONS = (
     "empty_conversation",
     "no_assistant_turn",
     "template_error",
+    "template_not_prefix_stable",
     "no_loss_tokens_after_truncation",
 )
 
@@ -58,8 +67,9 @@ def parse_raw_row(raw: bytes) -> dict:
     return row
 
 
-def normalize_row(row: dict) -> list[dict[str, str]]:
-    """Return `[{"role", "content"}]` with string content, or raise BadRow."""
+def normalize_row(row: dict) -> list[dict[str, Any]]:
+    """Return OpenAI-style messages (role, string content, and an OpenAI message's other
+    fields), or raise BadRow."""
     if row.get("conversations") is not None:
         turns, role_key, text_key = row["conversations"], "from", "value"
     elif row.get("messages") is not None:
@@ -70,18 +80,47 @@ def normalize_row(row: dict) -> list[dict[str, str]]:
         raise BadRow("wrong_type", f"expected a list of turns, found {type(turns).__name__}")
     if not turns:
         raise BadRow("empty_conversation", "the conversation has no turns")
-    messages = [_normalize_turn(turn, role_key, text_key, i) for i, turn in enumerate(turns)]
-    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    openai = role_key == "role"
+    messages = [_normalize_turn(turn, role_key, text_key, i, openai) for i, turn in enumerate(turns)]
+    assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("no_assistant_turn", "no assistant turn to supervise")
     # Empty or None content is an empty message (OpenAI tool-call turns have none), but a row
-    # whose every assistant turn is empty would only supervise the template's end-of-turn tokens.
-    if not any(text.strip() for text in assistant):
+    # whose every assistant turn has neither text, reasoning nor tool calls would only
+    # supervise the template's end-of-turn tokens.
+    if not any(_has_output(m) for m in assistant):
         raise BadRow("no_assistant_turn", f"all {len(assistant)} assistant turns are empty; no assistant text to supervise")
     return messages
 
 
-def _normalize_turn(turn: Any, role_key: str, text_key: str, index: int) -> dict[str, str]:
+def row_tools(row: dict) -> list[dict] | None:
+    """The row's tool definitions for the template: a list of objects, or that list as a
+    JSON string (how JSONL and Parquet datasets usually store them); none or empty is None."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise BadRow("wrong_type", f"'tools' is a string but not valid JSON ({err.msg} at char {err.pos})") from None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise BadRow("wrong_type", f"'tools' must be a list of tool definitions (objects), found {_describe(tools)}")
+    return tools or None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a list of {', '.join(kinds)}"
+    return type(value).__name__
+
+
+def _has_output(message: dict) -> bool:
+    return bool(message["content"].strip() or message.get("reasoning_content") or message.get("tool_calls"))
+
+
+def _normalize_turn(turn: Any, role_key: str, text_key: str, index: int, openai: bool) -> dict[str, Any]:
     if not isinstance(turn, dict):
         raise BadRow("wrong_type", f"turn {index}: expected an object, found {type(turn).__name__}")
     speaker = turn.get(role_key)
@@ -90,7 +129,48 @@ def _normalize_turn(turn: Any, role_key: str, text_key: str, index: int) -> dict
     role = ROLE_ALIASES.get(speaker.strip().lower())
     if role is None:
         raise BadRow("unknown_role", f"turn {index}: unknown role {speaker!r}")
-    return {"role": role, "content": _content_text(turn.get(text_key), index)}
+    message = {"role": role, "content": _content_text(turn.get(text_key), index)}
+    if openai:
+        extra = {k: v for k, v in turn.items() if k not in (role_key, text_key) and v is not None}
+        if role == "assistant":
+            if "reasoning_content" in extra and not isinstance(extra["reasoning_content"], str):
+                found = type(extra["reasoning_content"]).__name__
+                raise BadRow("wrong_type", f"turn {index}: 'reasoning_content' must be a string, found {found}")
+            if "tool_calls" in extra:
+                extra["tool_calls"] = _normalize_tool_calls(extra["tool_calls"], index)
+        message.update(extra)
+    return message
+
+
+def _normalize_tool_calls(calls: Any, index: int) -> list[dict]:
+    """OpenAI tool calls in the shape chat templates read: each has an `id` (default
+    `call_<n>`), a `type` (default `function`) and a `function` with a name and its
+    `arguments` as a JSON string (an object is serialised, as NeMo Automodel does)."""
+    where = f"turn {index}: tool_calls"
+    if not isinstance(calls, list):
+        raise BadRow("wrong_type", f"{where} must be a list, found {type(calls).__name__}")
+    normalized = []
+    for n, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise BadRow("wrong_type", f"{where}[{n}] must be an object, found {type(call).__name__}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise BadRow("wrong_type", f"{where}[{n}].function must be an object with 'name' and 'arguments', found {function!r}")
+        name, arguments = function.get("name"), function.get("arguments")
+        if not isinstance(name, str) or not name:
+            raise BadRow("wrong_type", f"{where}[{n}].function.name must be a non-empty string, found {name!r}")
+        if arguments is None:
+            raise BadRow("wrong_type", f"{where}[{n}].function.arguments is missing; expected a JSON string or object")
+        call_id, kind = call.get("id"), call.get("type")
+        call_id = f"call_{n}" if call_id in (None, "") else call_id
+        kind = "function" if kind in (None, "") else kind
+        for field, value in (("id", call_id), ("type", kind)):
+            if not isinstance(value, str):
+                raise BadRow("wrong_type", f"{where}[{n}].{field} must be a string, found {type(value).__name__}")
+        if not isinstance(arguments, str):
+            function = {**function, "arguments": json.dumps(arguments)}
+        normalized.append({**call, "id": call_id, "type": kind, "function": function})
+    return normalized
 
 
 def _content_text(content: Any, index: int) -> str:

@@ -72,7 +72,8 @@ def prepare(cfg: BuildConfig) -> Prepared:
 
     rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
     rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
-    tokenized = tokenize_rows(rows, source_indices, tokenizer, template, cfg.seq_length, cfg.num_proc)
+    tokenized = tokenize_rows(rows, source_indices, tokenizer, template, cfg.seq_length, cfg.num_proc,
+                              mask_generation_prompt=cfg.mask_generation_prompt, mask_reasoning_content=cfg.mask_reasoning_content)
     samples, skipped = split_valid(tokenized, cfg.strict)
     duplicates = count_duplicate_ids(samples)
 
@@ -165,6 +166,12 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
             "max_samples": cfg.max_samples,
         },
         "seq_length": cfg.seq_length,
+        # NeMo Automodel's loss-mask options, as its trainer checks them against its own settings.
+        # Recorded as given: NeMo applies both after either way of finding assistant tokens, so with
+        # {% generation %} blocks they are applied too (and change nothing where the blocks already
+        # leave the header or the reasoning out).
+        "mask_generation_prompt": bool(cfg.mask_generation_prompt),
+        "mask_reasoning_content": bool(cfg.mask_reasoning_content),
         "aux_layer_ids": list(aux_layer_ids),
         "aux_convention": AUX_CONVENTION,
         "draft_vocab_size": int(len(selected)),

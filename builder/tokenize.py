@@ -1,10 +1,21 @@
 """Conversations -> (input_ids, loss_mask), per DESIGN §2, and the cached `datasets.map` over them.
 
-Two ways to find assistant tokens, giving the same mask for the same template:
-- the template's `{% generation %}` blocks (`return_assistant_tokens_mask`);
-- otherwise, the character span each assistant turn adds to the rendering, found by
-  rendering `messages[:i]` (with the generation prompt) and `messages[:i+1]`.
-A token is masked when it overlaps an assistant span, as transformers does.
+The mask follows NeMo Automodel's chat formatting, so a cache supervises exactly what its
+trainer would. Assistant tokens come from
+- the template's `{% generation %}` blocks (`return_assistant_tokens_mask`), or
+- for a template without them, token prefix lengths: turn `i` spans the tokens between
+  the renderings of `messages[:i]` and `messages[:i+1]`, so it includes the role header
+  and whatever else the template writes for the turn (its end-of-turn tokens too).
+
+Two options then take tokens out, whichever way the turns were found:
+- `mask_generation_prompt`: the tokens the generation prompt supplies at the start of a
+  turn (role header, an empty `<think></think>`), found by rendering `messages[:i]` with
+  and without `add_generation_prompt`; in both thinking modes when the template reads
+  `enable_thinking`;
+- `mask_reasoning_content`: the tokens that differ when a turn's `reasoning_content` is
+  cleared.
+Right truncation keeps the first `seq_length` tokens and their mask, as NeMo's truncated
+renderings do.
 """
 
 from __future__ import annotations
@@ -16,8 +27,8 @@ import re
 import datasets
 import numpy as np
 
-from .conversations import BadRow, normalize_row, parse_raw_row
-from .errors import Eagle3CacheError, InputError
+from .conversations import BadRow, normalize_row, parse_raw_row, row_tools
+from .errors import InputError
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 # Bump when the tokenization or masking code changes, so stale map caches are not reused.
@@ -32,22 +43,33 @@ def _code_hash() -> str:
 TOKENIZE_CODE_VERSION = _code_hash()
 
 
-class TemplateNotPrefixStable(Eagle3CacheError, ValueError):
-    pass
-
-
 def has_generation_blocks(template: str) -> bool:
     return bool(GENERATION_BLOCK.search(template))
 
 
-def encode_messages(messages, tokenizer, template: str, seq_length: int) -> tuple[list[int], list[int]]:
+def encode_messages(
+    messages,
+    tokenizer,
+    template: str,
+    seq_length: int,
+    *,
+    tools: list[dict] | None = None,
+    mask_generation_prompt: bool = False,
+    mask_reasoning_content: bool = False,
+) -> tuple[list[int], list[int]]:
     """Token ids and unshifted loss mask, right-truncated to `seq_length`; raises BadRow."""
+    chat = _Chat(tokenizer, template, tools)
     try:
         if has_generation_blocks(template):
-            ids, mask = _encode_with_generation_blocks(messages, tokenizer, template)
+            ids, mask = _encode_with_generation_blocks(messages, chat)
         else:
-            ids, mask = _encode_with_prefix_spans(messages, tokenizer, template)
-    except (BadRow, TemplateNotPrefixStable):
+            ids = chat.ids(messages)
+            mask = _prefix_span_mask(messages, chat, ids, seq_length)
+        if mask_generation_prompt:
+            mask = _without(mask, _generation_prompt_positions(messages, chat, ids, seq_length))
+        if mask_reasoning_content:
+            mask = _without(mask, _reasoning_positions(messages, chat, ids, seq_length))
+    except BadRow:
         raise
     except Exception as err:  # a user template may raise anything (jinja, raise_exception, ...)
         raise BadRow("template_error", f"{type(err).__name__}: {' '.join(str(err).split())}") from None
@@ -57,50 +79,138 @@ def encode_messages(messages, tokenizer, template: str, seq_length: int) -> tupl
     return ids, mask
 
 
-def _encode_with_generation_blocks(messages, tokenizer, template):
-    out = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+class _Chat:
+    """One conversation's renderings with one template and tool list, as token ids; plain
+    renderings of its prefixes are kept, since several masks ask for the same ones."""
+
+    def __init__(self, tokenizer, template: str, tools: list[dict] | None):
+        self.tokenizer, self.template, self.tools = tokenizer, template, tools
+        self.eos_token_id = tokenizer.eos_token_id
+        self._prefixes: dict[int, list[int]] = {}
+
+    def ids(self, messages, **template_kwargs) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tools=self.tools, tokenize=False, **template_kwargs
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix(self, messages, k: int) -> list[int]:
+        if k not in self._prefixes:
+            self._prefixes[k] = self.ids(messages[:k])
+        return self._prefixes[k]
+
+    def starts(self, prefix: list[int], whole: list[int]) -> bool:
+        """Whether `prefix` renders the start of `whole`. As in NeMo Automodel, a last token
+        that is the EOS may differ: some templates end a conversation, not a turn, with it."""
+        if len(prefix) > len(whole):
+            return False
+        if prefix == whole[: len(prefix)]:
+            return True
+        return len(prefix) > 1 and prefix[-1] == self.eos_token_id and prefix[:-1] == whole[: len(prefix) - 1]
+
+
+def _encode_with_generation_blocks(messages, chat):
+    out = chat.tokenizer.apply_chat_template(
+        messages, chat_template=chat.template, tools=chat.tools, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
     )
     return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
 
 
-def _encode_with_prefix_spans(messages, tokenizer, template):
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    spans = list(_assistant_spans(messages, tokenizer, template, text))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(start < span_end and end > span_start for span_start, span_end in spans)) for start, end in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
+def _prefix_span_mask(messages, chat, ids, seq_length):
+    """Each assistant turn's tokens, header included, from prefix lengths. The prefixes are
+    checked within the first `seq_length` tokens (what NeMo's truncated renderings see);
+    a template that rewrites earlier turns as later ones arrive fails the check."""
+    window = ids[:seq_length]
+
+    def boundary(k: int) -> int:
+        if k == len(messages):
+            return len(ids)
+        prefix = chat.prefix(messages, k)
+        if not chat.starts(prefix[:seq_length], window):
+            raise BadRow(
+                "template_not_prefix_stable",
+                f"the chat template does not render messages[:{k}] as a prefix of the whole conversation "
+                "(it rewrites earlier turns as later ones arrive), so assistant tokens cannot be located; "
+                "pass --chat-template with a template that has {% generation %} blocks around assistant content",
+            )
+        return len(prefix)
+
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            for t in range(boundary(i), min(boundary(i + 1), len(ids))):
+                mask[t] = 1
+    return mask
 
 
-def _assistant_spans(messages, tokenizer, template, full_text):
-    def render(prefix, add_generation_prompt):
-        return tokenizer.apply_chat_template(
-            prefix, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+def _window_of_extra_renderings(ids, seq_length):
+    """How NeMo reads the extra renderings of the two options: whole when the conversation
+    reaches `seq_length` (it then compares against the untruncated rendering), cut to
+    `seq_length` otherwise."""
+    return (lambda other: other) if len(ids) >= seq_length else (lambda other: other[:seq_length])
 
+
+def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
+    """Tokens that open an assistant turn exactly as the generation prompt would: the prompt
+    must append a block to the unchanged rendering of `messages[:i]`, and the turn must start
+    with that whole block; otherwise (or when `messages[:i]` is not a prefix) nothing of the
+    turn is taken out, since a partial match cannot tell template tokens from the message."""
+    cut = _window_of_extra_renderings(ids, seq_length)
+    modes = [{"enable_thinking": True}, {"enable_thinking": False}] if "enable_thinking" in chat.template else [{}]
+    positions: set[int] = set()
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(messages[:i], add_generation_prompt=True)
-        if not full_text.startswith(before):
-            before = render(messages[:i], add_generation_prompt=False)  # templates without a header prompt
-        upto = render(messages[: i + 1], add_generation_prompt=False)
-        if not (full_text.startswith(before) and full_text.startswith(upto)):
-            raise TemplateNotPrefixStable(
-                f"the chat template does not render messages[:{i}] as a prefix of the whole conversation, "
-                "so assistant tokens cannot be located; pass --chat-template with a template that has "
-                "{% generation %} blocks around assistant content"
-            )
-        yield len(before), _turn_end(upto, len(before), message["content"])
+        try:
+            base = cut(chat.prefix(messages, i))
+            if not chat.starts(base, ids):
+                continue
+            prompts = [cut(chat.ids(messages[:i], add_generation_prompt=True, **mode)) for mode in modes]
+        except Exception:
+            if i:
+                raise
+            continue  # a leading assistant turn: an empty conversation may not render at all
+        turn = ids[len(base) :]
+        length = max(_appended_block_length(chat, base, prompt, turn) for prompt in prompts)
+        positions.update(range(len(base), len(base) + length))
+    return positions
 
 
-def _turn_end(upto: str, start: int, content: str) -> int:
-    """Where a turn's span ends: whitespace the template adds after the turn (the newline
-    before the next header) is not the assistant's, as generation blocks agree; the
-    content's own trailing whitespace is."""
-    end = len(upto.rstrip())
-    at = upto.find(content, start) if content else -1
-    return max(start, end, at + len(content) if at >= 0 else 0)
+def _appended_block_length(chat, base, prompt, turn) -> int:
+    if not chat.starts(base, prompt):
+        return 0
+    block = prompt[len(base) :]
+    return len(block) if block and turn[: len(block)] == block else 0
+
+
+def _reasoning_positions(messages, chat, ids, seq_length) -> set[int]:
+    """For each assistant turn with reasoning, the tokens between the longest common prefix
+    and suffix of the rendering and the rendering with that turn's reasoning cleared."""
+    cut = _window_of_extra_renderings(ids, seq_length)
+    positions: set[int] = set()
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or not message.get("reasoning_content"):
+            continue
+        cleared = cut(chat.ids([*messages[:i], {**message, "reasoning_content": ""}, *messages[i + 1 :]]))
+        start = _common_prefix_length(ids, cleared)
+        limit = min(len(ids), len(cleared)) - start
+        suffix = _common_prefix_length(ids[::-1][:limit], cleared[::-1][:limit])
+        positions.update(range(start, len(ids) - suffix))
+    return positions
+
+
+def _common_prefix_length(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _without(mask: list[int], positions: set[int]) -> list[int]:
+    return [0 if t in positions else m for t, m in enumerate(mask)]
 
 
 def template_of(tokenizer, override: str | None) -> str:
@@ -141,7 +251,7 @@ def tokenizer_hash(tokenizer, template: str) -> str:
 # ---- the datasets.map over selected rows -------------------------------------------------
 
 
-def _tokenize_batch(batch, indices, *, tokenizer, template, seq_length, source_indices):
+def _tokenize_batch(batch, indices, *, tokenizer, template, seq_length, source_indices, mask_options):
     columns = list(batch)
     out = {k: [] for k in ("sample_id", "source_index", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "skip_reason", "skip_detail")}
     for j, position in enumerate(indices):
@@ -150,7 +260,8 @@ def _tokenize_batch(batch, indices, *, tokenizer, template, seq_length, source_i
         ids, mask, reason, detail, parsed = [], [], "", "", None
         try:
             parsed = parse_raw_row(row["raw"]) if columns == ["raw"] else row
-            ids, mask = encode_messages(normalize_row(parsed), tokenizer, template, seq_length)
+            messages, tools = normalize_row(parsed), row_tools(parsed)
+            ids, mask = encode_messages(messages, tokenizer, template, seq_length, tools=tools, **mask_options)
         except BadRow as bad:
             reason, detail = bad.reason, bad.detail
         row_id = parsed.get("id") if isinstance(parsed, dict) else None  # bad rows keep their id too
@@ -179,16 +290,28 @@ TOKENIZED_FEATURES = datasets.Features(
 )
 
 
-def tokenize_rows(rows: datasets.Dataset, source_indices: np.ndarray, tokenizer, template: str, seq_length: int, num_proc: int) -> datasets.Dataset:
+def tokenize_rows(
+    rows: datasets.Dataset,
+    source_indices: np.ndarray,
+    tokenizer,
+    template: str,
+    seq_length: int,
+    num_proc: int,
+    *,
+    mask_generation_prompt: bool = False,
+    mask_reasoning_content: bool = False,
+) -> datasets.Dataset:
     """Tokenize every selected row (bad rows keep a reason); cached by an explicit fingerprint.
 
-    The fingerprint names what shapes the output (rows, tokenizer, template, length, code),
-    so a rerun with the same inputs reuses the cache whatever `datasets` thinks of hashing
-    a tokenizer object.
+    The fingerprint names what shapes the output (rows, tokenizer, template, length, mask
+    options, code), so a rerun with the same inputs reuses the cache whatever `datasets`
+    thinks of hashing a tokenizer object.
     """
+    mask_options = dict(mask_generation_prompt=mask_generation_prompt, mask_reasoning_content=mask_reasoning_content)
     fingerprint = hashlib.sha256(
         "|".join(
-            [rows._fingerprint, tokenizer_hash(tokenizer, template), str(seq_length), TOKENIZE_CODE_VERSION]
+            [rows._fingerprint, tokenizer_hash(tokenizer, template), str(seq_length), json.dumps(mask_options, sort_keys=True),
+             TOKENIZE_CODE_VERSION]
         ).encode()
     ).hexdigest()[:32]
     return rows.map(
@@ -200,6 +323,7 @@ def tokenize_rows(rows: datasets.Dataset, source_indices: np.ndarray, tokenizer,
         features=TOKENIZED_FEATURES,
         num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
         new_fingerprint=fingerprint,
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, seq_length=seq_length, source_indices=source_indices),
+        fn_kwargs=dict(tokenizer=tokenizer, template=template, seq_length=seq_length, source_indices=source_indices,
+                       mask_options=mask_options),
         desc="Tokenizing",
     )

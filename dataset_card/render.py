@@ -126,6 +126,9 @@ def render_card(
         draft_vocab_size=identity["draft_vocab_size"],
         target_format=identity["target_format"],
         dtype=identity["dtype"],
+        # caches built before these options existed were built with both off
+        mask_generation_prompt=identity.get("mask_generation_prompt", False),
+        mask_reasoning_content=identity.get("mask_reasoning_content", False),
         location=location,
         load_args=load_arguments(location, config, revision),
         datasets_args=_datasets_arguments(location, config, revision),

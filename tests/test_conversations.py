@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from builder.conversations import ROLE_ALIASES, SKIP_REASONS, BadRow, normalize_row, parse_raw_row
+from builder.conversations import ROLE_ALIASES, SKIP_REASONS, BadRow, normalize_row, parse_raw_row, row_tools
 
 
 def sharegpt(*turns):
@@ -90,9 +90,75 @@ def test_openai_missing_content_is_empty_string():
     assert normalize_row(row)[1] == {"role": "assistant", "content": ""}
 
 
-def test_extra_fields_are_ignored():
-    row = {"id": "x", "source": "web", "messages": [{"role": "user", "content": "a", "name": "bob"}, {"role": "assistant", "content": "b"}]}
+def test_openai_message_fields_reach_the_template():
+    # As NeMo Automodel passes them: every field of an OpenAI message; a null one counts as absent.
+    row = {"id": "x", "source": "web", "messages": [
+        {"role": "user", "content": "a", "name": "bob", "weight": None},
+        {"role": "assistant", "content": "b", "reasoning_content": "think", "tool_calls": None},
+        {"role": "tool", "content": "42", "tool_call_id": "call_0", "name": "calc"},
+    ]}
+    assert normalize_row(row) == [
+        {"role": "user", "content": "a", "name": "bob"},
+        {"role": "assistant", "content": "b", "reasoning_content": "think"},
+        {"role": "tool", "content": "42", "tool_call_id": "call_0", "name": "calc"},
+    ]
+
+
+def test_sharegpt_turns_give_role_and_text_only():
+    # As NeMo Automodel converts them: other fields of a ShareGPT turn are not read.
+    row = {"conversations": [{"from": "human", "value": "a", "name": "bob"}, {"from": "gpt", "value": "b", "reasoning_content": "x"}]}
     assert normalize_row(row) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+def test_tool_calls_take_the_shape_templates_read():
+    calls = [
+        {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}},  # no id, no type, arguments an object
+        {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}, "index": 1},
+    ]
+    row = {"messages": [{"role": "user", "content": "1+2, and the time?"}, {"role": "assistant", "content": None, "tool_calls": calls}]}
+    assert normalize_row(row)[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+        {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}, "index": 1},
+    ]}
+    assert calls[0] == {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}  # the row is not modified
+
+
+def test_a_turn_with_only_tool_calls_or_reasoning_is_supervisable():
+    call = {"function": {"name": "f", "arguments": "{}"}}
+    for assistant in ({"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "assistant", "content": "", "reasoning_content": "hmm"}):
+        row = {"messages": [{"role": "user", "content": "q"}, assistant]}
+        assert normalize_row(row)[1]["content"] == ""
+    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [], "reasoning_content": ""}]}
+    with pytest.raises(BadRow, match="^no_assistant_turn: all 1 assistant turns are empty"):
+        normalize_row(empty)
+
+
+@pytest.mark.parametrize(
+    "tools, expected",
+    [
+        (None, None),
+        ([], None),
+        ("[]", None),
+        ([{"type": "function", "function": {"name": "f"}}], [{"type": "function", "function": {"name": "f"}}]),
+        ('[{"type": "function", "function": {"name": "f"}}]', [{"type": "function", "function": {"name": "f"}}]),
+    ],
+)
+def test_row_tools(tools, expected):
+    assert row_tools({"messages": [], "tools": tools}) == expected
+
+
+@pytest.mark.parametrize(
+    "tools, detail",
+    [
+        ("[{", r"'tools' is a string but not valid JSON \(Expecting"),
+        ({"name": "f"}, "'tools' must be a list of tool definitions .objects., found dict"),
+        (["f", {"name": "g"}], "'tools' must be a list of tool definitions .objects., found a list of dict, str"),
+    ],
+)
+def test_bad_tools(tools, detail):
+    with pytest.raises(BadRow, match=f"^wrong_type: {detail}") as info:
+        row_tools({"tools": tools})
+    assert info.value.reason == "wrong_type"
 
 
 def test_sharegpt_key_wins_when_messages_is_null():
@@ -152,6 +218,33 @@ BAD_ROWS = [
     ({"conversations": []}, "empty_conversation", "the conversation has no turns"),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "no_assistant_turn", "no assistant turn to supervise"),
     ({"conversations": [{"from": "human", "value": "q"}]}, "no_assistant_turn", "no assistant turn"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": ["x"]}]},
+        "wrong_type",
+        "turn 1: 'reasoning_content' must be a string, found list",
+    ),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": {"name": "f"}}]}, "wrong_type", "turn 0: tool_calls must be a list, found dict"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": ["f"]}]}, "wrong_type", r"turn 0: tool_calls\[0\] must be an object, found str"),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
+        "wrong_type",
+        r"turn 0: tool_calls\[0\].function must be an object with 'name' and 'arguments', found None",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "", "arguments": "{}"}}]}]},
+        "wrong_type",
+        r"turn 0: tool_calls\[0\].function.name must be a non-empty string, found ''",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}]},
+        "wrong_type",
+        r"turn 0: tool_calls\[0\].function.arguments is missing; expected a JSON string or object",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": 3, "function": {"name": "f", "arguments": "{}"}}]}]},
+        "wrong_type",
+        r"turn 0: tool_calls\[0\].id must be a string, found int",
+    ),
 ]
 
 
@@ -164,8 +257,8 @@ def test_bad_row_reason(row, reason, detail):
 
 def test_bad_rows_cover_every_reason_raised_before_tokenizing():
     raised = {reason for _, reason, _ in BAD_ROWS} | {"unparseable_json"}
-    # The last two reasons come from tokenizing (tests/test_tokenize.py).
-    assert raised == set(SKIP_REASONS) - {"template_error", "no_loss_tokens_after_truncation"}
+    # The other reasons come from tokenizing (tests/test_tokenize.py).
+    assert raised == set(SKIP_REASONS) - {"template_error", "template_not_prefix_stable", "no_loss_tokens_after_truncation"}
 
 
 def test_unknown_reason_is_a_programming_error():

@@ -218,11 +218,12 @@ def test_invalid_json_array(tmp_path):
 
 # ---- bad rows through prepare() with the embedded target ---------------------------------
 
-# Raises on any message that asks for it; generation blocks as in the embedded template.
+# Raises on any message that asks for it, and drops a DRAFT assistant turn once another
+# message follows it (so that row is not prefix-stable); no generation blocks.
 RAISING_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('forbidden word') }}{% endif %}"
-    "{% if m['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ m['content'] ~ '<|end|>' }}{% endgeneration %}\n"
+    "{% if m['role'] == 'assistant' %}{% if loop.last or 'DRAFT' not in m['content'] %}<|assistant|>\n{{ m['content'] ~ '<|end|>' }}\n{% endif %}"
     "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -236,6 +237,8 @@ BAD_LINES = {
     "empty_conversation": b'{"id": "bad-empty", "messages": []}',
     "no_assistant_turn": b'{"id": "bad-noassistant", "messages": [{"role": "user", "content": "q"}]}',
     "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, {"role": "assistant", "content": "no"}]}',
+    "template_not_prefix_stable": b'{"id": "bad-prefix", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "DRAFT a"}, '
+    b'{"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]}',
     "no_loss_tokens_after_truncation": json.dumps(
         {"id": "bad-long", "messages": [{"role": "user", "content": "very long question " * 40}, {"role": "assistant", "content": "ok"}]}
     ).encode(),

@@ -1,5 +1,6 @@
 """Tokenization and loss mask (DESIGN §2): generation blocks vs prefix spans, truncation,
-template failures, and the cached `datasets.map`."""
+template failures, and the cached `datasets.map`. (The two mask options on other template
+styles, and the comparison with NeMo Automodel: tests/test_masks.py.)"""
 
 import json
 
@@ -9,7 +10,7 @@ import builder.tokenize as tokenize_mod
 from builder.conversations import BadRow, normalize_row
 from builder.embedded import EMBEDDED_INPUTS, NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
 from builder.inputs import load_rows, select_rows
-from builder.tokenize import TemplateNotPrefixStable, encode_messages, has_generation_blocks, template_of, tokenize_rows
+from builder.tokenize import encode_messages, has_generation_blocks, template_of, tokenize_rows
 from tiny_targets import tiny_tokenizer
 
 WITH_GEN = WITH_GENERATION_TEMPLATE.read_text()
@@ -36,11 +37,21 @@ NO_SYSTEM = [
 ]
 CHATS = {"system_multi_turn": SYSTEM_MULTI_TURN, "with_tool": WITH_TOOL, "no_system": NO_SYSTEM}
 
-# Hand-written: what the loss mask must select, one string per contiguous masked run.
-EXPECTED_MASKED = {
-    "system_multi_turn": ["42.<|end|>", "49, one more seven.<|end|>"],
-    "with_tool": ["Let me check the weather.<|end|>", "Yes, it is raining in Oslo.<|end|>"],
-    "no_system": ["Hi!<|end|>"],
+# Hand-written: the assistant texts; the loss mask selects, per contiguous masked run,
+ASSISTANT_TEXTS = {
+    "system_multi_turn": ["42.", "49, one more seven."],
+    "with_tool": ["Let me check the weather.", "Yes, it is raining in Oslo."],
+    "no_system": ["Hi!"],
+}
+# - with generation blocks: the text and <|end|> (what the block wraps);
+# - with prefix spans (NeMo Automodel's default): all the template writes for the turn, the
+#   <|assistant|> header the generation prompt supplies and the newline after <|end|> too;
+# - with prefix spans and --mask-generation-prompt: all that but the header.
+EXPECTED_RUNS = {
+    ("generation_blocks", False): lambda text: f"{text}<|end|>",
+    ("generation_blocks", True): lambda text: f"{text}<|end|>",
+    ("prefix_spans", False): lambda text: f"<|assistant|>\n{text}<|end|>\n",
+    ("prefix_spans", True): lambda text: f"{text}<|end|>\n",
 }
 
 
@@ -69,57 +80,64 @@ def test_the_two_templates_take_the_two_paths(tok):
     assert has_generation_blocks(tok.chat_template)  # the embedded target's own template
 
 
+@pytest.mark.parametrize("mask_generation_prompt", [False, True])
 @pytest.mark.parametrize("name", sorted(CHATS))
 @pytest.mark.parametrize("path", sorted(TEMPLATES))
-def test_masked_tokens_are_exactly_the_assistant_turns(tok, name, path):
-    ids, mask = encode_messages(CHATS[name], tok, TEMPLATES[path], 4096)
-    assert masked_runs(tok, ids, mask) == EXPECTED_MASKED[name]
+def test_masked_tokens_are_exactly_the_assistant_turns(tok, name, path, mask_generation_prompt):
+    ids, mask = encode_messages(CHATS[name], tok, TEMPLATES[path], 4096, mask_generation_prompt=mask_generation_prompt)
+    assert masked_runs(tok, ids, mask) == [EXPECTED_RUNS[path, mask_generation_prompt](t) for t in ASSISTANT_TEXTS[name]]
     assert tok.decode(ids) == tok.apply_chat_template(CHATS[name], chat_template=WITH_GEN, tokenize=False)
     assert ids[0] == tok.bos_token_id and mask[0] == 0
 
 
 @pytest.mark.parametrize("name", sorted(CHATS))
-def test_generation_blocks_and_prefix_spans_agree(tok, name):
-    assert encode_messages(CHATS[name], tok, WITH_GEN, 4096) == encode_messages(CHATS[name], tok, NO_GEN, 4096)
+def test_generation_blocks_ignore_both_options_here(tok, name):
+    # The embedded template's blocks leave the header out and its turns carry no reasoning.
+    default = encode_messages(CHATS[name], tok, WITH_GEN, 4096)
+    both = encode_messages(CHATS[name], tok, WITH_GEN, 4096, mask_generation_prompt=True, mask_reasoning_content=True)
+    assert both == default
 
 
 def test_mask_values_on_the_shortest_chat(tok):
     ids, mask = encode_messages(NO_SYSTEM, tok, NO_GEN, 4096)
     tokens = tok.convert_ids_to_tokens(ids)
-    # <bos><|user|>\nSay hi.<|end|>\n<|assistant|>\n [Hi!<|end|>] \n
-    start = tokens.index("<|assistant|>") + 2
-    end = len(tokens) - 1
-    assert mask == [0] * start + [1] * (end - start) + [0]
-    assert tokens[end - 1] == "<|end|>" and tokens[-1] == "Ċ"
+    # <bos><|user|>\nSay hi.<|end|>\n [<|assistant|>\nHi!<|end|>\n]
+    start = tokens.index("<|assistant|>")
+    assert mask == [0] * start + [1] * (len(tokens) - start)
+    assert tokens[-2:] == ["<|end|>", "Ċ"] and tokens[start + 1] == "Ċ"
+    _, without_header = encode_messages(NO_SYSTEM, tok, NO_GEN, 4096, mask_generation_prompt=True)
+    assert without_header == [0] * (start + 2) + [1] * (len(tokens) - start - 2)
 
 
-def test_every_sample_chat_agrees_across_paths(tok):
+def test_every_sample_chat_on_both_paths(tok):
     rows = [json.loads(line) for path in (EMBEDDED_INPUTS["sample-sharegpt"], EMBEDDED_INPUTS["sample-openai"]) for line in path.open()]
     assert len(rows) == 300
     for row in rows:
         messages = normalize_row(row)
+        texts = [m["content"] for m in messages if m["role"] == "assistant"]
         with_gen = encode_messages(messages, tok, WITH_GEN, 4096)
-        assert with_gen == encode_messages(messages, tok, NO_GEN, 4096), row.get("id")
-        expected = [m["content"] + "<|end|>" for m in messages if m["role"] == "assistant"]
-        assert masked_runs(tok, *with_gen) == expected, row.get("id")
+        assert masked_runs(tok, *with_gen) == [EXPECTED_RUNS["generation_blocks", False](t) for t in texts], row.get("id")
+        prefix = encode_messages(messages, tok, NO_GEN, 4096, mask_generation_prompt=True)
+        assert prefix[0] == with_gen[0], row.get("id")
+        assert masked_runs(tok, *prefix) == [EXPECTED_RUNS["prefix_spans", True](t) for t in texts], row.get("id")
 
 
-def test_trailing_whitespace_in_content_stays_masked(tok):
-    # Only whitespace the template adds after the turn is dropped from a prefix span.
+def test_trailing_whitespace_is_masked_with_the_turn(tok):
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "two lines\n\n"}]
-    assert encode_messages(messages, tok, NO_GEN, 4096) == encode_messages(messages, tok, WITH_GEN, 4096)
-    assert masked_runs(tok, *encode_messages(messages, tok, NO_GEN, 4096)) == ["two lines\n\n<|end|>"]
+    assert masked_runs(tok, *encode_messages(messages, tok, WITH_GEN, 4096)) == ["two lines\n\n<|end|>"]
+    assert masked_runs(tok, *encode_messages(messages, tok, NO_GEN, 4096)) == ["<|assistant|>\ntwo lines\n\n<|end|>\n"]
 
 
 # ---- truncation ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mask_generation_prompt", [False, True])
 @pytest.mark.parametrize("path", sorted(TEMPLATES))
-def test_right_truncation_is_a_prefix(tok, path):
-    full_ids, full_mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], 4096)
+def test_right_truncation_is_a_prefix(tok, path, mask_generation_prompt):
+    full_ids, full_mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], 4096, mask_generation_prompt=mask_generation_prompt)
     first_loss = full_mask.index(1)
     for n in (first_loss + 1, first_loss + 5, len(full_ids) - 1, len(full_ids), len(full_ids) + 10):
-        ids, mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], n)
+        ids, mask = encode_messages(WITH_TOOL, tok, TEMPLATES[path], n, mask_generation_prompt=mask_generation_prompt)
         assert len(ids) == min(n, len(full_ids))
         assert ids == full_ids[:n] and mask == full_mask[:n]
 
@@ -176,12 +194,13 @@ def test_template_with_generation_blocks_that_raises(tok):
 
 @pytest.mark.parametrize("template", [LAST_MESSAGE_ONLY, DROPS_EARLIER_ASSISTANT_TURNS], ids=["last_message_only", "drops_assistant_turns"])
 def test_template_not_prefix_stable(tok, template):
-    with pytest.raises(TemplateNotPrefixStable, match=r"does not render messages\[:\d\] as a prefix .*--chat-template"):
+    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:\d\] as a prefix .*--chat-template") as info:
         encode_messages(SYSTEM_MULTI_TURN, tok, template, 4096)
+    assert info.value.reason == "template_not_prefix_stable"
 
 
 def test_template_not_prefix_stable_names_the_turn(tok):
-    with pytest.raises(TemplateNotPrefixStable, match=r"messages\[:2\]"):
+    with pytest.raises(BadRow, match=r"messages\[:2\]"):
         encode_messages(SYSTEM_MULTI_TURN, tok, LAST_MESSAGE_ONLY, 4096)
 
 
@@ -269,9 +288,26 @@ def test_cache_is_not_reused_when_seq_length_changes(tmp_path, tok):
     assert "no_loss_tokens_after_truncation" not in long["skip_reason"]
 
 
-def test_not_prefix_stable_template_stops_tokenize_rows(tmp_path, tok):
+def test_not_prefix_stable_rows_are_skipped_by_tokenize_rows(tmp_path, tok):
     path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
     rows, _ = load_rows(str(path))
     rows, order = select_rows(rows, seed=3, max_samples=None)
-    with pytest.raises(TemplateNotPrefixStable, match="does not render messages"):
-        tokenize_rows(rows, order, tok, LAST_MESSAGE_ONLY, 64, 1)
+    out = tokenize_rows(rows, order, tok, DROPS_EARLIER_ASSISTANT_TURNS, 64, 1)
+    # Every row has one assistant turn, which this template keeps: all are stable but "bad-5".
+    assert [r for r in out["skip_reason"] if r] == ["no_assistant_turn"]
+    out = tokenize_rows(rows, order, tok, LAST_MESSAGE_ONLY, 64, 1)
+    by_id = dict(zip(out["sample_id"], out["skip_reason"]))
+    assert by_id.pop("bad-5") == "no_assistant_turn"
+    assert set(by_id.values()) == {"template_not_prefix_stable"} and len(by_id) == 11
+
+
+def test_mask_options_are_part_of_the_map_fingerprint(tmp_path, tok):
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=3, max_samples=None)
+    plain = tokenize_rows(rows, order, tok, NO_GEN, 64, 1)
+    masked = tokenize_rows(rows, order, tok, NO_GEN, 64, 1, mask_generation_prompt=True)
+    assert plain.cache_files != masked.cache_files
+    header = len(tok("<|assistant|>\n", add_special_tokens=False)["input_ids"])
+    valid = [i for i, r in enumerate(plain["skip_reason"]) if not r]
+    assert [plain["num_loss_tokens"][i] - masked["num_loss_tokens"][i] for i in valid] == [header] * len(valid)

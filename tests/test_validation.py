@@ -198,8 +198,10 @@ def test_cli_template_that_is_not_prefix_stable_is_one_error_line(tmp_path, caps
                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     code = main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(template), "--max-samples", "5"])
     err = capsys.readouterr().err
-    assert code == 2
-    assert re.search(r"^error: the chat template does not render messages\[:\d+\] as a prefix of the whole conversation.*--chat-template", err, re.M)
+    assert code == 2 and err.count("\n") == 1
+    # Each row is skipped as template_not_prefix_stable; with none left the build stops, naming why.
+    assert re.search(r"^error: no usable rows: all 5 selected rows .*\{'template_not_prefix_stable': 5\}.* is template_not_prefix_stable: "
+                     r"the chat template does not render messages\[:\d+\] as a prefix of the whole conversation.*--chat-template", err)
 
 
 def test_cli_bad_layer_list_is_an_argparse_error(capsys):
