@@ -235,6 +235,47 @@ def download_file(repo_id: str, path: str, commit: str, token: str | None = None
         raise FileNotFoundError(f"{repo_id}@{commit[:12]} has no {path}") from None
 
 
+def failed_path(err: BaseException) -> str | None:
+    """The repo file a failed read asked for: the `.../resolve/<revision>/<path>` URL found in the
+    error's cause chain (the client keeps the request or response on its errors)."""
+    from urllib.parse import unquote
+
+    while err is not None:
+        for text in (_url_of(err, "response"), _url_of(err, "request"), str(err)):
+            match = re.search(r"/resolve/[^/\s]+/([^?#\s'\"]+)", text)
+            if match:
+                return unquote(match.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _url_of(err: BaseException, attribute: str) -> str:
+    try:  # httpx raises RuntimeError, not AttributeError, for an error that has no request
+        return str(getattr(getattr(err, attribute, None), "url", "") or "")
+    except RuntimeError:
+        return ""
+
+
+def read_error(err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int) -> HubError:
+    """A user-facing error for a streaming read that failed for good: which file, which version, why."""
+    path = failed_path(err) or "a data file"
+    status = _status(err)
+    while status is None and err.__cause__ is not None:  # `datasets` wraps the client's error
+        err = err.__cause__
+        status = _status(err)
+    version = f"revision {revision!r} (commit {commit[:12]})" if revision else f"commit {commit[:12]} of the default branch"
+    if status == 404:
+        hint = "the file is not in that commit any more (deleted, or the history was rewritten): open a revision that holds it"
+    elif status in (401, 403):
+        hint = "the token cannot read it: set HF_TOKEN to a token with read access to the repo"
+    elif is_transient(err):
+        hint = (f"the Hub kept failing ({err}) after {reopened} reopening(s); keep `dataset.state_dict()` "
+                "and resume from it with `load_state_dict()` once the Hub answers again")
+    else:
+        hint = str(err)
+    return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
+
+
 def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str, str]:
     """{path: sha256 (LFS) or git blob id} of every file under `prefix` at `revision`."""
     from huggingface_hub.errors import EntryNotFoundError

@@ -6,13 +6,20 @@ Tensor columns are decoded with `torch.frombuffer` straight from the row's bytes
 
 From the Hub, every read is pinned to the commit the revision points at when the cache is
 opened (card, vocab and shards of one version, even if the branch moves meanwhile); only
-the columns the layout needs are requested (Parquet column projection), and under
-`torch.distributed` each rank reads its own shards.
+the columns the layout needs are requested (Parquet column projection), and with
+`split_by_rank=True` each rank reads its own shards. Streaming reads resume mid-epoch from a
+`state_dict()` and survive network failures by reopening where they stood.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import itertools
 import logging
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,22 +261,178 @@ class CacheDataset(torch.utils.data.Dataset):
 
 class StreamingCacheDataset(torch.utils.data.IterableDataset):
     """Iterable: a streaming `datasets.IterableDataset` whose rows decode as they arrive.
-    In DataLoader workers, `datasets` hands each worker its own shards."""
+    In DataLoader workers, `datasets` hands each worker its own shards.
 
-    def __init__(self, hf_dataset, transform):
+    Resumable mid-epoch: `state_dict()` says where the iteration stands and `load_state_dict()`
+    makes the next iteration yield exactly the samples that follow (torchdata's
+    `StatefulDataLoader` calls both, per worker). With `shuffle_buffer`, the shard order is
+    shuffled per epoch and rows are permuted within consecutive windows of that many rows
+    (seeded by seed, epoch, rank, worker and window), so a resume re-reads at most one window
+    instead of losing a buffer's content. A read that fails past the client's own retries is
+    reopened at the current window and resumed (`retry`); a permanent failure raises `HubError`
+    naming the file and the revision.
+    """
+
+    def __init__(self, hf_dataset, transform, *, shuffle_buffer: int | None = None, seed: int = 0,
+                 split: tuple[int, int] = (0, 1), fingerprint: str | None = None, retry=None, describe=None):
         self.hf_dataset, self.transform = hf_dataset, transform
+        self.shuffle_buffer, self.seed, self.split, self.fingerprint = shuffle_buffer, seed, split, fingerprint
+        self.retry = retry
+        self.describe_failure = describe  # (error, reopened=n) -> the exception to raise; None: re-raise
+        self._state: dict | None = None  # where the running (or last) iteration stands
+        self._resume: dict | None = None  # loaded by load_state_dict, used by the next iteration
 
-    def __iter__(self):
-        for row in self.hf_dataset:
-            yield self.transform(row)
+    @property
+    def epoch(self) -> int:
+        return self.hf_dataset.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle (shard order and buffer) differently each epoch when a shuffle buffer is set."""
+        """Reshuffle (shard order and windows) differently each epoch when a shuffle buffer is set."""
+        if self._resume is not None and self._resume["epoch"] != epoch:
+            log.warning("set_epoch(%d) after load_state_dict() of epoch %d: the next iteration starts epoch %d from its beginning",
+                        epoch, self._resume["epoch"], epoch)
         self.hf_dataset.set_epoch(epoch)
 
     @property
     def num_shards(self) -> int:
         return self.hf_dataset.num_shards
+
+    # ---- resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Where this dataset's iteration stands: small, JSON-serialisable, one per DataLoader worker."""
+        if self._state is not None and self._state["epoch"] == self.epoch:
+            return dict(self._state)
+        return self._make_state(position=None, window=0, skip=0)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Make the next iteration continue where `state` was saved (in its epoch)."""
+        mine = self._identity()
+        differences = {key: (state.get(key), value) for key, value in mine.items() if key != "worker" and state.get(key) != value}
+        if differences or not {"epoch", "position", "window", "skip"} <= set(state):
+            saved = ", ".join(f"{key}={want!r}" for key, (want, _) in sorted(differences.items())) or f"keys {sorted(state)}"
+            have = ", ".join(f"{key}={have!r}" for key, (_, have) in sorted(differences.items())) or "a StreamingCacheDataset state"
+            raise ValueError(
+                f"load_state_dict: the state was saved by a dataset with {saved}; this one expects {have}. "
+                "Open the same cache with the same shuffle_buffer, seed and rank split to resume."
+            )
+        self.hf_dataset.set_epoch(state["epoch"])
+        self._state = self._resume = dict(state)
+
+    def _identity(self) -> dict:
+        from torch.utils.data import get_worker_info
+
+        worker = get_worker_info()
+        return {
+            "fingerprint": self.fingerprint, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed,
+            "split": list(self.split), "worker": [worker.id, worker.num_workers] if worker else [0, 1],
+        }
+
+    def _make_state(self, position: dict | None, window: int, skip: int) -> dict:
+        # position: the `datasets` state where window `window` starts (None: the epoch's start);
+        # skip: how many samples of that window were already yielded.
+        return {"epoch": self.epoch, "position": position, "window": window, "skip": skip, **self._identity()}
+
+    def _start(self) -> tuple[dict | None, int, int]:
+        resume, self._resume = self._resume, None
+        if resume is None or resume["epoch"] != self.epoch:
+            return None, 0, 0
+        here = self._identity()["worker"]
+        if list(resume["worker"]) != here:
+            raise ValueError(
+                f"load_state_dict: the state was saved by DataLoader worker {resume['worker'][0]} of {resume['worker'][1]}, "
+                f"but it is read by worker {here[0]} of {here[1]}. Resume through the same StatefulDataLoader settings "
+                "(num_workers), which hands each worker its own state."
+            )
+        return resume["position"], resume["window"], resume["skip"]
+
+    # ---- iterating ----------------------------------------------------------------------------
+
+    def __iter__(self):
+        position, window, skip = self._start()
+        self._state = self._make_state(position, window, skip)
+        for index, start, rows, end in self._windows(position, window):
+            order = self._order(index, len(rows))
+            for i in range(skip, len(rows)):
+                last = i + 1 == len(rows)
+                self._state = self._make_state(end, index + 1, 0) if last else self._make_state(start, index, i + 1)
+                yield self.transform(rows[order[i]])
+            skip = 0
+
+    def _order(self, window: int, size: int):
+        if not self.shuffle_buffer:
+            return range(size)
+        import numpy as np
+
+        worker = self._identity()["worker"][0]
+        return np.random.default_rng([self.seed, self.epoch, self.split[0], worker, window]).permutation(size).tolist()
+
+    def _windows(self, position: dict | None, window: int):
+        """(index, start state, rows, end state) of consecutive windows; a failed read is reopened
+        at the window's start, so a window is always read whole and in the same order."""
+        size = self.shuffle_buffer or 1
+        failures = 0
+        rows = self._open(position)
+        try:
+            while True:
+                try:
+                    with _resuming_without_buffer():
+                        chunk = list(itertools.islice(rows, size))
+                except Exception as err:  # noqa: BLE001 - classified in _recover
+                    rows.close()
+                    failures += 1
+                    self._recover(err, failures)
+                    rows = self._open(position)
+                    continue
+                failures = 0
+                if not chunk:
+                    return
+                end = self.hf_dataset.state_dict()
+                yield window, position, chunk, end
+                position, window = end, window + 1
+        finally:
+            rows.close()
+
+    def _open(self, position: dict | None):
+        self.hf_dataset.load_state_dict(position)  # None: from the epoch's start
+        return iter(self.hf_dataset)
+
+    def _recover(self, err: Exception, failures: int) -> None:
+        """Return to reopen and resume after a transient failure; raise when it is permanent or retries ran out."""
+        from .hub import Retry, is_transient
+
+        retry = self.retry or Retry()
+        if not is_transient(err) or failures > retry.retries:
+            if self.describe_failure is None:
+                raise err
+            raise self.describe_failure(err, reopened=failures - 1) from err
+        wait = min(retry.backoff * 2 ** (failures - 1), 30.0)
+        log.warning("streaming read failed (%s: %s); reopening at the current window, retry %d/%d in %.1fs",
+                    type(err).__name__, err, failures, retry.retries, wait)
+        time.sleep(wait)
+
+
+_RESUMING = contextvars.ContextVar("eagle3_cache_resuming", default=False)
+
+
+class _OneRowBufferFilter(logging.Filter):
+    """The shard-order shuffle uses a one-row `datasets` shuffle buffer, which holds no row between
+    samples: its "buffer will be refilled" warning on resume does not apply to our reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_RESUMING.get() and record.getMessage().startswith("Loading a state dict of a shuffle buffer"))
+
+
+@contextlib.contextmanager
+def _resuming_without_buffer():
+    logger = logging.getLogger("datasets.iterable_dataset")
+    if not any(isinstance(f, _OneRowBufferFilter) for f in logger.filters):
+        logger.addFilter(_OneRowBufferFilter())
+    token = _RESUMING.set(True)
+    try:
+        yield
+    finally:
+        _RESUMING.reset(token)
 
 
 EXPECTABLE = {
@@ -318,8 +481,9 @@ def check_expected(manifest: dict, expect: dict, location: str = "the cache") ->
         raise CacheMismatch(location, differences)
 
 
-def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values win; else torch.distributed when initialised; else a single process."""
+def distributed_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """The (rank, world_size) to split by: explicit values win; else torch.distributed's group;
+    else a single process. Only asked when the caller wants a split (`split_by_rank=True`)."""
     if rank is not None or world_size is not None:
         if rank is None or world_size is None or not 0 <= rank < world_size:
             raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, both given, got rank={rank}, world_size={world_size}")
@@ -327,6 +491,13 @@ def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:
+        raise ValueError(
+            f"split_by_rank=True: WORLD_SIZE={launched} is set but torch.distributed is not initialised, so this "
+            "process does not know its rank. Call torch.distributed.init_process_group() (or create the Accelerator) "
+            "before load_cache, or pass rank= and world_size="
+        )
     return 0, 1
 
 
@@ -388,6 +559,7 @@ def load_cache(
     expect: dict | None = None,
     shuffle_buffer: int | None = None,
     seed: int = 0,
+    split_by_rank: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
     token: str | None = None,
@@ -395,6 +567,7 @@ def load_cache(
     draft_vocab_size: int | None = None,
     spread_tail: bool = False,
     aux_dtype: torch.dtype | None = None,
+    retry=None,
 ):
     """A torch dataset over a cache: a local directory or a Hub dataset repo id.
 
@@ -412,13 +585,24 @@ def load_cache(
     Hub: `revision` (branch, tag or commit; pinned to its commit at open), `name` (config of
     a repo holding several caches), `token`, `block_size` (bytes per ranged read).
     `expect={field: value}` raises `CacheMismatch` naming each field that differs (see
-    `EXPECTABLE`). Under `torch.distributed` (or with explicit `rank`/`world_size`) each rank
-    gets a disjoint part, whole shards when possible; DataLoader workers split it further.
-    `shuffle_buffer`: streaming shuffle (shard order + a buffer of that many rows), seeded
-    by `seed`; call `set_epoch` each epoch. Map-style datasets are shuffled fully instead.
+    `EXPECTABLE`).
+
+    Every process gets the whole cache unless it asks for a part: splitting is done once, by
+    whoever the user chooses (`accelerator.prepare`, a `DistributedSampler`, or this function).
+    `split_by_rank=True`: each rank of the torch.distributed group gets a disjoint part (whole
+    shards when possible; DataLoader workers split it further); `rank`/`world_size` give the
+    split explicitly. Never combine a split with `accelerator.prepare` or a `DistributedSampler`:
+    they split again, and half of every rank's part is lost.
+
+    `shuffle_buffer`: streaming shuffle (shard order per epoch + rows permuted in windows of that
+    many rows), seeded by `seed`; call `set_epoch` each epoch. Map-style datasets are shuffled
+    fully instead. Streaming datasets resume mid-epoch (`state_dict`/`load_state_dict`) and
+    reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
+        raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
     source = open_source(location, revision=revision, name=name, token=token)
     manifest = _manifest_of(source)
     if expect:
@@ -426,15 +610,26 @@ def load_cache(
     decode = RowDecoder(manifest)
     wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
     hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest))
-    hf = split_for_rank(hf, *distributed_rank(rank, world_size))
-    if shuffle_buffer:
-        hf = hf.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming else hf.shuffle(seed=seed)
+    part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
+    hf = split_for_rank(hf, *part)
+    if shuffle_buffer and not streaming:
+        hf = hf.shuffle(seed=seed)
+    elif shuffle_buffer:  # shard order only: rows are shuffled in resumable windows by StreamingCacheDataset
+        hf = hf.shuffle(seed=seed, buffer_size=1, max_buffer_input_shards=1)
     if layout == "raw":
         transform = decode
     else:
         transform = SampleDecoder(source, manifest, layout, draft_vocab_size=draft_vocab_size, spread_tail=spread_tail, aux_dtype=aux_dtype)
-    wrapper = StreamingCacheDataset if streaming else CacheDataset
-    dataset = wrapper(hf, transform)
+    if streaming:
+        describe = None
+        if source.on_hub:
+            from .hub import read_error
+
+            describe = functools.partial(read_error, repo_id=source.location, revision=revision, commit=source.commit)
+        dataset = StreamingCacheDataset(hf, transform, shuffle_buffer=shuffle_buffer, seed=seed, split=part,
+                                        fingerprint=manifest["fingerprint"], retry=retry, describe=describe)
+    else:
+        dataset = CacheDataset(hf, transform)
     dataset.manifest = manifest
     dataset.source = source
     return dataset

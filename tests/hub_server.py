@@ -6,7 +6,9 @@ Repos live in memory as commits (path -> blob); blob bytes live in a temp dir, k
 sha256. Supported: whoami, create repo, repo/revision info, refs, branches, tags, commit
 listing, preupload, LFS batch + PUT, ndjson commit (with `parentCommit`), validate-yaml,
 tree and paths-info listings, and `resolve` with HEAD and Range. Faults (status codes,
-dropped connections, slow responses) are injected per test with `add_fault`.
+dropped connections, bodies cut short, slow responses) are injected per test with `add_fault`,
+at named points: the Nth request of a method and path (`ranged=True`: counting only requests
+with a Range header, i.e. a streaming reader's reads of a data file).
 
 Not a Hub: no pagination (one page holds everything), no Xet, no PRs, no rate limits.
 """
@@ -75,12 +77,14 @@ class Repo:
 
 @dataclass
 class Fault:
-    """One injected failure. `path` is a regex searched in the request path; `skip` matching
-    requests pass first; then `times` requests fail (None: every one until removed).
+    """One injected failure. `path` is a regex searched in the request path (`ranged`: only
+    requests with a Range header count); `skip` matching requests pass first; then `times`
+    requests fail (None: every one until removed).
 
-    action: "status" (answer `status`), "drop" (close the socket without an answer, after
-    reading half of any body), "drop_after" (do the work, then close without answering: a
-    lost response), "delay" (sleep `delay` seconds, then answer normally)."""
+    action: "status" (answer `status`, with `headers`), "drop" (close the socket without an
+    answer, after reading half of any body), "drop_after" (do the work, then close without
+    answering: a lost response), "truncate" (send the headers and half of the body, then close),
+    "delay" (sleep `delay` seconds, then answer normally)."""
 
     method: str
     path: str
@@ -89,11 +93,13 @@ class Fault:
     delay: float = 0.0
     times: int | None = 1
     skip: int = 0
+    ranged: bool = False
+    headers: dict = field(default_factory=dict)
     seen: int = 0
     fired: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
-        if method != self.method or not re.search(self.path, path):
+    def matches(self, method: str, path: str, ranged: bool = False) -> bool:
+        if method != self.method or not re.search(self.path, path) or (self.ranged and not ranged):
             return False
         self.seen += 1
         if self.seen <= self.skip or (self.times is not None and self.fired >= self.times):
@@ -103,9 +109,9 @@ class Fault:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, **extra):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, **extra):
         super().__init__(message)
-        self.status, self.message, self.code, self.extra = status, message, code, extra
+        self.status, self.message, self.code, self.headers, self.extra = status, message, code, headers, extra
 
 
 class _Drop(Exception):
@@ -216,8 +222,9 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
         self._body: bytes | None = None
-        fault = self._fault(method, url.path)
+        fault = self._fault(method, url.path, "Range" in self.headers)
         self._mute = fault is not None and fault.action == "drop_after"  # do the work, lose the answer
+        self._truncate = fault is not None and fault.action == "truncate"  # send half of the body
         status = 0
         try:
             if fault is not None:
@@ -228,7 +235,8 @@ class Handler(BaseHTTPRequestHandler):
             self._drop()
         except HubError as err:
             status, self._mute = err.status, False
-            self._send_json({"error": err.message, **err.extra}, err.status, error_code=err.code, error_message=err.message)
+            self._send_json({"error": err.message, **err.extra}, err.status, error_code=err.code, error_message=err.message,
+                            headers=err.headers)
         except (BrokenPipeError, ConnectionResetError):
             status = -2
         except Exception as err:  # a bug of this server: recorded, and the `hub` fixture fails the test
@@ -241,10 +249,10 @@ class Handler(BaseHTTPRequestHandler):
             with self.state.lock:
                 self.state.log.append((method, url.path, status))
 
-    def _fault(self, method: str, path: str) -> Fault | None:
+    def _fault(self, method: str, path: str, ranged: bool) -> Fault | None:
         with self.state.lock:
             for fault in self.state.faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, ranged):
                     return fault
         return None
 
@@ -253,7 +261,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(fault.delay)
         elif fault.action == "status":
             self.body()
-            raise HubError(fault.status, f"injected fault {fault.status}")
+            raise HubError(fault.status, f"injected fault {fault.status}", headers=fault.headers)
         elif fault.action == "drop":
             self.body(partial=True)
             raise _Drop()
@@ -309,8 +317,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, data, status: int = 200, error_code: str | None = None, error_message: str | None = None) -> None:
-        headers = {}
+    def _send_json(self, data, status: int = 200, error_code: str | None = None, error_message: str | None = None,
+                   headers: dict | None = None) -> None:
+        headers = dict(headers or {})
         if error_code:
             headers["X-Error-Code"] = error_code
         if error_message:
@@ -644,9 +653,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        if self._truncate:  # the connection breaks midway through the body
+            end = start + (end - start) // 2
+            self.close_connection = True
         with open(self.state.blob_path(entry.sha256), "rb") as f:
             self.wfile.flush()
             self.connection.sendfile(f, start, end - start)  # zero-copy: the server is not what the benchmark measures
+        if self._truncate:
+            self._drop()
         with self.state.lock:
             self.state.bytes_served[path] = self.state.bytes_served.get(path, 0) + end - start
 

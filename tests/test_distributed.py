@@ -1,8 +1,10 @@
 """Data-parallel builds under `accelerate launch`: two CPU processes (gloo) write the same
-cache as one, and a build started on two processes resumes on one."""
+cache as one, and a build started on two processes resumes on one. Reading on two processes
+(`torchrun`): every usual loop sees every sample exactly once per epoch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ from builder.manifest import BUILD_STATE_DIR
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "build_cache.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 FLAGS = ["--seq-length", "128", "--draft-vocab-size", "200", "--dtype", "fp32", "--quiet", "--batch-size", "4"]
 
 
@@ -100,3 +103,28 @@ def wait_for_shards(out: Path, proc: subprocess.Popen, at_least: int) -> int:
             return count
         time.sleep(0.02)
     pytest.fail(f"the 2-process build ended (rc {proc.returncode}) or stalled before writing {at_least} shards")
+
+
+def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, reference):
+    """One `torchrun` launch runs each loop of tests/distributed_reading.py; a loop that split twice
+    (or not at all) shows up as a rank missing samples (or both ranks holding the same)."""
+    out = tmp_path / "seen.json"
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("distributed_reading.py")), str(reference), str(out)]
+    proc = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["num_processes"] == 2 and seen["world_size"] == 2  # accelerate's MULTI_CPU, two ranks
+    everything = [row["sample_id"] for row in decoded_rows(reference)]
+    assert seen["every"] == [everything, everything] and len(set(everything)) == 30
+    for loop in ("accelerate_streaming", "accelerate_streaming_not_dispatched", "accelerate_map",
+                 "distributed_sampler", "split_by_rank", "split_by_rank_workers"):
+        rank0, rank1 = seen[loop]
+        assert rank0 and rank1 and not set(rank0) & set(rank1), loop
+        assert sorted(rank0 + rank1) == sorted(everything), loop
+    assert seen["accelerate_nemo_rows"] == [15, 15]
+    for rank, runs in enumerate(seen["resume"]):  # per rank: k samples + the resumed rest == the uninterrupted part
+        assert len(runs) == 8
+        for key, run in runs.items():
+            assert run["whole"] and run["head"] + run["tail"] == run["whole"], (rank, key)
+    assert sorted(seen["resume"][0]["None/1"]["whole"] + seen["resume"][1]["None/1"]["whole"]) == sorted(everything)

@@ -207,13 +207,13 @@ def test_ranks_and_dataloader_workers_split_further(hub, pushed_v1, v1):
     assert sorted(seen) == sorted(sample_ids(decoded_rows(v1)))
 
 
-def test_two_torch_distributed_processes_read_disjoint_parts(hub, pushed_v1, v1, tmp_path):
+def test_two_torch_distributed_processes_split_only_when_asked(hub, pushed_v1, v1, tmp_path):
     script = (
         "import json, os, torch.distributed as dist\n"
         "from builder.reader import load_cache\n"
         "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], rank=int(os.environ['RANK']), world_size=2)\n"
-        "ids = [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', columns=['sample_id'])]\n"
-        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'ids': ids}))\n"
+        "def ids(**kw): return [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', columns=['sample_id'], **kw)]\n"
+        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'all': ids(), 'ids': ids(split_by_rank=True)}))\n"
         "dist.destroy_process_group()\n"
     )
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
@@ -226,20 +226,51 @@ def test_two_torch_distributed_processes_read_disjoint_parts(hub, pushed_v1, v1,
         assert proc.returncode == 0, stderr[-3000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     assert sorted(o["rank"] for o in outs) == [0, 1] and all(o["world"] == 2 for o in outs)
+    assert all(o["all"] == sample_ids(decoded_rows(v1)) for o in outs)  # not split: accelerate or a sampler will split
     a, b = (set(o["ids"]) for o in outs)
     assert a and b and not a & b
     assert sorted(outs[0]["ids"] + outs[1]["ids"]) == sorted(sample_ids(decoded_rows(v1)))
 
 
-def test_shuffle_buffer_reorders_but_keeps_every_sample(hub, pushed_v1, v1, monkeypatch):
-    # `datasets` interleaves shards to shuffle and then waits 5 s per pass (a pyarrow thread-shutdown workaround)
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.1)
+def test_shuffle_buffer_reorders_but_keeps_every_sample(hub, pushed_v1, v1):
     dataset = load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], shuffle_buffer=8, seed=3)
     first = sample_ids(dataset)
     dataset.set_epoch(1)
     second = sample_ids(dataset)
     assert sorted(first) == sorted(second) == sorted(sample_ids(decoded_rows(v1)))
     assert first != sample_ids(decoded_rows(v1)) and first != second
+
+
+# ---- reads that survive the network -----------------------------------------------------------------
+
+DATA_FILE = r"/resolve/[0-9a-f]{{40}}/data/train-0000{}-of-00004\.parquet"
+
+
+def test_streaming_epoch_survives_network_faults(hub, pushed_v1, v1):
+    """Faults at named points: the Nth ranged GET of a data file. The client retries the first four
+    itself; the outage outlasts its retries (six 503s), so the reader reopens and resumes."""
+    faults = [
+        hub.add_fault("GET", DATA_FILE.format(0), ranged=True, skip=1, action="truncate"),  # the body stops midway
+        hub.add_fault("GET", DATA_FILE.format(1), ranged=True, skip=1, action="drop"),  # no answer at all
+        hub.add_fault("GET", DATA_FILE.format(2), ranged=True, skip=1, status=502),
+        hub.add_fault("GET", DATA_FILE.format(2), ranged=True, skip=3, action="delay", delay=0.3),  # a slow read
+        hub.add_fault("GET", DATA_FILE.format(3), ranged=True, skip=1, status=503, times=6, headers={"Retry-After": "0"}),
+    ]
+    rows = list(load_cache(pushed_v1, revision="v1", layout="raw", block_size=32 << 10, retry=FAST))
+    assert [f.fired for f in faults] == [1, 1, 1, 1, 6]
+    assert_same_content(rows, decoded_rows(v1))  # every sample once, in order, every byte
+    outage = [r for r in hub.requests("GET", DATA_FILE.format(3)) if r[2] == 503]
+    assert len(outage) == 6  # 1 + the client's 5 retries: then the reader reopened
+
+
+def test_permanent_read_failure_names_the_file_and_the_revision(hub, pushed_v1, v1):
+    hub.add_fault("GET", DATA_FILE.format(2), ranged=True, skip=1, status=404)  # gone from the server mid-epoch
+    seen = []
+    with pytest.raises(HubError, match=r"streaming tester/dist: reading data/train-00002-of-00004\.parquet at revision 'v1' "
+                                       r"\(commit [0-9a-f]{12}\) failed: the file is not in that commit"):
+        for row in load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], block_size=32 << 10, retry=FAST):
+            seen.append(row["sample_id"])
+    assert seen == sample_ids(decoded_rows(v1))[:8]  # shards 0 and 1 were read whole, nothing after
 
 
 def test_only_the_needed_columns_are_downloaded(hub, pushed_v1, v1):

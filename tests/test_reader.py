@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import pytest
 import torch
 from helpers import small_config
@@ -78,8 +81,92 @@ def test_raw_layout_can_select_columns(cache):
 def test_reader_errors_are_clear(tmp_path, cache):
     with pytest.raises(ValueError, match="layout: expected one of"):
         load_cache(cache, layout="padded")
+    with pytest.raises(ValueError, match="shuffle_buffer: expected a positive number of rows.*got 0"):
+        load_cache(cache, shuffle_buffer=0)
     with pytest.raises(FileNotFoundError, match="no README.md.*--resume"):
         read_manifest(tmp_path)
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# not a cache\n")
     with pytest.raises(ValueError, match="no 'eagle3_cache' manifest block"):
         read_manifest(tmp_path)
+
+
+# ---- splitting, only when asked ------------------------------------------------------------------
+
+
+def test_each_process_reads_the_whole_cache_unless_it_asks_for_a_part(cache, monkeypatch):
+    everything = [row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"])]
+    assert len(everything) == len(set(everything)) == 14
+    parts = [[row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"], rank=r, world_size=2)] for r in range(2)]
+    assert all(parts) and not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(everything)
+    assert [row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"], split_by_rank=True)] == everything  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun, but no process group yet
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but torch.distributed is not initialised.*init_process_group"):
+        load_cache(cache, layout="raw", split_by_rank=True)
+    assert len(list(load_cache(cache, layout="raw", columns=["sample_id"]))) == 14  # no split asked: no rank needed
+
+
+# ---- mid-epoch resume ---------------------------------------------------------------------------
+
+
+def ids(rows) -> list[str]:
+    return [row["sample_id"] for row in rows]
+
+
+@pytest.mark.parametrize("shuffle_buffer", [None, 4])
+def test_streaming_resumes_mid_epoch_exactly(cache, shuffle_buffer):
+    def open_cache():
+        return load_cache(cache, layout="raw", columns=["sample_id", "input_ids"], shuffle_buffer=shuffle_buffer, seed=7)
+
+    whole = ids(open_cache())
+    assert sorted(whole) == sorted(ids(load_cache(cache, layout="raw", columns=["sample_id"]))) and len(whole) == 14
+    for k in (0, 1, 5, 13, 14):  # nothing read, the first sample, mid-window, all but the last, all
+        first = open_cache()
+        head = ids(itertools.islice(first, k))
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+        second = open_cache()
+        second.load_state_dict(state)
+        assert head + ids(second) == whole, (shuffle_buffer, k)
+        assert ids(second) == whole  # the loaded state serves one iteration; the next one is the whole epoch
+    if shuffle_buffer:
+        reshuffled = open_cache()
+        reshuffled.set_epoch(1)
+        head = ids(itertools.islice(reshuffled, 3))
+        state = reshuffled.state_dict()
+        assert state["epoch"] == 1 and head != whole[:3]
+        resumed = open_cache()
+        resumed.load_state_dict(state)  # restores the epoch too
+        assert sorted(head + ids(resumed)) == sorted(whole)
+
+
+@pytest.mark.parametrize("num_workers, shuffle_buffer", [(0, None), (2, 3)])
+def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers, shuffle_buffer):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def open_loader():
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=shuffle_buffer, seed=1)
+        return StatefulDataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=ids)
+
+    def flat(batches) -> list[str]:
+        return list(itertools.chain.from_iterable(batches))
+
+    whole = flat(open_loader())
+    assert sorted(whole) == sorted(ids(load_cache(cache, layout="raw", columns=["sample_id"])))
+    for k in (1, 4, 7):  # the first batch, mid-epoch, the last batch
+        loader = open_loader()
+        head = flat(itertools.islice(loader, k))
+        state = loader.state_dict()
+        resumed = open_loader()
+        resumed.load_state_dict(state)
+        assert head + flat(resumed) == whole, (k, num_workers)
+
+
+def test_resume_state_of_other_settings_is_refused(cache):
+    shuffled = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4)
+    next(iter(shuffled))
+    plain = load_cache(cache, layout="raw", columns=["sample_id"])
+    with pytest.raises(ValueError, match=r"saved by a dataset with shuffle_buffer=4; this one expects shuffle_buffer=None"):
+        plain.load_state_dict(shuffled.state_dict())
+    in_worker = {**plain.state_dict(), "worker": [1, 2]}  # saved by DataLoader worker 1 of 2
+    plain.load_state_dict(in_worker)
+    with pytest.raises(ValueError, match="saved by DataLoader worker 1 of 2, but it is read by worker 0 of 1"):
+        next(iter(plain))

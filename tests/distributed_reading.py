@@ -1,0 +1,96 @@
+"""The usual multi-process reading loops over one cache, in one launch:
+
+    ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 tests/distributed_reading.py CACHE OUT.json
+
+Each loop's per-rank sample ids are gathered with `all_gather_object`; rank 0 writes them, with
+the process count accelerate saw, to OUT.json for tests/test_distributed.py to check.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader, DistributedSampler
+
+from builder.reader import collate_nemo, load_cache
+
+BATCH = 3
+
+
+def main(cache: str, out: str) -> None:
+    accelerator = Accelerator()  # MULTI_CPU under torchrun with ACCELERATE_USE_CPU=1: a gloo group
+    results = {"num_processes": accelerator.num_processes, "world_size": dist.get_world_size()}
+    with accelerator.main_process_first():  # map-style: the Arrow cache is prepared once
+        load_cache(cache, layout="raw", columns=["sample_id"], streaming=False)
+    every = [row["sample_id"] for row in raw(cache)]  # not split: every rank sees the whole cache
+    results["every"] = gather(every)
+    number = {sample_id: i for i, sample_id in enumerate(every)}
+
+    def collate(rows):  # accelerate dispatches tensors only: sample ids travel as their index
+        return torch.tensor([number[row["sample_id"]] for row in rows])
+
+    def ids(loader) -> list[str]:
+        return [every[i] for batch in loader for i in batch.tolist()]
+
+    # (a) load_cache -> DataLoader -> accelerator.prepare: streaming (dispatched by rank 0 by default,
+    # or read by every rank and sliced by accelerate) and map-style (batch sampler sharded).
+    results["accelerate_streaming"] = gather(ids(accelerator.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate))))
+    per_rank = Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False))
+    results["accelerate_streaming_not_dispatched"] = gather(ids(per_rank.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate))))
+    results["accelerate_map"] = gather(ids(accelerator.prepare(DataLoader(raw(cache, streaming=False), batch_size=BATCH, collate_fn=collate))))
+    # The README's recipe: NeMo layout, fixed-length batches so rank 0 can dispatch them.
+    nemo = accelerator.prepare(DataLoader(load_cache(cache, layout="nemo"), batch_size=BATCH, collate_fn=functools.partial(collate_nemo, pad_to=128)))
+    results["accelerate_nemo_rows"] = gather(sum(batch["input_ids"].shape[0] for batch in nemo))
+
+    # (b) torchrun + DistributedSampler over a map-style cache
+    dataset = raw(cache, streaming=False)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    results["distributed_sampler"] = gather(ids(DataLoader(dataset, batch_size=BATCH, sampler=sampler, collate_fn=collate)))
+
+    # (c) streaming without accelerate: each rank asks for its part, DataLoader workers split it further
+    results["split_by_rank"] = gather(ids(DataLoader(raw(cache, split_by_rank=True), batch_size=BATCH, collate_fn=collate)))
+    results["split_by_rank_workers"] = gather(ids(DataLoader(raw(cache, split_by_rank=True), batch_size=BATCH, collate_fn=collate, num_workers=2)))
+
+    # Mid-epoch resume, per rank: k samples, then a fresh dataset loaded with the state reads on.
+    resumed = {}
+    for shuffle_buffer in (None, 3):
+        def open_part(shuffle_buffer=shuffle_buffer):
+            return raw(cache, split_by_rank=True, shuffle_buffer=shuffle_buffer, seed=5)
+
+        whole = [row["sample_id"] for row in open_part()]
+        for k in (1, len(whole) // 2, len(whole) - 1, len(whole)):
+            first = open_part()
+            head = [row["sample_id"] for row in itertools.islice(first, k)]
+            second = open_part()
+            second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint stores it
+            tail = [row["sample_id"] for row in second]
+            resumed[f"{shuffle_buffer}/{k}"] = {"whole": whole, "head": head, "tail": tail}
+    results["resume"] = gather(resumed)
+
+    if accelerator.is_main_process:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    accelerator.wait_for_everyone()
+    dist.destroy_process_group()
+
+
+def raw(cache: str, **kwargs):
+    return load_cache(cache, layout="raw", columns=["sample_id"], **kwargs)
+
+
+def gather(value) -> list:
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
