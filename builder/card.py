@@ -101,7 +101,7 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
 
 def write_pictures(out: Path, prep: Prepared) -> None:
     """The card's PNGs, from what the build already holds (shards may be gone after an upload)."""
-    pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, len(prep.selected_token_ids), prep.cfg.seq_length)
+    pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
     for relative, data in pictures.items():
         path = out / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,162 @@
+"""The card's pictures: the numbers behind them, their labels, and the PNGs a build writes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import decoded_rows, small_config
+from PIL import Image
+
+from builder.build import build
+from builder.reader import read_manifest, read_vocab
+from dataset_card.pictures import (
+    PICTURES,
+    card_pictures,
+    coverage_curve,
+    coverage_figure,
+    draft_coverage,
+    length_histogram,
+    length_histogram_figure,
+)
+
+PNG_SIZE = (1600, 900)  # 8 x 4.5 inches at 200 dpi: crisp when the card shows it ~800 px wide
+
+
+# --- the numbers behind the pictures -------------------------------------------------------
+
+
+def test_histogram_bins_span_equal_whole_token_counts():
+    counts, edges = length_histogram([3, 5, 5, 9, 10], seq_length=10, bins=4)
+    # 11 possible lengths (0..10) in 4 bins -> 3 lengths per bin: [0,3) [3,6) [6,9) [9,12)
+    assert edges.tolist() == [0, 3, 6, 9, 12]
+    assert counts.tolist() == [0, 3, 0, 2]
+
+
+def test_histogram_reaches_the_length_limit_no_sample_reaches():
+    counts, edges = length_histogram([2], seq_length=7, bins=4)
+    assert edges.tolist() == [0, 2, 4, 6, 8]
+    assert counts.tolist() == [0, 1, 0, 0]
+    counts, edges = length_histogram([1, 2, 2], seq_length=None, bins=2)
+    assert edges.tolist() == [0, 2, 4] and counts.tolist() == [1, 2]
+
+
+def test_coverage_curve_ranks_ids_by_count():
+    assert coverage_curve([5, 0, 3, 2]).tolist() == [0.5, 0.8, 1.0, 1.0]
+    assert coverage_curve([0, 0]).tolist() == [0.0, 0.0]  # nothing loss-masked: no division by zero
+
+
+def test_draft_coverage_counts_the_ids_the_cache_selected():
+    # a special id that never occurs (1) takes a slot: 2 of 10 tokens, under the curve's 80% at size 2
+    assert draft_coverage([5, 0, 3, 2], [1, 3]) == 0.2
+    assert draft_coverage([5, 0, 3, 2], [0, 2, 3]) == 1.0
+    assert draft_coverage([0, 0], [0]) == 0.0
+
+
+# --- what the figures draw --------------------------------------------------------------------
+
+
+def test_histogram_figure_draws_the_bins_and_the_limit():
+    ax = length_histogram_figure([3, 5, 5, 9, 10], seq_length=10).axes[0]
+    assert ax.get_title() == "Tokens per sample"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("tokens per sample", "samples")
+    # 40 bins over 0..10 -> one bin per length
+    assert [p.get_height() for p in ax.patches] == [0, 0, 0, 1, 0, 2, 0, 0, 0, 1, 1]
+    assert [p.get_x() for p in ax.patches] == list(range(11))
+    (limit,) = [line for line in ax.get_lines() if "limit" in line.get_label()]
+    assert list(limit.get_xdata()) == [10, 10]
+    assert limit.get_label() == "sequence length limit (10 tokens)"
+
+
+def test_coverage_figure_draws_the_curve_and_marks_the_chosen_size():
+    ax = coverage_figure([5, 0, 3, 2], selected_token_ids=[1, 3]).axes[0]
+    assert ax.get_title() == "Draft-vocabulary coverage of loss-masked tokens"
+    assert ax.get_xlabel() == "draft vocabulary size (token ids, log scale)"
+    assert ax.get_ylabel() == "share of loss-masked tokens covered"
+    assert ax.get_xscale() == "log"
+    curve, marker, point = ax.get_lines()
+    assert list(curve.get_xdata()) == [1, 2, 3, 4] and list(curve.get_ydata()) == [0.5, 0.8, 1.0, 1.0]
+    assert list(marker.get_xdata()) == [2, 2]
+    assert marker.get_label() == "this cache's draft vocabulary: 2 ids, 20.0% covered"
+    assert (list(point.get_xdata()), list(point.get_ydata())) == ([2], [0.2])
+
+
+# --- the PNGs of a real build -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pictures") / "cache"
+    build(small_config(out), progress=False)
+    return out
+
+
+def picture_inputs(cache_dir):
+    """What the pictures show, recomputed from the cache as a reader sees it."""
+    manifest = read_manifest(cache_dir)
+    rows = decoded_rows(cache_dir)
+    counts = np.zeros(manifest["target_vocab_size"], dtype=np.int64)
+    for row in rows:
+        counts += np.bincount(row["input_ids"][row["loss_mask"].bool()].numpy(), minlength=len(counts))
+    return {
+        "lengths": [row["num_tokens"] for row in rows],
+        "token_counts": counts.tolist(),
+        "selected_token_ids": read_vocab(cache_dir)["selected_token_ids"].tolist(),
+        "seq_length": manifest["identity"]["seq_length"],
+    }
+
+
+def test_build_writes_labelled_pngs_the_card_shows(cache):
+    card = (cache / "README.md").read_text()
+    for path, caption in PICTURES.values():
+        data = (cache / path).read_bytes()
+        image = Image.open(io.BytesIO(data))
+        assert (image.format, image.size) == ("PNG", PNG_SIZE)
+        assert "Software" not in image.info  # no matplotlib version stamped into the bytes
+        image.verify()
+        assert f"![{caption}]({path})" in card
+
+
+def test_pictures_show_the_cache_content(cache):
+    """The build's PNGs are exactly what its rows, vocab and manifest draw; the coverage it
+    marks is the one the card's table reports."""
+    inputs = picture_inputs(cache)
+    expected = card_pictures(inputs["lengths"], inputs["token_counts"], inputs["selected_token_ids"], inputs["seq_length"])
+    for path, data in expected.items():
+        assert (cache / path).read_bytes() == data, path
+    manifest = read_manifest(cache)
+    covered = draft_coverage(inputs["token_counts"], inputs["selected_token_ids"])
+    assert covered == pytest.approx(manifest["totals"]["token_coverage"], abs=1e-12)
+    assert len(inputs["lengths"]) == manifest["totals"]["samples"] and sum(inputs["lengths"]) == manifest["totals"]["tokens"]
+
+
+RENDER_IN_FRESH_PROCESS = """
+import hashlib, json, sys
+import builder.build, builder.card
+assert "matplotlib" not in sys.modules, "importing the builder loaded matplotlib"
+from dataset_card.pictures import card_pictures
+inputs = json.loads(sys.stdin.read())
+pictures = card_pictures(inputs["lengths"], inputs["token_counts"], inputs["selected_token_ids"], inputs["seq_length"])
+print(json.dumps({path: hashlib.sha256(data).hexdigest() for path, data in pictures.items()}))
+"""
+
+
+def test_same_cache_gives_same_png_bytes_whatever_the_users_matplotlibrc(cache, tmp_path):
+    """A fresh process (own font cache state, hash seed) with a matplotlibrc that changes
+    sizes, fonts and savefig settings renders byte-identical pictures; the builder's import
+    path never loads matplotlib."""
+    rc = tmp_path / "matplotlibrc"
+    rc.write_text("figure.dpi: 50\nsavefig.dpi: 72\nsavefig.bbox: tight\nfont.size: 22\n"
+                  "lines.linewidth: 6\naxes.facecolor: black\n")
+    env = {**os.environ, "MATPLOTLIBRC": str(rc), "PYTHONHASHSEED": "123"}
+    done = subprocess.run([sys.executable, "-c", RENDER_IN_FRESH_PROCESS], input=json.dumps(picture_inputs(cache)),
+                          capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(done.stdout)
+    assert fresh == {path: hashlib.sha256((cache / path).read_bytes()).hexdigest() for path, _ in PICTURES.values()}
