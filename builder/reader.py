@@ -148,8 +148,7 @@ def to_nemo(raw: dict, t2d: torch.Tensor, probs_rows: torch.Tensor | None = None
     loss = raw["loss_mask"].bool()
     probs = raw["target_probs"] if probs_rows is None else probs_rows
     slots, first = _loss_slots(loss)
-    dense = probs.new_zeros(_shifted_length(length), probs.shape[-1])
-    dense.index_copy_(0, slots, probs[first:])
+    dense = _rows_at(slots, probs[first:], _shifted_length(length))
     supervised = torch.zeros(_shifted_length(length), dtype=torch.bool)
     supervised[slots] = t2d[raw["target_argmax"][first:].long()]
     return {
@@ -160,6 +159,28 @@ def to_nemo(raw: dict, t2d: torch.Tensor, probs_rows: torch.Tensor | None = None
         "target_probs": dense,
         "position_mask": supervised.unsqueeze(-1),
     }
+
+
+def _rows_at(slots: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """`[length, ...]`: `rows[i]` at `slots[i]` (ascending), zero elsewhere, every byte written once.
+    Loss-masked positions come in runs (assistant turns): one slice copy per run is several
+    times faster than a row-by-row index copy, and only the gaps need zeros."""
+    out = rows.new_empty((length, *rows.shape[1:]))
+    starts = torch.ones(len(slots), dtype=torch.bool)
+    starts[1:] = slots[1:] != slots[:-1] + 1
+    runs = starts.nonzero().squeeze(-1).tolist()
+    if len(runs) > _MAX_RUNS:  # scattered positions: a per-run loop would cost more than it saves
+        return out.zero_().index_copy_(0, slots, rows)
+    done, bounds = 0, [int(slots[i]) for i in runs]
+    for start, end, slot in zip(runs, runs[1:] + [len(slots)], bounds):
+        out[done:slot] = 0
+        out[slot : slot + end - start] = rows[start:end]
+        done = slot + end - start
+    out[done:] = 0
+    return out
+
+
+_MAX_RUNS = 64
 
 
 def _loss_slots(loss: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -235,7 +256,7 @@ class SampleDecoder:
         sample = to_nemo(raw, self.t2d, probs, aux)
         if kept_mass is not None:
             slots, first = _loss_slots(loss)
-            sample["kept_mass"] = kept_mass.new_zeros(_shifted_length(len(loss))).index_copy_(0, slots, kept_mass[first:])
+            sample["kept_mass"] = _rows_at(slots, kept_mass[first:], _shifted_length(len(loss)))
         return sample
 
 
@@ -542,25 +563,29 @@ def load_cache(
 def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
     """Stack NeMo-layout samples, right-padding every field with zeros to the longest (or `pad_to`).
 
-    Each field's batch is allocated once and every sample copied into its row (in a DataLoader
-    worker, in shared memory, so handing the batch to the main process copies nothing)."""
+    Each field's batch is allocated once and every sample copied into its row. In a DataLoader
+    worker the fields of a batch share one shared-memory block, so handing the batch to the
+    main process copies nothing and passes one file descriptor, not one per field (each costs
+    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own."""
     width = pad_to or max(s["input_ids"].shape[0] for s in samples)
-    out = {}
-    for key, first in samples[0].items():
-        batch = _new_batch((len(samples), width, *first.shape[1:]), first.dtype)
+    specs = {key: ((len(samples), width, *first.shape[1:]), first.dtype) for key, first in samples[0].items()}
+    out = _new_batch(specs)
+    for key, batch in out.items():
         for row, s in enumerate(samples):
             t = s[key][:width]
             batch[row, : t.shape[0]] = t
             batch[row, t.shape[0] :] = 0
-        out[key] = batch
     return out
 
 
-def _new_batch(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a DataLoader worker its storage is shared memory from the
-    start, as `default_collate` does, instead of being copied there when the batch is sent."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if torch.utils.data.get_worker_info() is None or nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(nbytes)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+def _new_batch(specs: dict[str, tuple[tuple, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of the given shapes and dtypes; in a DataLoader worker, views of one
+    shared-memory block from the start (`default_collate` allocates shared memory the same way)."""
+    offsets, end = {}, 0
+    for key, (shape, dtype) in specs.items():
+        offsets[key] = -(-end // 64) * 64  # aligned for any dtype
+        end = offsets[key] + math.prod(shape) * dtype.itemsize
+    if torch.utils.data.get_worker_info() is None or end == 0:
+        return {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
+    storage = torch.UntypedStorage._new_shared(end)
+    return {key: torch.empty(0, dtype=dtype).set_(storage, offsets[key] // dtype.itemsize, shape) for key, (shape, dtype) in specs.items()}

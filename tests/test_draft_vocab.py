@@ -289,6 +289,7 @@ EDGE_MASKS = [
     [1],  # one token
     [0, 0, 0],  # nothing supervised
     [1, 1, 1, 1],  # everything supervised
+    [0, 1] * 70,  # 70 separate runs: scattered positions
 ]
 
 
@@ -314,7 +315,7 @@ def test_to_nemo_and_collate_equal_the_plain_definition(dtype):
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (key, pad_to)
 
 
-def test_real_samples_decode_and_collate_as_the_plain_definition(probs300, topk300):
+def test_real_samples_decode_and_collate_as_the_plain_definition(probs300, topk300, tmp_path):
     for result in (probs300, topk300):
         raw = load_cache(result.output_dir, layout="raw", streaming=False)
         nemo = load_cache(result.output_dir, streaming=False)
@@ -326,8 +327,10 @@ def test_real_samples_decode_and_collate_as_the_plain_definition(probs300, topk3
                     assert torch.equal(sample[key], value), key
         for pad_to in (None, 96):
             want = reference_collate(samples, pad_to)
-            for key, value in collate_nemo(samples, pad_to).items():
+            got = collate_nemo(samples, pad_to)
+            for key, value in got.items():
                 assert torch.equal(value, want[key]), key
+            save_file(got, str(tmp_path / "batch.safetensors"))  # in process, every field has its own storage
 
 
 class Samples(torch.utils.data.Dataset):
@@ -353,3 +356,5 @@ def test_collate_in_workers_equals_collate_in_process():
         want = reference_collate(samples[3 * index : 3 * index + 3])
         for key, value in want.items():
             assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+        # one shared-memory block per batch, crossing to this process as one file descriptor
+        assert len({t.untyped_storage().data_ptr() for t in batch.values()}) == 1 and batch["target_probs"].is_shared()
