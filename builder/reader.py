@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,9 @@ def to_nemo(raw: dict, t2d: torch.Tensor, probs_rows: torch.Tensor | None = None
     }
 
 
+_MAX_RUNS = 64  # loss-masked runs per sample above which a row-by-row index copy is cheaper
+
+
 def _rows_at(slots: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
     """`[length, ...]`: `rows[i]` at `slots[i]` (ascending), zero elsewhere, every byte written once.
     Loss-masked positions come in runs (assistant turns): one slice copy per run is several
@@ -169,7 +173,7 @@ def _rows_at(slots: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tens
     starts = torch.ones(len(slots), dtype=torch.bool)
     starts[1:] = slots[1:] != slots[:-1] + 1
     runs = starts.nonzero().squeeze(-1).tolist()
-    if len(runs) > _MAX_RUNS:  # scattered positions: a per-run loop would cost more than it saves
+    if len(runs) > _MAX_RUNS:
         return out.zero_().index_copy_(0, slots, rows)
     done, bounds = 0, [int(slots[i]) for i in runs]
     for start, end, slot in zip(runs, runs[1:] + [len(slots)], bounds):
@@ -178,9 +182,6 @@ def _rows_at(slots: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tens
         done = slot + end - start
     out[done:] = 0
     return out
-
-
-_MAX_RUNS = 64
 
 
 def _loss_slots(loss: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -261,22 +262,24 @@ class SampleDecoder:
 
 
 def draft_selection(manifest: dict, vocab: dict, draft_vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the draft vocabulary a read with `draft_vocab_size` supervises, each id's column in the
-    stored supervision or None when it is the stored vocabulary, or rows come from the full head).
+    """(selected ids, columns): the draft vocabulary a read with `draft_vocab_size` supervises,
+    and the column of each of its ids in the stored supervision (None: the stored vocabulary
+    itself, or a `hidden` cache's full head provides the rows).
 
     The vocabulary is the one a build with that size would select (`select_draft_vocab` on the
-    stored loss-token counts). It is ranked by count, so a smaller one is a prefix of the
-    stored one; that is checked, and a cache where it does not hold is refused.
+    stored loss-token counts). The stored one is ranked by those counts, so a smaller one is
+    its prefix (a subset when the stored one is the whole vocabulary, in id order); that is
+    checked, and a cache where it does not hold is refused.
     """
     from .vocab import columns_in, select_draft_vocab
 
     stored = vocab["selected_token_ids"]
     if draft_vocab_size is None or draft_vocab_size == len(stored):
         return stored, None
-    if isinstance(draft_vocab_size, bool) or not isinstance(draft_vocab_size, int) or draft_vocab_size < 1:
+    if isinstance(draft_vocab_size, bool) or not isinstance(draft_vocab_size, numbers.Integral) or draft_vocab_size < 1:
         raise ValueError(f"draft_vocab_size: expected a positive int (or None for the cache's own {len(stored)}), got {draft_vocab_size!r}")
     target_format = manifest["layout"]["target_format"]
-    wanted = torch.as_tensor(select_draft_vocab(vocab["token_counts"].numpy(), draft_vocab_size, manifest["special_token_ids"]))
+    wanted = torch.as_tensor(select_draft_vocab(vocab["token_counts"].numpy(), int(draft_vocab_size), manifest["special_token_ids"]))
     if len(wanted) == len(stored) and torch.equal(wanted, stored):
         return stored, None  # a size at or above the target vocabulary: the identity, as stored
     if target_format == "hidden" and manifest["identity"].get("store_full_head"):

@@ -17,7 +17,14 @@ from helpers import small_config
 from safetensors.torch import load_file, save_file
 
 from builder.build import build
-from builder.reader import collate_nemo, draft_vocab, load_cache, read_draft_vocab, read_vocab, to_nemo
+from builder.reader import (
+    collate_nemo,
+    draft_vocab,
+    load_cache,
+    read_draft_vocab,
+    read_vocab,
+    to_nemo,
+)
 from builder.vocab import d2t_t2d, select_draft_vocab
 
 SMALL = 100
