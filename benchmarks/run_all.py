@@ -18,7 +18,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-BENCHMARKS = ("tokenize_throughput", "cache_size", "peak_rss", "build_overhead", "io_throughput", "scaling", "format_sizes")
+BENCHMARKS = ("tokenize_throughput", "cache_size", "peak_rss", "build_overhead", "io_throughput", "scaling", "format_sizes",
+              "collate_throughput")
 # Not here: hub_stream (run it on its own) and gpu_check.sh (needs an NVIDIA GPU).
 
 
@@ -117,6 +118,16 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             lines.append(f"format_sizes{took} (issue 6): Llama-3.1-8B extrapolation, reference / cache per 2,048-token sample")
             lines.append("  " + ", ".join(f"{p['target_format']}/{p['aux_dtype']} {p['ratio_reference_over_cache']:.1f}x "
                                           f"({p['bytes_per_sample'] / 1e6:,.0f} MB)" for p in data["projections"]))
+        elif name == "collate_throughput":
+            sps, shard, batch = data["samples_per_s"], data["shard_mb_per_s"], data["batch_mb_per_s"]
+            lines.append(f"collate_throughput{took}: NeMo batches of {data['batch_size']} through {data['workers']} DataLoader workers, "
+                         f"{data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}")
+            for key, label in (("loader_streaming", "streaming"), ("loader_map", "map-style")):
+                lines.append(f"  {label:9s}: {sps[key]:,.0f} samples/s [CPU], {shard[key]:,.0f} MB/s of shards, {batch[key]:,.0f} MB/s of batches; "
+                             f"{r[key + '_over_pyarrow']:.3f}x pyarrow's read of the same files ({shard['pyarrow']:,.0f} MB/s)")
+            lines.append(f"  decode + collate alone (1 thread): {sps['decode_current']:,.0f} samples/s, "
+                         f"{r['decode_current_over_earlier_speed']:.2f}x the earlier way; fresh shared memory "
+                         f"{r['fill_shared_over_heap_time']:.0f}x the time of heap memory")
     if machine:
         lines.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu')}, torch {machine.get('torch')}")
     lines.append("ratios: one run, one machine; [CPU] figures only matter relative to each other")

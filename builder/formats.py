@@ -125,6 +125,38 @@ def probs_from_topk(logprobs: torch.Tensor, ids: torch.Tensor, draft_vocab_size:
     return dense.scatter(1, ids.long(), kept / kept.sum(-1, keepdim=True))
 
 
+def probs_from_topk_restricted(logprobs: torch.Tensor, ids: torch.Tensor, new_column: torch.Tensor, draft_vocab_size: int,
+                               spread_tail: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K rows over a smaller draft vocabulary: (dense `[n, Vd']` fp32, kept mass `[n]` fp32).
+
+    `new_column[c]` is the new column of stored column `c`, -1 where the smaller vocabulary drops
+    it. Kept columns outside it are dropped; the rest are renormalised over what remains (or,
+    `spread_tail=True`, kept as they are and the missing mass spread over the other columns).
+
+    The kept mass is the share of the new vocabulary's distribution the surviving columns hold,
+    as a lower bound: its own mass within the stored vocabulary is unknown beyond "at most
+    1 - the dropped columns' mass". With no column dropped it is the top-K mass the build
+    reports; it is 0 where no column survives (that row is all zeros).
+    """
+    kept = logprobs.float().exp()
+    column = new_column[ids.long()]
+    inside = column >= 0
+    kept_inside = torch.where(inside, kept, torch.zeros_like(kept))
+    dropped = (kept - kept_inside).sum(-1, keepdim=True)
+    lower = kept_inside / (1.0 - dropped).clamp(min=torch.finfo(torch.float32).tiny)  # each kept p_new, at least
+    kept_mass = lower.sum(-1)
+    dense = kept.new_zeros(kept.shape[0], draft_vocab_size + 1)  # the extra column absorbs the dropped ones
+    if spread_tail:
+        free = (draft_vocab_size - inside.sum(-1, keepdim=True)).clamp(min=1)
+        dense += (1.0 - kept_mass.unsqueeze(-1)).clamp(min=0) / free
+        values = lower
+    else:
+        total = kept_inside.sum(-1, keepdim=True)
+        values = kept_inside / torch.where(total > 0, total, torch.ones_like(total))
+    dense.scatter_(1, torch.where(inside, column, draft_vocab_size), values)
+    return dense[:, :draft_vocab_size], kept_mass
+
+
 def probs_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
     """Dense `[n, Vd]` fp32 draft-vocab probs from final hidden rows and the head's draft rows."""
     n = hidden_rows.shape[0]

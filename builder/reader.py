@@ -18,6 +18,8 @@ import contextvars
 import functools
 import itertools
 import logging
+import math
+import numbers
 import os
 import time
 import warnings
@@ -146,35 +148,74 @@ class RowDecoder:
 
 def to_nemo(raw: dict, t2d: torch.Tensor, probs_rows: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> dict:
     """NeMo Automodel's EAGLE-3 sample: slot t carries aux[t] and everything of position t+1.
-    `probs_rows` (`[n_loss, Vd]`) defaults to the stored `target_probs`; `aux` to the stored aux."""
+    `probs_rows` (`[n_loss, Vd]`) defaults to the stored `target_probs`; `aux` to the stored aux.
+
+    Every shifted field is written once, straight into its slot (no shift copy afterwards); the
+    aux states stay a view of the row's bytes when their dtype is the one asked for."""
     length = raw["input_ids"].numel()
     loss = raw["loss_mask"].bool()
     probs = raw["target_probs"] if probs_rows is None else probs_rows
-    dense = probs.new_zeros(length, probs.shape[-1])
-    dense[loss] = probs
-    supervised = torch.zeros(length, dtype=torch.bool)
-    supervised[loss] = t2d[raw["target_argmax"].long()]
+    slots, first = _loss_slots(loss)
+    dense = _rows_at(slots, probs[first:], _shifted_length(length))
+    supervised = torch.zeros(_shifted_length(length), dtype=torch.bool)
+    supervised[slots] = t2d[raw["target_argmax"][first:].long()]
     return {
-        "input_ids": _shift(raw["input_ids"].long()),
+        "input_ids": _shift(raw["input_ids"], torch.long),
         "attention_mask": torch.ones(length, dtype=torch.long),
-        "loss_mask": _shift(loss.long()),
+        "loss_mask": _shift(loss, torch.long),
         "aux_hidden_states": raw["aux_hidden_states"] if aux is None else aux,
-        "target_probs": _shift(dense),
-        "position_mask": _shift(supervised).unsqueeze(-1),
+        "target_probs": dense,
+        "position_mask": supervised.unsqueeze(-1),
     }
+
+
+_MAX_RUNS = 64  # loss-masked runs per sample above which a row-by-row index copy is cheaper
+
+
+def _rows_at(slots: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """`[length, ...]`: `rows[i]` at `slots[i]` (ascending), zero elsewhere, every byte written once.
+    Loss-masked positions come in runs (assistant turns): one slice copy per run is several
+    times faster than a row-by-row index copy, and only the gaps need zeros."""
+    out = rows.new_empty((length, *rows.shape[1:]))
+    starts = torch.ones(len(slots), dtype=torch.bool)
+    starts[1:] = slots[1:] != slots[:-1] + 1
+    runs = starts.nonzero().squeeze(-1).tolist()
+    if len(runs) > _MAX_RUNS:
+        return out.zero_().index_copy_(0, slots, rows)
+    done, bounds = 0, [int(slots[i]) for i in runs]
+    for start, end, slot in zip(runs, runs[1:] + [len(slots)], bounds):
+        out[done:slot] = 0
+        out[slot : slot + end - start] = rows[start:end]
+        done = slot + end - start
+    out[done:] = 0
+    return out
+
+
+def _loss_slots(loss: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the NeMo slot of each loss-masked position, how many leading loss rows have no slot):
+    position u lands in slot u - 1, so a loss mask at position 0 is dropped."""
+    positions = loss.nonzero().squeeze(-1)
+    first = int(len(positions) > 0 and positions[0] == 0)
+    return positions[first:] - 1, first
 
 
 class SampleDecoder:
     """Stored row -> a trainer's sample, for every target format and aux dtype: the same keys
     and shapes whatever the format. A class, not a closure, so DataLoader workers can pickle it.
 
-    `draft_vocab_size` (hidden caches) re-derives a smaller or, with --store-full-head, any
-    draft vocabulary from the stored token counts, with no rebuild.
+    `draft_vocab_size` reads another draft vocabulary (`self.vocab`, see `draft_selection`):
+    `probs` caches restrict their exact rows to a smaller one and renormalise (the softmax over
+    the smaller vocabulary, exactly); `topk` caches drop the kept columns outside it and
+    renormalise what remains, adding `kept_mass` `[L]` (shifted like `target_probs`, see
+    `probs_from_topk_restricted`); `hidden` caches recompute the logits with the stored head rows
+    (a larger vocabulary too with --store-full-head). `position_mask` follows the vocabulary
+    read, from the stored full-vocab argmax.
     """
 
     def __init__(self, source, manifest: dict, layout_name: str, *, draft_vocab_size: int | None = None,
                  spread_tail: bool = False, aux_dtype: torch.dtype | None = None):
         from .formats import Layout, head_transform_from
+        from .vocab import DraftVocab
 
         self.decode = RowDecoder(manifest)
         self.layout = Layout(**manifest["layout"])
@@ -182,23 +223,22 @@ class SampleDecoder:
         stored = TORCH_DTYPES[self.layout.dtype]
         self.float_dtype = stored
         self.aux_dtype = aux_dtype or (torch.bfloat16 if self.layout.aux_dtype == "fp8" else TORCH_DTYPES[self.layout.aux_dtype])
-        vocab = read_vocab(source)
-        selected, self.draft_rows, self.transform = vocab["selected_token_ids"], None, None
+        selected, columns = draft_selection(manifest, read_vocab(source), draft_vocab_size)
+        self.columns, self.draft_rows, self.transform = None, None, None
         if self.layout.target_format == "hidden":
             head = _read_safetensors(source, manifest["lm_head_file"]["path"])
             self.transform = head_transform_from(manifest.get("head_transform"))
-            selected, self.draft_rows = _draft_rows(manifest, vocab, head, draft_vocab_size)
-        elif draft_vocab_size not in (None, len(selected)):
-            raise ValueError(
-                f"draft_vocab_size: a {self.layout.target_format} cache holds supervision for its {len(selected)}-token "
-                f"draft vocabulary only; got {draft_vocab_size}. Only `hidden` caches can change it at read time."
-            )
+            self.draft_rows = _draft_rows(head, selected, columns)
+        elif columns is not None:
+            self.columns = columns
+            self.new_column = torch.full((self.layout.draft_vocab_size,), -1, dtype=torch.long)
+            self.new_column[columns] = torch.arange(len(columns))
+        self.vocab = DraftVocab(selected, manifest["target_vocab_size"])
         self.selected = selected
-        self.t2d = torch.zeros(manifest["target_vocab_size"], dtype=torch.bool)
-        self.t2d[selected] = True
+        self.t2d = self.vocab.t2d
 
     def __call__(self, row: dict) -> dict:
-        from .formats import decode_aux, supervised_probs
+        from .formats import decode_aux, probs_from_topk_restricted, supervised_probs
 
         raw = self.decode(row)
         aux = decode_aux(raw["aux_hidden_states"], raw.get("aux_scales"), self.aux_dtype)
@@ -210,11 +250,96 @@ class SampleDecoder:
                 "aux_hidden_state": aux.unsqueeze(0),
             }
         loss = raw["loss_mask"].bool()
-        if self.layout.target_format == "probs":
+        kept_mass = None
+        if self.layout.target_format == "probs" and self.columns is None:
             probs = raw["target_probs"]  # stored exactly: no round trip through fp32
+        elif self.layout.target_format == "probs":
+            probs = restrict_probs(raw["target_probs"], self.columns).to(self.float_dtype)
+        elif self.layout.target_format == "topk" and self.columns is not None:
+            probs, kept_mass = probs_from_topk_restricted(raw["topk_logprobs"], raw["topk_ids"], self.new_column,
+                                                          len(self.columns), self.spread_tail)
+            probs = probs.to(self.float_dtype)
         else:
             probs = supervised_probs(self.layout, raw, loss, self.draft_rows, self.transform, self.spread_tail).to(self.float_dtype)
-        return to_nemo(raw, self.t2d, probs, aux)
+        sample = to_nemo(raw, self.t2d, probs, aux)
+        if kept_mass is not None:
+            slots, first = _loss_slots(loss)
+            sample["kept_mass"] = _rows_at(slots, kept_mass[first:], _shifted_length(len(loss)))
+        return sample
+
+
+def draft_selection(manifest: dict, vocab: dict, draft_vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(selected ids, columns): the draft vocabulary a read with `draft_vocab_size` supervises,
+    and the column of each of its ids in the stored supervision (None: the stored vocabulary
+    itself, or a `hidden` cache's full head provides the rows).
+
+    The vocabulary is the one a build with that size would select (`select_draft_vocab` on the
+    stored loss-token counts). The stored one is ranked by those counts, so a smaller one is
+    its prefix (a subset when the stored one is the whole vocabulary, in id order); that is
+    checked, and a cache where it does not hold is refused.
+    """
+    from .vocab import columns_in, select_draft_vocab
+
+    stored = vocab["selected_token_ids"]
+    if draft_vocab_size is None or draft_vocab_size == len(stored):
+        return stored, None
+    if isinstance(draft_vocab_size, bool) or not isinstance(draft_vocab_size, numbers.Integral) or draft_vocab_size < 1:
+        raise ValueError(f"draft_vocab_size: expected a positive int (or None for the cache's own {len(stored)}), got {draft_vocab_size!r}")
+    target_format = manifest["layout"]["target_format"]
+    wanted = torch.as_tensor(select_draft_vocab(vocab["token_counts"].numpy(), int(draft_vocab_size), manifest["special_token_ids"]))
+    if len(wanted) == len(stored) and torch.equal(wanted, stored):
+        return stored, None  # a size at or above the target vocabulary: the identity, as stored
+    if target_format == "hidden" and manifest["identity"].get("store_full_head"):
+        return wanted, None
+    if len(wanted) > len(stored):
+        if target_format == "hidden":
+            raise ValueError(
+                f"draft_vocab_size: {draft_vocab_size} needs lm_head rows this cache did not store (it keeps {len(stored)}); "
+                "rebuild with --store-full-head to read any draft vocabulary size"
+            )
+        raise ValueError(
+            f"draft_vocab_size: asked for {draft_vocab_size}, but this {target_format} cache holds supervision over its "
+            f"{len(stored)}-token draft vocabulary only; read it with draft_vocab_size <= {len(stored)}, or rebuild with "
+            f"--draft-vocab-size {draft_vocab_size} (a `hidden` cache built with --store-full-head reads any size)"
+        )
+    columns = columns_in(stored.numpy(), wanted.numpy())
+    if columns is None:
+        raise ValueError(
+            f"draft_vocab_size: the {draft_vocab_size}-token vocabulary a build would select from this cache's token "
+            f"counts is not within its stored {len(stored)}-token draft vocabulary (vocab/ ranks them differently), so "
+            f"the stored supervision cannot serve it; rebuild with --draft-vocab-size {draft_vocab_size}"
+        )
+    return wanted, torch.as_tensor(columns)
+
+
+def restrict_probs(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Dense draft-vocab probs `[n, Vd]` -> `[n, Vd']` fp32 over the stored columns `columns`,
+    renormalised: p restricted to a subset and renormalised is the softmax over that subset."""
+    prefix = bool(len(columns)) and int(columns[-1]) == len(columns) - 1 and torch.equal(columns, torch.arange(len(columns)))
+    kept = (rows[:, : len(columns)] if prefix else rows.index_select(1, columns)).float()
+    total = kept.sum(-1, keepdim=True)
+    return kept / torch.where(total > 0, total, torch.ones_like(total))  # an all-zero row stays zero
+
+
+def read_draft_vocab(location, draft_vocab_size: int | None = None, *, revision: str | None = None, name: str | None = None,
+                     token: str | None = None):
+    """The `DraftVocab` that `load_cache(location, draft_vocab_size=...)` supervises: its
+    `selected_token_ids` and the `d2t`/`t2d` of each trainer's convention, for exports."""
+    from .vocab import DraftVocab
+
+    source = location if isinstance(location, CacheSource) else open_source(location, revision=revision, name=name, token=token)
+    manifest = _manifest_of(source)
+    selected, _ = draft_selection(manifest, read_vocab(source), draft_vocab_size)
+    return DraftVocab(selected, manifest["target_vocab_size"])
+
+
+def draft_vocab(dataset):
+    """The `DraftVocab` of a dataset from `load_cache`: the one its samples are supervised over
+    (the stored one for `layout="raw"`)."""
+    decoder = getattr(dataset, "transform", None)
+    if isinstance(decoder, SampleDecoder):
+        return decoder.vocab
+    return read_draft_vocab(dataset.source)
 
 
 def _read_safetensors(source, path: str) -> dict:
@@ -223,27 +348,25 @@ def _read_safetensors(source, path: str) -> dict:
     return load_file(str(source.file(path)))
 
 
-def _draft_rows(manifest: dict, vocab: dict, head: dict, draft_vocab_size: int | None):
-    """(selected ids, their head rows) for the requested draft size, from what the cache stores."""
-    from .vocab import select_draft_vocab
-
-    stored = vocab["selected_token_ids"]
-    if draft_vocab_size is None or draft_vocab_size == len(stored):
-        return stored, head["draft_rows"]
-    selected = torch.as_tensor(select_draft_vocab(vocab["token_counts"].numpy(), draft_vocab_size, manifest["special_token_ids"]))
-    if "weight" in head:
-        return selected, head["weight"].index_select(0, selected)
-    if len(selected) <= len(stored) and torch.equal(selected, stored[: len(selected)]):
-        return selected, head["draft_rows"][: len(selected)]  # the draft order is a ranking: a prefix
-    raise ValueError(
-        f"draft_vocab_size: {draft_vocab_size} needs lm_head rows this cache did not store (it keeps {len(stored)}); "
-        "rebuild with --store-full-head to read any draft vocabulary size"
-    )
+def _draft_rows(head: dict, selected: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """The head rows of `selected`, from what the cache stores (`draft_selection` checked they are there)."""
+    if columns is not None:
+        return head["draft_rows"].index_select(0, columns)
+    if "weight" in head and len(selected) != len(head["draft_rows"]):
+        return head["weight"].index_select(0, selected)
+    return head["draft_rows"]
 
 
-def _shift(tensor: torch.Tensor) -> torch.Tensor:
-    """Left by one along the sequence, last slot zero."""
-    return torch.cat([tensor[1:], tensor.new_zeros((1, *tensor.shape[1:]))])
+def _shifted_length(length: int) -> int:
+    return max(length - 1, 0) + 1
+
+
+def _shift(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Left by one along the sequence, last slot zero, in `dtype` (one copy, converting on the way)."""
+    out = torch.empty((_shifted_length(tensor.shape[0]), *tensor.shape[1:]), dtype=dtype or tensor.dtype)
+    out[:-1] = tensor[1:]
+    out[-1] = 0
+    return out
 
 
 class CacheDataset(torch.utils.data.Dataset):
@@ -636,14 +759,31 @@ def load_cache(
 
 
 def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
-    """Stack NeMo-layout samples, right-padding every field with zeros to the longest (or `pad_to`)."""
+    """Stack NeMo-layout samples, right-padding every field with zeros to the longest (or `pad_to`).
+
+    Each field's batch is allocated once and every sample copied into its row. In a DataLoader
+    worker the fields of a batch share one shared-memory block, so handing the batch to the
+    main process copies nothing and passes one file descriptor, not one per field (each costs
+    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own."""
     width = pad_to or max(s["input_ids"].shape[0] for s in samples)
-    out = {}
-    for key in samples[0]:
-        padded = []
-        for s in samples:
+    specs = {key: ((len(samples), width, *first.shape[1:]), first.dtype) for key, first in samples[0].items()}
+    out = _new_batch(specs)
+    for key, batch in out.items():
+        for row, s in enumerate(samples):
             t = s[key][:width]
-            pad = t.new_zeros((width - t.shape[0], *t.shape[1:]))
-            padded.append(torch.cat([t, pad]))
-        out[key] = torch.stack(padded)
+            batch[row, : t.shape[0]] = t
+            batch[row, t.shape[0] :] = 0
     return out
+
+
+def _new_batch(specs: dict[str, tuple[tuple, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of the given shapes and dtypes; in a DataLoader worker, views of one
+    shared-memory block from the start (`default_collate` allocates shared memory the same way)."""
+    offsets, end = {}, 0
+    for key, (shape, dtype) in specs.items():
+        offsets[key] = -(-end // 64) * 64  # aligned for any dtype
+        end = offsets[key] + math.prod(shape) * dtype.itemsize
+    if torch.utils.data.get_worker_info() is None or end == 0:
+        return {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in specs.items()}
+    storage = torch.UntypedStorage._new_shared(end)
+    return {key: torch.empty(0, dtype=dtype).set_(storage, offsets[key] // dtype.itemsize, shape) for key, (shape, dtype) in specs.items()}

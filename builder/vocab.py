@@ -8,10 +8,12 @@ ascending. A draft size >= V, or none, is the identity.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 
 def count_loss_tokens(samples, vocab_size: int) -> np.ndarray:
@@ -64,6 +66,65 @@ def d2t_t2d(selected: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarr
     t2d = np.zeros(vocab_size, dtype=bool)
     t2d[selected] = True
     return selected - np.arange(len(selected)), t2d
+
+
+def columns_in(stored: np.ndarray, wanted: np.ndarray) -> np.ndarray | None:
+    """The column of each `wanted` id in the draft vocabulary `stored`, or None when one is missing."""
+    stored, wanted = np.asarray(stored, dtype=np.int64), np.asarray(wanted, dtype=np.int64)
+    if not len(wanted):
+        return np.zeros(0, dtype=np.int64)
+    position = np.full(int(max(stored.max(initial=-1), wanted.max())) + 1, -1, dtype=np.int64)
+    position[stored] = np.arange(len(stored))
+    columns = position[wanted]
+    return None if (columns < 0).any() else columns
+
+
+@dataclass(frozen=True)
+class DraftVocab:
+    """A draft vocabulary and EAGLE-3's mapping tensors in each trainer's column order.
+
+    NeMo Automodel orders the draft columns as `selected_token_ids` (specials, then by count):
+    `d2t[i] = selected_token_ids[i] - i`. SpecForge orders them by ascending token id (its
+    target is `softmax(logits[..., t2d])`): `d2t[i] = sorted_ids[i] - i`, and its column `i`
+    is NeMo's column `specforge_columns[i]`. `t2d` (bool `[V]`) is the same in both.
+    """
+
+    selected_token_ids: torch.Tensor  # int64 [Vd], NeMo's column order
+    target_vocab_size: int
+
+    def __len__(self) -> int:
+        return len(self.selected_token_ids)
+
+    @property
+    def t2d(self) -> torch.Tensor:
+        t2d = torch.zeros(self.target_vocab_size, dtype=torch.bool)
+        t2d[self.selected_token_ids] = True
+        return t2d
+
+    @property
+    def d2t(self) -> torch.Tensor:
+        """NeMo's order: `selected_token_ids[i] - i`."""
+        return self.selected_token_ids - torch.arange(len(self))
+
+    @property
+    def sorted_token_ids(self) -> torch.Tensor:
+        return self.selected_token_ids.sort().values
+
+    @property
+    def specforge_d2t(self) -> torch.Tensor:
+        """SpecForge's order: `sorted_ids[i] - i`."""
+        return self.sorted_token_ids - torch.arange(len(self))
+
+    @property
+    def specforge_columns(self) -> torch.Tensor:
+        """NeMo-ordered probs -> SpecForge-ordered probs: `probs[..., specforge_columns]`."""
+        return self.selected_token_ids.argsort()
+
+    def mapping(self, convention: str = "nemo") -> dict[str, torch.Tensor]:
+        """`{"d2t": int64 [Vd], "t2d": bool [V]}` in `convention` ("nemo" or "specforge")."""
+        if convention not in ("nemo", "specforge"):
+            raise ValueError(f"convention: expected 'nemo' or 'specforge', got {convention!r}")
+        return {"d2t": self.d2t if convention == "nemo" else self.specforge_d2t, "t2d": self.t2d}
 
 
 def array_hash(array: np.ndarray) -> str:

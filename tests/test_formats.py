@@ -118,6 +118,6 @@ def test_hidden_cache_reads_another_draft_vocab_like_a_probs_build(fp8_hidden, t
         assert torch.equal(got[i]["position_mask"], want[i]["position_mask"])
 
 
-def test_changing_the_draft_vocab_of_a_probs_cache_is_refused(topk):
-    with pytest.raises(ValueError, match=r"draft_vocab_size: a topk cache holds supervision for its 256-token draft vocabulary only; got 100"):
-        load_cache(topk.output_dir, layout="nemo", draft_vocab_size=100)
+def test_a_larger_draft_vocab_than_a_topk_cache_holds_is_refused(topk):
+    with pytest.raises(ValueError, match=r"draft_vocab_size: asked for 300, but this topk cache holds supervision over its 256-token draft vocabulary only"):
+        load_cache(topk.output_dir, layout="nemo", draft_vocab_size=300)
