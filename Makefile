@@ -11,10 +11,14 @@ FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
 .PHONY: demo test bench clean
 
+# NeMo Automodel 0.7.0 is installed for the tests and the benchmark that run its own EAGLE-3
+# code next to ours. Without its dependencies: it pins transformers and CUDA-only packages that
+# the modules used here do not need; the `nemo` extra holds the few they import (torchao, Pillow).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
+	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test,nemo]"
+	$(PY) -m pip install -q $(FIND_LINKS) --no-deps nemo-automodel==0.7.0
 	touch $(STAMP)
 
 # The embedded tiny target over the 300 sample chats: 3 shards, a 256-token draft vocabulary.
