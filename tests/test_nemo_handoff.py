@@ -15,19 +15,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from builder.build import build
+from builder.config import BuildConfig
+from builder.embedded import EMBEDDED_INPUTS, resolve_target
+from builder.export import export_cache
+from builder.reader import load_cache
 
 precompute_eagle3 = pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")
 eagle3_cache = pytest.importorskip("nemo_automodel.components.datasets.llm.eagle3_cache")
 train_eagle3 = pytest.importorskip("nemo_automodel.recipes.llm.train_eagle3")
-
-from nemo_automodel.components.config.loader import ConfigNode  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from builder.build import build  # noqa: E402
-from builder.config import BuildConfig  # noqa: E402
-from builder.embedded import EMBEDDED_INPUTS, resolve_target  # noqa: E402
-from builder.export import export_cache  # noqa: E402
-from builder.reader import load_cache  # noqa: E402
+ConfigNode = pytest.importorskip("nemo_automodel.components.config.loader").ConfigNode
 
 SEQ_LENGTH = 224  # two of the chats below are longer (truncated), the others shorter (padded)
 DRAFT_VOCAB = 300
