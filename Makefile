@@ -11,13 +11,16 @@ FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
 
 .PHONY: demo test bench clean
 
-# Last step: NeMo Automodel's chat dataset, which tests compare loss masks with (skipped without
-# it); --no-deps keeps its training stack out, and its dataset imports need pillow besides ours.
+# NeMo Automodel 0.7.0, which tests and a benchmark run next to ours (its loss masks, its own
+# precompute, reader and recipe checks), goes into a site folder of its own, without its
+# dependencies (it pins transformers and CUDA-only packages its EAGLE-3 modules do not need) but
+# with the one they import beyond ours (torchao). Kept off the project's path, so builds never
+# load torchao; tests/conftest.py and the benchmark add it.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
-	$(PY) -m pip install -q $(FIND_LINKS) --no-deps nemo-automodel==0.7.0 pillow
+	$(PY) -m pip install -q $(FIND_LINKS) --no-deps --upgrade --target $(VENV)/nemo-site nemo-automodel==0.7.0 torchao==0.18.0
 	touch $(STAMP)
 
 # The embedded tiny target over the 300 sample chats: 3 shards, a 256-token draft vocabulary.

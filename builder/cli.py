@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("cache_dir", metavar="DIR", help="cache directory")
     export.add_argument("--to", required=True, choices=("nemo", "specforge"), help="nemo: NeMo Automodel's cached_target_path (format 2); specforge: SpecForge offline files (hidden caches)")
     export.add_argument("out_dir", metavar="OUT", help="new or empty output directory")
-    export.add_argument("--target-model", default=None, help="the target, for its input embeddings (nemo), if not where the manifest says")
+    export.add_argument("--target-model", default=None, help="the target, for its input embeddings and pad token (nemo), if not where the manifest says")
     export.set_defaults(func=run_export)
     return parser
 

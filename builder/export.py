@@ -1,8 +1,11 @@
 """Exports for trainers that read their own offline formats.
 
 - `nemo`: NeMo Automodel's `cached_target_path` layout (its format version 2): manifest.json,
-  target_embeddings.safetensors and shard-NNNNNN.safetensors padded to seq_length.
-- `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache).
+  target_embeddings.safetensors and shard-NNNNNN.safetensors padded to seq_length, as its
+  `precompute_eagle3` writes them: ids padded with the tokenizer's pad id before the shift,
+  the draft columns in `selected_token_ids` order, and the loss-mask options the build applied.
+- `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache);
+  SpecForge numbers the draft columns by ascending token id.
 Both are produced from the reader, so they hold exactly what `load_cache` yields.
 """
 
@@ -12,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -50,10 +54,10 @@ def _save(tensors: dict, path: Path) -> None:
 # ---- NeMo Automodel -------------------------------------------------------------------------
 
 
-def nemo_shard(samples: list[dict], seq_length: int, topk: int | None) -> dict[str, torch.Tensor]:
+def nemo_shard(samples: list[dict], seq_length: int, topk: int | None, pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate_nemo(samples, pad_to=seq_length)
     shard = {
-        "input_ids": batch["input_ids"].long(),
+        "input_ids": nemo_input_ids(batch["input_ids"], samples, seq_length, pad_id),
         "attention_mask": batch["attention_mask"].long(),
         "loss_mask": batch["loss_mask"].long(),
         "aux_hidden_states": batch["aux_hidden_states"],
@@ -68,16 +72,42 @@ def nemo_shard(samples: list[dict], seq_length: int, topk: int | None) -> dict[s
     return shard
 
 
+def nemo_input_ids(shifted: torch.Tensor, samples: list[dict], seq_length: int, pad_id: int) -> torch.Tensor:
+    """NeMo pads a sample's ids with `pad_id` to seq_length and then shifts left with a zero tail:
+    slots L-1 .. S-2 hold the pad id (the next token of the last real one), slot S-1 holds 0."""
+    ids = shifted.long()
+    for row, sample in enumerate(samples):
+        length = min(sample["input_ids"].shape[0], seq_length)
+        ids[row, length - 1 : seq_length - 1] = pad_id
+    return ids
+
+
+def nemo_topk(identity: dict) -> int | None:
+    """K when the cache's top-k compresses the draft vocabulary; NeMo stores K >= Vd dense."""
+    k = identity.get("topk") if identity["target_format"] == "topk" else None
+    return k if k is not None and 0 < k < identity["draft_vocab_size"] else None
+
+
+def nemo_pad_id(tokenizer) -> int:
+    """The id NeMo's chat dataset pads with: the tokenizer's pad id when it is set and non-zero, else eos."""
+    if tokenizer.pad_token_id:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
 def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: bool) -> None:
     manifest = read_manifest(cache_dir)
     identity = manifest["identity"]
-    topk = identity.get("topk") if identity["target_format"] == "topk" else None
+    model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
+    pad_id = nemo_pad_id(target_tokenizer(model, revision))  # both before any shard: a wrong target fails first
+    embeddings = target_embeddings(model, revision)
+    topk = nemo_topk(identity)
     dataset = load_cache(cache_dir, layout="nemo", streaming=False)
     shard_size, seq_length = identity["shard_size"], identity["seq_length"]
     for index, start in enumerate(tqdm(range(0, len(dataset), shard_size), desc="Exporting (nemo)", disable=not progress)):
         samples = [dataset[i] for i in range(start, min(start + shard_size, len(dataset)))]
-        _save(nemo_shard(samples, seq_length, topk), out / f"shard-{index:06d}.safetensors")
-    _save({"weight": target_embeddings(target_model or identity["target"]["model"], identity["target"]["revision"])}, out / "target_embeddings.safetensors")
+        _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
+    _save({"weight": embeddings}, out / "target_embeddings.safetensors")
     (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, len(dataset)), indent=2))
 
 
@@ -92,16 +122,26 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
         "dtype": identity["dtype"],
         "num_samples": num_samples,
         "shard_size": identity["shard_size"],
-        "target_probs_topk": identity.get("topk") if identity["target_format"] == "topk" else None,
+        # NeMo's meaning: 0 stores target_probs dense; a K >= draft_vocab_size is stored dense as well
+        "target_probs_topk": identity["topk"] if identity["target_format"] == "topk" else 0,
         "aux_hidden_dim": manifest["columns"]["aux_hidden_states"]["shape"][1],
         "aux_layer_ids": list(identity["aux_layer_ids"]),
         "selected_token_ids": read_vocab(cache_dir)["selected_token_ids"].tolist(),
         "input_data": identity["input"]["data"],
         "split": identity["input"]["split"] or "train",
         "shuffle_seed": identity["input"]["shuffle_seed"],
-        "mask_generation_prompt": True,  # the assistant header is never supervised
-        "mask_reasoning_content": False,
+        # The loss-mask options the build applied, in NeMo's meaning (both off unless the build set them).
+        # NeMo's trainer refuses a cache whose options differ from its own, so these must be the truth.
+        "mask_generation_prompt": bool(identity.get("mask_generation_prompt", False)),
+        "mask_reasoning_content": bool(identity.get("mask_reasoning_content", False)),
     }
+
+
+def target_tokenizer(model: str, revision: str | None):
+    from .embedded import resolve_target
+    from .target import load_tokenizer
+
+    return load_tokenizer(resolve_target(model), revision, False)
 
 
 def target_embeddings(model: str, revision: str | None) -> torch.Tensor:
@@ -129,5 +169,8 @@ def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
     dataset = load_cache(cache_dir, layout="specforge", streaming=False)
     for i in tqdm(range(len(dataset)), desc="Exporting (specforge)", disable=not progress):
         torch.save(dataset[i], out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
-    d2t, t2d = d2t_t2d(read_vocab(cache_dir)["selected_token_ids"].numpy(), manifest["target_vocab_size"])
+    # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
+    # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
+    ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())
+    d2t, t2d = d2t_t2d(ascending, manifest["target_vocab_size"])
     torch.save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")

@@ -8,6 +8,11 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS_DIR))
+# NeMo Automodel sits in a site folder of its own (see the Makefile), off the project's path so that
+# builds never import its extras; the tests that compare with NeMo's own code import it from there.
+NEMO_SITE = Path(sys.prefix) / "nemo-site"
+if NEMO_SITE.is_dir():
+    sys.path.append(str(NEMO_SITE))
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

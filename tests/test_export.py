@@ -1,5 +1,6 @@
 """Exports: NeMo Automodel's cached_target_path (format 2) and SpecForge's offline files hold
-exactly what the reader yields."""
+exactly what the reader yields, in each trainer's own conventions. (NeMo's own code reading the
+export: tests/test_nemo_handoff.py.)"""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 from helpers import small_config
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.build import build
 from builder.cli import main
 from builder.embedded import resolve_target
-from builder.export import ExportError, export_cache
-from builder.reader import collate_nemo, load_cache
+from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
+from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
 
 
 def read_safetensors(path):
@@ -25,12 +26,30 @@ def read_safetensors(path):
 
 @pytest.fixture(scope="module")
 def probs_cache(tmp_path_factory):
-    return build(small_config(tmp_path_factory.mktemp("probs") / "cache", dtype="bf16"), progress=False).output_dir
+    # long enough that some samples are padded, not only truncated
+    return build(small_config(tmp_path_factory.mktemp("probs") / "cache", dtype="bf16", seq_length=256), progress=False).output_dir
+
+
+@pytest.fixture(scope="module")
+def probs_fp32_cache(tmp_path_factory):
+    return build(small_config(tmp_path_factory.mktemp("probs32") / "cache"), progress=False).output_dir
 
 
 @pytest.fixture(scope="module")
 def hidden_cache(tmp_path_factory):
     return build(small_config(tmp_path_factory.mktemp("hidden") / "cache", target_format="hidden"), progress=False).output_dir
+
+
+def nemo_ids(samples: list[dict], seq_length: int, pad_id: int) -> torch.Tensor:
+    """NeMo's shifted ids: the unshifted ids padded with pad_id to seq_length, shifted left, 0 last."""
+    rows = []
+    for sample in samples:
+        # the reader's shifted ids are x1 .. x(L-1), 0: back at positions 1 .. L-1 (position 0 is shifted out)
+        unshifted = torch.cat([sample["input_ids"][:1], sample["input_ids"][:-1]])
+        padded = torch.full((seq_length,), pad_id, dtype=torch.long)
+        padded[: unshifted.numel()] = unshifted
+        rows.append(torch.cat([padded[1:], torch.zeros(1, dtype=torch.long)]))
+    return torch.stack(rows)
 
 
 def test_nemo_export_matches_the_reader_padded_to_seq_length(probs_cache, tmp_path, capsys):
@@ -41,22 +60,46 @@ def test_nemo_export_matches_the_reader_padded_to_seq_length(probs_cache, tmp_pa
     assert names == [f"shard-{i:06d}.safetensors" for i in range(4)]
     expected_dtypes = {"input_ids": torch.int64, "attention_mask": torch.int64, "loss_mask": torch.int64,
                        "aux_hidden_states": torch.bfloat16, "position_mask": torch.bool, "target_probs": torch.bfloat16}
+    pad_id = AutoTokenizer.from_pretrained(resolve_target("tiny-llama")).pad_token_id
+    lengths = []
     for i, name in enumerate(names):
         shard = read_safetensors(out / name)
-        want = collate_nemo(samples[4 * i : 4 * i + 4], pad_to=96)
+        want = collate_nemo(samples[4 * i : 4 * i + 4], pad_to=256)
+        want["input_ids"] = nemo_ids(samples[4 * i : 4 * i + 4], 256, pad_id)
         n = len(samples[4 * i : 4 * i + 4])
         assert {k: v.dtype for k, v in shard.items()} == expected_dtypes
-        assert shard["input_ids"].shape == (n, 96) and shard["aux_hidden_states"].shape == (n, 96, 192)
-        assert shard["target_probs"].shape == (n, 96, 300) and shard["position_mask"].shape == (n, 96, 1)
+        assert shard["input_ids"].shape == (n, 256) and shard["aux_hidden_states"].shape == (n, 256, 192)
+        assert shard["target_probs"].shape == (n, 256, 300) and shard["position_mask"].shape == (n, 256, 1)
         for key in expected_dtypes:
             assert torch.equal(shard[key], want[key]), key
+        lengths += shard["attention_mask"].sum(-1).tolist()
+    assert min(lengths) < 256 and max(lengths) == 256  # padded samples and truncated ones
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["num_samples"] == 14 and manifest["shard_size"] == 4
     assert manifest["dtype"] == "bf16" and manifest["aux_hidden_dim"] == 192 and manifest["aux_layer_ids"] == [1, 3, 4]
-    assert manifest["draft_vocab_size"] == len(manifest["selected_token_ids"]) == 300 and manifest["target_probs_topk"] is None
+    assert manifest["draft_vocab_size"] == len(manifest["selected_token_ids"]) == 300 and manifest["target_probs_topk"] == 0
+    assert manifest["mask_generation_prompt"] is False and manifest["mask_reasoning_content"] is False
     embeddings = read_safetensors(out / "target_embeddings.safetensors")["weight"]
     model = AutoModelForCausalLM.from_pretrained(resolve_target("tiny-llama"), dtype=torch.float32)
     assert embeddings.dtype == torch.float32 and torch.equal(embeddings, model.get_input_embeddings().weight)
+
+
+def test_nemo_pad_id_follows_nemo_chat_dataset():
+    """NeMo pads with the tokenizer's pad id, falling back to eos when it is unset or 0."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_target("tiny-llama"))
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (2, 1) and nemo_pad_id(tokenizer) == 2
+    tokenizer.pad_token_id = 0
+    assert nemo_pad_id(tokenizer) == 1
+
+
+@pytest.mark.parametrize("recorded", [{}, {"mask_generation_prompt": True}, {"mask_reasoning_content": True},
+                                      {"mask_generation_prompt": True, "mask_reasoning_content": False}])
+def test_nemo_manifest_records_the_mask_options_the_build_applied(probs_cache, recorded):
+    manifest = read_manifest(probs_cache)
+    manifest = {**manifest, "identity": {**manifest["identity"], **recorded}}
+    written = nemo_manifest(probs_cache, manifest, 14)
+    assert written["mask_generation_prompt"] is recorded.get("mask_generation_prompt", False)
+    assert written["mask_reasoning_content"] is recorded.get("mask_reasoning_content", False)
 
 
 def test_nemo_export_of_a_topk_cache_stores_values_and_indices(tmp_path):
@@ -68,6 +111,17 @@ def test_nemo_export_of_a_topk_cache_stores_values_and_indices(tmp_path):
     rebuilt = torch.zeros_like(want).scatter(-1, shard["target_probs_indices"].long(), shard["target_probs_values"])
     assert torch.equal(rebuilt, want)
     assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["target_probs_topk"] == 8
+
+
+def test_nemo_export_of_a_topk_covering_the_draft_vocabulary_is_dense(tmp_path):
+    """K >= Vd compresses nothing: NeMo's reader expects dense target_probs then."""
+    cache = build(small_config(tmp_path / "cache", target_format="topk", topk=300), progress=False).output_dir
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    shard = read_safetensors(tmp_path / "nemo" / "shard-000000.safetensors")
+    assert "target_probs_values" not in shard and "target_probs_indices" not in shard
+    want = collate_nemo(list(load_cache(cache, layout="nemo", streaming=False))[:4], pad_to=96)["target_probs"]
+    assert shard["target_probs"].shape == (4, 96, 300) and torch.equal(shard["target_probs"], want)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["target_probs_topk"] == 300
 
 
 def test_specforge_export(hidden_cache, tmp_path):
@@ -82,9 +136,34 @@ def test_specforge_export(hidden_cache, tmp_path):
         assert torch.equal(sample["hidden_state"], row["final_hidden"][None]) and sample["hidden_state"].shape == (1, row["num_tokens"], 64)
         assert torch.equal(sample["aux_hidden_state"], row["aux_hidden_states"][None])
     mapping = torch.load(out / "vocab_mapping.pt", weights_only=True)
-    selected = torch.nonzero(mapping["t2d"]).squeeze(-1)
-    assert mapping["t2d"].dtype == torch.bool and mapping["t2d"].sum() == 300
-    assert torch.equal(torch.sort(mapping["d2t"] + torch.arange(300)).values, selected)
+    assert mapping["t2d"].dtype == torch.bool and mapping["t2d"].shape == (1024,) and mapping["t2d"].sum() == 300
+    assert mapping["d2t"].dtype == torch.int64 and mapping["d2t"].shape == (300,)
+
+
+def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cache, tmp_path):
+    """Computed SpecForge's way -- target = softmax(lm_head(hidden_state)[..., t2d]), draft column i
+    <-> token i + d2t[i] -- an exported sample's supervision is the probs cache's, column by token id."""
+    out = export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
+    mapping = torch.load(out / "vocab_mapping.pt", weights_only=True)
+    lm_head = AutoModelForCausalLM.from_pretrained(resolve_target("tiny-llama"), dtype=torch.float32).lm_head
+    draft_token = torch.arange(300) + mapping["d2t"]  # SpecForge's meaning of its draft column i
+    assert torch.equal(mapping["t2d"].nonzero().squeeze(-1), draft_token)  # the columns t2d picks, in its order
+    column_of_token = torch.full((1024,), -1, dtype=torch.long)
+    column_of_token[draft_token] = torch.arange(300)
+    selected = read_vocab(probs_fp32_cache)["selected_token_ids"]  # the probs cache's columns (NeMo's order)
+    columns = column_of_token[selected.long()]
+    assert (columns >= 0).all() and not torch.equal(columns, torch.arange(300))  # same tokens, other order
+    probs_rows = list(load_cache(probs_fp32_cache, layout="raw", streaming=False))
+    for i, row in enumerate(probs_rows):
+        sample = torch.load(out / f"data_{i}.ckpt", weights_only=True)
+        assert torch.equal(sample["input_ids"], row["input_ids"].long())
+        loss = sample["loss_mask"].bool()
+        with torch.no_grad():
+            logits = lm_head(sample["hidden_state"][0][loss])
+        specforge_target = torch.softmax(logits[..., mapping["t2d"]], dim=-1)
+        # fp32 of the same logits, summed in another column order (and a per-sample head matmul
+        # against the build's batched one): equal up to rounding; a wrong column is ~1e-2 off.
+        torch.testing.assert_close(specforge_target[:, columns], row["target_probs"], rtol=1e-5, atol=1e-7)
 
 
 def test_export_errors_are_clear(probs_cache, tmp_path):

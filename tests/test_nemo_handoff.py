@@ -1,0 +1,172 @@
+"""`export --to nemo` handed to NeMo Automodel itself: its train_eagle3 recipe accepts the export
+with its default options, and its `CachedEagle3Dataset` yields, sample for sample, what it yields
+over NeMo's own `precompute_eagle3` cache of the same target, data and flags.
+
+NeMo's precompute runs here on CPU with one change: its model loader (CUDA-only) is swapped for
+`transformers.AutoModelForCausalLM`. Everything else (tokenizer, chat dataset, loss masks, draft
+vocabulary, target forward, shard writer) is NeMo's own code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from builder.build import build
+from builder.config import BuildConfig
+from builder.embedded import EMBEDDED_INPUTS, resolve_target
+from builder.export import export_cache
+from builder.reader import load_cache
+
+precompute_eagle3 = pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")
+eagle3_cache = pytest.importorskip("nemo_automodel.components.datasets.llm.eagle3_cache")
+train_eagle3 = pytest.importorskip("nemo_automodel.recipes.llm.train_eagle3")
+ConfigNode = pytest.importorskip("nemo_automodel.components.config.loader").ConfigNode
+
+SEQ_LENGTH = 224  # two of the chats below are longer (truncated), the others shorter (padded)
+DRAFT_VOCAB = 300
+# A handful of the sample chats in both row formats, with roles NeMo's chat dataset accepts.
+CHATS = {"sample-sharegpt": ("sg-000", "sg-001", "sg-002", "sg-004", "sg-007"), "sample-openai": ("oa-003", "oa-004", "oa-010")}
+BUILD_HAS_MASK_FLAGS = "mask_generation_prompt" in {f.name for f in dataclasses.fields(BuildConfig)}
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    lines = []
+    for name, ids in CHATS.items():
+        rows = [json.loads(line) for line in EMBEDDED_INPUTS[name].read_text().splitlines() if line.strip()]
+        lines += [json.dumps(row) for row in rows if row["id"] in ids]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_nemo_precompute(target: str, chats, out, mask_generation_prompt: bool) -> None:
+    flags = ["--mask-generation-prompt"] if mask_generation_prompt else []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precompute_eagle3, "NeMoAutoModelForCausalLM", AutoModelForCausalLM)
+        code = precompute_eagle3.main([
+            "--target-model", target, "--input-data", str(chats), "--output-dir", str(out),
+            "--seq-length", str(SEQ_LENGTH), "--draft-vocab-size", str(DRAFT_VOCAB), "--batch-size", "2",
+            "--shard-size", "4", "--dtype", "fp32", "--device", "cpu", "--log-level", "WARNING", *flags,
+        ])
+    assert code == 0
+
+
+def build_and_export(target: str, chats, root, mask_generation_prompt: bool, **overrides):
+    flags = {"mask_generation_prompt": True} if mask_generation_prompt else {}
+    cfg = BuildConfig(
+        target_model=target, input_data=str(chats), output_dir=str(root / "cache"), seq_length=SEQ_LENGTH,
+        draft_vocab_size=DRAFT_VOCAB, shard_size=4, batch_size=2, dtype="fp32", **flags, **overrides,
+    )
+    cache = build(cfg, progress=False).output_dir
+    return cache, export_cache(cache, "nemo", root / "nemo-export", progress=False)
+
+
+# The embedded template's {% generation %} blocks never hold the assistant header, so NeMo's masks
+# are the same with and without --mask-generation-prompt (only the recorded option differs): both
+# runs must then yield the same tensors and record the option each was given.
+MASK_GENERATION_PROMPT = {"default-options": False, "mask-generation-prompt": True}
+
+
+@pytest.fixture(scope="module", params=list(MASK_GENERATION_PROMPT))
+def handoff(request, chats, tmp_path_factory):
+    mask_generation_prompt = MASK_GENERATION_PROMPT[request.param]
+    if mask_generation_prompt and not BUILD_HAS_MASK_FLAGS:
+        pytest.skip("this build has no --mask-generation-prompt option")
+    root = tmp_path_factory.mktemp(request.param)
+    target = resolve_target("tiny-llama")
+    run_nemo_precompute(target, chats, root / "nemo-own", mask_generation_prompt)
+    cache, export = build_and_export("tiny-llama", chats, root, mask_generation_prompt)
+    return SimpleNamespace(target=target, theirs=root / "nemo-own", export=export, cache=cache, mask_generation_prompt=mask_generation_prompt)
+
+
+def recipe_config(mask_generation_prompt: bool = False) -> ConfigNode:
+    settings = {"micro_batch_size": 2}
+    if mask_generation_prompt:
+        settings["mask_generation_prompt"] = True  # otherwise the recipe's own default (False) applies
+    return ConfigNode(settings)
+
+
+def setup_cached_target(export, target: str, recipe_cfg: ConfigNode):
+    """The recipe's offline-cache setup (`TrainEagle3Recipe._setup_cached_target`): manifest checks
+    against its options, draft vocabulary, target embeddings, the cached dataloader."""
+    recipe = SimpleNamespace(cached_target_path=str(export), dist_env=SimpleNamespace(world_size=1, is_main=True))
+    selected, mask = train_eagle3.TrainEagle3Recipe._setup_cached_target(recipe, recipe_cfg, AutoConfig.from_pretrained(target))
+    return recipe, selected, mask
+
+
+def test_recipe_accepts_the_export(handoff):
+    """With its default options (or, for a build with --mask-generation-prompt, that option set)."""
+    recipe, selected, mask = setup_cached_target(handoff.export, handoff.target, recipe_config(handoff.mask_generation_prompt))
+    ours, theirs = eagle3_cache.read_manifest(str(handoff.export)), eagle3_cache.read_manifest(str(handoff.theirs))
+    assert torch.equal(selected, torch.tensor(theirs["selected_token_ids"])) and int(mask.sum()) == DRAFT_VOCAB
+    assert torch.equal(recipe._cached_embed_source.weight, eagle3_cache.read_target_embeddings(str(handoff.theirs)))
+    assert len(recipe.train_dataloader.dataset) == theirs["num_samples"]
+    # Every field NeMo records, with NeMo's value, except the names the two runs were given.
+    named = {"target_model", "input_data", "split"}
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if k not in named} == {k: v for k, v in theirs.items() if k not in named}
+    assert ours["mask_generation_prompt"] is handoff.mask_generation_prompt and ours["mask_reasoning_content"] is False
+
+
+def test_recipe_refuses_the_export_under_other_mask_options(handoff):
+    other = not handoff.mask_generation_prompt
+    with pytest.raises(ValueError, match=rf"was built with mask_generation_prompt={not other}, but the recipe sets mask_generation_prompt={other}"):
+        setup_cached_target(handoff.export, handoff.target, recipe_config(other))
+
+
+def assert_same_floats(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """fp32 values of the same forward. The two runs batch differently (NeMo: pairs in file order
+    padded to seq_length; the builder: length-sorted token-budget batches), and CPU kernels round
+    differently per batch shape: measured at most 3e-8 (aux) and 6e-7 (probs), most samples
+    bit-identical. Any misalignment (a shift, a column order, a wrong mask) is orders larger."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_nemo_reader_yields_nemo_own_cache(handoff):
+    """Sample for sample (NeMo keeps a local file's order; ours is the build's permutation, so
+    samples are matched by their row in the input): ids, masks everywhere; aux states where
+    attention_mask is 1 (NeMo also stores them at padding); target_probs where position_mask is
+    set (NeMo also stores them at unsupervised positions); equal up to fp32 rounding."""
+    ours, theirs = eagle3_cache.CachedEagle3Dataset(str(handoff.export)), eagle3_cache.CachedEagle3Dataset(str(handoff.theirs))
+    order = [row["source_index"] for row in load_cache(handoff.cache, layout="raw", streaming=False, columns=["source_index"])]
+    assert len(ours) == len(theirs) == len(order) and sorted(order) == list(range(len(theirs)))
+    lengths = []
+    for i, source_index in enumerate(order):
+        a, b = ours[i], theirs[source_index]
+        for key in ("input_ids", "attention_mask", "loss_mask", "position_mask"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (source_index, key)
+        real, supervised = b["attention_mask"].bool(), b["position_mask"].squeeze(-1)
+        assert_same_floats(a["aux_hidden_states"][real], b["aux_hidden_states"][real])
+        assert_same_floats(a["target_probs"][supervised], b["target_probs"][supervised])
+        assert not a["target_probs"][~a["loss_mask"].bool()].any()  # ours: zero outside the loss mask
+        lengths.append(int(real.sum()))
+    # Both ends of the shifted-ids rule are exercised: padded samples and truncated ones.
+    assert min(lengths) < SEQ_LENGTH and lengths.count(SEQ_LENGTH) == 2
+    assert sum(int(theirs[i]["position_mask"].sum()) for i in range(len(theirs))) > 0
+
+
+def test_topk_covering_the_draft_vocabulary_exports_dense(chats, tmp_path_factory):
+    """--topk >= Vd keeps every column: the export stores target_probs dense (NeMo's reader
+    rebuilds top-k factorizations only when K < Vd), equal to NeMo's own probs up to fp32 rounding."""
+    root = tmp_path_factory.mktemp("topk-dense")
+    run_nemo_precompute(resolve_target("tiny-llama"), chats, root / "nemo-own", False)
+    cache, export = build_and_export("tiny-llama", chats, root, False, target_format="topk", topk=DRAFT_VOCAB)
+    manifest = eagle3_cache.read_manifest(str(export))
+    assert manifest["target_probs_topk"] == DRAFT_VOCAB and not eagle3_cache.is_compressed(DRAFT_VOCAB, DRAFT_VOCAB)
+    ours, theirs = eagle3_cache.CachedEagle3Dataset(str(export)), eagle3_cache.CachedEagle3Dataset(str(root / "nemo-own"))
+    assert not ours._compressed
+    order = [row["source_index"] for row in load_cache(cache, layout="raw", streaming=False, columns=["source_index"])]
+    for i, source_index in enumerate(order):
+        a, b = ours[i], theirs[source_index]
+        supervised = b["position_mask"].squeeze(-1)
+        assert torch.equal(a["position_mask"], b["position_mask"])
+        assert a["target_probs"].shape == b["target_probs"].shape == (SEQ_LENGTH, DRAFT_VOCAB)
+        assert_same_floats(a["target_probs"][supervised], b["target_probs"][supervised])
