@@ -4,10 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-cache
-# The CPU build of torch on machines without an NVIDIA GPU (it lies in /opt/wheels on
-# our dev/CI machines); the default (CUDA) build where nvidia-smi finds a GPU.
+# The CPU build of torch on machines without an NVIDIA GPU; the default (CUDA) build where
+# nvidia-smi finds a GPU. A folder of local wheels can be given with FIND_LINKS=--find-links DIR
+# (pip also reads PIP_FIND_LINKS).
 TORCH_SPEC := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
-FIND_LINKS := $(shell [ -d /opt/wheels ] && echo --find-links /opt/wheels)
+FIND_LINKS ?=
 
 .PHONY: demo test bench clean
 

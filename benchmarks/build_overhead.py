@@ -1,4 +1,4 @@
-"""End-to-end build throughput against the bare target forward on the same batches (issue 4).
+"""End-to-end build throughput against the bare target forward on the same batches.
 
 For each target, in one process:
 

@@ -1,41 +1,36 @@
 #!/usr/bin/env bash
-# GPU check (issue 4, item 7): one script, under 8 minutes, on an NVIDIA GPU machine that has
-# torch, transformers, accelerate, pyarrow and huggingface_hub but NOT `datasets`, and no network.
+# GPU check: one script, under 8 minutes, on an NVIDIA GPU machine where the project is installed
+# (`make test` or `make demo` once creates .venv with the CUDA build of torch).
 #
-#   1. installs `datasets` and the pure-python packages it needs that such a machine lacks
-#      (dill, multiprocess; xxhash and fsspec if missing) from wheels carried in .whl/
-#      (benchmarks/fetch_gpu_wheels.sh fetches them on a machine with PyPI);
-#   2. build_overhead.py: build tokens/s over bare forward tokens/s on the same batches, for the
+#   1. build_overhead.py: build tokens/s over bare forward tokens/s on the same batches, for the
 #      embedded tiny target and for a ~1B-parameter random-weight Llama in bf16 on the GPU
 #      (hidden 2048, 20 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000: 1.01B
 #      parameters), seq 2048, the sample chats repeated to 1,200 rows, topk K=64 over a
-#      32,000-token draft vocabulary (~12.5 KB per token written), token budget 32,768;
-#   3. io_throughput.py: shard writer vs plain write, reader vs plain read, on this host's disk;
-#   4. with >= 2 GPUs: scaling.py, 1 GPU vs 2 data-parallel processes, and one process whose
+#      32,000-token draft vocabulary, token budget 32,768;
+#   2. io_throughput.py: shard writer vs plain write, reader vs plain read, on this host's disk;
+#   3. with >= 2 GPUs: scaling.py, 1 GPU vs 2 data-parallel processes, and one process whose
 #      target spans 2 GPUs (--gpus-per-target 2); with fewer: "skipped: needs 2 GPUs".
 #
-# Figures go to $OUT/gpu_check.json (./gpu_results/gpu_check.json when OUT is unset), one JSON
-# per step beside it, and the log to gpu_check.log. Every step has its own timeout; a failed
-# step is recorded and the next one still runs; the exit status is 1 if any step failed.
+# Figures go to $GPU_CHECK_OUT/gpu_check.json (default ./gpu_results), one JSON per step beside
+# it, and the log to gpu_check.log. Every step has its own timeout; a failed step is recorded and
+# the next one still runs; the exit status is 1 if any step failed.
 #
 # Run (repository root):   bash benchmarks/gpu_check.sh
-# Dry run on a CPU machine: GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_SMALL=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+# Dry run on a CPU machine: GPU_CHECK_ALLOW_CPU=1 GPU_CHECK_SMALL=1 bash benchmarks/gpu_check.sh
 #   GPU_CHECK_ALLOW_CPU=1   run without a GPU (otherwise the script stops: nothing to check)
 #   GPU_CHECK_SMALL=1       shrink every size (a ~10M-parameter target, few rows) to check the plumbing
-#   GPU_CHECK_WHEELS=DIR    wheels folder (default .whl); GPU_CHECK_FORCE_INSTALL=1 installs even if datasets imports
 #   GPU_CHECK_FAKE_GPUS=N   pretend N GPUs (dry runs of the 2-GPU branch's bookkeeping only)
 #   GPU_CHECK_STEPS=a,b     run only these of build_overhead,io_throughput,scaling (default: all)
+#   PYTHON=...              the interpreter (default .venv/bin/python, else python3)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-OUT_DIR=${OUT:-$REPO/gpu_results}
+OUT_DIR=${GPU_CHECK_OUT:-$REPO/gpu_results}
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
-PY=${PYTHON:-python3}
-WHEELS=${GPU_CHECK_WHEELS:-.whl}
+if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 SMALL=${GPU_CHECK_SMALL:-0}
-SITE=${GPU_CHECK_SITE:-/tmp/eagle3-gpu-check-site}
 START=$(date +%s)
 declare -A STEP_RC STEP_S
 FAILED=0
@@ -61,23 +56,7 @@ if [ "$GPUS" -lt 1 ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
   exit 2
 fi
 
-# ---- datasets from carried wheels ---------------------------------------------------------------
-if [ "${GPU_CHECK_FORCE_INSTALL:-0}" = 1 ] || ! $PY -c 'import datasets' >/dev/null 2>&1; then
-  if ! ls "$WHEELS"/datasets-*.whl >/dev/null 2>&1; then
-    log "datasets needs installing and $WHEELS/ holds no datasets wheel: run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable, and carry .whl"
-    exit 3
-  fi
-  wanted=("$WHEELS"/datasets-*.whl "$WHEELS"/dill-*.whl "$WHEELS"/multiprocess-*.whl)
-  for opt in xxhash fsspec; do  # installed only where the machine lacks them
-    if ! $PY -c "import $opt" >/dev/null 2>&1; then
-      if ls "$WHEELS"/"$opt"-*.whl >/dev/null 2>&1; then wanted+=("$WHEELS"/"$opt"-*.whl)
-      else log "$opt is missing and $WHEELS/ has no wheel of it"; exit 3; fi
-    fi
-  done
-  log "installing ${wanted[*]##*/} into $SITE (--no-index --no-deps)"
-  timeout 120 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wanted[@]}" 2>&1 | tee -a "$LOG"
-  export PYTHONPATH="$SITE:$PYTHONPATH"
-fi
+# ---- what is installed --------------------------------------------------------------------------
 $PY - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib
 for name in ("torch", "transformers", "accelerate", "pyarrow", "huggingface_hub", "datasets", "dill", "multiprocess", "fsspec", "xxhash"):

@@ -1,4 +1,4 @@
-"""Streaming a cache from the Hub vs reading it locally (issue 5).
+"""Streaming a cache from the Hub vs reading it locally.
 
 Builds one cache (the embedded tiny target over the 300 sample chats, seq 512, bf16, 6
 shards), pushes it to a loopback Hub (tests/hub_server.py) running in its own process on

@@ -1,5 +1,5 @@
-"""Peak RSS of a build at 1x and 2x input (issue 3: "Memory: peak RSS grows by less than 10%
-when the input doubles").
+"""Peak RSS of a build at 1x and 2x input: peak RSS must grow by less than 10% when the input
+doubles.
 
 The sample chats repeated verbatim to 600 and 1200 rows (temp JSONL files), built with
 shard size 100, row groups of 4 MiB, seq_length 512, draft vocab 256 (bf16). Every

@@ -45,7 +45,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
         if name == "tokenize_throughput":
             by = {(c["path"], c["num_proc"]): c for c in data["configs"]}
             f = data["forward"]
-            lines.append(f"tokenize_throughput{took} (issue 2): {data['rows']:,} rows, seq {data['seq_length']}")
+            lines.append(f"tokenize_throughput{took}: {data['rows']:,} rows, seq {data['seq_length']}")
             for (path_kind, num_proc), c in by.items():
                 per_core = (f", {c['samples_per_s'] / f['one_thread_forward_samples_per_s']:.1f}x its 1-thread forward"
                             if num_proc == 1 and "one_thread_forward_samples_per_s" in f else "")
@@ -55,7 +55,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"{c['samples_per_s'] / f['forward_samples_per_s']:.1f}x the tiny target's forward samples/s{per_core}"
                 )
         elif name == "cache_size":
-            lines.append(f"cache_size{took} (issue 3): seq {data['seq_length']}, {data['dtype']}, embedded default")
+            lines.append(f"cache_size{took}: seq {data['seq_length']}, {data['dtype']}, embedded default")
             for b in data["builds"]:
                 lines.append(
                     f"  Vd {b['draft_vocab']:>5}: {b['bytes_per_token']:,.0f} B/token vs reference {b['reference_bytes_per_token']:,.0f} "
@@ -71,7 +71,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             base = data["baseline"]["VmHWM"] / 2**20
             peaks = {k: [run["VmHWM"] / 2**20 for run in v] for k, v in data["build"].items()}
             verdict = "MET" if r["meets_target_under_10_percent"] else "NOT MET"
-            lines.append(f"peak_rss{took} (issue 3): rows {data['rows']}")
+            lines.append(f"peak_rss{took}: rows {data['rows']}")
             lines.append(
                 f"  build peak RSS grows {r['build_peak_growth_percent']:+.1f}% when the input doubles (target < 10%: {verdict}); "
                 f"1x {', '.join(f'{v:.0f}' for v in peaks['1x'])} MiB, 2x {', '.join(f'{v:.0f}' for v in peaks['2x'])} MiB"
@@ -83,7 +83,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                    if r.get("build_peak_run_to_run_spread_percent") is not None else "")
             )
         elif name == "build_overhead":
-            lines.append(f"build_overhead{took} (issue 4): build tokens/s / bare model() tokens/s, same batches, "
+            lines.append(f"build_overhead{took}: build tokens/s / bare model() tokens/s, same batches, "
                          f"{data.get('torch_threads', '?')} torch thread(s)")
             for c in data["cases"]:
                 verdict = ""
@@ -99,7 +99,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
         elif name == "io_throughput":
             mb = data["mb_per_s"]
             ok = lambda key: "MET" if r.get(key) else "NOT MET"  # noqa: E731
-            lines.append(f"io_throughput{took} (issue 4): {data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}")
+            lines.append(f"io_throughput{took}: {data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}")
             lines.append(f"  writer / plain write+fsync: {r['writer_over_plain_write']:.3f} (target >= 0.7: {ok('writer_meets_0_7')}); "
                          f"{mb['writer']:,.0f} vs {mb['plain_write']:,.0f} MB/s")
             lines.append(f"  reader / plain read, cold: {r['reader_over_plain_read_cold']:.3f} (target >= 0.5: {ok('reader_cold_meets_0_5')}); "
@@ -107,7 +107,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                          f"{r['pyarrow_read_over_plain_read_cold']:.2f} cold, {r['pyarrow_read_over_plain_read_warm']:.2f} warm")
         elif name == "scaling":
             best = data["best"]
-            lines.append(f"scaling{took} (issue 4): {data['cores']} cores, OMP_NUM_THREADS=1 per process")
+            lines.append(f"scaling{took}: {data['cores']} cores, OMP_NUM_THREADS=1 per process")
             for case, b in best.items():
                 if case == "one":
                     continue
@@ -115,7 +115,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                              f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
                              f"identical shards: {data['identical_shards']}")
         elif name == "format_sizes":
-            lines.append(f"format_sizes{took} (issue 6): Llama-3.1-8B extrapolation, reference / cache per 2,048-token sample")
+            lines.append(f"format_sizes{took}: Llama-3.1-8B extrapolation, reference / cache per 2,048-token sample")
             lines.append("  " + ", ".join(f"{p['target_format']}/{p['aux_dtype']} {p['ratio_reference_over_cache']:.1f}x "
                                           f"({p['bytes_per_sample'] / 1e6:,.0f} MB)" for p in data["projections"]))
         elif name == "collate_throughput":

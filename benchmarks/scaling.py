@@ -1,4 +1,4 @@
-"""One process against two on the same input (issue 4: data parallel under `accelerate launch`).
+"""One process against two on the same input (data parallel under `accelerate launch`).
 
 The same build runs as
 

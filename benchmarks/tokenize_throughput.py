@@ -1,4 +1,4 @@
-"""Tokenization + loss masking throughput (issue 2: "tokenizing is not the bottleneck").
+"""Tokenization + loss masking throughput: tokenizing must not be the bottleneck.
 
 Measures `builder.tokenize.tokenize_rows` (the cached `datasets.map` the build runs) on the
 embedded sample conversations repeated verbatim to 3000 rows (a temp JSONL; nothing varies

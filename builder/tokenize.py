@@ -1,4 +1,4 @@
-"""Conversations -> (input_ids, loss_mask), per DESIGN §2, and the cached `datasets.map` over them.
+"""Conversations -> (input_ids, loss_mask), per the contract in docs/supervision.md, and the cached `datasets.map` over them.
 
 The mask follows NeMo Automodel's chat formatting, so a cache supervises exactly what its
 trainer would. Assistant tokens come from

@@ -1,4 +1,4 @@
-"""Draft vocabulary from token ids alone (no model weights), per DESIGN §2.
+"""Draft vocabulary from token ids alone (no model weights), per docs/supervision.md.
 
 Order: the tokenizer's valid special ids (bos, eos, pad, unk; deduplicated), then the other
 tokens by descending count over loss-masked tokens (ties: lower id first), then unseen ids

@@ -1,6 +1,6 @@
-"""The bad-input matrix (issue 7, item 3), end to end through `eagle3-cache build`.
+"""The bad-input matrix, end to end through `eagle3-cache build`.
 
-Every case has one of two outcomes (DESIGN §5):
+Every case has one of two outcomes:
 
 - **skipped and counted**: the bad row is left out, `manifest["skipped"]` counts it under
   its reason, the valid rows are still built; with `--strict` the same input stops with

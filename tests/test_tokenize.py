@@ -1,4 +1,4 @@
-"""Tokenization and loss mask (DESIGN §2): generation blocks vs prefix spans, truncation,
+"""Tokenization and loss mask (docs/supervision.md): generation blocks vs prefix spans, truncation,
 template failures, and the cached `datasets.map`. (The two mask options on other template
 styles, and the comparison with NeMo Automodel: tests/test_masks.py.)"""
 
