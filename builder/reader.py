@@ -167,7 +167,7 @@ class SampleDecoder:
 
     def __init__(self, source, manifest: dict, layout_name: str, *, draft_vocab_size: int | None = None,
                  spread_tail: bool = False, aux_dtype: torch.dtype | None = None):
-        from .formats import Layout, head_transform_from
+        from .formats import Layout, head_bias, head_transform_from
 
         self.decode = RowDecoder(manifest)
         self.layout = Layout(**manifest["layout"])
@@ -179,8 +179,8 @@ class SampleDecoder:
         selected, self.draft_rows, self.transform = vocab["selected_token_ids"], None, None
         if self.layout.target_format == "hidden":
             head = _read_safetensors(source, manifest["lm_head_file"]["path"])
-            self.transform = head_transform_from(manifest.get("head_transform"))
             selected, self.draft_rows = _draft_rows(manifest, vocab, head, draft_vocab_size)
+            self.transform = head_transform_from(manifest.get("head_transform"), head_bias(head, selected))
         elif draft_vocab_size not in (None, len(selected)):
             raise ValueError(
                 f"draft_vocab_size: a {self.layout.target_format} cache holds supervision for its {len(selected)}-token "
