@@ -12,7 +12,13 @@ import json
 import pytest
 import torch
 from helpers import decoded_rows, small_config
-from tiny_targets import ARCHITECTURES, _init_weights, _text_settings, make_tiny_target, tiny_tokenizer
+from tiny_targets import (
+    ARCHITECTURES,
+    _init_weights,
+    _text_settings,
+    make_tiny_target,
+    tiny_tokenizer,
+)
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
@@ -127,7 +133,7 @@ HEAD_TERM_TARGETS = {
     # muP: HyperCLOVA X multiplies by its logits_scaling where Granite divides, so it is recorded as a scale
     "hyperclovax": (lambda tok: HyperCLOVAXConfig(**_text_settings(tok, logits_scaling=0.5)), {"logit_scale": 0.5}),
 }
-FEW = dict(batch_size=1, max_tokens_per_batch=96, max_samples=6, shard_size=6, aux_layer_ids=(0, 2, 4))
+FEW = {"batch_size": 1, "max_tokens_per_batch": 96, "max_samples": 6, "shard_size": 6, "aux_layer_ids": (0, 2, 4)}
 HIDDEN_REBUILD_TOLERANCE = (1e-5, 1e-7)  # probs recomputed at read time by another matmul shape
 
 
