@@ -7,6 +7,7 @@ in the builder cannot agree with itself.
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -27,6 +28,7 @@ from transformers import (
     GraniteConfig,
     HyperCLOVAXConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     PhiConfig,
 )
 
@@ -200,20 +202,18 @@ def test_hidden_cache_applies_the_lm_head_bias(tmp_path):
     check_against_live(result, target, torch.float32, cached=rows, selected=smaller, probs_tolerance=HIDDEN_REBUILD_TOLERANCE)
 
 
-# A target with custom code whose forward applies terms no config key names: an output multiplier
-# and a per-token bias added after lm_head (as BART's final_logits_bias).
-CUSTOM_HEAD_CODE = """
-import torch
-from transformers import LlamaForCausalLM
-
-
 class CustomHeadForCausalLM(LlamaForCausalLM):
+    """Custom code whose forward applies terms no config key names: an output multiplier and a
+    per-token bias added after lm_head (as BART's final_logits_bias)."""
+
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         bias = torch.linspace(-1.0, 1.0, out.logits.shape[-1], device=out.logits.device) * self.config.extra_bias
         out.logits = out.logits * self.config.extra_multiplier + bias
         return out
-"""
+
+
+CUSTOM_HEAD_CODE = "import torch\nfrom transformers import LlamaForCausalLM\n\n\n" + inspect.getsource(CustomHeadForCausalLM)
 
 
 @pytest.mark.parametrize("term", [{"extra_multiplier": 0.5, "extra_bias": 0.0}, {"extra_multiplier": 1.0, "extra_bias": 2.0}],
@@ -229,3 +229,25 @@ def test_a_logit_term_the_head_path_misses_is_refused_before_anything_is_written
                                            r"from the builder's head path \(lm_head\) by up to \d[\d.e+-]* \(tolerance [\d.e+-]+ for float32\)"):
         build(small_config(out, target, trust_remote_code=True, **FEW), progress=False)
     assert not (out / "data").exists() and not (out / "README.md").exists()
+
+
+def test_head_check_tolerates_bf16_rounding_yet_catches_a_missing_term():
+    """In bf16 the two computations of the logits differ by rounding only: every family with a
+    known term passes, while a term the head path misses (custom code) is still refused."""
+    from builder.target import Target
+
+    tok = tiny_tokenizer()
+    probe = torch.arange(5, 69)[None]
+    for arch, (make_config, _) in HEAD_TERM_TARGETS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make_config(tok), dtype=torch.float32)
+        _init_weights(model, 0)
+        target = Target(model.to(torch.bfloat16).eval(), [1, 2, 4])
+        assert target.check_head(probe) <= 4 * torch.finfo(torch.bfloat16).eps, arch
+        target.close()
+    config = LlamaConfig(**_text_settings(tok), extra_multiplier=0.8, extra_bias=0.0)  # a milder term than above
+    torch.manual_seed(0)
+    model = CustomHeadForCausalLM(config)
+    _init_weights(model, 0)
+    with pytest.raises(HeadMismatch, match=r"the llama \(CustomHeadForCausalLM\) .* \(tolerance [\d.e+-]+ for bfloat16\)"):
+        Target(model.to(torch.bfloat16).eval(), [1, 2, 4]).check_head(probe)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import assert_same_content, decoded_rows
 
 from builder.build import FAULT_ENV
