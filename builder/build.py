@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,7 +30,7 @@ from .formats import encode_aux, encode_targets, head_transform_from, quality_of
 from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
 from .prepare import Prepared, prepare
 from .shards import shard_name, shard_row_count
-from .target import Target, compute_device, head_spec, load_model
+from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec, load_model
 from .errors import ConfigError, DiskFull, Eagle3CacheError
 from .lock import CacheLock
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
@@ -37,6 +38,7 @@ from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
 WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
+FAULT_ENV = "EAGLE3_CACHE_FAULT"  # test hook naming a point at which the build kills itself (see FaultPoints)
 
 
 @dataclass
@@ -199,22 +201,31 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     model = load_placed_model(prep)
     result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
+    head = HeadRows.of(target, prep.selected_token_ids)
+    try:
+        check_head(prep, target, head)  # before any file is written
+    except BaseException:
+        target.close()
+        raise
     (out / "data").mkdir(parents=True, exist_ok=True)
     if prep.cfg.target_format == "hidden" and result.rank == 0:
         write_head_rows(out, prep, target)
     progress = Progress(prep, out, show_progress)
-    head = HeadRows.of(target, prep.selected_token_ids)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
+    faults = FaultPoints()
+
     def shard_done(info: dict) -> None:  # on the writer thread, right after the rename
         progress.shard_done(info)
         if uploader is not None:  # blocks while one shard already waits: bounds local disk
             uploader.upload(out / "data" / info["name"], info["sha256"])
+        faults.reached("after_shard")
 
-    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=shard_done, strict=prep.cfg.strict)
+    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=shard_done, strict=prep.cfg.strict,
+                              shard_record={"batching": batching_record(prep)})
     try:
         for k in pending:
-            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head)
+            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head, faults)
             result.written.append(names[k])
         writer.finish()
     except BaseException:
@@ -223,6 +234,39 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     finally:
         target.close()
         progress.close()
+
+
+def check_head(prep: Prepared, target: Target, head: HeadRows) -> None:
+    """The head path must reproduce the target's own logits (on the first sample's first tokens)."""
+    if not len(prep.samples):
+        return
+    probe = torch.as_tensor(prep.samples[0]["input_ids"][:HEAD_PROBE_TOKENS])[None]
+    draft = (head.selected, head.draft_rows, head.transform) if prep.cfg.target_format == "hidden" else None
+    target.check_head(probe, draft)
+
+
+def batching_record(prep: Prepared) -> dict:
+    """The settings that decide which samples share a forward batch; recorded per shard, because a
+    resume may change them and `verify --recompute` must rebuild each shard's own batches."""
+    return {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget,
+            "row_group_bytes": prep.cfg.row_group_bytes}
+
+
+class FaultPoints:
+    """Crash tests: `EAGLE3_CACHE_FAULT=after_shard:3` (this run's 3rd shard published: renamed, with its
+    record) or `after_batch:5` (this run's 5th forward batch handed to the writer) SIGKILLs the process
+    right there, as a power cut would, instead of at a moment a test guesses from the clock."""
+
+    def __init__(self):
+        self.spec = os.environ.get(FAULT_ENV)
+        self.counts: dict[str, int] = {}  # one key per thread: after_batch (forward), after_shard (writer)
+
+    def reached(self, name: str) -> None:
+        if self.spec is None:
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.spec == f"{name}:{self.counts[name]}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_placed_model(prep: Prepared):
@@ -283,7 +327,8 @@ def read_device_map(spec: str) -> dict | str:
         raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
 
 
-def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress, head: HeadRows) -> None:
+def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress, head: HeadRows,
+                    faults: FaultPoints | None = None) -> None:
     start = shard * prep.cfg.shard_size
     rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
     writer.open_shard(path)
@@ -291,6 +336,8 @@ def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, pa
         for batch in forward_window(prep, target, window, head):
             writer.submit(batch)
             progress.batch_done(batch)
+            if faults is not None:
+                faults.reached("after_batch")
         writer.end_window(len(window))
     writer.close_shard()
 
@@ -401,14 +448,18 @@ class HeadRows:
     def of(cls, target: Target, selected_token_ids) -> "HeadRows":
         selected = torch.as_tensor(selected_token_ids, device=target.device)
         rows = target.head.weight.index_select(0, selected).float()
-        return cls(selected, rows, head_transform_from(head_spec(target.model.config)))
+        bias = target.head.bias.index_select(0, selected).float() if getattr(target.head, "bias", None) is not None else None
+        return cls(selected, rows, head_transform_from(head_spec(target.model.config), bias))
 
 
 def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
-    """vocab/lm_head.safetensors for `hidden` caches: the draft rows (and with --store-full-head all rows)."""
+    """vocab/lm_head.safetensors for `hidden` caches: the draft rows (and with --store-full-head all rows),
+    and the head's bias over the whole vocabulary when it has one."""
     tensors = {"draft_rows": target.head.weight.index_select(0, torch.as_tensor(prep.selected_token_ids, device=target.device)).float().cpu()}
     if prep.cfg.store_full_head:
         tensors["weight"] = target.head.weight.float().cpu()
+    if getattr(target.head, "bias", None) is not None:
+        tensors["bias"] = target.head.bias.float().cpu()
     path = out / LM_HEAD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

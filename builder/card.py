@@ -44,7 +44,12 @@ def head_files(out: Path, prep: Prepared) -> dict:
     """`hidden` caches: where the head rows are, and the logit transform a reader must apply."""
     if prep.cfg.target_format != "hidden":
         return {}
-    return {"lm_head_file": {"path": LM_HEAD_FILE, "sha256": file_sha256(out / LM_HEAD_FILE)}, "head_transform": head_spec(prep.model_config)}
+    from safetensors import safe_open
+
+    with safe_open(str(out / LM_HEAD_FILE), "pt") as head:
+        has_bias = "bias" in head.keys()
+    return {"lm_head_file": {"path": LM_HEAD_FILE, "sha256": file_sha256(out / LM_HEAD_FILE)},
+            "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias)}
 
 
 def merged_quality(shards: list[dict]) -> dict:
@@ -54,13 +59,13 @@ def merged_quality(shards: list[dict]) -> dict:
     return quality_report(merged)
 
 
-SHARD_FIELDS = ("name", "rows", "bytes", "sha256", "tokens", "loss_tokens", "argmax_in_vocab")
+SHARD_FIELDS = ("name", "rows", "bytes", "sha256", "tokens", "loss_tokens", "argmax_in_vocab", "batching")
 
 
 def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: list[dict] | None = None) -> dict:
     # Per-shard records stay small (a card with thousands of shards must parse fast); quality
     # histograms and failures are merged once below.
-    shards = [{k: s[k] for k in SHARD_FIELDS} for s in sidecars]
+    shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`: absent in older records
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)

@@ -42,3 +42,18 @@ class NonFiniteOutput(Eagle3CacheError):
 
 class DiskFull(Eagle3CacheError):
     """Writing failed for lack of space; complete shards stay valid."""
+
+
+class HeadMismatch(Eagle3CacheError):
+    """The builder's head path (`lm_head` plus the logit terms it knows) does not reproduce the
+    target's own `forward` logits: the model applies a term the builder does not know."""
+
+    def __init__(self, architecture: str, path: str, max_diff: float, tolerance: float, dtype: str):
+        super().__init__(
+            f"--target-model: the {architecture} target's own forward gives logits that differ from the builder's "
+            f"head path ({path}) by up to {max_diff:.3g} (tolerance {tolerance:.3g} for {dtype}), so a cache would "
+            "not match live supervision: the model applies a logit term (a bias, multiplier or cap after lm_head) "
+            "the builder does not know. Use a target whose logits are lm_head plus the terms builder.target.head_spec "
+            "reads, or add this architecture's term there."
+        )
+        self.architecture, self.max_diff, self.tolerance = architecture, max_diff, tolerance

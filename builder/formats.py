@@ -157,27 +157,41 @@ def probs_from_topk_restricted(logprobs: torch.Tensor, ids: torch.Tensor, new_co
     return dense[:, :draft_vocab_size], kept_mass
 
 
-def probs_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
-    """Dense `[n, Vd]` fp32 draft-vocab probs from final hidden rows and the head's draft rows."""
-    n = hidden_rows.shape[0]
-    padded = torch.nn.functional.pad(hidden_rows.float(), (0, 0, 0, -n % HEAD_ROWS))
-    out = []
+def _hidden_logit_chunks(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform):
+    padded = torch.nn.functional.pad(hidden_rows.float(), (0, 0, 0, -hidden_rows.shape[0] % HEAD_ROWS))
     for chunk in padded.split(HEAD_ROWS):
         logits = chunk @ draft_rows.float().T
-        if transform is not None:
-            logits = transform(logits)
-        out.append(torch.softmax(logits, dim=-1))
-    return torch.cat(out)[:n] if out else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
+        yield transform(logits) if transform is not None else logits
 
 
-def head_transform_from(spec: dict | None):
-    """The head transform recorded in the manifest, as a function (None for a plain linear head)."""
-    if not spec:
+def logits_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
+    """Draft-vocab logits `[n, Vd]` fp32 from final hidden rows and the head's draft rows, in fixed-shape chunks."""
+    chunks = list(_hidden_logit_chunks(hidden_rows, draft_rows, transform))
+    return torch.cat(chunks)[: hidden_rows.shape[0]] if chunks else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
+
+
+def probs_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
+    """Dense `[n, Vd]` fp32 draft-vocab probs from final hidden rows and the head's draft rows."""
+    out = [torch.softmax(logits, dim=-1) for logits in _hidden_logit_chunks(hidden_rows, draft_rows, transform)]
+    return torch.cat(out)[: hidden_rows.shape[0]] if out else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
+
+
+def head_transform_from(spec: dict | None, bias: torch.Tensor | None = None):
+    """The head transform recorded in the manifest, as a function (None for a plain linear head).
+    `bias`: the lm_head bias of the logits' columns, added first, as the head itself does."""
+    if spec and spec.get("lm_head_bias") and bias is None:
+        raise ValueError("the cache's head transform has an lm_head bias, but its lm_head file holds none: the file is not this cache's")
+    if not spec and bias is None:
         return None
+    spec = spec or {}
 
     def transform(logits):
+        if bias is not None:
+            logits = logits + bias.to(logits.device, logits.dtype)
         if spec.get("logit_scale") is not None:
             logits = logits * spec["logit_scale"]
+        if spec.get("lm_head_multiplier") not in (None, 1):
+            logits = logits * spec["lm_head_multiplier"]
         if spec.get("logits_scaling") not in (None, 1):
             logits = logits / spec["logits_scaling"]
         if spec.get("final_logit_softcapping") is not None:
@@ -186,6 +200,11 @@ def head_transform_from(spec: dict | None):
         return logits
 
     return transform
+
+
+def head_bias(head_file: dict, selected: torch.Tensor) -> torch.Tensor | None:
+    """The lm_head bias of the `selected` columns, from a `hidden` cache's head file (None without one)."""
+    return head_file["bias"].index_select(0, selected.long()) if "bias" in head_file else None
 
 
 def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_rows=None, transform=None, spread_tail=False) -> torch.Tensor:

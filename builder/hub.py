@@ -617,7 +617,9 @@ class ShardUploader:
         if first is None:
             return [], True
         items = [first]
-        while len(items) < SHARDS_PER_COMMIT:
+        # At most what the queue can hold: a shard handed over while this batch forms would otherwise
+        # join it, and the disk bound (max_pending queued + one uploading + one written) would not hold.
+        while len(items) < min(SHARDS_PER_COMMIT, self._queue.maxsize):
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:

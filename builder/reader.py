@@ -214,7 +214,7 @@ class SampleDecoder:
 
     def __init__(self, source, manifest: dict, layout_name: str, *, draft_vocab_size: int | None = None,
                  spread_tail: bool = False, aux_dtype: torch.dtype | None = None):
-        from .formats import Layout, head_transform_from
+        from .formats import Layout, head_bias, head_transform_from
         from .vocab import DraftVocab
 
         self.decode = RowDecoder(manifest)
@@ -227,7 +227,7 @@ class SampleDecoder:
         self.columns, self.draft_rows, self.transform = None, None, None
         if self.layout.target_format == "hidden":
             head = _read_safetensors(source, manifest["lm_head_file"]["path"])
-            self.transform = head_transform_from(manifest.get("head_transform"))
+            self.transform = head_transform_from(manifest.get("head_transform"), head_bias(head, selected))
             self.draft_rows = _draft_rows(head, selected, columns)
         elif columns is not None:
             self.columns = columns

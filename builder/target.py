@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .formats import head_transform_from
+from .errors import HeadMismatch, InputError
+from .formats import head_transform_from, logits_from_hidden
 from .supervision import compute_target_distribution
 
 HEAD_CHUNK_ROWS = 256
@@ -121,12 +121,34 @@ def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
     return min(found, key=lambda item: len(item[0]))[1]
 
 
-def head_spec(config) -> dict:
+# The logit terms transformers' *ForCausalLM.forward applies after lm_head, by the config key holding
+# them: logit_scale multiplies (Cohere), logits_scaling divides (Granite, MiniCPM3), lm_head_multiplier
+# multiplies (Falcon-H1), final_logit_softcapping caps (Gemma 2/3). Any other term is caught by
+# `Target.check_head` at start-up, before anything is written.
+HEAD_TERMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+LOGITS_SCALING_MULTIPLIES = frozenset({"hyperclovax"})  # muP: logits * logits_scaling, where Granite divides
+HEAD_PROBE_TOKENS = 64
+
+
+def head_spec(config, *, lm_head_bias: bool = False) -> dict:
     """Logit post-processing some families apply after `lm_head` (None when absent); recorded in the
-    manifest so that a reader of `hidden` caches applies it exactly as the build did."""
+    manifest so that a reader of `hidden` caches applies it exactly as the build did. `lm_head_bias`:
+    the cache's head file holds a bias the reader must add first."""
     cfg = text_config(config)
-    keys = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-    return {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else getattr(config, k, None) for k in keys}
+    spec = {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else getattr(config, k, None) for k in HEAD_TERMS}
+    if getattr(cfg, "model_type", None) in LOGITS_SCALING_MULTIPLIES and spec["logits_scaling"] is not None:
+        spec["logit_scale"], spec["logits_scaling"] = spec["logits_scaling"], None
+    return spec | ({"lm_head_bias": True} if lm_head_bias else {})
+
+
+def head_tolerance(dtype: torch.dtype) -> float:
+    """Largest difference, relative to the largest |logit| (at least 1), between two computations of
+    the same logits: a few roundings in half precision, matmul blocking in fp32."""
+    return max(4 * torch.finfo(dtype).eps, 1e-5)
+
+
+def architecture_name(model) -> str:
+    return f"{text_config(model.config).model_type} ({type(model).__name__})"
 
 
 class Target:
@@ -180,6 +202,35 @@ class Target:
         padded = torch.nn.functional.pad(hidden_rows, (0, 0, 0, -n % HEAD_CHUNK_ROWS))
         chunks = [self.transform(self.head(chunk)) for chunk in padded.split(HEAD_CHUNK_ROWS)]
         return torch.cat(chunks)[:n] if chunks else hidden_rows.new_zeros(0, self.vocab_size)
+
+    @torch.inference_mode()
+    def check_head(self, probe_ids: torch.Tensor, draft: tuple | None = None) -> float:
+        """Refuse (HeadMismatch) a target whose own `forward` logits on `probe_ids` `[1, T]` differ from the
+        head path's beyond the dtype's rounding; `draft` = (selected ids, head rows, transform) also checks
+        how `hidden` caches rebuild the draft-vocab logits. Returns the largest relative difference."""
+        ids = probe_ids.to(self.input_device)
+        attention = torch.ones_like(ids)
+        live = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        live = live.flatten(0, 1).to(self.device).float()
+        rows = self.forward(ids, attention)[1].flatten(0, 1)
+        finite = live.isfinite().all(-1)  # a NaN weight is --strict's business, not the head's
+        live, rows = live[finite], rows[finite]
+        if not len(rows):
+            return 0.0
+        spec = {k: v for k, v in head_spec(self.model.config).items() if v is not None}
+        checks = [(" + ".join(["lm_head", *(f"{k} {v}" for k, v in spec.items())]), self.logits_at(rows).float(), live)]
+        if draft is not None:
+            selected, draft_rows, transform = draft
+            checks.append(("the hidden format's rebuild: lm_head rows + bias + terms",
+                           logits_from_hidden(rows, draft_rows, transform), live.index_select(-1, selected)))
+        dtype, scale = self.head.weight.dtype, max(1.0, live.abs().max().item())
+        worst = 0.0
+        for path, ours, want in checks:
+            diff = (ours - want).abs().max().item() / scale
+            if not diff <= head_tolerance(dtype):  # NaN included
+                raise HeadMismatch(architecture_name(self.model), path, diff * scale, head_tolerance(dtype) * scale, str(dtype).removeprefix("torch."))
+            worst = max(worst, diff)
+        return worst
 
     @torch.inference_mode()
     def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids) -> dict:

@@ -4,7 +4,8 @@ Structural checks read every byte once: files present and no strays, sizes, sha2
 row counts, the identity's fingerprint (an edited manifest no longer matches it), per-row
 shapes against the manifest and finite values. `--recompute N` reruns the target on N
 random samples, rebuilding each one's exact forward batch from the cached rows (batches
-depend only on lengths and the recorded settings), so fp32 caches must match bit for bit.
+depend only on lengths and the shard's recorded batching, which a resume may have changed),
+so fp32 caches must match bit for bit.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     try:
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
+            batching = shard_batching(manifest, name)
             for index in (i for n, i in chosen if n == name):
-                problems += [f"data/{name}/{shard.row(index)['sample_id']}: {p}" for p in compare_live(target, manifest, shard, index, selected)]
+                problems += [f"data/{name}/{shard.row(index)['sample_id']}: {p}" for p in compare_live(target, manifest, shard, index, selected, batching)]
     finally:
         target.close()
     return problems
@@ -159,22 +161,29 @@ class ShardRows:
         return self.decode(self._rows[index - self.starts[group]])
 
 
-def batch_of(manifest: dict, lengths: list[dict], index: int) -> list[int]:
-    """Positions (in the shard) of the forward batch that produced row `index` at build time."""
+def shard_batching(manifest: dict, name: str) -> dict:
+    """The batch size, token budget and row-group bytes the shard was built with (a resume may have
+    changed them); caches recorded before shards carried them: the last run's settings."""
+    shard = next(s for s in manifest["shards"] if s["name"] == name)
     build = manifest["build"]
+    return shard.get("batching") or {k: build[k] for k in ("batch_size", "max_tokens_per_batch", "row_group_bytes")}
+
+
+def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:
+    """Positions (in the shard) of the forward batch that produced row `index` at build time."""
     per_token, per_loss = Layout(**manifest["layout"]).bytes_per_position()
-    for window in row_windows(lengths, per_token, per_loss, build["row_group_bytes"] * WINDOW_ROW_GROUPS):
-        for batch in plan_batches([r["num_tokens"] for r in window], build["max_tokens_per_batch"], build["batch_size"]):
+    for window in row_windows(lengths, per_token, per_loss, batching["row_group_bytes"] * WINDOW_ROW_GROUPS):
+        for batch in plan_batches([r["num_tokens"] for r in window], batching["max_tokens_per_batch"], batching["batch_size"]):
             members = [window[i]["position"] for i in batch]
             if index in members:
                 return members
     raise AssertionError(f"row {index} is in no batch")
 
 
-def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor) -> list[str]:
+def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor, batching: dict) -> list[str]:
     """Re-encode the live outputs of the sample's batch exactly as the build did, and compare."""
     layout = Layout(**manifest["layout"])
-    members = batch_of(manifest, shard.lengths, index)
+    members = batch_of(manifest, shard.lengths, index, batching)
     member_rows = [shard.row(i) for i in members]
     ids, attention, loss = pad_batch([r["input_ids"].tolist() for r in member_rows], [r["loss_mask"].tolist() for r in member_rows], manifest["build"].get("pad_token_id", 0))
     dev = target.device

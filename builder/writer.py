@@ -74,12 +74,14 @@ def encode_row(sample: dict, tensors: dict[str, torch.Tensor]) -> dict:
 class BackgroundWriter:
     """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
 
-    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False):
+    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False,
+                 shard_record: dict | None = None):
         self.schema = shard_schema(layout)
         self.in_vocab = in_vocab
         self.strict = strict
         self.row_group_bytes = row_group_bytes
         self.on_shard_done = on_shard_done
+        self.shard_record = shard_record or {}  # fields every shard's sidecar also records (e.g. its batching)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="eagle3-shard-writer", daemon=True)
@@ -181,7 +183,7 @@ class BackgroundWriter:
         shard.add(row)
 
     def _publish(self, shard: ShardWriter, totals: dict) -> None:
-        info = shard.close().to_dict() | totals
+        info = shard.close().to_dict() | totals | self.shard_record
         write_json_atomic(sidecar_path(shard.path.parent.parent, shard.path.name), info)  # before the rename
         shard.publish()
         if self.on_shard_done is not None:

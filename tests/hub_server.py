@@ -192,7 +192,9 @@ class HubState:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "LoopbackHub/1"
-    timeout = 30  # a stuck client never holds a server thread forever
+    # No idle timeout: closing a kept-alive connection races with a slow client reusing it (daemon
+    # threads never delay the server's shutdown).
+    timeout = None
 
     @property
     def state(self) -> HubState:
@@ -666,10 +668,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class LoopbackHub:
-    """The server, on 127.0.0.1 and a free port, in a daemon thread; it stops itself after
-    `max_lifetime_s` even if a test forgets to."""
+    """The server, on 127.0.0.1 and a free port, in a daemon thread (it ends with the process).
+    A standalone server (`main`) stops itself after `max_lifetime_s`; tests' servers have no
+    lifetime, so a slow machine never stops one in the middle of a test module."""
 
-    def __init__(self, root: Path, max_lifetime_s: float = 600):
+    def __init__(self, root: Path, max_lifetime_s: float | None = None):
         self.state = HubState(root)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -677,16 +680,19 @@ class LoopbackHub:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.httpd.url = self.url  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._watchdog = threading.Timer(max_lifetime_s, self.stop)
-        self._watchdog.daemon = True
+        self._watchdog = threading.Timer(max_lifetime_s, self.stop) if max_lifetime_s is not None else None
+        if self._watchdog is not None:
+            self._watchdog.daemon = True
 
     def start(self) -> "LoopbackHub":
         self._thread.start()
-        self._watchdog.start()
+        if self._watchdog is not None:
+            self._watchdog.start()
         return self
 
     def stop(self) -> None:
-        self._watchdog.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from helpers import assert_same_content, decoded_rows
 
+from builder.build import FAULT_ENV
 from builder.manifest import BUILD_STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +47,7 @@ def free_port() -> int:
 
 
 def run(command: list[str]) -> str:
-    proc = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, env=env(), capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -79,30 +78,20 @@ def test_two_processes_write_the_same_cache_as_one(tmp_path, reference):
 
 
 def test_two_process_build_killed_midway_resumes_on_one(tmp_path):
-    flags = ["--max-samples", "160", "--shard-size", "4"]  # 40 shards: slow enough to stop midway
+    flags = ["--max-samples", "48", "--shard-size", "4"]  # 12 shards, 6 per rank
     reference = tmp_path / "reference"
     run(one_process_command(reference, *flags))
     out = tmp_path / "cache"
-    proc = subprocess.Popen(two_process_command(out, *flags), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shards_at_kill = wait_for_shards(out, proc, at_least=6)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert 6 <= shards_at_kill < 40, "the build was not stopped midway"
+    # Each rank SIGKILLs itself right after publishing its 3rd shard; the launcher then stops the other.
+    killed = subprocess.run(two_process_command(out, *flags), env=env() | {FAULT_ENV: "after_shard:3"},
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    assert 3 <= len(list((out / "data").glob("train-*.parquet"))) <= 6, "the build was not stopped midway"
     assert not (out / "README.md").exists()
 
     stdout = run(one_process_command(out, *flags, "--resume"))
     assert "[rank 0/1]" in stdout
     assert_same_content(decoded_rows(reference), decoded_rows(out))
-
-
-def wait_for_shards(out: Path, proc: subprocess.Popen, at_least: int) -> int:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        count = len(list((out / "data").glob("train-*.parquet")))
-        if count >= at_least:
-            return count
-        time.sleep(0.02)
-    pytest.fail(f"the 2-process build ended (rc {proc.returncode}) or stalled before writing {at_least} shards")
 
 
 def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, reference):

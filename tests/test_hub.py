@@ -218,13 +218,17 @@ def test_two_torch_distributed_processes_split_only_when_asked(hub, pushed_v1, v
     )
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
            "RDZV": str(tmp_path / "rdzv"), "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    # Output to files, not pipes: a rank blocked on a full pipe nobody reads yet would stall the other
+    # at a collective.
+    logs = [(tmp_path / f"rank{r}.out", tmp_path / f"rank{r}.err") for r in range(2)]
+    procs = []
+    for r, (out_path, err_path) in enumerate(logs):
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", script], env={**env, "RANK": str(r)}, stdout=out, stderr=err))
     outs = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    for proc, (out_path, err_path) in zip(procs, logs):
+        assert proc.wait() == 0, err_path.read_text()[-3000:]
+        outs.append(json.loads(out_path.read_text().strip().splitlines()[-1]))
     assert sorted(o["rank"] for o in outs) == [0, 1] and all(o["world"] == 2 for o in outs)
     assert all(o["all"] == sample_ids(decoded_rows(v1)) for o in outs)  # not split: accelerate or a sampler will split
     a, b = (set(o["ids"]) for o in outs)

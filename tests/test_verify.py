@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,9 +16,10 @@ import torch
 from helpers import small_config
 from huggingface_hub import DatasetCard
 
-from builder.build import build
-from builder.shards import file_sha256
-from builder.verify import verify_cache
+from builder.build import FAULT_ENV, build
+from builder.reader import read_manifest
+from builder.shards import file_sha256, shard_name
+from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
 
@@ -97,3 +103,31 @@ def test_verify_command_exit_status(cache, capsys):
     (cache / "data" / SHARD).unlink()
     assert main(["verify", str(cache)]) == 1
     assert f"FAIL data/{SHARD}: missing" in capsys.readouterr().out
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_cache.py"
+# Up to 256 tokens: every shard mixes lengths, so batching pads rows and changes float rounding.
+CLI = ["--max-samples", "14", "--shard-size", "4", "--seq-length", "256", "--draft-vocab-size", "300", "--dtype", "fp32", "--quiet"]
+
+
+def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(tmp_path):
+    out = tmp_path / "cache"
+    names = [shard_name(k, 4) for k in range(4)]
+    first = {"batch_size": 1, "max_tokens_per_batch": 256, "row_group_bytes": 128 << 20}
+    flags = ["--batch-size", "1", "--max-tokens-per-batch", "256"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(out), *CLI, *flags],
+                          env={**os.environ, FAULT_ENV: "after_shard:2"}, capture_output=True, text=True, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == names[:2]
+
+    second = {"batch_size": 8, "max_tokens_per_batch": 8 * 256, "row_group_bytes": 4 << 20}  # a shard per padded batch
+    result = build(small_config(out, seq_length=256, **second, resume=True), progress=False)
+    assert result.written == names[2:]
+    manifest = read_manifest(out)
+    assert [s["batching"] for s in manifest["shards"]] == [first, first, second, second]
+    assert verify_cache(out, recompute=14) == []  # every sample, in its shard's own batches: bit for bit in fp32
+
+    # Rebuilt with the last run's settings instead, the first run's samples no longer match.
+    current = manifest | {"shards": [{k: v for k, v in s.items() if k != "batching"} for s in manifest["shards"]]}
+    problems = recompute_samples(out, current, 14, 0, None)
+    assert {p.split("/")[1] for p in problems} == set(names[:2]), problems
