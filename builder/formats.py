@@ -1,4 +1,4 @@
-"""Supervision formats (DESIGN §2): which tensor columns a cache stores for each
+"""Supervision formats (docs/formats.md): which tensor columns a cache stores for each
 `--target-format` / `--aux-dtype`, how a batch's live outputs become those columns, and how
 a reader turns them back into dense `target_probs` and aux states.
 

@@ -1,4 +1,4 @@
-"""The one definition of EAGLE-3 target supervision (DESIGN §2).
+"""The one definition of EAGLE-3 target supervision (docs/supervision.md).
 
 The builder calls `compute_target_distribution` on the target's logits, and so can an online
 trainer: cached supervision then equals live supervision exactly in fp32.

@@ -1,7 +1,7 @@
 """Cached == live: what the reader yields equals the supervision rule applied to a fresh forward
 of the target (its own `forward` logits, logit terms included), for every supported architecture.
 
-The reference rule is written out here from DESIGN §2, not taken from the builder, so a wrong rule
+The reference rule is written out here from docs/supervision.md, not taken from the builder, so a wrong rule
 in the builder cannot agree with itself.
 """
 
@@ -38,7 +38,7 @@ from builder.reader import load_cache, read_manifest, read_vocab
 
 
 def reference_supervision(logits: torch.Tensor, loss: torch.Tensor, selected: torch.Tensor):
-    """DESIGN §2: softmax over the draft columns (in `selected` order) in fp32, zero off the loss
+    """docs/supervision.md: softmax over the draft columns (in `selected` order) in fp32, zero off the loss
     mask; supervised where the FULL-vocab argmax is a draft token."""
     probs = torch.softmax(logits.float()[..., selected], dim=-1)
     probs = torch.where(loss.bool().unsqueeze(-1), probs, torch.zeros_like(probs))

@@ -1,4 +1,4 @@
-"""The supervision rule (DESIGN §2) against values worked out by hand, independent of the builder:
+"""The supervision rule (docs/supervision.md) against values worked out by hand, independent of the builder:
 
     target_probs[u] = softmax(z[u][selected_token_ids]) * loss_mask[u]     (renormalised over the draft vocab)
     position_mask[u] = loss_mask[u] & (argmax(z[u]) over the FULL vocab is a draft token)
