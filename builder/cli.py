@@ -54,6 +54,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --output-dir (identity must match)")
     g.add_argument("--dry-run", action="store_true", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("writer")
+    g.add_argument("--compression", default="zstd", help="zstd (lossless: byte planes + zstd, decoded bit-exact) or none (default: zstd)")
+    g.add_argument("--writer-threads", type=int, default=None, help="threads encoding and compressing rows per process (default: this process's share of the cores, at most 8)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -71,6 +74,7 @@ def config_from_args(args: argparse.Namespace):
         gpus_per_target=args.gpus_per_target, max_memory_per_gpu=args.max_memory_per_gpu, device_map=args.device_map,
         push_to_hub=args.push_to_hub, hub_config=args.hub_config, hub_branch=args.hub_branch, hub_tag=args.hub_tag,
         private=args.private, delete_local_after_upload=args.delete_local_after_upload,
+        compression=args.compression, writer_threads=args.writer_threads,
     )
 
 
