@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=run_push)
     verify = sub.add_parser(
         "verify", help="check a cache against its manifest (and recompute samples live)",
-        description="Check every shard against the manifest: presence, size, sha256, schema, rows, shapes, finite "
+        description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples (same device kind as the build) and "
         "compare: exact in fp32, within one rounding step of bf16/fp16. Exit status 1 on any problem.",
     )
