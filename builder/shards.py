@@ -83,7 +83,7 @@ def column_encodings(layout, compression: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A stored value as buffers to concatenate (no copy until the row group's column is built)."""
+    """A stored value as buffers (one, for the encodings here), referenced by Arrow without a copy."""
 
     parts: tuple
     nbytes: int  # stored
@@ -111,19 +111,22 @@ def encode_value(tensor: torch.Tensor, encoding: str) -> Encoded:
         raise ValueError(f"unknown column encoding {encoding!r}")
     k = tensor.element_size()
     n = data.nbytes // k
-    as_planes = data.reshape(n, k)
-    parts, headers = [], [_HEADER.pack(n, k)]
+    planes = data.reshape(n, k)
+    compressed = {}  # plane -> zstd bytes, for the planes zstd shrinks
     for j in range(k):
-        plane = data if k == 1 else np.ascontiguousarray(as_planes[:, k - 1 - j])
-        stored, codec = plane, _STORED
         if j == 0 or not tensor.is_floating_point():
-            packed = _ZSTD.compress(plane)
-            if packed.size < plane.nbytes:
-                stored, codec = packed, _ZSTD_CODEC
-        headers.append(_PLANE.pack(codec, memoryview(stored).nbytes))
-        parts.append(stored)
-    header = b"".join(headers)
-    return Encoded((header, *parts), len(header) + sum(memoryview(p).nbytes for p in parts), data.nbytes)
+            packed = _ZSTD.compress(data if k == 1 else np.ascontiguousarray(planes[:, k - 1 - j]))
+            if packed.size < n:
+                compressed[j] = packed
+    sizes = [compressed[j].size if j in compressed else n for j in range(k)]
+    header = _HEADER.pack(n, k) + b"".join(_PLANE.pack(_ZSTD_CODEC if j in compressed else _STORED, sizes[j]) for j in range(k))
+    out = np.empty(len(header) + sum(sizes), dtype=np.uint8)  # the value, contiguous: Arrow takes it without a copy
+    out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    offset = len(header)
+    for j in range(k):
+        out[offset : offset + sizes[j]] = np.frombuffer(compressed[j], dtype=np.uint8) if j in compressed else planes[:, k - 1 - j]
+        offset += sizes[j]
+    return Encoded((out,), out.nbytes, data.nbytes)
 
 
 def decode_value(data, dtype: torch.dtype) -> torch.Tensor:
@@ -319,15 +322,18 @@ def _stored_bytes(value, raw: bool = False) -> int:
     return len(value) if isinstance(value, bytes) else 0
 
 
-def column_array(values: list, arrow_type: pa.DataType) -> pa.Array:
-    """Binary values as one buffer + offsets, filled with one copy straight from the values'
-    buffers (tensor memory or encoded planes); other types through `pa.array`."""
+def column_array(values: list, arrow_type: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """Binary values as one chunk per value over the value's own buffer (tensor memory or its
+    encoded bytes): no copy before Parquet's own; other types through `pa.array`."""
     if arrow_type != pa.binary():
         return pa.array(values, type=arrow_type)
-    parts = [p for v in values for p in (v.parts if isinstance(v, Encoded) else (v,))]
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum([_stored_bytes(v) for v in values], out=offsets[1:])
-    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(parts))])
+    return pa.chunked_array([_binary_value(v) for v in values], type=pa.binary())
+
+
+def _binary_value(value) -> pa.Array:
+    parts = value.parts if isinstance(value, Encoded) else (value,)
+    data = pa.py_buffer(parts[0] if len(parts) == 1 else b"".join(parts))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, data.size], dtype=np.int32)), data])
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -72,12 +74,15 @@ def test_real_activations_round_trip_bit_exact_and_shrink(activations, dtype):
 
 def test_bf16_activations_compress_by_their_exponent_plane(activations):
     values = activations["hidden"].to(torch.bfloat16).reshape(-1)
-    raw = values.numel() * 2
     encoded = encode_value(values, PLANES_ZSTD)
-    header, exponent_plane, mantissa_plane = encoded.parts
-    assert mantissa_plane.nbytes == values.numel()  # stored as is: close to random, not worth zstd's time
-    assert len(exponent_plane) < values.numel() / 2  # sign and exponent: a few bits of entropy
-    assert encoded.nbytes < raw / 1.3 and encoded.raw_nbytes == raw
+    data = b"".join(encoded.parts)
+    n, k = struct.unpack_from("<QB", data, 0)  # the documented header: elements, planes, then (codec, size) per plane
+    (top_codec, top_size), (low_codec, low_size) = struct.iter_unpack("<BQ", data[9 : 9 + 9 * k])
+    assert (n, k) == (values.numel(), 2) and len(data) == 9 + 9 * k + top_size + low_size
+    assert top_codec == 1 and top_size < n / 2  # sign and exponent: zstd, a few bits of entropy per value
+    assert low_codec == 0 and low_size == n  # mantissa bits, close to random: stored as is, not worth zstd's time
+    assert data[-n:] == values.view(torch.uint8)[0::2].numpy().tobytes()  # the low byte of each value, in order
+    assert encoded.nbytes == len(data) < values.numel() * 2 / 1.3 and encoded.raw_nbytes == values.numel() * 2
 
 
 def test_incompressible_values_cost_only_the_header():
@@ -250,3 +255,18 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
     damaged[len(damaged) // 2] ^= 1
     shard.write_bytes(bytes(damaged))
     assert verify_cache(out) == [f"data/{shard.name}: checksum differs from the manifest (the file is damaged)"]
+
+
+def test_the_forward_estimate_gives_25k_tokens_per_s_for_an_8b_on_an_h100():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from builder.plan import forward_tokens_per_s
+
+    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlamaForCausalLM(config)
+    rate = forward_tokens_per_s(model, "NVIDIA H100 80GB HBM3", loss_share=0.77)
+    assert 23_000 < rate < 27_000
+    assert forward_tokens_per_s(model, "NVIDIA H100 PCIe", loss_share=0.77) < rate  # a lower peak
+    assert forward_tokens_per_s(model, "Some Future GPU", loss_share=0.77) is None
