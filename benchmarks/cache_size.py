@@ -156,7 +156,8 @@ def main(argv=None) -> dict:
     print("  cache = the Parquet shards (manifest totals); padding factor x rest = NeMo/cache; tensor/shard bytes = what compression saves")
     print()
     print(table(["column", "dtype"] + [b["case"] for b in builds + big if b["compression"] == "zstd"],
-                [[name, dtype] + [f"{b['columns'][name]['ratio']:.2f}" if name in b["columns"] else "-" for b in builds + big if b["compression"] == "zstd"]
+                [[name, dtype] + [f"{b['columns'][name]['ratio']:.2f}" if b["columns"].get(name, {}).get("dtype") == dtype else "-"
+                                  for b in builds + big if b["compression"] == "zstd"]
                  for name, dtype in sorted({(n, c["dtype"]) for b in builds + big for n, c in b["columns"].items()})],
                 title="Compression per column (tensor bytes / stored bytes, zstd builds):"))
     print()

@@ -185,6 +185,16 @@ def decode_pass(manifest: dict, rows: list[dict], threads: int) -> float:
     return time.perf_counter() - start
 
 
+def encode_pass(rows: list[dict], encodings: dict, threads: int) -> float:
+    """Encoding alone (shards.encode_columns, what the writer threads run) on rows in memory."""
+    from builder.shards import encode_columns
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda row: encode_columns(row, encodings), rows))
+    return time.perf_counter() - start
+
+
 def writer_stages(prep, shards, base: Path, compression: str) -> dict:
     """Seconds per stage of the writer's work on the same rows, one stage at a time, one thread."""
     import pyarrow as pa
@@ -210,7 +220,7 @@ def writer_stages(prep, shards, base: Path, compression: str) -> dict:
             group, size = [], 0
     if group:
         tables.append(pa.Table.from_arrays([column_array([r[f.name] for r in group], f.type) for f in schema], schema=schema))
-    stages["column buffers (one copy)"] = time.perf_counter() - start
+    stages["Arrow column chunks over the buffers (no copy)"] = time.perf_counter() - start
     path = base / "stages.parquet"
     start = time.perf_counter()
     with pa.OSFile(str(path), mode="w") as sink:
@@ -326,7 +336,15 @@ def main(argv=None) -> dict:
             timed(f"reader_warm_{c}", reader_pass(caches[c])[1])
             timed(f"pyarrow_read_warm_{c}", pyarrow_read(paths[c]))
 
-    print("  decoding alone, and the writer's stages one by one ...", flush=True)
+    print("  encoding and decoding alone, and the writer's stages one by one ...", flush=True)
+    from builder.shards import column_encodings
+
+    encode = {}
+    plain_rows = [row for windows in shards for _, batches in windows for batch in batches for _, (row, _a) in batch.rows()]
+    for c in COMPRESSIONS:
+        for t in threads:
+            encode[f"{c}_{t}"] = min(encode_pass(plain_rows, column_encodings(prep.layout, c), t) for _ in range(2))
+    del plain_rows
     decode = {}
     for c in COMPRESSIONS:
         rows = [r for p in paths[c] for r in pq.read_table(p).to_pylist()]
@@ -346,6 +364,7 @@ def main(argv=None) -> dict:
            for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")},
         **{f"reader_{w}_{c}": raw / best[f"reader_{w}_{c}"] / 1e6 for c in COMPRESSIONS for w in ("cold", "warm")},
         **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
+        **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
     }.items()}
     plain_raw_s = best["plain_write_none"]  # writing the tensor bytes at all
     ratios = {}
@@ -385,9 +404,10 @@ def main(argv=None) -> dict:
                       ratios[f"pyarrow_read_{w}_{c}_over_plain_read"], "", ""]]
     print(table(["read path", "best s", "MB/s", "ratio", "target", "verdict"], rows,
                 title="Reads (reader MB/s: decoded tensor data; plain and pyarrow reads: the file's bytes):"))
-    print(table(["RowDecoder alone, rows in memory", *[f"{t} thread(s) MB/s" for t in threads]],
-                [[c, *[mb[f"decode_{c}_{t}"] for t in threads]] for c in COMPRESSIONS],
-                title="Decoding alone (MB/s of decoded tensor data):"))
+    print(table(["rows in memory, MB/s of tensor data", *[f"{t} thread(s)" for t in threads]],
+                [[f"encode_columns, {c}", *[mb[f"encode_{c}_{t}"] for t in threads]] for c in ("zstd",)]
+                + [[f"RowDecoder, {c}", *[mb[f"decode_{c}_{t}"] for t in threads]] for c in COMPRESSIONS],
+                title="Encoding and decoding alone, on 1, 2 and 4 threads (they release the GIL; free cores set the scaling):"))
     for c in COMPRESSIONS:
         print(table([f"writer stage, {c} (one thread, one at a time)", "s", "tensor MB/s"],
                     [[k, v, raw / v / 1e6] for k, v in stages[c].items()], title=f"Where the writer's time goes ({c}):"))
@@ -397,7 +417,7 @@ def main(argv=None) -> dict:
     data = {"cache": {"tensor_bytes": raw, "shard_bytes": shard_bytes, "copies": copies, "rows": results["none"].manifest["totals"]["samples"],
                       **BUILD, "dtype": args.dtype, "draft_vocab": len(prep.selected_token_ids), "row_group_bytes": prep.cfg.row_group_bytes},
             "repeats": args.repeats, "threads": threads, "seconds": times, "best_seconds": best, "mb_per_s": mb,
-            "decode_seconds": decode, "reader_open_s": min(opens), "writer_stage_seconds": stages, "writer_output_identical": identical,
+            "decode_seconds": decode, "encode_seconds": encode, "reader_open_s": min(opens), "writer_stage_seconds": stages, "writer_output_identical": identical,
             "ratios": ratios, "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ}}
     if args.results:
         import json
