@@ -1,11 +1,11 @@
 """Shard writer and reader throughput against plain file I/O of the same bytes.
 
-The cache: real builds of the embedded default (tiny-llama, the 300 sample chats) at seq
-length 2048, dtype bf16 (`--dtype`), the whole 1,024-token vocabulary as draft vocabulary,
-once with `--compression none` and once with `--compression zstd` (the default): about 141
-MB of tensor data per copy; the writer writes `--copies` shards of it (default 3) so a pass
-moves ~420 MB. Its rows are read back into memory once; then, in one process, interleaved,
-`--repeats` times each (the fastest counts):
+The cache: real builds of the embedded tiny-llama target on the 300 sample chats repeated
+to `--rows` rows (default 900: one shard of about 424 MB of tensor data, four 128 MiB row
+groups, as a long build writes them) at seq length 2048, dtype bf16 (`--dtype`), the whole
+1,024-token vocabulary as draft vocabulary, once with `--compression none` and once with
+`--compression zstd` (the default). Its rows are read back into memory once; then, in one
+process, interleaved, `--repeats` times each (the fastest counts):
 
   writer        the build's writer path on exactly the build's input: the rows as host
                 tensors in the build's batches and windows (padded `[B, T, ...]` per-token
@@ -34,7 +34,7 @@ decoding, which DataLoader workers spread); the writer's stages one by one on th
 (encoding, the column buffers, Parquet into a native file, xxh3-128, fsync); pyarrow's own
 Parquet read (`read_row_group`), the floor any reader built on pyarrow starts from.
 
-Run: .venv/bin/python benchmarks/io_throughput.py [--repeats N] [--threads 1,2,4] [--copies N]
+Run: .venv/bin/python benchmarks/io_throughput.py [--repeats N] [--threads 1,2,4] [--rows N]
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import machine_line, table, temp_dir, write_results
+from _common import machine_line, table, temp_dir, write_replicated_jsonl, write_results
 
 NAME = "io_throughput"
-BUILD = dict(target_model="tiny-llama", input_data="sample-chats", seq_length=2048)
+BUILD = dict(target_model="tiny-llama", seq_length=2048)
 TARGET_WRITE, TARGET_READ = 0.7, 0.5
 CHUNK = 8 << 20
 COMPRESSIONS = ("none", "zstd")
@@ -261,9 +261,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", default="1,2,4", help="writer threads to measure (default: 1,2,4)")
-    p.add_argument("--copies", type=int, default=3, help="shards each writer pass writes (copies of the cache's input)")
+    p.add_argument("--rows", type=int, default=900, help="the sample chats repeated to this many rows, in one shard")
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--max-samples", type=int, default=None, help="default: all 300 sample chats")
     p.add_argument("--results", default=None, help=f"JSON path (default: benchmarks/results/{NAME}.json)")
     return p.parse_args(argv)
 
@@ -278,25 +277,23 @@ def main(argv=None) -> dict:
 
     threads = [int(x) for x in args.threads.split(",")]
     base = Path(temp_dir("io"))
+    chats = write_replicated_jsonl(base / "chats.jsonl", args.rows)
     caches, results = {}, {}
     for compression in COMPRESSIONS:
-        print(f"{NAME}: building the cache (embedded default, seq 2048, {args.dtype}, Vd 1024, --compression {compression}) ...", flush=True)
+        print(f"{NAME}: building the cache (tiny-llama, {args.rows} rows, seq 2048, {args.dtype}, Vd 1024, --compression {compression}) ...", flush=True)
         caches[compression] = base / f"cache-{compression}"
-        results[compression] = build(BuildConfig(output_dir=str(caches[compression]), max_samples=args.max_samples, dtype=args.dtype,
-                                                 compression=compression, **BUILD), progress=False)
+        results[compression] = build(BuildConfig(output_dir=str(caches[compression]), input_data=str(chats), shard_size=args.rows,
+                                                 dtype=args.dtype, compression=compression, **BUILD), progress=False)
     prep = results["none"].prepared
     names = {c: [s["name"] for s in results[c].manifest["shards"]] for c in COMPRESSIONS}
     paths = {c: [caches[c] / "data" / n for n in names[c]] for c in COMPRESSIONS}
     originals = {c: [p.read_bytes() for p in paths[c]] for c in COMPRESSIONS}
     shard_bytes = {c: sum(len(d) for d in originals[c]) for c in COMPRESSIONS}
     raw = shard_bytes["none"]  # the tensor data (+ < 0.1% Parquet framing): what the forward hands over
-    print(f"  {raw / 1e6:,.1f} MB raw, {shard_bytes['zstd'] / 1e6:,.1f} MB with zstd ({raw / shard_bytes['zstd']:.2f}x) per copy; "
+    print(f"  {raw / 1e6:,.1f} MB raw, {shard_bytes['zstd'] / 1e6:,.1f} MB with zstd ({raw / shard_bytes['zstd']:.2f}x); "
           f"{results['none'].manifest['totals']['samples']} rows; rebuilding the writer's input ...", flush=True)
     shards = collect_build_input(prep, caches["none"])
-    copies = args.copies
-    write_names = [f"{k}-{n}" for k in range(copies) for n in names["none"]]
-    write_input = shards * copies
-    tensor_mb = raw * copies / 1e6
+    tensor_mb = raw / 1e6
 
     times: dict[str, list[float]] = {}
     identical = {c: True for c in COMPRESSIONS}
@@ -310,14 +307,13 @@ def main(argv=None) -> dict:
         for c in COMPRESSIONS:
             scratch = base / f"plain-{c}-{rep}"
             scratch.mkdir()
-            timed(f"plain_write_{c}", sum(plain_write(scratch / f"{k}-{i}", d) for k in range(copies) for i, d in enumerate(originals[c])))
+            timed(f"plain_write_{c}", sum(plain_write(scratch / n, d) for n, d in zip(names[c], originals[c])))
             shutil.rmtree(scratch)
         for c in COMPRESSIONS:
             for t in threads:
                 out = base / f"writer-{c}-{t}-{rep}"
-                timed(f"writer_{c}_{t}", writer_pass(prep, write_input, write_names, out, c, t))
-                identical[c] &= all((out / "data" / f"{k}-{n}").read_bytes() == originals[c][i]
-                                    for k in range(copies) for i, n in enumerate(names[c]))
+                timed(f"writer_{c}_{t}", writer_pass(prep, shards, names[c], out, c, t))
+                identical[c] &= all((out / "data" / n).read_bytes() == d for n, d in zip(names[c], originals[c]))
                 shutil.rmtree(out)
         for c in COMPRESSIONS:
             for p in paths[c]:
@@ -358,7 +354,7 @@ def main(argv=None) -> dict:
 
     best = {k: min(v) for k, v in times.items()}
     mb = {k: v for k, v in {
-        **{f"plain_write_{c}": shard_bytes[c] * copies / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
+        **{f"plain_write_{c}": shard_bytes[c] / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
         **{f"writer_{c}_{t}": tensor_mb / best[f"writer_{c}_{t}"] for c in COMPRESSIONS for t in threads},
         **{f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6 for c in COMPRESSIONS
            for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")},
@@ -389,10 +385,10 @@ def main(argv=None) -> dict:
             rows.append([f"BackgroundWriter, {c}, {t} thread(s)", best[f"writer_{c}_{t}"], mb[f"writer_{c}_{t}"], r,
                          f">= {TARGET_WRITE}", verdict(r, TARGET_WRITE)])
     print(table(["write path", "best s", "tensor MB/s", "÷ plain write of the tensor bytes", "target", "verdict"], rows,
-                title=f"Writes: {tensor_mb:,.0f} MB of tensor data ({copies} copies of {raw / 1e6:,.1f} MB, {len(write_names)} shards), "
+                title=f"Writes: {tensor_mb:,.0f} MB of tensor data in {len(names['none'])} shard(s), "
                       f"best of {args.repeats}; one run, one machine (MB/s are this machine's figures):"))
     print(table(["write path", "its own file, MB", "÷ plain write of its own file"],
-                [[f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] * copies / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
+                [[f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
                  for c in COMPRESSIONS for t in threads], title="The same writes against a plain write of the file each produces:"))
     rows = []
     for c in COMPRESSIONS:
@@ -414,7 +410,8 @@ def main(argv=None) -> dict:
     print(f"  writer output byte-identical to the build's shard: none {identical['none']}, zstd {identical['zstd']} (every thread count)")
     print(f"  reader open (card, vocab, datasets builder): {min(opens):.3f} s (not in the reader's MB/s)")
     print(f"  {machine_line()}")
-    data = {"cache": {"tensor_bytes": raw, "shard_bytes": shard_bytes, "copies": copies, "rows": results["none"].manifest["totals"]["samples"],
+    data = {"cache": {"tensor_bytes": raw, "shard_bytes": shard_bytes, "rows": results["none"].manifest["totals"]["samples"],
+                      "input": f"the sample chats repeated to {args.rows} rows",
                       **BUILD, "dtype": args.dtype, "draft_vocab": len(prep.selected_token_ids), "row_group_bytes": prep.cfg.row_group_bytes},
             "repeats": args.repeats, "threads": threads, "seconds": times, "best_seconds": best, "mb_per_s": mb,
             "decode_seconds": decode, "encode_seconds": encode, "reader_open_s": min(opens), "writer_stage_seconds": stages, "writer_output_identical": identical,

@@ -97,8 +97,8 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                 )
         elif name == "io_throughput":
             mb = data["mb_per_s"]
-            lines.append(f"io_throughput{took} (issue 4): {data['cache']['tensor_bytes'] * data['cache']['copies'] / 1e6:,.0f} MB of tensor data "
-                         f"per writer pass, best of {data['repeats']}; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}")
+            lines.append(f"io_throughput{took} (issue 4): {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
+                         f"in one shard, best of {data['repeats']}; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}")
             for c in ("none", "zstd"):
                 lines.append(f"  writer {c}: " + ", ".join(
                     f"{t} thread(s) {r[f'writer_{c}_{t}_over_plain_write_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"

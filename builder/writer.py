@@ -2,11 +2,12 @@
 forward thread, fed through a bounded queue, so the forward never waits on disk.
 
 The forward thread submits each batch's host tensors (copied from the device
-asynchronously, with a CUDA event to wait on) and marks the end of every window. The writer
+asynchronously, with a CUDA event to wait on) and marks the end of every window. A dispatch
 thread hands each row to a pool of encoder threads as soon as its batch arrives (numpy and
-zstd release the GIL, so rows compress in parallel), then writes the window's rows in build
-order, row group by row group; the shard's checksum and disk flush run on a thread of their
-own (see shards.ShardWriter). Shard bytes never depend on the number of threads.
+zstd release the GIL, so rows compress in parallel, and the next window encodes while this
+one is written); the writer thread writes each window's rows in build order, row group by
+row group; the shard's checksum and disk flush run on a thread of their own (see
+shards.ShardWriter). Shard bytes never depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
+ENCODING_DEPTH = 4  # batches handed to the encoders ahead of the window being written
 MAX_AUTO_WRITER_THREADS = 8
 
 
@@ -91,7 +93,8 @@ def encode_row(sample: dict, tensors: dict[str, torch.Tensor]) -> dict:
 
 
 class BackgroundWriter:
-    """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
+    """Owns the dispatch, encoder and writer threads. Protocol per shard: open_shard,
+    (submit* end_window)*, close_shard."""
 
     def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None,
                  strict: bool = False, compression: str = "zstd", threads: int | None = None):
@@ -102,10 +105,13 @@ class BackgroundWriter:
         self.row_group_bytes = row_group_bytes
         self.on_shard_done = on_shard_done
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._encoded: queue.Queue = queue.Queue(maxsize=ENCODING_DEPTH)
         self._error: BaseException | None = None
         self._encoders = ThreadPoolExecutor(max_workers=threads or default_writer_threads(), thread_name_prefix="eagle3-shard-encoder")
         self._thread = threading.Thread(target=self._run, name="eagle3-shard-writer", daemon=True)
+        self._dispatcher = threading.Thread(target=self._dispatch, name="eagle3-shard-dispatch", daemon=True)
         self._thread.start()
+        self._dispatcher.start()
 
     # ---- forward thread side --------------------------------------------------------
 
@@ -124,19 +130,21 @@ class BackgroundWriter:
     def finish(self) -> None:
         """Wait until everything submitted is on disk; re-raise a writer failure here."""
         self._put(None)
+        self._dispatcher.join()
         self._thread.join()
         self._raise_if_failed()
 
     def abort(self) -> None:
         """Stop without finishing: the shard in progress is discarded (its temp file removed)."""
         self._put(("abort", None), check=False)
+        self._dispatcher.join()
         self._thread.join()
 
     def _put(self, item, check: bool = True) -> None:
         while True:
             if check:
                 self._raise_if_failed()
-            if not self._thread.is_alive():
+            if not self._dispatcher.is_alive():
                 return
             try:
                 self._queue.put(item, timeout=0.5)
@@ -157,6 +165,37 @@ class BackgroundWriter:
             ) from err
         raise RuntimeError(f"the shard writer failed: {err!r}") from err
 
+    def _fail(self, err: BaseException) -> None:
+        if self._error is None:  # the first failure is the one to report
+            self._error = err
+
+    # ---- dispatch thread side -------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Rows go to the encoders as soon as their batch arrives; everything passes on in order."""
+        try:
+            while True:
+                item = self._queue.get()
+                if item is not None and item[0] == "batch":
+                    batch = item[1]
+                    rows = [(position, (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors))
+                            for position, (sample, tensors) in batch.split()]
+                    item = ("rows", (rows, batch.quality))
+                if not self._forward(item) or item is None or item[0] == "abort":
+                    return
+        except BaseException as err:  # surfaced on the forward thread at its next call
+            self._fail(err)
+            self._forward(("abort", None))
+
+    def _forward(self, item) -> bool:
+        while self._thread.is_alive():
+            try:
+                self._encoded.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     # ---- writer thread side ---------------------------------------------------------
 
     def _run(self) -> None:
@@ -164,15 +203,15 @@ class BackgroundWriter:
         window: dict[int, Future | tuple] = {}
         totals: dict[str, int] = {}
         try:
-            while (item := self._queue.get()) is not None:
+            while (item := self._encoded.get()) is not None:
                 kind, payload = item
                 if kind == "open":
                     shard = ShardWriter(payload, self.schema, self.row_group_bytes, self.encodings)
                     totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0, "failed": [], "quality": {}}
-                elif kind == "batch":
-                    for position, (sample, tensors) in payload.split():  # encoded on the pool while the window fills
-                        window[position] = (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors)
-                    totals["quality"] = merge_quality(totals["quality"], {k: v.tolist() for k, v in payload.quality.items()})
+                elif kind == "rows":
+                    rows, quality = payload
+                    window.update(rows)
+                    totals["quality"] = merge_quality(totals["quality"], {k: v.tolist() for k, v in quality.items()})
                 elif kind == "window":
                     for position in range(payload):  # build order
                         encoded = window.pop(position)
@@ -183,7 +222,7 @@ class BackgroundWriter:
                 elif kind == "abort":
                     break
         except BaseException as err:  # surfaced on the forward thread at its next call
-            self._error = err
+            self._fail(err)
         finally:
             for pending in window.values():
                 if isinstance(pending, Future):
