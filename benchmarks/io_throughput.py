@@ -1,37 +1,40 @@
-"""Shard writer and reader throughput against plain file I/O of the same bytes (issue 4).
+"""Shard writer and reader throughput against plain file I/O of the same bytes.
 
-The cache: a real build of the embedded default (tiny-llama, the 300 sample chats) at seq
-length 2048 with dtype fp32 and the whole 1,024-token vocabulary as draft vocabulary: about
-280 MB in one shard (three 128 MiB row groups), 300 rows of 0.1 to 8 MB. Its rows are read
-back into memory once; then, in one process, interleaved, 3 times each (the fastest counts):
+The cache: real builds of the embedded tiny-llama target on the 300 sample chats repeated
+to `--rows` rows (default 900: one shard of about 424 MB of tensor data, four 128 MiB row
+groups, as a long build writes them) at seq length 2048, dtype bf16 (`--dtype`), the whole
+1,024-token vocabulary as draft vocabulary, once with `--compression none` and once with
+`--compression zstd` (the default). Its rows are read back into memory once; then, in one
+process, interleaved, `--repeats` times each (the fastest counts):
 
   writer        the build's writer path on exactly the build's input: the rows as host
                 tensors in the build's batches and windows (padded `[B, T, ...]` per-token
-                tensors, per-loss rows, `BatchOutput`), through `BackgroundWriter` (its thread
-                slices rows, turns tensors into bytes, fills Arrow row groups, writes Parquet
-                while hashing it with sha256, fsyncs, writes the sidecar, renames). Timed from
-                the writer's creation to `finish()`. The shard it writes must be
-                byte-identical to the build's (checked: same sha256).
+                tensors, per-loss rows, `BatchOutput`), through `BackgroundWriter` with 1, 2
+                and 4 writer threads (`--threads`): row slicing, encoding (byte planes + zstd,
+                or the raw bytes), Arrow row groups, Parquet into a native file, the xxh3-128
+                checksum and per-row-group flush on their own thread, fsync, sidecar, rename.
+                Timed from the writer's creation to `finish()`. The `none` shard must be
+                byte-identical to the build's, and the `zstd` shard too, whatever the threads.
   plain write   the same number of bytes (the shard file's own bytes, in memory beforehand)
                 written to a new file in 8 MiB chunks, then fsync: the disk's speed for it.
   reader        `load_cache(DIR, layout="raw", streaming=True)`, iterating every row and
-                touching every tensor byte (each tensor copied once into a scratch buffer, as
-                the plain read's `readinto` copies into its buffer; a trainer's collate pays at
-                least that). Headline: the iteration; the open (card, vocab, `datasets`
-                builder) is reported beside it.
+                touching every tensor byte (each decoded tensor copied once into a scratch
+                buffer, as the plain read's `readinto` copies into its buffer). The open (card,
+                vocab, `datasets` builder) is reported beside it.
   plain read    the shard file read into an 8 MiB buffer with `readinto`.
 
-Both reads run twice: cold (the shard's pages dropped from the page cache first with
-posix_fadvise(DONTNEED), so the bytes come from the disk) and warm (in the page cache: the
-plain read is then a memory copy, and the ratio shows the reader's CPU cost alone).
+Ratios: the writer's MB/s of tensor data (the bytes the forward hands over) over a plain
+write + fsync of the same bytes (the `none` shard: what writing them takes at all); and,
+for zstd, over a plain write of the smaller file it produces. Reads: the reader's MB/s of
+decoded tensor data over a plain read of the shard file, cold (pages dropped with
+posix_fadvise(DONTNEED), so the bytes come from the disk) and warm (page cache).
 
-Diagnostics: `ShardWriter` alone on already-encoded rows; the writer's stages one by one on
-the same rows (tensor -> bytes, `pa.Table.from_pylist`, Parquet encoding into a Python file
-object with ShardWriter's settings, the same into a native file, sha256, fsync); and
-pyarrow's own Parquet read (`read_row_group`, all columns), the floor any Parquet reader
-built on pyarrow starts from.
+Diagnostics: `RowDecoder` alone on rows in memory with 1, 2 and 4 threads (the cost of
+decoding, which DataLoader workers spread); the writer's stages one by one on the same rows
+(encoding, the column buffers, Parquet into a native file, xxh3-128, fsync); pyarrow's own
+Parquet read (`read_row_group`), the floor any reader built on pyarrow starts from.
 
-Run: .venv/bin/python benchmarks/io_throughput.py [--results PATH] [--repeats N]
+Run: .venv/bin/python benchmarks/io_throughput.py [--repeats N] [--threads 1,2,4] [--rows N]
 """
 
 from __future__ import annotations
@@ -41,15 +44,18 @@ import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets lo
 import argparse
 import hashlib
 import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import machine_line, table, temp_dir, write_results
+from _common import machine_line, table, temp_dir, write_replicated_jsonl, write_results
 
 NAME = "io_throughput"
-BUILD = dict(target_model="tiny-llama", input_data="sample-chats", seq_length=2048, dtype="fp32")
+BUILD = dict(target_model="tiny-llama", seq_length=2048)
 TARGET_WRITE, TARGET_READ = 0.7, 0.5
 CHUNK = 8 << 20
+COMPRESSIONS = ("none", "zstd")
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -67,8 +73,7 @@ def plain_write(path: Path, data: bytes) -> float:
         for i in range(0, len(view), CHUNK):
             f.write(view[i : i + CHUNK])
         os.fsync(f.fileno())
-    elapsed = time.perf_counter() - start
-    return elapsed
+    return time.perf_counter() - start
 
 
 def plain_read(paths: list[Path]) -> float:
@@ -148,7 +153,7 @@ def collect_build_input(prep, cache: Path):
     return shards
 
 
-def writer_pass(prep, shards, names: list[str], out: Path) -> float:
+def writer_pass(prep, shards, names: list[str], out: Path, compression: str, threads: int) -> float:
     import torch
 
     from builder.writer import BackgroundWriter
@@ -157,7 +162,7 @@ def writer_pass(prep, shards, names: list[str], out: Path) -> float:
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
     start = time.perf_counter()
-    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes)
+    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, compression=compression, threads=threads)
     for name, windows in zip(names, shards):
         writer.open_shard(out / "data" / name)
         for num_rows, batches in windows:
@@ -169,89 +174,68 @@ def writer_pass(prep, shards, names: list[str], out: Path) -> float:
     return time.perf_counter() - start
 
 
-def shardwriter_alone_pass(prep, shards, names: list[str], out: Path) -> float:
-    """Diagnostic: ShardWriter on rows already turned into bytes (no tensor slicing or copies)."""
-    from builder.shards import ShardWriter, shard_schema
+def decode_pass(manifest: dict, rows: list[dict], threads: int) -> float:
+    """RowDecoder alone on rows already in memory (bytes), split over `threads` threads."""
+    from builder.reader import RowDecoder
 
-    encoded = []
-    for windows in shards:
-        rows = {}
-        for _, batches in windows:
-            for batch in batches:
-                for position, (row, _argmax) in batch.rows():
-                    rows[len(rows)] = row
-        encoded.append([rows[i] for i in range(len(rows))])
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    schema = shard_schema(prep.layout)
+    decode = RowDecoder(manifest)
     start = time.perf_counter()
-    for name, rows in zip(names, encoded):
-        writer = ShardWriter(out / "data" / name, schema, prep.cfg.row_group_bytes)
-        for row in rows:
-            writer.add(row)
-        writer.close()
-        writer.publish()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(decode, rows))
     return time.perf_counter() - start
 
 
-def writer_stages(prep, shards, base: Path) -> dict:
-    """Seconds per stage of the writer's work on the same rows, one stage at a time (diagnostic)."""
+def encode_pass(rows: list[dict], encodings: dict, threads: int) -> float:
+    """Encoding alone (shards.encode_columns, what the writer threads run) on rows in memory."""
+    from builder.shards import encode_columns
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda row: encode_columns(row, encodings), rows))
+    return time.perf_counter() - start
+
+
+def writer_stages(prep, shards, base: Path, compression: str) -> dict:
+    """Seconds per stage of the writer's work on the same rows, one stage at a time, one thread."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import xxhash
 
-    from builder.shards import SCALAR_COLUMNS, shard_schema
+    from builder.shards import SCALAR_COLUMNS, column_array, column_encodings, encode_columns, shard_schema
 
+    encodings = column_encodings(prep.layout, compression)
     stages = {}
-    start = time.perf_counter()
     rows = [row for windows in shards for _, batches in windows for batch in batches for _, (row, _a) in batch.rows()]
-    stages["tensors_to_bytes"] = time.perf_counter() - start
+    start = time.perf_counter()
+    encoded = [encode_columns(row, encodings) for row in rows]
+    stages["encode (slice, planes, zstd)"] = time.perf_counter() - start
     schema = shard_schema(prep.layout)
     start = time.perf_counter()
     tables, group, size = [], [], 0
-    for row in rows:  # row groups cut as ShardWriter cuts them
+    for row in encoded:  # row groups cut as ShardWriter cuts them (by tensor bytes)
         group.append(row)
-        size += sum(len(v) for v in row.values() if isinstance(v, bytes))
+        size += sum(v.raw_nbytes for v in row.values() if hasattr(v, "raw_nbytes"))
         if size >= prep.cfg.row_group_bytes:
-            tables.append(pa.Table.from_pylist(group, schema=schema))
+            tables.append(pa.Table.from_arrays([column_array([r[f.name] for r in group], f.type) for f in schema], schema=schema))
             group, size = [], 0
     if group:
-        tables.append(pa.Table.from_pylist(group, schema=schema))
-    stages["arrow_from_pylist"] = time.perf_counter() - start
-    options = dict(compression="none", use_dictionary=False, write_statistics=list(SCALAR_COLUMNS))  # ShardWriter's
-
-    class NullSink:
-        def __init__(self):
-            self.n, self.closed = 0, False
-
-        def write(self, data):
-            self.n += len(data)
-            return len(data)
-
-        def tell(self):
-            return self.n
-
-        def flush(self):
-            pass
-
-        def close(self):
-            self.closed = True
-
-    start = time.perf_counter()
-    writer = pq.ParquetWriter(pa.PythonFile(NullSink(), mode="w"), schema, **options)
-    for t in tables:
-        writer.write_table(t)
-    writer.close()
-    stages["parquet_into_python_sink"] = time.perf_counter() - start
+        tables.append(pa.Table.from_arrays([column_array([r[f.name] for r in group], f.type) for f in schema], schema=schema))
+    stages["Arrow column chunks over the buffers (no copy)"] = time.perf_counter() - start
     path = base / "stages.parquet"
     start = time.perf_counter()
-    writer = pq.ParquetWriter(str(path), schema, **options)
-    for t in tables:
-        writer.write_table(t)
-    writer.close()
-    stages["parquet_into_native_file"] = time.perf_counter() - start
+    with pa.OSFile(str(path), mode="w") as sink:
+        writer = pq.ParquetWriter(sink, schema, compression="none", use_dictionary=False, write_statistics=list(SCALAR_COLUMNS))
+        for t in tables:
+            writer.write_table(t)
+        writer.close()
+    stages["parquet into a native file"] = time.perf_counter() - start
     data = path.read_bytes()
     start = time.perf_counter()
+    xxhash.xxh3_128(data).hexdigest()
+    stages["xxh3_128"] = time.perf_counter() - start
+    start = time.perf_counter()
     hashlib.sha256(data).hexdigest()
-    stages["sha256"] = time.perf_counter() - start
+    stages["(sha256, no longer on the path)"] = time.perf_counter() - start
     with open(path, "rb+") as f:
         f.write(data)  # dirty every page again, then time the flush alone
         f.flush()
@@ -276,7 +260,9 @@ def pyarrow_read(paths: list[Path]) -> float:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-samples", type=int, default=None, help="default: all 300 sample chats")
+    p.add_argument("--threads", default="1,2,4", help="writer threads to measure (default: 1,2,4)")
+    p.add_argument("--rows", type=int, default=900, help="the sample chats repeated to this many rows, in one shard")
+    p.add_argument("--dtype", default="bf16")
     p.add_argument("--results", default=None, help=f"JSON path (default: benchmarks/results/{NAME}.json)")
     return p.parse_args(argv)
 
@@ -284,128 +270,152 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.quiet_libraries()
-    import shutil
+    import pyarrow.parquet as pq
 
     from builder.build import build
     from builder.config import BuildConfig
 
+    threads = [int(x) for x in args.threads.split(",")]
     base = Path(temp_dir("io"))
-    cache = base / "cache"
-    print(f"{NAME}: building the cache (embedded default, seq 2048, fp32, Vd 1024) ...", flush=True)
-    result = build(BuildConfig(output_dir=str(cache), max_samples=args.max_samples, **BUILD), progress=False)
-    prep, manifest = result.prepared, result.manifest
-    names = [s["name"] for s in manifest["shards"]]
-    paths = [cache / "data" / n for n in names]
-    total = sum(p.stat().st_size for p in paths)
-    originals = {n: (cache / "data" / n).read_bytes() for n in names}
-    print(f"  {total / 1e6:,.1f} MB in {len(names)} shard(s), {manifest['totals']['samples']} rows; "
-          f"rebuilding the writer's input ...", flush=True)
-    shards = collect_build_input(prep, cache)
+    chats = write_replicated_jsonl(base / "chats.jsonl", args.rows)
+    caches, results = {}, {}
+    for compression in COMPRESSIONS:
+        print(f"{NAME}: building the cache (tiny-llama, {args.rows} rows, seq 2048, {args.dtype}, Vd 1024, --compression {compression}) ...", flush=True)
+        caches[compression] = base / f"cache-{compression}"
+        results[compression] = build(BuildConfig(output_dir=str(caches[compression]), input_data=str(chats), shard_size=args.rows,
+                                                 dtype=args.dtype, compression=compression, **BUILD), progress=False)
+    prep = results["none"].prepared
+    names = {c: [s["name"] for s in results[c].manifest["shards"]] for c in COMPRESSIONS}
+    paths = {c: [caches[c] / "data" / n for n in names[c]] for c in COMPRESSIONS}
+    originals = {c: [p.read_bytes() for p in paths[c]] for c in COMPRESSIONS}
+    shard_bytes = {c: sum(len(d) for d in originals[c]) for c in COMPRESSIONS}
+    raw = shard_bytes["none"]  # the tensor data (+ < 0.1% Parquet framing): what the forward hands over
+    print(f"  {raw / 1e6:,.1f} MB raw, {shard_bytes['zstd'] / 1e6:,.1f} MB with zstd ({raw / shard_bytes['zstd']:.2f}x); "
+          f"{results['none'].manifest['totals']['samples']} rows; rebuilding the writer's input ...", flush=True)
+    shards = collect_build_input(prep, caches["none"])
+    tensor_mb = raw / 1e6
 
-    sha_start = time.perf_counter()
-    for data in originals.values():
-        hashlib.sha256(data).hexdigest()
-    sha_mb_s = total / (time.perf_counter() - sha_start) / 1e6
+    times: dict[str, list[float]] = {}
+    identical = {c: True for c in COMPRESSIONS}
+    opens = []
 
-    times = {k: [] for k in ("plain_write", "writer", "shardwriter_alone", "plain_read_cold", "reader_cold",
-                             "pyarrow_read_cold", "plain_read_warm", "reader_warm", "reader_warm_no_touch", "pyarrow_read_warm")}
-    opens, identical = [], True
+    def timed(key: str, seconds: float) -> None:
+        times.setdefault(key, []).append(seconds)
+
     for rep in range(args.repeats):
         print(f"  round {rep + 1}/{args.repeats} ...", flush=True)
-        scratch = base / f"plain-{rep}"
-        scratch.mkdir()
-        times["plain_write"].append(sum(plain_write(scratch / n, originals[n]) for n in names))
-        shutil.rmtree(scratch)
+        for c in COMPRESSIONS:
+            scratch = base / f"plain-{c}-{rep}"
+            scratch.mkdir()
+            timed(f"plain_write_{c}", sum(plain_write(scratch / n, d) for n, d in zip(names[c], originals[c])))
+            shutil.rmtree(scratch)
+        for c in COMPRESSIONS:
+            for t in threads:
+                out = base / f"writer-{c}-{t}-{rep}"
+                timed(f"writer_{c}_{t}", writer_pass(prep, shards, names[c], out, c, t))
+                identical[c] &= all((out / "data" / n).read_bytes() == d for n, d in zip(names[c], originals[c]))
+                shutil.rmtree(out)
+        for c in COMPRESSIONS:
+            for p in paths[c]:
+                drop_from_page_cache(p)
+            timed(f"plain_read_cold_{c}", plain_read(paths[c]))
+            for p in paths[c]:
+                drop_from_page_cache(p)
+            opened, iterated, rows = reader_pass(caches[c])
+            timed(f"reader_cold_{c}", iterated)
+            opens.append(opened)
+            for p in paths[c]:
+                drop_from_page_cache(p)
+            timed(f"pyarrow_read_cold_{c}", pyarrow_read(paths[c]))
+            plain_read(paths[c])  # into the page cache
+            timed(f"plain_read_warm_{c}", plain_read(paths[c]))
+            timed(f"reader_warm_{c}", reader_pass(caches[c])[1])
+            timed(f"pyarrow_read_warm_{c}", pyarrow_read(paths[c]))
 
-        out = base / f"writer-{rep}"
-        times["writer"].append(writer_pass(prep, shards, names, out))
-        identical &= all(hashlib.sha256((out / "data" / n).read_bytes()).digest() == hashlib.sha256(originals[n]).digest()
-                         for n in names)
-        shutil.rmtree(out)
+    print("  encoding and decoding alone, and the writer's stages one by one ...", flush=True)
+    from builder.shards import column_encodings
 
-        out = base / f"alone-{rep}"
-        times["shardwriter_alone"].append(shardwriter_alone_pass(prep, shards, names, out))
-        shutil.rmtree(out)
-
-        for p in paths:
-            drop_from_page_cache(p)
-        times["plain_read_cold"].append(plain_read(paths))
-        for p in paths:
-            drop_from_page_cache(p)
-        opened, iterated, rows = reader_pass(cache)
-        times["reader_cold"].append(iterated)
-        opens.append(opened)
-        assert rows == manifest["totals"]["samples"]
-        for p in paths:
-            drop_from_page_cache(p)
-        times["pyarrow_read_cold"].append(pyarrow_read(paths))
-
-        plain_read(paths)  # into the page cache
-        times["plain_read_warm"].append(plain_read(paths))
-        opened, iterated, _ = reader_pass(cache)
-        times["reader_warm"].append(iterated)
-        opens.append(opened)
-        times["reader_warm_no_touch"].append(reader_pass(cache, touch=False)[1])
-        times["pyarrow_read_warm"].append(pyarrow_read(paths))
-
-    print("  the writer's stages one by one ...", flush=True)
-    stages = [writer_stages(prep, shards, base) for _ in range(2)]
-    stages = {k: min(s[k] for s in stages) for k in stages[0]}
+    encode = {}
+    plain_rows = [row for windows in shards for _, batches in windows for batch in batches for _, (row, _a) in batch.rows()]
+    for c in COMPRESSIONS:
+        for t in threads:
+            encode[f"{c}_{t}"] = min(encode_pass(plain_rows, column_encodings(prep.layout, c), t) for _ in range(2))
+    del plain_rows
+    decode = {}
+    for c in COMPRESSIONS:
+        rows = [r for p in paths[c] for r in pq.read_table(p).to_pylist()]
+        for t in threads:
+            decode[f"{c}_{t}"] = min(decode_pass(results[c].manifest, rows, t) for _ in range(2))
+        del rows
+    stages = {}
+    for c in COMPRESSIONS:
+        runs = [writer_stages(prep, shards, base, c) for _ in range(2)]
+        stages[c] = {k: min(s[k] for s in runs) for k in runs[0]}
 
     best = {k: min(v) for k, v in times.items()}
-    mb_s = {k: total / v / 1e6 for k, v in best.items()}
-    ratios = {
-        "writer_over_plain_write": mb_s["writer"] / mb_s["plain_write"],
-        "shardwriter_alone_over_plain_write": mb_s["shardwriter_alone"] / mb_s["plain_write"],
-        "reader_over_plain_read_cold": mb_s["reader_cold"] / mb_s["plain_read_cold"],
-        "reader_over_plain_read_warm": mb_s["reader_warm"] / mb_s["plain_read_warm"],
-        "reader_no_touch_over_plain_read_warm": mb_s["reader_warm_no_touch"] / mb_s["plain_read_warm"],
-        "pyarrow_read_over_plain_read_cold": mb_s["pyarrow_read_cold"] / mb_s["plain_read_cold"],
-        "pyarrow_read_over_plain_read_warm": mb_s["pyarrow_read_warm"] / mb_s["plain_read_warm"],
-    }
-    verdicts = {
-        "writer_meets_0_7": ratios["writer_over_plain_write"] >= TARGET_WRITE,
-        "reader_cold_meets_0_5": ratios["reader_over_plain_read_cold"] >= TARGET_READ,
-        "reader_warm_meets_0_5": ratios["reader_over_plain_read_warm"] >= TARGET_READ,
-    }
+    mb = {k: v for k, v in {
+        **{f"plain_write_{c}": shard_bytes[c] / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
+        **{f"writer_{c}_{t}": tensor_mb / best[f"writer_{c}_{t}"] for c in COMPRESSIONS for t in threads},
+        **{f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6 for c in COMPRESSIONS
+           for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")},
+        **{f"reader_{w}_{c}": raw / best[f"reader_{w}_{c}"] / 1e6 for c in COMPRESSIONS for w in ("cold", "warm")},
+        **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
+        **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
+    }.items()}
+    plain_raw_s = best["plain_write_none"]  # writing the tensor bytes at all
+    ratios = {}
+    for c in COMPRESSIONS:
+        for t in threads:
+            ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"] = plain_raw_s / best[f"writer_{c}_{t}"]
+            ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"] = best[f"plain_write_{c}"] / best[f"writer_{c}_{t}"]
+        for w in ("cold", "warm"):
+            ratios[f"reader_{w}_{c}_over_plain_read"] = mb[f"reader_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
+            ratios[f"pyarrow_read_{w}_{c}_over_plain_read"] = mb[f"pyarrow_read_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
+
+    def verdict(value: float, target: float) -> str:
+        return "MET" if value >= target else "NOT MET"
 
     print()
-    print(table(
-        ["path", "best s", "MB/s", "ratio", "target", "verdict"],
-        [["plain write + fsync", best["plain_write"], mb_s["plain_write"], 1.0, "", ""],
-         ["BackgroundWriter (the build's path)", best["writer"], mb_s["writer"], ratios["writer_over_plain_write"],
-          f">= {TARGET_WRITE}", "MET" if verdicts["writer_meets_0_7"] else "NOT MET"],
-         ["  diag: ShardWriter alone, rows pre-encoded", best["shardwriter_alone"], mb_s["shardwriter_alone"],
-          ratios["shardwriter_alone_over_plain_write"], "", ""],
-         ["plain read, cold", best["plain_read_cold"], mb_s["plain_read_cold"], 1.0, "", ""],
-         ["load_cache raw streaming, cold", best["reader_cold"], mb_s["reader_cold"], ratios["reader_over_plain_read_cold"],
-          f">= {TARGET_READ}", "MET" if verdicts["reader_cold_meets_0_5"] else "NOT MET"],
-         ["  diag: pyarrow read_row_group, cold", best["pyarrow_read_cold"], mb_s["pyarrow_read_cold"],
-          ratios["pyarrow_read_over_plain_read_cold"], "", ""],
-         ["plain read, warm (page cache)", best["plain_read_warm"], mb_s["plain_read_warm"], 1.0, "", ""],
-         ["load_cache raw streaming, warm", best["reader_warm"], mb_s["reader_warm"], ratios["reader_over_plain_read_warm"],
-          f">= {TARGET_READ}", "MET" if verdicts["reader_warm_meets_0_5"] else "NOT MET"],
-         ["  diag: the same without touching the tensors", best["reader_warm_no_touch"], mb_s["reader_warm_no_touch"],
-          ratios["reader_no_touch_over_plain_read_warm"], "", ""],
-         ["  diag: pyarrow read_row_group, warm", best["pyarrow_read_warm"], mb_s["pyarrow_read_warm"],
-          ratios["pyarrow_read_over_plain_read_warm"], "", ""]],
-        title=f"Same bytes ({total / 1e6:,.1f} MB, {len(names)} shard(s), {manifest['totals']['samples']} rows), one run, one machine, "
-              f"best of {args.repeats} (MB/s are this machine's figures):",
-    ))
-    print(table(
-        ["writer stage (same rows, one at a time)", "s", "MB/s", "stage s / whole writer s"],
-        [[k, v, total / v / 1e6, v / best["writer"]] for k, v in stages.items()],
-        title="Where the writer's time goes:",
-    ))
-    print(f"  writer output byte-identical to the build's shard(s): {identical}")
+    rows = [["plain write + fsync, tensor bytes (the none shard)", best["plain_write_none"], mb["plain_write_none"], 1.0, "", ""],
+            ["plain write + fsync, the zstd shard's bytes", best["plain_write_zstd"], mb["plain_write_zstd"],
+             plain_raw_s / best["plain_write_zstd"], "", ""]]
+    for c in COMPRESSIONS:
+        for t in threads:
+            r = ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"]
+            rows.append([f"BackgroundWriter, {c}, {t} thread(s)", best[f"writer_{c}_{t}"], mb[f"writer_{c}_{t}"], r,
+                         f">= {TARGET_WRITE}", verdict(r, TARGET_WRITE)])
+    print(table(["write path", "best s", "tensor MB/s", "÷ plain write of the tensor bytes", "target", "verdict"], rows,
+                title=f"Writes: {tensor_mb:,.0f} MB of tensor data in {len(names['none'])} shard(s), "
+                      f"best of {args.repeats}; one run, one machine (MB/s are this machine's figures):"))
+    print(table(["write path", "its own file, MB", "÷ plain write of its own file"],
+                [[f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
+                 for c in COMPRESSIONS for t in threads], title="The same writes against a plain write of the file each produces:"))
+    rows = []
+    for c in COMPRESSIONS:
+        for w in ("cold", "warm"):
+            r = ratios[f"reader_{w}_{c}_over_plain_read"]
+            rows += [[f"plain read of the {c} shard, {w}", best[f"plain_read_{w}_{c}"], mb[f"plain_read_{w}_{c}"], 1.0, "", ""],
+                     [f"load_cache raw streaming, {c}, {w}", best[f"reader_{w}_{c}"], mb[f"reader_{w}_{c}"], r, f">= {TARGET_READ}", verdict(r, TARGET_READ)],
+                     [f"  diag: pyarrow read_row_group, {c}, {w}", best[f"pyarrow_read_{w}_{c}"], mb[f"pyarrow_read_{w}_{c}"],
+                      ratios[f"pyarrow_read_{w}_{c}_over_plain_read"], "", ""]]
+    print(table(["read path", "best s", "MB/s", "ratio", "target", "verdict"], rows,
+                title="Reads (reader MB/s: decoded tensor data; plain and pyarrow reads: the file's bytes):"))
+    print(table(["rows in memory, MB/s of tensor data", *[f"{t} thread(s)" for t in threads]],
+                [[f"encode_columns, {c}", *[mb[f"encode_{c}_{t}"] for t in threads]] for c in ("zstd",)]
+                + [[f"RowDecoder, {c}", *[mb[f"decode_{c}_{t}"] for t in threads]] for c in COMPRESSIONS],
+                title="Encoding and decoding alone, on 1, 2 and 4 threads (they release the GIL; free cores set the scaling):"))
+    for c in COMPRESSIONS:
+        print(table([f"writer stage, {c} (one thread, one at a time)", "s", "tensor MB/s"],
+                    [[k, v, raw / v / 1e6] for k, v in stages[c].items()], title=f"Where the writer's time goes ({c}):"))
+    print(f"  writer output byte-identical to the build's shard: none {identical['none']}, zstd {identical['zstd']} (every thread count)")
     print(f"  reader open (card, vocab, datasets builder): {min(opens):.3f} s (not in the reader's MB/s)")
-    print(f"  sha256 on this CPU: {sha_mb_s:,.0f} MB/s (the writer hashes every byte on its thread)")
     print(f"  {machine_line()}")
-    data = {"cache": {"bytes": total, "shards": len(names), "rows": manifest["totals"]["samples"], **BUILD,
-                      "draft_vocab": len(prep.selected_token_ids), "row_group_bytes": prep.cfg.row_group_bytes},
-            "repeats": args.repeats, "seconds": times, "best_seconds": best, "mb_per_s": mb_s,
-            "reader_open_s": min(opens), "sha256_mb_per_s": sha_mb_s, "writer_stage_seconds": stages, "writer_output_identical": identical,
-            "ratios": ratios | verdicts, "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ}}
+    data = {"cache": {"tensor_bytes": raw, "shard_bytes": shard_bytes, "rows": results["none"].manifest["totals"]["samples"],
+                      "input": f"the sample chats repeated to {args.rows} rows",
+                      **BUILD, "dtype": args.dtype, "draft_vocab": len(prep.selected_token_ids), "row_group_bytes": prep.cfg.row_group_bytes},
+            "repeats": args.repeats, "threads": threads, "seconds": times, "best_seconds": best, "mb_per_s": mb,
+            "decode_seconds": decode, "encode_seconds": encode, "reader_open_s": min(opens), "writer_stage_seconds": stages, "writer_output_identical": identical,
+            "ratios": ratios, "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ}}
     if args.results:
         import json
 

@@ -34,6 +34,7 @@ from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec, load_m
 from .errors import ConfigError, DiskFull, Eagle3CacheError
 from .lock import CacheLock
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
+from .plan import warn_if_writer_holds_back
 from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,10 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
     if uploader is not None:  # finished locally in an earlier run but never uploaded
         for k in mine:
             path = out / "data" / names[k]
-            if k not in pending and path.exists() and remote.get(names[k]) != read_sidecar(out, names[k])["sha256"]:
-                uploader.upload(path, read_sidecar(out, names[k])["sha256"])
+            if k not in pending and path.exists():
+                sha = read_sidecar(out, names[k]).get("sha256")  # recorded by the shard's upload, if it had one
+                if sha is None or remote.get(names[k]) != sha:
+                    uploader.upload(path, sha)
     started = time.perf_counter()
     if pending:
         run_forward(prep, out, pending, names, result, progress and state.is_main_process, uploader)
@@ -183,7 +186,7 @@ def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = Non
     path = out / "data" / name
     if not path.exists():
         sidecar = read_sidecar(out, name)
-        return bool(remote) and sidecar is not None and remote.get(name) == sidecar["sha256"]
+        return bool(remote) and sidecar is not None and sidecar.get("sha256") is not None and remote.get(name) == sidecar["sha256"]
     sidecar = read_sidecar(out, name)
     if (
         sidecar is None
@@ -218,10 +221,12 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
     def shard_done(info: dict) -> None:  # on the writer thread, right after the rename
         progress.shard_done(info)
         if uploader is not None:  # blocks while one shard already waits: bounds local disk
-            uploader.upload(out / "data" / info["name"], info["sha256"])
+            uploader.upload(out / "data" / info["name"])
         faults.reached("after_shard")
 
+    warn_if_writer_holds_back(prep, target)
     writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=shard_done, strict=prep.cfg.strict,
+                              compression=prep.cfg.compression, threads=prep.cfg.writer_threads,
                               shard_record={"batching": batching_record(prep)})
     try:
         for k in pending:

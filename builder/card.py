@@ -13,7 +13,7 @@ from dataset_card.pictures import PICTURES, card_pictures
 from .manifest import LM_HEAD_FILE, VOCAB_FILE, fingerprint
 from .prepare import Prepared
 from .formats import merge_quality, quality_report
-from .shards import SCALAR_COLUMNS, file_sha256
+from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings, file_checksum
 from .target import head_spec
 from .vocab import special_token_ids, vocab_coverage
 
@@ -33,10 +33,12 @@ def library_versions() -> dict:
 
 
 def column_specs(prep: Prepared) -> dict:
-    """Every column's Arrow type; tensor columns also their dtype, inner shape and what they are per."""
+    """Every column's Arrow type; tensor columns also their dtype, inner shape, what they are per and
+    how their values are encoded (shards.encode_value)."""
     specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
+    encodings = column_encodings(prep.layout, prep.cfg.compression)
     for name, spec in prep.layout.columns().items():
-        specs[name] = {"arrow": "binary", **spec, "byte_order": "little"}
+        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", "encoding": encodings[name]}
     return specs
 
 
@@ -48,7 +50,7 @@ def head_files(out: Path, prep: Prepared) -> dict:
 
     with safe_open(str(out / LM_HEAD_FILE), "pt") as head:
         has_bias = "bias" in head.keys()
-    return {"lm_head_file": {"path": LM_HEAD_FILE, "sha256": file_sha256(out / LM_HEAD_FILE)},
+    return {"lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_checksum(out / LM_HEAD_FILE)},
             "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias)}
 
 
@@ -59,7 +61,7 @@ def merged_quality(shards: list[dict]) -> dict:
     return quality_report(merged)
 
 
-SHARD_FIELDS = ("name", "rows", "bytes", "sha256", "tokens", "loss_tokens", "argmax_in_vocab", "batching")
+SHARD_FIELDS = ("name", "rows", "bytes", "checksum", "tokens", "loss_tokens", "argmax_in_vocab", "batching")
 
 
 def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: list[dict] | None = None) -> dict:
@@ -77,7 +79,8 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         "hidden_size": prep.hidden_size,
         "layout": asdict(prep.layout),
         "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
-        "vocab_file": {"path": VOCAB_FILE, "sha256": file_sha256(out / VOCAB_FILE)},
+        "checksum_algorithm": CHECKSUM_ALGORITHM,  # of every file checksum below (shards, vocab, head rows)
+        "vocab_file": {"path": VOCAB_FILE, "checksum": file_checksum(out / VOCAB_FILE)},
         **head_files(out, prep),
         "quality": merged_quality(sidecars),  # measured against the live target during the build
         "shards": shards,

@@ -56,6 +56,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted build in --output-dir (identity must match)")
     g.add_argument("--dry-run", action="store_true", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("writer")
+    g.add_argument("--compression", default="zstd", help="zstd (lossless: byte planes + zstd, decoded bit-exact) or none (default: zstd)")
+    g.add_argument("--writer-threads", type=int, default=None, help="threads encoding and compressing rows per process (default: this process's share of the cores, at most 8)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -74,6 +77,7 @@ def config_from_args(args: argparse.Namespace):
         gpus_per_target=args.gpus_per_target, max_memory_per_gpu=args.max_memory_per_gpu, device_map=args.device_map,
         push_to_hub=args.push_to_hub, hub_config=args.hub_config, hub_branch=args.hub_branch, hub_tag=args.hub_tag,
         private=args.private, delete_local_after_upload=args.delete_local_after_upload,
+        compression=args.compression, writer_threads=args.writer_threads,
     )
 
 
@@ -102,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=run_push)
     verify = sub.add_parser(
         "verify", help="check a cache against its manifest (and recompute samples live)",
-        description="Check every shard against the manifest: presence, size, sha256, schema, rows, shapes, finite "
+        description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples (same device kind as the build) and "
         "compare: exact in fp32, within one rounding step of bf16/fp16. Exit status 1 on any problem.",
     )

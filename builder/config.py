@@ -54,6 +54,9 @@ class BuildConfig:
     hub_tag: str | None = None
     private: bool = False
     delete_local_after_upload: bool = False
+    # writer: compression shapes the bytes (identity); threads only the speed
+    compression: str = "zstd"
+    writer_threads: int | None = None  # None: this process's share of the host's cores, at most 8
 
     def replace(self, **changes) -> "BuildConfig":
         return dataclasses.replace(self, **changes)
@@ -110,7 +113,17 @@ def validate(cfg: BuildConfig) -> None:
         raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file", "The file does not exist.")
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
+    _validate_writer(cfg)
     _check_output_dir(cfg)
+
+
+def _validate_writer(cfg: BuildConfig) -> None:
+    from .shards import COMPRESSIONS
+
+    if cfg.compression not in COMPRESSIONS:
+        raise ConfigError("--compression", cfg.compression, f"one of {', '.join(COMPRESSIONS)}")
+    if cfg.writer_threads is not None:
+        _at_least("--writer-threads", cfg.writer_threads, 1)
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:

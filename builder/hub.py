@@ -8,7 +8,9 @@ listing them. A repo is one or the other: mixing a root cache with sub-folder co
 refused, so a root card never has to describe two caches.
 
 Versions. Shards go up first, in commits of a few shards each (a re-run skips every shard
-already on the branch with the right sha256, so an interrupted push resumes). The card,
+already on the branch with the right sha256, so an interrupted push resumes). The manifest
+checksums shards with a fast hash; the sha256 the Hub keys LFS files by is computed by the
+client as it uploads a shard and recorded in the shard's build record (`shard_sha256`). The card,
 vocab and pictures follow in one final commit that also deletes data files left over from
 an earlier version; only after that commit succeeded is the tag created, pointing at it.
 A tag therefore never names a half-uploaded version, and an earlier tag keeps its content.
@@ -387,12 +389,16 @@ class HubPusher:
         files = self._call("list files", lambda: remote_files(self.api, self.target.repo_id, revision, data))
         return {path[len(data):]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data):]}
 
-    def upload_shards(self, shards: list[tuple[Path, str | None]]) -> None:
-        """One commit adding these shard files (the client hashes each file itself)."""
+    def upload_shards(self, shards: list[tuple[Path, str | None]]) -> dict[str, str]:
+        """One commit adding these shard files; returns {name: sha256} as the client computed it
+        while uploading (it hashes each file itself), recorded beside each shard's build record."""
         from huggingface_hub import CommitOperationAdd
 
+        attempt: list = []
+
         def operations():  # fresh objects per attempt: the client mutates them
-            return [CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path)) for path, _ in shards]
+            attempt[:] = [CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path)) for path, _ in shards]
+            return attempt
 
         names = [Path(p).name for p, _ in shards]
         message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
@@ -402,11 +408,17 @@ class HubPusher:
                 self.target.repo_id, operations(), commit_message=message, repo_type=REPO_TYPE, revision=self.target.branch
             ),
         )
+        shas = {Path(path).name: op.upload_info.sha256.hex() for (path, _), op in zip(shards, attempt)}
+        for path, _ in shards:
+            record_sha256(Path(path), shas[Path(path).name])
+        return shas
 
-    def finish(self, cache_dir: Path, manifest: dict) -> PushResult:
-        """Final commit (card, vocab, pictures; stale data files deleted), then the tag."""
+    def finish(self, cache_dir: Path, manifest: dict, known: dict[str, str] | None = None) -> PushResult:
+        """Final commit (card, vocab, pictures; stale data files deleted), then the tag.
+        `known`: {shard name: sha256} already computed (by the uploads of this run)."""
         t = self.target
-        expected = {s["name"]: s["sha256"] for s in manifest["shards"]}
+        known = known or {}
+        expected = {s["name"]: known.get(s["name"]) or shard_sha256(cache_dir, s["name"]) for s in manifest["shards"]}
         remote = self.remote_shards()
         missing = sorted(name for name, sha in expected.items() if remote.get(name) != sha)
         if missing:
@@ -517,22 +529,55 @@ def push_cache(
         log.info("%s@%s already holds cache %s; nothing to push", target.repo_id, target.tag, manifest["fingerprint"])
         return PushResult(target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]])
     remote = pusher.remote_shards()
-    pending, skipped = [], []
+    pending, skipped, known = [], [], {}
     for shard in manifest["shards"]:
-        if remote.get(shard["name"]) == shard["sha256"]:
-            skipped.append(shard["name"])
-            continue
         path = cache_dir / "data" / shard["name"]
+        sha = shard_sha256(cache_dir, shard["name"], required=False)
+        if sha is not None and remote.get(shard["name"]) == sha:
+            skipped.append(shard["name"])
+            known[shard["name"]] = sha
+            continue
         if not path.exists():
             raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
-        pending.append((path, shard["sha256"]))
+        pending.append((path, sha))
     for start in range(0, len(pending), shards_per_commit):
         group = pending[start : start + shards_per_commit]
-        pusher.upload_shards(group)
+        known |= pusher.upload_shards(group)
         log.info("uploaded %d/%d shards", start + len(group), len(pending))
-    result = pusher.finish(cache_dir, manifest)
+    result = pusher.finish(cache_dir, manifest, known)
     result.uploaded, result.skipped = [p.name for p, _ in pending], skipped
     return result
+
+
+def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | None:
+    """A shard's sha256 (the Hub's LFS oid): recorded by an earlier upload in the shard's build
+    record, else hashed from the local file (and recorded). None (or, `required`, an error)
+    when neither exists."""
+    from .manifest import read_sidecar
+    from .shards import file_sha256
+
+    sidecar = read_sidecar(Path(cache_dir), name)
+    if sidecar is not None and sidecar.get("sha256"):
+        return sidecar["sha256"]
+    path = Path(cache_dir) / "data" / name
+    if not path.exists():
+        if required:
+            raise HubError(f"{path}: the shard is gone locally and no upload recorded its sha256; rebuild it (--resume)")
+        return None
+    sha = file_sha256(path)
+    record_sha256(path, sha)
+    return sha
+
+
+def record_sha256(shard_path: Path, sha: str) -> None:
+    """Keep a shard's sha256 in its build record (when it has one), so that a resumed build or push
+    can tell the Hub's copy is this shard after the local file is gone, without hashing it again."""
+    from .manifest import read_sidecar, sidecar_path, write_json_atomic
+
+    cache_dir = shard_path.parent.parent
+    sidecar = read_sidecar(cache_dir, shard_path.name)
+    if sidecar is not None and sidecar.get("sha256") != sha:
+        write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
 
 
 class ShardUploader:
@@ -542,7 +587,7 @@ class ShardUploader:
         uploader = ShardUploader(PushTarget(repo, tag="v1"), delete_local=True, fingerprint=fp)  # every rank
         done = uploader.remote_shards()     # {name: sha256} already on the branch: skip them on resume
         ...                                 # for each shard this rank publishes:
-        uploader.upload(path, sha256)       # returns at once; blocks only when `max_pending` wait
+        uploader.upload(path, sha256)       # returns at once (sha256: recorded by an earlier upload, or None)
         uploader.wait()                     # every rank, before the final barrier
         ...                                 # rank 0, after the barrier and the card:
         result = uploader.finish(cache_dir) # final commit (card, vocab, pictures), then the tag
@@ -564,6 +609,7 @@ class ShardUploader:
         self.already_pushed = self.pusher.check_tag(fingerprint)
         self.delete_local = delete_local
         self._remote = self.pusher.remote_shards()
+        self._sha256: dict[str, str] = {}  # shards of this run known to be on the branch
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -576,7 +622,8 @@ class ShardUploader:
             return dict(self._remote)
 
     def upload(self, path: str | Path, sha256: str | None = None) -> None:
-        """Hand over a published shard; `sha256` (the writer's, from its sidecar) spares re-hashing it."""
+        """Hand over a published shard; `sha256` (recorded by an earlier upload, if any) lets a
+        shard already on the branch be skipped."""
         self._raise_if_failed()
         if not self._thread.is_alive():
             raise RuntimeError("ShardUploader.upload after wait()/finish()/close(): hand over every shard first")
@@ -596,7 +643,7 @@ class ShardUploader:
 
         self.wait()
         manifest = read_manifest(cache_dir)
-        result = self.pusher.finish(Path(cache_dir), manifest)
+        result = self.pusher.finish(Path(cache_dir), manifest, dict(self._sha256))
         result.uploaded = list(self.uploaded)
         return result
 
@@ -637,11 +684,13 @@ class ShardUploader:
                 continue  # drain: the build learns of the failure at its next upload/finish
             try:
                 missing = [(path, sha) for path, sha in items if sha is None or self.remote_shards().get(path.name) != sha]
+                shas = {path.name: sha for path, sha in items if sha is not None}
                 if missing:
-                    self.pusher.upload_shards(missing)
+                    shas |= self.pusher.upload_shards(missing)
                     self.uploaded.extend(path.name for path, _ in missing)
                 with self._lock:
-                    self._remote.update({path.name: sha for path, sha in items})
+                    self._remote.update(shas)
+                    self._sha256.update(shas)
                 if self.delete_local:
                     for path, _ in items:
                         path.unlink(missing_ok=True)

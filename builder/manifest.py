@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import ResumeMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: column encodings (byte planes + zstd) and xxh3-128 checksums; 1: raw columns, sha256
 BUILD_STATE_DIR = ".eagle3_build"
 BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
 VOCAB_FILE = "vocab/vocab.safetensors"
@@ -23,6 +23,13 @@ LM_HEAD_FILE = "vocab/lm_head.safetensors"  # `hidden` caches: the target's head
 
 def fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_checksum(manifest: dict, record: dict) -> tuple[str, str]:
+    """(algorithm, hex digest) the manifest records for a file (shard, vocab or head rows);
+    caches of format version 1 recorded sha256 under that name."""
+    algorithm = manifest.get("checksum_algorithm", "sha256")
+    return algorithm, record["checksum"] if "checksum" in record else record[algorithm]
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,30 +1,50 @@
-"""The dry-run plan and size estimates, from tokenized samples alone (no weights)."""
+"""The dry-run plan and size estimates, from tokenized samples alone (no weights), and the
+start-up check that the shard writer can keep up with the forward."""
 
 from __future__ import annotations
+
+import logging
+import math
+import os
+import time
 
 import numpy as np
 
 from .vocab import vocab_coverage
 
+log = logging.getLogger(__name__)
 FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TOPK_DEFAULT = 64
+# Raw bytes over stored bytes with --compression zstd, per part of a row, measured by
+# benchmarks/format_sizes.py on the sample chats: a random-weight Llama (hidden 1024) and the embedded
+# tiny target (aux 1.46-1.58, probs 1.44-1.67, topk 1.7-1.9, hidden 1.47-1.50).
+# Real targets' activations and distributions differ: these are expectations, not bounds.
+ZSTD_RATIOS = {"aux": 1.45, "probs": 1.55, "topk": 1.8, "hidden": 1.45}
+ZSTD_RATIOS_FP32 = 1.15  # fp32: one of four byte planes compresses
+
+
+def zstd_ratio(part: str, dtype: str) -> float:
+    return ZSTD_RATIOS_FP32 if dtype == "fp32" and part != "topk" else ZSTD_RATIOS[part]
 
 
 def estimate_sizes(num_tokens: np.ndarray, num_loss: np.ndarray, *, aux_width: int, hidden_size: int,
-                   draft_vocab: int, dtype: str, seq_length: int, topk: int = TOPK_DEFAULT) -> dict[str, int]:
+                   draft_vocab: int, dtype: str, seq_length: int, topk: int = TOPK_DEFAULT,
+                   compression: str = "none") -> dict[str, int]:
     """Bytes per target format of DESIGN §2, and the reference's padded dense layout.
+    `compression="zstd"`: expected stored bytes, from the measured ratios in ZSTD_RATIOS.
 
     Reference (NeMo Automodel precompute_eagle3): every sample padded to seq_length with
     int64 input_ids/attention_mask/loss_mask, `[S, 3H]` aux, `[S, Vd]` probs, bool mask.
     """
     b = FLOAT_BYTES[dtype]
+    ratio = (lambda part: zstd_ratio(part, dtype)) if compression == "zstd" else (lambda part: 1.0)
     tokens, loss = int(num_tokens.sum()), int(num_loss.sum())
-    common = tokens * (4 + 1 + aux_width * b)  # ids int32, mask uint8, aux
+    common = tokens * (4 + 1) + tokens * aux_width * b / ratio("aux")  # ids int32, mask uint8, aux
     n = len(num_tokens)
     return {
-        "probs": common + loss * (draft_vocab * b + 4),
-        "topk": common + loss * (topk * (2 + 2) + 4 + 4),
-        "hidden": common + tokens * hidden_size * b + draft_vocab * hidden_size * b,
+        "probs": round(common + loss * (draft_vocab * b + 4) / ratio("probs")),
+        "topk": round(common + loss * (topk * (2 + 2) + 4 + 4) / ratio("topk")),
+        "hidden": round(common + tokens * hidden_size * b / ratio("hidden") + draft_vocab * hidden_size * b),
         "reference_padded_dense": n * seq_length * (3 * 8 + aux_width * b + draft_vocab * b + 1),
     }
 
@@ -35,7 +55,8 @@ def plan_summary(prep) -> dict:
     num_loss = np.asarray(samples["num_loss_tokens"], dtype=np.int64)
     aux_width = len(prep.aux_layer_ids) * prep.hidden_size
     sizes = estimate_sizes(num_tokens, num_loss, aux_width=aux_width, hidden_size=prep.hidden_size,
-                           draft_vocab=len(prep.selected_token_ids), dtype=prep.cfg.dtype, seq_length=prep.cfg.seq_length)
+                           draft_vocab=len(prep.selected_token_ids), dtype=prep.cfg.dtype, seq_length=prep.cfg.seq_length,
+                           compression=prep.cfg.compression)
     pct = np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist() if len(num_tokens) else [0, 0, 0]
     return {
         "valid_samples": len(num_tokens),
@@ -50,6 +71,7 @@ def plan_summary(prep) -> dict:
         "aux_layer_ids": prep.aux_layer_ids,
         "shards": prep.num_shards,
         "estimated_bytes": sizes,
+        "compression": prep.cfg.compression,
         "memory": memory_estimate(prep),
     }
 
@@ -77,7 +99,8 @@ def format_plan(plan: dict) -> str:
         f"  draft-vocab coverage {plan['draft_vocab_coverage']:.2%} of loss-masked tokens",
         f"  aux layers           {plan['aux_layer_ids']}",
         f"  shards               {plan['shards']}",
-        "  estimated cache size:",
+        "  estimated cache size" + (" (zstd: expected from ratios measured on a random-weight target; real activations differ):"
+                                    if plan.get("compression") == "zstd" else ":"),
     ]
     for name in ("probs", "topk", "hidden"):
         ratio = ref / sizes[name] if sizes[name] else float("inf")
@@ -86,3 +109,101 @@ def format_plan(plan: dict) -> str:
     if "memory" in plan:
         lines.append(f"  GPU memory (bf16)    {plan['memory']}")
     return "\n".join(lines)
+
+
+# ---- does the writer keep up with the forward? --------------------------------------------
+
+# Dense bf16 tensor-core peak FLOP/s by GPU name (the first match wins).
+GPU_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
+                 ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+                 ("L40", 181e12), ("A10", 125e12), ("L4", 121e12))
+# The share of that peak a Hugging Face forward reaches: an 8B target forwards about 25k tokens/s
+# on one H100 (14.8 GFLOP per token at 77% loss-masked tokens: 0.37 x 989 TFLOP/s).
+FORWARD_UTILISATION = 0.37
+CALIBRATION_BYTES = 16 << 20
+
+
+def forward_tokens_per_s(model, gpu_name: str, loss_share: float) -> float | None:
+    """Estimated forward tokens/s of one replica: 2 FLOPs per decoder parameter per token plus the
+    head at loss-masked positions, at FORWARD_UTILISATION of the GPU's peak; a target split over
+    N GPUs (device map) runs one GPU at a time, so no faster than one. None for an unknown GPU."""
+    peak = next((flops for name, flops in GPU_PEAK_BF16 if name in gpu_name), None)
+    if peak is None:
+        return None
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters())
+    decoder = total - embedding.weight.numel() - (head.weight.numel() if head.weight is not embedding.weight else 0)
+    flops = 2 * decoder + 2 * head.weight.numel() * loss_share
+    return peak * FORWARD_UTILISATION / flops
+
+
+def encoder_mb_per_s(layout, compression: str, seconds: float = 0.05) -> float:
+    """Raw tensor MB/s one writer thread encodes here, measured on activation-like data: the
+    aux states' dtype, per-channel scales, in the layout's aux width."""
+    import torch
+
+    from .formats import TORCH_DTYPES
+    from .shards import PLANES_ZSTD, RAW, encode_value
+
+    encoding = PLANES_ZSTD if compression == "zstd" else RAW
+    gen = torch.Generator().manual_seed(0)
+    width = max(layout.aux_width, 1)
+    rows = max(1, CALIBRATION_BYTES // (width * 2))
+    scales = torch.rand(width, generator=gen) * 4
+    values = (torch.randn(rows, width, generator=gen) * scales).to(TORCH_DTYPES[layout.aux_dtype])
+    nbytes, best, start = values.numel() * values.element_size(), math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds or best == math.inf:
+        began = time.perf_counter()
+        encoded = encode_value(values, encoding)
+        b"".join(encoded.parts)  # the copy into the row group's buffer
+        best = min(best, time.perf_counter() - began)
+    return nbytes / best / 1e6
+
+
+def writer_feed_warning(*, tokens_per_s: float, bytes_per_token: float, per_thread_mb_s: float, threads: int,
+                        cores: int, basis: str) -> str | None:
+    """The start-up warning when the writer's threads cannot encode what the forward produces, or None."""
+    need = tokens_per_s * bytes_per_token / 1e6
+    capacity = per_thread_mb_s * threads
+    if need <= capacity:
+        return None
+    wanted = math.ceil(need / per_thread_mb_s)
+    advice = (f"pass --writer-threads {wanted}" if wanted <= cores else
+              f"even {cores} threads (this process's share of the cores) would not keep up")
+    return (
+        f"the shard writer will likely hold back the forward: at about {tokens_per_s:,.0f} tokens/s ({basis}) the "
+        f"build produces {need:,.0f} MB/s of tensor data ({bytes_per_token:,.0f} bytes per token before compression), "
+        f"while {threads} writer thread(s) encode about {capacity:,.0f} MB/s here ({per_thread_mb_s:,.0f} MB/s each, "
+        f"measured at start-up). To keep the GPU busy: {advice}; or write less per token with --target-format topk "
+        "and/or --aux-dtype fp8" + ("; or --compression none (no CPU cost, more disk)" if per_thread_mb_s < 1000 else "")
+    )
+
+
+def warn_if_writer_holds_back(prep, target) -> str | None:
+    """Log a warning (and return it) when this build's own estimate says the writer will make the GPU wait."""
+    import torch
+
+    from .writer import default_writer_threads
+
+    if target.device.type != "cuda":
+        return None  # a CPU forward is far slower than any writer
+    samples = prep.samples
+    tokens, loss = sum(samples["num_tokens"]), sum(samples["num_loss_tokens"])
+    loss_share = loss / tokens if tokens else 0.0
+    gpu = torch.cuda.get_device_name(target.device)
+    rate = forward_tokens_per_s(target.model, gpu, loss_share)
+    if rate is None:
+        log.info("writer check skipped: no peak FLOP/s known for %s", gpu)
+        return None
+    per_token, per_loss = prep.layout.bytes_per_position()
+    threads = prep.cfg.writer_threads or default_writer_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    message = writer_feed_warning(
+        tokens_per_s=rate, bytes_per_token=per_token + loss_share * per_loss,
+        per_thread_mb_s=encoder_mb_per_s(prep.layout, prep.cfg.compression), threads=threads,
+        cores=max(1, (os.cpu_count() or 1) // max(local, 1)),
+        basis=f"estimated for {gpu} at {FORWARD_UTILISATION:.0%} of its bf16 peak",
+    )
+    if message:
+        log.warning(message)
+    return message

@@ -182,6 +182,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "topk": cfg.topk if cfg.target_format == "topk" else None,
         "store_full_head": cfg.store_full_head if cfg.target_format == "hidden" else None,
         "shard_size": cfg.shard_size,
+        "compression": cfg.compression,
         "builder_format": f"eagle3-cache {__version__.split('.')[0]}",
     }
 

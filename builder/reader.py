@@ -32,7 +32,7 @@ from dataset_card import data_prefix
 
 from .errors import Eagle3CacheError
 from .manifest import VOCAB_FILE
-from .shards import TORCH_DTYPES
+from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("raw", "nemo", "specforge")
@@ -120,28 +120,31 @@ def read_vocab(location: str | Path, *, revision: str | None = None, name: str |
 
 
 def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
-    if not data:  # torch.frombuffer refuses empty buffers
-        return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():  # read-only bytes: the tensor must be treated as read-only
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype)
+    return frombuffer(data, dtype)
 
 
 class RowDecoder:
-    """Stored row (bytes) -> tensors, per the manifest's column specs."""
+    """Stored row (bytes) -> tensors, per the manifest's column specs: `raw` values are viewed
+    in place (no copy), `byte_planes_zstd` values decoded (bit-exact)."""
 
     def __init__(self, manifest: dict):
         self.columns = {name: spec for name, spec in manifest["columns"].items() if spec["arrow"] == "binary"}
         self.widths = {name: spec["shape"][1] for name, spec in self.columns.items() if len(spec["shape"]) == 2}
+        self.dtypes = {name: TORCH_DTYPES[spec["dtype"]] for name, spec in self.columns.items()}
+        self.encoded = {name for name, spec in self.columns.items() if spec.get("encoding", RAW) != RAW}
+        unknown = {spec["encoding"] for spec in self.columns.values() if spec.get("encoding", RAW) not in (RAW, PLANES_ZSTD)}
+        if unknown:
+            raise ValueError(f"the cache's columns use encoding(s) {sorted(unknown)}; this eagle3-cache reads {RAW!r} and "
+                             f"{PLANES_ZSTD!r}: upgrade eagle3-cache to read it")
 
     def __call__(self, row: dict) -> dict:
         out = {}
         for name, value in row.items():
-            spec = self.columns.get(name)
-            if spec is None:
+            dtype = self.dtypes.get(name)
+            if dtype is None:
                 out[name] = value
                 continue
-            tensor = _frombuffer(value, TORCH_DTYPES[spec["dtype"]])
+            tensor = decode_value(value, dtype) if name in self.encoded else _frombuffer(value, dtype)
             out[name] = tensor.view(-1, self.widths[name]) if name in self.widths else tensor
         return out
 
@@ -651,7 +654,7 @@ def _arrow_cache_dir(manifest: dict) -> str:
 
     import datasets
 
-    key = hashlib.sha256(json.dumps([manifest["fingerprint"], [s["sha256"] for s in manifest["shards"]]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([manifest["fingerprint"], [s.get("checksum") or s["sha256"] for s in manifest["shards"]]]).encode()).hexdigest()[:16]
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache" / key)
 
 

@@ -1,6 +1,6 @@
 """`eagle3-cache verify`: check a cache against its manifest, and optionally recompute samples live.
 
-Structural checks read every byte once: files present and no strays, sizes, sha256, schema,
+Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
 row counts, the identity's fingerprint (an edited manifest no longer matches it), per-row
 shapes against the manifest and finite values. `--recompute N` reruns the target on N
 random samples, rebuilding each one's exact forward batch from the cached rows (batches
@@ -20,9 +20,9 @@ import torch
 from .batching import pad_batch, plan_batches
 from .build import WINDOW_ROW_GROUPS, row_windows
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import VOCAB_FILE, fingerprint
+from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import file_sha256
+from .shards import file_checksum
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None,
                  revision: str | None = None) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
-    A Hub repo id is downloaded first (every byte must be read to check its sha256 anyway)."""
+    A Hub repo id is downloaded first (every byte must be read to check its checksum anyway)."""
     out = Path(location) if Path(location).exists() else download(str(location), revision)
     manifest = read_manifest(out)
     problems = check_manifest(out, manifest)
@@ -61,15 +61,20 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     vocab = out / VOCAB_FILE
     if not vocab.exists():
         problems.append(f"{VOCAB_FILE}: missing")
-    elif file_sha256(vocab) != manifest["vocab_file"]["sha256"]:
-        problems.append(f"{VOCAB_FILE}: sha256 differs from the manifest")
+    elif not checksum_matches(vocab, manifest, manifest["vocab_file"]):
+        problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
     head = manifest.get("lm_head_file")
-    if head is not None and (not (out / head["path"]).exists() or file_sha256(out / head["path"]) != head["sha256"]):
-        problems.append(f"{head['path']}: missing or its sha256 differs from the manifest (every hidden-format sample depends on it)")
+    if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
+        problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
     listed = {s["name"] for s in manifest["shards"]}
     for stray in sorted(p.name for p in (out / "data").glob("*.parquet") if p.name not in listed):
         problems.append(f"data/{stray}: a shard not in the manifest")
     return problems
+
+
+def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
+    algorithm, expected = recorded_checksum(manifest, record)
+    return file_checksum(path, algorithm) == expected
 
 
 def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
@@ -78,8 +83,8 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
         return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
-    if file_sha256(path) != shard["sha256"]:
-        return [f"data/{name}: sha256 differs from the manifest (the file is damaged)"]
+    if not checksum_matches(path, manifest, shard):
+        return [f"data/{name}: checksum differs from the manifest (the file is damaged)"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:

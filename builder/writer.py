@@ -1,16 +1,22 @@
-"""The background shard writer: encoding, checksumming and writing run on their own thread,
-fed through a bounded queue, so the forward never waits on disk.
+"""The background shard writer: encoding, compression, checksumming and writing run off the
+forward thread, fed through a bounded queue, so the forward never waits on disk.
 
 The forward thread submits each batch's host tensors (copied from the device
-asynchronously, with a CUDA event to wait on) and marks the end of every window; the
-writer buffers one window's rows and writes them in build order, row group by row group.
+asynchronously, with a CUDA event to wait on) and marks the end of every window. A dispatch
+thread hands each row to a pool of encoder threads as soon as its batch arrives (numpy and
+zstd release the GIL, so rows compress in parallel, and the next window encodes while this
+one is written); the writer thread writes each window's rows in build order, row group by
+row group; the shard's checksum and disk flush run on a thread of their own (see
+shards.ShardWriter). Shard bytes never depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,10 +26,18 @@ import torch
 from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
 from .manifest import sidecar_path, write_json_atomic
 from .formats import merge_quality
-from .shards import ShardWriter, shard_schema, tensor_bytes
+from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
+ENCODING_DEPTH = 4  # batches handed to the encoders ahead of the window being written
+MAX_AUTO_WRITER_THREADS = 8
+
+
+def default_writer_threads() -> int:
+    """This process's share of the host's cores (one build process per GPU), at most 8."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(MAX_AUTO_WRITER_THREADS, (os.cpu_count() or 1) // max(local_processes, 1)))
 
 
 @dataclass
@@ -43,49 +57,62 @@ class BatchOutput:
     ready: object = None  # a torch.cuda.Event marking the end of the device->host copy
 
     def rows(self):
-        """(window position, (encoded row, argmax)), or (position, (None, sample)) for a non-finite sample."""
+        """(window position, (row, argmax)), or (position, (None, sample)) for a non-finite sample.
+        A row holds the sample's scalars and its columns as contiguous tensors (see `encode_row`)."""
+        for position, (sample, tensors) in self.split():
+            yield position, ((encode_row(sample, tensors), tensors["target_argmax"]) if tensors is not None else (None, sample))
+
+    def split(self):
+        """(window position, (sample, its column tensors)), tensors None for a non-finite sample."""
         if self.ready is not None:
             self.ready.synchronize()
         offset = 0
         for b, (position, sample) in enumerate(zip(self.window_positions, self.samples)):
             n_loss, length = sample["num_loss_tokens"], sample["num_tokens"]
             if not self.finite[b]:
-                yield position, (None, sample)
+                yield position, (sample, None)
             else:
                 tensors = {
                     name: t[offset : offset + n_loss] if name in self.per_loss else t[b, :length]
                     for name, t in self.columns.items()
                 }
-                yield position, (encode_row(sample, tensors), tensors["target_argmax"])
+                yield position, (sample, tensors)
             offset += n_loss
 
 
 def encode_row(sample: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The stored row before encoding: scalars, and every tensor column as a tensor of its stored dtype."""
     row = {
         "sample_id": sample["sample_id"],
         "source_index": sample["source_index"],
         "num_tokens": sample["num_tokens"],
-        "input_ids": tensor_bytes(torch.as_tensor(sample["input_ids"], dtype=torch.int32)),
-        "loss_mask": tensor_bytes(torch.as_tensor(sample["loss_mask"], dtype=torch.uint8)),
+        "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.int32),
+        "loss_mask": torch.as_tensor(sample["loss_mask"], dtype=torch.uint8),
     }
-    return row | {name: tensor_bytes(t) for name, t in tensors.items()}
+    return row | tensors
 
 
 class BackgroundWriter:
-    """Owns the writer thread. Protocol per shard: open_shard, (submit* end_window)*, close_shard."""
+    """Owns the dispatch, encoder and writer threads. Protocol per shard: open_shard,
+    (submit* end_window)*, close_shard."""
 
-    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None, strict: bool = False,
-                 shard_record: dict | None = None):
+    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None,
+                 strict: bool = False, compression: str = "zstd", threads: int | None = None, shard_record: dict | None = None):
         self.schema = shard_schema(layout)
+        self.encodings = column_encodings(layout, compression)
         self.in_vocab = in_vocab
         self.strict = strict
         self.row_group_bytes = row_group_bytes
         self.on_shard_done = on_shard_done
         self.shard_record = shard_record or {}  # fields every shard's sidecar also records (e.g. its batching)
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._encoded: queue.Queue = queue.Queue(maxsize=ENCODING_DEPTH)
         self._error: BaseException | None = None
+        self._encoders = ThreadPoolExecutor(max_workers=threads or default_writer_threads(), thread_name_prefix="eagle3-shard-encoder")
         self._thread = threading.Thread(target=self._run, name="eagle3-shard-writer", daemon=True)
+        self._dispatcher = threading.Thread(target=self._dispatch, name="eagle3-shard-dispatch", daemon=True)
         self._thread.start()
+        self._dispatcher.start()
 
     # ---- forward thread side --------------------------------------------------------
 
@@ -104,19 +131,21 @@ class BackgroundWriter:
     def finish(self) -> None:
         """Wait until everything submitted is on disk; re-raise a writer failure here."""
         self._put(None)
+        self._dispatcher.join()
         self._thread.join()
         self._raise_if_failed()
 
     def abort(self) -> None:
         """Stop without finishing: the shard in progress is discarded (its temp file removed)."""
         self._put(("abort", None), check=False)
+        self._dispatcher.join()
         self._thread.join()
 
     def _put(self, item, check: bool = True) -> None:
         while True:
             if check:
                 self._raise_if_failed()
-            if not self._thread.is_alive():
+            if not self._dispatcher.is_alive():
                 return
             try:
                 self._queue.put(item, timeout=0.5)
@@ -137,39 +166,82 @@ class BackgroundWriter:
             ) from err
         raise RuntimeError(f"the shard writer failed: {err!r}") from err
 
+    def _fail(self, err: BaseException) -> None:
+        if self._error is None:  # the first failure is the one to report
+            self._error = err
+
+    # ---- dispatch thread side -------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Rows go to the encoders as soon as their batch arrives; everything passes on in order."""
+        try:
+            while True:
+                item = self._queue.get()
+                if item is not None and item[0] == "batch":
+                    batch = item[1]
+                    rows = [(position, (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors))
+                            for position, (sample, tensors) in batch.split()]
+                    item = ("rows", (rows, batch.quality))
+                if not self._forward(item) or item is None or item[0] == "abort":
+                    return
+        except BaseException as err:  # surfaced on the forward thread at its next call
+            self._fail(err)
+            self._forward(("abort", None))
+
+    def _forward(self, item) -> bool:
+        while self._thread.is_alive():
+            try:
+                self._encoded.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     # ---- writer thread side ---------------------------------------------------------
 
     def _run(self) -> None:
         shard: ShardWriter | None = None
-        window: dict[int, dict] = {}
+        window: dict[int, Future | tuple] = {}
         totals: dict[str, int] = {}
         try:
-            while (item := self._queue.get()) is not None:
+            while (item := self._encoded.get()) is not None:
                 kind, payload = item
                 if kind == "open":
-                    shard = ShardWriter(payload, self.schema, self.row_group_bytes)
+                    shard = ShardWriter(payload, self.schema, self.row_group_bytes, self.encodings)
                     totals = {"tokens": 0, "loss_tokens": 0, "argmax_in_vocab": 0, "failed": [], "quality": {}}
-                elif kind == "batch":
-                    window.update(payload.rows())
-                    totals["quality"] = merge_quality(totals["quality"], {k: v.tolist() for k, v in payload.quality.items()})
+                elif kind == "rows":
+                    rows, quality = payload
+                    window.update(rows)
+                    totals["quality"] = merge_quality(totals["quality"], {k: v.tolist() for k, v in quality.items()})
                 elif kind == "window":
                     for position in range(payload):  # build order
-                        self._write_row(shard, window.pop(position), totals)
+                        encoded = window.pop(position)
+                        self._write_row(shard, encoded.result() if isinstance(encoded, Future) else encoded, totals)
                 elif kind == "close":
                     self._publish(shard, totals)
                     shard = None
                 elif kind == "abort":
                     break
         except BaseException as err:  # surfaced on the forward thread at its next call
-            self._error = err
+            self._fail(err)
         finally:
+            for pending in window.values():
+                if isinstance(pending, Future):
+                    pending.cancel()
+            self._encoders.shutdown(wait=True, cancel_futures=True)
             if shard is not None:
                 shard.abort()
 
+    def _encode(self, sample: dict, tensors: dict) -> tuple[dict, int, int]:
+        """On an encoder thread: (stored row, loss tokens, argmax in the draft vocab)."""
+        argmax = tensors["target_argmax"]
+        in_vocab = int(self.in_vocab[argmax.long()].sum())
+        return encode_columns(encode_row(sample, tensors), self.encodings), len(argmax), in_vocab
+
     def _write_row(self, shard: ShardWriter, encoded: tuple, totals: dict) -> None:
-        row, argmax = encoded
+        row, *counts = encoded
         if row is None:  # never written silently: recorded, or fatal with --strict
-            sample = argmax
+            sample = counts[0]
             if self.strict:
                 raise NonFiniteOutput(
                     f"--strict: the target produced NaN/Inf for input row {sample['source_index']} (id {sample['sample_id']!r}); "
@@ -177,9 +249,10 @@ class BackgroundWriter:
                 )
             totals["failed"].append({"sample_id": sample["sample_id"], "source_index": sample["source_index"], "shard": shard.path.name, "reason": "non_finite_output"})
             return
+        loss_tokens, in_vocab = counts
         totals["tokens"] += row["num_tokens"]
-        totals["loss_tokens"] += len(argmax)
-        totals["argmax_in_vocab"] += int(self.in_vocab[argmax.long()].sum())
+        totals["loss_tokens"] += loss_tokens
+        totals["argmax_in_vocab"] += in_vocab
         shard.add(row)
 
     def _publish(self, shard: ShardWriter, totals: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
+import xxhash
 from helpers import assert_same_content, decoded_rows, small_config
 from tiny_targets import make_tiny_target
 
@@ -86,15 +86,18 @@ def test_manifest_records_checksums_and_totals(built):
     out = result.output_dir
     manifest = read_manifest(out)
     assert manifest == result.manifest
+    assert manifest["checksum_algorithm"] == "xxh3_128"
     for shard in manifest["shards"]:
         path = out / "data" / shard["name"]
-        assert shard["sha256"] == file_sha256(path)
+        assert shard["checksum"] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
         assert shard["bytes"] == path.stat().st_size
-    assert manifest["vocab_file"]["sha256"] == hashlib.sha256((out / "vocab/vocab.safetensors").read_bytes()).hexdigest()
+    assert manifest["vocab_file"]["checksum"] == xxhash.xxh3_128((out / "vocab/vocab.safetensors").read_bytes()).hexdigest()
     assert manifest["totals"]["samples"] == 14
     assert manifest["totals"]["tokens"] == sum(result.prepared.samples["num_tokens"])
     assert manifest["totals"]["loss_tokens"] == sum(result.prepared.samples["num_loss_tokens"])
-    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "per": "token", "byte_order": "little"}
+    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "per": "token",
+                                                        "byte_order": "little", "encoding": "byte_planes_zstd"}
+    assert manifest["columns"]["loss_mask"]["encoding"] == "raw" and manifest["identity"]["compression"] == "zstd"
     assert not list(out.rglob(".*.tmp-*"))
 
 

@@ -19,6 +19,7 @@ from builder.build import build
 from builder.cli import main
 from builder.hub import HubError, PushTarget, Retry, ShardUploader, push_cache, validate_target
 from builder.reader import CacheMismatch, load_cache, read_manifest, read_vocab
+from builder.shards import file_sha256
 
 hub_server, hub = hub_fixtures()
 FAST = Retry(retries=2, backoff=0.01)  # our own retries: quick in tests
@@ -114,7 +115,7 @@ def test_interrupted_push_resumes_and_is_never_tagged_early(hub, v1):
     assert result.skipped == ["train-00000-of-00004.parquet"] and len(result.uploaded) == 3
     # Shard 0 is committed and shard 1 reached LFS storage before its commit dropped: neither is sent again.
     sent = {path.rsplit("/", 1)[1] for _, path, _ in hub.requests("PUT", r"/lfs-upload/")}
-    shas = [s["sha256"] for s in read_manifest(v1)["shards"]]
+    shas = [file_sha256(v1 / "data" / s["name"]) for s in read_manifest(v1)["shards"]]
     assert not sent & set(shas[:2]) and set(shas[2:]) <= sent
     assert hub.repo("tester/interrupted").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/interrupted", revision="v1", layout="raw")), decoded_rows(v1))
@@ -279,7 +280,7 @@ def test_permanent_read_failure_names_the_file_and_the_revision(hub, pushed_v1, 
 
 def test_only_the_needed_columns_are_downloaded(hub, pushed_v1, v1):
     total = sum(f.stat().st_size for f in (v1 / "data").glob("*.parquet"))
-    rows = list(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], block_size=16 << 10))
+    rows = list(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], block_size=4 << 10))
     assert len(rows) == 14 and set(rows[0]) == {"sample_id", "input_ids"}
     fetched = sum(n for p, n in hub.state.bytes_served.items() if p.startswith("data/"))
     assert fetched < 0.25 * total, (fetched, total)  # aux states and probs (most bytes) never travel
@@ -370,7 +371,7 @@ def test_shard_uploader_keeps_few_shards_locally(hub, v1, tmp_path):
     for shard in read_manifest(v1)["shards"]:  # the build publishing shards one by one
         (out / "data").mkdir(parents=True, exist_ok=True)
         shutil.copy(v1 / "data" / shard["name"], out / "data" / shard["name"])
-        uploader.upload(out / "data" / shard["name"], shard["sha256"])
+        uploader.upload(out / "data" / shard["name"])  # a fresh shard: the upload computes its sha256
         assert len(list((out / "data").glob("*.parquet"))) <= 3  # queued + uploading + just written
     uploader.wait()  # every rank, before the build's final barrier
     assert "README.md" not in hub.files_at("tester/streamed", "main") and not hub.repo("tester/streamed").tags
@@ -391,7 +392,7 @@ def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
     name = "data/train-00001-of-00004.parquet"
     (info,) = api.get_paths_info(pushed_v1, [name, "no/such/file"], repo_type="dataset", revision="v1")
     local = (v1 / name).read_bytes()
-    assert info.size == len(local) and info.lfs.sha256 == read_manifest(v1)["shards"][1]["sha256"]
+    assert info.size == len(local) and info.lfs.sha256 == file_sha256(v1 / name)
     top = {e.path for e in api.list_repo_tree(pushed_v1, repo_type="dataset", revision="v1")}
     assert {"README.md", ".gitattributes", "data", "vocab", "images"} == top
     assert [t.name for t in api.list_repo_refs(pushed_v1, repo_type="dataset").tags] == ["v1"]

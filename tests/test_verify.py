@@ -18,7 +18,7 @@ from huggingface_hub import DatasetCard
 
 from builder.build import FAULT_ENV, build
 from builder.reader import read_manifest
-from builder.shards import file_sha256, shard_name
+from builder.shards import decode_value, encode_value, file_checksum, shard_name
 from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
@@ -46,7 +46,7 @@ def test_flipped_byte_is_caught(cache):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    assert verify_cache(cache) == [f"data/{SHARD}: sha256 differs from the manifest (the file is damaged)"]
+    assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged)"]
 
 
 def test_truncated_shard_is_caught(cache):
@@ -75,14 +75,14 @@ def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     path = cache / "data" / shard_name
     table = pq.read_table(path)
     aux = table.column("aux_hidden_states").to_pylist()
-    first = torch.frombuffer(bytearray(aux[0]), dtype=torch.float32) + 1e-3
-    aux[0] = first.numpy().tobytes()
+    first = decode_value(aux[0], torch.float32) + 1e-3  # stored as byte planes + zstd (the default)
+    aux[0] = b"".join(encode_value(first, "byte_planes_zstd").parts)
     table = table.set_column(table.schema.get_field_index("aux_hidden_states"), "aux_hidden_states", pa.array(aux, pa.binary()))
     pq.write_table(table, path, compression="none")
     card = DatasetCard.load(cache / "README.md")
     for shard in card.data["eagle3_cache"]["shards"]:
         if shard["name"] == shard_name:
-            shard["bytes"], shard["sha256"] = path.stat().st_size, file_sha256(path)
+            shard["bytes"], shard["checksum"] = path.stat().st_size, file_checksum(path)
     card.save(cache / "README.md")
 
 
