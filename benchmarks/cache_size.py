@@ -207,13 +207,15 @@ def main(argv=None) -> dict:
     )
     b0 = builds[0]
     print(
-        f"  embedded: {b0['samples']} samples, {b0['tokens']:,} tokens ({b0['tokens'] / b0['samples']:.0f} per sample on average against "
-        f"seq_length {SEQ_LENGTH}), {b0['loss_tokens']:,} loss-masked ({b0['loss_tokens'] / b0['tokens']:.0%}); aux width {b0['aux_width']} (3 x H=64)"
+        f"  embedded: {b0['samples']} samples, {b0['tokens']:,} tokens "
+        f"({b0['tokens'] / b0['samples']:.0f} per sample on average against seq_length {SEQ_LENGTH}), "
+        f"{b0['loss_tokens']:,} loss-masked ({b0['loss_tokens'] / b0['tokens']:.0%}); aux width {b0['aux_width']} (3 x H=64)"
     )
     if big:
         g = big[0]
         print(
-            f"  random Llama: {g['samples']} samples, {g['tokens']:,} tokens ({g['tokens'] / g['samples']:.0f} per sample against seq {BIG_SEQ}), "
+            f"  random Llama: {g['samples']} samples, {g['tokens']:,} tokens "
+            f"({g['tokens'] / g['samples']:.0f} per sample against seq {BIG_SEQ}), "
             f"{g['loss_tokens']:,} loss-masked; aux width {g['aux_width']}"
         )
     print("  cache = the Parquet shards (manifest totals); padding factor x rest = NeMo/cache; tensor/shard bytes = what compression saves")

@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
     rows = []
     for name, dtype in kinds:
 
-        def ratios(group, vd=None):
+        def ratios(group, vd=None, name=name, dtype=dtype):
             found = [
                 b["columns"][name]["ratio"]
                 for b in group

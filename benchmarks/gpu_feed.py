@@ -117,7 +117,8 @@ def main() -> dict:
         f"{rate['Llama-3.1-70B'] / GPUS_PER_REPLICA['Llama-3.1-70B']:,.0f} per GPU"
     )
     print(
-        f"- loss-masked share {loss_share:.1%} (sample chats); zstd ratios per column from the random Llama (hidden 1024) in format_sizes.json"
+        f"- loss-masked share {loss_share:.1%} (sample chats); "
+        "zstd ratios per column from the random Llama (hidden 1024) in format_sizes.json"
     )
     print(
         f"- threads: a process's raw MB/s / MB/s one thread encodes ({min(r['encode_mb_s_per_thread'] for r in rows):,.0f}-"

@@ -9,8 +9,8 @@ shards), pushes it to a loopback Hub (tests/hub_server.py) running in its own pr
           `datasets`/`HfFileSystem`, the path a trainer uses
 
 both in the stored (`raw`) layout: seconds to open (revision, card, vocab, data files) and
-to iterate every row (MB/s of shard bytes, rows/s), and the ratio hub / local. Then samples/s a torch DataLoader delivers from the Hub in the NeMo
-layout (`collate_nemo`, batch 4) with 0 and 2 workers (workers split the shards).
+to iterate every row (MB/s of shard bytes, rows/s), and the ratio hub / local. Then samples/s a torch
+DataLoader delivers from the Hub in the NeMo layout (`collate_nemo`, batch 4) with 0 and 2 workers (workers split the shards).
 
 Loopback has no network latency or bandwidth limit: the ratio measures the client-side cost
 of the HTTP path (requests, Range handling, copies), not a real link. Best of 3 runs each.
@@ -137,7 +137,8 @@ def main() -> None:
     ]
     print(machine_line())
     print(
-        f"cache: {samples} samples, {len(result.manifest['shards'])} shards, {shard_bytes / 1e6:.1f} MB; build {build_s:.1f}s, push {push_s:.1f}s"
+        f"cache: {samples} samples, {len(result.manifest['shards'])} shards, {shard_bytes / 1e6:.1f} MB; "
+        f"build {build_s:.1f}s, push {push_s:.1f}s"
     )
     print(table(["read", "open s", "iterate s", "MB/s", "rows/s"], rows, title=f"Streaming read of every row, best of {REPEATS}"))
     print(f"  hub / local throughput (iterating): {local_s / hub_s:.2f}; including open: {(local_open + local_s) / (hub_open + hub_s):.2f}")

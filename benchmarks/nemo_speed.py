@@ -224,7 +224,8 @@ def main() -> int:
         table(
             ["tool", "wall s (median)", "range", "start-up s (median)", "range"],
             rows_table,
-            title=f"\n{rows} chats, seq {args.seq}, Vd {args.draft_vocab}, bf16, batch {args.batch_size}, {args.threads} torch thread(s), {args.rounds} rounds",
+            title=f"\n{rows} chats, seq {args.seq}, Vd {args.draft_vocab}, bf16, batch {args.batch_size}, "
+            f"{args.threads} torch thread(s), {args.rounds} rounds",
         )
     )
     print(

@@ -167,7 +167,8 @@ def main(repeats: int = DEFAULT_REPEATS) -> dict:
     )
     print(
         f"  criterion (< {TARGET_GROWTH_PERCENT:.0f}% growth of the build's peak RSS when the input doubles): "
-        f"{'MET' if ratios['meets_target_under_10_percent'] else 'NOT MET'}; the baseline is {ratios['baseline_share_of_build_peak_1x']:.0%} of the 1x peak"
+        f"{'MET' if ratios['meets_target_under_10_percent'] else 'NOT MET'}; "
+        f"the baseline is {ratios['baseline_share_of_build_peak_1x']:.0%} of the 1x peak"
         + (f"; identical builds differ by up to {noise:.1f}% run to run" if noise is not None else "")
     )
     print()

@@ -70,13 +70,16 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             lines.append(f"cache_size{took}: {data['dtype']}, NeMo Automodel 0.7.0's padded cache of the same samples / ours")
             for b in data["builds"] + data.get("big_builds", []):
                 lines.append(
-                    f"  {b['case']} ({b.get('compression', 'none')}): {b['bytes_per_token']:,.0f} B/token vs NeMo {b['reference_bytes_per_token']:,.0f} "
-                    f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
+                    f"  {b['case']} ({b.get('compression', 'none')}): {b['bytes_per_token']:,.0f} B/token "
+                    f"vs NeMo {b['reference_bytes_per_token']:,.0f} "
+                    f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, "
+                    f"the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
                 )
             for p in data["projections"]:
                 ratios = p["ratio_reference_over_zstd"]
                 lines.append(
-                    f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
+                    f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: "
+                    f"NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
                     f"/ hidden {ratios['hidden']:.1f}x"
                 )
         elif name == "peak_rss":
@@ -118,7 +121,8 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             mb = data["mb_per_s"]
             lines.append(
                 f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
-                f"in one shard, best of {data['repeats']}; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
+                f"in one shard, best of {data['repeats']}; "
+                f"target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
             )
             for c in ("none", "zstd"):
                 lines.append(
@@ -130,8 +134,10 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     + f" of a plain write + fsync of the tensor bytes ({mb['plain_write_none']:,.0f} MB/s)"
                 )
                 lines.append(
-                    f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
-                    f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, {r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm"
+                    f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, "
+                    f"warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
+                    f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, "
+                    f"{r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm"
                 )
         elif name == "scaling":
             best = data["best"]
@@ -141,7 +147,8 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     continue
                 lines.append(
                     f"  {case} processes vs one: wall {best['one']['wall_s']:.1f} -> {b['wall_s']:.1f} s "
-                    f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
+                    f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); "
+                    f"forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
                     f"identical shards: {data['identical_shards']}"
                 )
         elif name == "format_sizes":
@@ -164,7 +171,8 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             for row in data["rows"]:
                 if row["aux_dtype"] == "bf16" or row["format"] == "topk":
                     lines.append(
-                        f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: {row['stored_gb_s_per_gpu']:.2f} GB/s, "
+                        f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: "
+                        f"{row['stored_gb_s_per_gpu']:.2f} GB/s, "
                         f"{row['threads_zstd']} / {row['threads_none']} threads"
                     )
         elif name == "collate_throughput":

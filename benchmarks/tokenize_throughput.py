@@ -228,11 +228,13 @@ def main() -> dict:
     )
     print(
         f"  num_proc 2 / 1 speed-up: generation {ratios['generation_num_proc2_over_1_speedup']:.2f}x, "
-        f"prefix {ratios['prefix_num_proc2_over_1_speedup']:.2f}x; prefix / generation samples/s (num_proc 1): {ratios['prefix_over_generation_np1']:.2f}x"
+        f"prefix {ratios['prefix_num_proc2_over_1_speedup']:.2f}x; "
+        f"prefix / generation samples/s (num_proc 1): {ratios['prefix_over_generation_np1']:.2f}x"
     )
     same = by[("generation", 1)]["loss_tokens"] == by[("prefix", 1)]["loss_tokens"]
     print(
-        f"  both paths mask the same number of tokens: {same} ({by[('generation', 1)]['loss_tokens']:,} / {by[('prefix', 1)]['loss_tokens']:,});"
+        f"  both paths mask the same number of tokens: {same} "
+        f"({by[('generation', 1)]['loss_tokens']:,} / {by[('prefix', 1)]['loss_tokens']:,});"
         f" every second run reused the first run's cache files: {all(c['second_reused_first_cache_files'] for c in configs)}"
     )
     print()
@@ -273,7 +275,8 @@ def main() -> dict:
     )
     print(
         f"  forward: {forward['samples']} samples, {forward['tokens']:,} tokens, {forward['batches']} token-budget batches "
-        f"(budget {forward['token_budget']:,} tokens, batch <= 8), fastest of {forward['passes']} passes per batch, {forward['torch_threads']} torch threads and 1"
+        f"(budget {forward['token_budget']:,} tokens, batch <= 8), fastest of {forward['passes']} passes per batch, "
+        f"{forward['torch_threads']} torch threads and 1"
     )
     print(f"  {machine_line()}, at the start {load_before[:1]}")
     data = {

@@ -33,7 +33,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--input-data",
         default=DEFAULT_INPUT,
-        help=f".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name (default: {DEFAULT_INPUT})",
+        help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, "
+        f"or an embedded name (default: {DEFAULT_INPUT})",
     )
     g.add_argument("--input-config", default=None, help="Hub dataset config name")
     g.add_argument("--split", default=None, help="dataset split (default: train)")
@@ -45,12 +46,14 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mask-generation-prompt",
         action="store_true",
-        help="leave out of the loss mask the tokens the chat template's generation prompt supplies to each assistant turn (role header, an empty <think></think>); NeMo Automodel's option of that name (default: supervised)",
+        help="leave out of the loss mask the tokens the chat template's generation prompt supplies to each assistant turn "
+        "(role header, an empty <think></think>); NeMo Automodel's option of that name (default: supervised)",
     )
     g.add_argument(
         "--mask-reasoning-content",
         action="store_true",
-        help="leave the rendered reasoning_content of assistant turns out of the loss mask; NeMo Automodel's option of that name (default: supervised)",
+        help="leave the rendered reasoning_content of assistant turns out of the loss mask; "
+        "NeMo Automodel's option of that name (default: supervised)",
     )
     g = p.add_argument_group("cache")
     g.add_argument("--output-dir", default="eagle3-cache-out", help="cache directory (default: ./eagle3-cache-out)")
@@ -59,7 +62,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--target-format",
         default="probs",
-        help="probs (dense draft-vocab probs, exact), topk (the K largest log-probs), or hidden (final hidden state; logits recomputed by the reader) (default: probs)",
+        help="probs (dense draft-vocab probs, exact), topk (the K largest log-probs), "
+        "or hidden (final hidden state; logits recomputed by the reader) (default: probs)",
     )
     g.add_argument("--topk", type=int, default=64, help="K of --target-format topk (default: 64)")
     g.add_argument(
@@ -301,7 +305,8 @@ def format_summary(result) -> str:
     m = result.manifest
     written = sum(len(r["shards_written"]) for r in m["build"]["ranks"])
     lines = [
-        f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; {written} shards written by {result.world_size} processes, {len(m['shards']) - written} already complete)"
+        f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; "
+        f"{written} shards written by {result.world_size} processes, {len(m['shards']) - written} already complete)"
     ]
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:

@@ -76,7 +76,10 @@ class MemoryPlan:
             f"outputs {self.outputs / GiB:.1f}",
             f"overhead {self.overhead / GiB:.1f}",
         ]
-        return f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) ({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
+        return (
+            f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) "
+            f"({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
+        )
 
 
 def plan_memory(

@@ -220,9 +220,12 @@ def test_two_torch_distributed_processes_split_only_when_asked(hub, pushed_v1, v
     script = (
         "import json, os, torch.distributed as dist\n"
         "from builder.reader import load_cache\n"
-        "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], rank=int(os.environ['RANK']), world_size=2)\n"
-        "def ids(**kw): return [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', columns=['sample_id'], **kw)]\n"
-        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'all': ids(), 'ids': ids(split_by_rank=True)}))\n"
+        "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], "
+        "rank=int(os.environ['RANK']), world_size=2)\n"
+        "def ids(**kw): return [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', "
+        "columns=['sample_id'], **kw)]\n"
+        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'all': ids(), "
+        "'ids': ids(split_by_rank=True)}))\n"
         "dist.destroy_process_group()\n"
     )
     env = {

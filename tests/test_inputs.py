@@ -233,7 +233,8 @@ def test_invalid_json_array(tmp_path):
 RAISING_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('forbidden word') }}{% endif %}"
-    "{% if m['role'] == 'assistant' %}{% if loop.last or 'DRAFT' not in m['content'] %}<|assistant|>\n{{ m['content'] ~ '<|end|>' }}\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}{% if loop.last or 'DRAFT' not in m['content'] %}"
+    "<|assistant|>\n{{ m['content'] ~ '<|end|>' }}\n{% endif %}"
     "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -246,8 +247,10 @@ BAD_LINES = {
     "unknown_role": b'{"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]}',
     "empty_conversation": b'{"id": "bad-empty", "messages": []}',
     "no_assistant_turn": b'{"id": "bad-noassistant", "messages": [{"role": "user", "content": "q"}]}',
-    "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, {"role": "assistant", "content": "no"}]}',
-    "template_not_prefix_stable": b'{"id": "bad-prefix", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "DRAFT a"}, '
+    "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, '
+    b'{"role": "assistant", "content": "no"}]}',
+    "template_not_prefix_stable": b'{"id": "bad-prefix", "messages": [{"role": "user", "content": "q"}, '
+    b'{"role": "assistant", "content": "DRAFT a"}, '
     b'{"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]}',
     "no_loss_tokens_after_truncation": json.dumps(
         {"id": "bad-long", "messages": [{"role": "user", "content": "very long question " * 40}, {"role": "assistant", "content": "ok"}]}

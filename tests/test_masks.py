@@ -29,10 +29,12 @@ from builder.tokenize import encode_messages, has_generation_blocks
 # trim_blocks, which would eat it).
 LLAMA3 = (
     "<|begin_of_text|>"
-    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nTools:{% for t in tools %} {{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
     "{% for m in messages %}"
     "<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
-    '{% if m.tool_calls %}{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments }}}{% endfor %}'
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments }}}{% endfor %}'
     "{% else %}{{ m.content }}{% endif %}<|eot_id|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
@@ -52,7 +54,8 @@ def chatml_think(generation_blocks: bool) -> str:
         + open_block
         + "{% if loop.index0 > ns.last_query %}<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{% endif %}"
         "{{ m.content }}"
-        '{% for c in m.tool_calls or [] %}<tool_call>\n{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>{% endfor %}'
+        "{% for c in m.tool_calls or [] %}<tool_call>\n"
+        '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>{% endfor %}'
         "<|im_end|>\n"
         + close_block
         + "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"

@@ -125,7 +125,8 @@ def test_out_of_range_aux_layer_ids(requested, bad):
 def test_too_few_layers_for_the_default(layers):
     with pytest.raises(
         ConfigError,
-        match=rf"^--aux-layer-ids: expected explicit ids for a target with only {layers} layers, got None\. The default \[1, N//2-1, N-4\] needs at least 7 layers",
+        match=rf"^--aux-layer-ids: expected explicit ids for a target with only {layers} layers, got None\. "
+        r"The default \[1, N//2-1, N-4\] needs at least 7 layers",
     ):
         resolve_aux_layer_ids(None, layers)
 
@@ -315,6 +316,7 @@ def test_rows_over_two_gib_are_refused_before_weights(tmp_path, monkeypatch):
     )
     with pytest.raises(
         ConfigError,
-        match=r"--seq-length: expected samples whose row stays under Parquet's 2 GiB per value, got 512\. A sample of \d+ tokens \(\d+ supervised\) would take .*use --target-format topk or hidden",
+        match=r"--seq-length: expected samples whose row stays under Parquet's 2 GiB per value, got 512\. "
+        r"A sample of \d+ tokens \(\d+ supervised\) would take .*use --target-format topk or hidden",
     ):
         prepare(cfg)
