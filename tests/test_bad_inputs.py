@@ -10,30 +10,56 @@ Every case has one of two outcomes:
   expected or found and what to do, no traceback, `load_model` never called, and the
   output directory never created.
 
-| case                                               | outcome                                            | test |
-|----------------------------------------------------|----------------------------------------------------|------|
-| invalid JSON line                                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_json_line] |
-| missing `conversations`/`messages`                 | skipped: missing_messages                          | test_bad_row_is_skipped_and_counted[missing_messages] |
-| wrong types (row, turn list, turn, role)           | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[wrong_types] |
-| unknown role                                       | skipped: unknown_role                              | test_bad_row_is_skipped_and_counted[unknown_role] |
-| empty or None content                              | kept (empty message); all-empty assistant turns: skipped no_assistant_turn; no turns: skipped empty_conversation | test_bad_row_is_skipped_and_counted[empty_or_none_content], test_empty_and_none_content_are_empty_messages |
-| non-string content (number, object, image part)    | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[non_string_content] |
-| no assistant turn                                  | skipped: no_assistant_turn                         | test_bad_row_is_skipped_and_counted[no_assistant_turn] |
-| assistant-only conversation                        | kept and built (only its content is supervised)    | test_assistant_only_conversation_is_built |
-| longer than --seq-length before the first assistant token | skipped: no_loss_tokens_after_truncation    | test_bad_row_is_skipped_and_counted[longer_than_seq_length_before_assistant] |
-| invalid UTF-8 in a JSON Lines row                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_utf8] |
-| template that raises on some rows                  | skipped: template_error                            | test_bad_row_is_skipped_and_counted[template_raises_on_some_rows] |
-| template that raises on every row                  | error: no usable rows (counts + first row)         | test_template_that_raises_on_every_row |
-| template that does not compile (undefined filter)  | error before any data loads                        | test_template_that_does_not_compile |
-| duplicate ids                                      | all kept and built; counted (`Prepared.duplicate_ids`, a warning) | test_duplicate_ids_are_kept_and_counted |
-| Hub dataset id that does not exist (offline)       | error                                              | test_hub_dataset_that_does_not_exist |
-| Hub model id that does not exist (offline)         | error before any data loads                        | test_hub_model_that_does_not_exist |
-| model path without tokenizer                       | error before any data loads                        | test_model_path_without_tokenizer |
-| model path without (or with a broken) config.json  | error before any data loads                        | test_model_path_without_config |
-| unknown dtype                                      | error before anything loads                        | test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype], test_validation.py::test_validate_rejects[dtype=*] |
-| directory with no data files                       | error                                              | test_directory_with_no_data_files (load level: test_inputs.py::test_empty_directory) |
-| data file with no rows (empty, blank lines, `[]`)  | error                                              | test_data_file_with_no_rows |
-| every row invalid                                  | error: no usable rows                              | test_template_that_raises_on_every_row, test_every_row_invalid |
+Each case, its outcome and the test that shows it:
+
+- invalid JSON line: skipped, unparseable_json.
+  test_bad_row_is_skipped_and_counted[invalid_json_line]
+- missing `conversations`/`messages`: skipped, missing_messages.
+  test_bad_row_is_skipped_and_counted[missing_messages]
+- wrong types (row, turn list, turn, role): skipped, wrong_type.
+  test_bad_row_is_skipped_and_counted[wrong_types]
+- unknown role: skipped, unknown_role.
+  test_bad_row_is_skipped_and_counted[unknown_role]
+- empty or None content: kept (empty message); all-empty assistant turns: skipped,
+  no_assistant_turn; no turns: skipped, empty_conversation.
+  test_bad_row_is_skipped_and_counted[empty_or_none_content],
+  test_empty_and_none_content_are_empty_messages
+- non-string content (number, object, image part): skipped, wrong_type.
+  test_bad_row_is_skipped_and_counted[non_string_content]
+- no assistant turn: skipped, no_assistant_turn.
+  test_bad_row_is_skipped_and_counted[no_assistant_turn]
+- assistant-only conversation: kept and built (only its content is supervised).
+  test_assistant_only_conversation_is_built
+- longer than --seq-length before the first assistant token: skipped,
+  no_loss_tokens_after_truncation.
+  test_bad_row_is_skipped_and_counted[longer_than_seq_length_before_assistant]
+- invalid UTF-8 in a JSON Lines row: skipped, unparseable_json.
+  test_bad_row_is_skipped_and_counted[invalid_utf8]
+- template that raises on some rows: skipped, template_error.
+  test_bad_row_is_skipped_and_counted[template_raises_on_some_rows]
+- template that raises on every row: error, no usable rows (counts + first row).
+  test_template_that_raises_on_every_row
+- template that does not compile (undefined filter): error before any data loads.
+  test_template_that_does_not_compile
+- duplicate ids: all kept and built; counted (`Prepared.duplicate_ids`, a warning).
+  test_duplicate_ids_are_kept_and_counted
+- Hub dataset id that does not exist (offline): error.
+  test_hub_dataset_that_does_not_exist
+- Hub model id that does not exist (offline): error before any data loads.
+  test_hub_model_that_does_not_exist
+- model path without tokenizer: error before any data loads.
+  test_model_path_without_tokenizer
+- model path without (or with a broken) config.json: error before any data loads.
+  test_model_path_without_config
+- unknown dtype: error before anything loads.
+  test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype],
+  test_validation.py::test_validate_rejects[dtype=*]
+- directory with no data files: error.
+  test_directory_with_no_data_files (load level: test_inputs.py::test_empty_directory)
+- data file with no rows (empty, blank lines, `[]`): error.
+  test_data_file_with_no_rows
+- every row invalid: error, no usable rows.
+  test_template_that_raises_on_every_row, test_every_row_invalid
 
 Related, tested elsewhere: a JSON array file that is not valid JSON, a missing path,
 a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
