@@ -29,7 +29,10 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/eagle3-cache build --output-dir $(DEMO_DIR) --draft-vocab-size 256 --shard-size 100
 
+# Lint and formatting first (configured in pyproject.toml), so CI enforces them.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 bench: $(STAMP)

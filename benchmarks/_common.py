@@ -200,5 +200,7 @@ def load_average() -> list[float]:
 
 def machine_line() -> str:
     m = machine()
-    return (f"machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores, GPU: {m['gpu']}, torch {m.get('torch', '?')} "
-            f"({m.get('torch_threads', '?')} threads); load average now {load_average()[:1]}")
+    return (
+        f"machine: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores, GPU: {m['gpu']}, torch {m.get('torch', '?')} "
+        f"({m.get('torch_threads', '?')} threads); load average now {load_average()[:1]}"
+    )

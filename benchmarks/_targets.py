@@ -11,20 +11,32 @@ from __future__ import annotations
 from pathlib import Path
 
 # Llama-3.1-8B's shape: the yardstick for "compute per byte written".
-LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256)
+LLAMA_8B = dict(
+    hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+)
 
 
-def llama_params(hidden_size: int, num_hidden_layers: int, intermediate_size: int, num_attention_heads: int,
-                 num_key_value_heads: int, vocab_size: int, **_) -> dict:
+def llama_params(
+    hidden_size: int,
+    num_hidden_layers: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int,
+    **_,
+) -> dict:
     """Parameter counts of a Llama (untied head): decoder (without embeddings), embedding, head."""
     head_dim = hidden_size // num_attention_heads
     attn = 2 * hidden_size * num_attention_heads * head_dim + 2 * hidden_size * num_key_value_heads * head_dim
     mlp = 3 * hidden_size * intermediate_size
     norms = 2 * hidden_size
     decoder = num_hidden_layers * (attn + mlp + norms) + hidden_size
-    return {"decoder": decoder, "embedding": vocab_size * hidden_size, "head": vocab_size * hidden_size,
-            "total": decoder + 2 * vocab_size * hidden_size}
+    return {
+        "decoder": decoder,
+        "embedding": vocab_size * hidden_size,
+        "head": vocab_size * hidden_size,
+        "total": decoder + 2 * vocab_size * hidden_size,
+    }
 
 
 def flops_per_token(shape: dict, loss_share: float) -> float:
@@ -35,8 +47,17 @@ def flops_per_token(shape: dict, loss_share: float) -> float:
     return 2 * p["decoder"] + 2 * p["head"] * loss_share
 
 
-def bytes_per_token(hidden_size: int, draft_vocab: int, loss_share: float, *, target_format: str = "probs",
-                    dtype: str = "bf16", aux_dtype: str = "bf16", topk: int = 64, aux_layers: int = 3) -> float:
+def bytes_per_token(
+    hidden_size: int,
+    draft_vocab: int,
+    loss_share: float,
+    *,
+    target_format: str = "probs",
+    dtype: str = "bf16",
+    aux_dtype: str = "bf16",
+    topk: int = 64,
+    aux_layers: int = 3,
+) -> float:
     """Cache bytes per token (raw tensor bytes; Parquet adds < 0.1%), from the builder's own Layout."""
     from builder.formats import Layout
 
@@ -45,9 +66,19 @@ def bytes_per_token(hidden_size: int, draft_vocab: int, loss_share: float, *, ta
     return per_token + loss_share * per_loss
 
 
-def make_random_llama(directory: Path, *, hidden_size: int, num_hidden_layers: int, intermediate_size: int,
-                      num_attention_heads: int, num_key_value_heads: int, vocab_size: int = 1024, seed: int = 0,
-                      save_dtype=None, device: str = "cpu") -> dict:
+def make_random_llama(
+    directory: Path,
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    save_dtype=None,
+    device: str = "cpu",
+) -> dict:
     """Save a random-weight LlamaForCausalLM with the embedded tokenizer into `directory`; return
     its shape and parameter counts. vocab_size above 1,024 leaves the extra rows unused by the
     tokenizer (fine for speed: the head and the embedding still have that many rows)."""
@@ -59,11 +90,23 @@ def make_random_llama(directory: Path, *, hidden_size: int, num_hidden_layers: i
     tok = AutoTokenizer.from_pretrained(EMBEDDED_TARGETS["tiny-llama"])
     if vocab_size < len(tok):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the embedded tokenizer's {len(tok)}")
-    shape = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, intermediate_size=intermediate_size,
-                 num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size)
-    config = LlamaConfig(**shape, head_dim=hidden_size // num_attention_heads, max_position_embeddings=4096,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    shape = dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+    )
+    config = LlamaConfig(
+        **shape,
+        head_dim=hidden_size // num_attention_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     save_dtype = save_dtype or torch.float32
     torch.manual_seed(seed)
     with torch.device(device):
@@ -84,11 +127,27 @@ def make_random_llama(directory: Path, *, hidden_size: int, num_hidden_layers: i
     return {"shape": shape, "params": params}
 
 
-def compute_per_byte(shape: dict, *, draft_vocab: int, loss_share: float, target_format: str = "probs",
-                     aux_dtype: str = "bf16", dtype: str = "bf16", topk: int = 64) -> dict:
+def compute_per_byte(
+    shape: dict,
+    *,
+    draft_vocab: int,
+    loss_share: float,
+    target_format: str = "probs",
+    aux_dtype: str = "bf16",
+    dtype: str = "bf16",
+    topk: int = 64,
+) -> dict:
     """FLOPs per token, cache bytes per token and FLOPs per byte written."""
     flops = flops_per_token(shape, loss_share)
-    nbytes = bytes_per_token(shape["hidden_size"], draft_vocab, loss_share, target_format=target_format, dtype=dtype,
-                             aux_dtype=aux_dtype, topk=topk)
-    return {"flops_per_token": flops, "bytes_per_token": nbytes, "flops_per_byte": flops / nbytes,
-            "draft_vocab": draft_vocab, "loss_share": loss_share, "target_format": target_format, "aux_dtype": aux_dtype}
+    nbytes = bytes_per_token(
+        shape["hidden_size"], draft_vocab, loss_share, target_format=target_format, dtype=dtype, aux_dtype=aux_dtype, topk=topk
+    )
+    return {
+        "flops_per_token": flops,
+        "bytes_per_token": nbytes,
+        "flops_per_byte": flops / nbytes,
+        "draft_vocab": draft_vocab,
+        "loss_share": loss_share,
+        "target_format": target_format,
+        "aux_dtype": aux_dtype,
+    }

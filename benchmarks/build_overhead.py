@@ -52,12 +52,11 @@ Run: .venv/bin/python benchmarks/build_overhead.py [--cases tiny,big] [--big-sha
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import machine_line, table, temp_dir, write_results
 from _targets import LLAMA_8B, compute_per_byte, llama_params, make_random_llama
 
@@ -180,8 +179,11 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
     plain = bare_runner(prep, model, None, "model", device, input_device)
     plain(*batches[0])  # warm-up (kernels, allocator), untimed
     sync(device)
-    print(f"  [{label}] {len(prep.samples)} samples, {tokens:,} tokens ({padded:,} with padding) in {len(batches)} batches; "
-          f"bare, then (build, bare) x {repeats} ...", flush=True)
+    print(
+        f"  [{label}] {len(prep.samples)} samples, {tokens:,} tokens ({padded:,} with padding) in {len(batches)} batches; "
+        f"bare, then (build, bare) x {repeats} ...",
+        flush=True,
+    )
     bare = [time_pass(plain, batches, device)]
     extra = {}
     if diagnostics:
@@ -197,21 +199,35 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
             result = build(cfg.replace(output_dir=str(out)), progress=False)
         whole_s = time.perf_counter() - whole_start
         assert inst.forwards == len(batches), (inst.forwards, len(batches))  # the same batches, all of them
-        builds.append({"build_s": inst.publishes[-1] - inst.first_forward,
-                       "forward_phase_s": inst.last_forward_end - inst.first_forward,
-                       "drain_tail_s": inst.publishes[-1] - inst.last_forward_end,
-                       "supervise_calls_s": inst.supervise_s, "whole_build_call_s": whole_s, "shards": len(inst.publishes)})
+        builds.append(
+            {
+                "build_s": inst.publishes[-1] - inst.first_forward,
+                "forward_phase_s": inst.last_forward_end - inst.first_forward,
+                "drain_tail_s": inst.publishes[-1] - inst.last_forward_end,
+                "supervise_calls_s": inst.supervise_s,
+                "whole_build_call_s": whole_s,
+                "shards": len(inst.publishes),
+            }
+        )
         bare.append(time_pass(plain, batches, device))
         totals = result.manifest["totals"]
         assert totals["tokens"] == tokens
     bare_s = min(bare)
     best = min(builds, key=lambda b: b["build_s"])
     build_s, tail_s = best["build_s"], best["drain_tail_s"]
-    print(f"  [{label}] bare passes " + ", ".join(f"{x:.2f}" for x in bare) + " s; builds "
-          + ", ".join(f"{b['build_s']:.2f} (drain tail {b['drain_tail_s']:.2f})" for b in builds) + " s", flush=True)
+    print(
+        f"  [{label}] bare passes "
+        + ", ".join(f"{x:.2f}" for x in bare)
+        + " s; builds "
+        + ", ".join(f"{b['build_s']:.2f} (drain tail {b['drain_tail_s']:.2f})" for b in builds)
+        + " s",
+        flush=True,
+    )
 
-    model_shape = {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                                          "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    model_shape = {
+        k: getattr(model.config, k)
+        for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    }
     del model
     loss_share = loss_tokens / tokens
     draft_vocab = len(prep.selected_token_ids)
@@ -270,11 +286,19 @@ def parse_args(argv=None):
     p.add_argument("--big-format", default="probs", help="target format of the big case (probs, topk, hidden)")
     p.add_argument("--big-aux-dtype", default=None, help="aux dtype of the big case (default: bf16)")
     p.add_argument("--big-max-tokens", type=int, default=None, help="--max-tokens-per-batch of the big case")
-    p.add_argument("--big-rows", type=int, default=None,
-                   help="input: the sample chats repeated to this many rows (default: the 300 sample chats as they are)")
+    p.add_argument(
+        "--big-rows",
+        type=int,
+        default=None,
+        help="input: the sample chats repeated to this many rows (default: the 300 sample chats as they are)",
+    )
     p.add_argument("--tiny-samples", type=int, default=None, help="default: all 300")
-    p.add_argument("--diagnostics", default="tiny", help="cases that also time Target.forward and Target.supervise "
-                   "(default: tiny; on the big target both equal model() within a few %%)")
+    p.add_argument(
+        "--diagnostics",
+        default="tiny",
+        help="cases that also time Target.forward and Target.supervise "
+        "(default: tiny; on the big target both equal model() within a few %%)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1; 0 = torch's default)")
     p.add_argument("--repeats", type=int, default=2, help="builds per target (bare passes: one more); the fastest of each counts")
     p.add_argument("--row-group-bytes", type=int, default=8 << 20, help="default 8 MiB (see the docstring); 0: the builder's default")
@@ -296,68 +320,152 @@ def main(argv=None) -> dict:
     rows = []
     for case in cases:
         if case == "tiny":
-            rows.append(run_case("tiny", dict(TINY, max_samples=args.tiny_samples, **rg),
-                                 diagnostics="tiny" in diagnostics, repeats=args.repeats))
+            rows.append(
+                run_case("tiny", dict(TINY, max_samples=args.tiny_samples, **rg), diagnostics="tiny" in diagnostics, repeats=args.repeats)
+            )
         elif case == "big":
             h, layers, inter, heads, kv, vocab = (int(x) for x in args.big_shape.split(","))
             model_dir = Path(temp_dir("big-target")) / "model"
             on_gpu = torch.cuda.is_available()
             start = time.perf_counter()
-            made = make_random_llama(model_dir, hidden_size=h, num_hidden_layers=layers, intermediate_size=inter,
-                                     num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                     save_dtype=torch.bfloat16 if on_gpu else torch.float32, device="cuda" if on_gpu else "cpu")
-            print(f"  [big] random-weight Llama {made['shape']}: {made['params']['total'] / 1e6:,.1f}M parameters "
-                  f"(made in {time.perf_counter() - start:.1f} s)", flush=True)
+            made = make_random_llama(
+                model_dir,
+                hidden_size=h,
+                num_hidden_layers=layers,
+                intermediate_size=inter,
+                num_attention_heads=heads,
+                num_key_value_heads=kv,
+                vocab_size=vocab,
+                save_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                device="cuda" if on_gpu else "cpu",
+            )
+            print(
+                f"  [big] random-weight Llama {made['shape']}: {made['params']['total'] / 1e6:,.1f}M parameters "
+                f"(made in {time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
             data_input = "sample-chats"
             if args.big_rows:
                 data_input = str(_common.write_replicated_jsonl(Path(temp_dir("big-input")) / "chats.jsonl", args.big_rows))
-            rows.append(run_case("big", dict(target_model=str(model_dir), input_data=data_input, seq_length=args.big_seq,
-                                             max_samples=args.big_samples or None, batch_size=args.big_batch_size, dtype="bf16",
-                                             draft_vocab_size=args.big_draft_vocab, **rg,
-                                             target_format=args.big_format, aux_dtype=args.big_aux_dtype,
-                                             max_tokens_per_batch=args.big_max_tokens),
-                                 diagnostics="big" in diagnostics, repeats=args.repeats))
+            rows.append(
+                run_case(
+                    "big",
+                    dict(
+                        target_model=str(model_dir),
+                        input_data=data_input,
+                        seq_length=args.big_seq,
+                        max_samples=args.big_samples or None,
+                        batch_size=args.big_batch_size,
+                        dtype="bf16",
+                        draft_vocab_size=args.big_draft_vocab,
+                        **rg,
+                        target_format=args.big_format,
+                        aux_dtype=args.big_aux_dtype,
+                        max_tokens_per_batch=args.big_max_tokens,
+                    ),
+                    diagnostics="big" in diagnostics,
+                    repeats=args.repeats,
+                )
+            )
         else:
             raise SystemExit(f"unknown case {case!r}; expected tiny or big")
 
     print()
-    print(table(
-        ["target", "params", "tokens", "bare model() tok/s", "build tok/s", "build / bare", "build-minus-tail / bare", "bare spread %"],
-        [[r["label"], f"{r['params']['total'] / 1e6:,.1f}M", r["tokens"], r["bare_tokens_per_s"], r["build_tokens_per_s"],
-          r["ratio_build_over_bare_model"], r["ratio_build_minus_tail_over_bare_model"], r["bare_spread_percent"]] for r in rows],
-        title="Build vs bare forward on the same batches (one run, one machine; tok/s are "
-              + ("GPU" if torch.cuda.is_available() else "CPU") + " figures):",
-    ))
+    print(
+        table(
+            ["target", "params", "tokens", "bare model() tok/s", "build tok/s", "build / bare", "build-minus-tail / bare", "bare spread %"],
+            [
+                [
+                    r["label"],
+                    f"{r['params']['total'] / 1e6:,.1f}M",
+                    r["tokens"],
+                    r["bare_tokens_per_s"],
+                    r["build_tokens_per_s"],
+                    r["ratio_build_over_bare_model"],
+                    r["ratio_build_minus_tail_over_bare_model"],
+                    r["bare_spread_percent"],
+                ]
+                for r in rows
+            ],
+            title="Build vs bare forward on the same batches (one run, one machine; tok/s are "
+            + ("GPU" if torch.cuda.is_available() else "CPU")
+            + " figures):",
+        )
+    )
     diag = [r for r in rows if "target_forward_s" in r]
     if diag:
-        print(table(
-            ["target", "bare model() s", "Target.forward s", "Target.supervise s", "build s", "forward phase s", "drain tail s",
-             "build / Target.forward", "build / Target.supervise"],
-            [[r["label"], r["bare_model_s"], r["target_forward_s"], r["target_supervise_s"], r["build_s"],
-              r["build_forward_phase_s"], r["build_drain_tail_s"], r["ratio_build_over_target_forward"],
-              r["ratio_build_over_target_supervise"]] for r in diag],
-            title="Diagnostics (same batches): the build's per-batch computation alone, and where the build's time goes:",
-        ))
-    print(table(
-        ["target", "format", "FLOPs/token", "cache B/token", "FLOPs per byte written", "vs Llama-3.1-8B, same format, Vd 32000",
-         "written MB/s"],
-        [[r["label"], f"{r['storage']['format']}/{r['storage']['aux_dtype']}/Vd {r['storage']['draft_vocab']}",
-          r["compute_per_byte"]["flops_per_token"], r["compute_per_byte"]["bytes_per_token"],
-          r["compute_per_byte"]["flops_per_byte"],
-          f"{r['compute_per_byte']['flops_per_byte'] / r['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x",
-          r["written_mb_per_s"]] for r in rows],
-        title="Compute per byte written (forward FLOPs as the build runs them; cache bytes at the storage dtypes):",
-    ))
-    for r8 in {r["llama_8b_compute_per_byte"]["target_format"] + r["llama_8b_compute_per_byte"]["aux_dtype"]: r["llama_8b_compute_per_byte"]
-               for r in rows}.values():
-        print(f"  Llama-3.1-8B: {r8['flops_per_token'] / 1e9:.1f} GFLOP/token, {r8['bytes_per_token']:,.0f} B/token ({r8['target_format']}, "
-              f"aux {r8['aux_dtype']}, Vd 32000, loss share {r8['loss_share']:.0%}) -> {r8['flops_per_byte']:,.0f} FLOPs per byte")
+        print(
+            table(
+                [
+                    "target",
+                    "bare model() s",
+                    "Target.forward s",
+                    "Target.supervise s",
+                    "build s",
+                    "forward phase s",
+                    "drain tail s",
+                    "build / Target.forward",
+                    "build / Target.supervise",
+                ],
+                [
+                    [
+                        r["label"],
+                        r["bare_model_s"],
+                        r["target_forward_s"],
+                        r["target_supervise_s"],
+                        r["build_s"],
+                        r["build_forward_phase_s"],
+                        r["build_drain_tail_s"],
+                        r["ratio_build_over_target_forward"],
+                        r["ratio_build_over_target_supervise"],
+                    ]
+                    for r in diag
+                ],
+                title="Diagnostics (same batches): the build's per-batch computation alone, and where the build's time goes:",
+            )
+        )
+    print(
+        table(
+            [
+                "target",
+                "format",
+                "FLOPs/token",
+                "cache B/token",
+                "FLOPs per byte written",
+                "vs Llama-3.1-8B, same format, Vd 32000",
+                "written MB/s",
+            ],
+            [
+                [
+                    r["label"],
+                    f"{r['storage']['format']}/{r['storage']['aux_dtype']}/Vd {r['storage']['draft_vocab']}",
+                    r["compute_per_byte"]["flops_per_token"],
+                    r["compute_per_byte"]["bytes_per_token"],
+                    r["compute_per_byte"]["flops_per_byte"],
+                    f"{r['compute_per_byte']['flops_per_byte'] / r['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x",
+                    r["written_mb_per_s"],
+                ]
+                for r in rows
+            ],
+            title="Compute per byte written (forward FLOPs as the build runs them; cache bytes at the storage dtypes):",
+        )
+    )
+    for r8 in {
+        r["llama_8b_compute_per_byte"]["target_format"] + r["llama_8b_compute_per_byte"]["aux_dtype"]: r["llama_8b_compute_per_byte"]
+        for r in rows
+    }.values():
+        print(
+            f"  Llama-3.1-8B: {r8['flops_per_token'] / 1e9:.1f} GFLOP/token, {r8['bytes_per_token']:,.0f} B/token ({r8['target_format']}, "
+            f"aux {r8['aux_dtype']}, Vd 32000, loss share {r8['loss_share']:.0%}) -> {r8['flops_per_byte']:,.0f} FLOPs per byte"
+        )
     verdicts = {}
     for r in rows:
         if r["label"] == "big":
             verdicts["big_meets_0_90"] = r["ratio_build_over_bare_model"] >= TARGET_RATIO
-            print(f"  bigger target: build / bare = {r['ratio_build_over_bare_model']:.3f} "
-                  f"(target >= {TARGET_RATIO}: {'MET' if verdicts['big_meets_0_90'] else 'NOT MET'})")
+            print(
+                f"  bigger target: build / bare = {r['ratio_build_over_bare_model']:.3f} "
+                f"(target >= {TARGET_RATIO}: {'MET' if verdicts['big_meets_0_90'] else 'NOT MET'})"
+            )
     print(f"  {machine_line()}")
     ratios = {f"{r['label']}_build_over_bare_model": r["ratio_build_over_bare_model"] for r in rows}
     ratios |= {f"{r['label']}_build_over_target_forward": r["ratio_build_over_target_forward"] for r in diag}

@@ -27,14 +27,12 @@ Run: .venv/bin/python benchmarks/cache_size.py [--no-big]
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 import numpy as np
-
 from _columns import BIG_SAMPLES, BIG_SEQ, column_stats, make_big_target
 from _common import machine_line, table, temp_dir, write_results
 
@@ -64,8 +62,10 @@ def measure(label: str, target: str, compression: str, **settings) -> dict:
 
     out = Path(temp_dir(f"{label}-{compression}")) / "cache"
     start = time.perf_counter()
-    result = build(BuildConfig(target_model=target, input_data="sample-chats", output_dir=str(out), dtype=DTYPE,
-                               compression=compression, **settings), progress=False)
+    result = build(
+        BuildConfig(target_model=target, input_data="sample-chats", output_dir=str(out), dtype=DTYPE, compression=compression, **settings),
+        progress=False,
+    )
     build_s = time.perf_counter() - start
     prep, totals = result.prepared, result.manifest["totals"]
     seq = prep.cfg.seq_length
@@ -77,22 +77,40 @@ def measure(label: str, target: str, compression: str, **settings) -> dict:
     assert n == len(num_tokens) and tokens == int(num_tokens.sum())
     per_position = reference_bytes_per_position(aux_width, vd, DTYPE)
     reference, reference_unpadded = n * seq * per_position, tokens * per_position
-    estimate = estimate_sizes(num_tokens, num_loss, aux_width=aux_width, hidden_size=prep.hidden_size, draft_vocab=vd,
-                              dtype=DTYPE, seq_length=seq)
+    estimate = estimate_sizes(
+        num_tokens, num_loss, aux_width=aux_width, hidden_size=prep.hidden_size, draft_vocab=vd, dtype=DTYPE, seq_length=seq
+    )
     assert estimate["reference_padded_dense"] == reference, (estimate, reference)
     columns = column_stats(out)
     row = {
-        "case": label, "compression": compression, "target_format": prep.cfg.target_format, "aux_dtype": prep.cfg.storage_aux_dtype,
-        "draft_vocab": vd, "seq_length": seq, "samples": n, "tokens": tokens, "loss_tokens": totals["loss_tokens"],
-        "aux_width": aux_width, "shards_bytes": totals["bytes"], "cache_dir_bytes": directory_bytes(out),
-        "tensor_bytes": sum(c["raw"] for c in columns.values()), "bytes_per_token": totals["bytes"] / tokens,
-        "reference_bytes": reference, "reference_bytes_per_token": reference / tokens,
-        "ratio_reference_over_cache": reference / totals["bytes"], "ratio_reference_over_cache_dir": reference / directory_bytes(out),
-        "padding_factor": reference / reference_unpadded, "ratio_unpadded_reference_over_cache": reference_unpadded / totals["bytes"],
-        "columns": columns, "build_s": build_s,
+        "case": label,
+        "compression": compression,
+        "target_format": prep.cfg.target_format,
+        "aux_dtype": prep.cfg.storage_aux_dtype,
+        "draft_vocab": vd,
+        "seq_length": seq,
+        "samples": n,
+        "tokens": tokens,
+        "loss_tokens": totals["loss_tokens"],
+        "aux_width": aux_width,
+        "shards_bytes": totals["bytes"],
+        "cache_dir_bytes": directory_bytes(out),
+        "tensor_bytes": sum(c["raw"] for c in columns.values()),
+        "bytes_per_token": totals["bytes"] / tokens,
+        "reference_bytes": reference,
+        "reference_bytes_per_token": reference / tokens,
+        "ratio_reference_over_cache": reference / totals["bytes"],
+        "ratio_reference_over_cache_dir": reference / directory_bytes(out),
+        "padding_factor": reference / reference_unpadded,
+        "ratio_unpadded_reference_over_cache": reference_unpadded / totals["bytes"],
+        "columns": columns,
+        "build_s": build_s,
     }
     row["compression_ratio"] = row["tensor_bytes"] / totals["bytes"]
-    print(f"  built {label} ({compression}): {totals['bytes']:,} bytes in {len(result.manifest['shards'])} shard(s), {build_s:.1f} s", flush=True)
+    print(
+        f"  built {label} ({compression}): {totals['bytes']:,} bytes in {len(result.manifest['shards'])} shard(s), {build_s:.1f} s",
+        flush=True,
+    )
     return row, (num_tokens, num_loss)
 
 
@@ -107,8 +125,11 @@ def main(argv=None) -> dict:
     _common.quiet_libraries()
     from builder.plan import estimate_sizes
 
-    print(f"{NAME}: embedded default (tiny-llama, sample-chats), seq_length {SEQ_LENGTH}, {DTYPE}"
-          + ("" if args.no_big else f"; random Llama (hidden 1024), first {BIG_SAMPLES} chats, seq {BIG_SEQ}"), flush=True)
+    print(
+        f"{NAME}: embedded default (tiny-llama, sample-chats), seq_length {SEQ_LENGTH}, {DTYPE}"
+        + ("" if args.no_big else f"; random Llama (hidden 1024), first {BIG_SAMPLES} chats, seq {BIG_SEQ}"),
+        flush=True,
+    )
     builds, lengths = [], None
     for draft_vocab in DRAFT_VOCABS:
         for compression in COMPRESSIONS:
@@ -119,67 +140,141 @@ def main(argv=None) -> dict:
         target = str(make_big_target(Path(temp_dir("big-target")) / "model"))
         for fmt, aux in (("probs", "bf16"), ("topk", "fp8")):
             for compression in COMPRESSIONS:
-                big.append(measure(f"random Llama H 1024, {fmt} {aux}", target, compression, seq_length=BIG_SEQ, max_samples=BIG_SAMPLES,
-                                   target_format=fmt, aux_dtype=aux)[0])
+                big.append(
+                    measure(
+                        f"random Llama H 1024, {fmt} {aux}",
+                        target,
+                        compression,
+                        seq_length=BIG_SEQ,
+                        max_samples=BIG_SAMPLES,
+                        target_format=fmt,
+                        aux_dtype=aux,
+                    )[0]
+                )
 
     num_tokens, num_loss = lengths
     projections = []
     for draft_vocab in PROJECTION["draft_vocabs"]:
         aux_width = PROJECTION["aux_layers"] * PROJECTION["hidden_size"]
-        sizes = {c: estimate_sizes(num_tokens, num_loss, aux_width=aux_width, hidden_size=PROJECTION["hidden_size"], draft_vocab=draft_vocab,
-                                   dtype=PROJECTION["dtype"], seq_length=PROJECTION["seq_length"], compression=c) for c in COMPRESSIONS}
+        sizes = {
+            c: estimate_sizes(
+                num_tokens,
+                num_loss,
+                aux_width=aux_width,
+                hidden_size=PROJECTION["hidden_size"],
+                draft_vocab=draft_vocab,
+                dtype=PROJECTION["dtype"],
+                seq_length=PROJECTION["seq_length"],
+                compression=c,
+            )
+            for c in COMPRESSIONS
+        }
         tokens = int(num_tokens.sum())
         ref = sizes["none"]["reference_padded_dense"]
-        projections.append({
-            "draft_vocab": draft_vocab, "hidden_size": PROJECTION["hidden_size"], "aux_width": aux_width, "seq_length": PROJECTION["seq_length"],
-            "bytes_per_token": {k: v / tokens for k, v in sizes["none"].items()},
-            "zstd_bytes_per_token": {k: v / tokens for k, v in sizes["zstd"].items()},
-            "reference_bytes_per_sample": ref / len(num_tokens),
-            "ratio_reference_over": {k: ref / sizes["none"][k] for k in ("probs", "topk", "hidden")},
-            "ratio_reference_over_zstd": {k: ref / sizes["zstd"][k] for k in ("probs", "topk", "hidden")},
-        })
+        projections.append(
+            {
+                "draft_vocab": draft_vocab,
+                "hidden_size": PROJECTION["hidden_size"],
+                "aux_width": aux_width,
+                "seq_length": PROJECTION["seq_length"],
+                "bytes_per_token": {k: v / tokens for k, v in sizes["none"].items()},
+                "zstd_bytes_per_token": {k: v / tokens for k, v in sizes["zstd"].items()},
+                "reference_bytes_per_sample": ref / len(num_tokens),
+                "ratio_reference_over": {k: ref / sizes["none"][k] for k in ("probs", "topk", "hidden")},
+                "ratio_reference_over_zstd": {k: ref / sizes["zstd"][k] for k in ("probs", "topk", "hidden")},
+            }
+        )
 
     print()
-    print(table(
-        ["case", "compression", "cache B/token", "NeMo B/token", "NeMo / cache", "padding factor", "rest", "tensor/shard bytes"],
-        [[b["case"], b["compression"], b["bytes_per_token"], b["reference_bytes_per_token"], b["ratio_reference_over_cache"],
-          b["padding_factor"], b["ratio_unpadded_reference_over_cache"], b["compression_ratio"]] for b in builds + big],
-        title="Measured: real caches vs NeMo Automodel 0.7.0's cache of the same samples (one run, one machine):",
-    ))
+    print(
+        table(
+            ["case", "compression", "cache B/token", "NeMo B/token", "NeMo / cache", "padding factor", "rest", "tensor/shard bytes"],
+            [
+                [
+                    b["case"],
+                    b["compression"],
+                    b["bytes_per_token"],
+                    b["reference_bytes_per_token"],
+                    b["ratio_reference_over_cache"],
+                    b["padding_factor"],
+                    b["ratio_unpadded_reference_over_cache"],
+                    b["compression_ratio"],
+                ]
+                for b in builds + big
+            ],
+            title="Measured: real caches vs NeMo Automodel 0.7.0's cache of the same samples (one run, one machine):",
+        )
+    )
     b0 = builds[0]
-    print(f"  embedded: {b0['samples']} samples, {b0['tokens']:,} tokens ({b0['tokens'] / b0['samples']:.0f} per sample on average against "
-          f"seq_length {SEQ_LENGTH}), {b0['loss_tokens']:,} loss-masked ({b0['loss_tokens'] / b0['tokens']:.0%}); aux width {b0['aux_width']} (3 x H=64)")
+    print(
+        f"  embedded: {b0['samples']} samples, {b0['tokens']:,} tokens "
+        f"({b0['tokens'] / b0['samples']:.0f} per sample on average against seq_length {SEQ_LENGTH}), "
+        f"{b0['loss_tokens']:,} loss-masked ({b0['loss_tokens'] / b0['tokens']:.0%}); aux width {b0['aux_width']} (3 x H=64)"
+    )
     if big:
         g = big[0]
-        print(f"  random Llama: {g['samples']} samples, {g['tokens']:,} tokens ({g['tokens'] / g['samples']:.0f} per sample against seq {BIG_SEQ}), "
-              f"{g['loss_tokens']:,} loss-masked; aux width {g['aux_width']}")
+        print(
+            f"  random Llama: {g['samples']} samples, {g['tokens']:,} tokens "
+            f"({g['tokens'] / g['samples']:.0f} per sample against seq {BIG_SEQ}), "
+            f"{g['loss_tokens']:,} loss-masked; aux width {g['aux_width']}"
+        )
     print("  cache = the Parquet shards (manifest totals); padding factor x rest = NeMo/cache; tensor/shard bytes = what compression saves")
     print()
-    print(table(["column", "dtype"] + [b["case"] for b in builds + big if b["compression"] == "zstd"],
-                [[name, dtype] + [f"{b['columns'][name]['ratio']:.2f}" if b["columns"].get(name, {}).get("dtype") == dtype else "-"
-                                  for b in builds + big if b["compression"] == "zstd"]
-                 for name, dtype in sorted({(n, c["dtype"]) for b in builds + big for n, c in b["columns"].items()})],
-                title="Compression per column (tensor bytes / stored bytes, zstd builds):"))
+    print(
+        table(
+            ["column", "dtype"] + [b["case"] for b in builds + big if b["compression"] == "zstd"],
+            [
+                [name, dtype]
+                + [
+                    f"{b['columns'][name]['ratio']:.2f}" if b["columns"].get(name, {}).get("dtype") == dtype else "-"
+                    for b in builds + big
+                    if b["compression"] == "zstd"
+                ]
+                for name, dtype in sorted({(n, c["dtype"]) for b in builds + big for n, c in b["columns"].items()})
+            ],
+            title="Compression per column (tensor bytes / stored bytes, zstd builds):",
+        )
+    )
     print()
-    print(table(
-        ["Vd", "probs B/token", "topk B/token", "hidden B/token", "NeMo B/token", "NeMo/probs", "NeMo/topk", "NeMo/hidden"],
-        [[p["draft_vocab"], f"{p['bytes_per_token']['probs']:,.0f} / {p['zstd_bytes_per_token']['probs']:,.0f}",
-          f"{p['bytes_per_token']['topk']:,.0f} / {p['zstd_bytes_per_token']['topk']:,.0f}",
-          f"{p['bytes_per_token']['hidden']:,.0f} / {p['zstd_bytes_per_token']['hidden']:,.0f}",
-          p["bytes_per_token"]["reference_padded_dense"],
-          *[f"{p['ratio_reference_over'][k]:.1f}x / {p['ratio_reference_over_zstd'][k]:.1f}x" for k in ("probs", "topk", "hidden")]]
-         for p in projections],
-        title=f"PROJECTIONS (builder.plan.estimate_sizes, not built; uncompressed / zstd at plan.ZSTD_RATIOS): 8B-like target, "
-              f"H={PROJECTION['hidden_size']}, {PROJECTION['aux_layers']} aux layers, seq {PROJECTION['seq_length']}, {PROJECTION['dtype']}, "
-              "the sample chats' length distribution:",
-    ))
+    print(
+        table(
+            ["Vd", "probs B/token", "topk B/token", "hidden B/token", "NeMo B/token", "NeMo/probs", "NeMo/topk", "NeMo/hidden"],
+            [
+                [
+                    p["draft_vocab"],
+                    f"{p['bytes_per_token']['probs']:,.0f} / {p['zstd_bytes_per_token']['probs']:,.0f}",
+                    f"{p['bytes_per_token']['topk']:,.0f} / {p['zstd_bytes_per_token']['topk']:,.0f}",
+                    f"{p['bytes_per_token']['hidden']:,.0f} / {p['zstd_bytes_per_token']['hidden']:,.0f}",
+                    p["bytes_per_token"]["reference_padded_dense"],
+                    *[
+                        f"{p['ratio_reference_over'][k]:.1f}x / {p['ratio_reference_over_zstd'][k]:.1f}x"
+                        for k in ("probs", "topk", "hidden")
+                    ],
+                ]
+                for p in projections
+            ],
+            title=f"PROJECTIONS (builder.plan.estimate_sizes, not built; uncompressed / zstd at plan.ZSTD_RATIOS): 8B-like target, "
+            f"H={PROJECTION['hidden_size']}, {PROJECTION['aux_layers']} aux layers, seq {PROJECTION['seq_length']}, {PROJECTION['dtype']}, "
+            "the sample chats' length distribution:",
+        )
+    )
     for p in projections:
         print(f"  Vd={p['draft_vocab']}: NeMo {p['reference_bytes_per_sample'] / 1e6:,.1f} MB per sample")
     print(f"  {machine_line()}")
-    data = {"seq_length": SEQ_LENGTH, "dtype": DTYPE, "builds": builds, "big_builds": big, "projections": projections,
-            "length_distribution": {"samples": int(len(num_tokens)), "tokens": int(num_tokens.sum()), "loss_tokens": int(num_loss.sum()),
-                                    "p50_p90_p99_max": [*np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist(), int(num_tokens.max())]},
-            "ratios": {f"{b['case']} {b['compression']}": b["ratio_reference_over_cache"] for b in builds + big}}
+    data = {
+        "seq_length": SEQ_LENGTH,
+        "dtype": DTYPE,
+        "builds": builds,
+        "big_builds": big,
+        "projections": projections,
+        "length_distribution": {
+            "samples": int(len(num_tokens)),
+            "tokens": int(num_tokens.sum()),
+            "loss_tokens": int(num_loss.sum()),
+            "p50_p90_p99_max": [*np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist(), int(num_tokens.max())],
+        },
+        "ratios": {f"{b['case']} {b['compression']}": b["ratio_reference_over_cache"] for b in builds + big},
+    }
     path = write_results(NAME, data)
     print(f"  wrote {path.relative_to(_common.ROOT)}")
     return data

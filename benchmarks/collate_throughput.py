@@ -33,12 +33,11 @@ Run: .venv/bin/python benchmarks/collate_throughput.py [--repeats N] [--max-samp
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import machine_line, table, temp_dir, write_results
 
 NAME = "collate_throughput"
@@ -126,8 +125,10 @@ def earlier_collate(samples: list[dict]) -> dict:
     import torch
 
     width = max(s["input_ids"].shape[0] for s in samples)
-    return {key: torch.stack([torch.cat([s[key], s[key].new_zeros((width - s[key].shape[0], *s[key].shape[1:]))]) for s in samples])
-            for key in samples[0]}
+    return {
+        key: torch.stack([torch.cat([s[key], s[key].new_zeros((width - s[key].shape[0], *s[key].shape[1:]))]) for s in samples])
+        for key in samples[0]
+    }
 
 
 def earlier_decode(decoder, row: dict) -> dict:
@@ -172,7 +173,9 @@ def same_outputs(rows: list[dict], decoder) -> tuple[bool, int]:
     for i in range(0, len(rows), BATCH_SIZE):
         batch = rows[i : i + BATCH_SIZE]
         current, earlier = collate_nemo([decoder(row) for row in batch]), earlier_collate([earlier_decode(decoder, row) for row in batch])
-        same &= current.keys() == earlier.keys() and all(current[k].dtype == earlier[k].dtype and torch.equal(current[k], earlier[k]) for k in current)
+        same &= current.keys() == earlier.keys() and all(
+            current[k].dtype == earlier[k].dtype and torch.equal(current[k], earlier[k]) for k in current
+        )
         nbytes += sum(t.numel() * t.element_size() for t in current.values())
     return same, nbytes
 
@@ -209,7 +212,19 @@ def main(argv=None) -> dict:
     print(f"  {total / 1e6:,.1f} MB in {len(paths)} shards, {rows_total} rows, {manifest['totals']['tokens']:,} tokens", flush=True)
 
     identical, decoded_bytes = same_outputs(rows, decoder)
-    times = {k: [] for k in ("pyarrow", "loader_streaming", "loader_map", "loader_streaming_no_workers", "decode_current", "decode_earlier", "fill_shared_memory", "fill_heap_memory")}
+    times = {
+        k: []
+        for k in (
+            "pyarrow",
+            "loader_streaming",
+            "loader_map",
+            "loader_streaming_no_workers",
+            "decode_current",
+            "decode_earlier",
+            "fill_shared_memory",
+            "fill_heap_memory",
+        )
+    }
     batch_bytes = {"decode_current": decoded_bytes, "decode_earlier": decoded_bytes}
     threads = torch.get_num_threads()
     for rep in range(args.repeats):
@@ -247,35 +262,97 @@ def main(argv=None) -> dict:
     }
 
     print()
-    print(table(
-        ["path", "best s", "samples/s", "shard MB/s", "batch MB/s", "shard MB/s / pyarrow"],
-        [["pyarrow read_row_group (same files, same columns)", best["pyarrow"], samples_s["pyarrow"], file_mb_s["pyarrow"], "", 1.0],
-         [f"DataLoader nemo, streaming, {WORKERS} workers", best["loader_streaming"], samples_s["loader_streaming"],
-          file_mb_s["loader_streaming"], batch_mb_s["loader_streaming"], ratios["loader_streaming_over_pyarrow"]],
-         [f"DataLoader nemo, map-style, {WORKERS} workers", best["loader_map"], samples_s["loader_map"],
-          file_mb_s["loader_map"], batch_mb_s["loader_map"], ratios["loader_map_over_pyarrow"]],
-         ["DataLoader nemo, streaming, no workers, 1 torch thread", best["loader_streaming_no_workers"], samples_s["loader_streaming_no_workers"],
-          file_mb_s["loader_streaming_no_workers"], batch_mb_s["loader_streaming_no_workers"], ratios["loader_streaming_no_workers_over_pyarrow"]],
-         ["  diag: decode + collate only, in process, 1 thread", best["decode_current"], samples_s["decode_current"], file_mb_s["decode_current"],
-          batch_mb_s["decode_current"], ""],
-         ["  diag: the same the earlier way (cat + stack)", best["decode_earlier"], samples_s["decode_earlier"], file_mb_s["decode_earlier"],
-          batch_mb_s["decode_earlier"], ""],
-         ["  diag: allocate + fill the batches' bytes, shared memory", best["fill_shared_memory"], "", "", batch_mb_s["fill_shared_memory"], ""],
-         ["  diag: the same in this process's heap", best["fill_heap_memory"], "", "", batch_mb_s["fill_heap_memory"], ""]],
-        title=f"{total / 1e6:,.1f} MB in {len(paths)} shards, {rows_total} rows, batch {BATCH_SIZE}; one run, one machine, "
-              f"best of {args.repeats} (absolute figures are this machine's):",
-    ))
-    print(f"  NeMo batches delivered: {batch_bytes['loader_streaming'] / 1e6:,.1f} MB for {total / 1e6:,.1f} MB of shards "
-          f"({batch_bytes['loader_streaming'] / total:.2f}x: int64 ids and masks, dense probs at every position, padding)")
-    print(f"  decode + collate: {ratios['decode_current_over_earlier_speed']:.2f}x the speed of the earlier way; "
-          f"outputs bit-identical: {identical}")
+    print(
+        table(
+            ["path", "best s", "samples/s", "shard MB/s", "batch MB/s", "shard MB/s / pyarrow"],
+            [
+                ["pyarrow read_row_group (same files, same columns)", best["pyarrow"], samples_s["pyarrow"], file_mb_s["pyarrow"], "", 1.0],
+                [
+                    f"DataLoader nemo, streaming, {WORKERS} workers",
+                    best["loader_streaming"],
+                    samples_s["loader_streaming"],
+                    file_mb_s["loader_streaming"],
+                    batch_mb_s["loader_streaming"],
+                    ratios["loader_streaming_over_pyarrow"],
+                ],
+                [
+                    f"DataLoader nemo, map-style, {WORKERS} workers",
+                    best["loader_map"],
+                    samples_s["loader_map"],
+                    file_mb_s["loader_map"],
+                    batch_mb_s["loader_map"],
+                    ratios["loader_map_over_pyarrow"],
+                ],
+                [
+                    "DataLoader nemo, streaming, no workers, 1 torch thread",
+                    best["loader_streaming_no_workers"],
+                    samples_s["loader_streaming_no_workers"],
+                    file_mb_s["loader_streaming_no_workers"],
+                    batch_mb_s["loader_streaming_no_workers"],
+                    ratios["loader_streaming_no_workers_over_pyarrow"],
+                ],
+                [
+                    "  diag: decode + collate only, in process, 1 thread",
+                    best["decode_current"],
+                    samples_s["decode_current"],
+                    file_mb_s["decode_current"],
+                    batch_mb_s["decode_current"],
+                    "",
+                ],
+                [
+                    "  diag: the same the earlier way (cat + stack)",
+                    best["decode_earlier"],
+                    samples_s["decode_earlier"],
+                    file_mb_s["decode_earlier"],
+                    batch_mb_s["decode_earlier"],
+                    "",
+                ],
+                [
+                    "  diag: allocate + fill the batches' bytes, shared memory",
+                    best["fill_shared_memory"],
+                    "",
+                    "",
+                    batch_mb_s["fill_shared_memory"],
+                    "",
+                ],
+                ["  diag: the same in this process's heap", best["fill_heap_memory"], "", "", batch_mb_s["fill_heap_memory"], ""],
+            ],
+            title=f"{total / 1e6:,.1f} MB in {len(paths)} shards, {rows_total} rows, batch {BATCH_SIZE}; one run, one machine, "
+            f"best of {args.repeats} (absolute figures are this machine's):",
+        )
+    )
+    print(
+        f"  NeMo batches delivered: {batch_bytes['loader_streaming'] / 1e6:,.1f} MB for {total / 1e6:,.1f} MB of shards "
+        f"({batch_bytes['loader_streaming'] / total:.2f}x: int64 ids and masks, dense probs at every position, padding)"
+    )
+    print(
+        f"  decode + collate: {ratios['decode_current_over_earlier_speed']:.2f}x the speed of the earlier way; "
+        f"outputs bit-identical: {identical}"
+    )
     print(f"  fresh shared memory takes {ratios['fill_shared_over_heap_time']:.1f}x the time of heap memory to allocate and fill")
     print(f"  {machine_line()}")
-    data = {"cache": {"bytes": total, "shards": len(paths), "rows": rows_total, "tokens": manifest["totals"]["tokens"], **BUILD,
-                      "draft_vocab": manifest["identity"]["draft_vocab_size"], "target_format": "probs"},
-            "batch_size": BATCH_SIZE, "workers": WORKERS, "repeats": args.repeats, "seconds": times, "best_seconds": best,
-            "samples_per_s": samples_s, "shard_mb_per_s": file_mb_s, "batch_mb_per_s": batch_mb_s, "batch_bytes": batch_bytes,
-            "decode_outputs_identical": identical, "ratios": ratios}
+    data = {
+        "cache": {
+            "bytes": total,
+            "shards": len(paths),
+            "rows": rows_total,
+            "tokens": manifest["totals"]["tokens"],
+            **BUILD,
+            "draft_vocab": manifest["identity"]["draft_vocab_size"],
+            "target_format": "probs",
+        },
+        "batch_size": BATCH_SIZE,
+        "workers": WORKERS,
+        "repeats": args.repeats,
+        "seconds": times,
+        "best_seconds": best,
+        "samples_per_s": samples_s,
+        "shard_mb_per_s": file_mb_s,
+        "batch_mb_per_s": batch_mb_s,
+        "batch_bytes": batch_bytes,
+        "decode_outputs_identical": identical,
+        "ratios": ratios,
+    }
     path = write_results(NAME, data)
     print(f"  wrote {path}")
     return data

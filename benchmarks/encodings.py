@@ -18,11 +18,10 @@ Run: .venv/bin/python benchmarks/encodings.py
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _columns import BIG_SAMPLES, BIG_SEQ, make_big_target
 from _common import machine_line, table, temp_dir, write_results
 
@@ -66,8 +65,12 @@ def measure(values: list) -> dict:
     def split():
         flat = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2), n // 2, [None, pa.py_buffer(b"".join(values))])
         offsets = pa.array(np.cumsum([0] + [len(v) // 2 for v in values]).astype(np.int32))
-        return to_buffer(pa.table({"x": pa.ListArray.from_arrays(offsets, flat)}), compression="zstd", compression_level=1,
-                         use_byte_stream_split=["x.list.element"])
+        return to_buffer(
+            pa.table({"x": pa.ListArray.from_arrays(offsets, flat)}),
+            compression="zstd",
+            compression_level=1,
+            use_byte_stream_split=["x.list.element"],
+        )
 
     def parquet_zstd():
         return to_buffer(pa.table({"x": pa.array(values, pa.binary())}), compression="zstd", compression_level=1)
@@ -90,14 +93,32 @@ def main() -> dict:
 
     target = make_big_target(Path(temp_dir("big-target")) / "model")
     out = Path(temp_dir("encodings")) / "cache"
-    print(f"{NAME}: building a probs cache of the random Llama (hidden 1024), {BIG_SAMPLES} chats, seq {BIG_SEQ}, uncompressed ...", flush=True)
-    result = build(BuildConfig(target_model=str(target), input_data="sample-chats", output_dir=str(out), seq_length=BIG_SEQ,
-                               max_samples=BIG_SAMPLES, dtype="bf16", compression="none"), progress=False)
+    print(
+        f"{NAME}: building a probs cache of the random Llama (hidden 1024), {BIG_SAMPLES} chats, seq {BIG_SEQ}, uncompressed ...",
+        flush=True,
+    )
+    result = build(
+        BuildConfig(
+            target_model=str(target),
+            input_data="sample-chats",
+            output_dir=str(out),
+            seq_length=BIG_SEQ,
+            max_samples=BIG_SAMPLES,
+            dtype="bf16",
+            compression="none",
+        ),
+        progress=False,
+    )
     table_ = pq.read_table(out / "data" / result.manifest["shards"][0]["name"], columns=list(COLUMNS))
     measured = {c: measure(table_.column(c).to_pylist()) for c in COLUMNS}
     rows = [[c, name, r["ratio"], r["write_mb_s"], r["read_mb_s"]] for c, by in measured.items() for name, r in by.items()]
-    print(table(["column", "encoding", "raw / stored", "write MB/s", "read MB/s"], rows,
-                title="One column of real rows into an in-memory Parquet file and back (MB/s of tensor data, one thread):"))
+    print(
+        table(
+            ["column", "encoding", "raw / stored", "write MB/s", "read MB/s"],
+            rows,
+            title="One column of real rows into an in-memory Parquet file and back (MB/s of tensor data, one thread):",
+        )
+    )
     print(f"  {machine_line()}")
     path = write_results(NAME, {"columns": measured, "rows": table_.num_rows})
     print(f"  wrote {path.relative_to(_common.ROOT)}")

@@ -30,13 +30,12 @@ Run: .venv/bin/python benchmarks/format_sizes.py [--draft-vocabs 256,1024] [--no
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import json
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _columns import BIG_SAMPLES, BIG_SEQ, column_stats, encode_speed, make_big_target
 from _common import machine_line, table, temp_dir, write_results
 
@@ -77,8 +76,20 @@ def one_build(target: str, label: str, fmt: str, aux: str, vd: int, **settings) 
 
     out = Path(temp_dir(f"{label}-{fmt}-{aux}-{vd}")) / "cache"
     start = time.perf_counter()
-    result = build(BuildConfig(target_model=target, input_data="sample-chats", output_dir=str(out), draft_vocab_size=vd, dtype="bf16",
-                               target_format=fmt, topk=TOPK, aux_dtype=aux, **settings), progress=False)
+    result = build(
+        BuildConfig(
+            target_model=target,
+            input_data="sample-chats",
+            output_dir=str(out),
+            draft_vocab_size=vd,
+            dtype="bf16",
+            target_format=fmt,
+            topk=TOPK,
+            aux_dtype=aux,
+            **settings,
+        ),
+        progress=False,
+    )
     seconds = time.perf_counter() - start
     prep, m = result.prepared, result.manifest
     totals = m["totals"]
@@ -90,19 +101,39 @@ def one_build(target: str, label: str, fmt: str, aux: str, vd: int, **settings) 
     reference = n * seq * reference_bytes_per_position(aux_width, vd)
     head = out / LM_HEAD_FILE
     row = {
-        "target": label, "target_format": fmt, "aux_dtype": aux, "draft_vocab": vd, "seq_length": seq, "samples": n,
-        "tokens": tokens, "loss_tokens": loss, "hidden_size": prep.hidden_size, "aux_width": aux_width,
-        "shard_bytes": totals["bytes"], "tensor_bytes": raw, "compression_ratio": raw / totals["bytes"],
-        "head_rows_bytes": head.stat().st_size if head.exists() else 0, "cache_dir_bytes": directory_bytes(out),
-        "bytes_per_token": totals["bytes"] / tokens, "bytes_per_sample": totals["bytes"] / n,
-        "reference_bytes": reference, "reference_bytes_per_token": reference / tokens, "reference_bytes_per_sample": reference / n,
-        "ratio_reference_over_cache": reference / totals["bytes"], "ratio_reference_over_uncompressed": reference / raw,
-        "columns": columns, "quality": m.get("quality", {}), "build_s": seconds,
+        "target": label,
+        "target_format": fmt,
+        "aux_dtype": aux,
+        "draft_vocab": vd,
+        "seq_length": seq,
+        "samples": n,
+        "tokens": tokens,
+        "loss_tokens": loss,
+        "hidden_size": prep.hidden_size,
+        "aux_width": aux_width,
+        "shard_bytes": totals["bytes"],
+        "tensor_bytes": raw,
+        "compression_ratio": raw / totals["bytes"],
+        "head_rows_bytes": head.stat().st_size if head.exists() else 0,
+        "cache_dir_bytes": directory_bytes(out),
+        "bytes_per_token": totals["bytes"] / tokens,
+        "bytes_per_sample": totals["bytes"] / n,
+        "reference_bytes": reference,
+        "reference_bytes_per_token": reference / tokens,
+        "reference_bytes_per_sample": reference / n,
+        "ratio_reference_over_cache": reference / totals["bytes"],
+        "ratio_reference_over_uncompressed": reference / raw,
+        "columns": columns,
+        "quality": m.get("quality", {}),
+        "build_s": seconds,
     }
     if label == "big":
         row["encode_mb_per_s"] = encode_speed(out)
-    print(f"  built {label:5s} {fmt:6s} aux {aux:4s} Vd {vd:5d}: {totals['bytes']:,} shard bytes, {raw:,} tensor bytes "
-          f"({row['compression_ratio']:.2f}x) in {seconds:.1f} s", flush=True)
+    print(
+        f"  built {label:5s} {fmt:6s} aux {aux:4s} Vd {vd:5d}: {totals['bytes']:,} shard bytes, {raw:,} tensor bytes "
+        f"({row['compression_ratio']:.2f}x) in {seconds:.1f} s",
+        flush=True,
+    )
     return row
 
 
@@ -112,15 +143,23 @@ def main(argv=None) -> dict:
     from builder.formats import TORCH_DTYPES
 
     draft_vocabs = [int(x) for x in args.draft_vocabs.split(",")]
-    print(f"{NAME}: embedded default (tiny-llama, sample-chats), seq {SEQ_LENGTH}, bf16, zstd; formats {FORMATS} x aux {AUX_DTYPES} "
-          f"x draft vocab {draft_vocabs}" + ("" if args.no_big else f"; and a random Llama (hidden 1024), {BIG_SAMPLES} chats, seq {BIG_SEQ}"),
-          flush=True)
-    builds = [one_build("tiny-llama", "tiny", fmt, aux, vd, seq_length=SEQ_LENGTH) for vd in draft_vocabs for fmt in FORMATS for aux in AUX_DTYPES]
+    print(
+        f"{NAME}: embedded default (tiny-llama, sample-chats), seq {SEQ_LENGTH}, bf16, zstd; formats {FORMATS} x aux {AUX_DTYPES} "
+        f"x draft vocab {draft_vocabs}"
+        + ("" if args.no_big else f"; and a random Llama (hidden 1024), {BIG_SAMPLES} chats, seq {BIG_SEQ}"),
+        flush=True,
+    )
+    builds = [
+        one_build("tiny-llama", "tiny", fmt, aux, vd, seq_length=SEQ_LENGTH) for vd in draft_vocabs for fmt in FORMATS for aux in AUX_DTYPES
+    ]
     big = []
     if not args.no_big:
         target = make_big_target(Path(temp_dir("big-target")) / "model")
-        big = [one_build(str(target), "big", fmt, aux, 1024, seq_length=BIG_SEQ, max_samples=BIG_SAMPLES)
-               for fmt in FORMATS for aux in AUX_DTYPES]
+        big = [
+            one_build(str(target), "big", fmt, aux, 1024, seq_length=BIG_SEQ, max_samples=BIG_SAMPLES)
+            for fmt in FORMATS
+            for aux in AUX_DTYPES
+        ]
 
     b0 = builds[0]
     loss_share = b0["loss_tokens"] / b0["tokens"]
@@ -141,29 +180,42 @@ def main(argv=None) -> dict:
                 count = b0["tokens"] if spec["per"] == "token" else b0["loss_tokens"]
                 chats_raw += count * per_position
                 chats_stored += count * per_position / ratio
-            projections.append({
-                "target_format": fmt, "aux_dtype": aux, "raw_bytes_per_token": raw_bpt, "bytes_per_token": stored_bpt,
-                "compression_ratio": raw_bpt / stored_bpt, "bytes_per_sample": stored_bpt * LLAMA_8B["tokens"],
-                "reference_bytes_per_token": ref8, "reference_bytes_per_sample": ref8 * LLAMA_8B["tokens"],
-                "ratio_reference_over_cache": ref8 / stored_bpt, "ratio_reference_over_uncompressed": ref8 / raw_bpt,
-                # the same target on the sample chats' own lengths (mean 239 tokens): the reference pads to 2,048
-                "ratio_reference_over_cache_at_sample_chat_lengths": b0["samples"] * LLAMA_8B["tokens"] * ref8 / chats_stored,
-                "fixed_bytes_per_cache": LLAMA_8B["draft_vocab"] * LLAMA_8B["hidden_size"] * 4 if fmt == "hidden" else 0,
-            })
+            projections.append(
+                {
+                    "target_format": fmt,
+                    "aux_dtype": aux,
+                    "raw_bytes_per_token": raw_bpt,
+                    "bytes_per_token": stored_bpt,
+                    "compression_ratio": raw_bpt / stored_bpt,
+                    "bytes_per_sample": stored_bpt * LLAMA_8B["tokens"],
+                    "reference_bytes_per_token": ref8,
+                    "reference_bytes_per_sample": ref8 * LLAMA_8B["tokens"],
+                    "ratio_reference_over_cache": ref8 / stored_bpt,
+                    "ratio_reference_over_uncompressed": ref8 / raw_bpt,
+                    # the same target on the sample chats' own lengths (mean 239 tokens): the reference pads to 2,048
+                    "ratio_reference_over_cache_at_sample_chat_lengths": b0["samples"] * LLAMA_8B["tokens"] * ref8 / chats_stored,
+                    "fixed_bytes_per_cache": LLAMA_8B["draft_vocab"] * LLAMA_8B["hidden_size"] * 4 if fmt == "hidden" else 0,
+                }
+            )
 
-    lines = [f"| format | aux | embedded, Vd {'/'.join(str(v) for v in draft_vocabs)}: B/token | B/sample | NeMo / cache | "
-             + ("random Llama H 1024: B/token | NeMo / cache | " if big else "")
-             + "Llama-3.1-8B: B/token | MB/sample | NeMo / cache | same, at the chats' lengths |",
-             "|---|---|---|---|---|" + ("---|---|" if big else "") + "---|---|---|---|"]
+    lines = [
+        f"| format | aux | embedded, Vd {'/'.join(str(v) for v in draft_vocabs)}: B/token | B/sample | NeMo / cache | "
+        + ("random Llama H 1024: B/token | NeMo / cache | " if big else "")
+        + "Llama-3.1-8B: B/token | MB/sample | NeMo / cache | same, at the chats' lengths |",
+        "|---|---|---|---|---|" + ("---|---|" if big else "") + "---|---|---|---|",
+    ]
     for p in projections:
         fmt, aux = p["target_format"], p["aux_dtype"]
         mine = [b for b in builds if b["target_format"] == fmt and b["aux_dtype"] == aux]
         theirs = next((b for b in big if b["target_format"] == fmt and b["aux_dtype"] == aux), None)
         lines.append(
             f"| {fmt}{f' (K={TOPK})' if fmt == 'topk' else ''} | {aux} | "
-            + " / ".join(f"{b['bytes_per_token']:,.0f}" for b in mine) + " | "
-            + " / ".join(f"{b['bytes_per_sample'] / 1e3:,.0f} kB" for b in mine) + " | "
-            + " / ".join(f"{b['ratio_reference_over_cache']:.1f}x" for b in mine) + " | "
+            + " / ".join(f"{b['bytes_per_token']:,.0f}" for b in mine)
+            + " | "
+            + " / ".join(f"{b['bytes_per_sample'] / 1e3:,.0f} kB" for b in mine)
+            + " | "
+            + " / ".join(f"{b['ratio_reference_over_cache']:.1f}x" for b in mine)
+            + " | "
             + (f"{theirs['bytes_per_token']:,.0f} | {theirs['ratio_reference_over_cache']:.2f}x | " if theirs else "")
             + f"{p['bytes_per_token']:,.0f} (raw {p['raw_bytes_per_token']:,.0f}) | {p['bytes_per_sample'] / 1e6:,.1f} | "
             + f"{p['ratio_reference_over_cache']:.2f}x | {p['ratio_reference_over_cache_at_sample_chat_lengths']:.1f}x |"
@@ -174,38 +226,74 @@ def main(argv=None) -> dict:
     kinds = sorted({(name, c["dtype"]) for b in builds + big for name, c in b["columns"].items() if c["encoding"] != "raw"})
     rows = []
     for name, dtype in kinds:
-        def ratios(group, vd=None):
-            found = [b["columns"][name]["ratio"] for b in group if name in b["columns"] and b["columns"][name]["dtype"] == dtype
-                     and (vd is None or b["draft_vocab"] == vd)]
-            return f"{min(found):.2f}-{max(found):.2f}" if len(found) > 1 and max(found) - min(found) > 0.005 else (f"{found[0]:.2f}" if found else "-")
+
+        def ratios(group, vd=None, name=name, dtype=dtype):
+            found = [
+                b["columns"][name]["ratio"]
+                for b in group
+                if name in b["columns"] and b["columns"][name]["dtype"] == dtype and (vd is None or b["draft_vocab"] == vd)
+            ]
+            return (
+                f"{min(found):.2f}-{max(found):.2f}"
+                if len(found) > 1 and max(found) - min(found) > 0.005
+                else (f"{found[0]:.2f}" if found else "-")
+            )
+
         speeds = [b["encode_mb_per_s"][name] for b in big if name in b.get("encode_mb_per_s", {}) and b["columns"][name]["dtype"] == dtype]
-        rows.append([name, dtype, ratios(builds, draft_vocabs[-1]), ratios(big), f"{min(speeds):,.0f}-{max(speeds):,.0f}" if speeds else "-"])
-    print(table(["column", "dtype", f"embedded (Vd {draft_vocabs[-1]}) raw/stored", "random Llama H 1024 raw/stored",
-                 "encode MB/s per thread (random Llama)"], rows,
-                title="Compression per column (zstd default; ranges over the formats that store the column):"))
+        rows.append(
+            [name, dtype, ratios(builds, draft_vocabs[-1]), ratios(big), f"{min(speeds):,.0f}-{max(speeds):,.0f}" if speeds else "-"]
+        )
+    print(
+        table(
+            [
+                "column",
+                "dtype",
+                f"embedded (Vd {draft_vocabs[-1]}) raw/stored",
+                "random Llama H 1024 raw/stored",
+                "encode MB/s per thread (random Llama)",
+            ],
+            rows,
+            title="Compression per column (zstd default; ranges over the formats that store the column):",
+        )
+    )
     print()
-    print(f"- embedded default: {b0['samples']} samples, {b0['tokens']:,} tokens (mean {b0['tokens'] / b0['samples']:.0f} per sample, "
-          f"seq length {SEQ_LENGTH}), {b0['loss_tokens']:,} loss-masked ({loss_share:.1%}); H=64, aux width 192. "
-          "Bytes are the Parquet shards; NeMo / cache includes NeMo's padding to the sequence length.")
+    print(
+        f"- embedded default: {b0['samples']} samples, {b0['tokens']:,} tokens (mean {b0['tokens'] / b0['samples']:.0f} per sample, "
+        f"seq length {SEQ_LENGTH}), {b0['loss_tokens']:,} loss-masked ({loss_share:.1%}); H=64, aux width 192. "
+        "Bytes are the Parquet shards; NeMo / cache includes NeMo's padding to the sequence length."
+    )
     for group in (builds, big):
         if group:
-            print(f"- {group[0]['target']}: whole-cache compression {min(b['compression_ratio'] for b in group):.2f}x to "
-                  f"{max(b['compression_ratio'] for b in group):.2f}x (tensor bytes / shard bytes)")
+            print(
+                f"- {group[0]['target']}: whole-cache compression {min(b['compression_ratio'] for b in group):.2f}x to "
+                f"{max(b['compression_ratio'] for b in group):.2f}x (tensor bytes / shard bytes)"
+            )
     heads = [b for b in builds if b["head_rows_bytes"]]
     if heads:
-        print("- hidden caches also store the head's draft rows once (fp32): "
-              + ", ".join(f"Vd {b['draft_vocab']}: {b['head_rows_bytes']:,} B" for b in heads if b["aux_dtype"] == "bf16")
-              + f"; for Llama-3.1-8B at Vd 32000 that is {LLAMA_8B['draft_vocab'] * LLAMA_8B['hidden_size'] * 4 / 1e6:,.0f} MB "
-              "per cache, not per sample (--store-full-head: all 128,256 rows, 2.1 GB).")
-    print(f"- Llama-3.1-8B columns: the builder's Layout (H=4096, 3 aux layers, Vd 32000, 2,048-token samples, loss share "
-          f"{loss_share:.1%}), each column divided by its ratio measured on the random Llama (H 1024); NeMo = 2,048 x "
-          f"(24 + 24,576 + 64,000 + 1) B = {ref8 * LLAMA_8B['tokens'] / 1e6:,.1f} MB per sample. Last column: the same 8B target "
-          f"on the sample chats' own lengths (mean {b0['tokens'] / b0['samples']:.0f} tokens), which NeMo pads to 2,048.")
+        print(
+            "- hidden caches also store the head's draft rows once (fp32): "
+            + ", ".join(f"Vd {b['draft_vocab']}: {b['head_rows_bytes']:,} B" for b in heads if b["aux_dtype"] == "bf16")
+            + f"; for Llama-3.1-8B at Vd 32000 that is {LLAMA_8B['draft_vocab'] * LLAMA_8B['hidden_size'] * 4 / 1e6:,.0f} MB "
+            "per cache, not per sample (--store-full-head: all 128,256 rows, 2.1 GB)."
+        )
+    print(
+        f"- Llama-3.1-8B columns: the builder's Layout (H=4096, 3 aux layers, Vd 32000, 2,048-token samples, loss share "
+        f"{loss_share:.1%}), each column divided by its ratio measured on the random Llama (H 1024); NeMo = 2,048 x "
+        f"(24 + 24,576 + 64,000 + 1) B = {ref8 * LLAMA_8B['tokens'] / 1e6:,.1f} MB per sample. Last column: the same 8B target "
+        f"on the sample chats' own lengths (mean {b0['tokens'] / b0['samples']:.0f} tokens), which NeMo pads to 2,048."
+    )
     print(f"  {machine_line()}")
-    data = {"seq_length": SEQ_LENGTH, "topk": TOPK, "builds": builds, "big_builds": big, "llama_8b": LLAMA_8B | {"loss_share": loss_share},
-            "projections": projections, "markdown_table": "\n".join(lines),
-            "ratios": {f"{p['target_format']}_{p['aux_dtype']}_8b_reference_over_cache": p["ratio_reference_over_cache"] for p in projections}
-            | {f"{b['target_format']}_{b['aux_dtype']}_big_reference_over_cache": b["ratio_reference_over_cache"] for b in big}}
+    data = {
+        "seq_length": SEQ_LENGTH,
+        "topk": TOPK,
+        "builds": builds,
+        "big_builds": big,
+        "llama_8b": LLAMA_8B | {"loss_share": loss_share},
+        "projections": projections,
+        "markdown_table": "\n".join(lines),
+        "ratios": {f"{p['target_format']}_{p['aux_dtype']}_8b_reference_over_cache": p["ratio_reference_over_cache"] for p in projections}
+        | {f"{b['target_format']}_{b['aux_dtype']}_big_reference_over_cache": b["ratio_reference_over_cache"] for b in big},
+    }
     if args.results:
         path = Path(args.results)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,20 +25,21 @@ Run: .venv/bin/python benchmarks/gpu_feed.py (after format_sizes.py and io_throu
 
 from __future__ import annotations
 
-import _common  # noqa: F401
-
 import json
 import math
 
+import _common  # noqa: F401
 from _common import RESULTS_DIR, machine_line, write_results
 from _targets import flops_per_token
 
 NAME = "gpu_feed"
 LLAMA = {
-    "Llama-3.1-8B": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256),
-    "Llama-3.1-70B": dict(hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
-                          num_key_value_heads=8, vocab_size=128256),
+    "Llama-3.1-8B": dict(
+        hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    ),
+    "Llama-3.1-70B": dict(
+        hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256
+    ),
 }
 GPUS_PER_REPLICA = {"Llama-3.1-8B": 1, "Llama-3.1-70B": 4}  # 70B: 45.6 GiB per 80 GiB GPU per the placement planner
 TOKENS_PER_S_8B = 25_000  # one H100, bf16
@@ -54,7 +55,9 @@ def main() -> dict:
     io = json.loads((RESULTS_DIR / "io_throughput.json").read_text())
     loss_share = sizes["llama_8b"]["loss_share"]
     measured = {(b["target_format"], b["aux_dtype"]): b for b in sizes["big_builds"]}
-    parquet_mb_s = min(io["cache"]["tensor_bytes"] / io["writer_stage_seconds"][c]["parquet into a native file"] / 1e6 for c in ("none", "zstd"))
+    parquet_mb_s = min(
+        io["cache"]["tensor_bytes"] / io["writer_stage_seconds"][c]["parquet into a native file"] / 1e6 for c in ("none", "zstd")
+    )
     flops = {name: flops_per_token(shape, loss_share) for name, shape in LLAMA.items()}
     rate = {name: TOKENS_PER_S_8B * flops["Llama-3.1-8B"] / f for name, f in flops.items()}  # per replica
     rows = []
@@ -77,34 +80,63 @@ def main() -> dict:
                 per_gpu_tokens = rate[model] / GPUS_PER_REPLICA[model]
                 raw_gb_s, stored_gb_s = per_gpu_tokens * raw / 1e9, per_gpu_tokens * stored / 1e9
                 replica_raw_mb_s = rate[model] * raw / 1e6
-                rows.append({
-                    "model": model, "format": fmt, "draft_vocab": vd, "aux_dtype": aux, "tokens_per_s_per_gpu": per_gpu_tokens,
-                    "raw_bytes_per_token": raw, "stored_bytes_per_token": stored, "compression_ratio": raw / stored,
-                    "raw_gb_s_per_gpu": raw_gb_s, "stored_gb_s_per_gpu": stored_gb_s, "encode_mb_s_per_thread": per_thread,
-                    "raw_mb_s_per_process": replica_raw_mb_s, "threads_zstd": math.ceil(replica_raw_mb_s / per_thread),
-                })
-    lines = ["| model | format | aux | bytes/token: raw → zstd | GB/s written per GPU: zstd (none) | writer threads per process (zstd) |",
-             "|---|---|---|---|---|---|"]
+                rows.append(
+                    {
+                        "model": model,
+                        "format": fmt,
+                        "draft_vocab": vd,
+                        "aux_dtype": aux,
+                        "tokens_per_s_per_gpu": per_gpu_tokens,
+                        "raw_bytes_per_token": raw,
+                        "stored_bytes_per_token": stored,
+                        "compression_ratio": raw / stored,
+                        "raw_gb_s_per_gpu": raw_gb_s,
+                        "stored_gb_s_per_gpu": stored_gb_s,
+                        "encode_mb_s_per_thread": per_thread,
+                        "raw_mb_s_per_process": replica_raw_mb_s,
+                        "threads_zstd": math.ceil(replica_raw_mb_s / per_thread),
+                    }
+                )
+    lines = [
+        "| model | format | aux | bytes/token: raw → zstd | GB/s written per GPU: zstd (none) | writer threads per process (zstd) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fmt = f"probs, Vd {r['draft_vocab'] // 1000}k" if r["format"] == "probs" else ("topk-64" if r["format"] == "topk" else "hidden")
-        lines.append(f"| {r['model'].split('-')[-1]} | {fmt} | {r['aux_dtype']} | {r['raw_bytes_per_token']:,.0f} → "
-                     f"{r['stored_bytes_per_token']:,.0f} ({r['compression_ratio']:.2f}x) | {r['stored_gb_s_per_gpu']:.2f} "
-                     f"({r['raw_gb_s_per_gpu']:.2f}) | {r['threads_zstd']} |")
+        lines.append(
+            f"| {r['model'].split('-')[-1]} | {fmt} | {r['aux_dtype']} | {r['raw_bytes_per_token']:,.0f} → "
+            f"{r['stored_bytes_per_token']:,.0f} ({r['compression_ratio']:.2f}x) | {r['stored_gb_s_per_gpu']:.2f} "
+            f"({r['raw_gb_s_per_gpu']:.2f}) | {r['threads_zstd']} |"
+        )
     table = "\n".join(lines)
     print(table)
     print()
-    print(f"- forward: {TOKENS_PER_S_8B:,} tokens/s for 8B on one H100; 70B at the same share of peak: {rate['Llama-3.1-70B']:,.0f} tokens/s "
-          f"per 4-GPU replica ({flops['Llama-3.1-70B'] / 1e9:.0f} vs {flops['Llama-3.1-8B'] / 1e9:.1f} GFLOP/token), "
-          f"{rate['Llama-3.1-70B'] / GPUS_PER_REPLICA['Llama-3.1-70B']:,.0f} per GPU")
-    print(f"- loss-masked share {loss_share:.1%} (sample chats); zstd ratios per column from the random Llama (hidden 1024) in format_sizes.json")
-    print(f"- threads: a process's raw MB/s / MB/s one thread encodes ({min(r['encode_mb_s_per_thread'] for r in rows):,.0f}-"
-          f"{max(r['encode_mb_s_per_thread'] for r in rows):,.0f} MB/s by format, per-column encode speeds on this CPU); the 70B's "
-          f"process serves a 4-GPU replica. --compression none: no encoding cost; the disk takes the raw GB/s, and one thread "
-          f"writes Parquet at {parquet_mb_s:,.0f} MB/s here")
+    print(
+        f"- forward: {TOKENS_PER_S_8B:,} tokens/s for 8B on one H100; 70B at the same share of peak: {rate['Llama-3.1-70B']:,.0f} tokens/s "
+        f"per 4-GPU replica ({flops['Llama-3.1-70B'] / 1e9:.0f} vs {flops['Llama-3.1-8B'] / 1e9:.1f} GFLOP/token), "
+        f"{rate['Llama-3.1-70B'] / GPUS_PER_REPLICA['Llama-3.1-70B']:,.0f} per GPU"
+    )
+    print(
+        f"- loss-masked share {loss_share:.1%} (sample chats); "
+        "zstd ratios per column from the random Llama (hidden 1024) in format_sizes.json"
+    )
+    print(
+        f"- threads: a process's raw MB/s / MB/s one thread encodes ({min(r['encode_mb_s_per_thread'] for r in rows):,.0f}-"
+        f"{max(r['encode_mb_s_per_thread'] for r in rows):,.0f} MB/s by format, per-column encode speeds on this CPU); the 70B's "
+        f"process serves a 4-GPU replica. --compression none: no encoding cost; the disk takes the raw GB/s, and one thread "
+        f"writes Parquet at {parquet_mb_s:,.0f} MB/s here"
+    )
     print(f"  {machine_line()}")
-    data = {"tokens_per_s_8b_h100": TOKENS_PER_S_8B, "tokens_per_s_per_replica": rate, "gpus_per_replica": GPUS_PER_REPLICA,
-            "flops_per_token": flops, "loss_share": loss_share, "parquet_write_mb_s": parquet_mb_s, "rows": rows,
-            "markdown_table": table}
+    data = {
+        "tokens_per_s_8b_h100": TOKENS_PER_S_8B,
+        "tokens_per_s_per_replica": rate,
+        "gpus_per_replica": GPUS_PER_REPLICA,
+        "flops_per_token": flops,
+        "loss_share": loss_share,
+        "parquet_write_mb_s": parquet_mb_s,
+        "rows": rows,
+        "markdown_table": table,
+    }
     path = write_results(NAME, data)
     print(f"  wrote {path.relative_to(_common.ROOT)}")
     return data

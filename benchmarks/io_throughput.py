@@ -39,8 +39,6 @@ Run: .venv/bin/python benchmarks/io_throughput.py [--repeats N] [--threads 1,2,4
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import hashlib
 import os
@@ -49,6 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import machine_line, table, temp_dir, write_replicated_jsonl, write_results
 
 NAME = "io_throughput"
@@ -280,18 +279,33 @@ def main(argv=None) -> dict:
     chats = write_replicated_jsonl(base / "chats.jsonl", args.rows)
     caches, results = {}, {}
     for compression in COMPRESSIONS:
-        print(f"{NAME}: building the cache (tiny-llama, {args.rows} rows, seq 2048, {args.dtype}, Vd 1024, --compression {compression}) ...", flush=True)
+        print(
+            f"{NAME}: building the cache (tiny-llama, {args.rows} rows, seq 2048, {args.dtype}, Vd 1024, --compression {compression}) ...",
+            flush=True,
+        )
         caches[compression] = base / f"cache-{compression}"
-        results[compression] = build(BuildConfig(output_dir=str(caches[compression]), input_data=str(chats), shard_size=args.rows,
-                                                 dtype=args.dtype, compression=compression, **BUILD), progress=False)
+        results[compression] = build(
+            BuildConfig(
+                output_dir=str(caches[compression]),
+                input_data=str(chats),
+                shard_size=args.rows,
+                dtype=args.dtype,
+                compression=compression,
+                **BUILD,
+            ),
+            progress=False,
+        )
     prep = results["none"].prepared
     names = {c: [s["name"] for s in results[c].manifest["shards"]] for c in COMPRESSIONS}
     paths = {c: [caches[c] / "data" / n for n in names[c]] for c in COMPRESSIONS}
     originals = {c: [p.read_bytes() for p in paths[c]] for c in COMPRESSIONS}
     shard_bytes = {c: sum(len(d) for d in originals[c]) for c in COMPRESSIONS}
     raw = shard_bytes["none"]  # the tensor data (+ < 0.1% Parquet framing): what the forward hands over
-    print(f"  {raw / 1e6:,.1f} MB raw, {shard_bytes['zstd'] / 1e6:,.1f} MB with zstd ({raw / shard_bytes['zstd']:.2f}x); "
-          f"{results['none'].manifest['totals']['samples']} rows; rebuilding the writer's input ...", flush=True)
+    print(
+        f"  {raw / 1e6:,.1f} MB raw, {shard_bytes['zstd'] / 1e6:,.1f} MB with zstd ({raw / shard_bytes['zstd']:.2f}x); "
+        f"{results['none'].manifest['totals']['samples']} rows; rebuilding the writer's input ...",
+        flush=True,
+    )
     shards = collect_build_input(prep, caches["none"])
     tensor_mb = raw / 1e6
 
@@ -353,15 +367,21 @@ def main(argv=None) -> dict:
         stages[c] = {k: min(s[k] for s in runs) for k in runs[0]}
 
     best = {k: min(v) for k, v in times.items()}
-    mb = {k: v for k, v in {
-        **{f"plain_write_{c}": shard_bytes[c] / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
-        **{f"writer_{c}_{t}": tensor_mb / best[f"writer_{c}_{t}"] for c in COMPRESSIONS for t in threads},
-        **{f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6 for c in COMPRESSIONS
-           for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")},
-        **{f"reader_{w}_{c}": raw / best[f"reader_{w}_{c}"] / 1e6 for c in COMPRESSIONS for w in ("cold", "warm")},
-        **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
-        **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
-    }.items()}
+    mb = {
+        k: v
+        for k, v in {
+            **{f"plain_write_{c}": shard_bytes[c] / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
+            **{f"writer_{c}_{t}": tensor_mb / best[f"writer_{c}_{t}"] for c in COMPRESSIONS for t in threads},
+            **{
+                f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6
+                for c in COMPRESSIONS
+                for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")
+            },
+            **{f"reader_{w}_{c}": raw / best[f"reader_{w}_{c}"] / 1e6 for c in COMPRESSIONS for w in ("cold", "warm")},
+            **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
+            **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
+        }.items()
+    }
     plain_raw_s = best["plain_write_none"]  # writing the tensor bytes at all
     ratios = {}
     for c in COMPRESSIONS:
@@ -376,46 +396,122 @@ def main(argv=None) -> dict:
         return "MET" if value >= target else "NOT MET"
 
     print()
-    rows = [["plain write + fsync, tensor bytes (the none shard)", best["plain_write_none"], mb["plain_write_none"], 1.0, "", ""],
-            ["plain write + fsync, the zstd shard's bytes", best["plain_write_zstd"], mb["plain_write_zstd"],
-             plain_raw_s / best["plain_write_zstd"], "", ""]]
+    rows = [
+        ["plain write + fsync, tensor bytes (the none shard)", best["plain_write_none"], mb["plain_write_none"], 1.0, "", ""],
+        [
+            "plain write + fsync, the zstd shard's bytes",
+            best["plain_write_zstd"],
+            mb["plain_write_zstd"],
+            plain_raw_s / best["plain_write_zstd"],
+            "",
+            "",
+        ],
+    ]
     for c in COMPRESSIONS:
         for t in threads:
             r = ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"]
-            rows.append([f"BackgroundWriter, {c}, {t} thread(s)", best[f"writer_{c}_{t}"], mb[f"writer_{c}_{t}"], r,
-                         f">= {TARGET_WRITE}", verdict(r, TARGET_WRITE)])
-    print(table(["write path", "best s", "tensor MB/s", "÷ plain write of the tensor bytes", "target", "verdict"], rows,
-                title=f"Writes: {tensor_mb:,.0f} MB of tensor data in {len(names['none'])} shard(s), "
-                      f"best of {args.repeats}; one run, one machine (MB/s are this machine's figures):"))
-    print(table(["write path", "its own file, MB", "÷ plain write of its own file"],
-                [[f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
-                 for c in COMPRESSIONS for t in threads], title="The same writes against a plain write of the file each produces:"))
+            rows.append(
+                [
+                    f"BackgroundWriter, {c}, {t} thread(s)",
+                    best[f"writer_{c}_{t}"],
+                    mb[f"writer_{c}_{t}"],
+                    r,
+                    f">= {TARGET_WRITE}",
+                    verdict(r, TARGET_WRITE),
+                ]
+            )
+    print(
+        table(
+            ["write path", "best s", "tensor MB/s", "÷ plain write of the tensor bytes", "target", "verdict"],
+            rows,
+            title=f"Writes: {tensor_mb:,.0f} MB of tensor data in {len(names['none'])} shard(s), "
+            f"best of {args.repeats}; one run, one machine (MB/s are this machine's figures):",
+        )
+    )
+    print(
+        table(
+            ["write path", "its own file, MB", "÷ plain write of its own file"],
+            [
+                [f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
+                for c in COMPRESSIONS
+                for t in threads
+            ],
+            title="The same writes against a plain write of the file each produces:",
+        )
+    )
     rows = []
     for c in COMPRESSIONS:
         for w in ("cold", "warm"):
             r = ratios[f"reader_{w}_{c}_over_plain_read"]
-            rows += [[f"plain read of the {c} shard, {w}", best[f"plain_read_{w}_{c}"], mb[f"plain_read_{w}_{c}"], 1.0, "", ""],
-                     [f"load_cache raw streaming, {c}, {w}", best[f"reader_{w}_{c}"], mb[f"reader_{w}_{c}"], r, f">= {TARGET_READ}", verdict(r, TARGET_READ)],
-                     [f"  diag: pyarrow read_row_group, {c}, {w}", best[f"pyarrow_read_{w}_{c}"], mb[f"pyarrow_read_{w}_{c}"],
-                      ratios[f"pyarrow_read_{w}_{c}_over_plain_read"], "", ""]]
-    print(table(["read path", "best s", "MB/s", "ratio", "target", "verdict"], rows,
-                title="Reads (reader MB/s: decoded tensor data; plain and pyarrow reads: the file's bytes):"))
-    print(table(["rows in memory, MB/s of tensor data", *[f"{t} thread(s)" for t in threads]],
-                [[f"encode_columns, {c}", *[mb[f"encode_{c}_{t}"] for t in threads]] for c in ("zstd",)]
-                + [[f"RowDecoder, {c}", *[mb[f"decode_{c}_{t}"] for t in threads]] for c in COMPRESSIONS],
-                title="Encoding and decoding alone, on 1, 2 and 4 threads (they release the GIL; free cores set the scaling):"))
+            rows += [
+                [f"plain read of the {c} shard, {w}", best[f"plain_read_{w}_{c}"], mb[f"plain_read_{w}_{c}"], 1.0, "", ""],
+                [
+                    f"load_cache raw streaming, {c}, {w}",
+                    best[f"reader_{w}_{c}"],
+                    mb[f"reader_{w}_{c}"],
+                    r,
+                    f">= {TARGET_READ}",
+                    verdict(r, TARGET_READ),
+                ],
+                [
+                    f"  diag: pyarrow read_row_group, {c}, {w}",
+                    best[f"pyarrow_read_{w}_{c}"],
+                    mb[f"pyarrow_read_{w}_{c}"],
+                    ratios[f"pyarrow_read_{w}_{c}_over_plain_read"],
+                    "",
+                    "",
+                ],
+            ]
+    print(
+        table(
+            ["read path", "best s", "MB/s", "ratio", "target", "verdict"],
+            rows,
+            title="Reads (reader MB/s: decoded tensor data; plain and pyarrow reads: the file's bytes):",
+        )
+    )
+    print(
+        table(
+            ["rows in memory, MB/s of tensor data", *[f"{t} thread(s)" for t in threads]],
+            [[f"encode_columns, {c}", *[mb[f"encode_{c}_{t}"] for t in threads]] for c in ("zstd",)]
+            + [[f"RowDecoder, {c}", *[mb[f"decode_{c}_{t}"] for t in threads]] for c in COMPRESSIONS],
+            title="Encoding and decoding alone, on 1, 2 and 4 threads (they release the GIL; free cores set the scaling):",
+        )
+    )
     for c in COMPRESSIONS:
-        print(table([f"writer stage, {c} (one thread, one at a time)", "s", "tensor MB/s"],
-                    [[k, v, raw / v / 1e6] for k, v in stages[c].items()], title=f"Where the writer's time goes ({c}):"))
+        print(
+            table(
+                [f"writer stage, {c} (one thread, one at a time)", "s", "tensor MB/s"],
+                [[k, v, raw / v / 1e6] for k, v in stages[c].items()],
+                title=f"Where the writer's time goes ({c}):",
+            )
+        )
     print(f"  writer output byte-identical to the build's shard: none {identical['none']}, zstd {identical['zstd']} (every thread count)")
     print(f"  reader open (card, vocab, datasets builder): {min(opens):.3f} s (not in the reader's MB/s)")
     print(f"  {machine_line()}")
-    data = {"cache": {"tensor_bytes": raw, "shard_bytes": shard_bytes, "rows": results["none"].manifest["totals"]["samples"],
-                      "input": f"the sample chats repeated to {args.rows} rows",
-                      **BUILD, "dtype": args.dtype, "draft_vocab": len(prep.selected_token_ids), "row_group_bytes": prep.cfg.row_group_bytes},
-            "repeats": args.repeats, "threads": threads, "seconds": times, "best_seconds": best, "mb_per_s": mb,
-            "decode_seconds": decode, "encode_seconds": encode, "reader_open_s": min(opens), "writer_stage_seconds": stages, "writer_output_identical": identical,
-            "ratios": ratios, "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ}}
+    data = {
+        "cache": {
+            "tensor_bytes": raw,
+            "shard_bytes": shard_bytes,
+            "rows": results["none"].manifest["totals"]["samples"],
+            "input": f"the sample chats repeated to {args.rows} rows",
+            **BUILD,
+            "dtype": args.dtype,
+            "draft_vocab": len(prep.selected_token_ids),
+            "row_group_bytes": prep.cfg.row_group_bytes,
+        },
+        "repeats": args.repeats,
+        "threads": threads,
+        "seconds": times,
+        "best_seconds": best,
+        "mb_per_s": mb,
+        "decode_seconds": decode,
+        "encode_seconds": encode,
+        "reader_open_s": min(opens),
+        "writer_stage_seconds": stages,
+        "writer_output_identical": identical,
+        "ratios": ratios,
+        "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ},
+    }
     if args.results:
         import json
 

@@ -29,8 +29,6 @@ Run: .venv/bin/python benchmarks/nemo_speed.py [--rounds N] [--seq S] [--draft-v
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import json
 import os
@@ -40,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import ROOT, machine_line, quiet_env, sample_chat_lines, table, temp_dir, write_results
 
 NAME = "nemo_speed"
@@ -109,8 +108,23 @@ def tool_args(tool: str, data: Path, out: Path, args) -> list[str]:
     batch = ["--batch-size", str(args.batch_size)]
     if tool == "ours_budget":
         batch = ["--batch-size", "1024", "--max-tokens-per-batch", str(args.batch_size * args.seq)]
-    common = ["--target-model", TINY_PATH, "--input-data", str(data), "--output-dir", str(out), "--seq-length", str(args.seq),
-              "--draft-vocab-size", str(args.draft_vocab), *batch, "--shard-size", "256", "--dtype", "bf16"]
+    common = [
+        "--target-model",
+        TINY_PATH,
+        "--input-data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--seq-length",
+        str(args.seq),
+        "--draft-vocab-size",
+        str(args.draft_vocab),
+        *batch,
+        "--shard-size",
+        "256",
+        "--dtype",
+        "bf16",
+    ]
     if tool == "nemo":
         return [*common, "--device", "cpu", "--log-level", "WARNING"]
     return [*common, "--quiet"]
@@ -139,8 +153,15 @@ def check_same_work(ours_dir: str, nemo_dir: str, rows: int) -> dict:
     nemo = json.loads((Path(nemo_dir) / "manifest.json").read_text())
     same_vocab = read_vocab(ours_dir)["selected_token_ids"].tolist() == nemo["selected_token_ids"]
     if not (manifest["totals"]["samples"] == nemo["num_samples"] == rows and same_vocab):
-        raise RuntimeError(f"the two runs differ: samples {manifest['totals']['samples']} vs {nemo['num_samples']} (of {rows}), same vocab: {same_vocab}")
-    return {"samples": rows, "tokens": manifest["totals"]["tokens"], "loss_tokens": manifest["totals"]["loss_tokens"], "same_draft_vocab": same_vocab}
+        raise RuntimeError(
+            f"the two runs differ: samples {manifest['totals']['samples']} vs {nemo['num_samples']} (of {rows}), same vocab: {same_vocab}"
+        )
+    return {
+        "samples": rows,
+        "tokens": manifest["totals"]["tokens"],
+        "loss_tokens": manifest["totals"]["loss_tokens"],
+        "same_draft_vocab": same_vocab,
+    }
 
 
 def summarise(runs: list[dict], key: str) -> dict:
@@ -189,33 +210,73 @@ def main() -> int:
     after_ratios = [by_tool["nemo"]["after_startup_s"] / by_tool["ours"]["after_startup_s"] for by_tool in per_round(runs)]
     budget_ratios = [by_tool["nemo"]["wall_s"] / by_tool["ours_budget"]["wall_s"] for by_tool in per_round(runs)]
     median_ratio = statistics.median(ratios)
-    rows_table = [[tool, wall[tool]["median"], f"{wall[tool]['min']:.1f}-{wall[tool]['max']:.1f}", startup[tool]["median"],
-                   f"{startup[tool]['min']:.1f}-{startup[tool]['max']:.1f}"] for tool in TOOLS]
-    print(table(["tool", "wall s (median)", "range", "start-up s (median)", "range"], rows_table,
-                title=f"\n{rows} chats, seq {args.seq}, Vd {args.draft_vocab}, bf16, batch {args.batch_size}, {args.threads} torch thread(s), {args.rounds} rounds"))
-    print(f"NeMo wall / ours: median {median_ratio:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target >= {TARGET_RATIO}: "
-          f"{'MET' if median_ratio >= TARGET_RATIO else 'NOT MET'})")
-    print(f"start-up NeMo / ours: {startup['nemo']['median'] / startup['ours']['median']:.2f}x (medians); after the first forward "
-          f"NeMo / ours: median {statistics.median(after_ratios):.2f}x (range {min(after_ratios):.2f}-{max(after_ratios):.2f})")
-    print(f"diagnostic, ours at NeMo's tokens per forward ({args.batch_size * args.seq}) without the 4-sample cap: NeMo wall / ours "
-          f"median {statistics.median(budget_ratios):.2f}x (range {min(budget_ratios):.2f}-{max(budget_ratios):.2f})")
-    path = write_results(NAME, {
-        "setting": {"target": "tiny-llama", "input": "sample chats without a tool turn or list-of-parts content", "rows": rows, "seq_length": args.seq,
-                    "draft_vocab_size": args.draft_vocab, "dtype": "bf16", "batch_size": args.batch_size, "shard_size": 256,
-                    "torch_threads": args.threads, "device": "cpu", "nemo_automodel": _nemo_version(),
-                    "nemo_change": "NeMoAutoModelForCausalLM swapped for transformers.AutoModelForCausalLM"},
-        "work": work,
-        "rounds": args.rounds,
-        "runs": runs,
-        "wall_s": wall,
-        "startup_s": startup,
-        "after_startup_s": after,
-        "ratios": {"nemo_wall_over_ours": ratios, "median": median_ratio, "min": min(ratios), "max": max(ratios),
-                   "meets_2x": median_ratio >= TARGET_RATIO,
-                   "startup_nemo_over_ours_medians": startup["nemo"]["median"] / startup["ours"]["median"],
-                   "after_startup_nemo_over_ours": after_ratios, "after_startup_median": statistics.median(after_ratios),
-                   "diagnostic_nemo_wall_over_ours_budget": budget_ratios, "diagnostic_budget_median": statistics.median(budget_ratios)},
-    })
+    rows_table = [
+        [
+            tool,
+            wall[tool]["median"],
+            f"{wall[tool]['min']:.1f}-{wall[tool]['max']:.1f}",
+            startup[tool]["median"],
+            f"{startup[tool]['min']:.1f}-{startup[tool]['max']:.1f}",
+        ]
+        for tool in TOOLS
+    ]
+    print(
+        table(
+            ["tool", "wall s (median)", "range", "start-up s (median)", "range"],
+            rows_table,
+            title=f"\n{rows} chats, seq {args.seq}, Vd {args.draft_vocab}, bf16, batch {args.batch_size}, "
+            f"{args.threads} torch thread(s), {args.rounds} rounds",
+        )
+    )
+    print(
+        f"NeMo wall / ours: median {median_ratio:.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target >= {TARGET_RATIO}: "
+        f"{'MET' if median_ratio >= TARGET_RATIO else 'NOT MET'})"
+    )
+    print(
+        f"start-up NeMo / ours: {startup['nemo']['median'] / startup['ours']['median']:.2f}x (medians); after the first forward "
+        f"NeMo / ours: median {statistics.median(after_ratios):.2f}x (range {min(after_ratios):.2f}-{max(after_ratios):.2f})"
+    )
+    print(
+        f"diagnostic, ours at NeMo's tokens per forward ({args.batch_size * args.seq}) without the 4-sample cap: NeMo wall / ours "
+        f"median {statistics.median(budget_ratios):.2f}x (range {min(budget_ratios):.2f}-{max(budget_ratios):.2f})"
+    )
+    path = write_results(
+        NAME,
+        {
+            "setting": {
+                "target": "tiny-llama",
+                "input": "sample chats without a tool turn or list-of-parts content",
+                "rows": rows,
+                "seq_length": args.seq,
+                "draft_vocab_size": args.draft_vocab,
+                "dtype": "bf16",
+                "batch_size": args.batch_size,
+                "shard_size": 256,
+                "torch_threads": args.threads,
+                "device": "cpu",
+                "nemo_automodel": _nemo_version(),
+                "nemo_change": "NeMoAutoModelForCausalLM swapped for transformers.AutoModelForCausalLM",
+            },
+            "work": work,
+            "rounds": args.rounds,
+            "runs": runs,
+            "wall_s": wall,
+            "startup_s": startup,
+            "after_startup_s": after,
+            "ratios": {
+                "nemo_wall_over_ours": ratios,
+                "median": median_ratio,
+                "min": min(ratios),
+                "max": max(ratios),
+                "meets_2x": median_ratio >= TARGET_RATIO,
+                "startup_nemo_over_ours_medians": startup["nemo"]["median"] / startup["ours"]["median"],
+                "after_startup_nemo_over_ours": after_ratios,
+                "after_startup_median": statistics.median(after_ratios),
+                "diagnostic_nemo_wall_over_ours_budget": budget_ratios,
+                "diagnostic_budget_median": statistics.median(budget_ratios),
+            },
+        },
+    )
     print(f"results: {path}")
     return 0
 

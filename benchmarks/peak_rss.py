@@ -24,8 +24,6 @@ Run: .venv/bin/python benchmarks/peak_rss.py
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import json
 import resource
@@ -33,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import machine_line, quiet_env, run_child, table, temp_dir, write_replicated_jsonl, write_results
 
 NAME = "peak_rss"
@@ -61,9 +60,9 @@ def child(mode: str, jsonl: str | None, out: str | None) -> dict:
     info: dict = {"mode": mode}
     if mode == "baseline":
         from builder import build as _build_module  # noqa: F401  (the same imports a build makes)
+        from builder.config import resolve_aux_layer_ids
         from builder.embedded import resolve_target
         from builder.target import Target, compute_device, load_config, load_model, load_tokenizer, text_config
-        from builder.config import resolve_aux_layer_ids
 
         path = resolve_target(BUILD["target_model"])
         load_tokenizer(path, None, False)
@@ -83,8 +82,9 @@ def child(mode: str, jsonl: str | None, out: str | None) -> dict:
 
             result = build(cfg, progress=False)
             totals = result.manifest["totals"]
-            info.update(samples=totals["samples"], tokens=totals["tokens"], bytes_written=totals["bytes"],
-                        shards=len(result.manifest["shards"]))
+            info.update(
+                samples=totals["samples"], tokens=totals["tokens"], bytes_written=totals["bytes"], shards=len(result.manifest["shards"])
+            )
     info.update(proc_status())
     info["seconds"] = time.perf_counter() - start
     return info
@@ -93,8 +93,11 @@ def child(mode: str, jsonl: str | None, out: str | None) -> dict:
 def main(repeats: int = DEFAULT_REPEATS) -> dict:
     script = str(Path(__file__).resolve())
     inputs = {size: write_replicated_jsonl(Path(temp_dir(f"input-{size}")) / f"chats-{rows}.jsonl", rows) for size, rows in ROWS.items()}
-    print(f"{NAME}: {', '.join(f'{k} = {v} rows' for k, v in ROWS.items())}; seq_length {BUILD['seq_length']}, draft vocab "
-          f"{BUILD['draft_vocab_size']}, shard size {BUILD['shard_size']}, row groups {BUILD['row_group_bytes'] >> 20} MiB; one child each", flush=True)
+    print(
+        f"{NAME}: {', '.join(f'{k} = {v} rows' for k, v in ROWS.items())}; seq_length {BUILD['seq_length']}, draft vocab "
+        f"{BUILD['draft_vocab_size']}, shard size {BUILD['shard_size']}, row groups {BUILD['row_group_bytes'] >> 20} MiB; one child each",
+        flush=True,
+    )
 
     def run(mode: str, size: str | None = None) -> dict:
         args = [script, "--child", mode]
@@ -136,38 +139,91 @@ def main(repeats: int = DEFAULT_REPEATS) -> dict:
         "meets_target_under_10_percent": growth(b1, b2) < TARGET_GROWTH_PERCENT,
     }
     print()
-    print(table(
-        ["measure", "1x -> 2x growth %", "2x / 1x"],
-        [[f"build peak RSS{f', mean of {repeats}' if repeats > 1 else ''} (criterion: < 10%)", ratios["build_peak_growth_percent"], b2 / b1],
-         *([["build peak RSS, lowest 1x vs highest 2x", ratios["build_peak_growth_percent_worst_pair"], max(peaks["2x"]) / min(peaks["1x"])]]
-           if repeats > 1 else []),
-         ["build peak - baseline (what the build adds)", ratios["build_minus_baseline_growth_percent"], (b2 - base) / (b1 - base)],
-         ["prepare-only peak (data side, no model)", ratios["prepare_peak_growth_percent"], p2 / p1]],
-        title="Ratios (one run, one machine):",
-    ))
-    print(f"  criterion (< {TARGET_GROWTH_PERCENT:.0f}% growth of the build's peak RSS when the input doubles): "
-          f"{'MET' if ratios['meets_target_under_10_percent'] else 'NOT MET'}; the baseline is {ratios['baseline_share_of_build_peak_1x']:.0%} of the 1x peak"
-          + (f"; identical builds differ by up to {noise:.1f}% run to run" if noise is not None else ""))
+    print(
+        table(
+            ["measure", "1x -> 2x growth %", "2x / 1x"],
+            [
+                [
+                    f"build peak RSS{f', mean of {repeats}' if repeats > 1 else ''} (criterion: < 10%)",
+                    ratios["build_peak_growth_percent"],
+                    b2 / b1,
+                ],
+                *(
+                    [
+                        [
+                            "build peak RSS, lowest 1x vs highest 2x",
+                            ratios["build_peak_growth_percent_worst_pair"],
+                            max(peaks["2x"]) / min(peaks["1x"]),
+                        ]
+                    ]
+                    if repeats > 1
+                    else []
+                ),
+                ["build peak - baseline (what the build adds)", ratios["build_minus_baseline_growth_percent"], (b2 - base) / (b1 - base)],
+                ["prepare-only peak (data side, no model)", ratios["prepare_peak_growth_percent"], p2 / p1],
+            ],
+            title="Ratios (one run, one machine):",
+        )
+    )
+    print(
+        f"  criterion (< {TARGET_GROWTH_PERCENT:.0f}% growth of the build's peak RSS when the input doubles): "
+        f"{'MET' if ratios['meets_target_under_10_percent'] else 'NOT MET'}; "
+        f"the baseline is {ratios['baseline_share_of_build_peak_1x']:.0%} of the 1x peak"
+        + (f"; identical builds differ by up to {noise:.1f}% run to run" if noise is not None else "")
+    )
     print()
-    rows = [["baseline: imports + tokenizer + model", "-", "-", base / mib, baseline["RssAnon"] / mib, baseline["RssFile"] / mib, baseline["seconds"]]]
+    rows = [
+        [
+            "baseline: imports + tokenizer + model",
+            "-",
+            "-",
+            base / mib,
+            baseline["RssAnon"] / mib,
+            baseline["RssFile"] / mib,
+            baseline["seconds"],
+        ]
+    ]
     for size in ROWS:
         r = prepares[size]
-        rows.append([f"prepare only {size}", r["samples"], r["tokens"], r["VmHWM"] / mib, r["RssAnon"] / mib, r["RssFile"] / mib, r["seconds"]])
+        rows.append(
+            [f"prepare only {size}", r["samples"], r["tokens"], r["VmHWM"] / mib, r["RssAnon"] / mib, r["RssFile"] / mib, r["seconds"]]
+        )
     for i in range(repeats):
         for size in ROWS:
             r = runs[size][i]
-            rows.append([f"build {size}" + (f" (run {i + 1})" if repeats > 1 else ""), r["samples"], r["tokens"], r["VmHWM"] / mib, r["RssAnon"] / mib, r["RssFile"] / mib, r["seconds"]])
-    print(table(
-        ["child", "samples", "tokens", "peak RSS MiB", "RssAnon MiB at end", "RssFile MiB at end", "seconds"],
-        rows,
-        title="Absolute figures (this machine's RSS; seconds are CPU figures that only matter relative to each other):",
-    ))
+            rows.append(
+                [
+                    f"build {size}" + (f" (run {i + 1})" if repeats > 1 else ""),
+                    r["samples"],
+                    r["tokens"],
+                    r["VmHWM"] / mib,
+                    r["RssAnon"] / mib,
+                    r["RssFile"] / mib,
+                    r["seconds"],
+                ]
+            )
+    print(
+        table(
+            ["child", "samples", "tokens", "peak RSS MiB", "RssAnon MiB at end", "RssFile MiB at end", "seconds"],
+            rows,
+            title="Absolute figures (this machine's RSS; seconds are CPU figures that only matter relative to each other):",
+        )
+    )
     first = {size: runs[size][0] for size in ROWS}
-    print(f"  build 1x wrote {first['1x']['bytes_written'] / 1e6:,.1f} MB in {first['1x']['shards']} shards, "
-          f"2x {first['2x']['bytes_written'] / 1e6:,.1f} MB in {first['2x']['shards']} shards")
+    print(
+        f"  build 1x wrote {first['1x']['bytes_written'] / 1e6:,.1f} MB in {first['1x']['shards']} shards, "
+        f"2x {first['2x']['bytes_written'] / 1e6:,.1f} MB in {first['2x']['shards']} shards"
+    )
     print(f"  {machine_line()}")
-    data = {"rows": ROWS, "build_config": BUILD, "build_repeats": repeats, "baseline": baseline, "prepare": prepares,
-            "build": runs, "ratios": ratios}
+    data = {
+        "rows": ROWS,
+        "build_config": BUILD,
+        "build_repeats": repeats,
+        "baseline": baseline,
+        "prepare": prepares,
+        "build": runs,
+        "ratios": ratios,
+    }
     path = write_results(NAME, data)
     print(f"  wrote {path.relative_to(_common.ROOT)}")
     return data

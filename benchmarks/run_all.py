@@ -18,8 +18,17 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-BENCHMARKS = ("tokenize_throughput", "cache_size", "peak_rss", "build_overhead", "io_throughput", "scaling", "format_sizes",
-              "gpu_feed", "collate_throughput")
+BENCHMARKS = (
+    "tokenize_throughput",
+    "cache_size",
+    "peak_rss",
+    "build_overhead",
+    "io_throughput",
+    "scaling",
+    "format_sizes",
+    "gpu_feed",
+    "collate_throughput",
+)
 # Not here: hub_stream (run it on its own) and gpu_check.sh (needs an NVIDIA GPU).
 
 
@@ -47,8 +56,11 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             f = data["forward"]
             lines.append(f"tokenize_throughput{took}: {data['rows']:,} rows, seq {data['seq_length']}")
             for (path_kind, num_proc), c in by.items():
-                per_core = (f", {c['samples_per_s'] / f['one_thread_forward_samples_per_s']:.1f}x its 1-thread forward"
-                            if num_proc == 1 and "one_thread_forward_samples_per_s" in f else "")
+                per_core = (
+                    f", {c['samples_per_s'] / f['one_thread_forward_samples_per_s']:.1f}x its 1-thread forward"
+                    if num_proc == 1 and "one_thread_forward_samples_per_s" in f
+                    else ""
+                )
                 lines.append(
                     f"  {path_kind:10s} num_proc {num_proc}: {c['samples_per_s']:,.0f} samples/s [CPU]; cached rerun "
                     f"{c['cached_over_first']:.4f}x the first run's time; "
@@ -58,13 +70,16 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             lines.append(f"cache_size{took}: {data['dtype']}, NeMo Automodel 0.7.0's padded cache of the same samples / ours")
             for b in data["builds"] + data.get("big_builds", []):
                 lines.append(
-                    f"  {b['case']} ({b.get('compression', 'none')}): {b['bytes_per_token']:,.0f} B/token vs NeMo {b['reference_bytes_per_token']:,.0f} "
-                    f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
+                    f"  {b['case']} ({b.get('compression', 'none')}): {b['bytes_per_token']:,.0f} B/token "
+                    f"vs NeMo {b['reference_bytes_per_token']:,.0f} "
+                    f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, "
+                    f"the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
                 )
             for p in data["projections"]:
                 ratios = p["ratio_reference_over_zstd"]
                 lines.append(
-                    f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
+                    f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: "
+                    f"NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
                     f"/ hidden {ratios['hidden']:.1f}x"
                 )
         elif name == "peak_rss":
@@ -79,18 +94,24 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
             lines.append(
                 f"  baseline (imports + model) {base:.0f} MiB = {r['baseline_share_of_build_peak_1x']:.0%} of the 1x peak; "
                 f"the part above it grows {r['build_minus_baseline_growth_percent']:+.1f}%"
-                + (f"; identical runs differ by up to {r['build_peak_run_to_run_spread_percent']:.1f}%"
-                   if r.get("build_peak_run_to_run_spread_percent") is not None else "")
+                + (
+                    f"; identical runs differ by up to {r['build_peak_run_to_run_spread_percent']:.1f}%"
+                    if r.get("build_peak_run_to_run_spread_percent") is not None
+                    else ""
+                )
             )
         elif name == "build_overhead":
-            lines.append(f"build_overhead{took}: build tokens/s / bare model() tokens/s, same batches, "
-                         f"{data.get('torch_threads', '?')} torch thread(s)")
+            lines.append(
+                f"build_overhead{took}: build tokens/s / bare model() tokens/s, same batches, "
+                f"{data.get('torch_threads', '?')} torch thread(s)"
+            )
             for c in data["cases"]:
                 verdict = ""
                 if c["label"] == "big":
                     verdict = f" (target >= {data['target_ratio_big']}: {'MET' if r.get('big_meets_0_90') else 'NOT MET'})"
-                diag = (f"; / Target.supervise {c['ratio_build_over_target_supervise']:.2f}"
-                        if "ratio_build_over_target_supervise" in c else "")
+                diag = (
+                    f"; / Target.supervise {c['ratio_build_over_target_supervise']:.2f}" if "ratio_build_over_target_supervise" in c else ""
+                )
                 lines.append(
                     f"  {c['label']:4s} {c['params']['total'] / 1e6:,.1f}M params: {c['ratio_build_over_bare_model']:.3f}{verdict}{diag}; "
                     f"bare {c['bare_tokens_per_s']:,.0f} tok/s [CPU], FLOPs/byte {c['compute_per_byte']['flops_per_byte']:,.0f} "
@@ -98,47 +119,82 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                 )
         elif name == "io_throughput":
             mb = data["mb_per_s"]
-            lines.append(f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
-                         f"in one shard, best of {data['repeats']}; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}")
+            lines.append(
+                f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
+                f"in one shard, best of {data['repeats']}; "
+                f"target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
+            )
             for c in ("none", "zstd"):
-                lines.append(f"  writer {c}: " + ", ".join(
-                    f"{t} thread(s) {r[f'writer_{c}_{t}_over_plain_write_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
-                    for t in data["threads"]) + f" of a plain write + fsync of the tensor bytes ({mb['plain_write_none']:,.0f} MB/s)")
-                lines.append(f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
-                             f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, {r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm")
+                lines.append(
+                    f"  writer {c}: "
+                    + ", ".join(
+                        f"{t} thread(s) {r[f'writer_{c}_{t}_over_plain_write_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
+                        for t in data["threads"]
+                    )
+                    + f" of a plain write + fsync of the tensor bytes ({mb['plain_write_none']:,.0f} MB/s)"
+                )
+                lines.append(
+                    f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, "
+                    f"warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
+                    f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, "
+                    f"{r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm"
+                )
         elif name == "scaling":
             best = data["best"]
             lines.append(f"scaling{took}: {data['cores']} cores, OMP_NUM_THREADS=1 per process")
             for case, b in best.items():
                 if case == "one":
                     continue
-                lines.append(f"  {case} processes vs one: wall {best['one']['wall_s']:.1f} -> {b['wall_s']:.1f} s "
-                             f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
-                             f"identical shards: {data['identical_shards']}")
+                lines.append(
+                    f"  {case} processes vs one: wall {best['one']['wall_s']:.1f} -> {b['wall_s']:.1f} s "
+                    f"(x{r.get(case + '_wall_speedup', float('nan')):.2f}); "
+                    f"forward+write x{r.get(case + '_forward_phase_speedup', float('nan')):.2f}; "
+                    f"identical shards: {data['identical_shards']}"
+                )
         elif name == "format_sizes":
             lines.append(f"format_sizes{took}: NeMo / cache, zstd; random Llama (hidden 1024, seq 512) measured, Llama-3.1-8B extrapolated")
-            lines.append("  measured: " + ", ".join(f"{b['target_format']}/{b['aux_dtype']} {b['ratio_reference_over_cache']:.2f}x"
-                                                    for b in data.get("big_builds", [])))
-            lines.append("  8B, 2,048-token samples: " + ", ".join(f"{p['target_format']}/{p['aux_dtype']} {p['ratio_reference_over_cache']:.1f}x "
-                                                                 f"({p['bytes_per_sample'] / 1e6:,.0f} MB)" for p in data["projections"]))
+            lines.append(
+                "  measured: "
+                + ", ".join(
+                    f"{b['target_format']}/{b['aux_dtype']} {b['ratio_reference_over_cache']:.2f}x" for b in data.get("big_builds", [])
+                )
+            )
+            lines.append(
+                "  8B, 2,048-token samples: "
+                + ", ".join(
+                    f"{p['target_format']}/{p['aux_dtype']} {p['ratio_reference_over_cache']:.1f}x ({p['bytes_per_sample'] / 1e6:,.0f} MB)"
+                    for p in data["projections"]
+                )
+            )
         elif name == "gpu_feed":
             lines.append(f"gpu_feed{took}: GB/s written per GPU (stored) and writer threads needed (zstd / none)")
             for row in data["rows"]:
                 if row["aux_dtype"] == "bf16" or row["format"] == "topk":
-                    lines.append(f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: {row['stored_gb_s_per_gpu']:.2f} GB/s, "
-                                 f"{row['threads_zstd']} / {row['threads_none']} threads")
+                    lines.append(
+                        f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: "
+                        f"{row['stored_gb_s_per_gpu']:.2f} GB/s, "
+                        f"{row['threads_zstd']} / {row['threads_none']} threads"
+                    )
         elif name == "collate_throughput":
             sps, shard, batch = data["samples_per_s"], data["shard_mb_per_s"], data["batch_mb_per_s"]
-            lines.append(f"collate_throughput{took}: NeMo batches of {data['batch_size']} through {data['workers']} DataLoader workers, "
-                         f"{data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}")
+            lines.append(
+                f"collate_throughput{took}: NeMo batches of {data['batch_size']} through {data['workers']} DataLoader workers, "
+                f"{data['cache']['bytes'] / 1e6:,.0f} MB cache, best of {data['repeats']}"
+            )
             for key, label in (("loader_streaming", "streaming"), ("loader_map", "map-style")):
-                lines.append(f"  {label:9s}: {sps[key]:,.0f} samples/s [CPU], {shard[key]:,.0f} MB/s of shards, {batch[key]:,.0f} MB/s of batches; "
-                             f"{r[key + '_over_pyarrow']:.3f}x pyarrow's read of the same files ({shard['pyarrow']:,.0f} MB/s)")
-            lines.append(f"  decode + collate alone (1 thread): {sps['decode_current']:,.0f} samples/s, "
-                         f"{r['decode_current_over_earlier_speed']:.2f}x the earlier way; fresh shared memory "
-                         f"{r['fill_shared_over_heap_time']:.0f}x the time of heap memory")
+                lines.append(
+                    f"  {label:9s}: {sps[key]:,.0f} samples/s [CPU], {shard[key]:,.0f} MB/s of shards, {batch[key]:,.0f} MB/s of batches; "
+                    f"{r[key + '_over_pyarrow']:.3f}x pyarrow's read of the same files ({shard['pyarrow']:,.0f} MB/s)"
+                )
+            lines.append(
+                f"  decode + collate alone (1 thread): {sps['decode_current']:,.0f} samples/s, "
+                f"{r['decode_current_over_earlier_speed']:.2f}x the earlier way; fresh shared memory "
+                f"{r['fill_shared_over_heap_time']:.0f}x the time of heap memory"
+            )
     if machine:
-        lines.append(f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu')}, torch {machine.get('torch')}")
+        lines.append(
+            f"machine: {machine.get('cpu')}, {machine.get('cores')} cores, GPU: {machine.get('gpu')}, torch {machine.get('torch')}"
+        )
     lines.append("ratios: one run, one machine; [CPU] figures only matter relative to each other")
     return "\n".join(lines)
 

@@ -28,8 +28,6 @@ Run: .venv/bin/python benchmarks/scaling.py [--samples N] [--seq S] [--repeats N
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import argparse
 import json
 import socket
@@ -38,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import ROOT, machine_line, quiet_env, table, temp_dir, write_results
 
 NAME = "scaling"
@@ -58,8 +57,23 @@ def command(case: str, out: Path, flags: list[str]) -> list[str]:
     if case == "group2":
         return [sys.executable, *build, "--gpus-per-target", "2"]
     if case == "two":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *build]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *build,
+        ]
     raise ValueError(case)
 
 
@@ -74,7 +88,7 @@ def run_case(case: str, flags: list[str], timeout: float) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        return {"case": case, "wall_s": wall, "error": f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] }"}
+        return {"case": case, "wall_s": wall, "error": f"exit status {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
     manifest = read_manifest(out)
     ranks = manifest["build"]["ranks"]
     reported = sorted(line.split("]")[0] + "]" for line in proc.stdout.splitlines() if line.startswith("[rank "))
@@ -112,25 +126,51 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.quiet_libraries()
     import torch
-
     from _targets import make_random_llama
 
     on_gpu = torch.cuda.is_available()
     h, layers, inter, heads, kv, vocab = (int(x) for x in args.shape.split(","))
     model_dir = Path(temp_dir("scaling-target")) / "model"
-    made = make_random_llama(model_dir, hidden_size=h, num_hidden_layers=layers, intermediate_size=inter,
-                             num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                             save_dtype=torch.bfloat16 if on_gpu else torch.float32, device="cuda" if on_gpu else "cpu")
-    flags = ["--target-model", str(model_dir), "--input-data", "sample-chats", "--max-samples", str(args.samples),
-             "--seq-length", str(args.seq), "--shard-size", str(args.shard_size), "--dtype", "bf16", "--quiet",
-             "--target-format", args.format, "--batch-size", str(args.batch_size)]
+    made = make_random_llama(
+        model_dir,
+        hidden_size=h,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        save_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        device="cuda" if on_gpu else "cpu",
+    )
+    flags = [
+        "--target-model",
+        str(model_dir),
+        "--input-data",
+        "sample-chats",
+        "--max-samples",
+        str(args.samples),
+        "--seq-length",
+        str(args.seq),
+        "--shard-size",
+        str(args.shard_size),
+        "--dtype",
+        "bf16",
+        "--quiet",
+        "--target-format",
+        args.format,
+        "--batch-size",
+        str(args.batch_size),
+    ]
     if args.max_tokens:
         flags += ["--max-tokens-per-batch", str(args.max_tokens)]
     if args.draft_vocab:
         flags += ["--draft-vocab-size", str(args.draft_vocab)]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    print(f"{NAME}: random-weight Llama {made['params']['total'] / 1e6:,.1f}M parameters, {args.samples} samples, seq {args.seq}, "
-          f"shard size {args.shard_size}; cases {cases}, {args.repeats} round(s), OMP_NUM_THREADS=1", flush=True)
+    print(
+        f"{NAME}: random-weight Llama {made['params']['total'] / 1e6:,.1f}M parameters, {args.samples} samples, seq {args.seq}, "
+        f"shard size {args.shard_size}; cases {cases}, {args.repeats} round(s), OMP_NUM_THREADS=1",
+        flush=True,
+    )
     runs = {c: [] for c in cases}
     for rep in range(args.repeats):
         for case in cases:
@@ -139,8 +179,12 @@ def main(argv=None) -> dict:
             if "error" in r:
                 print(f"  round {rep + 1}: {case}: FAILED ({r['error']})", flush=True)
                 continue
-            print(f"  round {rep + 1}: {case}: {r['wall_s']:.1f} s wall, {r['processes']} process(es), rank seconds "
-                  + ", ".join(f"{s:.1f}" for s in r["rank_seconds"]) + f"; {', '.join(r['ranks_reported'])}", flush=True)
+            print(
+                f"  round {rep + 1}: {case}: {r['wall_s']:.1f} s wall, {r['processes']} process(es), rank seconds "
+                + ", ".join(f"{s:.1f}" for s in r["rank_seconds"])
+                + f"; {', '.join(r['ranks_reported'])}",
+                flush=True,
+            )
     failed = sorted({c for c, v in runs.items() for r in v if "error" in r})
     best = {c: min(ok, key=lambda r: r["wall_s"]) for c, v in runs.items() if (ok := [r for r in v if "error" not in r])}
     ratios = {}
@@ -155,17 +199,29 @@ def main(argv=None) -> dict:
             ratios[f"{case}_forward_phase_speedup"] = phase_speedup
         rows.append([case, r["processes"], r["wall_s"], max(r["rank_seconds"]), wall_speedup, phase_speedup])
     print()
-    print(table(["case", "processes", "wall s", "slowest rank's forward+write s", "wall speed-up", "forward+write speed-up"], rows,
-                title=f"Same input, one run, one machine, fastest of {args.repeats} ({'GPU' if on_gpu else 'CPU'} seconds):"))
+    print(
+        table(
+            ["case", "processes", "wall s", "slowest rank's forward+write s", "wall speed-up", "forward+write speed-up"],
+            rows,
+            title=f"Same input, one run, one machine, fastest of {args.repeats} ({'GPU' if on_gpu else 'CPU'} seconds):",
+        )
+    )
     if base:
         print(f"  shard bytes identical (sha256) across every run: {same}")
     import os
 
     print(f"  this machine has {os.cpu_count()} cores; each process runs 1 torch thread (OMP_NUM_THREADS=1)")
     print(f"  {machine_line()}")
-    data = {"target": {"shape": made["shape"], "params": made["params"]}, "flags": flags, "runs": runs,
-            "best": {c: {k: v for k, v in r.items() if k != "shard_sha256"} for c, r in best.items()},
-            "identical_shards": same, "cores": os.cpu_count(), "ratios": ratios, "failed_cases": failed}
+    data = {
+        "target": {"shape": made["shape"], "params": made["params"]},
+        "flags": flags,
+        "runs": runs,
+        "best": {c: {k: v for k, v in r.items() if k != "shard_sha256"} for c, r in best.items()},
+        "identical_shards": same,
+        "cores": os.cpu_count(),
+        "ratios": ratios,
+        "failed_cases": failed,
+    }
     if args.results:
         path = Path(args.results)
         path.parent.mkdir(parents=True, exist_ok=True)

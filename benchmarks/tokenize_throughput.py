@@ -27,12 +27,11 @@ Run: .venv/bin/python benchmarks/tokenize_throughput.py
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
-
 import shutil
 import time
 from pathlib import Path
 
+import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import load_average, machine_line, table, temp_dir, write_replicated_jsonl, write_results
 
 NAME = "tokenize_throughput"
@@ -65,7 +64,8 @@ def measure_tokenize(jsonl: Path, tokenizer, template: str, num_proc: int) -> di
         "loss_tokens": int(sum(first["num_loss_tokens"])),
         "first_s": first_s,
         "second_s": second_s,
-        "second_reused_first_cache_files": sorted(c["filename"] for c in first.cache_files) == sorted(c["filename"] for c in second.cache_files),
+        "second_reused_first_cache_files": sorted(c["filename"] for c in first.cache_files)
+        == sorted(c["filename"] for c in second.cache_files),
     }
 
 
@@ -115,12 +115,14 @@ def measure_forward() -> dict:
                 forward_times[b] = min(forward_times[b], middle - start)
                 supervise_times[b] = min(supervise_times[b], end - middle)
         forward_s, supervise_s = sum(forward_times), sum(supervise_times)
-        result.update({
-            f"{label}forward_s": forward_s,
-            f"{label}supervise_s": supervise_s,
-            f"{label}forward_samples_per_s": n / forward_s,
-            f"{label}supervised_forward_samples_per_s": n / supervise_s,
-        })
+        result.update(
+            {
+                f"{label}forward_s": forward_s,
+                f"{label}supervise_s": supervise_s,
+                f"{label}forward_samples_per_s": n / forward_s,
+                f"{label}supervised_forward_samples_per_s": n / supervise_s,
+            }
+        )
     torch.set_num_threads(default_threads)
     target.close()
     return result
@@ -137,38 +139,46 @@ def main() -> dict:
     assert has_generation_blocks(templates["generation"]) and not has_generation_blocks(templates["prefix"])
     input_dir = Path(temp_dir("input"))
     original = write_replicated_jsonl(input_dir / "chats-x10.jsonl", ROWS)
-    print(f"{NAME}: {ROWS:,} rows (the 300 sample chats x{ROWS // 300}), seq_length {SEQ_LENGTH}; "
-          f"best of {REPEATS} cold runs per configuration, each on its own copy of the input", flush=True)
+    print(
+        f"{NAME}: {ROWS:,} rows (the 300 sample chats x{ROWS // 300}), seq_length {SEQ_LENGTH}; "
+        f"best of {REPEATS} cold runs per configuration, each on its own copy of the input",
+        flush=True,
+    )
     load_before = load_average()
 
     runs: dict[tuple[str, int], list[dict]] = {}
     copy = 0
     for repeat in range(REPEATS):
         order = [(p, n) for p in PATHS for n in NUM_PROCS]
-        for path_kind, num_proc in order[repeat % len(order):] + order[: repeat % len(order)]:
+        for path_kind, num_proc in order[repeat % len(order) :] + order[: repeat % len(order)]:
             copy += 1
             jsonl = input_dir / f"copy{copy}" / "chats-x10.jsonl"
             jsonl.parent.mkdir()
             shutil.copyfile(original, jsonl)
             run = measure_tokenize(jsonl, tokenizer, templates[path_kind], num_proc)
             runs.setdefault((path_kind, num_proc), []).append(run)
-            print(f"  run {repeat + 1}: {path_kind:10s} num_proc={num_proc}: {run['rows'] / run['first_s']:,.0f} samples/s cold, "
-                  f"second run {run['second_s'] / run['first_s']:.4f}x the first", flush=True)
+            print(
+                f"  run {repeat + 1}: {path_kind:10s} num_proc={num_proc}: {run['rows'] / run['first_s']:,.0f} samples/s cold, "
+                f"second run {run['second_s'] / run['first_s']:.4f}x the first",
+                flush=True,
+            )
 
     configs = []
     for (path_kind, num_proc), results in runs.items():
         best = min(results, key=lambda r: r["first_s"])
-        configs.append({
-            "path": path_kind,
-            "num_proc": num_proc,
-            **best,
-            "second_s": min(r["second_s"] for r in results),
-            "all_first_s": [r["first_s"] for r in results],
-            "all_second_s": [r["second_s"] for r in results],
-            "samples_per_s": best["rows"] / best["first_s"],
-            "cached_over_first": min(r["second_s"] for r in results) / best["first_s"],
-            "second_reused_first_cache_files": all(r["second_reused_first_cache_files"] for r in results),
-        })
+        configs.append(
+            {
+                "path": path_kind,
+                "num_proc": num_proc,
+                **best,
+                "second_s": min(r["second_s"] for r in results),
+                "all_first_s": [r["first_s"] for r in results],
+                "all_second_s": [r["second_s"] for r in results],
+                "samples_per_s": best["rows"] / best["first_s"],
+                "cached_over_first": min(r["second_s"] for r in results) / best["first_s"],
+                "second_reused_first_cache_files": all(r["second_reused_first_cache_files"] for r in results),
+            }
+        )
     configs.sort(key=lambda c: (PATHS.index(c["path"]), c["num_proc"]))
     print("  tiny target forward on the build's batches ...", flush=True)
     forward = measure_forward()
@@ -182,42 +192,103 @@ def main() -> dict:
             c = by[(path_kind, num_proc)]
             ratios[f"{path_kind}_np{num_proc}_cached_over_first_time"] = c["cached_over_first"]
             ratios[f"{path_kind}_np{num_proc}_tokenize_over_forward"] = c["samples_per_s"] / forward["forward_samples_per_s"]
-            ratios[f"{path_kind}_np{num_proc}_tokenize_over_supervised_forward"] = c["samples_per_s"] / forward["supervised_forward_samples_per_s"]
+            ratios[f"{path_kind}_np{num_proc}_tokenize_over_supervised_forward"] = (
+                c["samples_per_s"] / forward["supervised_forward_samples_per_s"]
+            )
         # per core: one tokenizing process against the target on one thread
-        ratios[f"{path_kind}_np1_tokenize_over_one_thread_forward"] = by[(path_kind, 1)]["samples_per_s"] / forward["one_thread_forward_samples_per_s"]
+        ratios[f"{path_kind}_np1_tokenize_over_one_thread_forward"] = (
+            by[(path_kind, 1)]["samples_per_s"] / forward["one_thread_forward_samples_per_s"]
+        )
     ratios["prefix_over_generation_np1"] = by[("prefix", 1)]["samples_per_s"] / by[("generation", 1)]["samples_per_s"]
 
     print()
-    print(table(
-        ["loss-mask path", "num_proc", "cached/first time", f"tokenize/forward ({forward['torch_threads']} thr)",
-         "tokenize/supervise (2 thr)", "per core: tokenize/forward (1 thr)"],
-        [[c["path"], c["num_proc"], c["cached_over_first"],
-          c["samples_per_s"] / forward["forward_samples_per_s"], c["samples_per_s"] / forward["supervised_forward_samples_per_s"],
-          c["samples_per_s"] / forward["one_thread_forward_samples_per_s"] if c["num_proc"] == 1 else "-"] for c in configs],
-        title="Ratios (one run, one machine; samples/s ratios, > 1 = tokenizing is faster than the target):",
-    ))
-    print(f"  num_proc 2 / 1 speed-up: generation {ratios['generation_num_proc2_over_1_speedup']:.2f}x, "
-          f"prefix {ratios['prefix_num_proc2_over_1_speedup']:.2f}x; prefix / generation samples/s (num_proc 1): {ratios['prefix_over_generation_np1']:.2f}x")
+    print(
+        table(
+            [
+                "loss-mask path",
+                "num_proc",
+                "cached/first time",
+                f"tokenize/forward ({forward['torch_threads']} thr)",
+                "tokenize/supervise (2 thr)",
+                "per core: tokenize/forward (1 thr)",
+            ],
+            [
+                [
+                    c["path"],
+                    c["num_proc"],
+                    c["cached_over_first"],
+                    c["samples_per_s"] / forward["forward_samples_per_s"],
+                    c["samples_per_s"] / forward["supervised_forward_samples_per_s"],
+                    c["samples_per_s"] / forward["one_thread_forward_samples_per_s"] if c["num_proc"] == 1 else "-",
+                ]
+                for c in configs
+            ],
+            title="Ratios (one run, one machine; samples/s ratios, > 1 = tokenizing is faster than the target):",
+        )
+    )
+    print(
+        f"  num_proc 2 / 1 speed-up: generation {ratios['generation_num_proc2_over_1_speedup']:.2f}x, "
+        f"prefix {ratios['prefix_num_proc2_over_1_speedup']:.2f}x; "
+        f"prefix / generation samples/s (num_proc 1): {ratios['prefix_over_generation_np1']:.2f}x"
+    )
     same = by[("generation", 1)]["loss_tokens"] == by[("prefix", 1)]["loss_tokens"]
-    print(f"  both paths mask the same number of tokens: {same} ({by[('generation', 1)]['loss_tokens']:,} / {by[('prefix', 1)]['loss_tokens']:,});"
-          f" every second run reused the first run's cache files: {all(c['second_reused_first_cache_files'] for c in configs)}")
+    print(
+        f"  both paths mask the same number of tokens: {same} "
+        f"({by[('generation', 1)]['loss_tokens']:,} / {by[('prefix', 1)]['loss_tokens']:,});"
+        f" every second run reused the first run's cache files: {all(c['second_reused_first_cache_files'] for c in configs)}"
+    )
     print()
-    print(table(
-        ["measurement", "seconds", "samples", "samples/s"],
-        [*[[f"tokenize {c['path']} np{c['num_proc']}, cold (best of {REPEATS})", c["first_s"], c["rows"], c["samples_per_s"]] for c in configs],
-         *[[f"tokenize {c['path']} np{c['num_proc']}, cached rerun", c["second_s"], c["rows"], c["rows"] / c["second_s"]] for c in configs],
-         ["tiny target forward (aux hooks)", forward["forward_s"], forward["samples"], forward["forward_samples_per_s"]],
-         ["tiny target Target.supervise (forward + lm_head + supervision)", forward["supervise_s"], forward["samples"], forward["supervised_forward_samples_per_s"]],
-         ["tiny target forward, 1 thread", forward["one_thread_forward_s"], forward["samples"], forward["one_thread_forward_samples_per_s"]],
-         ["tiny target Target.supervise, 1 thread", forward["one_thread_supervise_s"],
-          forward["samples"], forward["one_thread_supervised_forward_samples_per_s"]]],
-        title="Absolute figures (CPU; they only matter relative to each other):",
-    ))
-    print(f"  forward: {forward['samples']} samples, {forward['tokens']:,} tokens, {forward['batches']} token-budget batches "
-          f"(budget {forward['token_budget']:,} tokens, batch <= 8), fastest of {forward['passes']} passes per batch, {forward['torch_threads']} torch threads and 1")
+    print(
+        table(
+            ["measurement", "seconds", "samples", "samples/s"],
+            [
+                *[
+                    [f"tokenize {c['path']} np{c['num_proc']}, cold (best of {REPEATS})", c["first_s"], c["rows"], c["samples_per_s"]]
+                    for c in configs
+                ],
+                *[
+                    [f"tokenize {c['path']} np{c['num_proc']}, cached rerun", c["second_s"], c["rows"], c["rows"] / c["second_s"]]
+                    for c in configs
+                ],
+                ["tiny target forward (aux hooks)", forward["forward_s"], forward["samples"], forward["forward_samples_per_s"]],
+                [
+                    "tiny target Target.supervise (forward + lm_head + supervision)",
+                    forward["supervise_s"],
+                    forward["samples"],
+                    forward["supervised_forward_samples_per_s"],
+                ],
+                [
+                    "tiny target forward, 1 thread",
+                    forward["one_thread_forward_s"],
+                    forward["samples"],
+                    forward["one_thread_forward_samples_per_s"],
+                ],
+                [
+                    "tiny target Target.supervise, 1 thread",
+                    forward["one_thread_supervise_s"],
+                    forward["samples"],
+                    forward["one_thread_supervised_forward_samples_per_s"],
+                ],
+            ],
+            title="Absolute figures (CPU; they only matter relative to each other):",
+        )
+    )
+    print(
+        f"  forward: {forward['samples']} samples, {forward['tokens']:,} tokens, {forward['batches']} token-budget batches "
+        f"(budget {forward['token_budget']:,} tokens, batch <= 8), fastest of {forward['passes']} passes per batch, "
+        f"{forward['torch_threads']} torch threads and 1"
+    )
     print(f"  {machine_line()}, at the start {load_before[:1]}")
-    data = {"rows": ROWS, "seq_length": SEQ_LENGTH, "repeats": REPEATS, "load_average_before": load_before,
-            "load_average_after": load_after, "configs": configs, "forward": forward, "ratios": ratios}
+    data = {
+        "rows": ROWS,
+        "seq_length": SEQ_LENGTH,
+        "repeats": REPEATS,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "configs": configs,
+        "forward": forward,
+        "ratios": ratios,
+    }
     path = write_results(NAME, data)
     print(f"  wrote {path.relative_to(_common.ROOT)}")
     return data

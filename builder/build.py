@@ -15,9 +15,9 @@ import os
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,15 +26,15 @@ from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
 from .config import BuildConfig
+from .errors import ConfigError, DiskFull, Eagle3CacheError
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
+from .lock import CacheLock
 from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
+from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
+from .plan import warn_if_writer_holds_back
 from .prepare import Prepared, prepare
 from .shards import shard_name, shard_row_count
 from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec, load_model
-from .errors import ConfigError, DiskFull, Eagle3CacheError
-from .lock import CacheLock
-from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
-from .plan import warn_if_writer_holds_back
 from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     validate_target(target)
     # Bounding the queue bounds local disk; without deletion it would only slow the build to upload speed.
     max_pending = 1 if cfg.delete_local_after_upload else 1 << 20
-    return ShardUploader(target, delete_local=cfg.delete_local_after_upload, max_pending=max_pending, fingerprint=fingerprint(prep.identity))
+    return ShardUploader(
+        target, delete_local=cfg.delete_local_after_upload, max_pending=max_pending, fingerprint=fingerprint(prep.identity)
+    )
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
@@ -200,7 +202,9 @@ def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = Non
     return True
 
 
-def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool, uploader=None) -> None:
+def run_forward(
+    prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool, uploader=None
+) -> None:
     model = load_placed_model(prep)
     result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
@@ -225,9 +229,16 @@ def run_forward(prep: Prepared, out: Path, pending: list[int], names: list[str],
         faults.reached("after_shard")
 
     warn_if_writer_holds_back(prep, target)
-    writer = BackgroundWriter(prep.layout, in_vocab, prep.cfg.row_group_bytes, on_shard_done=shard_done, strict=prep.cfg.strict,
-                              compression=prep.cfg.compression, threads=prep.cfg.writer_threads,
-                              shard_record={"batching": batching_record(prep)})
+    writer = BackgroundWriter(
+        prep.layout,
+        in_vocab,
+        prep.cfg.row_group_bytes,
+        on_shard_done=shard_done,
+        strict=prep.cfg.strict,
+        compression=prep.cfg.compression,
+        threads=prep.cfg.writer_threads,
+        shard_record={"batching": batching_record(prep)},
+    )
     try:
         for k in pending:
             write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head, faults)
@@ -253,8 +264,7 @@ def check_head(prep: Prepared, target: Target, head: HeadRows) -> None:
 def batching_record(prep: Prepared) -> dict:
     """The settings that decide which samples share a forward batch; recorded per shard, because a
     resume may change them and `verify --recompute` must rebuild each shard's own batches."""
-    return {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget,
-            "row_group_bytes": prep.cfg.row_group_bytes}
+    return {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget, "row_group_bytes": prep.cfg.row_group_bytes}
 
 
 class FaultPoints:
@@ -293,9 +303,14 @@ def load_placed_model(prep: Prepared):
 
 
 def memory_plan(prep: Prepared):
-    return plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
-                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2 if torch.cuda.is_available() else 4,
-                       draft_vocab_size=len(prep.selected_token_ids))
+    return plan_memory(
+        prep.model_config,
+        gpus_per_target=prep.cfg.gpus_per_target,
+        max_tokens=prep.cfg.token_budget,
+        num_aux_layers=len(prep.aux_layer_ids),
+        dtype_bytes=2 if torch.cuda.is_available() else 4,
+        draft_vocab_size=len(prep.selected_token_ids),
+    )
 
 
 def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:
@@ -332,8 +347,16 @@ def read_device_map(spec: str) -> dict | str:
         raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
 
 
-def write_one_shard(prep: Prepared, target: Target, writer: BackgroundWriter, path: Path, shard: int, progress, head: HeadRows,
-                    faults: FaultPoints | None = None) -> None:
+def write_one_shard(
+    prep: Prepared,
+    target: Target,
+    writer: BackgroundWriter,
+    path: Path,
+    shard: int,
+    progress,
+    head: HeadRows,
+    faults: FaultPoints | None = None,
+) -> None:
     start = shard * prep.cfg.shard_size
     rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
     writer.open_shard(path)
@@ -450,7 +473,7 @@ class HeadRows:
     transform: object
 
     @classmethod
-    def of(cls, target: Target, selected_token_ids) -> "HeadRows":
+    def of(cls, target: Target, selected_token_ids) -> HeadRows:
         selected = torch.as_tensor(selected_token_ids, device=target.device)
         rows = target.head.weight.index_select(0, selected).float()
         bias = target.head.bias.index_select(0, selected).float() if getattr(target.head, "bias", None) is not None else None
@@ -460,7 +483,9 @@ class HeadRows:
 def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
     """vocab/lm_head.safetensors for `hidden` caches: the draft rows (and with --store-full-head all rows),
     and the head's bias over the whole vocabulary when it has one."""
-    tensors = {"draft_rows": target.head.weight.index_select(0, torch.as_tensor(prep.selected_token_ids, device=target.device)).float().cpu()}
+    tensors = {
+        "draft_rows": target.head.weight.index_select(0, torch.as_tensor(prep.selected_token_ids, device=target.device)).float().cpu()
+    }
     if prep.cfg.store_full_head:
         tensors["weight"] = target.head.weight.float().cpu()
     if getattr(target.head, "bias", None) is not None:
@@ -521,8 +546,14 @@ class Progress:
 
 def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: Prepared, seconds: float) -> None:
     rows = sum(expected_rows(prep, k) for k in pending)
-    stats = {"rank": result.rank, "world_size": result.world_size, "shards_written": result.written, "samples": rows,
-             "seconds": round(seconds, 3), "placement": result.placement}
+    stats = {
+        "rank": result.rank,
+        "world_size": result.world_size,
+        "shards_written": result.written,
+        "samples": rows,
+        "seconds": round(seconds, 3),
+        "placement": result.placement,
+    }
     write_json_atomic(out / BUILD_STATE_DIR / "ranks" / f"rank-{result.rank:05d}.json", stats)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures
 
+from .formats import merge_quality, quality_report
 from .manifest import LM_HEAD_FILE, VOCAB_FILE, fingerprint
 from .prepare import Prepared
-from .formats import merge_quality, quality_report
 from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings, file_checksum
 from .target import head_spec
 from .vocab import special_token_ids, vocab_coverage
@@ -28,7 +28,14 @@ def library_versions() -> dict:
 
     from . import __version__
 
-    mods = {"torch": torch, "transformers": transformers, "datasets": datasets, "huggingface_hub": huggingface_hub, "accelerate": accelerate, "pyarrow": pyarrow}
+    mods = {
+        "torch": torch,
+        "transformers": transformers,
+        "datasets": datasets,
+        "huggingface_hub": huggingface_hub,
+        "accelerate": accelerate,
+        "pyarrow": pyarrow,
+    }
     return {"eagle3_cache": __version__, "python": platform.python_version(), **{k: str(m.__version__) for k, m in mods.items()}}
 
 
@@ -50,8 +57,10 @@ def head_files(out: Path, prep: Prepared) -> dict:
 
     with safe_open(str(out / LM_HEAD_FILE), "pt") as head:
         has_bias = "bias" in head.keys()
-    return {"lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_checksum(out / LM_HEAD_FILE)},
-            "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias)}
+    return {
+        "lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_checksum(out / LM_HEAD_FILE)},
+        "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias),
+    }
 
 
 def merged_quality(shards: list[dict]) -> dict:

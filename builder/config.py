@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-
 from .formats import AUX_DTYPES, TARGET_FORMATS
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -58,7 +57,7 @@ class BuildConfig:
     compression: str = "zstd"
     writer_threads: int | None = None  # None: this process's share of the host's cores, at most 8
 
-    def replace(self, **changes) -> "BuildConfig":
+    def replace(self, **changes) -> BuildConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -92,7 +91,9 @@ def validate(cfg: BuildConfig) -> None:
         _at_least("--draft-vocab-size", cfg.draft_vocab_size, 1)
     if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.seq_length:
         raise ConfigError(
-            "--max-tokens-per-batch", cfg.max_tokens_per_batch, f"at least --seq-length ({cfg.seq_length})",
+            "--max-tokens-per-batch",
+            cfg.max_tokens_per_batch,
+            f"at least --seq-length ({cfg.seq_length})",
             "A batch must hold at least one full-length sample.",
         )
     if cfg.dtype not in DTYPES:
@@ -139,7 +140,9 @@ def _check_output_dir(cfg: BuildConfig) -> None:
         return
     if holds_cache(out) and not cfg.resume:
         raise ConfigError(
-            "--output-dir", cfg.output_dir, "an empty or new directory",
+            "--output-dir",
+            cfg.output_dir,
+            "an empty or new directory",
             "It already holds an eagle3-cache build; pass --resume to continue it, or choose another directory.",
         )
     if out.is_dir() and not os.access(out, os.W_OK):
@@ -157,14 +160,18 @@ def resolve_aux_layer_ids(requested: tuple[int, ...] | None, num_layers: int) ->
     if requested is None:
         if num_layers < 7:
             raise ConfigError(
-                "--aux-layer-ids", None, f"explicit ids for a target with only {num_layers} layers",
+                "--aux-layer-ids",
+                None,
+                f"explicit ids for a target with only {num_layers} layers",
                 "The default [1, N//2-1, N-4] needs at least 7 layers to give three distinct layers.",
             )
         return [1, num_layers // 2 - 1, num_layers - 4]
     bad = [i for i in requested if not 0 <= i < num_layers]
     if bad:
         raise ConfigError(
-            "--aux-layer-ids", list(requested), f"ids in [0, {num_layers - 1}] (the target has {num_layers} decoder layers)",
+            "--aux-layer-ids",
+            list(requested),
+            f"ids in [0, {num_layers - 1}] (the target has {num_layers} decoder layers)",
             f"Out of range: {bad}.",
         )
     return list(requested)

@@ -24,8 +24,13 @@ from .supervision import compute_target_distribution
 TARGET_FORMATS = ("probs", "topk", "hidden")
 AUX_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 TORCH_DTYPES = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
-    "int16": torch.int16, "int32": torch.int32, "uint8": torch.uint8,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8": torch.float8_e4m3fn,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
 }
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 HEAD_ROWS = 256  # fixed chunk: a row's logits never depend on its chunk-mates (= target.HEAD_CHUNK_ROWS)
@@ -125,8 +130,9 @@ def probs_from_topk(logprobs: torch.Tensor, ids: torch.Tensor, draft_vocab_size:
     return dense.scatter(1, ids.long(), kept / kept.sum(-1, keepdim=True))
 
 
-def probs_from_topk_restricted(logprobs: torch.Tensor, ids: torch.Tensor, new_column: torch.Tensor, draft_vocab_size: int,
-                               spread_tail: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def probs_from_topk_restricted(
+    logprobs: torch.Tensor, ids: torch.Tensor, new_column: torch.Tensor, draft_vocab_size: int, spread_tail: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-K rows over a smaller draft vocabulary: (dense `[n, Vd']` fp32, kept mass `[n]` fp32).
 
     `new_column[c]` is the new column of stored column `c`, -1 where the smaller vocabulary drops
@@ -231,9 +237,14 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, loss: torch.Tens
         spread = probs_from_topk(encoded["topk_logprobs"], encoded["topk_ids"], layout.draft_vocab_size, spread_tail=True)
         p = live["probs"]
         kl = torch.where(p > 0, p * (p.clamp(min=1e-38).log() - spread.clamp(min=1e-38).log()), torch.zeros_like(p)).sum(-1)
-        stats |= {"kept_mass_sum": kept.sum(), "kept_mass_min": kept.min() if len(kept) else torch.ones(()),
-                  "kept_mass_hist": torch.histc(kept.float(), bins=1000, min=0, max=1), "kl_spread_sum": kl.sum(),
-                  "kl_renorm_reverse_sum": (-kept.clamp(min=1e-38).log()).sum(), "rows": torch.tensor(len(kept))}
+        stats |= {
+            "kept_mass_sum": kept.sum(),
+            "kept_mass_min": kept.min() if len(kept) else torch.ones(()),
+            "kept_mass_hist": torch.histc(kept.float(), bins=1000, min=0, max=1),
+            "kl_spread_sum": kl.sum(),
+            "kl_renorm_reverse_sum": (-kept.clamp(min=1e-38).log()).sum(),
+            "rows": torch.tensor(len(kept)),
+        }
     if layout.target_format == "hidden":
         rebuilt = probs_from_hidden(encoded["final_hidden"][loss], draft_rows, transform)
         diff = (rebuilt - live["probs"]).abs()

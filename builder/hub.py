@@ -103,15 +103,15 @@ def validate_target(target: PushTarget) -> None:
             f"got {target.config!r}. Leave it out to put the cache at the repo root."
         )
     for flag, ref in (("--hub-branch", target.branch), ("--hub-tag", target.tag)):
-        if ref is not None and (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith((".lock", "/"))):
+        if ref is not None and (
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith((".lock", "/"))
+        ):
             raise HubError(f"{flag}: expected a git ref name like 'v1' or 'release/2026-01', got {ref!r}")
     if target.token is None:
         from huggingface_hub import get_token
 
         if get_token() is None:
-            raise HubError(
-                f"pushing to {target.repo_id}: no Hugging Face token found. Set HF_TOKEN, or run `hf auth login`, then re-run."
-            )
+            raise HubError(f"pushing to {target.repo_id}: no Hugging Face token found. Set HF_TOKEN, or run `hf auth login`, then re-run.")
 
 
 # ---- retries and errors -----------------------------------------------------------------
@@ -271,8 +271,10 @@ def read_error(err: BaseException, repo_id: str, revision: str | None, commit: s
     elif status in (401, 403):
         hint = "the token cannot read it: set HF_TOKEN to a token with read access to the repo"
     elif is_transient(err):
-        hint = (f"the Hub kept failing ({err}) after {reopened} reopening(s); keep `dataset.state_dict()` "
-                "and resume from it with `load_state_dict()` once the Hub answers again")
+        hint = (
+            f"the Hub kept failing ({err}) after {reopened} reopening(s); keep `dataset.state_dict()` "
+            "and resume from it with `load_state_dict()` once the Hub answers again"
+        )
     else:
         hint = str(err)
     return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
@@ -283,7 +285,9 @@ def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        entries = api.list_repo_tree(repo_id, path_in_repo=prefix.rstrip("/") or None, recursive=True, revision=revision, repo_type=REPO_TYPE)
+        entries = api.list_repo_tree(
+            repo_id, path_in_repo=prefix.rstrip("/") or None, recursive=True, revision=revision, repo_type=REPO_TYPE
+        )
         return {e.path: (e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if hasattr(e, "blob_id")}
     except EntryNotFoundError:
         return {}
@@ -334,7 +338,7 @@ class HubPusher:
     def _call(self, what: str, fn):
         return self.retry(what, fn, self.target.repo_id)
 
-    def open(self) -> "HubPusher":
+    def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
         t = self.target
         self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
@@ -362,7 +366,9 @@ class HubPusher:
         if commit is None:
             return None
         try:
-            card = self._call("read tagged card", lambda: download_file(self.target.repo_id, f"{self.target.prefix}README.md", commit, self.target.token))
+            card = self._call(
+                "read tagged card", lambda: download_file(self.target.repo_id, f"{self.target.prefix}README.md", commit, self.target.token)
+            )
         except FileNotFoundError:
             return ""
         from huggingface_hub import DatasetCard
@@ -387,7 +393,7 @@ class HubPusher:
         data = f"{self.target.prefix}data/"
         revision = revision or self.target.branch
         files = self._call("list files", lambda: remote_files(self.api, self.target.repo_id, revision, data))
-        return {path[len(data):]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data):]}
+        return {path[len(data) :]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data) :]}
 
     def upload_shards(self, shards: list[tuple[Path, str | None]]) -> dict[str, str]:
         """One commit adding these shard files; returns {name: sha256} as the client computed it
@@ -397,7 +403,10 @@ class HubPusher:
         attempt: list = []
 
         def operations():  # fresh objects per attempt: the client mutates them
-            attempt[:] = [CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path)) for path, _ in shards]
+            attempt[:] = [
+                CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path))
+                for path, _ in shards
+            ]
             return attempt
 
         names = [Path(p).name for p, _ in shards]
@@ -456,7 +465,9 @@ class HubPusher:
     def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
         t = self.target
         operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
-        info = self.api.create_commit(t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head)
+        info = self.api.create_commit(
+            t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
+        )
         return info.oid
 
     def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
@@ -477,7 +488,9 @@ class HubPusher:
 
         t = self.target
         base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
-        return render_card(manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base)
+        return render_card(
+            manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base
+        )
 
     def _create_tag(self, commit: str) -> None:
         from huggingface_hub.errors import HfHubHTTPError
@@ -527,7 +540,9 @@ def push_cache(
     pusher = HubPusher(target, retry=retry).open()
     if pusher.check_tag(manifest["fingerprint"]):
         log.info("%s@%s already holds cache %s; nothing to push", target.repo_id, target.tag, manifest["fingerprint"])
-        return PushResult(target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]])
+        return PushResult(
+            target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]]
+        )
     remote = pusher.remote_shards()
     pending, skipped, known = [], [], {}
     for shard in manifest["shards"]:

@@ -26,14 +26,18 @@ def is_local(spec: str) -> bool:
 def local_data_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise InputError(f"--input-data: {spec!r} does not exist; expected a .json/.jsonl/.parquet file, a directory of them, or a Hub dataset id")
+        raise InputError(
+            f"--input-data: {spec!r} does not exist; expected a .json/.jsonl/.parquet file, a directory of them, or a Hub dataset id"
+        )
     if path.is_file():
         if path.suffix not in DATA_SUFFIXES:
             raise InputError(f"--input-data: {spec!r} has suffix {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise InputError(f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files")
+        raise InputError(
+            f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files"
+        )
     kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in files}
     if len(kinds) > 1:
         raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files; keep one kind per input")
@@ -91,7 +95,9 @@ def _from_json_files(files: list[Path], stamps: list[str]) -> datasets.Dataset:
             raise err.__cause__ from None
         if isinstance(err.__cause__, datasets.arrow_writer.SchemaInferenceError):  # the generator yielded nothing
             names = ", ".join(p.name for p in files)
-            raise InputError(f"--input-data: {names} holds no rows; expected one JSON object per line (JSON Lines) or a JSON array of objects") from None
+            raise InputError(
+                f"--input-data: {names} holds no rows; expected one JSON object per line (JSON Lines) or a JSON array of objects"
+            ) from None
         raise
 
 
@@ -100,7 +106,9 @@ def _json_array_rows(name: str):
         with open(name, encoding="utf-8") as f:
             rows = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"--input-data: {name} starts like a JSON array but is not valid JSON ({err}); fix the file or write it as JSON Lines") from None
+        raise InputError(
+            f"--input-data: {name} starts like a JSON array but is not valid JSON ({err}); fix the file or write it as JSON Lines"
+        ) from None
     for row in rows:
         yield {"raw": json.dumps(row, ensure_ascii=False).encode()}
 
@@ -129,11 +137,14 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
     try:
         loaded = datasets.load_dataset(repo_id, name=config)
     except datasets.exceptions.DatasetNotFoundError as err:
-        raise InputError(f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path") from None
+        raise InputError(
+            f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path"
+        ) from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
-            if is_offline_mode() else "check the path or the id, the network, and --input-config"
+            if is_offline_mode()
+            else "check the path or the id, the network, and --input-config"
         )
         raise InputError(
             f"--input-data: {repo_id!r} is not a local path, and as a Hub dataset it could not be loaded "

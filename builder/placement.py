@@ -31,7 +31,8 @@ def group_gpus(local_rank: int, gpus_per_target: int, visible_gpus: int) -> list
     gpus = list(range(local_rank * gpus_per_target, (local_rank + 1) * gpus_per_target))
     if gpus[-1] >= visible_gpus:
         raise ConfigError(
-            "--gpus-per-target", gpus_per_target,
+            "--gpus-per-target",
+            gpus_per_target,
             f"a group that fits the node's {visible_gpus} GPUs (local rank {local_rank} would need GPUs {gpus})",
             f"Launch with --num_processes {max(1, visible_gpus // gpus_per_target)} per node.",
         )
@@ -67,14 +68,23 @@ class MemoryPlan:
         return asdict(self) | {"per_gpu": self.per_gpu}
 
     def describe(self) -> str:
-        parts = [f"weights {self.weights_per_gpu / GiB:.1f}", f"activations {self.activations / GiB:.1f}",
-                 f"aux {self.aux_capture / GiB:.1f}", f"head {self.head_chunks / GiB:.1f}", f"outputs {self.outputs / GiB:.1f}",
-                 f"overhead {self.overhead / GiB:.1f}"]
-        return f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) ({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
+        parts = [
+            f"weights {self.weights_per_gpu / GiB:.1f}",
+            f"activations {self.activations / GiB:.1f}",
+            f"aux {self.aux_capture / GiB:.1f}",
+            f"head {self.head_chunks / GiB:.1f}",
+            f"outputs {self.outputs / GiB:.1f}",
+            f"overhead {self.overhead / GiB:.1f}",
+        ]
+        return (
+            f"{self.per_gpu / GiB:.1f} GiB per GPU over {self.gpus_per_target} GPU(s) "
+            f"({', '.join(parts)}; {self.parameters / 1e9:.2f}B parameters)"
+        )
 
 
-def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2,
-                draft_vocab_size: int | None = None) -> MemoryPlan:
+def plan_memory(
+    config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2, draft_vocab_size: int | None = None
+) -> MemoryPlan:
     from .target import HEAD_CHUNK_ROWS, text_config
 
     cfg = text_config(config)
@@ -101,7 +111,8 @@ def plan_memory(config, *, gpus_per_target: int, max_tokens: int, num_aux_layers
 def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
     if plan.per_gpu > available_per_gpu:
         raise ConfigError(
-            "--gpus-per-target", plan.gpus_per_target,
+            "--gpus-per-target",
+            plan.gpus_per_target,
             f"a placement that fits {available_per_gpu / GiB:.1f} GiB per GPU; the target needs {plan.describe()}",
             "Raise --gpus-per-target, lower --max-tokens-per-batch, or raise --max-memory-per-gpu if the GPUs have more.",
         )

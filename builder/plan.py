@@ -27,9 +27,18 @@ def zstd_ratio(part: str, dtype: str) -> float:
     return ZSTD_RATIOS_FP32 if dtype == "fp32" and part != "topk" else ZSTD_RATIOS[part]
 
 
-def estimate_sizes(num_tokens: np.ndarray, num_loss: np.ndarray, *, aux_width: int, hidden_size: int,
-                   draft_vocab: int, dtype: str, seq_length: int, topk: int = TOPK_DEFAULT,
-                   compression: str = "none") -> dict[str, int]:
+def estimate_sizes(
+    num_tokens: np.ndarray,
+    num_loss: np.ndarray,
+    *,
+    aux_width: int,
+    hidden_size: int,
+    draft_vocab: int,
+    dtype: str,
+    seq_length: int,
+    topk: int = TOPK_DEFAULT,
+    compression: str = "none",
+) -> dict[str, int]:
     """Bytes per target format of DESIGN §2, and the reference's padded dense layout.
     `compression="zstd"`: expected stored bytes, from the measured ratios in ZSTD_RATIOS.
 
@@ -54,9 +63,16 @@ def plan_summary(prep) -> dict:
     num_tokens = np.asarray(samples["num_tokens"], dtype=np.int64)
     num_loss = np.asarray(samples["num_loss_tokens"], dtype=np.int64)
     aux_width = len(prep.aux_layer_ids) * prep.hidden_size
-    sizes = estimate_sizes(num_tokens, num_loss, aux_width=aux_width, hidden_size=prep.hidden_size,
-                           draft_vocab=len(prep.selected_token_ids), dtype=prep.cfg.dtype, seq_length=prep.cfg.seq_length,
-                           compression=prep.cfg.compression)
+    sizes = estimate_sizes(
+        num_tokens,
+        num_loss,
+        aux_width=aux_width,
+        hidden_size=prep.hidden_size,
+        draft_vocab=len(prep.selected_token_ids),
+        dtype=prep.cfg.dtype,
+        seq_length=prep.cfg.seq_length,
+        compression=prep.cfg.compression,
+    )
     pct = np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist() if len(num_tokens) else [0, 0, 0]
     return {
         "valid_samples": len(num_tokens),
@@ -80,8 +96,14 @@ def memory_estimate(prep) -> str:
     """The placement planner's per-GPU estimate (bf16 weights, as a GPU build runs them)."""
     from .placement import plan_memory
 
-    plan = plan_memory(prep.model_config, gpus_per_target=prep.cfg.gpus_per_target, max_tokens=prep.cfg.token_budget,
-                       num_aux_layers=len(prep.aux_layer_ids), dtype_bytes=2, draft_vocab_size=len(prep.selected_token_ids))
+    plan = plan_memory(
+        prep.model_config,
+        gpus_per_target=prep.cfg.gpus_per_target,
+        max_tokens=prep.cfg.token_budget,
+        num_aux_layers=len(prep.aux_layer_ids),
+        dtype_bytes=2,
+        draft_vocab_size=len(prep.selected_token_ids),
+    )
     return plan.describe()
 
 
@@ -99,8 +121,12 @@ def format_plan(plan: dict) -> str:
         f"  draft-vocab coverage {plan['draft_vocab_coverage']:.2%} of loss-masked tokens",
         f"  aux layers           {plan['aux_layer_ids']}",
         f"  shards               {plan['shards']}",
-        "  estimated cache size" + (" (zstd: expected from ratios measured on a random-weight target; real activations differ):"
-                                    if plan.get("compression") == "zstd" else ":"),
+        "  estimated cache size"
+        + (
+            " (zstd: expected from ratios measured on a random-weight target; real activations differ):"
+            if plan.get("compression") == "zstd"
+            else ":"
+        ),
     ]
     for name in ("probs", "topk", "hidden"):
         ratio = ref / sizes[name] if sizes[name] else float("inf")
@@ -114,9 +140,21 @@ def format_plan(plan: dict) -> str:
 # ---- does the writer keep up with the forward? --------------------------------------------
 
 # Dense bf16 tensor-core peak FLOP/s by GPU name (the first match wins).
-GPU_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("GH200", 989e12),
-                 ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-                 ("L40", 181e12), ("A10", 125e12), ("L4", 121e12))
+GPU_PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("A10", 125e12),
+    ("L4", 121e12),
+)
 # The share of that peak a Hugging Face forward reaches: an 8B target forwards about 25k tokens/s
 # on one H100 (14.8 GFLOP per token at 77% loss-masked tokens: 0.37 x 989 TFLOP/s).
 FORWARD_UTILISATION = 0.37
@@ -160,16 +198,20 @@ def encoder_mb_per_s(layout, compression: str, seconds: float = 0.05) -> float:
     return nbytes / best / 1e6
 
 
-def writer_feed_warning(*, tokens_per_s: float, bytes_per_token: float, per_thread_mb_s: float, threads: int,
-                        cores: int, basis: str) -> str | None:
+def writer_feed_warning(
+    *, tokens_per_s: float, bytes_per_token: float, per_thread_mb_s: float, threads: int, cores: int, basis: str
+) -> str | None:
     """The start-up warning when the writer's threads cannot encode what the forward produces, or None."""
     need = tokens_per_s * bytes_per_token / 1e6
     capacity = per_thread_mb_s * threads
     if need <= capacity:
         return None
     wanted = math.ceil(need / per_thread_mb_s)
-    advice = (f"pass --writer-threads {wanted}" if wanted <= cores else
-              f"even {cores} threads (this process's share of the cores) would not keep up")
+    advice = (
+        f"pass --writer-threads {wanted}"
+        if wanted <= cores
+        else f"even {cores} threads (this process's share of the cores) would not keep up"
+    )
     return (
         f"the shard writer will likely hold back the forward: at about {tokens_per_s:,.0f} tokens/s ({basis}) the "
         f"build produces {need:,.0f} MB/s of tensor data ({bytes_per_token:,.0f} bytes per token before compression), "
@@ -199,8 +241,10 @@ def warn_if_writer_holds_back(prep, target) -> str | None:
     threads = prep.cfg.writer_threads or default_writer_threads()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     message = writer_feed_warning(
-        tokens_per_s=rate, bytes_per_token=per_token + loss_share * per_loss,
-        per_thread_mb_s=encoder_mb_per_s(prep.layout, prep.cfg.compression), threads=threads,
+        tokens_per_s=rate,
+        bytes_per_token=per_token + loss_share * per_loss,
+        per_thread_mb_s=encoder_mb_per_s(prep.layout, prep.cfg.compression),
+        threads=threads,
         cores=max(1, (os.cpu_count() or 1) // max(local, 1)),
         basis=f"estimated for {gpu} at {FORWARD_UTILISATION:.0%} of its bf16 peak",
     )

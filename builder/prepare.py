@@ -53,8 +53,15 @@ class Prepared:
         from .formats import Layout
 
         cfg = self.cfg
-        return Layout(cfg.target_format, cfg.dtype, cfg.storage_aux_dtype, min(cfg.topk, len(self.selected_token_ids)),
-                      len(self.selected_token_ids), len(self.aux_layer_ids) * self.hidden_size, self.hidden_size)
+        return Layout(
+            cfg.target_format,
+            cfg.dtype,
+            cfg.storage_aux_dtype,
+            min(cfg.topk, len(self.selected_token_ids)),
+            len(self.selected_token_ids),
+            len(self.aux_layer_ids) * self.hidden_size,
+            self.hidden_size,
+        )
 
     @property
     def num_shards(self) -> int:
@@ -72,8 +79,16 @@ def prepare(cfg: BuildConfig) -> Prepared:
 
     rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
     rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
-    tokenized = tokenize_rows(rows, source_indices, tokenizer, template, cfg.seq_length, cfg.num_proc,
-                              mask_generation_prompt=cfg.mask_generation_prompt, mask_reasoning_content=cfg.mask_reasoning_content)
+    tokenized = tokenize_rows(
+        rows,
+        source_indices,
+        tokenizer,
+        template,
+        cfg.seq_length,
+        cfg.num_proc,
+        mask_generation_prompt=cfg.mask_generation_prompt,
+        mask_reasoning_content=cfg.mask_reasoning_content,
+    )
     samples, skipped = split_valid(tokenized, cfg.strict)
     duplicates = count_duplicate_ids(samples)
 
@@ -98,7 +113,9 @@ def check_row_sizes(prep: Prepared) -> None:
     if len(sizes) and sizes.max() > MAX_ROW_BYTES:
         i = int(sizes.argmax())
         raise ConfigError(
-            "--seq-length", prep.cfg.seq_length, "samples whose row stays under Parquet's 2 GiB per value",
+            "--seq-length",
+            prep.cfg.seq_length,
+            "samples whose row stays under Parquet's 2 GiB per value",
             f"A sample of {int(tokens[i])} tokens ({int(loss[i])} supervised) would take {sizes[i] / 2**30:.1f} GiB. "
             "Lower --seq-length or --draft-vocab-size, or use --target-format topk or hidden.",
         )
@@ -141,8 +158,9 @@ def count_duplicate_ids(samples: datasets.Dataset) -> int:
     ids = samples["sample_id"]
     duplicates = len(ids) - len(set(ids))
     if duplicates:
-        log.warning("%d of %d samples share their id with another sample; all are kept (source_index is the "
-                    "unique key)", duplicates, len(ids))
+        log.warning(
+            "%d of %d samples share their id with another sample; all are kept (source_index is the unique key)", duplicates, len(ids)
+        )
     return duplicates
 
 

@@ -22,7 +22,6 @@ import math
 import numbers
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +43,8 @@ class CacheMismatch(Eagle3CacheError, ValueError):
     def __init__(self, location: str, differences: dict):
         lines = [f"  {field}: trainer expects {want!r}, cache has {have!r}" for field, (want, have) in sorted(differences.items())]
         super().__init__(
-            f"{location} does not match the trainer's settings:\n" + "\n".join(lines)
+            f"{location} does not match the trainer's settings:\n"
+            + "\n".join(lines)
             + "\nUse a cache built with these settings (or build one), or change the trainer's settings to the cache's."
         )
         self.differences = differences
@@ -112,7 +112,9 @@ def _manifest_of(source: CacheSource) -> dict:
     return data["eagle3_cache"]
 
 
-def read_vocab(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> dict[str, torch.Tensor]:
+def read_vocab(
+    location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None
+) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     source = location if isinstance(location, CacheSource) else open_source(location, revision=revision, name=name, token=token)
@@ -134,8 +136,10 @@ class RowDecoder:
         self.encoded = {name for name, spec in self.columns.items() if spec.get("encoding", RAW) != RAW}
         unknown = {spec["encoding"] for spec in self.columns.values() if spec.get("encoding", RAW) not in (RAW, PLANES_ZSTD)}
         if unknown:
-            raise ValueError(f"the cache's columns use encoding(s) {sorted(unknown)}; this eagle3-cache reads {RAW!r} and "
-                             f"{PLANES_ZSTD!r}: upgrade eagle3-cache to read it")
+            raise ValueError(
+                f"the cache's columns use encoding(s) {sorted(unknown)}; this eagle3-cache reads {RAW!r} and "
+                f"{PLANES_ZSTD!r}: upgrade eagle3-cache to read it"
+            )
 
     def __call__(self, row: dict) -> dict:
         out = {}
@@ -215,8 +219,16 @@ class SampleDecoder:
     read, from the stored full-vocab argmax.
     """
 
-    def __init__(self, source, manifest: dict, layout_name: str, *, draft_vocab_size: int | None = None,
-                 spread_tail: bool = False, aux_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        source,
+        manifest: dict,
+        layout_name: str,
+        *,
+        draft_vocab_size: int | None = None,
+        spread_tail: bool = False,
+        aux_dtype: torch.dtype | None = None,
+    ):
         from .formats import Layout, head_bias, head_transform_from
         from .vocab import DraftVocab
 
@@ -259,8 +271,9 @@ class SampleDecoder:
         elif self.layout.target_format == "probs":
             probs = restrict_probs(raw["target_probs"], self.columns).to(self.float_dtype)
         elif self.layout.target_format == "topk" and self.columns is not None:
-            probs, kept_mass = probs_from_topk_restricted(raw["topk_logprobs"], raw["topk_ids"], self.new_column,
-                                                          len(self.columns), self.spread_tail)
+            probs, kept_mass = probs_from_topk_restricted(
+                raw["topk_logprobs"], raw["topk_ids"], self.new_column, len(self.columns), self.spread_tail
+            )
             probs = probs.to(self.float_dtype)
         else:
             probs = supervised_probs(self.layout, raw, loss, self.draft_rows, self.transform, self.spread_tail).to(self.float_dtype)
@@ -324,8 +337,9 @@ def restrict_probs(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return kept / torch.where(total > 0, total, torch.ones_like(total))  # an all-zero row stays zero
 
 
-def read_draft_vocab(location, draft_vocab_size: int | None = None, *, revision: str | None = None, name: str | None = None,
-                     token: str | None = None):
+def read_draft_vocab(
+    location, draft_vocab_size: int | None = None, *, revision: str | None = None, name: str | None = None, token: str | None = None
+):
     """The `DraftVocab` that `load_cache(location, draft_vocab_size=...)` supervises: its
     `selected_token_ids` and the `d2t`/`t2d` of each trainer's convention, for exports."""
     from .vocab import DraftVocab
@@ -399,8 +413,18 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     naming the file and the revision.
     """
 
-    def __init__(self, hf_dataset, transform, *, shuffle_buffer: int | None = None, seed: int = 0,
-                 split: tuple[int, int] = (0, 1), fingerprint: str | None = None, retry=None, describe=None):
+    def __init__(
+        self,
+        hf_dataset,
+        transform,
+        *,
+        shuffle_buffer: int | None = None,
+        seed: int = 0,
+        split: tuple[int, int] = (0, 1),
+        fingerprint: str | None = None,
+        retry=None,
+        describe=None,
+    ):
         self.hf_dataset, self.transform = hf_dataset, transform
         self.shuffle_buffer, self.seed, self.split, self.fingerprint = shuffle_buffer, seed, split, fingerprint
         self.retry = retry
@@ -415,8 +439,12 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle (shard order and windows) differently each epoch when a shuffle buffer is set."""
         if self._resume is not None and self._resume["epoch"] != epoch:
-            log.warning("set_epoch(%d) after load_state_dict() of epoch %d: the next iteration starts epoch %d from its beginning",
-                        epoch, self._resume["epoch"], epoch)
+            log.warning(
+                "set_epoch(%d) after load_state_dict() of epoch %d: the next iteration starts epoch %d from its beginning",
+                epoch,
+                self._resume["epoch"],
+                epoch,
+            )
         self.hf_dataset.set_epoch(epoch)
 
     @property
@@ -450,8 +478,11 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
         worker = get_worker_info()
         return {
-            "fingerprint": self.fingerprint, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed,
-            "split": list(self.split), "worker": [worker.id, worker.num_workers] if worker else [0, 1],
+            "fingerprint": self.fingerprint,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seed": self.seed,
+            "split": list(self.split),
+            "worker": [worker.id, worker.num_workers] if worker else [0, 1],
         }
 
     def _make_state(self, position: dict | None, window: int, skip: int) -> dict:
@@ -533,8 +564,14 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
                 raise err
             raise self.describe_failure(err, reopened=failures - 1) from err
         wait = min(retry.backoff * 2 ** (failures - 1), 30.0)
-        log.warning("streaming read failed (%s: %s); reopening at the current window, retry %d/%d in %.1fs",
-                    type(err).__name__, err, failures, retry.retries, wait)
+        log.warning(
+            "streaming read failed (%s: %s); reopening at the current window, retry %d/%d in %.1fs",
+            type(err).__name__,
+            err,
+            failures,
+            retry.retries,
+            wait,
+        )
         time.sleep(wait)
 
 
@@ -576,7 +613,16 @@ EXPECTABLE = {
     "format_version": lambda m: m["identity"]["format_version"],
     "fingerprint": lambda m: m["fingerprint"],
 }
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
+_DTYPE_NAMES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float32": "fp32",
+    "half": "fp16",
+    "float": "fp32",
+}
 
 
 def _normalise_expected(key: str, value):
@@ -642,7 +688,9 @@ def split_for_rank(hf, rank: int, world_size: int):
         hf = hf.reshard()  # Parquet: one shard per row group
     if hf.num_shards >= world_size:
         return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="shards")
-    log.warning("the cache has %d row groups for %d ranks: every rank reads all of it and keeps 1 row in %d", hf.num_shards, world_size, world_size)
+    log.warning(
+        "the cache has %d row groups for %d ranks: every rank reads all of it and keeps 1 row in %d", hf.num_shards, world_size, world_size
+    )
     return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="examples")
 
 
@@ -654,11 +702,15 @@ def _arrow_cache_dir(manifest: dict) -> str:
 
     import datasets
 
-    key = hashlib.sha256(json.dumps([manifest["fingerprint"], [s.get("checksum") or s["sha256"] for s in manifest["shards"]]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([manifest["fingerprint"], [s.get("checksum") or s["sha256"] for s in manifest["shards"]]]).encode()
+    ).hexdigest()[:16]
     return str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache" / key)
 
 
-def _load_rows(source: CacheSource, split: str, streaming: bool, columns: list[str] | None, block_size: int | None, cache_dir: str | None = None):
+def _load_rows(
+    source: CacheSource, split: str, streaming: bool, columns: list[str] | None, block_size: int | None, cache_dir: str | None = None
+):
     import datasets
 
     kwargs: dict = {"split": split, "streaming": streaming}
@@ -752,8 +804,16 @@ def load_cache(
             from .hub import read_error
 
             describe = functools.partial(read_error, repo_id=source.location, revision=revision, commit=source.commit)
-        dataset = StreamingCacheDataset(hf, transform, shuffle_buffer=shuffle_buffer, seed=seed, split=part,
-                                        fingerprint=manifest["fingerprint"], retry=retry, describe=describe)
+        dataset = StreamingCacheDataset(
+            hf,
+            transform,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            split=part,
+            fingerprint=manifest["fingerprint"],
+            retry=retry,
+            describe=describe,
+        )
     else:
         dataset = CacheDataset(hf, transform)
     dataset.manifest = manifest

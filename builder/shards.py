@@ -265,7 +265,10 @@ class ShardWriter:
         self._file = pa.OSFile(str(self.tmp_path), mode="w")  # native: no Python call per write
         self._hasher = _TailHasher(self.tmp_path)
         self._writer = pq.ParquetWriter(
-            self._file, schema, compression="none", use_dictionary=False,
+            self._file,
+            schema,
+            compression="none",
+            use_dictionary=False,
             write_statistics=list(SCALAR_COLUMNS),  # min/max of megabyte-sized binary values would be waste
         )
         self.closed = False

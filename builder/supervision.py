@@ -17,9 +17,7 @@ class TargetSupervision(NamedTuple):
     argmax: torch.Tensor  # [...] int64: full-vocab argmax
 
 
-def compute_target_distribution(
-    logits: torch.Tensor, loss_mask: torch.Tensor, selected_token_ids: torch.Tensor
-) -> TargetSupervision:
+def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, selected_token_ids: torch.Tensor) -> TargetSupervision:
     """Target distribution of the token after each position, restricted to the draft vocab.
 
     `logits` `[..., V]` (any float dtype; computed in fp32), `loss_mask` `[...]`,

@@ -27,8 +27,7 @@ def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: boo
 
     local = Path(model_path)
     if local.is_dir() and not any(
-        p.name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "merges")) or p.suffix == ".tiktoken"
-        for p in local.iterdir()
+        p.name.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "merges")) or p.suffix == ".tiktoken" for p in local.iterdir()
     ):  # checked here: transformers would blame a missing sentencepiece install
         raise InputError(
             f"--target-model: {model_path!r} has no tokenizer files (found {sorted(p.name for p in local.iterdir())}); "
@@ -65,12 +64,12 @@ def load_config(model_path: str, revision: str | None, trust_remote_code: bool):
             ) from None
         hint = (
             "HF_HUB_OFFLINE is set, so only models already in the local cache load: unset it, download the model "
-            "first, or give a local model directory" if is_offline_mode()
+            "first, or give a local model directory"
+            if is_offline_mode()
             else "check the id, --target-revision and your access, or give a local model directory"
         )
         raise InputError(
-            f"--target-model: {model_path!r} is not a local path, and as a Hub model id its config could not be "
-            f"loaded ({found}); {hint}"
+            f"--target-model: {model_path!r} is not a local path, and as a Hub model id its config could not be loaded ({found}); {hint}"
         ) from None
 
 
@@ -101,8 +100,12 @@ def load_model(model_path: str, revision: str | None, trust_remote_code: bool, d
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
-        device_map=device_map, max_memory=max_memory,
+        model_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
     )
     if device_map is None:
         model = model.to(device)
@@ -221,14 +224,21 @@ class Target:
         checks = [(" + ".join(["lm_head", *(f"{k} {v}" for k, v in spec.items())]), self.logits_at(rows).float(), live)]
         if draft is not None:
             selected, draft_rows, transform = draft
-            checks.append(("the hidden format's rebuild: lm_head rows + bias + terms",
-                           logits_from_hidden(rows, draft_rows, transform), live.index_select(-1, selected)))
+            checks.append(
+                (
+                    "the hidden format's rebuild: lm_head rows + bias + terms",
+                    logits_from_hidden(rows, draft_rows, transform),
+                    live.index_select(-1, selected),
+                )
+            )
         dtype, scale = self.head.weight.dtype, max(1.0, live.abs().max().item())
         worst = 0.0
         for path, ours, want in checks:
             diff = (ours - want).abs().max().item() / scale
             if not diff <= head_tolerance(dtype):  # NaN included
-                raise HeadMismatch(architecture_name(self.model), path, diff * scale, head_tolerance(dtype) * scale, str(dtype).removeprefix("torch."))
+                raise HeadMismatch(
+                    architecture_name(self.model), path, diff * scale, head_tolerance(dtype) * scale, str(dtype).removeprefix("torch.")
+                )
             worst = max(worst, diff)
         return worst
 

@@ -31,6 +31,8 @@ from .conversations import BadRow, normalize_row, parse_raw_row, row_tools
 from .errors import InputError
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
 # Bump when the tokenization or masking code changes, so stale map caches are not reused.
 def _code_hash() -> str:
     """The source of tokenization and normalisation: an edit to either invalidates cached maps."""
@@ -111,7 +113,11 @@ class _Chat:
 
 def _encode_with_generation_blocks(messages, chat):
     out = chat.tokenizer.apply_chat_template(
-        messages, chat_template=chat.template, tools=chat.tools, tokenize=True, return_dict=True,
+        messages,
+        chat_template=chat.template,
+        tools=chat.tools,
+        tokenize=True,
+        return_dict=True,
         return_assistant_tokens_mask=True,
     )
     return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
@@ -218,10 +224,7 @@ def template_of(tokenizer, override: str | None) -> str:
     test) is refused here, before any data loads, instead of failing every row."""
     template = override if override is not None else tokenizer.chat_template
     if not template:
-        raise InputError(
-            "the tokenizer has no chat template; expected one in tokenizer_config.json or a file given "
-            "with --chat-template"
-        )
+        raise InputError("the tokenizer has no chat template; expected one in tokenizer_config.json or a file given with --chat-template")
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:  # a private helper; without it, a broken template shows up as template_error rows
@@ -253,7 +256,10 @@ def tokenizer_hash(tokenizer, template: str) -> str:
 
 def _tokenize_batch(batch, indices, *, tokenizer, template, seq_length, source_indices, mask_options):
     columns = list(batch)
-    out = {k: [] for k in ("sample_id", "source_index", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "skip_reason", "skip_detail")}
+    out = {
+        k: []
+        for k in ("sample_id", "source_index", "input_ids", "loss_mask", "num_tokens", "num_loss_tokens", "skip_reason", "skip_detail")
+    }
     for j, position in enumerate(indices):
         row = {k: batch[k][j] for k in columns}
         source_index = int(source_indices[position])
@@ -310,8 +316,13 @@ def tokenize_rows(
     mask_options = dict(mask_generation_prompt=mask_generation_prompt, mask_reasoning_content=mask_reasoning_content)
     fingerprint = hashlib.sha256(
         "|".join(
-            [rows._fingerprint, tokenizer_hash(tokenizer, template), str(seq_length), json.dumps(mask_options, sort_keys=True),
-             TOKENIZE_CODE_VERSION]
+            [
+                rows._fingerprint,
+                tokenizer_hash(tokenizer, template),
+                str(seq_length),
+                json.dumps(mask_options, sort_keys=True),
+                TOKENIZE_CODE_VERSION,
+            ]
         ).encode()
     ).hexdigest()[:32]
     return rows.map(
@@ -323,7 +334,8 @@ def tokenize_rows(
         features=TOKENIZED_FEATURES,
         num_proc=num_proc if num_proc > 1 and len(rows) >= 2 * num_proc else None,
         new_fingerprint=fingerprint,
-        fn_kwargs=dict(tokenizer=tokenizer, template=template, seq_length=seq_length, source_indices=source_indices,
-                       mask_options=mask_options),
+        fn_kwargs=dict(
+            tokenizer=tokenizer, template=template, seq_length=seq_length, source_indices=source_indices, mask_options=mask_options
+        ),
         desc="Tokenizing",
     )

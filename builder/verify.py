@@ -27,8 +27,9 @@ from .shards import file_checksum
 log = logging.getLogger(__name__)
 
 
-def verify_cache(location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None,
-                 revision: str | None = None) -> list[str]:
+def verify_cache(
+    location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None, revision: str | None = None
+) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway)."""
     out = Path(location) if Path(location).exists() else download(str(location), revision)
@@ -141,7 +142,10 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             batching = shard_batching(manifest, name)
             for index in (i for n, i in chosen if n == name):
-                problems += [f"data/{name}/{shard.row(index)['sample_id']}: {p}" for p in compare_live(target, manifest, shard, index, selected, batching)]
+                problems += [
+                    f"data/{name}/{shard.row(index)['sample_id']}: {p}"
+                    for p in compare_live(target, manifest, shard, index, selected, batching)
+                ]
     finally:
         target.close()
     return problems
@@ -190,7 +194,11 @@ def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected:
     layout = Layout(**manifest["layout"])
     members = batch_of(manifest, shard.lengths, index, batching)
     member_rows = [shard.row(i) for i in members]
-    ids, attention, loss = pad_batch([r["input_ids"].tolist() for r in member_rows], [r["loss_mask"].tolist() for r in member_rows], manifest["build"].get("pad_token_id", 0))
+    ids, attention, loss = pad_batch(
+        [r["input_ids"].tolist() for r in member_rows],
+        [r["loss_mask"].tolist() for r in member_rows],
+        manifest["build"].get("pad_token_id", 0),
+    )
     dev = target.device
     live = target.supervise(ids.to(target.input_device), attention.to(target.input_device), loss.to(dev), selected)
     encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
@@ -198,7 +206,9 @@ def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected:
     row = member_rows[b]
     before, n_loss, length = int(loss[:b].sum()), int(loss[b].sum()), row["num_tokens"]
     columns = layout.columns()
-    live_row = {name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()}
+    live_row = {
+        name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()
+    }
     return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
 
 

@@ -16,16 +16,16 @@ import errno
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
-from .manifest import sidecar_path, write_json_atomic
 from .formats import merge_quality
+from .manifest import sidecar_path, write_json_atomic
 from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -73,8 +73,7 @@ class BatchOutput:
                 yield position, (sample, None)
             else:
                 tensors = {
-                    name: t[offset : offset + n_loss] if name in self.per_loss else t[b, :length]
-                    for name, t in self.columns.items()
+                    name: t[offset : offset + n_loss] if name in self.per_loss else t[b, :length] for name, t in self.columns.items()
                 }
                 yield position, (sample, tensors)
             offset += n_loss
@@ -96,8 +95,17 @@ class BackgroundWriter:
     """Owns the dispatch, encoder and writer threads. Protocol per shard: open_shard,
     (submit* end_window)*, close_shard."""
 
-    def __init__(self, layout, in_vocab: torch.Tensor, row_group_bytes: int, on_shard_done: Callable[[dict], None] | None = None,
-                 strict: bool = False, compression: str = "zstd", threads: int | None = None, shard_record: dict | None = None):
+    def __init__(
+        self,
+        layout,
+        in_vocab: torch.Tensor,
+        row_group_bytes: int,
+        on_shard_done: Callable[[dict], None] | None = None,
+        strict: bool = False,
+        compression: str = "zstd",
+        threads: int | None = None,
+        shard_record: dict | None = None,
+    ):
         self.schema = shard_schema(layout)
         self.encodings = column_encodings(layout, compression)
         self.in_vocab = in_vocab
@@ -179,8 +187,10 @@ class BackgroundWriter:
                 item = self._queue.get()
                 if item is not None and item[0] == "batch":
                     batch = item[1]
-                    rows = [(position, (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors))
-                            for position, (sample, tensors) in batch.split()]
+                    rows = [
+                        (position, (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors))
+                        for position, (sample, tensors) in batch.split()
+                    ]
                     item = ("rows", (rows, batch.quality))
                 if not self._forward(item) or item is None or item[0] == "abort":
                     return
@@ -247,7 +257,14 @@ class BackgroundWriter:
                     f"--strict: the target produced NaN/Inf for input row {sample['source_index']} (id {sample['sample_id']!r}); "
                     "check the model's dtype and weights, or run without --strict to record and skip such samples"
                 )
-            totals["failed"].append({"sample_id": sample["sample_id"], "source_index": sample["source_index"], "shard": shard.path.name, "reason": "non_finite_output"})
+            totals["failed"].append(
+                {
+                    "sample_id": sample["sample_id"],
+                    "source_index": sample["source_index"],
+                    "shard": shard.path.name,
+                    "reason": "non_finite_output",
+                }
+            )
             return
         loss_tokens, in_vocab = counts
         totals["tokens"] += row["num_tokens"]

@@ -80,11 +80,18 @@ def length_histogram_figure(lengths, seq_length: int | None = None):
     with _style():
         figure = _new_figure()
         ax = figure.add_subplot()
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=BAR_COLOR, edgecolor="white",
-               linewidth=0.5, label=f"{len(lengths):,} samples")
+        ax.bar(
+            edges[:-1],
+            counts,
+            width=np.diff(edges),
+            align="edge",
+            color=BAR_COLOR,
+            edgecolor="white",
+            linewidth=0.5,
+            label=f"{len(lengths):,} samples",
+        )
         if seq_length:
-            ax.axvline(seq_length, color=MARK_COLOR, linestyle="--", linewidth=1.5,
-                       label=f"sequence length limit ({seq_length:,} tokens)")
+            ax.axvline(seq_length, color=MARK_COLOR, linestyle="--", linewidth=1.5, label=f"sequence length limit ({seq_length:,} tokens)")
         ax.set_title("Tokens per sample")
         ax.set_xlabel("tokens per sample")
         ax.set_ylabel("samples")
@@ -108,8 +115,13 @@ def coverage_figure(token_counts, selected_token_ids):
         figure = _new_figure()
         ax = figure.add_subplot()
         ax.plot(sizes, shares, color=BAR_COLOR, linewidth=2, label="coverage by the n most frequent ids")
-        ax.axvline(chosen, color=MARK_COLOR, linestyle="--", linewidth=1.5,
-                   label=f"this cache's draft vocabulary: {chosen:,} ids, {covered:.1%} covered")
+        ax.axvline(
+            chosen,
+            color=MARK_COLOR,
+            linestyle="--",
+            linewidth=1.5,
+            label=f"this cache's draft vocabulary: {chosen:,} ids, {covered:.1%} covered",
+        )
         ax.plot([chosen], [covered], "o", color=MARK_COLOR)
         ax.set_xscale("log")
         ax.set_xlim(1, vocab)

@@ -24,8 +24,15 @@ N_OPENAI = 150
 EMPTY_SYSTEM_ROWS = (17, 88)  # OpenAI rows with {"role": "system", "content": None}
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = [
-    "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|unk|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|tool|>",
+    "<|end|>",
 ]
 
 # ---------------------------------------------------------------------------
@@ -36,22 +43,36 @@ SPECIAL_TOKENS = [
 TOPICS: dict[str, dict] = {
     "python": {
         "qa": [
-            ("How do I reverse a list in Python?",
-             "You can call `items.reverse()` to reverse the list in place, or use `items[::-1]` to get a reversed copy."),
-            ("What is the difference between a list and a tuple?",
-             "A list is mutable, so you can append and remove items, while a tuple is fixed once created."),
-            ("Why does my loop skip items when I remove them from the list?",
-             "Removing items while iterating shifts the remaining elements, so the loop index jumps over the next one. "
-             "Iterate over a copy, such as `for x in list(items):`, or build a new list with a comprehension instead."),
-            ("How can I read a CSV file without pandas?",
-             "The `csv` module in the standard library reads rows as lists, and `csv.DictReader` gives you "
-             "dictionaries keyed by the header."),
-            ("What does the `with` statement do when opening a file?",
-             "The `with` statement closes the file for you, even when an exception is raised inside the block."),
-            ("How do I sort a list of dictionaries by one key?",
-             "Use `sorted(rows, key=lambda r: r['age'])`, and add `reverse=True` if you want the largest first."),
-            ("Can you explain what a generator is?",
-             "A generator produces values lazily with `yield`, so it never holds the whole sequence in memory."),
+            (
+                "How do I reverse a list in Python?",
+                "You can call `items.reverse()` to reverse the list in place, or use `items[::-1]` to get a reversed copy.",
+            ),
+            (
+                "What is the difference between a list and a tuple?",
+                "A list is mutable, so you can append and remove items, while a tuple is fixed once created.",
+            ),
+            (
+                "Why does my loop skip items when I remove them from the list?",
+                "Removing items while iterating shifts the remaining elements, so the loop index jumps over the next one. "
+                "Iterate over a copy, such as `for x in list(items):`, or build a new list with a comprehension instead.",
+            ),
+            (
+                "How can I read a CSV file without pandas?",
+                "The `csv` module in the standard library reads rows as lists, and `csv.DictReader` gives you "
+                "dictionaries keyed by the header.",
+            ),
+            (
+                "What does the `with` statement do when opening a file?",
+                "The `with` statement closes the file for you, even when an exception is raised inside the block.",
+            ),
+            (
+                "How do I sort a list of dictionaries by one key?",
+                "Use `sorted(rows, key=lambda r: r['age'])`, and add `reverse=True` if you want the largest first.",
+            ),
+            (
+                "Can you explain what a generator is?",
+                "A generator produces values lazily with `yield`, so it never holds the whole sequence in memory.",
+            ),
         ],
         "followups": [
             "Can you show a short example?",
@@ -74,19 +95,30 @@ TOPICS: dict[str, dict] = {
     },
     "cooking": {
         "qa": [
-            ("How long should I boil an egg for a soft yolk?",
-             "Lower the eggs into boiling water and cook them for six and a half minutes, then cool them in ice water."),
-            ("What can I use instead of buttermilk in pancakes?",
-             "Mix one cup of milk with a tablespoon of lemon juice or vinegar and let it stand for five minutes."),
-            ("Why does my bread come out dense?",
-             "Dense bread usually means the dough was under-proofed or the flour had too little protein."),
-            ("How do I keep rice from getting sticky?",
-             "Rinse the rice until the water runs clear, which washes away the loose starch on the surface."),
-            ("What is a simple weeknight pasta sauce?",
-             "Soften garlic in olive oil, add a tin of crushed tomatoes, a pinch of salt and chili, "
-             "and simmer for fifteen minutes."),
-            ("How do I know when a steak is medium rare?",
-             "A medium-rare steak reads about 55 degrees Celsius in the center, which is 130 degrees Fahrenheit."),
+            (
+                "How long should I boil an egg for a soft yolk?",
+                "Lower the eggs into boiling water and cook them for six and a half minutes, then cool them in ice water.",
+            ),
+            (
+                "What can I use instead of buttermilk in pancakes?",
+                "Mix one cup of milk with a tablespoon of lemon juice or vinegar and let it stand for five minutes.",
+            ),
+            (
+                "Why does my bread come out dense?",
+                "Dense bread usually means the dough was under-proofed or the flour had too little protein.",
+            ),
+            (
+                "How do I keep rice from getting sticky?",
+                "Rinse the rice until the water runs clear, which washes away the loose starch on the surface.",
+            ),
+            (
+                "What is a simple weeknight pasta sauce?",
+                "Soften garlic in olive oil, add a tin of crushed tomatoes, a pinch of salt and chili, and simmer for fifteen minutes.",
+            ),
+            (
+                "How do I know when a steak is medium rare?",
+                "A medium-rare steak reads about 55 degrees Celsius in the center, which is 130 degrees Fahrenheit.",
+            ),
         ],
         "followups": [
             "What if I am cooking at high altitude?",
@@ -109,19 +141,28 @@ TOPICS: dict[str, dict] = {
     },
     "travel": {
         "qa": [
-            ("What should I pack for a week in Lisbon in April?",
-             "April in Lisbon is mild, around 18 degrees during the day, so pack light layers and a rain jacket. "
-             "Bring comfortable shoes, because the city is hilly and many streets are paved with slippery stone."),
-            ("How early should I arrive at the airport for an international flight?",
-             "For international flights, arriving three hours before departure leaves time for check-in and security."),
-            ("Is it better to take the train or fly from Paris to Lyon?",
-             "The high-speed train takes about two hours from city center to city center, which usually beats flying."),
-            ("How do I avoid jet lag when flying east?",
-             "Shift your sleep an hour earlier each day for a few days before the trip."),
-            ("What are some tips for traveling with only a carry-on?",
-             "Roll your clothes, pick one color palette, and wear your bulkiest shoes on the plane."),
-            ("How can I find cheap accommodation in Kyoto?",
-             "Guesthouses and business hotels near the main station in Kyoto are often cheaper than the old town."),
+            (
+                "What should I pack for a week in Lisbon in April?",
+                "April in Lisbon is mild, around 18 degrees during the day, so pack light layers and a rain jacket. "
+                "Bring comfortable shoes, because the city is hilly and many streets are paved with slippery stone.",
+            ),
+            (
+                "How early should I arrive at the airport for an international flight?",
+                "For international flights, arriving three hours before departure leaves time for check-in and security.",
+            ),
+            (
+                "Is it better to take the train or fly from Paris to Lyon?",
+                "The high-speed train takes about two hours from city center to city center, which usually beats flying.",
+            ),
+            ("How do I avoid jet lag when flying east?", "Shift your sleep an hour earlier each day for a few days before the trip."),
+            (
+                "What are some tips for traveling with only a carry-on?",
+                "Roll your clothes, pick one color palette, and wear your bulkiest shoes on the plane.",
+            ),
+            (
+                "How can I find cheap accommodation in Kyoto?",
+                "Guesthouses and business hotels near the main station in Kyoto are often cheaper than the old town.",
+            ),
         ],
         "followups": [
             "What about traveling with kids?",
@@ -144,18 +185,25 @@ TOPICS: dict[str, dict] = {
     "math": {
         "qa": [
             ("What is 17 times 23?", "17 times 23 is 391, since 17 times 20 is 340 and 17 times 3 is 51."),
-            ("How do I compute the area of a circle with radius 3?",
-             "The area is pi times the radius squared, so for radius 3 it is 9 pi, about 28.27."),
-            ("Can you explain what a prime number is?",
-             "A prime number is a whole number greater than one whose only divisors are one and itself. "
-             "The first primes are 2, 3, 5, 7, 11 and 13, and 2 is the only even prime."),
+            (
+                "How do I compute the area of a circle with radius 3?",
+                "The area is pi times the radius squared, so for radius 3 it is 9 pi, about 28.27.",
+            ),
+            (
+                "Can you explain what a prime number is?",
+                "A prime number is a whole number greater than one whose only divisors are one and itself. "
+                "The first primes are 2, 3, 5, 7, 11 and 13, and 2 is the only even prime.",
+            ),
             ("How do I solve 2x + 5 = 13?", "Subtract 5 from both sides to get 2x = 8, then divide by 2, so x = 4."),
-            ("What is the derivative of x squared?",
-             "The derivative of x squared is 2x, which you can get from the power rule."),
-            ("Why is any number to the power zero equal to one?",
-             "Dividing x to the n by x to the n gives one, and the exponent rule says it equals x to the zero."),
-            ("What is the probability of rolling two sixes with two dice?",
-             "Each die shows a six with probability one sixth, so two sixes happen with probability 1/36."),
+            ("What is the derivative of x squared?", "The derivative of x squared is 2x, which you can get from the power rule."),
+            (
+                "Why is any number to the power zero equal to one?",
+                "Dividing x to the n by x to the n gives one, and the exponent rule says it equals x to the zero.",
+            ),
+            (
+                "What is the probability of rolling two sixes with two dice?",
+                "Each die shows a six with probability one sixth, so two sixes happen with probability 1/36.",
+            ),
         ],
         "followups": [
             "Can you show the steps?",
@@ -176,18 +224,30 @@ TOPICS: dict[str, dict] = {
     },
     "history": {
         "qa": [
-            ("Why was the printing press so important?",
-             "The printing press made books far cheaper, so ideas spread faster than copyists could ever manage."),
-            ("What caused the fall of the Western Roman Empire?",
-             "Historians point to many causes, including economic strain, political instability and pressure on the borders."),
-            ("Who built the first practical steam engine?",
-             "Thomas Newcomen built a working steam engine in 1712, and James Watt later made it far more efficient."),
-            ("What was the Silk Road?",
-             "The Silk Road was a network of trade routes linking China with Central Asia, Persia and the Mediterranean."),
-            ("Why did the Apollo program end?",
-             "Apollo ended mainly because of its cost and shifting political priorities after the Moon landings."),
-            ("How did ancient Egyptians build the pyramids?",
-             "Workers quarried limestone blocks, moved them on sledges, and likely used ramps to raise them."),
+            (
+                "Why was the printing press so important?",
+                "The printing press made books far cheaper, so ideas spread faster than copyists could ever manage.",
+            ),
+            (
+                "What caused the fall of the Western Roman Empire?",
+                "Historians point to many causes, including economic strain, political instability and pressure on the borders.",
+            ),
+            (
+                "Who built the first practical steam engine?",
+                "Thomas Newcomen built a working steam engine in 1712, and James Watt later made it far more efficient.",
+            ),
+            (
+                "What was the Silk Road?",
+                "The Silk Road was a network of trade routes linking China with Central Asia, Persia and the Mediterranean.",
+            ),
+            (
+                "Why did the Apollo program end?",
+                "Apollo ended mainly because of its cost and shifting political priorities after the Moon landings.",
+            ),
+            (
+                "How did ancient Egyptians build the pyramids?",
+                "Workers quarried limestone blocks, moved them on sledges, and likely used ramps to raise them.",
+            ),
         ],
         "followups": [
             "What happened next?",
@@ -208,18 +268,30 @@ TOPICS: dict[str, dict] = {
     },
     "writing": {
         "qa": [
-            ("Can you help me make this sentence shorter: 'In order to be able to finish the report, we need more time.'",
-             "A shorter version is: 'We need more time to finish the report.'"),
-            ("How do I write a polite email asking for a deadline extension?",
-             "Start by thanking the reader, state the new date you are asking for, and give one clear reason."),
-            ("What makes a good opening line for a short story?",
-             "A good opening line raises a question in the reader's mind, or drops them into a moment of tension."),
-            ("Should I use the passive voice in a scientific paper?",
-             "Passive voice is acceptable when the actor does not matter, but active voice is usually clearer."),
-            ("How do I structure a five-paragraph essay?",
-             "Use an introduction with a thesis, three body paragraphs that each support one point, and a conclusion."),
-            ("Can you suggest a title for a blog post about home gardening?",
-             "How about 'Small Plot, Big Harvest: Notes From a Backyard Garden'?"),
+            (
+                "Can you help me make this sentence shorter: 'In order to be able to finish the report, we need more time.'",
+                "A shorter version is: 'We need more time to finish the report.'",
+            ),
+            (
+                "How do I write a polite email asking for a deadline extension?",
+                "Start by thanking the reader, state the new date you are asking for, and give one clear reason.",
+            ),
+            (
+                "What makes a good opening line for a short story?",
+                "A good opening line raises a question in the reader's mind, or drops them into a moment of tension.",
+            ),
+            (
+                "Should I use the passive voice in a scientific paper?",
+                "Passive voice is acceptable when the actor does not matter, but active voice is usually clearer.",
+            ),
+            (
+                "How do I structure a five-paragraph essay?",
+                "Use an introduction with a thesis, three body paragraphs that each support one point, and a conclusion.",
+            ),
+            (
+                "Can you suggest a title for a blog post about home gardening?",
+                "How about 'Small Plot, Big Harvest: Notes From a Backyard Garden'?",
+            ),
         ],
         "followups": [
             "Can you make it more formal?",
@@ -241,14 +313,22 @@ TOPICS: dict[str, dict] = {
     "science": {
         "qa": [
             ("Why is the sky blue?", "Sunlight scatters off air molecules, and blue light scatters much more than red light."),
-            ("How do vaccines train the immune system?",
-             "A vaccine shows the immune system a harmless piece or version of a germ, so it learns to recognize it."),
-            ("What is the difference between weather and climate?",
-             "Weather is what happens on a given day, while climate is the average pattern over many years."),
-            ("Why does ice float on water?",
-             "Water expands when it freezes into a crystal lattice, so ice is less dense than liquid water."),
-            ("How does a refrigerator keep things cold?",
-             "A refrigerator pumps heat out of the box by evaporating a refrigerant inside and condensing it outside."),
+            (
+                "How do vaccines train the immune system?",
+                "A vaccine shows the immune system a harmless piece or version of a germ, so it learns to recognize it.",
+            ),
+            (
+                "What is the difference between weather and climate?",
+                "Weather is what happens on a given day, while climate is the average pattern over many years.",
+            ),
+            (
+                "Why does ice float on water?",
+                "Water expands when it freezes into a crystal lattice, so ice is less dense than liquid water.",
+            ),
+            (
+                "How does a refrigerator keep things cold?",
+                "A refrigerator pumps heat out of the box by evaporating a refrigerant inside and condensing it outside.",
+            ),
         ],
         "followups": [
             "Can you explain it to a ten-year-old?",
@@ -296,26 +376,36 @@ SHORT_REPLIES = [
 
 # A tool call: the assistant announces it, the tool answers, the assistant uses it.
 TOOL_EXCHANGES = [
-    ("What is the weather in Oslo right now?",
-     "Let me look up the current weather in Oslo.",
-     '{"city": "Oslo", "temp_c": 4, "conditions": "light snow"}',
-     "It is 4 degrees Celsius in Oslo with light snow, so dress warmly."),
-    ("Convert 72 degrees Fahrenheit to Celsius.",
-     "I will use the unit converter.",
-     '{"input": "72 F", "output": "22.2 C"}',
-     "72 degrees Fahrenheit is about 22.2 degrees Celsius."),
-    ("What is 4821 divided by 7?",
-     "Calling the calculator.",
-     '{"expression": "4821 / 7", "result": 688.7142857}',
-     "4821 divided by 7 is about 688.71."),
-    ("Find the opening hours of the city library.",
-     "Searching the library website.",
-     '{"monday_friday": "09:00-20:00", "saturday": "10:00-16:00", "sunday": "closed"}',
-     "The library opens 9 to 20 on weekdays, 10 to 16 on Saturday, and is closed on Sunday."),
-    ("How many days until the 31st of December?",
-     "Let me check today's date.",
-     '{"today": "2024-06-11", "days_until": 203}',
-     "There are 203 days left until the 31st of December."),
+    (
+        "What is the weather in Oslo right now?",
+        "Let me look up the current weather in Oslo.",
+        '{"city": "Oslo", "temp_c": 4, "conditions": "light snow"}',
+        "It is 4 degrees Celsius in Oslo with light snow, so dress warmly.",
+    ),
+    (
+        "Convert 72 degrees Fahrenheit to Celsius.",
+        "I will use the unit converter.",
+        '{"input": "72 F", "output": "22.2 C"}',
+        "72 degrees Fahrenheit is about 22.2 degrees Celsius.",
+    ),
+    (
+        "What is 4821 divided by 7?",
+        "Calling the calculator.",
+        '{"expression": "4821 / 7", "result": 688.7142857}',
+        "4821 divided by 7 is about 688.71.",
+    ),
+    (
+        "Find the opening hours of the city library.",
+        "Searching the library website.",
+        '{"monday_friday": "09:00-20:00", "saturday": "10:00-16:00", "sunday": "closed"}',
+        "The library opens 9 to 20 on weekdays, 10 to 16 on Saturday, and is closed on Sunday.",
+    ),
+    (
+        "How many days until the 31st of December?",
+        "Let me check today's date.",
+        '{"today": "2024-06-11", "days_until": 203}',
+        "There are 203 days left until the 31st of December.",
+    ),
 ]
 
 
@@ -378,8 +468,7 @@ def to_openai(rng: random.Random, idx: int, turns: list[tuple[str, str]], empty_
     for role, text in turns:
         if parts:
             pieces = text.split(". ")
-            content = [{"type": "text", "text": p + (". " if i < len(pieces) - 1 else "")}
-                       for i, p in enumerate(pieces)]
+            content = [{"type": "text", "text": p + (". " if i < len(pieces) - 1 else "")} for i, p in enumerate(pieces)]
         else:
             content = text
         messages.append({"role": role, "content": content})
@@ -441,9 +530,7 @@ WITH_GENERATION = """\
 {%- endif %}
 """
 
-NO_GENERATION = (WITH_GENERATION
-                 .replace("        {%- generation %}\n", "")
-                 .replace("        {%- endgeneration %}\n", ""))
+NO_GENERATION = WITH_GENERATION.replace("        {%- generation %}\n", "").replace("        {%- endgeneration %}\n", "")
 
 
 def train_tokenizer(texts: list[str]):
@@ -532,8 +619,7 @@ def main() -> None:
     TARGET.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(TARGET)
     build_target(tokenizer, TARGET)
-    print(f"wrote {len(sharegpt)} ShareGPT + {len(openai)} OpenAI chats, "
-          f"vocab {len(tokenizer)}, target in {TARGET.relative_to(ROOT)}")
+    print(f"wrote {len(sharegpt)} ShareGPT + {len(openai)} OpenAI chats, vocab {len(tokenizer)}, target in {TARGET.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

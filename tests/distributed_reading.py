@@ -43,10 +43,16 @@ def main(cache: str, out: str) -> None:
     # or read by every rank and sliced by accelerate) and map-style (batch sampler sharded).
     results["accelerate_streaming"] = gather(ids(accelerator.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate))))
     per_rank = Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False))
-    results["accelerate_streaming_not_dispatched"] = gather(ids(per_rank.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate))))
-    results["accelerate_map"] = gather(ids(accelerator.prepare(DataLoader(raw(cache, streaming=False), batch_size=BATCH, collate_fn=collate))))
+    results["accelerate_streaming_not_dispatched"] = gather(
+        ids(per_rank.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate)))
+    )
+    results["accelerate_map"] = gather(
+        ids(accelerator.prepare(DataLoader(raw(cache, streaming=False), batch_size=BATCH, collate_fn=collate)))
+    )
     # The README's recipe: NeMo layout, fixed-length batches so rank 0 can dispatch them.
-    nemo = accelerator.prepare(DataLoader(load_cache(cache, layout="nemo"), batch_size=BATCH, collate_fn=functools.partial(collate_nemo, pad_to=128)))
+    nemo = accelerator.prepare(
+        DataLoader(load_cache(cache, layout="nemo"), batch_size=BATCH, collate_fn=functools.partial(collate_nemo, pad_to=128))
+    )
     results["accelerate_nemo_rows"] = gather(sum(batch["input_ids"].shape[0] for batch in nemo))
 
     # (b) torchrun + DistributedSampler over a map-style cache
@@ -57,11 +63,14 @@ def main(cache: str, out: str) -> None:
 
     # (c) streaming without accelerate: each rank asks for its part, DataLoader workers split it further
     results["split_by_rank"] = gather(ids(DataLoader(raw(cache, split_by_rank=True), batch_size=BATCH, collate_fn=collate)))
-    results["split_by_rank_workers"] = gather(ids(DataLoader(raw(cache, split_by_rank=True), batch_size=BATCH, collate_fn=collate, num_workers=2)))
+    results["split_by_rank_workers"] = gather(
+        ids(DataLoader(raw(cache, split_by_rank=True), batch_size=BATCH, collate_fn=collate, num_workers=2))
+    )
 
     # Mid-epoch resume, per rank: k samples, then a fresh dataset loaded with the state reads on.
     resumed = {}
     for shuffle_buffer in (None, 3):
+
         def open_part(shuffle_buffer=shuffle_buffer):
             return raw(cache, split_by_rank=True, shuffle_buffer=shuffle_buffer, seed=5)
 

@@ -11,8 +11,15 @@ from builder.reader import load_cache
 def small_config(output_dir: Path, target: str | Path = "tiny-llama", **overrides) -> BuildConfig:
     """14 samples in shards of 4 (three full, one trailing partial), short sequences."""
     settings = dict(
-        target_model=str(target), input_data="sample-chats", output_dir=str(output_dir), max_samples=14,
-        seq_length=96, shard_size=4, batch_size=3, draft_vocab_size=300, dtype="fp32",
+        target_model=str(target),
+        input_data="sample-chats",
+        output_dir=str(output_dir),
+        max_samples=14,
+        seq_length=96,
+        shard_size=4,
+        batch_size=3,
+        draft_vocab_size=300,
+        dtype="fp32",
     )
     settings.update(overrides)
     return BuildConfig(**settings)

@@ -237,8 +237,9 @@ class Handler(BaseHTTPRequestHandler):
             self._drop()
         except HubError as err:
             status, self._mute = err.status, False
-            self._send_json({"error": err.message, **err.extra}, err.status, error_code=err.code, error_message=err.message,
-                            headers=err.headers)
+            self._send_json(
+                {"error": err.message, **err.extra}, err.status, error_code=err.code, error_message=err.message, headers=err.headers
+            )
         except (BrokenPipeError, ConnectionResetError):
             status = -2
         except Exception as err:  # a bug of this server: recorded, and the `hub` fixture fails the test
@@ -301,7 +302,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def token(self) -> str | None:
         auth = self.headers.get("Authorization", "")
-        return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
 
     def require_write(self) -> None:
         if self.token() != TOKEN:
@@ -319,8 +320,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, data, status: int = 200, error_code: str | None = None, error_message: str | None = None,
-                   headers: dict | None = None) -> None:
+    def _send_json(
+        self, data, status: int = 200, error_code: str | None = None, error_message: str | None = None, headers: dict | None = None
+    ) -> None:
         headers = dict(headers or {})
         if error_code:
             headers["X-Error-Code"] = error_code
@@ -403,9 +405,18 @@ class Handler(BaseHTTPRequestHandler):
         commit = self.state.commit_at(repo, revision or "main")
         card = self._card_data(commit)
         data = {
-            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "author": repo.repo_id.split("/")[0],
-            "sha": commit.oid, "private": repo.private, "gated": False, "disabled": False, "lastModified": commit.date,
-            "createdAt": commit.date, "tags": [], "downloads": 0, "likes": 0,
+            "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit.oid,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "lastModified": commit.date,
+            "createdAt": commit.date,
+            "tags": [],
+            "downloads": 0,
+            "likes": 0,
             "siblings": [self._sibling(path, e) for path, e in sorted(commit.files.items())],
         }
         if card is not None:
@@ -433,7 +444,9 @@ class Handler(BaseHTTPRequestHandler):
         def refs_of(items, prefix):
             return [{"name": n, "ref": f"refs/{prefix}/{n}", "targetCommit": oid} for n, oid in sorted(items.items())]
 
-        self._send_json({"branches": refs_of(repo.branches, "heads"), "tags": refs_of(repo.tags, "tags"), "converts": [], "pullRequests": []})
+        self._send_json(
+            {"branches": refs_of(repo.branches, "heads"), "tags": refs_of(repo.tags, "tags"), "converts": [], "pullRequests": []}
+        )
         return 200
 
     def commits(self, kind: str, repo_id: str, revision: str) -> int:
@@ -469,7 +482,9 @@ class Handler(BaseHTTPRequestHandler):
                 objects.append({"oid": obj["oid"], "size": obj["size"]})  # already stored: no actions
             else:
                 href = f"{self.server.url}/lfs-upload/{repo.repo_type}s/{repo.repo_id}/{obj['oid']}"  # type: ignore[attr-defined]
-                objects.append({"oid": obj["oid"], "size": obj["size"], "authenticated": True, "actions": {"upload": {"href": href, "header": {}}}})
+                objects.append(
+                    {"oid": obj["oid"], "size": obj["size"], "authenticated": True, "actions": {"upload": {"href": href, "header": {}}}}
+                )
         self._send_json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
         return 200
 
@@ -504,7 +519,9 @@ class Handler(BaseHTTPRequestHandler):
             commit = self.state._new_commit(repo, head.oid, files, header.get("summary", ""))
             repo.branches[branch] = commit.oid
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
-        self._send_json({"success": True, "commitOid": commit.oid, "commitUrl": f"{self.server.url}/{prefix}{repo.repo_id}/commit/{commit.oid}"})  # type: ignore[attr-defined]
+        self._send_json(
+            {"success": True, "commitOid": commit.oid, "commitUrl": f"{self.server.url}/{prefix}{repo.repo_id}/commit/{commit.oid}"}
+        )  # type: ignore[attr-defined]
         return 200
 
     def _apply_operation(self, repo: Repo, files: dict, key: str, value: dict) -> None:
@@ -573,7 +590,7 @@ class Handler(BaseHTTPRequestHandler):
             return None
         out, folders = [], set()
         for p, e in sorted(files.items()):
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
@@ -684,7 +701,7 @@ class LoopbackHub:
         if self._watchdog is not None:
             self._watchdog.daemon = True
 
-    def start(self) -> "LoopbackHub":
+    def start(self) -> LoopbackHub:
         self._thread.start()
         if self._watchdog is not None:
             self._watchdog.start()

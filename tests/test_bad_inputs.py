@@ -10,30 +10,56 @@ Every case has one of two outcomes:
   expected or found and what to do, no traceback, `load_model` never called, and the
   output directory never created.
 
-| case                                               | outcome                                            | test |
-|----------------------------------------------------|----------------------------------------------------|------|
-| invalid JSON line                                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_json_line] |
-| missing `conversations`/`messages`                 | skipped: missing_messages                          | test_bad_row_is_skipped_and_counted[missing_messages] |
-| wrong types (row, turn list, turn, role)           | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[wrong_types] |
-| unknown role                                       | skipped: unknown_role                              | test_bad_row_is_skipped_and_counted[unknown_role] |
-| empty or None content                              | kept (empty message); all-empty assistant turns: skipped no_assistant_turn; no turns: skipped empty_conversation | test_bad_row_is_skipped_and_counted[empty_or_none_content], test_empty_and_none_content_are_empty_messages |
-| non-string content (number, object, image part)    | skipped: wrong_type                                | test_bad_row_is_skipped_and_counted[non_string_content] |
-| no assistant turn                                  | skipped: no_assistant_turn                         | test_bad_row_is_skipped_and_counted[no_assistant_turn] |
-| assistant-only conversation                        | kept and built (only its content is supervised)    | test_assistant_only_conversation_is_built |
-| longer than --seq-length before the first assistant token | skipped: no_loss_tokens_after_truncation    | test_bad_row_is_skipped_and_counted[longer_than_seq_length_before_assistant] |
-| invalid UTF-8 in a JSON Lines row                  | skipped: unparseable_json                          | test_bad_row_is_skipped_and_counted[invalid_utf8] |
-| template that raises on some rows                  | skipped: template_error                            | test_bad_row_is_skipped_and_counted[template_raises_on_some_rows] |
-| template that raises on every row                  | error: no usable rows (counts + first row)         | test_template_that_raises_on_every_row |
-| template that does not compile (undefined filter)  | error before any data loads                        | test_template_that_does_not_compile |
-| duplicate ids                                      | all kept and built; counted (`Prepared.duplicate_ids`, a warning) | test_duplicate_ids_are_kept_and_counted |
-| Hub dataset id that does not exist (offline)       | error                                              | test_hub_dataset_that_does_not_exist |
-| Hub model id that does not exist (offline)         | error before any data loads                        | test_hub_model_that_does_not_exist |
-| model path without tokenizer                       | error before any data loads                        | test_model_path_without_tokenizer |
-| model path without (or with a broken) config.json  | error before any data loads                        | test_model_path_without_config |
-| unknown dtype                                      | error before anything loads                        | test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype], test_validation.py::test_validate_rejects[dtype=*] |
-| directory with no data files                       | error                                              | test_directory_with_no_data_files (load level: test_inputs.py::test_empty_directory) |
-| data file with no rows (empty, blank lines, `[]`)  | error                                              | test_data_file_with_no_rows |
-| every row invalid                                  | error: no usable rows                              | test_template_that_raises_on_every_row, test_every_row_invalid |
+Each case, its outcome and the test that shows it:
+
+- invalid JSON line: skipped, unparseable_json.
+  test_bad_row_is_skipped_and_counted[invalid_json_line]
+- missing `conversations`/`messages`: skipped, missing_messages.
+  test_bad_row_is_skipped_and_counted[missing_messages]
+- wrong types (row, turn list, turn, role): skipped, wrong_type.
+  test_bad_row_is_skipped_and_counted[wrong_types]
+- unknown role: skipped, unknown_role.
+  test_bad_row_is_skipped_and_counted[unknown_role]
+- empty or None content: kept (empty message); all-empty assistant turns: skipped,
+  no_assistant_turn; no turns: skipped, empty_conversation.
+  test_bad_row_is_skipped_and_counted[empty_or_none_content],
+  test_empty_and_none_content_are_empty_messages
+- non-string content (number, object, image part): skipped, wrong_type.
+  test_bad_row_is_skipped_and_counted[non_string_content]
+- no assistant turn: skipped, no_assistant_turn.
+  test_bad_row_is_skipped_and_counted[no_assistant_turn]
+- assistant-only conversation: kept and built (only its content is supervised).
+  test_assistant_only_conversation_is_built
+- longer than --seq-length before the first assistant token: skipped,
+  no_loss_tokens_after_truncation.
+  test_bad_row_is_skipped_and_counted[longer_than_seq_length_before_assistant]
+- invalid UTF-8 in a JSON Lines row: skipped, unparseable_json.
+  test_bad_row_is_skipped_and_counted[invalid_utf8]
+- template that raises on some rows: skipped, template_error.
+  test_bad_row_is_skipped_and_counted[template_raises_on_some_rows]
+- template that raises on every row: error, no usable rows (counts + first row).
+  test_template_that_raises_on_every_row
+- template that does not compile (undefined filter): error before any data loads.
+  test_template_that_does_not_compile
+- duplicate ids: all kept and built; counted (`Prepared.duplicate_ids`, a warning).
+  test_duplicate_ids_are_kept_and_counted
+- Hub dataset id that does not exist (offline): error.
+  test_hub_dataset_that_does_not_exist
+- Hub model id that does not exist (offline): error before any data loads.
+  test_hub_model_that_does_not_exist
+- model path without tokenizer: error before any data loads.
+  test_model_path_without_tokenizer
+- model path without (or with a broken) config.json: error before any data loads.
+  test_model_path_without_config
+- unknown dtype: error before anything loads.
+  test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype],
+  test_validation.py::test_validate_rejects[dtype=*]
+- directory with no data files: error.
+  test_directory_with_no_data_files (load level: test_inputs.py::test_empty_directory)
+- data file with no rows (empty, blank lines, `[]`): error.
+  test_data_file_with_no_rows
+- every row invalid: error, no usable rows.
+  test_template_that_raises_on_every_row, test_every_row_invalid
 
 Related, tested elsewhere: a JSON array file that is not valid JSON, a missing path,
 a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
@@ -68,8 +94,14 @@ COMMON = ["--quiet", "--seq-length", str(SEQ), "--dtype", "fp32", "--draft-vocab
 def good_row(i: int) -> dict:
     """A valid row: ShareGPT for even i, OpenAI for odd i."""
     if i % 2 == 0:
-        return {"id": f"ok-{i}", "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"It is {2 * i}."}]}
-    return {"id": f"ok-{i}", "messages": [{"role": "user", "content": f"Name item {i}."}, {"role": "assistant", "content": f"Item {i} is a box."}]}
+        return {
+            "id": f"ok-{i}",
+            "conversations": [{"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"It is {2 * i}."}],
+        }
+    return {
+        "id": f"ok-{i}",
+        "messages": [{"role": "user", "content": f"Name item {i}."}, {"role": "assistant", "content": f"Item {i} is a box."}],
+    }
 
 
 def openai_row(row_id, *turns) -> dict:
@@ -94,37 +126,76 @@ RAISE_ON_FORBIDDEN = (
 
 # (case, bad JSONL lines, expected manifest["skipped"], chat template or None)
 SKIP_CASES = [
-    ("invalid_json_line", [b'{"id": "bad-json", "messages": [{"role": "user", "content": "hi"}', b"{'id': 1}"],
-     {"unparseable_json": 2}, None),
-    ("missing_messages", [line({"id": "bad-missing", "text": "hello"}), line({"id": "bad-null", "conversations": None, "messages": None})],
-     {"missing_messages": 2}, None),
-    ("wrong_types", [
-        b"[1, 2, 3]",  # the row is not an object
-        line({"id": "bad-str", "messages": "user: hi"}),  # turns not a list
-        line({"id": "bad-turn", "messages": ["hi", {"role": "assistant", "content": "x"}]}),  # a turn not an object
-        line({"id": "bad-role-type", "conversations": [{"from": 1, "value": "hi"}, {"from": "gpt", "value": "x"}]}),
-    ], {"wrong_type": 4}, None),
-    ("unknown_role", [line({"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]})],
-     {"unknown_role": 1}, None),
-    ("empty_or_none_content", [
-        line(openai_row("bad-empty-assistant", ("user", "hi"), ("assistant", ""))),
-        line(openai_row("bad-none-assistant", ("user", "hi"), ("assistant", None), ("assistant", "  \n"))),
-        line({"id": "bad-no-turns", "messages": []}),
-        line(openai_row("ok-none-user", ("user", None), ("assistant", "Hello."))),  # kept
-        line(openai_row("ok-tool-call", ("user", "Look it up."), ("assistant", None), ("tool", "{}"), ("assistant", "Found."))),  # kept
-    ], {"no_assistant_turn": 2, "empty_conversation": 1}, None),
-    ("non_string_content", [
-        line(openai_row("bad-int", ("user", 5), ("assistant", "five"))),
-        line(openai_row("bad-dict", ("user", "hi"), ("assistant", {"text": "x"}))),
-        line(openai_row("bad-image", ("user", [{"type": "image_url", "image_url": {"url": "x.png"}}]), ("assistant", "a cat"))),
-    ], {"wrong_type": 3}, None),
+    (
+        "invalid_json_line",
+        [b'{"id": "bad-json", "messages": [{"role": "user", "content": "hi"}', b"{'id': 1}"],
+        {"unparseable_json": 2},
+        None,
+    ),
+    (
+        "missing_messages",
+        [line({"id": "bad-missing", "text": "hello"}), line({"id": "bad-null", "conversations": None, "messages": None})],
+        {"missing_messages": 2},
+        None,
+    ),
+    (
+        "wrong_types",
+        [
+            b"[1, 2, 3]",  # the row is not an object
+            line({"id": "bad-str", "messages": "user: hi"}),  # turns not a list
+            line({"id": "bad-turn", "messages": ["hi", {"role": "assistant", "content": "x"}]}),  # a turn not an object
+            line({"id": "bad-role-type", "conversations": [{"from": 1, "value": "hi"}, {"from": "gpt", "value": "x"}]}),
+        ],
+        {"wrong_type": 4},
+        None,
+    ),
+    (
+        "unknown_role",
+        [line({"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]})],
+        {"unknown_role": 1},
+        None,
+    ),
+    (
+        "empty_or_none_content",
+        [
+            line(openai_row("bad-empty-assistant", ("user", "hi"), ("assistant", ""))),
+            line(openai_row("bad-none-assistant", ("user", "hi"), ("assistant", None), ("assistant", "  \n"))),
+            line({"id": "bad-no-turns", "messages": []}),
+            line(openai_row("ok-none-user", ("user", None), ("assistant", "Hello."))),  # kept
+            line(openai_row("ok-tool-call", ("user", "Look it up."), ("assistant", None), ("tool", "{}"), ("assistant", "Found."))),  # kept
+        ],
+        {"no_assistant_turn": 2, "empty_conversation": 1},
+        None,
+    ),
+    (
+        "non_string_content",
+        [
+            line(openai_row("bad-int", ("user", 5), ("assistant", "five"))),
+            line(openai_row("bad-dict", ("user", "hi"), ("assistant", {"text": "x"}))),
+            line(openai_row("bad-image", ("user", [{"type": "image_url", "image_url": {"url": "x.png"}}]), ("assistant", "a cat"))),
+        ],
+        {"wrong_type": 3},
+        None,
+    ),
     ("no_assistant_turn", [line(openai_row("bad-noassistant", ("system", "be brief"), ("user", "q")))], {"no_assistant_turn": 1}, None),
-    ("longer_than_seq_length_before_assistant", [line(openai_row("bad-long", ("user", "a very long question " * 40), ("assistant", "ok")))],
-     {"no_loss_tokens_after_truncation": 1}, None),
-    ("invalid_utf8", [b'{"id": "bad-utf8", "messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}'],
-     {"unparseable_json": 1}, None),
-    ("template_raises_on_some_rows", [line(openai_row("bad-template", ("user", "say FORBIDDEN"), ("assistant", "no")))],
-     {"template_error": 1}, RAISE_ON_FORBIDDEN),
+    (
+        "longer_than_seq_length_before_assistant",
+        [line(openai_row("bad-long", ("user", "a very long question " * 40), ("assistant", "ok")))],
+        {"no_loss_tokens_after_truncation": 1},
+        None,
+    ),
+    (
+        "invalid_utf8",
+        [b'{"id": "bad-utf8", "messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok"}]}'],
+        {"unparseable_json": 1},
+        None,
+    ),
+    (
+        "template_raises_on_some_rows",
+        [line(openai_row("bad-template", ("user", "say FORBIDDEN"), ("assistant", "no")))],
+        {"template_error": 1},
+        RAISE_ON_FORBIDDEN,
+    ),
 ]
 KEPT_IDS = {"empty_or_none_content": ["ok-none-user", "ok-tool-call"]}
 
@@ -208,8 +279,14 @@ def test_bad_row_is_skipped_and_counted(tmp_path, capsys, monkeypatch, case, bad
     strict_out = tmp_path / "strict"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(strict_out), "--strict", *extra)
     reasons = "|".join(skipped)
-    assert_clean_error(code, stdout, err, rf"^error: --strict: input row \d+ \(id '[^']*'\) is invalid: ({reasons}): .*"
-                       r"Fix or drop the row, or run without --strict", strict_out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --strict: input row \d+ \(id '[^']*'\) is invalid: ({reasons}): .*"
+        r"Fix or drop the row, or run without --strict",
+        strict_out,
+    )
 
 
 def test_empty_and_none_content_are_empty_messages(tmp_path):
@@ -219,9 +296,13 @@ def test_empty_and_none_content_are_empty_messages(tmp_path):
     from builder.conversations import BadRow, normalize_row
 
     assert normalize_row(openai_row("a", ("user", None), ("assistant", "Hi"))) == [
-        {"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "Hi"},
+    ]
     assert normalize_row(openai_row("b", ("user", "q"), ("assistant", None), ("tool", ""), ("assistant", "Done")))[1] == {
-        "role": "assistant", "content": ""}
+        "role": "assistant",
+        "content": "",
+    }
     for turns in ([("user", "q"), ("assistant", "")], [("user", "q"), ("assistant", None), ("assistant", " \n\t")]):
         with pytest.raises(BadRow, match=r"^no_assistant_turn: all \d assistant turns are empty; no assistant text to supervise$"):
             normalize_row(openai_row("c", *turns))
@@ -232,8 +313,10 @@ def test_empty_and_none_content_are_empty_messages(tmp_path):
 def test_assistant_only_conversation_is_built(tmp_path, capsys):
     """A conversation with assistant turns only (no prompt) is valid: the template renders it and
     its content is supervised; nothing is skipped."""
-    rows = [openai_row("assistant-only", ("assistant", "Once upon a time there was a box.")),
-            openai_row("two-assistant-turns", ("assistant", "First part."), ("assistant", "Second part."))]
+    rows = [
+        openai_row("assistant-only", ("assistant", "Once upon a time there was a box.")),
+        openai_row("two-assistant-turns", ("assistant", "First part."), ("assistant", "Second part.")),
+    ]
     data = write_lines(tmp_path / "rows.jsonl", GOOD + [line(r) for r in rows])
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
@@ -242,7 +325,9 @@ def test_assistant_only_conversation_is_built(tmp_path, capsys):
     assert manifest["skipped"] == {}
     assert sorted(r["sample_id"] for r in built_rows(out)) == sorted(GOOD_IDS + [r["id"] for r in rows])
 
-    prep = prepare_mod.prepare(BuildConfig(target_model="tiny-llama", input_data=str(data), output_dir=str(out), seq_length=SEQ, dry_run=True))
+    prep = prepare_mod.prepare(
+        BuildConfig(target_model="tiny-llama", input_data=str(data), output_dir=str(out), seq_length=SEQ, dry_run=True)
+    )
     sample = next(s for s in prep.samples if s["sample_id"] == "assistant-only")
     supervised = prep.tokenizer.decode([t for t, m in zip(sample["input_ids"], sample["loss_mask"]) if m])
     assert supervised == "Once upon a time there was a box.<|end|>"
@@ -257,8 +342,15 @@ def test_duplicate_ids_are_kept_and_counted(tmp_path, caplog):
     rows = [good_row(0), {**good_row(1), "id": "same"}, {**good_row(2), "id": "same"}, good_row(3), {**good_row(5), "id": "3"}]
     del rows[3]["id"]  # source index 3 -> sample_id "3", like the last row's id
     data = write_lines(tmp_path / "rows.jsonl", [line(r) for r in rows])
-    cfg = BuildConfig(target_model="tiny-llama", input_data=str(data), output_dir=str(tmp_path / "out"), seq_length=SEQ,
-                      dtype="fp32", draft_vocab_size=200, strict=True)
+    cfg = BuildConfig(
+        target_model="tiny-llama",
+        input_data=str(data),
+        output_dir=str(tmp_path / "out"),
+        seq_length=SEQ,
+        dtype="fp32",
+        draft_vocab_size=200,
+        strict=True,
+    )
     result = build(cfg, progress=False)
     assert result.prepared.duplicate_ids == 2
     assert "2 of 5 samples share their id with another sample; all are kept" in caplog.text
@@ -280,12 +372,32 @@ def test_template_that_raises_on_every_row(tmp_path, capsys, no_weights):
     template = tmp_path / "boom.jinja"
     template.write_text("{{ raise_exception('boom') }}")
     out = tmp_path / "out"
-    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out), "--chat-template", str(template))
-    assert_clean_error(code, stdout, err, r"^error: no usable rows: all 6 selected rows of --input-data were skipped "
-                       r"\(by reason: \{'template_error': 6\}\); the first, input row \d+ \(id '[^']+'\), is template_error: "
-                       r"TemplateError: boom\. Fix the input or the chat template \(--chat-template\)$", out)
+    code, stdout, err = cli(
+        capsys, *COMMON, "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out), "--chat-template", str(template)
+    )
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        r"^error: no usable rows: all 6 selected rows of --input-data were skipped "
+        r"\(by reason: \{'template_error': 6\}\); the first, input row \d+ \(id '[^']+'\), is template_error: "
+        r"TemplateError: boom\. Fix the input or the chat template \(--chat-template\)$",
+        out,
+    )
     # The dry run refuses alike: its plan would show 0 valid samples.
-    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out), "--chat-template", str(template), "--dry-run")
+    code, stdout, err = cli(
+        capsys,
+        *COMMON,
+        "--input-data",
+        "sample-chats",
+        "--max-samples",
+        "6",
+        "--output-dir",
+        str(out),
+        "--chat-template",
+        str(template),
+        "--dry-run",
+    )
     assert_clean_error(code, stdout, err, r"^error: no usable rows: all 6 selected rows", out)
 
 
@@ -293,22 +405,38 @@ def test_every_row_invalid(tmp_path, capsys, no_weights):
     data = write_lines(tmp_path / "rows.jsonl", [b"not json", line({"id": "x", "text": "hi"})])
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, r"^error: no usable rows: all 2 selected rows of --input-data were skipped "
-                       r"\(by reason: \{'missing_messages': 1, 'unparseable_json': 1\}\); the first, input row \d", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        r"^error: no usable rows: all 2 selected rows of --input-data were skipped "
+        r"\(by reason: \{'missing_messages': 1, 'unparseable_json': 1\}\); the first, input row \d",
+        out,
+    )
 
 
-@pytest.mark.parametrize("template, found", [
-    ("{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}", r"TemplateAssertionError: No filter named 'nosuchfilter'"),
-    ("{% for m in messages %}{{ m['content'] }}", r"TemplateSyntaxError: Unexpected end of template"),
-], ids=["undefined_filter", "syntax_error"])
+@pytest.mark.parametrize(
+    "template, found",
+    [
+        ("{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}", r"TemplateAssertionError: No filter named 'nosuchfilter'"),
+        ("{% for m in messages %}{{ m['content'] }}", r"TemplateSyntaxError: Unexpected end of template"),
+    ],
+    ids=["undefined_filter", "syntax_error"],
+)
 def test_template_that_does_not_compile(tmp_path, capsys, no_data, template, found):
     """Checked once when the template is read, before any data loads, instead of failing every row."""
     path = tmp_path / "broken.jinja"
     path.write_text(template)
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--output-dir", str(out), "--chat-template", str(path))
-    assert_clean_error(code, stdout, err, rf"^error: --chat-template: the template file does not compile \(line 1\): {found}.*; "
-                       r"expected a Jinja chat template: fix the template file$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --chat-template: the template file does not compile \(line 1\): {found}.*; "
+        r"expected a Jinja chat template: fix the template file$",
+        out,
+    )
 
 
 def test_hub_dataset_that_does_not_exist(tmp_path, capsys, no_weights):
@@ -317,18 +445,30 @@ def test_hub_dataset_that_does_not_exist(tmp_path, capsys, no_weights):
     out = tmp_path / "out"
     for spec in ("no-such-org/no-such-dataset", "data/typo-of-a-local-dir", "a/b/c"):
         code, stdout, err = cli(capsys, *COMMON, "--input-data", spec, "--output-dir", str(out))
-        assert_clean_error(code, stdout, err, rf"^error: --input-data: '{re.escape(spec)}' is not a local path, and as a Hub dataset it "
-                           r"could not be loaded \((ConnectionError|FileNotFoundError): .*\); expected a \.json/\.jsonl/\.parquet file, "
-                           r"a directory of them, a saved dataset or a reachable Hub dataset id: HF_HUB_OFFLINE is set, so only "
-                           r"datasets already in the local cache load: unset it, or give a local path$", out)
+        assert_clean_error(
+            code,
+            stdout,
+            err,
+            rf"^error: --input-data: '{re.escape(spec)}' is not a local path, and as a Hub dataset it "
+            r"could not be loaded \((ConnectionError|FileNotFoundError): .*\); expected a \.json/\.jsonl/\.parquet file, "
+            r"a directory of them, a saved dataset or a reachable Hub dataset id: HF_HUB_OFFLINE is set, so only "
+            r"datasets already in the local cache load: unset it, or give a local path$",
+            out,
+        )
 
 
 def test_hub_model_that_does_not_exist(tmp_path, capsys, no_data):
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--target-model", "no-such-org/no-such-model", "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, r"^error: --target-model: 'no-such-org/no-such-model' is not a local path, and as a Hub "
-                       r"model id its config could not be loaded \(OSError: .*\); HF_HUB_OFFLINE is set, so only models already "
-                       r"in the local cache load: unset it, download the model first, or give a local model directory$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        r"^error: --target-model: 'no-such-org/no-such-model' is not a local path, and as a Hub "
+        r"model id its config could not be loaded \(OSError: .*\); HF_HUB_OFFLINE is set, so only models already "
+        r"in the local cache load: unset it, download the model first, or give a local model directory$",
+        out,
+    )
 
 
 def test_model_path_without_tokenizer(tmp_path, capsys, no_data):
@@ -338,9 +478,15 @@ def test_model_path_without_tokenizer(tmp_path, capsys, no_data):
         shutil.copy(EMBEDDED_TARGETS["tiny-llama"] / name, model / name)
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, rf"^error: --target-model: '{re.escape(str(model))}' has no tokenizer files \(found "
-                       r"\['config\.json', 'model\.safetensors'\]\); expected tokenizer\.json and tokenizer_config\.json beside "
-                       r"config\.json: copy them from the model the weights came from$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --target-model: '{re.escape(str(model))}' has no tokenizer files \(found "
+        r"\['config\.json', 'model\.safetensors'\]\); expected tokenizer\.json and tokenizer_config\.json beside "
+        r"config\.json: copy them from the model the weights came from$",
+        out,
+    )
 
 
 def test_model_path_without_config(tmp_path, capsys, no_data):
@@ -350,13 +496,25 @@ def test_model_path_without_config(tmp_path, capsys, no_data):
         shutil.copy(EMBEDDED_TARGETS["tiny-llama"] / name, model / name)
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, rf"^error: --target-model: '{re.escape(str(model))}' has no config\.json \(found "
-                       r"\['tokenizer\.json', 'tokenizer_config\.json'\]\); expected a model directory with config\.json, "
-                       r"weights and tokenizer files$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --target-model: '{re.escape(str(model))}' has no config\.json \(found "
+        r"\['tokenizer\.json', 'tokenizer_config\.json'\]\); expected a model directory with config\.json, "
+        r"weights and tokenizer files$",
+        out,
+    )
     (model / "config.json").write_text("{not json")
     code, stdout, err = cli(capsys, *COMMON, "--target-model", str(model), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, rf"^error: --target-model: cannot read a model config from the local path "
-                       rf"'{re.escape(str(model))}' \((OSError|ValueError): .*\); expected a model directory with its config\.json$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --target-model: cannot read a model config from the local path "
+        rf"'{re.escape(str(model))}' \((OSError|ValueError): .*\); expected a model directory with its config\.json$",
+        out,
+    )
 
 
 def test_directory_with_no_data_files(tmp_path, capsys, no_weights):
@@ -366,8 +524,14 @@ def test_directory_with_no_data_files(tmp_path, capsys, no_weights):
     (data / "rows.csv").write_text("a,b\n")
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, rf"^error: --input-data: directory '{re.escape(str(data))}' holds no "
-                       r"\.jsonl/\.json/\.parquet files; point it at a directory with data files$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --input-data: directory '{re.escape(str(data))}' holds no "
+        r"\.jsonl/\.json/\.parquet files; point it at a directory with data files$",
+        out,
+    )
 
 
 @pytest.mark.parametrize("name, content", [("empty.jsonl", b""), ("blank.jsonl", b"\n  \n\n"), ("empty-array.json", b"[]")])
@@ -376,5 +540,11 @@ def test_data_file_with_no_rows(tmp_path, capsys, no_weights, name, content):
     data.write_bytes(content)
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
-    assert_clean_error(code, stdout, err, rf"^error: --input-data: {re.escape(name)} holds no rows; expected one JSON object per "
-                       r"line \(JSON Lines\) or a JSON array of objects$", out)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --input-data: {re.escape(name)} holds no rows; expected one JSON object per "
+        r"line \(JSON Lines\) or a JSON array of objects$",
+        out,
+    )

@@ -20,7 +20,6 @@ from builder.errors import ResumeMismatch
 from builder.reader import read_manifest
 from builder.shards import file_sha256
 
-
 ROW_GROUP_BYTES = 150_000  # rows here are 20-90 kB: a 4-row shard needs 2+ groups
 
 
@@ -95,8 +94,14 @@ def test_manifest_records_checksums_and_totals(built):
     assert manifest["totals"]["samples"] == 14
     assert manifest["totals"]["tokens"] == sum(result.prepared.samples["num_tokens"])
     assert manifest["totals"]["loss_tokens"] == sum(result.prepared.samples["num_loss_tokens"])
-    assert manifest["columns"]["aux_hidden_states"] == {"arrow": "binary", "dtype": "bf16", "shape": ["L", 192], "per": "token",
-                                                        "byte_order": "little", "encoding": "byte_planes_zstd"}
+    assert manifest["columns"]["aux_hidden_states"] == {
+        "arrow": "binary",
+        "dtype": "bf16",
+        "shape": ["L", 192],
+        "per": "token",
+        "byte_order": "little",
+        "encoding": "byte_planes_zstd",
+    }
     assert manifest["columns"]["loss_mask"]["encoding"] == "raw" and manifest["identity"]["compression"] == "zstd"
     assert not list(out.rglob(".*.tmp-*"))
 
@@ -133,7 +138,11 @@ def interrupted_build(cfg, monkeypatch, after_shards: int):
 
 
 def snapshot(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_ino, file_sha256(p)) for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_ino, file_sha256(p))
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_resume_after_interruption_gives_identical_content(tmp_path, monkeypatch):

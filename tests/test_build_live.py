@@ -125,13 +125,20 @@ def test_padded_batches_match_single_sample_forwards(tmp_path):
 
 # Each family's term, set far from neutral so that it shapes the tiny models' supervision.
 HEAD_TERM_TARGETS = {
-    "gemma2": (lambda tok: Gemma2Config(**_text_settings(tok, final_logit_softcapping=5.0, sliding_window=16)),
-               {"final_logit_softcapping": 5.0}),  # tanh(z / 5) * 5
+    "gemma2": (
+        lambda tok: Gemma2Config(**_text_settings(tok, final_logit_softcapping=5.0, sliding_window=16)),
+        {"final_logit_softcapping": 5.0},
+    ),  # tanh(z / 5) * 5
     "granite": (lambda tok: GraniteConfig(**_text_settings(tok, logits_scaling=4.0)), {"logits_scaling": 4.0}),  # z / 4
     "cohere": (lambda tok: CohereConfig(**_text_settings(tok, logit_scale=0.25)), {"logit_scale": 0.25}),  # z * 0.25
-    "falcon_h1": (lambda tok: FalconH1Config(**_text_settings(
-        tok, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16)),
-        {"lm_head_multiplier": 0.5}),  # z * 0.5
+    "falcon_h1": (
+        lambda tok: FalconH1Config(
+            **_text_settings(
+                tok, lm_head_multiplier=0.5, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16
+            )
+        ),
+        {"lm_head_multiplier": 0.5},
+    ),  # z * 0.5
     # muP: HyperCLOVA X multiplies by its logits_scaling where Granite divides, so it is recorded as a scale
     "hyperclovax": (lambda tok: HyperCLOVAXConfig(**_text_settings(tok, logits_scaling=0.5)), {"logit_scale": 0.5}),
 }
@@ -216,8 +223,9 @@ class CustomHeadForCausalLM(LlamaForCausalLM):
 CUSTOM_HEAD_CODE = "import torch\nfrom transformers import LlamaForCausalLM\n\n\n" + inspect.getsource(CustomHeadForCausalLM)
 
 
-@pytest.mark.parametrize("term", [{"extra_multiplier": 0.5, "extra_bias": 0.0}, {"extra_multiplier": 1.0, "extra_bias": 2.0}],
-                         ids=["multiplier", "bias"])
+@pytest.mark.parametrize(
+    "term", [{"extra_multiplier": 0.5, "extra_bias": 0.0}, {"extra_multiplier": 1.0, "extra_bias": 2.0}], ids=["multiplier", "bias"]
+)
 def test_a_logit_term_the_head_path_misses_is_refused_before_anything_is_written(tmp_path, term):
     target = save_target(tmp_path / "target", LlamaConfig(**_text_settings(tiny_tokenizer())))
     (target / "modeling_custom_head.py").write_text(CUSTOM_HEAD_CODE)
@@ -225,8 +233,11 @@ def test_a_logit_term_the_head_path_misses_is_refused_before_anything_is_written
     config |= term | {"auto_map": {"AutoModelForCausalLM": "modeling_custom_head.CustomHeadForCausalLM"}}
     (target / "config.json").write_text(json.dumps(config))
     out = tmp_path / "cache"
-    with pytest.raises(HeadMismatch, match=r"the llama \(CustomHeadForCausalLM\) target's own forward gives logits that differ "
-                                           r"from the builder's head path \(lm_head\) by up to \d[\d.e+-]* \(tolerance [\d.e+-]+ for float32\)"):
+    with pytest.raises(
+        HeadMismatch,
+        match=r"the llama \(CustomHeadForCausalLM\) target's own forward gives logits that differ "
+        r"from the builder's head path \(lm_head\) by up to \d[\d.e+-]* \(tolerance [\d.e+-]+ for float32\)",
+    ):
         build(small_config(out, target, trust_remote_code=True, **FEW), progress=False)
     assert not (out / "data").exists() and not (out / "README.md").exists()
 

@@ -152,11 +152,16 @@ def test_same_cache_gives_same_png_bytes_whatever_the_users_matplotlibrc(cache, 
     sizes, fonts and savefig settings renders byte-identical pictures; the builder's import
     path never loads matplotlib."""
     rc = tmp_path / "matplotlibrc"
-    rc.write_text("figure.dpi: 50\nsavefig.dpi: 72\nsavefig.bbox: tight\nfont.size: 22\n"
-                  "lines.linewidth: 6\naxes.facecolor: black\n")
+    rc.write_text("figure.dpi: 50\nsavefig.dpi: 72\nsavefig.bbox: tight\nfont.size: 22\nlines.linewidth: 6\naxes.facecolor: black\n")
     env = {**os.environ, "MATPLOTLIBRC": str(rc), "PYTHONHASHSEED": "123"}
-    done = subprocess.run([sys.executable, "-c", RENDER_IN_FRESH_PROCESS], input=json.dumps(picture_inputs(cache)),
-                          capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", RENDER_IN_FRESH_PROCESS],
+        input=json.dumps(picture_inputs(cache)),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     fresh = json.loads(done.stdout)
     assert fresh == {path: hashlib.sha256((cache / path).read_bytes()).hexdigest() for path, _ in PICTURES.values()}

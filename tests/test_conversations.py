@@ -92,11 +92,15 @@ def test_openai_missing_content_is_empty_string():
 
 def test_openai_message_fields_reach_the_template():
     # As NeMo Automodel passes them: every field of an OpenAI message; a null one counts as absent.
-    row = {"id": "x", "source": "web", "messages": [
-        {"role": "user", "content": "a", "name": "bob", "weight": None},
-        {"role": "assistant", "content": "b", "reasoning_content": "think", "tool_calls": None},
-        {"role": "tool", "content": "42", "tool_call_id": "call_0", "name": "calc"},
-    ]}
+    row = {
+        "id": "x",
+        "source": "web",
+        "messages": [
+            {"role": "user", "content": "a", "name": "bob", "weight": None},
+            {"role": "assistant", "content": "b", "reasoning_content": "think", "tool_calls": None},
+            {"role": "tool", "content": "42", "tool_call_id": "call_0", "name": "calc"},
+        ],
+    }
     assert normalize_row(row) == [
         {"role": "user", "content": "a", "name": "bob"},
         {"role": "assistant", "content": "b", "reasoning_content": "think"},
@@ -116,19 +120,28 @@ def test_tool_calls_take_the_shape_templates_read():
         {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}, "index": 1},
     ]
     row = {"messages": [{"role": "user", "content": "1+2, and the time?"}, {"role": "assistant", "content": None, "tool_calls": calls}]}
-    assert normalize_row(row)[1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
-        {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}, "index": 1},
-    ]}
+    assert normalize_row(row)[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+            {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}, "index": 1},
+        ],
+    }
     assert calls[0] == {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}  # the row is not modified
 
 
 def test_a_turn_with_only_tool_calls_or_reasoning_is_supervisable():
     call = {"function": {"name": "f", "arguments": "{}"}}
-    for assistant in ({"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "assistant", "content": "", "reasoning_content": "hmm"}):
+    for assistant in (
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "assistant", "content": "", "reasoning_content": "hmm"},
+    ):
         row = {"messages": [{"role": "user", "content": "q"}, assistant]}
         assert normalize_row(row)[1]["content"] == ""
-    empty = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [], "reasoning_content": ""}]}
+    empty = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [], "reasoning_content": ""}]
+    }
     with pytest.raises(BadRow, match="^no_assistant_turn: all 1 assistant turns are empty"):
         normalize_row(empty)
 
@@ -206,25 +219,50 @@ BAD_ROWS = [
     ({"messages": [{"role": 3, "content": "hi"}]}, "wrong_type", "turn 0: 'role' must be a string, found 3"),
     ({"conversations": [{"value": "hi"}]}, "wrong_type", "turn 0: 'from' must be a string, found None"),
     (
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "a"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
         "wrong_type",
         "turn 0: content part .* is not text",
     ),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "wrong_type", "turn 0: content part"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]}, "wrong_type", "turn 1: content must be a string, found int"),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]}, "unknown_role", "turn 1: unknown role 'narrator'"),
+    (
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]},
+        "wrong_type",
+        "turn 1: content must be a string, found int",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]},
+        "unknown_role",
+        "turn 1: unknown role 'narrator'",
+    ),
     ({"messages": [{"role": "function", "content": "q"}]}, "unknown_role", "turn 0: unknown role 'function'"),
     ({"messages": []}, "empty_conversation", "the conversation has no turns"),
     ({"conversations": []}, "empty_conversation", "the conversation has no turns"),
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "no_assistant_turn", "no assistant turn to supervise"),
+    (
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+        "no_assistant_turn",
+        "no assistant turn to supervise",
+    ),
     ({"conversations": [{"from": "human", "value": "q"}]}, "no_assistant_turn", "no assistant turn"),
     (
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": ["x"]}]},
         "wrong_type",
         "turn 1: 'reasoning_content' must be a string, found list",
     ),
-    ({"messages": [{"role": "assistant", "content": "", "tool_calls": {"name": "f"}}]}, "wrong_type", "turn 0: tool_calls must be a list, found dict"),
-    ({"messages": [{"role": "assistant", "content": "", "tool_calls": ["f"]}]}, "wrong_type", r"turn 0: tool_calls\[0\] must be an object, found str"),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": {"name": "f"}}]},
+        "wrong_type",
+        "turn 0: tool_calls must be a list, found dict",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": ["f"]}]},
+        "wrong_type",
+        r"turn 0: tool_calls\[0\] must be an object, found str",
+    ),
     (
         {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
         "wrong_type",

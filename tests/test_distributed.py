@@ -29,9 +29,26 @@ def env() -> dict:
 
 
 def two_process_command(out: Path, *flags: str) -> list[str]:
-    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(SCRIPT), "--output-dir", str(out), *FLAGS, *flags]
+    return [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(SCRIPT),
+        "--output-dir",
+        str(out),
+        *FLAGS,
+        *flags,
+    ]
 
 
 def one_process_command(out: Path, *flags: str) -> list[str]:
@@ -83,8 +100,9 @@ def test_two_process_build_killed_midway_resumes_on_one(tmp_path):
     run(one_process_command(reference, *flags))
     out = tmp_path / "cache"
     # Each rank SIGKILLs itself right after publishing its 3rd shard; the launcher then stops the other.
-    killed = subprocess.run(two_process_command(out, *flags), env=env() | {FAULT_ENV: "after_shard:3"},
-                            capture_output=True, text=True, check=False)
+    killed = subprocess.run(
+        two_process_command(out, *flags), env=env() | {FAULT_ENV: "after_shard:3"}, capture_output=True, text=True, check=False
+    )
     assert killed.returncode != 0, killed.stdout[-2000:]
     assert 3 <= len(list((out / "data").glob("train-*.parquet"))) <= 6, "the build was not stopped midway"
     assert not (out / "README.md").exists()
@@ -98,16 +116,36 @@ def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, refe
     """One `torchrun` launch runs each loop of tests/distributed_reading.py; a loop that split twice
     (or not at all) shows up as a rank missing samples (or both ranks holding the same)."""
     out = tmp_path / "seen.json"
-    command = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).with_name("distributed_reading.py")), str(reference), str(out)]
-    proc = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
-                          capture_output=True, text=True, timeout=600, check=False)
+    command = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).with_name("distributed_reading.py")),
+        str(reference),
+        str(out),
+    ]
+    proc = subprocess.run(
+        command,
+        env={**env(), "ACCELERATE_USE_CPU": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = json.loads(out.read_text())
     assert seen["num_processes"] == 2 and seen["world_size"] == 2  # accelerate's MULTI_CPU, two ranks
     everything = [row["sample_id"] for row in decoded_rows(reference)]
     assert seen["every"] == [everything, everything] and len(set(everything)) == 30
-    for loop in ("accelerate_streaming", "accelerate_streaming_not_dispatched", "accelerate_map",
-                 "distributed_sampler", "split_by_rank", "split_by_rank_workers"):
+    for loop in (
+        "accelerate_streaming",
+        "accelerate_streaming_not_dispatched",
+        "accelerate_map",
+        "distributed_sampler",
+        "split_by_rank",
+        "split_by_rank_workers",
+    ):
         rank0, rank1 = seen[loop]
         assert rank0 and rank1 and not set(rank0) & set(rank1), loop
         assert sorted(rank0 + rank1) == sorted(everything), loop

@@ -144,8 +144,9 @@ def test_the_stored_size_reads_exactly_as_stored(probs300):
 
 
 def test_dataloader_workers_read_a_smaller_vocab(probs300):
-    loader = torch.utils.data.DataLoader(load_cache(probs300.output_dir, draft_vocab_size=SMALL), batch_size=4,
-                                         collate_fn=collate_nemo, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        load_cache(probs300.output_dir, draft_vocab_size=SMALL), batch_size=4, collate_fn=collate_nemo, num_workers=2
+    )
     batches = list(loader)
     assert sum(b["input_ids"].shape[0] for b in batches) == 14
     assert {b["target_probs"].shape[-1] for b in batches} == {SMALL}
@@ -213,9 +214,12 @@ def test_topk_at_its_own_size_has_no_kept_mass_field(topk300):
 
 
 def test_a_larger_vocab_is_refused_clearly(probs300, topk300):
-    with pytest.raises(ValueError, match=r"draft_vocab_size: asked for 400, but this probs cache holds supervision over its "
-                                         r"300-token draft vocabulary only; read it with draft_vocab_size <= 300, or rebuild "
-                                         r"with --draft-vocab-size 400"):
+    with pytest.raises(
+        ValueError,
+        match=r"draft_vocab_size: asked for 400, but this probs cache holds supervision over its "
+        r"300-token draft vocabulary only; read it with draft_vocab_size <= 300, or rebuild "
+        r"with --draft-vocab-size 400",
+    ):
         load_cache(probs300.output_dir, draft_vocab_size=400)
     with pytest.raises(ValueError, match=r"asked for 301, but this topk cache .* its 300-token draft vocabulary"):
         read_draft_vocab(topk300.output_dir, 301)
@@ -236,8 +240,11 @@ def test_a_vocab_not_ranked_by_its_counts_is_refused(probs300, tmp_path):
     outsider = int(outside.nonzero()[0])  # an id the stored vocabulary left out ...
     counts[outsider] = counts.max() + 1  # ... now ranked first among the non-special ids
     save_file({"selected_token_ids": vocab["selected_token_ids"], "token_counts": counts}, str(vocab_file))
-    with pytest.raises(ValueError, match=r"the 100-token vocabulary a build would select from this cache's token counts is not "
-                                         r"within its stored 300-token draft vocabulary .* rebuild with --draft-vocab-size 100"):
+    with pytest.raises(
+        ValueError,
+        match=r"the 100-token vocabulary a build would select from this cache's token counts is not "
+        r"within its stored 300-token draft vocabulary .* rebuild with --draft-vocab-size 100",
+    ):
         load_cache(copy, draft_vocab_size=SMALL)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_targets import ARCHITECTURES, NUM_LAYERS, make_tiny_target, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from builder.embedded import (
@@ -24,13 +25,19 @@ from builder.embedded import (
     resolve_input,
     resolve_target,
 )
-from tiny_targets import ARCHITECTURES, NUM_LAYERS, make_tiny_target, tiny_tokenizer
 
-SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|tool|>", "<|end|>"]
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bot": "assistant",
-                  "model": "assistant", "tool": "tool"}
+SPECIALS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+}
 TWO_TURNS = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is 17 times 23?"},
@@ -51,8 +58,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def as_openai(row: dict) -> list[dict]:
     """A sample row as OpenAI messages with string content (what the template expects)."""
     if "conversations" in row:
-        return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}
-                for m in row["conversations"]]
+        return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in row["conversations"]]
     out = []
     for m in row["messages"]:
         content = m["content"]
@@ -63,8 +69,7 @@ def as_openai(row: dict) -> list[dict]:
 
 
 def all_sample_conversations() -> list[list[dict]]:
-    rows = [*read_jsonl(EMBEDDED_INPUTS["sample-sharegpt"]),
-            *read_jsonl(EMBEDDED_INPUTS["sample-openai"])]
+    rows = [*read_jsonl(EMBEDDED_INPUTS["sample-sharegpt"]), *read_jsonl(EMBEDDED_INPUTS["sample-openai"])]
     return [as_openai(row) for row in rows]
 
 
@@ -101,8 +106,7 @@ def test_embedded_target_loads_in_offline_process(tmp_path):
         "print(type(m).__name__, len(t))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run([sys.executable, "-c", code, resolve_target("tiny-llama")],
-                          env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", code, resolve_target("tiny-llama")], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["LlamaForCausalLM", "1024"]
 
@@ -130,9 +134,7 @@ def test_text_round_trips():
 def test_rendering_exact():
     tok = tiny_tokenizer()
     text = tok.apply_chat_template(TWO_TURNS[:3], tokenize=False, add_generation_prompt=False)
-    assert text == ("<|bos|><|system|>\nAnswer briefly.<|end|>\n"
-                    "<|user|>\nWhat is 17 times 23?<|end|>\n"
-                    "<|assistant|>\nIt is 391.<|end|>\n")
+    assert text == ("<|bos|><|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhat is 17 times 23?<|end|>\n<|assistant|>\nIt is 391.<|end|>\n")
     prompt = tok.apply_chat_template(TWO_TURNS[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|end|>\n<|assistant|>\n") and text.startswith(prompt)
 
@@ -160,8 +162,7 @@ def test_templates_render_identically():
     assert tok.chat_template == with_gen
     assert tiny_tokenizer(generation_template=False).chat_template == no_gen
     for messages in all_sample_conversations()[:40]:
-        assert (tok.apply_chat_template(messages, tokenize=False, chat_template=no_gen)
-                == tok.apply_chat_template(messages, tokenize=False))
+        assert tok.apply_chat_template(messages, tokenize=False, chat_template=no_gen) == tok.apply_chat_template(messages, tokenize=False)
 
 
 def test_no_generation_template_has_no_mask():
@@ -175,8 +176,7 @@ def test_prefix_stable_on_every_sample():
     # render(messages[:i+1]), as strings and as token ids.
     tok = tiny_tokenizer(generation_template=False)
     for messages in all_sample_conversations():
-        texts = [tok.apply_chat_template(messages[: i + 1], tokenize=False)
-                 for i in range(len(messages))]
+        texts = [tok.apply_chat_template(messages[: i + 1], tokenize=False) for i in range(len(messages))]
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         for i in range(1, len(messages)):
             assert texts[i].startswith(texts[i - 1])

@@ -58,8 +58,14 @@ def test_nemo_export_matches_the_reader_padded_to_seq_length(probs_cache, tmp_pa
     samples = list(load_cache(probs_cache, layout="nemo", streaming=False))
     names = sorted(p.name for p in out.glob("shard-*.safetensors"))
     assert names == [f"shard-{i:06d}.safetensors" for i in range(4)]
-    expected_dtypes = {"input_ids": torch.int64, "attention_mask": torch.int64, "loss_mask": torch.int64,
-                       "aux_hidden_states": torch.bfloat16, "position_mask": torch.bool, "target_probs": torch.bfloat16}
+    expected_dtypes = {
+        "input_ids": torch.int64,
+        "attention_mask": torch.int64,
+        "loss_mask": torch.int64,
+        "aux_hidden_states": torch.bfloat16,
+        "position_mask": torch.bool,
+        "target_probs": torch.bfloat16,
+    }
     pad_id = AutoTokenizer.from_pretrained(resolve_target("tiny-llama")).pad_token_id
     lengths = []
     for i, name in enumerate(names):
@@ -92,8 +98,15 @@ def test_nemo_pad_id_follows_nemo_chat_dataset():
     assert nemo_pad_id(tokenizer) == 1
 
 
-@pytest.mark.parametrize("recorded", [{}, {"mask_generation_prompt": True}, {"mask_reasoning_content": True},
-                                      {"mask_generation_prompt": True, "mask_reasoning_content": False}])
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        {},
+        {"mask_generation_prompt": True},
+        {"mask_reasoning_content": True},
+        {"mask_generation_prompt": True, "mask_reasoning_content": False},
+    ],
+)
 def test_nemo_manifest_records_the_mask_options_the_build_applied(probs_cache, recorded):
     manifest = read_manifest(probs_cache)
     manifest = {**manifest, "identity": {**manifest["identity"], **recorded}}
@@ -167,7 +180,9 @@ def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cac
 
 
 def test_export_errors_are_clear(probs_cache, tmp_path):
-    with pytest.raises(ExportError, match=r"SpecForge trains from final hidden states; .* --target-format probs\. Rebuild with --target-format hidden"):
+    with pytest.raises(
+        ExportError, match=r"SpecForge trains from final hidden states; .* --target-format probs\. Rebuild with --target-format hidden"
+    ):
         export_cache(probs_cache, "specforge", tmp_path / "sf", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")

@@ -119,5 +119,7 @@ def test_hidden_cache_reads_another_draft_vocab_like_a_probs_build(fp8_hidden, t
 
 
 def test_a_larger_draft_vocab_than_a_topk_cache_holds_is_refused(topk):
-    with pytest.raises(ValueError, match=r"draft_vocab_size: asked for 300, but this topk cache holds supervision over its 256-token draft vocabulary only"):
+    with pytest.raises(
+        ValueError, match=r"draft_vocab_size: asked for 300, but this topk cache holds supervision over its 256-token draft vocabulary only"
+    ):
         load_cache(topk.output_dir, layout="nemo", draft_vocab_size=300)

@@ -163,7 +163,12 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2):
     files = hub.files_at("tester/multi", "main")
     assert {"llama/README.md", "short/README.md", "llama/vocab/vocab.safetensors", "short/images/vocab_coverage.png"} <= set(files)
     root = hub.state.blob_path(files["README.md"].sha256).read_text()
-    assert "config_name: llama" in root and "config_name: short" in root and "name='short', revision='short-v1'" in root and "name='llama', revision='llama-v1'" in root
+    assert (
+        "config_name: llama" in root
+        and "config_name: short" in root
+        and "name='short', revision='short-v1'" in root
+        and "name='llama', revision='llama-v1'" in root
+    )
     assert_same_content(list(load_cache("tester/multi", name="llama", revision="llama-v1", layout="raw")), decoded_rows(v1))
     assert_same_content(list(load_cache("tester/multi", name="short", layout="raw")), decoded_rows(v2))
     plain = datasets.load_dataset("tester/multi", "short", split="train", streaming=True)
@@ -190,7 +195,10 @@ def pushed_v1(hub, v1):
 def test_ranks_read_disjoint_shards_covering_every_sample_once(hub, pushed_v1, v1):
     everything = sample_ids(decoded_rows(v1))
     for world_size in (2, 3, 5):  # 4 files: by file (even, uneven), then by row group
-        parts = [sample_ids(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], rank=r, world_size=world_size)) for r in range(world_size)]
+        parts = [
+            sample_ids(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], rank=r, world_size=world_size))
+            for r in range(world_size)
+        ]
         assert all(parts), world_size
         assert sorted(sum(parts, [])) == sorted(everything), world_size
     hub.reset_counters()
@@ -212,13 +220,23 @@ def test_two_torch_distributed_processes_split_only_when_asked(hub, pushed_v1, v
     script = (
         "import json, os, torch.distributed as dist\n"
         "from builder.reader import load_cache\n"
-        "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], rank=int(os.environ['RANK']), world_size=2)\n"
-        "def ids(**kw): return [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', columns=['sample_id'], **kw)]\n"
-        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'all': ids(), 'ids': ids(split_by_rank=True)}))\n"
+        "dist.init_process_group('gloo', init_method='file://' + os.environ['RDZV'], "
+        "rank=int(os.environ['RANK']), world_size=2)\n"
+        "def ids(**kw): return [r['sample_id'] for r in load_cache('tester/dist', revision='v1', layout='raw', "
+        "columns=['sample_id'], **kw)]\n"
+        "print(json.dumps({'rank': dist.get_rank(), 'world': dist.get_world_size(), 'all': ids(), "
+        "'ids': ids(split_by_rank=True)}))\n"
         "dist.destroy_process_group()\n"
     )
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
-           "RDZV": str(tmp_path / "rdzv"), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "RDZV": str(tmp_path / "rdzv"),
+        "PYTHONPATH": str(ROOT),
+    }
     # Output to files, not pipes: a rank blocked on a full pipe nobody reads yet would stall the other
     # at a collective.
     logs = [(tmp_path / f"rank{r}.out", tmp_path / f"rank{r}.err") for r in range(2)]
@@ -271,8 +289,11 @@ def test_streaming_epoch_survives_network_faults(hub, pushed_v1, v1):
 def test_permanent_read_failure_names_the_file_and_the_revision(hub, pushed_v1, v1):
     hub.add_fault("GET", DATA_FILE.format(2), ranged=True, skip=1, status=404)  # gone from the server mid-epoch
     seen = []
-    with pytest.raises(HubError, match=r"streaming tester/dist: reading data/train-00002-of-00004\.parquet at revision 'v1' "
-                                       r"\(commit [0-9a-f]{12}\) failed: the file is not in that commit"):
+    with pytest.raises(
+        HubError,
+        match=r"streaming tester/dist: reading data/train-00002-of-00004\.parquet at revision 'v1' "
+        r"\(commit [0-9a-f]{12}\) failed: the file is not in that commit",
+    ):
         for row in load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], block_size=32 << 10, retry=FAST):
             seen.append(row["sample_id"])
     assert seen == sample_ids(decoded_rows(v1))[:8]  # shards 0 and 1 were read whole, nothing after
@@ -293,9 +314,13 @@ def test_expect_passes_on_matching_settings_and_names_each_mismatch(hub, pushed_
     manifest = read_manifest(v1)
     identity = manifest["identity"]
     matching = {
-        "target_model": identity["target"]["model"], "aux_layer_ids": identity["aux_layer_ids"],
-        "draft_vocab_size": 300, "seq_length": 96, "dtype": torch.float32,
-        "selected_token_ids": read_vocab(v1)["selected_token_ids"], "hidden_size": manifest["hidden_size"],
+        "target_model": identity["target"]["model"],
+        "aux_layer_ids": identity["aux_layer_ids"],
+        "draft_vocab_size": 300,
+        "seq_length": 96,
+        "dtype": torch.float32,
+        "selected_token_ids": read_vocab(v1)["selected_token_ids"],
+        "hidden_size": manifest["hidden_size"],
     }
     assert load_cache(pushed_v1, revision="v1", expect=matching).manifest == manifest
     wrong = {**matching, "aux_layer_ids": [1, 2, 3], "dtype": "bf16", "seq_length": 2048, "selected_token_ids": torch.arange(300)}

@@ -37,7 +37,12 @@ def conversations(n=20):
                 turns.insert(0, ("system", "Answer with a number."))
             rows.append(sharegpt(i, turns))
         else:
-            turns = [("user", f"Look up item {i}."), ("assistant", None), ("tool", json.dumps({"item": i})), ("assistant", f"Item {i} is in stock.")]
+            turns = [
+                ("user", f"Look up item {i}."),
+                ("assistant", None),
+                ("tool", json.dumps({"item": i})),
+                ("assistant", f"Item {i} is in stock."),
+            ]
             if i % 3 == 0:
                 turns.insert(0, ("system", "You manage a shop."))
             rows.append(openai(i, turns))
@@ -164,7 +169,9 @@ def test_dataset_dict_without_split_picks_train(tmp_path):
 
 def test_dataset_dict_without_train_split_lists_the_splits(tmp_path):
     rows = arrow_rows(conversations(4))
-    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "d"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "d")
+    )
     with pytest.raises(InputError, match=r"--split: .* has splits \['test', 'validation'\], not 'train'; pass --split with one of them"):
         load_rows(str(tmp_path / "d"))
     with pytest.raises(InputError, match=r"has splits \['test', 'validation'\], not 'dev'"):
@@ -205,7 +212,10 @@ def test_parquet_files_with_different_columns(tmp_path):
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.Table.from_pylist([r for r in rows if "conversations" in r]), tmp_path / "pq" / "a.parquet")
     pq.write_table(pa.Table.from_pylist([r for r in rows if "messages" in r]), tmp_path / "pq" / "b.parquet")
-    with pytest.raises(InputError, match=r"Parquet files a\.parquet \(columns \['id', 'conversations'\]\) and b\.parquet \(columns \['id', 'messages'\]\) differ"):
+    with pytest.raises(
+        InputError,
+        match=r"Parquet files a\.parquet \(columns \['id', 'conversations'\]\) and b\.parquet \(columns \['id', 'messages'\]\) differ",
+    ):
         load_rows(str(tmp_path / "pq"))
 
 
@@ -223,7 +233,8 @@ def test_invalid_json_array(tmp_path):
 RAISING_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if 'FORBIDDEN' in m['content'] %}{{ raise_exception('forbidden word') }}{% endif %}"
-    "{% if m['role'] == 'assistant' %}{% if loop.last or 'DRAFT' not in m['content'] %}<|assistant|>\n{{ m['content'] ~ '<|end|>' }}\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}{% if loop.last or 'DRAFT' not in m['content'] %}"
+    "<|assistant|>\n{{ m['content'] ~ '<|end|>' }}\n{% endif %}"
     "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -236,8 +247,10 @@ BAD_LINES = {
     "unknown_role": b'{"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "narrator", "value": "a"}]}',
     "empty_conversation": b'{"id": "bad-empty", "messages": []}',
     "no_assistant_turn": b'{"id": "bad-noassistant", "messages": [{"role": "user", "content": "q"}]}',
-    "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, {"role": "assistant", "content": "no"}]}',
-    "template_not_prefix_stable": b'{"id": "bad-prefix", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "DRAFT a"}, '
+    "template_error": b'{"id": "bad-template", "messages": [{"role": "user", "content": "say FORBIDDEN"}, '
+    b'{"role": "assistant", "content": "no"}]}',
+    "template_not_prefix_stable": b'{"id": "bad-prefix", "messages": [{"role": "user", "content": "q"}, '
+    b'{"role": "assistant", "content": "DRAFT a"}, '
     b'{"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]}',
     "no_loss_tokens_after_truncation": json.dumps(
         {"id": "bad-long", "messages": [{"role": "user", "content": "very long question " * 40}, {"role": "assistant", "content": "ok"}]}
@@ -259,7 +272,9 @@ def prepare_lines(tmp_path, lines, **overrides):
     path.write_bytes(b"\n".join(lines) + b"\n")
     template = tmp_path / "template.jinja"
     template.write_text(RAISING_TEMPLATE)
-    settings = dict(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), seq_length=64, chat_template=str(template))
+    settings = dict(
+        target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), seq_length=64, chat_template=str(template)
+    )
     settings.update(overrides)
     return prepare(BuildConfig(**settings))
 
@@ -278,8 +293,9 @@ def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
 
 
 def test_bad_rows_keep_their_ids_in_the_accounting(tmp_path):
-    from builder.tokenize import tokenize_rows
     from tiny_targets import tiny_tokenizer
+
+    from builder.tokenize import tokenize_rows
 
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join([BAD_LINES["unknown_role"], BAD_LINES["unparseable_json"]]) + b"\n")
@@ -296,7 +312,9 @@ def test_strict_names_the_row_and_reason(tmp_path, reason):
     lines = valid_lines(3)
     lines.insert(2, BAD_LINES[reason])
     row_id = "2" if reason == "unparseable_json" else json.loads(BAD_LINES[reason])["id"]
-    with pytest.raises(BadRowError, match=rf"^--strict: input row 2 \(id '{row_id}'\) is invalid: {reason}: .*run without --strict to skip"):
+    with pytest.raises(
+        BadRowError, match=rf"^--strict: input row 2 \(id '{row_id}'\) is invalid: {reason}: .*run without --strict to skip"
+    ):
         prepare_lines(tmp_path, lines, strict=True)
     # Without --strict the same input prepares, skipping that one row.
     prep = prepare_lines(tmp_path, lines)

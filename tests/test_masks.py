@@ -13,6 +13,7 @@ import json
 from itertools import product
 
 import pytest
+from tiny_targets import tiny_tokenizer
 
 import builder.build as build_mod
 import builder.target as target_mod
@@ -23,16 +24,17 @@ from builder.embedded import NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
 from builder.errors import BadRowError
 from builder.prepare import prepare
 from builder.tokenize import encode_messages, has_generation_blocks
-from tiny_targets import tiny_tokenizer
 
 # Written on one line each (no newline right after a block tag: transformers renders with
 # trim_blocks, which would eat it).
 LLAMA3 = (
     "<|begin_of_text|>"
-    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\nTools:{% for t in tools %} {{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Tools:{% for t in tools %} {{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
     "{% for m in messages %}"
     "<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
-    "{% if m.tool_calls %}{% for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", \"parameters\": {{ c.function.arguments }}}{% endfor %}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments }}}{% endfor %}'
     "{% else %}{{ m.content }}{% endif %}<|eot_id|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
@@ -48,12 +50,15 @@ def chatml_think(generation_blocks: bool) -> str:
         "{% set ns = namespace(last_query=-1) %}"
         "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_query = loop.index0 %}{% endif %}{% endfor %}"
         "{% for m in messages %}"
-        "{% if m.role == 'assistant' %}<|im_start|>assistant\n" + open_block +
-        "{% if loop.index0 > ns.last_query %}<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{% endif %}"
+        "{% if m.role == 'assistant' %}<|im_start|>assistant\n"
+        + open_block
+        + "{% if loop.index0 > ns.last_query %}<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{% endif %}"
         "{{ m.content }}"
-        "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments }}}\n</tool_call>{% endfor %}"
-        "<|im_end|>\n" + close_block +
-        "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+        "{% for c in m.tool_calls or [] %}<tool_call>\n"
+        '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments }}}\n</tool_call>{% endfor %}'
+        "<|im_end|>\n"
+        + close_block
+        + "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
         "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n"
@@ -64,15 +69,21 @@ def chatml_think(generation_blocks: bool) -> str:
 CHATML = chatml_think(generation_blocks=False)
 CHATML_GEN = chatml_think(generation_blocks=True)
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+]
 AGENT_ROW = {
     "id": "agent",
     "tools": json.dumps(TOOLS),  # as JSONL and Parquet datasets store it
     "messages": [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": "Is it raining in Oslo?"},
-        {"role": "assistant", "content": None, "reasoning_content": "I should check the weather.",
-         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "I should check the weather.",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}],
+        },
         {"role": "tool", "tool_call_id": "call_0", "content": '{"rain": true}'},
         {"role": "assistant", "content": "Yes, it is raining.", "reasoning_content": "The tool says rain."},
     ],
@@ -113,7 +124,9 @@ def make_tokenizer():
     """The embedded tokenizer plus the control tokens of the two template styles (added, as
     the real tokenizers have them)."""
     tok = tiny_tokenizer()
-    tok.add_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.add_tokens(
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"], special_tokens=True
+    )
     tok.add_tokens(["<think>", "</think>"])
     return tok
 
@@ -141,8 +154,11 @@ def expected(tok, segments, mask_generation_prompt=False, mask_reasoning_content
 
 
 LLAMA3_PLAIN = [
-    ("prompt", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nWhat is 7 times 6?<|eot_id|>"),
+    (
+        "prompt",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 7 times 6?<|eot_id|>",
+    ),
     ("header", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     ("turn", "42.<|eot_id|>"),
     ("prompt", "<|start_header_id|>user<|end_header_id|>\n\nAnd 7 times 7?<|eot_id|>"),
@@ -152,8 +168,11 @@ LLAMA3_PLAIN = [
 
 TOOL_CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 CHATML_AGENT = [
-    ("prompt", f"<|im_start|>system\n# Tools {json.dumps(TOOLS[0])}<|im_end|>\n"
-               "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs it raining in Oslo?<|im_end|>\n"),
+    (
+        "prompt",
+        f"<|im_start|>system\n# Tools {json.dumps(TOOLS[0])}<|im_end|>\n"
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nIs it raining in Oslo?<|im_end|>\n",
+    ),
     ("header", "<|im_start|>assistant\n"),
     ("turn", "<think>\n"),
     ("reasoning", "I should check the weather."),
@@ -200,7 +219,10 @@ def test_options_apply_to_generation_blocks_too(tok, options):
     block inside it is still what the generation prompt supplies, and reasoning is removed
     alike: the block's mask minus the same parts."""
     ids, mask = encode_row(NO_REASONING_ROW, tok, CHATML_GEN, **options)
-    header, empty_think = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"], tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    header, empty_think = (
+        tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"],
+        tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"],
+    )
     prompt = tok("<|im_start|>user\nHello?<|im_end|>\n", add_special_tokens=False)["input_ids"]
     turn = tok("Sure.<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert ids == prompt + header + empty_think + turn
@@ -251,7 +273,9 @@ def test_sharegpt_rows_give_role_and_text_and_pass_tools(tok):
 
 
 def test_rewriting_template_is_a_bad_row(tok):
-    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:2\] as a prefix .*--chat-template") as info:
+    with pytest.raises(
+        BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:2\] as a prefix .*--chat-template"
+    ) as info:
         encode_row(REWRITE_ROW, tok, CHATML)
     assert info.value.reason == "template_not_prefix_stable"
     # With generation blocks the same row needs no prefix renderings.
@@ -284,22 +308,41 @@ def test_strict_stops_on_a_not_prefix_stable_row_before_the_model_loads(tmp_path
     monkeypatch.setattr(target_mod, "load_model", no_weights)
     monkeypatch.setattr(build_mod, "load_model", no_weights)
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML), strict=True)
-    with pytest.raises(BadRowError, match=r"^--strict: input row 2 \(id 'rewrite'\) is invalid: template_not_prefix_stable: .*messages\[:2\]"):
+    with pytest.raises(
+        BadRowError, match=r"^--strict: input row 2 \(id 'rewrite'\) is invalid: template_not_prefix_stable: .*messages\[:2\]"
+    ):
         build(cfg, progress=False)
     assert not (tmp_path / "out").exists()
 
 
 # ---- the same masks as NeMo Automodel's own chat dataset -----------------------------------
 
-NEMO_ROWS = [AGENT_ROW, PLAIN_ROW, NO_REASONING_ROW, REWRITE_ROW, SHAREGPT_ROW,
-             {"id": "string-arguments", "messages": [
-                 {"role": "user", "content": "Oslo?"},
-                 {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
-                 {"role": "tool", "tool_call_id": "c1", "content": "rain"},
-                 {"role": "assistant", "content": "Rain.", "reasoning_content": ""}]}]
+NEMO_ROWS = [
+    AGENT_ROW,
+    PLAIN_ROW,
+    NO_REASONING_ROW,
+    REWRITE_ROW,
+    SHAREGPT_ROW,
+    {
+        "id": "string-arguments",
+        "messages": [
+            {"role": "user", "content": "Oslo?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+            {"role": "assistant", "content": "Rain.", "reasoning_content": ""},
+        ],
+    },
+]
 NEMO_TEMPLATES = {
-    "llama3": LLAMA3, "chatml": CHATML, "chatml_generation_blocks": CHATML_GEN,
-    "embedded_no_generation": NO_GENERATION_TEMPLATE.read_text(), "embedded_with_generation": WITH_GENERATION_TEMPLATE.read_text(),
+    "llama3": LLAMA3,
+    "chatml": CHATML,
+    "chatml_generation_blocks": CHATML_GEN,
+    "embedded_no_generation": NO_GENERATION_TEMPLATE.read_text(),
+    "embedded_with_generation": WITH_GENERATION_TEMPLATE.read_text(),
 }
 
 
@@ -309,8 +352,16 @@ def nemo_samples(tmp_path, template, seq_length, options):
     chat_dataset = pytest.importorskip("nemo_automodel.components.datasets.llm.chat_dataset")
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in NEMO_ROWS))
-    dataset = chat_dataset.ChatDataset(str(path), tokenizer=make_tokenizer(), seq_length=seq_length, padding="max_length",
-                                       truncation=True, unshifted=True, chat_template=template, **options)
+    dataset = chat_dataset.ChatDataset(
+        str(path),
+        tokenizer=make_tokenizer(),
+        seq_length=seq_length,
+        padding="max_length",
+        truncation=True,
+        unshifted=True,
+        chat_template=template,
+        **options,
+    )
     out = []
     for i in range(len(dataset)):
         try:
@@ -380,8 +431,9 @@ def test_resume_refuses_a_changed_option_before_the_model_loads(tmp_path, monkey
 
 
 def test_built_cache_holds_the_masks_and_shows_the_options(tmp_path):
-    from builder.reader import read_manifest
     from helpers import decoded_rows
+
+    from builder.reader import read_manifest
 
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML), mask_generation_prompt=True, dtype="fp32", draft_vocab_size=64)
     build(cfg, progress=False)
@@ -389,8 +441,10 @@ def test_built_cache_holds_the_masks_and_shows_the_options(tmp_path):
     assert manifest["identity"]["mask_generation_prompt"] is True and manifest["identity"]["mask_reasoning_content"] is False
     assert manifest["skipped"] == {"template_not_prefix_stable": 1}
     text = " ".join((tmp_path / "out" / "README.md").read_text().split("\n---\n", 1)[1].split())  # the card's prose
-    assert ("Loss mask: assistant turns with NeMo Automodel's options `mask_generation_prompt: true` (without the role header "
-            "the generation prompt supplies) and `mask_reasoning_content: false` (with the rendered reasoning)") in text
+    assert (
+        "Loss mask: assistant turns with NeMo Automodel's options `mask_generation_prompt: true` (without the role header "
+        "the generation prompt supplies) and `mask_reasoning_content: false` (with the rendered reasoning)"
+    ) in text
     tok = tiny_tokenizer()
     by_id = {row["id"]: row for row in ROWS}
     rows = decoded_rows(tmp_path / "out")

@@ -50,19 +50,47 @@ def run_nemo_precompute(target: str, chats, out, mask_generation_prompt: bool) -
     flags = ["--mask-generation-prompt"] if mask_generation_prompt else []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(precompute_eagle3, "NeMoAutoModelForCausalLM", AutoModelForCausalLM)
-        code = precompute_eagle3.main([
-            "--target-model", target, "--input-data", str(chats), "--output-dir", str(out),
-            "--seq-length", str(SEQ_LENGTH), "--draft-vocab-size", str(DRAFT_VOCAB), "--batch-size", "2",
-            "--shard-size", "4", "--dtype", "fp32", "--device", "cpu", "--log-level", "WARNING", *flags,
-        ])
+        code = precompute_eagle3.main(
+            [
+                "--target-model",
+                target,
+                "--input-data",
+                str(chats),
+                "--output-dir",
+                str(out),
+                "--seq-length",
+                str(SEQ_LENGTH),
+                "--draft-vocab-size",
+                str(DRAFT_VOCAB),
+                "--batch-size",
+                "2",
+                "--shard-size",
+                "4",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                "--log-level",
+                "WARNING",
+                *flags,
+            ]
+        )
     assert code == 0
 
 
 def build_and_export(target: str, chats, root, mask_generation_prompt: bool, **overrides):
     flags = {"mask_generation_prompt": True} if mask_generation_prompt else {}
     cfg = BuildConfig(
-        target_model=target, input_data=str(chats), output_dir=str(root / "cache"), seq_length=SEQ_LENGTH,
-        draft_vocab_size=DRAFT_VOCAB, shard_size=4, batch_size=2, dtype="fp32", **flags, **overrides,
+        target_model=target,
+        input_data=str(chats),
+        output_dir=str(root / "cache"),
+        seq_length=SEQ_LENGTH,
+        draft_vocab_size=DRAFT_VOCAB,
+        shard_size=4,
+        batch_size=2,
+        dtype="fp32",
+        **flags,
+        **overrides,
     )
     cache = build(cfg, progress=False).output_dir
     return cache, export_cache(cache, "nemo", root / "nemo-export", progress=False)
@@ -83,7 +111,9 @@ def handoff(request, chats, tmp_path_factory):
     target = resolve_target("tiny-llama")
     run_nemo_precompute(target, chats, root / "nemo-own", mask_generation_prompt)
     cache, export = build_and_export("tiny-llama", chats, root, mask_generation_prompt)
-    return SimpleNamespace(target=target, theirs=root / "nemo-own", export=export, cache=cache, mask_generation_prompt=mask_generation_prompt)
+    return SimpleNamespace(
+        target=target, theirs=root / "nemo-own", export=export, cache=cache, mask_generation_prompt=mask_generation_prompt
+    )
 
 
 def recipe_config(mask_generation_prompt: bool = False) -> ConfigNode:
@@ -117,7 +147,9 @@ def test_recipe_accepts_the_export(handoff):
 
 def test_recipe_refuses_the_export_under_other_mask_options(handoff):
     other = not handoff.mask_generation_prompt
-    with pytest.raises(ValueError, match=rf"was built with mask_generation_prompt={not other}, but the recipe sets mask_generation_prompt={other}"):
+    with pytest.raises(
+        ValueError, match=rf"was built with mask_generation_prompt={not other}, but the recipe sets mask_generation_prompt={other}"
+    ):
         setup_cached_target(handoff.export, handoff.target, recipe_config(other))
 
 

@@ -15,8 +15,12 @@ from builder.build import build
 from builder.errors import ConfigError
 from builder.placement import GiB, check_fits, group_gpus, meta_model, parse_bytes, plan_memory
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
+LLAMA_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+)
+LLAMA_70B = dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,9 @@ def test_meta_planned_two_device_map_gives_the_same_cache(tmp_path, target, sing
 
     model = meta_model(AutoConfig.from_pretrained(target))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    planned = infer_auto_device_map(model, max_memory={0: int(weights * 0.6), 1: int(weights * 0.6)}, no_split_module_classes=["LlamaDecoderLayer"])
+    planned = infer_auto_device_map(
+        model, max_memory={0: int(weights * 0.6), 1: int(weights * 0.6)}, no_split_module_classes=["LlamaDecoderLayer"]
+    )
     assert set(planned.values()) == {0, 1}  # the layers really were split over two devices
     on_cpu = {module: "cpu" for module in planned}
     path = tmp_path / "map.json"
@@ -60,7 +66,11 @@ def test_planner_counts_real_parameter_totals():
 def test_planner_refuses_what_cannot_fit_and_passes_what_can():
     config = LlamaConfig(**LLAMA_70B)
     one_gpu = plan_memory(config, gpus_per_target=1, max_tokens=16384, num_aux_layers=3)
-    with pytest.raises(ConfigError, match=r"--gpus-per-target: expected a placement that fits 80\.0 GiB per GPU; the target needs 1\d\d\.\d GiB per GPU over 1 GPU.*Raise --gpus-per-target"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--gpus-per-target: expected a placement that fits 80\.0 GiB per GPU; "
+        r"the target needs 1\d\d\.\d GiB per GPU over 1 GPU.*Raise --gpus-per-target",
+    ):
         check_fits(one_gpu, 80 * GiB)
     check_fits(plan_memory(config, gpus_per_target=4, max_tokens=16384, num_aux_layers=3), 80 * GiB)
     check_fits(plan_memory(LlamaConfig(**LLAMA_8B), gpus_per_target=1, max_tokens=16384, num_aux_layers=3), 80 * GiB)
@@ -74,15 +84,31 @@ def test_build_refuses_before_loading_weights(tmp_path, target, monkeypatch):
 
 
 def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
-    from builder.cli import main
     from tiny_targets import tiny_tokenizer
+
+    from builder.cli import main
 
     model_dir = tmp_path / "llama-8b-config-only"
     LlamaConfig(**LLAMA_8B).save_pretrained(model_dir)  # no weights: the planner never needs them
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(model_dir)
-    code = main(["build", "--dry-run", "--quiet", "--target-model", str(model_dir), "--max-samples", "10",
-                 "--output-dir", str(tmp_path / "out"), "--aux-layer-ids", "1,15,28", "--draft-vocab-size", "32000"])
+    code = main(
+        [
+            "build",
+            "--dry-run",
+            "--quiet",
+            "--target-model",
+            str(model_dir),
+            "--max-samples",
+            "10",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--aux-layer-ids",
+            "1,15,28",
+            "--draft-vocab-size",
+            "32000",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "GPU memory (bf16)    25.3 GiB per GPU over 1 GPU(s)" in out and "8.03B parameters" in out
@@ -90,7 +116,11 @@ def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
 
 def test_group_gpus_and_sizes():
     assert group_gpus(1, 4, 8) == [4, 5, 6, 7]
-    with pytest.raises(ConfigError, match=r"--gpus-per-target: expected a group that fits the node's 8 GPUs \(local rank 2 would need GPUs \[8, 9, 10, 11\]\).*--num_processes 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--gpus-per-target: expected a group that fits the node's 8 GPUs "
+        r"\(local rank 2 would need GPUs \[8, 9, 10, 11\]\).*--num_processes 2",
+    ):
         group_gpus(2, 4, 8)
     assert parse_bytes("70GiB") == 70 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(ConfigError, match="--max-memory-per-gpu: expected a size like 70GiB"):

@@ -69,7 +69,9 @@ def test_collate_pads_to_longest_or_fixed_length(cache):
 
 
 def test_dataloader_with_workers_yields_every_sample(cache):
-    loader = torch.utils.data.DataLoader(load_cache(cache, layout="nemo", streaming=False), batch_size=4, collate_fn=collate_nemo, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        load_cache(cache, layout="nemo", streaming=False), batch_size=4, collate_fn=collate_nemo, num_workers=2
+    )
     assert sum(b["input_ids"].shape[0] for b in loader) == 14
 
 
@@ -98,7 +100,9 @@ def test_each_process_reads_the_whole_cache_unless_it_asks_for_a_part(cache, mon
     assert len(everything) == len(set(everything)) == 14
     parts = [[row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"], rank=r, world_size=2)] for r in range(2)]
     assert all(parts) and not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(everything)
-    assert [row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"], split_by_rank=True)] == everything  # one process
+    assert [
+        row["sample_id"] for row in load_cache(cache, layout="raw", columns=["sample_id"], split_by_rank=True)
+    ] == everything  # one process
     monkeypatch.setenv("WORLD_SIZE", "2")  # launched by torchrun, but no process group yet
     with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but torch.distributed is not initialised.*init_process_group"):
         load_cache(cache, layout="raw", split_by_rank=True)

@@ -16,7 +16,7 @@ from helpers import assert_same_content, decoded_rows, small_config
 from tiny_targets import make_tiny_target
 
 from builder.build import FAULT_ENV, build
-from builder.errors import DiskFull, NonFiniteOutput
+from builder.errors import NonFiniteOutput
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
 from builder.manifest import read_sidecar
 from builder.reader import read_manifest
@@ -127,8 +127,25 @@ def test_full_disk_gives_a_clear_error_and_resume_completes(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing
 
-    cmd = [sys.executable, str(SCRIPT), "--output-dir", str(out), "--max-samples", "14", "--shard-size", "4",
-           "--seq-length", "96", "--batch-size", "3", "--draft-vocab-size", "300", "--dtype", "fp32", "--quiet"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--output-dir",
+        str(out),
+        "--max-samples",
+        "14",
+        "--shard-size",
+        "4",
+        "--seq-length",
+        "96",
+        "--batch-size",
+        "3",
+        "--draft-vocab-size",
+        "300",
+        "--dtype",
+        "fp32",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, preexec_fn=limit_file_size, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: no space left writing" in proc.stderr and "rerun with --resume" in proc.stderr

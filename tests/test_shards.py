@@ -132,9 +132,17 @@ def synthetic_batches(num_rows: int = 12, batch: int = 3):
     for start in range(0, num_rows, batch):
         lengths = [int(x) for x in torch.randint(5, 60, (batch,), generator=gen)]
         masks = [(torch.rand(n, generator=gen) < 0.7).to(torch.uint8) for n in lengths]
-        samples = [{"sample_id": f"s{start + b}", "source_index": start + b, "num_tokens": n, "num_loss_tokens": int(m.sum()),
-                    "input_ids": torch.randint(0, 1000, (n,), generator=gen).tolist(), "loss_mask": m.tolist()}
-                   for b, (n, m) in enumerate(zip(lengths, masks))]
+        samples = [
+            {
+                "sample_id": f"s{start + b}",
+                "source_index": start + b,
+                "num_tokens": n,
+                "num_loss_tokens": int(m.sum()),
+                "input_ids": torch.randint(0, 1000, (n,), generator=gen).tolist(),
+                "loss_mask": m.tolist(),
+            }
+            for b, (n, m) in enumerate(zip(lengths, masks))
+        ]
         n_loss = sum(s["num_loss_tokens"] for s in samples)
         scales = torch.rand(LAYOUT.aux_width, generator=gen) * 3
         columns = {
@@ -148,8 +156,9 @@ def synthetic_batches(num_rows: int = 12, batch: int = 3):
 
 def write_shard(path, batches, *, threads: int, compression: str = "zstd", row_group_bytes: int = 20_000) -> dict:
     done = []
-    writer = BackgroundWriter(LAYOUT, torch.ones(1000, dtype=torch.bool), row_group_bytes, on_shard_done=done.append,
-                              compression=compression, threads=threads)
+    writer = BackgroundWriter(
+        LAYOUT, torch.ones(1000, dtype=torch.bool), row_group_bytes, on_shard_done=done.append, compression=compression, threads=threads
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     writer.open_shard(path)
     for b in batches:
@@ -208,10 +217,13 @@ def test_zstd_shard_is_smaller_than_the_raw_one(tmp_path):
 # ---- flags and the start-up warning -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(compression="lz4"), r"--compression: expected one of zstd, none, got 'lz4'"),
-    (dict(writer_threads=0), r"--writer-threads: expected an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(compression="lz4"), r"--compression: expected one of zstd, none, got 'lz4'"),
+        (dict(writer_threads=0), r"--writer-threads: expected an integer >= 1, got 0"),
+    ],
+)
 def test_writer_flags_are_checked(tmp_path, change, message):
     cfg = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), **change)
     with pytest.raises(ConfigError, match=message):
@@ -223,7 +235,9 @@ def test_the_writer_warning_names_the_threads_that_keep_up():
     per_token = 24_581 + 0.77 * 64_004
     message = writer_feed_warning(tokens_per_s=25_000, bytes_per_token=per_token, per_thread_mb_s=400, threads=2, cores=16, basis="test")
     assert "--writer-threads 5" in message and "1,847 MB/s" in message and "800 MB/s" in message
-    assert writer_feed_warning(tokens_per_s=25_000, bytes_per_token=per_token, per_thread_mb_s=400, threads=5, cores=16, basis="test") is None
+    assert (
+        writer_feed_warning(tokens_per_s=25_000, bytes_per_token=per_token, per_thread_mb_s=400, threads=5, cores=16, basis="test") is None
+    )
     short = writer_feed_warning(tokens_per_s=25_000, bytes_per_token=per_token, per_thread_mb_s=400, threads=2, cores=4, basis="test")
     assert "even 4 threads" in short and "--target-format topk" in short and "--aux-dtype fp8" in short
 
@@ -244,7 +258,9 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
     del manifest["checksum_algorithm"]
     for spec in manifest["columns"].values():
         spec.pop("encoding", None)
-    for record, path in [(s, out / "data" / s["name"]) for s in manifest["shards"]] + [(manifest["vocab_file"], out / manifest["vocab_file"]["path"])]:
+    for record, path in [(s, out / "data" / s["name"]) for s in manifest["shards"]] + [
+        (manifest["vocab_file"], out / manifest["vocab_file"]["path"])
+    ]:
         del record["checksum"]
         record["sha256"] = file_sha256(path)
     card.save(out / "README.md")
@@ -262,8 +278,9 @@ def test_the_forward_estimate_gives_25k_tokens_per_s_for_an_8b_on_an_h100():
 
     from builder.plan import forward_tokens_per_s
 
-    config = LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(
+        hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    )
     with torch.device("meta"):  # shapes only, no memory
         model = LlamaForCausalLM(config)
     rate = forward_tokens_per_s(model, "NVIDIA H100 80GB HBM3", loss_share=0.77)

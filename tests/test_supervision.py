@@ -76,16 +76,20 @@ def test_positions_off_the_loss_mask_are_zero_and_unsupervised():
 
 def test_batch_and_sequence_dimensions():
     # [B=2, T=2, V=6]: each position on its own
-    logits = torch.tensor([
-        [[0.0, 1.0, -2.0, 2.0, 3.0, 0.5], [0.0, 4.0, 5.0, 2.0, 3.0, -1.0]],
-        [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 6.0, 1.0]],
-    ])
+    logits = torch.tensor(
+        [
+            [[0.0, 1.0, -2.0, 2.0, 3.0, 0.5], [0.0, 4.0, 5.0, 2.0, 3.0, -1.0]],
+            [[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 6.0, 1.0]],
+        ]
+    )
     sup = compute_target_distribution(logits, torch.tensor([[1, 1], [0, 1]]), SELECTED)
     assert sup.target_probs.shape == (2, 2, 3) and sup.position_mask.shape == (2, 2)
-    expected = torch.tensor([
-        [softmax_of(3.0, 1.0, 2.0), softmax_of(3.0, 4.0, 2.0)],
-        [[0.0, 0.0, 0.0], softmax_of(6.0, 1.0, 1.0)],
-    ])
+    expected = torch.tensor(
+        [
+            [softmax_of(3.0, 1.0, 2.0), softmax_of(3.0, 4.0, 2.0)],
+            [[0.0, 0.0, 0.0], softmax_of(6.0, 1.0, 1.0)],
+        ]
+    )
     torch.testing.assert_close(sup.target_probs, expected, rtol=1e-6, atol=0)
     assert sup.position_mask.tolist() == [[True, False], [False, True]]
     assert sup.argmax.tolist() == [[4, 2], [0, 4]]  # all-zero logits: the first index

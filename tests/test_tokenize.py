@@ -5,13 +5,13 @@ styles, and the comparison with NeMo Automodel: tests/test_masks.py.)"""
 import json
 
 import pytest
+from tiny_targets import tiny_tokenizer
 
 import builder.tokenize as tokenize_mod
 from builder.conversations import BadRow, normalize_row
 from builder.embedded import EMBEDDED_INPUTS, NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
 from builder.inputs import load_rows, select_rows
 from builder.tokenize import encode_messages, has_generation_blocks, template_of, tokenize_rows
-from tiny_targets import tiny_tokenizer
 
 WITH_GEN = WITH_GENERATION_TEMPLATE.read_text()
 NO_GEN = NO_GENERATION_TEMPLATE.read_text()
@@ -194,7 +194,9 @@ def test_template_with_generation_blocks_that_raises(tok):
 
 @pytest.mark.parametrize("template", [LAST_MESSAGE_ONLY, DROPS_EARLIER_ASSISTANT_TURNS], ids=["last_message_only", "drops_assistant_turns"])
 def test_template_not_prefix_stable(tok, template):
-    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:\d\] as a prefix .*--chat-template") as info:
+    with pytest.raises(
+        BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:\d\] as a prefix .*--chat-template"
+    ) as info:
         encode_messages(SYSTEM_MULTI_TURN, tok, template, 4096)
     assert info.value.reason == "template_not_prefix_stable"
 
@@ -226,9 +228,23 @@ def twelve_rows():
     rows = []
     for i in range(12):
         if i % 2:
-            rows.append({"id": f"oa-{i}", "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]})
+            rows.append(
+                {
+                    "id": f"oa-{i}",
+                    "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+                }
+            )
         else:
-            rows.append({"id": f"sg-{i}", "conversations": [{"from": "system", "value": "Be short."}, {"from": "human", "value": f"Q{i}"}, {"from": "gpt", "value": f"A{i}"}]})
+            rows.append(
+                {
+                    "id": f"sg-{i}",
+                    "conversations": [
+                        {"from": "system", "value": "Be short."},
+                        {"from": "human", "value": f"Q{i}"},
+                        {"from": "gpt", "value": f"A{i}"},
+                    ],
+                }
+            )
     rows[5] = {"id": "bad-5", "messages": [{"role": "user", "content": "no answer"}]}
     return rows
 

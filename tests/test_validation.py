@@ -49,15 +49,30 @@ def test_validate_rejects(tmp_path, field, value, message):
 
 
 def test_validate_accepts_the_boundaries(tmp_path):
-    validate(cfg(tmp_path, seq_length=2, batch_size=1, shard_size=1, max_samples=1, draft_vocab_size=1, num_proc=1,
-                 shuffle_seed=0, max_tokens_per_batch=2, aux_layer_ids=(0,)))
+    validate(
+        cfg(
+            tmp_path,
+            seq_length=2,
+            batch_size=1,
+            shard_size=1,
+            max_samples=1,
+            draft_vocab_size=1,
+            num_proc=1,
+            shuffle_seed=0,
+            max_tokens_per_batch=2,
+            aux_layer_ids=(0,),
+        )
+    )
     validate(cfg(tmp_path, dtype="fp16"))
     validate(cfg(tmp_path, dtype="fp32"))
 
 
 def test_missing_chat_template(tmp_path):
     missing = tmp_path / "nope.jinja"
-    with pytest.raises(ConfigError, match=rf"^--chat-template: expected a path to a Jinja template file, got '{re.escape(str(missing))}'\. The file does not exist\."):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--chat-template: expected a path to a Jinja template file, got '{re.escape(str(missing))}'\. The file does not exist\.",
+    ):
         validate(cfg(tmp_path, chat_template=str(missing)))
 
 
@@ -74,7 +89,10 @@ def test_output_dir_holding_a_cache_needs_resume(tmp_path, marker):
     path = tmp_path / "out" / marker
     path.parent.mkdir(parents=True)
     path.write_text("{}")
-    with pytest.raises(ConfigError, match=r"^--output-dir: expected an empty or new directory, got '.*out'\. It already holds an eagle3-cache build; pass --resume"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--output-dir: expected an empty or new directory, got '.*out'\. It already holds an eagle3-cache build; pass --resume",
+    ):
         validate(cfg(tmp_path))
     validate(cfg(tmp_path, resume=True))
     validate(cfg(tmp_path, dry_run=True))
@@ -96,13 +114,20 @@ def test_default_aux_layer_ids():
 
 @pytest.mark.parametrize("requested, bad", [((1, 3, 8), "[8]"), ((-1, 2), "[-1]"), ((9, 10), "[9, 10]")])
 def test_out_of_range_aux_layer_ids(requested, bad):
-    with pytest.raises(ConfigError, match=rf"^--aux-layer-ids: expected ids in \[0, 7\] \(the target has 8 decoder layers\), got .*\. Out of range: {re.escape(bad)}\."):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--aux-layer-ids: expected ids in \[0, 7\] \(the target has 8 decoder layers\), got .*\. Out of range: {re.escape(bad)}\.",
+    ):
         resolve_aux_layer_ids(requested, 8)
 
 
 @pytest.mark.parametrize("layers", [1, 4, 6])
 def test_too_few_layers_for_the_default(layers):
-    with pytest.raises(ConfigError, match=rf"^--aux-layer-ids: expected explicit ids for a target with only {layers} layers, got None\. The default \[1, N//2-1, N-4\] needs at least 7 layers"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^--aux-layer-ids: expected explicit ids for a target with only {layers} layers, got None\. "
+        r"The default \[1, N//2-1, N-4\] needs at least 7 layers",
+    ):
         resolve_aux_layer_ids(None, layers)
 
 
@@ -143,7 +168,10 @@ CLI_INVALID = [
     (["--max-samples", "0"], "--max-samples: expected an integer >= 1, got 0"),
     (["--draft-vocab-size", "0"], "--draft-vocab-size: expected an integer >= 1, got 0"),
     (["--num-proc", "0"], "--num-proc: expected an integer >= 1, got 0"),
-    (["--max-tokens-per-batch", "100"], "--max-tokens-per-batch: expected at least --seq-length (2048), got 100. A batch must hold at least one full-length sample."),
+    (
+        ["--max-tokens-per-batch", "100"],
+        "--max-tokens-per-batch: expected at least --seq-length (2048), got 100. A batch must hold at least one full-length sample.",
+    ),
     (["--target-format", "logits"], "--target-format: expected one of probs, topk, hidden, got 'logits'"),
     (["--aux-layer-ids", "2,2,5"], "--aux-layer-ids: expected distinct layer ids, got [2, 2, 5]. Remove the duplicates."),
 ]
@@ -161,7 +189,10 @@ def test_cli_bad_flag_is_one_error_line(tmp_path, capsys, nothing_loads, argv, l
 
 def test_cli_missing_chat_template(tmp_path, capsys, nothing_loads):
     assert main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(tmp_path / "t.jinja")]) == 2
-    assert capsys.readouterr().err == f"error: --chat-template: expected a path to a Jinja template file, got '{tmp_path / 't.jinja'}'. The file does not exist.\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: --chat-template: expected a path to a Jinja template file, got '{tmp_path / 't.jinja'}'. The file does not exist.\n"
+    )
 
 
 def test_cli_output_dir_with_a_cache(tmp_path, capsys, nothing_loads):
@@ -177,7 +208,10 @@ def test_cli_out_of_range_aux_ids(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     monkeypatch.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
     assert main(["build", "--output-dir", str(tmp_path / "out"), "--aux-layer-ids", "1,3,8"]) == 2
-    assert capsys.readouterr().err == "error: --aux-layer-ids: expected ids in [0, 7] (the target has 8 decoder layers), got [1, 3, 8]. Out of range: [8].\n"
+    assert (
+        capsys.readouterr().err
+        == "error: --aux-layer-ids: expected ids in [0, 7] (the target has 8 decoder layers), got [1, 3, 8]. Out of range: [8].\n"
+    )
 
 
 def test_cli_unreadable_input_is_one_error_line(tmp_path, capsys, monkeypatch):
@@ -194,14 +228,19 @@ def test_cli_unreadable_input_is_one_error_line(tmp_path, capsys, monkeypatch):
 def test_cli_template_that_is_not_prefix_stable_is_one_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     template = tmp_path / "last_only.jinja"
-    template.write_text("{{ bos_token }}{% set m = messages[-1] %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
-                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    template.write_text(
+        "{{ bos_token }}{% set m = messages[-1] %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
     code = main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(template), "--max-samples", "5"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     # Each row is skipped as template_not_prefix_stable; with none left the build stops, naming why.
-    assert re.search(r"^error: no usable rows: all 5 selected rows .*\{'template_not_prefix_stable': 5\}.* is template_not_prefix_stable: "
-                     r"the chat template does not render messages\[:\d+\] as a prefix of the whole conversation.*--chat-template", err)
+    assert re.search(
+        r"^error: no usable rows: all 5 selected rows .*\{'template_not_prefix_stable': 5\}.* is template_not_prefix_stable: "
+        r"the chat template does not render messages\[:\d+\] as a prefix of the whole conversation.*--chat-template",
+        err,
+    )
 
 
 def test_cli_bad_layer_list_is_an_argparse_error(capsys):
@@ -251,8 +290,11 @@ def test_dry_run_with_a_draft_vocab_reports_its_coverage(tmp_path, capsys):
     (out / "README.md").write_text("an existing cache")  # a dry run may look at a built cache
     assert main(["build", "--dry-run", "--quiet", "--output-dir", str(out), "--draft-vocab-size", "100", "--max-samples", "40"]) == 0
     text = capsys.readouterr().out
-    prep = prepare_mod.prepare(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(out),
-                                           dry_run=True, draft_vocab_size=100, max_samples=40))
+    prep = prepare_mod.prepare(
+        BuildConfig(
+            target_model="tiny-llama", input_data="sample-chats", output_dir=str(out), dry_run=True, draft_vocab_size=100, max_samples=40
+        )
+    )
     coverage = prep.token_counts[prep.selected_token_ids].sum() / prep.token_counts.sum()
     assert 0.5 < coverage < 1.0
     assert re.search(r"^  valid samples +40$", text, re.M)
@@ -269,6 +311,12 @@ def test_rows_over_two_gib_are_refused_before_weights(tmp_path, monkeypatch):
     from builder.prepare import prepare
 
     monkeypatch.setattr(prepare_module, "MAX_ROW_BYTES", 100_000)
-    cfg = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), max_samples=20, seq_length=512)
-    with pytest.raises(ConfigError, match=r"--seq-length: expected samples whose row stays under Parquet's 2 GiB per value, got 512\. A sample of \d+ tokens \(\d+ supervised\) would take .*use --target-format topk or hidden"):
+    cfg = BuildConfig(
+        target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), max_samples=20, seq_length=512
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"--seq-length: expected samples whose row stays under Parquet's 2 GiB per value, got 512\. "
+        r"A sample of \d+ tokens \(\d+ supervised\) would take .*use --target-format topk or hidden",
+    ):
         prepare(cfg)

@@ -115,8 +115,13 @@ def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(
     names = [shard_name(k, 4) for k in range(4)]
     first = {"batch_size": 1, "max_tokens_per_batch": 256, "row_group_bytes": 128 << 20}
     flags = ["--batch-size", "1", "--max-tokens-per-batch", "256"]
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--output-dir", str(out), *CLI, *flags],
-                          env={**os.environ, FAULT_ENV: "after_shard:2"}, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--output-dir", str(out), *CLI, *flags],
+        env={**os.environ, FAULT_ENV: "after_shard:2"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (out / "data").glob("*.parquet")) == names[:2]
 

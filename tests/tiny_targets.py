@@ -33,7 +33,14 @@ from transformers import (
 from builder.embedded import EMBEDDED_TARGETS, NO_GENERATION_TEMPLATE
 
 ARCHITECTURES = (
-    "llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "text_config", "llama_tied",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "qwen3_moe",
+    "mixtral",
+    "text_config",
+    "llama_tied",
 )
 NUM_LAYERS = 8  # the default aux layers [1, N//2-1, N-4] are distinct from 7 on
 HIDDEN = 64
@@ -71,14 +78,11 @@ def _gemma3_config(tok) -> Gemma3Config:
     # Multimodal wrapper: the decoder's settings live in config.text_config and
     # AutoModelForCausalLM loads Gemma3ForConditionalGeneration. No soft-capping,
     # so logits are plain lm_head outputs like the other architectures.
-    text = _text_settings(tok, sliding_window=16,
-                          final_logit_softcapping=None, attn_logit_softcapping=None)
+    text = _text_settings(tok, sliding_window=16, final_logit_softcapping=None, attn_logit_softcapping=None)
     text.pop("tie_word_embeddings")
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=28, patch_size=14)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
     # 28/14 = 2x2 patches pooled to mm_tokens_per_image = 4 (must be a square).
-    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                        tie_word_embeddings=False)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=False)
 
 
 def _config(arch: str, tok) -> PretrainedConfig:
@@ -89,8 +93,7 @@ def _config(arch: str, tok) -> PretrainedConfig:
         "qwen2": lambda: Qwen2Config(**_text_settings(tok)),
         "qwen3": lambda: Qwen3Config(**_text_settings(tok)),
         "mistral": lambda: MistralConfig(**_text_settings(tok, sliding_window=None)),
-        "qwen3_moe": lambda: Qwen3MoeConfig(**_text_settings(
-            tok, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, **moe)),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**_text_settings(tok, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, **moe)),
         "mixtral": lambda: MixtralConfig(**_text_settings(tok, num_local_experts=4, **moe)),
         "text_config": lambda: _gemma3_config(tok),
     }
@@ -119,9 +122,7 @@ def _init_weights(model, seed: int) -> None:
             head.copy_(torch.randn(head.shape, generator=gen) * 0.5)
 
 
-def make_tiny_target(
-    directory: Path, arch: str, *, seed: int = 0, generation_template: bool = True
-) -> Path:
+def make_tiny_target(directory: Path, arch: str, *, seed: int = 0, generation_template: bool = True) -> Path:
     """Save a tiny fp32 model of `arch` plus the embedded tokenizer into `directory`."""
     directory = Path(directory)
     tok = tiny_tokenizer(generation_template)
