@@ -39,7 +39,7 @@ def estimate_sizes(
     topk: int = TOPK_DEFAULT,
     compression: str = "none",
 ) -> dict[str, int]:
-    """Bytes per target format of DESIGN §2, and the reference's padded dense layout.
+    """Bytes per target format (docs/formats.md), and the reference's padded dense layout.
     `compression="zstd"`: expected stored bytes, from the measured ratios in ZSTD_RATIOS.
 
     Reference (NeMo Automodel precompute_eagle3): every sample padded to seq_length with

@@ -1,4 +1,4 @@
-"""Draft vocabulary (DESIGN §2): specials first, counts descending with ties to the lower id,
+"""Draft vocabulary (docs/supervision.md): specials first, counts descending with ties to the lower id,
 unseen ids ascending; counts over loss-masked tokens of the whole input."""
 
 from types import SimpleNamespace
@@ -142,7 +142,7 @@ def test_draft_vocab_counts_use_the_whole_input(tmp_path):
     assert small.token_counts.tolist() == counts.tolist()
     assert small.token_counts.sum() == sum(small.samples["num_loss_tokens"])
 
-    # DESIGN §2 by hand: bos, eos, pad, unk (ids 0..3), then by count, ties to the lower id.
+    # The contract by hand: bos, eos, pad, unk (ids 0..3), then by count, ties to the lower id.
     assert special_token_ids(small.tokenizer, small.vocab_size) == [0, 1, 2, 3]
     rest = sorted(range(4, small.vocab_size), key=lambda i: (-counts[i], i))
     assert small.selected_token_ids.tolist() == [0, 1, 2, 3] + rest[:60]
