@@ -3,156 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
-from .embedded import DEFAULT_INPUT, DEFAULT_TARGET, describe_embedded
+from .embedded import describe_embedded
 from .errors import Eagle3CacheError
 
 
-def _layer_ids(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,13,28, got {text!r}") from None
+def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict[str, argparse._ArgumentGroup]:
+    """One option per BuildConfig setting of these groups, derived from the field: flag, type,
+    default and help (with the default it shows). Returns the argument groups by key."""
+    from typing import get_type_hints
+
+    from .config import SETTING_GROUPS, BuildConfig, flag_of, settings
+
+    hints = get_type_hints(BuildConfig)
+    made = {key: p.add_argument_group(SETTING_GROUPS[key]) for key in groups}
+    for f in settings():
+        meta = f.metadata
+        if meta["api_only"] or meta["group"] not in made:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else meta["cli_default"]
+        shown = meta["shown_default"] or (default if default not in (None, False) else None)
+        options = {"default": default, "help": meta["help"] + (f" (default: {shown})" if shown is not None else "")}
+        if hints[f.name] is bool:
+            options["action"] = "store_true"
+        elif meta["parse"] is not None or hints[f.name] in (int, int | None):
+            options["type"] = meta["parse"] or int
+        if meta["metavar"]:
+            options["metavar"] = meta["metavar"]
+        made[meta["group"]].add_argument(flag_of(f.name), **options)
+    return made
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target")
-    g.add_argument(
-        "--target-model", default=DEFAULT_TARGET, help=f"local model dir, Hub model id, or an embedded name (default: {DEFAULT_TARGET})"
-    )
-    g.add_argument("--target-revision", default=None, help="Hub revision (branch, tag or commit) of the target")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow custom model/tokenizer code from the target repo")
-    g.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template overriding the tokenizer's")
-    g.add_argument(
-        "--aux-layer-ids", type=_layer_ids, default=None, help="decoder layers whose outputs feed the draft (default: 1,N//2-1,N-4)"
-    )
-    g = p.add_argument_group("input")
-    g.add_argument(
-        "--input-data",
-        default=DEFAULT_INPUT,
-        help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, "
-        f"or an embedded name (default: {DEFAULT_INPUT})",
-    )
-    g.add_argument("--input-config", default=None, help="Hub dataset config name")
-    g.add_argument("--split", default=None, help="dataset split (default: train)")
-    g.add_argument("--max-samples", type=int, default=None, help="use the first N rows of the shuffled input")
-    g.add_argument("--shuffle-seed", type=int, default=42, help="seed of the input permutation (default: 42)")
-    g.add_argument("--seq-length", type=int, default=2048, help="right-truncate samples to this many tokens (default: 2048)")
-    g.add_argument("--num-proc", type=int, default=1, help="processes for tokenization (default: 1)")
-    g.add_argument("--strict", action="store_true", help="stop on the first invalid row instead of skipping and counting it")
-    g.add_argument(
-        "--mask-generation-prompt",
-        action="store_true",
-        help="leave out of the loss mask the tokens the chat template's generation prompt supplies to each assistant turn "
-        "(role header, an empty <think></think>); NeMo Automodel's option of that name (default: supervised)",
-    )
-    g.add_argument(
-        "--mask-reasoning-content",
-        action="store_true",
-        help="leave the rendered reasoning_content of assistant turns out of the loss mask; "
-        "NeMo Automodel's option of that name (default: supervised)",
-    )
-    g = p.add_argument_group("cache")
-    g.add_argument("--output-dir", default="eagle3-cache-out", help="cache directory (default: ./eagle3-cache-out)")
-    g.add_argument("--draft-vocab-size", type=int, default=None, help="draft vocabulary size (default: the full target vocab)")
-    g.add_argument("--dtype", default="bf16", help="storage dtype of float tensors: bf16, fp16 or fp32 (default: bf16)")
-    g.add_argument(
-        "--target-format",
-        default="probs",
-        help="probs (dense draft-vocab probs, exact), topk (the K largest log-probs), "
-        "or hidden (final hidden state; logits recomputed by the reader) (default: probs)",
-    )
-    g.add_argument("--topk", type=int, default=64, help="K of --target-format topk (default: 64)")
-    g.add_argument(
-        "--aux-dtype",
-        default=None,
-        help="storage of aux hidden states: bf16, fp16, fp32 or fp8 (e4m3, one scale per token) (default: --dtype)",
-    )
-    g.add_argument(
-        "--store-full-head",
-        action="store_true",
-        help="hidden format: store every lm_head row, so any draft vocabulary can be read without a rebuild",
-    )
-    g.add_argument("--shard-size", type=int, default=1000, help="samples per Parquet shard (default: 1000)")
-    g.add_argument("--row-group-bytes", type=int, default=128 << 20, help="bytes per Parquet row group (default: 128 MiB)")
-    g = p.add_argument_group("placement (targets larger than one GPU)")
-    g.add_argument(
-        "--gpus-per-target", type=int, default=1, help="GPUs one target replica spans; launch with --num_processes = GPUs / N (default: 1)"
-    )
-    g.add_argument(
-        "--max-memory-per-gpu",
-        default=None,
-        help="memory budget per GPU, e.g. 70GiB: leaves room for activations (default: the GPU's total)",
-    )
-    g.add_argument("--device-map", default=None, help='explicit placement: "auto", a JSON object {module: device}, or a JSON file')
-    g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=8, help="max samples per forward batch (default: 8)")
-    g.add_argument(
-        "--max-tokens-per-batch",
-        type=int,
-        default=None,
-        help="token budget per forward batch, padding included (default: batch size x seq length)",
-    )
-    g.add_argument("--resume", action="store_true", help="continue an interrupted build in --output-dir (identity must match)")
-    g.add_argument("--dry-run", action="store_true", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("writer")
-    g.add_argument("--compression", default="zstd", help="zstd (lossless: byte planes + zstd, decoded bit-exact) or none (default: zstd)")
-    g.add_argument(
-        "--writer-threads",
-        type=int,
-        default=None,
-        help="threads encoding and compressing rows per process (default: this process's share of the cores, at most 8)",
-    )
+    """The build settings (all but uploading), and --quiet."""
+    groups = add_settings(p, ("target", "input", "cache", "placement", "run", "writer"))
+    groups["run"].add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_hub_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `push` and `build --push-to-hub`."""
+    add_settings(p, ("hub",))
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import BuildConfig
+    """The BuildConfig of a parsed `build` command line: every setting is an option of the same name."""
+    from .config import BuildConfig, settings
 
-    return BuildConfig(
-        target_model=args.target_model,
-        target_revision=args.target_revision,
-        input_data=args.input_data,
-        input_config=args.input_config,
-        split=args.split,
-        max_samples=args.max_samples,
-        shuffle_seed=args.shuffle_seed,
-        output_dir=args.output_dir,
-        seq_length=args.seq_length,
-        draft_vocab_size=args.draft_vocab_size,
-        batch_size=args.batch_size,
-        max_tokens_per_batch=args.max_tokens_per_batch,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        aux_layer_ids=args.aux_layer_ids,
-        target_format=args.target_format,
-        topk=args.topk,
-        aux_dtype=args.aux_dtype,
-        store_full_head=args.store_full_head,
-        row_group_bytes=args.row_group_bytes,
-        resume=args.resume,
-        strict=args.strict,
-        dry_run=args.dry_run,
-        trust_remote_code=args.trust_remote_code,
-        chat_template=args.chat_template,
-        num_proc=args.num_proc,
-        mask_generation_prompt=args.mask_generation_prompt,
-        mask_reasoning_content=args.mask_reasoning_content,
-        gpus_per_target=args.gpus_per_target,
-        max_memory_per_gpu=args.max_memory_per_gpu,
-        device_map=args.device_map,
-        push_to_hub=args.push_to_hub,
-        hub_config=args.hub_config,
-        hub_branch=args.hub_branch,
-        hub_tag=args.hub_tag,
-        private=args.private,
-        delete_local_after_upload=args.delete_local_after_upload,
-        compression=args.compression,
-        writer_threads=args.writer_threads,
-    )
+    return BuildConfig(**{f.name: getattr(args, f.name) for f in settings() if not f.metadata["api_only"]})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,16 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_build_arguments(build)
-    g = build.add_argument_group("upload while building")
-    g.add_argument(
-        "--push-to-hub",
-        default=None,
-        metavar="REPO_ID",
-        help="upload each shard to this Hub dataset repo as soon as it is written; card and tag last",
-    )
-    g.add_argument(
-        "--delete-local-after-upload", action="store_true", help="remove each shard locally once uploaded: local disk for only a few shards"
-    )
+    add_settings(build, ("upload",))
     add_hub_arguments(build)
     build.set_defaults(func=run_build)
     push = sub.add_parser(
@@ -238,20 +130,6 @@ def run_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.cache_dir}: OK" + (f" ({args.recompute} samples recomputed)" if args.recompute else ""))
     return 0
-
-
-def add_hub_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `push` and `build --push-to-hub`."""
-    g = p.add_argument_group("hub")
-    g.add_argument(
-        "--hub-config",
-        default=None,
-        metavar="NAME",
-        help="put the cache in sub-folder NAME as config NAME (several caches per repo); default: the repo root",
-    )
-    g.add_argument("--hub-branch", default="main", help="branch to commit to, created from main if missing (default: main)")
-    g.add_argument("--hub-tag", default=None, help="tag naming this version, created only once every file is committed")
-    g.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
 
 
 def target_from_args(args: argparse.Namespace, repo_id: str):
@@ -331,3 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except Eagle3CacheError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

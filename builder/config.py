@@ -1,61 +1,195 @@
-"""Build settings: one frozen record, checked before any data or weights load."""
+"""Build settings: one frozen record, checked before any data or weights load.
+
+Each field of `BuildConfig` is the one definition of a setting: its type, default, help
+text, command-line group and checks (`setting` metadata). `eagle3-cache build` derives
+its options from these fields (builder/cli.py), so the CLI and the Python API share
+every default.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .embedded import DEFAULT_INPUT, DEFAULT_TARGET
 from .errors import ConfigError
 from .formats import AUX_DTYPES, TARGET_FORMATS
+from .shards import COMPRESSIONS
 
 DTYPES = ("bf16", "fp16", "fp32")
+# Command-line option groups, in --help order: {key: title}.
+SETTING_GROUPS = {
+    "target": "target",
+    "input": "input",
+    "cache": "cache",
+    "placement": "placement (targets larger than one GPU)",
+    "run": "run",
+    "writer": "writer",
+    "upload": "upload while building",
+    "hub": "hub",
+}
 
 
-@dataclass(frozen=True)
+def parse_layer_ids(text: str) -> tuple[int, ...]:
+    """`--aux-layer-ids 1,13,28` (commas or spaces)."""
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,13,28, got {text!r}") from None
+
+
+def setting(
+    default=dataclasses.MISSING,
+    *,
+    group: str,
+    help: str,
+    cli_default=dataclasses.MISSING,
+    shown_default: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | None = None,
+    metavar: str | None = None,
+    parse=None,
+    api_only: bool = False,
+):
+    """A BuildConfig field with what the command line and `validate` need to know about it.
+
+    `cli_default`: the command line's value for a setting the Python API requires.
+    `shown_default`: what --help says the default means, where the value alone does not
+    (None, or a size); otherwise --help shows the value itself.
+    `choices`, `minimum`: checked by `validate` (a clear error, not argparse's).
+    `api_only`: no command-line option.
+    """
+    if group not in SETTING_GROUPS:
+        raise ValueError(f"setting group {group!r}: expected one of {list(SETTING_GROUPS)}")
+    metadata = dict(
+        group=group,
+        help=help,
+        cli_default=cli_default,
+        shown_default=shown_default,
+        choices=choices,
+        minimum=minimum,
+        metavar=metavar,
+        parse=parse,
+        api_only=api_only,
+    )
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    target_model: str
-    input_data: str
-    output_dir: str
-    target_revision: str | None = None
-    input_config: str | None = None
-    split: str | None = None
-    max_samples: int | None = None
-    shuffle_seed: int = 42
-    seq_length: int = 2048
-    draft_vocab_size: int | None = None
-    batch_size: int = 8
-    max_tokens_per_batch: int | None = None
-    shard_size: int = 1000
-    dtype: str = "bf16"
-    aux_layer_ids: tuple[int, ...] | None = None
-    target_format: str = "probs"
-    topk: int = 64
-    aux_dtype: str | None = None  # None: the same as dtype
-    store_full_head: bool = False  # hidden format: all lm_head rows, so any draft vocab can be read
-    row_group_bytes: int = 128 << 20
-    resume: bool = False
-    strict: bool = False
-    dry_run: bool = False
-    trust_remote_code: bool = False
-    chat_template: str | None = None
+    # ---- target
+    target_model: str = setting(group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET)
+    target_revision: str | None = setting(None, group="target", help="Hub revision (branch, tag or commit) of the target")
+    trust_remote_code: bool = setting(False, group="target", help="allow custom model/tokenizer code from the target repo")
+    chat_template: str | None = setting(None, group="target", help="Jinja chat template overriding the tokenizer's", metavar="FILE")
+    aux_layer_ids: tuple[int, ...] | None = setting(
+        None, group="target", help="decoder layers whose outputs feed the draft", shown_default="1,N//2-1,N-4", parse=parse_layer_ids
+    )
+    # ---- input
+    input_data: str = setting(
+        group="input",
+        help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name",
+        cli_default=DEFAULT_INPUT,
+    )
+    input_config: str | None = setting(None, group="input", help="Hub dataset config name")
+    split: str | None = setting(None, group="input", help="dataset split", shown_default="train")
+    max_samples: int | None = setting(None, group="input", help="use the first N rows of the shuffled input", minimum=1)
+    shuffle_seed: int = setting(42, group="input", help="seed of the input permutation", minimum=0)
+    seq_length: int = setting(2048, group="input", help="right-truncate samples to this many tokens", minimum=2)
+    num_proc: int = setting(1, group="input", help="processes for tokenization", minimum=1)
+    strict: bool = setting(False, group="input", help="stop on the first invalid row instead of skipping and counting it")
     # NeMo Automodel's loss-mask options (its defaults: both off, so both are supervised)
-    mask_generation_prompt: bool = False  # drop the tokens the generation prompt supplies (role header)
-    mask_reasoning_content: bool = False  # drop the rendered reasoning_content
-    num_proc: int = 1
-    gpus_per_target: int = 1
-    max_memory_per_gpu: str | None = None
-    device_map: str | None = None
-    push_to_hub: str | None = None  # upload each shard as soon as it is written, then card and tag
-    hub_config: str | None = None
-    hub_branch: str = "main"
-    hub_tag: str | None = None
-    private: bool = False
-    delete_local_after_upload: bool = False
-    # writer: compression shapes the bytes (identity); threads only the speed
-    compression: str = "zstd"
-    writer_threads: int | None = None  # None: this process's share of the host's cores, at most 8
+    mask_generation_prompt: bool = setting(
+        False,
+        group="input",
+        help="leave out of the loss mask the tokens the chat template's generation prompt supplies to each assistant turn "
+        "(role header, an empty <think></think>); NeMo Automodel's option of that name",
+        shown_default="supervised",
+    )
+    mask_reasoning_content: bool = setting(
+        False,
+        group="input",
+        help="leave the rendered reasoning_content of assistant turns out of the loss mask; NeMo Automodel's option of that name",
+        shown_default="supervised",
+    )
+    # ---- cache
+    output_dir: str = setting(group="cache", help="cache directory", cli_default="eagle3-cache-out")
+    draft_vocab_size: int | None = setting(
+        None, group="cache", help="draft vocabulary size", shown_default="the full target vocab", minimum=1
+    )
+    dtype: str = setting("bf16", group="cache", help="storage dtype of float tensors: bf16, fp16 or fp32", choices=DTYPES)
+    target_format: str = setting(
+        "probs",
+        group="cache",
+        help="probs (dense draft-vocab probs, exact), topk (the K largest log-probs), "
+        "or hidden (final hidden state; logits recomputed by the reader)",
+        choices=TARGET_FORMATS,
+    )
+    topk: int = setting(64, group="cache", help="K of --target-format topk", minimum=1)
+    aux_dtype: str | None = setting(
+        None,
+        group="cache",
+        help="storage of aux hidden states: bf16, fp16, fp32 or fp8 (e4m3, one scale per token)",
+        shown_default="--dtype",
+        choices=AUX_DTYPES,
+    )
+    store_full_head: bool = setting(
+        False, group="cache", help="hidden format: store every lm_head row, so any draft vocabulary can be read without a rebuild"
+    )
+    shard_size: int = setting(1000, group="cache", help="samples per Parquet shard", minimum=1)
+    row_group_bytes: int = setting(128 << 20, group="cache", help="bytes per Parquet row group", shown_default="128 MiB", minimum=1)
+    # ---- placement
+    gpus_per_target: int = setting(
+        1, group="placement", help="GPUs one target replica spans; launch with --num_processes = GPUs / N", minimum=1
+    )
+    max_memory_per_gpu: str | None = setting(
+        None, group="placement", help="memory budget per GPU, e.g. 70GiB: leaves room for activations", shown_default="the GPU's total"
+    )
+    device_map: str | None = setting(
+        None, group="placement", help='explicit placement: "auto", a JSON object {module: device}, or a JSON file'
+    )
+    # ---- run
+    batch_size: int = setting(8, group="run", help="max samples per forward batch", minimum=1)
+    max_tokens_per_batch: int | None = setting(
+        None, group="run", help="token budget per forward batch, padding included", shown_default="batch size x seq length"
+    )
+    resume: bool = setting(False, group="run", help="continue an interrupted build in --output-dir (identity must match)")
+    dry_run: bool = setting(False, group="run", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
+    # ---- writer: compression shapes the bytes (identity); threads only the speed
+    compression: str = setting(
+        "zstd", group="writer", help="zstd (lossless: byte planes + zstd, decoded bit-exact) or none", choices=COMPRESSIONS
+    )
+    writer_threads: int | None = setting(
+        None,
+        group="writer",
+        help="threads encoding and compressing rows per process",
+        shown_default="this process's share of the cores, at most 8",
+        minimum=1,
+    )
+    # ---- upload each shard as soon as it is written, then card and tag
+    push_to_hub: str | None = setting(
+        None,
+        group="upload",
+        help="upload each shard to this Hub dataset repo as soon as it is written; card and tag last",
+        metavar="REPO_ID",
+    )
+    delete_local_after_upload: bool = setting(
+        False, group="upload", help="remove each shard locally once uploaded: local disk for only a few shards"
+    )
+    # ---- hub (shared with `eagle3-cache push`)
+    hub_config: str | None = setting(
+        None,
+        group="hub",
+        help="put the cache in sub-folder NAME as config NAME (several caches per repo)",
+        shown_default="the repo root",
+        metavar="NAME",
+    )
+    hub_branch: str = setting("main", group="hub", help="branch to commit to, created from main if missing")
+    hub_tag: str | None = setting(None, group="hub", help="tag naming this version, created only once every file is committed")
+    private: bool = setting(False, group="hub", help="create the repo private (an existing repo keeps its visibility)")
 
     def replace(self, **changes) -> BuildConfig:
         return dataclasses.replace(self, **changes)
@@ -70,25 +204,24 @@ class BuildConfig:
         return self.max_tokens_per_batch or self.batch_size * self.seq_length
 
 
+def settings() -> tuple[dataclasses.Field, ...]:
+    """BuildConfig's fields, in command-line order."""
+    return dataclasses.fields(BuildConfig)
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def validate(cfg: BuildConfig) -> None:
     """Checks that need nothing but the flags themselves."""
-    _at_least("--seq-length", cfg.seq_length, 2)
-    _at_least("--batch-size", cfg.batch_size, 1)
-    _at_least("--shard-size", cfg.shard_size, 1)
-    _at_least("--num-proc", cfg.num_proc, 1)
-    _at_least("--gpus-per-target", cfg.gpus_per_target, 1)
+    _check_declared(cfg)
     if cfg.max_memory_per_gpu is not None:
         from .placement import parse_bytes
 
         parse_bytes(cfg.max_memory_per_gpu)
-    _at_least("--row-group-bytes", cfg.row_group_bytes, 1)
     if cfg.row_group_bytes > 1 << 30:  # a column of one row group must stay under Arrow's 2 GiB offsets
         raise ConfigError("--row-group-bytes", cfg.row_group_bytes, "at most 1 GiB (1073741824)")
-    _at_least("--shuffle-seed", cfg.shuffle_seed, 0)
-    if cfg.max_samples is not None:
-        _at_least("--max-samples", cfg.max_samples, 1)
-    if cfg.draft_vocab_size is not None:
-        _at_least("--draft-vocab-size", cfg.draft_vocab_size, 1)
     if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.seq_length:
         raise ConfigError(
             "--max-tokens-per-batch",
@@ -96,13 +229,6 @@ def validate(cfg: BuildConfig) -> None:
             f"at least --seq-length ({cfg.seq_length})",
             "A batch must hold at least one full-length sample.",
         )
-    if cfg.dtype not in DTYPES:
-        raise ConfigError("--dtype", cfg.dtype, f"one of {', '.join(DTYPES)}")
-    if cfg.target_format not in TARGET_FORMATS:
-        raise ConfigError("--target-format", cfg.target_format, f"one of {', '.join(TARGET_FORMATS)}")
-    if cfg.aux_dtype is not None and cfg.aux_dtype not in AUX_DTYPES:
-        raise ConfigError("--aux-dtype", cfg.aux_dtype, f"one of {', '.join(AUX_DTYPES)}")
-    _at_least("--topk", cfg.topk, 1)
     if cfg.draft_vocab_size is not None and cfg.target_format == "topk" and cfg.topk > cfg.draft_vocab_size:
         raise ConfigError("--topk", cfg.topk, f"at most --draft-vocab-size ({cfg.draft_vocab_size})")
     if cfg.aux_layer_ids is not None:
@@ -114,17 +240,19 @@ def validate(cfg: BuildConfig) -> None:
         raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file", "The file does not exist.")
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
-    _validate_writer(cfg)
     _check_output_dir(cfg)
 
 
-def _validate_writer(cfg: BuildConfig) -> None:
-    from .shards import COMPRESSIONS
-
-    if cfg.compression not in COMPRESSIONS:
-        raise ConfigError("--compression", cfg.compression, f"one of {', '.join(COMPRESSIONS)}")
-    if cfg.writer_threads is not None:
-        _at_least("--writer-threads", cfg.writer_threads, 1)
+def _check_declared(cfg: BuildConfig) -> None:
+    """Each setting's declared `minimum` and `choices` (None: unset, always allowed)."""
+    for f in settings():
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if f.metadata["minimum"] is not None:
+            _at_least(flag_of(f.name), value, f.metadata["minimum"])
+        if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
+            raise ConfigError(flag_of(f.name), value, f"one of {', '.join(f.metadata['choices'])}")
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:

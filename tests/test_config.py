@@ -1,0 +1,129 @@
+"""Build settings are defined once, as BuildConfig's fields; `eagle3-cache build` derives its
+options from them, so a default, a flag or a check cannot differ between the CLI and the API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import get_type_hints
+
+import pytest
+
+from builder.cli import build_parser, config_from_args, main
+from builder.config import BuildConfig, flag_of, settings, validate
+from builder.errors import ConfigError
+
+HINTS = get_type_hints(BuildConfig)
+
+
+def subparser(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def options_of(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
+def api_default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.metadata["cli_default"]
+
+
+def test_cli_defaults_are_build_config_defaults():
+    options = options_of(subparser("build"))
+    for f in settings():
+        if f.metadata["api_only"]:
+            continue
+        assert options[f.name].default == api_default(f), f.name
+    # The settings the API requires: the command line's defaults, and every other default the API's own.
+    required = {f.name: f.metadata["cli_default"] for f in settings() if f.default is dataclasses.MISSING}
+    assert sorted(required) == ["input_data", "output_dir", "target_model"]
+    assert config_from_args(build_parser().parse_args(["build"])) == BuildConfig(**required)
+
+
+def test_the_api_still_requires_the_target_input_and_output():
+    with pytest.raises(TypeError, match="missing 3 required keyword-only arguments: 'target_model', 'input_data', and 'output_dir'"):
+        BuildConfig()
+
+
+def non_default_value(f: dataclasses.Field):
+    """A command-line value for the setting and the value it should reach BuildConfig as."""
+    hint, default = HINTS[f.name], api_default(f)
+    if hint is bool:
+        return None, True
+    if f.metadata["choices"]:
+        choice = next(c for c in f.metadata["choices"] if c != default)
+        return choice, choice
+    if hint == tuple[int, ...] | None:
+        return "2, 5,7", (2, 5, 7)
+    if hint in (int, int | None):
+        value = (default or 0) + 3
+        return str(value), value
+    return f"{f.name}-value", f"{f.name}-value"
+
+
+def test_every_setting_is_reachable_from_the_cli():
+    build_options = options_of(subparser("build"))
+    assert set(build_options) - {f.name for f in settings()} == {"quiet"}  # the only option that is not a setting
+    parser = build_parser()
+    for f in settings():
+        if f.metadata["api_only"]:
+            assert f.name not in build_options
+            continue
+        text, expected = non_default_value(f)
+        argv = ["build", flag_of(f.name)] + ([text] if text is not None else [])
+        cfg = config_from_args(parser.parse_args(argv))
+        assert getattr(cfg, f.name) == expected != api_default(f), f.name
+        moved = [g.name for g in settings() if getattr(cfg, g.name) != api_default(g)]
+        assert moved == [f.name]
+
+
+def test_help_shows_each_default_and_names_each_choice(capsys):
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in settings():
+        if f.metadata["api_only"]:
+            continue
+        shown = f.metadata["shown_default"] or api_default(f)
+        if shown not in (None, False):
+            assert re.search(rf"{flag_of(f.name)}\b.*?\(default: {re.escape(str(shown))}\)", text), f.name
+        for choice in f.metadata["choices"] or ():
+            assert choice in f.metadata["help"], (f.name, choice)
+
+
+def test_push_shares_the_hub_settings():
+    push, build = options_of(subparser("push")), options_of(subparser("build"))
+    hub = [f.name for f in settings() if f.metadata["group"] == "hub"]
+    assert hub == ["hub_config", "hub_branch", "hub_tag", "private"]
+    for name in hub:
+        assert (push[name].default, push[name].help) == (build[name].default, build[name].help)
+
+
+MINIMUMS = [f for f in settings() if f.metadata["minimum"] is not None]
+
+
+@pytest.mark.parametrize("f", MINIMUMS, ids=[f.name for f in MINIMUMS])
+def test_each_declared_minimum_is_checked(tmp_path, f):
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    lowest = f.metadata["minimum"]
+    validate(base.replace(**{f.name: lowest}))
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected an integer >= {lowest}, got {lowest - 1}$"):
+        validate(base.replace(**{f.name: lowest - 1}))
+
+
+CHOICES = [f for f in settings() if f.metadata["choices"]]
+
+
+@pytest.mark.parametrize("f", CHOICES, ids=[f.name for f in CHOICES])
+def test_each_declared_choice_list_is_checked(tmp_path, capsys, f):
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    for choice in f.metadata["choices"]:
+        validate(base.replace(**{f.name: choice}))
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected one of {', '.join(f.metadata['choices'])}, got 'int8'$"):
+        validate(base.replace(**{f.name: "int8"}))
+    # argparse takes any string: the error is the same one line as from the API
+    assert main(["build", flag_of(f.name), "int8", "--output-dir", str(tmp_path / "cli")]) == 2
+    assert capsys.readouterr().err == f"error: {flag_of(f.name)}: expected one of {', '.join(f.metadata['choices'])}, got 'int8'\n"
