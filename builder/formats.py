@@ -74,13 +74,26 @@ class Layout:
             cols["final_hidden"] = (self.dtype, ["L", self.hidden_size], "token")
         return {name: {"dtype": d, "shape": s, "per": p} for name, (d, s, p) in cols.items()}
 
+    def column_position_bytes(self) -> dict[str, int]:
+        """Each tensor column's bytes per position it holds (a token, or a loss-masked token)."""
+        return {
+            name: (spec["shape"][1] if len(spec["shape"]) == 2 else 1) * TORCH_DTYPES[spec["dtype"]].itemsize
+            for name, spec in self.columns().items()
+        }
+
     def bytes_per_position(self) -> tuple[int, int]:
         """Encoded bytes per token and per loss-masked position."""
         per = {"token": 0, "loss": 0}
-        for spec in self.columns().values():
-            width = spec["shape"][1] if len(spec["shape"]) == 2 else 1
-            per[spec["per"]] += width * TORCH_DTYPES[spec["dtype"]].itemsize
+        for name, nbytes in self.column_position_bytes().items():
+            per[self.columns()[name]["per"]] += nbytes
         return per["token"], per["loss"]
+
+    def column_bytes(self, tokens: int, loss_tokens: int) -> dict[str, int]:
+        """Each tensor column's bytes over rows of `tokens` positions, `loss_tokens` of them
+        loss-masked: the tensors' own bytes, which `--compression none` stores as they are."""
+        count = {"token": tokens, "loss": loss_tokens}
+        columns = self.columns()
+        return {name: count[columns[name]["per"]] * nbytes for name, nbytes in self.column_position_bytes().items()}
 
 
 # ---- build side (on the device, per batch) ----------------------------------------------

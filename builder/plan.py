@@ -1,8 +1,16 @@
 """The dry-run plan and size estimates, from tokenized samples alone (no weights), and the
-start-up check that the shard writer can keep up with the forward."""
+start-up check that the shard writer can keep up with the forward.
+
+Sizes come from the layout itself (formats.Layout): each tensor column's bytes per token or
+per loss-masked token, times the samples' token counts. They cover the shards' tensor data,
+exactly as `--compression none` writes it; Parquet adds the scalar columns (id, source
+index, length), a length prefix per value and a footer per shard. With `--compression zstd`
+that figure plus each value's plane header (shards.max_added_bytes) is an upper bound, and
+the expected size applies the ratios measured below."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -10,21 +18,62 @@ import time
 
 import numpy as np
 
+from .formats import TARGET_FORMATS, TORCH_DTYPES, Layout
 from .vocab import vocab_coverage
 
 log = logging.getLogger(__name__)
 FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TOPK_DEFAULT = 64
+HEAD_FILE_BYTES = 4  # vocab/lm_head.safetensors holds fp32 rows (build.write_head_rows)
 # Raw bytes over stored bytes with --compression zstd, per part of a row, measured by
 # benchmarks/format_sizes.py on the sample chats: a random-weight Llama (hidden 1024) and the embedded
 # tiny target (aux 1.46-1.58, probs 1.44-1.67, topk 1.7-1.9, hidden 1.47-1.50).
 # Real targets' activations and distributions differ: these are expectations, not bounds.
 ZSTD_RATIOS = {"aux": 1.45, "probs": 1.55, "topk": 1.8, "hidden": 1.45}
 ZSTD_RATIOS_FP32 = 1.15  # fp32: one of four byte planes compresses
+COLUMN_PARTS = {
+    "aux_hidden_states": "aux",
+    "aux_scales": "aux",
+    "target_probs": "probs",
+    "topk_logprobs": "topk",
+    "topk_ids": "topk",
+    "log_draft_mass": "topk",
+    "final_hidden": "hidden",
+}
 
 
 def zstd_ratio(part: str, dtype: str) -> float:
     return ZSTD_RATIOS_FP32 if dtype == "fp32" and part != "topk" else ZSTD_RATIOS[part]
+
+
+def layout_sizes(layout: Layout, num_tokens: np.ndarray, num_loss: np.ndarray, compression: str) -> dict[str, int]:
+    """Shard tensor bytes of one layout over these samples: `data` (the columns' own bytes, what
+    `--compression none` stores), `at_most` (with zstd: plus each value's header, an upper bound)
+    and `expected` (with zstd: ZSTD_RATIOS applied per column; without: the data)."""
+    from .shards import RAW, column_encodings, max_added_bytes
+
+    columns = layout.column_bytes(int(np.sum(num_tokens)), int(np.sum(num_loss)))
+    encodings = column_encodings(layout, compression)
+    rows, data, at_most, expected = len(num_tokens), 0, 0, 0.0
+    for name, nbytes in columns.items():
+        dtype = layout.columns()[name]["dtype"]
+        data += nbytes
+        at_most += nbytes + rows * max_added_bytes(TORCH_DTYPES[dtype].itemsize, encodings[name])
+        part = COLUMN_PARTS.get(name, layout.target_format)  # target_argmax goes with its format
+        expected += nbytes if encodings[name] == RAW else nbytes / zstd_ratio(part, dtype)
+    return {"data": data, "at_most": at_most, "expected": min(round(expected), at_most)}
+
+
+def format_sizes(layout: Layout, num_tokens: np.ndarray, num_loss: np.ndarray, compression: str) -> dict[str, dict[str, int]]:
+    """`layout_sizes` for each target format, the layout's other settings (dtypes, K, widths) kept."""
+    return {fmt: layout_sizes(dataclasses.replace(layout, target_format=fmt), num_tokens, num_loss, compression) for fmt in TARGET_FORMATS}
+
+
+def reference_bytes(num_samples: int, *, seq_length: int, aux_width: int, draft_vocab: int, dtype: str) -> int:
+    """NeMo Automodel precompute_eagle3: every sample padded to seq_length with int64
+    input_ids/attention_mask/loss_mask, `[S, 3H]` aux, `[S, Vd]` probs, a bool mask."""
+    b = FLOAT_BYTES[dtype]
+    return num_samples * seq_length * (3 * 8 + aux_width * b + draft_vocab * b + 1)
 
 
 def estimate_sizes(
@@ -37,42 +86,31 @@ def estimate_sizes(
     dtype: str,
     seq_length: int,
     topk: int = TOPK_DEFAULT,
+    aux_dtype: str | None = None,
     compression: str = "none",
 ) -> dict[str, int]:
-    """Bytes per target format (docs/formats.md), and the reference's padded dense layout.
-    `compression="zstd"`: expected stored bytes, from the measured ratios in ZSTD_RATIOS.
+    """Shard tensor bytes per target format (exact uncompressed; with zstd, expected from
+    ZSTD_RATIOS), and the reference's padded dense layout. A `hidden` cache also writes the
+    head rows under vocab/ (`head_file_bytes`)."""
+    layout = Layout("probs", dtype, aux_dtype or dtype, min(topk, draft_vocab), draft_vocab, aux_width, hidden_size)
+    sizes = {fmt: s["expected"] for fmt, s in format_sizes(layout, num_tokens, num_loss, compression).items()}
+    ref = reference_bytes(len(num_tokens), seq_length=seq_length, aux_width=aux_width, draft_vocab=draft_vocab, dtype=dtype)
+    return sizes | {"reference_padded_dense": ref}
 
-    Reference (NeMo Automodel precompute_eagle3): every sample padded to seq_length with
-    int64 input_ids/attention_mask/loss_mask, `[S, 3H]` aux, `[S, Vd]` probs, bool mask.
-    """
-    b = FLOAT_BYTES[dtype]
-    ratio = (lambda part: zstd_ratio(part, dtype)) if compression == "zstd" else (lambda part: 1.0)
-    tokens, loss = int(num_tokens.sum()), int(num_loss.sum())
-    common = tokens * (4 + 1) + tokens * aux_width * b / ratio("aux")  # ids int32, mask uint8, aux
-    n = len(num_tokens)
-    return {
-        "probs": round(common + loss * (draft_vocab * b + 4) / ratio("probs")),
-        "topk": round(common + loss * (topk * (2 + 2) + 4 + 4) / ratio("topk")),
-        "hidden": round(common + tokens * hidden_size * b / ratio("hidden") + draft_vocab * hidden_size * b),
-        "reference_padded_dense": n * seq_length * (3 * 8 + aux_width * b + draft_vocab * b + 1),
-    }
+
+def head_file_bytes(layout: Layout, vocab_size: int, store_full_head: bool) -> int:
+    """Tensor bytes of a `hidden` cache's vocab/lm_head.safetensors: the draft rows, and every
+    row with --store-full-head (a head bias, where the target has one, adds a row's worth)."""
+    rows = layout.draft_vocab_size + (vocab_size if store_full_head else 0)
+    return rows * layout.hidden_size * HEAD_FILE_BYTES
 
 
 def plan_summary(prep) -> dict:
     samples = prep.samples
     num_tokens = np.asarray(samples["num_tokens"], dtype=np.int64)
     num_loss = np.asarray(samples["num_loss_tokens"], dtype=np.int64)
-    aux_width = len(prep.aux_layer_ids) * prep.hidden_size
-    sizes = estimate_sizes(
-        num_tokens,
-        num_loss,
-        aux_width=aux_width,
-        hidden_size=prep.hidden_size,
-        draft_vocab=len(prep.selected_token_ids),
-        dtype=prep.cfg.dtype,
-        seq_length=prep.cfg.seq_length,
-        compression=prep.cfg.compression,
-    )
+    layout = prep.layout
+    aux_width = layout.aux_width
     pct = np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist() if len(num_tokens) else [0, 0, 0]
     return {
         "valid_samples": len(num_tokens),
@@ -86,7 +124,12 @@ def plan_summary(prep) -> dict:
         "draft_vocab_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         "aux_layer_ids": prep.aux_layer_ids,
         "shards": prep.num_shards,
-        "estimated_bytes": sizes,
+        "target_format": layout.target_format,
+        "sizes": format_sizes(layout, num_tokens, num_loss, prep.cfg.compression),
+        "head_file_bytes": head_file_bytes(layout, prep.vocab_size, prep.cfg.store_full_head),
+        "reference_padded_dense": reference_bytes(
+            len(num_tokens), seq_length=prep.cfg.seq_length, aux_width=aux_width, draft_vocab=layout.draft_vocab_size, dtype=prep.cfg.dtype
+        ),
         "compression": prep.cfg.compression,
         "memory": memory_estimate(prep),
     }
@@ -108,8 +151,8 @@ def memory_estimate(prep) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    sizes = plan["estimated_bytes"]
-    ref = sizes["reference_padded_dense"]
+    sizes, ref = plan["sizes"], plan["reference_padded_dense"]
+    zstd = plan.get("compression") == "zstd"
     lines = [
         "Build plan (dry run: nothing written)",
         f"  valid samples        {plan['valid_samples']:,}",
@@ -121,16 +164,25 @@ def format_plan(plan: dict) -> str:
         f"  draft-vocab coverage {plan['draft_vocab_coverage']:.2%} of loss-masked tokens",
         f"  aux layers           {plan['aux_layer_ids']}",
         f"  shards               {plan['shards']}",
-        "  estimated cache size"
+        f"  target format        {plan['target_format']} (the other formats' sizes below for comparison)",
+        "  estimated cache size, the shards' tensor data (Parquet adds a few bytes per row and a footer per shard)"
         + (
-            " (zstd: expected from ratios measured on a random-weight target; real activations differ):"
-            if plan.get("compression") == "zstd"
-            else ":"
+            ":\n    with zstd: at most = the uncompressed bytes and each value's header (an upper bound); "
+            "expected = ratios measured on a random-weight target (real activations differ)"
+            if zstd
+            else ", uncompressed (exact):"
         ),
     ]
-    for name in ("probs", "topk", "hidden"):
-        ratio = ref / sizes[name] if sizes[name] else float("inf")
-        lines.append(f"    {name:8s} {sizes[name] / 1e6:12,.2f} MB   ({ratio:,.1f}x smaller than the reference)")
+    for name, size in sizes.items():
+        total = size["expected"] + (plan.get("head_file_bytes", 0) if name == "hidden" else 0)
+        ratio = ref / total if total else float("inf")
+        if zstd:
+            figure = f"at most {size['at_most'] / 1e6:,.2f} MB, expected {size['expected'] / 1e6:,.2f} MB"
+        else:
+            figure = f"{size['data'] / 1e6:12,.2f} MB"
+        lines.append(f"    {name:8s} {figure}   ({ratio:,.1f}x smaller than the reference)")
+    if "head_file_bytes" in plan:
+        lines.append(f"    hidden also writes vocab/lm_head.safetensors: {plan['head_file_bytes'] / 1e6:,.2f} MB of fp32 head rows")
     lines.append(f"    reference padded dense layout {ref / 1e6:,.2f} MB")
     if "memory" in plan:
         lines.append(f"  GPU memory (bf16)    {plan['memory']}")

@@ -81,6 +81,12 @@ def column_encodings(layout, compression: str) -> dict[str, str]:
     return {name: RAW if compression == "none" or name in UNCOMPRESSED_COLUMNS else PLANES_ZSTD for name in layout.columns()}
 
 
+def max_added_bytes(itemsize: int, encoding: str) -> int:
+    """The most bytes encoding adds to one value's own bytes: `byte_planes_zstd` keeps a plane
+    compressed only when zstd shrinks it, so a value never grows by more than its header."""
+    return 0 if encoding == RAW else _HEADER.size + itemsize * _PLANE.size
+
+
 @dataclass(frozen=True)
 class Encoded:
     """A stored value as buffers (one, for the encodings here), referenced by Arrow without a copy."""

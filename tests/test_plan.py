@@ -1,0 +1,95 @@
+"""The dry run's size estimate comes from the layout itself: for every target format, aux dtype
+and top-k id dtype it matches the tensor data a real uncompressed build of the same samples
+writes, and with zstd it bounds what is stored."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from helpers import small_config
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from builder.build import build
+from builder.embedded import EMBEDDED_TARGETS
+from builder.formats import TARGET_FORMATS
+from builder.plan import plan_summary
+from builder.shards import SCALAR_COLUMNS
+
+FEW = dict(max_samples=5, shard_size=3, seq_length=64, batch_size=5)
+# (case, settings): every target format, every aux dtype (fp8 with its scales), both top-k value dtypes.
+CASES = [
+    ("probs-fp16", dict(target_format="probs", dtype="fp16")),
+    ("topk-fp16-aux-fp8", dict(target_format="topk", dtype="fp16", aux_dtype="fp8", topk=8)),
+    ("topk-fp32-aux-bf16", dict(target_format="topk", dtype="fp32", aux_dtype="bf16", topk=5)),
+    ("hidden-bf16-aux-fp8", dict(target_format="hidden", dtype="bf16", aux_dtype="fp8")),
+    ("hidden-fp32-full-head", dict(target_format="hidden", dtype="fp32", store_full_head=True)),
+]
+
+
+def shard_tensor_bytes(cache_dir) -> dict[str, int]:
+    """Bytes of each tensor column's values over all shards (Parquet's own framing left out)."""
+    totals: dict[str, int] = {}
+    for path in sorted((cache_dir / "data").glob("*.parquet")):
+        table = pq.read_table(path)
+        for name in table.column_names:
+            if name not in SCALAR_COLUMNS:
+                totals[name] = totals.get(name, 0) + pc.sum(pc.binary_length(table[name])).as_py()
+    return totals
+
+
+def estimate_and_build(out, target="tiny-llama", dry_run_first=False, **settings):
+    """The plan and the build of the same samples. The plan is the dry run's (`plan_summary` of
+    the prepared samples); `dry_run_first` runs a dry run of its own first, as the CLI would."""
+    cfg = small_config(out, target, compression="none", **FEW, **settings)
+    dry = plan_summary(build(cfg.replace(dry_run=True), progress=False).prepared) if dry_run_first else None
+    result = build(cfg, progress=False)
+    plan = plan_summary(result.prepared)
+    if dry is not None:
+        assert dry["sizes"] == plan["sizes"]
+    return plan, result
+
+
+def assert_estimate_matches(plan, result):
+    real = shard_tensor_bytes(result.output_dir)
+    layout = result.prepared.layout
+    assert set(real) == set(layout.columns())
+    estimate = plan["sizes"][layout.target_format]["data"]
+    assert abs(estimate - sum(real.values())) <= 0.05 * sum(real.values())
+    # Column by column it is exact: the layout that writes the columns also sizes them.
+    totals = result.manifest["totals"]
+    assert layout.column_bytes(totals["tokens"], totals["loss_tokens"]) == real
+    assert estimate == sum(real.values())
+
+
+@pytest.mark.parametrize("case, settings", CASES, ids=[c for c, _ in CASES])
+def test_dry_run_estimate_matches_an_uncompressed_build(tmp_path, case, settings):
+    plan, result = estimate_and_build(tmp_path / case, dry_run_first=case == CASES[0][0], **settings)
+    assert set(plan["sizes"]) == set(TARGET_FORMATS)
+    assert_estimate_matches(plan, result)
+    if settings["target_format"] == "hidden":
+        with safe_open(result.output_dir / "vocab" / "lm_head.safetensors", framework="pt") as f:
+            head = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] * 4 for k in f.keys())
+        assert plan["head_file_bytes"] == head
+
+
+def test_int32_topk_ids_are_sized_as_written(tmp_path):
+    """A target vocabulary over 32767 tokens stores int32 top-k ids."""
+    target = tmp_path / "wide-vocab"
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_TARGETS["tiny-llama"])
+    model.resize_token_embeddings(33_000)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(EMBEDDED_TARGETS["tiny-llama"]).save_pretrained(target)
+    plan, result = estimate_and_build(tmp_path / "cache", target, target_format="topk", topk=4, draft_vocab_size=None)
+    assert result.prepared.layout.topk_id_dtype == "int32"
+    assert_estimate_matches(plan, result)
+
+
+def test_zstd_estimate_is_an_upper_bound(tmp_path):
+    result = build(small_config(tmp_path / "zstd", compression="zstd", dtype="bf16", **FEW), progress=False)
+    plan = plan_summary(result.prepared)
+    stored = sum(shard_tensor_bytes(result.output_dir).values())
+    size = plan["sizes"]["probs"]
+    assert size["expected"] <= size["at_most"] and stored <= size["at_most"]
+    assert stored < size["data"]  # it did compress, so the bound is not the stored size itself
