@@ -12,7 +12,7 @@ from .embedded import describe_embedded
 from .errors import Eagle3CacheError
 
 
-def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict[str, argparse._ArgumentGroup]:
+def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict:
     """One option per BuildConfig setting of these groups, derived from the field: flag, type,
     default and help (with the default it shows). Returns the argument groups by key."""
     from typing import get_type_hints

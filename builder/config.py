@@ -64,6 +64,8 @@ def setting(
     """
     if group not in SETTING_GROUPS:
         raise ValueError(f"setting group {group!r}: expected one of {list(SETTING_GROUPS)}")
+    if default is dataclasses.MISSING and cli_default is dataclasses.MISSING and not api_only:
+        raise ValueError(f"a required setting needs a cli_default for the command line ({help!r})")
     metadata = dict(
         group=group,
         help=help,

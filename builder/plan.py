@@ -90,12 +90,12 @@ def estimate_sizes(
     compression: str = "none",
 ) -> dict[str, int]:
     """Shard tensor bytes per target format (exact uncompressed; with zstd, expected from
-    ZSTD_RATIOS), and the reference's padded dense layout. A `hidden` cache also writes the
-    head rows under vocab/ (`head_file_bytes`)."""
+    ZSTD_RATIOS), the head rows a `hidden` cache writes besides (`hidden_head`), and the
+    reference's padded dense layout."""
     layout = Layout("probs", dtype, aux_dtype or dtype, min(topk, draft_vocab), draft_vocab, aux_width, hidden_size)
     sizes = {fmt: s["expected"] for fmt, s in format_sizes(layout, num_tokens, num_loss, compression).items()}
     ref = reference_bytes(len(num_tokens), seq_length=seq_length, aux_width=aux_width, draft_vocab=draft_vocab, dtype=dtype)
-    return sizes | {"reference_padded_dense": ref}
+    return sizes | {"hidden_head": head_file_bytes(layout, draft_vocab, False), "reference_padded_dense": ref}
 
 
 def head_file_bytes(layout: Layout, vocab_size: int, store_full_head: bool) -> int:

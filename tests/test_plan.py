@@ -4,6 +4,8 @@ writes, and with zstd it bounds what is stored."""
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -93,3 +95,33 @@ def test_zstd_estimate_is_an_upper_bound(tmp_path):
     size = plan["sizes"]["probs"]
     assert size["expected"] <= size["at_most"] and stored <= size["at_most"]
     assert stored < size["data"]  # it did compress, so the bound is not the stored size itself
+
+
+def test_dry_run_prints_the_sizes_of_the_settings_given(tmp_path, capsys):
+    """--topk, --aux-dtype fp8 and the hidden format's argmax reach the printed estimate."""
+    from builder.cli import main
+    from builder.config import BuildConfig
+    from builder.prepare import prepare
+
+    argv = ["build", "--dry-run", "--quiet", "--max-samples", "40", "--output-dir", str(tmp_path / "out")]
+    argv += ["--target-format", "topk", "--topk", "8", "--aux-dtype", "fp8"]
+    assert main([*argv, "--compression", "none"]) == 0
+    text = capsys.readouterr().out
+    prep = prepare(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), max_samples=40))
+    tokens, loss = sum(prep.samples["num_tokens"]), sum(prep.samples["num_loss_tokens"])
+    # per token: int32 id, uint8 mask, 3 x 64 fp8 aux, its fp32 scale; per loss-masked token: the int32 argmax and ...
+    per_token, argmax = 4 + 1 + 192 + 4, 4
+    topk = tokens * per_token + loss * (argmax + 8 * 2 + 8 * 2 + 4)  # ... K fp16 log-probs, K int16 ids, fp32 log mass
+    hidden = tokens * (per_token + 64 * 2) + loss * argmax  # ... and a bf16 final hidden state per token
+    assert f"    {'topk':8s} {topk / 1e6:12,.2f} MB" in text
+    assert f"    {'hidden':8s} {hidden / 1e6:12,.2f} MB" in text
+    assert "  target format        topk (" in text and ", uncompressed (exact):" in text
+
+    assert main(argv) == 0  # zstd: the uncompressed figure and each value's header bound what is stored
+    text = capsys.readouterr().out
+    assert "with zstd: at most = the uncompressed bytes and each value's header (an upper bound)" in text
+    rows = len(prep.samples["num_tokens"])
+    compressed_topk_columns = [1, 2, 2, 4, 4]  # bytes per element of aux, log-probs, ids, log mass, argmax
+    # each value of a zstd column: a 9-byte header and 9 bytes per byte plane
+    at_most = topk + rows * sum(9 + 9 * k for k in compressed_topk_columns + [4])  # + the aux scales
+    assert re.search(rf"^    topk     at most {at_most / 1e6:,.2f} MB, expected [\d.]+ MB ", text, re.M)
