@@ -26,7 +26,7 @@ def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict:
         if meta["api_only"] or meta["group"] not in made:
             continue
         default = f.default if f.default is not dataclasses.MISSING else meta["cli_default"]
-        shown = meta["shown_default"] or (default if default not in (None, False) else None)
+        shown = shown_default(meta["shown_default"], default)
         options = {"default": default, "help": meta["help"] + (f" (default: {shown})" if shown is not None else "")}
         if hints[f.name] is bool:
             options["action"] = "store_true"
@@ -36,6 +36,13 @@ def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict:
             options["metavar"] = meta["metavar"]
         made[meta["group"]].add_argument(flag_of(f.name), **options)
     return made
+
+
+def shown_default(shown, default):
+    """What --help says a setting's default is: its own words, a function of the value, or the value."""
+    if callable(shown):
+        return shown(default)
+    return shown or (default if default not in (None, False) else None)
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:

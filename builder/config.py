@@ -47,7 +47,7 @@ def setting(
     group: str,
     help: str,
     cli_default=dataclasses.MISSING,
-    shown_default: str | None = None,
+    shown_default=None,
     choices: tuple[str, ...] | None = None,
     minimum: int | None = None,
     metavar: str | None = None,
@@ -58,7 +58,7 @@ def setting(
 
     `cli_default`: the command line's value for a setting the Python API requires.
     `shown_default`: what --help says the default means, where the value alone does not
-    (None, or a size); otherwise --help shows the value itself.
+    (None), or a function of the value (a size in MiB); otherwise --help shows the value itself.
     `choices`, `minimum`: checked by `validate` (a clear error, not argparse's).
     `api_only`: no command-line option.
     """
@@ -142,7 +142,9 @@ class BuildConfig:
         False, group="cache", help="hidden format: store every lm_head row, so any draft vocabulary can be read without a rebuild"
     )
     shard_size: int = setting(1000, group="cache", help="samples per Parquet shard", minimum=1)
-    row_group_bytes: int = setting(128 << 20, group="cache", help="bytes per Parquet row group", shown_default="128 MiB", minimum=1)
+    row_group_bytes: int = setting(
+        128 << 20, group="cache", help="bytes per Parquet row group", shown_default=lambda v: f"{v >> 20} MiB", minimum=1
+    )
     # ---- placement
     gpus_per_target: int = setting(
         1, group="placement", help="GPUs one target replica spans; launch with --num_processes = GPUs / N", minimum=1

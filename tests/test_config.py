@@ -10,7 +10,7 @@ from typing import get_type_hints
 
 import pytest
 
-from builder.cli import build_parser, config_from_args, main
+from builder.cli import build_parser, config_from_args, main, shown_default
 from builder.config import BuildConfig, flag_of, settings, validate
 from builder.errors import ConfigError
 
@@ -87,8 +87,8 @@ def test_help_shows_each_default_and_names_each_choice(capsys):
     for f in settings():
         if f.metadata["api_only"]:
             continue
-        shown = f.metadata["shown_default"] or api_default(f)
-        if shown not in (None, False):
+        shown = shown_default(f.metadata["shown_default"], api_default(f))
+        if shown is not None:
             assert re.search(rf"{flag_of(f.name)}\b.*?\(default: {re.escape(str(shown))}\)", text), f.name
         for choice in f.metadata["choices"] or ():
             assert choice in f.metadata["help"], (f.name, choice)
