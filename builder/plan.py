@@ -54,9 +54,9 @@ def layout_sizes(layout: Layout, num_tokens: np.ndarray, num_loss: np.ndarray, c
 
     columns = layout.column_bytes(int(np.sum(num_tokens)), int(np.sum(num_loss)))
     encodings = column_encodings(layout, compression)
-    rows, data, at_most, expected = len(num_tokens), 0, 0, 0.0
+    specs, rows, data, at_most, expected = layout.columns(), len(num_tokens), 0, 0, 0.0
     for name, nbytes in columns.items():
-        dtype = layout.columns()[name]["dtype"]
+        dtype = specs[name]["dtype"]
         data += nbytes
         at_most += nbytes + rows * max_added_bytes(TORCH_DTYPES[dtype].itemsize, encodings[name])
         part = COLUMN_PARTS.get(name, layout.target_format)  # target_argmax goes with its format
@@ -100,7 +100,7 @@ def estimate_sizes(
 
 def head_file_bytes(layout: Layout, vocab_size: int, store_full_head: bool) -> int:
     """Tensor bytes of a `hidden` cache's vocab/lm_head.safetensors: the draft rows, and every
-    row with --store-full-head (a head bias, where the target has one, adds a row's worth)."""
+    row with --store-full-head (a head bias, where the target has one, adds its vocab_size floats)."""
     rows = layout.draft_vocab_size + (vocab_size if store_full_head else 0)
     return rows * layout.hidden_size * HEAD_FILE_BYTES
 
