@@ -40,3 +40,14 @@ def assert_same_content(rows_a: list[dict], rows_b: list[dict]) -> None:
                 assert torch.equal(a[key], b[key]), key
             else:
                 assert a[key] == b[key], key
+
+
+def says(*facts: str) -> str:
+    """A `pytest.raises(match=...)` pattern for a message that states every fact, in any order.
+
+    Facts are literal text (a flag, a value, the fix to apply), so rewording the sentence around
+    them does not break a test, while dropping one of them does.
+    """
+    import re
+
+    return "(?s)" + "".join(f"(?=.*{re.escape(fact)})" for fact in facts)

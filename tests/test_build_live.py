@@ -235,8 +235,7 @@ def test_a_logit_term_the_head_path_misses_is_refused_before_anything_is_written
     out = tmp_path / "cache"
     with pytest.raises(
         HeadMismatch,
-        match=r"the llama \(CustomHeadForCausalLM\) target's own forward gives logits that differ "
-        r"from the builder's head path \(lm_head\) by up to \d[\d.e+-]* \(tolerance [\d.e+-]+ for float32\)",
+        match=r"(?s)(?=.*llama \(CustomHeadForCausalLM\))(?=.*\(lm_head\))(?=.*by up to \d)(?=.*tolerance [\d.e+-]+ for float32)",
     ):
         build(small_config(out, target, trust_remote_code=True, **FEW), progress=False)
     assert not (out / "data").exists() and not (out / "README.md").exists()
@@ -260,5 +259,5 @@ def test_head_check_tolerates_bf16_rounding_yet_catches_a_missing_term():
     torch.manual_seed(0)
     model = CustomHeadForCausalLM(config)
     _init_weights(model, 0)
-    with pytest.raises(HeadMismatch, match=r"the llama \(CustomHeadForCausalLM\) .* \(tolerance [\d.e+-]+ for bfloat16\)"):
+    with pytest.raises(HeadMismatch, match=r"(?s)(?=.*llama \(CustomHeadForCausalLM\))(?=.*tolerance [\d.e+-]+ for bfloat16)"):
         Target(model.to(torch.bfloat16).eval(), [1, 2, 4]).check_head(probe)

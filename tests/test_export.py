@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import small_config
+from helpers import says, small_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,9 +180,7 @@ def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cac
 
 
 def test_export_errors_are_clear(probs_cache, tmp_path):
-    with pytest.raises(
-        ExportError, match=r"SpecForge trains from final hidden states; .* --target-format probs\. Rebuild with --target-format hidden"
-    ):
+    with pytest.raises(ExportError, match=says("SpecForge", "hidden states", "--target-format probs", "--target-format hidden")):
         export_cache(probs_cache, "specforge", tmp_path / "sf", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from helpers import assert_same_content, decoded_rows, small_config
+from helpers import assert_same_content, decoded_rows, says, small_config
 from hub_server import TOKEN, hub_fixtures
 
 from builder.build import build
@@ -291,8 +291,7 @@ def test_permanent_read_failure_names_the_file_and_the_revision(hub, pushed_v1, 
     seen = []
     with pytest.raises(
         HubError,
-        match=r"streaming tester/dist: reading data/train-00002-of-00004\.parquet at revision 'v1' "
-        r"\(commit [0-9a-f]{12}\) failed: the file is not in that commit",
+        match=says("tester/dist", "data/train-00002-of-00004.parquet", "revision 'v1'", "not in that commit"),
     ):
         for row in load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], block_size=32 << 10, retry=FAST):
             seen.append(row["sample_id"])
@@ -359,7 +358,7 @@ def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
-    with pytest.raises(HubError, match="no Hugging Face token found. Set HF_TOKEN"):
+    with pytest.raises(HubError, match=says("no Hugging Face token", "HF_TOKEN")):
         push(v1, "tester/x")
     with pytest.raises(FileNotFoundError, match="no README.md"):
         push_cache(tmp_path, PushTarget("tester/x", token=TOKEN))

@@ -13,6 +13,7 @@ import json
 from itertools import product
 
 import pytest
+from helpers import says
 from tiny_targets import tiny_tokenizer
 
 import builder.build as build_mod
@@ -273,9 +274,7 @@ def test_sharegpt_rows_give_role_and_text_and_pass_tools(tok):
 
 
 def test_rewriting_template_is_a_bad_row(tok):
-    with pytest.raises(
-        BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:2\] as a prefix .*--chat-template"
-    ) as info:
+    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: .*messages\[:2\].*--chat-template") as info:
         encode_row(REWRITE_ROW, tok, CHATML)
     assert info.value.reason == "template_not_prefix_stable"
     # With generation blocks the same row needs no prefix renderings.
@@ -308,9 +307,7 @@ def test_strict_stops_on_a_not_prefix_stable_row_before_the_model_loads(tmp_path
     monkeypatch.setattr(target_mod, "load_model", no_weights)
     monkeypatch.setattr(build_mod, "load_model", no_weights)
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML), strict=True)
-    with pytest.raises(
-        BadRowError, match=r"^--strict: input row 2 \(id 'rewrite'\) is invalid: template_not_prefix_stable: .*messages\[:2\]"
-    ):
+    with pytest.raises(BadRowError, match=says("--strict", "input row 2", "'rewrite'", "template_not_prefix_stable", "messages[:2]")):
         build(cfg, progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -5,6 +5,7 @@ styles, and the comparison with NeMo Automodel: tests/test_masks.py.)"""
 import json
 
 import pytest
+from helpers import says
 from tiny_targets import tiny_tokenizer
 
 import builder.tokenize as tokenize_mod
@@ -156,7 +157,7 @@ def test_no_assistant_token_within_seq_length(tok, path):
     _, full_mask = encode_messages(messages, tok, TEMPLATES[path], 4096)
     first_loss = full_mask.index(1)
     assert first_loss > 40
-    with pytest.raises(BadRow, match=f"^no_loss_tokens_after_truncation: no assistant token within the first {first_loss} tokens") as info:
+    with pytest.raises(BadRow, match=says("no_loss_tokens_after_truncation", f"first {first_loss} tokens")) as info:
         encode_messages(messages, tok, TEMPLATES[path], first_loss)
     assert info.value.reason == "no_loss_tokens_after_truncation"
     assert sum(encode_messages(messages, tok, TEMPLATES[path], first_loss + 1)[1]) == 1
@@ -194,9 +195,7 @@ def test_template_with_generation_blocks_that_raises(tok):
 
 @pytest.mark.parametrize("template", [LAST_MESSAGE_ONLY, DROPS_EARLIER_ASSISTANT_TURNS], ids=["last_message_only", "drops_assistant_turns"])
 def test_template_not_prefix_stable(tok, template):
-    with pytest.raises(
-        BadRow, match=r"^template_not_prefix_stable: the chat template does not render messages\[:\d\] as a prefix .*--chat-template"
-    ) as info:
+    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: .*messages\[:\d\].*--chat-template") as info:
         encode_messages(SYSTEM_MULTI_TURN, tok, template, 4096)
     assert info.value.reason == "template_not_prefix_stable"
 
@@ -211,7 +210,7 @@ def test_template_of(tok):
     assert template_of(tok, NO_GEN) == NO_GEN
     bare = tiny_tokenizer()
     bare.chat_template = None
-    with pytest.raises(ValueError, match="the tokenizer has no chat template.*--chat-template"):
+    with pytest.raises(ValueError, match=says("no chat template", "--chat-template")):
         template_of(bare, None)
 
 
