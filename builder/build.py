@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from .batching import pad_batch, plan_batches
 from .config import BuildConfig
 from .errors import ConfigError, DiskFull, Eagle3CacheError
+from .files import atomic_write, remove_leftovers, write_json_atomic
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .lock import CacheLock
-from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
+from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
 from .plan import warn_if_writer_holds_back
 from .prepare import Prepared, prepare
@@ -172,8 +173,7 @@ def disk_full_as_error():
 
 def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
     if resume:
-        for tmp in (out / "data").glob(".*.tmp-*"):  # leftovers of a killed writer
-            tmp.unlink()
+        remove_leftovers(out / "data")  # temp files of a killed writer
     else:
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 
@@ -490,11 +490,8 @@ def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
         tensors["weight"] = target.head.weight.float().cpu()
     if getattr(target.head, "bias", None) is not None:
         tensors["bias"] = target.head.bias.float().cpu()
-    path = out / LM_HEAD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(out / LM_HEAD_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 class Progress:
@@ -562,14 +559,11 @@ def read_rank_stats(out: Path) -> list[dict]:
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:
-    path = out / VOCAB_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {
-            "selected_token_ids": torch.as_tensor(prep.selected_token_ids, dtype=torch.int64),
-            "token_counts": torch.as_tensor(prep.token_counts, dtype=torch.int64),
-        },
-        str(tmp),
-    )
-    tmp.replace(path)
+    with atomic_write(out / VOCAB_FILE) as tmp:
+        save_file(
+            {
+                "selected_token_ids": torch.as_tensor(prep.selected_token_ids, dtype=torch.int64),
+                "token_counts": torch.as_tensor(prep.token_counts, dtype=torch.int64),
+            },
+            str(tmp),
+        )

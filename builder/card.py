@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures
 
+from .files import write_bytes_atomic, write_text_atomic
 from .formats import merge_quality, quality_report
 from .manifest import LM_HEAD_FILE, VOCAB_FILE, fingerprint
 from .prepare import Prepared
@@ -120,11 +120,7 @@ def write_pictures(out: Path, prep: Prepared) -> None:
     """The card's PNGs, from what the build already holds (shards may be gone after an upload)."""
     pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
     for relative, data in pictures.items():
-        path = out / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(out / relative, data)
 
 
 def existing_pictures(out: Path) -> list[tuple[str, str]]:
@@ -136,7 +132,5 @@ def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] 
     manifest = assemble_manifest(out, prep, shards, ranks)
     write_pictures(out, prep)
     text = render_card(manifest, location=str(out), pictures=existing_pictures(out))
-    tmp = out / f".README.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "README.md")
+    write_text_atomic(out / "README.md", text)
     return manifest

@@ -587,7 +587,8 @@ def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | Non
 def record_sha256(shard_path: Path, sha: str) -> None:
     """Keep a shard's sha256 in its build record (when it has one), so that a resumed build or push
     can tell the Hub's copy is this shard after the local file is gone, without hashing it again."""
-    from .manifest import read_sidecar, sidecar_path, write_json_atomic
+    from .files import write_json_atomic
+    from .manifest import read_sidecar, sidecar_path
 
     cache_dir = shard_path.parent.parent
     sidecar = read_sidecar(cache_dir, shard_path.name)

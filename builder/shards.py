@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
+from .files import temp_path
 from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
 
 if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
@@ -256,7 +257,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, row_group_bytes: int, encodings: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = temp_path(self.path)
         self.schema = schema
         self.row_group_bytes = row_group_bytes
         self.encodings = encodings or {}

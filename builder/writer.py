@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
+from .files import write_json_atomic
 from .formats import merge_quality
-from .manifest import sidecar_path, write_json_atomic
+from .manifest import sidecar_path
 from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
