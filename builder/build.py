@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -26,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
 from .config import BuildConfig
-from .errors import ConfigError, DiskFull, Eagle3CacheError
-from .files import atomic_write, remove_leftovers, write_json_atomic
+from .errors import ConfigError, Eagle3CacheError
+from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .lock import CacheLock
 from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar
@@ -36,7 +35,7 @@ from .plan import warn_if_writer_holds_back
 from .prepare import Prepared, prepare
 from .shards import shard_name, shard_row_count
 from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec, load_model
-from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
+from .writer import BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
 WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
@@ -156,19 +155,6 @@ def agree(state, main_process_step) -> None:
         error = shared[0]
     if error is not None:
         raise error
-
-
-@contextmanager
-def disk_full_as_error():
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in DISK_FULL_ERRNOS:
-            raise
-        raise DiskFull(
-            f"no space left writing {err.filename or 'the cache'} ({err.strerror}); every shard already written is "
-            "complete and valid. Free space (or raise the quota), then rerun with --resume."
-        ) from err
 
 
 def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
