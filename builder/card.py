@@ -9,11 +9,11 @@ from pathlib import Path
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures
 
-from .files import write_bytes_atomic, write_text_atomic
+from .files import file_hash, write_bytes_atomic, write_text_atomic
 from .formats import merge_quality, quality_report
 from .manifest import LM_HEAD_FILE, VOCAB_FILE, fingerprint
 from .prepare import Prepared
-from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings, file_checksum
+from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings
 from .target import head_spec
 from .vocab import special_token_ids, vocab_coverage
 
@@ -58,7 +58,7 @@ def head_files(out: Path, prep: Prepared) -> dict:
     with safe_open(str(out / LM_HEAD_FILE), "pt") as head:
         has_bias = "bias" in head.keys()
     return {
-        "lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_checksum(out / LM_HEAD_FILE)},
+        "lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_hash(out / LM_HEAD_FILE, CHECKSUM_ALGORITHM)},
         "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias),
     }
 
@@ -89,7 +89,7 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         "layout": asdict(prep.layout),
         "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
         "checksum_algorithm": CHECKSUM_ALGORITHM,  # of every file checksum below (shards, vocab, head rows)
-        "vocab_file": {"path": VOCAB_FILE, "checksum": file_checksum(out / VOCAB_FILE)},
+        "vocab_file": {"path": VOCAB_FILE, "checksum": file_hash(out / VOCAB_FILE, CHECKSUM_ALGORITHM)},
         **head_files(out, prep),
         "quality": merged_quality(sidecars),  # measured against the live target during the build
         "shards": shards,

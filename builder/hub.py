@@ -568,8 +568,8 @@ def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | Non
     """A shard's sha256 (the Hub's LFS oid): recorded by an earlier upload in the shard's build
     record, else hashed from the local file (and recorded). None (or, `required`, an error)
     when neither exists."""
+    from .files import file_hash
     from .manifest import read_sidecar
-    from .shards import file_sha256
 
     sidecar = read_sidecar(Path(cache_dir), name)
     if sidecar is not None and sidecar.get("sha256"):
@@ -579,7 +579,7 @@ def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | Non
         if required:
             raise HubError(f"{path}: the shard is gone locally and no upload recorded its sha256; rebuild it (--resume)")
         return None
-    sha = file_sha256(path)
+    sha = file_hash(path, "sha256")  # the Hub's LFS object id
     record_sha256(path, sha)
     return sha
 
