@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
+from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_sidecar
 from .config import BuildConfig
 from .errors import ConfigError, Eagle3CacheError
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .lock import CacheLock
-from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar
+from .manifest import LM_HEAD_FILE, VOCAB_FILE
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
 from .plan import warn_if_writer_holds_back
 from .prepare import Prepared, prepare

@@ -568,8 +568,8 @@ def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | Non
     """A shard's sha256 (the Hub's LFS oid): recorded by an earlier upload in the shard's build
     record, else hashed from the local file (and recorded). None (or, `required`, an error)
     when neither exists."""
+    from .build_state import read_sidecar
     from .files import file_hash
-    from .manifest import read_sidecar
 
     sidecar = read_sidecar(Path(cache_dir), name)
     if sidecar is not None and sidecar.get("sha256"):
@@ -587,8 +587,8 @@ def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | Non
 def record_sha256(shard_path: Path, sha: str) -> None:
     """Keep a shard's sha256 in its build record (when it has one), so that a resumed build or push
     can tell the Hub's copy is this shard after the local file is gone, without hashing it again."""
+    from .build_state import read_sidecar, sidecar_path
     from .files import write_json_atomic
-    from .manifest import read_sidecar, sidecar_path
 
     cache_dir = shard_path.parent.parent
     sidecar = read_sidecar(cache_dir, shard_path.name)

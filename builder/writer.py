@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .build_state import sidecar_path
 from .errors import Eagle3CacheError, NonFiniteOutput
 from .files import disk_full_error, is_disk_full, write_json_atomic
 from .formats import merge_quality
-from .manifest import sidecar_path
 from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
