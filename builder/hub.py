@@ -371,9 +371,9 @@ class HubPusher:
             )
         except FileNotFoundError:
             return ""
-        from huggingface_hub import DatasetCard
+        from .manifest import CARD_KEY, card_data_of
 
-        return DatasetCard.load(card).data.to_dict().get("eagle3_cache", {}).get("fingerprint", "")
+        return card_data_of(card.read_text(encoding="utf-8")).get(CARD_KEY, {}).get("fingerprint", "")
 
     def check_tag(self, fingerprint: str | None) -> bool:
         """True when the tag already names this very cache (nothing left to do); raise when it names another."""
@@ -504,13 +504,13 @@ class HubPusher:
             raise
 
     def _root_card_data(self, commit: str) -> tuple[dict, bool]:
-        from huggingface_hub import DatasetCard
+        from .manifest import card_data_of
 
         try:
             path = self._call("read root card", lambda: download_file(self.target.repo_id, "README.md", commit, self.target.token))
         except FileNotFoundError:
             return {}, False
-        return DatasetCard.load(path).data.to_dict(), True
+        return card_data_of(path.read_text(encoding="utf-8")), True
 
     def _check_layout(self, root: dict) -> None:
         t = self.target
@@ -532,7 +532,7 @@ def push_cache(
     retry: Retry | None = None,
 ) -> PushResult:
     """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
-    from .reader import read_manifest
+    from .manifest import read_manifest
 
     cache_dir = Path(cache_dir)
     validate_target(target)
@@ -655,7 +655,7 @@ class ShardUploader:
 
     def finish(self, cache_dir: str | Path) -> PushResult:
         """Rank 0, after every rank's `wait` and after the card is written: final commit, then the tag."""
-        from .reader import read_manifest
+        from .manifest import read_manifest
 
         self.wait()
         manifest = read_manifest(cache_dir)
