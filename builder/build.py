@@ -53,7 +53,7 @@ class BuildResult:
     written: list[str] = field(default_factory=list)  # shards written by this rank in this run
     manifest: dict | None = None  # rank 0 only
     placement: dict = field(default_factory=dict)  # recorded in the card; content never depends on it
-    pushed: object = None  # hub.PushResult of --push-to-hub (rank 0)
+    pushed: object = None  # push.PushResult of --push-to-hub (rank 0)
 
 
 def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
@@ -97,8 +97,8 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     """--push-to-hub: the background uploader every rank hands its finished shards to."""
     if not cfg.push_to_hub:
         return None
-    from .hub import PushTarget, ShardUploader, validate_target
     from .manifest import fingerprint
+    from .push import PushTarget, ShardUploader, validate_target
 
     target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
     validate_target(target)

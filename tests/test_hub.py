@@ -18,7 +18,8 @@ from hub_server import TOKEN, hub_fixtures
 from builder.build import build
 from builder.cli import main
 from builder.files import file_hash
-from builder.hub import HubError, PushTarget, Retry, ShardUploader, push_cache, validate_target
+from builder.hub import HubError, Retry
+from builder.push import PushTarget, ShardUploader, push_cache, validate_target
 from builder.reader import CacheMismatch, load_cache, read_manifest, read_vocab
 
 hub_server, hub = hub_fixtures()
