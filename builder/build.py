@@ -139,7 +139,7 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
 
         result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
         if uploader is not None:
-            result.pushed = uploader.finish(out)  # card, vocab and pictures last, then the tag
+            result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
 
 
 def agree(state, main_process_step) -> None:

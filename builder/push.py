@@ -386,7 +386,7 @@ class ShardUploader:
         uploader.upload(path, sha256)       # returns at once (sha256: recorded by an earlier upload, or None)
         uploader.wait()                     # every rank, before the final barrier
         ...                                 # rank 0, after the barrier and the card:
-        result = uploader.finish(cache_dir) # final commit (card, vocab, pictures), then the tag
+        result = uploader.finish(cache_dir, manifest)  # final commit (card, vocab, pictures), then the tag
 
     Local disk then holds at most `max_pending` queued shards plus the one uploading plus the
     one being written. A failed upload is raised by the next `upload` or by `finish`.
@@ -433,10 +433,10 @@ class ShardUploader:
             self._thread.join()
         self._raise_if_failed()
 
-    def finish(self, cache_dir: str | Path) -> PushResult:
-        """Rank 0, after every rank's `wait` and after the card is written: final commit, then the tag."""
+    def finish(self, cache_dir: str | Path, manifest: dict) -> PushResult:
+        """Rank 0, after every rank's `wait` and after the card is written: final commit, then the
+        tag. `manifest`: the one the build assembled (and wrote into the card)."""
         self.wait()
-        manifest = read_manifest(cache_dir)
         result = self.pusher.finish(Path(cache_dir), manifest, dict(self._sha256))
         result.uploaded = list(self.uploaded)
         return result

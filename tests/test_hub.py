@@ -403,7 +403,7 @@ def test_shard_uploader_keeps_few_shards_locally(hub, v1, tmp_path):
     assert "README.md" not in hub.files_at("tester/streamed", "main") and not hub.repo("tester/streamed").tags
     for item in ("README.md", "vocab", "images"):  # rank 0 writes vocab, pictures and card last
         (shutil.copytree if (v1 / item).is_dir() else shutil.copy)(v1 / item, out / item)
-    result = uploader.finish(out)
+    result = uploader.finish(out, read_manifest(v1))  # the build hands over the manifest it assembled
     assert not list((out / "data").glob("*.parquet")) and len(result.uploaded) == 4
     assert hub.repo("tester/streamed").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/streamed", revision="v1", layout="raw")), decoded_rows(v1))

@@ -26,6 +26,8 @@ def test_upload_while_building_keeps_few_shards_and_equals_push_after_build(hub,
         return real_upload(self, path, sha256)
 
     monkeypatch.setattr(push_module.ShardUploader, "upload", counting_upload)
+    # the build hands the push the manifest it assembled: the card is not read back
+    monkeypatch.setattr(push_module, "read_manifest", lambda *a, **k: pytest.fail("the push re-read the card"))
     out = tmp_path / "streamed"
     cfg = small_config(out, shard_size=2, push_to_hub="tester/while-building", hub_tag="v1", delete_local_after_upload=True)
     result = build(cfg, progress=False)
