@@ -37,7 +37,7 @@ from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
 from .hub import NAME_PATTERN, REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
-from .manifest import CARD_KEY, card_data_of, read_manifest
+from .manifest import CARD_KEY, INDEX_KEY, card_data_of, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -302,13 +302,13 @@ class HubPusher:
 
     def _check_layout(self, root: dict) -> None:
         t = self.target
-        if t.config is not None and "eagle3_cache" in root:
+        if t.config is not None and CARD_KEY in root:
             raise HubError(
                 f"{t.repo_id} holds a cache at its root, so it cannot also take config {t.config!r} in a sub-folder. "
                 "Push to another repo, or push this cache without --hub-config to replace the root cache."
             )
-        if t.config is None and root.get("eagle3_cache_index") and "eagle3_cache" not in root:
-            names = sorted(root["eagle3_cache_index"])
+        if t.config is None and root.get(INDEX_KEY) and CARD_KEY not in root:
+            names = sorted(root[INDEX_KEY])
             raise HubError(f"{t.repo_id} holds several caches in sub-folders ({names}); pass --hub-config NAME to add or update one.")
 
 
