@@ -184,7 +184,7 @@ def check_format_version(manifest: dict, where: str = "the cache") -> None:
     if version > FORMAT_VERSION:
         raise ManifestError(
             f"{where}: the cache has format version {version}, newer than the {FORMAT_VERSION} this eagle3-cache reads; "
-            "upgrade eagle3-cache (pip install -U eagle3-cache) to read it"
+            "upgrade eagle3-cache to read it"
         )
 
 
