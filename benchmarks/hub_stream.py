@@ -106,7 +106,7 @@ def main() -> None:
         disable_progress_bars()
         from builder.build import build
         from builder.config import BuildConfig
-        from builder.hub import PushTarget, push_cache
+        from builder.push import PushTarget, push_cache
 
         out = Path(temp_dir("cache")) / "cache"
         start = time.perf_counter()

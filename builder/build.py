@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -25,17 +24,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .batching import pad_batch, plan_batches
+from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_sidecar
 from .config import BuildConfig
-from .errors import ConfigError, DiskFull, Eagle3CacheError
+from .errors import ConfigError, Eagle3CacheError
+from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .lock import CacheLock
-from .manifest import BUILD_STATE_DIR, BUILD_STATE_FILE, LM_HEAD_FILE, VOCAB_FILE, check_resume, read_sidecar, write_json_atomic
+from .manifest import LM_HEAD_FILE, VOCAB_FILE
 from .placement import check_fits, device_map_summary, group_gpus, max_memory_map, parse_bytes, plan_memory
 from .plan import warn_if_writer_holds_back
 from .prepare import Prepared, prepare
 from .shards import shard_name, shard_row_count
 from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec, load_model
-from .writer import DISK_FULL_ERRNOS, BackgroundWriter, BatchOutput
+from .writer import BackgroundWriter, BatchOutput
 
 log = logging.getLogger(__name__)
 WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
@@ -52,7 +53,7 @@ class BuildResult:
     written: list[str] = field(default_factory=list)  # shards written by this rank in this run
     manifest: dict | None = None  # rank 0 only
     placement: dict = field(default_factory=dict)  # recorded in the card; content never depends on it
-    pushed: object = None  # hub.PushResult of --push-to-hub (rank 0)
+    pushed: object = None  # push.PushResult of --push-to-hub (rank 0)
 
 
 def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
@@ -96,8 +97,8 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     """--push-to-hub: the background uploader every rank hands its finished shards to."""
     if not cfg.push_to_hub:
         return None
-    from .hub import PushTarget, ShardUploader, validate_target
     from .manifest import fingerprint
+    from .push import PushTarget, ShardUploader, validate_target
 
     target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
     validate_target(target)
@@ -138,7 +139,7 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
 
         result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
         if uploader is not None:
-            result.pushed = uploader.finish(out)  # card, vocab and pictures last, then the tag
+            result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
 
 
 def agree(state, main_process_step) -> None:
@@ -157,23 +158,9 @@ def agree(state, main_process_step) -> None:
         raise error
 
 
-@contextmanager
-def disk_full_as_error():
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in DISK_FULL_ERRNOS:
-            raise
-        raise DiskFull(
-            f"no space left writing {err.filename or 'the cache'} ({err.strerror}); every shard already written is "
-            "complete and valid. Free space (or raise the quota), then rerun with --resume."
-        ) from err
-
-
 def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
     if resume:
-        for tmp in (out / "data").glob(".*.tmp-*"):  # leftovers of a killed writer
-            tmp.unlink()
+        remove_leftovers(out / "data")  # temp files of a killed writer
     else:
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 
@@ -490,11 +477,8 @@ def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
         tensors["weight"] = target.head.weight.float().cpu()
     if getattr(target.head, "bias", None) is not None:
         tensors["bias"] = target.head.bias.float().cpu()
-    path = out / LM_HEAD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(out / LM_HEAD_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 class Progress:
@@ -562,14 +546,11 @@ def read_rank_stats(out: Path) -> list[dict]:
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:
-    path = out / VOCAB_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(
-        {
-            "selected_token_ids": torch.as_tensor(prep.selected_token_ids, dtype=torch.int64),
-            "token_counts": torch.as_tensor(prep.token_counts, dtype=torch.int64),
-        },
-        str(tmp),
-    )
-    tmp.replace(path)
+    with atomic_write(out / VOCAB_FILE) as tmp:
+        save_file(
+            {
+                "selected_token_ids": torch.as_tensor(prep.selected_token_ids, dtype=torch.int64),
+                "token_counts": torch.as_tensor(prep.token_counts, dtype=torch.int64),
+            },
+            str(tmp),
+        )

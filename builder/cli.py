@@ -140,7 +140,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def target_from_args(args: argparse.Namespace, repo_id: str):
-    from .hub import PushTarget, validate_target
+    from .push import PushTarget, validate_target
 
     target = PushTarget(repo_id, config=args.hub_config, branch=args.hub_branch, tag=args.hub_tag, private=args.private)
     validate_target(target)
@@ -148,7 +148,7 @@ def target_from_args(args: argparse.Namespace, repo_id: str):
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from .hub import push_cache
+    from .push import push_cache
 
     result = push_cache(args.cache_dir, target_from_args(args, args.repo_id))
     where = f"{result.repo_id}@{result.tag or result.branch}" + (f" (config {result.config})" if result.config else "")

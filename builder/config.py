@@ -282,7 +282,7 @@ def _check_output_dir(cfg: BuildConfig) -> None:
 
 
 def holds_cache(out: Path) -> bool:
-    from .manifest import BUILD_STATE_FILE  # local: manifest imports config
+    from .build_state import BUILD_STATE_FILE
 
     return (out / BUILD_STATE_FILE).exists() or (out / "README.md").exists() or any(out.glob("data/*.parquet"))
 

@@ -12,7 +12,6 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
+from .files import atomic_write
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import d2t_t2d
 
@@ -46,9 +46,8 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
 
 
 def _save(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 # ---- NeMo Automodel -------------------------------------------------------------------------

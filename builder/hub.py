@@ -1,40 +1,19 @@
-"""All Hugging Face Hub access: push a cache (after the build, or shard by shard while it
-runs) and fetch what a reader needs (the revision's commit, the card, the vocab file).
+"""The Hugging Face Hub client: endpoint and token, retries of transient failures, revision
+resolution and downloads of a pinned commit, listings, and errors that say what to do.
 
-Layout in a dataset repo. A single cache lives at the root, exactly as on local disk
-(config `default`). Several caches live in sub-folders, one config each
-(`NAME/README.md`, `NAME/data/...`, `NAME/vocab/...`), and the root card is an index
-listing them. A repo is one or the other: mixing a root cache with sub-folder configs is
-refused, so a root card never has to describe two caches.
-
-Versions. Shards go up first, in commits of a few shards each (a re-run skips every shard
-already on the branch with the right sha256, so an interrupted push resumes). The manifest
-checksums shards with a fast hash; the sha256 the Hub keys LFS files by is computed by the
-client as it uploads a shard and recorded in the shard's build record (`shard_sha256`). The card,
-vocab and pictures follow in one final commit that also deletes data files left over from
-an earlier version; only after that commit succeeded is the tag created, pointing at it.
-A tag therefore never names a half-uploaded version, and an earlier tag keeps its content.
-
-Uploads use `create_commit` (never `Dataset.push_to_hub`: it rewrites the split and cannot
-append). The token comes from `HF_TOKEN` or the saved `hf auth login`; the endpoint from
-`HF_ENDPOINT`. Transient failures (connection errors, 408/429/5xx) are retried with
-exponential backoff; anything else fails at once with what to do.
+The token comes from `HF_TOKEN` or the saved `hf auth login`; the endpoint from `HF_ENDPOINT`.
+Transient failures (connection errors, 408/429/5xx) are retried with exponential backoff;
+anything else fails at once with what to do. Pushing a cache is `builder.push`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import queue
 import re
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
-
-from dataset_card import data_prefix, index_entry, index_from_card_data, render_card, render_index_card
 
 from .errors import Eagle3CacheError
 
@@ -42,9 +21,7 @@ log = logging.getLogger(__name__)
 
 REPO_TYPE = "dataset"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-SHARDS_PER_COMMIT = 8  # few commits (the Hub rate-limits them) yet small steps to resume from
-RESERVED_CONFIG_NAMES = frozenset({"default", "data", "vocab", "images"})
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 
 
 class HubError(Eagle3CacheError):
@@ -69,55 +46,13 @@ def hub_api(token: str | None = None):
 def is_hub_location(location) -> bool:
     """A repo id ("user/name") that is not also a local path."""
     text = str(location)
-    return not Path(text).exists() and re.fullmatch(rf"{_NAME}/{_NAME}", text) is not None
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    """Where a cache goes: repo, config (None: the repo root), branch, tag, visibility."""
-
-    repo_id: str
-    config: str | None = None
-    branch: str = "main"
-    tag: str | None = None
-    private: bool = False
-    token: str | None = None  # None: HF_TOKEN or the saved login
-
-    @property
-    def prefix(self) -> str:
-        return data_prefix(self.config)
-
-    @property
-    def revision(self) -> str:
-        """What the card's usage snippet names: the tag when there is one (immutable), else the branch."""
-        return self.tag or self.branch
-
-
-def validate_target(target: PushTarget) -> None:
-    """Checks that need no network, run before any data or weights load."""
-    if re.fullmatch(rf"{_NAME}/{_NAME}", target.repo_id) is None:
-        raise HubError(f"repo id: expected 'user/name' (letters, digits, '.', '_', '-'), got {target.repo_id!r}")
-    if target.config is not None and (re.fullmatch(_NAME, target.config) is None or target.config in RESERVED_CONFIG_NAMES):
-        raise HubError(
-            f"--hub-config: expected a folder name (letters, digits, '.', '_', '-') other than {sorted(RESERVED_CONFIG_NAMES)}, "
-            f"got {target.config!r}. Leave it out to put the cache at the repo root."
-        )
-    for flag, ref in (("--hub-branch", target.branch), ("--hub-tag", target.tag)):
-        if ref is not None and (
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith((".lock", "/"))
-        ):
-            raise HubError(f"{flag}: expected a git ref name like 'v1' or 'release/2026-01', got {ref!r}")
-    if target.token is None:
-        from huggingface_hub import get_token
-
-        if get_token() is None:
-            raise HubError(f"pushing to {target.repo_id}: no Hugging Face token found. Set HF_TOKEN, or run `hf auth login`, then re-run.")
+    return not Path(text).exists() and re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", text) is not None
 
 
 # ---- retries and errors -----------------------------------------------------------------
 
 
-def _status(err: BaseException) -> int | None:
+def http_status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
@@ -141,7 +76,7 @@ def is_transient(err: BaseException) -> bool:
     while err is not None:
         if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, but retrying cannot help
             return False
-        if isinstance(err, transport) or _status(err) in TRANSIENT_STATUS:
+        if isinstance(err, transport) or http_status(err) in TRANSIENT_STATUS:
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -163,7 +98,7 @@ def explain(err: BaseException, what: str, repo_id: str) -> HubError:
     """A user-facing error for a failed Hub call."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    status = _status(err)
+    status = http_status(err)
     if isinstance(err, OfflineModeIsEnabled):
         hint = "offline mode is enabled (HF_HUB_OFFLINE=1): unset it to reach the Hub"
     elif status == 401:
@@ -261,10 +196,10 @@ def _url_of(err: BaseException, attribute: str) -> str:
 def read_error(err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int) -> HubError:
     """A user-facing error for a streaming read that failed for good: which file, which version, why."""
     path = failed_path(err) or "a data file"
-    status = _status(err)
+    status = http_status(err)
     while status is None and err.__cause__ is not None:  # `datasets` wraps the client's error
         err = err.__cause__
-        status = _status(err)
+        status = http_status(err)
     version = f"revision {revision!r} (commit {commit[:12]})" if revision else f"commit {commit[:12]} of the default branch"
     if status == 404:
         hint = "the file is not in that commit any more (deleted, or the history was rewritten): open a revision that holds it"
@@ -291,423 +226,3 @@ def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str
         return {e.path: (e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if hasattr(e, "blob_id")}
     except EntryNotFoundError:
         return {}
-
-
-# ---- pushing ------------------------------------------------------------------------------
-
-
-@dataclass
-class PushResult:
-    repo_id: str
-    config: str | None
-    branch: str
-    tag: str | None
-    commit: str
-    uploaded: list[str] = field(default_factory=list)  # shard names sent by this run
-    skipped: list[str] = field(default_factory=list)  # shard names already on the branch
-    deleted: list[str] = field(default_factory=list)  # stale data files removed from the branch
-
-    def load_snippet(self) -> str:
-        from dataset_card.render import load_arguments
-
-        return f"builder.load_cache({load_arguments(self.repo_id, self.config, self.tag or self.branch)}, streaming=True)"
-
-
-def _card_files(cache_dir: Path) -> list[Path]:
-    """What the final commit carries besides the card: vocab, pictures (never data, hidden state or temp files)."""
-    out = []
-    for path in sorted(cache_dir.rglob("*")):
-        relative = path.relative_to(cache_dir)
-        if not path.is_file() or relative.parts[0] == "data" or relative.as_posix() == "README.md":
-            continue
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        out.append(path)
-    return out
-
-
-class HubPusher:
-    """The steps of a push, shared by `push_cache` (after a build) and `ShardUploader` (during one)."""
-
-    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None):
-        validate_target(target)
-        self.target = target
-        self.retry = retry or Retry()
-        self.api = api or hub_api(target.token)
-
-    def _call(self, what: str, fn):
-        return self.retry(what, fn, self.target.repo_id)
-
-    def open(self) -> HubPusher:
-        """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
-        t = self.target
-        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
-        if t.private and not self._call("repo info", lambda: self.api.dataset_info(t.repo_id)).private:
-            log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
-        if t.branch != "main":
-            self._call("create branch", lambda: self.api.create_branch(t.repo_id, branch=t.branch, repo_type=REPO_TYPE, exist_ok=True))
-        self._check_layout(self._root_card_data(self.head())[0])
-        return self
-
-    def head(self) -> str:
-        t = self.target
-        return self._call("read branch head", lambda: self.api.dataset_info(t.repo_id, revision=t.branch).sha)
-
-    def tag_commit(self) -> str | None:
-        t = self.target
-        if t.tag is None:
-            return None
-        refs = self._call("list refs", lambda: self.api.list_repo_refs(t.repo_id, repo_type=REPO_TYPE))
-        return next((r.target_commit for r in refs.tags if r.name == t.tag), None)
-
-    def tagged_fingerprint(self) -> str | None:
-        """Fingerprint of the cache the tag already names (None: no such tag)."""
-        commit = self.tag_commit()
-        if commit is None:
-            return None
-        try:
-            card = self._call(
-                "read tagged card", lambda: download_file(self.target.repo_id, f"{self.target.prefix}README.md", commit, self.target.token)
-            )
-        except FileNotFoundError:
-            return ""
-        from huggingface_hub import DatasetCard
-
-        return DatasetCard.load(card).data.to_dict().get("eagle3_cache", {}).get("fingerprint", "")
-
-    def check_tag(self, fingerprint: str | None) -> bool:
-        """True when the tag already names this very cache (nothing left to do); raise when it names another."""
-        found = self.tagged_fingerprint()
-        if found is None:
-            return False
-        if fingerprint is not None and found == fingerprint:
-            return True
-        raise HubError(
-            f"--hub-tag {self.target.tag}: the tag already exists on {self.target.repo_id} and names "
-            f"{'cache ' + found if found else 'something else'}, not this cache ({fingerprint}). Tags name immutable versions: "
-            "choose a new tag (the existing one stays as it is)."
-        )
-
-    def remote_shards(self, revision: str | None = None) -> dict[str, str]:
-        """{shard file name: sha256} committed for this config on the branch (or at `revision`)."""
-        data = f"{self.target.prefix}data/"
-        revision = revision or self.target.branch
-        files = self._call("list files", lambda: remote_files(self.api, self.target.repo_id, revision, data))
-        return {path[len(data) :]: sha for path, sha in files.items() if path.startswith(data) and "/" not in path[len(data) :]}
-
-    def upload_shards(self, shards: list[tuple[Path, str | None]]) -> dict[str, str]:
-        """One commit adding these shard files; returns {name: sha256} as the client computed it
-        while uploading (it hashes each file itself), recorded beside each shard's build record."""
-        from huggingface_hub import CommitOperationAdd
-
-        attempt: list = []
-
-        def operations():  # fresh objects per attempt: the client mutates them
-            attempt[:] = [
-                CommitOperationAdd(path_in_repo=f"{self.target.prefix}data/{Path(path).name}", path_or_fileobj=str(path))
-                for path, _ in shards
-            ]
-            return attempt
-
-        names = [Path(p).name for p, _ in shards]
-        message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
-        self._call(
-            f"upload {', '.join(names)}",
-            lambda: self.api.create_commit(
-                self.target.repo_id, operations(), commit_message=message, repo_type=REPO_TYPE, revision=self.target.branch
-            ),
-        )
-        shas = {Path(path).name: op.upload_info.sha256.hex() for (path, _), op in zip(shards, attempt)}
-        for path, _ in shards:
-            record_sha256(Path(path), shas[Path(path).name])
-        return shas
-
-    def finish(self, cache_dir: Path, manifest: dict, known: dict[str, str] | None = None) -> PushResult:
-        """Final commit (card, vocab, pictures; stale data files deleted), then the tag.
-        `known`: {shard name: sha256} already computed (by the uploads of this run)."""
-        t = self.target
-        known = known or {}
-        expected = {s["name"]: known.get(s["name"]) or shard_sha256(cache_dir, s["name"]) for s in manifest["shards"]}
-        remote = self.remote_shards()
-        missing = sorted(name for name, sha in expected.items() if remote.get(name) != sha)
-        if missing:
-            raise HubError(
-                f"{t.repo_id}@{t.branch}: {len(missing)} shard(s) of this cache are not on the branch ({missing[:3]}...); "
-                "upload them first (re-run the push with the shards present locally)."
-            )
-        commit, stale = self._commit_card(cache_dir, manifest, expected)
-        if t.tag is not None:
-            self._call("create tag", lambda: self._create_tag(commit))
-        return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=[f"{t.prefix}data/{n}" for n in stale])
-
-    def _commit_card(self, cache_dir: Path, manifest: dict, expected: dict, attempts: int = 3) -> tuple[str, list[str]]:
-        """The final commit, on top of the branch head it was prepared from (`parent_commit`): if the
-        branch moved meanwhile (another config's push, or our own commit whose answer was lost),
-        everything is recomputed from the new head and committed again (a no-op if nothing changed)."""
-        t = self.target
-        message = f"eagle3-cache: {t.config or 'cache'} {manifest['fingerprint']}" + (f" (tag {t.tag})" if t.tag else "")
-        removed: set[str] = set()  # reported even when the commit that removed them lost its answer
-        for attempt in range(attempts):
-            head = self.head()
-            root_data, root_exists = self._root_card_data(head)
-            self._check_layout(root_data)
-            stale = sorted(name for name in self.remote_shards(head) if name not in expected)
-            removed.update(stale)
-            commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
-            try:
-                return self._call("commit card", commit), sorted(removed)
-            except HubError as err:
-                if _status(err.__cause__) != 412 or attempt == attempts - 1:
-                    raise
-                log.warning("%s moved while committing the card; retrying on top of it", t.branch)
-        raise AssertionError("unreachable")
-
-    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
-        t = self.target
-        operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
-        info = self.api.create_commit(
-            t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
-        )
-        return info.oid
-
-    def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-        t = self.target
-        ops = [CommitOperationDelete(path_in_repo=f"{t.prefix}data/{name}") for name in stale]
-        ops += [CommitOperationAdd(f"{t.prefix}{p.relative_to(cache_dir).as_posix()}", str(p)) for p in _card_files(cache_dir)]
-        ops.append(CommitOperationAdd(f"{t.prefix}README.md", self.card_text(cache_dir, manifest).encode()))
-        if t.config is not None:  # the root card indexes every config
-            index = index_from_card_data(root_data) if root_data is not None else {}
-            index[t.config] = index_entry(manifest, t.config, t.revision)
-            ops.append(CommitOperationAdd("README.md", render_index_card(t.repo_id, index).encode()))
-        return ops
-
-    def card_text(self, cache_dir: Path, manifest: dict) -> str:
-        from .card import existing_pictures
-
-        t = self.target
-        base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
-        return render_card(
-            manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base
-        )
-
-    def _create_tag(self, commit: str) -> None:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        t = self.target
-        try:
-            self.api.create_tag(t.repo_id, tag=t.tag, revision=commit, repo_type=REPO_TYPE)
-        except HfHubHTTPError as err:
-            if _status(err) == 409 and self.tag_commit() == commit:
-                return  # our own earlier attempt got through; its answer was lost
-            raise
-
-    def _root_card_data(self, commit: str) -> tuple[dict, bool]:
-        from huggingface_hub import DatasetCard
-
-        try:
-            path = self._call("read root card", lambda: download_file(self.target.repo_id, "README.md", commit, self.target.token))
-        except FileNotFoundError:
-            return {}, False
-        return DatasetCard.load(path).data.to_dict(), True
-
-    def _check_layout(self, root: dict) -> None:
-        t = self.target
-        if t.config is not None and "eagle3_cache" in root:
-            raise HubError(
-                f"{t.repo_id} holds a cache at its root, so it cannot also take config {t.config!r} in a sub-folder. "
-                "Push to another repo, or push this cache without --hub-config to replace the root cache."
-            )
-        if t.config is None and root.get("eagle3_cache_index") and "eagle3_cache" not in root:
-            names = sorted(root["eagle3_cache_index"])
-            raise HubError(f"{t.repo_id} holds several caches in sub-folders ({names}); pass --hub-config NAME to add or update one.")
-
-
-def push_cache(
-    cache_dir: str | Path,
-    target: PushTarget,
-    *,
-    shards_per_commit: int = SHARDS_PER_COMMIT,
-    retry: Retry | None = None,
-) -> PushResult:
-    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
-    from .reader import read_manifest
-
-    cache_dir = Path(cache_dir)
-    validate_target(target)
-    manifest = read_manifest(cache_dir)
-    pusher = HubPusher(target, retry=retry).open()
-    if pusher.check_tag(manifest["fingerprint"]):
-        log.info("%s@%s already holds cache %s; nothing to push", target.repo_id, target.tag, manifest["fingerprint"])
-        return PushResult(
-            target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]]
-        )
-    remote = pusher.remote_shards()
-    pending, skipped, known = [], [], {}
-    for shard in manifest["shards"]:
-        path = cache_dir / "data" / shard["name"]
-        sha = shard_sha256(cache_dir, shard["name"], required=False)
-        if sha is not None and remote.get(shard["name"]) == sha:
-            skipped.append(shard["name"])
-            known[shard["name"]] = sha
-            continue
-        if not path.exists():
-            raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
-        pending.append((path, sha))
-    for start in range(0, len(pending), shards_per_commit):
-        group = pending[start : start + shards_per_commit]
-        known |= pusher.upload_shards(group)
-        log.info("uploaded %d/%d shards", start + len(group), len(pending))
-    result = pusher.finish(cache_dir, manifest, known)
-    result.uploaded, result.skipped = [p.name for p, _ in pending], skipped
-    return result
-
-
-def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | None:
-    """A shard's sha256 (the Hub's LFS oid): recorded by an earlier upload in the shard's build
-    record, else hashed from the local file (and recorded). None (or, `required`, an error)
-    when neither exists."""
-    from .manifest import read_sidecar
-    from .shards import file_sha256
-
-    sidecar = read_sidecar(Path(cache_dir), name)
-    if sidecar is not None and sidecar.get("sha256"):
-        return sidecar["sha256"]
-    path = Path(cache_dir) / "data" / name
-    if not path.exists():
-        if required:
-            raise HubError(f"{path}: the shard is gone locally and no upload recorded its sha256; rebuild it (--resume)")
-        return None
-    sha = file_sha256(path)
-    record_sha256(path, sha)
-    return sha
-
-
-def record_sha256(shard_path: Path, sha: str) -> None:
-    """Keep a shard's sha256 in its build record (when it has one), so that a resumed build or push
-    can tell the Hub's copy is this shard after the local file is gone, without hashing it again."""
-    from .manifest import read_sidecar, sidecar_path, write_json_atomic
-
-    cache_dir = shard_path.parent.parent
-    sidecar = read_sidecar(cache_dir, shard_path.name)
-    if sidecar is not None and sidecar.get("sha256") != sha:
-        write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
-
-
-class ShardUploader:
-    """Upload while building: each finished shard is committed from a background thread as
-    soon as `upload` hands it over, and removed locally afterwards with `delete_local`.
-
-        uploader = ShardUploader(PushTarget(repo, tag="v1"), delete_local=True, fingerprint=fp)  # every rank
-        done = uploader.remote_shards()     # {name: sha256} already on the branch: skip them on resume
-        ...                                 # for each shard this rank publishes:
-        uploader.upload(path, sha256)       # returns at once (sha256: recorded by an earlier upload, or None)
-        uploader.wait()                     # every rank, before the final barrier
-        ...                                 # rank 0, after the barrier and the card:
-        result = uploader.finish(cache_dir) # final commit (card, vocab, pictures), then the tag
-
-    Local disk then holds at most `max_pending` queued shards plus the one uploading plus the
-    one being written. A failed upload is raised by the next `upload` or by `finish`.
-    """
-
-    def __init__(
-        self,
-        target: PushTarget,
-        *,
-        delete_local: bool = False,
-        max_pending: int = 1,
-        fingerprint: str | None = None,
-        retry: Retry | None = None,
-    ):
-        self.pusher = HubPusher(target, retry=retry).open()
-        self.already_pushed = self.pusher.check_tag(fingerprint)
-        self.delete_local = delete_local
-        self._remote = self.pusher.remote_shards()
-        self._sha256: dict[str, str] = {}  # shards of this run known to be on the branch
-        self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
-        self.uploaded: list[str] = []
-        self._thread = threading.Thread(target=self._run, name="eagle3-shard-uploader", daemon=True)
-        self._thread.start()
-
-    def remote_shards(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._remote)
-
-    def upload(self, path: str | Path, sha256: str | None = None) -> None:
-        """Hand over a published shard; `sha256` (recorded by an earlier upload, if any) lets a
-        shard already on the branch be skipped."""
-        self._raise_if_failed()
-        if not self._thread.is_alive():
-            raise RuntimeError("ShardUploader.upload after wait()/finish()/close(): hand over every shard first")
-        self._queue.put((Path(path), sha256))
-
-    def wait(self) -> None:
-        """Block until every handed-over shard is committed (each rank, before the build's final
-        barrier); raise if one failed. No `upload` after this."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self._raise_if_failed()
-
-    def finish(self, cache_dir: str | Path) -> PushResult:
-        """Rank 0, after every rank's `wait` and after the card is written: final commit, then the tag."""
-        from .reader import read_manifest
-
-        self.wait()
-        manifest = read_manifest(cache_dir)
-        result = self.pusher.finish(Path(cache_dir), manifest, dict(self._sha256))
-        result.uploaded = list(self.uploaded)
-        return result
-
-    def close(self) -> None:
-        """Stop after the queued uploads, without finishing or raising (after a failed build)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise HubError(f"uploading shards to {self.pusher.target.repo_id} failed: {self._error}") from self._error
-
-    def _next_batch(self) -> tuple[list, bool]:
-        """The next shard and whatever else is already queued (up to SHARDS_PER_COMMIT): one commit
-        for them all, since the Hub rate-limits commits per repo. Returns (items, stop)."""
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        items = [first]
-        # At most what the queue can hold: a shard handed over while this batch forms would otherwise
-        # join it, and the disk bound (max_pending queued + one uploading + one written) would not hold.
-        while len(items) < min(SHARDS_PER_COMMIT, self._queue.maxsize):
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return items, True
-            items.append(item)
-        return items, False
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            items, stop = self._next_batch()
-            if self._error is not None or not items:
-                continue  # drain: the build learns of the failure at its next upload/finish
-            try:
-                missing = [(path, sha) for path, sha in items if sha is None or self.remote_shards().get(path.name) != sha]
-                shas = {path.name: sha for path, sha in items if sha is not None}
-                if missing:
-                    shas |= self.pusher.upload_shards(missing)
-                    self.uploaded.extend(path.name for path, _ in missing)
-                with self._lock:
-                    self._remote.update(shas)
-                    self._sha256.update(shas)
-                if self.delete_local:
-                    for path, _ in items:
-                        path.unlink(missing_ok=True)
-            except BaseException as err:  # noqa: BLE001 - handed to the build thread
-                self._error = err

@@ -1,24 +1,38 @@
-"""The manifest: everything that shapes a cache's bytes (identity) plus what the build produced.
+"""The manifest: everything that shapes a cache's bytes (its identity, fingerprinted) plus what
+the build produced. It lives in the dataset card's YAML under `eagle3_cache`.
 
-The identity is recorded in `.eagle3_build/identity.json` before the first shard is written,
-so an interrupted build can be resumed (and a mismatched resume refused) before the card,
-which is written last, exists. Each finished shard leaves a small sidecar record there too.
+Here it is assembled (from the build's records), read back from a card (text, local folder or
+Hub repo), fingerprinted and checked against the format version this package reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import platform
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ResumeMismatch
+from .errors import Eagle3CacheError
+from .files import file_hash
+from .formats import merge_quality, quality_report
+from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings
+from .source import CacheSource, open_source
+from .vocab import special_token_ids, vocab_coverage
+
+if TYPE_CHECKING:
+    from .prepare import Prepared
 
 FORMAT_VERSION = 2  # 2: column encodings (byte planes + zstd) and xxh3-128 checksums; 1: raw columns, sha256
-BUILD_STATE_DIR = ".eagle3_build"
-BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
 VOCAB_FILE = "vocab/vocab.safetensors"
 LM_HEAD_FILE = "vocab/lm_head.safetensors"  # `hidden` caches: the target's head rows
+CARD_KEY = "eagle3_cache"  # the manifest's key in the card's YAML
+INDEX_KEY = "eagle3_cache_index"  # a root card listing caches in sub-folders
+
+
+class ManifestError(Eagle3CacheError, ValueError):
+    """A card holds no manifest this package can read."""
 
 
 def fingerprint(identity: dict) -> str:
@@ -32,52 +46,162 @@ def recorded_checksum(manifest: dict, record: dict) -> tuple[str, str]:
     return algorithm, record["checksum"] if "checksum" in record else record[algorithm]
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+# ---- assembling (the build) ---------------------------------------------------------------
 
 
-def identity_differences(stored: dict, current: dict) -> dict:
-    """`{field: (stored, current)}` for every differing identity field, dotted names."""
-    a, b = flatten(stored), flatten(current)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+def library_versions() -> dict:
+    import accelerate
+    import datasets
+    import huggingface_hub
+    import pyarrow
+    import torch
+    import transformers
+
+    from . import __version__
+
+    mods = {
+        "torch": torch,
+        "transformers": transformers,
+        "datasets": datasets,
+        "huggingface_hub": huggingface_hub,
+        "accelerate": accelerate,
+        "pyarrow": pyarrow,
+    }
+    return {"eagle3_cache": __version__, "python": platform.python_version(), **{k: str(m.__version__) for k, m in mods.items()}}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def column_specs(prep: Prepared) -> dict:
+    """Every column's Arrow type; tensor columns also their dtype, inner shape, what they are per and
+    how their values are encoded (shards.encode_value)."""
+    specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
+    encodings = column_encodings(prep.layout, prep.cfg.compression)
+    for name, spec in prep.layout.columns().items():
+        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", "encoding": encodings[name]}
+    return specs
 
 
-def read_identity(output_dir: Path) -> dict | None:
-    path = output_dir / BUILD_STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+def head_files(out: Path, prep: Prepared) -> dict:
+    """`hidden` caches: where the head rows are, and the logit transform a reader must apply."""
+    if prep.cfg.target_format != "hidden":
+        return {}
+    from safetensors import safe_open
+
+    from .target import head_spec
+
+    with safe_open(str(out / LM_HEAD_FILE), "pt") as head:
+        has_bias = "bias" in head.keys()
+    return {
+        "lm_head_file": {"path": LM_HEAD_FILE, "checksum": file_hash(out / LM_HEAD_FILE, CHECKSUM_ALGORITHM)},
+        "head_transform": head_spec(prep.model_config, lm_head_bias=has_bias),
+    }
 
 
-def check_resume(output_dir: Path, identity: dict) -> None:
-    """Refuse (changing nothing) when the stored identity differs from this run's."""
-    stored = read_identity(output_dir)
-    if stored is None:
-        raise ResumeMismatch({"identity": ("missing: the directory holds no resumable eagle3-cache build", "present")})
-    differences = identity_differences(stored, identity)
-    if differences:
-        raise ResumeMismatch(differences)
+def merged_quality(shards: list[dict]) -> dict:
+    merged: dict = {}
+    for shard in shards:
+        merged = merge_quality(merged, shard.get("quality", {}))
+    return quality_report(merged)
 
 
-def sidecar_path(output_dir: Path, shard_name: str) -> Path:
-    return output_dir / BUILD_STATE_DIR / "shards" / f"{shard_name}.json"
+SHARD_FIELDS = ("name", "rows", "bytes", "checksum", "tokens", "loss_tokens", "argmax_in_vocab", "batching")
 
 
-def read_sidecar(output_dir: Path, shard_name: str) -> dict | None:
-    path = sidecar_path(output_dir, shard_name)
-    return json.loads(path.read_text()) if path.exists() else None
+def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: list[dict] | None = None) -> dict:
+    # Per-shard records stay small (a card with thousands of shards must parse fast); quality
+    # histograms and failures are merged once below.
+    shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`: absent in older records
+    tokens = sum(s["tokens"] for s in shards)
+    loss_tokens = sum(s["loss_tokens"] for s in shards)
+    total_bytes = sum(s["bytes"] for s in shards)
+    return {
+        "identity": prep.identity,
+        "fingerprint": fingerprint(prep.identity),
+        "columns": column_specs(prep),
+        "target_vocab_size": prep.vocab_size,
+        "hidden_size": prep.hidden_size,
+        "layout": asdict(prep.layout),
+        "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
+        "checksum_algorithm": CHECKSUM_ALGORITHM,  # of every file checksum below (shards, vocab, head rows)
+        "vocab_file": {"path": VOCAB_FILE, "checksum": file_hash(out / VOCAB_FILE, CHECKSUM_ALGORITHM)},
+        **head_files(out, prep),
+        "quality": merged_quality(sidecars),  # measured against the live target during the build
+        "shards": shards,
+        "totals": {
+            "samples": sum(s["rows"] for s in shards),
+            "tokens": tokens,
+            "loss_tokens": loss_tokens,
+            "bytes": total_bytes,
+            "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+            "argmax_coverage": sum(s["argmax_in_vocab"] for s in shards) / loss_tokens if loss_tokens else 0.0,
+            "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
+        },
+        "skipped": prep.skipped,
+        "duplicate_ids": prep.duplicate_ids,  # kept: source_index is the stable key
+        "failed": [failure for shard in sidecars for failure in shard.get("failed", [])],  # e.g. non-finite outputs
+        "build": {
+            "batch_size": prep.cfg.batch_size,
+            "max_tokens_per_batch": prep.cfg.token_budget,
+            "row_group_bytes": prep.cfg.row_group_bytes,
+            "pad_token_id": prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0,
+            "ranks": ranks or [],  # per-rank work of the last run; the content does not depend on it
+        },
+        "versions": library_versions(),
+    }
+
+
+# ---- reading (from a card) ------------------------------------------------------------------
+
+
+def card_data_of(text: str) -> dict:
+    """The YAML front matter of a dataset card's text, as a dict (empty when it has none)."""
+    from huggingface_hub import DatasetCard
+
+    return DatasetCard(text).data.to_dict()
+
+
+def manifest_from_card(text: str, where: str = "the card") -> dict:
+    """The manifest a card's text holds, checked to be of a format version this package reads.
+    `where` names the card in errors."""
+    data = card_data_of(text)
+    if CARD_KEY not in data:
+        if data.get(INDEX_KEY):
+            raise ManifestError(f"{where} holds several caches: pass name= one of {sorted(data[INDEX_KEY])}")
+        raise ManifestError(f"{where} has no '{CARD_KEY}' manifest block; it is not an eagle3-cache dataset card")
+    manifest = data[CARD_KEY]
+    check_format_version(manifest, where)
+    return manifest
+
+
+def check_format_version(manifest: dict, where: str = "the cache") -> None:
+    """Refuse a manifest written by a newer eagle3-cache (its files may be encoded in ways this one
+    cannot decode) or one with no version at all."""
+    version = manifest.get("identity", {}).get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ManifestError(
+            f"{where}: expected identity.format_version to be a positive integer, found {version!r}; "
+            "the manifest was edited or is not eagle3-cache's: rebuild the cache"
+        )
+    if version > FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: the cache has format version {version}, newer than the {FORMAT_VERSION} this eagle3-cache reads; "
+            "upgrade eagle3-cache to read it"
+        )
+
+
+def read_manifest(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> dict:
+    """The manifest of a cache: a local folder, or a Hub repo id at `revision` (config `name`)."""
+    source = location if isinstance(location, CacheSource) else open_source(location, revision=revision, name=name, token=token)
+    return manifest_of(source)
+
+
+def manifest_of(source: CacheSource) -> dict:
+    try:
+        card_path = source.file("README.md")
+    except FileNotFoundError:
+        card_path = None
+    if card_path is None or not card_path.exists():
+        raise FileNotFoundError(
+            f"{source.describe()}: no README.md; expected a finished eagle3-cache directory (the card is written last, "
+            "so an interrupted build has none: resume it with --resume)"
+        )
+    return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")

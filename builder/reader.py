@@ -22,16 +22,15 @@ import math
 import numbers
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dataset_card import data_prefix
-
 from .errors import Eagle3CacheError
-from .manifest import VOCAB_FILE
+from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
+from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
+from .source import CacheSource, open_source
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("raw", "nemo", "specforge")
@@ -48,68 +47,6 @@ class CacheMismatch(Eagle3CacheError, ValueError):
             + "\nUse a cache built with these settings (or build one), or change the trainer's settings to the cache's."
         )
         self.differences = differences
-
-
-@dataclass
-class CacheSource:
-    """Where a cache's pieces are: local folder, or a Hub repo pinned to one commit."""
-
-    location: str
-    prefix: str  # the config's folder ("" for a cache at the root)
-    name: str | None
-    commit: str | None = None  # Hub only
-    token: str | None = None
-
-    @property
-    def on_hub(self) -> bool:
-        return self.commit is not None
-
-    def file(self, relative: str) -> Path:
-        if self.on_hub:
-            from .hub import download_file
-
-            return download_file(self.location, f"{self.prefix}{relative}", self.commit, self.token)
-        return Path(self.location) / self.prefix / relative
-
-    def describe(self) -> str:
-        where = f"{self.location}@{self.commit[:12]}" if self.on_hub else self.location
-        return f"{where} (config {self.name})" if self.name else where
-
-
-def open_source(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> CacheSource:
-    from .hub import is_hub_location, resolve_commit
-
-    if is_hub_location(location):
-        commit = resolve_commit(str(location), revision, token)
-        return CacheSource(str(location), data_prefix(name), name, commit, token)
-    if revision is not None:
-        raise ValueError(f"revision={revision!r}: only a Hub repo id has revisions, {location} is a local path")
-    return CacheSource(str(location), data_prefix(name), name)
-
-
-def read_manifest(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> dict:
-    source = location if isinstance(location, CacheSource) else open_source(location, revision=revision, name=name, token=token)
-    return _manifest_of(source)
-
-
-def _manifest_of(source: CacheSource) -> dict:
-    from huggingface_hub import DatasetCard
-
-    try:
-        card_path = source.file("README.md")
-    except FileNotFoundError:
-        card_path = None
-    if card_path is None or not card_path.exists():
-        raise FileNotFoundError(
-            f"{source.describe()}: no README.md; expected a finished eagle3-cache directory (the card is written last, "
-            "so an interrupted build has none: resume it with --resume)"
-        )
-    data = DatasetCard.load(card_path).data.to_dict()
-    if "eagle3_cache" not in data:
-        if data.get("eagle3_cache_index"):
-            raise ValueError(f"{source.describe()} holds several caches: pass name= one of {sorted(data['eagle3_cache_index'])}")
-        raise ValueError(f"{card_path} has no 'eagle3_cache' manifest block; it is not an eagle3-cache dataset card")
-    return data["eagle3_cache"]
 
 
 def read_vocab(

@@ -14,7 +14,6 @@ file is then fsynced and renamed: a shard file that exists is complete.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import struct
@@ -28,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import xxhash
 
+from .files import new_hash, temp_path
 from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
 
 if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
@@ -40,26 +39,7 @@ SCALAR_COLUMNS = {"sample_id": pa.string(), "source_index": pa.int64(), "num_tok
 # ---- checksums --------------------------------------------------------------------------------
 
 CHECKSUM_ALGORITHM = "xxh3_128"  # integrity, resume and verify; the Hub computes its own sha256 on upload
-_HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}  # sha256: caches of format version 1
-
-
-def new_hash(algorithm: str = CHECKSUM_ALGORITHM):
-    if algorithm not in _HASHES:
-        raise ValueError(f"checksum algorithm {algorithm!r}: expected one of {sorted(_HASHES)}")
-    return _HASHES[algorithm]()
-
-
-def file_checksum(path: Path, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    h = new_hash(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """The file's sha256: the Hub's LFS object id."""
-    return file_checksum(path, "sha256")
+# Files are hashed by files.file_hash; caches of format version 1 recorded "sha256".
 
 
 # ---- column encodings -------------------------------------------------------------------------
@@ -203,7 +183,7 @@ class _TailHasher:
 
     def __init__(self, path: Path):
         self._fd = os.open(path, os.O_RDONLY)
-        self._hash = new_hash()
+        self._hash = new_hash(CHECKSUM_ALGORITHM)
         self._done = 0
         self._requests: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -262,7 +242,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, schema: pa.Schema, row_group_bytes: int, encodings: dict[str, str] | None = None):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp_path = temp_path(self.path)
         self.schema = schema
         self.row_group_bytes = row_group_bytes
         self.encodings = encodings or {}

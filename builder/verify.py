@@ -19,10 +19,10 @@ import torch
 
 from .batching import pad_batch, plan_batches
 from .build import WINDOW_ROW_GROUPS, row_windows
+from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import file_checksum
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
 
 def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     algorithm, expected = recorded_checksum(manifest, record)
-    return file_checksum(path, algorithm) == expected
+    return file_hash(path, algorithm) == expected
 
 
 def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:

@@ -12,7 +12,6 @@ shards.ShardWriter). Shard bytes never depend on the number of threads.
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import threading
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import DiskFull, Eagle3CacheError, NonFiniteOutput
+from .build_state import sidecar_path
+from .errors import Eagle3CacheError, NonFiniteOutput
+from .files import disk_full_error, is_disk_full, write_json_atomic
 from .formats import merge_quality
-from .manifest import sidecar_path, write_json_atomic
 from .shards import ShardWriter, column_encodings, encode_columns, shard_schema
 
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
 ENCODING_DEPTH = 4  # batches handed to the encoders ahead of the window being written
 MAX_AUTO_WRITER_THREADS = 8
@@ -167,11 +166,8 @@ class BackgroundWriter:
             return
         if isinstance(err, Eagle3CacheError):
             raise err
-        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-            raise DiskFull(
-                f"no space left writing {getattr(err, 'filename', None) or 'a shard'} ({err.strerror}); every shard "
-                "already written is complete and valid. Free space (or raise the quota), then rerun with --resume."
-            ) from err
+        if is_disk_full(err):
+            raise disk_full_error(err) from err
         raise RuntimeError(f"the shard writer failed: {err!r}") from err
 
     def _fail(self, err: BaseException) -> None:

@@ -17,8 +17,8 @@ import builder.build as build_module
 import builder.writer as writer_module
 from builder.build import build
 from builder.errors import ResumeMismatch
+from builder.files import file_hash
 from builder.reader import read_manifest
-from builder.shards import file_sha256
 
 ROW_GROUP_BYTES = 150_000  # rows here are 20-90 kB: a 4-row shard needs 2+ groups
 
@@ -139,7 +139,7 @@ def interrupted_build(cfg, monkeypatch, after_shards: int):
 
 def snapshot(directory: Path) -> dict:
     return {
-        str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_ino, file_sha256(p))
+        str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_ino, file_hash(p, "sha256"))
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }

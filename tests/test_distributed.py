@@ -14,7 +14,7 @@ import pytest
 from helpers import assert_same_content, decoded_rows
 
 from builder.build import FAULT_ENV
-from builder.manifest import BUILD_STATE_DIR
+from builder.build_state import BUILD_STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "build_cache.py"

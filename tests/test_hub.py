@@ -17,9 +17,10 @@ from hub_server import TOKEN, hub_fixtures
 
 from builder.build import build
 from builder.cli import main
-from builder.hub import HubError, PushTarget, Retry, ShardUploader, push_cache, validate_target
+from builder.files import file_hash
+from builder.hub import HubError, Retry
+from builder.push import PushTarget, ShardUploader, push_cache, validate_target
 from builder.reader import CacheMismatch, load_cache, read_manifest, read_vocab
-from builder.shards import file_sha256
 
 hub_server, hub = hub_fixtures()
 FAST = Retry(retries=2, backoff=0.01)  # our own retries: quick in tests
@@ -115,7 +116,7 @@ def test_interrupted_push_resumes_and_is_never_tagged_early(hub, v1):
     assert result.skipped == ["train-00000-of-00004.parquet"] and len(result.uploaded) == 3
     # Shard 0 is committed and shard 1 reached LFS storage before its commit dropped: neither is sent again.
     sent = {path.rsplit("/", 1)[1] for _, path, _ in hub.requests("PUT", r"/lfs-upload/")}
-    shas = [file_sha256(v1 / "data" / s["name"]) for s in read_manifest(v1)["shards"]]
+    shas = [file_hash(v1 / "data" / s["name"], "sha256") for s in read_manifest(v1)["shards"]]
     assert not sent & set(shas[:2]) and set(shas[2:]) <= sent
     assert hub.repo("tester/interrupted").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/interrupted", revision="v1", layout="raw")), decoded_rows(v1))
@@ -401,7 +402,7 @@ def test_shard_uploader_keeps_few_shards_locally(hub, v1, tmp_path):
     assert "README.md" not in hub.files_at("tester/streamed", "main") and not hub.repo("tester/streamed").tags
     for item in ("README.md", "vocab", "images"):  # rank 0 writes vocab, pictures and card last
         (shutil.copytree if (v1 / item).is_dir() else shutil.copy)(v1 / item, out / item)
-    result = uploader.finish(out)
+    result = uploader.finish(out, read_manifest(v1))  # the build hands over the manifest it assembled
     assert not list((out / "data").glob("*.parquet")) and len(result.uploaded) == 4
     assert hub.repo("tester/streamed").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/streamed", revision="v1", layout="raw")), decoded_rows(v1))
@@ -416,7 +417,7 @@ def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
     name = "data/train-00001-of-00004.parquet"
     (info,) = api.get_paths_info(pushed_v1, [name, "no/such/file"], repo_type="dataset", revision="v1")
     local = (v1 / name).read_bytes()
-    assert info.size == len(local) and info.lfs.sha256 == file_sha256(v1 / name)
+    assert info.size == len(local) and info.lfs.sha256 == file_hash(v1 / name, "sha256")
     top = {e.path for e in api.list_repo_tree(pushed_v1, repo_type="dataset", revision="v1")}
     assert {"README.md", ".gitattributes", "data", "vocab", "images"} == top
     assert [t.name for t in api.list_repo_refs(pushed_v1, repo_type="dataset").tags] == ["v1"]

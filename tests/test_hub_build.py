@@ -6,9 +6,9 @@ import pytest
 from helpers import assert_same_content, decoded_rows, small_config
 from hub_server import hub_fixtures
 
-import builder.hub as hub_module
+import builder.push as push_module
 from builder.build import build
-from builder.hub import PushTarget, push_cache
+from builder.push import PushTarget, push_cache
 from builder.reader import load_cache
 
 hub_server, hub = hub_fixtures()
@@ -19,13 +19,15 @@ def test_upload_while_building_keeps_few_shards_and_equals_push_after_build(hub,
     push_cache(local, PushTarget("tester/after-build", tag="v1"))
 
     counts = []
-    real_upload = hub_module.ShardUploader.upload
+    real_upload = push_module.ShardUploader.upload
 
     def counting_upload(self, path, sha256=None):
         counts.append(len(list(path.parent.glob("*.parquet"))))  # at every shard handed over
         return real_upload(self, path, sha256)
 
-    monkeypatch.setattr(hub_module.ShardUploader, "upload", counting_upload)
+    monkeypatch.setattr(push_module.ShardUploader, "upload", counting_upload)
+    # the build hands the push the manifest it assembled: the card is not read back
+    monkeypatch.setattr(push_module, "read_manifest", lambda *a, **k: pytest.fail("the push re-read the card"))
     out = tmp_path / "streamed"
     cfg = small_config(out, shard_size=2, push_to_hub="tester/while-building", hub_tag="v1", delete_local_after_upload=True)
     result = build(cfg, progress=False)

@@ -415,8 +415,9 @@ def test_identity_records_the_options_and_the_fingerprint_tells_them_apart(tmp_p
 
 
 def test_resume_refuses_a_changed_option_before_the_model_loads(tmp_path, monkeypatch):
+    from builder.build_state import BUILD_STATE_FILE
     from builder.errors import ResumeMismatch
-    from builder.manifest import BUILD_STATE_FILE, write_json_atomic
+    from builder.files import write_json_atomic
 
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML))
     # What an interrupted build leaves before its first shard: the identity it was started with.

@@ -16,9 +16,9 @@ from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
 
 from builder.build import FAULT_ENV, build
+from builder.build_state import read_sidecar
 from builder.errors import NonFiniteOutput
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
-from builder.manifest import read_sidecar
 from builder.reader import read_manifest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_cache.py"

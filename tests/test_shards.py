@@ -248,7 +248,7 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
     from huggingface_hub import DatasetCard
 
     from builder.build import build
-    from builder.shards import file_sha256
+    from builder.files import file_hash
     from builder.verify import verify_cache
 
     out = build(small_config(tmp_path / "cache", max_samples=6, compression="none"), progress=False).output_dir
@@ -262,7 +262,7 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
         (manifest["vocab_file"], out / manifest["vocab_file"]["path"])
     ]:
         del record["checksum"]
-        record["sha256"] = file_sha256(path)
+        record["sha256"] = file_hash(path, "sha256")
     card.save(out / "README.md")
     assert verify_cache(out) == []
     assert_same_content(decoded_rows(out), before)

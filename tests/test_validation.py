@@ -10,10 +10,10 @@ from helpers import says
 import builder.build as build_mod
 import builder.prepare as prepare_mod
 import builder.target as target_mod
+from builder.build_state import BUILD_STATE_FILE
 from builder.cli import main
 from builder.config import BuildConfig, resolve_aux_layer_ids, validate
 from builder.errors import ConfigError
-from builder.manifest import BUILD_STATE_FILE
 
 
 def cfg(tmp_path, **changes):

@@ -17,8 +17,9 @@ from helpers import small_config
 from huggingface_hub import DatasetCard
 
 from builder.build import FAULT_ENV, build
+from builder.files import file_hash
 from builder.reader import read_manifest
-from builder.shards import decode_value, encode_value, file_checksum, shard_name
+from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
@@ -82,7 +83,7 @@ def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     card = DatasetCard.load(cache / "README.md")
     for shard in card.data["eagle3_cache"]["shards"]:
         if shard["name"] == shard_name:
-            shard["bytes"], shard["checksum"] = path.stat().st_size, file_checksum(path)
+            shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
     card.save(cache / "README.md")
 
 

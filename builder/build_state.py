@@ -1,0 +1,57 @@
+"""Build state: what an unfinished build keeps in `.eagle3_build/` so it can be resumed.
+
+The identity (everything that shapes a cache's bytes) is recorded in `.eagle3_build/identity.json` before the first shard is written,
+so an interrupted build can be resumed (and a mismatched resume refused) before the card,
+which is written last, exists. Each finished shard leaves a small sidecar record there too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ResumeMismatch
+
+BUILD_STATE_DIR = ".eagle3_build"
+BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def identity_differences(stored: dict, current: dict) -> dict:
+    """`{field: (stored, current)}` for every differing identity field, dotted names."""
+    a, b = flatten(stored), flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def read_identity(output_dir: Path) -> dict | None:
+    path = output_dir / BUILD_STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_resume(output_dir: Path, identity: dict) -> None:
+    """Refuse (changing nothing) when the stored identity differs from this run's."""
+    stored = read_identity(output_dir)
+    if stored is None:
+        raise ResumeMismatch({"identity": ("missing: the directory holds no resumable eagle3-cache build", "present")})
+    differences = identity_differences(stored, identity)
+    if differences:
+        raise ResumeMismatch(differences)
+
+
+def sidecar_path(output_dir: Path, shard_name: str) -> Path:
+    return output_dir / BUILD_STATE_DIR / "shards" / f"{shard_name}.json"
+
+
+def read_sidecar(output_dir: Path, shard_name: str) -> dict | None:
+    path = sidecar_path(output_dir, shard_name)
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,111 @@
+"""Writing files so that a reader (or a resumed build) never sees half of one, telling a full
+disk apart from other failures, and hashing files.
+
+Every file is written under a temp name next to its target (`.NAME.tmp-PID`, one pattern, so a
+resumed build can remove exactly the leftovers of a killed writer) and renamed over the target
+once complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import xxhash
+
+from .errors import DiskFull
+
+TEMP_GLOB = ".*.tmp-*"  # matches every name `temp_path` gives, and nothing a cache keeps
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is complete: a hidden name in the same folder (so the
+    final rename stays on one file system), per process (ranks never share one)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temp files of writers that were killed before their rename."""
+    for leftover in Path(folder).glob(TEMP_GLOB):
+        leftover.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yields the temp path to write `path`'s content to; when the block ends without error it
+    replaces `path`, otherwise it is removed and `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+# ---- a full disk ------------------------------------------------------------------------------
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(err: OSError) -> DiskFull:
+    return DiskFull(
+        f"no space left writing {getattr(err, 'filename', None) or 'the cache'} ({err.strerror}); every shard already "
+        "written is complete and valid. Free space (or raise the quota), then rerun with --resume."
+    )
+
+
+@contextmanager
+def disk_full_as_error() -> Iterator[None]:
+    """A full disk (or quota) inside the block is raised as `DiskFull`, saying what to do."""
+    try:
+        yield
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(err) from err
+
+
+# ---- hashes -----------------------------------------------------------------------------------
+
+
+def new_hash(algorithm: str):
+    if algorithm not in HASHES:
+        raise ValueError(f"checksum algorithm {algorithm!r}: expected one of {sorted(HASHES)}")
+    return HASHES[algorithm]()
+
+
+def file_hash(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's bytes, streamed through `algorithm` (a name in `HASHES`)."""
+    h = new_hash(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,43 @@
+"""Where a cache's files are: a local folder, or a Hub repo pinned to one commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataset_card import data_prefix
+
+from .hub import download_file, is_hub_location, resolve_commit
+
+
+@dataclass
+class CacheSource:
+    """Where a cache's pieces are: local folder, or a Hub repo pinned to one commit."""
+
+    location: str
+    prefix: str  # the config's folder ("" for a cache at the root)
+    name: str | None
+    commit: str | None = None  # Hub only
+    token: str | None = None
+
+    @property
+    def on_hub(self) -> bool:
+        return self.commit is not None
+
+    def file(self, relative: str) -> Path:
+        if self.on_hub:
+            return download_file(self.location, f"{self.prefix}{relative}", self.commit, self.token)
+        return Path(self.location) / self.prefix / relative
+
+    def describe(self) -> str:
+        where = f"{self.location}@{self.commit[:12]}" if self.on_hub else self.location
+        return f"{where} (config {self.name})" if self.name else where
+
+
+def open_source(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> CacheSource:
+    if is_hub_location(location):
+        commit = resolve_commit(str(location), revision, token)
+        return CacheSource(str(location), data_prefix(name), name, commit, token)
+    if revision is not None:
+        raise ValueError(f"revision={revision!r}: only a Hub repo id has revisions, {location} is a local path")
+    return CacheSource(str(location), data_prefix(name), name)

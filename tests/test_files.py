@@ -1,0 +1,61 @@
+"""Atomic writes, the one temp-name pattern and its cleanup, the disk-full error, file hashes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+
+import pytest
+import xxhash
+
+from builder.errors import DiskFull
+from builder.files import (
+    atomic_write,
+    disk_full_as_error,
+    file_hash,
+    remove_leftovers,
+    temp_path,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "vocab" / "vocab.safetensors"
+    write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError, match="killed mid-write"), atomic_write(target) as tmp:
+        tmp.write_bytes(b"half of the ne")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["vocab.safetensors"]
+    write_json_atomic(tmp_path / "state" / "identity.json", {"b": 1, "a": [2]})  # creates the folder
+    assert json.loads((tmp_path / "state" / "identity.json").read_text()) == {"a": [2], "b": 1}
+
+
+def test_resume_removes_exactly_the_temp_files(tmp_path):
+    kept = ["train-00000-of-00002.parquet", ".gitattributes", "notes.tmp-1"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"kept")
+    temp_path(tmp_path / "train-00001-of-00002.parquet").write_bytes(b"partial")  # this process's
+    (tmp_path / ".train-00001-of-00002.parquet.tmp-999").write_bytes(b"partial")  # a killed rank's
+    remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_full_disk_says_what_to_do_other_errors_pass(tmp_path):
+    with pytest.raises(DiskFull, match=r"no space left writing /cache/x \(No space left on device\).*rerun with --resume"):
+        with disk_full_as_error():
+            raise OSError(errno.ENOSPC, "No space left on device", "/cache/x")
+    with pytest.raises(DiskFull, match="no space left writing the cache"), disk_full_as_error():
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    with pytest.raises(PermissionError), disk_full_as_error():
+        raise PermissionError(errno.EACCES, "Permission denied", "/cache/x")
+
+
+def test_file_hash_streams_through_the_named_hash(tmp_path):
+    data = bytes(range(256)) * 40_000  # several read chunks
+    (tmp_path / "f").write_bytes(data)
+    assert file_hash(tmp_path / "f", "sha256") == hashlib.sha256(data).hexdigest()
+    assert file_hash(tmp_path / "f", "xxh3_128") == xxhash.xxh3_128(data).hexdigest()
+    with pytest.raises(ValueError, match=r"checksum algorithm 'md5': expected one of \['sha256', 'xxh3_128'\]"):
+        file_hash(tmp_path / "f", "md5")

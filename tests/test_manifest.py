@@ -1,0 +1,94 @@
+"""The manifest, without a build: assembled from given records, fingerprinted, put in a card
+and read back (as text, from a folder), refused when a card has none or a newer format."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import xxhash
+from manifest_inputs import IDENTITY, SHARDS, VOCAB_BYTES, prepared, write_vocab_file
+
+from builder.manifest import (
+    FORMAT_VERSION,
+    ManifestError,
+    assemble_manifest,
+    check_format_version,
+    fingerprint,
+    manifest_from_card,
+    read_manifest,
+)
+from dataset_card import index_entry, render_card, render_index_card
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    write_vocab_file(tmp_path)
+    return assemble_manifest(tmp_path, prepared(tmp_path), SHARDS, ranks=[{"rank": 0, "samples": 5}])
+
+
+def test_assembled_from_the_shard_records(manifest):
+    assert [s["name"] for s in manifest["shards"]] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert "failed" not in manifest["shards"][0]  # per-shard records stay small; failures are listed once
+    assert manifest["failed"] == SHARDS[0]["failed"]
+    assert manifest["totals"] == {
+        "samples": 5,
+        "tokens": 100,
+        "loss_tokens": 40,
+        "bytes": 1600,
+        "bytes_per_token": 16.0,
+        "argmax_coverage": 34 / 40,
+        "token_coverage": 0.7,  # 70 of the 100 loss-masked tokens have an id in SELECTED
+    }
+    assert manifest["identity"] == IDENTITY and manifest["skipped"] == {"too_long": 2, "no_assistant_turn": 1}
+    assert manifest["duplicate_ids"] == 1 and manifest["build"]["ranks"] == [{"rank": 0, "samples": 5}]
+    assert manifest["special_token_ids"] == [0, 1, 2, 3]  # the tiny tokenizer's bos, eos, pad, unk
+    assert manifest["target_vocab_size"] == 1024 and manifest["hidden_size"] == 16
+    assert manifest["layout"]["topk"] == 2 and manifest["layout"]["aux_width"] == 3 * 16
+
+
+def test_files_and_columns_are_described(manifest):
+    assert manifest["checksum_algorithm"] == "xxh3_128"
+    assert manifest["vocab_file"] == {"path": "vocab/vocab.safetensors", "checksum": xxhash.xxh3_128(VOCAB_BYTES).hexdigest()}
+    assert "lm_head_file" not in manifest  # only `hidden` caches store head rows
+    assert manifest["columns"]["sample_id"] == {"arrow": "string"}
+    assert manifest["columns"]["topk_logprobs"]["shape"] == ["n_loss", 2]
+    assert manifest["columns"]["input_ids"]["encoding"] == "raw"  # a few bytes per token: stored as is
+    assert manifest["columns"]["aux_hidden_states"]["encoding"] == "byte_planes_zstd"
+
+
+def test_fingerprint_is_of_the_identity_alone(manifest):
+    assert manifest["fingerprint"] == fingerprint(IDENTITY) and len(manifest["fingerprint"]) == 16
+    assert fingerprint(dict(reversed(IDENTITY.items()))) == fingerprint(IDENTITY)  # key order does not matter
+    for field, value in (("seq_length", 64), ("target", {"model": "tiny-llama", "revision": "abc"})):
+        assert fingerprint(IDENTITY | {field: value}) != fingerprint(IDENTITY), field
+
+
+def test_a_card_gives_back_the_manifest_it_was_rendered_from(manifest, tmp_path):
+    text = render_card(manifest, location="user/cache", config="small", revision="v1")
+    assert manifest_from_card(text) == manifest
+    (tmp_path / "README.md").write_text(text)
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
+    with pytest.raises(ManifestError, match="README.md has no 'eagle3_cache' manifest block; it is not an eagle3-cache"):
+        manifest_from_card("---\nlicense: mit\n---\n# some other dataset\n", "README.md")
+    index = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large")})
+    with pytest.raises(ManifestError, match=r"holds several caches: pass name= one of \['large', 'small'\]"):
+        manifest_from_card(index, "user/caches")
+    with pytest.raises(FileNotFoundError, match="no README.md; expected a finished eagle3-cache directory.*--resume"):
+        read_manifest(tmp_path / "empty")
+
+
+def test_a_newer_format_version_is_refused_an_older_one_read(manifest):
+    newer = copy.deepcopy(manifest)
+    newer["identity"]["format_version"] = FORMAT_VERSION + 1
+    text = render_card(newer, location="user/cache")
+    newer_than = f"format version {FORMAT_VERSION + 1}, newer than the {FORMAT_VERSION} this eagle3-cache reads; upgrade"
+    with pytest.raises(ManifestError, match=newer_than):
+        manifest_from_card(text, "user/cache")
+    check_format_version({"identity": {"format_version": 1}})  # raw columns, sha256 checksums: still read
+    for broken in ({}, {"identity": {"format_version": "2"}}, {"identity": {"format_version": 0}}):
+        with pytest.raises(ManifestError, match="expected identity.format_version to be a positive integer"):
+            check_format_version(broken, "README.md")

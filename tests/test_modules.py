@@ -1,0 +1,71 @@
+"""The package's modules depend on each other without a circle, counting the imports inside
+functions too (only those needed for type annotations are left out)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import builder
+
+PACKAGE = Path(builder.__file__).parent
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """Sibling modules this module imports (`from .x import ...`, `from . import x`)."""
+    found: set[str] = set()
+    for node in ast.iter_child_nodes(tree):
+        if _is_type_checking_block(node):
+            continue
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module.split(".")[0]] if node.module else [alias.name for alias in node.names])
+        found |= _imports(node)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        graph[path.stem] = (_imports(ast.parse(path.read_text(encoding="utf-8"))) & modules) - {path.stem, "__init__"}
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        for dependency in sorted(graph[module]):
+            circle = visit(dependency, path + [module])
+            if circle:
+                return circle
+        done.add(module)
+        return None
+
+    for module in sorted(graph):
+        circle = visit(module, [])
+        if circle:
+            return circle
+    return None
+
+
+def test_no_import_circle():
+    assert find_circle(import_graph()) is None
+
+
+def test_the_circle_finder_finds_one():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_hub_client_knows_nothing_of_caches():
+    """The client serves the reader and the push alike; it needs neither, nor the manifest."""
+    assert import_graph()["hub"] == {"errors"}
