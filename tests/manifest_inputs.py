@@ -54,7 +54,9 @@ SHARDS = [  # the sidecars of two finished shards
 
 
 def prepared(out: Path, identity: dict = IDENTITY) -> Prepared:
-    cfg = BuildConfig("tiny-llama", "conversations.jsonl", str(out), target_format="topk", topk=2, batch_size=4)
+    cfg = BuildConfig(
+        target_model="tiny-llama", input_data="conversations.jsonl", output_dir=str(out), target_format="topk", topk=2, batch_size=4
+    )
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, num_hidden_layers=6, num_attention_heads=2)
     return Prepared(
         cfg=cfg,
