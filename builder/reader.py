@@ -121,8 +121,37 @@ def read_vocab(
     return load_file(str(source.file(VOCAB_FILE)))
 
 
-def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _frombuffer(data, dtype: torch.dtype) -> torch.Tensor:
     return frombuffer(data, dtype)
+
+
+def arrow_rows(table) -> list[dict]:
+    """The rows of an Arrow table (or record batch) as dicts. A binary value is a memoryview of
+    its bytes in the column's values buffer: nothing is copied, and the view (and any tensor
+    `torch.frombuffer` makes over it) keeps that Arrow memory alive. Arrow memory is immutable:
+    the next batch is read into new memory, never over a sample already handed out."""
+    columns = [_array_values(column) for column in table.columns]
+    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def _array_values(column) -> list:
+    import pyarrow as pa
+
+    values = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        large = chunk.type == pa.large_binary()
+        values.extend(_binary_values(chunk, large) if large or chunk.type == pa.binary() else chunk.to_pylist())
+    return values
+
+
+def _binary_values(array, large: bool) -> list:
+    """Each value of a (large) binary array as a memoryview of its values buffer (None where null)."""
+    _, offsets, data = array.buffers()
+    width = 8 if large else 4
+    ends = memoryview(offsets).cast("B")[array.offset * width : (array.offset + len(array) + 1) * width].cast("q" if large else "i")
+    whole = memoryview(data if data is not None else b"")  # no values buffer: every value is empty
+    valid = array.is_valid().to_pylist() if array.null_count else itertools.repeat(True)
+    return [whole[start:end] if ok else None for start, end, ok in zip(ends, ends[1:], valid)]
 
 
 class RowDecoder:
@@ -403,6 +432,10 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     """Iterable: a streaming `datasets.IterableDataset` whose rows decode as they arrive.
     In DataLoader workers, `datasets` hands each worker its own shards.
 
+    Rows arrive as Arrow tables (`datasets`' "arrow" format), never as Python objects: tensor
+    columns are decoded straight from the Arrow buffers (`arrow_rows`), so a raw column is a
+    view of the bytes Parquet read (read-only: `.clone()` a tensor to write into it).
+
     Resumable mid-epoch: `state_dict()` says where the iteration stands and `load_state_dict()`
     makes the next iteration yield exactly the samples that follow (torchdata's
     `StatefulDataLoader` calls both, per worker). With `shuffle_buffer`, the shard order is
@@ -425,7 +458,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         retry=None,
         describe=None,
     ):
-        self.hf_dataset, self.transform = hf_dataset, transform
+        self.hf_dataset, self.transform = hf_dataset.with_format("arrow"), transform
         self.shuffle_buffer, self.seed, self.split, self.fingerprint = shuffle_buffer, seed, split, fingerprint
         self.retry = retry
         self.describe_failure = describe  # (error, reopened=n) -> the exception to raise; None: re-raise
@@ -513,7 +546,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
             for i in range(skip, len(rows)):
                 last = i + 1 == len(rows)
                 self._state = self._make_state(end, index + 1, 0) if last else self._make_state(start, index, i + 1)
-                yield self.transform(rows[order[i]])
+                yield self.transform(arrow_rows(rows[order[i]])[0])
             skip = 0
 
     def _order(self, window: int, size: int):
