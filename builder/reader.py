@@ -1,8 +1,10 @@
 """Read a cache back as torch tensors: the stored (`raw`) fields, or NeMo Automodel's
 shifted EAGLE-3 layout (`nemo`), from a local directory or a Hub repo through `datasets`.
 
-Tensor columns are decoded with `torch.frombuffer` straight from the row's bytes (no copy);
-`datasets`' torch/numpy formatters never touch them (they would upcast to float32/int64).
+Tensor columns are decoded with `torch.frombuffer` straight from the stored bytes (no copy):
+streaming reads take rows as Arrow tables and view the Parquet values buffer; `datasets`'
+torch/numpy formatters never touch them (they would upcast to float32/int64). Such tensors
+are read-only memory shared with the Arrow batch: `.clone()` one before writing into it.
 
 From the Hub, every read is pinned to the commit the revision points at when the cache is
 opened (card, vocab and shards of one version, even if the branch moves meanwhile); only
@@ -155,8 +157,9 @@ def _binary_values(array, large: bool) -> list:
 
 
 class RowDecoder:
-    """Stored row (bytes) -> tensors, per the manifest's column specs: `raw` values are viewed
-    in place (no copy), `byte_planes_zstd` values decoded (bit-exact)."""
+    """Stored row -> tensors, per the manifest's column specs: `raw` values are viewed in place
+    (no copy), `byte_planes_zstd` values decoded (bit-exact). A value is any buffer: `bytes`
+    (map-style rows) or a memoryview of an Arrow values buffer (`arrow_rows`)."""
 
     def __init__(self, manifest: dict):
         self.columns = {name: spec for name, spec in manifest["columns"].items() if spec["arrow"] == "binary"}
@@ -434,7 +437,9 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
     Rows arrive as Arrow tables (`datasets`' "arrow" format), never as Python objects: tensor
     columns are decoded straight from the Arrow buffers (`arrow_rows`), so a raw column is a
-    view of the bytes Parquet read (read-only: `.clone()` a tensor to write into it).
+    view of the bytes Parquet read (read-only: `.clone()` a tensor to write into it). With a
+    `shuffle_buffer`, `datasets`' shard-order shuffle (a one-row buffer) takes each row into a
+    table of its own: one memory copy per row, still no Python object.
 
     Resumable mid-epoch: `state_dict()` says where the iteration stands and `load_state_dict()`
     makes the next iteration yield exactly the samples that follow (torchdata's
