@@ -19,7 +19,8 @@ process, interleaved, `--repeats` times each (the fastest counts):
                 written to a new file in 8 MiB chunks, then fsync: the disk's speed for it.
   reader        `load_cache(DIR, layout="raw", streaming=True)`, iterating every row and
                 touching every tensor byte (each decoded tensor copied once into a scratch
-                buffer, as the plain read's `readinto` copies into its buffer). The open (card,
+                buffer, as the plain read's `readinto` copies into its buffer, on one torch
+                thread like readinto and a DataLoader worker). The open (card,
                 vocab, `datasets` builder) is reported beside it.
   plain read    the shard file read into an 8 MiB buffer with `readinto`.
 
@@ -95,6 +96,8 @@ def reader_pass(cache: Path, touch: bool = True) -> tuple[float, float, int]:
     ds = load_cache(str(cache), layout="raw", streaming=True)
     opened = time.perf_counter()
     rows, scratch = 0, torch.empty(CHUNK, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the copy single-threaded, as readinto's (and as in a DataLoader worker)
     for row in ds:
         rows += 1
         if touch:  # every byte copied once into a buffer, as the plain read's readinto does
@@ -105,6 +108,7 @@ def reader_pass(cache: Path, touch: bool = True) -> tuple[float, float, int]:
                         scratch = torch.empty(flat.numel(), dtype=torch.uint8)
                     scratch[: flat.numel()].copy_(flat)
     end = time.perf_counter()
+    torch.set_num_threads(threads)
     return opened - start, end - opened, rows
 
 

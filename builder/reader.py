@@ -1,8 +1,10 @@
 """Read a cache back as torch tensors: the stored (`raw`) fields, or NeMo Automodel's
 shifted EAGLE-3 layout (`nemo`), from a local directory or a Hub repo through `datasets`.
 
-Tensor columns are decoded with `torch.frombuffer` straight from the row's bytes (no copy);
-`datasets`' torch/numpy formatters never touch them (they would upcast to float32/int64).
+Tensor columns are decoded with `torch.frombuffer` straight from the stored bytes (no copy):
+streaming reads take rows as Arrow tables and view the Parquet values buffer; `datasets`'
+torch/numpy formatters never touch them (they would upcast to float32/int64). Such tensors
+are read-only memory shared with the Arrow batch: `.clone()` one before writing into it.
 
 From the Hub, every read is pinned to the commit the revision points at when the cache is
 opened (card, vocab and shards of one version, even if the branch moves meanwhile); only
@@ -58,13 +60,43 @@ def read_vocab(
     return load_file(str(source.file(VOCAB_FILE)))
 
 
-def _frombuffer(data: bytes, dtype: torch.dtype) -> torch.Tensor:
+def _frombuffer(data, dtype: torch.dtype) -> torch.Tensor:
     return frombuffer(data, dtype)
 
 
+def arrow_rows(table) -> list[dict]:
+    """The rows of an Arrow table (or record batch) as dicts. A binary value is a memoryview of
+    its bytes in the column's values buffer: nothing is copied, and the view (and any tensor
+    `torch.frombuffer` makes over it) keeps that Arrow memory alive. Arrow memory is immutable:
+    the next batch is read into new memory, never over a sample already handed out."""
+    columns = [_array_values(column) for column in table.columns]
+    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def _array_values(column) -> list:
+    import pyarrow as pa
+
+    values = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        large = chunk.type == pa.large_binary()
+        values.extend(_binary_values(chunk, large) if large or chunk.type == pa.binary() else chunk.to_pylist())
+    return values
+
+
+def _binary_values(array, large: bool) -> list:
+    """Each value of a (large) binary array as a memoryview of its values buffer (None where null)."""
+    _, offsets, data = array.buffers()
+    width = 8 if large else 4
+    ends = memoryview(offsets).cast("B")[array.offset * width : (array.offset + len(array) + 1) * width].cast("q" if large else "i")
+    whole = memoryview(data if data is not None else b"")  # no values buffer: every value is empty
+    valid = array.is_valid().to_pylist() if array.null_count else itertools.repeat(True)
+    return [whole[start:end] if ok else None for start, end, ok in zip(ends, ends[1:], valid)]
+
+
 class RowDecoder:
-    """Stored row (bytes) -> tensors, per the manifest's column specs: `raw` values are viewed
-    in place (no copy), `byte_planes_zstd` values decoded (bit-exact)."""
+    """Stored row -> tensors, per the manifest's column specs: `raw` values are viewed in place
+    (no copy), `byte_planes_zstd` values decoded (bit-exact). A value is any buffer: `bytes`
+    (map-style rows) or a memoryview of an Arrow values buffer (`arrow_rows`)."""
 
     def __init__(self, manifest: dict):
         self.columns = {name: spec for name, spec in manifest["columns"].items() if spec["arrow"] == "binary"}
@@ -340,6 +372,12 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     """Iterable: a streaming `datasets.IterableDataset` whose rows decode as they arrive.
     In DataLoader workers, `datasets` hands each worker its own shards.
 
+    Rows arrive as Arrow tables (`datasets`' "arrow" format), never as Python objects: tensor
+    columns are decoded straight from the Arrow buffers (`arrow_rows`), so a raw column is a
+    view of the bytes Parquet read (read-only: `.clone()` a tensor to write into it). With a
+    `shuffle_buffer`, `datasets`' shard-order shuffle (a one-row buffer) takes each row into a
+    table of its own: one memory copy per row, still no Python object.
+
     Resumable mid-epoch: `state_dict()` says where the iteration stands and `load_state_dict()`
     makes the next iteration yield exactly the samples that follow (torchdata's
     `StatefulDataLoader` calls both, per worker). With `shuffle_buffer`, the shard order is
@@ -362,7 +400,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         retry=None,
         describe=None,
     ):
-        self.hf_dataset, self.transform = hf_dataset, transform
+        self.hf_dataset, self.transform = hf_dataset.with_format("arrow"), transform
         self.shuffle_buffer, self.seed, self.split, self.fingerprint = shuffle_buffer, seed, split, fingerprint
         self.retry = retry
         self.describe_failure = describe  # (error, reopened=n) -> the exception to raise; None: re-raise
@@ -450,7 +488,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
             for i in range(skip, len(rows)):
                 last = i + 1 == len(rows)
                 self._state = self._make_state(end, index + 1, 0) if last else self._make_state(start, index, i + 1)
-                yield self.transform(rows[order[i]])
+                yield self.transform(arrow_rows(rows[order[i]])[0])
             skip = 0
 
     def _order(self, window: int, size: int):

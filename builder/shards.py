@@ -139,12 +139,24 @@ def decode_value(data, dtype: torch.dtype) -> torch.Tensor:
 
 def frombuffer(data, dtype: torch.dtype) -> torch.Tensor:
     """A tensor over the buffer's memory, no copy (empty buffers too, which torch.frombuffer refuses).
-    The buffer may be read-only: the tensor must then be treated as read-only."""
-    if not memoryview(data).nbytes:
+    The buffer may be read-only: the tensor must then be treated as read-only.
+
+    Through a memoryview: torch cannot take some read-only exporters (`pyarrow.Buffer` slices)
+    directly; the tensor holds the memoryview, which holds the exporter and so its memory."""
+    global _READ_ONLY_WARNING_SILENCED
+    view = memoryview(data)
+    if not view.nbytes:
         return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
+    if not view.readonly or _READ_ONLY_WARNING_SILENCED:
+        return torch.frombuffer(view, dtype=dtype)
+    with warnings.catch_warnings():  # torch warns once per process about read-only memory: silence that once
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype)
+        tensor = torch.frombuffer(view, dtype=dtype)
+    _READ_ONLY_WARNING_SILENCED = True
+    return tensor
+
+
+_READ_ONLY_WARNING_SILENCED = False
 
 
 def encode_columns(row: dict, encodings: dict[str, str]) -> dict:
