@@ -9,6 +9,8 @@ per sample. Encodings, each written to an in-memory Parquet file and read back (
   byte_planes_zstd   this project's default (`shards.encode_value`): a binary column, values
                      split into byte planes, the exponent plane zstd'd, the mantissa plane as is;
                      read = `pq.read_table` + `shards.decode_value` per value
+  byte_planes_zstd_L the same at zstd level L instead of the default (1): 3 (slower, denser), and
+                     zstd's negative "fast" levels -1 and -5
   byte_stream_split  Parquet's own BYTE_STREAM_SPLIT + zstd on a `list<fixed_size_binary(2)>`
                      column (the split needs a fixed-width type; bf16 has no Arrow float type)
   parquet_zstd       the raw bytes in a binary column with Parquet's page-level zstd
@@ -27,6 +29,7 @@ from _common import machine_line, table, temp_dir, write_results
 
 NAME = "encodings"
 COLUMNS = ("aux_hidden_states", "target_probs")
+OTHER_LEVELS = (3, -1, -5)  # zstd levels beside the default 1
 
 
 def best_of(fn, repeats: int = 2):
@@ -45,7 +48,7 @@ def measure(values: list) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from builder.shards import PLANES_ZSTD, decode_value, encode_value
+    from builder.shards import PLANES_ZSTD, ZSTD_LEVEL, decode_value, encode_value
 
     n = sum(len(v) for v in values)
     options = dict(use_dictionary=False, write_statistics=False)
@@ -55,8 +58,9 @@ def measure(values: list) -> dict:
         pq.write_table(table_, sink, **options, **kwargs)
         return sink.getvalue()
 
-    def planes():
-        encoded = [b"".join(encode_value(torch.frombuffer(bytearray(v), dtype=torch.bfloat16), PLANES_ZSTD).parts) for v in values]
+    def planes(level: int = ZSTD_LEVEL):
+        tensors = [torch.frombuffer(bytearray(v), dtype=torch.bfloat16) for v in values]
+        encoded = [b"".join(encode_value(t, PLANES_ZSTD, level).parts) for t in tensors]
         return to_buffer(pa.table({"x": pa.array(encoded, pa.binary())}), compression="none")
 
     def planes_read(buf):
@@ -76,9 +80,10 @@ def measure(values: list) -> dict:
         return to_buffer(pa.table({"x": pa.array(values, pa.binary())}), compression="zstd", compression_level=1)
 
     results = {}
-    for name, write in (("byte_planes_zstd", planes), ("byte_stream_split", split), ("parquet_zstd", parquet_zstd)):
+    levels = [(f"byte_planes_zstd_{level}", lambda level=level: planes(level)) for level in OTHER_LEVELS]
+    for name, write in (("byte_planes_zstd", planes), *levels, ("byte_stream_split", split), ("parquet_zstd", parquet_zstd)):
         write_s, buf = best_of(write)
-        read = planes_read(buf) if name == "byte_planes_zstd" else (lambda b=buf: pq.read_table(pa.BufferReader(b)))
+        read = planes_read(buf) if name.startswith("byte_planes_zstd") else (lambda b=buf: pq.read_table(pa.BufferReader(b)))
         read_s, _ = best_of(read)
         results[name] = {"ratio": n / buf.size, "write_mb_s": n / write_s / 1e6, "read_mb_s": n / read_s / 1e6, "bytes": buf.size}
     return results

@@ -85,18 +85,18 @@ step() {  # step NAME TIMEOUT_S COMMAND...
 if [ "$SMALL" = 1 ]; then
   BIG=(--big-shape 256,8,688,4,2,1024 --big-rows 200 --big-samples 0 --big-seq 512 --big-draft-vocab 1024 --big-format topk
        --big-batch-size 16 --big-max-tokens 8192 --repeats 1 --tiny-samples 60)
-  IO=(--max-samples 60 --repeats 1)
+  IO=(--rows 60 --repeats 1)
   SCALE=(--shape 256,8,688,4,2,1024 --samples 24 --shard-size 6 --repeats 1)
 else
   BIG=(--big-shape 2048,20,5632,32,4,32000 --big-rows 1200 --big-samples 0 --big-seq 2048 --big-draft-vocab 32000 --big-format topk
        --big-batch-size 64 --big-max-tokens 32768 --repeats 2 --row-group-bytes 0 --diagnostics tiny,big)
-  IO=(--repeats 3)
+  IO=(--repeats 2)
   SCALE=(--shape 2048,20,5632,32,4,32000 --samples 600 --seq 2048 --shard-size 100 --draft-vocab 32000 --format topk
          --batch-size 64 --max-tokens 32768 --repeats 1)
 fi
 
 step build_overhead 240 $PY benchmarks/build_overhead.py --cases tiny,big "${BIG[@]}" --results "$OUT_DIR/build_overhead.json"
-step io_throughput 90 $PY benchmarks/io_throughput.py "${IO[@]}" --results "$OUT_DIR/io_throughput.json"
+step io_throughput 150 $PY benchmarks/io_throughput.py "${IO[@]}" --results "$OUT_DIR/io_throughput.json"
 if [ "$GPUS" -ge 2 ]; then
   step scaling 120 $PY benchmarks/scaling.py --cases one,two,group2 "${SCALE[@]}" --results "$OUT_DIR/scaling.json"
 else

@@ -167,13 +167,12 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                 )
             )
         elif name == "gpu_feed":
-            lines.append(f"gpu_feed{took}: GB/s written per GPU (stored) and writer threads needed (zstd / none)")
+            lines.append(f"gpu_feed{took}: GB/s written per GPU (zstd) and writer threads per process (zstd)")
             for row in data["rows"]:
                 if row["aux_dtype"] == "bf16" or row["format"] == "topk":
                     lines.append(
                         f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: "
-                        f"{row['stored_gb_s_per_gpu']:.2f} GB/s, "
-                        f"{row['threads_zstd']} / {row['threads_none']} threads"
+                        f"{row['stored_gb_s_per_gpu']:.2f} GB/s, {row['threads_zstd']} threads"
                     )
         elif name == "collate_throughput":
             sps, shard, batch = data["samples_per_s"], data["shard_mb_per_s"], data["batch_mb_per_s"]

@@ -46,7 +46,8 @@ CHECKSUM_ALGORITHM = "xxh3_128"  # integrity, resume and verify; the Hub compute
 
 COMPRESSIONS = ("zstd", "none")  # --compression; the first is the default
 RAW, PLANES_ZSTD = "raw", "byte_planes_zstd"
-ZSTD_LEVEL = 1  # measured: higher levels gain < 2% on activations at 2-5x the CPU time
+ZSTD_LEVEL = 1  # measured (benchmarks/encodings.py): higher levels gain < 2% at 2-5x the CPU time; zstd's
+# negative "fast" levels skip the entropy coding that the exponent plane's gain comes from
 UNCOMPRESSED_COLUMNS = ("input_ids", "loss_mask")  # a few bytes per token; plain readers (and verify) read them as is
 _ZSTD = pa.Codec("zstd", compression_level=ZSTD_LEVEL)
 _HEADER = struct.Struct("<QB")  # elements, planes
@@ -81,14 +82,15 @@ def _as_bytes_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def encode_value(tensor: torch.Tensor, encoding: str) -> Encoded:
+def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -> Encoded:
     """One tensor as a stored value.
 
     `byte_planes_zstd`: header `<QB` (elements n, planes k = itemsize), then per plane `<BQ`
     (codec: 0 stored, 1 zstd; stored length), then the planes, most significant byte first,
     each n bytes once decoded. A float's most significant plane and every plane of an integer
     or 1-byte type is compressed (kept as is when zstd does not shrink it); the lower planes of
-    a float (mantissa bits, close to random) are stored as is.
+    a float (mantissa bits, close to random) are stored as is. `level` (zstd's; an encoder
+    choice the decoder does not need) is for measuring: the cache is written at ZSTD_LEVEL.
     """
     data = _as_bytes_array(tensor)
     if encoding == RAW:
@@ -97,11 +99,11 @@ def encode_value(tensor: torch.Tensor, encoding: str) -> Encoded:
         raise ValueError(f"unknown column encoding {encoding!r}")
     k = tensor.element_size()
     n = data.nbytes // k
-    planes = data.reshape(n, k)
+    words = data.view(_WORDS[k])  # plane j is byte k-1-j of each word
     compressed = {}  # plane -> zstd bytes, for the planes zstd shrinks
     for j in range(k):
         if j == 0 or not tensor.is_floating_point():
-            packed = _ZSTD.compress(data if k == 1 else np.ascontiguousarray(planes[:, k - 1 - j]))
+            packed = _zstd(level).compress(_byte_plane(words, k - 1 - j, _scratch(n)))
             if packed.size < n:
                 compressed[j] = packed
     sizes = [compressed[j].size if j in compressed else n for j in range(k)]
@@ -110,9 +112,38 @@ def encode_value(tensor: torch.Tensor, encoding: str) -> Encoded:
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     offset = len(header)
     for j in range(k):
-        out[offset : offset + sizes[j]] = np.frombuffer(compressed[j], dtype=np.uint8) if j in compressed else planes[:, k - 1 - j]
+        plane = out[offset : offset + sizes[j]]
+        if j in compressed:
+            plane[:] = np.frombuffer(compressed[j], dtype=np.uint8)
+        else:
+            _byte_plane(words, k - 1 - j, plane)
         offset += sizes[j]
     return Encoded((out,), out.nbytes, data.nbytes)
+
+
+def _zstd(level: int) -> pa.Codec:
+    return _ZSTD if level == ZSTD_LEVEL else pa.Codec("zstd", compression_level=level)
+
+
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SCRATCH = threading.local()  # per encoder thread: the plane zstd reads, reused (no page faults per value)
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _SCRATCH.buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer[:nbytes]
+
+
+def _byte_plane(words: np.ndarray, byte: int, out: np.ndarray) -> np.ndarray:
+    """Byte `byte` (0: least significant) of every word into `out`: a shift and a truncating
+    cast, vectorised, rather than a strided byte copy (several times slower)."""
+    if byte == 0:
+        np.copyto(out, words, casting="unsafe")
+    else:
+        np.right_shift(words, 8 * byte, out=out, casting="unsafe")
+    return out
 
 
 def decode_value(data, dtype: torch.dtype) -> torch.Tensor:

@@ -107,6 +107,7 @@ class BackgroundWriter:
     ):
         self.schema = shard_schema(layout)
         self.encodings = column_encodings(layout, compression)
+        self._encode_inline = compression == "none"
         self.in_vocab = in_vocab
         self.strict = strict
         self.row_group_bytes = row_group_bytes
@@ -184,7 +185,7 @@ class BackgroundWriter:
                 if item is not None and item[0] == "batch":
                     batch = item[1]
                     rows = [
-                        (position, (None, sample) if tensors is None else self._encoders.submit(self._encode, sample, tensors))
+                        (position, self._hand_off(sample, tensors) if tensors is not None else (None, sample))
                         for position, (sample, tensors) in batch.split()
                     ]
                     item = ("rows", (rows, batch.quality))
@@ -193,6 +194,10 @@ class BackgroundWriter:
         except BaseException as err:  # surfaced on the forward thread at its next call
             self._fail(err)
             self._forward(("abort", None))
+
+    def _hand_off(self, sample: dict, tensors: dict) -> Future | tuple:
+        """Raw columns are views of the tensors: encoded here, as threads would only add GIL hand-offs."""
+        return self._encode(sample, tensors) if self._encode_inline else self._encoders.submit(self._encode, sample, tensors)
 
     def _forward(self, item) -> bool:
         while self._thread.is_alive():
@@ -239,7 +244,7 @@ class BackgroundWriter:
                 shard.abort()
 
     def _encode(self, sample: dict, tensors: dict) -> tuple[dict, int, int]:
-        """On an encoder thread: (stored row, loss tokens, argmax in the draft vocab)."""
+        """On an encoder thread (inline for raw columns): (stored row, loss tokens, argmax in the draft vocab)."""
         argmax = tensors["target_argmax"]
         in_vocab = int(self.in_vocab[argmax.long()].sum())
         return encode_columns(encode_row(sample, tensors), self.encodings), len(argmax), in_vocab

@@ -1,0 +1,196 @@
+"""The background shard writer: rows round-trip bit-exact, bytes independent of the writer
+threads, stored byte planes as documented, and a failing encoder thread leaves no shard."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import xxhash
+
+import builder.shards as shards_module
+from builder.formats import TORCH_DTYPES, Layout
+from builder.reader import RowDecoder
+from builder.shards import PLANES_ZSTD, column_encodings, encode_value
+from builder.writer import BackgroundWriter, BatchOutput
+
+LAYOUTS = {
+    "probs": Layout("probs", "bf16", "bf16", 64, 48, 3 * 40, 40),
+    "topk_fp8": Layout("topk", "bf16", "fp8", 8, 48, 3 * 40, 40),  # fp16 values, int16 ids, fp8 aux + fp32 scales
+}
+WINDOWS = ((7, 3), (5, 2))  # (rows, batch size) per window: a shard is two windows
+
+
+def column_values(spec: dict, rows: int, gen: torch.Generator, layout: Layout) -> torch.Tensor:
+    """Values of a layout column for `rows` rows (per token or per loss), of its stored dtype."""
+    dtype = TORCH_DTYPES[spec["dtype"]]
+    width = [int(s) for s in spec["shape"][1:]]
+    shape = (rows, *width)
+    if dtype.is_floating_point:
+        scales = torch.rand(shape[-1] if width else 1, generator=gen) * 3  # per-channel scales, as activations have
+        return (torch.randn(shape, generator=gen) * scales).to(dtype)
+    high = min(torch.iinfo(dtype).max, max(layout.draft_vocab_size, 1000))
+    return torch.randint(0, high, shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+def window_batches(layout: Layout, seed: int, first_row: int) -> list[list[BatchOutput]]:
+    """Per window, the batches the forward hands over: padded [B, T, ...] per-token tensors and
+    per-loss rows, one sample in the second window non-finite (recorded, not written)."""
+    gen = torch.Generator().manual_seed(seed)
+    columns = {k: v for k, v in layout.columns().items() if k not in ("input_ids", "loss_mask")}
+    per_loss = frozenset(k for k, v in columns.items() if v["per"] == "loss")
+    windows, row = [], first_row
+    for w, (num_rows, batch) in enumerate(WINDOWS):
+        batches = []
+        for start in range(0, num_rows, batch):
+            positions = list(range(start, min(start + batch, num_rows)))
+            lengths = [int(x) for x in torch.randint(3, 50, (len(positions),), generator=gen)]
+            masks = [(torch.rand(n, generator=gen) < 0.6).to(torch.uint8) for n in lengths]
+            samples = []
+            for n, m in zip(lengths, masks):
+                ids = torch.randint(0, 1000, (n,), generator=gen).tolist()
+                samples.append(
+                    {
+                        "sample_id": f"s{row}",
+                        "source_index": row,
+                        "num_tokens": n,
+                        "num_loss_tokens": int(m.sum()),
+                        "input_ids": ids,
+                        "loss_mask": m.tolist(),
+                    }
+                )
+                row += 1
+            n_loss = sum(s["num_loss_tokens"] for s in samples)
+            tensors = {}
+            for name, spec in columns.items():
+                if name in per_loss:
+                    tensors[name] = column_values(spec, n_loss, gen, layout)
+                else:
+                    flat = column_values(spec, len(samples) * max(lengths), gen, layout)
+                    tensors[name] = flat.reshape(len(samples), max(lengths), *flat.shape[1:])
+            finite = torch.ones(len(samples), dtype=torch.bool)
+            if w == 1 and start == 0:
+                finite[1] = False
+            batches.append(BatchOutput(positions, samples, tensors, per_loss, finite, {}))
+        windows.append(batches)
+    return windows
+
+
+def write_shards(out, layout: Layout, shards: list, *, threads: int, compression: str = "zstd") -> list[dict]:
+    """Write each shard's windows through one BackgroundWriter (as build.build drives it); the sidecars."""
+    (out / "data").mkdir(parents=True)
+    done: list[dict] = []
+    writer = BackgroundWriter(
+        layout, torch.ones(1000, dtype=torch.bool), 4_000, on_shard_done=done.append, compression=compression, threads=threads
+    )
+    try:
+        for k, windows in enumerate(shards):
+            writer.open_shard(out / "data" / f"s{k}.parquet")
+            for batches, (num_rows, _) in zip(windows, WINDOWS):
+                for batch in batches:
+                    writer.submit(batch)
+                writer.end_window(num_rows)
+            writer.close_shard()
+        writer.finish()
+    except BaseException:
+        writer.abort()  # as the build does: the threads stop, the shard in progress is removed
+        raise
+    return done
+
+
+def forward_rows(windows) -> list[dict]:
+    """The rows a shard must hold, in build order: every finite sample's row (writer.encode_row)."""
+    rows = []
+    for batches in windows:
+        found = {p: row for b in batches for p, (row, _argmax) in b.rows()}
+        rows += [found[p] for p in sorted(found) if found[p] is not None]
+    return rows
+
+
+def decoded_rows(path, layout: Layout, compression: str) -> list[dict]:
+    encodings = column_encodings(layout, compression)
+    manifest = {"columns": {name: {"arrow": "binary", **spec, "encoding": encodings[name]} for name, spec in layout.columns().items()}}
+    decode = RowDecoder(manifest)
+    return [decode(row) for row in pq.read_table(path).to_pylist()]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_rows_round_trip_bit_exact_over_windows_and_shards(tmp_path, layout_name, compression):
+    layout = LAYOUTS[layout_name]
+    shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
+    infos = write_shards(tmp_path, layout, shards, threads=2, compression=compression)
+    assert [i["name"] for i in infos] == ["s0.parquet", "s1.parquet"]
+    for info, windows in zip(infos, shards):
+        path = tmp_path / "data" / info["name"]
+        want, got = forward_rows(windows), decoded_rows(path, layout, compression)
+        assert [r["sample_id"] for r in got] == [r["sample_id"] for r in want]
+        assert len(got) == info["rows"] == sum(n for n, _ in WINDOWS) - 1
+        assert [f["reason"] for f in info["failed"]] == ["non_finite_output"]
+        assert info["loss_tokens"] == sum(len(r["target_argmax"]) for r in want)
+        assert info["checksum"] == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+        assert pq.ParquetFile(path).num_row_groups > 2
+        for g, w in zip(got, want):
+            for name in layout.columns():
+                assert torch.equal(g[name].reshape(-1).view(torch.uint8), w[name].reshape(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_writer_threads_give_identical_bytes(tmp_path, layout_name):
+    layout = LAYOUTS[layout_name]
+    shards = [window_batches(layout, seed=7, first_row=0)]
+    written = {}
+    for threads in (1, 2, 3):
+        info = write_shards(tmp_path / f"t{threads}", layout, shards, threads=threads)[0]
+        written[threads] = ((tmp_path / f"t{threads}" / "data" / "s0.parquet").read_bytes(), info["checksum"])
+    assert written[1] == written[2] == written[3]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "fp8", "int16", "int32", "uint8"])
+def test_stored_planes_are_the_values_bytes_most_significant_first(dtype):
+    """The documented layout, checked against a byte view of the tensor: each plane stored as
+    is holds exactly byte k-1-j of every element; each zstd plane decompresses to it."""
+    gen = torch.Generator().manual_seed(5)
+    torch_dtype = TORCH_DTYPES[dtype]
+    if torch_dtype.is_floating_point:
+        values = (torch.randn(3000, generator=gen) * 4).to(torch_dtype)
+    else:
+        values = torch.randint(0, 300 if dtype != "uint8" else 7, (3000,), generator=gen).to(torch_dtype)
+    stored = memoryview(encode_value(values, PLANES_ZSTD).parts[0]).cast("B")
+    n, k = struct.unpack_from("<QB", stored, 0)
+    assert (n, k) == (3000, values.element_size())
+    element_bytes = values.view(torch.uint8).numpy().reshape(n, k)
+    offset = struct.calcsize("<QB") + k * struct.calcsize("<BQ")
+    for j in range(k):
+        codec, size = struct.unpack_from("<BQ", stored, struct.calcsize("<QB") + j * struct.calcsize("<BQ"))
+        payload = stored[offset : offset + size]
+        plane = shards_module._ZSTD.decompress(payload, decompressed_size=n) if codec == 1 else payload
+        assert np.array_equal(np.frombuffer(plane, dtype=np.uint8), element_bytes[:, k - 1 - j]), j
+        offset += size
+    assert offset == len(stored)
+
+
+def test_a_failing_encoder_thread_surfaces_and_leaves_no_shard(tmp_path, monkeypatch):
+    layout = LAYOUTS["probs"]
+    shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
+    real_encode, calls, threads = shards_module.encode_value, [], set()
+    cells_per_row = sum(1 for _ in layout.columns())
+
+    def encode_failing_in_the_second_shard(tensor, encoding, *args):
+        calls.append(1)
+        threads.add(threading.current_thread().name)
+        if len(calls) == 14 * cells_per_row:  # a row of the second shard's first window
+            raise RuntimeError("encoder fault injected in the second shard")
+        return real_encode(tensor, encoding, *args)
+
+    monkeypatch.setattr(shards_module, "encode_value", encode_failing_in_the_second_shard)
+    with pytest.raises(RuntimeError, match=r"the shard writer failed: .*encoder fault injected in the second shard"):
+        write_shards(tmp_path, layout, shards, threads=2)
+    assert all(name.startswith("eagle3-shard-encoder") for name in threads)
+    data = tmp_path / "data"
+    assert sorted(p.name for p in data.iterdir()) == ["s0.parquet"]  # no temp file, no second shard
+    assert len(decoded_rows(data / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
