@@ -117,8 +117,7 @@ class Instrument:
 
 def build_batches(prep) -> list[tuple]:
     """The build's batches, in the build's order: shards -> windows -> token-budget batches."""
-    from builder.batching import pad_batch, plan_batches
-    from builder.build import shard_windows
+    from builder.batching import pad_batch, plan_batches, shard_windows
 
     cfg = prep.cfg
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0

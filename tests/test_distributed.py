@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_content, decoded_rows
 
-from builder.build import FAULT_ENV
+from builder.forward import FAULT_ENV
 from builder.manifest import BUILD_STATE_DIR
 
 REPO = Path(__file__).resolve().parents[1]

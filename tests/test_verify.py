@@ -16,7 +16,8 @@ import torch
 from helpers import small_config
 from huggingface_hub import DatasetCard
 
-from builder.build import FAULT_ENV, build
+from builder.build import build
+from builder.forward import FAULT_ENV
 from builder.reader import read_manifest
 from builder.shards import decode_value, encode_value, file_checksum, shard_name
 from builder.verify import recompute_samples, verify_cache
