@@ -99,7 +99,8 @@ class MemoryPlan:
 def plan_memory(
     config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2, draft_vocab_size: int | None = None
 ) -> MemoryPlan:
-    from .target import HEAD_CHUNK_ROWS, text_config
+    from .supervision import HEAD_CHUNK_ROWS
+    from .target import text_config
 
     cfg = text_config(config)
     parameters = sum(p.numel() for p in meta_model(config).parameters())

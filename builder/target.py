@@ -16,9 +16,8 @@ import torch
 
 from .errors import HeadMismatch, InputError
 from .formats import head_transform_from, logits_from_hidden
-from .supervision import compute_target_distribution
+from .supervision import HEAD_CHUNK_ROWS, chunked_logits, compute_target_distribution
 
-HEAD_CHUNK_ROWS = 256
 AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
 
 
@@ -201,10 +200,7 @@ class Target:
     @torch.inference_mode()
     def logits_at(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits `[n, V]` for `[n, H]` rows, in fixed-shape chunks."""
-        n = hidden_rows.shape[0]
-        padded = torch.nn.functional.pad(hidden_rows, (0, 0, 0, -n % HEAD_CHUNK_ROWS))
-        chunks = [self.transform(self.head(chunk)) for chunk in padded.split(HEAD_CHUNK_ROWS)]
-        return torch.cat(chunks)[:n] if chunks else hidden_rows.new_zeros(0, self.vocab_size)
+        return chunked_logits(hidden_rows, self.head, self.transform, width=self.vocab_size)
 
     @torch.inference_mode()
     def check_head(self, probe_ids: torch.Tensor, draft: tuple | None = None) -> float:
