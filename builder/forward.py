@@ -137,14 +137,17 @@ def write_one_shard(
 def forward_window(prep: Prepared, target: Target, window: list[dict], head: HeadRows):
     """Length-sorted token-budget batches of one window, each copied to the host asynchronously."""
     layout = prep.layout
-    per_loss = frozenset(name for name, spec in layout.columns().items() if spec["per"] == "loss")
+    columns = layout.columns()
+    per_loss = frozenset(name for name, spec in columns.items() if spec["per"] == "loss")
+    log_mass = "log_draft_mass" in columns
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
         samples = [window[i] for i in positions]
         ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
         dev, inp = target.device, target.input_device
         attention, loss = attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True)
-        live = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp), loss, head.selected) | {"attention": attention}
+        live = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp), loss, head.selected, log_draft_mass=log_mass)
+        live["attention"] = attention
         # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
         encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
         quality = quality_of_batch(layout, live, encoded, loss.bool(), head.draft_rows, head.transform)
@@ -161,13 +164,28 @@ def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, loss: torch.
     row_of_loss = loss.nonzero()[:, 0]
     floats = {"probs": live["probs"]} | {n: t for n, t in encoded.items() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn}
     for name, tensor in floats.items():
-        bad = ~tensor.float().isfinite()
         if name == "probs" or name in per_loss:  # [n_loss, ...] rows, row-major over the batch
-            bad_rows = bad.reshape(len(bad), -1).any(-1).long()
-            ok &= torch.zeros(batch, dtype=torch.long, device=ok.device).index_add_(0, row_of_loss, bad_rows) == 0
+            bad = ~all_finite(tensor, (len(tensor),), bounded=name in BOUNDED_COLUMNS)
+            ok &= torch.zeros(batch, dtype=torch.long, device=ok.device).index_add_(0, row_of_loss, bad.long()) == 0
         else:  # [B, T, ...]: real tokens only
-            ok &= ~(bad.reshape(batch, length, -1).any(-1) & attention.bool()).any(-1)
+            ok &= ~(~all_finite(tensor, (batch, length), bounded=False) & attention.bool()).any(-1)
     return ok
+
+
+BOUNDED_COLUMNS = frozenset({"probs", "target_probs", "topk_logprobs"})  # |value| <= 88 unless inf or NaN
+
+
+def all_finite(tensor: torch.Tensor, lead: tuple, bounded: bool) -> torch.Tensor:
+    """`lead`-shaped bool: are all values under each leading index finite? One reduction, no mask of the
+    whole tensor. A float32 sum is finite exactly when every summed value is, as long as finite values
+    cannot overflow it (bounded columns, fp16); otherwise the min and max are checked."""
+    if tensor.numel() == 0:
+        return torch.ones(lead, dtype=torch.bool, device=tensor.device)
+    rows = tensor.reshape(*lead, -1)
+    if bounded or tensor.dtype == torch.float16:
+        return rows.sum(-1, dtype=torch.float32).isfinite()
+    low, high = torch.aminmax(rows, dim=-1)
+    return low.isfinite() & high.isfinite()
 
 
 def to_host(tree):

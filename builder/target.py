@@ -239,10 +239,11 @@ class Target:
         return worst
 
     @torch.inference_mode()
-    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids) -> dict:
+    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids, *, log_draft_mass: bool = True) -> dict:
         """One padded batch -> the live outputs every format is encoded from:
         `aux` `[B, T, A*H]`, `final_hidden` `[B, T, H]`, and at the `n` loss-masked positions
-        (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`."""
+        (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`
+        (two log-sum-exps over every logit: only when asked for, as `topk` caches store it)."""
         aux, final_hidden = self.forward(input_ids, attention_mask)
         rows = final_hidden[loss_mask.bool()]
         probs, argmax, log_mass = [], [], []
@@ -252,13 +253,16 @@ class Target:
             sup = compute_target_distribution(logits, torch.ones(len(block), dtype=torch.bool), selected_token_ids)
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
-            full = logits.float()
-            log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
+            if log_draft_mass:
+                full = logits.float()
+                log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
         empty = rows.new_zeros(0, dtype=torch.float32)
-        return {
+        live = {
             "aux": aux,
             "final_hidden": final_hidden,
             "probs": torch.cat(probs) if probs else empty.new_zeros(0, len(selected_token_ids)),
             "argmax": torch.cat(argmax) if argmax else empty.new_zeros(0, dtype=torch.long),
-            "log_draft_mass": torch.cat(log_mass) if log_mass else empty,
         }
+        if log_draft_mass:
+            live["log_draft_mass"] = torch.cat(log_mass) if log_mass else empty
+        return live
