@@ -151,7 +151,7 @@ def load_placed_model(prep: Prepared):
     """One device, an explicit --device-map, or this process's GPU group (--gpus-per-target)."""
     cfg = prep.cfg
     device, dtype = compute_device()
-    load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype)
+    load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype, config=prep.model_config)
     if cfg.device_map is not None:
         return load(device_map=read_device_map(cfg.device_map))
     if cfg.gpus_per_target > 1:

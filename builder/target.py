@@ -94,8 +94,11 @@ def compute_device() -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(model_path: str, revision: str | None, trust_remote_code: bool, device, dtype, *, device_map=None, max_memory=None):
-    """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit)."""
+def load_model(
+    model_path: str, revision: str | None, trust_remote_code: bool, device, dtype, *, device_map=None, max_memory=None, config=None
+):
+    """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit).
+    `config`: the target's config when already loaded (`load_config`), so it is not read and parsed again."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -105,6 +108,7 @@ def load_model(model_path: str, revision: str | None, trust_remote_code: bool, d
         dtype=dtype,
         device_map=device_map,
         max_memory=max_memory,
+        **({"config": config} if config is not None else {}),
     )
     if device_map is None:
         model = model.to(device)
