@@ -21,7 +21,8 @@ from .supervision import HEAD_CHUNK_ROWS, chunked_logits, compute_target_distrib
 AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
 
 
-def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool):
+def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool, config=None):
+    """`config`: the target's config when already loaded, so that transformers does not read it again."""
     from transformers import AutoTokenizer
 
     local = Path(model_path)
@@ -34,7 +35,8 @@ def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: boo
             "weights came from"
         )
     try:
-        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+        extra = {"config": config} if config is not None else {}
+        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, TypeError) as err:
         raise InputError(
             f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {' '.join(str(err).split())}); "
