@@ -229,3 +229,20 @@ def test_shards_are_written_off_the_forward_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_module.ShardWriter, "add", recording_add)
     build(small_config(tmp_path / "cache", max_samples=6), progress=False)
     assert threads == {"eagle3-shard-writer"}
+
+
+def test_a_build_reads_the_targets_config_once(tmp_path, monkeypatch):
+    """Start-up: the tokenizer and the weights reuse the config `prepare` parsed, instead of reading
+    it again (for a Hub id, each read is also a request)."""
+    from transformers import AutoConfig
+
+    real, reads = AutoConfig.from_pretrained.__func__, []
+
+    def counting(cls, *args, **kwargs):
+        reads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(counting))
+    result = build(small_config(tmp_path / "cache", max_samples=4), progress=False)
+    assert len(result.shards) == 1 and result.manifest is not None
+    assert reads == [result.prepared.model_path]
