@@ -117,8 +117,7 @@ class Instrument:
 
 def build_batches(prep) -> list[tuple]:
     """The build's batches, in the build's order: shards -> windows -> token-budget batches."""
-    from builder.batching import pad_batch, plan_batches
-    from builder.build import shard_windows
+    from builder.batching import pad_batch, plan_batches, shard_windows
 
     cfg = prep.cfg
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
@@ -146,6 +145,7 @@ def bare_runner(prep, model, target, kind: str, device, input_device):
     import torch
 
     selected = torch.as_tensor(prep.selected_token_ids, device=device)
+    log_mass = "log_draft_mass" in prep.layout.columns()  # as the build asks for it
 
     @torch.inference_mode()
     def run(ids, attention, loss):
@@ -154,7 +154,7 @@ def bare_runner(prep, model, target, kind: str, device, input_device):
         elif kind == "forward":
             target.forward(ids.to(input_device), attention.to(input_device))
         else:
-            target.supervise(ids.to(input_device), attention.to(input_device), loss.to(device), selected)
+            target.supervise(ids.to(input_device), attention.to(input_device), loss.to(device), selected, log_draft_mass=log_mass)
 
     return run
 

@@ -117,8 +117,7 @@ def collect_build_input(prep, cache: Path):
     BatchOutputs the forward thread hands the writer (host tensors, padded per batch)."""
     import torch
 
-    from builder.batching import plan_batches
-    from builder.build import shard_windows
+    from builder.batching import plan_batches, shard_windows
     from builder.reader import load_cache
     from builder.writer import BatchOutput
 

@@ -1,8 +1,20 @@
-"""Token-budget batches over length-sorted samples, so little compute is spent on padding."""
+"""Which samples are computed together: a shard's rows, its windows of a few row groups, and
+token-budget batches over length-sorted samples, so little compute is spent on padding.
+
+Everything here depends only on sample lengths and the recorded settings, so `verify --recompute`
+can rebuild the exact batch that produced any cached row.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .prepare import Prepared
+
+WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
 
 
 def plan_batches(lengths: list[int], max_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
@@ -37,3 +49,32 @@ def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -
         attention[row, : len(seq)] = 1
         loss[row, : len(seq)] = torch.as_tensor(mask, dtype=torch.bool)
     return ids, attention, loss
+
+
+def expected_rows(prep: Prepared, shard: int) -> int:
+    return min(prep.cfg.shard_size, len(prep.samples) - shard * prep.cfg.shard_size)
+
+
+def batching_record(prep: Prepared) -> dict:
+    """The settings that decide which samples share a forward batch; recorded per shard, because a
+    resume may change them and `verify --recompute` must rebuild each shard's own batches."""
+    return {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget, "row_group_bytes": prep.cfg.row_group_bytes}
+
+
+def row_windows(rows, per_token: int, per_loss: int, window_bytes: int):
+    """Consecutive runs of samples whose encoded size (known from lengths alone) fits the window."""
+    window, size = [], 0
+    for row in rows:
+        row_size = row["num_tokens"] * per_token + row["num_loss_tokens"] * per_loss
+        if window and size + row_size > window_bytes:
+            yield window
+            window, size = [], 0
+        window.append(row)
+        size += row_size
+    if window:
+        yield window
+
+
+def shard_windows(prep: Prepared, rows):
+    per_token, per_loss = prep.layout.bytes_per_position()
+    return row_windows(rows, per_token, per_loss, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS)

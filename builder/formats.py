@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .supervision import compute_target_distribution
+from .supervision import chunked_logits, compute_target_distribution, logit_chunks
 
 TARGET_FORMATS = ("probs", "topk", "hidden")
 AUX_DTYPES = ("bf16", "fp16", "fp32", "fp8")
@@ -33,7 +33,6 @@ TORCH_DTYPES = {
     "uint8": torch.uint8,
 }
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-HEAD_ROWS = 256  # fixed chunk: a row's logits never depend on its chunk-mates (= target.HEAD_CHUNK_ROWS)
 
 
 @dataclass(frozen=True)
@@ -176,22 +175,20 @@ def probs_from_topk_restricted(
     return dense[:, :draft_vocab_size], kept_mass
 
 
-def _hidden_logit_chunks(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform):
-    padded = torch.nn.functional.pad(hidden_rows.float(), (0, 0, 0, -hidden_rows.shape[0] % HEAD_ROWS))
-    for chunk in padded.split(HEAD_ROWS):
-        logits = chunk @ draft_rows.float().T
-        yield transform(logits) if transform is not None else logits
+def draft_head(draft_rows: torch.Tensor):
+    """The head of a `hidden` cache: fp32 hidden rows times the stored fp32 draft rows of `lm_head`."""
+    weight = draft_rows.float().T
+    return lambda chunk: chunk.float() @ weight
 
 
 def logits_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
-    """Draft-vocab logits `[n, Vd]` fp32 from final hidden rows and the head's draft rows, in fixed-shape chunks."""
-    chunks = list(_hidden_logit_chunks(hidden_rows, draft_rows, transform))
-    return torch.cat(chunks)[: hidden_rows.shape[0]] if chunks else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
+    """Draft-vocab logits `[n, Vd]` fp32 from final hidden rows and the head's draft rows, in the build's fixed-shape chunks."""
+    return chunked_logits(hidden_rows.float(), draft_head(draft_rows), transform, width=draft_rows.shape[0])
 
 
 def probs_from_hidden(hidden_rows: torch.Tensor, draft_rows: torch.Tensor, transform=None) -> torch.Tensor:
     """Dense `[n, Vd]` fp32 draft-vocab probs from final hidden rows and the head's draft rows."""
-    out = [torch.softmax(logits, dim=-1) for logits in _hidden_logit_chunks(hidden_rows, draft_rows, transform)]
+    out = [torch.softmax(logits, dim=-1) for logits in logit_chunks(hidden_rows.float(), draft_head(draft_rows), transform)]
     return torch.cat(out)[: hidden_rows.shape[0]] if out else hidden_rows.new_zeros(0, draft_rows.shape[0], dtype=torch.float32)
 
 

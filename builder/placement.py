@@ -4,14 +4,28 @@ are placed, and whether it fits — decided from the config alone, before any we
 Under `accelerate launch --num_processes GPUS/N`, process with local rank r owns GPUs
 [r*N, (r+1)*N) of its node and places one target replica over them with a `device_map`;
 processes still work data parallel on shards exactly like single-GPU ranks.
+
+`load_placed_model` puts the weights there: on one device, an explicit --device-map, or this
+process's GPU group.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from .errors import ConfigError
+from .target import compute_device, load_model
+
+if TYPE_CHECKING:
+    from .config import BuildConfig
+    from .prepare import Prepared
 
 GiB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' workspaces, per GPU
@@ -85,7 +99,8 @@ class MemoryPlan:
 def plan_memory(
     config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2, draft_vocab_size: int | None = None
 ) -> MemoryPlan:
-    from .target import HEAD_CHUNK_ROWS, text_config
+    from .supervision import HEAD_CHUNK_ROWS
+    from .target import text_config
 
     cfg = text_config(config)
     parameters = sum(p.numel() for p in meta_model(config).parameters())
@@ -130,3 +145,66 @@ def device_map_summary(model) -> dict:
     for p in model.parameters():
         summary[str(p.device)] = summary.get(str(p.device), 0) + p.numel()
     return summary
+
+
+def load_placed_model(prep: Prepared):
+    """One device, an explicit --device-map, or this process's GPU group (--gpus-per-target)."""
+    cfg = prep.cfg
+    device, dtype = compute_device()
+    load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype, config=prep.model_config)
+    if cfg.device_map is not None:
+        return load(device_map=read_device_map(cfg.device_map))
+    if cfg.gpus_per_target > 1:
+        from accelerate import PartialState
+
+        gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
+        torch.cuda.set_device(gpus[0])  # not another group's GPU
+        plan = memory_plan(prep)
+        per_gpu = available_per_gpu(cfg, gpus)
+        return load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+    return load()
+
+
+def memory_plan(prep: Prepared):
+    return plan_memory(
+        prep.model_config,
+        gpus_per_target=prep.cfg.gpus_per_target,
+        max_tokens=prep.cfg.token_budget,
+        num_aux_layers=len(prep.aux_layer_ids),
+        dtype_bytes=2 if torch.cuda.is_available() else 4,
+        draft_vocab_size=len(prep.selected_token_ids),
+    )
+
+
+def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:
+    if cfg.max_memory_per_gpu is not None:
+        return parse_bytes(cfg.max_memory_per_gpu)
+    if gpus and torch.cuda.is_available():
+        return min(torch.cuda.get_device_properties(g).total_memory for g in gpus)
+    return None  # CPU: no budget to check against
+
+
+def check_placement(prep: Prepared) -> None:
+    """Refuse a target that cannot fit before any weights load (not for explicit --device-map)."""
+    from accelerate import PartialState
+
+    cfg = prep.cfg
+    if cfg.device_map is not None:
+        return
+    gpus = []
+    if torch.cuda.is_available():
+        gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
+    budget = available_per_gpu(cfg, gpus)
+    if budget is not None:
+        check_fits(memory_plan(prep), budget)
+
+
+def read_device_map(spec: str) -> dict | str:
+    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device})."""
+    if spec == "auto":
+        return spec
+    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text() if Path(spec).is_file() else spec
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None

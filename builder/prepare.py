@@ -72,7 +72,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     validate(cfg)
     model_path = resolve_target(cfg.target_model)
     model_config = load_config(model_path, cfg.target_revision, cfg.trust_remote_code)
-    tokenizer = load_tokenizer(model_path, cfg.target_revision, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.target_revision, cfg.trust_remote_code, config=model_config)
     num_layers = text_config(model_config).num_hidden_layers
     aux_layer_ids = resolve_aux_layer_ids(cfg.aux_layer_ids, num_layers)
     template = template_of(tokenizer, Path(cfg.chat_template).read_text() if cfg.chat_template else None)

@@ -2,6 +2,10 @@
 
 The builder calls `compute_target_distribution` on the target's logits, and so can an online
 trainer: cached supervision then equals live supervision exactly in fp32.
+
+`chunked_logits` is the one way a head meets hidden rows, at build time (the target's `lm_head`)
+and at read time (`hidden` caches: the stored draft rows): the same fixed-shape chunks on both
+sides, so a `hidden` cache read gives the live build's logits bit for bit where the kernels do.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+HEAD_CHUNK_ROWS = 256  # rows per head matmul: every chunk has this shape, so a row's logits never depend on its chunk-mates
 
 
 class TargetSupervision(NamedTuple):
@@ -32,3 +38,18 @@ def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, s
     in_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     in_vocab[selected] = True
     return TargetSupervision(target_probs, keep & in_vocab[argmax], argmax)
+
+
+def logit_chunks(rows: torch.Tensor, head, transform=None):
+    """`transform(head(chunk))` for `[n, H]` rows zero-padded to whole `HEAD_CHUNK_ROWS`-row chunks
+    (matmul kernels are chosen by shape: a fixed shape makes each row's logits independent of the others)."""
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, -rows.shape[0] % HEAD_CHUNK_ROWS))
+    for chunk in padded.split(HEAD_CHUNK_ROWS):
+        logits = head(chunk)
+        yield transform(logits) if transform is not None else logits
+
+
+def chunked_logits(rows: torch.Tensor, head, transform=None, width: int | None = None) -> torch.Tensor:
+    """Logits `[n, width]` of `[n, H]` rows, in fixed-shape chunks (see `logit_chunks`); `width` shapes the empty result."""
+    chunks = list(logit_chunks(rows, head, transform))
+    return torch.cat(chunks)[: rows.shape[0]] if chunks else rows.new_zeros(0, width)

@@ -16,13 +16,13 @@ import torch
 
 from .errors import HeadMismatch, InputError
 from .formats import head_transform_from, logits_from_hidden
-from .supervision import compute_target_distribution
+from .supervision import HEAD_CHUNK_ROWS, chunked_logits, compute_target_distribution
 
-HEAD_CHUNK_ROWS = 256
 AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
 
 
-def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool):
+def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool, config=None):
+    """`config`: the target's config when already loaded, so that transformers does not read it again."""
     from transformers import AutoTokenizer
 
     local = Path(model_path)
@@ -35,7 +35,8 @@ def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: boo
             "weights came from"
         )
     try:
-        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code)
+        extra = {"config": config} if config is not None else {}
+        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, TypeError) as err:
         raise InputError(
             f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {' '.join(str(err).split())}); "
@@ -95,8 +96,11 @@ def compute_device() -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(model_path: str, revision: str | None, trust_remote_code: bool, device, dtype, *, device_map=None, max_memory=None):
-    """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit)."""
+def load_model(
+    model_path: str, revision: str | None, trust_remote_code: bool, device, dtype, *, device_map=None, max_memory=None, config=None
+):
+    """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit).
+    `config`: the target's config when already loaded (`load_config`), so it is not read and parsed again."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -106,6 +110,7 @@ def load_model(model_path: str, revision: str | None, trust_remote_code: bool, d
         dtype=dtype,
         device_map=device_map,
         max_memory=max_memory,
+        **({"config": config} if config is not None else {}),
     )
     if device_map is None:
         model = model.to(device)
@@ -201,10 +206,7 @@ class Target:
     @torch.inference_mode()
     def logits_at(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits `[n, V]` for `[n, H]` rows, in fixed-shape chunks."""
-        n = hidden_rows.shape[0]
-        padded = torch.nn.functional.pad(hidden_rows, (0, 0, 0, -n % HEAD_CHUNK_ROWS))
-        chunks = [self.transform(self.head(chunk)) for chunk in padded.split(HEAD_CHUNK_ROWS)]
-        return torch.cat(chunks)[:n] if chunks else hidden_rows.new_zeros(0, self.vocab_size)
+        return chunked_logits(hidden_rows, self.head, self.transform, width=self.vocab_size)
 
     @torch.inference_mode()
     def check_head(self, probe_ids: torch.Tensor, draft: tuple | None = None) -> float:
@@ -243,10 +245,11 @@ class Target:
         return worst
 
     @torch.inference_mode()
-    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids) -> dict:
+    def supervise(self, input_ids, attention_mask, loss_mask, selected_token_ids, *, log_draft_mass: bool = True) -> dict:
         """One padded batch -> the live outputs every format is encoded from:
         `aux` `[B, T, A*H]`, `final_hidden` `[B, T, H]`, and at the `n` loss-masked positions
-        (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`."""
+        (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`
+        (two log-sum-exps over every logit: only when asked for, as `topk` caches store it)."""
         aux, final_hidden = self.forward(input_ids, attention_mask)
         rows = final_hidden[loss_mask.bool()]
         probs, argmax, log_mass = [], [], []
@@ -256,13 +259,16 @@ class Target:
             sup = compute_target_distribution(logits, torch.ones(len(block), dtype=torch.bool), selected_token_ids)
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
-            full = logits.float()
-            log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
+            if log_draft_mass:
+                full = logits.float()
+                log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
         empty = rows.new_zeros(0, dtype=torch.float32)
-        return {
+        live = {
             "aux": aux,
             "final_hidden": final_hidden,
             "probs": torch.cat(probs) if probs else empty.new_zeros(0, len(selected_token_ids)),
             "argmax": torch.cat(argmax) if argmax else empty.new_zeros(0, dtype=torch.long),
-            "log_draft_mass": torch.cat(log_mass) if log_mass else empty,
         }
+        if log_draft_mass:
+            live["log_draft_mass"] = torch.cat(log_mass) if log_mass else empty
+        return live

@@ -17,8 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from .batching import pad_batch, plan_batches
-from .build import WINDOW_ROW_GROUPS, row_windows
+from .batching import WINDOW_ROW_GROUPS, pad_batch, plan_batches, row_windows
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint, recorded_checksum

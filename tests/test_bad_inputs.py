@@ -78,7 +78,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-import builder.build as build_mod
+import builder.placement as placement_mod
 import builder.prepare as prepare_mod
 import builder.target as target_mod
 from builder.build import build
@@ -227,7 +227,7 @@ def no_weights(monkeypatch):
         raise AssertionError("model weights loaded")
 
     monkeypatch.setattr(target_mod, "load_model", fail)
-    monkeypatch.setattr(build_mod, "load_model", fail)
+    monkeypatch.setattr(placement_mod, "load_model", fail)
     return monkeypatch
 
 
@@ -275,7 +275,7 @@ def test_bad_row_is_skipped_and_counted(tmp_path, capsys, monkeypatch, case, bad
 
     # --strict: the same input stops at the first bad row, before any weights load.
     monkeypatch.setattr(target_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     strict_out = tmp_path / "strict"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(strict_out), "--strict", *extra)
     reasons = "|".join(skipped)

@@ -13,7 +13,8 @@ import xxhash
 from helpers import assert_same_content, decoded_rows, small_config
 from tiny_targets import make_tiny_target
 
-import builder.build as build_module
+import builder.forward as forward_module
+import builder.placement as placement_module
 import builder.writer as writer_module
 from builder.build import build
 from builder.errors import ResumeMismatch
@@ -122,7 +123,7 @@ class Interrupt(Exception):
 
 
 def interrupted_build(cfg, monkeypatch, after_shards: int):
-    real = build_module.write_one_shard
+    real = forward_module.write_one_shard
     done = []
 
     def stop_after(*args, **kwargs):
@@ -131,10 +132,10 @@ def interrupted_build(cfg, monkeypatch, after_shards: int):
         done.append(args[-2])  # the shard index
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(build_module, "write_one_shard", stop_after)
+    monkeypatch.setattr(forward_module, "write_one_shard", stop_after)
     with pytest.raises(Interrupt):
         build(cfg, progress=False)
-    monkeypatch.setattr(build_module, "write_one_shard", real)
+    monkeypatch.setattr(forward_module, "write_one_shard", real)
 
 
 def snapshot(directory: Path) -> dict:
@@ -205,7 +206,7 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
         change = dict(target_model=str(other_target))
     elif change == "template":
         change = dict(chat_template=str(template))
-    monkeypatch.setattr(build_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
     before = snapshot(root / "cache")
     with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
         build(cfg.replace(resume=True, **change), progress=False)
@@ -228,3 +229,20 @@ def test_shards_are_written_off_the_forward_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_module.ShardWriter, "add", recording_add)
     build(small_config(tmp_path / "cache", max_samples=6), progress=False)
     assert threads == {"eagle3-shard-writer"}
+
+
+def test_a_build_reads_the_targets_config_once(tmp_path, monkeypatch):
+    """Start-up: the tokenizer and the weights reuse the config `prepare` parsed, instead of reading
+    it again (for a Hub id, each read is also a request)."""
+    from transformers import AutoConfig
+
+    real, reads = AutoConfig.from_pretrained.__func__, []
+
+    def counting(cls, *args, **kwargs):
+        reads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(counting))
+    result = build(small_config(tmp_path / "cache", max_samples=4), progress=False)
+    assert len(result.shards) == 1 and result.manifest is not None
+    assert reads == [result.prepared.model_path]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_content, decoded_rows
 
-from builder.build import FAULT_ENV
 from builder.build_state import BUILD_STATE_DIR
+from builder.forward import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "build_cache.py"

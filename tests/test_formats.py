@@ -121,3 +121,24 @@ def test_hidden_cache_reads_another_draft_vocab_like_a_probs_build(fp8_hidden, t
 def test_a_larger_draft_vocab_than_a_topk_cache_holds_is_refused(topk):
     with pytest.raises(ValueError, match=says("draft_vocab_size", "300", "topk cache", "256-token draft vocabulary")):
         load_cache(topk.output_dir, layout="nemo", draft_vocab_size=300)
+
+
+def test_a_hidden_cache_reads_the_live_builds_probs_bit_for_bit(tmp_path, monkeypatch):
+    """Build and reader apply the head in the same fixed-shape chunks: the probs a `hidden` cache
+    rebuilds at read time (one sample per chunk) equal those the build computed live from the
+    target's head (several samples per chunk), in fp32, bit for bit."""
+    import builder.supervision as supervision
+
+    settings = dict(max_samples=6, batch_size=3, max_tokens_per_batch=3 * 96)
+    live = build(small_config(tmp_path / "probs", **settings), progress=False)
+    hidden = build(small_config(tmp_path / "hidden", target_format="hidden", **settings), progress=False)
+    want = load_cache(live.output_dir, layout="nemo", streaming=False)
+    got = load_cache(hidden.output_dir, layout="nemo", streaming=False)
+    assert len(got) == len(want) == 6
+    for i in range(len(want)):
+        assert torch.equal(got[i]["target_probs"], want[i]["target_probs"]), i
+        assert torch.equal(got[i]["position_mask"], want[i]["position_mask"]), i
+    # The premise: another chunking at read time (one row per matmul) changes the bits.
+    monkeypatch.setattr(supervision, "HEAD_CHUNK_ROWS", 1)
+    rechunked = load_cache(hidden.output_dir, layout="nemo", streaming=False)
+    assert any(not torch.equal(rechunked[i]["target_probs"], want[i]["target_probs"]) for i in range(len(want)))

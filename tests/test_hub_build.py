@@ -42,9 +42,9 @@ def test_upload_while_building_keeps_few_shards_and_equals_push_after_build(hub,
 def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     cfg = small_config(out, shard_size=2, push_to_hub="tester/resumed", hub_tag="v1", delete_local_after_upload=True)
-    import builder.build as build_module
+    import builder.forward as forward_module
 
-    real, done = build_module.write_one_shard, []
+    real, done = forward_module.write_one_shard, []
 
     def stop_after_three(*args, **kwargs):
         if len(done) == 3:
@@ -52,11 +52,11 @@ def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
         done.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(build_module, "write_one_shard", stop_after_three)
+    monkeypatch.setattr(forward_module, "write_one_shard", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         build(cfg, progress=False)
     assert "v1" not in hub.repo("tester/resumed").tags  # no tag on an incomplete version
-    monkeypatch.setattr(build_module, "write_one_shard", real)
+    monkeypatch.setattr(forward_module, "write_one_shard", real)
     result = build(cfg.replace(resume=True), progress=False)
     assert len(result.written) == 4  # the three shards already on the Hub were not rebuilt
     reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir

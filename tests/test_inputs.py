@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import says
 
-import builder.build as build_mod
+import builder.placement as placement_mod
 import builder.target as target_mod
 from builder.build import build
 from builder.config import BuildConfig
@@ -325,7 +325,7 @@ def test_strict_stops_before_the_model_loads(tmp_path, monkeypatch):
         raise AssertionError("model weights loaded")
 
     monkeypatch.setattr(target_mod, "load_model", no_weights)
-    monkeypatch.setattr(build_mod, "load_model", no_weights)
+    monkeypatch.setattr(placement_mod, "load_model", no_weights)
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(valid_lines(3) + [BAD_LINES["no_assistant_turn"]]) + b"\n")
     cfg = BuildConfig(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), strict=True)

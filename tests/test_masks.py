@@ -16,7 +16,7 @@ import pytest
 from helpers import says
 from tiny_targets import tiny_tokenizer
 
-import builder.build as build_mod
+import builder.placement as placement_mod
 import builder.target as target_mod
 from builder.build import build
 from builder.config import BuildConfig
@@ -305,7 +305,7 @@ def test_strict_stops_on_a_not_prefix_stable_row_before_the_model_loads(tmp_path
         raise AssertionError("model weights loaded")
 
     monkeypatch.setattr(target_mod, "load_model", no_weights)
-    monkeypatch.setattr(build_mod, "load_model", no_weights)
+    monkeypatch.setattr(placement_mod, "load_model", no_weights)
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML), strict=True)
     with pytest.raises(BadRowError, match=says("--strict", "input row 2", "'rewrite'", "template_not_prefix_stable", "messages[:2]")):
         build(cfg, progress=False)
@@ -422,7 +422,7 @@ def test_resume_refuses_a_changed_option_before_the_model_loads(tmp_path, monkey
     cfg = BuildConfig(**write_inputs(tmp_path, ROWS, CHATML))
     # What an interrupted build leaves before its first shard: the identity it was started with.
     write_json_atomic(tmp_path / "out" / BUILD_STATE_FILE, prepare(cfg).identity)
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
     for field in ("mask_generation_prompt", "mask_reasoning_content"):
         with pytest.raises(ResumeMismatch, match=rf"(?m)^  {field}: cache has False, this run has True$"):
             build(cfg.replace(resume=True, **{field: True}), progress=False)

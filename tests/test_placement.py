@@ -10,7 +10,7 @@ from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
 from transformers import AutoConfig, LlamaConfig
 
-import builder.build as build_module
+import builder.placement as placement_module
 from builder.build import build
 from builder.errors import ConfigError
 from builder.placement import GiB, check_fits, group_gpus, meta_model, parse_bytes, plan_memory
@@ -76,7 +76,7 @@ def test_planner_refuses_what_cannot_fit_and_passes_what_can():
 
 
 def test_build_refuses_before_loading_weights(tmp_path, target, monkeypatch):
-    monkeypatch.setattr(build_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match=r"expected a placement that fits 0\.5 GiB per GPU; the target needs 1\.\d GiB"):
         build(small_config(tmp_path / "cache", target, max_memory_per_gpu="512MiB"), progress=False)
     assert not (tmp_path / "cache").exists()

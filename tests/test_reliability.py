@@ -15,9 +15,10 @@ import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
 
-from builder.build import FAULT_ENV, build
+from builder.build import build
 from builder.build_state import read_sidecar
 from builder.errors import NonFiniteOutput
+from builder.forward import FAULT_ENV
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
 from builder.reader import read_manifest
 
@@ -46,7 +47,7 @@ def shard_count(out: Path) -> int:
 
 
 def run_killed_at(out: Path, fault: str) -> None:
-    """One run of the build, SIGKILLed by itself at the named point (see builder.build.FaultPoints)."""
+    """One run of the build, SIGKILLed by itself at the named point (see builder.forward.FaultPoints)."""
     flags = ("--resume",) if (out / ".eagle3_build" / "identity.json").exists() else ()
     proc = subprocess.run(command(out, *flags), env=env() | {FAULT_ENV: fault}, capture_output=True, text=True, check=False)
     assert proc.returncode == -signal.SIGKILL, f"not killed at {fault}: {proc.stderr[-2000:]}"

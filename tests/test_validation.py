@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import says
 
-import builder.build as build_mod
+import builder.placement as placement_mod
 import builder.prepare as prepare_mod
 import builder.target as target_mod
 from builder.build_state import BUILD_STATE_FILE
@@ -141,7 +141,7 @@ def nothing_loads(monkeypatch):
 
         return fail
 
-    for module in (target_mod, build_mod):
+    for module in (target_mod, placement_mod):
         monkeypatch.setattr(module, "load_model", forbid("model weights"))
     monkeypatch.setattr(prepare_mod, "load_rows", forbid("input data"))
     monkeypatch.setattr(prepare_mod, "load_tokenizer", forbid("tokenizer"))
@@ -152,7 +152,7 @@ def nothing_loads(monkeypatch):
 def test_out_of_range_aux_ids_fail_before_data_loads(tmp_path, monkeypatch):
     # The config must be read for this check; the data and the weights must not.
     monkeypatch.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     with pytest.raises(ConfigError, match=r"--aux-layer-ids: expected ids in \[0, 7\] .*Out of range: \[8\]"):
         prepare_mod.prepare(cfg(tmp_path, aux_layer_ids=(1, 8)))
 
@@ -205,7 +205,7 @@ def test_cli_output_dir_with_a_cache(tmp_path, capsys, nothing_loads):
 
 
 def test_cli_out_of_range_aux_ids(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     monkeypatch.setattr(prepare_mod, "load_rows", lambda *a, **k: pytest.fail("input data loaded"))
     assert main(["build", "--output-dir", str(tmp_path / "out"), "--aux-layer-ids", "1,3,8"]) == 2
     assert (
@@ -215,7 +215,7 @@ def test_cli_out_of_range_aux_ids(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_unreadable_input_is_one_error_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     broken = tmp_path / "broken.json"
     broken.write_text('[{"messages": [')
     for data, start in [(str(tmp_path / "missing.jsonl"), "error: --input-data: "), (str(broken), "error: --input-data: ")]:
@@ -226,7 +226,7 @@ def test_cli_unreadable_input_is_one_error_line(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_template_that_is_not_prefix_stable_is_one_error_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     template = tmp_path / "last_only.jinja"
     template.write_text(
         "{{ bos_token }}{% set m = messages[-1] %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
@@ -254,7 +254,7 @@ def test_cli_bad_layer_list_is_an_argparse_error(capsys):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(build_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    monkeypatch.setattr(placement_mod, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
     out = tmp_path / "out"
     # Uncompressed, the estimate is exact bytes that can be worked out by hand below.
     assert main(["build", "--dry-run", "--quiet", "--compression", "none", "--output-dir", str(out)]) == 0

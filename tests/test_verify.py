@@ -16,8 +16,9 @@ import torch
 from helpers import small_config
 from huggingface_hub import DatasetCard
 
-from builder.build import FAULT_ENV, build
+from builder.build import build
 from builder.files import file_hash
+from builder.forward import FAULT_ENV
 from builder.reader import read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache

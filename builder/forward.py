@@ -1,0 +1,306 @@
+"""The forward loop: a rank's pending shards, window by window and batch by batch, through the
+target; each batch's supervision encoded on the device and handed to the background writer.
+
+Within a shard, rows are computed length-sorted inside windows of a few row groups (see
+`batching.shard_windows`), so the writer can publish row groups in the samples' order while the
+forward only pads within a window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .batching import batching_record, expected_rows, pad_batch, plan_batches, shard_windows
+from .build_state import BUILD_STATE_DIR
+from .files import atomic_write
+from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
+from .manifest import LM_HEAD_FILE
+from .placement import device_map_summary, load_placed_model
+from .plan import warn_if_writer_holds_back
+from .prepare import Prepared
+from .target import HEAD_PROBE_TOKENS, Target, head_spec
+from .writer import BackgroundWriter, BatchOutput
+
+if TYPE_CHECKING:
+    from .build import BuildResult
+
+FAULT_ENV = "EAGLE3_CACHE_FAULT"  # test hook naming a point at which the build kills itself (see FaultPoints)
+
+
+def run_forward(
+    prep: Prepared, out: Path, pending: list[int], names: list[str], result: BuildResult, show_progress: bool, uploader=None
+) -> None:
+    model = load_placed_model(prep)
+    result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
+    target = Target(model, prep.aux_layer_ids)
+    head = HeadRows.of(target, prep.selected_token_ids)
+    try:
+        check_head(prep, target, head)  # before any file is written
+    except BaseException:
+        target.close()
+        raise
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    if prep.cfg.target_format == "hidden" and result.rank == 0:
+        write_head_rows(out, prep, target)
+    progress = Progress(prep, out, show_progress)
+    in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
+    in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
+    faults = FaultPoints()
+
+    def shard_done(info: dict) -> None:  # on the writer thread, right after the rename
+        progress.shard_done(info)
+        if uploader is not None:  # blocks while one shard already waits: bounds local disk
+            uploader.upload(out / "data" / info["name"])
+        faults.reached("after_shard")
+
+    warn_if_writer_holds_back(prep, target)
+    writer = BackgroundWriter(
+        prep.layout,
+        in_vocab,
+        prep.cfg.row_group_bytes,
+        on_shard_done=shard_done,
+        strict=prep.cfg.strict,
+        compression=prep.cfg.compression,
+        threads=prep.cfg.writer_threads,
+        shard_record={"batching": batching_record(prep)},
+    )
+    try:
+        for k in pending:
+            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head, faults)
+            result.written.append(names[k])
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        target.close()
+        progress.close()
+
+
+def check_head(prep: Prepared, target: Target, head: HeadRows) -> None:
+    """The head path must reproduce the target's own logits (on the first sample's first tokens)."""
+    if not len(prep.samples):
+        return
+    probe = torch.as_tensor(prep.samples[0]["input_ids"][:HEAD_PROBE_TOKENS])[None]
+    draft = (head.selected, head.draft_rows, head.transform) if prep.cfg.target_format == "hidden" else None
+    target.check_head(probe, draft)
+
+
+class FaultPoints:
+    """Crash tests: `EAGLE3_CACHE_FAULT=after_shard:3` (this run's 3rd shard published: renamed, with its
+    record) or `after_batch:5` (this run's 5th forward batch handed to the writer) SIGKILLs the process
+    right there, as a power cut would, instead of at a moment a test guesses from the clock."""
+
+    def __init__(self):
+        self.spec = os.environ.get(FAULT_ENV)
+        self.counts: dict[str, int] = {}  # one key per thread: after_batch (forward), after_shard (writer)
+
+    def reached(self, name: str) -> None:
+        if self.spec is None:
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.spec == f"{name}:{self.counts[name]}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_one_shard(
+    prep: Prepared,
+    target: Target,
+    writer: BackgroundWriter,
+    path: Path,
+    shard: int,
+    progress,
+    head: HeadRows,
+    faults: FaultPoints | None = None,
+) -> None:
+    start = shard * prep.cfg.shard_size
+    rows = prep.samples.select(range(start, start + expected_rows(prep, shard)))
+    writer.open_shard(path)
+    for window in shard_windows(prep, rows):
+        for batch in forward_window(prep, target, window, head):
+            writer.submit(batch)
+            progress.batch_done(batch)
+            if faults is not None:
+                faults.reached("after_batch")
+        writer.end_window(len(window))
+    writer.close_shard()
+
+
+def forward_window(prep: Prepared, target: Target, window: list[dict], head: HeadRows):
+    """Length-sorted token-budget batches of one window, each copied to the host asynchronously."""
+    layout = prep.layout
+    columns = layout.columns()
+    per_loss = frozenset(name for name, spec in columns.items() if spec["per"] == "loss")
+    log_mass = "log_draft_mass" in columns
+    pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
+    for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
+        samples = [window[i] for i in positions]
+        ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
+        dev, inp = target.device, target.input_device
+        attention, loss = attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True)
+        live = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp), loss, head.selected, log_draft_mass=log_mass)
+        live["attention"] = attention
+        # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
+        encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
+        quality = quality_of_batch(layout, live, encoded, loss.bool(), head.draft_rows, head.transform)
+        finite = finite_rows(live, encoded, attention, loss, per_loss)
+        (columns, quality, finite), ready = to_host((encoded, quality, finite))
+        yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready)
+
+
+def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, loss: torch.Tensor, per_loss) -> torch.Tensor:
+    """[B] bool, on the device: the live probs and every stored float column of the sample are finite
+    (checked after the cast: fp16 turns activations above 65504 into inf; fp8 saturates instead)."""
+    batch, length = attention.shape
+    ok = torch.ones(batch, dtype=torch.bool, device=attention.device)
+    row_of_loss = loss.nonzero()[:, 0]
+    floats = {"probs": live["probs"]} | {n: t for n, t in encoded.items() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn}
+    for name, tensor in floats.items():
+        if name == "probs" or name in per_loss:  # [n_loss, ...] rows, row-major over the batch
+            bad = ~all_finite(tensor, (len(tensor),), bounded=name in BOUNDED_COLUMNS)
+            ok &= torch.zeros(batch, dtype=torch.long, device=ok.device).index_add_(0, row_of_loss, bad.long()) == 0
+        else:  # [B, T, ...]: real tokens only
+            ok &= ~(~all_finite(tensor, (batch, length), bounded=False) & attention.bool()).any(-1)
+    return ok
+
+
+BOUNDED_COLUMNS = frozenset({"probs", "target_probs", "topk_logprobs"})  # |value| <= 88 unless inf or NaN
+
+
+def all_finite(tensor: torch.Tensor, lead: tuple, bounded: bool) -> torch.Tensor:
+    """`lead`-shaped bool: are all values under each leading index finite? One reduction, no mask of the
+    whole tensor. A float32 sum is finite exactly when every summed value is, as long as finite values
+    cannot overflow it (bounded columns, fp16); otherwise the min and max are checked."""
+    if tensor.numel() == 0:
+        return torch.ones(lead, dtype=torch.bool, device=tensor.device)
+    rows = tensor.reshape(*lead, -1)
+    if bounded or tensor.dtype == torch.float16:
+        return rows.sum(-1, dtype=torch.float32).isfinite()
+    low, high = torch.aminmax(rows, dim=-1)
+    return low.isfinite() & high.isfinite()
+
+
+def to_host(tree):
+    """Copy a (nested) structure of device tensors into pinned host memory without waiting;
+    returns the copies and a CUDA event to wait on (None on CPU, where nothing is copied)."""
+    flat = []
+
+    def collect(node):
+        if isinstance(node, torch.Tensor):
+            flat.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                collect(v)
+
+    collect(tree)
+    if not flat or flat[0].device.type != "cuda":
+        return tree, None
+    copies = {}
+    for t in flat:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        copies[id(t)] = host
+
+    def rebuild(node):
+        if isinstance(node, torch.Tensor):
+            return copies[id(node)]
+        if isinstance(node, dict):
+            return {k: rebuild(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(rebuild(v) for v in node)
+        return node
+
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(flat[0].device))  # the copies' device, not the current one
+    return rebuild(tree), event
+
+
+@dataclass
+class HeadRows:
+    """What every batch needs from the head: the draft ids on the device, and for `hidden` caches
+    the draft rows and logit transform used to rebuild probs (quality report, vocab/lm_head)."""
+
+    selected: torch.Tensor
+    draft_rows: torch.Tensor | None
+    transform: object
+
+    @classmethod
+    def of(cls, target: Target, selected_token_ids) -> HeadRows:
+        selected = torch.as_tensor(selected_token_ids, device=target.device)
+        rows = target.head.weight.index_select(0, selected).float()
+        bias = target.head.bias.index_select(0, selected).float() if getattr(target.head, "bias", None) is not None else None
+        return cls(selected, rows, head_transform_from(head_spec(target.model.config), bias))
+
+
+def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
+    """vocab/lm_head.safetensors for `hidden` caches: the draft rows (and with --store-full-head all rows),
+    and the head's bias over the whole vocabulary when it has one."""
+    tensors = {
+        "draft_rows": target.head.weight.index_select(0, torch.as_tensor(prep.selected_token_ids, device=target.device)).float().cpu()
+    }
+    if prep.cfg.store_full_head:
+        tensors["weight"] = target.head.weight.float().cpu()
+    if getattr(target.head, "bias", None) is not None:
+        tensors["bias"] = target.head.bias.float().cpu()
+    with atomic_write(out / LM_HEAD_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+class Progress:
+    """One bar on rank 0: samples over every rank's pending shards (others' from their sidecars)."""
+
+    def __init__(self, prep: Prepared, out: Path, enabled: bool):
+        self.enabled, self.out = enabled, out
+        self.start = time.perf_counter()
+        self.tokens = self.bytes = 0
+        self.seen_sidecars = {p.name for p in self._sidecars()} if enabled else set()
+        total = len(prep.samples) - sum(json.loads(p.read_text())["rows"] for p in self._sidecars()) if enabled else 0
+        self.bar = tqdm(total=total, unit="sample", desc="Building", disable=not enabled, dynamic_ncols=True)
+        self._mine: set[str] = set()
+        self._last_poll = 0.0
+
+    def _sidecars(self):
+        return (self.out / BUILD_STATE_DIR / "shards").glob("*.json")
+
+    def batch_done(self, batch: BatchOutput) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(len(batch.samples))
+        self.tokens += sum(s["num_tokens"] for s in batch.samples)
+        self._poll_other_ranks()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:,.0f}", written=f"{self.bytes / 1e9:.3f}GB", refresh=False)
+
+    def shard_done(self, info: dict) -> None:  # called on the writer thread
+        self.bytes += info["bytes"]
+        self._mine.add(f"{info['name']}.json")
+
+    def _poll_other_ranks(self) -> None:
+        """Shards other ranks finished since the last look (at most once a second)."""
+        now = time.perf_counter()
+        if now - self._last_poll < 1.0:
+            return
+        self._last_poll = now
+        for path in self._sidecars():
+            if path.name not in self.seen_sidecars and path.name not in self._mine:
+                self.seen_sidecars.add(path.name)
+                info = json.loads(path.read_text())
+                self.bar.update(info["rows"])
+                self.tokens += info["tokens"]
+                self.bytes += info["bytes"]
+
+    def close(self) -> None:
+        self.bar.close()
