@@ -12,22 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from builder.plan import COLUMN_PARTS
+
 # The "bigger random target" of the compression figures: the 92.3M-parameter random Llama of
 # build_overhead.py (hidden 1024, 8 layers), on the first 32 sample chats at seq 512.
 BIG = dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4)
 BIG_SAMPLES, BIG_SEQ = 32, 512
-KIND = {
-    "aux_hidden_states": "aux",
-    "aux_scales": "aux",
-    "target_probs": "probs",
-    "topk_logprobs": "topk",
-    "topk_ids": "topk",
-    "log_draft_mass": "topk",
-    "final_hidden": "hidden",
-    "target_argmax": "ids",
-    "input_ids": "ids",
-    "loss_mask": "ids",
-}
+KIND = {**COLUMN_PARTS, "target_argmax": "ids", "input_ids": "ids", "loss_mask": "ids"}  # the planner's parts, plus ids
 
 
 def make_big_target(directory: Path) -> Path:

@@ -144,9 +144,10 @@ def run_child(args: list[str], env: dict, timeout: float = 600) -> dict:
     return result
 
 
-def write_results(name: str, data: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_results(name: str, data: dict, path: str | Path | None = None) -> Path:
+    """Write a benchmark's results, with the machine and its load, to `path` (default: results/NAME.json)."""
+    path = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -471,14 +471,7 @@ def main(argv=None) -> dict:
     ratios |= {f"{r['label']}_build_over_target_forward": r["ratio_build_over_target_forward"] for r in diag}
     ratios |= {f"{r['label']}_build_over_target_supervise": r["ratio_build_over_target_supervise"] for r in diag}
     data = {"cases": rows, "ratios": ratios | verdicts, "target_ratio_big": TARGET_RATIO, "torch_threads": torch.get_num_threads()}
-    if args.results:
-        import json
-
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **data}, indent=2) + "\n")
-    else:
-        path = write_results(NAME, data)
+    path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")
     return data
 

@@ -31,7 +31,6 @@ Run: .venv/bin/python benchmarks/format_sizes.py [--draft-vocabs 256,1024] [--no
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -294,12 +293,7 @@ def main(argv=None) -> dict:
         "ratios": {f"{p['target_format']}_{p['aux_dtype']}_8b_reference_over_cache": p["ratio_reference_over_cache"] for p in projections}
         | {f"{b['target_format']}_{b['aux_dtype']}_big_reference_over_cache": b["ratio_reference_over_cache"] for b in big},
     }
-    if args.results:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **data}, indent=2) + "\n")
-    else:
-        path = write_results(NAME, data)
+    path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")
     return data
 

@@ -515,14 +515,7 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ},
     }
-    if args.results:
-        import json
-
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **data}, indent=2) + "\n")
-    else:
-        path = write_results(NAME, data)
+    path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")
     return data
 

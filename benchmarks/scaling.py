@@ -29,7 +29,6 @@ Run: .venv/bin/python benchmarks/scaling.py [--samples N] [--seq S] [--repeats N
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -222,12 +221,7 @@ def main(argv=None) -> dict:
         "ratios": ratios,
         "failed_cases": failed,
     }
-    if args.results:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": NAME, "machine": _common.machine(), **data}, indent=2) + "\n")
-    else:
-        path = write_results(NAME, data)
+    path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")
     if failed:
         print(f"  FAILED cases: {failed}", file=sys.stderr)
