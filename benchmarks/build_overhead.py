@@ -141,6 +141,39 @@ def time_pass(fn, batches, device) -> float:
     return time.perf_counter() - start
 
 
+def planned_memory(prep) -> dict:
+    """The placement planner's per-GPU estimate for this build (bf16), as `--dry-run` prints it."""
+    from builder.placement import plan_memory
+
+    plan = plan_memory(
+        prep.model_config,
+        gpus_per_target=prep.cfg.gpus_per_target,
+        max_tokens=prep.cfg.token_budget,
+        num_aux_layers=len(prep.aux_layer_ids),
+        dtype_bytes=2,
+        draft_vocab_size=len(prep.selected_token_ids),
+    )
+    return plan.to_dict()
+
+
+def peak_gpu_memory(peaks: list[tuple[int, int]], plan: dict) -> dict:
+    """Torch's peak allocation during the builds (weights included) next to the planner's estimate.
+    The planner's `overhead` (CUDA context, allocator slack) lies outside torch's allocator, so the
+    estimate to compare with the peak allocation leaves it out."""
+    if not peaks:
+        return {}
+    allocated, reserved = max(a for a, _ in peaks), max(r for _, r in peaks)
+    in_allocator = plan["per_gpu"] - plan["overhead"]
+    return {
+        "peak_gpu_allocated_bytes": allocated,
+        "peak_gpu_reserved_bytes": reserved,
+        "planned_gpu_bytes": plan["per_gpu"],
+        "planned_gpu_bytes_in_allocator": in_allocator,
+        "planned_gpu": plan,
+        "ratio_peak_allocated_over_planned": allocated / in_allocator,
+    }
+
+
 def bare_runner(prep, model, target, kind: str, device, input_device):
     import torch
 
@@ -161,6 +194,7 @@ def bare_runner(prep, model, target, kind: str, device, input_device):
 
 def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) -> dict:
     import numpy as np
+    import torch
 
     from builder.build import build
     from builder.config import BuildConfig
@@ -191,13 +225,17 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         extra["target_forward_s"] = time_pass(bare_runner(prep, model, target, "forward", device, input_device), batches, device)
         extra["target_supervise_s"] = time_pass(bare_runner(prep, model, target, "supervise", device, input_device), batches, device)
         target.close()
-    builds = []
+    builds, peaks = [], []
     for rep in range(repeats):
         out = Path(temp_dir(f"overhead-{label}-{rep}")) / "cache"
         whole_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the build's own peak, not the bare passes' full logits
         with Instrument() as inst:
             result = build(cfg.replace(output_dir=str(out)), progress=False)
         whole_s = time.perf_counter() - whole_start
+        if device.type == "cuda":
+            peaks.append((torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)))
         assert inst.forwards == len(batches), (inst.forwards, len(batches))  # the same batches, all of them
         builds.append(
             {
@@ -212,6 +250,7 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         bare.append(time_pass(plain, batches, device))
         totals = result.manifest["totals"]
         assert totals["tokens"] == tokens
+    gpu_memory = peak_gpu_memory(peaks, planned_memory(prep))
     bare_s = min(bare)
     best = min(builds, key=lambda b: b["build_s"])
     build_s, tail_s = best["build_s"], best["drain_tail_s"]
@@ -267,6 +306,7 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         "ratio_build_minus_tail_over_bare_model": bare_s / (build_s - tail_s),
         "compute_per_byte": per_byte,
         "llama_8b_compute_per_byte": per_byte_8b,
+        **gpu_memory,
         **extra,
     }
     if diagnostics:
@@ -458,6 +498,14 @@ def main(argv=None) -> dict:
             f"  Llama-3.1-8B: {r8['flops_per_token'] / 1e9:.1f} GFLOP/token, {r8['bytes_per_token']:,.0f} B/token ({r8['target_format']}, "
             f"aux {r8['aux_dtype']}, Vd 32000, loss share {r8['loss_share']:.0%}) -> {r8['flops_per_byte']:,.0f} FLOPs per byte"
         )
+    for r in rows:
+        if "peak_gpu_allocated_bytes" in r:
+            print(
+                f"  [{r['label']}] peak GPU memory {r['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB allocated "
+                f"({r['peak_gpu_reserved_bytes'] / 2**30:.2f} GiB reserved); the planner's estimate "
+                f"{r['planned_gpu_bytes_in_allocator'] / 2**30:.2f} GiB without its CUDA-context overhead "
+                f"({r['planned_gpu_bytes'] / 2**30:.2f} GiB with it): peak / estimate {r['ratio_peak_allocated_over_planned']:.2f}"
+            )
     verdicts = {}
     for r in rows:
         if r["label"] == "big":
@@ -470,6 +518,7 @@ def main(argv=None) -> dict:
     ratios = {f"{r['label']}_build_over_bare_model": r["ratio_build_over_bare_model"] for r in rows}
     ratios |= {f"{r['label']}_build_over_target_forward": r["ratio_build_over_target_forward"] for r in diag}
     ratios |= {f"{r['label']}_build_over_target_supervise": r["ratio_build_over_target_supervise"] for r in diag}
+    ratios |= {f"{r['label']}_peak_gpu_over_planned": r["ratio_peak_allocated_over_planned"] for r in rows if "planned_gpu" in r}
     data = {"cases": rows, "ratios": ratios | verdicts, "target_ratio_big": TARGET_RATIO, "torch_threads": torch.get_num_threads()}
     path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")

@@ -132,6 +132,10 @@ if bo:
         figures[f"build_minus_tail_over_bare_{case['label']}"] = round(case["ratio_build_minus_tail_over_bare_model"], 3)
         figures[f"bare_tokens_per_s_{case['label']}"] = round(case["bare_tokens_per_s"])
         figures[f"written_mb_per_s_{case['label']}"] = round(case["written_mb_per_s"], 1)
+        if "peak_gpu_allocated_bytes" in case:
+            figures[f"peak_gpu_gib_{case['label']}"] = round(case["peak_gpu_allocated_bytes"] / 2**30, 2)
+            figures[f"planned_gpu_gib_{case['label']}"] = round(case["planned_gpu_bytes_in_allocator"] / 2**30, 2)
+            figures[f"peak_over_planned_{case['label']}"] = round(case["ratio_peak_allocated_over_planned"], 3)
 io = summary["io_throughput"]
 if io:
     figures |= {k: round(v, 3) for k, v in io["ratios"].items() if isinstance(v, float)}
