@@ -280,7 +280,14 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         "params": llama_params(**model_shape),
         "device": str(device),
         "compute_dtype": str(dtype).replace("torch.", ""),
-        "storage": {"dtype": cfg.dtype, "aux_dtype": cfg.storage_aux_dtype, "format": cfg.target_format, "draft_vocab": draft_vocab},
+        "storage": {
+            "dtype": cfg.dtype,
+            "aux_dtype": cfg.storage_aux_dtype,
+            "format": cfg.target_format,
+            "draft_vocab": draft_vocab,
+            "compression": cfg.compression,
+        },
+        "writer_threads": cfg.writer_threads,
         "seq_length": cfg.seq_length,
         "token_budget": cfg.token_budget,
         "row_group_bytes": cfg.row_group_bytes,
@@ -342,6 +349,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1; 0 = torch's default)")
     p.add_argument("--repeats", type=int, default=2, help="builds per target (bare passes: one more); the fastest of each counts")
     p.add_argument("--row-group-bytes", type=int, default=8 << 20, help="default 8 MiB (see the docstring); 0: the builder's default")
+    p.add_argument("--compression", default=None, help="--compression of both cases (default: the builder's)")
+    p.add_argument("--writer-threads", type=int, default=None, help="--writer-threads of both cases (default: the builder's)")
     p.add_argument("--results", default=None, help=f"JSON path (default: benchmarks/results/{NAME}.json)")
     return p.parse_args(argv)
 
@@ -354,6 +363,7 @@ def main(argv=None) -> dict:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     diagnostics = {c.strip() for c in args.diagnostics.split(",") if c.strip()}
     rg = {"row_group_bytes": args.row_group_bytes} if args.row_group_bytes else {}
+    rg |= {k: v for k, v in (("compression", args.compression), ("writer_threads", args.writer_threads)) if v is not None}
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
     print(f"{NAME}: build tokens/s over bare target forward tokens/s on the same batches", flush=True)

@@ -235,13 +235,14 @@ def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_ro
 # ---- quality, measured against the live target during the build --------------------------
 
 
-def quality_of_batch(layout: Layout, live: dict, encoded: dict, loss: torch.Tensor, draft_rows=None, transform=None) -> dict:
-    """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card."""
+def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None, transform=None) -> dict:
+    """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card.
+    Computed without a device synchronisation (no data-dependent shapes or branches)."""
     stats = {}
     if layout.aux_dtype == "fp8":
         rebuilt = decode_aux(encoded["aux_hidden_states"], encoded["aux_scales"], torch.float32)
-        valid = live["attention"].bool()
-        stats["aux_max_abs_diff"] = (rebuilt - live["aux"].float())[valid].abs().max() if valid.any() else torch.zeros(())
+        per_token = (rebuilt - live["aux"].float()).abs().amax(dim=-1)
+        stats["aux_max_abs_diff"] = torch.where(live["attention"].bool(), per_token, 0.0).amax()  # real tokens; 0 if none
     if layout.target_format == "topk":
         kept = encoded["topk_logprobs"].float().exp().sum(-1)
         spread = probs_from_topk(encoded["topk_logprobs"], encoded["topk_ids"], layout.draft_vocab_size, spread_tail=True)
@@ -256,7 +257,7 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, loss: torch.Tens
             "rows": torch.tensor(len(kept)),
         }
     if layout.target_format == "hidden":
-        rebuilt = probs_from_hidden(encoded["final_hidden"][loss], draft_rows, transform)
+        rebuilt = probs_from_hidden(encoded["final_hidden"].flatten(0, 1).index_select(0, live["loss_positions"]), draft_rows, transform)
         diff = (rebuilt - live["probs"]).abs()
         stats["probs_max_abs_diff"] = diff.max() if diff.numel() else torch.zeros(())
     return stats

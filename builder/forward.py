@@ -146,24 +146,27 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], head: Hea
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
         samples = [window[i] for i in positions]
         ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
-        dev, inp = target.device, target.input_device
-        attention, loss = attention.to(dev, non_blocking=True), loss.to(dev, non_blocking=True)
-        live = target.supervise(ids.to(inp, non_blocking=True), attention.to(inp), loss, head.selected, log_draft_mass=log_mass)
+        # The loss mask stays on the host (see Target.supervise): nothing below waits for the GPU,
+        # which keeps computing while this thread queues the next batch.
+        attention = attention.to(target.device, non_blocking=True)
+        live = target.supervise(
+            ids.to(target.input_device, non_blocking=True), attention.to(target.input_device), loss, head.selected, log_draft_mass=log_mass
+        )
         live["attention"] = attention
         # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
         encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
-        quality = quality_of_batch(layout, live, encoded, loss.bool(), head.draft_rows, head.transform)
-        finite = finite_rows(live, encoded, attention, loss, per_loss)
+        quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform)
+        finite = finite_rows(live, encoded, attention, per_loss)
         (columns, quality, finite), ready = to_host((encoded, quality, finite))
         yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready)
 
 
-def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, loss: torch.Tensor, per_loss) -> torch.Tensor:
+def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, per_loss) -> torch.Tensor:
     """[B] bool, on the device: the live probs and every stored float column of the sample are finite
     (checked after the cast: fp16 turns activations above 65504 into inf; fp8 saturates instead)."""
     batch, length = attention.shape
     ok = torch.ones(batch, dtype=torch.bool, device=attention.device)
-    row_of_loss = loss.nonzero()[:, 0]
+    row_of_loss = live["loss_positions"] // length
     floats = {"probs": live["probs"]} | {n: t for n, t in encoded.items() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn}
     for name, tensor in floats.items():
         if name == "probs" or name in per_loss:  # [n_loss, ...] rows, row-major over the batch

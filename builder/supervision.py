@@ -35,8 +35,8 @@ def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, s
     keep = loss_mask.to(logits.device).bool()
     target_probs = target_probs * keep.unsqueeze(-1)
     argmax = logits.argmax(dim=-1)
-    in_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    in_vocab[selected] = True
+    # index_fill_, not `in_vocab[selected] = True`: that copies the value from the host and waits for the GPU
+    in_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, selected, True)
     return TargetSupervision(target_probs, keep & in_vocab[argmax], argmax)
 
 

@@ -249,14 +249,20 @@ class Target:
         """One padded batch -> the live outputs every format is encoded from:
         `aux` `[B, T, A*H]`, `final_hidden` `[B, T, H]`, and at the `n` loss-masked positions
         (row-major) `probs` `[n, Vd]` fp32, full-vocab `argmax` `[n]` and `log_draft_mass` `[n]`
-        (two log-sum-exps over every logit: only when asked for, as `topk` caches store it)."""
+        (two log-sum-exps over every logit: only when asked for, as `topk` caches store it),
+        and `loss_positions` `[n]`, their flat indices into `B * T`.
+
+        Give `loss_mask` on the host: the loss rows are then counted there, and nothing in the
+        batch waits for the GPU (a mask on the device is counted by the device, which waits)."""
         aux, final_hidden = self.forward(input_ids, attention_mask)
-        rows = final_hidden[loss_mask.bool()]
+        positions = loss_mask.reshape(-1).nonzero().squeeze(1).to(self.device, non_blocking=True)
+        rows = final_hidden.flatten(0, 1).index_select(0, positions)  # = final_hidden[loss_mask], row-major
         probs, argmax, log_mass = [], [], []
         # Bound the [rows, V] logits: several fixed-shape chunks at a time.
         for block in rows.split(HEAD_CHUNK_ROWS * 8):
             logits = self.logits_at(block)
-            sup = compute_target_distribution(logits, torch.ones(len(block), dtype=torch.bool), selected_token_ids)
+            every_row = torch.ones(len(block), dtype=torch.bool, device=logits.device)
+            sup = compute_target_distribution(logits, every_row, selected_token_ids)
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
             if log_draft_mass:
@@ -266,6 +272,7 @@ class Target:
         live = {
             "aux": aux,
             "final_hidden": final_hidden,
+            "loss_positions": positions,
             "probs": torch.cat(probs) if probs else empty.new_zeros(0, len(selected_token_ids)),
             "argmax": torch.cat(argmax) if argmax else empty.new_zeros(0, dtype=torch.long),
         }
