@@ -349,6 +349,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1; 0 = torch's default)")
     p.add_argument("--repeats", type=int, default=2, help="builds per target (bare passes: one more); the fastest of each counts")
     p.add_argument("--row-group-bytes", type=int, default=8 << 20, help="default 8 MiB (see the docstring); 0: the builder's default")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the GIL switch interval the build's forward loop sets, in seconds (default: the builder's)",
+    )
     p.add_argument("--compression", default=None, help="--compression of both cases (default: the builder's)")
     p.add_argument("--writer-threads", type=int, default=None, help="--writer-threads of both cases (default: the builder's)")
     p.add_argument("--results", default=None, help=f"JSON path (default: benchmarks/results/{NAME}.json)")
@@ -362,6 +368,10 @@ def main(argv=None) -> dict:
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     diagnostics = {c.strip() for c in args.diagnostics.split(",") if c.strip()}
+    if args.switch_interval is not None:
+        import builder.forward
+
+        builder.forward.FORWARD_SWITCH_INTERVAL_S = args.switch_interval
     rg = {"row_group_bytes": args.row_group_bytes} if args.row_group_bytes else {}
     rg |= {k: v for k, v in (("compression", args.compression), ("writer_threads", args.writer_threads)) if v is not None}
     if args.threads and not torch.cuda.is_available():
@@ -529,7 +539,15 @@ def main(argv=None) -> dict:
     ratios |= {f"{r['label']}_build_over_target_forward": r["ratio_build_over_target_forward"] for r in diag}
     ratios |= {f"{r['label']}_build_over_target_supervise": r["ratio_build_over_target_supervise"] for r in diag}
     ratios |= {f"{r['label']}_peak_gpu_over_planned": r["ratio_peak_allocated_over_planned"] for r in rows if "planned_gpu" in r}
-    data = {"cases": rows, "ratios": ratios | verdicts, "target_ratio_big": TARGET_RATIO, "torch_threads": torch.get_num_threads()}
+    import builder.forward
+
+    data = {
+        "cases": rows,
+        "ratios": ratios | verdicts,
+        "target_ratio_big": TARGET_RATIO,
+        "torch_threads": torch.get_num_threads(),
+        "forward_switch_interval_s": builder.forward.FORWARD_SWITCH_INTERVAL_S,
+    }
     path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")
     return data

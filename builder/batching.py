@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -39,16 +40,18 @@ def plan_batches(lengths: list[int], max_tokens: int, max_batch_size: int | None
 
 
 def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask` and `loss_mask` (padding is never supervised)."""
+    """Right-padded `input_ids`, `attention_mask` and `loss_mask` (padding is never supervised).
+    Filled in numpy: several times faster than torch from Python lists, and it never lets go of the
+    GIL, which the forward thread would then wait to get back from the writer's threads."""
     width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    loss = torch.zeros((len(sequences), width), dtype=torch.bool)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    attention = np.zeros((len(sequences), width), dtype=np.int64)
+    loss = np.zeros((len(sequences), width), dtype=np.bool_)
     for row, (seq, mask) in enumerate(zip(sequences, masks)):
-        ids[row, : len(seq)] = torch.as_tensor(seq)
+        ids[row, : len(seq)] = seq
         attention[row, : len(seq)] = 1
-        loss[row, : len(seq)] = torch.as_tensor(mask, dtype=torch.bool)
-    return ids, attention, loss
+        loss[row, : len(seq)] = mask
+    return torch.from_numpy(ids), torch.from_numpy(attention), torch.from_numpy(loss)
 
 
 def expected_rows(prep: Prepared, shard: int) -> int:

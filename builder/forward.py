@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
     from .build import BuildResult
 
 FAULT_ENV = "EAGLE3_CACHE_FAULT"  # test hook naming a point at which the build kills itself (see FaultPoints)
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The forward
+# thread lets go of the GIL in every torch call and must get it back before it can queue the next
+# kernel; the writer's threads holding it for 5 ms at a time would leave a GPU idle.
+FORWARD_SWITCH_INTERVAL_S = 0.0005
 
 
 def run_forward(
@@ -75,16 +81,28 @@ def run_forward(
         shard_record={"batching": batching_record(prep)},
     )
     try:
-        for k in pending:
-            write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head, faults)
-            result.written.append(names[k])
-        writer.finish()
+        with gil_switch_interval(FORWARD_SWITCH_INTERVAL_S):
+            for k in pending:
+                write_one_shard(prep, target, writer, out / "data" / names[k], k, progress, head, faults)
+                result.written.append(names[k])
+            writer.finish()
     except BaseException:
         writer.abort()
         raise
     finally:
         target.close()
         progress.close()
+
+
+@contextmanager
+def gil_switch_interval(seconds: float):
+    """Python's thread switch interval at most `seconds` inside the block, restored after it."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def check_head(prep: Prepared, target: Target, head: HeadRows) -> None:

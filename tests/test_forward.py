@@ -1,0 +1,57 @@
+"""The forward loop's host-side pieces: batch padding, the loss rows counted on the host, and the
+GIL switch interval the loop runs under."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from builder.batching import pad_batch
+from builder.forward import gil_switch_interval
+
+
+def test_pad_batch_right_pads_and_never_supervises_padding():
+    ids, attention, loss = pad_batch([[5, 6, 7], [8]], [[0, 1, 1], [1]], pad_id=2)
+    assert torch.equal(ids, torch.tensor([[5, 6, 7], [8, 2, 2]]))
+    assert torch.equal(attention, torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    assert torch.equal(loss, torch.tensor([[False, True, True], [True, False, False]]))
+    assert (ids.dtype, attention.dtype, loss.dtype) == (torch.long, torch.long, torch.bool)
+
+
+def test_switch_interval_is_lowered_inside_and_restored_after_even_on_error():
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        with pytest.raises(RuntimeError, match="inside"):
+            with gil_switch_interval(0.0005):
+                assert sys.getswitchinterval() == pytest.approx(0.0005, rel=0.05)
+                raise RuntimeError("failed inside")
+        assert sys.getswitchinterval() == pytest.approx(0.004, rel=0.05)
+        sys.setswitchinterval(0.0001)  # already shorter: left as the user set it
+        with gil_switch_interval(0.0005):
+            assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_supervise_finds_the_loss_rows_of_a_host_mask_as_a_boolean_index_would(tmp_path):
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / "llama", "llama")).eval()
+    target = Target(model, [0, 1, 2])
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    loss = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.5
+    selected = torch.arange(0, model.config.vocab_size, 2)
+    live = target.supervise(ids, attention, loss, selected)
+    want = target.logits_at(target.forward(ids, attention)[1][loss])
+    assert torch.equal(live["loss_positions"], loss.reshape(-1).nonzero().squeeze(1))
+    assert torch.equal(live["argmax"], want.argmax(-1))
+    assert torch.equal(live["probs"], torch.softmax(want.index_select(-1, selected).float(), -1))
+    target.close()
