@@ -110,7 +110,7 @@ def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -
                 compressed[j] = packed
     sizes = [compressed[j].size if j in compressed else n for j in range(k)]
     header = _HEADER.pack(n, k) + b"".join(_PLANE.pack(_ZSTD_CODEC if j in compressed else _STORED, sizes[j]) for j in range(k))
-    out = np.empty(len(header) + sum(sizes), dtype=np.uint8)  # the value, contiguous: Arrow takes it without a copy
+    out = _value_buffer(len(header) + sum(sizes))  # the value, contiguous: Arrow takes it without a copy
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     offset = len(header)
     for j in range(k):
@@ -121,6 +121,13 @@ def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -
             _byte_plane(words, k - 1 - j, plane)
         offset += sizes[j]
     return Encoded((out,), out.nbytes, data.nbytes)
+
+
+def _value_buffer(nbytes: int) -> np.ndarray:
+    """A stored value's memory, from Arrow's memory pool: the pool keeps freed memory for the
+    next values, where fresh memory from the system faults in page by page (and, with many
+    encoder threads, the faults and unmaps contend for the process's memory map)."""
+    return np.frombuffer(pa.allocate_buffer(nbytes), dtype=np.uint8)
 
 
 def _zstd(level: int) -> pa.Codec:
