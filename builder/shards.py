@@ -381,9 +381,11 @@ class ShardWriter:
             columns = [column_array([row[f.name] for row in self._rows], f.type) for f in self.schema]
             table = pa.Table.from_arrays(columns, schema=self.schema)
             self._hasher.follow()
-            self._writer.write_table(table)
+            try:
+                self._writer.write_table(table)
+            finally:  # also after a failed write: the checksum thread stops following the file
+                self._hasher.catch_up()
             self._rows, self._buffered_bytes = [], 0
-            self._hasher.catch_up()
 
     def close(self) -> ShardInfo:
         self._flush_row_group()
