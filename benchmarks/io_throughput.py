@@ -12,9 +12,10 @@ process, interleaved, `--repeats` times each (the fastest counts):
                 tensors, per-loss rows, `BatchOutput`), through `BackgroundWriter` with 1, 2
                 and 4 writer threads (`--threads`): row slicing, encoding (byte planes + zstd,
                 or the raw bytes), Arrow row groups, Parquet into a native file, the xxh3-128
-                checksum and per-row-group flush on their own thread, fsync, sidecar, rename.
-                Timed from the writer's creation to `finish()`. The `none` shard must be
-                byte-identical to the build's, and the `zstd` shard too, whatever the threads.
+                checksum and disk writes started every 32 MiB on their own thread, fsync,
+                sidecar, rename. Timed from the writer's creation to `finish()`. The `none`
+                shard must be byte-identical to the build's, and the `zstd` shard too,
+                whatever the threads.
   plain write   the same number of bytes (the shard file's own bytes, in memory beforehand)
                 written to a new file in 8 MiB chunks, then fsync: the disk's speed for it.
   reader        `load_cache(DIR, layout="raw", streaming=True)`, iterating every row and
