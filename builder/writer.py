@@ -94,7 +94,7 @@ def encode_row(sample: dict, tensors: dict[str, torch.Tensor]) -> dict:
 def _int_tensor(values, dtype) -> torch.Tensor:
     """A list of ints as a tensor through numpy, three times faster than torch.as_tensor on a
     list: this runs once per row on the writer's threads, holding the GIL they share."""
-    return torch.from_numpy(np.asarray(values, dtype=dtype))
+    return torch.from_numpy(np.array(values, dtype=dtype))  # a copy, so also writable (torch warns on read-only)
 
 
 class BackgroundWriter:
