@@ -5,9 +5,10 @@ The forward thread submits each batch's host tensors (copied from the device
 asynchronously, with a CUDA event to wait on) and marks the end of every window. A dispatch
 thread hands each row to a pool of encoder threads as soon as its batch arrives (numpy and
 zstd release the GIL, so rows compress in parallel, and the next window encodes while this
-one is written); the writer thread writes each window's rows in build order, row group by
-row group; the shard's checksum and disk flush run on a thread of their own (see
-shards.ShardWriter). Shard bytes never depend on the number of threads.
+one is written; the encoders take rows in the order they are written); the writer thread
+writes each window's rows in build order, row group by row group; the shard's checksum and
+disk flush run on a thread of their own (see shards.ShardWriter). Shard bytes never depend on
+the number of threads.
 """
 
 from __future__ import annotations
