@@ -12,9 +12,10 @@ process, interleaved, `--repeats` times each (the fastest counts):
                 tensors, per-loss rows, `BatchOutput`), through `BackgroundWriter` with 1, 2
                 and 4 writer threads (`--threads`): row slicing, encoding (byte planes + zstd,
                 or the raw bytes), Arrow row groups, Parquet into a native file, the xxh3-128
-                checksum and per-row-group flush on their own thread, fsync, sidecar, rename.
-                Timed from the writer's creation to `finish()`. The `none` shard must be
-                byte-identical to the build's, and the `zstd` shard too, whatever the threads.
+                checksum and disk writes started every 32 MiB on their own thread, fsync,
+                sidecar, rename. Timed from the writer's creation to `finish()`. The `none`
+                shard must be byte-identical to the build's, and the `zstd` shard too,
+                whatever the threads.
   plain write   the same number of bytes (the shard file's own bytes, in memory beforehand)
                 written to a new file in 8 MiB chunks, then fsync: the disk's speed for it.
   reader        `load_cache(DIR, layout="raw", streaming=True)`, iterating every row and
@@ -32,8 +33,9 @@ posix_fadvise(DONTNEED), so the bytes come from the disk) and warm (page cache).
 
 Diagnostics: `RowDecoder` alone on rows in memory with 1, 2 and 4 threads (the cost of
 decoding, which DataLoader workers spread); the writer's stages one by one on the same rows
-(encoding, the column buffers, Parquet into a native file, xxh3-128, fsync); pyarrow's own
-Parquet read (`read_row_group`), the floor any reader built on pyarrow starts from.
+(the rows out of the batches, encoding, the column buffers, Parquet into a native file,
+xxh3-128, fsync); pyarrow's own Parquet read (`read_row_group`), the floor any reader built
+on pyarrow starts from.
 
 Run: .venv/bin/python benchmarks/io_throughput.py [--repeats N] [--threads 1,2,4] [--rows N]
 """
@@ -207,7 +209,9 @@ def writer_stages(prep, shards, base: Path, compression: str) -> dict:
 
     encodings = column_encodings(prep.layout, compression)
     stages = {}
+    start = time.perf_counter()
     rows = [row for windows in shards for _, batches in windows for batch in batches for _, (row, _a) in batch.rows()]
+    stages["rows out of the batches (slices, token ids)"] = time.perf_counter() - start
     start = time.perf_counter()
     encoded = [encode_columns(row, encodings) for row in rows]
     stages["encode (slice, planes, zstd)"] = time.perf_counter() - start

@@ -7,13 +7,15 @@ exponent in the most significant byte, which compresses well; the low mantissa b
 close to random, so they are stored as is and cost no compression time. Decoding is exact.
 
 A shard is written row group by row group (groups sized by tensor bytes) into a native file
-under a hidden temp name. A helper thread checksums what has been written (xxh3-128, read
-back from the page cache) and flushes it to disk while the next row group is encoded; the
-file is then fsynced and renamed: a shard file that exists is complete.
+under a hidden temp name. A helper thread follows the file as Parquet writes it: it checksums
+what has been written (xxh3-128, read back from the page cache) and flushes it to disk every
+FLUSH_BYTES, so the disk writes one part while Parquet writes the next; the file is then
+fsynced and renamed: a shard file that exists is complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import struct
@@ -108,7 +110,7 @@ def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -
                 compressed[j] = packed
     sizes = [compressed[j].size if j in compressed else n for j in range(k)]
     header = _HEADER.pack(n, k) + b"".join(_PLANE.pack(_ZSTD_CODEC if j in compressed else _STORED, sizes[j]) for j in range(k))
-    out = np.empty(len(header) + sum(sizes), dtype=np.uint8)  # the value, contiguous: Arrow takes it without a copy
+    out = _value_buffer(len(header) + sum(sizes))  # the value, contiguous: Arrow takes it without a copy
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     offset = len(header)
     for j in range(k):
@@ -119,6 +121,13 @@ def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -
             _byte_plane(words, k - 1 - j, plane)
         offset += sizes[j]
     return Encoded((out,), out.nbytes, data.nbytes)
+
+
+def _value_buffer(nbytes: int) -> np.ndarray:
+    """A stored value's memory, from Arrow's memory pool: the pool keeps freed memory for the
+    next values, where fresh memory from the system faults in page by page (and, with many
+    encoder threads, the faults and unmaps contend for the process's memory map)."""
+    return np.frombuffer(pa.allocate_buffer(nbytes), dtype=np.uint8)
 
 
 def _zstd(level: int) -> pa.Codec:
@@ -219,40 +228,89 @@ class ShardInfo:
         return asdict(self)
 
 
+FLUSH_BYTES = 32 << 20  # written bytes the checksum thread flushes to disk at a time (the tail left at close)
+FOLLOW_INTERVAL_S = 0.004  # how often it looks for new bytes while a row group is being written
+_READ_BYTES = 8 << 20  # read back into one reused buffer: no fresh memory (page faults) per read
+_FOLLOW, _CATCH_UP = "follow", "catch up"
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), or None: it starts the disk writes of a file range and
+    returns, so the thread that calls it goes on checksumming while the disk writes."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a file range to disk (the close's fsync waits for it); where the system
+    cannot start writes without waiting, flush the file instead."""
+    if _SYNC_FILE_RANGE is None or _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        os.fdatasync(fd)
+
+
 class _TailHasher:
     """Checksums a file as it grows (Parquet only appends) and flushes it to disk, on its own
-    thread: read back from the page cache, the bytes cost a memory copy, not a disk read, and
-    the disk writes one row group while the writer encodes the next."""
+    thread: read back from the page cache, the bytes cost a memory copy, not a disk read.
+    While a row group is being written (`follow`) it keeps up with the file, flushing every
+    FLUSH_BYTES, so the disk writes while Parquet writes and little is left to flush at close."""
 
     def __init__(self, path: Path):
         self._fd = os.open(path, os.O_RDONLY)
         self._hash = new_hash(CHECKSUM_ALGORITHM)
+        self._buffer = memoryview(bytearray(_READ_BYTES))
         self._done = 0
+        self._flushed = 0
         self._requests: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="eagle3-shard-checksum", daemon=True)
         self._thread.start()
 
+    def follow(self) -> None:
+        """A row group is being written: keep up with the file until `catch_up`."""
+        self._requests.put(_FOLLOW)
+
     def catch_up(self) -> None:
-        self._requests.put(True)
+        """The row group is written: hash to the end of the file, then wait for the next."""
+        self._requests.put(_CATCH_UP)
 
     def _run(self) -> None:
-        while (flush := self._requests.get()) is not None:
+        following = False
+        while True:
+            try:
+                request = self._requests.get(timeout=FOLLOW_INTERVAL_S if following else None)
+            except queue.Empty:
+                request = _FOLLOW  # still writing: look again
+            if request is None:
+                return
+            following = request == _FOLLOW
+            if self._error is not None:
+                continue
             try:
                 self._hash_to_end()
-                if flush:
-                    os.fdatasync(self._fd)
+                if self._done - self._flushed >= FLUSH_BYTES:
+                    _start_writeback(self._fd, self._flushed, self._done - self._flushed)
+                    self._flushed = self._done
             except BaseException as err:  # noqa: BLE001 - raised by finish()
                 self._error = err
 
     def _hash_to_end(self) -> None:
         end = os.fstat(self._fd).st_size
         while self._done < end:
-            chunk = os.pread(self._fd, min(8 << 20, end - self._done), self._done)
-            if not chunk:
+            read = os.preadv(self._fd, [self._buffer[: min(_READ_BYTES, end - self._done)]], self._done)
+            if not read:
                 break
-            self._hash.update(chunk)
-            self._done += len(chunk)
+            self._hash.update(self._buffer[:read])
+            self._done += read
 
     def finish(self) -> str:
         """After the file is complete: hash the rest, fsync, and return the hex digest."""
@@ -321,9 +379,13 @@ class ShardWriter:
     def _flush_row_group(self) -> None:
         if self._rows:
             columns = [column_array([row[f.name] for row in self._rows], f.type) for f in self.schema]
-            self._writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+            table = pa.Table.from_arrays(columns, schema=self.schema)
+            self._hasher.follow()
+            try:
+                self._writer.write_table(table)
+            finally:  # also after a failed write: the checksum thread stops following the file
+                self._hasher.catch_up()
             self._rows, self._buffered_bytes = [], 0
-            self._hasher.catch_up()
 
     def close(self) -> ShardInfo:
         self._flush_row_group()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import xxhash
 
+from builder import shards
 from builder.config import BuildConfig, validate
 from builder.errors import ConfigError
 from builder.formats import TORCH_DTYPES, Layout
@@ -191,6 +192,27 @@ def test_shard_bytes_do_not_depend_on_the_writer_threads(tmp_path):
     assert (tmp_path / "one/data/s.parquet").read_bytes() == (tmp_path / "four/data/s.parquet").read_bytes()
     assert one["checksum"] == four["checksum"] == xxhash.xxh3_128((tmp_path / "one/data/s.parquet").read_bytes()).hexdigest()
     assert pq.ParquetFile(tmp_path / "one/data/s.parquet").num_row_groups > 2  # checksummed across several row groups
+
+
+def test_the_checksum_covers_the_whole_file_when_flushed_in_small_steps(tmp_path, monkeypatch):
+    """The checksum thread hashes and flushes the file while Parquet writes it: in whatever steps,
+    the checksum is the whole file's and the bytes are the same."""
+    batches = synthetic_batches()
+    whole = write_shard(tmp_path / "whole" / "data" / "s.parquet", batches, threads=2)
+    started = []
+    start_writeback = shards._start_writeback
+
+    def start_and_record(fd, offset, length):
+        started.append(length)
+        start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(shards, "FLUSH_BYTES", 1024)
+    monkeypatch.setattr(shards, "_start_writeback", start_and_record)
+    stepped = write_shard(tmp_path / "stepped" / "data" / "s.parquet", batches, threads=2)
+    data = (tmp_path / "stepped/data/s.parquet").read_bytes()
+    assert data == (tmp_path / "whole/data/s.parquet").read_bytes()
+    assert stepped["checksum"] == whole["checksum"] == xxhash.xxh3_128(data).hexdigest()
+    assert started and min(started) >= 1024 and sum(started) <= len(data)  # disk writes started before the close
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from concurrent import futures
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +17,7 @@ import builder.shards as shards_module
 from builder.formats import TORCH_DTYPES, Layout
 from builder.reader import RowDecoder
 from builder.shards import PLANES_ZSTD, column_encodings, encode_value
-from builder.writer import BackgroundWriter, BatchOutput
+from builder.writer import BackgroundWriter, BatchOutput, OrderedEncoderPool
 
 LAYOUTS = {
     "probs": Layout("probs", "bf16", "bf16", 64, 48, 3 * 40, 40),
@@ -177,13 +178,13 @@ def test_stored_planes_are_the_values_bytes_most_significant_first(dtype):
 def test_a_failing_encoder_thread_surfaces_and_leaves_no_shard(tmp_path, monkeypatch):
     layout = LAYOUTS["probs"]
     shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
-    real_encode, calls, threads = shards_module.encode_value, [], set()
-    cells_per_row = sum(1 for _ in layout.columns())
+    real_encode, threads = shards_module.encode_value, set()
+    # the second shard's rows, known by their tensors' memory (slices of its batches' tensors)
+    second_shard = {t.untyped_storage().data_ptr() for batches in shards[1] for b in batches for t in b.columns.values()}
 
     def encode_failing_in_the_second_shard(tensor, encoding, *args):
-        calls.append(1)
         threads.add(threading.current_thread().name)
-        if len(calls) == 14 * cells_per_row:  # a row of the second shard's first window
+        if tensor.untyped_storage().data_ptr() in second_shard:
             raise RuntimeError("encoder fault injected in the second shard")
         return real_encode(tensor, encoding, *args)
 
@@ -194,3 +195,40 @@ def test_a_failing_encoder_thread_surfaces_and_leaves_no_shard(tmp_path, monkeyp
     data = tmp_path / "data"
     assert sorted(p.name for p in data.iterdir()) == ["s0.parquet"]  # no temp file, no second shard
     assert len(decoded_rows(data / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
+
+
+def test_encoder_threads_take_the_rows_the_writer_needs_first():
+    """Pending rows are encoded lowest (window, position) first, whatever order they came in."""
+    pool = OrderedEncoderPool(1, "eagle3-shard-encoder")
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def hold():  # keeps the one thread busy while the rows queue up behind it
+        started.set()
+        release.wait()
+
+    pool.submit((0, -1), hold)
+    started.wait()
+    keys = [(1, 0), (0, 5), (0, 2), (2, 0), (0, 9), (1, 3)]
+    futures = [pool.submit(key, order.append, key) for key in keys]
+    release.set()
+    for future in futures:
+        future.result()
+    pool.shutdown()
+    assert order == sorted(keys)
+
+
+def test_encoder_pool_shutdown_cancels_rows_not_started():
+    pool = OrderedEncoderPool(1, "eagle3-shard-encoder")
+    started, release = threading.Event(), threading.Event()
+    running = pool.submit((0, 0), lambda: started.set() or release.wait())
+    started.wait()
+    waiting = pool.submit((0, 1), lambda: "encoded")
+    stopper = threading.Thread(target=pool.shutdown)
+    stopper.start()
+    done, _ = futures.wait([waiting], timeout=60)  # done once the shutdown cancels it (the one thread is still busy)
+    assert waiting in done
+    release.set()
+    stopper.join()
+    assert running.result() is True and waiting.cancelled()
+    with pytest.raises(RuntimeError, match="the encoder pool is shut down"):
+        pool.submit((0, 2), lambda: None)
