@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -114,7 +113,6 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
                 sha = read_sidecar(out, names[k]).get("sha256")  # recorded by the shard's upload, if it had one
                 if sha is None or remote.get(names[k]) != sha:
                     uploader.upload(path, sha)
-    pictures = card_pictures_in_background(prep) if state.is_main_process else None
     started = time.perf_counter()
     if pending:
         run_forward(prep, out, pending, names, result, progress and state.is_main_process, uploader)
@@ -131,20 +129,9 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
             target.close()
         from .card import write_card  # the card is written last: a cache with a card is complete
 
-        result.manifest = write_card(out, prep, result.shards, read_rank_stats(out), pictures.result())
+        result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
         if uploader is not None:
             result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
-
-
-def card_pictures_in_background(prep: Prepared) -> Future:
-    """The card's pictures depend only on the prepared samples: drawing them (matplotlib, a second
-    or two) overlaps the forward instead of following it. A drawing error is raised by `result()`."""
-    from .card import draw_pictures
-
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle3-card-pictures")
-    future = pool.submit(draw_pictures, prep)
-    pool.shutdown(wait=False)  # the drawing finishes; the pool takes nothing more
-    return future
 
 
 def agree(state, main_process_step) -> None:

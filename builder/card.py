@@ -12,12 +12,9 @@ from .manifest import assemble_manifest
 from .prepare import Prepared
 
 
-def draw_pictures(prep: Prepared) -> dict[str, bytes]:
-    """The card's PNGs, from what `prepare` already holds: they can be drawn while the forward runs."""
-    return card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
-
-
-def write_pictures(out: Path, pictures: dict[str, bytes]) -> None:
+def write_pictures(out: Path, prep: Prepared) -> None:
+    """The card's PNGs, from what the build already holds (shards may be gone after an upload)."""
+    pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
     for relative, data in pictures.items():
         write_bytes_atomic(out / relative, data)
 
@@ -27,10 +24,9 @@ def existing_pictures(out: Path) -> list[tuple[str, str]]:
     return [(path, caption) for path, caption in PICTURES.values() if (Path(out) / path).exists()]
 
 
-def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None, pictures: dict | None = None) -> dict:
-    """`pictures`: those `draw_pictures` drew (drawn here when not given)."""
+def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
     manifest = assemble_manifest(out, prep, shards, ranks)
-    write_pictures(out, pictures if pictures is not None else draw_pictures(prep))
+    write_pictures(out, prep)
     text = render_card(manifest, location=str(out), pictures=existing_pictures(out))
     write_text_atomic(out / "README.md", text)
     return manifest
