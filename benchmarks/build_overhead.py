@@ -47,7 +47,8 @@ GPU (gpu_check.sh) the same script runs the model in bf16; the timers synchronis
 
 Run: .venv/bin/python benchmarks/build_overhead.py [--cases tiny,big] [--big-shape H,L,I,HEADS,KV,V]
      [--big-samples N] [--big-seq S] [--big-draft-vocab VD] [--threads N] [--diagnostics tiny,big]
-     [--repeats N] [--row-group-bytes B] [--results PATH]
+     [--repeats N] [--row-group-bytes B] [--compression none|zstd] [--writer-threads N]
+     [--switch-interval S] [--results PATH]
 """
 
 from __future__ import annotations
