@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: one script, under 8 minutes, on an NVIDIA GPU machine where the project is installed
+# GPU check: one script (about 4 minutes on one H200), on an NVIDIA GPU machine where the project is installed
 # (`make test` or `make demo` once creates .venv with the CUDA build of torch).
 #
 #   1. build_overhead.py: build tokens/s over bare forward tokens/s on the same batches, for the
@@ -7,7 +7,9 @@
 #      (hidden 2048, 20 layers, intermediate 5632, 32 heads, 4 KV heads, vocab 32000: 1.01B
 #      parameters), seq 2048, the sample chats repeated to 1,200 rows, topk K=64 over a
 #      32,000-token draft vocabulary, token budget 32,768;
-#   2. io_throughput.py: shard writer vs plain write, reader vs plain read, on this host's disk;
+#   2. switch_interval: the big case again under Python's default 5 ms GIL switch interval (the build
+#      sets 0.5 ms while its forward loop runs), to measure what the shorter interval gains;
+#      io_throughput.py: shard writer vs plain write, reader vs plain read, on this host's disk;
 #   3. with >= 2 GPUs: scaling.py, 1 GPU vs 2 data-parallel processes, and one process whose
 #      target spans 2 GPUs (--gpus-per-target 2); with fewer: "skipped: needs 2 GPUs".
 #
@@ -20,7 +22,7 @@
 #   GPU_CHECK_ALLOW_CPU=1   run without a GPU (otherwise the script stops: nothing to check)
 #   GPU_CHECK_SMALL=1       shrink every size (a ~10M-parameter target, few rows) to check the plumbing
 #   GPU_CHECK_FAKE_GPUS=N   pretend N GPUs (dry runs of the 2-GPU branch's bookkeeping only)
-#   GPU_CHECK_STEPS=a,b     run only these of build_overhead,io_throughput,scaling (default: all)
+#   GPU_CHECK_STEPS=a,b     run only these of build_overhead,switch_interval,io_throughput,scaling (default: all)
 #   PYTHON=...              the interpreter (default .venv/bin/python, else python3)
 set -euo pipefail
 
@@ -68,7 +70,7 @@ import builder  # noqa: F401  (the project imports with what is installed)
 EOF
 
 # ---- steps --------------------------------------------------------------------------------------
-STEPS=",${GPU_CHECK_STEPS:-build_overhead,io_throughput,scaling},"
+STEPS=",${GPU_CHECK_STEPS:-build_overhead,switch_interval,io_throughput,scaling},"
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name=$1 limit=$2; shift 2
   if [[ "$STEPS" != *",$name,"* ]]; then log "step $name: not selected (GPU_CHECK_STEPS)"; return 0; fi
@@ -96,6 +98,10 @@ else
 fi
 
 step build_overhead 240 $PY benchmarks/build_overhead.py --cases tiny,big "${BIG[@]}" --results "$OUT_DIR/build_overhead.json"
+# The same big build under Python's default 5 ms GIL switch interval: what the forward loop's
+# shorter interval (builder.forward.FORWARD_SWITCH_INTERVAL_S) gains on this machine.
+step switch_interval 150 $PY benchmarks/build_overhead.py --cases big "${BIG[@]}" --diagnostics none --switch-interval 0.005 \
+  --results "$OUT_DIR/switch_interval.json"
 step io_throughput 150 $PY benchmarks/io_throughput.py "${IO[@]}" --results "$OUT_DIR/io_throughput.json"
 if [ "$GPUS" -ge 2 ]; then
   step scaling 120 $PY benchmarks/scaling.py --cases one,two,group2 "${SCALE[@]}" --results "$OUT_DIR/scaling.json"
@@ -119,7 +125,7 @@ try:
                                            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
 except (OSError, subprocess.SubprocessError):
     summary["nvidia_smi"] = []
-for name in ("build_overhead", "io_throughput", "scaling"):
+for name in ("build_overhead", "switch_interval", "io_throughput", "scaling"):
     path = out / f"{name}.json"
     summary[name] = json.loads(path.read_text()) if path.exists() else None
 if summary["gpus"] < 2:
@@ -136,6 +142,9 @@ if bo:
             figures[f"peak_gpu_gib_{case['label']}"] = round(case["peak_gpu_allocated_bytes"] / 2**30, 2)
             figures[f"planned_gpu_gib_{case['label']}"] = round(case["planned_gpu_bytes_in_allocator"] / 2**30, 2)
             figures[f"peak_over_planned_{case['label']}"] = round(case["ratio_peak_allocated_over_planned"], 3)
+si = summary["switch_interval"]
+if si:
+    figures["build_over_bare_big_at_5ms_switch_interval"] = round(si["cases"][0]["ratio_build_over_bare_model"], 3)
 io = summary["io_throughput"]
 if io:
     figures |= {k: round(v, 3) for k, v in io["ratios"].items() if isinstance(v, float)}
