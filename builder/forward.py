@@ -176,7 +176,7 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], head: Hea
         quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform)
         finite = finite_rows(live, encoded, attention, per_loss)
         (columns, quality, finite), ready = to_host((encoded, quality, finite))
-        yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready)
+        yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready, tokens=(ids, loss))
 
 
 def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, per_loss) -> torch.Tensor:

@@ -79,13 +79,47 @@ class Encoded:
     raw_nbytes: int  # the tensor's own bytes: what row groups are sized by
 
 
-def _as_bytes_array(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as a uint8 array (zero-copy for a contiguous tensor)."""
-    return tensor.contiguous().view(-1).view(torch.uint8).numpy()
+@dataclass(frozen=True)
+class HostWords:
+    """A host tensor's memory as numpy unsigned words of its element size (numpy has no bfloat16 or
+    float8), and whether it holds floats: all that encoding needs. The writer views each batch
+    column this way once and slices rows in numpy: every torch call, however small, lets go of the
+    GIL, and under a busy forward thread each one costs a wait to get it back."""
+
+    words: np.ndarray
+    floating: bool
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> HostWords:
+        k = tensor.element_size()
+        return cls(tensor.view(_SAME_SIZE_INTS[k]).numpy().view(_WORDS[k]), tensor.is_floating_point())
+
+    def __getitem__(self, index) -> HostWords:
+        return HostWords(self.words[index], self.floating)
+
+    def __len__(self) -> int:
+        return len(self.words)
 
 
-def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -> Encoded:
-    """One tensor as a stored value.
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bytes_array(value: torch.Tensor | HostWords) -> np.ndarray:
+    """The value's memory as a uint8 array (zero-copy when contiguous)."""
+    if isinstance(value, HostWords):
+        return np.ascontiguousarray(value.words).reshape(-1).view(np.uint8)
+    return value.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def _element_kind(value: torch.Tensor | HostWords) -> tuple[int, bool]:
+    """(bytes per element, floating point)."""
+    if isinstance(value, HostWords):
+        return value.words.itemsize, value.floating
+    return value.element_size(), value.is_floating_point()
+
+
+def encode_value(tensor: torch.Tensor | HostWords, encoding: str, level: int = ZSTD_LEVEL) -> Encoded:
+    """One tensor (or its HostWords) as a stored value.
 
     `byte_planes_zstd`: header `<QB` (elements n, planes k = itemsize), then per plane `<BQ`
     (codec: 0 stored, 1 zstd; stored length), then the planes, most significant byte first,
@@ -99,12 +133,12 @@ def encode_value(tensor: torch.Tensor, encoding: str, level: int = ZSTD_LEVEL) -
         return Encoded((data,), data.nbytes, data.nbytes)
     if encoding != PLANES_ZSTD:
         raise ValueError(f"unknown column encoding {encoding!r}")
-    k = tensor.element_size()
+    k, floating = _element_kind(tensor)
     n = data.nbytes // k
     words = data.view(_WORDS[k])  # plane j is byte k-1-j of each word
     compressed = {}  # plane -> zstd bytes, for the planes zstd shrinks
     for j in range(k):
-        if j == 0 or not tensor.is_floating_point():
+        if j == 0 or not floating:
             packed = _zstd(level).compress(_byte_plane(words, k - 1 - j, _scratch(n)))
             if packed.size < n:
                 compressed[j] = packed
@@ -201,7 +235,7 @@ _READ_ONLY_WARNING_SILENCED = False
 
 def encode_columns(row: dict, encodings: dict[str, str]) -> dict:
     """A row whose tensors become stored values (values already encoded pass through)."""
-    return {k: encode_value(v, encodings.get(k, RAW)) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
+    return {k: encode_value(v, encodings.get(k, RAW)) if isinstance(v, (torch.Tensor, HostWords)) else v for k, v in row.items()}
 
 
 # ---- shard files ------------------------------------------------------------------------------

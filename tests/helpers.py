@@ -51,3 +51,26 @@ def says(*facts: str) -> str:
     import re
 
     return "(?s)" + "".join(f"(?=.*{re.escape(fact)})" for fact in facts)
+
+
+def batch_rows(batches) -> dict[int, dict]:
+    """{window position: row} of every finite sample of forward batches (writer.BatchOutput), sliced
+    here with torch, apart from the writer's own slicing: the sample's scalars, its token ids and
+    loss mask from its lists, its first num_tokens positions of each per-token column and its run
+    of rows of each per-loss column."""
+    import torch
+
+    rows = {}
+    for batch in batches:
+        offset = 0
+        for b, (position, sample) in enumerate(zip(batch.window_positions, batch.samples)):
+            n_loss, length = sample["num_loss_tokens"], sample["num_tokens"]
+            if batch.finite[b]:
+                rows[position] = {
+                    "sample_id": sample["sample_id"],
+                    "input_ids": torch.tensor(sample["input_ids"], dtype=torch.int32),
+                    "loss_mask": torch.tensor(sample["loss_mask"], dtype=torch.uint8),
+                    **{n: t[offset : offset + n_loss] if n in batch.per_loss else t[b, :length] for n, t in batch.columns.items()},
+                }
+            offset += n_loss
+    return rows

@@ -10,12 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
-from helpers import assert_same_content, decoded_rows, small_config
+from helpers import assert_same_content, batch_rows, decoded_rows, small_config
 from tiny_targets import make_tiny_target
 
 import builder.forward as forward_module
 import builder.placement as placement_module
-import builder.writer as writer_module
 from builder.build import build
 from builder.errors import ResumeMismatch
 from builder.files import file_hash
@@ -26,21 +25,21 @@ ROW_GROUP_BYTES = 150_000  # rows here are 20-90 kB: a 4-row shard needs 2+ grou
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One cache with small row groups, recording every tensor handed to the writer."""
+    """One cache with small row groups, recording every sample's tensors in the batches the forward hands the writer."""
     out = tmp_path_factory.mktemp("built") / "cache"
     written = {}
-    real_encode_row = writer_module.encode_row
+    real_forward_window = forward_module.forward_window
 
-    def recording_encode_row(sample, tensors):
-        written[sample["sample_id"]] = {
-            "input_ids": torch.as_tensor(sample["input_ids"], dtype=torch.int32),
-            "loss_mask": torch.as_tensor(sample["loss_mask"], dtype=torch.uint8),
-            **{name: t.clone() for name, t in tensors.items()},
-        }
-        return real_encode_row(sample, tensors)
+    def recording_forward_window(*args, **kwargs):
+        for batch in real_forward_window(*args, **kwargs):
+            batch.wait()
+            for row in batch_rows([batch]).values():
+                sample_id = row.pop("sample_id")
+                written[sample_id] = {name: t.clone() for name, t in row.items()}
+            yield batch
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(writer_module, "encode_row", recording_encode_row)
+        mp.setattr(forward_module, "forward_window", recording_forward_window)
         result = build(small_config(out, dtype="bf16", row_group_bytes=ROW_GROUP_BYTES), progress=False)
     return result, written
 
@@ -246,3 +245,19 @@ def test_a_build_reads_the_targets_config_once(tmp_path, monkeypatch):
     result = build(small_config(tmp_path / "cache", max_samples=4), progress=False)
     assert len(result.shards) == 1 and result.manifest is not None
     assert reads == [result.prepared.model_path]
+
+
+def test_each_shard_counts_the_argmax_rows_in_the_draft_vocabulary(built):
+    """The sidecar's `argmax_in_vocab` (counted per batch on the writer's dispatch thread) equals a
+    count over the stored argmax of the shard's rows."""
+    result, _ = built
+    rows = decoded_rows(result.output_dir)
+    selected = torch.as_tensor(result.prepared.selected_token_ids)
+    start = 0
+    counts = []
+    for shard in result.manifest["shards"]:
+        argmax = torch.cat([r["target_argmax"] for r in rows[start : start + shard["rows"]]])
+        start += shard["rows"]
+        counts.append(int(torch.isin(argmax.long(), selected).sum()))
+        assert shard["argmax_in_vocab"] == counts[-1], shard["name"]
+    assert 0 < sum(counts) < sum(s["loss_tokens"] for s in result.manifest["shards"])  # neither all nor none: the count means something

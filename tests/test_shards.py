@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
+from helpers import batch_rows
 
 from builder import shards
 from builder.config import BuildConfig, validate
@@ -178,11 +179,8 @@ def read_rows(path, compression: str) -> list[dict]:
 
 
 def expected_rows(batches) -> list[dict]:
-    rows = []
-    for b in batches:
-        for _, (row, _argmax) in b.rows():
-            rows.append(row)
-    return rows
+    rows = batch_rows(batches)
+    return [rows[p] for p in sorted(rows)]
 
 
 def test_shard_bytes_do_not_depend_on_the_writer_threads(tmp_path):

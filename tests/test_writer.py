@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
+from helpers import batch_rows
 
 import builder.shards as shards_module
 from builder.formats import TORCH_DTYPES, Layout
 from builder.reader import RowDecoder
-from builder.shards import PLANES_ZSTD, column_encodings, encode_value
+from builder.shards import PLANES_ZSTD, HostWords, column_encodings, encode_value
 from builder.writer import BackgroundWriter, BatchOutput, OrderedEncoderPool
 
 LAYOUTS = {
@@ -104,11 +105,11 @@ def write_shards(out, layout: Layout, shards: list, *, threads: int, compression
 
 
 def forward_rows(windows) -> list[dict]:
-    """The rows a shard must hold, in build order: every finite sample's row (writer.encode_row)."""
+    """The rows a shard must hold, in build order: every finite sample's row."""
     rows = []
     for batches in windows:
-        found = {p: row for b in batches for p, (row, _argmax) in b.rows()}
-        rows += [found[p] for p in sorted(found) if found[p] is not None]
+        found = batch_rows(batches)
+        rows += [found[p] for p in sorted(found)]
     return rows
 
 
@@ -179,14 +180,15 @@ def test_a_failing_encoder_thread_surfaces_and_leaves_no_shard(tmp_path, monkeyp
     layout = LAYOUTS["probs"]
     shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
     real_encode, threads = shards_module.encode_value, set()
-    # the second shard's rows, known by their tensors' memory (slices of its batches' tensors)
-    second_shard = {t.untyped_storage().data_ptr() for batches in shards[1] for b in batches for t in b.columns.values()}
+    # the second shard's rows, known by their memory (slices of its batches' tensors)
+    second_shard = [(t.data_ptr(), t.data_ptr() + t.nbytes) for batches in shards[1] for b in batches for t in b.columns.values()]
 
-    def encode_failing_in_the_second_shard(tensor, encoding, *args):
+    def encode_failing_in_the_second_shard(value, encoding, *args):
         threads.add(threading.current_thread().name)
-        if tensor.untyped_storage().data_ptr() in second_shard:
+        address = value.words.ctypes.data if isinstance(value, HostWords) else value.data_ptr()
+        if any(start <= address < end for start, end in second_shard):
             raise RuntimeError("encoder fault injected in the second shard")
-        return real_encode(tensor, encoding, *args)
+        return real_encode(value, encoding, *args)
 
     monkeypatch.setattr(shards_module, "encode_value", encode_failing_in_the_second_shard)
     with pytest.raises(RuntimeError, match=r"the shard writer failed: .*encoder fault injected in the second shard"):
