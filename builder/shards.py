@@ -102,6 +102,7 @@ class HostWords:
 
 
 _SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SIGNED_WORDS = {2: np.int16, 4: np.int32, 8: np.int64}  # torch.from_numpy takes these; it has no uint16
 
 
 def _as_bytes_array(value: torch.Tensor | HostWords) -> np.ndarray:
@@ -205,10 +206,20 @@ def decode_value(data, dtype: torch.dtype) -> torch.Tensor:
         planes.append(_ZSTD.decompress(payload, decompressed_size=n) if codec == _ZSTD_CODEC else payload)
     if k == 1:
         return frombuffer(planes[0], dtype)
-    out = np.empty((n, k), dtype=np.uint8)
-    for j, plane in enumerate(planes):
-        out[:, k - 1 - j] = np.frombuffer(plane, dtype=np.uint8)
-    return torch.from_numpy(out.reshape(-1)).view(dtype)
+    return torch.from_numpy(_join_planes(planes, n, k).view(_SIGNED_WORDS[k])).view(dtype)
+
+
+def _join_planes(planes: list, n: int, k: int) -> np.ndarray:
+    """The words whose byte k-1-j is plane j: shifts and ors over whole planes, several times
+    faster than writing each plane into a strided byte view. The words come from Arrow's pool,
+    which reuses freed memory instead of faulting fresh pages in for every value."""
+    words = np.frombuffer(pa.allocate_buffer(n * k), dtype=_WORDS[k])
+    np.left_shift(np.frombuffer(planes[0], dtype=np.uint8), 8 * (k - 1), out=words, dtype=_WORDS[k])
+    for j in range(1, k):
+        plane = np.frombuffer(planes[j], dtype=np.uint8)
+        shift = 8 * (k - 1 - j)
+        np.bitwise_or(words, np.left_shift(plane, shift, dtype=_WORDS[k]) if shift else plane, out=words)
+    return words
 
 
 def frombuffer(data, dtype: torch.dtype) -> torch.Tensor:

@@ -65,6 +65,16 @@ def test_random_values_round_trip_bit_exact(dtype):
     assert same_bits(decoded, values)
 
 
+@pytest.mark.parametrize("encoding", [PLANES_ZSTD, RAW])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES)
+def test_a_value_encodes_the_same_from_its_numpy_words(dtype, encoding):
+    """The writer hands rows over as numpy words (HostWords), not tensors: the same stored bytes."""
+    values = random_values(dtype).reshape(50, 100)
+    words = shards.HostWords.of(values)[10:30]  # a row slice, as the writer takes one
+    assert stored(words, encoding) == stored(values[10:30], encoding)
+    assert same_bits(decode_value(stored(words), values.dtype), values[10:30].reshape(-1))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_real_activations_round_trip_bit_exact_and_shrink(activations, dtype):
     for name, tensor in activations.items():
