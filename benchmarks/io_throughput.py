@@ -31,8 +31,10 @@ for zstd, over a plain write of the smaller file it produces. Reads: the reader'
 decoded tensor data over a plain read of the shard file, cold (pages dropped with
 posix_fadvise(DONTNEED), so the bytes come from the disk) and warm (page cache).
 
-Diagnostics: `RowDecoder` alone on rows in memory with 1, 2 and 4 threads (the cost of
-decoding, which DataLoader workers spread); the writer's stages one by one on the same rows
+Diagnostics: the writer again with a pure-Python thread busy beside it, at the forward loop's GIL
+switch interval (a launch-bound forward thread holds the GIL between its torch calls): the writer's
+MB/s then, and the share of its solo rate the busy thread keeps; `RowDecoder` alone on rows in
+memory with 1, 2 and 4 threads (the cost of decoding, which DataLoader workers spread); the writer's stages one by one on the same rows
 (the rows out of the batches, encoding, the column buffers, Parquet into a native file,
 xxh3-128, fsync); pyarrow's own Parquet read (`read_row_group`), the floor any reader built
 on pyarrow starts from.
@@ -46,6 +48,7 @@ import argparse
 import hashlib
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,10 +119,11 @@ def reader_pass(cache: Path, touch: bool = True) -> tuple[float, float, int]:
 
 def collect_build_input(prep, cache: Path):
     """The build's writer input, rebuilt from the cache's rows: per shard, per window, the
-    BatchOutputs the forward thread hands the writer (host tensors, padded per batch)."""
+    BatchOutputs the forward thread hands the writer (host tensors, padded per batch, with the
+    padded token ids and loss mask the forward ran on)."""
     import torch
 
-    from builder.batching import plan_batches, shard_windows
+    from builder.batching import pad_batch, plan_batches, shard_windows
     from builder.reader import load_cache
     from builder.writer import BatchOutput
 
@@ -151,7 +155,8 @@ def collect_build_input(prep, cache: Path):
                             t[b, : p.shape[0]] = p
                         columns[name] = t
                 finite = torch.ones(len(samples), dtype=torch.bool)
-                batches.append(BatchOutput(positions, samples, columns, per_loss, finite, {}))
+                ids, _, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], 0)
+                batches.append(BatchOutput(positions, samples, columns, per_loss, finite, {}, tokens=(ids, loss)))
             windows.append((len(window), batches))
         shards.append(windows)
     return shards
@@ -176,6 +181,46 @@ def writer_pass(prep, shards, names: list[str], out: Path, compression: str, thr
         writer.close_shard()
     writer.finish()
     return time.perf_counter() - start
+
+
+def busy_python_thread(stop: threading.Event, counts: list[int]) -> None:
+    """Pure Python work, as a launch-bound forward thread does between its torch calls."""
+    n = 0
+    while not stop.is_set():
+        for _ in range(1000):
+            n += 1
+        counts[0] = n
+
+
+def python_rate(seconds: float = 1.0) -> float:
+    """Iterations per second of busy_python_thread with nothing else running."""
+    stop, counts = threading.Event(), [0]
+    thread = threading.Thread(target=busy_python_thread, args=(stop, counts))
+    start = time.perf_counter()
+    thread.start()
+    time.sleep(seconds)
+    stop.set()
+    thread.join()
+    return counts[0] / (time.perf_counter() - start)
+
+
+def contended_writer_pass(prep, shards, names: list[str], out: Path, compression: str, threads: int) -> tuple[float, float]:
+    """(writer seconds, the busy thread's iterations per second) with a busy Python thread running
+    beside the writer, under the forward loop's GIL switch interval: how well the writer keeps up
+    when the forward thread holds the GIL between its calls, and how much of it the forward keeps."""
+    from builder.forward import FORWARD_SWITCH_INTERVAL_S, gil_switch_interval
+
+    stop, counts = threading.Event(), [0]
+    thread = threading.Thread(target=busy_python_thread, args=(stop, counts))
+    with gil_switch_interval(FORWARD_SWITCH_INTERVAL_S):
+        start = time.perf_counter()
+        thread.start()
+        seconds = writer_pass(prep, shards, names, out, compression, threads)
+        stop.set()
+        thread.join()
+        elapsed = time.perf_counter() - start
+    shutil.rmtree(out)
+    return seconds, counts[0] / elapsed
 
 
 def decode_pass(manifest: dict, rows: list[dict], threads: int) -> float:
@@ -353,6 +398,14 @@ def main(argv=None) -> dict:
             timed(f"reader_warm_{c}", reader_pass(caches[c])[1])
             timed(f"pyarrow_read_warm_{c}", pyarrow_read(paths[c]))
 
+    print("  the writer beside a busy Python thread ...", flush=True)
+    solo_rate = python_rate()
+    contended = {}
+    for c in COMPRESSIONS:
+        for t in threads:
+            seconds, rate = min(contended_writer_pass(prep, shards, names[c], base / f"contended-{c}-{t}", c, t) for _ in range(2))
+            contended[f"{c}_{t}"] = {"writer_s": seconds, "writer_mb_s": tensor_mb / seconds, "busy_thread_kept": rate / solo_rate}
+
     print("  encoding and decoding alone, and the writer's stages one by one ...", flush=True)
     from builder.shards import column_encodings
 
@@ -492,6 +545,14 @@ def main(argv=None) -> dict:
                 title=f"Where the writer's time goes ({c}):",
             )
         )
+    print(
+        table(
+            ["writer beside a busy Python thread", *[f"{t} thread(s)" for t in threads]],
+            [[f"{c}: tensor MB/s", *[contended[f"{c}_{t}"]["writer_mb_s"] for t in threads]] for c in COMPRESSIONS]
+            + [[f"{c}: busy thread kept", *[contended[f"{c}_{t}"]["busy_thread_kept"] for t in threads]] for c in COMPRESSIONS],
+            title="The writer beside a busy pure-Python thread (a launch-bound forward), at the build's GIL switch interval:",
+        )
+    )
     print(f"  writer output byte-identical to the build's shard: none {identical['none']}, zstd {identical['zstd']} (every thread count)")
     print(f"  reader open (card, vocab, datasets builder): {min(opens):.3f} s (not in the reader's MB/s)")
     print(f"  {machine_line()}")
@@ -515,6 +576,7 @@ def main(argv=None) -> dict:
         "encode_seconds": encode,
         "reader_open_s": min(opens),
         "writer_stage_seconds": stages,
+        "writer_beside_a_busy_python_thread": contended,
         "writer_output_identical": identical,
         "ratios": ratios,
         "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ},
