@@ -64,7 +64,7 @@ class BatchOutput:
 
     def rows(self):
         """(window position, (row, argmax)), or (position, (None, sample)) for a non-finite sample.
-        A row holds the sample's scalars and its columns as contiguous tensors (see `encode_row`)."""
+        A row holds the sample's scalars and its columns as HostWords (see `encode_row`)."""
         for position, (sample, tensors, tokens) in self.split():
             yield position, ((encode_row(sample, tensors, tokens), tensors["target_argmax"]) if tensors is not None else (None, sample))
 
@@ -139,7 +139,7 @@ class BackgroundWriter:
         self.schema = shard_schema(layout)
         self.encodings = column_encodings(layout, compression)
         self._encode_inline = compression == "none"
-        self.in_vocab = in_vocab.numpy()
+        self.in_vocab = in_vocab.cpu().numpy()  # a bool per token id
         self.strict = strict
         self.row_group_bytes = row_group_bytes
         self.on_shard_done = on_shard_done
