@@ -48,7 +48,7 @@ CHECKSUM_ALGORITHM = "xxh3_128"  # integrity, resume and verify; the Hub compute
 
 COMPRESSIONS = ("zstd", "none")  # --compression; the first is the default
 RAW, PLANES_ZSTD = "raw", "byte_planes_zstd"
-ZSTD_LEVEL = 1  # measured (benchmarks/encodings.py): higher levels gain < 2% at 2-5x the CPU time; zstd's
+ZSTD_LEVEL = 1  # measured (benchmarks/float_encodings.py): higher levels gain < 2% at 2-5x the CPU time; zstd's
 # negative "fast" levels skip the entropy coding that the exponent plane's gain comes from
 UNCOMPRESSED_COLUMNS = ("input_ids", "loss_mask")  # a few bytes per token; plain readers (and verify) read them as is
 _ZSTD = pa.Codec("zstd", compression_level=ZSTD_LEVEL)

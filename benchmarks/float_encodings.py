@@ -15,7 +15,7 @@ per sample. Encodings, each written to an in-memory Parquet file and read back (
                      column (the split needs a fixed-width type; bf16 has no Arrow float type)
   parquet_zstd       the raw bytes in a binary column with Parquet's page-level zstd
 
-Run: .venv/bin/python benchmarks/encodings.py
+Run: .venv/bin/python benchmarks/float_encodings.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets lo
 from _columns import BIG_SAMPLES, BIG_SEQ, make_big_target
 from _common import machine_line, table, temp_dir, write_results
 
-NAME = "encodings"
+NAME = "float_encodings"
 COLUMNS = ("aux_hidden_states", "target_probs")
 OTHER_LEVELS = (3, -1, -5)  # zstd levels beside the default 1
 
@@ -97,7 +97,7 @@ def main() -> dict:
     from builder.config import BuildConfig
 
     target = make_big_target(Path(temp_dir("big-target")) / "model")
-    out = Path(temp_dir("encodings")) / "cache"
+    out = Path(temp_dir("float_encodings")) / "cache"
     print(
         f"{NAME}: building a probs cache of the random Llama (hidden 1024), {BIG_SAMPLES} chats, seq {BIG_SEQ}, uncompressed ...",
         flush=True,
