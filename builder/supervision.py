@@ -30,6 +30,10 @@ def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, s
     `selected_token_ids` `[Vd]` int64. Unshifted: position `u` describes token `u + 1`.
     """
     selected = selected_token_ids.to(logits.device)
+    # On a CPU, gathers and reductions over bf16/fp16 run several times slower than over fp32:
+    # widen first (exact, so the same probs and argmax). On a GPU the fp32 copy of every logit
+    # would only cost memory, so only the draft columns are widened there.
+    logits = logits.float() if logits.device.type == "cpu" else logits
     draft_logits = logits.index_select(-1, selected).float()
     target_probs = torch.softmax(draft_logits, dim=-1)
     keep = loss_mask.to(logits.device).bool()

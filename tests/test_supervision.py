@@ -110,3 +110,21 @@ def test_half_precision_logits_are_computed_in_fp32():
     assert from_bf16.target_probs.dtype == torch.float32
     assert torch.equal(from_bf16.target_probs, from_fp32.target_probs)
     assert torch.equal(from_bf16.position_mask, from_fp32.position_mask)
+
+
+def test_half_precision_logits_on_the_cpu_give_the_half_precision_argmax_and_probs():
+    """On a CPU the logits are widened to fp32 before the gather and the argmax (faster there): the
+    result must equal the rule applied to the half-precision values themselves, ties and NaN included."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (torch.randn(64, 300, generator=gen) * 4).to(dtype)
+        logits[:, 7] = logits.max(-1).values  # ties with the true maximum, at a lower index in many rows
+        logits[3, 100] = float("nan")
+        selected = torch.randperm(300, generator=gen)[:120]
+        loss = torch.rand(64, generator=gen) < 0.8
+        out = compute_target_distribution(logits, loss, selected)
+        want_argmax = logits.argmax(-1)  # the argmax kernel of the half-precision type itself
+        want_probs = torch.softmax(logits.index_select(-1, selected).float(), -1) * loss.unsqueeze(-1)
+        assert torch.equal(out.argmax, want_argmax), dtype
+        assert torch.equal(out.target_probs.view(torch.int32), want_probs.view(torch.int32)), dtype  # bit for bit, NaN too
+        assert out.argmax[3] == 100  # NaN is the maximum for both
