@@ -273,9 +273,16 @@ class Target:
             "aux": aux,
             "final_hidden": final_hidden,
             "loss_positions": positions,
-            "probs": torch.cat(probs) if probs else empty.new_zeros(0, len(selected_token_ids)),
-            "argmax": torch.cat(argmax) if argmax else empty.new_zeros(0, dtype=torch.long),
+            "probs": _joined(probs, empty.new_zeros(0, len(selected_token_ids))),
+            "argmax": _joined(argmax, empty.new_zeros(0, dtype=torch.long)),
         }
         if log_draft_mass:
-            live["log_draft_mass"] = torch.cat(log_mass) if log_mass else empty
+            live["log_draft_mass"] = _joined(log_mass, empty)
         return live
+
+
+def _joined(blocks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """The head blocks' results as one tensor: a batch within one block needs no copy."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return torch.cat(blocks) if blocks else empty
