@@ -127,3 +127,23 @@ def test_each_declared_choice_list_is_checked(tmp_path, capsys, f):
     # argparse takes any string: the error is the same one line as from the API
     assert main(["build", flag_of(f.name), "int8", "--output-dir", str(tmp_path / "cli")]) == 2
     assert capsys.readouterr().err == f"error: {flag_of(f.name)}: expected one of {', '.join(f.metadata['choices'])}, got 'int8'\n"
+
+
+def test_the_cli_skips_the_interpreters_final_collection(tmp_path):
+    """Any command, even one that stops at --help, leaves every object frozen when the process exits,
+    so the exit does not walk what torch, transformers and datasets created."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count()))\n"  # runs after the CLI's (LIFO)
+        "from builder.cli import main\n"
+        "main(['build', '--help'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    frozen = re.search(r"frozen at exit: (\d+)", done.stdout)
+    assert frozen is not None, done.stdout[-500:] + done.stderr[-2000:]
+    assert int(frozen.group(1)) > 10_000  # argparse, builder and their imports at the least
