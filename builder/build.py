@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .batching import expected_rows
 from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_sidecar
+from .card import PictureDrawing, write_card
 from .config import BuildConfig
 from .errors import Eagle3CacheError
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
@@ -102,6 +103,19 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
+    drawing = PictureDrawing(prep) if state.is_main_process else None  # the card's pictures, while the target runs
+    try:
+        write_shards(state, prep, out, result, progress, uploader)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            finish_cache(out, prep, result, uploader, drawing)
+    finally:
+        if drawing is not None:
+            drawing.close()
+
+
+def write_shards(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
+    """This rank's shards that are not complete yet (locally, or on the Hub when uploading)."""
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
     mine = [k for k in range(prep.num_shards) if k % state.num_processes == state.process_index]
     remote = uploader.remote_shards() if uploader is not None else {}
@@ -119,19 +133,20 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
     write_rank_stats(out, result, pending, prep, time.perf_counter() - started)
     if uploader is not None:
         uploader.wait()  # this rank's shards are all committed
-    state.wait_for_everyone()
-    if state.is_main_process:
-        result.shards = [read_sidecar(out, name) for name in names]
-        write_vocab(out, prep)
-        if prep.cfg.target_format == "hidden" and not (out / LM_HEAD_FILE).exists():  # rank 0 had no shard to build
-            target = Target(load_placed_model(prep), prep.aux_layer_ids)
-            write_head_rows(out, prep, target)
-            target.close()
-        from .card import write_card  # the card is written last: a cache with a card is complete
 
-        result.manifest = write_card(out, prep, result.shards, read_rank_stats(out))
-        if uploader is not None:
-            result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
+
+def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawing) -> None:
+    """Rank 0, once every rank is done: vocab, head rows, then the card, last (a cache with a card
+    is complete), then the upload's closing commit."""
+    result.shards = [read_sidecar(out, shard_name(k, prep.num_shards)) for k in range(prep.num_shards)]
+    write_vocab(out, prep)
+    if prep.cfg.target_format == "hidden" and not (out / LM_HEAD_FILE).exists():  # rank 0 had no shard to build
+        target = Target(load_placed_model(prep), prep.aux_layer_ids)
+        write_head_rows(out, prep, target)
+        target.close()
+    result.manifest = write_card(out, prep, result.shards, read_rank_stats(out), drawing)
+    if uploader is not None:
+        result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
 
 
 def agree(state, main_process_step) -> None:

@@ -2,21 +2,69 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import dataset_card
 from dataset_card import render_card
-from dataset_card.pictures import PICTURES, card_pictures
+from dataset_card.pictures import PICTURES, card_pictures, save_inputs
 
 from .files import write_bytes_atomic, write_text_atomic
 from .manifest import assemble_manifest
 from .prepare import Prepared
 
+log = logging.getLogger(__name__)
 
-def write_pictures(out: Path, prep: Prepared) -> None:
-    """The card's PNGs, from what the build already holds (shards may be gone after an upload)."""
-    pictures = card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
-    for relative, data in pictures.items():
-        write_bytes_atomic(out / relative, data)
+DRAW_PICTURES = [sys.executable, "-m", "dataset_card.pictures"]  # + the folder holding the inputs
+
+
+def picture_inputs(prep: Prepared) -> tuple:
+    """What the pictures show; all known once `prepare` is done (shards may be gone after an upload)."""
+    return prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length
+
+
+class PictureDrawing:
+    """The card's pictures, drawn by a child process while the target runs.
+
+    They depend only on what `prepare` holds, and drawing them (matplotlib's import, layout and PNG
+    encoding: over a second) would otherwise add to every build's wall time. A process, not a thread:
+    drawing holds the GIL, which each torch call of the forward would then wait for. Should the child
+    fail, the pictures are drawn in this process, as if there had been no child."""
+
+    def __init__(self, prep: Prepared, command: list[str] | None = None):
+        self._prep = prep
+        self._folder = tempfile.TemporaryDirectory(prefix="eagle3-cache-pictures-")
+        folder = Path(self._folder.name)
+        save_inputs(folder, *picture_inputs(prep))
+        # The child imports dataset_card from where this process found it, however that was.
+        found_in = str(Path(dataset_card.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [found_in, os.environ.get("PYTHONPATH")]))}
+        with open(folder / "stderr.txt", "wb") as stderr:
+            self._child = subprocess.Popen(
+                [*(command or DRAW_PICTURES), str(folder)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+            )
+
+    def pictures(self) -> dict[str, bytes]:
+        """{path in the cache: PNG bytes}, once the child is done."""
+        status = self._child.wait()
+        folder = Path(self._folder.name)
+        files = {relative: folder / Path(relative).name for relative, _ in PICTURES.values()}
+        if status == 0 and all(path.is_file() for path in files.values()):
+            return {relative: path.read_bytes() for relative, path in files.items()}
+        why = (folder / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no error output"]
+        log.warning("drawing the card's pictures in a child process failed (exit status %s: %s); drawing them here", status, why[0])
+        return card_pictures(*picture_inputs(self._prep))
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the build failed) and remove its folder."""
+        if self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
+        self._folder.cleanup()
 
 
 def existing_pictures(out: Path) -> list[tuple[str, str]]:
@@ -24,9 +72,12 @@ def existing_pictures(out: Path) -> list[tuple[str, str]]:
     return [(path, caption) for path, caption in PICTURES.values() if (Path(out) / path).exists()]
 
 
-def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None) -> dict:
+def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] | None = None, drawing=None) -> dict:
+    """`drawing`: a PictureDrawing already at work on the pictures; without one they are drawn here."""
     manifest = assemble_manifest(out, prep, shards, ranks)
-    write_pictures(out, prep)
+    pictures = drawing.pictures() if drawing is not None else card_pictures(*picture_inputs(prep))
+    for relative, data in pictures.items():
+        write_bytes_atomic(out / relative, data)
     text = render_card(manifest, location=str(out), pictures=existing_pictures(out))
     write_text_atomic(out / "README.md", text)
     return manifest

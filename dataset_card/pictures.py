@@ -152,3 +152,36 @@ def card_pictures(lengths, token_counts, selected_token_ids, seq_length: int | N
         PICTURES["length_histogram"][0]: png_bytes(length_histogram_figure(lengths, seq_length)),
         PICTURES["vocab_coverage"][0]: png_bytes(coverage_figure(token_counts, selected_token_ids)),
     }
+
+
+# ---- drawing in a child process: `python -m dataset_card.pictures FOLDER` ---------------------
+
+INPUTS_FILE = "inputs.npz"  # lengths, token_counts, selected_token_ids, seq_length (0: none)
+
+
+def save_inputs(folder, lengths, token_counts, selected_token_ids, seq_length: int | None) -> None:
+    """What `card_pictures` draws from, as the child process reads it."""
+    np.savez(
+        f"{folder}/{INPUTS_FILE}",
+        lengths=np.asarray(lengths, dtype=np.int64),
+        token_counts=np.asarray(token_counts, dtype=np.int64),
+        selected_token_ids=np.asarray(selected_token_ids, dtype=np.int64),
+        seq_length=np.int64(seq_length or 0),
+    )
+
+
+def draw_saved_inputs(folder) -> None:
+    """Draw the pictures of `folder`'s inputs into `folder`, each under its file name."""
+    from pathlib import Path
+
+    with np.load(Path(folder) / INPUTS_FILE) as saved:
+        inputs = {key: saved[key] for key in saved.files}
+    pictures = card_pictures(inputs["lengths"], inputs["token_counts"], inputs["selected_token_ids"], int(inputs["seq_length"]) or None)
+    for relative, data in pictures.items():
+        (Path(folder) / Path(relative).name).write_bytes(data)
+
+
+if __name__ == "__main__":
+    import sys
+
+    draw_saved_inputs(sys.argv[1])

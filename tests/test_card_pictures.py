@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from helpers import decoded_rows, small_config
 from PIL import Image
 
 from builder.build import build
+from builder.card import PictureDrawing
 from builder.reader import read_manifest, read_vocab
 from dataset_card.pictures import (
     PICTURES,
@@ -165,3 +168,54 @@ def test_same_cache_gives_same_png_bytes_whatever_the_users_matplotlibrc(cache, 
     assert done.returncode == 0, done.stderr
     fresh = json.loads(done.stdout)
     assert fresh == {path: hashlib.sha256((cache / path).read_bytes()).hexdigest() for path, _ in PICTURES.values()}
+
+
+# --- drawn by a child process while the target runs ----------------------------------------
+
+
+def drawing_inputs():
+    """A stand-in for `prepare`'s result, holding only what the pictures show."""
+    counts = np.zeros(300, dtype=np.int64)
+    counts[[5, 7, 11, 250]] = [40, 30, 20, 10]
+    return SimpleNamespace(
+        samples={"num_tokens": [12, 40, 40, 97]},
+        token_counts=counts,
+        selected_token_ids=np.array([0, 5, 7]),
+        cfg=SimpleNamespace(seq_length=128),
+    )
+
+
+def expected_pictures(prep):
+    return card_pictures(prep.samples["num_tokens"], prep.token_counts, prep.selected_token_ids, prep.cfg.seq_length)
+
+
+def test_a_child_process_draws_the_same_pictures(caplog):
+    prep = drawing_inputs()
+    drawing = PictureDrawing(prep)
+    try:
+        assert drawing.pictures() == expected_pictures(prep)
+    finally:
+        drawing.close()
+    assert "failed" not in caplog.text  # drawn by the child, not by the fallback
+
+
+def test_a_failed_child_is_reported_and_the_pictures_drawn_here(caplog):
+    prep = drawing_inputs()
+    failing = [sys.executable, "-c", "import sys; sys.exit('no display for you')"]
+    drawing = PictureDrawing(prep, command=failing)
+    try:
+        assert drawing.pictures() == expected_pictures(prep)
+    finally:
+        drawing.close()
+    assert "child process failed (exit status 1: no display for you); drawing them here" in caplog.text
+
+
+def test_closing_stops_a_child_still_drawing_and_removes_its_folder():
+    """A build that fails leaves no child process and no temporary folder behind."""
+    never_done = [sys.executable, "-c", "import time; time.sleep(3600)"]
+    drawing = PictureDrawing(drawing_inputs(), command=never_done)
+    folder, child = Path(drawing._folder.name), drawing._child
+    assert folder.is_dir() and child.poll() is None
+    drawing.close()
+    assert child.returncode is not None and child.returncode < 0  # killed, not finished
+    assert not folder.exists()
