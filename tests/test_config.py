@@ -147,3 +147,25 @@ def test_the_cli_skips_the_interpreters_final_collection(tmp_path):
     frozen = re.search(r"frozen at exit: (\d+)", done.stdout)
     assert frozen is not None, done.stdout[-500:] + done.stderr[-2000:]
     assert int(frozen.group(1)) > 10_000  # argparse, builder and their imports at the least
+
+
+def test_a_build_runs_with_its_startup_objects_frozen_and_gives_them_back(monkeypatch):
+    """The collector stays on during a build but skips what the startup imports made; afterwards the
+    caller's collector is as it was: nothing frozen, collection enabled."""
+    import gc
+    import sys
+
+    from builder import cli
+
+    seen = {}
+
+    def record(args):
+        seen.update(frozen=gc.get_freeze_count(), enabled=gc.isenabled(), imported=[m for m in cli.MODEL_IMPORTS if m in sys.modules])
+        return 0
+
+    monkeypatch.setattr(cli, "report_build", record)
+    assert gc.get_freeze_count() == 0
+    assert main(["build"]) == 0
+    assert seen["frozen"] > 10_000 and seen["enabled"] is True
+    assert seen["imported"] == list(cli.MODEL_IMPORTS)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
