@@ -23,11 +23,14 @@ class TargetSupervision(NamedTuple):
     argmax: torch.Tensor  # [...] int64: full-vocab argmax
 
 
-def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, selected_token_ids: torch.Tensor) -> TargetSupervision:
+def compute_target_distribution(
+    logits: torch.Tensor, loss_mask: torch.Tensor | None, selected_token_ids: torch.Tensor
+) -> TargetSupervision:
     """Target distribution of the token after each position, restricted to the draft vocab.
 
-    `logits` `[..., V]` (any float dtype; computed in fp32), `loss_mask` `[...]`,
-    `selected_token_ids` `[Vd]` int64. Unshifted: position `u` describes token `u + 1`.
+    `logits` `[..., V]` (any float dtype; computed in fp32), `loss_mask` `[...]` (None: every
+    position is a loss position, as for rows already gathered at them), `selected_token_ids`
+    `[Vd]` int64. Unshifted: position `u` describes token `u + 1`.
     """
     selected = selected_token_ids.to(logits.device)
     # On a CPU, gathers and reductions over bf16/fp16 run several times slower than over fp32:
@@ -36,12 +39,13 @@ def compute_target_distribution(logits: torch.Tensor, loss_mask: torch.Tensor, s
     logits = logits.float() if logits.device.type == "cpu" else logits
     draft_logits = logits.index_select(-1, selected).float()
     target_probs = torch.softmax(draft_logits, dim=-1)
-    keep = loss_mask.to(logits.device).bool()
-    target_probs = target_probs * keep.unsqueeze(-1)
     argmax = logits.argmax(dim=-1)
     # index_fill_, not `in_vocab[selected] = True`: that copies the value from the host and waits for the GPU
     in_vocab = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, selected, True)
-    return TargetSupervision(target_probs, keep & in_vocab[argmax], argmax)
+    if loss_mask is None:  # no pass over the [..., Vd] probs to keep them all
+        return TargetSupervision(target_probs, in_vocab[argmax], argmax)
+    keep = loss_mask.to(logits.device).bool()
+    return TargetSupervision(target_probs.mul_(keep.unsqueeze(-1)), keep & in_vocab[argmax], argmax)
 
 
 def logit_chunks(rows: torch.Tensor, head, transform=None):

@@ -261,8 +261,7 @@ class Target:
         # Bound the [rows, V] logits: several fixed-shape chunks at a time.
         for block in rows.split(HEAD_CHUNK_ROWS * 8):
             logits = self.logits_at(block)
-            every_row = torch.ones(len(block), dtype=torch.bool, device=logits.device)
-            sup = compute_target_distribution(logits, every_row, selected_token_ids)
+            sup = compute_target_distribution(logits, None, selected_token_ids)  # every row is a loss position
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
             if log_draft_mass:

@@ -128,3 +128,21 @@ def test_half_precision_logits_on_the_cpu_give_the_half_precision_argmax_and_pro
         assert torch.equal(out.argmax, want_argmax), dtype
         assert torch.equal(out.target_probs.view(torch.int32), want_probs.view(torch.int32)), dtype  # bit for bit, NaN too
         assert out.argmax[3] == 100  # NaN is the maximum for both
+
+
+def test_no_loss_mask_means_every_position_bit_for_bit():
+    """Rows already gathered at loss positions skip the mask: the same probs, mask and argmax as an
+    all-ones loss mask, and masked rows differ from it only where the mask is 0."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, 50, generator=gen) * 3
+    logits[1, 5, 9] = float("nan")
+    selected = torch.randperm(50, generator=gen)[:20]
+    every = compute_target_distribution(logits, None, selected)
+    ones = compute_target_distribution(logits, torch.ones(3, 40, dtype=torch.long), selected)
+    assert torch.equal(every.target_probs.view(torch.int32), ones.target_probs.view(torch.int32))
+    assert torch.equal(every.position_mask, ones.position_mask) and torch.equal(every.argmax, ones.argmax)
+    loss = torch.rand(3, 40, generator=gen) < 0.5
+    loss[1, 5] = True  # a NaN row stays NaN (times 0 is NaN) under any mask
+    masked = compute_target_distribution(logits, loss, selected)
+    assert torch.equal(masked.target_probs[loss].view(torch.int32), every.target_probs[loss].view(torch.int32))
+    assert not masked.target_probs[~loss].any() and torch.equal(masked.position_mask, every.position_mask & loss)
