@@ -176,7 +176,7 @@ def startup_objects_frozen(modules: tuple[str, ...]):
     block ends. Imports make millions of long-lived objects, and each full collection during a build
     walked all of them to free nothing: over a second of a small build. Unfrozen at the end, so a
     caller that goes on (a notebook, a test) gets its collector back as it was."""
-    enabled = gc.isenabled()
+    enabled, caller_froze = gc.isenabled(), gc.get_freeze_count() > 0  # a caller's own freeze is left alone
     gc.disable()
     try:
         for name in modules:
@@ -184,11 +184,13 @@ def startup_objects_frozen(modules: tuple[str, ...]):
     finally:
         if enabled:
             gc.enable()
-    gc.freeze()
+    if not caller_froze:
+        gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not caller_froze:
+            gc.unfreeze()
 
 
 def run_build(args: argparse.Namespace) -> int:
