@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,13 @@ from .prepare import Prepared
 
 log = logging.getLogger(__name__)
 
-DRAW_PICTURES = [sys.executable, "-m", "dataset_card.pictures"]  # + the folder holding the inputs
+# + the folder holding the inputs, then the folder dataset_card was imported from here: appended to the
+# child's sys.path, so it finds the same package without putting anything ahead of its standard library.
+DRAW_PICTURES = [
+    sys.executable,
+    "-c",
+    "import sys; sys.path.append(sys.argv[2]); from dataset_card.pictures import draw_saved_inputs; draw_saved_inputs(sys.argv[1])",
+]
 
 
 def picture_inputs(prep: Prepared) -> tuple:
@@ -40,12 +45,10 @@ class PictureDrawing:
         self._folder = tempfile.TemporaryDirectory(prefix="eagle3-cache-pictures-")
         folder = Path(self._folder.name)
         save_inputs(folder, *picture_inputs(prep))
-        # The child imports dataset_card from where this process found it, however that was.
         found_in = str(Path(dataset_card.__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [found_in, os.environ.get("PYTHONPATH")]))}
         with open(folder / "stderr.txt", "wb") as stderr:
             self._child = subprocess.Popen(
-                [*(command or DRAW_PICTURES), str(folder)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+                [*(command or DRAW_PICTURES), str(folder), found_in], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
             )
 
     def pictures(self) -> dict[str, bytes]:

@@ -154,7 +154,7 @@ def card_pictures(lengths, token_counts, selected_token_ids, seq_length: int | N
     }
 
 
-# ---- drawing in a child process: `python -m dataset_card.pictures FOLDER` ---------------------
+# ---- drawing in a child process (builder.card.PictureDrawing) ---------------------------------
 
 INPUTS_FILE = "inputs.npz"  # lengths, token_counts, selected_token_ids, seq_length (0: none)
 
@@ -179,9 +179,3 @@ def draw_saved_inputs(folder) -> None:
     pictures = card_pictures(inputs["lengths"], inputs["token_counts"], inputs["selected_token_ids"], int(inputs["seq_length"]) or None)
     for relative, data in pictures.items():
         (Path(folder) / Path(relative).name).write_bytes(data)
-
-
-if __name__ == "__main__":
-    import sys
-
-    draw_saved_inputs(sys.argv[1])
