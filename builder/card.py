@@ -46,25 +46,33 @@ class PictureDrawing:
         folder = Path(self._folder.name)
         save_inputs(folder, *picture_inputs(prep))
         found_in = str(Path(dataset_card.__file__).resolve().parents[1])
+        self._child, self._start_error = None, None
         with open(folder / "stderr.txt", "wb") as stderr:
-            self._child = subprocess.Popen(
-                [*(command or DRAW_PICTURES), str(folder), found_in], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
-            )
+            try:
+                self._child = subprocess.Popen(
+                    [*(command or DRAW_PICTURES), str(folder), found_in], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                )
+            except OSError as err:  # no process to start here: the pictures are drawn in this one, at the end
+                self._start_error = f"{type(err).__name__}: {err}"
 
     def pictures(self) -> dict[str, bytes]:
         """{path in the cache: PNG bytes}, once the child is done."""
-        status = self._child.wait()
         folder = Path(self._folder.name)
-        files = {relative: folder / Path(relative).name for relative, _ in PICTURES.values()}
-        if status == 0 and all(path.is_file() for path in files.values()):
-            return {relative: path.read_bytes() for relative, path in files.items()}
-        why = (folder / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no error output"]
-        log.warning("drawing the card's pictures in a child process failed (exit status %s: %s); drawing them here", status, why[0])
+        if self._child is not None:
+            status = self._child.wait()
+            files = {relative: folder / Path(relative).name for relative, _ in PICTURES.values()}
+            if status == 0 and all(path.is_file() for path in files.values()):
+                return {relative: path.read_bytes() for relative, path in files.items()}
+            why = (folder / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no error output"]
+            failure = f"exit status {status}: {why[0]}"
+        else:
+            failure = f"it did not start: {self._start_error}"
+        log.warning("drawing the card's pictures in a child process failed (%s); drawing them here", failure)
         return card_pictures(*picture_inputs(self._prep))
 
     def close(self) -> None:
         """Stop the child if it still runs (the build failed) and remove its folder."""
-        if self._child.poll() is None:
+        if self._child is not None and self._child.poll() is None:
             self._child.kill()
             self._child.wait()
         self._folder.cleanup()

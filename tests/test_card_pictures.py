@@ -210,6 +210,16 @@ def test_a_failed_child_is_reported_and_the_pictures_drawn_here(caplog):
     assert "child process failed (exit status 1: no display for you); drawing them here" in caplog.text
 
 
+def test_a_child_that_cannot_start_is_reported_and_the_pictures_drawn_here(caplog, tmp_path):
+    prep = drawing_inputs()
+    drawing = PictureDrawing(prep, command=[str(tmp_path / "no-such-python")])
+    try:
+        assert drawing.pictures() == expected_pictures(prep)
+    finally:
+        drawing.close()
+    assert "child process failed (it did not start: FileNotFoundError" in caplog.text
+
+
 def test_closing_stops_a_child_still_drawing_and_removes_its_folder():
     """A build that fails leaves no child process and no temporary folder behind."""
     never_done = [sys.executable, "-c", "import time; time.sleep(3600)"]
