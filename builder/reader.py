@@ -15,6 +15,7 @@ the columns the layout needs are requested (Parquet column projection), and with
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -24,6 +25,7 @@ import math
 import numbers
 import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -528,7 +530,9 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
     def _open(self, position: dict | None):
         self.hf_dataset.load_state_dict(position)  # None: from the epoch's start
-        return iter(self.hf_dataset)
+        rows = iter(self.hf_dataset)
+        _OPEN_READS.add(rows)
+        return rows
 
     def _recover(self, err: Exception, failures: int) -> None:
         """Return to reopen and resume after a transient failure; raise when it is permanent or retries ran out."""
@@ -549,6 +553,18 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
             wait,
         )
         time.sleep(wait)
+
+
+# The `datasets` reads of streams still open: closed at interpreter exit while every module still
+# works. Left to module teardown, closing one hits `datasets`' handlers after pyarrow is gone
+# ("Exception ignored ... 'NoneType' object has no attribute 'ArrowInvalid'").
+_OPEN_READS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_reads() -> None:
+    for rows in list(_OPEN_READS):
+        rows.close()
 
 
 _RESUMING = contextvars.ContextVar("eagle3_cache_resuming", default=False)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,3 +177,19 @@ def test_resume_state_of_other_settings_is_refused(cache):
     plain.load_state_dict(in_worker)
     with pytest.raises(ValueError, match="saved by DataLoader worker 1 of 2, but it is read by worker 0 of 1"):
         next(iter(plain))
+
+
+def test_a_stream_left_open_at_exit_is_closed_quietly(cache):
+    """A script that stops reading and exits with its iterator still referenced: the read is closed
+    at exit while every module still works, so `datasets` prints no "Exception ignored" traceback."""
+    script = (
+        "import sys\n"
+        "from builder.reader import load_cache\n"
+        "rows = iter(load_cache(sys.argv[1], layout='raw', streaming=True))\n"
+        "next(rows)\n"
+        "print('read one row', flush=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "read one row" in done.stdout, done.stderr[-2000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
