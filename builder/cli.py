@@ -198,15 +198,25 @@ def run_build(args: argparse.Namespace) -> int:
         return report_build(args)
 
 
+def silence_library_progress_bars() -> None:
+    """--quiet: also the bars the libraries draw (datasets: loading, tokenizing; transformers: loading
+    the weights; huggingface_hub: downloads and uploads)."""
+    from datasets import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bars()
+    disable_hub_progress_bars()
+    disable_progress_bar()
+
+
 def report_build(args: argparse.Namespace) -> int:
     from .build import build
     from .plan import format_plan, plan_summary
 
     cfg = config_from_args(args)
-    if args.quiet:  # also the bars of `datasets` (loading, tokenizing)
-        from datasets import disable_progress_bars
-
-        disable_progress_bars()
+    if args.quiet:
+        silence_library_progress_bars()
     result = build(cfg, progress=not args.quiet)
     if result.rank != 0:
         if not cfg.dry_run:

@@ -176,3 +176,12 @@ def test_a_build_runs_with_its_startup_objects_frozen_and_gives_them_back(monkey
         assert gc.get_freeze_count() > frozen * 0.9  # not unfrozen (0); a few may have been freed since
     finally:
         gc.unfreeze()
+
+
+def test_quiet_builds_draw_no_progress_bar(tmp_path, capsys):
+    """--quiet silences the libraries' bars too: no "Loading weights" bar from transformers."""
+    flags = ["--quiet", "--max-samples", "4", "--seq-length", "64", "--draft-vocab-size", "200"]
+    code = main(["build", *flags, "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "Loading weights" not in captured.err and "it/s]" not in captured.err, captured.err[-2000:]
