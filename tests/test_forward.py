@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from builder.batching import pad_batch
-from builder.forward import gil_switch_interval
+from builder.forward import all_finite, gil_switch_interval
 
 
 def test_pad_batch_right_pads_and_never_supervises_padding():
@@ -55,3 +55,19 @@ def test_supervise_finds_the_loss_rows_of_a_host_mask_as_a_boolean_index_would(t
     assert torch.equal(live["argmax"], want.argmax(-1))
     assert torch.equal(live["probs"], torch.softmax(want.index_select(-1, selected).float(), -1))
     target.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_flags_exactly_the_rows_holding_inf_or_nan_even_where_a_sum_would_overflow(dtype):
+    largest = torch.finfo(dtype).max
+    rows = torch.full((6, 3, 256), largest, dtype=dtype)  # finite, yet their float32 sum overflows
+    rows[1] = -largest
+    rows[2, 1, 17] = float("nan")
+    rows[3, 0, 0] = float("inf")
+    rows[4, 2, 255] = -float("inf")
+    rows[5, :, ::2] = -largest  # finite values summing to zero
+    want = torch.tensor([True, True, False, False, False, True])
+    assert torch.equal(all_finite(rows, (6,), bounded=False), want)
+    by_token = all_finite(rows, (6, 3), bounded=False)
+    assert torch.equal(by_token.all(-1), want) and by_token.sum().item() == 18 - 3
+    assert torch.equal(all_finite(rows[:0], (0,), bounded=False), torch.ones(0, dtype=torch.bool))
