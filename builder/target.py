@@ -16,7 +16,7 @@ import torch
 
 from .errors import HeadMismatch, InputError
 from .formats import head_transform_from, logits_from_hidden
-from .supervision import HEAD_CHUNK_ROWS, chunked_logits, compute_target_distribution
+from .supervision import chunked_logits, compute_target_distribution, logit_chunks
 
 AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
 
@@ -258,30 +258,30 @@ class Target:
         positions = loss_mask.reshape(-1).nonzero().squeeze(1).to(self.device, non_blocking=True)
         rows = final_hidden.flatten(0, 1).index_select(0, positions)  # = final_hidden[loss_mask], row-major
         probs, argmax, log_mass = [], [], []
-        # Bound the [rows, V] logits: several fixed-shape chunks at a time.
-        for block in rows.split(HEAD_CHUNK_ROWS * 8):
-            logits = self.logits_at(block)
+        # Each fixed-shape chunk's [chunk, V] logits are used up while they are still in cache; only the
+        # [n, Vd] results are joined. Zero rows pad the last chunk and are cut off after the join.
+        for logits in logit_chunks(rows, self.head, self.transform):
             sup = compute_target_distribution(logits, None, selected_token_ids)  # every row is a loss position
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)
             if log_draft_mass:
                 full = logits.float()
                 log_mass.append(torch.logsumexp(full.index_select(-1, selected_token_ids), -1) - torch.logsumexp(full, -1))
-        empty = rows.new_zeros(0, dtype=torch.float32)
+        n = len(positions)
         live = {
             "aux": aux,
             "final_hidden": final_hidden,
             "loss_positions": positions,
-            "probs": _joined(probs, empty.new_zeros(0, len(selected_token_ids))),
-            "argmax": _joined(argmax, empty.new_zeros(0, dtype=torch.long)),
+            "probs": _joined(probs, n, rows.new_zeros(0, len(selected_token_ids), dtype=torch.float32)),
+            "argmax": _joined(argmax, n, rows.new_zeros(0, dtype=torch.long)),
         }
         if log_draft_mass:
-            live["log_draft_mass"] = _joined(log_mass, empty)
+            live["log_draft_mass"] = _joined(log_mass, n, rows.new_zeros(0, dtype=torch.float32))
         return live
 
 
-def _joined(blocks: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-    """The head blocks' results as one tensor: a batch within one block needs no copy."""
-    if len(blocks) == 1:
-        return blocks[0]
-    return torch.cat(blocks) if blocks else empty
+def _joined(chunks: list[torch.Tensor], n: int, empty: torch.Tensor) -> torch.Tensor:
+    """The head chunks' results as one tensor of the `n` real rows (a view when there is one chunk)."""
+    if not chunks:
+        return empty
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks))[:n]
