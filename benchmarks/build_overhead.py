@@ -17,9 +17,11 @@ For each target, in one process:
 
 The ratio is build tokens/s over bare tokens/s (real tokens, padding excluded, the same
 numerator for both): 1.0 means the build costs nothing beyond the forward. Passes alternate,
-bare, build, bare, build, bare (`--repeats 2`), after one untimed warm-up batch; the fastest
-bare pass and the fastest build count, which damps other processes' noise on a shared
-machine; the spread of the bare passes shows how much the machine drifted.
+bare, build, bare, ..., build, bare (`--repeats` builds, default 4), after one untimed warm-up
+batch. Two figures: the fastest bare pass over the fastest build, which damps other processes'
+noise on a shared machine, and the median over the builds of each build against the mean of the
+bare passes on either side of it (with the range), which follows the machine's drift. The spread
+of the bare passes shows how much the machine drifted.
 
 Row groups: 8 MiB here (`--row-group-bytes`; the builder's default is 128 MiB). The writer
 writes a window (4 row groups) while the forward computes the next; only the last window is
@@ -193,6 +195,18 @@ def bare_runner(prep, model, target, kind: str, device, input_device):
     return run
 
 
+def paired_ratios(bare: list[float], builds: list[float]) -> dict:
+    """Each build against the mean of the bare passes just before and after it: the machine's drift
+    over a pass hits both sides of a pair alike. Median and range over the builds."""
+    import statistics
+
+    ratios = [(bare[i] + bare[i + 1]) / 2 / build for i, build in enumerate(builds)]
+    return {
+        "ratios_build_over_neighbouring_bare": ratios,
+        "ratio_build_over_bare_model_paired_median": statistics.median(ratios),
+    }
+
+
 def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) -> dict:
     import numpy as np
     import torch
@@ -311,6 +325,7 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         "build_tokens_per_s": tokens / build_s,
         "written_mb_per_s": totals["bytes"] / build_s / 1e6,
         "ratio_build_over_bare_model": bare_s / build_s,
+        **paired_ratios(bare, [b["build_s"] for b in builds]),
         "ratio_build_minus_tail_over_bare_model": bare_s / (build_s - tail_s),
         "compute_per_byte": per_byte,
         "llama_8b_compute_per_byte": per_byte_8b,
@@ -348,7 +363,7 @@ def parse_args(argv=None):
         "(default: tiny; on the big target both equal model() within a few %%)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1; 0 = torch's default)")
-    p.add_argument("--repeats", type=int, default=2, help="builds per target (bare passes: one more); the fastest of each counts")
+    p.add_argument("--repeats", type=int, default=4, help="builds per target (bare passes: one more)")
     p.add_argument("--row-group-bytes", type=int, default=8 << 20, help="default 8 MiB (see the docstring); 0: the builder's default")
     p.add_argument(
         "--switch-interval",
@@ -434,7 +449,17 @@ def main(argv=None) -> dict:
     print()
     print(
         table(
-            ["target", "params", "tokens", "bare model() tok/s", "build tok/s", "build / bare", "build-minus-tail / bare", "bare spread %"],
+            [
+                "target",
+                "params",
+                "tokens",
+                "bare model() tok/s",
+                "build tok/s",
+                "build / bare",
+                "paired median (range)",
+                "build-minus-tail / bare",
+                "bare spread %",
+            ],
             [
                 [
                     r["label"],
@@ -443,6 +468,8 @@ def main(argv=None) -> dict:
                     r["bare_tokens_per_s"],
                     r["build_tokens_per_s"],
                     r["ratio_build_over_bare_model"],
+                    f"{r['ratio_build_over_bare_model_paired_median']:.3f} "
+                    f"({min(r['ratios_build_over_neighbouring_bare']):.3f}-{max(r['ratios_build_over_neighbouring_bare']):.3f})",
                     r["ratio_build_minus_tail_over_bare_model"],
                     r["bare_spread_percent"],
                 ]
