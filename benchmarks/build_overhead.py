@@ -146,17 +146,9 @@ def time_pass(fn, batches, device) -> float:
 
 def planned_memory(prep) -> dict:
     """The placement planner's per-GPU estimate for this build (bf16), as `--dry-run` prints it."""
-    from builder.placement import plan_memory
+    from builder.placement import memory_plan
 
-    plan = plan_memory(
-        prep.model_config,
-        gpus_per_target=prep.cfg.gpus_per_target,
-        max_tokens=prep.cfg.token_budget,
-        num_aux_layers=len(prep.aux_layer_ids),
-        dtype_bytes=2,
-        draft_vocab_size=len(prep.selected_token_ids),
-    )
-    return plan.to_dict()
+    return memory_plan(prep, dtype_bytes=2).to_dict()
 
 
 def peak_gpu_memory(peaks: list[tuple[int, int]], plan: dict) -> dict:

@@ -165,13 +165,15 @@ def load_placed_model(prep: Prepared):
     return load()
 
 
-def memory_plan(prep: Prepared):
+def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
+    """The planner's per-GPU estimate for this build; `dtype_bytes` of the weights and activations
+    (default: as this machine computes, bf16 on a GPU and fp32 on CPU)."""
     return plan_memory(
         prep.model_config,
         gpus_per_target=prep.cfg.gpus_per_target,
         max_tokens=prep.cfg.token_budget,
         num_aux_layers=len(prep.aux_layer_ids),
-        dtype_bytes=2 if torch.cuda.is_available() else 4,
+        dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
     )
 

@@ -137,17 +137,9 @@ def plan_summary(prep) -> dict:
 
 def memory_estimate(prep) -> str:
     """The placement planner's per-GPU estimate (bf16 weights, as a GPU build runs them)."""
-    from .placement import plan_memory
+    from .placement import memory_plan
 
-    plan = plan_memory(
-        prep.model_config,
-        gpus_per_target=prep.cfg.gpus_per_target,
-        max_tokens=prep.cfg.token_budget,
-        num_aux_layers=len(prep.aux_layer_ids),
-        dtype_bytes=2,
-        draft_vocab_size=len(prep.selected_token_ids),
-    )
-    return plan.describe()
+    return memory_plan(prep, dtype_bytes=2).describe()
 
 
 def format_plan(plan: dict) -> str:
