@@ -109,7 +109,9 @@ def plan_memory(
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     # Residual stream and norms (4H), gate/up/act of the MLP (3I), q/k/v (attention is fused: no T^2 buffer).
     activations = max_tokens * dtype_bytes * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim)
-    head_rows = HEAD_CHUNK_ROWS * 8  # rows of fp32 logits alive at once, plus their softmax
+    # Head rows budgeted at once, fp32 logits and their softmax. `Target.supervise` holds at most two
+    # HEAD_CHUNK_ROWS chunks; the budget keeps 8 until a GPU peak shows the margin is not needed.
+    head_rows = HEAD_CHUNK_ROWS * 8
     return MemoryPlan(
         gpus_per_target=gpus_per_target,
         parameters=parameters,
