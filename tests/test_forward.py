@@ -71,3 +71,30 @@ def test_all_finite_flags_exactly_the_rows_holding_inf_or_nan_even_where_a_sum_w
     by_token = all_finite(rows, (6, 3), bounded=False)
     assert torch.equal(by_token.all(-1), want) and by_token.sum().item() == 18 - 3
     assert torch.equal(all_finite(rows[:0], (0,), bounded=False), torch.ones(0, dtype=torch.bool))
+
+
+def test_supervise_gives_empty_outputs_of_the_right_shapes_when_no_row_is_supervised_and_cuts_the_chunk_padding(tmp_path):
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.supervision import HEAD_CHUNK_ROWS
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / "llama", "llama")).eval()
+    target = Target(model, [0, 1, 2])
+    selected = torch.arange(0, model.config.vocab_size, 3)
+    ids = torch.randint(0, model.config.vocab_size, (2, HEAD_CHUNK_ROWS), generator=torch.Generator().manual_seed(2))
+    attention = torch.ones_like(ids)
+    none = target.supervise(ids, attention, torch.zeros_like(ids, dtype=torch.bool), selected)
+    assert none["probs"].shape == (0, len(selected)) and none["probs"].dtype == torch.float32
+    assert none["argmax"].shape == none["log_draft_mass"].shape == none["loss_positions"].shape == (0,)
+    loss = torch.ones_like(ids, dtype=torch.bool)
+    loss[1, 5:] = False  # HEAD_CHUNK_ROWS + 5 rows: a second chunk padded with zero rows
+    live = target.supervise(ids, attention, loss, selected)
+    assert live["probs"].shape == (HEAD_CHUNK_ROWS + 5, len(selected)) and live["log_draft_mass"].shape == (HEAD_CHUNK_ROWS + 5,)
+    logits = target.logits_at(target.forward(ids, attention)[1][loss]).float()
+    assert torch.equal(live["argmax"], logits.argmax(-1))
+    assert torch.equal(live["probs"], torch.softmax(logits.index_select(-1, selected), -1))
+    want_mass = torch.logsumexp(logits.index_select(-1, selected), -1) - torch.logsumexp(logits, -1)
+    assert torch.equal(live["log_draft_mass"], want_mass)
+    target.close()
