@@ -15,7 +15,6 @@ the columns the layout needs are requested (Parquet column projection), and with
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import contextvars
 import functools
@@ -25,7 +24,6 @@ import math
 import numbers
 import os
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: pu
 from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
 from .source import CacheSource, open_source
+from .stream_exit import track_shards, track_stream
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("raw", "nemo", "specforge")
@@ -531,7 +530,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     def _open(self, position: dict | None):
         self.hf_dataset.load_state_dict(position)  # None: from the epoch's start
         rows = iter(self.hf_dataset)
-        _OPEN_READS.add(rows)
+        track_stream(rows)
         return rows
 
     def _recover(self, err: Exception, failures: int) -> None:
@@ -553,18 +552,6 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
             wait,
         )
         time.sleep(wait)
-
-
-# The `datasets` reads of streams still open: closed at interpreter exit while every module still
-# works. Left to module teardown, closing one hits `datasets`' handlers after pyarrow is gone
-# ("Exception ignored ... 'NoneType' object has no attribute 'ArrowInvalid'").
-_OPEN_READS: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_reads() -> None:
-    for rows in list(_OPEN_READS):
-        rows.close()
 
 
 _RESUMING = contextvars.ContextVar("eagle3_cache_resuming", default=False)
@@ -805,6 +792,7 @@ def load_cache(
     else:
         transform = SampleDecoder(source, manifest, layout, draft_vocab_size=draft_vocab_size, spread_tail=spread_tail, aux_dtype=aux_dtype)
     if streaming:
+        track_shards(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
         describe = None
         if source.on_hub:
             from .hub import read_error

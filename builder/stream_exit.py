@@ -1,0 +1,96 @@
+"""A clean exit after a stream stopped mid-shard.
+
+`datasets` streams a shard by handing Arrow the Python file object it opened, and Arrow reads
+it on its own threads. When a stream stops early (a `break` out of the loop, an iterator still
+open at exit), the reads Arrow had already started go on, and each needs the GIL. Should the
+interpreter finalize first, those threads end mid-task, and at process exit Arrow's thread pool
+waits for them forever (or the process aborts). `datasets` closes the file as soon as its read
+stops, yet Arrow keeps the last reference to it until its own reads end. So at exit the reads
+still open are closed, then this process waits, with the GIL released, until no closed shard
+file of a stream is left alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import io
+import logging
+import threading
+import time
+import weakref
+
+log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 30.0  # a row group's reads end within seconds; past this, exit anyway
+# Iterators over `datasets` streams still open, closed at exit while every module still works: left
+# to module teardown, closing one hits `datasets`' handlers after pyarrow is gone.
+OPEN_READS: weakref.WeakSet = weakref.WeakSet()
+STREAMED_SHARDS: set[str] = set()  # "<config folder>data/<shard file>" of every cache streamed here
+
+
+def track_stream(rows) -> None:
+    """Close this `datasets` iterator at exit if it is still open."""
+    OPEN_READS.add(rows)
+
+
+def track_shards(paths) -> None:
+    """Shard paths, relative to the repo or folder root, that streams of this process may read."""
+    STREAMED_SHARDS.update(str(p).replace("\\", "/") for p in paths)
+
+
+@atexit.register
+def finish_streams() -> None:
+    for rows in list(OPEN_READS):
+        rows.close()
+    wait_for_released_shards()
+
+
+def wait_for_released_shards(timeout: float = RELEASE_TIMEOUT_S, on_waiting=None) -> int:
+    """Block, with the GIL released, until every closed shard file of a stream still alive is
+    freed (Arrow lets go of it when its reads end); returns how many were freed meanwhile.
+    `on_waiting`: called once those files are known, before blocking (a test's hook)."""
+    if not STREAMED_SHARDS:
+        return 0
+    gc.collect()  # a file kept only by a reference cycle is not waiting on Arrow
+    held = shard_files(closed_only=True)
+    if not held:
+        return 0
+    freed = threading.Semaphore(0)
+    watches = [weakref.ref(f, lambda _ref: freed.release()) for f in held]
+    del held
+    if on_waiting is not None:
+        on_waiting()
+    deadline = time.monotonic() + timeout
+    count = 0
+    while count < len(watches) and freed.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        count += 1
+    if count < len(watches):
+        log.warning(
+            "%d streamed shard file(s) still held after %.0f s at exit; exiting anyway (the process may hang in Arrow's thread pool)",
+            len(watches) - count,
+            timeout,
+        )
+    return count
+
+
+def shard_files(closed_only: bool) -> list:
+    """Live file objects (local or fsspec) whose name or path ends with a streamed shard's path."""
+    suffixes = tuple(STREAMED_SHARDS)
+    found = []
+    for obj in gc.get_objects():
+        # The buffered file `open(path, "rb")` gives, or an fsspec file; not the raw file inside the former.
+        # (By type: `isinstance` would ask each object its `__class__`, and some warn when asked.)
+        kind = type(obj)
+        if issubclass(kind, io.IOBase) and not issubclass(kind, io.RawIOBase) and _is_shard_file(obj, suffixes, closed_only):
+            found.append(obj)
+    return found
+
+
+def _is_shard_file(file, suffixes: tuple, closed_only: bool) -> bool:
+    try:
+        name = getattr(file, "path", None) or getattr(file, "name", None)
+        named = isinstance(name, str) and name.replace("\\", "/").endswith(suffixes)
+        return named and (file.closed or not closed_only)
+    except Exception:  # noqa: BLE001 - any file object may be asked; one that cannot say is not a shard's
+        return False

@@ -1,0 +1,84 @@
+"""Exit after a stream stopped mid-shard: wait until Arrow frees the shard files a stream opened."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+
+import pytest
+from helpers import small_config
+
+import builder.stream_exit as stream_exit
+from builder.build import build
+from builder.reader import load_cache
+
+SHARD = "data/train-00000-of-00001.parquet"
+
+
+@pytest.fixture
+def streamed(monkeypatch, tmp_path):
+    """A fresh record of streamed shards, and a closed file object at one of their paths."""
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    stream_exit.track_shards([SHARD])
+    path = tmp_path / SHARD
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1")
+    return path
+
+
+def test_exit_waits_until_the_last_holder_frees_a_closed_shard_file(streamed):
+    held = [open(streamed, "rb")]  # noqa: SIM115 - held by the "Arrow" thread below, closed as datasets closes it
+    held[0].close()
+    freed_by_holder = threading.Event()
+
+    def arrow_thread(go: threading.Event):
+        go.wait()
+        held.clear()  # the last reference: Arrow's read ended
+        freed_by_holder.set()
+
+    go = threading.Event()
+    holder = threading.Thread(target=arrow_thread, args=(go,))
+    holder.start()
+    assert stream_exit.wait_for_released_shards(timeout=60, on_waiting=go.set) == 1
+    assert freed_by_holder.is_set() and not held
+    holder.join()
+
+
+def test_only_closed_files_at_a_streamed_shard_path_are_waited_for(streamed, tmp_path):
+    still_reading = open(streamed, "rb")  # noqa: SIM115 - a live read's file: open, not Arrow's leftover
+    other = tmp_path / "data" / "train-00000-of-00002.parquet"
+    other.write_bytes(b"PAR1")
+    unrelated = open(other, "rb")  # noqa: SIM115
+    unrelated.close()
+    called = []
+    assert stream_exit.wait_for_released_shards(timeout=60, on_waiting=lambda: called.append(1)) == 0
+    assert called == []  # nothing to wait for: it returned before blocking
+    assert stream_exit.shard_files(closed_only=False) == [still_reading]
+    still_reading.close()
+
+
+def test_exit_gives_up_after_the_timeout_with_a_warning(streamed, caplog):
+    kept = open(streamed, "rb")  # noqa: SIM115 - never freed while the wait runs
+    kept.close()
+    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+        assert stream_exit.wait_for_released_shards(timeout=0.01) == 0
+    assert "1 streamed shard file(s) still held after 0 s at exit; exiting anyway" in caplog.text
+    assert stream_exit.shard_files(closed_only=True) == [kept]
+
+
+def test_a_stream_records_its_shards_and_finds_the_file_datasets_opened(monkeypatch, tmp_path):
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
+    rows = iter(load_cache(out, layout="raw", columns=["sample_id"], streaming=True))
+    assert stream_exit.STREAMED_SHARDS == {"data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"}
+    next(rows)
+    reading = stream_exit.shard_files(closed_only=False)
+    assert [f.closed for f in reading] == [False]
+    assert str(reading[0].name).replace("\\", "/").endswith("data/train-00000-of-00002.parquet")
+    del reading
+    rows.close()  # the stream stops mid-shard, as a `break` stops it
+    del rows
+    gc.collect()
+    stream_exit.wait_for_released_shards(timeout=60)
+    assert stream_exit.shard_files(closed_only=True) == []
