@@ -77,8 +77,16 @@ def wait_for_released_shards(timeout: float = RELEASE_TIMEOUT_S, on_waiting=None
 def shard_files(closed_only: bool) -> list:
     """Live file objects (local or fsspec) whose name or path ends with a streamed shard's path."""
     suffixes = tuple(STREAMED_SHARDS)
+    frozen = gc.get_freeze_count()  # frozen objects (`gc.freeze()`, as a CLI exit does) are not listed
+    if frozen:
+        gc.unfreeze()
+    try:
+        everything = gc.get_objects()
+    finally:
+        if frozen:
+            gc.freeze()
     found = []
-    for obj in gc.get_objects():
+    for obj in everything:
         # The buffered file `open(path, "rb")` gives, or an fsspec file; not the raw file inside the former.
         # (By type: `isinstance` would ask each object its `__class__`, and some warn when asked.)
         kind = type(obj)

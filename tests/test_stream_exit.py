@@ -58,11 +58,16 @@ def test_only_closed_files_at_a_streamed_shard_path_are_waited_for(streamed, tmp
     still_reading.close()
 
 
-def test_exit_gives_up_after_the_timeout_with_a_warning(streamed, caplog):
+def test_exit_gives_up_after_the_timeout_with_a_warning_and_sees_frozen_files_too(streamed, caplog):
     kept = open(streamed, "rb")  # noqa: SIM115 - never freed while the wait runs
     kept.close()
-    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
-        assert stream_exit.wait_for_released_shards(timeout=0.01) == 0
+    gc.freeze()  # as the command line does at exit: frozen objects are hidden from gc.get_objects()
+    try:
+        with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+            assert stream_exit.wait_for_released_shards(timeout=0.01) == 0
+        assert gc.get_freeze_count() > 0  # still frozen afterwards
+    finally:
+        gc.unfreeze()
     assert "1 streamed shard file(s) still held after 0 s at exit; exiting anyway" in caplog.text
     assert stream_exit.shard_files(closed_only=True) == [kept]
 
