@@ -70,6 +70,24 @@ def test_push_then_stream_yields_the_local_cache(hub, v1):
     assert_same_content([downloaded[i] for i in range(len(downloaded))], decoded_rows(v1))
 
 
+def test_a_hub_stream_stopped_mid_shard_leaves_no_file_for_the_exit_to_wait_on(hub, v1):
+    import gc
+
+    import builder.stream_exit as stream_exit
+
+    push(v1, "tester/stop-early", tag="v1")
+    rows = iter(load_cache("tester/stop-early", revision="v1", layout="raw", columns=["sample_id"], streaming=True))
+    next(rows)
+    reading = stream_exit.shard_files(closed_only=False)  # the fsspec file `datasets` streams the shard from
+    assert len(reading) == 1 and reading[0].path.endswith("/data/train-00000-of-00004.parquet") and not reading[0].closed
+    del reading
+    rows.close()  # stopped mid-shard, as a `break` stops it
+    del rows
+    gc.collect()
+    stream_exit.wait_for_released_shards(timeout=60)
+    assert stream_exit.shard_files(closed_only=True) == []  # an exit right now has nothing left to wait for
+
+
 def test_card_names_repo_and_revision_and_shows_pictures(hub, v1):
     push(v1, "tester/card", tag="release-1")
     files = hub.files_at("tester/card", "release-1")
