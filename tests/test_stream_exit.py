@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import threading
 import traceback
 import weakref
@@ -119,6 +120,18 @@ def test_a_stream_that_failed_mid_shard_leaves_no_file_for_the_exit_to_wait_on(m
     assert "still held" not in caplog.text
     assert stream_exit.shard_files(closed_only=True) == []  # an exit right now (the error uncaught) has nothing to wait for
     assert failed.value.__traceback__ is not None
+
+
+def test_a_stream_read_in_a_spawned_worker_records_its_shards_there(monkeypatch, tmp_path):
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
+    dataset = load_cache(out, layout="raw", columns=["sample_id"], streaming=True)
+    # A spawned DataLoader worker gets the dataset pickled, and a fresh module: load_cache never ran there.
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    rows = iter(pickle.loads(pickle.dumps(dataset)))
+    next(rows)
+    assert stream_exit.STREAMED_SHARDS == {"data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"}
+    rows.close()
 
 
 def test_exit_closes_every_other_stream_when_one_is_being_read_by_another_thread(monkeypatch, streamed):
