@@ -61,7 +61,8 @@ def wait_for_released_shards(timeout: float = RELEASE_TIMEOUT_S, on_waiting=None
     held = shard_files(closed_only=True)
     if held:  # a file kept only by a reference cycle is not waiting on Arrow (a full collection only when needed)
         del held
-        gc.collect()
+        with _unfrozen():  # a cycle frozen by `gc.freeze()` too (an fsspec file is always in one)
+            gc.collect()
         held = shard_files(closed_only=True)
     if not held:
         return 0

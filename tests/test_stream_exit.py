@@ -175,3 +175,22 @@ def test_a_closed_shard_file_kept_only_by_a_reference_cycle_is_collected_not_wai
     with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
         assert stream_exit.wait_for_released_shards(timeout=0.01) == 0  # freed by the collection, before any wait
     assert watch() is None and "still held" not in caplog.text
+
+
+def test_a_closed_shard_file_in_a_frozen_reference_cycle_is_collected_not_waited_for(streamed, caplog):
+    # An fsspec file (a Hub stream's) is always in a cycle: its cache holds its bound fetch method.
+    # A `gc.freeze()` while it was alive (a training script's, or the command line's at exit) moves it
+    # where a plain collection never looks.
+    cycle = {"file": open(streamed, "rb")}  # noqa: SIM115 - closed below, then left to the collector
+    cycle["self"] = cycle
+    cycle["file"].close()
+    watch = weakref.ref(cycle["file"])
+    del cycle
+    gc.freeze()
+    try:
+        with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+            assert stream_exit.wait_for_released_shards(timeout=0.01) == 0
+        assert gc.get_freeze_count() > 0  # still frozen afterwards
+    finally:
+        gc.unfreeze()
+    assert watch() is None and "still held" not in caplog.text
