@@ -119,7 +119,7 @@ def test_a_stream_that_failed_mid_shard_leaves_no_file_for_the_exit_to_wait_on(m
         stream_exit.wait_for_released_shards(timeout=60)
     assert "still held" not in caplog.text
     assert stream_exit.shard_files(closed_only=True) == []  # an exit right now (the error uncaught) has nothing to wait for
-    assert failed.value.__traceback__ is not None
+    assert "in _windows" in "".join(traceback.format_exception(failed.value))  # the traceback still says where it failed
 
 
 def test_a_stream_read_in_a_spawned_worker_records_its_shards_there(monkeypatch, tmp_path):
