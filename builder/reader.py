@@ -401,8 +401,10 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         fingerprint: str | None = None,
         retry=None,
         describe=None,
+        shards: tuple[str, ...] = (),
     ):
         self.hf_dataset, self.transform = hf_dataset.with_format("arrow"), transform
+        self.shards = shards  # paths the exit waits on (see stream_exit), recorded where the stream is read
         self.shuffle_buffer, self.seed, self.split, self.fingerprint = shuffle_buffer, seed, split, fingerprint
         self.retry = retry
         self.describe_failure = describe  # (error, reopened=n) -> the exception to raise; None: re-raise
@@ -529,6 +531,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
     def _open(self, position: dict | None):
         self.hf_dataset.load_state_dict(position)  # None: from the epoch's start
+        track_shards(self.shards)  # here too: a spawned DataLoader worker never ran load_cache
         rows = iter(self.hf_dataset)
         track_stream(rows)
         return rows
@@ -792,7 +795,8 @@ def load_cache(
     else:
         transform = SampleDecoder(source, manifest, layout, draft_vocab_size=draft_vocab_size, spread_tail=spread_tail, aux_dtype=aux_dtype)
     if streaming:
-        track_shards(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
+        shards = tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
+        track_shards(shards)
         describe = None
         if source.on_hub:
             from .hub import read_error
@@ -807,6 +811,7 @@ def load_cache(
             fingerprint=manifest["fingerprint"],
             retry=retry,
             describe=describe,
+            shards=shards,
         )
     else:
         dataset = CacheDataset(hf, transform)

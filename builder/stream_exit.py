@@ -13,11 +13,14 @@ file of a stream is left alive.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import io
+import itertools
 import logging
 import threading
 import time
+import types
 import weakref
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,10 @@ def track_shards(paths) -> None:
 @atexit.register
 def finish_streams() -> None:
     for rows in list(OPEN_READS):
-        rows.close()
+        try:
+            rows.close()
+        except Exception as err:  # noqa: BLE001 - e.g. a stream another thread is reading: close the others, then wait
+            log.debug("could not close a stream at exit: %s", err)
     wait_for_released_shards()
 
 
@@ -52,12 +58,17 @@ def wait_for_released_shards(timeout: float = RELEASE_TIMEOUT_S, on_waiting=None
     `on_waiting`: called once those files are known, before blocking (a test's hook)."""
     if not STREAMED_SHARDS:
         return 0
-    gc.collect()  # a file kept only by a reference cycle is not waiting on Arrow
     held = shard_files(closed_only=True)
+    if held:  # a file kept only by a reference cycle is not waiting on Arrow (a full collection only when needed)
+        del held
+        with _unfrozen():  # a cycle frozen by `gc.freeze()` too (an fsspec file is always in one)
+            gc.collect()
+        held = shard_files(closed_only=True)
     if not held:
         return 0
     freed = threading.Semaphore(0)
     watches = [weakref.ref(f, lambda _ref: freed.release()) for f in held]
+    clear_frames_holding(held)
     del held
     if on_waiting is not None:
         on_waiting()
@@ -74,25 +85,42 @@ def wait_for_released_shards(timeout: float = RELEASE_TIMEOUT_S, on_waiting=None
     return count
 
 
-def shard_files(closed_only: bool) -> list:
-    """Live file objects (local or fsspec) whose name or path ends with a streamed shard's path."""
-    suffixes = tuple(STREAMED_SHARDS)
-    frozen = gc.get_freeze_count()  # frozen objects (`gc.freeze()`, as a CLI exit does) are not listed
+def clear_frames_holding(files: list) -> None:
+    """Clear the finished frames that hold these files. A read that failed mid-shard leaves its frame,
+    and the closed file in it, in the error's traceback; an error that ends the program is kept until
+    the process ends (`sys.last_value`), so the file would never be freed. The traceback still says
+    where the read failed: only the frames' locals go."""
+    with _unfrozen():
+        frames = [r for r in gc.get_referrers(*files) if type(r) is types.FrameType]
+    for frame in frames:
+        with contextlib.suppress(RuntimeError):  # a frame still running cannot be cleared
+            frame.clear()
+
+
+@contextlib.contextmanager
+def _unfrozen():
+    """Objects frozen by `gc.freeze()` (as a CLI exit does) are seen by gc.get_objects() and gc.get_referrers() too."""
+    frozen = gc.get_freeze_count()
     if frozen:
         gc.unfreeze()
     try:
-        everything = gc.get_objects()
+        yield
     finally:
         if frozen:
             gc.freeze()
-    found = []
-    for obj in everything:
-        # The buffered file `open(path, "rb")` gives, or an fsspec file; not the raw file inside the former.
-        # (By type: `isinstance` would ask each object its `__class__`, and some warn when asked.)
-        kind = type(obj)
-        if issubclass(kind, io.IOBase) and not issubclass(kind, io.RawIOBase) and _is_shard_file(obj, suffixes, closed_only):
-            found.append(obj)
-    return found
+
+
+def shard_files(closed_only: bool) -> list:
+    """Live file objects (local or fsspec) whose name or path ends with a streamed shard's path."""
+    suffixes = tuple(STREAMED_SHARDS)
+    with _unfrozen():
+        everything = gc.get_objects()
+    # The buffered file `open(path, "rb")` gives, or an fsspec file; not the raw file inside the former.
+    # (By type: `isinstance` would ask each object its `__class__`, and some warn when asked.) Each type
+    # is asked once, and the heap (millions of objects in a training process) is filtered in C.
+    kinds = {kind for kind in set(map(type, everything)) if issubclass(kind, io.IOBase) and not issubclass(kind, io.RawIOBase)}
+    files = itertools.compress(everything, map(kinds.__contains__, map(type, everything)))
+    return [file for file in files if _is_shard_file(file, suffixes, closed_only)]
 
 
 def _is_shard_file(file, suffixes: tuple, closed_only: bool) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import threading
+import traceback
+import weakref
 
 import pytest
 from helpers import small_config
@@ -87,3 +90,107 @@ def test_a_stream_records_its_shards_and_finds_the_file_datasets_opened(monkeypa
     gc.collect()
     stream_exit.wait_for_released_shards(timeout=60)
     assert stream_exit.shard_files(closed_only=True) == []
+
+
+def test_a_closed_shard_file_kept_only_by_an_error_traceback_is_freed_not_waited_for(streamed, caplog):
+    def read_shard():
+        with open(streamed, "rb") as file:  # `datasets` reads a shard so: `file` stays in the frame
+            raise OSError(f"corrupt page in {file.name}")  # the file is closed, its frame kept by the traceback
+
+    with pytest.raises(OSError, match="corrupt page") as failed:  # kept, as an uncaught error is kept at exit (sys.last_value)
+        read_shard()
+    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+        assert stream_exit.wait_for_released_shards(timeout=0.01) == 1
+    assert "still held" not in caplog.text
+    assert stream_exit.shard_files(closed_only=True) == []
+    assert "in read_shard" in "".join(traceback.format_exception(failed.value))  # the traceback still says where it failed
+
+
+def test_a_stream_that_failed_mid_shard_leaves_no_file_for_the_exit_to_wait_on(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
+    shard = out / "data" / "train-00001-of-00002.parquet"
+    damaged = bytearray(shard.read_bytes())
+    damaged[4:40] = b"\xff" * 36  # the first page header of the second shard
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(OSError, match="deserialize thrift") as failed:
+        list(load_cache(out, layout="raw", columns=["sample_id"], streaming=True))
+    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+        stream_exit.wait_for_released_shards(timeout=60)
+    assert "still held" not in caplog.text
+    assert stream_exit.shard_files(closed_only=True) == []  # an exit right now (the error uncaught) has nothing to wait for
+    assert "in _windows" in "".join(traceback.format_exception(failed.value))  # the traceback still says where it failed
+
+
+def test_a_stream_read_in_a_spawned_worker_records_its_shards_there(monkeypatch, tmp_path):
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
+    dataset = load_cache(out, layout="raw", columns=["sample_id"], streaming=True)
+    # A spawned DataLoader worker gets the dataset pickled, and a fresh module: load_cache never ran there.
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    rows = iter(pickle.loads(pickle.dumps(dataset)))
+    next(rows)
+    assert stream_exit.STREAMED_SHARDS == {"data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"}
+    rows.close()
+
+
+def test_exit_closes_every_other_stream_when_one_is_being_read_by_another_thread(monkeypatch, streamed):
+    monkeypatch.setattr(stream_exit, "OPEN_READS", weakref.WeakSet())
+    reading, done = threading.Event(), threading.Event()
+    closed = []
+
+    def busy():  # a stream a daemon thread is still reading when the program ends
+        reading.set()
+        done.wait()
+        yield 1
+
+    def idle(name):
+        try:
+            yield 1
+        finally:
+            closed.append(name)
+
+    streams = [busy(), idle("a"), idle("b")]
+    for rows in streams:
+        stream_exit.track_stream(rows)
+    for rows in streams[1:]:
+        next(rows)
+    reader = threading.Thread(target=next, args=(streams[0],))
+    reader.start()
+    reading.wait()
+    try:
+        stream_exit.finish_streams()  # `rows.close()` of the busy one: "generator already executing"
+    finally:
+        done.set()
+        reader.join()
+    assert sorted(closed) == ["a", "b"]
+
+
+def test_a_closed_shard_file_kept_only_by_a_reference_cycle_is_collected_not_waited_for(streamed, caplog):
+    cycle = {"file": open(streamed, "rb")}  # noqa: SIM115 - closed below, then left to the collector
+    cycle["self"] = cycle
+    cycle["file"].close()
+    watch = weakref.ref(cycle["file"])
+    del cycle
+    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+        assert stream_exit.wait_for_released_shards(timeout=0.01) == 0  # freed by the collection, before any wait
+    assert watch() is None and "still held" not in caplog.text
+
+
+def test_a_closed_shard_file_in_a_frozen_reference_cycle_is_collected_not_waited_for(streamed, caplog):
+    # An fsspec file (a Hub stream's) is always in a cycle: its cache holds its bound fetch method.
+    # A `gc.freeze()` while it was alive (a training script's, or the command line's at exit) moves it
+    # where a plain collection never looks.
+    cycle = {"file": open(streamed, "rb")}  # noqa: SIM115 - closed below, then left to the collector
+    cycle["self"] = cycle
+    cycle["file"].close()
+    watch = weakref.ref(cycle["file"])
+    del cycle
+    gc.freeze()
+    try:
+        with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+            assert stream_exit.wait_for_released_shards(timeout=0.01) == 0
+        assert gc.get_freeze_count() > 0  # still frozen afterwards
+    finally:
+        gc.unfreeze()
+    assert watch() is None and "still held" not in caplog.text
