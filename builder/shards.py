@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import zstandard
 
 from .files import new_hash, temp_path
 from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
@@ -52,6 +51,7 @@ RAW, PLANES_ZSTD = "raw", "byte_planes_zstd"
 ZSTD_LEVEL = 1  # measured (benchmarks/float_encodings.py): higher levels gain < 2% at 2-5x the CPU time; zstd's
 # negative "fast" levels skip the entropy coding that the exponent plane's gain comes from
 UNCOMPRESSED_COLUMNS = ("input_ids", "loss_mask")  # a few bytes per token; plain readers (and verify) read them as is
+_ZSTD = pa.Codec("zstd", compression_level=ZSTD_LEVEL)
 _HEADER = struct.Struct("<QB")  # elements, planes
 _PLANE = struct.Struct("<BQ")  # codec (0 stored, 1 zstd), stored bytes
 _STORED, _ZSTD_CODEC = 0, 1
@@ -140,10 +140,10 @@ def encode_value(tensor: torch.Tensor | HostWords, encoding: str, level: int = Z
     compressed = {}  # plane -> zstd bytes, for the planes zstd shrinks
     for j in range(k):
         if j == 0 or not floating:
-            packed = _compressor(level).compress(_byte_plane(words, k - 1 - j, _scratch(n)))
-            if len(packed) < n:
+            packed = _zstd(level).compress(_byte_plane(words, k - 1 - j, _scratch(n)))
+            if packed.size < n:
                 compressed[j] = packed
-    sizes = [len(compressed[j]) if j in compressed else n for j in range(k)]
+    sizes = [compressed[j].size if j in compressed else n for j in range(k)]
     header = _HEADER.pack(n, k) + b"".join(_PLANE.pack(_ZSTD_CODEC if j in compressed else _STORED, sizes[j]) for j in range(k))
     out = _value_buffer(len(header) + sum(sizes))  # the value, contiguous: Arrow takes it without a copy
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
@@ -165,27 +165,8 @@ def _value_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(pa.allocate_buffer(nbytes), dtype=np.uint8)
 
 
-_CONTEXTS = threading.local()  # per thread: zstd contexts are not thread-safe, and cheap only when reused
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    """This thread's compressor at `level`. A reused context: a fresh one per value (Arrow's codec
-    makes one per call) costs about as much as compressing a value of a few hundred KB. The
-    frames are standard zstd frames with the content size, as any zstd library reads."""
-    compressors = _CONTEXTS.__dict__.setdefault("compressors", {})
-    if level not in compressors:
-        compressors[level] = zstandard.ZstdCompressor(level=level)
-    return compressors[level]
-
-
-def _decompress(payload, size: int) -> bytes:
-    decompressor = getattr(_CONTEXTS, "decompressor", None)
-    if decompressor is None:
-        decompressor = _CONTEXTS.decompressor = zstandard.ZstdDecompressor()
-    plane = decompressor.decompress(payload, max_output_size=size)
-    if len(plane) != size:
-        raise ValueError(f"a stored zstd plane decodes to {len(plane)} bytes, expected {size}: the value is damaged")
-    return plane
+def _zstd(level: int) -> pa.Codec:
+    return _ZSTD if level == ZSTD_LEVEL else pa.Codec("zstd", compression_level=level)
 
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -222,7 +203,7 @@ def decode_value(data, dtype: torch.dtype) -> torch.Tensor:
         codec, size = _PLANE.unpack_from(view, _HEADER.size + j * _PLANE.size)
         payload = view[offset : offset + size]
         offset += size
-        planes.append(_decompress(payload, n) if codec == _ZSTD_CODEC else payload)
+        planes.append(_ZSTD.decompress(payload, decompressed_size=n) if codec == _ZSTD_CODEC else payload)
     if k == 1:
         return frombuffer(planes[0], dtype)
     return torch.from_numpy(_join_planes(planes, n, k).view(_SIGNED_WORDS[k])).view(dtype)

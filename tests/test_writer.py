@@ -178,8 +178,8 @@ def test_stored_planes_are_the_values_bytes_most_significant_first(dtype):
 
 
 def test_values_encode_and_decode_alike_on_many_threads_at_once():
-    """Each thread has zstd contexts of its own: values coded concurrently are the bytes and
-    tensors coded one at a time (a shared context would mix up frames)."""
+    """Encoder threads share nothing (each has its own plane scratch): values coded concurrently
+    are the bytes and tensors coded one at a time."""
     gen = torch.Generator().manual_seed(11)
     values = [(torch.randn(20000 + 997 * i, generator=gen) * (i + 1)).to(torch.bfloat16) for i in range(24)]
     alone = [b"".join(bytes(p) for p in encode_value(v, PLANES_ZSTD).parts) for v in values]
@@ -189,17 +189,6 @@ def test_values_encode_and_decode_alike_on_many_threads_at_once():
     assert together == alone * 3
     for tensor, value in zip(decoded, values * 3):
         assert torch.equal(tensor.view(torch.int16), value.view(torch.int16))
-
-
-def test_a_damaged_zstd_plane_is_refused():
-    value = torch.full((5000,), 0.25, dtype=torch.bfloat16)
-    stored = bytearray(b"".join(bytes(p) for p in encode_value(value, PLANES_ZSTD).parts))
-    n, k = struct.unpack_from("<QB", stored, 0)
-    codec, size = struct.unpack_from("<BQ", stored, struct.calcsize("<QB"))
-    assert codec == 1 and size < n  # the exponent plane of a constant compresses
-    struct.pack_into("<Q", stored, 0, n + 8)  # the header now claims more elements than the frame holds
-    with pytest.raises(ValueError, match=r"decodes to 5000 bytes, expected 5008: the value is damaged"):
-        shards_module.decode_value(bytes(stored), torch.bfloat16)
 
 
 def test_a_failing_encoder_thread_surfaces_and_leaves_no_shard(tmp_path, monkeypatch):
