@@ -18,6 +18,7 @@ import gc
 import io
 import itertools
 import logging
+import os
 import threading
 import time
 import types
@@ -40,6 +41,17 @@ def track_stream(rows) -> None:
 def track_shards(paths) -> None:
     """Shard paths, relative to the repo or folder root, that streams of this process may read."""
     STREAMED_SHARDS.update(str(p).replace("\\", "/") for p in paths)
+
+
+def _forget_the_parents_streams() -> None:
+    """A forked child has none of its parent's Arrow threads: the parent's streams, and the files
+    their reads hold, are not the child's to close or wait for (its own reads register anew)."""
+    OPEN_READS.clear()
+    STREAMED_SHARDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_the_parents_streams)
 
 
 @atexit.register

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import pickle
 import threading
 import traceback
@@ -194,3 +195,26 @@ def test_a_closed_shard_file_in_a_frozen_reference_cycle_is_collected_not_waited
     finally:
         gc.unfreeze()
     assert watch() is None and "still held" not in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_forgets_the_parents_streams_and_keeps_its_own(streamed, monkeypatch):
+    """A child forked mid-stream would otherwise wait at exit on files its parent's Arrow threads hold."""
+    monkeypatch.setattr(stream_exit, "OPEN_READS", weakref.WeakSet())
+    parents_rows = (row for row in [1, 2, 3])  # stands for a `datasets` iterator the parent left open
+    stream_exit.track_stream(parents_rows)
+    report_read, report_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it would close and wait for at exit, then leave at once
+        try:
+            inherited = (len(stream_exit.OPEN_READS), len(stream_exit.STREAMED_SHARDS))
+            stream_exit.track_shards(["data/child.parquet"])
+            os.write(report_write, repr((inherited, sorted(stream_exit.STREAMED_SHARDS))).encode())
+        finally:
+            os._exit(0)
+    os.close(report_write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(report_read, "rb") as report:
+        assert report.read().decode() == repr(((0, 0), ["data/child.parquet"]))
+    assert status == 0
+    assert set(stream_exit.OPEN_READS) == {parents_rows} and stream_exit.STREAMED_SHARDS == {SHARD}  # the parent's own stay
