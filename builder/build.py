@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .batching import expected_rows
 from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_sidecar
-from .card import PictureDrawing, write_card
+from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
 from .errors import Eagle3CacheError
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
@@ -103,7 +103,8 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:
-    drawing = PictureDrawing(prep) if state.is_main_process else None  # the card's pictures, while the target runs
+    # the card's pictures, while the target runs
+    drawing = PictureDrawing(prep, work_dir=out / BUILD_STATE_DIR) if state.is_main_process else None
     try:
         write_shards(state, prep, out, result, progress, uploader)
         state.wait_for_everyone()
@@ -166,6 +167,7 @@ def agree(state, main_process_step) -> None:
 
 
 def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
+    remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
     if resume:
         remove_leftovers(out / "data")  # temp files of a killed writer
     else:

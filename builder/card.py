@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,13 +20,16 @@ from .prepare import Prepared
 
 log = logging.getLogger(__name__)
 
-# + the folder holding the inputs, then the folder dataset_card was imported from here: appended to the
-# child's sys.path, so it finds the same package without putting anything ahead of its standard library.
+# + the folder holding the inputs, the folder dataset_card was imported from here (appended to the
+# child's sys.path, so it finds the same package without putting anything ahead of its standard
+# library), and this process's pid (the child does not outlive it).
 DRAW_PICTURES = [
     sys.executable,
     "-c",
-    "import sys; sys.path.append(sys.argv[2]); from dataset_card.pictures import draw_saved_inputs; draw_saved_inputs(sys.argv[1])",
+    "import sys; sys.path.append(sys.argv[2]); from dataset_card.pictures import draw_saved_inputs; "
+    "draw_saved_inputs(sys.argv[1], parent=int(sys.argv[3]))",
 ]
+DRAWING_PREFIX = "pictures-"  # a drawing's folder in the build's work folder
 
 
 def picture_inputs(prep: Prepared) -> tuple:
@@ -40,9 +45,12 @@ class PictureDrawing:
     drawing holds the GIL, which each torch call of the forward would then wait for. Should the child
     fail, the pictures are drawn in this process, as if there had been no child."""
 
-    def __init__(self, prep: Prepared, command: list[str] | None = None):
+    def __init__(self, prep: Prepared, command: list[str] | None = None, work_dir: Path | None = None):
+        """`work_dir`: where the drawing's folder goes (default: the system's temp folder). A build
+        gives its own work folder, so that the folder of a build killed mid-drawing is found and
+        removed by the next build there (`remove_dead_drawings`)."""
         self._prep = prep
-        self._folder = tempfile.TemporaryDirectory(prefix="eagle3-cache-pictures-")
+        self._folder = tempfile.TemporaryDirectory(prefix=DRAWING_PREFIX, dir=work_dir)
         folder = Path(self._folder.name)
         save_inputs(folder, *picture_inputs(prep))
         found_in = str(Path(dataset_card.__file__).resolve().parents[1])
@@ -50,7 +58,10 @@ class PictureDrawing:
         with open(folder / "stderr.txt", "wb") as stderr:
             try:
                 self._child = subprocess.Popen(
-                    [*(command or DRAW_PICTURES), str(folder), found_in], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                    [*(command or DRAW_PICTURES), str(folder), found_in, str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
                 )
             except OSError as err:  # no process to start here: the pictures are drawn in this one, at the end
                 self._start_error = f"{type(err).__name__}: {err}"
@@ -76,6 +87,13 @@ class PictureDrawing:
             self._child.kill()
             self._child.wait()
         self._folder.cleanup()
+
+
+def remove_dead_drawings(work_dir: Path) -> None:
+    """Remove the drawing folders of builds that were killed (SIGKILL runs no cleanup; their child
+    died with them). Call with the cache's lock held: then no drawing there belongs to a live build."""
+    for folder in Path(work_dir).glob(f"{DRAWING_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def existing_pictures(out: Path) -> list[tuple[str, str]]:

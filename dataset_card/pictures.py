@@ -170,12 +170,33 @@ def save_inputs(folder, lengths, token_counts, selected_token_ids, seq_length: i
     )
 
 
-def draw_saved_inputs(folder) -> None:
-    """Draw the pictures of `folder`'s inputs into `folder`, each under its file name."""
+def draw_saved_inputs(folder, parent: int | None = None) -> None:
+    """Draw the pictures of `folder`'s inputs into `folder`, each under its file name. `parent`:
+    the pid of the build that started this process, which this process does not outlive."""
     from pathlib import Path
+
+    if parent is not None:
+        end_with_parent(parent)
 
     with np.load(Path(folder) / INPUTS_FILE) as saved:
         inputs = {key: saved[key] for key in saved.files}
     pictures = card_pictures(inputs["lengths"], inputs["token_counts"], inputs["selected_token_ids"], int(inputs["seq_length"]) or None)
     for relative, data in pictures.items():
         (Path(folder) / Path(relative).name).write_bytes(data)
+
+
+def end_with_parent(parent: int) -> None:
+    """On Linux, have the kernel kill this process when `parent` dies: a build killed by SIGKILL
+    runs no cleanup, and a drawing left running would write into a folder the next build removes.
+    Exits at once if `parent` is already gone."""
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)

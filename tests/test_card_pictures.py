@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +21,7 @@ from helpers import decoded_rows, small_config
 from PIL import Image
 
 from builder.build import build
-from builder.card import PictureDrawing
+from builder.card import DRAWING_PREFIX, PictureDrawing, remove_dead_drawings
 from builder.reader import read_manifest, read_vocab
 from dataset_card.pictures import (
     PICTURES,
@@ -229,3 +233,84 @@ def test_closing_stops_a_child_still_drawing_and_removes_its_folder():
     drawing.close()
     assert child.returncode is not None and child.returncode < 0  # killed, not finished
     assert not folder.exists()
+
+
+def test_a_drawing_folder_goes_to_the_given_work_folder_and_leaves_with_the_drawing(tmp_path):
+    prep = drawing_inputs()
+    drawing = PictureDrawing(prep, work_dir=tmp_path)
+    folder = Path(drawing._folder.name)
+    try:
+        assert folder.parent == tmp_path and folder.name.startswith(DRAWING_PREFIX)
+        assert drawing.pictures() == expected_pictures(prep)
+    finally:
+        drawing.close()
+    assert not folder.exists()
+
+
+def test_only_drawing_folders_are_removed_as_dead(tmp_path):
+    for name in (f"{DRAWING_PREFIX}dead1", f"{DRAWING_PREFIX}dead2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "inputs.npz").write_bytes(b"x")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "identity.json").write_text("{}")
+    remove_dead_drawings(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json", "shards"]
+
+
+# A build stand-in: starts a drawing whose child arms itself, says so through a FIFO and never
+# finishes; the stand-in says the child's pid, then waits to be killed.
+BUILD_THAT_DRAWS = textwrap.dedent(
+    """
+    import sys
+    from types import SimpleNamespace
+    import numpy as np
+    from builder.card import PictureDrawing
+    prep = SimpleNamespace(samples={"num_tokens": [3]}, token_counts=np.ones(8, dtype=np.int64),
+                           selected_token_ids=np.arange(2), cfg=SimpleNamespace(seq_length=8))
+    never_done = [sys.executable, "-c", "import sys; sys.path.append(sys.argv[2]); "
+                  "from dataset_card.pictures import end_with_parent; end_with_parent(int(sys.argv[3])); "
+                  f"open({sys.argv[2]!r}, 'w').write('armed'); import time; time.sleep(3600)"]
+    drawing = PictureDrawing(prep, command=never_done, work_dir=sys.argv[1])
+    print(drawing._child.pid, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def read_within(path: Path, seconds: float) -> str:
+    """What a writer puts into the FIFO `path`, or "" if none comes within `seconds`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([fd], [], [], seconds)
+        return os.read(fd, 64).decode() if ready else ""
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"), reason="a Linux kernel signal")
+def test_a_drawing_child_dies_with_its_build_when_the_build_is_killed(tmp_path):
+    """SIGKILL runs no cleanup: the child would go on writing into a folder the next build removes."""
+    work, armed = tmp_path / "work", tmp_path / "armed"
+    work.mkdir()
+    os.mkfifo(armed)
+    build_process = subprocess.Popen(
+        [sys.executable, "-c", BUILD_THAT_DRAWS, str(work), str(armed)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    child = int(build_process.stdout.readline())
+    watch = os.pidfd_open(child)  # readable once the child has ended
+    try:
+        assert read_within(armed, 60) == "armed"  # the child is past end_with_parent, its build alive
+        build_process.send_signal(signal.SIGKILL)
+        build_process.wait()
+        ended, _, _ = select.select([watch], [], [], 60)
+        assert ended, "the drawing child outlived its killed build"
+    finally:
+        os.close(watch)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)  # never left running, whatever the outcome
+        build_process.kill()
+    assert [p.name.startswith(DRAWING_PREFIX) for p in work.iterdir()] == [True]  # left for the next build to remove

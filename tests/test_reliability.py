@@ -69,8 +69,12 @@ def test_sigkill_at_named_points_then_resume_gives_identical_content(tmp_path):
     run_killed_at(out, "after_shard:2")
     assert shard_count(out) == before + 2 < 10
 
+    drawings = out / ".eagle3_build"
+    assert len(list(drawings.glob("pictures-*"))) == 1  # the last killed run's; each run removed the ones before
+
     subprocess.run(command(out, "--resume"), env=env(), check=True, capture_output=True)
     assert not list((out / "data").glob(".*"))  # temp files of killed writers are gone
+    assert not list(drawings.glob("pictures-*"))  # and the killed runs' picture folders
     assert_same_content(decoded_rows(reference), decoded_rows(out))
 
 
