@@ -127,6 +127,26 @@ def make_random_llama(
     return {"shape": shape, "params": params}
 
 
+def make_shaped_llama(directory: Path, shape: str) -> dict:
+    """`make_random_llama` of a command line's "hidden,layers,intermediate,heads,kv_heads,vocab",
+    built and saved in bf16 on the GPU where there is one (fp32 on a CPU, whose bf16 matmuls are slow)."""
+    import torch
+
+    hidden, layers, intermediate, heads, kv_heads, vocab = (int(x) for x in shape.split(","))
+    on_gpu = torch.cuda.is_available()
+    return make_random_llama(
+        directory,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        save_dtype=torch.bfloat16 if on_gpu else torch.float32,
+        device="cuda" if on_gpu else "cpu",
+    )
+
+
 def compute_per_byte(
     shape: dict,
     *,

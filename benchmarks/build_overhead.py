@@ -61,7 +61,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _common import machine_line, table, temp_dir, write_results
-from _targets import LLAMA_8B, compute_per_byte, llama_params, make_random_llama
+from _targets import LLAMA_8B, compute_per_byte, llama_params, make_shaped_llama
 
 NAME = "build_overhead"
 TARGET_RATIO = 0.90  # acceptance, on the bigger target
@@ -392,21 +392,9 @@ def main(argv=None) -> dict:
                 run_case("tiny", dict(TINY, max_samples=args.tiny_samples, **rg), diagnostics="tiny" in diagnostics, repeats=args.repeats)
             )
         elif case == "big":
-            h, layers, inter, heads, kv, vocab = (int(x) for x in args.big_shape.split(","))
             model_dir = Path(temp_dir("big-target")) / "model"
-            on_gpu = torch.cuda.is_available()
             start = time.perf_counter()
-            made = make_random_llama(
-                model_dir,
-                hidden_size=h,
-                num_hidden_layers=layers,
-                intermediate_size=inter,
-                num_attention_heads=heads,
-                num_key_value_heads=kv,
-                vocab_size=vocab,
-                save_dtype=torch.bfloat16 if on_gpu else torch.float32,
-                device="cuda" if on_gpu else "cpu",
-            )
+            made = make_shaped_llama(model_dir, args.big_shape)
             print(
                 f"  [big] random-weight Llama {made['shape']}: {made['params']['total'] / 1e6:,.1f}M parameters "
                 f"(made in {time.perf_counter() - start:.1f} s)",

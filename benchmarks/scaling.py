@@ -125,22 +125,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.quiet_libraries()
     import torch
-    from _targets import make_random_llama
+    from _targets import make_shaped_llama
 
     on_gpu = torch.cuda.is_available()
-    h, layers, inter, heads, kv, vocab = (int(x) for x in args.shape.split(","))
     model_dir = Path(temp_dir("scaling-target")) / "model"
-    made = make_random_llama(
-        model_dir,
-        hidden_size=h,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        save_dtype=torch.bfloat16 if on_gpu else torch.float32,
-        device="cuda" if on_gpu else "cpu",
-    )
+    made = make_shaped_llama(model_dir, args.shape)
     flags = [
         "--target-model",
         str(model_dir),
