@@ -22,6 +22,7 @@ import struct
 import sys
 import threading
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -394,15 +395,20 @@ class ShardWriter:
         self.encodings = encodings or {}
         self._rows: list[dict] = []
         self._buffered_bytes = 0
-        self._file = pa.OSFile(str(self.tmp_path), mode="w")  # native: no Python call per write
-        self._hasher = _TailHasher(self.tmp_path)
-        self._writer = pq.ParquetWriter(
-            self._file,
-            schema,
-            compression="none",
-            use_dictionary=False,
-            write_statistics=list(SCALAR_COLUMNS),  # min/max of megabyte-sized binary values would be waste
-        )
+        with ExitStack() as undo:  # Parquet writes its first bytes as it opens: a full disk can refuse them
+            self._file = pa.OSFile(str(self.tmp_path), mode="w")  # native: no Python call per write
+            undo.callback(self.tmp_path.unlink, missing_ok=True)
+            undo.callback(self._file.close)
+            self._hasher = _TailHasher(self.tmp_path)
+            undo.callback(self._hasher.discard)
+            self._writer = pq.ParquetWriter(
+                self._file,
+                schema,
+                compression="none",
+                use_dictionary=False,
+                write_statistics=list(SCALAR_COLUMNS),  # min/max of megabyte-sized binary values would be waste
+            )
+            undo.pop_all()
         self.closed = False
         self.rows = 0
 

@@ -3,6 +3,7 @@ threads, stored byte planes as documented, and a failing encoder thread leaves n
 
 from __future__ import annotations
 
+import errno
 import struct
 import threading
 from concurrent import futures
@@ -16,6 +17,7 @@ import xxhash
 from helpers import batch_rows
 
 import builder.shards as shards_module
+from builder.errors import DiskFull
 from builder.formats import TORCH_DTYPES, Layout
 from builder.reader import RowDecoder
 from builder.shards import PLANES_ZSTD, HostWords, column_encodings, encode_value
@@ -249,3 +251,19 @@ def test_encoder_pool_shutdown_cancels_rows_not_started():
     assert running.result() is True and waiting.cancelled()
     with pytest.raises(RuntimeError, match="the encoder pool is shut down"):
         pool.submit((0, 2), lambda: None)
+
+
+def test_a_shard_whose_first_bytes_do_not_fit_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Parquet writes its magic bytes as its writer opens: a full disk (or quota) can refuse them
+    there, before any row. The error says so, and no temp file, descriptor or checksum thread stays."""
+
+    def full_disk_at_open(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards_module.pq, "ParquetWriter", full_disk_at_open)
+    checksum_threads = {t for t in threading.enumerate() if t.name == "eagle3-shard-checksum"}
+    shards = [window_batches(LAYOUTS["probs"], seed=0, first_row=0)]
+    with pytest.raises(DiskFull, match=r"no space left writing .*rerun with --resume"):
+        write_shards(tmp_path, LAYOUTS["probs"], shards, threads=2)
+    assert list((tmp_path / "data").iterdir()) == []
+    assert {t for t in threading.enumerate() if t.name == "eagle3-shard-checksum"} == checksum_threads
