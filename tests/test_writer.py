@@ -4,9 +4,11 @@ threads, stored byte planes as documented, and a failing encoder thread leaves n
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +19,7 @@ import xxhash
 from helpers import batch_rows
 
 import builder.shards as shards_module
+from builder.build_state import sidecar_path
 from builder.errors import DiskFull
 from builder.formats import TORCH_DTYPES, Layout
 from builder.reader import RowDecoder
@@ -267,3 +270,29 @@ def test_a_shard_whose_first_bytes_do_not_fit_leaves_nothing_behind(tmp_path, mo
         write_shards(tmp_path, LAYOUTS["probs"], shards, threads=2)
     assert list((tmp_path / "data").iterdir()) == []
     assert {t for t in threading.enumerate() if t.name == "eagle3-shard-checksum"} == checksum_threads
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_shards_record_is_durable_before_the_shard_is_renamed_into_place(tmp_path, monkeypatch):
+    """A power cut keeps renames only up to the last fsync of their folder. A shard whose name
+    survived one must have its record too (else a resume throws the finished shard away): the
+    record's folder is fsynced after its rename and before the shard's."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_shards(tmp_path, LAYOUTS["probs"], [window_batches(LAYOUTS["probs"], seed=0, first_row=0)], threads=1)
+    record, data = sidecar_path(tmp_path, "s0.parquet"), tmp_path / "data"
+    shard_renamed = events.index(("rename", str(data / "s0.parquet")))
+    record_renamed = events.index(("rename", str(record)))
+    assert record_renamed < shard_renamed
+    assert ("fsync", str(record.parent.resolve())) in events[record_renamed:shard_renamed]
+    assert events[shard_renamed + 1] == ("fsync", str(data.resolve()))  # and the shard's name itself
