@@ -75,6 +75,29 @@ def test_a_value_encodes_the_same_from_its_numpy_words(dtype, encoding):
     assert same_bits(decode_value(stored(words), values.dtype), values[10:30].reshape(-1))
 
 
+ELEMENT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
+ELEMENT_DTYPES += (torch.bool, torch.uint8, torch.int16, torch.int32, torch.int64)
+SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", ELEMENT_DTYPES, ids=str)
+def test_rows_of_strided_batches_store_their_own_bytes(dtype):
+    """A batch column may be a strided view (transposed, or a slice of a wider tensor): each row
+    the writer slices from its HostWords stores exactly that row's elements, empty rows included."""
+    gen = torch.Generator().manual_seed(4)
+    ints = SAME_SIZE_INTS[dtype.itemsize]
+    high = 2 if dtype == torch.bool else 256  # otherwise any bits: NaN payloads and subnormals too
+    base = torch.randint(0, high, (5, 9, 24 * dtype.itemsize + 8), generator=gen, dtype=torch.uint8)[..., 8:].view(dtype)
+    views = {"transposed": base.transpose(0, 1), "column slice": base[..., 5:19], "every other row": base.reshape(-1, base.shape[-1])[::2]}
+    for name, view in views.items():
+        words = shards.HostWords.of(view)
+        for index in [(1, slice(0, 4)), (2, slice(0, 0)), (0, slice(None))] if view.dim() == 3 else [slice(3, 11), slice(6, 6)]:
+            want = view[index].contiguous().view(ints).reshape(-1)
+            assert stored(words[index], RAW) == want.numpy().tobytes(), (name, index)
+            got = decode_value(stored(words[index]), dtype)
+            assert got.dtype == dtype and torch.equal(got.view(ints), want), (name, index)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_real_activations_round_trip_bit_exact_and_shrink(activations, dtype):
     for name, tensor in activations.items():
