@@ -296,3 +296,27 @@ def test_a_shards_record_is_durable_before_the_shard_is_renamed_into_place(tmp_p
     assert record_renamed < shard_renamed
     assert ("fsync", str(record.parent.resolve())) in events[record_renamed:shard_renamed]
     assert events[shard_renamed + 1] == ("fsync", str(data.resolve()))  # and the shard's name itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_failing_checksum_thread_surfaces_and_leaves_no_shard(tmp_path, monkeypatch):
+    """The disk writes the checksum thread starts can fail there first (an I/O error): the build
+    stops with that error, the shard is neither published nor recorded, the shards before it stay."""
+    layout = LAYOUTS["probs"]
+    shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
+    real_start_writeback, failed = shards_module._start_writeback, []
+
+    def failing_in_the_second_shard(fd, offset, length):
+        if ".s1.parquet.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            failed.append(threading.current_thread().name)
+            raise OSError(errno.EIO, "Input/output error")
+        real_start_writeback(fd, offset, length)
+
+    monkeypatch.setattr(shards_module, "FLUSH_BYTES", 1024)
+    monkeypatch.setattr(shards_module, "_start_writeback", failing_in_the_second_shard)
+    with pytest.raises(RuntimeError, match=r"the shard writer failed: .*Input/output error"):
+        write_shards(tmp_path, layout, shards, threads=2)
+    assert failed and set(failed) == {"eagle3-shard-checksum"}
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["s0.parquet"]
+    assert sorted(p.name for p in sidecar_path(tmp_path, "s0.parquet").parent.iterdir()) == ["s0.parquet.json"]
+    assert len(decoded_rows(tmp_path / "data" / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
