@@ -170,6 +170,27 @@ def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):
     assert again.written == [] and snapshot(tmp_path / "cache" / "data") == before
 
 
+def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
+    """A shard file cut short, one whose footer is damaged at its full size, one without a record:
+    each is rebuilt (to the same rows); the intact one is kept as it was."""
+    cfg = small_config(tmp_path / "cache", max_samples=8, shard_size=2)
+    reference = decoded_rows(build(cfg, progress=False).output_dir)
+    data = tmp_path / "cache" / "data"
+    names = sorted(p.name for p in data.glob("*.parquet"))
+    whole = (data / names[0]).read_bytes()
+    (data / names[0]).write_bytes(whole[: len(whole) // 2])
+    footer_damaged = (data / names[1]).read_bytes()
+    (data / names[1]).write_bytes(footer_damaged[:-8] + bytes(8))
+    (tmp_path / "cache" / ".eagle3_build" / "shards" / f"{names[2]}.json").unlink()
+    kept = snapshot(data)[names[3]]
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == names[:3]
+    assert snapshot(data)[names[3]] == kept
+    assert (data / names[0]).read_bytes() == whole
+    assert_same_content(reference, decoded_rows(resumed.output_dir))
+
+
 @pytest.fixture(scope="module")
 def partial_cache(tmp_path_factory):
     """An interrupted build to try mismatched resumes on, plus what each change needs."""
