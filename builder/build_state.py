@@ -8,9 +8,12 @@ which is written last, exists. Each finished shard leaves a small sidecar record
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .errors import ResumeMismatch
+
+log = logging.getLogger(__name__)
 
 BUILD_STATE_DIR = ".eagle3_build"
 BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
@@ -27,9 +30,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Fields added to the identity after caches were already being built: a build that started before
+# records none, and resuming it compares the rest (saying so) rather than refusing it.
+ADDED_FIELDS = ("target.weights_sample_sha256",)
+
+
 def identity_differences(stored: dict, current: dict) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names."""
     a, b = flatten(stored), flatten(current)
+    for field in ADDED_FIELDS:
+        if field not in a and field in b:
+            log.warning("the build being resumed predates %s: that field is not checked", field)
+            b.pop(field)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -172,6 +172,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
             "model": cfg.target_model,
             "revision": resolved_revision(model_path, cfg.target_revision),
             "config_sha256": _local_config_hash(model_path),
+            "weights_sample_sha256": local_weights_sample_hash(model_path),
         },
         "tokenizer_sha256": tokenizer_hash(tokenizer, template),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
@@ -203,6 +204,30 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "compression": cfg.compression,
         "builder_format": f"eagle3-cache {__version__.split('.')[0]}",
     }
+
+
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 256, 4096
+
+
+def local_weights_sample_hash(model_path: str) -> str | None:
+    """A local target's weights, fingerprinted cheaply: each weight file's name and size and 256
+    evenly spaced 4 KiB blocks of it (1 MiB read per file, where hashing every byte would read the
+    whole model at each start). A checkpoint saved over the same folder (retrained, fine-tuned,
+    merged: its values change throughout) hashes differently; an edit confined to a few bytes may
+    not. None for a Hub id, whose commit is recorded instead."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern)}):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for block in range(SAMPLED_BLOCKS):
+                f.seek(max(size - SAMPLED_BLOCK_BYTES, 0) * block // (SAMPLED_BLOCKS - 1))
+                digest.update(f.read(SAMPLED_BLOCK_BYTES))
+    return digest.hexdigest()
 
 
 def _local_config_hash(model_path: str) -> str | None:

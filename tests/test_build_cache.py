@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -231,6 +232,50 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
     with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
         build(cfg.replace(resume=True, **change), progress=False)
     assert snapshot(root / "cache") == before
+
+
+def test_resume_refuses_a_local_target_whose_weights_changed(tmp_path, monkeypatch):
+    """A checkpoint saved over the same folder keeps its config.json: only its weights tell."""
+    target = make_tiny_target(tmp_path / "target", "llama", seed=0)
+    cfg = small_config(tmp_path / "cache", target, max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    make_tiny_target(tmp_path / "target", "llama", seed=1)  # new weights saved over the old
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
+    before = snapshot(tmp_path / "cache")
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  target\.weights_sample_sha256: cache has"):
+        build(cfg.replace(resume=True), progress=False)
+    assert snapshot(tmp_path / "cache") == before
+
+
+def test_a_build_begun_before_weight_fingerprints_resumes_and_says_what_goes_unchecked(tmp_path, monkeypatch, caplog):
+    reference = build(small_config(tmp_path / "reference", max_samples=8), progress=False)
+    cfg = small_config(tmp_path / "cache", max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    monkeypatch.undo()
+    state = tmp_path / "cache" / ".eagle3_build" / "identity.json"
+    older = json.loads(state.read_text())
+    del older["target"]["weights_sample_sha256"]  # as a build of an earlier version recorded it
+    state.write_text(json.dumps(older))
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert "predates target.weights_sample_sha256: that field is not checked" in caplog.text
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+
+
+def test_weights_sample_hash_follows_the_bytes_not_the_folder(tmp_path):
+    from builder.prepare import SAMPLED_BLOCK_BYTES, local_weights_sample_hash
+
+    first = make_tiny_target(tmp_path / "first", "llama", seed=0)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in first.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert local_weights_sample_hash(str(copy)) == local_weights_sample_hash(str(first)) is not None
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-SAMPLED_BLOCK_BYTES] ^= 1  # one bit of the last block: a sampled one
+    weights.write_bytes(bytes(data))
+    assert local_weights_sample_hash(str(copy)) != local_weights_sample_hash(str(first))
+    assert local_weights_sample_hash("meta-llama/Llama-3.1-8B-Instruct") is None  # a Hub id: its commit is recorded
 
 
 def test_shards_are_written_off_the_forward_thread(tmp_path, monkeypatch):
