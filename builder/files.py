@@ -41,8 +41,10 @@ def remove_leftovers(folder: Path) -> None:
 @contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yields the temp path to write `path`'s content to; when the block ends without error it
-    replaces `path`, otherwise it is removed and `path` stays as it was."""
+    replaces `path` (durably: the folder is fsynced after the rename), otherwise it is removed and
+    `path` stays as it was."""
     path = Path(path)
+    made = _missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
@@ -51,6 +53,26 @@ def atomic_write(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for folder in (path.parent, *(f.parent for f in made)):  # the new name, and each folder made for it
+        fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename, a new name) survive a power cut, which keeps them only
+    up to the folder's last fsync."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .files import new_hash, temp_path
+from .files import fsync_dir, new_hash, temp_path
 from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
 
 if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
@@ -479,14 +479,6 @@ def _binary_value(value) -> pa.Array:
     parts = value.parts if isinstance(value, Encoded) else (value,)
     data = pa.py_buffer(parts[0] if len(parts) == 1 else b"".join(parts))
     return pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, data.size], dtype=np.int32)), data])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def shard_row_count(path: Path) -> int | None:

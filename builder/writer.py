@@ -30,7 +30,7 @@ from .build_state import sidecar_path
 from .errors import Eagle3CacheError, NonFiniteOutput
 from .files import disk_full_error, is_disk_full, write_json_atomic
 from .formats import merge_quality
-from .shards import HostWords, ShardWriter, column_encodings, encode_columns, fsync_dir, shard_schema
+from .shards import HostWords, ShardWriter, column_encodings, encode_columns, shard_schema
 
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
 ENCODING_DEPTH = 4  # batches handed to the encoders ahead of the window being written
@@ -310,9 +310,8 @@ class BackgroundWriter:
 
     def _publish(self, shard: ShardWriter, totals: dict) -> None:
         info = shard.close().to_dict() | totals | self.shard_record
-        record = sidecar_path(shard.path.parent.parent, shard.path.name)
-        write_json_atomic(record, info)  # before the rename,
-        fsync_dir(record.parent)  # durably: a shard whose name survives a power cut has its record
+        # before the rename, durably: a shard whose name survives a power cut has its record
+        write_json_atomic(sidecar_path(shard.path.parent.parent, shard.path.name), info)
         shard.publish()
         if self.on_shard_done is not None:
             self.on_shard_done(info)

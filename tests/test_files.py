@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -30,6 +32,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in target.parent.iterdir()) == ["vocab.safetensors"]
     write_json_atomic(tmp_path / "state" / "identity.json", {"b": 1, "a": [2]})  # creates the folder
     assert json.loads((tmp_path / "state" / "identity.json").read_text()) == {"a": [2], "b": 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_written_name_survives_a_power_cut_with_the_folders_made_for_it(tmp_path, monkeypatch):
+    """A power cut keeps a rename or a new folder only up to its folder's last fsync: after the
+    rename, the file's folder and each folder made for it are fsynced, the file's before the rename."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(dst))), real_replace(src, dst))[1])
+    root = tmp_path.resolve()
+    target = root / "cache" / ".eagle3_build" / "identity.json"
+    write_json_atomic(target, {"a": 1})
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync", "fsync", "fsync"]
+    assert events[0][1].startswith(str(target.parent / ".identity.json.tmp-")) and events[1] == ("rename", str(target))
+    assert [name for _, name in events[2:]] == [str(target.parent), str(root / "cache"), str(root)]
+    events.clear()
+    write_json_atomic(target, {"a": 2})  # the folders exist now: only the file's own is fsynced again
+    assert events[1:] == [("rename", str(target)), ("fsync", str(target.parent))]
 
 
 def test_resume_removes_exactly_the_temp_files(tmp_path):
