@@ -16,6 +16,7 @@ fsynced and renamed: a shard file that exists is complete.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import struct
@@ -311,6 +312,7 @@ class _TailHasher:
     FLUSH_BYTES, so the disk writes while Parquet writes and little is left to flush at close."""
 
     def __init__(self, path: Path):
+        self._path = path
         self._fd = os.open(path, os.O_RDONLY)
         self._hash = new_hash(CHECKSUM_ALGORITHM)
         self._buffer = memoryview(bytearray(_READ_BYTES))
@@ -364,6 +366,10 @@ class _TailHasher:
         if self._error is not None:
             raise self._error
         self._hash_to_end()
+        size = os.fstat(self._fd).st_size
+        if self._done != size:  # a read came back short of the end: the checksum would not cover the file
+            short = f"read back {self._done} of its {size} bytes to checksum it; the file changed while written"
+            raise OSError(errno.EIO, short, str(self._path))
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1

@@ -320,3 +320,22 @@ def test_a_failing_checksum_thread_surfaces_and_leaves_no_shard(tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["s0.parquet"]
     assert sorted(p.name for p in sidecar_path(tmp_path, "s0.parquet").parent.iterdir()) == ["s0.parquet.json"]
     assert len(decoded_rows(tmp_path / "data" / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
+
+
+def test_a_checksum_read_that_stops_short_of_the_end_fails_the_shard(tmp_path, monkeypatch):
+    """A checksum must cover every byte of the file it names: a read back that ends early is an error, not a shorter hash."""
+    monkeypatch.setattr(shards_module, "_READ_BYTES", 4096)
+    path = tmp_path / "shard.parquet"
+    path.write_bytes(b"")
+    hasher = shards_module._TailHasher(path)
+    path.write_bytes(bytes(range(256)) * 64)
+    real_preadv, reads = os.preadv, []
+
+    def stops_after_the_first_read(fd, buffers, offset):
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset) if len(reads) == 1 else 0
+
+    monkeypatch.setattr(os, "preadv", stops_after_the_first_read)
+    with pytest.raises(OSError, match=r"read back 4096 of its 16384 bytes to checksum it; the file changed while written"):
+        hasher.finish()
+    hasher.discard()
