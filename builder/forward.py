@@ -9,6 +9,7 @@ forward only pads within a window.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -23,18 +24,20 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .batching import batching_record, expected_rows, pad_batch, plan_batches, shard_windows
-from .build_state import BUILD_STATE_DIR
+from .build_state import BUILD_STATE_DIR, read_sidecar
 from .files import atomic_write
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .manifest import LM_HEAD_FILE
 from .placement import device_map_summary, load_placed_model
 from .plan import warn_if_writer_holds_back
 from .prepare import Prepared
-from .target import HEAD_PROBE_TOKENS, Target, head_spec
+from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec
 from .writer import BackgroundWriter, BatchOutput
 
 if TYPE_CHECKING:
     from .build import BuildResult
+
+log = logging.getLogger(__name__)
 
 FAULT_ENV = "EAGLE3_CACHE_FAULT"  # test hook naming a point at which the build kills itself (see FaultPoints)
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The forward
@@ -70,6 +73,8 @@ def run_forward(
         faults.reached("after_shard")
 
     warn_if_writer_holds_back(prep, target)
+    compute = compute_record()
+    warn_if_precisions_mix(out, [name for k, name in enumerate(names) if k not in set(pending)], compute)
     writer = BackgroundWriter(
         prep.layout,
         in_vocab,
@@ -78,7 +83,7 @@ def run_forward(
         strict=prep.cfg.strict,
         compression=prep.cfg.compression,
         threads=prep.cfg.writer_threads,
-        shard_record={"batching": batching_record(prep)},
+        shard_record={"batching": batching_record(prep), "compute": compute},
     )
     try:
         with gil_switch_interval(FORWARD_SWITCH_INTERVAL_S):
@@ -92,6 +97,27 @@ def run_forward(
     finally:
         target.close()
         progress.close()
+
+
+def compute_record() -> dict:
+    """Where and in what precision this process computes: part of what shaped a shard's bytes
+    (bf16 on a GPU, fp32 on a CPU), recorded with each shard."""
+    device, dtype = compute_device()
+    return {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def warn_if_precisions_mix(out: Path, finished: list[str], compute: dict) -> None:
+    """A resume on another kind of device computes the remaining shards in another precision."""
+    records = [read_sidecar(out, name) or {} for name in finished]
+    earlier = {json.dumps(record["compute"], sort_keys=True) for record in records if "compute" in record}
+    others = sorted(earlier - {json.dumps(compute, sort_keys=True)})
+    if others:
+        log.warning(
+            "the shards already written were computed with %s; this run computes with %s: the cache will mix precisions "
+            "(each shard's manifest record says which). Resume on the same kind of device to keep one.",
+            ", ".join(others),
+            json.dumps(compute, sort_keys=True),
+        )
 
 
 @contextmanager

@@ -103,13 +103,13 @@ def merged_quality(shards: list[dict]) -> dict:
     return quality_report(merged)
 
 
-SHARD_FIELDS = ("name", "rows", "bytes", "checksum", "tokens", "loss_tokens", "argmax_in_vocab", "batching")
+SHARD_FIELDS = ("name", "rows", "bytes", "checksum", "tokens", "loss_tokens", "argmax_in_vocab", "batching", "compute")
 
 
 def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: list[dict] | None = None) -> dict:
     # Per-shard records stay small (a card with thousands of shards must parse fast); quality
     # histograms and failures are merged once below.
-    shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`: absent in older records
+    shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`, `compute`: absent in older records
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)

@@ -278,6 +278,30 @@ def test_weights_sample_hash_follows_the_bytes_not_the_folder(tmp_path):
     assert local_weights_sample_hash("meta-llama/Llama-3.1-8B-Instruct") is None  # a Hub id: its commit is recorded
 
 
+def test_each_shard_records_the_precision_it_was_computed_in_and_a_mixing_resume_warns(tmp_path, monkeypatch, caplog):
+    cfg = small_config(tmp_path / "cache", max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    monkeypatch.undo()
+    first = shard_records(tmp_path / "cache")
+    assert [record["compute"] for record in first.values()] == [{"device": "cpu", "dtype": "float32"}]
+    name, record = next(iter(first.items()))
+    record["compute"] = {"device": "cuda", "dtype": "bfloat16"}  # as if that shard had been built on a GPU
+    (tmp_path / "cache" / ".eagle3_build" / "shards" / f"{name}.json").write_text(json.dumps(record))
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert (
+        'the shards already written were computed with {"device": "cuda", "dtype": "bfloat16"}; '
+        'this run computes with {"device": "cpu", "dtype": "float32"}: the cache will mix precisions' in caplog.text
+    )
+    computes = {s["name"]: s["compute"] for s in read_manifest(resumed.output_dir)["shards"]}
+    assert computes.pop(name) == {"device": "cuda", "dtype": "bfloat16"}
+    assert list(computes.values()) == [{"device": "cpu", "dtype": "float32"}] * len(computes) and computes
+
+
+def shard_records(out: Path) -> dict:
+    """The shard records of an unfinished build (no card yet), by shard name."""
+    return {p.name.removesuffix(".json"): json.loads(p.read_text()) for p in sorted((out / ".eagle3_build" / "shards").glob("*.json"))}
+
+
 def test_shards_are_written_off_the_forward_thread(tmp_path, monkeypatch):
     """No GPU idles on I/O: encoding, hashing and writing happen on the writer thread."""
     import threading
