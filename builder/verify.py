@@ -10,6 +10,7 @@ so fp32 caches must match bit for bit.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .batching import WINDOW_ROW_GROUPS, pad_batch, plan_batches, row_windows
+from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
@@ -122,14 +124,16 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 
 def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> list[str]:
     from .embedded import resolve_target
+    from .forward import compute_record
     from .target import Target, compute_device, load_model
 
     identity = manifest["identity"]
     # A shard with failed (unstored) samples was batched with them: its batches cannot be rebuilt.
     incomplete = {f.get("shard") for f in manifest.get("failed", [])}
-    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] not in incomplete for i in range(s["rows"])]
     if incomplete:
         log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
+    comparable = comparable_shards(manifest, compute_record())
+    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable - incomplete for i in range(s["rows"])]
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
     device, dtype = compute_device()
     model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
@@ -148,6 +152,31 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     finally:
         target.close()
     return problems
+
+
+def comparable_shards(manifest: dict, here: dict) -> set[str]:
+    """The shards computed the way this machine computes (device kind and dtype): only there can a
+    recompute match within a rounding step. Shards recorded before the record existed count as such.
+    Raises when no shard is comparable, rather than reporting every sample as damaged."""
+    elsewhere = {s["name"]: s["compute"] for s in manifest["shards"] if s.get("compute", here) != here}
+    comparable = {s["name"] for s in manifest["shards"]} - set(elsewhere)
+    if not elsewhere:
+        return comparable
+    kinds = ", ".join(sorted({json.dumps(c, sort_keys=True) for c in elsewhere.values()}))
+    if not comparable:
+        raise Eagle3CacheError(
+            f"verify --recompute: every shard was computed with {kinds}, and this machine computes with "
+            f"{json.dumps(here, sort_keys=True)}: another device kind or dtype rounds differently, so no sample could "
+            "match. Run the recompute on the kind of machine that built the cache (the structural checks passed)."
+        )
+    log.warning(
+        "verify --recompute: skipping %d shard(s) computed with %s (this machine computes with %s, which rounds differently): %s",
+        len(elsewhere),
+        kinds,
+        json.dumps(here, sort_keys=True),
+        ", ".join(sorted(elsewhere)),
+    )
+    return comparable
 
 
 class ShardRows:

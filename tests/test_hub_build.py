@@ -69,4 +69,4 @@ def test_verify_a_pushed_repo(hub, tmp_path, capsys):
     local = build(small_config(tmp_path / "local", max_samples=6), progress=False).output_dir
     push_cache(local, PushTarget("tester/verified", tag="v1"))
     assert main(["verify", "tester/verified", "--revision", "v1", "--recompute", "2"]) == 0
-    assert "tester/verified: OK (2 samples recomputed)" in capsys.readouterr().out
+    assert "tester/verified: OK (the recomputed samples match)" in capsys.readouterr().out

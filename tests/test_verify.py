@@ -17,6 +17,7 @@ from helpers import small_config
 from huggingface_hub import DatasetCard
 
 from builder.build import build
+from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
 from builder.reader import read_manifest
@@ -95,6 +96,43 @@ def test_recompute_catches_wrong_but_consistent_aux(cache):
     problems = verify_cache(cache, recompute=14)  # every sample
     assert len(problems) == 1
     assert problems[0].startswith(f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute")
+
+
+def set_shard_compute(cache, names: set[str], compute: dict) -> None:
+    """Record shards as computed elsewhere (as a resume on another machine would have)."""
+    card = DatasetCard.load(cache / "README.md")
+    for shard in card.data["eagle3_cache"]["shards"]:
+        if shard["name"] in names:
+            shard["compute"] = compute
+    card.save(cache / "README.md")
+
+
+GPU_BF16 = {"device": "cuda", "dtype": "bfloat16"}
+
+
+def test_recompute_compares_only_shards_computed_like_this_machine(cache, caplog):
+    other = "train-00002-of-00004.parquet"
+    rewrite_with_perturbed_aux(cache, SHARD)
+    rewrite_with_perturbed_aux(cache, other)
+    set_shard_compute(cache, {other}, GPU_BF16)  # its live recompute here could not match anyway
+    assert verify_cache(cache) == []
+    problems = verify_cache(cache, recompute=14)  # every sample
+    assert [p.split("/")[1] for p in problems] == [SHARD]  # the damage in the comparable shard is still caught
+    assert (
+        f'skipping 1 shard(s) computed with {{"device": "cuda", "dtype": "bfloat16"}} (this machine computes with '
+        f'{{"device": "cpu", "dtype": "float32"}}, which rounds differently): {other}' in caplog.text
+    )
+
+
+def test_recompute_refuses_when_no_shard_was_computed_like_this_machine(cache, capsys):
+    from builder.cli import main
+
+    set_shard_compute(cache, {s["name"] for s in read_manifest(cache)["shards"]}, GPU_BF16)
+    with pytest.raises(Eagle3CacheError, match=r"every shard was computed with \{\"device\": \"cuda\".*Run the recompute on the kind"):
+        verify_cache(cache, recompute=3)
+    assert main(["verify", str(cache), "--recompute", "3"]) == 2  # an error, not a report of damage
+    assert "error: verify --recompute: every shard was computed with" in capsys.readouterr().err
+    assert verify_cache(cache) == []  # the structural checks do not depend on it
 
 
 def test_verify_command_exit_status(cache, capsys):
