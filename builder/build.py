@@ -69,6 +69,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     if uploader is not None and uploader.already_pushed:
         log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)
+        result.pushed = uploader.tagged_result()
         uploader.close()
         return result
     lock = CacheLock(out)

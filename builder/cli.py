@@ -226,6 +226,9 @@ def report_build(args: argparse.Namespace) -> int:
     if cfg.dry_run:
         print(format_plan(plan_summary(result.prepared)))
         return 0
+    if result.manifest is None:  # the Hub already held this very build under its tag: nothing was built
+        print(f"{result.pushed.repo_id}@{result.pushed.tag} already holds this build; read it: {result.pushed.load_snippet()}")
+        return 0
     print(f"[rank 0/{result.world_size}] wrote {len(result.written)} shards: {result.written}")
     print(format_summary(result))
     if result.pushed is not None:

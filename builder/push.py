@@ -413,6 +413,11 @@ class ShardUploader:
         self._thread = threading.Thread(target=self._run, name="eagle3-shard-uploader", daemon=True)
         self._thread.start()
 
+    def tagged_result(self) -> PushResult:
+        """What the tag already holds, when it names this very build (`already_pushed`)."""
+        t = self.pusher.target
+        return PushResult(t.repo_id, t.config, t.branch, t.tag, self.pusher.tag_commit())
+
     def remote_shards(self) -> dict[str, str]:
         with self._lock:
             return dict(self._remote)

@@ -70,3 +70,17 @@ def test_verify_a_pushed_repo(hub, tmp_path, capsys):
     push_cache(local, PushTarget("tester/verified", tag="v1"))
     assert main(["verify", "tester/verified", "--revision", "v1", "--recompute", "2"]) == 0
     assert "tester/verified: OK (the recomputed samples match)" in capsys.readouterr().out
+
+
+def test_rebuilding_what_the_tag_already_holds_reports_it_and_succeeds(hub, tmp_path, capsys):
+    from builder.cli import main
+
+    args = ["build", "--output-dir", str(tmp_path / "cache"), "--max-samples", "6", "--seq-length", "96", "--shard-size", "4"]
+    args += ["--draft-vocab-size", "300", "--dtype", "fp32", "--push-to-hub", "tester/again", "--hub-tag", "v1", "--quiet"]
+    assert main(args) == 0
+    tagged = hub.repo("tester/again").tags["v1"]
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "tester/again@v1 already holds this build; read it: builder.load_cache('tester/again', revision='v1'" in out
+    assert hub.repo("tester/again").tags["v1"] == tagged
