@@ -37,7 +37,7 @@ from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
 from .hub import NAME_PATTERN, REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
-from .manifest import CARD_KEY, INDEX_KEY, card_data_of, read_manifest
+from .manifest import CARD_KEY, INDEX_KEY, card_data_of, read_manifest, recorded_checksum
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,7 @@ def push_cache(
             continue
         if not path.exists():
             raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
+        check_unchanged(path, manifest, shard)  # every shard, before the first upload
         pending.append((path, sha))
     for start in range(0, len(pending), shards_per_commit):
         group = pending[start : start + shards_per_commit]
@@ -348,6 +349,23 @@ def push_cache(
     result = pusher.finish(cache_dir, manifest, known)
     result.uploaded, result.skipped = [p.name for p, _ in pending], skipped
     return result
+
+
+def check_unchanged(path: Path, manifest: dict, shard: dict) -> None:
+    """A shard is published only while it holds the bytes its manifest record describes: a file
+    damaged or replaced after the build would otherwise be served, and tagged, as this cache."""
+    algorithm, expected = recorded_checksum(manifest, shard)
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        want, found = f"{shard['bytes']} bytes", f"{size} bytes"
+    else:
+        want, found = f"{algorithm} {expected}", f"{algorithm} {file_hash(path, algorithm)}"
+    if found != want:
+        raise HubError(
+            f"{path}: the manifest records {want}, the file has {found}: it changed after the build, and pushing it "
+            "would publish wrong values. Nothing was uploaded. Delete the file and run the same build again with "
+            "--resume to recompute it, then push."
+        )
 
 
 def shard_sha256(cache_dir: Path, name: str, required: bool = True) -> str | None:

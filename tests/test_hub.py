@@ -447,3 +447,22 @@ def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
         f.seek(1000)
         assert f.read(64) == local[1000:1064]
     assert fs.cat_file(f"datasets/{pushed_v1}@v1/{name}", start=-8) == local[-8:]  # footer: a suffix Range
+
+
+def test_a_shard_changed_after_the_build_is_never_pushed(hub, tmp_path):
+    cfg = small_config(tmp_path / "cache", max_samples=8)
+    cache = build(cfg, progress=False).output_dir
+    reference = decoded_rows(cache)
+    shard = sorted((cache / "data").glob("*.parquet"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, inside a value: the file still reads as Parquet
+    shard.write_bytes(bytes(data))
+    with pytest.raises(HubError, match=rf"{shard.name}: the manifest records xxh3_128 \w+, the file has xxh3_128 \w+: it changed"):
+        push(cache, "tester/damaged", tag="v1")
+    assert data_files(hub, "tester/damaged", "main") == []  # checked before the first upload
+    assert "v1" not in hub.repo("tester/damaged").tags
+
+    shard.unlink()  # as the message says: recompute it, then push
+    build(cfg.replace(resume=True), progress=False)
+    push(cache, "tester/damaged", tag="v1")
+    assert_same_content(list(load_cache("tester/damaged", revision="v1", layout="raw")), reference)
