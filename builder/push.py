@@ -38,6 +38,7 @@ from .card import existing_pictures
 from .files import file_hash, write_json_atomic
 from .hub import NAME_PATTERN, REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
 from .manifest import CARD_KEY, INDEX_KEY, card_data_of, read_manifest, recorded_checksum
+from .shards import is_shard_name
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class HubPusher:
             log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
         if t.branch != "main":
             self._call("create branch", lambda: self.api.create_branch(t.repo_id, branch=t.branch, repo_type=REPO_TYPE, exist_ok=True))
-        self._check_layout(self._root_card_data(self.head())[0])
+        self._check_layout(*self._root_card_data(self.head()))
         return self
 
     def head(self) -> str:
@@ -242,8 +243,8 @@ class HubPusher:
         for attempt in range(attempts):
             head = self.head()
             root_data, root_exists = self._root_card_data(head)
-            self._check_layout(root_data)
-            stale = sorted(name for name in self.remote_shards(head) if name not in expected)
+            self._check_layout(root_data, root_exists)
+            stale = sorted(name for name in self.remote_shards(head) if name not in expected and is_shard_name(name))
             removed.update(stale)
             commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
             try:
@@ -300,8 +301,13 @@ class HubPusher:
             return {}, False
         return card_data_of(path.read_text(encoding="utf-8")), True
 
-    def _check_layout(self, root: dict) -> None:
+    def _check_layout(self, root: dict, root_exists: bool) -> None:
         t = self.target
+        if root_exists and CARD_KEY not in root and INDEX_KEY not in root:
+            raise HubError(
+                f"{t.repo_id}@{t.branch} has a dataset card that is not an eagle3-cache card: a push would replace it. "
+                "Push to a new repo, or remove that README.md from the branch first if the cache may take its place."
+            )
         if t.config is not None and CARD_KEY in root:
             raise HubError(
                 f"{t.repo_id} holds a cache at its root, so it cannot also take config {t.config!r} in a sub-folder. "

@@ -19,6 +19,7 @@ import ctypes
 import errno
 import os
 import queue
+import re
 import struct
 import sys
 import threading
@@ -262,6 +263,11 @@ def shard_schema(layout) -> pa.Schema:
 
 def shard_name(index: int, num_shards: int, split: str = "train") -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def is_shard_name(name: str) -> bool:
+    """Named as `shard_name` names shards: files of another kind are never a cache's to remove."""
+    return re.fullmatch(r"[\w.-]+-\d{5}-of-\d{5}\.parquet", name) is not None
 
 
 @dataclass

@@ -466,3 +466,29 @@ def test_a_shard_changed_after_the_build_is_never_pushed(hub, tmp_path):
     build(cfg.replace(resume=True), progress=False)
     push(cache, "tester/damaged", tag="v1")
     assert_same_content(list(load_cache("tester/damaged", revision="v1", layout="raw")), reference)
+
+
+def test_a_repo_holding_other_data_keeps_its_card_and_files(hub, v1):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    card = "---\nlicense: mit\n---\n# Team chats\n"
+    for repo, files in {
+        "tester/team": {"README.md": card, "data/chats.csv": "a,b\n"},
+        "tester/cardless": {"data/chats.csv": "a,b\n"},
+    }.items():
+        api.create_repo(repo, repo_type="dataset")
+        ops = [CommitOperationAdd(path, text.encode()) for path, text in files.items()]
+        api.create_commit(repo, ops, commit_message="their data", repo_type="dataset")
+
+    with pytest.raises(HubError, match=r"tester/team@main has a dataset card that is not an eagle3-cache card: a push would replace it"):
+        push(v1, "tester/team", tag="v1")
+    with pytest.raises(HubError, match=r"not an eagle3-cache card"):
+        push(v1, "tester/team", config="llama")  # an index card would replace it too
+    assert Path(api.hf_hub_download("tester/team", "README.md", repo_type="dataset")).read_text() == card
+    assert data_files(hub, "tester/team", "main") == ["data/chats.csv"]
+    assert "v1" not in hub.repo("tester/team").tags
+
+    push(v1, "tester/cardless", tag="v1")  # no card to replace: the cache goes in, beside their file
+    assert "data/chats.csv" in data_files(hub, "tester/cardless", "v1")
+    assert sample_ids(load_cache("tester/cardless", revision="v1", layout="raw")) == sample_ids(load_cache(v1, layout="raw"))
