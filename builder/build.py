@@ -26,6 +26,7 @@ from .config import BuildConfig
 from .errors import Eagle3CacheError
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
+from .hub import Retry
 from .lock import CacheLock
 from .manifest import LM_HEAD_FILE, VOCAB_FILE
 from .placement import check_placement, load_placed_model
@@ -87,6 +88,12 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     return result
 
 
+# Uploading as it goes, a build rides out a Hub outage of about half an hour (the bounded queue holds
+# the forward meanwhile) rather than throwing hours of target compute away; its start-up checks
+# still fail within seconds.
+UPLOAD_WHILE_BUILDING_RETRY = Retry(retries=36, backoff=1.0, max_wait=60.0)
+
+
 def open_uploader(cfg: BuildConfig, prep: Prepared):
     """--push-to-hub: the background uploader every rank hands its finished shards to."""
     if not cfg.push_to_hub:
@@ -99,7 +106,11 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     # Bounding the queue bounds local disk; without deletion it would only slow the build to upload speed.
     max_pending = 1 if cfg.delete_local_after_upload else 1 << 20
     return ShardUploader(
-        target, delete_local=cfg.delete_local_after_upload, max_pending=max_pending, fingerprint=fingerprint(prep.identity)
+        target,
+        delete_local=cfg.delete_local_after_upload,
+        max_pending=max_pending,
+        fingerprint=fingerprint(prep.identity),
+        upload_retry=UPLOAD_WHILE_BUILDING_RETRY,
     )
 
 

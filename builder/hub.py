@@ -119,7 +119,15 @@ def explain(err: BaseException, what: str, repo_id: str) -> HubError:
 @dataclass
 class Retry:
     retries: int = 4
-    backoff: float = 1.0  # seconds before the first retry; doubles each time, at most 30 s
+    backoff: float = 1.0  # seconds before the first retry; doubles each time, up to `max_wait`
+    max_wait: float = 30.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.backoff * 2**attempt, self.max_wait)
+
+    def total_wait(self) -> float:
+        """How long a failure may last before it is given up (without Retry-After answers)."""
+        return sum(self.wait(attempt) for attempt in range(self.retries))
 
     def __call__(self, what: str, fn, repo_id: str = ""):
         for attempt in range(self.retries + 1):
@@ -130,7 +138,7 @@ class Retry:
             except Exception as err:  # noqa: BLE001 - classified right below
                 if not is_transient(err) or attempt == self.retries:
                     raise explain(err, what, repo_id) from err
-                wait = retry_after(err) or min(self.backoff * 2**attempt, 30.0)
+                wait = retry_after(err) or self.wait(attempt)
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
                 time.sleep(wait)
 

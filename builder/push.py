@@ -424,11 +424,14 @@ class ShardUploader:
         max_pending: int = 1,
         fingerprint: str | None = None,
         retry: Retry | None = None,
+        upload_retry: Retry | None = None,
     ):
         self.pusher = HubPusher(target, retry=retry).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
         self.delete_local = delete_local
         self._remote = self.pusher.remote_shards()
+        if upload_retry is not None:  # from here on: the uploads, the card and the tag
+            self.pusher.retry = upload_retry
         self._sha256: dict[str, str] = {}  # shards of this run known to be on the branch
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)

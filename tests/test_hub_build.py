@@ -84,3 +84,23 @@ def test_rebuilding_what_the_tag_already_holds_reports_it_and_succeeds(hub, tmp_
     out = capsys.readouterr().out
     assert "tester/again@v1 already holds this build; read it: builder.load_cache('tester/again', revision='v1'" in out
     assert hub.repo("tester/again").tags["v1"] == tagged
+
+
+def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monkeypatch):
+    import dataclasses
+
+    import builder.build as build_module
+    from builder.hub import Retry
+
+    policy = build_module.UPLOAD_WHILE_BUILDING_RETRY
+    assert policy.total_wait() >= 20 * 60 > Retry().total_wait()  # minutes of outage, where a push gives up in seconds
+    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", dataclasses.replace(policy, backoff=0.001, max_wait=0.001))
+    outage = hub.add_fault("POST", r"/commit/", status=503, times=Retry().retries + 2)  # longer than a push rides out
+    cfg = small_config(tmp_path / "cache", shard_size=4, push_to_hub="tester/outage", hub_tag="v1", delete_local_after_upload=True)
+    result = build(cfg, progress=False)
+    assert outage.fired == Retry().retries + 2
+    assert hub.repo("tester/outage").tags["v1"] == result.pushed.commit
+    assert_same_content(
+        list(load_cache("tester/outage", revision="v1", layout="raw")),
+        decoded_rows(build(small_config(tmp_path / "local", shard_size=4), progress=False).output_dir),
+    )
