@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from .batching import expected_rows
-from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_sidecar
+from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_identity, read_sidecar
 from .card import PictureDrawing, remove_dead_drawings, write_card
-from .config import BuildConfig
-from .errors import Eagle3CacheError
+from .config import BuildConfig, holds_cache
+from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
@@ -74,8 +74,8 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         uploader.close()
         return result
     lock = CacheLock(out)
-    agree(state, lambda: (lock.acquire(), start_or_continue(out, prep, cfg.resume)))
     try:
+        agree(state, lambda: start_or_continue(out, prep, cfg.resume, lock))
         with disk_full_as_error():
             write_cache(state, prep, out, result, progress, uploader)
     except BaseException:
@@ -152,6 +152,7 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
     """Rank 0, once every rank is done: vocab, head rows, then the card, last (a cache with a card
     is complete), then the upload's closing commit."""
     result.shards = [read_sidecar(out, shard_name(k, prep.num_shards)) for k in range(prep.num_shards)]
+    check_some_stored(result.shards)
     write_vocab(out, prep)
     if prep.cfg.target_format == "hidden" and not (out / LM_HEAD_FILE).exists():  # rank 0 had no shard to build
         target = Target(load_placed_model(prep), prep.aux_layer_ids)
@@ -160,6 +161,17 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
     result.manifest = write_card(out, prep, result.shards, read_rank_stats(out), drawing)
     if uploader is not None:
         result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
+
+
+def check_some_stored(shards: list[dict]) -> None:
+    """A build whose every sample failed is broken (weights, dtype), not a cache of nothing."""
+    failed = sum(len(shard.get("failed", [])) for shard in shards)
+    if failed and not any(shard["rows"] for shard in shards):
+        raise NonFiniteOutput(
+            f"the target's outputs were NaN or Inf for every sample ({failed}): no sample could be stored, so the "
+            "cache was not finished (no card). Check the target's weights and --dtype (fp16 overflows where bf16 "
+            "does not), then build again into a new --output-dir."
+        )
 
 
 def agree(state, main_process_step) -> None:
@@ -178,11 +190,22 @@ def agree(state, main_process_step) -> None:
         raise error
 
 
-def start_or_continue(out: Path, prep: Prepared, resume: bool) -> None:
-    remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
-    if resume:
-        remove_leftovers(out / "data")  # temp files of a killed writer
-    else:
+def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) -> None:
+    """Rank 0 takes the output directory: the lock first, then, with it held, the checks that another
+    build starting at the same moment could have made stale since `prepare` ran them."""
+    with disk_full_as_error():
+        lock.acquire()
+        remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
+        if resume and read_identity(out) is not None:
+            remove_leftovers(out / "data")  # temp files of a killed writer
+            return
+        if holds_cache(out):  # another build took this directory after our check: never keep or mix its shards
+            raise ConfigError(
+                "--output-dir",
+                str(out),
+                "an empty or new directory",
+                "Another build started writing to it meanwhile; pass --resume to continue that build, or choose another directory.",
+            )
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 
 

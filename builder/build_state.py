@@ -52,7 +52,11 @@ def read_identity(output_dir: Path) -> dict | None:
 
 def check_resume(output_dir: Path, identity: dict) -> None:
     """Refuse (changing nothing) when the stored identity differs from this run's."""
+    from .config import holds_cache
+
     stored = read_identity(output_dir)
+    if stored is None and not holds_cache(output_dir):
+        return  # nothing written yet (a start that failed): the run starts the build
     if stored is None:
         raise ResumeMismatch({"identity": ("missing: the directory holds no resumable eagle3-cache build", "present")})
     differences = identity_differences(stored, identity)

@@ -37,7 +37,7 @@ class ResumeMismatch(Eagle3CacheError):
 
 
 class NonFiniteOutput(Eagle3CacheError):
-    """--strict and the target produced NaN or Inf for a sample."""
+    """--strict and the target produced NaN or Inf for a sample, or it did for every sample."""
 
 
 class DiskFull(Eagle3CacheError):

@@ -41,20 +41,30 @@ def remove_leftovers(folder: Path) -> None:
 @contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
     """Yields the temp path to write `path`'s content to; when the block ends without error it
-    replaces `path` (durably: the folder is fsynced after the rename), otherwise it is removed and
-    `path` stays as it was."""
+    replaces `path` durably (the content is fsynced before the rename, the folder after it),
+    otherwise it is removed and `path` stays as it was. Whatever writes the temp path (our own
+    code, `safetensors`, `save_file`) needs no fsync of its own."""
     path = Path(path)
     made = _missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         yield tmp
+        fsync_file(tmp)  # the content before the name: a power cut must not leave a new name over missing bytes
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     for folder in (path.parent, *(f.parent for f in made)):  # the new name, and each folder made for it
         fsync_dir(folder)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -78,8 +88,6 @@ def _missing_folders(folder: Path) -> list[Path]:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -45,10 +45,10 @@ class CacheLock:
                 f"{holder.get('host', '?')} (since {holder.get('since', '?')}); expected no other build on it. "
                 "Wait for that build to finish or stop it (its lock goes with it), then rerun with --resume."
             ) from None
+        self._fd = fd  # held from here: `release` unlocks and closes it even if naming the holder fails
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder_info()).encode())
         os.fsync(fd)
-        self._fd = fd
 
     def _holder(self) -> dict:
         try:

@@ -9,7 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import xxhash
+from safetensors.torch import save_file
 
 from builder.errors import DiskFull
 from builder.files import (
@@ -50,6 +52,12 @@ def test_a_written_name_survives_a_power_cut_with_the_folders_made_for_it(tmp_pa
     events.clear()
     write_json_atomic(target, {"a": 2})  # the folders exist now: only the file's own is fsynced again
     assert events[1:] == [("rename", str(target)), ("fsync", str(target.parent))]
+
+    events.clear()  # content written by another library (as safetensors writes vocab and head rows)
+    with atomic_write(root / "vocab" / "vocab.safetensors") as tmp:
+        save_file({"ids": torch.arange(3)}, str(tmp))
+    assert events[0][0] == "fsync" and events[0][1].startswith(str(root / "vocab" / ".vocab.safetensors.tmp-"))
+    assert events[1] == ("rename", str(root / "vocab" / "vocab.safetensors"))
 
 
 def test_resume_removes_exactly_the_temp_files(tmp_path):

@@ -17,7 +17,7 @@ from tiny_targets import make_tiny_target
 
 from builder.build import build
 from builder.build_state import read_sidecar
-from builder.errors import NonFiniteOutput
+from builder.errors import ConfigError, DiskFull, NonFiniteOutput
 from builder.forward import FAULT_ENV
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
 from builder.reader import read_manifest
@@ -119,6 +119,53 @@ def test_non_finite_output_stops_a_strict_build(tmp_path):
     with pytest.raises(NonFiniteOutput, match=r"--strict: the target produced NaN/Inf for input row \d+"):
         build(small_config(tmp_path / "cache", target, strict=True), progress=False)
     assert not list((tmp_path / "cache" / "data").glob("*.parquet"))
+
+
+def test_a_build_whose_every_sample_is_non_finite_fails_instead_of_finishing_empty(tmp_path):
+    target = poisoned_target(tmp_path, token_id=6)  # <|assistant|>: in every sample
+    with pytest.raises(NonFiniteOutput, match=r"NaN or Inf for every sample \(14\): no sample could be stored.*--dtype"):
+        build(small_config(tmp_path / "cache", target), progress=False)
+    assert not (tmp_path / "cache" / "README.md").exists()  # not a finished cache
+
+
+def test_a_build_racing_another_onto_the_same_directory_keeps_none_of_its_files(tmp_path, monkeypatch):
+    import builder.build as build_module
+
+    out = tmp_path / "cache"
+    other = build(small_config(tmp_path / "other", aux_layer_ids=(2, 3, 4)), progress=False).output_dir
+    real_prepare = build_module.prepare
+
+    def another_build_starts_meanwhile(cfg):  # after this build checked the directory, before it locks it
+        prepared = real_prepare(cfg)
+        (out / "data").mkdir(parents=True)
+        (out / ".eagle3_build").mkdir()
+        for name in ("data/train-00000-of-00004.parquet", ".eagle3_build/identity.json"):
+            (out / name).write_bytes((other / name).read_bytes() if name.startswith("data") else b"{}")
+        return prepared
+
+    monkeypatch.setattr(build_module, "prepare", another_build_starts_meanwhile)
+    with pytest.raises(ConfigError, match=r"--output-dir: expected an empty or new directory.*Another build started writing to it"):
+        build(small_config(out), progress=False)
+    assert (out / ".eagle3_build" / "identity.json").read_bytes() == b"{}"  # its files untouched, none of ours added
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00004.parquet"]
+
+
+def test_a_start_that_fails_releases_the_lock_and_says_what_to_do(tmp_path, monkeypatch):
+    import errno
+
+    import builder.build as build_module
+
+    real_write = build_module.write_json_atomic
+
+    def disk_full_once(path, data):
+        monkeypatch.setattr(build_module, "write_json_atomic", real_write)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(build_module, "write_json_atomic", disk_full_once)  # the build's identity, its first write
+    with pytest.raises(DiskFull, match=r"no space left writing .*identity\.json"):
+        build(small_config(tmp_path / "cache"), progress=False)
+    again = build(small_config(tmp_path / "cache", resume=True), progress=False)  # as the message says, in the same process
+    assert len(again.written) == 4  # its own lock was released; nothing had been written, so the build starts
 
 
 def test_full_disk_gives_a_clear_error_and_resume_completes(tmp_path):
