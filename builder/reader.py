@@ -410,6 +410,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
         self.describe_failure = describe  # (error, reopened=n) -> the exception to raise; None: re-raise
         self._state: dict | None = None  # where the running (or last) iteration stands
         self._resume: dict | None = None  # loaded by load_state_dict, used by the next iteration
+        self._epoch_chosen = False  # set_epoch was called: a loaded state of another epoch does not override it
 
     @property
     def epoch(self) -> int:
@@ -424,6 +425,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
                 self._resume["epoch"],
                 epoch,
             )
+        self._epoch_chosen = True
         self.hf_dataset.set_epoch(epoch)
 
     @property
@@ -449,7 +451,8 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
                 f"load_state_dict: the state was saved by a dataset with {saved}; this one expects {have}. "
                 "Open the same cache with the same shuffle_buffer, seed and rank split to resume."
             )
-        self.hf_dataset.set_epoch(state["epoch"])
+        # The epoch is not set here: torchdata loads a state when the iteration starts, after the training
+        # loop's own set_epoch, which must stand (see _start).
         self._state = self._resume = dict(state)
 
     def _identity(self) -> dict:
@@ -471,8 +474,12 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
     def _start(self) -> tuple[dict | None, int, int]:
         resume, self._resume = self._resume, None
-        if resume is None or resume["epoch"] != self.epoch:
+        if resume is None:
             return None, 0, 0
+        if resume["epoch"] != self.epoch:
+            if self._epoch_chosen:  # the loop moved on (a checkpoint from an epoch's end): a new epoch starts
+                return None, 0, 0
+            self.hf_dataset.set_epoch(resume["epoch"])  # nothing chose an epoch: the saved one continues
         here = self._identity()["worker"]
         if list(resume["worker"]) != here:
             raise ValueError(
@@ -494,6 +501,7 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
                 self._state = self._make_state(end, index + 1, 0) if last else self._make_state(start, index, i + 1)
                 yield self.transform(arrow_rows(rows[order[i]])[0])
             skip = 0
+        self._state = self._make_state(None, 0, 0)  # a finished epoch: the next iteration starts it over
 
     def _order(self, window: int, size: int):
         if not self.shuffle_buffer:
@@ -779,6 +787,12 @@ def load_cache(
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
     source = open_source(location, revision=revision, name=name, token=token)
     manifest = _manifest_of(source)
+    if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
+        raise ValueError(
+            f"layout='specforge': SpecForge trains from final hidden states, and {source.describe()} was built with "
+            f"--target-format {manifest['identity']['target_format']}. Read it with layout='nemo', or build the cache "
+            "again with --target-format hidden."
+        )
     if expect:
         check_expected(manifest, expect, source.describe())
     decode = RowDecoder(manifest)

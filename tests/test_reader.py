@@ -88,6 +88,9 @@ def test_reader_errors_are_clear(tmp_path, cache):
         load_cache(cache, layout="padded")
     with pytest.raises(ValueError, match="shuffle_buffer: expected a positive number of rows.*got 0"):
         load_cache(cache, shuffle_buffer=0)
+    for streaming in (True, False):  # at the open, not at the first read
+        with pytest.raises(ValueError, match=r"layout='specforge'.*was built with --target-format probs.*layout='nemo'"):
+            load_cache(cache, layout="specforge", streaming=streaming)
     with pytest.raises(FileNotFoundError, match="no README.md.*--resume"):
         read_manifest(tmp_path)
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# not a cache\n")
@@ -165,6 +168,31 @@ def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers, shuffle_buffe
         resumed = open_loader()
         resumed.load_state_dict(state)
         assert head + flat(resumed) == whole, (k, num_workers)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_checkpoint_at_an_epochs_end_resumes_into_the_next_epoch(cache, num_workers):
+    """The usual loop: set_epoch(e), a whole epoch, a checkpoint; after a restart, load it, then set_epoch(e + 1)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def open_loader():
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=3, seed=1)
+        return dataset, StatefulDataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=ids)
+
+    def epoch(dataset, loader, number) -> list[str]:
+        dataset.set_epoch(number)
+        return list(itertools.chain.from_iterable(loader))
+
+    dataset, loader = open_loader()
+    expected = [epoch(dataset, loader, 0), epoch(dataset, loader, 1)]
+    assert expected[0] != expected[1] and sorted(expected[0]) == sorted(expected[1])
+    dataset, loader = open_loader()
+    epoch(dataset, loader, 0)
+    checkpoint = json.loads(json.dumps(loader.state_dict()))
+    dataset, loader = open_loader()
+    loader.load_state_dict(checkpoint)
+    assert epoch(dataset, loader, 1) == expected[1]  # the whole next epoch, in its own order
+    assert dataset.epoch == 1
 
 
 def test_resume_state_of_other_settings_is_refused(cache):
