@@ -1,9 +1,18 @@
 """Normalise chat rows (ShareGPT or OpenAI) into OpenAI-style message lists.
 
+A row's turns sit under `conversations` or `messages`; what the turns hold, not the list's
+name, says how to read them: `role`/`content` turns are OpenAI messages (SpecForge writes
+them under `conversations`), `from`/`value` turns are ShareGPT turns. When no turn has the
+role key of the other shape, the list's name decides (`conversations`: ShareGPT).
+
 What reaches the chat template follows NeMo Automodel's chat dataset, so that a cache
 supervises what its trainer would: an OpenAI message keeps its other fields
 (`reasoning_content`, `tool_calls`, `tool_call_id`, `name`, ...), with tool calls in the
-shape templates expect; a ShareGPT turn gives its role and text only; the row's `tools`
+shape templates expect; a ShareGPT turn gives its role and text only, except LLaMA-Factory's
+`function_call` turn, an assistant tool call whose text is the call as JSON
+(`{"name", "arguments"}`, or a list of them), which becomes the message's `tool_calls`.
+A ShareGPT row's top-level `system` string (LLaMA-Factory's system prompt) opens the
+conversation as a system message unless a system turn already does. The row's `tools`
 (a list, or that list as a JSON string) is passed alongside. A field whose value is null
 counts as absent: Arrow tables fill missing fields with nulls, and the same conversation
 must encode alike from JSON and from Parquet.
@@ -17,7 +26,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# ShareGPT speaker names -> chat-template roles.
+# Speaker names (ShareGPT `from`, OpenAI `role`) -> chat-template roles: OpenAI's `developer`
+# role is its system role, its legacy `function` role and LLaMA-Factory's `observation` give a
+# tool's result.
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -27,8 +38,17 @@ ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    "developer": "system",
     "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
 }
+# LLaMA-Factory's ShareGPT speaker for an assistant turn that calls tools.
+TOOL_CALL_SPEAKER = "function_call"
+
+# The two shapes of a turn: (role key, text key, keeps its other fields).
+OPENAI_TURN = ("role", "content", True)
+SHAREGPT_TURN = ("from", "value", False)
 
 # Reason codes, in the order a row is checked. They are stable: the manifest keeps them.
 SKIP_REASONS = (
@@ -71,17 +91,19 @@ def normalize_row(row: dict) -> list[dict[str, Any]]:
     """Return OpenAI-style messages (role, string content, and an OpenAI message's other
     fields), or raise BadRow."""
     if row.get("conversations") is not None:
-        turns, role_key, text_key = row["conversations"], "from", "value"
+        turns, shape = row["conversations"], SHAREGPT_TURN
     elif row.get("messages") is not None:
-        turns, role_key, text_key = row["messages"], "role", "content"
+        turns, shape = row["messages"], OPENAI_TURN
     else:
         raise BadRow("missing_messages", "row has neither 'conversations' (ShareGPT) nor 'messages' (OpenAI)")
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"expected a list of turns, found {type(turns).__name__}")
     if not turns:
         raise BadRow("empty_conversation", "the conversation has no turns")
-    openai = role_key == "role"
-    messages = [_normalize_turn(turn, role_key, text_key, i, openai) for i, turn in enumerate(turns)]
+    shape = _turn_shape(turns, shape)
+    messages = [_normalize_turn(turn, shape, i) for i, turn in enumerate(turns)]
+    if shape is SHAREGPT_TURN:
+        messages = _with_row_system(row, messages)
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("no_assistant_turn", "no assistant turn to supervise")
@@ -91,6 +113,29 @@ def normalize_row(row: dict) -> list[dict[str, Any]]:
     if not any(_has_output(m) for m in assistant):
         raise BadRow("no_assistant_turn", f"all {len(assistant)} assistant turns are empty; no assistant text to supervise")
     return messages
+
+
+def _turn_shape(turns: list, by_name: tuple) -> tuple:
+    """The shape the list's name implies, unless no turn has its role key and some turn has the
+    other shape's. A null counts as absent (Arrow gives a list's turns every key any row uses)."""
+    other = SHAREGPT_TURN if by_name is OPENAI_TURN else OPENAI_TURN
+
+    def some_turn_has(key: str) -> bool:
+        return any(isinstance(turn, dict) and turn.get(key) is not None for turn in turns)
+
+    return other if not some_turn_has(by_name[0]) and some_turn_has(other[0]) else by_name
+
+
+def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
+    """LLaMA-Factory's ShareGPT rows give the system prompt as a top-level `system` string."""
+    system = row.get("system")
+    if system is None or system == "":
+        return messages
+    if not isinstance(system, str):
+        raise BadRow("wrong_type", f"the row's 'system' must be a string (the system prompt), found {type(system).__name__}")
+    if messages[0]["role"] == "system":  # a system turn of the conversation wins, as in LLaMA-Factory
+        return messages
+    return [{"role": "system", "content": system}, *messages]
 
 
 def row_tools(row: dict) -> list[dict] | None:
@@ -120,17 +165,20 @@ def _has_output(message: dict) -> bool:
     return bool(message["content"].strip() or message.get("reasoning_content") or message.get("tool_calls"))
 
 
-def _normalize_turn(turn: Any, role_key: str, text_key: str, index: int, openai: bool) -> dict[str, Any]:
+def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
+    role_key, text_key, keeps_fields = shape
     if not isinstance(turn, dict):
         raise BadRow("wrong_type", f"turn {index}: expected an object, found {type(turn).__name__}")
     speaker = turn.get(role_key)
     if not isinstance(speaker, str):
         raise BadRow("wrong_type", f"turn {index}: '{role_key}' must be a string, found {speaker!r}")
+    if not keeps_fields and speaker.strip().lower() == TOOL_CALL_SPEAKER:
+        return _tool_call_turn(turn.get(text_key), index)
     role = ROLE_ALIASES.get(speaker.strip().lower())
     if role is None:
         raise BadRow("unknown_role", f"turn {index}: unknown role {speaker!r}")
     message = {"role": role, "content": _content_text(turn.get(text_key), index)}
-    if openai:
+    if keeps_fields:
         extra = {k: v for k, v in turn.items() if k not in (role_key, text_key) and v is not None}
         if role == "assistant":
             if "reasoning_content" in extra and not isinstance(extra["reasoning_content"], str):
@@ -140,6 +188,24 @@ def _normalize_turn(turn: Any, role_key: str, text_key: str, index: int, openai:
                 extra["tool_calls"] = _normalize_tool_calls(extra["tool_calls"], index)
         message.update(extra)
     return message
+
+
+def _tool_call_turn(value: Any, index: int) -> dict[str, Any]:
+    """A `function_call` turn: the assistant calls the tools its text names, as JSON."""
+    expected = 'a JSON object {"name": ..., "arguments": ...} or a list of them'
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"turn {index}: a function_call turn's 'value' must be {expected} as a string, found {value!r}")
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise BadRow(
+            "wrong_type", f"turn {index}: a function_call turn's 'value' must be {expected}; it is not JSON ({err.msg} at char {err.pos})"
+        ) from None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list):
+        raise BadRow("wrong_type", f"turn {index}: a function_call turn's 'value' must be {expected}, found {type(calls).__name__}")
+    functions = [{"function": call} for call in calls]
+    return {"role": "assistant", "content": "", "tool_calls": _normalize_tool_calls(functions, index)}
 
 
 def _normalize_tool_calls(calls: Any, index: int) -> list[dict]:

@@ -20,7 +20,7 @@ from .errors import BadRowError, ConfigError, InputError
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
-from .tokenize import template_of, tokenize_rows, tokenizer_hash
+from .tokenize import read_template_file, template_bytes, template_of, tokenize_rows, tokenizer_hash
 from .vocab import array_hash, count_loss_tokens, select_draft_vocab, special_token_ids
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     tokenizer = load_tokenizer(model_path, cfg.target_revision, cfg.trust_remote_code, config=model_config)
     num_layers = text_config(model_config).num_hidden_layers
     aux_layer_ids = resolve_aux_layer_ids(cfg.aux_layer_ids, num_layers)
-    template = template_of(tokenizer, Path(cfg.chat_template).read_text() if cfg.chat_template else None)
+    template = template_of(tokenizer, read_template_file(cfg.chat_template) if cfg.chat_template else None)
 
     rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
     rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
@@ -175,7 +175,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
             "weights_sample_sha256": local_weights_sample_hash(model_path),
         },
         "tokenizer_sha256": tokenizer_hash(tokenizer, template),
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(template_bytes(template)).hexdigest(),
         "input": {
             "data": input_info["input_data"],
             "config": cfg.input_config,

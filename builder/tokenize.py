@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -59,7 +60,9 @@ def encode_messages(
     mask_generation_prompt: bool = False,
     mask_reasoning_content: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and unshifted loss mask, right-truncated to `seq_length`; raises BadRow."""
+    """Token ids and unshifted loss mask, right-truncated to `seq_length`; raises BadRow.
+    `template` is one template, or named templates (see `template_for`)."""
+    template = template_for(template, tools)
     chat = _Chat(tokenizer, template, tools)
     try:
         if has_generation_blocks(template):
@@ -219,35 +222,117 @@ def _without(mask: list[int], positions: set[int]) -> list[int]:
     return [0 if t in positions else m for t, m in enumerate(mask)]
 
 
-def template_of(tokenizer, override: str | None) -> str:
-    """The chat template in use; one that does not compile (syntax error, unknown filter or
-    test) is refused here, before any data loads, instead of failing every row."""
+def template_of(tokenizer, override: str | dict[str, str] | None) -> str | dict[str, str]:
+    """The chat template in use: one template, or named templates (a tokenizer whose
+    tokenizer_config.json lists `{"name", "template"}` objects; `template_for` picks one per
+    row). A template that does not compile (syntax error, unknown filter or test) is refused
+    here, before any data loads, instead of failing every row."""
     template = override if override is not None else tokenizer.chat_template
     if not template:
         raise InputError("the tokenizer has no chat template; expected one in tokenizer_config.json or a file given with --chat-template")
+    where = "--chat-template: the template file" if override is not None else "the tokenizer's chat template"
+    if isinstance(template, list):  # named templates as tokenizer_config.json stores them
+        template = _named_templates_from_list(template, where)
+    if isinstance(template, dict):
+        template = _checked_named_templates(template, where)
+        for name, text in template.items():
+            _check_compiles(text, f"{where} (template {name!r})", override is not None)
+        return template
+    _check_compiles(template, where, override is not None)
+    return template
+
+
+def template_for(template: str | dict[str, str], tools: list[dict] | None) -> str:
+    """The template a row renders with, picked among named templates as transformers'
+    `apply_chat_template` picks: `tool_use` when the row has tools and there is one,
+    `default` otherwise."""
+    if isinstance(template, str):
+        return template
+    return template["tool_use"] if tools and "tool_use" in template else template["default"]
+
+
+def template_bytes(template: str | dict[str, str]) -> bytes:
+    """What identifies the template(s): the text, or every named template, so that a change to
+    any template a row may render with changes the build's identity."""
+    return template.encode() if isinstance(template, str) else json.dumps(template, sort_keys=True).encode()
+
+
+def read_template_file(path: str | Path) -> str | dict[str, str]:
+    """--chat-template: a Jinja file, or a JSON file holding `{"chat_template": ...}` as model
+    repositories ship it (chat_template.json), whose value is a template or named templates."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if path.suffix.lower() == ".json":
+            raise InputError(
+                f"--chat-template: {path} is named .json but is not valid JSON ({err.msg} at line {err.lineno}); "
+                'expected a Jinja template file, or JSON holding {"chat_template": "..."}: fix the file or pass the Jinja template itself'
+            ) from None
+        return text
+    if not isinstance(data, (dict, list)):  # a JSON scalar is also text a Jinja template may be
+        return text
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, list):
+        template = _named_templates_from_list(template, f"--chat-template: {path}")
+    if isinstance(template, (str, dict)) and template:
+        return template
+    found = f"an object with keys {sorted(data)}" if isinstance(data, dict) else "a JSON array"
+    if isinstance(data, dict) and "chat_template" in data:
+        found = f"'chat_template' holding {type(data['chat_template']).__name__} {data['chat_template']!r:.60}"
+    raise InputError(
+        f"--chat-template: {path} is JSON, but not a chat template file: expected an object whose 'chat_template' is the Jinja "
+        f'template (or a list of {{"name", "template"}} objects), found {found}; pass a Jinja template file or a chat_template.json'
+    )
+
+
+def _named_templates_from_list(entries: list, where: str) -> dict:
+    """tokenizer_config.json's form of named templates: a list of `{"name", "template"}`."""
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and "template" in entry):
+            raise InputError(
+                f"{where}: 'chat_template' is a list, so each item must be an object with a 'name' and a 'template', "
+                f"found {entry!r:.80}; fix the file"
+            )
+    return {entry["name"]: entry["template"] for entry in entries}
+
+
+def _checked_named_templates(templates: dict, where: str) -> dict[str, str]:
+    names = sorted(templates)
+    for name in names:
+        if not isinstance(name, str) or not isinstance(templates[name], str) or not templates[name]:
+            raise InputError(f"{where} (template {name!r}) is {type(templates[name]).__name__}, not the text of a Jinja template; fix it")
+    if "default" not in templates:
+        raise InputError(
+            f"{where} holds named templates {names} but none named 'default', the one rows without tools render with "
+            "(as in transformers); pass --chat-template with the template to use"
+        )
+    return {name: templates[name] for name in names}
+
+
+def _check_compiles(template: str, where: str, from_file: bool) -> None:
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
     except ImportError:  # a private helper; without it, a broken template shows up as template_error rows
-        return template
+        return
     try:
         _compile_jinja_template(template)  # the environment apply_chat_template renders with
     except Exception as err:
-        where = "--chat-template: the template file" if override is not None else "the tokenizer's chat template"
-        fix = "fix the template file" if override is not None else "pass --chat-template with a working template"
+        fix = "fix the template file" if from_file else "pass --chat-template with a working template"
         line = f" (line {err.lineno})" if getattr(err, "lineno", None) else ""
         raise InputError(
             f"{where} does not compile{line}: {type(err).__name__}: {' '.join(str(err).split()).rstrip('.')}; "
             f"expected a Jinja chat template: {fix}"
         ) from None
-    return template
 
 
-def tokenizer_hash(tokenizer, template: str) -> str:
+def tokenizer_hash(tokenizer, template: str | dict[str, str]) -> str:
     """Identity of everything in the tokenizer that shapes token ids and masks."""
     h = hashlib.sha256()
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())  # {{ bos_token }} etc.
-    h.update(template.encode())
+    h.update(template_bytes(template))
     return h.hexdigest()
 
 
@@ -300,7 +385,7 @@ def tokenize_rows(
     rows: datasets.Dataset,
     source_indices: np.ndarray,
     tokenizer,
-    template: str,
+    template: str | dict[str, str],
     seq_length: int,
     num_proc: int,
     *,

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from .errors import InputError
+
 
 def count_loss_tokens(samples, vocab_size: int) -> np.ndarray:
     """Counts `[V]` of every loss-masked token over the (valid) tokenized samples."""
@@ -24,9 +26,10 @@ def count_loss_tokens(samples, vocab_size: int) -> np.ndarray:
         mask = pc.list_flatten(batch["loss_mask"]).to_numpy(zero_copy_only=False).astype(bool)
         masked = ids[mask]
         if masked.size and masked.max() >= vocab_size:
-            raise ValueError(
-                f"token id {int(masked.max())} is outside the target's vocabulary of {vocab_size}; "
-                "the tokenizer does not match the target model"
+            raise InputError(
+                f"--target-model: token id {int(masked.max())} is outside the target's vocabulary of {vocab_size} "
+                f"(vocab_size in its config.json; expected ids 0..{vocab_size - 1}): the tokenizer does not match the "
+                "target model. Use the tokenizer files of the model the config and weights come from"
             )
         counts += np.bincount(masked, minlength=vocab_size)
     return counts

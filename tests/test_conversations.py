@@ -29,7 +29,10 @@ def openai(*turns):
         ("bot", "assistant"),
         ("model", "assistant"),
         ("system", "system"),
+        ("developer", "system"),
         ("tool", "tool"),
+        ("function", "tool"),
+        ("observation", "tool"),
     ],
 )
 def test_sharegpt_role_alias(speaker, role):
@@ -38,7 +41,20 @@ def test_sharegpt_role_alias(speaker, role):
 
 
 def test_every_alias_is_covered_above():
-    assert set(ROLE_ALIASES) == {"human", "user", "gpt", "assistant", "chatgpt", "bot", "model", "system", "tool"}
+    assert set(ROLE_ALIASES) == {
+        "human",
+        "user",
+        "gpt",
+        "assistant",
+        "chatgpt",
+        "bot",
+        "model",
+        "system",
+        "developer",
+        "tool",
+        "function",
+        "observation",
+    }
 
 
 def test_sharegpt_speaker_names_ignore_case_and_padding():
@@ -182,6 +198,126 @@ def test_sharegpt_key_wins_when_messages_is_null():
     assert [m["content"] for m in normalize_row(row)] == ["a", "b"]
 
 
+# ---- turn shape, not list name ---------------------------------------------------------
+
+
+def test_openai_turns_under_conversations_are_openai_messages():
+    # SpecForge's own rows: OpenAI messages under "conversations"; they keep their other fields.
+    row = {
+        "id": "x",
+        "conversations": [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4.", "reasoning_content": "add"},
+        ],
+    }
+    assert normalize_row(row) == [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4.", "reasoning_content": "add"},
+    ]
+
+
+def test_sharegpt_turns_under_messages_give_role_and_text_only():
+    row = {"messages": [{"from": "human", "value": "hi", "name": "bob"}, {"from": "gpt", "value": "yo"}]}
+    assert normalize_row(row) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+def test_turn_shape_ignores_null_keys_of_the_other_shape():
+    # A Parquet column holding both shapes gives every turn all four keys, the unused ones null.
+    openai_turns = [
+        {"from": None, "value": None, "role": "user", "content": "a"},
+        {"from": None, "value": None, "role": "assistant", "content": "b"},
+    ]
+    sharegpt_turns = [
+        {"from": "human", "value": "a", "role": None, "content": None},
+        {"from": "gpt", "value": "b", "role": None, "content": None},
+    ]
+    expected = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert normalize_row({"conversations": openai_turns}) == expected
+    assert normalize_row({"messages": sharegpt_turns}) == expected
+
+
+def test_the_list_name_decides_when_turns_carry_both_role_keys():
+    # Such rows were read by the list's name before; they still are.
+    turns = [
+        {"from": "human", "value": "a", "role": "user", "content": "x"},
+        {"from": "gpt", "value": "b", "role": "assistant", "content": "y"},
+    ]
+    assert normalize_row({"conversations": turns}) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert normalize_row({"messages": turns}) == [
+        {"role": "user", "content": "x", "from": "human", "value": "a"},
+        {"role": "assistant", "content": "y", "from": "gpt", "value": "b"},
+    ]
+
+
+# ---- other roles -----------------------------------------------------------------------
+
+
+def test_openai_developer_and_legacy_function_roles():
+    row = {
+        "messages": [
+            {"role": "developer", "content": "Be terse."},
+            {"role": "user", "content": "hi"},
+            {"role": "function", "name": "f", "content": "1"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
+    assert normalize_row(row) == [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "tool", "content": "1", "name": "f"},
+        {"role": "assistant", "content": "yo"},
+    ]
+
+
+def test_llama_factory_function_call_and_observation():
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Rain in Oslo?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+            {"from": "observation", "value": '{"rain": true}'},
+            {"from": "gpt", "value": "Yes."},
+        ],
+        "tools": '[{"name": "weather", "parameters": {}}]',
+    }
+    assert normalize_row(row) == [
+        {"role": "user", "content": "Rain in Oslo?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}],
+        },
+        {"role": "tool", "content": '{"rain": true}'},
+        {"role": "assistant", "content": "Yes."},
+    ]
+
+
+def test_llama_factory_function_call_with_several_calls_is_supervisable_alone():
+    calls = [{"name": "a", "arguments": "{}"}, {"name": "b", "arguments": {"x": 1}}]
+    row = sharegpt(("human", "go"), ("function_call", json.dumps(calls)))
+    assert normalize_row(row)[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": "a", "arguments": "{}"}},
+            {"id": "call_1", "type": "function", "function": {"name": "b", "arguments": '{"x": 1}'}},
+        ],
+    }
+
+
+def test_sharegpt_row_system_opens_the_conversation():
+    row = {"system": "You are a pirate.", **sharegpt(("human", "hi"), ("gpt", "Arr."))}
+    assert normalize_row(row) == [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Arr."},
+    ]
+    # A system turn of the conversation wins; an empty or null one is no system prompt.
+    own = {"system": "You are a pirate.", **sharegpt(("system", "Be brief."), ("human", "hi"), ("gpt", "Arr."))}
+    assert [m["content"] for m in normalize_row(own)] == ["Be brief.", "hi", "Arr."]
+    for empty in ("", None):
+        assert normalize_row({"system": empty, **sharegpt(("human", "hi"), ("gpt", "Arr."))})[0] == {"role": "user", "content": "hi"}
+
+
 # ---- raw rows ---------------------------------------------------------------------------
 
 
@@ -239,7 +375,24 @@ BAD_ROWS = [
         "unknown_role",
         "turn 1: unknown role 'narrator'",
     ),
-    ({"messages": [{"role": "function", "content": "q"}]}, "unknown_role", "turn 0: unknown role 'function'"),
+    ({"messages": [{"role": "narrator", "content": "q"}]}, "unknown_role", "turn 0: unknown role 'narrator'"),
+    ({"messages": [{"role": "function_call", "content": "{}"}]}, "unknown_role", "turn 0: unknown role 'function_call'"),
+    (
+        sharegpt(("human", "q"), ("function_call", "weather(city='Oslo')")),
+        "wrong_type",
+        "turn 1: a function_call turn's 'value' must be a JSON object .* it is not JSON",
+    ),
+    (sharegpt(("human", "q"), ("function_call", '"weather"')), "wrong_type", "turn 1: a function_call turn's 'value' must be .*found str"),
+    (
+        sharegpt(("human", "q"), ("function_call", '{"arguments": {}}')),
+        "wrong_type",
+        r"turn 1: tool_calls\[0\].function.name must be a non-empty string, found None",
+    ),
+    (
+        {"system": ["be", "brief"], **sharegpt(("human", "q"), ("gpt", "a"))},
+        "wrong_type",
+        "the row's 'system' must be a string .the system prompt., found list",
+    ),
     ({"messages": []}, "empty_conversation", "the conversation has no turns"),
     ({"conversations": []}, "empty_conversation", "the conversation has no turns"),
     (

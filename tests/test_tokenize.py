@@ -326,3 +326,45 @@ def test_mask_options_are_part_of_the_map_fingerprint(tmp_path, tok):
     header = len(tok("<|assistant|>\n", add_special_tokens=False)["input_ids"])
     valid = [i for i, r in enumerate(plain["skip_reason"]) if not r]
     assert [plain["num_loss_tokens"][i] - masked["num_loss_tokens"][i] for i in valid] == [header] * len(valid)
+
+
+# ---- rows of every turn shape, from JSON and from Parquet ------------------------------------
+
+SHAPES_ROWS = [
+    # ShareGPT turns with LLaMA-Factory's row-level system prompt (first: Arrow takes a table's
+    # columns from its first row).
+    {"id": "sharegpt", "system": "Be brief.", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+    # SpecForge's rows: OpenAI messages under "conversations".
+    {"id": "specforge", "conversations": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]},
+]
+SHAPES_MESSAGES = {
+    "specforge": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}],
+    "sharegpt": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+    ],
+}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_rows_of_either_turn_shape_encode_alike_from_json_and_parquet(tmp_path, tok, suffix):
+    # In Parquet the two shapes share one column: every turn has all four keys, two of them null.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"chats.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, SHAPES_ROWS)
+    else:
+        pq.write_table(pa.Table.from_pylist(SHAPES_ROWS), path)
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=3, max_samples=None)
+    out = tokenize_rows(rows, order, tok, tok.chat_template, 64, 1)
+    assert out["skip_reason"] == ["", ""]
+    for record in out:
+        expected = encode_messages(SHAPES_MESSAGES[record["sample_id"]], tok, tok.chat_template, 64)
+        assert (record["input_ids"], record["loss_mask"]) == expected
+    by_id = {record["sample_id"]: record for record in out}
+    assert masked_runs(tok, by_id["specforge"]["input_ids"], by_id["specforge"]["loss_mask"]) == ["4.<|end|>"]
+    assert "Be brief." in tok.decode(by_id["sharegpt"]["input_ids"])

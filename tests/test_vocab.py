@@ -1,6 +1,8 @@
 """Draft vocabulary (docs/supervision.md): specials first, counts descending with ties to the lower id,
 unseen ids ascending; counts over loss-masked tokens of the whole input."""
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import datasets
@@ -8,7 +10,10 @@ import numpy as np
 import pytest
 from helpers import says
 
+from builder.cli import main
 from builder.config import BuildConfig
+from builder.embedded import EMBEDDED_TARGETS
+from builder.errors import InputError
 from builder.prepare import prepare
 from builder.tokenize import TOKENIZED_FEATURES
 from builder.vocab import array_hash, count_loss_tokens, d2t_t2d, select_draft_vocab, special_token_ids, vocab_coverage
@@ -119,7 +124,7 @@ def test_count_loss_tokens_on_a_selection_and_across_batches():
 
 def test_count_loss_tokens_rejects_ids_outside_the_vocab():
     ds = samples([[1, 9]], [[1, 1]])
-    with pytest.raises(ValueError, match=says("token id 9", "vocabulary of 8", "tokenizer does not match")):
+    with pytest.raises(InputError, match=says("--target-model", "token id 9", "vocabulary of 8", "ids 0..7", "tokenizer does not match")):
         count_loss_tokens(ds, 8)
     assert count_loss_tokens(samples([[1, 9]], [[1, 0]]), 8).tolist() == [0, 1, 0, 0, 0, 0, 0, 0]  # unmasked: not counted
 
@@ -158,3 +163,18 @@ def test_draft_vocab_follows_max_samples(tmp_path):
     assert len(prep.samples) == 20
     assert prep.token_counts.tolist() == hand_count(prep).tolist()
     assert prep.selected_token_ids.tolist() == list(range(prep.vocab_size))  # no size: the identity
+
+
+def test_cli_refuses_a_tokenizer_beyond_the_config_vocab(tmp_path, capsys):
+    # The embedded target's tokenizer with a config whose vocab_size is too small for it.
+    target = tmp_path / "small-vocab"
+    shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], target, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((target / "config.json").read_text())
+    config["vocab_size"] = 40
+    (target / "config.json").write_text(json.dumps(config))
+    args = ["build", "--dry-run", "--target-model", str(target), "--input-data", "sample-chats", "--max-samples", "3", "--quiet"]
+    assert main([*args, "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --target-model: token id ") and "Traceback" not in err
+    assert "outside the target's vocabulary of 40 (vocab_size in its config.json; expected ids 0..39)" in err
+    assert not (tmp_path / "out").exists()
