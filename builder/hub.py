@@ -223,6 +223,18 @@ def read_error(err: BaseException, repo_id: str, revision: str | None, commit: s
     return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
 
 
+def remote_file_sizes(repo_id: str, revision: str, folder: str, token: str | None = None) -> dict[str, int]:
+    """{file name: size} of the files directly in `folder` at `revision` (one listing request)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    folder = folder.rstrip("/")
+    try:
+        entries = hub_api(token).list_repo_tree(repo_id, path_in_repo=folder or None, revision=revision, repo_type=REPO_TYPE)
+        return {e.path.rsplit("/", 1)[-1]: e.size for e in entries if hasattr(e, "blob_id")}
+    except EntryNotFoundError:
+        return {}
+
+
 def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str, str]:
     """{path: sha256 (LFS) or git blob id} of every file under `prefix` at `revision`."""
     from huggingface_hub.errors import EntryNotFoundError

@@ -53,6 +53,50 @@ class CacheMismatch(Eagle3CacheError, ValueError):
         self.differences = differences
 
 
+class ShardFilesMismatch(Eagle3CacheError, ValueError):
+    """The shard files present are not the ones the cache's manifest lists."""
+
+
+def check_shard_files(source: CacheSource, manifest: dict) -> None:
+    """The shard files under data/ must be exactly the manifest's, by name and size, before any row is
+    read: otherwise rows of another build, or a partial cache, would be read as this cache."""
+    from .shards import is_shard_name
+
+    expected = {shard["name"]: shard["bytes"] for shard in manifest["shards"]}
+    present = {name: size for name, size in _shard_file_sizes(source).items() if is_shard_name(name)}
+    if present == expected:
+        return
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(set(present) - set(expected))
+    resized = sorted(name for name in set(expected) & set(present) if present[name] != expected[name])
+    found = "; ".join(
+        f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        for what, names in (("missing", missing), ("not in the manifest", extra), ("another size than recorded", resized))
+        if names
+    )
+    if source.on_hub:
+        hint = (
+            "That revision is a push in progress, or one that stopped partway: read the tag of a finished push "
+            "(revision=...), or re-run the push that was interrupted."
+        )
+    else:
+        hint = (
+            "The shards were removed or replaced after the build (a build with --delete-local-after-upload keeps them "
+            "on the Hub only: read them from there); restore them, or rebuild with --resume."
+        )
+    where = f"{source.describe()}: the shard files in {source.prefix}data/"
+    raise ShardFilesMismatch(f"{where} are not the ones its card lists ({found}). {hint}")
+
+
+def _shard_file_sizes(source: CacheSource) -> dict[str, int]:
+    if source.on_hub:
+        from .hub import remote_file_sizes
+
+        return remote_file_sizes(source.location, source.commit, f"{source.prefix}data", source.token)
+    folder = Path(source.location) / source.prefix / "data"
+    return {path.name: path.stat().st_size for path in folder.glob("*.parquet")} if folder.is_dir() else {}
+
+
 def read_vocab(
     location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -795,6 +839,7 @@ def load_cache(
         )
     if expect:
         check_expected(manifest, expect, source.describe())
+    check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
     wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
     hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest))

@@ -20,7 +20,7 @@ from builder.cli import main
 from builder.files import file_hash
 from builder.hub import HubError, Retry
 from builder.push import PushTarget, ShardUploader, push_cache, validate_target
-from builder.reader import CacheMismatch, load_cache, read_manifest, read_vocab
+from builder.reader import CacheMismatch, ShardFilesMismatch, load_cache, read_manifest, read_vocab
 
 hub_server, hub = hub_fixtures()
 FAST = Retry(retries=2, backoff=0.01)  # our own retries: quick in tests
@@ -492,3 +492,19 @@ def test_a_repo_holding_other_data_keeps_its_card_and_files(hub, v1):
     push(v1, "tester/cardless", tag="v1")  # no card to replace: the cache goes in, beside their file
     assert "data/chats.csv" in data_files(hub, "tester/cardless", "v1")
     assert sample_ids(load_cache("tester/cardless", revision="v1", layout="raw")) == sample_ids(load_cache(v1, layout="raw"))
+
+
+def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub, v1, v2):
+    push(v1, "tester/midpush", tag="v1")
+    hub.add_fault("POST", r"/commit/", action="drop", skip=1, times=None)  # v2's first shard lands, then the push stops
+    with pytest.raises(HubError, match="re-run the same command"):
+        push_cache(v2, PushTarget("tester/midpush", tag="v2"), retry=FAST, shards_per_commit=1)
+    hub.clear_faults()
+    # main: v1's card over v1's shards plus one of v2's; v2's first shard has a name of its own (3 shards)
+    with pytest.raises(
+        ShardFilesMismatch,
+        match=r"tester/midpush@\w+: the shard files in data/ are not the ones its card lists"
+        r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress",
+    ):
+        load_cache("tester/midpush", layout="raw")
+    assert_same_content(list(load_cache("tester/midpush", revision="v1", layout="raw")), decoded_rows(v1))

@@ -13,7 +13,7 @@ import torch
 from helpers import small_config
 
 from builder.build import build
-from builder.reader import collate_nemo, load_cache, read_manifest, to_nemo
+from builder.reader import ShardFilesMismatch, collate_nemo, load_cache, read_manifest, to_nemo
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,24 @@ def test_reader_errors_are_clear(tmp_path, cache):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# not a cache\n")
     with pytest.raises(ValueError, match="no 'eagle3_cache' manifest block"):
         read_manifest(tmp_path)
+
+
+def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_path, cache):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shards = sorted((copy / "data").glob("*.parquet"))
+    shards[1].write_bytes(shards[2].read_bytes())  # another shard's bytes under its name
+    assert shards[1].stat().st_size != (cache / "data" / shards[1].name).stat().st_size
+    shards[3].unlink()  # removed after the build
+    for streaming in (True, False):
+        with pytest.raises(
+            ShardFilesMismatch,
+            match=rf"the shard files in data/ are not the ones its card lists \(missing: {shards[3].name}; "
+            rf"another size than recorded: {shards[1].name}\)\. The shards were removed or replaced after the build",
+        ):
+            load_cache(copy, layout="raw", streaming=streaming)
 
 
 # ---- splitting, only when asked ------------------------------------------------------------------
