@@ -194,14 +194,33 @@ def read_manifest(location: str | Path, *, revision: str | None = None, name: st
     return manifest_of(source)
 
 
+def _why_no_card(source: CacheSource) -> str:
+    if not source.on_hub:
+        return (
+            "expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: "
+            "resume it with --resume)"
+        )
+    if source.name is not None:
+        from .hub import download_file
+
+        try:
+            root = download_file(source.location, "README.md", source.commit, source.token)  # the repo's index card
+            index = card_data_of(root.read_text(encoding="utf-8")).get(INDEX_KEY) or {}
+        except FileNotFoundError:
+            index = {}
+        if index and source.name not in index:
+            return f"the repo holds the caches {sorted(index)}, not {source.name!r}: pass one of them as name="
+    return (
+        "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
+        "or read the tag of a finished one (revision=...)"
+    )
+
+
 def manifest_of(source: CacheSource) -> dict:
     try:
         card_path = source.file("README.md")
     except FileNotFoundError:
         card_path = None
     if card_path is None or not card_path.exists():
-        raise FileNotFoundError(
-            f"{source.describe()}: no README.md; expected a finished eagle3-cache directory (the card is written last, "
-            "so an interrupted build has none: resume it with --resume)"
-        )
+        raise FileNotFoundError(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
     return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")

@@ -127,6 +127,8 @@ def test_interrupted_push_resumes_and_is_never_tagged_early(hub, v1):
     assert hub.repo("tester/interrupted").tags == {}  # no tag before completion
     assert data_files(hub, "tester/interrupted", "main") == ["data/train-00000-of-00004.parquet"]
     assert "README.md" not in hub.files_at("tester/interrupted", "main")
+    with pytest.raises(FileNotFoundError, match=r"no README.md; the card is pushed last, so a push that stopped partway.*re-run"):
+        load_cache("tester/interrupted")
 
     hub.clear_faults()
     hub.reset_counters()
@@ -194,6 +196,8 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2):
     assert sample_ids(plain) == sample_ids(decoded_rows(v2))
     with pytest.raises(ValueError, match=r"several caches: pass name= one of \['llama', 'short'\]"):
         load_cache("tester/multi")
+    with pytest.raises(FileNotFoundError, match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral'"):
+        load_cache("tester/multi", name="mistral")
     with pytest.raises(HubError, match="holds several caches in sub-folders"):
         push(v1, "tester/multi")
     push(v1, "tester/single")
