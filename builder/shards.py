@@ -112,7 +112,10 @@ def _as_bytes_array(value: torch.Tensor | HostWords) -> np.ndarray:
     """The value's memory as a uint8 array (zero-copy when contiguous)."""
     if isinstance(value, HostWords):
         return np.ascontiguousarray(value.words).reshape(-1).view(np.uint8)
-    return value.contiguous().view(-1).view(torch.uint8).numpy()
+    # Same-size integers first: that view takes any strides (a byte view needs a unit stride, which
+    # `contiguous()` leaves unfixed on tensors of 0 or 1 elements); numpy then copies only if strided.
+    words = value.detach().view(_SAME_SIZE_INTS[value.element_size()]).numpy()
+    return np.ascontiguousarray(words).reshape(-1).view(np.uint8)
 
 
 def _element_kind(value: torch.Tensor | HostWords) -> tuple[int, bool]:

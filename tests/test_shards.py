@@ -135,6 +135,17 @@ def test_empty_values_round_trip(dtype):
     assert same_bits(decode_value(stored(empty), empty.dtype), empty)
 
 
+@pytest.mark.parametrize("dtype", ELEMENT_DTYPES, ids=str)
+def test_strided_tensors_of_any_size_encode_their_own_elements(dtype):
+    """A tensor (not HostWords) with a non-unit stride: `contiguous()` leaves 0- and 1-element ones as they are."""
+    ints = SAME_SIZE_INTS[dtype.itemsize]
+    base = (torch.arange(1, 17) % (2 if dtype == torch.bool else 64)).to(ints).view(dtype)  # bools: 0 or 1
+    for view in (base[::2], base[::2][:1], base[::2][:0], base.view(4, 4).t()[1]):
+        want = view.contiguous().view(ints).reshape(-1)
+        assert stored(view, RAW) == want.numpy().tobytes(), view.stride()
+        assert torch.equal(decode_value(stored(view), dtype).view(ints), want), view.stride()
+
+
 def test_raw_encoding_is_the_tensor_bytes_without_a_copy():
     values = torch.arange(10, dtype=torch.float32)
     encoded = encode_value(values, RAW)
