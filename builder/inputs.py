@@ -29,7 +29,7 @@ def is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES)
 
 
-def local_splits(spec: str) -> dict[str, list[Path]]:
+def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
     """Split name -> data files of a local file or folder; a single file is the `train` split."""
     path = Path(spec).expanduser()
     if not path.exists():
@@ -37,10 +37,11 @@ def local_splits(spec: str) -> dict[str, list[Path]]:
             f"--input-data: {spec!r} does not exist; expected a .json/.jsonl/.parquet file, a directory of them, or a Hub dataset id"
         )
     if path.is_file():
+        _refuse_config(config, spec)
         if path.suffix not in DATA_SUFFIXES:
             raise InputError(f"--input-data: {spec!r} has suffix {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
         return {"train": [path]}
-    splits = folder_splits(path)
+    splits = folder_splits(path, config, spec)
     if not splits:
         raise InputError(
             f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files"
@@ -48,18 +49,29 @@ def local_splits(spec: str) -> dict[str, list[Path]]:
     return splits
 
 
-def folder_splits(folder: Path) -> dict[str, list[Path]]:
+def folder_splits(folder: Path, config: str | None = None, spec: str | None = None) -> dict[str, list[Path]]:
     """Split the data files of a folder as `datasets.load_dataset(folder)` does, with its own patterns.
 
-    Split names in file or folder names (`train`/`validation`/`test` and their synonyms, as in
-    `sharegpt_train.jsonl` or `data/test-00000-of-00001.parquet`) make splits; a folder without
-    them is one `train` split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
+    The `configs` of a README.md (a Hub dataset downloaded with `hf download`) say which files
+    each split of each configuration holds. Without them, split names in file or folder names
+    (`train`/`validation`/`test` and their synonyms, as in `sharegpt_train.jsonl` or
+    `data/test-00000-of-00001.parquet`) make splits, and a folder without them is one `train`
+    split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
     """
-    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern
+    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 
-    base = str(folder.resolve())
+    base = folder.resolve().as_posix()
+    configs = card_configs(folder, spec or str(folder))
+    if configs:
+        params = configs[_config_name(configs, config, spec or str(folder))]
+        if params.get("data_dir"):
+            base = f"{base}/{params['data_dir']}"
+        patterns = sanitize_patterns(params["data_files"]) if params.get("data_files") else None
+    else:
+        _refuse_config(config, spec or str(folder))
+        patterns = None
     try:
-        patterns = get_data_patterns(base)
+        patterns = patterns or get_data_patterns(base)
     except EmptyDatasetError:
         return {}
     splits = {}
@@ -67,8 +79,51 @@ def folder_splits(folder: Path) -> dict[str, list[Path]]:
         files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(resolve_pattern, pattern, base)}
         if files:
             splits[str(split)] = sorted(files)
-    _warn_unsplit_files(folder, splits, resolve_pattern)
+    if not configs:
+        _warn_unsplit_files(folder, splits, resolve_pattern)
     return splits
+
+
+def card_configs(folder: Path, spec: str) -> dict[str, dict]:
+    """The `configs` field of the folder's README.md (name -> data_files, data_dir, ...), or {}."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    try:
+        return dict(MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data))
+    except Exception as err:  # YAML or `configs` that `datasets` rejects, in a file we do not own
+        raise InputError(
+            f"--input-data: the `configs` in {readme} cannot be read ({type(err).__name__}: {_one_line(err)}); "
+            "expected the YAML header of a Hub dataset card: fix it, or remove the README.md from the folder"
+        ) from None
+
+
+def _config_name(configs: dict[str, dict], config: str | None, spec: str) -> str:
+    """--input-config, else the card's default config (as `datasets` picks it)."""
+    if config is not None:
+        if config not in configs:
+            raise InputError(
+                f"--input-config: {spec!r} has configurations {sorted(configs)}, not {config!r}; pass --input-config with one of them"
+            )
+        return config
+    defaults = [name for name, params in configs.items() if len(configs) == 1 or name == "default" or params.get("default")]
+    if len(defaults) != 1:
+        raise InputError(
+            f"--input-config: {spec!r} has configurations {sorted(configs)} and {'several defaults' if defaults else 'no default'}; "
+            "pass --input-config with one of them"
+        )
+    return defaults[0]
+
+
+def _refuse_config(config: str | None, spec: str) -> None:
+    if config is not None:
+        raise InputError(
+            f"--input-config: {config!r} names a configuration, and the local path {spec!r} has none "
+            "(a folder has them as `configs` in its README.md); drop --input-config"
+        )
 
 
 def _resolve_data_files(resolve_pattern, pattern: str, base: str) -> list[str]:
@@ -182,20 +237,16 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
         )
     if not is_local(spec):
         return _load_hub(spec, config, split)
-    if config is not None:
-        raise InputError(
-            f"--input-config: {config!r} names a configuration of a Hub dataset, and {spec!r} is a local path, which has none; "
-            "drop --input-config (choose the files with --input-data and --split)"
-        )
     path = Path(spec).expanduser().resolve()
     if is_saved_dataset(path):
+        _refuse_config(config, spec)
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.Dataset):  # one split, under the name `datasets` gave it, if any
             loaded = {str(loaded.split or "train"): loaded}
         name = _split_name(loaded, split, spec)
         ds = loaded[name]
         return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": name, "content_hash": ds._fingerprint}
-    splits = local_splits(spec)
+    splits = local_splits(spec, config)
     name = _split_name(splits, split, spec)
     files = splits[name]
     if {p.suffix == ".parquet" for p in files} == {True, False}:

@@ -242,3 +242,66 @@ def test_parquet_parts_whose_types_conflict_name_the_files(tmp_path):
     folder = parquet_parts(tmp_path / "pq", [[chat("p0")], [as_number]])
     with pytest.raises(InputError, match=says("--input-data", "part-0.parquet", "part-1.parquet", "one schema", "JSON Lines")):
         load_rows(str(folder))
+
+
+# ---- configurations of a downloaded Hub dataset ---------------------------------------------
+
+CARD = """---
+configs:
+- config_name: clean
+  default: true
+  data_files:
+  - split: train
+    path: clean/train-*.jsonl
+  - split: test
+    path: clean/test-*.jsonl
+- config_name: raw
+  data_files: raw/*.jsonl
+---
+# chats
+"""
+
+
+@pytest.fixture
+def configured(tmp_path):
+    """A Hub dataset downloaded with `hf download --local-dir`: its card's `configs` say which files each holds."""
+    root = tmp_path / "chats"
+    write_jsonl(root / "clean" / "train-0.jsonl", [chat("clean-train-0"), chat("clean-train-1")])
+    write_jsonl(root / "clean" / "test-0.jsonl", [chat("clean-test-0")])
+    write_jsonl(root / "raw" / "dump-0.jsonl", [chat("raw-0")])
+    write_jsonl(root / "raw" / "dump-1.jsonl", [chat("raw-1")])
+    (root / "README.md").write_text(CARD)
+    return root
+
+
+def test_card_configs_choose_the_files(configured):
+    ds, info = load_rows(str(configured))
+    assert ids(ds) == ["clean-train-0", "clean-train-1"]
+    assert info["split"] == "train"
+    test, _ = load_rows(str(configured), split="test")
+    assert ids(test) == ["clean-test-0"]
+    raw, _ = load_rows(str(configured), config="raw")
+    assert ids(raw) == ["raw-0", "raw-1"]
+    with pytest.raises(InputError, match=says("--split", "['train']", "not 'test'")):
+        load_rows(str(configured), config="raw", split="test")
+
+
+def test_absent_card_config_lists_the_configs(configured):
+    with pytest.raises(InputError, match=says("--input-config", "['clean', 'raw']", "not 'other'", "pass --input-config")):
+        load_rows(str(configured), config="other")
+
+
+def test_card_configs_without_a_default_need_input_config(configured):
+    (configured / "README.md").write_text(CARD.replace("  default: true\n", ""))
+    with pytest.raises(InputError, match=says("--input-config", "['clean', 'raw']", "no default", "pass --input-config")):
+        load_rows(str(configured))
+    ds, _ = load_rows(str(configured), config="clean")
+    assert ids(ds) == ["clean-train-0", "clean-train-1"]
+
+
+def test_card_without_configs_splits_by_file_names(configured):
+    (configured / "README.md").write_text("# chats\n")
+    ds, _ = load_rows(str(configured))
+    assert ids(ds) == ["clean-train-0", "clean-train-1"]
+    with pytest.raises(InputError, match=says("--input-config", "'raw'", "local path", "drop --input-config")):
+        load_rows(str(configured), config="raw")
