@@ -242,7 +242,8 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
         _refuse_config(config, spec)
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.Dataset):  # one split, under the name `datasets` gave it, if any
-            loaded = {str(loaded.split or "train"): loaded}
+            name = str(loaded.split or "train")
+            loaded, split = {name: loaded}, split or name
         name = _split_name(loaded, split, spec)
         ds = loaded[name]
         return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": name, "content_hash": ds._fingerprint}

@@ -144,13 +144,15 @@ def test_saved_dataset_has_one_split(tmp_path):
         load_rows(str(tmp_path / "saved"), split="validation")
 
 
-def test_saved_split_keeps_its_name(tmp_path):
-    rows = datasets.Dataset.from_list([chat("v0")], split=datasets.Split.VALIDATION)
-    rows.save_to_disk(str(tmp_path / "saved"))
-    ds, info = load_rows(str(tmp_path / "saved"), split="validation")
-    assert ids(ds) == ["v0"] and info["split"] == "validation"
-    with pytest.raises(InputError, match=says("--split", "['validation']", "not 'train'")):
-        load_rows(str(tmp_path / "saved"))
+@pytest.mark.parametrize("name", ["validation", "train[:2]"])
+def test_saved_split_keeps_its_name(tmp_path, name):
+    """A split saved by itself (`load_dataset(..., split=...)` then `save_to_disk`) is read whole, under its name."""
+    datasets.Dataset.from_list([chat("v0"), chat("v1")], split=datasets.NamedSplit(name)).save_to_disk(str(tmp_path / "saved"))
+    for wanted in (None, name):
+        ds, info = load_rows(str(tmp_path / "saved"), split=wanted)
+        assert ids(ds) == ["v0", "v1"] and info["split"] == name
+    with pytest.raises(InputError, match=says("--split", f"[{name!r}]", "not 'test'")):
+        load_rows(str(tmp_path / "saved"), split="test")
 
 
 @pytest.mark.parametrize("kind", ["file", "folder", "saved"])
