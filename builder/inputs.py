@@ -268,7 +268,8 @@ def _from_parquet_files(files: list[Path]) -> datasets.Dataset:
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
         raise InputError(
             f"--input-data: Parquet files {', '.join(p.name for p in files)} cannot be read as one table "
-            f"({_one_line(err.__cause__ or err)}); expected one schema for every file: rewrite them with one schema, or as JSON Lines"
+            f"({_one_line(err.__cause__ or err)}); expected readable Parquet files of one schema: check that none is damaged "
+            "or cut short, and rewrite them with one schema, or as JSON Lines"
         ) from None
 
 

@@ -307,3 +307,18 @@ def test_card_without_configs_splits_by_file_names(configured):
     assert ids(ds) == ["clean-train-0", "clean-train-1"]
     with pytest.raises(InputError, match=says("--input-config", "'raw'", "local path", "drop --input-config")):
         load_rows(str(configured), config="raw")
+
+
+def test_damaged_parquet_part_names_the_files(tmp_path):
+    folder = parquet_parts(tmp_path / "pq", [[chat(f"p{i}", "q" * 50) for i in range(20)], [chat("p20")]])
+    damaged = bytearray((folder / "part-0.parquet").read_bytes())
+    damaged[4:200] = b"\xff" * 196  # the first page, not the footer that holds the schema
+    (folder / "part-0.parquet").write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match=says("--input-data", "part-0.parquet, part-1.parquet", "damaged", "JSON Lines")):
+        load_rows(str(folder))
+
+
+def test_unreadable_card_configs_are_an_input_error(configured):
+    (configured / "README.md").write_text("---\nconfigs: clean\n---\n")
+    with pytest.raises(InputError, match=says("--input-data", "README.md", "configs", "fix it, or remove the README.md")):
+        load_rows(str(configured))
