@@ -14,6 +14,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 
 from .errors import InputError
 
@@ -41,7 +42,7 @@ def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
         if path.suffix not in DATA_SUFFIXES:
             raise InputError(f"--input-data: {spec!r} has suffix {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
         return {"train": [path]}
-    splits = folder_splits(path, config, spec)
+    splits = folder_splits(path, spec, config)
     if not splits:
         raise InputError(
             f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files"
@@ -49,7 +50,7 @@ def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
     return splits
 
 
-def folder_splits(folder: Path, config: str | None = None, spec: str | None = None) -> dict[str, list[Path]]:
+def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[str, list[Path]]:
     """Split the data files of a folder as `datasets.load_dataset(folder)` does, with its own patterns.
 
     The `configs` of a README.md (a Hub dataset downloaded with `hf download`) say which files
@@ -58,17 +59,15 @@ def folder_splits(folder: Path, config: str | None = None, spec: str | None = No
     `data/test-00000-of-00001.parquet`) make splits, and a folder without them is one `train`
     split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
     """
-    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
-
     base = folder.resolve().as_posix()
-    configs = card_configs(folder, spec or str(folder))
+    configs = card_configs(folder)
     if configs:
-        params = configs[_config_name(configs, config, spec or str(folder))]
+        params = configs[_config_name(configs, config, spec)]
         if params.get("data_dir"):
             base = f"{base}/{params['data_dir']}"
         patterns = sanitize_patterns(params["data_files"]) if params.get("data_files") else None
     else:
-        _refuse_config(config, spec or str(folder))
+        _refuse_config(config, spec)
         patterns = None
     try:
         patterns = patterns or get_data_patterns(base)
@@ -76,15 +75,15 @@ def folder_splits(folder: Path, config: str | None = None, spec: str | None = No
         return {}
     splits = {}
     for split, split_patterns in patterns.items():
-        files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(resolve_pattern, pattern, base)}
+        files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
         if files:
             splits[str(split)] = sorted(files)
     if not configs:
-        _warn_unsplit_files(folder, splits, resolve_pattern)
+        _warn_unsplit_files(folder, splits)
     return splits
 
 
-def card_configs(folder: Path, spec: str) -> dict[str, dict]:
+def card_configs(folder: Path) -> dict[str, dict]:
     """The `configs` field of the folder's README.md (name -> data_files, data_dir, ...), or {}."""
     readme = folder / "README.md"
     if not readme.is_file():
@@ -126,7 +125,7 @@ def _refuse_config(config: str | None, spec: str) -> None:
         )
 
 
-def _resolve_data_files(resolve_pattern, pattern: str, base: str) -> list[str]:
+def _resolve_data_files(pattern: str, base: str) -> list[str]:
     try:
         files = resolve_pattern(pattern, base, allowed_extensions=list(DATA_SUFFIXES))
     except FileNotFoundError:  # `datasets` says "no file matches" this way
@@ -134,10 +133,10 @@ def _resolve_data_files(resolve_pattern, pattern: str, base: str) -> list[str]:
     return [f for f in files if Path(f).suffix in DATA_SUFFIXES]
 
 
-def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]], resolve_pattern) -> None:
+def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
     """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing unseen."""
     split_files = {f for files in splits.values() for f in files}
-    left_out = sorted(Path(f) for f in _resolve_data_files(resolve_pattern, "**", str(folder.resolve())) if Path(f) not in split_files)
+    left_out = sorted(Path(f) for f in _resolve_data_files("**", folder.resolve().as_posix()) if Path(f) not in split_files)
     if splits and left_out:
         names = ", ".join(str(p.relative_to(folder.resolve())) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
         log.warning(
