@@ -9,43 +9,147 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# What `save_to_disk` writes; a `dataset_info.json` alone is also what LLaMA-Factory's data folders hold.
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES)
 
 
-def local_data_files(spec: str) -> list[Path]:
+def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
+    """Split name -> data files of a local file or folder; a single file is the `train` split."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
             f"--input-data: {spec!r} does not exist; expected a .json/.jsonl/.parquet file, a directory of them, or a Hub dataset id"
         )
     if path.is_file():
+        _refuse_config(config, spec)
         if path.suffix not in DATA_SUFFIXES:
             raise InputError(f"--input-data: {spec!r} has suffix {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
-    if not files:
+        return {"train": [path]}
+    splits = folder_splits(path, spec, config)
+    if not splits:
         raise InputError(
             f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files"
         )
-    kinds = {"parquet" if p.suffix == ".parquet" else "json" for p in files}
-    if len(kinds) > 1:
-        raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files; keep one kind per input")
-    return files
+    return splits
+
+
+def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[str, list[Path]]:
+    """Split the data files of a folder as `datasets.load_dataset(folder)` does, with its own patterns.
+
+    The `configs` of a README.md (a Hub dataset downloaded with `hf download`) say which files
+    each split of each configuration holds. Without them, split names in file or folder names
+    (`train`/`validation`/`test` and their synonyms, as in `sharegpt_train.jsonl` or
+    `data/test-00000-of-00001.parquet`) make splits, and a folder without them is one `train`
+    split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
+    """
+    base = folder.resolve().as_posix()
+    configs = card_configs(folder)
+    if configs:
+        params = configs[_config_name(configs, config, spec)]
+        if params.get("data_dir"):
+            base = f"{base}/{params['data_dir']}"
+        patterns = sanitize_patterns(params["data_files"]) if params.get("data_files") else None
+    else:
+        _refuse_config(config, spec)
+        patterns = None
+    try:
+        patterns = patterns or get_data_patterns(base)
+    except EmptyDatasetError:
+        return {}
+    splits = {}
+    for split, split_patterns in patterns.items():
+        files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
+        if files:
+            splits[str(split)] = sorted(files)
+    if not configs:
+        _warn_unsplit_files(folder, splits)
+    return splits
+
+
+def card_configs(folder: Path) -> dict[str, dict]:
+    """The `configs` field of the folder's README.md (name -> data_files, data_dir, ...), or {}."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    try:
+        return dict(MetadataConfigs.from_dataset_card_data(DatasetCard.load(readme).data))
+    except Exception as err:  # YAML or `configs` that `datasets` rejects, in a file we do not own
+        raise InputError(
+            f"--input-data: the `configs` in {readme} cannot be read ({type(err).__name__}: {_one_line(err)}); "
+            "expected the YAML header of a Hub dataset card: fix it, or remove the README.md from the folder"
+        ) from None
+
+
+def _config_name(configs: dict[str, dict], config: str | None, spec: str) -> str:
+    """--input-config, else the card's default config (as `datasets` picks it)."""
+    if config is not None:
+        if config not in configs:
+            raise InputError(
+                f"--input-config: {spec!r} has configurations {sorted(configs)}, not {config!r}; pass --input-config with one of them"
+            )
+        return config
+    defaults = [name for name, params in configs.items() if len(configs) == 1 or name == "default" or params.get("default")]
+    if len(defaults) != 1:
+        raise InputError(
+            f"--input-config: {spec!r} has configurations {sorted(configs)} and {'several defaults' if defaults else 'no default'}; "
+            "pass --input-config with one of them"
+        )
+    return defaults[0]
+
+
+def _refuse_config(config: str | None, spec: str) -> None:
+    if config is not None:
+        raise InputError(
+            f"--input-config: {config!r} names a configuration, and the local path {spec!r} has none "
+            "(a folder has them as `configs` in its README.md); drop --input-config"
+        )
+
+
+def _resolve_data_files(pattern: str, base: str) -> list[str]:
+    try:
+        files = resolve_pattern(pattern, base, allowed_extensions=list(DATA_SUFFIXES))
+    except FileNotFoundError:  # `datasets` says "no file matches" this way
+        return []
+    return [f for f in files if Path(f).suffix in DATA_SUFFIXES]
+
+
+def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
+    """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing unseen."""
+    split_files = {f for files in splits.values() for f in files}
+    left_out = sorted(Path(f) for f in _resolve_data_files("**", folder.resolve().as_posix()) if Path(f) not in split_files)
+    if splits and left_out:
+        names = ", ".join(str(p.relative_to(folder.resolve())) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        log.warning(
+            "--input-data: %s: %d data file(s) match no split (%s) and are not read; splits are %s",
+            folder,
+            len(left_out),
+            names,
+            sorted(splits),
+        )
 
 
 def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    return path.is_dir() and any((path / name).exists() for name in SAVED_DATASET_MARKERS)
 
 
 def content_hash(files: list[Path]) -> str:
@@ -63,12 +167,14 @@ def _json_rows(files: list[str], stamps: list[str]):
     """Generator for Dataset.from_generator; `stamps` only feeds its cache fingerprint."""
     for name in files:
         with open(name, "rb") as f:
-            head = f.read(1 << 12).lstrip()
+            head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
         if head.startswith(b"["):
             yield from _json_array_rows(name)
         else:
             with open(name, "rb") as f:
-                for line in f:
+                for number, line in enumerate(f):
+                    if number == 0:
+                        line = line.removeprefix(UTF8_BOM)  # editors on Windows start files with one
                     if line.strip():
                         yield {"raw": line}  # bytes: invalid UTF-8 is judged per row, later
 
@@ -103,32 +209,87 @@ def _from_json_files(files: list[Path], stamps: list[str]) -> datasets.Dataset:
 
 def _json_array_rows(name: str):
     try:
-        with open(name, encoding="utf-8") as f:
+        with open(name, encoding="utf-8-sig") as f:  # a leading byte-order mark is not JSON
             rows = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(
             f"--input-data: {name} starts like a JSON array but is not valid JSON ({err}); fix the file or write it as JSON Lines"
         ) from None
     for row in rows:
-        yield {"raw": json.dumps(row, ensure_ascii=False).encode()}
+        yield {"raw": _row_bytes(row)}
+
+
+def _row_bytes(row) -> bytes:
+    """A row as its JSON line. Text UTF-8 cannot hold (a lone surrogate escape such as "\\ud83d")
+    stays escaped, so that row alone is judged when parsed, as the same line of a JSONL file is."""
+    try:
+        return json.dumps(row, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(row).encode()
 
 
 def load_rows(spec: str, *, config: str | None = None, split: str | None = None) -> tuple[datasets.Dataset, dict]:
-    """Load the raw rows and describe the input for the manifest."""
-    if is_local(spec):
-        path = Path(spec).expanduser().resolve()
-        if is_saved_dataset(path):
-            ds = _pick_split(datasets.load_from_disk(str(path)), split, spec)
-            return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": split, "content_hash": ds._fingerprint}
-        files = local_data_files(spec)
-        if files[0].suffix == ".parquet":
-            _check_parquet_columns(files)
-            ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
-        else:
-            stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-            ds = _from_json_files(files, stamps)
-        return ds, {"input_data": str(spec), "kind": "files", "split": None, "content_hash": content_hash(files)}
-    return _load_hub(spec, config, split)
+    """Load the raw rows of one split and describe the input for the manifest."""
+    if not spec.strip():
+        raise InputError(
+            "--input-data is empty; expected a .json/.jsonl/.parquet file, a directory of them, a saved dataset or a Hub dataset id"
+        )
+    if not is_local(spec):
+        return _load_hub(spec, config, split)
+    path = Path(spec).expanduser().resolve()
+    if is_saved_dataset(path):
+        _refuse_config(config, spec)
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.Dataset):  # one split, under the name `datasets` gave it, if any
+            name = str(loaded.split or "train")
+            loaded, split = {name: loaded}, split or name
+        name = _split_name(loaded, split, spec)
+        ds = loaded[name]
+        return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": name, "content_hash": ds._fingerprint}
+    splits = local_splits(spec, config)
+    name = _split_name(splits, split, spec)
+    files = splits[name]
+    if {p.suffix == ".parquet" for p in files} == {True, False}:
+        raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files in split {name!r}; keep one kind per input")
+    if files[0].suffix == ".parquet":
+        ds = _from_parquet_files(files)
+    else:
+        stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        ds = _from_json_files(files, stamps)
+    return ds, {"input_data": str(spec), "kind": "files", "split": name, "content_hash": content_hash(files)}
+
+
+def _from_parquet_files(files: list[Path]) -> datasets.Dataset:
+    _check_parquet_columns(files)
+    features = _parquet_features(files)
+    try:
+        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features)
+    except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
+        raise InputError(
+            f"--input-data: Parquet files {', '.join(p.name for p in files)} cannot be read as one table "
+            f"({_one_line(err.__cause__ or err)}); expected readable Parquet files of one schema: check that none is damaged "
+            "or cut short, and rewrite them with one schema, or as JSON Lines"
+        ) from None
+
+
+def _parquet_features(files: list[Path]) -> datasets.Features | None:
+    """One schema for Parquet parts written in chunks, whose nested structs differ (a `tool_calls`
+    field only where a chunk had tool calls); None where every file has the same schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(p).remove_metadata() for p in files]
+    if all(schema.equals(schemas[0]) for schema in schemas[1:]):
+        return None
+    for path, schema in zip(files[1:], schemas[1:]):
+        try:
+            pa.unify_schemas([schemas[0], schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+            raise InputError(
+                f"--input-data: Parquet files {files[0].name} and {path.name} hold the same columns with types that do not "
+                f"agree ({_one_line(err)}); expected one schema for every file: rewrite them with one schema, or as JSON Lines"
+            ) from None
+    return datasets.Features.from_arrow_schema(pa.unify_schemas(schemas, promote_options="permissive"))
 
 
 def _load_hub(repo_id: str, config: str | None, split: str | None):
@@ -161,12 +322,15 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 
 def _pick_split(loaded, split: str | None, spec: str) -> datasets.Dataset:
-    if isinstance(loaded, datasets.Dataset):
-        return loaded
+    return loaded[_split_name(loaded, split, spec)]
+
+
+def _split_name(splits, split: str | None, spec: str) -> str:
+    """The split to read: --split, else `train`; an error lists the splits there are."""
     wanted = split or "train"
-    if wanted not in loaded:
-        raise InputError(f"--split: {spec!r} has splits {sorted(loaded)}, not {wanted!r}; pass --split with one of them")
-    return loaded[wanted]
+    if wanted not in splits:
+        raise InputError(f"--split: {spec!r} has splits {sorted(splits)}, not {wanted!r}; pass --split with one of them")
+    return wanted
 
 
 def select_rows(ds: datasets.Dataset, seed: int, max_samples: int | None) -> tuple[datasets.Dataset, np.ndarray]:

@@ -164,6 +164,13 @@ def count_duplicate_ids(samples: datasets.Dataset) -> int:
     return duplicates
 
 
+def recorded_split(input_info: dict) -> str | None:
+    """Local files were read as one split before they resolved into splits, and recorded none:
+    their `train` split stays recorded as None, so the builds begun before still resume."""
+    split = input_info.get("split")
+    return None if input_info["kind"] != "hub" and split == "train" else split
+
+
 def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:
     """Every field that shapes the cache's bytes; equal identities build equal caches."""
     return {
@@ -179,7 +186,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "input": {
             "data": input_info["input_data"],
             "config": cfg.input_config,
-            "split": input_info.get("split"),
+            "split": recorded_split(input_info),
             "content_hash": input_info["content_hash"],
             "shuffle_seed": cfg.shuffle_seed,
             "max_samples": cfg.max_samples,

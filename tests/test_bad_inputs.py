@@ -60,10 +60,16 @@ Each case, its outcome and the test that shows it:
   test_data_file_with_no_rows
 - every row invalid: error, no usable rows.
   test_template_that_raises_on_every_row, test_every_row_invalid
+- empty --input-data, a --split the input lacks, --input-config on a local path: error.
+  test_input_flags_that_cannot_apply (load level: test_input_splits.py)
+- a data folder of train and test files: --split builds that split alone, recorded in the manifest.
+  test_split_of_a_data_folder_is_built_alone
 
 Related, tested elsewhere: a JSON array file that is not valid JSON, a missing path,
 a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
-(test_inputs.py, test_validation.py::test_cli_unreadable_input_is_one_error_line); a
+(test_inputs.py, test_validation.py::test_cli_unreadable_input_is_one_error_line); how
+a folder resolves into splits and configurations, a byte-order mark, a lone surrogate
+escape and Parquet parts of differing nested schemas (test_input_splits.py); a
 template that is not prefix-stable (test_validation.py); --strict for every reason at
 the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason).
 """
@@ -548,3 +554,36 @@ def test_data_file_with_no_rows(tmp_path, capsys, no_weights, name, content):
         r"line \(JSON Lines\) or a JSON array of objects$",
         out,
     )
+
+
+def test_split_of_a_data_folder_is_built_alone(tmp_path, capsys):
+    """SpecForge's prepare_data.py --split-eval writes <name>_train.jsonl beside <name>_test.jsonl:
+    --split test builds the test rows only, and the manifest says which split it read."""
+    data = tmp_path / "sharegpt"
+    data.mkdir()
+    write_lines(data / "sharegpt_train.jsonl", GOOD[:2])
+    write_lines(data / "sharegpt_test.jsonl", GOOD[2:])
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--split", "test", "--output-dir", str(out))
+    assert code == 0, err
+    assert sorted(r["sample_id"] for r in built_rows(out)) == GOOD_IDS[2:]
+    assert read_manifest(out)["identity"]["input"]["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "flags, pattern",
+    [
+        (["--input-data", ""], r"^error: --input-data is empty; expected a \.json/\.jsonl/\.parquet file, .* or a Hub dataset id$"),
+        (["--split", "validation"], r"^error: --split: '.*sharegpt' has splits \['test', 'train'\], not 'validation'; pass --split"),
+        (["--input-config", "default"], r"^error: --input-config: 'default' names a configuration, .*; drop --input-config$"),
+    ],
+    ids=["empty_input_data", "absent_split", "input_config_of_a_local_path"],
+)
+def test_input_flags_that_cannot_apply(tmp_path, capsys, no_weights, flags, pattern):
+    data = tmp_path / "sharegpt"
+    data.mkdir()
+    write_lines(data / "sharegpt_train.jsonl", GOOD[:2])
+    write_lines(data / "sharegpt_test.jsonl", GOOD[2:])
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), *flags, "--output-dir", str(out))
+    assert_clean_error(code, stdout, err, pattern, out)
