@@ -221,13 +221,6 @@ class HubPusher:
         t = self.target
         known = known or {}
         expected = {s["name"]: known.get(s["name"]) or shard_sha256(cache_dir, s["name"]) for s in manifest["shards"]}
-        remote = self.remote_shards()
-        missing = sorted(name for name, sha in expected.items() if remote.get(name) != sha)
-        if missing:
-            raise HubError(
-                f"{t.repo_id}@{t.branch}: {len(missing)} shard(s) of this cache are not on the branch ({missing[:3]}...); "
-                "upload them first (re-run the push with the shards present locally)."
-            )
         commit, stale = self._commit_card(cache_dir, manifest, expected)
         if t.tag is not None:
             self._call("create tag", lambda: self._create_tag(commit))
@@ -244,7 +237,9 @@ class HubPusher:
             head = self.head()
             root_data, root_exists = self._root_card_data(head)
             self._check_layout(root_data, root_exists)
-            stale = sorted(name for name in self.remote_shards(head) if name not in expected and is_shard_name(name))
+            remote = self.remote_shards(head)
+            self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
+            stale = sorted(name for name in remote if name not in expected and is_shard_name(name))
             removed.update(stale)
             commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
             try:
@@ -254,6 +249,16 @@ class HubPusher:
                     raise
                 log.warning("%s moved while committing the card; retrying on top of it", t.branch)
         raise AssertionError("unreachable")
+
+    def _check_shards_present(self, expected: dict[str, str], remote: dict[str, str]) -> None:
+        t = self.target
+        missing = sorted(name for name, sha in expected.items() if remote.get(name) != sha)
+        if missing:
+            raise HubError(
+                f"{t.repo_id}@{t.branch}: {len(missing)} shard(s) of this cache are not on the branch, or were replaced there "
+                f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); upload them first (re-run the push with the "
+                "shards present locally), and push one cache to a branch and config at a time."
+            )
 
     def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
         t = self.target

@@ -512,3 +512,29 @@ def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub
     ):
         load_cache("tester/midpush", layout="raw")
     assert_same_content(list(load_cache("tester/midpush", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_a_shard_replaced_while_the_card_is_committed_is_never_tagged(hub, v1, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    api, real_commit, raced = HfApi(endpoint=hub.url, token=TOKEN), push_module.HubPusher._commit_on, []
+
+    def another_push_lands_first(self, head, *args, **kwargs):  # between our shard check and our card commit
+        if not raced:
+            raced.append(
+                api.create_commit(
+                    "tester/raced",
+                    [CommitOperationAdd("data/train-00000-of-00004.parquet", b"theirs")],
+                    commit_message="another push",
+                    repo_type="dataset",
+                )
+            )
+        return real_commit(self, head, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_on", another_push_lands_first)
+    with pytest.raises(HubError, match=r"1 shard\(s\) of this cache are not on the branch, or were replaced there \(train-00000-of-00004"):
+        push(v1, "tester/raced", tag="v1")
+    assert ("POST", "/api/datasets/tester/raced/commit/main", 412) in hub.requests("POST")  # the card's commit, refused
+    assert "v1" not in hub.repo("tester/raced").tags and "README.md" not in hub.files_at("tester/raced", "main")
