@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from .batching import expected_rows
-from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, read_identity, read_sidecar
+from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, holds_cache, read_identity, read_sidecar
 from .card import PictureDrawing, remove_dead_drawings, write_card
-from .config import BuildConfig, holds_cache
+from .config import BuildConfig
 from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows

@@ -45,6 +45,12 @@ def identity_differences(stored: dict, current: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def holds_cache(out: Path) -> bool:
+    """A build began here (its identity), or finished (its card), or left shards."""
+    out = Path(out)
+    return (out / BUILD_STATE_FILE).exists() or (out / "README.md").exists() or any(out.glob("data/*.parquet"))
+
+
 def read_identity(output_dir: Path) -> dict | None:
     path = output_dir / BUILD_STATE_FILE
     return json.loads(path.read_text()) if path.exists() else None
@@ -52,8 +58,6 @@ def read_identity(output_dir: Path) -> dict | None:
 
 def check_resume(output_dir: Path, identity: dict) -> None:
     """Refuse (changing nothing) when the stored identity differs from this run's."""
-    from .config import holds_cache
-
     stored = read_identity(output_dir)
     if stored is None and not holds_cache(output_dir):
         return  # nothing written yet (a start that failed): the run starts the build

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .build_state import holds_cache
 from .embedded import DEFAULT_INPUT, DEFAULT_TARGET
 from .errors import ConfigError
 from .formats import AUX_DTYPES, TARGET_FORMATS
@@ -279,12 +280,6 @@ def _check_output_dir(cfg: BuildConfig) -> None:
         )
     if out.is_dir() and not os.access(out, os.W_OK):
         raise ConfigError("--output-dir", cfg.output_dir, "a writable directory", "Check its permissions.")
-
-
-def holds_cache(out: Path) -> bool:
-    from .build_state import BUILD_STATE_FILE
-
-    return (out / BUILD_STATE_FILE).exists() or (out / "README.md").exists() or any(out.glob("data/*.parquet"))
 
 
 def resolve_aux_layer_ids(requested: tuple[int, ...] | None, num_layers: int) -> list[int]:
