@@ -87,7 +87,9 @@ class BuildConfig:
     target_model: str = setting(group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET)
     target_revision: str | None = setting(None, group="target", help="Hub revision (branch, tag or commit) of the target")
     trust_remote_code: bool = setting(False, group="target", help="allow custom model/tokenizer code from the target repo")
-    chat_template: str | None = setting(None, group="target", help="Jinja chat template overriding the tokenizer's", metavar="FILE")
+    chat_template: str | None = setting(
+        None, group="target", help="chat template overriding the tokenizer's: a Jinja file, or a chat_template.json", metavar="FILE"
+    )
     aux_layer_ids: tuple[int, ...] | None = setting(
         None, group="target", help="decoder layers whose outputs feed the draft", shown_default="1,N//2-1,N-4", parse=parse_layer_ids
     )
@@ -97,7 +99,9 @@ class BuildConfig:
         help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name",
         cli_default=DEFAULT_INPUT,
     )
-    input_config: str | None = setting(None, group="input", help="Hub dataset config name")
+    input_config: str | None = setting(
+        None, group="input", help="dataset config name (a Hub dataset's, or one in a local folder's README.md configs)"
+    )
     split: str | None = setting(None, group="input", help="dataset split", shown_default="train")
     max_samples: int | None = setting(None, group="input", help="use the first N rows of the shuffled input", minimum=1)
     shuffle_seed: int = setting(42, group="input", help="seed of the input permutation", minimum=0)
@@ -242,7 +246,9 @@ def validate(cfg: BuildConfig) -> None:
         if len(set(cfg.aux_layer_ids)) != len(cfg.aux_layer_ids):
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
-        raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file", "The file does not exist.")
+        raise ConfigError(
+            "--chat-template", cfg.chat_template, "a path to a Jinja template file or a chat_template.json", "The file does not exist."
+        )
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
     _check_output_dir(cfg)

@@ -190,8 +190,8 @@ def test_cli_bad_flag_is_one_error_line(tmp_path, capsys, nothing_loads, argv, l
 def test_cli_missing_chat_template(tmp_path, capsys, nothing_loads):
     assert main(["build", "--output-dir", str(tmp_path / "out"), "--chat-template", str(tmp_path / "t.jinja")]) == 2
     assert (
-        capsys.readouterr().err
-        == f"error: --chat-template: expected a path to a Jinja template file, got '{tmp_path / 't.jinja'}'. The file does not exist.\n"
+        capsys.readouterr().err == "error: --chat-template: expected a path to a Jinja template file or a chat_template.json, "
+        f"got '{tmp_path / 't.jinja'}'. The file does not exist.\n"
     )
 
 
