@@ -136,6 +136,7 @@ class HubPusher:
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
         t = self.target
+        self._check_token_writes()
         self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
         if t.private and not self._call("repo info", lambda: self.api.dataset_info(t.repo_id)).private:
             log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
@@ -143,6 +144,16 @@ class HubPusher:
             self._call("create branch", lambda: self.api.create_branch(t.repo_id, branch=t.branch, repo_type=REPO_TYPE, exist_ok=True))
         self._check_layout(*self._root_card_data(self.head()))
         return self
+
+    def _check_token_writes(self) -> None:
+        """A read-only token is refused before anything is computed or sent (the Hub would accept
+        the repo checks and refuse only the first upload). Fine-grained tokens are left to the Hub."""
+        who = self._call("read the token's role", lambda: self.api.whoami())
+        if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
+            raise HubError(
+                f"pushing to {self.target.repo_id}: the token is read-only; expected one with write access. Create a "
+                "write token (Settings, Access Tokens), set HF_TOKEN to it or run `hf auth login`, then re-run."
+            )
 
     def head(self) -> str:
         t = self.target

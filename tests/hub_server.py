@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 TOKEN = "hf_loopback_token"
+READ_TOKEN = "hf_loopback_read_token"  # a read-only token of the same user: reads all it does, writes nothing
 USER = "tester"
 LFS_SUFFIXES = (".parquet", ".safetensors", ".png", ".arrow", ".bin", ".pt", ".gz", ".zip")
 LFS_MIN_SIZE = 10 << 20  # the Hub stores files larger than this in LFS whatever their type
@@ -178,7 +179,7 @@ class HubState:
 
     def repo(self, repo_type: str, repo_id: str, token: str | None) -> Repo:
         repo = self.repos.get((repo_type, repo_id))
-        if repo is None or (repo.private and token != TOKEN):
+        if repo is None or (repo.private and token not in (TOKEN, READ_TOKEN)):
             raise HubError(404 if token else 401, "Repository not found", "RepoNotFound")
         return repo
 
@@ -305,6 +306,8 @@ class Handler(BaseHTTPRequestHandler):
         return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
 
     def require_write(self) -> None:
+        if self.token() == READ_TOKEN:
+            raise HubError(403, "You don't have the rights to create or modify this repository with a read token", None)
         if self.token() != TOKEN:
             raise HubError(401, "Invalid credentials in Authorization header" if self.token() else "You must be authenticated", None)
 
@@ -367,8 +370,11 @@ class Handler(BaseHTTPRequestHandler):
         return self.state.repo(repo_type, unquote(repo_id), self.token())
 
     def whoami(self) -> int:
-        self.require_write()
-        self._send_json({"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": {"type": "access_token"}})
+        if self.token() != READ_TOKEN:
+            self.require_write()
+        role = "read" if self.token() == READ_TOKEN else "write"
+        auth = {"type": "access_token", "accessToken": {"displayName": "loopback", "role": role}}
+        self._send_json({"type": "user", "name": USER, "fullname": USER, "orgs": [], "auth": auth})
         return 200
 
     def create_repo(self) -> int:

@@ -104,3 +104,20 @@ def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monk
         list(load_cache("tester/outage", revision="v1", layout="raw")),
         decoded_rows(build(small_config(tmp_path / "local", shard_size=4), progress=False).output_dir),
     )
+
+
+def test_a_read_only_token_is_refused_before_the_target_loads(hub, tmp_path, monkeypatch):
+    from hub_server import READ_TOKEN, TOKEN
+    from huggingface_hub import HfApi
+
+    import builder.forward as forward_module
+    from builder.hub import HubError
+
+    HfApi(endpoint=hub.url, token=TOKEN).create_repo("tester/read-only", repo_type="dataset")  # the team's repo
+    monkeypatch.setenv("HF_TOKEN", READ_TOKEN)
+    monkeypatch.setattr(forward_module, "load_placed_model", lambda *a: pytest.fail("the target loaded"))
+    cfg = small_config(tmp_path / "cache", push_to_hub="tester/read-only", hub_tag="v1")
+    with pytest.raises(HubError, match=r"pushing to tester/read-only: the token is read-only; expected one with write access"):
+        build(cfg, progress=False)
+    assert not (tmp_path / "cache" / "data").exists()
+    assert hub.requests("POST") == [("POST", "/api/repos/create", 200)]  # the team's own: the build sent nothing
