@@ -35,6 +35,11 @@ def flatten(d: dict, prefix: str = "") -> dict:
 ADDED_FIELDS = ("target.weights_sample_sha256",)
 
 
+# Fields holding a path as it was typed: another spelling of the same local file or folder (a
+# trailing slash, `..`, a symlink) names the same input, whose content the other fields hash.
+PATH_FIELDS = ("target.model", "input.data")
+
+
 def identity_differences(stored: dict, current: dict) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names."""
     a, b = flatten(stored), flatten(current)
@@ -42,7 +47,17 @@ def identity_differences(stored: dict, current: dict) -> dict:
         if field not in a and field in b:
             log.warning("the build being resumed predates %s: that field is not checked", field)
             b.pop(field)
+    for field in PATH_FIELDS:
+        if a.get(field) != b.get(field) and same_local_path(a.get(field), b.get(field)):
+            b[field] = a[field]
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def same_local_path(first, second) -> bool:
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    first, second = Path(first).expanduser(), Path(second).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
 def holds_cache(out: Path) -> bool:

@@ -234,6 +234,21 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
     assert snapshot(root / "cache") == before
 
 
+def test_resume_takes_the_same_local_target_and_input_under_another_spelling(tmp_path, monkeypatch):
+    target = make_tiny_target(tmp_path / "models" / "tiny", "llama")
+    chats = tmp_path / "data" / "chats.jsonl"
+    chats.parent.mkdir()
+    chats.write_bytes((Path(__file__).parents[1] / "builder/assets/chats/openai.jsonl").read_bytes())
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    cfg = small_config(tmp_path / "cache", target, input_data=str(chats))
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    respelled = cfg.replace(resume=True, target_model=f"{tmp_path}/link/tiny/", input_data=f"{tmp_path}/data/../data/chats.jsonl")
+    assert len(build(respelled, progress=False).written) == 3  # resumed, not refused
+    other = make_tiny_target(tmp_path / "models" / "other", "llama")  # another folder is still another target
+    with pytest.raises(ResumeMismatch, match=r"target.model: cache has"):
+        build(cfg.replace(resume=True, target_model=str(other)), progress=False)
+
+
 def test_resume_refuses_a_local_target_whose_weights_changed(tmp_path, monkeypatch):
     """A checkpoint saved over the same folder keeps its config.json: only its weights tell."""
     target = make_tiny_target(tmp_path / "target", "llama", seed=0)
