@@ -5,6 +5,8 @@ Tensor columns are decoded with `torch.frombuffer` straight from the stored byte
 streaming reads take rows as Arrow tables and view the Parquet values buffer; `datasets`'
 torch/numpy formatters never touch them (they would upcast to float32/int64). Such tensors
 are read-only memory shared with the Arrow batch: `.clone()` one before writing into it.
+Local shards are memory-mapped while streaming (`local_shards`): Parquet decodes them straight
+from the page cache.
 
 From the Hub, every read is pinned to the commit the revision points at when the cache is
 opened (card, vocab and shards of one version, even if the branch moves meanwhile); only
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import Eagle3CacheError
+from .local_shards import memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
 from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
@@ -757,12 +760,16 @@ def _load_rows(
         if block_size is not None:
             kwargs["storage_options"] = {"hf": {"block_size": block_size}}
     elif streaming:
-        kwargs["fragment_scan_options"] = local_scan_options()
-    return datasets.load_dataset(source.location, source.name, **kwargs)
+        kwargs["fragment_scan_options"] = local_scan_options()  # what datasets reads with if it cannot be memory-mapped
+    hf = datasets.load_dataset(source.location, source.name, **kwargs)
+    if streaming and not source.on_hub:
+        memory_map_local_shards(hf)
+    return hf
 
 
 def local_scan_options():
-    """Parquet scan options for streaming local shards: one sequential buffered pass.
+    """Parquet scan options for streaming local shards through `datasets` (where they cannot be
+    memory-mapped): one sequential buffered pass.
 
     Arrow's default pre-buffering plans and coalesces ranged reads for every column chunk, which
     suits object stores; over a local file it halves the read rate. Tensor values are large, so an

@@ -13,6 +13,7 @@ import weakref
 import pytest
 from helpers import small_config
 
+import builder.reader as reader
 import builder.stream_exit as stream_exit
 from builder.build import build
 from builder.reader import load_cache
@@ -78,6 +79,7 @@ def test_exit_gives_up_after_the_timeout_with_a_warning_and_sees_frozen_files_to
 
 def test_a_stream_records_its_shards_and_finds_the_file_datasets_opened(monkeypatch, tmp_path):
     monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)  # read through datasets' file, as from the Hub
     out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
     rows = iter(load_cache(out, layout="raw", columns=["sample_id"], streaming=True))
     assert stream_exit.STREAMED_SHARDS == {"data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"}

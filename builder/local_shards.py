@@ -1,0 +1,87 @@
+"""Streaming local shards through `datasets`, memory-mapped.
+
+`datasets` streams a Parquet file through a Python file object: each read is a Python call
+that copies the file's bytes into a `bytes` object, which Parquet's decoder then copies again
+into the column's values. For shards on a local disk, `memory_map_local_shards` swaps in a table
+source that memory-maps each shard, so Parquet decodes straight from the page cache: one copy
+fewer, no Python call per read, no reader threads of Arrow's own.
+
+Only where the tables come from changes. The source yields the tables `datasets` yields (one
+per row group, split at the same batch size, with the same keys), so the shard lists, the
+rank and worker splits, the shard shuffle and every `state_dict` stay `datasets`' own, and a
+state saved by either source resumes on the other. Where `datasets` builds its stream in
+another way (another version, options this source does not mirror, a file that is not local),
+nothing is swapped and `datasets` reads the same rows itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLE_ARGUMENTS = ["files", "row_groups_list"]  # datasets' Parquet table generator, as this source mirrors it
+
+
+class MemoryMappedTables:
+    """`datasets`' Parquet `_generate_tables(files, row_groups_list)`, over memory-mapped files.
+
+    Picklable (a DataLoader worker started by spawn receives it with the dataset)."""
+
+    def __init__(self, columns: list[str] | None, schema: pa.Schema | None):
+        self.columns, self.schema = columns, schema
+
+    def __call__(self, files, row_groups_list):
+        from datasets.builder import Key
+
+        for file_index, (file, row_groups) in enumerate(zip(files, row_groups_list)):
+            with pq.ParquetFile(file, memory_map=True, pre_buffer=False) as parquet:
+                groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
+                if not groups:
+                    continue
+                # datasets reads a fragment in batches of its first row group's rows, never across row groups
+                batch_size = parquet.metadata.row_group(groups[0]).num_rows
+                batch_index = 0
+                for group in groups:
+                    table = parquet.read_row_group(group, columns=self.columns, use_threads=False)
+                    for batch in table.to_batches(max_chunksize=batch_size):
+                        yield Key(file_index, batch_index), self._cast(pa.Table.from_batches([batch]))
+                        batch_index += 1
+
+    def _cast(self, table: pa.Table) -> pa.Table:
+        if self.schema is None:
+            return table
+        from datasets.table import table_cast  # as datasets does: a no-op but for the schema's metadata
+
+        return table_cast(table, self.schema)
+
+
+def memory_map_local_shards(hf) -> bool:
+    """Make a streaming `datasets.IterableDataset` over local Parquet files read them memory-mapped.
+
+    Returns whether it did; `False` leaves `hf` as it was (it then reads through `datasets`)."""
+    examples = getattr(hf, "_ex_iterable", None)
+    generate = getattr(examples, "generate_tables_fn", None)
+    parquet_builder = getattr(generate, "__self__", None)
+    if not _is_datasets_parquet_reader(generate, parquet_builder) or sorted(getattr(examples, "kwargs", {})) != TABLE_ARGUMENTS:
+        return False
+    config = parquet_builder.config
+    if getattr(config, "filters", None) is not None or getattr(config, "batch_size", None) is not None:
+        return False  # options this source does not mirror: datasets applies them itself
+    if not all(isinstance(f, str) and os.path.isfile(f) for f in examples.kwargs["files"]):
+        return False
+    features = parquet_builder.info.features
+    examples.generate_tables_fn = MemoryMappedTables(config.columns, features.arrow_schema if features is not None else None)
+    return True
+
+
+def _is_datasets_parquet_reader(generate, parquet_builder) -> bool:
+    try:
+        from datasets.packaged_modules.parquet.parquet import Parquet
+    except ImportError:
+        return False
+    if not isinstance(parquet_builder, Parquet) or getattr(generate, "__name__", None) != "_generate_tables":
+        return False
+    return list(inspect.signature(generate).parameters) == TABLE_ARGUMENTS
