@@ -22,7 +22,9 @@ process, interleaved, `--repeats` times each (the fastest counts):
                 touching every tensor byte (each decoded tensor copied once into a scratch
                 buffer, as the plain read's `readinto` copies into its buffer, on one torch
                 thread like readinto and a DataLoader worker). The open (card,
-                vocab, `datasets` builder) is reported beside it.
+                vocab, `datasets` builder) is reported beside it. Also without that
+                copy (a diagnostic: the tensors are in memory, Parquet's decode having
+                copied every byte, but not read again).
   plain read    the shard file read into an 8 MiB buffer with `readinto`.
 
 Ratios: the writer's MB/s of tensor data (the bytes the forward hands over) over a plain
@@ -392,10 +394,14 @@ def main(argv=None) -> dict:
             opens.append(opened)
             for p in paths[c]:
                 drop_from_page_cache(p)
+            timed(f"reader_untouched_cold_{c}", reader_pass(caches[c], touch=False)[1])
+            for p in paths[c]:
+                drop_from_page_cache(p)
             timed(f"pyarrow_read_cold_{c}", pyarrow_read(paths[c]))
             plain_read(paths[c])  # into the page cache
             timed(f"plain_read_warm_{c}", plain_read(paths[c]))
             timed(f"reader_warm_{c}", reader_pass(caches[c])[1])
+            timed(f"reader_untouched_warm_{c}", reader_pass(caches[c], touch=False)[1])
             timed(f"pyarrow_read_warm_{c}", pyarrow_read(paths[c]))
 
     print("  the writer beside a busy Python thread ...", flush=True)
@@ -437,7 +443,12 @@ def main(argv=None) -> dict:
                 for c in COMPRESSIONS
                 for kind in ("plain_read_cold", "plain_read_warm", "pyarrow_read_cold", "pyarrow_read_warm")
             },
-            **{f"reader_{w}_{c}": raw / best[f"reader_{w}_{c}"] / 1e6 for c in COMPRESSIONS for w in ("cold", "warm")},
+            **{
+                f"{kind}_{w}_{c}": raw / best[f"{kind}_{w}_{c}"] / 1e6
+                for c in COMPRESSIONS
+                for w in ("cold", "warm")
+                for kind in ("reader", "reader_untouched")
+            },
             **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
             **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
         }.items()
@@ -450,6 +461,7 @@ def main(argv=None) -> dict:
             ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"] = best[f"plain_write_{c}"] / best[f"writer_{c}_{t}"]
         for w in ("cold", "warm"):
             ratios[f"reader_{w}_{c}_over_plain_read"] = mb[f"reader_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
+            ratios[f"reader_untouched_{w}_{c}_over_plain_read"] = mb[f"reader_untouched_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
             ratios[f"pyarrow_read_{w}_{c}_over_plain_read"] = mb[f"pyarrow_read_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
 
     def verdict(value: float, target: float) -> str:
@@ -512,6 +524,14 @@ def main(argv=None) -> dict:
                     r,
                     f">= {TARGET_READ}",
                     verdict(r, TARGET_READ),
+                ],
+                [
+                    f"  diag: the same, tensors not read again, {c}, {w}",
+                    best[f"reader_untouched_{w}_{c}"],
+                    mb[f"reader_untouched_{w}_{c}"],
+                    ratios[f"reader_untouched_{w}_{c}_over_plain_read"],
+                    "",
+                    "",
                 ],
                 [
                     f"  diag: pyarrow read_row_group, {c}, {w}",
