@@ -13,6 +13,11 @@ rank and worker splits, the shard shuffle and every `state_dict` stay `datasets`
 state saved by either source resumes on the other. Where `datasets` builds its stream in
 another way (another version, options this source does not mirror, a file that is not local),
 nothing is swapped and `datasets` reads the same rows itself.
+
+A memory-mapped file must not shrink while it is read: the reading process would stop with
+SIGBUS, as with any memory-mapped file (`datasets`' own Arrow cache files are read the same
+way). Shards are only ever replaced by a rename, and `load_cache` checks every shard's size
+against the manifest before the first row.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ def memory_map_local_shards(hf) -> bool:
 
 def _is_datasets_parquet_reader(generate, parquet_builder) -> bool:
     try:
+        from datasets.builder import Key  # noqa: F401 (the source yields datasets' keys: refuse here, not mid-stream)
         from datasets.packaged_modules.parquet.parquet import Parquet
     except ImportError:
         return False

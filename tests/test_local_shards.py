@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
@@ -107,7 +108,16 @@ def test_a_memory_mapped_stream_stopped_early_leaves_no_shard_file_open(cache, m
     next(rows)
     assert stream_exit.STREAMED_SHARDS  # the shards are still recorded, for a read that falls back to datasets
     assert stream_exit.shard_files(closed_only=False) == []  # no Python file object: nothing for the exit to wait on
+    assert mapped_shards()  # read memory-mapped...
     rows.close()
+    assert mapped_shards() == []  # ...and unmapped once the stream stops
+
+
+def mapped_shards() -> list[str]:
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    return [line.split()[-1] for line in maps.read_text().splitlines() if line.endswith(".parquet")]
 
 
 def test_other_streams_are_left_to_datasets(cache, tmp_path):
@@ -118,4 +128,6 @@ def test_other_streams_are_left_to_datasets(cache, tmp_path):
     assert [row["a"] for row in rows] == [1, 2]
     filtered = datasets.load_dataset(str(cache), split="train", streaming=True, filters=[("num_tokens", ">", 0)])
     assert memory_map_local_shards(filtered) is False  # an option the memory-mapped source does not apply
+    rebatched = datasets.load_dataset(str(cache), split="train", streaming=True, batch_size=2)
+    assert memory_map_local_shards(rebatched) is False  # another batching than a row group's
     assert memory_map_local_shards(datasets_stream(cache)) is True
