@@ -9,6 +9,7 @@ once complete.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -139,3 +140,20 @@ def file_hash(path: Path, algorithm: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+PATTERN_CHARACTERS = "*?["  # what glob reads as a pattern
+
+
+def refuse_pattern_paths(paths, what: str, error: type[Exception] = ValueError) -> None:
+    """`datasets` resolves every local data path as a glob pattern, and its file system has no
+    escape: a folder named `cache[1]` matches `cache1`, so it reads another folder's files (or
+    none) without an error. Refuse such a path before `datasets` is given it."""
+    for path in paths:
+        if glob.has_magic(str(path)):
+            found = "".join(c for c in PATTERN_CHARACTERS if c in str(path))
+            raise error(
+                f"{what}: the path {str(path)!r} contains {found!r}, which `datasets` reads as a file pattern: it would "
+                f"read the files of whatever paths match it, or none; expected a path without any of {PATTERN_CHARACTERS!r}: "
+                "rename the folder or move the files"
+            )

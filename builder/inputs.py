@@ -17,6 +17,7 @@ import numpy as np
 from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 
 from .errors import InputError
+from .files import refuse_pattern_paths
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[st
     split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
     """
     base = folder.resolve().as_posix()
+    refuse_pattern_paths([base], "--input-data", InputError)
     configs = card_configs(folder)
     if configs:
         params = configs[_config_name(configs, config, spec)]
@@ -260,6 +262,7 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
 
 
 def _from_parquet_files(files: list[Path]) -> datasets.Dataset:
+    refuse_pattern_paths([Path(p).absolute() for p in files], "--input-data", InputError)
     _check_parquet_columns(files)
     features = _parquet_features(files)
     try:

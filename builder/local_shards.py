@@ -77,13 +77,18 @@ def memory_map_local_shards(hf) -> bool:
     if not _is_datasets_parquet_reader(generate, parquet_builder) or sorted(getattr(examples, "kwargs", {})) != TABLE_ARGUMENTS:
         return False
     config = parquet_builder.config
-    if getattr(config, "filters", None) is not None or getattr(config, "batch_size", None) is not None:
+    if getattr(config, "filters", None) is not None or getattr(config, "batch_size", None) is not None or not _bad_files_raise(config):
         return False  # options this source does not mirror: datasets applies them itself
     if not all(isinstance(f, str) and os.path.isfile(f) for f in examples.kwargs["files"]):
         return False
     features = parquet_builder.info.features
     examples.generate_tables_fn = MemoryMappedTables(config.columns, features.arrow_schema if features is not None else None)
     return True
+
+
+def _bad_files_raise(config) -> bool:
+    """`datasets` skips or warns about an unreadable file where asked (`on_bad_files`); this source raises."""
+    return getattr(config, "on_bad_files", "error") == "error"
 
 
 def _is_datasets_parquet_reader(generate, parquet_builder) -> bool:

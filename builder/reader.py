@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import Eagle3CacheError
+from .files import refuse_pattern_paths
 from .local_shards import memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
 from .manifest import manifest_of as _manifest_of
@@ -759,7 +760,10 @@ def _load_rows(
         kwargs.update(revision=source.commit, token=source.token)
         if block_size is not None:
             kwargs["storage_options"] = {"hf": {"block_size": block_size}}
-    elif streaming:
+    else:
+        where = Path(source.location)
+        refuse_pattern_paths({os.path.abspath(where), where.resolve().as_posix()}, "load_cache")
+    if streaming and not source.on_hub:
         kwargs["fragment_scan_options"] = local_scan_options()  # what datasets reads with if it cannot be memory-mapped
     hf = datasets.load_dataset(source.location, source.name, **kwargs)
     if streaming and not source.on_hub:

@@ -345,3 +345,27 @@ def test_valid_samples_match_direct_encoding(tmp_path):
     for record, i in zip(prep.samples, order):
         ids, mask = encode_messages(normalize_row(rows[i]), prep.tokenizer, template, 64)
         assert record["input_ids"] == ids and record["loss_mask"] == mask
+
+
+# ---- paths datasets would glob --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl_directory"])
+def test_an_input_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, kind):
+    """`datasets` globs the paths it is given: data under `chats[1]` would be read from a `chats1` beside it."""
+    path = write_kind(kind, conversations(), tmp_path / "chats[1]")
+    write_kind(kind, conversations(4), tmp_path / "chats1")
+    with pytest.raises(
+        InputError, match=r"--input-data: the path '.*chats\[1\].*' contains '\[', which `datasets` reads as a file pattern"
+    ):
+        load_rows(str(path))
+
+
+def test_a_json_lines_file_under_such_a_path_is_read_as_it_is(tmp_path):
+    """A JSON file is read by this project, not globbed: its rows are its own."""
+    path = write_kind("jsonl", conversations(), tmp_path / "chats[1]")
+    write_kind("jsonl", conversations(4), tmp_path / "chats1")
+    ds, _ = load_rows(str(path))
+    assert [row_messages(ds, i) for i in range(len(ds))] == [
+        row_messages(load_rows(str(write_kind("jsonl", conversations(), tmp_path / "plain")))[0], i) for i in range(20)
+    ]

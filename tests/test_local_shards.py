@@ -131,3 +131,13 @@ def test_other_streams_are_left_to_datasets(cache, tmp_path):
     rebatched = datasets.load_dataset(str(cache), split="train", streaming=True, batch_size=2)
     assert memory_map_local_shards(rebatched) is False  # another batching than a row group's
     assert memory_map_local_shards(datasets_stream(cache)) is True
+
+
+def test_a_stream_that_skips_bad_files_is_left_to_datasets(cache, tmp_path):
+    """`on_bad_files="skip"`: datasets passes over an unreadable file, which the memory-mapped source would raise on."""
+    good = sorted((cache / "data").glob("*.parquet"))[0]
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a Parquet file" * 8)
+    rows = datasets.load_dataset("parquet", data_files=[str(good), str(bad)], split="train", streaming=True, on_bad_files="skip")
+    assert memory_map_local_shards(rows) is False
+    assert [row["sample_id"] for row in rows] == pq.read_table(good, columns=["sample_id"]).column("sample_id").to_pylist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,19 @@ def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_pat
             match=rf"the shard files in data/ are not the ones its card lists \(missing: {shards[3].name}; "
             rf"another size than recorded: {shards[1].name}\)\. The shards were removed or replaced after the build",
         ):
+            load_cache(copy, layout="raw", streaming=streaming)
+
+
+@pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar"])
+def test_a_cache_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, cache, name):
+    """`datasets` globs the folder's path: `cache[1]` would read the shards of a `cache1` beside it."""
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(cache, copy)
+    shutil.copytree(cache, tmp_path / name.replace("[", "").replace("]", "").replace("?", "x").replace("*", ""))
+    for streaming in (True, False):
+        with pytest.raises(ValueError, match=rf"load_cache: the path .*{re.escape(name)}' contains .* `datasets` reads as a file pattern"):
             load_cache(copy, layout="raw", streaming=streaming)
 
 
