@@ -6,9 +6,11 @@ import argparse
 import atexit
 import dataclasses
 import gc
+import glob
 import importlib
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 
@@ -248,14 +250,15 @@ def format_summary(result) -> str:
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:
         lines.append(f"  skipped by reason: {json.dumps(m['skipped'])}")
-    lines.append(f"  read it: builder.load_cache({str(result.output_dir)!r}, layout='nemo')")
+    if glob.has_magic(os.path.abspath(result.output_dir)):
+        lines.append("  read it: rename or move the folder first: `datasets` reads '*', '?' and '[' in a path as a pattern")
+    else:
+        lines.append(f"  read it: builder.load_cache({str(result.output_dir)!r}, layout='nemo')")
     return "\n".join(lines)
 
 
 def _is_main_process() -> bool:
     """Log on rank 0 only (before torch.distributed exists, the launcher's env tells the rank)."""
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 

@@ -587,3 +587,14 @@ def test_input_flags_that_cannot_apply(tmp_path, capsys, no_weights, flags, patt
     out = tmp_path / "out"
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), *flags, "--output-dir", str(out))
     assert_clean_error(code, stdout, err, pattern, out)
+
+
+def test_a_cache_written_under_a_path_datasets_would_glob_says_to_rename_it(tmp_path, capsys):
+    """The build writes it whole; the summary does not offer a `load_cache` call that would be refused."""
+    data = write_lines(tmp_path / "chats.jsonl", GOOD)
+    out = tmp_path / "out[1]"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
+    assert code == 0, err
+    assert "read it: rename or move the folder first: `datasets` reads '*', '?' and '[' in a path as a pattern" in stdout
+    assert "load_cache(" not in stdout
+    assert sorted(r["sample_id"] for r in built_rows(out)) == GOOD_IDS
