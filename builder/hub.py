@@ -223,14 +223,15 @@ def read_error(err: BaseException, repo_id: str, revision: str | None, commit: s
     return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
 
 
-def remote_file_sizes(repo_id: str, revision: str, folder: str, token: str | None = None) -> dict[str, int]:
-    """{file name: size} of the files directly in `folder` at `revision` (one listing request)."""
+def remote_file_sizes(repo_id: str, revision: str, folder: str, token: str | None = None) -> dict[str, tuple[int, str | None]]:
+    """{file name: (size, sha256 of an LFS file, else None)} of the files directly in `folder` at
+    `revision` (one listing request)."""
     from huggingface_hub.errors import EntryNotFoundError
 
     folder = folder.rstrip("/")
     try:
         entries = hub_api(token).list_repo_tree(repo_id, path_in_repo=folder or None, revision=revision, repo_type=REPO_TYPE)
-        return {e.path.rsplit("/", 1)[-1]: e.size for e in entries if hasattr(e, "blob_id")}
+        return {e.path.rsplit("/", 1)[-1]: (e.size, e.lfs.sha256 if e.lfs else None) for e in entries if hasattr(e, "blob_id")}
     except EntryNotFoundError:
         return {}
 

@@ -232,7 +232,7 @@ class HubPusher:
         t = self.target
         known = known or {}
         expected = {s["name"]: known.get(s["name"]) or shard_sha256(cache_dir, s["name"]) for s in manifest["shards"]}
-        commit, stale = self._commit_card(cache_dir, manifest, expected)
+        commit, stale = self._commit_card(cache_dir, with_shard_sha256(manifest, expected), expected)
         if t.tag is not None:
             self._call("create tag", lambda: self._create_tag(commit))
         return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=[f"{t.prefix}data/{n}" for n in stale])
@@ -371,6 +371,12 @@ def push_cache(
     result = pusher.finish(cache_dir, manifest, known)
     result.uploaded, result.skipped = [p.name for p, _ in pending], skipped
     return result
+
+
+def with_shard_sha256(manifest: dict, sha256: dict[str, str]) -> dict:
+    """The manifest the pushed card holds: each shard's sha256 (its LFS oid) beside its checksum,
+    so a reader of the branch can tell the card's shards from those of a push still under way."""
+    return manifest | {"shards": [shard | {"sha256": sha256[shard["name"]]} for shard in manifest["shards"]]}
 
 
 def check_unchanged(path: Path, manifest: dict, shard: dict) -> None:

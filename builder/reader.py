@@ -62,20 +62,34 @@ class ShardFilesMismatch(Eagle3CacheError, ValueError):
 
 
 def check_shard_files(source: CacheSource, manifest: dict) -> None:
-    """The shard files under data/ must be exactly the manifest's, by name and size, before any row is
-    read: otherwise rows of another build, or a partial cache, would be read as this cache."""
+    """The shard files under data/ must be exactly the manifest's, by name and size (and on the Hub by
+    sha256, where the card records it), before any row is read: otherwise rows of another build, or a
+    partial cache, would be read as this cache. A branch in the middle of a push holds the old card
+    beside new shards, which can have the old names and sizes."""
     from .shards import is_shard_name
 
     expected = {shard["name"]: shard["bytes"] for shard in manifest["shards"]}
-    present = {name: size for name, size in _shard_file_sizes(source).items() if is_shard_name(name)}
-    if present == expected:
+    listing = {name: found for name, found in _shard_files(source).items() if is_shard_name(name)}
+    present = {name: size for name, (size, _) in listing.items()}
+    replaced = sorted(
+        shard["name"]
+        for shard in manifest["shards"]
+        if shard.get("sha256") and listing.get(shard["name"], (None, None))[1] not in (None, shard["sha256"])
+    )
+    if present == expected and not replaced:
         return
     missing = sorted(set(expected) - set(present))
     extra = sorted(set(present) - set(expected))
     resized = sorted(name for name in set(expected) & set(present) if present[name] != expected[name])
+    replaced = [name for name in replaced if name not in resized]
     found = "; ".join(
         f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-        for what, names in (("missing", missing), ("not in the manifest", extra), ("another size than recorded", resized))
+        for what, names in (
+            ("missing", missing),
+            ("not in the manifest", extra),
+            ("another size than recorded", resized),
+            ("another sha256 than recorded", replaced),
+        )
         if names
     )
     if source.on_hub:
@@ -92,13 +106,14 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
     raise ShardFilesMismatch(f"{where} are not the ones its card lists ({found}). {hint}")
 
 
-def _shard_file_sizes(source: CacheSource) -> dict[str, int]:
+def _shard_files(source: CacheSource) -> dict[str, tuple[int, str | None]]:
+    """{file name: (size, sha256 where the Hub's listing gives it)} of the Parquet files under data/."""
     if source.on_hub:
         from .hub import remote_file_sizes
 
         return remote_file_sizes(source.location, source.commit, f"{source.prefix}data", source.token)
     folder = Path(source.location) / source.prefix / "data"
-    return {path.name: path.stat().st_size for path in folder.glob("*.parquet")} if folder.is_dir() else {}
+    return {path.name: (path.stat().st_size, None) for path in folder.glob("*.parquet")} if folder.is_dir() else {}
 
 
 def read_vocab(

@@ -19,7 +19,7 @@ from builder.build import build
 from builder.cli import main
 from builder.files import file_hash
 from builder.hub import HubError, Retry
-from builder.push import PushTarget, ShardUploader, push_cache, validate_target
+from builder.push import PushTarget, ShardUploader, push_cache, validate_target, with_shard_sha256
 from builder.reader import CacheMismatch, ShardFilesMismatch, load_cache, read_manifest, read_vocab
 
 hub_server, hub = hub_fixtures()
@@ -42,6 +42,11 @@ def v2(tmp_path_factory):
 
 def push(cache, repo, retry=FAST, **kwargs):
     return push_cache(cache, PushTarget(repo, **kwargs), retry=retry)
+
+
+def without_shard_sha256(manifest: dict) -> dict:
+    """A pushed card's manifest as the local card holds it (the push adds each shard's sha256)."""
+    return manifest | {"shards": [{k: v for k, v in shard.items() if k != "sha256"} for shard in manifest["shards"]]}
 
 
 def sample_ids(dataset) -> list[str]:
@@ -97,7 +102,8 @@ def test_card_names_repo_and_revision_and_shows_pictures(hub, v1):
     card = hub.state.blob_path(files["README.md"].sha256).read_text()
     assert "load_cache('tester/card', revision='release-1', layout=\"nemo\", streaming=True)" in card
     assert f"]({hub.url}/datasets/tester/card/resolve/release-1/images/length_histogram.png)" in card
-    assert read_manifest("tester/card", revision="release-1") == read_manifest(v1)
+    sha256 = {p.name: file_hash(p, "sha256") for p in (v1 / "data").glob("*.parquet")}
+    assert read_manifest("tester/card", revision="release-1") == with_shard_sha256(read_manifest(v1), sha256)  # + each LFS oid
     local_card = (v1 / "README.md").read_text()
     assert "](images/vocab_coverage.png)" in local_card  # the local card shows the local files
 
@@ -344,7 +350,7 @@ def test_expect_passes_on_matching_settings_and_names_each_mismatch(hub, pushed_
         "selected_token_ids": read_vocab(v1)["selected_token_ids"],
         "hidden_size": manifest["hidden_size"],
     }
-    assert load_cache(pushed_v1, revision="v1", expect=matching).manifest == manifest
+    assert without_shard_sha256(load_cache(pushed_v1, revision="v1", expect=matching).manifest) == manifest
     wrong = {**matching, "aux_layer_ids": [1, 2, 3], "dtype": "bf16", "seq_length": 2048, "selected_token_ids": torch.arange(300)}
     with pytest.raises(CacheMismatch) as err:
         load_cache(pushed_v1, revision="v1", expect=wrong)
@@ -512,6 +518,28 @@ def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub
     ):
         load_cache("tester/midpush", layout="raw")
     assert_same_content(list(load_cache("tester/midpush", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_a_push_under_way_with_shards_of_the_same_names_and_sizes_is_refused(hub, v1):
+    """Builds that differ only in content (other aux layers, another checkpoint of one architecture)
+    write shards of the same names and often the same sizes: the pushed card's sha256 tells them apart."""
+    from huggingface_hub import HfApi
+
+    push(v1, "tester/samesize", tag="v1")
+    shards = sorted((v1 / "data").glob("*.parquet"))
+    card = read_manifest("tester/samesize", revision="v1")
+    assert [s["sha256"] for s in card["shards"]] == [file_hash(p, "sha256") for p in shards]  # each shard's LFS oid
+    theirs = bytearray(shards[1].read_bytes())
+    theirs[len(theirs) // 2] ^= 0xFF  # another build's shard: same name, same size, other bytes
+    HfApi(endpoint=hub.url, token=TOKEN).upload_file(
+        path_or_fileobj=bytes(theirs), path_in_repo=f"data/{shards[1].name}", repo_id="tester/samesize", repo_type="dataset"
+    )
+    with pytest.raises(
+        ShardFilesMismatch,
+        match=rf"are not the ones its card lists \(another sha256 than recorded: {shards[1].name}\)\. That revision is a push in progress",
+    ):
+        load_cache("tester/samesize", layout="raw")
+    assert_same_content(list(load_cache("tester/samesize", revision="v1", layout="raw")), decoded_rows(v1))
 
 
 def test_a_shard_replaced_while_the_card_is_committed_is_never_tagged(hub, v1, monkeypatch):
