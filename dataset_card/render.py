@@ -46,8 +46,7 @@ def index_entry(manifest: dict, config: str | None = None, revision: str | None 
     }
 
 
-def _config_yaml(name: str, entry: dict) -> tuple[dict, dict]:
-    prefix = data_prefix(name)
+def _config_yaml(name: str, entry: dict, prefix: str) -> tuple[dict, dict]:
     config = {"config_name": name, "data_files": [{"split": "train", "path": f"{prefix}data/train-*"}]}
     info = {
         "config_name": name,
@@ -59,8 +58,10 @@ def _config_yaml(name: str, entry: dict) -> tuple[dict, dict]:
 
 def card_data(manifest: dict, config: str | None = None) -> dict:
     """YAML front matter: `configs` (so `load_dataset` needs no data_files), features, tags, and
-    the full manifest under `eagle3_cache`. A config's card names its repo-relative data path."""
-    config_yaml, info = _config_yaml(config or DEFAULT_CONFIG, index_entry(manifest, config))
+    the full manifest under `eagle3_cache`. Data paths are relative to the card's own folder, so a
+    config's folder downloaded alone opens like any cache; the repo's index card, the one `datasets`
+    reads on the Hub, names each config's folder."""
+    config_yaml, info = _config_yaml(config or DEFAULT_CONFIG, index_entry(manifest, config), prefix="")
     info.pop("config_name")  # single-config form, as `datasets` writes it
     return {"configs": [config_yaml], "dataset_info": info, "tags": TAGS, "eagle3_cache": manifest}
 
@@ -146,7 +147,7 @@ def render_index_card(location: str, index: dict) -> str:
     Each entry's snippet names the revision that config was pushed with (`entry["revision"]`)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    configs, infos = zip(*(_config_yaml(k, v) for k, v in sorted(index.items())))
+    configs, infos = zip(*(_config_yaml(k, v, data_prefix(k)) for k, v in sorted(index.items())))
     data = {
         "configs": list(configs),
         "dataset_info": list(infos),

@@ -21,7 +21,7 @@ def test_config_folders():
 
 def test_card_metadata_lets_datasets_open_the_config(manifest):
     data = card_data_of(render_card(manifest, "user/cache", config="small", revision="v1"))
-    assert data["configs"] == [{"config_name": "small", "data_files": [{"split": "train", "path": "small/data/train-*"}]}]
+    assert data["configs"] == [{"config_name": "small", "data_files": [{"split": "train", "path": "data/train-*"}]}]  # its own folder's
     assert data["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 1600, "num_examples": 5}]
     assert [f["name"] for f in data["dataset_info"]["features"]] == list(manifest["columns"])
     assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache"]

@@ -184,7 +184,9 @@ def test_existing_tag_is_never_moved(hub, v1, v2):
 # ---- several caches in one repo ---------------------------------------------------------------
 
 
-def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2):
+def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
+    from huggingface_hub import snapshot_download
+
     push(v1, "tester/multi", config="llama", tag="llama-v1")
     push(v2, "tester/multi", config="short", tag="short-v1")
     files = hub.files_at("tester/multi", "main")
@@ -200,6 +202,8 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2):
     assert_same_content(list(load_cache("tester/multi", name="short", layout="raw")), decoded_rows(v2))
     plain = datasets.load_dataset("tester/multi", "short", split="train", streaming=True)
     assert sample_ids(plain) == sample_ids(decoded_rows(v2))
+    downloaded = Path(snapshot_download("tester/multi", repo_type="dataset", allow_patterns="short/*", local_dir=tmp_path / "dl"))
+    assert_same_content(list(load_cache(downloaded / "short", layout="raw")), decoded_rows(v2))  # a config's folder alone
     with pytest.raises(ValueError, match=r"several caches: pass name= one of \['llama', 'short'\]"):
         load_cache("tester/multi")
     with pytest.raises(FileNotFoundError, match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral'"):
