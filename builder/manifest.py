@@ -205,11 +205,14 @@ def _why_no_card(source: CacheSource) -> str:
 
         try:
             root = download_file(source.location, "README.md", source.commit, source.token)  # the repo's index card
-            index = card_data_of(root.read_text(encoding="utf-8")).get(INDEX_KEY) or {}
+            root_data = card_data_of(root.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            index = {}
+            root_data = {}
+        index = root_data.get(INDEX_KEY) or {}
         if index and source.name not in index:
             return f"the repo holds the caches {sorted(index)}, not {source.name!r}: pass one of them as name="
+        if CARD_KEY in root_data:
+            return f"the repo holds one cache, at its root, and no configs: leave out name={source.name!r}"
     return (
         "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
         "or read the tag of a finished one (revision=...)"

@@ -211,6 +211,10 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
     with pytest.raises(HubError, match="holds several caches in sub-folders"):
         push(v1, "tester/multi")
     push(v1, "tester/single")
+    with pytest.raises(
+        FileNotFoundError, match=r"no short/README.md; the repo holds one cache, at its root, and no configs: leave out name='short'$"
+    ):
+        load_cache("tester/single", name="short")
     with pytest.raises(HubError, match="holds a cache at its root"):
         push(v2, "tester/single", config="other")
 
