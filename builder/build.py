@@ -196,8 +196,10 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
     with disk_full_as_error():
         lock.acquire()
         remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
+        if resume:
+            check_resume(out, prep.identity)  # again: another build may have started here since the first check
         if resume and read_identity(out) is not None:
-            remove_leftovers(out / "data")  # temp files of a killed writer
+            remove_leftovers(out, recursive=True)  # temp files of killed writers: shards, sidecars, card, vocab, head
             return
         if holds_cache(out):  # another build took this directory after our check: never keep or mix its shards
             raise ConfigError(

@@ -33,9 +33,10 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def remove_leftovers(folder: Path) -> None:
-    """Delete the temp files of writers that were killed before their rename."""
-    for leftover in Path(folder).glob(TEMP_GLOB):
+def remove_leftovers(folder: Path, recursive: bool = False) -> None:
+    """Delete the temp files of writers that were killed before their rename (in sub-folders too
+    when `recursive`)."""
+    for leftover in (Path(folder).rglob if recursive else Path(folder).glob)(TEMP_GLOB):
         leftover.unlink(missing_ok=True)
 
 

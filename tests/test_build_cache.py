@@ -17,6 +17,7 @@ from tiny_targets import make_tiny_target
 import builder.forward as forward_module
 import builder.placement as placement_module
 from builder.build import build
+from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
 from builder.errors import ResumeMismatch
 from builder.files import file_hash
 from builder.reader import read_manifest
@@ -232,6 +233,45 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
     with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
         build(cfg.replace(resume=True, **change), progress=False)
     assert snapshot(root / "cache") == before
+
+
+def test_a_resume_checks_again_once_it_holds_the_lock(tmp_path, monkeypatch):
+    """Another build can take a new directory between a resume's first check and its lock: the
+    resume then refuses, and never continues that build's shards under its own card."""
+    import builder.build as build_module
+
+    cfg = small_config(tmp_path / "cache")
+    real_open_uploader = build_module.open_uploader
+
+    def another_build_starts_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(build_module, "open_uploader", real_open_uploader)  # the other build passes straight on
+        interrupted_build(cfg.replace(seq_length=80), monkeypatch, after_shards=1)
+        return real_open_uploader(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "open_uploader", another_build_starts_meanwhile)
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  seq_length: cache has 80, this run has 96"):
+        build(cfg.replace(resume=True), progress=False)
+    assert json.loads((tmp_path / "cache" / BUILD_STATE_FILE).read_text())["seq_length"] == 80  # the other build's, untouched
+    assert [p.name for p in (tmp_path / "cache" / "data").glob("*.parquet")] == ["train-00000-of-00004.parquet"]
+    assert not (tmp_path / "cache" / "README.md").exists()
+
+
+def test_a_resume_removes_every_killed_writers_temp_file(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path / "cache")
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    out = tmp_path / "cache"
+    leftovers = [
+        out / ".README.md.tmp-4242",
+        out / "vocab" / ".lm_head.safetensors.tmp-4242",
+        out / BUILD_STATE_DIR / ".identity.json.tmp-4242",
+    ]
+    leftovers.append(out / BUILD_STATE_DIR / "shards" / ".train-00001-of-00004.parquet.json.tmp-4242")
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    build(cfg.replace(resume=True), progress=False)
+    assert [p for p in leftovers if p.exists()] == []
+    assert sorted(p.name for p in out.rglob(".*.tmp-*")) == []
 
 
 def test_resume_takes_the_same_local_target_and_input_under_another_spelling(tmp_path, monkeypatch):
