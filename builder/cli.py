@@ -6,7 +6,6 @@ import argparse
 import atexit
 import dataclasses
 import gc
-import glob
 import importlib
 import json
 import logging
@@ -16,6 +15,7 @@ from contextlib import contextmanager
 
 from .embedded import describe_embedded
 from .errors import Eagle3CacheError
+from .files import misread_in_path
 
 
 def add_settings(p: argparse.ArgumentParser, groups: tuple[str, ...]) -> dict:
@@ -250,8 +250,8 @@ def format_summary(result) -> str:
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:
         lines.append(f"  skipped by reason: {json.dumps(m['skipped'])}")
-    if glob.has_magic(os.path.abspath(result.output_dir)):
-        lines.append("  read it: rename or move the folder first: `datasets` reads '*', '?' and '[' in a path as a pattern")
+    if misread_in_path(os.path.abspath(result.output_dir)):
+        lines.append("  read it: rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL")
     else:
         lines.append(f"  read it: builder.load_cache({str(result.output_dir)!r}, layout='nemo')")
     return "\n".join(lines)

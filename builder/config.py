@@ -275,6 +275,9 @@ def _check_output_dir(cfg: BuildConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError("--output-dir", cfg.output_dir, "a directory (or a path to create)", "It is a file.")
+    blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if not out.exists() and blocking is not None:
+        raise ConfigError("--output-dir", cfg.output_dir, "a directory (or a path to create)", f"{blocking} is a file, not a folder.")
     if cfg.dry_run:
         return
     if holds_cache(out) and not cfg.resume:

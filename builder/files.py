@@ -9,7 +9,6 @@ once complete.
 from __future__ import annotations
 
 import errno
-import glob
 import hashlib
 import json
 import os
@@ -143,18 +142,23 @@ def file_hash(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-PATTERN_CHARACTERS = "*?["  # what glob reads as a pattern
+MISREAD_IN_PATHS = ("*", "?", "[", "::")  # glob's pattern characters, and fsspec's chained-URL separator
+
+
+def misread_in_path(path) -> list[str]:
+    """What `datasets` would not read literally in a local path: it resolves every data path as a
+    glob pattern (its file system has no escape, so `cache[1]` matches `cache1`) and as an fsspec
+    URL (`a::b` chains two file systems)."""
+    return [part for part in MISREAD_IN_PATHS if part in str(path)]
 
 
 def refuse_pattern_paths(paths, what: str, error: type[Exception] = ValueError) -> None:
-    """`datasets` resolves every local data path as a glob pattern, and its file system has no
-    escape: a folder named `cache[1]` matches `cache1`, so it reads another folder's files (or
-    none) without an error. Refuse such a path before `datasets` is given it."""
+    """Refuse a path `datasets` would read as another (other files, or none, without an error)."""
     for path in paths:
-        if glob.has_magic(str(path)):
-            found = "".join(c for c in PATTERN_CHARACTERS if c in str(path))
+        found = misread_in_path(path)
+        if found:
             raise error(
-                f"{what}: the path {str(path)!r} contains {found!r}, which `datasets` reads as a file pattern: it would "
-                f"read the files of whatever paths match it, or none; expected a path without any of {PATTERN_CHARACTERS!r}: "
-                "rename the folder or move the files"
+                f"{what}: the path {str(path)!r} contains {', '.join(map(repr, found))}, which `datasets` reads as a file "
+                f"pattern or a chained URL: it would read the files of other paths, or none; expected a path without any "
+                f"of {', '.join(map(repr, MISREAD_IN_PATHS))}: rename the folder or move the files"
             )

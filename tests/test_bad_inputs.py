@@ -589,12 +589,22 @@ def test_input_flags_that_cannot_apply(tmp_path, capsys, no_weights, flags, patt
     assert_clean_error(code, stdout, err, pattern, out)
 
 
-def test_a_cache_written_under_a_path_datasets_would_glob_says_to_rename_it(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["out[1]", "x::y"])
+def test_a_cache_written_under_a_path_datasets_would_misread_says_to_rename_it(tmp_path, capsys, name):
     """The build writes it whole; the summary does not offer a `load_cache` call that would be refused."""
     data = write_lines(tmp_path / "chats.jsonl", GOOD)
-    out = tmp_path / "out[1]"
+    out = tmp_path / name
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
     assert code == 0, err
-    assert "read it: rename or move the folder first: `datasets` reads '*', '?' and '[' in a path as a pattern" in stdout
+    assert "read it: rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL" in stdout
     assert "load_cache(" not in stdout
     assert sorted(r["sample_id"] for r in built_rows(out)) == GOOD_IDS
+
+
+def test_an_output_dir_under_a_file_is_refused_before_anything_loads(tmp_path, capsys, no_weights):
+    (tmp_path / "afile").write_text("not a folder")
+    out = tmp_path / "afile" / "cache"
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--output-dir", str(out))
+    assert code == 2 and not stdout, err
+    expected = rf"error: --output-dir: expected a directory \(or a path to create\), got '{re.escape(str(out))}'\. "
+    assert re.search(expected + rf"{re.escape(str(tmp_path / 'afile'))} is a file, not a folder", err), err

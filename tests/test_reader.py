@@ -117,16 +117,18 @@ def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_pat
             load_cache(copy, layout="raw", streaming=streaming)
 
 
-@pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar"])
+@pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar", "x::y"])
 def test_a_cache_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, cache, name):
     """`datasets` globs the folder's path: `cache[1]` would read the shards of a `cache1` beside it."""
     import shutil
 
     copy = tmp_path / name
     shutil.copytree(cache, copy)
-    shutil.copytree(cache, tmp_path / name.replace("[", "").replace("]", "").replace("?", "x").replace("*", ""))
+    shutil.copytree(cache, tmp_path / name.replace("[", "").replace("]", "").replace("?", "x").replace("*", "").replace("::", "_"))
     for streaming in (True, False):
-        with pytest.raises(ValueError, match=rf"load_cache: the path .*{re.escape(name)}' contains .* `datasets` reads as a file pattern"):
+        with pytest.raises(
+            ValueError, match=rf"load_cache: the path .*{re.escape(name)}' contains .* `datasets` reads as a file pattern or a chained URL"
+        ):
             load_cache(copy, layout="raw", streaming=streaming)
 
 
