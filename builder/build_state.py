@@ -63,7 +63,19 @@ def same_local_path(first, second) -> bool:
 def holds_cache(out: Path) -> bool:
     """A build began here (its identity), or finished (its card), or left shards."""
     out = Path(out)
-    return (out / BUILD_STATE_FILE).exists() or (out / "README.md").exists() or any(out.glob("data/*.parquet"))
+    return (out / BUILD_STATE_FILE).exists() or is_cache_card(out / "README.md") or any(out.glob("data/*.parquet"))
+
+
+def is_cache_card(path: Path) -> bool:
+    """An eagle3-cache card (a README.md whose front matter holds the manifest), not someone else's README."""
+    if not path.is_file():
+        return False
+    from .manifest import CARD_KEY, card_data_of
+
+    try:
+        return CARD_KEY in card_data_of(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):  # no readable front matter: not a card of ours
+        return False
 
 
 def read_identity(output_dir: Path) -> dict | None:

@@ -280,6 +280,13 @@ def _check_output_dir(cfg: BuildConfig) -> None:
         raise ConfigError("--output-dir", cfg.output_dir, "a directory (or a path to create)", f"{blocking} is a file, not a folder.")
     if cfg.dry_run:
         return
+    if (out / "README.md").exists() and not holds_cache(out):
+        raise ConfigError(
+            "--output-dir",
+            cfg.output_dir,
+            "an empty or new directory, or an eagle3-cache build to resume",
+            "It holds a README.md that is not an eagle3-cache card, which the build's card would replace; choose another directory.",
+        )
     if holds_cache(out) and not cfg.resume:
         raise ConfigError(
             "--output-dir",
