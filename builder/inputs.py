@@ -166,7 +166,7 @@ def content_hash(files: list[Path]) -> str:
 
 
 def _json_rows(files: list[str], stamps: list[str]):
-    """Generator for Dataset.from_generator; `stamps` only feeds its cache fingerprint."""
+    """Generator for Dataset.from_generator; `stamps` (the files' content hash) only feeds its cache fingerprint."""
     for name in files:
         with open(name, "rb") as f:
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
@@ -253,20 +253,20 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
     files = splits[name]
     if {p.suffix == ".parquet" for p in files} == {True, False}:
         raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files in split {name!r}; keep one kind per input")
-    if files[0].suffix == ".parquet":
-        ds = _from_parquet_files(files)
-    else:
-        stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-        ds = _from_json_files(files, stamps)
-    return ds, {"input_data": str(spec), "kind": "files", "split": name, "content_hash": content_hash(files)}
+    digest = content_hash(files)  # keys every cache below: a file rewritten with its size and mtime is still a new input
+    ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, [digest])
+    return ds, {"input_data": str(spec), "kind": "files", "split": name, "content_hash": digest}
 
 
-def _from_parquet_files(files: list[Path]) -> datasets.Dataset:
+def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
+    """`datasets` keys its Parquet cache by path and modification time, which `cp -p` or `rsync -a`
+    keep over new bytes: the cache goes in a folder of its own per content hash instead."""
     refuse_pattern_paths([Path(p).absolute() for p in files], "--input-data", InputError)
     _check_parquet_columns(files)
     features = _parquet_features(files)
+    cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_inputs" / digest[:32])
     try:
-        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features)
+        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
         raise InputError(
             f"--input-data: Parquet files {', '.join(p.name for p in files)} cannot be read as one table "

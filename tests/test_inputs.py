@@ -369,3 +369,24 @@ def test_a_json_lines_file_under_such_a_path_is_read_as_it_is(tmp_path):
     assert [row_messages(ds, i) for i in range(len(ds))] == [
         row_messages(load_rows(str(write_kind("jsonl", conversations(), tmp_path / "plain")))[0], i) for i in range(20)
     ]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_file_rewritten_with_its_size_and_mtime_is_read_anew(tmp_path, kind):
+    """`cp -p`, `rsync -a` and `tar x` keep a file's modification time over new bytes: the rows must
+    still come from the bytes the recorded content hash describes."""
+    import os
+
+    first = conversations(6)
+    second = json.loads(json.dumps(first).replace("squared", "SQUARED"))  # the same lengths
+    path = write_kind(kind, first, tmp_path / "input")
+    before, before_info = load_rows(str(path))
+    stat = path.stat()
+    write_kind(kind, second, tmp_path / "input")
+    assert path.stat().st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after, after_info = load_rows(str(path))
+    expected, _ = load_rows(str(write_kind(kind, second, tmp_path / "fresh")))
+    assert after_info["content_hash"] != before_info["content_hash"]
+    assert [row_messages(after, i) for i in range(6)] == [row_messages(expected, i) for i in range(6)]
+    assert [row_messages(after, i) for i in range(6)] != [row_messages(before, i) for i in range(6)]
