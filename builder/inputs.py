@@ -165,8 +165,8 @@ def content_hash(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _json_rows(files: list[str], stamps: list[str]):
-    """Generator for Dataset.from_generator; `stamps` (the files' content hash) only feeds its cache fingerprint."""
+def _json_rows(files: list[str], content: str):
+    """Generator for Dataset.from_generator; `content` (the files' content hash) only feeds its cache fingerprint."""
     for name in files:
         with open(name, "rb") as f:
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
@@ -195,9 +195,9 @@ def _check_parquet_columns(files: list[Path]) -> None:
             )
 
 
-def _from_json_files(files: list[Path], stamps: list[str]) -> datasets.Dataset:
+def _from_json_files(files: list[Path], content: str) -> datasets.Dataset:
     try:
-        return datasets.Dataset.from_generator(_json_rows, gen_kwargs={"files": [str(p) for p in files], "stamps": stamps})
+        return datasets.Dataset.from_generator(_json_rows, gen_kwargs={"files": [str(p) for p in files], "content": content})
     except datasets.exceptions.DatasetGenerationError as err:
         if isinstance(err.__cause__, InputError):  # raised in the generator; `datasets` wraps it
             raise err.__cause__ from None
@@ -254,7 +254,7 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
     if {p.suffix == ".parquet" for p in files} == {True, False}:
         raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files in split {name!r}; keep one kind per input")
     digest = content_hash(files)  # keys every cache below: a file rewritten with its size and mtime is still a new input
-    ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, [digest])
+    ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, digest)
     return ds, {"input_data": str(spec), "kind": "files", "split": name, "content_hash": digest}
 
 
