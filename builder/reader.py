@@ -564,7 +564,9 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
                 self._state = self._make_state(end, index + 1, 0) if last else self._make_state(start, index, i + 1)
                 yield self.transform(arrow_rows(rows[order[i]])[0])
             skip = 0
-        self._state = self._make_state(None, 0, 0)  # a finished epoch: the next iteration starts it over
+        # The state stays where the stream ended (nothing left of this epoch): a DataLoader worker hands
+        # it out with its last, partial batch, and a checkpoint after that batch must not read the part
+        # again. The next iteration starts the epoch over anyway (`_start`), unless a state is loaded.
 
     def _order(self, window: int, size: int):
         if not self.shuffle_buffer:

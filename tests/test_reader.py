@@ -204,6 +204,30 @@ def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers, shuffle_buffe
         assert head + flat(resumed) == whole, (k, num_workers)
 
 
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_stateful_dataloader_resumes_after_a_workers_stream_ended(cache, num_workers):
+    """A worker whose stream ends hands its last, partial batch out with its state: a checkpoint
+    after that batch must not read the worker's part again (14 samples in shards of 4, 4, 4, 2)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def open_loader():
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"])
+        return StatefulDataLoader(dataset, batch_size=3, num_workers=num_workers, collate_fn=ids)
+
+    batches = list(open_loader())
+    whole = list(itertools.chain.from_iterable(batches))
+    assert sorted(whole) == sorted(ids(load_cache(cache, layout="raw", columns=["sample_id"])))
+    assert any(len(batch) < 3 for batch in batches[:-1]) or num_workers == 1  # a worker ended before the loader did
+    for k in range(1, len(batches) + 1):
+        loader = open_loader()
+        head = list(itertools.chain.from_iterable(itertools.islice(loader, k)))
+        state = loader.state_dict()
+        resumed = open_loader()
+        resumed.load_state_dict(state)
+        tail = list(itertools.chain.from_iterable(resumed))
+        assert sorted(head + tail) == sorted(whole), (k, num_workers)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_checkpoint_at_an_epochs_end_resumes_into_the_next_epoch(cache, num_workers):
     """The usual loop: set_epoch(e), a whole epoch, a checkpoint; after a restart, load it, then set_epoch(e + 1)."""
