@@ -728,10 +728,11 @@ def distributed_rank(rank: int | None = None, world_size: int | None = None) -> 
     return 0, 1
 
 
-def split_for_rank(hf, rank: int, world_size: int):
+def split_for_rank(hf, rank: int, world_size: int, rows_per_file: dict[str, int] | None = None):
     """Disjoint parts per rank. Streaming: whole shards (files, or row groups when files are
     fewer than ranks), so no rank reads another's data; only a cache with fewer row groups
-    than ranks falls back to every rank reading all and keeping one row in `world_size`."""
+    than ranks falls back to every rank reading all and keeping one row in `world_size`.
+    `rows_per_file` (the manifest's): to warn when whole files give the ranks unequal parts."""
     import datasets
     from datasets.distributed import split_dataset_by_node
 
@@ -742,11 +743,37 @@ def split_for_rank(hf, rank: int, world_size: int):
     if hf.num_shards < world_size:
         hf = hf.reshard()  # Parquet: one shard per row group
     if hf.num_shards >= world_size:
+        counts = rank_sample_counts(hf, world_size, rows_per_file or {})
+        if rank == 0 and counts is not None and len(set(counts)) > 1:
+            log.warning(
+                "split_by_rank: whole shards give the ranks %s samples: a loop that runs a collective every step "
+                "(DDP's gradient all-reduce) waits forever on the ranks with more batches. Wrap it in DDP's join() "
+                "(accelerate: accelerator.join_uneven_inputs), stop every rank at the smallest count, or let "
+                "accelerator.prepare split the stream instead (it evens the ranks out)",
+                counts,
+            )
         return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="shards")
     log.warning(
         "the cache has %d row groups for %d ranks: every rank reads all of it and keeps 1 row in %d", hf.num_shards, world_size, world_size
     )
     return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="examples")
+
+
+def rank_sample_counts(hf, world_size: int, rows_per_file: dict[str, int]) -> list[int] | None:
+    """Samples each rank gets from a split by whole files: the files `datasets` hands it (its own
+    `shard_data_sources`, as it splits by rank when iterating); None where that is not known (a
+    split by row groups, or a stream of another kind)."""
+    examples = getattr(hf, "_ex_iterable", None)
+    if not hasattr(examples, "shard_data_sources"):
+        return None
+    counts = []
+    for rank in range(world_size):
+        files = getattr(examples.shard_data_sources(num_shards=world_size, index=rank, contiguous=False), "kwargs", {})
+        names = [str(f).rsplit("/", 1)[-1] for f in files.get("files", [])]
+        if not names or files.get("row_groups_list", [None])[0] is not None or any(n not in rows_per_file for n in names):
+            return None
+        counts.append(sum(rows_per_file[n] for n in names))
+    return counts
 
 
 def _arrow_cache_dir(manifest: dict) -> str:
@@ -872,7 +899,7 @@ def load_cache(
     wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
     hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest))
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
-    hf = split_for_rank(hf, *part)
+    hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
     if shuffle_buffer and not streaming:
         hf = hf.shuffle(seed=seed)
     elif shuffle_buffer:  # shard order only: rows are shuffled in resumable windows by StreamingCacheDataset

@@ -149,6 +149,21 @@ def test_each_process_reads_the_whole_cache_unless_it_asks_for_a_part(cache, mon
     assert len(list(load_cache(cache, layout="raw", columns=["sample_id"]))) == 14  # no split asked: no rank needed
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_split_by_whole_shards_that_leaves_ranks_unequal_says_so(cache, caplog, world_size):
+    """14 samples in shards of 4, 4, 4, 2: ranks get different numbers of samples, so a DDP loop
+    would wait forever on the rank with an extra batch; rank 0 says so, with the counts."""
+    parts = [ids(load_cache(cache, layout="raw", columns=["sample_id"], rank=r, world_size=world_size)) for r in range(world_size)]
+    counts = [len(part) for part in parts]
+    assert sum(counts) == 14 and len(set(counts)) > 1
+    warnings = [r.getMessage() for r in caplog.records if "whole shards give the ranks" in r.getMessage()]
+    assert warnings == [
+        f"split_by_rank: whole shards give the ranks {counts} samples: a loop that runs a collective"
+        + warnings[0].split("a loop that runs a collective")[1]
+    ]
+    assert "DDP's join()" in warnings[0]
+
+
 # ---- mid-epoch resume ---------------------------------------------------------------------------
 
 
