@@ -127,11 +127,21 @@ def _refuse_config(config: str | None, spec: str) -> None:
         )
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # `datasets` decompresses these; we do not
+
+
 def _resolve_data_files(pattern: str, base: str) -> list[str]:
     try:
         files = resolve_pattern(pattern, base, allowed_extensions=list(DATA_SUFFIXES))
     except FileNotFoundError:  # `datasets` says "no file matches" this way
         return []
+    compressed = sorted(Path(f).name for f in files if Path(f).suffix in COMPRESSED_SUFFIXES)
+    if compressed:  # `datasets` would read them: never leave them out unseen
+        raise InputError(
+            f"--input-data: {', '.join(compressed[:3])}{' ...' if len(compressed) > 3 else ''} in {base} "
+            f"{'is' if len(compressed) == 1 else 'are'} compressed; expected {'/'.join(DATA_SUFFIXES)} files as they are: "
+            "decompress them first"
+        )
     return [f for f in files if Path(f).suffix in DATA_SUFFIXES]
 
 
@@ -172,6 +182,11 @@ def _json_rows(files: list[str], content: str):
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
         if head.startswith(b"["):
             yield from _json_array_rows(name)
+        elif head.startswith(b"{") and _is_one_json_object(name):
+            raise InputError(
+                f"--input-data: {name} is one JSON object spread over several lines, not rows; expected JSON Lines (one "
+                "conversation object per line) or a JSON array of them: rewrite it with the rows in one of those forms"
+            )
         else:
             with open(name, "rb") as f:
                 for number, line in enumerate(f):
@@ -207,6 +222,22 @@ def _from_json_files(files: list[Path], content: str) -> datasets.Dataset:
                 f"--input-data: {names} holds no rows; expected one JSON object per line (JSON Lines) or a JSON array of objects"
             ) from None
         raise
+
+
+def _is_one_json_object(name: str) -> bool:
+    """A pretty-printed object: its first line is no JSON value, and the whole file is one object."""
+    with open(name, "rb") as f:
+        first = f.readline().removeprefix(UTF8_BOM)
+    try:
+        json.loads(first)
+        return False  # JSON Lines
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    try:
+        with open(name, encoding="utf-8-sig") as f:
+            return isinstance(json.load(f), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # bad JSON Lines: judged row by row
 
 
 def _json_array_rows(name: str):

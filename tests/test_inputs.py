@@ -390,3 +390,23 @@ def test_a_file_rewritten_with_its_size_and_mtime_is_read_anew(tmp_path, kind):
     assert after_info["content_hash"] != before_info["content_hash"]
     assert [row_messages(after, i) for i in range(6)] == [row_messages(expected, i) for i in range(6)]
     assert [row_messages(after, i) for i in range(6)] != [row_messages(before, i) for i in range(6)]
+
+
+def test_a_folder_with_compressed_data_files_is_refused(tmp_path):
+    """`datasets.load_dataset(folder)` would read `part-1.jsonl.gz` too: leaving it out would lose its rows unseen."""
+    import gzip
+
+    rows = conversations(6)
+    write_jsonl(tmp_path / "chats" / "part-0.jsonl", rows[:3])
+    (tmp_path / "chats" / "part-1.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows[3:]).encode()))
+    with pytest.raises(
+        InputError, match=r"--input-data: part-1\.jsonl\.gz in .*chats is compressed; expected \.jsonl/\.json/\.parquet files"
+    ):
+        load_rows(str(tmp_path / "chats"))
+
+
+def test_a_pretty_printed_json_object_is_refused_as_one_object(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps({"version": 1, "data": conversations(3)}, indent=2))
+    with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
+        load_rows(str(path))
