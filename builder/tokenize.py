@@ -330,10 +330,29 @@ def _check_compiles(template: str, where: str, from_file: bool) -> None:
 def tokenizer_hash(tokenizer, template: str | dict[str, str]) -> str:
     """Identity of everything in the tokenizer that shapes token ids and masks."""
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(_tokenizer_model(tokenizer))
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())  # {{ bos_token }} etc.
     h.update(template_bytes(template))
     return h.hexdigest()
+
+
+def _tokenizer_model(tokenizer) -> bytes:
+    """A fast tokenizer's whole model as its JSON; a pure-Python one (remote-code tiktoken or
+    sentencepiece tokenizers have no `backend_tokenizer`) as its class, its vocabulary files and its ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str().encode()
+    import tempfile
+
+    parts = [f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode()]
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            saved = tokenizer.save_vocabulary(folder) or ()
+        except NotImplementedError:
+            saved = ()
+        parts += [Path(f).read_bytes() for f in sorted(map(str, saved)) if Path(f).is_file()]
+    parts.append(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), default=str).encode())
+    return b"\0".join(parts)
 
 
 # ---- the datasets.map over selected rows -------------------------------------------------

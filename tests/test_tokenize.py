@@ -368,3 +368,50 @@ def test_rows_of_either_turn_shape_encode_alike_from_json_and_parquet(tmp_path, 
     by_id = {record["sample_id"]: record for record in out}
     assert masked_runs(tok, by_id["specforge"]["input_ids"], by_id["specforge"]["loss_mask"]) == ["4.<|end|>"]
     assert "Be brief." in tok.decode(by_id["sharegpt"]["input_ids"])
+
+
+def char_tokenizer(letters: int = 256):
+    """A pure-Python tokenizer, as remote-code tiktoken and sentencepiece tokenizers are: no `backend_tokenizer`."""
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):
+        def __init__(self, **kwargs):
+            self.letters = {chr(i): i for i in range(letters)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self.letters)
+
+        def get_vocab(self):
+            return dict(self.letters, **self.added_tokens_encoder)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.letters.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    tokenizer = CharTokenizer(eos_token="<|eos|>", bos_token="<|bos|>")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+    return tokenizer
+
+
+def test_a_pure_python_tokenizer_tokenizes_and_has_an_identity():
+    import datasets
+    import numpy as np
+
+    from builder.tokenize import tokenizer_hash
+
+    tok = char_tokenizer()
+    assert getattr(tok, "backend_tokenizer", None) is None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = datasets.Dataset.from_list([{"raw": json.dumps({"messages": messages}).encode()}])
+    out = tokenize_rows(rows, np.arange(1), tok, tok.chat_template, 64, 1)
+    ids, mask = encode_messages(messages, tok, tok.chat_template, 64)
+    assert out[0]["input_ids"] == list(ids) and sum(mask) > 0
+    assert tokenizer_hash(tok, tok.chat_template) == tokenizer_hash(char_tokenizer(), tok.chat_template)
+    assert tokenizer_hash(tok, tok.chat_template) != tokenizer_hash(char_tokenizer(200), tok.chat_template)  # another vocabulary
