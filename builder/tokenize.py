@@ -429,8 +429,13 @@ def tokenize_rows(
             ]
         ).encode()
     ).hexdigest()[:32]
+    # In the `datasets` cache, never beside the rows' own files: a saved dataset's folder may be
+    # read-only shared storage, and is the user's, not ours to write into.
+    cache_file = Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_tokenized" / f"tokenized-{fingerprint}.arrow"
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
     return rows.map(
         _tokenize_batch,
+        cache_file_name=str(cache_file),
         batched=True,
         batch_size=256,
         with_indices=True,

@@ -415,3 +415,16 @@ def test_a_pure_python_tokenizer_tokenizes_and_has_an_identity():
     assert out[0]["input_ids"] == list(ids) and sum(mask) > 0
     assert tokenizer_hash(tok, tok.chat_template) == tokenizer_hash(char_tokenizer(), tok.chat_template)
     assert tokenizer_hash(tok, tok.chat_template) != tokenizer_hash(char_tokenizer(200), tok.chat_template)  # another vocabulary
+
+
+def test_tokenizing_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tok):
+    """The folder may be read-only shared storage, and is the user's: the tokenized rows go to the `datasets` cache."""
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    before = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    ds, _ = load_rows(str(tmp_path / "saved"))
+    ds, order = select_rows(ds, 0, 4)
+    out = tokenize_rows(ds, order, tok, tok.chat_template, 64, 1)
+    assert len(out) == 4 and sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
