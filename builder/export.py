@@ -24,6 +24,7 @@ from .files import atomic_write
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import d2t_t2d
 
+NEMO_SHARD_SIZE = 256  # the shard size NeMo's precompute_eagle3 documents
 NEMO_FORMAT_VERSION = 2
 
 
@@ -102,12 +103,19 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
     embeddings = target_embeddings(model, revision)
     topk = nemo_topk(identity)
     dataset = load_cache(cache_dir, layout="nemo", streaming=False)
-    shard_size, seq_length = identity["shard_size"], identity["seq_length"]
+    shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     for index, start in enumerate(tqdm(range(0, len(dataset), shard_size), desc="Exporting (nemo)", disable=not progress)):
         samples = [dataset[i] for i in range(start, min(start + shard_size, len(dataset)))]
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
     (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, len(dataset)), indent=2))
+
+
+def nemo_shard_size(identity: dict) -> int:
+    """Samples per exported shard: the build's, at most NeMo's documented 256. A shard is built in
+    memory padded to seq_length (NeMo's layout), so the build's default of 1,000 would hold about
+    84 GB for an 8B target at 2,048 tokens; NeMo's reader takes any size its manifest names."""
+    return min(identity["shard_size"], NEMO_SHARD_SIZE)
 
 
 def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
@@ -120,7 +128,7 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
         "seq_length": identity["seq_length"],
         "dtype": identity["dtype"],
         "num_samples": num_samples,
-        "shard_size": identity["shard_size"],
+        "shard_size": nemo_shard_size(identity),
         # NeMo's meaning: 0 stores target_probs dense; a K >= draft_vocab_size is stored dense as well
         "target_probs_topk": identity["topk"] if identity["target_format"] == "topk" else 0,
         "aux_hidden_dim": manifest["columns"]["aux_hidden_states"]["shape"][1],

@@ -202,3 +202,21 @@ def test_topk_covering_the_draft_vocabulary_exports_dense(chats, tmp_path_factor
         assert torch.equal(a["position_mask"], b["position_mask"])
         assert a["target_probs"].shape == b["target_probs"].shape == (SEQ_LENGTH, DRAFT_VOCAB)
         assert_same_floats(a["target_probs"][supervised], b["target_probs"][supervised])
+
+
+def test_an_export_in_smaller_shards_reads_the_same_through_nemo(chats, tmp_path, monkeypatch):
+    """The export caps NeMo shards at NeMo's 256 samples (a shard is padded in memory); NeMo's
+    reader follows the size its manifest names, so the samples are the same whatever the cap."""
+    import builder.export as export_module
+
+    cache, export = build_and_export("tiny-llama", chats, tmp_path, mask_generation_prompt=False)
+    monkeypatch.setattr(export_module, "NEMO_SHARD_SIZE", 3)
+    smaller = tmp_path / "smaller"
+    export_cache(cache, "nemo", smaller, progress=False)
+    assert json.loads((smaller / "manifest.json").read_text())["shard_size"] == 3
+    assert len(list(smaller.glob("shard-*.safetensors"))) == -(-len(CHATS["sample-sharegpt"] + CHATS["sample-openai"]) // 3)
+    ours, reference = eagle3_cache.CachedEagle3Dataset(str(smaller)), eagle3_cache.CachedEagle3Dataset(str(export))
+    assert len(ours) == len(reference) == 8
+    for i in range(len(reference)):
+        a, b = ours[i], reference[i]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
