@@ -2,7 +2,8 @@
 supervised forward per batch.
 
 Aux states are captured with forward hooks on the chosen decoder layers (the layer
-*output*, i.e. HF `hidden_states[i + 1]`), so no other layer's states are kept. Logits are
+*output*, HF `hidden_states[i + 1]` but for the last layer, which HF gives after the final norm),
+so no other layer's states are kept. Logits are
 computed only at loss-masked positions, in fixed-size row chunks: a 128k vocabulary never
 materialises `[B, T, V]`, and because every chunk has the same shape a row's logits do not
 depend on which other rows share its chunk (matmul kernels are chosen by shape).
@@ -18,7 +19,8 @@ from .errors import HeadMismatch, InputError
 from .formats import head_transform_from, logits_from_hidden
 from .supervision import chunked_logits, compute_target_distribution, logit_chunks
 
-AUX_CONVENTION = "decoder_layer_output"  # = transformers hidden_states[i + 1], before the final norm
+AUX_CONVENTION = "decoder_layer_output"  # layer i's output, before the final norm (transformers' hidden_states[i + 1], except
+# for the last layer, whose hidden_states[N] transformers gives after the final norm; NeMo hooks the layer too)
 
 
 def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: bool, config=None):

@@ -142,3 +142,26 @@ def test_a_hidden_cache_reads_the_live_builds_probs_bit_for_bit(tmp_path, monkey
     monkeypatch.setattr(supervision, "HEAD_CHUNK_ROWS", 1)
     rechunked = load_cache(hidden.output_dir, layout="nemo", streaming=False)
     assert any(not torch.equal(rechunked[i]["target_probs"], want[i]["target_probs"]) for i in range(len(want)))
+
+
+def test_the_last_layer_is_stored_as_its_own_output_before_the_final_norm(tmp_path_factory, model):
+    """Layer i's output is transformers' hidden_states[i + 1], except for the last layer, whose
+    hidden_states[N] transformers gives after the final norm: the cache keeps the layer's own output
+    (as NeMo's forward hooks capture it), for an id N - 1 as for any other."""
+    last = model.config.num_hidden_layers - 1
+    result = build_format(tmp_path_factory, "last-layer", aux_layer_ids=(1, 3, last), max_samples=2)
+    sample = next(iter(load_cache(result.output_dir, layout="raw", streaming=False)))
+    ids = sample["input_ids"].long()[None]
+    captured = {}
+    hook = model.model.layers[last].register_forward_hook(lambda module, args, output: captured.update(out=output))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    finally:
+        hook.remove()
+    layer_output = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
+    hidden = model.config.hidden_size
+    stored = sample["aux_hidden_states"].float()
+    assert torch.equal(stored[:, :hidden], out.hidden_states[2][0]) and torch.equal(stored[:, hidden : 2 * hidden], out.hidden_states[4][0])
+    assert torch.equal(stored[:, 2 * hidden :], layer_output[0])
+    assert not torch.allclose(stored[:, 2 * hidden :], out.hidden_states[last + 1][0])  # that one is after the final norm
