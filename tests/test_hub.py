@@ -83,6 +83,7 @@ def test_a_hub_stream_stopped_mid_shard_leaves_no_file_for_the_exit_to_wait_on(h
     push(v1, "tester/stop-early", tag="v1")
     rows = iter(load_cache("tester/stop-early", revision="v1", layout="raw", columns=["sample_id"], streaming=True))
     next(rows)
+    gc.collect()  # closed files of the push still in reference cycles: not the stream's, and a collection frees them
     reading = stream_exit.shard_files(closed_only=False)  # the fsspec file `datasets` streams the shard from
     assert len(reading) == 1 and reading[0].path.endswith("/data/train-00000-of-00004.parquet") and not reading[0].closed
     del reading

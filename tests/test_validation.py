@@ -89,7 +89,7 @@ def test_output_dir_that_is_a_file(tmp_path):
 def test_output_dir_holding_a_cache_needs_resume(tmp_path, marker):
     path = tmp_path / "out" / marker
     path.parent.mkdir(parents=True)
-    path.write_text("{}")
+    path.write_text("---\neagle3_cache: {}\n---\n" if marker == "README.md" else "{}")  # a card: the manifest's key
     with pytest.raises(
         ConfigError,
         match=says("--output-dir", "empty or new directory", str(tmp_path / "out"), "already holds an eagle3-cache build", "--resume"),
