@@ -158,7 +158,7 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
         target = Target(load_placed_model(prep), prep.aux_layer_ids)
         write_head_rows(out, prep, target)
         target.close()
-    result.manifest = write_card(out, prep, result.shards, read_rank_stats(out), drawing)
+    result.manifest = write_card(out, prep, result.shards, read_rank_stats(out, result.world_size), drawing)
     if uploader is not None:
         result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
 
@@ -244,8 +244,10 @@ def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: P
     write_json_atomic(out / BUILD_STATE_DIR / "ranks" / f"rank-{result.rank:05d}.json", stats)
 
 
-def read_rank_stats(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))]
+def read_rank_stats(out: Path, world_size: int) -> list[dict]:
+    """This run's ranks: a resume on fewer processes leaves the earlier run's higher ranks' files behind."""
+    stats = [json.loads(p.read_text()) for p in sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))]
+    return [s for s in stats if s["world_size"] == world_size and s["rank"] < world_size]
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:

@@ -172,6 +172,18 @@ def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):
     assert again.written == [] and snapshot(tmp_path / "cache" / "data") == before
 
 
+def test_a_resume_on_fewer_processes_records_only_its_own_ranks(tmp_path):
+    """An earlier run on two processes left rank 1's record; the card and summary tell of this run's one rank."""
+    cfg = small_config(tmp_path / "cache")
+    build(cfg, progress=False)
+    ranks = tmp_path / "cache" / BUILD_STATE_DIR / "ranks"
+    earlier = {"rank": 1, "world_size": 2, "shards_written": ["train-00001-of-00004.parquet"], "samples": 3}
+    (ranks / "rank-00001.json").write_text(json.dumps(earlier))
+    again = build(cfg.replace(resume=True), progress=False)
+    assert [(r["rank"], r["world_size"], r["shards_written"]) for r in again.manifest["build"]["ranks"]] == [(0, 1, [])]
+    assert read_manifest(tmp_path / "cache")["build"]["ranks"] == again.manifest["build"]["ranks"]
+
+
 def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     """A shard file cut short, one whose footer is damaged at its full size, one without a record:
     each is rebuilt (to the same rows); the intact one is kept as it was."""
