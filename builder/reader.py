@@ -66,10 +66,10 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
     sha256, where the card records it), before any row is read: otherwise rows of another build, or a
     partial cache, would be read as this cache. A branch in the middle of a push holds the old card
     beside new shards, which can have the old names and sizes."""
-    from .shards import is_shard_name
+    from .shards import is_card_read
 
     expected = {shard["name"]: shard["bytes"] for shard in manifest["shards"]}
-    listing = {name: found for name, found in _shard_files(source).items() if is_shard_name(name)}
+    listing = {name: found for name, found in _data_files(source).items() if is_card_read(name)}
     present = {name: size for name, (size, _) in listing.items()}
     replaced = sorted(
         shard["name"]
@@ -102,18 +102,20 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
             "The shards were removed or replaced after the build (a build with --delete-local-after-upload keeps them "
             "on the Hub only: read them from there); restore them, or rebuild with --resume."
         )
+    if extra:
+        hint += " A file named like a shard that the manifest does not list would be read as more rows: move it out of data/."
     where = f"{source.describe()}: the shard files in {source.prefix}data/"
     raise ShardFilesMismatch(f"{where} are not the ones its card lists ({found}). {hint}")
 
 
-def _shard_files(source: CacheSource) -> dict[str, tuple[int, str | None]]:
-    """{file name: (size, sha256 where the Hub's listing gives it)} of the Parquet files under data/."""
+def _data_files(source: CacheSource) -> dict[str, tuple[int, str | None]]:
+    """{file name: (size, sha256 where the Hub's listing gives it)} of the files directly under data/."""
     if source.on_hub:
         from .hub import remote_file_sizes
 
         return remote_file_sizes(source.location, source.commit, f"{source.prefix}data", source.token)
     folder = Path(source.location) / source.prefix / "data"
-    return {path.name: (path.stat().st_size, None) for path in folder.glob("*.parquet")} if folder.is_dir() else {}
+    return {path.name: (path.stat().st_size, None) for path in folder.iterdir() if path.is_file()} if folder.is_dir() else {}
 
 
 def read_vocab(

@@ -268,6 +268,13 @@ def shard_name(index: int, num_shards: int, split: str = "train") -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
 
 
+def is_card_read(name: str, split: str = "train") -> bool:
+    """Whether a card's `data_files` pattern reads this file of data/ as a shard: cards name the exact
+    `-of-N.parquet` suffix now, earlier ones read every `{split}-*`. Such a file not in the manifest
+    would be read as rows of the cache."""
+    return name.startswith(f"{split}-")
+
+
 def is_shard_name(name: str) -> bool:
     """Named as `shard_name` names shards: files of another kind are never a cache's to remove."""
     return re.fullmatch(r"[\w.-]+-\d{5}-of-\d{5}\.parquet", name) is not None

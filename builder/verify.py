@@ -24,6 +24,7 @@ from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
+from .shards import is_card_read
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,12 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
     listed = {s["name"] for s in manifest["shards"]}
-    for stray in sorted(p.name for p in (out / "data").glob("*.parquet") if p.name not in listed):
-        problems.append(f"data/{stray}: a shard not in the manifest")
+    files = (out / "data").iterdir() if (out / "data").is_dir() else ()
+    strays = sorted(p.name for p in files if p.is_file() and is_card_read(p.name) and p.name not in listed)
+    problems += [
+        f"data/{stray}: named like a shard but not in the manifest (readers would take it for rows): move it out of data/"
+        for stray in strays
+    ]
     return problems
 
 

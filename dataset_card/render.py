@@ -31,6 +31,7 @@ def index_entry(manifest: dict, config: str | None = None, revision: str | None 
     identity, totals = manifest["identity"], manifest["totals"]
     return {
         "path": data_prefix(config).rstrip("/") or ".",
+        "shards": len(manifest["shards"]),
         "revision": revision,
         "fingerprint": manifest["fingerprint"],
         "target_model": identity["target"]["model"],
@@ -47,13 +48,20 @@ def index_entry(manifest: dict, config: str | None = None, revision: str | None 
 
 
 def _config_yaml(name: str, entry: dict, prefix: str) -> tuple[dict, dict]:
-    config = {"config_name": name, "data_files": [{"split": "train", "path": f"{prefix}data/train-*"}]}
+    config = {"config_name": name, "data_files": [{"split": "train", "path": f"{prefix}data/{shard_files(entry.get('shards'))}"}]}
     info = {
         "config_name": name,
         "features": entry["features"],
         "splits": [{"name": "train", "num_bytes": entry["bytes"], "num_examples": entry["samples"]}],
     }
     return config, info
+
+
+def shard_files(num_shards: int | None) -> str:
+    """The `data_files` pattern of a cache's shards (`train-00000-of-00004.parquet`, ...): exactly
+    those names, so a stray copy beside them (`... .parquet.bak`) is never read as more rows. Index
+    entries pushed before the count was recorded keep the old, wider pattern."""
+    return f"train-*-of-{num_shards:05d}.parquet" if num_shards else "train-*"
 
 
 def card_data(manifest: dict, config: str | None = None) -> dict:

@@ -21,7 +21,8 @@ def test_config_folders():
 
 def test_card_metadata_lets_datasets_open_the_config(manifest):
     data = card_data_of(render_card(manifest, "user/cache", config="small", revision="v1"))
-    assert data["configs"] == [{"config_name": "small", "data_files": [{"split": "train", "path": "data/train-*"}]}]  # its own folder's
+    own_folders = [{"split": "train", "path": "data/train-*-of-00002.parquet"}]  # exactly the shards' names
+    assert data["configs"] == [{"config_name": "small", "data_files": own_folders}]
     assert data["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 1600, "num_examples": 5}]
     assert [f["name"] for f in data["dataset_info"]["features"]] == list(manifest["columns"])
     assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache"]
@@ -53,7 +54,10 @@ def test_index_card_lists_configs_and_reads_back(manifest):
     text = render_index_card("user/caches", index)
     data = card_data_of(text)
     assert "eagle3_cache" not in data and sorted(data["eagle3_cache_index"]) == ["large", "small"]
-    assert [c["data_files"][0]["path"] for c in data["configs"]] == ["large/data/train-*", "small/data/train-*"]
+    paths = [c["data_files"][0]["path"] for c in data["configs"]]
+    assert paths == ["large/data/train-*-of-00002.parquet", "small/data/train-*-of-00002.parquet"]
     assert index_from_card_data(data) == index
     assert "load_cache('user/caches', name='small', revision='v1', layout=\"nemo\", streaming=True)" in text
     assert index_from_card_data(card_data_of(render_card(manifest, "user/cache"))) == {}  # a cache's own card lists none
+    earlier = {"small": {key: value for key, value in index["small"].items() if key != "shards"}}  # pushed before counts
+    assert card_data_of(render_index_card("user/caches", earlier))["configs"][0]["data_files"][0]["path"] == "small/data/train-*"

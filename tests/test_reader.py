@@ -117,6 +117,24 @@ def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_pat
             load_cache(copy, layout="raw", streaming=streaming)
 
 
+@pytest.mark.parametrize("stray", ["{}.bak", "{} - Copy.parquet"])
+def test_a_stray_copy_of_a_shard_is_never_read_as_more_rows(tmp_path, cache, stray):
+    """The card names the shards exactly, so `datasets` skips a copy beside them; `load_cache` refuses it
+    (a card pushed before the shard count was in its pattern would read it)."""
+    import shutil
+
+    import datasets
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = sorted((copy / "data").glob("*.parquet"))[1]
+    shutil.copy(shard, shard.with_name(stray.format(shard.name)))
+    samples = read_manifest(cache)["totals"]["samples"]
+    assert datasets.load_dataset(str(copy), split="train").num_rows == samples
+    with pytest.raises(ShardFilesMismatch, match=rf"not in the manifest: {re.escape(stray.format(shard.name))}\).*move it out of data/"):
+        load_cache(copy, layout="raw")
+
+
 @pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar", "x::y"])
 def test_a_cache_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, cache, name):
     """`datasets` globs the folder's path: `cache[1]` would read the shards of a `cache1` beside it."""

@@ -52,6 +52,13 @@ def test_flipped_byte_is_caught(cache):
     assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged)"]
 
 
+def test_a_stray_copy_of_a_shard_is_caught(cache):
+    (cache / "data" / f"{SHARD}.bak").write_bytes((cache / "data" / SHARD).read_bytes())
+    (cache / "data" / "notes.txt").write_text("not named like a shard: not a problem")
+    stray = f"data/{SHARD}.bak: named like a shard but not in the manifest (readers would take it for rows): move it out of data/"
+    assert verify_cache(cache) == [stray]
+
+
 def test_truncated_shard_is_caught(cache):
     path = cache / "data" / SHARD
     size = path.stat().st_size
