@@ -23,12 +23,13 @@ noise on a shared machine, and the median over the builds of each build against 
 bare passes on either side of it (with the range), which follows the machine's drift. The spread
 of the bare passes shows how much the machine drifted.
 
-Row groups: 8 MiB here (`--row-group-bytes`; the builder's default is 128 MiB). The writer
-writes a window (4 row groups) while the forward computes the next; only the last window is
-written after the last forward (the "drain tail"). In a long build that tail is one window
-among thousands; in a run of a few hundred samples, 128 MiB row groups would make the whole
-cache one window, written entirely after the forward, which measures the tail, not the
-overlap. 8 MiB row groups give these short runs several windows, as a long build has.
+Row groups: 8 MiB here (`--row-group-bytes`; the builder's default is 128 MiB), sort windows
+32 MiB (`--sort-window-bytes`; the builder's default is 4 GiB). The writer writes a window while
+the forward computes the next; only the last window is written after the last forward (the
+"drain tail"). In a long build that tail is one window among thousands; in a run of a few
+hundred samples, the default window would make the whole cache one window, written entirely
+after the forward, which measures the tail, not the overlap. Small windows give these short
+runs several windows, as a long build has.
 
 Threads: torch runs ONE intra-op thread by default here (`--threads`), for the bare passes and
 the build alike. On this shared 2-core machine, identical 2-thread passes over the same batches
@@ -49,7 +50,7 @@ GPU (gpu_check.sh) the same script runs the model in bf16; the timers synchronis
 
 Run: .venv/bin/python benchmarks/build_overhead.py [--cases tiny,big] [--big-shape H,L,I,HEADS,KV,V]
      [--big-samples N] [--big-seq S] [--big-draft-vocab VD] [--threads N] [--diagnostics tiny,big]
-     [--repeats N] [--row-group-bytes B] [--compression none|zstd] [--writer-threads N]
+     [--repeats N] [--row-group-bytes B] [--sort-window-bytes B] [--compression none|zstd] [--writer-threads N]
      [--switch-interval S] [--results PATH]
 """
 
@@ -298,6 +299,7 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
         "seq_length": cfg.seq_length,
         "token_budget": cfg.token_budget,
         "row_group_bytes": cfg.row_group_bytes,
+        "sort_window_bytes": cfg.sort_window_bytes,
         "samples": len(prep.samples),
         "tokens": tokens,
         "padded_tokens": padded,
@@ -357,6 +359,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1; 0 = torch's default)")
     p.add_argument("--repeats", type=int, default=4, help="builds per target (bare passes: one more)")
     p.add_argument("--row-group-bytes", type=int, default=8 << 20, help="default 8 MiB (see the docstring); 0: the builder's default")
+    p.add_argument("--sort-window-bytes", type=int, default=32 << 20, help="default 32 MiB (see the docstring); 0: the builder's default")
     p.add_argument(
         "--switch-interval",
         type=float,
@@ -381,6 +384,7 @@ def main(argv=None) -> dict:
 
         builder.forward.FORWARD_SWITCH_INTERVAL_S = args.switch_interval
     rg = {"row_group_bytes": args.row_group_bytes} if args.row_group_bytes else {}
+    rg |= {"sort_window_bytes": args.sort_window_bytes} if args.sort_window_bytes else {}
     rg |= {k: v for k, v in (("compression", args.compression), ("writer_threads", args.writer_threads)) if v is not None}
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)

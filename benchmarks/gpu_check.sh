@@ -91,7 +91,8 @@ if [ "$SMALL" = 1 ]; then
   SCALE=(--shape 256,8,688,4,2,1024 --samples 24 --shard-size 6 --repeats 1)
 else
   BIG=(--big-shape 2048,20,5632,32,4,32000 --big-rows 1200 --big-samples 0 --big-seq 2048 --big-draft-vocab 32000 --big-format topk
-       --big-batch-size 64 --big-max-tokens 32768 --repeats 2 --row-group-bytes 0 --diagnostics tiny,big)
+       --big-batch-size 64 --big-max-tokens 32768 --repeats 2 --row-group-bytes 0
+       --sort-window-bytes 536870912 --diagnostics tiny,big)
   IO=(--repeats 2)
   SCALE=(--shape 2048,20,5632,32,4,32000 --samples 600 --seq 2048 --shard-size 100 --draft-vocab 32000 --format topk
          --batch-size 64 --max-tokens 32768 --repeats 1)

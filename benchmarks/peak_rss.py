@@ -36,7 +36,15 @@ from _common import machine_line, quiet_env, run_child, table, temp_dir, write_r
 
 NAME = "peak_rss"
 ROWS = {"1x": 600, "2x": 1200}
-BUILD = dict(target_model="tiny-llama", seq_length=512, draft_vocab_size=256, dtype="bf16", shard_size=100, row_group_bytes=4 << 20)
+BUILD = dict(
+    target_model="tiny-llama",
+    seq_length=512,
+    draft_vocab_size=256,
+    dtype="bf16",
+    shard_size=100,
+    row_group_bytes=4 << 20,
+    sort_window_bytes=16 << 20,
+)
 TARGET_GROWTH_PERCENT = 10.0
 DEFAULT_REPEATS = 1  # identical builds differ by about 1% in peak RSS (measured with --repeats 2)
 

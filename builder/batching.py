@@ -1,5 +1,6 @@
-"""Which samples are computed together: a shard's rows, its windows of a few row groups, and
-token-budget batches over length-sorted samples, so little compute is spent on padding.
+"""Which samples are computed together: a shard's rows, its sort windows (`--sort-window-bytes` of
+rows held on the host), and token-budget batches over length-sorted samples, so little compute is
+spent on padding.
 
 Everything here depends only on sample lengths and the recorded settings, so `verify --recompute`
 can rebuild the exact batch that produced any cached row.
@@ -15,7 +16,8 @@ import torch
 if TYPE_CHECKING:
     from .prepare import Prepared
 
-WINDOW_ROW_GROUPS = 4  # rows are computed length-sorted within windows of this many row groups
+# Caches recorded before the sort window had a setting of its own sorted within 4 row groups.
+LEGACY_WINDOW_ROW_GROUPS = 4
 
 
 def plan_batches(lengths: list[int], max_tokens: int, max_batch_size: int | None = None) -> list[list[int]]:
@@ -61,7 +63,17 @@ def expected_rows(prep: Prepared, shard: int) -> int:
 def batching_record(prep: Prepared) -> dict:
     """The settings that decide which samples share a forward batch; recorded per shard, because a
     resume may change them and `verify --recompute` must rebuild each shard's own batches."""
-    return {"batch_size": prep.cfg.batch_size, "max_tokens_per_batch": prep.cfg.token_budget, "row_group_bytes": prep.cfg.row_group_bytes}
+    return {
+        "batch_size": prep.cfg.batch_size,
+        "max_tokens_per_batch": prep.cfg.token_budget,
+        "row_group_bytes": prep.cfg.row_group_bytes,
+        "sort_window_bytes": prep.cfg.sort_window_bytes,
+    }
+
+
+def window_bytes(batching: dict) -> int:
+    """The sort window a batching record stands for (records without one: 4 row groups)."""
+    return batching.get("sort_window_bytes") or batching["row_group_bytes"] * LEGACY_WINDOW_ROW_GROUPS
 
 
 def row_windows(rows, per_token: int, per_loss: int, window_bytes: int):
@@ -80,4 +92,4 @@ def row_windows(rows, per_token: int, per_loss: int, window_bytes: int):
 
 def shard_windows(prep: Prepared, rows):
     per_token, per_loss = prep.layout.bytes_per_position()
-    return row_windows(rows, per_token, per_loss, prep.cfg.row_group_bytes * WINDOW_ROW_GROUPS)
+    return row_windows(rows, per_token, per_loss, window_bytes(batching_record(prep)))

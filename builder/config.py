@@ -165,6 +165,13 @@ class BuildConfig:
     max_tokens_per_batch: int | None = setting(
         None, group="run", help="token budget per forward batch, padding included", shown_default="batch size x seq length"
     )
+    sort_window_bytes: int = setting(
+        4 << 30,
+        group="run",
+        help="host memory for the rows sorted by length before batching (rows are written in build order): bigger pads less",
+        shown_default=lambda v: f"{v >> 30} GiB",
+        minimum=1,
+    )
     resume: bool = setting(False, group="run", help="continue an interrupted build in --output-dir (identity must match)")
     dry_run: bool = setting(False, group="run", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
     # ---- writer: compression shapes the bytes (identity); threads only the speed

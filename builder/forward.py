@@ -1,7 +1,7 @@
 """The forward loop: a rank's pending shards, window by window and batch by batch, through the
 target; each batch's supervision encoded on the device and handed to the background writer.
 
-Within a shard, rows are computed length-sorted inside windows of a few row groups (see
+Within a shard, rows are computed length-sorted inside windows of `--sort-window-bytes` (see
 `batching.shard_windows`), so the writer can publish row groups in the samples' order while the
 forward only pads within a window.
 """

@@ -142,6 +142,7 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
             "batch_size": prep.cfg.batch_size,
             "max_tokens_per_batch": prep.cfg.token_budget,
             "row_group_bytes": prep.cfg.row_group_bytes,
+            "sort_window_bytes": prep.cfg.sort_window_bytes,
             "pad_token_id": prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0,
             "ranks": ranks or [],  # per-rank work of the last run; the content does not depend on it
         },

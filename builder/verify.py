@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from .batching import WINDOW_ROW_GROUPS, pad_batch, plan_batches, row_windows
+from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
@@ -204,17 +204,18 @@ class ShardRows:
 
 
 def shard_batching(manifest: dict, name: str) -> dict:
-    """The batch size, token budget and row-group bytes the shard was built with (a resume may have
+    """The batch size, token budget, row-group and sort-window bytes the shard was built with (a resume may have
     changed them); caches recorded before shards carried them: the last run's settings."""
     shard = next(s for s in manifest["shards"] if s["name"] == name)
     build = manifest["build"]
-    return shard.get("batching") or {k: build[k] for k in ("batch_size", "max_tokens_per_batch", "row_group_bytes")}
+    keys = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
+    return shard.get("batching") or {k: build[k] for k in keys if k in build}
 
 
 def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:
     """Positions (in the shard) of the forward batch that produced row `index` at build time."""
     per_token, per_loss = Layout(**manifest["layout"]).bytes_per_position()
-    for window in row_windows(lengths, per_token, per_loss, batching["row_group_bytes"] * WINDOW_ROW_GROUPS):
+    for window in row_windows(lengths, per_token, per_loss, window_bytes(batching)):
         for batch in plan_batches([r["num_tokens"] for r in window], batching["max_tokens_per_batch"], batching["batch_size"]):
             members = [window[i]["position"] for i in batch]
             if index in members:

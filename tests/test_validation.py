@@ -31,6 +31,7 @@ INVALID = [
     ("draft_vocab_size", 0, r"--draft-vocab-size: expected an integer >= 1, got 0"),
     ("num_proc", 0, r"--num-proc: expected an integer >= 1, got 0"),
     ("row_group_bytes", 0, r"--row-group-bytes: expected an integer >= 1, got 0"),
+    ("sort_window_bytes", 0, r"--sort-window-bytes: expected an integer >= 1, got 0"),
     ("shuffle_seed", -1, r"--shuffle-seed: expected an integer >= 0, got -1"),
     ("seq_length", 2.5, r"--seq-length: expected an integer >= 2, got 2.5"),
     ("max_tokens_per_batch", 100, r"--max-tokens-per-batch: expected at least --seq-length \(2048\), got 100\. A batch must hold"),

@@ -160,7 +160,7 @@ CLI = ["--max-samples", "14", "--shard-size", "4", "--seq-length", "256", "--dra
 def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(tmp_path):
     out = tmp_path / "cache"
     names = [shard_name(k, 4) for k in range(4)]
-    first = {"batch_size": 1, "max_tokens_per_batch": 256, "row_group_bytes": 128 << 20}
+    first = {"batch_size": 1, "max_tokens_per_batch": 256, "row_group_bytes": 128 << 20, "sort_window_bytes": 4 << 30}
     flags = ["--batch-size", "1", "--max-tokens-per-batch", "256"]
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--output-dir", str(out), *CLI, *flags],
@@ -172,7 +172,12 @@ def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (out / "data").glob("*.parquet")) == names[:2]
 
-    second = {"batch_size": 8, "max_tokens_per_batch": 8 * 256, "row_group_bytes": 4 << 20}  # a shard per padded batch
+    second = {
+        "batch_size": 8,
+        "max_tokens_per_batch": 8 * 256,
+        "row_group_bytes": 4 << 20,
+        "sort_window_bytes": 64 << 20,
+    }  # a shard per padded batch
     result = build(small_config(out, seq_length=256, **second, resume=True), progress=False)
     assert result.written == names[2:]
     manifest = read_manifest(out)
