@@ -418,3 +418,17 @@ def test_each_shard_counts_the_argmax_rows_in_the_draft_vocabulary(built):
         counts.append(int(torch.isin(argmax.long(), selected).sum()))
         assert shard["argmax_in_vocab"] == counts[-1], shard["name"]
     assert 0 < sum(counts) < sum(s["loss_tokens"] for s in result.manifest["shards"])  # neither all nor none: the count means something
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
+    """/proc/self takes no new folder from anyone, root included: an OSError, told as what to change."""
+    from helpers import says
+
+    from builder.errors import ConfigError
+    from builder.lock import CacheLock
+
+    with pytest.raises(
+        ConfigError, match=says("--output-dir", "got '/proc/self/eagle3-cache'", "Creating /proc/self/eagle3-cache", "Choose a writable")
+    ):
+        CacheLock(Path("/proc/self/eagle3-cache")).acquire()
