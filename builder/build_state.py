@@ -38,6 +38,11 @@ ADDED_FIELDS = ("target.weights_sample_sha256",)
 # Fields holding a path as it was typed: another spelling of the same local file or folder (a
 # trailing slash, `..`, a symlink) names the same input, whose content the other fields hash.
 PATH_FIELDS = ("target.model", "input.data")
+# The content digests the identity records for each path field's local file or folder.
+PATH_CONTENT_FIELDS = {
+    "target.model": ("target.config_sha256", "target.weights_sample_sha256"),
+    "input.data": ("input.content_hash",),
+}
 
 
 def identity_differences(stored: dict, current: dict) -> dict:
@@ -48,7 +53,7 @@ def identity_differences(stored: dict, current: dict) -> dict:
             log.warning("the build being resumed predates %s: that field is not checked", field)
             b.pop(field)
     for field in PATH_FIELDS:
-        if a.get(field) != b.get(field) and same_local_path(a.get(field), b.get(field)):
+        if a.get(field) != b.get(field) and (same_local_path(a.get(field), b.get(field)) or same_recorded_content(field, a, b)):
             b[field] = a[field]
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
@@ -58,6 +63,19 @@ def same_local_path(first, second) -> bool:
         return False
     first, second = Path(first).expanduser(), Path(second).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def same_recorded_content(field: str, stored: dict, current: dict) -> bool:
+    """Where the stored path leads nowhere from here (a relative path typed in another working
+    directory, a folder moved since), this run's local path names the same input when the content
+    digests recorded for it are equal. A stored path that still leads to a folder is compared as a path."""
+    first, second = stored.get(field), current.get(field)
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    if Path(first).expanduser().exists() or not Path(second).expanduser().exists():
+        return False
+    digests = PATH_CONTENT_FIELDS[field]
+    return all(stored.get(d) is not None and stored.get(d) == current.get(d) for d in digests)
 
 
 def holds_cache(out: Path) -> bool:
