@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from .errors import ResumeMismatch
+from .errors import ConfigError, ResumeMismatch
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,36 @@ def read_identity(output_dir: Path) -> dict | None:
 
 def check_resume(output_dir: Path, identity: dict) -> None:
     """Refuse (changing nothing) when the stored identity differs from this run's."""
+    refuse_resume_without_build_state(output_dir)
     stored = read_identity(output_dir)
-    if stored is None and not holds_cache(output_dir):
-        return  # nothing written yet (a start that failed): the run starts the build
     if stored is None:
-        raise ResumeMismatch({"identity": ("missing: the directory holds no resumable eagle3-cache build", "present")})
+        return  # nothing written yet (a start that failed): the run starts the build
     differences = identity_differences(stored, identity)
     if differences:
         raise ResumeMismatch(differences)
+
+
+def refuse_resume_without_build_state(output_dir: Path) -> None:
+    """--resume on a cache (a card, or shards) that came without its `.eagle3_build` folder, say copied or
+    downloaded: its build cannot be checked against this run's settings, so it is not continued."""
+    output_dir = Path(output_dir)
+    if read_identity(output_dir) is not None or not holds_cache(output_dir):
+        return
+    if is_cache_card(output_dir / "README.md"):
+        found = "a finished cache (its card, README.md)"
+        hint = (
+            "The cache is complete: read it, or check it with `eagle3-cache verify`, as it is. "
+            "To build it again, choose a new --output-dir."
+        )
+    else:
+        found = "shards (data/*.parquet)"
+        hint = "To build this cache, choose a new --output-dir."
+    raise ConfigError(
+        "--output-dir",
+        str(output_dir),
+        f"an interrupted build to resume, with its build state ({BUILD_STATE_DIR})",
+        f"It holds {found} without its build state, so there is nothing to resume. {hint}",
+    )
 
 
 def sidecar_path(output_dir: Path, shard_name: str) -> Path:

@@ -446,6 +446,33 @@ def test_resume_takes_a_relative_local_target_and_input_from_another_working_dir
     assert len(build(absolute, progress=False).written) == 3  # resumed, not refused
 
 
+def test_resume_of_a_cache_without_its_build_state_says_there_is_nothing_to_resume(tmp_path):
+    """A finished cache copied or downloaded without `.eagle3_build`: not a build with other settings."""
+    import shutil
+
+    from helpers import says
+
+    from builder.errors import ConfigError
+
+    out = tmp_path / "cache"
+    cfg = small_config(out, max_samples=4)
+    build(cfg, progress=False)
+    shutil.rmtree(out / BUILD_STATE_DIR)
+    before = snapshot(out)
+    finished = ("It holds a finished cache (its card, README.md) without its build state", "so there is nothing to resume")
+    advice = ("The cache is complete", "eagle3-cache verify", "To build it again, choose a new --output-dir")
+    with pytest.raises(
+        ConfigError,
+        match=says(f"--output-dir: expected an interrupted build to resume, with its build state ({BUILD_STATE_DIR})", *finished, *advice),
+    ):
+        build(cfg.replace(resume=True), progress=False)
+    (out / "README.md").unlink()  # shards alone
+    with pytest.raises(ConfigError, match=says("It holds shards (data/*.parquet) without its build state", "choose a new --output-dir")):
+        build(cfg.replace(resume=True), progress=False)
+    del before["README.md"]
+    assert snapshot(out) == before
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
     """/proc/self takes no new folder from anyone, root included: an OSError, told as what to change."""
