@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from .errors import ResumeMismatch
+from .errors import ConfigError, ResumeMismatch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ ADDED_FIELDS = ("target.weights_sample_sha256",)
 # Fields holding a path as it was typed: another spelling of the same local file or folder (a
 # trailing slash, `..`, a symlink) names the same input, whose content the other fields hash.
 PATH_FIELDS = ("target.model", "input.data")
+# The content digests the identity records for each path field's local file or folder.
+PATH_CONTENT_FIELDS = {
+    "target.model": ("target.config_sha256", "target.weights_sample_sha256"),
+    "input.data": ("input.content_hash",),
+}
 
 
 def identity_differences(stored: dict, current: dict) -> dict:
@@ -48,7 +53,7 @@ def identity_differences(stored: dict, current: dict) -> dict:
             log.warning("the build being resumed predates %s: that field is not checked", field)
             b.pop(field)
     for field in PATH_FIELDS:
-        if a.get(field) != b.get(field) and same_local_path(a.get(field), b.get(field)):
+        if a.get(field) != b.get(field) and (same_local_path(a.get(field), b.get(field)) or same_recorded_content(field, a, b)):
             b[field] = a[field]
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
@@ -58,6 +63,19 @@ def same_local_path(first, second) -> bool:
         return False
     first, second = Path(first).expanduser(), Path(second).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def same_recorded_content(field: str, stored: dict, current: dict) -> bool:
+    """Where the stored path leads nowhere from here (a relative path typed in another working
+    directory, a folder moved since), this run's local path names the same input when the content
+    digests recorded for it are equal. A stored path that still leads to a folder is compared as a path."""
+    first, second = stored.get(field), current.get(field)
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    if Path(first).expanduser().exists() or not Path(second).expanduser().exists():
+        return False
+    digests = PATH_CONTENT_FIELDS[field]
+    return all(stored.get(d) is not None and stored.get(d) == current.get(d) for d in digests)
 
 
 def holds_cache(out: Path) -> bool:
@@ -85,14 +103,36 @@ def read_identity(output_dir: Path) -> dict | None:
 
 def check_resume(output_dir: Path, identity: dict) -> None:
     """Refuse (changing nothing) when the stored identity differs from this run's."""
+    refuse_resume_without_build_state(output_dir)
     stored = read_identity(output_dir)
-    if stored is None and not holds_cache(output_dir):
-        return  # nothing written yet (a start that failed): the run starts the build
     if stored is None:
-        raise ResumeMismatch({"identity": ("missing: the directory holds no resumable eagle3-cache build", "present")})
+        return  # nothing written yet (a start that failed): the run starts the build
     differences = identity_differences(stored, identity)
     if differences:
         raise ResumeMismatch(differences)
+
+
+def refuse_resume_without_build_state(output_dir: Path) -> None:
+    """--resume on a cache (a card, or shards) that came without its `.eagle3_build` folder, say copied or
+    downloaded: its build cannot be checked against this run's settings, so it is not continued."""
+    output_dir = Path(output_dir)
+    if read_identity(output_dir) is not None or not holds_cache(output_dir):
+        return
+    if is_cache_card(output_dir / "README.md"):
+        found = "a finished cache (its card, README.md)"
+        hint = (
+            "The cache is complete: read it, or check it with `eagle3-cache verify`, as it is. "
+            "To build it again, choose a new --output-dir."
+        )
+    else:
+        found = "shards (data/*.parquet)"
+        hint = "To build this cache, choose a new --output-dir."
+    raise ConfigError(
+        "--output-dir",
+        str(output_dir),
+        f"an interrupted build to resume, with its build state ({BUILD_STATE_DIR})",
+        f"It holds {found} without its build state, so there is nothing to resume. {hint}",
+    )
 
 
 def sidecar_path(output_dir: Path, shard_name: str) -> Path:

@@ -303,6 +303,21 @@ def _check_output_dir(cfg: BuildConfig) -> None:
         )
     if out.is_dir() and not os.access(out, os.W_OK):
         raise ConfigError("--output-dir", cfg.output_dir, "a writable directory", "Check its permissions.")
+    if not out.exists():
+        _check_creatable(cfg.output_dir, out)
+
+
+def _check_creatable(flag_value: str, out: Path) -> None:
+    """A new --output-dir is created inside its nearest existing folder: one this process cannot write
+    to is refused now, not once the input is tokenized and the lock file cannot be created."""
+    ancestor = next(p for p in out.absolute().parents if p.exists())
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(
+            "--output-dir",
+            flag_value,
+            "a directory this build can create (a path under a folder it can write to)",
+            f"{ancestor}, the nearest folder of it that exists, is not writable. Choose a writable --output-dir.",
+        )
 
 
 def resolve_aux_layer_ids(requested: tuple[int, ...] | None, num_layers: int) -> list[int]:

@@ -14,7 +14,8 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import Eagle3CacheError
+from .errors import ConfigError, Eagle3CacheError
+from .files import is_disk_full
 
 LOCK_FILE = ".eagle3_build/lock"
 
@@ -33,8 +34,7 @@ class CacheLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,6 +49,21 @@ class CacheLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder_info()).encode())
         os.fsync(fd)
+
+    def _open(self) -> int:
+        """The lock file, created with its folder; a folder that cannot be created is the user's to change."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as err:
+            if is_disk_full(err):
+                raise  # the caller reports a full disk as such
+            raise ConfigError(
+                "--output-dir",
+                str(self.path.parent.parent),
+                "a directory this build can create and write to",
+                f"Creating {err.filename or self.path} failed ({err.strerror or err}). Choose a writable --output-dir.",
+            ) from err
 
     def _holder(self) -> dict:
         try:

@@ -77,6 +77,7 @@ the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -620,3 +621,43 @@ def test_an_output_dir_holding_someone_elses_readme_is_refused_and_kept(tmp_path
     assert code == 2 and not stdout, err
     assert "It holds a README.md that is not an eagle3-cache card, which the build's card would replace" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "# my project\n"
+
+
+def test_a_new_output_dir_under_a_read_only_folder_is_refused_before_anything_loads(tmp_path, capsys, no_data):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    out = read_only / "new"
+    try:
+        try:
+            (read_only / "probe").mkdir()
+        except PermissionError:
+            pass  # the folder is read-only to this process, as the test needs
+        else:
+            pytest.skip("this process writes into a folder whatever its mode (root): test_validation.py covers it with /proc/self")
+        code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--output-dir", str(out))
+    finally:
+        read_only.chmod(0o755)
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        rf"^error: --output-dir: expected a directory this build can create .*, got '{re.escape(str(out))}'\. "
+        rf"{re.escape(str(read_only))}, the nearest folder of it that exists, is not writable\. Choose a writable --output-dir\.$",
+        out,
+    )
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_created_is_one_clear_error(tmp_path, capsys, no_weights):
+    """/proc takes no new folder: as root, whom permission checks let through, the build gets as far as
+    creating its lock file, which fails; either way the user reads one error saying what to change."""
+    out = Path("/proc/eagle3-cache-new")
+    code, stdout, err = cli(capsys, *COMMON, "--input-data", "sample-chats", "--output-dir", str(out))
+    assert_clean_error(
+        code,
+        stdout,
+        err,
+        r"^error: --output-dir: expected a directory this build can create .*, got '/proc/eagle3-cache-new'\. .*"
+        r"Choose a writable --output-dir\.$",
+        out,
+    )

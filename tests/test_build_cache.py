@@ -418,3 +418,70 @@ def test_each_shard_counts_the_argmax_rows_in_the_draft_vocabulary(built):
         counts.append(int(torch.isin(argmax.long(), selected).sum()))
         assert shard["argmax_in_vocab"] == counts[-1], shard["name"]
     assert 0 < sum(counts) < sum(s["loss_tokens"] for s in result.manifest["shards"])  # neither all nor none: the count means something
+
+
+def test_resume_takes_a_relative_local_target_and_input_from_another_working_directory(tmp_path, monkeypatch):
+    """Begun in one folder with relative paths, resumed from another with absolute ones: the stored
+    paths lead nowhere from there, and the content digests recorded for them tell the same input
+    (resumed) from another one (refused)."""
+    began_in, resumed_in = tmp_path / "relA", tmp_path / "relB"
+    make_tiny_target(began_in / "tiny", "llama")
+    chats = (Path(__file__).parents[1] / "builder/assets/chats/openai.jsonl").read_bytes()
+    (began_in / "chats").mkdir()
+    (began_in / "chats" / "chats.jsonl").write_bytes(chats)
+    resumed_in.mkdir()
+    monkeypatch.chdir(began_in)
+    cfg = small_config(tmp_path / "cache", "tiny", input_data="chats")
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    monkeypatch.chdir(resumed_in)
+    absolute = cfg.replace(resume=True, target_model=str(began_in / "tiny"), input_data=str(began_in / "chats"))
+
+    (resumed_in / "changed").mkdir()  # the same rows and one more: another input
+    (resumed_in / "changed" / "chats.jsonl").write_bytes(chats + chats.splitlines(keepends=True)[0])
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  input\.content_hash: cache has .*\n  input\.data: cache has 'chats', this run has "):
+        build(absolute.replace(input_data=str(resumed_in / "changed")), progress=False)
+    make_tiny_target(resumed_in / "other", "llama", seed=1)  # other weights: another target
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  target\.model: cache has 'tiny', this run has .*\n  target\.weights_sample_sha256"):
+        build(absolute.replace(target_model=str(resumed_in / "other")), progress=False)
+    assert len(build(absolute, progress=False).written) == 3  # resumed, not refused
+
+
+def test_resume_of_a_cache_without_its_build_state_says_there_is_nothing_to_resume(tmp_path):
+    """A finished cache copied or downloaded without `.eagle3_build`: not a build with other settings."""
+    import shutil
+
+    from helpers import says
+
+    from builder.errors import ConfigError
+
+    out = tmp_path / "cache"
+    cfg = small_config(out, max_samples=4)
+    build(cfg, progress=False)
+    shutil.rmtree(out / BUILD_STATE_DIR)
+    before = snapshot(out)
+    finished = ("It holds a finished cache (its card, README.md) without its build state", "so there is nothing to resume")
+    advice = ("The cache is complete", "eagle3-cache verify", "To build it again, choose a new --output-dir")
+    with pytest.raises(
+        ConfigError,
+        match=says(f"--output-dir: expected an interrupted build to resume, with its build state ({BUILD_STATE_DIR})", *finished, *advice),
+    ):
+        build(cfg.replace(resume=True), progress=False)
+    (out / "README.md").unlink()  # shards alone
+    with pytest.raises(ConfigError, match=says("It holds shards (data/*.parquet) without its build state", "choose a new --output-dir")):
+        build(cfg.replace(resume=True), progress=False)
+    del before["README.md"]
+    assert snapshot(out) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
+    """/proc/self takes no new folder from anyone, root included: an OSError, told as what to change."""
+    from helpers import says
+
+    from builder.errors import ConfigError
+    from builder.lock import CacheLock
+
+    with pytest.raises(
+        ConfigError, match=says("--output-dir", "got '/proc/self/eagle3-cache'", "Creating /proc/self/eagle3-cache", "Choose a writable")
+    ):
+        CacheLock(Path("/proc/self/eagle3-cache")).acquire()

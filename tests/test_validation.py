@@ -1,6 +1,7 @@
 """Every invalid flag fails before any data or weights load, naming the flag and the value;
 the CLI prints one `error:` line (exit 2); `--dry-run` prints the plan and writes nothing."""
 
+import os
 import re
 
 import numpy as np
@@ -321,3 +322,17 @@ def test_rows_over_two_gib_are_refused_before_weights(tmp_path, monkeypatch):
         match=says("--seq-length", "2 GiB per value", "got 512", "--target-format topk or hidden"),
     ):
         prepare(cfg)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_new_output_dir_whose_nearest_existing_folder_is_not_writable_is_refused(tmp_path):
+    """/proc/self takes no new folder from anyone, root included (whom no folder mode stops)."""
+    out = "/proc/self/eagle3-cache/new"
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--output-dir", f"got '{out}'", "/proc/self, the nearest folder of it that exists, is not writable", "Choose a writable"
+        ),
+    ):
+        validate(cfg(tmp_path).replace(output_dir=out))
+    validate(cfg(tmp_path).replace(output_dir=out, dry_run=True))  # a dry run writes nothing
