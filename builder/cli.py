@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
     verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
+    verify.add_argument(
+        "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
+    )
     verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
@@ -135,7 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify_cache
 
     problems = verify_cache(
-        args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision
+        args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision, name=args.name
     )
     for problem in problems:
         print(f"FAIL {problem}")

@@ -18,11 +18,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from dataset_card import data_prefix
+
 from .batching import WINDOW_ROW_GROUPS, pad_batch, plan_batches, row_windows
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
+from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import is_card_read
 
@@ -30,11 +32,18 @@ log = logging.getLogger(__name__)
 
 
 def verify_cache(
-    location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None, revision: str | None = None
+    location: str | Path,
+    *,
+    recompute: int = 0,
+    seed: int = 0,
+    target_model: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
 ) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
-    A Hub repo id is downloaded first (every byte must be read to check its checksum anyway)."""
-    out = Path(location) if Path(location).exists() else download(str(location), revision)
+    A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
     problems = check_manifest(out, manifest)
     for shard in manifest["shards"]:
@@ -44,14 +53,64 @@ def verify_cache(
     return problems
 
 
-def download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
+def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
+    """The local folder holding the cache's card, downloading a Hub repo id (only config `name`'s
+    folder, beside the root card); refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
-    if not is_hub_location(repo_id):
-        raise FileNotFoundError(f"verify: {repo_id!r} is neither a local cache directory nor a Hub dataset repo id")
-    return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
+    if Path(location).exists():
+        root = Path(location)
+    elif is_hub_location(location):
+        root = download(str(location), revision, name)
+    else:
+        raise Eagle3CacheError(
+            f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
+            "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
+        )
+    out = root / data_prefix(name)
+    index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
+    if index and (name is None or name not in index):
+        raise Eagle3CacheError(
+            f"verify: {location} holds several caches {sorted(index)}"
+            + (f", not {name!r}" if name is not None else "")
+            + ": pass one of them with --name (name=)"
+        )
+    if not (out / "README.md").is_file():
+        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
+    return out
+
+
+def why_no_card(root: Path, name: str | None) -> str:
+    if name is not None and (root / "README.md").is_file():
+        return f"the cache is at the root of {root}, which holds no configs: leave out --name {name}"
+    return (
+        "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "
+        "Resume it (the same build command with --resume), then verify"
+    )
+
+
+def download(repo_id: str, revision: str | None, name: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .hub import HubError, hub_endpoint
+
+    only = None if name is None else ["README.md", f"{data_prefix(name)}**"]  # the root card says which configs exist
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=only))
+    except RevisionNotFoundError:
+        raise HubError(f"verify: {repo_id} has no revision {revision!r}: pass an existing branch, tag or commit with --revision") from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"verify: {repo_id}: no local directory of that name, and no dataset repo on {hub_endpoint()} "
+            "(or it is private and no token with access is set: set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"verify: {repo_id}: no local directory of that name, the Hub cannot be reached (offline mode, or no "
+            "connection) and the local Hugging Face cache holds no copy: pass a cache directory, or unset "
+            "HF_HUB_OFFLINE and connect to download it"
+        ) from None
 
 
 def check_manifest(out: Path, manifest: dict) -> list[str]:

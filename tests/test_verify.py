@@ -14,12 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import small_config
+from hub_server import hub_fixtures
 from huggingface_hub import DatasetCard
 
 from builder.build import build
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
+from builder.push import PushTarget, push_cache
 from builder.reader import read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
@@ -183,3 +185,45 @@ def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(
     current = manifest | {"shards": [{k: v for k, v in s.items() if k != "batching"} for s in manifest["shards"]]}
     problems = recompute_samples(out, current, 14, 0, None)
     assert {p.split("/")[1] for p in problems} == set(names[:2]), problems
+
+
+# ---- where the cache is: refusals, and one config of a repo holding several ---------------------
+
+
+def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, tmp_path, capsys):
+    from builder.cli import main
+
+    (cache / "README.md").unlink()  # as an interrupted build leaves it: the card is written last
+    cases = [
+        (cache, r"has no README.md.*an interrupted build has none\. Resume it \(the same build command with --resume\)"),
+        (tmp_path / "nowhere", r"'.*nowhere' is neither a directory nor a Hub dataset repo id"),
+        ("tester/nowhere", r"tester/nowhere: no local directory of that name, the Hub cannot be reached \(offline mode"),  # tests: offline
+    ]
+    for location, message in cases:
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(location)
+        assert main(["verify", str(location)]) == 2  # a refusal, not "damage found"
+        assert capsys.readouterr().err.startswith("error: verify: ")
+
+
+hub_server, hub = hub_fixtures()
+
+
+def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
+    from builder.cli import main
+
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget("tester/multi", config=config))
+    hub.reset_counters()
+    assert main(["verify", "tester/multi", "--name", "llama"]) == 0
+    assert capsys.readouterr().out.strip().endswith("tester/multi: OK")
+    downloaded = {path for _, path, _ in hub.requests("GET")}
+    assert any("/llama/data/" in p for p in downloaded), downloaded
+    assert not any("/short/" in p for p in downloaded), downloaded  # only its own folder (and the root card)
+    hub.reset_counters()
+    assert main(["verify", "tester/multi", "--name", "short"]) == 0  # its shards are the same bytes: already here
+    assert any(p.endswith("/short/README.md") for _, p, _ in hub.requests("GET")), hub.requests()
+    with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\]: pass one of them with --name"):
+        verify_cache("tester/multi")
+    with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\], not 'mistral'"):
+        verify_cache("tester/multi", name="mistral")
