@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,7 +27,7 @@ from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import is_card_read
+from .shards import is_card_read, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def verify_cache(
     `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
-    problems = check_manifest(out, manifest)
+    problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
     for shard in manifest["shards"]:
         problems += check_shard(out, manifest, shard)
     if recompute and not problems:
@@ -138,6 +139,48 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     return problems
 
 
+def check_shard_list(manifest: dict) -> list[str]:
+    """The shard list outside the fingerprint can be edited: a shard dropped with its entry, or
+    listed twice, would pass every per-shard check. Names must be exactly shard k of N, k < N."""
+    names = [s["name"] for s in manifest["shards"]]
+    counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.parquet$", n) for n in names) if m}
+    if len(counts) != 1:
+        return [f"README.md: the manifest's shard names {names} do not share one -of-N count: restore the card, or rebuild"]
+    (total,) = counts
+    expected = [shard_name(k, total) for k in range(total)]
+    fix = "restore the card (and any shard removed with its entry), or rebuild"
+    problems = [
+        f"README.md: the manifest lists data/{n} {names.count(n)} times (readers would yield its rows as often): {fix}"
+        for n in sorted(set(names))
+        if names.count(n) > 1
+    ]
+    if missing := [f"data/{n}" for n in expected if n not in names]:
+        problems.append(f"README.md: the manifest lists no {', '.join(missing)}, though its shards are numbered of {total}: {fix}")
+    if unexpected := sorted(set(names) - set(expected)):
+        problems.append(f"README.md: the manifest lists {', '.join(unexpected)}, not named as shard k of {total}: {fix}")
+    return problems
+
+
+def check_totals(out: Path, manifest: dict) -> list[str]:
+    """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
+    size) must be the sums over the shards."""
+    totals, shards = manifest["totals"], manifest["shards"]
+    sums = {"samples": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards), "bytes": sum(s["bytes"] for s in shards)}
+    problems = [
+        f"README.md: totals.{key} is {totals.get(key)}, the shards sum to {value}: restore the card, or rebuild"
+        for key, value in sums.items()
+        if totals.get(key) != value
+    ]
+    info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
+    for split in info.get("splits", []):
+        if split.get("num_examples") != sums["samples"]:
+            problems.append(
+                f"README.md: dataset_info says {split.get('num_examples')} examples in split {split.get('name')!r}, "
+                f"the shards hold {sums['samples']}: restore the card, or rebuild"
+            )
+    return problems
+
+
 def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     algorithm, expected = recorded_checksum(manifest, record)
     return file_hash(path, algorithm) == expected
@@ -148,9 +191,9 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
     if not path.exists():
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
+        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {repair(name)}"]
     if not checksum_matches(path, manifest, shard):
-        return [f"data/{name}: checksum differs from the manifest (the file is damaged)"]
+        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {repair(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:
@@ -164,6 +207,12 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
         for row in batch.to_pylist():
             problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
     return problems
+
+
+def repair(name: str) -> str:
+    # Resume keeps a shard whose size and row count match its record: a damaged one of the same
+    # size would be kept, so it must be deleted first.
+    return f"to repair: delete data/{name} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 def check_row(row: dict, manifest: dict) -> list[str]:

@@ -27,6 +27,7 @@ from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard
 from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
+REPAIR = f"to repair: delete data/{SHARD} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_flipped_byte_is_caught(cache):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged)"]
+    assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged); {REPAIR}"]
 
 
 def test_a_stray_copy_of_a_shard_is_caught(cache):
@@ -65,7 +66,7 @@ def test_truncated_shard_is_caught(cache):
     path = cache / "data" / SHARD
     size = path.stat().st_size
     path.write_bytes(path.read_bytes()[: size // 2])
-    assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced)"]
+    assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced); {REPAIR}"]
 
 
 def test_missing_shard_is_caught(cache):
@@ -227,3 +228,47 @@ def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
         verify_cache("tester/multi")
     with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\], not 'mistral'"):
         verify_cache("tester/multi", name="mistral")
+
+
+# ---- the manifest outside the fingerprint ------------------------------------------------------
+
+
+def edit_card(cache, edit) -> None:
+    card = DatasetCard.load(cache / "README.md")
+    edit(card.data)
+    card.save(cache / "README.md")
+
+
+def test_a_shard_removed_with_its_entry_or_listed_twice_is_caught(cache):
+    def drop_shard(data):
+        data["eagle3_cache"]["shards"] = [s for s in data["eagle3_cache"]["shards"] if s["name"] != SHARD]
+
+    (cache / "data" / SHARD).unlink()
+    edit_card(cache, drop_shard)
+    problems = verify_cache(cache)
+    assert any(p.startswith(f"README.md: the manifest lists no data/{SHARD}, though its shards are numbered of 4") for p in problems)
+    assert any(p.startswith("README.md: totals.samples is 14, the shards sum to 10") for p in problems), problems
+
+    def list_twice(data):
+        shards = data["eagle3_cache"]["shards"]
+        shards.append(shards[0])
+
+    edit_card(cache, list_twice)
+    name = shard_name(0, 4)
+    assert f"README.md: the manifest lists data/{name} 2 times (readers would yield its rows as often)" in "\n".join(verify_cache(cache))
+
+
+def test_edited_totals_and_dataset_info_are_caught(cache):
+    def edit_totals(data):
+        data["eagle3_cache"]["totals"] |= {"samples": 15, "tokens": 1, "bytes": 2}
+        data["dataset_info"]["splits"][0]["num_examples"] = 15
+
+    edit_card(cache, edit_totals)
+    assert verify_cache(cache) == [
+        "README.md: totals.samples is 15, the shards sum to 14: restore the card, or rebuild",
+        f"README.md: totals.tokens is 1, the shards sum to {sum(s['tokens'] for s in read_manifest(cache)['shards'])}: "
+        "restore the card, or rebuild",
+        f"README.md: totals.bytes is 2, the shards sum to {sum(s['bytes'] for s in read_manifest(cache)['shards'])}: "
+        "restore the card, or rebuild",
+        "README.md: dataset_info says 15 examples in split 'train', the shards hold 14: restore the card, or rebuild",
+    ]
