@@ -145,7 +145,13 @@ def run_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.cache_dir}: {len(problems)} problem(s)")
         return 1
-    print(f"{args.cache_dir}: OK" + (" (the recomputed samples match)" if args.recompute else ""))
+    if args.recompute and problems.recomputed < args.recompute:
+        print(
+            f"{args.cache_dir}: OK (only {problems.recomputed} of the {args.recompute} samples asked for could be recomputed, "
+            "see the warnings; they match)"
+        )
+    else:
+        print(f"{args.cache_dir}: OK" + (" (the recomputed samples match)" if args.recompute else ""))
     return 0
 
 

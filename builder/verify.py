@@ -49,9 +49,19 @@ def verify_cache(
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
     for shard in manifest["shards"]:
         problems += check_shard(out, manifest, shard)
+    report = Report(problems)
     if recompute and not problems:
-        problems += recompute_samples(out, manifest, recompute, seed, target_model)
-    return problems
+        recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
+        report += recomputed
+        report.recomputed = recomputed.recomputed
+    return report
+
+
+class Report(list):
+    """The problems found, one line each; `recomputed`: how many samples the recompute compared
+    (fewer than asked for where shards cannot be recomputed, or the cache holds fewer)."""
+
+    recomputed = 0
 
 
 def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
@@ -235,7 +245,7 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 # ---- recompute ----------------------------------------------------------------------------
 
 
-def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> list[str]:
+def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> Report:
     from .embedded import resolve_target
     from .forward import compute_record
     from .target import Target, compute_device, load_model
@@ -247,12 +257,21 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
         log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
     comparable = comparable_shards(manifest, compute_record())
     positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable - incomplete for i in range(s["rows"])]
+    if not positions:
+        raise Eagle3CacheError(
+            f"verify --recompute: no sample can be recomputed: every shard that could match holds failed samples "
+            f"({', '.join(sorted(incomplete))}), and the forward batches they were part of cannot be rebuilt without them. "
+            "Nothing was compared (the structural checks passed)."
+        )
+    if len(positions) < count:
+        log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
     device, dtype = compute_device()
     model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
-    problems = []
+    problems = Report()
+    problems.recomputed = len(chosen)
     try:
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))

@@ -272,3 +272,43 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
         "restore the card, or rebuild",
         "README.md: dataset_info says 15 examples in split 'train', the shards hold 14: restore the card, or rebuild",
     ]
+
+
+# ---- what the recompute can compare -----------------------------------------------------------
+
+
+def target_failing_in_shards(tmp_path, intact, shards: list[int]) -> Path:
+    """The embedded target with NaN embeddings for one token found in a single sample of each of
+    these shards (and nowhere else): those samples fail, the others are stored as before."""
+    from safetensors.torch import load_file, save_file
+
+    from builder.embedded import resolve_target
+
+    names = [s["name"] for s in read_manifest(intact)["shards"]]
+    ids = {n: [r.as_py() for r in pq.read_table(intact / "data" / n, columns=["input_ids"])["input_ids"]] for n in names}
+    tokens = {n: [set(torch.frombuffer(bytearray(b), dtype=torch.int32).tolist()) for b in rows] for n, rows in ids.items()}
+    everywhere = [t for rows in tokens.values() for row in rows for t in row]
+    poisoned = [min(t for row in tokens[names[k]] for t in row if everywhere.count(t) == 1) for k in shards]
+    target = tmp_path / "target"
+    shutil.copytree(resolve_target("tiny-llama"), target)
+    weights = load_file(target / "model.safetensors")
+    weights["model.embed_tokens.weight"][poisoned] = float("nan")
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_recompute_says_how_many_samples_it_compared_and_refuses_when_none_can_be(intact, tmp_path, capsys):
+    from builder.cli import main
+
+    some = build(small_config(tmp_path / "some", target_failing_in_shards(tmp_path / "a", intact, [0, 1, 2])), progress=False)
+    failed = read_manifest(some.output_dir)["failed"]
+    assert sorted(f["shard"] for f in failed) == [shard_name(k, 4) for k in range(3)]
+    assert main(["verify", str(some.output_dir), "--recompute", "5"]) == 0  # the last shard holds 2 samples
+    assert "OK (only 2 of the 5 samples asked for could be recomputed, see the warnings; they match)" in capsys.readouterr().out
+
+    every = build(small_config(tmp_path / "every", target_failing_in_shards(tmp_path / "b", intact, [0, 1, 2, 3])), progress=False)
+    assert sorted(f["shard"] for f in read_manifest(every.output_dir)["failed"]) == [shard_name(k, 4) for k in range(4)]
+    with pytest.raises(Eagle3CacheError, match=r"no sample can be recomputed: every shard that could match holds failed samples"):
+        verify_cache(every.output_dir, recompute=3)
+    assert main(["verify", str(every.output_dir), "--recompute", "3"]) == 2
+    assert verify_cache(every.output_dir) == []
