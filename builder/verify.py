@@ -10,6 +10,7 @@ so fp32 caches must match bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -266,8 +267,10 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     if len(positions) < count:
         log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
+    model_path = resolve_target(target_model or identity["target"]["model"])
+    check_target(model_path, identity)
     device, dtype = compute_device()
-    model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
+    model = load_model(model_path, identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
     problems = Report()
@@ -284,6 +287,31 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     finally:
         target.close()
     return problems
+
+
+def check_target(model_path: str, identity: dict) -> None:
+    """Refuse a target other than the one the cache was built with (another model, or the same folder
+    retrained), by the identity fields the build recorded: otherwise every sample would be reported
+    as damaged. Fields a Hub target does not record (its commit pins it) are not compared."""
+    from .prepare import _local_config_hash, local_weights_sample_hash
+    from .target import load_tokenizer
+    from .tokenize import template_bytes, template_of, tokenizer_hash
+
+    recorded = identity["target"]
+    live = {"config_sha256": _local_config_hash(model_path), "weights_sample_sha256": local_weights_sample_hash(model_path)}
+    differences = {f"target.{k}": (recorded.get(k), v) for k, v in live.items() if None not in (recorded.get(k), v) and recorded[k] != v}
+    tokenizer = load_tokenizer(model_path, recorded["revision"], False)
+    template = template_of(tokenizer, None)
+    # Built with --chat-template, the recorded tokenizer hash covers a template this folder does not hold.
+    if hashlib.sha256(template_bytes(template)).hexdigest() == identity["chat_template_sha256"]:
+        if (live_hash := tokenizer_hash(tokenizer, template)) != identity["tokenizer_sha256"]:
+            differences["tokenizer_sha256"] = (identity["tokenizer_sha256"], live_hash)
+    if differences:
+        lines = "\n".join(f"  {field}: the cache has {old}, {model_path} has {new}" for field, (old, new) in sorted(differences.items()))
+        raise Eagle3CacheError(
+            f"verify --recompute: {model_path} is not the target the cache was built with:\n{lines}\n"
+            "Pass the build's target with --target-model (the structural checks passed)."
+        )
 
 
 def comparable_shards(manifest: dict, here: dict) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -312,3 +313,23 @@ def test_recompute_says_how_many_samples_it_compared_and_refuses_when_none_can_b
         verify_cache(every.output_dir, recompute=3)
     assert main(["verify", str(every.output_dir), "--recompute", "3"]) == 2
     assert verify_cache(every.output_dir) == []
+
+
+def test_recompute_refuses_another_target_naming_the_fields_that_differ(intact, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from builder.embedded import resolve_target
+
+    same = tmp_path / "same"  # the build's target, moved: only the path differs
+    shutil.copytree(resolve_target("tiny-llama"), same)
+    assert verify_cache(intact, recompute=2, target_model=str(same)) == []
+    retrained = tmp_path / "retrained"
+    shutil.copytree(same, retrained)
+    weights = load_file(retrained / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(retrained / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Eagle3CacheError, match=r"retrained is not the target the cache was built with:\n  target.weights_sample_sha256: "):
+        verify_cache(intact, recompute=2, target_model=str(retrained))
+    config = json.loads((retrained / "config.json").read_text())
+    (retrained / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
+    with pytest.raises(Eagle3CacheError, match=r"target.config_sha256: the cache has \w+, .*retrained has \w+\n  target.weights"):
+        verify_cache(intact, recompute=2, target_model=str(retrained))
