@@ -97,6 +97,8 @@ def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     for shard in card.data["eagle3_cache"]["shards"]:
         if shard["name"] == shard_name:
             shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
+    manifest = card.data["eagle3_cache"]
+    manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
     card.save(cache / "README.md")
 
 
