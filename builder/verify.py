@@ -1,11 +1,13 @@
 """`eagle3-cache verify`: check a cache against its manifest, and optionally recompute samples live.
 
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
-row counts, the identity's fingerprint (an edited manifest no longer matches it), per-row
-shapes against the manifest and finite values. `--recompute N` reruns the target on N
-random samples, rebuilding each one's exact forward batch from the cached rows (batches
-depend only on lengths and the shard's recorded batching, which a resume may have changed),
-so fp32 caches must match bit for bit.
+row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
+outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
+over the shards), per-row shapes against the manifest and finite values. `--recompute N`
+reruns the target (refused unless its recorded identity matches) on N random samples,
+rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
+and the shard's recorded batching, which a resume may have changed), so fp32 caches must
+match bit for bit.
 """
 
 from __future__ import annotations

@@ -231,6 +231,10 @@ def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
         verify_cache("tester/multi")
     with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\], not 'mistral'"):
         verify_cache("tester/multi", name="mistral")
+    with pytest.raises(Eagle3CacheError, match=r"tester/absent: no local directory of that name, and no dataset repo on http"):
+        verify_cache("tester/absent")
+    with pytest.raises(Eagle3CacheError, match=r"tester/multi has no revision 'v9': pass an existing branch, tag or commit"):
+        verify_cache("tester/multi", revision="v9")
 
 
 # ---- the manifest outside the fingerprint ------------------------------------------------------
@@ -335,3 +339,9 @@ def test_recompute_refuses_another_target_naming_the_fields_that_differ(intact, 
     (retrained / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
     with pytest.raises(Eagle3CacheError, match=r"target.config_sha256: the cache has \w+, .*retrained has \w+\n  target.weights"):
         verify_cache(intact, recompute=2, target_model=str(retrained))
+    retokenized = tmp_path / "retokenized"  # same weights, another special token: other ids and masks
+    shutil.copytree(same, retokenized)
+    tokenizer_config = json.loads((retokenized / "tokenizer_config.json").read_text())
+    (retokenized / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"pad_token": "<|unk|>"}))
+    with pytest.raises(Eagle3CacheError, match=r"retokenized is not the target the cache was built with:\n  tokenizer_sha256: the cache"):
+        verify_cache(intact, recompute=2, target_model=str(retokenized))
