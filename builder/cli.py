@@ -99,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples and compare: exact "
         "in fp32, within one rounding step of bf16/fp16. Only shards computed on this kind of device in this dtype "
-        "(each shard's record says which) can match: others are skipped with a warning. Exit status 1 on any problem.",
+        "(each shard's record says which) can match: others are skipped with a warning. Exit status 1 on any problem, "
+        "2 when verify cannot run (no finished cache there, another target, nothing to recompute).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
     verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
+    verify.add_argument(
+        "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
+    )
     verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
@@ -135,14 +139,20 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify_cache
 
     problems = verify_cache(
-        args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision
+        args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision, name=args.name
     )
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
         print(f"{args.cache_dir}: {len(problems)} problem(s)")
         return 1
-    print(f"{args.cache_dir}: OK" + (" (the recomputed samples match)" if args.recompute else ""))
+    if args.recompute and problems.recomputed < args.recompute:
+        print(
+            f"{args.cache_dir}: OK (only {problems.recomputed} of the {args.recompute} samples asked for could be recomputed, "
+            "see the warnings; they match)"
+        )
+    else:
+        print(f"{args.cache_dir}: OK" + (" (the recomputed samples match)" if args.recompute else ""))
     return 0
 
 

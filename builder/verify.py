@@ -1,57 +1,130 @@
 """`eagle3-cache verify`: check a cache against its manifest, and optionally recompute samples live.
 
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
-row counts, the identity's fingerprint (an edited manifest no longer matches it), per-row
-shapes against the manifest and finite values. `--recompute N` reruns the target on N
-random samples, rebuilding each one's exact forward batch from the cached rows (batches
-depend only on lengths and the shard's recorded batching, which a resume may have changed),
-so fp32 caches must match bit for bit.
+row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
+outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
+over the shards), per-row shapes against the manifest and finite values. `--recompute N`
+reruns the target (refused unless its recorded identity matches) on N random samples,
+rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
+and the shard's recorded batching, which a resume may have changed), so fp32 caches must
+match bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
+from dataset_card import data_prefix
+
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import VOCAB_FILE, fingerprint, recorded_checksum
+from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import is_card_read
+from .shards import is_card_read, shard_name
 
 log = logging.getLogger(__name__)
 
 
 def verify_cache(
-    location: str | Path, *, recompute: int = 0, seed: int = 0, target_model: str | None = None, revision: str | None = None
+    location: str | Path,
+    *,
+    recompute: int = 0,
+    seed: int = 0,
+    target_model: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
 ) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
-    A Hub repo id is downloaded first (every byte must be read to check its checksum anyway)."""
-    out = Path(location) if Path(location).exists() else download(str(location), revision)
+    A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
-    problems = check_manifest(out, manifest)
+    problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
     for shard in manifest["shards"]:
         problems += check_shard(out, manifest, shard)
+    report = Report(problems)
     if recompute and not problems:
-        problems += recompute_samples(out, manifest, recompute, seed, target_model)
-    return problems
+        recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
+        report += recomputed
+        report.recomputed = recomputed.recomputed
+    return report
 
 
-def download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+class Report(list):
+    """The problems found, one line each; `recomputed`: how many samples the recompute compared
+    (fewer than asked for where shards cannot be recomputed, or the cache holds fewer)."""
 
+    recomputed = 0
+
+
+def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
+    """The local folder holding the cache's card, downloading a Hub repo id (only config `name`'s
+    folder, beside the root card); refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
-    if not is_hub_location(repo_id):
-        raise FileNotFoundError(f"verify: {repo_id!r} is neither a local cache directory nor a Hub dataset repo id")
-    return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision))
+    if Path(location).exists():
+        root = Path(location)
+    elif is_hub_location(location):
+        root = download(str(location), revision, name)
+    else:
+        raise Eagle3CacheError(
+            f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
+            "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
+        )
+    out = root / data_prefix(name)
+    index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
+    if index and (name is None or name not in index):
+        raise Eagle3CacheError(
+            f"verify: {location} holds several caches {sorted(index)}"
+            + (f", not {name!r}" if name is not None else "")
+            + ": pass one of them with --name (name=)"
+        )
+    if not (out / "README.md").is_file():
+        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
+    return out
+
+
+def why_no_card(root: Path, name: str | None) -> str:
+    if name is not None and (root / "README.md").is_file():
+        return f"the cache is at the root of {root}, which holds no configs: leave out --name {name}"
+    return (
+        "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "
+        "Resume it (the same build command with --resume), then verify"
+    )
+
+
+def download(repo_id: str, revision: str | None, name: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .hub import HubError, hub_endpoint
+
+    only = None if name is None else ["README.md", f"{data_prefix(name)}**"]  # the root card says which configs exist
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=only))
+    except RevisionNotFoundError:
+        raise HubError(f"verify: {repo_id} has no revision {revision!r}: pass an existing branch, tag or commit with --revision") from None
+    except RepositoryNotFoundError:
+        raise HubError(
+            f"verify: {repo_id}: no local directory of that name, and no dataset repo on {hub_endpoint()} "
+            "(or it is private and no token with access is set: set HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise HubError(
+            f"verify: {repo_id}: no local directory of that name, the Hub cannot be reached (offline mode, or no "
+            "connection) and the local Hugging Face cache holds no copy: pass a cache directory, or unset "
+            "HF_HUB_OFFLINE and connect to download it"
+        ) from None
 
 
 def check_manifest(out: Path, manifest: dict) -> list[str]:
@@ -79,6 +152,48 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     return problems
 
 
+def check_shard_list(manifest: dict) -> list[str]:
+    """The shard list outside the fingerprint can be edited: a shard dropped with its entry, or
+    listed twice, would pass every per-shard check. Names must be exactly shard k of N, k < N."""
+    names = [s["name"] for s in manifest["shards"]]
+    counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.parquet$", n) for n in names) if m}
+    if len(counts) != 1:
+        return [f"README.md: the manifest's shard names {names} do not share one -of-N count: restore the card, or rebuild"]
+    (total,) = counts
+    expected = [shard_name(k, total) for k in range(total)]
+    fix = "restore the card (and any shard removed with its entry), or rebuild"
+    problems = [
+        f"README.md: the manifest lists data/{n} {names.count(n)} times (readers would yield its rows as often): {fix}"
+        for n in sorted(set(names))
+        if names.count(n) > 1
+    ]
+    if missing := [f"data/{n}" for n in expected if n not in names]:
+        problems.append(f"README.md: the manifest lists no {', '.join(missing)}, though its shards are numbered of {total}: {fix}")
+    if unexpected := sorted(set(names) - set(expected)):
+        problems.append(f"README.md: the manifest lists {', '.join(unexpected)}, not named as shard k of {total}: {fix}")
+    return problems
+
+
+def check_totals(out: Path, manifest: dict) -> list[str]:
+    """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
+    size) must be the sums over the shards."""
+    totals, shards = manifest["totals"], manifest["shards"]
+    sums = {"samples": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards), "bytes": sum(s["bytes"] for s in shards)}
+    problems = [
+        f"README.md: totals.{key} is {totals.get(key)}, the shards sum to {value}: restore the card, or rebuild"
+        for key, value in sums.items()
+        if totals.get(key) != value
+    ]
+    info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
+    for split in info.get("splits", []):
+        if split.get("num_examples") != sums["samples"]:
+            problems.append(
+                f"README.md: dataset_info says {split.get('num_examples')} examples in split {split.get('name')!r}, "
+                f"the shards hold {sums['samples']}: restore the card, or rebuild"
+            )
+    return problems
+
+
 def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     algorithm, expected = recorded_checksum(manifest, record)
     return file_hash(path, algorithm) == expected
@@ -89,9 +204,9 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
     if not path.exists():
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced)"]
+        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {repair(name)}"]
     if not checksum_matches(path, manifest, shard):
-        return [f"data/{name}: checksum differs from the manifest (the file is damaged)"]
+        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {repair(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:
@@ -105,6 +220,12 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
         for row in batch.to_pylist():
             problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
     return problems
+
+
+def repair(name: str) -> str:
+    # Resume keeps a shard whose size and row count match its record: a damaged one of the same
+    # size would be kept, so it must be deleted first.
+    return f"to repair: delete data/{name} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 def check_row(row: dict, manifest: dict) -> list[str]:
@@ -127,7 +248,7 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 # ---- recompute ----------------------------------------------------------------------------
 
 
-def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> list[str]:
+def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> Report:
     from .embedded import resolve_target
     from .forward import compute_record
     from .target import Target, compute_device, load_model
@@ -139,12 +260,23 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
         log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
     comparable = comparable_shards(manifest, compute_record())
     positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable - incomplete for i in range(s["rows"])]
+    if not positions:
+        raise Eagle3CacheError(
+            f"verify --recompute: no sample can be recomputed: every shard that could match holds failed samples "
+            f"({', '.join(sorted(incomplete))}), and the forward batches they were part of cannot be rebuilt without them. "
+            "Nothing was compared (the structural checks passed)."
+        )
+    if len(positions) < count:
+        log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
+    model_path = resolve_target(target_model or identity["target"]["model"])
+    check_target(model_path, identity)
     device, dtype = compute_device()
-    model = load_model(resolve_target(target_model or identity["target"]["model"]), identity["target"]["revision"], False, device, dtype)
+    model = load_model(model_path, identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
-    problems = []
+    problems = Report()
+    problems.recomputed = len(chosen)
     try:
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
@@ -157,6 +289,31 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     finally:
         target.close()
     return problems
+
+
+def check_target(model_path: str, identity: dict) -> None:
+    """Refuse a target other than the one the cache was built with (another model, or the same folder
+    retrained), by the identity fields the build recorded: otherwise every sample would be reported
+    as damaged. Fields a Hub target does not record (its commit pins it) are not compared."""
+    from .prepare import _local_config_hash, local_weights_sample_hash
+    from .target import load_tokenizer
+    from .tokenize import template_bytes, template_of, tokenizer_hash
+
+    recorded = identity["target"]
+    live = {"config_sha256": _local_config_hash(model_path), "weights_sample_sha256": local_weights_sample_hash(model_path)}
+    differences = {f"target.{k}": (recorded.get(k), v) for k, v in live.items() if None not in (recorded.get(k), v) and recorded[k] != v}
+    tokenizer = load_tokenizer(model_path, recorded["revision"], False)
+    template = template_of(tokenizer, None)
+    # Built with --chat-template, the recorded tokenizer hash covers a template this folder does not hold.
+    if hashlib.sha256(template_bytes(template)).hexdigest() == identity["chat_template_sha256"]:
+        if (live_hash := tokenizer_hash(tokenizer, template)) != identity["tokenizer_sha256"]:
+            differences["tokenizer_sha256"] = (identity["tokenizer_sha256"], live_hash)
+    if differences:
+        lines = "\n".join(f"  {field}: the cache has {old}, {model_path} has {new}" for field, (old, new) in sorted(differences.items()))
+        raise Eagle3CacheError(
+            f"verify --recompute: {model_path} is not the target the cache was built with:\n{lines}\n"
+            "Pass the build's target with --target-model (the structural checks passed)."
+        )
 
 
 def comparable_shards(manifest: dict, here: dict) -> set[str]:

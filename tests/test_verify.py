@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,17 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import small_config
+from hub_server import hub_fixtures
 from huggingface_hub import DatasetCard
 
 from builder.build import build
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
+from builder.push import PushTarget, push_cache
 from builder.reader import read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
+REPAIR = f"to repair: delete data/{SHARD} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_flipped_byte_is_caught(cache):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged)"]
+    assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged); {REPAIR}"]
 
 
 def test_a_stray_copy_of_a_shard_is_caught(cache):
@@ -63,7 +67,7 @@ def test_truncated_shard_is_caught(cache):
     path = cache / "data" / SHARD
     size = path.stat().st_size
     path.write_bytes(path.read_bytes()[: size // 2])
-    assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced)"]
+    assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced); {REPAIR}"]
 
 
 def test_missing_shard_is_caught(cache):
@@ -93,6 +97,8 @@ def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     for shard in card.data["eagle3_cache"]["shards"]:
         if shard["name"] == shard_name:
             shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
+    manifest = card.data["eagle3_cache"]
+    manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
     card.save(cache / "README.md")
 
 
@@ -188,3 +194,159 @@ def test_recompute_rebuilds_each_shards_own_batches_after_a_resume_changed_them(
     current = manifest | {"shards": [{k: v for k, v in s.items() if k != "batching"} for s in manifest["shards"]]}
     problems = recompute_samples(out, current, 14, 0, None)
     assert {p.split("/")[1] for p in problems} == set(names[:2]), problems
+
+
+# ---- where the cache is: refusals, and one config of a repo holding several ---------------------
+
+
+def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, tmp_path, capsys):
+    from builder.cli import main
+
+    (cache / "README.md").unlink()  # as an interrupted build leaves it: the card is written last
+    cases = [
+        (cache, r"has no README.md.*an interrupted build has none\. Resume it \(the same build command with --resume\)"),
+        (tmp_path / "nowhere", r"'.*nowhere' is neither a directory nor a Hub dataset repo id"),
+        ("tester/nowhere", r"tester/nowhere: no local directory of that name, the Hub cannot be reached \(offline mode"),  # tests: offline
+    ]
+    for location, message in cases:
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(location)
+        assert main(["verify", str(location)]) == 2  # a refusal, not "damage found"
+        assert capsys.readouterr().err.startswith("error: verify: ")
+
+
+hub_server, hub = hub_fixtures()
+
+
+def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
+    from builder.cli import main
+
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget("tester/multi", config=config))
+    hub.reset_counters()
+    assert main(["verify", "tester/multi", "--name", "llama"]) == 0
+    assert capsys.readouterr().out.strip().endswith("tester/multi: OK")
+    downloaded = {path for _, path, _ in hub.requests("GET")}
+    assert any("/llama/data/" in p for p in downloaded), downloaded
+    assert not any("/short/" in p for p in downloaded), downloaded  # only its own folder (and the root card)
+    hub.reset_counters()
+    assert main(["verify", "tester/multi", "--name", "short"]) == 0  # its shards are the same bytes: already here
+    assert any(p.endswith("/short/README.md") for _, p, _ in hub.requests("GET")), hub.requests()
+    with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\]: pass one of them with --name"):
+        verify_cache("tester/multi")
+    with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\], not 'mistral'"):
+        verify_cache("tester/multi", name="mistral")
+    with pytest.raises(Eagle3CacheError, match=r"tester/absent: no local directory of that name, and no dataset repo on http"):
+        verify_cache("tester/absent")
+    with pytest.raises(Eagle3CacheError, match=r"tester/multi has no revision 'v9': pass an existing branch, tag or commit"):
+        verify_cache("tester/multi", revision="v9")
+
+
+# ---- the manifest outside the fingerprint ------------------------------------------------------
+
+
+def edit_card(cache, edit) -> None:
+    card = DatasetCard.load(cache / "README.md")
+    edit(card.data)
+    card.save(cache / "README.md")
+
+
+def test_a_shard_removed_with_its_entry_or_listed_twice_is_caught(cache):
+    def drop_shard(data):
+        data["eagle3_cache"]["shards"] = [s for s in data["eagle3_cache"]["shards"] if s["name"] != SHARD]
+
+    (cache / "data" / SHARD).unlink()
+    edit_card(cache, drop_shard)
+    problems = verify_cache(cache)
+    assert any(p.startswith(f"README.md: the manifest lists no data/{SHARD}, though its shards are numbered of 4") for p in problems)
+    assert any(p.startswith("README.md: totals.samples is 14, the shards sum to 10") for p in problems), problems
+
+    def list_twice(data):
+        shards = data["eagle3_cache"]["shards"]
+        shards.append(shards[0])
+
+    edit_card(cache, list_twice)
+    name = shard_name(0, 4)
+    assert f"README.md: the manifest lists data/{name} 2 times (readers would yield its rows as often)" in "\n".join(verify_cache(cache))
+
+
+def test_edited_totals_and_dataset_info_are_caught(cache):
+    def edit_totals(data):
+        data["eagle3_cache"]["totals"] |= {"samples": 15, "tokens": 1, "bytes": 2}
+        data["dataset_info"]["splits"][0]["num_examples"] = 15
+
+    edit_card(cache, edit_totals)
+    assert verify_cache(cache) == [
+        "README.md: totals.samples is 15, the shards sum to 14: restore the card, or rebuild",
+        f"README.md: totals.tokens is 1, the shards sum to {sum(s['tokens'] for s in read_manifest(cache)['shards'])}: "
+        "restore the card, or rebuild",
+        f"README.md: totals.bytes is 2, the shards sum to {sum(s['bytes'] for s in read_manifest(cache)['shards'])}: "
+        "restore the card, or rebuild",
+        "README.md: dataset_info says 15 examples in split 'train', the shards hold 14: restore the card, or rebuild",
+    ]
+
+
+# ---- what the recompute can compare -----------------------------------------------------------
+
+
+def target_failing_in_shards(tmp_path, intact, shards: list[int]) -> Path:
+    """The embedded target with NaN embeddings for one token found in a single sample of each of
+    these shards (and nowhere else): those samples fail, the others are stored as before."""
+    from safetensors.torch import load_file, save_file
+
+    from builder.embedded import resolve_target
+
+    names = [s["name"] for s in read_manifest(intact)["shards"]]
+    ids = {n: [r.as_py() for r in pq.read_table(intact / "data" / n, columns=["input_ids"])["input_ids"]] for n in names}
+    tokens = {n: [set(torch.frombuffer(bytearray(b), dtype=torch.int32).tolist()) for b in rows] for n, rows in ids.items()}
+    everywhere = [t for rows in tokens.values() for row in rows for t in row]
+    poisoned = [min(t for row in tokens[names[k]] for t in row if everywhere.count(t) == 1) for k in shards]
+    target = tmp_path / "target"
+    shutil.copytree(resolve_target("tiny-llama"), target)
+    weights = load_file(target / "model.safetensors")
+    weights["model.embed_tokens.weight"][poisoned] = float("nan")
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def test_recompute_says_how_many_samples_it_compared_and_refuses_when_none_can_be(intact, tmp_path, capsys):
+    from builder.cli import main
+
+    some = build(small_config(tmp_path / "some", target_failing_in_shards(tmp_path / "a", intact, [0, 1, 2])), progress=False)
+    failed = read_manifest(some.output_dir)["failed"]
+    assert sorted(f["shard"] for f in failed) == [shard_name(k, 4) for k in range(3)]
+    assert main(["verify", str(some.output_dir), "--recompute", "5"]) == 0  # the last shard holds 2 samples
+    assert "OK (only 2 of the 5 samples asked for could be recomputed, see the warnings; they match)" in capsys.readouterr().out
+
+    every = build(small_config(tmp_path / "every", target_failing_in_shards(tmp_path / "b", intact, [0, 1, 2, 3])), progress=False)
+    assert sorted(f["shard"] for f in read_manifest(every.output_dir)["failed"]) == [shard_name(k, 4) for k in range(4)]
+    with pytest.raises(Eagle3CacheError, match=r"no sample can be recomputed: every shard that could match holds failed samples"):
+        verify_cache(every.output_dir, recompute=3)
+    assert main(["verify", str(every.output_dir), "--recompute", "3"]) == 2
+    assert verify_cache(every.output_dir) == []
+
+
+def test_recompute_refuses_another_target_naming_the_fields_that_differ(intact, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from builder.embedded import resolve_target
+
+    same = tmp_path / "same"  # the build's target, moved: only the path differs
+    shutil.copytree(resolve_target("tiny-llama"), same)
+    assert verify_cache(intact, recompute=2, target_model=str(same)) == []
+    retrained = tmp_path / "retrained"
+    shutil.copytree(same, retrained)
+    weights = load_file(retrained / "model.safetensors")
+    save_file({k: v * 1.01 for k, v in weights.items()}, str(retrained / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Eagle3CacheError, match=r"retrained is not the target the cache was built with:\n  target.weights_sample_sha256: "):
+        verify_cache(intact, recompute=2, target_model=str(retrained))
+    config = json.loads((retrained / "config.json").read_text())
+    (retrained / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
+    with pytest.raises(Eagle3CacheError, match=r"target.config_sha256: the cache has \w+, .*retrained has \w+\n  target.weights"):
+        verify_cache(intact, recompute=2, target_model=str(retrained))
+    retokenized = tmp_path / "retokenized"  # same weights, another special token: other ids and masks
+    shutil.copytree(same, retokenized)
+    tokenizer_config = json.loads((retokenized / "tokenizer_config.json").read_text())
+    (retokenized / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"pad_token": "<|unk|>"}))
+    with pytest.raises(Eagle3CacheError, match=r"retokenized is not the target the cache was built with:\n  tokenizer_sha256: the cache"):
+        verify_cache(intact, recompute=2, target_model=str(retokenized))
