@@ -11,7 +11,9 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +104,27 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
     pad_id = nemo_pad_id(target_tokenizer(model, revision))  # both before any shard: a wrong target fails first
     embeddings = target_embeddings(model, revision)
     topk = nemo_topk(identity)
-    dataset = load_cache(cache_dir, layout="nemo", streaming=False)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
-    for index, start in enumerate(tqdm(range(0, len(dataset), shard_size), desc="Exporting (nemo)", disable=not progress)):
-        samples = [dataset[i] for i in range(start, min(start + shard_size, len(dataset)))]
+    num_samples = 0
+    shards = in_groups(exported_samples(cache_dir, "nemo"), shard_size)
+    total = -(-manifest["totals"]["samples"] // shard_size)
+    for index, samples in enumerate(tqdm(shards, total=total, desc="Exporting (nemo)", disable=not progress)):
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
+        num_samples += len(samples)
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
-    (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, len(dataset)), indent=2))
+    (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
+
+
+def exported_samples(cache_dir: Path, layout: str) -> Iterator[dict]:
+    """The cache's samples in order, streamed: a map-style read would first convert every shard
+    into an Arrow copy under HF_DATASETS_CACHE (and leave it there), a second copy of the cache."""
+    return iter(load_cache(cache_dir, layout=layout, streaming=True))
+
+
+def in_groups(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive groups of `size` samples (the last one shorter), as they arrive."""
+    while group := list(itertools.islice(samples, size)):
+        yield group
 
 
 def nemo_shard_size(identity: dict) -> int:
@@ -173,9 +189,9 @@ def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
             f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
-    dataset = load_cache(cache_dir, layout="specforge", streaming=False)
-    for i in tqdm(range(len(dataset)), desc="Exporting (specforge)", disable=not progress):
-        torch.save(dataset[i], out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
+    samples = exported_samples(cache_dir, "specforge")
+    for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
+        torch.save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
     # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
     ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())

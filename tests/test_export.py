@@ -186,3 +186,31 @@ def test_export_errors_are_clear(probs_cache, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="is not empty"):
         export_cache(probs_cache, "nemo", tmp_path / "full", progress=False)
+
+
+# ---- streamed from the cache, no Arrow copy --------------------------------------------------
+
+
+def test_exports_stream_the_cache_and_leave_no_arrow_copy(probs_cache, hidden_cache, tmp_path, monkeypatch):
+    import datasets
+    from safetensors.torch import save
+
+    from builder.export import nemo_shard
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    export_cache(probs_cache, "nemo", tmp_path / "nemo", progress=False)
+    export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
+    assert not list((tmp_path / "hf").rglob("*.arrow")) and not (tmp_path / "hf" / "eagle3_cache").exists()
+    # byte for byte what the map-style reader's samples make, in order
+    samples = list(load_cache(probs_cache, layout="nemo", streaming=False))
+    pad_id = AutoTokenizer.from_pretrained(resolve_target("tiny-llama")).pad_token_id
+    for i in range(4):
+        shard = nemo_shard(samples[4 * i : 4 * i + 4], 256, None, pad_id)
+        assert (tmp_path / "nemo" / f"shard-{i:06d}.safetensors").read_bytes() == save({k: v.contiguous() for k, v in shard.items()})
+    rows = load_cache(hidden_cache, layout="specforge", streaming=False)
+    assert len(list((tmp_path / "sf").glob("data_*.ckpt"))) == len(rows) == 14
+    for i in range(len(rows)):
+        (tmp_path / "want").mkdir(exist_ok=True)
+        torch.save(rows[i], tmp_path / "want" / f"data_{i}.ckpt")  # same name: torch.save records it in the archive
+        assert (tmp_path / "sf" / f"data_{i}.ckpt").read_bytes() == (tmp_path / "want" / f"data_{i}.ckpt").read_bytes()
