@@ -101,7 +101,9 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
     manifest = read_manifest(cache_dir)
     identity = manifest["identity"]
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
-    pad_id = nemo_pad_id(target_tokenizer(model, revision))  # both before any shard: a wrong target fails first
+    config, tokenizer = target_config_and_tokenizer(model, revision)
+    check_target_identity(manifest, model, config, tokenizer)  # before any shard: a wrong target fails first
+    pad_id = nemo_pad_id(tokenizer)
     embeddings = target_embeddings(model, revision)
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
@@ -160,11 +162,69 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
     }
 
 
-def target_tokenizer(model: str, revision: str | None):
+def target_config_and_tokenizer(model: str, revision: str | None):
     from .embedded import resolve_target
-    from .target import load_tokenizer
+    from .target import load_config, load_tokenizer
 
-    return load_tokenizer(resolve_target(model), revision, False)
+    config = load_config(resolve_target(model), revision, False)
+    return config, load_tokenizer(resolve_target(model), revision, False, config=config)
+
+
+def check_target_identity(manifest: dict, model: str, config, tokenizer) -> None:
+    """Refuse a target that is not the one the cache was built from: its embeddings and pad id
+    would go with supervision another model produced."""
+    differences = target_identity_differences(manifest, model, config, tokenizer)
+    if differences:
+        lines = [f"  {field}: cache has {cached!r}, the target has {found!r}" for field, (cached, found) in sorted(differences.items())]
+        raise ExportError(
+            f"export --to nemo: the target {model!r} is not the model this cache was built from:\n" + "\n".join(lines) + "\n"
+            "Its embeddings and pad id would not match the cached supervision. Pass --target-model with the checkpoint the "
+            f"cache was built from ({manifest['identity']['target']['model']!r}, unchanged since the build), or build the cache "
+            "again from this target."
+        )
+
+
+def target_identity_differences(manifest: dict, model: str, config, tokenizer) -> dict:
+    """`{field: (cached, found)}` over the identity fields the build recorded of its target: the
+    local config and weights fingerprints (a Hub target records its commit instead, which the
+    export loads), the vocabulary size and the tokenizer."""
+    from .embedded import resolve_target
+    from .prepare import _local_config_hash, local_weights_sample_hash
+    from .target import text_config
+
+    identity, path = manifest["identity"], resolve_target(model)
+    found = {"config_sha256": _local_config_hash(path), "weights_sample_sha256": local_weights_sample_hash(path)}
+    differences = {
+        f"target.{field}": (identity["target"].get(field), value)
+        for field, value in found.items()
+        if identity["target"].get(field) is not None and identity["target"][field] != value  # unrecorded: not checked
+    }
+    vocab_size = text_config(config).vocab_size
+    if vocab_size != manifest["target_vocab_size"]:
+        differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)
+    return differences | tokenizer_differences(manifest, tokenizer, vocab_size)
+
+
+def tokenizer_differences(manifest: dict, tokenizer, vocab_size: int) -> dict:
+    """The tokenizer's hash, which covers the chat template too: compared when the tokenizer's own
+    template is the one the build rendered with; after a build with another template
+    (--chat-template), the special token ids (bos, eos, pad, unk) are compared instead."""
+    import hashlib
+
+    from .errors import InputError
+    from .tokenize import template_bytes, template_of, tokenizer_hash
+    from .vocab import special_token_ids
+
+    identity = manifest["identity"]
+    try:
+        template = template_of(tokenizer, None)
+    except InputError:  # no template of its own: the build was given one
+        template = None
+    if template is not None and hashlib.sha256(template_bytes(template)).hexdigest() == identity.get("chat_template_sha256"):
+        found = tokenizer_hash(tokenizer, template)
+        return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
+    recorded, specials = manifest.get("special_token_ids"), special_token_ids(tokenizer, vocab_size)
+    return {} if recorded is None or specials == recorded else {"special_token_ids": (recorded, specials)}
 
 
 def target_embeddings(model: str, revision: str | None) -> torch.Tensor:

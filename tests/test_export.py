@@ -188,6 +188,66 @@ def test_export_errors_are_clear(probs_cache, tmp_path):
         export_cache(probs_cache, "nemo", tmp_path / "full", progress=False)
 
 
+# ---- the target the export takes its embeddings and pad id from ----------------------------
+
+
+def copy_of_target(folder):
+    import shutil
+
+    return shutil.copytree(resolve_target("tiny-llama"), folder)
+
+
+def rewrite_weights(folder, change) -> None:
+    """Save `change(tensors)` over the folder's model.safetensors, as a retrained checkpoint would be."""
+    from safetensors.torch import save_file
+
+    tensors = read_safetensors(folder / "model.safetensors")
+    save_file(change(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path):
+    target = copy_of_target(tmp_path / "target")
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
+    rewrite_weights(target, lambda t: t | {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"] + 1})
+    with pytest.raises(
+        ExportError, match=says("is not the model this cache was built from", "target.weights_sample_sha256: cache has", "--target-model")
+    ):
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert list((tmp_path / "nemo").iterdir()) == []  # refused before any file
+
+
+def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):
+    from tiny_targets import make_tiny_target
+
+    other = make_tiny_target(tmp_path / "qwen3", "qwen3")  # same tokenizer and vocabulary, another model
+    with pytest.raises(ExportError, match=says("target.config_sha256: cache has", "target.weights_sample_sha256: cache has")):
+        export_cache(probs_cache, "nemo", tmp_path / "nemo", target_model=str(other), progress=False)
+    repadded = copy_of_target(tmp_path / "repadded")  # the same weights, another pad token
+    settings = json.loads((repadded / "tokenizer_config.json").read_text())
+    (repadded / "tokenizer_config.json").write_text(json.dumps(settings | {"pad_token": settings["eos_token"]}))
+    with pytest.raises(ExportError, match=says("tokenizer_sha256: cache has")):
+        export_cache(probs_cache, "nemo", tmp_path / "nemo2", target_model=str(repadded), progress=False)
+    moved = copy_of_target(tmp_path / "moved")  # the same checkpoint elsewhere is accepted
+    export_cache(probs_cache, "nemo", tmp_path / "nemo3", target_model=str(moved), progress=False)
+    assert json.loads((tmp_path / "nemo3" / "manifest.json").read_text())["num_samples"] == 14
+
+
+def test_nemo_export_after_a_build_with_another_chat_template_checks_the_special_tokens(tmp_path):
+    """The tokenizer hash covers the template the build rendered with (--chat-template), which the
+    export does not have: the same tokenizer is accepted, another pad token is refused."""
+    from builder.embedded import NO_GENERATION_TEMPLATE
+
+    target = copy_of_target(tmp_path / "target")
+    cfg = small_config(tmp_path / "cache", target=target, max_samples=4, chat_template=str(NO_GENERATION_TEMPLATE))
+    cache = build(cfg, progress=False).output_dir
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 4
+    settings = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(settings | {"pad_token": settings["unk_token"]}))
+    with pytest.raises(ExportError, match=says("special_token_ids: cache has", "--target-model")):
+        export_cache(cache, "nemo", tmp_path / "nemo2", progress=False)
+
+
 # ---- streamed from the cache, no Arrow copy --------------------------------------------------
 
 
