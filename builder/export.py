@@ -104,7 +104,7 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)  # before any shard: a wrong target fails first
     pad_id = nemo_pad_id(tokenizer)
-    embeddings = target_embeddings(model, revision)
+    embeddings = target_embeddings(model, revision, config)
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     num_samples = 0
@@ -227,8 +227,75 @@ def tokenizer_differences(manifest: dict, tokenizer, vocab_size: int) -> dict:
     return {} if recorded is None or specials == recorded else {"special_token_ids": (recorded, specials)}
 
 
-def target_embeddings(model: str, revision: str | None) -> torch.Tensor:
-    """The target's input embedding matrix `[V, H]` fp32 (the draft shares it)."""
+def target_embeddings(model: str, revision: str | None, config) -> torch.Tensor:
+    """The target's input embedding matrix `[V, H]` fp32 (the draft shares it), read alone from its
+    safetensors files: loading the model would hold all of it in fp32 to read one table."""
+    from .embedded import resolve_target
+
+    path = resolve_target(model)
+    weight_map = safetensors_weight_map(path, revision)
+    name, shape = embedding_tensor_name(config, weight_map) if weight_map else (None, None)
+    if name is not None:
+        from safetensors import safe_open
+
+        with safe_open(checkpoint_file(path, revision, weight_map[name]), framework="pt") as f:
+            if list(f.get_slice(name).get_shape()) == shape:
+                return f.get_tensor(name).float()  # the dtype a full fp32 load converts it to
+    # no safetensors (.bin checkpoints), or no tensor found for the embedding: load the model
+    return loaded_model_embeddings(model, revision)
+
+
+SAFETENSORS_INDEX, SAFETENSORS_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+def safetensors_weight_map(path: str, revision: str | None) -> dict[str, str] | None:
+    """`{tensor name: file name}` of a safetensors checkpoint: its index's weight map when sharded,
+    else its one file's tensors. None without safetensors weights."""
+    index = checkpoint_file(path, revision, SAFETENSORS_INDEX)
+    if index is not None:
+        return json.loads(Path(index).read_text())["weight_map"]
+    single = checkpoint_file(path, revision, SAFETENSORS_FILE)
+    if single is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), SAFETENSORS_FILE)
+
+
+def checkpoint_file(path: str, revision: str | None, filename: str) -> str | None:
+    """A file of a local model folder, or of a Hub model (downloaded, or from the local Hub cache
+    when offline); None when the model has no such file."""
+    if Path(path).is_dir():
+        return str(Path(path) / filename) if (Path(path) / filename).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(path, filename, revision=revision)
+    except EntryNotFoundError:  # the Hub's answer, or offline: not in the local Hub cache
+        return None
+
+
+def embedding_tensor_name(config, weight_map: dict[str, str]) -> tuple[str | None, list[int]]:
+    """The checkpoint's name for the input embedding and its `[V, H]` shape, from a weightless `meta`
+    instance built from the config: the parameter's name (or, tied, any of its names), else the one
+    checkpoint name ending like it (multimodal wrappers store `language_model.model.embed_tokens`
+    where the model names it `model.language_model.embed_tokens`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    names = [name for name, param in model.named_parameters(remove_duplicate=False) if param is embedding]
+    exact = [name for name in names if name in weight_map]
+    tails = {".".join(name.split(".")[-2:]) for name in names}  # embed_tokens.weight, lm_head.weight
+    ending = [key for key in weight_map if any(key == tail or key.endswith(f".{tail}") for tail in tails)]
+    found = exact[:1] or (ending if len(ending) == 1 else [])
+    return (found[0] if found else None), list(embedding.shape)
+
+
+def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
     from .embedded import resolve_target
     from .target import load_model
 

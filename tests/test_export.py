@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from helpers import says, small_config
+from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,3 +275,59 @@ def test_exports_stream_the_cache_and_leave_no_arrow_copy(probs_cache, hidden_ca
         (tmp_path / "want").mkdir(exist_ok=True)
         torch.save(rows[i], tmp_path / "want" / f"data_{i}.ckpt")  # same name: torch.save records it in the archive
         assert (tmp_path / "sf" / f"data_{i}.ckpt").read_bytes() == (tmp_path / "want" / f"data_{i}.ckpt").read_bytes()
+
+
+# ---- the embedding table read alone --------------------------------------------------------
+
+
+def sharded_target(folder, arch):
+    """A tiny target saved in two shards, its input embedding alone in the first; with the model's
+    full fp32 embeddings, read before the second shard is made unreadable."""
+    from safetensors.torch import save_file
+    from tiny_targets import make_tiny_target
+
+    target = make_tiny_target(folder, arch)
+    full = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).get_input_embeddings().weight.detach()
+    tensors = read_safetensors(target / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    rest = {k: v for k, v in tensors.items() if k != name}
+    save_file({name: tensors[name]}, str(target / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(rest, str(target / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {name: "model-00001-of-00002.safetensors"} | dict.fromkeys(rest, "model-00002-of-00002.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (target / "model.safetensors").unlink()
+    (target / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 64)  # every other weight unreadable
+    return target, full
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "text_config"])
+def test_target_embeddings_read_only_the_embedding_tensor(tmp_path, arch):
+    """Every weight but the embedding lives in a shard that cannot be read: a full load fails,
+    the export reads the embeddings, equal to a full fp32 load's."""
+    from builder.export import target_embeddings
+    from builder.target import load_config
+
+    target, full = sharded_target(tmp_path / arch, arch)
+    with pytest.raises(Exception):  # noqa: B017 -- a full load has to read them
+        AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    embeddings = target_embeddings(str(target), None, load_config(str(target), None, False))
+    assert embeddings.dtype == torch.float32 and torch.equal(embeddings, full)
+
+
+hub_server, hub = hub_fixtures()
+
+
+def test_target_embeddings_of_a_hub_model_download_only_the_embedding_shard(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    from builder.export import target_embeddings
+    from builder.target import load_config
+
+    target, full = sharded_target(tmp_path / "llama", "llama")
+    api = HfApi()
+    api.create_repo("user/tiny-sharded")
+    commit = api.upload_folder(repo_id="user/tiny-sharded", folder_path=target).oid
+    config = load_config("user/tiny-sharded", commit, False)
+    embeddings = target_embeddings("user/tiny-sharded", commit, config)
+    assert torch.equal(embeddings, full)
+    assert hub.requests("GET", "model-00001-of-00002") and not hub.requests("GET", "model-00002-of-00002")
