@@ -121,6 +121,7 @@ def test_card_states_mask_generation_prompt_without_claiming_what_generation_blo
     on_identity = {**IDENTITY, "mask_generation_prompt": True}
     on = " ".join(render_card(assemble_manifest(tmp_path, prepared(tmp_path, on_identity), SHARDS), "user/cache").split())
     header = "the role header the generation prompt supplies"
-    assert f"`mask_generation_prompt: false` ({header} is kept unless the chat template's `{{% generation %}}` blocks leave it out)" in off
+    unless = "unless the chat template's `{% generation %}` blocks leave it out"
+    assert f"`mask_generation_prompt: false` ({header} is supervised {unless})" in off
     assert f"`mask_generation_prompt: true` (without {header})" in on
     assert f"(with {header})" not in off
