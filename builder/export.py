@@ -11,7 +11,9 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +101,32 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
     manifest = read_manifest(cache_dir)
     identity = manifest["identity"]
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
-    pad_id = nemo_pad_id(target_tokenizer(model, revision))  # both before any shard: a wrong target fails first
-    embeddings = target_embeddings(model, revision)
+    config, tokenizer = target_config_and_tokenizer(model, revision)
+    check_target_identity(manifest, model, config, tokenizer)  # before any shard: a wrong target fails first
+    pad_id = nemo_pad_id(tokenizer)
+    embeddings = target_embeddings(model, revision, config)
     topk = nemo_topk(identity)
-    dataset = load_cache(cache_dir, layout="nemo", streaming=False)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
-    for index, start in enumerate(tqdm(range(0, len(dataset), shard_size), desc="Exporting (nemo)", disable=not progress)):
-        samples = [dataset[i] for i in range(start, min(start + shard_size, len(dataset)))]
+    num_samples = 0
+    shards = in_groups(exported_samples(cache_dir, "nemo"), shard_size)
+    total = -(-manifest["totals"]["samples"] // shard_size)
+    for index, samples in enumerate(tqdm(shards, total=total, desc="Exporting (nemo)", disable=not progress)):
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
+        num_samples += len(samples)
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
-    (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, len(dataset)), indent=2))
+    (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
+
+
+def exported_samples(cache_dir: Path, layout: str) -> Iterator[dict]:
+    """The cache's samples in order, streamed: a map-style read would first convert every shard
+    into an Arrow copy under HF_DATASETS_CACHE (and leave it there), a second copy of the cache."""
+    return iter(load_cache(cache_dir, layout=layout, streaming=True))
+
+
+def in_groups(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive groups of `size` samples (the last one shorter), as they arrive."""
+    while group := list(itertools.islice(samples, size)):
+        yield group
 
 
 def nemo_shard_size(identity: dict) -> int:
@@ -144,15 +162,140 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
     }
 
 
-def target_tokenizer(model: str, revision: str | None):
+def target_config_and_tokenizer(model: str, revision: str | None):
     from .embedded import resolve_target
-    from .target import load_tokenizer
+    from .target import load_config, load_tokenizer
 
-    return load_tokenizer(resolve_target(model), revision, False)
+    config = load_config(resolve_target(model), revision, False)
+    return config, load_tokenizer(resolve_target(model), revision, False, config=config)
 
 
-def target_embeddings(model: str, revision: str | None) -> torch.Tensor:
-    """The target's input embedding matrix `[V, H]` fp32 (the draft shares it)."""
+def check_target_identity(manifest: dict, model: str, config, tokenizer) -> None:
+    """Refuse a target that is not the one the cache was built from: its embeddings and pad id
+    would go with supervision another model produced."""
+    differences = target_identity_differences(manifest, model, config, tokenizer)
+    if differences:
+        lines = [f"  {field}: cache has {cached!r}, the target has {found!r}" for field, (cached, found) in sorted(differences.items())]
+        raise ExportError(
+            f"export --to nemo: the target {model!r} is not the model this cache was built from:\n" + "\n".join(lines) + "\n"
+            "Its embeddings and pad id would not match the cached supervision. Pass --target-model with the checkpoint the "
+            f"cache was built from ({manifest['identity']['target']['model']!r}, unchanged since the build), or build the cache "
+            "again from this target."
+        )
+
+
+def target_identity_differences(manifest: dict, model: str, config, tokenizer) -> dict:
+    """`{field: (cached, found)}` over the identity fields the build recorded of its target: the
+    local config and weights fingerprints (a Hub target records its commit instead, which the
+    export loads), the vocabulary size and the tokenizer."""
+    from .embedded import resolve_target
+    from .prepare import _local_config_hash, local_weights_sample_hash
+    from .target import text_config
+
+    identity, path = manifest["identity"], resolve_target(model)
+    found = {"config_sha256": _local_config_hash(path), "weights_sample_sha256": local_weights_sample_hash(path)}
+    differences = {
+        f"target.{field}": (identity["target"].get(field), value)
+        for field, value in found.items()
+        if identity["target"].get(field) is not None and identity["target"][field] != value  # unrecorded: not checked
+    }
+    vocab_size = text_config(config).vocab_size
+    if vocab_size != manifest["target_vocab_size"]:
+        differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)
+    return differences | tokenizer_differences(manifest, tokenizer, vocab_size)
+
+
+def tokenizer_differences(manifest: dict, tokenizer, vocab_size: int) -> dict:
+    """The tokenizer's hash, which covers the chat template too: compared when the tokenizer's own
+    template is the one the build rendered with; after a build with another template
+    (--chat-template), the special token ids (bos, eos, pad, unk) are compared instead."""
+    import hashlib
+
+    from .errors import InputError
+    from .tokenize import template_bytes, template_of, tokenizer_hash
+    from .vocab import special_token_ids
+
+    identity = manifest["identity"]
+    try:
+        template = template_of(tokenizer, None)
+    except InputError:  # no template of its own: the build was given one
+        template = None
+    if template is not None and hashlib.sha256(template_bytes(template)).hexdigest() == identity.get("chat_template_sha256"):
+        found = tokenizer_hash(tokenizer, template)
+        return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
+    recorded, specials = manifest.get("special_token_ids"), special_token_ids(tokenizer, vocab_size)
+    return {} if recorded is None or specials == recorded else {"special_token_ids": (recorded, specials)}
+
+
+def target_embeddings(model: str, revision: str | None, config) -> torch.Tensor:
+    """The target's input embedding matrix `[V, H]` fp32 (the draft shares it), read alone from its
+    safetensors files: loading the model would hold all of it in fp32 to read one table."""
+    from .embedded import resolve_target
+
+    path = resolve_target(model)
+    weight_map = safetensors_weight_map(path, revision)
+    name, shape = embedding_tensor_name(config, weight_map) if weight_map else (None, None)
+    if name is not None:
+        from safetensors import safe_open
+
+        with safe_open(checkpoint_file(path, revision, weight_map[name]), framework="pt") as f:
+            if list(f.get_slice(name).get_shape()) == shape:
+                return f.get_tensor(name).float()  # the dtype a full fp32 load converts it to
+    # no safetensors (.bin checkpoints), or no tensor found for the embedding: load the model
+    return loaded_model_embeddings(model, revision)
+
+
+SAFETENSORS_INDEX, SAFETENSORS_FILE = "model.safetensors.index.json", "model.safetensors"
+
+
+def safetensors_weight_map(path: str, revision: str | None) -> dict[str, str] | None:
+    """`{tensor name: file name}` of a safetensors checkpoint: its index's weight map when sharded,
+    else its one file's tensors. None without safetensors weights."""
+    index = checkpoint_file(path, revision, SAFETENSORS_INDEX)
+    if index is not None:
+        return json.loads(Path(index).read_text())["weight_map"]
+    single = checkpoint_file(path, revision, SAFETENSORS_FILE)
+    if single is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), SAFETENSORS_FILE)
+
+
+def checkpoint_file(path: str, revision: str | None, filename: str) -> str | None:
+    """A file of a local model folder, or of a Hub model (downloaded, or from the local Hub cache
+    when offline); None when the model has no such file."""
+    if Path(path).is_dir():
+        return str(Path(path) / filename) if (Path(path) / filename).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(path, filename, revision=revision)
+    except EntryNotFoundError:  # the Hub's answer, or offline: not in the local Hub cache
+        return None
+
+
+def embedding_tensor_name(config, weight_map: dict[str, str]) -> tuple[str | None, list[int]]:
+    """The checkpoint's name for the input embedding and its `[V, H]` shape, from a weightless `meta`
+    instance built from the config: the parameter's name (or, tied, any of its names), else the one
+    checkpoint name ending like it (multimodal wrappers store `language_model.model.embed_tokens`
+    where the model names it `model.language_model.embed_tokens`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    names = [name for name, param in model.named_parameters(remove_duplicate=False) if param is embedding]
+    exact = [name for name in names if name in weight_map]
+    tails = {".".join(name.split(".")[-2:]) for name in names}  # embed_tokens.weight, lm_head.weight
+    ending = [key for key in weight_map if any(key == tail or key.endswith(f".{tail}") for tail in tails)]
+    found = exact[:1] or (ending if len(ending) == 1 else [])
+    return (found[0] if found else None), list(embedding.shape)
+
+
+def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
     from .embedded import resolve_target
     from .target import load_model
 
@@ -173,9 +316,9 @@ def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
             f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
-    dataset = load_cache(cache_dir, layout="specforge", streaming=False)
-    for i in tqdm(range(len(dataset)), desc="Exporting (specforge)", disable=not progress):
-        torch.save(dataset[i], out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
+    samples = exported_samples(cache_dir, "specforge")
+    for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
+        torch.save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
     # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
     ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())

@@ -90,6 +90,36 @@ def summary_rows(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
+def supervision_text(manifest: dict) -> str:
+    """What a row holds for the draft's targets, in the words of its format: dense probabilities,
+    the top K with their K, or the final hidden state at every token; each with its stored dtype."""
+    identity, columns = manifest["identity"], manifest["columns"]
+    vocab = f"{identity['draft_vocab_size']:,}-token draft vocabulary"
+    if identity["target_format"] == "hidden":
+        return (
+            f"the target's final hidden state at every token (stored as `{columns['final_hidden']['dtype']}`), from which "
+            f"the next-token distribution over a {vocab} is recomputed with the target's head rows stored under `vocab/`"
+        )
+    if identity["target_format"] == "topk":
+        k = columns["topk_logprobs"]["shape"][1]
+        return (
+            f"the target's top-{k} next-token log-probabilities within a {vocab} (K = {k}, stored as "
+            f"`{columns['topk_logprobs']['dtype']}`) with their token ids and the log of the draft vocabulary's total "
+            "probability, at every loss-masked position"
+        )
+    return (
+        f"the target's dense next-token probabilities over a {vocab} at every loss-masked position "
+        f"(stored as `{columns['target_probs']['dtype']}`)"
+    )
+
+
+def aux_storage_text(manifest: dict) -> str:
+    dtype = manifest["columns"]["aux_hidden_states"]["dtype"]
+    if dtype == "fp8":
+        return "stored as `fp8`: e4m3 with one fp32 scale per token, which `load_cache` applies"
+    return f"stored as `{dtype}`"
+
+
 def load_arguments(location: str, config: str | None = None, revision: str | None = None) -> str:
     """The exact arguments that open this cache, for the usage snippets."""
     args = [repr(location)]
@@ -134,7 +164,8 @@ def render_card(
         aux_convention=identity["aux_convention"],
         draft_vocab_size=identity["draft_vocab_size"],
         target_format=identity["target_format"],
-        dtype=identity["dtype"],
+        supervision=supervision_text(manifest),
+        aux_storage=aux_storage_text(manifest),
         # caches built before these options existed were built with both off
         mask_generation_prompt=identity.get("mask_generation_prompt", False),
         mask_reasoning_content=identity.get("mask_reasoning_content", False),

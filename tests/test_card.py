@@ -61,3 +61,67 @@ def test_index_card_lists_configs_and_reads_back(manifest):
     assert index_from_card_data(card_data_of(render_card(manifest, "user/cache"))) == {}  # a cache's own card lists none
     earlier = {"small": {key: value for key, value in index["small"].items() if key != "shards"}}  # pushed before counts
     assert card_data_of(render_index_card("user/caches", earlier))["configs"][0]["data_files"][0]["path"] == "small/data/train-*"
+
+
+def card_prose(tmp_path, target_format: str, **settings) -> str:
+    """The card text, whitespace joined, of a cache built with `target_format` and the given settings."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from builder.manifest import LM_HEAD_FILE
+
+    write_vocab_file(tmp_path)
+    if target_format == "hidden":
+        save_file({"weight": torch.zeros(4, 16)}, str(tmp_path / LM_HEAD_FILE))
+    prep = prepared(tmp_path)
+    cfg = prep.cfg.replace(target_format=target_format, **settings)
+    identity = {**prep.identity, "target_format": target_format, "topk": cfg.topk if target_format == "topk" else None}
+    prep = dataclasses.replace(prep, cfg=cfg, identity=identity | {"aux_dtype": cfg.storage_aux_dtype})
+    text = render_card(assemble_manifest(tmp_path, prep, SHARDS), "user/cache")
+    return " ".join(text.split("\n---\n", 1)[1].split())
+
+
+def test_card_says_what_a_probs_cache_stores(tmp_path):
+    text = card_prose(tmp_path, "probs", dtype="fp32")
+    assert (
+        "the target's dense next-token probabilities over a 4-token draft vocabulary at every loss-masked position "
+        "(stored as `fp32`) (target format `probs`)"
+    ) in text
+    assert "hidden states at layers [1, 2, 4] (the output of each decoder layer; stored as `fp32`)" in text
+
+
+def test_card_says_what_a_topk_cache_stores_with_its_k_and_fp8_aux(tmp_path):
+    text = card_prose(tmp_path, "topk", topk=3, dtype="bf16", aux_dtype="fp8")
+    assert (
+        "the target's top-3 next-token log-probabilities within a 4-token draft vocabulary (K = 3, stored as `fp16`) "
+        "with their token ids and the log of the draft vocabulary's total probability, at every loss-masked position"
+    ) in text
+    assert "(the output of each decoder layer; stored as `fp8`: e4m3 with one fp32 scale per token, which `load_cache` applies)" in text
+    assert "dense" not in text
+
+
+def test_card_says_a_hidden_cache_stores_the_final_hidden_state_at_every_token(tmp_path):
+    text = card_prose(tmp_path, "hidden", dtype="bf16", aux_dtype="fp16")
+    assert (
+        "the target's final hidden state at every token (stored as `bf16`), from which the next-token distribution "
+        "over a 4-token draft vocabulary is recomputed with the target's head rows stored under `vocab/` (target format `hidden`)"
+    ) in text
+    assert "loss-masked position" not in text and "stored as `fp16`)" in text
+
+
+def test_card_states_mask_generation_prompt_without_claiming_what_generation_blocks_leave_out(tmp_path):
+    """With `{% generation %}` blocks the role header is never supervised, whatever the option:
+    the card says so instead of claiming that an unset option keeps it."""
+    from manifest_inputs import IDENTITY
+
+    write_vocab_file(tmp_path)
+    off = " ".join(render_card(assemble_manifest(tmp_path, prepared(tmp_path), SHARDS), "user/cache").split())
+    on_identity = {**IDENTITY, "mask_generation_prompt": True}
+    on = " ".join(render_card(assemble_manifest(tmp_path, prepared(tmp_path, on_identity), SHARDS), "user/cache").split())
+    header = "the role header the generation prompt supplies"
+    unless = "unless the chat template's `{% generation %}` blocks leave it out"
+    assert f"`mask_generation_prompt: false` ({header} is supervised {unless})" in off
+    assert f"`mask_generation_prompt: true` (without {header})" in on
+    assert f"(with {header})" not in off

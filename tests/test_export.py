@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from helpers import says, small_config
+from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,3 +187,147 @@ def test_export_errors_are_clear(probs_cache, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ExportError, match="is not empty"):
         export_cache(probs_cache, "nemo", tmp_path / "full", progress=False)
+
+
+# ---- the target the export takes its embeddings and pad id from ----------------------------
+
+
+def copy_of_target(folder):
+    import shutil
+
+    return shutil.copytree(resolve_target("tiny-llama"), folder)
+
+
+def rewrite_weights(folder, change) -> None:
+    """Save `change(tensors)` over the folder's model.safetensors, as a retrained checkpoint would be."""
+    from safetensors.torch import save_file
+
+    tensors = read_safetensors(folder / "model.safetensors")
+    save_file(change(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path):
+    target = copy_of_target(tmp_path / "target")
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
+    rewrite_weights(target, lambda t: t | {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"] + 1})
+    with pytest.raises(
+        ExportError, match=says("is not the model this cache was built from", "target.weights_sample_sha256: cache has", "--target-model")
+    ):
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert list((tmp_path / "nemo").iterdir()) == []  # refused before any file
+
+
+def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):
+    from tiny_targets import make_tiny_target
+
+    other = make_tiny_target(tmp_path / "qwen3", "qwen3")  # same tokenizer and vocabulary, another model
+    with pytest.raises(ExportError, match=says("target.config_sha256: cache has", "target.weights_sample_sha256: cache has")):
+        export_cache(probs_cache, "nemo", tmp_path / "nemo", target_model=str(other), progress=False)
+    repadded = copy_of_target(tmp_path / "repadded")  # the same weights, another pad token
+    settings = json.loads((repadded / "tokenizer_config.json").read_text())
+    (repadded / "tokenizer_config.json").write_text(json.dumps(settings | {"pad_token": settings["eos_token"]}))
+    with pytest.raises(ExportError, match=says("tokenizer_sha256: cache has")):
+        export_cache(probs_cache, "nemo", tmp_path / "nemo2", target_model=str(repadded), progress=False)
+    moved = copy_of_target(tmp_path / "moved")  # the same checkpoint elsewhere is accepted
+    export_cache(probs_cache, "nemo", tmp_path / "nemo3", target_model=str(moved), progress=False)
+    assert json.loads((tmp_path / "nemo3" / "manifest.json").read_text())["num_samples"] == 14
+
+
+def test_nemo_export_after_a_build_with_another_chat_template_checks_the_special_tokens(tmp_path):
+    """The tokenizer hash covers the template the build rendered with (--chat-template), which the
+    export does not have: the same tokenizer is accepted, another pad token is refused."""
+    from builder.embedded import NO_GENERATION_TEMPLATE
+
+    target = copy_of_target(tmp_path / "target")
+    cfg = small_config(tmp_path / "cache", target=target, max_samples=4, chat_template=str(NO_GENERATION_TEMPLATE))
+    cache = build(cfg, progress=False).output_dir
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 4
+    settings = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps(settings | {"pad_token": settings["unk_token"]}))
+    with pytest.raises(ExportError, match=says("special_token_ids: cache has", "--target-model")):
+        export_cache(cache, "nemo", tmp_path / "nemo2", progress=False)
+
+
+# ---- streamed from the cache, no Arrow copy --------------------------------------------------
+
+
+def test_exports_stream_the_cache_and_leave_no_arrow_copy(probs_cache, hidden_cache, tmp_path, monkeypatch):
+    import datasets
+    from safetensors.torch import save
+
+    from builder.export import nemo_shard
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    export_cache(probs_cache, "nemo", tmp_path / "nemo", progress=False)
+    export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
+    assert not list((tmp_path / "hf").rglob("*.arrow")) and not (tmp_path / "hf" / "eagle3_cache").exists()
+    # byte for byte what the map-style reader's samples make, in order
+    samples = list(load_cache(probs_cache, layout="nemo", streaming=False))
+    pad_id = AutoTokenizer.from_pretrained(resolve_target("tiny-llama")).pad_token_id
+    for i in range(4):
+        shard = nemo_shard(samples[4 * i : 4 * i + 4], 256, None, pad_id)
+        assert (tmp_path / "nemo" / f"shard-{i:06d}.safetensors").read_bytes() == save({k: v.contiguous() for k, v in shard.items()})
+    rows = load_cache(hidden_cache, layout="specforge", streaming=False)
+    assert len(list((tmp_path / "sf").glob("data_*.ckpt"))) == len(rows) == 14
+    for i in range(len(rows)):
+        (tmp_path / "want").mkdir(exist_ok=True)
+        torch.save(rows[i], tmp_path / "want" / f"data_{i}.ckpt")  # same name: torch.save records it in the archive
+        assert (tmp_path / "sf" / f"data_{i}.ckpt").read_bytes() == (tmp_path / "want" / f"data_{i}.ckpt").read_bytes()
+
+
+# ---- the embedding table read alone --------------------------------------------------------
+
+
+def sharded_target(folder, arch):
+    """A tiny target saved in two shards, its input embedding alone in the first; with the model's
+    full fp32 embeddings, read before the second shard is made unreadable."""
+    from safetensors.torch import save_file
+    from tiny_targets import make_tiny_target
+
+    target = make_tiny_target(folder, arch)
+    full = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).get_input_embeddings().weight.detach()
+    tensors = read_safetensors(target / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    rest = {k: v for k, v in tensors.items() if k != name}
+    save_file({name: tensors[name]}, str(target / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(rest, str(target / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {name: "model-00001-of-00002.safetensors"} | dict.fromkeys(rest, "model-00002-of-00002.safetensors")
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (target / "model.safetensors").unlink()
+    (target / "model-00002-of-00002.safetensors").write_bytes(b"\0" * 64)  # every other weight unreadable
+    return target, full
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama_tied", "text_config"])
+def test_target_embeddings_read_only_the_embedding_tensor(tmp_path, arch):
+    """Every weight but the embedding lives in a shard that cannot be read: a full load fails,
+    the export reads the embeddings, equal to a full fp32 load's."""
+    from builder.export import target_embeddings
+    from builder.target import load_config
+
+    target, full = sharded_target(tmp_path / arch, arch)
+    with pytest.raises(Exception):  # noqa: B017 -- a full load has to read them
+        AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    embeddings = target_embeddings(str(target), None, load_config(str(target), None, False))
+    assert embeddings.dtype == torch.float32 and torch.equal(embeddings, full)
+
+
+hub_server, hub = hub_fixtures()
+
+
+def test_target_embeddings_of_a_hub_model_download_only_the_embedding_shard(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    from builder.export import target_embeddings
+    from builder.target import load_config
+
+    target, full = sharded_target(tmp_path / "llama", "llama")
+    api = HfApi()
+    api.create_repo("user/tiny-sharded")
+    commit = api.upload_folder(repo_id="user/tiny-sharded", folder_path=target).oid
+    config = load_config("user/tiny-sharded", commit, False)
+    embeddings = target_embeddings("user/tiny-sharded", commit, config)
+    assert torch.equal(embeddings, full)
+    assert hub.requests("GET", "model-00001-of-00002") and not hub.requests("GET", "model-00002-of-00002")
