@@ -33,7 +33,7 @@ CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' works
 
 def parse_bytes(text: str) -> int:
     """'70GiB', '80GB', '512MiB', or a plain number of bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
     if not match:
         raise ConfigError("--max-memory-per-gpu", text, "a size like 70GiB, 80GB or 512MiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()

@@ -123,3 +123,14 @@ def test_group_gpus_and_sizes():
     assert parse_bytes("70GiB") == 70 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(ConfigError, match="--max-memory-per-gpu: expected a size like 70GiB"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("text", ["1.5.3GiB", ".", "1..5GB", "..GiB"])
+def test_a_size_with_a_malformed_number_is_the_same_config_error(tmp_path, text):
+    from builder.config import validate
+
+    with pytest.raises(ConfigError, match=says("--max-memory-per-gpu", "a size like 70GiB", repr(text))):
+        parse_bytes(text)
+    with pytest.raises(ConfigError, match=says("--max-memory-per-gpu", repr(text))):
+        validate(small_config(tmp_path / "cache", max_memory_per_gpu=text))
+    assert parse_bytes("1.5GiB") == 3 * GiB // 2 and parse_bytes(".5GiB") == GiB // 2 and parse_bytes("2.GB") == 2 * 10**9
