@@ -131,7 +131,8 @@ def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
             "--gpus-per-target",
             plan.gpus_per_target,
             f"a placement that fits {available_per_gpu / GiB:.1f} GiB per GPU; the target needs {plan.describe()}",
-            "Raise --gpus-per-target, lower --max-tokens-per-batch, or raise --max-memory-per-gpu if the GPUs have more.",
+            "Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch (a batch holds at most the smaller of "
+            "--max-tokens-per-batch and --batch-size x --seq-length tokens), or raise --max-memory-per-gpu if the GPUs have more.",
         )
 
 
@@ -173,11 +174,17 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
     return plan_memory(
         prep.model_config,
         gpus_per_target=prep.cfg.gpus_per_target,
-        max_tokens=prep.cfg.token_budget,
+        max_tokens=largest_batch_tokens(prep.cfg),
         num_aux_layers=len(prep.aux_layer_ids),
         dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
     )
+
+
+def largest_batch_tokens(cfg: BuildConfig) -> int:
+    """Tokens of the largest batch the build can form, padding included: --batch-size rows of at most
+    --seq-length tokens, within --max-tokens-per-batch (batching.plan_batches)."""
+    return min(cfg.token_budget, cfg.batch_size * cfg.seq_length)
 
 
 def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:

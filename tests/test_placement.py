@@ -134,3 +134,27 @@ def test_a_size_with_a_malformed_number_is_the_same_config_error(tmp_path, text)
     with pytest.raises(ConfigError, match=says("--max-memory-per-gpu", repr(text))):
         validate(small_config(tmp_path / "cache", max_memory_per_gpu=text))
     assert parse_bytes("1.5GiB") == 3 * GiB // 2 and parse_bytes(".5GiB") == GiB // 2 and parse_bytes("2.GB") == 2 * 10**9
+
+
+def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
+    """--batch-size caps every batch at batch_size x seq_length tokens: a larger --max-tokens-per-batch
+    does not make batches any larger, so it must not make the plan refuse a build that fits."""
+    from types import SimpleNamespace
+
+    from builder.placement import memory_plan
+
+    def prep(**flags):
+        cfg = small_config(tmp_path, batch_size=8, seq_length=2048, **flags)
+        return SimpleNamespace(cfg=cfg, model_config=LlamaConfig(**LLAMA_8B), aux_layer_ids=[1, 15, 28], selected_token_ids=range(32000))
+
+    config = LlamaConfig(**LLAMA_8B)
+    eight_rows = plan_memory(config, gpus_per_target=1, max_tokens=8 * 2048, num_aux_layers=3, draft_vocab_size=32000)
+    budget_bound = plan_memory(config, gpus_per_target=1, max_tokens=4096, num_aux_layers=3, draft_vocab_size=32000)
+    assert memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2) == eight_rows
+    assert memory_plan(prep(max_tokens_per_batch=4096), dtype_bytes=2) == budget_bound
+    check_fits(memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2), 40 * GiB)
+    big_batches = plan_memory(config, gpus_per_target=1, max_tokens=1 << 18, num_aux_layers=3, draft_vocab_size=32000)
+    with pytest.raises(
+        ConfigError, match=says("--gpus-per-target", "fits 40.0 GiB per GPU", "lower --batch-size or --max-tokens-per-batch")
+    ):
+        check_fits(big_batches, 40 * GiB)
