@@ -201,8 +201,18 @@ def check_placement(prep: Prepared) -> None:
 
     cfg = prep.cfg
     if cfg.device_map is not None:
+        device_map = read_device_map(cfg.device_map)
+        if device_map != "auto":
+            check_device_map(cfg.device_map, device_map, prep.model_config)
         return
     gpus = []
+    if cfg.gpus_per_target > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            "--gpus-per-target",
+            cfg.gpus_per_target,
+            "1 on a machine where no GPU is visible (CUDA is not available)",
+            "Drop --gpus-per-target, or run where the GPUs are visible (check CUDA_VISIBLE_DEVICES).",
+        )
     if torch.cuda.is_available():
         gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
     budget = available_per_gpu(cfg, gpus)
@@ -210,12 +220,82 @@ def check_placement(prep: Prepared) -> None:
         check_fits(memory_plan(prep), budget)
 
 
+DEVICE_MAP_EXPECTED = '"auto", a JSON object {module name: device}, or a path to a JSON file holding one'
+DEVICE_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}'
+
+
 def read_device_map(spec: str) -> dict | str:
-    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device})."""
+    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device}); a device
+    is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
     if spec == "auto":
         return spec
-    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text() if Path(spec).is_file() else spec
+    is_file = not spec.lstrip().startswith("{") and Path(spec).is_file()
     try:
-        return json.loads(text)
+        device_map = json.loads(Path(spec).read_text() if is_file else spec)
     except ValueError:
-        raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
+        found = f"The file {spec} does not hold valid JSON." if is_file else "It is neither a JSON object nor an existing file."
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, found) from None
+    if not isinstance(device_map, dict) or not device_map:
+        found = "an empty object" if device_map == {} else f"a JSON {type(device_map).__name__}"
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f"It holds {found}; write one like {DEVICE_EXAMPLE}.")
+    bad = {module: device for module, device in device_map.items() if not is_device(device)}
+    if bad:
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu", "cuda:N" or "disk".')
+    return device_map
+
+
+def is_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return device >= 0
+    if not isinstance(device, str):
+        return False
+    if device == "disk":
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def gpu_index(device) -> int | None:
+    if isinstance(device, int):
+        return device
+    parsed = torch.device(device) if device != "disk" else None
+    return None if parsed is None or parsed.type != "cuda" else parsed.index or 0
+
+
+def check_device_map(spec: str, device_map: dict, model_config) -> None:
+    """An explicit map must name this machine's GPUs and modules of the target, and place every
+    weight: checked on the meta model, before the weights load and before anything is written."""
+    count = torch.cuda.device_count()
+    missing_gpus = sorted({i for i in map(gpu_index, device_map.values()) if i is not None and i >= count})
+    if missing_gpus:
+        raise ConfigError(
+            "--device-map", spec, f"devices of this machine, which shows {count} GPU(s)", f"GPU(s) {missing_gpus} do not exist here."
+        )
+    model = meta_model(model_config)
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    unknown = sorted(set(device_map) - names)
+    if unknown:
+        raise ConfigError(
+            "--device-map", spec, "module names of the target", f"It has no module {unknown[:5]}; its top modules are {top_modules(model)}."
+        )
+
+    def placed(name: str) -> bool:
+        return any(module == "" or name == module or name.startswith(module + ".") for module in device_map)
+
+    unplaced = [name for name, _ in model.named_parameters() if not placed(name)]
+    if unplaced:
+        raise ConfigError(
+            "--device-map",
+            spec,
+            "a device for every weight of the target",
+            f"{len(unplaced)} weight(s) have none, such as {unplaced[:3]}; add their modules to the map.",
+        )
+
+
+def top_modules(model) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.count(".") <= 1 and name][:8]
