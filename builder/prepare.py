@@ -103,7 +103,8 @@ def prepare(cfg: BuildConfig) -> Prepared:
     return prepared
 
 
-ROPE_FIELDS = ("rope_parameters", "rope_theta", "rope_scaling")
+# Rotary positions: computed for any position. Without them, positions are one learned row each (OPT, GPT-2).
+ROPE_FIELDS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim")
 
 
 def check_context_length(cfg: BuildConfig, model_config, samples: datasets.Dataset) -> None:

@@ -661,12 +661,19 @@ def test_seq_length_past_learned_positions_is_refused_before_anything_is_written
     assert f"got {SEQ}. The longest sample has {SEQ} tokens" in line and "lower --seq-length to 32" in line
 
 
-def test_seq_length_past_rotary_context_warns_that_supervision_is_extrapolated(tmp_path, caplog):
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_seq_length_past_rotary_context_warns_that_supervision_is_extrapolated(tmp_path, caplog, arch):
+    from transformers import GPTJConfig, LlamaConfig
 
     from builder.prepare import prepare
 
-    target = config_only_target(tmp_path / "llama", LlamaConfig(**tiny_text_settings(max_position_embeddings=32)))
+    settings = tiny_text_settings(max_position_embeddings=32)
+    if arch == "llama":
+        config = LlamaConfig(**settings)
+    else:
+        tokens = {k: settings[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        config = GPTJConfig(n_embd=64, n_layer=8, n_head=4, n_positions=32, rotary_dim=16, **tokens)
+    target = config_only_target(tmp_path / arch, config)
     settings = dict(target_model=str(target), input_data="sample-chats", max_samples=6, seq_length=SEQ, draft_vocab_size=200)
     with caplog.at_level("WARNING", logger="builder.prepare"):
         prep = prepare(BuildConfig(output_dir=str(tmp_path / "out"), **settings))
