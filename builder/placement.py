@@ -53,13 +53,13 @@ def group_gpus(local_rank: int, gpus_per_target: int, visible_gpus: int) -> list
     return gpus
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The target's module tree on the meta device: exact parameter counts, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 @dataclass
@@ -203,7 +203,7 @@ def check_placement(prep: Prepared) -> None:
     if cfg.device_map is not None:
         device_map = read_device_map(cfg.device_map)
         if device_map != "auto":
-            check_device_map(cfg.device_map, device_map, prep.model_config)
+            check_device_map(cfg.device_map, device_map, meta_model(prep.model_config, cfg.trust_remote_code))
         return
     gpus = []
     if cfg.gpus_per_target > 1 and not torch.cuda.is_available():
@@ -267,16 +267,15 @@ def gpu_index(device) -> int | None:
     return None if parsed is None or parsed.type != "cuda" else parsed.index or 0
 
 
-def check_device_map(spec: str, device_map: dict, model_config) -> None:
+def check_device_map(spec: str, device_map: dict, model) -> None:
     """An explicit map must name this machine's GPUs and modules of the target, and place every
-    weight: checked on the meta model, before the weights load and before anything is written."""
+    weight: checked on `model`, the target on the meta device, before anything is written."""
     count = torch.cuda.device_count()
     missing_gpus = sorted({i for i in map(gpu_index, device_map.values()) if i is not None and i >= count})
     if missing_gpus:
         raise ConfigError(
             "--device-map", spec, f"devices of this machine, which shows {count} GPU(s)", f"GPU(s) {missing_gpus} do not exist here."
         )
-    model = meta_model(model_config)
     names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
     unknown = sorted(set(device_map) - names)
     if unknown:
