@@ -236,6 +236,10 @@ def validate(cfg: BuildConfig) -> None:
         from .placement import parse_bytes
 
         parse_bytes(cfg.max_memory_per_gpu)
+    if cfg.device_map is not None:
+        from .placement import read_device_map
+
+        read_device_map(cfg.device_map)
     if cfg.row_group_bytes > 1 << 30:  # a column of one row group must stay under Arrow's 2 GiB offsets
         raise ConfigError("--row-group-bytes", cfg.row_group_bytes, "at most 1 GiB (1073741824)")
     if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < cfg.seq_length:

@@ -33,7 +33,7 @@ CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' works
 
 def parse_bytes(text: str) -> int:
     """'70GiB', '80GB', '512MiB', or a plain number of bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
     if not match:
         raise ConfigError("--max-memory-per-gpu", text, "a size like 70GiB, 80GB or 512MiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
@@ -53,13 +53,13 @@ def group_gpus(local_rank: int, gpus_per_target: int, visible_gpus: int) -> list
     return gpus
 
 
-def meta_model(config):
+def meta_model(config, trust_remote_code: bool = False):
     """The target's module tree on the meta device: exact parameter counts, no memory."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 @dataclass
@@ -131,7 +131,8 @@ def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
             "--gpus-per-target",
             plan.gpus_per_target,
             f"a placement that fits {available_per_gpu / GiB:.1f} GiB per GPU; the target needs {plan.describe()}",
-            "Raise --gpus-per-target, lower --max-tokens-per-batch, or raise --max-memory-per-gpu if the GPUs have more.",
+            "Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch (a batch holds at most the smaller of "
+            "--max-tokens-per-batch and --batch-size x --seq-length tokens), or raise --max-memory-per-gpu if the GPUs have more.",
         )
 
 
@@ -173,11 +174,17 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
     return plan_memory(
         prep.model_config,
         gpus_per_target=prep.cfg.gpus_per_target,
-        max_tokens=prep.cfg.token_budget,
+        max_tokens=largest_batch_tokens(prep.cfg),
         num_aux_layers=len(prep.aux_layer_ids),
         dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
     )
+
+
+def largest_batch_tokens(cfg: BuildConfig) -> int:
+    """Tokens of the largest batch the build can form, padding included: --batch-size rows of at most
+    --seq-length tokens, within --max-tokens-per-batch (batching.plan_batches)."""
+    return min(cfg.token_budget, cfg.batch_size * cfg.seq_length)
 
 
 def available_per_gpu(cfg: BuildConfig, gpus: list[int]) -> int | None:
@@ -194,8 +201,18 @@ def check_placement(prep: Prepared) -> None:
 
     cfg = prep.cfg
     if cfg.device_map is not None:
+        device_map = read_device_map(cfg.device_map)
+        if device_map != "auto":
+            check_device_map(cfg.device_map, device_map, meta_model(prep.model_config, cfg.trust_remote_code))
         return
     gpus = []
+    if cfg.gpus_per_target > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            "--gpus-per-target",
+            cfg.gpus_per_target,
+            "1 on a machine where no GPU is visible (CUDA is not available)",
+            "Drop --gpus-per-target, or run where the GPUs are visible (check CUDA_VISIBLE_DEVICES).",
+        )
     if torch.cuda.is_available():
         gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
     budget = available_per_gpu(cfg, gpus)
@@ -203,12 +220,81 @@ def check_placement(prep: Prepared) -> None:
         check_fits(memory_plan(prep), budget)
 
 
+DEVICE_MAP_EXPECTED = '"auto", a JSON object {module name: device}, or a path to a JSON file holding one'
+DEVICE_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}'
+
+
 def read_device_map(spec: str) -> dict | str:
-    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device})."""
+    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device}); a device
+    is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
     if spec == "auto":
         return spec
-    text = spec if spec.lstrip().startswith("{") else Path(spec).read_text() if Path(spec).is_file() else spec
+    is_file = not spec.lstrip().startswith("{") and Path(spec).is_file()
     try:
-        return json.loads(text)
+        device_map = json.loads(Path(spec).read_text() if is_file else spec)
     except ValueError:
-        raise ConfigError("--device-map", spec, '"auto", a JSON object {module: device}, or a path to one') from None
+        found = f"The file {spec} does not hold valid JSON." if is_file else "It is neither a JSON object nor an existing file."
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, found) from None
+    if not isinstance(device_map, dict) or not device_map:
+        found = "an empty object" if device_map == {} else f"a JSON {type(device_map).__name__}"
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f"It holds {found}; write one like {DEVICE_EXAMPLE}.")
+    bad = {module: device for module, device in device_map.items() if not is_device(device)}
+    if bad:
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu", "cuda:N" or "disk".')
+    return device_map
+
+
+def is_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return device >= 0
+    if not isinstance(device, str):
+        return False
+    if device == "disk":
+        return True
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def gpu_index(device) -> int | None:
+    if isinstance(device, int):
+        return device
+    parsed = torch.device(device) if device != "disk" else None
+    return None if parsed is None or parsed.type != "cuda" else parsed.index or 0
+
+
+def check_device_map(spec: str, device_map: dict, model) -> None:
+    """An explicit map must name this machine's GPUs and modules of the target, and place every
+    weight: checked on `model`, the target on the meta device, before anything is written."""
+    count = torch.cuda.device_count()
+    missing_gpus = sorted({i for i in map(gpu_index, device_map.values()) if i is not None and i >= count})
+    if missing_gpus:
+        raise ConfigError(
+            "--device-map", spec, f"devices of this machine, which shows {count} GPU(s)", f"GPU(s) {missing_gpus} do not exist here."
+        )
+    names = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+    unknown = sorted(set(device_map) - names)
+    if unknown:
+        raise ConfigError(
+            "--device-map", spec, "module names of the target", f"It has no module {unknown[:5]}; its top modules are {top_modules(model)}."
+        )
+
+    def placed(name: str) -> bool:
+        return any(module == "" or name == module or name.startswith(module + ".") for module in device_map)
+
+    unplaced = [name for name, _ in model.named_parameters() if not placed(name)]
+    if unplaced:
+        raise ConfigError(
+            "--device-map",
+            spec,
+            "a device for every weight of the target",
+            f"{len(unplaced)} weight(s) have none, such as {unplaced[:3]}; add their modules to the map.",
+        )
+
+
+def top_modules(model) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.count(".") <= 1 and name][:8]

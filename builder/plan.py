@@ -206,17 +206,35 @@ CALIBRATION_BYTES = 16 << 20
 
 
 def forward_tokens_per_s(model, gpu_name: str, loss_share: float) -> float | None:
-    """Estimated forward tokens/s of one replica: 2 FLOPs per decoder parameter per token plus the
+    """Estimated forward tokens/s of one replica: 2 FLOPs per active decoder parameter per token plus the
     head at loss-masked positions, at FORWARD_UTILISATION of the GPU's peak; a target split over
     N GPUs (device map) runs one GPU at a time, so no faster than one. None for an unknown GPU."""
     peak = next((flops for name, flops in GPU_PEAK_BF16 if name in gpu_name), None)
     if peak is None:
         return None
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    total = sum(p.numel() for p in model.parameters())
+    total = active_parameters(model)
     decoder = total - embedding.weight.numel() - (head.weight.numel() if head.weight is not embedding.weight else 0)
     flops = 2 * decoder + 2 * head.weight.numel() * loss_share
     return peak * FORWARD_UTILISATION / flops
+
+
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def active_parameters(model) -> int:
+    """Parameters one token runs through: of a mixture of experts, num_experts_per_tok of the E
+    routed experts (modules named `experts`; shared experts and routers always run)."""
+    from .target import text_config
+
+    config = text_config(model.config)
+    experts = next((getattr(config, field) for field in EXPERT_COUNT_FIELDS if getattr(config, field, None)), None)
+    per_token = getattr(config, "num_experts_per_tok", None)
+    total = sum(p.numel() for p in model.parameters())
+    if not experts or not per_token:
+        return total
+    routed = sum(p.numel() for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "experts" for p in module.parameters())
+    return total - routed + routed * min(per_token, experts) // experts
 
 
 def encoder_mb_per_s(layout, compression: str, seconds: float = 0.05) -> float:

@@ -91,14 +91,65 @@ def prepare(cfg: BuildConfig) -> Prepared:
     )
     samples, skipped = split_valid(tokenized, cfg.strict)
     duplicates = count_duplicate_ids(samples)
+    check_context_length(cfg, model_config, samples)
 
     vocab_size = text_config(model_config).vocab_size
     counts = count_loss_tokens(samples, vocab_size)
     selected = select_draft_vocab(counts, cfg.draft_vocab_size, special_token_ids(tokenizer, vocab_size))
+    check_topk(cfg, len(selected), vocab_size)
     identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
     prepared = Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity, duplicates)
     check_row_sizes(prepared)
     return prepared
+
+
+# Rotary positions: computed for any position. Without them, positions are one learned row each (OPT, GPT-2).
+ROPE_FIELDS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim")
+
+
+def check_context_length(cfg: BuildConfig, model_config, samples: datasets.Dataset) -> None:
+    """A sample longer than the target's context: refused where positions are learned (the position
+    table has no row for it, and the forward would fail mid-build); with rotary positions the
+    target runs, but its supervision past the trained context is extrapolated, so say so."""
+    config = text_config(model_config)
+    context = getattr(config, "max_position_embeddings", None)
+    longest = max(samples["num_tokens"], default=0)
+    if not isinstance(context, int) or longest <= context:
+        return
+    if any(getattr(config, field, None) is not None for field in ROPE_FIELDS):
+        log.warning(
+            "--seq-length %d: the longest sample has %d tokens, past the target's context of %d (max_position_embeddings); "
+            "the target's rotary positions extend beyond it, but its supervision there is extrapolated, not what it was "
+            "trained on. Lower --seq-length to %d to keep every position within the context",
+            cfg.seq_length,
+            longest,
+            context,
+            context,
+        )
+        return
+    raise ConfigError(
+        "--seq-length",
+        cfg.seq_length,
+        f"at most the target's context of {context} tokens (max_position_embeddings), as it learned one position embedding per position",
+        f"The longest sample has {longest} tokens after truncation; lower --seq-length to {context}.",
+    )
+
+
+def check_topk(cfg: BuildConfig, draft_vocab_size: int, vocab_size: int) -> None:
+    """K of --target-format topk must fit the draft vocabulary as resolved (the whole target
+    vocabulary without --draft-vocab-size, or with a larger one)."""
+    if cfg.target_format != "topk" or cfg.topk <= draft_vocab_size:
+        return
+    if cfg.draft_vocab_size is None:
+        source = f"the target's full vocabulary, {vocab_size} tokens, as no --draft-vocab-size was given"
+    else:
+        source = f"{draft_vocab_size} tokens: --draft-vocab-size {cfg.draft_vocab_size} capped at the target's vocabulary"
+    raise ConfigError(
+        "--topk",
+        cfg.topk,
+        f"at most the draft vocabulary size ({source})",
+        f"Lower --topk to {draft_vocab_size} or less, or use --target-format probs to store the whole draft distribution.",
+    )
 
 
 MAX_ROW_BYTES = 2**31 - 1  # one Parquet binary value (Arrow's int32 offsets)

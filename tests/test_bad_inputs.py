@@ -661,3 +661,83 @@ def test_an_output_dir_that_cannot_be_created_is_one_clear_error(tmp_path, capsy
         r"Choose a writable --output-dir\.$",
         out,
     )
+
+
+# ---- flags the target or the resolved draft vocabulary cannot take ---------------------------------
+
+
+def config_only_target(directory: Path, config) -> Path:
+    """A target folder of a config and the embedded tokenizer, no weights: enough for every check before loading."""
+    from tiny_targets import tiny_tokenizer
+
+    config.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def tiny_text_settings(**overrides) -> dict:
+    from tiny_targets import _text_settings, tiny_tokenizer
+
+    return _text_settings(tiny_tokenizer(), **overrides)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_seq_length_past_learned_positions_is_refused_before_anything_is_written(tmp_path, capsys, no_weights, arch):
+    """OPT and GPT-2 learn one position embedding per position: a longer sample would index past the
+    table mid-build. The longest tokenized sample decides, so --seq-length is refused only where it bites."""
+    from transformers import GPT2Config, OPTConfig
+
+    settings = tiny_text_settings()
+    tokens = {k: settings[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    if arch == "opt":
+        config = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=8, num_attention_heads=4, max_position_embeddings=32, **tokens)
+    else:
+        config = GPT2Config(n_embd=64, n_layer=8, n_head=4, n_positions=32, **tokens)
+    target = config_only_target(tmp_path / arch, config)
+    out = tmp_path / "out"
+    code, stdout, err = cli(
+        capsys, *COMMON, "--target-model", str(target), "--input-data", "sample-chats", "--max-samples", "6", "--output-dir", str(out)
+    )
+    line = assert_clean_error(code, stdout, err, r"^error: --seq-length: expected at most the target's context of 32 tokens", out)
+    assert f"got {SEQ}. The longest sample has {SEQ} tokens" in line and "lower --seq-length to 32" in line
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_seq_length_past_rotary_context_warns_that_supervision_is_extrapolated(tmp_path, caplog, arch):
+    from transformers import GPTJConfig, LlamaConfig
+
+    from builder.prepare import prepare
+
+    settings = tiny_text_settings(max_position_embeddings=32)
+    if arch == "llama":
+        config = LlamaConfig(**settings)
+    else:
+        tokens = {k: settings[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+        config = GPTJConfig(n_embd=64, n_layer=8, n_head=4, n_positions=32, rotary_dim=16, **tokens)
+    target = config_only_target(tmp_path / arch, config)
+    settings = dict(target_model=str(target), input_data="sample-chats", max_samples=6, seq_length=SEQ, draft_vocab_size=200)
+    with caplog.at_level("WARNING", logger="builder.prepare"):
+        prep = prepare(BuildConfig(output_dir=str(tmp_path / "out"), **settings))
+    assert max(prep.samples["num_tokens"]) == SEQ > 32
+    assert f"--seq-length {SEQ}: the longest sample has {SEQ} tokens, past the target's context of 32" in caplog.text
+    assert "extrapolated" in caplog.text and not (tmp_path / "out").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="builder.prepare"):
+        prepare(BuildConfig(output_dir=str(tmp_path / "out"), **settings | {"seq_length": 32}))
+    assert "extrapolated" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "flags, vd, source",
+    [
+        ([], 1024, "the target's full vocabulary, 1024 tokens, as no --draft-vocab-size was given"),
+        (["--draft-vocab-size", "5000"], 1024, "--draft-vocab-size 5000 capped at the target's vocabulary"),
+    ],
+    ids=["no_draft_vocab_size", "draft_vocab_size_past_the_vocab"],
+)
+def test_topk_larger_than_the_resolved_draft_vocab_is_refused(tmp_path, capsys, no_weights, flags, vd, source):
+    out = tmp_path / "out"
+    argv = ["--quiet", "--seq-length", str(SEQ), "--target-format", "topk", "--topk", "2000", *flags]
+    code, stdout, err = cli(capsys, *argv, "--input-data", "sample-chats", "--max-samples", "4", "--output-dir", str(out))
+    line = assert_clean_error(code, stdout, err, r"^error: --topk: expected at most the draft vocabulary size", out)
+    assert source in line and "got 2000" in line and f"Lower --topk to {vd} or less" in line

@@ -123,3 +123,100 @@ def test_group_gpus_and_sizes():
     assert parse_bytes("70GiB") == 70 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("1024") == 1024
     with pytest.raises(ConfigError, match="--max-memory-per-gpu: expected a size like 70GiB"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("text", ["1.5.3GiB", ".", "1..5GB", "..GiB"])
+def test_a_size_with_a_malformed_number_is_the_same_config_error(tmp_path, text):
+    from builder.config import validate
+
+    with pytest.raises(ConfigError, match=says("--max-memory-per-gpu", "a size like 70GiB", repr(text))):
+        parse_bytes(text)
+    with pytest.raises(ConfigError, match=says("--max-memory-per-gpu", repr(text))):
+        validate(small_config(tmp_path / "cache", max_memory_per_gpu=text))
+    assert parse_bytes("1.5GiB") == 3 * GiB // 2 and parse_bytes(".5GiB") == GiB // 2 and parse_bytes("2.GB") == 2 * 10**9
+
+
+def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
+    """--batch-size caps every batch at batch_size x seq_length tokens: a larger --max-tokens-per-batch
+    does not make batches any larger, so it must not make the plan refuse a build that fits."""
+    from types import SimpleNamespace
+
+    from builder.placement import memory_plan
+
+    def prep(**flags):
+        cfg = small_config(tmp_path, batch_size=8, seq_length=2048, **flags)
+        return SimpleNamespace(cfg=cfg, model_config=LlamaConfig(**LLAMA_8B), aux_layer_ids=[1, 15, 28], selected_token_ids=range(32000))
+
+    config = LlamaConfig(**LLAMA_8B)
+    eight_rows = plan_memory(config, gpus_per_target=1, max_tokens=8 * 2048, num_aux_layers=3, draft_vocab_size=32000)
+    budget_bound = plan_memory(config, gpus_per_target=1, max_tokens=4096, num_aux_layers=3, draft_vocab_size=32000)
+    assert memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2) == eight_rows
+    assert memory_plan(prep(max_tokens_per_batch=4096), dtype_bytes=2) == budget_bound
+    check_fits(memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2), 40 * GiB)
+    big_batches = plan_memory(config, gpus_per_target=1, max_tokens=1 << 18, num_aux_layers=3, draft_vocab_size=32000)
+    with pytest.raises(
+        ConfigError, match=says("--gpus-per-target", "fits 40.0 GiB per GPU", "lower --batch-size or --max-tokens-per-batch")
+    ):
+        check_fits(big_batches, 40 * GiB)
+
+
+@pytest.mark.parametrize(
+    "spec, found",
+    [
+        ("[0]", "It holds a JSON list"),
+        ("{}", "It holds an empty object"),
+        ("balanced_low_0", "It is neither a JSON object nor an existing file"),
+        ("no-such-map.json", "It is neither a JSON object nor an existing file"),
+        ('{"model": "gpu"}', "Not a device: {'model': 'gpu'}"),
+        ('{"model": -1}', "Not a device: {'model': -1}"),
+    ],
+)
+def test_a_device_map_that_is_not_one_is_refused_with_the_flags(tmp_path, spec, found):
+    from builder.config import validate
+
+    with pytest.raises(ConfigError, match=says("--device-map: expected", "a JSON object {module name: device}", repr(spec), found)):
+        validate(small_config(tmp_path / "cache", device_map=spec))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_device_map_file_is_read_and_checked(tmp_path):
+    from builder.config import validate
+
+    path = tmp_path / "map.json"
+    path.write_text('{"model": 0, "lm_head": "cuda:1"}')
+    validate(small_config(tmp_path / "cache", device_map=str(path)))
+    path.write_text("[0, 1]")
+    with pytest.raises(ConfigError, match=says("--device-map", str(path), "It holds a JSON list")):
+        validate(small_config(tmp_path / "cache", device_map=str(path)))
+    path.write_text("{model: 0")
+    with pytest.raises(ConfigError, match=says("--device-map", f"The file {path} does not hold valid JSON")):
+        validate(small_config(tmp_path / "cache", device_map=str(path)))
+
+
+def test_a_device_map_this_target_cannot_use_is_refused_before_anything_is_written(tmp_path, target, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    absent_gpu = torch.cuda.device_count()
+    layers = {f"model.layers.{i}": "cpu" for i in range(8)}
+    cases = [
+        ({"": absent_gpu}, f"GPU(s) [{absent_gpu}] do not exist here"),
+        ({"model": "cpu", "head": "cpu"}, "It has no module ['head']; its top modules are ['model', 'model.embed_tokens'"),
+        ({"model.embed_tokens": "cpu", **layers, "model.norm": "cpu"}, "1 weight(s) have none, such as ['lm_head.weight']"),
+    ]
+    for device_map, found in cases:
+        out = tmp_path / "cache"
+        with pytest.raises(ConfigError, match=says("--device-map", found)):
+            build(small_config(out, target, device_map=json.dumps(device_map)), progress=False)
+        assert not out.exists()
+
+
+def test_a_gpu_group_without_gpus_is_refused_before_anything_is_written(tmp_path, target, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine where no GPU is visible")
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=says("--gpus-per-target: expected 1 on a machine where no GPU is visible", "got 2")):
+        build(small_config(tmp_path / "cache", target, gpus_per_target=2), progress=False)
+    assert not (tmp_path / "cache").exists()

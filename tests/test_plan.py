@@ -125,3 +125,39 @@ def test_dry_run_prints_the_sizes_of_the_settings_given(tmp_path, capsys):
     # each value of a zstd column: a 9-byte header and 9 bytes per byte plane
     at_most = topk + rows * sum(9 + 9 * k for k in compressed_topk_columns + [4])  # + the aux scales
     assert re.search(rf"^    topk     at most {at_most / 1e6:,.2f} MB, expected [\d.]+ MB ", text, re.M)
+
+
+@pytest.mark.parametrize(
+    "arch, experts_field, expert_width",
+    [("qwen3_moe", "num_experts", "moe_intermediate_size"), ("mixtral", "num_local_experts", "intermediate_size")],
+)
+def test_the_forward_rate_of_a_mixture_of_experts_counts_the_experts_a_token_runs(arch, experts_field, expert_width):
+    """Each token runs num_experts_per_tok of the E experts of a layer: the FLOPs per token, and so the
+    rate the writer must keep up with, follow the active parameters, not all of them."""
+    from tiny_targets import _config, tiny_tokenizer
+
+    from builder.placement import meta_model
+    from builder.plan import FORWARD_UTILISATION, GPU_PEAK_BF16, active_parameters, forward_tokens_per_s
+
+    config = _config(arch, tiny_tokenizer())
+    model = meta_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    experts, k = getattr(config, experts_field), config.num_experts_per_tok
+    assert (experts, k) == (4, 2)
+    # gate, up and down projections of every expert of every layer, of which k / E run per token
+    routed = config.num_hidden_layers * experts * 3 * config.hidden_size * getattr(config, expert_width)
+    assert active_parameters(model) == total - routed + routed * k // experts
+    embedding, head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+    flops = 2 * (total - routed * (experts - k) // experts - embedding - head) + 2 * head * 0.5
+    peak = dict(GPU_PEAK_BF16)["H100"]
+    assert forward_tokens_per_s(model, "NVIDIA H100 80GB HBM3", 0.5) == pytest.approx(peak * FORWARD_UTILISATION / flops, rel=1e-12)
+
+
+def test_a_dense_target_runs_every_parameter():
+    from tiny_targets import _config, tiny_tokenizer
+
+    from builder.placement import meta_model
+    from builder.plan import active_parameters
+
+    model = meta_model(_config("llama", tiny_tokenizer()))
+    assert active_parameters(model) == sum(p.numel() for p in model.parameters())

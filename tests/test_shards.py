@@ -334,7 +334,8 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
     damaged = bytearray(shard.read_bytes())
     damaged[len(damaged) // 2] ^= 1
     shard.write_bytes(bytes(damaged))
-    assert verify_cache(out) == [f"data/{shard.name}: checksum differs from the manifest (the file is damaged)"]
+    repair = f"to repair: delete data/{shard.name} and run the build again with --resume (it rebuilds only the missing shards)"
+    assert verify_cache(out) == [f"data/{shard.name}: checksum differs from the manifest (the file is damaged); {repair}"]
 
 
 def test_the_forward_estimate_gives_25k_tokens_per_s_for_an_8b_on_an_h100():
