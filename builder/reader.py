@@ -557,8 +557,14 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
     # ---- iterating ----------------------------------------------------------------------------
 
     def __iter__(self):
+        # Not a generator itself: a loaded state is taken when the iterator is made. torchdata makes one
+        # for a state saved after an epoch's last batch and never asks it for a row; the state must not
+        # wait for the next epoch's iterator, which it would empty.
         position, window, skip = self._start()
         self._state = self._make_state(position, window, skip)
+        return self._rows(position, window, skip)
+
+    def _rows(self, position: dict | None, window: int, skip: int):
         for index, start, rows, end in self._windows(position, window):
             order = self._order(index, len(rows))
             for i in range(skip, len(rows)):

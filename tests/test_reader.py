@@ -286,6 +286,28 @@ def test_a_checkpoint_at_an_epochs_end_resumes_into_the_next_epoch(cache, num_wo
     assert dataset.epoch == 1
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_into_a_whole_next_epoch(cache, num_workers):
+    """A loop without set_epoch saves after every step: the last save follows the epoch's last,
+    partial batch. After a restart the rest of that epoch is empty and the next epoch is whole."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def open_loader():
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"])
+        return StatefulDataLoader(dataset, batch_size=3, num_workers=num_workers, collate_fn=ids)
+
+    loader = open_loader()
+    everything = []
+    for batch in loader:
+        everything += batch
+        checkpoint = json.loads(json.dumps(loader.state_dict()))
+    assert len(everything) == 14
+    resumed = open_loader()
+    resumed.load_state_dict(checkpoint)
+    epochs = [list(itertools.chain.from_iterable(resumed)) for _ in range(3)]
+    assert [sorted(e) for e in epochs] == [[], sorted(everything), sorted(everything)]
+
+
 def test_resume_state_of_other_settings_is_refused(cache):
     shuffled = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4)
     next(iter(shuffled))
