@@ -751,37 +751,58 @@ def split_for_rank(hf, rank: int, world_size: int, rows_per_file: dict[str, int]
     if hf.num_shards < world_size:
         hf = hf.reshard()  # Parquet: one shard per row group
     if hf.num_shards >= world_size:
-        counts = rank_sample_counts(hf, world_size, rows_per_file or {})
-        if rank == 0 and counts is not None and len(set(counts)) > 1:
-            log.warning(
-                "split_by_rank: whole shards give the ranks %s samples: a loop that runs a collective every step "
-                "(DDP's gradient all-reduce) waits forever on the ranks with more batches. Wrap it in DDP's join() "
-                "(accelerate: accelerator.join_uneven_inputs), stop every rank at the smallest count, or let "
-                "accelerator.prepare split the stream instead (it evens the ranks out)",
-                counts,
-            )
+        if rank == 0:
+            warn_if_uneven(rank_sample_counts(hf, world_size, rows_per_file or {}))
         return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="shards")
     log.warning(
         "the cache has %d row groups for %d ranks: every rank reads all of it and keeps 1 row in %d", hf.num_shards, world_size, world_size
     )
+    if rank == 0 and rows_per_file:
+        total = sum(rows_per_file.values())
+        warn_if_uneven([len(range(r, total, world_size)) for r in range(world_size)])
     return split_dataset_by_node(hf, rank=rank, world_size=world_size, strategy="examples")
 
 
+def warn_if_uneven(counts: list[int] | None) -> None:
+    if counts is not None and len(set(counts)) > 1:
+        log.warning(
+            "split_by_rank: the split gives the ranks %s samples: a loop that runs a collective every step "
+            "(DDP's gradient all-reduce) waits forever on the ranks with more batches. Wrap it in DDP's join() "
+            "(accelerate: accelerator.join_uneven_inputs), stop every rank at the smallest count, or let "
+            "accelerator.prepare split the stream instead (it evens the ranks out)",
+            counts,
+        )
+
+
 def rank_sample_counts(hf, world_size: int, rows_per_file: dict[str, int]) -> list[int] | None:
-    """Samples each rank gets from a split by whole files: the files `datasets` hands it (its own
-    `shard_data_sources`, as it splits by rank when iterating); None where that is not known (a
-    split by row groups, or a stream of another kind)."""
+    """Samples each rank gets from a split by whole files or row groups: the parts `datasets` hands it
+    (its own `shard_data_sources`, as it splits by rank when iterating); None where that is not known
+    (row groups of files not on this machine, or a stream of another kind)."""
     examples = getattr(hf, "_ex_iterable", None)
     if not hasattr(examples, "shard_data_sources"):
         return None
     counts = []
     for rank in range(world_size):
         files = getattr(examples.shard_data_sources(num_shards=world_size, index=rank, contiguous=False), "kwargs", {})
-        names = [str(f).rsplit("/", 1)[-1] for f in files.get("files", [])]
-        if not names or files.get("row_groups_list", [None])[0] is not None or any(n not in rows_per_file for n in names):
+        paths = [str(f) for f in files.get("files", [])]
+        groups = files.get("row_groups_list") or [None] * len(paths)
+        names = [p.rsplit("/", 1)[-1] for p in paths]
+        if not names or any(n not in rows_per_file for n in names):
             return None
-        counts.append(sum(rows_per_file[n] for n in names))
+        if groups[0] is None:
+            counts.append(sum(rows_per_file[n] for n in names))
+        elif all(os.path.isfile(p) for p in paths):
+            counts.append(sum(_row_group_rows(p, g) for p, g in zip(paths, groups)))
+        else:
+            return None
     return counts
+
+
+def _row_group_rows(path: str, groups) -> int:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(path)
+    return sum(metadata.row_group(g).num_rows for g in groups)
 
 
 def _arrow_cache_dir(manifest: dict) -> str:

@@ -167,19 +167,31 @@ def test_each_process_reads_the_whole_cache_unless_it_asks_for_a_part(cache, mon
     assert len(list(load_cache(cache, layout="raw", columns=["sample_id"]))) == 14  # no split asked: no rank needed
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_a_split_by_whole_shards_that_leaves_ranks_unequal_says_so(cache, caplog, world_size):
-    """14 samples in shards of 4, 4, 4, 2: ranks get different numbers of samples, so a DDP loop
-    would wait forever on the rank with an extra batch; rank 0 says so, with the counts."""
-    parts = [ids(load_cache(cache, layout="raw", columns=["sample_id"], rank=r, world_size=world_size)) for r in range(world_size)]
-    counts = [len(part) for part in parts]
+def uneven_split_warnings(location, world_size: int, caplog) -> tuple[list[int], list[str]]:
+    parts = [ids(load_cache(location, layout="raw", columns=["sample_id"], rank=r, world_size=world_size)) for r in range(world_size)]
+    warnings = [r.getMessage() for r in caplog.records if "the split gives the ranks" in r.getMessage()]
+    return [len(part) for part in parts], warnings
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 5])
+def test_a_split_that_leaves_ranks_unequal_says_so(cache, caplog, world_size):
+    """14 samples in shards of 4, 4, 4, 2 (one row group each): ranks get different numbers of samples
+    (by whole shards, or row by row for more ranks than row groups), so a DDP loop would wait forever on
+    the rank with an extra batch; rank 0 says so, with the counts."""
+    counts, warnings = uneven_split_warnings(cache, world_size, caplog)
     assert sum(counts) == 14 and len(set(counts)) > 1
-    warnings = [r.getMessage() for r in caplog.records if "whole shards give the ranks" in r.getMessage()]
     assert warnings == [
-        f"split_by_rank: whole shards give the ranks {counts} samples: a loop that runs a collective"
+        f"split_by_rank: the split gives the ranks {counts} samples: a loop that runs a collective"
         + warnings[0].split("a loop that runs a collective")[1]
     ]
     assert "DDP's join()" in warnings[0]
+
+
+def test_a_split_by_row_groups_that_leaves_ranks_unequal_says_so(tmp_path, caplog):
+    """One shard of five one-row groups, two ranks: whole row groups give them 3 and 2 samples."""
+    one_shard = build(small_config(tmp_path / "cache", dtype="bf16", max_samples=5, shard_size=5, row_group_bytes=1), progress=False)
+    counts, warnings = uneven_split_warnings(one_shard.output_dir, 2, caplog)
+    assert counts == [3, 2] and len(warnings) == 1 and "the ranks [3, 2] samples" in warnings[0]
 
 
 # ---- mid-epoch resume ---------------------------------------------------------------------------
