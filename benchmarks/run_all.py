@@ -28,6 +28,7 @@ BENCHMARKS = (
     "format_sizes",
     "gpu_feed",
     "collate_throughput",
+    "padding",
 )
 # Not here: hub_stream (run it on its own) and gpu_check.sh (needs an NVIDIA GPU).
 
@@ -174,6 +175,14 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                         f"  {row['model']} {row['format']} Vd {row['draft_vocab']} aux {row['aux_dtype']}: "
                         f"{row['stored_gb_s_per_gpu']:.2f} GB/s, {row['threads_zstd']} threads"
                     )
+        elif name == "padding":
+            lines.append(f"padding{took}: share of forward tokens that are padding, {data['legacy_window_mib']} MiB -> 4 GiB sort window")
+            for case in data["cases"]:
+                shares = case["padding_share_by_window_mib"]
+                lines.append(
+                    f"  {case['target']} {case['format']}, batch {case['batch_size']} / {case['max_tokens_per_batch']:,} tokens: "
+                    f"{shares[str(data['legacy_window_mib'])]:.0%} -> {shares['4096']:.0%}"
+                )
         elif name == "collate_throughput":
             sps, shard, batch = data["samples_per_s"], data["shard_mb_per_s"], data["batch_mb_per_s"]
             lines.append(
