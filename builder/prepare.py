@@ -103,36 +103,49 @@ def prepare(cfg: BuildConfig) -> Prepared:
     return prepared
 
 
-# Rotary positions: computed for any position. Without them, positions are one learned row each (OPT, GPT-2).
-ROPE_FIELDS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim")
-
-
 def check_context_length(cfg: BuildConfig, model_config, samples: datasets.Dataset) -> None:
     """A sample longer than the target's context: refused where positions are learned (the position
-    table has no row for it, and the forward would fail mid-build); with rotary positions the
-    target runs, but its supervision past the trained context is extrapolated, so say so."""
+    table has no row for it, and the forward would fail mid-build); otherwise (rotary positions, or
+    none at all) the target runs, but its supervision past the trained context is extrapolated."""
     config = text_config(model_config)
     context = getattr(config, "max_position_embeddings", None)
     longest = max(samples["num_tokens"], default=0)
     if not isinstance(context, int) or longest <= context:
         return
-    if any(getattr(config, field, None) is not None for field in ROPE_FIELDS):
-        log.warning(
-            "--seq-length %d: the longest sample has %d tokens, past the target's context of %d (max_position_embeddings); "
-            "the target's rotary positions extend beyond it, but its supervision there is extrapolated, not what it was "
-            "trained on. Lower --seq-length to %d to keep every position within the context",
+    if has_position_table(model_config, context, cfg.trust_remote_code):
+        raise ConfigError(
+            "--seq-length",
             cfg.seq_length,
-            longest,
-            context,
-            context,
+            f"at most the target's context of {context} tokens (max_position_embeddings): it learned one position embedding per position",
+            f"The longest sample has {longest} tokens after truncation; lower --seq-length to {context}.",
         )
-        return
-    raise ConfigError(
-        "--seq-length",
+    log.warning(
+        "--seq-length %d: the longest sample has %d tokens, past the target's context of %d (max_position_embeddings); "
+        "the target runs past it (it has no table of learned positions), but its supervision there is extrapolated, "
+        "not what it was trained on. Lower --seq-length to %d to keep every position within the context",
         cfg.seq_length,
-        f"at most the target's context of {context} tokens (max_position_embeddings), as it learned one position embedding per position",
-        f"The longest sample has {longest} tokens after truncation; lower --seq-length to {context}.",
+        longest,
+        context,
+        context,
     )
+
+
+def has_position_table(model_config, context: int, trust_remote_code: bool) -> bool:
+    """Learned absolute positions (OPT, GPT-2): an embedding table of about `context` rows beside the
+    token embeddings, found in a weightless copy of the model. Rotary, ALiBi and state-space models
+    have none; a model that cannot be built here is not refused on a guess."""
+    import torch
+
+    from .placement import meta_model
+
+    try:
+        model = meta_model(model_config, trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - only decides between a refusal and a warning
+        log.debug("could not build the target on the meta device to look for a position table: %r", err)
+        return False
+    vocab = text_config(model_config).vocab_size
+    tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab)
+    return any(context <= table.num_embeddings <= context + 2 for table in tables)  # OPT keeps 2 offset rows
 
 
 def check_topk(cfg: BuildConfig, draft_vocab_size: int, vocab_size: int) -> None:

@@ -702,18 +702,22 @@ def test_seq_length_past_learned_positions_is_refused_before_anything_is_written
     assert f"got {SEQ}. The longest sample has {SEQ} tokens" in line and "lower --seq-length to 32" in line
 
 
-@pytest.mark.parametrize("arch", ["llama", "gptj"])
+@pytest.mark.parametrize("arch", ["llama", "gptj", "jamba"])
 def test_seq_length_past_rotary_context_warns_that_supervision_is_extrapolated(tmp_path, caplog, arch):
-    from transformers import GPTJConfig, LlamaConfig
+    """Rotary positions (Llama, GPT-J), or none at all (Jamba's Mamba layers): the target runs past its context."""
+    from transformers import GPTJConfig, JambaConfig, LlamaConfig
 
     from builder.prepare import prepare
 
     settings = tiny_text_settings(max_position_embeddings=32)
+    tokens = {k: settings[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
     if arch == "llama":
         config = LlamaConfig(**settings)
-    else:
-        tokens = {k: settings[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
+    elif arch == "gptj":
         config = GPTJConfig(n_embd=64, n_layer=8, n_head=4, n_positions=32, rotary_dim=16, **tokens)
+    else:
+        shape = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+        config = JambaConfig(**shape, max_position_embeddings=32, num_experts=1, attn_layer_period=2, attn_layer_offset=1, **tokens)
     target = config_only_target(tmp_path / arch, config)
     settings = dict(target_model=str(target), input_data="sample-chats", max_samples=6, seq_length=SEQ, draft_vocab_size=200)
     with caplog.at_level("WARNING", logger="builder.prepare"):
