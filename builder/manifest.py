@@ -160,6 +160,16 @@ def card_data_of(text: str) -> dict:
     return DatasetCard(text).data.to_dict()
 
 
+def card_shard_pattern(text: str) -> str:
+    """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
+    cards written before the shard count was in it read every `train-*`."""
+    for config in card_data_of(text).get("configs") or []:
+        for entry in config.get("data_files") or []:
+            if isinstance(entry, dict) and entry.get("split") == "train" and isinstance(entry.get("path"), str):
+                return entry["path"].rsplit("/", 1)[-1]
+    return "train-*"
+
+
 def manifest_from_card(text: str, where: str = "the card") -> dict:
     """The manifest a card's text holds, checked to be of a format version this package reads.
     `where` names the card in errors."""

@@ -66,10 +66,12 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
     sha256, where the card records it), before any row is read: otherwise rows of another build, or a
     partial cache, would be read as this cache. A branch in the middle of a push holds the old card
     beside new shards, which can have the old names and sizes."""
+    from .manifest import card_shard_pattern
     from .shards import is_card_read
 
+    pattern = card_shard_pattern(source.file("README.md").read_text(encoding="utf-8"))
     expected = {shard["name"]: shard["bytes"] for shard in manifest["shards"]}
-    listing = {name: found for name, found in _data_files(source).items() if is_card_read(name)}
+    listing = {name: found for name, found in _data_files(source).items() if is_card_read(name, pattern)}
     present = {name: size for name, (size, _) in listing.items()}
     replaced = sorted(
         shard["name"]
@@ -103,7 +105,7 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
             "on the Hub only: read them from there); restore them, or rebuild with --resume."
         )
     if extra:
-        hint += " A file named like a shard that the manifest does not list would be read as more rows: move it out of data/."
+        hint += f" The card reads every data/{pattern} file, so one it does not list would be read as more rows: move it out of data/."
     where = f"{source.describe()}: the shard files in {source.prefix}data/"
     raise ShardFilesMismatch(f"{where} are not the ones its card lists ({found}). {hint}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import os
 import queue
 import re
@@ -268,11 +269,10 @@ def shard_name(index: int, num_shards: int, split: str = "train") -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
 
 
-def is_card_read(name: str, split: str = "train") -> bool:
-    """Whether a card's `data_files` pattern reads this file of data/ as a shard: cards name the exact
-    `-of-N.parquet` suffix now, earlier ones read every `{split}-*`. Such a file not in the manifest
-    would be read as rows of the cache."""
-    return name.startswith(f"{split}-")
+def is_card_read(name: str, pattern: str = "train-*") -> bool:
+    """Whether a card whose `data_files` name shards by `pattern` (see `manifest.card_shard_pattern`)
+    reads this file of data/ as a shard: such a file not in the manifest would be read as rows."""
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def is_shard_name(name: str) -> bool:

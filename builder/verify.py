@@ -28,7 +28,7 @@ from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, fingerprint, recorded_checksum
+from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import is_card_read, shard_name
 
@@ -144,10 +144,10 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
     listed = {s["name"] for s in manifest["shards"]}
     files = (out / "data").iterdir() if (out / "data").is_dir() else ()
-    strays = sorted(p.name for p in files if p.is_file() and is_card_read(p.name) and p.name not in listed)
+    pattern = card_shard_pattern((out / "README.md").read_text(encoding="utf-8"))
+    strays = sorted(p.name for p in files if p.is_file() and is_card_read(p.name, pattern) and p.name not in listed)
     problems += [
-        f"data/{stray}: named like a shard but not in the manifest (readers would take it for rows): move it out of data/"
-        for stray in strays
+        f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems
 

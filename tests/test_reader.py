@@ -117,10 +117,17 @@ def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_pat
             load_cache(copy, layout="raw", streaming=streaming)
 
 
+def with_card_pattern(card, pattern: str) -> None:
+    """Rewrite the card's data_files pattern (as a card pushed by an earlier version had it)."""
+    text = card.read_text()
+    current = re.search(r"path: (data/\S+)", text).group(1)
+    card.write_text(text.replace(f"path: {current}", f"path: {pattern}"))
+
+
 @pytest.mark.parametrize("stray", ["{}.bak", "{} - Copy.parquet"])
 def test_a_stray_copy_of_a_shard_is_never_read_as_more_rows(tmp_path, cache, stray):
-    """The card names the shards exactly, so `datasets` skips a copy beside them; `load_cache` refuses it
-    (a card pushed before the shard count was in its pattern would read it)."""
+    """The card names the shards exactly, so `datasets` and `load_cache` skip a copy beside them; a
+    card with the earlier, wider pattern `data/train-*` would read it, so there `load_cache` refuses it."""
     import shutil
 
     import datasets
@@ -131,7 +138,20 @@ def test_a_stray_copy_of_a_shard_is_never_read_as_more_rows(tmp_path, cache, str
     shutil.copy(shard, shard.with_name(stray.format(shard.name)))
     samples = read_manifest(cache)["totals"]["samples"]
     assert datasets.load_dataset(str(copy), split="train").num_rows == samples
+    assert len(list(load_cache(copy, layout="raw", columns=["sample_id"]))) == samples
+    with_card_pattern(copy / "README.md", "data/train-*")
     with pytest.raises(ShardFilesMismatch, match=rf"not in the manifest: {re.escape(stray.format(shard.name))}\).*move it out of data/"):
+        load_cache(copy, layout="raw")
+
+
+def test_a_file_the_cards_pattern_reads_but_the_manifest_does_not_list_is_refused(tmp_path, cache):
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = sorted((copy / "data").glob("*.parquet"))[1]
+    shutil.copy(shard, copy / "data" / "train-copy-of-00004.parquet")
+    with pytest.raises(ShardFilesMismatch, match=r"not in the manifest: train-copy-of-00004\.parquet\).*data/train-\*-of-00004\.parquet"):
         load_cache(copy, layout="raw")
 
 

@@ -56,11 +56,12 @@ def test_flipped_byte_is_caught(cache):
     assert verify_cache(cache) == [f"data/{SHARD}: checksum differs from the manifest (the file is damaged); {REPAIR}"]
 
 
-def test_a_stray_copy_of_a_shard_is_caught(cache):
-    (cache / "data" / f"{SHARD}.bak").write_bytes((cache / "data" / SHARD).read_bytes())
+def test_a_file_the_card_reads_as_a_shard_but_the_manifest_does_not_list_is_caught(cache):
+    (cache / "data" / "train-copy-of-00004.parquet").write_bytes((cache / "data" / SHARD).read_bytes())
+    (cache / "data" / f"{SHARD}.bak").write_bytes((cache / "data" / SHARD).read_bytes())  # the card's pattern skips it
     (cache / "data" / "notes.txt").write_text("not named like a shard: not a problem")
-    stray = f"data/{SHARD}.bak: named like a shard but not in the manifest (readers would take it for rows): move it out of data/"
-    assert verify_cache(cache) == [stray]
+    stray = "data/train-copy-of-00004.parquet: not in the manifest, but the card reads it as a shard (data/train-*-of-00004.parquet)"
+    assert verify_cache(cache) == [f"{stray}: move it out of data/"]
 
 
 def test_truncated_shard_is_caught(cache):
