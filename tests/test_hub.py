@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -519,14 +520,28 @@ def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub
     with pytest.raises(HubError, match="re-run the same command"):
         push_cache(v2, PushTarget("tester/midpush", tag="v2"), retry=FAST, shards_per_commit=1)
     hub.clear_faults()
-    # main: v1's card over v1's shards plus one of v2's; v2's first shard has a name of its own (3 shards)
+    # main: v1's card over v1's shards plus one of v2's, which has a name of its own (3 shards): v1's card
+    # names its 2 shards exactly, so main still reads v1 (v2's shards of v1's names: the next test)
+    from huggingface_hub import HfApi
+
+    files = HfApi(endpoint=hub.url, token=TOKEN).list_repo_files("tester/midpush", repo_type="dataset")
+    assert "data/train-00000-of-00003.parquet" in files
+    assert_same_content(list(load_cache("tester/midpush", layout="raw")), decoded_rows(v1))
+    assert_same_content(list(load_cache("tester/midpush", revision="v1", layout="raw")), decoded_rows(v1))
+    # A card pushed before cards named the shard count (`data/train-*`) reads v2's shard too: refused.
+    api, wide = HfApi(endpoint=hub.url, token=TOKEN), "tester/midpush-wide"
+    push(v1, wide)
+    card = Path(api.hf_hub_download(wide, "README.md", repo_type="dataset")).read_text()
+    card = re.sub(r"path: data/\S+", "path: data/train-*", card)
+    api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=wide, repo_type="dataset")
+    shard = v2 / "data" / "train-00000-of-00003.parquet"
+    api.upload_file(path_or_fileobj=shard.read_bytes(), path_in_repo=f"data/{shard.name}", repo_id=wide, repo_type="dataset")
     with pytest.raises(
         ShardFilesMismatch,
-        match=r"tester/midpush@\w+: the shard files in data/ are not the ones its card lists"
+        match=r"tester/midpush-wide@\w+: the shard files in data/ are not the ones its card lists"
         r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress",
     ):
-        load_cache("tester/midpush", layout="raw")
-    assert_same_content(list(load_cache("tester/midpush", revision="v1", layout="raw")), decoded_rows(v1))
+        load_cache("tester/midpush-wide", layout="raw")
 
 
 def test_a_push_under_way_with_shards_of_the_same_names_and_sizes_is_refused(hub, v1):
