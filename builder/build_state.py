@@ -55,7 +55,25 @@ def identity_differences(stored: dict, current: dict) -> dict:
     for field in PATH_FIELDS:
         if a.get(field) != b.get(field) and (same_local_path(a.get(field), b.get(field)) or same_recorded_content(field, a, b)):
             b[field] = a[field]
+    if recorded_with_earlier_fingerprint(a, b):
+        b[WEIGHTS_FIELD] = a[WEIGHTS_FIELD]
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+WEIGHTS_FIELD = "target.weights_sample_sha256"
+
+
+def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
+    """A build begun before the weights fingerprint kept to the files transformers loads recorded
+    one over every weight-like file of the folder: the same weights, fingerprinted the earlier way."""
+    if None in (stored.get(WEIGHTS_FIELD), current.get(WEIGHTS_FIELD)) or stored[WEIGHTS_FIELD] == current[WEIGHTS_FIELD]:
+        return False
+    if not isinstance(current.get("target.model"), str):
+        return False
+    from .embedded import resolve_target
+    from .prepare import earlier_weights_sample_hash
+
+    return earlier_weights_sample_hash(resolve_target(current["target.model"])) == stored[WEIGHTS_FIELD]
 
 
 def same_local_path(first, second) -> bool:

@@ -173,7 +173,10 @@ def target_config_and_tokenizer(model: str, revision: str | None):
 def check_target_identity(manifest: dict, model: str, config, tokenizer) -> None:
     """Refuse a target that is not the one the cache was built from: its embeddings and pad id
     would go with supervision another model produced."""
-    differences = target_identity_differences(manifest, model, config, tokenizer)
+    from .embedded import resolve_target
+    from .prepare import target_differences
+
+    differences = target_differences(manifest, resolve_target(model), config, tokenizer)
     if differences:
         lines = [f"  {field}: cache has {cached!r}, the target has {found!r}" for field, (cached, found) in sorted(differences.items())]
         raise ExportError(
@@ -182,49 +185,6 @@ def check_target_identity(manifest: dict, model: str, config, tokenizer) -> None
             f"cache was built from ({manifest['identity']['target']['model']!r}, unchanged since the build), or build the cache "
             "again from this target."
         )
-
-
-def target_identity_differences(manifest: dict, model: str, config, tokenizer) -> dict:
-    """`{field: (cached, found)}` over the identity fields the build recorded of its target: the
-    local config and weights fingerprints (a Hub target records its commit instead, which the
-    export loads), the vocabulary size and the tokenizer."""
-    from .embedded import resolve_target
-    from .prepare import _local_config_hash, local_weights_sample_hash
-    from .target import text_config
-
-    identity, path = manifest["identity"], resolve_target(model)
-    found = {"config_sha256": _local_config_hash(path), "weights_sample_sha256": local_weights_sample_hash(path)}
-    differences = {
-        f"target.{field}": (identity["target"].get(field), value)
-        for field, value in found.items()
-        if identity["target"].get(field) is not None and identity["target"][field] != value  # unrecorded: not checked
-    }
-    vocab_size = text_config(config).vocab_size
-    if vocab_size != manifest["target_vocab_size"]:
-        differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)
-    return differences | tokenizer_differences(manifest, tokenizer, vocab_size)
-
-
-def tokenizer_differences(manifest: dict, tokenizer, vocab_size: int) -> dict:
-    """The tokenizer's hash, which covers the chat template too: compared when the tokenizer's own
-    template is the one the build rendered with; after a build with another template
-    (--chat-template), the special token ids (bos, eos, pad, unk) are compared instead."""
-    import hashlib
-
-    from .errors import InputError
-    from .tokenize import template_bytes, template_of, tokenizer_hash
-    from .vocab import special_token_ids
-
-    identity = manifest["identity"]
-    try:
-        template = template_of(tokenizer, None)
-    except InputError:  # no template of its own: the build was given one
-        template = None
-    if template is not None and hashlib.sha256(template_bytes(template)).hexdigest() == identity.get("chat_template_sha256"):
-        found = tokenizer_hash(tokenizer, template)
-        return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
-    recorded, specials = manifest.get("special_token_ids"), special_token_ids(tokenizer, vocab_size)
-    return {} if recorded is None or specials == recorded else {"special_token_ids": (recorded, specials)}
 
 
 def target_embeddings(model: str, revision: str | None, config) -> torch.Tensor:

@@ -278,6 +278,8 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
 
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 256, 4096
 
 
@@ -286,12 +288,42 @@ def local_weights_sample_hash(model_path: str) -> str | None:
     evenly spaced 4 KiB blocks of it (1 MiB read per file, where hashing every byte would read the
     whole model at each start). A checkpoint saved over the same folder (retrained, fine-tuned,
     merged: its values change throughout) hashes differently; an edit confined to a few bytes may
-    not. None for a Hub id, whose commit is recorded instead."""
+    not. Only the files transformers loads count (a trainer's `optimizer.pt` or `training_args.bin`
+    beside them does not). None for a Hub id, whose commit is recorded instead."""
     folder = Path(model_path)
-    if not folder.is_dir():
-        return None
+    return _sampled_hash(loaded_weight_files(folder)) if folder.is_dir() else None
+
+
+def earlier_weights_sample_hash(model_path: str) -> str | None:
+    """The fingerprint builds recorded before it kept to the loaded files: every weight-like file."""
+    folder = Path(model_path)
+    return _sampled_hash(_weight_like_files(folder)) if folder.is_dir() else None
+
+
+def same_weights(recorded: str | None, model_path: str) -> bool:
+    """The local target's weights are the recorded ones, by either fingerprint."""
+    return recorded is None or recorded in (local_weights_sample_hash(model_path), earlier_weights_sample_hash(model_path))
+
+
+def loaded_weight_files(folder: Path) -> list[Path]:
+    """The files transformers loads weights from: those its index names, else its single weight file;
+    in a layout of another kind, every weight-like file."""
+    for index in WEIGHT_INDEXES:
+        if (folder / index).is_file():
+            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+    for name in SINGLE_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    return _weight_like_files(folder)
+
+
+def _weight_like_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern)})
+
+
+def _sampled_hash(paths: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern)}):
+    for path in paths:
         size = path.stat().st_size
         digest.update(f"{path.name}\0{size}\0".encode())
         with open(path, "rb") as f:
@@ -299,6 +331,40 @@ def local_weights_sample_hash(model_path: str) -> str | None:
                 f.seek(max(size - SAMPLED_BLOCK_BYTES, 0) * block // (SAMPLED_BLOCKS - 1))
                 digest.update(f.read(SAMPLED_BLOCK_BYTES))
     return digest.hexdigest()
+
+
+def target_differences(manifest: dict, model_path: str, config, tokenizer) -> dict:
+    """`{field: (recorded, found)}` where a target is not the one a cache was built from, by the
+    identity fields its build recorded: the local config and weights fingerprints (compared where
+    both sides have one: a Hub target records its commit instead), the vocabulary size and the
+    tokenizer."""
+    identity, recorded = manifest["identity"], manifest["identity"]["target"]
+    differences = {}
+    config_hash = _local_config_hash(model_path)
+    if None not in (recorded.get("config_sha256"), config_hash) and recorded["config_sha256"] != config_hash:
+        differences["target.config_sha256"] = (recorded["config_sha256"], config_hash)
+    weights = local_weights_sample_hash(model_path)
+    if weights is not None and not same_weights(recorded.get("weights_sample_sha256"), model_path):
+        differences["target.weights_sample_sha256"] = (recorded["weights_sample_sha256"], weights)
+    vocab_size = text_config(config).vocab_size
+    if vocab_size != manifest["target_vocab_size"]:
+        differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)
+    return differences | _tokenizer_differences(identity, manifest.get("special_token_ids"), tokenizer, vocab_size)
+
+
+def _tokenizer_differences(identity: dict, recorded_specials, tokenizer, vocab_size: int) -> dict:
+    """The tokenizer's hash, which covers the chat template too: compared when the tokenizer's own
+    template is the one the build rendered with; after a build with another template
+    (--chat-template), the special token ids (bos, eos, pad, unk) are compared instead."""
+    try:
+        template = template_of(tokenizer, None)
+    except InputError:  # no template of its own: the build was given one
+        template = None
+    if template is not None and hashlib.sha256(template_bytes(template)).hexdigest() == identity.get("chat_template_sha256"):
+        found = tokenizer_hash(tokenizer, template)
+        return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
+    specials = special_token_ids(tokenizer, vocab_size)
+    return {} if recorded_specials is None or specials == recorded_specials else {"special_token_ids": (recorded_specials, specials)}
 
 
 def _local_config_hash(model_path: str) -> str | None:

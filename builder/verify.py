@@ -12,7 +12,6 @@ match bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -270,7 +269,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
         log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
     model_path = resolve_target(target_model or identity["target"]["model"])
-    check_target(model_path, identity)
+    check_target(model_path, manifest)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
@@ -291,23 +290,16 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     return problems
 
 
-def check_target(model_path: str, identity: dict) -> None:
+def check_target(model_path: str, manifest: dict) -> None:
     """Refuse a target other than the one the cache was built with (another model, or the same folder
     retrained), by the identity fields the build recorded: otherwise every sample would be reported
     as damaged. Fields a Hub target does not record (its commit pins it) are not compared."""
-    from .prepare import _local_config_hash, local_weights_sample_hash
-    from .target import load_tokenizer
-    from .tokenize import template_bytes, template_of, tokenizer_hash
+    from .prepare import target_differences
+    from .target import load_config, load_tokenizer
 
-    recorded = identity["target"]
-    live = {"config_sha256": _local_config_hash(model_path), "weights_sample_sha256": local_weights_sample_hash(model_path)}
-    differences = {f"target.{k}": (recorded.get(k), v) for k, v in live.items() if None not in (recorded.get(k), v) and recorded[k] != v}
-    tokenizer = load_tokenizer(model_path, recorded["revision"], False)
-    template = template_of(tokenizer, None)
-    # Built with --chat-template, the recorded tokenizer hash covers a template this folder does not hold.
-    if hashlib.sha256(template_bytes(template)).hexdigest() == identity["chat_template_sha256"]:
-        if (live_hash := tokenizer_hash(tokenizer, template)) != identity["tokenizer_sha256"]:
-            differences["tokenizer_sha256"] = (identity["tokenizer_sha256"], live_hash)
+    revision = manifest["identity"]["target"]["revision"]
+    config = load_config(model_path, revision, False)
+    differences = target_differences(manifest, model_path, config, load_tokenizer(model_path, revision, False, config=config))
     if differences:
         lines = "\n".join(f"  {field}: the cache has {old}, {model_path} has {new}" for field, (old, new) in sorted(differences.items()))
         raise Eagle3CacheError(

@@ -351,3 +351,61 @@ def test_recompute_refuses_another_target_naming_the_fields_that_differ(intact, 
     (retokenized / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"pad_token": "<|unk|>"}))
     with pytest.raises(Eagle3CacheError, match=r"retokenized is not the target the cache was built with:\n  tokenizer_sha256: the cache"):
         verify_cache(intact, recompute=2, target_model=str(retokenized))
+
+
+# ---- which target counts as the build's ---------------------------------------------------------
+
+
+def tiny_target_copy(directory: Path) -> Path:
+    from builder.embedded import resolve_target
+
+    shutil.copytree(resolve_target("tiny-llama"), directory)
+    return directory
+
+
+def test_recompute_after_a_build_with_another_chat_template_from_a_tokenizer_without_one(tmp_path):
+    """The tokenizer has no template of its own, the build was given one: the special tokens are compared."""
+    from builder.embedded import NO_GENERATION_TEMPLATE
+
+    target = tiny_target_copy(tmp_path / "target")
+    (target / "chat_template.jinja").unlink()
+    cfg = small_config(tmp_path / "cache", target=target, max_samples=4, chat_template=str(NO_GENERATION_TEMPLATE))
+    cache = build(cfg, progress=False).output_dir
+    assert verify_cache(cache, target_model=str(target), recompute=2) == []
+
+
+def test_the_same_target_named_by_a_hub_id_has_no_local_fingerprints_to_compare(intact):
+    """A Hub id pins its commit; the local fingerprints of the folder the cache was built from are not compared."""
+    from builder.embedded import resolve_target
+    from builder.prepare import target_differences
+    from builder.target import load_config, load_tokenizer
+
+    config = load_config(resolve_target("tiny-llama"), None, False)
+    tokenizer = load_tokenizer(resolve_target("tiny-llama"), None, False, config=config)
+    manifest = read_manifest(intact)
+    assert manifest["identity"]["target"]["weights_sample_sha256"] is not None
+    assert target_differences(manifest, "tester/tiny-llama", config, tokenizer) == {}
+    other = config.to_dict() | {"vocab_size": config.vocab_size + 1}
+    assert set(target_differences(manifest, "tester/tiny-llama", type(config)(**other), tokenizer)) == {"target_vocab_size"}
+
+
+def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
+    """A trainer's leftovers beside the weights do not change the fingerprint; a build that recorded
+    the earlier fingerprint (every weight-like file) still matches the same folder."""
+    from builder.build_state import identity_differences
+    from builder.prepare import earlier_weights_sample_hash, local_weights_sample_hash, same_weights
+
+    clean = tiny_target_copy(tmp_path / "clean")
+    trained = tiny_target_copy(tmp_path / "trained")
+    (trained / "training_args.bin").write_bytes(b"trainer state")
+    assert local_weights_sample_hash(trained) == local_weights_sample_hash(clean)
+    earlier = earlier_weights_sample_hash(trained)
+    assert earlier != local_weights_sample_hash(trained) and same_weights(earlier, str(trained))
+    assert not same_weights(earlier, str(clean))
+    stored = {"target": {"model": str(trained), "weights_sample_sha256": earlier}}
+    current = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
+    assert identity_differences(stored, current) == {}
+    (trained / "model.safetensors").write_bytes(bytes(reversed((trained / "model.safetensors").read_bytes())))
+    assert not same_weights(earlier, str(trained))
+    changed = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
+    assert set(identity_differences(stored, changed)) == {"target.weights_sample_sha256"}
