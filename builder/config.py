@@ -158,7 +158,10 @@ class BuildConfig:
         None, group="placement", help="memory budget per GPU, e.g. 70GiB: leaves room for activations", shown_default="the GPU's total"
     )
     device_map: str | None = setting(
-        None, group="placement", help='explicit placement: "auto", a JSON object {module: device}, or a JSON file'
+        None,
+        group="placement",
+        help='explicit placement: accelerate\'s "auto", "balanced", "balanced_low_0" or "sequential", a JSON object {module: device}, '
+        "or a JSON file",
     )
     # ---- run
     batch_size: int = setting(8, group="run", help="max samples per forward batch", minimum=1)

@@ -202,7 +202,7 @@ def check_placement(prep: Prepared) -> None:
     cfg = prep.cfg
     if cfg.device_map is not None:
         device_map = read_device_map(cfg.device_map)
-        if device_map != "auto":
+        if device_map not in DEVICE_MAP_STRATEGIES:
             check_device_map(cfg.device_map, device_map, meta_model(prep.model_config, cfg.trust_remote_code))
         return
     gpus = []
@@ -220,14 +220,17 @@ def check_placement(prep: Prepared) -> None:
         check_fits(memory_plan(prep), budget)
 
 
-DEVICE_MAP_EXPECTED = '"auto", a JSON object {module name: device}, or a path to a JSON file holding one'
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate plans these itself
+DEVICE_MAP_EXPECTED = (
+    '"auto", "balanced", "balanced_low_0", "sequential", a JSON object {module name: device}, or a path to a JSON file holding one'
+)
 DEVICE_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": 1}'
 
 
 def read_device_map(spec: str) -> dict | str:
-    """--device-map: "auto", a JSON object, or a path to a JSON file ({module name: device}); a device
-    is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
-    if spec == "auto":
+    """--device-map: one of accelerate's strategies ("auto", ...), a JSON object, or a path to a JSON
+    file ({module name: device}); a device is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
+    if spec in DEVICE_MAP_STRATEGIES:
         return spec
     is_file = not spec.lstrip().startswith("{") and Path(spec).is_file()
     try:

@@ -165,7 +165,7 @@ def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
     [
         ("[0]", "It holds a JSON list"),
         ("{}", "It holds an empty object"),
-        ("balanced_low_0", "It is neither a JSON object nor an existing file"),
+        ("balanced-low-0", "It is neither a JSON object nor an existing file"),
         ("no-such-map.json", "It is neither a JSON object nor an existing file"),
         ('{"model": "gpu"}', "Not a device: {'model': 'gpu'}"),
         ('{"model": -1}', "Not a device: {'model': -1}"),
@@ -177,6 +177,15 @@ def test_a_device_map_that_is_not_one_is_refused_with_the_flags(tmp_path, spec, 
     with pytest.raises(ConfigError, match=says("--device-map: expected", "a JSON object {module name: device}", repr(spec), found)):
         validate(small_config(tmp_path / "cache", device_map=spec))
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
+def test_accelerates_placement_strategies_are_taken_as_they_are(tmp_path, strategy):
+    from builder.config import validate
+    from builder.placement import read_device_map
+
+    validate(small_config(tmp_path / "cache", device_map=strategy))
+    assert read_device_map(strategy) == strategy
 
 
 def test_a_device_map_file_is_read_and_checked(tmp_path):
