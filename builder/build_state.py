@@ -71,7 +71,7 @@ def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
     if not isinstance(current.get("target.model"), str):
         return False
     from .embedded import resolve_target
-    from .prepare import earlier_weights_sample_hash
+    from .fingerprints import earlier_weights_sample_hash
 
     return earlier_weights_sample_hash(resolve_target(current["target.model"])) == stored[WEIGHTS_FIELD]
 

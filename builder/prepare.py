@@ -4,11 +4,9 @@ tokenization, bad-row accounting, draft vocabulary and the build's identity."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -17,6 +15,7 @@ from . import __version__
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
 from .errors import BadRowError, ConfigError, InputError
+from .fingerprints import local_config_hash, local_weights_sample_hash, same_weights
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
@@ -242,7 +241,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "target": {
             "model": cfg.target_model,
             "revision": resolved_revision(model_path, cfg.target_revision),
-            "config_sha256": _local_config_hash(model_path),
+            "config_sha256": local_config_hash(model_path),
             "weights_sample_sha256": local_weights_sample_hash(model_path),
         },
         "tokenizer_sha256": tokenizer_hash(tokenizer, template),
@@ -277,62 +276,6 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
     }
 
 
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 256, 4096
-
-
-def local_weights_sample_hash(model_path: str) -> str | None:
-    """A local target's weights, fingerprinted cheaply: each weight file's name and size and 256
-    evenly spaced 4 KiB blocks of it (1 MiB read per file, where hashing every byte would read the
-    whole model at each start). A checkpoint saved over the same folder (retrained, fine-tuned,
-    merged: its values change throughout) hashes differently; an edit confined to a few bytes may
-    not. Only the files transformers loads count (a trainer's `optimizer.pt` or `training_args.bin`
-    beside them does not). None for a Hub id, whose commit is recorded instead."""
-    folder = Path(model_path)
-    return _sampled_hash(loaded_weight_files(folder)) if folder.is_dir() else None
-
-
-def earlier_weights_sample_hash(model_path: str) -> str | None:
-    """The fingerprint builds recorded before it kept to the loaded files: every weight-like file."""
-    folder = Path(model_path)
-    return _sampled_hash(_weight_like_files(folder)) if folder.is_dir() else None
-
-
-def same_weights(recorded: str | None, model_path: str) -> bool:
-    """The local target's weights are the recorded ones, by either fingerprint."""
-    return recorded is None or recorded in (local_weights_sample_hash(model_path), earlier_weights_sample_hash(model_path))
-
-
-def loaded_weight_files(folder: Path) -> list[Path]:
-    """The files transformers loads weights from: those its index names, else its single weight file;
-    in a layout of another kind, every weight-like file."""
-    for index in WEIGHT_INDEXES:
-        if (folder / index).is_file():
-            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
-    for name in SINGLE_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-    return _weight_like_files(folder)
-
-
-def _weight_like_files(folder: Path) -> list[Path]:
-    return sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern)})
-
-
-def _sampled_hash(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        size = path.stat().st_size
-        digest.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
-            for block in range(SAMPLED_BLOCKS):
-                f.seek(max(size - SAMPLED_BLOCK_BYTES, 0) * block // (SAMPLED_BLOCKS - 1))
-                digest.update(f.read(SAMPLED_BLOCK_BYTES))
-    return digest.hexdigest()
-
-
 def target_differences(manifest: dict, model_path: str, config, tokenizer) -> dict:
     """`{field: (recorded, found)}` where a target is not the one a cache was built from, by the
     identity fields its build recorded: the local config and weights fingerprints (compared where
@@ -340,7 +283,7 @@ def target_differences(manifest: dict, model_path: str, config, tokenizer) -> di
     tokenizer."""
     identity, recorded = manifest["identity"], manifest["identity"]["target"]
     differences = {}
-    config_hash = _local_config_hash(model_path)
+    config_hash = local_config_hash(model_path)
     if None not in (recorded.get("config_sha256"), config_hash) and recorded["config_sha256"] != config_hash:
         differences["target.config_sha256"] = (recorded["config_sha256"], config_hash)
     weights = local_weights_sample_hash(model_path)
@@ -365,10 +308,3 @@ def _tokenizer_differences(identity: dict, recorded_specials, tokenizer, vocab_s
         return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
     specials = special_token_ids(tokenizer, vocab_size)
     return {} if recorded_specials is None or specials == recorded_specials else {"special_token_ids": (recorded_specials, specials)}
-
-
-def _local_config_hash(model_path: str) -> str | None:
-    config = Path(model_path) / "config.json"
-    if not config.exists():
-        return None
-    return hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode()).hexdigest()

@@ -329,7 +329,7 @@ def test_a_build_begun_before_weight_fingerprints_resumes_and_says_what_goes_unc
 
 
 def test_weights_sample_hash_follows_the_bytes_not_the_folder(tmp_path):
-    from builder.prepare import SAMPLED_BLOCK_BYTES, local_weights_sample_hash
+    from builder.fingerprints import SAMPLED_BLOCK_BYTES, local_weights_sample_hash
 
     first = make_tiny_target(tmp_path / "first", "llama", seed=0)
     copy = tmp_path / "copy"

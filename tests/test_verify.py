@@ -393,7 +393,7 @@ def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
     """A trainer's leftovers beside the weights do not change the fingerprint; a build that recorded
     the earlier fingerprint (every weight-like file) still matches the same folder."""
     from builder.build_state import identity_differences
-    from builder.prepare import earlier_weights_sample_hash, local_weights_sample_hash, same_weights
+    from builder.fingerprints import earlier_weights_sample_hash, local_weights_sample_hash, same_weights
 
     clean = tiny_target_copy(tmp_path / "clean")
     trained = tiny_target_copy(tmp_path / "trained")

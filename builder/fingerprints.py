@@ -1,0 +1,71 @@
+"""Fingerprints of a local target's files, recorded in a build's identity: its config, and a
+cheap sample of the weight files transformers loads. A Hub target records its commit instead."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 256, 4096
+
+
+def local_weights_sample_hash(model_path: str) -> str | None:
+    """A local target's weights, fingerprinted cheaply: each weight file's name and size and 256
+    evenly spaced 4 KiB blocks of it (1 MiB read per file, where hashing every byte would read the
+    whole model at each start). A checkpoint saved over the same folder (retrained, fine-tuned,
+    merged: its values change throughout) hashes differently; an edit confined to a few bytes may
+    not. Only the files transformers loads count (a trainer's `optimizer.pt` or `training_args.bin`
+    beside them does not). None for a Hub id, whose commit is recorded instead."""
+    folder = Path(model_path)
+    return _sampled_hash(loaded_weight_files(folder)) if folder.is_dir() else None
+
+
+def earlier_weights_sample_hash(model_path: str) -> str | None:
+    """The fingerprint builds recorded before it kept to the loaded files: every weight-like file."""
+    folder = Path(model_path)
+    return _sampled_hash(_weight_like_files(folder)) if folder.is_dir() else None
+
+
+def same_weights(recorded: str | None, model_path: str) -> bool:
+    """The local target's weights are the recorded ones, by either fingerprint."""
+    return recorded is None or recorded in (local_weights_sample_hash(model_path), earlier_weights_sample_hash(model_path))
+
+
+def loaded_weight_files(folder: Path) -> list[Path]:
+    """The files transformers loads weights from: those its index names, else its single weight file;
+    in a layout of another kind, every weight-like file."""
+    for index in WEIGHT_INDEXES:
+        if (folder / index).is_file():
+            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+    for name in SINGLE_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    return _weight_like_files(folder)
+
+
+def _weight_like_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in WEIGHT_FILE_PATTERNS for p in folder.glob(pattern)})
+
+
+def _sampled_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            for block in range(SAMPLED_BLOCKS):
+                f.seek(max(size - SAMPLED_BLOCK_BYTES, 0) * block // (SAMPLED_BLOCKS - 1))
+                digest.update(f.read(SAMPLED_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def local_config_hash(model_path: str) -> str | None:
+    """The local config's sha256, over its parsed JSON with sorted keys (formatting does not count)."""
+    config = Path(model_path) / "config.json"
+    if not config.exists():
+        return None
+    return hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode()).hexdigest()
