@@ -23,7 +23,7 @@ from .batching import expected_rows
 from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, holds_cache, read_identity, read_sidecar
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
-from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput
+from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreadable
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
@@ -218,17 +218,31 @@ def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = Non
     if not path.exists():
         sidecar = read_sidecar(out, name)
         return bool(remote) and sidecar is not None and sidecar.get("sha256") is not None and remote.get(name) == sidecar["sha256"]
-    sidecar = read_sidecar(out, name)
-    if (
-        sidecar is None
-        or sidecar["bytes"] != path.stat().st_size
-        or sidecar["rows"] + len(sidecar.get("failed", [])) != rows
-        or shard_row_count(path) != sidecar["rows"]
-    ):
+    if not shard_matches_record(out, name, rows):
         log.warning("shard %s exists but does not match its record; it will be rebuilt", name)
         path.unlink()
         return False
     return True
+
+
+def shard_matches_record(out: Path, name: str, rows: int) -> bool:
+    """Size and footer as recorded. A shard that cannot be read now (an I/O error, its permissions)
+    is not known to be incomplete: the resume stops rather than delete what may be valid."""
+    path = out / "data" / name
+    try:
+        sidecar = read_sidecar(out, name)
+        return (
+            sidecar is not None
+            and sidecar["bytes"] == path.stat().st_size
+            and sidecar["rows"] + len(sidecar.get("failed", [])) == rows
+            and shard_row_count(path) == sidecar["rows"]
+        )
+    except OSError as err:
+        raise ShardUnreadable(
+            f"--resume: cannot read {err.filename or path} to check that shard {name} is complete "
+            f"({err.strerror or err}); nothing was deleted. Rerun once it is readable (check its permissions "
+            "and its file system)."
+        ) from err
 
 
 def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: Prepared, seconds: float) -> None:

@@ -44,6 +44,10 @@ class DiskFull(Eagle3CacheError):
     """Writing failed for lack of space; complete shards stay valid."""
 
 
+class ShardUnreadable(Eagle3CacheError):
+    """--resume could not read a shard to check it is complete; it was left as it is."""
+
+
 class HeadMismatch(Eagle3CacheError):
     """The builder's head path (`lm_head` plus the logit terms it knows) does not reproduce the
     target's own `forward` logits: the model applies a term the builder does not know."""

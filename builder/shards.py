@@ -504,8 +504,10 @@ def _binary_value(value) -> pa.Array:
 
 
 def shard_row_count(path: Path) -> int | None:
-    """Rows per the Parquet footer, or None when the file is not a readable Parquet file."""
+    """Rows per the Parquet footer, or None when the file is not Parquet (no magic bytes or footer:
+    a file cut short). An OSError reading it is raised: a file that cannot be read now (an I/O
+    error, its permissions) may well be complete."""
     try:
         return pq.ParquetFile(path).metadata.num_rows
-    except (pa.ArrowInvalid, OSError):
+    except pa.ArrowInvalid:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -11,14 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
-from helpers import assert_same_content, batch_rows, decoded_rows, small_config
+from helpers import assert_same_content, batch_rows, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
 
 import builder.forward as forward_module
 import builder.placement as placement_module
+import builder.shards as shards_module
 from builder.build import build
 from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
-from builder.errors import ResumeMismatch
+from builder.errors import ResumeMismatch, ShardUnreadable
 from builder.files import file_hash
 from builder.reader import read_manifest
 
@@ -203,6 +205,30 @@ def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     assert snapshot(data)[names[3]] == kept
     assert (data / names[0]).read_bytes() == whole
     assert_same_content(reference, decoded_rows(resumed.output_dir))
+
+
+def test_resume_stops_at_a_shard_it_cannot_read_and_deletes_nothing(tmp_path, monkeypatch):
+    """A read error (an I/O error, a stale handle, its permissions) says nothing about whether a
+    shard is complete: the resume stops naming the file and the error, and deletes nothing; once
+    the file reads again, the resume keeps it."""
+    cfg = small_config(tmp_path / "cache", max_samples=8, shard_size=2)
+    build(cfg, progress=False)
+    data = tmp_path / "cache" / "data"
+    unreadable = data / sorted(p.name for p in data.glob("*.parquet"))[1]
+    before = snapshot(data)
+    real_parquet_file = shards_module.pq.ParquetFile
+
+    def denied(path, *args, **kwargs):  # as pyarrow reports it: no filename, the path in its text
+        if Path(path) == unreadable:
+            raise PermissionError(errno.EACCES, f"Failed to open local file '{path}'. Detail: [errno 13] Permission denied")
+        return real_parquet_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards_module.pq, "ParquetFile", denied)
+    with pytest.raises(ShardUnreadable, match=says(str(unreadable), "Permission denied", "nothing was deleted", "Rerun once")):
+        build(cfg.replace(resume=True), progress=False)
+    assert snapshot(data) == before
+    monkeypatch.undo()
+    assert build(cfg.replace(resume=True), progress=False).written == []
 
 
 @pytest.fixture(scope="module")
