@@ -1,8 +1,15 @@
 """Errors a user can act on: each message says what was expected, what was found, and what to do."""
 
+import copyreg
+
 
 class Eagle3CacheError(Exception):
     """Base for errors reported to the user without a traceback."""
+
+    def __reduce__(self):
+        # Rebuilt from its message and attributes, not by calling its class with them: a subclass's
+        # constructor takes other arguments. Rank 0's start-up error reaches every rank pickled.
+        return copyreg.__newobj__, (type(self), *self.args), self.__dict__
 
 
 class ConfigError(Eagle3CacheError, ValueError):

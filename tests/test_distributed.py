@@ -1,19 +1,26 @@
 """Data-parallel builds under `accelerate launch`: two CPU processes (gloo) write the same
-cache as one, and a build started on two processes resumes on one. Reading on two processes
-(`torchrun`): every usual loop sees every sample exactly once per epoch."""
+cache as one, and a build started on two processes resumes on one; rank 0's start-up error
+reaches every rank as itself. Reading on two processes (`torchrun`): every usual loop sees
+every sample exactly once per epoch."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import pickle
+import pkgutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from helpers import assert_same_content, decoded_rows
 
+import builder
 from builder.build_state import BUILD_STATE_DIR
+from builder.errors import Eagle3CacheError
 from builder.forward import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,3 +162,83 @@ def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, refe
         for key, run in runs.items():
             assert run["whole"] and run["head"] + run["tail"] == run["whole"], (rank, key)
     assert sorted(seen["resume"][0]["None/1"]["whole"] + seen["resume"][1]["None/1"]["whole"]) == sorted(everything)
+
+
+# Errors whose constructor takes more than a message, with arguments to build one.
+ERROR_ARGUMENTS = {
+    "ConfigError": ("--output-dir", "/cache", "an empty or new directory", "Choose another directory."),
+    "ResumeMismatch": ({"seq_length": (96, 128)},),
+    "HeadMismatch": ("LlamaForCausalLM", "lm_head", 0.5, 1e-3, "fp32"),
+    "CacheMismatch": ("the cache", {"seq_length": (2048, 4096)}),
+}
+
+
+def every_error_class() -> list[type]:
+    for module in pkgutil.walk_packages(builder.__path__, "builder."):
+        importlib.import_module(module.name)  # each module's own error classes
+
+    def below(cls: type):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from below(sub)
+
+    return sorted(set(below(Eagle3CacheError)), key=lambda cls: cls.__qualname__)
+
+
+@pytest.mark.parametrize("cls", every_error_class(), ids=lambda cls: cls.__qualname__)
+def test_every_error_survives_the_trip_to_another_rank(cls):
+    """`build.agree` hands rank 0's error to the other ranks pickled: each must arrive as itself,
+    whatever its constructor takes. A new class with a constructor of its own needs its arguments
+    in ERROR_ARGUMENTS."""
+    error = cls(*ERROR_ARGUMENTS.get(cls.__name__, ("what was expected, what was found, what to do",)))
+    arrived = pickle.loads(pickle.dumps(error))
+    assert type(arrived) is cls and str(arrived) == str(error) and vars(arrived) == vars(error)
+
+
+AGREE_ON_RANK = textwrap.dedent("""
+    import json, sys
+    from datetime import timedelta
+    import torch.distributed as dist
+    from builder.build import agree
+    from builder.errors import ConfigError, Eagle3CacheError, ResumeMismatch
+
+    rank, store = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+
+    class State:
+        is_main_process, num_processes = rank == 0, 2
+
+    def raising(error):
+        def step():
+            raise error
+        return step
+
+    for error in (ConfigError("--output-dir", "/cache", "an empty or new directory", "Another build started writing to it."),
+                  ResumeMismatch({"seq_length": (96, 128)})):
+        try:
+            agree(State, raising(error))
+        except Eagle3CacheError as err:
+            print(json.dumps([type(err).__name__, str(err)]), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_rank_0s_start_up_error_is_raised_on_every_rank_as_itself(tmp_path):
+    """Two gloo ranks: each start-up error of rank 0 (here one with a constructor of its own) is
+    raised on rank 1 with its own class and message."""
+    store = tmp_path / "store"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", AGREE_ON_RANK, str(rank), str(store)],
+            env={**env(), "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(stderr[-2000:] for _, stderr in outputs)
+    raised = [[json.loads(line) for line in stdout.splitlines()] for stdout, _ in outputs]
+    assert [name for name, _ in raised[0]] == ["ConfigError", "ResumeMismatch"]
+    assert raised[1] == raised[0]
