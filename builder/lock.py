@@ -45,6 +45,15 @@ class CacheLock:
                 f"{holder.get('host', '?')} (since {holder.get('since', '?')}); expected no other build on it. "
                 "Wait for that build to finish or stop it (its lock goes with it), then rerun with --resume."
             ) from None
+        except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: the file system keeps no locks
+            os.close(fd)
+            raise ConfigError(
+                "--output-dir",
+                str(self.path.parent.parent),
+                "a directory whose file system supports file locks (flock), which keep a second build off this cache",
+                f"Locking {self.path} failed ({err.strerror or err}). Choose a directory on a local disk, or on a "
+                "network file system with locking enabled.",
+            ) from err
         self._fd = fd  # held from here: `release` unlocks and closes it even if naming the holder fails
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder_info()).encode())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import resource
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -151,8 +154,6 @@ def test_a_build_racing_another_onto_the_same_directory_keeps_none_of_its_files(
 
 
 def test_a_start_that_fails_releases_the_lock_and_says_what_to_do(tmp_path, monkeypatch):
-    import errno
-
     import builder.build as build_module
 
     real_write = build_module.write_json_atomic
@@ -248,6 +249,34 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     result = build(small_config(out, max_samples=4, resume=True), progress=False)
     assert result.manifest is not None
     CacheLock(out).acquire()  # released again after the build
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_file_system_without_locks_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on NFS without its lock daemon (ENOSYS on some cluster file
+    systems): the build stops with what to do, holding no descriptor and having written nothing."""
+    import builder.lock as lock_module
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock_module, "fcntl", SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    out = tmp_path / "cache"
+    with pytest.raises(ConfigError, match=says("--output-dir", str(out), "file locks", os.strerror(errno.ENOLCK), "local disk")):
+        build(small_config(out), progress=False)
+    assert open_descriptors_of(out / LOCK_FILE) == []
+    assert [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()] == [LOCK_FILE]  # no identity, no shard
+
+
+def open_descriptors_of(path: Path) -> list[str]:
+    descriptors = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                descriptors.append(fd)
+        except OSError:  # the descriptor listing the folder, closed since
+            pass
+    return descriptors
 
 
 def snapshot_files(directory: Path) -> dict:
