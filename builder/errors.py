@@ -47,7 +47,11 @@ class NonFiniteOutput(Eagle3CacheError):
     """--strict and the target produced NaN or Inf for a sample, or it did for every sample."""
 
 
-class DiskFull(Eagle3CacheError):
+class WriteFailed(Eagle3CacheError):
+    """Writing the cache failed (its permissions, an I/O error); complete shards stay valid."""
+
+
+class DiskFull(WriteFailed):
     """Writing failed for lack of space; complete shards stay valid."""
 
 

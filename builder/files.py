@@ -108,9 +108,14 @@ def is_disk_full(err: BaseException) -> bool:
 
 def disk_full_error(err: OSError) -> DiskFull:
     return DiskFull(
-        f"no space left writing {getattr(err, 'filename', None) or 'the cache'} ({err.strerror}); every shard already "
-        "written is complete and valid. Free space (or raise the quota), then rerun with --resume."
+        f"no space left writing {getattr(err, 'filename', None) or 'the cache'} ({err.strerror}); "
+        + written_shards_stay_valid("Free space (or raise the quota)")
     )
+
+
+def written_shards_stay_valid(fix: str) -> str:
+    """How every failed write's message ends: what was kept, and how to go on once `fix` is done."""
+    return f"every shard already written is complete and valid. {fix}, then rerun with --resume."
 
 
 @contextmanager

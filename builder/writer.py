@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .build_state import sidecar_path
-from .errors import Eagle3CacheError, NonFiniteOutput
-from .files import disk_full_error, is_disk_full, write_json_atomic
+from .errors import Eagle3CacheError, NonFiniteOutput, WriteFailed
+from .files import disk_full_error, is_disk_full, write_json_atomic, written_shards_stay_valid
 from .formats import merge_quality
 from .shards import HostWords, ShardWriter, column_encodings, encode_columns, shard_schema
 
@@ -121,6 +121,14 @@ def encode_row(sample: dict, tensors: dict[str, HostWords], tokens: tuple | None
     return row | tensors
 
 
+def shard_write_error(err: OSError) -> WriteFailed:
+    """A shard's write failed for a reason other than space; pyarrow's errors name the file in their text, not in `filename`."""
+    return WriteFailed(
+        f"writing {err.filename or 'a shard'} failed ({err.strerror or err}); "
+        + written_shards_stay_valid("Fix the cause (the folder's permissions, the disk or its file system)")
+    )
+
+
 class BackgroundWriter:
     """Owns the dispatch, encoder and writer threads. Protocol per shard: open_shard,
     (submit* end_window)*, close_shard."""
@@ -201,6 +209,8 @@ class BackgroundWriter:
             raise err
         if is_disk_full(err):
             raise disk_full_error(err) from err
+        if isinstance(err, OSError):  # the user's to fix (permissions, a failing disk); any other error is a bug
+            raise shard_write_error(err) from err
         raise RuntimeError(f"the shard writer failed: {err!r}") from err
 
     def _fail(self, err: BaseException) -> None:

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
-from helpers import batch_rows
+from helpers import batch_rows, says
 
 import builder.shards as shards_module
 from builder.build_state import sidecar_path
-from builder.errors import DiskFull
+from builder.errors import DiskFull, WriteFailed
 from builder.formats import TORCH_DTYPES, Layout
 from builder.reader import RowDecoder
 from builder.shards import PLANES_ZSTD, HostWords, column_encodings, encode_value
@@ -314,11 +314,31 @@ def test_a_failing_checksum_thread_surfaces_and_leaves_no_shard(tmp_path, monkey
 
     monkeypatch.setattr(shards_module, "FLUSH_BYTES", 1024)
     monkeypatch.setattr(shards_module, "_start_writeback", failing_in_the_second_shard)
-    with pytest.raises(RuntimeError, match=r"the shard writer failed: .*Input/output error"):
+    with pytest.raises(WriteFailed, match=says("(Input/output error)", "every shard already written is complete", "rerun with --resume")):
         write_shards(tmp_path, layout, shards, threads=2)
     assert failed and set(failed) == {"eagle3-shard-checksum"}
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["s0.parquet"]
     assert sorted(p.name for p in sidecar_path(tmp_path, "s0.parquet").parent.iterdir()) == ["s0.parquet.json"]
+    assert len(decoded_rows(tmp_path / "data" / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
+
+
+def test_a_shard_that_cannot_be_created_names_its_file_and_keeps_the_shards_before_it(tmp_path, monkeypatch):
+    """The data folder lost its write permission midway (or the disk fails): the error names the
+    file and says the shards already written stay valid, instead of a traceback."""
+    layout = LAYOUTS["probs"]
+    shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
+    real_os_file = shards_module.pa.OSFile
+
+    def denied_for_the_second_shard(path, mode="r"):  # as pyarrow reports it: the path in its text
+        if ".s1.parquet.tmp-" in str(path):
+            raise PermissionError(errno.EACCES, f"Failed to open local file '{path}'. Detail: [errno 13] Permission denied")
+        return real_os_file(path, mode)
+
+    monkeypatch.setattr(shards_module.pa, "OSFile", denied_for_the_second_shard)
+    names_the_file_and_what_stays = says(".s1.parquet.tmp-", "Permission denied", "every shard already written is complete", "--resume")
+    with pytest.raises(WriteFailed, match=names_the_file_and_what_stays):
+        write_shards(tmp_path, layout, shards, threads=2)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["s0.parquet"]
     assert len(decoded_rows(tmp_path / "data" / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
 
 
