@@ -290,20 +290,23 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
 
 
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
-    """`datasets` keys its Parquet cache by path and modification time, which `cp -p` or `rsync -a`
-    keep over new bytes: the cache goes in a folder of its own per content hash instead."""
+    """`datasets` keys its Parquet cache, and the rows' fingerprint, by path and modification time,
+    which `cp -p` or `rsync -a` keep over new bytes: the cache goes in a folder of its own per
+    content hash, and the content hash is the rows' fingerprint, which keys every cache made from
+    them (the tokenizing map)."""
     refuse_pattern_paths([Path(p).absolute() for p in files], "--input-data", InputError)
     _check_parquet_columns(files)
     features = _parquet_features(files)
     cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_inputs" / digest[:32])
     try:
-        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
         raise InputError(
             f"--input-data: Parquet files {', '.join(p.name for p in files)} cannot be read as one table "
             f"({_one_line(err.__cause__ or err)}); expected readable Parquet files of one schema: check that none is damaged "
             "or cut short, and rewrite them with one schema, or as JSON Lines"
         ) from None
+    return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=digest)
 
 
 def _parquet_features(files: list[Path]) -> datasets.Features | None:

@@ -410,3 +410,26 @@ def test_a_pretty_printed_json_object_is_refused_as_one_object(tmp_path):
     path.write_text(json.dumps({"version": 1, "data": conversations(3)}, indent=2))
     with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
         load_rows(str(path))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_file_rewritten_with_its_mtime_is_tokenized_anew(tmp_path, kind):
+    """The tokenizing map's cache follows the bytes the recorded content hash describes, not the
+    path and modification time `datasets` fingerprints Parquet files by."""
+    import os
+
+    first = conversations(6)
+    second = json.loads(json.dumps(first).replace("squared", "SQUARED"))
+
+    def tokens(path):
+        cfg = BuildConfig(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), seq_length=64)
+        return list(prepare(cfg).samples["input_ids"])
+
+    path = write_kind(kind, first, tmp_path / "input")
+    before = tokens(path)
+    stat = path.stat()
+    write_kind(kind, second, tmp_path / "input")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    expected = tokens(write_kind(kind, second, tmp_path / "fresh"))
+    assert expected != before
+    assert tokens(path) == expected
