@@ -140,8 +140,11 @@ def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
 
 def row_tools(row: dict) -> list[dict] | None:
     """The row's tool definitions for the template: a list of objects, or that list as a
-    JSON string (how JSONL and Parquet datasets usually store them); none or empty is None."""
+    JSON string (how JSONL and Parquet datasets usually store them); none, empty or a blank
+    string (LLaMA-Factory's rows without tools, as with `system`) is None."""
     tools = row.get("tools")
+    if isinstance(tools, str) and not tools.strip():
+        return None
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)

@@ -168,6 +168,8 @@ def test_a_turn_with_only_tool_calls_or_reasoning_is_supervisable():
         (None, None),
         ([], None),
         ("[]", None),
+        ("", None),  # LLaMA-Factory's rows without tools
+        (" \n", None),
         ([{"type": "function", "function": {"name": "f"}}], [{"type": "function", "function": {"name": "f"}}]),
         ('[{"type": "function", "function": {"name": "f"}}]', [{"type": "function", "function": {"name": "f"}}]),
     ],
