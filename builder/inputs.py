@@ -338,6 +338,14 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
         raise InputError(
             f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path"
         ) from None
+    except datasets.exceptions.DatasetGenerationError as err:  # `datasets` fails the whole load on one bad JSON line
+        cause = err.__cause__ or err
+        raise InputError(
+            f"--input-data: `datasets` cannot load Hub dataset {repo_id!r} ({type(cause).__name__}: {_one_line(cause)}); "
+            "expected data files it can read whole (one malformed JSON line fails the whole load): download them "
+            f"(`hf download {repo_id} --repo-type dataset --local-dir DIR`) and give DIR as --input-data, where JSON files "
+            "are read row by row and bad lines are skipped and counted"
+        ) from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import says
+from hub_server import TOKEN, hub_fixtures
 
 import builder.placement as placement_mod
 import builder.target as target_mod
@@ -18,6 +19,8 @@ from builder.conversations import SKIP_REASONS, normalize_row, parse_raw_row
 from builder.errors import BadRowError, InputError
 from builder.inputs import load_rows, select_rows
 from builder.prepare import prepare
+
+hub_server, hub = hub_fixtures()
 
 
 def sharegpt(i, turns):
@@ -433,3 +436,26 @@ def test_a_file_rewritten_with_its_mtime_is_tokenized_anew(tmp_path, kind):
     expected = tokens(write_kind(kind, second, tmp_path / "fresh"))
     assert expected != before
     assert tokens(path) == expected
+
+
+def test_a_hub_dataset_with_a_malformed_line_says_to_read_it_locally(hub):
+    """`datasets` fails the whole load of a Hub dataset on one bad JSON line; a local copy is read row by row."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/chats-one-bad-line", repo_type="dataset")
+    lines = valid_lines(3)
+    lines.insert(1, BAD_LINES["unparseable_json"])
+    api.upload_file(
+        path_or_fileobj=b"\n".join(lines) + b"\n", path_in_repo="train.jsonl", repo_id="tester/chats-one-bad-line", repo_type="dataset"
+    )
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--input-data: `datasets` cannot load Hub dataset 'tester/chats-one-bad-line'",
+            "JSON parse error",
+            "hf download tester/chats-one-bad-line --repo-type dataset --local-dir",
+            "skipped and counted",
+        ),
+    ):
+        load_rows("tester/chats-one-bad-line")
