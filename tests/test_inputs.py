@@ -223,6 +223,21 @@ def test_parquet_files_with_different_columns(tmp_path):
         load_rows(str(tmp_path / "pq"))
 
 
+@pytest.mark.parametrize("spec", ["folder", "file"])
+def test_a_parquet_file_cut_short_is_named(tmp_path, spec):
+    """An interrupted download or copy leaves a Parquet file without its footer."""
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    rows = arrow_rows(conversations(8))
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00001.parquet")
+    whole = (folder / "train-00001.parquet").read_bytes()
+    (folder / "train-00001.parquet").write_bytes(whole[: len(whole) // 2])
+    path = folder if spec == "folder" else folder / "train-00001.parquet"
+    with pytest.raises(InputError, match=says("--input-data", "train-00001.parquet", "not a readable Parquet file", "cut short")):
+        load_rows(str(path))
+
+
 def test_invalid_json_array(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"messages": []},\n  {"messages": ')
