@@ -8,12 +8,13 @@ role key of the other shape, the list's name decides (`conversations`: ShareGPT)
 What reaches the chat template follows NeMo Automodel's chat dataset, so that a cache
 supervises what its trainer would: an OpenAI message keeps its other fields
 (`reasoning_content`, `tool_calls`, `tool_call_id`, `name`, ...), with tool calls in the
-shape templates expect; a ShareGPT turn gives its role and text only, except LLaMA-Factory's
-`function_call` turn, an assistant tool call whose text is the call as JSON
-(`{"name", "arguments"}`, or a list of them), which becomes the message's `tool_calls`.
-A ShareGPT row's top-level `system` string (LLaMA-Factory's system prompt) opens the
-conversation as a system message unless a system turn already does. The row's `tools`
-(a list, or that list as a JSON string) is passed alongside. A field whose value is null
+shape templates expect (OpenAI's legacy `function_call` becomes one of them); a ShareGPT
+turn gives its role and text only, except LLaMA-Factory's `function_call` turn, an
+assistant tool call whose text is the call as JSON (`{"name", "arguments"}`, or a list of
+them), which becomes the message's `tool_calls`. A ShareGPT row's top-level `system`
+string (LLaMA-Factory's system prompt) opens the conversation as a system message unless a
+system turn already does. The row's `tools` (a list, or that list as a JSON string; a
+blank string is none) is passed alongside. A field whose value is null
 counts as absent: Arrow tables fill missing fields with nulls, and the same conversation
 must encode alike from JSON and from Parquet.
 
@@ -140,8 +141,11 @@ def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
 
 def row_tools(row: dict) -> list[dict] | None:
     """The row's tool definitions for the template: a list of objects, or that list as a
-    JSON string (how JSONL and Parquet datasets usually store them); none or empty is None."""
+    JSON string (how JSONL and Parquet datasets usually store them); none, empty or a blank
+    string (LLaMA-Factory's rows without tools, as with `system`) is None."""
     tools = row.get("tools")
+    if isinstance(tools, str) and not tools.strip():
+        return None
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
@@ -184,10 +188,27 @@ def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
             if "reasoning_content" in extra and not isinstance(extra["reasoning_content"], str):
                 found = type(extra["reasoning_content"]).__name__
                 raise BadRow("wrong_type", f"turn {index}: 'reasoning_content' must be a string, found {found}")
+            if "function_call" in extra:
+                extra = _with_function_call_as_tool_call(extra, index)
             if "tool_calls" in extra:
                 extra["tool_calls"] = _normalize_tool_calls(extra["tool_calls"], index)
         message.update(extra)
     return message
+
+
+def _with_function_call_as_tool_call(fields: dict[str, Any], index: int) -> dict[str, Any]:
+    """OpenAI's legacy `function_call` (`{"name", "arguments"}`) is one tool call: templates read
+    `tool_calls` only, and would render the turn empty."""
+    call = fields["function_call"]
+    if not isinstance(call, dict):
+        raise BadRow("wrong_type", f"""turn {index}: 'function_call' must be an object {{"name": ..., "arguments": ...}}, found {call!r}""")
+    if "tool_calls" in fields:
+        raise BadRow(
+            "wrong_type",
+            f"turn {index}: the assistant message has both 'function_call' (OpenAI's legacy form) and 'tool_calls'; expected one of them",
+        )
+    others = {k: v for k, v in fields.items() if k != "function_call"}
+    return {**others, "tool_calls": [{"function": call}]}
 
 
 def _tool_call_turn(value: Any, index: int) -> dict[str, Any]:

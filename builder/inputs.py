@@ -196,13 +196,28 @@ def _json_rows(files: list[str], content: str):
                         yield {"raw": line}  # bytes: invalid UTF-8 is judged per row, later
 
 
-def _check_parquet_columns(files: list[Path]) -> None:
-    """`datasets` cannot load Parquet files with different columns as one table; say which differ."""
+def _parquet_schemas(files: list[Path]) -> list:
+    """Each file's schema, from its footer: the part an interrupted download or copy loses first."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = pq.read_schema(files[0]).names
-    for path in files[1:]:
-        names = pq.read_schema(path).names
+    schemas = []
+    for path in files:
+        try:
+            schemas.append(pq.read_schema(path).remove_metadata())
+        except pa.ArrowException as err:
+            raise InputError(
+                f"--input-data: {path} is not a readable Parquet file ({_one_line(err)}); expected a whole Parquet file: "
+                "check that it is not damaged or cut short (an interrupted download or copy), and fetch or write it again"
+            ) from None
+    return schemas
+
+
+def _check_parquet_columns(files: list[Path], schemas: list) -> None:
+    """`datasets` cannot load Parquet files with different columns as one table; say which differ."""
+    first = schemas[0].names
+    for path, schema in zip(files[1:], schemas[1:]):
+        names = schema.names
         if sorted(names) != sorted(first):
             raise InputError(
                 f"--input-data: Parquet files {files[0].name} (columns {first}) and {path.name} (columns {names}) "
@@ -290,29 +305,31 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
 
 
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
-    """`datasets` keys its Parquet cache by path and modification time, which `cp -p` or `rsync -a`
-    keep over new bytes: the cache goes in a folder of its own per content hash instead."""
+    """`datasets` keys its Parquet cache, and the rows' fingerprint, by path and modification time,
+    which `cp -p` or `rsync -a` keep over new bytes: the cache goes in a folder of its own per
+    content hash, and the content hash is the rows' fingerprint, which keys every cache made from
+    them (the tokenizing map)."""
     refuse_pattern_paths([Path(p).absolute() for p in files], "--input-data", InputError)
-    _check_parquet_columns(files)
-    features = _parquet_features(files)
+    schemas = _parquet_schemas(files)
+    _check_parquet_columns(files, schemas)
+    features = _parquet_features(files, schemas)
     cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_inputs" / digest[:32])
     try:
-        return datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
+        ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
         raise InputError(
             f"--input-data: Parquet files {', '.join(p.name for p in files)} cannot be read as one table "
             f"({_one_line(err.__cause__ or err)}); expected readable Parquet files of one schema: check that none is damaged "
             "or cut short, and rewrite them with one schema, or as JSON Lines"
         ) from None
+    return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=digest)
 
 
-def _parquet_features(files: list[Path]) -> datasets.Features | None:
+def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | None:
     """One schema for Parquet parts written in chunks, whose nested structs differ (a `tool_calls`
     field only where a chunk had tool calls); None where every file has the same schema."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schemas = [pq.read_schema(p).remove_metadata() for p in files]
     if all(schema.equals(schemas[0]) for schema in schemas[1:]):
         return None
     for path, schema in zip(files[1:], schemas[1:]):
@@ -334,6 +351,14 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
     except datasets.exceptions.DatasetNotFoundError as err:
         raise InputError(
             f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path"
+        ) from None
+    except datasets.exceptions.DatasetGenerationError as err:  # `datasets` fails the whole load on one bad JSON line
+        cause = err.__cause__ or err
+        raise InputError(
+            f"--input-data: `datasets` cannot load Hub dataset {repo_id!r} ({type(cause).__name__}: {_one_line(cause)}); "
+            "expected data files it can read whole (one malformed JSON line fails the whole load): download them "
+            f"(`hf download {repo_id} --repo-type dataset --local-dir DIR`) and give DIR as --input-data, where JSON files "
+            "are read row by row and bad lines are skipped and counted"
         ) from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
         hint = (

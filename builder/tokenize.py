@@ -5,7 +5,8 @@ trainer would. Assistant tokens come from
 - the template's `{% generation %}` blocks (`return_assistant_tokens_mask`), or
 - for a template without them, token prefix lengths: turn `i` spans the tokens between
   the renderings of `messages[:i]` and `messages[:i+1]`, so it includes the role header
-  and whatever else the template writes for the turn (its end-of-turn tokens too).
+  and whatever else the template writes for the turn (its end-of-turn tokens too). A
+  leading assistant turn starts after what the template renders for no messages.
 
 Two options then take tokens out, whichever way the turns were found:
 - `mask_generation_prompt`: the tokens the generation prompt supplies at the start of a
@@ -94,9 +95,14 @@ class _Chat:
         self._prefixes: dict[int, list[int]] = {}
 
     def ids(self, messages, **template_kwargs) -> list[int]:
+        # transformers refuses to render no messages, yet that rendering (a BOS, a default system
+        # prompt) is where a leading assistant turn starts: a batch of one empty conversation
+        # renders it as the template writes it.
+        conversation = list(messages) or [[]]
         text = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tools=self.tools, tokenize=False, **template_kwargs
+            conversation, chat_template=self.template, tools=self.tools, tokenize=False, **template_kwargs
         )
+        text = text if messages else text[0]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prefix(self, messages, k: int) -> list[int]:
@@ -135,7 +141,7 @@ def _prefix_span_mask(messages, chat, ids, seq_length):
     def boundary(k: int) -> int:
         if k == len(messages):
             return len(ids)
-        prefix = chat.prefix(messages, k)
+        prefix = chat.prefix(messages, k) if k else _rendering_of_no_messages(chat, messages)
         if not chat.starts(prefix[:seq_length], window):
             raise BadRow(
                 "template_not_prefix_stable",
@@ -151,6 +157,19 @@ def _prefix_span_mask(messages, chat, ids, seq_length):
             for t in range(boundary(i), min(boundary(i + 1), len(ids))):
                 mask[t] = 1
     return mask
+
+
+def _rendering_of_no_messages(chat, messages) -> list[int]:
+    """What the template writes before any message, where a leading assistant turn starts."""
+    try:
+        return chat.prefix(messages, 0)
+    except Exception as err:  # templates that read messages[0] unguarded
+        raise BadRow(
+            "template_error",
+            f"the chat template cannot render no messages ({type(err).__name__}: {' '.join(str(err).split())}), so where "
+            "the leading assistant turn starts is unknown; pass --chat-template with a template that renders an empty "
+            "conversation or has {% generation %} blocks around assistant content",
+        ) from None
 
 
 def _window_of_extra_renderings(ids, seq_length):
@@ -179,7 +198,7 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
         except Exception:
             if i:
                 raise
-            continue  # a leading assistant turn: an empty conversation may not render at all
+            continue  # a leading assistant turn of a template that cannot render no messages: its header stays in the loss
         turn = ids[len(base) :]
         length = max(_appended_block_length(chat, base, prompt, turn) for prompt in prompts)
         positions.update(range(len(base), len(base) + length))

@@ -1,6 +1,7 @@
 """Row normalisation: ShareGPT and OpenAI rows -> messages, and every BadRow it raises."""
 
 import json
+import re
 
 import pytest
 
@@ -168,6 +169,8 @@ def test_a_turn_with_only_tool_calls_or_reasoning_is_supervisable():
         (None, None),
         ([], None),
         ("[]", None),
+        ("", None),  # LLaMA-Factory's rows without tools
+        (" \n", None),
         ([{"type": "function", "function": {"name": "f"}}], [{"type": "function", "function": {"name": "f"}}]),
         ('[{"type": "function", "function": {"name": "f"}}]', [{"type": "function", "function": {"name": "f"}}]),
     ],
@@ -267,6 +270,32 @@ def test_openai_developer_and_legacy_function_roles():
         {"role": "tool", "content": "1", "name": "f"},
         {"role": "assistant", "content": "yo"},
     ]
+
+
+def test_openai_legacy_function_call_is_a_tool_call():
+    call = {"name": "weather", "arguments": {"city": "Oslo"}}
+    row = {"messages": [{"role": "user", "content": "Rain?"}, {"role": "assistant", "content": None, "function_call": call}]}
+    assert normalize_row(row)[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}],
+    }
+
+
+@pytest.mark.parametrize(
+    "fields, detail",
+    [
+        ({"function_call": "auto"}, """turn 1: 'function_call' must be an object {"name": ..., "arguments": ...}, found 'auto'"""),
+        (
+            {"function_call": {"name": "a", "arguments": "{}"}, "tool_calls": [{"function": {"name": "b", "arguments": "{}"}}]},
+            "turn 1: the assistant message has both 'function_call' (OpenAI's legacy form) and 'tool_calls'; expected one of them",
+        ),
+    ],
+)
+def test_bad_openai_legacy_function_call(fields, detail):
+    row = {"messages": [{"role": "user", "content": "go"}, {"role": "assistant", "content": None, **fields}]}
+    with pytest.raises(BadRow, match=f"^wrong_type: {re.escape(detail)}"):
+        normalize_row(row)
 
 
 def test_llama_factory_function_call_and_observation():

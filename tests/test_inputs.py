@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import says
+from hub_server import TOKEN, hub_fixtures
 
 import builder.placement as placement_mod
 import builder.target as target_mod
@@ -18,6 +19,8 @@ from builder.conversations import SKIP_REASONS, normalize_row, parse_raw_row
 from builder.errors import BadRowError, InputError
 from builder.inputs import load_rows, select_rows
 from builder.prepare import prepare
+
+hub_server, hub = hub_fixtures()
 
 
 def sharegpt(i, turns):
@@ -220,6 +223,21 @@ def test_parquet_files_with_different_columns(tmp_path):
         load_rows(str(tmp_path / "pq"))
 
 
+@pytest.mark.parametrize("spec", ["folder", "file"])
+def test_a_parquet_file_cut_short_is_named(tmp_path, spec):
+    """An interrupted download or copy leaves a Parquet file without its footer."""
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    rows = arrow_rows(conversations(8))
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00001.parquet")
+    whole = (folder / "train-00001.parquet").read_bytes()
+    (folder / "train-00001.parquet").write_bytes(whole[: len(whole) // 2])
+    path = folder if spec == "folder" else folder / "train-00001.parquet"
+    with pytest.raises(InputError, match=says("--input-data", "train-00001.parquet", "not a readable Parquet file", "cut short")):
+        load_rows(str(path))
+
+
 def test_invalid_json_array(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"messages": []},\n  {"messages": ')
@@ -410,3 +428,49 @@ def test_a_pretty_printed_json_object_is_refused_as_one_object(tmp_path):
     path.write_text(json.dumps({"version": 1, "data": conversations(3)}, indent=2))
     with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
         load_rows(str(path))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_file_rewritten_with_its_mtime_is_tokenized_anew(tmp_path, kind):
+    """The tokenizing map's cache follows the bytes the recorded content hash describes, not the
+    path and modification time `datasets` fingerprints Parquet files by."""
+    import os
+
+    first = conversations(6)
+    second = json.loads(json.dumps(first).replace("squared", "SQUARED"))
+
+    def tokens(path):
+        cfg = BuildConfig(target_model="tiny-llama", input_data=str(path), output_dir=str(tmp_path / "out"), seq_length=64)
+        return list(prepare(cfg).samples["input_ids"])
+
+    path = write_kind(kind, first, tmp_path / "input")
+    before = tokens(path)
+    stat = path.stat()
+    write_kind(kind, second, tmp_path / "input")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    expected = tokens(write_kind(kind, second, tmp_path / "fresh"))
+    assert expected != before
+    assert tokens(path) == expected
+
+
+def test_a_hub_dataset_with_a_malformed_line_says_to_read_it_locally(hub):
+    """`datasets` fails the whole load of a Hub dataset on one bad JSON line; a local copy is read row by row."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/chats-one-bad-line", repo_type="dataset")
+    lines = valid_lines(3)
+    lines.insert(1, BAD_LINES["unparseable_json"])
+    api.upload_file(
+        path_or_fileobj=b"\n".join(lines) + b"\n", path_in_repo="train.jsonl", repo_id="tester/chats-one-bad-line", repo_type="dataset"
+    )
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--input-data: `datasets` cannot load Hub dataset 'tester/chats-one-bad-line'",
+            "JSON parse error",
+            "hf download tester/chats-one-bad-line --repo-type dataset --local-dir",
+            "skipped and counted",
+        ),
+    ):
+        load_rows("tester/chats-one-bad-line")

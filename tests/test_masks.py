@@ -270,6 +270,28 @@ def test_sharegpt_rows_give_role_and_text_and_pass_tools(tok):
     assert "dropped" not in tok.decode(ids)
 
 
+def test_openai_legacy_function_call_renders_as_the_tool_call(tok):
+    """OpenAI's legacy `function_call` and `function` role are the `tool_calls` and `tool` role templates read."""
+    legacy = {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Is it raining in Oslo?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"role": "function", "name": "get_weather", "content": '{"rain": true}'},
+            {"role": "assistant", "content": "Yes, it is raining."},
+        ],
+    }
+    tool_calls = json.loads(json.dumps(legacy))
+    tool_calls["messages"][1:3] = [
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": legacy["messages"][1]["function_call"]}]},
+        {"role": "tool", "name": "get_weather", "content": '{"rain": true}'},
+    ]
+    for template in (LLAMA3, CHATML):
+        ids, mask = encode_row(legacy, tok, template)
+        assert (ids, mask) == encode_row(tool_calls, tok, template)
+        assert '"name": "get_weather"' in tok.decode([t for t, m in zip(ids, mask) if m])
+
+
 # ---- templates that rewrite history: skipped and counted, or --strict ----------------------
 
 

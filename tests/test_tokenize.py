@@ -36,13 +36,20 @@ NO_SYSTEM = [
     {"role": "user", "content": "Say hi."},
     {"role": "assistant", "content": "Hi!"},
 ]
-CHATS = {"system_multi_turn": SYSTEM_MULTI_TURN, "with_tool": WITH_TOOL, "no_system": NO_SYSTEM}
+# A greeting before the user speaks: the turn starts after what the template renders for no messages (its BOS).
+ASSISTANT_FIRST = [
+    {"role": "assistant", "content": "Hello, how can I help?"},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hi!"},
+]
+CHATS = {"system_multi_turn": SYSTEM_MULTI_TURN, "with_tool": WITH_TOOL, "no_system": NO_SYSTEM, "assistant_first": ASSISTANT_FIRST}
 
 # Hand-written: the assistant texts; the loss mask selects, per contiguous masked run,
 ASSISTANT_TEXTS = {
     "system_multi_turn": ["42.", "49, one more seven."],
     "with_tool": ["Let me check the weather.", "Yes, it is raining in Oslo."],
     "no_system": ["Hi!"],
+    "assistant_first": ["Hello, how can I help?", "Hi!"],
 }
 # - with generation blocks: the text and <|end|> (what the block wraps);
 # - with prefix spans (NeMo Automodel's default): all the template writes for the turn, the
@@ -203,6 +210,23 @@ def test_template_not_prefix_stable(tok, template):
 def test_template_not_prefix_stable_names_the_turn(tok):
     with pytest.raises(BadRow, match=r"messages\[:2\]"):
         encode_messages(SYSTEM_MULTI_TURN, tok, LAST_MESSAGE_ONLY, 4096)
+
+
+READS_THE_FIRST_MESSAGE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>\nBe kind.<|end|>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_leading_assistant_turn_needs_a_template_that_renders_no_messages(tok):
+    """Where the turn starts is what the template writes before any message (here a default
+    system prompt): a template that cannot render no messages cannot say, so the row is skipped."""
+    with pytest.raises(BadRow, match=says("template_error", "leading assistant turn", "no messages", "{% generation %}")) as info:
+        encode_messages(ASSISTANT_FIRST, tok, READS_THE_FIRST_MESSAGE, 4096)
+    assert info.value.reason == "template_error"
+    ids, mask = encode_messages(NO_SYSTEM, tok, READS_THE_FIRST_MESSAGE, 4096)
+    assert masked_runs(tok, ids, mask) == ["<|assistant|>\nHi!<|end|>\n"]
 
 
 def test_template_of(tok):
