@@ -172,6 +172,7 @@ class Target:
         self.hidden_size = cfg.hidden_size
         self.head = model.get_output_embeddings()
         self.transform = head_transform_from(head_spec(model.config)) or (lambda logits: logits)
+        self.embedding_rows = model.get_input_embeddings().weight.shape[0]
         self._captured: dict[int, torch.Tensor] = {}
         layers = decoder_layers(model, cfg.num_hidden_layers)
         self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in self.aux_layer_ids]
@@ -199,6 +200,7 @@ class Target:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aux states `[B, T, A*H]` (concatenated in aux-id order) and the final hidden state `[B, T, H]`."""
         self._captured.clear()
+        input_ids = padding_in_table(input_ids, attention_mask, self.embedding_rows)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         # Layers may sit on different devices (a placed target): gather on the head's device.
         aux = torch.cat([self._captured[i].to(self.device) for i in self.aux_layer_ids], dim=-1)
@@ -280,6 +282,15 @@ class Target:
         if log_draft_mass:
             live["log_draft_mass"] = _joined(log_mass, n, rows.new_zeros(0, dtype=torch.float32))
         return live
+
+
+def padding_in_table(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """`input_ids` with every padded position past the embedding table set to id 0. Batches are padded
+    with the tokenizer's pad id, which lies past the table when a pad token was added to the tokenizer
+    without resizing the model's embeddings; padded positions are masked out, so any row serves, and
+    the build and `verify --recompute` both pass here, so both feed the same ids. Real tokens were
+    checked against the vocabulary before the weights loaded (`vocab.count_loss_tokens`)."""
+    return input_ids.masked_fill(attention_mask.eq(0) & input_ids.ge(rows), 0)
 
 
 def _joined(chunks: list[torch.Tensor], n: int, empty: torch.Tensor) -> torch.Tensor:
