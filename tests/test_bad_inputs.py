@@ -71,7 +71,9 @@ a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
 a folder resolves into splits and configurations, a byte-order mark, a lone surrogate
 escape and Parquet parts of differing nested schemas (test_input_splits.py); a
 template that is not prefix-stable (test_validation.py); --strict for every reason at
-the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason).
+the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason); a token id past
+the target's vocabulary, in a supervised turn or not (a tokenizer that does not match the
+model): error naming the row, before the weights load (test_vocab.py).
 """
 
 from __future__ import annotations
