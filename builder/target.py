@@ -120,15 +120,24 @@ def load_model(
 
 
 def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
-    """The decoder's layer list, wherever the architecture keeps it (`model.layers`, `language_model.layers`, ...)."""
+    """The decoder's layer list, found by its structure wherever the architecture keeps it: a ModuleList
+    of `num_layers` modules under the base model, whatever its name (`layers` for Llama and most others,
+    `language_model.layers` in multimodal wrappers, `h` for GPT-2, Falcon, Bloom, GPT-J and GPT-BigCode,
+    `blocks` for MPT). A list named `layers` comes first, as one of another name may be something else
+    kept per layer; then the shortest path, so that a vision encoder's list comes after the decoder's."""
+    base = model.base_model
     found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] == "layers"
+        (name, module) for name, module in base.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers
     ]
     if not found:
-        raise ValueError(f"could not find the {num_layers} decoder layers of {type(model).__name__}")
-    return min(found, key=lambda item: len(item[0]))[1]
+        lists = {name: len(module) for name, module in base.named_modules() if isinstance(module, torch.nn.ModuleList)}
+        raise InputError(
+            f"--target-model: expected the {num_layers} decoder layers of {type(model).__name__} (its config's num_hidden_layers) "
+            f"as one torch.nn.ModuleList of {num_layers} modules under its base model {type(base).__name__}, "
+            f"found {'ModuleLists ' + str(lists) if lists else 'no ModuleList'}: the builder hooks the aux layers there. "
+            "Use a target whose decoder keeps its layers in one list, as transformers' decoder-only models do"
+        )
+    return min(found, key=lambda item: (item[0].split(".")[-1] != "layers", item[0].count("."), len(item[0])))[1]
 
 
 # The logit terms transformers' *ForCausalLM.forward applies after lm_head, by the config key holding

@@ -136,3 +136,62 @@ def test_padding_past_the_embedding_table_becomes_id_0_and_everything_else_is_ke
     ids = torch.tensor([[5, 9, 7, 12], [8, 12, 12, 3]])
     attention = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     assert torch.equal(padding_in_table(ids, attention, 10), torch.tensor([[5, 9, 7, 0], [8, 0, 0, 3]]))
+
+
+def _family_configs():
+    from transformers import BloomConfig, FalconConfig, GPT2Config, GPTBigCodeConfig, GPTJConfig, LlamaConfig, MptConfig
+
+    tokens = dict(vocab_size=64, bos_token_id=0, eos_token_id=1)
+    return {
+        "llama": (LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, **tokens), "model.layers"),
+        "gpt2": (GPT2Config(n_embd=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "falcon": (FalconConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, **tokens), "transformer.h"),
+        "bloom": (BloomConfig(hidden_size=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "gptj": (GPTJConfig(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **tokens), "transformer.h"),
+        "gpt_bigcode": (GPTBigCodeConfig(n_embd=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "mpt": (MptConfig(d_model=32, n_layers=3, n_heads=4, **tokens), "transformer.blocks"),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "bloom", "gptj", "gpt_bigcode", "mpt"])
+def test_decoder_layers_are_found_by_structure_whatever_their_name(family):
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    config, path = _family_configs()[family]
+    model = meta_model(config)
+    assert decoder_layers(model, config.num_hidden_layers) is model.get_submodule(path)
+
+
+def test_decoder_layers_of_a_multimodal_wrapper_are_the_language_models_not_the_vision_encoders(tmp_path):
+    from tiny_targets import _config, tiny_tokenizer
+
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    config = _config("text_config", tiny_tokenizer())
+    config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers  # two lists of the same length
+    model = meta_model(config)
+    assert decoder_layers(model, config.text_config.num_hidden_layers) is model.get_submodule("model.language_model.layers")
+
+
+def test_a_decoder_without_a_list_of_its_layers_is_refused_with_what_was_looked_for():
+    from helpers import says
+    from tiny_targets import sequential_decoder_config
+
+    from builder.errors import InputError
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    model = meta_model(sequential_decoder_config(num_hidden_layers=4))
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--target-model",
+            "the 4 decoder layers of SequentialDecoderForCausalLM",
+            "ModuleList of 4 modules",
+            "SequentialDecoder",
+            "found no ModuleList",
+        ),
+    ):
+        decoder_layers(model, 4)
