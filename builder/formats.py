@@ -9,8 +9,9 @@ a reader turns them back into dense `target_probs` and aux states.
   target's `lm_head` rows stored under vocab/, so another draft vocabulary needs no rebuild.
 - `--aux-dtype fp8`: e4m3 with one fp32 scale per token.
 
-Builder and reader share `probs_from_hidden` and `decode_aux`, so the quality figures the build
-measures against the live target are exactly what a reader will see.
+Builder and reader share `probs_from_hidden` and `decode_aux`, and the build measures its quality
+figures against the live target after the casts a default read applies (fp8 aux states decoded
+to bf16, rebuilt probs cast to the cache's dtype), so they are exactly what a default read gives.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def encode_aux(aux: torch.Tensor, aux_dtype: str) -> dict[str, torch.Tensor]:
         return {"aux_hidden_states": aux.to(TORCH_DTYPES[aux_dtype])}
     scales = (aux.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     return {"aux_hidden_states": (aux.float() / scales.unsqueeze(-1)).to(torch.float8_e4m3fn), "aux_scales": scales}
+
+
+def default_read_aux_dtype(aux_dtype: str) -> torch.dtype:
+    """What `load_cache` decodes stored aux states to unless given `aux_dtype=`: bf16 for fp8, else the stored dtype."""
+    return torch.bfloat16 if aux_dtype == "fp8" else TORCH_DTYPES[aux_dtype]
 
 
 def decode_aux(stored: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -237,11 +243,12 @@ def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_ro
 
 def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None, transform=None) -> dict:
     """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card.
-    Computed without a device synchronisation (no data-dependent shapes or branches)."""
+    Computed without a device synchronisation (no data-dependent shapes or branches). The largest
+    differences are those of a default read: aux states and rebuilt probs in the dtypes it yields."""
     stats = {}
     if layout.aux_dtype == "fp8":
-        rebuilt = decode_aux(encoded["aux_hidden_states"], encoded["aux_scales"], torch.float32)
-        per_token = (rebuilt - live["aux"].float()).abs().amax(dim=-1)
+        read = decode_aux(encoded["aux_hidden_states"], encoded["aux_scales"], default_read_aux_dtype(layout.aux_dtype))
+        per_token = (read.float() - live["aux"].float()).abs().amax(dim=-1)
         stats["aux_max_abs_diff"] = torch.where(live["attention"].bool(), per_token, 0.0).amax()  # real tokens; 0 if none
     if layout.target_format == "topk":
         kept = encoded["topk_logprobs"].float().exp().sum(-1)
@@ -258,7 +265,7 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None,
         }
     if layout.target_format == "hidden":
         rebuilt = probs_from_hidden(encoded["final_hidden"].flatten(0, 1).index_select(0, live["loss_positions"]), draft_rows, transform)
-        diff = (rebuilt - live["probs"]).abs()
+        diff = (rebuilt.to(TORCH_DTYPES[layout.dtype]).float() - live["probs"]).abs()
         stats["probs_max_abs_diff"] = diff.max() if diff.numel() else torch.zeros(())
     return stats
 

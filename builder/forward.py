@@ -186,6 +186,8 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], head: Hea
     columns = layout.columns()
     per_loss = frozenset(name for name, spec in columns.items() if spec["per"] == "loss")
     log_mass = "log_draft_mass" in columns
+    # The manifest records this id for `verify --recompute`; one past the embedding table (a pad token the
+    # tokenizer added without resizing the model) becomes id 0 in Target.forward, for both.
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
         samples = [window[i] for i in positions]

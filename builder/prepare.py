@@ -74,6 +74,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     tokenizer = load_tokenizer(model_path, cfg.target_revision, cfg.trust_remote_code, config=model_config)
     num_layers = text_config(model_config).num_hidden_layers
     aux_layer_ids = resolve_aux_layer_ids(cfg.aux_layer_ids, num_layers)
+    check_decoder_layers(model_config, cfg.trust_remote_code)
     template = template_of(tokenizer, read_template_file(cfg.chat_template) if cfg.chat_template else None)
 
     rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
@@ -129,18 +130,36 @@ def check_context_length(cfg: BuildConfig, model_config, samples: datasets.Datas
     )
 
 
+def weightless_target(model_config, trust_remote_code: bool, purpose: str):
+    """The target's module tree on the meta device, or None where it cannot be built here (it is then
+    not refused on a guess: what `purpose` looks for is checked once the weights load, or not at all)."""
+    from .placement import meta_model
+
+    try:
+        return meta_model(model_config, trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - only decides whether a check runs before the weights load
+        log.debug("could not build the target on the meta device to %s: %r", purpose, err)
+        return None
+
+
+def check_decoder_layers(model_config, trust_remote_code: bool) -> None:
+    """Refuse, before the input or the weights load, a target whose decoder layers (where the aux
+    states are captured) cannot be found."""
+    from .target import decoder_layers
+
+    model = weightless_target(model_config, trust_remote_code, "find its decoder layers")
+    if model is not None:
+        decoder_layers(model, text_config(model_config).num_hidden_layers)
+
+
 def has_position_table(model_config, context: int, trust_remote_code: bool) -> bool:
     """Learned absolute positions (OPT, GPT-2): an embedding table of about `context` rows beside the
     token embeddings, found in a weightless copy of the model. Rotary, ALiBi and state-space models
     have none; a model that cannot be built here is not refused on a guess."""
     import torch
 
-    from .placement import meta_model
-
-    try:
-        model = meta_model(model_config, trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - only decides between a refusal and a warning
-        log.debug("could not build the target on the meta device to look for a position table: %r", err)
+    model = weightless_target(model_config, trust_remote_code, "look for a position table")
+    if model is None:
         return False
     vocab = text_config(model_config).vocab_size
     tables = (m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab)

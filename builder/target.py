@@ -120,15 +120,24 @@ def load_model(
 
 
 def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
-    """The decoder's layer list, wherever the architecture keeps it (`model.layers`, `language_model.layers`, ...)."""
+    """The decoder's layer list, found by its structure wherever the architecture keeps it: a ModuleList
+    of `num_layers` modules under the base model, whatever its name (`layers` for Llama and most others,
+    `language_model.layers` in multimodal wrappers, `h` for GPT-2, Falcon, Bloom, GPT-J and GPT-BigCode,
+    `blocks` for MPT). A list named `layers` comes first, as one of another name may be something else
+    kept per layer; then the shortest path, so that a vision encoder's list comes after the decoder's."""
+    base = model.base_model
     found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name.split(".")[-1] == "layers"
+        (name, module) for name, module in base.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers
     ]
     if not found:
-        raise ValueError(f"could not find the {num_layers} decoder layers of {type(model).__name__}")
-    return min(found, key=lambda item: len(item[0]))[1]
+        lists = {name: len(module) for name, module in base.named_modules() if isinstance(module, torch.nn.ModuleList)}
+        raise InputError(
+            f"--target-model: expected the {num_layers} decoder layers of {type(model).__name__} (its config's num_hidden_layers) "
+            f"as one torch.nn.ModuleList of {num_layers} modules under its base model {type(base).__name__}, "
+            f"found {'ModuleLists ' + str(lists) if lists else 'no ModuleList'}: the builder hooks the aux layers there. "
+            "Use a target whose decoder keeps its layers in one list, as transformers' decoder-only models do"
+        )
+    return min(found, key=lambda item: (item[0].split(".")[-1] != "layers", item[0].count("."), len(item[0])))[1]
 
 
 # The logit terms transformers' *ForCausalLM.forward applies after lm_head, by the config key holding
@@ -172,6 +181,7 @@ class Target:
         self.hidden_size = cfg.hidden_size
         self.head = model.get_output_embeddings()
         self.transform = head_transform_from(head_spec(model.config)) or (lambda logits: logits)
+        self.embedding_rows = model.get_input_embeddings().weight.shape[0]
         self._captured: dict[int, torch.Tensor] = {}
         layers = decoder_layers(model, cfg.num_hidden_layers)
         self._hooks = [layers[i].register_forward_hook(self._capture_hook(i)) for i in self.aux_layer_ids]
@@ -199,6 +209,7 @@ class Target:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Aux states `[B, T, A*H]` (concatenated in aux-id order) and the final hidden state `[B, T, H]`."""
         self._captured.clear()
+        input_ids = padding_in_table(input_ids, attention_mask, self.embedding_rows)
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         # Layers may sit on different devices (a placed target): gather on the head's device.
         aux = torch.cat([self._captured[i].to(self.device) for i in self.aux_layer_ids], dim=-1)
@@ -280,6 +291,15 @@ class Target:
         if log_draft_mass:
             live["log_draft_mass"] = _joined(log_mass, n, rows.new_zeros(0, dtype=torch.float32))
         return live
+
+
+def padding_in_table(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """`input_ids` with every padded position past the embedding table set to id 0. Batches are padded
+    with the tokenizer's pad id, which lies past the table when a pad token was added to the tokenizer
+    without resizing the model's embeddings; padded positions are masked out, so any row serves, and
+    the build and `verify --recompute` both pass here, so both feed the same ids. Real tokens were
+    checked against the vocabulary before the weights loaded (`vocab.count_loss_tokens`)."""
+    return input_ids.masked_fill(attention_mask.eq(0) & input_ids.ge(rows), 0)
 
 
 def _joined(chunks: list[torch.Tensor], n: int, empty: torch.Tensor) -> torch.Tensor:

@@ -18,21 +18,35 @@ from .errors import InputError
 
 
 def count_loss_tokens(samples, vocab_size: int) -> np.ndarray:
-    """Counts `[V]` of every loss-masked token over the (valid) tokenized samples."""
+    """Counts `[V]` of every loss-masked token over the (valid) tokenized samples. Every token id,
+    supervised or not, is checked against the vocabulary on the way: an id past the embedding table
+    would stop the forward after the weights load, maybe after shards were written."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     table = samples.with_format("arrow")
     for batch in table.iter(batch_size=4096):
         ids = pc.list_flatten(batch["input_ids"]).to_numpy(zero_copy_only=False)
+        check_in_vocabulary(batch, ids, vocab_size)
         mask = pc.list_flatten(batch["loss_mask"]).to_numpy(zero_copy_only=False).astype(bool)
-        masked = ids[mask]
-        if masked.size and masked.max() >= vocab_size:
-            raise InputError(
-                f"--target-model: token id {int(masked.max())} is outside the target's vocabulary of {vocab_size} "
-                f"(vocab_size in its config.json; expected ids 0..{vocab_size - 1}): the tokenizer does not match the "
-                "target model. Use the tokenizer files of the model the config and weights come from"
-            )
-        counts += np.bincount(masked, minlength=vocab_size)
+        counts += np.bincount(ids[mask], minlength=vocab_size)
     return counts
+
+
+def check_in_vocabulary(batch, ids: np.ndarray, vocab_size: int) -> None:
+    """Refuse (InputError) the first sample of `batch` holding an id outside 0..vocab_size-1; `ids`:
+    its flattened `input_ids`."""
+    outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if not len(outside):
+        return
+    first = int(outside[0])
+    row = int(pc.list_parent_indices(batch["input_ids"]).to_numpy()[first])
+    source_index, sample_id = batch["source_index"][row].as_py(), batch["sample_id"][row].as_py()
+    raise InputError(
+        f"--target-model: input row {source_index} (id {sample_id!r}) holds token id {int(ids[first])}, outside the target's "
+        f"vocabulary of {vocab_size} (vocab_size in its config.json; expected ids 0..{vocab_size - 1}): the tokenizer does "
+        "not match the target model (tokens added to the tokenizer without resizing the model's embeddings, or another "
+        "model's tokenizer). Use the tokenizer files of the model the config and weights come from, or resize the model's "
+        "embeddings to the tokenizer and save it"
+    )
 
 
 def special_token_ids(tokenizer, vocab_size: int) -> list[int]:

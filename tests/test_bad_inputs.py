@@ -64,6 +64,9 @@ Each case, its outcome and the test that shows it:
   test_input_flags_that_cannot_apply (load level: test_input_splits.py)
 - a data folder of train and test files: --split builds that split alone, recorded in the manifest.
   test_split_of_a_data_folder_is_built_alone
+- a target whose decoder layers are not one list of modules (found by structure, whatever the
+  name: `layers`, GPT-2's `h`, MPT's `blocks`): error before any data loads.
+  test_a_target_whose_decoder_layers_are_not_one_list_is_refused_before_anything_loads
 
 Related, tested elsewhere: a JSON array file that is not valid JSON, a missing path,
 a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
@@ -71,7 +74,9 @@ a wrong suffix, mixed Parquet/JSON and Parquet files with different columns
 a folder resolves into splits and configurations, a byte-order mark, a lone surrogate
 escape and Parquet parts of differing nested schemas (test_input_splits.py); a
 template that is not prefix-stable (test_validation.py); --strict for every reason at
-the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason).
+the prepare() level (test_inputs.py::test_strict_names_the_row_and_reason); a token id past
+the target's vocabulary, in a supervised turn or not (a tokenizer that does not match the
+model): error naming the row, before the weights load (test_vocab.py).
 """
 
 from __future__ import annotations
@@ -745,3 +750,18 @@ def test_topk_larger_than_the_resolved_draft_vocab_is_refused(tmp_path, capsys, 
     code, stdout, err = cli(capsys, *argv, "--input-data", "sample-chats", "--max-samples", "4", "--output-dir", str(out))
     line = assert_clean_error(code, stdout, err, r"^error: --topk: expected at most the draft vocabulary size", out)
     assert source in line and "got 2000" in line and f"Lower --topk to {vd} or less" in line
+
+
+def test_a_target_whose_decoder_layers_are_not_one_list_is_refused_before_anything_loads(tmp_path, capsys, no_data):
+    """The aux states are hooked on the decoder's layer list, found by its structure under the base model:
+    a target without one is refused from a weightless copy, before the input or the weights load."""
+    from tiny_targets import sequential_decoder_config
+
+    target = config_only_target(tmp_path / "sequential", sequential_decoder_config())
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, *COMMON, "--target-model", str(target), "--input-data", "sample-chats", "--output-dir", str(out))
+    line = assert_clean_error(
+        code, stdout, err, r"^error: --target-model: expected the 8 decoder layers of SequentialDecoderForCausalLM", out
+    )
+    assert "one torch.nn.ModuleList of 8 modules under its base model SequentialDecoder, found no ModuleList" in line
+    assert "Use a target whose decoder keeps its layers in one list" in line

@@ -98,3 +98,100 @@ def test_supervise_gives_empty_outputs_of_the_right_shapes_when_no_row_is_superv
     want_mass = torch.logsumexp(logits.index_select(-1, selected), -1) - torch.logsumexp(logits, -1)
     assert torch.equal(live["log_draft_mass"], want_mass)
     target.close()
+
+
+def test_a_pad_token_past_the_embedding_table_pads_like_one_inside_it_in_the_build_and_its_recompute(tmp_path):
+    """A pad token added to the tokenizer without resizing the model's embeddings: batches that need
+    padding still run, their rows equal those of a build padded with an id inside the table, and
+    `verify --recompute` rebuilds them from the pad id the manifest records."""
+    import shutil
+
+    from helpers import assert_same_content, decoded_rows, small_config
+    from transformers import AutoConfig, AutoTokenizer
+
+    from builder.build import build
+    from builder.embedded import EMBEDDED_TARGETS
+    from builder.reader import read_manifest
+    from builder.verify import verify_cache
+
+    target = shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], tmp_path / "target")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(target)
+    pad_id = AutoTokenizer.from_pretrained(target).pad_token_id
+    assert pad_id >= AutoConfig.from_pretrained(target).vocab_size
+    # Batches of 3 samples of unequal lengths (96 tokens would cut every sample to one length); the whole
+    # vocabulary as the draft's, which the pad id would otherwise join as a special token in one build only.
+    settings = dict(seq_length=256, draft_vocab_size=None)
+    past = build(small_config(tmp_path / "past", target, **settings), progress=False).output_dir
+    inside = build(small_config(tmp_path / "inside", **settings), progress=False).output_dir
+    assert read_manifest(past)["build"]["pad_token_id"] == pad_id
+    assert_same_content(decoded_rows(past), decoded_rows(inside))
+    assert verify_cache(past, recompute=14) == []
+
+
+def test_padding_past_the_embedding_table_becomes_id_0_and_everything_else_is_kept():
+    from builder.target import padding_in_table
+
+    ids = torch.tensor([[5, 9, 7, 12], [8, 12, 12, 3]])
+    attention = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert torch.equal(padding_in_table(ids, attention, 10), torch.tensor([[5, 9, 7, 0], [8, 0, 0, 3]]))
+
+
+def _family_configs():
+    from transformers import BloomConfig, FalconConfig, GPT2Config, GPTBigCodeConfig, GPTJConfig, LlamaConfig, MptConfig
+
+    tokens = dict(vocab_size=64, bos_token_id=0, eos_token_id=1)
+    return {
+        "llama": (LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, **tokens), "model.layers"),
+        "gpt2": (GPT2Config(n_embd=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "falcon": (FalconConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, **tokens), "transformer.h"),
+        "bloom": (BloomConfig(hidden_size=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "gptj": (GPTJConfig(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, **tokens), "transformer.h"),
+        "gpt_bigcode": (GPTBigCodeConfig(n_embd=32, n_layer=3, n_head=4, **tokens), "transformer.h"),
+        "mpt": (MptConfig(d_model=32, n_layers=3, n_heads=4, **tokens), "transformer.blocks"),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "bloom", "gptj", "gpt_bigcode", "mpt"])
+def test_decoder_layers_are_found_by_structure_whatever_their_name(family):
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    config, path = _family_configs()[family]
+    model = meta_model(config)
+    assert decoder_layers(model, config.num_hidden_layers) is model.get_submodule(path)
+
+
+def test_decoder_layers_of_a_multimodal_wrapper_are_the_language_models_not_the_vision_encoders(tmp_path):
+    from tiny_targets import _config, tiny_tokenizer
+
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    config = _config("text_config", tiny_tokenizer())
+    config.vision_config.num_hidden_layers = config.text_config.num_hidden_layers  # two lists of the same length
+    model = meta_model(config)
+    assert decoder_layers(model, config.text_config.num_hidden_layers) is model.get_submodule("model.language_model.layers")
+
+
+def test_a_decoder_without_a_list_of_its_layers_is_refused_with_what_was_looked_for():
+    from helpers import says
+    from tiny_targets import sequential_decoder_config
+
+    from builder.errors import InputError
+    from builder.placement import meta_model
+    from builder.target import decoder_layers
+
+    model = meta_model(sequential_decoder_config(num_hidden_layers=4))
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--target-model",
+            "the 4 decoder layers of SequentialDecoderForCausalLM",
+            "ModuleList of 4 modules",
+            "SequentialDecoder",
+            "found no ModuleList",
+        ),
+    ):
+        decoder_layers(model, 4)

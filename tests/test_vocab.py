@@ -122,11 +122,26 @@ def test_count_loss_tokens_on_a_selection_and_across_batches():
     assert count_loss_tokens(ds.select([]), 8).tolist() == [0] * 8
 
 
-def test_count_loss_tokens_rejects_ids_outside_the_vocab():
-    ds = samples([[1, 9]], [[1, 1]])
-    with pytest.raises(InputError, match=says("--target-model", "token id 9", "vocabulary of 8", "ids 0..7", "tokenizer does not match")):
-        count_loss_tokens(ds, 8)
-    assert count_loss_tokens(samples([[1, 9]], [[1, 0]]), 8).tolist() == [0, 1, 0, 0, 0, 0, 0, 0]  # unmasked: not counted
+@pytest.mark.parametrize("supervised", [True, False], ids=["loss_masked", "unmasked"])
+def test_count_loss_tokens_rejects_ids_outside_the_vocab_and_names_the_sample(supervised):
+    """An id past the table stops the forward whether or not its turn is supervised."""
+    ids, masks = [[1, 2], [3, 4], [5, 6]] * 2000, [[1, 1], [0, 1], [1, 0]] * 2000
+    ids[5000], masks[5000] = [3, 9, 12], [0, int(supervised), 1]  # in the second 4096-row batch; 12 is not the first
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--target-model",
+            "input row 5000 (id '5000')",
+            "token id 9",
+            "vocabulary of 8",
+            "ids 0..7",
+            "tokenizer does not match",
+            "resize",
+        ),
+    ):
+        count_loss_tokens(samples(ids, masks), 8)
+    with pytest.raises(InputError, match=says("input row 5000 (id '5000')", "token id 9")):
+        count_loss_tokens(samples(ids, masks).select([4, 5000, 1]), 8)
 
 
 # ---- through prepare(): the whole input, not a shard ------------------------------------------
@@ -175,6 +190,40 @@ def test_cli_refuses_a_tokenizer_beyond_the_config_vocab(tmp_path, capsys):
     args = ["build", "--dry-run", "--target-model", str(target), "--input-data", "sample-chats", "--max-samples", "3", "--quiet"]
     assert main([*args, "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --target-model: token id ") and "Traceback" not in err
+    assert err.startswith("error: --target-model: input row ") and "Traceback" not in err
     assert "outside the target's vocabulary of 40 (vocab_size in its config.json; expected ids 0..39)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_token_the_tokenizer_added_in_an_unsupervised_turn_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    """A special token added to the tokenizer without resizing the model, in a user turn only: no loss
+    token is past the vocabulary, yet the forward would index past the embedding table."""
+    from transformers import AutoTokenizer
+
+    import builder.placement as placement_mod
+    import builder.target as target_mod
+
+    target = shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], tmp_path / "target")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    tokenizer.save_pretrained(target)
+    extra = tokenizer.convert_tokens_to_ids("<extra>")
+    assert extra == json.loads((target / "config.json").read_text())["vocab_size"]
+    chats = tmp_path / "chats.jsonl"
+    rows = [("fine", "hi there"), ("extra", "hi <extra> there")]
+    chats.write_text(
+        "".join(
+            json.dumps({"id": i, "conversations": [{"from": "human", "value": v}, {"from": "gpt", "value": "hello"}]}) + "\n"
+            for i, v in rows
+        )
+    )
+    for module in (target_mod, placement_mod):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model weights loaded"))
+    args = ["build", "--target-model", str(target), "--input-data", str(chats), "--quiet", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --target-model: input row 1 (id 'extra') holds token id {extra}, outside the target's vocabulary of {extra} "
+    )
+    assert "Traceback" not in err and "resize the model's embeddings" in err
     assert not (tmp_path / "out").exists()

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     Gemma3Config,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
     PretrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -41,6 +44,7 @@ ARCHITECTURES = (
     "mixtral",
     "text_config",
     "llama_tied",
+    "gpt2",
 )
 NUM_LAYERS = 8  # the default aux layers [1, N//2-1, N-4] are distinct from 7 on
 HIDDEN = 64
@@ -85,6 +89,13 @@ def _gemma3_config(tok) -> Gemma3Config:
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=False)
 
 
+def _gpt2_config(tok) -> GPT2Config:
+    # Its decoder layers sit in `transformer.h`, not in a list named `layers`; learned positions.
+    text = _text_settings(tok)
+    tokens = {k: text[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")}
+    return GPT2Config(n_embd=HIDDEN, n_layer=NUM_LAYERS, n_head=4, n_positions=text["max_position_embeddings"], **tokens)
+
+
 def _config(arch: str, tok) -> PretrainedConfig:
     moe = dict(num_experts_per_tok=2)
     builders = {
@@ -96,6 +107,7 @@ def _config(arch: str, tok) -> PretrainedConfig:
         "qwen3_moe": lambda: Qwen3MoeConfig(**_text_settings(tok, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=1, **moe)),
         "mixtral": lambda: MixtralConfig(**_text_settings(tok, num_local_experts=4, **moe)),
         "text_config": lambda: _gemma3_config(tok),
+        "gpt2": lambda: _gpt2_config(tok),
     }
     if arch not in builders:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {ARCHITECTURES}")
@@ -134,3 +146,38 @@ def make_tiny_target(directory: Path, arch: str, *, seed: int = 0, generation_te
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+class SequentialDecoderConfig(PretrainedConfig):
+    model_type = "eagle3_cache_sequential_decoder"
+
+    def __init__(self, vocab_size=1024, hidden_size=16, num_hidden_layers=NUM_LAYERS, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class SequentialDecoder(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        width = config.hidden_size
+        self.blocks = torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(config.num_hidden_layers)))
+
+
+class SequentialDecoderForCausalLM(PreTrainedModel):
+    config_class = SequentialDecoderConfig
+    base_model_prefix = "decoder"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.decoder = SequentialDecoder(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+def sequential_decoder_config(**settings) -> SequentialDecoderConfig:
+    """The config of an architecture, registered with transformers' Auto classes, whose decoder keeps
+    its layers in a torch.nn.Sequential, not a ModuleList: there is no list of layers to hook."""
+    AutoConfig.register(SequentialDecoderConfig.model_type, SequentialDecoderConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SequentialDecoderConfig, SequentialDecoderForCausalLM, exist_ok=True)
+    return SequentialDecoderConfig(**settings)
