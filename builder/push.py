@@ -22,7 +22,6 @@ it from the cache's card.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import re
@@ -238,13 +237,13 @@ class HubPusher:
         return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=[f"{t.prefix}data/{n}" for n in stale])
 
     def _commit_card(self, cache_dir: Path, manifest: dict, expected: dict, attempts: int = 3) -> tuple[str, list[str]]:
-        """The final commit, on top of the branch head it was prepared from (`parent_commit`): if the
-        branch moved meanwhile (another config's push, or our own commit whose answer was lost),
-        everything is recomputed from the new head and committed again (a no-op if nothing changed)."""
+        """The final commit, on top of the branch head its shards were checked at: if the branch moved
+        meanwhile (another config's push, or our own commit whose answer was lost), everything is
+        checked again at the new head and committed again (a no-op if nothing changed)."""
         t = self.target
         message = f"eagle3-cache: {t.config or 'cache'} {manifest['fingerprint']}" + (f" (tag {t.tag})" if t.tag else "")
         removed: set[str] = set()  # reported even when the commit that removed them lost its answer
-        for attempt in range(attempts):
+        for _ in range(attempts):
             head = self.head()
             root_data, root_exists = self._root_card_data(head)
             self._check_layout(root_data, root_exists)
@@ -252,14 +251,14 @@ class HubPusher:
             self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
             stale = sorted(name for name in remote if name not in expected and is_shard_name(name))
             removed.update(stale)
-            commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
-            try:
-                return self._call("commit card", commit), sorted(removed)
-            except HubError as err:
-                if http_status(err.__cause__) != 412 or attempt == attempts - 1:
-                    raise
-                log.warning("%s moved while committing the card; retrying on top of it", t.branch)
-        raise AssertionError("unreachable")
+            commit = self._commit_on(head, cache_dir, manifest, stale, root_data if root_exists else None, message)
+            if commit is not None:
+                return commit, sorted(removed)
+            log.warning("%s moved while committing the card; checking it again on top of the new head", t.branch)
+        raise HubError(
+            f"committing the card to {t.repo_id}@{t.branch}: the branch moved {attempts} times while pushing (someone else "
+            "is committing to it); re-run the push once they are done, and it goes on top of their commits."
+        )
 
     def _check_shards_present(self, expected: dict[str, str], remote: dict[str, str]) -> None:
         t = self.target
@@ -271,13 +270,35 @@ class HubPusher:
                 "shards present locally), and push one cache to a branch and config at a time."
             )
 
-    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
+    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str | None:
+        """The card's commit on top of `head`, the commit its shards were checked at; None when the
+        branch moved away from `head` first, and nothing was committed."""
         t = self.target
-        operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
-        info = self.api.create_commit(
-            t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
-        )
-        return info.oid
+
+        def commit():
+            operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
+            return self.api.create_commit(
+                t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
+            ).oid
+
+        try:
+            oid = self._call("commit card", commit)
+        except HubError as err:
+            if http_status(err.__cause__) == 412:  # refused: the branch is no longer at `head`
+                return None
+            raise
+        return oid if self._made_on(oid, head, message) else None
+
+    def _made_on(self, oid: str, head: str, message: str) -> bool:
+        """Whether the commit a card commit answered with is `head` itself or our new commit on top of it.
+        When no file changed the client sends nothing and answers with the branch's head as it is now,
+        whatever `parent_commit` said: possibly a commit someone else made on `head` after our checks,
+        told from ours by its title."""
+        if oid == head:
+            return True
+        t = self.target
+        history = self._call("list commits", lambda: self.api.list_repo_commits(t.repo_id, repo_type=REPO_TYPE, revision=oid))
+        return len(history) > 1 and history[0].title == message and history[1].commit_id == head
 
     def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete

@@ -590,3 +590,49 @@ def test_a_shard_replaced_while_the_card_is_committed_is_never_tagged(hub, v1, m
         push(v1, "tester/raced", tag="v1")
     assert ("POST", "/api/datasets/tester/raced/commit/main", 412) in hub.requests("POST")  # the card's commit, refused
     assert "v1" not in hub.repo("tester/raced").tags and "README.md" not in hub.files_at("tester/raced", "main")
+
+
+def test_a_re_run_whose_card_commit_has_nothing_new_never_tags_a_shard_replaced_meanwhile(hub, v1, monkeypatch):
+    """A re-run after the tag step failed finds its card already on the branch: the client then sends
+    no commit and answers with the branch's head as it is now, which another push may have moved."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    hub.add_fault("POST", r"/tag/", status=502, times=None)
+    with pytest.raises(HubError, match="create tag on tester/noop-card failed"):
+        push(v1, "tester/noop-card", tag="v1")
+    hub.clear_faults()
+    assert "README.md" in hub.files_at("tester/noop-card", "main") and "v1" not in hub.repo("tester/noop-card").tags
+
+    api, real_commit, raced = HfApi(endpoint=hub.url, token=TOKEN), push_module.HubPusher._commit_on, []
+
+    def another_push_lands_first(self, head, *args, **kwargs):  # between our shard check and our card commit
+        if not raced:
+            ours = CommitOperationAdd("data/train-00000-of-00004.parquet", b"theirs")
+            raced.append(api.create_commit("tester/noop-card", [ours], commit_message="another push", repo_type="dataset").oid)
+        return real_commit(self, head, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_on", another_push_lands_first)
+    with pytest.raises(HubError, match=r"1 shard\(s\) of this cache are not on the branch, or were replaced there \(train-00000-of-00004"):
+        push(v1, "tester/noop-card", tag="v1")
+    assert "v1" not in hub.repo("tester/noop-card").tags
+    assert hub.repo("tester/noop-card").branches["main"] == raced[0]  # nothing committed on top of theirs
+
+
+def test_a_branch_that_keeps_moving_under_the_card_commit_is_reported(hub, v1, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    api, real_commit, others = HfApi(endpoint=hub.url, token=TOKEN), push_module.HubPusher._commit_on, []
+
+    def another_commit_lands_first(self, head, *args, **kwargs):
+        others.append(CommitOperationAdd(f"notes/{len(others)}.txt", b"theirs"))
+        api.create_commit("tester/busy", [others[-1]], commit_message="their notes", repo_type="dataset")
+        return real_commit(self, head, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_on", another_commit_lands_first)
+    with pytest.raises(HubError, match=r"tester/busy@main: the branch moved 3 times while pushing .* re-run the push once they are done"):
+        push(v1, "tester/busy", tag="v1")
+    assert len(others) == 3 and "v1" not in hub.repo("tester/busy").tags and "README.md" not in hub.files_at("tester/busy", "main")
