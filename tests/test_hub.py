@@ -636,3 +636,36 @@ def test_a_branch_that_keeps_moving_under_the_card_commit_is_reported(hub, v1, m
     with pytest.raises(HubError, match=r"tester/busy@main: the branch moved 3 times while pushing .* re-run the push once they are done"):
         push(v1, "tester/busy", tag="v1")
     assert len(others) == 3 and "v1" not in hub.repo("tester/busy").tags and "README.md" not in hub.files_at("tester/busy", "main")
+
+
+def test_a_push_publishes_only_the_cache_and_a_later_version_removes_the_files_it_no_longer_has(hub, v1, tmp_path):
+    from builder.card import existing_pictures
+
+    hidden = build(small_config(tmp_path / "hidden", target_format="hidden", max_samples=8), progress=False).output_dir
+    (hidden / "build.log").write_text("run by alice@node-7\n")  # e.g. `eagle3-cache build ... | tee caches/x/build.log`
+    (hidden / "nemo").mkdir()
+    (hidden / "nemo" / "target_embeddings.safetensors").write_bytes(b"the target's input-embedding table")
+    (hidden / "vocab" / "vocab.safetensors.bak").write_bytes(b"a copy kept by hand")
+    push(hidden, "tester/only-cache", tag="hidden")
+    pictures = {path for path, _ in existing_pictures(hidden)}
+    assert len(pictures) == 2
+    expected = {".gitattributes", "README.md", "vocab/vocab.safetensors", "vocab/lm_head.safetensors", *pictures}
+    assert set(hub.files_at("tester/only-cache", "hidden")) - set(data_files(hub, "tester/only-cache", "hidden")) == expected
+    files_of_hidden = hub.files_at("tester/only-cache", "hidden")
+
+    # A topk version replaces it: the hidden cache's head rows leave the branch with its shards; its tag keeps them.
+    second = push(v1, "tester/only-cache", tag="topk")
+    assert "vocab/lm_head.safetensors" in second.deleted and "vocab/lm_head.safetensors" not in hub.files_at("tester/only-cache", "topk")
+    assert set(hub.files_at("tester/only-cache", "topk")) - set(data_files(hub, "tester/only-cache", "topk")) == expected - {
+        "vocab/lm_head.safetensors"
+    }
+    assert hub.files_at("tester/only-cache", "hidden") == files_of_hidden
+    assert_same_content(list(load_cache("tester/only-cache", revision="topk", layout="raw")), decoded_rows(v1))
+
+
+def test_a_push_is_refused_before_any_upload_when_the_cache_misses_a_file_its_manifest_names(hub, tmp_path):
+    cache = build(small_config(tmp_path / "cache", max_samples=4), progress=False).output_dir
+    (cache / "vocab" / "vocab.safetensors").unlink()
+    with pytest.raises(HubError, match=r"vocab\.safetensors: the manifest names this file, but the cache folder does not hold it\. Run"):
+        push(cache, "tester/no-vocab", tag="v1")
+    assert data_files(hub, "tester/no-vocab", "main") == [] and hub.state.bytes_uploaded == 0
