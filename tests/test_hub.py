@@ -372,6 +372,37 @@ def test_expect_passes_on_matching_settings_and_names_each_mismatch(hub, pushed_
         load_cache(v1, expect={"aux_layers": [1]})  # local caches are checked the same way
 
 
+# skip 0: the revision's look-up fails; 1: `datasets`' own, as it opens the shards. "Retry-After: 0" asks for no wait at all.
+@pytest.mark.parametrize("skip,status,wait", [(0, 429, "7"), (1, 503, "7"), (0, 503, "0")])
+def test_a_transient_answer_while_opening_is_retried_after_the_wait_it_asks_for(hub, v1, monkeypatch, skip, status, wait):
+    import types
+
+    import builder.hub as hub_module
+
+    repo = f"tester/opening-{skip}-{status}-{wait}"  # a commit `datasets` has not opened yet (it keeps what it learnt of one)
+    push(v1, repo, tag="v1")
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    busy = hub.add_fault("GET", rf"/api/datasets/{repo}/revision/", status=status, skip=skip, headers={"Retry-After": wait})
+    assert len(list(load_cache(repo, revision="v1", layout="raw", columns=["sample_id"], retry=FAST))) == 14
+    assert busy.fired == 1 and waits == [float(wait)]
+
+
+def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, monkeypatch):
+    import types
+
+    import builder.hub as hub_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    with pytest.raises(HubError, match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. Pass one of them"):
+        load_cache(pushed_v1, revision="v9", retry=Retry(retries=3))
+    assert waits == [] and len(hub.requests("GET", r"/revision/v9")) == 1
+    with pytest.raises(HubError, match=r"tester/missing: no local directory of that name, and no dataset repo on"):
+        load_cache("tester/missing", retry=Retry(retries=3))
+    assert waits == []
+
+
 # ---- access, arguments, command line ------------------------------------------------------------
 
 
