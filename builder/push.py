@@ -59,7 +59,7 @@ class PushTarget:
     branch: str = "main"
     tag: str | None = None
     private: bool = False
-    token: str | None = None  # None: HF_TOKEN or the saved login
+    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or the saved login; never in logs or tracebacks
 
     @property
     def prefix(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_card import data_prefix
@@ -18,7 +18,7 @@ class CacheSource:
     prefix: str  # the config's folder ("" for a cache at the root)
     name: str | None
     commit: str | None = None  # Hub only
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     @property
     def on_hub(self) -> bool:

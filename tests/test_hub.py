@@ -435,6 +435,14 @@ def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
     assert not hub.requests()
 
 
+def test_a_token_never_shows_in_the_repr_of_a_target_or_a_source():
+    from builder.source import CacheSource
+
+    target, source = PushTarget("tester/x", token="hf_secret_value"), CacheSource("tester/x", "", None, "0" * 40, "hf_secret_value")
+    assert "hf_secret_value" not in repr(target) and "tester/x" in repr(target)
+    assert "hf_secret_value" not in repr(source) and "tester/x" in repr(source)
+
+
 def test_offline_mode_is_reported_and_not_retried(v1):  # no `hub` fixture: HF_HUB_OFFLINE=1 (conftest)
     with pytest.raises(HubError, match="no local directory of that name.*offline mode is enabled"):
         load_cache("tester/nowhere")
