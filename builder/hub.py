@@ -8,6 +8,7 @@ anything else fails at once with what to do. Pushing a cache is `builder.push`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -110,7 +111,7 @@ def explain(err: BaseException, what: str, repo_id: str) -> HubError:
     elif status == 412:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
     elif is_transient(err):
-        hint = f"the Hub kept failing ({err}); the push resumes where it stopped: re-run the same command"
+        hint = f"the Hub kept failing ({err}); re-run the same command once it answers again (a push resumes where it stopped)"
     else:
         hint = str(err)
     return HubError(f"{what} on {repo_id} failed: {hint}")
@@ -129,16 +130,22 @@ class Retry:
         """How long a failure may last before it is given up (without Retry-After answers)."""
         return sum(self.wait(attempt) for attempt in range(self.retries))
 
-    def __call__(self, what: str, fn, repo_id: str = ""):
+    def __call__(self, what: str, fn, repo_id: str = "", *, explain_permanent: bool = True):
+        """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
+        transient, is raised as a `HubError` saying what to do (`explain_permanent=False`: one that
+        is not transient is raised as it is, for callers whose errors already say it)."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
             except (HubError, FileNotFoundError):  # already clear, or an answer ("no such file"), not a failure
                 raise
             except Exception as err:  # noqa: BLE001 - classified right below
+                if not is_transient(err) and not explain_permanent:
+                    raise
                 if not is_transient(err) or attempt == self.retries:
                     raise explain(err, what, repo_id) from err
-                wait = retry_after(err) or self.wait(attempt)
+                wait = retry_after(err)
+                wait = self.wait(attempt) if wait is None else wait  # "Retry-After: 0" means now
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
                 time.sleep(wait)
 
@@ -146,12 +153,18 @@ class Retry:
 # ---- reading ------------------------------------------------------------------------------
 
 
-def resolve_commit(repo_id: str, revision: str | None = None, token: str | None = None) -> str:
+def resolve_commit(repo_id: str, revision: str | None = None, token: str | None = None, retry: Retry | None = None) -> str:
     """The commit a revision (branch, tag or commit) points at now: pin every read to it so the
-    card, the vocab and the shards all come from one version even if the branch moves."""
+    card, the vocab and the shards all come from one version even if the branch moves. A transient
+    failure is retried (`retry`, else the default), so one 429 or 503 does not stop a training start."""
+    api = hub_api(token)
+    look_up = functools.partial(_commit_of, api, repo_id, revision)
+    return (retry or Retry())(f"look up revision {revision or 'main'!r}", look_up, repo_id, explain_permanent=False)
+
+
+def _commit_of(api, repo_id: str, revision: str | None) -> str:
     from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
-    api = hub_api(token)
     try:
         return api.dataset_info(repo_id, revision=revision).sha
     except OfflineModeIsEnabled:
@@ -165,7 +178,7 @@ def resolve_commit(repo_id: str, revision: str | None = None, token: str | None 
             "(or it is private and no token with access is set: set HF_TOKEN)"
         ) from None
     except RevisionNotFoundError:
-        refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+        refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)  # a transient failure here retries the whole look-up
         known = [b.name for b in refs.branches] + [t.name for t in refs.tags]
         raise HubError(f"{repo_id}: no revision {revision!r}; branches and tags: {known}. Pass one of them as revision=.") from None
 

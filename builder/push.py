@@ -11,8 +11,10 @@ Versions. Shards go up first, in commits of a few shards each (a re-run skips ev
 already on the branch with the right sha256, so an interrupted push resumes). The manifest
 checksums shards with a fast hash; the sha256 the Hub keys LFS files by is computed by the
 client as it uploads a shard and recorded in the shard's build record (`shard_sha256`). The card,
-vocab and pictures follow in one final commit that also deletes data files left over from
-an earlier version; only after that commit succeeded is the tag created, pointing at it.
+vocab (and a `hidden` cache's head rows) and pictures follow in one final commit that also
+deletes the shards, vocab and picture files left over from an earlier version; nothing else in
+the cache folder is published (`card_files`). Only after that commit succeeded is the tag
+created, pointing at it.
 A tag therefore never names a half-uploaded version, and an earlier tag keeps its content.
 
 Uploads use `create_commit` (never `Dataset.push_to_hub`: it rewrites the split and cannot
@@ -22,26 +24,28 @@ it from the cache's card.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from dataset_card import data_prefix, index_entry, index_from_card_data, render_card, render_index_card
+from dataset_card.pictures import PICTURES
 
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
 from .hub import NAME_PATTERN, REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
-from .manifest import CARD_KEY, INDEX_KEY, card_data_of, read_manifest, recorded_checksum
+from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
 from .shards import is_shard_name
 
 log = logging.getLogger(__name__)
 
+# Every file a push may publish besides the shards and the card (relative to the config's folder)
+PUBLISHED_NAMES = (VOCAB_FILE, LM_HEAD_FILE, *(path for path, _ in PICTURES.values()))
 SHARDS_PER_COMMIT = 8  # few commits (the Hub rate-limits them) yet small steps to resume from
 RESERVED_CONFIG_NAMES = frozenset({"default", "data", "vocab", "images"})
 
@@ -55,7 +59,7 @@ class PushTarget:
     branch: str = "main"
     tag: str | None = None
     private: bool = False
-    token: str | None = None  # None: HF_TOKEN or the saved login
+    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or the saved login; never in logs or tracebacks
 
     @property
     def prefix(self) -> str:
@@ -100,7 +104,7 @@ class PushResult:
     commit: str
     uploaded: list[str] = field(default_factory=list)  # shard names sent by this run
     skipped: list[str] = field(default_factory=list)  # shard names already on the branch
-    deleted: list[str] = field(default_factory=list)  # stale data files removed from the branch
+    deleted: list[str] = field(default_factory=list)  # stale files (shards, vocab, pictures) removed from the branch
 
     def load_snippet(self) -> str:
         from dataset_card.render import load_arguments
@@ -108,17 +112,24 @@ class PushResult:
         return f"builder.load_cache({load_arguments(self.repo_id, self.config, self.tag or self.branch)}, streaming=True)"
 
 
-def _card_files(cache_dir: Path) -> list[Path]:
-    """What the final commit carries besides the card: vocab, pictures (never data, hidden state or temp files)."""
-    out = []
-    for path in sorted(cache_dir.rglob("*")):
-        relative = path.relative_to(cache_dir)
-        if not path.is_file() or relative.parts[0] == "data" or relative.as_posix() == "README.md":
-            continue
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        out.append(path)
-    return out
+def card_files(cache_dir: Path, manifest: dict) -> list[str]:
+    """What the final commit carries besides the card, relative to the cache folder: the vocab, a
+    `hidden` cache's head rows, the card's pictures. Nothing else the folder holds (logs, backups,
+    exports, build state) is ever published."""
+    head_rows = manifest.get("lm_head_file")
+    if head_rows and head_rows["path"] != LM_HEAD_FILE:
+        raise HubError(
+            f"{cache_dir}: the manifest names {head_rows['path']!r} as the file of the head rows; expected {LM_HEAD_FILE!r}, "
+            "where builds write it. The card was edited after the build: build the cache again, then push."
+        )
+    named = [VOCAB_FILE] + ([LM_HEAD_FILE] if head_rows else [])
+    for relative in named:
+        if not (cache_dir / relative).is_file():
+            raise HubError(
+                f"{cache_dir / relative}: the manifest names this file, but the cache folder does not hold it. "
+                "Run the same build again with --resume to write it, then push."
+            )
+    return named + [path for path, _ in existing_pictures(cache_dir)]
 
 
 class HubPusher:
@@ -227,39 +238,56 @@ class HubPusher:
         return shas
 
     def finish(self, cache_dir: Path, manifest: dict, known: dict[str, str] | None = None) -> PushResult:
-        """Final commit (card, vocab, pictures; stale data files deleted), then the tag.
+        """Final commit (card, vocab, pictures; stale files of an earlier version deleted), then the tag.
         `known`: {shard name: sha256} already computed (by the uploads of this run)."""
         t = self.target
         known = known or {}
         expected = {s["name"]: known.get(s["name"]) or shard_sha256(cache_dir, s["name"]) for s in manifest["shards"]}
-        commit, stale = self._commit_card(cache_dir, with_shard_sha256(manifest, expected), expected)
+        commit, deleted = self._commit_card(cache_dir, with_shard_sha256(manifest, expected), expected)
         if t.tag is not None:
             self._call("create tag", lambda: self._create_tag(commit))
-        return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=[f"{t.prefix}data/{n}" for n in stale])
+        return PushResult(t.repo_id, t.config, t.branch, t.tag, commit, deleted=deleted)
 
     def _commit_card(self, cache_dir: Path, manifest: dict, expected: dict, attempts: int = 3) -> tuple[str, list[str]]:
-        """The final commit, on top of the branch head it was prepared from (`parent_commit`): if the
-        branch moved meanwhile (another config's push, or our own commit whose answer was lost),
-        everything is recomputed from the new head and committed again (a no-op if nothing changed)."""
+        """The final commit, on top of the branch head its shards were checked at: if the branch moved
+        meanwhile (another config's push, or our own commit whose answer was lost), everything is
+        checked again at the new head and committed again (a no-op if nothing changed)."""
         t = self.target
         message = f"eagle3-cache: {t.config or 'cache'} {manifest['fingerprint']}" + (f" (tag {t.tag})" if t.tag else "")
         removed: set[str] = set()  # reported even when the commit that removed them lost its answer
-        for attempt in range(attempts):
+        for _ in range(attempts):
             head = self.head()
             root_data, root_exists = self._root_card_data(head)
             self._check_layout(root_data, root_exists)
             remote = self.remote_shards(head)
             self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
-            stale = sorted(name for name in remote if name not in expected and is_shard_name(name))
+            stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
+            stale += self._stale_card_files(head, card_files(cache_dir, manifest), root_data)
             removed.update(stale)
-            commit = functools.partial(self._commit_on, head, cache_dir, manifest, stale, root_data if root_exists else None, message)
-            try:
-                return self._call("commit card", commit), sorted(removed)
-            except HubError as err:
-                if http_status(err.__cause__) != 412 or attempt == attempts - 1:
-                    raise
-                log.warning("%s moved while committing the card; retrying on top of it", t.branch)
-        raise AssertionError("unreachable")
+            commit = self._commit_on(head, cache_dir, manifest, stale, root_data if root_exists else None, message)
+            if commit is not None:
+                return commit, sorted(removed)
+            log.warning("%s moved while committing the card; checking it again on top of the new head", t.branch)
+        raise HubError(
+            f"committing the card to {t.repo_id}@{t.branch}: the branch moved {attempts} times while pushing (someone else "
+            "is committing to it); re-run the push once they are done, and it goes on top of their commits."
+        )
+
+    def _stale_card_files(self, head: str, published: list[str], root_data: dict) -> list[str]:
+        """Vocab and picture files an earlier version of this cache published that this version does
+        not (a `hidden` cache's head rows, a picture no longer drawn): deleted with the stale shards,
+        so the branch holds one version's files. Only files of the names a push writes, and only
+        where an eagle3-cache card already describes the folder: a repo's other data is never touched."""
+        t = self.target
+        owned = CARD_KEY in root_data if t.config is None else t.config in index_from_card_data(root_data)
+        unused = {f"{t.prefix}{relative}" for relative in PUBLISHED_NAMES} - {f"{t.prefix}{relative}" for relative in published}
+        if not owned or not unused:
+            return []
+        found: list[str] = []
+        for folder in sorted({PurePosixPath(relative).parts[0] for relative in PUBLISHED_NAMES}):
+            where = f"{t.prefix}{folder}/"
+            found += self._call("list files", lambda where=where: remote_files(self.api, t.repo_id, head, where))
+        return sorted(unused.intersection(found))
 
     def _check_shards_present(self, expected: dict[str, str], remote: dict[str, str]) -> None:
         t = self.target
@@ -271,20 +299,42 @@ class HubPusher:
                 "shards present locally), and push one cache to a branch and config at a time."
             )
 
-    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str:
+    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str | None:
+        """The card's commit on top of `head`, the commit its shards were checked at; None when the
+        branch moved away from `head` first, and nothing was committed."""
         t = self.target
-        operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
-        info = self.api.create_commit(
-            t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
-        )
-        return info.oid
+
+        def commit():
+            operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
+            return self.api.create_commit(
+                t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
+            ).oid
+
+        try:
+            oid = self._call("commit card", commit)
+        except HubError as err:
+            if http_status(err.__cause__) == 412:  # refused: the branch is no longer at `head`
+                return None
+            raise
+        return oid if self._made_on(oid, head, message) else None
+
+    def _made_on(self, oid: str, head: str, message: str) -> bool:
+        """Whether the commit a card commit answered with is `head` itself or our new commit on top of it.
+        When no file changed the client sends nothing and answers with the branch's head as it is now,
+        whatever `parent_commit` said: possibly a commit someone else made on `head` after our checks,
+        told from ours by its title."""
+        if oid == head:
+            return True
+        t = self.target
+        history = self._call("list commits", lambda: self.api.list_repo_commits(t.repo_id, repo_type=REPO_TYPE, revision=oid))
+        return len(history) > 1 and history[0].title == message and history[1].commit_id == head
 
     def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         t = self.target
-        ops = [CommitOperationDelete(path_in_repo=f"{t.prefix}data/{name}") for name in stale]
-        ops += [CommitOperationAdd(f"{t.prefix}{p.relative_to(cache_dir).as_posix()}", str(p)) for p in _card_files(cache_dir)]
+        ops = [CommitOperationDelete(path_in_repo=path) for path in stale]
+        ops += [CommitOperationAdd(f"{t.prefix}{relative}", str(cache_dir / relative)) for relative in card_files(cache_dir, manifest)]
         ops.append(CommitOperationAdd(f"{t.prefix}README.md", self.card_text(cache_dir, manifest).encode()))
         if t.config is not None:  # the root card indexes every config
             index = index_from_card_data(root_data) if root_data is not None else {}
@@ -351,6 +401,7 @@ def push_cache(
         return PushResult(
             target.repo_id, target.config, target.branch, target.tag, pusher.tag_commit(), skipped=[s["name"] for s in manifest["shards"]]
         )
+    card_files(cache_dir, manifest)  # every file the final commit needs is here, before the first upload
     remote = pusher.remote_shards()
     pending, skipped, known = [], [], {}
     for shard in manifest["shards"]:

@@ -822,9 +822,17 @@ def _arrow_cache_dir(manifest: dict) -> str:
 
 
 def _load_rows(
-    source: CacheSource, split: str, streaming: bool, columns: list[str] | None, block_size: int | None, cache_dir: str | None = None
+    source: CacheSource,
+    split: str,
+    streaming: bool,
+    columns: list[str] | None,
+    block_size: int | None,
+    cache_dir: str | None = None,
+    retry=None,
 ):
     import datasets
+
+    from .hub import Retry
 
     kwargs: dict = {"split": split, "streaming": streaming}
     if cache_dir is not None and not streaming:
@@ -840,7 +848,11 @@ def _load_rows(
         refuse_pattern_paths({os.path.abspath(where), where.resolve().as_posix()}, "load_cache")
     if streaming and not source.on_hub:
         kwargs["fragment_scan_options"] = local_scan_options()  # what datasets reads with if it cannot be memory-mapped
-    hf = datasets.load_dataset(source.location, source.name, **kwargs)
+    load = functools.partial(datasets.load_dataset, source.location, source.name, **kwargs)
+    if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
+        hf = (retry or Retry())("open the shards", load, source.location, explain_permanent=False)
+    else:
+        hf = load()
     if streaming and not source.on_hub:
         memory_map_local_shards(hf)
     return hf
@@ -909,13 +921,14 @@ def load_cache(
     `shuffle_buffer`: streaming shuffle (shard order per epoch + rows permuted in windows of that
     many rows), seeded by `seed`; call `set_epoch` each epoch. Map-style datasets are shuffled
     fully instead. Streaming datasets resume mid-epoch (`state_dict`/`load_state_dict`) and
-    reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`).
+    reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`, which
+    also retries a transient failure while the cache is opened on the Hub).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
-    source = open_source(location, revision=revision, name=name, token=token)
+    source = open_source(location, revision=revision, name=name, token=token, retry=retry)
     manifest = _manifest_of(source)
     if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
         raise ValueError(
@@ -928,7 +941,7 @@ def load_cache(
     check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
     wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
-    hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest))
+    hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
     hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
     if shuffle_buffer and not streaming:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_card import data_prefix
@@ -18,7 +18,7 @@ class CacheSource:
     prefix: str  # the config's folder ("" for a cache at the root)
     name: str | None
     commit: str | None = None  # Hub only
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     @property
     def on_hub(self) -> bool:
@@ -34,9 +34,12 @@ class CacheSource:
         return f"{where} (config {self.name})" if self.name else where
 
 
-def open_source(location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None) -> CacheSource:
+def open_source(
+    location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None, retry=None
+) -> CacheSource:
+    """`retry`: a `builder.hub.Retry` for the Hub's answer (None: the default)."""
     if is_hub_location(location):
-        commit = resolve_commit(str(location), revision, token)
+        commit = resolve_commit(str(location), revision, token, retry)
         return CacheSource(str(location), data_prefix(name), name, commit, token)
     if revision is not None:
         raise ValueError(f"revision={revision!r}: only a Hub repo id has revisions, {location} is a local path")

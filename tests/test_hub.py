@@ -372,6 +372,37 @@ def test_expect_passes_on_matching_settings_and_names_each_mismatch(hub, pushed_
         load_cache(v1, expect={"aux_layers": [1]})  # local caches are checked the same way
 
 
+# skip 0: the revision's look-up fails; 1: `datasets`' own, as it opens the shards. "Retry-After: 0" asks for no wait at all.
+@pytest.mark.parametrize("skip,status,wait", [(0, 429, "7"), (1, 503, "7"), (0, 503, "0")])
+def test_a_transient_answer_while_opening_is_retried_after_the_wait_it_asks_for(hub, v1, monkeypatch, skip, status, wait):
+    import types
+
+    import builder.hub as hub_module
+
+    repo = f"tester/opening-{skip}-{status}-{wait}"  # a commit `datasets` has not opened yet (it keeps what it learnt of one)
+    push(v1, repo, tag="v1")
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    busy = hub.add_fault("GET", rf"/api/datasets/{repo}/revision/", status=status, skip=skip, headers={"Retry-After": wait})
+    assert len(list(load_cache(repo, revision="v1", layout="raw", columns=["sample_id"], retry=FAST))) == 14
+    assert busy.fired == 1 and waits == [float(wait)]
+
+
+def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, monkeypatch):
+    import types
+
+    import builder.hub as hub_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    with pytest.raises(HubError, match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. Pass one of them"):
+        load_cache(pushed_v1, revision="v9", retry=Retry(retries=3))
+    assert waits == [] and len(hub.requests("GET", r"/revision/v9")) == 1
+    with pytest.raises(HubError, match=r"tester/missing: no local directory of that name, and no dataset repo on"):
+        load_cache("tester/missing", retry=Retry(retries=3))
+    assert waits == []
+
+
 # ---- access, arguments, command line ------------------------------------------------------------
 
 
@@ -402,6 +433,14 @@ def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="no README.md"):
         push_cache(tmp_path, PushTarget("tester/x", token=TOKEN))
     assert not hub.requests()
+
+
+def test_a_token_never_shows_in_the_repr_of_a_target_or_a_source():
+    from builder.source import CacheSource
+
+    target, source = PushTarget("tester/x", token="hf_secret_value"), CacheSource("tester/x", "", None, "0" * 40, "hf_secret_value")
+    assert "hf_secret_value" not in repr(target) and "tester/x" in repr(target)
+    assert "hf_secret_value" not in repr(source) and "tester/x" in repr(source)
 
 
 def test_offline_mode_is_reported_and_not_retried(v1):  # no `hub` fixture: HF_HUB_OFFLINE=1 (conftest)
@@ -590,3 +629,82 @@ def test_a_shard_replaced_while_the_card_is_committed_is_never_tagged(hub, v1, m
         push(v1, "tester/raced", tag="v1")
     assert ("POST", "/api/datasets/tester/raced/commit/main", 412) in hub.requests("POST")  # the card's commit, refused
     assert "v1" not in hub.repo("tester/raced").tags and "README.md" not in hub.files_at("tester/raced", "main")
+
+
+def test_a_re_run_whose_card_commit_has_nothing_new_never_tags_a_shard_replaced_meanwhile(hub, v1, monkeypatch):
+    """A re-run after the tag step failed finds its card already on the branch: the client then sends
+    no commit and answers with the branch's head as it is now, which another push may have moved."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    hub.add_fault("POST", r"/tag/", status=502, times=None)
+    with pytest.raises(HubError, match="create tag on tester/noop-card failed"):
+        push(v1, "tester/noop-card", tag="v1")
+    hub.clear_faults()
+    assert "README.md" in hub.files_at("tester/noop-card", "main") and "v1" not in hub.repo("tester/noop-card").tags
+
+    api, real_commit, raced = HfApi(endpoint=hub.url, token=TOKEN), push_module.HubPusher._commit_on, []
+
+    def another_push_lands_first(self, head, *args, **kwargs):  # between our shard check and our card commit
+        if not raced:
+            ours = CommitOperationAdd("data/train-00000-of-00004.parquet", b"theirs")
+            raced.append(api.create_commit("tester/noop-card", [ours], commit_message="another push", repo_type="dataset").oid)
+        return real_commit(self, head, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_on", another_push_lands_first)
+    with pytest.raises(HubError, match=r"1 shard\(s\) of this cache are not on the branch, or were replaced there \(train-00000-of-00004"):
+        push(v1, "tester/noop-card", tag="v1")
+    assert "v1" not in hub.repo("tester/noop-card").tags
+    assert hub.repo("tester/noop-card").branches["main"] == raced[0]  # nothing committed on top of theirs
+
+
+def test_a_branch_that_keeps_moving_under_the_card_commit_is_reported(hub, v1, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    api, real_commit, others = HfApi(endpoint=hub.url, token=TOKEN), push_module.HubPusher._commit_on, []
+
+    def another_commit_lands_first(self, head, *args, **kwargs):
+        others.append(CommitOperationAdd(f"notes/{len(others)}.txt", b"theirs"))
+        api.create_commit("tester/busy", [others[-1]], commit_message="their notes", repo_type="dataset")
+        return real_commit(self, head, *args, **kwargs)
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_on", another_commit_lands_first)
+    with pytest.raises(HubError, match=r"tester/busy@main: the branch moved 3 times while pushing .* re-run the push once they are done"):
+        push(v1, "tester/busy", tag="v1")
+    assert len(others) == 3 and "v1" not in hub.repo("tester/busy").tags and "README.md" not in hub.files_at("tester/busy", "main")
+
+
+def test_a_push_publishes_only_the_cache_and_a_later_version_removes_the_files_it_no_longer_has(hub, v1, tmp_path):
+    from builder.card import existing_pictures
+
+    hidden = build(small_config(tmp_path / "hidden", target_format="hidden", max_samples=8), progress=False).output_dir
+    (hidden / "build.log").write_text("run by alice@node-7\n")  # e.g. `eagle3-cache build ... | tee caches/x/build.log`
+    (hidden / "nemo").mkdir()
+    (hidden / "nemo" / "target_embeddings.safetensors").write_bytes(b"the target's input-embedding table")
+    (hidden / "vocab" / "vocab.safetensors.bak").write_bytes(b"a copy kept by hand")
+    push(hidden, "tester/only-cache", tag="hidden")
+    pictures = {path for path, _ in existing_pictures(hidden)}
+    assert len(pictures) == 2
+    expected = {".gitattributes", "README.md", "vocab/vocab.safetensors", "vocab/lm_head.safetensors", *pictures}
+    assert set(hub.files_at("tester/only-cache", "hidden")) - set(data_files(hub, "tester/only-cache", "hidden")) == expected
+    files_of_hidden = hub.files_at("tester/only-cache", "hidden")
+
+    # A topk version replaces it: the hidden cache's head rows leave the branch with its shards; its tag keeps them.
+    second = push(v1, "tester/only-cache", tag="topk")
+    assert "vocab/lm_head.safetensors" in second.deleted and "vocab/lm_head.safetensors" not in hub.files_at("tester/only-cache", "topk")
+    assert set(hub.files_at("tester/only-cache", "topk")) - set(data_files(hub, "tester/only-cache", "topk")) == expected - {
+        "vocab/lm_head.safetensors"
+    }
+    assert hub.files_at("tester/only-cache", "hidden") == files_of_hidden
+    assert_same_content(list(load_cache("tester/only-cache", revision="topk", layout="raw")), decoded_rows(v1))
+
+
+def test_a_push_is_refused_before_any_upload_when_the_cache_misses_a_file_its_manifest_names(hub, tmp_path):
+    cache = build(small_config(tmp_path / "cache", max_samples=4), progress=False).output_dir
+    (cache / "vocab" / "vocab.safetensors").unlink()
+    with pytest.raises(HubError, match=r"vocab\.safetensors: the manifest names this file, but the cache folder does not hold it\. Run"):
+        push(cache, "tester/no-vocab", tag="v1")
+    assert data_files(hub, "tester/no-vocab", "main") == [] and hub.state.bytes_uploaded == 0
