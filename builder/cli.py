@@ -171,7 +171,7 @@ def run_push(args: argparse.Namespace) -> int:
     where = f"{result.repo_id}@{result.tag or result.branch}" + (f" (config {result.config})" if result.config else "")
     print(
         f"Pushed {args.cache_dir} to {where}: commit {result.commit[:12]}, {len(result.uploaded)} shards uploaded, "
-        f"{len(result.skipped)} already there, {len(result.deleted)} stale data files removed"
+        f"{len(result.skipped)} already there, {len(result.deleted)} files of an earlier version removed"
     )
     print(f"  read it: {result.load_snippet()}")
     return 0
