@@ -7,22 +7,32 @@
 - `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache);
   SpecForge numbers the draft columns by ascending token id.
 Both are produced from the reader, so they hold exactly what `load_cache` yields.
+
+An export is written in a hidden folder next to OUT and renamed to OUT once complete, so OUT is
+either a complete export or absent: a full disk or a failed write removes what was written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
+import os
+import re
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
-from .files import atomic_write
+from .files import DISK_FULL_ERRNOS, fsync_dir, fsync_file, temp_path
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import d2t_t2d
 
@@ -36,21 +46,141 @@ class ExportError(Eagle3CacheError):
 
 def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_model: str | None = None, progress: bool = True) -> Path:
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"export: {out} is not empty; expected a new or empty directory for the export")
-    out.mkdir(parents=True, exist_ok=True)
-    if to == "nemo":
-        export_nemo(Path(cache_dir), out, target_model, progress)
-    elif to == "specforge":
-        export_specforge(Path(cache_dir), out, progress)
-    else:
-        raise ExportError(f"--to: expected nemo or specforge, got {to!r}")
+    check_out_folder(out)
+    with export_folder(out) as folder:
+        if to == "nemo":
+            export_nemo(Path(cache_dir), folder, target_model, progress)
+        elif to == "specforge":
+            export_specforge(Path(cache_dir), folder, progress)
+        else:
+            raise ExportError(f"--to: expected nemo or specforge, got {to!r}")
     return out
 
 
+# ---- OUT complete or absent -----------------------------------------------------------------
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an OUT the export would overwrite, or could not be renamed to."""
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"export: {out} is not empty; expected a new or empty directory for the export")
+    if os.path.ismount(out.resolve()):
+        raise ExportError(
+            f"export: {out} is a mount point; the export is written beside OUT and renamed to it once complete, which cannot "
+            f"replace a mount point: pass a new directory inside it (e.g. {out / 'export'})"
+        )
+
+
+class WriteError(Exception):
+    """A file of the export could not be written: `what` says which and why; `disk_full` whether
+    for lack of space (None: the writer's error does not say)."""
+
+    def __init__(self, what: str, disk_full: bool | None):
+        super().__init__(what)
+        self.what, self.disk_full = what, disk_full
+
+
+@contextmanager
+def export_folder(out: Path) -> Iterator[Path]:
+    """Yields a new hidden folder next to `out` to write the export in, renamed to `out` once the
+    block ends without error (replacing `out` when it is an empty folder); on any failure it is
+    removed, with the parents made for it, and a write error is raised as an ExportError."""
+    final = out.resolve()  # OUT a link to an empty folder: the folder is replaced, not the link
+    made = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
+    folder = temp_path(final)
+    try:
+        shutil.rmtree(folder, ignore_errors=True)  # this process's own leftover, if any
+        with writing(folder, str(folder)):
+            folder.mkdir(parents=True)
+        yield folder
+        with writing(folder, str(out)):
+            fsync_dir(folder)  # every file was fsynced as written; now their names, before the rename
+        publish(folder, final, out)
+    except BaseException as err:
+        written = folder_size(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in made:  # innermost first; one that holds something else now stays
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        if isinstance(err, WriteError):
+            raise export_failed(err, out, written) from err.__cause__
+        raise
+    for synced in (final.parent, *(parent.parent for parent in made)):  # the new name, and each folder made for it
+        fsync_dir(synced)
+
+
+def publish(folder: Path, final: Path, out: Path) -> None:
+    """Rename the complete export to OUT: over an empty folder, never over a non-empty one."""
+    try:
+        os.rename(folder, final)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise ExportError(
+                f"export: {out} was filled (or made a file) while the export ran; an export never overwrites, so it was "
+                "removed and nothing of it was left there. Pass a new directory, then run the export again."
+            ) from None
+        raise write_error(str(out), err.errno, err.strerror or str(err)) from err
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+
+
+def export_failed(err: WriteError, out: Path, written: int) -> ExportError:
+    what, fix = err.what, "Fix the cause (the folder's permissions, the disk or its file system)"
+    if err.disk_full:
+        what = f"{what}, after writing {size_text(written)} of the export"
+        fix = "Free space on that disk (or raise the quota), or export to another disk"
+    elif err.disk_full is None:
+        fix = "Free space if the disk is full, else fix the cause (the folder's permissions, the disk or its file system)"
+    return ExportError(f"export: {what}; the partial export was removed: nothing was left at {out}. {fix}, then run the export again.")
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+@contextmanager
+def writing(path: Path, shown: str | None = None) -> Iterator[None]:
+    """Errors of the writer inside the block as a WriteError naming `shown` (the file's name in the
+    export): an OSError, safetensors' error (which carries the OS error in its text only) or
+    torch.save's (which carries no cause at all)."""
+    shown = shown or path.name
+    try:
+        yield
+    except OSError as err:
+        raise write_error(shown, err.errno, err.strerror or str(err)) from err
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        raise write_error(shown, int(code[1]) if code else None, str(err)) from err
+    except RuntimeError as err:  # torch.save's stream writer: "unexpected pos ...", "file write failed"
+        raise WriteError(f"writing {shown} failed ({err})", None) from err
+
+
+def write_error(shown: str, code: int | None, reason: str) -> WriteError:
+    if code in DISK_FULL_ERRNOS:
+        return WriteError(f"no space left writing {shown} ({os.strerror(code)})", True)
+    return WriteError(f"writing {shown} failed ({reason})", False if code is not None else None)
+
+
 def _save(tensors: dict, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with writing(path):
+        save_file(tensors, str(path))
+        fsync_file(path)
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save to the file's own name (the archive inside is named after it, as SpecForge's are)."""
+    with writing(path):
+        torch.save(obj, path)
+        fsync_file(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with writing(path):
+        path.write_text(text)
+        fsync_file(path)
 
 
 # ---- NeMo Automodel -------------------------------------------------------------------------
@@ -114,7 +244,7 @@ def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: 
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
         num_samples += len(samples)
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
-    (out / "manifest.json").write_text(json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
+    _write_text(out / "manifest.json", json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
 
 
 def exported_samples(cache_dir: Path, layout: str) -> Iterator[dict]:
@@ -278,9 +408,9 @@ def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
         )
     samples = exported_samples(cache_dir, "specforge")
     for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
-        torch.save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
+        _torch_save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
     # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
     ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())
     d2t, t2d = d2t_t2d(ascending, manifest["target_vocab_size"])
-    torch.save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")
+    _torch_save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")

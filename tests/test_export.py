@@ -4,7 +4,11 @@ export: tests/test_nemo_handoff.py.)"""
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
+import signal
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import builder.export as export_module
 from builder.build import build
 from builder.cli import main
 from builder.embedded import resolve_target
@@ -189,6 +194,121 @@ def test_export_errors_are_clear(probs_cache, tmp_path):
         export_cache(probs_cache, "nemo", tmp_path / "full", progress=False)
 
 
+# ---- OUT complete or absent: a write that fails leaves nothing ------------------------------
+
+
+def fail_on_call(monkeypatch, module, name: str, call: int, fail) -> None:
+    """The writer `module.name` runs `fail(real, *args)` on its `call`-th call instead of writing."""
+    real, calls = getattr(module, name), [0]
+
+    def writer(*args):
+        calls[0] += 1
+        return fail(real, *args) if calls[0] == call else real(*args)
+
+    monkeypatch.setattr(module, name, writer)
+
+
+@contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` fail with the OS's own EFBIG, as on a file system whose files cannot grow."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that kills by default
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def disk_full_partway(real, tensors, path):
+    with open(path, "wb") as f:
+        f.write(b"x" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def left_in(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_nemo_export_on_a_full_disk_leaves_no_out_and_can_be_rerun(probs_cache, tmp_path, monkeypatch):
+    fail_on_call(monkeypatch, export_module, "save_file", 3, disk_full_partway)
+    out = tmp_path / "exports" / "nemo"
+    no_space = says("no space left writing shard-000002.safetensors", f"nothing was left at {out}", "Free space")
+    with pytest.raises(ExportError, match=no_space):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    assert left_in(tmp_path) == []  # no OUT, no hidden partial export, not even the parent made for it
+    monkeypatch.undo()
+    assert main(["export", str(probs_cache), "--to", "nemo", str(out)]) == 0  # not refused as "not empty"
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 14 and left_in(out.parent) == ["nemo"]
+
+
+def test_nemo_export_that_safetensors_cannot_write_leaves_an_empty_out_as_it_was(probs_cache, tmp_path, monkeypatch, capsys):
+    def too_large(real, tensors, path):
+        with file_size_limit(1000):
+            return real(tensors, path)  # safetensors' own error, carrying the OS's in its text
+
+    fail_on_call(monkeypatch, export_module, "save_file", 2, too_large)
+    out = tmp_path / "nemo"
+    out.mkdir()
+    assert main(["export", str(probs_cache), "--to", "nemo", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no space left writing shard-000001.safetensors (File too large)" in err and "Traceback" not in err
+    assert f"nothing was left at {out}" in err and "Free space" in err
+    assert left_in(tmp_path) == ["nemo"] and left_in(out) == []
+
+
+def test_specforge_export_that_torch_cannot_write_leaves_no_out(hidden_cache, tmp_path, monkeypatch):
+    def too_large(real, obj, path):
+        with file_size_limit(1000):
+            return real(obj, path)  # torch.save's own error, which names no cause
+
+    fail_on_call(monkeypatch, torch, "save", 3, too_large)
+    with pytest.raises(ExportError, match=says("writing data_2.ckpt failed", "nothing was left at", "Free space if the disk is full")):
+        export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
+    assert left_in(tmp_path) == []
+
+
+def test_nemo_export_failing_for_another_reason_says_to_fix_it(probs_cache, tmp_path, monkeypatch):
+    def io_error(real, tensors, path):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    fail_on_call(monkeypatch, export_module, "save_file", 1, io_error)
+    fix = says("writing shard-000000.safetensors failed (Input/output error)", "nothing was left at", "Fix the cause")
+    with pytest.raises(ExportError, match=fix):
+        export_cache(probs_cache, "nemo", tmp_path / "nemo", progress=False)
+    assert left_in(tmp_path) == []
+
+
+def test_an_export_never_replaces_an_out_filled_while_it_ran(probs_cache, tmp_path, monkeypatch):
+    out = tmp_path / "nemo"
+    out.mkdir()
+
+    def someone_writes_into_out(real, tensors, path):
+        (out / "theirs.txt").write_text("not ours")
+        return real(tensors, path)
+
+    fail_on_call(monkeypatch, export_module, "save_file", 1, someone_writes_into_out)
+    with pytest.raises(ExportError, match=says(f"{out} was filled", "never overwrites", "Pass a new directory")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    assert left_in(tmp_path) == ["nemo"] and left_in(out) == ["theirs.txt"]
+
+
+def test_an_export_refuses_a_mount_point_it_could_not_be_renamed_to(probs_cache, tmp_path, monkeypatch):
+    out = tmp_path / "mounted"
+    out.mkdir()
+    monkeypatch.setattr("os.path.ismount", lambda path: str(path) == str(out))
+    with pytest.raises(ExportError, match=says(f"{out} is a mount point", "pass a new directory inside it", str(out / "export"))):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    assert left_in(tmp_path) == ["mounted"] and left_in(out) == []
+
+
+def test_an_export_into_an_empty_out_replaces_it(hidden_cache, tmp_path):
+    (tmp_path / "sf").mkdir()
+    out = export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
+    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file() and left_in(tmp_path) == ["sf"]
+
+
 # ---- the target the export takes its embeddings and pad id from ----------------------------
 
 
@@ -214,7 +334,7 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path):
         ExportError, match=says("is not the model this cache was built from", "target.weights_sample_sha256: cache has", "--target-model")
     ):
         export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
-    assert list((tmp_path / "nemo").iterdir()) == []  # refused before any file
+    assert not (tmp_path / "nemo").exists()  # refused before any file
 
 
 def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):
