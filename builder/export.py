@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
 from .files import DISK_FULL_ERRNOS, fsync_dir, fsync_file, temp_path
+from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import d2t_t2d
 
@@ -45,16 +47,27 @@ class ExportError(Eagle3CacheError):
 
 
 def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_model: str | None = None, progress: bool = True) -> Path:
-    out = Path(out_dir)
+    """Write the cache at `cache_dir` in trainer `to`'s format to `out_dir` (new, or an empty folder).
+    Every refusal (the format, OUT, the cache, the target) comes before anything is made."""
+    cache, out = Path(cache_dir), Path(out_dir)
+    if to not in EXPORTS:
+        raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
+    write = EXPORTS[to](cache, cache_manifest(cache), target_model, progress)
     with export_folder(out) as folder:
-        if to == "nemo":
-            export_nemo(Path(cache_dir), folder, target_model, progress)
-        elif to == "specforge":
-            export_specforge(Path(cache_dir), folder, progress)
-        else:
-            raise ExportError(f"--to: expected nemo or specforge, got {to!r}")
+        write(folder)
     return out
+
+
+def cache_manifest(cache: Path) -> dict:
+    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
+    if not is_hub_location(cache) and not cache.is_dir():
+        found = "is not a directory" if cache.exists() else "does not exist"
+        raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
+    try:
+        return read_manifest(cache)
+    except FileNotFoundError as err:  # no card: not a cache, or a build that has not finished
+        raise ExportError(f"export: {err}") from None
 
 
 # ---- OUT complete or absent -----------------------------------------------------------------
@@ -62,8 +75,13 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
 
 def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not be renamed to."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     if out.exists() and any(out.iterdir()):
-        raise ExportError(f"export: {out} is not empty; expected a new or empty directory for the export")
+        raise ExportError(
+            f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
+            "pass a new directory"
+        )
     if os.path.ismount(out.resolve()):
         raise ExportError(
             f"export: {out} is a mount point; the export is written beside OUT and renamed to it once complete, which cannot "
@@ -227,14 +245,19 @@ def nemo_pad_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
 
 
-def export_nemo(cache_dir: Path, out: Path, target_model: str | None, progress: bool) -> None:
-    manifest = read_manifest(cache_dir)
+def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+    """Check the target against the cache and read its embeddings and pad id (a wrong target is
+    refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
     config, tokenizer = target_config_and_tokenizer(model, revision)
-    check_target_identity(manifest, model, config, tokenizer)  # before any shard: a wrong target fails first
-    pad_id = nemo_pad_id(tokenizer)
+    check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
+    return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
+
+
+def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
+    identity = manifest["identity"]
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     num_samples = 0
@@ -399,13 +422,17 @@ def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
 # ---- SpecForge ------------------------------------------------------------------------------
 
 
-def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
-    manifest = read_manifest(cache_dir)
+def prepare_specforge(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+    """Refuse a cache without final hidden states; returns the export's writer."""
     if manifest["identity"]["target_format"] != "hidden":
         raise ExportError(
             f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
+    return functools.partial(write_specforge, cache_dir, manifest, progress)
+
+
+def write_specforge(cache_dir: Path, manifest: dict, progress: bool, out: Path) -> None:
     samples = exported_samples(cache_dir, "specforge")
     for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
         _torch_save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
@@ -414,3 +441,6 @@ def export_specforge(cache_dir: Path, out: Path, progress: bool) -> None:
     ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())
     d2t, t2d = d2t_t2d(ascending, manifest["target_vocab_size"])
     _torch_save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")
+
+
+EXPORTS = {"nemo": prepare_nemo, "specforge": prepare_specforge}  # --to: its checks, which return its writer

@@ -185,13 +185,56 @@ def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cac
         torch.testing.assert_close(specforge_target[:, columns], row["target_probs"], rtol=1e-5, atol=1e-7)
 
 
-def test_export_errors_are_clear(probs_cache, tmp_path):
+@pytest.fixture
+def nothing_made(monkeypatch):
+    """Fails a test whose export begins writing: every refusal comes before anything is made."""
+
+    def refused_too_late(out):
+        raise AssertionError(f"the export began writing {out} before refusing")
+
+    monkeypatch.setattr(export_module, "export_folder", refused_too_late)
+
+
+def test_export_errors_are_clear(probs_cache, tmp_path, nothing_made):
     with pytest.raises(ExportError, match=says("SpecForge", "hidden states", "--target-format probs", "--target-format hidden")):
         export_cache(probs_cache, "specforge", tmp_path / "sf", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(ExportError, match="is not empty"):
+    with pytest.raises(ExportError, match=says("is not empty", "never overwrites", "pass a new directory")):
         export_cache(probs_cache, "nemo", tmp_path / "full", progress=False)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ExportError, match=says(f"{tmp_path / 'a-file'} is a file", "expected a new or empty directory")):
+        export_cache(probs_cache, "nemo", tmp_path / "a-file", progress=False)
+    with pytest.raises(ExportError, match=says("--to: expected one of nemo, specforge", "'megatron'")):
+        export_cache(probs_cache, "megatron", tmp_path / "mg", progress=False)
+    assert left_in(tmp_path) == ["a-file", "full"]
+
+
+def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_made):
+    missing = tmp_path / "missing"
+    with pytest.raises(ExportError, match=says(f"{missing} does not exist", "expected a cache directory", "eagle3-cache build")):
+        export_cache(missing, "nemo", tmp_path / "nemo", progress=False)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ExportError, match=says("a-file is not a directory", "expected a cache directory")):
+        export_cache(tmp_path / "a-file", "specforge", tmp_path / "sf", progress=False)
+    (tmp_path / "interrupted").mkdir()
+    with pytest.raises(ExportError, match=says("no README.md", "expected a finished eagle3-cache directory", "--resume")):
+        export_cache(tmp_path / "interrupted", "nemo", tmp_path / "nemo", progress=False)
+    assert left_in(tmp_path) == ["a-file", "interrupted"]
+
+
+def test_export_command_refuses_without_a_traceback(probs_cache, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    assert main(["export", str(tmp_path / "missing"), "--to", "nemo", str(tmp_path / "e1")]) == 2
+    assert main(["export", str(probs_cache), "--to", "specforge", str(tmp_path / "e2")]) == 2
+    assert main(["export", str(probs_cache), "--to", "nemo", str(tmp_path / "a-file")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert [line.split(";")[0] for line in errors] == [
+        f"error: export: {tmp_path / 'missing'} does not exist",
+        "error: export --to specforge: SpecForge trains from final hidden states",
+        f"error: export: {tmp_path / 'a-file'} is a file",
+    ]
+    assert left_in(tmp_path) == ["a-file"]
 
 
 # ---- OUT complete or absent: a write that fails leaves nothing ------------------------------
@@ -294,7 +337,7 @@ def test_an_export_never_replaces_an_out_filled_while_it_ran(probs_cache, tmp_pa
     assert left_in(tmp_path) == ["nemo"] and left_in(out) == ["theirs.txt"]
 
 
-def test_an_export_refuses_a_mount_point_it_could_not_be_renamed_to(probs_cache, tmp_path, monkeypatch):
+def test_an_export_refuses_a_mount_point_it_could_not_be_renamed_to(probs_cache, tmp_path, monkeypatch, nothing_made):
     out = tmp_path / "mounted"
     out.mkdir()
     monkeypatch.setattr("os.path.ismount", lambda path: str(path) == str(out))
@@ -326,7 +369,7 @@ def rewrite_weights(folder, change) -> None:
     save_file(change(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path):
+def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path, nothing_made):
     target = copy_of_target(tmp_path / "target")
     cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
     rewrite_weights(target, lambda t: t | {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"] + 1})
@@ -334,7 +377,7 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path):
         ExportError, match=says("is not the model this cache was built from", "target.weights_sample_sha256: cache has", "--target-model")
     ):
         export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
-    assert not (tmp_path / "nemo").exists()  # refused before any file
+    assert not (tmp_path / "nemo").exists()
 
 
 def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):
