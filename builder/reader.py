@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Eagle3CacheError
+from .errors import ConfigError, Eagle3CacheError
 from .files import refuse_pattern_paths
 from .local_shards import memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
@@ -940,7 +940,7 @@ def load_cache(
         check_expected(manifest, expect, source.describe())
     check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
-    wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
+    wanted = list(decode.columns) if layout != "raw" else checked_columns(columns, manifest)  # decoded layouts: every tensor column
     hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
     hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
@@ -976,6 +976,28 @@ def load_cache(
     dataset.manifest = manifest
     dataset.source = source
     return dataset
+
+
+def checked_columns(columns, manifest: dict) -> list[str] | None:
+    """`columns=` of a raw read, checked at open: a non-empty list of the cache's column names (None: all).
+    `datasets` would otherwise read no column at all for `[]` (no rows, or a split-size error), fail at
+    the first read for an unknown name, and split a bare string into its characters."""
+    if columns is None:
+        return None
+    known = list(manifest["columns"])
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, (list, tuple)) or not columns:
+        raise ConfigError(
+            "columns",
+            columns,
+            "a non-empty list of column names (or None for every column)",
+            f"Write columns=[{columns!r}] for one column; this cache's columns are {known}"
+            if isinstance(columns, str)
+            else f"This cache's columns are {known}",
+        )
+    unknown = [name for name in columns if name not in known]
+    if unknown:
+        raise ConfigError("columns", columns, "names of this cache's columns", f"Not in this cache: {unknown}; its columns are {known}")
+    return list(columns)
 
 
 def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:

@@ -82,6 +82,20 @@ def test_dataloader_with_workers_yields_every_sample(cache):
 def test_raw_layout_can_select_columns(cache):
     row = next(iter(load_cache(cache, layout="raw", columns=["sample_id", "input_ids"])))
     assert set(row) == {"sample_id", "input_ids"} and row["input_ids"].dtype == torch.int32
+    row = next(iter(load_cache(cache, layout="raw", columns=("num_tokens",), streaming=False)))
+    assert set(row) == {"num_tokens"}
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_columns_are_checked_at_open(cache, streaming):
+    """At the open, not at the first read: no columns would read nothing, an unknown name fails deep in
+    Arrow, and a bare string would be read as one column per character."""
+    with pytest.raises(ValueError, match=r"columns: expected a non-empty list.*got \[\]\. This cache's columns are \['sample_id'"):
+        load_cache(cache, layout="raw", columns=[], streaming=streaming)
+    with pytest.raises(ValueError, match=r"got 'sample_id'.*Write columns=\['sample_id'\] for one column"):
+        load_cache(cache, layout="raw", columns="sample_id", streaming=streaming)
+    with pytest.raises(ValueError, match=r"Not in this cache: \['input_id'\]; its columns are \['sample_id', .*'input_ids'"):
+        load_cache(cache, layout="raw", columns=["sample_id", "input_id"], streaming=streaming)
 
 
 def test_reader_errors_are_clear(tmp_path, cache):
