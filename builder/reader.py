@@ -919,15 +919,18 @@ def load_cache(
     they split again, and half of every rank's part is lost.
 
     `shuffle_buffer`: streaming shuffle (shard order per epoch + rows permuted in windows of that
-    many rows), seeded by `seed`; call `set_epoch` each epoch. Map-style datasets are shuffled
-    fully instead. Streaming datasets resume mid-epoch (`state_dict`/`load_state_dict`) and
-    reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`, which
-    also retries a transient failure while the cache is opened on the Hub).
+    many rows), seeded by `seed` (a fixed non-negative int, the same on every rank); call
+    `set_epoch` each epoch. Map-style datasets are shuffled fully instead. Streaming datasets
+    resume mid-epoch (`state_dict`/`load_state_dict`) and reopen a read that failed past the
+    client's retries (`retry`: a `builder.hub.Retry`, which also retries a transient failure
+    while the cache is opened on the Hub).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
+    if shuffle_buffer is not None:
+        seed = checked_seed(seed)
     source = open_source(location, revision=revision, name=name, token=token, retry=retry)
     manifest = _manifest_of(source)
     if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
@@ -976,6 +979,19 @@ def load_cache(
     dataset.manifest = manifest
     dataset.source = source
     return dataset
+
+
+def checked_seed(seed) -> int:
+    """The shuffle's seed: a fixed non-negative int. No random one is drawn for None: every rank and
+    DataLoader worker must shuffle alike, and a resumed run must shuffle as the saved one did."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(
+            "seed",
+            seed,
+            "a non-negative int",
+            "The shuffle needs one fixed seed, the same on every rank and on resume: pass seed=0 (the default) or any fixed number",
+        )
+    return int(seed)
 
 
 def checked_columns(columns, manifest: dict) -> list[str] | None:

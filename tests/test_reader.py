@@ -103,6 +103,10 @@ def test_reader_errors_are_clear(tmp_path, cache):
         load_cache(cache, layout="padded")
     with pytest.raises(ValueError, match="shuffle_buffer: expected a positive number of rows.*got 0"):
         load_cache(cache, shuffle_buffer=0)
+    for seed, found in ((None, "None"), (-1, "-1"), (1.5, "1.5")):  # at the open, not in a DataLoader worker's first read
+        with pytest.raises(ValueError, match=rf"seed: expected a non-negative int, got {found}\. .*same on every rank and on resume"):
+            load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=3, seed=seed)
+    assert len(list(load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=3, seed=2**64))) == 14
     for streaming in (True, False):  # at the open, not at the first read
         with pytest.raises(ValueError, match=r"layout='specforge'.*was built with --target-format probs.*layout='nemo'"):
             load_cache(cache, layout="specforge", streaming=streaming)
