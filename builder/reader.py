@@ -890,7 +890,7 @@ def load_cache(
     block_size: int | None = None,
     draft_vocab_size: int | None = None,
     spread_tail: bool = False,
-    aux_dtype: torch.dtype | None = None,
+    aux_dtype: torch.dtype | str | None = None,
     retry=None,
 ):
     """A torch dataset over a cache: a local directory or a Hub dataset repo id.
@@ -904,7 +904,7 @@ def load_cache(
     Every format yields the same keys and shapes: `topk` is rebuilt renormalised over the kept
     K (or, `spread_tail=True`, with the missing mass spread evenly), `hidden` recomputes the
     probs with the stored head rows (`draft_vocab_size` picks another draft vocabulary), fp8
-    aux states are decoded to `aux_dtype` (default bf16).
+    aux states are decoded to `aux_dtype` (default bf16; a torch dtype or a name such as "bf16" or "float32").
 
     Hub: `revision` (branch, tag or commit; pinned to its commit at open), `name` (config of
     a repo holding several caches), `token`, `block_size` (bytes per ranged read).
@@ -931,6 +931,8 @@ def load_cache(
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
     if shuffle_buffer is not None:
         seed = checked_seed(seed)
+    if layout != "raw":
+        aux_dtype = read_aux_dtype(aux_dtype)
     source = open_source(location, revision=revision, name=name, token=token, retry=retry)
     manifest = _manifest_of(source)
     if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
@@ -979,6 +981,26 @@ def load_cache(
     dataset.manifest = manifest
     dataset.source = source
     return dataset
+
+
+_READ_AUX_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def read_aux_dtype(aux_dtype) -> torch.dtype | None:
+    """`aux_dtype=` as a torch dtype: a floating torch dtype, or a name `expect=` also takes
+    ("bf16", "bfloat16", "fp32", "float32", ...). None: the default for the stored dtype."""
+    if aux_dtype is None or (isinstance(aux_dtype, torch.dtype) and aux_dtype.is_floating_point):
+        return aux_dtype
+    name = _DTYPE_NAMES.get(aux_dtype, aux_dtype) if isinstance(aux_dtype, str) else None
+    if name in _READ_AUX_DTYPES:
+        return TORCH_DTYPES[name]
+    names = [*_READ_AUX_DTYPES, *(key for key in _DTYPE_NAMES if isinstance(key, str))]
+    raise ConfigError(
+        "aux_dtype",
+        aux_dtype,
+        "a floating torch dtype or one of " + ", ".join(repr(name) for name in names),
+        "Pass e.g. aux_dtype=torch.bfloat16 or aux_dtype='bf16' (or None for the default)",
+    )
 
 
 def checked_seed(seed) -> int:

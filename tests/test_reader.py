@@ -72,6 +72,17 @@ def test_collate_pads_to_longest_or_fixed_length(cache):
     assert fixed["input_ids"].shape == (3, 96) and fixed["position_mask"].shape == (3, 96, 1)
 
 
+def test_aux_dtype_takes_the_names_expect_takes(cache):
+    def first(aux_dtype):
+        return load_cache(cache, layout="nemo", streaming=False, aux_dtype=aux_dtype)[0]["aux_hidden_states"]
+
+    assert torch.equal(first("float32"), first(torch.float32)) and first("fp32").dtype == torch.float32
+    assert torch.equal(first("bf16"), first(None)) and first("bfloat16").dtype == torch.bfloat16
+    for wrong in ("int8", torch.int8, 16):  # at the open, not at the first read
+        with pytest.raises(ValueError, match=r"aux_dtype: expected a floating torch dtype or one of 'bf16', 'fp16', 'fp32', .*'float32'"):
+            load_cache(cache, layout="nemo", aux_dtype=wrong)
+
+
 def test_dataloader_with_workers_yields_every_sample(cache):
     loader = torch.utils.data.DataLoader(
         load_cache(cache, layout="nemo", streaming=False), batch_size=4, collate_fn=collate_nemo, num_workers=2
