@@ -1044,13 +1044,23 @@ def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
     Each field's batch is allocated once and every sample copied into its row. In a DataLoader
     worker the fields of a batch share one shared-memory block, so handing the batch to the
     main process copies nothing and passes one file descriptor, not one per field (each costs
-    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own."""
-    width = pad_to or max(s["input_ids"].shape[0] for s in samples)
+    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own.
+    A sample longer than `pad_to` is refused: cutting it would drop supervised positions unseen."""
+    longest = max(s["input_ids"].shape[0] for s in samples)
+    if pad_to and longest > pad_to:
+        raise ConfigError(
+            "pad_to",
+            pad_to,
+            f"a length no sample exceeds, and this batch holds one of {longest} tokens",
+            "Cutting it would drop its supervision unseen: pad to the cache's seq_length (the --seq-length it was built with, "
+            "dataset.manifest['identity']['seq_length']), which no sample exceeds",
+        )
+    width = pad_to or longest
     specs = {key: ((len(samples), width, *first.shape[1:]), first.dtype) for key, first in samples[0].items()}
     out = _new_batch(specs)
     for key, batch in out.items():
         for row, s in enumerate(samples):
-            t = s[key][:width]
+            t = s[key]
             batch[row, : t.shape[0]] = t
             batch[row, t.shape[0] :] = 0
     return out

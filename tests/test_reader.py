@@ -70,6 +70,13 @@ def test_collate_pads_to_longest_or_fixed_length(cache):
         assert not batch["attention_mask"][row, n:].any() and not batch["position_mask"][row, n:].any()
     fixed = collate_nemo(samples, pad_to=96)
     assert fixed["input_ids"].shape == (3, 96) and fixed["position_mask"].shape == (3, 96, 1)
+    seq_length = read_manifest(cache)["identity"]["seq_length"]
+    assert collate_nemo(samples, pad_to=seq_length)["input_ids"].shape == (3, seq_length)
+    with pytest.raises(
+        ValueError,
+        match=rf"pad_to: expected a length no sample exceeds.* one of {longest} tokens, got {longest - 1}\. .*the cache's seq_length",
+    ):
+        collate_nemo(samples, pad_to=longest - 1)  # cutting the longest would drop its last positions' supervision
 
 
 def test_aux_dtype_takes_the_names_expect_takes(cache):
