@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Eagle3CacheError
+from .errors import ConfigError, Eagle3CacheError
 from .files import refuse_pattern_paths
 from .local_shards import memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
@@ -890,7 +890,7 @@ def load_cache(
     block_size: int | None = None,
     draft_vocab_size: int | None = None,
     spread_tail: bool = False,
-    aux_dtype: torch.dtype | None = None,
+    aux_dtype: torch.dtype | str | None = None,
     retry=None,
 ):
     """A torch dataset over a cache: a local directory or a Hub dataset repo id.
@@ -904,7 +904,7 @@ def load_cache(
     Every format yields the same keys and shapes: `topk` is rebuilt renormalised over the kept
     K (or, `spread_tail=True`, with the missing mass spread evenly), `hidden` recomputes the
     probs with the stored head rows (`draft_vocab_size` picks another draft vocabulary), fp8
-    aux states are decoded to `aux_dtype` (default bf16).
+    aux states are decoded to `aux_dtype` (default bf16; a torch dtype or a name such as "bf16" or "float32").
 
     Hub: `revision` (branch, tag or commit; pinned to its commit at open), `name` (config of
     a repo holding several caches), `token`, `block_size` (bytes per ranged read).
@@ -919,15 +919,20 @@ def load_cache(
     they split again, and half of every rank's part is lost.
 
     `shuffle_buffer`: streaming shuffle (shard order per epoch + rows permuted in windows of that
-    many rows), seeded by `seed`; call `set_epoch` each epoch. Map-style datasets are shuffled
-    fully instead. Streaming datasets resume mid-epoch (`state_dict`/`load_state_dict`) and
-    reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`, which
-    also retries a transient failure while the cache is opened on the Hub).
+    many rows), seeded by `seed` (a fixed non-negative int, the same on every rank); call
+    `set_epoch` each epoch. Map-style datasets are shuffled fully instead. Streaming datasets
+    resume mid-epoch (`state_dict`/`load_state_dict`) and reopen a read that failed past the
+    client's retries (`retry`: a `builder.hub.Retry`, which also retries a transient failure
+    while the cache is opened on the Hub).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
+    if shuffle_buffer is not None:
+        seed = checked_seed(seed)
+    if layout != "raw":
+        aux_dtype = read_aux_dtype(aux_dtype)
     source = open_source(location, revision=revision, name=name, token=token, retry=retry)
     manifest = _manifest_of(source)
     if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
@@ -940,7 +945,7 @@ def load_cache(
         check_expected(manifest, expect, source.describe())
     check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
-    wanted = list(decode.columns) if layout != "raw" else columns  # decoded layouts: every tensor column, no scalar one
+    wanted = list(decode.columns) if layout != "raw" else checked_columns(columns, manifest)  # decoded layouts: every tensor column
     hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
     hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
@@ -978,19 +983,84 @@ def load_cache(
     return dataset
 
 
+_READ_AUX_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def read_aux_dtype(aux_dtype) -> torch.dtype | None:
+    """`aux_dtype=` as a torch dtype: a floating torch dtype, or a name `expect=` also takes
+    ("bf16", "bfloat16", "fp32", "float32", ...). None: the default for the stored dtype."""
+    if aux_dtype is None or (isinstance(aux_dtype, torch.dtype) and aux_dtype.is_floating_point):
+        return aux_dtype
+    name = _DTYPE_NAMES.get(aux_dtype, aux_dtype) if isinstance(aux_dtype, str) else None
+    if name in _READ_AUX_DTYPES:
+        return TORCH_DTYPES[name]
+    names = [*_READ_AUX_DTYPES, *(key for key in _DTYPE_NAMES if isinstance(key, str))]
+    raise ConfigError(
+        "aux_dtype",
+        aux_dtype,
+        "a floating torch dtype or one of " + ", ".join(repr(name) for name in names),
+        "Pass e.g. aux_dtype=torch.bfloat16 or aux_dtype='bf16' (or None for the default)",
+    )
+
+
+def checked_seed(seed) -> int:
+    """The shuffle's seed: a fixed non-negative int. No random one is drawn for None: every rank and
+    DataLoader worker must shuffle alike, and a resumed run must shuffle as the saved one did."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(
+            "seed",
+            seed,
+            "a non-negative int",
+            "The shuffle needs one fixed seed, the same on every rank and on resume: pass seed=0 (the default) or any fixed number",
+        )
+    return int(seed)
+
+
+def checked_columns(columns, manifest: dict) -> list[str] | None:
+    """`columns=` of a raw read, checked at open: a non-empty list of the cache's column names (None: all).
+    `datasets` would otherwise read no column at all for `[]` (no rows, or a split-size error), fail at
+    the first read for an unknown name, and split a bare string into its characters."""
+    if columns is None:
+        return None
+    known = list(manifest["columns"])
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, (list, tuple)) or not columns:
+        raise ConfigError(
+            "columns",
+            columns,
+            "a non-empty list of column names (or None for every column)",
+            f"Write columns=[{columns!r}] for one column; this cache's columns are {known}"
+            if isinstance(columns, str)
+            else f"This cache's columns are {known}",
+        )
+    unknown = [name for name in columns if name not in known]
+    if unknown:
+        raise ConfigError("columns", columns, "names of this cache's columns", f"Not in this cache: {unknown}; its columns are {known}")
+    return list(columns)
+
+
 def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
     """Stack NeMo-layout samples, right-padding every field with zeros to the longest (or `pad_to`).
 
     Each field's batch is allocated once and every sample copied into its row. In a DataLoader
     worker the fields of a batch share one shared-memory block, so handing the batch to the
     main process copies nothing and passes one file descriptor, not one per field (each costs
-    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own."""
-    width = pad_to or max(s["input_ids"].shape[0] for s in samples)
+    `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own.
+    A sample longer than `pad_to` is refused: cutting it would drop supervised positions unseen."""
+    longest = max(s["input_ids"].shape[0] for s in samples)
+    if pad_to and longest > pad_to:
+        raise ConfigError(
+            "pad_to",
+            pad_to,
+            f"a length no sample exceeds, and this batch holds one of {longest} tokens",
+            "Cutting it would drop its supervision unseen: pad to the cache's seq_length (the --seq-length it was built with, "
+            "dataset.manifest['identity']['seq_length']), which no sample exceeds",
+        )
+    width = pad_to or longest
     specs = {key: ((len(samples), width, *first.shape[1:]), first.dtype) for key, first in samples[0].items()}
     out = _new_batch(specs)
     for key, batch in out.items():
         for row, s in enumerate(samples):
-            t = s[key][:width]
+            t = s[key]
             batch[row, : t.shape[0]] = t
             batch[row, t.shape[0] :] = 0
     return out

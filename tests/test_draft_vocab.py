@@ -320,7 +320,8 @@ def test_to_nemo_and_collate_equal_the_plain_definition(dtype):
         for key, value in reference_to_nemo(raw, t2d, rows, aux).items():
             assert torch.equal(to_nemo(raw, t2d, rows, aux)[key], value), key
         samples.append(got)
-    for pad_to in (None, 3, 9):  # the longest, shorter than some samples (cut), longer than all
+    longest = max(len(mask) for mask in EDGE_MASKS)
+    for pad_to in (None, longest, longest + 9):  # the longest, by default and given, and longer than all
         got, want = collate_nemo(samples, pad_to), reference_collate(samples, pad_to)
         for key in want:
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (key, pad_to)

@@ -70,6 +70,24 @@ def test_collate_pads_to_longest_or_fixed_length(cache):
         assert not batch["attention_mask"][row, n:].any() and not batch["position_mask"][row, n:].any()
     fixed = collate_nemo(samples, pad_to=96)
     assert fixed["input_ids"].shape == (3, 96) and fixed["position_mask"].shape == (3, 96, 1)
+    seq_length = read_manifest(cache)["identity"]["seq_length"]
+    assert collate_nemo(samples, pad_to=seq_length)["input_ids"].shape == (3, seq_length)
+    with pytest.raises(
+        ValueError,
+        match=rf"pad_to: expected a length no sample exceeds.* one of {longest} tokens, got {longest - 1}\. .*the cache's seq_length",
+    ):
+        collate_nemo(samples, pad_to=longest - 1)  # cutting the longest would drop its last positions' supervision
+
+
+def test_aux_dtype_takes_the_names_expect_takes(cache):
+    def first(aux_dtype):
+        return load_cache(cache, layout="nemo", streaming=False, aux_dtype=aux_dtype)[0]["aux_hidden_states"]
+
+    assert torch.equal(first("float32"), first(torch.float32)) and first("fp32").dtype == torch.float32
+    assert torch.equal(first("bf16"), first(None)) and first("bfloat16").dtype == torch.bfloat16
+    for wrong in ("int8", torch.int8, 16):  # at the open, not at the first read
+        with pytest.raises(ValueError, match=r"aux_dtype: expected a floating torch dtype or one of 'bf16', 'fp16', 'fp32', .*'float32'"):
+            load_cache(cache, layout="nemo", aux_dtype=wrong)
 
 
 def test_dataloader_with_workers_yields_every_sample(cache):
@@ -82,6 +100,20 @@ def test_dataloader_with_workers_yields_every_sample(cache):
 def test_raw_layout_can_select_columns(cache):
     row = next(iter(load_cache(cache, layout="raw", columns=["sample_id", "input_ids"])))
     assert set(row) == {"sample_id", "input_ids"} and row["input_ids"].dtype == torch.int32
+    row = next(iter(load_cache(cache, layout="raw", columns=("num_tokens",), streaming=False)))
+    assert set(row) == {"num_tokens"}
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_columns_are_checked_at_open(cache, streaming):
+    """At the open, not at the first read: no columns would read nothing, an unknown name fails deep in
+    Arrow, and a bare string would be read as one column per character."""
+    with pytest.raises(ValueError, match=r"columns: expected a non-empty list.*got \[\]\. This cache's columns are \['sample_id'"):
+        load_cache(cache, layout="raw", columns=[], streaming=streaming)
+    with pytest.raises(ValueError, match=r"got 'sample_id'.*Write columns=\['sample_id'\] for one column"):
+        load_cache(cache, layout="raw", columns="sample_id", streaming=streaming)
+    with pytest.raises(ValueError, match=r"Not in this cache: \['input_id'\]; its columns are \['sample_id', .*'input_ids'"):
+        load_cache(cache, layout="raw", columns=["sample_id", "input_id"], streaming=streaming)
 
 
 def test_reader_errors_are_clear(tmp_path, cache):
@@ -89,6 +121,10 @@ def test_reader_errors_are_clear(tmp_path, cache):
         load_cache(cache, layout="padded")
     with pytest.raises(ValueError, match="shuffle_buffer: expected a positive number of rows.*got 0"):
         load_cache(cache, shuffle_buffer=0)
+    for seed, found in ((None, "None"), (-1, "-1"), (1.5, "1.5")):  # at the open, not in a DataLoader worker's first read
+        with pytest.raises(ValueError, match=rf"seed: expected a non-negative int, got {found}\. .*same on every rank and on resume"):
+            load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=3, seed=seed)
+    assert len(list(load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=3, seed=2**64))) == 14
     for streaming in (True, False):  # at the open, not at the first read
         with pytest.raises(ValueError, match=r"layout='specforge'.*was built with --target-format probs.*layout='nemo'"):
             load_cache(cache, layout="specforge", streaming=streaming)
