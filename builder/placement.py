@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' workspaces, per GPU
+# Over several GPUs the loader places whole layers and keeps one layer's room free on the first GPU,
+# so an even share of the weights leaves the last layers over; each GPU gets this many largest
+# layers more, as accelerate's balanced placement itself budgets.
+LAYER_SLACK = 1.25
 
 
 def parse_bytes(text: str) -> int:
@@ -67,6 +71,7 @@ class MemoryPlan:
     gpus_per_target: int
     parameters: int
     weights_per_gpu: int
+    layer_slack: int
     activations: int
     aux_capture: int
     head_chunks: int
@@ -76,7 +81,9 @@ class MemoryPlan:
     @property
     def per_gpu(self) -> int:
         # Weights are split over the group; a batch's activations live on one GPU at a time.
-        return self.weights_per_gpu + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
+        return (
+            self.weights_per_gpu + self.layer_slack + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"per_gpu": self.per_gpu}
@@ -84,6 +91,7 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = [
             f"weights {self.weights_per_gpu / GiB:.1f}",
+            *([f"room for whole layers {self.layer_slack / GiB:.1f}"] if self.layer_slack else []),
             f"activations {self.activations / GiB:.1f}",
             f"aux {self.aux_capture / GiB:.1f}",
             f"head {self.head_chunks / GiB:.1f}",
@@ -97,13 +105,22 @@ class MemoryPlan:
 
 
 def plan_memory(
-    config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2, draft_vocab_size: int | None = None
+    config,
+    *,
+    gpus_per_target: int,
+    max_tokens: int,
+    num_aux_layers: int,
+    dtype_bytes: int = 2,
+    draft_vocab_size: int | None = None,
+    model=None,
 ) -> MemoryPlan:
+    """`model`: the target on the meta device when already built (`meta_model`)."""
     from .supervision import HEAD_CHUNK_ROWS
     from .target import text_config
 
     cfg = text_config(config)
-    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    model = model if model is not None else meta_model(config)
+    parameters = sum(p.numel() for p in model.parameters())
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
@@ -116,6 +133,7 @@ def plan_memory(
         gpus_per_target=gpus_per_target,
         parameters=parameters,
         weights_per_gpu=-(-parameters * dtype_bytes // gpus_per_target),
+        layer_slack=int(LAYER_SLACK * largest_layer(model) * dtype_bytes) if gpus_per_target > 1 else 0,
         activations=activations,
         aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes,
         head_chunks=head_rows * cfg.vocab_size * 4 * 2,
@@ -123,6 +141,14 @@ def plan_memory(
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
     )
+
+
+def largest_layer(model) -> int:
+    """Parameters of the largest block the loader places whole: a module of the model's
+    `_no_split_modules` classes (a decoder layer), or a module without children (the embedding)."""
+    whole = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = (m for m in model.modules() if type(m).__name__ in whole or next(m.children(), None) is None)
+    return max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
 
 
 def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
@@ -168,9 +194,10 @@ def load_placed_model(prep: Prepared):
     return load()
 
 
-def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
+def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):
     """The planner's per-GPU estimate for this build; `dtype_bytes` of the weights and activations
-    (default: as this machine computes, bf16 on a GPU and fp32 on CPU)."""
+    (default: as this machine computes, bf16 on a GPU and fp32 on CPU); `model`: the target on the
+    meta device when already built."""
     return plan_memory(
         prep.model_config,
         gpus_per_target=prep.cfg.gpus_per_target,
@@ -178,6 +205,7 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
         num_aux_layers=len(prep.aux_layer_ids),
         dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
+        model=model,
     )
 
 

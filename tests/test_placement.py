@@ -13,7 +13,17 @@ from transformers import AutoConfig, LlamaConfig
 import builder.placement as placement_module
 from builder.build import build
 from builder.errors import ConfigError
-from builder.placement import GiB, check_fits, group_gpus, meta_model, parse_bytes, plan_memory
+from builder.placement import (
+    GiB,
+    check_fits,
+    check_placement,
+    group_gpus,
+    max_memory_map,
+    memory_plan,
+    meta_model,
+    parse_bytes,
+    plan_memory,
+)
 
 LLAMA_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
@@ -80,6 +90,53 @@ def test_build_refuses_before_loading_weights(tmp_path, target, monkeypatch):
     with pytest.raises(ConfigError, match=r"expected a placement that fits 0\.5 GiB per GPU; the target needs 1\.\d GiB"):
         build(small_config(tmp_path / "cache", target, max_memory_per_gpu="512MiB"), progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A node of two GPUs as the start-up placement check sees it, on any machine: their size comes
+    from --max-memory-per-gpu, and nothing is ever loaded on them."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())  # this process's state, as `build` sets it up
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def group_prep(tmp_path, budget: int | None = None):
+    """The tiny target (8 layers, weights well under a GiB) over a group of two GPUs of `budget` bytes."""
+    from types import SimpleNamespace
+
+    from builder.embedded import EMBEDDED_TARGETS
+
+    flags = {"max_memory_per_gpu": str(budget)} if budget is not None else {}
+    return SimpleNamespace(
+        cfg=small_config(tmp_path / "cache", gpus_per_target=2, **flags),
+        model_config=AutoConfig.from_pretrained(EMBEDDED_TARGETS["tiny-llama"]),
+        aux_layer_ids=[1, 3, 4],
+        selected_token_ids=range(300),
+    )
+
+
+def loaders_device_map(prep, budget: int) -> dict:
+    """Where `from_pretrained(device_map="auto")` puts each module with the max_memory the build gives
+    it: transformers' own placement, run on the meta model in the dtype the weights load in."""
+    import torch
+    from transformers.integrations.accelerate import _get_device_map
+
+    model = meta_model(prep.model_config).to(torch.bfloat16)
+    return _get_device_map(model, "auto", max_memory_map([0, 1], budget, memory_plan(prep)), None)
+
+
+def test_a_group_the_plan_approves_keeps_every_layer_on_its_gpus(tmp_path, two_gpus):
+    """An even split of the weights leaves the last layers over (the loader places whole layers and
+    keeps a layer's room free on the first GPU): at a budget of exactly the plan, every module still
+    lands on the group's GPUs."""
+    budget = memory_plan(group_prep(tmp_path)).per_gpu
+    prep = group_prep(tmp_path, budget)
+    check_placement(prep)
+    assert set(loaders_device_map(prep, budget).values()) == {0, 1}
 
 
 def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
