@@ -245,7 +245,65 @@ def check_placement(prep: Prepared) -> None:
         gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
     budget = available_per_gpu(cfg, gpus)
     if budget is not None:
-        check_fits(memory_plan(prep), budget)
+        check_group(prep, gpus, budget)
+
+
+def check_group(prep: Prepared, gpus: list[int], budget: int) -> None:
+    """The planner's estimate, then, over several GPUs, where the loader itself will put each module
+    with the max_memory `load_placed_model` gives it: every weight must land on the group's GPUs."""
+    model = meta_model(prep.model_config, prep.cfg.trust_remote_code)
+    plan = memory_plan(prep, model=model)
+    check_fits(plan, budget)
+    if len(gpus) > 1:
+        check_weights_on_gpus(model.to(weights_dtype()), gpus, max_memory_map(gpus, budget, plan), plan)
+
+
+def weights_dtype() -> torch.dtype:
+    """The dtype the weights load in (`target.compute_device`), as `memory_plan` counts them."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def check_weights_on_gpus(model, gpus: list[int], max_memory: dict, plan: MemoryPlan) -> None:
+    """Refuse a group where `from_pretrained(device_map="auto")` would offload weights to "cpu" or
+    "disk" (it does so silently, and the build cannot run a head it offloaded); `model`: the target
+    on the meta device, in the dtype the weights load in."""
+    device_map = loaders_device_map(model, max_memory)
+    offloaded = [module for module, device in device_map.items() if device not in gpus]
+    if not offloaded:
+        return
+    sizes = dict(model.named_parameters())
+    offloaded_bytes = sum(
+        p.numel() * p.element_size() for name, p in sizes.items() if any(name == m or name.startswith(m + ".") for m in offloaded)
+    )
+    names = ", ".join(offloaded[:4]) + (f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else "")
+    places = " and ".join(sorted({str(device_map[m]) for m in offloaded}))
+    raise ConfigError(
+        "--gpus-per-target",
+        plan.gpus_per_target,
+        f"a placement that keeps every weight on the group's GPUs {gpus}",
+        f"The plan ({plan.describe()}) leaves {readable(max_memory[gpus[0]])} for weights on each GPU, and the loader, "
+        f"which places whole layers, would put {names} ({readable(offloaded_bytes)} of weights) on {places}, where the "
+        "build cannot run them. Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch (more of each GPU for "
+        "weights), or raise --max-memory-per-gpu if the GPUs have more.",
+    )
+
+
+def readable(size: int) -> str:
+    return f"{size / GiB:.2f} GiB" if size >= GiB // 10 else f"{size / (1 << 20):.2f} MiB"
+
+
+def loaders_device_map(model, max_memory: dict) -> dict:
+    """{module: device} as `from_pretrained(device_map="auto", max_memory=...)` computes it, run on
+    the meta model: transformers' own function where it has one, else accelerate's, which it calls."""
+    try:
+        from transformers.integrations.accelerate import _get_device_map
+    except ImportError:  # transformers 4 plans with accelerate's balanced memory and device map
+        from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+        no_split = model._no_split_modules
+        balanced = get_balanced_memory(model, dict(max_memory), no_split_module_classes=no_split)
+        return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split)
+    return _get_device_map(model, "auto", dict(max_memory), None)
 
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate plans these itself

@@ -139,6 +139,26 @@ def test_a_group_the_plan_approves_keeps_every_layer_on_its_gpus(tmp_path, two_g
     assert set(loaders_device_map(prep, budget).values()) == {0, 1}
 
 
+def test_a_group_the_loader_would_offload_is_refused_before_any_weights_load(tmp_path, two_gpus, monkeypatch):
+    """Whatever the plan's estimate misses (here, as the plan once did, room for whole layers), the
+    start-up check runs the loader's own placement on the meta model and refuses one that would put
+    weights on disk, saying what and what to do."""
+    monkeypatch.setattr(placement_module, "LAYER_SLACK", 0)
+    budget = memory_plan(group_prep(tmp_path)).per_gpu
+    prep = group_prep(tmp_path, budget)
+    assert "disk" in loaders_device_map(prep, budget).values()
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--gpus-per-target: expected a placement that keeps every weight on the group's GPUs [0, 1], got 2",
+            "model.layers.7, model.norm, model.rotary_emb, lm_head",
+            "on disk",
+            "Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch",
+        ),
+    ):
+        check_placement(prep)
+
+
 def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
     from tiny_targets import tiny_tokenizer
 
