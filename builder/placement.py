@@ -315,7 +315,9 @@ DEVICE_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head":
 
 def read_device_map(spec: str) -> dict | str:
     """--device-map: one of accelerate's strategies ("auto", ...), a JSON object, or a path to a JSON
-    file ({module name: device}); a device is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
+    file ({module name: device}); a device is a GPU index, "cpu" or "cuda:N" (any torch device). Not
+    "disk": the build reads every weight on every batch, and the head's rows directly, not through
+    the hooks that bring offloaded weights back."""
     if spec in DEVICE_MAP_STRATEGIES:
         return spec
     is_file = not spec.lstrip().startswith("{") and Path(spec).is_file()
@@ -327,9 +329,18 @@ def read_device_map(spec: str) -> dict | str:
     if not isinstance(device_map, dict) or not device_map:
         found = "an empty object" if device_map == {} else f"a JSON {type(device_map).__name__}"
         raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f"It holds {found}; write one like {DEVICE_EXAMPLE}.")
+    on_disk = [module for module, device in device_map.items() if device == "disk"]
+    if on_disk:
+        raise ConfigError(
+            "--device-map",
+            spec,
+            'a device that holds each module\'s weights in memory: a GPU index, "cpu" or "cuda:N"',
+            f'It puts {on_disk} on "disk", where the build cannot run them (it reads every weight on every batch, '
+            'the head\'s directly); place them on a GPU, or on "cpu" if the GPUs have no room.',
+        )
     bad = {module: device for module, device in device_map.items() if not is_device(device)}
     if bad:
-        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu", "cuda:N" or "disk".')
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu" or "cuda:N".')
     return device_map
 
 
@@ -340,8 +351,6 @@ def is_device(device) -> bool:
         return device >= 0
     if not isinstance(device, str):
         return False
-    if device == "disk":
-        return True
     try:
         torch.device(device)
     except (RuntimeError, ValueError):
@@ -352,8 +361,8 @@ def is_device(device) -> bool:
 def gpu_index(device) -> int | None:
     if isinstance(device, int):
         return device
-    parsed = torch.device(device) if device != "disk" else None
-    return None if parsed is None or parsed.type != "cuda" else parsed.index or 0
+    parsed = torch.device(device)
+    return None if parsed.type != "cuda" else parsed.index or 0
 
 
 def check_device_map(spec: str, device_map: dict, model) -> None:

@@ -256,6 +256,23 @@ def test_a_device_map_that_is_not_one_is_refused_with_the_flags(tmp_path, spec, 
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("spec", ['{"model": "cpu", "lm_head": "disk"}', '{"model.embed_tokens": 0, "model.layers": "disk", "lm_head": 0}'])
+def test_a_device_map_that_offloads_to_disk_is_refused_before_anything_is_written(tmp_path, spec):
+    """The build reads every weight on every batch (the head's rows directly): weights left on disk
+    cannot run, and the loader would put them there without a word."""
+    from builder.config import validate
+
+    on_disk = [module for module, device in json.loads(spec).items() if device == "disk"]
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--device-map: expected", 'a GPU index, "cpu" or "cuda:N"', repr(spec), f'It puts {on_disk} on "disk"', "place them on a GPU"
+        ),
+    ):
+        validate(small_config(tmp_path / "cache", device_map=spec))
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
 def test_accelerates_placement_strategies_are_taken_as_they_are(tmp_path, strategy):
     from builder.config import validate
