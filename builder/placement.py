@@ -182,7 +182,7 @@ def load_placed_model(prep: Prepared):
     device, dtype = compute_device()
     load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype, config=prep.model_config)
     if cfg.device_map is not None:
-        return load(device_map=read_device_map(cfg.device_map))
+        return kept_in_memory(load(device_map=read_device_map(cfg.device_map)), "--device-map", cfg.device_map)
     if cfg.gpus_per_target > 1:
         from accelerate import PartialState
 
@@ -190,8 +190,27 @@ def load_placed_model(prep: Prepared):
         torch.cuda.set_device(gpus[0])  # not another group's GPU
         plan = memory_plan(prep)
         per_gpu = available_per_gpu(cfg, gpus)
-        return load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+        model = load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+        return kept_in_memory(model, "--gpus-per-target", cfg.gpus_per_target)
     return load()
+
+
+def kept_in_memory(model, flag: str, value):
+    """`model`, refused where the loader put weights on disk: the last guard, for placements decided
+    only as the weights load (accelerate's strategies) and anything the start-up check missed."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    on_disk = [module for module, device in device_map.items() if device == "disk"]
+    if on_disk:
+        names = ", ".join(on_disk[:4]) + (f" and {len(on_disk) - 4} more" if len(on_disk) > 4 else "")
+        raise ConfigError(
+            flag,
+            value,
+            "a placement that keeps every weight in memory",
+            f"The loader put {names} on disk, where the build cannot run them (it reads every weight on every batch, the "
+            "head's directly). Give the weights more room: raise --gpus-per-target, lower --batch-size or "
+            '--max-tokens-per-batch, raise --max-memory-per-gpu if the GPUs have more, or pass a --device-map on GPUs and "cpu".',
+        )
+    return model
 
 
 def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):

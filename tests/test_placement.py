@@ -4,6 +4,7 @@ planner refuses what cannot fit before any weights load."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
@@ -106,8 +107,6 @@ def two_gpus(monkeypatch):
 
 def group_prep(tmp_path, budget: int | None = None):
     """The tiny target (8 layers, weights well under a GiB) over a group of two GPUs of `budget` bytes."""
-    from types import SimpleNamespace
-
     from builder.embedded import EMBEDDED_TARGETS
 
     flags = {"max_memory_per_gpu": str(budget)} if budget is not None else {}
@@ -216,8 +215,6 @@ def test_a_size_with_a_malformed_number_is_the_same_config_error(tmp_path, text)
 def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
     """--batch-size caps every batch at batch_size x seq_length tokens: a larger --max-tokens-per-batch
     does not make batches any larger, so it must not make the plan refuse a build that fits."""
-    from types import SimpleNamespace
-
     from builder.placement import memory_plan
 
     def prep(**flags):
@@ -271,6 +268,33 @@ def test_a_device_map_that_offloads_to_disk_is_refused_before_anything_is_writte
     ):
         validate(small_config(tmp_path / "cache", device_map=spec))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_target_the_loader_put_on_disk_is_refused_as_it_loads(tmp_path, target, monkeypatch):
+    """accelerate's strategies ("sequential" here) decide the placement only as the weights load, and
+    may put the last modules on disk: the loaded target is refused, naming them, before it runs."""
+    import torch
+
+    from builder.placement import load_placed_model
+
+    def offloading_loader(*args, **kwargs):
+        model = torch.nn.Linear(2, 2)
+        model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "disk", "lm_head": "disk"}
+        return model
+
+    monkeypatch.setattr(placement_module, "load_model", offloading_loader)
+    cfg = small_config(tmp_path / "cache", target, device_map="sequential")
+    prep = SimpleNamespace(cfg=cfg, model_path=str(target), model_config=AutoConfig.from_pretrained(target))
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--device-map: expected a placement that keeps every weight in memory, got 'sequential'",
+            "put model.norm, lm_head on disk",
+            "raise --gpus-per-target",
+            '--device-map on GPUs and "cpu"',
+        ),
+    ):
+        load_placed_model(prep)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
