@@ -10,7 +10,7 @@ layers, vocab 128256; loss-masked share of tokens as measured on the sample chat
 - GB/s per GPU at a stated forward rate: 25,000 tokens/s for 8B on one H100 (bf16);
   Llama-3.1-70B at the same share of the GPU's peak (FLOPs per token from its shape: 2 per
   decoder parameter, plus the head at loss-masked positions), split over 4 H100s with
-  `--gpus-per-target 4` (141 GB of bf16 weights; 45.6 GiB per GPU per the placement
+  `--gpus-per-target 4` (141 GB of bf16 weights; 48.1 GiB per GPU per the placement
   planner), where one GPU computes at a time, so one replica runs at that rate and each of
   its 4 GPUs carries a quarter;
 - writer threads needed per build process (one per replica): the replica's raw GB/s over the
@@ -41,7 +41,7 @@ LLAMA = {
         hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256
     ),
 }
-GPUS_PER_REPLICA = {"Llama-3.1-8B": 1, "Llama-3.1-70B": 4}  # 70B: 45.6 GiB per 80 GiB GPU per the placement planner
+GPUS_PER_REPLICA = {"Llama-3.1-8B": 1, "Llama-3.1-70B": 4}  # 70B: 48.1 GiB per 80 GiB GPU per the placement planner
 TOKENS_PER_S_8B = 25_000  # one H100, bf16
 FORMATS = [("probs", 8192), ("probs", 32000), ("topk", 32000), ("hidden", 32000)]
 AUX_DTYPES = ("bf16", "fp8")

@@ -75,7 +75,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     lock = CacheLock(out)
     try:
-        agree(state, lambda: start_or_continue(out, prep, cfg.resume, lock))
+        agree(state, lambda: start_or_continue(out, prep, cfg.resume, lock), "taking the output directory")
         with disk_full_as_error():
             write_cache(state, prep, out, result, progress, uploader)
     except BaseException:
@@ -174,20 +174,40 @@ def check_some_stored(shards: list[dict]) -> None:
         )
 
 
-def agree(state, main_process_step) -> None:
-    """Run a step on rank 0 and raise its error on every rank, so no rank waits at a barrier forever."""
-    error = None
+def agree(state, main_process_step, step: str) -> None:
+    """Run a step on rank 0 (`step` says what it does) and raise its error on every rank, so no rank
+    waits at a barrier forever. Every failure is shared, not only the project's own errors: rank 0
+    raises it as it is, the other ranks an error naming it (a PermissionError, a bug)."""
+    failure = shared_error = None
     if state.is_main_process:
         try:
             main_process_step()
         except Eagle3CacheError as err:
-            error = err
+            failure = shared_error = err
+        except BaseException as err:
+            failure, shared_error = err, RankZeroFailed.of(err, step)
     if state.num_processes > 1:
-        shared = [error]
+        shared = [shared_error]
         torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error is not None:
-        raise error
+        shared_error = shared[0]
+    if failure is not None:
+        raise failure
+    if shared_error is not None:
+        raise shared_error
+
+
+class RankZeroFailed(Eagle3CacheError):
+    """Rank 0 failed with an error that is not the project's: the other ranks raise this in its
+    place, with its type and message (the error itself may not pickle)."""
+
+    @classmethod
+    def of(cls, err: BaseException, step: str) -> RankZeroFailed:
+        shared = cls(
+            f"rank 0 stopped while {step}: {type(err).__name__}: {err}. Its traceback is in rank 0's "
+            "output; fix what it reports (a permission, a path, the file system), then run the build again."
+        )
+        shared.error_type, shared.error_message = type(err).__name__, str(err)
+        return shared
 
 
 def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) -> None:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context, allocator slack and kernels' workspaces, per GPU
+# Over several GPUs the loader places whole layers and keeps one layer's room free on the first GPU,
+# so an even share of the weights leaves the last layers over; each GPU gets this many largest
+# layers more, as accelerate's balanced placement itself budgets.
+LAYER_SLACK = 1.25
 
 
 def parse_bytes(text: str) -> int:
@@ -67,6 +71,7 @@ class MemoryPlan:
     gpus_per_target: int
     parameters: int
     weights_per_gpu: int
+    layer_slack: int
     activations: int
     aux_capture: int
     head_chunks: int
@@ -76,7 +81,9 @@ class MemoryPlan:
     @property
     def per_gpu(self) -> int:
         # Weights are split over the group; a batch's activations live on one GPU at a time.
-        return self.weights_per_gpu + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
+        return (
+            self.weights_per_gpu + self.layer_slack + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
+        )
 
     def to_dict(self) -> dict:
         return asdict(self) | {"per_gpu": self.per_gpu}
@@ -84,6 +91,7 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = [
             f"weights {self.weights_per_gpu / GiB:.1f}",
+            *([f"room for whole layers {self.layer_slack / GiB:.1f}"] if self.layer_slack else []),
             f"activations {self.activations / GiB:.1f}",
             f"aux {self.aux_capture / GiB:.1f}",
             f"head {self.head_chunks / GiB:.1f}",
@@ -97,13 +105,22 @@ class MemoryPlan:
 
 
 def plan_memory(
-    config, *, gpus_per_target: int, max_tokens: int, num_aux_layers: int, dtype_bytes: int = 2, draft_vocab_size: int | None = None
+    config,
+    *,
+    gpus_per_target: int,
+    max_tokens: int,
+    num_aux_layers: int,
+    dtype_bytes: int = 2,
+    draft_vocab_size: int | None = None,
+    model=None,
 ) -> MemoryPlan:
+    """`model`: the target on the meta device when already built (`meta_model`)."""
     from .supervision import HEAD_CHUNK_ROWS
     from .target import text_config
 
     cfg = text_config(config)
-    parameters = sum(p.numel() for p in meta_model(config).parameters())
+    model = model if model is not None else meta_model(config)
+    parameters = sum(p.numel() for p in model.parameters())
     hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
@@ -116,6 +133,7 @@ def plan_memory(
         gpus_per_target=gpus_per_target,
         parameters=parameters,
         weights_per_gpu=-(-parameters * dtype_bytes // gpus_per_target),
+        layer_slack=int(LAYER_SLACK * largest_layer(model) * dtype_bytes) if gpus_per_target > 1 else 0,
         activations=activations,
         aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes,
         head_chunks=head_rows * cfg.vocab_size * 4 * 2,
@@ -123,6 +141,14 @@ def plan_memory(
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
     )
+
+
+def largest_layer(model) -> int:
+    """Parameters of the largest block the loader places whole: a module of the model's
+    `_no_split_modules` classes (a decoder layer), or a module without children (the embedding)."""
+    whole = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = (m for m in model.modules() if type(m).__name__ in whole or next(m.children(), None) is None)
+    return max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
 
 
 def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
@@ -156,7 +182,7 @@ def load_placed_model(prep: Prepared):
     device, dtype = compute_device()
     load = partial(load_model, prep.model_path, cfg.target_revision, cfg.trust_remote_code, device, dtype, config=prep.model_config)
     if cfg.device_map is not None:
-        return load(device_map=read_device_map(cfg.device_map))
+        return kept_in_memory(load(device_map=read_device_map(cfg.device_map)), "--device-map", cfg.device_map)
     if cfg.gpus_per_target > 1:
         from accelerate import PartialState
 
@@ -164,13 +190,33 @@ def load_placed_model(prep: Prepared):
         torch.cuda.set_device(gpus[0])  # not another group's GPU
         plan = memory_plan(prep)
         per_gpu = available_per_gpu(cfg, gpus)
-        return load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+        model = load(device_map="auto", max_memory=max_memory_map(gpus, per_gpu, plan))
+        return kept_in_memory(model, "--gpus-per-target", cfg.gpus_per_target)
     return load()
 
 
-def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
+def kept_in_memory(model, flag: str, value):
+    """`model`, refused where the loader put weights on disk: the last guard, for placements decided
+    only as the weights load (accelerate's strategies) and anything the start-up check missed."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    on_disk = [module for module, device in device_map.items() if device == "disk"]
+    if on_disk:
+        names = ", ".join(on_disk[:4]) + (f" and {len(on_disk) - 4} more" if len(on_disk) > 4 else "")
+        raise ConfigError(
+            flag,
+            value,
+            "a placement that keeps every weight in memory",
+            f"The loader put {names} on disk, where the build cannot run them (it reads every weight on every batch, the "
+            "head's directly). Give the weights more room: raise --gpus-per-target, lower --batch-size or "
+            '--max-tokens-per-batch, raise --max-memory-per-gpu if the GPUs have more, or pass a --device-map on GPUs and "cpu".',
+        )
+    return model
+
+
+def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):
     """The planner's per-GPU estimate for this build; `dtype_bytes` of the weights and activations
-    (default: as this machine computes, bf16 on a GPU and fp32 on CPU)."""
+    (default: as this machine computes, bf16 on a GPU and fp32 on CPU); `model`: the target on the
+    meta device when already built."""
     return plan_memory(
         prep.model_config,
         gpus_per_target=prep.cfg.gpus_per_target,
@@ -178,6 +224,7 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None):
         num_aux_layers=len(prep.aux_layer_ids),
         dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
+        model=model,
     )
 
 
@@ -217,7 +264,65 @@ def check_placement(prep: Prepared) -> None:
         gpus = group_gpus(PartialState().local_process_index, cfg.gpus_per_target, torch.cuda.device_count())
     budget = available_per_gpu(cfg, gpus)
     if budget is not None:
-        check_fits(memory_plan(prep), budget)
+        check_group(prep, gpus, budget)
+
+
+def check_group(prep: Prepared, gpus: list[int], budget: int) -> None:
+    """The planner's estimate, then, over several GPUs, where the loader itself will put each module
+    with the max_memory `load_placed_model` gives it: every weight must land on the group's GPUs."""
+    model = meta_model(prep.model_config, prep.cfg.trust_remote_code)
+    plan = memory_plan(prep, model=model)
+    check_fits(plan, budget)
+    if len(gpus) > 1:
+        check_weights_on_gpus(model.to(weights_dtype()), gpus, max_memory_map(gpus, budget, plan), plan)
+
+
+def weights_dtype() -> torch.dtype:
+    """The dtype the weights load in (`target.compute_device`), as `memory_plan` counts them."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def check_weights_on_gpus(model, gpus: list[int], max_memory: dict, plan: MemoryPlan) -> None:
+    """Refuse a group where `from_pretrained(device_map="auto")` would offload weights to "cpu" or
+    "disk" (it does so silently, and the build cannot run a head it offloaded); `model`: the target
+    on the meta device, in the dtype the weights load in."""
+    device_map = loaders_device_map(model, max_memory)
+    offloaded = [module for module, device in device_map.items() if device not in gpus]
+    if not offloaded:
+        return
+    sizes = dict(model.named_parameters())
+    offloaded_bytes = sum(
+        p.numel() * p.element_size() for name, p in sizes.items() if any(name == m or name.startswith(m + ".") for m in offloaded)
+    )
+    names = ", ".join(offloaded[:4]) + (f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else "")
+    places = " and ".join(sorted({str(device_map[m]) for m in offloaded}))
+    raise ConfigError(
+        "--gpus-per-target",
+        plan.gpus_per_target,
+        f"a placement that keeps every weight on the group's GPUs {gpus}",
+        f"The plan ({plan.describe()}) leaves {readable(max_memory[gpus[0]])} for weights on each GPU, and the loader, "
+        f"which places whole layers, would put {names} ({readable(offloaded_bytes)} of weights) on {places}, where the "
+        "build cannot run them. Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch (more of each GPU for "
+        "weights), or raise --max-memory-per-gpu if the GPUs have more.",
+    )
+
+
+def readable(size: int) -> str:
+    return f"{size / GiB:.2f} GiB" if size >= GiB // 10 else f"{size / (1 << 20):.2f} MiB"
+
+
+def loaders_device_map(model, max_memory: dict) -> dict:
+    """{module: device} as `from_pretrained(device_map="auto", max_memory=...)` computes it, run on
+    the meta model: transformers' own function where it has one, else accelerate's, which it calls."""
+    try:
+        from transformers.integrations.accelerate import _get_device_map
+    except ImportError:  # transformers 4 plans with accelerate's balanced memory and device map
+        from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+        no_split = model._no_split_modules
+        balanced = get_balanced_memory(model, dict(max_memory), no_split_module_classes=no_split)
+        return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split)
+    return _get_device_map(model, "auto", dict(max_memory), None)
 
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate plans these itself
@@ -229,7 +334,9 @@ DEVICE_EXAMPLE = '{"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head":
 
 def read_device_map(spec: str) -> dict | str:
     """--device-map: one of accelerate's strategies ("auto", ...), a JSON object, or a path to a JSON
-    file ({module name: device}); a device is a GPU index, "cpu", "cuda:N" (any torch device) or "disk"."""
+    file ({module name: device}); a device is a GPU index, "cpu" or "cuda:N" (any torch device). Not
+    "disk": the build reads every weight on every batch, and the head's rows directly, not through
+    the hooks that bring offloaded weights back."""
     if spec in DEVICE_MAP_STRATEGIES:
         return spec
     is_file = not spec.lstrip().startswith("{") and Path(spec).is_file()
@@ -241,9 +348,18 @@ def read_device_map(spec: str) -> dict | str:
     if not isinstance(device_map, dict) or not device_map:
         found = "an empty object" if device_map == {} else f"a JSON {type(device_map).__name__}"
         raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f"It holds {found}; write one like {DEVICE_EXAMPLE}.")
+    on_disk = [module for module, device in device_map.items() if device == "disk"]
+    if on_disk:
+        raise ConfigError(
+            "--device-map",
+            spec,
+            'a device that holds each module\'s weights in memory: a GPU index, "cpu" or "cuda:N"',
+            f'It puts {on_disk} on "disk", where the build cannot run them (it reads every weight on every batch, '
+            'the head\'s directly); place them on a GPU, or on "cpu" if the GPUs have no room.',
+        )
     bad = {module: device for module, device in device_map.items() if not is_device(device)}
     if bad:
-        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu", "cuda:N" or "disk".')
+        raise ConfigError("--device-map", spec, DEVICE_MAP_EXPECTED, f'Not a device: {bad}; use a GPU index, "cpu" or "cuda:N".')
     return device_map
 
 
@@ -254,8 +370,6 @@ def is_device(device) -> bool:
         return device >= 0
     if not isinstance(device, str):
         return False
-    if device == "disk":
-        return True
     try:
         torch.device(device)
     except (RuntimeError, ValueError):
@@ -266,8 +380,8 @@ def is_device(device) -> bool:
 def gpu_index(device) -> int | None:
     if isinstance(device, int):
         return device
-    parsed = torch.device(device) if device != "disk" else None
-    return None if parsed is None or parsed.type != "cuda" else parsed.index or 0
+    parsed = torch.device(device)
+    return None if parsed.type != "cuda" else parsed.index or 0
 
 
 def check_device_map(spec: str, device_map: dict, model) -> None:

@@ -216,20 +216,20 @@ AGREE_ON_RANK = textwrap.dedent("""
     for error in (ConfigError("--output-dir", "/cache", "an empty or new directory", "Another build started writing to it."),
                   ResumeMismatch({"seq_length": (96, 128)})):
         try:
-            agree(State, raising(error))
+            agree(State, raising(error), "taking the output directory")
         except Eagle3CacheError as err:
             print(json.dumps([type(err).__name__, str(err)]), flush=True)
     dist.destroy_process_group()
 """)
 
 
-def test_rank_0s_start_up_error_is_raised_on_every_rank_as_itself(tmp_path):
-    """Two gloo ranks: each start-up error of rank 0 (here one with a constructor of its own) is
-    raised on rank 1 with its own class and message."""
+def run_two_ranks(script: str, tmp_path: Path) -> list[list]:
+    """Runs `script` as gloo ranks 0 and 1; each line it prints is JSON. A rank still running after
+    two minutes (waiting for the other) fails the test rather than hanging it."""
     store = tmp_path / "store"
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", AGREE_ON_RANK, str(rank), str(store)],
+            [sys.executable, "-c", script, str(rank), str(store)],
             env={**env(), "PYTHONPATH": str(REPO)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -237,8 +237,54 @@ def test_rank_0s_start_up_error_is_raised_on_every_rank_as_itself(tmp_path):
         )
         for rank in (0, 1)
     ]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        for rank in ranks:
+            rank.kill()
+        outputs = [rank.communicate() for rank in ranks]
+        pytest.fail("a rank was still waiting after 120 s:\n" + "\n".join(stderr[-2000:] for _, stderr in outputs))
     assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(stderr[-2000:] for _, stderr in outputs)
-    raised = [[json.loads(line) for line in stdout.splitlines()] for stdout, _ in outputs]
+    return [[json.loads(line) for line in stdout.splitlines()] for stdout, _ in outputs]
+
+
+def test_rank_0s_start_up_error_is_raised_on_every_rank_as_itself(tmp_path):
+    """Two gloo ranks: each start-up error of rank 0 (here one with a constructor of its own) is
+    raised on rank 1 with its own class and message."""
+    raised = run_two_ranks(AGREE_ON_RANK, tmp_path)
     assert [name for name, _ in raised[0]] == ["ConfigError", "ResumeMismatch"]
     assert raised[1] == raised[0]
+
+
+AGREE_ON_A_FOREIGN_ERROR = textwrap.dedent("""
+    import json, sys
+    from datetime import timedelta
+    import torch.distributed as dist
+    from builder.build import agree
+
+    rank, store = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+
+    class State:
+        is_main_process, num_processes = rank == 0, 2
+
+    def take_the_directory():
+        raise PermissionError(13, "Permission denied", "/cache/.eagle3_build/identity.json")
+
+    try:
+        agree(State, take_the_directory, "taking the output directory")
+    except BaseException as err:
+        print(json.dumps([type(err).__name__, str(err)]), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_rank_0s_start_up_failure_of_any_kind_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 fails with an error that is not the project's (a PermissionError taking the directory):
+    rank 0 raises it as it is, and rank 1, instead of waiting for a broadcast that never comes, an
+    error that names it."""
+    (rank_0,), (rank_1,) = run_two_ranks(AGREE_ON_A_FOREIGN_ERROR, tmp_path)
+    assert rank_0 == ["PermissionError", "[Errno 13] Permission denied: '/cache/.eagle3_build/identity.json'"]
+    name, message = rank_1
+    assert name == "RankZeroFailed"
+    assert "rank 0 stopped while taking the output directory: PermissionError: [Errno 13] Permission denied" in message

@@ -4,6 +4,7 @@ planner refuses what cannot fit before any weights load."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
@@ -13,7 +14,17 @@ from transformers import AutoConfig, LlamaConfig
 import builder.placement as placement_module
 from builder.build import build
 from builder.errors import ConfigError
-from builder.placement import GiB, check_fits, group_gpus, meta_model, parse_bytes, plan_memory
+from builder.placement import (
+    GiB,
+    check_fits,
+    check_placement,
+    group_gpus,
+    max_memory_map,
+    memory_plan,
+    meta_model,
+    parse_bytes,
+    plan_memory,
+)
 
 LLAMA_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
@@ -82,6 +93,71 @@ def test_build_refuses_before_loading_weights(tmp_path, target, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A node of two GPUs as the start-up placement check sees it, on any machine: their size comes
+    from --max-memory-per-gpu, and nothing is ever loaded on them."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())  # this process's state, as `build` sets it up
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def group_prep(tmp_path, budget: int | None = None):
+    """The tiny target (8 layers, weights well under a GiB) over a group of two GPUs of `budget` bytes."""
+    from builder.embedded import EMBEDDED_TARGETS
+
+    flags = {"max_memory_per_gpu": str(budget)} if budget is not None else {}
+    return SimpleNamespace(
+        cfg=small_config(tmp_path / "cache", gpus_per_target=2, **flags),
+        model_config=AutoConfig.from_pretrained(EMBEDDED_TARGETS["tiny-llama"]),
+        aux_layer_ids=[1, 3, 4],
+        selected_token_ids=range(300),
+    )
+
+
+def loaders_device_map(prep, budget: int) -> dict:
+    """Where `from_pretrained(device_map="auto")` puts each module with the max_memory the build gives
+    it: transformers' own placement, run on the meta model in the dtype the weights load in."""
+    import torch
+    from transformers.integrations.accelerate import _get_device_map
+
+    model = meta_model(prep.model_config).to(torch.bfloat16)
+    return _get_device_map(model, "auto", max_memory_map([0, 1], budget, memory_plan(prep)), None)
+
+
+def test_a_group_the_plan_approves_keeps_every_layer_on_its_gpus(tmp_path, two_gpus):
+    """An even split of the weights leaves the last layers over (the loader places whole layers and
+    keeps a layer's room free on the first GPU): at a budget of exactly the plan, every module still
+    lands on the group's GPUs."""
+    budget = memory_plan(group_prep(tmp_path)).per_gpu
+    prep = group_prep(tmp_path, budget)
+    check_placement(prep)
+    assert set(loaders_device_map(prep, budget).values()) == {0, 1}
+
+
+def test_a_group_the_loader_would_offload_is_refused_before_any_weights_load(tmp_path, two_gpus, monkeypatch):
+    """Whatever the plan's estimate misses (here, as the plan once did, room for whole layers), the
+    start-up check runs the loader's own placement on the meta model and refuses one that would put
+    weights on disk, saying what and what to do."""
+    monkeypatch.setattr(placement_module, "LAYER_SLACK", 0)
+    budget = memory_plan(group_prep(tmp_path)).per_gpu
+    prep = group_prep(tmp_path, budget)
+    assert "disk" in loaders_device_map(prep, budget).values()
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--gpus-per-target: expected a placement that keeps every weight on the group's GPUs [0, 1], got 2",
+            "model.layers.7, model.norm, model.rotary_emb, lm_head",
+            "on disk",
+            "Raise --gpus-per-target, lower --batch-size or --max-tokens-per-batch",
+        ),
+    ):
+        check_placement(prep)
+
+
 def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
     from tiny_targets import tiny_tokenizer
 
@@ -139,8 +215,6 @@ def test_a_size_with_a_malformed_number_is_the_same_config_error(tmp_path, text)
 def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
     """--batch-size caps every batch at batch_size x seq_length tokens: a larger --max-tokens-per-batch
     does not make batches any larger, so it must not make the plan refuse a build that fits."""
-    from types import SimpleNamespace
-
     from builder.placement import memory_plan
 
     def prep(**flags):
@@ -177,6 +251,50 @@ def test_a_device_map_that_is_not_one_is_refused_with_the_flags(tmp_path, spec, 
     with pytest.raises(ConfigError, match=says("--device-map: expected", "a JSON object {module name: device}", repr(spec), found)):
         validate(small_config(tmp_path / "cache", device_map=spec))
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("spec", ['{"model": "cpu", "lm_head": "disk"}', '{"model.embed_tokens": 0, "model.layers": "disk", "lm_head": 0}'])
+def test_a_device_map_that_offloads_to_disk_is_refused_before_anything_is_written(tmp_path, spec):
+    """The build reads every weight on every batch (the head's rows directly): weights left on disk
+    cannot run, and the loader would put them there without a word."""
+    from builder.config import validate
+
+    on_disk = [module for module, device in json.loads(spec).items() if device == "disk"]
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--device-map: expected", 'a GPU index, "cpu" or "cuda:N"', repr(spec), f'It puts {on_disk} on "disk"', "place them on a GPU"
+        ),
+    ):
+        validate(small_config(tmp_path / "cache", device_map=spec))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_target_the_loader_put_on_disk_is_refused_as_it_loads(tmp_path, target, monkeypatch):
+    """accelerate's strategies ("sequential" here) decide the placement only as the weights load, and
+    may put the last modules on disk: the loaded target is refused, naming them, before it runs."""
+    import torch
+
+    from builder.placement import load_placed_model
+
+    def offloading_loader(*args, **kwargs):
+        model = torch.nn.Linear(2, 2)
+        model.hf_device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "disk", "lm_head": "disk"}
+        return model
+
+    monkeypatch.setattr(placement_module, "load_model", offloading_loader)
+    cfg = small_config(tmp_path / "cache", target, device_map="sequential")
+    prep = SimpleNamespace(cfg=cfg, model_path=str(target), model_config=AutoConfig.from_pretrained(target))
+    with pytest.raises(
+        ConfigError,
+        match=says(
+            "--device-map: expected a placement that keeps every weight in memory, got 'sequential'",
+            "put model.norm, lm_head on disk",
+            "raise --gpus-per-target",
+            '--device-map on GPUs and "cpu"',
+        ),
+    ):
+        load_placed_model(prep)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
