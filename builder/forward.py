@@ -61,7 +61,7 @@ def run_forward(
     (out / "data").mkdir(parents=True, exist_ok=True)
     if prep.cfg.target_format == "hidden" and result.rank == 0:
         write_head_rows(out, prep, target)
-    progress = Progress(prep, out, show_progress)
+    progress = Progress(prep, out, show_progress, names, result.rank, result.world_size)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
     faults = FaultPoints()
@@ -315,14 +315,18 @@ def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
 class Progress:
     """One bar on rank 0: samples over every rank's pending shards (others' from their sidecars)."""
 
-    def __init__(self, prep: Prepared, out: Path, enabled: bool):
+    POLL_INTERVAL_S = 1.0  # how often the others' sidecars are looked at
+
+    def __init__(self, prep: Prepared, out: Path, enabled: bool, names: list[str], rank: int = 0, world_size: int = 1):
         self.enabled, self.out = enabled, out
         self.start = time.perf_counter()
         self.tokens = self.bytes = 0
         self.seen_sidecars = {p.name for p in self._sidecars()} if enabled else set()
         total = len(prep.samples) - sum(json.loads(p.read_text())["rows"] for p in self._sidecars()) if enabled else 0
         self.bar = tqdm(total=total, unit="sample", desc="Building", disable=not enabled, dynamic_ncols=True)
-        self._mine: set[str] = set()
+        # This rank's shards count batch by batch, never from their sidecars: a shard's sidecar is
+        # written before the shard is renamed into place.
+        self._mine = {f"{name}.json" for k, name in enumerate(names) if k % world_size == rank}
         self._last_poll = 0.0
 
     def _sidecars(self):
@@ -333,20 +337,18 @@ class Progress:
             return
         self.bar.update(len(batch.samples))
         self.tokens += sum(s["num_tokens"] for s in batch.samples)
-        self._poll_other_ranks()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        if now - self._last_poll >= self.POLL_INTERVAL_S:
+            self._last_poll = now
+            self.poll_other_ranks()
+        elapsed = max(now - self.start, 1e-9)
         self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:,.0f}", written=f"{self.bytes / 1e9:.3f}GB", refresh=False)
 
     def shard_done(self, info: dict) -> None:  # called on the writer thread
         self.bytes += info["bytes"]
-        self._mine.add(f"{info['name']}.json")
 
-    def _poll_other_ranks(self) -> None:
-        """Shards other ranks finished since the last look (at most once a second)."""
-        now = time.perf_counter()
-        if now - self._last_poll < 1.0:
-            return
-        self._last_poll = now
+    def poll_other_ranks(self) -> None:
+        """Count the shards other ranks finished since the last look."""
         for path in self._sidecars():
             if path.name not in self.seen_sidecars and path.name not in self._mine:
                 self.seen_sidecars.add(path.name)

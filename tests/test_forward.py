@@ -1,14 +1,20 @@
-"""The forward loop's host-side pieces: batch padding, the loss rows counted on the host, and the
-GIL switch interval the loop runs under."""
+"""The forward loop's host-side pieces: batch padding, the loss rows counted on the host, the
+GIL switch interval the loop runs under, and rank 0's progress bar."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
+from helpers import small_config
 
+import builder.forward as forward
+import builder.shards as shards
 from builder.batching import pad_batch
+from builder.build import build
+from builder.build_state import BUILD_STATE_DIR
 from builder.forward import all_finite, gil_switch_interval
 
 
@@ -195,3 +201,40 @@ def test_a_decoder_without_a_list_of_its_layers_is_refused_with_what_was_looked_
         ),
     ):
         decoder_layers(model, 4)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the builds of a test open, as (Progress, its count and total when closed)."""
+    opened = []
+
+    class Recorded(forward.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+        def close(self):
+            self.closed_at = (self.bar.n, self.bar.total)
+            super().close()
+
+    monkeypatch.setattr(forward, "Progress", Recorded)
+    return opened
+
+
+def recorded_bytes(out) -> int:
+    return sum(json.loads(p.read_text())["bytes"] for p in (out / BUILD_STATE_DIR / "shards").glob("*.json"))
+
+
+def test_the_bar_counts_each_shard_of_its_rank_once_even_when_it_looks_while_the_shard_is_published(tmp_path, monkeypatch, bars):
+    """A shard's record is written before the shard is renamed into place: a look at the records right then
+    (a slow fsync on a busy disk) must not take the rank's own shard for another rank's."""
+    publish = shards.ShardWriter.publish
+
+    def look_then_publish(writer):
+        bars[0].poll_other_ranks()  # the record is on disk, the shard not yet in place
+        publish(writer)
+
+    monkeypatch.setattr(shards.ShardWriter, "publish", look_then_publish)
+    result = build(small_config(tmp_path / "cache"), progress=True)
+    assert bars[0].closed_at == (14, 14)
+    assert bars[0].bytes == recorded_bytes(result.output_dir)
