@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .supervision import chunked_logits, compute_target_distribution, logit_chunks
+from .supervision import HEAD_CHUNK_ROWS, chunked_logits, compute_target_distribution, logit_chunks
 
 TARGET_FORMATS = ("probs", "topk", "hidden")
 AUX_DTYPES = ("bf16", "fp16", "fp32", "fp8")
@@ -240,6 +240,11 @@ def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_ro
 
 # ---- quality, measured against the live target during the build --------------------------
 
+# The dense figures (topk's KL, hidden's rebuilt probs) are measured over this many slices of a batch's
+# loss rows: each slice's `[rows, Vd]` fp32 temporaries hold about 1/8 of the live probs' bytes, which
+# keeps the batch's peak within the planner's `outputs` term (placement.plan_memory) for every format.
+QUALITY_SLICES = 8
+
 
 def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None, transform=None) -> dict:
     """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card.
@@ -252,22 +257,48 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None,
         stats["aux_max_abs_diff"] = torch.where(live["attention"].bool(), per_token, 0.0).amax()  # real tokens; 0 if none
     if layout.target_format == "topk":
         kept = encoded["topk_logprobs"].float().exp().sum(-1)
-        spread = probs_from_topk(encoded["topk_logprobs"], encoded["topk_ids"], layout.draft_vocab_size, spread_tail=True)
-        p = live["probs"]
-        kl = torch.where(p > 0, p * (p.clamp(min=1e-38).log() - spread.clamp(min=1e-38).log()), torch.zeros_like(p)).sum(-1)
         stats |= {
             "kept_mass_sum": kept.sum(),
             "kept_mass_min": kept.min() if len(kept) else torch.ones(()),
             "kept_mass_hist": torch.histc(kept.float(), bins=1000, min=0, max=1),
-            "kl_spread_sum": kl.sum(),
+            "kl_spread_sum": kl_to_spread_rebuild(layout, live["probs"], encoded).sum(),
             "kl_renorm_reverse_sum": (-kept.clamp(min=1e-38).log()).sum(),
             "rows": torch.tensor(len(kept)),
         }
     if layout.target_format == "hidden":
-        rebuilt = probs_from_hidden(encoded["final_hidden"].flatten(0, 1).index_select(0, live["loss_positions"]), draft_rows, transform)
-        diff = (rebuilt.to(TORCH_DTYPES[layout.dtype]).float() - live["probs"]).abs()
-        stats["probs_max_abs_diff"] = diff.max() if diff.numel() else torch.zeros(())
+        stats["probs_max_abs_diff"] = hidden_rebuild_max_abs_diff(layout, live, encoded, draft_rows, transform)
     return stats
+
+
+def loss_row_slices(rows: int, multiple: int = 1) -> list[slice]:
+    """At most QUALITY_SLICES slices covering `rows` loss rows, each a whole number of `multiple` rows
+    (but the last); none for no rows. `rows` is known on the host: no device synchronisation."""
+    units = -(-rows // multiple)
+    step = multiple * max(1, -(-units // QUALITY_SLICES))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def kl_to_spread_rebuild(layout: Layout, probs: torch.Tensor, encoded: dict) -> torch.Tensor:
+    """`[n]` fp32: KL(live || the top-K rebuilt with the tail spread), row by row, one slice of rows at a time."""
+    logprobs, ids = encoded["topk_logprobs"], encoded["topk_ids"]
+    per_slice = []
+    for rows in loss_row_slices(len(probs)):
+        p = probs[rows]
+        spread = probs_from_topk(logprobs[rows], ids[rows], layout.draft_vocab_size, spread_tail=True)
+        per_slice.append(torch.where(p > 0, p * (p.clamp(min=1e-38).log() - spread.clamp(min=1e-38).log()), torch.zeros_like(p)).sum(-1))
+    return torch.cat(per_slice) if per_slice else probs.new_zeros(0)
+
+
+def hidden_rebuild_max_abs_diff(layout: Layout, live: dict, encoded: dict, draft_rows, transform) -> torch.Tensor:
+    """Largest |probs a default read rebuilds from the stored hidden rows - live probs|, one slice of rows at
+    a time. Slices are whole head chunks: the rebuild pads to them anyway (`logit_chunks`)."""
+    hidden_rows = encoded["final_hidden"].flatten(0, 1).index_select(0, live["loss_positions"])
+    probs, read_dtype = live["probs"], TORCH_DTYPES[layout.dtype]
+    maxima = []
+    for rows in loss_row_slices(len(probs), multiple=HEAD_CHUNK_ROWS):
+        rebuilt = probs_from_hidden(hidden_rows[rows], draft_rows, transform)
+        maxima.append((rebuilt.to(read_dtype).float() - probs[rows]).abs().amax())
+    return torch.stack(maxima).amax() if maxima and probs.shape[1] else torch.zeros(())
 
 
 def merge_quality(a: dict, b: dict) -> dict:

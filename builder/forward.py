@@ -61,7 +61,7 @@ def run_forward(
     (out / "data").mkdir(parents=True, exist_ok=True)
     if prep.cfg.target_format == "hidden" and result.rank == 0:
         write_head_rows(out, prep, target)
-    progress = Progress(prep, out, show_progress)
+    progress = Progress(prep, out, show_progress, pending, names, result.rank, result.world_size)
     in_vocab = torch.zeros(prep.vocab_size, dtype=torch.bool)
     in_vocab[torch.as_tensor(prep.selected_token_ids)] = True
     faults = FaultPoints()
@@ -313,47 +313,76 @@ def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
 
 
 class Progress:
-    """One bar on rank 0: samples over every rank's pending shards (others' from their sidecars)."""
+    """One bar on rank 0: the samples of every rank's pending shards. This rank's shards count batch by
+    batch as they go to the writer; another rank's count once published (from their records)."""
 
-    def __init__(self, prep: Prepared, out: Path, enabled: bool):
+    POLL_INTERVAL_S = 1.0  # how often the others' records are looked at
+
+    def __init__(self, prep: Prepared, out: Path, enabled: bool, pending: list[int], names: list[str], rank: int = 0, world_size: int = 1):
         self.enabled, self.out = enabled, out
         self.start = time.perf_counter()
         self.tokens = self.bytes = 0
-        self.seen_sidecars = {p.name for p in self._sidecars()} if enabled else set()
-        total = len(prep.samples) - sum(json.loads(p.read_text())["rows"] for p in self._sidecars()) if enabled else 0
+        # {name: rows} of the other ranks' shards not yet published. This rank's shards are never counted
+        # from their records: a record is written before its shard is renamed into place, and a resume may
+        # find a damaged shard's stale record; the total is what this run has left to build.
+        others = {names[k]: expected_rows(prep, k) for k in range(len(names)) if k % world_size != rank} if enabled else {}
+        published = published_records(out, others)
+        self.others_pending = {name: rows for name, rows in others.items() if name not in published}
+        total = sum(expected_rows(prep, k) for k in pending) + sum(self.others_pending.values()) if enabled else 0
         self.bar = tqdm(total=total, unit="sample", desc="Building", disable=not enabled, dynamic_ncols=True)
-        self._mine: set[str] = set()
         self._last_poll = 0.0
-
-    def _sidecars(self):
-        return (self.out / BUILD_STATE_DIR / "shards").glob("*.json")
 
     def batch_done(self, batch: BatchOutput) -> None:
         if not self.enabled:
             return
         self.bar.update(len(batch.samples))
         self.tokens += sum(s["num_tokens"] for s in batch.samples)
-        self._poll_other_ranks()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        now = time.perf_counter()
+        if now - self._last_poll >= self.POLL_INTERVAL_S:
+            self._last_poll = now
+            self.poll_other_ranks()
+        elapsed = max(now - self.start, 1e-9)
         self.bar.set_postfix(tok_s=f"{self.tokens / elapsed:,.0f}", written=f"{self.bytes / 1e9:.3f}GB", refresh=False)
 
     def shard_done(self, info: dict) -> None:  # called on the writer thread
         self.bytes += info["bytes"]
-        self._mine.add(f"{info['name']}.json")
 
-    def _poll_other_ranks(self) -> None:
-        """Shards other ranks finished since the last look (at most once a second)."""
-        now = time.perf_counter()
-        if now - self._last_poll < 1.0:
-            return
-        self._last_poll = now
-        for path in self._sidecars():
-            if path.name not in self.seen_sidecars and path.name not in self._mine:
-                self.seen_sidecars.add(path.name)
-                info = json.loads(path.read_text())
-                self.bar.update(info["rows"])
-                self.tokens += info["tokens"]
-                self.bytes += info["bytes"]
+    def poll_other_ranks(self) -> None:
+        """Count the shards other ranks published since the last look."""
+        for name, record in published_records(self.out, self.others_pending).items():
+            self.bar.update(self.others_pending.pop(name))
+            self.tokens += record["tokens"]
+            self.bytes += record["bytes"]
 
     def close(self) -> None:
         self.bar.close()
+
+
+def published_records(out: Path, names) -> dict[str, dict]:
+    """{name: record} of the shards among `names` that are published: in place with their recorded size,
+    or deleted after an upload whose sha256 their record holds. The shards are listed before their records
+    are read: a rank writes a shard's record first, then renames the shard into place."""
+    names = set(names)
+    if not names:
+        return {}
+    sizes = file_sizes(out / "data", names)
+    recorded = names & {path.stem for path in (out / BUILD_STATE_DIR / "shards").glob("*.json")}
+    published = {}
+    for name in recorded:
+        record = read_sidecar(out, name)
+        if record is not None and (record["bytes"] == sizes[name] if name in sizes else record.get("sha256") is not None):
+            published[name] = record
+    return published
+
+
+def file_sizes(folder: Path, names: set[str]) -> dict[str, int]:
+    """{name: bytes} of the files among `names` in `folder`: one listing, however many files it holds."""
+    sizes = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name in names:
+                try:
+                    sizes[entry.name] = entry.stat().st_size
+                except FileNotFoundError:  # deleted after its upload since the listing
+                    pass
+    return sizes

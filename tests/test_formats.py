@@ -4,15 +4,20 @@ reports (which must be the true maxima); hidden caches change draft vocabulary w
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
 from helpers import says, small_config
-from transformers import AutoModelForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from builder import compute_target_distribution
 from builder.build import build
 from builder.embedded import resolve_target
+from builder.formats import TARGET_FORMATS, Layout, encode_targets, quality_of_batch
+from builder.placement import plan_memory
 from builder.reader import load_cache, read_manifest
 
 KEYS = {"input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask"}
@@ -179,3 +184,60 @@ def test_the_last_layer_is_stored_as_its_own_output_before_the_final_norm(tmp_pa
     assert torch.equal(stored[:, :hidden], out.hidden_states[2][0]) and torch.equal(stored[:, hidden : 2 * hidden], out.hidden_states[4][0])
     assert torch.equal(stored[:, 2 * hidden :], layer_output[0])
     assert not torch.allclose(stored[:, 2 * hidden :], out.hidden_states[last + 1][0])  # that one is after the final norm
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Bytes of the storages the ops run inside it allocate (those of `existing` tensors excluded):
+    live now, and at their peak. Each storage counts until its last reference goes."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage) -> None:
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key in self.storages or nbytes == 0:
+            return
+        self.storages.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, nbytes)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.storages.discard(key)
+        self.live -= nbytes
+
+
+@pytest.mark.parametrize("target_format", TARGET_FORMATS)
+@pytest.mark.parametrize("loss_rows", [2048, 1337])
+def test_a_batchs_supervision_peak_fits_the_planners_outputs_term(target_format, loss_rows):
+    """What a batch holds of its `[n, Vd]` supervision once the forward is done: the live fp32 probs, the
+    encoded columns and the quality figures' temporaries. The planner budgets it in `outputs` for a batch
+    of 2048 tokens, whichever format; quality is measured slice by slice so that it stays within."""
+    tokens, vocab, hidden = 2048, 1000, 32
+    torch.manual_seed(0)
+    live = {
+        "probs": torch.softmax(torch.randn(loss_rows, vocab) * 3, -1),
+        "argmax": torch.zeros(loss_rows, dtype=torch.long),
+        "log_draft_mass": torch.zeros(loss_rows),
+        "aux": torch.zeros(1, tokens, 8),
+        "attention": torch.ones(1, tokens),
+        "loss_positions": torch.arange(loss_rows),
+        "final_hidden": torch.randn(1, tokens, hidden),
+    }
+    draft_rows = torch.randn(vocab, hidden) * 0.1
+    layout = Layout(target_format, "bf16", "bf16", 64, vocab, 8, hidden)
+    with AllocatedBytes([*live.values(), draft_rows]) as allocated:
+        encoded = encode_targets(layout, live)
+        quality_of_batch(layout, live, encoded, draft_rows)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab)
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=3, dtype_bytes=2, draft_vocab_size=vocab)
+    assert live["probs"].nbytes + allocated.peak <= plan.outputs

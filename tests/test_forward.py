@@ -1,14 +1,22 @@
-"""The forward loop's host-side pieces: batch padding, the loss rows counted on the host, and the
-GIL switch interval the loop runs under."""
+"""The forward loop's host-side pieces: batch padding, the loss rows counted on the host, the
+GIL switch interval the loop runs under, and rank 0's progress bar."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import small_config
 
+import builder.forward as forward
+import builder.shards as shards
 from builder.batching import pad_batch
+from builder.build import build
+from builder.build_state import BUILD_STATE_DIR, sidecar_path
 from builder.forward import all_finite, gil_switch_interval
 
 
@@ -195,3 +203,82 @@ def test_a_decoder_without_a_list_of_its_layers_is_refused_with_what_was_looked_
         ),
     ):
         decoder_layers(model, 4)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the builds of a test open, as (Progress, its count and total when closed)."""
+    opened = []
+
+    class Recorded(forward.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+        def close(self):
+            self.closed_at = (self.bar.n, self.bar.total)
+            super().close()
+
+    monkeypatch.setattr(forward, "Progress", Recorded)
+    return opened
+
+
+def recorded_bytes(out) -> int:
+    return sum(json.loads(p.read_text())["bytes"] for p in (out / BUILD_STATE_DIR / "shards").glob("*.json"))
+
+
+def test_the_bar_counts_each_shard_of_its_rank_once_even_when_it_looks_while_the_shard_is_published(tmp_path, monkeypatch, bars):
+    """A shard's record is written before the shard is renamed into place: a look at the records right then
+    (a slow fsync on a busy disk) must not take the rank's own shard for another rank's."""
+    publish = shards.ShardWriter.publish
+
+    def look_then_publish(writer):
+        bars[0].poll_other_ranks()  # the record is on disk, the shard not yet in place
+        publish(writer)
+
+    monkeypatch.setattr(shards.ShardWriter, "publish", look_then_publish)
+    result = build(small_config(tmp_path / "cache"), progress=True)
+    assert bars[0].closed_at == (14, 14)
+    assert bars[0].bytes == recorded_bytes(result.output_dir)
+
+
+def test_the_bar_of_a_resume_that_rebuilds_a_damaged_shard_counts_that_shard(tmp_path, bars):
+    cfg = small_config(tmp_path / "cache")
+    build(cfg, progress=False)
+    shard = tmp_path / "cache" / "data" / "train-00001-of-00004.parquet"
+    os.truncate(shard, shard.stat().st_size // 2)
+    resumed = build(cfg.replace(resume=True), progress=True)
+    assert resumed.written == ["train-00001-of-00004.parquet"]
+    assert bars[-1].closed_at == (4, 4)
+
+
+def test_rank_0s_bar_counts_another_ranks_shard_once_it_is_published_and_never_its_own_records(tmp_path):
+    """Two ranks, four shards (4, 4, 4, 2 rows); rank 1 owns shards 1 and 3. Shard 1 is complete from an
+    earlier run, shard 3 damaged (its record stale), shard 0 of rank 0 has a record but is not in place yet."""
+    out = tmp_path / "cache"
+    names = [f"train-0000{k}-of-00004.parquet" for k in range(4)]
+    (out / "data").mkdir(parents=True)
+    (out / BUILD_STATE_DIR / "shards").mkdir(parents=True)
+
+    def record(name, nbytes, **extra):
+        sidecar_path(out, name).write_text(json.dumps({"rows": 4, "tokens": 100, "bytes": nbytes} | extra))
+
+    record(names[1], 10)
+    (out / "data" / names[1]).write_bytes(b"x" * 10)
+    record(names[3], 10)
+    (out / "data" / names[3]).write_bytes(b"x" * 5)  # damaged: rank 1 rebuilds it
+    prep = SimpleNamespace(samples=range(14), cfg=SimpleNamespace(shard_size=4))
+    progress = forward.Progress(prep, out, True, [0, 2], names, rank=0, world_size=2)
+    assert progress.bar.total == 4 + 4 + 2  # rank 0's two shards and rank 1's shard 3
+
+    (out / "data" / names[3]).unlink()  # rank 1 rebuilds shard 3: its record first, then the shard
+    record(names[3], 7, tokens=30)
+    record(names[0], 8)  # rank 0 writes its shard 0's record
+    progress.poll_other_ranks()
+    assert (progress.bar.n, progress.tokens, progress.bytes) == (0, 0, 0)
+    (out / "data" / names[3]).write_bytes(b"x" * 7)
+    (out / "data" / names[0]).write_bytes(b"x" * 8)
+    progress.poll_other_ranks()
+    progress.poll_other_ranks()
+    assert (progress.bar.n, progress.tokens, progress.bytes) == (2, 30, 7)
+    progress.close()
