@@ -125,3 +125,16 @@ def test_card_states_mask_generation_prompt_without_claiming_what_generation_blo
     assert f"`mask_generation_prompt: false` ({header} is supervised {unless})" in off
     assert f"`mask_generation_prompt: true` (without {header})" in on
     assert f"(with {header})" not in off
+
+
+def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
+    """The default (zstd) stores the supervision columns as byte planes, not as the raw bytes a
+    plain reader would take them for; the card names each column's encoding from the manifest."""
+    zstd = card_prose(tmp_path, "probs", dtype="fp32")
+    assert "tensor columns are raw" not in zstd
+    assert "`input_ids`, `loss_mask` are `raw`: the tensor's bytes as they are" in zstd
+    planes = "`aux_hidden_states`, `target_argmax`, `target_probs` are `byte_planes_zstd`, not readable as plain bytes"
+    assert planes in zstd and "builder.shards.decode_value(value, dtype)" in zstd and "docs/cache-layout.md" in zstd
+    raw = card_prose(tmp_path, "probs", dtype="fp32", compression="none")
+    assert "`input_ids`, `loss_mask`, `aux_hidden_states`, `target_argmax`, `target_probs` are `raw`" in raw
+    assert "byte_planes_zstd" not in raw
