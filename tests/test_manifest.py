@@ -81,6 +81,18 @@ def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
         read_manifest(tmp_path / "empty")
 
 
+def test_a_card_whose_front_matter_is_not_yaml_is_refused_naming_the_file_and_line(manifest, tmp_path):
+    text = render_card(manifest, location="user/cache")
+    lines = text.split("\n")
+    lines[1] = "configs: default: x"  # the card's second line
+    (tmp_path / "README.md").write_text("\n".join(lines))
+    problem = r"expected YAML front matter .*\(line 2: mapping values are not allowed here\).*restore it, or rebuild"
+    with pytest.raises(ManifestError, match=rf"the card of {tmp_path}.*: {problem}"):
+        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=r"README.md: expected the front matter to be a YAML mapping"):
+        manifest_from_card("---\n- a list\n---\n", "README.md")
+
+
 def test_a_newer_format_version_is_refused_an_older_one_read(manifest):
     newer = copy.deepcopy(manifest)
     newer["identity"]["format_version"] = FORMAT_VERSION + 1
