@@ -265,7 +265,18 @@ def validate(cfg: BuildConfig) -> None:
         )
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
+    _check_push_target(cfg)
     _check_output_dir(cfg)
+
+
+def _check_push_target(cfg: BuildConfig) -> None:
+    """--push-to-hub: the repo id, config, branch and tag names and a token's presence, which need no
+    network, are checked with the other flags, not once the input is tokenized (a dry run too)."""
+    if not cfg.push_to_hub:
+        return
+    from .push import PushTarget, validate_target
+
+    validate_target(PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private))
 
 
 def _check_declared(cfg: BuildConfig) -> None:
