@@ -367,3 +367,34 @@ def test_a_push_without_a_token_fails_before_anything_loads(tmp_path, capsys, no
     nothing_loads.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     assert main(["build", "--output-dir", str(tmp_path / "out"), "--push-to-hub", "user/cache"]) == 2
     assert re.search(says("pushing to user/cache: no Hugging Face token found", "HF_TOKEN"), capsys.readouterr().err)
+
+
+# ---- a flag nothing would read is refused, not ignored ---------------------------------------------
+
+
+UNUSED = [
+    (["--topk", "8"], "--topk: expected --target-format topk as well, got 8"),
+    (["--target-format", "hidden", "--topk", "8"], "--topk: expected --target-format topk as well, got 8"),
+    (["--store-full-head"], "--store-full-head: expected --target-format hidden as well, got True"),
+    (["--target-format", "topk", "--store-full-head"], "--store-full-head: expected --target-format hidden as well, got True"),
+    (["--hub-tag", "v1"], "--hub-tag: expected --push-to-hub REPO_ID as well, got 'v1'"),
+    (["--hub-config", "small"], "--hub-config: expected --push-to-hub REPO_ID as well, got 'small'"),
+    (["--hub-branch", "dev"], "--hub-branch: expected --push-to-hub REPO_ID as well, got 'dev'"),
+    (["--private"], "--private: expected --push-to-hub REPO_ID as well, got True"),
+]
+
+
+@pytest.mark.parametrize("argv, line", UNUSED, ids=[" ".join(a) for a, _ in UNUSED])
+def test_a_flag_its_settings_would_ignore_is_refused_naming_what_it_needs(tmp_path, capsys, nothing_loads, argv, line):
+    assert main(["build", "--output-dir", str(tmp_path / "out"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {line}. Without it the flag is ignored.") and not captured.out, captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dependent_flags_at_their_defaults_or_with_what_they_need_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_present")
+    validate(cfg(tmp_path, topk=64, store_full_head=False, hub_branch="main", hub_tag=None, hub_config=None, private=False))
+    validate(cfg(tmp_path, target_format="topk", topk=8))
+    validate(cfg(tmp_path, target_format="hidden", store_full_head=True))
+    validate(cfg(tmp_path, push_to_hub="user/cache", hub_tag="v1", hub_config="small", hub_branch="dev", private=True))
