@@ -35,6 +35,11 @@ class ManifestError(Eagle3CacheError, ValueError):
     """A card holds no manifest this package can read."""
 
 
+class CardNotFound(Eagle3CacheError, FileNotFoundError):
+    """No card where a cache's should be (a path that is no cache, an interrupted build or push);
+    still a FileNotFoundError for callers that catch that."""
+
+
 def fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -260,5 +265,5 @@ def manifest_of(source: CacheSource) -> dict:
     except FileNotFoundError:
         card_path = None
     if card_path is None or not card_path.exists():
-        raise FileNotFoundError(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
+        raise CardNotFound(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
     return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")
