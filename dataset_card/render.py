@@ -70,7 +70,8 @@ def card_data(manifest: dict, config: str | None = None) -> dict:
     config's folder downloaded alone opens like any cache; the repo's index card, the one `datasets`
     reads on the Hub, names each config's folder."""
     config_yaml, info = _config_yaml(config or DEFAULT_CONFIG, index_entry(manifest, config), prefix="")
-    info.pop("config_name")  # single-config form, as `datasets` writes it
+    if info["config_name"] == DEFAULT_CONFIG:
+        info.pop("config_name")  # single-config form, as `datasets` writes it; another config's info keeps its name
     return {"configs": [config_yaml], "dataset_info": info, "tags": TAGS, "eagle3_cache": manifest}
 
 

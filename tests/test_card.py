@@ -28,6 +28,19 @@ def test_card_metadata_lets_datasets_open_the_config(manifest):
     assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache"]
 
 
+@pytest.mark.parametrize("config", [None, "default", "small"])
+def test_datasets_files_the_card_info_under_the_config_it_names(manifest, config):
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard(render_card(manifest, "user/cache", config=config)).data
+    name = config or "default"
+    assert list(MetadataConfigs.from_dataset_card_data(data)) == [name]
+    infos = DatasetInfosDict.from_dataset_card_data(data)
+    assert list(infos) == [name] and infos[name].splits["train"].num_examples == 5
+
+
 def test_card_text_names_how_to_open_it(manifest):
     text = render_card(manifest, "user/cache", config="small", revision="v1")
     assert "load_cache('user/cache', name='small', revision='v1', layout=\"nemo\", streaming=True)" in text
