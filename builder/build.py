@@ -99,10 +99,9 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     if not cfg.push_to_hub:
         return None
     from .manifest import fingerprint
-    from .push import PushTarget, ShardUploader, validate_target
+    from .push import PushTarget, ShardUploader
 
     target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
-    validate_target(target)
     # Bounding the queue bounds local disk; without deletion it would only slow the build to upload speed.
     max_pending = 1 if cfg.delete_local_after_upload else 1 << 20
     return ShardUploader(

@@ -110,7 +110,7 @@ def is_cache_card(path: Path) -> bool:
 
     try:
         return CARD_KEY in card_data_of(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):  # no readable front matter: not a card of ours
+    except (ValueError, UnicodeDecodeError):  # no readable front matter (a ManifestError): not a card of ours
         return False
 
 

@@ -265,7 +265,40 @@ def validate(cfg: BuildConfig) -> None:
         )
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
+    _check_flags_have_their_use(cfg)
+    _check_push_target(cfg)
     _check_output_dir(cfg)
+
+
+# A setting that only means something alongside another: {field: (is it in use, the flag it needs, why)}
+DEPENDENT_SETTINGS = {
+    "topk": (lambda cfg: cfg.target_format == "topk", "--target-format topk", "Other formats store no top K."),
+    "store_full_head": (lambda cfg: cfg.target_format == "hidden", "--target-format hidden", "Only hidden caches store head rows."),
+    **{
+        name: (lambda cfg: bool(cfg.push_to_hub), "--push-to-hub REPO_ID", "To publish a finished cache, pass it to `eagle3-cache push`.")
+        for name in ("hub_config", "hub_branch", "hub_tag", "private")
+    },
+}
+
+
+def _check_flags_have_their_use(cfg: BuildConfig) -> None:
+    """A setting given a value of its own (not its default) where nothing reads it is refused rather
+    than silently ignored: the user meant something the build would not do."""
+    defaults = {f.name: f.default for f in settings()}
+    for name, (in_use, needed, why) in DEPENDENT_SETTINGS.items():
+        value = getattr(cfg, name)
+        if value != defaults[name] and not in_use(cfg):
+            raise ConfigError(flag_of(name), value, f"{needed} as well", f"Without it the flag is ignored. {why}")
+
+
+def _check_push_target(cfg: BuildConfig) -> None:
+    """--push-to-hub: the repo id, config, branch and tag names and a token's presence, which need no
+    network, are checked with the other flags, not once the input is tokenized (a dry run too)."""
+    if not cfg.push_to_hub:
+        return
+    from .push import PushTarget, validate_target
+
+    validate_target(PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private))
 
 
 def _check_declared(cfg: BuildConfig) -> None:

@@ -7,9 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import ConfigError
+
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# The weights transformers loads from a local folder: the first of these that exists.
+LOADING_ORDER = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 256, 4096
 
 
@@ -36,15 +38,45 @@ def same_weights(recorded: str | None, model_path: str) -> bool:
 
 
 def loaded_weight_files(folder: Path) -> list[Path]:
-    """The files transformers loads weights from: those its index names, else its single weight file;
-    in a layout of another kind, every weight-like file."""
-    for index in WEIGHT_INDEXES:
-        if (folder / index).is_file():
-            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
-    for name in SINGLE_WEIGHT_FILES:
+    """The files transformers loads weights from, found in its order: the file its config names
+    (`transformers_weights`), else `model.safetensors`, its index, `pytorch_model.bin`, its index.
+    A folder re-saved in another layout keeps the earlier files beside the new ones, and only the
+    first found is loaded. In a layout of another kind, every weight-like file."""
+    explicit = _explicit_weights(folder)
+    for name in [explicit] if explicit else LOADING_ORDER:
         if (folder / name).is_file():
-            return [folder / name]
+            return _indexed_files(folder, name) if name.endswith(".index.json") else [folder / name]
     return _weight_like_files(folder)
+
+
+def _explicit_weights(folder: Path) -> str | None:
+    """The weights file (or index) a config names under `transformers_weights`, which transformers loads first."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _indexed_files(folder: Path, index: str) -> list[Path]:
+    """The files an index maps weights to; each must be there, as transformers will load every one."""
+    files = sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        raise ConfigError(
+            "--target-model",
+            str(folder),
+            f"every weight file its {index} names",
+            f"Missing: {', '.join(missing)}. transformers loads the weights through {index} ({_why_loaded(index)}): "
+            "restore the files, or remove the stale index if the weights are saved another way.",
+        )
+    return files
+
+
+def _why_loaded(index: str) -> str:
+    if index not in LOADING_ORDER:
+        return "config.json names it under transformers_weights"
+    return f"the folder has no {' or '.join(LOADING_ORDER[: LOADING_ORDER.index(index)])}"
 
 
 def _weight_like_files(folder: Path) -> list[Path]:

@@ -35,6 +35,11 @@ class ManifestError(Eagle3CacheError, ValueError):
     """A card holds no manifest this package can read."""
 
 
+class CardNotFound(Eagle3CacheError, FileNotFoundError):
+    """No card where a cache's should be (a path that is no cache, an interrupted build or push);
+    still a FileNotFoundError for callers that catch that."""
+
+
 def fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -153,17 +158,41 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
 # ---- reading (from a card) ------------------------------------------------------------------
 
 
-def card_data_of(text: str) -> dict:
-    """The YAML front matter of a dataset card's text, as a dict (empty when it has none)."""
+def card_data_of(text: str, where: str = "the card") -> dict:
+    """The YAML front matter of a dataset card's text, as a dict (empty when it has none).
+    Front matter that is not a YAML mapping is a ManifestError naming `where` and the line."""
+    import yaml
     from huggingface_hub import DatasetCard
 
-    return DatasetCard(text).data.to_dict()
+    try:
+        return DatasetCard(text).data.to_dict()
+    except yaml.YAMLError as err:
+        raise ManifestError(
+            f"{where}: expected YAML front matter between '---' lines, found text YAML cannot parse "
+            f"({_yaml_problem(text, err)}); the card was edited or is not eagle3-cache's: restore it, or rebuild the cache"
+        ) from None
+    except ValueError as err:  # YAML, but not a mapping
+        raise ManifestError(
+            f"{where}: expected the front matter to be a YAML mapping ({err}); restore the card, or rebuild the cache"
+        ) from None
 
 
-def card_shard_pattern(text: str) -> str:
+def _yaml_problem(text: str, err: Exception) -> str:
+    """What YAML found wrong, at its line of the card (the front matter starts after the first '---')."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    match = REGEX_YAML_BLOCK.search(text)
+    if mark is None or match is None:
+        return problem
+    return f"line {match.group(1).count(chr(10)) + mark.line + 1}: {problem}"
+
+
+def card_shard_pattern(text: str, where: str = "the card") -> str:
     """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
     cards written before the shard count was in it read every `train-*`."""
-    for config in card_data_of(text).get("configs") or []:
+    for config in card_data_of(text, where).get("configs") or []:
         for entry in config.get("data_files") or []:
             if isinstance(entry, dict) and entry.get("split") == "train" and isinstance(entry.get("path"), str):
                 return entry["path"].rsplit("/", 1)[-1]
@@ -173,7 +202,7 @@ def card_shard_pattern(text: str) -> str:
 def manifest_from_card(text: str, where: str = "the card") -> dict:
     """The manifest a card's text holds, checked to be of a format version this package reads.
     `where` names the card in errors."""
-    data = card_data_of(text)
+    data = card_data_of(text, where)
     if CARD_KEY not in data:
         if data.get(INDEX_KEY):
             raise ManifestError(f"{where} holds several caches: pass name= one of {sorted(data[INDEX_KEY])}")
@@ -216,7 +245,7 @@ def _why_no_card(source: CacheSource) -> str:
 
         try:
             root = download_file(source.location, "README.md", source.commit, source.token)  # the repo's index card
-            root_data = card_data_of(root.read_text(encoding="utf-8"))
+            root_data = card_data_of(root.read_text(encoding="utf-8"), f"the root card of {source.location}")
         except FileNotFoundError:
             root_data = {}
         index = root_data.get(INDEX_KEY) or {}
@@ -236,5 +265,5 @@ def manifest_of(source: CacheSource) -> dict:
     except FileNotFoundError:
         card_path = None
     if card_path is None or not card_path.exists():
-        raise FileNotFoundError(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
+        raise CardNotFound(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
     return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")

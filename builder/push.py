@@ -71,6 +71,14 @@ class PushTarget:
         return self.tag or self.branch
 
 
+def is_ref_name(ref: str) -> bool:
+    """A branch or tag name git accepts (`git check-ref-format`), within the plain characters the
+    Hub takes: each '/'-separated part non-empty, not starting with '.' nor ending in '.lock'."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith("."):
+        return False
+    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in ref.split("/"))
+
+
 def validate_target(target: PushTarget) -> None:
     """Checks that need no network, run before any data or weights load."""
     if re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", target.repo_id) is None:
@@ -81,10 +89,11 @@ def validate_target(target: PushTarget) -> None:
             f"got {target.config!r}. Leave it out to put the cache at the repo root."
         )
     for flag, ref in (("--hub-branch", target.branch), ("--hub-tag", target.tag)):
-        if ref is not None and (
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith((".lock", "/"))
-        ):
-            raise HubError(f"{flag}: expected a git ref name like 'v1' or 'release/2026-01', got {ref!r}")
+        if ref is not None and not is_ref_name(ref):
+            raise HubError(
+                f"{flag}: expected a git ref name like 'v1' or 'release/2026-01' (letters, digits, '.', '_', '-', '/'; no '..' "
+                f"or '//', no part starting with '.' or ending in '.lock', no '.' or '/' at the end), got {ref!r}"
+            )
     if target.token is None:
         from huggingface_hub import get_token
 

@@ -70,7 +70,8 @@ def card_data(manifest: dict, config: str | None = None) -> dict:
     config's folder downloaded alone opens like any cache; the repo's index card, the one `datasets`
     reads on the Hub, names each config's folder."""
     config_yaml, info = _config_yaml(config or DEFAULT_CONFIG, index_entry(manifest, config), prefix="")
-    info.pop("config_name")  # single-config form, as `datasets` writes it
+    if info["config_name"] == DEFAULT_CONFIG:
+        info.pop("config_name")  # single-config form, as `datasets` writes it; another config's info keeps its name
     return {"configs": [config_yaml], "dataset_info": info, "tags": TAGS, "eagle3_cache": manifest}
 
 
@@ -120,6 +121,30 @@ def aux_storage_text(manifest: dict) -> str:
     return f"stored as `{dtype}`"
 
 
+ENCODING_WORDS = {
+    "raw": ": the tensor's bytes as they are (`numpy.frombuffer` in the column's dtype reads them)",
+    "byte_planes_zstd": (
+        ", not readable as plain bytes: a header (`<QB`: element count n, plane count k = bytes per element), then per "
+        "plane `<BQ` (codec 0 stored or 1 zstd, stored length), then the k byte planes, most significant byte first, "
+        "each n bytes once decompressed; interleaved back, they give the little-endian values bit for bit"
+    ),
+}
+
+
+def encoding_text(manifest: dict) -> str:
+    """How each tensor column's values are encoded, in the words of the manifest's `columns.*.encoding`
+    (caches of format version 1 recorded none: every column raw)."""
+    by_encoding: dict[str, list[str]] = {}
+    for name, spec in manifest["columns"].items():
+        if spec.get("arrow") == "binary":
+            by_encoding.setdefault(spec.get("encoding", "raw"), []).append(name)
+    parts = []
+    for encoding, names in by_encoding.items():
+        listed = ", ".join(f"`{name}`" for name in names)
+        parts.append(f"{listed} {'is' if len(names) == 1 else 'are'} `{encoding}`{ENCODING_WORDS.get(encoding, '')}")
+    return "; ".join(parts)
+
+
 def load_arguments(location: str, config: str | None = None, revision: str | None = None) -> str:
     """The exact arguments that open this cache, for the usage snippets."""
     args = [repr(location)]
@@ -166,6 +191,7 @@ def render_card(
         target_format=identity["target_format"],
         supervision=supervision_text(manifest),
         aux_storage=aux_storage_text(manifest),
+        encodings=encoding_text(manifest),
         # caches built before these options existed were built with both off
         mask_generation_prompt=identity.get("mask_generation_prompt", False),
         mask_reasoning_content=identity.get("mask_reasoning_content", False),

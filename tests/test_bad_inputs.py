@@ -616,16 +616,17 @@ def test_an_output_dir_under_a_file_is_refused_before_anything_loads(tmp_path, c
     assert re.search(expected + rf"{re.escape(str(tmp_path / 'afile'))} is a file, not a folder", err), err
 
 
+@pytest.mark.parametrize("readme", ["# my project\n", "---\ntitle: [unclosed\n---\n# my project\n"], ids=["markdown", "broken-yaml"])
 @pytest.mark.parametrize("resume", [False, True])
-def test_an_output_dir_holding_someone_elses_readme_is_refused_and_kept(tmp_path, capsys, no_weights, resume):
+def test_an_output_dir_holding_someone_elses_readme_is_refused_and_kept(tmp_path, capsys, no_weights, resume, readme):
     out = tmp_path / "project"
     out.mkdir()
-    (out / "README.md").write_text("# my project\n")
+    (out / "README.md").write_text(readme)
     flags = ["--resume"] if resume else []
     code, stdout, err = cli(capsys, *COMMON, *flags, "--input-data", "sample-chats", "--output-dir", str(out))
     assert code == 2 and not stdout, err
     assert "It holds a README.md that is not an eagle3-cache card, which the build's card would replace" in err, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "# my project\n"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == readme
 
 
 def test_a_new_output_dir_under_a_read_only_folder_is_refused_before_anything_loads(tmp_path, capsys, no_data):

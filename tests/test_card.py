@@ -28,6 +28,19 @@ def test_card_metadata_lets_datasets_open_the_config(manifest):
     assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache"]
 
 
+@pytest.mark.parametrize("config", [None, "default", "small"])
+def test_datasets_files_the_card_info_under_the_config_it_names(manifest, config):
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard(render_card(manifest, "user/cache", config=config)).data
+    name = config or "default"
+    assert list(MetadataConfigs.from_dataset_card_data(data)) == [name]
+    infos = DatasetInfosDict.from_dataset_card_data(data)
+    assert list(infos) == [name] and infos[name].splits["train"].num_examples == 5
+
+
 def test_card_text_names_how_to_open_it(manifest):
     text = render_card(manifest, "user/cache", config="small", revision="v1")
     assert "load_cache('user/cache', name='small', revision='v1', layout=\"nemo\", streaming=True)" in text
@@ -125,3 +138,16 @@ def test_card_states_mask_generation_prompt_without_claiming_what_generation_blo
     assert f"`mask_generation_prompt: false` ({header} is supervised {unless})" in off
     assert f"`mask_generation_prompt: true` (without {header})" in on
     assert f"(with {header})" not in off
+
+
+def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
+    """The default (zstd) stores the supervision columns as byte planes, not as the raw bytes a
+    plain reader would take them for; the card names each column's encoding from the manifest."""
+    zstd = card_prose(tmp_path, "probs", dtype="fp32")
+    assert "tensor columns are raw" not in zstd
+    assert "`input_ids`, `loss_mask` are `raw`: the tensor's bytes as they are" in zstd
+    planes = "`aux_hidden_states`, `target_argmax`, `target_probs` are `byte_planes_zstd`, not readable as plain bytes"
+    assert planes in zstd and "builder.shards.decode_value(value, dtype)" in zstd and "docs/cache-layout.md" in zstd
+    raw = card_prose(tmp_path, "probs", dtype="fp32", compression="none")
+    assert "`input_ids`, `loss_mask`, `aux_hidden_states`, `target_argmax`, `target_probs` are `raw`" in raw
+    assert "byte_planes_zstd" not in raw

@@ -435,6 +435,26 @@ def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
     assert not hub.requests()
 
 
+# git check-ref-format refuses these (and `git branch` a leading "-")
+REFUSED_REFS = ["v1.", "a//b", "a/.b", ".v1", "x.lock/y", "x.lock", "a..b", "v1/", "v 1", "v1~", "a@{b", "-v1", "a\\b"]
+ACCEPTED_REFS = ["v1", "v1.0", "release/2026-01", "a.b/c_d", "v1.lock.d", "x/lockd"]
+
+
+@pytest.mark.parametrize("ref", REFUSED_REFS)
+def test_a_tag_or_branch_name_git_refuses_is_refused_before_any_request(ref):
+    for flag, target in (
+        ("--hub-tag", PushTarget("tester/x", tag=ref, token=TOKEN)),
+        ("--hub-branch", PushTarget("tester/x", branch=ref, token=TOKEN)),
+    ):
+        with pytest.raises(HubError, match=rf"^{flag}: expected a git ref name .*got {re.escape(repr(ref))}$"):
+            validate_target(target)
+
+
+@pytest.mark.parametrize("ref", ACCEPTED_REFS)
+def test_a_tag_or_branch_name_git_accepts_is_accepted(ref):
+    validate_target(PushTarget("tester/x", tag=ref, branch=ref, token=TOKEN))
+
+
 def test_a_token_never_shows_in_the_repr_of_a_target_or_a_source():
     from builder.source import CacheSource
 

@@ -11,6 +11,7 @@ from manifest_inputs import IDENTITY, SHARDS, VOCAB_BYTES, prepared, write_vocab
 
 from builder.manifest import (
     FORMAT_VERSION,
+    CardNotFound,
     ManifestError,
     assemble_manifest,
     check_format_version,
@@ -79,6 +80,35 @@ def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
         manifest_from_card(index, "user/caches")
     with pytest.raises(FileNotFoundError, match="no README.md; expected a finished eagle3-cache directory.*--resume"):
         read_manifest(tmp_path / "empty")
+
+
+def test_a_card_whose_front_matter_is_not_yaml_is_refused_naming_the_file_and_line(manifest, tmp_path):
+    text = render_card(manifest, location="user/cache")
+    lines = text.split("\n")
+    lines[1] = "configs: default: x"  # the card's second line
+    (tmp_path / "README.md").write_text("\n".join(lines))
+    problem = r"expected YAML front matter .*\(line 2: mapping values are not allowed here\).*restore it, or rebuild"
+    with pytest.raises(ManifestError, match=rf"the card of {tmp_path}.*: {problem}"):
+        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=r"README.md: expected the front matter to be a YAML mapping"):
+        manifest_from_card("---\n- a list\n---\n", "README.md")
+
+
+@pytest.mark.parametrize("command", [["push", "{dir}", "user/x"], ["export", "{dir}", "--to", "nemo", "{out}"]], ids=["push", "export"])
+def test_a_folder_without_a_card_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch, command):
+    """Still a FileNotFoundError for code that catches that, and a project error the CLI reports."""
+    from builder.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_present")
+    missing = tmp_path / "nope"
+    with pytest.raises(CardNotFound) as info:
+        read_manifest(missing)
+    assert isinstance(info.value, FileNotFoundError)
+    assert main([part.format(dir=missing, out=tmp_path / "out") for part in command]) == 2
+    captured = capsys.readouterr()
+    why = "expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: resume it with --resume)"
+    assert captured.err == f"error: {missing}: no README.md; {why}\n"
+    assert not captured.out
 
 
 def test_a_newer_format_version_is_refused_an_older_one_read(manifest):

@@ -336,3 +336,65 @@ def test_a_new_output_dir_whose_nearest_existing_folder_is_not_writable_is_refus
     ):
         validate(cfg(tmp_path).replace(output_dir=out))
     validate(cfg(tmp_path).replace(output_dir=out, dry_run=True))  # a dry run writes nothing
+
+
+# ---- --push-to-hub: the target's names and a token are checked with the other flags -------------
+
+
+PUSH_INVALID = [
+    (["--push-to-hub", "not a repo id"], "repo id: expected 'user/name'"),
+    (["--push-to-hub", "user/cache", "--hub-tag", "bad..ref"], "--hub-tag: expected a git ref name"),
+    (["--push-to-hub", "user/cache", "--hub-branch=-dev"], "--hub-branch: expected a git ref name"),
+    (["--push-to-hub", "user/cache", "--hub-config", "data"], "--hub-config: expected a folder name"),
+]
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["build", "dry-run"])
+@pytest.mark.parametrize("argv, message", PUSH_INVALID, ids=[" ".join(a[2:]) or a[1] for a, _ in PUSH_INVALID])
+def test_a_bad_push_target_fails_before_anything_loads(tmp_path, capsys, nothing_loads, argv, message, dry_run):
+    nothing_loads.setenv("HF_TOKEN", "hf_present")
+    assert main(["build", "--output-dir", str(tmp_path / "out"), *dry_run, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {message}") and not captured.out, captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_push_without_a_token_fails_before_anything_loads(tmp_path, capsys, nothing_loads):
+    from huggingface_hub import constants
+
+    nothing_loads.delenv("HF_TOKEN", raising=False)
+    nothing_loads.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    nothing_loads.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    assert main(["build", "--output-dir", str(tmp_path / "out"), "--push-to-hub", "user/cache"]) == 2
+    assert re.search(says("pushing to user/cache: no Hugging Face token found", "HF_TOKEN"), capsys.readouterr().err)
+
+
+# ---- a flag nothing would read is refused, not ignored ---------------------------------------------
+
+
+UNUSED = [
+    (["--topk", "8"], "--topk: expected --target-format topk as well, got 8"),
+    (["--target-format", "hidden", "--topk", "8"], "--topk: expected --target-format topk as well, got 8"),
+    (["--store-full-head"], "--store-full-head: expected --target-format hidden as well, got True"),
+    (["--target-format", "topk", "--store-full-head"], "--store-full-head: expected --target-format hidden as well, got True"),
+    (["--hub-tag", "v1"], "--hub-tag: expected --push-to-hub REPO_ID as well, got 'v1'"),
+    (["--hub-config", "small"], "--hub-config: expected --push-to-hub REPO_ID as well, got 'small'"),
+    (["--hub-branch", "dev"], "--hub-branch: expected --push-to-hub REPO_ID as well, got 'dev'"),
+    (["--private"], "--private: expected --push-to-hub REPO_ID as well, got True"),
+]
+
+
+@pytest.mark.parametrize("argv, line", UNUSED, ids=[" ".join(a) for a, _ in UNUSED])
+def test_a_flag_its_settings_would_ignore_is_refused_naming_what_it_needs(tmp_path, capsys, nothing_loads, argv, line):
+    assert main(["build", "--output-dir", str(tmp_path / "out"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {line}. Without it the flag is ignored.") and not captured.out, captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dependent_flags_at_their_defaults_or_with_what_they_need_are_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_present")
+    validate(cfg(tmp_path, topk=64, store_full_head=False, hub_branch="main", hub_tag=None, hub_config=None, private=False))
+    validate(cfg(tmp_path, target_format="topk", topk=8))
+    validate(cfg(tmp_path, target_format="hidden", store_full_head=True))
+    validate(cfg(tmp_path, push_to_hub="user/cache", hub_tag="v1", hub_config="small", hub_branch="dev", private=True))

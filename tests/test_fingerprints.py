@@ -1,0 +1,95 @@
+"""The weights fingerprint of a local target: the files transformers loads, in its order."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from builder.embedded import resolve_target
+from builder.errors import ConfigError
+from builder.fingerprints import loaded_weight_files, local_weights_sample_hash
+
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def tiny_target_copy(directory: Path) -> Path:
+    shutil.copytree(resolve_target("tiny-llama"), directory)
+    return directory
+
+
+def write_index(folder: Path, index: str, files: tuple[str, ...]) -> None:
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": {f"w{i}": name for i, name in enumerate(files)}}))
+
+
+def touch(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+
+
+@pytest.mark.parametrize(
+    ("present", "loaded"),
+    [
+        (("model.safetensors", "model.safetensors.index.json", *SHARDS), ("model.safetensors",)),
+        (("model.safetensors", "pytorch_model.bin"), ("model.safetensors",)),
+        (("model.safetensors.index.json", *SHARDS, "pytorch_model.bin"), SHARDS),
+        (("pytorch_model.bin", "pytorch_model.bin.index.json", "shard.bin"), ("pytorch_model.bin",)),
+        (("pytorch_model.bin.index.json", "shard.bin", "optimizer.pt"), ("shard.bin",)),
+        (("weights.pt", "other.safetensors"), ("other.safetensors", "weights.pt")),  # another layout: every weight-like file
+    ],
+)
+def test_the_loaded_files_are_the_first_transformers_looks_for(tmp_path, present, loaded):
+    for name in present:
+        if name.endswith(".index.json"):
+            write_index(tmp_path, name, SHARDS if name.startswith("model.") else ("shard.bin",))
+        else:
+            touch(tmp_path, name)
+    assert [p.name for p in loaded_weight_files(tmp_path)] == list(loaded)
+
+
+def test_a_config_naming_its_weights_file_is_followed(tmp_path):
+    touch(tmp_path, "model.safetensors", "custom.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"transformers_weights": "custom.safetensors"}))
+    assert [p.name for p in loaded_weight_files(tmp_path)] == ["custom.safetensors"]
+
+
+def test_a_folder_re_saved_sharded_is_fingerprinted_by_the_single_file_transformers_loads(tmp_path):
+    """save_pretrained sharded over a single-file folder leaves model.safetensors, which transformers
+    still loads: new weights there change the fingerprint (a --resume is refused), stale shards do not."""
+    from transformers import AutoModelForCausalLM
+
+    target = tiny_target_copy(tmp_path / "target")
+    model = AutoModelForCausalLM.from_pretrained(target)
+    model.save_pretrained(target, max_shard_size="300KB")
+    assert (target / "model.safetensors").is_file() and (target / "model.safetensors.index.json").is_file()
+    before = local_weights_sample_hash(str(target))
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    model.save_pretrained(tmp_path / "retrained")
+    shutil.copy(tmp_path / "retrained" / "model.safetensors", target / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)  # transformers loads the replaced file
+    assert local_weights_sample_hash(str(target)) != before
+
+
+def test_a_stale_index_beside_the_single_file_is_not_read(tmp_path):
+    target = tiny_target_copy(tmp_path / "target")
+    write_index(target, "model.safetensors.index.json", SHARDS)  # names shards that are gone
+    assert loaded_weight_files(target) == [target / "model.safetensors"]
+    assert local_weights_sample_hash(str(target)) is not None
+
+
+def test_an_index_naming_missing_files_is_refused_by_name(tmp_path):
+    write_index(tmp_path, "model.safetensors.index.json", SHARDS)
+    touch(tmp_path, SHARDS[0])
+    with pytest.raises(
+        ConfigError,
+        match=r"--target-model: expected every weight file its model.safetensors.index.json names.*"
+        rf"Missing: {SHARDS[1]}\. .*restore the files",
+    ):
+        local_weights_sample_hash(str(tmp_path))
