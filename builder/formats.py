@@ -99,6 +99,16 @@ class Layout:
 # ---- build side (on the device, per batch) ----------------------------------------------
 
 
+def encoded_aux_bytes(tokens: int, width: int, aux_dtype: str, compute_dtype: torch.dtype) -> int:
+    """Device bytes a batch's encoded aux columns hold beside its live aux states `[tokens, width]`,
+    computed in `compute_dtype`: none where they are stored in that dtype (the live tensor is stored
+    as it is), else the cast copy and, for fp8, its scales."""
+    if TORCH_DTYPES[aux_dtype] == compute_dtype:
+        return 0
+    scales = tokens * 4 if aux_dtype == "fp8" else 0
+    return tokens * width * TORCH_DTYPES[aux_dtype].itemsize + scales
+
+
 def encode_aux(aux: torch.Tensor, aux_dtype: str) -> dict[str, torch.Tensor]:
     if aux_dtype != "fp8":
         return {"aux_hidden_states": aux.to(TORCH_DTYPES[aux_dtype])}

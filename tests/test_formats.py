@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from builder import compute_target_distribution
 from builder.build import build
 from builder.embedded import resolve_target
-from builder.formats import TARGET_FORMATS, Layout, encode_targets, quality_of_batch
+from builder.formats import TARGET_FORMATS, Layout, encode_aux, encode_targets, quality_of_batch
 from builder.placement import plan_memory
 from builder.reader import load_cache, read_manifest
 
@@ -241,3 +241,25 @@ def test_a_batchs_supervision_peak_fits_the_planners_outputs_term(target_format,
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab)
     plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=3, dtype_bytes=2, draft_vocab_size=vocab)
     assert live["probs"].nbytes + allocated.peak <= plan.outputs
+
+
+@pytest.mark.parametrize("aux_dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("tokens", [2048, 1337, 1])
+def test_a_batchs_aux_peak_fits_the_planners_aux_term(aux_dtype, tokens):
+    """What a batch holds of its aux states once the forward is done: the live aux states and final hidden
+    state (bf16, as a GPU computes them), the encoded aux columns and their quality figure's temporaries.
+    The planner budgets it in `aux_capture` for a batch of `tokens` tokens, whichever aux dtype."""
+    layers, hidden = 3, 64
+    torch.manual_seed(0)
+    live = {
+        "aux": torch.randn(1, tokens, layers * hidden, dtype=torch.bfloat16),
+        "final_hidden": torch.randn(1, tokens, hidden, dtype=torch.bfloat16),
+        "attention": torch.ones(1, tokens),
+    }
+    layout = Layout("probs", "bf16", aux_dtype, 64, 100, layers * hidden, hidden)
+    with AllocatedBytes(list(live.values())) as allocated:
+        encoded = encode_aux(live["aux"], aux_dtype)
+        quality_of_batch(layout, live, encoded)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=layers, dtype_bytes=2, aux_dtype=aux_dtype)
+    assert live["aux"].nbytes + live["final_hidden"].nbytes + allocated.peak <= plan.aux_capture
