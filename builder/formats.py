@@ -99,11 +99,63 @@ class Layout:
 # ---- build side (on the device, per batch) ----------------------------------------------
 
 
+# fp8 aux states are encoded, and their quality figure measured, over this many slices of a batch's tokens:
+# each slice's fp32 temporaries, at most FP8_SLICE_BYTES per element, then hold about 1/4 of the live
+# bf16 aux states' bytes. The planner counts them in its `aux_capture` term (`encoded_aux_bytes`).
+AUX_SLICES = 16
+FP8_SLICE_BYTES = 8  # at most: the read's fp32 widening and its product with the scales
+FP8_TOKEN_BYTES = 4 + 4 + 1 + 4  # the scale; the quality figure's per-token maxima, mask and masked maxima
+
+
+def encoded_aux_bytes(tokens: int, width: int, aux_dtype: str, compute_dtype: torch.dtype) -> int:
+    """Device bytes a batch's encoded aux columns hold beside its live aux states `[tokens, width]`,
+    computed in `compute_dtype`: none where they are stored in that dtype (the live tensor is stored
+    as it is), else the cast copy and, for fp8, its scales and the largest slice's temporaries."""
+    if TORCH_DTYPES[aux_dtype] == compute_dtype:
+        return 0
+    stored = tokens * width * TORCH_DTYPES[aux_dtype].itemsize
+    if aux_dtype != "fp8":
+        return stored
+    return stored + tokens * FP8_TOKEN_BYTES + aux_slice_rows(tokens) * width * FP8_SLICE_BYTES
+
+
 def encode_aux(aux: torch.Tensor, aux_dtype: str) -> dict[str, torch.Tensor]:
     if aux_dtype != "fp8":
         return {"aux_hidden_states": aux.to(TORCH_DTYPES[aux_dtype])}
-    scales = (aux.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return {"aux_hidden_states": (aux.float() / scales.unsqueeze(-1)).to(torch.float8_e4m3fn), "aux_scales": scales}
+    rows = aux.reshape(-1, aux.shape[-1])
+    stored = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=aux.device)
+    scales = torch.empty(len(rows), dtype=torch.float32, device=aux.device)
+    for part in aux_token_slices(len(rows)):
+        encode_fp8_rows(rows[part], stored[part], scales[part])
+    return {"aux_hidden_states": stored.view(aux.shape), "aux_scales": scales.view(aux.shape[:-1])}
+
+
+def encode_fp8_rows(rows: torch.Tensor, stored: torch.Tensor, scales: torch.Tensor) -> None:
+    """Fill `stored` (e4m3) and `scales` (fp32) from `rows`: each row over its largest magnitude / 448.
+    Per row alone, so any split of the rows stores the same bytes. The magnitudes are taken in the
+    rows' own dtype (exact, as is its widening to fp32); the division promotes to fp32 as it computes,
+    without an fp32 copy of the rows."""
+    largest = rows.abs().amax(dim=-1).float()
+    torch.div(largest, FP8_MAX, out=scales).clamp_(min=torch.finfo(torch.float32).tiny)
+    stored.copy_(torch.div(rows, scales.unsqueeze(-1)))
+
+
+def aux_token_slices(tokens: int) -> list[slice]:
+    """At most AUX_SLICES slices covering `tokens` rows of aux states; none for no rows."""
+    return row_slices(tokens, AUX_SLICES)
+
+
+def aux_slice_rows(tokens: int) -> int:
+    """Rows in the largest of `aux_token_slices(tokens)`."""
+    return -(-tokens // AUX_SLICES)
+
+
+def row_slices(rows: int, count: int, multiple: int = 1) -> list[slice]:
+    """At most `count` slices covering `rows` rows, each a whole number of `multiple` rows (but the
+    last); none for no rows. `rows` is known on the host: no device synchronisation."""
+    units = -(-rows // multiple)
+    step = multiple * max(1, -(-units // count))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def default_read_aux_dtype(aux_dtype: str) -> torch.dtype:
@@ -252,9 +304,7 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None,
     differences are those of a default read: aux states and rebuilt probs in the dtypes it yields."""
     stats = {}
     if layout.aux_dtype == "fp8":
-        read = decode_aux(encoded["aux_hidden_states"], encoded["aux_scales"], default_read_aux_dtype(layout.aux_dtype))
-        per_token = (read.float() - live["aux"].float()).abs().amax(dim=-1)
-        stats["aux_max_abs_diff"] = torch.where(live["attention"].bool(), per_token, 0.0).amax()  # real tokens; 0 if none
+        stats["aux_max_abs_diff"] = fp8_aux_max_abs_diff(live, encoded)
     if layout.target_format == "topk":
         kept = encoded["topk_logprobs"].float().exp().sum(-1)
         stats |= {
@@ -270,12 +320,22 @@ def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None,
     return stats
 
 
+def fp8_aux_max_abs_diff(live: dict, encoded: dict) -> torch.Tensor:
+    """Largest |aux state a default read decodes - live aux state| over the real tokens (0 if none), one
+    slice of tokens at a time: the read and its fp32 difference exist for one slice only."""
+    aux = live["aux"]
+    rows = aux.reshape(-1, aux.shape[-1])
+    stored, scales = encoded["aux_hidden_states"].reshape(rows.shape), encoded["aux_scales"].reshape(-1)
+    per_token = torch.empty(len(rows), dtype=torch.float32, device=aux.device)
+    read_dtype = default_read_aux_dtype("fp8")
+    for part in aux_token_slices(len(rows)):  # one expression: a slice's temporaries are gone before the next slice's
+        torch.amax(decode_aux(stored[part], scales[part], read_dtype).float().sub_(rows[part]).abs_(), dim=-1, out=per_token[part])
+    return torch.where(live["attention"].bool().reshape(-1), per_token, 0.0).amax()
+
+
 def loss_row_slices(rows: int, multiple: int = 1) -> list[slice]:
-    """At most QUALITY_SLICES slices covering `rows` loss rows, each a whole number of `multiple` rows
-    (but the last); none for no rows. `rows` is known on the host: no device synchronisation."""
-    units = -(-rows // multiple)
-    step = multiple * max(1, -(-units // QUALITY_SLICES))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    """At most QUALITY_SLICES slices covering `rows` loss rows, each a whole number of `multiple` rows (but the last)."""
+    return row_slices(rows, QUALITY_SLICES, multiple)
 
 
 def kl_to_spread_rebuild(layout: Layout, probs: torch.Tensor, encoded: dict) -> torch.Tensor:

@@ -112,9 +112,12 @@ def plan_memory(
     num_aux_layers: int,
     dtype_bytes: int = 2,
     draft_vocab_size: int | None = None,
+    aux_dtype: str = "bf16",
     model=None,
 ) -> MemoryPlan:
-    """`model`: the target on the meta device when already built (`meta_model`)."""
+    """`dtype_bytes`: 2 where the target computes in bf16 (a GPU), 4 in fp32 (CPU); `aux_dtype`: how the
+    cache stores aux states; `model`: the target on the meta device when already built (`meta_model`)."""
+    from .formats import encoded_aux_bytes
     from .supervision import HEAD_CHUNK_ROWS
     from .target import text_config
 
@@ -135,7 +138,9 @@ def plan_memory(
         weights_per_gpu=-(-parameters * dtype_bytes // gpus_per_target),
         layer_slack=int(LAYER_SLACK * largest_layer(model) * dtype_bytes) if gpus_per_target > 1 else 0,
         activations=activations,
-        aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes,
+        # The aux states and the final hidden state a batch holds after its forward, and its encoded aux columns.
+        aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes
+        + encoded_aux_bytes(max_tokens, num_aux_layers * hidden, aux_dtype, torch.bfloat16 if dtype_bytes == 2 else torch.float32),
         head_chunks=head_rows * cfg.vocab_size * 4 * 2,
         # A batch's supervision before the copy: fp32 probs per block, their concatenation, the cast.
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
@@ -224,6 +229,7 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):
         num_aux_layers=len(prep.aux_layer_ids),
         dtype_bytes=dtype_bytes or (2 if torch.cuda.is_available() else 4),
         draft_vocab_size=len(prep.selected_token_ids),
+        aux_dtype=prep.cfg.storage_aux_dtype,
         model=model,
     )
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from builder import compute_target_distribution
 from builder.build import build
 from builder.embedded import resolve_target
-from builder.formats import TARGET_FORMATS, Layout, encode_targets, quality_of_batch
+from builder.formats import FP8_MAX, TARGET_FORMATS, Layout, decode_aux, encode_aux, encode_targets, quality_of_batch
 from builder.placement import plan_memory
 from builder.reader import load_cache, read_manifest
 
@@ -241,3 +241,62 @@ def test_a_batchs_supervision_peak_fits_the_planners_outputs_term(target_format,
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab)
     plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=3, dtype_bytes=2, draft_vocab_size=vocab)
     assert live["probs"].nbytes + allocated.peak <= plan.outputs
+
+
+@pytest.mark.parametrize("aux_dtype", ["bf16", "fp16", "fp32", "fp8"])
+@pytest.mark.parametrize("tokens", [2048, 1337, 1])
+def test_a_batchs_aux_peak_fits_the_planners_aux_term(aux_dtype, tokens):
+    """What a batch holds of its aux states once the forward is done: the live aux states and final hidden
+    state (bf16, as a GPU computes them), the encoded aux columns and their quality figure's temporaries.
+    The planner budgets it in `aux_capture` for a batch of `tokens` tokens, whichever aux dtype."""
+    layers, hidden = 3, 64
+    torch.manual_seed(0)
+    live = {
+        "aux": torch.randn(1, tokens, layers * hidden, dtype=torch.bfloat16),
+        "final_hidden": torch.randn(1, tokens, hidden, dtype=torch.bfloat16),
+        "attention": torch.ones(1, tokens),
+    }
+    layout = Layout("probs", "bf16", aux_dtype, 64, 100, layers * hidden, hidden)
+    with AllocatedBytes(list(live.values())) as allocated:
+        encoded = encode_aux(live["aux"], aux_dtype)
+        quality_of_batch(layout, live, encoded)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=layers, dtype_bytes=2, aux_dtype=aux_dtype)
+    assert live["aux"].nbytes + live["final_hidden"].nbytes + allocated.peak <= plan.aux_capture
+
+
+def fp8_of_whole_batch(aux: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp8 encoding and its quality figure computed over the whole batch at once: stored, scales, max diff."""
+    scales = (aux.float().abs().amax(dim=-1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    stored = (aux.float() / scales.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    per_token = (decode_aux(stored, scales, torch.bfloat16).float() - aux.float()).abs().amax(dim=-1)
+    return stored, scales, torch.where(attention.bool(), per_token, 0.0).amax() if aux.shape[1] else None
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes, so that equal NaNs compare equal."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 24), (1, 1, 24), (1, 17, 24), (3, 37, 40), (2, 1000, 24), (1, 33, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_aux_encoded_slice_by_slice_stores_what_the_whole_batch_would(shape, dtype):
+    """Slices of tokens (some shorter than the others) store the bytes and report the figure the whole batch
+    at once gives: zero, huge and tiny rows included, and infinities and NaNs in padding, which the figure skips."""
+    torch.manual_seed(0)
+    tokens = shape[1]
+    aux = torch.randn(shape) * torch.logspace(-30, 30, tokens).reshape(1, -1, 1)
+    attention = torch.ones(shape[:2], dtype=torch.long)
+    attention[-1, (tokens + 1) // 2 :] = 0
+    if tokens > 4:
+        aux[0, 1], aux[0, 2] = 0.0, 1e-40
+        aux[-1, -2, 0], aux[-1, -1, -1] = float("inf"), float("nan")
+    aux = aux.to(dtype)
+    stored, scales, max_diff = fp8_of_whole_batch(aux, attention)
+    encoded = encode_aux(aux, "fp8")
+    assert encoded["aux_hidden_states"].shape == stored.shape and encoded["aux_scales"].shape == scales.shape
+    assert torch.equal(bits(encoded["aux_hidden_states"]), bits(stored)) and torch.equal(bits(encoded["aux_scales"]), bits(scales))
+    if tokens:
+        layout = Layout("probs", "bf16", "fp8", 64, 100, shape[-1], shape[-1])
+        figure = quality_of_batch(layout, {"aux": aux, "attention": attention}, encoded)["aux_max_abs_diff"]
+        assert torch.equal(bits(figure), bits(max_diff)) and figure.isfinite()

@@ -222,8 +222,9 @@ def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
         return SimpleNamespace(cfg=cfg, model_config=LlamaConfig(**LLAMA_8B), aux_layer_ids=[1, 15, 28], selected_token_ids=range(32000))
 
     config = LlamaConfig(**LLAMA_8B)
-    eight_rows = plan_memory(config, gpus_per_target=1, max_tokens=8 * 2048, num_aux_layers=3, draft_vocab_size=32000)
-    budget_bound = plan_memory(config, gpus_per_target=1, max_tokens=4096, num_aux_layers=3, draft_vocab_size=32000)
+    sizes = dict(gpus_per_target=1, num_aux_layers=3, draft_vocab_size=32000, aux_dtype="fp32")  # small_config stores fp32
+    eight_rows = plan_memory(config, max_tokens=8 * 2048, **sizes)
+    budget_bound = plan_memory(config, max_tokens=4096, **sizes)
     assert memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2) == eight_rows
     assert memory_plan(prep(max_tokens_per_batch=4096), dtype_bytes=2) == budget_bound
     check_fits(memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2), 40 * GiB)
