@@ -3,7 +3,8 @@
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
 row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
 outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
-over the shards), per-row shapes against the manifest and finite values. `--recompute N`
+over the shards), per-row shapes against the manifest and finite values, and across shards what
+no shard shows alone (source_index unique, shard sizes, failed records). `--recompute N`
 reruns the target (refused unless its recorded identity matches) on N random samples,
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
@@ -18,6 +19,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -49,8 +51,12 @@ def verify_cache(
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    readable = []
     for shard in manifest["shards"]:
-        problems += check_shard(out, manifest, shard)
+        file_problems = check_shard_file(out, manifest, shard)
+        problems += file_problems or check_shard_rows(out, manifest, shard)
+        readable += [] if file_problems else [shard["name"]]
+    problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
     if recompute and not problems:
         recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
@@ -198,7 +204,8 @@ def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     return file_hash(path, algorithm) == expected
 
 
-def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
+    """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
         return [f"data/{name}: missing"]
@@ -212,6 +219,12 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
         return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
     if parquet.metadata.num_rows != shard["rows"]:
         return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+    return []
+
+
+def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
+    """Every row's shapes against the manifest, and finite values."""
+    name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     decode = RowDecoder(manifest)
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
     problems = []
@@ -221,10 +234,148 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
     return problems
 
 
-def repair(name: str) -> str:
+def repair(*names: str) -> str:
     # Resume keeps a shard whose size and row count match its record: a damaged one of the same
     # size would be kept, so it must be deleted first.
-    return f"to repair: delete data/{name} and run the build again with --resume (it rebuilds only the missing shards)"
+    files = " and ".join(f"data/{name}" for name in names)
+    return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
+
+
+# ---- across shards ---------------------------------------------------------------------------
+
+
+def check_across_shards(out: Path, manifest: dict, readable: list[str]) -> list[str]:
+    """What no shard shows alone: a shard replaced by a copy of another (its record updated to agree),
+    rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
+    samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
+    last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest)
+    indices = stored_source_indices(out, readable)
+    duplicates = check_unique_source_indices(manifest, indices)
+    if problems or duplicates or len(readable) < len(manifest["shards"]):
+        return problems + duplicates  # the input order below is derived from these counts
+    return check_input_order(manifest, indices)
+
+
+def check_failed_records(manifest: dict) -> list[str]:
+    listed = {s["name"] for s in manifest["shards"]}
+    return [
+        f"README.md: failed sample {f.get('sample_id')!r} (source_index {f.get('source_index')}) is recorded in "
+        f"data/{f.get('shard')}, which the manifest does not list: restore the card, or rebuild"
+        for f in manifest.get("failed", [])
+        if f.get("shard") not in listed
+    ]
+
+
+def shard_position(name: str) -> tuple[int, int] | None:
+    """(k, N) of a shard named shard k of N; None for another name (check_shard_list reports it)."""
+    match = re.search(r"-(\d+)-of-(\d+)\.parquet$", name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
+    failed: dict[str, list[dict]] = {}
+    for f in manifest.get("failed", []):
+        failed.setdefault(f.get("shard"), []).append(f)
+    return failed
+
+
+def check_shard_sizes(manifest: dict) -> list[str]:
+    size = manifest["identity"].get("shard_size")
+    if size is None:
+        return []
+    failed, problems = failed_by_shard(manifest), []
+    for shard in manifest["shards"]:
+        name, position = shard["name"], shard_position(shard["name"])
+        if position is None:
+            continue
+        held = shard["rows"] + len(failed.get(name, []))
+        last = position[0] == position[1] - 1
+        if (held != size and not last) or not 0 < held <= size:
+            counted = f"{held} samples" + (f" ({shard['rows']} stored, {held - shard['rows']} failed)" if held != shard["rows"] else "")
+            expected = f"at most {size}" if last else f"{size}, as every shard but the last"
+            problems.append(
+                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {repair(name)}"
+            )
+    return problems
+
+
+def stored_source_indices(out: Path, readable: list[str]) -> dict[str, np.ndarray]:
+    """Each readable shard's source_index column (one small column, not the rows)."""
+    return {name: pq.read_table(out / "data" / name, columns=["source_index"]).column(0).to_numpy() for name in readable}
+
+
+def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+    """One line per set of places holding the same samples (a shard copied over another: one line)."""
+    failed = manifest.get("failed", [])
+    held = [*indices.values(), *(np.asarray([f.get("source_index", -1)], np.int64) for f in failed)]
+    places = [f"data/{name}" for name in indices] + [f"data/{f.get('shard')} (recorded as failed)" for f in failed]
+    values = np.concatenate(held) if held else np.zeros(0, np.int64)
+    owners = np.repeat(np.arange(len(held)), [len(v) for v in held])
+    order = np.argsort(values, kind="stable")
+    values, owners = values[order], owners[order]
+    repeated = np.flatnonzero(values[1:] == values[:-1]) + 1
+    groups: dict[tuple, list[int]] = {}
+    for value in np.unique(values[repeated]):
+        at = np.flatnonzero(values == value)
+        groups.setdefault(tuple(places[k] for k in owners[at]), []).append(int(value))
+    return [
+        f"{where[-1]}: holds {len(shared)} sample(s) (source_index {examples(shared)}) {held_again(where)}: source_index "
+        "is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; to repair: "
+        "delete the shard that should not hold them (if unsure, each of these) and run the build again with --resume "
+        "(it rebuilds only the missing shards), or rebuild"
+        for where, shared in groups.items()
+    ]
+
+
+def held_again(where: tuple) -> str:
+    others = sorted(set(where) - {where[-1]})
+    return f"also held by {', '.join(others)}" if others else "more than once"
+
+
+def examples(values: list[int], shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (", ..." if len(values) > shown else "")
+
+
+def input_order(manifest: dict) -> np.ndarray | None:
+    """The order the build took the input rows in (as inputs.select_rows takes them), where the
+    manifest tells how many there were: every row selected was stored, failed or skipped, and
+    --max-samples (if any) was more than that. None where --max-samples cut a larger input."""
+    selection = manifest["identity"]["input"]
+    selected = sum(s["rows"] for s in manifest["shards"]) + len(manifest.get("failed", [])) + sum((manifest.get("skipped") or {}).values())
+    if selection.get("max_samples") is not None and selected >= selection["max_samples"]:
+        return None
+    return np.random.default_rng(selection["shuffle_seed"]).permutation(selected)
+
+
+def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+    """Shards fill in turn along the input's shuffled order (skipped rows left out), so each shard's
+    samples come after every sample of the shards before it: a swapped or rewritten shard does not."""
+    order = input_order(manifest)
+    if order is None:
+        return []
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    failed, problems, spans = failed_by_shard(manifest), [], []
+    for shard in sorted(manifest["shards"], key=lambda s: shard_position(s["name"]) or (0, 0)):
+        name = shard["name"]
+        held = np.concatenate([indices[name], np.asarray([f["source_index"] for f in failed.get(name, [])], np.int64)])
+        if (outside := held[(held < 0) | (held >= len(order))]).size:
+            problems.append(
+                f"data/{name}: source_index {examples(outside.tolist())}, outside the {len(order)} input rows the build "
+                f"selected: the shard holds samples of another input; {repair(name)}"
+            )
+        elif held.size:
+            spans.append((name, int(rank[held].min()), int(rank[held].max())))
+    seed = manifest["identity"]["input"]["shuffle_seed"]
+    problems += [
+        f"data/{later}: holds samples the build takes before some of data/{earlier}'s (shards fill in turn along the "
+        f"input's order of --shuffle-seed {seed}): the two were swapped, or one rewritten with other samples; "
+        f"{repair(earlier, later)}"
+        for (earlier, _, last_of_earlier), (later, first_of_later, _) in zip(spans, spans[1:])
+        if first_of_later < last_of_earlier
+    ]
+    return problems
 
 
 def check_row(row: dict, manifest: dict) -> list[str]:

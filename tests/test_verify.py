@@ -409,3 +409,84 @@ def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
     assert not same_weights(earlier, str(trained))
     changed = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
     assert set(identity_differences(stored, changed)) == {"target.weights_sample_sha256"}
+
+
+# ---- across shards: what no shard shows alone --------------------------------------------------
+
+
+def record_shards_as_they_are(cache, names: set[str]) -> None:
+    """Update these shards' records, the totals and dataset_info to agree with their files (as a
+    buggy writer or resume would leave them): every per-shard check then passes."""
+
+    def agree(data):
+        manifest = data["eagle3_cache"]
+        for shard in manifest["shards"]:
+            if shard["name"] in names:
+                path = cache / "data" / shard["name"]
+                table = pq.read_table(path, columns=["num_tokens"])
+                shard |= {"rows": table.num_rows, "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
+                shard["tokens"] = sum(table.column("num_tokens").to_pylist())
+        for key in ("rows", "tokens", "bytes"):
+            manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
+        data["dataset_info"]["splits"][0]["num_examples"] = manifest["totals"]["samples"]
+
+    edit_card(cache, agree)
+
+
+def test_a_shard_replaced_by_a_copy_of_another_is_caught(cache):
+    first = shard_name(0, 4)
+    (cache / "data" / SHARD).write_bytes((cache / "data" / first).read_bytes())
+    record_shards_as_they_are(cache, {SHARD})
+    indices = pq.read_table(cache / "data" / first, columns=["source_index"])["source_index"].to_pylist()
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: holds 4 sample(s) (source_index {', '.join(map(str, sorted(indices)))}) also held by data/{first}: "
+        "source_index is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; "
+        "to repair: delete the shard that should not hold them (if unsure, each of these) and run the build again with "
+        "--resume (it rebuilds only the missing shards), or rebuild"
+    ]
+
+
+def test_a_row_dropped_from_a_shard_but_the_last_is_caught(cache):
+    path = cache / "data" / SHARD
+    pq.write_table(pq.read_table(path).slice(1), path, compression="none")
+    record_shards_as_they_are(cache, {SHARD})
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: 3 samples, where the build puts 4, as every shard but the last (--shard-size): samples were "
+        f"dropped or added; {REPAIR}"
+    ]
+
+
+def test_a_failed_record_naming_a_shard_the_manifest_does_not_list_is_caught(cache):
+    failure = {"sample_id": "x", "source_index": 999, "shard": "train-00009-of-00004.parquet", "reason": "non_finite_output"}
+    edit_card(cache, lambda data: data["eagle3_cache"].__setitem__("failed", [failure]))
+    assert verify_cache(cache) == [
+        "README.md: failed sample 'x' (source_index 999) is recorded in data/train-00009-of-00004.parquet, which the "
+        "manifest does not list: restore the card, or rebuild"
+    ]
+
+
+@pytest.fixture(scope="module")
+def whole_input(tmp_path_factory):
+    """A cache of every row of a 10-row input (no --max-samples cut): the build's input order is known."""
+    from builder.embedded import resolve_input
+
+    folder = tmp_path_factory.mktemp("whole")
+    lines = (Path(resolve_input("sample-chats")) / "openai.jsonl").read_text().splitlines()[:10]
+    (folder / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    return build(small_config(folder / "cache", input_data=str(folder / "chats.jsonl"), max_samples=None), progress=False).output_dir
+
+
+def test_shards_swapped_with_their_records_are_caught_where_the_input_order_is_known(whole_input, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(whole_input, cache)
+    names = [s["name"] for s in read_manifest(cache)["shards"]]
+    assert len(names) == 3 and verify_cache(cache) == []
+    first, second = (cache / "data" / names[0]).read_bytes(), (cache / "data" / names[1]).read_bytes()
+    (cache / "data" / names[0]).write_bytes(second)
+    (cache / "data" / names[1]).write_bytes(first)
+    record_shards_as_they_are(cache, set(names[:2]))
+    assert verify_cache(cache) == [
+        f"data/{names[1]}: holds samples the build takes before some of data/{names[0]}'s (shards fill in turn along the "
+        "input's order of --shuffle-seed 42): the two were swapped, or one rewritten with other samples; to repair: "
+        f"delete data/{names[0]} and data/{names[1]} and run the build again with --resume (it rebuilds only the missing shards)"
+    ]
