@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples and compare: exact "
         "in fp32, within one rounding step of bf16/fp16. Only shards computed on this kind of device in this dtype "
-        "(each shard's record says which) can match: others are skipped with a warning. Exit status 1 on any problem, "
+        "(each shard's record says which) can match: others are skipped with a warning; shards computed on another "
+        "CPU instruction set, GPU model or torch/CUDA version are compared within 16 rounding steps, with a warning. "
+        "Exit status 1 on any problem, "
         "2 when verify cannot run (no finished cache there, another target, nothing to recompute).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")

@@ -8,7 +8,8 @@ no shard shows alone (source_index unique, shard sizes, failed records). `--reco
 reruns the target (refused unless its recorded identity matches) on N random samples,
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
-match bit for bit.
+match bit for bit on a machine that computes as the build's did, and within a few rounding steps
+on another machine of its kind (see Tolerance).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import json
 import logging
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -333,7 +336,7 @@ def held_again(where: tuple) -> str:
     return f"also held by {', '.join(others)}" if others else "more than once"
 
 
-def examples(values: list[int], shown: int = 5) -> str:
+def examples(values: list, shown: int = 5) -> str:
     return ", ".join(map(str, values[:shown])) + (", ..." if len(values) > shown else "")
 
 
@@ -408,8 +411,9 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     incomplete = {f.get("shard") for f in manifest.get("failed", [])}
     if incomplete:
         log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
-    comparable = comparable_shards(manifest, compute_record())
-    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable - incomplete for i in range(s["rows"])]
+    here = compute_record()
+    comparable = comparable_shards(manifest, here)
+    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable.keys() - incomplete for i in range(s["rows"])]
     if not positions:
         raise Eagle3CacheError(
             f"verify --recompute: no sample can be recomputed: every shard that could match holds failed samples "
@@ -419,6 +423,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     if len(positions) < count:
         log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
+    tolerance = tolerance_for({name: comparable[name] for name, _ in chosen}, here)
     model_path = resolve_target(target_model or identity["target"]["model"])
     check_target(model_path, manifest)
     device, dtype = compute_device()
@@ -434,7 +439,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
             for index in (i for n, i in chosen if n == name):
                 problems += [
                     f"data/{name}/{shard.row(index)['sample_id']}: {p}"
-                    for p in compare_live(target, manifest, shard, index, selected, batching)
+                    for p in compare_live(target, manifest, shard, index, selected, batching, tolerance.get(name))
                 ]
     finally:
         target.close()
@@ -459,29 +464,65 @@ def check_target(model_path: str, manifest: dict) -> None:
         )
 
 
-def comparable_shards(manifest: dict, here: dict) -> set[str]:
+PRECISION = ("device", "dtype")  # of a compute record: where these differ, no recompute can match
+ROUNDING_STEPS = 16  # the tolerance where only the finer fields differ (CPU instructions, GPU model, versions)
+
+
+def precision_of(record: dict) -> dict:
+    return {key: record[key] for key in PRECISION if key in record}
+
+
+def differing_fields(recorded: dict, here: dict) -> set[str]:
+    """The fields both records hold that differ: older records hold only the device kind and dtype."""
+    return {key for key in recorded.keys() & here.keys() if recorded[key] != here[key]}
+
+
+def comparable_shards(manifest: dict, here: dict) -> dict[str, dict | None]:
     """The shards computed the way this machine computes (device kind and dtype): only there can a
-    recompute match within a rounding step. Shards recorded before the record existed count as such.
-    Raises when no shard is comparable, rather than reporting every sample as damaged."""
-    elsewhere = {s["name"]: s["compute"] for s in manifest["shards"] if s.get("compute", here) != here}
-    comparable = {s["name"] for s in manifest["shards"]} - set(elsewhere)
+    recompute match. Each maps to None where every field both records hold agrees (compared exactly),
+    or to its record where only finer fields differ (another CPU instruction set, GPU model or
+    library version: compared within `ROUNDING_STEPS`). Shards recorded before the record existed
+    count as computed here. Raises when no shard is comparable, rather than reporting every sample as damaged."""
+    records = {s["name"]: s.get("compute", here) for s in manifest["shards"]}
+    elsewhere = {name: record for name, record in records.items() if differing_fields(record, here) & set(PRECISION)}
+    comparable = {name: record if differing_fields(record, here) else None for name, record in records.items() if name not in elsewhere}
     if not elsewhere:
         return comparable
-    kinds = ", ".join(sorted({json.dumps(c, sort_keys=True) for c in elsewhere.values()}))
+    kinds = ", ".join(sorted({json.dumps(precision_of(c), sort_keys=True) for c in elsewhere.values()}))
+    this_kind = json.dumps(precision_of(here), sort_keys=True)
     if not comparable:
         raise Eagle3CacheError(
             f"verify --recompute: every shard was computed with {kinds}, and this machine computes with "
-            f"{json.dumps(here, sort_keys=True)}: another device kind or dtype rounds differently, so no sample could "
+            f"{this_kind}: another device kind or dtype rounds differently, so no sample could "
             "match. Run the recompute on the kind of machine that built the cache (the structural checks passed)."
         )
     log.warning(
         "verify --recompute: skipping %d shard(s) computed with %s (this machine computes with %s, which rounds differently): %s",
         len(elsewhere),
         kinds,
-        json.dumps(here, sort_keys=True),
+        this_kind,
         ", ".join(sorted(elsewhere)),
     )
     return comparable
+
+
+def tolerance_for(records: dict[str, dict | None], here: dict) -> dict[str, Tolerance]:
+    """The tolerance of each shard computed on another machine of this kind (none: compared
+    exactly), saying so once."""
+    elsewhere = {name: record for name, record in records.items() if record is not None}
+    if not elsewhere:
+        return {}
+    tolerance = Tolerance(ROUNDING_STEPS, torch.finfo(getattr(torch, here["dtype"])).eps)
+    log.warning(
+        "verify --recompute: %s computed on %s, and this machine is %s: it may round differently, so their samples are "
+        "compared within %d rounding steps of %s, not bit for bit (recompute on the build's kind of machine for an exact check)",
+        f"data/{next(iter(elsewhere))} was" if len(elsewhere) == 1 else f"{len(elsewhere)} shards ({examples(sorted(elsewhere), 3)}) were",
+        ", ".join(sorted({json.dumps(r, sort_keys=True) for r in elsewhere.values()})),
+        json.dumps(here, sort_keys=True),
+        ROUNDING_STEPS,
+        here["dtype"],
+    )
+    return dict.fromkeys(elsewhere, tolerance)
 
 
 class ShardRows:
@@ -523,8 +564,11 @@ def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) ->
     raise AssertionError(f"row {index} is in no batch")
 
 
-def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor, batching: dict) -> list[str]:
-    """Re-encode the live outputs of the sample's batch exactly as the build did, and compare."""
+def compare_live(
+    target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor, batching: dict, tolerance: Tolerance | None = None
+) -> list[str]:
+    """Re-encode the live outputs of the sample's batch exactly as the build did, and compare: exactly,
+    or within `tolerance` where the shard was computed on another machine of this kind."""
     layout = Layout(**manifest["layout"])
     members = batch_of(manifest, shard.lengths, index, batching)
     member_rows = [shard.row(i) for i in members]
@@ -543,7 +587,15 @@ def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected:
     live_row = {
         name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()
     }
-    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
+    if tolerance is None:
+        return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
+    at_loss = loss_rows_of(target, live, b, loss, slice(before, before + n_loss), row["target_argmax"])
+    return [
+        f"{key} differs from a live recompute by more than {tolerance.steps} rounding steps (max abs diff {diff:.3g}): this "
+        "machine may round differently from the one that computed the shard, or the sample is damaged; recompute on the "
+        "build's kind of machine to tell"
+        for key, diff in tolerant_differences(row, live_row, tolerance, at_loss, columns)
+    ]
 
 
 def differences(stored: dict, live: dict):
@@ -561,3 +613,112 @@ def differences(stored: dict, live: dict):
         diff = (got.float() - want.float()).abs()
         if (diff > eps * want.float().abs() + 1e-30).any():
             yield key, diff.max().item()
+
+
+class LossRows(NamedTuple):
+    """What tells near-ties from wrong ids at the sample's loss rows (`[n]` each unless said, fp32, on
+    the host): the live draft probabilities `[n, Vd]`, the largest live logit magnitude, and the
+    live logits of the stored and of the live argmax."""
+
+    probs: torch.Tensor
+    logit_scale: torch.Tensor
+    stored_argmax_logit: torch.Tensor
+    live_argmax_logit: torch.Tensor
+
+
+@torch.inference_mode()
+def loss_rows_of(target, live: dict, b: int, loss: torch.Tensor, rows: slice, stored_argmax: torch.Tensor) -> LossRows:
+    """Row `b`'s LossRows, its logits taken chunk by chunk as the build takes them (never all `[n, V]` at once)."""
+    from .supervision import HEAD_CHUNK_ROWS, logit_chunks
+
+    hidden = live["final_hidden"][b][loss[b].bool().to(target.device)]
+    live_argmax = live["argmax"][rows].to(target.device)
+    stored = (
+        stored_argmax.to(target.device).long().clamp(0, target.vocab_size - 1) if stored_argmax.shape == live_argmax.shape else live_argmax
+    )
+    ids = torch.stack([stored, live_argmax], 1)
+    scale, at_ids = [], []
+    for k, logits in enumerate(logit_chunks(hidden, target.head, target.transform)):
+        scale.append(logits.abs().amax(-1).float())
+        at_ids.append(logits.gather(1, torch.nn.functional.pad(ids[k * HEAD_CHUNK_ROWS :], (0, 0, 0, HEAD_CHUNK_ROWS))[:HEAD_CHUNK_ROWS]))
+    n = hidden.shape[0]
+    scale_all = torch.cat(scale)[:n].cpu() if scale else torch.zeros(0)
+    logits_at = torch.cat(at_ids)[:n].float().cpu() if at_ids else torch.zeros(0, 2)
+    return LossRows(live["probs"][rows].float().cpu(), scale_all, logits_at[:, 0], logits_at[:, 1])
+
+
+LOG_SPACE = ("topk_logprobs", "log_draft_mass")  # loss-row columns a logit error moves by itself, not by its multiple
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Where a shard was computed on another machine of this kind, its sums ran in other orders, and
+    each value may differ by `steps` rounding steps (`eps`, of the compute dtype) of what it was
+    computed from: hidden states by steps of their largest magnitude in the sample; what the logits
+    give (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored
+    value may also have rounded to its stored dtype on the other side of a step. Ids may trade
+    places only on a near-tie of their logits."""
+
+    steps: int
+    eps: float
+
+    def logit_slack(self, at_loss: LossRows) -> torch.Tensor:
+        """How far `[n]` a row's log-probabilities may move: two logits' worth (a value and the row's normaliser)."""
+        return 2 * self.steps * self.eps * at_loss.logit_scale
+
+    def spread(self, want: torch.Tensor, slack: torch.Tensor | None, log_space: bool) -> torch.Tensor:
+        """How far the compute may have moved each value: `slack` None for hidden states."""
+        if slack is None:
+            return self.steps * self.eps * want.abs().max()
+        slack = slack.reshape(-1, *[1] * (want.dim() - 1))
+        if log_space:
+            return slack
+        return slack * want.abs() + self.steps * self.eps * want.abs().amax(-1, keepdim=True)  # p moves by p times log p's error
+
+    @staticmethod
+    def exceeds(got: torch.Tensor, want: torch.Tensor, spread: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
+        info = torch.finfo(stored_dtype)
+        step = info.eps * torch.maximum(got.abs(), want.abs()).clamp(min=info.smallest_normal)
+        return (got - want).abs() > step + spread
+
+    def argmax_not_tied(self, got: torch.Tensor, want: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
+        """Argmaxes that differ where the live logits of the two ids are not near-tied."""
+        return (got != want) & (at_loss.stored_argmax_logit < at_loss.live_argmax_logit - self.logit_slack(at_loss))
+
+    def topk_not_tied(self, got: torch.Tensor, want: torch.Tensor, stored_values: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
+        """Top-k ids that differ other than by near-tied ids trading places (or in and out at the k-th):
+        each stored id's stored log-probability must match its live one, and an id in only one of the
+        two sets must lie within the slack of the live k-th value."""
+        logprobs = at_loss.probs.clamp(min=torch.finfo(torch.float32).tiny).log()  # as the build took them
+        slack = self.logit_slack(at_loss)[:, None]
+        known = (got >= 0) & (got < logprobs.shape[1])
+        got, want = got.long().clamp(0, logprobs.shape[1] - 1), want.long()
+        kth = logprobs.gather(1, want[:, -1:])
+        of_stored, of_live = logprobs.gather(1, got), logprobs.gather(1, want)
+        only_stored = ~(got[:, :, None] == want[:, None, :]).any(-1)
+        only_live = ~(want[:, :, None] == got[:, None, :]).any(-1)
+        value_differs = self.exceeds(stored_values.float(), of_stored, slack, stored_values.dtype)
+        return ~known | value_differs | (only_stored & (of_stored < kth - slack)) | (only_live & (of_live > kth + slack))
+
+
+def tolerant_differences(stored: dict, live: dict, tolerance: Tolerance, at_loss: LossRows, columns: dict):
+    """As `differences`, within `tolerance` (see Tolerance)."""
+    for key, want in live.items():
+        got = stored[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            yield key, float("inf")
+            continue
+        if want.numel() == 0:
+            continue
+        if want.is_floating_point():
+            slack = tolerance.logit_slack(at_loss) if columns[key]["per"] == "loss" else None
+            spread = tolerance.spread(want.float(), slack, key in LOG_SPACE)
+            beyond = tolerance.exceeds(got.float(), want.float(), spread, want.dtype)
+        elif key == "target_argmax":
+            beyond = tolerance.argmax_not_tied(got, want, at_loss)
+        elif key == "topk_ids":
+            beyond = tolerance.topk_not_tied(got, want, stored["topk_logprobs"], at_loss)
+        else:
+            beyond = got != want
+        if beyond.any():
+            yield key, (got.double() - want.double()).abs().max().item()

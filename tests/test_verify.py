@@ -87,12 +87,18 @@ def test_edited_manifest_is_caught(cache):
 
 def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     """A consistent but wrong shard (as a buggy build would write): checksums updated to match."""
+    rewrite_values(cache, shard_name, "aux_hidden_states", lambda values: values + 1e-3, rows=1)
+
+
+def rewrite_values(cache, shard_name: str, column: str, change, rows: int | None = None) -> None:
+    """`change` applied to the fp32 values of `column` in the shard's first `rows` rows (all: None),
+    stored as byte planes + zstd (the default) with the shard's record updated to agree."""
     path = cache / "data" / shard_name
     table = pq.read_table(path)
-    aux = table.column("aux_hidden_states").to_pylist()
-    first = decode_value(aux[0], torch.float32) + 1e-3  # stored as byte planes + zstd (the default)
-    aux[0] = b"".join(encode_value(first, "byte_planes_zstd").parts)
-    table = table.set_column(table.schema.get_field_index("aux_hidden_states"), "aux_hidden_states", pa.array(aux, pa.binary()))
+    values = table.column(column).to_pylist()
+    for k in range(len(values) if rows is None else rows):
+        values[k] = b"".join(encode_value(change(decode_value(values[k], torch.float32)), "byte_planes_zstd").parts)
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.binary()))
     pq.write_table(table, path, compression="none")
     card = DatasetCard.load(cache / "README.md")
     for shard in card.data["eagle3_cache"]["shards"]:
@@ -136,6 +142,74 @@ def test_recompute_compares_only_shards_computed_like_this_machine(cache, caplog
         f'skipping 1 shard(s) computed with {{"device": "cuda", "dtype": "bfloat16"}} (this machine computes with '
         f'{{"device": "cpu", "dtype": "float32"}}, which rounds differently): {other}' in caplog.text
     )
+
+
+def one_step_up(values: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(values, torch.full_like(values, float("inf")))
+
+
+def test_recompute_of_shards_computed_on_another_machine_of_this_kind_allows_a_few_rounding_steps(cache, caplog):
+    from builder.forward import compute_record
+
+    here = compute_record()
+    rewrite_values(cache, SHARD, "aux_hidden_states", one_step_up)  # as another CPU's rounding could leave them
+    rewrite_values(cache, SHARD, "target_probs", one_step_up)
+    names = [f"data/{SHARD}/{id}" for id in pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"].to_pylist()]
+    for recorded in (here, {"device": "cpu", "dtype": "float32"}):  # the same machine; a record of before the finer fields
+        set_shard_compute(cache, {SHARD}, recorded)
+        problems = verify_cache(cache, recompute=14)  # exact: one rounding step is a difference
+        assert [p.split(": ")[0] for p in problems] == [n for n in names for _ in range(2)], problems
+        assert problems[0].startswith(f"{names[0]}: aux_hidden_states differs from a live recompute (max abs diff ")
+
+    other = here | {"cpu_capability": "ANOTHER"}
+    set_shard_compute(cache, {SHARD}, other)
+    report = verify_cache(cache, recompute=14)
+    assert report == [] and report.recomputed == 14
+    assert (
+        f"verify --recompute: data/{SHARD} was computed on {json.dumps(other, sort_keys=True)}, and this machine is "
+        f"{json.dumps(here, sort_keys=True)}: it may round differently, so their samples are compared within 16 rounding "
+        "steps of float32, not bit for bit" in caplog.text
+    )
+
+
+def test_damage_beyond_the_tolerance_is_caught_saying_the_machine_may_round_differently(cache):
+    from builder.forward import compute_record
+
+    rewrite_with_perturbed_aux(cache, SHARD)
+    set_shard_compute(cache, {SHARD}, compute_record() | {"torch": "another version"})
+    sample_id = pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"][0].as_py()
+    assert verify_cache(cache, recompute=14) == [
+        f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute by more than 16 rounding steps (max abs "
+        "diff 0.001): this machine may round differently from the one that computed the shard, or the sample is damaged; "
+        "recompute on the build's kind of machine to tell"
+    ]
+
+
+def test_ids_may_trade_places_only_on_a_near_tie_of_their_logits():
+    from builder.verify import LossRows, Tolerance
+
+    tolerance = Tolerance(16, torch.finfo(torch.float32).eps)  # slack: 2 * 16 * eps * 10 = 3.8e-5 for logits up to 10
+    logits = torch.tensor([[10.0, 2.0, 2.0 - 1e-5, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)  # the draft vocabulary is the whole vocabulary here
+    live_ids = torch.tensor([[0, 1]])
+    live_values = probs.log().gather(1, live_ids)
+
+    def topk_beyond(stored_ids):
+        stored_values = probs.log().gather(1, stored_ids)  # what the other machine stored for its ids
+        at_loss = LossRows(probs, logits.abs().amax(-1), torch.zeros(1), torch.zeros(1))
+        return bool(tolerance.topk_not_tied(stored_ids, live_ids, stored_values, at_loss).any())
+
+    assert not topk_beyond(live_ids)
+    assert not topk_beyond(torch.tensor([[0, 2]]))  # in at the k-th place on a near-tie
+    assert topk_beyond(torch.tensor([[0, 3]]))  # not near the k-th
+    at_loss = LossRows(probs, logits.abs().amax(-1), torch.zeros(1), torch.zeros(1))
+    assert bool(tolerance.topk_not_tied(torch.tensor([[1, 0]]), live_ids, live_values, at_loss).any())  # ids swapped, values not
+
+    def argmax_beyond(stored, live):
+        at_loss = LossRows(probs, logits.abs().amax(-1), logits[:, stored], logits[:, live])
+        return bool(tolerance.argmax_not_tied(torch.tensor([stored]), torch.tensor([live]), at_loss).any())
+
+    assert not argmax_beyond(2, 1) and argmax_beyond(3, 1) and not argmax_beyond(1, 1)
 
 
 def test_recompute_refuses_when_no_shard_was_computed_like_this_machine(cache, capsys):
