@@ -14,6 +14,7 @@ on another machine of its kind (see Tolerance).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dataset_card import data_prefix
+from dataset_card.render import shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .errors import Eagle3CacheError
@@ -157,7 +159,32 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     problems += [
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
-    return problems
+    return problems + check_card_reads_every_shard(out, sorted(listed))
+
+
+def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
+    """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
+    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache."""
+    paths = card_train_paths((out / "README.md").read_text(encoding="utf-8"))
+    if not paths:
+        return []  # no data_files: `datasets` reads the folder's default layout
+    return [
+        f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
+        f"would leave its rows out: restore the card's configs (the build writes data/{shard_files(len(listed))}), or rebuild"
+        for name in listed
+        if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
+    ]
+
+
+def card_train_paths(text: str) -> list[str]:
+    """Every path pattern of the train split in the card's `configs` (a string or a list of them)."""
+    paths = []
+    for config in card_data_of(text).get("configs") or []:
+        for entry in config.get("data_files") or []:
+            if isinstance(entry, dict) and entry.get("split") == "train":
+                path = entry.get("path")
+                paths += [path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)]
+    return paths
 
 
 def check_shard_list(manifest: dict) -> list[str]:

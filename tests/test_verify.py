@@ -564,3 +564,16 @@ def test_shards_swapped_with_their_records_are_caught_where_the_input_order_is_k
         "input's order of --shuffle-seed 42): the two were swapped, or one rewritten with other samples; to repair: "
         f"delete data/{names[0]} and data/{names[1]} and run the build again with --resume (it rebuilds only the missing shards)"
     ]
+
+
+def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
+    def narrow(data):
+        data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
+
+    edit_card(cache, narrow)
+    assert verify_cache(cache) == [
+        f"data/{shard_name(k, 4)}: listed in the manifest, but the card's data_files (data/train-0000[01]-of-00004.parquet) do "
+        "not match it, so readers would leave its rows out: restore the card's configs (the build writes "
+        "data/train-*-of-00004.parquet), or rebuild"
+        for k in (2, 3)
+    ]
