@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(each shard's record says which) can match: others are skipped with a warning; shards computed on another "
         "CPU instruction set, GPU model or torch/CUDA version are compared within 16 rounding steps, with a warning. "
         "Exit status 1 on any problem, "
-        "2 when verify cannot run (no finished cache there, another target, nothing to recompute).",
+        "2 when verify cannot run (no finished cache there, another target, nothing to recompute, or shards a build "
+        "uploaded and deleted here: verify the repo instead).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
     verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")

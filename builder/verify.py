@@ -31,6 +31,7 @@ from dataset_card import data_prefix
 from dataset_card.render import shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
+from .build_state import read_sidecar
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
@@ -55,6 +56,7 @@ def verify_cache(
     `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
+    refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
     readable = []
     for shard in manifest["shards"]:
@@ -135,6 +137,21 @@ def download(repo_id: str, revision: str | None, name: str | None) -> Path:
             "connection) and the local Hugging Face cache holds no copy: pass a cache directory, or unset "
             "HF_HUB_OFFLINE and connect to download it"
         ) from None
+
+
+def refuse_shards_only_on_the_hub(out: Path, manifest: dict) -> None:
+    """A build that uploaded its shards as it went (--push-to-hub) and deleted them here
+    (--delete-local-after-upload) leaves a card and no shards: not damage, but nothing a local
+    verify can read. The shard's build record holds the sha256 its upload recorded."""
+    missing = [s["name"] for s in manifest["shards"] if not (out / "data" / s["name"]).exists()]
+    uploaded = [name for name in missing if (read_sidecar(out, name) or {}).get("sha256")]
+    if uploaded:
+        raise Eagle3CacheError(
+            f"verify: {len(uploaded)} of the {len(manifest['shards'])} shards of {out} are not here but on the Hub "
+            f"({examples(uploaded, 3)}): the build uploaded them and then deleted them here (--delete-local-after-upload), "
+            "as their build records show. Verify the repo the build pushed to instead: eagle3-cache verify REPO_ID "
+            "(the build's --push-to-hub, with --name for its --hub-config)"
+        )
 
 
 def check_manifest(out: Path, manifest: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -577,3 +578,23 @@ def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
         "data/train-*-of-00004.parquet), or rebuild"
         for k in (2, 3)
     ]
+
+
+def test_a_build_that_deleted_its_uploaded_shards_is_verified_on_the_hub(hub, tmp_path, capsys):
+    from builder.cli import main
+
+    cfg = small_config(tmp_path / "cache", push_to_hub="tester/uploaded", delete_local_after_upload=True)
+    out = build(cfg, progress=False).output_dir
+    assert not list((out / "data").glob("*.parquet"))
+    message = (
+        f"verify: 4 of the 4 shards of {out} are not here but on the Hub (train-00000-of-00004.parquet, "
+        "train-00001-of-00004.parquet, train-00002-of-00004.parquet, ...): the build uploaded them and then deleted them "
+        "here (--delete-local-after-upload), as their build records show. Verify the repo the build pushed to instead: "
+        "eagle3-cache verify REPO_ID"
+    )
+    with pytest.raises(Eagle3CacheError, match=re.escape(message)):
+        verify_cache(out)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2  # nothing here could be checked: not damage
+    assert f"error: {message}" in capsys.readouterr().err
+    assert main(["verify", "tester/uploaded"]) == 0
