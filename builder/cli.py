@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
     )
-    verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
+    verify.add_argument("--recompute", type=sample_count, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
     verify.set_defaults(func=run_verify)
@@ -136,6 +136,17 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_cache(args.cache_dir, args.to, args.out_dir, target_model=args.target_model)
     print(f"Exported {args.cache_dir} for {args.to} to {out}")
     return 0
+
+
+def sample_count(text: str) -> int:
+    """--recompute's N: a whole number of samples, 0 for none."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of samples, 0 or more (0: recompute none), got {text!r}")
+    return count
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from dataset_card.render import shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
-from .errors import Eagle3CacheError
+from .errors import ConfigError, Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, recorded_checksum
@@ -54,6 +54,8 @@ def verify_cache(
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
     `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    if recompute < 0:
+        raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
     refuse_shards_only_on_the_hub(out, manifest)

@@ -598,3 +598,14 @@ def test_a_build_that_deleted_its_uploaded_shards_is_verified_on_the_hub(hub, tm
     assert main(["verify", str(out)]) == 2  # nothing here could be checked: not damage
     assert f"error: {message}" in capsys.readouterr().err
     assert main(["verify", "tester/uploaded"]) == 0
+
+
+def test_a_negative_recompute_count_is_refused_saying_what_is_expected(cache, capsys):
+    from builder.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["verify", str(cache), "--recompute", "-2"])
+    assert exit_status.value.code == 2
+    assert "argument --recompute: expected a whole number of samples, 0 or more (0: recompute none), got '-2'" in capsys.readouterr().err
+    with pytest.raises(Eagle3CacheError, match=r"--recompute: expected a whole number of samples, 0 or more \(0: recompute none\), got -2"):
+        verify_cache(cache, recompute=-2)
