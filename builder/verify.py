@@ -58,6 +58,7 @@ def verify_cache(
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
+    refuse_incomplete_manifest(out, manifest)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
     readable = []
@@ -96,6 +97,8 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
     out = root / data_prefix(name)
+    for card in {root / "README.md", out / "README.md"}:
+        refuse_damaged_card(card)
     index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
     if index and (name is None or name not in index):
         raise Eagle3CacheError(
@@ -106,6 +109,40 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
     if not (out / "README.md").is_file():
         raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
     return out
+
+
+def refuse_damaged_card(card: Path) -> None:
+    """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
+    not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return
+    block = REGEX_YAML_BLOCK.search(text)
+    if block is None:
+        damage = "begins but is never closed (a line holding only ---)"
+    else:
+        try:
+            yaml.safe_load(block.group(2))
+            return
+        except yaml.YAMLError as err:
+            damage = f"does not parse ({' '.join(str(err).split())})"
+    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{RESTORE_CARD}")
+
+
+RESTORE_CARD = (
+    ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the card "
+    "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
+    "cache was pushed to"
+)
+MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "vocab_file", "shards", "totals")
+
+
+def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
+    if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
 
 
 def why_no_card(root: Path, name: str | None) -> str:

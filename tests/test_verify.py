@@ -609,3 +609,28 @@ def test_a_negative_recompute_count_is_refused_saying_what_is_expected(cache, ca
     assert "argument --recompute: expected a whole number of samples, 0 or more (0: recompute none), got '-2'" in capsys.readouterr().err
     with pytest.raises(Eagle3CacheError, match=r"--recompute: expected a whole number of samples, 0 or more \(0: recompute none\), got -2"):
         verify_cache(cache, recompute=-2)
+
+
+def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_restore_it(cache, capsys):
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    closing = text.index("\n---", 4)
+    cases = [
+        (text[: len(text) // 2], "begins but is never closed (a line holding only ---)"),
+        (text[:closing] + '\n  broken: "never closed' + text[closing:], "does not parse (while scanning a quoted scalar"),
+    ]
+    for damaged, why in cases:
+        (cache / "README.md").write_text(damaged)
+        message = f"verify: {cache / 'README.md'} is damaged: its YAML front matter, which holds the manifest, {why}"
+        with pytest.raises(Eagle3CacheError, match=re.escape(message) + r".*Restore it: run the build command again with --resume"):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    (cache / "README.md").write_text(text)
+    edit_card(cache, lambda data: data["eagle3_cache"].pop("shards"))  # whole YAML, but lines of the manifest removed
+    with pytest.raises(Eagle3CacheError, match=r"README.md is damaged: its manifest has no shards, as in a card cut short"):
+        verify_cache(cache)
+    (cache / "README.md").write_text("---\nlicense: mit\n---\n# another dataset\n")  # whole, and not ours
+    with pytest.raises(Eagle3CacheError, match="it is not an eagle3-cache dataset card"):
+        verify_cache(cache)
