@@ -97,7 +97,7 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
     out = root / data_prefix(name)
-    for card in {root / "README.md", out / "README.md"}:
+    for card in dict.fromkeys([root / "README.md", out / "README.md"]):  # the root card first
         refuse_damaged_card(card)
     index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
     if index and (name is None or name not in index):
