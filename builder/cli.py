@@ -99,15 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples and compare: exact "
         "in fp32, within one rounding step of bf16/fp16. Only shards computed on this kind of device in this dtype "
-        "(each shard's record says which) can match: others are skipped with a warning. Exit status 1 on any problem, "
-        "2 when verify cannot run (no finished cache there, another target, nothing to recompute).",
+        "(each shard's record says which) can match: others are skipped with a warning; shards computed on another "
+        "CPU instruction set, GPU model or torch/CUDA version are compared within 16 rounding steps, with a warning. "
+        "Exit status 1 on any problem, "
+        "2 when verify cannot run (no finished cache there, another target, nothing to recompute, or shards a build "
+        "uploaded and deleted here: verify the repo instead).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
     verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
     verify.add_argument(
         "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
     )
-    verify.add_argument("--recompute", type=int, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
+    verify.add_argument("--recompute", type=sample_count, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
     verify.set_defaults(func=run_verify)
@@ -133,6 +136,17 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_cache(args.cache_dir, args.to, args.out_dir, target_model=args.target_model)
     print(f"Exported {args.cache_dir} for {args.to} to {out}")
     return 0
+
+
+def sample_count(text: str) -> int:
+    """--recompute's N: a whole number of samples, 0 for none."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of samples, 0 or more (0: recompute none), got {text!r}")
+    return count
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -100,23 +100,49 @@ def run_forward(
 
 
 def compute_record() -> dict:
-    """Where and in what precision this process computes: part of what shaped a shard's bytes
-    (bf16 on a GPU, fp32 on a CPU), recorded with each shard."""
+    """Where and in what precision this process computes (bf16 on a GPU, fp32 on a CPU), and what else
+    decides its rounding: the CPU's vector instructions or the GPU model, and the torch (and CUDA)
+    versions, whose kernels sum in other orders. Part of what shaped a shard's bytes, recorded with
+    each shard; `verify --recompute` compares exactly only where it all matches."""
     device, dtype = compute_device()
-    return {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+    record = {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda}
+        return record | gpu | {"torch": str(torch.__version__)}
+    if device.type == "cpu":
+        return record | {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": str(torch.__version__)}
+    return record | {"torch": str(torch.__version__)}
 
 
 def warn_if_precisions_mix(out: Path, finished: list[str], compute: dict) -> None:
-    """A resume on another kind of device computes the remaining shards in another precision."""
-    records = [read_sidecar(out, name) or {} for name in finished]
-    earlier = {json.dumps(record["compute"], sort_keys=True) for record in records if "compute" in record}
-    others = sorted(earlier - {json.dumps(compute, sort_keys=True)})
-    if others:
+    """A resume on another kind of device computes the remaining shards in another precision; on
+    another CPU or GPU model, or torch version, in the same precision but maybe rounded otherwise.
+    Records compare on the fields both have (older ones hold only the device kind and dtype)."""
+    earlier = [record["compute"] for record in (read_sidecar(out, name) or {} for name in finished) if "compute" in record]
+    precision = {"device", "dtype"}
+
+    def differing(record: dict) -> set:
+        return {key for key in record.keys() & compute.keys() if record[key] != compute[key]}
+
+    def shown(records, keys=None) -> str:
+        return ", ".join(sorted({json.dumps({k: v for k, v in r.items() if keys is None or k in keys}, sort_keys=True) for r in records}))
+
+    if others := [r for r in earlier if differing(r) & precision]:
         log.warning(
             "the shards already written were computed with %s; this run computes with %s: the cache will mix precisions "
             "(each shard's manifest record says which). Resume on the same kind of device to keep one.",
-            ", ".join(others),
-            json.dumps(compute, sort_keys=True),
+            shown(others, precision),
+            shown([compute], precision),
+        )
+    if others := [r for r in earlier if differing(r) and not differing(r) & precision]:
+        log.warning(
+            "the shards already written were computed on %s; this run computes on %s: the same device kind and dtype, "
+            "but another CPU instruction set, GPU model or library version may round differently, so `verify --recompute` "
+            "compares the two sets of shards within a tolerance, not bit for bit. Resume on the same machine type to keep "
+            "them exactly reproducible.",
+            shown(others),
+            shown([compute]),
         )
 
 

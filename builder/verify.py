@@ -3,28 +3,36 @@
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
 row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
 outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
-over the shards), per-row shapes against the manifest and finite values. `--recompute N`
+over the shards), per-row shapes against the manifest and finite values, and across shards what
+no shard shows alone (source_index unique, shard sizes, failed records). `--recompute N`
 reruns the target (refused unless its recorded identity matches) on N random samples,
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
-match bit for bit.
+match bit for bit on a machine that computes as the build's did, and within a few rounding steps
+on another machine of its kind (see Tolerance).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from dataset_card import data_prefix
+from dataset_card.render import shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
-from .errors import Eagle3CacheError
+from .build_state import read_sidecar
+from .errors import ConfigError, Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, recorded_checksum
@@ -46,11 +54,19 @@ def verify_cache(
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
     `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    if recompute < 0:
+        raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
+    refuse_incomplete_manifest(out, manifest)
+    refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    readable = []
     for shard in manifest["shards"]:
-        problems += check_shard(out, manifest, shard)
+        file_problems = check_shard_file(out, manifest, shard)
+        problems += file_problems or check_shard_rows(out, manifest, shard)
+        readable += [] if file_problems else [shard["name"]]
+    problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
     if recompute and not problems:
         recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
@@ -81,6 +97,8 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
     out = root / data_prefix(name)
+    for card in dict.fromkeys([root / "README.md", out / "README.md"]):  # the root card first
+        refuse_damaged_card(card)
     index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
     if index and (name is None or name not in index):
         raise Eagle3CacheError(
@@ -91,6 +109,40 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
     if not (out / "README.md").is_file():
         raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
     return out
+
+
+def refuse_damaged_card(card: Path) -> None:
+    """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
+    not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return
+    block = REGEX_YAML_BLOCK.search(text)
+    if block is None:
+        damage = "begins but is never closed (a line holding only ---)"
+    else:
+        try:
+            yaml.safe_load(block.group(2))
+            return
+        except yaml.YAMLError as err:
+            damage = f"does not parse ({' '.join(str(err).split())})"
+    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{RESTORE_CARD}")
+
+
+RESTORE_CARD = (
+    ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the card "
+    "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
+    "cache was pushed to"
+)
+MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "vocab_file", "shards", "totals")
+
+
+def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
+    if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
 
 
 def why_no_card(root: Path, name: str | None) -> str:
@@ -126,6 +178,21 @@ def download(repo_id: str, revision: str | None, name: str | None) -> Path:
         ) from None
 
 
+def refuse_shards_only_on_the_hub(out: Path, manifest: dict) -> None:
+    """A build that uploaded its shards as it went (--push-to-hub) and deleted them here
+    (--delete-local-after-upload) leaves a card and no shards: not damage, but nothing a local
+    verify can read. The shard's build record holds the sha256 its upload recorded."""
+    missing = [s["name"] for s in manifest["shards"] if not (out / "data" / s["name"]).exists()]
+    uploaded = [name for name in missing if (read_sidecar(out, name) or {}).get("sha256")]
+    if uploaded:
+        raise Eagle3CacheError(
+            f"verify: {len(uploaded)} of the {len(manifest['shards'])} shards of {out} are not here but on the Hub "
+            f"({examples(uploaded, 3)}): the build uploaded them and then deleted them here (--delete-local-after-upload), "
+            "as their build records show. Verify the repo the build pushed to instead: eagle3-cache verify REPO_ID "
+            "(the build's --push-to-hub, with --name for its --hub-config)"
+        )
+
+
 def check_manifest(out: Path, manifest: dict) -> list[str]:
     problems = []
     if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
@@ -148,7 +215,32 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     problems += [
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
-    return problems
+    return problems + check_card_reads_every_shard(out, sorted(listed))
+
+
+def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
+    """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
+    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache."""
+    paths = card_train_paths((out / "README.md").read_text(encoding="utf-8"))
+    if not paths:
+        return []  # no data_files: `datasets` reads the folder's default layout
+    return [
+        f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
+        f"would leave its rows out: restore the card's configs (the build writes data/{shard_files(len(listed))}), or rebuild"
+        for name in listed
+        if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
+    ]
+
+
+def card_train_paths(text: str) -> list[str]:
+    """Every path pattern of the train split in the card's `configs` (a string or a list of them)."""
+    paths = []
+    for config in card_data_of(text).get("configs") or []:
+        for entry in config.get("data_files") or []:
+            if isinstance(entry, dict) and entry.get("split") == "train":
+                path = entry.get("path")
+                paths += [path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)]
+    return paths
 
 
 def check_shard_list(manifest: dict) -> list[str]:
@@ -198,7 +290,8 @@ def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     return file_hash(path, algorithm) == expected
 
 
-def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
+    """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
         return [f"data/{name}: missing"]
@@ -212,6 +305,12 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
         return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
     if parquet.metadata.num_rows != shard["rows"]:
         return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+    return []
+
+
+def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
+    """Every row's shapes against the manifest, and finite values."""
+    name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     decode = RowDecoder(manifest)
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
     problems = []
@@ -221,10 +320,148 @@ def check_shard(out: Path, manifest: dict, shard: dict) -> list[str]:
     return problems
 
 
-def repair(name: str) -> str:
+def repair(*names: str) -> str:
     # Resume keeps a shard whose size and row count match its record: a damaged one of the same
     # size would be kept, so it must be deleted first.
-    return f"to repair: delete data/{name} and run the build again with --resume (it rebuilds only the missing shards)"
+    files = " and ".join(f"data/{name}" for name in names)
+    return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
+
+
+# ---- across shards ---------------------------------------------------------------------------
+
+
+def check_across_shards(out: Path, manifest: dict, readable: list[str]) -> list[str]:
+    """What no shard shows alone: a shard replaced by a copy of another (its record updated to agree),
+    rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
+    samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
+    last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest)
+    indices = stored_source_indices(out, readable)
+    duplicates = check_unique_source_indices(manifest, indices)
+    if problems or duplicates or len(readable) < len(manifest["shards"]):
+        return problems + duplicates  # the input order below is derived from these counts
+    return check_input_order(manifest, indices)
+
+
+def check_failed_records(manifest: dict) -> list[str]:
+    listed = {s["name"] for s in manifest["shards"]}
+    return [
+        f"README.md: failed sample {f.get('sample_id')!r} (source_index {f.get('source_index')}) is recorded in "
+        f"data/{f.get('shard')}, which the manifest does not list: restore the card, or rebuild"
+        for f in manifest.get("failed", [])
+        if f.get("shard") not in listed
+    ]
+
+
+def shard_position(name: str) -> tuple[int, int] | None:
+    """(k, N) of a shard named shard k of N; None for another name (check_shard_list reports it)."""
+    match = re.search(r"-(\d+)-of-(\d+)\.parquet$", name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
+    failed: dict[str, list[dict]] = {}
+    for f in manifest.get("failed", []):
+        failed.setdefault(f.get("shard"), []).append(f)
+    return failed
+
+
+def check_shard_sizes(manifest: dict) -> list[str]:
+    size = manifest["identity"].get("shard_size")
+    if size is None:
+        return []
+    failed, problems = failed_by_shard(manifest), []
+    for shard in manifest["shards"]:
+        name, position = shard["name"], shard_position(shard["name"])
+        if position is None:
+            continue
+        held = shard["rows"] + len(failed.get(name, []))
+        last = position[0] == position[1] - 1
+        if (held != size and not last) or not 0 < held <= size:
+            counted = f"{held} samples" + (f" ({shard['rows']} stored, {held - shard['rows']} failed)" if held != shard["rows"] else "")
+            expected = f"at most {size}" if last else f"{size}, as every shard but the last"
+            problems.append(
+                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {repair(name)}"
+            )
+    return problems
+
+
+def stored_source_indices(out: Path, readable: list[str]) -> dict[str, np.ndarray]:
+    """Each readable shard's source_index column (one small column, not the rows)."""
+    return {name: pq.read_table(out / "data" / name, columns=["source_index"]).column(0).to_numpy() for name in readable}
+
+
+def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+    """One line per set of places holding the same samples (a shard copied over another: one line)."""
+    failed = manifest.get("failed", [])
+    held = [*indices.values(), *(np.asarray([f.get("source_index", -1)], np.int64) for f in failed)]
+    places = [f"data/{name}" for name in indices] + [f"data/{f.get('shard')} (recorded as failed)" for f in failed]
+    values = np.concatenate(held) if held else np.zeros(0, np.int64)
+    owners = np.repeat(np.arange(len(held)), [len(v) for v in held])
+    order = np.argsort(values, kind="stable")
+    values, owners = values[order], owners[order]
+    repeated = np.flatnonzero(values[1:] == values[:-1]) + 1
+    groups: dict[tuple, list[int]] = {}
+    for value in np.unique(values[repeated]):
+        at = np.flatnonzero(values == value)
+        groups.setdefault(tuple(places[k] for k in owners[at]), []).append(int(value))
+    return [
+        f"{where[-1]}: holds {len(shared)} sample(s) (source_index {examples(shared)}) {held_again(where)}: source_index "
+        "is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; to repair: "
+        "delete the shard that should not hold them (if unsure, each of these) and run the build again with --resume "
+        "(it rebuilds only the missing shards), or rebuild"
+        for where, shared in groups.items()
+    ]
+
+
+def held_again(where: tuple) -> str:
+    others = sorted(set(where) - {where[-1]})
+    return f"also held by {', '.join(others)}" if others else "more than once"
+
+
+def examples(values: list, shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (", ..." if len(values) > shown else "")
+
+
+def input_order(manifest: dict) -> np.ndarray | None:
+    """The order the build took the input rows in (as inputs.select_rows takes them), where the
+    manifest tells how many there were: every row selected was stored, failed or skipped, and
+    --max-samples (if any) was more than that. None where --max-samples cut a larger input."""
+    selection = manifest["identity"]["input"]
+    selected = sum(s["rows"] for s in manifest["shards"]) + len(manifest.get("failed", [])) + sum((manifest.get("skipped") or {}).values())
+    if selection.get("max_samples") is not None and selected >= selection["max_samples"]:
+        return None
+    return np.random.default_rng(selection["shuffle_seed"]).permutation(selected)
+
+
+def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+    """Shards fill in turn along the input's shuffled order (skipped rows left out), so each shard's
+    samples come after every sample of the shards before it: a swapped or rewritten shard does not."""
+    order = input_order(manifest)
+    if order is None:
+        return []
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    failed, problems, spans = failed_by_shard(manifest), [], []
+    for shard in sorted(manifest["shards"], key=lambda s: shard_position(s["name"]) or (0, 0)):
+        name = shard["name"]
+        held = np.concatenate([indices[name], np.asarray([f["source_index"] for f in failed.get(name, [])], np.int64)])
+        if (outside := held[(held < 0) | (held >= len(order))]).size:
+            problems.append(
+                f"data/{name}: source_index {examples(outside.tolist())}, outside the {len(order)} input rows the build "
+                f"selected: the shard holds samples of another input; {repair(name)}"
+            )
+        elif held.size:
+            spans.append((name, int(rank[held].min()), int(rank[held].max())))
+    seed = manifest["identity"]["input"]["shuffle_seed"]
+    problems += [
+        f"data/{later}: holds samples the build takes before some of data/{earlier}'s (shards fill in turn along the "
+        f"input's order of --shuffle-seed {seed}): the two were swapped, or one rewritten with other samples; "
+        f"{repair(earlier, later)}"
+        for (earlier, _, last_of_earlier), (later, first_of_later, _) in zip(spans, spans[1:])
+        if first_of_later < last_of_earlier
+    ]
+    return problems
 
 
 def check_row(row: dict, manifest: dict) -> list[str]:
@@ -257,8 +494,9 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     incomplete = {f.get("shard") for f in manifest.get("failed", [])}
     if incomplete:
         log.warning("not recomputing shards with failed samples (their batches cannot be rebuilt): %s", sorted(incomplete))
-    comparable = comparable_shards(manifest, compute_record())
-    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable - incomplete for i in range(s["rows"])]
+    here = compute_record()
+    comparable = comparable_shards(manifest, here)
+    positions = [(s["name"], i) for s in manifest["shards"] if s["name"] in comparable.keys() - incomplete for i in range(s["rows"])]
     if not positions:
         raise Eagle3CacheError(
             f"verify --recompute: no sample can be recomputed: every shard that could match holds failed samples "
@@ -268,6 +506,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     if len(positions) < count:
         log.warning("verify --recompute: only %d of the %d samples asked for can be recomputed", len(positions), count)
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
+    tolerance = tolerance_for({name: comparable[name] for name, _ in chosen}, here)
     model_path = resolve_target(target_model or identity["target"]["model"])
     check_target(model_path, manifest)
     device, dtype = compute_device()
@@ -283,7 +522,7 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
             for index in (i for n, i in chosen if n == name):
                 problems += [
                     f"data/{name}/{shard.row(index)['sample_id']}: {p}"
-                    for p in compare_live(target, manifest, shard, index, selected, batching)
+                    for p in compare_live(target, manifest, shard, index, selected, batching, tolerance.get(name))
                 ]
     finally:
         target.close()
@@ -308,29 +547,65 @@ def check_target(model_path: str, manifest: dict) -> None:
         )
 
 
-def comparable_shards(manifest: dict, here: dict) -> set[str]:
+PRECISION = ("device", "dtype")  # of a compute record: where these differ, no recompute can match
+ROUNDING_STEPS = 16  # the tolerance where only the finer fields differ (CPU instructions, GPU model, versions)
+
+
+def precision_of(record: dict) -> dict:
+    return {key: record[key] for key in PRECISION if key in record}
+
+
+def differing_fields(recorded: dict, here: dict) -> set[str]:
+    """The fields both records hold that differ: older records hold only the device kind and dtype."""
+    return {key for key in recorded.keys() & here.keys() if recorded[key] != here[key]}
+
+
+def comparable_shards(manifest: dict, here: dict) -> dict[str, dict | None]:
     """The shards computed the way this machine computes (device kind and dtype): only there can a
-    recompute match within a rounding step. Shards recorded before the record existed count as such.
-    Raises when no shard is comparable, rather than reporting every sample as damaged."""
-    elsewhere = {s["name"]: s["compute"] for s in manifest["shards"] if s.get("compute", here) != here}
-    comparable = {s["name"] for s in manifest["shards"]} - set(elsewhere)
+    recompute match. Each maps to None where every field both records hold agrees (compared exactly),
+    or to its record where only finer fields differ (another CPU instruction set, GPU model or
+    library version: compared within `ROUNDING_STEPS`). Shards recorded before the record existed
+    count as computed here. Raises when no shard is comparable, rather than reporting every sample as damaged."""
+    records = {s["name"]: s.get("compute", here) for s in manifest["shards"]}
+    elsewhere = {name: record for name, record in records.items() if differing_fields(record, here) & set(PRECISION)}
+    comparable = {name: record if differing_fields(record, here) else None for name, record in records.items() if name not in elsewhere}
     if not elsewhere:
         return comparable
-    kinds = ", ".join(sorted({json.dumps(c, sort_keys=True) for c in elsewhere.values()}))
+    kinds = ", ".join(sorted({json.dumps(precision_of(c), sort_keys=True) for c in elsewhere.values()}))
+    this_kind = json.dumps(precision_of(here), sort_keys=True)
     if not comparable:
         raise Eagle3CacheError(
             f"verify --recompute: every shard was computed with {kinds}, and this machine computes with "
-            f"{json.dumps(here, sort_keys=True)}: another device kind or dtype rounds differently, so no sample could "
+            f"{this_kind}: another device kind or dtype rounds differently, so no sample could "
             "match. Run the recompute on the kind of machine that built the cache (the structural checks passed)."
         )
     log.warning(
         "verify --recompute: skipping %d shard(s) computed with %s (this machine computes with %s, which rounds differently): %s",
         len(elsewhere),
         kinds,
-        json.dumps(here, sort_keys=True),
+        this_kind,
         ", ".join(sorted(elsewhere)),
     )
     return comparable
+
+
+def tolerance_for(records: dict[str, dict | None], here: dict) -> dict[str, Tolerance]:
+    """The tolerance of each shard computed on another machine of this kind (none: compared
+    exactly), saying so once."""
+    elsewhere = {name: record for name, record in records.items() if record is not None}
+    if not elsewhere:
+        return {}
+    tolerance = Tolerance(ROUNDING_STEPS, torch.finfo(getattr(torch, here["dtype"])).eps)
+    log.warning(
+        "verify --recompute: %s computed on %s, and this machine is %s: it may round differently, so their samples are "
+        "compared within %d rounding steps of %s, not bit for bit (recompute on the build's kind of machine for an exact check)",
+        f"data/{next(iter(elsewhere))} was" if len(elsewhere) == 1 else f"{len(elsewhere)} shards ({examples(sorted(elsewhere), 3)}) were",
+        ", ".join(sorted({json.dumps(r, sort_keys=True) for r in elsewhere.values()})),
+        json.dumps(here, sort_keys=True),
+        ROUNDING_STEPS,
+        here["dtype"],
+    )
+    return dict.fromkeys(elsewhere, tolerance)
 
 
 class ShardRows:
@@ -372,8 +647,11 @@ def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) ->
     raise AssertionError(f"row {index} is in no batch")
 
 
-def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor, batching: dict) -> list[str]:
-    """Re-encode the live outputs of the sample's batch exactly as the build did, and compare."""
+def compare_live(
+    target, manifest: dict, shard: ShardRows, index: int, selected: torch.Tensor, batching: dict, tolerance: Tolerance | None = None
+) -> list[str]:
+    """Re-encode the live outputs of the sample's batch exactly as the build did, and compare: exactly,
+    or within `tolerance` where the shard was computed on another machine of this kind."""
     layout = Layout(**manifest["layout"])
     members = batch_of(manifest, shard.lengths, index, batching)
     member_rows = [shard.row(i) for i in members]
@@ -392,7 +670,15 @@ def compare_live(target, manifest: dict, shard: ShardRows, index: int, selected:
     live_row = {
         name: (t[before : before + n_loss] if columns[name]["per"] == "loss" else t[b, :length]).cpu() for name, t in encoded.items()
     }
-    return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
+    if tolerance is None:
+        return [f"{key} differs from a live recompute (max abs diff {diff:.3g})" for key, diff in differences(row, live_row)]
+    at_loss = loss_rows_of(target, live, b, loss, slice(before, before + n_loss), row["target_argmax"])
+    return [
+        f"{key} differs from a live recompute by more than {tolerance.steps} rounding steps (max abs diff {diff:.3g}): this "
+        "machine may round differently from the one that computed the shard, or the sample is damaged; recompute on the "
+        "build's kind of machine to tell"
+        for key, diff in tolerant_differences(row, live_row, tolerance, at_loss, columns)
+    ]
 
 
 def differences(stored: dict, live: dict):
@@ -410,3 +696,112 @@ def differences(stored: dict, live: dict):
         diff = (got.float() - want.float()).abs()
         if (diff > eps * want.float().abs() + 1e-30).any():
             yield key, diff.max().item()
+
+
+class LossRows(NamedTuple):
+    """What tells near-ties from wrong ids at the sample's loss rows (`[n]` each unless said, fp32, on
+    the host): the live draft probabilities `[n, Vd]`, the largest live logit magnitude, and the
+    live logits of the stored and of the live argmax."""
+
+    probs: torch.Tensor
+    logit_scale: torch.Tensor
+    stored_argmax_logit: torch.Tensor
+    live_argmax_logit: torch.Tensor
+
+
+@torch.inference_mode()
+def loss_rows_of(target, live: dict, b: int, loss: torch.Tensor, rows: slice, stored_argmax: torch.Tensor) -> LossRows:
+    """Row `b`'s LossRows, its logits taken chunk by chunk as the build takes them (never all `[n, V]` at once)."""
+    from .supervision import HEAD_CHUNK_ROWS, logit_chunks
+
+    hidden = live["final_hidden"][b][loss[b].bool().to(target.device)]
+    live_argmax = live["argmax"][rows].to(target.device)
+    stored = (
+        stored_argmax.to(target.device).long().clamp(0, target.vocab_size - 1) if stored_argmax.shape == live_argmax.shape else live_argmax
+    )
+    ids = torch.stack([stored, live_argmax], 1)
+    scale, at_ids = [], []
+    for k, logits in enumerate(logit_chunks(hidden, target.head, target.transform)):
+        scale.append(logits.abs().amax(-1).float())
+        at_ids.append(logits.gather(1, torch.nn.functional.pad(ids[k * HEAD_CHUNK_ROWS :], (0, 0, 0, HEAD_CHUNK_ROWS))[:HEAD_CHUNK_ROWS]))
+    n = hidden.shape[0]
+    scale_all = torch.cat(scale)[:n].cpu() if scale else torch.zeros(0)
+    logits_at = torch.cat(at_ids)[:n].float().cpu() if at_ids else torch.zeros(0, 2)
+    return LossRows(live["probs"][rows].float().cpu(), scale_all, logits_at[:, 0], logits_at[:, 1])
+
+
+LOG_SPACE = ("topk_logprobs", "log_draft_mass")  # loss-row columns a logit error moves by itself, not by its multiple
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Where a shard was computed on another machine of this kind, its sums ran in other orders, and
+    each value may differ by `steps` rounding steps (`eps`, of the compute dtype) of what it was
+    computed from: hidden states by steps of their largest magnitude in the sample; what the logits
+    give (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored
+    value may also have rounded to its stored dtype on the other side of a step. Ids may trade
+    places only on a near-tie of their logits."""
+
+    steps: int
+    eps: float
+
+    def logit_slack(self, at_loss: LossRows) -> torch.Tensor:
+        """How far `[n]` a row's log-probabilities may move: two logits' worth (a value and the row's normaliser)."""
+        return 2 * self.steps * self.eps * at_loss.logit_scale
+
+    def spread(self, want: torch.Tensor, slack: torch.Tensor | None, log_space: bool) -> torch.Tensor:
+        """How far the compute may have moved each value: `slack` None for hidden states."""
+        if slack is None:
+            return self.steps * self.eps * want.abs().max()
+        slack = slack.reshape(-1, *[1] * (want.dim() - 1))
+        if log_space:
+            return slack
+        return slack * want.abs() + self.steps * self.eps * want.abs().amax(-1, keepdim=True)  # p moves by p times log p's error
+
+    @staticmethod
+    def exceeds(got: torch.Tensor, want: torch.Tensor, spread: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
+        info = torch.finfo(stored_dtype)
+        step = info.eps * torch.maximum(got.abs(), want.abs()).clamp(min=info.smallest_normal)
+        return (got - want).abs() > step + spread
+
+    def argmax_not_tied(self, got: torch.Tensor, want: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
+        """Argmaxes that differ where the live logits of the two ids are not near-tied."""
+        return (got != want) & (at_loss.stored_argmax_logit < at_loss.live_argmax_logit - self.logit_slack(at_loss))
+
+    def topk_not_tied(self, got: torch.Tensor, want: torch.Tensor, stored_values: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
+        """Top-k ids that differ other than by near-tied ids trading places (or in and out at the k-th):
+        each stored id's stored log-probability must match its live one, and an id in only one of the
+        two sets must lie within the slack of the live k-th value."""
+        logprobs = at_loss.probs.clamp(min=torch.finfo(torch.float32).tiny).log()  # as the build took them
+        slack = self.logit_slack(at_loss)[:, None]
+        known = (got >= 0) & (got < logprobs.shape[1])
+        got, want = got.long().clamp(0, logprobs.shape[1] - 1), want.long()
+        kth = logprobs.gather(1, want[:, -1:])
+        of_stored, of_live = logprobs.gather(1, got), logprobs.gather(1, want)
+        only_stored = ~(got[:, :, None] == want[:, None, :]).any(-1)
+        only_live = ~(want[:, :, None] == got[:, None, :]).any(-1)
+        value_differs = self.exceeds(stored_values.float(), of_stored, slack, stored_values.dtype)
+        return ~known | value_differs | (only_stored & (of_stored < kth - slack)) | (only_live & (of_live > kth + slack))
+
+
+def tolerant_differences(stored: dict, live: dict, tolerance: Tolerance, at_loss: LossRows, columns: dict):
+    """As `differences`, within `tolerance` (see Tolerance)."""
+    for key, want in live.items():
+        got = stored[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            yield key, float("inf")
+            continue
+        if want.numel() == 0:
+            continue
+        if want.is_floating_point():
+            slack = tolerance.logit_slack(at_loss) if columns[key]["per"] == "loss" else None
+            spread = tolerance.spread(want.float(), slack, key in LOG_SPACE)
+            beyond = tolerance.exceeds(got.float(), want.float(), spread, want.dtype)
+        elif key == "target_argmax":
+            beyond = tolerance.argmax_not_tied(got, want, at_loss)
+        elif key == "topk_ids":
+            beyond = tolerance.topk_not_tied(got, want, stored["topk_logprobs"], at_loss)
+        else:
+            beyond = got != want
+        if beyond.any():
+            yield key, (got.double() - want.double()).abs().max().item()

@@ -376,9 +376,19 @@ def test_each_shard_records_the_precision_it_was_computed_in_and_a_mixing_resume
     interrupted_build(cfg, monkeypatch, after_shards=1)
     monkeypatch.undo()
     first = shard_records(tmp_path / "cache")
-    assert [record["compute"] for record in first.values()] == [{"device": "cpu", "dtype": "float32"}]
+    here = forward_module.compute_record()
+    assert [record["compute"] for record in first.values()] == [here]
+    assert here == {
+        "device": "cpu",
+        "dtype": "float32",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
     name, record = next(iter(first.items()))
-    record["compute"] = {"device": "cuda", "dtype": "bfloat16"}  # as if that shard had been built on a GPU
+    record["compute"] = {
+        "device": "cuda",
+        "dtype": "bfloat16",
+    }  # as if that shard had been built on a GPU (a record of before the finer fields)
     (tmp_path / "cache" / ".eagle3_build" / "shards" / f"{name}.json").write_text(json.dumps(record))
     resumed = build(cfg.replace(resume=True), progress=False)
     assert (
@@ -387,7 +397,25 @@ def test_each_shard_records_the_precision_it_was_computed_in_and_a_mixing_resume
     )
     computes = {s["name"]: s["compute"] for s in read_manifest(resumed.output_dir)["shards"]}
     assert computes.pop(name) == {"device": "cuda", "dtype": "bfloat16"}
-    assert list(computes.values()) == [{"device": "cpu", "dtype": "float32"}] * len(computes) and computes
+    assert list(computes.values()) == [here] * len(computes) and computes
+
+
+def test_a_resume_on_a_machine_that_rounds_differently_warns(tmp_path, caplog):
+    """Same device kind and dtype, another CPU instruction set: the shards are comparable only within a tolerance."""
+    from builder.build_state import sidecar_path
+
+    here = forward_module.compute_record()
+    records = {"a": here | {"cpu_capability": "ANOTHER"}, "b": {"device": "cpu", "dtype": "float32"}, "c": here}
+    for name, compute in records.items():
+        sidecar_path(tmp_path, name).parent.mkdir(parents=True, exist_ok=True)
+        sidecar_path(tmp_path, name).write_text(json.dumps({"name": name, "compute": compute}))
+    sidecar_path(tmp_path, "d").write_text(json.dumps({"name": "d"}))  # recorded before shards said how they were computed
+    forward_module.warn_if_precisions_mix(tmp_path, ["b", "c", "d"], here)
+    assert caplog.text == ""  # an older record, with only the device kind and dtype, agrees where it has them
+    forward_module.warn_if_precisions_mix(tmp_path, ["a", "b", "c", "d"], here)
+    assert f"the shards already written were computed on {json.dumps(records['a'], sort_keys=True)}; this run computes on " in caplog.text
+    assert "may round differently, so `verify --recompute` compares the two sets of shards within a tolerance" in caplog.text
+    assert "mix precisions" not in caplog.text
 
 
 def shard_records(out: Path) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -87,12 +88,18 @@ def test_edited_manifest_is_caught(cache):
 
 def rewrite_with_perturbed_aux(cache, shard_name: str) -> None:
     """A consistent but wrong shard (as a buggy build would write): checksums updated to match."""
+    rewrite_values(cache, shard_name, "aux_hidden_states", lambda values: values + 1e-3, rows=1)
+
+
+def rewrite_values(cache, shard_name: str, column: str, change, rows: int | None = None) -> None:
+    """`change` applied to the fp32 values of `column` in the shard's first `rows` rows (all: None),
+    stored as byte planes + zstd (the default) with the shard's record updated to agree."""
     path = cache / "data" / shard_name
     table = pq.read_table(path)
-    aux = table.column("aux_hidden_states").to_pylist()
-    first = decode_value(aux[0], torch.float32) + 1e-3  # stored as byte planes + zstd (the default)
-    aux[0] = b"".join(encode_value(first, "byte_planes_zstd").parts)
-    table = table.set_column(table.schema.get_field_index("aux_hidden_states"), "aux_hidden_states", pa.array(aux, pa.binary()))
+    values = table.column(column).to_pylist()
+    for k in range(len(values) if rows is None else rows):
+        values[k] = b"".join(encode_value(change(decode_value(values[k], torch.float32)), "byte_planes_zstd").parts)
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, pa.binary()))
     pq.write_table(table, path, compression="none")
     card = DatasetCard.load(cache / "README.md")
     for shard in card.data["eagle3_cache"]["shards"]:
@@ -136,6 +143,74 @@ def test_recompute_compares_only_shards_computed_like_this_machine(cache, caplog
         f'skipping 1 shard(s) computed with {{"device": "cuda", "dtype": "bfloat16"}} (this machine computes with '
         f'{{"device": "cpu", "dtype": "float32"}}, which rounds differently): {other}' in caplog.text
     )
+
+
+def one_step_up(values: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(values, torch.full_like(values, float("inf")))
+
+
+def test_recompute_of_shards_computed_on_another_machine_of_this_kind_allows_a_few_rounding_steps(cache, caplog):
+    from builder.forward import compute_record
+
+    here = compute_record()
+    rewrite_values(cache, SHARD, "aux_hidden_states", one_step_up)  # as another CPU's rounding could leave them
+    rewrite_values(cache, SHARD, "target_probs", one_step_up)
+    names = [f"data/{SHARD}/{id}" for id in pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"].to_pylist()]
+    for recorded in (here, {"device": "cpu", "dtype": "float32"}):  # the same machine; a record of before the finer fields
+        set_shard_compute(cache, {SHARD}, recorded)
+        problems = verify_cache(cache, recompute=14)  # exact: one rounding step is a difference
+        assert [p.split(": ")[0] for p in problems] == [n for n in names for _ in range(2)], problems
+        assert problems[0].startswith(f"{names[0]}: aux_hidden_states differs from a live recompute (max abs diff ")
+
+    other = here | {"cpu_capability": "ANOTHER"}
+    set_shard_compute(cache, {SHARD}, other)
+    report = verify_cache(cache, recompute=14)
+    assert report == [] and report.recomputed == 14
+    assert (
+        f"verify --recompute: data/{SHARD} was computed on {json.dumps(other, sort_keys=True)}, and this machine is "
+        f"{json.dumps(here, sort_keys=True)}: it may round differently, so their samples are compared within 16 rounding "
+        "steps of float32, not bit for bit" in caplog.text
+    )
+
+
+def test_damage_beyond_the_tolerance_is_caught_saying_the_machine_may_round_differently(cache):
+    from builder.forward import compute_record
+
+    rewrite_with_perturbed_aux(cache, SHARD)
+    set_shard_compute(cache, {SHARD}, compute_record() | {"torch": "another version"})
+    sample_id = pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"][0].as_py()
+    assert verify_cache(cache, recompute=14) == [
+        f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute by more than 16 rounding steps (max abs "
+        "diff 0.001): this machine may round differently from the one that computed the shard, or the sample is damaged; "
+        "recompute on the build's kind of machine to tell"
+    ]
+
+
+def test_ids_may_trade_places_only_on_a_near_tie_of_their_logits():
+    from builder.verify import LossRows, Tolerance
+
+    tolerance = Tolerance(16, torch.finfo(torch.float32).eps)  # slack: 2 * 16 * eps * 10 = 3.8e-5 for logits up to 10
+    logits = torch.tensor([[10.0, 2.0, 2.0 - 1e-5, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)  # the draft vocabulary is the whole vocabulary here
+    live_ids = torch.tensor([[0, 1]])
+    live_values = probs.log().gather(1, live_ids)
+
+    def topk_beyond(stored_ids):
+        stored_values = probs.log().gather(1, stored_ids)  # what the other machine stored for its ids
+        at_loss = LossRows(probs, logits.abs().amax(-1), torch.zeros(1), torch.zeros(1))
+        return bool(tolerance.topk_not_tied(stored_ids, live_ids, stored_values, at_loss).any())
+
+    assert not topk_beyond(live_ids)
+    assert not topk_beyond(torch.tensor([[0, 2]]))  # in at the k-th place on a near-tie
+    assert topk_beyond(torch.tensor([[0, 3]]))  # not near the k-th
+    at_loss = LossRows(probs, logits.abs().amax(-1), torch.zeros(1), torch.zeros(1))
+    assert bool(tolerance.topk_not_tied(torch.tensor([[1, 0]]), live_ids, live_values, at_loss).any())  # ids swapped, values not
+
+    def argmax_beyond(stored, live):
+        at_loss = LossRows(probs, logits.abs().amax(-1), logits[:, stored], logits[:, live])
+        return bool(tolerance.argmax_not_tied(torch.tensor([stored]), torch.tensor([live]), at_loss).any())
+
+    assert not argmax_beyond(2, 1) and argmax_beyond(3, 1) and not argmax_beyond(1, 1)
 
 
 def test_recompute_refuses_when_no_shard_was_computed_like_this_machine(cache, capsys):
@@ -409,3 +484,153 @@ def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
     assert not same_weights(earlier, str(trained))
     changed = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
     assert set(identity_differences(stored, changed)) == {"target.weights_sample_sha256"}
+
+
+# ---- across shards: what no shard shows alone --------------------------------------------------
+
+
+def record_shards_as_they_are(cache, names: set[str]) -> None:
+    """Update these shards' records, the totals and dataset_info to agree with their files (as a
+    buggy writer or resume would leave them): every per-shard check then passes."""
+
+    def agree(data):
+        manifest = data["eagle3_cache"]
+        for shard in manifest["shards"]:
+            if shard["name"] in names:
+                path = cache / "data" / shard["name"]
+                table = pq.read_table(path, columns=["num_tokens"])
+                shard |= {"rows": table.num_rows, "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
+                shard["tokens"] = sum(table.column("num_tokens").to_pylist())
+        for key in ("rows", "tokens", "bytes"):
+            manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
+        data["dataset_info"]["splits"][0]["num_examples"] = manifest["totals"]["samples"]
+
+    edit_card(cache, agree)
+
+
+def test_a_shard_replaced_by_a_copy_of_another_is_caught(cache):
+    first = shard_name(0, 4)
+    (cache / "data" / SHARD).write_bytes((cache / "data" / first).read_bytes())
+    record_shards_as_they_are(cache, {SHARD})
+    indices = pq.read_table(cache / "data" / first, columns=["source_index"])["source_index"].to_pylist()
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: holds 4 sample(s) (source_index {', '.join(map(str, sorted(indices)))}) also held by data/{first}: "
+        "source_index is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; "
+        "to repair: delete the shard that should not hold them (if unsure, each of these) and run the build again with "
+        "--resume (it rebuilds only the missing shards), or rebuild"
+    ]
+
+
+def test_a_row_dropped_from_a_shard_but_the_last_is_caught(cache):
+    path = cache / "data" / SHARD
+    pq.write_table(pq.read_table(path).slice(1), path, compression="none")
+    record_shards_as_they_are(cache, {SHARD})
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: 3 samples, where the build puts 4, as every shard but the last (--shard-size): samples were "
+        f"dropped or added; {REPAIR}"
+    ]
+
+
+def test_a_failed_record_naming_a_shard_the_manifest_does_not_list_is_caught(cache):
+    failure = {"sample_id": "x", "source_index": 999, "shard": "train-00009-of-00004.parquet", "reason": "non_finite_output"}
+    edit_card(cache, lambda data: data["eagle3_cache"].__setitem__("failed", [failure]))
+    assert verify_cache(cache) == [
+        "README.md: failed sample 'x' (source_index 999) is recorded in data/train-00009-of-00004.parquet, which the "
+        "manifest does not list: restore the card, or rebuild"
+    ]
+
+
+@pytest.fixture(scope="module")
+def whole_input(tmp_path_factory):
+    """A cache of every row of a 10-row input (no --max-samples cut): the build's input order is known."""
+    from builder.embedded import resolve_input
+
+    folder = tmp_path_factory.mktemp("whole")
+    lines = (Path(resolve_input("sample-chats")) / "openai.jsonl").read_text().splitlines()[:10]
+    (folder / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    return build(small_config(folder / "cache", input_data=str(folder / "chats.jsonl"), max_samples=None), progress=False).output_dir
+
+
+def test_shards_swapped_with_their_records_are_caught_where_the_input_order_is_known(whole_input, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(whole_input, cache)
+    names = [s["name"] for s in read_manifest(cache)["shards"]]
+    assert len(names) == 3 and verify_cache(cache) == []
+    first, second = (cache / "data" / names[0]).read_bytes(), (cache / "data" / names[1]).read_bytes()
+    (cache / "data" / names[0]).write_bytes(second)
+    (cache / "data" / names[1]).write_bytes(first)
+    record_shards_as_they_are(cache, set(names[:2]))
+    assert verify_cache(cache) == [
+        f"data/{names[1]}: holds samples the build takes before some of data/{names[0]}'s (shards fill in turn along the "
+        "input's order of --shuffle-seed 42): the two were swapped, or one rewritten with other samples; to repair: "
+        f"delete data/{names[0]} and data/{names[1]} and run the build again with --resume (it rebuilds only the missing shards)"
+    ]
+
+
+def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
+    def narrow(data):
+        data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
+
+    edit_card(cache, narrow)
+    assert verify_cache(cache) == [
+        f"data/{shard_name(k, 4)}: listed in the manifest, but the card's data_files (data/train-0000[01]-of-00004.parquet) do "
+        "not match it, so readers would leave its rows out: restore the card's configs (the build writes "
+        "data/train-*-of-00004.parquet), or rebuild"
+        for k in (2, 3)
+    ]
+
+
+def test_a_build_that_deleted_its_uploaded_shards_is_verified_on_the_hub(hub, tmp_path, capsys):
+    from builder.cli import main
+
+    cfg = small_config(tmp_path / "cache", push_to_hub="tester/uploaded", delete_local_after_upload=True)
+    out = build(cfg, progress=False).output_dir
+    assert not list((out / "data").glob("*.parquet"))
+    message = (
+        f"verify: 4 of the 4 shards of {out} are not here but on the Hub (train-00000-of-00004.parquet, "
+        "train-00001-of-00004.parquet, train-00002-of-00004.parquet, ...): the build uploaded them and then deleted them "
+        "here (--delete-local-after-upload), as their build records show. Verify the repo the build pushed to instead: "
+        "eagle3-cache verify REPO_ID"
+    )
+    with pytest.raises(Eagle3CacheError, match=re.escape(message)):
+        verify_cache(out)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 2  # nothing here could be checked: not damage
+    assert f"error: {message}" in capsys.readouterr().err
+    assert main(["verify", "tester/uploaded"]) == 0
+
+
+def test_a_negative_recompute_count_is_refused_saying_what_is_expected(cache, capsys):
+    from builder.cli import main
+
+    with pytest.raises(SystemExit) as exit_status:
+        main(["verify", str(cache), "--recompute", "-2"])
+    assert exit_status.value.code == 2
+    assert "argument --recompute: expected a whole number of samples, 0 or more (0: recompute none), got '-2'" in capsys.readouterr().err
+    with pytest.raises(Eagle3CacheError, match=r"--recompute: expected a whole number of samples, 0 or more \(0: recompute none\), got -2"):
+        verify_cache(cache, recompute=-2)
+
+
+def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_restore_it(cache, capsys):
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    closing = text.index("\n---", 4)
+    cases = [
+        (text[: len(text) // 2], "begins but is never closed (a line holding only ---)"),
+        (text[:closing] + '\n  broken: "never closed' + text[closing:], "does not parse (while scanning a quoted scalar"),
+    ]
+    for damaged, why in cases:
+        (cache / "README.md").write_text(damaged)
+        message = f"verify: {cache / 'README.md'} is damaged: its YAML front matter, which holds the manifest, {why}"
+        with pytest.raises(Eagle3CacheError, match=re.escape(message) + r".*Restore it: run the build command again with --resume"):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    (cache / "README.md").write_text(text)
+    edit_card(cache, lambda data: data["eagle3_cache"].pop("shards"))  # whole YAML, but lines of the manifest removed
+    with pytest.raises(Eagle3CacheError, match=r"README.md is damaged: its manifest has no shards, as in a card cut short"):
+        verify_cache(cache)
+    (cache / "README.md").write_text("---\nlicense: mit\n---\n# another dataset\n")  # whole, and not ours
+    with pytest.raises(Eagle3CacheError, match="it is not an eagle3-cache dataset card"):
+        verify_cache(cache)
