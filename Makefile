@@ -16,12 +16,18 @@ FIND_LINKS ?=
 # precompute, reader and recipe checks), goes into a site folder of its own, without its
 # dependencies (it pins transformers and CUDA-only packages its EAGLE-3 modules do not need) but
 # with the one they import beyond ours (torchao). Kept off the project's path, so builds never
-# load torchao; tests/conftest.py and the benchmark add it.
-$(STAMP): pyproject.toml
+# load torchao; tests/conftest.py and the benchmark add it. SpecForge 0.2.0, whose own offline
+# reader, vocab-mapping loader and target path tests run over `export --to specforge`, goes into
+# another, also without its dependencies (the modules those tests use need none beyond ours and
+# triton, which the CUDA build of torch brings) and also off the project's path: tests/conftest.py
+# adds it for those tests. The stamp depends on this file too, so an existing venv picks up an
+# install step added here.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
 	$(PY) -m pip install -q $(FIND_LINKS) --no-deps --upgrade --target $(VENV)/nemo-site nemo-automodel==0.7.0 torchao==0.18.0
+	$(PY) -m pip install -q $(FIND_LINKS) --no-deps --upgrade --target $(VENV)/specforge-site specforge==0.2.0
 	touch $(STAMP)
 
 # The embedded tiny target over the 300 sample chats: 3 shards, a 256-token draft vocabulary.
