@@ -99,7 +99,8 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
     if not cfg.push_to_hub:
         return None
     from .manifest import fingerprint
-    from .push import PushTarget, ShardUploader
+    from .push import ShardUploader
+    from .push_target import PushTarget
 
     target = PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private)
     # Bounding the queue bounds local disk; without deletion it would only slow the build to upload speed.

@@ -171,7 +171,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def target_from_args(args: argparse.Namespace, repo_id: str):
-    from .push import PushTarget, validate_target
+    from .push_target import PushTarget, validate_target
 
     target = PushTarget(repo_id, config=args.hub_config, branch=args.hub_branch, tag=args.hub_tag, private=args.private)
     validate_target(target)

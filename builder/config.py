@@ -296,7 +296,7 @@ def _check_push_target(cfg: BuildConfig) -> None:
     network, are checked with the other flags, not once the input is tokenized (a dry run too)."""
     if not cfg.push_to_hub:
         return
-    from .push import PushTarget, validate_target
+    from .push_target import PushTarget, validate_target
 
     validate_target(PushTarget(cfg.push_to_hub, config=cfg.hub_config, branch=cfg.hub_branch, tag=cfg.hub_tag, private=cfg.private))
 

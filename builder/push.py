@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
-from dataset_card import data_prefix, index_entry, index_from_card_data, render_card, render_index_card
+from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
 
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
-from .hub import NAME_PATTERN, REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
+from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
+from .push_target import PushTarget, validate_target
 from .shards import is_shard_name
 
 log = logging.getLogger(__name__)
@@ -47,58 +47,6 @@ log = logging.getLogger(__name__)
 # Every file a push may publish besides the shards and the card (relative to the config's folder)
 PUBLISHED_NAMES = (VOCAB_FILE, LM_HEAD_FILE, *(path for path, _ in PICTURES.values()))
 SHARDS_PER_COMMIT = 8  # few commits (the Hub rate-limits them) yet small steps to resume from
-RESERVED_CONFIG_NAMES = frozenset({"default", "data", "vocab", "images"})
-
-
-@dataclass(frozen=True)
-class PushTarget:
-    """Where a cache goes: repo, config (None: the repo root), branch, tag, visibility."""
-
-    repo_id: str
-    config: str | None = None
-    branch: str = "main"
-    tag: str | None = None
-    private: bool = False
-    token: str | None = field(default=None, repr=False)  # None: HF_TOKEN or the saved login; never in logs or tracebacks
-
-    @property
-    def prefix(self) -> str:
-        return data_prefix(self.config)
-
-    @property
-    def revision(self) -> str:
-        """What the card's usage snippet names: the tag when there is one (immutable), else the branch."""
-        return self.tag or self.branch
-
-
-def is_ref_name(ref: str) -> bool:
-    """A branch or tag name git accepts (`git check-ref-format`), within the plain characters the
-    Hub takes: each '/'-separated part non-empty, not starting with '.' nor ending in '.lock'."""
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}", ref) is None or ".." in ref or ref.endswith("."):
-        return False
-    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in ref.split("/"))
-
-
-def validate_target(target: PushTarget) -> None:
-    """Checks that need no network, run before any data or weights load."""
-    if re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", target.repo_id) is None:
-        raise HubError(f"repo id: expected 'user/name' (letters, digits, '.', '_', '-'), got {target.repo_id!r}")
-    if target.config is not None and (re.fullmatch(NAME_PATTERN, target.config) is None or target.config in RESERVED_CONFIG_NAMES):
-        raise HubError(
-            f"--hub-config: expected a folder name (letters, digits, '.', '_', '-') other than {sorted(RESERVED_CONFIG_NAMES)}, "
-            f"got {target.config!r}. Leave it out to put the cache at the repo root."
-        )
-    for flag, ref in (("--hub-branch", target.branch), ("--hub-tag", target.tag)):
-        if ref is not None and not is_ref_name(ref):
-            raise HubError(
-                f"{flag}: expected a git ref name like 'v1' or 'release/2026-01' (letters, digits, '.', '_', '-', '/'; no '..' "
-                f"or '//', no part starting with '.' or ending in '.lock', no '.' or '/' at the end), got {ref!r}"
-            )
-    if target.token is None:
-        from huggingface_hub import get_token
-
-        if get_token() is None:
-            raise HubError(f"pushing to {target.repo_id}: no Hugging Face token found. Set HF_TOKEN, or run `hf auth login`, then re-run.")
 
 
 # ---- pushing ------------------------------------------------------------------------------

@@ -94,8 +94,24 @@ def test_a_card_whose_front_matter_is_not_yaml_is_refused_naming_the_file_and_li
         manifest_from_card("---\n- a list\n---\n", "README.md")
 
 
-@pytest.mark.parametrize("command", [["push", "{dir}", "user/x"], ["export", "{dir}", "--to", "nemo", "{out}"]], ids=["push", "export"])
-def test_a_folder_without_a_card_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch, command):
+WHY_NO_CARD = (
+    "no README.md; expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: "
+    "resume it with --resume)"
+)
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["push", "{dir}", "user/x"], "{dir}: " + WHY_NO_CARD),
+        (
+            ["export", "{dir}", "--to", "nemo", "{out}"],
+            "export: {dir} does not exist; expected a cache directory: the --output-dir of a finished `eagle3-cache build`",
+        ),
+    ],
+    ids=["push", "export"],
+)
+def test_a_folder_without_a_card_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch, command, message):
     """Still a FileNotFoundError for code that catches that, and a project error the CLI reports."""
     from builder.cli import main
 
@@ -106,8 +122,7 @@ def test_a_folder_without_a_card_is_one_error_line_not_a_traceback(tmp_path, cap
     assert isinstance(info.value, FileNotFoundError)
     assert main([part.format(dir=missing, out=tmp_path / "out") for part in command]) == 2
     captured = capsys.readouterr()
-    why = "expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: resume it with --resume)"
-    assert captured.err == f"error: {missing}: no README.md; {why}\n"
+    assert captured.err == f"error: {message.format(dir=missing)}\n"
     assert not captured.out
 
 
