@@ -267,7 +267,7 @@ class SampleDecoder:
         spread_tail: bool = False,
         aux_dtype: torch.dtype | None = None,
     ):
-        from .formats import Layout, head_bias, head_transform_from
+        from .formats import Layout, default_read_aux_dtype, head_bias, head_transform_from
         from .vocab import DraftVocab
 
         self.decode = RowDecoder(manifest)
@@ -275,7 +275,7 @@ class SampleDecoder:
         self.layout_name, self.spread_tail = layout_name, spread_tail
         stored = TORCH_DTYPES[self.layout.dtype]
         self.float_dtype = stored
-        self.aux_dtype = aux_dtype or (torch.bfloat16 if self.layout.aux_dtype == "fp8" else TORCH_DTYPES[self.layout.aux_dtype])
+        self.aux_dtype = aux_dtype or default_read_aux_dtype(self.layout.aux_dtype)
         selected, columns = draft_selection(manifest, read_vocab(source), draft_vocab_size)
         self.columns, self.draft_rows, self.transform = None, None, None
         if self.layout.target_format == "hidden":
@@ -903,8 +903,9 @@ def load_cache(
 
     Every format yields the same keys and shapes: `topk` is rebuilt renormalised over the kept
     K (or, `spread_tail=True`, with the missing mass spread evenly), `hidden` recomputes the
-    probs with the stored head rows (`draft_vocab_size` picks another draft vocabulary), fp8
-    aux states are decoded to `aux_dtype` (default bf16; a torch dtype or a name such as "bf16" or "float32").
+    probs with the stored head rows (`draft_vocab_size` picks another draft vocabulary), and
+    aux states are decoded to `aux_dtype` (a torch dtype or a name such as "bf16" or "float32";
+    default: bf16 for fp8, else the stored dtype).
 
     Hub: `revision` (branch, tag or commit; pinned to its commit at open), `name` (config of
     a repo holding several caches), `token`, `block_size` (bytes per ranged read).
