@@ -64,16 +64,17 @@ WEIGHTS_FIELD = "target.weights_sample_sha256"
 
 
 def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
-    """A build begun before the weights fingerprint kept to the files transformers loads recorded
-    one over every weight-like file of the folder: the same weights, fingerprinted the earlier way."""
+    """A build begun by an earlier version recorded the weights fingerprint over other files of the
+    same folder (see fingerprints.earlier_weights_sample_hashes): the same weights, fingerprinted
+    the earlier way."""
     if None in (stored.get(WEIGHTS_FIELD), current.get(WEIGHTS_FIELD)) or stored[WEIGHTS_FIELD] == current[WEIGHTS_FIELD]:
         return False
     if not isinstance(current.get("target.model"), str):
         return False
     from .embedded import resolve_target
-    from .fingerprints import earlier_weights_sample_hash
+    from .fingerprints import same_weights
 
-    return earlier_weights_sample_hash(resolve_target(current["target.model"])) == stored[WEIGHTS_FIELD]
+    return same_weights(stored[WEIGHTS_FIELD], resolve_target(current["target.model"]))
 
 
 def same_local_path(first, second) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # The weights transformers loads from a local folder: the first of these that exists.
@@ -26,15 +29,34 @@ def local_weights_sample_hash(model_path: str) -> str | None:
     return _sampled_hash(loaded_weight_files(folder)) if folder.is_dir() else None
 
 
-def earlier_weights_sample_hash(model_path: str) -> str | None:
-    """The fingerprint builds recorded before it kept to the loaded files: every weight-like file."""
+def earlier_weights_sample_hashes(model_path: str) -> dict[str, str]:
+    """The fingerprints earlier versions recorded for the same folder, by how they chose its files:
+    `every_file` (every weight-like file) and `index_first` (an index's files before the single file
+    transformers loads first). Empty for a Hub id."""
     folder = Path(model_path)
-    return _sampled_hash(_weight_like_files(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return {}
+    return {"every_file": _sampled_hash(_weight_like_files(folder)), "index_first": _sampled_hash(_index_first_files(folder))}
 
 
 def same_weights(recorded: str | None, model_path: str) -> bool:
-    """The local target's weights are the recorded ones, by either fingerprint."""
-    return recorded is None or recorded in (local_weights_sample_hash(model_path), earlier_weights_sample_hash(model_path))
+    """The local target's weights are the recorded ones, by this fingerprint or an earlier one."""
+    if recorded is None or recorded == local_weights_sample_hash(model_path):
+        return True
+    way = next((way for way, digest in earlier_weights_sample_hashes(model_path).items() if digest == recorded), None)
+    if way == "index_first":
+        warn_index_first(model_path)
+    return way is not None
+
+
+def warn_index_first(model_path: str) -> None:
+    log.warning(
+        "%s: the cache recorded a fingerprint of the files its weights index names, not of the model.safetensors "
+        "(or pytorch_model.bin) beside it that transformers loads (an earlier eagle3-cache chose the index in a folder "
+        "holding both). Those files are unchanged, so the target is accepted; a change to the loaded file since the "
+        "build cannot be seen. If you replaced it, build into a new --output-dir.",
+        model_path,
+    )
 
 
 def loaded_weight_files(folder: Path) -> list[Path]:
@@ -77,6 +99,14 @@ def _why_loaded(index: str) -> str:
     if index not in LOADING_ORDER:
         return "config.json names it under transformers_weights"
     return f"the folder has no {' or '.join(LOADING_ORDER[: LOADING_ORDER.index(index)])}"
+
+
+def _index_first_files(folder: Path) -> list[Path]:
+    """The files earlier versions fingerprinted: an index's files first, else a single weight file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+    return loaded_weight_files(folder)
 
 
 def _weight_like_files(folder: Path) -> list[Path]:

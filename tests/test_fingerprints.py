@@ -93,3 +93,25 @@ def test_an_index_naming_missing_files_is_refused_by_name(tmp_path):
         rf"Missing: {SHARDS[1]}\. .*restore the files",
     ):
         local_weights_sample_hash(str(tmp_path))
+
+
+def test_a_cache_fingerprinted_index_first_by_an_earlier_version_still_matches_its_unchanged_folder(tmp_path, caplog):
+    """Earlier versions hashed an index's files before the single file transformers loads; a build they
+    began in a folder holding both resumes, verifies and exports, with a warning of what cannot be seen."""
+    from builder.build_state import identity_differences
+    from builder.fingerprints import earlier_weights_sample_hashes, same_weights
+
+    folder = tiny_target_copy(tmp_path / "target")
+    shutil.copy(folder / "model.safetensors", folder / SHARDS[0])
+    write_index(folder, "model.safetensors.index.json", SHARDS[:1])
+    recorded = earlier_weights_sample_hashes(folder)["index_first"]
+    assert recorded != local_weights_sample_hash(folder)
+    with caplog.at_level("WARNING", logger="builder.fingerprints"):
+        assert same_weights(recorded, str(folder))
+    assert "a change to the loaded file since the build cannot be seen" in caplog.text
+    stored = {"target": {"model": str(folder), "weights_sample_sha256": recorded}}
+    current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder)}}
+    assert identity_differences(stored, current) == {}
+    (folder / SHARDS[0]).write_bytes(bytes(reversed((folder / SHARDS[0]).read_bytes())))  # the files it hashed changed
+    assert not same_weights(recorded, str(folder))
+    assert set(identity_differences(stored, current)) == {"target.weights_sample_sha256"}

@@ -468,13 +468,13 @@ def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
     """A trainer's leftovers beside the weights do not change the fingerprint; a build that recorded
     the earlier fingerprint (every weight-like file) still matches the same folder."""
     from builder.build_state import identity_differences
-    from builder.fingerprints import earlier_weights_sample_hash, local_weights_sample_hash, same_weights
+    from builder.fingerprints import earlier_weights_sample_hashes, local_weights_sample_hash, same_weights
 
     clean = tiny_target_copy(tmp_path / "clean")
     trained = tiny_target_copy(tmp_path / "trained")
     (trained / "training_args.bin").write_bytes(b"trainer state")
     assert local_weights_sample_hash(trained) == local_weights_sample_hash(clean)
-    earlier = earlier_weights_sample_hash(trained)
+    earlier = earlier_weights_sample_hashes(trained)["every_file"]
     assert earlier != local_weights_sample_hash(trained) and same_weights(earlier, str(trained))
     assert not same_weights(earlier, str(clean))
     stored = {"target": {"model": str(trained), "weights_sample_sha256": earlier}}
