@@ -77,13 +77,33 @@ def cache_manifest(cache: Path) -> dict:
 
 
 def check_out_folder(out: Path) -> None:
-    """Refuse an OUT the export would overwrite."""
+    """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     if out.exists() and any(out.iterdir()):
         raise ExportError(
             f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
             "pass a new directory"
+        )
+    check_out_writable(out)
+
+
+def check_out_writable(out: Path) -> None:
+    """Refuse an OUT this process cannot write in (an existing one) or create (a new one), naming
+    OUT: refused now, not once the target is read and the first file cannot be made."""
+    if out.exists():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ExportError(
+                f"export: {out} is not writable; expected a new or empty directory the export can write in: "
+                "check its permissions or pass another directory"
+            )
+        return
+    nearest = next(parent for parent in out.absolute().parents if parent.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"export: {out} cannot be created: {nearest}, the nearest folder of it that exists, is not writable; expected a "
+            "new directory under a folder you can write to, or an empty one you can write in: pass another directory, or "
+            f"have {out} made for you, writable by you"
         )
 
 

@@ -507,6 +507,23 @@ def test_an_export_fills_a_writable_empty_out_in_a_folder_it_cannot_write_to(hid
     assert mode_of(out) == 0o2770 and left_in(scratch) == ["mine"]
 
 
+def test_an_out_the_export_cannot_write_is_refused_naming_it_before_anything_is_made(hidden_cache, tmp_path, make_read_only, nothing_made):
+    scratch, locked = tmp_path / "scratch", tmp_path / "locked"
+    scratch.mkdir()
+    locked.mkdir()
+    make_read_only(scratch)
+    make_read_only(locked)
+    new = scratch / "new" / "sf"
+    cannot_create = says(
+        f"{new} cannot be created", f"{scratch}, the nearest folder of it that exists, is not writable", "pass another directory"
+    )
+    with pytest.raises(ExportError, match=cannot_create):
+        export_cache(hidden_cache, "specforge", new, progress=False)
+    with pytest.raises(ExportError, match=says(f"{locked} is not writable", "check its permissions or pass another directory")):
+        export_cache(hidden_cache, "specforge", locked, progress=False)
+    assert left_in(scratch) == [] and left_in(locked) == []
+
+
 # ---- the target the export takes its embeddings and pad id from ----------------------------
 
 
