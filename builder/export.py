@@ -8,8 +8,11 @@
   SpecForge numbers the draft columns by ascending token id.
 Both are produced from the reader, so they hold exactly what `load_cache` yields.
 
-An export is written in a hidden folder next to OUT and renamed to OUT once complete, so OUT is
-either a complete export or absent: a full disk or a failed write removes what was written.
+An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
+complete export or as it was (absent, or empty): a full disk or a failed write removes what was
+written. An existing empty OUT is filled in place (the folder is made inside it and its files moved
+up, the one whose presence marks a complete export last), so OUT keeps its mode, group and mount;
+a new OUT is the folder made beside it, renamed.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
     write = EXPORTS[to](cache, cache_manifest(cache), target_model, progress)
-    with export_folder(out) as folder:
+    with export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
@@ -70,11 +73,11 @@ def cache_manifest(cache: Path) -> dict:
         raise ExportError(f"export: {err}") from None
 
 
-# ---- OUT complete or absent -----------------------------------------------------------------
+# ---- OUT complete or as it was --------------------------------------------------------------
 
 
 def check_out_folder(out: Path) -> None:
-    """Refuse an OUT the export would overwrite, or could not be renamed to."""
+    """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     if out.exists() and any(out.iterdir()):
@@ -82,10 +85,25 @@ def check_out_folder(out: Path) -> None:
             f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
             "pass a new directory"
         )
-    if os.path.ismount(out.resolve()):
+    check_out_writable(out)
+
+
+def check_out_writable(out: Path) -> None:
+    """Refuse an OUT this process cannot write in (an existing one) or create (a new one), naming
+    OUT: refused now, not once the target is read and the first file cannot be made."""
+    if out.exists():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ExportError(
+                f"export: {out} is not writable; expected a new or empty directory the export can write in: "
+                "check its permissions or pass another directory"
+            )
+        return
+    nearest = next(parent for parent in out.absolute().parents if parent.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
         raise ExportError(
-            f"export: {out} is a mount point; the export is written beside OUT and renamed to it once complete, which cannot "
-            f"replace a mount point: pass a new directory inside it (e.g. {out / 'export'})"
+            f"export: {out} cannot be created: {nearest}, the nearest folder of it that exists, is not writable; expected a "
+            "new directory under a folder you can write to, or an empty one you can write in: pass another directory, or "
+            f"have {out} made for you, writable by you"
         )
 
 
@@ -99,45 +117,100 @@ class WriteError(Exception):
 
 
 @contextmanager
-def export_folder(out: Path) -> Iterator[Path]:
-    """Yields a new hidden folder next to `out` to write the export in, renamed to `out` once the
-    block ends without error (replacing `out` when it is an empty folder); on any failure it is
-    removed, with the parents made for it, and a write error is raised as an ExportError."""
-    final = out.resolve()  # OUT a link to an empty folder: the folder is replaced, not the link
-    made = [folder for folder in (final.parent, *final.parent.parents) if not folder.exists()]
-    folder = temp_path(final)
+def export_folder(out: Path, last: str) -> Iterator[Path]:
+    """Yields a new hidden folder to write the export in; once the block ends without error its
+    files become OUT's. An existing OUT (an empty folder) is filled in place, so it keeps its inode,
+    mode, group and mount: the folder is made inside it and its files are moved up, `last` (the
+    file whose presence marks a complete export) last. A new OUT is the folder made beside it,
+    renamed. On any failure what was written is removed (with the parents made for a new OUT), OUT
+    is left as it was, and a write error is raised as an ExportError."""
+    final = out.resolve()  # OUT a link to an empty folder: the folder is filled, not the link
+    in_place = final.is_dir()
+    folder = temp_path(final / "export") if in_place else temp_path(final)
+    made = [] if in_place else [parent for parent in (final.parent, *final.parent.parents) if not parent.exists()]
+    moved: list[Path] = []  # the files already moved up into OUT
     try:
         shutil.rmtree(folder, ignore_errors=True)  # this process's own leftover, if any
-        with writing(folder, str(folder)):
+        with writing(folder, str(out)):
             folder.mkdir(parents=True)
         yield folder
         with writing(folder, str(out)):
-            fsync_dir(folder)  # every file was fsynced as written; now their names, before the rename
-        publish(folder, final, out)
+            fsync_dir(folder)  # every file was fsynced as written; now their names, before they move
+            if in_place:
+                move_up(folder, final, out, last, moved)
+        if not in_place:
+            publish(folder, final, out)
     except BaseException as err:
-        written = folder_size(folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        for parent in made:  # innermost first; one that holds something else now stays
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        written = folder_size(folder) + sum(path.stat().st_size for path in moved if path.is_file())
+        discard(folder, moved, made)
         if isinstance(err, WriteError):
             raise export_failed(err, out, written) from err.__cause__
         raise
-    for synced in (final.parent, *(parent.parent for parent in made)):  # the new name, and each folder made for it
+    if in_place:
+        shutil.rmtree(folder, ignore_errors=True)  # empty now: the export is complete whatever it holds
+    for synced in (final if in_place else final.parent, *(parent.parent for parent in made)):  # each folder whose names changed
         fsync_dir(synced)
 
 
+def discard(folder: Path, moved: list[Path], made: list[Path]) -> None:
+    """Remove a failed export: its files already in OUT, its hidden folder, the parents made for OUT."""
+    for path in moved:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in made:  # innermost first; one that holds something else now stays
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def move_up(folder: Path, final: Path, out: Path, last: str, moved: list[Path]) -> None:
+    """Move the complete export from `folder` up into OUT (within one file system: no copy), `last`
+    once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
+    if any(entry != folder for entry in final.iterdir()):
+        raise filled_while_running(out)
+    for name in sorted(entry.name for entry in folder.iterdir() if entry.name != last):
+        move_without_replacing(folder / name, final / name, out, moved)
+    fsync_dir(final)
+    move_without_replacing(folder / last, final / last, out, moved)
+
+
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # a file system that has none
+
+
+def move_without_replacing(source: Path, target: Path, out: Path, moved: list[Path]) -> None:
+    """Move a file to a name that must not exist: a hard link fails on an existing name at once (a
+    rename would replace it), then the source is unlinked; without hard links, a rename after a check."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise filled_while_running(out) from None
+    except OSError as err:
+        if err.errno not in NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):
+            raise filled_while_running(out) from None
+        os.rename(source, target)
+        moved.append(target)
+        return
+    moved.append(target)
+    os.unlink(source)
+
+
 def publish(folder: Path, final: Path, out: Path) -> None:
-    """Rename the complete export to OUT: over an empty folder, never over a non-empty one."""
+    """Rename the complete export to the new OUT, never over a folder made and filled meanwhile."""
     try:
         os.rename(folder, final)
     except OSError as err:
         if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise ExportError(
-                f"export: {out} was filled (or made a file) while the export ran; an export never overwrites, so it was "
-                "removed and nothing of it was left there. Pass a new directory, then run the export again."
-            ) from None
+            raise filled_while_running(out) from None
         raise write_error(str(out), err.errno, err.strerror or str(err)) from err
+
+
+def filled_while_running(out: Path) -> ExportError:
+    return ExportError(
+        f"export: {out} was filled (or made a file) while the export ran; an export never overwrites, so it was "
+        "removed and nothing of it was left there. Pass a new directory, then run the export again."
+    )
 
 
 def folder_size(folder: Path) -> int:
@@ -444,3 +517,6 @@ def write_specforge(cache_dir: Path, manifest: dict, progress: bool, out: Path) 
 
 
 EXPORTS = {"nemo": prepare_nemo, "specforge": prepare_specforge}  # --to: its checks, which return its writer
+# The file whose presence marks a complete export: written last, and the last moved into an existing OUT.
+# NeMo's reader starts from its manifest; SpecForge's config names the mapping file besides the folder.
+LAST_WRITTEN = {"nemo": "manifest.json", "specforge": "vocab_mapping.pt"}

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import resource
 import signal
+import stat
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,7 +192,7 @@ def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cac
 def nothing_made(monkeypatch):
     """Fails a test whose export begins writing: every refusal comes before anything is made."""
 
-    def refused_too_late(out):
+    def refused_too_late(out, *args):
         raise AssertionError(f"the export began writing {out} before refusing")
 
     monkeypatch.setattr(export_module, "export_folder", refused_too_late)
@@ -237,7 +240,7 @@ def test_export_command_refuses_without_a_traceback(probs_cache, tmp_path, capsy
     assert left_in(tmp_path) == ["a-file"]
 
 
-# ---- OUT complete or absent: a write that fails leaves nothing ------------------------------
+# ---- OUT complete or as it was: a write that fails leaves nothing ----------------------------
 
 
 def fail_on_call(monkeypatch, module, name: str, call: int, fail) -> None:
@@ -294,11 +297,14 @@ def test_nemo_export_that_safetensors_cannot_write_leaves_an_empty_out_as_it_was
     fail_on_call(monkeypatch, export_module, "save_file", 2, too_large)
     out = tmp_path / "nemo"
     out.mkdir()
+    out.chmod(0o2770)
+    inode = out.stat().st_ino
     assert main(["export", str(probs_cache), "--to", "nemo", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no space left writing shard-000001.safetensors (File too large)" in err and "Traceback" not in err
     assert f"nothing was left at {out}" in err and "Free space" in err
     assert left_in(tmp_path) == ["nemo"] and left_in(out) == []
+    assert (out.stat().st_ino, mode_of(out)) == (inode, 0o2770)
 
 
 def test_specforge_export_that_torch_cannot_write_leaves_no_out(hidden_cache, tmp_path, monkeypatch):
@@ -337,19 +343,185 @@ def test_an_export_never_replaces_an_out_filled_while_it_ran(probs_cache, tmp_pa
     assert left_in(tmp_path) == ["nemo"] and left_in(out) == ["theirs.txt"]
 
 
-def test_an_export_refuses_a_mount_point_it_could_not_be_renamed_to(probs_cache, tmp_path, monkeypatch, nothing_made):
-    out = tmp_path / "mounted"
+# ---- an existing empty OUT is filled in place ----------------------------------------------
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_an_export_into_an_existing_empty_out_keeps_the_folder_its_mode_and_group(hidden_cache, tmp_path):
+    """A folder prepared private (group-shared, setgid, nothing for others) stays that folder."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    out.chmod(0o2770)
+    before = out.stat()
+    assert export_cache(hidden_cache, "specforge", out, progress=False) == out
+    after = out.stat()
+    assert (after.st_ino, after.st_gid, mode_of(out)) == (before.st_ino, before.st_gid, 0o2770)
+    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file()
+    assert [name for name in left_in(out) if name.startswith(".")] == [] and left_in(tmp_path) == ["sf"]
+
+
+def test_an_export_into_the_current_directory_fills_it(hidden_cache, tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    inode = os.stat(".").st_ino
+    assert main(["export", str(hidden_cache), "--to", "specforge", "."]) == 0
+    assert os.stat(".").st_ino == inode and len(os.listdir(".")) == 15 and "vocab_mapping.pt" in os.listdir(".")
+
+
+def test_an_export_fills_an_empty_mount_point(hidden_cache, tmp_path, monkeypatch):
+    """A mount point (a container's volume) cannot be replaced; filled in place, it need not be."""
+    out = tmp_path / "volume"
     out.mkdir()
     monkeypatch.setattr("os.path.ismount", lambda path: str(path) == str(out))
-    with pytest.raises(ExportError, match=says(f"{out} is a mount point", "pass a new directory inside it", str(out / "export"))):
-        export_cache(probs_cache, "nemo", out, progress=False)
-    assert left_in(tmp_path) == ["mounted"] and left_in(out) == []
+    export_cache(hidden_cache, "specforge", out, progress=False)
+    assert (out / "vocab_mapping.pt").is_file() and left_in(tmp_path) == ["volume"]
 
 
-def test_an_export_into_an_empty_out_replaces_it(hidden_cache, tmp_path):
-    (tmp_path / "sf").mkdir()
-    out = export_cache(hidden_cache, "specforge", tmp_path / "sf", progress=False)
-    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file() and left_in(tmp_path) == ["sf"]
+def names_made_in(folder: Path, monkeypatch) -> list[str]:
+    """The names that appear in `folder` by a link or a rename, in order, as the export makes them."""
+    made = []
+    for name in ("link", "rename"):
+        real = getattr(os, name)
+
+        def recorded(source, target, *args, real=real, **kwargs):
+            real(source, target, *args, **kwargs)
+            if Path(target).parent == folder:
+                made.append(Path(target).name)
+
+        monkeypatch.setattr(os, name, recorded)
+    return made
+
+
+@pytest.mark.parametrize(
+    ("to", "cache", "last"), [("nemo", "probs_cache", "manifest.json"), ("specforge", "hidden_cache", "vocab_mapping.pt")]
+)
+def test_the_file_that_marks_a_complete_export_appears_in_out_last(to, cache, last, request, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    made = names_made_in(out, monkeypatch)
+    export_cache(request.getfixturevalue(cache), to, out, progress=False)
+    assert sorted(made) == left_in(out) and made[-1] == last
+
+
+def test_an_export_failing_while_its_files_move_into_out_leaves_it_empty_as_it_was(hidden_cache, tmp_path, monkeypatch):
+    out = tmp_path / "sf"
+    out.mkdir()
+    out.chmod(0o2770)
+    inode = out.stat().st_ino
+
+    def io_error(real, source, target):
+        raise OSError(errno.EIO, "Input/output error", target)
+
+    fail_on_call(monkeypatch, os, "link", 5, io_error)
+    with pytest.raises(
+        ExportError, match=says(f"writing {out} failed (Input/output error)", f"nothing was left at {out}", "Fix the cause")
+    ):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(out) == [] and (out.stat().st_ino, mode_of(out)) == (inode, 0o2770) and left_in(tmp_path) == ["sf"]
+
+
+def no_hard_links(real, source, target):
+    raise OSError(errno.EPERM, "Operation not permitted", target)
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_an_export_never_replaces_a_name_made_in_out_while_its_files_move_in(hidden_cache, tmp_path, monkeypatch, links):
+    """Someone's vocab_mapping.pt made once the export's first files are in OUT stays theirs; the
+    export's own files are taken back out."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    real_link, calls = os.link, [0]
+
+    def someone_writes_into_out(source, target):
+        calls[0] += 1
+        if calls[0] == 3:
+            (out / "vocab_mapping.pt").write_text("theirs")
+        return no_hard_links(real_link, source, target) if links == "no hard links" else real_link(source, target)
+
+    monkeypatch.setattr(os, "link", someone_writes_into_out)
+    with pytest.raises(ExportError, match=says(f"{out} was filled", "never overwrites", "Pass a new directory")):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(out) == ["vocab_mapping.pt"] and (out / "vocab_mapping.pt").read_text() == "theirs"
+
+
+# ---- OUT in a folder this process cannot write to --------------------------------------------
+
+
+@pytest.fixture(params=["chmod", "simulated"])
+def make_read_only(request, monkeypatch):
+    """Makes a folder one this process cannot change the entries of: mode 0o555 (skipped where a
+    mode stops nothing: root), or, for every user, the calls that change entries refused as the OS
+    refuses them there (os.access saying so, mkdir, rename, link... failing with EACCES)."""
+    read_only: set[Path] = set()
+
+    def inside(path) -> bool:
+        return isinstance(path, str | os.PathLike) and Path(os.path.abspath(path)).parent in read_only
+
+    def refuse(name: str, paths: int) -> None:
+        real = getattr(os, name)
+
+        def refused(*args, **kwargs):
+            if not kwargs.get("dir_fd") and any(inside(path) for path in args[:paths]):
+                raise PermissionError(errno.EACCES, "Permission denied", str(args[0]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, refused)
+
+    def simulated(folder: Path) -> None:
+        if not read_only:
+            for name, paths in [("mkdir", 1), ("rmdir", 1), ("unlink", 1), ("remove", 1), ("rename", 2), ("replace", 2), ("link", 2)]:
+                refuse(name, paths)
+            real_access = os.access
+
+            def access(path, mode, **kwargs):
+                writes = Path(os.path.abspath(path)) in read_only and mode & os.W_OK
+                return not writes and real_access(path, mode, **kwargs)
+
+            monkeypatch.setattr(os, "access", access)
+        read_only.add(Path(folder))
+
+    def by_mode(folder: Path) -> None:
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))
+        try:
+            (folder / ".probe").mkdir()
+        except PermissionError:
+            return  # the folder is read-only to this process, as the test needs
+        (folder / ".probe").rmdir()
+        pytest.skip("this process writes into a folder whatever its mode (root): the simulated case covers it")
+
+    return by_mode if request.param == "chmod" else simulated
+
+
+def test_an_export_fills_a_writable_empty_out_in_a_folder_it_cannot_write_to(hidden_cache, tmp_path, make_read_only):
+    """A scratch folder of the system's, with the user's own folder in it."""
+    scratch, out = tmp_path / "scratch", tmp_path / "scratch" / "mine"
+    out.mkdir(parents=True)
+    out.chmod(0o2770)
+    make_read_only(scratch)
+    export_cache(hidden_cache, "specforge", out, progress=False)
+    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file()
+    assert mode_of(out) == 0o2770 and left_in(scratch) == ["mine"]
+
+
+def test_an_out_the_export_cannot_write_is_refused_naming_it_before_anything_is_made(hidden_cache, tmp_path, make_read_only, nothing_made):
+    scratch, locked = tmp_path / "scratch", tmp_path / "locked"
+    scratch.mkdir()
+    locked.mkdir()
+    make_read_only(scratch)
+    make_read_only(locked)
+    new = scratch / "new" / "sf"
+    cannot_create = says(
+        f"{new} cannot be created", f"{scratch}, the nearest folder of it that exists, is not writable", "pass another directory"
+    )
+    with pytest.raises(ExportError, match=cannot_create):
+        export_cache(hidden_cache, "specforge", new, progress=False)
+    with pytest.raises(ExportError, match=says(f"{locked} is not writable", "check its permissions or pass another directory")):
+        export_cache(hidden_cache, "specforge", locked, progress=False)
+    assert left_in(scratch) == [] and left_in(locked) == []
 
 
 # ---- the target the export takes its embeddings and pad id from ----------------------------
