@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import functools
 import itertools
 import json
@@ -36,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
-from .files import DISK_FULL_ERRNOS, fsync_dir, fsync_file, temp_path
+from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import d2t_t2d
@@ -80,7 +81,14 @@ def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
-    if out.exists() and any(out.iterdir()):
+    entries = sorted(out.iterdir()) if out.exists() else []
+    if entries and all(fnmatch.fnmatch(entry.name, TEMP_GLOB) for entry in entries):
+        raise ExportError(
+            f"export: {out} holds only {', '.join(entry.name for entry in entries)}, the hidden folder of an export that was "
+            "killed before it finished; expected a new or empty directory for the export. If no export into it is running, "
+            "delete that folder, then run the export again."
+        )
+    if entries:
         raise ExportError(
             f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
             "pass a new directory"

@@ -213,6 +213,16 @@ def test_export_errors_are_clear(probs_cache, tmp_path, nothing_made):
     assert left_in(tmp_path) == ["a-file", "full"]
 
 
+def test_an_out_holding_only_a_killed_exports_hidden_folder_says_so(probs_cache, tmp_path, nothing_made):
+    out = tmp_path / "out"
+    (out / ".export.tmp-4242").mkdir(parents=True)
+    with pytest.raises(ExportError, match=says("holds only .export.tmp-4242", "killed before it finished", "delete that folder")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=says("is not empty", "never overwrites")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+
+
 def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_made):
     missing = tmp_path / "missing"
     with pytest.raises(ExportError, match=says(f"{missing} does not exist", "expected a cache directory", "eagle3-cache build")):
