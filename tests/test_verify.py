@@ -224,6 +224,71 @@ def test_recompute_refuses_when_no_shard_was_computed_like_this_machine(cache, c
     assert verify_cache(cache) == []  # the structural checks do not depend on it
 
 
+def compute_in_bf16(monkeypatch) -> None:
+    """Compute as a GPU does (bf16), on this CPU."""
+    import builder.forward
+    import builder.placement
+    import builder.target
+
+    for module in (builder.target, builder.forward, builder.placement):
+        monkeypatch.setattr(module, "compute_device", lambda: (torch.device("cpu"), torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def bf16_intact(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        compute_in_bf16(monkeypatch)
+        return build(small_config(tmp_path_factory.mktemp("verify_bf16") / "cache"), progress=False).output_dir
+
+
+def test_in_bf16_shards_computed_on_another_machine_of_this_kind_are_skipped_not_compared_loosely(
+    bf16_intact, tmp_path, monkeypatch, caplog
+):
+    from builder.forward import compute_record
+
+    cache = tmp_path / "cache"
+    shutil.copytree(bf16_intact, cache)
+    rewrite_values(cache, SHARD, "target_probs", torch.zeros_like)  # damage that 16 bf16 steps of the largest logit would pass
+    rewrite_values(cache, SHARD, "aux_hidden_states", lambda v: v * 0.9)
+    compute_in_bf16(monkeypatch)
+    here = compute_record()
+    assert {s["compute"]["dtype"] for s in read_manifest(cache)["shards"]} == {"bfloat16"}
+    other = here | {"cpu_capability": "ANOTHER"}
+    set_shard_compute(cache, {SHARD}, other)
+    report = verify_cache(cache, recompute=14)  # every sample
+    assert report == [] and report.recomputed == 10  # the other shards, compared exactly
+    assert (
+        f"skipping 1 shard(s) computed on {json.dumps(other, sort_keys=True)}, and this machine is {json.dumps(here, sort_keys=True)} "
+        "(they differ in cpu_capability): it may round differently, and in bfloat16 a tolerance for that is too coarse to tell "
+        f"rounding from damage, so no sample can be compared: {SHARD}" in caplog.text
+    )
+
+    set_shard_compute(cache, {s["name"] for s in read_manifest(cache)["shards"]}, other | {"torch": "another version"})
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r"every shard was computed on .*\(they differ in cpu_capability, torch\): .*too coarse to tell rounding from damage, so no "
+        r"sample can be compared\. Run the recompute on the kind of machine that built the cache, with the same cpu_capability, torch ",
+    ):
+        verify_cache(cache, recompute=14)
+
+
+def test_shards_of_another_kind_and_bf16_shards_of_another_machine_are_refused_together():
+    from builder.verify import comparable_shards
+
+    here = {"device": "cuda", "dtype": "float16", "gpu": "A", "torch": "2"}
+    manifest = {"shards": [{"name": "a", "compute": GPU_BF16}, {"name": "b", "compute": here | {"gpu": "B"}}]}
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r'computed with \{"device": "cuda", "dtype": "bfloat16"\}, .* could match; the others on \{.*"gpu": "B".*\} .*'
+        r"\(they differ in gpu\): .*in float16 a tolerance .* Run the recompute .* with the same gpu \(the structural checks passed\)\.$",
+    ):
+        comparable_shards(manifest, here)
+    manifest["shards"].append({"name": "c", "compute": here})
+    assert comparable_shards(manifest, here) == {"c": None}
+    fp32 = {"device": "cpu", "dtype": "float32", "cpu_capability": "AVX2"}
+    assert comparable_shards({"shards": [{"name": "a", "compute": fp32}]}, fp32 | {"cpu_capability": "AVX512"}) == {"a": fp32}
+
+
 def test_verify_command_exit_status(cache, capsys):
     from builder.cli import main
 
