@@ -776,16 +776,18 @@ def loss_rows_of(target, live: dict, b: int, loss: torch.Tensor, rows: slice, st
 
 
 LOG_SPACE = ("topk_logprobs", "log_draft_mass")  # loss-row columns a logit error moves by itself, not by its multiple
+PROBABILITY_ROWS = ("target_probs",)  # loss-row columns whose rows are distributions (a softmax: mass 1 however the logits move)
 
 
 @dataclass(frozen=True)
 class Tolerance:
     """Where a shard was computed on another machine of this kind, its sums ran in other orders, and
     each value may differ by `steps` rounding steps (`eps`, of the compute dtype) of what it was
-    computed from: hidden states by steps of their largest magnitude in the sample; what the logits
-    give (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored
-    value may also have rounded to its stored dtype on the other side of a step. Ids may trade
-    places only on a near-tie of their logits."""
+    computed from: hidden states by steps of their token's largest magnitude; what the logits give
+    (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored value
+    may also have rounded to its stored dtype on the other side of a step. Ids may trade places
+    only on a near-tie of their logits. A bound relative to a row's largest logit grows with it, so
+    each probability row's mass is held to the rounding of its sum as well: no logit moves it."""
 
     steps: int
     eps: float
@@ -795,9 +797,11 @@ class Tolerance:
         return 2 * self.steps * self.eps * at_loss.logit_scale
 
     def spread(self, want: torch.Tensor, slack: torch.Tensor | None, log_space: bool) -> torch.Tensor:
-        """How far the compute may have moved each value: `slack` None for hidden states."""
+        """How far the compute may have moved each value: `slack` None for hidden states (and other
+        per-token values), each token by its own largest magnitude: one far larger (as a first token's
+        often is) would otherwise hide the others' damage."""
         if slack is None:
-            return self.steps * self.eps * want.abs().max()
+            return self.steps * self.eps * (want.abs().amax(-1, keepdim=True) if want.dim() > 1 else want.abs())
         slack = slack.reshape(-1, *[1] * (want.dim() - 1))
         if log_space:
             return slack
@@ -808,6 +812,14 @@ class Tolerance:
         info = torch.finfo(stored_dtype)
         step = info.eps * torch.maximum(got.abs(), want.abs()).clamp(min=info.smallest_normal)
         return (got - want).abs() > step + spread
+
+    def mass_differs(self, got: torch.Tensor, want: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
+        """Probability rows `[n]` whose mass differs from the live row's by more than rounding: the
+        normaliser's sum of `Vd` terms may round by a step per term in any order, and each stored
+        value by a step of its stored dtype."""
+        got_mass, want_mass = got.double().sum(-1), want.double().sum(-1)
+        rounding = ((want.shape[-1] + self.steps) * self.eps + torch.finfo(stored_dtype).eps) * want_mass
+        return (got_mass - want_mass).abs() > rounding
 
     def argmax_not_tied(self, got: torch.Tensor, want: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
         """Argmaxes that differ where the live logits of the two ids are not near-tied."""
@@ -842,6 +854,8 @@ def tolerant_differences(stored: dict, live: dict, tolerance: Tolerance, at_loss
             slack = tolerance.logit_slack(at_loss) if columns[key]["per"] == "loss" else None
             spread = tolerance.spread(want.float(), slack, key in LOG_SPACE)
             beyond = tolerance.exceeds(got.float(), want.float(), spread, want.dtype)
+            if key in PROBABILITY_ROWS:
+                beyond = beyond | tolerance.mass_differs(got.float(), want.float(), want.dtype)[:, None]
         elif key == "target_argmax":
             beyond = tolerance.argmax_not_tied(got, want, at_loss)
         elif key == "topk_ids":

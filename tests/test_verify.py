@@ -186,6 +186,39 @@ def test_damage_beyond_the_tolerance_is_caught_saying_the_machine_may_round_diff
     ]
 
 
+def test_in_fp32_a_zeroed_probability_row_or_scaled_aux_states_are_damage_on_another_machine_of_this_kind(cache):
+    from builder.forward import compute_record
+
+    rewrite_values(cache, SHARD, "target_probs", lambda v: torch.cat([torch.zeros_like(v[:1]), v[1:]]), rows=1)  # one row zeroed
+    rewrite_values(cache, SHARD, "aux_hidden_states", lambda v: v * 0.9, rows=1)
+    set_shard_compute(cache, {SHARD}, compute_record() | {"cpu_capability": "ANOTHER"})
+    sample_id = pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"][0].as_py()
+    problems = verify_cache(cache, recompute=14)
+    assert [p.split(" differs from a live recompute by more than 16 rounding steps")[0] for p in problems] == [
+        f"data/{SHARD}/{sample_id}: aux_hidden_states",
+        f"data/{SHARD}/{sample_id}: target_probs",
+    ], problems
+
+
+def test_a_bound_relative_to_a_row_maximum_misses_no_zeroed_probability_row_and_no_scaled_aux_token():
+    from builder.verify import LossRows, Tolerance, tolerant_differences
+
+    tolerance = Tolerance(16, torch.finfo(torch.float32).eps)
+    columns = {"aux_hidden_states": {"per": "token"}, "target_probs": {"per": "loss"}}
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]])
+    at_loss = LossRows(probs, torch.full((2,), 1e6), torch.zeros(2), torch.zeros(2))  # logits so large the slack exceeds each p
+    aux = torch.tensor([[3e5, -2e5, 1e5], [1.0, -0.5, 0.25]])  # a token with massive activations beside an ordinary one
+    live = {"aux_hidden_states": aux, "target_probs": probs}
+
+    def damaged(**stored) -> list[str]:
+        return [key for key, _ in tolerant_differences(live | stored, live, tolerance, at_loss, columns)]
+
+    assert damaged() == []
+    assert damaged(aux_hidden_states=one_step_up(aux), target_probs=one_step_up(probs)) == []
+    assert damaged(target_probs=probs * torch.tensor([[1.0], [0.0]])) == ["target_probs"]
+    assert damaged(aux_hidden_states=aux * torch.tensor([[1.0], [0.9]])) == ["aux_hidden_states"]
+
+
 def test_ids_may_trade_places_only_on_a_near_tie_of_their_logits():
     from builder.verify import LossRows, Tolerance
 
