@@ -9,7 +9,8 @@ reruns the target (refused unless its recorded identity matches) on N random sam
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
 match bit for bit on a machine that computes as the build's did, and within a few rounding steps
-on another machine of its kind (see Tolerance).
+on another machine of its kind where the compute is fp32 (see Tolerance; in bf16 or fp16 so few
+steps are too coarse to tell from damage, and such shards are skipped).
 """
 
 from __future__ import annotations
@@ -549,6 +550,9 @@ def check_target(model_path: str, manifest: dict) -> None:
 
 PRECISION = ("device", "dtype")  # of a compute record: where these differ, no recompute can match
 ROUNDING_STEPS = 16  # the tolerance where only the finer fields differ (CPU instructions, GPU model, versions)
+# Compute dtypes fine enough for that tolerance: in bf16 (or fp16), 16 steps of a row's largest logit
+# are a quarter of it, enough to pass any probability from 0 to twice the live one.
+TOLERABLE_DTYPES = ("float32", "float64")
 
 
 def precision_of(record: dict) -> dict:
@@ -564,29 +568,70 @@ def comparable_shards(manifest: dict, here: dict) -> dict[str, dict | None]:
     """The shards computed the way this machine computes (device kind and dtype): only there can a
     recompute match. Each maps to None where every field both records hold agrees (compared exactly),
     or to its record where only finer fields differ (another CPU instruction set, GPU model or
-    library version: compared within `ROUNDING_STEPS`). Shards recorded before the record existed
-    count as computed here. Raises when no shard is comparable, rather than reporting every sample as damaged."""
+    library version) in fp32 compute (compared within `ROUNDING_STEPS`). In bf16 or fp16 compute a
+    tolerance for other rounding would hide damage, so such shards are skipped as another device
+    kind's are. Shards recorded before the record existed count as computed here. Raises when no
+    shard is comparable, rather than reporting every sample as damaged."""
     records = {s["name"]: s.get("compute", here) for s in manifest["shards"]}
     elsewhere = {name: record for name, record in records.items() if differing_fields(record, here) & set(PRECISION)}
-    comparable = {name: record if differing_fields(record, here) else None for name, record in records.items() if name not in elsewhere}
-    if not elsewhere:
-        return comparable
-    kinds = ", ".join(sorted({json.dumps(precision_of(c), sort_keys=True) for c in elsewhere.values()}))
-    this_kind = json.dumps(precision_of(here), sort_keys=True)
+    coarse = {
+        name: record
+        for name, record in records.items()
+        if name not in elsewhere and differing_fields(record, here) and here.get("dtype") not in TOLERABLE_DTYPES
+    }
+    comparable = {
+        name: record if differing_fields(record, here) else None for name, record in records.items() if name not in elsewhere | coarse
+    }
     if not comparable:
+        reasons = [why for why in (another_kind(elsewhere, here), too_coarse(coarse, here)) if why]
+        alike = f", with the same {fields_differing(coarse, here)}" if coarse else ""
         raise Eagle3CacheError(
-            f"verify --recompute: every shard was computed with {kinds}, and this machine computes with "
-            f"{this_kind}: another device kind or dtype rounds differently, so no sample could "
-            "match. Run the recompute on the kind of machine that built the cache (the structural checks passed)."
+            f"verify --recompute: every shard was computed {'; the others '.join(reasons)}. Run the recompute on the kind "
+            f"of machine that built the cache{alike} (the structural checks passed)."
         )
-    log.warning(
-        "verify --recompute: skipping %d shard(s) computed with %s (this machine computes with %s, which rounds differently): %s",
-        len(elsewhere),
-        kinds,
-        this_kind,
-        ", ".join(sorted(elsewhere)),
-    )
+    if elsewhere:
+        log.warning(
+            "verify --recompute: skipping %d shard(s) computed with %s (this machine computes with %s, which rounds differently): %s",
+            len(elsewhere),
+            kinds_of(elsewhere),
+            json.dumps(precision_of(here), sort_keys=True),
+            ", ".join(sorted(elsewhere)),
+        )
+    if coarse:
+        log.warning(
+            "verify --recompute: skipping %d shard(s) computed %s: %s", len(coarse), too_coarse(coarse, here), ", ".join(sorted(coarse))
+        )
     return comparable
+
+
+def kinds_of(records: dict[str, dict]) -> str:
+    return ", ".join(sorted({json.dumps(precision_of(record), sort_keys=True) for record in records.values()}))
+
+
+def another_kind(elsewhere: dict[str, dict], here: dict) -> str:
+    """Why shards computed on another device kind or in another dtype cannot be compared ('' for none)."""
+    if not elsewhere:
+        return ""
+    return (
+        f"with {kinds_of(elsewhere)}, and this machine computes with {json.dumps(precision_of(here), sort_keys=True)}: "
+        "another device kind or dtype rounds differently, so no sample could match"
+    )
+
+
+def too_coarse(coarse: dict[str, dict], here: dict) -> str:
+    """Why shards computed in bf16 or fp16 on another machine of this kind cannot be compared ('' for none)."""
+    if not coarse:
+        return ""
+    records = ", ".join(sorted({json.dumps(record, sort_keys=True) for record in coarse.values()}))
+    return (
+        f"on {records}, and this machine is {json.dumps(here, sort_keys=True)} (they differ in {fields_differing(coarse, here)}): "
+        f"it may round differently, and in {here['dtype']} a tolerance for that is too coarse to tell rounding from damage, so no "
+        "sample can be compared"
+    )
+
+
+def fields_differing(records: dict[str, dict], here: dict) -> str:
+    return ", ".join(sorted(set().union(*(differing_fields(record, here) for record in records.values()))))
 
 
 def tolerance_for(records: dict[str, dict | None], here: dict) -> dict[str, Tolerance]:
@@ -731,16 +776,18 @@ def loss_rows_of(target, live: dict, b: int, loss: torch.Tensor, rows: slice, st
 
 
 LOG_SPACE = ("topk_logprobs", "log_draft_mass")  # loss-row columns a logit error moves by itself, not by its multiple
+PROBABILITY_ROWS = ("target_probs",)  # loss-row columns whose rows are distributions (a softmax: mass 1 however the logits move)
 
 
 @dataclass(frozen=True)
 class Tolerance:
     """Where a shard was computed on another machine of this kind, its sums ran in other orders, and
     each value may differ by `steps` rounding steps (`eps`, of the compute dtype) of what it was
-    computed from: hidden states by steps of their largest magnitude in the sample; what the logits
-    give (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored
-    value may also have rounded to its stored dtype on the other side of a step. Ids may trade
-    places only on a near-tie of their logits."""
+    computed from: hidden states by steps of their token's largest magnitude; what the logits give
+    (probabilities, log-probabilities, ids) by steps of the row's largest logit. Each stored value
+    may also have rounded to its stored dtype on the other side of a step. Ids may trade places
+    only on a near-tie of their logits. A bound relative to a row's largest logit grows with it, so
+    each probability row's mass is held to the rounding of its sum as well: no logit moves it."""
 
     steps: int
     eps: float
@@ -750,9 +797,11 @@ class Tolerance:
         return 2 * self.steps * self.eps * at_loss.logit_scale
 
     def spread(self, want: torch.Tensor, slack: torch.Tensor | None, log_space: bool) -> torch.Tensor:
-        """How far the compute may have moved each value: `slack` None for hidden states."""
+        """How far the compute may have moved each value: `slack` None for hidden states (and other
+        per-token values), each token by its own largest magnitude: one far larger (as a first token's
+        often is) would otherwise hide the others' damage."""
         if slack is None:
-            return self.steps * self.eps * want.abs().max()
+            return self.steps * self.eps * (want.abs().amax(-1, keepdim=True) if want.dim() > 1 else want.abs())
         slack = slack.reshape(-1, *[1] * (want.dim() - 1))
         if log_space:
             return slack
@@ -763,6 +812,14 @@ class Tolerance:
         info = torch.finfo(stored_dtype)
         step = info.eps * torch.maximum(got.abs(), want.abs()).clamp(min=info.smallest_normal)
         return (got - want).abs() > step + spread
+
+    def mass_differs(self, got: torch.Tensor, want: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
+        """Probability rows `[n]` whose mass differs from the live row's by more than rounding: the
+        normaliser's sum of `Vd` terms may round by a step per term in any order, and each stored
+        value by a step of its stored dtype."""
+        got_mass, want_mass = got.double().sum(-1), want.double().sum(-1)
+        rounding = ((want.shape[-1] + self.steps) * self.eps + torch.finfo(stored_dtype).eps) * want_mass
+        return (got_mass - want_mass).abs() > rounding
 
     def argmax_not_tied(self, got: torch.Tensor, want: torch.Tensor, at_loss: LossRows) -> torch.Tensor:
         """Argmaxes that differ where the live logits of the two ids are not near-tied."""
@@ -797,6 +854,8 @@ def tolerant_differences(stored: dict, live: dict, tolerance: Tolerance, at_loss
             slack = tolerance.logit_slack(at_loss) if columns[key]["per"] == "loss" else None
             spread = tolerance.spread(want.float(), slack, key in LOG_SPACE)
             beyond = tolerance.exceeds(got.float(), want.float(), spread, want.dtype)
+            if key in PROBABILITY_ROWS:
+                beyond = beyond | tolerance.mass_differs(got.float(), want.float(), want.dtype)[:, None]
         elif key == "target_argmax":
             beyond = tolerance.argmax_not_tied(got, want, at_loss)
         elif key == "topk_ids":

@@ -186,6 +186,39 @@ def test_damage_beyond_the_tolerance_is_caught_saying_the_machine_may_round_diff
     ]
 
 
+def test_in_fp32_a_zeroed_probability_row_or_scaled_aux_states_are_damage_on_another_machine_of_this_kind(cache):
+    from builder.forward import compute_record
+
+    rewrite_values(cache, SHARD, "target_probs", lambda v: torch.cat([torch.zeros_like(v[:1]), v[1:]]), rows=1)  # one row zeroed
+    rewrite_values(cache, SHARD, "aux_hidden_states", lambda v: v * 0.9, rows=1)
+    set_shard_compute(cache, {SHARD}, compute_record() | {"cpu_capability": "ANOTHER"})
+    sample_id = pq.read_table(cache / "data" / SHARD, columns=["sample_id"])["sample_id"][0].as_py()
+    problems = verify_cache(cache, recompute=14)
+    assert [p.split(" differs from a live recompute by more than 16 rounding steps")[0] for p in problems] == [
+        f"data/{SHARD}/{sample_id}: aux_hidden_states",
+        f"data/{SHARD}/{sample_id}: target_probs",
+    ], problems
+
+
+def test_a_bound_relative_to_a_row_maximum_misses_no_zeroed_probability_row_and_no_scaled_aux_token():
+    from builder.verify import LossRows, Tolerance, tolerant_differences
+
+    tolerance = Tolerance(16, torch.finfo(torch.float32).eps)
+    columns = {"aux_hidden_states": {"per": "token"}, "target_probs": {"per": "loss"}}
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.8, 0.1, 0.1]])
+    at_loss = LossRows(probs, torch.full((2,), 1e6), torch.zeros(2), torch.zeros(2))  # logits so large the slack exceeds each p
+    aux = torch.tensor([[3e5, -2e5, 1e5], [1.0, -0.5, 0.25]])  # a token with massive activations beside an ordinary one
+    live = {"aux_hidden_states": aux, "target_probs": probs}
+
+    def damaged(**stored) -> list[str]:
+        return [key for key, _ in tolerant_differences(live | stored, live, tolerance, at_loss, columns)]
+
+    assert damaged() == []
+    assert damaged(aux_hidden_states=one_step_up(aux), target_probs=one_step_up(probs)) == []
+    assert damaged(target_probs=probs * torch.tensor([[1.0], [0.0]])) == ["target_probs"]
+    assert damaged(aux_hidden_states=aux * torch.tensor([[1.0], [0.9]])) == ["aux_hidden_states"]
+
+
 def test_ids_may_trade_places_only_on_a_near_tie_of_their_logits():
     from builder.verify import LossRows, Tolerance
 
@@ -222,6 +255,71 @@ def test_recompute_refuses_when_no_shard_was_computed_like_this_machine(cache, c
     assert main(["verify", str(cache), "--recompute", "3"]) == 2  # an error, not a report of damage
     assert "error: verify --recompute: every shard was computed with" in capsys.readouterr().err
     assert verify_cache(cache) == []  # the structural checks do not depend on it
+
+
+def compute_in_bf16(monkeypatch) -> None:
+    """Compute as a GPU does (bf16), on this CPU."""
+    import builder.forward
+    import builder.placement
+    import builder.target
+
+    for module in (builder.target, builder.forward, builder.placement):
+        monkeypatch.setattr(module, "compute_device", lambda: (torch.device("cpu"), torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def bf16_intact(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        compute_in_bf16(monkeypatch)
+        return build(small_config(tmp_path_factory.mktemp("verify_bf16") / "cache"), progress=False).output_dir
+
+
+def test_in_bf16_shards_computed_on_another_machine_of_this_kind_are_skipped_not_compared_loosely(
+    bf16_intact, tmp_path, monkeypatch, caplog
+):
+    from builder.forward import compute_record
+
+    cache = tmp_path / "cache"
+    shutil.copytree(bf16_intact, cache)
+    rewrite_values(cache, SHARD, "target_probs", torch.zeros_like)  # damage that 16 bf16 steps of the largest logit would pass
+    rewrite_values(cache, SHARD, "aux_hidden_states", lambda v: v * 0.9)
+    compute_in_bf16(monkeypatch)
+    here = compute_record()
+    assert {s["compute"]["dtype"] for s in read_manifest(cache)["shards"]} == {"bfloat16"}
+    other = here | {"cpu_capability": "ANOTHER"}
+    set_shard_compute(cache, {SHARD}, other)
+    report = verify_cache(cache, recompute=14)  # every sample
+    assert report == [] and report.recomputed == 10  # the other shards, compared exactly
+    assert (
+        f"skipping 1 shard(s) computed on {json.dumps(other, sort_keys=True)}, and this machine is {json.dumps(here, sort_keys=True)} "
+        "(they differ in cpu_capability): it may round differently, and in bfloat16 a tolerance for that is too coarse to tell "
+        f"rounding from damage, so no sample can be compared: {SHARD}" in caplog.text
+    )
+
+    set_shard_compute(cache, {s["name"] for s in read_manifest(cache)["shards"]}, other | {"torch": "another version"})
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r"every shard was computed on .*\(they differ in cpu_capability, torch\): .*too coarse to tell rounding from damage, so no "
+        r"sample can be compared\. Run the recompute on the kind of machine that built the cache, with the same cpu_capability, torch ",
+    ):
+        verify_cache(cache, recompute=14)
+
+
+def test_shards_of_another_kind_and_bf16_shards_of_another_machine_are_refused_together():
+    from builder.verify import comparable_shards
+
+    here = {"device": "cuda", "dtype": "float16", "gpu": "A", "torch": "2"}
+    manifest = {"shards": [{"name": "a", "compute": GPU_BF16}, {"name": "b", "compute": here | {"gpu": "B"}}]}
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r'computed with \{"device": "cuda", "dtype": "bfloat16"\}, .* could match; the others on \{.*"gpu": "B".*\} .*'
+        r"\(they differ in gpu\): .*in float16 a tolerance .* Run the recompute .* with the same gpu \(the structural checks passed\)\.$",
+    ):
+        comparable_shards(manifest, here)
+    manifest["shards"].append({"name": "c", "compute": here})
+    assert comparable_shards(manifest, here) == {"c": None}
+    fp32 = {"device": "cpu", "dtype": "float32", "cpu_capability": "AVX2"}
+    assert comparable_shards({"shards": [{"name": "a", "compute": fp32}]}, fp32 | {"cpu_capability": "AVX512"}) == {"a": fp32}
 
 
 def test_verify_command_exit_status(cache, capsys):
