@@ -138,9 +138,9 @@ def warn_if_precisions_mix(out: Path, finished: list[str], compute: dict) -> Non
     if others := [r for r in earlier if differing(r) and not differing(r) & precision]:
         log.warning(
             "the shards already written were computed on %s; this run computes on %s: the same device kind and dtype, "
-            "but another CPU instruction set, GPU model or library version may round differently, so `verify --recompute` "
-            "compares the two sets of shards within a tolerance, not bit for bit. Resume on the same machine type to keep "
-            "them exactly reproducible.",
+            "but another CPU instruction set, GPU model or library version may round differently, so one machine's "
+            "`verify --recompute` checks the other's shards within a tolerance (fp32) or skips them (bf16, fp16). Resume on "
+            "the same machine type to keep every shard exactly reproducible.",
             shown(others),
             shown([compute]),
         )
