@@ -32,7 +32,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 # Fields added to the identity after caches were already being built: a build that started before
 # records none, and resuming it compares the rest (saying so) rather than refusing it.
-ADDED_FIELDS = ("target.weights_sample_sha256",)
+ADDED_FIELDS = ("target.weights_sample_sha256", "target.weights_files")
 
 
 # Fields holding a path as it was typed: another spelling of the same local file or folder (a
@@ -64,17 +64,17 @@ WEIGHTS_FIELD = "target.weights_sample_sha256"
 
 
 def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
-    """A build begun by an earlier version recorded the weights fingerprint over other files of the
-    same folder (see fingerprints.earlier_weights_sample_hashes): the same weights, fingerprinted
-    the earlier way."""
+    """A build begun by an earlier version (it recorded no `target.weights_files`) fingerprinted other
+    files of the same folder (see fingerprints.earlier_weights_sample_hashes): the same weights,
+    fingerprinted the earlier way."""
     if None in (stored.get(WEIGHTS_FIELD), current.get(WEIGHTS_FIELD)) or stored[WEIGHTS_FIELD] == current[WEIGHTS_FIELD]:
         return False
-    if not isinstance(current.get("target.model"), str):
+    if "target.weights_files" in stored or not isinstance(current.get("target.model"), str):
         return False
     from .embedded import resolve_target
     from .fingerprints import same_weights
 
-    return same_weights(stored[WEIGHTS_FIELD], resolve_target(current["target.model"]))
+    return same_weights(stored[WEIGHTS_FIELD], resolve_target(current["target.model"]), by_an_earlier_version=True)
 
 
 def same_local_path(first, second) -> bool:

@@ -29,20 +29,32 @@ def local_weights_sample_hash(model_path: str) -> str | None:
     return _sampled_hash(loaded_weight_files(folder)) if folder.is_dir() else None
 
 
+# How this version chooses the files it fingerprints, recorded beside the fingerprint: caches that lack
+# it were fingerprinted by an earlier version, whose ways (`earlier_weights_sample_hashes`) they may match.
+WEIGHTS_FILES = "loaded"
+
+
 def earlier_weights_sample_hashes(model_path: str) -> dict[str, str]:
     """The fingerprints earlier versions recorded for the same folder, by how they chose its files:
     `every_file` (every weight-like file) and `index_first` (an index's files before the single file
-    transformers loads first). Empty for a Hub id."""
+    transformers loads first; absent when the index names files that are gone). Empty for a Hub id."""
     folder = Path(model_path)
     if not folder.is_dir():
         return {}
-    return {"every_file": _sampled_hash(_weight_like_files(folder)), "index_first": _sampled_hash(_index_first_files(folder))}
+    hashes = {"every_file": _sampled_hash(_weight_like_files(folder))}
+    index_first = _index_first_files(folder)
+    if index_first is not None:
+        hashes["index_first"] = _sampled_hash(index_first)
+    return hashes
 
 
-def same_weights(recorded: str | None, model_path: str) -> bool:
-    """The local target's weights are the recorded ones, by this fingerprint or an earlier one."""
+def same_weights(recorded: str | None, model_path: str, by_an_earlier_version: bool = False) -> bool:
+    """The local target's weights are the recorded ones: by this version's fingerprint, or, for a
+    cache an earlier version fingerprinted (`by_an_earlier_version`), by one of its ways."""
     if recorded is None or recorded == local_weights_sample_hash(model_path):
         return True
+    if not by_an_earlier_version:
+        return False
     way = next((way for way, digest in earlier_weights_sample_hashes(model_path).items() if digest == recorded), None)
     if way == "index_first":
         warn_index_first(model_path)
@@ -101,11 +113,16 @@ def _why_loaded(index: str) -> str:
     return f"the folder has no {' or '.join(LOADING_ORDER[: LOADING_ORDER.index(index)])}"
 
 
-def _index_first_files(folder: Path) -> list[Path]:
-    """The files earlier versions fingerprinted: an index's files first, else a single weight file."""
+def _index_first_files(folder: Path) -> list[Path] | None:
+    """The files earlier versions fingerprinted: an index's files first, else a single weight file;
+    None where the index cannot be read or names files that are gone (no build could have hashed them)."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            return sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+            try:
+                files = sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return None
+            return files if all(path.is_file() for path in files) else None
     return loaded_weight_files(folder)
 
 

@@ -15,7 +15,7 @@ from . import __version__
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
 from .errors import BadRowError, ConfigError, InputError
-from .fingerprints import local_config_hash, local_weights_sample_hash, same_weights
+from .fingerprints import WEIGHTS_FILES, local_config_hash, local_weights_sample_hash, same_weights
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
@@ -255,13 +255,15 @@ def recorded_split(input_info: dict) -> str | None:
 
 def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:
     """Every field that shapes the cache's bytes; equal identities build equal caches."""
+    weights = local_weights_sample_hash(model_path)
     return {
         "format_version": FORMAT_VERSION,
         "target": {
             "model": cfg.target_model,
             "revision": resolved_revision(model_path, cfg.target_revision),
             "config_sha256": local_config_hash(model_path),
-            "weights_sample_sha256": local_weights_sample_hash(model_path),
+            "weights_sample_sha256": weights,
+            "weights_files": WEIGHTS_FILES if weights is not None else None,
         },
         "tokenizer_sha256": tokenizer_hash(tokenizer, template),
         "chat_template_sha256": hashlib.sha256(template_bytes(template)).hexdigest(),
@@ -306,7 +308,8 @@ def target_differences(manifest: dict, model_path: str, config, tokenizer) -> di
     if None not in (recorded.get("config_sha256"), config_hash) and recorded["config_sha256"] != config_hash:
         differences["target.config_sha256"] = (recorded["config_sha256"], config_hash)
     weights = local_weights_sample_hash(model_path)
-    if weights is not None and not same_weights(recorded.get("weights_sample_sha256"), model_path):
+    earlier = "weights_files" not in recorded  # fingerprinted by an earlier version
+    if weights is not None and not same_weights(recorded.get("weights_sample_sha256"), model_path, by_an_earlier_version=earlier):
         differences["target.weights_sample_sha256"] = (recorded["weights_sample_sha256"], weights)
     vocab_size = text_config(config).vocab_size
     if vocab_size != manifest["target_vocab_size"]:

@@ -97,7 +97,8 @@ def test_an_index_naming_missing_files_is_refused_by_name(tmp_path):
 
 def test_a_cache_fingerprinted_index_first_by_an_earlier_version_still_matches_its_unchanged_folder(tmp_path, caplog):
     """Earlier versions hashed an index's files before the single file transformers loads; a build they
-    began in a folder holding both resumes, verifies and exports, with a warning of what cannot be seen."""
+    began (its identity records no `weights_files`) in a folder holding both resumes, verifies and
+    exports, with a warning of what cannot be seen."""
     from builder.build_state import identity_differences
     from builder.fingerprints import earlier_weights_sample_hashes, same_weights
 
@@ -107,11 +108,48 @@ def test_a_cache_fingerprinted_index_first_by_an_earlier_version_still_matches_i
     recorded = earlier_weights_sample_hashes(folder)["index_first"]
     assert recorded != local_weights_sample_hash(folder)
     with caplog.at_level("WARNING", logger="builder.fingerprints"):
-        assert same_weights(recorded, str(folder))
+        assert same_weights(recorded, str(folder), by_an_earlier_version=True)
     assert "a change to the loaded file since the build cannot be seen" in caplog.text
     stored = {"target": {"model": str(folder), "weights_sample_sha256": recorded}}
-    current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder)}}
+    current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder), "weights_files": "loaded"}}
     assert identity_differences(stored, current) == {}
     (folder / SHARDS[0]).write_bytes(bytes(reversed((folder / SHARDS[0]).read_bytes())))  # the files it hashed changed
+    assert not same_weights(recorded, str(folder), by_an_earlier_version=True)
+    assert set(identity_differences(stored, current)) == {"target.weights_sample_sha256"}
+
+
+def test_a_cache_of_this_version_is_not_matched_the_earlier_ways(tmp_path):
+    """A sharded checkpoint, then a retrained model.safetensors saved beside it (which transformers now
+    loads): the index's files are unchanged, but this version's cache fingerprinted the loaded files, so
+    the changed weights are refused, not matched the index-first way."""
+    from builder.build_state import identity_differences
+    from builder.fingerprints import WEIGHTS_FILES, same_weights
+
+    folder = tiny_target_copy(tmp_path / "target")
+    (folder / "model.safetensors").rename(folder / SHARDS[0])
+    write_index(folder, "model.safetensors.index.json", SHARDS[:1])
+    recorded = local_weights_sample_hash(folder)  # the shards', as loaded
+    (folder / "model.safetensors").write_bytes(bytes(reversed((folder / SHARDS[0]).read_bytes())))  # retrained, saved beside
     assert not same_weights(recorded, str(folder))
+    stored = {"target": {"model": str(folder), "weights_sample_sha256": recorded, "weights_files": WEIGHTS_FILES}}
+    current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder), "weights_files": WEIGHTS_FILES}}
+    assert set(identity_differences(stored, current)) == {"target.weights_sample_sha256"}
+
+
+def test_a_stale_index_whose_files_are_gone_is_no_earlier_way_and_no_crash(tmp_path):
+    """Re-saved as one file, a folder keeps the old index but not its shards: comparing a changed
+    target against a cache of an earlier version then refuses it cleanly (no FileNotFoundError)."""
+    from builder.build_state import identity_differences
+    from builder.fingerprints import earlier_weights_sample_hashes, same_weights
+
+    folder = tiny_target_copy(tmp_path / "target")
+    write_index(folder, "model.safetensors.index.json", SHARDS)
+    (folder / "model.safetensors.index.json").rename(folder / "kept.json")  # not the index yet: a valid build first
+    recorded = local_weights_sample_hash(folder)
+    (folder / "kept.json").rename(folder / "model.safetensors.index.json")
+    (folder / "model.safetensors").write_bytes(bytes(reversed((folder / "model.safetensors").read_bytes())))
+    assert "index_first" not in earlier_weights_sample_hashes(folder)
+    assert not same_weights(recorded, str(folder), by_an_earlier_version=True)
+    stored = {"target": {"model": str(folder), "weights_sample_sha256": recorded}}
+    current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder)}}
     assert set(identity_differences(stored, current)) == {"target.weights_sample_sha256"}

@@ -573,13 +573,14 @@ def test_weight_fingerprints_count_only_the_files_transformers_loads(tmp_path):
     (trained / "training_args.bin").write_bytes(b"trainer state")
     assert local_weights_sample_hash(trained) == local_weights_sample_hash(clean)
     earlier = earlier_weights_sample_hashes(trained)["every_file"]
-    assert earlier != local_weights_sample_hash(trained) and same_weights(earlier, str(trained))
-    assert not same_weights(earlier, str(clean))
+    assert earlier != local_weights_sample_hash(trained) and same_weights(earlier, str(trained), by_an_earlier_version=True)
+    assert not same_weights(earlier, str(trained))  # a cache of this version recorded this version's way
+    assert not same_weights(earlier, str(clean), by_an_earlier_version=True)
     stored = {"target": {"model": str(trained), "weights_sample_sha256": earlier}}
     current = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
     assert identity_differences(stored, current) == {}
     (trained / "model.safetensors").write_bytes(bytes(reversed((trained / "model.safetensors").read_bytes())))
-    assert not same_weights(earlier, str(trained))
+    assert not same_weights(earlier, str(trained), by_an_earlier_version=True)
     changed = {"target": {"model": str(trained), "weights_sample_sha256": local_weights_sample_hash(trained)}}
     assert set(identity_differences(stored, changed)) == {"target.weights_sample_sha256"}
 
