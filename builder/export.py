@@ -82,11 +82,22 @@ def check_out_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     entries = sorted(out.iterdir()) if out.exists() else []
-    if entries and all(fnmatch.fnmatch(entry.name, TEMP_GLOB) for entry in entries):
+    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
+    files = [entry for entry in entries if entry not in hidden]
+    if entries and not files:
         raise ExportError(
             f"export: {out} holds only {', '.join(entry.name for entry in entries)}, the hidden folder of an export that was "
             "killed before it finished; expected a new or empty directory for the export. If no export into it is running, "
             "delete that folder, then run the export again."
+        )
+    marker = next(filter(None, (marker_moving_up(folder, files) for folder in hidden)), None)
+    if marker:
+        raise ExportError(
+            f"export: {out} holds the remains of an export that was killed before it finished: its hidden "
+            f"{'folder' if len(hidden) == 1 else 'folders'} {', '.join(folder.name for folder in hidden)} and the files it "
+            f"had moved up ({names_text(files)}), but no {marker}, the file that marks a complete export; expected a new or "
+            f"empty directory for the export. If no export into it is running, delete those (everything in {out}), then "
+            "run the export again."
         )
     if entries:
         raise ExportError(
@@ -94,6 +105,39 @@ def check_out_folder(out: Path) -> None:
             "pass a new directory"
         )
     check_out_writable(out)
+
+
+def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
+    """The marker file `folder` still holds when `files` (the rest of OUT) are what an export killed
+    while moving its files up from `folder` into OUT leaves: files of that export's format, in the
+    order they are moved (sorted by name, each before every name still only in the folder), a name
+    in both being the same file (linked up, not yet unlinked from the folder). None otherwise."""
+    if not files or not folder.is_dir() or not all(file.is_file() and not file.is_symlink() for file in files):
+        return None
+    left = {entry.name: entry for entry in folder.iterdir()}
+    names = {file.name for file in files}
+    for to, marker in LAST_WRITTEN.items():
+        if marker not in left or not all(EXPORTED_FILES[to].fullmatch(name) for name in names):
+            continue
+        if not all(same_file(left[file.name], file) for file in files if file.name in left):
+            continue
+        unmoved = sorted(set(left) - names - {marker})
+        if not unmoved or max(names) < unmoved[0]:
+            return marker
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def names_text(files: list[Path], shown: int = 4) -> str:
+    """`files`' names, the first and last of many with their count."""
+    names = sorted(file.name for file in files)
+    return ", ".join(names) if len(names) <= shown else f"{names[0]} … {names[-1]} ({len(names)} files)"
 
 
 def check_out_writable(out: Path) -> None:
@@ -528,3 +572,8 @@ EXPORTS = {"nemo": prepare_nemo, "specforge": prepare_specforge}  # --to: its ch
 # The file whose presence marks a complete export: written last, and the last moved into an existing OUT.
 # NeMo's reader starts from its manifest; SpecForge's config names the mapping file besides the folder.
 LAST_WRITTEN = {"nemo": "manifest.json", "specforge": "vocab_mapping.pt"}
+# Every other file each export writes (as its writer names them): what a killed export may have moved up.
+EXPORTED_FILES = {
+    "nemo": re.compile(r"shard-\d{6,}\.safetensors|target_embeddings\.safetensors"),
+    "specforge": re.compile(r"data_\d+\.ckpt"),
+}
