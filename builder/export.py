@@ -180,7 +180,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
     in_place = final.is_dir()
     folder = temp_path(final / "export") if in_place else temp_path(final)
     made = [] if in_place else [parent for parent in (final.parent, *final.parent.parents) if not parent.exists()]
-    moved: list[Path] = []  # the files already moved up into OUT
+    moved: dict[Path, FileId] = {}  # each name in OUT a file is being or was moved up to, and that file
     try:
         shutil.rmtree(folder, ignore_errors=True)  # this process's own leftover, if any
         with writing(folder, str(out)):
@@ -193,7 +193,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         if not in_place:
             publish(folder, final, out)
     except BaseException as err:
-        written = folder_size(folder) + sum(path.stat().st_size for path in moved if path.is_file())
+        written = folder_size(folder) + sum(path.stat().st_size for path in still_ours(moved))
         discard(folder, moved, made)
         if isinstance(err, WriteError):
             raise export_failed(err, out, written) from err.__cause__
@@ -204,9 +204,9 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         fsync_dir(synced)
 
 
-def discard(folder: Path, moved: list[Path], made: list[Path]) -> None:
+def discard(folder: Path, moved: dict[Path, FileId], made: list[Path]) -> None:
     """Remove a failed export: its files already in OUT, its hidden folder, the parents made for OUT."""
-    for path in moved:
+    for path in still_ours(moved):
         with contextlib.suppress(OSError):
             path.unlink()
     shutil.rmtree(folder, ignore_errors=True)
@@ -215,7 +215,25 @@ def discard(folder: Path, moved: list[Path], made: list[Path]) -> None:
             parent.rmdir()
 
 
-def move_up(folder: Path, final: Path, out: Path, last: str, moved: list[Path]) -> None:
+FileId = tuple[int, int]  # (device, inode): the file itself, whatever name it has
+
+
+def file_id(path: Path) -> FileId:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
+
+
+def still_ours(moved: dict[Path, FileId]) -> list[Path]:
+    """The names in OUT that hold the file the export moved there: never one someone else made."""
+    ours = []
+    for path, moved_file in moved.items():
+        with contextlib.suppress(OSError):  # a name never made: the move failed, or was not reached
+            if file_id(path) == moved_file:
+                ours.append(path)
+    return ours
+
+
+def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, FileId]) -> None:
     """Move the complete export from `folder` up into OUT (within one file system: no copy), `last`
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
     if any(entry != folder for entry in final.iterdir()):
@@ -229,9 +247,12 @@ def move_up(folder: Path, final: Path, out: Path, last: str, moved: list[Path]) 
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # a file system that has none
 
 
-def move_without_replacing(source: Path, target: Path, out: Path, moved: list[Path]) -> None:
+def move_without_replacing(source: Path, target: Path, out: Path, moved: dict[Path, FileId]) -> None:
     """Move a file to a name that must not exist: a hard link fails on an existing name at once (a
-    rename would replace it), then the source is unlinked; without hard links, a rename after a check."""
+    rename would replace it), then the source is unlinked; without hard links, a rename after a check.
+    The target is recorded first, with the file moved: an interrupt the moment the move is done
+    still has it taken back out, and a name that holds another file is left alone."""
+    moved[target] = file_id(source)
     try:
         os.link(source, target)
     except FileExistsError:
@@ -242,9 +263,7 @@ def move_without_replacing(source: Path, target: Path, out: Path, moved: list[Pa
         if os.path.lexists(target):
             raise filled_while_running(out) from None
         os.rename(source, target)
-        moved.append(target)
         return
-    moved.append(target)
     os.unlink(source)
 
 

@@ -459,6 +459,29 @@ def test_an_export_never_replaces_a_name_made_in_out_while_its_files_move_in(hid
     assert left_in(out) == ["vocab_mapping.pt"] and (out / "vocab_mapping.pt").read_text() == "theirs"
 
 
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_an_export_interrupted_right_after_moving_a_file_up_leaves_out_empty_as_it_was(hidden_cache, tmp_path, monkeypatch, links):
+    """Ctrl-C the moment a file is in OUT (the link or rename done, the export not yet told) takes it back out too."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    inode = out.stat().st_ino
+    if links == "no hard links":
+        monkeypatch.setattr(os, "link", functools.partial(no_hard_links, os.link))
+    move_name = "link" if links == "hard links" else "rename"
+    real, calls = getattr(os, move_name), [0]
+
+    def interrupted_after(source, target, *args, **kwargs):
+        real(source, target, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, move_name, interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert calls[0] == 3 and left_in(out) == [] and out.stat().st_ino == inode and left_in(tmp_path) == ["sf"]
+
+
 class Killed(BaseException):
     """The process dying: the export's own cleanup never runs."""
 
