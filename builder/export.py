@@ -82,11 +82,22 @@ def check_out_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     entries = sorted(out.iterdir()) if out.exists() else []
-    if entries and all(fnmatch.fnmatch(entry.name, TEMP_GLOB) for entry in entries):
+    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
+    files = [entry for entry in entries if entry not in hidden]
+    if entries and not files:
         raise ExportError(
             f"export: {out} holds only {', '.join(entry.name for entry in entries)}, the hidden folder of an export that was "
             "killed before it finished; expected a new or empty directory for the export. If no export into it is running, "
             "delete that folder, then run the export again."
+        )
+    marker = next(filter(None, (marker_moving_up(folder, files) for folder in hidden)), None)
+    if marker:
+        raise ExportError(
+            f"export: {out} holds the remains of an export that was killed before it finished: its hidden "
+            f"{'folder' if len(hidden) == 1 else 'folders'} {', '.join(folder.name for folder in hidden)} and the files it "
+            f"had moved up ({names_text(files)}), but no {marker}, the file that marks a complete export; expected a new or "
+            f"empty directory for the export. If no export into it is running, delete those (everything in {out}), then "
+            "run the export again."
         )
     if entries:
         raise ExportError(
@@ -94,6 +105,39 @@ def check_out_folder(out: Path) -> None:
             "pass a new directory"
         )
     check_out_writable(out)
+
+
+def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
+    """The marker file `folder` still holds when `files` (the rest of OUT) are what an export killed
+    while moving its files up from `folder` into OUT leaves: files of that export's format, in the
+    order they are moved (sorted by name, each before every name still only in the folder), a name
+    in both being the same file (linked up, not yet unlinked from the folder). None otherwise."""
+    if not files or not folder.is_dir() or not all(file.is_file() and not file.is_symlink() for file in files):
+        return None
+    left = {entry.name: entry for entry in folder.iterdir()}
+    names = {file.name for file in files}
+    for to, marker in LAST_WRITTEN.items():
+        if marker not in left or not all(EXPORTED_FILES[to].fullmatch(name) for name in names):
+            continue
+        if not all(same_file(left[file.name], file) for file in files if file.name in left):
+            continue
+        unmoved = sorted(set(left) - names - {marker})
+        if not unmoved or max(names) < unmoved[0]:
+            return marker
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def names_text(files: list[Path], shown: int = 4) -> str:
+    """`files`' names, the first and last of many with their count."""
+    names = sorted(file.name for file in files)
+    return ", ".join(names) if len(names) <= shown else f"{names[0]} … {names[-1]} ({len(names)} files)"
 
 
 def check_out_writable(out: Path) -> None:
@@ -136,7 +180,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
     in_place = final.is_dir()
     folder = temp_path(final / "export") if in_place else temp_path(final)
     made = [] if in_place else [parent for parent in (final.parent, *final.parent.parents) if not parent.exists()]
-    moved: list[Path] = []  # the files already moved up into OUT
+    moved: dict[Path, FileId] = {}  # each name in OUT a file is being or was moved up to, and that file
     try:
         shutil.rmtree(folder, ignore_errors=True)  # this process's own leftover, if any
         with writing(folder, str(out)):
@@ -149,7 +193,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         if not in_place:
             publish(folder, final, out)
     except BaseException as err:
-        written = folder_size(folder) + sum(path.stat().st_size for path in moved if path.is_file())
+        written = folder_size(folder) + sum(path.stat().st_size for path in still_ours(moved))
         discard(folder, moved, made)
         if isinstance(err, WriteError):
             raise export_failed(err, out, written) from err.__cause__
@@ -160,9 +204,9 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         fsync_dir(synced)
 
 
-def discard(folder: Path, moved: list[Path], made: list[Path]) -> None:
+def discard(folder: Path, moved: dict[Path, FileId], made: list[Path]) -> None:
     """Remove a failed export: its files already in OUT, its hidden folder, the parents made for OUT."""
-    for path in moved:
+    for path in still_ours(moved):
         with contextlib.suppress(OSError):
             path.unlink()
     shutil.rmtree(folder, ignore_errors=True)
@@ -171,7 +215,25 @@ def discard(folder: Path, moved: list[Path], made: list[Path]) -> None:
             parent.rmdir()
 
 
-def move_up(folder: Path, final: Path, out: Path, last: str, moved: list[Path]) -> None:
+FileId = tuple[int, int]  # (device, inode): the file itself, whatever name it has
+
+
+def file_id(path: Path) -> FileId:
+    status = os.lstat(path)
+    return status.st_dev, status.st_ino
+
+
+def still_ours(moved: dict[Path, FileId]) -> list[Path]:
+    """The names in OUT that hold the file the export moved there: never one someone else made."""
+    ours = []
+    for path, moved_file in moved.items():
+        with contextlib.suppress(OSError):  # a name never made: the move failed, or was not reached
+            if file_id(path) == moved_file:
+                ours.append(path)
+    return ours
+
+
+def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, FileId]) -> None:
     """Move the complete export from `folder` up into OUT (within one file system: no copy), `last`
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
     if any(entry != folder for entry in final.iterdir()):
@@ -185,9 +247,12 @@ def move_up(folder: Path, final: Path, out: Path, last: str, moved: list[Path]) 
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # a file system that has none
 
 
-def move_without_replacing(source: Path, target: Path, out: Path, moved: list[Path]) -> None:
+def move_without_replacing(source: Path, target: Path, out: Path, moved: dict[Path, FileId]) -> None:
     """Move a file to a name that must not exist: a hard link fails on an existing name at once (a
-    rename would replace it), then the source is unlinked; without hard links, a rename after a check."""
+    rename would replace it), then the source is unlinked; without hard links, a rename after a check.
+    The target is recorded first, with the file moved: an interrupt the moment the move is done
+    still has it taken back out, and a name that holds another file is left alone."""
+    moved[target] = file_id(source)
     try:
         os.link(source, target)
     except FileExistsError:
@@ -198,9 +263,7 @@ def move_without_replacing(source: Path, target: Path, out: Path, moved: list[Pa
         if os.path.lexists(target):
             raise filled_while_running(out) from None
         os.rename(source, target)
-        moved.append(target)
         return
-    moved.append(target)
     os.unlink(source)
 
 
@@ -528,3 +591,8 @@ EXPORTS = {"nemo": prepare_nemo, "specforge": prepare_specforge}  # --to: its ch
 # The file whose presence marks a complete export: written last, and the last moved into an existing OUT.
 # NeMo's reader starts from its manifest; SpecForge's config names the mapping file besides the folder.
 LAST_WRITTEN = {"nemo": "manifest.json", "specforge": "vocab_mapping.pt"}
+# Every other file each export writes (as its writer names them): what a killed export may have moved up.
+EXPORTED_FILES = {
+    "nemo": re.compile(r"shard-\d{6,}\.safetensors|target_embeddings\.safetensors"),
+    "specforge": re.compile(r"data_\d+\.ckpt"),
+}

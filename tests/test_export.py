@@ -5,9 +5,11 @@ export: tests/test_nemo_handoff.py.)"""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import resource
+import shutil
 import signal
 import stat
 from contextlib import contextmanager
@@ -455,6 +457,120 @@ def test_an_export_never_replaces_a_name_made_in_out_while_its_files_move_in(hid
     with pytest.raises(ExportError, match=says(f"{out} was filled", "never overwrites", "Pass a new directory")):
         export_cache(hidden_cache, "specforge", out, progress=False)
     assert left_in(out) == ["vocab_mapping.pt"] and (out / "vocab_mapping.pt").read_text() == "theirs"
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_an_export_interrupted_right_after_moving_a_file_up_leaves_out_empty_as_it_was(hidden_cache, tmp_path, monkeypatch, links):
+    """Ctrl-C the moment a file is in OUT (the link or rename done, the export not yet told) takes it back out too."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    inode = out.stat().st_ino
+    if links == "no hard links":
+        monkeypatch.setattr(os, "link", functools.partial(no_hard_links, os.link))
+    move_name = "link" if links == "hard links" else "rename"
+    real, calls = getattr(os, move_name), [0]
+
+    def interrupted_after(source, target, *args, **kwargs):
+        real(source, target, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, move_name, interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert calls[0] == 3 and left_in(out) == [] and out.stat().st_ino == inode and left_in(tmp_path) == ["sf"]
+
+
+class Killed(BaseException):
+    """The process dying: the export's own cleanup never runs."""
+
+
+def kill_after_moving_up(monkeypatch, out: Path, name: str, links: str) -> None:
+    """The export dies once its file `name` is in OUT: hard-linked (still in its hidden folder too),
+    or, without hard links, renamed."""
+    monkeypatch.setattr(export_module, "discard", lambda *args: None)
+    if links == "no hard links":
+        monkeypatch.setattr(os, "link", functools.partial(no_hard_links, os.link))
+    move_name = "link" if links == "hard links" else "rename"
+    real = getattr(os, move_name)
+
+    def move(source, target, *args, **kwargs):
+        real(source, target, *args, **kwargs)
+        if Path(target) == out / name:
+            raise Killed
+
+    monkeypatch.setattr(os, move_name, move)
+
+
+def remove_everything_in(folder: Path) -> None:
+    for entry in folder.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links"])
+def test_an_out_left_by_an_export_killed_while_moving_its_files_up_says_what_to_delete(hidden_cache, tmp_path, monkeypatch, links):
+    out = tmp_path / "sf"
+    out.mkdir()
+    kill_after_moving_up(monkeypatch, out, "data_10.ckpt", links)
+    with pytest.raises(Killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    monkeypatch.undo()
+    hidden = f".export.tmp-{os.getpid()}"
+    remains = [hidden, "data_0.ckpt", "data_1.ckpt", "data_10.ckpt"]
+    assert left_in(out) == remains
+    killed = says(
+        f"{out} holds the remains of an export that was killed before it finished",
+        f"hidden folder {hidden} and the files it had moved up (data_0.ckpt, data_1.ckpt, data_10.ckpt)",
+        "no vocab_mapping.pt, the file that marks a complete export",
+        "If no export into it is running, delete those",
+        "run the export again",
+    )
+    for to in ("specforge", "nemo"):  # whatever the export run again
+        with pytest.raises(ExportError, match=killed):
+            export_cache(hidden_cache, to, out, progress=False)
+    assert left_in(out) == remains  # nothing deleted: another export could be moving its files up
+    remove_everything_in(out)
+    export_cache(hidden_cache, "specforge", out, progress=False)
+    assert len(left_in(out)) == 15 and "vocab_mapping.pt" in left_in(out)
+
+
+def test_an_out_left_by_a_nemo_export_killed_before_its_manifest_says_what_to_delete(probs_cache, tmp_path, monkeypatch):
+    out = tmp_path / "nemo"
+    out.mkdir()
+    kill_after_moving_up(monkeypatch, out, "target_embeddings.safetensors", "hard links")
+    with pytest.raises(Killed):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    monkeypatch.undo()
+    moved = "shard-000000.safetensors … target_embeddings.safetensors (5 files)"
+    with pytest.raises(ExportError, match=says("killed before it finished", f"had moved up ({moved}), but no manifest.json")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+
+
+def test_an_out_holding_more_than_a_killed_exports_remains_is_not_empty(hidden_cache, tmp_path, monkeypatch):
+    """Only what a killed export leaves is called its remains, never a file someone else made."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    kill_after_moving_up(monkeypatch, out, "data_10.ckpt", "hard links")
+    with pytest.raises(Killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    monkeypatch.undo()
+    not_empty = says(f"{out} is not empty", "never overwrites", "pass a new directory")
+    someone_elses = {
+        "README.md": "mine",  # not a file of an export (though moved before the ones left in the hidden folder, by name)
+        "data_99.ckpt": "mine",  # named like one, but not moved before the ones left in the hidden folder
+        "vocab_mapping.pt": "mine",  # the file that marks a complete export
+    }
+    for name, text in someone_elses.items():
+        (out / name).write_text(text)
+        with pytest.raises(ExportError, match=not_empty):
+            export_cache(hidden_cache, "specforge", out, progress=False)
+        (out / name).unlink()
+    (out / "data_10.ckpt").unlink()
+    (out / "data_10.ckpt").write_text("mine")  # the name of the file still in the hidden folder, another file
+    with pytest.raises(ExportError, match=not_empty):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(out) == [f".export.tmp-{os.getpid()}", "data_0.ckpt", "data_1.ckpt", "data_10.ckpt"]
 
 
 # ---- OUT in a folder this process cannot write to --------------------------------------------
