@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dataset_card.pictures import PICTURES
+
 from .batching import expected_rows
 from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, holds_cache, read_identity, read_sidecar
 from .card import PictureDrawing, remove_dead_drawings, write_card
@@ -219,7 +221,7 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
         if resume:
             check_resume(out, prep.identity)  # again: another build may have started here since the first check
         if resume and read_identity(out) is not None:
-            remove_leftovers(out, recursive=True)  # temp files of killed writers: shards, sidecars, card, vocab, head
+            remove_killed_writers_files(out)
             return
         if holds_cache(out):  # another build took this directory after our check: never keep or mix its shards
             raise ConfigError(
@@ -229,6 +231,19 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
                 "Another build started writing to it meanwhile; pass --resume to continue that build, or choose another directory.",
             )
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
+
+
+def remove_killed_writers_files(out: Path) -> None:
+    """The temp files of this cache's killed writers (shards, sidecars, card, vocab, head rows, pictures),
+    in the folders the cache writes only: another cache or an export nested in the output directory
+    has writers of its own, which may be running."""
+    remove_leftovers(out / BUILD_STATE_DIR, recursive=True)
+    for folder in {
+        out,
+        out / "data",
+        *((out / name).parent for name in (VOCAB_FILE, LM_HEAD_FILE, *(path for path, _ in PICTURES.values()))),
+    }:
+        remove_leftovers(folder)
 
 
 def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = None) -> bool:

@@ -34,9 +34,10 @@ def temp_path(path: Path) -> Path:
 
 def remove_leftovers(folder: Path, recursive: bool = False) -> None:
     """Delete the temp files of writers that were killed before their rename (in sub-folders too
-    when `recursive`)."""
+    when `recursive`). Files only: a hidden temp folder is another writer's (an export in progress)."""
     for leftover in (Path(folder).rglob if recursive else Path(folder).glob)(TEMP_GLOB):
-        leftover.unlink(missing_ok=True)
+        if leftover.is_file() or leftover.is_symlink():
+            leftover.unlink(missing_ok=True)
 
 
 @contextmanager

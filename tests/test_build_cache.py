@@ -307,9 +307,17 @@ def test_a_resume_removes_every_killed_writers_temp_file(tmp_path, monkeypatch):
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")
+    others = [  # writers of another cache nested in this one, and an export into a folder inside it
+        out / "ablation" / "data" / ".train-00000-of-00001.parquet.tmp-4243",
+        out / "exports" / "nemo" / ".export.tmp-4244" / "shard-000000.safetensors",
+    ]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"being written")
+    (out / ".nemo.tmp-4245").mkdir()  # a new export's folder beside its OUT, at the cache's top
     build(cfg.replace(resume=True), progress=False)
     assert [p for p in leftovers if p.exists()] == []
-    assert sorted(p.name for p in out.rglob(".*.tmp-*")) == []
+    assert [p for p in others if not p.exists()] == [] and (out / ".nemo.tmp-4245").is_dir()
 
 
 def test_resume_takes_the_same_local_target_and_input_under_another_spelling(tmp_path, monkeypatch):
