@@ -29,7 +29,7 @@ from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreada
 from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
-from .lock import CacheLock
+from .lock import CacheLock, WriterHold
 from .manifest import LM_HEAD_FILE, VOCAB_FILE
 from .placement import check_placement, load_placed_model
 from .prepare import Prepared, prepare
@@ -75,9 +75,10 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         result.pushed = uploader.tagged_result()
         uploader.close()
         return result
-    lock = CacheLock(out)
+    lock, writing = CacheLock(out), WriterHold(out)
     try:
         agree(state, lambda: start_or_continue(out, prep, cfg.resume, lock), "taking the output directory")
+        writing.hold()  # every rank, until it stops: a later build refuses the cache while any of them writes
         with disk_full_as_error():
             write_cache(state, prep, out, result, progress, uploader)
     except BaseException:
@@ -85,6 +86,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
             uploader.close()
         raise
     finally:
+        writing.release()
         if state.is_main_process:
             lock.release()
     return result

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +282,38 @@ def open_descriptors_of(path: Path) -> list[str]:
 
 def snapshot_files(directory: Path) -> dict:
     return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_build_is_refused_while_processes_of_another_build_still_write_even_with_its_lock_free(tmp_path, monkeypatch):
+    """A launcher that does not stop the other ranks when rank 0 stops leaves them writing with the
+    cache lock gone: every rank holds the writers' lock, and a new build (a resume) refuses the cache."""
+    import builder.build as build_module
+    from builder.lock import CacheLocked, WriterHold, check_no_writers
+
+    out = tmp_path / "cache"
+    build(small_config(out, max_samples=4), progress=False)
+    still_writing = WriterHold(out)  # another build's rank, whose rank 0 (and its cache lock) is gone
+    still_writing.hold()
+    with pytest.raises(CacheLocked, match=r"still being written by processes of another build.*Stop them.*rerun with --resume"):
+        build(small_config(out, max_samples=4, resume=True), progress=False)
+    with pytest.raises(CacheLocked):
+        CacheLock(out).acquire()
+    still_writing.release()
+    taken = CacheLock(out)
+    taken.acquire()  # the refused builds let go of the cache lock, and nobody writes now
+    taken.release()
+
+    seen = []
+
+    def checks_while_writing(*args, **kwargs):
+        with pytest.raises(CacheLocked):
+            check_no_writers(out)
+        seen.append(True)
+        return real_run_forward(*args, **kwargs)
+
+    real_run_forward = build_module.run_forward
+    monkeypatch.setattr(build_module, "run_forward", checks_while_writing)
+    shutil.rmtree(out)
+    build(small_config(out, max_samples=4), progress=False)
+    assert seen == [True]
+    check_no_writers(out)  # let go once the build returned
