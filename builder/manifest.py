@@ -19,7 +19,7 @@ from .files import file_hash
 from .formats import merge_quality, quality_report
 from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings
 from .source import CacheSource, open_source
-from .vocab import special_token_ids, vocab_coverage
+from .vocab import vocab_coverage
 
 if TYPE_CHECKING:
     from .prepare import Prepared
@@ -125,7 +125,7 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         "target_vocab_size": prep.vocab_size,
         "hidden_size": prep.hidden_size,
         "layout": asdict(prep.layout),
-        "special_token_ids": special_token_ids(prep.tokenizer, prep.vocab_size),
+        "special_token_ids": list(prep.special_token_ids),
         "checksum_algorithm": CHECKSUM_ALGORITHM,  # of every file checksum below (shards, vocab, head rows)
         "vocab_file": {"path": VOCAB_FILE, "checksum": file_hash(out / VOCAB_FILE, CHECKSUM_ALGORITHM)},
         **head_files(out, prep),

@@ -7,11 +7,13 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
 
 from . import __version__
+from .build_state import read_identity
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
 from .errors import BadRowError, ConfigError, InputError
@@ -20,7 +22,14 @@ from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
 from .tokenize import read_template_file, template_bytes, template_of, tokenize_rows, tokenizer_hash
-from .vocab import array_hash, count_loss_tokens, select_draft_vocab, special_token_ids
+from .vocab import (
+    PAD_ID_WITHOUT_PAD_TOKEN,
+    array_hash,
+    count_loss_tokens,
+    earlier_special_token_ids,
+    select_draft_vocab,
+    special_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,7 @@ class Prepared:
     skipped: dict[str, int]
     token_counts: np.ndarray  # [V] loss-masked token counts
     selected_token_ids: np.ndarray  # [Vd]
+    special_token_ids: list[int]  # the ids selected_token_ids starts with, as the card records them
     identity: dict
     duplicate_ids: int = 0  # valid samples whose sample_id an earlier valid sample already has
 
@@ -95,12 +105,37 @@ def prepare(cfg: BuildConfig) -> Prepared:
 
     vocab_size = text_config(model_config).vocab_size
     counts = count_loss_tokens(samples, vocab_size)
-    selected = select_draft_vocab(counts, cfg.draft_vocab_size, special_token_ids(tokenizer, vocab_size))
+    specials, selected = draft_vocabulary(cfg, tokenizer, counts, vocab_size)
     check_topk(cfg, len(selected), vocab_size)
     identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
-    prepared = Prepared(cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, identity, duplicates)
+    prepared = Prepared(
+        cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, specials, identity, duplicates
+    )
     check_row_sizes(prepared)
     return prepared
+
+
+def draft_vocabulary(cfg: BuildConfig, tokenizer, counts: np.ndarray, vocab_size: int) -> tuple[list[int], np.ndarray]:
+    """(special ids, `selected_token_ids`). A resumed build that an earlier version began for a
+    tokenizer without a pad token selected its vocabulary without pad id 0: its shards hold
+    supervision over that vocabulary, so it continues with it rather than mix two in one cache."""
+    specials = special_token_ids(tokenizer, vocab_size)
+    selected = select_draft_vocab(counts, cfg.draft_vocab_size, specials)
+    earlier = earlier_special_token_ids(tokenizer, vocab_size)
+    if not cfg.resume or earlier == specials:
+        return specials, selected
+    recorded = (read_identity(Path(cfg.output_dir)) or {}).get("selected_token_ids_sha256")
+    earlier_selected = select_draft_vocab(counts, cfg.draft_vocab_size, earlier)
+    if recorded == array_hash(selected) or recorded != array_hash(earlier_selected):
+        return specials, selected  # this version's vocabulary, or another build (refused by check_resume)
+    log.warning(
+        "--resume: the build in %s began with an earlier version's draft vocabulary: the tokenizer has no pad token, and "
+        "that version gave it no pad id among the special ids, where this one gives it id %d as NeMo Automodel does. "
+        "The resume continues with the vocabulary its shards were written with; build into a new --output-dir for NeMo's",
+        cfg.output_dir,
+        PAD_ID_WITHOUT_PAD_TOKEN,
+    )
+    return earlier, earlier_selected
 
 
 def check_context_length(cfg: BuildConfig, model_config, samples: datasets.Dataset) -> None:
@@ -329,4 +364,7 @@ def _tokenizer_differences(identity: dict, recorded_specials, tokenizer, vocab_s
         found = tokenizer_hash(tokenizer, template)
         return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
     specials = special_token_ids(tokenizer, vocab_size)
-    return {} if recorded_specials is None or specials == recorded_specials else {"special_token_ids": (recorded_specials, specials)}
+    # A cache built by an earlier version recorded the specials of its rule (no pad id where the tokenizer has none).
+    if recorded_specials is None or recorded_specials in (specials, earlier_special_token_ids(tokenizer, vocab_size)):
+        return {}
+    return {"special_token_ids": (recorded_specials, specials)}

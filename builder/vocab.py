@@ -1,8 +1,9 @@
 """Draft vocabulary from token ids alone (no model weights), per docs/supervision.md.
 
-Order: the tokenizer's valid special ids (bos, eos, pad, unk; deduplicated), then the other
-tokens by descending count over loss-masked tokens (ties: lower id first), then unseen ids
-ascending. A draft size >= V, or none, is the identity.
+Order: the tokenizer's valid special ids (bos, eos, pad, unk; deduplicated; pad id 0 when the
+tokenizer has none, as NeMo Automodel loads it), then the other tokens by descending count over
+loss-masked tokens (ties: lower id first), then unseen ids ascending. A draft size >= V, or none,
+is the identity.
 """
 
 from __future__ import annotations
@@ -49,9 +50,27 @@ def check_in_vocabulary(batch, ids: np.ndarray, vocab_size: int) -> None:
     )
 
 
+# NeMo Automodel loads a tokenizer that defines no pad token with pad id 0, and its draft vocabulary
+# then forces id 0 in as the pad special: this one does the same, to select what NeMo selects.
+PAD_ID_WITHOUT_PAD_TOKEN = 0
+
+
 def special_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The ids the draft vocabulary starts with: bos, eos, pad, unk in that order, pad id 0 where the
+    tokenizer has no pad token; ids outside 0..vocab_size-1 (or none) left out, each id once."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID_WITHOUT_PAD_TOKEN
+    return valid_unique_ids((tokenizer.bos_token_id, tokenizer.eos_token_id, pad, tokenizer.unk_token_id), vocab_size)
+
+
+def earlier_special_token_ids(tokenizer, vocab_size: int) -> list[int]:
+    """The special ids caches built by earlier versions started with: no pad id where the tokenizer
+    has no pad token. Their draft vocabulary and recorded `special_token_ids` follow this rule."""
+    return valid_unique_ids((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id), vocab_size)
+
+
+def valid_unique_ids(token_ids, vocab_size: int) -> list[int]:
     ids = []
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id):
+    for token_id in token_ids:
         if isinstance(token_id, int) and 0 <= token_id < vocab_size and token_id not in ids:
             ids.append(token_id)
     return ids

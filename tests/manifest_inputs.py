@@ -68,6 +68,7 @@ def prepared(out: Path, identity: dict = IDENTITY) -> Prepared:
         skipped={"too_long": 2, "no_assistant_turn": 1},
         token_counts=TOKEN_COUNTS,
         selected_token_ids=SELECTED,
+        special_token_ids=[0, 1, 2, 3],  # the tiny tokenizer's bos, eos, pad, unk
         identity=identity,
         duplicate_ids=1,
     )

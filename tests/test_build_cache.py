@@ -13,16 +13,19 @@ import pytest
 import torch
 import xxhash
 from helpers import assert_same_content, batch_rows, decoded_rows, says, small_config
-from tiny_targets import make_tiny_target
+from tiny_targets import make_tiny_target, target_without_pad_token
 
 import builder.forward as forward_module
 import builder.placement as placement_module
+import builder.prepare as prepare_module
 import builder.shards as shards_module
 from builder.build import build
 from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
 from builder.errors import ResumeMismatch, ShardUnreadable
 from builder.files import file_hash
-from builder.reader import read_manifest
+from builder.prepare import prepare
+from builder.reader import read_manifest, read_vocab
+from builder.vocab import earlier_special_token_ids, special_token_ids
 
 ROW_GROUP_BYTES = 150_000  # rows here are 20-90 kB: a 4-row shard needs 2+ groups
 
@@ -164,6 +167,27 @@ def test_resume_after_interruption_gives_identical_content(tmp_path, monkeypatch
     assert not list((tmp_path / "resumed" / "data").glob(".*"))  # leftover temp file cleaned
     assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
     assert resumed.manifest["fingerprint"] == reference.manifest["fingerprint"]
+
+
+def test_a_resume_of_a_build_begun_without_pad_id_zero_continues_with_its_vocabulary(tmp_path, monkeypatch, caplog):
+    """Earlier versions gave a tokenizer without a pad token no pad id among the draft vocabulary's
+    special ids: a build one of them began holds shards supervised over that vocabulary, so its
+    resume continues with it (saying so), never mixing two in one cache; a new build gets pad id 0."""
+    target = target_without_pad_token(tmp_path / "target")
+    cfg = small_config(tmp_path / "resumed", target=target, max_samples=8)
+    monkeypatch.setattr(prepare_module, "special_token_ids", earlier_special_token_ids)  # as earlier versions chose
+    reference = build(small_config(tmp_path / "reference", target=target, max_samples=8), progress=False)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    monkeypatch.setattr(prepare_module, "special_token_ids", special_token_ids)  # this version from here on
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    assert "began with an earlier version's draft vocabulary" in caplog.text
+    assert resumed.manifest["special_token_ids"] == reference.manifest["special_token_ids"] == [3, 1]
+    assert torch.equal(read_vocab(resumed.output_dir)["selected_token_ids"], read_vocab(reference.output_dir)["selected_token_ids"])
+    assert resumed.manifest["fingerprint"] == reference.manifest["fingerprint"]
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+    assert prepare(small_config(tmp_path / "new", target=target, max_samples=8)).special_token_ids == [3, 1, 0]
 
 
 def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):

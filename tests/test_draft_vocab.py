@@ -10,22 +10,30 @@ The decode and collate write every field once; they must equal the plain definit
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from helpers import says, small_config
 from safetensors.torch import load_file, save_file
+from tiny_targets import target_without_pad_token
 
+import builder.prepare as prepare_module
 from builder.build import build
+from builder.embedded import NO_GENERATION_TEMPLATE
+from builder.export import export_cache
 from builder.reader import (
     collate_nemo,
     draft_vocab,
     load_cache,
     read_draft_vocab,
+    read_manifest,
     read_vocab,
     to_nemo,
 )
-from builder.vocab import d2t_t2d, select_draft_vocab
+from builder.verify import verify_cache
+from builder.vocab import d2t_t2d, earlier_special_token_ids, select_draft_vocab
 
 SMALL = 100
 
@@ -208,6 +216,33 @@ def test_topk_spread_tail_over_a_smaller_vocab(topk300):
 
 def test_topk_at_its_own_size_has_no_kept_mass_field(topk300):
     assert "kept_mass" not in load_cache(topk300.output_dir, streaming=False)[0]
+
+
+# ---- a cache an earlier version built for a tokenizer without a pad token ----------------------
+
+
+@pytest.fixture(scope="module")
+def earlier_padless(tmp_path_factory):
+    """Built the way earlier versions built it: no pad id 0 among the special ids, in its draft
+    vocabulary and in the card's `special_token_ids`. With another chat template, so the checks of
+    the target compare those special ids (the tokenizer's hash covers the template it renders)."""
+    root = tmp_path_factory.mktemp("earlier-padless")
+    target = target_without_pad_token(root / "target")
+    cfg = small_config(root / "cache", target=target, max_samples=6, chat_template=str(NO_GENERATION_TEMPLATE))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare_module, "special_token_ids", earlier_special_token_ids)
+        return root, build(cfg, progress=False).output_dir
+
+
+def test_a_cache_built_without_pad_id_zero_reads_verifies_and_exports_with_its_recorded_specials(earlier_padless):
+    root, cache = earlier_padless
+    stored = read_vocab(cache)["selected_token_ids"]
+    assert read_manifest(cache)["special_token_ids"] == [3, 1] and stored[:2].tolist() == [3, 1] and int(stored[2]) != 0
+    # a smaller vocabulary is ranked by the specials it recorded: a prefix of its own
+    assert torch.equal(read_draft_vocab(cache, SMALL).selected_token_ids, stored[:SMALL])
+    assert verify_cache(cache, recompute=2) == []  # the live recompute checks the target first
+    export = export_cache(cache, "nemo", root / "nemo", progress=False)
+    assert json.loads((export / "manifest.json").read_text())["selected_token_ids"] == stored.tolist()
 
 
 # ---- refusals ----------------------------------------------------------------------------------

@@ -16,7 +16,15 @@ from builder.embedded import EMBEDDED_TARGETS
 from builder.errors import InputError
 from builder.prepare import prepare
 from builder.tokenize import TOKENIZED_FEATURES
-from builder.vocab import array_hash, count_loss_tokens, d2t_t2d, select_draft_vocab, special_token_ids, vocab_coverage
+from builder.vocab import (
+    array_hash,
+    count_loss_tokens,
+    d2t_t2d,
+    earlier_special_token_ids,
+    select_draft_vocab,
+    special_token_ids,
+    vocab_coverage,
+)
 
 # id:         0  1  2  3  4  5  6  7  8  9
 COUNTS = np.array([5, 9, 3, 3, 0, 7, 1, 3, 0, 0])
@@ -58,7 +66,18 @@ def test_special_token_ids_order_dedup_and_validity():
     assert special_token_ids(tokenizer(bos=0, eos=1, pad=2, unk=3), 10) == [0, 1, 2, 3]
     assert special_token_ids(tokenizer(bos=None, eos=7, pad=7, unk=7), 10) == [7]
     assert special_token_ids(tokenizer(bos=12, eos=3, pad=-1, unk=10), 10) == [3]  # out of range dropped
-    assert special_token_ids(tokenizer(), 10) == []
+
+
+def test_a_tokenizer_without_a_pad_token_gets_pad_id_zero_as_nemo_loads_it():
+    """NeMo Automodel loads such a tokenizer with pad id 0, which its draft vocabulary then forces in
+    at pad's place; caches of earlier versions left it out (earlier_special_token_ids)."""
+    assert special_token_ids(tokenizer(bos=3, eos=1, unk=5), 10) == [3, 1, 0, 5]
+    assert earlier_special_token_ids(tokenizer(bos=3, eos=1, unk=5), 10) == [3, 1, 5]
+    assert special_token_ids(tokenizer(bos=0, eos=1), 10) == [0, 1]  # id 0 already bos: once
+    assert special_token_ids(tokenizer(eos=7, unk=0), 10) == [7, 0]
+    assert special_token_ids(tokenizer(), 10) == [0]
+    assert earlier_special_token_ids(tokenizer(), 10) == []
+    assert select_draft_vocab(COUNTS, 5, special_token_ids(tokenizer(bos=4, eos=1), 10)).tolist() == [4, 1, 0, 5, 2]
 
 
 def test_select_with_specials_from_a_tokenizer():

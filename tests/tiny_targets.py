@@ -148,6 +148,19 @@ def make_tiny_target(directory: Path, arch: str, *, seed: int = 0, generation_te
     return directory
 
 
+def target_without_pad_token(directory: Path) -> Path:
+    """A copy of the embedded target whose tokenizer defines no pad token (as Llama 3's does not), with
+    bos moved to id 3 and no unk token, so id 0 is no special of its own."""
+    import json
+    import shutil
+
+    directory = Path(shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], directory))
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    settings = {k: v for k, v in settings.items() if k not in ("pad_token", "unk_token")} | {"bos_token": "<|unk|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    return directory
+
+
 class SequentialDecoderConfig(PretrainedConfig):
     model_type = "eagle3_cache_sequential_decoder"
 
