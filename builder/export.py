@@ -40,7 +40,7 @@ from .errors import Eagle3CacheError
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
-from .vocab import d2t_t2d
+from .vocab import PAD_ID_WITHOUT_PAD_TOKEN, d2t_t2d
 
 NEMO_SHARD_SIZE = 256  # the shard size NeMo's precompute_eagle3 documents
 NEMO_FORMAT_VERSION = 2
@@ -383,10 +383,9 @@ def nemo_topk(identity: dict) -> int | None:
 
 
 def nemo_pad_id(tokenizer) -> int:
-    """The id NeMo's chat dataset pads with: the tokenizer's pad id when it is set and non-zero, else eos."""
-    if tokenizer.pad_token_id:
-        return int(tokenizer.pad_token_id)
-    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+    """The id NeMo pads a sample to seq_length with: its tokenizer pads it, with the pad id NeMo's
+    loader gives it (0 where the tokenizer has none)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else PAD_ID_WITHOUT_PAD_TOKEN
 
 
 def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:

@@ -101,12 +101,16 @@ def test_nemo_export_matches_the_reader_padded_to_seq_length(probs_cache, tmp_pa
     assert embeddings.dtype == torch.float32 and torch.equal(embeddings, model.get_input_embeddings().weight)
 
 
-def test_nemo_pad_id_follows_nemo_chat_dataset():
-    """NeMo pads with the tokenizer's pad id, falling back to eos when it is unset or 0."""
+def test_nemo_pad_id_is_the_one_nemo_loads_the_tokenizer_with(tmp_path):
+    """NeMo's tokenizer pads with its pad id, 0 where it has none (as NeMo's loader sets it) or where it is 0."""
+    from tiny_targets import target_without_pad_token
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_target("tiny-llama"))
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (2, 1) and nemo_pad_id(tokenizer) == 2
     tokenizer.pad_token_id = 0
-    assert nemo_pad_id(tokenizer) == 1
+    assert nemo_pad_id(tokenizer) == 0
+    tokenizer = AutoTokenizer.from_pretrained(target_without_pad_token(tmp_path / "target"))
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (None, 1) and nemo_pad_id(tokenizer) == 0
 
 
 @pytest.mark.parametrize(
