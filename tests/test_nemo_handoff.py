@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_targets import target_without_pad_token
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from builder.build import build
@@ -99,20 +100,31 @@ def build_and_export(target: str, chats, root, mask_generation_prompt: bool, **o
 # The embedded template's {% generation %} blocks never hold the assistant header, so NeMo's masks
 # are the same with and without --mask-generation-prompt (only the recorded option differs): both
 # runs must then yield the same tensors and record the option each was given.
-MASK_GENERATION_PROMPT = {"default-options": False, "mask-generation-prompt": True}
+# A target whose tokenizer has no pad token: NeMo loads it with pad id 0, which its draft vocabulary
+# then holds among the special ids, and pads with.
+HANDOFFS = {
+    "default-options": dict(mask_generation_prompt=False, pad_token=True),
+    "mask-generation-prompt": dict(mask_generation_prompt=True, pad_token=True),
+    "target-without-pad-token": dict(mask_generation_prompt=False, pad_token=False),
+}
 
 
-@pytest.fixture(scope="module", params=list(MASK_GENERATION_PROMPT))
+@pytest.fixture(scope="module", params=list(HANDOFFS))
 def handoff(request, chats, tmp_path_factory):
-    mask_generation_prompt = MASK_GENERATION_PROMPT[request.param]
+    mask_generation_prompt, pad_token = HANDOFFS[request.param]["mask_generation_prompt"], HANDOFFS[request.param]["pad_token"]
     if mask_generation_prompt and not BUILD_HAS_MASK_FLAGS:
         pytest.skip("this build has no --mask-generation-prompt option")
     root = tmp_path_factory.mktemp(request.param)
-    target = resolve_target("tiny-llama")
+    target = resolve_target("tiny-llama") if pad_token else str(target_without_pad_token(root / "target"))
     run_nemo_precompute(target, chats, root / "nemo-own", mask_generation_prompt)
-    cache, export = build_and_export("tiny-llama", chats, root, mask_generation_prompt)
+    cache, export = build_and_export("tiny-llama" if pad_token else target, chats, root, mask_generation_prompt)
     return SimpleNamespace(
-        target=target, theirs=root / "nemo-own", export=export, cache=cache, mask_generation_prompt=mask_generation_prompt
+        target=target,
+        theirs=root / "nemo-own",
+        export=export,
+        cache=cache,
+        mask_generation_prompt=mask_generation_prompt,
+        pad_token=pad_token,
     )
 
 
@@ -162,20 +174,30 @@ def assert_same_floats(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def assert_same_attention_mask(ours: torch.Tensor, theirs: torch.Tensor, pad_token: bool) -> None:
+    """Equal, except for a padded sample of a tokenizer without a pad token: its tokenizer pads with
+    id 0, NeMo's chat dataset then looks for padding as eos tokens, finds none, and marks the whole
+    row attended (storing the target's states at the padding too); the export marks the real tokens,
+    as for any other tokenizer."""
+    assert ours.dtype == theirs.dtype
+    assert torch.equal(ours, theirs) or (not pad_token and bool(theirs.all()))
+
+
 def test_nemo_reader_yields_nemo_own_cache(handoff):
     """Sample for sample (NeMo keeps a local file's order; ours is the build's permutation, so
-    samples are matched by their row in the input): ids, masks everywhere; aux states where
-    attention_mask is 1 (NeMo also stores them at padding); target_probs where position_mask is
-    set (NeMo also stores them at unsupervised positions); equal up to fp32 rounding."""
+    samples are matched by their row in the input): ids, masks everywhere; aux states at the real
+    tokens (NeMo also stores them at padding); target_probs where position_mask is set (NeMo also
+    stores them at unsupervised positions); equal up to fp32 rounding."""
     ours, theirs = eagle3_cache.CachedEagle3Dataset(str(handoff.export)), eagle3_cache.CachedEagle3Dataset(str(handoff.theirs))
     order = [row["source_index"] for row in load_cache(handoff.cache, layout="raw", streaming=False, columns=["source_index"])]
     assert len(ours) == len(theirs) == len(order) and sorted(order) == list(range(len(theirs)))
     lengths = []
     for i, source_index in enumerate(order):
         a, b = ours[i], theirs[source_index]
-        for key in ("input_ids", "attention_mask", "loss_mask", "position_mask"):
+        for key in ("input_ids", "loss_mask", "position_mask"):
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (source_index, key)
-        real, supervised = b["attention_mask"].bool(), b["position_mask"].squeeze(-1)
+        assert_same_attention_mask(a["attention_mask"], b["attention_mask"], handoff.pad_token)
+        real, supervised = a["attention_mask"].bool(), b["position_mask"].squeeze(-1)
         assert_same_floats(a["aux_hidden_states"][real], b["aux_hidden_states"][real])
         assert_same_floats(a["target_probs"][supervised], b["target_probs"][supervised])
         assert not a["target_probs"][~a["loss_mask"].bool()].any()  # ours: zero outside the loss mask
