@@ -46,10 +46,15 @@ def main(cache: str, out: str) -> None:
     results["accelerate_streaming_not_dispatched"] = gather(
         ids(per_rank.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate)))
     )
+    # README recipe 1: as above, with DataLoader workers. Each worker reads whole shards and so ends on a
+    # short batch mid-epoch; read by every rank, accelerate completes it (dispatched, it would drop rows).
+    results["accelerate_streaming_workers"] = gather(
+        ids(per_rank.prepare(DataLoader(raw(cache), batch_size=BATCH, collate_fn=collate, num_workers=2)))
+    )
     results["accelerate_map"] = gather(
         ids(accelerator.prepare(DataLoader(raw(cache, streaming=False), batch_size=BATCH, collate_fn=collate)))
     )
-    # The README's recipe: NeMo layout, fixed-length batches so rank 0 can dispatch them.
+    # README recipe 1 with accelerate's default dispatch: NeMo layout, fixed-length batches so rank 0 can dispatch them.
     nemo = accelerator.prepare(
         DataLoader(load_cache(cache, layout="nemo"), batch_size=BATCH, collate_fn=functools.partial(collate_nemo, pad_to=128))
     )

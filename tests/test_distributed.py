@@ -156,6 +156,11 @@ def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, refe
         rank0, rank1 = seen[loop]
         assert rank0 and rank1 and not set(rank0) & set(rank1), loop
         assert sorted(rank0 + rank1) == sorted(everything), loop
+    # README recipe 1 (2 workers, batches of 3): every sample; a worker's stream ends on a short batch, which
+    # accelerate completes with that worker's first samples, so under one batch per worker and rank repeats.
+    rank0, rank1 = seen["accelerate_streaming_workers"]
+    assert set(rank0 + rank1) == set(everything) and len(rank0) == len(rank1)
+    assert len(rank0 + rank1) - len(everything) < 2 * 2 * 3
     assert seen["accelerate_nemo_rows"] == [15, 15]
     for rank, runs in enumerate(seen["resume"]):  # per rank: k samples + the resumed rest == the uninterrupted part
         assert len(runs) == 8

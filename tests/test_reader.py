@@ -305,6 +305,36 @@ def test_stateful_dataloader_resumes_mid_epoch(cache, num_workers, shuffle_buffe
         assert head + flat(resumed) == whole, (k, num_workers)
 
 
+def test_a_stateful_dataloader_resume_decodes_only_the_rows_it_yields(cache):
+    """The dataset's own state takes a resume back to the start of the window it stood in: the rows
+    of that window already yielded are read again, not decoded, and nothing before it is read."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    decoded = []
+
+    def open_loader():
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4, seed=0)
+        decode = dataset.transform
+
+        def counting(row):
+            decoded.append(row)
+            return decode(row)
+
+        dataset.transform = counting
+        return StatefulDataLoader(dataset, batch_size=3, collate_fn=ids)
+
+    whole = list(itertools.chain.from_iterable(open_loader()))
+    for k in (1, 2, 3):  # 3, 6, 9 of 14 samples: mid-window, each
+        loader = open_loader()
+        head = list(itertools.chain.from_iterable(itertools.islice(loader, k)))
+        state = json.loads(json.dumps(loader.state_dict()))
+        resumed = open_loader()
+        resumed.load_state_dict(state)
+        decoded.clear()
+        tail = list(itertools.chain.from_iterable(resumed))
+        assert head + tail == whole and len(decoded) == len(tail), k
+
+
 @pytest.mark.parametrize("num_workers", [1, 3])
 def test_stateful_dataloader_resumes_after_a_workers_stream_ended(cache, num_workers):
     """A worker whose stream ends hands its last, partial batch out with its state: a checkpoint
