@@ -16,6 +16,7 @@ to bf16, rebuilt probs cast to the cache's dtype), so they are exactly what a de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -361,15 +362,20 @@ def hidden_rebuild_max_abs_diff(layout: Layout, live: dict, encoded: dict, draft
     return torch.stack(maxima).amax() if maxima and probs.shape[1] else torch.zeros(())
 
 
+def extreme(pick, a: float, b: float) -> float:
+    """`pick(a, b)`, NaN if either is (as a sum would be): Python's max and min answer NaN or not by argument order."""
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
+
+
 def merge_quality(a: dict, b: dict) -> dict:
     merged = dict(a)
     for key, value in b.items():
         if key not in merged:
             merged[key] = value
         elif key.endswith("_max_abs_diff"):
-            merged[key] = max(merged[key], value)
+            merged[key] = extreme(max, merged[key], value)
         elif key.endswith("_min"):
-            merged[key] = min(merged[key], value)
+            merged[key] = extreme(min, merged[key], value)
         elif key.endswith("_hist"):
             merged[key] = [x + y for x, y in zip(merged[key], value)]
         else:

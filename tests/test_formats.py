@@ -300,3 +300,11 @@ def test_fp8_aux_encoded_slice_by_slice_stores_what_the_whole_batch_would(shape,
         layout = Layout("probs", "bf16", "fp8", 64, 100, shape[-1], shape[-1])
         figure = quality_of_batch(layout, {"aux": aux, "attention": attention}, encoded)["aux_max_abs_diff"]
         assert torch.equal(bits(figure), bits(max_diff)) and figure.isfinite()
+
+
+def test_merged_extremes_do_not_depend_on_which_batch_holds_a_nan():
+    from builder.formats import merge_quality
+
+    finite, nan = {"aux_max_abs_diff": 0.5, "kept_mass_min": 0.5}, {"aux_max_abs_diff": math.nan, "kept_mass_min": math.nan}
+    for merged in (merge_quality(finite, nan), merge_quality(nan, finite)):
+        assert all(math.isnan(value) for value in merged.values())
