@@ -16,6 +16,7 @@ to bf16, rebuilt probs cast to the cache's dtype), so they are exactly what a de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -298,31 +299,42 @@ def supervised_probs(layout: Layout, decoded: dict, loss: torch.Tensor, draft_ro
 QUALITY_SLICES = 8
 
 
-def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None, transform=None) -> dict:
-    """Sums and maxima (device scalars) over one batch; merged per shard, reported in the card.
-    Computed without a device synchronisation (no data-dependent shapes or branches). The largest
-    differences are those of a default read: aux states and rebuilt probs in the dtypes it yields."""
+def quality_of_batch(layout: Layout, live: dict, encoded: dict, draft_rows=None, transform=None, finite=None) -> dict:
+    """Sums and extremes (device scalars) over the samples of one batch that `finite` (`[B]` bool, on the
+    device; None: every sample) keeps, which are those the build stores; merged per shard, reported in the
+    card. Computed without a device synchronisation (no data-dependent shapes or branches): dropped rows
+    count nowhere, and a batch without a kept row gives figures that merge as none (sums and maxima 0,
+    minima +inf). The largest differences are those of a default read: aux states and rebuilt probs in
+    the dtypes it yields."""
     stats = {}
     if layout.aux_dtype == "fp8":
-        stats["aux_max_abs_diff"] = fp8_aux_max_abs_diff(live, encoded)
+        stats["aux_max_abs_diff"] = fp8_aux_max_abs_diff(live, encoded, finite)
     if layout.target_format == "topk":
-        kept = encoded["topk_logprobs"].float().exp().sum(-1)
+        kept = kept_loss_rows(live, finite, len(encoded["topk_logprobs"]))
+        mass = encoded["topk_logprobs"].float().exp().sum(-1)
         stats |= {
-            "kept_mass_sum": kept.sum(),
-            "kept_mass_min": kept.min() if len(kept) else torch.ones(()),
-            "kept_mass_hist": torch.histc(kept.float(), bins=1000, min=0, max=1),
-            "kl_spread_sum": kl_to_spread_rebuild(layout, live["probs"], encoded).sum(),
-            "kl_renorm_reverse_sum": (-kept.clamp(min=1e-38).log()).sum(),
-            "rows": torch.tensor(len(kept)),
+            "kept_mass_sum": torch.where(kept, mass, 0.0).sum(),
+            "kept_mass_min": torch.where(kept, mass, torch.inf).amin() if len(mass) else mass.new_full((), torch.inf),
+            "kept_mass_hist": torch.histc(torch.where(kept, mass, -1.0), bins=1000, min=0, max=1),  # -1: outside the bins
+            "kl_spread_sum": torch.where(kept, kl_to_spread_rebuild(layout, live["probs"], encoded), 0.0).sum(),
+            "kl_renorm_reverse_sum": torch.where(kept, -mass.clamp(min=1e-38).log(), 0.0).sum(),
+            "rows": kept.sum(),
         }
     if layout.target_format == "hidden":
-        stats["probs_max_abs_diff"] = hidden_rebuild_max_abs_diff(layout, live, encoded, draft_rows, transform)
+        stats["probs_max_abs_diff"] = hidden_rebuild_max_abs_diff(layout, live, encoded, draft_rows, transform, finite)
     return stats
 
 
-def fp8_aux_max_abs_diff(live: dict, encoded: dict) -> torch.Tensor:
-    """Largest |aux state a default read decodes - live aux state| over the real tokens (0 if none), one
-    slice of tokens at a time: the read and its fp32 difference exist for one slice only."""
+def kept_loss_rows(live: dict, finite, rows: int) -> torch.Tensor:
+    """`[n_loss]` bool: the loss rows of the samples `finite` keeps (rows are row-major over the batch)."""
+    if finite is None:
+        return torch.ones(rows, dtype=torch.bool, device=live["probs"].device)
+    return finite[live["loss_positions"] // live["attention"].shape[1]]
+
+
+def fp8_aux_max_abs_diff(live: dict, encoded: dict, finite=None) -> torch.Tensor:
+    """Largest |aux state a default read decodes - live aux state| over the real tokens of the kept samples
+    (0 if none), one slice of tokens at a time: the read and its fp32 difference exist for one slice only."""
     aux = live["aux"]
     rows = aux.reshape(-1, aux.shape[-1])
     stored, scales = encoded["aux_hidden_states"].reshape(rows.shape), encoded["aux_scales"].reshape(-1)
@@ -330,7 +342,8 @@ def fp8_aux_max_abs_diff(live: dict, encoded: dict) -> torch.Tensor:
     read_dtype = default_read_aux_dtype("fp8")
     for part in aux_token_slices(len(rows)):  # one expression: a slice's temporaries are gone before the next slice's
         torch.amax(decode_aux(stored[part], scales[part], read_dtype).float().sub_(rows[part]).abs_(), dim=-1, out=per_token[part])
-    return torch.where(live["attention"].bool().reshape(-1), per_token, 0.0).amax()
+    counted = live["attention"].bool() if finite is None else live["attention"].bool() & finite[:, None]
+    return torch.where(counted.reshape(-1), per_token, 0.0).amax()
 
 
 def loss_row_slices(rows: int, multiple: int = 1) -> list[slice]:
@@ -349,16 +362,23 @@ def kl_to_spread_rebuild(layout: Layout, probs: torch.Tensor, encoded: dict) -> 
     return torch.cat(per_slice) if per_slice else probs.new_zeros(0)
 
 
-def hidden_rebuild_max_abs_diff(layout: Layout, live: dict, encoded: dict, draft_rows, transform) -> torch.Tensor:
-    """Largest |probs a default read rebuilds from the stored hidden rows - live probs|, one slice of rows at
-    a time. Slices are whole head chunks: the rebuild pads to them anyway (`logit_chunks`)."""
+def hidden_rebuild_max_abs_diff(layout: Layout, live: dict, encoded: dict, draft_rows, transform, finite=None) -> torch.Tensor:
+    """Largest |probs a default read rebuilds from the stored hidden rows - live probs| over the loss rows of
+    the kept samples (0 if none), one slice of rows at a time. Slices are whole head chunks: the rebuild
+    pads to them anyway (`logit_chunks`)."""
     hidden_rows = encoded["final_hidden"].flatten(0, 1).index_select(0, live["loss_positions"])
     probs, read_dtype = live["probs"], TORCH_DTYPES[layout.dtype]
+    kept = kept_loss_rows(live, finite, len(probs))
     maxima = []
     for rows in loss_row_slices(len(probs), multiple=HEAD_CHUNK_ROWS):
         rebuilt = probs_from_hidden(hidden_rows[rows], draft_rows, transform)
-        maxima.append((rebuilt.to(read_dtype).float() - probs[rows]).abs().amax())
+        maxima.append(torch.where(kept[rows], (rebuilt.to(read_dtype).float() - probs[rows]).abs().amax(-1), 0.0).amax())
     return torch.stack(maxima).amax() if maxima and probs.shape[1] else torch.zeros(())
+
+
+def extreme(pick, a: float, b: float) -> float:
+    """`pick(a, b)`, NaN if either is (as a sum would be): Python's max and min answer NaN or not by argument order."""
+    return math.nan if math.isnan(a) or math.isnan(b) else pick(a, b)
 
 
 def merge_quality(a: dict, b: dict) -> dict:
@@ -367,9 +387,9 @@ def merge_quality(a: dict, b: dict) -> dict:
         if key not in merged:
             merged[key] = value
         elif key.endswith("_max_abs_diff"):
-            merged[key] = max(merged[key], value)
+            merged[key] = extreme(max, merged[key], value)
         elif key.endswith("_min"):
-            merged[key] = min(merged[key], value)
+            merged[key] = extreme(min, merged[key], value)
         elif key.endswith("_hist"):
             merged[key] = [x + y for x, y in zip(merged[key], value)]
         else:

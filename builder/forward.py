@@ -227,8 +227,8 @@ def forward_window(prep: Prepared, target: Target, window: list[dict], head: Hea
         live["attention"] = attention
         # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
         encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
-        quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform)
-        finite = finite_rows(live, encoded, attention, per_loss)
+        finite = finite_rows(live, encoded, attention, per_loss)  # the samples stored; the card's figures are theirs
+        quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform, finite)
         (columns, quality, finite), ready = to_host((encoded, quality, finite))
         yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready, tokens=(ids, loss))
 

@@ -74,3 +74,39 @@ def batch_rows(batches) -> dict[int, dict]:
                 }
             offset += n_loss
     return rows
+
+
+def one_sample_of_batch(live: dict, b: int) -> dict:
+    """A forward batch's live outputs (Target.supervise's) for its sample `b` alone: its slice of each
+    per-token tensor, and its run of the loss rows, which are row-major over the batch."""
+    length = live["attention"].shape[1]
+    mine = live["loss_positions"] // length == b
+    single = {name: live[name][mine] for name in ("probs", "argmax", "log_draft_mass") if name in live}
+    single["loss_positions"] = live["loss_positions"][mine] - b * length
+    return single | {name: live[name][b : b + 1] for name in ("aux", "final_hidden", "attention") if name in live}
+
+
+def quality_of_samples(layout, live: dict, samples, draft_rows=None, transform=None) -> dict:
+    """The merged quality figures of a batch's `samples`, each encoded and measured alone."""
+    from builder.formats import encode_aux, encode_targets, merge_quality, quality_of_batch
+
+    merged = {}
+    for b in samples:
+        single = one_sample_of_batch(live, b)
+        encoded = encode_aux(single["aux"], layout.aux_dtype) | encode_targets(layout, single)
+        figures = quality_of_batch(layout, single, encoded, draft_rows, transform)
+        merged = merge_quality(merged, {name: value.tolist() for name, value in figures.items()})
+    return merged
+
+
+def assert_same_figures(actual: dict, expected: dict) -> None:
+    """Equal quality figures: extremes, counts and histograms exactly; sums and means up to the order of
+    their additions."""
+    import pytest
+
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        if name.endswith(("_sum", "_mean")):
+            assert actual[name] == pytest.approx(value, rel=1e-6, abs=0), name
+        else:
+            assert actual[name] == value, name

@@ -300,3 +300,56 @@ def test_fp8_aux_encoded_slice_by_slice_stores_what_the_whole_batch_would(shape,
         layout = Layout("probs", "bf16", "fp8", 64, 100, shape[-1], shape[-1])
         figure = quality_of_batch(layout, {"aux": aux, "attention": attention}, encoded)["aux_max_abs_diff"]
         assert torch.equal(bits(figure), bits(max_diff)) and figure.isfinite()
+
+
+def batch_with_a_non_finite_sample(target_format: str, aux_dtype: str):
+    """Three samples (the last padded): sample 1 goes NaN from its 4th token on, as a NaN embedding makes
+    every later position of a causal model. (layout, live outputs, draft rows, which samples are finite)."""
+    torch.manual_seed(0)
+    batch, length, hidden, vocab = 3, 7, 8, 16
+    attention = torch.ones(batch, length, dtype=torch.long)
+    attention[2, 5:] = 0
+    loss = attention.bool() & (torch.arange(length) > 0)
+    final_hidden, aux = torch.randn(batch, length, hidden), torch.randn(batch, length, 3 * hidden)
+    final_hidden[1, 3:], aux[1, 3:] = float("nan"), float("nan")
+    draft_rows = torch.randn(vocab, hidden)
+    positions = loss.flatten().nonzero().squeeze(-1)
+    probs = torch.softmax(final_hidden.flatten(0, 1)[positions] @ draft_rows.T, dim=-1)
+    live = {
+        "aux": aux,
+        "final_hidden": final_hidden,
+        "attention": attention,
+        "loss_positions": positions,
+        "probs": probs,
+        "argmax": probs.argmax(-1),
+        "log_draft_mass": torch.zeros(len(positions)),
+    }
+    layout = Layout(target_format, "bf16", aux_dtype, 4, vocab, 3 * hidden, hidden)
+    return layout, live, draft_rows, torch.tensor([True, False, True])
+
+
+@pytest.mark.parametrize(("target_format", "aux_dtype"), [("topk", "fp8"), ("hidden", "bf16"), ("hidden", "fp8")])
+def test_quality_figures_are_those_of_the_finite_samples_alone(target_format, aux_dtype):
+    """The build stores only finite samples: their figures are the card's, whatever the others hold."""
+    from helpers import assert_same_figures, quality_of_samples
+
+    from builder.formats import merge_quality
+
+    layout, live, draft_rows, finite = batch_with_a_non_finite_sample(target_format, aux_dtype)
+    encoded = encode_aux(live["aux"], aux_dtype) | encode_targets(layout, live)
+    figures = {k: v.tolist() for k, v in quality_of_batch(layout, live, encoded, draft_rows, finite=finite).items()}
+    expected = quality_of_samples(layout, live, [0, 2], draft_rows)
+    assert_same_figures(figures, expected)
+    assert all(math.isfinite(v) for k, v in figures.items() if not k.endswith("_hist"))
+    # a batch with no finite sample adds nothing, merged before or after the others
+    none_kept = quality_of_batch(layout, live, encoded, draft_rows, finite=torch.zeros_like(finite))
+    none_kept = {k: v.tolist() for k, v in none_kept.items()}
+    assert merge_quality(none_kept, expected) == expected and merge_quality(expected, none_kept) == expected
+
+
+def test_merged_extremes_do_not_depend_on_which_batch_holds_a_nan():
+    from builder.formats import merge_quality
+
+    finite, nan = {"aux_max_abs_diff": 0.5, "kept_mass_min": 0.5}, {"aux_max_abs_diff": math.nan, "kept_mass_min": math.nan}
+    for merged in (merge_quality(finite, nan), merge_quality(nan, finite)):
+        assert all(math.isnan(value) for value in merged.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import resource
 import shutil
@@ -116,6 +117,57 @@ def test_non_finite_samples_are_recorded_not_written(tmp_path):
     # resume accepts shards that are short by exactly their recorded failures
     again = build(small_config(tmp_path / "cache", target, resume=True), progress=False)
     assert again.written == []
+
+
+def rare_token(tmp_path: Path) -> int:
+    """A token of small_config's samples held by one to three of them: poisoning it leaves some standing."""
+    from builder.prepare import prepare
+
+    counts = {}
+    for ids in prepare(small_config(tmp_path / "rare")).samples["input_ids"]:
+        for t in set(ids):
+            counts[t] = counts.get(t, 0) + 1
+    return min((t for t, c in counts.items() if 1 <= c <= 3), key=lambda t: (counts[t], t))
+
+
+def non_finite(live: dict, b: int) -> bool:
+    real = live["attention"][b].bool()
+    return not (live["aux"][b][real].isfinite().all() and live["final_hidden"][b][real].isfinite().all())
+
+
+@pytest.mark.parametrize(
+    "formats", [dict(target_format="topk", topk=8, aux_dtype="fp8"), dict(target_format="hidden")], ids=["topk-fp8", "hidden"]
+)
+def test_the_cards_quality_figures_are_those_of_the_stored_samples(tmp_path, monkeypatch, formats):
+    """Each forward batch's live outputs are kept aside: its figures, and the card's, must be those of its
+    finite samples, each measured alone, with nothing of the samples recorded as failed."""
+    from helpers import assert_same_figures, quality_of_samples
+
+    import builder.forward as forward_module
+    from builder.formats import merge_quality, quality_report
+
+    batches, measure = [], forward_module.quality_of_batch
+
+    def keeping_the_batch(layout, live, encoded, draft_rows=None, transform=None, *finite):
+        figures = measure(layout, live, encoded, draft_rows, transform, *finite)
+        batches.append((layout, {name: tensor.clone() for name, tensor in live.items()}, draft_rows, transform, figures))
+        return figures
+
+    monkeypatch.setattr(forward_module, "quality_of_batch", keeping_the_batch)
+    result = build(small_config(tmp_path / "cache", poisoned_target(tmp_path, rare_token(tmp_path)), **formats), progress=False)
+    manifest = read_manifest(result.output_dir)
+    merged, dropped = {}, 0
+    for layout, live, draft_rows, transform, figures in batches:
+        kept = [b for b in range(len(live["attention"])) if not non_finite(live, b)]
+        dropped += len(live["attention"]) - len(kept)
+        expected = quality_of_samples(layout, live, kept, draft_rows, transform)
+        figures = {name: value.tolist() for name, value in figures.items()}
+        assert [name for name, value in figures.items() if not name.endswith("_hist") and math.isnan(value)] == []
+        if kept:  # a batch of failures only adds no figure: checked in test_formats
+            assert_same_figures(figures, expected)
+        merged = merge_quality(merged, expected)
+    assert 0 < dropped == len(manifest["failed"])
+    assert_same_figures(manifest["quality"], quality_report(merged))
 
 
 def test_non_finite_output_stops_a_strict_build(tmp_path):
