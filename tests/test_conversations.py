@@ -201,6 +201,15 @@ def test_sharegpt_key_wins_when_messages_is_null():
     assert [m["content"] for m in normalize_row(row)] == ["a", "b"]
 
 
+def test_a_row_with_both_lists_is_read_from_messages():
+    # As NeMo Automodel's chat dataset reads it: `conversations` only when `messages` is absent or null.
+    row = {
+        "messages": [{"role": "user", "content": "Q from messages"}, {"role": "assistant", "content": "A from messages"}],
+        "conversations": [{"from": "human", "value": "Q from conversations"}, {"from": "gpt", "value": "A from conversations"}],
+    }
+    assert normalize_row(row) == row["messages"]
+
+
 # ---- turn shape, not list name ---------------------------------------------------------
 
 
