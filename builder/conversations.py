@@ -263,7 +263,8 @@ def _normalize_tool_calls(calls: Any, index: int) -> list[dict]:
 
 
 def _content_text(content: Any, index: int) -> str:
-    """OpenAI content may be a string, a list of text parts, or None (an empty message)."""
+    """OpenAI content may be a string, a list of text parts (joined with a space, as NeMo
+    Automodel's chat dataset joins them), or None (an empty message)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -277,5 +278,5 @@ def _content_text(content: Any, index: int) -> str:
                 texts.append(part["text"])
             else:
                 raise BadRow("wrong_type", f"turn {index}: content part {part!r} is not text")
-        return "".join(texts)
+        return " ".join(texts)
     raise BadRow("wrong_type", f"turn {index}: content must be a string, found {type(content).__name__}")

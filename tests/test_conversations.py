@@ -88,12 +88,13 @@ def test_openai_string_content():
     ]
 
 
-def test_openai_list_of_text_parts_is_joined():
+def test_openai_list_of_text_parts_is_joined_with_a_space():
+    # As NeMo Automodel's chat dataset joins them, so that both render the same text.
     row = openai(
-        ("user", [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]),
-        ("assistant", [{"text": "Four"}, "."]),  # a part without "type" counts as text, as does a bare string
+        ("user", [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]),
+        ("assistant", [{"text": "Four"}, "then"]),  # a part without "type" counts as text, as does a bare string
     )
-    assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four then"}]
 
 
 def test_openai_none_content_is_empty_string():

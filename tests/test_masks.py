@@ -355,6 +355,18 @@ NEMO_ROWS = [
             {"role": "assistant", "content": "Rain.", "reasoning_content": ""},
         ],
     },
+    {
+        "id": "text-parts",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "It is"}, {"type": "text", "text": "4."}]},
+        ],
+    },
+    {
+        "id": "both-lists",
+        "messages": [{"role": "user", "content": "Asked in messages?"}, {"role": "assistant", "content": "Answered in messages."}],
+        "conversations": [{"from": "human", "value": "Asked in conversations?"}, {"from": "gpt", "value": "Answered in conversations."}],
+    },
 ]
 NEMO_TEMPLATES = {
     "llama3": LLAMA3,
