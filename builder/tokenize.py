@@ -183,7 +183,10 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
     """Tokens that open an assistant turn exactly as the generation prompt would: the prompt
     must append a block to the unchanged rendering of `messages[:i]`, and the turn must start
     with that whole block; otherwise (or when `messages[:i]` is not a prefix) nothing of the
-    turn is taken out, since a partial match cannot tell template tokens from the message."""
+    turn is taken out, since a partial match cannot tell template tokens from the message.
+    Both prefixes must be exact, as in NeMo Automodel: the last EOS the turn spans let differ
+    would put the block one token off, so a template that ends the conversation with its EOS
+    keeps its turns whole."""
     cut = _window_of_extra_renderings(ids, seq_length)
     modes = [{"enable_thinking": True}, {"enable_thinking": False}] if "enable_thinking" in chat.template else [{}]
     positions: set[int] = set()
@@ -192,7 +195,7 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
             continue
         try:
             base = cut(chat.prefix(messages, i))
-            if not chat.starts(base, ids):
+            if not _is_prefix(base, ids):
                 continue
             prompts = [cut(chat.ids(messages[:i], add_generation_prompt=True, **mode)) for mode in modes]
         except Exception:
@@ -200,13 +203,17 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
                 raise
             continue  # a leading assistant turn of a template that cannot render no messages: its header stays in the loss
         turn = ids[len(base) :]
-        length = max(_appended_block_length(chat, base, prompt, turn) for prompt in prompts)
+        length = max(_appended_block_length(base, prompt, turn) for prompt in prompts)
         positions.update(range(len(base), len(base) + length))
     return positions
 
 
-def _appended_block_length(chat, base, prompt, turn) -> int:
-    if not chat.starts(base, prompt):
+def _is_prefix(prefix: list[int], whole: list[int]) -> bool:
+    return prefix == whole[: len(prefix)]
+
+
+def _appended_block_length(base, prompt, turn) -> int:
+    if not _is_prefix(base, prompt):
         return 0
     block = prompt[len(base) :]
     return len(block) if block and turn[: len(block)] == block else 0

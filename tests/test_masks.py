@@ -67,6 +67,11 @@ def chatml_think(generation_blocks: bool) -> str:
     )
 
 
+# Phi-3-style: the turns have no EOS; the conversation ends with it, unless a generation prompt ends it.
+ENDS_WITH_EOS = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
 CHATML = chatml_think(generation_blocks=False)
 CHATML_GEN = chatml_think(generation_blocks=True)
 
@@ -250,6 +255,32 @@ def test_right_truncation_keeps_a_prefix(tok, template, options):
         assert encode_row(AGENT_ROW, tok, template, n, **options) == (full_ids[:n], full_mask[:n])
 
 
+def masked_runs(tok, ids, mask):
+    """The decoded text of each run of supervised tokens."""
+    runs, run = [], []
+    for token, m in [*zip(ids, mask), (None, 0)]:
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_a_template_that_ends_the_conversation_with_eos(tok, options):
+    """Rendered alone, messages[:i] ends with the EOS where the whole conversation goes on. As in
+    NeMo Automodel, the turn spans let that last token differ, so each span starts a token late
+    and ends a token late; the generation prompt is taken out only after an exact prefix, so
+    --mask-generation-prompt takes nothing out of these turns."""
+    ids, mask = encode_row(PLAIN_ROW, tok, ENDS_WITH_EOS, **options)
+    assert tok.decode(ids) == (
+        "<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 7 times 6?<|end|>\n<|assistant|>\n42.<|end|>\n"
+        "<|user|>\nAnd 7 times 7?<|end|>\n<|assistant|>\n49.<|end|>\n<|eos|>"
+    )
+    assert masked_runs(tok, ids, mask) == ["\n42.<|end|>\n<|user|>", "\n49.<|end|>\n<|eos|>"]
+
+
 def test_llama3_tool_call_turn_and_tools(tok):
     ids, mask = encode_row(AGENT_ROW, tok, LLAMA3)
     text = tok.decode(ids)
@@ -374,6 +405,7 @@ NEMO_TEMPLATES = {
     "chatml_generation_blocks": CHATML_GEN,
     "embedded_no_generation": NO_GENERATION_TEMPLATE.read_text(),
     "embedded_with_generation": WITH_GENERATION_TEMPLATE.read_text(),
+    "ends_with_eos": ENDS_WITH_EOS,
 }
 
 
