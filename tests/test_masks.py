@@ -1,5 +1,6 @@
-"""Loss masks with NeMo Automodel's semantics on templates in the style of Llama-3 and of
-ChatML with think blocks: assistant spans from prefix renderings (header included), the
+"""Loss masks with NeMo Automodel's semantics on templates in the style of Llama-3, of
+ChatML with think blocks, of Phi-3 (an EOS that ends the conversation) and of Gemma (no
+system role): assistant spans from prefix renderings (header included), the
 two options --mask-generation-prompt and --mask-reasoning-content, reasoning, tool calls and
 tools reaching the template, and rows whose template rewrites history.
 
@@ -72,6 +73,25 @@ ENDS_WITH_EOS = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
 )
+
+
+def refuses_system_role(generation_blocks: bool) -> str:
+    """Gemma-style: a system message stops the rendering with the error Gemma's templates raise."""
+    open_block, close_block = ("{% generation %}", "{% endgeneration %}") if generation_blocks else ("", "")
+    return (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if m.role == 'assistant' %}<|assistant|>\n"
+        + open_block
+        + "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|end|>\n"
+        + close_block
+        + "{% else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+
+
+NO_SYSTEM_ROLE = refuses_system_role(generation_blocks=False)
+NO_SYSTEM_ROLE_GEN = refuses_system_role(generation_blocks=True)
 CHATML = chatml_think(generation_blocks=False)
 CHATML_GEN = chatml_think(generation_blocks=True)
 
@@ -281,6 +301,39 @@ def test_a_template_that_ends_the_conversation_with_eos(tok, options):
     assert masked_runs(tok, ids, mask) == ["\n42.<|end|>\n<|user|>", "\n49.<|end|>\n<|eos|>"]
 
 
+@pytest.mark.parametrize("mask_generation_prompt", [False, True])
+@pytest.mark.parametrize("template", [NO_SYSTEM_ROLE, NO_SYSTEM_ROLE_GEN], ids=["prefix_spans", "generation_blocks"])
+def test_a_template_that_refuses_a_system_role_gets_it_in_the_first_user_turn(tok, template, mask_generation_prompt):
+    """As NeMo Automodel's tokenizer renders it: the system text, a newline, the user's text.
+    Every rendering folds alike (the prefixes too), so the turns are found as without a system."""
+    ids, mask = encode_row(PLAIN_ROW, tok, template, mask_generation_prompt=mask_generation_prompt)
+    assert tok.decode(ids) == (
+        "<|bos|><|user|>\nYou are terse.\nWhat is 7 times 6?<|end|>\n<|assistant|>\n42.<|end|>\n"
+        "<|user|>\nAnd 7 times 7?<|end|>\n<|assistant|>\n49.<|end|>\n"
+    )
+    header = "" if mask_generation_prompt or template == NO_SYSTEM_ROLE_GEN else "<|assistant|>\n"
+    assert masked_runs(tok, ids, mask) == [f"{header}42.<|end|>\n", f"{header}49.<|end|>\n"]
+    # LLaMA-Factory's row-level system prompt, and a system message without a user turn after it.
+    sharegpt = {
+        "system": "You are terse.",
+        "conversations": [{"from": "human", "value": "What is 7 times 6?"}, {"from": "gpt", "value": "42."}],
+    }
+    openai = {"messages": PLAIN_ROW["messages"][:3]}
+    assert encode_row(sharegpt, tok, template) == encode_row(openai, tok, template)
+    alone = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "assistant", "content": "Hi."}]}
+    assert tok.decode(encode_row(alone, tok, template)[0]) == "<|bos|><|user|>\nYou are terse.<|end|>\n<|assistant|>\nHi.<|end|>\n"
+
+
+def test_several_system_messages_cannot_fold_into_one_user_turn(tok):
+    row = {"messages": [{"role": "system", "content": "Be terse."}, *PLAIN_ROW["messages"][1:3], {"role": "system", "content": "Be kind."}]}
+    for template in (NO_SYSTEM_ROLE, NO_SYSTEM_ROLE_GEN):
+        with pytest.raises(
+            BadRow, match=says("template_error", "'System role not supported'", "2 system messages", "merge them", "--chat-template")
+        ):
+            encode_row(row, tok, template)
+    assert any(encode_row(row, tok, LLAMA3)[1])  # a template that takes system messages renders both
+
+
 def test_llama3_tool_call_turn_and_tools(tok):
     ids, mask = encode_row(AGENT_ROW, tok, LLAMA3)
     text = tok.decode(ids)
@@ -406,7 +459,18 @@ NEMO_TEMPLATES = {
     "embedded_no_generation": NO_GENERATION_TEMPLATE.read_text(),
     "embedded_with_generation": WITH_GENERATION_TEMPLATE.read_text(),
     "ends_with_eos": ENDS_WITH_EOS,
+    "refuses_system_role": NO_SYSTEM_ROLE,
+    "refuses_system_role_generation_blocks": NO_SYSTEM_ROLE_GEN,
 }
+
+
+def nemo_tokenizer(tmp_path):
+    """The tokenizer as NeMo's precompute loads it, through NeMoAutoTokenizer (whose
+    apply_chat_template folds a system message into the first user turn when the template
+    refuses a system role)."""
+    auto_tokenizer = pytest.importorskip("nemo_automodel._transformers.auto_tokenizer")
+    make_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    return auto_tokenizer.NeMoAutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
 
 
 def nemo_samples(tmp_path, template, seq_length, options):
@@ -417,7 +481,7 @@ def nemo_samples(tmp_path, template, seq_length, options):
     path.write_text("".join(json.dumps(r) + "\n" for r in NEMO_ROWS))
     dataset = chat_dataset.ChatDataset(
         str(path),
-        tokenizer=make_tokenizer(),
+        tokenizer=nemo_tokenizer(tmp_path),
         seq_length=seq_length,
         padding="max_length",
         truncation=True,
