@@ -13,7 +13,7 @@ Start-up is measured too: from the launch to the first `nn.Module.forward` call 
 
 Setting: the embedded `tiny-llama` (8 layers, hidden 64) on the sample chats both tools read the
 same way (no `tool` turn: NeMo requires a `tool_call_id` there and has no ShareGPT `tool` role;
-string contents only: NeMo joins a list of text parts with spaces, ours without), seq 512, draft
+string contents only, the input of the runs the README reports), seq 512, draft
 vocab 512, bf16 cache, batch size 4 (NeMo's default) and shard size 256 for both, on CPU (both
 compute in fp32 there). Each run gets a fresh `datasets` cache, so ours tokenizes cold. torch
 runs ONE intra-op thread in both (`--threads`): on a shared 2-core machine identical 2-thread
@@ -93,7 +93,7 @@ def run_tool(tool: str, argv: list[str]) -> int:
 
 def nemo_accepted_chats(path: Path) -> int:
     """The sample chats both tools read the same way: no `tool` turn (NeMo's chat dataset raises on
-    those) and every content a string (NeMo joins a list of text parts with spaces, ours without)."""
+    those) and every content a string (the input of the runs the README reports)."""
     kept = []
     for line in sample_chat_lines():
         row = json.loads(line)

@@ -3,7 +3,8 @@
 A row's turns sit under `conversations` or `messages`; what the turns hold, not the list's
 name, says how to read them: `role`/`content` turns are OpenAI messages (SpecForge writes
 them under `conversations`), `from`/`value` turns are ShareGPT turns. When no turn has the
-role key of the other shape, the list's name decides (`conversations`: ShareGPT).
+role key of the other shape, the list's name decides (`conversations`: ShareGPT). A row
+with both lists is read from `messages`.
 
 What reaches the chat template follows NeMo Automodel's chat dataset, so that a cache
 supervises what its trainer would: an OpenAI message keeps its other fields
@@ -91,10 +92,11 @@ def parse_raw_row(raw: bytes) -> dict:
 def normalize_row(row: dict) -> list[dict[str, Any]]:
     """Return OpenAI-style messages (role, string content, and an OpenAI message's other
     fields), or raise BadRow."""
-    if row.get("conversations") is not None:
-        turns, shape = row["conversations"], SHAREGPT_TURN
-    elif row.get("messages") is not None:
+    # A row with both lists is read from `messages`, as NeMo Automodel's chat dataset reads it.
+    if row.get("messages") is not None:
         turns, shape = row["messages"], OPENAI_TURN
+    elif row.get("conversations") is not None:
+        turns, shape = row["conversations"], SHAREGPT_TURN
     else:
         raise BadRow("missing_messages", "row has neither 'conversations' (ShareGPT) nor 'messages' (OpenAI)")
     if not isinstance(turns, list):
@@ -261,7 +263,8 @@ def _normalize_tool_calls(calls: Any, index: int) -> list[dict]:
 
 
 def _content_text(content: Any, index: int) -> str:
-    """OpenAI content may be a string, a list of text parts, or None (an empty message)."""
+    """OpenAI content may be a string, a list of text parts (joined with a space, as NeMo
+    Automodel's chat dataset joins them), or None (an empty message)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -275,5 +278,5 @@ def _content_text(content: Any, index: int) -> str:
                 texts.append(part["text"])
             else:
                 raise BadRow("wrong_type", f"turn {index}: content part {part!r} is not text")
-        return "".join(texts)
+        return " ".join(texts)
     raise BadRow("wrong_type", f"turn {index}: content must be a string, found {type(content).__name__}")

@@ -1,7 +1,9 @@
 """Conversations -> (input_ids, loss_mask), per the contract in docs/supervision.md, and the cached `datasets.map` over them.
 
 The mask follows NeMo Automodel's chat formatting, so a cache supervises exactly what its
-trainer would. Assistant tokens come from
+trainer would. A template that refuses a system role renders the conversation as NeMo's
+tokenizer does, with the system message folded into the first user turn. Assistant tokens
+come from
 - the template's `{% generation %}` blocks (`return_assistant_tokens_mask`), or
 - for a template without them, token prefix lengths: turn `i` spans the tokens between
   the renderings of `messages[:i]` and `messages[:i+1]`, so it includes the role header
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from jinja2.exceptions import TemplateError
 
 from .conversations import BadRow, normalize_row, parse_raw_row, row_tools
 from .errors import InputError
@@ -99,8 +102,8 @@ class _Chat:
         # prompt) is where a leading assistant turn starts: a batch of one empty conversation
         # renders it as the template writes it.
         conversation = list(messages) or [[]]
-        text = self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.template, tools=self.tools, tokenize=False, **template_kwargs
+        text = _apply_chat_template(
+            self.tokenizer, conversation, chat_template=self.template, tools=self.tools, tokenize=False, **template_kwargs
         )
         text = text if messages else text[0]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -120,8 +123,52 @@ class _Chat:
         return len(prefix) > 1 and prefix[-1] == self.eos_token_id and prefix[:-1] == whole[: len(prefix) - 1]
 
 
+# What a template that takes no system role raises for one (Gemma's do).
+SYSTEM_ROLE_REFUSED = "System role not supported"
+
+
+def _apply_chat_template(tokenizer, conversation, **kwargs):
+    """The tokenizer's `apply_chat_template`, and what NeMo Automodel's tokenizer does when the
+    template refuses a system role: render again with the system message folded into the
+    first user turn. Every rendering goes through here, so prefixes fold as the whole does."""
+    try:
+        return tokenizer.apply_chat_template(conversation, **kwargs)
+    except TemplateError as err:
+        if SYSTEM_ROLE_REFUSED not in str(err) or not _system_messages(conversation):
+            raise
+    return tokenizer.apply_chat_template(_with_system_in_first_user_turn(conversation), **kwargs)
+
+
+def _system_messages(conversation) -> list[dict]:
+    return [m for m in conversation if isinstance(m, dict) and m.get("role") == "system"]
+
+
+def _with_system_in_first_user_turn(conversation) -> list:
+    """NeMo Automodel's fold: the system message's text, a newline, then the first user turn's
+    text; a conversation without a user turn opens with the system text as one."""
+    systems = _system_messages(conversation)
+    if len(systems) > 1:
+        raise BadRow(
+            "template_error",
+            f"the chat template refuses a system role ({SYSTEM_ROLE_REFUSED!r}) and the conversation has {len(systems)} "
+            "system messages; a single one is folded into the first user turn (as NeMo Automodel does), several cannot be: "
+            "merge them into one, or pass --chat-template with a template that accepts a system role",
+        )
+    system = systems[0].get("content", "")
+    folded, merged = [], False
+    for message in conversation:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "system":
+            continue
+        if not merged and role == "user":
+            message, merged = {**message, "content": f"{system}\n{message['content']}"}, True
+        folded.append(message)
+    return folded if merged else [{"role": "user", "content": system}, *folded]
+
+
 def _encode_with_generation_blocks(messages, chat):
-    out = chat.tokenizer.apply_chat_template(
+    out = _apply_chat_template(
+        chat.tokenizer,
         messages,
         chat_template=chat.template,
         tools=chat.tools,
@@ -183,7 +230,10 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
     """Tokens that open an assistant turn exactly as the generation prompt would: the prompt
     must append a block to the unchanged rendering of `messages[:i]`, and the turn must start
     with that whole block; otherwise (or when `messages[:i]` is not a prefix) nothing of the
-    turn is taken out, since a partial match cannot tell template tokens from the message."""
+    turn is taken out, since a partial match cannot tell template tokens from the message.
+    Both prefixes must be exact, as in NeMo Automodel: the last EOS the turn spans let differ
+    would put the block one token off, so a template that ends the conversation with its EOS
+    keeps its turns whole."""
     cut = _window_of_extra_renderings(ids, seq_length)
     modes = [{"enable_thinking": True}, {"enable_thinking": False}] if "enable_thinking" in chat.template else [{}]
     positions: set[int] = set()
@@ -192,7 +242,7 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
             continue
         try:
             base = cut(chat.prefix(messages, i))
-            if not chat.starts(base, ids):
+            if not _is_prefix(base, ids):
                 continue
             prompts = [cut(chat.ids(messages[:i], add_generation_prompt=True, **mode)) for mode in modes]
         except Exception:
@@ -200,13 +250,17 @@ def _generation_prompt_positions(messages, chat, ids, seq_length) -> set[int]:
                 raise
             continue  # a leading assistant turn of a template that cannot render no messages: its header stays in the loss
         turn = ids[len(base) :]
-        length = max(_appended_block_length(chat, base, prompt, turn) for prompt in prompts)
+        length = max(_appended_block_length(base, prompt, turn) for prompt in prompts)
         positions.update(range(len(base), len(base) + length))
     return positions
 
 
-def _appended_block_length(chat, base, prompt, turn) -> int:
-    if not chat.starts(base, prompt):
+def _is_prefix(prefix: list[int], whole: list[int]) -> bool:
+    return prefix == whole[: len(prefix)]
+
+
+def _appended_block_length(base, prompt, turn) -> int:
+    if not _is_prefix(base, prompt):
         return 0
     block = prompt[len(base) :]
     return len(block) if block and turn[: len(block)] == block else 0

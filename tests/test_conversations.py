@@ -88,12 +88,13 @@ def test_openai_string_content():
     ]
 
 
-def test_openai_list_of_text_parts_is_joined():
+def test_openai_list_of_text_parts_is_joined_with_a_space():
+    # As NeMo Automodel's chat dataset joins them, so that both render the same text.
     row = openai(
-        ("user", [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]),
-        ("assistant", [{"text": "Four"}, "."]),  # a part without "type" counts as text, as does a bare string
+        ("user", [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]),
+        ("assistant", [{"text": "Four"}, "then"]),  # a part without "type" counts as text, as does a bare string
     )
-    assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four."}]
+    assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four then"}]
 
 
 def test_openai_none_content_is_empty_string():
@@ -199,6 +200,15 @@ def test_sharegpt_key_wins_when_messages_is_null():
     assert [m["role"] for m in normalize_row(row)] == ["user", "assistant"]
     row = {"conversations": None, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     assert [m["content"] for m in normalize_row(row)] == ["a", "b"]
+
+
+def test_a_row_with_both_lists_is_read_from_messages():
+    # As NeMo Automodel's chat dataset reads it: `conversations` only when `messages` is absent or null.
+    row = {
+        "messages": [{"role": "user", "content": "Q from messages"}, {"role": "assistant", "content": "A from messages"}],
+        "conversations": [{"from": "human", "value": "Q from conversations"}, {"from": "gpt", "value": "A from conversations"}],
+    }
+    assert normalize_row(row) == row["messages"]
 
 
 # ---- turn shape, not list name ---------------------------------------------------------

@@ -145,7 +145,7 @@ def test_selection_depends_on_seed_and_max_samples(tmp_path):
 
 
 def test_json_file_of_openai_content_parts(tmp_path):
-    rows = [openai(0, [("user", [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]), ("assistant", "Hello")])]
+    rows = [openai(0, [("user", [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]), ("assistant", "Hello")])]
     ds, _ = load_rows(str(write_kind("json_array", rows, tmp_path)))
     assert row_messages(ds, 0)[0] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
 

@@ -1,5 +1,6 @@
-"""Loss masks with NeMo Automodel's semantics on templates in the style of Llama-3 and of
-ChatML with think blocks: assistant spans from prefix renderings (header included), the
+"""Loss masks with NeMo Automodel's semantics on templates in the style of Llama-3, of
+ChatML with think blocks, of Phi-3 (an EOS that ends the conversation) and of Gemma (no
+system role): assistant spans from prefix renderings (header included), the
 two options --mask-generation-prompt and --mask-reasoning-content, reasoning, tool calls and
 tools reaching the template, and rows whose template rewrites history.
 
@@ -67,6 +68,30 @@ def chatml_think(generation_blocks: bool) -> str:
     )
 
 
+# Phi-3-style: the turns have no EOS; the conversation ends with it, unless a generation prompt ends it.
+ENDS_WITH_EOS = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def refuses_system_role(generation_blocks: bool) -> str:
+    """Gemma-style: a system message stops the rendering with the error Gemma's templates raise."""
+    open_block, close_block = ("{% generation %}", "{% endgeneration %}") if generation_blocks else ("", "")
+    return (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if m.role == 'assistant' %}<|assistant|>\n"
+        + open_block
+        + "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|end|>\n"
+        + close_block
+        + "{% else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+
+
+NO_SYSTEM_ROLE = refuses_system_role(generation_blocks=False)
+NO_SYSTEM_ROLE_GEN = refuses_system_role(generation_blocks=True)
 CHATML = chatml_think(generation_blocks=False)
 CHATML_GEN = chatml_think(generation_blocks=True)
 
@@ -250,6 +275,65 @@ def test_right_truncation_keeps_a_prefix(tok, template, options):
         assert encode_row(AGENT_ROW, tok, template, n, **options) == (full_ids[:n], full_mask[:n])
 
 
+def masked_runs(tok, ids, mask):
+    """The decoded text of each run of supervised tokens."""
+    runs, run = [], []
+    for token, m in [*zip(ids, mask), (None, 0)]:
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_a_template_that_ends_the_conversation_with_eos(tok, options):
+    """Rendered alone, messages[:i] ends with the EOS where the whole conversation goes on. As in
+    NeMo Automodel, the turn spans let that last token differ, so each span starts a token late
+    and ends a token late; the generation prompt is taken out only after an exact prefix, so
+    --mask-generation-prompt takes nothing out of these turns."""
+    ids, mask = encode_row(PLAIN_ROW, tok, ENDS_WITH_EOS, **options)
+    assert tok.decode(ids) == (
+        "<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is 7 times 6?<|end|>\n<|assistant|>\n42.<|end|>\n"
+        "<|user|>\nAnd 7 times 7?<|end|>\n<|assistant|>\n49.<|end|>\n<|eos|>"
+    )
+    assert masked_runs(tok, ids, mask) == ["\n42.<|end|>\n<|user|>", "\n49.<|end|>\n<|eos|>"]
+
+
+@pytest.mark.parametrize("mask_generation_prompt", [False, True])
+@pytest.mark.parametrize("template", [NO_SYSTEM_ROLE, NO_SYSTEM_ROLE_GEN], ids=["prefix_spans", "generation_blocks"])
+def test_a_template_that_refuses_a_system_role_gets_it_in_the_first_user_turn(tok, template, mask_generation_prompt):
+    """As NeMo Automodel's tokenizer renders it: the system text, a newline, the user's text.
+    Every rendering folds alike (the prefixes too), so the turns are found as without a system."""
+    ids, mask = encode_row(PLAIN_ROW, tok, template, mask_generation_prompt=mask_generation_prompt)
+    assert tok.decode(ids) == (
+        "<|bos|><|user|>\nYou are terse.\nWhat is 7 times 6?<|end|>\n<|assistant|>\n42.<|end|>\n"
+        "<|user|>\nAnd 7 times 7?<|end|>\n<|assistant|>\n49.<|end|>\n"
+    )
+    header = "" if mask_generation_prompt or template == NO_SYSTEM_ROLE_GEN else "<|assistant|>\n"
+    assert masked_runs(tok, ids, mask) == [f"{header}42.<|end|>\n", f"{header}49.<|end|>\n"]
+    # LLaMA-Factory's row-level system prompt, and a system message without a user turn after it.
+    sharegpt = {
+        "system": "You are terse.",
+        "conversations": [{"from": "human", "value": "What is 7 times 6?"}, {"from": "gpt", "value": "42."}],
+    }
+    openai = {"messages": PLAIN_ROW["messages"][:3]}
+    assert encode_row(sharegpt, tok, template) == encode_row(openai, tok, template)
+    alone = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "assistant", "content": "Hi."}]}
+    assert tok.decode(encode_row(alone, tok, template)[0]) == "<|bos|><|user|>\nYou are terse.<|end|>\n<|assistant|>\nHi.<|end|>\n"
+
+
+def test_several_system_messages_cannot_fold_into_one_user_turn(tok):
+    row = {"messages": [{"role": "system", "content": "Be terse."}, *PLAIN_ROW["messages"][1:3], {"role": "system", "content": "Be kind."}]}
+    for template in (NO_SYSTEM_ROLE, NO_SYSTEM_ROLE_GEN):
+        with pytest.raises(
+            BadRow, match=says("template_error", "'System role not supported'", "2 system messages", "merge them", "--chat-template")
+        ):
+            encode_row(row, tok, template)
+    assert any(encode_row(row, tok, LLAMA3)[1])  # a template that takes system messages renders both
+
+
 def test_llama3_tool_call_turn_and_tools(tok):
     ids, mask = encode_row(AGENT_ROW, tok, LLAMA3)
     text = tok.decode(ids)
@@ -355,6 +439,18 @@ NEMO_ROWS = [
             {"role": "assistant", "content": "Rain.", "reasoning_content": ""},
         ],
     },
+    {
+        "id": "text-parts",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "It is"}, {"type": "text", "text": "4."}]},
+        ],
+    },
+    {
+        "id": "both-lists",
+        "messages": [{"role": "user", "content": "Asked in messages?"}, {"role": "assistant", "content": "Answered in messages."}],
+        "conversations": [{"from": "human", "value": "Asked in conversations?"}, {"from": "gpt", "value": "Answered in conversations."}],
+    },
 ]
 NEMO_TEMPLATES = {
     "llama3": LLAMA3,
@@ -362,7 +458,19 @@ NEMO_TEMPLATES = {
     "chatml_generation_blocks": CHATML_GEN,
     "embedded_no_generation": NO_GENERATION_TEMPLATE.read_text(),
     "embedded_with_generation": WITH_GENERATION_TEMPLATE.read_text(),
+    "ends_with_eos": ENDS_WITH_EOS,
+    "refuses_system_role": NO_SYSTEM_ROLE,
+    "refuses_system_role_generation_blocks": NO_SYSTEM_ROLE_GEN,
 }
+
+
+def nemo_tokenizer(tmp_path):
+    """The tokenizer as NeMo's precompute loads it, through NeMoAutoTokenizer (whose
+    apply_chat_template folds a system message into the first user turn when the template
+    refuses a system role)."""
+    auto_tokenizer = pytest.importorskip("nemo_automodel._transformers.auto_tokenizer")
+    make_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    return auto_tokenizer.NeMoAutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
 
 
 def nemo_samples(tmp_path, template, seq_length, options):
@@ -373,7 +481,7 @@ def nemo_samples(tmp_path, template, seq_length, options):
     path.write_text("".join(json.dumps(r) + "\n" for r in NEMO_ROWS))
     dataset = chat_dataset.ChatDataset(
         str(path),
-        tokenizer=make_tokenizer(),
+        tokenizer=nemo_tokenizer(tmp_path),
         seq_length=seq_length,
         padding="max_length",
         truncation=True,
