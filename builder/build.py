@@ -115,7 +115,16 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
         max_pending=max_pending,
         fingerprint=fingerprint(prep.identity),
         upload_retry=UPLOAD_WHILE_BUILDING_RETRY,
+        own_shards=own_shard_sha256(cfg, prep),
     )
+
+
+def own_shard_sha256(cfg: BuildConfig, prep: Prepared) -> dict[str, str | None]:
+    """{shard name: sha256 an earlier upload of this build recorded, else None}: on the Hub, a file
+    of one of these names is this build's only with that sha256 (a resumed build's)."""
+    out = Path(cfg.output_dir)
+    names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
+    return {name: (read_sidecar(out, name) or {}).get("sha256") if cfg.resume else None for name in names}
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:

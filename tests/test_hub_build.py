@@ -121,3 +121,22 @@ def test_a_read_only_token_is_refused_before_the_target_loads(hub, tmp_path, mon
         build(cfg, progress=False)
     assert not (tmp_path / "cache" / "data").exists()
     assert hub.requests("POST") == [("POST", "/api/repos/create", 200)]  # the team's own: the build sent nothing
+
+
+def test_a_build_never_uploads_over_another_datasets_shard_named_file(hub, tmp_path, monkeypatch):
+    from hub_server import TOKEN
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.forward as forward_module
+    from builder.hub import HubError
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/their-rows", repo_type="dataset")  # no card: their data only, one file of a name the build writes
+    theirs = CommitOperationAdd("data/train-00002-of-00004.parquet", b"their rows")
+    before = api.create_commit("tester/their-rows", [theirs], commit_message="their data", repo_type="dataset").oid
+    hub.reset_counters()
+    monkeypatch.setattr(forward_module, "load_placed_model", lambda *a: pytest.fail("the target loaded"))
+    cfg = small_config(tmp_path / "cache", push_to_hub="tester/their-rows", hub_tag="v1")  # 4 shards
+    with pytest.raises(HubError, match=r"no eagle3-cache card describes its root.* found 1 \(data/train-00002-of-00004\.parquet\)"):
+        build(cfg, progress=False)
+    assert hub.repo("tester/their-rows").branches["main"] == before and hub.state.bytes_uploaded == 0
