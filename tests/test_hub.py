@@ -388,6 +388,32 @@ def test_a_transient_answer_while_opening_is_retried_after_the_wait_it_asks_for(
     assert busy.fired == 1 and waits == [float(wait)]
 
 
+# The client retries a plain download (the card, the vocab) itself only after 408/429: a 5xx is ours to retry.
+@pytest.mark.parametrize("path", ["README.md", "vocab/vocab.safetensors"])
+@pytest.mark.parametrize("status", [502, 503])
+def test_a_5xx_on_the_card_or_the_vocab_while_opening_is_retried(hub, v1, path, status):
+    repo = f"tester/reading-{path.replace('/', '-')}-{status}"  # a commit not in the local Hugging Face cache yet
+    push(v1, repo, tag="v1")
+    busy = hub.add_fault("GET", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=status)
+    rows = list(load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=3, backoff=0.01)))
+    assert busy.fired == 1
+    assert_same_content(rows, list(load_cache(v1, layout="nemo")))
+
+
+@pytest.mark.parametrize("path", ["README.md", "vocab/vocab.safetensors"])
+def test_a_card_or_vocab_the_hub_keeps_failing_to_serve_is_reported_with_what_to_do(hub, v1, path):
+    repo = f"tester/unreadable-{path.replace('/', '-')}"
+    push(v1, repo, tag="v1")
+    down = hub.add_fault("GET", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=503, times=None)
+    with pytest.raises(
+        HubError,
+        match=rf"(?s)read {re.escape(path)} at commit [0-9a-f]{{12}} on {repo} failed: the Hub kept failing \(.*503.*\); "
+        "re-run the same command once it answers again",
+    ):
+        load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=2, backoff=0.01))
+    assert down.fired == 3  # the first try and two retries
+
+
 def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, monkeypatch):
     import types
 
