@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
@@ -228,7 +229,7 @@ class HubPusher:
                 stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
                 stale += self._stale_card_files(head, card_files(cache_dir, manifest))
             else:  # another dataset's files: none removed, none written over
-                self._check_nothing_foreign(head, remote, expected)
+                self._check_nothing_foreign(head, remote, list(expected), expected.get)
                 stale = []
             removed.update(stale)
             commit = self._commit_on(head, cache_dir, manifest, stale, root_data if root_exists else None, message)
@@ -246,23 +247,26 @@ class HubPusher:
         t = self.target
         return CARD_KEY in root_data if t.config is None else t.config in index_from_card_data(root_data)
 
-    def check_folder_is_free(self, own_shards: dict[str, str | None]) -> None:
+    def check_folder_is_free(self, own_shards: list[str], sha256_of: Callable[[str], str | None]) -> None:
         """Before the first upload: in a folder no eagle3-cache card describes yet, refuse to write
-        over another dataset's files. `own_shards`: {shard name: sha256, None where unknown}."""
+        over another dataset's files. `own_shards`: this cache's shard names; `sha256_of(name)`: the
+        shard's sha256 where this cache has it (asked only for names already on the branch)."""
         head = self.head()
         root_data, _ = self._root_card_data(head)
         if not self.owns_folder(root_data):
-            self._check_nothing_foreign(head, self.remote_shards(head), own_shards)
+            self._check_nothing_foreign(head, self.remote_shards(head), own_shards, sha256_of)
 
-    def _check_nothing_foreign(self, head: str, remote: dict[str, str], own_shards: dict[str, str | None]) -> None:
+    def _check_nothing_foreign(
+        self, head: str, remote: dict[str, str], own_shards: list[str], sha256_of: Callable[[str], str | None]
+    ) -> None:
         """Refuse when the folder at `head` holds a file of a name this push writes (a shard of this
         cache's name but other bytes, the card, a vocab or picture file) or one its card would read as
         a shard. A shard of this cache's name and sha256 is its own, left by an interrupted push."""
         t = self.target
-        pattern = shard_files(len(own_shards))
+        pattern, own_shards = shard_files(len(own_shards)), set(own_shards)
 
         def foreign(name: str, sha: str) -> bool:
-            return own_shards[name] != sha if name in own_shards else is_card_read(name, pattern)
+            return sha256_of(name) != sha if name in own_shards else is_card_read(name, pattern)
 
         found = [f"{t.prefix}data/{name}" for name, sha in sorted(remote.items()) if foreign(name, sha)]
         named = [f"{t.prefix}{relative}" for relative in ("README.md", *PUBLISHED_NAMES)]
@@ -418,7 +422,7 @@ def push_cache(
             raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
         check_unchanged(path, manifest, shard)  # every shard, before the first upload
         pending.append((path, sha))
-    pusher.check_folder_is_free(own)
+    pusher.check_folder_is_free(list(own), own.get)
     for start in range(0, len(pending), shards_per_commit):
         group = pending[start : start + shards_per_commit]
         known |= pusher.upload_shards(group)
@@ -502,12 +506,13 @@ class ShardUploader:
         fingerprint: str | None = None,
         retry: Retry | None = None,
         upload_retry: Retry | None = None,
-        own_shards: dict[str, str | None] | None = None,
+        own_shards: list[str] | None = None,
+        own_sha256: Callable[[str], str | None] = lambda name: None,
     ):
         self.pusher = HubPusher(target, retry=retry).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
-        if own_shards is not None and not self.already_pushed:  # {name: sha256 or None}: see `check_folder_is_free`
-            self.pusher.check_folder_is_free(own_shards)
+        if own_shards is not None and not self.already_pushed:  # see `check_folder_is_free`
+            self.pusher.check_folder_is_free(own_shards, own_sha256)
         self.delete_local = delete_local
         self._remote = self.pusher.remote_shards()
         if upload_retry is not None:  # from here on: the uploads, the card and the tag
