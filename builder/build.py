@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, holds_
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
 from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreadable
-from .files import atomic_write, disk_full_as_error, remove_leftovers, write_json_atomic
+from .files import atomic_write, disk_full_as_error, file_hash, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
 from .lock import CacheLock, WriterHold
@@ -115,7 +116,18 @@ def open_uploader(cfg: BuildConfig, prep: Prepared):
         max_pending=max_pending,
         fingerprint=fingerprint(prep.identity),
         upload_retry=UPLOAD_WHILE_BUILDING_RETRY,
+        own_shards=[shard_name(k, prep.num_shards) for k in range(prep.num_shards)],
+        own_sha256=partial(own_shard_sha256, Path(cfg.output_dir)) if cfg.resume else lambda name: None,
     )
+
+
+def own_shard_sha256(out: Path, name: str) -> str | None:
+    """The sha256 of this build's shard `name`, where an earlier run left it: recorded by its upload,
+    else hashed from the finished local file (a run stopped after the upload landed but before it
+    was recorded). On the Hub, a file of that name is this build's only with that sha256."""
+    recorded = (read_sidecar(out, name) or {}).get("sha256")
+    path = out / "data" / name
+    return recorded or (file_hash(path, "sha256") if path.exists() else None)
 
 
 def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress: bool, uploader=None) -> None:

@@ -260,3 +260,9 @@ def remote_files(api, repo_id: str, revision: str, prefix: str = "") -> dict[str
         return {e.path: (e.lfs.sha256 if e.lfs else e.blob_id) for e in entries if hasattr(e, "blob_id")}
     except EntryNotFoundError:
         return {}
+
+
+def remote_paths(api, repo_id: str, revision: str, paths: list[str]) -> set[str]:
+    """Which of these file paths exist at `revision` (one request, however many files the repo holds)."""
+    entries = api.get_paths_info(repo_id, paths, revision=revision, repo_type=REPO_TYPE)
+    return {e.path for e in entries if hasattr(e, "blob_id")}

@@ -241,10 +241,8 @@ def _why_no_card(source: CacheSource) -> str:
             "resume it with --resume)"
         )
     if source.name is not None:
-        from .hub import download_file
-
         try:
-            root = download_file(source.location, "README.md", source.commit, source.token)  # the repo's index card
+            root = source.repo_file("README.md")  # the repo's index card
             root_data = card_data_of(root.read_text(encoding="utf-8"), f"the root card of {source.location}")
         except FileNotFoundError:
             root_data = {}

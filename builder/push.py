@@ -17,6 +17,11 @@ the cache folder is published (`card_files`). Only after that commit succeeded i
 created, pointing at it.
 A tag therefore never names a half-uploaded version, and an earlier tag keeps its content.
 
+Other data. Files are removed or replaced only in a folder an eagle3-cache card already describes
+(the root card, or the root index listing the config). Anywhere else, what is found there belongs
+to another dataset: it is left as it is, and a push that would write over one of its files (or
+whose card would read one as a shard) is refused before anything is sent.
+
 Uploads use `create_commit` (never `Dataset.push_to_hub`: it rewrites the split and cannot
 append). The push is handed the manifest the build assembled; `eagle3-cache push DIR` reads
 it from the cache's card.
@@ -27,20 +32,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
+from dataset_card.render import shard_files
 
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
-from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files
+from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
 from .push_target import PushTarget, validate_target
-from .shards import is_shard_name
+from .shards import is_card_read, is_shard_name
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +225,12 @@ class HubPusher:
             self._check_layout(root_data, root_exists)
             remote = self.remote_shards(head)
             self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
-            stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
-            stale += self._stale_card_files(head, card_files(cache_dir, manifest), root_data)
+            if self.owns_folder(root_data):
+                stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
+                stale += self._stale_card_files(head, card_files(cache_dir, manifest))
+            else:  # another dataset's files: none removed, none written over
+                self._check_nothing_foreign(head, remote, list(expected), expected.get)
+                stale = []
             removed.update(stale)
             commit = self._commit_on(head, cache_dir, manifest, stale, root_data if root_exists else None, message)
             if commit is not None:
@@ -230,15 +241,53 @@ class HubPusher:
             "is committing to it); re-run the push once they are done, and it goes on top of their commits."
         )
 
-    def _stale_card_files(self, head: str, published: list[str], root_data: dict) -> list[str]:
+    def owns_folder(self, root_data: dict) -> bool:
+        """Whether an eagle3-cache card already describes the target's folder: the root card is a
+        cache's, or the root index lists the config. Only there may a push remove or replace files."""
+        t = self.target
+        return CARD_KEY in root_data if t.config is None else t.config in index_from_card_data(root_data)
+
+    def check_folder_is_free(self, own_shards: list[str], sha256_of: Callable[[str], str | None]) -> None:
+        """Before the first upload: in a folder no eagle3-cache card describes yet, refuse to write
+        over another dataset's files. `own_shards`: this cache's shard names; `sha256_of(name)`: the
+        shard's sha256 where this cache has it (asked only for names already on the branch)."""
+        head = self.head()
+        root_data, _ = self._root_card_data(head)
+        if not self.owns_folder(root_data):
+            self._check_nothing_foreign(head, self.remote_shards(head), own_shards, sha256_of)
+
+    def _check_nothing_foreign(
+        self, head: str, remote: dict[str, str], own_shards: list[str], sha256_of: Callable[[str], str | None]
+    ) -> None:
+        """Refuse when the folder at `head` holds a file of a name this push writes (a shard of this
+        cache's name but other bytes, the card, a vocab or picture file) or one its card would read as
+        a shard. A shard of this cache's name and sha256 is its own, left by an interrupted push."""
+        t = self.target
+        pattern, own_shards = shard_files(len(own_shards)), set(own_shards)
+
+        def foreign(name: str, sha: str) -> bool:
+            return sha256_of(name) != sha if name in own_shards else is_card_read(name, pattern)
+
+        found = [f"{t.prefix}data/{name}" for name, sha in sorted(remote.items()) if foreign(name, sha)]
+        named = [f"{t.prefix}{relative}" for relative in ("README.md", *PUBLISHED_NAMES)]
+        found += sorted(self._call("look up files", lambda: remote_paths(self.api, t.repo_id, head, named)))
+        if found:
+            folder = f"folder {t.prefix}" if t.prefix else "its root"
+            raise HubError(
+                f"{t.repo_id}@{t.branch}: no eagle3-cache card describes {folder}, so its files belong to another dataset; "
+                f"expected none there of the names this cache would write or read as its shards, found {len(found)} "
+                f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}). None of them was changed. Push to a new "
+                "repo or another --hub-config NAME, or delete those files from the branch first if the cache may take their place."
+            )
+
+    def _stale_card_files(self, head: str, published: list[str]) -> list[str]:
         """Vocab and picture files an earlier version of this cache published that this version does
         not (a `hidden` cache's head rows, a picture no longer drawn): deleted with the stale shards,
-        so the branch holds one version's files. Only files of the names a push writes, and only
-        where an eagle3-cache card already describes the folder: a repo's other data is never touched."""
+        so the branch holds one version's files. Only files of the names a push writes, and only in
+        a folder the push owns (`owns_folder`): a repo's other data is never touched."""
         t = self.target
-        owned = CARD_KEY in root_data if t.config is None else t.config in index_from_card_data(root_data)
         unused = {f"{t.prefix}{relative}" for relative in PUBLISHED_NAMES} - {f"{t.prefix}{relative}" for relative in published}
-        if not owned or not unused:
+        if not unused:
             return []
         found: list[str] = []
         for folder in sorted({PurePosixPath(relative).parts[0] for relative in PUBLISHED_NAMES}):
@@ -360,10 +409,11 @@ def push_cache(
         )
     card_files(cache_dir, manifest)  # every file the final commit needs is here, before the first upload
     remote = pusher.remote_shards()
-    pending, skipped, known = [], [], {}
+    pending, skipped, known, own = [], [], {}, {}
     for shard in manifest["shards"]:
         path = cache_dir / "data" / shard["name"]
         sha = shard_sha256(cache_dir, shard["name"], required=False)
+        own[shard["name"]] = sha
         if sha is not None and remote.get(shard["name"]) == sha:
             skipped.append(shard["name"])
             known[shard["name"]] = sha
@@ -372,6 +422,7 @@ def push_cache(
             raise HubError(f"{path}: the shard is neither in {cache_dir} nor on {target.repo_id}@{target.branch}; rebuild it (--resume)")
         check_unchanged(path, manifest, shard)  # every shard, before the first upload
         pending.append((path, sha))
+    pusher.check_folder_is_free(list(own), own.get)
     for start in range(0, len(pending), shards_per_commit):
         group = pending[start : start + shards_per_commit]
         known |= pusher.upload_shards(group)
@@ -455,9 +506,13 @@ class ShardUploader:
         fingerprint: str | None = None,
         retry: Retry | None = None,
         upload_retry: Retry | None = None,
+        own_shards: list[str] | None = None,
+        own_sha256: Callable[[str], str | None] = lambda name: None,
     ):
         self.pusher = HubPusher(target, retry=retry).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
+        if own_shards is not None and not self.already_pushed:  # see `check_folder_is_free`
+            self.pusher.check_folder_is_free(own_shards, own_sha256)
         self.delete_local = delete_local
         self._remote = self.pusher.remote_shards()
         if upload_retry is not None:  # from here on: the uploads, the card and the tag

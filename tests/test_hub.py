@@ -388,6 +388,32 @@ def test_a_transient_answer_while_opening_is_retried_after_the_wait_it_asks_for(
     assert busy.fired == 1 and waits == [float(wait)]
 
 
+# The client retries a plain download (the card, the vocab) itself only after 408/429: a 5xx is ours to retry.
+@pytest.mark.parametrize("path", ["README.md", "vocab/vocab.safetensors"])
+@pytest.mark.parametrize("status", [502, 503])
+def test_a_5xx_on_the_card_or_the_vocab_while_opening_is_retried(hub, v1, path, status):
+    repo = f"tester/reading-{path.replace('/', '-')}-{status}"  # a commit not in the local Hugging Face cache yet
+    push(v1, repo, tag="v1")
+    busy = hub.add_fault("GET", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=status)
+    rows = list(load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=3, backoff=0.01)))
+    assert busy.fired == 1
+    assert_same_content(rows, list(load_cache(v1, layout="nemo")))
+
+
+@pytest.mark.parametrize("path", ["README.md", "vocab/vocab.safetensors"])
+def test_a_card_or_vocab_the_hub_keeps_failing_to_serve_is_reported_with_what_to_do(hub, v1, path):
+    repo = f"tester/unreadable-{path.replace('/', '-')}"
+    push(v1, repo, tag="v1")
+    down = hub.add_fault("GET", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=503, times=None)
+    with pytest.raises(
+        HubError,
+        match=rf"(?s)read {re.escape(path)} at commit [0-9a-f]{{12}} on {repo} failed: the Hub kept failing \(.*503.*\); "
+        "re-run the same command once it answers again",
+    ):
+        load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=2, backoff=0.01))
+    assert down.fired == 3  # the first try and two retries
+
+
 def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, monkeypatch):
     import types
 
@@ -547,18 +573,23 @@ def test_a_shard_changed_after_the_build_is_never_pushed(hub, tmp_path):
     assert_same_content(list(load_cache("tester/damaged", revision="v1", layout="raw")), reference)
 
 
-def test_a_repo_holding_other_data_keeps_its_card_and_files(hub, v1):
+def commit_their_files(hub, repo: str, files: dict[str, str]) -> str:
+    """Another dataset's files, committed to a new repo; returns the commit."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(repo, repo_type="dataset")
+    ops = [CommitOperationAdd(path, text.encode()) for path, text in files.items()]
+    return api.create_commit(repo, ops, commit_message="their data", repo_type="dataset").oid
+
+
+def test_a_repo_holding_other_data_keeps_its_card_and_files(hub, v1):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
     card = "---\nlicense: mit\n---\n# Team chats\n"
-    for repo, files in {
-        "tester/team": {"README.md": card, "data/chats.csv": "a,b\n"},
-        "tester/cardless": {"data/chats.csv": "a,b\n"},
-    }.items():
-        api.create_repo(repo, repo_type="dataset")
-        ops = [CommitOperationAdd(path, text.encode()) for path, text in files.items()]
-        api.create_commit(repo, ops, commit_message="their data", repo_type="dataset")
+    commit_their_files(hub, "tester/team", {"README.md": card, "data/chats.csv": "a,b\n"})
+    commit_their_files(hub, "tester/cardless", {"data/chats.csv": "a,b\n"})
 
     with pytest.raises(HubError, match=r"tester/team@main has a dataset card that is not an eagle3-cache card: a push would replace it"):
         push(v1, "tester/team", tag="v1")
@@ -571,6 +602,53 @@ def test_a_repo_holding_other_data_keeps_its_card_and_files(hub, v1):
     push(v1, "tester/cardless", tag="v1")  # no card to replace: the cache goes in, beside their file
     assert "data/chats.csv" in data_files(hub, "tester/cardless", "v1")
     assert sample_ids(load_cache("tester/cardless", revision="v1", layout="raw")) == sample_ids(load_cache(v1, layout="raw"))
+
+    # Their files may have names a cache's shards have (v1 has 4 shards): not its own, so never removed.
+    theirs = [f"data/train-0000{k}-of-00003.parquet" for k in range(3)]
+    for repo, config in (("tester/their-shards", None), ("tester/their-config", "llama")):
+        prefix = f"{config}/" if config else ""
+        commit_their_files(hub, repo, {f"{prefix}{path}": "their rows" for path in theirs})
+        assert push(v1, repo, tag="v1", config=config).deleted == []
+        assert {f"{prefix}{path}" for path in theirs} <= set(hub.files_at(repo, "v1"))
+        rows = load_cache(repo, name=config, revision="v1", layout="raw")
+        assert sample_ids(rows) == sample_ids(load_cache(v1, layout="raw"))
+
+
+def test_a_push_never_writes_over_another_datasets_files(hub, v1):
+    """In a folder no eagle3-cache card describes, a file of a name the push writes (or one its card
+    would read as a shard) is another dataset's: the push is refused before anything is sent."""
+    mine = sorted(p.name for p in (v1 / "data").glob("*.parquet"))
+    cases = [  # repo, config, their files, those the push would write over or read as its shards
+        ("tester/clash-shard", None, {f"data/{mine[1]}": "their rows", "data/notes.txt": "theirs"}, [f"data/{mine[1]}"]),
+        ("tester/clash-stray", None, {"data/train-00009-of-00004.parquet": "their rows"}, ["data/train-00009-of-00004.parquet"]),
+        ("tester/clash-vocab", None, {"vocab/vocab.safetensors": "their vocab"}, ["vocab/vocab.safetensors"]),
+        (
+            "tester/clash-config",
+            "llama",
+            {"llama/README.md": "# theirs\n", f"llama/data/{mine[0]}": "x"},
+            [f"llama/data/{mine[0]}", "llama/README.md"],
+        ),
+    ]
+    for repo, config, files, clashes in cases:
+        before = commit_their_files(hub, repo, files)
+        hub.reset_counters()
+        folder = "folder llama/" if config else "its root"
+        with pytest.raises(
+            HubError,
+            match=rf"{repo}@main: no eagle3-cache card describes {folder}, so its files belong to another dataset; expected none "
+            rf"there .*, found {len(clashes)} \({re.escape(', '.join(clashes))}\)\. None of them was changed\. Push to a new repo",
+        ):
+            push(v1, repo, tag="v1", config=config)
+        assert hub.repo(repo).branches["main"] == before and not hub.repo(repo).tags
+        assert hub.state.bytes_uploaded == 0 and not hub.requests("POST", r"/preupload/|/commit/")
+
+    # As the message says: once their file is gone, the cache goes in beside the rest of their data.
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.url, token=TOKEN).delete_file(f"data/{mine[1]}", "tester/clash-shard", repo_type="dataset")
+    push(v1, "tester/clash-shard", tag="v1")
+    assert "data/notes.txt" in hub.files_at("tester/clash-shard", "v1")
+    assert_same_content(list(load_cache("tester/clash-shard", revision="v1", layout="raw")), decoded_rows(v1))
 
 
 def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub, v1, v2):

@@ -8,6 +8,7 @@ from hub_server import hub_fixtures
 
 import builder.push as push_module
 from builder.build import build
+from builder.build_state import read_sidecar
 from builder.push import PushTarget, push_cache
 from builder.reader import load_cache
 
@@ -121,3 +122,44 @@ def test_a_read_only_token_is_refused_before_the_target_loads(hub, tmp_path, mon
         build(cfg, progress=False)
     assert not (tmp_path / "cache" / "data").exists()
     assert hub.requests("POST") == [("POST", "/api/repos/create", 200)]  # the team's own: the build sent nothing
+
+
+def test_a_build_never_uploads_over_another_datasets_shard_named_file(hub, tmp_path, monkeypatch):
+    from hub_server import TOKEN
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.forward as forward_module
+    from builder.hub import HubError
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/their-rows", repo_type="dataset")  # no card: their data only, one file of a name the build writes
+    theirs = CommitOperationAdd("data/train-00002-of-00004.parquet", b"their rows")
+    before = api.create_commit("tester/their-rows", [theirs], commit_message="their data", repo_type="dataset").oid
+    hub.reset_counters()
+    monkeypatch.setattr(forward_module, "load_placed_model", lambda *a: pytest.fail("the target loaded"))
+    cfg = small_config(tmp_path / "cache", push_to_hub="tester/their-rows", hub_tag="v1")  # 4 shards
+    with pytest.raises(HubError, match=r"no eagle3-cache card describes its root.* found 1 \(data/train-00002-of-00004\.parquet\)"):
+        build(cfg, progress=False)
+    assert hub.repo("tester/their-rows").branches["main"] == before and hub.state.bytes_uploaded == 0
+
+
+def test_a_build_stopped_after_an_upload_landed_but_before_it_was_recorded_resumes(hub, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    cfg = small_config(out, shard_size=2, push_to_hub="tester/landed", hub_tag="v1")  # 7 shards, none deleted locally
+    real_record = push_module.record_sha256
+
+    def stop_at_the_first_record(*args, **kwargs):
+        raise KeyboardInterrupt  # the commit holding the shard is on the branch; its sha256 is nowhere locally
+
+    from builder.hub import HubError
+
+    monkeypatch.setattr(push_module, "record_sha256", stop_at_the_first_record)
+    with pytest.raises(HubError, match="uploading shards to tester/landed failed"):  # the uploader's thread stopped
+        build(cfg, progress=False)
+    landed = push_module.HubPusher(PushTarget("tester/landed")).open().remote_shards()
+    assert landed and not any((read_sidecar(out, name) or {}).get("sha256") for name in landed)
+    monkeypatch.setattr(push_module, "record_sha256", real_record)
+    result = build(cfg.replace(resume=True), progress=False)  # the landed shard is this build's own: not another dataset's
+    assert hub.repo("tester/landed").tags["v1"] == result.pushed.commit
+    reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
+    assert_same_content(list(load_cache("tester/landed", revision="v1", layout="raw")), decoded_rows(reference))
