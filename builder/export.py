@@ -394,11 +394,27 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     """Check the target against the cache and read its embeddings and pad id (a wrong target is
     refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
+    check_nemo_aux_layers(identity)
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
     return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
+
+
+NEMO_AUX_LAYERS = 3  # NeMo's EAGLE-3 draft: its fc reads three aux layers' states, 3 x the hidden size
+
+
+def check_nemo_aux_layers(identity: dict) -> None:
+    """Refuse a cache NeMo's EAGLE-3 draft cannot train from: its recipe would refuse the export
+    as built for another target, its aux width not 3 x the hidden size."""
+    layers = list(identity["aux_layer_ids"])
+    if len(layers) != NEMO_AUX_LAYERS:
+        raise ExportError(
+            f"export --to nemo: NeMo's EAGLE-3 draft takes the states of exactly {NEMO_AUX_LAYERS} aux layers; this cache "
+            f"holds {len(layers)} (--aux-layer-ids {' '.join(map(str, layers))}). Build the cache again with three "
+            "--aux-layer-ids, or without the flag for NeMo's default three."
+        )
 
 
 def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:

@@ -256,6 +256,16 @@ def test_export_errors_are_clear(probs_cache, tmp_path, nothing_made):
     assert left_in(tmp_path) == ["a-file", "full"]
 
 
+def test_nemo_export_refuses_a_cache_without_three_aux_layers(tmp_path, nothing_made):
+    """NeMo's EAGLE-3 draft takes exactly three aux layers' states: a cache of two is refused before
+    anything is made, not handed to NeMo, whose recipe would call it a cache of another target."""
+    cache = build(small_config(tmp_path / "cache", max_samples=2, aux_layer_ids=(1, 3)), progress=False).output_dir
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=says("export --to nemo", "exactly 3 aux layers", "holds 2", "--aux-layer-ids 1 3", "three")):
+        export_cache(cache, "nemo", tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_an_out_holding_only_a_killed_exports_hidden_folder_says_so(probs_cache, tmp_path, nothing_made):
     out = tmp_path / "out"
     (out / ".export.tmp-4242").mkdir(parents=True)
