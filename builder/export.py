@@ -6,7 +6,8 @@
   the draft columns in `selected_token_ids` order, and the loss-mask options the build applied.
 - `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache);
   SpecForge numbers the draft columns by ascending token id.
-Both are produced from the reader, so they hold exactly what `load_cache` yields.
+Both are produced from the reader, so they hold exactly what `load_cache` yields, with the aux
+states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
 complete export or as it was (absent, or empty): a full disk or a failed write removes what was
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
+from .formats import TORCH_DTYPES
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .vocab import PAD_ID_WITHOUT_PAD_TOKEN, d2t_t2d
@@ -392,6 +394,7 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     """Check the target against the cache and read its embeddings and pad id (a wrong target is
     refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
+    check_nemo_aux_layers(identity)
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
@@ -399,12 +402,27 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
 
 
+NEMO_AUX_LAYERS = 3  # NeMo's EAGLE-3 draft: its fc reads three aux layers' states, 3 x the hidden size
+
+
+def check_nemo_aux_layers(identity: dict) -> None:
+    """Refuse a cache NeMo's EAGLE-3 draft cannot train from: its recipe would refuse the export
+    as built for another target, its aux width not 3 x the hidden size."""
+    layers = list(identity["aux_layer_ids"])
+    if len(layers) != NEMO_AUX_LAYERS:
+        raise ExportError(
+            f"export --to nemo: NeMo's EAGLE-3 draft takes the states of exactly {NEMO_AUX_LAYERS} aux layers; this cache "
+            f"holds {len(layers)} (--aux-layer-ids {' '.join(map(str, layers))}). Build the cache again with three "
+            "--aux-layer-ids, or without the flag for NeMo's default three."
+        )
+
+
 def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
     identity = manifest["identity"]
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     num_samples = 0
-    shards = in_groups(exported_samples(cache_dir, "nemo"), shard_size)
+    shards = in_groups(exported_samples(cache_dir, identity, "nemo"), shard_size)
     total = -(-manifest["totals"]["samples"] // shard_size)
     for index, samples in enumerate(tqdm(shards, total=total, desc="Exporting (nemo)", disable=not progress)):
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
@@ -413,10 +431,42 @@ def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id
     _write_text(out / "manifest.json", json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
 
 
-def exported_samples(cache_dir: Path, layout: str) -> Iterator[dict]:
-    """The cache's samples in order, streamed: a map-style read would first convert every shard
-    into an Arrow copy under HF_DATASETS_CACHE (and leave it there), a second copy of the cache."""
-    return iter(load_cache(cache_dir, layout=layout, streaming=True))
+AUX_STATES = {"nemo": "aux_hidden_states", "specforge": "aux_hidden_state"}  # their name in each layout's sample
+
+
+def exported_samples(cache_dir: Path, identity: dict, layout: str) -> Iterator[dict]:
+    """The cache's samples in order, streamed (a map-style read would first convert every shard
+    into an Arrow copy under HF_DATASETS_CACHE, and leave it there: a second copy of the cache),
+    with the aux states in the cache's --dtype. Each trainer's files hold one float dtype, and its
+    draft takes the aux states into layers of that dtype uncast: another dtype fails its first
+    step. --aux-dtype is how the cache stores them, not what the trainer reads."""
+    dtype = identity["dtype"]
+    samples = iter(load_cache(cache_dir, layout=layout, streaming=True, aux_dtype=dtype))
+    if not may_overflow(identity["aux_dtype"], dtype):
+        return samples
+    return (aux_in_range(sample, index, AUX_STATES[layout], identity) for index, sample in enumerate(samples))
+
+
+def may_overflow(stored: str, dtype: str) -> bool:
+    """Whether decoding aux states stored as `stored` to `dtype` can exceed its range (fp8 is
+    scaled in fp32, so its range is fp32's)."""
+    source = torch.float32 if stored == "fp8" else TORCH_DTYPES[stored]
+    return torch.finfo(TORCH_DTYPES[dtype]).max < torch.finfo(source).max
+
+
+def aux_in_range(sample: dict, index: int, key: str, identity: dict) -> dict:
+    """The sample, refused where its aux states overflowed the export's dtype: the build stores
+    finite states only, so a non-finite one is a value beyond that dtype's range."""
+    if not bool(sample[key].isfinite().all()):
+        dtype, stored = identity["dtype"], identity["aux_dtype"]
+        wider = "bf16 or fp32" if dtype == "fp16" else "fp32"
+        raise ExportError(
+            f"export: sample {index} of the cache has aux states beyond the range of {dtype} (largest finite value "
+            f"{torch.finfo(TORCH_DTYPES[dtype]).max:g}); expected every aux state to fit the cache's --dtype {dtype}, the one "
+            f"float dtype the export writes (the cache stores them as --aux-dtype {stored}). Build the cache again with "
+            f"--dtype {wider}."
+        )
+    return sample
 
 
 def in_groups(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -576,7 +626,7 @@ def prepare_specforge(cache_dir: Path, manifest: dict, target_model: str | None,
 
 
 def write_specforge(cache_dir: Path, manifest: dict, progress: bool, out: Path) -> None:
-    samples = exported_samples(cache_dir, "specforge")
+    samples = exported_samples(cache_dir, manifest["identity"], "specforge")
     for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
         _torch_save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);

@@ -194,6 +194,43 @@ def test_specforge_supervision_equals_a_probs_cache(hidden_cache, probs_fp32_cac
         torch.testing.assert_close(specforge_target[:, columns], row["target_probs"], rtol=1e-5, atol=1e-7)
 
 
+def test_exports_write_aux_states_in_the_caches_dtype(tmp_path):
+    """Each trainer's files hold one float dtype: aux states stored as --aux-dtype fp8 are exported
+    as the fp32 the reader decodes them to (the scale applied in fp32), beside fp32 final states."""
+    cache = build(small_config(tmp_path / "cache", target_format="hidden", max_samples=4, aux_dtype="fp8"), progress=False).output_dir
+    nemo = export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    specforge = export_cache(cache, "specforge", tmp_path / "sf", progress=False)
+    samples = list(load_cache(cache, layout="nemo", streaming=False, aux_dtype=torch.float32))
+    shard = read_safetensors(nemo / "shard-000000.safetensors")
+    assert torch.equal(shard["aux_hidden_states"], collate_nemo(samples, pad_to=96)["aux_hidden_states"])
+    assert shard["aux_hidden_states"].dtype == shard["target_probs"].dtype == torch.float32
+    for i, sample in enumerate(samples):
+        written = torch.load(specforge / f"data_{i}.ckpt", weights_only=True)
+        assert torch.equal(written["aux_hidden_state"], sample["aux_hidden_states"][None])
+        assert written["hidden_state"].dtype == torch.float32
+
+
+def large_residual_target(folder):
+    """The tiny target with its embeddings 1e7 times larger: its residual stream, and so its aux
+    states, reach about 2e6, past fp16's range; the norms keep its logits as they were."""
+    target = copy_of_target(folder)
+    name = "model.embed_tokens.weight"
+    rewrite_weights(target, lambda tensors: tensors | {name: tensors[name] * 1e7})
+    return target
+
+
+def test_exports_refuse_aux_states_beyond_the_range_of_the_caches_dtype(tmp_path):
+    target = large_residual_target(tmp_path / "target")
+    cfg = small_config(tmp_path / "cache", target=target, target_format="hidden", max_samples=4, dtype="fp16", aux_dtype="fp32")
+    cache = build(cfg, progress=False).output_dir
+    for to in ("nemo", "specforge"):
+        with pytest.raises(
+            ExportError, match=says("sample 0", "beyond the range of fp16", "65504", "--aux-dtype fp32", "--dtype bf16 or fp32")
+        ):
+            export_cache(cache, to, tmp_path / to, progress=False)
+        assert not (tmp_path / to).exists()
+
+
 @pytest.fixture
 def nothing_made(monkeypatch):
     """Fails a test whose export begins writing: every refusal comes before anything is made."""
@@ -217,6 +254,16 @@ def test_export_errors_are_clear(probs_cache, tmp_path, nothing_made):
     with pytest.raises(ExportError, match=says("--to: expected one of nemo, specforge", "'megatron'")):
         export_cache(probs_cache, "megatron", tmp_path / "mg", progress=False)
     assert left_in(tmp_path) == ["a-file", "full"]
+
+
+def test_nemo_export_refuses_a_cache_without_three_aux_layers(tmp_path, nothing_made):
+    """NeMo's EAGLE-3 draft takes exactly three aux layers' states: a cache of two is refused before
+    anything is made, not handed to NeMo, whose recipe would call it a cache of another target."""
+    cache = build(small_config(tmp_path / "cache", max_samples=2, aux_layer_ids=(1, 3)), progress=False).output_dir
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=says("export --to nemo", "exactly 3 aux layers", "holds 2", "--aux-layer-ids 1 3", "three")):
+        export_cache(cache, "nemo", tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_an_out_holding_only_a_killed_exports_hidden_folder_says_so(probs_cache, tmp_path, nothing_made):

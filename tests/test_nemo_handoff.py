@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from tiny_targets import target_without_pad_token
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -22,12 +23,14 @@ from builder.build import build
 from builder.config import BuildConfig
 from builder.embedded import EMBEDDED_INPUTS, resolve_target
 from builder.export import export_cache
+from builder.formats import TORCH_DTYPES
 from builder.reader import load_cache
 
 precompute_eagle3 = pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")
 eagle3_cache = pytest.importorskip("nemo_automodel.components.datasets.llm.eagle3_cache")
 train_eagle3 = pytest.importorskip("nemo_automodel.recipes.llm.train_eagle3")
 ConfigNode = pytest.importorskip("nemo_automodel.components.config.loader").ConfigNode
+DistInfo = pytest.importorskip("nemo_automodel.components.distributed.init_utils").DistInfo
 
 SEQ_LENGTH = 224  # two of the chats below are longer (truncated), the others shorter (padded)
 DRAFT_VOCAB = 300
@@ -81,6 +84,7 @@ def run_nemo_precompute(target: str, chats, out, mask_generation_prompt: bool) -
 
 def build_and_export(target: str, chats, root, mask_generation_prompt: bool, **overrides):
     flags = {"mask_generation_prompt": True} if mask_generation_prompt else {}
+    settings = {"dtype": "fp32", **flags, **overrides}
     cfg = BuildConfig(
         target_model=target,
         input_data=str(chats),
@@ -89,9 +93,7 @@ def build_and_export(target: str, chats, root, mask_generation_prompt: bool, **o
         draft_vocab_size=DRAFT_VOCAB,
         shard_size=4,
         batch_size=2,
-        dtype="fp32",
-        **flags,
-        **overrides,
+        **settings,
     )
     cache = build(cfg, progress=False).output_dir
     return cache, export_cache(cache, "nemo", root / "nemo-export", progress=False)
@@ -242,3 +244,58 @@ def test_an_export_in_smaller_shards_reads_the_same_through_nemo(chats, tmp_path
     for i in range(len(reference)):
         a, b = ours[i], reference[i]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
+
+
+# ---- training on the export ----------------------------------------------------------------
+
+
+def nemo_recipe(export, output_dir, monkeypatch):
+    """NeMo's TrainEagle3Recipe set up over the export as its train_eagle3 entry point sets it up:
+    draft, trainer module and optimizer, with one change: a single process, without the global
+    process group it would initialize (and leave behind for the other tests)."""
+    monkeypatch.setattr(train_eagle3, "initialize_distributed", lambda **_: DistInfo("gloo", 0, 1, None, True))
+    monkeypatch.setattr(train_eagle3, "setup_logging", lambda: None)
+    settings = {
+        "target_model_name_or_path": resolve_target("tiny-llama"),
+        "cached_target_path": str(export),
+        "micro_batch_size": 2,
+        "ttt_steps": 3,
+        "num_epochs": 1,
+        "output_dir": str(output_dir),
+        "seq_length": SEQ_LENGTH,
+    }
+    torch.manual_seed(0)
+    recipe = train_eagle3.TrainEagle3Recipe(ConfigNode({"recipe_args": settings, "optimizer": {"lr": 1e-3}}))
+    recipe.setup()
+    return recipe
+
+
+MIXED_DTYPES = {
+    "bf16-cache-fp32-aux": dict(dtype="bf16", aux_dtype="fp32"),
+    "fp32-cache-fp8-aux": dict(dtype="fp32", aux_dtype="fp8"),
+}
+
+
+@pytest.mark.parametrize("dtypes", list(MIXED_DTYPES))
+def test_nemo_trains_on_the_export_of_a_cache_whose_aux_dtype_is_not_its_dtype(dtypes, chats, tmp_path, monkeypatch):
+    """NeMo's format holds one float dtype, its manifest's `dtype`: its recipe feeds the aux states
+    uncast into the draft's fc, built in its compute dtype (bf16 on a GPU, fp32 on the CPU). The
+    export writes them in the cache's --dtype, whatever --aux-dtype stored them as, and one step of
+    NeMo's own training (its forward, then backward and optimizer step) runs on them; the draft is
+    cast to the cache's dtype, as a GPU run of a bf16 cache has it."""
+    _, export = build_and_export("tiny-llama", chats, tmp_path, False, **MIXED_DTYPES[dtypes])
+    dtype = TORCH_DTYPES[eagle3_cache.read_manifest(str(export))["dtype"]]
+    for shard in sorted(export.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            assert f.get_tensor("aux_hidden_states").dtype == dtype, shard.name
+    recipe = nemo_recipe(export, tmp_path / "train", monkeypatch)
+    recipe.draft_model.to(dtype)
+    fc = recipe.draft_model.get_parameter("model.fc.weight")
+    before = fc.detach().clone()
+    batch = next(iter(recipe.train_dataloader))
+    assert batch["aux_hidden_states"].dtype == dtype
+    metrics = recipe._forward_batch(batch)
+    metrics.loss.backward()
+    recipe.optimizer.step()
+    assert torch.isfinite(metrics.loss) and int(metrics.valid_tokens) > 0
+    assert not torch.equal(fc.detach(), before)

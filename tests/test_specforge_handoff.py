@@ -291,3 +291,28 @@ def test_specforge_target_from_our_hidden_states_equals_the_probs_cache(exported
         assert torch.equal(target_ids[0, slots], row["target_argmax"][kept].long())
         compared += len(slots)
     assert compared > 500
+
+
+# ---- a cache whose aux states are stored in another dtype ------------------------------------
+
+MIXED_DTYPES = {
+    "bf16-cache-fp32-aux": dict(dtype="bf16", aux_dtype="fp32"),
+    "fp32-cache-fp8-aux": dict(dtype="fp32", aux_dtype="fp8"),
+}
+
+
+@pytest.mark.parametrize("dtypes", list(MIXED_DTYPES))
+def test_specforge_draft_takes_the_aux_states_of_a_cache_whose_aux_dtype_is_not_its_dtype(dtypes, tmp_path):
+    """SpecForge's capture writes a sample's hidden states in one dtype, the target's, and its draft
+    (built in its `model.torch_dtype`) takes them into its fc uncast. The export writes the aux states
+    in the cache's --dtype, that of the final hidden states, whatever --aux-dtype stored them as."""
+    cache = build(small_config(tmp_path / "cache", target_format="hidden", max_samples=4, **MIXED_DTYPES[dtypes]), progress=False)
+    exported = export_cache(cache.output_dir, "specforge", tmp_path / "sf", progress=False)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[MIXED_DTYPES[dtypes]["dtype"]]
+    draft = specforge_draft_model().to(dtype)
+    for _, batch in specforge_batches(exported):
+        aux, target = batch.tensors["hidden_state"], batch.tensors["target"]
+        with torch.no_grad():
+            projected = draft.project_hidden_states(aux)
+        assert projected.dtype == dtype and projected.isfinite().all()
+        assert (aux.dtype, target.dtype) == (dtype, dtype)
