@@ -30,6 +30,7 @@ from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreada
 from .files import atomic_write, disk_full_as_error, file_hash, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
+from .kept_samples import check_kept_samples
 from .lock import CacheLock, WriterHold
 from .manifest import LM_HEAD_FILE, VOCAB_FILE
 from .placement import check_placement, load_placed_model
@@ -235,6 +236,7 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
         if resume:
             check_resume(out, prep.identity)  # again: another build may have started here since the first check
         if resume and read_identity(out) is not None:
+            check_kept_samples(out, prep, kept_shards(out, prep))  # before anything is removed or written
             remove_killed_writers_files(out)
             return
         if holds_cache(out):  # another build took this directory after our check: never keep or mix its shards
@@ -258,6 +260,16 @@ def remove_killed_writers_files(out: Path) -> None:
         *((out / name).parent for name in (VOCAB_FILE, LM_HEAD_FILE, *(path for path, _ in PICTURES.values()))),
     }:
         remove_leftovers(folder)
+
+
+def kept_shards(out: Path, prep: Prepared) -> list[int]:
+    """The shards a resume keeps as they are: on disk, and matching their record."""
+    names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
+    return [
+        k
+        for k in range(prep.num_shards)
+        if (out / "data" / names[k]).exists() and shard_matches_record(out, names[k], expected_rows(prep, k))
+    ]
 
 
 def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = None) -> bool:

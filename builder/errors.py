@@ -43,6 +43,11 @@ class ResumeMismatch(Eagle3CacheError):
         self.differences = differences
 
 
+class ResumeSamplesDiffer(Eagle3CacheError):
+    """--resume on a cache whose finished shards hold other samples than this run would write into
+    them (tokenized otherwise, or other rows found valid), though its identity matches."""
+
+
 class NonFiniteOutput(Eagle3CacheError):
     """--strict and the target produced NaN or Inf for a sample, or it did for every sample."""
 

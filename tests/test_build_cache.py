@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -19,10 +20,13 @@ import builder.forward as forward_module
 import builder.placement as placement_module
 import builder.prepare as prepare_module
 import builder.shards as shards_module
+import builder.tokenize as tokenize_module
 from builder.build import build
 from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
-from builder.errors import ResumeMismatch, ShardUnreadable
+from builder.conversations import BadRow
+from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
 from builder.files import file_hash
+from builder.kept_samples import SAMPLE_COLUMNS
 from builder.prepare import prepare
 from builder.reader import read_manifest, read_vocab
 from builder.vocab import earlier_special_token_ids, special_token_ids
@@ -295,6 +299,146 @@ def test_resume_refuses_each_identity_change_before_loading_weights(partial_cach
     with pytest.raises(ResumeMismatch, match=rf"(?m)^  {re.escape(field)}: cache has"):
         build(cfg.replace(resume=True, **change), progress=False)
     assert snapshot(root / "cache") == before
+
+
+@pytest.fixture(scope="module")
+def full_vocabulary_partial(tmp_path_factory):
+    """An interrupted build over the target's whole vocabulary: other tokens leave its identity as it
+    was (a draft vocabulary's hash records the counts' ranking, which other tokens may change)."""
+    root = tmp_path_factory.mktemp("full_vocabulary")
+    cfg = small_config(root / "cache", draft_vocab_size=None)
+    with pytest.MonkeyPatch.context() as mp:
+        interrupted_build(cfg, mp, after_shards=1)
+    return root / "cache", cfg
+
+
+def files_as_they_were(out: Path) -> dict:
+    """Every file of the cache: the lock's time aside (a resume takes the lock before it checks the shards)."""
+    files = snapshot(out)
+    lock = files.pop(f"{BUILD_STATE_DIR}/lock")
+    return files | {"lock content": lock[2]}
+
+
+def conversation_rules_change(monkeypatch, name: str, change) -> None:
+    """Tokenize as another version of the conversation rules would: `change(row, messages)` gives a
+    row's messages (or raises BadRow); the tokenizer's and template's files stay the same. An edit
+    of conversations.py changes the tokenize cache's code version: so does this."""
+    real = tokenize_module.normalize_row
+    monkeypatch.setattr(tokenize_module, "normalize_row", lambda row: change(row, real(row)))
+    monkeypatch.setattr(tokenize_module, "TOKENIZE_CODE_VERSION", f"{tokenize_module.TOKENIZE_CODE_VERSION}+{name}")
+
+
+def spaced_questions(row: dict, messages: list[dict]) -> list[dict]:
+    """A rule that writes a space before each question mark of the user's turns."""
+    return [m | {"content": m["content"].replace("?", " ?")} if m["role"] == "user" else m for m in messages]
+
+
+def invalid(*ids: str):
+    """A rule under which the rows of these ids are no longer valid."""
+
+    def change(row: dict, messages: list[dict]) -> list[dict]:
+        if row.get("id") in ids:
+            raise BadRow("no_assistant_turn", "refused by the new rule")
+        return messages
+
+    return change
+
+
+def stored_ids(out: Path, shard: int) -> list[str]:
+    return pq.read_table(out / "data" / f"train-{shard:05d}-of-00004.parquet", columns=["sample_id"])["sample_id"].to_pylist()
+
+
+def test_a_resume_refuses_a_finished_shard_whose_tokens_differ_from_this_runs(full_vocabulary_partial, monkeypatch):
+    """Same identity, other tokens: the finished shard 0 holds the rows as tokenized before; the
+    resume refuses, naming the shard and its first differing sample, and changes nothing."""
+    out, cfg = full_vocabulary_partial
+    conversation_rules_change(monkeypatch, "spaced questions", spaced_questions)
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the samples were checked"))
+    before = files_as_they_were(out)
+    with pytest.raises(
+        ResumeSamplesDiffer,
+        match=says(
+            "shard train-00000-of-00004.parquet, which this build finished, holds other samples than this run would write",
+            "its row 0 (input row ",
+            "has input_ids ",
+            "tokenized (or found valid) differently now than when that shard was written",
+            "another eagle3-cache version's conversation rules, or another tokenizers or transformers version",
+            "Finish the build with the eagle3-cache, tokenizers and transformers versions that began it",
+            "new --output-dir",
+        ),
+    ):
+        build(cfg.replace(resume=True), progress=False)
+    assert files_as_they_were(out) == before
+
+
+def test_a_resume_refuses_a_finished_shard_holding_a_row_no_longer_valid(full_vocabulary_partial, monkeypatch):
+    """A row of shard 0 that the new rules skip shifts the samples after it: shard 0 holds another input row."""
+    out, cfg = full_vocabulary_partial
+    conversation_rules_change(monkeypatch, "second row invalid", invalid(stored_ids(out, 0)[1]))
+    before = files_as_they_were(out)
+    with pytest.raises(
+        ResumeSamplesDiffer, match=says("shard train-00000-of-00004.parquet", "its row 1 holds input row ", "where this run has input row ")
+    ):
+        build(cfg.replace(resume=True), progress=False)
+    assert files_as_they_were(out) == before
+
+
+def test_a_resume_refuses_a_build_whose_samples_filled_another_number_of_shards(full_vocabulary_partial, monkeypatch):
+    """Two rows of unwritten shards no longer valid: 12 samples fill 3 shards, and this run would not
+    even name the shard written for 4; it would be left beside the cache as a stray."""
+    out, cfg = full_vocabulary_partial
+    unwritten = prepare(cfg.replace(resume=True)).samples["sample_id"][-2:]
+    conversation_rules_change(monkeypatch, "two last rows invalid", invalid(*unwritten))
+    before = files_as_they_were(out)
+    with pytest.raises(
+        ResumeSamplesDiffer,
+        match=says("this build wrote train-00000-of-00004.parquet when its samples filled another number of shards", "12 samples fill 3"),
+    ):
+        build(cfg.replace(resume=True), progress=False)
+    assert files_as_they_were(out) == before
+
+
+def test_a_resume_names_a_damaged_token_column_as_damage(full_vocabulary_partial, tmp_path):
+    """A flipped byte in a finished shard's token ids, its size and footer intact: the checksum tells
+    damage from another tokenization."""
+    out, cfg = full_vocabulary_partial
+    shutil.copytree(out, tmp_path / "cache")
+    shard = tmp_path / "cache" / "data" / "train-00000-of-00004.parquet"
+    parquet = pq.ParquetFile(shard)
+    column = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index("input_ids"))
+    data = bytearray(shard.read_bytes())
+    data[column.data_page_offset + column.total_compressed_size - 1] ^= 1  # the high byte of the chunk's last token id
+    shard.write_bytes(bytes(data))
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(
+        ResumeSamplesDiffer,
+        match=says("shard train-00000-of-00004.parquet does not match the checksum its record holds: it is damaged", "Delete it and rerun"),
+    ):
+        build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
+def test_a_resume_reads_only_the_sample_columns_of_its_finished_shards(tmp_path, monkeypatch):
+    """Nothing changed: the check reads the kept shard's token columns alone, and the resume ends
+    with the shards of an uninterrupted build, byte for byte."""
+    reference = build(small_config(tmp_path / "reference", max_samples=8), progress=False)
+    cfg = small_config(tmp_path / "cache", max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    real_read, reads = pq.ParquetFile.read, []
+
+    def recording_read(self, columns=None, *args, **kwargs):
+        reads.append(columns)
+        return real_read(self, columns, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", recording_read)
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    assert reads == [list(SAMPLE_COLUMNS)]
+    assert sorted(p.name for p in (tmp_path / "cache" / "data").iterdir()) == sorted(
+        p.name for p in (reference.output_dir / "data").iterdir()
+    )
+    for shard in (reference.output_dir / "data").iterdir():
+        assert (tmp_path / "cache" / "data" / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
 def test_a_resume_checks_again_once_it_holds_the_lock(tmp_path, monkeypatch):

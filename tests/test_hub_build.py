@@ -40,7 +40,7 @@ def test_upload_while_building_keeps_few_shards_and_equals_push_after_build(hub,
     assert_same_content(remote, decoded_rows(local))
 
 
-def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
+def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch, caplog):
     out = tmp_path / "cache"
     cfg = small_config(out, shard_size=2, push_to_hub="tester/resumed", hub_tag="v1", delete_local_after_upload=True)
     import builder.forward as forward_module
@@ -60,6 +60,8 @@ def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(forward_module, "write_one_shard", real)
     result = build(cfg.replace(resume=True), progress=False)
     assert len(result.written) == 4  # the three shards already on the Hub were not rebuilt
+    # their samples are not compared with this run's: that would download them
+    assert "3 shard(s) this build uploaded and deleted here (--delete-local-after-upload) are not checked" in caplog.text
     reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
     assert_same_content(list(load_cache("tester/resumed", revision="v1", layout="raw")), decoded_rows(reference))
 
