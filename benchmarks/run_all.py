@@ -40,6 +40,43 @@ def run(name: str) -> float:
     return time.perf_counter() - start
 
 
+def io_throughput_lines(data: dict, took: str) -> list[str]:
+    """Writer and reader ratios of times. Results files written before the baseline flushed as the
+    writer does, and before the reader's ratios became ratios of times, lack the new keys: their
+    writer lines fall back to the one-fsync baseline, their reader lines are left out (their
+    ratios set decoded MB/s against the file's MB/s)."""
+    r, mb = data["ratios"], data["mb_per_s"]
+    overlapped = "plain_write_overlapped_none" in mb
+    baseline, plain_mb_s = (
+        ("overlapped_plain_write", mb["plain_write_overlapped_none"]) if overlapped else ("plain_write", mb["plain_write_none"])
+    )
+    flushed = "disk writes started every 32 MiB as the writer's are" if overlapped else "one fsync at the end: an older results file"
+    lines = [
+        f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data in one shard, best of {data['repeats']}; "
+        f"ratios of times; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
+    ]
+    for c in ("none", "zstd"):
+        per_thread = [
+            f"{t} thread(s) {r[f'writer_{c}_{t}_over_{baseline}_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
+            for t in data["threads"]
+        ]
+        lines.append(
+            f"  writer {c}: {', '.join(per_thread)} of a plain write + fsync of the tensor bytes ({plain_mb_s:,.0f} MB/s, {flushed})"
+        )
+    if "reader_cold_none_over_plain_read_of_its_files" not in r:
+        lines.append("  reader: not shown (an older results file: its ratios set decoded MB/s against the file's MB/s)")
+        return lines
+    for c in ("none", "zstd"):
+        cold, warm = f"cold_{c}_over_plain_read_of", f"warm_{c}_over_plain_read_of"
+        lines.append(
+            f"  reader {c}, a plain read's time over the reader's: cold {r[f'reader_{cold}_its_files']:.3f} "
+            f"({r[f'reader_with_open_{cold}_its_files']:.3f} with the open), warm {r[f'reader_{warm}_its_files']:.3f}; "
+            f"against a plain read of the same tensor bytes (the none shard) cold {r[f'reader_{cold}_the_tensor_bytes']:.3f}; "
+            f"pyarrow's own read {r[f'pyarrow_read_{cold}_its_files']:.2f} cold"
+        )
+    return lines
+
+
 def summary(names: list[str], seconds: dict[str, float]) -> str:
     lines = ["", "=== summary " + "=" * 63]
     machine = None
@@ -119,27 +156,7 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"({c['compute_per_byte']['flops_per_byte'] / c['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x Llama-3.1-8B's)"
                 )
         elif name == "io_throughput":
-            mb = data["mb_per_s"]
-            lines.append(
-                f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
-                f"in one shard, best of {data['repeats']}; "
-                f"target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
-            )
-            for c in ("none", "zstd"):
-                lines.append(
-                    f"  writer {c}: "
-                    + ", ".join(
-                        f"{t} thread(s) {r[f'writer_{c}_{t}_over_plain_write_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
-                        for t in data["threads"]
-                    )
-                    + f" of a plain write + fsync of the tensor bytes ({mb['plain_write_none']:,.0f} MB/s)"
-                )
-                lines.append(
-                    f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, "
-                    f"warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
-                    f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, "
-                    f"{r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm"
-                )
+            lines += io_throughput_lines(data, took)
         elif name == "scaling":
             best = data["best"]
             lines.append(f"scaling{took}: {data['cores']} cores, OMP_NUM_THREADS=1 per process")

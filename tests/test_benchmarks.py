@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 
@@ -55,3 +57,63 @@ def test_nemo_speed_runs_both_tools_on_the_same_path():
     tool's path only would charge that import to that tool alone."""
     paths = {tool: run_in_benchmarks(NEMO_SPEED_CHILD.replace("TOOL", repr(tool)))["path"] for tool in ("ours", "nemo")}
     assert paths["ours"] == paths["nemo"]
+
+
+# ---- io_throughput.py ------------------------------------------------------------------------
+
+PLAIN_WRITES = """
+import json, sys
+import io_throughput
+from builder import shards
+
+calls = []
+real = shards._start_writeback
+def start_writeback(fd, offset, length):
+    calls.append([offset, length])
+    real(fd, offset, length)
+
+shards._start_writeback, shards.FLUSH_BYTES, io_throughput.CHUNK = start_writeback, 4096, 1024
+data = bytes(range(256)) * 70  # 17,920 bytes: four flushes, then a 1,536-byte tail for the fsync
+written = {}
+for overlapped in (True, False):
+    path = io_throughput.Path(sys.argv[1]) / f"plain-{overlapped}"
+    io_throughput.plain_write(path, data, overlapped)
+    written[str(overlapped)] = {"flushes": calls[:], "same_bytes": path.read_bytes() == data}
+    calls.clear()
+print(json.dumps(written))
+"""
+
+
+def test_plain_write_baseline_flushes_as_the_writer_does(tmp_path):
+    """The writer starts the disk writes of every FLUSH_BYTES as it goes; a baseline flushed by one
+    fsync at the end starts the disk late, and a writer could then beat "the disk's speed"."""
+    written = run_in_benchmarks(PLAIN_WRITES.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert written["True"] == {"flushes": [[0, 4096], [4096, 4096], [8192, 4096], [12288, 4096]], "same_bytes": True}
+    assert written["False"] == {"flushes": [], "same_bytes": True}  # the earlier baseline, kept as a diagnostic
+
+
+READ_RATIOS = """
+import json
+import io_throughput
+
+best = {}
+for w, scale in (("cold", 1.0), ("warm", 0.5)):
+    best |= {f"plain_read_{w}_none": 1.0 * scale, f"plain_read_{w}_zstd": 0.7 * scale}  # the zstd file is smaller
+    for c, seconds in (("none", 2.0), ("zstd", 3.5)):
+        best |= {f"reader_{w}_{c}": seconds * scale, f"reader_with_open_{w}_{c}": (seconds + 0.5) * scale}
+        best |= {f"reader_untouched_{w}_{c}": seconds * scale / 2, f"pyarrow_read_{w}_{c}": scale}
+print(json.dumps(io_throughput.read_ratios(best)))
+"""
+
+
+def test_reader_ratios_are_ratios_of_times():
+    """A zstd read set against a plain read of its own file, in time: the decoded tensor bytes'
+    MB/s over the smaller file's MB/s would count the compression as the reader's speed."""
+    ratios = run_in_benchmarks(READ_RATIOS)
+    for w in ("cold", "warm"):
+        assert ratios[f"reader_{w}_zstd_over_plain_read_of_its_files"] == pytest.approx(0.7 / 3.5)
+        assert ratios[f"reader_{w}_zstd_over_plain_read_of_the_tensor_bytes"] == pytest.approx(1.0 / 3.5)
+        assert ratios[f"reader_with_open_{w}_zstd_over_plain_read_of_its_files"] == pytest.approx(0.7 / 4.0)
+        assert ratios[f"reader_with_open_{w}_none_over_plain_read_of_the_tensor_bytes"] == pytest.approx(1.0 / 2.5)
+        assert ratios[f"pyarrow_read_{w}_zstd_over_plain_read_of_its_files"] == pytest.approx(0.7)
+    assert not [key for key in ratios if key.endswith("_over_plain_read")]  # no ratio of unlike MB/s left
