@@ -112,13 +112,24 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"vs NeMo {b['reference_bytes_per_token']:,.0f} "
                     f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, "
                     f"the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
+                    + (
+                        f"; NeMo's own lossy --target-probs-topk {b['nemo_topk']} cache: "
+                        f"{b['ratio_nemo_topk_reference_over_cache']:.2f}x smaller than that"
+                        if "nemo_topk" in b
+                        else ""
+                    )
                 )
             for p in data["projections"]:
                 ratios = p["ratio_reference_over_zstd"]
                 lines.append(
                     f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: "
-                    f"NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
+                    f"NeMo (lossless) / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
                     f"/ hidden {ratios['hidden']:.1f}x"
+                    + (
+                        f"; NeMo's own top-k cache / topk {p['ratio_nemo_topk_reference_over_topk']['zstd']:.1f}x"
+                        if "ratio_nemo_topk_reference_over_topk" in p
+                        else ""
+                    )
                 )
         elif name == "peak_rss":
             base = data["baseline"]["VmHWM"] / 2**20
@@ -177,6 +188,12 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"{b['target_format']}/{b['aux_dtype']} {b['ratio_reference_over_cache']:.2f}x" for b in data.get("big_builds", [])
                 )
             )
+            topk = [b for b in data.get("big_builds", []) if "ratio_nemo_topk_reference_over_cache" in b]
+            if topk:
+                lines.append(
+                    "  topk against NeMo's own lossy --target-probs-topk 64 cache: "
+                    + ", ".join(f"aux {b['aux_dtype']} {b['ratio_nemo_topk_reference_over_cache']:.2f}x" for b in topk)
+                )
             lines.append(
                 "  8B, 2,048-token samples: "
                 + ", ".join(

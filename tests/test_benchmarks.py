@@ -5,6 +5,7 @@ session has already imported."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -93,6 +94,7 @@ def test_plain_write_baseline_flushes_as_the_writer_does(tmp_path):
 
 
 READ_RATIOS = """
+import importlib.util
 import json
 import io_throughput
 
@@ -117,3 +119,49 @@ def test_reader_ratios_are_ratios_of_times():
         assert ratios[f"reader_with_open_{w}_none_over_plain_read_of_the_tensor_bytes"] == pytest.approx(1.0 / 2.5)
         assert ratios[f"pyarrow_read_{w}_zstd_over_plain_read_of_its_files"] == pytest.approx(0.7)
     assert not [key for key in ratios if key.endswith("_over_plain_read")]  # no ratio of unlike MB/s left
+
+
+# ---- _nemo_layout.py: NeMo's cache bytes, against the cache NeMo's own code writes ---------------
+
+
+def load_benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NEMO_CHATS = {"sample-sharegpt": ("sg-000", "sg-001", "sg-002"), "sample-openai": ("oa-003",)}
+
+
+@pytest.mark.parametrize("topk", [0, 64], ids=["lossless", "topk-64"])
+def test_nemo_bytes_per_position_match_the_cache_nemo_writes(tmp_path, topk):
+    """The size comparisons set our caches against NeMo's lossless cache and against its own top-k
+    cache of the same samples: both sizes are NeMo's shards' tensor bytes, padding included."""
+    precompute_eagle3 = pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from builder.embedded import EMBEDDED_INPUTS, resolve_target
+
+    chats = tmp_path / "chats.jsonl"
+    rows = [json.loads(line) for name in NEMO_CHATS for line in EMBEDDED_INPUTS[name].read_text().splitlines() if line.strip()]
+    chats.write_text(
+        "".join(json.dumps(row) + "\n" for row in rows if row["id"] in NEMO_CHATS["sample-sharegpt"] + NEMO_CHATS["sample-openai"])
+    )
+    out, seq_length = tmp_path / "nemo", 96  # some chats longer (truncated), some shorter (padded)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precompute_eagle3, "NeMoAutoModelForCausalLM", AutoModelForCausalLM)  # its loader is CUDA-only
+        flags = ["--seq-length", str(seq_length), "--draft-vocab-size", "300", "--target-probs-topk", str(topk), "--dtype", "bf16"]
+        io = ["--target-model", str(resolve_target("tiny-llama")), "--input-data", str(chats), "--output-dir", str(out)]
+        assert precompute_eagle3.main([*io, *flags, "--device", "cpu", "--log-level", "WARNING"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    stored = 0
+    for shard in out.glob("shard-*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            stored += sum(f.get_tensor(key).nbytes for key in f.keys())
+    per_position = load_benchmark_module("_nemo_layout").nemo_bytes_per_position(
+        manifest["aux_hidden_dim"], manifest["draft_vocab_size"], "bf16", topk
+    )
+    assert manifest["num_samples"] == 4
+    assert stored == manifest["num_samples"] * seq_length * per_position
