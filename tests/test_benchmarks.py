@@ -165,3 +165,16 @@ def test_nemo_bytes_per_position_match_the_cache_nemo_writes(tmp_path, topk):
     )
     assert manifest["num_samples"] == 4
     assert stored == manifest["num_samples"] * seq_length * per_position
+
+
+# ---- run_all.py --------------------------------------------------------------------------------
+
+
+def test_run_all_summary_shows_the_paired_median_beside_fastest_over_fastest(tmp_path, monkeypatch):
+    """The README cites both figures of the tiny target's build ÷ bare; the summary shows both."""
+    stored = json.loads((BENCH_DIR / "results" / "build_overhead_tiny_latest.json").read_text())["runs"][0]
+    (tmp_path / "build_overhead.json").write_text(json.dumps(stored))
+    run_all = load_benchmark_module("run_all")
+    monkeypatch.setattr(run_all, "RESULTS_DIR", tmp_path)
+    summary = run_all.summary(["build_overhead"], {})
+    assert "tiny 0.4M params: paired median 0.873 (0.828-0.916, 4 builds), fastest over fastest 0.782" in summary
