@@ -4,8 +4,13 @@ NeMo Automodel 0.7.0's `precompute_eagle3` writes safetensors shards in which ev
 padded to seq_length: int64 input_ids / attention_mask / loss_mask, `[S, 3H]` aux and `[S, Vd]`
 probs in bf16 at every position, a bool position mask, i.e. `S * (3*8 + 3H*2 + Vd*2 + 1)` bytes
 per sample (its lossless default; the safetensors headers add a few hundred bytes per shard).
-That figure is computed here from the description, independently of
-`builder.plan.estimate_sizes` (and checked against it with compression off).
+That figure comes from `_nemo_layout.py` (NeMo's fields, checked against the shards NeMo's own
+code writes in tests/test_benchmarks.py), independently of `builder.plan.estimate_sizes` (and
+checked against it with compression off).
+
+Our `topk` builds are lossy, NeMo's default is not: they are also set against NeMo's own top-k
+cache of the same samples (`--target-probs-topk K`, the same K: bf16 values and int32 indices
+instead of the probs, padded the same way), `S * (3*8 + 3H*2 + K*(2+4) + 1)` bytes per sample.
 
 Measured, each built with `--compression zstd` (the default: byte planes + zstd, lossless)
 and with `--compression none`, in bf16:
@@ -35,6 +40,7 @@ import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets lo
 import numpy as np
 from _columns import BIG_SAMPLES, BIG_SEQ, column_stats, make_big_target
 from _common import machine_line, table, temp_dir, write_results
+from _nemo_layout import nemo_bytes_per_position
 
 NAME = "cache_size"
 SEQ_LENGTH = 2048
@@ -42,13 +48,6 @@ DTYPE = "bf16"
 DRAFT_VOCABS = (256, 1024)
 COMPRESSIONS = ("zstd", "none")
 PROJECTION = {"hidden_size": 4096, "aux_layers": 3, "draft_vocabs": (32000, 8192), "seq_length": 2048, "dtype": "bf16"}
-FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
-def reference_bytes_per_position(aux_width: int, draft_vocab: int, dtype: str) -> int:
-    """NeMo Automodel precompute_eagle3, one (padded) position: 3 int64 (ids, attention, loss),
-    aux `[3H]` and probs `[Vd]` in the float dtype, one bool position-mask byte."""
-    return 3 * 8 + aux_width * FLOAT_BYTES[dtype] + draft_vocab * FLOAT_BYTES[dtype] + 1
 
 
 def directory_bytes(path: Path) -> int:
@@ -75,7 +74,7 @@ def measure(label: str, target: str, compression: str, **settings) -> dict:
     vd = len(prep.selected_token_ids)
     n, tokens = totals["samples"], totals["tokens"]
     assert n == len(num_tokens) and tokens == int(num_tokens.sum())
-    per_position = reference_bytes_per_position(aux_width, vd, DTYPE)
+    per_position = nemo_bytes_per_position(aux_width, vd, DTYPE)
     reference, reference_unpadded = n * seq * per_position, tokens * per_position
     estimate = estimate_sizes(
         num_tokens, num_loss, aux_width=aux_width, hidden_size=prep.hidden_size, draft_vocab=vd, dtype=DTYPE, seq_length=seq
@@ -107,6 +106,14 @@ def measure(label: str, target: str, compression: str, **settings) -> dict:
         "build_s": build_s,
     }
     row["compression_ratio"] = row["tensor_bytes"] / totals["bytes"]
+    if prep.cfg.target_format == "topk":  # lossy: also against NeMo's own lossy top-k cache
+        nemo_topk = n * seq * nemo_bytes_per_position(aux_width, vd, DTYPE, topk=prep.cfg.topk)
+        row |= {
+            "nemo_topk": prep.cfg.topk,
+            "nemo_topk_reference_bytes": nemo_topk,
+            "nemo_topk_reference_bytes_per_token": nemo_topk / tokens,
+            "ratio_nemo_topk_reference_over_cache": nemo_topk / totals["bytes"],
+        }
     print(
         f"  built {label} ({compression}): {totals['bytes']:,} bytes in {len(result.manifest['shards'])} shard(s), {build_s:.1f} s",
         flush=True,
@@ -123,7 +130,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _common.quiet_libraries()
-    from builder.plan import estimate_sizes
+    from builder.plan import TOPK_DEFAULT, estimate_sizes
 
     print(
         f"{NAME}: embedded default (tiny-llama, sample-chats), seq_length {SEQ_LENGTH}, {DTYPE}"
@@ -171,6 +178,8 @@ def main(argv=None) -> dict:
         }
         tokens = int(num_tokens.sum())
         ref = sizes["none"]["reference_padded_dense"]
+        positions = len(num_tokens) * PROJECTION["seq_length"]
+        ref_topk = positions * nemo_bytes_per_position(aux_width, draft_vocab, PROJECTION["dtype"], topk=TOPK_DEFAULT)
         projections.append(
             {
                 "draft_vocab": draft_vocab,
@@ -182,6 +191,8 @@ def main(argv=None) -> dict:
                 "reference_bytes_per_sample": ref / len(num_tokens),
                 "ratio_reference_over": {k: ref / sizes["none"][k] for k in ("probs", "topk", "hidden")},
                 "ratio_reference_over_zstd": {k: ref / sizes["zstd"][k] for k in ("probs", "topk", "hidden")},
+                "nemo_topk_reference_bytes_per_sample": ref_topk / len(num_tokens),
+                "ratio_nemo_topk_reference_over_topk": {c: ref_topk / sizes[c]["topk"] for c in COMPRESSIONS},
             }
         )
 
@@ -219,6 +230,25 @@ def main(argv=None) -> dict:
             f"{g['loss_tokens']:,} loss-masked; aux width {g['aux_width']}"
         )
     print("  cache = the Parquet shards (manifest totals); padding factor x rest = NeMo/cache; tensor/shard bytes = what compression saves")
+    topk_rows = [b for b in builds + big if "nemo_topk" in b]
+    if topk_rows:
+        print(
+            table(
+                ["case", "compression", "cache B/token", "NeMo top-k B/token", "NeMo top-k / cache"],
+                [
+                    [
+                        b["case"],
+                        b["compression"],
+                        b["bytes_per_token"],
+                        b["nemo_topk_reference_bytes_per_token"],
+                        b["ratio_nemo_topk_reference_over_cache"],
+                    ]
+                    for b in topk_rows
+                ],
+                title=f"Our lossy top-k builds against NeMo's own lossy cache of the same samples, --target-probs-topk "
+                f"{topk_rows[0]['nemo_topk']} (bf16 values + int32 indices, padded like its default):",
+            )
+        )
     print()
     print(
         table(
@@ -259,7 +289,11 @@ def main(argv=None) -> dict:
         )
     )
     for p in projections:
-        print(f"  Vd={p['draft_vocab']}: NeMo {p['reference_bytes_per_sample'] / 1e6:,.1f} MB per sample")
+        print(
+            f"  Vd={p['draft_vocab']}: NeMo {p['reference_bytes_per_sample'] / 1e6:,.1f} MB per sample; its own lossy "
+            f"--target-probs-topk {TOPK_DEFAULT} cache {p['nemo_topk_reference_bytes_per_sample'] / 1e6:,.1f} MB, "
+            f"{p['ratio_nemo_topk_reference_over_topk']['none']:.1f}x / {p['ratio_nemo_topk_reference_over_topk']['zstd']:.1f}x our topk"
+        )
     print(f"  {machine_line()}")
     data = {
         "seq_length": SEQ_LENGTH,
@@ -273,7 +307,12 @@ def main(argv=None) -> dict:
             "loss_tokens": int(num_loss.sum()),
             "p50_p90_p99_max": [*np.percentile(num_tokens, [50, 90, 99]).astype(int).tolist(), int(num_tokens.max())],
         },
-        "ratios": {f"{b['case']} {b['compression']}": b["ratio_reference_over_cache"] for b in builds + big},
+        "ratios": {f"{b['case']} {b['compression']}": b["ratio_reference_over_cache"] for b in builds + big}
+        | {
+            f"{b['case']} {b['compression']} vs NeMo --target-probs-topk {b['nemo_topk']}": b["ratio_nemo_topk_reference_over_cache"]
+            for b in builds + big
+            if "nemo_topk" in b
+        },
     }
     path = write_results(NAME, data)
     print(f"  wrote {path.relative_to(_common.ROOT)}")

@@ -23,7 +23,10 @@ target's activations and distributions will differ; probs were measured at Vd 10
 
 Reference: NeMo Automodel 0.7.0 `precompute_eagle3`'s layout (safetensors shards), every
 sample padded to seq_length: int64 input_ids / attention_mask / loss_mask, `[S, 3H]` aux and
-`[S, Vd]` probs in bf16, a bool position mask: `S * (3*8 + 3H*2 + Vd*2 + 1)` bytes per sample.
+`[S, Vd]` probs in bf16, a bool position mask: `S * (3*8 + 3H*2 + Vd*2 + 1)` bytes per sample
+(`_nemo_layout.py`). That is NeMo's lossless default; our `topk` caches are lossy, so they are
+also set against NeMo's own top-k cache (`--target-probs-topk 64`: bf16 values and int32 indices
+instead of the probs, padded the same way), `S * (3*8 + 3H*2 + 64*(2+4) + 1)` bytes per sample.
 
 Run: .venv/bin/python benchmarks/format_sizes.py [--draft-vocabs 256,1024] [--no-big] [--results PATH]
 """
@@ -37,6 +40,7 @@ from pathlib import Path
 import _common  # noqa: F401  (first: fresh HF_DATASETS_CACHE before datasets loads)
 from _columns import BIG_SAMPLES, BIG_SEQ, column_stats, encode_speed, make_big_target
 from _common import machine_line, table, temp_dir, write_results
+from _nemo_layout import nemo_bytes_per_position
 
 NAME = "format_sizes"
 SEQ_LENGTH = 2048
@@ -44,10 +48,6 @@ FORMATS = ("probs", "topk", "hidden")
 AUX_DTYPES = ("bf16", "fp8")
 TOPK = 64
 LLAMA_8B = {"hidden_size": 4096, "aux_layers": 3, "draft_vocab": 32000, "tokens": 2048, "target_vocab": 128256}
-
-
-def reference_bytes_per_position(aux_width: int, draft_vocab: int) -> int:
-    return 3 * 8 + aux_width * 2 + draft_vocab * 2 + 1
 
 
 def layout_of(target_format: str, aux_dtype: str, hidden: int, draft_vocab: int, aux_layers: int = 3):
@@ -97,7 +97,7 @@ def one_build(target: str, label: str, fmt: str, aux: str, vd: int, **settings) 
     aux_width = len(prep.aux_layer_ids) * prep.hidden_size
     columns = column_stats(out)
     raw = sum(c["raw"] for c in columns.values())
-    reference = n * seq * reference_bytes_per_position(aux_width, vd)
+    reference = n * seq * nemo_bytes_per_position(aux_width, vd)
     head = out / LM_HEAD_FILE
     row = {
         "target": label,
@@ -126,6 +126,13 @@ def one_build(target: str, label: str, fmt: str, aux: str, vd: int, **settings) 
         "quality": m.get("quality", {}),
         "build_s": seconds,
     }
+    if fmt == "topk":  # lossy: also against NeMo's own lossy top-k cache of the same samples
+        nemo_topk = n * seq * nemo_bytes_per_position(aux_width, vd, topk=TOPK)
+        row |= {
+            "nemo_topk_reference_bytes": nemo_topk,
+            "nemo_topk_reference_bytes_per_token": nemo_topk / tokens,
+            "ratio_nemo_topk_reference_over_cache": nemo_topk / totals["bytes"],
+        }
     if label == "big":
         row["encode_mb_per_s"] = encode_speed(out)
     print(
@@ -162,7 +169,8 @@ def main(argv=None) -> dict:
 
     b0 = builds[0]
     loss_share = b0["loss_tokens"] / b0["tokens"]
-    ref8 = reference_bytes_per_position(3 * LLAMA_8B["hidden_size"], LLAMA_8B["draft_vocab"])  # per position; samples are full
+    ref8 = nemo_bytes_per_position(3 * LLAMA_8B["hidden_size"], LLAMA_8B["draft_vocab"])  # per position; samples are full
+    ref8_topk = nemo_bytes_per_position(3 * LLAMA_8B["hidden_size"], LLAMA_8B["draft_vocab"], topk=TOPK)
     projections = []
     for fmt in FORMATS:
         for aux in AUX_DTYPES:
@@ -196,6 +204,15 @@ def main(argv=None) -> dict:
                     "fixed_bytes_per_cache": LLAMA_8B["draft_vocab"] * LLAMA_8B["hidden_size"] * 4 if fmt == "hidden" else 0,
                 }
             )
+            if fmt == "topk":
+                projections[-1] |= {
+                    "nemo_topk_reference_bytes_per_token": ref8_topk,
+                    "ratio_nemo_topk_reference_over_cache": ref8_topk / stored_bpt,
+                    "ratio_nemo_topk_reference_over_cache_at_sample_chat_lengths": b0["samples"]
+                    * LLAMA_8B["tokens"]
+                    * ref8_topk
+                    / chats_stored,
+                }
 
     lines = [
         f"| format | aux | embedded, Vd {'/'.join(str(v) for v in draft_vocabs)}: B/token | B/sample | NeMo / cache | "
@@ -221,6 +238,26 @@ def main(argv=None) -> dict:
         )
     print()
     print("\n".join(lines))
+    print()
+    print(
+        table(
+            ["topk (K=64) against NeMo --target-probs-topk 64", "aux", "B/token", "NeMo top-k B/token", "NeMo top-k / cache"],
+            [
+                [b["target"] + f", Vd {b['draft_vocab']}", b["aux_dtype"], b["bytes_per_token"], b["nemo_topk_reference_bytes_per_token"]]
+                + [b["ratio_nemo_topk_reference_over_cache"]]
+                for b in builds + big
+                if b["target_format"] == "topk"
+            ]
+            + [
+                ["Llama-3.1-8B, 2,048-token samples", p["aux_dtype"], p["bytes_per_token"], p["nemo_topk_reference_bytes_per_token"]]
+                + [p["ratio_nemo_topk_reference_over_cache"]]
+                for p in projections
+                if p["target_format"] == "topk"
+            ],
+            title="Our lossy topk caches against NeMo's own lossy top-k cache of the same samples (bf16 values + int32 indices, "
+            "padded like its default); the table above sets every format against NeMo's lossless default:",
+        )
+    )
     print()
     kinds = sorted({(name, c["dtype"]) for b in builds + big for name, c in b["columns"].items() if c["encoding"] != "raw"})
     rows = []
@@ -291,7 +328,17 @@ def main(argv=None) -> dict:
         "projections": projections,
         "markdown_table": "\n".join(lines),
         "ratios": {f"{p['target_format']}_{p['aux_dtype']}_8b_reference_over_cache": p["ratio_reference_over_cache"] for p in projections}
-        | {f"{b['target_format']}_{b['aux_dtype']}_big_reference_over_cache": b["ratio_reference_over_cache"] for b in big},
+        | {f"{b['target_format']}_{b['aux_dtype']}_big_reference_over_cache": b["ratio_reference_over_cache"] for b in big}
+        | {
+            f"topk_{p['aux_dtype']}_8b_nemo_topk_reference_over_cache": p["ratio_nemo_topk_reference_over_cache"]
+            for p in projections
+            if "ratio_nemo_topk_reference_over_cache" in p
+        }
+        | {
+            f"topk_{b['aux_dtype']}_big_nemo_topk_reference_over_cache": b["ratio_nemo_topk_reference_over_cache"]
+            for b in big
+            if b["target_format"] == "topk"
+        },
     }
     path = write_results(NAME, data, args.results)
     print(f"  wrote {path}")

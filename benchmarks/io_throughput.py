@@ -17,21 +17,28 @@ process, interleaved, `--repeats` times each (the fastest counts):
                 shard must be byte-identical to the build's, and the `zstd` shard too,
                 whatever the threads.
   plain write   the same number of bytes (the shard file's own bytes, in memory beforehand)
-                written to a new file in 8 MiB chunks, then fsync: the disk's speed for it.
+                written to a new file in 8 MiB chunks, with the disk writes of every 32 MiB
+                started as they accumulate (`shards._start_writeback`, the writer's own call
+                and rhythm), then fsync: the disk's speed for it, flushed as the writer
+                flushes. Also with one fsync at the end instead (a diagnostic, and the
+                baseline of earlier results files): the disk then starts late, so a writer
+                that overlaps its disk writes could beat it.
   reader        `load_cache(DIR, layout="raw", streaming=True)`, iterating every row and
                 touching every tensor byte (each decoded tensor copied once into a scratch
                 buffer, as the plain read's `readinto` copies into its buffer, on one torch
-                thread like readinto and a DataLoader worker). The open (card,
-                vocab, `datasets` builder) is reported beside it. Also without that
+                thread like readinto and a DataLoader worker). Timed without its open (card,
+                vocab, `datasets` builder) and, as a variant, with it. Also without that
                 copy (a diagnostic: the tensors are in memory, Parquet's decode having
                 copied every byte, but not read again).
   plain read    the shard file read into an 8 MiB buffer with `readinto`.
 
-Ratios: the writer's MB/s of tensor data (the bytes the forward hands over) over a plain
-write + fsync of the same bytes (the `none` shard: what writing them takes at all); and,
-for zstd, over a plain write of the smaller file it produces. Reads: the reader's MB/s of
-decoded tensor data over a plain read of the shard file, cold (pages dropped with
-posix_fadvise(DONTNEED), so the bytes come from the disk) and warm (page cache).
+Ratios, all of times (the baseline's seconds over the path's: 1.0 is as fast as the baseline).
+Writes: the writer against the plain write of the tensor bytes (the `none` shard: what writing
+them takes at all) and against a plain write of the file it produces (for zstd, smaller).
+Reads, cold (pages dropped with posix_fadvise(DONTNEED), so the bytes come from the disk) and
+warm (page cache): against a plain read of the same shard file(s), what reading the cache
+takes at all, and against a plain read of the `none` shard, the same tensor bytes. The JSON's
+`ratio_keys` says what each key holds.
 
 Diagnostics: the writer again with a pure-Python thread busy beside it, at the forward loop's GIL
 switch interval (a launch-bound forward thread holds the GIL between its torch calls): the writer's
@@ -73,12 +80,24 @@ def drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def plain_write(path: Path, data: bytes) -> float:
+def plain_write(path: Path, data: bytes, overlapped: bool = True) -> float:
+    """Seconds to write `data` to a new file in CHUNK pieces, then fsync. `overlapped` (the
+    baseline): the disk writes of every FLUSH_BYTES written are started as they accumulate, with
+    the writer's own call (`shards._start_writeback`), as the writer's checksum thread does, so
+    the disk writes while the next chunks are written. Otherwise one fsync flushes everything at
+    the end (a diagnostic: the baseline of the runs before the writer overlapped its disk writes)."""
+    from builder import shards
+
     view = memoryview(data)
     start = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
+        flushed = 0
         for i in range(0, len(view), CHUNK):
             f.write(view[i : i + CHUNK])
+            written = min(i + CHUNK, len(view))
+            if overlapped and written - flushed >= shards.FLUSH_BYTES:
+                shards._start_writeback(f.fileno(), flushed, written - flushed)
+                flushed = written
         os.fsync(f.fileno())
     return time.perf_counter() - start
 
@@ -310,6 +329,43 @@ def pyarrow_read(paths: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+READ_PATHS = {
+    "reader": "load_cache raw streaming",
+    "reader_with_open": "  the same, its open counted",
+    "reader_untouched": "  diag: the reader, tensors not read again",
+    "pyarrow_read": "  diag: pyarrow read_row_group",
+}
+RATIO_KEYS = {
+    "writer_C_T_over_overlapped_plain_write_of_the_tensor_bytes": "the headline: seconds of a plain write of the none "
+    "shard's bytes (the tensor data) in 8 MiB chunks, its disk writes started every 32 MiB with the writer's own call, then "
+    "fsync, over the writer's seconds (C: compression, T: writer threads)",
+    "writer_C_T_over_overlapped_plain_write_of_its_own_file": "the same baseline, of the file the writer produces",
+    "writer_C_T_over_plain_write_of_the_tensor_bytes": "diagnostic: the same against a plain write flushed by one fsync at "
+    "the end (the baseline of earlier results files)",
+    "writer_C_T_over_plain_write_of_its_own_file": "diagnostic: the same, of the file the writer produces",
+    "P_W_C_over_plain_read_of_its_files": "seconds of a plain read of the same shard file(s) over the path's seconds "
+    "(P: reader, reader_with_open, reader_untouched or pyarrow_read; W: cold or warm): what reading this cache takes at all",
+    "P_W_C_over_plain_read_of_the_tensor_bytes": "seconds of a plain read of the none shard (the same tensor bytes, "
+    "uncompressed) over the path's seconds",
+}
+
+
+def read_ratios(best: dict[str, float]) -> dict[str, float]:
+    """Each read path's seconds against plain reads, as ratios of times (1.0: as fast as the plain
+    read): of the same file(s), what reading the cache takes at all, and of the `none` shard, the
+    same tensor bytes uncompressed. A ratio of MB/s would set the decoded tensor bytes of a zstd
+    read against the fewer bytes of its file."""
+    ratios = {}
+    for c in COMPRESSIONS:
+        for w in ("cold", "warm"):
+            own, tensor_bytes = best[f"plain_read_{w}_{c}"], best[f"plain_read_{w}_none"]
+            for kind in READ_PATHS:
+                seconds = best[f"{kind}_{w}_{c}"]
+                ratios[f"{kind}_{w}_{c}_over_plain_read_of_its_files"] = own / seconds
+                ratios[f"{kind}_{w}_{c}_over_plain_read_of_the_tensor_bytes"] = tensor_bytes / seconds
+    return ratios
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -365,7 +421,7 @@ def main(argv=None) -> dict:
 
     times: dict[str, list[float]] = {}
     identical = {c: True for c in COMPRESSIONS}
-    opens = []
+    opens: dict[str, list[float]] = {}
 
     def timed(key: str, seconds: float) -> None:
         times.setdefault(key, []).append(seconds)
@@ -375,7 +431,10 @@ def main(argv=None) -> dict:
         for c in COMPRESSIONS:
             scratch = base / f"plain-{c}-{rep}"
             scratch.mkdir()
-            timed(f"plain_write_{c}", sum(plain_write(scratch / n, d) for n, d in zip(names[c], originals[c])))
+            files = list(zip(names[c], originals[c]))
+            for overlapped in (True, False) if rep % 2 == 0 else (False, True):  # alternating: neither always goes first
+                key = "plain_write_overlapped" if overlapped else "plain_write"
+                timed(f"{key}_{c}", sum(plain_write(scratch / f"{key}-{n}", d, overlapped) for n, d in files))
             shutil.rmtree(scratch)
         for c in COMPRESSIONS:
             for t in threads:
@@ -391,7 +450,8 @@ def main(argv=None) -> dict:
                 drop_from_page_cache(p)
             opened, iterated, rows = reader_pass(caches[c])
             timed(f"reader_cold_{c}", iterated)
-            opens.append(opened)
+            timed(f"reader_with_open_cold_{c}", opened + iterated)
+            opens.setdefault(c, []).append(opened)
             for p in paths[c]:
                 drop_from_page_cache(p)
             timed(f"reader_untouched_cold_{c}", reader_pass(caches[c], touch=False)[1])
@@ -400,7 +460,9 @@ def main(argv=None) -> dict:
             timed(f"pyarrow_read_cold_{c}", pyarrow_read(paths[c]))
             plain_read(paths[c])  # into the page cache
             timed(f"plain_read_warm_{c}", plain_read(paths[c]))
-            timed(f"reader_warm_{c}", reader_pass(caches[c])[1])
+            opened, iterated, _ = reader_pass(caches[c])
+            timed(f"reader_warm_{c}", iterated)
+            timed(f"reader_with_open_warm_{c}", opened + iterated)
             timed(f"reader_untouched_warm_{c}", reader_pass(caches[c], touch=False)[1])
             timed(f"pyarrow_read_warm_{c}", pyarrow_read(paths[c]))
 
@@ -436,7 +498,11 @@ def main(argv=None) -> dict:
     mb = {
         k: v
         for k, v in {
-            **{f"plain_write_{c}": shard_bytes[c] / best[f"plain_write_{c}"] / 1e6 for c in COMPRESSIONS},
+            **{
+                f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6
+                for c in COMPRESSIONS
+                for kind in ("plain_write_overlapped", "plain_write")
+            },
             **{f"writer_{c}_{t}": tensor_mb / best[f"writer_{c}_{t}"] for c in COMPRESSIONS for t in threads},
             **{
                 f"{kind}_{c}": shard_bytes[c] / best[f"{kind}_{c}"] / 1e6
@@ -447,54 +513,66 @@ def main(argv=None) -> dict:
                 f"{kind}_{w}_{c}": raw / best[f"{kind}_{w}_{c}"] / 1e6
                 for c in COMPRESSIONS
                 for w in ("cold", "warm")
-                for kind in ("reader", "reader_untouched")
+                for kind in ("reader", "reader_with_open", "reader_untouched")
             },
             **{f"decode_{k}": raw / v / 1e6 for k, v in decode.items()},
             **{f"encode_{k}": raw / v / 1e6 for k, v in encode.items()},
         }.items()
     }
-    plain_raw_s = best["plain_write_none"]  # writing the tensor bytes at all
+    plain_raw_s = best["plain_write_overlapped_none"]  # writing the tensor bytes at all, as the writer flushes
     ratios = {}
     for c in COMPRESSIONS:
         for t in threads:
-            ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"] = plain_raw_s / best[f"writer_{c}_{t}"]
-            ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"] = best[f"plain_write_{c}"] / best[f"writer_{c}_{t}"]
-        for w in ("cold", "warm"):
-            ratios[f"reader_{w}_{c}_over_plain_read"] = mb[f"reader_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
-            ratios[f"reader_untouched_{w}_{c}_over_plain_read"] = mb[f"reader_untouched_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
-            ratios[f"pyarrow_read_{w}_{c}_over_plain_read"] = mb[f"pyarrow_read_{w}_{c}"] / mb[f"plain_read_{w}_{c}"]
+            writer_s = best[f"writer_{c}_{t}"]
+            ratios[f"writer_{c}_{t}_over_overlapped_plain_write_of_the_tensor_bytes"] = plain_raw_s / writer_s
+            ratios[f"writer_{c}_{t}_over_overlapped_plain_write_of_its_own_file"] = best[f"plain_write_overlapped_{c}"] / writer_s
+            # diagnostics: against a plain write flushed by one fsync at the end (the earlier baseline)
+            ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"] = best["plain_write_none"] / writer_s
+            ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"] = best[f"plain_write_{c}"] / writer_s
+    ratios |= read_ratios(best)
 
     def verdict(value: float, target: float) -> str:
         return "MET" if value >= target else "NOT MET"
 
     print()
     rows = [
-        ["plain write + fsync, tensor bytes (the none shard)", best["plain_write_none"], mb["plain_write_none"], 1.0, "", ""],
         [
-            "plain write + fsync, the zstd shard's bytes",
-            best["plain_write_zstd"],
-            mb["plain_write_zstd"],
-            plain_raw_s / best["plain_write_zstd"],
+            f"plain write, {label}, the {c} shard's bytes",
+            best[f"{key}_{c}"],
+            mb[f"{key}_{c}"],
+            plain_raw_s / best[f"{key}_{c}"],
             "",
             "",
-        ],
+            "",
+        ]
+        for key, label in (("plain_write_overlapped", "disk writes started every 32 MiB + fsync"), ("plain_write", "one fsync at the end"))
+        for c in COMPRESSIONS
     ]
     for c in COMPRESSIONS:
         for t in threads:
-            r = ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"]
+            r = ratios[f"writer_{c}_{t}_over_overlapped_plain_write_of_the_tensor_bytes"]
             rows.append(
                 [
                     f"BackgroundWriter, {c}, {t} thread(s)",
                     best[f"writer_{c}_{t}"],
                     mb[f"writer_{c}_{t}"],
                     r,
+                    ratios[f"writer_{c}_{t}_over_plain_write_of_the_tensor_bytes"],
                     f">= {TARGET_WRITE}",
                     verdict(r, TARGET_WRITE),
                 ]
             )
     print(
         table(
-            ["write path", "best s", "tensor MB/s", "÷ plain write of the tensor bytes", "target", "verdict"],
+            [
+                "write path",
+                "best s",
+                "tensor MB/s",
+                "÷ plain write of the tensor bytes, flushed as the writer does",
+                "diag: ÷ the same, one fsync at the end",
+                "target",
+                "verdict",
+            ],
             rows,
             title=f"Writes: {tensor_mb:,.0f} MB of tensor data in {len(names['none'])} shard(s), "
             f"best of {args.repeats}; one run, one machine (MB/s are this machine's figures):",
@@ -502,9 +580,13 @@ def main(argv=None) -> dict:
     )
     print(
         table(
-            ["write path", "its own file, MB", "÷ plain write of its own file"],
+            ["write path", "its own file, MB", "÷ plain write of its own file, flushed as the writer does"],
             [
-                [f"BackgroundWriter, {c}, {t} thread(s)", shard_bytes[c] / 1e6, ratios[f"writer_{c}_{t}_over_plain_write_of_its_own_file"]]
+                [
+                    f"BackgroundWriter, {c}, {t} thread(s)",
+                    shard_bytes[c] / 1e6,
+                    ratios[f"writer_{c}_{t}_over_overlapped_plain_write_of_its_own_file"],
+                ]
                 for c in COMPRESSIONS
                 for t in threads
             ],
@@ -514,39 +596,34 @@ def main(argv=None) -> dict:
     rows = []
     for c in COMPRESSIONS:
         for w in ("cold", "warm"):
-            r = ratios[f"reader_{w}_{c}_over_plain_read"]
-            rows += [
-                [f"plain read of the {c} shard, {w}", best[f"plain_read_{w}_{c}"], mb[f"plain_read_{w}_{c}"], 1.0, "", ""],
-                [
-                    f"load_cache raw streaming, {c}, {w}",
-                    best[f"reader_{w}_{c}"],
-                    mb[f"reader_{w}_{c}"],
-                    r,
-                    f">= {TARGET_READ}",
-                    verdict(r, TARGET_READ),
-                ],
-                [
-                    f"  diag: the same, tensors not read again, {c}, {w}",
-                    best[f"reader_untouched_{w}_{c}"],
-                    mb[f"reader_untouched_{w}_{c}"],
-                    ratios[f"reader_untouched_{w}_{c}_over_plain_read"],
-                    "",
-                    "",
-                ],
-                [
-                    f"  diag: pyarrow read_row_group, {c}, {w}",
-                    best[f"pyarrow_read_{w}_{c}"],
-                    mb[f"pyarrow_read_{w}_{c}"],
-                    ratios[f"pyarrow_read_{w}_{c}_over_plain_read"],
-                    "",
-                    "",
-                ],
-            ]
+            rows.append([f"plain read of the {c} shard, {w}", best[f"plain_read_{w}_{c}"], mb[f"plain_read_{w}_{c}"], 1.0, "", "", ""])
+            for kind, label in READ_PATHS.items():
+                r = ratios[f"{kind}_{w}_{c}_over_plain_read_of_its_files"]
+                headline = kind == "reader"
+                rows.append(
+                    [
+                        f"{label}, {c}, {w}",
+                        best[f"{kind}_{w}_{c}"],
+                        mb[f"{kind}_{w}_{c}"],
+                        r,
+                        ratios[f"{kind}_{w}_{c}_over_plain_read_of_the_tensor_bytes"],
+                        f">= {TARGET_READ}" if headline else "",
+                        verdict(r, TARGET_READ) if headline else "",
+                    ]
+                )
     print(
         table(
-            ["read path", "best s", "MB/s", "ratio", "target", "verdict"],
+            [
+                "read path",
+                "best s",
+                "MB/s",
+                "plain read of its file(s) s ÷ its s",
+                "plain read of the none shard s ÷ its s",
+                "target",
+                "verdict",
+            ],
             rows,
-            title="Reads (reader MB/s: decoded tensor data; plain and pyarrow reads: the file's bytes):",
+            title="Reads, ratios of times (MB/s: the reader's of decoded tensor data, the plain and pyarrow reads' of the file's bytes):",
         )
     )
     print(
@@ -574,7 +651,12 @@ def main(argv=None) -> dict:
         )
     )
     print(f"  writer output byte-identical to the build's shard: none {identical['none']}, zstd {identical['zstd']} (every thread count)")
-    print(f"  reader open (card, vocab, datasets builder): {min(opens):.3f} s (not in the reader's MB/s)")
+    open_s = {c: min(v) for c, v in opens.items()}
+    print(
+        "  reader open (card, vocab, datasets builder): "
+        + ", ".join(f"{c} {v:.3f} s" for c, v in open_s.items())
+        + " (counted only in the reader-with-open rows)"
+    )
     print(f"  {machine_line()}")
     data = {
         "cache": {
@@ -594,11 +676,13 @@ def main(argv=None) -> dict:
         "mb_per_s": mb,
         "decode_seconds": decode,
         "encode_seconds": encode,
-        "reader_open_s": min(opens),
+        "reader_open_s": min(open_s.values()),
+        "reader_open_s_by_compression": open_s,
         "writer_stage_seconds": stages,
         "writer_beside_a_busy_python_thread": contended,
         "writer_output_identical": identical,
         "ratios": ratios,
+        "ratio_keys": RATIO_KEYS,
         "targets": {"writer": TARGET_WRITE, "reader": TARGET_READ},
     }
     path = write_results(NAME, data, args.results)

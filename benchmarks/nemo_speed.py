@@ -8,6 +8,11 @@ is NeMo's wall time over ours; the median over rounds is reported with the range
 NeMo runs unchanged except its model loader, `NeMoAutoModelForCausalLM` (CUDA-only), which is
 swapped for `transformers.AutoModelForCausalLM`, the loader ours uses.
 
+Both run in the same environment: the same interpreter and the same `sys.path`, NeMo's own site
+folder (see the Makefile) appended for both before anything is imported. transformers imports
+torchao, which only that folder holds, on every model load; with the folder on one tool's path
+only, that tool alone would pay the import. The comparison is of the tools, not their paths.
+
 Start-up is measured too: from the launch to the first `nn.Module.forward` call in the process
 (a global forward pre-hook, installed before anything else, records it once and removes itself).
 
@@ -63,14 +68,15 @@ def record_first_forward() -> None:
 
 
 def use_nemo_site() -> None:
-    """NeMo Automodel's own site folder (see the Makefile); only NeMo's process puts it on the path,
-    so ours never imports NeMo's extras (torchao)."""
+    """NeMo Automodel's own site folder (see the Makefile), appended to the path of every run, ours
+    included, so both tools import the same libraries (torchao among them, on each model load)."""
     site = Path(sys.prefix) / "nemo-site"
     if site.is_dir() and str(site) not in sys.path:
         sys.path.append(str(site))
 
 
 def run_tool(tool: str, argv: list[str]) -> int:
+    use_nemo_site()  # first, whatever the tool: the same path for both
     import torch
 
     torch.set_num_threads(int(os.environ.get("NEMO_SPEED_THREADS", "1")))
@@ -80,8 +86,6 @@ def run_tool(tool: str, argv: list[str]) -> int:
 
         return main(["build", *argv])
     import transformers
-
-    use_nemo_site()
     from nemo_automodel.components.speculative import precompute_eagle3
 
     precompute_eagle3.NeMoAutoModelForCausalLM = transformers.AutoModelForCausalLM  # its loader is CUDA-only
@@ -256,6 +260,7 @@ def main() -> int:
                 "device": "cpu",
                 "nemo_automodel": _nemo_version(),
                 "nemo_change": "NeMoAutoModelForCausalLM swapped for transformers.AutoModelForCausalLM",
+                "environment": "the same interpreter and sys.path for both tools, NeMo's site folder appended for both",
             },
             "work": work,
             "rounds": args.rounds,

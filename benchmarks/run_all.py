@@ -3,7 +3,8 @@
 Run: make bench   (or .venv/bin/python benchmarks/run_all.py [NAME ...])
 
 Each benchmark writes benchmarks/results/NAME.json; the summary is read back from those
-files, so it shows exactly the figures that were recorded. Ratios are measured within one
+files, so it shows exactly the figures that were recorded (build_overhead.json's tiny and big
+cases are the main README's two build ÷ bare rows). Ratios are measured within one
 benchmark run on one machine; absolute figures are CPU figures that only matter relative to
 each other.
 """
@@ -30,7 +31,8 @@ BENCHMARKS = (
     "collate_throughput",
     "padding",
 )
-# Not here: hub_stream (run it on its own) and gpu_check.sh (needs an NVIDIA GPU).
+# Not here, each run on its own (see benchmarks/README.md): nemo_speed (needs NeMo's site folder),
+# hub_stream, float_encodings, and gpu_check.sh (needs an NVIDIA GPU).
 
 
 def run(name: str) -> float:
@@ -38,6 +40,70 @@ def run(name: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, str(BENCH_DIR / f"{name}.py")], check=True, cwd=BENCH_DIR.parent)
     return time.perf_counter() - start
+
+
+def build_overhead_lines(data: dict, took: str) -> list[str]:
+    """Each case's build ÷ bare two ways, side by side: the median over the builds of each build
+    against the mean of the bare passes on either side of it (it follows the machine's drift), and
+    the fastest bare pass over the fastest build (one fast bare pass sets it alone)."""
+    r = data.get("ratios", {})
+    lines = [
+        f"build_overhead{took}: build tokens/s / bare model() tokens/s, same batches, {data.get('torch_threads', '?')} torch thread(s)"
+    ]
+    for c in data["cases"]:
+        verdict = ""
+        if c["label"] == "big":
+            verdict = f" (target >= {data['target_ratio_big']}: {'MET' if r.get('big_meets_0_90') else 'NOT MET'})"
+        paired = "paired median: not in this results file"
+        if "ratio_build_over_bare_model_paired_median" in c:
+            pairs = c["ratios_build_over_neighbouring_bare"]
+            median = c["ratio_build_over_bare_model_paired_median"]
+            paired = f"paired median {median:.3f} ({min(pairs):.3f}-{max(pairs):.3f}, {len(pairs)} builds)"
+        diag = f"; / Target.supervise {c['ratio_build_over_target_supervise']:.2f}" if "ratio_build_over_target_supervise" in c else ""
+        per_byte = c["compute_per_byte"]["flops_per_byte"]
+        lines.append(
+            f"  {c['label']:4s} {c['params']['total'] / 1e6:,.1f}M params: {paired}, fastest over fastest "
+            f"{c['ratio_build_over_bare_model']:.3f}{verdict}{diag}; bare {c['bare_tokens_per_s']:,.0f} tok/s [CPU], "
+            f"FLOPs/byte {per_byte:,.0f} ({per_byte / c['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x Llama-3.1-8B's)"
+        )
+    return lines
+
+
+def io_throughput_lines(data: dict, took: str) -> list[str]:
+    """Writer and reader ratios of times. Results files written before the baseline flushed as the
+    writer does, and before the reader's ratios became ratios of times, lack the new keys: their
+    writer lines fall back to the one-fsync baseline, their reader lines are left out (their
+    ratios set decoded MB/s against the file's MB/s)."""
+    r, mb = data["ratios"], data["mb_per_s"]
+    overlapped = "plain_write_overlapped_none" in mb
+    baseline, plain_mb_s = (
+        ("overlapped_plain_write", mb["plain_write_overlapped_none"]) if overlapped else ("plain_write", mb["plain_write_none"])
+    )
+    flushed = "disk writes started every 32 MiB as the writer's are" if overlapped else "one fsync at the end: an older results file"
+    lines = [
+        f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data in one shard, best of {data['repeats']}; "
+        f"ratios of times; target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
+    ]
+    for c in ("none", "zstd"):
+        per_thread = [
+            f"{t} thread(s) {r[f'writer_{c}_{t}_over_{baseline}_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
+            for t in data["threads"]
+        ]
+        lines.append(
+            f"  writer {c}: {', '.join(per_thread)} of a plain write + fsync of the tensor bytes ({plain_mb_s:,.0f} MB/s, {flushed})"
+        )
+    if "reader_cold_none_over_plain_read_of_its_files" not in r:
+        lines.append("  reader: not shown (an older results file: its ratios set decoded MB/s against the file's MB/s)")
+        return lines
+    for c in ("none", "zstd"):
+        cold, warm = f"cold_{c}_over_plain_read_of", f"warm_{c}_over_plain_read_of"
+        lines.append(
+            f"  reader {c}, a plain read's time over the reader's: cold {r[f'reader_{cold}_its_files']:.3f} "
+            f"({r[f'reader_with_open_{cold}_its_files']:.3f} with the open), warm {r[f'reader_{warm}_its_files']:.3f}; "
+            f"against a plain read of the same tensor bytes (the none shard) cold {r[f'reader_{cold}_the_tensor_bytes']:.3f}; "
+            f"pyarrow's own read {r[f'pyarrow_read_{cold}_its_files']:.2f} cold"
+        )
+    return lines
 
 
 def summary(names: list[str], seconds: dict[str, float]) -> str:
@@ -75,13 +141,24 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"vs NeMo {b['reference_bytes_per_token']:,.0f} "
                     f"-> {b['ratio_reference_over_cache']:.2f}x smaller (padding {b['padding_factor']:.2f}x, "
                     f"the rest {b['ratio_unpadded_reference_over_cache']:.2f}x)"
+                    + (
+                        f"; NeMo's own lossy --target-probs-topk {b['nemo_topk']} cache: "
+                        f"{b['ratio_nemo_topk_reference_over_cache']:.2f}x smaller than that"
+                        if "nemo_topk" in b
+                        else ""
+                    )
                 )
             for p in data["projections"]:
                 ratios = p["ratio_reference_over_zstd"]
                 lines.append(
                     f"  PROJECTION 8B-like, zstd, Vd {p['draft_vocab']:>5}: "
-                    f"NeMo / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
+                    f"NeMo (lossless) / probs {ratios['probs']:.1f}x, / topk {ratios['topk']:.1f}x, "
                     f"/ hidden {ratios['hidden']:.1f}x"
+                    + (
+                        f"; NeMo's own top-k cache / topk {p['ratio_nemo_topk_reference_over_topk']['zstd']:.1f}x"
+                        if "ratio_nemo_topk_reference_over_topk" in p
+                        else ""
+                    )
                 )
         elif name == "peak_rss":
             base = data["baseline"]["VmHWM"] / 2**20
@@ -102,44 +179,9 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                 )
             )
         elif name == "build_overhead":
-            lines.append(
-                f"build_overhead{took}: build tokens/s / bare model() tokens/s, same batches, "
-                f"{data.get('torch_threads', '?')} torch thread(s)"
-            )
-            for c in data["cases"]:
-                verdict = ""
-                if c["label"] == "big":
-                    verdict = f" (target >= {data['target_ratio_big']}: {'MET' if r.get('big_meets_0_90') else 'NOT MET'})"
-                diag = (
-                    f"; / Target.supervise {c['ratio_build_over_target_supervise']:.2f}" if "ratio_build_over_target_supervise" in c else ""
-                )
-                lines.append(
-                    f"  {c['label']:4s} {c['params']['total'] / 1e6:,.1f}M params: {c['ratio_build_over_bare_model']:.3f}{verdict}{diag}; "
-                    f"bare {c['bare_tokens_per_s']:,.0f} tok/s [CPU], FLOPs/byte {c['compute_per_byte']['flops_per_byte']:,.0f} "
-                    f"({c['compute_per_byte']['flops_per_byte'] / c['llama_8b_compute_per_byte']['flops_per_byte']:.3f}x Llama-3.1-8B's)"
-                )
+            lines += build_overhead_lines(data, took)
         elif name == "io_throughput":
-            mb = data["mb_per_s"]
-            lines.append(
-                f"io_throughput{took}: {data['cache']['tensor_bytes'] / 1e6:,.0f} MB of tensor data "
-                f"in one shard, best of {data['repeats']}; "
-                f"target writer >= {data['targets']['writer']}, reader >= {data['targets']['reader']}"
-            )
-            for c in ("none", "zstd"):
-                lines.append(
-                    f"  writer {c}: "
-                    + ", ".join(
-                        f"{t} thread(s) {r[f'writer_{c}_{t}_over_plain_write_of_the_tensor_bytes']:.2f} ({mb[f'writer_{c}_{t}']:,.0f} MB/s)"
-                        for t in data["threads"]
-                    )
-                    + f" of a plain write + fsync of the tensor bytes ({mb['plain_write_none']:,.0f} MB/s)"
-                )
-                lines.append(
-                    f"  reader {c} / plain read: cold {r[f'reader_cold_{c}_over_plain_read']:.3f}, "
-                    f"warm {r[f'reader_warm_{c}_over_plain_read']:.3f}; "
-                    f"pyarrow's own read {r[f'pyarrow_read_cold_{c}_over_plain_read']:.2f} cold, "
-                    f"{r[f'pyarrow_read_warm_{c}_over_plain_read']:.2f} warm"
-                )
+            lines += io_throughput_lines(data, took)
         elif name == "scaling":
             best = data["best"]
             lines.append(f"scaling{took}: {data['cores']} cores, OMP_NUM_THREADS=1 per process")
@@ -160,6 +202,12 @@ def summary(names: list[str], seconds: dict[str, float]) -> str:
                     f"{b['target_format']}/{b['aux_dtype']} {b['ratio_reference_over_cache']:.2f}x" for b in data.get("big_builds", [])
                 )
             )
+            topk = [b for b in data.get("big_builds", []) if "ratio_nemo_topk_reference_over_cache" in b]
+            if topk:
+                lines.append(
+                    "  topk against NeMo's own lossy --target-probs-topk 64 cache: "
+                    + ", ".join(f"aux {b['aux_dtype']} {b['ratio_nemo_topk_reference_over_cache']:.2f}x" for b in topk)
+                )
             lines.append(
                 "  8B, 2,048-token samples: "
                 + ", ".join(
