@@ -394,7 +394,7 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     """Check the target against the cache and read its embeddings and pad id (a wrong target is
     refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
-    check_nemo_aux_layers(identity)
+    check_three_aux_layers(identity, "nemo")
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
@@ -402,18 +402,20 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
 
 
-NEMO_AUX_LAYERS = 3  # NeMo's EAGLE-3 draft: its fc reads three aux layers' states, 3 x the hidden size
+EAGLE3_AUX_LAYERS = 3  # NeMo's and SpecForge's EAGLE-3 drafts: their fc reads three aux layers' states, 3 x the hidden size
+TRAINER_NAMES = {"nemo": "NeMo", "specforge": "SpecForge"}
 
 
-def check_nemo_aux_layers(identity: dict) -> None:
-    """Refuse a cache NeMo's EAGLE-3 draft cannot train from: its recipe would refuse the export
-    as built for another target, its aux width not 3 x the hidden size."""
+def check_three_aux_layers(identity: dict, to: str) -> None:
+    """Refuse a cache the trainer's EAGLE-3 draft cannot train from: NeMo's recipe would refuse the
+    export as built for another target (its aux width not 3 x the hidden size), SpecForge's draft
+    asserts that width at its first step."""
     layers = list(identity["aux_layer_ids"])
-    if len(layers) != NEMO_AUX_LAYERS:
+    if len(layers) != EAGLE3_AUX_LAYERS:
         raise ExportError(
-            f"export --to nemo: NeMo's EAGLE-3 draft takes the states of exactly {NEMO_AUX_LAYERS} aux layers; this cache "
-            f"holds {len(layers)} (--aux-layer-ids {' '.join(map(str, layers))}). Build the cache again with three "
-            "--aux-layer-ids, or without the flag for NeMo's default three."
+            f"export --to {to}: {TRAINER_NAMES[to]}'s EAGLE-3 draft takes the states of exactly {EAGLE3_AUX_LAYERS} aux "
+            f"layers; this cache holds {len(layers)} (--aux-layer-ids {' '.join(map(str, layers))}). Build the cache again "
+            "with three --aux-layer-ids, or without the flag for the default three."
         )
 
 
@@ -622,6 +624,7 @@ def prepare_specforge(cache_dir: Path, manifest: dict, target_model: str | None,
             f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
+    check_three_aux_layers(manifest["identity"], "specforge")
     return functools.partial(write_specforge, cache_dir, manifest, progress)
 
 

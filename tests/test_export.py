@@ -256,13 +256,17 @@ def test_export_errors_are_clear(probs_cache, tmp_path, nothing_made):
     assert left_in(tmp_path) == ["a-file", "full"]
 
 
-def test_nemo_export_refuses_a_cache_without_three_aux_layers(tmp_path, nothing_made):
-    """NeMo's EAGLE-3 draft takes exactly three aux layers' states: a cache of two is refused before
-    anything is made, not handed to NeMo, whose recipe would call it a cache of another target."""
-    cache = build(small_config(tmp_path / "cache", max_samples=2, aux_layer_ids=(1, 3)), progress=False).output_dir
+@pytest.mark.parametrize("to, trainer, target_format", [("nemo", "NeMo", "probs"), ("specforge", "SpecForge", "hidden")])
+def test_export_refuses_a_cache_without_three_aux_layers(tmp_path, nothing_made, to, trainer, target_format):
+    """NeMo's and SpecForge's EAGLE-3 drafts take exactly three aux layers' states: a cache of two is
+    refused before anything is made, not handed to NeMo, whose recipe would call it a cache of another
+    target, or to SpecForge, whose draft fails its width check at the first step."""
+    cfg = small_config(tmp_path / "cache", max_samples=2, aux_layer_ids=(1, 3), target_format=target_format)
+    cache = build(cfg, progress=False).output_dir
     (tmp_path / "out").mkdir()
-    with pytest.raises(ExportError, match=says("export --to nemo", "exactly 3 aux layers", "holds 2", "--aux-layer-ids 1 3", "three")):
-        export_cache(cache, "nemo", tmp_path / "out", progress=False)
+    expected = (f"export --to {to}", f"{trainer}'s EAGLE-3 draft", "exactly 3 aux layers", "holds 2", "--aux-layer-ids 1 3", "three")
+    with pytest.raises(ExportError, match=says(*expected)):
+        export_cache(cache, to, tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
 
 
