@@ -25,6 +25,9 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 # What `save_to_disk` writes; a `dataset_info.json` alone is also what LLaMA-Factory's data folders hold.
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 UTF8_BOM = b"\xef\xbb\xbf"
+# This file's source: a release that reads the same bytes into other rows (a fix to the JSON or
+# Parquet reading) must not take the rows an earlier release cached for them.
+READER_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 def is_local(spec: str) -> bool:
@@ -175,8 +178,14 @@ def content_hash(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _json_rows(files: list[str], content: str):
-    """Generator for Dataset.from_generator; `content` (the files' content hash) only feeds its cache fingerprint."""
+def rows_fingerprint(digest: str) -> str:
+    """The rows' cache key: the files' content hash and the code that reads them into rows."""
+    return hashlib.sha256(f"{digest}|{READER_CODE_VERSION}".encode()).hexdigest()[:32]
+
+
+def _json_rows(files: list[str], key: str):
+    """Generator for Dataset.from_generator; `key` (see rows_fingerprint) only feeds its cache fingerprint:
+    `datasets` knows a generator by its name, not by its code."""
     for name in files:
         with open(name, "rb") as f:
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
@@ -225,9 +234,10 @@ def _check_parquet_columns(files: list[Path], schemas: list) -> None:
             )
 
 
-def _from_json_files(files: list[Path], content: str) -> datasets.Dataset:
+def _from_json_files(files: list[Path], digest: str) -> datasets.Dataset:
+    key = rows_fingerprint(digest)
     try:
-        return datasets.Dataset.from_generator(_json_rows, gen_kwargs={"files": [str(p) for p in files], "content": content})
+        ds = datasets.Dataset.from_generator(_json_rows, gen_kwargs={"files": [str(p) for p in files], "key": key})
     except datasets.exceptions.DatasetGenerationError as err:
         if isinstance(err.__cause__, InputError):  # raised in the generator; `datasets` wraps it
             raise err.__cause__ from None
@@ -237,6 +247,7 @@ def _from_json_files(files: list[Path], content: str) -> datasets.Dataset:
                 f"--input-data: {names} holds no rows; expected one JSON object per line (JSON Lines) or a JSON array of objects"
             ) from None
         raise
+    return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=key)
 
 
 def _is_one_json_object(name: str) -> bool:
@@ -307,13 +318,14 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
     """`datasets` keys its Parquet cache, and the rows' fingerprint, by path and modification time,
     which `cp -p` or `rsync -a` keep over new bytes: the cache goes in a folder of its own per
-    content hash, and the content hash is the rows' fingerprint, which keys every cache made from
-    them (the tokenizing map)."""
+    content hash and reading code, which is the rows' fingerprint too, keying every cache made
+    from them (the tokenizing map)."""
     refuse_pattern_paths([Path(p).absolute() for p in files], "--input-data", InputError)
     schemas = _parquet_schemas(files)
     _check_parquet_columns(files, schemas)
     features = _parquet_features(files, schemas)
-    cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_inputs" / digest[:32])
+    key = rows_fingerprint(digest)
+    cache_dir = str(Path(datasets.config.HF_DATASETS_CACHE) / "eagle3_cache_inputs" / key)
     try:
         ds = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train", features=features, cache_dir=cache_dir)
     except (datasets.exceptions.DatasetGenerationError, ValueError, TypeError) as err:
@@ -322,7 +334,7 @@ def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
             f"({_one_line(err.__cause__ or err)}); expected readable Parquet files of one schema: check that none is damaged "
             "or cut short, and rewrite them with one schema, or as JSON Lines"
         ) from None
-    return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=digest)
+    return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=key)
 
 
 def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | None:

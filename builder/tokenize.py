@@ -38,13 +38,15 @@ from .errors import InputError
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
-# Bump when the tokenization or masking code changes, so stale map caches are not reused.
-def _code_hash() -> str:
-    """The source of tokenization and normalisation: an edit to either invalidates cached maps."""
-    from pathlib import Path
+# The code whose output the tokenizing map caches: reading input rows (inputs.py; a saved or Hub
+# dataset's rows are keyed by `datasets` alone), normalising conversations, tokenizing and masking.
+CODE_FILES = ("tokenize.py", "conversations.py", "inputs.py")
+BUILDER_DIR = Path(__file__).resolve().parent
 
-    here = Path(__file__).resolve().parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("tokenize.py", "conversations.py"))).hexdigest()[:16]
+
+def _code_hash(folder: Path = BUILDER_DIR) -> str:
+    """The source of CODE_FILES: an edit to any of them invalidates cached maps."""
+    return hashlib.sha256(b"".join((folder / name).read_bytes() for name in CODE_FILES)).hexdigest()[:16]
 
 
 TOKENIZE_CODE_VERSION = _code_hash()

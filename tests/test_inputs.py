@@ -11,6 +11,7 @@ import pytest
 from helpers import says
 from hub_server import TOKEN, hub_fixtures
 
+import builder.inputs as inputs_mod
 import builder.placement as placement_mod
 import builder.target as target_mod
 from builder.build import build
@@ -428,6 +429,30 @@ def test_a_pretty_printed_json_object_is_refused_as_one_object(tmp_path):
     path.write_text(json.dumps({"version": 1, "data": conversations(3)}, indent=2))
     with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
         load_rows(str(path))
+
+
+def test_a_release_that_reads_json_otherwise_reads_the_same_file_anew(tmp_path, monkeypatch):
+    """`datasets` knows the JSON reader by its name, not its code: rows (and their tokens) cached by a
+    release that read the same bytes otherwise (here, one that kept a leading byte-order mark) are not
+    taken by this one."""
+    good = valid_lines(4)
+    lines = [inputs_mod.UTF8_BOM + good[0], *good[1:]]
+    with monkeypatch.context() as earlier:
+        earlier.setattr(inputs_mod, "UTF8_BOM", b"\0(an earlier reader kept the mark)")
+        earlier.setattr(inputs_mod, "READER_CODE_VERSION", "earlier", raising=False)
+        assert prepare_lines(tmp_path, lines).skipped == {"unparseable_json": 1}
+    prep = prepare_lines(tmp_path, lines)
+    assert prep.skipped == {} and len(prep.samples) == 4
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_the_rows_fingerprint_follows_the_reading_code_and_the_recorded_hash_does_not(tmp_path, monkeypatch, kind):
+    path = write_kind(kind, conversations(6), tmp_path / "input")
+    rows, info = load_rows(str(path))
+    monkeypatch.setattr(inputs_mod, "READER_CODE_VERSION", "another release", raising=False)
+    other_rows, other_info = load_rows(str(path))
+    assert other_rows._fingerprint != rows._fingerprint
+    assert other_info["content_hash"] == info["content_hash"]  # the input is the same: a build of it still resumes
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

@@ -295,9 +295,12 @@ def test_tokenize_rows_values(tmp_path, tok):
 
 def test_tokenize_rows_same_output_at_num_proc_1_and_2(tmp_path, tok):
     rows = twelve_rows()
-    # Two copies of the same data, so neither run can be served from the other's cache.
+    # The same rows in files of other bytes (a trailing blank line is no row), so neither run can be
+    # served from the other's cache, which is keyed by content.
     one, _ = tokenized(write_jsonl(tmp_path / "one" / "chats.jsonl", rows), tok, 1)
-    two, _ = tokenized(write_jsonl(tmp_path / "two" / "chats.jsonl", rows), tok, 2)
+    two = write_jsonl(tmp_path / "two" / "chats.jsonl", rows)
+    two.write_text(two.read_text() + "\n")
+    two, _ = tokenized(two, tok, 2)
     assert len(two.cache_files) == 2  # really ran in two shards
     assert one.to_list() == two.to_list()
 
@@ -452,3 +455,16 @@ def test_tokenizing_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tok
     ds, order = select_rows(ds, 0, 4)
     out = tokenize_rows(ds, order, tok, tok.chat_template, 64, 1)
     assert len(out) == 4 and sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
+
+
+def test_the_tokenizing_cache_follows_the_code_that_reads_the_rows(tmp_path):
+    """A saved or Hub dataset's rows keep the fingerprint `datasets` gives them: the code that reads
+    them into rows (inputs.py) keys the tokenizing map along with the code that tokenizes them."""
+    from pathlib import Path
+
+    for name in ("tokenize.py", "conversations.py", "inputs.py"):
+        (tmp_path / name).write_bytes((Path(tokenize_mod.__file__).parent / name).read_bytes())
+    before = tokenize_mod._code_hash(tmp_path)
+    with open(tmp_path / "inputs.py", "a") as f:
+        f.write("# another release\n")
+    assert tokenize_mod._code_hash(tmp_path) != before
