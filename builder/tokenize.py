@@ -475,6 +475,15 @@ TOKENIZED_FEATURES = datasets.Features(
 )
 
 
+def library_versions() -> str:
+    """The libraries that render templates and encode text: another release of one may tokenize the same rows otherwise."""
+    import jinja2
+    import tokenizers
+    import transformers
+
+    return f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, jinja2 {jinja2.__version__}"
+
+
 def tokenize_rows(
     rows: datasets.Dataset,
     source_indices: np.ndarray,
@@ -489,7 +498,7 @@ def tokenize_rows(
     """Tokenize every selected row (bad rows keep a reason); cached by an explicit fingerprint.
 
     The fingerprint names what shapes the output (rows, tokenizer, template, length, mask
-    options, code), so a rerun with the same inputs reuses the cache whatever `datasets`
+    options, code, library versions), so a rerun with the same inputs reuses the cache whatever `datasets`
     thinks of hashing a tokenizer object.
     """
     mask_options = dict(mask_generation_prompt=mask_generation_prompt, mask_reasoning_content=mask_reasoning_content)
@@ -501,6 +510,7 @@ def tokenize_rows(
                 str(seq_length),
                 json.dumps(mask_options, sort_keys=True),
                 TOKENIZE_CODE_VERSION,
+                library_versions(),
             ]
         ).encode()
     ).hexdigest()[:32]

@@ -468,3 +468,34 @@ def test_the_tokenizing_cache_follows_the_code_that_reads_the_rows(tmp_path):
     with open(tmp_path / "inputs.py", "a") as f:
         f.write("# another release\n")
     assert tokenize_mod._code_hash(tmp_path) != before
+
+
+def test_another_transformers_release_tokenizes_the_rows_anew(tmp_path, tok, monkeypatch):
+    """The same rows, tokenizer and template, under a transformers release that renders templates
+    otherwise (here, a space before each `<|end|>`): its tokens, not the cached ones of the release before."""
+    import transformers
+    from transformers.utils import chat_template_utils
+
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    before, order = tokenized(path, tok, 1)
+    compile_template = chat_template_utils._compile_jinja_template
+    monkeypatch.setattr(chat_template_utils, "_compile_jinja_template", lambda t: compile_template(t.replace("<|end|>", " <|end|>")))
+    monkeypatch.setattr(transformers, "__version__", f"{transformers.__version__}.later")
+    after, _ = tokenized(path, tok, 1)
+    rows = twelve_rows()
+    for record, i in zip(after, order):
+        if not record["skip_reason"]:
+            ids, mask = encode_messages(normalize_row(rows[i]), tok, tok.chat_template, 64)
+            assert (record["input_ids"], record["loss_mask"]) == (ids, mask)
+    assert after["input_ids"] != before["input_ids"] and after.cache_files != before.cache_files
+
+
+@pytest.mark.parametrize("library", ["tokenizers", "jinja2"])
+def test_the_tokenizing_cache_follows_the_library_versions(tmp_path, tok, monkeypatch, library):
+    import importlib
+
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    before, _ = tokenized(path, tok, 1)
+    module = importlib.import_module(library)
+    monkeypatch.setattr(module, "__version__", f"{module.__version__}.later")
+    assert tokenized(path, tok, 1)[0].cache_files != before.cache_files
