@@ -44,6 +44,11 @@ PATH_CONTENT_FIELDS = {
     "input.data": ("input.content_hash",),
 }
 
+# Fields earlier versions recorded as given, None where a flag was left to its default, and this one
+# records as resolved (the input's default configuration by name): a None recorded then is the same
+# setting where the content digests, which follow what it resolved to, are equal.
+RESOLVED_FIELDS = {"input.config": ("input.content_hash",)}
+
 
 def identity_differences(stored: dict, current: dict) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names."""
@@ -54,6 +59,9 @@ def identity_differences(stored: dict, current: dict) -> dict:
             b.pop(field)
     for field in PATH_FIELDS:
         if a.get(field) != b.get(field) and (same_local_path(a.get(field), b.get(field)) or same_recorded_content(field, a, b)):
+            b[field] = a[field]
+    for field, digests in RESOLVED_FIELDS.items():
+        if a.get(field) is None and b.get(field) is not None and same_digests(digests, a, b):
             b[field] = a[field]
     if recorded_with_earlier_fingerprint(a, b):
         b[WEIGHTS_FIELD] = a[WEIGHTS_FIELD]
@@ -93,7 +101,10 @@ def same_recorded_content(field: str, stored: dict, current: dict) -> bool:
         return False
     if Path(first).expanduser().exists() or not Path(second).expanduser().exists():
         return False
-    digests = PATH_CONTENT_FIELDS[field]
+    return same_digests(PATH_CONTENT_FIELDS[field], stored, current)
+
+
+def same_digests(digests: tuple[str, ...], stored: dict, current: dict) -> bool:
     return all(stored.get(d) is not None and stored.get(d) == current.get(d) for d in digests)
 
 

@@ -34,8 +34,9 @@ def is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.endswith(DATA_SUFFIXES)
 
 
-def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
-    """Split name -> data files of a local file or folder; a single file is the `train` split."""
+def local_splits(spec: str, config: str | None = None) -> tuple[dict[str, list[Path]], str | None]:
+    """Split name -> data files of a local file or folder (a single file is the `train` split), and
+    the configuration of a folder's card they were taken from (None without one)."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise InputError(
@@ -45,29 +46,31 @@ def local_splits(spec: str, config: str | None = None) -> dict[str, list[Path]]:
         _refuse_config(config, spec)
         if path.suffix not in DATA_SUFFIXES:
             raise InputError(f"--input-data: {spec!r} has suffix {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
-        return {"train": [path]}
-    splits = folder_splits(path, spec, config)
+        return {"train": [path]}, None
+    splits, config = folder_splits(path, spec, config)
     if not splits:
         raise InputError(
             f"--input-data: directory {spec!r} holds no {'/'.join(DATA_SUFFIXES)} files; point it at a directory with data files"
         )
-    return splits
+    return splits, config
 
 
-def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[str, list[Path]]:
+def folder_splits(folder: Path, spec: str, config: str | None = None) -> tuple[dict[str, list[Path]], str | None]:
     """Split the data files of a folder as `datasets.load_dataset(folder)` does, with its own patterns.
 
     The `configs` of a README.md (a Hub dataset downloaded with `hf download`) say which files
     each split of each configuration holds. Without them, split names in file or folder names
     (`train`/`validation`/`test` and their synonyms, as in `sharegpt_train.jsonl` or
     `data/test-00000-of-00001.parquet`) make splits, and a folder without them is one `train`
-    split. Hidden files and folders (`.ipynb_checkpoints/`) are never read.
+    split. Hidden files and folders (`.ipynb_checkpoints/`) are never read. Returns the splits and
+    the configuration read (--input-config, else the card's default; None without configs).
     """
     base = folder.resolve().as_posix()
     refuse_pattern_paths([base], "--input-data", InputError)
     configs = card_configs(folder)
     if configs:
-        params = configs[_config_name(configs, config, spec)]
+        config = _config_name(configs, config, spec)
+        params = configs[config]
         if params.get("data_dir"):
             base = f"{base}/{params['data_dir']}"
         patterns = sanitize_patterns(params["data_files"]) if params.get("data_files") else None
@@ -77,7 +80,7 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[st
     try:
         patterns = patterns or get_data_patterns(base)
     except EmptyDatasetError:
-        return {}
+        return {}, config
     splits = {}
     for split, split_patterns in patterns.items():
         files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
@@ -85,7 +88,7 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> dict[st
             splits[str(split)] = sorted(files)
     if not configs:
         _warn_unsplit_files(folder, splits)
-    return splits
+    return splits, config
 
 
 def card_configs(folder: Path) -> dict[str, dict]:
@@ -288,7 +291,8 @@ def _row_bytes(row) -> bytes:
 
 
 def load_rows(spec: str, *, config: str | None = None, split: str | None = None) -> tuple[datasets.Dataset, dict]:
-    """Load the raw rows of one split and describe the input for the manifest."""
+    """Load the raw rows of one split and describe the input for the manifest, with the configuration
+    read (a name --input-config was left to default to) rather than the flag as typed."""
     if not spec.strip():
         raise InputError(
             "--input-data is empty; expected a .json/.jsonl/.parquet file, a directory of them, a saved dataset or a Hub dataset id"
@@ -304,15 +308,15 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
             loaded, split = {name: loaded}, split or name
         name = _split_name(loaded, split, spec)
         ds = loaded[name]
-        return ds, {"input_data": str(spec), "kind": "saved_dataset", "split": name, "content_hash": ds._fingerprint}
-    splits = local_splits(spec, config)
+        return ds, {"input_data": str(spec), "kind": "saved_dataset", "config": None, "split": name, "content_hash": ds._fingerprint}
+    splits, config = local_splits(spec, config)
     name = _split_name(splits, split, spec)
     files = splits[name]
     if {p.suffix == ".parquet" for p in files} == {True, False}:
         raise InputError(f"--input-data: directory {spec!r} mixes Parquet and JSON files in split {name!r}; keep one kind per input")
     digest = content_hash(files)  # keys every cache below: a file rewritten with its size and mtime is still a new input
     ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, digest)
-    return ds, {"input_data": str(spec), "kind": "files", "split": name, "content_hash": digest}
+    return ds, {"input_data": str(spec), "kind": "files", "config": config, "split": name, "content_hash": digest}
 
 
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
@@ -384,6 +388,7 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
             f"a saved dataset or a reachable Hub dataset id: {hint}"
         ) from None
     ds = _pick_split(loaded, split, repo_id)
+    config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
     return ds, {"input_data": repo_id, "kind": "hub", "config": config, "split": split or "train", "content_hash": ds._fingerprint}
 
 

@@ -304,7 +304,7 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
         "chat_template_sha256": hashlib.sha256(template_bytes(template)).hexdigest(),
         "input": {
             "data": input_info["input_data"],
-            "config": cfg.input_config,
+            "config": input_info["config"],  # as resolved: --input-config named or left to its default
             "split": recorded_split(input_info),
             "content_hash": input_info["content_hash"],
             "shuffle_seed": cfg.shuffle_seed,

@@ -503,6 +503,60 @@ def test_resume_takes_the_same_local_target_and_input_under_another_spelling(tmp
         build(cfg.replace(resume=True, target_model=str(other)), progress=False)
 
 
+CONFIGURED_CARD = """---
+configs:
+- config_name: clean
+  default: true
+  data_files:
+  - split: train
+    path: clean/train-*.jsonl
+- config_name: raw
+  data_files: raw/*.jsonl
+---
+"""
+
+
+def configured_chats(root: Path) -> Path:
+    """A Hub dataset downloaded with `hf download --local-dir`: configurations `clean` (its default) and `raw`."""
+    lines = (Path(__file__).parents[1] / "builder/assets/chats/openai.jsonl").read_text().splitlines(keepends=True)
+    for name, rows in (("clean/train-0.jsonl", lines[:8]), ("raw/dump-0.jsonl", lines[8:16])):
+        (root / name).parent.mkdir(parents=True)
+        (root / name).write_text("".join(rows))
+    (root / "README.md").write_text(CONFIGURED_CARD)
+    return root
+
+
+@pytest.mark.parametrize(("began", "resumed"), [(None, "clean"), ("clean", None)])
+def test_a_resume_naming_the_default_input_config_or_leaving_it_continues_the_build(tmp_path, monkeypatch, began, resumed):
+    chats = configured_chats(tmp_path / "chats")
+    reference = build(small_config(tmp_path / "reference", input_data=str(chats)), progress=False)
+    cfg = small_config(tmp_path / "cache", input_data=str(chats), input_config=began)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    resumed_build = build(cfg.replace(resume=True, input_config=resumed), progress=False)
+    assert resumed_build.written == ["train-00001-of-00002.parquet"]
+    assert resumed_build.manifest["identity"]["input"]["config"] == "clean"
+    assert resumed_build.manifest["fingerprint"] == reference.manifest["fingerprint"]
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed_build.output_dir))
+
+
+def test_a_resume_of_a_build_that_recorded_no_input_config_takes_the_default_it_read(tmp_path, monkeypatch):
+    """Earlier versions recorded --input-config as typed, None for the default: the same files are the
+    same input, named or not; another configuration's are not."""
+    chats = configured_chats(tmp_path / "chats")
+    reference = build(small_config(tmp_path / "reference", input_data=str(chats)), progress=False)
+    cfg = small_config(tmp_path / "cache", input_data=str(chats))
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    state = tmp_path / "cache" / BUILD_STATE_FILE
+    older = json.loads(state.read_text())
+    older["input"]["config"] = None  # as an earlier version recorded it
+    state.write_text(json.dumps(older))
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  input\.config: cache has None"):
+        build(cfg.replace(resume=True, input_config="raw"), progress=False)
+    resumed = build(cfg.replace(resume=True, input_config="clean"), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+
+
 def test_resume_refuses_a_local_target_whose_weights_changed(tmp_path, monkeypatch):
     """A checkpoint saved over the same folder keeps its config.json: only its weights tell."""
     target = make_tiny_target(tmp_path / "target", "llama", seed=0)

@@ -288,6 +288,13 @@ def test_card_configs_choose_the_files(configured):
         load_rows(str(configured), config="raw", split="test")
 
 
+def test_the_configuration_read_is_recorded_by_name_whether_given_or_the_default(configured):
+    assert load_rows(str(configured))[1]["config"] == load_rows(str(configured), config="clean")[1]["config"] == "clean"
+    assert load_rows(str(configured), config="raw")[1]["config"] == "raw"
+    (configured / "README.md").write_text("# chats\n")
+    assert load_rows(str(configured))[1]["config"] is None  # no configurations
+
+
 def test_absent_card_config_lists_the_configs(configured):
     with pytest.raises(InputError, match=says("--input-config", "['clean', 'raw']", "not 'other'", "pass --input-config")):
         load_rows(str(configured), config="other")

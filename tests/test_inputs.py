@@ -499,3 +499,21 @@ def test_a_hub_dataset_with_a_malformed_line_says_to_read_it_locally(hub):
         ),
     ):
         load_rows("tester/chats-one-bad-line")
+
+
+def test_a_hub_dataset_records_the_configuration_it_was_read_with(hub):
+    """Without --input-config, `datasets` reads the dataset's default: named or not, the same one is recorded."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("tester/chats-one-config", repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=b"\n".join(valid_lines(3)) + b"\n",
+        path_in_repo="train.jsonl",
+        repo_id="tester/chats-one-config",
+        repo_type="dataset",
+    )
+    _, left = load_rows("tester/chats-one-config")
+    _, named = load_rows("tester/chats-one-config", config="default")
+    assert left["config"] == named["config"] == "default"
+    assert left["content_hash"] == named["content_hash"]
