@@ -253,20 +253,57 @@ def _from_json_files(files: list[Path], digest: str) -> datasets.Dataset:
     return datasets.Dataset(ds.data, info=ds.info, split=ds.split, fingerprint=key)
 
 
+# How much of a JSON file starting with `{` tells a pretty-printed object from JSON Lines whose
+# first line is damaged: never the whole file, which can be tens of GB.
+FORM_HEAD_BYTES = 1 << 22
+FORM_ROW_LINES = 8  # lines after the first where JSON Lines shows a row
+
+
 def _is_one_json_object(name: str) -> bool:
-    """A pretty-printed object: its first line is no JSON value, and the whole file is one object."""
+    """A pretty-printed object: its first line is no JSON value, and the file is one object. Decided
+    from the head alone: a larger file is one object when none of the next few lines is a row and the
+    head parses as the start of an object; anything else is (bad) JSON Lines, judged row by row."""
     with open(name, "rb") as f:
-        first = f.readline().removeprefix(UTF8_BOM)
+        head = f.read(FORM_HEAD_BYTES + 1)
+    whole = len(head) <= FORM_HEAD_BYTES
+    head = head[:FORM_HEAD_BYTES].removeprefix(UTF8_BOM)
+    lines = head.split(b"\n") if whole else head.split(b"\n")[:-1]  # the bound cut the last line
+    if not lines or _json_value(lines[0]) is not _NOT_JSON:
+        return False  # JSON Lines (or a first line longer than the head: not pretty-printed)
+    if whole:
+        return isinstance(_json_value(head), dict)
+    rows = [line for line in lines[1:] if line.strip()][:FORM_ROW_LINES]
+    if any(isinstance(_json_value(line), dict) for line in rows):
+        return False  # JSON Lines whose first line was cut short or damaged
+    return _starts_an_object(head)
+
+
+_NOT_JSON = object()
+
+
+def _json_value(data: bytes):
     try:
-        json.loads(first)
-        return False  # JSON Lines
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
+        return _NOT_JSON
+
+
+def _starts_an_object(head: bytes) -> bool:
+    """Whether `head`, cut from a longer file, is valid JSON up to the cut: the parser fails only there,
+    in the middle of a string (which it names by its start) or of the last few characters."""
+    import codecs
+
     try:
-        with open(name, encoding="utf-8-sig") as f:
-            return isinstance(json.load(f), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False  # bad JSON Lines: judged row by row
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False).lstrip()  # a cut character is left out
+    except UnicodeDecodeError:
+        return False
+    if not text.startswith("{"):
+        return False
+    try:
+        value, end = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError as err:
+        return err.msg.startswith("Unterminated string") or err.pos >= len(text) - 8
+    return isinstance(value, dict) and not text[end:].strip()
 
 
 def _json_array_rows(name: str):

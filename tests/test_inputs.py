@@ -455,6 +455,71 @@ def test_the_rows_fingerprint_follows_the_reading_code_and_the_recorded_hash_doe
     assert other_info["content_hash"] == info["content_hash"]  # the input is the same: a build of it still resumes
 
 
+def counted_reads(monkeypatch) -> list[int]:
+    """The sizes of every read through the files builder.inputs opens from now on."""
+    sizes = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, size=-1):
+            data = self.f.read(size)
+            sizes.append(len(data))
+            return data
+
+        def readline(self, size=-1):
+            data = self.f.readline(size)
+            sizes.append(len(data))
+            return data
+
+        def __iter__(self):
+            for line in self.f:
+                sizes.append(len(line))
+                yield line
+
+    monkeypatch.setattr(inputs_mod, "open", lambda *args, **kwargs: Counted(open(*args, **kwargs)), raising=False)
+    return sizes
+
+
+HEAD_BYTES = 1 << 11  # the head that decides a JSON file's form, made small here for files of a few rows
+
+
+def test_json_lines_whose_first_line_was_cut_short_are_rows_told_from_the_head_alone(tmp_path, monkeypatch):
+    """An interrupted append or a cut head leaves a first line that is no JSON: the file is still JSON
+    Lines, that line one skipped row, and telling so reads the head, never the whole file."""
+    good = valid_lines(40)
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join([good[0][:25], *good]) + b"\n")
+    assert path.stat().st_size > 2 * HEAD_BYTES
+    monkeypatch.setattr(inputs_mod, "FORM_HEAD_BYTES", HEAD_BYTES, raising=False)
+    sizes = counted_reads(monkeypatch)
+    assert not inputs_mod._is_one_json_object(str(path))
+    assert 0 < sum(sizes) <= HEAD_BYTES + 1
+    monkeypatch.undo()
+    monkeypatch.setattr(inputs_mod, "FORM_HEAD_BYTES", HEAD_BYTES, raising=False)
+    prep = prepare_lines(tmp_path, [good[0][:25], *good])
+    assert prep.skipped == {"unparseable_json": 1} and len(prep.samples) == 40
+
+
+def test_a_pretty_printed_json_object_larger_than_the_head_is_refused_from_the_head(tmp_path, monkeypatch):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps({"version": 1, "data": conversations(40)}, indent=2, ensure_ascii=False))
+    assert path.stat().st_size > 2 * HEAD_BYTES
+    monkeypatch.setattr(inputs_mod, "FORM_HEAD_BYTES", HEAD_BYTES, raising=False)
+    sizes = counted_reads(monkeypatch)
+    assert inputs_mod._is_one_json_object(str(path))
+    assert sum(sizes) <= HEAD_BYTES + 1
+    with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
+        load_rows(str(path))
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_a_file_rewritten_with_its_mtime_is_tokenized_anew(tmp_path, kind):
     """The tokenizing map's cache follows the bytes the recorded content hash describes, not the
