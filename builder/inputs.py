@@ -7,6 +7,7 @@ and rows whose fields differ in type never meet Arrow's schema inference.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -291,8 +292,6 @@ def _json_value(data: bytes):
 def _starts_an_object(head: bytes) -> bool:
     """Whether `head`, cut from a longer file, is valid JSON up to the cut: the parser fails only there,
     in the middle of a string (which it names by its start) or of the last few characters."""
-    import codecs
-
     try:
         text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False).lstrip()  # a cut character is left out
     except UnicodeDecodeError:
