@@ -184,13 +184,22 @@ def _commit_of(api, repo_id: str, revision: str | None) -> str:
 
 
 def download_file(repo_id: str, path: str, commit: str, token: str | None = None) -> Path:
-    """One file of a pinned commit, through the local Hugging Face cache."""
-    from huggingface_hub.errors import EntryNotFoundError
+    """One file of a pinned commit, through the local Hugging Face cache. `FileNotFoundError` only
+    when the Hub answers that the file is not there: the client reports a file it could not ask
+    about (its look-up kept failing: a 5xx, a dropped connection) as not found locally, which is a
+    failure to retry, not an answer."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         return Path(hub_api(token).hf_hub_download(repo_id, path, repo_type=REPO_TYPE, revision=commit))
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         raise FileNotFoundError(f"{repo_id}@{commit[:12]} has no {path}") from None
+    except LocalEntryNotFoundError as err:
+        if err.__cause__ is None:
+            raise HubError(
+                f"{repo_id}@{commit[:12]}: {path} is not in the local Hugging Face cache, and the Hub was not asked: {err}"
+            ) from err
+        raise err.__cause__ from None  # what stopped the look-up: `Retry` retries it, or says the Hub kept failing
 
 
 def failed_path(err: BaseException) -> str | None:

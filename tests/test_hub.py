@@ -414,6 +414,49 @@ def test_a_card_or_vocab_the_hub_keeps_failing_to_serve_is_reported_with_what_to
     assert down.fired == 3  # the first try and two retries
 
 
+@pytest.fixture
+def client_waits_skipped(monkeypatch):
+    """The client's own retries of a failing look-up, without their seconds of waiting."""
+    import types
+
+    import huggingface_hub.utils._http as client_http
+
+    monkeypatch.setattr(client_http, "time", types.SimpleNamespace(sleep=lambda seconds: None, time=client_http.time.time))
+
+
+# The client looks a file up (HEAD) before it downloads it; a look-up that keeps failing comes back
+# as "not found locally", which is a failure of the Hub, not an answer that the file is missing.
+@pytest.mark.parametrize("path", ["README.md", "vocab/vocab.safetensors"])
+def test_a_card_or_vocab_look_up_the_hub_fails_is_retried_not_taken_for_a_missing_file(hub, v1, path, client_waits_skipped):
+    repo = f"tester/look-up-{path.replace('/', '-')}"
+    push(v1, repo, tag="v1")
+    tries = hub.add_fault("HEAD", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=503, times=None)
+    with pytest.raises(HubError, match=rf"(?s)read {re.escape(path)} at commit [0-9a-f]{{12}} on {repo} failed: the Hub kept failing"):
+        load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=2, backoff=0.01))
+    client_tries = tries.fired // 3  # the client's own tries within each of ours
+    assert client_tries > 1 and tries.fired == 3 * client_tries
+    hub.clear_faults()
+    hub.add_fault("HEAD", rf"/resolve/[0-9a-f]{{40}}/{re.escape(path)}$", status=503, times=client_tries)  # one of our tries' worth
+    rows = list(load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=2, backoff=0.01)))
+    assert_same_content(rows, list(load_cache(v1, layout="nemo")))
+
+
+def test_a_root_card_the_hub_fails_to_serve_keeps_the_other_configs_in_the_index(hub, v1, v2, client_waits_skipped):
+    from builder.manifest import card_data_of
+    from dataset_card import index_from_card_data
+
+    push(v1, "tester/index-kept", config="llama")
+    outage = hub.add_fault("HEAD", r"/resolve/[0-9a-f]{40}/README\.md$", status=503, times=None)  # the root card only
+    with pytest.raises(HubError, match=r"read root card.*the Hub kept failing"):
+        push(v2, "tester/index-kept", config="short")  # an outage is not a repo without a root card
+    assert outage.fired > 0
+    hub.clear_faults()
+    push(v2, "tester/index-kept", config="short")
+    root = hub.state.blob_path(hub.files_at("tester/index-kept", "main")["README.md"].sha256).read_text()
+    assert sorted(index_from_card_data(card_data_of(root))) == ["llama", "short"]
+    assert_same_content(list(load_cache("tester/index-kept", name="llama", layout="raw")), decoded_rows(v1))
+
+
 def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, monkeypatch):
     import types
 
