@@ -93,6 +93,26 @@ def test_plain_write_baseline_flushes_as_the_writer_does(tmp_path):
     assert written["False"] == {"flushes": [], "same_bytes": True}  # the earlier baseline, kept as a diagnostic
 
 
+WRITE_RATIOS = """
+import json
+import io_throughput
+
+best = {"plain_write_overlapped_none": 2.0, "plain_write_none": 1.0, "plain_write_overlapped_zstd": 0.5, "plain_write_zstd": 0.8}
+best |= {"writer_none_1": 1.25, "writer_zstd_1": 4.0}
+print(json.dumps(io_throughput.write_ratios(best, [1])))
+"""
+
+
+def test_the_writer_is_set_against_the_faster_plain_write():
+    """Which plain write is faster depends on the disk: the baseline is the faster one, so a way of
+    flushing that is slow on this disk does not flatter the writer."""
+    ratios = run_in_benchmarks(WRITE_RATIOS)
+    assert ratios["writer_none_1_over_fastest_plain_write_of_the_tensor_bytes"] == pytest.approx(1.0 / 1.25)
+    assert ratios["writer_zstd_1_over_fastest_plain_write_of_the_tensor_bytes"] == pytest.approx(1.0 / 4.0)
+    assert ratios["writer_zstd_1_over_fastest_plain_write_of_its_own_file"] == pytest.approx(0.5 / 4.0)
+    assert ratios["writer_none_1_over_overlapped_plain_write_of_the_tensor_bytes"] == pytest.approx(2.0 / 1.25)
+
+
 READ_RATIOS = """
 import importlib.util
 import json
