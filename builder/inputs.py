@@ -257,26 +257,33 @@ def _from_json_files(files: list[Path], digest: str) -> datasets.Dataset:
 # How much of a JSON file starting with `{` tells a pretty-printed object from JSON Lines whose
 # first line is damaged: never the whole file, which can be tens of GB.
 FORM_HEAD_BYTES = 1 << 22
-FORM_ROW_LINES = 8  # lines after the first where JSON Lines shows a row
 
 
 def _is_one_json_object(name: str) -> bool:
     """A pretty-printed object: its first line is no JSON value, and the file is one object. Decided
-    from the head alone: a larger file is one object when none of the next few lines is a row and the
-    head parses as the start of an object; anything else is (bad) JSON Lines, judged row by row."""
+    from the head alone: a larger file is one object when no later line in the head begins a row and
+    the head parses as the start of an object; anything else is (bad) JSON Lines, judged row by row."""
     with open(name, "rb") as f:
         head = f.read(FORM_HEAD_BYTES + 1)
     whole = len(head) <= FORM_HEAD_BYTES
     head = head[:FORM_HEAD_BYTES].removeprefix(UTF8_BOM)
-    lines = head.split(b"\n") if whole else head.split(b"\n")[:-1]  # the bound cut the last line
-    if not lines or _json_value(lines[0]) is not _NOT_JSON:
-        return False  # JSON Lines (or a first line longer than the head: not pretty-printed)
+    lines = head.split(b"\n")
+    if len(lines) == 1 and not whole:
+        return False  # a first line longer than the head: not pretty-printed
+    if _json_value(lines[0]) is not _NOT_JSON:
+        return False  # JSON Lines
     if whole:
         return isinstance(_json_value(head), dict)
-    rows = [line for line in lines[1:] if line.strip()][:FORM_ROW_LINES]
-    if any(isinstance(_json_value(line), dict) for line in rows):
+    if any(_begins_a_row(line) for line in lines[1:]):
         return False  # JSON Lines whose first line was cut short or damaged
     return _starts_an_object(head)
+
+
+def _begins_a_row(line: bytes) -> bool:
+    """A JSON Lines row begins at the line's start with `{` and its first key on that line (the head
+    may cut the rest). In a pretty-printed object a nested object is indented, or, with `indent=0`,
+    its `{` ends its line (`{}` when empty): its keys follow on lines of their own."""
+    return line.startswith(b"{") and line[1:].lstrip(b" \t").startswith(b'"')
 
 
 _NOT_JSON = object()

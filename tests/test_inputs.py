@@ -520,6 +520,30 @@ def test_a_pretty_printed_json_object_larger_than_the_head_is_refused_from_the_h
         load_rows(str(path))
 
 
+@pytest.mark.parametrize("cut_after", [b'{"messages": [{"role": "user", "content": "hi"},', b'{"messages":'])
+def test_json_lines_whose_cut_first_line_is_followed_by_a_row_longer_than_the_head_are_rows(tmp_path, monkeypatch, cut_after):
+    """The cut first line and the start of the long row after it can read as the start of one JSON
+    value: a row beginning at a line's start still tells JSON Lines."""
+    long_row = json.dumps({"messages": [{"role": "user", "content": "x" * (3 * HEAD_BYTES)}, {"role": "assistant", "content": "y"}]})
+    lines = [cut_after, long_row.encode(), *valid_lines(20)]
+    monkeypatch.setattr(inputs_mod, "FORM_HEAD_BYTES", HEAD_BYTES, raising=False)
+    (tmp_path / "rows.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    assert not inputs_mod._is_one_json_object(str(tmp_path / "rows.jsonl"))
+    rows, _ = load_rows(str(tmp_path / "rows.jsonl"))
+    assert len(rows) == 22  # the cut line is a row to skip, not a refusal
+
+
+@pytest.mark.parametrize("indent", [2, 0])
+def test_a_pretty_printed_object_whose_head_holds_an_empty_nested_object_is_refused(tmp_path, monkeypatch, indent):
+    """A nested `{}` or `{` on a line of its own is part of the object, not a row."""
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps({"meta": {"filters": [{}]}, "data": conversations(40)}, indent=indent, ensure_ascii=False))
+    assert path.stat().st_size > 2 * HEAD_BYTES
+    monkeypatch.setattr(inputs_mod, "FORM_HEAD_BYTES", HEAD_BYTES, raising=False)
+    with pytest.raises(InputError, match=r"chats\.json is one JSON object spread over several lines, not rows; expected JSON Lines"):
+        load_rows(str(path))
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_a_file_rewritten_with_its_mtime_is_tokenized_anew(tmp_path, kind):
     """The tokenizing map's cache follows the bytes the recorded content hash describes, not the
