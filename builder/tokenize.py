@@ -416,7 +416,7 @@ def _tokenizer_model(tokenizer) -> bytes:
     sentencepiece tokenizers have no `backend_tokenizer`) as its class, its vocabulary files and its ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return backend.to_str().encode()
+        return _without_truncation_and_padding(backend).to_str().encode()
     import tempfile
 
     parts = [f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode()]
@@ -428,6 +428,22 @@ def _tokenizer_model(tokenizer) -> bytes:
         parts += [Path(f).read_bytes() for f in sorted(map(str, saved)) if Path(f).is_file()]
     parts.append(json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), default=str).encode())
     return b"\0".join(parts)
+
+
+def _without_truncation_and_padding(backend):
+    """The backend with no truncation or padding. transformers sets both anew on every encode call
+    (turning off those a tokenizer.json ships with on the first), and the builder truncates in its own
+    code: they tell which calls ran before in this process, not how rows tokenize. A backend with
+    neither is returned as it is, so caches recorded before keep their hash; one with either, as a
+    copy with both off, so the caller's tokenizer is left as it was."""
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 # ---- the datasets.map over selected rows -------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 import xxhash
 from helpers import assert_same_content, batch_rows, decoded_rows, says, small_config
-from tiny_targets import make_tiny_target, target_without_pad_token
+from tiny_targets import make_tiny_target, target_with_truncation_and_padding, target_without_pad_token
 
 import builder.forward as forward_module
 import builder.placement as placement_module
@@ -27,7 +27,7 @@ from builder.conversations import BadRow
 from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
 from builder.files import file_hash
 from builder.kept_samples import SAMPLE_COLUMNS
-from builder.prepare import prepare
+from builder.prepare import prepare, target_differences
 from builder.reader import read_manifest, read_vocab
 from builder.vocab import earlier_special_token_ids, special_token_ids
 
@@ -192,6 +192,22 @@ def test_a_resume_of_a_build_begun_without_pad_id_zero_continues_with_its_vocabu
     assert resumed.manifest["fingerprint"] == reference.manifest["fingerprint"]
     assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
     assert prepare(small_config(tmp_path / "new", target=target, max_samples=8)).special_token_ids == [3, 1, 0]
+
+
+def test_a_resume_with_a_tokenizer_shipping_truncation_continues(tmp_path, monkeypatch):
+    """transformers turns a tokenizer.json's truncation and padding off on the first encode call: the
+    interrupted run tokenized, its resume reuses the tokenized rows and never encodes, and both record
+    the same tokenizer; so does the target loaded afresh, as export and verify load it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    target = target_with_truncation_and_padding(tmp_path / "target")
+    cfg = small_config(tmp_path / "resumed", target=target, max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    fresh = AutoTokenizer.from_pretrained(target)
+    assert target_differences(resumed.manifest, str(target), AutoConfig.from_pretrained(target), fresh) == {}
 
 
 def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):

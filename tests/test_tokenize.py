@@ -6,7 +6,7 @@ import json
 
 import pytest
 from helpers import says
-from tiny_targets import tiny_tokenizer
+from tiny_targets import target_with_truncation_and_padding, tiny_tokenizer
 
 import builder.tokenize as tokenize_mod
 from builder.conversations import BadRow, normalize_row
@@ -442,6 +442,35 @@ def test_a_pure_python_tokenizer_tokenizes_and_has_an_identity():
     assert out[0]["input_ids"] == list(ids) and sum(mask) > 0
     assert tokenizer_hash(tok, tok.chat_template) == tokenizer_hash(char_tokenizer(), tok.chat_template)
     assert tokenizer_hash(tok, tok.chat_template) != tokenizer_hash(char_tokenizer(200), tok.chat_template)  # another vocabulary
+
+
+def test_the_tokenizer_hash_leaves_out_truncation_and_padding_transformers_turns_off(tmp_path):
+    """A tokenizer.json may ship truncation and padding settings, which transformers turns off on the
+    first encode call: the hash is the same before and after it, and the same as without them."""
+    from transformers import AutoTokenizer
+
+    from builder.tokenize import tokenizer_hash
+
+    tok = AutoTokenizer.from_pretrained(target_with_truncation_and_padding(tmp_path / "target"))
+    assert tok.backend_tokenizer.truncation is not None and tok.backend_tokenizer.padding is not None
+    before = tokenizer_hash(tok, WITH_GEN)
+    tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=True)
+    assert tok.backend_tokenizer.truncation is None and tok.backend_tokenizer.padding is None
+    assert tokenizer_hash(tok, WITH_GEN) == before == tokenizer_hash(tiny_tokenizer(), WITH_GEN)
+
+
+def test_the_tokenizer_hash_of_a_tokenizer_without_truncation_or_padding_is_the_one_recorded_before(tok):
+    """Caches built before recorded the hash of the backend's JSON as it is: a usual tokenizer.json
+    (no truncation, no padding) keeps that hash, so those caches still resume, export and verify."""
+    import hashlib
+
+    from builder.tokenize import template_bytes, tokenizer_hash
+
+    recorded_before = hashlib.sha256()
+    recorded_before.update(tok.backend_tokenizer.to_str().encode())
+    recorded_before.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
+    recorded_before.update(template_bytes(WITH_GEN))
+    assert tokenizer_hash(tok, WITH_GEN) == recorded_before.hexdigest()
 
 
 def test_tokenizing_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tok):

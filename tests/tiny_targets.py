@@ -161,6 +161,27 @@ def target_without_pad_token(directory: Path) -> Path:
     return directory
 
 
+def target_with_truncation_and_padding(directory: Path) -> Path:
+    """A copy of the embedded target whose tokenizer.json ships truncation and padding settings, as
+    tokenizers saved after training often do; transformers turns both off on the first encode call."""
+    import json
+    import shutil
+
+    directory = Path(shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], directory))
+    settings = json.loads((directory / "tokenizer.json").read_text())
+    settings["truncation"] = {"direction": "Right", "max_length": 4096, "strategy": "LongestFirst", "stride": 0}
+    settings["padding"] = {
+        "strategy": "BatchLongest",
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "<|pad|>",
+    }
+    (directory / "tokenizer.json").write_text(json.dumps(settings))
+    return directory
+
+
 class SequentialDecoderConfig(PretrainedConfig):
     model_type = "eagle3_cache_sequential_decoder"
 
