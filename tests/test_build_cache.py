@@ -818,3 +818,42 @@ def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
         ConfigError, match=says("--output-dir", "got '/proc/self/eagle3-cache'", "Creating /proc/self/eagle3-cache", "Choose a writable")
     ):
         CacheLock(Path("/proc/self/eagle3-cache")).acquire()
+
+
+def hub_cache_holding(hub_cache: Path, repo_id: str, commit: str, folder: Path) -> None:
+    """`folder`'s files laid out as a download of `repo_id`'s main branch at `commit` leaves them in the local Hub cache."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_an_offline_build_of_a_downloaded_hub_target_records_the_commit_its_files_load_from(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE (set by conftest) with the model in the local Hub cache, as on compute nodes: the
+    commit is the snapshot's, found without asking the Hub, by branch or by commit."""
+    from huggingface_hub import constants
+
+    from builder.embedded import resolve_target
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    hub_cache_holding(tmp_path / "hub", "someorg/tiny", commit, Path(resolve_target("tiny-llama")))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert constants.HF_HUB_OFFLINE
+    for name, revision in (("main", None), ("pinned", commit)):
+        result = build(small_config(tmp_path / name, "someorg/tiny", max_samples=4, target_revision=revision), progress=False)
+        target = read_manifest(result.output_dir)["identity"]["target"]
+        assert target["revision"] == commit and target["config_sha256"] is None and target["remote_code"] is None
+
+
+def test_a_hub_target_missing_from_the_local_hub_cache_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from builder.errors import InputError
+    from builder.target import resolved_revision
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        InputError,
+        match=says("'someorg/absent' (revision v2) in the local Hub cache", "found OSError", "`hf download`", "local model directory"),
+    ):
+        resolved_revision("someorg/absent", "v2")
