@@ -31,8 +31,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 # Fields added to the identity after caches were already being built: a build that started before
-# records none, and resuming it compares the rest (saying so) rather than refusing it.
-ADDED_FIELDS = ("target.weights_sample_sha256", "target.weights_files")
+# records none, and resuming it compares the rest (saying so) rather than refusing it. Where this
+# run's value is None there is nothing an earlier build could have differed in (a Hub target has no
+# weights fingerprint; a target naming no code of its own ran none), and nothing goes unchecked.
+ADDED_FIELDS = ("target.weights_sample_sha256", "target.weights_files", "target.remote_code", "target.code_sha256")
 
 
 # Fields holding a path as it was typed: another spelling of the same local file or folder (a
@@ -54,9 +56,8 @@ def identity_differences(stored: dict, current: dict) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names."""
     a, b = flatten(stored), flatten(current)
     for field in ADDED_FIELDS:
-        if field not in a and field in b:
+        if field not in a and field in b and b.pop(field) is not None:
             log.warning("the build being resumed predates %s: that field is not checked", field)
-            b.pop(field)
     for field in PATH_FIELDS:
         if a.get(field) != b.get(field) and (same_local_path(a.get(field), b.get(field)) or same_recorded_content(field, a, b)):
             b[field] = a[field]

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--recompute", type=sample_count, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
     verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
     verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
+    verify.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let --recompute run the target's own code (its auto_map), as a build with --trust-remote-code did",
+    )
     verify.set_defaults(func=run_verify)
     export = sub.add_parser("export", help="write a cache in another trainer's offline format (nemo, specforge)")
     export.add_argument("cache_dir", metavar="DIR", help="cache directory")
@@ -153,7 +158,13 @@ def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify_cache
 
     problems = verify_cache(
-        args.cache_dir, recompute=args.recompute, seed=args.seed, target_model=args.target_model, revision=args.revision, name=args.name
+        args.cache_dir,
+        recompute=args.recompute,
+        seed=args.seed,
+        target_model=args.target_model,
+        revision=args.revision,
+        name=args.name,
+        trust_remote_code=args.trust_remote_code,
     )
     for problem in problems:
         print(f"FAIL {problem}")

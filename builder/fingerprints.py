@@ -1,5 +1,6 @@
-"""Fingerprints of a local target's files, recorded in a build's identity: its config, and a
-cheap sample of the weight files transformers loads. A Hub target records its commit instead."""
+"""Fingerprints of a local target's files, recorded in a build's identity: its config, a cheap
+sample of the weight files transformers loads, and the code of its own it names. A Hub target
+records its commit instead."""
 
 from __future__ import annotations
 
@@ -148,3 +149,63 @@ def local_config_hash(model_path: str) -> str | None:
     if not config.exists():
         return None
     return hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode()).hexdigest()
+
+
+# Where a target names its own code: `auto_map`, which transformers follows with trust_remote_code.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def names_custom_code(model_config, tokenizer) -> bool:
+    """The target's config or tokenizer config names code of its own (an `auto_map`)."""
+    return bool(getattr(model_config, "auto_map", None)) or bool(getattr(tokenizer, "init_kwargs", {}).get("auto_map"))
+
+
+def local_code_hash(model_path: str) -> str | None:
+    """A local target's own code: the sha256 of the module files its `auto_map` entries name, and of
+    the files they import relatively (what transformers copies and runs with trust_remote_code), by
+    name and bytes; a named file that is missing counts as missing. None for a Hub id (its commit pins
+    the code) or a folder naming no code of its own."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return None
+    names = code_files(folder)
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    for name in names:
+        path = folder / name
+        digest.update(f"{name}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"missing")
+    return digest.hexdigest()
+
+
+def code_files(folder: Path) -> list[str]:
+    """The module files a folder's `auto_map` entries name, with those they import relatively, found
+    as transformers finds them (`from .module import ...` is `module.py` beside the importer)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    pending, found = [f"{module}.py" for module in auto_map_modules(folder)], set()
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pending += [f"{module}.py" for module in get_relative_imports(folder / name)] if (folder / name).is_file() else []
+    return sorted(found)
+
+
+def auto_map_modules(folder: Path) -> set[str]:
+    """The modules named by `auto_map` in a folder's config and tokenizer config: "module.Class", or a
+    list of them for a tokenizer. A reference into another repo ("repo--module.Class") loads that repo's
+    code, not the folder's: the config's hash records the reference."""
+    modules = set()
+    for config in CODE_CONFIGS:
+        try:
+            auto_map = json.loads((folder / config).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        references = auto_map.values() if isinstance(auto_map, dict) else auto_map
+        for entry in references:
+            for reference in entry if isinstance(entry, (list, tuple)) else [entry]:
+                if isinstance(reference, str) and "--" not in reference and "." in reference:
+                    modules.add(reference.rsplit(".", 1)[0])
+    return modules

@@ -17,7 +17,7 @@ from .build_state import read_identity
 from .config import BuildConfig, resolve_aux_layer_ids, validate
 from .embedded import resolve_input, resolve_target
 from .errors import BadRowError, ConfigError, InputError
-from .fingerprints import WEIGHTS_FILES, local_config_hash, local_weights_sample_hash, same_weights
+from .fingerprints import WEIGHTS_FILES, local_code_hash, local_config_hash, local_weights_sample_hash, names_custom_code, same_weights
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
@@ -85,6 +85,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     num_layers = text_config(model_config).num_hidden_layers
     aux_layer_ids = resolve_aux_layer_ids(cfg.aux_layer_ids, num_layers)
     check_decoder_layers(model_config, cfg.trust_remote_code)
+    target = target_identity(cfg, model_path, model_config, tokenizer)  # before tokenizing: it can refuse the target
     template = template_of(tokenizer, read_template_file(cfg.chat_template) if cfg.chat_template else None)
 
     rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
@@ -107,7 +108,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     counts = count_loss_tokens(samples, vocab_size)
     specials, selected = draft_vocabulary(cfg, tokenizer, counts, vocab_size)
     check_topk(cfg, len(selected), vocab_size)
-    identity = build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected)
+    identity = build_identity(cfg, target, tokenizer, template, input_info, aux_layer_ids, selected)
     prepared = Prepared(
         cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, specials, identity, duplicates
     )
@@ -288,18 +289,28 @@ def recorded_split(input_info: dict) -> str | None:
     return None if input_info["kind"] != "hub" and split == "train" else split
 
 
-def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:
-    """Every field that shapes the cache's bytes; equal identities build equal caches."""
+def target_identity(cfg, model_path: str, model_config, tokenizer) -> dict:
+    """What the target is: a Hub id's commit, or a local folder's fingerprints; and whether the code
+    of its own that it names ran (`remote_code`: None where it names none, else whether it was trusted),
+    with, for a local folder, that code's hash (a Hub commit pins its code)."""
     weights = local_weights_sample_hash(model_path)
+    remote_code = bool(cfg.trust_remote_code) if names_custom_code(model_config, tokenizer) else None
+    return {
+        "model": cfg.target_model,
+        "revision": resolved_revision(model_path, cfg.target_revision),
+        "config_sha256": local_config_hash(model_path),
+        "weights_sample_sha256": weights,
+        "weights_files": WEIGHTS_FILES if weights is not None else None,
+        "remote_code": remote_code,
+        "code_sha256": local_code_hash(model_path) if remote_code else None,
+    }
+
+
+def build_identity(cfg, target: dict, tokenizer, template, input_info, aux_layer_ids, selected) -> dict:
+    """Every field that shapes the cache's bytes; equal identities build equal caches."""
     return {
         "format_version": FORMAT_VERSION,
-        "target": {
-            "model": cfg.target_model,
-            "revision": resolved_revision(model_path, cfg.target_revision),
-            "config_sha256": local_config_hash(model_path),
-            "weights_sample_sha256": weights,
-            "weights_files": WEIGHTS_FILES if weights is not None else None,
-        },
+        "target": target,
         "tokenizer_sha256": tokenizer_hash(tokenizer, template),
         "chat_template_sha256": hashlib.sha256(template_bytes(template)).hexdigest(),
         "input": {
@@ -334,9 +345,9 @@ def build_identity(cfg, model_path, tokenizer, template, input_info, aux_layer_i
 
 def target_differences(manifest: dict, model_path: str, config, tokenizer) -> dict:
     """`{field: (recorded, found)}` where a target is not the one a cache was built from, by the
-    identity fields its build recorded: the local config and weights fingerprints (compared where
-    both sides have one: a Hub target records its commit instead), the vocabulary size and the
-    tokenizer."""
+    identity fields its build recorded: the local config, weights and own code fingerprints (compared
+    where both sides have one: a Hub target records its commit instead; a folder whose code the build
+    ran must still hold that code), the vocabulary size and the tokenizer."""
     identity, recorded = manifest["identity"], manifest["identity"]["target"]
     differences = {}
     config_hash = local_config_hash(model_path)
@@ -346,6 +357,9 @@ def target_differences(manifest: dict, model_path: str, config, tokenizer) -> di
     earlier = "weights_files" not in recorded  # fingerprinted by an earlier version
     if weights is not None and not same_weights(recorded.get("weights_sample_sha256"), model_path, by_an_earlier_version=earlier):
         differences["target.weights_sample_sha256"] = (recorded["weights_sample_sha256"], weights)
+    code = local_code_hash(model_path)
+    if recorded.get("code_sha256") is not None and Path(model_path).is_dir() and code != recorded["code_sha256"]:
+        differences["target.code_sha256"] = (recorded["code_sha256"], code)
     vocab_size = text_config(config).vocab_size
     if vocab_size != manifest["target_vocab_size"]:
         differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)

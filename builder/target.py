@@ -82,12 +82,30 @@ def text_config(config):
 
 
 def resolved_revision(model_path: str, revision: str | None) -> str | None:
-    """The commit a Hub id resolves to; None for a local directory (its files are hashed instead)."""
+    """The commit a Hub id's files load from: the name of the local Hub cache's snapshot folder that
+    holds the config `load_config` just read. No request is made, so an offline build (HF_HUB_OFFLINE,
+    the model already downloaded) records it as an online one does. None for a local directory (its
+    files are hashed instead)."""
     if Path(model_path).exists():
         return None
-    from huggingface_hub import model_info
+    from transformers.utils.hub import cached_file
 
-    return model_info(model_path, revision=revision).sha
+    try:
+        commit = Path(cached_file(model_path, "config.json", revision=revision, local_files_only=True)).parent.name
+        found = f"the snapshot folder {commit!r}"
+    except (OSError, ValueError) as err:
+        commit, found = None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    if not is_commit(commit):
+        raise InputError(
+            f"--target-model: expected {model_path!r} (revision {revision or 'main'}) in the local Hub cache, in a snapshot "
+            f"folder named by its commit, which the build records; found {found}. Load the model with transformers or "
+            "`hf download` into the default Hub cache (HF_HOME or HF_HUB_CACHE), or give a local model directory"
+        )
+    return commit
+
+
+def is_commit(name: str | None) -> bool:
+    return name is not None and len(name) == 40 and all(c in "0123456789abcdef" for c in name)
 
 
 def compute_device() -> tuple[torch.device, torch.dtype]:

@@ -51,10 +51,12 @@ def verify_cache(
     target_model: str | None = None,
     revision: str | None = None,
     name: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
-    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's;
+    `trust_remote_code`: the recompute may run the target's own code, where its build did."""
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     out = cache_folder(location, revision, name)
@@ -70,7 +72,7 @@ def verify_cache(
     problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
     if recompute and not problems:
-        recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
+        recomputed = recompute_samples(out, manifest, recompute, seed, target_model, trust_remote_code)
         report += recomputed
         report.recomputed = recomputed.recomputed
     return report
@@ -485,7 +487,9 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 # ---- recompute ----------------------------------------------------------------------------
 
 
-def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_model: str | None) -> Report:
+def recompute_samples(
+    out: Path, manifest: dict, count: int, seed: int, target_model: str | None, trust_remote_code: bool = False
+) -> Report:
     from .embedded import resolve_target
     from .forward import compute_record
     from .target import Target, compute_device, load_model
@@ -509,9 +513,10 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     chosen = sorted(random.Random(seed).sample(positions, min(count, len(positions))))
     tolerance = tolerance_for({name: comparable[name] for name, _ in chosen}, here)
     model_path = resolve_target(target_model or identity["target"]["model"])
-    check_target(model_path, manifest)
+    own_code = runs_own_code(identity["target"], trust_remote_code)
+    check_target(model_path, manifest, own_code)
     device, dtype = compute_device()
-    model = load_model(model_path, identity["target"]["revision"], False, device, dtype)
+    model = load_model(model_path, identity["target"]["revision"], own_code, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
     problems = Report()
@@ -530,16 +535,33 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     return problems
 
 
-def check_target(model_path: str, manifest: dict) -> None:
-    """Refuse a target other than the one the cache was built with (another model, or the same folder
-    retrained), by the identity fields the build recorded: otherwise every sample would be reported
-    as damaged. Fields a Hub target does not record (its commit pins it) are not compared."""
+def runs_own_code(recorded: dict, trust_remote_code: bool) -> bool:
+    """Whether the recompute runs the code the target names of its own: where its build did (its
+    identity's `remote_code`), which needs --trust-remote-code here too; a build of an earlier
+    version, which recorded no such field, runs as --trust-remote-code says."""
+    if "remote_code" not in recorded:
+        return trust_remote_code
+    if recorded["remote_code"] and not trust_remote_code:
+        raise Eagle3CacheError(
+            "verify --recompute: the cache was built running the target's own code (its auto_map, with "
+            "--trust-remote-code), and this run does not trust it, so transformers would run its built-in "
+            "class instead and no sample could match. Pass --trust-remote-code (the structural checks passed)."
+        )
+    return bool(recorded["remote_code"])
+
+
+def check_target(model_path: str, manifest: dict, own_code: bool = False) -> None:
+    """Refuse a target other than the one the cache was built with (another model, the same folder
+    retrained, or its own code edited), by the identity fields the build recorded: otherwise every
+    sample would be reported as damaged. Fields a Hub target does not record (its commit pins it)
+    are not compared. `own_code`: load it running the code of its own it names."""
     from .prepare import target_differences
     from .target import load_config, load_tokenizer
 
     revision = manifest["identity"]["target"]["revision"]
-    config = load_config(model_path, revision, False)
-    differences = target_differences(manifest, model_path, config, load_tokenizer(model_path, revision, False, config=config))
+    config = load_config(model_path, revision, own_code)
+    tokenizer = load_tokenizer(model_path, revision, own_code, config=config)
+    differences = target_differences(manifest, model_path, config, tokenizer)
     if differences:
         lines = "\n".join(f"  {field}: the cache has {old}, {model_path} has {new}" for field, (old, new) in sorted(differences.items()))
         raise Eagle3CacheError(

@@ -14,7 +14,13 @@ import pytest
 import torch
 import xxhash
 from helpers import assert_same_content, batch_rows, decoded_rows, says, small_config
-from tiny_targets import make_tiny_target, target_with_truncation_and_padding, target_without_pad_token
+from tiny_targets import (
+    make_tiny_target,
+    target_with_own_code,
+    target_with_truncation_and_padding,
+    target_without_pad_token,
+    write_own_code,
+)
 
 import builder.forward as forward_module
 import builder.placement as placement_module
@@ -593,11 +599,57 @@ def test_a_build_begun_before_weight_fingerprints_resumes_and_says_what_goes_unc
     monkeypatch.undo()
     state = tmp_path / "cache" / ".eagle3_build" / "identity.json"
     older = json.loads(state.read_text())
-    del older["target"]["weights_sample_sha256"]  # as a build of an earlier version recorded it
+    for field in ("weights_sample_sha256", "remote_code", "code_sha256"):  # as a build of an earlier version recorded it
+        del older["target"][field]
     state.write_text(json.dumps(older))
     resumed = build(cfg.replace(resume=True), progress=False)
     assert "predates target.weights_sample_sha256: that field is not checked" in caplog.text
+    assert "predates target.remote_code" not in caplog.text  # the target names no code of its own: nothing to check
+    assert "predates target.code_sha256" not in caplog.text
     assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+
+
+def test_resume_refuses_a_local_target_whose_own_code_changed_or_is_no_longer_trusted(tmp_path, monkeypatch):
+    """The code a target's auto_map names computes its outputs as much as its weights do: edited, or
+    no longer run (transformers then runs its built-in class), the shards written would come from
+    another model than the kept ones. Unchanged, the build resumes."""
+    target = target_with_own_code(tmp_path / "scaled_target", scale=2.0)
+    cfg = small_config(tmp_path / "cache", target, max_samples=8, trust_remote_code=True)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    identity = json.loads((tmp_path / "cache" / BUILD_STATE_FILE).read_text())["target"]
+    assert identity["remote_code"] is True and re.fullmatch(r"[0-9a-f]{64}", identity["code_sha256"])
+    write_own_code(target, scale=3.0)
+    monkeypatch.setattr(placement_module, "load_model", lambda *a, **k: pytest.fail("weights loaded before the identity check"))
+    before = snapshot(tmp_path / "cache")
+    with pytest.raises(ResumeMismatch, match=r"(?m)^  target\.code_sha256: cache has '[0-9a-f]{64}', this run has '[0-9a-f]{64}'$"):
+        build(cfg.replace(resume=True), progress=False)
+    write_own_code(target, scale=2.0)
+    no_longer_trusted = (
+        r"(?m)^  target\.code_sha256: cache has '[0-9a-f]{64}', this run has None\n"
+        r"  target\.remote_code: cache has True, this run has False$"
+    )
+    with pytest.raises(ResumeMismatch, match=no_longer_trusted):
+        build(cfg.replace(resume=True, trust_remote_code=False), progress=False)
+    assert snapshot(tmp_path / "cache") == before
+    monkeypatch.undo()
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    reference = build(cfg.replace(output_dir=str(tmp_path / "reference")), progress=False)
+    assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+
+
+def test_an_earlier_versions_build_of_a_target_with_own_code_resumes_and_says_what_goes_unchecked(tmp_path, monkeypatch, caplog):
+    target = target_with_own_code(tmp_path / "earlier_target")
+    cfg = small_config(tmp_path / "cache", target, max_samples=8, trust_remote_code=True)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    state = tmp_path / "cache" / BUILD_STATE_FILE
+    older = json.loads(state.read_text())
+    del older["target"]["remote_code"], older["target"]["code_sha256"]  # as a build of an earlier version recorded it
+    state.write_text(json.dumps(older))
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+    assert "predates target.remote_code: that field is not checked" in caplog.text
+    assert "predates target.code_sha256: that field is not checked" in caplog.text
 
 
 def test_weights_sample_hash_follows_the_bytes_not_the_folder(tmp_path):
@@ -788,3 +840,42 @@ def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
         ConfigError, match=says("--output-dir", "got '/proc/self/eagle3-cache'", "Creating /proc/self/eagle3-cache", "Choose a writable")
     ):
         CacheLock(Path("/proc/self/eagle3-cache")).acquire()
+
+
+def hub_cache_holding(hub_cache: Path, repo_id: str, commit: str, folder: Path) -> None:
+    """`folder`'s files laid out as a download of `repo_id`'s main branch at `commit` leaves them in the local Hub cache."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_an_offline_build_of_a_downloaded_hub_target_records_the_commit_its_files_load_from(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE (set by conftest) with the model in the local Hub cache, as on compute nodes: the
+    commit is the snapshot's, found without asking the Hub, by branch or by commit."""
+    from huggingface_hub import constants
+
+    from builder.embedded import resolve_target
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    hub_cache_holding(tmp_path / "hub", "someorg/tiny", commit, Path(resolve_target("tiny-llama")))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert constants.HF_HUB_OFFLINE
+    for name, revision in (("main", None), ("pinned", commit)):
+        result = build(small_config(tmp_path / name, "someorg/tiny", max_samples=4, target_revision=revision), progress=False)
+        target = read_manifest(result.output_dir)["identity"]["target"]
+        assert target["revision"] == commit and target["config_sha256"] is None and target["remote_code"] is None
+
+
+def test_a_hub_target_missing_from_the_local_hub_cache_is_refused_saying_what_to_do(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from builder.errors import InputError
+    from builder.target import resolved_revision
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        InputError,
+        match=says("'someorg/absent' (revision v2) in the local Hub cache", "found OSError", "`hf download`", "local model directory"),
+    ):
+        resolved_revision("someorg/absent", "v2")

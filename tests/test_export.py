@@ -733,6 +733,21 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path, noth
     assert not (tmp_path / "nemo").exists()
 
 
+def test_nemo_export_refuses_a_target_whose_own_code_changed_after_the_build(tmp_path):
+    """The code a target's auto_map names is part of what the target is, as its weights are."""
+    from tiny_targets import target_with_own_code, write_own_code
+
+    target = target_with_own_code(tmp_path / "export_scaled_target", scale=2.0)
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4, trust_remote_code=True), progress=False).output_dir
+    write_own_code(target, scale=3.0)
+    with pytest.raises(ExportError, match=says("is not the model this cache was built from", "target.code_sha256: cache has")):
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert not (tmp_path / "nemo").exists()
+    write_own_code(target, scale=2.0)
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 4
+
+
 def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):
     from tiny_targets import make_tiny_target
 

@@ -1,4 +1,5 @@
-"""The weights fingerprint of a local target: the files transformers loads, in its order."""
+"""The fingerprints of a local target: the weight files transformers loads, in its order, and the
+code of its own that its auto_map names."""
 
 from __future__ import annotations
 
@@ -153,3 +154,51 @@ def test_a_stale_index_whose_files_are_gone_is_no_earlier_way_and_no_crash(tmp_p
     stored = {"target": {"model": str(folder), "weights_sample_sha256": recorded}}
     current = {"target": {"model": str(folder), "weights_sample_sha256": local_weights_sample_hash(folder)}}
     assert set(identity_differences(stored, current)) == {"target.weights_sample_sha256"}
+
+
+def test_the_code_fingerprint_covers_the_files_auto_map_names_and_what_they_import(tmp_path):
+    """The modules named in config.json's and tokenizer_config.json's auto_map, and the files they import
+    relatively (transformers runs those too); not other Python files beside them, nor another repo's code."""
+    from builder.fingerprints import code_files, local_code_hash
+
+    folder = tiny_target_copy(tmp_path / "target")
+    assert local_code_hash(folder) is None and local_code_hash("someorg/tiny") is None
+    auto_map = {
+        "AutoConfig": "configuration_x.XConfig",
+        "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+        "AutoModel": "org/repo--modeling_y.Y",
+    }
+    for name, entries in (("config.json", auto_map), ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_x.XTokenizer", None]})):
+        (folder / name).write_text(json.dumps(json.loads((folder / name).read_text()) | {"auto_map": entries}))
+    code = {
+        "modeling_x.py": "from .layers_x import Block\n",
+        "layers_x.py": "Block = 1\n",
+        "configuration_x.py": "",
+        "tokenization_x.py": "",
+    }
+    for name, text in code.items():
+        (folder / name).write_text(text)
+    (folder / "convert_checkpoint.py").write_text("# a script shipped beside the model\n")
+    assert code_files(folder) == sorted(code)
+    recorded = local_code_hash(folder)
+    (folder / "convert_checkpoint.py").write_text("# edited\n")
+    assert local_code_hash(folder) == recorded
+    for name, text in code.items():
+        (folder / name).write_text(text + "# edited\n")
+        assert local_code_hash(folder) != recorded, name
+        (folder / name).write_text(text)
+    assert local_code_hash(folder) == recorded
+    (folder / "layers_x.py").unlink()  # missing, as transformers would find it: another fingerprint, not a crash
+    assert local_code_hash(folder) not in (None, recorded)
+
+
+def test_a_build_that_predates_the_code_fields_resumes_silently_where_the_target_ran_no_code_of_its_own(caplog):
+    from builder.build_state import identity_differences
+
+    stored = {"target": {"model": "tiny-llama", "config_sha256": "c"}}
+    plain = {"target": {"model": "tiny-llama", "config_sha256": "c", "remote_code": None, "code_sha256": None}}
+    assert identity_differences(stored, plain) == {}
+    assert "predates" not in caplog.text
+    with_code = {"target": {"model": "tiny-llama", "config_sha256": "c", "remote_code": True, "code_sha256": "d"}}
+    assert identity_differences(stored, with_code) == {}
+    assert "predates target.remote_code: that field is not checked" in caplog.text

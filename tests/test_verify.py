@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import small_config
+from helpers import says, small_config
 from hub_server import hub_fixtures
 from huggingface_hub import DatasetCard
 
@@ -524,6 +524,28 @@ def test_recompute_refuses_another_target_naming_the_fields_that_differ(intact, 
     (retokenized / "tokenizer_config.json").write_text(json.dumps(tokenizer_config | {"pad_token": "<|unk|>"}))
     with pytest.raises(Eagle3CacheError, match=r"retokenized is not the target the cache was built with:\n  tokenizer_sha256: the cache"):
         verify_cache(intact, recompute=2, target_model=str(retokenized))
+
+
+def test_recompute_runs_the_targets_own_code_where_the_build_did_and_refuses_it_edited(tmp_path, capsys):
+    """A build that ran the code the target's auto_map names is recomputed with that code (transformers'
+    built-in class would match no sample), which --trust-remote-code must allow; code edited since the
+    build is another target."""
+    from tiny_targets import target_with_own_code, write_own_code
+
+    from builder.cli import main
+
+    target = target_with_own_code(tmp_path / "verify_scaled_target", scale=2.0)
+    cache = build(small_config(tmp_path / "cache", target, max_samples=4, trust_remote_code=True), progress=False).output_dir
+    with pytest.raises(Eagle3CacheError, match=says("built running the target's own code", "Pass --trust-remote-code")):
+        verify_cache(cache, recompute=2)
+    assert main(["verify", str(cache), "--recompute", "2", "--trust-remote-code"]) == 0
+    assert "OK (the recomputed samples match)" in capsys.readouterr().out
+    write_own_code(target, scale=3.0)
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r"verify_scaled_target is not the target the cache was built with:\n  target\.code_sha256: the cache has [0-9a-f]{64}, ",
+    ):
+        verify_cache(cache, recompute=2, trust_remote_code=True)
 
 
 # ---- which target counts as the build's ---------------------------------------------------------

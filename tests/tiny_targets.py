@@ -161,6 +161,43 @@ def target_without_pad_token(directory: Path) -> Path:
     return directory
 
 
+OWN_CODE = """from transformers import LlamaForCausalLM
+
+SCALE = {scale}
+
+
+class ScaledLlamaForCausalLM(LlamaForCausalLM):
+    \"\"\"Llama with layer 0's output scaled by SCALE: what it computes is in its code, not its config.\"\"\"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.layers[0].register_forward_hook(scaled)
+
+
+def scaled(module, args, output):
+    return (output[0] * SCALE, *output[1:]) if isinstance(output, tuple) else output * SCALE
+"""
+
+
+def target_with_own_code(directory: Path, scale: float = 1.0) -> Path:
+    """A copy of the embedded target whose config's auto_map names code of its own (run with
+    trust_remote_code), which scales layer 0's output by `scale` (see `write_own_code`)."""
+    import json
+    import shutil
+
+    directory = Path(shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], directory))
+    config = json.loads((directory / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_scaled.ScaledLlamaForCausalLM"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return write_own_code(directory, scale)
+
+
+def write_own_code(directory: Path, scale: float) -> Path:
+    """The target's code edited: its weights and config stay as they are."""
+    (Path(directory) / "modeling_scaled.py").write_text(OWN_CODE.format(scale=scale))
+    return Path(directory)
+
+
 def target_with_truncation_and_padding(directory: Path) -> Path:
     """A copy of the embedded target whose tokenizer.json ships truncation and padding settings, as
     tokenizers saved after training often do; transformers turns both off on the first encode call."""
