@@ -138,12 +138,27 @@ RESTORE_CARD = (
     "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
     "cache was pushed to"
 )
-MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "vocab_file", "shards", "totals")
+# The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
+MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
+HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
+BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
 
 
 def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
-    if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+    if missing := missing_manifest_parts(manifest):
         raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
+
+
+def missing_manifest_parts(manifest: dict) -> list[str]:
+    """The parts a manifest lacks, by name: those of every cache, a hidden cache's head parts, and the
+    batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if (manifest.get("layout") or {}).get("target_format") == "hidden":
+        missing += [key for key in HIDDEN_MANIFEST_KEYS if key not in manifest]
+    build = manifest.get("build")
+    if isinstance(build, dict) and any("batching" not in shard for shard in manifest.get("shards") or []):
+        missing += [f"build.{key}" for key in BATCHING_KEYS if key not in build]
+    return missing
 
 
 def why_no_card(root: Path, name: str | None) -> str:
@@ -517,6 +532,8 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     problems = Report()
     problems.recomputed = len(chosen)
     try:
+        if manifest["layout"]["target_format"] == "hidden":
+            problems += check_head_file(out, manifest, target, selected)
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             batching = shard_batching(manifest, name)
@@ -528,6 +545,72 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     finally:
         target.close()
     return problems
+
+
+@torch.inference_mode()
+def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -> list[str]:
+    """A hidden cache's samples are read through its head file (the draft rows, all rows with
+    --store-full-head, the bias) and the manifest's head_transform: they must be the live target's,
+    or every distribution a reader rebuilds is wrong however right the stored hidden states are."""
+    from safetensors.torch import load_file
+
+    from .target import head_spec
+
+    path = manifest["lm_head_file"]["path"]
+    stored = load_file(str(out / path))
+    live = live_head_tensors(target, selected, full="weight" in stored or bool(manifest["identity"].get("store_full_head")))
+    dtypes = compute_dtypes(manifest, target.head.weight.dtype)
+    restore = (
+        f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
+        "computing no shard)"
+    )
+    problems = [
+        f"{path}: {what}; every sample of this hidden cache is read through it: {restore}"
+        for what in head_differences(stored, live, dtypes)
+    ]
+    expected = head_spec(target.model.config, lm_head_bias="bias" in live)
+    if manifest["head_transform"] != expected:
+        problems.append(
+            f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
+            f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
+            "writes the card again, computing nothing), or rebuild"
+        )
+    return problems
+
+
+def live_head_tensors(target, selected: torch.Tensor, full: bool) -> dict[str, torch.Tensor]:
+    """What the build writes to a hidden cache's head file, from the live head (on its device)."""
+    weight, bias = target.head.weight, getattr(target.head, "bias", None)
+    live = {"draft_rows": weight.index_select(0, selected.to(weight.device))}
+    if full:
+        live["weight"] = weight
+    if bias is not None:
+        live["bias"] = bias
+    return live
+
+
+def compute_dtypes(manifest: dict, here: torch.dtype) -> set[torch.dtype]:
+    """The dtypes the head may have been loaded in: this machine's, and every one a shard records (the
+    head file is written by the last run that computed, in its dtype)."""
+    recorded = {getattr(torch, s["compute"]["dtype"], None) for s in manifest["shards"] if "dtype" in (s.get("compute") or {})}
+    return {here} | {dtype for dtype in recorded if isinstance(dtype, torch.dtype)}
+
+
+def head_differences(stored: dict, live: dict, dtypes: set[torch.dtype]):
+    """How the stored head tensors differ from the live ones: a tensor matches where both agree exactly
+    at the precision of a dtype the head was loaded in (the build stored it in fp32)."""
+    for key in sorted(stored.keys() | live.keys()):
+        if key not in stored:
+            yield f"holds no {key}, and the target's head has one"
+        elif key not in live:
+            yield f"holds a {key} the target's head does not have"
+        elif stored[key].shape != live[key].shape:
+            yield f"{key} has shape {list(stored[key].shape)}, where the target's is {list(live[key].shape)}"
+        else:
+            got, want = stored[key].to(live[key].device), live[key]
+            if not any(torch.equal(got.to(dtype), want.to(dtype)) for dtype in dtypes):
+                diff = (got.float() - want.float()).abs().max().item()
+                yield f"{key} differs from the target's head (max abs diff {diff:.3g})"
 
 
 def check_target(model_path: str, manifest: dict) -> None:
@@ -676,9 +759,7 @@ def shard_batching(manifest: dict, name: str) -> dict:
     """The batch size, token budget, row-group and sort-window bytes the shard was built with (a resume may have
     changed them); caches recorded before shards carried them: the last run's settings."""
     shard = next(s for s in manifest["shards"] if s["name"] == name)
-    build = manifest["build"]
-    keys = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
-    return shard.get("batching") or {k: build[k] for k in keys if k in build}
+    return shard.get("batching") or {k: manifest["build"][k] for k in BATCHING_KEYS}
 
 
 def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:

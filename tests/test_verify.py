@@ -733,3 +733,89 @@ def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_re
     (cache / "README.md").write_text("---\nlicense: mit\n---\n# another dataset\n")  # whole, and not ours
     with pytest.raises(Eagle3CacheError, match="it is not an eagle3-cache dataset card"):
         verify_cache(cache)
+
+
+# ---- what a hidden cache is read through: its head file and logit terms --------------------------
+
+
+@pytest.fixture(scope="module")
+def hidden_intact(tmp_path_factory):
+    return build(small_config(tmp_path_factory.mktemp("verify_hidden") / "cache", target_format="hidden"), progress=False).output_dir
+
+
+@pytest.fixture
+def hidden_cache(hidden_intact, tmp_path):
+    copy = tmp_path / "hidden"
+    shutil.copytree(hidden_intact, copy)
+    return copy
+
+
+def rewrite_head_file(cache, change) -> None:
+    """The head file's tensors changed by `change`, with the manifest's checksum updated to agree."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache / "vocab" / "lm_head.safetensors"
+    save_file({k: v.contiguous() for k, v in change(load_file(path)).items()}, str(path))
+    edit_card(cache, lambda data: data["eagle3_cache"]["lm_head_file"].__setitem__("checksum", file_hash(path, CHECKSUM_ALGORITHM)))
+
+
+def test_recompute_compares_a_hidden_caches_head_rows_and_logit_terms_with_the_target(hidden_cache):
+    assert verify_cache(hidden_cache, recompute=2) == []
+    rewrite_head_file(hidden_cache, lambda head: head | {"draft_rows": head["draft_rows"].flip(0)})  # rows in the wrong order
+    assert verify_cache(hidden_cache) == []  # every file as its record says
+    problems = verify_cache(hidden_cache, recompute=2)
+    assert len(problems) == 1
+    assert problems[0].startswith("vocab/lm_head.safetensors: draft_rows differs from the target's head (max abs diff ")
+    assert problems[0].endswith(
+        "every sample of this hidden cache is read through it: to repair: delete vocab/lm_head.safetensors and run the build "
+        "again with --resume (it writes the head rows again from the target, computing no shard)"
+    )
+
+    rewrite_head_file(hidden_cache, lambda head: head | {"draft_rows": head["draft_rows"].flip(0), "bias": torch.ones(1024)})
+    assert verify_cache(hidden_cache, recompute=2) == [
+        "vocab/lm_head.safetensors: holds a bias the target's head does not have; every sample of this hidden cache is read "
+        "through it: to repair: delete vocab/lm_head.safetensors and run the build again with --resume (it writes the head "
+        "rows again from the target, computing no shard)"
+    ]
+
+    rewrite_head_file(hidden_cache, lambda head: {"draft_rows": head["draft_rows"]})
+    edit_card(hidden_cache, lambda data: data["eagle3_cache"]["head_transform"].__setitem__("final_logit_softcapping", 30.0))
+    assert verify_cache(hidden_cache) == []  # outside the fingerprint
+    (problem,) = verify_cache(hidden_cache, recompute=2)
+    assert re.match(
+        r"README.md: the manifest's head_transform is \{.*'final_logit_softcapping': 30.0.*\}, where the target gives "
+        r"\{.*'final_logit_softcapping': None.*\}: readers would apply other logit terms than the target's\. Restore the card",
+        problem,
+    )
+
+
+def refused_as_damaged(location, part: str, capsys) -> None:
+    """The card without `part` of its manifest: verify refuses it as damaged, saying how to restore it."""
+    from builder.cli import main
+
+    text = (location / "README.md").read_text()
+    edit_card(location, lambda data: data["eagle3_cache"].pop(part))
+    message = rf"README.md is damaged: its manifest has no {part}, as in a card cut short or edited by hand\. Restore it"
+    with pytest.raises(Eagle3CacheError, match=message):
+        verify_cache(location)
+    assert main(["verify", str(location), "--recompute", "2"]) == 2  # a refusal, not a traceback
+    assert re.search(message, capsys.readouterr().err)
+    (location / "README.md").write_text(text)
+
+
+def test_a_hidden_cache_whose_manifest_has_no_head_file_or_logit_terms_is_called_damaged(hidden_cache, capsys):
+    for part in ("lm_head_file", "head_transform"):
+        refused_as_damaged(hidden_cache, part, capsys)
+
+
+def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from_is_called_damaged(cache, capsys):
+    refused_as_damaged(cache, "build", capsys)
+
+    def drop_batching(data):
+        for shard in data["eagle3_cache"]["shards"]:
+            shard.pop("batching")  # as recorded before shards carried their own: the build's settings rebuild the batches
+        data["eagle3_cache"]["build"].pop("max_tokens_per_batch")
+
+    edit_card(cache, drop_batching)
+    with pytest.raises(Eagle3CacheError, match=r"its manifest has no build\.max_tokens_per_batch, as in a card cut short"):
+        verify_cache(cache, recompute=2)
