@@ -47,16 +47,18 @@ def verify_cache(
     location: str | Path,
     *,
     recompute: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
     target_model: str | None = None,
     revision: str | None = None,
     name: str | None = None,
 ) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
-    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's."""
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's.
+    `seed` (default 0) and `target_model` go with `recompute`, `revision` with a repo id."""
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
+    refuse_flags_without_use(location, recompute, seed, target_model, revision)
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
     refuse_incomplete_manifest(out, manifest)
@@ -70,10 +72,31 @@ def verify_cache(
     problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
     if recompute and not problems:
-        recomputed = recompute_samples(out, manifest, recompute, seed, target_model)
+        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model)
         report += recomputed
         report.recomputed = recomputed.recomputed
     return report
+
+
+def refuse_flags_without_use(
+    location: str | Path, recompute: int, seed: int | None, target_model: str | None, revision: str | None
+) -> None:
+    """A flag given where nothing reads it is refused rather than silently ignored, as build refuses
+    them: the user meant a check verify would not make."""
+    if revision is not None and Path(location).exists():
+        raise ConfigError(
+            "--revision",
+            revision,
+            "a Hub dataset repo id to verify",
+            f"{location} is a local directory, which has no revisions, so the flag would be ignored: leave it out, or "
+            f"verify the repo the cache was pushed to (eagle3-cache verify REPO_ID --revision {revision})",
+        )
+    for flag, value, why in (
+        ("--seed", seed, "It chooses the samples to recompute."),
+        ("--target-model", target_model, "Only a recompute runs the target."),
+    ):
+        if value is not None and not recompute:
+            raise ConfigError(flag, value, "--recompute N as well", f"Without it the flag is ignored. {why}")
 
 
 class Report(list):

@@ -710,6 +710,39 @@ def test_a_negative_recompute_count_is_refused_saying_what_is_expected(cache, ca
         verify_cache(cache, recompute=-2)
 
 
+def test_flags_verify_would_ignore_are_refused_saying_why(cache, capsys):
+    from builder.cli import main
+
+    cases = [
+        (
+            ["--revision", "v9"],
+            {"revision": "v9"},
+            rf"--revision: expected a Hub dataset repo id to verify, got 'v9'\. {re.escape(str(cache))} is a local directory, "
+            r"which has no revisions, so the flag would be ignored: leave it out, or verify the repo the cache was pushed to "
+            r"\(eagle3-cache verify REPO_ID --revision v9\)",
+        ),
+        (
+            ["--seed", "3"],
+            {"seed": 3},
+            r"--seed: expected --recompute N as well, got 3\. Without it the flag is ignored\. It chooses the samples to recompute\.",
+        ),
+        (
+            ["--target-model", "tiny-llama"],
+            {"target_model": "tiny-llama"},
+            r"--target-model: expected --recompute N as well, got 'tiny-llama'\. Without it the flag is ignored\. Only a "
+            r"recompute runs the target\.",
+        ),
+    ]
+    for flags, arguments, message in cases:
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(cache, **arguments)
+        assert main(["verify", str(cache), *flags]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert main(["verify", str(cache), "--seed", "0", "--recompute", "0"]) == 2  # given, if as its default value
+    capsys.readouterr()
+    assert main(["verify", str(cache), "--seed", "3", "--recompute", "1"]) == 0
+
+
 def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_restore_it(cache, capsys):
     from builder.cli import main
 
