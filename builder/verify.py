@@ -10,7 +10,9 @@ rebuilding each one's exact forward batch from the cached rows (batches depend o
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
 match bit for bit on a machine that computes as the build's did, and within a few rounding steps
 on another machine of its kind where the compute is fp32 (see Tolerance; in bf16 or fp16 so few
-steps are too coarse to tell from damage, and such shards are skipped).
+steps are too coarse to tell from damage, and such shards are skipped). It also tokenizes the
+samples' input rows again (their token ids and loss masks, which the target runs on), and for a
+hidden cache compares the head file and logit terms it is read through with the live target's.
 """
 
 from __future__ import annotations
@@ -548,11 +550,12 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     tolerance = tolerance_for({name: comparable[name] for name, _ in chosen}, here)
     model_path = resolve_target(target_model or identity["target"]["model"])
     check_target(model_path, manifest)
+    token_problems = check_tokens(out, manifest, model_path, chosen)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], False, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
-    problems = Report()
+    problems = Report(token_problems)
     problems.recomputed = len(chosen)
     try:
         if manifest["layout"]["target_format"] == "hidden":
@@ -568,6 +571,123 @@ def recompute_samples(out: Path, manifest: dict, count: int, seed: int, target_m
     finally:
         target.close()
     return problems
+
+
+# ---- the recomputed samples' tokens, against their input rows ----------------------------------
+
+TOKENS_DIFFER = (
+    "the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes the row otherwise than the build's did"
+)
+
+
+class NotRetokenized(Exception):
+    """Why the recomputed samples' input rows cannot be tokenized again here (not damage: a note)."""
+
+
+def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]]) -> list[str]:
+    """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
+    recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
+    (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
+    longer the build's, says so and compares nothing."""
+    stored = stored_samples(out, chosen)
+    try:
+        now = tokenized_now(manifest, model_path, [sample["source_index"] for _, sample in stored])
+    except NotRetokenized as why:
+        log.warning("verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: %s", why)
+        return []
+    return [
+        f"data/{name}/{sample['sample_id']}: {problem}; {repair(name)}"
+        for name, sample in stored
+        for problem in token_differences(sample, now[sample["source_index"]])
+    ]
+
+
+def stored_samples(out: Path, chosen: list[tuple[str, int]]) -> list[tuple[str, dict]]:
+    """(shard, its row) of each chosen sample: id, source index, token ids and loss mask (stored raw)."""
+    samples = []
+    for name in sorted({n for n, _ in chosen}):
+        table = pq.read_table(out / "data" / name, columns=["sample_id", "source_index", "input_ids", "loss_mask"])
+        for index in (i for n, i in chosen if n == name):
+            row = table.slice(index, 1).to_pylist()[0]
+            row["input_ids"] = np.frombuffer(row["input_ids"], dtype="<i4")
+            row["loss_mask"] = np.frombuffer(row["loss_mask"], dtype=np.uint8)
+            samples.append((name, row))
+    return samples
+
+
+def tokenized_now(manifest: dict, model_path: str, source_indices: list[int]) -> dict[int, dict]:
+    """{source index: its input row tokenized now as the build tokenized it}; NotRetokenized where that
+    cannot be done here."""
+    from .embedded import resolve_input
+    from .inputs import load_rows
+    from .target import load_tokenizer
+    from .tokenize import tokenize_rows
+
+    identity = manifest["identity"]
+    selection = identity["input"]
+    tokenizer = load_tokenizer(model_path, identity["target"]["revision"], False)
+    template = builds_template(tokenizer, identity)
+    try:
+        rows, info = load_rows(resolve_input(selection["data"]), config=selection.get("config"), split=selection.get("split"))
+    except Eagle3CacheError as err:
+        raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
+    if info["content_hash"] != selection["content_hash"]:
+        raise NotRetokenized(
+            f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
+            f"build's {selection['content_hash']})"
+        )
+    tokenized = tokenize_rows(
+        rows.select(source_indices),
+        np.asarray(source_indices),
+        tokenizer,
+        template,
+        identity["seq_length"],
+        1,
+        mask_generation_prompt=identity.get("mask_generation_prompt", False),
+        mask_reasoning_content=identity.get("mask_reasoning_content", False),
+    )
+    return {row["source_index"]: row for row in tokenized}
+
+
+def builds_template(tokenizer, identity: dict):
+    """The tokenizer's chat template, where the build rendered with it: a --chat-template file is
+    recorded only by its hash."""
+    import hashlib
+
+    from .tokenize import template_bytes, template_of
+
+    try:
+        template = template_of(tokenizer, None)
+    except Eagle3CacheError:
+        template = None
+    if template is None or hashlib.sha256(template_bytes(template)).hexdigest() != identity.get("chat_template_sha256"):
+        raise NotRetokenized(
+            "the build rendered them with a chat template other than the tokenizer's (--chat-template), which the manifest "
+            "records only by its hash"
+        )
+    return template
+
+
+def token_differences(stored: dict, now: dict) -> list[str]:
+    row = stored["source_index"]
+    if now["skip_reason"]:
+        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it: {TOKENS_DIFFER}"]
+    return [
+        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))}): "
+        f"{TOKENS_DIFFER}"
+        for column in ("input_ids", "loss_mask")
+        if not np.array_equal(stored[column], now[column])
+    ]
+
+
+def first_token_difference(stored: np.ndarray, now: np.ndarray) -> str:
+    if len(stored) != len(now):
+        return f"{len(stored)} tokens, where the row gives {len(now)}"
+    position = int(np.flatnonzero(stored != now)[0])
+    return f"{int(stored[position])} at position {position}, where the row gives {int(now[position])}"
+
+
+# ---- a hidden cache's head ------------------------------------------------------------------------
 
 
 @torch.inference_mode()

@@ -119,6 +119,73 @@ def test_recompute_catches_wrong_but_consistent_aux(cache):
     assert problems[0].startswith(f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute")
 
 
+def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
+    """The shard's first sample loses its first supervised token: its loss mask and its target rows
+    (probs, argmax) agree, and so does the shard's record: (its sample id, the position cleared)."""
+    path = cache / "data" / shard_name
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    row = rows[0]
+    mask = torch.frombuffer(bytearray(row["loss_mask"]), dtype=torch.uint8).clone()
+    supervised = mask.nonzero().squeeze(1)
+    mask[supervised[0]] = 0
+    for column in ("target_probs", "target_argmax"):
+        values = decode_value(row[column], torch.float32 if column == "target_probs" else torch.int32)
+        kept = values.view(len(supervised), -1)[1:].reshape(-1)
+        row[column] = b"".join(encode_value(kept.contiguous(), "byte_planes_zstd").parts)
+    row["loss_mask"] = mask.numpy().tobytes()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path, compression="none")
+
+    def agree(data):
+        manifest = data["eagle3_cache"]
+        for shard in manifest["shards"]:
+            if shard["name"] == shard_name:
+                shard |= {"bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
+                shard["loss_tokens"] -= 1
+        manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+        manifest["totals"]["loss_tokens"] -= 1
+
+    edit_card(cache, agree)
+    return row["sample_id"], int(supervised[0])
+
+
+def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_rows(cache):
+    sample_id, position = drop_first_supervised_token(cache, SHARD)
+    assert verify_cache(cache) == []  # every file as its record says, every row as its loss mask says
+    source_index = pq.read_table(cache / "data" / SHARD, columns=["source_index"])["source_index"][0].as_py()
+    assert verify_cache(cache, recompute=14) == [  # the target's outputs at the other positions match
+        f"data/{SHARD}/{sample_id}: loss_mask differs from input row {source_index} tokenized now (0 at position {position}, "
+        "where the row gives 1): the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes "
+        f"the row otherwise than the build's did; {REPAIR}"
+    ]
+
+
+def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache, monkeypatch, caplog):
+    import builder.inputs
+    from builder.errors import InputError
+
+    drop_first_supervised_token(cache, SHARD)
+    build_input = read_manifest(cache)["identity"]["input"]["data"]
+    load_rows = builder.inputs.load_rows
+
+    def moved(*args, **kwargs):
+        raise InputError("--input-data: no such file")
+
+    def changed(*args, **kwargs):
+        rows, info = load_rows(*args, **kwargs)
+        return rows, info | {"content_hash": "0" * 64}
+
+    note = "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: "
+    for load, why in (
+        (moved, f"the build's input {build_input!r} cannot be read here (--input-data: no such file)"),
+        (changed, f"the build's input {build_input!r} has changed since (its content hash is {'0' * 64}, the build's "),
+    ):
+        monkeypatch.setattr(builder.inputs, "load_rows", load)
+        caplog.clear()
+        assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
+        assert any(record.getMessage().startswith(note + why) for record in caplog.records), caplog.text
+
+
 def set_shard_compute(cache, names: set[str], compute: dict) -> None:
     """Record shards as computed elsewhere (as a resume on another machine would have)."""
     card = DatasetCard.load(cache / "README.md")
