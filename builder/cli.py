@@ -106,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "uploaded and deleted here: verify the repo instead).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
-    verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
+    verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id (not of a directory)")
     verify.add_argument(
         "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
     )
     verify.add_argument("--recompute", type=sample_count, default=0, metavar="N", help="samples to recompute with the target (default: 0)")
-    verify.add_argument("--seed", type=int, default=0, help="seed choosing the recomputed samples")
-    verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says")
+    verify.add_argument("--seed", type=int, default=None, help="seed choosing the recomputed samples (with --recompute; default: 0)")
+    verify.add_argument("--target-model", default=None, help="the target, if not where the manifest says (with --recompute)")
     verify.add_argument(
         "--trust-remote-code",
         action="store_true",

@@ -266,6 +266,8 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
     _check_flags_have_their_use(cfg)
+    _check_flags_not_overridden(cfg)
+    _check_target_revision(cfg)
     _check_push_target(cfg)
     _check_output_dir(cfg)
 
@@ -289,6 +291,40 @@ def _check_flags_have_their_use(cfg: BuildConfig) -> None:
         value = getattr(cfg, name)
         if value != defaults[name] and not in_use(cfg):
             raise ConfigError(flag_of(name), value, f"{needed} as well", f"Without it the flag is ignored. {why}")
+
+
+# A setting that another one, when given, makes meaningless: {field: (the other field, why)}
+OVERRIDDEN_SETTINGS = {
+    name: ("device_map", "--device-map places the target as it says, so the flag would be ignored and recorded as if it had.")
+    for name in ("gpus_per_target", "max_memory_per_gpu")
+}
+
+
+def _check_flags_not_overridden(cfg: BuildConfig) -> None:
+    """A setting given a value of its own where another setting decides instead is refused, naming both."""
+    defaults = {f.name: f.default for f in settings()}
+    for name, (other, why) in OVERRIDDEN_SETTINGS.items():
+        value = getattr(cfg, name)
+        if value != defaults[name] and getattr(cfg, other) != defaults[other]:
+            raise ConfigError(flag_of(name), value, f"no {flag_of(other)} alongside it", f"{why} Leave out one of the two.")
+
+
+def _check_target_revision(cfg: BuildConfig) -> None:
+    """A revision names a commit of a Hub model: a local or embedded target has none, and the manifest
+    would record none."""
+    if cfg.target_revision is None:
+        return
+    from .embedded import resolve_target
+
+    if Path(resolve_target(cfg.target_model)).exists():
+        raise ConfigError(
+            "--target-revision",
+            cfg.target_revision,
+            "a Hub model id as --target-model",
+            f"{cfg.target_model!r} is a local directory or an embedded target, which has no revisions, so the flag would "
+            "be ignored (the manifest records a local target's files' hashes instead). Leave it out, or pass the Hub id "
+            "of the model to build from that revision.",
+        )
 
 
 def _check_push_target(cfg: BuildConfig) -> None:

@@ -10,7 +10,9 @@ rebuilding each one's exact forward batch from the cached rows (batches depend o
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
 match bit for bit on a machine that computes as the build's did, and within a few rounding steps
 on another machine of its kind where the compute is fp32 (see Tolerance; in bf16 or fp16 so few
-steps are too coarse to tell from damage, and such shards are skipped).
+steps are too coarse to tell from damage, and such shards are skipped). It also tokenizes the
+samples' input rows again (their token ids and loss masks, which the target runs on), and for a
+hidden cache compares the head file and logit terms it is read through with the live target's.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def verify_cache(
     location: str | Path,
     *,
     recompute: int = 0,
-    seed: int = 0,
+    seed: int | None = None,
     target_model: str | None = None,
     revision: str | None = None,
     name: str | None = None,
@@ -55,10 +57,12 @@ def verify_cache(
 ) -> list[str]:
     """Every problem found, as `shard/sample: message` lines; empty when the cache is intact.
     A Hub repo id is downloaded first (every byte must be read to check its checksum anyway);
-    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's;
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's.
+    `seed` (default 0) and `target_model` go with `recompute`, `revision` with a repo id;
     `trust_remote_code`: the recompute may run the target's own code, where its build did."""
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
+    refuse_flags_without_use(location, recompute, seed, target_model, revision)
     out = cache_folder(location, revision, name)
     manifest = read_manifest(out)
     refuse_incomplete_manifest(out, manifest)
@@ -72,10 +76,31 @@ def verify_cache(
     problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
     if recompute and not problems:
-        recomputed = recompute_samples(out, manifest, recompute, seed, target_model, trust_remote_code)
+        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model, trust_remote_code)
         report += recomputed
         report.recomputed = recomputed.recomputed
     return report
+
+
+def refuse_flags_without_use(
+    location: str | Path, recompute: int, seed: int | None, target_model: str | None, revision: str | None
+) -> None:
+    """A flag given where nothing reads it is refused rather than silently ignored, as build refuses
+    them: the user meant a check verify would not make."""
+    if revision is not None and Path(location).exists():
+        raise ConfigError(
+            "--revision",
+            revision,
+            "a Hub dataset repo id to verify",
+            f"{location} is a local directory, which has no revisions, so the flag would be ignored: leave it out, or "
+            f"verify the repo the cache was pushed to (eagle3-cache verify REPO_ID --revision {revision})",
+        )
+    for flag, value, why in (
+        ("--seed", seed, "It chooses the samples to recompute."),
+        ("--target-model", target_model, "Only a recompute runs the target."),
+    ):
+        if value is not None and not recompute:
+            raise ConfigError(flag, value, "--recompute N as well", f"Without it the flag is ignored. {why}")
 
 
 class Report(list):
@@ -140,12 +165,27 @@ RESTORE_CARD = (
     "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
     "cache was pushed to"
 )
-MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "vocab_file", "shards", "totals")
+# The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
+MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
+HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
+BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
 
 
 def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
-    if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+    if missing := missing_manifest_parts(manifest):
         raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
+
+
+def missing_manifest_parts(manifest: dict) -> list[str]:
+    """The parts a manifest lacks, by name: those of every cache, a hidden cache's head parts, and the
+    batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if (manifest.get("layout") or {}).get("target_format") == "hidden":
+        missing += [key for key in HIDDEN_MANIFEST_KEYS if key not in manifest]
+    build = manifest.get("build")
+    if isinstance(build, dict) and any("batching" not in shard for shard in manifest.get("shards") or []):
+        missing += [f"build.{key}" for key in BATCHING_KEYS if key not in build]
+    return missing
 
 
 def why_no_card(root: Path, name: str | None) -> str:
@@ -515,13 +555,16 @@ def recompute_samples(
     model_path = resolve_target(target_model or identity["target"]["model"])
     own_code = runs_own_code(identity["target"], trust_remote_code)
     check_target(model_path, manifest, own_code)
+    token_problems = check_tokens(out, manifest, model_path, chosen, own_code)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], own_code, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
     selected = read_vocab(out)["selected_token_ids"].to(device)
-    problems = Report()
+    problems = Report(token_problems)
     problems.recomputed = len(chosen)
     try:
+        if manifest["layout"]["target_format"] == "hidden":
+            problems += check_head_file(out, manifest, target, selected)
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             batching = shard_batching(manifest, name)
@@ -533,6 +576,189 @@ def recompute_samples(
     finally:
         target.close()
     return problems
+
+
+# ---- the recomputed samples' tokens, against their input rows ----------------------------------
+
+TOKENS_DIFFER = (
+    "the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes the row otherwise than the build's did"
+)
+
+
+class NotRetokenized(Exception):
+    """Why the recomputed samples' input rows cannot be tokenized again here (not damage: a note)."""
+
+
+def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]], own_code: bool = False) -> list[str]:
+    """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
+    recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
+    (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
+    longer the build's, says so and compares nothing."""
+    stored = stored_samples(out, chosen)
+    try:
+        now = tokenized_now(manifest, model_path, [sample["source_index"] for _, sample in stored], own_code)
+    except NotRetokenized as why:
+        log.warning("verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: %s", why)
+        return []
+    return [
+        f"data/{name}/{sample['sample_id']}: {problem}; {repair(name)}"
+        for name, sample in stored
+        for problem in token_differences(sample, now[sample["source_index"]])
+    ]
+
+
+def stored_samples(out: Path, chosen: list[tuple[str, int]]) -> list[tuple[str, dict]]:
+    """(shard, its row) of each chosen sample: id, source index, token ids and loss mask (stored raw)."""
+    samples = []
+    for name in sorted({n for n, _ in chosen}):
+        table = pq.read_table(out / "data" / name, columns=["sample_id", "source_index", "input_ids", "loss_mask"])
+        for index in (i for n, i in chosen if n == name):
+            row = table.slice(index, 1).to_pylist()[0]
+            row["input_ids"] = np.frombuffer(row["input_ids"], dtype="<i4")
+            row["loss_mask"] = np.frombuffer(row["loss_mask"], dtype=np.uint8)
+            samples.append((name, row))
+    return samples
+
+
+def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], own_code: bool = False) -> dict[int, dict]:
+    """{source index: its input row tokenized now as the build tokenized it}; NotRetokenized where that
+    cannot be done here."""
+    from .embedded import resolve_input
+    from .inputs import load_rows
+    from .target import load_tokenizer
+    from .tokenize import tokenize_rows
+
+    identity = manifest["identity"]
+    selection = identity["input"]
+    tokenizer = load_tokenizer(model_path, identity["target"]["revision"], own_code)
+    template = builds_template(tokenizer, identity)
+    try:
+        rows, info = load_rows(resolve_input(selection["data"]), config=selection.get("config"), split=selection.get("split"))
+    except Eagle3CacheError as err:
+        raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
+    if info["content_hash"] != selection["content_hash"]:
+        raise NotRetokenized(
+            f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
+            f"build's {selection['content_hash']})"
+        )
+    tokenized = tokenize_rows(
+        rows.select(source_indices),
+        np.asarray(source_indices),
+        tokenizer,
+        template,
+        identity["seq_length"],
+        1,
+        mask_generation_prompt=identity.get("mask_generation_prompt", False),
+        mask_reasoning_content=identity.get("mask_reasoning_content", False),
+    )
+    return {row["source_index"]: row for row in tokenized}
+
+
+def builds_template(tokenizer, identity: dict):
+    """The tokenizer's chat template, where the build rendered with it: a --chat-template file is
+    recorded only by its hash."""
+    import hashlib
+
+    from .tokenize import template_bytes, template_of
+
+    try:
+        template = template_of(tokenizer, None)
+    except Eagle3CacheError:
+        template = None
+    if template is None or hashlib.sha256(template_bytes(template)).hexdigest() != identity.get("chat_template_sha256"):
+        raise NotRetokenized(
+            "the build rendered them with a chat template other than the tokenizer's (--chat-template), which the manifest "
+            "records only by its hash"
+        )
+    return template
+
+
+def token_differences(stored: dict, now: dict) -> list[str]:
+    row = stored["source_index"]
+    if now["skip_reason"]:
+        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it: {TOKENS_DIFFER}"]
+    return [
+        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))}): "
+        f"{TOKENS_DIFFER}"
+        for column in ("input_ids", "loss_mask")
+        if not np.array_equal(stored[column], now[column])
+    ]
+
+
+def first_token_difference(stored: np.ndarray, now: np.ndarray) -> str:
+    if len(stored) != len(now):
+        return f"{len(stored)} tokens, where the row gives {len(now)}"
+    position = int(np.flatnonzero(stored != now)[0])
+    return f"{int(stored[position])} at position {position}, where the row gives {int(now[position])}"
+
+
+# ---- a hidden cache's head ------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -> list[str]:
+    """A hidden cache's samples are read through its head file (the draft rows, all rows with
+    --store-full-head, the bias) and the manifest's head_transform: they must be the live target's,
+    or every distribution a reader rebuilds is wrong however right the stored hidden states are."""
+    from safetensors.torch import load_file
+
+    from .target import head_spec
+
+    path = manifest["lm_head_file"]["path"]
+    stored = load_file(str(out / path))
+    live = live_head_tensors(target, selected, full="weight" in stored or bool(manifest["identity"].get("store_full_head")))
+    dtypes = compute_dtypes(manifest, target.head.weight.dtype)
+    restore = (
+        f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
+        "computing no shard)"
+    )
+    problems = [
+        f"{path}: {what}; every sample of this hidden cache is read through it: {restore}"
+        for what in head_differences(stored, live, dtypes)
+    ]
+    expected = head_spec(target.model.config, lm_head_bias="bias" in live)
+    if manifest["head_transform"] != expected:
+        problems.append(
+            f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
+            f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
+            "writes the card again, computing nothing), or rebuild"
+        )
+    return problems
+
+
+def live_head_tensors(target, selected: torch.Tensor, full: bool) -> dict[str, torch.Tensor]:
+    """What the build writes to a hidden cache's head file, from the live head (on its device)."""
+    weight, bias = target.head.weight, getattr(target.head, "bias", None)
+    live = {"draft_rows": weight.index_select(0, selected.to(weight.device))}
+    if full:
+        live["weight"] = weight
+    if bias is not None:
+        live["bias"] = bias
+    return live
+
+
+def compute_dtypes(manifest: dict, here: torch.dtype) -> set[torch.dtype]:
+    """The dtypes the head may have been loaded in: this machine's, and every one a shard records (the
+    head file is written by the last run that computed, in its dtype)."""
+    recorded = {getattr(torch, s["compute"]["dtype"], None) for s in manifest["shards"] if "dtype" in (s.get("compute") or {})}
+    return {here} | {dtype for dtype in recorded if isinstance(dtype, torch.dtype)}
+
+
+def head_differences(stored: dict, live: dict, dtypes: set[torch.dtype]):
+    """How the stored head tensors differ from the live ones: a tensor matches where both agree exactly
+    at the precision of a dtype the head was loaded in (the build stored it in fp32)."""
+    for key in sorted(stored.keys() | live.keys()):
+        if key not in stored:
+            yield f"holds no {key}, and the target's head has one"
+        elif key not in live:
+            yield f"holds a {key} the target's head does not have"
+        elif stored[key].shape != live[key].shape:
+            yield f"{key} has shape {list(stored[key].shape)}, where the target's is {list(live[key].shape)}"
+        else:
+            got, want = stored[key].to(live[key].device), live[key]
+            if not any(torch.equal(got.to(dtype), want.to(dtype)) for dtype in dtypes):
+                diff = (got.float() - want.float()).abs().max().item()
+                yield f"{key} differs from the target's head (max abs diff {diff:.3g})"
 
 
 def runs_own_code(recorded: dict, trust_remote_code: bool) -> bool:
@@ -698,9 +924,7 @@ def shard_batching(manifest: dict, name: str) -> dict:
     """The batch size, token budget, row-group and sort-window bytes the shard was built with (a resume may have
     changed them); caches recorded before shards carried them: the last run's settings."""
     shard = next(s for s in manifest["shards"] if s["name"] == name)
-    build = manifest["build"]
-    keys = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
-    return shard.get("batching") or {k: build[k] for k in keys if k in build}
+    return shard.get("batching") or {k: manifest["build"][k] for k in BATCHING_KEYS}
 
 
 def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:

@@ -398,3 +398,39 @@ def test_dependent_flags_at_their_defaults_or_with_what_they_need_are_accepted(t
     validate(cfg(tmp_path, target_format="topk", topk=8))
     validate(cfg(tmp_path, target_format="hidden", store_full_head=True))
     validate(cfg(tmp_path, push_to_hub="user/cache", hub_tag="v1", hub_config="small", hub_branch="dev", private=True))
+
+
+OVERRIDDEN = [
+    (
+        ["--device-map", "balanced", "--gpus-per-target", "2"],
+        "--gpus-per-target: expected no --device-map alongside it, got 2. --device-map places the target as it says, so the "
+        "flag would be ignored and recorded as if it had. Leave out one of the two.",
+    ),
+    (
+        ["--device-map", '{"": "cpu"}', "--max-memory-per-gpu", "70GiB"],
+        "--max-memory-per-gpu: expected no --device-map alongside it, got '70GiB'. --device-map places the target as it says, "
+        "so the flag would be ignored and recorded as if it had. Leave out one of the two.",
+    ),
+    (
+        ["--target-revision", "v9.9"],
+        "--target-revision: expected a Hub model id as --target-model, got 'v9.9'. 'tiny-llama' is a local directory or an "
+        "embedded target, which has no revisions, so the flag would be ignored (the manifest records a local target's "
+        "files' hashes instead). Leave it out, or pass the Hub id of the model to build from that revision.",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, line", OVERRIDDEN, ids=[" ".join(a[-2:]) for a, _ in OVERRIDDEN])
+def test_a_flag_another_setting_would_override_is_refused_naming_both(tmp_path, capsys, nothing_loads, argv, line):
+    assert main(["build", "--output-dir", str(tmp_path / "out"), "--dry-run", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {line}\n" and not captured.out
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_revision_of_a_hub_target_and_placement_flags_without_a_device_map_are_accepted(tmp_path):
+    validate(cfg(tmp_path, target_revision="v9.9").replace(target_model="meta-llama/Llama-3.1-8B-Instruct"))
+    validate(cfg(tmp_path, gpus_per_target=2, max_memory_per_gpu="70GiB"))
+    validate(cfg(tmp_path, device_map="balanced", gpus_per_target=1))
+    with pytest.raises(ConfigError, match=r"^--target-revision: expected a Hub model id as --target-model, got 'main'"):
+        validate(cfg(tmp_path, target_revision="main").replace(target_model=str(tmp_path)))  # a local directory

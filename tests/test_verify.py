@@ -119,6 +119,73 @@ def test_recompute_catches_wrong_but_consistent_aux(cache):
     assert problems[0].startswith(f"data/{SHARD}/{sample_id}: aux_hidden_states differs from a live recompute")
 
 
+def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
+    """The shard's first sample loses its first supervised token: its loss mask and its target rows
+    (probs, argmax) agree, and so does the shard's record: (its sample id, the position cleared)."""
+    path = cache / "data" / shard_name
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    row = rows[0]
+    mask = torch.frombuffer(bytearray(row["loss_mask"]), dtype=torch.uint8).clone()
+    supervised = mask.nonzero().squeeze(1)
+    mask[supervised[0]] = 0
+    for column in ("target_probs", "target_argmax"):
+        values = decode_value(row[column], torch.float32 if column == "target_probs" else torch.int32)
+        kept = values.view(len(supervised), -1)[1:].reshape(-1)
+        row[column] = b"".join(encode_value(kept.contiguous(), "byte_planes_zstd").parts)
+    row["loss_mask"] = mask.numpy().tobytes()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path, compression="none")
+
+    def agree(data):
+        manifest = data["eagle3_cache"]
+        for shard in manifest["shards"]:
+            if shard["name"] == shard_name:
+                shard |= {"bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
+                shard["loss_tokens"] -= 1
+        manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+        manifest["totals"]["loss_tokens"] -= 1
+
+    edit_card(cache, agree)
+    return row["sample_id"], int(supervised[0])
+
+
+def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_rows(cache):
+    sample_id, position = drop_first_supervised_token(cache, SHARD)
+    assert verify_cache(cache) == []  # every file as its record says, every row as its loss mask says
+    source_index = pq.read_table(cache / "data" / SHARD, columns=["source_index"])["source_index"][0].as_py()
+    assert verify_cache(cache, recompute=14) == [  # the target's outputs at the other positions match
+        f"data/{SHARD}/{sample_id}: loss_mask differs from input row {source_index} tokenized now (0 at position {position}, "
+        "where the row gives 1): the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes "
+        f"the row otherwise than the build's did; {REPAIR}"
+    ]
+
+
+def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache, monkeypatch, caplog):
+    import builder.inputs
+    from builder.errors import InputError
+
+    drop_first_supervised_token(cache, SHARD)
+    build_input = read_manifest(cache)["identity"]["input"]["data"]
+    load_rows = builder.inputs.load_rows
+
+    def moved(*args, **kwargs):
+        raise InputError("--input-data: no such file")
+
+    def changed(*args, **kwargs):
+        rows, info = load_rows(*args, **kwargs)
+        return rows, info | {"content_hash": "0" * 64}
+
+    note = "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: "
+    for load, why in (
+        (moved, f"the build's input {build_input!r} cannot be read here (--input-data: no such file)"),
+        (changed, f"the build's input {build_input!r} has changed since (its content hash is {'0' * 64}, the build's "),
+    ):
+        monkeypatch.setattr(builder.inputs, "load_rows", load)
+        caplog.clear()
+        assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
+        assert any(record.getMessage().startswith(note + why) for record in caplog.records), caplog.text
+
+
 def set_shard_compute(cache, names: set[str], compute: dict) -> None:
     """Record shards as computed elsewhere (as a resume on another machine would have)."""
     card = DatasetCard.load(cache / "README.md")
@@ -732,6 +799,39 @@ def test_a_negative_recompute_count_is_refused_saying_what_is_expected(cache, ca
         verify_cache(cache, recompute=-2)
 
 
+def test_flags_verify_would_ignore_are_refused_saying_why(cache, capsys):
+    from builder.cli import main
+
+    cases = [
+        (
+            ["--revision", "v9"],
+            {"revision": "v9"},
+            rf"--revision: expected a Hub dataset repo id to verify, got 'v9'\. {re.escape(str(cache))} is a local directory, "
+            r"which has no revisions, so the flag would be ignored: leave it out, or verify the repo the cache was pushed to "
+            r"\(eagle3-cache verify REPO_ID --revision v9\)",
+        ),
+        (
+            ["--seed", "3"],
+            {"seed": 3},
+            r"--seed: expected --recompute N as well, got 3\. Without it the flag is ignored\. It chooses the samples to recompute\.",
+        ),
+        (
+            ["--target-model", "tiny-llama"],
+            {"target_model": "tiny-llama"},
+            r"--target-model: expected --recompute N as well, got 'tiny-llama'\. Without it the flag is ignored\. Only a "
+            r"recompute runs the target\.",
+        ),
+    ]
+    for flags, arguments, message in cases:
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(cache, **arguments)
+        assert main(["verify", str(cache), *flags]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert main(["verify", str(cache), "--seed", "0", "--recompute", "0"]) == 2  # given, if as its default value
+    capsys.readouterr()
+    assert main(["verify", str(cache), "--seed", "3", "--recompute", "1"]) == 0
+
+
 def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_restore_it(cache, capsys):
     from builder.cli import main
 
@@ -755,3 +855,89 @@ def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_re
     (cache / "README.md").write_text("---\nlicense: mit\n---\n# another dataset\n")  # whole, and not ours
     with pytest.raises(Eagle3CacheError, match="it is not an eagle3-cache dataset card"):
         verify_cache(cache)
+
+
+# ---- what a hidden cache is read through: its head file and logit terms --------------------------
+
+
+@pytest.fixture(scope="module")
+def hidden_intact(tmp_path_factory):
+    return build(small_config(tmp_path_factory.mktemp("verify_hidden") / "cache", target_format="hidden"), progress=False).output_dir
+
+
+@pytest.fixture
+def hidden_cache(hidden_intact, tmp_path):
+    copy = tmp_path / "hidden"
+    shutil.copytree(hidden_intact, copy)
+    return copy
+
+
+def rewrite_head_file(cache, change) -> None:
+    """The head file's tensors changed by `change`, with the manifest's checksum updated to agree."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache / "vocab" / "lm_head.safetensors"
+    save_file({k: v.contiguous() for k, v in change(load_file(path)).items()}, str(path))
+    edit_card(cache, lambda data: data["eagle3_cache"]["lm_head_file"].__setitem__("checksum", file_hash(path, CHECKSUM_ALGORITHM)))
+
+
+def test_recompute_compares_a_hidden_caches_head_rows_and_logit_terms_with_the_target(hidden_cache):
+    assert verify_cache(hidden_cache, recompute=2) == []
+    rewrite_head_file(hidden_cache, lambda head: head | {"draft_rows": head["draft_rows"].flip(0)})  # rows in the wrong order
+    assert verify_cache(hidden_cache) == []  # every file as its record says
+    problems = verify_cache(hidden_cache, recompute=2)
+    assert len(problems) == 1
+    assert problems[0].startswith("vocab/lm_head.safetensors: draft_rows differs from the target's head (max abs diff ")
+    assert problems[0].endswith(
+        "every sample of this hidden cache is read through it: to repair: delete vocab/lm_head.safetensors and run the build "
+        "again with --resume (it writes the head rows again from the target, computing no shard)"
+    )
+
+    rewrite_head_file(hidden_cache, lambda head: head | {"draft_rows": head["draft_rows"].flip(0), "bias": torch.ones(1024)})
+    assert verify_cache(hidden_cache, recompute=2) == [
+        "vocab/lm_head.safetensors: holds a bias the target's head does not have; every sample of this hidden cache is read "
+        "through it: to repair: delete vocab/lm_head.safetensors and run the build again with --resume (it writes the head "
+        "rows again from the target, computing no shard)"
+    ]
+
+    rewrite_head_file(hidden_cache, lambda head: {"draft_rows": head["draft_rows"]})
+    edit_card(hidden_cache, lambda data: data["eagle3_cache"]["head_transform"].__setitem__("final_logit_softcapping", 30.0))
+    assert verify_cache(hidden_cache) == []  # outside the fingerprint
+    (problem,) = verify_cache(hidden_cache, recompute=2)
+    assert re.match(
+        r"README.md: the manifest's head_transform is \{.*'final_logit_softcapping': 30.0.*\}, where the target gives "
+        r"\{.*'final_logit_softcapping': None.*\}: readers would apply other logit terms than the target's\. Restore the card",
+        problem,
+    )
+
+
+def refused_as_damaged(location, part: str, capsys) -> None:
+    """The card without `part` of its manifest: verify refuses it as damaged, saying how to restore it."""
+    from builder.cli import main
+
+    text = (location / "README.md").read_text()
+    edit_card(location, lambda data: data["eagle3_cache"].pop(part))
+    message = rf"README.md is damaged: its manifest has no {part}, as in a card cut short or edited by hand\. Restore it"
+    with pytest.raises(Eagle3CacheError, match=message):
+        verify_cache(location)
+    assert main(["verify", str(location), "--recompute", "2"]) == 2  # a refusal, not a traceback
+    assert re.search(message, capsys.readouterr().err)
+    (location / "README.md").write_text(text)
+
+
+def test_a_hidden_cache_whose_manifest_has_no_head_file_or_logit_terms_is_called_damaged(hidden_cache, capsys):
+    for part in ("lm_head_file", "head_transform"):
+        refused_as_damaged(hidden_cache, part, capsys)
+
+
+def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from_is_called_damaged(cache, capsys):
+    refused_as_damaged(cache, "build", capsys)
+
+    def drop_batching(data):
+        for shard in data["eagle3_cache"]["shards"]:
+            shard.pop("batching")  # as recorded before shards carried their own: the build's settings rebuild the batches
+        data["eagle3_cache"]["build"].pop("max_tokens_per_batch")
+
+    edit_card(cache, drop_batching)
+    with pytest.raises(Eagle3CacheError, match=r"its manifest has no build\.max_tokens_per_batch, as in a card cut short"):
+        verify_cache(cache, recompute=2)
