@@ -137,12 +137,12 @@ def plan_memory(
     cfg = text_config(config)
     model = model if model is not None else meta_model(config)
     parameters = sum(p.numel() for p in model.parameters())
-    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    hidden = cfg.hidden_size
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    # Residual stream and norms (4H), gate/up/act of the MLP (3I), q/k/v (the attention kernel itself is fused;
-    # the masks it is given are `attention_masks`).
-    activations = max_tokens * dtype_bytes * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim)
+    # Residual stream and norms (4H), the MLP's working set, q/k/v (the attention kernel itself is fused; the
+    # masks it is given are `attention_masks`).
+    activations = max_tokens * dtype_bytes * (4 * hidden + mlp_width(cfg) + (heads + 2 * kv_heads) * head_dim)
     # Head rows budgeted at once, fp32 logits and their softmax. `Target.supervise` holds at most two
     # HEAD_CHUNK_ROWS chunks; the budget keeps 8 until a GPU peak shows the margin is not needed.
     head_rows = HEAD_CHUNK_ROWS * 8
@@ -161,6 +161,30 @@ def plan_memory(
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
     )
+
+
+def mlp_width(cfg) -> int:
+    """Values per token the MLP holds at its peak: gate, up and their product of a dense MLP (3I); of a
+    mixture of experts, whichever is larger, the dense layers' or the routed experts' (`moe_width`)."""
+    dense = 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    return max(dense, moe_width(cfg))
+
+
+def moe_width(cfg) -> int:
+    """Values per token of transformers' grouped experts path, where each token is k rows (k =
+    num_experts_per_tok) sorted by expert: with I the width of one expert, the sorted inputs [kT, H] stay
+    alive throughout, beside either the gate-up output [kT, 2I], the activated gate [kT, I] and its
+    product with up [kT, I] (4I), or the down output [kT, H], its routing-weighted copy and that copy put
+    back in token order (3H). A shared expert, when there is one, adds a dense MLP of its own width (3I)."""
+    from .plan import EXPERT_COUNT_FIELDS
+
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if not k or not any(getattr(cfg, field, None) for field in EXPERT_COUNT_FIELDS):
+        return 0
+    hidden = cfg.hidden_size
+    expert = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", 4 * hidden)
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or (getattr(cfg, "n_shared_experts", None) or 0) * expert
+    return k * (hidden + max(4 * expert, 3 * hidden)) + 3 * shared
 
 
 def attention_mask_bytes(cfg, tokens: int, longest_row: int, padded: bool, dtype_bytes: int) -> int:

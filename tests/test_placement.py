@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
-from transformers import AutoConfig, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
 import builder.placement as placement_module
 from builder.build import build
@@ -427,3 +427,44 @@ def test_the_plan_counts_the_attention_masks_sdpa_is_given_for_the_largest_batch
     assert len(held) == masks
     assert plan.attention_masks >= sum(held.values()) + additive
     assert (plan.attention_masks == 0) == (masks == 0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(intermediate_size=128, **TINY_DECODER),
+        MixtralConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, **TINY_DECODER),
+        Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[], **TINY_DECODER
+        ),
+        # experts four times as wide as the hidden state: their gate-up output and activated gate lead
+        Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[], **TINY_DECODER
+        ),
+        # a shared expert far wider than the routed ones, run on every token beside them
+        Qwen2MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=512,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[],
+            **TINY_DECODER,
+        ),
+    ],
+    ids=["dense", "mixtral", "qwen3_moe", "qwen3_moe-wide-experts", "qwen2_moe-shared-expert"],
+)
+def test_the_forwards_peak_above_the_weights_fits_the_plans_activations_and_aux_states(config):
+    """A mixture of experts runs each token through num_experts_per_tok experts as that many sorted rows:
+    the plan budgets their working set, not one dense MLP's, whatever the expert width, and any shared
+    expert beside them."""
+    import torch
+    from helpers import AllocatedBytes
+
+    target, tokens = tiny_target(config), 1024
+    ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    with AllocatedBytes([*target.model.parameters(), *target.model.buffers(), ids, attention]) as allocated:
+        target.forward(ids, attention)
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=2, dtype_bytes=4, aux_dtype="fp32")
+    assert allocated.peak <= plan.activations + plan.aux_capture
