@@ -208,29 +208,38 @@ def write_one_shard(
 
 def forward_window(prep: Prepared, target: Target, window: list[dict], head: HeadRows):
     """Length-sorted token-budget batches of one window, each copied to the host asynchronously."""
-    layout = prep.layout
-    columns = layout.columns()
+    columns = prep.layout.columns()
     per_loss = frozenset(name for name, spec in columns.items() if spec["per"] == "loss")
     log_mass = "log_draft_mass" in columns
     # The manifest records this id for `verify --recompute`; one past the embedding table (a pad token the
     # tokenizer added without resizing the model) becomes id 0 in Target.forward, for both.
     pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else 0
     for positions in plan_batches([r["num_tokens"] for r in window], prep.cfg.token_budget, prep.cfg.batch_size):
-        samples = [window[i] for i in positions]
-        ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
-        # The loss mask stays on the host (see Target.supervise): nothing below waits for the GPU,
-        # which keeps computing while this thread queues the next batch.
-        attention = attention.to(target.device, non_blocking=True)
-        live = target.supervise(
-            ids.to(target.input_device, non_blocking=True), attention.to(target.input_device), loss, head.selected, log_draft_mass=log_mass
-        )
-        live["attention"] = attention
-        # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
-        encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
-        finite = finite_rows(live, encoded, attention, per_loss)  # the samples stored; the card's figures are theirs
-        quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform, finite)
-        (columns, quality, finite), ready = to_host((encoded, quality, finite))
-        yield BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready, tokens=(ids, loss))
+        # Nothing of a batch stays on the device here once it is handed on: its aux states, probs and
+        # encoded columns die with `supervise_batch`'s frame, so the next forward has the room the memory
+        # plan gives one batch (the copies already queued read them first, in stream order).
+        yield supervise_batch(prep, target, [window[i] for i in positions], positions, head, pad_id, per_loss, log_mass)
+
+
+def supervise_batch(
+    prep: Prepared, target: Target, samples: list[dict], positions, head: HeadRows, pad_id: int, per_loss: frozenset, log_mass: bool
+) -> BatchOutput:
+    """One batch through the target, encoded on the device and copied to the host without waiting."""
+    layout = prep.layout
+    ids, attention, loss = pad_batch([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
+    # The loss mask stays on the host (see Target.supervise): nothing below waits for the GPU,
+    # which keeps computing while this thread queues the next batch.
+    attention = attention.to(target.device, non_blocking=True)
+    live = target.supervise(
+        ids.to(target.input_device, non_blocking=True), attention.to(target.input_device), loss, head.selected, log_draft_mass=log_mass
+    )
+    live["attention"] = attention
+    # Encode (cast, top-k, fp8) on the device: less to copy, and the host thread only slices bytes.
+    encoded = encode_aux(live["aux"], layout.aux_dtype) | encode_targets(layout, live)
+    finite = finite_rows(live, encoded, attention, per_loss)  # the samples stored; the card's figures are theirs
+    quality = quality_of_batch(layout, live, encoded, head.draft_rows, head.transform, finite)
+    (columns, quality, finite), ready = to_host((encoded, quality, finite))
+    return BatchOutput(positions, samples, columns, per_loss, finite, quality, ready=ready, tokens=(ids, loss))
 
 
 def finite_rows(live: dict, encoded: dict, attention: torch.Tensor, per_loss) -> torch.Tensor:
@@ -272,19 +281,7 @@ def all_finite(tensor: torch.Tensor, lead: tuple, bounded: bool) -> torch.Tensor
 def to_host(tree):
     """Copy a (nested) structure of device tensors into pinned host memory without waiting;
     returns the copies and a CUDA event to wait on (None on CPU, where nothing is copied)."""
-    flat = []
-
-    def collect(node):
-        if isinstance(node, torch.Tensor):
-            flat.append(node)
-        elif isinstance(node, dict):
-            for v in node.values():
-                collect(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                collect(v)
-
-    collect(tree)
+    flat = tensors_of(tree)
     if not flat or flat[0].device.type != "cuda":
         return tree, None
     copies = {}
@@ -292,19 +289,30 @@ def to_host(tree):
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         copies[id(t)] = host
-
-    def rebuild(node):
-        if isinstance(node, torch.Tensor):
-            return copies[id(node)]
-        if isinstance(node, dict):
-            return {k: rebuild(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(rebuild(v) for v in node)
-        return node
-
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(flat[0].device))  # the copies' device, not the current one
-    return rebuild(tree), event
+    return with_tensors_replaced(tree, copies), event
+
+
+# Plain recursive functions, not closures: a closure that calls itself is a reference cycle, which would
+# keep the batch's device tensors alive until the garbage collector runs instead of when the batch is done.
+def tensors_of(node) -> list[torch.Tensor]:
+    """The tensors of a nested structure of dicts, lists and tuples, in order."""
+    if isinstance(node, torch.Tensor):
+        return [node]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+    return [t for child in children for t in tensors_of(child)]
+
+
+def with_tensors_replaced(node, copies: dict):
+    """`node` with each tensor replaced by `copies[id(tensor)]`."""
+    if isinstance(node, torch.Tensor):
+        return copies[id(node)]
+    if isinstance(node, dict):
+        return {k: with_tensors_replaced(v, copies) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(with_tensors_replaced(v, copies) for v in node)
+    return node
 
 
 @dataclass

@@ -73,6 +73,7 @@ class MemoryPlan:
     weights_per_gpu: int
     layer_slack: int
     activations: int
+    attention_masks: int
     aux_capture: int
     head_chunks: int
     outputs: int
@@ -82,7 +83,14 @@ class MemoryPlan:
     def per_gpu(self) -> int:
         # Weights are split over the group; a batch's activations live on one GPU at a time.
         return (
-            self.weights_per_gpu + self.layer_slack + self.activations + self.aux_capture + self.head_chunks + self.outputs + self.overhead
+            self.weights_per_gpu
+            + self.layer_slack
+            + self.activations
+            + self.attention_masks
+            + self.aux_capture
+            + self.head_chunks
+            + self.outputs
+            + self.overhead
         )
 
     def to_dict(self) -> dict:
@@ -93,6 +101,7 @@ class MemoryPlan:
             f"weights {self.weights_per_gpu / GiB:.1f}",
             *([f"room for whole layers {self.layer_slack / GiB:.1f}"] if self.layer_slack else []),
             f"activations {self.activations / GiB:.1f}",
+            *([f"attention masks {self.attention_masks / GiB:.1f}"] if self.attention_masks else []),
             f"aux {self.aux_capture / GiB:.1f}",
             f"head {self.head_chunks / GiB:.1f}",
             f"outputs {self.outputs / GiB:.1f}",
@@ -114,9 +123,13 @@ def plan_memory(
     draft_vocab_size: int | None = None,
     aux_dtype: str = "bf16",
     model=None,
+    longest_row: int | None = None,
+    padded: bool = False,
 ) -> MemoryPlan:
     """`dtype_bytes`: 2 where the target computes in bf16 (a GPU), 4 in fp32 (CPU); `aux_dtype`: how the
-    cache stores aux states; `model`: the target on the meta device when already built (`meta_model`)."""
+    cache stores aux states; `model`: the target on the meta device when already built (`meta_model`);
+    `longest_row`: tokens of a batch's longest row (default: `max_tokens`, one row); `padded`: whether a
+    batch can hold rows of different lengths (more than one row per batch)."""
     from .formats import encoded_aux_bytes
     from .supervision import HEAD_CHUNK_ROWS
     from .target import text_config
@@ -124,11 +137,12 @@ def plan_memory(
     cfg = text_config(config)
     model = model if model is not None else meta_model(config)
     parameters = sum(p.numel() for p in model.parameters())
-    hidden, inter = cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    hidden = cfg.hidden_size
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    # Residual stream and norms (4H), gate/up/act of the MLP (3I), q/k/v (attention is fused: no T^2 buffer).
-    activations = max_tokens * dtype_bytes * (4 * hidden + 3 * inter + (heads + 2 * kv_heads) * head_dim)
+    # Residual stream and norms (4H), the MLP's working set, q/k/v (the attention kernel itself is fused; the
+    # masks it is given are `attention_masks`).
+    activations = max_tokens * dtype_bytes * (4 * hidden + mlp_width(cfg) + (heads + 2 * kv_heads) * head_dim)
     # Head rows budgeted at once, fp32 logits and their softmax. `Target.supervise` holds at most two
     # HEAD_CHUNK_ROWS chunks; the budget keeps 8 until a GPU peak shows the margin is not needed.
     head_rows = HEAD_CHUNK_ROWS * 8
@@ -138,6 +152,7 @@ def plan_memory(
         weights_per_gpu=-(-parameters * dtype_bytes // gpus_per_target),
         layer_slack=int(LAYER_SLACK * largest_layer(model) * dtype_bytes) if gpus_per_target > 1 else 0,
         activations=activations,
+        attention_masks=attention_mask_bytes(cfg, max_tokens, longest_row or max_tokens, padded, dtype_bytes),
         # The aux states and the final hidden state a batch holds after its forward, and its encoded aux columns.
         aux_capture=max_tokens * (num_aux_layers + 1) * hidden * dtype_bytes
         + encoded_aux_bytes(max_tokens, num_aux_layers * hidden, aux_dtype, torch.bfloat16 if dtype_bytes == 2 else torch.float32),
@@ -146,6 +161,43 @@ def plan_memory(
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
     )
+
+
+def mlp_width(cfg) -> int:
+    """Values per token the MLP holds at its peak: gate, up and their product of a dense MLP (3I); of a
+    mixture of experts, whichever is larger, the dense layers' or the routed experts' (`moe_width`)."""
+    dense = 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    return max(dense, moe_width(cfg))
+
+
+def moe_width(cfg) -> int:
+    """Values per token of transformers' grouped experts path, where each token is k rows (k =
+    num_experts_per_tok) sorted by expert: with I the width of one expert, the sorted inputs [kT, H] stay
+    alive throughout, beside either the gate-up output [kT, 2I], the activated gate [kT, I] and its
+    product with up [kT, I] (4I), or the down output [kT, H], its routing-weighted copy and that copy put
+    back in token order (3H). A shared expert, when there is one, adds a dense MLP of its own width (3I)."""
+    from .plan import EXPERT_COUNT_FIELDS
+
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if not k or not any(getattr(cfg, field, None) for field in EXPERT_COUNT_FIELDS):
+        return 0
+    hidden = cfg.hidden_size
+    expert = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", 4 * hidden)
+    shared = getattr(cfg, "shared_expert_intermediate_size", None) or (getattr(cfg, "n_shared_experts", None) or 0) * expert
+    return k * (hidden + max(4 * expert, 3 * hidden)) + 3 * shared
+
+
+def attention_mask_bytes(cfg, tokens: int, longest_row: int, padded: bool, dtype_bytes: int) -> int:
+    """The masks SDPA is given. transformers passes no mask when attention is plainly causal; it builds a
+    boolean [rows, 1, T, T] mask for a batch with padding (any row shorter than the longest), and for
+    sliding-window layers also once T reaches the window, and keeps each kind of mask through the whole
+    forward. Each layer's SDPA call turns its mask into an additive one in the compute dtype, which
+    memory-efficient attention copies to an aligned stride when T is not a multiple of 8: two such
+    copies at a time. rows x T^2 is at most `tokens` x `longest_row`."""
+    window = getattr(cfg, "sliding_window", None)
+    kinds = set(getattr(cfg, "layer_types", None) or ()) or {"sliding_attention" if window else "full_attention"}
+    masks = sum(padded or (kind == "sliding_attention" and window is not None and longest_row >= window) for kind in kinds)
+    return tokens * longest_row * (masks + 2 * dtype_bytes) if masks else 0
 
 
 def largest_layer(model) -> int:
@@ -169,7 +221,7 @@ def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
 
 def max_memory_map(gpus: list[int], per_gpu: int, plan: MemoryPlan) -> dict:
     """`max_memory` for `from_pretrained(device_map="auto")`: weights only, leaving room for the batch."""
-    room = plan.activations + plan.aux_capture + plan.head_chunks + plan.outputs + plan.overhead
+    room = plan.activations + plan.attention_masks + plan.aux_capture + plan.head_chunks + plan.outputs + plan.overhead
     return {gpu: max(per_gpu - room, 0) for gpu in gpus} | {"cpu": 0}
 
 
@@ -231,6 +283,8 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):
         draft_vocab_size=len(prep.selected_token_ids),
         aux_dtype=prep.cfg.storage_aux_dtype,
         model=model,
+        longest_row=min(prep.cfg.seq_length, largest_batch_tokens(prep.cfg)),
+        padded=prep.cfg.batch_size > 1,
     )
 
 

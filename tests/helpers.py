@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from builder.config import BuildConfig
 from builder.reader import load_cache
@@ -30,8 +35,6 @@ def decoded_rows(cache_dir: Path, layout: str = "raw") -> list[dict]:
 
 
 def assert_same_content(rows_a: list[dict], rows_b: list[dict]) -> None:
-    import torch
-
     assert len(rows_a) == len(rows_b)
     for a, b in zip(rows_a, rows_b):
         assert a.keys() == b.keys()
@@ -58,8 +61,6 @@ def batch_rows(batches) -> dict[int, dict]:
     here with torch, apart from the writer's own slicing: the sample's scalars, its token ids and
     loss mask from its lists, its first num_tokens positions of each per-token column and its run
     of rows of each per-loss column."""
-    import torch
-
     rows = {}
     for batch in batches:
         offset = 0
@@ -110,3 +111,33 @@ def assert_same_figures(actual: dict, expected: dict) -> None:
             assert actual[name] == pytest.approx(value, rel=1e-6, abs=0), name
         else:
             assert actual[name] == value, name
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Bytes of the storages the ops run inside it allocate (those of `existing` tensors excluded):
+    live now, and at their peak. Each storage counts until its last reference goes."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage())
+        return out
+
+    def _count(self, storage) -> None:
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key in self.storages or nbytes == 0:
+            return
+        self.storages.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._freed, key, nbytes)
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.storages.discard(key)
+        self.live -= nbytes

@@ -4,13 +4,10 @@ reports (which must be the true maxima); hidden caches change draft vocabulary w
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
-from helpers import says, small_config
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from helpers import AllocatedBytes, says, small_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from builder import compute_target_distribution
@@ -184,36 +181,6 @@ def test_the_last_layer_is_stored_as_its_own_output_before_the_final_norm(tmp_pa
     assert torch.equal(stored[:, :hidden], out.hidden_states[2][0]) and torch.equal(stored[:, hidden : 2 * hidden], out.hidden_states[4][0])
     assert torch.equal(stored[:, 2 * hidden :], layer_output[0])
     assert not torch.allclose(stored[:, 2 * hidden :], out.hidden_states[last + 1][0])  # that one is after the final norm
-
-
-class AllocatedBytes(TorchDispatchMode):
-    """Bytes of the storages the ops run inside it allocate (those of `existing` tensors excluded):
-    live now, and at their peak. Each storage counts until its last reference goes."""
-
-    def __init__(self, existing):
-        super().__init__()
-        self.live = self.peak = 0
-        self.storages = {t.untyped_storage().data_ptr() for t in existing}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                self._count(tensor.untyped_storage())
-        return out
-
-    def _count(self, storage) -> None:
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if key in self.storages or nbytes == 0:
-            return
-        self.storages.add(key)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._freed, key, nbytes)
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.storages.discard(key)
-        self.live -= nbytes
 
 
 @pytest.mark.parametrize("target_format", TARGET_FORMATS)

@@ -282,3 +282,35 @@ def test_rank_0s_bar_counts_another_ranks_shard_once_it_is_published_and_never_i
     progress.poll_other_ranks()
     assert (progress.bar.n, progress.tokens, progress.bytes) == (2, 30, 7)
     progress.close()
+
+
+def test_a_batchs_device_outputs_are_freed_before_the_next_batchs_forward(tmp_path, monkeypatch):
+    """The memory plan budgets one batch's aux states, final hidden state and probs at a time: once a
+    batch is handed on (and its consumer drops it), nothing may keep them through the next forward."""
+    import weakref
+
+    from builder.placement import load_placed_model
+    from builder.prepare import prepare
+    from builder.target import Target
+
+    prep = prepare(small_config(tmp_path / "cache", target_format="topk", topk=8, batch_size=2))
+    target = Target(load_placed_model(prep), prep.aux_layer_ids)
+    head = forward.HeadRows.of(target, prep.selected_token_ids)
+    previous: dict[str, weakref.ref] = {}
+    alive_at_each_start = []
+    supervise = Target.supervise
+
+    def watched(self, *args, **kwargs):
+        alive_at_each_start.append(sorted(name for name, ref in previous.items() if ref() is not None))
+        live = supervise(self, *args, **kwargs)
+        previous.update({name: weakref.ref(live[name]) for name in ("aux", "final_hidden", "probs")})
+        return live
+
+    monkeypatch.setattr(Target, "supervise", watched)
+    window = [prep.samples[i] for i in range(6)]
+    batches = 0
+    for batch in forward.forward_window(prep, target, window, head):
+        del batch  # the consumer drops each batch at once, as the writer does with its host copies
+        batches += 1
+    assert batches == 3 and alive_at_each_start == [[], [], []]
+    target.close()

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
-from transformers import AutoConfig, LlamaConfig
+from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
 import builder.placement as placement_module
 from builder.build import build
@@ -186,7 +186,7 @@ def test_dry_run_prints_the_estimate_for_an_8b_config(tmp_path, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "GPU memory (bf16)    25.3 GiB per GPU over 1 GPU(s)" in out and "8.03B parameters" in out
+    assert "GPU memory (bf16)    25.5 GiB per GPU over 1 GPU(s)" in out and "8.03B parameters" in out
 
 
 def test_group_gpus_and_sizes():
@@ -222,7 +222,8 @@ def test_the_plan_sizes_the_largest_batch_batch_size_allows(tmp_path):
         return SimpleNamespace(cfg=cfg, model_config=LlamaConfig(**LLAMA_8B), aux_layer_ids=[1, 15, 28], selected_token_ids=range(32000))
 
     config = LlamaConfig(**LLAMA_8B)
-    sizes = dict(gpus_per_target=1, num_aux_layers=3, draft_vocab_size=32000, aux_dtype="fp32")  # small_config stores fp32
+    # small_config stores fp32; rows of up to 2048 tokens, padded to the longest of their batch
+    sizes = dict(gpus_per_target=1, num_aux_layers=3, draft_vocab_size=32000, aux_dtype="fp32", longest_row=2048, padded=True)
     eight_rows = plan_memory(config, max_tokens=8 * 2048, **sizes)
     budget_bound = plan_memory(config, max_tokens=4096, **sizes)
     assert memory_plan(prep(max_tokens_per_batch=1 << 20), dtype_bytes=2) == eight_rows
@@ -348,3 +349,122 @@ def test_a_gpu_group_without_gpus_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(ConfigError, match=says("--gpus-per-target: expected 1 on a machine where no GPU is visible", "got 2")):
         build(small_config(tmp_path / "cache", target, gpus_per_target=2), progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+TINY_DECODER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
+
+
+def tiny_target(config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from builder.target import Target
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return Target(model, [0, 1])
+
+
+def masks_given_to_sdpa(monkeypatch, config, lengths: list[int]) -> tuple[dict, int]:
+    """Run `config`'s target on right-padded rows of `lengths` tokens: {storage: bytes} of each mask
+    transformers passes to SDPA (kept through the forward), and the bytes of the largest one as the
+    additive mask SDPA makes of it in the query's dtype."""
+    import torch
+
+    from builder.batching import pad_batch
+
+    held, additive = {}, 0
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def watched(query, key, value, attn_mask=None, **kwargs):
+        nonlocal additive
+        if attn_mask is not None:
+            assert attn_mask.dtype == torch.bool and attn_mask.shape == (len(lengths), 1, max(lengths), max(lengths))
+            held[attn_mask.untyped_storage().data_ptr()] = attn_mask.nbytes
+            additive = max(additive, attn_mask.numel() * query.element_size())
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", watched)
+    ids, attention, _ = pad_batch([[5] * n for n in lengths], [[1] * n for n in lengths], 0)
+    tiny_target(config).forward(ids, attention)
+    return held, additive
+
+
+@pytest.mark.parametrize(
+    "config, batch_size, lengths, masks",
+    [
+        (LlamaConfig(intermediate_size=128, **TINY_DECODER), 4, [64, 64, 63, 64], 1),  # one row shorter: padded
+        (LlamaConfig(intermediate_size=128, **TINY_DECODER), 1, [64], 0),  # plainly causal: no mask
+        # every layer slides over 32 tokens: a mask as soon as a row reaches the window, padded or not
+        (MistralConfig(intermediate_size=128, sliding_window=32, **TINY_DECODER), 1, [64], 1),
+        # a full and a sliding layer: a mask of each kind, both kept through the forward
+        (
+            Qwen2Config(intermediate_size=128, use_sliding_window=True, sliding_window=32, max_window_layers=1, **TINY_DECODER),
+            2,
+            [64, 40],
+            2,
+        ),
+    ],
+    ids=["padded", "one-row", "sliding-window", "full-and-sliding"],
+)
+def test_the_plan_counts_the_attention_masks_sdpa_is_given_for_the_largest_batch(tmp_path, monkeypatch, config, batch_size, lengths, masks):
+    """transformers gives SDPA a boolean [rows, 1, T, T] mask for a padded batch (and for sliding-window
+    layers) and SDPA makes an additive copy of it in the compute dtype: at --batch-size rows of --seq-length
+    tokens, both are in the plan."""
+    seq_length = max(lengths)
+    cfg = small_config(tmp_path, batch_size=batch_size, seq_length=seq_length)
+    prep = SimpleNamespace(cfg=cfg, model_config=config, aux_layer_ids=[0, 1], selected_token_ids=range(config.vocab_size))
+    plan = memory_plan(prep, dtype_bytes=4)  # fp32, as the target below computes on the CPU
+    held, additive = masks_given_to_sdpa(monkeypatch, config, lengths)
+    assert len(held) == masks
+    assert plan.attention_masks >= sum(held.values()) + additive
+    assert (plan.attention_masks == 0) == (masks == 0)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(intermediate_size=128, **TINY_DECODER),
+        MixtralConfig(intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, **TINY_DECODER),
+        Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[], **TINY_DECODER
+        ),
+        # experts four times as wide as the hidden state: their gate-up output and activated gate lead
+        Qwen3MoeConfig(
+            intermediate_size=64, moe_intermediate_size=256, num_experts=8, num_experts_per_tok=4, mlp_only_layers=[], **TINY_DECODER
+        ),
+        # a shared expert far wider than the routed ones, run on every token beside them
+        Qwen2MoeConfig(
+            intermediate_size=64,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=512,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mlp_only_layers=[],
+            **TINY_DECODER,
+        ),
+    ],
+    ids=["dense", "mixtral", "qwen3_moe", "qwen3_moe-wide-experts", "qwen2_moe-shared-expert"],
+)
+def test_the_forwards_peak_above_the_weights_fits_the_plans_activations_and_aux_states(config):
+    """A mixture of experts runs each token through num_experts_per_tok experts as that many sorted rows:
+    the plan budgets their working set, not one dense MLP's, whatever the expert width, and any shared
+    expert beside them."""
+    import torch
+    from helpers import AllocatedBytes
+
+    target, tokens = tiny_target(config), 1024
+    ids = torch.randint(3, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    with AllocatedBytes([*target.model.parameters(), *target.model.buffers(), ids, attention]) as allocated:
+        target.forward(ids, attention)
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=2, dtype_bytes=4, aux_dtype="fp32")
+    assert allocated.peak <= plan.activations + plan.aux_capture
