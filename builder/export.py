@@ -42,6 +42,7 @@ from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
+from .source import CacheSource, open_source
 from .vocab import PAD_ID_WITHOUT_PAD_TOKEN, d2t_t2d
 
 NEMO_SHARD_SIZE = 256  # the shard size NeMo's precompute_eagle3 documents
@@ -59,19 +60,27 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
     if to not in EXPORTS:
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
-    write = EXPORTS[to](cache, cache_manifest(cache), target_model, progress)
+    source = cache_source(cache)
+    write = EXPORTS[to](source, cache_manifest(source), target_model, progress)
     with export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
 
-def cache_manifest(cache: Path) -> dict:
-    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
+def cache_source(cache: Path) -> CacheSource:
+    """The cache to export, opened once: on the Hub pinned to the commit its branch points at now, so
+    its card, shards and draft vocabulary are all read from that one version even if a push moves
+    the branch while the export runs. Refused with what to pass where there is no cache directory."""
     if not is_hub_location(cache) and not cache.is_dir():
         found = "is not a directory" if cache.exists() else "does not exist"
         raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
+    return open_source(cache)
+
+
+def cache_manifest(source: CacheSource) -> dict:
+    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
     try:
-        return read_manifest(cache)
+        return read_manifest(source)
     except FileNotFoundError as err:  # no card: not a cache, or a build that has not finished
         raise ExportError(f"export: {err}") from None
 
@@ -390,7 +399,7 @@ def nemo_pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else PAD_ID_WITHOUT_PAD_TOKEN
 
 
-def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+def prepare_nemo(source: CacheSource, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
     """Check the target against the cache and read its embeddings and pad id (a wrong target is
     refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
@@ -399,7 +408,7 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
-    return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
+    return functools.partial(write_nemo, source, manifest, embeddings, nemo_pad_id(tokenizer), progress)
 
 
 EAGLE3_AUX_LAYERS = 3  # NeMo's and SpecForge's EAGLE-3 drafts: their fc reads three aux layers' states, 3 x the hidden size
@@ -419,31 +428,32 @@ def check_three_aux_layers(identity: dict, to: str) -> None:
         )
 
 
-def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
+def write_nemo(source: CacheSource, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
     identity = manifest["identity"]
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     num_samples = 0
-    shards = in_groups(exported_samples(cache_dir, identity, "nemo"), shard_size)
+    shards = in_groups(exported_samples(source, identity, "nemo"), shard_size)
     total = -(-manifest["totals"]["samples"] // shard_size)
     for index, samples in enumerate(tqdm(shards, total=total, desc="Exporting (nemo)", disable=not progress)):
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
         num_samples += len(samples)
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
-    _write_text(out / "manifest.json", json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
+    _write_text(out / "manifest.json", json.dumps(nemo_manifest(source, manifest, num_samples), indent=2))
 
 
 AUX_STATES = {"nemo": "aux_hidden_states", "specforge": "aux_hidden_state"}  # their name in each layout's sample
 
 
-def exported_samples(cache_dir: Path, identity: dict, layout: str) -> Iterator[dict]:
-    """The cache's samples in order, streamed (a map-style read would first convert every shard
-    into an Arrow copy under HF_DATASETS_CACHE, and leave it there: a second copy of the cache),
-    with the aux states in the cache's --dtype. Each trainer's files hold one float dtype, and its
+def exported_samples(source: CacheSource, identity: dict, layout: str) -> Iterator[dict]:
+    """The cache's samples in order (on the Hub, the source's commit), streamed (a map-style read
+    would first convert every shard into an Arrow copy under HF_DATASETS_CACHE, and leave it there:
+    a second copy of the cache), with the aux states in the cache's --dtype. Each trainer's files hold one float dtype, and its
     draft takes the aux states into layers of that dtype uncast: another dtype fails its first
     step. --aux-dtype is how the cache stores them, not what the trainer reads."""
     dtype = identity["dtype"]
-    samples = iter(load_cache(cache_dir, layout=layout, streaming=True, aux_dtype=dtype))
+    pinned = {"revision": source.commit, "name": source.name, "token": source.token}
+    samples = iter(load_cache(source.location, layout=layout, streaming=True, aux_dtype=dtype, **pinned))
     if not may_overflow(identity["aux_dtype"], dtype):
         return samples
     return (aux_in_range(sample, index, AUX_STATES[layout], identity) for index, sample in enumerate(samples))
@@ -484,7 +494,7 @@ def nemo_shard_size(identity: dict) -> int:
     return min(identity["shard_size"], NEMO_SHARD_SIZE)
 
 
-def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
+def nemo_manifest(source: CacheSource, manifest: dict, num_samples: int) -> dict:
     identity = manifest["identity"]
     return {
         "format_version": NEMO_FORMAT_VERSION,
@@ -499,7 +509,7 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
         "target_probs_topk": identity["topk"] if identity["target_format"] == "topk" else 0,
         "aux_hidden_dim": manifest["columns"]["aux_hidden_states"]["shape"][1],
         "aux_layer_ids": list(identity["aux_layer_ids"]),
-        "selected_token_ids": read_vocab(cache_dir)["selected_token_ids"].tolist(),
+        "selected_token_ids": read_vocab(source)["selected_token_ids"].tolist(),
         "input_data": identity["input"]["data"],
         "split": identity["input"]["split"] or "train",
         "shuffle_seed": identity["input"]["shuffle_seed"],
@@ -617,24 +627,24 @@ def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
 # ---- SpecForge ------------------------------------------------------------------------------
 
 
-def prepare_specforge(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+def prepare_specforge(source: CacheSource, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
     """Refuse a cache without final hidden states; returns the export's writer."""
     if manifest["identity"]["target_format"] != "hidden":
         raise ExportError(
-            f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
+            f"export --to specforge: SpecForge trains from final hidden states; {source.location} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
     check_three_aux_layers(manifest["identity"], "specforge")
-    return functools.partial(write_specforge, cache_dir, manifest, progress)
+    return functools.partial(write_specforge, source, manifest, progress)
 
 
-def write_specforge(cache_dir: Path, manifest: dict, progress: bool, out: Path) -> None:
-    samples = exported_samples(cache_dir, manifest["identity"], "specforge")
+def write_specforge(source: CacheSource, manifest: dict, progress: bool, out: Path) -> None:
+    samples = exported_samples(source, manifest["identity"], "specforge")
     for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
         _torch_save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
     # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
-    ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())
+    ascending = np.sort(read_vocab(source)["selected_token_ids"].numpy())
     d2t, t2d = d2t_t2d(ascending, manifest["target_vocab_size"])
     _torch_save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")
 
