@@ -11,9 +11,11 @@ states decoded to the cache's --dtype: each trainer's files hold one float dtype
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
 complete export or as it was (absent, or empty): a full disk or a failed write removes what was
-written. An existing empty OUT is filled in place (the folder is made inside it and its files moved
-up, the one whose presence marks a complete export last), so OUT keeps its mode, group and mount;
-a new OUT is the folder made beside it, renamed.
+written. An existing empty OUT is filled in place (the folder is made inside it and its
+files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
+and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
+`-part`, which no trainer's reader takes for a file of the export (SpecForge's walks into hidden
+folders); it gets its own name as it leaves the folder.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
+from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
@@ -125,7 +128,7 @@ def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
     in both being the same file (linked up, not yet unlinked from the folder). None otherwise."""
     if not files or not folder.is_dir() or not all(file.is_file() and not file.is_symlink() for file in files):
         return None
-    left = {entry.name: entry for entry in folder.iterdir()}
+    left = {final_name(entry.name): entry for entry in folder.iterdir()}
     names = {file.name for file in files}
     for to, marker in LAST_WRITTEN.items():
         if marker not in left or not all(EXPORTED_FILES[to].fullmatch(name) for name in names):
@@ -181,12 +184,13 @@ class WriteError(Exception):
 
 @contextmanager
 def export_folder(out: Path, last: str) -> Iterator[Path]:
-    """Yields a new hidden folder to write the export in; once the block ends without error its
-    files become OUT's. An existing OUT (an empty folder) is filled in place, so it keeps its inode,
-    mode, group and mount: the folder is made inside it and its files are moved up, `last` (the
-    file whose presence marks a complete export) last. A new OUT is the folder made beside it,
-    renamed. On any failure what was written is removed (with the parents made for a new OUT), OUT
-    is left as it was, and a write error is raised as an ExportError."""
+    """Yields a new hidden folder to write the export in (each file under its `staged` name); once
+    the block ends without error its files become OUT's, with their own names. An existing OUT (an
+    empty folder) is filled in place, so it keeps its inode, mode, group and mount: the folder is
+    made inside it and its files are moved up, `last` (the file whose presence marks a complete
+    export) last. A new OUT is the folder made beside it, renamed. On any failure what was written
+    is removed (with the parents made for a new OUT), OUT is left as it was, and a write error is
+    raised as an ExportError."""
     final = out.resolve()  # OUT a link to an empty folder: the folder is filled, not the link
     in_place = final.is_dir()
     folder = temp_path(final / "export") if in_place else temp_path(final)
@@ -198,6 +202,8 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
             folder.mkdir(parents=True)
         yield folder
         with writing(folder, str(out)):
+            if not in_place:
+                give_final_names(folder)
             fsync_dir(folder)  # every file was fsynced as written; now their names, before they move
             if in_place:
                 move_up(folder, final, out, last, moved)
@@ -249,10 +255,30 @@ def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, F
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
     if any(entry != folder for entry in final.iterdir()):
         raise filled_while_running(out)
-    for name in sorted(entry.name for entry in folder.iterdir() if entry.name != last):
-        move_without_replacing(folder / name, final / name, out, moved)
+    for name in sorted(final_name(entry.name) for entry in folder.iterdir() if final_name(entry.name) != last):
+        move_without_replacing(staged(folder / name), final / name, out, moved)
     fsync_dir(final)
-    move_without_replacing(folder / last, final / last, out, moved)
+    move_without_replacing(staged(folder / last), final / last, out, moved)
+
+
+STAGED = "-part"  # ends each file's name while it is in the hidden folder
+
+
+def staged(path: Path) -> Path:
+    """Where the export's file `path` is written: a name no trainer's reader takes for a file of the
+    export (`data_0.ckpt-part`: SpecForge's takes every `.ckpt` under OUT, in hidden folders too),
+    whose stem is the file's own, so torch.save names its archive as it would in the final file."""
+    return path.with_name(path.name + STAGED)
+
+
+def final_name(name: str) -> str:
+    return name.removesuffix(STAGED)
+
+
+def give_final_names(folder: Path) -> None:
+    """The files of a complete export their own names, in the folder that becomes the new OUT."""
+    for entry in list(folder.iterdir()):
+        os.rename(entry, folder / final_name(entry.name))
 
 
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # a file system that has none
@@ -336,24 +362,33 @@ def write_error(shown: str, code: int | None, reason: str) -> WriteError:
     return WriteError(f"writing {shown} failed ({reason})", False if code is not None else None)
 
 
+# The export's files, each written durably under its staged name in the hidden folder. A crash test
+# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints).
+EXPORT_FAULTS = FaultPoints()
+
+
 def _save(tensors: dict, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with writing(path):
-        save_file(tensors, str(path))
-        fsync_file(path)
+        save_file(tensors, str(staged(path)))
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 def _torch_save(obj, path: Path) -> None:
-    """torch.save to the file's own name (the archive inside is named after it, as SpecForge's are)."""
+    """torch.save under a name with the file's own stem (the archive inside is named after it, as
+    SpecForge's are)."""
     with writing(path):
-        torch.save(obj, path)
-        fsync_file(path)
+        torch.save(obj, staged(path))
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 def _write_text(path: Path, text: str) -> None:
     with writing(path):
-        path.write_text(text)
-        fsync_file(path)
+        staged(path).write_text(text)
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 # ---- NeMo Automodel -------------------------------------------------------------------------

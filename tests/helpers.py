@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from builder.config import BuildConfig
+from builder.faults import FAULT_ENV
 from builder.reader import load_cache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config(output_dir: Path, target: str | Path = "tiny-llama", **overrides) -> BuildConfig:
@@ -110,3 +116,11 @@ def assert_same_figures(actual: dict, expected: dict) -> None:
             assert actual[name] == pytest.approx(value, rel=1e-6, abs=0), name
         else:
             assert actual[name] == value, name
+
+
+def export_signalled_at(cache: Path, to: str, out: Path, fault: str) -> subprocess.CompletedProcess:
+    """`eagle3-cache export CACHE --to TO OUT` in a process of its own, which signals itself at the
+    named point (`EAGLE3_CACHE_FAULT`, see builder.faults.FaultPoints), e.g. `export_file:3:SIGTERM`."""
+    env = {**os.environ, FAULT_ENV: fault, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "builder.cli", "export", str(cache), "--to", to, str(out)]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
