@@ -10,8 +10,8 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
-complete export or as it was (absent, or empty): a full disk or a failed write removes what was
-written. An existing empty OUT is filled in place (the folder is made inside it and its
+complete export or as it was (absent, or empty): a full disk, a failed write or a SIGTERM removes
+what was written. An existing empty OUT is filled in place (the folder is made inside it and its
 files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
 and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
 `-part`, which no trainer's reader takes for a file of the export (SpecForge's walks into hidden
@@ -29,6 +29,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,7 +67,7 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
     check_out_folder(out)
     source = cache_source(cache)
     write = EXPORTS[to](source, cache_manifest(source), target_model, progress)
-    with export_folder(out, LAST_WRITTEN[to]) as folder:
+    with terminated_as_interrupt(out), export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
@@ -219,6 +221,38 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)  # empty now: the export is complete whatever it holds
     for synced in (final if in_place else final.parent, *(parent.parent for parent in made)):  # each folder whose names changed
         fsync_dir(synced)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the export ran: raised where it runs, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the cleanup the first started
+    raise Terminated
+
+
+@contextmanager
+def terminated_as_interrupt(out: Path) -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does, so
+    what it wrote is removed: by default SIGTERM ends the process where it stands. Once removed, the
+    signal is handled as it would have been without the export: by default the process ends by it.
+    Only the main thread receives signals; elsewhere, or where SIGTERM is ignored, nothing changes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except Terminated:
+        pass  # export_folder has removed the partial export
+    else:
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it
+    raise ExportError(f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again.")
 
 
 def discard(folder: Path, moved: dict[Path, FileId], made: list[Path]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import says, small_config
+from helpers import export_signalled_at, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -626,6 +626,48 @@ def test_an_out_holding_more_than_a_killed_exports_remains_is_not_empty(hidden_c
     with pytest.raises(ExportError, match=not_empty):
         export_cache(hidden_cache, "specforge", out, progress=False)
     assert left_in(out) == [f".export.tmp-{os.getpid()}", "data_0.ckpt", "data_1.ckpt", "data_10.ckpt"]
+
+
+# ---- an export killed, or terminated ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
+def test_an_export_terminated_while_writing_removes_what_it_wrote_and_ends_by_the_signal(probs_cache, tmp_path, out_exists):
+    """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does:
+    what it wrote is removed, inside OUT or beside it, and the process ends by the signal."""
+    out = tmp_path / "nemo"
+    if out_exists:
+        out.mkdir()
+    terminated = export_signalled_at(probs_cache, "nemo", out, "export_file:3:SIGTERM")
+    assert terminated.returncode == -signal.SIGTERM, terminated.stderr[-2000:]
+    assert left_in(tmp_path) == (["nemo"] if out_exists else []) and (not out_exists or left_in(out) == [])
+
+
+def test_an_export_terminated_in_a_program_handling_sigterm_removes_what_it_wrote_then_calls_its_handler(
+    hidden_cache, tmp_path, monkeypatch
+):
+    """A program with its own SIGTERM handler gets it called once the export is removed, and the
+    export raises, saying it was stopped."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    received = []
+
+    def terminated_partway(real, obj, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(obj, path)
+
+    def handler(signum, frame):
+        received.append(sorted(p.name for p in out.rglob("*")))  # what is in OUT when it runs
+
+    fail_on_call(monkeypatch, export_module, "_torch_save", 4, terminated_partway)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(ExportError, match=says("stopped by SIGTERM", f"nothing was left at {out}", "Run the export again")):
+            export_cache(hidden_cache, "specforge", out, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [[]] and left_in(tmp_path) == ["sf"]
 
 
 # ---- OUT in a folder this process cannot write to --------------------------------------------
