@@ -120,7 +120,35 @@ def check_out_folder(out: Path) -> None:
             f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
             "pass a new directory"
         )
+    check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+def check_no_killed_new_out(out: Path) -> None:
+    """Refuse an OUT beside which an export into it as a new OUT left its hidden folder when killed
+    (it holds what that export wrote, as large as the export): as for one left inside OUT, it is
+    named, never deleted, since another export into OUT could be writing it."""
+    left = killed_new_out_folders(out)
+    if left:
+        one = len(left) == 1
+        raise ExportError(
+            f"export: beside {out} is {'the hidden folder' if one else 'the hidden folders'} {', '.join(map(str, left))}, "
+            f"{'the folder' if one else 'the folders'} of an export into {out} that was killed before it finished; expected "
+            f"none beside a new or empty directory for the export. If no export into {out} is running, delete "
+            f"{'that folder' if one else 'those folders'}, then run the export again."
+        )
+
+
+def killed_new_out_folders(out: Path) -> list[Path]:
+    """The folders beside OUT named as an export into a new OUT names the folder it writes in
+    (`.OUT.tmp-PID`, renamed to OUT once complete)."""
+    final = out.resolve()  # where export_folder makes it
+    prefix = temp_path(final).name.removesuffix(str(os.getpid()))
+    try:
+        beside = list(final.parent.iterdir())
+    except OSError:  # a parent not made yet, or one this process cannot list
+        return []
+    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and path.is_dir())
 
 
 def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
