@@ -10,10 +10,12 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
-complete export or as it was (absent, or empty): a full disk or a failed write removes what was
-written. An existing empty OUT is filled in place (the folder is made inside it and its files moved
-up, the one whose presence marks a complete export last), so OUT keeps its mode, group and mount;
-a new OUT is the folder made beside it, renamed.
+complete export or as it was (absent, or empty): a full disk, a failed write or a SIGTERM removes
+what was written. An existing empty OUT is filled in place (the folder is made inside it and its
+files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
+and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
+`-part`, which no trainer's reader takes for a file of the export (SpecForge's walks into hidden
+folders); it gets its own name as it leaves the folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +42,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
+from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
+from .source import CacheSource, open_source
 from .vocab import PAD_ID_WITHOUT_PAD_TOKEN, d2t_t2d
 
 NEMO_SHARD_SIZE = 256  # the shard size NeMo's precompute_eagle3 documents
@@ -59,19 +65,27 @@ def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_
     if to not in EXPORTS:
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
-    write = EXPORTS[to](cache, cache_manifest(cache), target_model, progress)
-    with export_folder(out, LAST_WRITTEN[to]) as folder:
+    source = cache_source(cache)
+    write = EXPORTS[to](source, cache_manifest(source), target_model, progress)
+    with terminated_as_interrupt(out), export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
 
-def cache_manifest(cache: Path) -> dict:
-    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
+def cache_source(cache: Path) -> CacheSource:
+    """The cache to export, opened once: on the Hub pinned to the commit its branch points at now, so
+    its card, shards and draft vocabulary are all read from that one version even if a push moves
+    the branch while the export runs. Refused with what to pass where there is no cache directory."""
     if not is_hub_location(cache) and not cache.is_dir():
         found = "is not a directory" if cache.exists() else "does not exist"
         raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
+    return open_source(cache)
+
+
+def cache_manifest(source: CacheSource) -> dict:
+    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
     try:
-        return read_manifest(cache)
+        return read_manifest(source)
     except FileNotFoundError as err:  # no card: not a cache, or a build that has not finished
         raise ExportError(f"export: {err}") from None
 
@@ -106,7 +120,35 @@ def check_out_folder(out: Path) -> None:
             f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
             "pass a new directory"
         )
+    check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+def check_no_killed_new_out(out: Path) -> None:
+    """Refuse an OUT beside which an export into it as a new OUT left its hidden folder when killed
+    (it holds what that export wrote, as large as the export): as for one left inside OUT, it is
+    named, never deleted, since another export into OUT could be writing it."""
+    left = killed_new_out_folders(out)
+    if left:
+        one = len(left) == 1
+        raise ExportError(
+            f"export: beside {out} is {'the hidden folder' if one else 'the hidden folders'} {', '.join(map(str, left))}, "
+            f"{'the folder' if one else 'the folders'} of an export into {out} that was killed before it finished; expected "
+            f"none beside a new or empty directory for the export. If no export into {out} is running, delete "
+            f"{'that folder' if one else 'those folders'}, then run the export again."
+        )
+
+
+def killed_new_out_folders(out: Path) -> list[Path]:
+    """The folders beside OUT named as an export into a new OUT names the folder it writes in
+    (`.OUT.tmp-PID`, renamed to OUT once complete)."""
+    final = out.resolve()  # where export_folder makes it
+    prefix = temp_path(final).name.removesuffix(str(os.getpid()))
+    try:
+        beside = list(final.parent.iterdir())
+    except OSError:  # a parent not made yet, or one this process cannot list
+        return []
+    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and path.is_dir())
 
 
 def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
@@ -116,7 +158,7 @@ def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
     in both being the same file (linked up, not yet unlinked from the folder). None otherwise."""
     if not files or not folder.is_dir() or not all(file.is_file() and not file.is_symlink() for file in files):
         return None
-    left = {entry.name: entry for entry in folder.iterdir()}
+    left = {final_name(entry.name): entry for entry in folder.iterdir()}
     names = {file.name for file in files}
     for to, marker in LAST_WRITTEN.items():
         if marker not in left or not all(EXPORTED_FILES[to].fullmatch(name) for name in names):
@@ -172,12 +214,13 @@ class WriteError(Exception):
 
 @contextmanager
 def export_folder(out: Path, last: str) -> Iterator[Path]:
-    """Yields a new hidden folder to write the export in; once the block ends without error its
-    files become OUT's. An existing OUT (an empty folder) is filled in place, so it keeps its inode,
-    mode, group and mount: the folder is made inside it and its files are moved up, `last` (the
-    file whose presence marks a complete export) last. A new OUT is the folder made beside it,
-    renamed. On any failure what was written is removed (with the parents made for a new OUT), OUT
-    is left as it was, and a write error is raised as an ExportError."""
+    """Yields a new hidden folder to write the export in (each file under its `staged` name); once
+    the block ends without error its files become OUT's, with their own names. An existing OUT (an
+    empty folder) is filled in place, so it keeps its inode, mode, group and mount: the folder is
+    made inside it and its files are moved up, `last` (the file whose presence marks a complete
+    export) last. A new OUT is the folder made beside it, renamed. On any failure what was written
+    is removed (with the parents made for a new OUT), OUT is left as it was, and a write error is
+    raised as an ExportError."""
     final = out.resolve()  # OUT a link to an empty folder: the folder is filled, not the link
     in_place = final.is_dir()
     folder = temp_path(final / "export") if in_place else temp_path(final)
@@ -189,6 +232,8 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
             folder.mkdir(parents=True)
         yield folder
         with writing(folder, str(out)):
+            if not in_place:
+                give_final_names(folder)
             fsync_dir(folder)  # every file was fsynced as written; now their names, before they move
             if in_place:
                 move_up(folder, final, out, last, moved)
@@ -204,6 +249,38 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)  # empty now: the export is complete whatever it holds
     for synced in (final if in_place else final.parent, *(parent.parent for parent in made)):  # each folder whose names changed
         fsync_dir(synced)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while the export ran: raised where it runs, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut short the cleanup the first started
+    raise Terminated
+
+
+@contextmanager
+def terminated_as_interrupt(out: Path) -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does, so
+    what it wrote is removed: by default SIGTERM ends the process where it stands. Once removed, the
+    signal is handled as it would have been without the export: by default the process ends by it.
+    Only the main thread receives signals; elsewhere, or where SIGTERM is ignored, nothing changes."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    except Terminated:
+        pass  # export_folder has removed the partial export
+    else:
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it
+    raise ExportError(f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again.")
 
 
 def discard(folder: Path, moved: dict[Path, FileId], made: list[Path]) -> None:
@@ -240,10 +317,30 @@ def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, F
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
     if any(entry != folder for entry in final.iterdir()):
         raise filled_while_running(out)
-    for name in sorted(entry.name for entry in folder.iterdir() if entry.name != last):
-        move_without_replacing(folder / name, final / name, out, moved)
+    for name in sorted(final_name(entry.name) for entry in folder.iterdir() if final_name(entry.name) != last):
+        move_without_replacing(staged(folder / name), final / name, out, moved)
     fsync_dir(final)
-    move_without_replacing(folder / last, final / last, out, moved)
+    move_without_replacing(staged(folder / last), final / last, out, moved)
+
+
+STAGED = "-part"  # ends each file's name while it is in the hidden folder
+
+
+def staged(path: Path) -> Path:
+    """Where the export's file `path` is written: a name no trainer's reader takes for a file of the
+    export (`data_0.ckpt-part`: SpecForge's takes every `.ckpt` under OUT, in hidden folders too),
+    whose stem is the file's own, so torch.save names its archive as it would in the final file."""
+    return path.with_name(path.name + STAGED)
+
+
+def final_name(name: str) -> str:
+    return name.removesuffix(STAGED)
+
+
+def give_final_names(folder: Path) -> None:
+    """The files of a complete export their own names, in the folder that becomes the new OUT."""
+    for entry in list(folder.iterdir()):
+        os.rename(entry, folder / final_name(entry.name))
 
 
 NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)  # a file system that has none
@@ -327,24 +424,33 @@ def write_error(shown: str, code: int | None, reason: str) -> WriteError:
     return WriteError(f"writing {shown} failed ({reason})", False if code is not None else None)
 
 
+# The export's files, each written durably under its staged name in the hidden folder. A crash test
+# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints).
+EXPORT_FAULTS = FaultPoints()
+
+
 def _save(tensors: dict, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with writing(path):
-        save_file(tensors, str(path))
-        fsync_file(path)
+        save_file(tensors, str(staged(path)))
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 def _torch_save(obj, path: Path) -> None:
-    """torch.save to the file's own name (the archive inside is named after it, as SpecForge's are)."""
+    """torch.save under a name with the file's own stem (the archive inside is named after it, as
+    SpecForge's are)."""
     with writing(path):
-        torch.save(obj, path)
-        fsync_file(path)
+        torch.save(obj, staged(path))
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 def _write_text(path: Path, text: str) -> None:
     with writing(path):
-        path.write_text(text)
-        fsync_file(path)
+        staged(path).write_text(text)
+        fsync_file(staged(path))
+    EXPORT_FAULTS.reached("export_file")
 
 
 # ---- NeMo Automodel -------------------------------------------------------------------------
@@ -390,7 +496,7 @@ def nemo_pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else PAD_ID_WITHOUT_PAD_TOKEN
 
 
-def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+def prepare_nemo(source: CacheSource, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
     """Check the target against the cache and read its embeddings and pad id (a wrong target is
     refused before anything is written); returns the export's writer."""
     identity = manifest["identity"]
@@ -399,7 +505,7 @@ def prepare_nemo(cache_dir: Path, manifest: dict, target_model: str | None, prog
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
-    return functools.partial(write_nemo, cache_dir, manifest, embeddings, nemo_pad_id(tokenizer), progress)
+    return functools.partial(write_nemo, source, manifest, embeddings, nemo_pad_id(tokenizer), progress)
 
 
 EAGLE3_AUX_LAYERS = 3  # NeMo's and SpecForge's EAGLE-3 drafts: their fc reads three aux layers' states, 3 x the hidden size
@@ -419,31 +525,32 @@ def check_three_aux_layers(identity: dict, to: str) -> None:
         )
 
 
-def write_nemo(cache_dir: Path, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
+def write_nemo(source: CacheSource, manifest: dict, embeddings: torch.Tensor, pad_id: int, progress: bool, out: Path) -> None:
     identity = manifest["identity"]
     topk = nemo_topk(identity)
     shard_size, seq_length = nemo_shard_size(identity), identity["seq_length"]
     num_samples = 0
-    shards = in_groups(exported_samples(cache_dir, identity, "nemo"), shard_size)
+    shards = in_groups(exported_samples(source, identity, "nemo"), shard_size)
     total = -(-manifest["totals"]["samples"] // shard_size)
     for index, samples in enumerate(tqdm(shards, total=total, desc="Exporting (nemo)", disable=not progress)):
         _save(nemo_shard(samples, seq_length, topk, pad_id), out / f"shard-{index:06d}.safetensors")
         num_samples += len(samples)
     _save({"weight": embeddings}, out / "target_embeddings.safetensors")
-    _write_text(out / "manifest.json", json.dumps(nemo_manifest(cache_dir, manifest, num_samples), indent=2))
+    _write_text(out / "manifest.json", json.dumps(nemo_manifest(source, manifest, num_samples), indent=2))
 
 
 AUX_STATES = {"nemo": "aux_hidden_states", "specforge": "aux_hidden_state"}  # their name in each layout's sample
 
 
-def exported_samples(cache_dir: Path, identity: dict, layout: str) -> Iterator[dict]:
-    """The cache's samples in order, streamed (a map-style read would first convert every shard
-    into an Arrow copy under HF_DATASETS_CACHE, and leave it there: a second copy of the cache),
-    with the aux states in the cache's --dtype. Each trainer's files hold one float dtype, and its
+def exported_samples(source: CacheSource, identity: dict, layout: str) -> Iterator[dict]:
+    """The cache's samples in order (on the Hub, the source's commit), streamed (a map-style read
+    would first convert every shard into an Arrow copy under HF_DATASETS_CACHE, and leave it there:
+    a second copy of the cache), with the aux states in the cache's --dtype. Each trainer's files hold one float dtype, and its
     draft takes the aux states into layers of that dtype uncast: another dtype fails its first
     step. --aux-dtype is how the cache stores them, not what the trainer reads."""
     dtype = identity["dtype"]
-    samples = iter(load_cache(cache_dir, layout=layout, streaming=True, aux_dtype=dtype))
+    pinned = {"revision": source.commit, "name": source.name, "token": source.token}
+    samples = iter(load_cache(source.location, layout=layout, streaming=True, aux_dtype=dtype, **pinned))
     if not may_overflow(identity["aux_dtype"], dtype):
         return samples
     return (aux_in_range(sample, index, AUX_STATES[layout], identity) for index, sample in enumerate(samples))
@@ -484,7 +591,7 @@ def nemo_shard_size(identity: dict) -> int:
     return min(identity["shard_size"], NEMO_SHARD_SIZE)
 
 
-def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
+def nemo_manifest(source: CacheSource, manifest: dict, num_samples: int) -> dict:
     identity = manifest["identity"]
     return {
         "format_version": NEMO_FORMAT_VERSION,
@@ -499,7 +606,7 @@ def nemo_manifest(cache_dir: Path, manifest: dict, num_samples: int) -> dict:
         "target_probs_topk": identity["topk"] if identity["target_format"] == "topk" else 0,
         "aux_hidden_dim": manifest["columns"]["aux_hidden_states"]["shape"][1],
         "aux_layer_ids": list(identity["aux_layer_ids"]),
-        "selected_token_ids": read_vocab(cache_dir)["selected_token_ids"].tolist(),
+        "selected_token_ids": read_vocab(source)["selected_token_ids"].tolist(),
         "input_data": identity["input"]["data"],
         "split": identity["input"]["split"] or "train",
         "shuffle_seed": identity["input"]["shuffle_seed"],
@@ -617,24 +724,24 @@ def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
 # ---- SpecForge ------------------------------------------------------------------------------
 
 
-def prepare_specforge(cache_dir: Path, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
+def prepare_specforge(source: CacheSource, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
     """Refuse a cache without final hidden states; returns the export's writer."""
     if manifest["identity"]["target_format"] != "hidden":
         raise ExportError(
-            f"export --to specforge: SpecForge trains from final hidden states; {cache_dir} was built with "
+            f"export --to specforge: SpecForge trains from final hidden states; {source.location} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
     check_three_aux_layers(manifest["identity"], "specforge")
-    return functools.partial(write_specforge, cache_dir, manifest, progress)
+    return functools.partial(write_specforge, source, manifest, progress)
 
 
-def write_specforge(cache_dir: Path, manifest: dict, progress: bool, out: Path) -> None:
-    samples = exported_samples(cache_dir, manifest["identity"], "specforge")
+def write_specforge(source: CacheSource, manifest: dict, progress: bool, out: Path) -> None:
+    samples = exported_samples(source, manifest["identity"], "specforge")
     for i, sample in enumerate(tqdm(samples, total=manifest["totals"]["samples"], desc="Exporting (specforge)", disable=not progress)):
         _torch_save(sample, out / f"data_{i}.ckpt")  # tensors only: loads with weights_only=True
     # SpecForge's draft column i is the i-th selected token in ascending id order (`d2t[i] = used[i] - i`);
     # its target is `softmax(logits[..., t2d])`, which takes the columns in that order.
-    ascending = np.sort(read_vocab(cache_dir)["selected_token_ids"].numpy())
+    ascending = np.sort(read_vocab(source)["selected_token_ids"].numpy())
     d2t, t2d = d2t_t2d(ascending, manifest["target_vocab_size"])
     _torch_save({"d2t": torch.as_tensor(d2t, dtype=torch.int64), "t2d": torch.as_tensor(t2d)}, out / "vocab_mapping.pt")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .batching import batching_record, expected_rows, pad_batch, plan_batches, shard_windows
 from .build_state import BUILD_STATE_DIR, read_sidecar
+from .faults import FAULT_ENV, FaultPoints  # noqa: F401 (FAULT_ENV: the crash tests name it from here)
 from .files import atomic_write
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .manifest import LM_HEAD_FILE
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "EAGLE3_CACHE_FAULT"  # test hook naming a point at which the build kills itself (see FaultPoints)
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). The forward
 # thread lets go of the GIL in every torch call and must get it back before it can queue the next
 # kernel; the writer's threads holding it for 5 ms at a time would leave a GPU idle.
@@ -164,23 +163,6 @@ def check_head(prep: Prepared, target: Target, head: HeadRows) -> None:
     probe = torch.as_tensor(prep.samples[0]["input_ids"][:HEAD_PROBE_TOKENS])[None]
     draft = (head.selected, head.draft_rows, head.transform) if prep.cfg.target_format == "hidden" else None
     target.check_head(probe, draft)
-
-
-class FaultPoints:
-    """Crash tests: `EAGLE3_CACHE_FAULT=after_shard:3` (this run's 3rd shard published: renamed, with its
-    record) or `after_batch:5` (this run's 5th forward batch handed to the writer) SIGKILLs the process
-    right there, as a power cut would, instead of at a moment a test guesses from the clock."""
-
-    def __init__(self):
-        self.spec = os.environ.get(FAULT_ENV)
-        self.counts: dict[str, int] = {}  # one key per thread: after_batch (forward), after_shard (writer)
-
-    def reached(self, name: str) -> None:
-        if self.spec is None:
-            return
-        self.counts[name] = self.counts.get(name, 0) + 1
-        if self.spec == f"{name}:{self.counts[name]}":
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_one_shard(

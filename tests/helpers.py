@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -10,7 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from builder.config import BuildConfig
+from builder.faults import FAULT_ENV
 from builder.reader import load_cache
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config(output_dir: Path, target: str | Path = "tiny-llama", **overrides) -> BuildConfig:
@@ -141,3 +147,11 @@ class AllocatedBytes(TorchDispatchMode):
     def _freed(self, key: int, nbytes: int) -> None:
         self.storages.discard(key)
         self.live -= nbytes
+
+
+def export_signalled_at(cache: Path, to: str, out: Path, fault: str) -> subprocess.CompletedProcess:
+    """`eagle3-cache export CACHE --to TO OUT` in a process of its own, which signals itself at the
+    named point (`EAGLE3_CACHE_FAULT`, see builder.faults.FaultPoints), e.g. `export_file:3:SIGTERM`."""
+    env = {**os.environ, FAULT_ENV: fault, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "builder.cli", "export", str(cache), "--to", to, str(out)]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)

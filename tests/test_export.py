@@ -8,6 +8,7 @@ import errno
 import functools
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import says, small_config
+from helpers import export_signalled_at, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -277,6 +278,33 @@ def test_an_out_holding_only_a_killed_exports_hidden_folder_says_so(probs_cache,
         export_cache(probs_cache, "nemo", out, progress=False)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match=says("is not empty", "never overwrites")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+
+
+def test_the_hidden_folder_a_killed_export_left_beside_a_new_out_is_named_never_deleted(probs_cache, tmp_path, nothing_made):
+    """An export into a new OUT writes in `.OUT.tmp-PID` beside it: killed, it leaves that folder, as
+    large as the export. The next export into OUT names it, new or empty (another export into OUT
+    could be writing it)."""
+    out = tmp_path / "nemo"
+    left = tmp_path / ".nemo.tmp-4242"
+    left.mkdir()
+    (left / "shard-000000.safetensors-part").write_bytes(b"what the killed export wrote")
+    refused = says(
+        f"beside {out} is the hidden folder {left}",
+        f"an export into {out} that was killed before it finished",
+        f"If no export into {out} is running, delete that folder",
+        "run the export again",
+    )
+    with pytest.raises(ExportError, match=refused):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    out.mkdir()
+    with pytest.raises(ExportError, match=refused):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    assert left_in(tmp_path) == [".nemo.tmp-4242", "nemo"] and left_in(left) == ["shard-000000.safetensors-part"]
+    shutil.rmtree(left)
+    for others in (".nemo.tmp-old", ".nemo-2.tmp-17", ".nemo.tmp-17.log"):  # not the name an export into OUT writes in
+        (tmp_path / others).mkdir()
+    with pytest.raises(AssertionError, match="began writing"):  # every check passed
         export_cache(probs_cache, "nemo", out, progress=False)
 
 
@@ -626,6 +654,61 @@ def test_an_out_holding_more_than_a_killed_exports_remains_is_not_empty(hidden_c
     with pytest.raises(ExportError, match=not_empty):
         export_cache(hidden_cache, "specforge", out, progress=False)
     assert left_in(out) == [f".export.tmp-{os.getpid()}", "data_0.ckpt", "data_1.ckpt", "data_10.ckpt"]
+
+
+# ---- an export killed, or terminated ----------------------------------------------------------
+
+
+def test_an_export_killed_into_a_new_out_leaves_its_folder_beside_it_which_the_next_one_names(probs_cache, tmp_path):
+    out = tmp_path / "nemo"
+    killed = export_signalled_at(probs_cache, "nemo", out, "export_file:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = tmp_path.iterdir()
+    assert re.fullmatch(r"\.nemo\.tmp-\d+", left.name) and len(left_in(left)) == 2
+    with pytest.raises(ExportError, match=says(f"beside {out} is the hidden folder {left}", "killed before it finished")):
+        export_cache(probs_cache, "nemo", out, progress=False)
+    shutil.rmtree(left)
+    export_cache(probs_cache, "nemo", out, progress=False)
+    assert left_in(tmp_path) == ["nemo"] and (out / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
+def test_an_export_terminated_while_writing_removes_what_it_wrote_and_ends_by_the_signal(probs_cache, tmp_path, out_exists):
+    """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does:
+    what it wrote is removed, inside OUT or beside it, and the process ends by the signal."""
+    out = tmp_path / "nemo"
+    if out_exists:
+        out.mkdir()
+    terminated = export_signalled_at(probs_cache, "nemo", out, "export_file:3:SIGTERM")
+    assert terminated.returncode == -signal.SIGTERM, terminated.stderr[-2000:]
+    assert left_in(tmp_path) == (["nemo"] if out_exists else []) and (not out_exists or left_in(out) == [])
+
+
+def test_an_export_terminated_in_a_program_handling_sigterm_removes_what_it_wrote_then_calls_its_handler(
+    hidden_cache, tmp_path, monkeypatch
+):
+    """A program with its own SIGTERM handler gets it called once the export is removed, and the
+    export raises, saying it was stopped."""
+    out = tmp_path / "sf"
+    out.mkdir()
+    received = []
+
+    def terminated_partway(real, obj, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(obj, path)
+
+    def handler(signum, frame):
+        received.append(sorted(p.name for p in out.rglob("*")))  # what is in OUT when it runs
+
+    fail_on_call(monkeypatch, export_module, "_torch_save", 4, terminated_partway)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(ExportError, match=says("stopped by SIGTERM", f"nothing was left at {out}", "Run the export again")):
+            export_cache(hidden_cache, "specforge", out, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [[]] and left_in(tmp_path) == ["sf"]
 
 
 # ---- OUT in a folder this process cannot write to --------------------------------------------

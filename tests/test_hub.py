@@ -849,3 +849,39 @@ def test_a_push_is_refused_before_any_upload_when_the_cache_misses_a_file_its_ma
     with pytest.raises(HubError, match=r"vocab\.safetensors: the manifest names this file, but the cache folder does not hold it\. Run"):
         push(cache, "tester/no-vocab", tag="v1")
     assert data_files(hub, "tester/no-vocab", "main") == [] and hub.state.bytes_uploaded == 0
+
+
+# ---- exporting a Hub cache --------------------------------------------------------------------
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(("to", "target_format", "writer"), [("nemo", "probs", "_save"), ("specforge", "hidden", "_torch_save")])
+def test_an_export_of_a_hub_cache_holds_one_version_while_a_push_moves_the_branch(hub, tmp_path, monkeypatch, to, target_format, writer):
+    """A new version pushed while the export writes its first file changes nothing in it: its samples
+    and its draft vocabulary (NeMo's selected_token_ids, SpecForge's vocab_mapping.pt) are all the
+    version's the branch pointed at when the export began, as a local export of that version holds."""
+    import builder.export as export_module
+
+    def version(name: str, **settings) -> Path:
+        return build(small_config(tmp_path / name / "cache", target_format=target_format, **settings), progress=False).output_dir
+
+    old, new = version("old"), version("new", max_samples=30, shuffle_seed=7)
+    new_ids = read_vocab(new)["selected_token_ids"]
+    assert not torch.equal(read_vocab(old)["selected_token_ids"], new_ids)  # the versions' draft vocabularies differ
+    local = export_module.export_cache(old, to, tmp_path / "local", progress=False)
+    repo = f"tester/export-{to}"
+    push(old, repo)
+    real_write, pushed = getattr(export_module, writer), []
+
+    def write_once_the_new_version_is_pushed(obj, path):
+        if not pushed:
+            pushed.append(push(new, repo))
+        real_write(obj, path)
+
+    monkeypatch.setattr(export_module, writer, write_once_the_new_version_is_pushed)
+    out = export_module.export_cache(repo, to, tmp_path / "from-hub", progress=False)
+    assert pushed and torch.equal(read_vocab(repo)["selected_token_ids"], new_ids)  # the branch moved during the export
+    assert files_of(out) == files_of(local)

@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
+import signal
 import sys
 import types
 from collections import Counter
 
 import pytest
 import torch
-from helpers import small_config
+from helpers import export_signalled_at, says, small_config
 from safetensors import safe_open
 from transformers import LlamaConfig
 
 from builder.build import build
 from builder.embedded import resolve_target
-from builder.export import export_cache
+from builder.export import ExportError, export_cache
 from builder.reader import load_cache, read_vocab
 
 pytestmark = [pytest.mark.usefixtures("specforge_site"), pytest.mark.filterwarnings("ignore:flash_attn is not found")]
@@ -139,6 +141,23 @@ def test_specforge_offline_dataset_and_collator_read_our_samples(hidden_cache, e
         length = rows[index]["num_tokens"]
         assert torch.equal(batch["target"][slot, :length], rows[index]["final_hidden"])
         assert not batch["target"][slot, length:].any() and not batch["attention_mask"][slot, length:].any()
+
+
+def test_specforge_reads_no_sample_from_an_export_into_an_existing_out_killed_while_writing(hidden_cache, tmp_path):
+    """Killed (SIGKILL: the OOM killer, a preempted node) after writing 6 of its 15 files into its
+    hidden folder inside OUT, an export leaves files SpecForge's reader does not take for samples,
+    though it walks into hidden folders and takes every `.ckpt`: OUT is no smaller dataset to it."""
+    from specforge.runtime.data_plane.offline_reader import OfflineManifestReader
+
+    out = tmp_path / "sf"
+    out.mkdir()
+    killed = export_signalled_at(hidden_cache, "specforge", out, "export_file:6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (hidden,) = out.iterdir()
+    assert re.fullmatch(r"\.export\.tmp-\d+", hidden.name) and len(list(hidden.iterdir())) == 6
+    assert OfflineManifestReader(str(out), validate_files=True).read() == []
+    with pytest.raises(ExportError, match=says(f"holds only {hidden.name}", "killed before it finished", "delete that folder")):
+        export_cache(hidden_cache, "specforge", out, progress=False)
 
 
 # ---- the vocab mapping -----------------------------------------------------------------------
