@@ -70,7 +70,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
-        check_resume(out, prep.identity)  # every rank refuses alike, before anything is written
+        check_resume(out, prep.identity, prep.tokenizer_hashes)  # every rank refuses alike, before anything is written
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     if uploader is not None and uploader.already_pushed:
         log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)
@@ -234,7 +234,7 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
         lock.acquire()
         remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
         if resume:
-            check_resume(out, prep.identity)  # again: another build may have started here since the first check
+            check_resume(out, prep.identity, prep.tokenizer_hashes)  # again: another build may have started here since the first check
         if resume and read_identity(out) is not None:
             check_kept_samples(out, prep, kept_shards(out, prep))  # before anything is removed or written
             remove_killed_writers_files(out)

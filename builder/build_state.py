@@ -52,9 +52,12 @@ PATH_CONTENT_FIELDS = {
 RESOLVED_FIELDS = {"input.config": ("input.content_hash",)}
 
 
-def identity_differences(stored: dict, current: dict) -> dict:
-    """`{field: (stored, current)}` for every differing identity field, dotted names."""
+def identity_differences(stored: dict, current: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> dict:
+    """`{field: (stored, current)}` for every differing identity field, dotted names. `tokenizer_hashes`:
+    those this run's tokenizer may have been recorded under (tokenize.recorded_tokenizer_hashes)."""
     a, b = flatten(stored), flatten(current)
+    if a.get(TOKENIZER_FIELD) in tokenizer_hashes:
+        b[TOKENIZER_FIELD] = a[TOKENIZER_FIELD]
     for field in ADDED_FIELDS:
         if field not in a and field in b and b.pop(field) is not None:
             log.warning("the build being resumed predates %s: that field is not checked", field)
@@ -70,6 +73,7 @@ def identity_differences(stored: dict, current: dict) -> dict:
 
 
 WEIGHTS_FIELD = "target.weights_sample_sha256"
+TOKENIZER_FIELD = "tokenizer_sha256"
 
 
 def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
@@ -132,13 +136,13 @@ def read_identity(output_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_resume(output_dir: Path, identity: dict) -> None:
+def check_resume(output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> None:
     """Refuse (changing nothing) when the stored identity differs from this run's."""
     refuse_resume_without_build_state(output_dir)
     stored = read_identity(output_dir)
     if stored is None:
         return  # nothing written yet (a start that failed): the run starts the build
-    differences = identity_differences(stored, identity)
+    differences = identity_differences(stored, identity, tokenizer_hashes)
     if differences:
         raise ResumeMismatch(differences)
 

@@ -21,7 +21,7 @@ from .fingerprints import WEIGHTS_FILES, local_code_hash, local_config_hash, loc
 from .inputs import load_rows, select_rows
 from .manifest import FORMAT_VERSION
 from .target import AUX_CONVENTION, load_config, load_tokenizer, resolved_revision, text_config
-from .tokenize import read_template_file, template_bytes, template_of, tokenize_rows, tokenizer_hash
+from .tokenize import read_template_file, recorded_tokenizer_hashes, template_bytes, template_of, tokenize_rows, tokenizer_hash
 from .vocab import (
     PAD_ID_WITHOUT_PAD_TOKEN,
     array_hash,
@@ -48,6 +48,7 @@ class Prepared:
     special_token_ids: list[int]  # the ids selected_token_ids starts with, as the card records them
     identity: dict
     duplicate_ids: int = 0  # valid samples whose sample_id an earlier valid sample already has
+    tokenizer_hashes: frozenset[str] = frozenset()  # those a build of this tokenizer may have recorded (recorded_tokenizer_hashes)
 
     @property
     def vocab_size(self) -> int:
@@ -110,7 +111,19 @@ def prepare(cfg: BuildConfig) -> Prepared:
     check_topk(cfg, len(selected), vocab_size)
     identity = build_identity(cfg, target, tokenizer, template, input_info, aux_layer_ids, selected)
     prepared = Prepared(
-        cfg, model_path, tokenizer, model_config, aux_layer_ids, samples, skipped, counts, selected, specials, identity, duplicates
+        cfg,
+        model_path,
+        tokenizer,
+        model_config,
+        aux_layer_ids,
+        samples,
+        skipped,
+        counts,
+        selected,
+        specials,
+        identity,
+        duplicates,
+        recorded_tokenizer_hashes(tokenizer, template),
     )
     check_row_sizes(prepared)
     return prepared
@@ -375,8 +388,9 @@ def _tokenizer_differences(identity: dict, recorded_specials, tokenizer, vocab_s
     except InputError:  # no template of its own: the build was given one
         template = None
     if template is not None and hashlib.sha256(template_bytes(template)).hexdigest() == identity.get("chat_template_sha256"):
-        found = tokenizer_hash(tokenizer, template)
-        return {} if found == identity["tokenizer_sha256"] else {"tokenizer_sha256": (identity["tokenizer_sha256"], found)}
+        if identity["tokenizer_sha256"] in recorded_tokenizer_hashes(tokenizer, template):
+            return {}
+        return {"tokenizer_sha256": (identity["tokenizer_sha256"], tokenizer_hash(tokenizer, template))}
     specials = special_token_ids(tokenizer, vocab_size)
     # A cache built by an earlier version recorded the specials of its rule (no pad id where the tokenizer has none).
     if recorded_specials is None or recorded_specials in (specials, earlier_special_token_ids(tokenizer, vocab_size)):

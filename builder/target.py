@@ -36,14 +36,18 @@ def load_tokenizer(model_path: str, revision: str | None, trust_remote_code: boo
             "expected tokenizer.json and tokenizer_config.json beside config.json: copy them from the model the "
             "weights came from"
         )
+    from .tokenize import note_loaded_settings
+
     try:
         extra = {"config": config} if config is not None else {}
-        return AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError, TypeError) as err:
         raise InputError(
             f"--target-model: no usable tokenizer at {model_path!r} ({type(err).__name__}: {' '.join(str(err).split())}); "
             "expected tokenizer files (tokenizer.json / tokenizer_config.json) beside the model"
         ) from None
+    note_loaded_settings(tokenizer)  # before any encode call turns them off: see recorded_tokenizer_hashes
+    return tokenizer
 
 
 def load_config(model_path: str, revision: str | None, trust_remote_code: bool):

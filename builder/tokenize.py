@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from pathlib import Path
 
 import datasets
@@ -404,11 +405,61 @@ def _check_compiles(template: str, where: str, from_file: bool) -> None:
 
 def tokenizer_hash(tokenizer, template: str | dict[str, str]) -> str:
     """Identity of everything in the tokenizer that shapes token ids and masks."""
+    return _hash_with(_tokenizer_model(tokenizer), tokenizer, template)
+
+
+def recorded_tokenizer_hashes(tokenizer, template: str | dict[str, str]) -> frozenset[str]:
+    """The hashes a cache may have recorded for this tokenizer: `tokenizer_hash`, and, for a backend
+    that loaded with truncation or padding, the one earlier versions recorded where the build process
+    never encoded (more than one --num-proc, a rerun reusing the tokenized rows): the backend as
+    loaded, those settings in."""
+    found = tokenizer_hash(tokenizer, template)
+    as_loaded = _backend_as_loaded(tokenizer)
+    if as_loaded is None:
+        return frozenset({found})
+    return frozenset({found, _hash_with(as_loaded.to_str().encode(), tokenizer, template)})
+
+
+def _hash_with(model: bytes, tokenizer, template: str | dict[str, str]) -> str:
     h = hashlib.sha256()
-    h.update(_tokenizer_model(tokenizer))
+    h.update(model)
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())  # {{ bos_token }} etc.
     h.update(template_bytes(template))
     return h.hexdigest()
+
+
+# Each loaded tokenizer's backend truncation and padding, as load_tokenizer found them: transformers
+# turns both off on the first encode call, and an earlier version's hash may hold them.
+_LOADED_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def note_loaded_settings(tokenizer) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        _LOADED_SETTINGS[tokenizer] = (backend.truncation, backend.padding)
+
+
+def _backend_as_loaded(tokenizer):
+    """A copy of the backend with the truncation and padding it loaded with (those it has now, for a
+    tokenizer load_tokenizer did not load); None where it has no backend or loaded with neither."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    truncation, padding = _LOADED_SETTINGS.get(tokenizer, (backend.truncation, backend.padding))
+    if truncation is None and padding is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    if truncation is None:
+        copy.no_truncation()
+    else:
+        copy.enable_truncation(**truncation)
+    if padding is None:
+        copy.no_padding()
+    else:
+        copy.enable_padding(**padding)
+    return copy
 
 
 def _tokenizer_model(tokenizer) -> bytes:

@@ -36,6 +36,21 @@ def small_config(output_dir: Path, target: str | Path = "tiny-llama", **override
     return BuildConfig(**settings)
 
 
+def record_in_card(cache_dir: Path, **identity_fields) -> None:
+    """Rewrite identity fields in the cache's card, with the fingerprint over them, as a build that
+    recorded those values would have written it."""
+    from huggingface_hub import DatasetCard
+
+    from builder.manifest import CARD_KEY, fingerprint
+
+    card = DatasetCard.load(Path(cache_dir) / "README.md")
+    manifest = card.data[CARD_KEY]
+    manifest["identity"] = manifest["identity"] | identity_fields
+    manifest["fingerprint"] = fingerprint(manifest["identity"])
+    card.data[CARD_KEY] = manifest
+    card.save(Path(cache_dir) / "README.md")
+
+
 def decoded_rows(cache_dir: Path, layout: str = "raw") -> list[dict]:
     return list(load_cache(cache_dir, layout=layout, streaming=True))
 

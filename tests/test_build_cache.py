@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
-from helpers import assert_same_content, batch_rows, decoded_rows, says, small_config
+from helpers import assert_same_content, batch_rows, decoded_rows, record_in_card, says, small_config
 from tiny_targets import (
     make_tiny_target,
+    target_with_another_tokenizer,
     target_with_own_code,
     target_with_truncation_and_padding,
     target_without_pad_token,
+    tokenizer_hash_of_earlier_versions,
     write_own_code,
 )
 
@@ -214,6 +216,37 @@ def test_a_resume_with_a_tokenizer_shipping_truncation_continues(tmp_path, monke
     assert resumed.written == ["train-00001-of-00002.parquet"]
     fresh = AutoTokenizer.from_pretrained(target)
     assert target_differences(resumed.manifest, str(target), AutoConfig.from_pretrained(target), fresh) == {}
+
+
+def test_a_resume_of_a_build_an_earlier_version_recorded_with_the_tokenizer_as_loaded_continues(tmp_path, monkeypatch):
+    """Earlier versions hashed the tokenizer's backend as it was at that moment: a build process that
+    never encoded (more than one --num-proc, a rerun reusing the tokenized rows) recorded the
+    truncation and padding its tokenizer.json ships. Such a build resumes and its cache verifies; one
+    recorded with another tokenizer is still refused."""
+    from builder.errors import Eagle3CacheError
+    from builder.verify import verify_cache
+
+    target = target_with_truncation_and_padding(tmp_path / "target")
+    earlier = tokenizer_hash_of_earlier_versions(target)
+    another = tokenizer_hash_of_earlier_versions(target_with_another_tokenizer(tmp_path / "other"))
+    cfg = small_config(tmp_path / "resumed", target=target, max_samples=8)
+    interrupted_build(cfg, monkeypatch, after_shards=1)
+    state = Path(cfg.output_dir) / BUILD_STATE_FILE
+    identity = json.loads(state.read_text())
+    assert identity["tokenizer_sha256"] not in (earlier, another)
+
+    state.write_text(json.dumps(identity | {"tokenizer_sha256": another}))
+    with pytest.raises(ResumeMismatch, match=says(f"tokenizer_sha256: cache has '{another}'")):
+        build(cfg.replace(resume=True), progress=False)
+    state.write_text(json.dumps(identity | {"tokenizer_sha256": earlier}))
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == ["train-00001-of-00002.parquet"]
+
+    record_in_card(resumed.output_dir, tokenizer_sha256=earlier)  # as the earlier version wrote its card
+    assert verify_cache(resumed.output_dir, recompute=8) == []
+    record_in_card(resumed.output_dir, tokenizer_sha256=another)
+    with pytest.raises(Eagle3CacheError, match=says(f"tokenizer_sha256: the cache has {another}")):
+        verify_cache(resumed.output_dir, recompute=8)
 
 
 def test_resume_of_a_finished_cache_writes_no_shard(tmp_path):

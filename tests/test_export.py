@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import export_signalled_at, says, small_config
+from helpers import export_signalled_at, record_in_card, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -829,6 +829,22 @@ def test_nemo_export_refuses_a_target_whose_own_code_changed_after_the_build(tmp
     write_own_code(target, scale=2.0)
     export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
     assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 4
+
+
+def test_nemo_export_accepts_a_target_tokenizer_an_earlier_version_recorded_as_loaded(tmp_path):
+    """Earlier versions recorded the hash of the tokenizer's backend as loaded, its tokenizer.json's
+    truncation and padding in, where the build process never encoded (more than one --num-proc, a
+    rerun reusing the tokenized rows): the export accepts that target, and refuses another tokenizer."""
+    from tiny_targets import target_with_another_tokenizer, target_with_truncation_and_padding, tokenizer_hash_of_earlier_versions
+
+    target = target_with_truncation_and_padding(tmp_path / "target")
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
+    record_in_card(cache, tokenizer_sha256=tokenizer_hash_of_earlier_versions(target))
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 4
+    other = target_with_another_tokenizer(tmp_path / "other")  # the same weights
+    with pytest.raises(ExportError, match=says("tokenizer_sha256: cache has")):
+        export_cache(cache, "nemo", tmp_path / "nemo2", target_model=str(other), progress=False)
 
 
 def test_nemo_export_refuses_another_model_given_with_target_model(probs_cache, tmp_path):

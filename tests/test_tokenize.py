@@ -6,7 +6,7 @@ import json
 
 import pytest
 from helpers import says
-from tiny_targets import target_with_truncation_and_padding, tiny_tokenizer
+from tiny_targets import target_with_truncation_and_padding, tiny_tokenizer, tokenizer_hash_of_earlier_versions
 
 import builder.tokenize as tokenize_mod
 from builder.conversations import BadRow, normalize_row
@@ -471,6 +471,26 @@ def test_the_tokenizer_hash_of_a_tokenizer_without_truncation_or_padding_is_the_
     recorded_before.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
     recorded_before.update(template_bytes(WITH_GEN))
     assert tokenizer_hash(tok, WITH_GEN) == recorded_before.hexdigest()
+
+
+def test_a_tokenizer_may_be_recorded_under_the_hash_earlier_versions_gave_it_as_loaded(tmp_path):
+    """Earlier versions hashed the backend as it was when hashed: as loaded, truncation and padding in,
+    where the build process had not encoded. That hash stays among those the tokenizer may be recorded
+    under after an encode call turned both off; a tokenizer.json without either has its one hash."""
+    from builder.embedded import resolve_target
+    from builder.target import load_tokenizer
+    from builder.tokenize import recorded_tokenizer_hashes, template_of, tokenizer_hash
+
+    target = target_with_truncation_and_padding(tmp_path / "target")
+    tok = load_tokenizer(str(target), None, False)
+    template = template_of(tok, None)
+    tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=True)
+    assert tok.backend_tokenizer.truncation is None and tok.backend_tokenizer.padding is None
+    earlier = tokenizer_hash_of_earlier_versions(target)
+    assert recorded_tokenizer_hashes(tok, template) == {tokenizer_hash(tok, template), earlier}
+    assert earlier != tokenizer_hash(tok, template)
+    plain = load_tokenizer(resolve_target("tiny-llama"), None, False)
+    assert recorded_tokenizer_hashes(plain, template) == {tokenizer_hash(plain, template)}
 
 
 def test_tokenizing_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tok):

@@ -219,6 +219,35 @@ def target_with_truncation_and_padding(directory: Path) -> Path:
     return directory
 
 
+def target_with_another_tokenizer(directory: Path) -> Path:
+    """The truncation and padding target (same weights) whose tokenizer names another bos token."""
+    import json
+
+    directory = target_with_truncation_and_padding(directory)
+    settings = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings | {"bos_token": "<|unk|>"}))
+    return directory
+
+
+def tokenizer_hash_of_earlier_versions(target: Path) -> str:
+    """The tokenizer_sha256 versions before this one recorded for a target's tokenizer (and its own
+    chat template) where the build process never encoded: the hash of its backend as loaded, the
+    truncation and padding its tokenizer.json ships left in."""
+    import hashlib
+    import json
+
+    from transformers import AutoTokenizer
+
+    from builder.tokenize import template_bytes, template_of
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    h = hashlib.sha256()
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(template_bytes(template_of(tokenizer, None)))
+    return h.hexdigest()
+
+
 class SequentialDecoderConfig(PretrainedConfig):
     model_type = "eagle3_cache_sequential_decoder"
 
