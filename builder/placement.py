@@ -176,7 +176,7 @@ def moe_width(cfg) -> int:
     alive throughout, beside either the gate-up output [kT, 2I], the activated gate [kT, I] and its
     product with up [kT, I] (4I), or the down output [kT, H], its routing-weighted copy and that copy put
     back in token order (3H). A shared expert, when there is one, adds a dense MLP of its own width (3I)."""
-    from .plan import EXPERT_COUNT_FIELDS
+    from .target import EXPERT_COUNT_FIELDS
 
     k = getattr(cfg, "num_experts_per_tok", None)
     if not k or not any(getattr(cfg, field, None) for field in EXPERT_COUNT_FIELDS):

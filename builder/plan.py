@@ -219,13 +219,10 @@ def forward_tokens_per_s(model, gpu_name: str, loss_share: float) -> float | Non
     return peak * FORWARD_UTILISATION / flops
 
 
-EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
 def active_parameters(model) -> int:
     """Parameters one token runs through: of a mixture of experts, num_experts_per_tok of the E
     routed experts (modules named `experts`; shared experts and routers always run)."""
-    from .target import text_config
+    from .target import EXPERT_COUNT_FIELDS, text_config
 
     config = text_config(model.config)
     experts = next((getattr(config, field) for field in EXPERT_COUNT_FIELDS if getattr(config, field, None)), None)

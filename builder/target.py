@@ -80,6 +80,9 @@ def load_config(model_path: str, revision: str | None, trust_remote_code: bool):
         ) from None
 
 
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")  # routed experts, by config family
+
+
 def text_config(config):
     """The language-model settings, also for multimodal wrappers that keep them in `text_config`."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
