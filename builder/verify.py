@@ -168,7 +168,10 @@ RESTORE_CARD = (
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
 MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
 HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
-BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
+# The settings a shard's batches are rebuilt from; caches recorded before the sort window had a setting
+# of its own have no sort_window_bytes (batching.window_bytes then stands for what they sorted within).
+BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
+OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
 def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
@@ -924,7 +927,8 @@ def shard_batching(manifest: dict, name: str) -> dict:
     """The batch size, token budget, row-group and sort-window bytes the shard was built with (a resume may have
     changed them); caches recorded before shards carried them: the last run's settings."""
     shard = next(s for s in manifest["shards"] if s["name"] == name)
-    return shard.get("batching") or {k: manifest["build"][k] for k in BATCHING_KEYS}
+    build = manifest["build"]
+    return shard.get("batching") or {k: build[k] for k in BATCHING_KEYS + OPTIONAL_BATCHING_KEYS if k in build}
 
 
 def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:

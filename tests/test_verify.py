@@ -941,3 +941,16 @@ def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from
     edit_card(cache, drop_batching)
     with pytest.raises(Eagle3CacheError, match=r"its manifest has no build\.max_tokens_per_batch, as in a card cut short"):
         verify_cache(cache, recompute=2)
+
+
+def test_a_cache_recorded_before_the_sort_window_had_a_setting_is_recomputed(cache):
+    """Caches recorded before shards carried their batching, and before the sort window had a setting of
+    its own, sorted within 4 row groups: their batches are rebuilt from that."""
+
+    def as_recorded_then(data):
+        for shard in data["eagle3_cache"]["shards"]:
+            shard.pop("batching")
+        data["eagle3_cache"]["build"].pop("sort_window_bytes")
+
+    edit_card(cache, as_recorded_then)
+    assert verify_cache(cache, recompute=14) == []
