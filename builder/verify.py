@@ -720,13 +720,19 @@ def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -
         for what in head_differences(stored, live, dtypes)
     ]
     expected = head_spec(target.model.config, lm_head_bias="bias" in live)
-    if manifest["head_transform"] != expected:
+    if terms_given(manifest["head_transform"]) != terms_given(expected):
         problems.append(
             f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
             f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
             "writes the card again, computing nothing), or rebuild"
         )
     return problems
+
+
+def terms_given(head_transform: dict) -> dict:
+    """The logit terms a head transform applies: a term recorded as None applies nothing, as one a cache
+    built before the term existed does not record (readers take both as absent)."""
+    return {term: value for term, value in head_transform.items() if value is not None}
 
 
 def live_head_tensors(target, selected: torch.Tensor, full: bool) -> dict[str, torch.Tensor]:

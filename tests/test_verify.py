@@ -925,6 +925,12 @@ def refused_as_damaged(location, part: str, capsys) -> None:
     (location / "README.md").write_text(text)
 
 
+def test_a_hidden_cache_recorded_before_a_logit_term_existed_passes(hidden_cache):
+    """An earlier version recorded no lm_head_multiplier: absent, as None, the term applies nothing."""
+    edit_card(hidden_cache, lambda data: data["eagle3_cache"]["head_transform"].pop("lm_head_multiplier"))
+    assert verify_cache(hidden_cache, recompute=2) == []
+
+
 def test_a_hidden_cache_whose_manifest_has_no_head_file_or_logit_terms_is_called_damaged(hidden_cache, capsys):
     for part in ("lm_head_file", "head_transform"):
         refused_as_damaged(hidden_cache, part, capsys)
