@@ -629,12 +629,17 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     from .embedded import resolve_input
     from .inputs import load_rows
     from .target import load_tokenizer
-    from .tokenize import tokenize_rows
+    from .tokenize import _tokenize_batch
 
     identity = manifest["identity"]
     selection = identity["input"]
     tokenizer = load_tokenizer(model_path, identity["target"]["revision"], own_code)
     template = builds_template(tokenizer, identity)
+    if renders_the_date(template):
+        raise NotRetokenized(
+            "the chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's "
+            "they hold another date"
+        )
     try:
         rows, info = load_rows(resolve_input(selection["data"]), config=selection.get("config"), split=selection.get("split"))
     except Eagle3CacheError as err:
@@ -644,17 +649,21 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
             f"build's {selection['content_hash']})"
         )
-    tokenized = tokenize_rows(
-        rows.select(source_indices),
-        np.asarray(source_indices),
-        tokenizer,
-        template,
-        identity["seq_length"],
-        1,
-        mask_generation_prompt=identity.get("mask_generation_prompt", False),
-        mask_reasoning_content=identity.get("mask_reasoning_content", False),
+    # Tokenized here, not through the build's cached map: a few rows, and a template may render the
+    # day it runs, which no cache key holds.
+    columns = _tokenize_batch(
+        rows.select(source_indices)[:],  # formatted as the map formats its batches
+        range(len(source_indices)),
+        tokenizer=tokenizer,
+        template=template,
+        seq_length=identity["seq_length"],
+        source_indices=np.asarray(source_indices),
+        mask_options=dict(
+            mask_generation_prompt=identity.get("mask_generation_prompt", False),
+            mask_reasoning_content=identity.get("mask_reasoning_content", False),
+        ),
     )
-    return {row["source_index"]: row for row in tokenized}
+    return {index: {column: values[k] for column, values in columns.items()} for k, index in enumerate(columns["source_index"])}
 
 
 def builds_template(tokenizer, identity: dict):
@@ -674,6 +683,15 @@ def builds_template(tokenizer, identity: dict):
             "records only by its hash"
         )
     return template
+
+
+def renders_the_date(template: str | dict[str, str]) -> bool:
+    """Whether a template (or any of named templates) calls transformers' strftime_now, as Llama 3.2
+    and 3.3's do to write "Today Date" into the system turn."""
+    return any(DATE_CALL.search(text) for text in ([template] if isinstance(template, str) else template.values()))
+
+
+DATE_CALL = re.compile(r"\bstrftime_now\s*\(")
 
 
 def token_differences(stored: dict, now: dict) -> list[str]:

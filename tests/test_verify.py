@@ -160,6 +160,45 @@ def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_r
     ]
 
 
+DATED_TEMPLATE = "{{- bos_token }}<|system|>\nToday Date: {{ strftime_now('%d %b %Y') }}<|end|>\n"
+
+
+def test_recompute_does_not_compare_the_tokens_of_a_template_that_writes_the_day_it_runs(tmp_path, monkeypatch, caplog):
+    """Llama 3.2 and 3.3's templates write "Today Date" into the system turn: verified on another day, every
+    row tokenizes otherwise, and no sample is damaged."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    target = tiny_target_copy(tmp_path / "target")
+    template = (target / "chat_template.jinja").read_text()
+    (target / "chat_template.jinja").write_text(DATED_TEMPLATE + template.split("{{- bos_token }}", 1)[1])
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
+
+    class NextDay(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", NextDay)
+    assert verify_cache(cache, target_model=str(target), recompute=4) == []
+    assert (
+        "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: the "
+        "chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's they "
+        "hold another date"
+    ) in caplog.text
+
+
+def test_recompute_tokenizes_its_samples_without_the_tokenizing_cache(intact, tmp_path, monkeypatch):
+    """The tokenizing cache keys a map by the rows, tokenizer and versions, not by what a template reads as it
+    renders (the day): the recompute tokenizes its few rows afresh, and caches nothing a later one would read."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    assert verify_cache(intact, recompute=3) == []
+    assert list((tmp_path / "datasets").glob("eagle3_cache_tokenized/*")) == []
+
+
 def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache, monkeypatch, caplog):
     import builder.inputs
     from builder.errors import InputError
