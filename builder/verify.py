@@ -11,8 +11,9 @@ and the shard's recorded batching, which a resume may have changed), so fp32 cac
 match bit for bit on a machine that computes as the build's did, and within a few rounding steps
 on another machine of its kind where the compute is fp32 (see Tolerance; in bf16 or fp16 so few
 steps are too coarse to tell from damage, and such shards are skipped). It also tokenizes the
-samples' input rows again (their token ids and loss masks, which the target runs on), and for a
-hidden cache compares the head file and logit terms it is read through with the live target's.
+samples' input rows again (their token ids and loss masks, which the target runs on: a difference is
+damage where this run tokenizes with the versions the build recorded, and a warning otherwise), and
+for a hidden cache compares the head file and logit terms it is read through with the live target's.
 """
 
 from __future__ import annotations
@@ -584,7 +585,8 @@ def recompute_samples(
 # ---- the recomputed samples' tokens, against their input rows ----------------------------------
 
 TOKENS_DIFFER = (
-    "the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes the row otherwise than the build's did"
+    "this run tokenizes with the conversation rules and tokenizers, transformers and jinja2 versions the build recorded, "
+    "so the sample was damaged"
 )
 
 
@@ -596,17 +598,45 @@ def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[
     """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
     recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
     (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
-    longer the build's, says so and compares nothing."""
+    longer the build's, says so and compares nothing. A difference is damage only where this run
+    tokenizes as the build recorded it did; otherwise it may be a change of the tokenizing rules,
+    said in a warning."""
     stored = stored_samples(out, chosen)
     try:
         now = tokenized_now(manifest, model_path, [sample["source_index"] for _, sample in stored], own_code)
     except NotRetokenized as why:
         log.warning("verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: %s", why)
         return []
-    return [
-        f"data/{name}/{sample['sample_id']}: {problem}; {repair(name)}"
+    differing = [
+        (name, f"data/{name}/{sample['sample_id']}: {problem}")
         for name, sample in stored
         for problem in token_differences(sample, now[sample["source_index"]])
+    ]
+    changed = tokenizing_changes(manifest.get("versions") or {})
+    if differing and changed:
+        log.warning(
+            "verify --recompute: %d recomputed sample(s) hold other token ids or loss masks than their input rows tokenized "
+            "now (%s), and this run tokenizes with other versions than the build recorded (%s): they may tokenize the rows "
+            "otherwise, as a --resume of the build with them would find and refuse. Not counted as damage; to tell, verify "
+            "with the versions the build recorded",
+            len(differing),
+            differing[0][1],
+            "; ".join(changed),
+        )
+        return []
+    return [f"{line}: {TOKENS_DIFFER}; {repair(name)}" for name, line in differing]
+
+
+def tokenizing_changes(recorded: dict) -> list[str]:
+    """How the tokenizing code and libraries here differ from those the build recorded, in words (the
+    manifest's versions, of the last run: a resume refuses shards an earlier run tokenized otherwise);
+    a cache built before they were recorded differs by every one it lacks."""
+    from .manifest import tokenizing_versions
+
+    return [
+        f"{name} {here} here, {recorded[name] if name in recorded else 'not recorded'} for the build"
+        for name, here in tokenizing_versions().items()
+        if recorded.get(name) != here
     ]
 
 
@@ -697,10 +727,9 @@ DATE_CALL = re.compile(r"\bstrftime_now\s*\(")
 def token_differences(stored: dict, now: dict) -> list[str]:
     row = stored["source_index"]
     if now["skip_reason"]:
-        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it: {TOKENS_DIFFER}"]
+        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it"]
     return [
-        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))}): "
-        f"{TOKENS_DIFFER}"
+        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))})"
         for column in ("input_ids", "loss_mask")
         if not np.array_equal(stored[column], now[column])
     ]

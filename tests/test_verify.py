@@ -155,9 +155,42 @@ def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_r
     source_index = pq.read_table(cache / "data" / SHARD, columns=["source_index"])["source_index"][0].as_py()
     assert verify_cache(cache, recompute=14) == [  # the target's outputs at the other positions match
         f"data/{SHARD}/{sample_id}: loss_mask differs from input row {source_index} tokenized now (0 at position {position}, "
-        "where the row gives 1): the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes "
-        f"the row otherwise than the build's did; {REPAIR}"
+        "where the row gives 1): this run tokenizes with the conversation rules and tokenizers, transformers and jinja2 "
+        f"versions the build recorded, so the sample was damaged; {REPAIR}"
     ]
+
+
+def test_a_correct_cache_that_another_version_tokenizes_otherwise_is_warned_of_not_called_damaged(cache, monkeypatch, caplog):
+    """Conversation rules changed since the build (user turns now tokenize otherwise), or the build
+    recorded no tokenizing versions (as before they were recorded): verify cannot tell the difference
+    from damage, and a resume would refuse the shard for it, so a warning names what differs and no
+    shard is called damaged."""
+    import builder.tokenize
+
+    def spaced_questions(messages: list[dict]) -> list[dict]:
+        return [m | {"content": m["content"].replace("?", " ?")} if m["role"] == "user" else m for m in messages]
+
+    real = builder.tokenize.normalize_row
+    monkeypatch.setattr(builder.tokenize, "normalize_row", lambda row: spaced_questions(real(row)))
+    edited = builder.tokenize.TOKENIZE_CODE_VERSION + "+spaced"
+    versions = read_manifest(cache)["versions"]
+    earlier = {k: v for k, v in versions.items() if k not in ("tokenize_code", "tokenizers", "jinja2")}
+    for recorded, code_version, differing in (
+        (versions, edited, f"tokenize_code {edited} here, {versions['tokenize_code']} for the build"),
+        (earlier, builder.tokenize.TOKENIZE_CODE_VERSION, f"tokenize_code {builder.tokenize.TOKENIZE_CODE_VERSION} here, not recorded"),
+    ):
+        monkeypatch.setattr(builder.tokenize, "TOKENIZE_CODE_VERSION", code_version)
+        edit_card(cache, lambda data, recorded=recorded: data["eagle3_cache"].__setitem__("versions", recorded))
+        caplog.clear()
+        assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
+        (warning,) = [r.getMessage() for r in caplog.records if "tokenized now" in r.getMessage()]
+        assert re.match(
+            r"verify --recompute: \d+ recomputed sample\(s\) hold other token ids or loss masks than their input rows tokenized "
+            rf"now \(data/train-\d+-of-00004\.parquet/\S+: input_ids differs from input row \d+ tokenized now .*\), and this run "
+            rf"tokenizes with other versions than the build recorded \({re.escape(differing)}",
+            warning,
+        ), warning
+        assert warning.endswith("Not counted as damage; to tell, verify with the versions the build recorded")
 
 
 DATED_TEMPLATE = "{{- bos_token }}<|system|>\nToday Date: {{ strftime_now('%d %b %Y') }}<|end|>\n"
