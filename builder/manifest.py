@@ -72,7 +72,29 @@ def library_versions() -> dict:
         "accelerate": accelerate,
         "pyarrow": pyarrow,
     }
-    return {"eagle3_cache": __version__, "python": platform.python_version(), **{k: str(m.__version__) for k, m in mods.items()}}
+    versions = {"eagle3_cache": __version__, "python": platform.python_version(), **{k: str(m.__version__) for k, m in mods.items()}}
+    return versions | tokenizing_versions()
+
+
+def tokenizing_versions() -> dict:
+    """What tokenizes an input row besides the tokenizer's and chat template's files (the identity
+    pins those): this package's conversation rules and tokenizing code (their source's hash), and
+    the libraries that render templates and encode text. `verify --recompute` calls a sample whose
+    tokens differ from its input row's damaged only where all of them are the build's."""
+    import jinja2
+    import tokenizers
+    import transformers
+
+    from . import __version__
+    from .tokenize import TOKENIZE_CODE_VERSION
+
+    return {
+        "eagle3_cache": __version__,
+        "tokenize_code": TOKENIZE_CODE_VERSION,
+        "transformers": str(transformers.__version__),
+        "tokenizers": str(tokenizers.__version__),
+        "jinja2": str(jinja2.__version__),
+    }
 
 
 def column_specs(prep: Prepared) -> dict:

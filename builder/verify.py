@@ -11,8 +11,9 @@ and the shard's recorded batching, which a resume may have changed), so fp32 cac
 match bit for bit on a machine that computes as the build's did, and within a few rounding steps
 on another machine of its kind where the compute is fp32 (see Tolerance; in bf16 or fp16 so few
 steps are too coarse to tell from damage, and such shards are skipped). It also tokenizes the
-samples' input rows again (their token ids and loss masks, which the target runs on), and for a
-hidden cache compares the head file and logit terms it is read through with the live target's.
+samples' input rows again (their token ids and loss masks, which the target runs on: a difference is
+damage where this run tokenizes with the versions the build recorded, and a warning otherwise), and
+for a hidden cache compares the head file and logit terms it is read through with the live target's.
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ RESTORE_CARD = (
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
 MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
 HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
-BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes", "sort_window_bytes")
+# The settings a shard's batches are rebuilt from; caches recorded before the sort window had a setting
+# of its own have no sort_window_bytes (batching.window_bytes then stands for what they sorted within).
+BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
+OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
 def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
@@ -581,7 +585,8 @@ def recompute_samples(
 # ---- the recomputed samples' tokens, against their input rows ----------------------------------
 
 TOKENS_DIFFER = (
-    "the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes the row otherwise than the build's did"
+    "this run tokenizes with the conversation rules and tokenizers, transformers and jinja2 versions the build recorded, "
+    "so the sample was damaged"
 )
 
 
@@ -593,17 +598,45 @@ def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[
     """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
     recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
     (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
-    longer the build's, says so and compares nothing."""
+    longer the build's, says so and compares nothing. A difference is damage only where this run
+    tokenizes as the build recorded it did; otherwise it may be a change of the tokenizing rules,
+    said in a warning."""
     stored = stored_samples(out, chosen)
     try:
         now = tokenized_now(manifest, model_path, [sample["source_index"] for _, sample in stored], own_code)
     except NotRetokenized as why:
         log.warning("verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: %s", why)
         return []
-    return [
-        f"data/{name}/{sample['sample_id']}: {problem}; {repair(name)}"
+    differing = [
+        (name, f"data/{name}/{sample['sample_id']}: {problem}")
         for name, sample in stored
         for problem in token_differences(sample, now[sample["source_index"]])
+    ]
+    changed = tokenizing_changes(manifest.get("versions") or {})
+    if differing and changed:
+        log.warning(
+            "verify --recompute: %d recomputed sample(s) hold other token ids or loss masks than their input rows tokenized "
+            "now (%s), and this run tokenizes with other versions than the build recorded (%s): they may tokenize the rows "
+            "otherwise, as a --resume of the build with them would find and refuse. Not counted as damage; to tell, verify "
+            "with the versions the build recorded",
+            len(differing),
+            differing[0][1],
+            "; ".join(changed),
+        )
+        return []
+    return [f"{line}: {TOKENS_DIFFER}; {repair(name)}" for name, line in differing]
+
+
+def tokenizing_changes(recorded: dict) -> list[str]:
+    """How the tokenizing code and libraries here differ from those the build recorded, in words (the
+    manifest's versions, of the last run: a resume refuses shards an earlier run tokenized otherwise);
+    a cache built before they were recorded differs by every one it lacks."""
+    from .manifest import tokenizing_versions
+
+    return [
+        f"{name} {here} here, {recorded[name] if name in recorded else 'not recorded'} for the build"
+        for name, here in tokenizing_versions().items()
+        if recorded.get(name) != here
     ]
 
 
@@ -626,12 +659,17 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     from .embedded import resolve_input
     from .inputs import load_rows
     from .target import load_tokenizer
-    from .tokenize import tokenize_rows
+    from .tokenize import _tokenize_batch
 
     identity = manifest["identity"]
     selection = identity["input"]
     tokenizer = load_tokenizer(model_path, identity["target"]["revision"], own_code)
     template = builds_template(tokenizer, identity)
+    if renders_the_date(template):
+        raise NotRetokenized(
+            "the chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's "
+            "they hold another date"
+        )
     try:
         rows, info = load_rows(resolve_input(selection["data"]), config=selection.get("config"), split=selection.get("split"))
     except Eagle3CacheError as err:
@@ -641,17 +679,21 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
             f"build's {selection['content_hash']})"
         )
-    tokenized = tokenize_rows(
-        rows.select(source_indices),
-        np.asarray(source_indices),
-        tokenizer,
-        template,
-        identity["seq_length"],
-        1,
-        mask_generation_prompt=identity.get("mask_generation_prompt", False),
-        mask_reasoning_content=identity.get("mask_reasoning_content", False),
+    # Tokenized here, not through the build's cached map: a few rows, and a template may render the
+    # day it runs, which no cache key holds.
+    columns = _tokenize_batch(
+        rows.select(source_indices)[:],  # formatted as the map formats its batches
+        range(len(source_indices)),
+        tokenizer=tokenizer,
+        template=template,
+        seq_length=identity["seq_length"],
+        source_indices=np.asarray(source_indices),
+        mask_options=dict(
+            mask_generation_prompt=identity.get("mask_generation_prompt", False),
+            mask_reasoning_content=identity.get("mask_reasoning_content", False),
+        ),
     )
-    return {row["source_index"]: row for row in tokenized}
+    return {index: {column: values[k] for column, values in columns.items()} for k, index in enumerate(columns["source_index"])}
 
 
 def builds_template(tokenizer, identity: dict):
@@ -673,13 +715,21 @@ def builds_template(tokenizer, identity: dict):
     return template
 
 
+def renders_the_date(template: str | dict[str, str]) -> bool:
+    """Whether a template (or any of named templates) calls transformers' strftime_now, as Llama 3.2
+    and 3.3's do to write "Today Date" into the system turn."""
+    return any(DATE_CALL.search(text) for text in ([template] if isinstance(template, str) else template.values()))
+
+
+DATE_CALL = re.compile(r"\bstrftime_now\s*\(")
+
+
 def token_differences(stored: dict, now: dict) -> list[str]:
     row = stored["source_index"]
     if now["skip_reason"]:
-        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it: {TOKENS_DIFFER}"]
+        return [f"input row {row} is now skipped ({now['skip_reason']}: {now['skip_detail']}), where the build stored it"]
     return [
-        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))}): "
-        f"{TOKENS_DIFFER}"
+        f"{column} differs from input row {row} tokenized now ({first_token_difference(stored[column], np.asarray(now[column]))})"
         for column in ("input_ids", "loss_mask")
         if not np.array_equal(stored[column], now[column])
     ]
@@ -717,13 +767,19 @@ def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -
         for what in head_differences(stored, live, dtypes)
     ]
     expected = head_spec(target.model.config, lm_head_bias="bias" in live)
-    if manifest["head_transform"] != expected:
+    if terms_given(manifest["head_transform"]) != terms_given(expected):
         problems.append(
             f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
             f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
             "writes the card again, computing nothing), or rebuild"
         )
     return problems
+
+
+def terms_given(head_transform: dict) -> dict:
+    """The logit terms a head transform applies: a term recorded as None applies nothing, as one a cache
+    built before the term existed does not record (readers take both as absent)."""
+    return {term: value for term, value in head_transform.items() if value is not None}
 
 
 def live_head_tensors(target, selected: torch.Tensor, full: bool) -> dict[str, torch.Tensor]:
@@ -924,7 +980,8 @@ def shard_batching(manifest: dict, name: str) -> dict:
     """The batch size, token budget, row-group and sort-window bytes the shard was built with (a resume may have
     changed them); caches recorded before shards carried them: the last run's settings."""
     shard = next(s for s in manifest["shards"] if s["name"] == name)
-    return shard.get("batching") or {k: manifest["build"][k] for k in BATCHING_KEYS}
+    build = manifest["build"]
+    return shard.get("batching") or {k: build[k] for k in BATCHING_KEYS + OPTIONAL_BATCHING_KEYS if k in build}
 
 
 def batch_of(manifest: dict, lengths: list[dict], index: int, batching: dict) -> list[int]:

@@ -155,9 +155,81 @@ def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_r
     source_index = pq.read_table(cache / "data" / SHARD, columns=["source_index"])["source_index"][0].as_py()
     assert verify_cache(cache, recompute=14) == [  # the target's outputs at the other positions match
         f"data/{SHARD}/{sample_id}: loss_mask differs from input row {source_index} tokenized now (0 at position {position}, "
-        "where the row gives 1): the sample is damaged, or this eagle3-cache, tokenizers or transformers version tokenizes "
-        f"the row otherwise than the build's did; {REPAIR}"
+        "where the row gives 1): this run tokenizes with the conversation rules and tokenizers, transformers and jinja2 "
+        f"versions the build recorded, so the sample was damaged; {REPAIR}"
     ]
+
+
+def test_a_correct_cache_that_another_version_tokenizes_otherwise_is_warned_of_not_called_damaged(cache, monkeypatch, caplog):
+    """Conversation rules changed since the build (user turns now tokenize otherwise), or the build
+    recorded no tokenizing versions (as before they were recorded): verify cannot tell the difference
+    from damage, and a resume would refuse the shard for it, so a warning names what differs and no
+    shard is called damaged."""
+    import builder.tokenize
+
+    def spaced_questions(messages: list[dict]) -> list[dict]:
+        return [m | {"content": m["content"].replace("?", " ?")} if m["role"] == "user" else m for m in messages]
+
+    real = builder.tokenize.normalize_row
+    monkeypatch.setattr(builder.tokenize, "normalize_row", lambda row: spaced_questions(real(row)))
+    edited = builder.tokenize.TOKENIZE_CODE_VERSION + "+spaced"
+    versions = read_manifest(cache)["versions"]
+    earlier = {k: v for k, v in versions.items() if k not in ("tokenize_code", "tokenizers", "jinja2")}
+    for recorded, code_version, differing in (
+        (versions, edited, f"tokenize_code {edited} here, {versions['tokenize_code']} for the build"),
+        (earlier, builder.tokenize.TOKENIZE_CODE_VERSION, f"tokenize_code {builder.tokenize.TOKENIZE_CODE_VERSION} here, not recorded"),
+    ):
+        monkeypatch.setattr(builder.tokenize, "TOKENIZE_CODE_VERSION", code_version)
+        edit_card(cache, lambda data, recorded=recorded: data["eagle3_cache"].__setitem__("versions", recorded))
+        caplog.clear()
+        assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
+        (warning,) = [r.getMessage() for r in caplog.records if "tokenized now" in r.getMessage()]
+        assert re.match(
+            r"verify --recompute: \d+ recomputed sample\(s\) hold other token ids or loss masks than their input rows tokenized "
+            rf"now \(data/train-\d+-of-00004\.parquet/\S+: input_ids differs from input row \d+ tokenized now .*\), and this run "
+            rf"tokenizes with other versions than the build recorded \({re.escape(differing)}",
+            warning,
+        ), warning
+        assert warning.endswith("Not counted as damage; to tell, verify with the versions the build recorded")
+
+
+DATED_TEMPLATE = "{{- bos_token }}<|system|>\nToday Date: {{ strftime_now('%d %b %Y') }}<|end|>\n"
+
+
+def test_recompute_does_not_compare_the_tokens_of_a_template_that_writes_the_day_it_runs(tmp_path, monkeypatch, caplog):
+    """Llama 3.2 and 3.3's templates write "Today Date" into the system turn: verified on another day, every
+    row tokenizes otherwise, and no sample is damaged."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    target = tiny_target_copy(tmp_path / "target")
+    template = (target / "chat_template.jinja").read_text()
+    (target / "chat_template.jinja").write_text(DATED_TEMPLATE + template.split("{{- bos_token }}", 1)[1])
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=4), progress=False).output_dir
+
+    class NextDay(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", NextDay)
+    assert verify_cache(cache, target_model=str(target), recompute=4) == []
+    assert (
+        "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: the "
+        "chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's they "
+        "hold another date"
+    ) in caplog.text
+
+
+def test_recompute_tokenizes_its_samples_without_the_tokenizing_cache(intact, tmp_path, monkeypatch):
+    """The tokenizing cache keys a map by the rows, tokenizer and versions, not by what a template reads as it
+    renders (the day): the recompute tokenizes its few rows afresh, and caches nothing a later one would read."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    assert verify_cache(intact, recompute=3) == []
+    assert list((tmp_path / "datasets").glob("eagle3_cache_tokenized/*")) == []
 
 
 def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache, monkeypatch, caplog):
@@ -925,6 +997,12 @@ def refused_as_damaged(location, part: str, capsys) -> None:
     (location / "README.md").write_text(text)
 
 
+def test_a_hidden_cache_recorded_before_a_logit_term_existed_passes(hidden_cache):
+    """An earlier version recorded no lm_head_multiplier: absent, as None, the term applies nothing."""
+    edit_card(hidden_cache, lambda data: data["eagle3_cache"]["head_transform"].pop("lm_head_multiplier"))
+    assert verify_cache(hidden_cache, recompute=2) == []
+
+
 def test_a_hidden_cache_whose_manifest_has_no_head_file_or_logit_terms_is_called_damaged(hidden_cache, capsys):
     for part in ("lm_head_file", "head_transform"):
         refused_as_damaged(hidden_cache, part, capsys)
@@ -941,3 +1019,16 @@ def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from
     edit_card(cache, drop_batching)
     with pytest.raises(Eagle3CacheError, match=r"its manifest has no build\.max_tokens_per_batch, as in a card cut short"):
         verify_cache(cache, recompute=2)
+
+
+def test_a_cache_recorded_before_the_sort_window_had_a_setting_is_recomputed(cache):
+    """Caches recorded before shards carried their batching, and before the sort window had a setting of
+    its own, sorted within 4 row groups: their batches are rebuilt from that."""
+
+    def as_recorded_then(data):
+        for shard in data["eagle3_cache"]["shards"]:
+            shard.pop("batching")
+        data["eagle3_cache"]["build"].pop("sort_window_bytes")
+
+    edit_card(cache, as_recorded_then)
+    assert verify_cache(cache, recompute=14) == []
