@@ -95,8 +95,8 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def explain(err: BaseException, what: str, repo_id: str) -> HubError:
-    """A user-facing error for a failed Hub call."""
+def explain(err: BaseException, what: str, repo_id: str, *, pushing: bool = False) -> HubError:
+    """A user-facing error for a failed Hub call (`pushing`: one of a push, which a re-run resumes)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     status = http_status(err)
@@ -111,7 +111,9 @@ def explain(err: BaseException, what: str, repo_id: str) -> HubError:
     elif status == 412:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
     elif is_transient(err):
-        hint = f"the Hub kept failing ({err}); re-run the same command once it answers again (a push resumes where it stopped)"
+        hint = f"the Hub kept failing ({err}); re-run the same command once it answers again" + (
+            " (a push resumes where it stopped)" if pushing else ""
+        )
     else:
         hint = str(err)
     return HubError(f"{what} on {repo_id} failed: {hint}")
@@ -130,10 +132,11 @@ class Retry:
         """How long a failure may last before it is given up (without Retry-After answers)."""
         return sum(self.wait(attempt) for attempt in range(self.retries))
 
-    def __call__(self, what: str, fn, repo_id: str = "", *, explain_permanent: bool = True):
+    def __call__(self, what: str, fn, repo_id: str = "", *, explain_permanent: bool = True, pushing: bool = False):
         """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
         transient, is raised as a `HubError` saying what to do (`explain_permanent=False`: one that
-        is not transient is raised as it is, for callers whose errors already say it)."""
+        is not transient is raised as it is, for callers whose errors already say it; `pushing`:
+        the call is part of a push, which a re-run resumes)."""
         for attempt in range(self.retries + 1):
             try:
                 return fn()
@@ -143,7 +146,7 @@ class Retry:
                 if not is_transient(err) and not explain_permanent:
                     raise
                 if not is_transient(err) or attempt == self.retries:
-                    raise explain(err, what, repo_id) from err
+                    raise explain(err, what, repo_id, pushing=pushing) from err
                 wait = retry_after(err)
                 wait = self.wait(attempt) if wait is None else wait  # "Retry-After: 0" means now
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
@@ -153,13 +156,39 @@ class Retry:
 # ---- reading ------------------------------------------------------------------------------
 
 
+def no_cache_at(location: str, err: BaseException, command: str = "") -> HubError:
+    """A location that is no local directory, where the Hub gave no repo of that id either (`err`:
+    why). A mistyped local path of the form `a/b` reads as a repo id, so the error names both, and
+    what to do about each. `command`: the word the message begins with (as in "verify: ...")."""
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
+
+    endpoint = hub_endpoint()
+    if isinstance(err, OfflineModeIsEnabled):
+        hub = (
+            "the Hub cannot be asked: offline mode is enabled. Pass an existing cache directory, or unset HF_HUB_OFFLINE "
+            "to read from the Hub."
+        )
+    elif isinstance(err, RepositoryNotFoundError):
+        hub = f"no dataset repo on {endpoint} (or it is private and no token with access is set: set HF_TOKEN)"
+    elif http_status(err) is not None:
+        hub = f"the Hub at {endpoint} kept failing ({err}): check the path, or re-run once the Hub answers again"
+    else:
+        hub = f"the Hub at {endpoint} could not be reached ({err}): check the path, or the network connection and HF_ENDPOINT"
+    return HubError(f"{command + ': ' if command else ''}{location}: no local directory of that name, and {hub}")
+
+
 def resolve_commit(repo_id: str, revision: str | None = None, token: str | None = None, retry: Retry | None = None) -> str:
     """The commit a revision (branch, tag or commit) points at now: pin every read to it so the
     card, the vocab and the shards all come from one version even if the branch moves. A transient
     failure is retried (`retry`, else the default), so one 429 or 503 does not stop a training start."""
     api = hub_api(token)
     look_up = functools.partial(_commit_of, api, repo_id, revision)
-    return (retry or Retry())(f"look up revision {revision or 'main'!r}", look_up, repo_id, explain_permanent=False)
+    try:
+        return (retry or Retry())(f"look up revision {revision or 'main'!r}", look_up, repo_id, explain_permanent=False)
+    except HubError as err:
+        if is_transient(err.__cause__):  # the retries ran out: maybe a mistyped local path, maybe no network
+            raise no_cache_at(repo_id, err.__cause__) from err.__cause__
+        raise
 
 
 def _commit_of(api, repo_id: str, revision: str | None) -> str:
@@ -167,16 +196,8 @@ def _commit_of(api, repo_id: str, revision: str | None) -> str:
 
     try:
         return api.dataset_info(repo_id, revision=revision).sha
-    except OfflineModeIsEnabled:
-        raise HubError(
-            f"{repo_id}: no local directory of that name, and the Hub cannot be asked: offline mode is enabled. "
-            "Pass an existing cache directory, or unset HF_HUB_OFFLINE to read from the Hub."
-        ) from None
-    except RepositoryNotFoundError:
-        raise HubError(
-            f"{repo_id}: no local directory of that name, and no dataset repo on {hub_endpoint()} "
-            "(or it is private and no token with access is set: set HF_TOKEN)"
-        ) from None
+    except (OfflineModeIsEnabled, RepositoryNotFoundError) as err:
+        raise no_cache_at(repo_id, err) from None
     except RevisionNotFoundError:
         refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)  # a transient failure here retries the whole look-up
         known = [b.name for b in refs.branches] + [t.name for t in refs.tags]

@@ -106,7 +106,7 @@ class HubPusher:
         self.api = api or hub_api(target.token)
 
     def _call(self, what: str, fn):
-        return self.retry(what, fn, self.target.repo_id)
+        return self.retry(what, fn, self.target.repo_id, pushing=True)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -390,6 +390,17 @@ class HubPusher:
             raise HubError(f"{t.repo_id} holds several caches in sub-folders ({names}); pass --hub-config NAME to add or update one.")
 
 
+def refuse_no_local_directory(cache_dir: Path) -> None:
+    """A push reads a cache on this machine: a missing path of the form `a/b` is a mistyped one, not
+    a repo id to read from the Hub."""
+    if not cache_dir.is_dir():
+        found = "is not a directory" if cache_dir.exists() else "does not exist"
+        raise HubError(
+            f"push: {cache_dir} {found}; expected a local cache directory (the --output-dir of a finished "
+            "`eagle3-cache build`): check the path"
+        )
+
+
 def push_cache(
     cache_dir: str | Path,
     target: PushTarget,
@@ -400,6 +411,7 @@ def push_cache(
     """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
     cache_dir = Path(cache_dir)
     validate_target(target)
+    refuse_no_local_directory(cache_dir)
     manifest = read_manifest(cache_dir)
     pusher = HubPusher(target, retry=retry).open()
     if pusher.check_tag(manifest["fingerprint"]):

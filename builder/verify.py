@@ -205,24 +205,17 @@ def download(repo_id: str, revision: str | None, name: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from .hub import HubError, hub_endpoint
+    from .hub import HubError, no_cache_at
 
     only = None if name is None else ["README.md", f"{data_prefix(name)}**"]  # the root card says which configs exist
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=only))
     except RevisionNotFoundError:
         raise HubError(f"verify: {repo_id} has no revision {revision!r}: pass an existing branch, tag or commit with --revision") from None
-    except RepositoryNotFoundError:
-        raise HubError(
-            f"verify: {repo_id}: no local directory of that name, and no dataset repo on {hub_endpoint()} "
-            "(or it is private and no token with access is set: set HF_TOKEN)"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise HubError(
-            f"verify: {repo_id}: no local directory of that name, the Hub cannot be reached (offline mode, or no "
-            "connection) and the local Hugging Face cache holds no copy: pass a cache directory, or unset "
-            "HF_HUB_OFFLINE and connect to download it"
-        ) from None
+    except RepositoryNotFoundError as err:
+        raise no_cache_at(repo_id, err, "verify") from None
+    except LocalEntryNotFoundError as err:  # the Hub could not be asked (why: its cause), and no copy is in the local cache
+        raise no_cache_at(repo_id, err.__cause__ or err, "verify") from None
 
 
 def refuse_shards_only_on_the_hub(out: Path, manifest: dict) -> None:

@@ -14,7 +14,7 @@ import datasets
 import pytest
 import torch
 from helpers import assert_same_content, decoded_rows, says, small_config
-from hub_server import TOKEN, hub_fixtures
+from hub_server import TOKEN, hub_fixtures, point_clients_at
 
 from builder.build import build
 from builder.cli import main
@@ -408,7 +408,7 @@ def test_a_card_or_vocab_the_hub_keeps_failing_to_serve_is_reported_with_what_to
     with pytest.raises(
         HubError,
         match=rf"(?s)read {re.escape(path)} at commit [0-9a-f]{{12}} on {repo} failed: the Hub kept failing \(.*503.*\); "
-        "re-run the same command once it answers again",
+        "re-run the same command once it answers again$",  # a read: no word of resuming a push
     ):
         load_cache(repo, revision="v1", layout="nemo", retry=Retry(retries=2, backoff=0.01))
     assert down.fired == 3  # the first try and two retries
@@ -470,6 +470,52 @@ def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, m
     with pytest.raises(HubError, match=r"tester/missing: no local directory of that name, and no dataset repo on"):
         load_cache("tester/missing", retry=Retry(retries=3))
     assert waits == []
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Clients pointed at a loopback port nobody listens on (every connection refused), and our
+    retries without their waits: the seconds they would have slept, in order."""
+    import socket
+    import types
+
+    import builder.hub as hub_module
+
+    with socket.socket() as probe:  # a free port, closed again: nothing answers there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    point_clients_at(f"http://127.0.0.1:{port}", monkeypatch)
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    return types.SimpleNamespace(endpoint=f"http://127.0.0.1:{port}", waits=waits)
+
+
+def test_a_mistyped_local_path_with_the_hub_unreachable_says_both(unreachable_hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # "caches/llama8b-sharegpt": no such folder here, and shaped like a repo id
+    message = says(
+        "caches/llama8b-sharegpt: no local directory of that name",
+        f"the Hub at {unreachable_hub.endpoint} could not be reached",
+        "check the path, or the network connection and HF_ENDPOINT",
+    )
+    with pytest.raises(HubError, match=message) as raised:
+        load_cache("caches/llama8b-sharegpt", layout="nemo", retry=Retry(retries=2, backoff=0.01))
+    assert "push" not in str(raised.value)  # a read: nothing to resume
+    for command in (["export", "caches/llama8b-sharegpt", "--to", "nemo", "out"], ["verify", "caches/llama8b-sharegpt"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "push" not in err, err
+    # load_cache's own policy, then export's default one (verify's download is the client's, not retried)
+    assert unreachable_hub.waits == [0.01, 0.02] + [Retry().wait(attempt) for attempt in range(Retry().retries)]
+
+
+def test_push_refuses_a_directory_that_is_not_here_before_any_request(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match=says("push: caches/llama8b-sharegpt does not exist", "expected a local cache directory")):
+        push("caches/llama8b-sharegpt", "tester/x")
+    (tmp_path / "a-file").write_text("")
+    assert main(["push", "a-file", "tester/x"]) == 2
+    assert "push: a-file is not a directory; expected a local cache directory" in capsys.readouterr().err
+    assert not hub.requests()
 
 
 # ---- access, arguments, command line ------------------------------------------------------------
