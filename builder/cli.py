@@ -285,11 +285,18 @@ def format_summary(result) -> str:
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:
         lines.append(f"  skipped by reason: {json.dumps(m['skipped'])}")
-    if misread_in_path(os.path.abspath(result.output_dir)):
-        lines.append("  read it: rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL")
-    else:
-        lines.append(f"  read it: builder.load_cache({str(result.output_dir)!r}, layout='nemo')")
+    lines.append(f"  read it: {how_to_read_local(result.output_dir, m)}")
     return "\n".join(lines)
+
+
+def how_to_read_local(output_dir, manifest: dict) -> str:
+    """How to read the cache just written where it was written: not at all where its shards were
+    uploaded and deleted here (--delete-local-after-upload), and not by a path `datasets` misreads."""
+    if not all((output_dir / "data" / shard["name"]).exists() for shard in manifest["shards"]):
+        return "not from here: the shards were uploaded and deleted here (--delete-local-after-upload); read the pushed cache"
+    if misread_in_path(os.path.abspath(output_dir)):
+        return "rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL"
+    return f"builder.load_cache({str(output_dir)!r}, layout='nemo')"
 
 
 def _is_main_process() -> bool:

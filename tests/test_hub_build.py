@@ -89,6 +89,20 @@ def test_rebuilding_what_the_tag_already_holds_reports_it_and_succeeds(hub, tmp_
     assert hub.repo("tester/again").tags["v1"] == tagged
 
 
+def test_the_summary_of_a_build_that_deleted_its_shards_points_at_the_hub_only(hub, tmp_path, capsys):
+    from builder.cli import main
+
+    out = tmp_path / "cache"
+    args = ["build", "--output-dir", str(out), "--max-samples", "6", "--seq-length", "96", "--shard-size", "4"]
+    args += ["--draft-vocab-size", "300", "--dtype", "fp32", "--push-to-hub", "tester/deleted-here", "--hub-tag", "v1", "--quiet"]
+    assert main([*args, "--delete-local-after-upload"]) == 0
+    summary = capsys.readouterr().out
+    assert not list((out / "data").glob("*.parquet"))
+    assert f"load_cache({str(out)!r}" not in summary  # a folder with no shards to read
+    assert "read it: not from here: the shards were uploaded and deleted here (--delete-local-after-upload)" in summary
+    assert "pushed: builder.load_cache('tester/deleted-here', revision='v1'" in summary
+
+
 def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monkeypatch):
     import dataclasses
 
