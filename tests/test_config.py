@@ -48,6 +48,16 @@ def test_the_api_still_requires_the_target_input_and_output():
         BuildConfig()
 
 
+def test_the_readme_names_the_settings_the_api_requires_and_their_command_line_defaults():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("`builder.BuildConfig(...)`") :].split("\n\n")[0]
+    for f in settings():
+        if f.default is dataclasses.MISSING:
+            assert f"`{f.name}`" in paragraph and f"`{f.metadata['cli_default']}`" in paragraph, f.name
+
+
 def non_default_value(f: dataclasses.Field):
     """A command-line value for the setting and the value it should reach BuildConfig as."""
     hint, default = HINTS[f.name], api_default(f)
