@@ -191,6 +191,9 @@ class RowDecoder:
         return out
 
 
+NEMO_KEYS = ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask")
+
+
 def to_nemo(raw: dict, t2d: torch.Tensor, probs_rows: torch.Tensor | None = None, aux: torch.Tensor | None = None) -> dict:
     """NeMo Automodel's EAGLE-3 sample: slot t carries aux[t] and everything of position t+1.
     `probs_rows` (`[n_loss, Vd]`) defaults to the stored `target_probs`; `aux` to the stored aux.
@@ -896,13 +899,14 @@ def load_cache(
     """A torch dataset over a cache: a local directory or a Hub dataset repo id.
 
     `layout="raw"`: the stored, unshifted fields as tensors in the stored dtype (`columns`
-    selects some). `layout="nemo"`: `input_ids`, `attention_mask`, `loss_mask`,
+    selects some; with another layout it is refused). `layout="nemo"`: `input_ids`, `attention_mask`, `loss_mask`,
     `aux_hidden_states`, `target_probs`, `position_mask` as NeMo Automodel's EAGLE-3 trainer
     consumes them; batch with `collate_nemo`. `layout="specforge"` (hidden caches): SpecForge's
     offline sample (`input_ids`, `loss_mask`, `hidden_state`, `aux_hidden_state`).
 
-    Every format yields the same keys and shapes: `topk` is rebuilt renormalised over the kept
-    K (or, `spread_tail=True`, with the missing mass spread evenly), `hidden` recomputes the
+    Every format yields the same keys and shapes (but for the `kept_mass` a `topk` cache read with
+    a smaller `draft_vocab_size` adds, see `SampleDecoder`): `topk` is rebuilt renormalised over
+    the kept K (or, `spread_tail=True`, with the missing mass spread evenly), `hidden` recomputes the
     probs with the stored head rows (`draft_vocab_size` picks another draft vocabulary), and
     aux states are decoded to `aux_dtype` (a torch dtype or a name such as "bf16" or "float32";
     default: bf16 for fp8, else the stored dtype).
@@ -928,6 +932,13 @@ def load_cache(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    if columns is not None and layout != "raw":
+        raise ConfigError(
+            "columns",
+            columns,
+            f"None with layout={layout!r}, whose samples are built from every stored column",
+            "Only layout='raw' selects columns: pass layout='raw' with columns=, or leave columns= out",
+        )
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
     if shuffle_buffer is not None:
@@ -1047,6 +1058,7 @@ def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
     main process copies nothing and passes one file descriptor, not one per field (each costs
     `multiprocessing` a connection of its own); `.clone()` a field to keep it on its own.
     A sample longer than `pad_to` is refused: cutting it would drop supervised positions unseen."""
+    refuse_other_layouts(samples[0])
     longest = max(s["input_ids"].shape[0] for s in samples)
     if pad_to and longest > pad_to:
         raise ConfigError(
@@ -1065,6 +1077,19 @@ def collate_nemo(samples: list[dict], pad_to: int | None = None) -> dict:
             batch[row, : t.shape[0]] = t
             batch[row, t.shape[0] :] = 0
     return out
+
+
+def refuse_other_layouts(sample: dict) -> None:
+    """A sample of another layout (raw, specforge) lacks NeMo's keys and holds fields that are no
+    tensors (`sample_id`): name what is missing rather than fail on the first string."""
+    missing = [key for key in NEMO_KEYS if key not in sample]
+    if missing:
+        raise ConfigError(
+            "samples",
+            sorted(sample),
+            f"NeMo-layout samples, holding {', '.join(NEMO_KEYS)}",
+            f"They lack {', '.join(missing)}: read the cache with load_cache(..., layout='nemo') to batch it with collate_nemo",
+        )
 
 
 def _new_batch(specs: dict[str, tuple[tuple, torch.dtype]]) -> dict[str, torch.Tensor]:

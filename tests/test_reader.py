@@ -79,6 +79,24 @@ def test_collate_pads_to_longest_or_fixed_length(cache):
         collate_nemo(samples, pad_to=longest - 1)  # cutting the longest would drop its last positions' supervision
 
 
+def test_collate_nemo_names_the_keys_samples_of_another_layout_lack(cache):
+    raw = load_cache(cache, layout="raw", streaming=False)
+    with pytest.raises(
+        ValueError,
+        match=r"samples: expected NeMo-layout samples, .*got \[.*'sample_id'.*\]\. They lack attention_mask, position_mask: "
+        r"read the cache with load_cache\(\.\.\., layout='nemo'\)",
+    ):
+        collate_nemo([raw[0], raw[1]])
+
+
+def test_the_readme_names_the_key_only_some_reads_add():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    paragraph = next(p for p in readme.split("\n\n") if "yields the same keys" in " ".join(p.split()))
+    assert "`kept_mass`" in paragraph and "`draft_vocab_size=`" in paragraph
+
+
 def test_aux_dtype_takes_the_names_expect_takes(cache):
     def first(aux_dtype):
         return load_cache(cache, layout="nemo", streaming=False, aux_dtype=aux_dtype)[0]["aux_hidden_states"]
@@ -114,6 +132,9 @@ def test_columns_are_checked_at_open(cache, streaming):
         load_cache(cache, layout="raw", columns="sample_id", streaming=streaming)
     with pytest.raises(ValueError, match=r"Not in this cache: \['input_id'\]; its columns are \['sample_id', .*'input_ids'"):
         load_cache(cache, layout="raw", columns=["sample_id", "input_id"], streaming=streaming)
+    for layout in ("nemo", "specforge"):  # their samples are built from every column: columns= would be ignored
+        with pytest.raises(ValueError, match=rf"columns: expected None with layout='{layout}'.*Only layout='raw' selects columns"):
+            load_cache(cache, layout=layout, columns=["input_ids"], streaming=streaming)
 
 
 def test_reader_errors_are_clear(tmp_path, cache):
