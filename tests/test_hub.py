@@ -221,6 +221,12 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
         push(v2, "tester/single", config="other")
 
 
+def test_the_readme_says_to_push_the_first_cache_of_a_repo_holding_several_with_a_config_too():
+    paragraph = next(p for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if "`--hub-config NAME` puts" in p)
+    text = " ".join(paragraph.split())
+    assert "cannot also take a config" in text and "with `--hub-config`, the first one too" in text
+
+
 # ---- distributed streaming --------------------------------------------------------------------
 
 
