@@ -70,7 +70,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
-        check_resume(out, prep.identity, prep.tokenizer_hashes)  # every rank refuses alike, before anything is written
+        prep.identity = check_resume(out, prep.identity, prep.tokenizer_hashes)  # every rank alike, before anything is written
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     if uploader is not None and uploader.already_pushed:
         log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)

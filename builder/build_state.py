@@ -136,15 +136,19 @@ def read_identity(output_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_resume(output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> None:
-    """Refuse (changing nothing) when the stored identity differs from this run's."""
+def check_resume(output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> dict:
+    """The identity the resumed build goes on with: refused (changing nothing) when the stored one differs
+    from this run's. Where they agree, the stored one, as recorded: fields an earlier version recorded
+    otherwise (a path's spelling, the tokenizer's hash as loaded) or not at all name the same build, whose
+    fingerprint, which its Hub tag and readers' `expect` pin, must not change with the version resuming it."""
     refuse_resume_without_build_state(output_dir)
     stored = read_identity(output_dir)
     if stored is None:
-        return  # nothing written yet (a start that failed): the run starts the build
+        return identity  # nothing written yet (a start that failed): the run starts the build
     differences = identity_differences(stored, identity, tokenizer_hashes)
     if differences:
         raise ResumeMismatch(differences)
+    return stored
 
 
 def refuse_resume_without_build_state(output_dir: Path) -> None:

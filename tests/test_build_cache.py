@@ -35,6 +35,7 @@ from builder.conversations import BadRow
 from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
 from builder.files import file_hash
 from builder.kept_samples import SAMPLE_COLUMNS
+from builder.manifest import fingerprint
 from builder.prepare import prepare, target_differences
 from builder.reader import read_manifest, read_vocab
 from builder.vocab import earlier_special_token_ids, special_token_ids
@@ -241,6 +242,11 @@ def test_a_resume_of_a_build_an_earlier_version_recorded_with_the_tokenizer_as_l
     state.write_text(json.dumps(identity | {"tokenizer_sha256": earlier}))
     resumed = build(cfg.replace(resume=True), progress=False)
     assert resumed.written == ["train-00001-of-00002.parquet"]
+    # The same build goes on as recorded: its fingerprint, which a Hub tag and readers' `expect` pin, stays.
+    assert resumed.manifest["identity"]["tokenizer_sha256"] == earlier
+    assert resumed.manifest["fingerprint"] == fingerprint(identity | {"tokenizer_sha256": earlier})
+    again = build(cfg.replace(resume=True), progress=False)
+    assert again.written == [] and again.manifest["fingerprint"] == resumed.manifest["fingerprint"]
 
     record_in_card(resumed.output_dir, tokenizer_sha256=earlier)  # as the earlier version wrote its card
     assert verify_cache(resumed.output_dir, recompute=8) == []

@@ -89,6 +89,29 @@ def test_rebuilding_what_the_tag_already_holds_reports_it_and_succeeds(hub, tmp_
     assert hub.repo("tester/again").tags["v1"] == tagged
 
 
+def test_rebuilding_what_the_tag_holds_as_an_earlier_version_recorded_it_reports_it(hub, tmp_path):
+    """A build an earlier version recorded with its tokenizer's hash as loaded (accepted on resume) keeps
+    that identity when resumed, so the tag it was pushed under still names it."""
+    import json
+
+    from helpers import record_in_card
+    from tiny_targets import target_with_truncation_and_padding, tokenizer_hash_of_earlier_versions
+
+    from builder.build_state import BUILD_STATE_FILE
+
+    target = target_with_truncation_and_padding(tmp_path / "target")
+    cfg = small_config(tmp_path / "cache", target=target, max_samples=6)
+    cache = build(cfg, progress=False).output_dir
+    earlier = tokenizer_hash_of_earlier_versions(target)
+    state = cache / BUILD_STATE_FILE
+    state.write_text(json.dumps(json.loads(state.read_text()) | {"tokenizer_sha256": earlier}))
+    record_in_card(cache, tokenizer_sha256=earlier)  # as the earlier version left it, and pushed it
+    push_cache(cache, PushTarget("tester/earlier", tag="v1"))
+    tagged = hub.repo("tester/earlier").tags["v1"]
+    again = build(cfg.replace(resume=True, push_to_hub="tester/earlier", hub_tag="v1"), progress=False)
+    assert again.pushed is not None and hub.repo("tester/earlier").tags["v1"] == tagged
+
+
 def test_the_summary_of_a_build_that_deleted_its_shards_points_at_the_hub_only(hub, tmp_path, capsys):
     from builder.cli import main
 
