@@ -103,7 +103,11 @@ WHY_NO_CARD = (
 @pytest.mark.parametrize(
     "command, message",
     [
-        (["push", "{dir}", "user/x"], "{dir}: " + WHY_NO_CARD),
+        (
+            ["push", "{dir}", "user/x"],
+            "push: {dir} does not exist; expected a local cache directory (the --output-dir of a finished `eagle3-cache build`): "
+            "check the path",
+        ),
         (
             ["export", "{dir}", "--to", "nemo", "{out}"],
             "export: {dir} does not exist; expected a cache directory: the --output-dir of a finished `eagle3-cache build`",
@@ -124,6 +128,16 @@ def test_a_folder_without_a_card_is_one_error_line_not_a_traceback(tmp_path, cap
     captured = capsys.readouterr()
     assert captured.err == f"error: {message.format(dir=missing)}\n"
     assert not captured.out
+
+
+def test_pushing_a_folder_that_holds_no_card_says_an_interrupted_build_has_none(tmp_path, capsys, monkeypatch):
+    from builder.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_present")
+    folder = tmp_path / "interrupted"
+    (folder / "data").mkdir(parents=True)
+    assert main(["push", str(folder), "user/x"]) == 2
+    assert capsys.readouterr().err == f"error: {folder}: {WHY_NO_CARD}\n"
 
 
 def test_a_newer_format_version_is_refused_an_older_one_read(manifest):
