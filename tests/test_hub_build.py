@@ -112,6 +112,29 @@ def test_rebuilding_what_the_tag_holds_as_an_earlier_version_recorded_it_reports
     assert again.pushed is not None and hub.repo("tester/earlier").tags["v1"] == tagged
 
 
+def test_rebuilding_what_the_tag_holds_from_before_an_identity_field_existed_reports_it(hub, tmp_path):
+    """A build recorded before the target's code fields existed resumes without them, so an upgrade leaves
+    its fingerprint, and the tag it was pushed under, naming it."""
+    import json
+
+    from helpers import record_in_card
+
+    from builder.build_state import BUILD_STATE_FILE
+
+    cfg = small_config(tmp_path / "cache", max_samples=6)
+    cache = build(cfg, progress=False).output_dir
+    state = cache / BUILD_STATE_FILE
+    identity = json.loads(state.read_text())
+    target = {key: value for key, value in identity["target"].items() if key not in ("remote_code", "code_sha256")}
+    assert target != identity["target"]
+    state.write_text(json.dumps(identity | {"target": target}))
+    record_in_card(cache, target=target)  # as the earlier version left it, and pushed it
+    push_cache(cache, PushTarget("tester/older", tag="v1"))
+    tagged = hub.repo("tester/older").tags["v1"]
+    again = build(cfg.replace(resume=True, push_to_hub="tester/older", hub_tag="v1"), progress=False)
+    assert again.pushed is not None and hub.repo("tester/older").tags["v1"] == tagged
+
+
 def test_the_summary_of_a_build_that_deleted_its_shards_points_at_the_hub_only(hub, tmp_path, capsys):
     from builder.cli import main
 
