@@ -351,7 +351,9 @@ def load_rows(spec: str, *, config: str | None = None, split: str | None = None)
             loaded, split = {name: loaded}, split or name
         name = _split_name(loaded, split, spec)
         ds = loaded[name]
-        return ds, {"input_data": str(spec), "kind": "saved_dataset", "config": None, "split": name, "content_hash": ds._fingerprint}
+        info = {"input_data": str(spec), "kind": "saved_dataset", "config": None, "split": name, "content_hash": ds._fingerprint}
+        # A format set before saving (numpy, torch, pandas) is saved with it: rows must reach the tokenizer as Python objects.
+        return ds.with_format(None), info
     splits, config = local_splits(spec, config)
     name = _split_name(splits, split, spec)
     files = splits[name]

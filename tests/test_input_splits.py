@@ -339,3 +339,37 @@ def test_the_train_split_of_local_files_is_recorded_as_before_splits_were_read()
     assert recorded_split({"kind": "saved_dataset", "split": "train"}) is None
     assert recorded_split({"kind": "files", "split": "test"}) == "test"
     assert recorded_split({"kind": "hub", "split": "train"}) == "train"
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch", "pandas"])
+def test_a_dataset_saved_with_a_format_is_read_as_python_rows(tmp_path, kind):
+    rows = [chat(f"r{i}", question=f"question {i}") for i in range(3)]
+    plain = datasets.Dataset.from_list(rows)
+    formatted = datasets.Dataset.from_list(rows)
+    formatted.set_format(kind)  # saved with the dataset, and given back by load_from_disk
+    formatted.save_to_disk(str(tmp_path / "saved"))
+    ds, info = load_rows(str(tmp_path / "saved"))
+    assert [ds[i] for i in range(3)] == [plain[i] for i in range(3)]
+    assert info["content_hash"] == datasets.load_from_disk(str(tmp_path / "saved"))._fingerprint
+
+
+def test_a_build_from_a_dataset_saved_with_the_torch_format_equals_one_from_plain_rows(tmp_path):
+    import torch
+    from helpers import decoded_rows, small_config
+
+    from builder.build import build
+
+    rows = [chat(f"r{i}", question=f"question {i} about the sea", answer=f"answer {i} about the sky") for i in range(4)]
+    caches = {}
+    for kind in (None, "torch"):
+        saved = datasets.Dataset.from_list(rows)
+        if kind:
+            saved.set_format(kind)
+        saved.save_to_disk(str(tmp_path / f"saved-{kind}"))
+        caches[kind] = decoded_rows(
+            build(small_config(tmp_path / f"cache-{kind}", input_data=str(tmp_path / f"saved-{kind}")), progress=False).output_dir
+        )
+    assert len(caches[None]) == len(caches["torch"]) == 4
+    for got, want in zip(caches["torch"], caches[None]):
+        assert got["sample_id"] == want["sample_id"]
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["aux_hidden_states"], want["aux_hidden_states"])
