@@ -274,10 +274,11 @@ class HubPusher:
         if found:
             folder = f"folder {t.prefix}" if t.prefix else "its root"
             raise HubError(
-                f"{t.repo_id}@{t.branch}: no eagle3-cache card describes {folder}, so its files belong to another dataset; "
+                f"{t.repo_id}@{t.branch}: no eagle3-cache card describes {folder}, so its files are taken as another dataset's; "
                 f"expected none there of the names this cache would write or read as its shards, found {len(found)} "
-                f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}). None of them was changed. Push to a new "
-                "repo or another --hub-config NAME, or delete those files from the branch first if the cache may take their place."
+                f"({', '.join(found[:3])}{' ...' if len(found) > 3 else ''}). None of them was changed. "
+                f"{interrupted_run_hint(found, t.prefix)}Push to a new repo or another --hub-config NAME, or delete those files "
+                "from the branch first if the cache may take their place."
             )
 
     def _stale_card_files(self, head: str, published: list[str]) -> list[str]:
@@ -619,3 +620,15 @@ class ShardUploader:
                         path.unlink(missing_ok=True)
             except BaseException as err:  # noqa: BLE001 - handed to the build thread
                 self._error = err
+
+
+def interrupted_run_hint(found: list[str], prefix: str) -> str:
+    """Shard files without a card are what an interrupted push or upload-while-building leaves: its own
+    run, continued where it was, knows them by their sha256, where a new one cannot."""
+    if not all(name.startswith(f"{prefix}data/") and name.endswith(".parquet") for name in found):
+        return ""
+    return (
+        "Shard files and no card are what an interrupted push or upload-while-building leaves: if they are this "
+        "cache's, continue that run (`build --resume` with its --output-dir, or `eagle3-cache push` of the same cache "
+        "directory), which knows its own shards by their sha256. Otherwise: "
+    )

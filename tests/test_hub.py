@@ -730,10 +730,12 @@ def test_a_push_never_writes_over_another_datasets_files(hub, v1):
         folder = "folder llama/" if config else "its root"
         with pytest.raises(
             HubError,
-            match=rf"{repo}@main: no eagle3-cache card describes {folder}, so its files belong to another dataset; expected none "
-            rf"there .*, found {len(clashes)} \({re.escape(', '.join(clashes))}\)\. None of them was changed\. Push to a new repo",
-        ):
+            match=rf"{repo}@main: no eagle3-cache card describes {folder}, so its files are taken as another dataset's; expected "
+            rf"none there .*, found {len(clashes)} \({re.escape(', '.join(clashes))}\)\. None of them was changed\. .*Push to a new repo",
+        ) as refused:
             push(v1, repo, tag="v1", config=config)
+        only_shards = all(name.startswith("data/") and name.endswith(".parquet") for name in clashes)
+        assert ("an interrupted push or upload-while-building" in str(refused.value)) == only_shards, repo
         assert hub.repo(repo).branches["main"] == before and not hub.repo(repo).tags
         assert hub.state.bytes_uploaded == 0 and not hub.requests("POST", r"/preupload/|/commit/")
 
