@@ -171,6 +171,10 @@ def _has_output(message: dict) -> bool:
     return bool(message["content"].strip() or message.get("reasoning_content") or message.get("tool_calls"))
 
 
+def _no_calls(key: str, value: Any) -> bool:
+    return key in ("tool_calls", "function_call") and value in ([], {})
+
+
 def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
     role_key, text_key, keeps_fields = shape
     if not isinstance(turn, dict):
@@ -185,7 +189,9 @@ def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
         raise BadRow("unknown_role", f"turn {index}: unknown role {speaker!r}")
     message = {"role": role, "content": _content_text(turn.get(text_key), index)}
     if keeps_fields:
-        extra = {k: v for k, v in turn.items() if k not in (role_key, text_key) and v is not None}
+        # An empty call list is no call: API responses (vLLM, OpenAI) carry `tool_calls: []` on plain answers, and
+        # templates that test `'tool_calls' in message` would render the turn as calls and drop its text.
+        extra = {k: v for k, v in turn.items() if k not in (role_key, text_key) and v is not None and not _no_calls(k, v)}
         if role == "assistant":
             if "reasoning_content" in extra and not isinstance(extra["reasoning_content"], str):
                 found = type(extra["reasoning_content"]).__name__

@@ -149,6 +149,25 @@ def test_tool_calls_take_the_shape_templates_read():
     assert calls[0] == {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}  # the row is not modified
 
 
+def test_an_empty_call_list_on_a_plain_answer_is_no_call():
+    """API responses carry `tool_calls: []` on plain answers; templates that test for the key (DeepSeek-V3,
+    Llama 3.1) would render the turn as calls and drop its text."""
+    for empty in ({"tool_calls": []}, {"function_call": {}}, {"tool_calls": [], "function_call": None}):
+        row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there.", **empty}]}
+        assert normalize_row(row)[1] == {"role": "assistant", "content": "Hello there."}, empty
+
+
+def test_deepseek_style_template_keeps_the_text_of_an_answer_with_an_empty_call_list():
+    from jinja2 import Environment
+
+    template = Environment().from_string(
+        "{% for m in messages %}{% if m.role == 'assistant' and 'tool_calls' in m %}<calls>{% for c in m.tool_calls %}"
+        "{{ c.function.name }}{% endfor %}</calls>{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+    )
+    row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there.", "tool_calls": []}]}
+    assert template.render(messages=normalize_row(row)) == "<user>Hi?<assistant>Hello there."
+
+
 def test_a_turn_with_only_tool_calls_or_reasoning_is_supervisable():
     call = {"function": {"name": "f", "arguments": "{}"}}
     for assistant in (
