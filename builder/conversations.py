@@ -12,9 +12,10 @@ supervises what its trainer would: an OpenAI message keeps its other fields
 shape templates expect (OpenAI's legacy `function_call` becomes one of them); a ShareGPT
 turn gives its role and text only, except LLaMA-Factory's `function_call` turn, an
 assistant tool call whose text is the call as JSON (`{"name", "arguments"}`, or a list of
-them), which becomes the message's `tool_calls`. A ShareGPT row's top-level `system`
-string (LLaMA-Factory's system prompt) opens the conversation as a system message unless a
-system turn already does. The row's `tools` (a list, or that list as a JSON string; a
+them), which becomes the message's `tool_calls`. A row's top-level `system` string
+(LLaMA-Factory's system prompt, with either shape of turn) opens the conversation as a system
+message unless a system turn already does; NeMo Automodel ignores it, which would train the row
+without the prompt it gives. The row's `tools` (a list, or that list as a JSON string; a
 blank string is none) is passed alongside. A field whose value is null
 counts as absent: Arrow tables fill missing fields with nulls, and the same conversation
 must encode alike from JSON and from Parquet.
@@ -104,9 +105,7 @@ def normalize_row(row: dict) -> list[dict[str, Any]]:
     if not turns:
         raise BadRow("empty_conversation", "the conversation has no turns")
     shape = _turn_shape(turns, shape)
-    messages = [_normalize_turn(turn, shape, i) for i, turn in enumerate(turns)]
-    if shape is SHAREGPT_TURN:
-        messages = _with_row_system(row, messages)
+    messages = _with_row_system(row, [_normalize_turn(turn, shape, i) for i, turn in enumerate(turns)])
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
         raise BadRow("no_assistant_turn", "no assistant turn to supervise")
@@ -130,7 +129,8 @@ def _turn_shape(turns: list, by_name: tuple) -> tuple:
 
 
 def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
-    """LLaMA-Factory's ShareGPT rows give the system prompt as a top-level `system` string."""
+    """LLaMA-Factory's rows give the system prompt as a top-level `system` string, whichever
+    shape their turns have (its sharegpt format allows `role`/`content` tags too)."""
     system = row.get("system")
     if system is None or system == "":
         return messages

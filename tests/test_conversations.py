@@ -362,18 +362,41 @@ def test_llama_factory_function_call_with_several_calls_is_supervisable_alone():
     }
 
 
-def test_sharegpt_row_system_opens_the_conversation():
-    row = {"system": "You are a pirate.", **sharegpt(("human", "hi"), ("gpt", "Arr."))}
+def openai_under_conversations(*turns):
+    # SpecForge's rows, and LLaMA-Factory's sharegpt format with role/content tags.
+    return {"conversations": openai(*turns)["messages"]}
+
+
+ROW_SHAPES = {
+    "sharegpt": lambda *turns: sharegpt(*((ROLE_OF_SPEAKER[role], text) for role, text in turns)),
+    "openai": openai,
+    "openai_under_conversations": openai_under_conversations,
+}
+ROLE_OF_SPEAKER = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_row_system_opens_the_conversation_whatever_the_turn_shape(shape):
+    # LLaMA-Factory's top-level system prompt: a row that gives it must not train without it.
+    make = ROW_SHAPES[shape]
+    row = {"system": "You are a pirate.", **make(("user", "hi"), ("assistant", "Arr."))}
     assert normalize_row(row) == [
         {"role": "system", "content": "You are a pirate."},
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "Arr."},
     ]
     # A system turn of the conversation wins; an empty or null one is no system prompt.
-    own = {"system": "You are a pirate.", **sharegpt(("system", "Be brief."), ("human", "hi"), ("gpt", "Arr."))}
+    own = {"system": "You are a pirate.", **make(("system", "Be brief."), ("user", "hi"), ("assistant", "Arr."))}
     assert [m["content"] for m in normalize_row(own)] == ["Be brief.", "hi", "Arr."]
     for empty in ("", None):
-        assert normalize_row({"system": empty, **sharegpt(("human", "hi"), ("gpt", "Arr."))})[0] == {"role": "user", "content": "hi"}
+        assert normalize_row({"system": empty, **make(("user", "hi"), ("assistant", "Arr."))})[0] == {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_a_row_system_that_is_not_a_string_is_a_bad_row_whatever_the_turn_shape(shape):
+    row = {"system": ["be", "brief"], **ROW_SHAPES[shape](("user", "q"), ("assistant", "a"))}
+    with pytest.raises(BadRow, match="the row's 'system' must be a string .the system prompt., found list"):
+        normalize_row(row)
 
 
 # ---- raw rows ---------------------------------------------------------------------------

@@ -397,6 +397,22 @@ def test_rows_of_either_turn_shape_encode_alike_from_json_and_parquet(tmp_path, 
     assert "Be brief." in tok.decode(by_id["sharegpt"]["input_ids"])
 
 
+def test_a_row_system_prompt_encodes_alike_whatever_the_turn_shape(tmp_path, tok):
+    # LLaMA-Factory's top-level `system` with from/value turns, role/content turns under
+    # `messages`, and role/content turns under `conversations` (its sharegpt format allows those tags).
+    openai_turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    rows = [
+        {"id": "sharegpt", "system": "Be brief.", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "messages", "system": "Be brief.", "messages": openai_turns},
+        {"id": "role_content_conversations", "system": "Be brief.", "conversations": openai_turns},
+    ]
+    out, _ = tokenized(write_jsonl(tmp_path / "chats.jsonl", rows), tok, 1)
+    assert out["skip_reason"] == ["", "", ""]
+    by_id = {record["sample_id"]: (record["input_ids"], record["loss_mask"]) for record in out}
+    assert by_id["messages"] == by_id["role_content_conversations"] == by_id["sharegpt"]
+    assert by_id["sharegpt"] == encode_messages(SHAPES_MESSAGES["sharegpt"], tok, tok.chat_template, 64)
+
+
 def char_tokenizer(letters: int = 256):
     """A pure-Python tokenizer, as remote-code tiktoken and sentencepiece tokenizers are: no `backend_tokenizer`."""
     from transformers import PreTrainedTokenizer
