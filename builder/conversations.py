@@ -280,9 +280,15 @@ def _content_text(content: Any, index: int) -> str:
         for part in content:
             if isinstance(part, str):
                 texts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            elif _is_text_part(part):
                 texts.append(part["text"])
             else:
                 raise BadRow("wrong_type", f"turn {index}: content part {part!r} is not text")
         return " ".join(texts)
     raise BadRow("wrong_type", f"turn {index}: content must be a string, found {type(content).__name__}")
+
+
+def _is_text_part(part: Any) -> bool:
+    """A part without a `type` is text; so is one whose `type` is null, as Arrow fills it in for
+    a part that has none in a table whose other parts do."""
+    return isinstance(part, dict) and part.get("type") in (None, "text") and isinstance(part.get("text"), str)

@@ -97,6 +97,15 @@ def test_openai_list_of_text_parts_is_joined_with_a_space():
     assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four then"}]
 
 
+def test_a_text_part_whose_type_is_null_is_text():
+    # Arrow fills a part without "type" with a null when other parts of the table have one:
+    # read from Parquet, it must give what the same part gives from JSON.
+    row = openai(
+        ("user", [{"type": "text", "text": "What is"}, {"type": None, "text": "2+2?"}]), ("assistant", [{"type": None, "text": "Four"}])
+    )
+    assert normalize_row(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Four"}]
+
+
 def test_openai_none_content_is_empty_string():
     row = openai(("user", "call the tool"), ("assistant", None), ("tool", "42"), ("assistant", "It is 42."))
     assert normalize_row(row)[1] == {"role": "assistant", "content": ""}

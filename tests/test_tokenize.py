@@ -413,6 +413,36 @@ def test_a_row_system_prompt_encodes_alike_whatever_the_turn_shape(tmp_path, tok
     assert by_id["sharegpt"] == encode_messages(SHAPES_MESSAGES["sharegpt"], tok, tok.chat_template, 64)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_text_parts_without_a_type_encode_alike_from_json_and_parquet(tmp_path, tok, suffix):
+    # In Parquet a part without "type" gets a null one, as the parts that have it make it a field.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "id": "typed",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+            ],
+        },
+        {
+            "id": "untyped",
+            "messages": [{"role": "user", "content": [{"text": "Hi?"}]}, {"role": "assistant", "content": [{"text": "Hello."}]}],
+        },
+    ]
+    path = tmp_path / f"chats.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    out, _ = tokenized(path, tok, 1)
+    assert out["skip_reason"] == ["", ""]
+    expected = encode_messages([{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}], tok, tok.chat_template, 64)
+    assert [(record["input_ids"], record["loss_mask"]) for record in out] == [expected, expected]
+
+
 def char_tokenizer(letters: int = 256):
     """A pure-Python tokenizer, as remote-code tiktoken and sentencepiece tokenizers are: no `backend_tokenizer`."""
     from transformers import PreTrainedTokenizer
