@@ -8,12 +8,86 @@ manifest lives in the card of its own folder.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 INDEX_TEMPLATE_PATH = Path(__file__).with_name("index_template.md")
 DEFAULT_CONFIG = "default"
 TAGS = ["eagle3", "speculative-decoding", "eagle3-cache"]
+# The front-matter keys eagle3-cache writes (`tags`: its own, beside any others); every other key is a user's
+GENERATED_KEYS = ("configs", "dataset_info", "tags", "eagle3_cache", "eagle3_cache_index")
+# The body between these markers is written again at every build and push; text above or below them is kept
+GENERATED_START = (
+    "<!-- eagle3-cache generated start: the text down to the end marker is written again at every build and push. "
+    "Write your own above or below the two markers: it is kept. -->"
+)
+GENERATED_END = "<!-- eagle3-cache generated end -->"
+_START_RE = re.compile(r"<!-- eagle3-cache generated start\b.*?-->", re.S)
+_END_RE = re.compile(r"<!-- eagle3-cache generated end\b.*?-->", re.S)
+
+
+@dataclass(frozen=True)
+class UserParts:
+    """What people added to a card, kept when eagle3-cache writes it again: the front-matter keys it
+    does not write (`tags`: only those beyond its own), and the text above and below the generated
+    body's markers (None: none known, as in a new card or one written before the markers)."""
+
+    keys: dict = field(default_factory=dict)
+    above: str | None = None
+    below: str | None = None
+
+    def tags(self) -> list:
+        return list(self.keys.get("tags", []))
+
+
+def user_parts(text: str) -> UserParts:
+    """The user's parts of a card's text (an eagle3-cache card, a cache's or an index)."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(text)
+    data = card.data.to_dict()
+    keys = {key: value for key, value in data.items() if key not in GENERATED_KEYS}
+    tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
+    if tags:
+        keys["tags"] = tags
+    start, end = _START_RE.search(card.text), _END_RE.search(card.text)
+    if start is None or end is None or end.start() < start.end():  # no markers (an older card), or moved: no text known to be theirs
+        return UserParts(keys)
+    return UserParts(keys, card.text[: start.start()], card.text[end.end() :])
+
+
+def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:
+    """Both cards' user parts: `preferred`'s where both have a key (or text above, or below), the
+    other's where only it has one; tags from both."""
+    keys = other.keys | preferred.keys
+    tags = _unique(preferred.tags() + other.tags())
+    if tags:
+        keys["tags"] = tags
+    return UserParts(keys, _first_text(preferred.above, other.above), _first_text(preferred.below, other.below))
+
+
+def _first_text(*texts: str | None) -> str | None:
+    """The first text with words in it; else the first known one (whitespace as it was)."""
+    return next((t for t in texts if t and t.strip()), next((t for t in texts if t is not None), None))
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _unique(items: list, exclude: list = ()) -> list:
+    out: list = []
+    for item in items:
+        if item not in out and item not in exclude:
+            out.append(item)
+    return out
+
+
+def with_user_keys(data: dict, kept: UserParts) -> dict:
+    """Generated front matter with the user's keys beside it, and their tags after eagle3-cache's own."""
+    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS)}
 
 
 def data_prefix(config: str | None) -> str:
@@ -172,16 +246,19 @@ def render_card(
     revision: str | None = None,
     pictures: list[tuple[str, str]] = (),
     picture_base: str = "",
+    kept: UserParts = UserParts(),
 ) -> str:
     """The whole README.md. `location` is what users pass to load it (a path or a repo id);
     `config`/`revision` complete the usage snippet; `pictures` are (path, caption) pairs
-    relative to the cache folder, linked as `picture_base + path`."""
+    relative to the cache folder, linked as `picture_base + path`; `kept`: what users added
+    to the card this one replaces."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     identity = manifest["identity"]
     card = DatasetCard.from_template(
-        DatasetCardData(**card_data(manifest, config)),
+        DatasetCardData(**with_user_keys(card_data(manifest, config), kept)),
         template_path=str(TEMPLATE_PATH),
+        **marker_arguments(kept),
         target_model=identity["target"]["model"],
         format_version=identity["format_version"],
         fingerprint=manifest["fingerprint"],
@@ -207,9 +284,20 @@ def render_card(
     return str(card)
 
 
-def render_index_card(location: str, index: dict) -> str:
+def marker_arguments(kept: UserParts) -> dict:
+    """The template's markers around the generated body, and the user's text outside them."""
+    return {
+        "generated_start": GENERATED_START,
+        "generated_end": GENERATED_END,
+        "above": "\n" if kept.above is None else kept.above,
+        "below": "\n" if kept.below is None else kept.below,
+    }
+
+
+def render_index_card(location: str, index: dict, kept: UserParts = UserParts()) -> str:
     """Root card of a repo whose caches all live in sub-folders: lists them, no manifest of its own.
-    Each entry's snippet names the revision that config was pushed with (`entry["revision"]`)."""
+    Each entry's snippet names the revision that config was pushed with (`entry["revision"]`);
+    `kept`: what users added to the index card this one replaces."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     configs, infos = zip(*(_config_yaml(k, v, data_prefix(k)) for k, v in sorted(index.items())))
@@ -220,8 +308,9 @@ def render_index_card(location: str, index: dict) -> str:
         "eagle3_cache_index": {k: {key: v[key] for key in v if key != "features"} for k, v in sorted(index.items())},
     }
     card = DatasetCard.from_template(
-        DatasetCardData(**data),
+        DatasetCardData(**with_user_keys(data, kept)),
         template_path=str(INDEX_TEMPLATE_PATH),
+        **marker_arguments(kept),
         location=location,
         others=[(name, entry, load_arguments(location, name, entry.get("revision"))) for name, entry in sorted(index.items())],
     )

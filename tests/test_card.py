@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import card_edited_by_user
 from manifest_inputs import SHARDS, prepared, write_vocab_file
 
 from builder.manifest import assemble_manifest, card_data_of
@@ -151,3 +152,82 @@ def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
     raw = card_prose(tmp_path, "probs", dtype="fp32", compression="none")
     assert "`input_ids`, `loss_mask`, `aux_hidden_states`, `target_argmax`, `target_probs` are `raw`" in raw
     assert "byte_planes_zstd" not in raw
+
+
+# ---- what users add to a card is kept when it is written again ----------------------------------
+
+
+def other_version(manifest: dict) -> dict:
+    """The manifest of a later version of the cache (other totals)."""
+    return manifest | {"totals": manifest["totals"] | {"samples": 7, "bytes": 2000}}
+
+
+def test_a_card_written_again_keeps_the_keys_tags_and_text_users_added(manifest):
+    from builder.manifest import manifest_from_card
+    from dataset_card.render import user_parts
+
+    later = other_version(manifest)
+    text = render_card(later, "user/cache", kept=user_parts(card_edited_by_user(render_card(manifest, "user/cache"))))
+    data = card_data_of(text)
+    assert data["license"] == "mit" and data["pretty_name"] == "Team X: cache" and data["language"] == ["en"]
+    assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache", "team-x"]
+    assert manifest_from_card(text) == later and data["dataset_info"]["splits"][0]["num_examples"] == 7  # generated: the new version's
+    body = text.split("\n---\n", 1)[1]
+    assert body.startswith("\nOur intro.\n\n<!-- eagle3-cache generated start")
+    assert body.endswith("end -->\n\n## Citation\n\nCite team X.\n")
+    assert render_card(later, "user/cache", kept=user_parts(text)) == text  # written again as it is
+    assert render_card(manifest, "user/cache", kept=user_parts(render_card(manifest, "user/cache"))) == render_card(manifest, "user/cache")
+
+
+def test_a_card_written_before_the_markers_keeps_its_keys_only(manifest):
+    """Without the markers, no text is known to be the user's: the body is written anew."""
+    from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
+
+    older = card_edited_by_user(render_card(manifest, "user/cache")).replace(GENERATED_START + "\n", "").replace(GENERATED_END, "")
+    text = render_card(manifest, "user/cache", kept=user_parts(older))
+    assert card_data_of(text)["license"] == "mit" and "team-x" in card_data_of(text)["tags"]
+    assert "Our intro." not in text and "Cite team X." not in text and GENERATED_START in text
+
+
+def test_the_local_cards_additions_win_and_the_hub_only_ones_are_kept(manifest):
+    from dataset_card.render import merge_user_parts, user_parts
+
+    card = render_card(manifest, "user/cache")
+    local = user_parts(card_edited_by_user(card, keys="license: mit\n", tag="local"))
+    hub = user_parts(card_edited_by_user(card, keys="license: apache-2.0\npretty_name: On the Hub\n", tag="hub"))
+    merged = merge_user_parts(local, hub)
+    assert merged.keys == {"license": "mit", "pretty_name": "On the Hub", "tags": ["local", "hub"]}
+    blank = user_parts(render_card(manifest, "user/cache"))  # no text of the user's: the Hub's is kept
+    assert merge_user_parts(blank, hub).below == hub.below and merge_user_parts(local, blank).above == local.above
+
+
+def test_an_index_card_written_again_keeps_what_users_added(manifest):
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    text = render_index_card("user/caches", index, kept=user_parts(card_edited_by_user(first)))
+    data = card_data_of(text)
+    assert data["license"] == "mit" and "team-x" in data["tags"] and sorted(data["eagle3_cache_index"]) == ["large", "small"]
+    assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
+
+
+class DrawnPictures:
+    """A drawing whose pictures are done (none here)."""
+
+    def pictures(self) -> dict:
+        return {}
+
+
+def test_a_resumed_build_writes_the_card_again_with_what_users_added(tmp_path):
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text()))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())  # a resume of the finished build
+    text = (tmp_path / "README.md").read_text()
+    assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
+    assert read_manifest(tmp_path) == manifest
