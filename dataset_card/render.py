@@ -269,6 +269,7 @@ def render_card(
         supervision=supervision_text(manifest),
         aux_storage=aux_storage_text(manifest),
         encodings=encoding_text(manifest),
+        byte_planes=any(spec.get("encoding") == "byte_planes_zstd" for spec in manifest["columns"].values()),
         # caches built before these options existed were built with both off
         mask_generation_prompt=identity.get("mask_generation_prompt", False),
         mask_reasoning_content=identity.get("mask_reasoning_content", False),

@@ -79,6 +79,12 @@ def test_index_card_lists_configs_and_reads_back(manifest):
 
 def card_prose(tmp_path, target_format: str, **settings) -> str:
     """The card text, whitespace joined, of a cache built with `target_format` and the given settings."""
+    text = render_card(built_manifest(tmp_path, target_format, **settings), "user/cache")
+    return " ".join(text.split("\n---\n", 1)[1].split())
+
+
+def built_manifest(tmp_path, target_format: str, **settings) -> dict:
+    """The manifest of a cache built with `target_format` and the given settings."""
     import dataclasses
 
     import torch
@@ -93,8 +99,7 @@ def card_prose(tmp_path, target_format: str, **settings) -> str:
     cfg = prep.cfg.replace(target_format=target_format, **settings)
     identity = {**prep.identity, "target_format": target_format, "topk": cfg.topk if target_format == "topk" else None}
     prep = dataclasses.replace(prep, cfg=cfg, identity=identity | {"aux_dtype": cfg.storage_aux_dtype})
-    text = render_card(assemble_manifest(tmp_path, prep, SHARDS), "user/cache")
-    return " ".join(text.split("\n---\n", 1)[1].split())
+    return assemble_manifest(tmp_path, prep, SHARDS)
 
 
 def test_card_says_what_a_probs_cache_stores(tmp_path):
@@ -148,10 +153,30 @@ def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
     assert "tensor columns are raw" not in zstd
     assert "`input_ids`, `loss_mask` are `raw`: the tensor's bytes as they are" in zstd
     planes = "`aux_hidden_states`, `target_argmax`, `target_probs` are `byte_planes_zstd`, not readable as plain bytes"
-    assert planes in zstd and "builder.shards.decode_value(value, dtype)" in zstd and "docs/cache-layout.md" in zstd
+    assert planes in zstd and "builder.shards.decode_value(value, " in zstd and "docs/cache-layout.md" in zstd
     raw = card_prose(tmp_path, "probs", dtype="fp32", compression="none")
     assert "`input_ids`, `loss_mask`, `aux_hidden_states`, `target_argmax`, `target_probs` are `raw`" in raw
-    assert "byte_planes_zstd" not in raw
+    assert "byte_planes_zstd" not in raw and "decode_value" not in raw
+
+
+@pytest.mark.parametrize("column", ["aux_hidden_states", "target_probs", "target_argmax"])
+def test_the_cards_decoding_call_runs_as_written_and_gives_the_recorded_shape(tmp_path, column):
+    import math
+    import re
+
+    import torch
+
+    import builder.shards
+    from builder.shards import PLANES_ZSTD, TORCH_DTYPES, encode_value
+
+    manifest = built_manifest(tmp_path, "probs", dtype="fp32")
+    call = re.search(r"`(builder\.shards\.decode_value\(.*?)`", render_card(manifest, "user/cache")).group(1)
+    spec = manifest["columns"][column]
+    width = spec["shape"][1:]
+    values = (torch.arange(5 * math.prod(width)) - 7).reshape(5, *width).to(TORCH_DTYPES[spec["dtype"]])
+    value = b"".join(bytes(part) for part in encode_value(values, PLANES_ZSTD).parts)
+    decoded = eval(call, {"builder": builder, "value": value, "spec": spec})  # noqa: S307 - the card's own code
+    assert torch.equal(decoded, values)
 
 
 # ---- what users add to a card is kept when it is written again ----------------------------------
