@@ -109,7 +109,8 @@ def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] 
     pictures = drawing.pictures() if drawing is not None else card_pictures(*picture_inputs(prep))
     for relative, data in pictures.items():
         write_bytes_atomic(out / relative, data)
-    text = render_card(manifest, location=str(out), pictures=existing_pictures(out), kept=local_user_parts(out))
+    # absolute: the card's snippet opens the cache from any working directory
+    text = render_card(manifest, location=os.path.abspath(out), pictures=existing_pictures(out), kept=local_user_parts(out))
     write_text_atomic(out / "README.md", text)
     return manifest
 

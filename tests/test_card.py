@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import card_edited_by_user
 from manifest_inputs import SHARDS, prepared, write_vocab_file
@@ -256,3 +258,14 @@ def test_a_resumed_build_writes_the_card_again_with_what_users_added(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
     assert read_manifest(tmp_path) == manifest
+
+
+def test_a_card_written_into_a_relative_output_dir_names_its_absolute_path(tmp_path, monkeypatch):
+    from builder.card import write_card
+
+    monkeypatch.chdir(tmp_path)
+    write_vocab_file(Path("cache"))
+    write_card(Path("cache"), prepared(Path("cache")), SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "cache" / "README.md").read_text()
+    assert f'load_cache({str(tmp_path / "cache")!r}, layout="nemo", streaming=True)' in text
+    assert f'datasets.load_dataset({str(tmp_path / "cache")!r}, split="train")' in text
