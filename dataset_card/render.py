@@ -274,6 +274,7 @@ def render_card(
         mask_generation_prompt=identity.get("mask_generation_prompt", False),
         mask_reasoning_content=identity.get("mask_reasoning_content", False),
         location=location,
+        **misread_arguments(location),
         load_args=load_arguments(location, config, revision),
         datasets_args=_datasets_arguments(location, config, revision),
         config=config or DEFAULT_CONFIG,
@@ -283,6 +284,17 @@ def render_card(
         pictures=[(picture_base + path, caption) for path, caption in pictures],
     )
     return str(card)
+
+
+def misread_arguments(location: str) -> dict:
+    """What in a cache's path `datasets` would not read literally (a repo id has none of it): the
+    card then says to rename or move the folder, instead of giving snippets that read other files."""
+    from builder.files import MISREAD_IN_PATHS, misread_in_path
+
+    return {
+        "misread": " and ".join(f"`{part}`" for part in misread_in_path(location)),
+        "misread_all": ", ".join(f"`{part}`" for part in MISREAD_IN_PATHS),
+    }
 
 
 def marker_arguments(kept: UserParts) -> dict:
