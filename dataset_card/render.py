@@ -255,8 +255,9 @@ def render_card(
     from huggingface_hub import DatasetCard, DatasetCardData
 
     identity = manifest["identity"]
+    front_matter = DatasetCardData(**with_user_keys(card_data(manifest, config), kept))
     card = DatasetCard.from_template(
-        DatasetCardData(**with_user_keys(card_data(manifest, config), kept)),
+        front_matter,
         template_path=str(TEMPLATE_PATH),
         **marker_arguments(kept),
         target_model=identity["target"]["model"],
@@ -283,7 +284,7 @@ def render_card(
         skipped=manifest["skipped"],
         pictures=[(picture_base + path, caption) for path, caption in pictures],
     )
-    return str(card)
+    return text_reading_back(card, front_matter)
 
 
 def misread_arguments(location: str) -> dict:
@@ -320,14 +321,59 @@ def render_index_card(location: str, index: dict, kept: UserParts = UserParts())
         "tags": TAGS,
         "eagle3_cache_index": {k: {key: v[key] for key in v if key != "features"} for k, v in sorted(index.items())},
     }
+    front_matter = DatasetCardData(**with_user_keys(data, kept))
     card = DatasetCard.from_template(
-        DatasetCardData(**with_user_keys(data, kept)),
+        front_matter,
         template_path=str(INDEX_TEMPLATE_PATH),
         **marker_arguments(kept),
         location=location,
         others=[(name, entry, load_arguments(location, name, entry.get("revision"))) for name, entry in sorted(index.items())],
     )
-    return str(card)
+    return text_reading_back(card, front_matter)
+
+
+def text_reading_back(card, front_matter) -> str:
+    """The card's text, with front matter that reads back as `front_matter` (what `from_template`
+    was given; `card.data` is what its YAML read back as). PyYAML writes a few characters as they
+    are that it reads back as others (NEL, U+0085, becomes a line break, then a space): there, every
+    string holding more than printable ASCII is written double-quoted, with escapes."""
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    written = front_matter.to_dict()
+    if _same_data(card.data.to_dict(), written):
+        return str(card)
+    escaped = yaml.dump(written, Dumper=_escaping_dumper(), sort_keys=False, allow_unicode=True).strip()
+    text = f"---\n{escaped}\n---\n{card.text}"
+    if not _same_data(DatasetCard(text).data.to_dict(), written):
+        from builder.manifest import ManifestError
+
+        raise ManifestError(
+            "writing the card: expected its YAML front matter to read back as written, found other values even with every "
+            "string escaped; remove the unusual characters from the paths, names or card keys it holds, then run again"
+        )
+    return text
+
+
+def _same_data(read: dict, written: dict) -> bool:
+    """Equal as JSON (NaN equal to itself; tuples written as lists)."""
+    import json
+
+    return json.dumps(read, sort_keys=True, default=str) == json.dumps(written, sort_keys=True, default=str)
+
+
+def _escaping_dumper():
+    import yaml
+
+    class EscapingDumper(yaml.Dumper):
+        """Writes strings holding anything but printable ASCII double-quoted (escapes for the rest)."""
+
+    def represent_str(dumper, value: str):
+        style = '"' if any(not " " <= ch <= "~" for ch in value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    EscapingDumper.add_representer(str, represent_str)
+    return EscapingDumper
 
 
 def index_from_card_data(data: dict) -> dict:

@@ -284,3 +284,22 @@ def test_a_card_in_a_folder_whose_path_datasets_misreads_says_to_rename_it_inste
     assert f"This folder's path holds {found}, which `datasets` reads as a file pattern or a chained URL" in text
     assert "Rename the folder, or move the cache, to a path without any of `*`, `?`, `[`, `::`" in text
     assert "load_cache('user/cache', layout=" in render_card(read_manifest(out), "user/cache")  # a repo id: the snippets
+
+
+@pytest.mark.parametrize(
+    "odd", ["in\x85x", "a\u2028b\u2029c", "a\rb", "\x85", "caf\udce9 \x85"], ids=["nel", "separators", "cr", "nel-only", "undecodable"]
+)
+def test_a_card_reads_back_the_strings_it_was_written_with(tmp_path, odd):
+    """PyYAML writes NEL (U+0085) as it is, and reads it back as a line break folded to a space: a
+    fresh cache whose input path held one read as edited."""
+    from builder.card import write_card
+    from builder.manifest import manifest_from_card
+    from builder.reader import read_manifest
+    from dataset_card.render import UserParts
+
+    write_vocab_file(tmp_path)
+    identity = prepared(tmp_path).identity | {"input": {"data": f"/data/{odd}/chats.jsonl"}}
+    manifest = write_card(tmp_path, prepared(tmp_path, identity), SHARDS, drawing=DrawnPictures())
+    assert read_manifest(tmp_path) == manifest and manifest["identity"]["input"]["data"] == f"/data/{odd}/chats.jsonl"
+    text = render_card(manifest, "user/cache", kept=UserParts({"pretty_name": f"team {odd}"}))
+    assert manifest_from_card(text) == manifest and card_data_of(text)["pretty_name"] == f"team {odd}"
