@@ -229,7 +229,7 @@ class HubPusher:
             if self.owns_folder(root_data):
                 stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
                 stale += self._stale_card_files(head, card_files(cache_dir, manifest))
-                hub_card = root_text if t.config is None else self._card_at(head, f"{t.prefix}README.md")
+                hub_card = root_text if t.config is None else self._config_card(head)
             else:  # another dataset's files: none removed, none written over
                 self._check_nothing_foreign(head, remote, list(expected), expected.get)
                 stale, hub_card = [], None
@@ -387,6 +387,14 @@ class HubPusher:
 
     def _root_card(self, commit: str) -> str | None:
         return self._card_at(commit, "README.md", "read root card")
+
+    def _config_card(self, commit: str) -> str | None:
+        """The config's own card at `commit`, whose front matter must parse (the root card's is read by `_check_layout`)."""
+        path = f"{self.target.prefix}README.md"
+        text = self._card_at(commit, path)
+        if text is not None:
+            card_data_of(text, f"{self.target.repo_id}@{self.target.branch}: {path}")
+        return text
 
     def _card_at(self, commit: str, path: str, what: str = "read card") -> str | None:
         """The text of a card at `commit`; None where there is none."""

@@ -273,6 +273,21 @@ def test_config_pushes_keep_what_users_added_to_the_index_and_config_cards(hub, 
     assert_kept(hub_text(hub, "tester/edited-configs"), license="apache-2.0")
 
 
+def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_refused_naming_the_line(hub, v1, v2):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from builder.manifest import ManifestError
+
+    push(v1, "tester/broken-config", config="llama")
+    broken = hub_text(hub, "tester/broken-config", path="llama/README.md").replace("---\n", "---\nlicense: mit: x\n", 1)
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        "tester/broken-config", [CommitOperationAdd("llama/README.md", broken.encode())], commit_message="edit", repo_type="dataset"
+    )
+    with pytest.raises(ManifestError, match=r"tester/broken-config@main: llama/README.md: expected YAML front matter .*\(line 2: "):
+        push(v2, "tester/broken-config", config="llama")
+    assert hub_text(hub, "tester/broken-config", path="llama/README.md") == broken
+
+
 def test_local_card_edits_reach_the_hub_and_win_over_the_hubs(hub, v1, tmp_path):
     import shutil
 
