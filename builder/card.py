@@ -13,7 +13,9 @@ from pathlib import Path
 import dataset_card
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures, save_inputs
+from dataset_card.render import UserParts, user_parts
 
+from .build_state import is_cache_card
 from .files import write_bytes_atomic, write_text_atomic
 from .manifest import assemble_manifest
 from .prepare import Prepared
@@ -107,6 +109,14 @@ def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] 
     pictures = drawing.pictures() if drawing is not None else card_pictures(*picture_inputs(prep))
     for relative, data in pictures.items():
         write_bytes_atomic(out / relative, data)
-    text = render_card(manifest, location=str(out), pictures=existing_pictures(out))
+    # absolute: the card's snippet opens the cache from any working directory
+    text = render_card(manifest, location=os.path.abspath(out), pictures=existing_pictures(out), kept=local_user_parts(out))
     write_text_atomic(out / "README.md", text)
     return manifest
+
+
+def local_user_parts(cache_dir: Path) -> UserParts:
+    """What users added to the cache's card (a resumed build writes it again): none where it has
+    no card of eagle3-cache's yet."""
+    card = Path(cache_dir) / "README.md"
+    return user_parts(card.read_text(encoding="utf-8")) if is_cache_card(card) else UserParts()

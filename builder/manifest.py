@@ -256,6 +256,14 @@ def read_manifest(location: str | Path, *, revision: str | None = None, name: st
     return manifest_of(source)
 
 
+def _no_card(source: CacheSource) -> str:
+    """Why there is no card, and what to do: a local path that is no directory says so first."""
+    if not source.on_hub and not Path(source.location).is_dir():
+        found = "is not a directory" if Path(source.location).exists() else "does not exist"
+        return f"the path {found}; expected a finished eagle3-cache directory: check the path"
+    return f"no {source.prefix}README.md; {_why_no_card(source)}"
+
+
 def _why_no_card(source: CacheSource) -> str:
     if not source.on_hub:
         return (
@@ -285,5 +293,5 @@ def manifest_of(source: CacheSource) -> dict:
     except FileNotFoundError:
         card_path = None
     if card_path is None or not card_path.exists():
-        raise CardNotFound(f"{source.describe()}: no {source.prefix}README.md; {_why_no_card(source)}")
+        raise CardNotFound(f"{source.describe()}: {_no_card(source)}")
     return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")

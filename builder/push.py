@@ -39,10 +39,10 @@ from urllib.parse import quote
 
 from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
-from dataset_card.render import shard_files
+from dataset_card.render import UserParts, merge_user_parts, shard_files, user_parts
 
 from .build_state import read_sidecar, sidecar_path
-from .card import existing_pictures
+from .card import existing_pictures, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
@@ -221,18 +221,23 @@ class HubPusher:
         removed: set[str] = set()  # reported even when the commit that removed them lost its answer
         for _ in range(attempts):
             head = self.head()
-            root_data, root_exists = self._root_card_data(head)
-            self._check_layout(root_data, root_exists)
+            root_text = self._root_card(head)
+            root_data = card_data_of(root_text) if root_text is not None else {}
+            self._check_layout(root_data, root_text is not None)
             remote = self.remote_shards(head)
             self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
             if self.owns_folder(root_data):
                 stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
                 stale += self._stale_card_files(head, card_files(cache_dir, manifest))
+                hub_card = root_text if t.config is None else self._config_card(head)
             else:  # another dataset's files: none removed, none written over
                 self._check_nothing_foreign(head, remote, list(expected), expected.get)
-                stale = []
+                stale, hub_card = [], None
             removed.update(stale)
-            commit = self._commit_on(head, cache_dir, manifest, stale, root_data if root_exists else None, message)
+            cards = {f"{t.prefix}README.md": self.card_text(cache_dir, manifest, hub_card)}
+            if t.config is not None:  # the root card indexes every config
+                cards["README.md"] = self.index_card_text(manifest, root_text)
+            commit = self._commit_on(head, cache_dir, manifest, stale, cards, message)
             if commit is not None:
                 return commit, sorted(removed)
             log.warning("%s moved while committing the card; checking it again on top of the new head", t.branch)
@@ -306,13 +311,14 @@ class HubPusher:
                 "shards present locally), and push one cache to a branch and config at a time."
             )
 
-    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None, message: str) -> str | None:
+    def _commit_on(self, head: str, cache_dir: Path, manifest: dict, stale: list[str], cards: dict[str, str], message: str) -> str | None:
         """The card's commit on top of `head`, the commit its shards were checked at; None when the
-        branch moved away from `head` first, and nothing was committed."""
+        branch moved away from `head` first, and nothing was committed. `cards`: {path: text} of the
+        card (and the root index card)."""
         t = self.target
 
         def commit():
-            operations = self._card_operations(cache_dir, manifest, stale, root_data)  # fresh per attempt: the client mutates them
+            operations = self._card_operations(cache_dir, manifest, stale, cards)  # fresh per attempt: the client mutates them
             return self.api.create_commit(
                 t.repo_id, operations, commit_message=message, repo_type=REPO_TYPE, revision=t.branch, parent_commit=head
             ).oid
@@ -336,25 +342,33 @@ class HubPusher:
         history = self._call("list commits", lambda: self.api.list_repo_commits(t.repo_id, repo_type=REPO_TYPE, revision=oid))
         return len(history) > 1 and history[0].title == message and history[1].commit_id == head
 
-    def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], root_data: dict | None) -> list:
+    def _card_operations(self, cache_dir: Path, manifest: dict, stale: list[str], cards: dict[str, str]) -> list:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         t = self.target
         ops = [CommitOperationDelete(path_in_repo=path) for path in stale]
         ops += [CommitOperationAdd(f"{t.prefix}{relative}", str(cache_dir / relative)) for relative in card_files(cache_dir, manifest)]
-        ops.append(CommitOperationAdd(f"{t.prefix}README.md", self.card_text(cache_dir, manifest).encode()))
-        if t.config is not None:  # the root card indexes every config
-            index = index_from_card_data(root_data) if root_data is not None else {}
-            index[t.config] = index_entry(manifest, t.config, t.revision)
-            ops.append(CommitOperationAdd("README.md", render_index_card(t.repo_id, index).encode()))
+        ops += [CommitOperationAdd(path, text.encode()) for path, text in cards.items()]
         return ops
 
-    def card_text(self, cache_dir: Path, manifest: dict) -> str:
+    def card_text(self, cache_dir: Path, manifest: dict, hub_card: str | None = None) -> str:
+        """The pushed card. What users added to it is kept: the local card's additions, and those of
+        `hub_card` (the card this push replaces) that the local card does not have."""
         t = self.target
         base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
+        kept = merge_user_parts(local_user_parts(cache_dir), user_parts(hub_card) if hub_card is not None else UserParts())
         return render_card(
-            manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base
+            manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base, kept=kept
         )
+
+    def index_card_text(self, manifest: dict, root_card: str | None) -> str:
+        """The root index card with this config's entry, keeping the other configs' entries and what users added to it."""
+        t = self.target
+        root_data = card_data_of(root_card) if root_card is not None else {}
+        index = index_from_card_data(root_data)
+        index[t.config] = index_entry(manifest, t.config, t.revision)
+        kept = user_parts(root_card) if INDEX_KEY in root_data else UserParts()
+        return render_index_card(t.repo_id, index, kept=kept)
 
     def _create_tag(self, commit: str) -> None:
         from huggingface_hub.errors import HfHubHTTPError
@@ -368,11 +382,27 @@ class HubPusher:
             raise
 
     def _root_card_data(self, commit: str) -> tuple[dict, bool]:
+        text = self._root_card(commit)
+        return (card_data_of(text), True) if text is not None else ({}, False)
+
+    def _root_card(self, commit: str) -> str | None:
+        return self._card_at(commit, "README.md", "read root card")
+
+    def _config_card(self, commit: str) -> str | None:
+        """The config's own card at `commit`, whose front matter must parse (the root card's is read by `_check_layout`)."""
+        path = f"{self.target.prefix}README.md"
+        text = self._card_at(commit, path)
+        if text is not None:
+            card_data_of(text, f"{self.target.repo_id}@{self.target.branch}: {path}")
+        return text
+
+    def _card_at(self, commit: str, path: str, what: str = "read card") -> str | None:
+        """The text of a card at `commit`; None where there is none."""
         try:
-            path = self._call("read root card", lambda: download_file(self.target.repo_id, "README.md", commit, self.target.token))
+            local = self._call(what, lambda: download_file(self.target.repo_id, path, commit, self.target.token))
         except FileNotFoundError:
-            return {}, False
-        return card_data_of(path.read_text(encoding="utf-8")), True
+            return None
+        return local.read_text(encoding="utf-8")
 
     def _check_layout(self, root: dict, root_exists: bool) -> None:
         t = self.target

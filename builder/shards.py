@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .files import fsync_dir, new_hash, temp_path
-from .formats import TORCH_DTYPES  # noqa: F401 (re-exported for readers of the stored dtypes)
+from .formats import TORCH_DTYPES  # also re-exported for readers of the stored dtypes
 
 if sys.byteorder != "little":  # the stored bytes are little-endian; decoding assumes a native match
     raise ImportError("eagle3-cache stores tensors little-endian and supports little-endian hosts only")
@@ -197,8 +197,13 @@ def _byte_plane(words: np.ndarray, byte: int, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_value(data, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `encode_value` for `byte_planes_zstd`: a 1-D tensor of `dtype` (bit-exact)."""
+def decode_value(data, dtype: torch.dtype | str) -> torch.Tensor:
+    """Inverse of `encode_value` for `byte_planes_zstd`: a 1-D tensor of `dtype` (bit-exact). `dtype`:
+    a torch dtype, or the name a manifest's `columns` record ('bf16', 'fp32', 'int32', ...)."""
+    if isinstance(dtype, str):
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected a torch dtype or a column dtype a manifest records, one of {list(TORCH_DTYPES)}")
+        dtype = TORCH_DTYPES[dtype]
     view = memoryview(data).cast("B")
     n, k = _HEADER.unpack_from(view, 0)
     itemsize = torch.empty(0, dtype=dtype).element_size()

@@ -8,12 +8,86 @@ manifest lives in the card of its own folder.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 INDEX_TEMPLATE_PATH = Path(__file__).with_name("index_template.md")
 DEFAULT_CONFIG = "default"
 TAGS = ["eagle3", "speculative-decoding", "eagle3-cache"]
+# The front-matter keys eagle3-cache writes (`tags`: its own, beside any others); every other key is a user's
+GENERATED_KEYS = ("configs", "dataset_info", "tags", "eagle3_cache", "eagle3_cache_index")
+# The body between these markers is written again at every build and push; text above or below them is kept
+GENERATED_START = (
+    "<!-- eagle3-cache generated start: the text down to the end marker is written again at every build and push. "
+    "Write your own above or below the two markers: it is kept. -->"
+)
+GENERATED_END = "<!-- eagle3-cache generated end -->"
+_START_RE = re.compile(r"<!-- eagle3-cache generated start\b.*?-->", re.S)
+_END_RE = re.compile(r"<!-- eagle3-cache generated end\b.*?-->", re.S)
+
+
+@dataclass(frozen=True)
+class UserParts:
+    """What people added to a card, kept when eagle3-cache writes it again: the front-matter keys it
+    does not write (`tags`: only those beyond its own), and the text above and below the generated
+    body's markers (None: none known, as in a new card or one written before the markers)."""
+
+    keys: dict = field(default_factory=dict)
+    above: str | None = None
+    below: str | None = None
+
+    def tags(self) -> list:
+        return list(self.keys.get("tags", []))
+
+
+def user_parts(text: str) -> UserParts:
+    """The user's parts of a card's text (an eagle3-cache card, a cache's or an index)."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(text)
+    data = card.data.to_dict()
+    keys = {key: value for key, value in data.items() if key not in GENERATED_KEYS}
+    tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
+    if tags:
+        keys["tags"] = tags
+    start, end = _START_RE.search(card.text), _END_RE.search(card.text)
+    if start is None or end is None or end.start() < start.end():  # no markers (an older card), or moved: no text known to be theirs
+        return UserParts(keys)
+    return UserParts(keys, card.text[: start.start()], card.text[end.end() :])
+
+
+def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:
+    """Both cards' user parts: `preferred`'s where both have a key (or text above, or below), the
+    other's where only it has one; tags from both."""
+    keys = other.keys | preferred.keys
+    tags = _unique(preferred.tags() + other.tags())
+    if tags:
+        keys["tags"] = tags
+    return UserParts(keys, _first_text(preferred.above, other.above), _first_text(preferred.below, other.below))
+
+
+def _first_text(*texts: str | None) -> str | None:
+    """The first text with words in it; else the first known one (whitespace as it was)."""
+    return next((t for t in texts if t and t.strip()), next((t for t in texts if t is not None), None))
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _unique(items: list, exclude: list = ()) -> list:
+    out: list = []
+    for item in items:
+        if item not in out and item not in exclude:
+            out.append(item)
+    return out
+
+
+def with_user_keys(data: dict, kept: UserParts) -> dict:
+    """Generated front matter with the user's keys beside it, and their tags after eagle3-cache's own."""
+    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS)}
 
 
 def data_prefix(config: str | None) -> str:
@@ -172,16 +246,20 @@ def render_card(
     revision: str | None = None,
     pictures: list[tuple[str, str]] = (),
     picture_base: str = "",
+    kept: UserParts = UserParts(),
 ) -> str:
     """The whole README.md. `location` is what users pass to load it (a path or a repo id);
     `config`/`revision` complete the usage snippet; `pictures` are (path, caption) pairs
-    relative to the cache folder, linked as `picture_base + path`."""
+    relative to the cache folder, linked as `picture_base + path`; `kept`: what users added
+    to the card this one replaces."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     identity = manifest["identity"]
+    front_matter = DatasetCardData(**with_user_keys(card_data(manifest, config), kept))
     card = DatasetCard.from_template(
-        DatasetCardData(**card_data(manifest, config)),
+        front_matter,
         template_path=str(TEMPLATE_PATH),
+        **marker_arguments(kept),
         target_model=identity["target"]["model"],
         format_version=identity["format_version"],
         fingerprint=manifest["fingerprint"],
@@ -192,10 +270,12 @@ def render_card(
         supervision=supervision_text(manifest),
         aux_storage=aux_storage_text(manifest),
         encodings=encoding_text(manifest),
+        byte_planes=any(spec.get("encoding") == "byte_planes_zstd" for spec in manifest["columns"].values()),
         # caches built before these options existed were built with both off
         mask_generation_prompt=identity.get("mask_generation_prompt", False),
         mask_reasoning_content=identity.get("mask_reasoning_content", False),
         location=location,
+        **misread_arguments(location),
         load_args=load_arguments(location, config, revision),
         datasets_args=_datasets_arguments(location, config, revision),
         config=config or DEFAULT_CONFIG,
@@ -204,12 +284,34 @@ def render_card(
         skipped=manifest["skipped"],
         pictures=[(picture_base + path, caption) for path, caption in pictures],
     )
-    return str(card)
+    return text_reading_back(card, front_matter)
 
 
-def render_index_card(location: str, index: dict) -> str:
+def misread_arguments(location: str) -> dict:
+    """What in a cache's path `datasets` would not read literally (a repo id has none of it): the
+    card then says to rename or move the folder, instead of giving snippets that read other files."""
+    from builder.files import MISREAD_IN_PATHS, misread_in_path
+
+    return {
+        "misread": " and ".join(f"`{part}`" for part in misread_in_path(location)),
+        "misread_all": ", ".join(f"`{part}`" for part in MISREAD_IN_PATHS),
+    }
+
+
+def marker_arguments(kept: UserParts) -> dict:
+    """The template's markers around the generated body, and the user's text outside them."""
+    return {
+        "generated_start": GENERATED_START,
+        "generated_end": GENERATED_END,
+        "above": "\n" if kept.above is None else kept.above,
+        "below": "\n" if kept.below is None else kept.below,
+    }
+
+
+def render_index_card(location: str, index: dict, kept: UserParts = UserParts()) -> str:
     """Root card of a repo whose caches all live in sub-folders: lists them, no manifest of its own.
-    Each entry's snippet names the revision that config was pushed with (`entry["revision"]`)."""
+    Each entry's snippet names the revision that config was pushed with (`entry["revision"]`);
+    `kept`: what users added to the index card this one replaces."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     configs, infos = zip(*(_config_yaml(k, v, data_prefix(k)) for k, v in sorted(index.items())))
@@ -219,13 +321,59 @@ def render_index_card(location: str, index: dict) -> str:
         "tags": TAGS,
         "eagle3_cache_index": {k: {key: v[key] for key in v if key != "features"} for k, v in sorted(index.items())},
     }
+    front_matter = DatasetCardData(**with_user_keys(data, kept))
     card = DatasetCard.from_template(
-        DatasetCardData(**data),
+        front_matter,
         template_path=str(INDEX_TEMPLATE_PATH),
+        **marker_arguments(kept),
         location=location,
         others=[(name, entry, load_arguments(location, name, entry.get("revision"))) for name, entry in sorted(index.items())],
     )
-    return str(card)
+    return text_reading_back(card, front_matter)
+
+
+def text_reading_back(card, front_matter) -> str:
+    """The card's text, with front matter that reads back as `front_matter` (what `from_template`
+    was given; `card.data` is what its YAML read back as). PyYAML writes a few characters as they
+    are that it reads back as others (NEL, U+0085, becomes a line break, then a space): there, every
+    string holding more than printable ASCII is written double-quoted, with escapes."""
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    written = front_matter.to_dict()
+    if _same_data(card.data.to_dict(), written):
+        return str(card)
+    escaped = yaml.dump(written, Dumper=_escaping_dumper(), sort_keys=False, allow_unicode=True).strip()
+    text = f"---\n{escaped}\n---\n{card.text}"
+    if not _same_data(DatasetCard(text).data.to_dict(), written):
+        from builder.manifest import ManifestError
+
+        raise ManifestError(
+            "writing the card: expected its YAML front matter to read back as written, found other values even with every "
+            "string escaped; remove the unusual characters from the paths, names or card keys it holds, then run again"
+        )
+    return text
+
+
+def _same_data(read: dict, written: dict) -> bool:
+    """Equal as JSON (NaN equal to itself; tuples written as lists)."""
+    import json
+
+    return json.dumps(read, sort_keys=True, default=str) == json.dumps(written, sort_keys=True, default=str)
+
+
+def _escaping_dumper():
+    import yaml
+
+    class EscapingDumper(yaml.Dumper):
+        """Writes strings holding anything but printable ASCII double-quoted (escapes for the rest)."""
+
+    def represent_str(dumper, value: str):
+        style = '"' if any(not " " <= ch <= "~" for ch in value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    EscapingDumper.add_representer(str, represent_str)
+    return EscapingDumper
 
 
 def index_from_card_data(data: dict) -> dict:

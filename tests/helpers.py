@@ -170,3 +170,11 @@ def export_signalled_at(cache: Path, to: str, out: Path, fault: str) -> subproce
     env = {**os.environ, FAULT_ENV: fault, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "builder.cli", "export", str(cache), "--to", to, str(out)]
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def card_edited_by_user(text: str, keys: str = "license: mit\npretty_name: 'Team X: cache'\nlanguage:\n- en\n", tag: str = "team-x") -> str:
+    """A cache's card as a user edits it: keys in its front matter, a tag of theirs, and their own
+    text above and below the generated text's markers ("Our intro.", "Cite team X.")."""
+    text = text.replace("---\n", f"---\n{keys}", 1).replace("- eagle3-cache\n", f"- eagle3-cache\n- {tag}\n", 1)
+    front_matter, body = text.split("\n---\n\n", 1)  # the body starts with the generated text's start marker
+    return f"{front_matter}\n---\n\nOur intro.\n\n{body}\n## Citation\n\nCite team X.\n"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from helpers import card_edited_by_user
 from manifest_inputs import SHARDS, prepared, write_vocab_file
 
 from builder.manifest import assemble_manifest, card_data_of
@@ -78,6 +81,12 @@ def test_index_card_lists_configs_and_reads_back(manifest):
 
 def card_prose(tmp_path, target_format: str, **settings) -> str:
     """The card text, whitespace joined, of a cache built with `target_format` and the given settings."""
+    text = render_card(built_manifest(tmp_path, target_format, **settings), "user/cache")
+    return " ".join(text.split("\n---\n", 1)[1].split())
+
+
+def built_manifest(tmp_path, target_format: str, **settings) -> dict:
+    """The manifest of a cache built with `target_format` and the given settings."""
     import dataclasses
 
     import torch
@@ -92,8 +101,7 @@ def card_prose(tmp_path, target_format: str, **settings) -> str:
     cfg = prep.cfg.replace(target_format=target_format, **settings)
     identity = {**prep.identity, "target_format": target_format, "topk": cfg.topk if target_format == "topk" else None}
     prep = dataclasses.replace(prep, cfg=cfg, identity=identity | {"aux_dtype": cfg.storage_aux_dtype})
-    text = render_card(assemble_manifest(tmp_path, prep, SHARDS), "user/cache")
-    return " ".join(text.split("\n---\n", 1)[1].split())
+    return assemble_manifest(tmp_path, prep, SHARDS)
 
 
 def test_card_says_what_a_probs_cache_stores(tmp_path):
@@ -147,7 +155,151 @@ def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
     assert "tensor columns are raw" not in zstd
     assert "`input_ids`, `loss_mask` are `raw`: the tensor's bytes as they are" in zstd
     planes = "`aux_hidden_states`, `target_argmax`, `target_probs` are `byte_planes_zstd`, not readable as plain bytes"
-    assert planes in zstd and "builder.shards.decode_value(value, dtype)" in zstd and "docs/cache-layout.md" in zstd
+    assert planes in zstd and "builder.shards.decode_value(value, " in zstd and "docs/cache-layout.md" in zstd
     raw = card_prose(tmp_path, "probs", dtype="fp32", compression="none")
     assert "`input_ids`, `loss_mask`, `aux_hidden_states`, `target_argmax`, `target_probs` are `raw`" in raw
-    assert "byte_planes_zstd" not in raw
+    assert "byte_planes_zstd" not in raw and "decode_value" not in raw
+
+
+@pytest.mark.parametrize("column", ["aux_hidden_states", "target_probs", "target_argmax"])
+def test_the_cards_decoding_call_runs_as_written_and_gives_the_recorded_shape(tmp_path, column):
+    import math
+    import re
+
+    import torch
+
+    import builder.shards
+    from builder.shards import PLANES_ZSTD, TORCH_DTYPES, encode_value
+
+    manifest = built_manifest(tmp_path, "probs", dtype="fp32")
+    call = re.search(r"`(builder\.shards\.decode_value\(.*?)`", render_card(manifest, "user/cache")).group(1)
+    spec = manifest["columns"][column]
+    width = spec["shape"][1:]
+    values = (torch.arange(5 * math.prod(width)) - 7).reshape(5, *width).to(TORCH_DTYPES[spec["dtype"]])
+    value = b"".join(bytes(part) for part in encode_value(values, PLANES_ZSTD).parts)
+    decoded = eval(call, {"builder": builder, "value": value, "spec": spec})  # noqa: S307 - the card's own code
+    assert torch.equal(decoded, values)
+
+
+# ---- what users add to a card is kept when it is written again ----------------------------------
+
+
+def other_version(manifest: dict) -> dict:
+    """The manifest of a later version of the cache (other totals)."""
+    return manifest | {"totals": manifest["totals"] | {"samples": 7, "bytes": 2000}}
+
+
+def test_a_card_written_again_keeps_the_keys_tags_and_text_users_added(manifest):
+    from builder.manifest import manifest_from_card
+    from dataset_card.render import user_parts
+
+    later = other_version(manifest)
+    text = render_card(later, "user/cache", kept=user_parts(card_edited_by_user(render_card(manifest, "user/cache"))))
+    data = card_data_of(text)
+    assert data["license"] == "mit" and data["pretty_name"] == "Team X: cache" and data["language"] == ["en"]
+    assert data["tags"] == ["eagle3", "speculative-decoding", "eagle3-cache", "team-x"]
+    assert manifest_from_card(text) == later and data["dataset_info"]["splits"][0]["num_examples"] == 7  # generated: the new version's
+    body = text.split("\n---\n", 1)[1]
+    assert body.startswith("\nOur intro.\n\n<!-- eagle3-cache generated start")
+    assert body.endswith("end -->\n\n## Citation\n\nCite team X.\n")
+    assert render_card(later, "user/cache", kept=user_parts(text)) == text  # written again as it is
+    assert render_card(manifest, "user/cache", kept=user_parts(render_card(manifest, "user/cache"))) == render_card(manifest, "user/cache")
+
+
+def test_a_card_written_before_the_markers_keeps_its_keys_only(manifest):
+    """Without the markers, no text is known to be the user's: the body is written anew."""
+    from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
+
+    older = card_edited_by_user(render_card(manifest, "user/cache")).replace(GENERATED_START + "\n", "").replace(GENERATED_END, "")
+    text = render_card(manifest, "user/cache", kept=user_parts(older))
+    assert card_data_of(text)["license"] == "mit" and "team-x" in card_data_of(text)["tags"]
+    assert "Our intro." not in text and "Cite team X." not in text and GENERATED_START in text
+
+
+def test_the_local_cards_additions_win_and_the_hub_only_ones_are_kept(manifest):
+    from dataset_card.render import merge_user_parts, user_parts
+
+    card = render_card(manifest, "user/cache")
+    local = user_parts(card_edited_by_user(card, keys="license: mit\n", tag="local"))
+    hub = user_parts(card_edited_by_user(card, keys="license: apache-2.0\npretty_name: On the Hub\n", tag="hub"))
+    merged = merge_user_parts(local, hub)
+    assert merged.keys == {"license": "mit", "pretty_name": "On the Hub", "tags": ["local", "hub"]}
+    blank = user_parts(render_card(manifest, "user/cache"))  # no text of the user's: the Hub's is kept
+    assert merge_user_parts(blank, hub).below == hub.below and merge_user_parts(local, blank).above == local.above
+
+
+def test_an_index_card_written_again_keeps_what_users_added(manifest):
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    text = render_index_card("user/caches", index, kept=user_parts(card_edited_by_user(first)))
+    data = card_data_of(text)
+    assert data["license"] == "mit" and "team-x" in data["tags"] and sorted(data["eagle3_cache_index"]) == ["large", "small"]
+    assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
+
+
+class DrawnPictures:
+    """A drawing whose pictures are done (none here)."""
+
+    def pictures(self) -> dict:
+        return {}
+
+
+def test_a_resumed_build_writes_the_card_again_with_what_users_added(tmp_path):
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text()))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())  # a resume of the finished build
+    text = (tmp_path / "README.md").read_text()
+    assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_a_card_written_into_a_relative_output_dir_names_its_absolute_path(tmp_path, monkeypatch):
+    from builder.card import write_card
+
+    monkeypatch.chdir(tmp_path)
+    write_vocab_file(Path("cache"))
+    write_card(Path("cache"), prepared(Path("cache")), SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "cache" / "README.md").read_text()
+    assert f'load_cache({str(tmp_path / "cache")!r}, layout="nemo", streaming=True)' in text
+    assert f'datasets.load_dataset({str(tmp_path / "cache")!r}, split="train")' in text
+
+
+@pytest.mark.parametrize("folder, found", [("cache[1]", "`[`"), ("cache*", "`*`"), ("a::b", "`::`"), ("ca?he", "`?`")])
+def test_a_card_in_a_folder_whose_path_datasets_misreads_says_to_rename_it_instead_of_giving_snippets(tmp_path, folder, found):
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    out = tmp_path / folder
+    write_vocab_file(out)
+    write_card(out, prepared(out), SHARDS, drawing=DrawnPictures())
+    text = (out / "README.md").read_text()
+    assert "```python" not in text and f"load_cache({str(out)!r}" not in text and f"load_dataset({str(out)!r}" not in text
+    assert f"This folder's path holds {found}, which `datasets` reads as a file pattern or a chained URL" in text
+    assert "Rename the folder, or move the cache, to a path without any of `*`, `?`, `[`, `::`" in text
+    assert "load_cache('user/cache', layout=" in render_card(read_manifest(out), "user/cache")  # a repo id: the snippets
+
+
+@pytest.mark.parametrize(
+    "odd", ["in\x85x", "a\u2028b\u2029c", "a\rb", "\x85", "caf\udce9 \x85"], ids=["nel", "separators", "cr", "nel-only", "undecodable"]
+)
+def test_a_card_reads_back_the_strings_it_was_written_with(tmp_path, odd):
+    """PyYAML writes NEL (U+0085) as it is, and reads it back as a line break folded to a space: a
+    fresh cache whose input path held one read as edited."""
+    from builder.card import write_card
+    from builder.manifest import manifest_from_card
+    from builder.reader import read_manifest
+    from dataset_card.render import UserParts
+
+    write_vocab_file(tmp_path)
+    identity = prepared(tmp_path).identity | {"input": {"data": f"/data/{odd}/chats.jsonl"}}
+    manifest = write_card(tmp_path, prepared(tmp_path, identity), SHARDS, drawing=DrawnPictures())
+    assert read_manifest(tmp_path) == manifest and manifest["identity"]["input"]["data"] == f"/data/{odd}/chats.jsonl"
+    text = render_card(manifest, "user/cache", kept=UserParts({"pretty_name": f"team {odd}"}))
+    assert manifest_from_card(text) == manifest and card_data_of(text)["pretty_name"] == f"team {odd}"

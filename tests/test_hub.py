@@ -13,13 +13,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from helpers import assert_same_content, decoded_rows, says, small_config
+from helpers import assert_same_content, card_edited_by_user, decoded_rows, says, small_config
 from hub_server import TOKEN, hub_fixtures, point_clients_at
 
 from builder.build import build
 from builder.cli import main
 from builder.files import file_hash
 from builder.hub import HubError, Retry
+from builder.manifest import card_data_of
 from builder.push import PushTarget, ShardUploader, push_cache, validate_target, with_shard_sha256
 from builder.reader import CacheMismatch, ShardFilesMismatch, load_cache, read_manifest, read_vocab
 
@@ -225,6 +226,81 @@ def test_the_readme_says_to_push_the_first_cache_of_a_repo_holding_several_with_
     paragraph = next(p for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if "`--hub-config NAME` puts" in p)
     text = " ".join(paragraph.split())
     assert "cannot also take a config" in text and "with `--hub-config`, the first one too" in text
+
+
+# ---- what users add to a card ------------------------------------------------------------------
+
+
+def hub_text(hub, repo: str, revision: str = "main", path: str = "README.md") -> str:
+    return hub.state.blob_path(hub.files_at(repo, revision)[path].sha256).read_text()
+
+
+def edit_on_hub(hub, repo: str, path: str = "README.md", **edits) -> None:
+    """A user's edit of a card on the Hub (`card_edited_by_user`), committed to main."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    text = card_edited_by_user(hub_text(hub, repo, path=path), **edits)
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        repo, [CommitOperationAdd(path, text.encode())], commit_message="edit the card", repo_type="dataset"
+    )
+
+
+def assert_kept(card: str, **keys) -> None:
+    data = card_data_of(card)
+    assert {key: data.get(key) for key in keys} == keys and "team-x" in data["tags"]
+    assert "Our intro." in card and "Cite team X." in card
+
+
+def test_a_new_version_keeps_what_users_added_to_the_card_on_the_hub(hub, v1, v2):
+    push(v1, "tester/edited", tag="v1")
+    edit_on_hub(hub, "tester/edited")
+    push(v2, "tester/edited", tag="v2")
+    assert_kept(hub_text(hub, "tester/edited", "v2"), license="mit", pretty_name="Team X: cache")
+    assert without_shard_sha256(read_manifest("tester/edited", revision="v2")) == read_manifest(v2)
+
+
+def test_config_pushes_keep_what_users_added_to_the_index_and_config_cards(hub, v1, v2):
+    push(v1, "tester/edited-configs", config="llama")
+    edit_on_hub(hub, "tester/edited-configs", keys="license: apache-2.0\n")
+    edit_on_hub(hub, "tester/edited-configs", "llama/README.md", keys="license: mit\n")
+    push(v2, "tester/edited-configs", config="short")  # the index card is written again
+    root = hub_text(hub, "tester/edited-configs")
+    assert_kept(root, license="apache-2.0")
+    assert sorted(card_data_of(root)["eagle3_cache_index"]) == ["llama", "short"]
+    push(v2, "tester/edited-configs", config="llama")  # a new version of the config
+    assert_kept(hub_text(hub, "tester/edited-configs", path="llama/README.md"), license="mit")
+    assert without_shard_sha256(read_manifest("tester/edited-configs", name="llama")) == read_manifest(v2)
+    assert_kept(hub_text(hub, "tester/edited-configs"), license="apache-2.0")
+
+
+def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_refused_naming_the_line(hub, v1, v2):
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from builder.manifest import ManifestError
+
+    push(v1, "tester/broken-config", config="llama")
+    broken = hub_text(hub, "tester/broken-config", path="llama/README.md").replace("---\n", "---\nlicense: mit: x\n", 1)
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        "tester/broken-config", [CommitOperationAdd("llama/README.md", broken.encode())], commit_message="edit", repo_type="dataset"
+    )
+    with pytest.raises(ManifestError, match=r"tester/broken-config@main: llama/README.md: expected YAML front matter .*\(line 2: "):
+        push(v2, "tester/broken-config", config="llama")
+    assert hub_text(hub, "tester/broken-config", path="llama/README.md") == broken
+
+
+def test_local_card_edits_reach_the_hub_and_win_over_the_hubs(hub, v1, tmp_path):
+    import shutil
+
+    cache = Path(shutil.copytree(v1, tmp_path / "cache"))
+    (cache / "README.md").write_text(card_edited_by_user((cache / "README.md").read_text(), keys="license: mit\n"))
+    assert read_manifest(cache) == read_manifest(v1)
+    push(cache, "tester/edited-here", tag="v1")
+    assert_kept(hub_text(hub, "tester/edited-here", "v1"), license="mit")
+    edit_on_hub(hub, "tester/edited-here", keys="license: apache-2.0\npretty_name: On the Hub\n", tag="hub-tag")
+    push(cache, "tester/edited-here")
+    card = hub_text(hub, "tester/edited-here")
+    assert_kept(card, license="mit", pretty_name="On the Hub")  # the local card's where both have one
+    assert "hub-tag" in card_data_of(card)["tags"]
 
 
 # ---- distributed streaming --------------------------------------------------------------------

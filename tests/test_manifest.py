@@ -4,6 +4,7 @@ and read back (as text, from a folder), refused when a card has none or a newer 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import xxhash
@@ -78,8 +79,19 @@ def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
     index = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large")})
     with pytest.raises(ManifestError, match=r"holds several caches: pass name= one of \['large', 'small'\]"):
         manifest_from_card(index, "user/caches")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no README.md; expected a finished eagle3-cache directory.*--resume"):
         read_manifest(tmp_path / "empty")
+
+
+def test_a_path_that_is_no_directory_is_said_to_be_none_not_an_interrupted_build(tmp_path):
+    missing, a_file = tmp_path / "no" / "such" / "dir", tmp_path / "a-file"
+    a_file.write_text("x")
+    expected = "expected a finished eagle3-cache directory: check the path"
+    with pytest.raises(CardNotFound, match=rf"^{re.escape(str(missing))}: the path does not exist; {expected}$"):
+        read_manifest(missing)
+    with pytest.raises(CardNotFound, match=rf"^{re.escape(str(a_file))}: the path is not a directory; {expected}$"):
+        read_manifest(a_file)
 
 
 def test_a_card_whose_front_matter_is_not_yaml_is_refused_naming_the_file_and_line(manifest, tmp_path):

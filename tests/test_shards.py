@@ -153,6 +153,17 @@ def test_raw_encoding_is_the_tensor_bytes_without_a_copy():
     assert encoded.parts[0].ctypes.data == values.data_ptr()  # a view of the tensor's memory
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + INT_DTYPES)
+def test_a_value_decodes_with_the_dtype_name_its_manifest_records(dtype):
+    values = random_values(dtype)
+    assert same_bits(decode_value(stored(values), dtype), values)
+
+
+def test_a_dtype_name_no_manifest_records_is_refused():
+    with pytest.raises(ValueError, match=r"dtype 'float32': expected a torch dtype or a column dtype a manifest records, one of \['bf16'"):
+        decode_value(stored(torch.ones(4)), "float32")
+
+
 def test_a_value_decoded_as_another_dtype_is_refused():
     data = stored(torch.ones(4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"2 byte planes, but its column's dtype torch.float32 has 4 bytes per element"):
