@@ -137,27 +137,46 @@ def _refuse_config(config: str | None, spec: str) -> None:
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # `datasets` decompresses these; we do not
 
 
-def _resolve_data_files(pattern: str, base: str) -> list[str]:
+def _data_files(pattern: str, base: str) -> list[str]:
+    """The files under `base` matching `pattern` that `datasets` reads as data: ours, compressed or not."""
     try:
-        files = resolve_pattern(pattern, base, allowed_extensions=list(DATA_SUFFIXES))
+        files = resolve_pattern(pattern, base)
     except FileNotFoundError:  # `datasets` says "no file matches" this way
         return []
-    compressed = sorted(Path(f).name for f in files if Path(f).suffix in COMPRESSED_SUFFIXES)
+    return [f for f in files if _is_data_file(f)]
+
+
+def _is_data_file(name: str) -> bool:
+    suffixes = Path(name).suffixes
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in DATA_SUFFIXES
+
+
+def _is_compressed(name: str) -> bool:
+    return Path(name).suffix in COMPRESSED_SUFFIXES
+
+
+def _resolve_data_files(pattern: str, base: str) -> list[str]:
+    files = _data_files(pattern, base)
+    compressed = sorted(Path(f).name for f in files if _is_compressed(f))
     if compressed:  # `datasets` would read them: never leave them out unseen
         raise InputError(
             f"--input-data: {', '.join(compressed[:3])}{' ...' if len(compressed) > 3 else ''} in {base} "
             f"{'is' if len(compressed) == 1 else 'are'} compressed; expected {'/'.join(DATA_SUFFIXES)} files as they are: "
             "decompress them first"
         )
-    return [f for f in files if Path(f).suffix in DATA_SUFFIXES]
+    return files
 
 
 def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
-    """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing unseen."""
+    """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing
+    unseen. A compressed one among them is named too, and not refused: it is never read."""
+    root = folder.resolve()
     split_files = {f for files in splits.values() for f in files}
-    left_out = sorted(Path(f) for f in _resolve_data_files("**", folder.resolve().as_posix()) if Path(f) not in split_files)
+    left_out = sorted(Path(f) for f in _data_files("**", root.as_posix()) if Path(f) not in split_files)
     if splits and left_out:
-        names = ", ".join(str(p.relative_to(folder.resolve())) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        names = ", ".join(_left_out_name(p, root) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
         log.warning(
             "--input-data: %s: %d data file(s) match no split (%s) and are not read; splits are %s",
             folder,
@@ -165,6 +184,11 @@ def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
             names,
             sorted(splits),
         )
+
+
+def _left_out_name(path: Path, root: Path) -> str:
+    name = str(path.relative_to(root))
+    return f"{name}, compressed" if _is_compressed(name) else name
 
 
 def is_saved_dataset(path: Path) -> bool:

@@ -116,6 +116,22 @@ def test_files_outside_every_split_are_named_in_a_warning(tmp_path, caplog):
     assert "1 data file(s) match no split (extra.jsonl) and are not read" in caplog.text
 
 
+def test_a_compressed_file_outside_every_split_is_named_and_not_refused(tmp_path, caplog):
+    """An old archive beside the split files is never read: it is named in the warning, and the folder is read."""
+    import gzip
+
+    write_jsonl(tmp_path / "d" / "train.jsonl", split_rows("train", 3))
+    write_jsonl(tmp_path / "d" / "test.jsonl", split_rows("test", 2))
+    (tmp_path / "d" / "archive").mkdir()
+    (tmp_path / "d" / "archive" / "old-2023.jsonl.gz").write_bytes(gzip.compress(json.dumps(chat("old")).encode() + b"\n"))
+    with caplog.at_level(logging.WARNING, logger="builder.inputs"):
+        train, _ = load_rows(str(tmp_path / "d"))
+    assert ids(train) == ["train-0", "train-1", "train-2"]
+    assert "1 data file(s) match no split (archive/old-2023.jsonl.gz, compressed) and are not read" in caplog.text
+    test, _ = load_rows(str(tmp_path / "d"), split="test")
+    assert ids(test) == ["test-0", "test-1"]
+
+
 def test_dataset_info_json_does_not_make_a_saved_dataset(tmp_path):
     """LLaMA-Factory's data folders hold a dataset_info.json that describes the files beside it."""
     write_jsonl(tmp_path / "data" / "chats.jsonl", [chat(f"r{i}") for i in range(3)])
