@@ -11,11 +11,12 @@ import codecs
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
+from datasets.data_files import _get_data_files_patterns, resolve_pattern, sanitize_patterns
 
 from .errors import InputError
 from .files import refuse_pattern_paths
@@ -78,18 +79,46 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> tuple[d
     else:
         _refuse_config(config, spec)
         patterns = None
-    try:
-        patterns = patterns or get_data_patterns(base)
-    except EmptyDatasetError:
-        return {}, config
+    patterns = patterns or inferred_split_patterns(base)
     splits = {}
     for split, split_patterns in patterns.items():
         files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
         if files:
             splits[str(split)] = sorted(files)
+    if not splits:
+        _refuse_data_in_no_split(folder, spec, config if configs else None, patterns)
     if not configs:
         _warn_unsplit_files(folder, splits)
     return splits, config
+
+
+def _refuse_data_in_no_split(folder: Path, spec: str, config: str | None, patterns: dict) -> None:
+    """Data files that no split holds: say what named the splits, rather than that there are no data files."""
+    data = sorted(Path(f).relative_to(folder.resolve()).as_posix() for f in _data_files("**", folder.resolve().as_posix()))
+    if not data:
+        return
+    if config is not None:
+        named_by = f"the `configs` of its README.md (configuration {config!r})"
+        fix = "fix the configuration's data_files (or data_dir) in the README.md, or remove the README.md to split by file names"
+    else:
+        named_by = "the split names in its file and folder names"
+        fix = "rename the files so that each one's split name is in its name, or give the data files as a folder of their own"
+    split_patterns = {str(split): list(split_patterns) for split, split_patterns in patterns.items()}
+    raise InputError(
+        f"--input-data: directory {spec!r} holds data files ({', '.join(data[:5])}{' ...' if len(data) > 5 else ''}), and "
+        f"{named_by} give splits whose patterns match none of them ({split_patterns}); "
+        f"expected splits that hold its data files: {fix}"
+    )
+
+
+def inferred_split_patterns(base: str) -> dict[str, list[str]]:
+    """Split name -> patterns, as `datasets.data_files.get_data_patterns` infers them, from the data files
+    alone: there, any file counts, and a `train.py` or `notes_test.txt` beside the data names a split
+    that holds none of it. {} where the folder holds no data files."""
+    try:
+        return _get_data_files_patterns(partial(_data_files, base=base))
+    except FileNotFoundError:  # no pattern matched a data file
+        return {}
 
 
 def card_configs(folder: Path) -> dict[str, dict]:
