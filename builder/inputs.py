@@ -246,7 +246,7 @@ def _json_rows(files: list[str], key: str):
     for name in files:
         with open(name, "rb") as f:
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
-        if head.startswith(b"["):
+        if head.startswith(b"[") and _is_json_array(name):
             yield from _json_array_rows(name)
         elif head.startswith(b"{") and _is_one_json_object(name):
             raise InputError(
@@ -330,6 +330,18 @@ def _is_one_json_object(name: str) -> bool:
     if any(_begins_a_row(line) for line in lines[1:]):
         return False  # JSON Lines whose first line was cut short or damaged
     return _starts_an_object(head)
+
+
+def _is_json_array(name: str) -> bool:
+    """A file starting with `[` is one JSON array, unless its first line is a whole JSON value and more
+    follows it, which no JSON file can hold: JSON Lines whose first row is an array, a bad row like any
+    other. A first line longer than the head is an array written on one line."""
+    with open(name, "rb") as f:
+        head = f.read(FORM_HEAD_BYTES + 1)
+    whole = len(head) <= FORM_HEAD_BYTES
+    first, newline, rest = head[:FORM_HEAD_BYTES].removeprefix(UTF8_BOM).lstrip().partition(b"\n")
+    more = bool(rest.strip()) or not whole
+    return not (newline and more and _json_value(first) is not _NOT_JSON)
 
 
 def _begins_a_row(line: bytes) -> bool:
