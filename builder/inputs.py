@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets.data_files import _get_data_files_patterns, resolve_pattern, sanitize_patterns
+from datasets.utils.info_utils import is_small_dataset
 
 from .errors import InputError
 from .files import refuse_pattern_paths
@@ -153,6 +154,14 @@ def _config_name(configs: dict[str, dict], config: str | None, spec: str) -> str
             "pass --input-config with one of them"
         )
     return defaults[0]
+
+
+def _refuse_revision(revision: str | None, spec: str) -> None:
+    if revision is not None:
+        raise InputError(
+            f"--input-revision: {revision!r} names a revision of a Hub dataset, and the local path {spec!r} has none "
+            "(its files' content is hashed instead); drop --input-revision"
+        )
 
 
 def _refuse_config(config: str | None, spec: str) -> None:
@@ -398,15 +407,19 @@ def _row_bytes(row) -> bytes:
         return json.dumps(row).encode()
 
 
-def load_rows(spec: str, *, config: str | None = None, split: str | None = None) -> tuple[datasets.Dataset, dict]:
+def load_rows(
+    spec: str, *, config: str | None = None, split: str | None = None, revision: str | None = None
+) -> tuple[datasets.Dataset, dict]:
     """Load the raw rows of one split and describe the input for the manifest, with the configuration
-    read (a name --input-config was left to default to) rather than the flag as typed."""
+    read (a name --input-config was left to default to) rather than the flag as typed. `revision`: a
+    Hub dataset's branch, tag or commit (--input-revision)."""
     if not spec.strip():
         raise InputError(
             "--input-data is empty; expected a .json/.jsonl/.parquet file, a directory of them, a saved dataset or a Hub dataset id"
         )
     if not is_local(spec):
-        return _load_hub(spec, config, split)
+        return _load_hub(spec, config, split, revision)
+    _refuse_revision(revision, spec)
     path = Path(spec).expanduser().resolve()
     if is_saved_dataset(path):
         _refuse_config(config, spec)
@@ -469,14 +482,39 @@ def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | N
     return datasets.Features.from_arrow_schema(pa.unify_schemas(schemas, promote_options="permissive"))
 
 
-def _load_hub(repo_id: str, config: str | None, split: str | None):
+def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str | None):
+    from .hub_inputs import check_cached_revision, hub_source
+
+    builder, loaded = _hub_splits(repo_id, config, revision)
+    check_cached_revision(builder, repo_id, revision)
+    ds = _pick_split(loaded, split, repo_id)
+    config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
+    source = hub_source(builder, repo_id, split or "train")
+    info = {
+        "input_data": repo_id,
+        "kind": "hub",
+        "config": config,
+        "split": split or "train",
+        "content_hash": source.content_hash or ds._fingerprint,
+        "revision": source.commit,  # informational: another commit with the same data files is the same input
+        "earlier_content_hashes": [ds._fingerprint],  # what earlier versions recorded: the rows `datasets` named by the commit
+    }
+    return ds, info
+
+
+def _hub_splits(repo_id: str, config: str | None, revision: str | None):
+    """The builder and every split of a Hub dataset, as `datasets.load_dataset` loads them: the builder
+    tells which commit and files it read."""
     from huggingface_hub import is_offline_mode
 
     try:
-        loaded = datasets.load_dataset(repo_id, name=config)
+        builder = datasets.load_dataset_builder(repo_id, name=config, revision=revision)
+        builder.download_and_prepare()
+        return builder, builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
     except datasets.exceptions.DatasetNotFoundError as err:
         raise InputError(
-            f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path"
+            f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); "
+            f"check the id{' and --input-revision' if revision else ''}, or give a local path"
         ) from None
     except datasets.exceptions.DatasetGenerationError as err:  # `datasets` fails the whole load on one bad JSON line
         cause = err.__cause__ or err
@@ -490,16 +528,13 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
             if is_offline_mode()
-            else "check the path or the id, the network, and --input-config"
+            else "check the path or the id, the network, --input-config and --input-revision"
         )
         raise InputError(
             f"--input-data: {repo_id!r} is not a local path, and as a Hub dataset it could not be loaded "
             f"({type(err).__name__}: {_one_line(err)}); expected a .json/.jsonl/.parquet file, a directory of them, "
             f"a saved dataset or a reachable Hub dataset id: {hint}"
         ) from None
-    ds = _pick_split(loaded, split, repo_id)
-    config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
-    return ds, {"input_data": repo_id, "kind": "hub", "config": config, "split": split or "train", "content_hash": ds._fingerprint}
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
