@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from dataset_card.pictures import PICTURES
 
 from .batching import expected_rows
-from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, check_resume, holds_cache, read_identity, read_sidecar
+from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, INPUT_SOURCE_FILE, check_resume, holds_cache, read_identity, read_sidecar
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
 from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreadable
@@ -70,7 +70,8 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
-        prep.identity = check_resume(out, prep.identity, prep.tokenizer_hashes)  # every rank alike, before anything is written
+        # every rank alike, before anything is written
+        prep.identity = check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes)
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     if uploader is not None and uploader.already_pushed:
         log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)
@@ -234,7 +235,7 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
         lock.acquire()
         remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
         if resume:
-            check_resume(out, prep.identity, prep.tokenizer_hashes)  # again: another build may have started here since the first check
+            check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes)  # again: another build may have started here since
         if resume and read_identity(out) is not None:
             check_kept_samples(out, prep, kept_shards(out, prep))  # before anything is removed or written
             remove_killed_writers_files(out)
@@ -246,6 +247,7 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
                 "an empty or new directory",
                 "Another build started writing to it meanwhile; pass --resume to continue that build, or choose another directory.",
             )
+        write_json_atomic(out / INPUT_SOURCE_FILE, {"revision": prep.input_revision})
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 
 

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 BUILD_STATE_DIR = ".eagle3_build"
 BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
+# What the build read beyond its identity: the commit of a Hub dataset input (whose data files the identity hashes).
+INPUT_SOURCE_FILE = f"{BUILD_STATE_DIR}/input.json"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -52,12 +54,18 @@ PATH_CONTENT_FIELDS = {
 RESOLVED_FIELDS = {"input.config": ("input.content_hash",)}
 
 
-def identity_differences(stored: dict, current: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> dict:
+def identity_differences(
+    stored: dict, current: dict, tokenizer_hashes: frozenset[str] = frozenset(), input_hashes: frozenset[str] = frozenset()
+) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names. `tokenizer_hashes`:
-    those this run's tokenizer may have been recorded under (tokenize.recorded_tokenizer_hashes)."""
+    those this run's tokenizer may have been recorded under (tokenize.recorded_tokenizer_hashes);
+    `input_hashes`: those this run's input may have been (a Hub input: the rows' fingerprint at the
+    commit read, which earlier versions recorded instead of the data files' hash)."""
     a, b = flatten(stored), flatten(current)
     if a.get(TOKENIZER_FIELD) in tokenizer_hashes:
         b[TOKENIZER_FIELD] = a[TOKENIZER_FIELD]
+    if a.get(INPUT_HASH_FIELD) in input_hashes:
+        b[INPUT_HASH_FIELD] = a[INPUT_HASH_FIELD]
     for field in ADDED_FIELDS:
         if field not in a and field in b and b.pop(field) is not None:
             log.warning("the build being resumed predates %s: that field is not checked", field)
@@ -74,6 +82,7 @@ def identity_differences(stored: dict, current: dict, tokenizer_hashes: frozense
 
 WEIGHTS_FIELD = "target.weights_sample_sha256"
 TOKENIZER_FIELD = "tokenizer_sha256"
+INPUT_HASH_FIELD = "input.content_hash"
 
 
 def recorded_with_earlier_fingerprint(stored: dict, current: dict) -> bool:
@@ -136,7 +145,9 @@ def read_identity(output_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_resume(output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset()) -> dict:
+def check_resume(
+    output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset(), input_hashes: frozenset[str] = frozenset()
+) -> dict:
     """The identity the resumed build goes on with: refused (changing nothing) when the stored one differs
     from this run's. Where they agree, the stored one, as recorded: fields an earlier version recorded
     otherwise (a path's spelling, the tokenizer's hash as loaded) or not at all name the same build, whose
@@ -145,10 +156,27 @@ def check_resume(output_dir: Path, identity: dict, tokenizer_hashes: frozenset[s
     stored = read_identity(output_dir)
     if stored is None:
         return identity  # nothing written yet (a start that failed): the run starts the build
-    differences = identity_differences(stored, identity, tokenizer_hashes)
+    differences = identity_differences(stored, identity, tokenizer_hashes, input_hashes)
     if differences:
-        raise ResumeMismatch(differences)
+        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences))
     return stored
+
+
+def hub_input_hint(output_dir: Path, stored: dict, differences: dict) -> str:
+    """Where only a Hub input's data files differ: the dataset commit the build read, to resume from."""
+    commit = (read_input_source(output_dir) or {}).get("revision")
+    same_input = not {"input.data", "input.config", "input.split"} & set(differences)
+    if commit is None or INPUT_HASH_FIELD not in differences or not same_input:
+        return ""
+    return (
+        f"The data files of Hub dataset {stored['input']['data']!r} have changed since commit {commit}, which the build "
+        f"read: pass --input-revision {commit} to continue it from that commit."
+    )
+
+
+def read_input_source(output_dir: Path) -> dict | None:
+    path = Path(output_dir) / INPUT_SOURCE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def refuse_resume_without_build_state(output_dir: Path) -> None:

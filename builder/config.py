@@ -102,6 +102,7 @@ class BuildConfig:
     input_config: str | None = setting(
         None, group="input", help="dataset config name (a Hub dataset's, or one in a local folder's README.md configs)"
     )
+    input_revision: str | None = setting(None, group="input", help="Hub revision (branch, tag or commit) of a Hub dataset --input-data")
     split: str | None = setting(None, group="input", help="dataset split", shown_default="train")
     max_samples: int | None = setting(None, group="input", help="use the first N rows of the shuffled input", minimum=1)
     shuffle_seed: int = setting(42, group="input", help="seed of the input permutation", minimum=0)
@@ -268,6 +269,7 @@ def validate(cfg: BuildConfig) -> None:
     _check_flags_have_their_use(cfg)
     _check_flags_not_overridden(cfg)
     _check_target_revision(cfg)
+    _check_input_revision(cfg)
     _check_push_target(cfg)
     _check_output_dir(cfg)
 
@@ -324,6 +326,25 @@ def _check_target_revision(cfg: BuildConfig) -> None:
             f"{cfg.target_model!r} is a local directory or an embedded target, which has no revisions, so the flag would "
             "be ignored (the manifest records a local target's files' hashes instead). Leave it out, or pass the Hub id "
             "of the model to build from that revision.",
+        )
+
+
+def _check_input_revision(cfg: BuildConfig) -> None:
+    """A revision names a commit of a Hub dataset: a local or embedded input has none (its files' content is
+    hashed instead)."""
+    if cfg.input_revision is None:
+        return
+    from .embedded import resolve_input
+    from .inputs import is_local
+
+    if is_local(resolve_input(cfg.input_data)):
+        raise ConfigError(
+            "--input-revision",
+            cfg.input_revision,
+            "a Hub dataset id as --input-data",
+            f"{cfg.input_data!r} is a local path or an embedded input, which has no revisions, so the flag would be "
+            "ignored (the manifest records a local input's content hash instead). Leave it out, or pass the Hub id of "
+            "the dataset to read it at that revision.",
         )
 
 

@@ -34,11 +34,11 @@ class BadRowError(Eagle3CacheError, ValueError):
 class ResumeMismatch(Eagle3CacheError):
     """--resume on a cache built with different identity fields."""
 
-    def __init__(self, differences: dict):
+    def __init__(self, differences: dict, hint: str = ""):
         lines = [f"  {field}: cache has {old!r}, this run has {new!r}" for field, (old, new) in sorted(differences.items())]
         super().__init__(
             "--resume: the cache in the output directory was built with different settings, so it cannot be "
-            "continued:\n" + "\n".join(lines) + "\nUse the original settings, or a new --output-dir."
+            "continued:\n" + "\n".join(lines) + "\nUse the original settings, or a new --output-dir." + (f" {hint}" if hint else "")
         )
         self.differences = differences
 

@@ -11,11 +11,13 @@ import codecs
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
+from datasets.data_files import _get_data_files_patterns, resolve_pattern, sanitize_patterns
+from datasets.utils.info_utils import is_small_dataset
 
 from .errors import InputError
 from .files import refuse_pattern_paths
@@ -78,18 +80,46 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> tuple[d
     else:
         _refuse_config(config, spec)
         patterns = None
-    try:
-        patterns = patterns or get_data_patterns(base)
-    except EmptyDatasetError:
-        return {}, config
+    patterns = patterns or inferred_split_patterns(base)
     splits = {}
     for split, split_patterns in patterns.items():
         files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
         if files:
             splits[str(split)] = sorted(files)
+    if not splits:
+        _refuse_data_in_no_split(folder, spec, config if configs else None, patterns)
     if not configs:
         _warn_unsplit_files(folder, splits)
     return splits, config
+
+
+def _refuse_data_in_no_split(folder: Path, spec: str, config: str | None, patterns: dict) -> None:
+    """Data files that no split holds: say what named the splits, rather than that there are no data files."""
+    data = sorted(Path(f).relative_to(folder.resolve()).as_posix() for f in _data_files("**", folder.resolve().as_posix()))
+    if not data:
+        return
+    if config is not None:
+        named_by = f"the `configs` of its README.md (configuration {config!r})"
+        fix = "fix the configuration's data_files (or data_dir) in the README.md, or remove the README.md to split by file names"
+    else:
+        named_by = "the split names in its file and folder names"
+        fix = "rename the files so that each one's split name is in its name, or give the data files as a folder of their own"
+    split_patterns = {str(split): list(split_patterns) for split, split_patterns in patterns.items()}
+    raise InputError(
+        f"--input-data: directory {spec!r} holds data files ({', '.join(data[:5])}{' ...' if len(data) > 5 else ''}), and "
+        f"{named_by} give splits whose patterns match none of them ({split_patterns}); "
+        f"expected splits that hold its data files: {fix}"
+    )
+
+
+def inferred_split_patterns(base: str) -> dict[str, list[str]]:
+    """Split name -> patterns, as `datasets.data_files.get_data_patterns` infers them, from the data files
+    alone: there, any file counts, and a `train.py` or `notes_test.txt` beside the data names a split
+    that holds none of it. {} where the folder holds no data files."""
+    try:
+        return _get_data_files_patterns(partial(_data_files, base=base))
+    except FileNotFoundError:  # no pattern matched a data file
+        return {}
 
 
 def card_configs(folder: Path) -> dict[str, dict]:
@@ -126,6 +156,14 @@ def _config_name(configs: dict[str, dict], config: str | None, spec: str) -> str
     return defaults[0]
 
 
+def _refuse_revision(revision: str | None, spec: str) -> None:
+    if revision is not None:
+        raise InputError(
+            f"--input-revision: {revision!r} names a revision of a Hub dataset, and the local path {spec!r} has none "
+            "(its files' content is hashed instead); drop --input-revision"
+        )
+
+
 def _refuse_config(config: str | None, spec: str) -> None:
     if config is not None:
         raise InputError(
@@ -137,27 +175,46 @@ def _refuse_config(config: str | None, spec: str) -> None:
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # `datasets` decompresses these; we do not
 
 
-def _resolve_data_files(pattern: str, base: str) -> list[str]:
+def _data_files(pattern: str, base: str) -> list[str]:
+    """The files under `base` matching `pattern` that `datasets` reads as data: ours, compressed or not."""
     try:
-        files = resolve_pattern(pattern, base, allowed_extensions=list(DATA_SUFFIXES))
+        files = resolve_pattern(pattern, base)
     except FileNotFoundError:  # `datasets` says "no file matches" this way
         return []
-    compressed = sorted(Path(f).name for f in files if Path(f).suffix in COMPRESSED_SUFFIXES)
+    return [f for f in files if _is_data_file(f)]
+
+
+def _is_data_file(name: str) -> bool:
+    suffixes = Path(name).suffixes
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in DATA_SUFFIXES
+
+
+def _is_compressed(name: str) -> bool:
+    return Path(name).suffix in COMPRESSED_SUFFIXES
+
+
+def _resolve_data_files(pattern: str, base: str) -> list[str]:
+    files = _data_files(pattern, base)
+    compressed = sorted(Path(f).name for f in files if _is_compressed(f))
     if compressed:  # `datasets` would read them: never leave them out unseen
         raise InputError(
             f"--input-data: {', '.join(compressed[:3])}{' ...' if len(compressed) > 3 else ''} in {base} "
             f"{'is' if len(compressed) == 1 else 'are'} compressed; expected {'/'.join(DATA_SUFFIXES)} files as they are: "
             "decompress them first"
         )
-    return [f for f in files if Path(f).suffix in DATA_SUFFIXES]
+    return files
 
 
 def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
-    """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing unseen."""
+    """Files the split names leave out are not read (as in `datasets`); say which, so none goes missing
+    unseen. A compressed one among them is named too, and not refused: it is never read."""
+    root = folder.resolve()
     split_files = {f for files in splits.values() for f in files}
-    left_out = sorted(Path(f) for f in _resolve_data_files("**", folder.resolve().as_posix()) if Path(f) not in split_files)
+    left_out = sorted(Path(f) for f in _data_files("**", root.as_posix()) if Path(f) not in split_files)
     if splits and left_out:
-        names = ", ".join(str(p.relative_to(folder.resolve())) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
+        names = ", ".join(_left_out_name(p, root) for p in left_out[:5]) + (" ..." if len(left_out) > 5 else "")
         log.warning(
             "--input-data: %s: %d data file(s) match no split (%s) and are not read; splits are %s",
             folder,
@@ -165,6 +222,11 @@ def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:
             names,
             sorted(splits),
         )
+
+
+def _left_out_name(path: Path, root: Path) -> str:
+    name = str(path.relative_to(root))
+    return f"{name}, compressed" if _is_compressed(name) else name
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -193,7 +255,7 @@ def _json_rows(files: list[str], key: str):
     for name in files:
         with open(name, "rb") as f:
             head = f.read(1 << 12).removeprefix(UTF8_BOM).lstrip()
-        if head.startswith(b"["):
+        if head.startswith(b"[") and _is_json_array(name):
             yield from _json_array_rows(name)
         elif head.startswith(b"{") and _is_one_json_object(name):
             raise InputError(
@@ -279,6 +341,18 @@ def _is_one_json_object(name: str) -> bool:
     return _starts_an_object(head)
 
 
+def _is_json_array(name: str) -> bool:
+    """A file starting with `[` is one JSON array, unless its first line is a whole JSON value and more
+    follows it, which no JSON file can hold: JSON Lines whose first row is an array, a bad row like any
+    other. A first line longer than the head is an array written on one line."""
+    with open(name, "rb") as f:
+        head = f.read(FORM_HEAD_BYTES + 1)
+    whole = len(head) <= FORM_HEAD_BYTES
+    first, newline, rest = head[:FORM_HEAD_BYTES].removeprefix(UTF8_BOM).lstrip().partition(b"\n")
+    more = bool(rest.strip()) or not whole
+    return not (newline and more and _json_value(first) is not _NOT_JSON)
+
+
 def _begins_a_row(line: bytes) -> bool:
     """A JSON Lines row begins at the line's start with `{` and its first key on that line (the head
     may cut the rest). In a pretty-printed object a nested object is indented, or, with `indent=0`,
@@ -333,15 +407,19 @@ def _row_bytes(row) -> bytes:
         return json.dumps(row).encode()
 
 
-def load_rows(spec: str, *, config: str | None = None, split: str | None = None) -> tuple[datasets.Dataset, dict]:
+def load_rows(
+    spec: str, *, config: str | None = None, split: str | None = None, revision: str | None = None
+) -> tuple[datasets.Dataset, dict]:
     """Load the raw rows of one split and describe the input for the manifest, with the configuration
-    read (a name --input-config was left to default to) rather than the flag as typed."""
+    read (a name --input-config was left to default to) rather than the flag as typed. `revision`: a
+    Hub dataset's branch, tag or commit (--input-revision)."""
     if not spec.strip():
         raise InputError(
             "--input-data is empty; expected a .json/.jsonl/.parquet file, a directory of them, a saved dataset or a Hub dataset id"
         )
     if not is_local(spec):
-        return _load_hub(spec, config, split)
+        return _load_hub(spec, config, split, revision)
+    _refuse_revision(revision, spec)
     path = Path(spec).expanduser().resolve()
     if is_saved_dataset(path):
         _refuse_config(config, spec)
@@ -404,14 +482,39 @@ def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | N
     return datasets.Features.from_arrow_schema(pa.unify_schemas(schemas, promote_options="permissive"))
 
 
-def _load_hub(repo_id: str, config: str | None, split: str | None):
+def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str | None):
+    from .hub_inputs import check_cached_revision, hub_source
+
+    builder, loaded = _hub_splits(repo_id, config, revision)
+    check_cached_revision(builder, repo_id, revision)
+    ds = _pick_split(loaded, split, repo_id)
+    config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
+    source = hub_source(builder, repo_id, split or "train")
+    info = {
+        "input_data": repo_id,
+        "kind": "hub",
+        "config": config,
+        "split": split or "train",
+        "content_hash": source.content_hash or ds._fingerprint,
+        "revision": source.commit,  # informational: another commit with the same data files is the same input
+        "earlier_content_hashes": [ds._fingerprint],  # what earlier versions recorded: the rows `datasets` named by the commit
+    }
+    return ds, info
+
+
+def _hub_splits(repo_id: str, config: str | None, revision: str | None):
+    """The builder and every split of a Hub dataset, as `datasets.load_dataset` loads them: the builder
+    tells which commit and files it read."""
     from huggingface_hub import is_offline_mode
 
     try:
-        loaded = datasets.load_dataset(repo_id, name=config)
+        builder = datasets.load_dataset_builder(repo_id, name=config, revision=revision)
+        builder.download_and_prepare()
+        return builder, builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
     except datasets.exceptions.DatasetNotFoundError as err:
         raise InputError(
-            f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); check the id, or give a local path"
+            f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); "
+            f"check the id{' and --input-revision' if revision else ''}, or give a local path"
         ) from None
     except datasets.exceptions.DatasetGenerationError as err:  # `datasets` fails the whole load on one bad JSON line
         cause = err.__cause__ or err
@@ -425,16 +528,13 @@ def _load_hub(repo_id: str, config: str | None, split: str | None):
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
             if is_offline_mode()
-            else "check the path or the id, the network, and --input-config"
+            else "check the path or the id, the network, --input-config and --input-revision"
         )
         raise InputError(
             f"--input-data: {repo_id!r} is not a local path, and as a Hub dataset it could not be loaded "
             f"({type(err).__name__}: {_one_line(err)}); expected a .json/.jsonl/.parquet file, a directory of them, "
             f"a saved dataset or a reachable Hub dataset id: {hint}"
         ) from None
-    ds = _pick_split(loaded, split, repo_id)
-    config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
-    return ds, {"input_data": repo_id, "kind": "hub", "config": config, "split": split or "train", "content_hash": ds._fingerprint}
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

@@ -162,6 +162,8 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
             "argmax_coverage": sum(s["argmax_in_vocab"] for s in shards) / loss_tokens if loss_tokens else 0.0,
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
+        # the Hub dataset commit this run read (null for local input): informational, the identity hashes the data files
+        "input_revision": prep.input_revision,
         "skipped": prep.skipped,
         "duplicate_ids": prep.duplicate_ids,  # kept: source_index is the stable key
         "failed": [failure for shard in sidecars for failure in shard.get("failed", [])],  # e.g. non-finite outputs

@@ -49,6 +49,8 @@ class Prepared:
     identity: dict
     duplicate_ids: int = 0  # valid samples whose sample_id an earlier valid sample already has
     tokenizer_hashes: frozenset[str] = frozenset()  # those a build of this tokenizer may have recorded (recorded_tokenizer_hashes)
+    input_hashes: frozenset[str] = frozenset()  # those a build of this input may have recorded: an earlier version's, of a Hub input
+    input_revision: str | None = None  # the Hub dataset commit read; not in the identity, which hashes the data files read
 
     @property
     def vocab_size(self) -> int:
@@ -89,7 +91,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
     target = target_identity(cfg, model_path, model_config, tokenizer)  # before tokenizing: it can refuse the target
     template = template_of(tokenizer, read_template_file(cfg.chat_template) if cfg.chat_template else None)
 
-    rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split)
+    rows, input_info = load_rows(resolve_input(cfg.input_data), config=cfg.input_config, split=cfg.split, revision=cfg.input_revision)
     rows, source_indices = select_rows(rows, cfg.shuffle_seed, cfg.max_samples)
     tokenized = tokenize_rows(
         rows,
@@ -124,6 +126,8 @@ def prepare(cfg: BuildConfig) -> Prepared:
         identity,
         duplicates,
         recorded_tokenizer_hashes(tokenizer, template),
+        frozenset(input_info.get("earlier_content_hashes", ())),
+        input_info.get("revision"),
     )
     check_row_sizes(prepared)
     return prepared

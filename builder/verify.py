@@ -664,10 +664,15 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
             "they hold another date"
         )
     try:
-        rows, info = load_rows(resolve_input(selection["data"]), config=selection.get("config"), split=selection.get("split"))
+        rows, info = load_rows(
+            resolve_input(selection["data"]),
+            config=selection.get("config"),
+            split=selection.get("split"),
+            revision=manifest.get("input_revision"),  # a Hub dataset as the build read it
+        )
     except Eagle3CacheError as err:
         raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
-    if info["content_hash"] != selection["content_hash"]:
+    if selection["content_hash"] not in {info["content_hash"], *info.get("earlier_content_hashes", ())}:
         raise NotRetokenized(
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
             f"build's {selection['content_hash']})"

@@ -116,6 +116,46 @@ def test_files_outside_every_split_are_named_in_a_warning(tmp_path, caplog):
     assert "1 data file(s) match no split (extra.jsonl) and are not read" in caplog.text
 
 
+def test_a_compressed_file_outside_every_split_is_named_and_not_refused(tmp_path, caplog):
+    """An old archive beside the split files is never read: it is named in the warning, and the folder is read."""
+    import gzip
+
+    write_jsonl(tmp_path / "d" / "train.jsonl", split_rows("train", 3))
+    write_jsonl(tmp_path / "d" / "test.jsonl", split_rows("test", 2))
+    (tmp_path / "d" / "archive").mkdir()
+    (tmp_path / "d" / "archive" / "old-2023.jsonl.gz").write_bytes(gzip.compress(json.dumps(chat("old")).encode() + b"\n"))
+    with caplog.at_level(logging.WARNING, logger="builder.inputs"):
+        train, _ = load_rows(str(tmp_path / "d"))
+    assert ids(train) == ["train-0", "train-1", "train-2"]
+    assert "1 data file(s) match no split (archive/old-2023.jsonl.gz, compressed) and are not read" in caplog.text
+    test, _ = load_rows(str(tmp_path / "d"), split="test")
+    assert ids(test) == ["test-0", "test-1"]
+
+
+@pytest.mark.parametrize("beside", ["train.py", "test.py", "notes_test.txt", "eval/plots.png"])
+def test_a_file_that_is_no_data_names_no_split(tmp_path, beside):
+    """`datasets` names splits from any file; a script or note beside the data named a split that held none of it."""
+    write_jsonl(tmp_path / "d" / "chats.jsonl", [chat("a0"), chat("a1")])
+    write_jsonl(tmp_path / "d" / "more.jsonl", [chat("b0")])
+    (tmp_path / "d" / beside).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "d" / beside).write_text("print('hello')\n")
+    ds, info = load_rows(str(tmp_path / "d"))
+    assert ids(ds) == ["a0", "a1", "b0"]
+    assert info["split"] == "train"
+
+
+def test_split_names_come_from_the_data_files_beside_a_folder_and_a_file_named_like_splits(tmp_path):
+    write_jsonl(tmp_path / "d" / "chats_train.jsonl", split_rows("train", 2))
+    write_jsonl(tmp_path / "d" / "chats_test.jsonl", split_rows("test", 1))
+    (tmp_path / "d" / "validation").mkdir()
+    (tmp_path / "d" / "validation" / "loss.png").write_bytes(b"\x89PNG")  # a folder's name goes before file names
+    (tmp_path / "d" / "make_train.py").write_text("pass\n")
+    assert ids(load_rows(str(tmp_path / "d"))[0]) == ["train-0", "train-1"]
+    assert ids(load_rows(str(tmp_path / "d"), split="test")[0]) == ["test-0"]
+    with pytest.raises(InputError, match=says("--split", "['test', 'train']", "not 'validation'")):
+        load_rows(str(tmp_path / "d"), split="validation")
+
+
 def test_dataset_info_json_does_not_make_a_saved_dataset(tmp_path):
     """LLaMA-Factory's data folders hold a dataset_info.json that describes the files beside it."""
     write_jsonl(tmp_path / "data" / "chats.jsonl", [chat(f"r{i}") for i in range(3)])
@@ -314,6 +354,24 @@ def test_card_without_configs_splits_by_file_names(configured):
     assert ids(ds) == ["clean-train-0", "clean-train-1"]
     with pytest.raises(InputError, match=says("--input-config", "'raw'", "local path", "drop --input-config")):
         load_rows(str(configured), config="raw")
+
+
+def test_card_configs_that_match_none_of_the_data_files_say_so(configured):
+    """Not that the folder holds no data files: it does, and the card names what the splits are."""
+    (configured / "README.md").write_text(
+        CARD.replace("clean/train-*.jsonl", "cleaned/train-*.jsonl").replace("clean/test-*", "cleaned/test-*")
+    )
+    with pytest.raises(
+        InputError,
+        match=says(
+            "--input-data",
+            "holds data files (clean/test-0.jsonl, clean/train-0.jsonl",
+            "configuration 'clean'",
+            "cleaned/train-*.jsonl",
+            "README.md",
+        ),
+    ):
+        load_rows(str(configured))
 
 
 def test_damaged_parquet_part_names_the_files(tmp_path):

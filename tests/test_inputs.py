@@ -246,6 +246,20 @@ def test_invalid_json_array(tmp_path):
         load_rows(str(path))
 
 
+def test_json_lines_whose_first_line_is_an_array_skip_that_line_alone(tmp_path):
+    """No JSON file holds more after a whole first-line value: those are rows, the array among them a bad one."""
+    prep = prepare_lines(tmp_path, [b"[1, 2]"] + valid_lines(4))
+    assert prep.skipped == {"wrong_type": 1}
+    assert sorted(prep.samples["sample_id"]) == sorted(r["id"] for r in conversations(4))
+
+
+def test_a_json_array_on_one_line_is_still_an_array(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(conversations(3)) + "\n\n")
+    ds, _ = load_rows(str(path))
+    assert [parse_raw_row(raw)["id"] for raw in ds["raw"]] == [r["id"] for r in conversations(3)]
+
+
 # ---- bad rows through prepare() with the embedded target ---------------------------------
 
 # Raises on any message that asks for it, and drops a DRAFT assistant turn once another

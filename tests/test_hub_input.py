@@ -1,0 +1,232 @@
+"""A Hub dataset as --input-data, against the loopback Hub: its identity is the data files read, not
+the repo's commit, so a commit that leaves them as they are resumes; --input-revision pins a commit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import assert_same_content, decoded_rows, says, small_config
+from hub_server import TOKEN, hub_fixtures
+
+import builder.forward as forward_module
+from builder.build import build
+from builder.build_state import BUILD_STATE_FILE, INPUT_SOURCE_FILE
+from builder.config import validate
+from builder.errors import ConfigError, InputError, ResumeMismatch
+from builder.inputs import load_rows
+from builder.manifest import fingerprint, read_manifest
+
+hub_server, hub = hub_fixtures()
+
+
+def chat_lines(n: int, tag: str = "a") -> bytes:
+    rows = (
+        {
+            "id": f"{tag}{i}",
+            "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}],
+        }
+        for i in range(n)
+    )
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def commit_file(hub, repo_id: str, path: str, data: bytes) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    return api.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id=repo_id, repo_type="dataset").oid
+
+
+def hub_dataset(hub, repo_id: str, n: int = 10) -> str:
+    """A Hub dataset of `n` chats in train.jsonl; returns the commit holding them."""
+    return commit_file(hub, repo_id, "train.jsonl", chat_lines(n))
+
+
+def interrupted_build(cfg, monkeypatch, shards: int = 2) -> None:
+    """A build stopped after writing `shards` shards."""
+    real, done = forward_module.write_one_shard, []
+
+    def stop(*args, **kwargs):
+        if len(done) == shards:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(forward_module, "write_one_shard", stop)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, progress=False)
+    monkeypatch.setattr(forward_module, "write_one_shard", real)
+
+
+def hub_config(out, repo_id: str, **overrides):
+    return small_config(out, input_data=repo_id, max_samples=None, shard_size=3, **overrides)
+
+
+# ---- the identity of a Hub input: its data files ---------------------------------------------
+
+
+def test_a_commit_that_leaves_the_data_files_as_they_are_resumes_and_equals_an_uninterrupted_build(hub, tmp_path, monkeypatch):
+    read = hub_dataset(hub, "tester/notes-edited")
+    cfg = hub_config(tmp_path / "cache", "tester/notes-edited")
+    interrupted_build(cfg, monkeypatch)
+    edited = commit_file(hub, "tester/notes-edited", "NOTES.md", b"Where these chats come from.\n")
+    result = build(cfg.replace(resume=True), progress=False)
+    assert len(result.written) == 2  # the two shards the first run wrote are kept
+    reference = build(hub_config(tmp_path / "reference", "tester/notes-edited"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(result.output_dir)["fingerprint"] == read_manifest(reference)["fingerprint"]
+    assert read_manifest(reference)["input_revision"] == edited != read
+
+
+def test_the_content_hash_follows_the_split_s_data_files_only(hub):
+    commit_file(hub, "tester/two-splits", "data/train.jsonl", chat_lines(3, "tr"))
+    commit_file(hub, "tester/two-splits", "data/test.jsonl", chat_lines(2, "te"))
+    _, train = load_rows("tester/two-splits")
+    _, test = load_rows("tester/two-splits", split="test")
+    commit_file(hub, "tester/two-splits", "data/test.jsonl", chat_lines(4, "te"))
+    _, train_after = load_rows("tester/two-splits")
+    _, test_after = load_rows("tester/two-splits", split="test")
+    assert train_after["content_hash"] == train["content_hash"]
+    assert test_after["content_hash"] != test["content_hash"]
+    assert train_after["revision"] == test_after["revision"] != train["revision"]
+
+
+def test_a_commit_that_changes_a_data_file_is_refused_naming_the_commit_the_build_read(hub, tmp_path, monkeypatch):
+    read = hub_dataset(hub, "tester/data-changed")
+    cfg = hub_config(tmp_path / "cache", "tester/data-changed")
+    interrupted_build(cfg, monkeypatch)
+    commit_file(hub, "tester/data-changed", "train.jsonl", chat_lines(12))
+    with pytest.raises(ResumeMismatch, match=says("input.content_hash", "'tester/data-changed'", f"--input-revision {read}")):
+        build(cfg.replace(resume=True), progress=False)
+    # pinned to the commit it read, the build continues as it began
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    assert len(result.written) == 2
+    reference = build(hub_config(tmp_path / "reference", "tester/data-changed", input_revision=read), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(result.output_dir)["input_revision"] == read
+
+
+# ---- --input-revision ---------------------------------------------------------------------------
+
+
+def test_input_revision_pins_an_older_commit(hub):
+    from huggingface_hub import HfApi
+
+    first = commit_file(hub, "tester/pinned", "train.jsonl", chat_lines(3, "old"))
+    HfApi(endpoint=hub.url, token=TOKEN).create_tag("tester/pinned", tag="v1", repo_type="dataset")
+    commit_file(hub, "tester/pinned", "train.jsonl", chat_lines(5, "new"))
+    latest, latest_info = load_rows("tester/pinned")
+    assert [row["id"] for row in latest] == [f"new{i}" for i in range(5)]
+    for revision in (first, "v1"):
+        pinned, info = load_rows("tester/pinned", revision=revision)
+        assert [row["id"] for row in pinned] == ["old0", "old1", "old2"]
+        assert info["revision"] == first and info["content_hash"] != latest_info["content_hash"]
+
+
+def test_an_input_revision_the_dataset_lacks_is_an_input_error(hub):
+    hub_dataset(hub, "tester/no-such-revision", 3)
+    with pytest.raises(InputError, match=says("--input-data", "'tester/no-such-revision'", "--input-revision")):
+        load_rows("tester/no-such-revision", revision="v9")
+
+
+@pytest.mark.parametrize("input_data", ["sample-chats", "local"])
+def test_input_revision_is_refused_for_a_local_or_embedded_input(tmp_path, input_data):
+    local = tmp_path / "chats.jsonl"
+    local.write_bytes(chat_lines(3))
+    spec = str(local) if input_data == "local" else input_data
+    with pytest.raises(ConfigError, match=r"^--input-revision: expected a Hub dataset id as --input-data, got 'v1'\. .* no revisions"):
+        validate(small_config(tmp_path / "out", input_data=spec, input_revision="v1"))
+    with pytest.raises(InputError, match=says("--input-revision", "'v1'", "drop --input-revision")):
+        load_rows(str(local), revision="v1")
+
+
+# ---- builds an earlier version recorded ---------------------------------------------------------
+
+
+def test_a_build_that_recorded_the_rows_fingerprint_resumes_at_the_same_commit_with_its_identity(hub, tmp_path, monkeypatch):
+    """Earlier versions recorded `datasets`' fingerprint of the rows, which follows the commit: at the same
+    commit it is still this input, and the build keeps the identity, so its fingerprint, as recorded."""
+    hub_dataset(hub, "tester/recorded-earlier")
+    cfg = hub_config(tmp_path / "cache", "tester/recorded-earlier")
+    interrupted_build(cfg, monkeypatch)
+    _, info = load_rows("tester/recorded-earlier")
+    state = tmp_path / "cache" / BUILD_STATE_FILE
+    identity = json.loads(state.read_text())
+    identity["input"]["content_hash"] = info["earlier_content_hashes"][0]
+    state.write_text(json.dumps(identity))
+    (tmp_path / "cache" / INPUT_SOURCE_FILE).unlink()  # earlier versions wrote none
+    result = build(cfg.replace(resume=True), progress=False)
+    manifest = read_manifest(result.output_dir)
+    assert manifest["identity"] == identity and manifest["fingerprint"] == fingerprint(identity)
+    reference = build(hub_config(tmp_path / "reference", "tester/recorded-earlier"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+
+
+# ---- offline: the local caches -------------------------------------------------------------------
+
+
+def go_offline(monkeypatch) -> None:
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def test_a_build_begun_online_resumes_offline_from_the_local_caches(hub, tmp_path, monkeypatch):
+    read = hub_dataset(hub, "tester/offline")
+    cfg = hub_config(tmp_path / "cache", "tester/offline")
+    interrupted_build(cfg, monkeypatch)
+    go_offline(monkeypatch)
+    hub.reset_counters()
+    result = build(cfg.replace(resume=True), progress=False)
+    assert hub.requests() == []
+    assert read_manifest(result.output_dir)["input_revision"] == read
+    reference = build(hub_config(tmp_path / "reference", "tester/offline"), progress=False).output_dir
+    assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
+
+
+def test_offline_an_input_revision_the_cached_copy_is_not_is_refused(hub, tmp_path, monkeypatch):
+    first = hub_dataset(hub, "tester/offline-pinned", 3)
+    latest = commit_file(hub, "tester/offline-pinned", "train.jsonl", chat_lines(4))
+    online = load_rows("tester/offline-pinned")[1]  # the latest commit, cached
+    go_offline(monkeypatch)
+    offline = load_rows("tester/offline-pinned", revision=latest)[1]
+    assert offline["revision"] == latest and offline["content_hash"] == online["content_hash"]
+    with pytest.raises(InputError, match=says("--input-revision", "'tester/offline-pinned'", f"commit {latest}", repr(first))):
+        load_rows("tester/offline-pinned", revision=first)
+
+
+# ---- verify --recompute: the input rows as the build read them ---------------------------------
+
+
+def verify_warnings(cache, caplog) -> str:
+    import logging
+
+    from builder.cli import main
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["verify", str(cache), "--recompute", "2"]) == 0
+    return caplog.text
+
+
+def test_verify_reads_the_hub_dataset_at_the_commit_the_build_read(hub, tmp_path, caplog):
+    hub_dataset(hub, "tester/verified-input", 6)
+    cache = build(hub_config(tmp_path / "cache", "tester/verified-input"), progress=False).output_dir
+    commit_file(hub, "tester/verified-input", "train.jsonl", chat_lines(8, "z"))
+    assert "not compared with their input rows" not in verify_warnings(cache, caplog)
+
+
+def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_rows_fingerprint(hub, tmp_path, caplog):
+    from helpers import record_in_card
+
+    hub_dataset(hub, "tester/verified-earlier", 6)
+    cache = build(hub_config(tmp_path / "cache", "tester/verified-earlier"), progress=False).output_dir
+    _, info = load_rows("tester/verified-earlier")
+    recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": info["earlier_content_hashes"][0]}
+    record_in_card(cache, input=recorded)
+    assert "not compared with their input rows" not in verify_warnings(cache, caplog)
