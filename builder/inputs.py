@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets.data_files import _get_data_files_patterns, resolve_pattern, sanitize_patterns
+from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 from datasets.utils.info_utils import is_small_dataset
 
 from .errors import InputError
@@ -116,6 +116,13 @@ def inferred_split_patterns(base: str) -> dict[str, list[str]]:
     """Split name -> patterns, as `datasets.data_files.get_data_patterns` infers them, from the data files
     alone: there, any file counts, and a `train.py` or `notes_test.txt` beside the data names a split
     that holds none of it. {} where the folder holds no data files."""
+    try:
+        from datasets.data_files import _get_data_files_patterns  # the resolver-taking form of get_data_patterns
+    except ImportError:  # a `datasets` without it: its own inference, over every file
+        try:
+            return get_data_patterns(base)
+        except EmptyDatasetError:
+            return {}
     try:
         return _get_data_files_patterns(partial(_data_files, base=base))
     except FileNotFoundError:  # no pattern matched a data file
