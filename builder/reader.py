@@ -925,10 +925,14 @@ def load_cache(
 
     `shuffle_buffer`: streaming shuffle (shard order per epoch + rows permuted in windows of that
     many rows), seeded by `seed` (a fixed non-negative int, the same on every rank); call
-    `set_epoch` each epoch. Map-style datasets are shuffled fully instead. Streaming datasets
-    resume mid-epoch (`state_dict`/`load_state_dict`) and reopen a read that failed past the
-    client's retries (`retry`: a `builder.hub.Retry`, which also retries a transient failure
-    while the cache is opened on the Hub).
+    `set_epoch` each epoch (map-style datasets are shuffled fully instead). Under
+    `accelerator.prepare`, call the prepared loader's `loader.set_epoch(e)` instead: it sets the
+    dataset's epoch from its own counter when an epoch starts, overriding `dataset.set_epoch`,
+    and a restart sets that counter back to 0. Streaming datasets resume mid-epoch
+    (`state_dict`/`load_state_dict`; through accelerate, a state saved at an epoch's last step,
+    when `loader.end_of_dataloader` is true, resumes with the next epoch: `loader.set_epoch(e + 1)`)
+    and reopen a read that failed past the client's retries (`retry`: a `builder.hub.Retry`,
+    which also retries a transient failure while the cache is opened on the Hub).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")

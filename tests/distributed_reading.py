@@ -1,4 +1,4 @@
-"""The usual multi-process reading loops over one cache, in one launch:
+"""The usual multi-process reading loops over one cache, and README's resume through accelerate, in one launch:
 
     ACCELERATE_USE_CPU=1 torchrun --standalone --nproc_per_node 2 tests/distributed_reading.py CACHE OUT.json
 
@@ -8,6 +8,7 @@ the process count accelerate saw, to OUT.json for tests/test_distributed.py to c
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -88,12 +89,67 @@ def main(cache: str, out: str) -> None:
             tail = [row["sample_id"] for row in second]
             resumed[f"{shuffle_buffer}/{k}"] = {"whole": whole, "head": head, "tail": tail}
     results["resume"] = gather(resumed)
+    results["accelerate_resume"] = gather(accelerate_resume(cache, collate, ids))
 
     if accelerator.is_main_process:
         with open(out, "w") as f:
             json.dump(results, f)
     accelerator.wait_for_everyone()
     dist.destroy_process_group()
+
+
+def accelerate_resume(cache: str, collate, ids) -> dict:
+    """README's resume through accelerate, with a shuffle buffer (so each epoch has its own order).
+    A restart is a new dataset and prepared loader (accelerate's epoch counter back at 0) loaded with
+    the state a training step saved."""
+    stateful = Accelerator(dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True, dispatch_batches=False))
+
+    def open_loader():
+        dataset = raw(cache, shuffle_buffer=3, seed=5)
+        return dataset, stateful.prepare(DataLoader(dataset, batch_size=BATCH, collate_fn=collate))
+
+    def checkpoint_at(step: int, e: int) -> tuple[list[str], dict, bool]:
+        """What a run reads up to `step` of epoch `e`, the loader state saved at that step, and
+        whether the step was the epoch's last (`end_of_dataloader`)."""
+        _, loader = open_loader()
+        for before in range(e):
+            loader.set_epoch(before)
+            ids(loader)
+        loader.set_epoch(e)
+        head = []
+        for i, batch in enumerate(loader):
+            head += ids([batch])
+            if i == step:
+                return head, copy.deepcopy(loader.state_dict()), loader.end_of_dataloader
+        raise AssertionError(f"epoch {e} has no step {step}")
+
+    def restart(state: dict, set_epoch) -> object:
+        dataset, loader = open_loader()
+        loader.load_state_dict(state)
+        set_epoch(dataset, loader)
+        return loader
+
+    _, uninterrupted = open_loader()
+    whole, last_step = [], []
+    for e in range(3):
+        uninterrupted.set_epoch(e)
+        whole.append([])
+        for batch in uninterrupted:
+            whole[e] += ids([batch])
+            last_step.append(uninterrupted.end_of_dataloader)
+    run = {"whole": whole, "end_of_dataloader": last_step[: len(whole[0]) // BATCH]}
+    # Mid-epoch 1: the loop sets the epoch on the prepared loader (README), or on the dataset only.
+    run["head"], state, _ = checkpoint_at(1, 1)
+    resumed = restart(state, lambda dataset, loader: loader.set_epoch(1))
+    run["tail"] = ids(resumed)
+    resumed.set_epoch(2)
+    run["next_epoch"] = ids(resumed)
+    run["tail_dataset_set_epoch"] = ids(restart(state, lambda dataset, loader: dataset.set_epoch(1)))
+    # At epoch 0's last step accelerate saves "epoch over": the restart starts epoch 1 (README).
+    _, state, last = checkpoint_at(len(whole[0]) // BATCH - 1, 0)
+    run["after_last_step"] = ids(restart(state, lambda dataset, loader: loader.set_epoch(0 + last)))
+    run["after_last_step_same_epoch"] = ids(restart(state, lambda dataset, loader: loader.set_epoch(0)))
+    return run
 
 
 def raw(cache: str, **kwargs):

@@ -121,7 +121,9 @@ def test_two_process_build_killed_midway_resumes_on_one(tmp_path):
 
 def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, reference):
     """One `torchrun` launch runs each loop of tests/distributed_reading.py; a loop that split twice
-    (or not at all) shows up as a rank missing samples (or both ranks holding the same)."""
+    (or not at all) shows up as a rank missing samples (or both ranks holding the same). The same
+    launch resumes through accelerate as the README says, mid-epoch in a later epoch and after an
+    epoch's last step."""
     out = tmp_path / "seen.json"
     command = [
         str(TORCHRUN),
@@ -167,6 +169,25 @@ def test_two_processes_read_every_sample_once_in_every_usual_loop(tmp_path, refe
         for key, run in runs.items():
             assert run["whole"] and run["head"] + run["tail"] == run["whole"], (rank, key)
     assert sorted(seen["resume"][0]["None/1"]["whole"] + seen["resume"][1]["None/1"]["whole"]) == sorted(everything)
+    check_accelerate_resume(seen["accelerate_resume"], everything)
+
+
+def check_accelerate_resume(ranks: list[dict], everything: list[str]) -> None:
+    """README's resume through accelerate (shuffle_buffer, see distributed_reading.accelerate_resume)."""
+    for rank, run in enumerate(ranks):
+        whole = run["whole"]
+        assert len({tuple(epoch) for epoch in whole}) == 3, rank  # each epoch in its own order
+        # Mid-epoch 1 with the prepared loader's set_epoch: the rest of the epoch, then the next epoch, as uninterrupted.
+        assert run["head"] + run["tail"] == whole[1] and run["next_epoch"] == whole[2], rank
+        # A checkpoint at the epoch's last step: end_of_dataloader says so, and the restart starts the next epoch whole;
+        # restarting in the same epoch reads it all again (accelerate saved the epoch as over).
+        assert run["end_of_dataloader"] == [False] * 4 + [True], rank
+        assert run["after_last_step"] == whole[1] and run["after_last_step_same_epoch"] == whole[0], rank
+    assert sorted(sum((run["head"] + run["tail"] for run in ranks), [])) == sorted(everything)
+    # The dataset's own set_epoch is overridden by accelerate's epoch counter, which a restart sets back to 0:
+    # the resumed rest comes from epoch 0's order, so samples of epoch 1 are lost and others read twice.
+    dataset_only = sum((run["head"] + run["tail_dataset_set_epoch"] for run in ranks), [])
+    assert len(dataset_only) == len(everything) and set(dataset_only) != set(everything)
 
 
 # Errors whose constructor takes more than a message, with arguments to build one.
