@@ -295,7 +295,10 @@ def how_to_read_local(output_dir, manifest: dict) -> str:
     if not all((output_dir / "data" / shard["name"]).exists() for shard in manifest["shards"]):
         return "not from here: the shards were uploaded and deleted here (--delete-local-after-upload); read the pushed cache"
     if misread_in_path(os.path.abspath(output_dir)):
-        return "rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL"
+        return (
+            "rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL, "
+            "and '$' as an environment variable"
+        )
     return f"builder.load_cache({str(output_dir)!r}, layout='nemo')"
 
 

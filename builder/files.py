@@ -148,13 +148,16 @@ def file_hash(path: Path, algorithm: str) -> str:
     return h.hexdigest()
 
 
-MISREAD_IN_PATHS = ("*", "?", "[", "::")  # glob's pattern characters, and fsspec's chained-URL separator
+# glob's pattern characters, fsspec's chained-URL separator, and what opens an environment variable
+MISREAD_IN_PATHS = ("*", "?", "[", "::", "$")
 
 
 def misread_in_path(path) -> list[str]:
     """What `datasets` would not read literally in a local path: it resolves every data path as a
     glob pattern (its file system has no escape, so `cache[1]` matches `cache1`) and as an fsspec
-    URL (`a::b` chains two file systems)."""
+    URL (`a::b` chains two file systems), and without streaming it expands environment variables
+    in the files it found (`c$HOME` reads `c/home/user`). Any `$` counts: the reader's environment
+    may hold a variable that the builder's does not."""
     return [part for part in MISREAD_IN_PATHS if part in str(path)]
 
 
@@ -165,6 +168,6 @@ def refuse_pattern_paths(paths, what: str, error: type[Exception] = ValueError) 
         if found:
             raise error(
                 f"{what}: the path {str(path)!r} contains {', '.join(map(repr, found))}, which `datasets` reads as a file "
-                f"pattern or a chained URL: it would read the files of other paths, or none; expected a path without any "
-                f"of {', '.join(map(repr, MISREAD_IN_PATHS))}: rename the folder or move the files"
+                "pattern, a chained URL or an environment variable: it would read the files of other paths, or none; "
+                f"expected a path without any of {', '.join(map(repr, MISREAD_IN_PATHS))}: rename the folder or move the files"
             )

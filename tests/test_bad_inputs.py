@@ -595,14 +595,17 @@ def test_input_flags_that_cannot_apply(tmp_path, capsys, no_weights, flags, patt
     assert_clean_error(code, stdout, err, pattern, out)
 
 
-@pytest.mark.parametrize("name", ["out[1]", "x::y"])
+@pytest.mark.parametrize("name", ["out[1]", "x::y", "o$HOME"])
 def test_a_cache_written_under_a_path_datasets_would_misread_says_to_rename_it(tmp_path, capsys, name):
     """The build writes it whole; the summary does not offer a `load_cache` call that would be refused."""
     data = write_lines(tmp_path / "chats.jsonl", GOOD)
     out = tmp_path / name
     code, stdout, err = cli(capsys, *COMMON, "--input-data", str(data), "--output-dir", str(out))
     assert code == 0, err
-    assert "read it: rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL" in stdout
+    assert (
+        "read it: rename or move the folder first: `datasets` reads '*', '?', '[' and '::' in a path as a pattern or URL, "
+        "and '$' as an environment variable"
+    ) in stdout
     assert "load_cache(" not in stdout
     assert sorted(r["sample_id"] for r in built_rows(out)) == GOOD_IDS
 

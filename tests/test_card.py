@@ -271,7 +271,10 @@ def test_a_card_written_into_a_relative_output_dir_names_its_absolute_path(tmp_p
     assert f'datasets.load_dataset({str(tmp_path / "cache")!r}, split="train")' in text
 
 
-@pytest.mark.parametrize("folder, found", [("cache[1]", "`[`"), ("cache*", "`*`"), ("a::b", "`::`"), ("ca?he", "`?`")])
+@pytest.mark.parametrize(
+    "folder, found",
+    [("cache[1]", "`[`"), ("cache*", "`*`"), ("a::b", "`::`"), ("ca?he", "`?`"), ("c$HOME", "`$`"), ("c$[1]", "`[` and `$`")],
+)
 def test_a_card_in_a_folder_whose_path_datasets_misreads_says_to_rename_it_instead_of_giving_snippets(tmp_path, folder, found):
     from builder.card import write_card
     from builder.reader import read_manifest
@@ -281,8 +284,8 @@ def test_a_card_in_a_folder_whose_path_datasets_misreads_says_to_rename_it_inste
     write_card(out, prepared(out), SHARDS, drawing=DrawnPictures())
     text = (out / "README.md").read_text()
     assert "```python" not in text and f"load_cache({str(out)!r}" not in text and f"load_dataset({str(out)!r}" not in text
-    assert f"This folder's path holds {found}, which `datasets` reads as a file pattern or a chained URL" in text
-    assert "Rename the folder, or move the cache, to a path without any of `*`, `?`, `[`, `::`" in text
+    assert f"This folder's path holds {found}, which `datasets` reads as a file pattern, a chained URL or an environment variable" in text
+    assert "Rename the folder, or move the cache, to a path without any of `*`, `?`, `[`, `::`, `$`" in text
     assert "load_cache('user/cache', layout=" in render_card(read_manifest(out), "user/cache")  # a repo id: the snippets
 
 

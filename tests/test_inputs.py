@@ -2,6 +2,7 @@
 selection; bad inputs raise InputError; bad rows are skipped and counted (or --strict)."""
 
 import json
+import re
 
 import datasets
 import numpy as np
@@ -384,12 +385,17 @@ def test_valid_samples_match_direct_encoding(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["parquet", "jsonl_directory"])
-def test_an_input_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, kind):
-    """`datasets` globs the paths it is given: data under `chats[1]` would be read from a `chats1` beside it."""
-    path = write_kind(kind, conversations(), tmp_path / "chats[1]")
+@pytest.mark.parametrize("name, found", [("chats[1]", "["), ("chats$PART", "$")])
+def test_an_input_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, monkeypatch, kind, name, found):
+    """`datasets` globs the paths it is given, and expands environment variables in the files it reads:
+    data under `chats[1]`, or `chats$PART` with PART=1, would be read from a `chats1` beside it."""
+    monkeypatch.setenv("PART", "1")
+    path = write_kind(kind, conversations(), tmp_path / name)
     write_kind(kind, conversations(4), tmp_path / "chats1")
     with pytest.raises(
-        InputError, match=r"--input-data: the path '.*chats\[1\].*' contains '\[', which `datasets` reads as a file pattern"
+        InputError,
+        match=rf"--input-data: the path '.*{re.escape(name)}.*' contains '{re.escape(found)}', which `datasets` reads as a file "
+        "pattern, a chained URL or an environment variable",
     ):
         load_rows(str(path))
 

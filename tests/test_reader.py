@@ -212,17 +212,23 @@ def test_a_file_the_cards_pattern_reads_but_the_manifest_does_not_list_is_refuse
         load_cache(copy, layout="raw")
 
 
-@pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar", "x::y"])
-def test_a_cache_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, cache, name):
-    """`datasets` globs the folder's path: `cache[1]` would read the shards of a `cache1` beside it."""
+@pytest.mark.parametrize("name", ["cache[1]", "q?m", "st*ar", "x::y", "c$PART"])
+def test_a_cache_path_datasets_would_read_as_a_pattern_is_refused(tmp_path, cache, monkeypatch, name):
+    """`datasets` globs the folder's path: `cache[1]` would read the shards of a `cache1` beside it;
+    without streaming it expands environment variables too: `c$PART` would read `c1`'s with PART=1."""
     import shutil
 
+    monkeypatch.setenv("PART", "1")
     copy = tmp_path / name
     shutil.copytree(cache, copy)
-    shutil.copytree(cache, tmp_path / name.replace("[", "").replace("]", "").replace("?", "x").replace("*", "").replace("::", "_"))
+    shutil.copytree(
+        cache, tmp_path / name.replace("[", "").replace("]", "").replace("?", "x").replace("*", "").replace("::", "_").replace("$PART", "1")
+    )
     for streaming in (True, False):
         with pytest.raises(
-            ValueError, match=rf"load_cache: the path .*{re.escape(name)}' contains .* `datasets` reads as a file pattern or a chained URL"
+            ValueError,
+            match=rf"load_cache: the path .*{re.escape(name)}' contains .* `datasets` reads as a file pattern, a chained URL or an "
+            "environment variable",
         ):
             load_cache(copy, layout="raw", streaming=streaming)
 
