@@ -13,11 +13,11 @@ from pathlib import Path
 import dataset_card
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures, save_inputs
-from dataset_card.render import UserParts, user_parts
+from dataset_card.render import BOM, UserParts, user_parts, user_text_parts
 
-from .build_state import is_cache_card
 from .files import write_bytes_atomic, write_text_atomic
-from .manifest import assemble_manifest
+from .manifest import CARD_KEY, assemble_manifest, card_data_of
+from .manifest import _yaml_problem as yaml_problem
 from .prepare import Prepared
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,43 @@ def write_card(out: Path, prep: Prepared, shards: list[dict], ranks: list[dict] 
 
 def local_user_parts(cache_dir: Path) -> UserParts:
     """What users added to the cache's card (a resumed build writes it again): none where it has
-    no card of eagle3-cache's yet."""
+    no card of eagle3-cache's yet. A card whose front matter YAML cannot read keeps its text: the
+    manifest is restored from the build state, which is why verify says to resume."""
     card = Path(cache_dir) / "README.md"
-    return user_parts(card.read_text(encoding="utf-8")) if is_cache_card(card) else UserParts()
+    if not card.is_file():
+        return UserParts()
+    try:
+        text = card.read_text(encoding="utf-8").removeprefix(BOM)
+    except UnicodeDecodeError:
+        log.warning("%s is not UTF-8 text: it is written again from the build state, without what was added to it", card)
+        return UserParts()
+    problem = front_matter_problem(text)
+    if problem is not None:
+        log.warning(
+            "%s: its YAML front matter cannot be read (%s): it is written again from the build state, keeping the text "
+            "above and below the generated markers but not the YAML keys added to it (license, pretty_name, ...): add "
+            "them again, quoting a value that holds ': '",
+            card,
+            problem,
+        )
+        return user_text_parts(text)
+    return user_parts(text) if is_cache_card_text(text) else UserParts()
+
+
+def front_matter_problem(text: str) -> str | None:
+    """What YAML finds wrong with a card's front matter, at its line; None where it reads as a mapping."""
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    try:
+        DatasetCard(text)
+    except yaml.YAMLError as err:
+        return yaml_problem(text, err)
+    except ValueError as err:  # YAML, but not a mapping
+        return str(err)
+    return None
+
+
+def is_cache_card_text(text: str) -> bool:
+    """A card of eagle3-cache's (its front matter holds the manifest), not someone else's README."""
+    return CARD_KEY in card_data_of(text)

@@ -42,20 +42,38 @@ class UserParts:
         return list(self.keys.get("tags", []))
 
 
+BOM = "\ufeff"  # an editor's byte-order mark: before it, the card's front matter is not found
+
+
 def user_parts(text: str) -> UserParts:
     """The user's parts of a card's text (an eagle3-cache card, a cache's or an index)."""
     from huggingface_hub import DatasetCard
 
-    card = DatasetCard(text)
+    card = DatasetCard(text.removeprefix(BOM))
     data = card.data.to_dict()
     keys = {key: value for key, value in data.items() if key not in GENERATED_KEYS}
     tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
     if tags:
         keys["tags"] = tags
-    start, end = _START_RE.search(card.text), _END_RE.search(card.text)
+    return UserParts(keys, *user_text(card.text))
+
+
+def user_text_parts(text: str) -> UserParts:
+    """The user's text of a card whose front matter YAML cannot read (a slip in a hand edit): the
+    front matter is split off unread, so none of its keys are known."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = text.removeprefix(BOM)
+    front_matter = REGEX_YAML_BLOCK.search(text)
+    return UserParts({}, *user_text(text[front_matter.end() :] if front_matter else text))
+
+
+def user_text(body: str) -> tuple[str | None, str | None]:
+    """The text above and below the generated body's markers in a card's body (below its front matter)."""
+    start, end = _START_RE.search(body), _END_RE.search(body)
     if start is None or end is None or end.start() < start.end():  # no markers (an older card), or moved: no text known to be theirs
-        return UserParts(keys)
-    return UserParts(keys, card.text[: start.start()], card.text[end.end() :])
+        return None, None
+    return body[: start.start()], body[end.end() :]
 
 
 def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:

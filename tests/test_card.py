@@ -260,6 +260,42 @@ def test_a_resumed_build_writes_the_card_again_with_what_users_added(tmp_path):
     assert read_manifest(tmp_path) == manifest
 
 
+def test_a_resumed_build_keeps_the_text_of_a_card_whose_yaml_a_hand_edit_broke(tmp_path, caplog):
+    """An unquoted `: ` in a value: verify says to resume to restore the card; the resume restores
+    the manifest from the build state and keeps the user's text, saying their keys were not kept."""
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    edited = card_edited_by_user((tmp_path / "README.md").read_text(), keys="pretty_name: Team X: draft cache\n")
+    (tmp_path / "README.md").write_text(edited)
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert (
+        "Our intro." in text
+        and text.endswith("\n## Citation\n\nCite team X.\n")
+        and "Team X" not in card_data_of(text).get("pretty_name", "")
+    )
+    assert read_manifest(tmp_path) == manifest
+    assert "README.md: its YAML front matter cannot be read (line 2: mapping values are not allowed here)" in caplog.text
+    assert "not the YAML keys added to it" in caplog.text
+
+
+def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text("\ufeff" + card_edited_by_user((tmp_path / "README.md").read_text()))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
+
+
 def test_a_card_written_into_a_relative_output_dir_names_its_absolute_path(tmp_path, monkeypatch):
     from builder.card import write_card
 
