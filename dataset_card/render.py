@@ -373,11 +373,26 @@ def text_reading_back(card, front_matter) -> str:
     return text
 
 
-def _same_data(read: dict, written: dict) -> bool:
-    """Equal as JSON (NaN equal to itself; tuples written as lists)."""
-    import json
+def _same_data(read, written) -> bool:
+    """The same values as YAML reads them back: mappings with the same keys (of the same types:
+    users' mappings may mix them, `{0: rejected, other: unknown}`, so nothing is sorted) and values,
+    lists and tuples alike (YAML writes a tuple as a list), NaN equal to itself, any other value
+    equal and of the same type (1 is not 1.0, nor True)."""
+    if isinstance(read, dict) and isinstance(written, dict):
+        return _typed_keys(read) == _typed_keys(written) and all(_same_data(read[key], written[key]) for key in read)
+    if isinstance(read, (list, tuple)) and isinstance(written, (list, tuple)):
+        return len(read) == len(written) and all(map(_same_data, read, written))
+    if _is_nan(read) and _is_nan(written):
+        return True
+    return type(read) is type(written) and read == written
 
-    return json.dumps(read, sort_keys=True, default=str) == json.dumps(written, sort_keys=True, default=str)
+
+def _typed_keys(mapping: dict) -> set:
+    return {(type(key), key) for key in mapping}
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _escaping_dumper():

@@ -172,6 +172,11 @@ def export_signalled_at(cache: Path, to: str, out: Path, fault: str) -> subproce
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
 
 
+# A user's mappings whose keys cannot be sorted: numbers beside words, YAML 1.1's `on` (True) and `null` beside strings
+MIXED_KEYS = "label_names:\n  0: rejected\n  1: accepted\n  other: unknown\nswitches:\n  on: 1\n  debug: 2\n  null: 3\n"
+MIXED_VALUES = {"label_names": {0: "rejected", 1: "accepted", "other": "unknown"}, "switches": {True: 1, "debug": 2, None: 3}}
+
+
 def card_edited_by_user(text: str, keys: str = "license: mit\npretty_name: 'Team X: cache'\nlanguage:\n- en\n", tag: str = "team-x") -> str:
     """A cache's card as a user edits it: keys in its front matter, a tag of theirs, and their own
     text above and below the generated text's markers ("Our intro.", "Cite team X.")."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import card_edited_by_user
+from helpers import MIXED_KEYS, MIXED_VALUES, card_edited_by_user
 from manifest_inputs import SHARDS, prepared, write_vocab_file
 
 from builder.manifest import assemble_manifest, card_data_of
@@ -206,6 +206,25 @@ def test_a_card_written_again_keeps_the_keys_tags_and_text_users_added(manifest)
     assert render_card(manifest, "user/cache", kept=user_parts(render_card(manifest, "user/cache"))) == render_card(manifest, "user/cache")
 
 
+def test_a_users_mapping_whose_keys_mix_types_is_written_again_as_it_was(manifest):
+    """Numbers beside words, YAML 1.1's `on` (True) and `null` beside strings: keys that cannot be sorted."""
+    from dataset_card.render import user_parts
+
+    text = render_card(
+        other_version(manifest), "user/cache", kept=user_parts(card_edited_by_user(render_card(manifest, "user/cache"), keys=MIXED_KEYS))
+    )
+    assert {key: card_data_of(text)[key] for key in MIXED_VALUES} == MIXED_VALUES
+    assert render_card(other_version(manifest), "user/cache", kept=user_parts(text)) == text
+
+
+def test_front_matter_read_back_is_compared_value_by_value():
+    from dataset_card.render import _same_data
+
+    assert _same_data({"a": [float("nan"), (1, 2)], 0: None, "b": "x"}, {"b": "x", 0: None, "a": (float("nan"), [1, 2])})
+    assert not _same_data({"a": 1}, {"a": 1.0}) and not _same_data({"a": True}, {"a": 1}) and not _same_data({1: "x"}, {"1": "x"})
+    assert not _same_data({"a": [1]}, {"a": [1, 2]}) and not _same_data({"a": "x"}, {"a": "x", "b": "y"})
+
+
 def test_a_card_written_before_the_markers_keeps_its_keys_only(manifest):
     """Without the markers, no text is known to be the user's: the body is written anew."""
     from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
@@ -258,6 +277,18 @@ def test_a_resumed_build_writes_the_card_again_with_what_users_added(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
     assert read_manifest(tmp_path) == manifest
+
+
+def test_a_resumed_build_keeps_a_users_mapping_whose_keys_mix_types(tmp_path):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text(), keys=MIXED_KEYS))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert {key: card_data_of(text)[key] for key in MIXED_VALUES} == MIXED_VALUES and "Cite team X." in text
 
 
 def test_a_resumed_build_keeps_the_text_of_a_card_whose_yaml_a_hand_edit_broke(tmp_path, caplog):

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from helpers import assert_same_content, card_edited_by_user, decoded_rows, says, small_config
+from helpers import MIXED_KEYS, MIXED_VALUES, assert_same_content, card_edited_by_user, decoded_rows, says, small_config
 from hub_server import TOKEN, hub_fixtures, point_clients_at
 
 from builder.build import build
@@ -257,6 +257,14 @@ def test_a_new_version_keeps_what_users_added_to_the_card_on_the_hub(hub, v1, v2
     push(v2, "tester/edited", tag="v2")
     assert_kept(hub_text(hub, "tester/edited", "v2"), license="mit", pretty_name="Team X: cache")
     assert without_shard_sha256(read_manifest("tester/edited", revision="v2")) == read_manifest(v2)
+
+
+def test_a_users_mapping_whose_keys_mix_types_is_kept_on_the_hub(hub, v1, v2):
+    """Checking that the card reads back as written sorted its keys: the push failed after every shard was uploaded."""
+    push(v1, "tester/mixed-keys", tag="v1")
+    edit_on_hub(hub, "tester/mixed-keys", keys=MIXED_KEYS)
+    push(v2, "tester/mixed-keys", tag="v2")
+    assert_kept(hub_text(hub, "tester/mixed-keys", "v2"), **MIXED_VALUES)
 
 
 def test_config_pushes_keep_what_users_added_to_the_index_and_config_cards(hub, v1, v2):
