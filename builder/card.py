@@ -136,8 +136,8 @@ def local_user_parts(cache_dir: Path) -> UserParts:
             card,
             problem,
         )
-        return user_text_parts(text)
-    return user_parts(text) if is_cache_card_text(text) else UserParts()
+        return user_text_parts(text, str(card))
+    return user_parts(text, str(card)) if is_cache_card_text(text) else UserParts()
 
 
 def front_matter_problem(text: str) -> str | None:

@@ -8,9 +8,12 @@ manifest lives in the card of its own folder.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
 INDEX_TEMPLATE_PATH = Path(__file__).with_name("index_template.md")
@@ -45,8 +48,9 @@ class UserParts:
 BOM = "\ufeff"  # an editor's byte-order mark: before it, the card's front matter is not found
 
 
-def user_parts(text: str) -> UserParts:
-    """The user's parts of a card's text (an eagle3-cache card, a cache's or an index)."""
+def user_parts(text: str, where: str = "the card written again") -> UserParts:
+    """The user's parts of a card's text (an eagle3-cache card, a cache's or an index); `where`
+    names the card in a warning about text that cannot be kept."""
     from huggingface_hub import DatasetCard
 
     card = DatasetCard(text.removeprefix(BOM))
@@ -55,25 +59,42 @@ def user_parts(text: str) -> UserParts:
     tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, *user_text(card.text))
+    return UserParts(keys, *user_text(card.text, where))
 
 
-def user_text_parts(text: str) -> UserParts:
+def user_text_parts(text: str, where: str = "the card written again") -> UserParts:
     """The user's text of a card whose front matter YAML cannot read (a slip in a hand edit): the
     front matter is split off unread, so none of its keys are known."""
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     text = text.removeprefix(BOM)
     front_matter = REGEX_YAML_BLOCK.search(text)
-    return UserParts({}, *user_text(text[front_matter.end() :] if front_matter else text))
+    return UserParts({}, *user_text(text[front_matter.end() :] if front_matter else text, where))
 
 
-def user_text(body: str) -> tuple[str | None, str | None]:
-    """The text above and below the generated body's markers in a card's body (below its front matter)."""
-    start, end = _START_RE.search(body), _END_RE.search(body)
-    if start is None or end is None or end.start() < start.end():  # no markers (an older card), or moved: no text known to be theirs
+def user_text(body: str, where: str) -> tuple[str | None, str | None]:
+    """The text above and below the generated body's markers in a card's body (below its front
+    matter): the body is the first end marker after a start marker, back to the last start marker
+    before it, so a marker a user quotes in their own text, above or below, is theirs."""
+    end = next((m for m in _END_RE.finditer(body) if _START_RE.search(body, 0, m.start())), None)
+    if end is None:  # no markers (a card of an earlier version), or moved: no text known to be the user's
+        log.warning(
+            "%s: %s, so no text in it is known to be a user's: all of it is written anew, and any text added to it is "
+            "not kept; add it again above or below the markers of the card written",
+            where,
+            _markers_missing(body),
+        )
         return None, None
+    start = list(_START_RE.finditer(body, 0, end.start()))[-1]
     return body[: start.start()], body[end.end() :]
+
+
+def _markers_missing(body: str) -> str:
+    if _START_RE.search(body) is None:
+        return "it has no '<!-- eagle3-cache generated start ... -->' marker (written by an earlier version, or removed)"
+    if _END_RE.search(body) is None:
+        return f"it has no {GENERATED_END!r} marker"
+    return f"its {GENERATED_END!r} marker is above the start marker"
 
 
 def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:

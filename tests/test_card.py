@@ -225,14 +225,42 @@ def test_front_matter_read_back_is_compared_value_by_value():
     assert not _same_data({"a": [1]}, {"a": [1, 2]}) and not _same_data({"a": "x"}, {"a": "x", "b": "y"})
 
 
-def test_a_card_written_before_the_markers_keeps_its_keys_only(manifest):
-    """Without the markers, no text is known to be the user's: the body is written anew."""
+def test_a_card_written_before_the_markers_keeps_its_keys_only(manifest, caplog):
+    """Without the markers, no text is known to be the user's: the body is written anew, and a warning says so."""
     from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
 
     older = card_edited_by_user(render_card(manifest, "user/cache")).replace(GENERATED_START + "\n", "").replace(GENERATED_END, "")
-    text = render_card(manifest, "user/cache", kept=user_parts(older))
+    with caplog.at_level("WARNING", logger="dataset_card.render"):
+        text = render_card(manifest, "user/cache", kept=user_parts(older))
+    assert "it has no '<!-- eagle3-cache generated start ... -->' marker (written by an earlier version, or removed)" in caplog.text
     assert card_data_of(text)["license"] == "mit" and "team-x" in card_data_of(text)["tags"]
     assert "Our intro." not in text and "Cite team X." not in text and GENERATED_START in text
+
+
+@pytest.mark.parametrize("marker", ["end", "start"])
+@pytest.mark.parametrize("where", ["above", "below"])
+def test_a_marker_quoted_in_the_users_text_keeps_their_text(manifest, marker, where):
+    """Their text tells other editors where the generated text starts or ends, quoting its marker."""
+    from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
+
+    quote = f" Edit nothing between `{GENERATED_START if marker == 'start' else GENERATED_END}` and the other marker."
+    above, below = ("Our intro." + quote, "Cite team X.") if where == "above" else ("Our intro.", "Cite team X." + quote)
+    edited = card_edited_by_user(render_card(manifest, "user/cache")).replace("Our intro.", above).replace("Cite team X.", below)
+    kept = user_parts(edited)
+    assert (kept.above, kept.below) == (f"\n{above}\n\n", f"\n\n## Citation\n\n{below}\n")
+    assert user_parts(render_card(other_version(manifest), "user/cache", kept=kept)) == kept
+
+
+def test_text_outside_markers_out_of_order_is_not_kept_and_a_warning_says_so(manifest, caplog):
+    from dataset_card.render import GENERATED_END, GENERATED_START, user_parts
+
+    edited = card_edited_by_user(render_card(manifest, "user/cache"))
+    swapped = edited.replace(GENERATED_START, "START").replace(GENERATED_END, GENERATED_START).replace("START", GENERATED_END)
+    with caplog.at_level("WARNING", logger="dataset_card.render"):
+        kept = user_parts(swapped, "cache/README.md")
+    assert (kept.above, kept.below) == (None, None) and kept.keys["license"] == "mit"
+    assert f"cache/README.md: its {GENERATED_END!r} marker is above the start marker, so no text in it is known" in caplog.text
+    assert "any text added to it is not kept" in caplog.text
 
 
 def test_the_local_cards_additions_win_and_the_hub_only_ones_are_kept(manifest):
