@@ -105,8 +105,8 @@ class HubPusher:
         self.retry = retry or Retry()
         self.api = api or hub_api(target.token)
 
-    def _call(self, what: str, fn):
-        return self.retry(what, fn, self.target.repo_id, pushing=True)
+    def _call(self, what: str, fn, *, conflicts: bool = False):
+        return self.retry(what, fn, self.target.repo_id, pushing=True, conflicts=conflicts)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -190,11 +190,12 @@ class HubPusher:
 
         names = [Path(p).name for p, _ in shards]
         message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
-        self._call(
+        self._call(  # no parent commit: it goes on top of whatever the other ranks committed, retried when they race it
             f"upload {', '.join(names)}",
             lambda: self.api.create_commit(
                 self.target.repo_id, operations(), commit_message=message, repo_type=REPO_TYPE, revision=self.target.branch
             ),
+            conflicts=True,
         )
         shas = {Path(path).name: op.upload_info.sha256.hex() for (path, _), op in zip(shards, attempt)}
         for path, _ in shards:

@@ -169,6 +169,36 @@ def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monk
     )
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """`small_config`'s cache, built locally: what each Hub dataset below must hold."""
+    return build(small_config(tmp_path_factory.mktemp("reference") / "cache"), progress=False).output_dir
+
+
+@pytest.fixture
+def quick_upload_retries(monkeypatch):
+    """The build's uploads retried as often as ever, without the waits between."""
+    import dataclasses
+
+    import builder.build as build_module
+
+    policy = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=0.001, max_wait=0.001)
+    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", policy)
+    return policy
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_a_build_whose_shard_commits_race_another_ranks_commits_completes(hub, tmp_path, reference, quick_upload_retries, status):
+    # Every rank commits its shards to one branch: the Hub answers one that races another 409 or 412.
+    raced = hub.conflict_next_commits(3, status=status, skip=1)  # the second shard's commit, three times
+    repo = f"tester/raced-build-{status}"
+    cfg = small_config(tmp_path / "cache", push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)
+    result = build(cfg, progress=False)
+    assert raced.fired == 3
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
 def test_a_read_only_token_is_refused_before_the_target_loads(hub, tmp_path, monkeypatch):
     from hub_server import READ_TOKEN, TOKEN
     from huggingface_hub import HfApi
