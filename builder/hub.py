@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 
 class HubError(Eagle3CacheError):
     """A Hub operation failed; the message says what was expected, found, and what to do."""
+
+
+class Cancelled(Exception):
+    """A retried Hub call given up because its caller cancelled it (an interrupted build): what it
+    was sending is sent again by a resume."""
 
 
 # ---- where and who ------------------------------------------------------------------------
@@ -140,14 +146,28 @@ class Retry:
         """How long a failure may last before it is given up (without Retry-After answers)."""
         return sum(self.wait(attempt) for attempt in range(self.retries))
 
-    def __call__(self, what: str, fn, repo_id: str = "", *, explain_permanent: bool = True, pushing: bool = False, conflicts: bool = False):
+    def __call__(
+        self,
+        what: str,
+        fn,
+        repo_id: str = "",
+        *,
+        explain_permanent: bool = True,
+        pushing: bool = False,
+        conflicts: bool = False,
+        cancel: threading.Event | None = None,
+    ):
         """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
         transient, is raised as a `HubError` saying what to do (`explain_permanent=False`: one that
         is not transient is raised as it is, for callers whose errors already say it; `pushing`:
         the call is part of a push, which a re-run resumes; `conflicts`: `fn` is a commit naming no
         parent commit, so a 409/412 only says another commit was under way and is retried too. A
-        commit that names its parent is refused on them: it was checked against that parent.)"""
+        commit that names its parent is refused on them: it was checked against that parent).
+        `cancel`: once set, no further try is made and a wait before one ends at once, raising
+        `Cancelled` (a try under way ends first)."""
         for attempt in range(self.retries + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(what)
             try:
                 return fn()
             except (HubError, FileNotFoundError):  # already clear, or an answer ("no such file"), not a failure
@@ -163,7 +183,17 @@ class Retry:
                 if conflicts:  # ranks whose commits raced must not retry in lockstep, and race again
                     wait *= 1 + random.random()
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
-                time.sleep(wait)
+                if pause(wait, cancel):
+                    raise Cancelled(what) from err
+
+
+def pause(seconds: float, cancel: threading.Event | None) -> bool:
+    """The wait before a retry; True as soon as `cancel` is set: an interrupted build stops at once
+    instead of sleeping out an outage's backoff (up to a minute a try)."""
+    if cancel is None:
+        time.sleep(seconds)
+        return False
+    return cancel.wait(seconds)
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from dataset_card.render import shard_files
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
-from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
+from .hub import REPO_TYPE, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
 from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
@@ -99,14 +99,15 @@ def card_files(cache_dir: Path, manifest: dict) -> list[str]:
 class HubPusher:
     """The steps of a push, shared by `push_cache` (after a build) and `ShardUploader` (during one)."""
 
-    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None):
+    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None, cancel: threading.Event | None = None):
         validate_target(target)
         self.target = target
         self.retry = retry or Retry()
         self.api = api or hub_api(target.token)
+        self.cancel = cancel  # once set, every call stops at its next try or retry wait (`Cancelled`)
 
     def _call(self, what: str, fn, *, conflicts: bool = False):
-        return self.retry(what, fn, self.target.repo_id, pushing=True, conflicts=conflicts)
+        return self.retry(what, fn, self.target.repo_id, pushing=True, conflicts=conflicts, cancel=self.cancel)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -506,6 +507,7 @@ class ShardUploader:
         uploader.wait()                     # every rank, before the final barrier
         ...                                 # rank 0, after the barrier and the card:
         result = uploader.finish(cache_dir, manifest)  # final commit (card, vocab, pictures), then the tag
+        uploader.close(cancel=True)         # instead, when the build is interrupted or fails
 
     Local disk then holds at most `max_pending` queued shards plus the one uploading plus the
     one being written. A failed upload is raised by the next `upload` or by `finish`.
@@ -523,7 +525,8 @@ class ShardUploader:
         own_shards: list[str] | None = None,
         own_sha256: Callable[[str], str | None] = lambda name: None,
     ):
-        self.pusher = HubPusher(target, retry=retry).open()
+        self._cancel = threading.Event()
+        self.pusher = HubPusher(target, retry=retry, cancel=self._cancel).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
         if own_shards is not None and not self.already_pushed:  # see `check_folder_is_free`
             self.pusher.check_folder_is_free(own_shards, own_sha256)
@@ -552,6 +555,8 @@ class ShardUploader:
         """Hand over a published shard; `sha256` (recorded by an earlier upload, if any) lets a
         shard already on the branch be skipped."""
         self._raise_if_failed()
+        if self._cancel.is_set():  # the build is stopping: the shard stays here, and a resume sends it
+            return
         if not self._thread.is_alive():
             raise RuntimeError("ShardUploader.upload after wait()/finish()/close(): hand over every shard first")
         self._queue.put((Path(path), sha256))
@@ -572,10 +577,20 @@ class ShardUploader:
         result.uploaded = list(self.uploaded)
         return result
 
-    def close(self) -> None:
-        """Stop after the queued uploads, without finishing or raising (after a failed build)."""
+    def cancel(self) -> None:
+        """Stop uploading, without waiting (the build was interrupted or failed): the upload under way
+        is abandoned at its next try or retry wait, queued and later shards are not sent. Nothing is
+        deleted locally for an upload that did not complete: a resume sends those shards."""
+        self._cancel.set()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop without finishing or raising. With `cancel` (an interrupted or failed build: see
+        `cancel`), within the Hub request under way, if any; without (nothing failed), after the
+        queued uploads, each with its full retries."""
+        if cancel:
+            self.cancel()
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(None)  # a cancelled thread drains the queue, so this never waits on an upload
             self._thread.join()
 
     def _raise_if_failed(self) -> None:
@@ -605,8 +620,8 @@ class ShardUploader:
         stop = False
         while not stop:
             items, stop = self._next_batch()
-            if self._error is not None or not items:
-                continue  # drain: the build learns of the failure at its next upload/finish
+            if self._error is not None or self._cancel.is_set() or not items:
+                continue  # drain: the build learns of a failure at its next upload/finish; a cancel sends nothing more
             try:
                 missing = [(path, sha) for path, sha in items if sha is None or self.remote_shards().get(path.name) != sha]
                 shas = {path.name: sha for path, sha in items if sha is not None}
@@ -619,6 +634,8 @@ class ShardUploader:
                 if self.delete_local:
                     for path, _ in items:
                         path.unlink(missing_ok=True)
+            except Cancelled:
+                pass  # the shards stay here, as they are: a resume sends them
             except BaseException as err:  # noqa: BLE001 - handed to the build thread
                 self._error = err
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from helpers import assert_same_content, decoded_rows, small_config
 from hub_server import hub_fixtures
@@ -46,13 +48,23 @@ def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch, ca
     import builder.forward as forward_module
 
     real, done = forward_module.write_one_shard, []
+    real_upload_shards, uploaded, three_uploaded = push_module.HubPusher.upload_shards, [], threading.Event()
+
+    def upload_shards(self, shards):
+        shas = real_upload_shards(self, shards)
+        uploaded.extend(shas)
+        if len(uploaded) == 3:
+            three_uploaded.set()
+        return shas
 
     def stop_after_three(*args, **kwargs):
         if len(done) == 3:
+            assert three_uploaded.wait(60)  # an interrupt stops the uploads at once: let the three land first
             raise KeyboardInterrupt
         done.append(1)
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", upload_shards)
     monkeypatch.setattr(forward_module, "write_one_shard", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         build(cfg, progress=False)
@@ -255,3 +267,79 @@ def test_a_build_stopped_after_an_upload_landed_but_before_it_was_recorded_resum
     assert hub.repo("tester/landed").tags["v1"] == result.pushed.commit
     reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
     assert_same_content(list(load_cache("tester/landed", revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_a_build_interrupted_during_a_hub_outage_stops_its_uploads_at_once_and_resumes(hub, tmp_path, reference, monkeypatch):
+    import dataclasses
+    import logging
+    from types import SimpleNamespace
+
+    import builder.build as build_module
+    import builder.forward as forward_module
+    import builder.hub as hub_module
+    from builder.build import shard_matches_record
+    from builder.shards import shard_name
+
+    # An outage: every commit fails, and each retry waits an hour. A wait the interrupt cannot end passes
+    # at once here (the module's clock never sleeps), so the test sees the uploads go on instead of hanging.
+    hourly = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=3600.0, max_wait=3600.0)
+    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", hourly)
+    monkeypatch.setattr(hub_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    hub.add_fault("POST", r"/commit/", status=503, times=None)
+    retrying, third_handed_over, interrupted = threading.Event(), threading.Event(), threading.Event()
+
+    class HeldAtTheFirstRetry(logging.Handler):  # on the uploader's thread: shard 0's commit failed, a retry wait follows
+        def emit(self, record):
+            if "retry 1/" in record.getMessage() and not retrying.is_set():
+                retrying.set()
+                interrupted.wait(60)  # until the build is interrupted: the commits sent before it are counted first
+
+    real_upload, handed_over, uploaders = push_module.ShardUploader.upload, [], []
+
+    def upload(self, path, sha256=None):  # on the writer's thread
+        handed_over.append(path)
+        uploaders.append(self)
+        if len(handed_over) == 3:  # shard 0 uploading, shard 1 queued: the writer waits here for room in the queue
+            third_handed_over.set()
+        return real_upload(self, path, sha256)
+
+    real_write, commits_before, watchdogs, stuck = forward_module.write_one_shard, [], [], []
+
+    def ctrl_c_at_the_last_shard(prep, target, writer, path, shard, *args):
+        if shard == 3 and not interrupted.is_set():
+            assert retrying.wait(60) and third_handed_over.wait(60)
+            commits_before.append(len(hub.requests("POST", r"/commit/")))
+            # Only where the interrupt fails to stop the uploads: ends their hour-long wait, so that the
+            # test fails instead of hanging.
+            watchdogs.append(threading.Timer(120, lambda: (stuck.append(True), uploaders[0].cancel())))
+            watchdogs[0].start()
+            interrupted.set()
+            raise KeyboardInterrupt
+        return real_write(prep, target, writer, path, shard, *args)
+
+    monkeypatch.setattr(push_module.ShardUploader, "upload", upload)
+    monkeypatch.setattr(forward_module, "write_one_shard", ctrl_c_at_the_last_shard)
+    out, repo = tmp_path / "cache", "tester/interrupted-outage"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)  # 4 shards
+    threads_before, held = set(threading.enumerate()), HeldAtTheFirstRetry()
+    logging.getLogger("builder.hub").addHandler(held)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(cfg, progress=False)
+    finally:
+        logging.getLogger("builder.hub").removeHandler(held)
+        interrupted.set()
+        for watchdog in watchdogs:
+            watchdog.cancel()
+    assert not stuck, "the interrupted build went on waiting for its uploads"
+    assert hub.requests("POST", r"/commit/")[commits_before[0] :] == []  # not one more try once interrupted
+    assert not [t for t in set(threading.enumerate()) - threads_before if t.name == "eagle3-shard-uploader"]
+    kept = sorted(path.name for path in (out / "data").glob("*.parquet"))  # none was uploaded, so none was deleted
+    assert kept == [shard_name(k, 4) for k in range(3)] and all(shard_matches_record(out, name, 4) for name in kept)
+    assert "v1" not in hub.repo(repo).tags
+
+    hub.clear_faults()  # the Hub answers again
+    result = build(cfg.replace(resume=True), progress=False)
+    assert result.written == [shard_name(3, 4)]
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
