@@ -29,6 +29,7 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # 412 when it landed meanwhile. Every rank of a build commits its shards to one branch.
 CONFLICT_STATUS = frozenset({409, 412})
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+RERUN = "re-run the same command once it answers again"  # what to do when the Hub kept failing
 
 
 class HubError(Eagle3CacheError):
@@ -108,9 +109,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def explain(err: BaseException, what: str, repo_id: str, *, pushing: bool = False, conflicts: bool = False) -> HubError:
-    """A user-facing error for a failed Hub call (`pushing`: one of a push, which a re-run resumes;
-    `conflicts`: a commit naming no parent commit, whose 409/412 answers were retried)."""
+def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, conflicts: bool = False) -> HubError:
+    """A user-facing error for a failed Hub call (`rerun`: what to do once the Hub answers again, if it
+    kept failing; `conflicts`: a commit naming no parent commit, whose 409/412 answers were retried)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     status = http_status(err)
@@ -125,9 +126,7 @@ def explain(err: BaseException, what: str, repo_id: str, *, pushing: bool = Fals
     elif status == 412 and not conflicts:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
     elif is_transient(err, conflicts=conflicts):
-        hint = f"the Hub kept failing ({err}); re-run the same command once it answers again" + (
-            " (a push resumes where it stopped)" if pushing else ""
-        )
+        hint = f"the Hub kept failing ({err}); {rerun}"
     else:
         hint = str(err)
     return HubError(f"{what} on {repo_id} failed: {hint}")
@@ -153,14 +152,14 @@ class Retry:
         repo_id: str = "",
         *,
         explain_permanent: bool = True,
-        pushing: bool = False,
+        rerun: str = RERUN,
         conflicts: bool = False,
         cancel: threading.Event | None = None,
     ):
         """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
         transient, is raised as a `HubError` saying what to do (`explain_permanent=False`: one that
-        is not transient is raised as it is, for callers whose errors already say it; `pushing`:
-        the call is part of a push, which a re-run resumes; `conflicts`: `fn` is a commit naming no
+        is not transient is raised as it is, for callers whose errors already say it; `rerun`:
+        what the error tells to do once the Hub answers again, where it kept failing; `conflicts`: `fn` is a commit naming no
         parent commit, so a 409/412 only says another commit was under way and is retried too. A
         commit that names its parent is refused on them: it was checked against that parent).
         `cancel`: once set, no further try is made and a wait before one ends at once, raising
@@ -177,7 +176,7 @@ class Retry:
                 if not transient and not explain_permanent:
                     raise
                 if not transient or attempt == self.retries:
-                    raise explain(err, what, repo_id, pushing=pushing, conflicts=conflicts) from err
+                    raise explain(err, what, repo_id, rerun=rerun, conflicts=conflicts) from err
                 wait = retry_after(err)
                 wait = self.wait(attempt) if wait is None else wait  # "Retry-After: 0" means now
                 if conflicts:  # ranks whose commits raced must not retry in lockstep, and race again

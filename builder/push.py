@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shlex
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from dataset_card.render import shard_files
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures
 from .files import file_hash, write_json_atomic
-from .hub import REPO_TYPE, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
+from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
 from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
@@ -99,15 +100,18 @@ def card_files(cache_dir: Path, manifest: dict) -> list[str]:
 class HubPusher:
     """The steps of a push, shared by `push_cache` (after a build) and `ShardUploader` (during one)."""
 
-    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None, cancel: threading.Event | None = None):
+    def __init__(
+        self, target: PushTarget, *, retry: Retry | None = None, api=None, cancel: threading.Event | None = None, rerun: str | None = None
+    ):
         validate_target(target)
         self.target = target
         self.retry = retry or Retry()
         self.api = api or hub_api(target.token)
         self.cancel = cancel  # once set, every call stops at its next try or retry wait (`Cancelled`)
+        self.rerun = rerun or f"{RERUN} (a push resumes where it stopped)"  # what to do once a Hub that kept failing answers again
 
     def _call(self, what: str, fn, *, conflicts: bool = False):
-        return self.retry(what, fn, self.target.repo_id, pushing=True, conflicts=conflicts, cancel=self.cancel)
+        return self.retry(what, fn, self.target.repo_id, rerun=self.rerun, conflicts=conflicts, cancel=self.cancel)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -526,7 +530,7 @@ class ShardUploader:
         own_sha256: Callable[[str], str | None] = lambda name: None,
     ):
         self._cancel = threading.Event()
-        self.pusher = HubPusher(target, retry=retry, cancel=self._cancel).open()
+        self.pusher = HubPusher(target, retry=retry, cancel=self._cancel, rerun=build_rerun(target)).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
         if own_shards is not None and not self.already_pushed:  # see `check_folder_is_free`
             self.pusher.check_folder_is_free(own_shards, own_sha256)
@@ -573,6 +577,7 @@ class ShardUploader:
         """Rank 0, after every rank's `wait` and after the card is written: final commit, then the
         tag. `manifest`: the one the build assembled (and wrote into the card)."""
         self.wait()
+        self.pusher.rerun = build_rerun(self.pusher.target, Path(cache_dir))  # the card is written: a push can finish it too
         result = self.pusher.finish(Path(cache_dir), manifest, dict(self._sha256))
         result.uploaded = list(self.uploaded)
         return result
@@ -638,6 +643,33 @@ class ShardUploader:
                 pass  # the shards stay here, as they are: a resume sends them
             except BaseException as err:  # noqa: BLE001 - handed to the build thread
                 self._error = err
+
+
+def build_rerun(target: PushTarget, cache_dir: Path | None = None) -> str:
+    """What to do once the Hub answers again, after it kept failing an upload of a build: the same
+    command is refused (the directory holds a build), `--resume` continues it; once the card is
+    written (`cache_dir`), pushing the finished cache completes it too."""
+    if cache_dir is None:
+        return (
+            "once it answers again, run the same build with --resume: the shards it finished are kept (here, or on the "
+            "Hub) and only the others are computed"
+        )
+    return (
+        "once it answers again, run the same build with --resume (every shard is finished: none is computed again), "
+        f"or push the finished cache: `{push_command(cache_dir, target)}`"
+    )
+
+
+def push_command(cache_dir: Path, target: PushTarget) -> str:
+    """The `eagle3-cache push` command line that sends this cache to this target."""
+    words = ["eagle3-cache", "push", str(cache_dir), target.repo_id]
+    if target.config is not None:
+        words += ["--hub-config", target.config]
+    if target.branch != "main":
+        words += ["--hub-branch", target.branch]
+    if target.tag is not None:
+        words += ["--hub-tag", target.tag]
+    return shlex.join(words)
 
 
 def interrupted_run_hint(found: list[str], prefix: str) -> str:

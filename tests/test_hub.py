@@ -192,9 +192,9 @@ def test_a_commit_naming_its_parent_is_refused_on_a_412_not_retried():
 
     moved = r"commit card on tester/x failed: the branch moved while pushing \(someone else committed\): re-run"
     with pytest.raises(HubError, match=moved):
-        Retry(retries=4, backoff=0)("commit card", commit, "tester/x", pushing=True)  # it was checked against that parent
+        Retry(retries=4, backoff=0)("commit card", commit, "tester/x")  # it was checked against that parent
     assert len(calls) == 1
-    assert Retry(retries=4, backoff=0)("upload", commit, "tester/x", pushing=True, conflicts=True) == "committed"  # no parent
+    assert Retry(retries=4, backoff=0)("upload", commit, "tester/x", conflicts=True) == "committed"  # no parent
     assert len(calls) == 3
 
 

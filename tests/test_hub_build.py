@@ -343,3 +343,54 @@ def test_a_build_interrupted_during_a_hub_outage_stops_its_uploads_at_once_and_r
     assert result.written == [shard_name(3, 4)]
     assert hub.repo(repo).tags["v1"] == result.pushed.commit
     assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_a_build_whose_shard_uploads_the_hub_keeps_failing_says_to_resume_it(hub, tmp_path, reference, quick_upload_retries):
+    from builder.errors import ConfigError
+    from builder.hub import HubError
+
+    out, repo = tmp_path / "cache", "tester/failing-shards"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)
+    hub.add_fault("POST", r"/commit/", status=503, times=None)
+    advice = r"once it answers again, run the same build with --resume: the shards it finished are kept \(here, or on the Hub\)"
+    with pytest.raises(HubError, match=rf"(?s)upload train-00000-of-00004\.parquet on {repo} failed: the Hub kept failing .*; {advice}"):
+        build(cfg, progress=False)
+    hub.clear_faults()
+    with pytest.raises(ConfigError, match=r"It already holds an eagle3-cache build; pass --resume"):  # the same command
+        build(cfg, progress=False)
+    result = build(cfg.replace(resume=True), progress=False)
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
+@pytest.mark.parametrize("failing", ["card", "tag"])
+def test_a_build_whose_card_or_tag_the_hub_keeps_failing_says_to_resume_it_or_push_it(
+    hub, tmp_path, reference, quick_upload_retries, capsys, failing
+):
+    import re
+    import shlex
+
+    from builder.cli import main
+    from builder.hub import HubError
+
+    out, repo = tmp_path / "cache", f"tester/failing-{failing}"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)  # 4 shards, one commit each
+    if failing == "card":
+        hub.add_fault("POST", r"/commit/", status=500, skip=4, times=None)
+    else:
+        hub.add_fault("POST", r"/tag/", status=502, times=None)
+    push = f"eagle3-cache push {out} {repo} --hub-tag v1"
+    advice = (
+        r"run the same build with --resume \(every shard is finished: none is computed again\), "
+        rf"or push the finished cache: `{re.escape(push)}`"
+    )
+    what = "commit card" if failing == "card" else "create tag"
+    with pytest.raises(HubError, match=rf"(?s){what} on {repo} failed: the Hub kept failing .*; once it answers again, {advice}"):
+        build(cfg, progress=False)
+    hub.clear_faults()
+    if failing == "card":  # each way out the message offers
+        assert not build(cfg.replace(resume=True), progress=False).written
+    else:
+        assert main(shlex.split(push)[1:]) == 0, capsys.readouterr()
+    assert "v1" in hub.repo(repo).tags
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
