@@ -85,8 +85,8 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         with disk_full_as_error():
             write_cache(state, prep, out, result, progress, uploader)
     except BaseException:
-        if uploader is not None:
-            uploader.close()
+        if uploader is not None:  # stop now, not after the queued uploads and their retries (an outage: half an hour)
+            uploader.close(cancel=True)
         raise
     finally:
         writing.release()

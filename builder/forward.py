@@ -91,6 +91,8 @@ def run_forward(
                 result.written.append(names[k])
             writer.finish()
     except BaseException:
+        if uploader is not None:  # first: the writer may wait in `upload` for a shard the outage holds back
+            uploader.cancel()
         writer.abort()
         raise
     finally:

@@ -2,8 +2,9 @@
 resolution and downloads of a pinned commit, listings, and errors that say what to do.
 
 The token comes from `HF_TOKEN` or the saved `hf auth login`; the endpoint from `HF_ENDPOINT`.
-Transient failures (connection errors, 408/429/5xx) are retried with exponential backoff;
-anything else fails at once with what to do. Pushing a cache is `builder.push`.
+Transient failures (connection errors, 408/429/5xx) are retried with exponential backoff, and so
+are the 409/412 answers to a commit that names no parent commit (another commit to the branch was
+under way); anything else fails at once with what to do. Pushing a cache is `builder.push`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +25,20 @@ log = logging.getLogger(__name__)
 
 REPO_TYPE = "dataset"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# The Hub's answers to a commit racing another on the same branch: 409 while that one is in progress,
+# 412 when it landed meanwhile. Every rank of a build commits its shards to one branch.
+CONFLICT_STATUS = frozenset({409, 412})
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+RERUN = "re-run the same command once it answers again"  # what to do when the Hub kept failing
 
 
 class HubError(Eagle3CacheError):
     """A Hub operation failed; the message says what was expected, found, and what to do."""
+
+
+class Cancelled(Exception):
+    """A retried Hub call given up because its caller cancelled it (an interrupted build): what it
+    was sending is sent again by a resume."""
 
 
 # ---- where and who ------------------------------------------------------------------------
@@ -68,16 +80,18 @@ def retry_after(err: BaseException) -> float | None:
         return None
 
 
-def is_transient(err: BaseException) -> bool:
-    """Worth retrying: the connection broke or timed out, or the server said "later" (408/429/5xx).
-    The client wraps upload failures (RuntimeError from ...), so the cause chain is searched."""
+def is_transient(err: BaseException, *, conflicts: bool = False) -> bool:
+    """Worth retrying: the connection broke or timed out, or the server said "later" (408/429/5xx;
+    `conflicts`: also 409/412, for a commit that names no parent commit). The client wraps upload
+    failures (RuntimeError from ...), so the cause chain is searched."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     transport = _transport_errors()
+    retried = TRANSIENT_STATUS | CONFLICT_STATUS if conflicts else TRANSIENT_STATUS
     while err is not None:
         if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, but retrying cannot help
             return False
-        if isinstance(err, transport) or http_status(err) in TRANSIENT_STATUS:
+        if isinstance(err, transport) or http_status(err) in retried:
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -95,8 +109,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def explain(err: BaseException, what: str, repo_id: str, *, pushing: bool = False) -> HubError:
-    """A user-facing error for a failed Hub call (`pushing`: one of a push, which a re-run resumes)."""
+def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, conflicts: bool = False) -> HubError:
+    """A user-facing error for a failed Hub call (`rerun`: what to do once the Hub answers again, if it
+    kept failing; `conflicts`: a commit naming no parent commit, whose 409/412 answers were retried)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     status = http_status(err)
@@ -108,12 +123,10 @@ def explain(err: BaseException, what: str, repo_id: str, *, pushing: bool = Fals
         hint = f"the token has no write access to {repo_id}: use a write token of a member of its namespace"
     elif status == 404:
         hint = f"{repo_id} (or the revision) does not exist on {hub_endpoint()}, or it is private and the token cannot see it"
-    elif status == 412:
+    elif status == 412 and not conflicts:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
-    elif is_transient(err):
-        hint = f"the Hub kept failing ({err}); re-run the same command once it answers again" + (
-            " (a push resumes where it stopped)" if pushing else ""
-        )
+    elif is_transient(err, conflicts=conflicts):
+        hint = f"the Hub kept failing ({err}); {rerun}"
     else:
         hint = str(err)
     return HubError(f"{what} on {repo_id} failed: {hint}")
@@ -132,25 +145,54 @@ class Retry:
         """How long a failure may last before it is given up (without Retry-After answers)."""
         return sum(self.wait(attempt) for attempt in range(self.retries))
 
-    def __call__(self, what: str, fn, repo_id: str = "", *, explain_permanent: bool = True, pushing: bool = False):
+    def __call__(
+        self,
+        what: str,
+        fn,
+        repo_id: str = "",
+        *,
+        explain_permanent: bool = True,
+        rerun: str = RERUN,
+        conflicts: bool = False,
+        cancel: threading.Event | None = None,
+    ):
         """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
         transient, is raised as a `HubError` saying what to do (`explain_permanent=False`: one that
-        is not transient is raised as it is, for callers whose errors already say it; `pushing`:
-        the call is part of a push, which a re-run resumes)."""
+        is not transient is raised as it is, for callers whose errors already say it; `rerun`:
+        what the error tells to do once the Hub answers again, where it kept failing; `conflicts`: `fn` is a commit naming no
+        parent commit, so a 409/412 only says another commit was under way and is retried too. A
+        commit that names its parent is refused on them: it was checked against that parent).
+        `cancel`: once set, no further try is made and a wait before one ends at once, raising
+        `Cancelled` (a try under way ends first)."""
         for attempt in range(self.retries + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(what)
             try:
                 return fn()
             except (HubError, FileNotFoundError):  # already clear, or an answer ("no such file"), not a failure
                 raise
             except Exception as err:  # noqa: BLE001 - classified right below
-                if not is_transient(err) and not explain_permanent:
+                transient = is_transient(err, conflicts=conflicts)
+                if not transient and not explain_permanent:
                     raise
-                if not is_transient(err) or attempt == self.retries:
-                    raise explain(err, what, repo_id, pushing=pushing) from err
+                if not transient or attempt == self.retries:
+                    raise explain(err, what, repo_id, rerun=rerun, conflicts=conflicts) from err
                 wait = retry_after(err)
                 wait = self.wait(attempt) if wait is None else wait  # "Retry-After: 0" means now
+                if conflicts:  # ranks whose commits raced must not retry in lockstep, and race again
+                    wait *= 1 + random.random()
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
-                time.sleep(wait)
+                if pause(wait, cancel):
+                    raise Cancelled(what) from err
+
+
+def pause(seconds: float, cancel: threading.Event | None) -> bool:
+    """The wait before a retry; True as soon as `cancel` is set: an interrupted build stops at once
+    instead of sleeping out an outage's backoff (up to a minute a try)."""
+    if cancel is None:
+        time.sleep(seconds)
+        return False
+    return cancel.wait(seconds)
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shlex
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from dataset_card.render import UserParts, merge_user_parts, shard_files, user_p
 from .build_state import read_sidecar, sidecar_path
 from .card import existing_pictures, local_user_parts
 from .files import file_hash, write_json_atomic
-from .hub import REPO_TYPE, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
+from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
 from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
@@ -99,14 +100,18 @@ def card_files(cache_dir: Path, manifest: dict) -> list[str]:
 class HubPusher:
     """The steps of a push, shared by `push_cache` (after a build) and `ShardUploader` (during one)."""
 
-    def __init__(self, target: PushTarget, *, retry: Retry | None = None, api=None):
+    def __init__(
+        self, target: PushTarget, *, retry: Retry | None = None, api=None, cancel: threading.Event | None = None, rerun: str | None = None
+    ):
         validate_target(target)
         self.target = target
         self.retry = retry or Retry()
         self.api = api or hub_api(target.token)
+        self.cancel = cancel  # once set, every call stops at its next try or retry wait (`Cancelled`)
+        self.rerun = rerun or f"{RERUN} (a push resumes where it stopped)"  # what to do once a Hub that kept failing answers again
 
-    def _call(self, what: str, fn):
-        return self.retry(what, fn, self.target.repo_id, pushing=True)
+    def _call(self, what: str, fn, *, conflicts: bool = False):
+        return self.retry(what, fn, self.target.repo_id, rerun=self.rerun, conflicts=conflicts, cancel=self.cancel)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -190,11 +195,12 @@ class HubPusher:
 
         names = [Path(p).name for p, _ in shards]
         message = f"eagle3-cache: add {names[0]}" + (f" .. {names[-1]} ({len(names)} shards)" if len(names) > 1 else "")
-        self._call(
+        self._call(  # no parent commit: it goes on top of whatever the other ranks committed, retried when they race it
             f"upload {', '.join(names)}",
             lambda: self.api.create_commit(
                 self.target.repo_id, operations(), commit_message=message, repo_type=REPO_TYPE, revision=self.target.branch
             ),
+            conflicts=True,
         )
         shas = {Path(path).name: op.upload_info.sha256.hex() for (path, _), op in zip(shards, attempt)}
         for path, _ in shards:
@@ -535,6 +541,7 @@ class ShardUploader:
         uploader.wait()                     # every rank, before the final barrier
         ...                                 # rank 0, after the barrier and the card:
         result = uploader.finish(cache_dir, manifest)  # final commit (card, vocab, pictures), then the tag
+        uploader.close(cancel=True)         # instead, when the build is interrupted or fails
 
     Local disk then holds at most `max_pending` queued shards plus the one uploading plus the
     one being written. A failed upload is raised by the next `upload` or by `finish`.
@@ -552,7 +559,8 @@ class ShardUploader:
         own_shards: list[str] | None = None,
         own_sha256: Callable[[str], str | None] = lambda name: None,
     ):
-        self.pusher = HubPusher(target, retry=retry).open()
+        self._cancel = threading.Event()
+        self.pusher = HubPusher(target, retry=retry, cancel=self._cancel, rerun=build_rerun(target)).open()
         self.already_pushed = self.pusher.check_tag(fingerprint)
         if own_shards is not None and not self.already_pushed:  # see `check_folder_is_free`
             self.pusher.check_folder_is_free(own_shards, own_sha256)
@@ -581,6 +589,8 @@ class ShardUploader:
         """Hand over a published shard; `sha256` (recorded by an earlier upload, if any) lets a
         shard already on the branch be skipped."""
         self._raise_if_failed()
+        if self._cancel.is_set():  # the build is stopping: the shard stays here, and a resume sends it
+            return
         if not self._thread.is_alive():
             raise RuntimeError("ShardUploader.upload after wait()/finish()/close(): hand over every shard first")
         self._queue.put((Path(path), sha256))
@@ -597,14 +607,25 @@ class ShardUploader:
         """Rank 0, after every rank's `wait` and after the card is written: final commit, then the
         tag. `manifest`: the one the build assembled (and wrote into the card)."""
         self.wait()
+        self.pusher.rerun = build_rerun(self.pusher.target, Path(cache_dir))  # the card is written: a push can finish it too
         result = self.pusher.finish(Path(cache_dir), manifest, dict(self._sha256))
         result.uploaded = list(self.uploaded)
         return result
 
-    def close(self) -> None:
-        """Stop after the queued uploads, without finishing or raising (after a failed build)."""
+    def cancel(self) -> None:
+        """Stop uploading, without waiting (the build was interrupted or failed): the upload under way
+        is abandoned at its next try or retry wait, queued and later shards are not sent. Nothing is
+        deleted locally for an upload that did not complete: a resume sends those shards."""
+        self._cancel.set()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop without finishing or raising. With `cancel` (an interrupted or failed build: see
+        `cancel`), within the Hub request under way, if any; without (nothing failed), after the
+        queued uploads, each with its full retries."""
+        if cancel:
+            self.cancel()
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(None)  # a cancelled thread drains the queue, so this never waits on an upload
             self._thread.join()
 
     def _raise_if_failed(self) -> None:
@@ -634,8 +655,8 @@ class ShardUploader:
         stop = False
         while not stop:
             items, stop = self._next_batch()
-            if self._error is not None or not items:
-                continue  # drain: the build learns of the failure at its next upload/finish
+            if self._error is not None or self._cancel.is_set() or not items:
+                continue  # drain: the build learns of a failure at its next upload/finish; a cancel sends nothing more
             try:
                 missing = [(path, sha) for path, sha in items if sha is None or self.remote_shards().get(path.name) != sha]
                 shas = {path.name: sha for path, sha in items if sha is not None}
@@ -648,8 +669,37 @@ class ShardUploader:
                 if self.delete_local:
                     for path, _ in items:
                         path.unlink(missing_ok=True)
+            except Cancelled:
+                pass  # the shards stay here, as they are: a resume sends them
             except BaseException as err:  # noqa: BLE001 - handed to the build thread
                 self._error = err
+
+
+def build_rerun(target: PushTarget, cache_dir: Path | None = None) -> str:
+    """What to do once the Hub answers again, after it kept failing an upload of a build: the same
+    command is refused (the directory holds a build), `--resume` continues it; once the card is
+    written (`cache_dir`), pushing the finished cache completes it too."""
+    if cache_dir is None:
+        return (
+            "once it answers again, run the same build with --resume: the shards it finished are kept (here, or on the "
+            "Hub) and only the others are computed"
+        )
+    return (
+        "once it answers again, run the same build with --resume (every shard is finished: none is computed again), "
+        f"or push the finished cache: `{push_command(cache_dir, target)}`"
+    )
+
+
+def push_command(cache_dir: Path, target: PushTarget) -> str:
+    """The `eagle3-cache push` command line that sends this cache to this target."""
+    words = ["eagle3-cache", "push", str(cache_dir), target.repo_id]
+    if target.config is not None:
+        words += ["--hub-config", target.config]
+    if target.branch != "main":
+        words += ["--hub-branch", target.branch]
+    if target.tag is not None:
+        words += ["--hub-tag", target.tag]
+    return shlex.join(words)
 
 
 def interrupted_run_hint(found: list[str], prefix: str) -> str:

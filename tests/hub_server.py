@@ -8,7 +8,8 @@ listing, preupload, LFS batch + PUT, ndjson commit (with `parentCommit`), valida
 tree and paths-info listings, and `resolve` with HEAD and Range. Faults (status codes,
 dropped connections, bodies cut short, slow responses) are injected per test with `add_fault`,
 at named points: the Nth request of a method and path (`ranged=True`: counting only requests
-with a Range header, i.e. a streaming reader's reads of a data file).
+with a Range header, i.e. a streaming reader's reads of a data file); `conflict_next_commits`
+answers commits as the Hub answers concurrent ones (409/412).
 
 Not a Hub: no pagination (one page holds everything), no Xet, no PRs, no rate limits.
 """
@@ -36,6 +37,11 @@ READ_TOKEN = "hf_loopback_read_token"  # a read-only token of the same user: rea
 USER = "tester"
 LFS_SUFFIXES = (".parquet", ".safetensors", ".png", ".arrow", ".bin", ".pt", ".gz", ".zip")
 LFS_MIN_SIZE = 10 << 20  # the Hub stores files larger than this in LFS whatever their type
+# What the Hub answers a commit that races another on the same branch
+CONFLICTS = {
+    409: "Another commit is in progress on this repo; please try again later.",
+    412: "A commit has happened since. Please refresh and try again.",
+}
 PREFIXES = {"datasets": "dataset", "spaces": "space", "models": "model"}
 
 
@@ -85,7 +91,8 @@ class Fault:
     action: "status" (answer `status`, with `headers`), "drop" (close the socket without an
     answer, after reading half of any body), "drop_after" (do the work, then close without
     answering: a lost response), "truncate" (send the headers and half of the body, then close),
-    "delay" (sleep `delay` seconds, then answer normally)."""
+    "delay" (sleep `delay` seconds, then answer normally). `message`: the error text of a "status"
+    answer."""
 
     method: str
     path: str
@@ -96,6 +103,7 @@ class Fault:
     skip: int = 0
     ranged: bool = False
     headers: dict = field(default_factory=dict)
+    message: str | None = None
     seen: int = 0
     fired: int = 0
 
@@ -265,7 +273,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(fault.delay)
         elif fault.action == "status":
             self.body()
-            raise HubError(fault.status, f"injected fault {fault.status}", headers=fault.headers)
+            raise HubError(fault.status, fault.message or f"injected fault {fault.status}", headers=fault.headers)
         elif fault.action == "drop":
             self.body(partial=True)
             raise _Drop()
@@ -724,6 +732,11 @@ class LoopbackHub:
         with self.state.lock:
             self.state.faults.append(fault)
         return fault
+
+    def conflict_next_commits(self, times: int, status: int = 409, skip: int = 0) -> Fault:
+        """Answer the next `times` commits (after `skip` that pass) as the Hub answers a commit racing
+        another on its branch: 409 while that one is in progress, 412 when it just landed."""
+        return self.add_fault("POST", r"/commit/", status=status, times=times, skip=skip, message=CONFLICTS[status])
 
     def clear_faults(self) -> None:
         with self.state.lock:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -160,6 +161,50 @@ def test_transient_failures_are_retried(hub, v1):
     assert hub.repo("tester/flaky").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/flaky", revision="v1", layout="raw")), decoded_rows(v1))
     assert [f.fired for f in hub.state.faults] == [1, 1, 1, 1], hub.state.faults
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_a_shard_commit_racing_another_commit_is_retried(hub, v1, status):
+    # 409: another commit to the branch is in progress; 412: one landed meanwhile. A shard commit names
+    # no parent commit, so it simply goes again, on top of the other one.
+    raced = hub.conflict_next_commits(FAST.retries, status=status, skip=1)  # every try of the second shard but the last
+    result = push_cache(v1, PushTarget(f"tester/raced-{status}", tag="v1"), retry=FAST, shards_per_commit=1)
+    assert raced.fired == FAST.retries
+    assert hub.repo(f"tester/raced-{status}").tags["v1"] == result.commit and len(result.uploaded) == 4
+    assert_same_content(list(load_cache(f"tester/raced-{status}", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+class Answered(Exception):
+    """A Hub answer with this status, as the client raises it."""
+
+    def __init__(self, status: int):
+        super().__init__(f"{status} answered")
+        self.response = SimpleNamespace(status_code=status, headers={})
+
+
+def test_a_commit_naming_its_parent_is_refused_on_a_412_not_retried():
+    calls = []
+
+    def commit():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Answered(412)
+        return "committed"
+
+    moved = r"commit card on tester/x failed: the branch moved while pushing \(someone else committed\): re-run"
+    with pytest.raises(HubError, match=moved):
+        Retry(retries=4, backoff=0)("commit card", commit, "tester/x")  # it was checked against that parent
+    assert len(calls) == 1
+    assert Retry(retries=4, backoff=0)("upload", commit, "tester/x", conflicts=True) == "committed"  # no parent
+    assert len(calls) == 3
+
+
+def test_a_card_commit_the_hub_refuses_as_its_branch_moved_is_checked_again_each_time(hub, v1):
+    refused = hub.conflict_next_commits(10, status=412, skip=1)  # every commit after the one of the 4 shards
+    with pytest.raises(HubError, match=r"tester/moved@main: the branch moved 3 times while pushing"):
+        push(v1, "tester/moved", tag="v1")
+    assert refused.fired == 3  # one card commit per check of the new head: never sent again unchecked
+    assert "v1" not in hub.repo("tester/moved").tags
 
 
 def test_slow_server_still_streams(hub, v1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from helpers import assert_same_content, decoded_rows, small_config
 from hub_server import hub_fixtures
@@ -46,13 +48,23 @@ def test_resume_knows_which_shards_are_on_the_hub(hub, tmp_path, monkeypatch, ca
     import builder.forward as forward_module
 
     real, done = forward_module.write_one_shard, []
+    real_upload_shards, uploaded, three_uploaded = push_module.HubPusher.upload_shards, [], threading.Event()
+
+    def upload_shards(self, shards):
+        shas = real_upload_shards(self, shards)
+        uploaded.extend(shas)
+        if len(uploaded) == 3:
+            three_uploaded.set()
+        return shas
 
     def stop_after_three(*args, **kwargs):
         if len(done) == 3:
+            assert three_uploaded.wait(60)  # an interrupt stops the uploads at once: let the three land first
             raise KeyboardInterrupt
         done.append(1)
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", upload_shards)
     monkeypatch.setattr(forward_module, "write_one_shard", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         build(cfg, progress=False)
@@ -169,6 +181,36 @@ def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monk
     )
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """`small_config`'s cache, built locally: what each Hub dataset below must hold."""
+    return build(small_config(tmp_path_factory.mktemp("reference") / "cache"), progress=False).output_dir
+
+
+@pytest.fixture
+def quick_upload_retries(monkeypatch):
+    """The build's uploads retried as often as ever, without the waits between."""
+    import dataclasses
+
+    import builder.build as build_module
+
+    policy = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=0.001, max_wait=0.001)
+    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", policy)
+    return policy
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_a_build_whose_shard_commits_race_another_ranks_commits_completes(hub, tmp_path, reference, quick_upload_retries, status):
+    # Every rank commits its shards to one branch: the Hub answers one that races another 409 or 412.
+    raced = hub.conflict_next_commits(3, status=status, skip=1)  # the second shard's commit, three times
+    repo = f"tester/raced-build-{status}"
+    cfg = small_config(tmp_path / "cache", push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)
+    result = build(cfg, progress=False)
+    assert raced.fired == 3
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
 def test_a_read_only_token_is_refused_before_the_target_loads(hub, tmp_path, monkeypatch):
     from hub_server import READ_TOKEN, TOKEN
     from huggingface_hub import HfApi
@@ -225,3 +267,130 @@ def test_a_build_stopped_after_an_upload_landed_but_before_it_was_recorded_resum
     assert hub.repo("tester/landed").tags["v1"] == result.pushed.commit
     reference = build(small_config(tmp_path / "reference", shard_size=2), progress=False).output_dir
     assert_same_content(list(load_cache("tester/landed", revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_a_build_interrupted_during_a_hub_outage_stops_its_uploads_at_once_and_resumes(hub, tmp_path, reference, monkeypatch):
+    import dataclasses
+    import logging
+    from types import SimpleNamespace
+
+    import builder.build as build_module
+    import builder.forward as forward_module
+    import builder.hub as hub_module
+    from builder.build import shard_matches_record
+    from builder.shards import shard_name
+
+    # An outage: every commit fails, and each retry waits an hour. A wait the interrupt cannot end passes
+    # at once here (the module's clock never sleeps), so the test sees the uploads go on instead of hanging.
+    hourly = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=3600.0, max_wait=3600.0)
+    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", hourly)
+    monkeypatch.setattr(hub_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    hub.add_fault("POST", r"/commit/", status=503, times=None)
+    retrying, third_handed_over, interrupted = threading.Event(), threading.Event(), threading.Event()
+
+    class HeldAtTheFirstRetry(logging.Handler):  # on the uploader's thread: shard 0's commit failed, a retry wait follows
+        def emit(self, record):
+            if "retry 1/" in record.getMessage() and not retrying.is_set():
+                retrying.set()
+                interrupted.wait(60)  # until the build is interrupted: the commits sent before it are counted first
+
+    real_upload, handed_over, uploaders = push_module.ShardUploader.upload, [], []
+
+    def upload(self, path, sha256=None):  # on the writer's thread
+        handed_over.append(path)
+        uploaders.append(self)
+        if len(handed_over) == 3:  # shard 0 uploading, shard 1 queued: the writer waits here for room in the queue
+            third_handed_over.set()
+        return real_upload(self, path, sha256)
+
+    real_write, commits_before, watchdogs, stuck = forward_module.write_one_shard, [], [], []
+
+    def ctrl_c_at_the_last_shard(prep, target, writer, path, shard, *args):
+        if shard == 3 and not interrupted.is_set():
+            assert retrying.wait(60) and third_handed_over.wait(60)
+            commits_before.append(len(hub.requests("POST", r"/commit/")))
+            # Only where the interrupt fails to stop the uploads: ends their hour-long wait, so that the
+            # test fails instead of hanging.
+            watchdogs.append(threading.Timer(120, lambda: (stuck.append(True), uploaders[0].cancel())))
+            watchdogs[0].start()
+            interrupted.set()
+            raise KeyboardInterrupt
+        return real_write(prep, target, writer, path, shard, *args)
+
+    monkeypatch.setattr(push_module.ShardUploader, "upload", upload)
+    monkeypatch.setattr(forward_module, "write_one_shard", ctrl_c_at_the_last_shard)
+    out, repo = tmp_path / "cache", "tester/interrupted-outage"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)  # 4 shards
+    threads_before, held = set(threading.enumerate()), HeldAtTheFirstRetry()
+    logging.getLogger("builder.hub").addHandler(held)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(cfg, progress=False)
+    finally:
+        logging.getLogger("builder.hub").removeHandler(held)
+        interrupted.set()
+        for watchdog in watchdogs:
+            watchdog.cancel()
+    assert not stuck, "the interrupted build went on waiting for its uploads"
+    assert hub.requests("POST", r"/commit/")[commits_before[0] :] == []  # not one more try once interrupted
+    assert not [t for t in set(threading.enumerate()) - threads_before if t.name == "eagle3-shard-uploader"]
+    kept = sorted(path.name for path in (out / "data").glob("*.parquet"))  # none was uploaded, so none was deleted
+    assert kept == [shard_name(k, 4) for k in range(3)] and all(shard_matches_record(out, name, 4) for name in kept)
+    assert "v1" not in hub.repo(repo).tags
+
+    hub.clear_faults()  # the Hub answers again
+    result = build(cfg.replace(resume=True), progress=False)
+    assert result.written == [shard_name(3, 4)]
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_a_build_whose_shard_uploads_the_hub_keeps_failing_says_to_resume_it(hub, tmp_path, reference, quick_upload_retries):
+    from builder.errors import ConfigError
+    from builder.hub import HubError
+
+    out, repo = tmp_path / "cache", "tester/failing-shards"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)
+    hub.add_fault("POST", r"/commit/", status=503, times=None)
+    advice = r"once it answers again, run the same build with --resume: the shards it finished are kept \(here, or on the Hub\)"
+    with pytest.raises(HubError, match=rf"(?s)upload train-00000-of-00004\.parquet on {repo} failed: the Hub kept failing .*; {advice}"):
+        build(cfg, progress=False)
+    hub.clear_faults()
+    with pytest.raises(ConfigError, match=r"It already holds an eagle3-cache build; pass --resume"):  # the same command
+        build(cfg, progress=False)
+    result = build(cfg.replace(resume=True), progress=False)
+    assert hub.repo(repo).tags["v1"] == result.pushed.commit
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
+@pytest.mark.parametrize("failing", ["card", "tag"])
+def test_a_build_whose_card_or_tag_the_hub_keeps_failing_says_to_resume_it_or_push_it(
+    hub, tmp_path, reference, quick_upload_retries, capsys, failing
+):
+    import re
+    import shlex
+
+    from builder.cli import main
+    from builder.hub import HubError
+
+    out, repo = tmp_path / "cache", f"tester/failing-{failing}"
+    cfg = small_config(out, push_to_hub=repo, hub_tag="v1", delete_local_after_upload=True)  # 4 shards, one commit each
+    if failing == "card":
+        hub.add_fault("POST", r"/commit/", status=500, skip=4, times=None)
+    else:
+        hub.add_fault("POST", r"/tag/", status=502, times=None)
+    push = f"eagle3-cache push {out} {repo} --hub-tag v1"
+    advice = (
+        r"run the same build with --resume \(every shard is finished: none is computed again\), "
+        rf"or push the finished cache: `{re.escape(push)}`"
+    )
+    what = "commit card" if failing == "card" else "create tag"
+    with pytest.raises(HubError, match=rf"(?s){what} on {repo} failed: the Hub kept failing .*; once it answers again, {advice}"):
+        build(cfg, progress=False)
+    hub.clear_faults()
+    if failing == "card":  # each way out the message offers
+        assert not build(cfg.replace(resume=True), progress=False).written
+    else:
+        assert main(shlex.split(push)[1:]) == 0, capsys.readouterr()
+    assert "v1" in hub.repo(repo).tags
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
