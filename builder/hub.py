@@ -80,14 +80,15 @@ def retry_after(err: BaseException) -> float | None:
         return None
 
 
-def is_transient(err: BaseException, *, conflicts: bool = False) -> bool:
+def is_transient(err: BaseException, *, conflicts: bool = False, busy: bool = False) -> bool:
     """Worth retrying: the connection broke or timed out, or the server said "later" (408/429/5xx;
-    `conflicts`: also 409/412, for a commit that names no parent commit). The client wraps upload
-    failures (RuntimeError from ...), so the cause chain is searched."""
+    `conflicts`: also 409/412, for a commit that names no parent commit; `busy`: also 409, another
+    commit under way, for a commit that names its parent, which a 412 refuses instead). The client
+    wraps upload failures (RuntimeError from ...), so the cause chain is searched."""
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     transport = _transport_errors()
-    retried = TRANSIENT_STATUS | CONFLICT_STATUS if conflicts else TRANSIENT_STATUS
+    retried = TRANSIENT_STATUS | CONFLICT_STATUS if conflicts else TRANSIENT_STATUS | {409} if busy else TRANSIENT_STATUS
     while err is not None:
         if isinstance(err, OfflineModeIsEnabled):  # a ConnectionError, but retrying cannot help
             return False
@@ -109,7 +110,7 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
-def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, conflicts: bool = False) -> HubError:
+def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, conflicts: bool = False, busy: bool = False) -> HubError:
     """A user-facing error for a failed Hub call (`rerun`: what to do once the Hub answers again, if it
     kept failing; `conflicts`: a commit naming no parent commit, whose 409/412 answers were retried)."""
     from huggingface_hub.errors import OfflineModeIsEnabled
@@ -125,7 +126,7 @@ def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, 
         hint = f"{repo_id} (or the revision) does not exist on {hub_endpoint()}, or it is private and the token cannot see it"
     elif status == 412 and not conflicts:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
-    elif is_transient(err, conflicts=conflicts):
+    elif is_transient(err, conflicts=conflicts, busy=busy):
         hint = f"the Hub kept failing ({err}); {rerun}"
     else:
         hint = str(err)
@@ -154,6 +155,7 @@ class Retry:
         explain_permanent: bool = True,
         rerun: str = RERUN,
         conflicts: bool = False,
+        busy: bool = False,
         cancel: threading.Event | None = None,
     ):
         """`fn()`, again after each transient failure. A failure that outlasts the retries, or is not
@@ -161,7 +163,8 @@ class Retry:
         is not transient is raised as it is, for callers whose errors already say it; `rerun`:
         what the error tells to do once the Hub answers again, where it kept failing; `conflicts`: `fn` is a commit naming no
         parent commit, so a 409/412 only says another commit was under way and is retried too. A
-        commit that names its parent is refused on them: it was checked against that parent).
+        commit that names its parent is refused on them: it was checked against that parent; `busy`:
+        such a commit, retried on a 409 alone, another commit under way, as its parent stays pinned).
         `cancel`: once set, no further try is made and a wait before one ends at once, raising
         `Cancelled` (a try under way ends first)."""
         for attempt in range(self.retries + 1):
@@ -172,14 +175,14 @@ class Retry:
             except (HubError, FileNotFoundError):  # already clear, or an answer ("no such file"), not a failure
                 raise
             except Exception as err:  # noqa: BLE001 - classified right below
-                transient = is_transient(err, conflicts=conflicts)
+                transient = is_transient(err, conflicts=conflicts, busy=busy)
                 if not transient and not explain_permanent:
                     raise
                 if not transient or attempt == self.retries:
-                    raise explain(err, what, repo_id, rerun=rerun, conflicts=conflicts) from err
+                    raise explain(err, what, repo_id, rerun=rerun, conflicts=conflicts, busy=busy) from err
                 wait = retry_after(err)
                 wait = self.wait(attempt) if wait is None else wait  # "Retry-After: 0" means now
-                if conflicts:  # ranks whose commits raced must not retry in lockstep, and race again
+                if conflicts or busy:  # ranks whose commits raced must not retry in lockstep, and race again
                     wait *= 1 + random.random()
                 log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err, attempt + 1, self.retries, wait)
                 if pause(wait, cancel):

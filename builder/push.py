@@ -110,8 +110,8 @@ class HubPusher:
         self.cancel = cancel  # once set, every call stops at its next try or retry wait (`Cancelled`)
         self.rerun = rerun or f"{RERUN} (a push resumes where it stopped)"  # what to do once a Hub that kept failing answers again
 
-    def _call(self, what: str, fn, *, conflicts: bool = False):
-        return self.retry(what, fn, self.target.repo_id, rerun=self.rerun, conflicts=conflicts, cancel=self.cancel)
+    def _call(self, what: str, fn, *, conflicts: bool = False, busy: bool = False):
+        return self.retry(what, fn, self.target.repo_id, rerun=self.rerun, conflicts=conflicts, busy=busy, cancel=self.cancel)
 
     def open(self) -> HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
@@ -330,7 +330,7 @@ class HubPusher:
             ).oid
 
         try:
-            oid = self._call("commit card", commit)
+            oid = self._call("commit card", commit, busy=True)  # a 409: another commit under way; a 412: the branch moved
         except HubError as err:
             if http_status(err.__cause__) == 412:  # refused: the branch is no longer at `head`
                 return None

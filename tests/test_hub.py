@@ -207,6 +207,16 @@ def test_a_card_commit_the_hub_refuses_as_its_branch_moved_is_checked_again_each
     assert "v1" not in hub.repo("tester/moved").tags
 
 
+def test_a_card_commit_answered_409_as_another_commit_is_under_way_is_sent_again(hub, v1):
+    # 409: the Hub was applying another commit to the branch. The card commit names its parent, so
+    # sending it again is safe: it lands on that parent, or a 412 says the branch moved meanwhile.
+    busy = hub.conflict_next_commits(2, status=409, skip=1)  # the card commit's first two tries
+    result = push_cache(v1, PushTarget("tester/card-409", tag="v1"), retry=FAST)
+    assert busy.fired == 2
+    assert hub.repo("tester/card-409").tags["v1"] == result.commit
+    assert_same_content(list(load_cache("tester/card-409", revision="v1", layout="raw")), decoded_rows(v1))
+
+
 def test_slow_server_still_streams(hub, v1):
     push(v1, "tester/slow", tag="v1")
     hub.add_fault("GET", r"/resolve/.*parquet", action="delay", delay=0.2, times=3)
