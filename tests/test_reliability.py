@@ -215,8 +215,8 @@ def test_a_start_that_fails_releases_the_lock_and_says_what_to_do(tmp_path, monk
         monkeypatch.setattr(build_module, "write_json_atomic", real_write)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(build_module, "write_json_atomic", disk_full_once)  # the build's identity, its first write
-    with pytest.raises(DiskFull, match=r"no space left writing .*identity\.json"):
+    monkeypatch.setattr(build_module, "write_json_atomic", disk_full_once)  # the build state's first write
+    with pytest.raises(DiskFull, match=r"no space left writing .*\.eagle3_build/\w+\.json"):
         build(small_config(tmp_path / "cache"), progress=False)
     again = build(small_config(tmp_path / "cache", resume=True), progress=False)  # as the message says, in the same process
     assert len(again.written) == 4  # its own lock was released; nothing had been written, so the build starts
