@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -72,17 +73,26 @@ def _split_files(data_files, split: str) -> list[str]:
 
 
 def _hub_file_ids(repo_id: str, commit: str, paths: list[str]) -> dict[str, str]:
-    """{path: id of its bytes} at `commit`, as the Hub lists them."""
+    """{path: id of its bytes} at `commit`, as the Hub lists them; a transient failure is retried as
+    every other Hub call is, and one that outlasts the retries stops the build before any GPU time."""
     import datasets
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
+
+    from .hub import HubError, Retry
 
     api = HfApi(endpoint=datasets.config.HF_ENDPOINT)
     ids = {}
     for start in range(0, len(paths), PATHS_PER_REQUEST):
-        for entry in api.get_paths_info(repo_id, paths[start : start + PATHS_PER_REQUEST], revision=commit, repo_type="dataset"):
-            if isinstance(entry, RepoFile):
-                ids[entry.path] = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        batch = paths[start : start + PATHS_PER_REQUEST]
+        try:
+            ids.update(Retry()("list the data files", partial(_listed_ids, api, repo_id, commit, batch), repo_id))
+        except HubError as err:
+            cause = err.__cause__ or err
+            raise InputError(
+                f"--input-data: the Hub did not list the data files of dataset {repo_id!r} at commit {commit}, which `datasets` "
+                f"read, and the input is named by them ({type(cause).__name__}: {_one_line(cause)}); expected their listing: "
+                "re-run the same command once the Hub answers again, or offline (HF_HUB_OFFLINE=1), where the local caches name them"
+            ) from None
     missing = sorted(set(paths) - set(ids))
     if missing:  # `datasets` just read them at this commit
         raise InputError(
@@ -90,6 +100,18 @@ def _hub_file_ids(repo_id: str, commit: str, paths: list[str]) -> dict[str, str]
             "`datasets` read them from; expected the files it read: try again, or pin the dataset with --input-revision"
         )
     return ids
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _listed_ids(api, repo_id: str, commit: str, paths: list[str]) -> dict[str, str]:
+    from huggingface_hub.hf_api import RepoFile
+
+    entries = api.get_paths_info(repo_id, paths, revision=commit, repo_type="dataset")
+    return {e.path: e.lfs.sha256 if e.lfs is not None else e.blob_id for e in entries if isinstance(e, RepoFile)}
 
 
 def snapshot_folder(repo_id: str, commit: str) -> Path:

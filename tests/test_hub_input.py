@@ -230,3 +230,37 @@ def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_rows_finger
     recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": info["earlier_content_hashes"][0]}
     record_in_card(cache, input=recorded)
     assert "not compared with their input rows" not in verify_warnings(cache, caplog)
+
+
+# ---- the Hub failing while the data files are listed --------------------------------------------
+
+
+@pytest.fixture
+def retry_waits(monkeypatch) -> list[float]:
+    """The waits of our retries, recorded rather than slept."""
+    import types
+
+    import builder.hub as hub_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def test_a_transient_failure_listing_the_data_files_is_retried(hub, retry_waits):
+    read = hub_dataset(hub, "tester/listing-flaky", 3)
+    busy = hub.add_fault("POST", r"/paths-info/", status=503)
+    rows, info = load_rows("tester/listing-flaky")
+    assert busy.fired == 1 and len(retry_waits) == 1
+    assert info["revision"] == read and len(rows) == 3
+    hub.clear_faults()
+    assert load_rows("tester/listing-flaky")[1]["content_hash"] == info["content_hash"]
+
+
+def test_a_hub_that_keeps_failing_to_list_the_data_files_is_an_input_error(hub, tmp_path, caplog, retry_waits):
+    read = hub_dataset(hub, "tester/listing-down", 6)
+    cache = build(hub_config(tmp_path / "cache", "tester/listing-down"), progress=False).output_dir
+    hub.add_fault("POST", r"/paths-info/", status=503, times=None)
+    with pytest.raises(InputError, match=says("'tester/listing-down'", f"commit {read}", "503", "re-run", "HF_HUB_OFFLINE=1")):
+        load_rows("tester/listing-down")
+    assert "not compared with their input rows" in verify_warnings(cache, caplog)  # verify says so, and goes on
