@@ -1,15 +1,20 @@
-"""What a Hub dataset input is: the commit `datasets` read and the data files of the split.
+"""What a Hub dataset input is: the commit `datasets` read, and what at that commit made the rows.
 
 `datasets` names the rows it loads from a Hub dataset (their `_fingerprint`) by the repo's
 commit, so any commit, a README edit too, would make the same rows another input. The content
-hash here covers what was read: each data file of the split by its path and the id the Hub
-keys its bytes by (an LFS file's sha256, else its git blob id). Online they come from the Hub
-at the commit read; offline, from the local Hub cache, whose blobs are named by the same ids.
+hash here covers what `datasets` reads to make the rows of the split: its data files in the order
+it reads them, each by its path and the id the Hub keys its bytes by (an LFS file's sha256, else
+its git blob id), and what the dataset card says of the configuration besides its data files (the
+settings of its `configs` entry, such as a JSON `field` or a CSV `sep`, and the features its
+`dataset_info` declares, to which the rows are cast). Online the ids come from the Hub at the
+commit read; offline, from the local Hub cache, whose blobs are named by the same ids; the card
+from the local Hub cache either way, where `datasets` downloaded it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -24,28 +29,54 @@ log = logging.getLogger(__name__)
 # How `datasets` names a Hub data file it resolved: hf://datasets/{repo_id}@{quoted revision}/{path}
 HF_DATA_FILE = re.compile(r"hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)")
 PATHS_PER_REQUEST = 100
+# The dataset card, and the YAML file `datasets` reads over its header.
+CARD_FILES = ("README.md", ".huggingface.yaml")
+# The keys of a card's `configs` entry that name its data files (hashed by their ids) or the entry itself.
+NOT_SETTINGS = frozenset({"config_name", "data_files", "data_dir", "default"})
 
 
 @dataclass(frozen=True)
 class HubSource:
     commit: str | None  # the dataset commit read (None where `datasets` does not say)
-    content_hash: str | None  # of the split's data files (None where they cannot be told)
+    content_hash: str | None  # of what made the split's rows (None where that cannot be told)
+    # What a build may have recorded for the same rows at this commit: the data files' hash alone, as a
+    # version before the card was hashed recorded it, bound to the commit (see bound_to_commit).
+    earlier_hashes: tuple[str, ...] = ()
 
 
-def hub_source(builder, repo_id: str, split: str) -> HubSource:
-    """The commit and data files' hash of `split` as `builder` read it: from the files it resolved
+@dataclass(frozen=True)
+class ReadInput:
+    """What `datasets` read to make a split's rows at one commit."""
+
+    commit: str
+    files: tuple[tuple[str, str], ...]  # (repo path, id of its bytes), in the order `datasets` reads them
+    card: dict  # what the card says of the configuration besides its data files
+
+    def source(self) -> HubSource:
+        described = {"files": [list(f) for f in self.files], "card": _with_text_keys(self.card)}
+        content_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+        return HubSource(self.commit, content_hash, (bound_to_commit(files_hash(dict(self.files)), self.commit),))
+
+
+def _with_text_keys(value):
+    """YAML mappings keyed by numbers too (a class label's `names`), with every key as text: sortable as JSON."""
+    if isinstance(value, dict):
+        return {str(k): _with_text_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_text_keys(v) for v in value]
+    return value
+
+
+def hub_source(builder, repo_id: str, config: str, split: str) -> HubSource:
+    """The commit and content hash of `split` of `config` as `builder` read it: from the files it resolved
     (online), else (offline, a cached copy) from the local Hub cache's snapshot of its commit."""
     commit = builder.hash if is_commit(builder.hash) else None
     if not is_cached_copy(builder):
-        files = _split_files(builder.config.data_files or {}, split)
-        remote = [HF_DATA_FILE.fullmatch(f) for f in files]
-        if files and all(m and is_commit(unquote(m["revision"])) for m in remote) and len({m["revision"] for m in remote}) == 1:
-            commit = unquote(remote[0]["revision"])
-            return HubSource(commit, files_hash(_hub_file_ids(remote[0]["repo"], commit, [m["path"] for m in remote])))
-    elif commit is not None:  # the dataset's cache folder is named by the commit
-        ids = _cached_file_ids(repo_id, commit, builder.config.name, split)
-        if ids is not None:
-            return HubSource(commit, files_hash(ids))
+        read = _read_online(builder, config, split)
+    else:  # the dataset's cache folder is named by the commit
+        read = _read_from_hub_cache(repo_id, commit, config, split) if commit is not None else None
+    if read is not None:
+        return read.source()
     log.warning(
         "--input-data: the data files of Hub dataset %r (split %s) could not be told; the rows are named by the "
         "commit `datasets` read, so a resume after any new commit to the dataset is refused",
@@ -55,13 +86,89 @@ def hub_source(builder, repo_id: str, split: str) -> HubSource:
     return HubSource(commit, None)
 
 
+def _read_online(builder, config: str, split: str) -> ReadInput | None:
+    files = _split_files(builder.config.data_files or {}, split)
+    remote = [HF_DATA_FILE.fullmatch(f) for f in files]
+    if not files or not all(m and is_commit(unquote(m["revision"])) for m in remote) or len({m["revision"] for m in remote}) > 1:
+        return None
+    repo_id, commit, paths = remote[0]["repo"], unquote(remote[0]["revision"]), [m["path"] for m in remote]
+    ids = _hub_file_ids(repo_id, commit, [*paths, *CARD_FILES], required=paths)
+    card = _card(repo_id, commit, [name for name in CARD_FILES if name in ids])
+    return ReadInput(commit, tuple((path, ids[path]) for path in paths), card_settings(card, config))
+
+
 def files_hash(ids: dict[str, str]) -> str:
-    """The split's data files, by repo path and the id of their bytes: a commit that leaves them as they are
-    (a README or another split edited) leaves it as it is."""
+    """The split's data files alone, by repo path and the id of their bytes, sorted: the content hash
+    of a version that did not hash the card, nor the order the files are read in."""
     h = hashlib.sha256()
     for path, blob in sorted(ids.items()):
         h.update(f"{path}\0{blob}\n".encode())
     return h.hexdigest()
+
+
+def bound_to_commit(content_hash: str, commit: str) -> str:
+    """A hash that names the input only as read at `commit`, as `content_hash@commit`: the data files'
+    hash alone does not tell a card edit that changed the rows, so it is taken only where the build
+    read the same commit (see accepted_hashes)."""
+    return f"{content_hash}@{commit}"
+
+
+def accepted_hashes(hashes, commit_read: str | None) -> frozenset[str]:
+    """Of `hashes` (a HubSource's earlier_hashes, with `datasets`' fingerprint of the rows), those a build
+    that read `commit_read` may have recorded: a bound one only where its commit is that one."""
+    accepted = set()
+    for h in hashes:
+        content_hash, _, commit = h.partition("@")
+        if not commit or commit == commit_read:
+            accepted.add(content_hash)
+    return frozenset(accepted)
+
+
+def card_settings(card: dict, config: str) -> dict:
+    """What `card` (its YAML) says of `config` besides its data files: the other settings of its `configs`
+    entry and the features its `dataset_info` declares. A card edit that leaves them as they are (its
+    prose, another configuration) leaves them as they are."""
+    entry = _config_entry(card.get("configs"), config)
+    features = _config_entry(card.get("dataset_info"), config).get("features")
+    return {"settings": {k: v for k, v in entry.items() if k not in NOT_SETTINGS}, "features": features}
+
+
+def _config_entry(entries, config: str) -> dict:
+    """The entry of `configs` or `dataset_info` (a list of them, or one) for `config` (one without a name is `default`)."""
+    entries = entries if isinstance(entries, list) else [entries]
+    return next((e for e in entries if isinstance(e, dict) and e.get("config_name", "default") == config), {})
+
+
+def _card(repo_id: str, commit: str, names: list[str]) -> dict:
+    """The YAML of the card files `names` at `commit`, merged as `datasets` merges them (the standalone YAML
+    over the README's header): downloaded with the rows, so from the local Hub cache."""
+    card: dict = {}
+    for name in names:
+        card.update(_card_yaml(_download(repo_id, commit, name), name))
+    return card
+
+
+def _card_yaml(path: Path, name: str) -> dict:
+    import yaml
+    from huggingface_hub import DatasetCard
+
+    if name == "README.md":
+        return DatasetCard.load(path).data.to_dict()
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _download(repo_id: str, commit: str, name: str) -> Path:
+    import datasets
+    from huggingface_hub import HfApi
+
+    from .hub import HubError, Retry
+
+    api = HfApi(endpoint=datasets.config.HF_ENDPOINT)
+    fetch = partial(api.hf_hub_download, repo_id, name, repo_type="dataset", revision=commit)
+    try:
+        return Path(Retry()(f"read {name}", fetch, repo_id))
+    except HubError as err:
+        raise _hub_failed(repo_id, commit, f"its {name}", err) from None
 
 
 def is_commit(name) -> bool:
@@ -72,9 +179,10 @@ def _split_files(data_files, split: str) -> list[str]:
     return next((list(files) for name, files in data_files.items() if str(name) == split), [])
 
 
-def _hub_file_ids(repo_id: str, commit: str, paths: list[str]) -> dict[str, str]:
-    """{path: id of its bytes} at `commit`, as the Hub lists them; a transient failure is retried as
-    every other Hub call is, and one that outlasts the retries stops the build before any GPU time."""
+def _hub_file_ids(repo_id: str, commit: str, paths: list[str], required: list[str]) -> dict[str, str]:
+    """{path: id of its bytes} of those of `paths` there are at `commit`, as the Hub lists them; a transient
+    failure is retried as every other Hub call is, and one that outlasts the retries stops the build
+    before any GPU time."""
     import datasets
     from huggingface_hub import HfApi
 
@@ -87,19 +195,23 @@ def _hub_file_ids(repo_id: str, commit: str, paths: list[str]) -> dict[str, str]
         try:
             ids.update(Retry()("list the data files", partial(_listed_ids, api, repo_id, commit, batch), repo_id))
         except HubError as err:
-            cause = err.__cause__ or err
-            raise InputError(
-                f"--input-data: the Hub did not list the data files of dataset {repo_id!r} at commit {commit}, which `datasets` "
-                f"read, and the input is named by them ({type(cause).__name__}: {_one_line(cause)}); expected their listing: "
-                "re-run the same command once the Hub answers again, or offline (HF_HUB_OFFLINE=1), where the local caches name them"
-            ) from None
-    missing = sorted(set(paths) - set(ids))
+            raise _hub_failed(repo_id, commit, "the listing of its data files", err) from None
+    missing = sorted(set(required) - set(ids))
     if missing:  # `datasets` just read them at this commit
         raise InputError(
             f"--input-data: the Hub lists no {', '.join(missing[:3])} in dataset {repo_id!r} at commit {commit}, which "
             "`datasets` read them from; expected the files it read: try again, or pin the dataset with --input-revision"
         )
     return ids
+
+
+def _hub_failed(repo_id: str, commit: str, what: str, err: Exception) -> InputError:
+    cause = err.__cause__ or err
+    return InputError(
+        f"--input-data: the Hub did not give {what} of dataset {repo_id!r} at commit {commit}, which `datasets` read, and "
+        f"the input is named by them ({type(cause).__name__}: {_one_line(cause)}); expected an answer: re-run the same "
+        "command once the Hub answers again, or offline (HF_HUB_OFFLINE=1), where the local caches name the input"
+    )
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -121,10 +233,10 @@ def snapshot_folder(repo_id: str, commit: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="dataset") / "snapshots" / commit
 
 
-def _cached_file_ids(repo_id: str, commit: str, config: str, split: str) -> dict[str, str] | None:
+def _read_from_hub_cache(repo_id: str, commit: str, config: str, split: str) -> ReadInput | None:
     """Offline: the split's data files in the local Hub cache's snapshot of `commit`, resolved there as
     `datasets` resolves them (the card's `configs`, else split names), by the blobs they link to, which
-    the cache names by the ids the Hub lists. None where the snapshot does not hold them."""
+    the cache names by the ids the Hub lists, and the card there. None where the snapshot does not hold them."""
     import datasets
 
     snapshot = snapshot_folder(repo_id, commit)
@@ -135,10 +247,15 @@ def _cached_file_ids(repo_id: str, commit: str, config: str, split: str) -> dict
     except (ValueError, FileNotFoundError) as err:  # no data files there, or not this configuration
         log.debug("could not resolve the data files of %s in %s: %r", repo_id, snapshot, err)
         return None
-    blobs = {Path(f).relative_to(snapshot).as_posix(): Path(f).resolve() for f in files}
-    if not blobs or any(blob.parent.name != "blobs" for blob in blobs.values()):  # a copy, not a link to a blob
+    blobs = [(Path(f).relative_to(snapshot).as_posix(), Path(f).resolve()) for f in files]
+    if not blobs or any(blob.parent.name != "blobs" for _, blob in blobs):  # a copy, not a link to a blob
         return None
-    return {path: blob.name for path, blob in blobs.items()}
+    # `datasets` downloads the card files a commit has with its rows: one not in the snapshot is not in the commit
+    card = {}
+    for name in CARD_FILES:
+        if (snapshot / name).is_file():
+            card.update(_card_yaml(snapshot / name, name))
+    return ReadInput(commit, tuple((path, blob.name) for path, blob in blobs), card_settings(card, config))
 
 
 def is_cached_copy(builder) -> bool:

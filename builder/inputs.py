@@ -496,15 +496,16 @@ def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str
     check_cached_revision(builder, repo_id, revision)
     ds = _pick_split(loaded, split, repo_id)
     config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
-    source = hub_source(builder, repo_id, split or "train")
+    source = hub_source(builder, repo_id, config or builder.config.name, split or "train")
     info = {
         "input_data": repo_id,
         "kind": "hub",
         "config": config,
         "split": split or "train",
         "content_hash": source.content_hash or ds._fingerprint,
-        "revision": source.commit,  # informational: another commit with the same data files is the same input
-        "earlier_content_hashes": [ds._fingerprint],  # what earlier versions recorded: the rows `datasets` named by the commit
+        "revision": source.commit,  # informational: another commit with the same data files and card settings is the same input
+        # What earlier versions recorded: the rows `datasets` named by the commit, and the data files' hash alone (at the same commit)
+        "earlier_content_hashes": [ds._fingerprint, *source.earlier_hashes],
     }
     return ds, info
 

@@ -108,6 +108,102 @@ def test_a_commit_that_changes_a_data_file_is_refused_naming_the_commit_the_buil
     assert read_manifest(result.output_dir)["input_revision"] == read
 
 
+# ---- the card: what `datasets` makes the rows from besides the data files ---------------------------
+
+
+def chat_rows(n: int, tag: str) -> list[dict]:
+    return [json.loads(line) for line in chat_lines(n, tag).decode().splitlines()]
+
+
+def card(configs: str, prose: str = "Chats.") -> bytes:
+    return f"---\n{configs}---\n{prose}\n".encode()
+
+
+FIELD = "configs:\n- config_name: default\n  data_files: chats.json\n  field: {}\n"
+ORDER = "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: [{}, {}]\n"
+TYPED = (
+    "configs:\n- config_name: default\n  data_files: typed.jsonl\n"
+    "dataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: n\n    dtype: {}\n"
+)
+
+
+def card_dataset(hub, repo_id: str) -> None:
+    """Data files that `datasets` reads into other rows as the card says: a JSON file's fields, two
+    JSON Lines parts, a column whose type the card declares."""
+    commit_file(hub, repo_id, "chats.json", json.dumps({"curated": chat_rows(3, "good"), "rejected": chat_rows(3, "bad")}).encode())
+    commit_file(hub, repo_id, "part-a.jsonl", chat_lines(2, "a"))
+    commit_file(hub, repo_id, "part-b.jsonl", chat_lines(2, "b"))
+    commit_file(hub, repo_id, "typed.jsonl", b'{"id": "x", "n": 1}\n{"id": "y", "n": 2}\n')
+
+
+@pytest.mark.parametrize(
+    "edit,before,after",
+    [
+        pytest.param("json-field", card(FIELD.format("curated")), card(FIELD.format("rejected")), id="json-field"),
+        pytest.param(
+            "file-order",
+            card(ORDER.format("part-a.jsonl", "part-b.jsonl")),
+            card(ORDER.format("part-b.jsonl", "part-a.jsonl")),
+            id="file-order",
+        ),
+        pytest.param("declared-features", card(TYPED.format("int64")), card(TYPED.format("string")), id="declared-features"),
+    ],
+)
+def test_a_card_edit_that_changes_the_rows_changes_the_content_hash(hub, edit, before, after):
+    repo_id = f"tester/card-{edit}"
+    card_dataset(hub, repo_id)
+    commit_file(hub, repo_id, "README.md", before)
+    rows, info = load_rows(repo_id)
+    commit_file(hub, repo_id, "README.md", after)
+    rows_after, info_after = load_rows(repo_id)
+    assert list(rows_after) != list(rows)  # the same data files, other rows
+    assert info_after["content_hash"] != info["content_hash"]
+
+
+def test_the_standalone_yaml_s_settings_are_hashed_as_the_card_s(hub):
+    card_dataset(hub, "tester/card-yaml")
+    commit_file(hub, "tester/card-yaml", ".huggingface.yaml", FIELD.format("curated").encode())
+    rows, info = load_rows("tester/card-yaml")
+    commit_file(hub, "tester/card-yaml", ".huggingface.yaml", FIELD.format("rejected").encode())
+    rows_after, info_after = load_rows("tester/card-yaml")
+    assert [row["id"] for row in rows] == ["good0", "good1", "good2"] and [row["id"] for row in rows_after] == ["bad0", "bad1", "bad2"]
+    assert info_after["content_hash"] != info["content_hash"]
+
+
+def test_a_card_edit_that_leaves_the_configuration_s_settings_as_they_are_keeps_the_content_hash(hub):
+    other = "- config_name: other\n  data_files: chats.json\n  field: {}\n"
+    card_dataset(hub, "tester/card-prose")
+    commit_file(hub, "tester/card-prose", "README.md", card(FIELD.format("curated") + other.format("curated")))
+    _, info = load_rows("tester/card-prose")
+    edited = commit_file(hub, "tester/card-prose", "README.md", card(FIELD.format("curated") + other.format("rejected"), "Chats, rated."))
+    _, info_after = load_rows("tester/card-prose")
+    assert info_after["revision"] == edited != info["revision"]
+    assert info_after["content_hash"] == info["content_hash"]
+
+
+def test_offline_the_card_and_the_files_in_the_local_hub_cache_give_the_content_hash_read_online(hub, monkeypatch):
+    card_dataset(hub, "tester/card-offline")
+    commit_file(hub, "tester/card-offline", ".huggingface.yaml", b"pretty_name: Chats\n")
+    commit_file(hub, "tester/card-offline", "README.md", card(ORDER.format("part-b.jsonl", "part-a.jsonl")))
+    _, online = load_rows("tester/card-offline")
+    go_offline(monkeypatch)
+    _, offline = load_rows("tester/card-offline")
+    assert offline["content_hash"] == online["content_hash"] and offline["revision"] == online["revision"]
+
+
+def test_a_card_edit_that_changes_the_rows_refuses_the_resume_naming_the_commit_the_build_read(hub, tmp_path, monkeypatch):
+    chats = {"curated": chat_rows(9, "good"), "rejected": chat_rows(9, "bad")}
+    commit_file(hub, "tester/card-resumed", "chats.json", json.dumps(chats).encode())
+    read = commit_file(hub, "tester/card-resumed", "README.md", card(FIELD.format("curated")))
+    cfg = hub_config(tmp_path / "cache", "tester/card-resumed")
+    interrupted_build(cfg, monkeypatch)
+    commit_file(hub, "tester/card-resumed", "README.md", card(FIELD.format("rejected")))
+    with pytest.raises(ResumeMismatch, match=says("input.content_hash", "'tester/card-resumed'", f"--input-revision {read}")):
+        build(cfg.replace(resume=True), progress=False)
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    assert {row["sample_id"] for row in decoded_rows(result.output_dir)} == {f"good{i}" for i in range(9)}
+
+
 # ---- --input-revision ---------------------------------------------------------------------------
 
 
@@ -161,6 +257,40 @@ def test_a_build_that_recorded_the_rows_fingerprint_resumes_at_the_same_commit_w
     manifest = read_manifest(result.output_dir)
     assert manifest["identity"] == identity and manifest["fingerprint"] == fingerprint(identity)
     reference = build(hub_config(tmp_path / "reference", "tester/recorded-earlier"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+
+
+def files_only_hash(files: dict[str, bytes]) -> str:
+    """The content hash a version that hashed a Hub input's data files alone recorded: their paths and
+    git blob ids, sorted."""
+    import hashlib
+
+    from hub_server import git_blob_oid
+
+    h = hashlib.sha256()
+    for path, data in sorted(files.items()):
+        h.update(f"{path}\0{git_blob_oid(data)}\n".encode())
+    return h.hexdigest()
+
+
+def test_a_build_that_recorded_the_data_files_hash_alone_resumes_at_the_commit_it_read_with_its_identity(hub, tmp_path, monkeypatch):
+    """That hash does not tell a card edit that changed the rows: it names the input at the commit the build
+    read (which that version recorded), and elsewhere the resume is refused, naming that commit."""
+    data = chat_lines(10)
+    read = commit_file(hub, "tester/recorded-files", "train.jsonl", data)
+    cfg = hub_config(tmp_path / "cache", "tester/recorded-files")
+    interrupted_build(cfg, monkeypatch)
+    state = tmp_path / "cache" / BUILD_STATE_FILE
+    identity = json.loads(state.read_text())
+    identity["input"]["content_hash"] = files_only_hash({"train.jsonl": data})
+    state.write_text(json.dumps(identity))
+    commit_file(hub, "tester/recorded-files", "README.md", b"Where these chats come from.\n")
+    with pytest.raises(ResumeMismatch, match=says("input.content_hash", f"--input-revision {read}")):
+        build(cfg.replace(resume=True), progress=False)
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    manifest = read_manifest(result.output_dir)
+    assert manifest["identity"] == identity and manifest["fingerprint"] == fingerprint(identity)
+    reference = build(hub_config(tmp_path / "reference", "tester/recorded-files"), progress=False).output_dir
     assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
 
 
@@ -264,3 +394,15 @@ def test_a_hub_that_keeps_failing_to_list_the_data_files_is_an_input_error(hub, 
     with pytest.raises(InputError, match=says("'tester/listing-down'", f"commit {read}", "503", "re-run", "HF_HUB_OFFLINE=1")):
         load_rows("tester/listing-down")
     assert "not compared with their input rows" in verify_warnings(cache, caplog)  # verify says so, and goes on
+
+
+def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_data_files_hash_alone(hub, tmp_path, caplog):
+    from helpers import record_in_card
+
+    data = chat_lines(6)
+    commit_file(hub, "tester/verified-files", "train.jsonl", data)
+    cache = build(hub_config(tmp_path / "cache", "tester/verified-files"), progress=False).output_dir
+    commit_file(hub, "tester/verified-files", "train.jsonl", chat_lines(8, "z"))
+    recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": files_only_hash({"train.jsonl": data})}
+    record_in_card(cache, input=recorded)
+    assert "not compared with their input rows" not in verify_warnings(cache, caplog)
