@@ -265,21 +265,56 @@ def is_cached_copy(builder) -> bool:
     return isinstance(builder, Cache)
 
 
-def check_cached_revision(builder, repo_id: str, revision: str | None) -> None:
-    """A cached copy is read whatever revision is asked for: refuse one of another commit than
-    --input-revision names."""
+def copy_at_revision(builder, repo_id: str, config: str | None, revision: str | None):
+    """`builder`, or, where it is the newest cached copy `datasets` reads whatever revision is asked for
+    (offline, or with the Hub out of reach), the cached copy of the commit --input-revision names:
+    refused, saying so, where the cache holds none."""
     if revision is None or not is_cached_copy(builder):
-        return
-    commit = builder.hash if is_commit(builder.hash) else None
-    wanted = revision if is_commit(revision) else _cached_ref(repo_id, revision)
-    if wanted is None or wanted != commit:
-        found = f"the cached copy is of commit {commit}" if commit else "the commit of the cached copy is not known"
-        known = f" (commit {wanted})" if wanted else ", which the local Hub cache does not know"
-        raise InputError(
-            f"--input-revision: Hub dataset {repo_id!r} is read from the local cache (HF_HUB_OFFLINE is set, or the Hub "
-            f"cannot be reached), where {found}, not revision {revision!r}{known}; expected a cached copy of that "
-            "revision: unset HF_HUB_OFFLINE (or reach the Hub) to download it, or pass the commit of the cached copy"
-        )
+        return builder
+    commit = revision if is_commit(revision) else _cached_ref(repo_id, revision)
+    if commit == builder.hash:
+        return builder
+    rows_folder = Path(builder.cache_dir).parents[2]  # {datasets cache}/{dataset}/{config}/{version}/{commit}
+    copies = _cached_copies(rows_folder, config)
+    pinned = [copy for copy in copies if copy.name == commit]
+    if len(pinned) > 1:  # several configurations: the one `datasets` took, as without a revision
+        pinned = [copy for copy in pinned if copy.parts[-3] == builder.config.name] or pinned
+    if len(pinned) != 1:
+        raise _no_cached_copy(repo_id, revision, commit, sorted({copy.name for copy in copies}), several=len(pinned) > 1)
+    from datasets.packaged_modules.cache.cache import Cache
+
+    name, version = pinned[0].parts[-3:-1]
+    return Cache(repo_id=repo_id, dataset_name=repo_id.split("/")[-1], config_name=name, version=version, hash=commit)
+
+
+def _cached_copies(rows_folder: Path, config: str | None) -> list[Path]:
+    """The folders of the cached copies of a Hub dataset's rows (of `config`), as `datasets` finds them: those of
+    a configuration by its name alone (others were loaded with settings of their own)."""
+    return [
+        folder
+        for folder in rows_folder.glob("*/*/*")
+        if is_commit(folder.name) and _copy_config(folder) == folder.parts[-3] and config in (None, folder.parts[-3])
+    ]
+
+
+def _copy_config(folder: Path) -> str | None:
+    info = folder / "dataset_info.json"
+    return json.loads(info.read_text(encoding="utf-8")).get("config_name") if info.is_file() else None
+
+
+def _no_cached_copy(repo_id: str, revision: str, commit: str | None, cached: list[str], several: bool) -> InputError:
+    if several:
+        found = f"holds copies of commit {commit} in several configurations"
+        fix = "pass --input-config to name one"
+    else:
+        named = f"commit {commit}" if commit else "a name the local Hub cache does not know"
+        asked = f"commit {commit}" if commit == revision else f"revision {revision!r} ({named})"
+        found = f"holds no copy of {asked}, only of {', '.join(cached) or 'none'}"
+        fix = "unset HF_HUB_OFFLINE (or reach the Hub) to download it, or pass one of the cached commits as --input-revision"
+    return InputError(
+        f"--input-revision: Hub dataset {repo_id!r} is read from the local cache (HF_HUB_OFFLINE is set, or the Hub cannot "
+        f"be reached), which {found}; expected a cached copy of that revision: {fix}"
+    )
 
 
 def _cached_ref(repo_id: str, revision: str) -> str | None:

@@ -490,10 +490,9 @@ def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | N
 
 
 def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str | None):
-    from .hub_inputs import check_cached_revision, hub_source
+    from .hub_inputs import hub_source
 
     builder, loaded = _hub_splits(repo_id, config, revision)
-    check_cached_revision(builder, repo_id, revision)
     ds = _pick_split(loaded, split, repo_id)
     config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
     source = hub_source(builder, repo_id, config or builder.config.name, split or "train")
@@ -515,10 +514,15 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
     tells which commit and files it read."""
     from huggingface_hub import is_offline_mode
 
+    from .hub_inputs import copy_at_revision
+
     try:
         builder = datasets.load_dataset_builder(repo_id, name=config, revision=revision)
+        builder = copy_at_revision(builder, repo_id, config, revision)  # offline, `datasets` reads its newest copy
         builder.download_and_prepare()
         return builder, builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
+    except InputError:
+        raise
     except datasets.exceptions.DatasetNotFoundError as err:
         raise InputError(
             f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); "

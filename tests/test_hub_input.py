@@ -319,15 +319,45 @@ def test_a_build_begun_online_resumes_offline_from_the_local_caches(hub, tmp_pat
     assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
 
 
-def test_offline_an_input_revision_the_cached_copy_is_not_is_refused(hub, tmp_path, monkeypatch):
+def test_offline_an_input_revision_reads_that_commit_s_cached_copy_not_the_newest(hub, tmp_path, monkeypatch):
+    """Offline `datasets` reads the newest copy in its cache whatever revision is asked for: a build that
+    read another commit, refused unpinned, resumes pinned to the commit it read, as the refusal says."""
+    import os
+
+    import datasets
+
+    read = hub_dataset(hub, "tester/offline-two")
+    cfg = hub_config(tmp_path / "cache", "tester/offline-two")
+    interrupted_build(cfg, monkeypatch)
+    newer = commit_file(hub, "tester/offline-two", "train.jsonl", chat_lines(12))
+    _, at_newer = load_rows("tester/offline-two")  # another build read the newer commit: both are cached
+    _, at_read = load_rows("tester/offline-two", revision=read)
+    newest = datasets.config.HF_DATASETS_CACHE / "tester___offline-two" / "default" / "0.0.0" / newer
+    os.utime(newest, (newest.stat().st_atime, newest.stat().st_mtime + 60))
+    go_offline(monkeypatch)
+    assert load_rows("tester/offline-two")[1]["revision"] == newer
+    for commit, online in ((read, at_read), (newer, at_newer)):
+        offline = load_rows("tester/offline-two", revision=commit)[1]
+        assert offline["revision"] == commit and offline["content_hash"] == online["content_hash"]
+    with pytest.raises(ResumeMismatch, match=f"--input-revision {read}"):
+        build(cfg.replace(resume=True), progress=False)
+    hub.reset_counters()
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    assert hub.requests() == [] and len(result.written) == 2
+    reference = build(hub_config(tmp_path / "reference", "tester/offline-two", input_revision=read), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(result.output_dir)["input_revision"] == read
+
+
+def test_offline_an_input_revision_with_no_cached_copy_is_refused_naming_the_cached_commits(hub, monkeypatch):
     first = hub_dataset(hub, "tester/offline-pinned", 3)
     latest = commit_file(hub, "tester/offline-pinned", "train.jsonl", chat_lines(4))
-    online = load_rows("tester/offline-pinned")[1]  # the latest commit, cached
+    load_rows("tester/offline-pinned")  # the latest commit, cached
     go_offline(monkeypatch)
-    offline = load_rows("tester/offline-pinned", revision=latest)[1]
-    assert offline["revision"] == latest and offline["content_hash"] == online["content_hash"]
-    with pytest.raises(InputError, match=says("--input-revision", "'tester/offline-pinned'", f"commit {latest}", repr(first))):
+    with pytest.raises(InputError, match=says("--input-revision", "'tester/offline-pinned'", f"no copy of commit {first}", latest)):
         load_rows("tester/offline-pinned", revision=first)
+    with pytest.raises(InputError, match=says("--input-revision", "revision 'v9'", "the local Hub cache does not know", latest)):
+        load_rows("tester/offline-pinned", revision="v9")
 
 
 # ---- verify --recompute: the input rows as the build read them ---------------------------------
