@@ -162,15 +162,26 @@ def check_resume(
     input_hashes = accepted_hashes(input_hashes, (read_input_source(output_dir) or {}).get("revision"))
     differences = identity_differences(stored, identity, tokenizer_hashes, input_hashes)
     if differences:
-        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences))
+        # A Hub input whose content hash could not be told is named by `datasets`' fingerprint of its rows, one of input_hashes
+        untold = flatten(identity).get(INPUT_HASH_FIELD) in input_hashes
+        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences, untold))
     return stored
 
 
-def hub_input_hint(output_dir: Path, stored: dict, differences: dict) -> str:
-    """Where only what a Hub input's rows were made from differs: the dataset commit the build read, to resume from."""
+def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bool = False) -> str:
+    """Where only what a Hub input's rows were made from differs: the dataset commit the build read, to resume
+    from; where this run could not tell what they were made from (`untold`), that it could not, and what to do."""
     commit = (read_input_source(output_dir) or {}).get("revision")
     same_input = not {"input.data", "input.config", "input.split"} & set(differences)
-    if commit is None or INPUT_HASH_FIELD not in differences or not same_input:
+    if INPUT_HASH_FIELD not in differences or not same_input:
+        return ""
+    if untold:
+        return (
+            f"This run could not tell what the rows of Hub dataset {stored['input']['data']!r} were made from (offline, "
+            "neither the local Hub cache's copy of its files nor a note of them beside the cached rows was found), so "
+            "not whether they are the build's: resume where the Hub can be reached (unset HF_HUB_OFFLINE), which names them."
+        )
+    if commit is None:
         return ""
     return (
         f"The data files of Hub dataset {stored['input']['data']!r}, or what its card says of them, have changed since "

@@ -8,7 +8,8 @@ its git blob id), and what the dataset card says of the configuration besides it
 settings of its `configs` entry, such as a JSON `field` or a CSV `sep`, and the features its
 `dataset_info` declares, to which the rows are cast). Online the ids come from the Hub at the
 commit read; offline, from the local Hub cache, whose blobs are named by the same ids; the card
-from the local Hub cache either way, where `datasets` downloaded it.
+from the local Hub cache either way, where `datasets` downloaded it. Each hash is noted beside
+the rows `datasets` cached, so that offline it is still told once the Hub cache's copy is deleted.
 """
 
 from __future__ import annotations
@@ -67,23 +68,62 @@ def _with_text_keys(value):
     return value
 
 
-def hub_source(builder, repo_id: str, config: str, split: str) -> HubSource:
+def hub_source(builder, repo_id: str, config: str, split: str, rows_fingerprint: str) -> HubSource:
     """The commit and content hash of `split` of `config` as `builder` read it: from the files it resolved
-    (online), else (offline, a cached copy) from the local Hub cache's snapshot of its commit."""
+    (online), else (offline, a cached copy) from the local Hub cache's snapshot of its commit, else from
+    the note an earlier run left beside the cached rows (`rows_fingerprint`: `datasets`' name for them)."""
     commit = builder.hash if is_commit(builder.hash) else None
     if not is_cached_copy(builder):
         read = _read_online(builder, config, split)
     else:  # the dataset's cache folder is named by the commit
         read = _read_from_hub_cache(repo_id, commit, config, split) if commit is not None else None
     if read is not None:
-        return read.source()
+        source = read.source()
+        _write_note(rows_fingerprint, source)
+        return source
+    noted = _read_note(rows_fingerprint)
+    if noted is not None and noted.commit == commit:
+        return noted
     log.warning(
-        "--input-data: the data files of Hub dataset %r (split %s) could not be told; the rows are named by the "
-        "commit `datasets` read, so a resume after any new commit to the dataset is refused",
+        "--input-data: what the rows of Hub dataset %r (split %s) were made from could not be told (offline, the local "
+        "Hub cache holds no copy of its files); the rows are named by the commit `datasets` read, so the resume of a "
+        "build that read them online is refused: reach the Hub (unset HF_HUB_OFFLINE) to name them",
         repo_id,
         split,
     )
     return HubSource(commit, None)
+
+
+# Notes of the content hash of rows `datasets` cached, by their fingerprint (which names the dataset, configuration,
+# commit and split): the Hub cache's copy of the files they were read from may be deleted while they stay cached.
+# The folder names the way the hash is computed: a note of another one is not taken.
+NOTES_FOLDER = "eagle3_cache_inputs/hub_content_hashes_v2"
+
+
+def _note_path(rows_fingerprint: str) -> Path:
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / NOTES_FOLDER / f"{rows_fingerprint}.json"
+
+
+def _write_note(rows_fingerprint: str, source: HubSource) -> None:
+    from .files import write_json_atomic
+
+    path = _note_path(rows_fingerprint)
+    note = {"commit": source.commit, "content_hash": source.content_hash, "earlier_hashes": list(source.earlier_hashes)}
+    try:
+        write_json_atomic(path, note)
+    except OSError as err:  # a read-only cache: the hash is only not told offline without the Hub cache's copy
+        log.debug("could not note the content hash of %s in %s: %r", rows_fingerprint, path, err)
+
+
+def _read_note(rows_fingerprint: str) -> HubSource | None:
+    path = _note_path(rows_fingerprint)
+    try:
+        note = json.loads(path.read_text(encoding="utf-8"))
+        return HubSource(note["commit"], note["content_hash"], tuple(note["earlier_hashes"]))
+    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: as if none
+        return None
 
 
 def _read_online(builder, config: str, split: str) -> ReadInput | None:

@@ -495,7 +495,7 @@ def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str
     builder, loaded = _hub_splits(repo_id, config, revision)
     ds = _pick_split(loaded, split, repo_id)
     config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
-    source = hub_source(builder, repo_id, config or builder.config.name, split or "train")
+    source = hub_source(builder, repo_id, config or builder.config.name, split or "train", ds._fingerprint)
     info = {
         "input_data": repo_id,
         "kind": "hub",

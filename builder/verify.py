@@ -674,6 +674,11 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     except Eagle3CacheError as err:
         raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
     recorded = accepted_hashes(info.get("earlier_content_hashes", ()), manifest.get("input_revision")) | {info["content_hash"]}
+    if selection["content_hash"] not in recorded and info["content_hash"] in info.get("earlier_content_hashes", ()):
+        raise NotRetokenized(  # a Hub input named by `datasets`' fingerprint of its rows: what made them was not told
+            f"what the rows of the build's input {selection['data']!r} were made from could not be told here (offline, "
+            "the local Hub cache holds no copy of its files): reach the Hub (unset HF_HUB_OFFLINE) to compare them"
+        )
     if selection["content_hash"] not in recorded:
         raise NotRetokenized(
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "

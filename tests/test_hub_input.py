@@ -4,6 +4,7 @@ the repo's commit, so a commit that leaves them as they are resumes; --input-rev
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
@@ -317,6 +318,53 @@ def test_a_build_begun_online_resumes_offline_from_the_local_caches(hub, tmp_pat
     assert read_manifest(result.output_dir)["input_revision"] == read
     reference = build(hub_config(tmp_path / "reference", "tester/offline"), progress=False).output_dir
     assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
+
+
+def forget_hub_copy(repo_id: str) -> None:
+    """The local Hub cache's copy of a dataset deleted (`hf cache delete`); `datasets`' cached rows stay."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    shutil.rmtree(Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}")
+
+
+def test_a_build_begun_online_resumes_offline_from_the_cached_rows_alone(hub, tmp_path, monkeypatch):
+    """The local Hub cache's copy of the files gone, the rows `datasets` cached are told by the note left beside them."""
+    read = hub_dataset(hub, "tester/rows-only")
+    cfg = hub_config(tmp_path / "cache", "tester/rows-only")
+    interrupted_build(cfg, monkeypatch)
+    online = load_rows("tester/rows-only")[1]
+    forget_hub_copy("tester/rows-only")
+    go_offline(monkeypatch)
+    offline = load_rows("tester/rows-only")[1]
+    assert offline["content_hash"] == online["content_hash"] and offline["revision"] == read
+    result = build(cfg.replace(resume=True), progress=False)
+    assert len(result.written) == 2 and read_manifest(result.output_dir)["input_revision"] == read
+    reference = build(hub_config(tmp_path / "reference", "tester/rows-only"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
+
+
+def test_offline_rows_whose_making_cannot_be_told_are_not_called_changed(hub, tmp_path, monkeypatch, caplog):
+    """Rows cached with no note beside them (by an earlier version), the Hub cache's copy gone: the resume is
+    refused saying that what made them could not be told and how to tell it, not that the dataset changed."""
+    import datasets
+
+    from builder.hub_inputs import NOTES_FOLDER
+
+    hub_dataset(hub, "tester/untold")
+    cache = build(hub_config(tmp_path / "cache", "tester/untold"), progress=False).output_dir
+    interrupted_build(hub_config(tmp_path / "stopped", "tester/untold"), monkeypatch)
+    rows_fingerprint = load_rows("tester/untold")[1]["earlier_content_hashes"][0]
+    (datasets.config.HF_DATASETS_CACHE / NOTES_FOLDER / f"{rows_fingerprint}.json").unlink(missing_ok=True)
+    forget_hub_copy("tester/untold")
+    go_offline(monkeypatch)
+    with pytest.raises(ResumeMismatch, match=says("could not tell", "'tester/untold'", "unset HF_HUB_OFFLINE")) as refused:
+        build(hub_config(tmp_path / "stopped", "tester/untold", resume=True), progress=False)
+    assert "--input-revision" not in str(refused.value) and "changed" not in str(refused.value)
+    warnings = verify_warnings(cache, caplog)
+    assert "could not be told" in warnings and "changed" not in warnings
 
 
 def test_offline_an_input_revision_reads_that_commit_s_cached_copy_not_the_newest(hub, tmp_path, monkeypatch):
