@@ -208,7 +208,7 @@ def _download(repo_id: str, commit: str, name: str) -> Path:
     try:
         return Path(Retry()(f"read {name}", fetch, repo_id))
     except HubError as err:
-        raise _hub_failed(repo_id, commit, f"its {name}", err) from None
+        raise _hub_failed(repo_id, commit, f"the {name}", err) from None
 
 
 def is_commit(name) -> bool:
@@ -235,7 +235,7 @@ def _hub_file_ids(repo_id: str, commit: str, paths: list[str], required: list[st
         try:
             ids.update(Retry()("list the data files", partial(_listed_ids, api, repo_id, commit, batch), repo_id))
         except HubError as err:
-            raise _hub_failed(repo_id, commit, "the listing of its data files", err) from None
+            raise _hub_failed(repo_id, commit, "the list of data files", err) from None
     missing = sorted(set(required) - set(ids))
     if missing:  # `datasets` just read them at this commit
         raise InputError(
