@@ -59,8 +59,9 @@ def identity_differences(
 ) -> dict:
     """`{field: (stored, current)}` for every differing identity field, dotted names. `tokenizer_hashes`:
     those this run's tokenizer may have been recorded under (tokenize.recorded_tokenizer_hashes);
-    `input_hashes`: those this run's input may have been (a Hub input: the rows' fingerprint at the
-    commit read, which earlier versions recorded instead of the data files' hash)."""
+    `input_hashes`: those this run's input may have been recorded under (a Hub input: the rows' fingerprint
+    at the commit read, and the data files' hash alone where the build read this commit, which earlier
+    versions recorded; see hub_inputs.accepted_hashes)."""
     a, b = flatten(stored), flatten(current)
     if a.get(TOKENIZER_FIELD) in tokenizer_hashes:
         b[TOKENIZER_FIELD] = a[TOKENIZER_FIELD]
@@ -156,21 +157,35 @@ def check_resume(
     stored = read_identity(output_dir)
     if stored is None:
         return identity  # nothing written yet (a start that failed): the run starts the build
+    from .hub_inputs import accepted_hashes
+
+    input_hashes = accepted_hashes(input_hashes, (read_input_source(output_dir) or {}).get("revision"))
     differences = identity_differences(stored, identity, tokenizer_hashes, input_hashes)
     if differences:
-        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences))
+        # A Hub input whose content hash could not be told is named by `datasets`' fingerprint of its rows, one of input_hashes
+        untold = flatten(identity).get(INPUT_HASH_FIELD) in input_hashes
+        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences, untold))
     return stored
 
 
-def hub_input_hint(output_dir: Path, stored: dict, differences: dict) -> str:
-    """Where only a Hub input's data files differ: the dataset commit the build read, to resume from."""
+def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bool = False) -> str:
+    """Where only what a Hub input's rows were made from differs: the dataset commit the build read, to resume
+    from; where this run could not tell what they were made from (`untold`), that it could not, and what to do."""
     commit = (read_input_source(output_dir) or {}).get("revision")
     same_input = not {"input.data", "input.config", "input.split"} & set(differences)
-    if commit is None or INPUT_HASH_FIELD not in differences or not same_input:
+    if INPUT_HASH_FIELD not in differences or not same_input:
+        return ""
+    if untold:
+        return (
+            f"This run could not tell what the rows of Hub dataset {stored['input']['data']!r} were made from (offline, "
+            "neither the local Hub cache's copy of its files nor a note of them beside the cached rows was found), so "
+            "not whether they are the build's: resume where the Hub can be reached (unset HF_HUB_OFFLINE), which names them."
+        )
+    if commit is None:
         return ""
     return (
-        f"The data files of Hub dataset {stored['input']['data']!r} have changed since commit {commit}, which the build "
-        f"read: pass --input-revision {commit} to continue it from that commit."
+        f"The data files of Hub dataset {stored['input']['data']!r}, or what its card says of them, have changed since "
+        f"commit {commit}, which the build read: pass --input-revision {commit} to continue it from that commit."
     )
 
 

@@ -490,21 +490,21 @@ def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | N
 
 
 def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str | None):
-    from .hub_inputs import check_cached_revision, hub_source
+    from .hub_inputs import hub_source
 
     builder, loaded = _hub_splits(repo_id, config, revision)
-    check_cached_revision(builder, repo_id, revision)
     ds = _pick_split(loaded, split, repo_id)
     config = ds.info.config_name or config  # the one `datasets` read: without --input-config, the dataset's default
-    source = hub_source(builder, repo_id, split or "train")
+    source = hub_source(builder, repo_id, config or builder.config.name, split or "train", ds._fingerprint)
     info = {
         "input_data": repo_id,
         "kind": "hub",
         "config": config,
         "split": split or "train",
         "content_hash": source.content_hash or ds._fingerprint,
-        "revision": source.commit,  # informational: another commit with the same data files is the same input
-        "earlier_content_hashes": [ds._fingerprint],  # what earlier versions recorded: the rows `datasets` named by the commit
+        "revision": source.commit,  # informational: another commit with the same data files and card settings is the same input
+        # What earlier versions recorded: the rows `datasets` named by the commit, and the data files' hash alone (at the same commit)
+        "earlier_content_hashes": [ds._fingerprint, *source.earlier_hashes],
     }
     return ds, info
 
@@ -514,10 +514,15 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
     tells which commit and files it read."""
     from huggingface_hub import is_offline_mode
 
+    from .hub_inputs import copy_at_revision
+
     try:
         builder = datasets.load_dataset_builder(repo_id, name=config, revision=revision)
+        builder = copy_at_revision(builder, repo_id, config, revision)  # offline, `datasets` reads its newest copy
         builder.download_and_prepare()
         return builder, builder.as_dataset(in_memory=is_small_dataset(builder.info.dataset_size))
+    except InputError:
+        raise
     except datasets.exceptions.DatasetNotFoundError as err:
         raise InputError(
             f"--input-data: Hub dataset {repo_id!r} was not found ({_one_line(err)}); "

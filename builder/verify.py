@@ -650,6 +650,7 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     """{source index: its input row tokenized now as the build tokenized it}; NotRetokenized where that
     cannot be done here."""
     from .embedded import resolve_input
+    from .hub_inputs import accepted_hashes
     from .inputs import load_rows
     from .target import load_tokenizer
     from .tokenize import _tokenize_batch
@@ -672,7 +673,13 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
         )
     except Eagle3CacheError as err:
         raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
-    if selection["content_hash"] not in {info["content_hash"], *info.get("earlier_content_hashes", ())}:
+    recorded = accepted_hashes(info.get("earlier_content_hashes", ()), manifest.get("input_revision")) | {info["content_hash"]}
+    if selection["content_hash"] not in recorded and info["content_hash"] in info.get("earlier_content_hashes", ()):
+        raise NotRetokenized(  # a Hub input named by `datasets`' fingerprint of its rows: what made them was not told
+            f"what the rows of the build's input {selection['data']!r} were made from could not be told here (offline, "
+            "the local Hub cache holds no copy of its files): reach the Hub (unset HF_HUB_OFFLINE) to compare them"
+        )
+    if selection["content_hash"] not in recorded:
         raise NotRetokenized(
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
             f"build's {selection['content_hash']})"

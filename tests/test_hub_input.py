@@ -4,6 +4,7 @@ the repo's commit, so a commit that leaves them as they are resumes; --input-rev
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
@@ -108,6 +109,102 @@ def test_a_commit_that_changes_a_data_file_is_refused_naming_the_commit_the_buil
     assert read_manifest(result.output_dir)["input_revision"] == read
 
 
+# ---- the card: what `datasets` makes the rows from besides the data files ---------------------------
+
+
+def chat_rows(n: int, tag: str) -> list[dict]:
+    return [json.loads(line) for line in chat_lines(n, tag).decode().splitlines()]
+
+
+def card(configs: str, prose: str = "Chats.") -> bytes:
+    return f"---\n{configs}---\n{prose}\n".encode()
+
+
+FIELD = "configs:\n- config_name: default\n  data_files: chats.json\n  field: {}\n"
+ORDER = "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: [{}, {}]\n"
+TYPED = (
+    "configs:\n- config_name: default\n  data_files: typed.jsonl\n"
+    "dataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: n\n    dtype: {}\n"
+)
+
+
+def card_dataset(hub, repo_id: str) -> None:
+    """Data files that `datasets` reads into other rows as the card says: a JSON file's fields, two
+    JSON Lines parts, a column whose type the card declares."""
+    commit_file(hub, repo_id, "chats.json", json.dumps({"curated": chat_rows(3, "good"), "rejected": chat_rows(3, "bad")}).encode())
+    commit_file(hub, repo_id, "part-a.jsonl", chat_lines(2, "a"))
+    commit_file(hub, repo_id, "part-b.jsonl", chat_lines(2, "b"))
+    commit_file(hub, repo_id, "typed.jsonl", b'{"id": "x", "n": 1}\n{"id": "y", "n": 2}\n')
+
+
+@pytest.mark.parametrize(
+    "edit,before,after",
+    [
+        pytest.param("json-field", card(FIELD.format("curated")), card(FIELD.format("rejected")), id="json-field"),
+        pytest.param(
+            "file-order",
+            card(ORDER.format("part-a.jsonl", "part-b.jsonl")),
+            card(ORDER.format("part-b.jsonl", "part-a.jsonl")),
+            id="file-order",
+        ),
+        pytest.param("declared-features", card(TYPED.format("int64")), card(TYPED.format("string")), id="declared-features"),
+    ],
+)
+def test_a_card_edit_that_changes_the_rows_changes_the_content_hash(hub, edit, before, after):
+    repo_id = f"tester/card-{edit}"
+    card_dataset(hub, repo_id)
+    commit_file(hub, repo_id, "README.md", before)
+    rows, info = load_rows(repo_id)
+    commit_file(hub, repo_id, "README.md", after)
+    rows_after, info_after = load_rows(repo_id)
+    assert list(rows_after) != list(rows)  # the same data files, other rows
+    assert info_after["content_hash"] != info["content_hash"]
+
+
+def test_the_standalone_yaml_s_settings_are_hashed_as_the_card_s(hub):
+    card_dataset(hub, "tester/card-yaml")
+    commit_file(hub, "tester/card-yaml", ".huggingface.yaml", FIELD.format("curated").encode())
+    rows, info = load_rows("tester/card-yaml")
+    commit_file(hub, "tester/card-yaml", ".huggingface.yaml", FIELD.format("rejected").encode())
+    rows_after, info_after = load_rows("tester/card-yaml")
+    assert [row["id"] for row in rows] == ["good0", "good1", "good2"] and [row["id"] for row in rows_after] == ["bad0", "bad1", "bad2"]
+    assert info_after["content_hash"] != info["content_hash"]
+
+
+def test_a_card_edit_that_leaves_the_configuration_s_settings_as_they_are_keeps_the_content_hash(hub):
+    other = "- config_name: other\n  data_files: chats.json\n  field: {}\n"
+    card_dataset(hub, "tester/card-prose")
+    commit_file(hub, "tester/card-prose", "README.md", card(FIELD.format("curated") + other.format("curated")))
+    _, info = load_rows("tester/card-prose")
+    edited = commit_file(hub, "tester/card-prose", "README.md", card(FIELD.format("curated") + other.format("rejected"), "Chats, rated."))
+    _, info_after = load_rows("tester/card-prose")
+    assert info_after["revision"] == edited != info["revision"]
+    assert info_after["content_hash"] == info["content_hash"]
+
+
+def test_offline_the_card_and_the_files_in_the_local_hub_cache_give_the_content_hash_read_online(hub, monkeypatch):
+    card_dataset(hub, "tester/card-offline")
+    commit_file(hub, "tester/card-offline", ".huggingface.yaml", b"pretty_name: Chats\n")
+    commit_file(hub, "tester/card-offline", "README.md", card(ORDER.format("part-b.jsonl", "part-a.jsonl")))
+    _, online = load_rows("tester/card-offline")
+    go_offline(monkeypatch)
+    _, offline = load_rows("tester/card-offline")
+    assert offline["content_hash"] == online["content_hash"] and offline["revision"] == online["revision"]
+
+
+def test_a_card_edit_that_changes_the_rows_refuses_the_resume_naming_the_commit_the_build_read(hub, tmp_path, monkeypatch):
+    chats = {"curated": chat_rows(9, "good"), "rejected": chat_rows(9, "bad")}
+    commit_file(hub, "tester/card-resumed", "chats.json", json.dumps(chats).encode())
+    read = commit_file(hub, "tester/card-resumed", "README.md", card(FIELD.format("curated")))
+    cfg = hub_config(tmp_path / "cache", "tester/card-resumed")
+    interrupted_build(cfg, monkeypatch)
+    commit_file(hub, "tester/card-resumed", "README.md", card(FIELD.format("rejected")))
+    with pytest.raises(ResumeMismatch, match=says("input.content_hash", "'tester/card-resumed'", f"--input-revision {read}")):
+        build(cfg.replace(resume=True), progress=False)
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    assert {row["sample_id"] for row in decoded_rows(result.output_dir)} == {f"good{i}" for i in range(9)}
+
+
 # ---- --input-revision ---------------------------------------------------------------------------
 
 
@@ -164,6 +261,40 @@ def test_a_build_that_recorded_the_rows_fingerprint_resumes_at_the_same_commit_w
     assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
 
 
+def files_only_hash(files: dict[str, bytes]) -> str:
+    """The content hash a version that hashed a Hub input's data files alone recorded: their paths and
+    git blob ids, sorted."""
+    import hashlib
+
+    from hub_server import git_blob_oid
+
+    h = hashlib.sha256()
+    for path, data in sorted(files.items()):
+        h.update(f"{path}\0{git_blob_oid(data)}\n".encode())
+    return h.hexdigest()
+
+
+def test_a_build_that_recorded_the_data_files_hash_alone_resumes_at_the_commit_it_read_with_its_identity(hub, tmp_path, monkeypatch):
+    """That hash does not tell a card edit that changed the rows: it names the input at the commit the build
+    read (which that version recorded), and elsewhere the resume is refused, naming that commit."""
+    data = chat_lines(10)
+    read = commit_file(hub, "tester/recorded-files", "train.jsonl", data)
+    cfg = hub_config(tmp_path / "cache", "tester/recorded-files")
+    interrupted_build(cfg, monkeypatch)
+    state = tmp_path / "cache" / BUILD_STATE_FILE
+    identity = json.loads(state.read_text())
+    identity["input"]["content_hash"] = files_only_hash({"train.jsonl": data})
+    state.write_text(json.dumps(identity))
+    commit_file(hub, "tester/recorded-files", "README.md", b"Where these chats come from.\n")
+    with pytest.raises(ResumeMismatch, match=says("input.content_hash", f"--input-revision {read}")):
+        build(cfg.replace(resume=True), progress=False)
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    manifest = read_manifest(result.output_dir)
+    assert manifest["identity"] == identity and manifest["fingerprint"] == fingerprint(identity)
+    reference = build(hub_config(tmp_path / "reference", "tester/recorded-files"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+
+
 # ---- offline: the local caches -------------------------------------------------------------------
 
 
@@ -189,15 +320,92 @@ def test_a_build_begun_online_resumes_offline_from_the_local_caches(hub, tmp_pat
     assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
 
 
-def test_offline_an_input_revision_the_cached_copy_is_not_is_refused(hub, tmp_path, monkeypatch):
+def forget_hub_copy(repo_id: str) -> None:
+    """The local Hub cache's copy of a dataset deleted (`hf cache delete`); `datasets`' cached rows stay."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    shutil.rmtree(Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}")
+
+
+def test_a_build_begun_online_resumes_offline_from_the_cached_rows_alone(hub, tmp_path, monkeypatch):
+    """The local Hub cache's copy of the files gone, the rows `datasets` cached are told by the note left beside them."""
+    read = hub_dataset(hub, "tester/rows-only")
+    cfg = hub_config(tmp_path / "cache", "tester/rows-only")
+    interrupted_build(cfg, monkeypatch)
+    online = load_rows("tester/rows-only")[1]
+    forget_hub_copy("tester/rows-only")
+    go_offline(monkeypatch)
+    offline = load_rows("tester/rows-only")[1]
+    assert offline["content_hash"] == online["content_hash"] and offline["revision"] == read
+    result = build(cfg.replace(resume=True), progress=False)
+    assert len(result.written) == 2 and read_manifest(result.output_dir)["input_revision"] == read
+    reference = build(hub_config(tmp_path / "reference", "tester/rows-only"), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(reference)["identity"]["input"] == read_manifest(result.output_dir)["identity"]["input"]
+
+
+def test_offline_rows_whose_making_cannot_be_told_are_not_called_changed(hub, tmp_path, monkeypatch, caplog):
+    """Rows cached with no note beside them (by an earlier version), the Hub cache's copy gone: the resume is
+    refused saying that what made them could not be told and how to tell it, not that the dataset changed."""
+    import datasets
+
+    from builder.hub_inputs import NOTES_FOLDER
+
+    hub_dataset(hub, "tester/untold")
+    cache = build(hub_config(tmp_path / "cache", "tester/untold"), progress=False).output_dir
+    interrupted_build(hub_config(tmp_path / "stopped", "tester/untold"), monkeypatch)
+    rows_fingerprint = load_rows("tester/untold")[1]["earlier_content_hashes"][0]
+    (datasets.config.HF_DATASETS_CACHE / NOTES_FOLDER / f"{rows_fingerprint}.json").unlink(missing_ok=True)
+    forget_hub_copy("tester/untold")
+    go_offline(monkeypatch)
+    with pytest.raises(ResumeMismatch, match=says("could not tell", "'tester/untold'", "unset HF_HUB_OFFLINE")) as refused:
+        build(hub_config(tmp_path / "stopped", "tester/untold", resume=True), progress=False)
+    assert "--input-revision" not in str(refused.value) and "changed" not in str(refused.value)
+    warnings = verify_warnings(cache, caplog)
+    assert "could not be told" in warnings and "changed" not in warnings
+
+
+def test_offline_an_input_revision_reads_that_commit_s_cached_copy_not_the_newest(hub, tmp_path, monkeypatch):
+    """Offline `datasets` reads the newest copy in its cache whatever revision is asked for: a build that
+    read another commit, refused unpinned, resumes pinned to the commit it read, as the refusal says."""
+    import os
+
+    import datasets
+
+    read = hub_dataset(hub, "tester/offline-two")
+    cfg = hub_config(tmp_path / "cache", "tester/offline-two")
+    interrupted_build(cfg, monkeypatch)
+    newer = commit_file(hub, "tester/offline-two", "train.jsonl", chat_lines(12))
+    _, at_newer = load_rows("tester/offline-two")  # another build read the newer commit: both are cached
+    _, at_read = load_rows("tester/offline-two", revision=read)
+    newest = datasets.config.HF_DATASETS_CACHE / "tester___offline-two" / "default" / "0.0.0" / newer
+    os.utime(newest, (newest.stat().st_atime, newest.stat().st_mtime + 60))
+    go_offline(monkeypatch)
+    assert load_rows("tester/offline-two")[1]["revision"] == newer
+    for commit, online in ((read, at_read), (newer, at_newer)):
+        offline = load_rows("tester/offline-two", revision=commit)[1]
+        assert offline["revision"] == commit and offline["content_hash"] == online["content_hash"]
+    with pytest.raises(ResumeMismatch, match=f"--input-revision {read}"):
+        build(cfg.replace(resume=True), progress=False)
+    hub.reset_counters()
+    result = build(cfg.replace(resume=True, input_revision=read), progress=False)
+    assert hub.requests() == [] and len(result.written) == 2
+    reference = build(hub_config(tmp_path / "reference", "tester/offline-two", input_revision=read), progress=False).output_dir
+    assert_same_content(decoded_rows(result.output_dir), decoded_rows(reference))
+    assert read_manifest(result.output_dir)["input_revision"] == read
+
+
+def test_offline_an_input_revision_with_no_cached_copy_is_refused_naming_the_cached_commits(hub, monkeypatch):
     first = hub_dataset(hub, "tester/offline-pinned", 3)
     latest = commit_file(hub, "tester/offline-pinned", "train.jsonl", chat_lines(4))
-    online = load_rows("tester/offline-pinned")[1]  # the latest commit, cached
+    load_rows("tester/offline-pinned")  # the latest commit, cached
     go_offline(monkeypatch)
-    offline = load_rows("tester/offline-pinned", revision=latest)[1]
-    assert offline["revision"] == latest and offline["content_hash"] == online["content_hash"]
-    with pytest.raises(InputError, match=says("--input-revision", "'tester/offline-pinned'", f"commit {latest}", repr(first))):
+    with pytest.raises(InputError, match=says("--input-revision", "'tester/offline-pinned'", f"no copy of commit {first}", latest)):
         load_rows("tester/offline-pinned", revision=first)
+    with pytest.raises(InputError, match=says("--input-revision", "revision 'v9'", "the local Hub cache does not know", latest)):
+        load_rows("tester/offline-pinned", revision="v9")
 
 
 # ---- verify --recompute: the input rows as the build read them ---------------------------------
@@ -228,5 +436,51 @@ def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_rows_finger
     cache = build(hub_config(tmp_path / "cache", "tester/verified-earlier"), progress=False).output_dir
     _, info = load_rows("tester/verified-earlier")
     recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": info["earlier_content_hashes"][0]}
+    record_in_card(cache, input=recorded)
+    assert "not compared with their input rows" not in verify_warnings(cache, caplog)
+
+
+# ---- the Hub failing while the data files are listed --------------------------------------------
+
+
+@pytest.fixture
+def retry_waits(monkeypatch) -> list[float]:
+    """The waits of our retries, recorded rather than slept."""
+    import types
+
+    import builder.hub as hub_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def test_a_transient_failure_listing_the_data_files_is_retried(hub, retry_waits):
+    read = hub_dataset(hub, "tester/listing-flaky", 3)
+    busy = hub.add_fault("POST", r"/paths-info/", status=503)
+    rows, info = load_rows("tester/listing-flaky")
+    assert busy.fired == 1 and len(retry_waits) == 1
+    assert info["revision"] == read and len(rows) == 3
+    hub.clear_faults()
+    assert load_rows("tester/listing-flaky")[1]["content_hash"] == info["content_hash"]
+
+
+def test_a_hub_that_keeps_failing_to_list_the_data_files_is_an_input_error(hub, tmp_path, caplog, retry_waits):
+    read = hub_dataset(hub, "tester/listing-down", 6)
+    cache = build(hub_config(tmp_path / "cache", "tester/listing-down"), progress=False).output_dir
+    hub.add_fault("POST", r"/paths-info/", status=503, times=None)
+    with pytest.raises(InputError, match=says("'tester/listing-down'", f"commit {read}", "503", "re-run", "HF_HUB_OFFLINE=1")):
+        load_rows("tester/listing-down")
+    assert "not compared with their input rows" in verify_warnings(cache, caplog)  # verify says so, and goes on
+
+
+def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_data_files_hash_alone(hub, tmp_path, caplog):
+    from helpers import record_in_card
+
+    data = chat_lines(6)
+    commit_file(hub, "tester/verified-files", "train.jsonl", data)
+    cache = build(hub_config(tmp_path / "cache", "tester/verified-files"), progress=False).output_dir
+    commit_file(hub, "tester/verified-files", "train.jsonl", chat_lines(8, "z"))
+    recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": files_only_hash({"train.jsonl": data})}
     record_in_card(cache, input=recorded)
     assert "not compared with their input rows" not in verify_warnings(cache, caplog)
