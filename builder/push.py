@@ -29,6 +29,7 @@ it from the cache's card.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shlex
@@ -51,6 +52,8 @@ from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
 
 log = logging.getLogger(__name__)
+
+CANCEL_GRACE_S = 30.0  # how long a stopping build waits for the Hub request under way
 
 # Every file a push may publish besides the shards and the card (relative to the config's folder)
 PUBLISHED_NAMES = (VOCAB_FILE, LM_HEAD_FILE, *(path for path, _ in PICTURES.values()))
@@ -620,13 +623,25 @@ class ShardUploader:
 
     def close(self, cancel: bool = False) -> None:
         """Stop without finishing or raising. With `cancel` (an interrupted or failed build: see
-        `cancel`), within the Hub request under way, if any; without (nothing failed), after the
+        `cancel`), within the Hub request under way, if any, or `CANCEL_GRACE_S`, whichever ends
+        first: the Hub client sets no read timeout, so a request whose connection stalled would never
+        return, and the build's own error would never be raised. Without (nothing failed), after the
         queued uploads, each with its full retries."""
-        if cancel:
-            self.cancel()
-        if self._thread.is_alive():
-            self._queue.put(None)  # a cancelled thread drains the queue, so this never waits on an upload
-            self._thread.join()
+        if not cancel:
+            if self._thread.is_alive():
+                self._queue.put(None)
+                self._thread.join()
+            return
+        self.cancel()
+        with contextlib.suppress(queue.Full):  # a full queue: the cancelled thread drains it, and stops on the flag
+            self._queue.put_nowait(None)
+        self._thread.join(CANCEL_GRACE_S)
+        if self._thread.is_alive():  # a daemon thread: it deletes a shard only once its commit landed, so leaving it loses nothing
+            log.warning(
+                "an upload to %s did not end within %.0f s of the build stopping; leaving it (a --resume sends that shard)",
+                self.pusher.target.repo_id,
+                CANCEL_GRACE_S,
+            )
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

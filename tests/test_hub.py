@@ -4,10 +4,12 @@ and `datasets` clients push caches over HTTP on 127.0.0.1 and stream them back."
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -764,6 +766,42 @@ def test_shard_uploader_keeps_few_shards_locally(hub, v1, tmp_path):
     assert hub.repo("tester/streamed").tags["v1"] == result.commit
     assert_same_content(list(load_cache("tester/streamed", revision="v1", layout="raw")), decoded_rows(v1))
     assert set(ShardUploader(PushTarget("tester/streamed"), retry=FAST).remote_shards()) == {s["name"] for s in read_manifest(v1)["shards"]}
+
+
+def test_a_cancelled_uploader_does_not_wait_for_a_request_that_never_returns(hub, v1, tmp_path, monkeypatch, caplog):
+    # The Hub client sets no read timeout: a commit whose connection stalled never returns. A build
+    # that failed or was interrupted meanwhile must still stop, and raise its own error.
+    import shutil
+
+    import builder.push as push_module
+
+    stalled, released = threading.Event(), threading.Event()
+
+    def a_request_that_stalls(self, shards):
+        stalled.set()
+        released.wait()  # until the test ends: the connection never answers
+        raise ConnectionError("stalled")
+
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", a_request_that_stalls)
+    monkeypatch.setattr(push_module, "CANCEL_GRACE_S", 0.05)
+    uploader = ShardUploader(PushTarget("tester/stalled", tag="v1"), delete_local=True, retry=FAST)
+    name = read_manifest(v1)["shards"][0]["name"]
+    (tmp_path / "data").mkdir()
+    shutil.copy(v1 / "data" / name, tmp_path / "data" / name)
+    uploader.upload(tmp_path / "data" / name)
+    assert stalled.wait(60)  # the uploader thread is inside the request
+    try:
+        with caplog.at_level(logging.WARNING, logger="builder.push"):
+            closing = threading.Thread(target=uploader.close, kwargs={"cancel": True})
+            closing.start()
+            closing.join(60)  # a bound for the failure case only: a stopping build returns within CANCEL_GRACE_S
+        assert not closing.is_alive() and uploader._thread.is_alive()  # close returned though the request never will
+        assert "did not end within" in caplog.text and "a --resume sends that shard" in caplog.text
+        assert (tmp_path / "data" / name).read_bytes() == (v1 / "data" / name).read_bytes()  # kept for the resume
+    finally:
+        released.set()
+    uploader._thread.join(60)
+    assert (tmp_path / "data" / name).exists() and not hub.files_at("tester/stalled", "main").get(f"data/{name}")
 
 
 def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
