@@ -188,8 +188,8 @@ def card_data_of(text: str, where: str = "the card") -> dict:
     import yaml
     from huggingface_hub import DatasetCard
 
-    try:
-        return DatasetCard(text).data.to_dict()
+    try:  # a leading byte-order mark (some editors save one) would hide the front matter
+        return DatasetCard(text.removeprefix("\ufeff")).data.to_dict()
     except yaml.YAMLError as err:
         raise ManifestError(
             f"{where}: expected YAML front matter between '---' lines, found text YAML cannot parse "

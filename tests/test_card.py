@@ -355,6 +355,19 @@ def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):
     assert card_data_of(text)["license"] == "mit" and "Our intro." in text and "Cite team X." in text
 
 
+def test_a_card_saved_with_a_byte_order_mark_is_read_as_the_card_it_is(tmp_path):
+    from builder.build_state import is_cache_card
+    from builder.card import write_card
+    from builder.manifest import manifest_from_card
+
+    write_vocab_file(tmp_path)
+    write_card(tmp_path, prepared(tmp_path), SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    (tmp_path / "README.md").write_text("\ufeff" + text)  # as an editor may save it: verify, push and the reader read it
+    assert is_cache_card(tmp_path / "README.md")
+    assert manifest_from_card((tmp_path / "README.md").read_text()) == manifest_from_card(text)
+
+
 def test_a_card_written_into_a_relative_output_dir_names_its_absolute_path(tmp_path, monkeypatch):
     from builder.card import write_card
 
