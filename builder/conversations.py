@@ -283,7 +283,11 @@ def _content_text(content: Any, index: int) -> str:
             elif _is_text_part(part):
                 texts.append(part["text"])
             else:
-                raise BadRow("wrong_type", f"turn {index}: content part {part!r} is not text")
+                raise BadRow(
+                    "wrong_type",
+                    f"turn {index}: content part {part!r} is not text: expected a string or {{'type': 'text', 'text': <string>}} "
+                    "(the target reads text only); drop the part, or the row",
+                )
         return " ".join(texts)
     raise BadRow("wrong_type", f"turn {index}: content must be a string, found {type(content).__name__}")
 

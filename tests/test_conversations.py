@@ -452,7 +452,7 @@ BAD_ROWS = [
             ]
         },
         "wrong_type",
-        "turn 0: content part .* is not text",
+        "turn 0: content part .* is not text: expected a string or {'type': 'text', 'text': <string>}",
     ),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "wrong_type", "turn 0: content part"),
     (
