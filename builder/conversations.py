@@ -4,7 +4,11 @@ A row's turns sit under `conversations` or `messages`; what the turns hold, not 
 name, says how to read them: `role`/`content` turns are OpenAI messages (SpecForge writes
 them under `conversations`), `from`/`value` turns are ShareGPT turns. When no turn has the
 role key of the other shape, the list's name decides (`conversations`: ShareGPT). A row
-with both lists is read from `messages`.
+with both lists is read from `messages`. A turn's text is under its shape's key, else the
+other shape's (`content` for a ShareGPT turn, `value` for an OpenAI one), and a ShareGPT
+turn without `from` names its role with `role`, as NeMo Automodel reads them; a turn with no
+text key at all is a bad row (its text is under a key this reader does not know), not an
+empty message.
 
 What reaches the chat template follows NeMo Automodel's chat dataset, so that a cache
 supervises what its trainer would: an OpenAI message keeps its other fields
@@ -27,7 +31,7 @@ and counts those (or, with --strict, stops on the first one before any model loa
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 # Speaker names (ShareGPT `from`, OpenAI `role`) -> chat-template roles: OpenAI's `developer`
 # role is its system role, its legacy `function` role and LLaMA-Factory's `observation` give a
@@ -49,9 +53,22 @@ ROLE_ALIASES = {
 # LLaMA-Factory's ShareGPT speaker for an assistant turn that calls tools.
 TOOL_CALL_SPEAKER = "function_call"
 
-# The two shapes of a turn: (role key, text key, keeps its other fields).
-OPENAI_TURN = ("role", "content", True)
-SHAREGPT_TURN = ("from", "value", False)
+
+class TurnShape(NamedTuple):
+    """How a turn is read: its role under the first of `role_keys` that is set, its text under
+    the first of `text_keys`, and whether its other fields reach the template."""
+
+    role_keys: tuple[str, ...]
+    text_keys: tuple[str, ...]
+    keeps_fields: bool
+
+
+# NeMo Automodel reads a ShareGPT turn's role from `from`, else `role`, and its text from
+# `value`, else `content`, whatever the tags of the list's other turns: rows that mix the two
+# forms build there, so they build here. An OpenAI message's text is read from `value` where it
+# has no `content` alike.
+OPENAI_TURN = TurnShape(("role",), ("content", "value"), True)
+SHAREGPT_TURN = TurnShape(("from", "role"), ("value", "content"), False)
 
 # Reason codes, in the order a row is checked. They are stable: the manifest keeps them.
 SKIP_REASONS = (
@@ -125,7 +142,7 @@ def _turn_shape(turns: list, by_name: tuple) -> tuple:
     def some_turn_has(key: str) -> bool:
         return any(isinstance(turn, dict) and turn.get(key) is not None for turn in turns)
 
-    return other if not some_turn_has(by_name[0]) and some_turn_has(other[0]) else by_name
+    return other if not some_turn_has(by_name.role_keys[0]) and some_turn_has(other.role_keys[0]) else by_name
 
 
 def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
@@ -175,20 +192,21 @@ def _no_calls(key: str, value: Any) -> bool:
     return key in ("tool_calls", "function_call") and value in ([], {})
 
 
-def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
-    role_key, text_key, keeps_fields = shape
+def _normalize_turn(turn: Any, shape: TurnShape, index: int) -> dict[str, Any]:
     if not isinstance(turn, dict):
         raise BadRow("wrong_type", f"turn {index}: expected an object, found {type(turn).__name__}")
+    role_key = _first_set(turn, shape.role_keys)
     speaker = turn.get(role_key)
     if not isinstance(speaker, str):
         raise BadRow("wrong_type", f"turn {index}: '{role_key}' must be a string, found {speaker!r}")
-    if not keeps_fields and speaker.strip().lower() == TOOL_CALL_SPEAKER:
-        return _tool_call_turn(turn.get(text_key), index)
+    if not shape.keeps_fields and speaker.strip().lower() == TOOL_CALL_SPEAKER:
+        return _tool_call_turn(turn.get(_text_key(turn, shape, index)), index)
     role = ROLE_ALIASES.get(speaker.strip().lower())
     if role is None:
         raise BadRow("unknown_role", f"turn {index}: unknown role {speaker!r}")
+    text_key = _text_key(turn, shape, index)
     message = {"role": role, "content": _content_text(turn.get(text_key), index)}
-    if keeps_fields:
+    if shape.keeps_fields:
         # An empty call list is no call: API responses (vLLM, OpenAI) carry `tool_calls: []` on plain answers, and
         # templates that test `'tool_calls' in message` would render the turn as calls and drop its text.
         extra = {k: v for k, v in turn.items() if k not in (role_key, text_key) and v is not None and not _no_calls(k, v)}
@@ -202,6 +220,33 @@ def _normalize_turn(turn: Any, shape: tuple, index: int) -> dict[str, Any]:
                 extra["tool_calls"] = _normalize_tool_calls(extra["tool_calls"], index)
         message.update(extra)
     return message
+
+
+def _first_set(turn: dict, keys: tuple[str, ...]) -> str:
+    """The first of `keys` whose value is not null (a null counts as absent), else the first."""
+    return next((key for key in keys if turn.get(key) is not None), keys[0])
+
+
+def _text_key(turn: dict, shape: TurnShape, index: int) -> str | None:
+    """The key the turn's text is read from (its value may be null: an empty message); None for
+    an OpenAI message that calls tools and leaves `content` out, as the API allows. A turn with
+    no text key at all is a bad row, not an empty message: its text is most likely under a key
+    this reader does not know, and would silently train an empty turn."""
+    present = tuple(key for key in shape.text_keys if key in turn)
+    if present:
+        return _first_set(turn, present)
+    if shape.keeps_fields and _calls_tools(turn):
+        return None
+    expected = f"'{shape.text_keys[0]}'" + "".join(f" (or '{key}')" for key in shape.text_keys[1:])
+    raise BadRow(
+        "wrong_type",
+        f"turn {index}: no text: expected the turn's text under {expected} (a null for an empty message), "
+        f"found the keys {sorted(map(str, turn))}; put the text under '{shape.text_keys[0]}', or drop the row",
+    )
+
+
+def _calls_tools(turn: dict) -> bool:
+    return any(turn.get(key) not in (None, [], {}) for key in ("tool_calls", "function_call"))
 
 
 def _with_function_call_as_tool_call(fields: dict[str, Any], index: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from helpers import says
 
 from builder.conversations import ROLE_ALIASES, SKIP_REASONS, BadRow, normalize_row, parse_raw_row, row_tools
 
@@ -111,10 +112,27 @@ def test_openai_none_content_is_empty_string():
     assert normalize_row(row)[1] == {"role": "assistant", "content": ""}
 
 
-def test_openai_missing_content_is_empty_string():
-    # (a row whose every assistant turn is empty is skipped: see test_bad_inputs.py)
+def test_a_turn_without_a_text_key_is_a_bad_row_not_an_empty_message():
+    # Its text is under a key the reader does not know: built, the row would train an empty prompt.
+    row = {"messages": [{"role": "user", "text": "What is 7 times 6?"}, {"role": "assistant", "content": "42."}]}
+    facts = ("wrong_type: turn 0: no text", "'content' (or 'value')", "['role', 'text']", "drop the row")
+    with pytest.raises(BadRow, match=says(*facts)) as info:
+        normalize_row(row)
+    assert info.value.reason == "wrong_type"
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(BadRow, match=says("wrong_type: turn 1: no text", "['role']")):
+        normalize_row(row)
+    # A null is an empty message (as Arrow gives a field a turn leaves out), and so is no content
+    # on an assistant message that calls tools, which OpenAI's API allows.
+    row["messages"][1] = {"role": "assistant", "content": None}
     assert normalize_row(row)[1] == {"role": "assistant", "content": ""}
+    calls = [{"function": {"name": "f", "arguments": "{}"}}]
+    for fields in ({"tool_calls": calls}, {"function_call": calls[0]["function"]}):
+        row["messages"][1] = {"role": "assistant", **fields}
+        assert normalize_row(row)[1]["content"] == "" and normalize_row(row)[1]["tool_calls"][0]["function"]["name"] == "f"
+    row["messages"][1] = {"role": "assistant", "tool_calls": []}  # no call
+    with pytest.raises(BadRow, match="^wrong_type: turn 1: no text"):
+        normalize_row(row)
 
 
 def test_openai_message_fields_reach_the_template():
@@ -275,6 +293,45 @@ def test_turn_shape_ignores_null_keys_of_the_other_shape():
     expected = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert normalize_row({"conversations": openai_turns}) == expected
     assert normalize_row({"messages": sharegpt_turns}) == expected
+
+
+MIXED_TAG_ROWS = {
+    "from_content": [{"from": "human", "content": "What is 7 times 6?"}, {"from": "gpt", "content": "42."}],
+    "role_value": [{"from": "human", "value": "What is 7 times 6?"}, {"role": "assistant", "value": "42."}],
+    "mixed_turns": [{"from": "human", "value": "What is 7 times 6?"}, {"role": "assistant", "content": "42."}],
+    "openai_value": [{"role": "user", "value": "What is 7 times 6?"}, {"role": "assistant", "value": "42."}],
+    "system_from_role": [
+        {"role": "system", "content": "Be terse."},
+        {"from": "human", "value": "What is 7 times 6?"},
+        {"from": "gpt", "value": "42."},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", MIXED_TAG_ROWS)
+def test_turns_with_the_other_forms_keys_read_as_nemo_reads_them(name):
+    # NeMo Automodel reads a ShareGPT turn's role from `from`, else `role`, and its text from
+    # `value`, else `content`: it builds these rows, and so does the cache, alike.
+    turns = MIXED_TAG_ROWS[name]
+    messages = normalize_row({"conversations": turns})
+    assert [m["content"] for m in messages][-2:] == ["What is 7 times 6?", "42."]
+    chat_dataset = pytest.importorskip("nemo_automodel.components.datasets.llm.chat_dataset")
+    assert messages == chat_dataset._normalize_messages(chat_dataset._conversations_to_messages(turns))
+
+
+def test_a_sharegpt_turn_reads_the_other_text_key_when_its_own_is_null():
+    # Arrow gives every turn of a column both keys; the one a turn left out is null.
+    turns = [{"from": "human", "value": None, "content": "Hi?"}, {"from": "gpt", "value": "Hello.", "content": None}]
+    assert normalize_row({"conversations": turns}) == [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    turns[0] = {"from": "human", "value": None, "content": None}
+    assert normalize_row({"conversations": turns})[0] == {"role": "user", "content": ""}
+
+
+def test_an_openai_message_with_its_text_under_value():
+    # The other form's text key, in either list; where NeMo reads `messages` it takes the text as empty.
+    turns = [{"role": "user", "value": "Hi?", "name": "bob"}, {"role": "assistant", "content": "Hello.", "value": "unread"}]
+    expected = [{"role": "user", "content": "Hi?", "name": "bob"}, {"role": "assistant", "content": "Hello.", "value": "unread"}]
+    assert normalize_row({"messages": turns}) == normalize_row({"conversations": turns}) == expected
 
 
 def test_the_list_name_decides_when_turns_carry_both_role_keys():
@@ -444,6 +501,23 @@ BAD_ROWS = [
     ({"messages": ["hi", "there"]}, "wrong_type", "turn 0: expected an object, found str"),
     ({"messages": [{"role": 3, "content": "hi"}]}, "wrong_type", "turn 0: 'role' must be a string, found 3"),
     ({"conversations": [{"value": "hi"}]}, "wrong_type", "turn 0: 'from' must be a string, found None"),
+    (
+        {"messages": [{"role": "user", "text": "q"}, {"role": "assistant", "content": "a"}]},
+        "wrong_type",
+        r"turn 0: no text: expected the turn's text under 'content' .or 'value'. .a null for an empty message., "
+        r"found the keys \['role', 'text'\]; put the text under 'content', or drop the row",
+    ),
+    (
+        {"conversations": [{"from": "human", "text": "q"}, {"from": "gpt", "value": "a"}]},
+        "wrong_type",
+        r"turn 0: no text: expected the turn's text under 'value' .or 'content'. .a null for an empty message., "
+        r"found the keys \['from', 'text'\]; put the text under 'value', or drop the row",
+    ),
+    (
+        sharegpt(("human", "q"), ("gpt", "a")) | {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call"}]},
+        "wrong_type",
+        r"turn 1: no text: expected the turn's text under 'value' .or 'content'.",
+    ),
     (
         {
             "messages": [
