@@ -203,7 +203,11 @@ def _normalize_turn(turn: Any, shape: TurnShape, index: int) -> dict[str, Any]:
         return _tool_call_turn(turn.get(_text_key(turn, shape, index)), index)
     role = ROLE_ALIASES.get(speaker.strip().lower())
     if role is None:
-        raise BadRow("unknown_role", f"turn {index}: unknown role {speaker!r}")
+        raise BadRow(
+            "unknown_role",
+            f"turn {index}: unknown role {speaker!r}: expected one of {_accepted_roles(shape)} (case and surrounding "
+            "spaces aside); rename the role to one of them, or drop the row",
+        )
     text_key = _text_key(turn, shape, index)
     message = {"role": role, "content": _content_text(turn.get(text_key), index)}
     if shape.keeps_fields:
@@ -220,6 +224,10 @@ def _normalize_turn(turn: Any, shape: TurnShape, index: int) -> dict[str, Any]:
                 extra["tool_calls"] = _normalize_tool_calls(extra["tool_calls"], index)
         message.update(extra)
     return message
+
+
+def _accepted_roles(shape: TurnShape) -> list[str]:
+    return sorted([*ROLE_ALIASES, *([] if shape.keeps_fields else [TOOL_CALL_SPEAKER])])
 
 
 def _first_set(turn: dict, keys: tuple[str, ...]) -> str:

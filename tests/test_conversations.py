@@ -542,6 +542,20 @@ BAD_ROWS = [
     ({"messages": [{"role": "narrator", "content": "q"}]}, "unknown_role", "turn 0: unknown role 'narrator'"),
     ({"messages": [{"role": "function_call", "content": "{}"}]}, "unknown_role", "turn 0: unknown role 'function_call'"),
     (
+        {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        "unknown_role",
+        re.escape(
+            "turn 0: unknown role 'narrator': expected one of ['assistant', 'bot', 'chatgpt', 'developer', 'function', "
+            "'function_call', 'gpt', 'human', 'model', 'observation', 'system', 'tool', 'user'] (case and surrounding spaces "
+            "aside); rename the role to one of them, or drop the row"
+        ),
+    ),
+    (
+        {"messages": [{"role": "narrator", "content": "q"}]},
+        "unknown_role",
+        r"turn 0: unknown role 'narrator': expected one of \['assistant', 'bot', 'chatgpt', 'developer', 'function', 'gpt', ",
+    ),
+    (
         sharegpt(("human", "q"), ("function_call", "weather(city='Oslo')")),
         "wrong_type",
         "turn 1: a function_call turn's 'value' must be a JSON object .* it is not JSON",
