@@ -145,6 +145,16 @@ def _turn_shape(turns: list, by_name: tuple) -> tuple:
     return other if not some_turn_has(by_name.role_keys[0]) and some_turn_has(other.role_keys[0]) else by_name
 
 
+class RowSystemMessage(dict):
+    """The system message a row's top-level `system` field opens the conversation with, told
+    apart from a system turn of the conversation's own: where a template refuses the row for it,
+    the skip's reason says the field is why."""
+
+
+def opens_with_row_system(messages: list[dict]) -> bool:
+    return bool(messages) and isinstance(messages[0], RowSystemMessage)
+
+
 def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
     """LLaMA-Factory's rows give the system prompt as a top-level `system` string, whichever
     shape their turns have (its sharegpt format allows `role`/`content` tags too)."""
@@ -155,7 +165,7 @@ def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
         raise BadRow("wrong_type", f"the row's 'system' must be a string (the system prompt), found {type(system).__name__}")
     if messages[0]["role"] == "system":  # a system turn of the conversation wins, as in LLaMA-Factory
         return messages
-    return [{"role": "system", "content": system}, *messages]
+    return [RowSystemMessage(role="system", content=system), *messages]
 
 
 def row_tools(row: dict) -> list[dict] | None:

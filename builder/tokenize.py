@@ -33,7 +33,7 @@ import datasets
 import numpy as np
 from jinja2.exceptions import TemplateError
 
-from .conversations import BadRow, normalize_row, parse_raw_row, row_tools
+from .conversations import BadRow, normalize_row, opens_with_row_system, parse_raw_row, row_tools
 from .errors import InputError
 
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -70,9 +70,27 @@ def encode_messages(
     """Token ids and unshifted loss mask, right-truncated to `seq_length`; raises BadRow.
     `template` is one template, or named templates (see `template_for`)."""
     template = template_for(template, tools)
-    chat = _Chat(tokenizer, template, tools)
+    options = dict(mask_generation_prompt=mask_generation_prompt, mask_reasoning_content=mask_reasoning_content)
+
+    def render(conversation):
+        return _ids_and_mask(conversation, _Chat(tokenizer, template, tools), seq_length, **options)
+
     try:
-        if has_generation_blocks(template):
+        ids, mask = render(messages)
+    except BadRow as bad:
+        if not _refused_for_the_row_system(bad, messages, render):
+            raise
+        raise BadRow(bad.reason, f"{bad.detail}; {ROW_SYSTEM_REFUSED}") from None
+    ids, mask = ids[:seq_length], mask[:seq_length]
+    if not any(mask):
+        raise BadRow("no_loss_tokens_after_truncation", f"no assistant token within the first {seq_length} tokens")
+    return ids, mask
+
+
+def _ids_and_mask(messages, chat, seq_length, *, mask_generation_prompt, mask_reasoning_content):
+    """The untruncated token ids and loss mask; raises BadRow."""
+    try:
+        if has_generation_blocks(chat.template):
             ids, mask = _encode_with_generation_blocks(messages, chat)
         else:
             ids = chat.ids(messages)
@@ -85,10 +103,27 @@ def encode_messages(
         raise
     except Exception as err:  # a user template may raise anything (jinja, raise_exception, ...)
         raise BadRow("template_error", f"{type(err).__name__}: {' '.join(str(err).split())}") from None
-    ids, mask = ids[:seq_length], mask[:seq_length]
-    if not any(mask):
-        raise BadRow("no_loss_tokens_after_truncation", f"no assistant token within the first {seq_length} tokens")
     return ids, mask
+
+
+ROW_SYSTEM_REFUSED = (
+    "the row's 'system' field was added as a system message, which this chat template does not accept; drop the field "
+    "from the input or pass --chat-template with a template that takes a system message"
+)
+
+
+def _refused_for_the_row_system(bad: BadRow, messages, render) -> bool:
+    """Whether the template refused the conversation for the system message the row's `system`
+    field opened it with: templates without a system role (Mistral's, Mixtral's) raise or render
+    it where prefixes cannot locate turns, and say nothing of where it came from. Only a
+    conversation that renders without it is refused for it."""
+    if bad.reason not in ("template_error", "template_not_prefix_stable") or not opens_with_row_system(messages):
+        return False
+    try:
+        render(messages[1:])
+    except BadRow:
+        return False
+    return True
 
 
 class _Chat:

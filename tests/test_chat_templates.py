@@ -102,6 +102,38 @@ def test_a_jinja_file_is_read_as_text_whatever_it_holds(tmp_path):
     assert read_template_file(path) == '"quoted"'
 
 
+def test_rows_whose_system_field_a_template_refuses_say_so_when_none_is_usable(tmp_path):
+    """LLaMA-Factory rows give their system prompt as a row-level `system`; a template without a
+    system role (Mixtral-8x7B-Instruct's raises for one) refuses every such row, and the error
+    says that the field is why and what to do."""
+    template = tmp_path / "roles_alternate.jinja"
+    template.write_text(
+        "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+    )
+    rows = [
+        {
+            "id": f"r{i}",
+            "system": "You are terse.",
+            "conversations": [{"from": "human", "value": f"{i}+{i}?"}, {"from": "gpt", "value": f"{2 * i}."}],
+        }
+        for i in range(3)
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = dict(target_model="tiny-llama", input_data=str(data), output_dir=str(tmp_path / "out"), seq_length=128, num_proc=1)
+    facts = (
+        "no usable rows",
+        "{'template_error': 3}",
+        "Conversation roles must alternate",
+        "the row's 'system' field was added as a system message, which this chat template does not accept",
+        "drop the field from the input or pass --chat-template with a template that takes a system message",
+    )
+    with pytest.raises(InputError, match=says(*facts)):
+        prepare(BuildConfig(**settings, chat_template=str(template), dry_run=True))
+
+
 # ---- named templates ------------------------------------------------------------------------
 
 

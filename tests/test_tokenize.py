@@ -229,6 +229,55 @@ def test_a_leading_assistant_turn_needs_a_template_that_renders_no_messages(tok)
     assert masked_runs(tok, ids, mask) == ["<|assistant|>\nHi!<|end|>\n"]
 
 
+# Templates without a system role, written for these tests after Mixtral-8x7B-Instruct's (which
+# raises for one) and Mistral v0.3's (which writes it into the conversation's last turn, when
+# that is the user's, so prefixes do not render as prefixes).
+ROLES_MUST_ALTERNATE = (
+    "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+SYSTEM_IN_LAST_USER_TURN = (
+    "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}{{ bos_token }}{% for m in turns %}"
+    "{% if m['role'] == 'user' and loop.last and system is defined %}[INST] {{ system }}\n\n{{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]{% else %} {{ m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+ROW_SYSTEM_REFUSED = ("the row's 'system' field was added as a system message", "drop the field", "--chat-template")
+
+
+@pytest.mark.parametrize(
+    "template, reason, detail",
+    [
+        (ROLES_MUST_ALTERNATE, "template_error", "TemplateError: Conversation roles must alternate"),
+        (SYSTEM_IN_LAST_USER_TURN, "template_not_prefix_stable", "the chat template does not render messages[:"),
+    ],
+    ids=["raises", "not_prefix_stable"],
+)
+def test_a_template_without_a_system_role_says_the_row_system_field_is_why(tok, template, reason, detail):
+    """A row's `system` field opens the conversation as a system message; a template that takes
+    none refuses the row saying nothing of the field, so the reason names it and the fix."""
+    turns = [{"from": "human", "value": "What is 7 times 6?"}, {"from": "gpt", "value": "42."}]
+    with pytest.raises(BadRow, match=says(f"{reason}: {detail}", *ROW_SYSTEM_REFUSED)) as info:
+        encode_messages(normalize_row({"system": "You are terse.", "conversations": turns}), tok, template, 4096)
+    assert info.value.reason == reason
+    # The same system message as the conversation's own turn is refused as the template refuses it.
+    own = normalize_row({"conversations": [{"from": "system", "value": "You are terse."}, *turns]})
+    with pytest.raises(BadRow, match=f"^{reason}: ") as info:
+        encode_messages(own, tok, template, 4096)
+    assert "'system' field" not in str(info.value)
+    # Without the field the row builds.
+    ids, mask = encode_messages(normalize_row({"conversations": turns}), tok, template, 4096)
+    assert masked_runs(tok, ids, mask)[-1].startswith(" 42." if template is SYSTEM_IN_LAST_USER_TURN else "42.")
+
+
+def test_a_row_system_field_is_not_blamed_where_the_template_refuses_the_row_anyway(tok):
+    row = {"system": "You can call tools.", "messages": WITH_TOOL[1:]}
+    with pytest.raises(BadRow, match="^template_error: TemplateError: no tools here$"):
+        encode_messages(normalize_row(row), tok, RAISES, 4096)
+
+
 def test_template_of(tok):
     assert template_of(tok, None) == tok.chat_template
     assert template_of(tok, NO_GEN) == NO_GEN
