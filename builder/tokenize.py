@@ -36,6 +36,8 @@ from jinja2.exceptions import TemplateError
 from .conversations import BadRow, normalize_row, opens_with_row_system, parse_raw_row, row_tools
 from .errors import InputError
 
+# A tag without spaces (`{%-generation-%}`) is one, as Jinja reads it; NeMo Automodel's detection wants
+# a space and gives such a template its prefix-span mask (docs/supervision.md).
 GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
