@@ -7,18 +7,21 @@ layers, vocab 128256; loss-masked share of tokens as measured on the sample chat
 - raw bytes (what the forward hands the writer) and stored bytes after the default
   compression, each column divided by its ratio measured on the random-weight Llama
   (hidden 1024) in `results/format_sizes.json` (probs measured at Vd 1024);
-- GB/s per GPU at a stated forward rate: 25,000 tokens/s for 8B on one H100 (bf16);
-  Llama-3.1-70B at the same share of the GPU's peak (FLOPs per token from its shape: 2 per
-  decoder parameter, plus the head at loss-masked positions), split over 4 H100s with
-  `--gpus-per-target 4` (141 GB of bf16 weights; 48.1 GiB per GPU per the placement
-  planner), where one GPU computes at a time, so one replica runs at that rate and each of
-  its 4 GPUs carries a quarter;
-- writer threads needed per build process (one per replica): the replica's raw GB/s over the
-  MB/s one thread encodes, from the per-column encode speeds in `results/format_sizes.json`
-  (measured on this machine's CPU), weighted by each column's share of the bytes. With
-  `--compression none` encoding is free (the tensors' memory is handed to Arrow as is): the
-  disk must take the raw GB/s, and the one thread writing Parquet, whose MB/s on this machine
-  comes from `results/io_throughput.json`.
+- GB/s per GPU at a stated forward rate, an assumption and not a measurement
+  (`TOKENS_PER_S_8B`): 25,000 tokens/s for 8B on one H100 (bf16); Llama-3.1-70B at the same
+  share of the GPU's peak (FLOPs per token from its shape: 2 per decoder parameter, plus the
+  head at loss-masked positions), split over 4 H100s with `--gpus-per-target 4` (141 GB of
+  bf16 weights; 48.2 GiB per GPU per the placement planner), where one GPU computes at a
+  time, so one replica runs at that rate and each of its 4 GPUs carries a quarter;
+- writer threads needed per build process (one per replica): the replica's raw MB/s over the
+  MB/s one thread encodes, rounded up, from the per-column encode speeds in
+  `results/format_sizes.json` (measured on this machine's CPU), weighted by each column's
+  share of the bytes. The division assumes encoding scales linearly with threads; measured
+  encoding (`io_throughput.py`) grows less than that. With `--compression none` encoding is
+  free (the tensors' memory is handed to Arrow as is): the disk must take the raw GB/s, and
+  one thread writes Parquet. The Parquet MB/s printed for it is the writer's Parquet stage
+  alone in `results/io_throughput.json` (tensor bytes over the seconds of "parquet into a
+  native file" in `writer_stage_seconds`, the slower of its `none` and `zstd` shards).
 
 Run: .venv/bin/python benchmarks/gpu_feed.py (after format_sizes.py and io_throughput.py)
 """
@@ -41,8 +44,8 @@ LLAMA = {
         hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256
     ),
 }
-GPUS_PER_REPLICA = {"Llama-3.1-8B": 1, "Llama-3.1-70B": 4}  # 70B: 48.1 GiB per 80 GiB GPU per the placement planner
-TOKENS_PER_S_8B = 25_000  # one H100, bf16
+GPUS_PER_REPLICA = {"Llama-3.1-8B": 1, "Llama-3.1-70B": 4}  # 70B: 48.2 GiB per 80 GiB GPU per the placement planner
+TOKENS_PER_S_8B = 25_000  # one H100, bf16: an assumed rate, not measured here
 FORMATS = [("probs", 8192), ("probs", 32000), ("topk", 32000), ("hidden", 32000)]
 AUX_DTYPES = ("bf16", "fp8")
 TOPK = 64
