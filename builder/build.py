@@ -71,7 +71,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     check_placement(prep)  # before any weights load or any file is written
     if cfg.resume:
         # every rank alike, before anything is written
-        prep.identity = check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes)
+        prep.identity = check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes, prep.altered_input_hashes)
     uploader = open_uploader(cfg, prep)  # checks token, repo and tag before any GPU time is spent
     if uploader is not None and uploader.already_pushed:
         log.warning("%s already holds this build under tag %s: nothing to do", cfg.push_to_hub, cfg.hub_tag)
@@ -234,8 +234,8 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
     with disk_full_as_error():
         lock.acquire()
         remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
-        if resume:
-            check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes)  # again: another build may have started here since
+        if resume:  # again: another build may have started here since
+            check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes, prep.altered_input_hashes)
         if resume and read_identity(out) is not None:
             check_kept_samples(out, prep, kept_shards(out, prep))  # before anything is removed or written
             remove_killed_writers_files(out)

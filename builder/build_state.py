@@ -147,34 +147,50 @@ def read_identity(output_dir: Path) -> dict | None:
 
 
 def check_resume(
-    output_dir: Path, identity: dict, tokenizer_hashes: frozenset[str] = frozenset(), input_hashes: frozenset[str] = frozenset()
+    output_dir: Path,
+    identity: dict,
+    tokenizer_hashes: frozenset[str] = frozenset(),
+    input_hashes: frozenset[str] = frozenset(),
+    altered_input_hashes: frozenset[str] = frozenset(),
 ) -> dict:
     """The identity the resumed build goes on with: refused (changing nothing) when the stored one differs
     from this run's. Where they agree, the stored one, as recorded: fields an earlier version recorded
     otherwise (a path's spelling, the tokenizer's hash as loaded) or not at all name the same build, whose
-    fingerprint, which its Hub tag and readers' `expect` pin, must not change with the version resuming it."""
+    fingerprint, which its Hub tag and readers' `expect` pin, must not change with the version resuming it.
+    `altered_input_hashes`: those of rows of this Hub input whose text `datasets` changed, which this run reads
+    row by row (inputs.Prepared.altered_input_hashes): a build of them is refused, saying so."""
     refuse_resume_without_build_state(output_dir)
     stored = read_identity(output_dir)
     if stored is None:
         return identity  # nothing written yet (a start that failed): the run starts the build
     from .hub_inputs import accepted_hashes
 
-    input_hashes = accepted_hashes(input_hashes, (read_input_source(output_dir) or {}).get("revision"))
+    commit_read = (read_input_source(output_dir) or {}).get("revision")
+    input_hashes = accepted_hashes(input_hashes, commit_read)
     differences = identity_differences(stored, identity, tokenizer_hashes, input_hashes)
     if differences:
         # A Hub input whose content hash could not be told is named by `datasets`' fingerprint of its rows, one of input_hashes
         untold = flatten(identity).get(INPUT_HASH_FIELD) in input_hashes
-        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences, untold))
+        altered = flatten(stored).get(INPUT_HASH_FIELD) in accepted_hashes(altered_input_hashes, commit_read)
+        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences, untold, altered))
     return stored
 
 
-def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bool = False) -> str:
+def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bool = False, altered: bool = False) -> str:
     """Where only what a Hub input's rows were made from differs: the dataset commit the build read, to resume
-    from; where this run could not tell what they were made from (`untold`), that it could not, and what to do."""
+    from; where this run could not tell what they were made from (`untold`), that it could not, and what to do;
+    where the build read rows whose text `datasets` changed, which this run reads as written (`altered`), that."""
     commit = (read_input_source(output_dir) or {}).get("revision")
     same_input = not {"input.data", "input.config", "input.split"} & set(differences)
     if INPUT_HASH_FIELD not in differences or not same_input:
         return ""
+    if altered:
+        return (
+            f"The build read the rows of Hub dataset {stored['input']['data']!r} as `datasets` made them, with a column "
+            "typed as Json, which changed text that parses as JSON; this version reads its JSON data files row by row, "
+            "keeping that text as written, so the shards written hold other text than the rest would: build the cache "
+            "anew in another --output-dir (or remove this one)."
+        )
     if untold:
         return (
             f"This run could not tell what the rows of Hub dataset {stored['input']['data']!r} were made from (offline, "

@@ -10,6 +10,8 @@ settings of its `configs` entry, such as a JSON `field` or a CSV `sep`, and the 
 commit read; offline, from the local Hub cache, whose blobs are named by the same ids; the card
 from the local Hub cache either way, where `datasets` downloaded it. Each hash is noted beside
 the rows `datasets` cached, so that offline it is still told once the Hub cache's copy is deleted.
+Where `datasets` typed a column as Json, which changes text, the JSON data files are read again row
+by row (see json_data_files), and the content hash marks it (read_row_by_row).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from urllib.parse import unquote
@@ -43,6 +45,7 @@ class HubSource:
     # What a build may have recorded for the same rows at this commit: the data files' hash alone, as a
     # version before the card was hashed recorded it, bound to the commit (see bound_to_commit).
     earlier_hashes: tuple[str, ...] = ()
+    read: ReadInput | None = field(default=None, compare=False)  # the files and card it was told from, where they were
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class ReadInput:
     def source(self) -> HubSource:
         described = {"files": [list(f) for f in self.files], "card": _with_text_keys(self.card)}
         content_hash = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
-        return HubSource(self.commit, content_hash, (bound_to_commit(files_hash(dict(self.files)), self.commit),))
+        return HubSource(self.commit, content_hash, (bound_to_commit(files_hash(dict(self.files)), self.commit),), self)
 
 
 def _with_text_keys(value):
@@ -360,3 +363,120 @@ def _no_cached_copy(repo_id: str, revision: str, commit: str | None, cached: lis
 def _cached_ref(repo_id: str, revision: str) -> str | None:
     ref = snapshot_folder(repo_id, "x").parent.parent / "refs" / revision
     return ref.read_text().strip() if ref.is_file() else None
+
+
+# ---- columns `datasets` types as Json: the JSON data files read again, row by row ----------------------------
+#
+# `datasets` types a JSON column whose rows hold values of several types (a message's `content` text in some rows,
+# a list of parts in others) as Json, which stores a string that parses as JSON as that JSON: a reply `"Hello"`,
+# quotes included, is read back as Hello, and a reply `42` as the number 42. What the text was is lost in its
+# table, so such a split's JSON data files are read again with the reader of local files, which keeps each row's
+# text as written. The rule is the Json type, not the files being JSON: only that type changes values, and the
+# rows `datasets` makes of every other JSON split stay the input they were (caches built from them resume).
+
+# JSON loader settings under which `datasets` reads the files' rows as the row-by-row reader does (how much it
+# reads at a time, what it does with mixed types, which is what made the Json column); any other (a `field`, an
+# encoding other than UTF-8) reads other rows or other text.
+ROW_BY_ROW_SETTINGS = frozenset({"chunksize", "block_size", "use_threads", "on_mixed_types", "parse_agent_traces", "encoding"})
+JSON_SUFFIXES = (".json", ".jsonl")
+READ_ROW_BY_ROW = "JSON data files read row by row"
+
+
+def json_columns(features) -> list[str]:
+    """The columns `features` types as `datasets`' Json, nested ones included (`messages[].content`)."""
+    return _json_columns(features.to_dict() if features is not None else {}, "")
+
+
+def _json_columns(feature, path: str) -> list[str]:
+    if isinstance(feature, list):  # an older `datasets`' list of one feature
+        return [c for f in feature for c in _json_columns(f, f"{path}[]")]
+    if not isinstance(feature, dict):
+        return []
+    if "_type" not in feature:  # columns, or the fields of a struct
+        return [c for name, f in feature.items() for c in _json_columns(f, f"{path}.{name}" if path else str(name))]
+    if feature["_type"] == "Json":
+        return [path]
+    return _json_columns(feature["feature"], f"{path}[]") if "feature" in feature else []
+
+
+def read_row_by_row(content_hash: str) -> str:
+    """The content hash of rows read again row by row: another input than the rows `datasets` made of the same
+    files, whose text it changed, so that a build of those is not resumed with these."""
+    return hashlib.sha256(f"{content_hash}|{READ_ROW_BY_ROW}".encode()).hexdigest()
+
+
+def json_data_files(repo_id: str, split: str, source: HubSource, columns: list[str]) -> list[Path] | None:
+    """The local copies, in the order `datasets` read them, of the JSON data files of `split`, whose `columns`
+    `datasets` typed as Json: to be read row by row. None where they are not JSON (a Parquet file stores a Json
+    column as JSON text, which reads back as it was written). Refused where they cannot be read as `datasets`
+    was told to (a card setting such as `field`), or, offline, where no copy of them is at hand."""
+    read = source.read
+    typed = _typed_as_json(repo_id, split, columns)
+    if read is None:
+        raise InputError(
+            f"{typed}; the rows are then read again row by row from its data files, and offline the local Hub cache "
+            f"holds no copy of them{f' at commit {source.commit}' if source.commit else ''} (deleted since `datasets` "
+            "read them); expected the data files at hand: reach the Hub (unset HF_HUB_OFFLINE) to download them again"
+        )
+    paths = [path for path, _ in read.files]
+    if not any(_json_suffix(path) for path in paths):
+        return None
+    unread = [path for path in paths if Path(path).suffix not in JSON_SUFFIXES]
+    if unread:
+        raise InputError(
+            f"{typed}; the rows are then read again row by row from its data files, which reads .json/.jsonl files as "
+            f"they are, and {', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''} are not (compressed); expected "
+            f"JSON files as they are: download them (`hf download {repo_id} --repo-type dataset --local-dir DIR`), "
+            "decompress them and give DIR as --input-data"
+        )
+    _refuse_settings_not_applied(typed, read.card.get("settings") or {})
+    return [_local_copy(repo_id, read.commit, path) for path in paths]
+
+
+def _typed_as_json(repo_id: str, split: str, columns: list[str]) -> str:
+    names = ", ".join(columns[:3]) + (" ..." if len(columns) > 3 else "")
+    return (
+        f"--input-data: `datasets` typed column {names} of Hub dataset {repo_id!r} (split {split}) as Json, which can "
+        'change text that parses as JSON (a reply `"Hello"` loses its quotes, a reply `42` becomes a number)'
+    )
+
+
+def _json_suffix(path: str) -> bool:
+    """A JSON data file, compressed or not (`datasets` decompresses it)."""
+    from .inputs import COMPRESSED_SUFFIXES
+
+    suffixes = Path(path).suffixes
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return bool(suffixes) and suffixes[-1] in JSON_SUFFIXES
+
+
+def _refuse_settings_not_applied(typed: str, settings: dict) -> None:
+    """The card's settings for the JSON loader that the row-by-row reader does not apply (a `field`): with them
+    the rows it reads would not be the dataset's, so none is read. The features a card declares are not among
+    them: they type the rows, and read row by row the files' values are taken as written, as a local file's are."""
+    not_applied = {k: v for k, v in settings.items() if k not in ROW_BY_ROW_SETTINGS or (k == "encoding" and not _is_utf8(v))}
+    if not_applied:
+        raise InputError(
+            f"{typed}; the rows are then read again row by row from its data files, as local files are, and the card's "
+            f"`configs` entry holds settings ({json.dumps(not_applied, default=str)}) that change how `datasets` reads "
+            "those files, which that reader does not apply; expected data files read as they are: write the "
+            "conversations the dataset should hold as JSON Lines (one object per line, each text as meant) and give "
+            "that file as --input-data (or push it without those settings)"
+        )
+
+
+def _is_utf8(encoding) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(str(encoding)).name in ("utf-8", "utf-8-sig")
+    except LookupError:
+        return False
+
+
+def _local_copy(repo_id: str, commit: str, path: str) -> Path:
+    """The file as the local Hub cache holds it at `commit`, where `datasets` downloaded it; downloaded again where
+    that copy was deleted, which only happens online (offline, a snapshot without it gives no ReadInput)."""
+    local = snapshot_folder(repo_id, commit) / path
+    return local if local.is_file() else _download(repo_id, commit, path)

@@ -490,7 +490,7 @@ def _parquet_features(files: list[Path], schemas: list) -> datasets.Features | N
 
 
 def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str | None):
-    from .hub_inputs import hub_source
+    from .hub_inputs import hub_source, json_columns
 
     builder, loaded = _hub_splits(repo_id, config, revision)
     ds = _pick_split(loaded, split, repo_id)
@@ -506,7 +506,27 @@ def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str
         # What earlier versions recorded: the rows `datasets` named by the commit, and the data files' hash alone (at the same commit)
         "earlier_content_hashes": [ds._fingerprint, *source.earlier_hashes],
     }
+    typed_as_json = json_columns(ds.features)
+    if typed_as_json:
+        return _read_again_row_by_row(repo_id, split or "train", source, typed_as_json, ds, info)
     return ds, info
+
+
+def _read_again_row_by_row(repo_id: str, split: str, source, columns: list[str], ds: datasets.Dataset, info: dict):
+    """The rows of the split's JSON data files as the reader of local files reads them, where `datasets` typed
+    `columns` as Json and so changed text in them (see hub_inputs.json_data_files). Their content hash is another
+    than the rows `datasets` made: a build of those holds the changed text, and is not resumed (it and the names
+    earlier versions recorded for it are the altered hashes, which the refusal names)."""
+    from .hub_inputs import json_data_files, read_row_by_row
+
+    files = json_data_files(repo_id, split, source, columns)
+    if files is None:
+        return ds, info
+    log.info("--input-data: %s (split %s): `datasets` typed %s as Json; its JSON data files are read row by row", repo_id, split, columns)
+    content_hash = read_row_by_row(source.content_hash)
+    altered = [info["content_hash"], *info["earlier_content_hashes"]]
+    rows = _from_json_files(files, content_hash)
+    return rows, info | {"content_hash": content_hash, "earlier_content_hashes": [], "altered_content_hashes": altered}
 
 
 def _hub_splits(repo_id: str, config: str | None, revision: str | None):

@@ -51,6 +51,9 @@ class Prepared:
     tokenizer_hashes: frozenset[str] = frozenset()  # those a build of this tokenizer may have recorded (recorded_tokenizer_hashes)
     input_hashes: frozenset[str] = frozenset()  # those a build of this input may have recorded: an earlier version's, of a Hub input
     input_revision: str | None = None  # the Hub dataset commit read; not in the identity, which hashes the data files read
+    # Those a build of the same Hub input recorded for rows whose text `datasets` changed (its Json columns), which this
+    # run reads row by row: its resume is refused, saying so
+    altered_input_hashes: frozenset[str] = frozenset()
 
     @property
     def vocab_size(self) -> int:
@@ -128,6 +131,7 @@ def prepare(cfg: BuildConfig) -> Prepared:
         recorded_tokenizer_hashes(tokenizer, template),
         frozenset(input_info.get("earlier_content_hashes", ())),
         input_info.get("revision"),
+        frozenset(input_info.get("altered_content_hashes", ())),
     )
     check_row_sizes(prepared)
     return prepared

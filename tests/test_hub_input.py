@@ -484,3 +484,132 @@ def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_data_files_
     recorded = read_manifest(cache)["identity"]["input"] | {"content_hash": files_only_hash({"train.jsonl": data})}
     record_in_card(cache, input=recorded)
     assert "not compared with their input rows" not in verify_warnings(cache, caplog)
+
+
+# ---- columns `datasets` types as Json: the data files read row by row, as local files are -------------------
+
+# Text content and a list of parts in one column make `datasets` type it as Json, which reads a string that
+# parses as JSON back as that JSON: the reply `"Hello"` as Hello, the reply `42` as a number (a row skipped).
+MIXED_CONTENT = [
+    {"id": "parts", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "hello"}]},
+    {"id": "quoted", "messages": [{"role": "user", "content": "Say it in quotes"}, {"role": "assistant", "content": '"Hello"'}]},
+    {"id": "number", "messages": [{"role": "user", "content": "A number"}, {"role": "assistant", "content": "42"}]},
+    {"id": "object", "messages": [{"role": "user", "content": "An object"}, {"role": "assistant", "content": '{"a": 1}'}]},
+]
+MIXED_LINES = "".join(json.dumps(row) + "\n" for row in MIXED_CONTENT).encode()
+
+
+def local_build(tmp_path, data: bytes):
+    local = tmp_path / "mixed.jsonl"
+    local.write_bytes(data)
+    return build(small_config(tmp_path / "local", input_data=str(local), max_samples=None, shard_size=3), progress=False).output_dir
+
+
+def assert_built_as_the_local_file(cache, local) -> None:
+    assert read_manifest(cache)["skipped"] == read_manifest(local)["skipped"] == {}
+    hub_rows, local_rows = decoded_rows(cache), decoded_rows(local)
+    assert [row["sample_id"] for row in hub_rows] == [row["sample_id"] for row in local_rows]
+    assert len(hub_rows) == len(MIXED_CONTENT)
+    assert_same_content(hub_rows, local_rows)  # input_ids and loss masks with torch.equal
+
+
+def test_a_hub_json_column_of_mixed_types_builds_the_rows_of_the_same_file_given_locally(hub, tmp_path):
+    commit_file(hub, "tester/mixed-content", "train.jsonl", MIXED_LINES)
+    cache = build(hub_config(tmp_path / "cache", "tester/mixed-content"), progress=False).output_dir
+    assert_built_as_the_local_file(cache, local_build(tmp_path, MIXED_LINES))
+
+
+def test_a_hub_json_column_of_mixed_types_is_read_row_by_row_offline_too(hub, tmp_path, monkeypatch):
+    commit_file(hub, "tester/mixed-offline", "train.jsonl", MIXED_LINES)
+    load_rows("tester/mixed-offline")  # online: `datasets` and the local Hub cache hold the dataset
+    go_offline(monkeypatch)
+    hub.reset_counters()
+    cache = build(hub_config(tmp_path / "cache", "tester/mixed-offline"), progress=False).output_dir
+    assert hub.requests() == []
+    assert_built_as_the_local_file(cache, local_build(tmp_path, MIXED_LINES))
+
+
+def test_a_hub_json_column_of_mixed_types_is_read_row_by_row_at_a_pinned_revision_online_and_offline(hub, tmp_path, monkeypatch):
+    pinned = commit_file(hub, "tester/mixed-pinned", "train.jsonl", MIXED_LINES)
+    commit_file(hub, "tester/mixed-pinned", "train.jsonl", chat_lines(5))
+    local = local_build(tmp_path, MIXED_LINES)
+    online = build(hub_config(tmp_path / "online", "tester/mixed-pinned", input_revision=pinned), progress=False).output_dir
+    assert_built_as_the_local_file(online, local)
+    load_rows("tester/mixed-pinned")  # the newest commit cached too: offline, `datasets` reads that one unpinned
+    go_offline(monkeypatch)
+    offline = build(hub_config(tmp_path / "offline", "tester/mixed-pinned", input_revision=pinned), progress=False).output_dir
+    assert_built_as_the_local_file(offline, local)
+    assert read_manifest(offline)["identity"]["input"] == read_manifest(online)["identity"]["input"]
+
+
+def test_offline_a_json_column_whose_data_files_the_local_hub_cache_no_longer_holds_is_refused(hub, monkeypatch):
+    """`datasets`' cached rows hold the changed text: without the files, there are no rows to read."""
+    read = commit_file(hub, "tester/json-forgotten", "train.jsonl", MIXED_LINES)
+    load_rows("tester/json-forgotten")
+    forget_hub_copy("tester/json-forgotten")
+    go_offline(monkeypatch)
+    with pytest.raises(InputError, match=says("'tester/json-forgotten'", "as Json", f"commit {read}", "unset HF_HUB_OFFLINE")):
+        load_rows("tester/json-forgotten")
+
+
+def test_the_sample_openai_rows_on_the_hub_are_the_rows_of_the_local_file(hub):
+    """Its rows mix text and lists of parts, and a tool's reply is a JSON object written as text."""
+    from builder.embedded import resolve_input
+
+    local = Path(resolve_input("sample-openai"))
+    commit_file(hub, "tester/sample-openai", "train.jsonl", local.read_bytes())
+    assert list(load_rows("tester/sample-openai")[0]) == list(load_rows(str(local))[0])
+
+
+# The card's features for MIXED_CONTENT, typing `content` as Json
+JSON_CONTENT = (
+    "dataset_info:\n  features:\n  - name: id\n    dtype: string\n  - name: messages\n    list:\n"
+    "    - name: role\n      dtype: string\n    - name: content\n      dtype: json\n"
+)
+
+
+def test_a_column_the_card_types_as_json_is_read_row_by_row_too(hub, tmp_path):
+    local = tmp_path / "typed.jsonl"
+    local.write_bytes(MIXED_LINES)
+    commit_file(hub, "tester/json-declared", "train.jsonl", MIXED_LINES)
+    commit_file(hub, "tester/json-declared", "README.md", card(JSON_CONTENT))
+    assert list(load_rows("tester/json-declared")[0]) == list(load_rows(str(local))[0])
+
+
+def test_a_json_column_read_with_a_card_setting_the_row_by_row_reader_does_not_apply_is_refused(hub):
+    commit_file(hub, "tester/json-field", "chats.json", json.dumps({"curated": MIXED_CONTENT[1:]}).encode())
+    commit_file(hub, "tester/json-field", "README.md", card(FIELD.format("curated") + JSON_CONTENT))
+    with pytest.raises(InputError, match=says("'tester/json-field'", "messages[].content", "as Json", '"field": "curated"', "JSON Lines")):
+        load_rows("tester/json-field")
+
+
+def test_a_json_column_of_compressed_data_files_is_refused(hub):
+    import gzip
+
+    commit_file(hub, "tester/json-compressed", "train.jsonl.gz", gzip.compress(MIXED_LINES, mtime=0))
+    with pytest.raises(InputError, match=says("'tester/json-compressed'", "as Json", "train.jsonl.gz", "decompress")):
+        load_rows("tester/json-compressed")
+
+
+def text_chat_lines(n: int) -> bytes:
+    """Chats whose replies do not parse as JSON: `datasets` keeps them as they are."""
+    rows = (
+        {"id": f"t{i}", "messages": [{"role": "user", "content": f"Name {i}."}, {"role": "assistant", "content": f"It is {i}."}]}
+        for i in range(n)
+    )
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_a_build_of_the_rows_datasets_changed_is_not_resumed_with_the_rows_read_row_by_row(hub, tmp_path, monkeypatch):
+    """An earlier version built from the rows `datasets` made, whose text it changed: the resume is refused, naming
+    the content hash and saying why, also pinned to the commit that build read."""
+    import builder.hub_inputs as hub_inputs_module
+
+    read = commit_file(hub, "tester/json-resumed", "train.jsonl", MIXED_LINES + text_chat_lines(8))
+    cfg = hub_config(tmp_path / "cache", "tester/json-resumed")
+    with monkeypatch.context() as earlier_version:  # one that took `datasets`' rows as they came
+        earlier_version.setattr(hub_inputs_module, "json_columns", lambda features: [], raising=False)
+        interrupted_build(cfg, monkeypatch)
+    for revision in (None, read):
+        with pytest.raises(ResumeMismatch, match=says("input.content_hash", "'tester/json-resumed'", "as Json", "another --output-dir")):
+            build(cfg.replace(resume=True, input_revision=revision), progress=False)
