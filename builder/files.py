@@ -161,6 +161,9 @@ def misread_in_path(path) -> list[str]:
     return [part for part in MISREAD_IN_PATHS if part in str(path)]
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # data files `datasets` decompresses; eagle3-cache does not
+
+
 def refuse_pattern_paths(paths, what: str, error: type[Exception] = ValueError) -> None:
     """Refuse a path `datasets` would read as another (other files, or none, without an error)."""
     for path in paths:

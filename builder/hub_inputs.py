@@ -443,7 +443,7 @@ def _typed_as_json(repo_id: str, split: str, columns: list[str]) -> str:
 
 def _json_suffix(path: str) -> bool:
     """A JSON data file, compressed or not (`datasets` decompresses it)."""
-    from .inputs import COMPRESSED_SUFFIXES
+    from .files import COMPRESSED_SUFFIXES
 
     suffixes = Path(path).suffixes
     if len(suffixes) > 1 and suffixes[-1] in COMPRESSED_SUFFIXES:

@@ -20,7 +20,7 @@ from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pa
 from datasets.utils.info_utils import is_small_dataset
 
 from .errors import InputError
-from .files import refuse_pattern_paths
+from .files import COMPRESSED_SUFFIXES, refuse_pattern_paths
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,6 @@ def _refuse_config(config: str | None, spec: str) -> None:
             f"--input-config: {config!r} names a configuration, and the local path {spec!r} has none "
             "(a folder has them as `configs` in its README.md); drop --input-config"
         )
-
-
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # `datasets` decompresses these; we do not
 
 
 def _data_files(pattern: str, base: str) -> list[str]:
