@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("out_dir", metavar="OUT", help="new or empty output directory")
     export.add_argument(
+        "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
+    )
+    export.add_argument(
         "--target-model", default=None, help="the target, for its input embeddings and pad token (nemo), if not where the manifest says"
     )
     export.set_defaults(func=run_export)
@@ -138,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     from .export import export_cache
 
-    out = export_cache(args.cache_dir, args.to, args.out_dir, target_model=args.target_model)
+    out = export_cache(args.cache_dir, args.to, args.out_dir, name=args.name, target_model=args.target_model)
     print(f"Exported {args.cache_dir} for {args.to} to {out}")
     return 0
 

@@ -264,7 +264,7 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
     assert sample_ids(plain) == sample_ids(decoded_rows(v2))
     downloaded = Path(snapshot_download("tester/multi", repo_type="dataset", allow_patterns="short/*", local_dir=tmp_path / "dl"))
     assert_same_content(list(load_cache(downloaded / "short", layout="raw")), decoded_rows(v2))  # a config's folder alone
-    with pytest.raises(ValueError, match=r"several caches: pass name= one of \['llama', 'short'\]"):
+    with pytest.raises(ValueError, match=r"several caches: pass one of \['llama', 'short'\] as --name \(name= in Python\)"):
         load_cache("tester/multi")
     with pytest.raises(FileNotFoundError, match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral'"):
         load_cache("tester/multi", name="mistral")
@@ -1116,3 +1116,16 @@ def test_an_export_of_a_hub_cache_holds_one_version_while_a_push_moves_the_branc
     out = export_module.export_cache(repo, to, tmp_path / "from-hub", progress=False)
     assert pushed and torch.equal(read_vocab(repo)["selected_token_ids"], new_ids)  # the branch moved during the export
     assert files_of(out) == files_of(local)
+
+
+def test_a_config_of_a_repo_holding_several_caches_is_exported_by_its_name(hub, v1, v2, tmp_path, capsys):
+    """`export --name` picks the config, as verify's does; without it the refusal names the configs and the flag."""
+    from builder.export import export_cache
+
+    for config, cache in (("one", v1), ("two", v2)):
+        push(cache, "tester/export-configs", config=config)
+    assert main(["export", "tester/export-configs", "--to", "nemo", str(tmp_path / "unnamed")]) == 2
+    assert "holds several caches: pass one of ['one', 'two'] as --name (name= in Python)" in capsys.readouterr().err
+    assert main(["export", "tester/export-configs", "--name", "two", "--to", "nemo", str(tmp_path / "two")]) == 0
+    local = export_cache(v2, "nemo", tmp_path / "local", progress=False)
+    assert files_of(tmp_path / "two") == files_of(local) and not (tmp_path / "unnamed").exists()
