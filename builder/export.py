@@ -64,31 +64,41 @@ def export_cache(
     out_dir: str | Path,
     *,
     name: str | None = None,
+    revision: str | None = None,
     target_model: str | None = None,
     progress: bool = True,
 ) -> Path:
     """Write the cache at `cache_dir` in trainer `to`'s format to `out_dir` (new, or an empty folder).
-    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's.
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's;
+    `revision`: the branch, tag or commit of a Hub repo id (default: main).
     Every refusal (the format, OUT, the cache, the target) comes before anything is made."""
     cache, out = Path(cache_dir), Path(out_dir)
     if to not in EXPORTS:
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
-    source = cache_source(cache, name)
+    source = cache_source(cache, name, revision)
     write = EXPORTS[to](source, cache_manifest(source), target_model, progress)
     with terminated_as_interrupt(out), export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
 
-def cache_source(cache: Path, name: str | None) -> CacheSource:
-    """The cache to export, opened once: on the Hub pinned to the commit its branch points at now, so
-    its card, shards and draft vocabulary are all read from that one version even if a push moves
-    the branch while the export runs. Refused with what to pass where there is no cache directory."""
-    if not is_hub_location(cache) and not cache.is_dir():
-        found = "is not a directory" if cache.exists() else "does not exist"
-        raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
-    return open_source(cache, name=name)
+def cache_source(cache: Path, name: str | None, revision: str | None) -> CacheSource:
+    """The cache to export, opened once: on the Hub pinned to the commit `revision` (its branch, tag
+    or commit; main by default) points at now, so its card, shards and draft vocabulary are all read
+    from that one version even if a push moves the branch while the export runs. Refused with what
+    to pass where there is no cache directory, or where a revision is given with one."""
+    if not is_hub_location(cache):
+        if not cache.is_dir():
+            found = "is not a directory" if cache.exists() else "does not exist"
+            raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
+        if revision is not None:
+            raise ExportError(
+                f"export: --revision {revision!r} is for a Hub dataset repo id; {cache} is a local directory, which has no "
+                "revisions, so the flag would be ignored: leave it out, or export the repo the cache was pushed to "
+                f"(eagle3-cache export REPO_ID --revision {revision} ...)"
+            )
+    return open_source(cache, revision=revision, name=name)
 
 
 def cache_manifest(source: CacheSource) -> dict:

@@ -285,7 +285,7 @@ def _why_no_card(source: CacheSource) -> str:
             return f"the repo holds one cache, at its root, and no configs: leave out name={source.name!r}"
     return (
         "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
-        "or read the tag of a finished one (revision=...)"
+        "or read the branch or tag of a finished one with --revision (revision= in Python)"
     )
 
 

@@ -321,6 +321,19 @@ def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_
     assert left_in(tmp_path) == ["a-file", "interrupted"]
 
 
+def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(probs_cache, tmp_path, nothing_made, capsys):
+    """A directory has no revisions: --revision is for a repo id, as the usage says, not silently dropped."""
+    assert main(["export", str(probs_cache), "--revision", "v1", "--to", "nemo", str(tmp_path / "nemo")]) == 2
+    refusal = capsys.readouterr().err
+    for fact in ("--revision 'v1' is for a Hub dataset repo id", "a local directory, which has no revisions", "leave it out"):
+        assert fact in refusal
+    assert left_in(tmp_path) == []
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    usage = capsys.readouterr().out
+    assert "DIR|REPO" in usage and "--revision REVISION" in usage and "--name CONFIG" in usage
+
+
 def test_export_command_refuses_without_a_traceback(probs_cache, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     assert main(["export", str(tmp_path / "missing"), "--to", "nemo", str(tmp_path / "e1")]) == 2

@@ -611,7 +611,11 @@ def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, m
 
     waits: list[float] = []
     monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
-    with pytest.raises(HubError, match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. Pass one of them"):
+    with pytest.raises(
+        HubError,
+        match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. "
+        r"Pass one of them as --revision \(revision= in Python\)",
+    ):
         load_cache(pushed_v1, revision="v9", retry=Retry(retries=3))
     assert waits == [] and len(hub.requests("GET", r"/revision/v9")) == 1
     with pytest.raises(HubError, match=r"tester/missing: no local directory of that name, and no dataset repo on"):
@@ -950,7 +954,8 @@ def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub
     with pytest.raises(
         ShardFilesMismatch,
         match=r"tester/midpush-wide@\w+: the shard files in data/ are not the ones its card lists"
-        r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress",
+        r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress.*read the tag"
+        r" of a finished push \(--revision, revision= in Python\)",
     ):
         load_cache("tester/midpush-wide", layout="raw")
 
@@ -1129,3 +1134,19 @@ def test_a_config_of_a_repo_holding_several_caches_is_exported_by_its_name(hub, 
     assert main(["export", "tester/export-configs", "--name", "two", "--to", "nemo", str(tmp_path / "two")]) == 0
     local = export_cache(v2, "nemo", tmp_path / "local", progress=False)
     assert files_of(tmp_path / "two") == files_of(local) and not (tmp_path / "unnamed").exists()
+
+
+def test_a_finished_push_to_a_branch_is_exported_by_its_revision(hub, v1, tmp_path, capsys):
+    """`export --revision` reads the branch, tag or commit a push went to; main, which holds no card
+    then, says to pass it with that flag."""
+    from builder.export import export_cache
+
+    pushed = push(v1, "tester/export-branch", branch="next", tag="v1")
+    assert main(["export", "tester/export-branch", "--to", "nemo", str(tmp_path / "main")]) == 2
+    assert "a push that stopped partway has none" in (refusal := capsys.readouterr().err)
+    assert "read the branch or tag of a finished one with --revision (revision= in Python)" in refusal
+    local = export_cache(v1, "nemo", tmp_path / "local", progress=False)
+    for revision in ("next", "v1", pushed.commit):
+        assert main(["export", "tester/export-branch", "--revision", revision, "--to", "nemo", str(tmp_path / revision)]) == 0
+        assert files_of(tmp_path / revision) == files_of(local)
+    assert not (tmp_path / "main").exists()
