@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
 from .faults import FaultPoints
-from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
+from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
@@ -450,7 +450,7 @@ EXPORT_FAULTS = FaultPoints()
 
 def _save(tensors: dict, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with writing(path):
+    with writing(path), mode_of_open(staged(path)):
         save_file(tensors, str(staged(path)))
         fsync_file(staged(path))
     EXPORT_FAULTS.reached("export_file")

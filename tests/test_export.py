@@ -458,6 +458,29 @@ def mode_of(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.fixture(params=[0o022, 0o077], ids=["umask-022", "umask-077"])
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def test_every_file_of_a_cache_and_its_exports_gets_the_mode_the_umask_gives(umask, tmp_path):
+    """safetensors makes its files 0600; those of a cache (the draft vocabulary, a hidden cache's head)
+    and of an export (NeMo's shards and target embeddings) get the mode every other file gets, so a
+    cache or export in a group-shared folder is readable by the group, and a private one stays private."""
+    cache = build(small_config(tmp_path / "cache", target_format="hidden"), progress=False).output_dir
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    export_cache(cache, "specforge", tmp_path / "sf", progress=False)
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    assert {"vocab.safetensors", "lm_head.safetensors", "shard-000000.safetensors", "target_embeddings.safetensors"} <= names
+    assert {"data_0.ckpt", "vocab_mapping.pt", "manifest.json", "README.md"} <= names
+    assert {str(path.relative_to(tmp_path)): mode_of(path) for path in written} == {
+        str(path.relative_to(tmp_path)): 0o666 & ~umask for path in written
+    }
+
+
 def test_an_export_into_an_existing_empty_out_keeps_the_folder_its_mode_and_group(hidden_cache, tmp_path):
     """A folder prepared private (group-shared, setgid, nothing for others) stays that folder."""
     out = tmp_path / "sf"
