@@ -10,7 +10,7 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
-complete export or as it was (absent, or empty): a full disk, a failed write or a SIGTERM removes
+complete export or as it was (absent, or empty, a `lost+found` folder aside): a full disk, a failed write or a SIGTERM removes
 what was written. An existing empty OUT is filled in place (the folder is made inside it and its
 files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
 and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
@@ -116,7 +116,7 @@ def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
-    entries = sorted(out.iterdir()) if out.exists() else []
+    entries = held_by(out) if out.exists() else []
     hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
@@ -131,8 +131,8 @@ def check_out_folder(out: Path) -> None:
             f"export: {out} holds the remains of an export that was killed before it finished: its hidden "
             f"{'folder' if len(hidden) == 1 else 'folders'} {', '.join(folder.name for folder in hidden)} and the files it "
             f"had moved up ({names_text(files)}), but no {marker}, the file that marks a complete export; expected a new or "
-            f"empty directory for the export. If no export into it is running, delete those (everything in {out}), then "
-            "run the export again."
+            f"empty directory for the export. If no export into it is running, delete those (everything in {out}"
+            f"{f' but {LOST_FOUND}' if is_lost_found(out / LOST_FOUND) else ''}), then run the export again."
         )
     if entries:
         raise ExportError(
@@ -141,6 +141,20 @@ def check_out_folder(out: Path) -> None:
         )
     check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+LOST_FOUND = "lost+found"  # where fsck puts what it recovers: every fresh ext file system's root holds one
+
+
+def held_by(out: Path) -> list[Path]:
+    """What OUT holds, but a `lost+found` folder: the mount point of a fresh ext file system holds
+    one (the file system's, often root's alone), so it counts as empty; the export never writes in
+    it, moves it or deletes it."""
+    return sorted(entry for entry in out.iterdir() if not is_lost_found(entry))
+
+
+def is_lost_found(entry: Path) -> bool:
+    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink()
 
 
 def check_no_killed_new_out(out: Path) -> None:
@@ -334,7 +348,7 @@ def still_ours(moved: dict[Path, FileId]) -> list[Path]:
 def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, FileId]) -> None:
     """Move the complete export from `folder` up into OUT (within one file system: no copy), `last`
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
-    if any(entry != folder for entry in final.iterdir()):
+    if any(entry != folder for entry in held_by(final)):
         raise filled_while_running(out)
     for name in sorted(final_name(entry.name) for entry in folder.iterdir() if final_name(entry.name) != last):
         move_without_replacing(staged(folder / name), final / name, out, moved)

@@ -511,6 +511,50 @@ def test_an_export_fills_an_empty_mount_point(hidden_cache, tmp_path, monkeypatc
     assert (out / "vocab_mapping.pt").is_file() and left_in(tmp_path) == ["volume"]
 
 
+def fresh_file_system_root(path: Path) -> Path:
+    """A folder as the root of a freshly made ext file system is: empty but for lost+found (root's alone)."""
+    (path / "lost+found").mkdir(parents=True)
+    (path / "lost+found" / "#1234").write_text("recovered")
+    (path / "lost+found").chmod(0o700)
+    return path
+
+
+def test_an_export_fills_a_mount_point_holding_only_lost_found_and_leaves_that_folder_alone(hidden_cache, tmp_path):
+    out = fresh_file_system_root(tmp_path / "volume")
+    before = (out / "lost+found").stat()
+    assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 0
+    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file()
+    assert [name for name in left_in(out) if not name.startswith("data_")] == ["lost+found", "vocab_mapping.pt"]
+    after = (out / "lost+found").stat()
+    assert (after.st_ino, after.st_mtime_ns, mode_of(out / "lost+found")) == (before.st_ino, before.st_mtime_ns, 0o700)
+    assert left_in(out / "lost+found") == ["#1234"]
+
+
+def test_only_a_lost_found_folder_is_left_out_of_what_makes_out_not_empty(hidden_cache, tmp_path, nothing_made):
+    not_empty = says("is not empty", "never overwrites", "pass a new directory")
+    beside = fresh_file_system_root(tmp_path / "beside")
+    (beside / "notes").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.mkdir()
+    (a_file / "lost+found").write_text("a file of that name")  # not the file system's folder
+    for out in (beside, a_file):
+        with pytest.raises(ExportError, match=not_empty):
+            export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(beside) == ["lost+found", "notes"] and left_in(a_file) == ["lost+found"]
+
+
+def test_the_remains_of_a_killed_export_in_a_mount_point_are_named_without_its_lost_found(hidden_cache, tmp_path, monkeypatch):
+    out = fresh_file_system_root(tmp_path / "volume")
+    kill_after_moving_up(monkeypatch, out, "data_10.ckpt", "hard links")
+    with pytest.raises(Killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    monkeypatch.undo()
+    killed = says("holds the remains of an export that was killed", f"delete those (everything in {out} but lost+found)")
+    with pytest.raises(ExportError, match=killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(out / "lost+found") == ["#1234"]
+
+
 def names_made_in(folder: Path, monkeypatch) -> list[str]:
     """The names that appear in `folder` by a link or a rename, in order, as the export makes them."""
     made = []
