@@ -27,7 +27,7 @@ from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, INPUT_SOURCE_FILE, c
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
 from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreadable
-from .files import atomic_write, disk_full_as_error, file_hash, remove_leftovers, write_json_atomic
+from .files import atomic_write, disk_full_as_error, file_hash, mode_of_open, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
 from .kept_samples import check_kept_samples
@@ -328,7 +328,7 @@ def read_rank_stats(out: Path, world_size: int) -> list[dict]:
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:
-    with atomic_write(out / VOCAB_FILE) as tmp:
+    with atomic_write(out / VOCAB_FILE) as tmp, mode_of_open(tmp):
         save_file(
             {
                 "selected_token_ids": torch.as_tensor(prep.selected_token_ids, dtype=torch.int64),

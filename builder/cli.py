@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(func=run_verify)
     export = sub.add_parser("export", help="write a cache in another trainer's offline format (nemo, specforge)")
-    export.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    export.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (read at one commit)")
     export.add_argument(
         "--to",
         required=True,
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="nemo: NeMo Automodel's cached_target_path (format 2); specforge: SpecForge offline files (hidden caches)",
     )
     export.add_argument("out_dir", metavar="OUT", help="new or empty output directory")
+    export.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id (not of a directory)")
+    export.add_argument(
+        "--name", default=None, metavar="CONFIG", help="the cache (config, a sub-folder) of a repo or directory holding several"
+    )
     export.add_argument(
         "--target-model", default=None, help="the target, for its input embeddings and pad token (nemo), if not where the manifest says"
     )
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     from .export import export_cache
 
-    out = export_cache(args.cache_dir, args.to, args.out_dir, target_model=args.target_model)
+    out = export_cache(args.cache_dir, args.to, args.out_dir, name=args.name, revision=args.revision, target_model=args.target_model)
     print(f"Exported {args.cache_dir} for {args.to} to {out}")
     return 0
 

@@ -10,7 +10,7 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
-complete export or as it was (absent, or empty): a full disk, a failed write or a SIGTERM removes
+complete export or as it was (absent, or empty, a `lost+found` folder aside): a full disk, a failed write or a SIGTERM removes
 what was written. An existing empty OUT is filled in place (the folder is made inside it and its
 files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
 and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
 from .faults import FaultPoints
-from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, temp_path
+from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
@@ -58,28 +58,47 @@ class ExportError(Eagle3CacheError):
     pass
 
 
-def export_cache(cache_dir: str | Path, to: str, out_dir: str | Path, *, target_model: str | None = None, progress: bool = True) -> Path:
+def export_cache(
+    cache_dir: str | Path,
+    to: str,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    target_model: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Write the cache at `cache_dir` in trainer `to`'s format to `out_dir` (new, or an empty folder).
+    `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's;
+    `revision`: the branch, tag or commit of a Hub repo id (default: main).
     Every refusal (the format, OUT, the cache, the target) comes before anything is made."""
     cache, out = Path(cache_dir), Path(out_dir)
     if to not in EXPORTS:
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)
-    source = cache_source(cache)
+    source = cache_source(cache, name, revision)
     write = EXPORTS[to](source, cache_manifest(source), target_model, progress)
     with terminated_as_interrupt(out), export_folder(out, LAST_WRITTEN[to]) as folder:
         write(folder)
     return out
 
 
-def cache_source(cache: Path) -> CacheSource:
-    """The cache to export, opened once: on the Hub pinned to the commit its branch points at now, so
-    its card, shards and draft vocabulary are all read from that one version even if a push moves
-    the branch while the export runs. Refused with what to pass where there is no cache directory."""
-    if not is_hub_location(cache) and not cache.is_dir():
-        found = "is not a directory" if cache.exists() else "does not exist"
-        raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
-    return open_source(cache)
+def cache_source(cache: Path, name: str | None, revision: str | None) -> CacheSource:
+    """The cache to export, opened once: on the Hub pinned to the commit `revision` (its branch, tag
+    or commit; main by default) points at now, so its card, shards and draft vocabulary are all read
+    from that one version even if a push moves the branch while the export runs. Refused with what
+    to pass where there is no cache directory, or where a revision is given with one."""
+    if not is_hub_location(cache):
+        if not cache.is_dir():
+            found = "is not a directory" if cache.exists() else "does not exist"
+            raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
+        if revision is not None:
+            raise ExportError(
+                f"export: --revision {revision!r} is for a Hub dataset repo id; {cache} is a local directory, which has no "
+                "revisions, so the flag would be ignored: leave it out, or export the repo the cache was pushed to "
+                f"(eagle3-cache export REPO_ID --revision {revision} ...)"
+            )
+    return open_source(cache, revision=revision, name=name)
 
 
 def cache_manifest(source: CacheSource) -> dict:
@@ -97,7 +116,7 @@ def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
-    entries = sorted(out.iterdir()) if out.exists() else []
+    entries = held_by(out) if out.exists() else []
     hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
@@ -112,8 +131,8 @@ def check_out_folder(out: Path) -> None:
             f"export: {out} holds the remains of an export that was killed before it finished: its hidden "
             f"{'folder' if len(hidden) == 1 else 'folders'} {', '.join(folder.name for folder in hidden)} and the files it "
             f"had moved up ({names_text(files)}), but no {marker}, the file that marks a complete export; expected a new or "
-            f"empty directory for the export. If no export into it is running, delete those (everything in {out}), then "
-            "run the export again."
+            f"empty directory for the export. If no export into it is running, delete those (everything in {out}"
+            f"{f' but {LOST_FOUND}' if is_lost_found(out / LOST_FOUND) else ''}), then run the export again."
         )
     if entries:
         raise ExportError(
@@ -122,6 +141,20 @@ def check_out_folder(out: Path) -> None:
         )
     check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+LOST_FOUND = "lost+found"  # where fsck puts what it recovers: every fresh ext file system's root holds one
+
+
+def held_by(out: Path) -> list[Path]:
+    """What OUT holds, but a `lost+found` folder: the mount point of a fresh ext file system holds
+    one (the file system's, often root's alone), so it counts as empty; the export never writes in
+    it, moves it or deletes it."""
+    return sorted(entry for entry in out.iterdir() if not is_lost_found(entry))
+
+
+def is_lost_found(entry: Path) -> bool:
+    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink()
 
 
 def check_no_killed_new_out(out: Path) -> None:
@@ -315,7 +348,7 @@ def still_ours(moved: dict[Path, FileId]) -> list[Path]:
 def move_up(folder: Path, final: Path, out: Path, last: str, moved: dict[Path, FileId]) -> None:
     """Move the complete export from `folder` up into OUT (within one file system: no copy), `last`
     once every other name is durable; refused where OUT holds anything else (filled meanwhile)."""
-    if any(entry != folder for entry in final.iterdir()):
+    if any(entry != folder for entry in held_by(final)):
         raise filled_while_running(out)
     for name in sorted(final_name(entry.name) for entry in folder.iterdir() if final_name(entry.name) != last):
         move_without_replacing(staged(folder / name), final / name, out, moved)
@@ -431,7 +464,7 @@ EXPORT_FAULTS = FaultPoints()
 
 def _save(tensors: dict, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with writing(path):
+    with writing(path), mode_of_open(staged(path)):
         save_file(tensors, str(staged(path)))
         fsync_file(staged(path))
     EXPORT_FAULTS.reached("export_file")

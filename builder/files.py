@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,22 @@ def atomic_write(path: Path) -> Iterator[Path]:
         raise
     for folder in (path.parent, *(f.parent for f in made)):  # the new name, and each folder made for it
         fsync_dir(folder)
+
+
+@contextmanager
+def mode_of_open(path: Path) -> Iterator[None]:
+    """For a writer that makes `path` with a mode of its own (safetensors' save_file makes a temp file
+    of mode 0600 and renames it over `path`): `path` ends with the mode open() gives a new file there,
+    as every other file the project writes: 0o666 less the umask (or as the folder's default ACL
+    says), so a cache or an export in a group-shared folder is readable by the group. That mode is
+    read off an empty file made at `path` first, not from the umask: the umask is read only by
+    setting it (os.umask), process-wide, racing files other threads make meanwhile."""
+    path = Path(path)
+    path.unlink(missing_ok=True)  # a leftover of the same name would keep its own mode
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    yield
+    os.chmod(path, mode)
 
 
 def fsync_file(path: Path) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .batching import batching_record, expected_rows, pad_batch, plan_batches, shard_windows
 from .build_state import BUILD_STATE_DIR, read_sidecar
 from .faults import FAULT_ENV, FaultPoints  # noqa: F401 (FAULT_ENV: the crash tests name it from here)
-from .files import atomic_write
+from .files import atomic_write, mode_of_open
 from .formats import encode_aux, encode_targets, head_transform_from, quality_of_batch
 from .manifest import LM_HEAD_FILE
 from .placement import device_map_summary, load_placed_model
@@ -326,7 +326,7 @@ def write_head_rows(out: Path, prep: Prepared, target: Target) -> None:
         tensors["weight"] = target.head.weight.float().cpu()
     if getattr(target.head, "bias", None) is not None:
         tensors["bias"] = target.head.bias.float().cpu()
-    with atomic_write(out / LM_HEAD_FILE) as tmp:
+    with atomic_write(out / LM_HEAD_FILE) as tmp, mode_of_open(tmp):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 

@@ -246,7 +246,9 @@ def _commit_of(api, repo_id: str, revision: str | None) -> str:
     except RevisionNotFoundError:
         refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)  # a transient failure here retries the whole look-up
         known = [b.name for b in refs.branches] + [t.name for t in refs.tags]
-        raise HubError(f"{repo_id}: no revision {revision!r}; branches and tags: {known}. Pass one of them as revision=.") from None
+        raise HubError(
+            f"{repo_id}: no revision {revision!r}; branches and tags: {known}. Pass one of them as --revision (revision= in Python)."
+        ) from None
 
 
 def download_file(repo_id: str, path: str, commit: str, token: str | None = None) -> Path:

@@ -229,7 +229,7 @@ def manifest_from_card(text: str, where: str = "the card") -> dict:
     data = card_data_of(text, where)
     if CARD_KEY not in data:
         if data.get(INDEX_KEY):
-            raise ManifestError(f"{where} holds several caches: pass name= one of {sorted(data[INDEX_KEY])}")
+            raise ManifestError(f"{where} holds several caches: pass one of {sorted(data[INDEX_KEY])} as --name (name= in Python)")
         raise ManifestError(f"{where} has no '{CARD_KEY}' manifest block; it is not an eagle3-cache dataset card")
     manifest = data[CARD_KEY]
     check_format_version(manifest, where)
@@ -285,7 +285,7 @@ def _why_no_card(source: CacheSource) -> str:
             return f"the repo holds one cache, at its root, and no configs: leave out name={source.name!r}"
     return (
         "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
-        "or read the tag of a finished one (revision=...)"
+        "or read the branch or tag of a finished one with --revision (revision= in Python)"
     )
 
 

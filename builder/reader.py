@@ -97,7 +97,7 @@ def check_shard_files(source: CacheSource, manifest: dict) -> None:
     if source.on_hub:
         hint = (
             "That revision is a push in progress, or one that stopped partway: read the tag of a finished push "
-            "(revision=...), or re-run the push that was interrupted."
+            "(--revision, revision= in Python), or re-run the push that was interrupted."
         )
     else:
         hint = (

@@ -321,6 +321,19 @@ def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_
     assert left_in(tmp_path) == ["a-file", "interrupted"]
 
 
+def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(probs_cache, tmp_path, nothing_made, capsys):
+    """A directory has no revisions: --revision is for a repo id, as the usage says, not silently dropped."""
+    assert main(["export", str(probs_cache), "--revision", "v1", "--to", "nemo", str(tmp_path / "nemo")]) == 2
+    refusal = capsys.readouterr().err
+    for fact in ("--revision 'v1' is for a Hub dataset repo id", "a local directory, which has no revisions", "leave it out"):
+        assert fact in refusal
+    assert left_in(tmp_path) == []
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    usage = capsys.readouterr().out
+    assert "DIR|REPO" in usage and "--revision REVISION" in usage and "--name CONFIG" in usage
+
+
 def test_export_command_refuses_without_a_traceback(probs_cache, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     assert main(["export", str(tmp_path / "missing"), "--to", "nemo", str(tmp_path / "e1")]) == 2
@@ -445,6 +458,29 @@ def mode_of(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.fixture(params=[0o022, 0o077], ids=["umask-022", "umask-077"])
+def umask(request):
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def test_every_file_of_a_cache_and_its_exports_gets_the_mode_the_umask_gives(umask, tmp_path):
+    """safetensors makes its files 0600; those of a cache (the draft vocabulary, a hidden cache's head)
+    and of an export (NeMo's shards and target embeddings) get the mode every other file gets, so a
+    cache or export in a group-shared folder is readable by the group, and a private one stays private."""
+    cache = build(small_config(tmp_path / "cache", target_format="hidden"), progress=False).output_dir
+    export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    export_cache(cache, "specforge", tmp_path / "sf", progress=False)
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    names = {path.name for path in written}
+    assert {"vocab.safetensors", "lm_head.safetensors", "shard-000000.safetensors", "target_embeddings.safetensors"} <= names
+    assert {"data_0.ckpt", "vocab_mapping.pt", "manifest.json", "README.md"} <= names
+    assert {str(path.relative_to(tmp_path)): mode_of(path) for path in written} == {
+        str(path.relative_to(tmp_path)): 0o666 & ~umask for path in written
+    }
+
+
 def test_an_export_into_an_existing_empty_out_keeps_the_folder_its_mode_and_group(hidden_cache, tmp_path):
     """A folder prepared private (group-shared, setgid, nothing for others) stays that folder."""
     out = tmp_path / "sf"
@@ -473,6 +509,50 @@ def test_an_export_fills_an_empty_mount_point(hidden_cache, tmp_path, monkeypatc
     monkeypatch.setattr("os.path.ismount", lambda path: str(path) == str(out))
     export_cache(hidden_cache, "specforge", out, progress=False)
     assert (out / "vocab_mapping.pt").is_file() and left_in(tmp_path) == ["volume"]
+
+
+def fresh_file_system_root(path: Path) -> Path:
+    """A folder as the root of a freshly made ext file system is: empty but for lost+found (root's alone)."""
+    (path / "lost+found").mkdir(parents=True)
+    (path / "lost+found" / "#1234").write_text("recovered")
+    (path / "lost+found").chmod(0o700)
+    return path
+
+
+def test_an_export_fills_a_mount_point_holding_only_lost_found_and_leaves_that_folder_alone(hidden_cache, tmp_path):
+    out = fresh_file_system_root(tmp_path / "volume")
+    before = (out / "lost+found").stat()
+    assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 0
+    assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file()
+    assert [name for name in left_in(out) if not name.startswith("data_")] == ["lost+found", "vocab_mapping.pt"]
+    after = (out / "lost+found").stat()
+    assert (after.st_ino, after.st_mtime_ns, mode_of(out / "lost+found")) == (before.st_ino, before.st_mtime_ns, 0o700)
+    assert left_in(out / "lost+found") == ["#1234"]
+
+
+def test_only_a_lost_found_folder_is_left_out_of_what_makes_out_not_empty(hidden_cache, tmp_path, nothing_made):
+    not_empty = says("is not empty", "never overwrites", "pass a new directory")
+    beside = fresh_file_system_root(tmp_path / "beside")
+    (beside / "notes").write_text("mine")
+    a_file = tmp_path / "a-file"
+    a_file.mkdir()
+    (a_file / "lost+found").write_text("a file of that name")  # not the file system's folder
+    for out in (beside, a_file):
+        with pytest.raises(ExportError, match=not_empty):
+            export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(beside) == ["lost+found", "notes"] and left_in(a_file) == ["lost+found"]
+
+
+def test_the_remains_of_a_killed_export_in_a_mount_point_are_named_without_its_lost_found(hidden_cache, tmp_path, monkeypatch):
+    out = fresh_file_system_root(tmp_path / "volume")
+    kill_after_moving_up(monkeypatch, out, "data_10.ckpt", "hard links")
+    with pytest.raises(Killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    monkeypatch.undo()
+    killed = says("holds the remains of an export that was killed", f"delete those (everything in {out} but lost+found)")
+    with pytest.raises(ExportError, match=killed):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(out / "lost+found") == ["#1234"]
 
 
 def names_made_in(folder: Path, monkeypatch) -> list[str]:

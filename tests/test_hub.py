@@ -264,7 +264,7 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
     assert sample_ids(plain) == sample_ids(decoded_rows(v2))
     downloaded = Path(snapshot_download("tester/multi", repo_type="dataset", allow_patterns="short/*", local_dir=tmp_path / "dl"))
     assert_same_content(list(load_cache(downloaded / "short", layout="raw")), decoded_rows(v2))  # a config's folder alone
-    with pytest.raises(ValueError, match=r"several caches: pass name= one of \['llama', 'short'\]"):
+    with pytest.raises(ValueError, match=r"several caches: pass one of \['llama', 'short'\] as --name \(name= in Python\)"):
         load_cache("tester/multi")
     with pytest.raises(FileNotFoundError, match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral'"):
         load_cache("tester/multi", name="mistral")
@@ -611,7 +611,11 @@ def test_an_unknown_revision_fails_at_once_with_the_known_ones(hub, pushed_v1, m
 
     waits: list[float] = []
     monkeypatch.setattr(hub_module, "time", types.SimpleNamespace(sleep=waits.append))
-    with pytest.raises(HubError, match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. Pass one of them"):
+    with pytest.raises(
+        HubError,
+        match=r"tester/dist: no revision 'v9'; branches and tags: \['main', 'v1'\]\. "
+        r"Pass one of them as --revision \(revision= in Python\)",
+    ):
         load_cache(pushed_v1, revision="v9", retry=Retry(retries=3))
     assert waits == [] and len(hub.requests("GET", r"/revision/v9")) == 1
     with pytest.raises(HubError, match=r"tester/missing: no local directory of that name, and no dataset repo on"):
@@ -950,7 +954,8 @@ def test_a_branch_in_the_middle_of_a_push_is_refused_and_its_tag_still_reads(hub
     with pytest.raises(
         ShardFilesMismatch,
         match=r"tester/midpush-wide@\w+: the shard files in data/ are not the ones its card lists"
-        r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress",
+        r" \(not in the manifest: train-00000-of-00003\.parquet\)\. That revision is a push in progress.*read the tag"
+        r" of a finished push \(--revision, revision= in Python\)",
     ):
         load_cache("tester/midpush-wide", layout="raw")
 
@@ -1116,3 +1121,32 @@ def test_an_export_of_a_hub_cache_holds_one_version_while_a_push_moves_the_branc
     out = export_module.export_cache(repo, to, tmp_path / "from-hub", progress=False)
     assert pushed and torch.equal(read_vocab(repo)["selected_token_ids"], new_ids)  # the branch moved during the export
     assert files_of(out) == files_of(local)
+
+
+def test_a_config_of_a_repo_holding_several_caches_is_exported_by_its_name(hub, v1, v2, tmp_path, capsys):
+    """`export --name` picks the config, as verify's does; without it the refusal names the configs and the flag."""
+    from builder.export import export_cache
+
+    for config, cache in (("one", v1), ("two", v2)):
+        push(cache, "tester/export-configs", config=config)
+    assert main(["export", "tester/export-configs", "--to", "nemo", str(tmp_path / "unnamed")]) == 2
+    assert "holds several caches: pass one of ['one', 'two'] as --name (name= in Python)" in capsys.readouterr().err
+    assert main(["export", "tester/export-configs", "--name", "two", "--to", "nemo", str(tmp_path / "two")]) == 0
+    local = export_cache(v2, "nemo", tmp_path / "local", progress=False)
+    assert files_of(tmp_path / "two") == files_of(local) and not (tmp_path / "unnamed").exists()
+
+
+def test_a_finished_push_to_a_branch_is_exported_by_its_revision(hub, v1, tmp_path, capsys):
+    """`export --revision` reads the branch, tag or commit a push went to; main, which holds no card
+    then, says to pass it with that flag."""
+    from builder.export import export_cache
+
+    pushed = push(v1, "tester/export-branch", branch="next", tag="v1")
+    assert main(["export", "tester/export-branch", "--to", "nemo", str(tmp_path / "main")]) == 2
+    assert "a push that stopped partway has none" in (refusal := capsys.readouterr().err)
+    assert "read the branch or tag of a finished one with --revision (revision= in Python)" in refusal
+    local = export_cache(v1, "nemo", tmp_path / "local", progress=False)
+    for revision in ("next", "v1", pushed.commit):
+        assert main(["export", "tester/export-branch", "--revision", revision, "--to", "nemo", str(tmp_path / revision)]) == 0
+        assert files_of(tmp_path / revision) == files_of(local)
+    assert not (tmp_path / "main").exists()

@@ -77,7 +77,7 @@ def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
     with pytest.raises(ManifestError, match="README.md has no 'eagle3_cache' manifest block; it is not an eagle3-cache"):
         manifest_from_card("---\nlicense: mit\n---\n# some other dataset\n", "README.md")
     index = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large")})
-    with pytest.raises(ManifestError, match=r"holds several caches: pass name= one of \['large', 'small'\]"):
+    with pytest.raises(ManifestError, match=r"holds several caches: pass one of \['large', 'small'\] as --name \(name= in Python\)"):
         manifest_from_card(index, "user/caches")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no README.md; expected a finished eagle3-cache directory.*--resume"):
