@@ -4,8 +4,9 @@
   target_embeddings.safetensors and shard-NNNNNN.safetensors padded to seq_length, as its
   `precompute_eagle3` writes them: ids padded with the tokenizer's pad id before the shift,
   the draft columns in `selected_token_ids` order, and the loss-mask options the build applied.
-- `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache);
-  SpecForge numbers the draft columns by ascending token id.
+- `specforge`: SpecForge's offline per-sample files and vocab mapping (needs a `hidden` cache of a
+  target whose head is a bare lm_head, as SpecForge's is); SpecForge numbers the draft columns by
+  ascending token id.
 Both are produced from the reader, so they hold exactly what `load_cache` yields, with the aux
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
@@ -758,14 +759,43 @@ def loaded_model_embeddings(model: str, revision: str | None) -> torch.Tensor:
 
 
 def prepare_specforge(source: CacheSource, manifest: dict, target_model: str | None, progress: bool) -> Callable[[Path], None]:
-    """Refuse a cache without final hidden states; returns the export's writer."""
+    """Refuse a cache without final hidden states, of another number of aux layers than three, or of a
+    target whose head is more than lm_head's weight; returns the export's writer."""
     if manifest["identity"]["target_format"] != "hidden":
         raise ExportError(
             f"export --to specforge: SpecForge trains from final hidden states; {source.location} was built with "
             f"--target-format {manifest['identity']['target_format']}. Rebuild with --target-format hidden."
         )
     check_three_aux_layers(manifest["identity"], "specforge")
+    check_bare_lm_head(source, manifest.get("head_transform") or {})
     return functools.partial(write_specforge, source, manifest, progress)
+
+
+# SpecForge 0.2.0's offline TargetHead is a bare `nn.Linear(hidden, vocab, bias=False)` over the
+# checkpoint's lm_head weight: any bias or logit term the target's head applies after it is lost.
+# A multiplier or divisor of 1 changes no logit.
+IDENTITY_SCALES = {"logit_scale": 1, "logits_scaling": 1, "lm_head_multiplier": 1}
+
+
+def check_bare_lm_head(source: CacheSource, head_transform: dict) -> None:
+    """Refuse a cache of a target whose logits are more than its lm_head's matmul: SpecForge would
+    train its draft toward distributions that are not the target's."""
+    terms = {term: value for term, value in head_transform.items() if changes_logits(term, value)}
+    if terms:
+        named = ", ".join("an lm_head bias" if term == "lm_head_bias" else f"{term}={value}" for term, value in terms.items())
+        raise ExportError(
+            f"export --to specforge: the target of {source.location} applies {named} to its logits beyond lm_head's "
+            "weight (the manifest's head_transform); SpecForge's offline TargetHead is a bare lm_head weight, which "
+            "would ignore them, so its training targets would not be the target's distributions. Export this cache "
+            "with --to nemo, whose files hold the target's distributions with these terms applied, or build a "
+            "--target-format probs or topk cache for NeMo."
+        )
+
+
+def changes_logits(term: str, value) -> bool:
+    """Whether a head_transform entry changes the logits: absent terms are None (a bias is recorded
+    only as True), a multiplier or divisor of 1 is none."""
+    return value is not None and value is not False and IDENTITY_SCALES.get(term) != value
 
 
 def write_specforge(source: CacheSource, manifest: dict, progress: bool, out: Path) -> None:

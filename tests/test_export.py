@@ -13,6 +13,7 @@ import resource
 import shutil
 import signal
 import stat
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import torch
 from helpers import export_signalled_at, record_in_card, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_targets import _init_weights, _text_settings, tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, Gemma2Config, PhiConfig
 
 import builder.export as export_module
 from builder.build import build
@@ -269,6 +271,44 @@ def test_export_refuses_a_cache_without_three_aux_layers(tmp_path, nothing_made,
     with pytest.raises(ExportError, match=says(*expected)):
         export_cache(cache, to, tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def head_term_target(directory: Path, term: str) -> Path:
+    """A tiny random target whose head applies `term` after lm_head's weight."""
+    tok = tiny_tokenizer()
+    configs = {
+        "final_logit_softcapping=5.0": lambda: Gemma2Config(**_text_settings(tok, final_logit_softcapping=5.0, sliding_window=16)),
+        "logit_scale=0.25": lambda: CohereConfig(**_text_settings(tok, logit_scale=0.25)),
+        "an lm_head bias": lambda: PhiConfig(**{k: v for k, v in _text_settings(tok).items() if k != "head_dim"}),
+    }
+    model = AutoModelForCausalLM.from_config(configs[term](), dtype=torch.float32)
+    _init_weights(model, 0)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("term", ["final_logit_softcapping=5.0", "logit_scale=0.25", "an lm_head bias"])
+def test_specforge_export_refuses_a_target_whose_head_is_more_than_lm_head(tmp_path, nothing_made, term):
+    """SpecForge's offline TargetHead is a bare lm_head weight: it would drop the target's logit term or
+    bias and train the draft toward other distributions, so such a cache is refused before anything is
+    made, naming the term and the exports that carry the target's distributions."""
+    target = head_term_target(tmp_path / "target", term)
+    cache = build(small_config(tmp_path / "cache", target, target_format="hidden", max_samples=2), progress=False).output_dir
+    (tmp_path / "out").mkdir()
+    expected = ("export --to specforge", term, "TargetHead", "not be the target's distributions", "--to nemo", "--target-format probs")
+    with pytest.raises(ExportError, match=says(*expected)):
+        export_cache(cache, "specforge", tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_head_term_that_changes_no_logit_does_not_stop_a_specforge_export():
+    """A multiplier or divisor of 1 (Granite's default logits_scaling) leaves lm_head's logits as they are."""
+    source = types.SimpleNamespace(location="cache")
+    unit_scales = {"logits_scaling": 1.0, "logit_scale": 1, "lm_head_multiplier": 1.0, "final_logit_softcapping": None}
+    export_module.check_bare_lm_head(source, unit_scales)
+    with pytest.raises(ExportError, match=says("logits_scaling=4.0", "lm_head_multiplier=0.5")):
+        export_module.check_bare_lm_head(source, {"logits_scaling": 4.0, "logit_scale": 1, "lm_head_multiplier": 0.5})
 
 
 def test_an_out_holding_only_a_killed_exports_hidden_folder_says_so(probs_cache, tmp_path, nothing_made):
