@@ -22,6 +22,7 @@ from .source import CacheSource, open_source
 from .vocab import vocab_coverage
 
 if TYPE_CHECKING:
+    from .formats import Layout
     from .prepare import Prepared
 
 FORMAT_VERSION = 2  # 2: column encodings (byte planes + zstd) and xxh3-128 checksums; 1: raw columns, sha256
@@ -98,12 +99,18 @@ def tokenizing_versions() -> dict:
 
 
 def column_specs(prep: Prepared) -> dict:
+    return layout_column_specs(prep.layout, prep.cfg.compression)
+
+
+def layout_column_specs(layout: Layout, compression: str | None) -> dict:
     """Every column's Arrow type; tensor columns also their dtype, inner shape, what they are per and
-    how their values are encoded (shards.encode_value)."""
+    how their values are encoded (shards.encode_value). `compression` None: as caches of format
+    version 1, which record none, wrote them (raw, no encoding named)."""
     specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
-    encodings = column_encodings(prep.layout, prep.cfg.compression)
-    for name, spec in prep.layout.columns().items():
-        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", "encoding": encodings[name]}
+    encodings = column_encodings(layout, compression) if compression is not None else {}
+    for name, spec in layout.columns().items():
+        encoding = {"encoding": encodings[name]} if encodings else {}
+        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", **encoding}
     return specs
 
 

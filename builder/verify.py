@@ -39,7 +39,7 @@ from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, recorded_checksum
+from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, layout_column_specs, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import is_card_read, shard_name
 
@@ -69,10 +69,12 @@ def verify_cache(
     refuse_incomplete_manifest(out, manifest)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    layout_problems, written = check_columns_and_layout(manifest)
+    problems += layout_problems
     readable = []
-    for shard in manifest["shards"]:
-        file_problems = check_shard_file(out, manifest, shard)
-        problems += file_problems or check_shard_rows(out, manifest, shard)
+    for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
+        file_problems = check_shard_file(out, written, shard)
+        problems += file_problems or check_shard_rows(out, written, shard)
         readable += [] if file_problems else [shard["name"]]
     problems += check_across_shards(out, manifest, readable)
     report = Report(problems)
@@ -256,6 +258,75 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems + check_card_reads_every_shard(out, sorted(listed))
+
+
+RESTORE_MANIFEST = "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
+
+
+def check_columns_and_layout(manifest: dict) -> tuple[list[str], dict]:
+    """The manifest's `columns` and `layout` (how readers decode every shard's bytes), outside the
+    fingerprint, against those the build writes for the cache its identity describes: a column's
+    dtype edited from bf16 to fp16 reads every value wrong, and no checksum or shape shows it.
+    Returns the differences and the manifest as the build wrote it, to check the shards against."""
+    layout = identity_layout(manifest)
+    columns = layout_column_specs(Layout(**layout), manifest["identity"].get("compression"))
+    differences = spec_differences("layout", manifest["layout"], layout) + [
+        difference
+        for name in columns.keys() | manifest["columns"].keys()
+        for difference in spec_differences(f"columns.{name}", manifest["columns"].get(name), columns.get(name))
+    ]
+    problems = [
+        f"README.md: the manifest's {difference} {the_cache_described(manifest)}: readers would decode the shards otherwise "
+        f"than they were written. {RESTORE_MANIFEST}"
+        for difference in sorted(differences)
+    ]
+    return problems, manifest | {"layout": layout, "columns": columns}
+
+
+def identity_layout(manifest: dict) -> dict:
+    """The layout the identity implies (with `hidden_size`, the target's, recorded beside it): the
+    formats, dtypes, K and draft vocabulary size it records, and the aux width of its aux layers. A
+    field the identity does not settle (one an earlier version did not record; K outside the topk
+    format, which stores none) is the layout's own."""
+    identity, recorded = manifest["identity"], manifest["layout"]
+    hidden = manifest.get("hidden_size", recorded.get("hidden_size"))
+    draft_vocab_size, topk = identity.get("draft_vocab_size"), identity.get("topk")
+    implied = {
+        "target_format": identity.get("target_format"),
+        "dtype": identity.get("dtype"),
+        "aux_dtype": identity.get("aux_dtype"),
+        "topk": min(topk, draft_vocab_size) if identity.get("target_format") == "topk" and None not in (topk, draft_vocab_size) else None,
+        "draft_vocab_size": draft_vocab_size,
+        "aux_width": len(identity["aux_layer_ids"]) * hidden if identity.get("aux_layer_ids") and hidden else None,
+        "hidden_size": hidden,
+    }
+    return {field: recorded.get(field) if implied[field] is None else implied[field] for field in implied}
+
+
+def spec_differences(path: str, found: dict | None, expected: dict | None) -> list[str]:
+    """How a recorded spec differs from the one the build writes, field by field, in words."""
+    if expected is None:
+        return [f"{path} is listed; the build writes no such column"]
+    if found is None:
+        return [f"{path} is missing; the build writes that column"]
+    return [
+        f"{path}.{field} is {repr(found[field]) if field in found else 'missing'}; the build writes "
+        + (repr(expected[field]) if field in expected else "no such field")
+        for field in sorted(expected.keys() | found.keys())
+        if found.get(field, MISSING) != expected.get(field, MISSING)
+    ]
+
+
+MISSING = object()
+
+
+def the_cache_described(manifest: dict) -> str:
+    identity = manifest["identity"]
+    settings = ", ".join(f"{key} {identity[key]}" for key in IDENTITY_LAYOUT_KEYS if identity.get(key) is not None)
+    return f"for the cache its identity ({settings}) and hidden_size ({manifest.get('hidden_size')}) describe"
+
+
+IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
 
 
 def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
@@ -775,8 +846,7 @@ def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -
     if terms_given(manifest["head_transform"]) != terms_given(expected):
         problems.append(
             f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
-            f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
-            "writes the card again, computing nothing), or rebuild"
+            f"would apply other logit terms than the target's. {RESTORE_MANIFEST}"
         )
     return problems
 

@@ -827,6 +827,42 @@ def test_shards_swapped_with_their_records_are_caught_where_the_input_order_is_k
     ]
 
 
+def test_a_column_dtype_or_layout_edited_in_the_card_is_caught_and_the_shards_checked_as_written(tmp_path, capsys):
+    """bf16 values read as fp16 have the same size and shapes: only the identity tells them apart."""
+    from builder.cli import main
+
+    cache = build(small_config(tmp_path / "cache", dtype="bf16"), progress=False).output_dir
+    written = read_manifest(cache)
+
+    def edit(data):
+        manifest = data["eagle3_cache"]
+        manifest["columns"]["aux_hidden_states"]["dtype"] = "fp16"
+        manifest["columns"]["target_probs"]["encoding"] = "raw"
+        manifest["layout"]["aux_dtype"] = "fp16"
+        manifest["columns"]["final_hidden"] = manifest["columns"].pop("target_argmax")
+
+    edit_card(cache, edit)
+    described = (
+        "for the cache its identity (target_format probs, dtype bf16, aux_dtype bf16, draft_vocab_size 300, compression zstd) "
+        "and hidden_size (64) describe: readers would decode the shards otherwise than they were written. Restore the card (run "
+        "the build command again with --resume: it writes the card again, computing nothing), or rebuild"
+    )
+    assert verify_cache(cache) == [  # the shards themselves checked against the columns the build wrote: intact
+        f"README.md: the manifest's {difference} {described}"
+        for difference in (
+            "columns.aux_hidden_states.dtype is 'fp16'; the build writes 'bf16'",
+            "columns.final_hidden is listed; the build writes no such column",
+            "columns.target_argmax is missing; the build writes that column",
+            "columns.target_probs.encoding is 'raw'; the build writes 'byte_planes_zstd'",
+            "layout.aux_dtype is 'fp16'; the build writes 'bf16'",
+        )
+    ]
+    assert main(["verify", str(cache)]) == 1
+    capsys.readouterr()
+    edit_card(cache, lambda data: data["eagle3_cache"].update(columns=written["columns"], layout=written["layout"]))
+    assert verify_cache(cache) == []
+
+
 def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     def narrow(data):
         data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
