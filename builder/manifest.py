@@ -223,8 +223,10 @@ def _yaml_problem(text: str, err: Exception) -> str:
 def card_shard_pattern(text: str, where: str = "the card") -> str:
     """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
     cards written before the shard count was in it read every `train-*`."""
-    for config in card_data_of(text, where).get("configs") or []:
-        for entry in config.get("data_files") or []:
+    configs = card_data_of(text, where).get("configs")
+    for config in configs if isinstance(configs, list) else []:  # not a list: an edited card, refused by `datasets`
+        files = config.get("data_files") if isinstance(config, dict) else None
+        for entry in files if isinstance(files, list) else []:
             if isinstance(entry, dict) and entry.get("split") == "train" and isinstance(entry.get("path"), str):
                 return entry["path"].rsplit("/", 1)[-1]
     return "train-*"

@@ -331,27 +331,50 @@ IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vo
 
 def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
     """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
-    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache."""
-    paths = card_train_paths((out / "README.md").read_text(encoding="utf-8"))
+    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache; configs
+    naming no train split (renamed, or its line deleted) leave every shard out, and both refuse the card."""
+    configs = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("configs")
+    if not configs:
+        return []  # no configs: `datasets` reads the folder's default layout
+    files = f"data/{shard_files(len(listed))}"
+    paths = card_train_paths(configs)
     if not paths:
-        return []  # no data_files: `datasets` reads the folder's default layout
+        return [
+            f"README.md: the card's configs ({one_line(configs)}) name no train split with a path, so `datasets` and load_cache "
+            f"cannot read the shards: restore the card's configs (the build writes split train with path {files}), or rebuild"
+        ]
     return [
         f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
-        f"would leave its rows out: restore the card's configs (the build writes data/{shard_files(len(listed))}), or rebuild"
+        f"would leave its rows out: restore the card's configs (the build writes {files}), or rebuild"
         for name in listed
         if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
     ]
 
 
-def card_train_paths(text: str) -> list[str]:
-    """Every path pattern of the train split in the card's `configs` (a string or a list of them)."""
+def card_train_paths(configs) -> list[str]:
+    """Every path pattern of the train split in the card's `configs`: a `data_files` entry of split
+    train (its path a pattern or a list of them), or, as `datasets` reads them, data_files given as a
+    pattern or a list of patterns with no split named."""
     paths = []
-    for config in card_data_of(text).get("configs") or []:
-        for entry in config.get("data_files") or []:
+    for config in configs if isinstance(configs, list) else []:
+        files = config.get("data_files") if isinstance(config, dict) else None
+        paths += patterns(files)
+        for entry in files if isinstance(files, list) else []:
             if isinstance(entry, dict) and entry.get("split") == "train":
-                path = entry.get("path")
-                paths += [path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)]
+                paths += patterns(entry.get("path"))
     return paths
+
+
+def patterns(value) -> list[str]:
+    """The path patterns of a `data_files` value: a pattern, or the patterns of a list (not its entries of splits)."""
+    if isinstance(value, str):
+        return [value]
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def one_line(value, limit: int = 200) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_shard_list(manifest: dict) -> list[str]:

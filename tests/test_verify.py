@@ -876,6 +876,34 @@ def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     ]
 
 
+def test_a_card_whose_configs_name_no_train_split_is_caught(cache, capsys):
+    """`datasets` and load_cache read the train split the configs name: renamed, or its line deleted, they
+    read no shard (a card with no configs at all is read by the folder's default layout)."""
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    shards = '"data/train-*-of-00004.parquet"'
+    edits = [
+        (
+            "  - split: train\n",
+            "  - split: training\n",
+            f'[{{"config_name": "default", "data_files": [{{"split": "training", "path": {shards}}}]}}]',
+        ),
+        ("  - split: train\n    path:", "  - path:", f'[{{"config_name": "default", "data_files": [{{"path": {shards}}}]}}]'),
+        ("- config_name: default\n", "", f'{{"data_files": [{{"split": "train", "path": {shards}}}]}}'),  # no longer a list
+    ]
+    for old, new, configs in edits:
+        (cache / "README.md").write_text(text.replace(old, new, 1))
+        assert verify_cache(cache) == [
+            f"README.md: the card's configs ({configs}) name no train split with a path, so `datasets` and load_cache cannot read "
+            "the shards: restore the card's configs (the build writes split train with path data/train-*-of-00004.parquet), or rebuild"
+        ]
+        assert main(["verify", str(cache)]) == 1
+    capsys.readouterr()
+    (cache / "README.md").write_text(text.replace("  data_files:\n  - split: train\n    path: ", "  data_files: ", 1))
+    assert verify_cache(cache) == []  # a pattern with no split named: `datasets` reads it as the train split
+
+
 def test_a_build_that_deleted_its_uploaded_shards_is_verified_on_the_hub(hub, tmp_path, capsys):
     from builder.cli import main
 
