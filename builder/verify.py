@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -169,7 +169,18 @@ RESTORE_CARD = (
     "cache was pushed to"
 )
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
-MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
+MANIFEST_KEYS = (
+    "identity",
+    "fingerprint",
+    "columns",
+    "layout",
+    "target_vocab_size",
+    "hidden_size",
+    "vocab_file",
+    "shards",
+    "totals",
+    "build",
+)
 HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
 # The settings a shard's batches are rebuilt from; caches recorded before the sort window had a setting
 # of its own have no sort_window_bytes (batching.window_bytes then stands for what they sorted within).
@@ -183,14 +194,71 @@ def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
-    """The parts a manifest lacks, by name: those of every cache, a hidden cache's head parts, and the
-    batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if (manifest.get("layout") or {}).get("target_format") == "hidden":
-        missing += [key for key in HIDDEN_MANIFEST_KEYS if key not in manifest]
+    """The parts a manifest lacks, by name (`shards[NAME].rows`): those of every cache, a hidden cache's
+    head parts, the fields of the identity, layout, columns, files and shards that verify reads, and
+    the batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
+    missing = [key for key in MANIFEST_KEYS if manifest.get(key) is None]
+    if "hidden" in (part_of(manifest, "layout.target_format"), part_of(manifest, "identity.target_format")):
+        missing += [key for key in (*HIDDEN_MANIFEST_KEYS, "lm_head_file.path") if lacks(manifest, key)]
+        missing += missing_checksum(manifest, "lm_head_file", manifest.get("lm_head_file"))
+    missing += [f"identity.{key}" for key in IDENTITY_KEYS if lacks(manifest.get("identity"), key)]
+    missing += [f"layout.{field.name}" for field in fields(Layout) if lacks(manifest.get("layout"), field.name)]
+    missing += missing_checksum(manifest, "vocab_file", manifest.get("vocab_file"))
+    missing += missing_column_fields(manifest.get("columns"))
+    missing += missing_shard_fields(manifest, manifest.get("shards"))
     build = manifest.get("build")
-    if isinstance(build, dict) and any("batching" not in shard for shard in manifest.get("shards") or []):
+    if isinstance(build, dict) and any(isinstance(s, dict) and "batching" not in s for s in manifest.get("shards") or []):
         missing += [f"build.{key}" for key in BATCHING_KEYS if key not in build]
+    return [part for part in dict.fromkeys(missing) if not any(part.startswith(f"{whole}.") for whole in missing)]  # a whole, not its parts
+
+
+# The identity's fields verify reads (the checks of rows and input order, the recompute); the fingerprint
+# covers every field, so a field deleted from an identity is damage however it is read.
+IDENTITY_KEYS = ("seq_length", "input", "input.data", "input.content_hash", "input.shuffle_seed", "target", "target.model", "aux_layer_ids")
+SHARD_KEYS = ("rows", "bytes", "tokens")  # with a name and a checksum
+COLUMN_KEYS = {"binary": ("dtype", "shape")}  # what a reader decodes a tensor column by, beside its Arrow type
+
+
+def part_of(record, path: str):
+    """The value at a dotted path of nested mappings; None where any part of it is missing."""
+    for key in path.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def lacks(record, path: str) -> bool:
+    return part_of(record, path) is None
+
+
+def missing_checksum(manifest: dict, where: str, record) -> list[str]:
+    """`where.checksum` where a file's record has none (format version 1 recorded it under the algorithm's
+    name); nothing for a record missing whole, which is named itself."""
+    if record is None:
+        return []
+    algorithm = manifest.get("checksum_algorithm", "sha256")
+    return [] if any(part_of(record, key) is not None for key in ("checksum", algorithm)) else [f"{where}.checksum"]
+
+
+def missing_column_fields(columns) -> list[str]:
+    if not isinstance(columns, dict):
+        return []  # columns missing: named with the manifest's parts
+    missing = []
+    for name, spec in columns.items():
+        arrow = part_of(spec, "arrow")
+        missing += [f"columns.{name}.arrow"] if arrow is None else []
+        missing += [f"columns.{name}.{key}" for key in COLUMN_KEYS.get(arrow, ()) if lacks(spec, key)]
+    return missing
+
+
+def missing_shard_fields(manifest: dict, shards) -> list[str]:
+    missing = []
+    for position, shard in enumerate(shards if isinstance(shards, list) else []):
+        where = f"shards[{part_of(shard, 'name') or position}]"
+        missing += [f"{where}.name"] if lacks(shard, "name") else []
+        missing += [f"{where}.{key}" for key in SHARD_KEYS if lacks(shard, key)]
+        missing += missing_checksum(manifest, where, shard)
+        batching = part_of(shard, "batching")
+        missing += [f"{where}.batching.{key}" for key in BATCHING_KEYS if isinstance(batching, dict) and key not in batching]
     return missing
 
 
@@ -267,7 +335,11 @@ def check_columns_and_layout(manifest: dict) -> tuple[list[str], dict]:
     """The manifest's `columns` and `layout` (how readers decode every shard's bytes), outside the
     fingerprint, against those the build writes for the cache its identity describes: a column's
     dtype edited from bf16 to fp16 reads every value wrong, and no checksum or shape shows it.
-    Returns the differences and the manifest as the build wrote it, to check the shards against."""
+    Returns the differences and the manifest as the build wrote it, to check the shards against. An
+    identity that no longer matches its fingerprint (reported) tells nothing: the shards are then
+    checked against the manifest's own columns."""
+    if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
+        return [], manifest
     layout = identity_layout(manifest)
     columns = layout_column_specs(Layout(**layout), manifest["identity"].get("compression"))
     differences = spec_differences("layout", manifest["layout"], layout) + [
@@ -410,7 +482,12 @@ def check_totals(out: Path, manifest: dict) -> list[str]:
         if totals.get(key) != value
     ]
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
-    for split in info.get("splits", []):
+    splits = info.get("splits", []) if isinstance(info, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(split, dict) for split in splits):
+        return problems + [
+            f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples): restore the card, or rebuild"
+        ]
+    for split in splits:
         if split.get("num_examples") != sums["samples"]:
             problems.append(
                 f"README.md: dataset_info says {split.get('num_examples')} examples in split {split.get('name')!r}, "
@@ -445,13 +522,24 @@ def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
 def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
     """Every row's shapes against the manifest, and finite values."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
-    decode = RowDecoder(manifest)
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
     problems = []
-    for batch in parquet.iter_batches(batch_size=64):
-        for row in batch.to_pylist():
-            problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+    try:
+        decode = RowDecoder(manifest)
+        for batch in parquet.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+    except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
+        return problems + [
+            f"data/{name}: its rows cannot be decoded as the manifest's columns say ({' '.join(str(err).split())}): {UNDECODABLE}"
+        ]
     return problems
+
+
+UNDECODABLE = (
+    "the card's columns were edited (restore the card: run the build command again with --resume, which writes it again, "
+    "computing nothing), or the build wrote the shard wrong (rebuild)"
+)
 
 
 def repair(*names: str) -> str:

@@ -1085,6 +1085,61 @@ def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from
         verify_cache(cache, recompute=2)
 
 
+def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_called_damaged(cache, capsys):
+    """Each field verify reads, deleted from the card: a refusal saying which, not a traceback."""
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    deletions = {
+        f"shards[{SHARD}].checksum": lambda m: m["shards"][1].pop("checksum"),
+        f"shards[{SHARD}].rows": lambda m: m["shards"][1].pop("rows"),
+        f"shards[{SHARD}].bytes": lambda m: m["shards"][1].pop("bytes"),
+        f"shards[{SHARD}].tokens": lambda m: m["shards"][1].pop("tokens"),
+        f"shards[{SHARD}].batching.batch_size": lambda m: m["shards"][1]["batching"].pop("batch_size"),
+        "columns.aux_hidden_states.dtype": lambda m: m["columns"]["aux_hidden_states"].pop("dtype"),
+        "columns.input_ids.arrow": lambda m: m["columns"]["input_ids"].pop("arrow"),
+        "columns.sample_id.arrow": lambda m: m["columns"].__setitem__("sample_id", None),  # its only line deleted
+        "layout.aux_width": lambda m: m["layout"].pop("aux_width"),
+        "identity.seq_length": lambda m: m["identity"].pop("seq_length"),
+        "identity.input.shuffle_seed": lambda m: m["identity"]["input"].pop("shuffle_seed"),
+        "vocab_file.checksum": lambda m: m["vocab_file"].pop("checksum"),
+        "hidden_size": lambda m: m.pop("hidden_size"),
+    }
+    for part, delete in deletions.items():
+        edit_card(cache, lambda data, delete=delete: delete(data["eagle3_cache"]))
+        message = f"README.md is damaged: its manifest has no {re.escape(part)}, as in a card cut short or edited by hand. Restore it"
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        (cache / "README.md").write_text(text)
+
+
+def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
+    edit_card(cache, lambda data: data["dataset_info"].update(splits={"num_bytes": 1, "num_examples": 14}))  # its `- name` line deleted
+    assert verify_cache(cache) == [
+        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples): '
+        "restore the card, or rebuild"
+    ]
+
+
+def test_shards_the_manifests_columns_cannot_decode_are_reported_not_a_traceback(cache):
+    """Where the identity no longer matches its fingerprint, the shards are checked against the card's
+    own columns: edited too, their values may not even decode."""
+    from helpers import record_in_card
+
+    edit_card(cache, lambda data: data["eagle3_cache"]["identity"].update(seq_length=95))
+    edit_card(cache, lambda data: data["eagle3_cache"]["columns"]["aux_hidden_states"].update(shape=["L", 191]))
+    problems = verify_cache(cache)
+    assert problems[0].startswith("README.md: the manifest's identity fields no longer match its fingerprint")
+    assert any(
+        p.startswith(f"data/{SHARD}: its rows cannot be decoded as the manifest's columns say (shape '[-1, 191]' is invalid")
+        for p in problems
+    )
+    record_in_card(cache)  # the fingerprint over the edited identity: the card's columns are compared with it
+    assert not any("cannot be decoded" in p for p in verify_cache(cache))
+
+
 def test_a_cache_recorded_before_the_sort_window_had_a_setting_is_recomputed(cache):
     """Caches recorded before shards carried their batching, and before the sort window had a setting of
     its own, sorted within 4 row groups: their batches are rebuilt from that."""
