@@ -114,32 +114,48 @@ class Report(list):
 
 
 def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
-    """The local folder holding the cache's card, downloading a Hub repo id (only config `name`'s
-    folder, beside the root card); refuses, saying what to do, where there is no finished cache."""
+    """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
+    says whether the repo holds several caches, then the cache: only config `name`'s folder where
+    named); refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
+    on_hub = not Path(location).exists() and is_hub_location(location)
     if Path(location).exists():
         root = Path(location)
-    elif is_hub_location(location):
-        root = download(str(location), revision, name)
+    elif on_hub:
+        root = download(str(location), revision, ["README.md"])
     else:
         raise Eagle3CacheError(
             f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
+    refuse_damaged_card(root / "README.md")
+    refuse_unnamed_cache(root, location, name)
+    if on_hub and (name is not None or (root / "README.md").is_file()):
+        download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    for card in dict.fromkeys([root / "README.md", out / "README.md"]):  # the root card first
-        refuse_damaged_card(card)
-    index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
+    refuse_damaged_card(out / "README.md")
+    if not (out / "README.md").is_file():
+        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
+    return out
+
+
+def refuse_unnamed_cache(root: Path, location: str | Path, name: str | None) -> None:
+    """A root card indexing several caches needs one of them named."""
+    card = root / "README.md"
+    index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
     if index and (name is None or name not in index):
         raise Eagle3CacheError(
             f"verify: {location} holds several caches {sorted(index)}"
             + (f", not {name!r}" if name is not None else "")
             + ": pass one of them with --name (name=)"
         )
-    if not (out / "README.md").is_file():
-        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
-    return out
+
+
+def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
+    """The commit a downloaded snapshot folder is of (the Hub cache names it so): the rest of the repo
+    is downloaded at the commit its root card was, whatever the branch has since."""
+    return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
 def refuse_damaged_card(card: Path) -> None:
@@ -271,13 +287,13 @@ def why_no_card(root: Path, name: str | None) -> str:
     )
 
 
-def download(repo_id: str, revision: str | None, name: str | None) -> Path:
+def download(repo_id: str, revision: str | None, only: list[str] | None) -> Path:
+    """The local snapshot folder of a Hub repo at `revision`, holding the files matching `only` (None: every file)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     from .hub import HubError, no_cache_at
 
-    only = None if name is None else ["README.md", f"{data_prefix(name)}**"]  # the root card says which configs exist
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=only))
     except RevisionNotFoundError:

@@ -555,6 +555,22 @@ def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
         verify_cache("tester/multi", revision="v9")
 
 
+def test_a_repo_holding_several_caches_is_refused_before_any_shard_is_downloaded(hub, intact, capsys):
+    from builder.cli import main
+
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget("tester/several", config=config))
+    hub.reset_counters()
+    with pytest.raises(Eagle3CacheError, match=r"tester/several holds several caches \['llama', 'short'\]: pass one of them with --name"):
+        verify_cache("tester/several")
+    assert main(["verify", "tester/several"]) == 2
+    assert "pass one of them with --name" in capsys.readouterr().err
+    assert [path for _, path, _ in hub.requests("GET", "/resolve/")] == [
+        path for _, path, _ in hub.requests("GET", "/resolve/.*/README.md$")
+    ]  # the root card alone
+    assert hub.requests("GET", "/resolve/")
+
+
 # ---- the manifest outside the fingerprint ------------------------------------------------------
 
 
