@@ -164,7 +164,7 @@ def refuse_damaged_card(card: Path) -> None:
     import yaml
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    text = card.read_text(encoding="utf-8").removeprefix("\ufeff") if card.is_file() else ""  # as card_data_of reads it
     if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
         return
     block = REGEX_YAML_BLOCK.search(text)

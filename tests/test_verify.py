@@ -1009,6 +1009,24 @@ def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_re
         verify_cache(cache)
 
 
+def test_a_damaged_card_saved_with_a_byte_order_mark_is_called_damaged_as_without_one(cache, capsys):
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    closing = text.index("\n---", 4)
+    cases = [
+        (text[: len(text) // 2], "begins but is never closed (a line holding only ---)"),
+        (text[:closing] + '\n  broken: "never closed' + text[closing:], "does not parse (while scanning a quoted scalar"),
+    ]
+    for damaged, why in cases:
+        (cache / "README.md").write_text("\ufeff" + damaged, encoding="utf-8")  # as some editors save it
+        message = f"verify: {cache / 'README.md'} is damaged: its YAML front matter, which holds the manifest, {why}"
+        with pytest.raises(Eagle3CacheError, match=re.escape(message) + r".*Restore it: run the build command again with --resume"):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
 # ---- what a hidden cache is read through: its head file and logit terms --------------------------
 
 
