@@ -847,9 +847,7 @@ def stored_samples(out: Path, chosen: list[tuple[str, int]]) -> list[tuple[str, 
 def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], own_code: bool = False) -> dict[int, dict]:
     """{source index: its input row tokenized now as the build tokenized it}; NotRetokenized where that
     cannot be done here."""
-    from .embedded import resolve_input
     from .hub_inputs import accepted_hashes
-    from .inputs import load_rows
     from .target import load_tokenizer
     from .tokenize import _tokenize_batch
 
@@ -862,15 +860,7 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
             "the chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's "
             "they hold another date"
         )
-    try:
-        rows, info = load_rows(
-            resolve_input(selection["data"]),
-            config=selection.get("config"),
-            split=selection.get("split"),
-            revision=manifest.get("input_revision"),  # a Hub dataset as the build read it
-        )
-    except Eagle3CacheError as err:
-        raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
+    rows, info = build_input_rows(manifest)
     recorded = accepted_hashes(info.get("earlier_content_hashes", ()), manifest.get("input_revision")) | {info["content_hash"]}
     if selection["content_hash"] not in recorded and info["content_hash"] in info.get("earlier_content_hashes", ()):
         raise NotRetokenized(  # a Hub input named by `datasets`' fingerprint of its rows: what made them was not told
@@ -880,7 +870,7 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     if selection["content_hash"] not in recorded:
         raise NotRetokenized(
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
-            f"build's {selection['content_hash']})"
+            f"build's {selection['content_hash']}){read_from_here(manifest)}"
         )
     # Tokenized here, not through the build's cached map: a few rows, and a template may render the
     # day it runs, which no cache key holds.
@@ -897,6 +887,64 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
         ),
     )
     return {index: {column: values[k] for column, values in columns.items()} for k, index in enumerate(columns["source_index"])}
+
+
+def build_input_rows(manifest: dict):
+    """The build's input rows and their description (inputs.load_rows), read as the build read them: a Hub
+    dataset at the commit it read. NotRetokenized, saying what verify needs, where they cannot be read here."""
+    from .embedded import resolve_input
+    from .inputs import load_rows
+
+    selection, revision = manifest["identity"]["input"], manifest.get("input_revision")
+    data = selection["data"]
+    if is_local_input(manifest) and not Path(resolve_input(data)).expanduser().exists():
+        raise NotRetokenized(f"the build's input {data!r} is not here{how_to_read(manifest)}")
+    try:
+        return load_rows(resolve_input(data), config=selection.get("config"), split=selection.get("split"), revision=revision)
+    except Eagle3CacheError as err:
+        raise NotRetokenized(f"the build's input {data!r} cannot be read here ({finding(err)}){how_to_read(manifest)}") from None
+
+
+def is_local_input(manifest: dict) -> bool:
+    """Whether the build read local files: it recorded no Hub commit read (caches built before it recorded
+    one: the path names local files as `--input-data` tells them apart). A local path missing here is never
+    looked up on the Hub, where a repo of that name would be another dataset."""
+    from .embedded import resolve_input
+    from .inputs import is_local
+
+    return manifest.get("input_revision") is None and (
+        "input_revision" in manifest or is_local(resolve_input(manifest["identity"]["input"]["data"]))
+    )
+
+
+def read_from_here(manifest: dict) -> str:
+    """Where verify reads a local input from, where the build recorded it as a relative path."""
+    from .embedded import resolve_input
+
+    if not is_local_input(manifest) or Path(resolve_input(manifest["identity"]["input"]["data"])).expanduser().is_absolute():
+        return ""
+    return (
+        f" (a relative path: the build read it from the directory it ran in, and verify reads it from the one it runs in, "
+        f"{Path.cwd()}: run verify from the build's)"
+    )
+
+
+def how_to_read(manifest: dict) -> str:
+    """What verify needs to read the build's input, where it could not: the Hub (or the local Hub cache's copy
+    of the commit the build read), or the files the build read, at the path it read them from."""
+    data, revision = manifest["identity"]["input"]["data"], manifest.get("input_revision")
+    if is_local_input(manifest):
+        return f": verify needs the files the build read at {data}, unchanged{read_from_here(manifest)}"
+    commit = f"commit {revision} (the manifest's input_revision)" if revision else "the commit the build read"
+    return (
+        f": verify reads Hub dataset {data!r} at {commit}; run it where the Hub can be reached (HF_HUB_OFFLINE unset, "
+        "logged in where the dataset is private), or where the local Hub cache holds a copy of that commit"
+    )
+
+
+def finding(err: Exception) -> str:
+    """What an input error found, without the build's flag it names or the advice to the build that follows."""
+    return re.sub(r"^--[a-z-]+: ", "", " ".join(str(err).split())).split("; ")[0]
 
 
 def builds_template(tokenizer, identity: dict):

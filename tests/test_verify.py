@@ -249,13 +249,43 @@ def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache,
 
     note = "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: "
     for load, why in (
-        (moved, f"the build's input {build_input!r} cannot be read here (--input-data: no such file)"),
+        (moved, f"the build's input {build_input!r} cannot be read here (no such file): verify needs the files the build read at "),
         (changed, f"the build's input {build_input!r} has changed since (its content hash is {'0' * 64}, the build's "),
     ):
         monkeypatch.setattr(builder.inputs, "load_rows", load)
         caplog.clear()
         assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
         assert any(record.getMessage().startswith(note + why) for record in caplog.records), caplog.text
+
+
+def test_recompute_reads_a_relative_input_path_from_the_directory_the_build_ran_in(tmp_path, monkeypatch, caplog):
+    """A relative --input-data is recorded as given: verify reads it from where it runs, and says so."""
+    from builder.embedded import resolve_input
+
+    shutil.copytree(resolve_input("sample-chats"), tmp_path / "chats")
+    monkeypatch.chdir(tmp_path)
+    cache = build(small_config(tmp_path / "cache", input_data="chats"), progress=False).output_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = (
+        f"(a relative path: the build read it from the directory it ran in, and verify reads it from the one it runs in, {elsewhere}: "
+        "run verify from the build's)"
+    )
+    assert verify_cache(cache, recompute=2) == []
+    assert f"the build's input 'chats' is not here: verify needs the files the build read at chats, unchanged {relative}" in caplog.text
+    assert "--input" not in caplog.text and "give a local path" not in caplog.text  # the build's flags: verify has none
+    (elsewhere / "chats").mkdir()
+    (elsewhere / "chats" / "other.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    caplog.clear()
+    assert verify_cache(cache, recompute=2) == []
+    assert re.search(
+        r"the build's input 'chats' has changed since \(its content hash is \w+, the build's \w+\) " + re.escape(relative), caplog.text
+    )
+    monkeypatch.chdir(tmp_path)
+    caplog.clear()
+    assert verify_cache(cache, recompute=2) == []
+    assert "not compared with their input rows" not in caplog.text
 
 
 def set_shard_compute(cache, names: set[str], compute: dict) -> None:
