@@ -64,22 +64,23 @@ def verify_cache(
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     refuse_flags_without_use(location, recompute, seed, target_model, revision)
-    out = cache_folder(location, revision, name)
+    fix = Repair.of(location, revision, name)
+    out = cache_folder(location, revision, name, fix)
     manifest = read_manifest(out)
-    refuse_incomplete_manifest(out, manifest)
+    refuse_incomplete_manifest(out, manifest, fix)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
-    layout_problems, written = check_columns_and_layout(manifest)
+    layout_problems, written = check_columns_and_layout(manifest, fix)
     problems += layout_problems
     readable = []
     for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
-        file_problems = check_shard_file(out, written, shard)
-        problems += file_problems or check_shard_rows(out, written, shard)
+        file_problems = check_shard_file(out, written, shard, fix)
+        problems += file_problems or check_shard_rows(out, written, shard, fix)
         readable += [] if file_problems else [shard["name"]]
-    problems += check_across_shards(out, manifest, readable)
+    problems += check_across_shards(out, manifest, readable, fix)
     report = Report(problems)
     if recompute and not problems:
-        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model, trust_remote_code)
+        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model, trust_remote_code, fix)
         report += recomputed
         report.recomputed = recomputed.recomputed
     return report
@@ -113,7 +114,77 @@ class Report(list):
     recomputed = 0
 
 
-def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
+@dataclass(frozen=True)
+class Repair:
+    """How to repair what verify finds. A local cache: by the build run again with --resume, which writes
+    again what is missing (the card from its build records, a shard deleted first). A Hub repo (`repo`,
+    at `revision`, config `name`): by a push again from an intact local copy, which uploads again each
+    shard whose bytes differ on the branch, and the card; the build's --resume cannot reach the repo."""
+
+    repo: str | None = None
+    revision: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, location: str | Path, revision: str | None, name: str | None) -> Repair:
+        from .hub import is_hub_location
+
+        return cls(str(location), revision, name) if not Path(location).exists() and is_hub_location(location) else cls()
+
+    def shards(self, *names: str) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        # Resume keeps a shard whose size and row count match its record: a damaged one of the same
+        # size would be kept, so it must be deleted first.
+        files = " and ".join(f"data/{name}" for name in names)
+        return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
+
+    def duplicates(self) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        return (
+            "to repair: delete the shard that should not hold them (if unsure, each of these) and run the build again with "
+            "--resume (it rebuilds only the missing shards), or rebuild"
+        )
+
+    def head_file(self, path: str) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        return (
+            f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
+            "computing no shard)"
+        )
+
+    def card(self) -> str:
+        """What to do about a card whose manifest is damaged (a sentence)."""
+        if self.repo is not None:
+            return f"Restore the card: {self.push_again()}"
+        return "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
+
+    def damaged_card(self) -> str:
+        """The end of a refusal of a card cut short, edited or lacking a part."""
+        if self.repo is not None:
+            return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
+        return (
+            ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the "
+            "card again from its build records in .eagle3_build, computing nothing), or download the card again from the repo "
+            "the cache was pushed to"
+        )
+
+    def push_again(self) -> str:
+        where = self.repo + (f" at revision {self.revision}" if self.revision else "")
+        config = f" --hub-config {self.name}" if self.name else ""
+        return (
+            f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
+            f"eagle3-cache push DIR {self.repo}{config} [--hub-branch BRANCH] uploads again each shard whose bytes differ on the "
+            "branch, and the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+        )
+
+
+LOCAL = Repair()  # a local cache's
+
+
+def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> Path:
     """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
     says whether the repo holds several caches, then the cache: only config `name`'s folder where
     named); refuses, saying what to do, where there is no finished cache."""
@@ -129,12 +200,12 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None) -
             f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
-    refuse_damaged_card(root / "README.md")
+    refuse_damaged_card(root / "README.md", fix)
     refuse_unnamed_cache(root, location, name)
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    refuse_damaged_card(out / "README.md")
+    refuse_damaged_card(out / "README.md", fix)
     if not (out / "README.md").is_file():
         raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
     return out
@@ -158,7 +229,7 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
     return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
-def refuse_damaged_card(card: Path) -> None:
+def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
     not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
     import yaml
@@ -176,14 +247,9 @@ def refuse_damaged_card(card: Path) -> None:
             return
         except yaml.YAMLError as err:
             damage = f"does not parse ({' '.join(str(err).split())})"
-    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{RESTORE_CARD}")
+    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
 
 
-RESTORE_CARD = (
-    ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the card "
-    "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
-    "cache was pushed to"
-)
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
 MANIFEST_KEYS = (
     "identity",
@@ -204,9 +270,9 @@ BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
 OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
-def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
+def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> None:
     if missing := missing_manifest_parts(manifest):
-        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
+        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{fix.damaged_card()}")
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
@@ -344,10 +410,7 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     return problems + check_card_reads_every_shard(out, sorted(listed))
 
 
-RESTORE_MANIFEST = "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
-
-
-def check_columns_and_layout(manifest: dict) -> tuple[list[str], dict]:
+def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[str], dict]:
     """The manifest's `columns` and `layout` (how readers decode every shard's bytes), outside the
     fingerprint, against those the build writes for the cache its identity describes: a column's
     dtype edited from bf16 to fp16 reads every value wrong, and no checksum or shape shows it.
@@ -365,7 +428,7 @@ def check_columns_and_layout(manifest: dict) -> tuple[list[str], dict]:
     ]
     problems = [
         f"README.md: the manifest's {difference} {the_cache_described(manifest)}: readers would decode the shards otherwise "
-        f"than they were written. {RESTORE_MANIFEST}"
+        f"than they were written. {fix.card()}"
         for difference in sorted(differences)
     ]
     return problems, manifest | {"layout": layout, "columns": columns}
@@ -517,15 +580,15 @@ def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     return file_hash(path, algorithm) == expected
 
 
-def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
     """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {repair(name)}"]
+        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
     if not checksum_matches(path, manifest, shard):
-        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {repair(name)}"]
+        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:
@@ -535,7 +598,7 @@ def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
     return []
 
 
-def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
     """Every row's shapes against the manifest, and finite values."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
@@ -547,38 +610,26 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
                 problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
     except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
         return problems + [
-            f"data/{name}: its rows cannot be decoded as the manifest's columns say ({' '.join(str(err).split())}): {UNDECODABLE}"
+            f"data/{name}: its rows cannot be decoded as the manifest's columns say ({' '.join(str(err).split())}): the card's "
+            f"columns were edited, or the build wrote the shard wrong. {fix.card()}"
         ]
     return problems
-
-
-UNDECODABLE = (
-    "the card's columns were edited (restore the card: run the build command again with --resume, which writes it again, "
-    "computing nothing), or the build wrote the shard wrong (rebuild)"
-)
-
-
-def repair(*names: str) -> str:
-    # Resume keeps a shard whose size and row count match its record: a damaged one of the same
-    # size would be kept, so it must be deleted first.
-    files = " and ".join(f"data/{name}" for name in names)
-    return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 # ---- across shards ---------------------------------------------------------------------------
 
 
-def check_across_shards(out: Path, manifest: dict, readable: list[str]) -> list[str]:
+def check_across_shards(out: Path, manifest: dict, readable: list[str], fix: Repair = LOCAL) -> list[str]:
     """What no shard shows alone: a shard replaced by a copy of another (its record updated to agree),
     rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
     samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
     last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
-    problems = check_failed_records(manifest) + check_shard_sizes(manifest)
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest, fix)
     indices = stored_source_indices(out, readable)
-    duplicates = check_unique_source_indices(manifest, indices)
+    duplicates = check_unique_source_indices(manifest, indices, fix)
     if problems or duplicates or len(readable) < len(manifest["shards"]):
         return problems + duplicates  # the input order below is derived from these counts
-    return check_input_order(manifest, indices)
+    return check_input_order(manifest, indices, fix)
 
 
 def check_failed_records(manifest: dict) -> list[str]:
@@ -604,7 +655,7 @@ def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
     return failed
 
 
-def check_shard_sizes(manifest: dict) -> list[str]:
+def check_shard_sizes(manifest: dict, fix: Repair = LOCAL) -> list[str]:
     size = manifest["identity"].get("shard_size")
     if size is None:
         return []
@@ -619,7 +670,7 @@ def check_shard_sizes(manifest: dict) -> list[str]:
             counted = f"{held} samples" + (f" ({shard['rows']} stored, {held - shard['rows']} failed)" if held != shard["rows"] else "")
             expected = f"at most {size}" if last else f"{size}, as every shard but the last"
             problems.append(
-                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {repair(name)}"
+                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {fix.shards(name)}"
             )
     return problems
 
@@ -629,7 +680,7 @@ def stored_source_indices(out: Path, readable: list[str]) -> dict[str, np.ndarra
     return {name: pq.read_table(out / "data" / name, columns=["source_index"]).column(0).to_numpy() for name in readable}
 
 
-def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray], fix: Repair = LOCAL) -> list[str]:
     """One line per set of places holding the same samples (a shard copied over another: one line)."""
     failed = manifest.get("failed", [])
     held = [*indices.values(), *(np.asarray([f.get("source_index", -1)], np.int64) for f in failed)]
@@ -645,9 +696,7 @@ def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) 
         groups.setdefault(tuple(places[k] for k in owners[at]), []).append(int(value))
     return [
         f"{where[-1]}: holds {len(shared)} sample(s) (source_index {examples(shared)}) {held_again(where)}: source_index "
-        "is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; to repair: "
-        "delete the shard that should not hold them (if unsure, each of these) and run the build again with --resume "
-        "(it rebuilds only the missing shards), or rebuild"
+        f"is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; {fix.duplicates()}"
         for where, shared in groups.items()
     ]
 
@@ -672,7 +721,7 @@ def input_order(manifest: dict) -> np.ndarray | None:
     return np.random.default_rng(selection["shuffle_seed"]).permutation(selected)
 
 
-def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+def check_input_order(manifest: dict, indices: dict[str, np.ndarray], fix: Repair = LOCAL) -> list[str]:
     """Shards fill in turn along the input's shuffled order (skipped rows left out), so each shard's
     samples come after every sample of the shards before it: a swapped or rewritten shard does not."""
     order = input_order(manifest)
@@ -687,7 +736,7 @@ def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[st
         if (outside := held[(held < 0) | (held >= len(order))]).size:
             problems.append(
                 f"data/{name}: source_index {examples(outside.tolist())}, outside the {len(order)} input rows the build "
-                f"selected: the shard holds samples of another input; {repair(name)}"
+                f"selected: the shard holds samples of another input; {fix.shards(name)}"
             )
         elif held.size:
             spans.append((name, int(rank[held].min()), int(rank[held].max())))
@@ -695,7 +744,7 @@ def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[st
     problems += [
         f"data/{later}: holds samples the build takes before some of data/{earlier}'s (shards fill in turn along the "
         f"input's order of --shuffle-seed {seed}): the two were swapped, or one rewritten with other samples; "
-        f"{repair(earlier, later)}"
+        f"{fix.shards(earlier, later)}"
         for (earlier, _, last_of_earlier), (later, first_of_later, _) in zip(spans, spans[1:])
         if first_of_later < last_of_earlier
     ]
@@ -723,7 +772,7 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 
 
 def recompute_samples(
-    out: Path, manifest: dict, count: int, seed: int, target_model: str | None, trust_remote_code: bool = False
+    out: Path, manifest: dict, count: int, seed: int, target_model: str | None, trust_remote_code: bool = False, fix: Repair = LOCAL
 ) -> Report:
     from .embedded import resolve_target
     from .forward import compute_record
@@ -750,7 +799,7 @@ def recompute_samples(
     model_path = resolve_target(target_model or identity["target"]["model"])
     own_code = runs_own_code(identity["target"], trust_remote_code)
     check_target(model_path, manifest, own_code)
-    token_problems = check_tokens(out, manifest, model_path, chosen, own_code)
+    token_problems = check_tokens(out, manifest, model_path, chosen, own_code, fix)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], own_code, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
@@ -759,7 +808,7 @@ def recompute_samples(
     problems.recomputed = len(chosen)
     try:
         if manifest["layout"]["target_format"] == "hidden":
-            problems += check_head_file(out, manifest, target, selected)
+            problems += check_head_file(out, manifest, target, selected, fix)
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             batching = shard_batching(manifest, name)
@@ -785,7 +834,9 @@ class NotRetokenized(Exception):
     """Why the recomputed samples' input rows cannot be tokenized again here (not damage: a note)."""
 
 
-def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]], own_code: bool = False) -> list[str]:
+def check_tokens(
+    out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]], own_code: bool = False, fix: Repair = LOCAL
+) -> list[str]:
     """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
     recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
     (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
@@ -815,7 +866,7 @@ def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[
             "; ".join(changed),
         )
         return []
-    return [f"{line}: {TOKENS_DIFFER}; {repair(name)}" for name, line in differing]
+    return [f"{line}: {TOKENS_DIFFER}; {fix.shards(name)}" for name, line in differing]
 
 
 def tokenizing_changes(recorded: dict) -> list[str]:
@@ -997,7 +1048,7 @@ def first_token_difference(stored: np.ndarray, now: np.ndarray) -> str:
 
 
 @torch.inference_mode()
-def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -> list[str]:
+def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor, fix: Repair = LOCAL) -> list[str]:
     """A hidden cache's samples are read through its head file (the draft rows, all rows with
     --store-full-head, the bias) and the manifest's head_transform: they must be the live target's,
     or every distribution a reader rebuilds is wrong however right the stored hidden states are."""
@@ -1009,19 +1060,15 @@ def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -
     stored = load_file(str(out / path))
     live = live_head_tensors(target, selected, full="weight" in stored or bool(manifest["identity"].get("store_full_head")))
     dtypes = compute_dtypes(manifest, target.head.weight.dtype)
-    restore = (
-        f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
-        "computing no shard)"
-    )
     problems = [
-        f"{path}: {what}; every sample of this hidden cache is read through it: {restore}"
+        f"{path}: {what}; every sample of this hidden cache is read through it: {fix.head_file(path)}"
         for what in head_differences(stored, live, dtypes)
     ]
     expected = head_spec(target.model.config, lm_head_bias="bias" in live)
     if terms_given(manifest["head_transform"]) != terms_given(expected):
         problems.append(
             f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
-            f"would apply other logit terms than the target's. {RESTORE_MANIFEST}"
+            f"would apply other logit terms than the target's. {fix.card()}"
         )
     return problems
 

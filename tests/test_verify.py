@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import says, small_config
-from hub_server import hub_fixtures
+from hub_server import TOKEN, hub_fixtures
 from huggingface_hub import DatasetCard
 
 from builder.build import build
@@ -599,6 +599,35 @@ def test_a_repo_holding_several_caches_is_refused_before_any_shard_is_downloaded
         path for _, path, _ in hub.requests("GET", "/resolve/.*/README.md$")
     ]  # the root card alone
     assert hub.requests("GET", "/resolve/")
+
+
+def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy(hub, intact):
+    """The build's --resume cannot reach the repo: a push from an intact copy uploads the damaged shard again."""
+    from huggingface_hub import HfApi
+
+    push_cache(intact, PushTarget("tester/damaged", config="llama"))
+    damaged = bytearray((intact / "data" / SHARD).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.upload_file(path_or_fileobj=bytes(damaged), path_in_repo=f"llama/data/{SHARD}", repo_id="tester/damaged", repo_type="dataset")
+    assert verify_cache("tester/damaged", name="llama", revision="main") == [
+        f"data/{SHARD}: checksum differs from the manifest (the file is damaged); to repair: push the cache to tester/damaged at "
+        "revision main again from an intact local copy (check it first with eagle3-cache verify DIR): eagle3-cache push DIR "
+        "tester/damaged --hub-config llama [--hub-branch BRANCH] uploads again each shard whose bytes differ on the branch, and "
+        "the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+    ]
+    push_cache(intact, PushTarget("tester/damaged", config="llama"))  # as the message says
+    assert verify_cache("tester/damaged", name="llama") == []
+
+    card = (intact / "README.md").read_text()
+    api.upload_file(
+        path_or_fileobj=card[: len(card) // 2].encode(), path_in_repo="llama/README.md", repo_id="tester/damaged", repo_type="dataset"
+    )
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r"is never closed .*, as in a card cut short or edited by hand\. Restore it: push the cache to tester/damaged again",
+    ):
+        verify_cache("tester/damaged", name="llama")
 
 
 # ---- the manifest outside the fingerprint ------------------------------------------------------
