@@ -102,15 +102,13 @@ def column_specs(prep: Prepared) -> dict:
     return layout_column_specs(prep.layout, prep.cfg.compression)
 
 
-def layout_column_specs(layout: Layout, compression: str | None) -> dict:
+def layout_column_specs(layout: Layout, compression: str) -> dict:
     """Every column's Arrow type; tensor columns also their dtype, inner shape, what they are per and
-    how their values are encoded (shards.encode_value). `compression` None: as caches of format
-    version 1, which record none, wrote them (raw, no encoding named)."""
+    how their values are encoded (shards.encode_value)."""
     specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
-    encodings = column_encodings(layout, compression) if compression is not None else {}
+    encodings = column_encodings(layout, compression)
     for name, spec in layout.columns().items():
-        encoding = {"encoding": encodings[name]} if encodings else {}
-        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", **encoding}
+        specs[name] = {"arrow": "binary", **spec, "byte_order": "little", "encoding": encodings[name]}
     return specs
 
 

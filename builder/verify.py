@@ -41,7 +41,7 @@ from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, layout_column_specs, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import is_card_read, shard_name
+from .shards import RAW, is_card_read, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -420,11 +420,12 @@ def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[
     if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
         return [], manifest
     layout = identity_layout(manifest)
-    columns = layout_column_specs(Layout(**layout), manifest["identity"].get("compression"))
+    columns = layout_column_specs(Layout(**layout), manifest["identity"].get("compression", "none"))  # format 1: raw columns
+    recorded = as_read(manifest["columns"])
     differences = spec_differences("layout", manifest["layout"], layout) + [
         difference
-        for name in columns.keys() | manifest["columns"].keys()
-        for difference in spec_differences(f"columns.{name}", manifest["columns"].get(name), columns.get(name))
+        for name in columns.keys() | recorded.keys()
+        for difference in spec_differences(f"columns.{name}", recorded.get(name), columns.get(name))
     ]
     problems = [
         f"README.md: the manifest's {difference} {the_cache_described(manifest)}: readers would decode the shards otherwise "
@@ -452,6 +453,14 @@ def identity_layout(manifest: dict) -> dict:
         "hidden_size": hidden,
     }
     return {field: recorded.get(field) if implied[field] is None else implied[field] for field in implied}
+
+
+def as_read(columns: dict) -> dict:
+    """Column specs as readers take them: a tensor column naming no encoding is raw (format version 1 named none)."""
+    return {
+        name: spec | {"encoding": spec.get("encoding", RAW)} if isinstance(spec, dict) and spec.get("arrow") == "binary" else spec
+        for name, spec in columns.items()
+    }
 
 
 def spec_differences(path: str, found: dict | None, expected: dict | None) -> list[str]:
