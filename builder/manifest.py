@@ -22,6 +22,7 @@ from .source import CacheSource, open_source
 from .vocab import vocab_coverage
 
 if TYPE_CHECKING:
+    from .formats import Layout
     from .prepare import Prepared
 
 FORMAT_VERSION = 2  # 2: column encodings (byte planes + zstd) and xxh3-128 checksums; 1: raw columns, sha256
@@ -98,11 +99,15 @@ def tokenizing_versions() -> dict:
 
 
 def column_specs(prep: Prepared) -> dict:
+    return layout_column_specs(prep.layout, prep.cfg.compression)
+
+
+def layout_column_specs(layout: Layout, compression: str) -> dict:
     """Every column's Arrow type; tensor columns also their dtype, inner shape, what they are per and
     how their values are encoded (shards.encode_value)."""
     specs = {name: {"arrow": str(arrow_type)} for name, arrow_type in SCALAR_COLUMNS.items()}
-    encodings = column_encodings(prep.layout, prep.cfg.compression)
-    for name, spec in prep.layout.columns().items():
+    encodings = column_encodings(layout, compression)
+    for name, spec in layout.columns().items():
         specs[name] = {"arrow": "binary", **spec, "byte_order": "little", "encoding": encodings[name]}
     return specs
 
@@ -216,8 +221,10 @@ def _yaml_problem(text: str, err: Exception) -> str:
 def card_shard_pattern(text: str, where: str = "the card") -> str:
     """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
     cards written before the shard count was in it read every `train-*`."""
-    for config in card_data_of(text, where).get("configs") or []:
-        for entry in config.get("data_files") or []:
+    configs = card_data_of(text, where).get("configs")
+    for config in configs if isinstance(configs, list) else []:  # not a list: an edited card, refused by `datasets`
+        files = config.get("data_files") if isinstance(config, dict) else None
+        for entry in files if isinstance(files, list) else []:
             if isinstance(entry, dict) and entry.get("split") == "train" and isinstance(entry.get("path"), str):
                 return entry["path"].rsplit("/", 1)[-1]
     return "train-*"

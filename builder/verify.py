@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,9 +39,9 @@ from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, recorded_checksum
+from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, layout_column_specs, recorded_checksum
 from .reader import RowDecoder, read_manifest, read_vocab
-from .shards import is_card_read, shard_name
+from .shards import RAW, is_card_read, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,23 @@ def verify_cache(
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     refuse_flags_without_use(location, recompute, seed, target_model, revision)
-    out = cache_folder(location, revision, name)
+    fix = Repair.of(location, revision, name)
+    out = cache_folder(location, revision, name, fix)
     manifest = read_manifest(out)
-    refuse_incomplete_manifest(out, manifest)
+    refuse_incomplete_manifest(out, manifest, fix)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    layout_problems, written = check_columns_and_layout(manifest, fix)
+    problems += layout_problems
     readable = []
-    for shard in manifest["shards"]:
-        file_problems = check_shard_file(out, manifest, shard)
-        problems += file_problems or check_shard_rows(out, manifest, shard)
+    for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
+        file_problems = check_shard_file(out, written, shard, fix)
+        problems += file_problems or check_shard_rows(out, written, shard, fix)
         readable += [] if file_problems else [shard["name"]]
-    problems += check_across_shards(out, manifest, readable)
+    problems += check_across_shards(out, manifest, readable, fix)
     report = Report(problems)
     if recompute and not problems:
-        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model, trust_remote_code)
+        recomputed = recompute_samples(out, manifest, recompute, seed or 0, target_model, trust_remote_code, fix)
         report += recomputed
         report.recomputed = recomputed.recomputed
     return report
@@ -111,42 +114,128 @@ class Report(list):
     recomputed = 0
 
 
-def cache_folder(location: str | Path, revision: str | None, name: str | None) -> Path:
-    """The local folder holding the cache's card, downloading a Hub repo id (only config `name`'s
-    folder, beside the root card); refuses, saying what to do, where there is no finished cache."""
+@dataclass(frozen=True)
+class Repair:
+    """How to repair what verify finds. A local cache: by the build run again with --resume, which writes
+    again what is missing (the card from its build records, a shard deleted first). A Hub repo (`repo`,
+    at `revision`, config `name`): by a push again from an intact local copy, which uploads again each
+    shard whose bytes differ on the branch, and the card; the build's --resume cannot reach the repo."""
+
+    repo: str | None = None
+    revision: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, location: str | Path, revision: str | None, name: str | None) -> Repair:
+        from .hub import is_hub_location
+
+        return cls(str(location), revision, name) if not Path(location).exists() and is_hub_location(location) else cls()
+
+    def shards(self, *names: str) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        # Resume keeps a shard whose size and row count match its record: a damaged one of the same
+        # size would be kept, so it must be deleted first.
+        files = " and ".join(f"data/{name}" for name in names)
+        return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
+
+    def duplicates(self) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        return (
+            "to repair: delete the shard that should not hold them (if unsure, each of these) and run the build again with "
+            "--resume (it rebuilds only the missing shards), or rebuild"
+        )
+
+    def head_file(self, path: str) -> str:
+        if self.repo is not None:
+            return f"to repair: {self.push_again()}"
+        return (
+            f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
+            "computing no shard)"
+        )
+
+    def card(self) -> str:
+        """What to do about a card whose manifest is damaged (a sentence)."""
+        if self.repo is not None:
+            return f"Restore the card: {self.push_again()}"
+        return "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
+
+    def damaged_card(self) -> str:
+        """The end of a refusal of a card cut short, edited or lacking a part."""
+        if self.repo is not None:
+            return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
+        return (
+            ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the "
+            "card again from its build records in .eagle3_build, computing nothing), or download the card again from the repo "
+            "the cache was pushed to"
+        )
+
+    def push_again(self) -> str:
+        where = self.repo + (f" at revision {self.revision}" if self.revision else "")
+        config = f" --hub-config {self.name}" if self.name else ""
+        return (
+            f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
+            f"eagle3-cache push DIR {self.repo}{config} [--hub-branch BRANCH] uploads again each shard whose bytes differ on the "
+            "branch, and the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+        )
+
+
+LOCAL = Repair()  # a local cache's
+
+
+def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> Path:
+    """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
+    says whether the repo holds several caches, then the cache: only config `name`'s folder where
+    named); refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
+    on_hub = not Path(location).exists() and is_hub_location(location)
     if Path(location).exists():
         root = Path(location)
-    elif is_hub_location(location):
-        root = download(str(location), revision, name)
+    elif on_hub:
+        root = download(str(location), revision, ["README.md"])
     else:
         raise Eagle3CacheError(
             f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
+    refuse_damaged_card(root / "README.md", fix)
+    refuse_unnamed_cache(root, location, name)
+    if on_hub and (name is not None or (root / "README.md").is_file()):
+        download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    for card in dict.fromkeys([root / "README.md", out / "README.md"]):  # the root card first
-        refuse_damaged_card(card)
-    index = card_data_of((root / "README.md").read_text(encoding="utf-8")).get(INDEX_KEY) if (root / "README.md").is_file() else None
+    refuse_damaged_card(out / "README.md", fix)
+    if not (out / "README.md").is_file():
+        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
+    return out
+
+
+def refuse_unnamed_cache(root: Path, location: str | Path, name: str | None) -> None:
+    """A root card indexing several caches needs one of them named."""
+    card = root / "README.md"
+    index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
     if index and (name is None or name not in index):
         raise Eagle3CacheError(
             f"verify: {location} holds several caches {sorted(index)}"
             + (f", not {name!r}" if name is not None else "")
             + ": pass one of them with --name (name=)"
         )
-    if not (out / "README.md").is_file():
-        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
-    return out
 
 
-def refuse_damaged_card(card: Path) -> None:
+def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
+    """The commit a downloaded snapshot folder is of (the Hub cache names it so): the rest of the repo
+    is downloaded at the commit its root card was, whatever the branch has since."""
+    return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
+
+
+def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
     not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
     import yaml
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    text = card.read_text(encoding="utf-8").removeprefix("\ufeff") if card.is_file() else ""  # as card_data_of reads it
     if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
         return
     block = REGEX_YAML_BLOCK.search(text)
@@ -158,16 +247,22 @@ def refuse_damaged_card(card: Path) -> None:
             return
         except yaml.YAMLError as err:
             damage = f"does not parse ({' '.join(str(err).split())})"
-    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{RESTORE_CARD}")
+    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
 
 
-RESTORE_CARD = (
-    ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the card "
-    "again from its build records in .eagle3_build, computing nothing), or download the card again from the repo the "
-    "cache was pushed to"
-)
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
-MANIFEST_KEYS = ("identity", "fingerprint", "columns", "layout", "target_vocab_size", "vocab_file", "shards", "totals", "build")
+MANIFEST_KEYS = (
+    "identity",
+    "fingerprint",
+    "columns",
+    "layout",
+    "target_vocab_size",
+    "hidden_size",
+    "vocab_file",
+    "shards",
+    "totals",
+    "build",
+)
 HIDDEN_MANIFEST_KEYS = ("lm_head_file", "head_transform")  # a hidden cache is read through its head rows and logit terms
 # The settings a shard's batches are rebuilt from; caches recorded before the sort window had a setting
 # of its own have no sort_window_bytes (batching.window_bytes then stands for what they sorted within).
@@ -175,20 +270,77 @@ BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
 OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
-def refuse_incomplete_manifest(out: Path, manifest: dict) -> None:
+def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> None:
     if missing := missing_manifest_parts(manifest):
-        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{RESTORE_CARD}")
+        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{fix.damaged_card()}")
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
-    """The parts a manifest lacks, by name: those of every cache, a hidden cache's head parts, and the
-    batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if (manifest.get("layout") or {}).get("target_format") == "hidden":
-        missing += [key for key in HIDDEN_MANIFEST_KEYS if key not in manifest]
+    """The parts a manifest lacks, by name (`shards[NAME].rows`): those of every cache, a hidden cache's
+    head parts, the fields of the identity, layout, columns, files and shards that verify reads, and
+    the batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
+    missing = [key for key in MANIFEST_KEYS if manifest.get(key) is None]
+    if "hidden" in (part_of(manifest, "layout.target_format"), part_of(manifest, "identity.target_format")):
+        missing += [key for key in (*HIDDEN_MANIFEST_KEYS, "lm_head_file.path") if lacks(manifest, key)]
+        missing += missing_checksum(manifest, "lm_head_file", manifest.get("lm_head_file"))
+    missing += [f"identity.{key}" for key in IDENTITY_KEYS if lacks(manifest.get("identity"), key)]
+    missing += [f"layout.{field.name}" for field in fields(Layout) if lacks(manifest.get("layout"), field.name)]
+    missing += missing_checksum(manifest, "vocab_file", manifest.get("vocab_file"))
+    missing += missing_column_fields(manifest.get("columns"))
+    missing += missing_shard_fields(manifest, manifest.get("shards"))
     build = manifest.get("build")
-    if isinstance(build, dict) and any("batching" not in shard for shard in manifest.get("shards") or []):
+    if isinstance(build, dict) and any(isinstance(s, dict) and "batching" not in s for s in manifest.get("shards") or []):
         missing += [f"build.{key}" for key in BATCHING_KEYS if key not in build]
+    return [part for part in dict.fromkeys(missing) if not any(part.startswith(f"{whole}.") for whole in missing)]  # a whole, not its parts
+
+
+# The identity's fields verify reads (the checks of rows and input order, the recompute); the fingerprint
+# covers every field, so a field deleted from an identity is damage however it is read.
+IDENTITY_KEYS = ("seq_length", "input", "input.data", "input.content_hash", "input.shuffle_seed", "target", "target.model", "aux_layer_ids")
+SHARD_KEYS = ("rows", "bytes", "tokens")  # with a name and a checksum
+COLUMN_KEYS = {"binary": ("dtype", "shape")}  # what a reader decodes a tensor column by, beside its Arrow type
+
+
+def part_of(record, path: str):
+    """The value at a dotted path of nested mappings; None where any part of it is missing."""
+    for key in path.split("."):
+        record = record.get(key) if isinstance(record, dict) else None
+    return record
+
+
+def lacks(record, path: str) -> bool:
+    return part_of(record, path) is None
+
+
+def missing_checksum(manifest: dict, where: str, record) -> list[str]:
+    """`where.checksum` where a file's record has none (format version 1 recorded it under the algorithm's
+    name); nothing for a record missing whole, which is named itself."""
+    if record is None:
+        return []
+    algorithm = manifest.get("checksum_algorithm", "sha256")
+    return [] if any(part_of(record, key) is not None for key in ("checksum", algorithm)) else [f"{where}.checksum"]
+
+
+def missing_column_fields(columns) -> list[str]:
+    if not isinstance(columns, dict):
+        return []  # columns missing: named with the manifest's parts
+    missing = []
+    for name, spec in columns.items():
+        arrow = part_of(spec, "arrow")
+        missing += [f"columns.{name}.arrow"] if arrow is None else []
+        missing += [f"columns.{name}.{key}" for key in COLUMN_KEYS.get(arrow, ()) if lacks(spec, key)]
+    return missing
+
+
+def missing_shard_fields(manifest: dict, shards) -> list[str]:
+    missing = []
+    for position, shard in enumerate(shards if isinstance(shards, list) else []):
+        where = f"shards[{part_of(shard, 'name') or position}]"
+        missing += [f"{where}.name"] if lacks(shard, "name") else []
+        missing += [f"{where}.{key}" for key in SHARD_KEYS if lacks(shard, key)]
+        missing += missing_checksum(manifest, where, shard)
+        batching = part_of(shard, "batching")
+        missing += [f"{where}.batching.{key}" for key in BATCHING_KEYS if isinstance(batching, dict) and key not in batching]
     return missing
 
 
@@ -201,13 +353,13 @@ def why_no_card(root: Path, name: str | None) -> str:
     )
 
 
-def download(repo_id: str, revision: str | None, name: str | None) -> Path:
+def download(repo_id: str, revision: str | None, only: list[str] | None) -> Path:
+    """The local snapshot folder of a Hub repo at `revision`, holding the files matching `only` (None: every file)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     from .hub import HubError, no_cache_at
 
-    only = None if name is None else ["README.md", f"{data_prefix(name)}**"]  # the root card says which configs exist
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=only))
     except RevisionNotFoundError:
@@ -258,29 +410,131 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     return problems + check_card_reads_every_shard(out, sorted(listed))
 
 
+def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[str], dict]:
+    """The manifest's `columns` and `layout` (how readers decode every shard's bytes), outside the
+    fingerprint, against those the build writes for the cache its identity describes: a column's
+    dtype edited from bf16 to fp16 reads every value wrong, and no checksum or shape shows it.
+    Returns the differences and the manifest as the build wrote it, to check the shards against. An
+    identity that no longer matches its fingerprint (reported) tells nothing: the shards are then
+    checked against the manifest's own columns."""
+    if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
+        return [], manifest
+    layout = identity_layout(manifest)
+    columns = layout_column_specs(Layout(**layout), manifest["identity"].get("compression", "none"))  # format 1: raw columns
+    recorded = as_read(manifest["columns"])
+    differences = spec_differences("layout", manifest["layout"], layout) + [
+        difference
+        for name in columns.keys() | recorded.keys()
+        for difference in spec_differences(f"columns.{name}", recorded.get(name), columns.get(name))
+    ]
+    problems = [
+        f"README.md: the manifest's {difference} {the_cache_described(manifest)}: readers would decode the shards otherwise "
+        f"than they were written. {fix.card()}"
+        for difference in sorted(differences)
+    ]
+    return problems, manifest | {"layout": layout, "columns": columns}
+
+
+def identity_layout(manifest: dict) -> dict:
+    """The layout the identity implies (with `hidden_size`, the target's, recorded beside it): the
+    formats, dtypes, K and draft vocabulary size it records, and the aux width of its aux layers. A
+    field the identity does not settle (one an earlier version did not record; K outside the topk
+    format, which stores none) is the layout's own."""
+    identity, recorded = manifest["identity"], manifest["layout"]
+    hidden = manifest.get("hidden_size", recorded.get("hidden_size"))
+    draft_vocab_size, topk = identity.get("draft_vocab_size"), identity.get("topk")
+    implied = {
+        "target_format": identity.get("target_format"),
+        "dtype": identity.get("dtype"),
+        "aux_dtype": identity.get("aux_dtype"),
+        "topk": min(topk, draft_vocab_size) if identity.get("target_format") == "topk" and None not in (topk, draft_vocab_size) else None,
+        "draft_vocab_size": draft_vocab_size,
+        "aux_width": len(identity["aux_layer_ids"]) * hidden if identity.get("aux_layer_ids") and hidden else None,
+        "hidden_size": hidden,
+    }
+    return {field: recorded.get(field) if implied[field] is None else implied[field] for field in implied}
+
+
+def as_read(columns: dict) -> dict:
+    """Column specs as readers take them: a tensor column naming no encoding is raw (format version 1 named none)."""
+    return {
+        name: spec | {"encoding": spec.get("encoding", RAW)} if isinstance(spec, dict) and spec.get("arrow") == "binary" else spec
+        for name, spec in columns.items()
+    }
+
+
+def spec_differences(path: str, found: dict | None, expected: dict | None) -> list[str]:
+    """How a recorded spec differs from the one the build writes, field by field, in words."""
+    if expected is None:
+        return [f"{path} is listed; the build writes no such column"]
+    if found is None:
+        return [f"{path} is missing; the build writes that column"]
+    return [
+        f"{path}.{field} is {repr(found[field]) if field in found else 'missing'}; the build writes "
+        + (repr(expected[field]) if field in expected else "no such field")
+        for field in sorted(expected.keys() | found.keys())
+        if found.get(field, MISSING) != expected.get(field, MISSING)
+    ]
+
+
+MISSING = object()
+
+
+def the_cache_described(manifest: dict) -> str:
+    identity = manifest["identity"]
+    settings = ", ".join(f"{key} {identity[key]}" for key in IDENTITY_LAYOUT_KEYS if identity.get(key) is not None)
+    return f"for the cache its identity ({settings}) and hidden_size ({manifest.get('hidden_size')}) describe"
+
+
+IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
+
+
 def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
     """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
-    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache."""
-    paths = card_train_paths((out / "README.md").read_text(encoding="utf-8"))
+    not match would be left out by `datasets` (its split sizes then disagree) and by load_cache; configs
+    naming no train split (renamed, or its line deleted) leave every shard out, and both refuse the card."""
+    configs = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("configs")
+    if not configs:
+        return []  # no configs: `datasets` reads the folder's default layout
+    files = f"data/{shard_files(len(listed))}"
+    paths = card_train_paths(configs)
     if not paths:
-        return []  # no data_files: `datasets` reads the folder's default layout
+        return [
+            f"README.md: the card's configs ({one_line(configs)}) name no train split with a path, so `datasets` and load_cache "
+            f"cannot read the shards: restore the card's configs (the build writes split train with path {files}), or rebuild"
+        ]
     return [
         f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
-        f"would leave its rows out: restore the card's configs (the build writes data/{shard_files(len(listed))}), or rebuild"
+        f"would leave its rows out: restore the card's configs (the build writes {files}), or rebuild"
         for name in listed
         if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
     ]
 
 
-def card_train_paths(text: str) -> list[str]:
-    """Every path pattern of the train split in the card's `configs` (a string or a list of them)."""
+def card_train_paths(configs) -> list[str]:
+    """Every path pattern of the train split in the card's `configs`: a `data_files` entry of split
+    train (its path a pattern or a list of them), or, as `datasets` reads them, data_files given as a
+    pattern or a list of patterns with no split named."""
     paths = []
-    for config in card_data_of(text).get("configs") or []:
-        for entry in config.get("data_files") or []:
+    for config in configs if isinstance(configs, list) else []:
+        files = config.get("data_files") if isinstance(config, dict) else None
+        paths += patterns(files)
+        for entry in files if isinstance(files, list) else []:
             if isinstance(entry, dict) and entry.get("split") == "train":
-                path = entry.get("path")
-                paths += [path] if isinstance(path, str) else [p for p in path or [] if isinstance(p, str)]
+                paths += patterns(entry.get("path"))
     return paths
+
+
+def patterns(value) -> list[str]:
+    """The path patterns of a `data_files` value: a pattern, or the patterns of a list (not its entries of splits)."""
+    if isinstance(value, str):
+        return [value]
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def one_line(value, limit: int = 200) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_shard_list(manifest: dict) -> list[str]:
@@ -316,7 +570,12 @@ def check_totals(out: Path, manifest: dict) -> list[str]:
         if totals.get(key) != value
     ]
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
-    for split in info.get("splits", []):
+    splits = info.get("splits", []) if isinstance(info, dict) else None
+    if not isinstance(splits, list) or not all(isinstance(split, dict) for split in splits):
+        return problems + [
+            f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples): restore the card, or rebuild"
+        ]
+    for split in splits:
         if split.get("num_examples") != sums["samples"]:
             problems.append(
                 f"README.md: dataset_info says {split.get('num_examples')} examples in split {split.get('name')!r}, "
@@ -330,15 +589,15 @@ def checksum_matches(path: Path, manifest: dict, record: dict) -> bool:
     return file_hash(path, algorithm) == expected
 
 
-def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
     """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {repair(name)}"]
+        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
     if not checksum_matches(path, manifest, shard):
-        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {repair(name)}"]
+        return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:
@@ -348,39 +607,38 @@ def check_shard_file(out: Path, manifest: dict, shard: dict) -> list[str]:
     return []
 
 
-def check_shard_rows(out: Path, manifest: dict, shard: dict) -> list[str]:
+def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
     """Every row's shapes against the manifest, and finite values."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
-    decode = RowDecoder(manifest)
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
     problems = []
-    for batch in parquet.iter_batches(batch_size=64):
-        for row in batch.to_pylist():
-            problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+    try:
+        decode = RowDecoder(manifest)
+        for batch in parquet.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+    except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
+        return problems + [
+            f"data/{name}: its rows cannot be decoded as the manifest's columns say ({' '.join(str(err).split())}): the card's "
+            f"columns were edited, or the build wrote the shard wrong. {fix.card()}"
+        ]
     return problems
-
-
-def repair(*names: str) -> str:
-    # Resume keeps a shard whose size and row count match its record: a damaged one of the same
-    # size would be kept, so it must be deleted first.
-    files = " and ".join(f"data/{name}" for name in names)
-    return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
 
 
 # ---- across shards ---------------------------------------------------------------------------
 
 
-def check_across_shards(out: Path, manifest: dict, readable: list[str]) -> list[str]:
+def check_across_shards(out: Path, manifest: dict, readable: list[str], fix: Repair = LOCAL) -> list[str]:
     """What no shard shows alone: a shard replaced by a copy of another (its record updated to agree),
     rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
     samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
     last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
-    problems = check_failed_records(manifest) + check_shard_sizes(manifest)
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest, fix)
     indices = stored_source_indices(out, readable)
-    duplicates = check_unique_source_indices(manifest, indices)
+    duplicates = check_unique_source_indices(manifest, indices, fix)
     if problems or duplicates or len(readable) < len(manifest["shards"]):
         return problems + duplicates  # the input order below is derived from these counts
-    return check_input_order(manifest, indices)
+    return check_input_order(manifest, indices, fix)
 
 
 def check_failed_records(manifest: dict) -> list[str]:
@@ -406,7 +664,7 @@ def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
     return failed
 
 
-def check_shard_sizes(manifest: dict) -> list[str]:
+def check_shard_sizes(manifest: dict, fix: Repair = LOCAL) -> list[str]:
     size = manifest["identity"].get("shard_size")
     if size is None:
         return []
@@ -421,7 +679,7 @@ def check_shard_sizes(manifest: dict) -> list[str]:
             counted = f"{held} samples" + (f" ({shard['rows']} stored, {held - shard['rows']} failed)" if held != shard["rows"] else "")
             expected = f"at most {size}" if last else f"{size}, as every shard but the last"
             problems.append(
-                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {repair(name)}"
+                f"data/{name}: {counted}, where the build puts {expected} (--shard-size): samples were dropped or added; {fix.shards(name)}"
             )
     return problems
 
@@ -431,7 +689,7 @@ def stored_source_indices(out: Path, readable: list[str]) -> dict[str, np.ndarra
     return {name: pq.read_table(out / "data" / name, columns=["source_index"]).column(0).to_numpy() for name in readable}
 
 
-def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray], fix: Repair = LOCAL) -> list[str]:
     """One line per set of places holding the same samples (a shard copied over another: one line)."""
     failed = manifest.get("failed", [])
     held = [*indices.values(), *(np.asarray([f.get("source_index", -1)], np.int64) for f in failed)]
@@ -447,9 +705,7 @@ def check_unique_source_indices(manifest: dict, indices: dict[str, np.ndarray]) 
         groups.setdefault(tuple(places[k] for k in owners[at]), []).append(int(value))
     return [
         f"{where[-1]}: holds {len(shared)} sample(s) (source_index {examples(shared)}) {held_again(where)}: source_index "
-        "is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; to repair: "
-        "delete the shard that should not hold them (if unsure, each of these) and run the build again with --resume "
-        "(it rebuilds only the missing shards), or rebuild"
+        f"is unique in a cache, so rows were duplicated, and the samples that belong in their place are missing; {fix.duplicates()}"
         for where, shared in groups.items()
     ]
 
@@ -474,7 +730,7 @@ def input_order(manifest: dict) -> np.ndarray | None:
     return np.random.default_rng(selection["shuffle_seed"]).permutation(selected)
 
 
-def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[str]:
+def check_input_order(manifest: dict, indices: dict[str, np.ndarray], fix: Repair = LOCAL) -> list[str]:
     """Shards fill in turn along the input's shuffled order (skipped rows left out), so each shard's
     samples come after every sample of the shards before it: a swapped or rewritten shard does not."""
     order = input_order(manifest)
@@ -489,7 +745,7 @@ def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[st
         if (outside := held[(held < 0) | (held >= len(order))]).size:
             problems.append(
                 f"data/{name}: source_index {examples(outside.tolist())}, outside the {len(order)} input rows the build "
-                f"selected: the shard holds samples of another input; {repair(name)}"
+                f"selected: the shard holds samples of another input; {fix.shards(name)}"
             )
         elif held.size:
             spans.append((name, int(rank[held].min()), int(rank[held].max())))
@@ -497,7 +753,7 @@ def check_input_order(manifest: dict, indices: dict[str, np.ndarray]) -> list[st
     problems += [
         f"data/{later}: holds samples the build takes before some of data/{earlier}'s (shards fill in turn along the "
         f"input's order of --shuffle-seed {seed}): the two were swapped, or one rewritten with other samples; "
-        f"{repair(earlier, later)}"
+        f"{fix.shards(earlier, later)}"
         for (earlier, _, last_of_earlier), (later, first_of_later, _) in zip(spans, spans[1:])
         if first_of_later < last_of_earlier
     ]
@@ -525,7 +781,7 @@ def check_row(row: dict, manifest: dict) -> list[str]:
 
 
 def recompute_samples(
-    out: Path, manifest: dict, count: int, seed: int, target_model: str | None, trust_remote_code: bool = False
+    out: Path, manifest: dict, count: int, seed: int, target_model: str | None, trust_remote_code: bool = False, fix: Repair = LOCAL
 ) -> Report:
     from .embedded import resolve_target
     from .forward import compute_record
@@ -552,7 +808,7 @@ def recompute_samples(
     model_path = resolve_target(target_model or identity["target"]["model"])
     own_code = runs_own_code(identity["target"], trust_remote_code)
     check_target(model_path, manifest, own_code)
-    token_problems = check_tokens(out, manifest, model_path, chosen, own_code)
+    token_problems = check_tokens(out, manifest, model_path, chosen, own_code, fix)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], own_code, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
@@ -561,7 +817,7 @@ def recompute_samples(
     problems.recomputed = len(chosen)
     try:
         if manifest["layout"]["target_format"] == "hidden":
-            problems += check_head_file(out, manifest, target, selected)
+            problems += check_head_file(out, manifest, target, selected, fix)
         for name in sorted({n for n, _ in chosen}):
             shard = ShardRows(out / "data" / name, RowDecoder(manifest))
             batching = shard_batching(manifest, name)
@@ -587,7 +843,9 @@ class NotRetokenized(Exception):
     """Why the recomputed samples' input rows cannot be tokenized again here (not damage: a note)."""
 
 
-def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]], own_code: bool = False) -> list[str]:
+def check_tokens(
+    out: Path, manifest: dict, model_path: str, chosen: list[tuple[str, int]], own_code: bool = False, fix: Repair = LOCAL
+) -> list[str]:
     """The chosen samples' stored token ids and loss masks against their input rows tokenized now. The
     recompute runs the target on the stored tokens, so a sample whose loss mask lost a supervised token
     (its target rows dropped to agree) would match it. Where the input cannot be read here, or is no
@@ -617,7 +875,7 @@ def check_tokens(out: Path, manifest: dict, model_path: str, chosen: list[tuple[
             "; ".join(changed),
         )
         return []
-    return [f"{line}: {TOKENS_DIFFER}; {repair(name)}" for name, line in differing]
+    return [f"{line}: {TOKENS_DIFFER}; {fix.shards(name)}" for name, line in differing]
 
 
 def tokenizing_changes(recorded: dict) -> list[str]:
@@ -649,9 +907,7 @@ def stored_samples(out: Path, chosen: list[tuple[str, int]]) -> list[tuple[str, 
 def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], own_code: bool = False) -> dict[int, dict]:
     """{source index: its input row tokenized now as the build tokenized it}; NotRetokenized where that
     cannot be done here."""
-    from .embedded import resolve_input
     from .hub_inputs import accepted_hashes
-    from .inputs import load_rows
     from .target import load_tokenizer
     from .tokenize import _tokenize_batch
 
@@ -664,15 +920,7 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
             "the chat template writes the day it runs into them (it calls strftime_now), so on another day than the build's "
             "they hold another date"
         )
-    try:
-        rows, info = load_rows(
-            resolve_input(selection["data"]),
-            config=selection.get("config"),
-            split=selection.get("split"),
-            revision=manifest.get("input_revision"),  # a Hub dataset as the build read it
-        )
-    except Eagle3CacheError as err:
-        raise NotRetokenized(f"the build's input {selection['data']!r} cannot be read here ({err})") from None
+    rows, info = build_input_rows(manifest)
     recorded = accepted_hashes(info.get("earlier_content_hashes", ()), manifest.get("input_revision")) | {info["content_hash"]}
     if selection["content_hash"] not in recorded and info["content_hash"] in info.get("earlier_content_hashes", ()):
         raise NotRetokenized(  # a Hub input named by `datasets`' fingerprint of its rows: what made them was not told
@@ -682,7 +930,7 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
     if selection["content_hash"] not in recorded:
         raise NotRetokenized(
             f"the build's input {selection['data']!r} has changed since (its content hash is {info['content_hash']}, the "
-            f"build's {selection['content_hash']})"
+            f"build's {selection['content_hash']}){read_from_here(manifest)}"
         )
     # Tokenized here, not through the build's cached map: a few rows, and a template may render the
     # day it runs, which no cache key holds.
@@ -699,6 +947,64 @@ def tokenized_now(manifest: dict, model_path: str, source_indices: list[int], ow
         ),
     )
     return {index: {column: values[k] for column, values in columns.items()} for k, index in enumerate(columns["source_index"])}
+
+
+def build_input_rows(manifest: dict):
+    """The build's input rows and their description (inputs.load_rows), read as the build read them: a Hub
+    dataset at the commit it read. NotRetokenized, saying what verify needs, where they cannot be read here."""
+    from .embedded import resolve_input
+    from .inputs import load_rows
+
+    selection, revision = manifest["identity"]["input"], manifest.get("input_revision")
+    data = selection["data"]
+    if is_local_input(manifest) and not Path(resolve_input(data)).expanduser().exists():
+        raise NotRetokenized(f"the build's input {data!r} is not here{how_to_read(manifest)}")
+    try:
+        return load_rows(resolve_input(data), config=selection.get("config"), split=selection.get("split"), revision=revision)
+    except Eagle3CacheError as err:
+        raise NotRetokenized(f"the build's input {data!r} cannot be read here ({finding(err)}){how_to_read(manifest)}") from None
+
+
+def is_local_input(manifest: dict) -> bool:
+    """Whether the build read local files: it recorded no Hub commit read (caches built before it recorded
+    one: the path names local files as `--input-data` tells them apart). A local path missing here is never
+    looked up on the Hub, where a repo of that name would be another dataset."""
+    from .embedded import resolve_input
+    from .inputs import is_local
+
+    return manifest.get("input_revision") is None and (
+        "input_revision" in manifest or is_local(resolve_input(manifest["identity"]["input"]["data"]))
+    )
+
+
+def read_from_here(manifest: dict) -> str:
+    """Where verify reads a local input from, where the build recorded it as a relative path."""
+    from .embedded import resolve_input
+
+    if not is_local_input(manifest) or Path(resolve_input(manifest["identity"]["input"]["data"])).expanduser().is_absolute():
+        return ""
+    return (
+        f" (a relative path: the build read it from the directory it ran in, and verify reads it from the one it runs in, "
+        f"{Path.cwd()}: run verify from the build's)"
+    )
+
+
+def how_to_read(manifest: dict) -> str:
+    """What verify needs to read the build's input, where it could not: the Hub (or the local Hub cache's copy
+    of the commit the build read), or the files the build read, at the path it read them from."""
+    data, revision = manifest["identity"]["input"]["data"], manifest.get("input_revision")
+    if is_local_input(manifest):
+        return f": verify needs the files the build read at {data}, unchanged{read_from_here(manifest)}"
+    commit = f"commit {revision} (the manifest's input_revision)" if revision else "the commit the build read"
+    return (
+        f": verify reads Hub dataset {data!r} at {commit}; run it where the Hub can be reached (HF_HUB_OFFLINE unset, "
+        "logged in where the dataset is private), or where the local Hub cache holds a copy of that commit"
+    )
+
+
+def finding(err: Exception) -> str:
+    """What an input error found, without the build's flag it names or the advice to the build that follows."""
+    return re.sub(r"^--[a-z-]+: ", "", " ".join(str(err).split())).split("; ")[0]
 
 
 def builds_template(tokenizer, identity: dict):
@@ -751,7 +1057,7 @@ def first_token_difference(stored: np.ndarray, now: np.ndarray) -> str:
 
 
 @torch.inference_mode()
-def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -> list[str]:
+def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor, fix: Repair = LOCAL) -> list[str]:
     """A hidden cache's samples are read through its head file (the draft rows, all rows with
     --store-full-head, the bias) and the manifest's head_transform: they must be the live target's,
     or every distribution a reader rebuilds is wrong however right the stored hidden states are."""
@@ -763,20 +1069,15 @@ def check_head_file(out: Path, manifest: dict, target, selected: torch.Tensor) -
     stored = load_file(str(out / path))
     live = live_head_tensors(target, selected, full="weight" in stored or bool(manifest["identity"].get("store_full_head")))
     dtypes = compute_dtypes(manifest, target.head.weight.dtype)
-    restore = (
-        f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
-        "computing no shard)"
-    )
     problems = [
-        f"{path}: {what}; every sample of this hidden cache is read through it: {restore}"
+        f"{path}: {what}; every sample of this hidden cache is read through it: {fix.head_file(path)}"
         for what in head_differences(stored, live, dtypes)
     ]
     expected = head_spec(target.model.config, lm_head_bias="bias" in live)
     if terms_given(manifest["head_transform"]) != terms_given(expected):
         problems.append(
             f"README.md: the manifest's head_transform is {manifest['head_transform']}, where the target gives {expected}: readers "
-            f"would apply other logit terms than the target's. Restore the card (run the build command again with --resume: it "
-            "writes the card again, computing nothing), or rebuild"
+            f"would apply other logit terms than the target's. {fix.card()}"
         )
     return problems
 

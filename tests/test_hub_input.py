@@ -4,6 +4,7 @@ the repo's commit, so a commit that leaves them as they are resumes; --input-rev
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -427,6 +428,24 @@ def test_verify_reads_the_hub_dataset_at_the_commit_the_build_read(hub, tmp_path
     cache = build(hub_config(tmp_path / "cache", "tester/verified-input"), progress=False).output_dir
     commit_file(hub, "tester/verified-input", "train.jsonl", chat_lines(8, "z"))
     assert "not compared with their input rows" not in verify_warnings(cache, caplog)
+
+
+def test_verify_that_cannot_read_the_hub_input_says_what_it_needs_not_the_builds_flags(hub, tmp_path, caplog, monkeypatch):
+    import datasets
+
+    read = hub_dataset(hub, "tester/verify-unread", 6)
+    cache = build(hub_config(tmp_path / "cache", "tester/verify-unread"), progress=False).output_dir
+    forget_hub_copy("tester/verify-unread")
+    shutil.rmtree(Path(datasets.config.HF_DATASETS_CACHE) / "tester___verify-unread")  # and the rows `datasets` cached
+    go_offline(monkeypatch)
+    warnings = verify_warnings(cache, caplog)
+    assert "the build's input 'tester/verify-unread' cannot be read here (" in warnings
+    assert (
+        f": verify reads Hub dataset 'tester/verify-unread' at commit {read} (the manifest's input_revision); run it where the Hub "
+        "can be reached (HF_HUB_OFFLINE unset, logged in where the dataset is private), or where the local Hub cache holds a copy of "
+        "that commit" in " ".join(warnings.split())
+    )
+    assert "--input" not in warnings and "give a local path" not in warnings  # the build's flags: verify has none
 
 
 def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_rows_fingerprint(hub, tmp_path, caplog):

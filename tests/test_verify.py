@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import says, small_config
-from hub_server import hub_fixtures
+from hub_server import TOKEN, hub_fixtures
 from huggingface_hub import DatasetCard
 
 from builder.build import build
@@ -249,13 +249,43 @@ def test_recompute_says_so_where_the_input_rows_cannot_be_tokenized_again(cache,
 
     note = "verify --recompute: the recomputed samples' token ids and loss masks are not compared with their input rows: "
     for load, why in (
-        (moved, f"the build's input {build_input!r} cannot be read here (--input-data: no such file)"),
+        (moved, f"the build's input {build_input!r} cannot be read here (no such file): verify needs the files the build read at "),
         (changed, f"the build's input {build_input!r} has changed since (its content hash is {'0' * 64}, the build's "),
     ):
         monkeypatch.setattr(builder.inputs, "load_rows", load)
         caplog.clear()
         assert verify_cache(cache, recompute=14) == []  # the target's outputs match the stored tokens
         assert any(record.getMessage().startswith(note + why) for record in caplog.records), caplog.text
+
+
+def test_recompute_reads_a_relative_input_path_from_the_directory_the_build_ran_in(tmp_path, monkeypatch, caplog):
+    """A relative --input-data is recorded as given: verify reads it from where it runs, and says so."""
+    from builder.embedded import resolve_input
+
+    shutil.copytree(resolve_input("sample-chats"), tmp_path / "chats")
+    monkeypatch.chdir(tmp_path)
+    cache = build(small_config(tmp_path / "cache", input_data="chats"), progress=False).output_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = (
+        f"(a relative path: the build read it from the directory it ran in, and verify reads it from the one it runs in, {elsewhere}: "
+        "run verify from the build's)"
+    )
+    assert verify_cache(cache, recompute=2) == []
+    assert f"the build's input 'chats' is not here: verify needs the files the build read at chats, unchanged {relative}" in caplog.text
+    assert "--input" not in caplog.text and "give a local path" not in caplog.text  # the build's flags: verify has none
+    (elsewhere / "chats").mkdir()
+    (elsewhere / "chats" / "other.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    caplog.clear()
+    assert verify_cache(cache, recompute=2) == []
+    assert re.search(
+        r"the build's input 'chats' has changed since \(its content hash is \w+, the build's \w+\) " + re.escape(relative), caplog.text
+    )
+    monkeypatch.chdir(tmp_path)
+    caplog.clear()
+    assert verify_cache(cache, recompute=2) == []
+    assert "not compared with their input rows" not in caplog.text
 
 
 def set_shard_compute(cache, names: set[str], compute: dict) -> None:
@@ -555,6 +585,51 @@ def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
         verify_cache("tester/multi", revision="v9")
 
 
+def test_a_repo_holding_several_caches_is_refused_before_any_shard_is_downloaded(hub, intact, capsys):
+    from builder.cli import main
+
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget("tester/several", config=config))
+    hub.reset_counters()
+    with pytest.raises(Eagle3CacheError, match=r"tester/several holds several caches \['llama', 'short'\]: pass one of them with --name"):
+        verify_cache("tester/several")
+    assert main(["verify", "tester/several"]) == 2
+    assert "pass one of them with --name" in capsys.readouterr().err
+    assert [path for _, path, _ in hub.requests("GET", "/resolve/")] == [
+        path for _, path, _ in hub.requests("GET", "/resolve/.*/README.md$")
+    ]  # the root card alone
+    assert hub.requests("GET", "/resolve/")
+
+
+def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy(hub, intact):
+    """The build's --resume cannot reach the repo: a push from an intact copy uploads the damaged shard again."""
+    from huggingface_hub import HfApi
+
+    push_cache(intact, PushTarget("tester/damaged", config="llama"))
+    damaged = bytearray((intact / "data" / SHARD).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.upload_file(path_or_fileobj=bytes(damaged), path_in_repo=f"llama/data/{SHARD}", repo_id="tester/damaged", repo_type="dataset")
+    assert verify_cache("tester/damaged", name="llama", revision="main") == [
+        f"data/{SHARD}: checksum differs from the manifest (the file is damaged); to repair: push the cache to tester/damaged at "
+        "revision main again from an intact local copy (check it first with eagle3-cache verify DIR): eagle3-cache push DIR "
+        "tester/damaged --hub-config llama [--hub-branch BRANCH] uploads again each shard whose bytes differ on the branch, and "
+        "the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+    ]
+    push_cache(intact, PushTarget("tester/damaged", config="llama"))  # as the message says
+    assert verify_cache("tester/damaged", name="llama") == []
+
+    card = (intact / "README.md").read_text()
+    api.upload_file(
+        path_or_fileobj=card[: len(card) // 2].encode(), path_in_repo="llama/README.md", repo_id="tester/damaged", repo_type="dataset"
+    )
+    with pytest.raises(
+        Eagle3CacheError,
+        match=r"is never closed .*, as in a card cut short or edited by hand\. Restore it: push the cache to tester/damaged again",
+    ):
+        verify_cache("tester/damaged", name="llama")
+
+
 # ---- the manifest outside the fingerprint ------------------------------------------------------
 
 
@@ -827,6 +902,42 @@ def test_shards_swapped_with_their_records_are_caught_where_the_input_order_is_k
     ]
 
 
+def test_a_column_dtype_or_layout_edited_in_the_card_is_caught_and_the_shards_checked_as_written(tmp_path, capsys):
+    """bf16 values read as fp16 have the same size and shapes: only the identity tells them apart."""
+    from builder.cli import main
+
+    cache = build(small_config(tmp_path / "cache", dtype="bf16"), progress=False).output_dir
+    written = read_manifest(cache)
+
+    def edit(data):
+        manifest = data["eagle3_cache"]
+        manifest["columns"]["aux_hidden_states"]["dtype"] = "fp16"
+        manifest["columns"]["target_probs"]["encoding"] = "raw"
+        manifest["layout"]["aux_dtype"] = "fp16"
+        manifest["columns"]["final_hidden"] = manifest["columns"].pop("target_argmax")
+
+    edit_card(cache, edit)
+    described = (
+        "for the cache its identity (target_format probs, dtype bf16, aux_dtype bf16, draft_vocab_size 300, compression zstd) "
+        "and hidden_size (64) describe: readers would decode the shards otherwise than they were written. Restore the card (run "
+        "the build command again with --resume: it writes the card again, computing nothing), or rebuild"
+    )
+    assert verify_cache(cache) == [  # the shards themselves checked against the columns the build wrote: intact
+        f"README.md: the manifest's {difference} {described}"
+        for difference in (
+            "columns.aux_hidden_states.dtype is 'fp16'; the build writes 'bf16'",
+            "columns.final_hidden is listed; the build writes no such column",
+            "columns.target_argmax is missing; the build writes that column",
+            "columns.target_probs.encoding is 'raw'; the build writes 'byte_planes_zstd'",
+            "layout.aux_dtype is 'fp16'; the build writes 'bf16'",
+        )
+    ]
+    assert main(["verify", str(cache)]) == 1
+    capsys.readouterr()
+    edit_card(cache, lambda data: data["eagle3_cache"].update(columns=written["columns"], layout=written["layout"]))
+    assert verify_cache(cache) == []
+
+
 def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     def narrow(data):
         data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
@@ -838,6 +949,34 @@ def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
         "data/train-*-of-00004.parquet), or rebuild"
         for k in (2, 3)
     ]
+
+
+def test_a_card_whose_configs_name_no_train_split_is_caught(cache, capsys):
+    """`datasets` and load_cache read the train split the configs name: renamed, or its line deleted, they
+    read no shard (a card with no configs at all is read by the folder's default layout)."""
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    shards = '"data/train-*-of-00004.parquet"'
+    edits = [
+        (
+            "  - split: train\n",
+            "  - split: training\n",
+            f'[{{"config_name": "default", "data_files": [{{"split": "training", "path": {shards}}}]}}]',
+        ),
+        ("  - split: train\n    path:", "  - path:", f'[{{"config_name": "default", "data_files": [{{"path": {shards}}}]}}]'),
+        ("- config_name: default\n", "", f'{{"data_files": [{{"split": "train", "path": {shards}}}]}}'),  # no longer a list
+    ]
+    for old, new, configs in edits:
+        (cache / "README.md").write_text(text.replace(old, new, 1))
+        assert verify_cache(cache) == [
+            f"README.md: the card's configs ({configs}) name no train split with a path, so `datasets` and load_cache cannot read "
+            "the shards: restore the card's configs (the build writes split train with path data/train-*-of-00004.parquet), or rebuild"
+        ]
+        assert main(["verify", str(cache)]) == 1
+    capsys.readouterr()
+    (cache / "README.md").write_text(text.replace("  data_files:\n  - split: train\n    path: ", "  data_files: ", 1))
+    assert verify_cache(cache) == []  # a pattern with no split named: `datasets` reads it as the train split
 
 
 def test_a_build_that_deleted_its_uploaded_shards_is_verified_on_the_hub(hub, tmp_path, capsys):
@@ -927,6 +1066,24 @@ def test_a_card_cut_short_or_with_broken_yaml_is_called_damaged_saying_how_to_re
     (cache / "README.md").write_text("---\nlicense: mit\n---\n# another dataset\n")  # whole, and not ours
     with pytest.raises(Eagle3CacheError, match="it is not an eagle3-cache dataset card"):
         verify_cache(cache)
+
+
+def test_a_damaged_card_saved_with_a_byte_order_mark_is_called_damaged_as_without_one(cache, capsys):
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    closing = text.index("\n---", 4)
+    cases = [
+        (text[: len(text) // 2], "begins but is never closed (a line holding only ---)"),
+        (text[:closing] + '\n  broken: "never closed' + text[closing:], "does not parse (while scanning a quoted scalar"),
+    ]
+    for damaged, why in cases:
+        (cache / "README.md").write_text("\ufeff" + damaged, encoding="utf-8")  # as some editors save it
+        message = f"verify: {cache / 'README.md'} is damaged: its YAML front matter, which holds the manifest, {why}"
+        with pytest.raises(Eagle3CacheError, match=re.escape(message) + r".*Restore it: run the build command again with --resume"):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
 # ---- what a hidden cache is read through: its head file and logit terms --------------------------
@@ -1019,6 +1176,61 @@ def test_a_manifest_without_the_build_settings_a_recompute_rebuilds_batches_from
     edit_card(cache, drop_batching)
     with pytest.raises(Eagle3CacheError, match=r"its manifest has no build\.max_tokens_per_batch, as in a card cut short"):
         verify_cache(cache, recompute=2)
+
+
+def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_called_damaged(cache, capsys):
+    """Each field verify reads, deleted from the card: a refusal saying which, not a traceback."""
+    from builder.cli import main
+
+    text = (cache / "README.md").read_text()
+    deletions = {
+        f"shards[{SHARD}].checksum": lambda m: m["shards"][1].pop("checksum"),
+        f"shards[{SHARD}].rows": lambda m: m["shards"][1].pop("rows"),
+        f"shards[{SHARD}].bytes": lambda m: m["shards"][1].pop("bytes"),
+        f"shards[{SHARD}].tokens": lambda m: m["shards"][1].pop("tokens"),
+        f"shards[{SHARD}].batching.batch_size": lambda m: m["shards"][1]["batching"].pop("batch_size"),
+        "columns.aux_hidden_states.dtype": lambda m: m["columns"]["aux_hidden_states"].pop("dtype"),
+        "columns.input_ids.arrow": lambda m: m["columns"]["input_ids"].pop("arrow"),
+        "columns.sample_id.arrow": lambda m: m["columns"].__setitem__("sample_id", None),  # its only line deleted
+        "layout.aux_width": lambda m: m["layout"].pop("aux_width"),
+        "identity.seq_length": lambda m: m["identity"].pop("seq_length"),
+        "identity.input.shuffle_seed": lambda m: m["identity"]["input"].pop("shuffle_seed"),
+        "vocab_file.checksum": lambda m: m["vocab_file"].pop("checksum"),
+        "hidden_size": lambda m: m.pop("hidden_size"),
+    }
+    for part, delete in deletions.items():
+        edit_card(cache, lambda data, delete=delete: delete(data["eagle3_cache"]))
+        message = f"README.md is damaged: its manifest has no {re.escape(part)}, as in a card cut short or edited by hand. Restore it"
+        with pytest.raises(Eagle3CacheError, match=message):
+            verify_cache(cache)
+        assert main(["verify", str(cache)]) == 2
+        assert re.search(message, capsys.readouterr().err)
+        (cache / "README.md").write_text(text)
+
+
+def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
+    edit_card(cache, lambda data: data["dataset_info"].update(splits={"num_bytes": 1, "num_examples": 14}))  # its `- name` line deleted
+    assert verify_cache(cache) == [
+        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples): '
+        "restore the card, or rebuild"
+    ]
+
+
+def test_shards_the_manifests_columns_cannot_decode_are_reported_not_a_traceback(cache):
+    """Where the identity no longer matches its fingerprint, the shards are checked against the card's
+    own columns: edited too, their values may not even decode."""
+    from helpers import record_in_card
+
+    edit_card(cache, lambda data: data["eagle3_cache"]["identity"].update(seq_length=95))
+    edit_card(cache, lambda data: data["eagle3_cache"]["columns"]["aux_hidden_states"].update(shape=["L", 191]))
+    problems = verify_cache(cache)
+    assert problems[0].startswith("README.md: the manifest's identity fields no longer match its fingerprint")
+    assert any(
+        p.startswith(f"data/{SHARD}: its rows cannot be decoded as the manifest's columns say (shape '[-1, 191]' is invalid")
+        for p in problems
+    )
+    record_in_card(cache)  # the fingerprint over the edited identity: the card's columns are compared with it
+    assert not any("cannot be decoded" in p for p in verify_cache(cache))
 
 
 def test_a_cache_recorded_before_the_sort_window_had_a_setting_is_recomputed(cache):
