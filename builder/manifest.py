@@ -287,9 +287,9 @@ def _why_no_card(source: CacheSource) -> str:
             root_data = {}
         index = root_data.get(INDEX_KEY) or {}
         if index and source.name not in index:
-            return f"the repo holds the caches {sorted(index)}, not {source.name!r}: pass one of them as name="
+            return f"the repo holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
         if CARD_KEY in root_data:
-            return f"the repo holds one cache, at its root, and no configs: leave out name={source.name!r}"
+            return f"the repo holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
     return (
         "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
         "or read the branch or tag of a finished one with --revision (revision= in Python)"

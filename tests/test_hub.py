@@ -266,13 +266,18 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
     assert_same_content(list(load_cache(downloaded / "short", layout="raw")), decoded_rows(v2))  # a config's folder alone
     with pytest.raises(ValueError, match=r"several caches: pass one of \['llama', 'short'\] as --name \(name= in Python\)"):
         load_cache("tester/multi")
-    with pytest.raises(FileNotFoundError, match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral'"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no mistral/README.md; the repo holds the caches \['llama', 'short'\], not 'mistral': "
+        r"pass one of them as --name \(name= in Python\)$",
+    ):
         load_cache("tester/multi", name="mistral")
     with pytest.raises(HubError, match="holds several caches in sub-folders"):
         push(v1, "tester/multi")
     push(v1, "tester/single")
     with pytest.raises(
-        FileNotFoundError, match=r"no short/README.md; the repo holds one cache, at its root, and no configs: leave out name='short'$"
+        FileNotFoundError,
+        match=r"no short/README.md; the repo holds one cache, at its root, and no configs: leave out --name short \(name= in Python\)$",
     ):
         load_cache("tester/single", name="short")
     with pytest.raises(HubError, match="holds a cache at its root"):
