@@ -1,6 +1,7 @@
 """Data-parallel builds under `accelerate launch`: two CPU processes (gloo) write the same
 cache as one, and a build started on two processes resumes on one; rank 0's start-up error
-reaches every rank as itself. Reading on two processes (`torchrun`): every usual loop sees
+reaches every rank as itself, and ranks that do not see one output directory all refuse at
+start-up. Reading on two processes (`torchrun`): every usual loop sees
 every sample exactly once per epoch."""
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import pytest
 from helpers import assert_same_content, decoded_rows
 
 import builder
-from builder.build_state import BUILD_STATE_DIR
-from builder.errors import Eagle3CacheError
+from builder.build_state import BUILD_STATE_DIR, holds_cache
+from builder.errors import Eagle3CacheError, ShardRecordsMissing
 from builder.forward import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,3 +315,105 @@ def test_rank_0s_start_up_failure_of_any_kind_stops_every_rank_with_its_message(
     name, message = rank_1
     assert name == "RankZeroFailed"
     assert "rank 0 stopped while taking the output directory: PermissionError: [Errno 13] Permission denied" in message
+
+
+def start_ranks(script: str, args: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
+    """`script` as ranks 0 and 1 of one launch, as `accelerate launch` or `torchrun` start them (the
+    launcher's environment), each in its own working directory, as on two nodes."""
+    launch = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            cwd=cwd,
+            env={**env(), **launch, "RANK": str(rank), "LOCAL_RANK": "0", "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, cwd in enumerate(cwds)
+    ]
+
+
+def finish_ranks(ranks: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each rank; a rank still running after two minutes (waiting for
+    the other) fails the test rather than hanging it."""
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        for rank in ranks:
+            rank.kill()
+        outputs = [rank.communicate() for rank in ranks]
+        pytest.fail("a rank was still waiting after 120 s:\n" + "\n".join(stderr[-2000:] for _, stderr in outputs))
+    return [(rank.returncode, stdout, stderr) for rank, (stdout, stderr) in zip(ranks, outputs, strict=True)]
+
+
+BUILD_ON_A_NODE = textwrap.dedent("""
+    import sys
+    import builder.build as build_module
+    from builder.cli import main
+
+    build_module.RUN_TOKEN_WAIT_SECONDS = 0  # local folders show rank 0's token at once: no network file system to wait for
+    sys.exit(main(["build", *sys.argv[1:]]))
+""")
+
+
+def test_ranks_that_do_not_see_one_output_dir_all_refuse_before_the_target_runs(tmp_path):
+    """Two "nodes" given the relative --output-dir `cache` from other working directories: rank 1
+    does not find the token rank 0 wrote, so both stop at start-up with one message, the target
+    never run, and rank 0's folder holds no build (a rerun needs no --resume)."""
+    import socket
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    ranks = start_ranks(BUILD_ON_A_NODE, ["--output-dir", "cache", *FLAGS, "--max-samples", "12", "--shard-size", "4"], nodes)
+    finished = finish_ranks(ranks)
+    host = socket.gethostname()
+    says = (
+        "error: --output-dir must name the same directory on every node (a shared filesystem; an absolute path): "
+        f"rank 0 (on {host}) wrote this run's token to {nodes[0] / 'cache' / BUILD_STATE_DIR / 'run-token.json'}, "
+        f"and rank 1 (on {host}) sees {nodes[1] / 'cache'} without it."
+    )
+    for rank, (status, _, stderr) in enumerate(finished):
+        assert status == 2 and says in stderr, (rank, stderr[-3000:])
+    for node in nodes:
+        assert not (node / "cache" / "data").exists() and not (node / "cache" / BUILD_STATE_DIR / "ranks").exists()
+    assert not holds_cache(nodes[0] / "cache")
+
+
+def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_path):
+    """Every rank is done, but rank 1's shards have no record in rank 0's directory (rank 1 wrote into
+    another one): rank 0 names the shards and the rank that wrote them, and writes no card."""
+    from types import SimpleNamespace
+
+    from builder.build import BuildResult, finish_cache
+    from builder.build_state import sidecar_path
+
+    out = tmp_path / "cache"
+    prep = SimpleNamespace(num_shards=4)
+    for k in (0, 2):  # rank 0's, of 2 ranks
+        sidecar_path(out, f"train-{k:05d}-of-00004.parquet").parent.mkdir(parents=True, exist_ok=True)
+        sidecar_path(out, f"train-{k:05d}-of-00004.parquet").write_text(json.dumps({"rows": 4, "failed": []}))
+    missing = "rank 1: train-00001-of-00004.parquet, train-00003-of-00004.parquet"
+    with pytest.raises(ShardRecordsMissing, match=rf"2 of the 4 shards have no record in .*\({missing}\).*--resume"):
+        finish_cache(out, prep, BuildResult(out, prep, rank=0, world_size=2), None, None)
+    assert not (out / "README.md").exists()
+
+
+def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
+    """A network file system may show a file another node just created only once its cached view of
+    the folder expires: a rank that does not find the token yet looks again before it refuses."""
+    import builder.build as build_module
+    from builder.build_state import RUN_TOKEN_FILE
+    from builder.files import write_json_atomic
+
+    out = tmp_path / "cache"
+    looks = []
+
+    def the_token_shows_up(seconds):
+        looks.append(seconds)
+        write_json_atomic(out / RUN_TOKEN_FILE, {"token": "rank 0's"})
+
+    monkeypatch.setattr(build_module.time, "sleep", the_token_shows_up)
+    assert build_module.wait_for_run_token(out, "rank 0's", rank=1) == "rank 0's"
+    assert len(looks) == 1
