@@ -38,7 +38,15 @@ from .build_state import (
 )
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
-from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, OutputDirNotShared, ShardRecordsMissing, ShardUnreadable
+from .errors import (
+    ConfigError,
+    Eagle3CacheError,
+    NonFiniteOutput,
+    OutputDirNotShared,
+    ProcessCountMismatch,
+    ShardRecordsMissing,
+    ShardUnreadable,
+)
 from .files import atomic_write, disk_full_as_error, file_hash, mode_of_open, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
@@ -73,6 +81,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     # Barriers may wait for hours (rank 0 tokenizing a large input, a rank's last uploads):
     # far past NCCL's 10-minute default watchdog.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    check_state_counts_every_process(state)
     with state.main_process_first():  # rank 0 tokenizes; the others then hit its cache
         prep = prepare(cfg)
     state.wait_for_everyone()  # every rank has validated the output dir before rank 0 writes to it
@@ -108,6 +117,22 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         if state.is_main_process:
             lock.release()
     return result
+
+
+def check_state_counts_every_process(state) -> None:
+    """PartialState reuses a state the caller created first (an `Accelerator()`): made without cpu=True
+    on a machine without a GPU, it counts one process though the launch's gloo group holds several, and
+    every process would build alone as rank 0 of 1 (the lock then stopping all but one, misleadingly)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    group_size = torch.distributed.get_world_size()
+    if group_size != state.num_processes:
+        raise ProcessCountMismatch(
+            f"build(): torch.distributed runs {group_size} processes, but the accelerate state created before build() "
+            f"counts {state.num_processes}, so each process would build alone as rank 0 of {state.num_processes}; "
+            f"expected one state for all {group_size}. Without a GPU, create it with Accelerator(cpu=True) or "
+            "PartialState(cpu=True), or call build() before creating one (build() creates its own)."
+        )
 
 
 # Uploading as it goes, a build rides out a Hub outage of about half an hour (the bounded queue holds

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -417,3 +418,36 @@ def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(build_module.time, "sleep", the_token_shows_up)
     assert build_module.wait_for_run_token(out, "rank 0's", rank=1) == "rank 0's"
     assert len(looks) == 1
+
+
+BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
+    import json, sys
+    from accelerate import Accelerator
+    from builder.build import build
+    from builder.config import BuildConfig
+    from builder.errors import Eagle3CacheError
+
+    Accelerator()  # a caller's own, made without cpu=True: one process, though the launch's gloo group holds two
+    cfg = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=sys.argv[1], seq_length=128,
+                      draft_vocab_size=200, dtype="fp32", batch_size=4, max_samples=12, shard_size=4)
+    try:
+        build(cfg, progress=False)
+    except Eagle3CacheError as err:
+        print(json.dumps([type(err).__name__, str(err)]), flush=True)
+        sys.exit(2)
+""")
+
+
+def test_a_callers_state_that_counts_one_process_of_two_is_refused_on_every_rank(tmp_path):
+    """A caller created an accelerate state counting one process before calling build() under a
+    2-process launch: every rank refuses, naming both counts and what to do, before anything is
+    written, instead of each building alone as rank 0 of 1."""
+    out = tmp_path / "cache"
+    finished = finish_ranks(start_ranks(BUILD_AFTER_THE_CALLERS_STATE, [str(out)], [tmp_path, tmp_path]))
+    for rank, (status, stdout, stderr) in enumerate(finished):
+        assert status == 2, (rank, stdout[-2000:], stderr[-3000:])
+        name, message = json.loads(stdout.splitlines()[-1])
+        assert name == "ProcessCountMismatch"
+        assert re.search(r"torch.distributed runs 2 processes, but the accelerate state created before build\(\) counts 1", message)
+        assert "Accelerator(cpu=True) or PartialState(cpu=True), or call build() before creating one" in message
+    assert not out.exists()
