@@ -376,7 +376,7 @@ def test_ranks_that_do_not_see_one_output_dir_all_refuse_before_the_target_runs(
         f"and rank 1 (on {host}) sees {nodes[1] / 'cache'} without it."
     )
     for rank, (status, _, stderr) in enumerate(finished):
-        assert status == 2 and says in stderr, (rank, stderr[-3000:])
+        assert status != 0 and says in stderr, (rank, stderr[-3000:])
     for node in nodes:
         assert not (node / "cache" / "data").exists() and not (node / "cache" / BUILD_STATE_DIR / "ranks").exists()
     assert not holds_cache(nodes[0] / "cache")
