@@ -422,6 +422,7 @@ def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
 
 BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
     import json, sys
+    import torch.distributed as dist
     from accelerate import Accelerator
     from builder.build import build
     from builder.config import BuildConfig
@@ -434,6 +435,7 @@ BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
         build(cfg, progress=False)
     except Eagle3CacheError as err:
         print(json.dumps([type(err).__name__, str(err)]), flush=True)
+        dist.destroy_process_group()  # as a caller leaving its launch: a group left up may abort the process at exit
         sys.exit(2)
 """)
 
