@@ -215,7 +215,7 @@ def every_error_class() -> list[type]:
 
 @pytest.mark.parametrize("cls", every_error_class(), ids=lambda cls: cls.__qualname__)
 def test_every_error_survives_the_trip_to_another_rank(cls):
-    """`build.agree` hands rank 0's error to the other ranks pickled: each must arrive as itself,
+    """`pipeline.agree` hands rank 0's error to the other ranks pickled: each must arrive as itself,
     whatever its constructor takes. A new class with a constructor of its own needs its arguments
     in ERROR_ARGUMENTS."""
     error = cls(*ERROR_ARGUMENTS.get(cls.__name__, ("what was expected, what was found, what to do",)))
@@ -227,7 +227,7 @@ AGREE_ON_RANK = textwrap.dedent("""
     import json, sys
     from datetime import timedelta
     import torch.distributed as dist
-    from builder.build import agree
+    from builder.pipeline import agree
     from builder.errors import ConfigError, Eagle3CacheError, ResumeMismatch
 
     rank, store = int(sys.argv[1]), sys.argv[2]
@@ -288,7 +288,7 @@ AGREE_ON_A_FOREIGN_ERROR = textwrap.dedent("""
     import json, sys
     from datetime import timedelta
     import torch.distributed as dist
-    from builder.build import agree
+    from builder.pipeline import agree
 
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
@@ -350,10 +350,10 @@ def finish_ranks(ranks: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
 
 BUILD_ON_A_NODE = textwrap.dedent("""
     import sys
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
     from builder.cli import main
 
-    build_module.RUN_TOKEN_WAIT_SECONDS = 0  # local folders show rank 0's token at once: no network file system to wait for
+    pipeline_module.RUN_TOKEN_WAIT_SECONDS = 0  # local folders show rank 0's token at once: no network file system to wait for
     sys.exit(main(["build", *sys.argv[1:]]))
 """)
 
@@ -387,8 +387,8 @@ def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_pat
     another one): rank 0 names the shards and the rank that wrote them, and writes no card."""
     from types import SimpleNamespace
 
-    from builder.build import BuildResult, finish_cache
     from builder.build_state import sidecar_path
+    from builder.pipeline import BuildResult, finish_cache
 
     out = tmp_path / "cache"
     prep = SimpleNamespace(num_shards=4)
@@ -404,7 +404,7 @@ def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_pat
 def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
     """A network file system may show a file another node just created only once its cached view of
     the folder expires: a rank that does not find the token yet looks again before it refuses."""
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
     from builder.build_state import RUN_TOKEN_FILE
     from builder.files import write_json_atomic
 
@@ -415,8 +415,8 @@ def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
         looks.append(seconds)
         write_json_atomic(out / RUN_TOKEN_FILE, {"token": "rank 0's"})
 
-    monkeypatch.setattr(build_module.time, "sleep", the_token_shows_up)
-    assert build_module.wait_for_run_token(out, "rank 0's", rank=1) == "rank 0's"
+    monkeypatch.setattr(pipeline_module.time, "sleep", the_token_shows_up)
+    assert pipeline_module.wait_for_run_token(out, "rank 0's", rank=1) == "rank 0's"
     assert len(looks) == 1
 
 
@@ -424,8 +424,7 @@ BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
     from accelerate import Accelerator
-    from builder.build import build
-    from builder.config import BuildConfig
+    from builder import BuildConfig, build
     from builder.errors import Eagle3CacheError
 
     Accelerator()  # a caller's own, made without cpu=True: one process, though the launch's gloo group holds two

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import builder.export as export_module
-from builder.build import build
 from builder.cli import main
 from builder.embedded import resolve_target
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
+from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
 
 
