@@ -8,7 +8,7 @@ For each target, in one process:
            every position: THE denominator of the acceptance ratio), and as diagnostics
            `Target.forward` (decoder + aux hooks, no head) and `Target.supervise` (what the build
            computes per batch: forward, lm_head at loss positions, supervision).
-  build    `builder.build.build()`, timed from the start of the first forward
+  build    `builder.build()`, timed from the start of the first forward
            (`Target.supervise`, wrapped) to the publication of the last shard
            (`ShardWriter.publish`, wrapped): model loading, tokenization, card and vocab files
            are left out. Everything in between counts: padding, the forward, encoding, the
@@ -204,8 +204,8 @@ def run_case(label: str, build_kwargs: dict, diagnostics: bool, repeats: int) ->
     import numpy as np
     import torch
 
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline import build
     from builder.prepare import prepare
     from builder.target import Target, compute_device, load_model
 

@@ -55,8 +55,8 @@ def directory_bytes(path: Path) -> int:
 
 
 def measure(label: str, target: str, compression: str, **settings) -> dict:
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline import build
     from builder.plan import estimate_sizes
 
     out = Path(temp_dir(f"{label}-{compression}")) / "cache"

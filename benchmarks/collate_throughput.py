@@ -193,8 +193,8 @@ def main(argv=None) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline import build
     from builder.reader import RowDecoder, SampleDecoder, load_cache
 
     cache = Path(temp_dir("collate")) / "cache"

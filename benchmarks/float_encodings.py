@@ -93,8 +93,8 @@ def main() -> dict:
     _common.quiet_libraries()
     import pyarrow.parquet as pq
 
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline import build
 
     target = make_big_target(Path(temp_dir("big-target")) / "model")
     out = Path(temp_dir("float_encodings")) / "cache"

@@ -69,9 +69,9 @@ def parse_args(argv=None):
 
 
 def one_build(target: str, label: str, fmt: str, aux: str, vd: int, **settings) -> dict:
-    from builder.build import build
     from builder.config import BuildConfig
     from builder.manifest import LM_HEAD_FILE
+    from builder.pipeline import build
 
     out = Path(temp_dir(f"{label}-{fmt}-{aux}-{vd}")) / "cache"
     start = time.perf_counter()

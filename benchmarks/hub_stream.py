@@ -104,8 +104,8 @@ def main() -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-        from builder.build import build
         from builder.config import BuildConfig
+        from builder.pipeline import build
         from builder.push import PushTarget, push_cache
 
         out = Path(temp_dir("cache")) / "cache"

@@ -402,8 +402,8 @@ def main(argv=None) -> dict:
     _common.quiet_libraries()
     import pyarrow.parquet as pq
 
-    from builder.build import build
     from builder.config import BuildConfig
+    from builder.pipeline import build
 
     threads = [int(x) for x in args.threads.split(",")]
     base = Path(temp_dir("io"))

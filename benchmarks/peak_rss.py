@@ -67,7 +67,7 @@ def child(mode: str, jsonl: str | None, out: str | None) -> dict:
 
     info: dict = {"mode": mode}
     if mode == "baseline":
-        from builder import build as _build_module  # noqa: F401  (the same imports a build makes)
+        import builder.pipeline  # noqa: F401  (the same imports a build makes)
         from builder.config import resolve_aux_layer_ids
         from builder.embedded import resolve_target
         from builder.target import Target, compute_device, load_config, load_model, load_tokenizer, text_config
@@ -86,7 +86,7 @@ def child(mode: str, jsonl: str | None, out: str | None) -> dict:
             prep = prepare(cfg)
             info.update(samples=len(prep.samples), tokens=int(sum(prep.samples["num_tokens"])))
         else:
-            from builder.build import build
+            from builder.pipeline import build
 
             result = build(cfg, progress=False)
             totals = result.manifest["totals"]

@@ -17,7 +17,7 @@ def __getattr__(name):  # heavy imports (datasets, transformers) only when asked
 
         return BuildConfig
     if name == "build":
-        from .build import build
+        from .pipeline import build
 
         return build
     raise AttributeError(name)

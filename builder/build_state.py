@@ -19,6 +19,10 @@ BUILD_STATE_DIR = ".eagle3_build"
 BUILD_STATE_FILE = f"{BUILD_STATE_DIR}/identity.json"
 # What the build read beyond its identity: the commit of a Hub dataset input (whose data files the identity hashes).
 INPUT_SOURCE_FILE = f"{BUILD_STATE_DIR}/input.json"
+# A random token rank 0 of a run on several processes writes once it holds the lock: a rank that does not
+# find it there sees another directory (a node-local path, a relative one typed in another working directory).
+# It marks no build (`holds_cache` ignores it), and each run writes its own over the last.
+RUN_TOKEN_FILE = f"{BUILD_STATE_DIR}/run-token.json"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -203,6 +207,14 @@ def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bo
         f"The data files of Hub dataset {stored['input']['data']!r}, or what its card says of them, have changed since "
         f"commit {commit}, which the build read: pass --input-revision {commit} to continue it from that commit."
     )
+
+
+def read_run_token(output_dir: Path) -> str | None:
+    """The run token this process finds in `output_dir` (RUN_TOKEN_FILE); None where there is none to read."""
+    try:
+        return json.loads((Path(output_dir) / RUN_TOKEN_FILE).read_text()).get("token")
+    except (OSError, ValueError):
+        return None
 
 
 def read_input_source(output_dir: Path) -> dict | None:

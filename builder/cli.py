@@ -208,7 +208,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 # What every build imports: the builder (torch, datasets), accelerate, and transformers' model
 # code (config, tokenizer and model loading); a dry run loads no model.
-BUILD_IMPORTS = ("builder.build", "accelerate")
+BUILD_IMPORTS = ("builder.pipeline", "accelerate")
 MODEL_IMPORTS = ("transformers.modeling_utils",)
 
 
@@ -253,7 +253,7 @@ def silence_library_progress_bars() -> None:
 
 
 def report_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from .pipeline import build
     from .plan import format_plan, plan_summary
 
     cfg = config_from_args(args)

@@ -60,6 +60,20 @@ class DiskFull(WriteFailed):
     """Writing failed for lack of space; complete shards stay valid."""
 
 
+class ProcessCountMismatch(Eagle3CacheError):
+    """The accelerate state a caller created before `build` counts other processes than the
+    torch.distributed group they run in: each would build alone, as rank 0."""
+
+
+class OutputDirNotShared(Eagle3CacheError):
+    """The processes of a build do not all see rank 0's --output-dir: it names a folder on each node's
+    own disk, or a relative path launched from other working directories."""
+
+
+class ShardRecordsMissing(Eagle3CacheError):
+    """Every rank finished, but rank 0 finds no record of some shards: their ranks wrote elsewhere."""
+
+
 class ShardUnreadable(Eagle3CacheError):
     """--resume could not read a shard to check it is complete; it was left as it is."""
 

@@ -35,7 +35,7 @@ from .target import HEAD_PROBE_TOKENS, Target, compute_device, head_spec
 from .writer import BackgroundWriter, BatchOutput
 
 if TYPE_CHECKING:
-    from .build import BuildResult
+    from .pipeline import BuildResult
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import small_config
 
-from builder.build import build
+from builder.pipeline import build
 from builder.reader import RowDecoder, arrow_rows, load_cache, read_manifest
 
 BUILDS = {

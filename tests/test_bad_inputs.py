@@ -93,10 +93,10 @@ import pytest
 import builder.placement as placement_mod
 import builder.prepare as prepare_mod
 import builder.target as target_mod
-from builder.build import build
 from builder.cli import main
 from builder.config import BuildConfig
 from builder.embedded import EMBEDDED_TARGETS
+from builder.pipeline import build
 from builder.reader import read_manifest
 
 SEQ = 64

@@ -29,13 +29,13 @@ import builder.placement as placement_module
 import builder.prepare as prepare_module
 import builder.shards as shards_module
 import builder.tokenize as tokenize_module
-from builder.build import build
 from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
 from builder.conversations import BadRow
 from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
 from builder.files import file_hash
 from builder.kept_samples import SAMPLE_COLUMNS
 from builder.manifest import fingerprint
+from builder.pipeline import build
 from builder.prepare import prepare, target_differences
 from builder.reader import read_manifest, read_vocab
 from builder.vocab import earlier_special_token_ids, special_token_ids
@@ -505,17 +505,17 @@ def test_a_resume_reads_only_the_sample_columns_of_its_finished_shards(tmp_path,
 def test_a_resume_checks_again_once_it_holds_the_lock(tmp_path, monkeypatch):
     """Another build can take a new directory between a resume's first check and its lock: the
     resume then refuses, and never continues that build's shards under its own card."""
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
 
     cfg = small_config(tmp_path / "cache")
-    real_open_uploader = build_module.open_uploader
+    real_open_uploader = pipeline_module.open_uploader
 
     def another_build_starts_meanwhile(*args, **kwargs):
-        monkeypatch.setattr(build_module, "open_uploader", real_open_uploader)  # the other build passes straight on
+        monkeypatch.setattr(pipeline_module, "open_uploader", real_open_uploader)  # the other build passes straight on
         interrupted_build(cfg.replace(seq_length=80), monkeypatch, after_shards=1)
         return real_open_uploader(*args, **kwargs)
 
-    monkeypatch.setattr(build_module, "open_uploader", another_build_starts_meanwhile)
+    monkeypatch.setattr(pipeline_module, "open_uploader", another_build_starts_meanwhile)
     with pytest.raises(ResumeMismatch, match=r"(?m)^  seq_length: cache has 80, this run has 96"):
         build(cfg.replace(resume=True), progress=False)
     assert json.loads((tmp_path / "cache" / BUILD_STATE_FILE).read_text())["seq_length"] == 80  # the other build's, untouched

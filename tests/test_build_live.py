@@ -32,8 +32,8 @@ from transformers import (
     PhiConfig,
 )
 
-from builder.build import build
 from builder.errors import HeadMismatch
+from builder.pipeline import build
 from builder.reader import load_cache, read_manifest, read_vocab
 
 

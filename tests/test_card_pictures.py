@@ -20,8 +20,8 @@ import pytest
 from helpers import decoded_rows, small_config
 from PIL import Image
 
-from builder.build import build
 from builder.card import DRAWING_PREFIX, PictureDrawing, remove_dead_drawings
+from builder.pipeline import build
 from builder.reader import read_manifest, read_vocab
 from dataset_card.pictures import (
     PICTURES,
@@ -145,7 +145,7 @@ def test_pictures_show_the_cache_content(cache):
 
 RENDER_IN_FRESH_PROCESS = """
 import hashlib, json, sys
-import builder.build, builder.card
+import builder.pipeline, builder.card
 assert "matplotlib" not in sys.modules, "importing the builder loaded matplotlib"
 from dataset_card.pictures import card_pictures
 inputs = json.loads(sys.stdin.read())

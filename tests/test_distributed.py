@@ -1,6 +1,7 @@
 """Data-parallel builds under `accelerate launch`: two CPU processes (gloo) write the same
 cache as one, and a build started on two processes resumes on one; rank 0's start-up error
-reaches every rank as itself. Reading on two processes (`torchrun`): every usual loop sees
+reaches every rank as itself, and ranks that do not see one output directory all refuse at
+start-up. Reading on two processes (`torchrun`): every usual loop sees
 every sample exactly once per epoch."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import pickle
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +21,8 @@ import pytest
 from helpers import assert_same_content, decoded_rows
 
 import builder
-from builder.build_state import BUILD_STATE_DIR
-from builder.errors import Eagle3CacheError
+from builder.build_state import BUILD_STATE_DIR, holds_cache
+from builder.errors import Eagle3CacheError, ShardRecordsMissing
 from builder.forward import FAULT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +215,7 @@ def every_error_class() -> list[type]:
 
 @pytest.mark.parametrize("cls", every_error_class(), ids=lambda cls: cls.__qualname__)
 def test_every_error_survives_the_trip_to_another_rank(cls):
-    """`build.agree` hands rank 0's error to the other ranks pickled: each must arrive as itself,
+    """`pipeline.agree` hands rank 0's error to the other ranks pickled: each must arrive as itself,
     whatever its constructor takes. A new class with a constructor of its own needs its arguments
     in ERROR_ARGUMENTS."""
     error = cls(*ERROR_ARGUMENTS.get(cls.__name__, ("what was expected, what was found, what to do",)))
@@ -225,7 +227,7 @@ AGREE_ON_RANK = textwrap.dedent("""
     import json, sys
     from datetime import timedelta
     import torch.distributed as dist
-    from builder.build import agree
+    from builder.pipeline import agree
     from builder.errors import ConfigError, Eagle3CacheError, ResumeMismatch
 
     rank, store = int(sys.argv[1]), sys.argv[2]
@@ -286,7 +288,7 @@ AGREE_ON_A_FOREIGN_ERROR = textwrap.dedent("""
     import json, sys
     from datetime import timedelta
     import torch.distributed as dist
-    from builder.build import agree
+    from builder.pipeline import agree
 
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
@@ -314,3 +316,139 @@ def test_rank_0s_start_up_failure_of_any_kind_stops_every_rank_with_its_message(
     name, message = rank_1
     assert name == "RankZeroFailed"
     assert "rank 0 stopped while taking the output directory: PermissionError: [Errno 13] Permission denied" in message
+
+
+def start_ranks(script: str, args: list[str], cwds: list[Path]) -> list[subprocess.Popen]:
+    """`script` as ranks 0 and 1 of one launch, as `accelerate launch` or `torchrun` start them (the
+    launcher's environment), each in its own working directory, as on two nodes."""
+    launch = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            cwd=cwd,
+            env={**env(), **launch, "RANK": str(rank), "LOCAL_RANK": "0", "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, cwd in enumerate(cwds)
+    ]
+
+
+def finish_ranks(ranks: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each rank; a rank still running after two minutes (waiting for
+    the other) fails the test rather than hanging it."""
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    except subprocess.TimeoutExpired:
+        for rank in ranks:
+            rank.kill()
+        outputs = [rank.communicate() for rank in ranks]
+        pytest.fail("a rank was still waiting after 120 s:\n" + "\n".join(stderr[-2000:] for _, stderr in outputs))
+    return [(rank.returncode, stdout, stderr) for rank, (stdout, stderr) in zip(ranks, outputs, strict=True)]
+
+
+BUILD_ON_A_NODE = textwrap.dedent("""
+    import sys
+    import builder.pipeline as pipeline_module
+    from builder.cli import main
+
+    pipeline_module.RUN_TOKEN_WAIT_SECONDS = 0  # local folders show rank 0's token at once: no network file system to wait for
+    sys.exit(main(["build", *sys.argv[1:]]))
+""")
+
+
+def test_ranks_that_do_not_see_one_output_dir_all_refuse_before_the_target_runs(tmp_path):
+    """Two "nodes" given the relative --output-dir `cache` from other working directories: rank 1
+    does not find the token rank 0 wrote, so both stop at start-up with one message, the target
+    never run, and rank 0's folder holds no build (a rerun needs no --resume)."""
+    import socket
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    ranks = start_ranks(BUILD_ON_A_NODE, ["--output-dir", "cache", *FLAGS, "--max-samples", "12", "--shard-size", "4"], nodes)
+    finished = finish_ranks(ranks)
+    host = socket.gethostname()
+    says = (
+        "error: --output-dir must name the same directory on every node (a shared filesystem; an absolute path): "
+        f"rank 0 (on {host}) wrote this run's token to {nodes[0] / 'cache' / BUILD_STATE_DIR / 'run-token.json'}, "
+        f"and rank 1 (on {host}) sees {nodes[1] / 'cache'} without it."
+    )
+    for rank, (status, _, stderr) in enumerate(finished):
+        assert status != 0 and says in stderr, (rank, stderr[-3000:])
+    for node in nodes:
+        assert not (node / "cache" / "data").exists() and not (node / "cache" / BUILD_STATE_DIR / "ranks").exists()
+    assert not holds_cache(nodes[0] / "cache")
+
+
+def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_path):
+    """Every rank is done, but rank 1's shards have no record in rank 0's directory (rank 1 wrote into
+    another one): rank 0 names the shards and the rank that wrote them, and writes no card."""
+    from types import SimpleNamespace
+
+    from builder.build_state import sidecar_path
+    from builder.pipeline import BuildResult, finish_cache
+
+    out = tmp_path / "cache"
+    prep = SimpleNamespace(num_shards=4)
+    for k in (0, 2):  # rank 0's, of 2 ranks
+        sidecar_path(out, f"train-{k:05d}-of-00004.parquet").parent.mkdir(parents=True, exist_ok=True)
+        sidecar_path(out, f"train-{k:05d}-of-00004.parquet").write_text(json.dumps({"rows": 4, "failed": []}))
+    missing = "rank 1: train-00001-of-00004.parquet, train-00003-of-00004.parquet"
+    with pytest.raises(ShardRecordsMissing, match=rf"2 of the 4 shards have no record in .*\({missing}\).*--resume"):
+        finish_cache(out, prep, BuildResult(out, prep, rank=0, world_size=2), None, None)
+    assert not (out / "README.md").exists()
+
+
+def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
+    """A network file system may show a file another node just created only once its cached view of
+    the folder expires: a rank that does not find the token yet looks again before it refuses."""
+    import builder.pipeline as pipeline_module
+    from builder.build_state import RUN_TOKEN_FILE
+    from builder.files import write_json_atomic
+
+    out = tmp_path / "cache"
+    looks = []
+
+    def the_token_shows_up(seconds):
+        looks.append(seconds)
+        write_json_atomic(out / RUN_TOKEN_FILE, {"token": "rank 0's"})
+
+    monkeypatch.setattr(pipeline_module.time, "sleep", the_token_shows_up)
+    assert pipeline_module.wait_for_run_token(out, "rank 0's", rank=1) == "rank 0's"
+    assert len(looks) == 1
+
+
+BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from builder import BuildConfig, build
+    from builder.errors import Eagle3CacheError
+
+    Accelerator()  # a caller's own, made without cpu=True: one process, though the launch's gloo group holds two
+    cfg = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=sys.argv[1], seq_length=128,
+                      draft_vocab_size=200, dtype="fp32", batch_size=4, max_samples=12, shard_size=4)
+    try:
+        build(cfg, progress=False)
+    except Eagle3CacheError as err:
+        print(json.dumps([type(err).__name__, str(err)]), flush=True)
+        dist.destroy_process_group()  # as a caller leaving its launch: a group left up may abort the process at exit
+        sys.exit(2)
+""")
+
+
+def test_a_callers_state_that_counts_one_process_of_two_is_refused_on_every_rank(tmp_path):
+    """A caller created an accelerate state counting one process before calling build() under a
+    2-process launch: every rank refuses, naming both counts and what to do, before anything is
+    written, instead of each building alone as rank 0 of 1."""
+    out = tmp_path / "cache"
+    finished = finish_ranks(start_ranks(BUILD_AFTER_THE_CALLERS_STATE, [str(out)], [tmp_path, tmp_path]))
+    for rank, (status, stdout, stderr) in enumerate(finished):
+        assert status == 2, (rank, stdout[-2000:], stderr[-3000:])
+        name, message = json.loads(stdout.splitlines()[-1])
+        assert name == "ProcessCountMismatch"
+        assert re.search(r"torch.distributed runs 2 processes, but the accelerate state created before build\(\) counts 1", message)
+        assert "Accelerator(cpu=True) or PartialState(cpu=True), or call build() before creating one" in message
+    assert not out.exists()

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from tiny_targets import target_without_pad_token
 
 import builder.prepare as prepare_module
-from builder.build import build
 from builder.embedded import NO_GENERATION_TEMPLATE
 from builder.export import export_cache
+from builder.pipeline import build
 from builder.reader import (
     collate_nemo,
     draft_vocab,

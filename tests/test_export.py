@@ -26,10 +26,10 @@ from tiny_targets import _init_weights, _text_settings, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, Gemma2Config, PhiConfig
 
 import builder.export as export_module
-from builder.build import build
 from builder.cli import main
 from builder.embedded import resolve_target
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
+from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
 
 

@@ -11,9 +11,9 @@ from helpers import AllocatedBytes, says, small_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from builder import compute_target_distribution
-from builder.build import build
 from builder.embedded import resolve_target
 from builder.formats import FP8_MAX, TARGET_FORMATS, Layout, decode_aux, encode_aux, encode_targets, quality_of_batch
+from builder.pipeline import build
 from builder.placement import plan_memory
 from builder.reader import load_cache, read_manifest
 

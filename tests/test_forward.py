@@ -15,9 +15,9 @@ from helpers import small_config
 import builder.forward as forward
 import builder.shards as shards
 from builder.batching import pad_batch
-from builder.build import build
 from builder.build_state import BUILD_STATE_DIR, sidecar_path
 from builder.forward import all_finite, gil_switch_interval
+from builder.pipeline import build
 
 
 def test_pad_batch_right_pads_and_never_supervises_padding():
@@ -117,8 +117,8 @@ def test_a_pad_token_past_the_embedding_table_pads_like_one_inside_it_in_the_bui
     from helpers import assert_same_content, decoded_rows, small_config
     from transformers import AutoConfig, AutoTokenizer
 
-    from builder.build import build
     from builder.embedded import EMBEDDED_TARGETS
+    from builder.pipeline import build
     from builder.reader import read_manifest
     from builder.verify import verify_cache
 

@@ -19,11 +19,11 @@ import torch
 from helpers import MIXED_KEYS, MIXED_VALUES, assert_same_content, card_edited_by_user, decoded_rows, says, small_config
 from hub_server import TOKEN, hub_fixtures, point_clients_at
 
-from builder.build import build
 from builder.cli import main
 from builder.files import file_hash
 from builder.hub import HubError, Retry
 from builder.manifest import card_data_of
+from builder.pipeline import build
 from builder.push import PushTarget, ShardUploader, push_cache, validate_target, with_shard_sha256
 from builder.reader import CacheMismatch, ShardFilesMismatch, load_cache, read_manifest, read_vocab
 

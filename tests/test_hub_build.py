@@ -9,8 +9,8 @@ from helpers import assert_same_content, decoded_rows, small_config
 from hub_server import hub_fixtures
 
 import builder.push as push_module
-from builder.build import build
 from builder.build_state import read_sidecar
+from builder.pipeline import build
 from builder.push import PushTarget, push_cache
 from builder.reader import load_cache
 
@@ -164,12 +164,12 @@ def test_the_summary_of_a_build_that_deleted_its_shards_points_at_the_hub_only(h
 def test_a_build_uploading_as_it_goes_rides_out_a_hub_outage(hub, tmp_path, monkeypatch):
     import dataclasses
 
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
     from builder.hub import Retry
 
-    policy = build_module.UPLOAD_WHILE_BUILDING_RETRY
+    policy = pipeline_module.UPLOAD_WHILE_BUILDING_RETRY
     assert policy.total_wait() >= 20 * 60 > Retry().total_wait()  # minutes of outage, where a push gives up in seconds
-    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", dataclasses.replace(policy, backoff=0.001, max_wait=0.001))
+    monkeypatch.setattr(pipeline_module, "UPLOAD_WHILE_BUILDING_RETRY", dataclasses.replace(policy, backoff=0.001, max_wait=0.001))
     outage = hub.add_fault("POST", r"/commit/", status=503, times=Retry().retries + 2)  # longer than a push rides out
     cfg = small_config(tmp_path / "cache", shard_size=4, push_to_hub="tester/outage", hub_tag="v1", delete_local_after_upload=True)
     result = build(cfg, progress=False)
@@ -192,10 +192,10 @@ def quick_upload_retries(monkeypatch):
     """The build's uploads retried as often as ever, without the waits between."""
     import dataclasses
 
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
 
-    policy = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=0.001, max_wait=0.001)
-    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", policy)
+    policy = dataclasses.replace(pipeline_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=0.001, max_wait=0.001)
+    monkeypatch.setattr(pipeline_module, "UPLOAD_WHILE_BUILDING_RETRY", policy)
     return policy
 
 
@@ -274,16 +274,16 @@ def test_a_build_interrupted_during_a_hub_outage_stops_its_uploads_at_once_and_r
     import logging
     from types import SimpleNamespace
 
-    import builder.build as build_module
     import builder.forward as forward_module
     import builder.hub as hub_module
-    from builder.build import shard_matches_record
+    import builder.pipeline as pipeline_module
+    from builder.pipeline import shard_matches_record
     from builder.shards import shard_name
 
     # An outage: every commit fails, and each retry waits an hour. A wait the interrupt cannot end passes
     # at once here (the module's clock never sleeps), so the test sees the uploads go on instead of hanging.
-    hourly = dataclasses.replace(build_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=3600.0, max_wait=3600.0)
-    monkeypatch.setattr(build_module, "UPLOAD_WHILE_BUILDING_RETRY", hourly)
+    hourly = dataclasses.replace(pipeline_module.UPLOAD_WHILE_BUILDING_RETRY, backoff=3600.0, max_wait=3600.0)
+    monkeypatch.setattr(pipeline_module, "UPLOAD_WHILE_BUILDING_RETRY", hourly)
     monkeypatch.setattr(hub_module, "time", SimpleNamespace(sleep=lambda seconds: None))
     hub.add_fault("POST", r"/commit/", status=503, times=None)
     retrying, third_handed_over, interrupted = threading.Event(), threading.Event(), threading.Event()

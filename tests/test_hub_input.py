@@ -12,12 +12,12 @@ from helpers import assert_same_content, decoded_rows, says, small_config
 from hub_server import TOKEN, hub_fixtures
 
 import builder.forward as forward_module
-from builder.build import build
 from builder.build_state import BUILD_STATE_FILE, INPUT_SOURCE_FILE
 from builder.config import validate
 from builder.errors import ConfigError, InputError, ResumeMismatch
 from builder.inputs import load_rows
 from builder.manifest import fingerprint, read_manifest
+from builder.pipeline import build
 
 hub_server, hub = hub_fixtures()
 

@@ -415,7 +415,7 @@ def test_a_build_from_a_dataset_saved_with_the_torch_format_equals_one_from_plai
     import torch
     from helpers import decoded_rows, small_config
 
-    from builder.build import build
+    from builder.pipeline import build
 
     rows = [chat(f"r{i}", question=f"question {i} about the sea", answer=f"answer {i} about the sky") for i in range(4)]
     caches = {}

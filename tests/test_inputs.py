@@ -15,11 +15,11 @@ from hub_server import TOKEN, hub_fixtures
 import builder.inputs as inputs_mod
 import builder.placement as placement_mod
 import builder.target as target_mod
-from builder.build import build
 from builder.config import BuildConfig
 from builder.conversations import SKIP_REASONS, normalize_row, parse_raw_row
 from builder.errors import BadRowError, InputError
 from builder.inputs import load_rows, select_rows
+from builder.pipeline import build
 from builder.prepare import prepare
 
 hub_server, hub = hub_fixtures()

@@ -14,8 +14,8 @@ from helpers import assert_same_content, small_config
 
 import builder.reader as reader
 import builder.stream_exit as stream_exit
-from builder.build import build
 from builder.local_shards import MemoryMappedTables, memory_map_local_shards
+from builder.pipeline import build
 from builder.reader import load_cache
 
 

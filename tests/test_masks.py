@@ -19,11 +19,11 @@ from tiny_targets import tiny_tokenizer
 
 import builder.placement as placement_mod
 import builder.target as target_mod
-from builder.build import build
 from builder.config import BuildConfig
 from builder.conversations import BadRow, normalize_row, row_tools
 from builder.embedded import NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
 from builder.errors import BadRowError
+from builder.pipeline import build
 from builder.prepare import prepare
 from builder.tokenize import encode_messages, has_generation_blocks
 

@@ -1,5 +1,6 @@
 """The package's modules depend on each other without a circle, counting the imports inside
-functions too (only those needed for type annotations are left out)."""
+functions too (only those needed for type annotations are left out), and none is named like
+what the package exports."""
 
 from __future__ import annotations
 
@@ -69,3 +70,30 @@ def test_the_circle_finder_finds_one():
 def test_the_hub_client_knows_nothing_of_caches():
     """The client serves the reader and the push alike; it needs neither, nor the manifest."""
     assert import_graph()["hub"] == {"errors"}
+
+
+PUBLIC_BUILD_AFTER_ITS_MODULE = """
+import builder, builder.pipeline
+from builder import build
+assert build is builder.build is builder.pipeline.build, (build, builder.build)
+assert callable(build) and type(build).__name__ == "function"
+"""
+
+
+def test_the_public_build_stays_the_function_once_its_module_is_imported():
+    """Importing a submodule sets it as an attribute of the package: a module named `build` would
+    replace the package's `build` function with itself ("'module' object is not callable"). A fresh
+    process, so no earlier import hides it."""
+    import subprocess
+    import sys
+
+    imports_of_the_cli = "import importlib, builder.cli; [importlib.import_module(m) for m in builder.cli.BUILD_IMPORTS]"
+    for first in ("import builder.pipeline", "from builder import build", imports_of_the_cli):
+        script = f"{first}\n{PUBLIC_BUILD_AFTER_ITS_MODULE}"
+        proc = subprocess.run([sys.executable, "-c", script], cwd=PACKAGE.parent, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, (first, proc.stderr[-2000:])
+
+
+def test_no_module_shares_a_name_with_what_the_package_exports():
+    """The same for every public name: a module named like one would replace it once imported."""
+    assert {path.stem for path in PACKAGE.glob("*.py")} & set(builder.__all__) == set()

@@ -19,11 +19,11 @@ from safetensors import safe_open
 from tiny_targets import target_without_pad_token
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from builder.build import build
 from builder.config import BuildConfig
 from builder.embedded import EMBEDDED_INPUTS, resolve_target
 from builder.export import export_cache
 from builder.formats import TORCH_DTYPES
+from builder.pipeline import build
 from builder.reader import load_cache
 
 precompute_eagle3 = pytest.importorskip("nemo_automodel.components.speculative.precompute_eagle3")

@@ -12,8 +12,8 @@ from tiny_targets import make_tiny_target
 from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
 import builder.placement as placement_module
-from builder.build import build
 from builder.errors import ConfigError
+from builder.pipeline import build
 from builder.placement import (
     GiB,
     check_fits,

@@ -13,9 +13,9 @@ from helpers import small_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from builder.build import build
 from builder.embedded import EMBEDDED_TARGETS
 from builder.formats import TARGET_FORMATS
+from builder.pipeline import build
 from builder.plan import plan_summary
 from builder.shards import SCALAR_COLUMNS
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import small_config
 
-from builder.build import build
+from builder.pipeline import build
 from builder.reader import ShardFilesMismatch, collate_nemo, load_cache, read_manifest, to_nemo
 
 

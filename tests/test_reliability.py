@@ -20,11 +20,11 @@ import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
 from tiny_targets import make_tiny_target
 
-from builder.build import build
 from builder.build_state import read_sidecar
 from builder.errors import ConfigError, DiskFull, NonFiniteOutput
 from builder.forward import FAULT_ENV
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
+from builder.pipeline import build
 from builder.reader import read_manifest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_cache.py"
@@ -185,11 +185,11 @@ def test_a_build_whose_every_sample_is_non_finite_fails_instead_of_finishing_emp
 
 
 def test_a_build_racing_another_onto_the_same_directory_keeps_none_of_its_files(tmp_path, monkeypatch):
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
 
     out = tmp_path / "cache"
     other = build(small_config(tmp_path / "other", aux_layer_ids=(2, 3, 4)), progress=False).output_dir
-    real_prepare = build_module.prepare
+    real_prepare = pipeline_module.prepare
 
     def another_build_starts_meanwhile(cfg):  # after this build checked the directory, before it locks it
         prepared = real_prepare(cfg)
@@ -199,7 +199,7 @@ def test_a_build_racing_another_onto_the_same_directory_keeps_none_of_its_files(
             (out / name).write_bytes((other / name).read_bytes() if name.startswith("data") else b"{}")
         return prepared
 
-    monkeypatch.setattr(build_module, "prepare", another_build_starts_meanwhile)
+    monkeypatch.setattr(pipeline_module, "prepare", another_build_starts_meanwhile)
     with pytest.raises(ConfigError, match=r"--output-dir: expected an empty or new directory.*Another build started writing to it"):
         build(small_config(out), progress=False)
     assert (out / ".eagle3_build" / "identity.json").read_bytes() == b"{}"  # its files untouched, none of ours added
@@ -207,15 +207,15 @@ def test_a_build_racing_another_onto_the_same_directory_keeps_none_of_its_files(
 
 
 def test_a_start_that_fails_releases_the_lock_and_says_what_to_do(tmp_path, monkeypatch):
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
 
-    real_write = build_module.write_json_atomic
+    real_write = pipeline_module.write_json_atomic
 
     def disk_full_once(path, data):
-        monkeypatch.setattr(build_module, "write_json_atomic", real_write)
+        monkeypatch.setattr(pipeline_module, "write_json_atomic", real_write)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(build_module, "write_json_atomic", disk_full_once)  # the build state's first write
+    monkeypatch.setattr(pipeline_module, "write_json_atomic", disk_full_once)  # the build state's first write
     with pytest.raises(DiskFull, match=r"no space left writing .*\.eagle3_build/\w+\.json"):
         build(small_config(tmp_path / "cache"), progress=False)
     again = build(small_config(tmp_path / "cache", resume=True), progress=False)  # as the message says, in the same process
@@ -339,7 +339,7 @@ def snapshot_files(directory: Path) -> dict:
 def test_a_build_is_refused_while_processes_of_another_build_still_write_even_with_its_lock_free(tmp_path, monkeypatch):
     """A launcher that does not stop the other ranks when rank 0 stops leaves them writing with the
     cache lock gone: every rank holds the writers' lock, and a new build (a resume) refuses the cache."""
-    import builder.build as build_module
+    import builder.pipeline as pipeline_module
     from builder.lock import CacheLocked, WriterHold, check_no_writers
 
     out = tmp_path / "cache"
@@ -363,8 +363,8 @@ def test_a_build_is_refused_while_processes_of_another_build_still_write_even_wi
         seen.append(True)
         return real_run_forward(*args, **kwargs)
 
-    real_run_forward = build_module.run_forward
-    monkeypatch.setattr(build_module, "run_forward", checks_while_writing)
+    real_run_forward = pipeline_module.run_forward
+    monkeypatch.setattr(pipeline_module, "run_forward", checks_while_writing)
     shutil.rmtree(out)
     build(small_config(out, max_samples=4), progress=False)
     assert seen == [True]

@@ -322,8 +322,8 @@ def test_a_format_1_cache_still_reads_and_verifies(tmp_path):
     from helpers import assert_same_content, decoded_rows, small_config
     from huggingface_hub import DatasetCard
 
-    from builder.build import build
     from builder.files import file_hash
+    from builder.pipeline import build
     from builder.verify import verify_cache
 
     out = build(small_config(tmp_path / "cache", max_samples=6, compression="none"), progress=False).output_dir

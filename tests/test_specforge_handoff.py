@@ -27,9 +27,9 @@ from helpers import export_signalled_at, says, small_config
 from safetensors import safe_open
 from transformers import LlamaConfig
 
-from builder.build import build
 from builder.embedded import resolve_target
 from builder.export import ExportError, export_cache
+from builder.pipeline import build
 from builder.reader import load_cache, read_vocab
 
 pytestmark = [pytest.mark.usefixtures("specforge_site"), pytest.mark.filterwarnings("ignore:flash_attn is not found")]

@@ -15,7 +15,7 @@ from helpers import small_config
 
 import builder.reader as reader
 import builder.stream_exit as stream_exit
-from builder.build import build
+from builder.pipeline import build
 from builder.reader import load_cache
 
 SHARD = "data/train-00000-of-00001.parquet"

@@ -19,10 +19,10 @@ from helpers import says, small_config
 from hub_server import TOKEN, hub_fixtures
 from huggingface_hub import DatasetCard
 
-from builder.build import build
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
+from builder.pipeline import build
 from builder.push import PushTarget, push_cache
 from builder.reader import read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,10 +25,28 @@ from safetensors.torch import save_file
 from dataset_card.pictures import PICTURES
 
 from .batching import expected_rows
-from .build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, INPUT_SOURCE_FILE, check_resume, holds_cache, read_identity, read_sidecar
+from .build_state import (
+    BUILD_STATE_DIR,
+    BUILD_STATE_FILE,
+    INPUT_SOURCE_FILE,
+    RUN_TOKEN_FILE,
+    check_resume,
+    holds_cache,
+    read_identity,
+    read_run_token,
+    read_sidecar,
+)
 from .card import PictureDrawing, remove_dead_drawings, write_card
 from .config import BuildConfig
-from .errors import ConfigError, Eagle3CacheError, NonFiniteOutput, ShardUnreadable
+from .errors import (
+    ConfigError,
+    Eagle3CacheError,
+    NonFiniteOutput,
+    OutputDirNotShared,
+    ProcessCountMismatch,
+    ShardRecordsMissing,
+    ShardUnreadable,
+)
 from .files import atomic_write, disk_full_as_error, file_hash, mode_of_open, remove_leftovers, write_json_atomic
 from .forward import run_forward, write_head_rows
 from .hub import Retry
@@ -61,6 +81,7 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
     # Barriers may wait for hours (rank 0 tokenizing a large input, a rank's last uploads):
     # far past NCCL's 10-minute default watchdog.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    check_state_counts_every_process(state)
     with state.main_process_first():  # rank 0 tokenizes; the others then hit its cache
         prep = prepare(cfg)
     state.wait_for_everyone()  # every rank has validated the output dir before rank 0 writes to it
@@ -80,6 +101,9 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         return result
     lock, writing = CacheLock(out), WriterHold(out)
     try:
+        token = secrets.token_hex(16) if state.num_processes > 1 else None  # rank 0's is the one written
+        agree(state, lambda: lock_output_dir(out, lock, token), "taking the output directory")
+        check_one_output_dir(state, out, token)
         agree(state, lambda: start_or_continue(out, prep, cfg.resume, lock), "taking the output directory")
         writing.hold()  # every rank, until it stops: a later build refuses the cache while any of them writes
         with disk_full_as_error():
@@ -93,6 +117,22 @@ def build(cfg: BuildConfig, *, progress: bool = True) -> BuildResult:
         if state.is_main_process:
             lock.release()
     return result
+
+
+def check_state_counts_every_process(state) -> None:
+    """PartialState reuses a state the caller created first (an `Accelerator()`): made without cpu=True
+    on a machine without a GPU, it counts one process though the launch's gloo group holds several, and
+    every process would build alone as rank 0 of 1 (the lock then stopping all but one, misleadingly)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    group_size = torch.distributed.get_world_size()
+    if group_size != state.num_processes:
+        raise ProcessCountMismatch(
+            f"build(): torch.distributed runs {group_size} processes, but the accelerate state created before build() "
+            f"counts {state.num_processes}, so each process would build alone as rank 0 of {state.num_processes}; "
+            f"expected one state for all {group_size}. Without a GPU, create it with Accelerator(cpu=True) or "
+            "PartialState(cpu=True), or call build() before creating one (build() creates its own)."
+        )
 
 
 # Uploading as it goes, a build rides out a Hub outage of about half an hour (the bounded queue holds
@@ -170,6 +210,7 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
     """Rank 0, once every rank is done: vocab, head rows, then the card, last (a cache with a card
     is complete), then the upload's closing commit."""
     result.shards = [read_sidecar(out, shard_name(k, prep.num_shards)) for k in range(prep.num_shards)]
+    check_every_shard_recorded(out, result.shards, prep.num_shards, result.world_size)
     check_some_stored(result.shards)
     write_vocab(out, prep)
     if prep.cfg.target_format == "hidden" and not (out / LM_HEAD_FILE).exists():  # rank 0 had no shard to build
@@ -179,6 +220,25 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
     result.manifest = write_card(out, prep, result.shards, read_rank_stats(out, result.world_size), drawing)
     if uploader is not None:
         result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
+
+
+def check_every_shard_recorded(out: Path, records: list[dict | None], num_shards: int, world_size: int) -> None:
+    """Every rank is done, so each shard has its record: one missing was written by its rank (shard k by
+    rank k % world_size this run; an earlier run's are kept with theirs) into another directory."""
+    missing = [k for k, record in enumerate(records) if record is None]
+    if not missing:
+        return
+    by_rank = {}
+    for k in missing:
+        by_rank.setdefault(k % world_size, []).append(shard_name(k, num_shards))
+    listed = "; ".join(f"rank {rank}: {', '.join(names)}" for rank, names in sorted(by_rank.items()))
+    raise ShardRecordsMissing(
+        f"every rank finished, but {len(missing)} of the {num_shards} shards have no record in "
+        f"{out.absolute() / BUILD_STATE_DIR / 'shards'} ({listed}), so the cache was not finished (no card): those "
+        "ranks wrote them into another directory. --output-dir must name the same directory on every node (a shared "
+        "filesystem; an absolute path): make it one every node sees, then rerun with --resume, which builds the "
+        "missing shards."
+    )
 
 
 def check_some_stored(shards: list[dict]) -> None:
@@ -228,11 +288,75 @@ class RankZeroFailed(Eagle3CacheError):
         return shared
 
 
-def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) -> None:
-    """Rank 0 takes the output directory: the lock first, then, with it held, the checks that another
-    build starting at the same moment could have made stale since `prepare` ran them."""
+def lock_output_dir(out: Path, lock: CacheLock, token: str | None) -> None:
+    """Rank 0 takes the output directory's lock, then, on several processes, writes the run's token
+    there for every rank to find (check_one_output_dir)."""
     with disk_full_as_error():
         lock.acquire()
+        if token is not None:
+            write_json_atomic(out / RUN_TOKEN_FILE, {"token": token})
+
+
+# How long a rank looks for rank 0's token before refusing: a network file system's client may go on
+# answering that a file another node created is not there until its cached view of the folder expires
+# (NFS: up to a minute). A rank that sees it does not wait.
+RUN_TOKEN_WAIT_SECONDS = 90.0
+
+
+def check_one_output_dir(state, out: Path, token: str | None) -> None:
+    """Every rank finds the token rank 0 wrote into its output directory (`agree` broadcast after the
+    write), or every rank refuses, naming those that did not: their --output-dir is another folder
+    (a node's own disk, a relative path launched from another working directory), and their shards
+    would be missing from rank 0's cache once the whole forward had run."""
+    if state.num_processes == 1:
+        return
+    shared = [token]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    expected = shared[0]
+    found = expected if state.is_main_process else wait_for_run_token(out, expected, state.process_index)
+    views = [None] * state.num_processes
+    seen = {"path": str(out.absolute()), "host": socket.gethostname(), "token": found}
+    torch.distributed.all_gather_object(views, seen)
+    strays = [(rank, view) for rank, view in enumerate(views) if view["token"] != expected]
+    if strays:
+        raise OutputDirNotShared(output_dir_not_shared_message(views[0], strays))
+
+
+def wait_for_run_token(out: Path, expected: str, rank: int) -> str | None:
+    deadline = time.monotonic() + RUN_TOKEN_WAIT_SECONDS
+    found = read_run_token(out)
+    if found != expected and RUN_TOKEN_WAIT_SECONDS > 0:
+        log.warning(
+            "rank %d does not find rank 0's run token in %s; looking again for up to %.0f s (a network file system "
+            "may show another node's new files late)",
+            rank,
+            out.absolute(),
+            RUN_TOKEN_WAIT_SECONDS,
+        )
+    while found != expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+        found = read_run_token(out)
+    return found
+
+
+def output_dir_not_shared_message(rank_0: dict, strays: list[tuple[int, dict]]) -> str:
+    seen = "; ".join(
+        f"rank {rank} (on {view['host']}) sees {view['path']} "
+        + ("without it" if view["token"] is None else "holding another run's token instead")
+        for rank, view in strays
+    )
+    return (
+        "--output-dir must name the same directory on every node (a shared filesystem; an absolute path): rank 0 "
+        f"(on {rank_0['host']}) wrote this run's token to {Path(rank_0['path']) / RUN_TOKEN_FILE}, and {seen}. "
+        "The target did not run, and this run wrote nothing there but its lock and token. Pass an absolute "
+        "--output-dir on a file system every node mounts, then run the build again with the same flags."
+    )
+
+
+def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) -> None:
+    """Rank 0, holding the output directory's lock (lock_output_dir): the checks that another build
+    starting at the same moment could have made stale since `prepare` ran them."""
+    with disk_full_as_error():
         remove_dead_drawings(out / BUILD_STATE_DIR)  # the lock is held: any drawing there is a killed build's
         if resume:  # again: another build may have started here since
             check_resume(out, prep.identity, prep.tokenizer_hashes, prep.input_hashes, prep.altered_input_hashes)
