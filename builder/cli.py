@@ -236,8 +236,29 @@ def startup_objects_frozen(modules: tuple[str, ...]):
 
 
 def run_build(args: argparse.Namespace) -> int:
+    caller_group = process_group_up()  # a caller's own group (main called in-process) is left to the caller
     with startup_objects_frozen(BUILD_IMPORTS + (() if args.dry_run else MODEL_IMPORTS)):
-        return report_build(args)
+        status = report_build(args)
+    if not caller_group:
+        release_process_group()
+    return status
+
+
+def process_group_up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def release_process_group() -> None:
+    """Tear down the launch's process group once the build returned on this rank. Left up, its threads
+    outlive the interpreter's shutdown, and gloo's can abort the process at exit, so a launcher reads
+    a build that succeeded as failed. Not after a failure: another rank may still wait in a
+    collective, and tearing the group down under it can hang."""
+    import torch.distributed as dist
+
+    if process_group_up():
+        dist.destroy_process_group()
 
 
 def silence_library_progress_bars() -> None:

@@ -452,3 +452,22 @@ def test_a_callers_state_that_counts_one_process_of_two_is_refused_on_every_rank
         assert re.search(r"torch.distributed runs 2 processes, but the accelerate state created before build\(\) counts 1", message)
         assert "Accelerator(cpu=True) or PartialState(cpu=True), or call build() before creating one" in message
     assert not out.exists()
+
+
+BUILD_THEN_REPORT_THE_GROUP = textwrap.dedent("""
+    import atexit, sys
+    import torch.distributed as dist
+    from builder.cli import main
+
+    atexit.register(lambda: print("process group left up:", dist.is_initialized(), flush=True))
+    sys.exit(main(["build", *sys.argv[1:]]))
+""")
+
+
+def test_a_build_that_succeeded_leaves_no_process_group_up_at_exit(tmp_path):
+    """A gloo group left up at exit can abort the process after the build succeeded, and the launcher
+    then reads the rank as failed: the CLI tears down the group the build's launch made."""
+    ranks = start_ranks(BUILD_THEN_REPORT_THE_GROUP, ["--output-dir", str(tmp_path / "cache"), *FLAGS, "--dry-run"], [tmp_path, tmp_path])
+    for status, stdout, stderr in finish_ranks(ranks):
+        assert status == 0, stderr[-3000:]
+        assert "process group left up: False" in stdout, stdout[-2000:] + stderr[-2000:]
