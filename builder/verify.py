@@ -232,22 +232,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
 def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
     not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
-    import yaml
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+    from .card import front_matter_damage
 
-    text = card.read_text(encoding="utf-8").removeprefix("\ufeff") if card.is_file() else ""  # as card_data_of reads it
-    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
-        return
-    block = REGEX_YAML_BLOCK.search(text)
-    if block is None:
-        damage = "begins but is never closed (a line holding only ---)"
-    else:
-        try:
-            yaml.safe_load(block.group(2))
-            return
-        except yaml.YAMLError as err:
-            damage = f"does not parse ({' '.join(str(err).split())})"
-    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
+    damage = front_matter_damage(card.read_text(encoding="utf-8")) if card.is_file() else None
+    if damage is not None:
+        raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.

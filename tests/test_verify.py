@@ -630,6 +630,50 @@ def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy
         verify_cache("tester/damaged", name="llama")
 
 
+def advised_push(message: str, cache: Path) -> list[str]:
+    """The push command a verify message advises, as the CLI's arguments: its DIR the intact local copy, its
+    optional flags (in brackets) left out."""
+    command = re.search(r"eagle3-cache (push DIR .*?) uploads again", message).group(1)
+    return [str(cache) if word == "DIR" else word for word in re.sub(r" \[[^]]*\]", "", command).split()]
+
+
+def cut_short(text: str) -> str:
+    return text[: len(text) // 2]
+
+
+def index_cut_short(text: str) -> str:  # within its front matter, after the key that shows it is an index
+    return text[: text.index("eagle3_cache_index:") + 40]
+
+
+def yaml_broken(text: str) -> str:  # the Hub refuses this in a root card; a config's it takes
+    return text.replace("eagle3_cache:\n", "eagle3_cache: [\n", 1)
+
+
+@pytest.mark.parametrize(
+    "config, path, damage",
+    [
+        (None, "README.md", cut_short),
+        ("llama", "llama/README.md", yaml_broken),
+        ("llama", "llama/README.md", cut_short),
+        ("llama", "README.md", index_cut_short),
+    ],
+)
+def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub, intact, config, path, damage):
+    from huggingface_hub import HfApi
+
+    from builder.cli import main
+
+    repo = f"tester/restore-{config}-{damage.__name__}".replace("_", "-")
+    push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, path, repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo=path, repo_id=repo, repo_type="dataset")
+    with pytest.raises(Eagle3CacheError, match=rf"{re.escape(path)} is damaged: .*Restore it: push the cache to {repo} again") as refused:
+        verify_cache(repo, name=config)
+    assert main(advised_push(str(refused.value), intact)) == 0
+    assert verify_cache(repo, name=config) == []
+
+
 # ---- the manifest outside the fingerprint ------------------------------------------------------
 
 
