@@ -69,7 +69,7 @@ def verify_cache(
     manifest = read_manifest(out)
     refuse_incomplete_manifest(out, manifest, fix)
     refuse_shards_only_on_the_hub(out, manifest)
-    problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
     problems += layout_problems
     readable = []
@@ -374,7 +374,7 @@ def refuse_shards_only_on_the_hub(out: Path, manifest: dict) -> None:
         )
 
 
-def check_manifest(out: Path, manifest: dict) -> list[str]:
+def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     problems = []
     if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
         problems.append(
@@ -396,7 +396,7 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     problems += [
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
-    return problems + check_card_reads_every_shard(out, sorted(listed))
+    return problems + check_card_reads_every_shard(out, sorted(listed), fix)
 
 
 def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[str], dict]:
@@ -478,7 +478,7 @@ def the_cache_described(manifest: dict) -> str:
 IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
 
 
-def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
+def check_card_reads_every_shard(out: Path, listed: list[str], fix: Repair = LOCAL) -> list[str]:
     """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
     not match would be left out by `datasets` (its split sizes then disagree) and by load_cache; configs
     naming no train split (renamed, or its line deleted) leave every shard out, and both refuse the card."""
@@ -490,11 +490,11 @@ def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
     if not paths:
         return [
             f"README.md: the card's configs ({one_line(configs)}) name no train split with a path, so `datasets` and load_cache "
-            f"cannot read the shards: restore the card's configs (the build writes split train with path {files}), or rebuild"
+            f"cannot read the shards (the build writes split train with path {files}). {fix.card()}"
         ]
     return [
         f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
-        f"would leave its rows out: restore the card's configs (the build writes {files}), or rebuild"
+        f"would leave its rows out (the build writes {files}). {fix.card()}"
         for name in listed
         if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
     ]
@@ -548,7 +548,7 @@ def check_shard_list(manifest: dict) -> list[str]:
     return problems
 
 
-def check_totals(out: Path, manifest: dict) -> list[str]:
+def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
     size) must be the sums over the shards."""
     totals, shards = manifest["totals"], manifest["shards"]
@@ -561,9 +561,7 @@ def check_totals(out: Path, manifest: dict) -> list[str]:
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
     splits = info.get("splits", []) if isinstance(info, dict) else None
     if not isinstance(splits, list) or not all(isinstance(split, dict) for split in splits):
-        return problems + [
-            f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples): restore the card, or rebuild"
-        ]
+        return problems + [f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples). {fix.card()}"]
     for split in splits:
         if split.get("num_examples") != sums["samples"]:
             problems.append(

@@ -30,6 +30,7 @@ from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
 REPAIR = f"to repair: delete data/{SHARD} and run the build again with --resume (it rebuilds only the missing shards)"
+RESTORE_CARD = "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
 
 
 @pytest.fixture(scope="module")
@@ -989,8 +990,8 @@ def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     edit_card(cache, narrow)
     assert verify_cache(cache) == [
         f"data/{shard_name(k, 4)}: listed in the manifest, but the card's data_files (data/train-0000[01]-of-00004.parquet) do "
-        "not match it, so readers would leave its rows out: restore the card's configs (the build writes "
-        "data/train-*-of-00004.parquet), or rebuild"
+        "not match it, so readers would leave its rows out (the build writes data/train-*-of-00004.parquet). "
+        f"{RESTORE_CARD}"
         for k in (2, 3)
     ]
 
@@ -1015,9 +1016,11 @@ def test_a_card_whose_configs_name_no_train_split_is_caught(cache, capsys):
         (cache / "README.md").write_text(text.replace(old, new, 1))
         assert verify_cache(cache) == [
             f"README.md: the card's configs ({configs}) name no train split with a path, so `datasets` and load_cache cannot read "
-            "the shards: restore the card's configs (the build writes split train with path data/train-*-of-00004.parquet), or rebuild"
+            f"the shards (the build writes split train with path data/train-*-of-00004.parquet). {RESTORE_CARD}"
         ]
         assert main(["verify", str(cache)]) == 1
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
     capsys.readouterr()
     (cache / "README.md").write_text(text.replace("  data_files:\n  - split: train\n    path: ", "  data_files: ", 1))
     assert verify_cache(cache) == []  # a pattern with no split named: `datasets` reads it as the train split
@@ -1255,9 +1258,11 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
 def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
     edit_card(cache, lambda data: data["dataset_info"].update(splits={"num_bytes": 1, "num_examples": 14}))  # its `- name` line deleted
     assert verify_cache(cache) == [
-        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples): '
-        "restore the card, or rebuild"
+        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples). '
+        f"{RESTORE_CARD}"
     ]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
 
 
 def test_shards_the_manifests_columns_cannot_decode_are_reported_not_a_traceback(cache):
