@@ -19,6 +19,7 @@ for a hidden cache compares the head file and logit terms it is read through wit
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import random
@@ -174,11 +175,32 @@ class Repair:
     def push_again(self) -> str:
         where = self.repo + (f" at revision {self.revision}" if self.revision else "")
         config = f" --hub-config {self.name}" if self.name else ""
+        tagged = self.revision_kind == "tag"
         return (
             f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
-            f"eagle3-cache push DIR {self.repo}{config} [--hub-branch BRANCH] uploads again each shard whose bytes differ on the "
-            "branch, and the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+            f"eagle3-cache push DIR {self.repo}{config}{self.branch_flag()}{' --hub-tag NEW_TAG' if tagged else ''} uploads again "
+            f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
         )
+
+    def new_tag(self) -> str:
+        if self.revision_kind == "tag":
+            return f"{self.revision} is a tag, which names a fixed version: give the repaired one a new tag (on {self.revision}'s branch)"
+        return "a tag names a fixed version, so give the repaired one a new --hub-tag"
+
+    def branch_flag(self) -> str:
+        """The push's --hub-branch: none for the default branch (main, which verify read without --revision), the
+        branch verified, or a placeholder where the revision is a tag or commit (or the Hub could not say which)."""
+        if self.revision is None:
+            return ""
+        return f" --hub-branch {self.revision}" if self.revision_kind == "branch" else " [--hub-branch BRANCH]"
+
+    @functools.cached_property
+    def revision_kind(self) -> str | None:
+        """Whether the revision verified is a "branch" or a "tag" (None: a commit, or unknown): asked of the Hub
+        only once advice needs it."""
+        from .hub import revision_kind
+
+        return revision_kind(self.repo, self.revision) if self.repo is not None and self.revision is not None else None
 
 
 LOCAL = Repair()  # a local cache's

@@ -614,7 +614,7 @@ def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy
     assert verify_cache("tester/damaged", name="llama", revision="main") == [
         f"data/{SHARD}: checksum differs from the manifest (the file is damaged); to repair: push the cache to tester/damaged at "
         "revision main again from an intact local copy (check it first with eagle3-cache verify DIR): eagle3-cache push DIR "
-        "tester/damaged --hub-config llama [--hub-branch BRANCH] uploads again each shard whose bytes differ on the branch, and "
+        "tester/damaged --hub-config llama --hub-branch main uploads again each shard whose bytes differ on the branch, and "
         "the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
     ]
     push_cache(intact, PushTarget("tester/damaged", config="llama"))  # as the message says
@@ -629,6 +629,45 @@ def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy
         match=r"is never closed .*, as in a card cut short or edited by hand\. Restore it: push the cache to tester/damaged again",
     ):
         verify_cache("tester/damaged", name="llama")
+
+
+def test_card_damage_found_on_a_branch_or_under_a_tag_names_them_in_the_push_it_advises(hub, intact):
+    """The advice for card damage the problem list reports (not a refusal) too; followed literally, it repairs the
+    branch verified, and a tag (a fixed version) is answered by a new one."""
+    from huggingface_hub import HfApi
+
+    from builder.cli import main
+
+    repo, api = "tester/on-dev", HfApi(endpoint=hub.url, token=TOKEN)
+    push_cache(intact, PushTarget(repo, branch="dev", tag="v1"))
+    card = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset", revision="dev")).read_text()
+    renamed = card.replace("  - split: train\n", "  - split: training\n", 1).encode()
+    api.upload_file(path_or_fileobj=renamed, path_in_repo="README.md", repo_id=repo, repo_type="dataset", revision="dev")
+    [problem] = verify_cache(repo, revision="dev")
+    assert re.match(
+        says(
+            "README.md: the card's configs",
+            "name no train split with a path",
+            f"Restore the card: push the cache to {repo} at revision dev again from an intact local copy",
+            f"eagle3-cache push DIR {repo} --hub-branch dev uploads again",
+        ),
+        problem,
+    )
+    assert "[--hub-branch" not in problem
+    api.create_tag(repo, tag="v2", revision="dev", repo_type="dataset")  # the damage, tagged
+    assert main(advised_push(problem, intact)) == 0
+    assert verify_cache(repo, revision="dev") == []
+
+    [problem] = verify_cache(repo, revision="v2")
+    assert re.match(
+        says(
+            f"eagle3-cache push DIR {repo} [--hub-branch BRANCH] --hub-tag NEW_TAG uploads again",
+            "v2 is a tag, which names a fixed version: give the repaired one a new tag",
+        ),
+        problem,
+    )
+    assert main(advised_push(problem, intact)) == 0
+    assert verify_cache(repo, revision="NEW_TAG") == []
 
 
 def advised_push(message: str, cache: Path) -> list[str]:
