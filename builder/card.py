@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from dataset_card.pictures import PICTURES, card_pictures, save_inputs
 from dataset_card.render import BOM, UserParts, user_parts, user_text_parts
 
 from .files import write_bytes_atomic, write_text_atomic
-from .manifest import CARD_KEY, assemble_manifest, card_data_of
+from .manifest import CARD_KEY, INDEX_KEY, assemble_manifest, card_data_of
 from .manifest import _yaml_problem as yaml_problem
 from .prepare import Prepared
 
@@ -157,3 +158,37 @@ def front_matter_problem(text: str) -> str | None:
 def is_cache_card_text(text: str) -> bool:
     """A card of eagle3-cache's (its front matter holds the manifest), not someone else's README."""
     return CARD_KEY in card_data_of(text)
+
+
+def front_matter_damage(text: str) -> str | None:
+    """How a card's YAML front matter (where the manifest lives) is damaged, in words: it begins but is
+    never closed (a card cut short), or it does not parse (a hand edit); None where it reads, or the
+    card has none."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = text.removeprefix(BOM)  # as card_data_of reads it
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return None
+    block = REGEX_YAML_BLOCK.search(text)
+    if block is None:
+        return "begins but is never closed (a line holding only ---)"
+    try:
+        yaml.safe_load(block.group(2))
+    except yaml.YAMLError as err:
+        return f"does not parse ({' '.join(str(err).split())})"
+    return None
+
+
+def damaged_card_key(text: str) -> str | None:
+    """CARD_KEY (a cache's card) or INDEX_KEY (a repo's index card) for a card of eagle3-cache's whose
+    front matter is damaged (`front_matter_damage`), by the key that front matter still holds: such a
+    card cannot be another dataset's, so a push may write it again. None for a card whose front matter
+    reads, and for a damaged one holding neither key (cut short before it, or someone else's)."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    if front_matter_damage(text) is None:
+        return None
+    block = REGEX_YAML_BLOCK.search(text.removeprefix(BOM))
+    front_matter = block.group(2) if block else text  # never closed: all of it
+    return next((key for key in (INDEX_KEY, CARD_KEY) if re.search(rf"^{key}:", front_matter, re.M)), None)

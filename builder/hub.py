@@ -251,6 +251,20 @@ def _commit_of(api, repo_id: str, revision: str | None) -> str:
         ) from None
 
 
+def revision_kind(repo_id: str, revision: str, token: str | None = None) -> str | None:
+    """ "branch" or "tag" where `revision` names one of the repo's; None where it names neither (a commit) or the
+    Hub cannot be asked (offline, an outage): it only shapes advice, so it is never an error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        refs = hub_api(token).list_repo_refs(repo_id, repo_type=REPO_TYPE)
+    except (HfHubHTTPError, *_transport_errors()):
+        return None
+    if any(branch.name == revision for branch in refs.branches):
+        return "branch"
+    return "tag" if any(tag.name == revision for tag in refs.tags) else None
+
+
 def download_file(repo_id: str, path: str, commit: str, token: str | None = None) -> Path:
     """One file of a pinned commit, through the local Hugging Face cache. `FileNotFoundError` only
     when the Hub answers that the file is not there: the client reports a file it could not ask

@@ -230,17 +230,26 @@ def card_shard_pattern(text: str, where: str = "the card") -> str:
     return "train-*"
 
 
-def manifest_from_card(text: str, where: str = "the card") -> dict:
+def manifest_from_card(text: str, where: str = "the card", folder: str | Path | None = None) -> dict:
     """The manifest a card's text holds, checked to be of a format version this package reads.
-    `where` names the card in errors."""
+    `where` names the card in errors; `folder`: the local directory the card is in (None: a Hub repo's)."""
     data = card_data_of(text, where)
     if CARD_KEY not in data:
         if data.get(INDEX_KEY):
-            raise ManifestError(f"{where} holds several caches: pass one of {sorted(data[INDEX_KEY])} as --name (name= in Python)")
+            raise ManifestError(f"{where} holds several caches: {how_to_pick(sorted(data[INDEX_KEY]), folder)}")
         raise ManifestError(f"{where} has no '{CARD_KEY}' manifest block; it is not an eagle3-cache dataset card")
     manifest = data[CARD_KEY]
     check_format_version(manifest, where)
     return manifest
+
+
+def how_to_pick(names: list[str], folder: str | Path | None) -> str:
+    """How to pick one of the caches of a repo or directory holding several. A directory's are its sub-folders,
+    each a cache of its own, which every command takes (push has no --name)."""
+    by_name = f"pass one of {names} as --name (name= in Python)"
+    if folder is None:
+        return by_name
+    return f"pass one of its sub-folders as the directory ({Path(folder) / names[0]}), or, to verify, export or load_cache, {by_name}"
 
 
 def check_format_version(manifest: dict, where: str = "the cache") -> None:
@@ -303,4 +312,5 @@ def manifest_of(source: CacheSource) -> dict:
         card_path = None
     if card_path is None or not card_path.exists():
         raise CardNotFound(f"{source.describe()}: {_no_card(source)}")
-    return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}")
+    folder = None if source.on_hub else source.location
+    return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}", folder)

@@ -35,19 +35,19 @@ import queue
 import shlex
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
-from dataset_card.render import UserParts, merge_user_parts, shard_files, user_parts
+from dataset_card.render import UserParts, merge_user_parts, shard_files, user_parts, user_text_parts
 
 from .build_state import read_sidecar, sidecar_path
-from .card import existing_pictures, local_user_parts
+from .card import damaged_card_key, existing_pictures, front_matter_damage, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
-from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, card_data_of, read_manifest, recorded_checksum
+from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, ManifestError, card_data_of, read_manifest, recorded_checksum
 from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
 
@@ -78,6 +78,44 @@ class PushResult:
         from dataset_card.render import load_arguments
 
         return f"builder.load_cache({load_arguments(self.repo_id, self.config, self.tag or self.branch)}, streaming=True)"
+
+
+@dataclass(frozen=True)
+class HubCard:
+    """A card on the branch, as a push reads it: its text (None: there is none), where it is, and its front
+    matter. A card of eagle3-cache's whose front matter can no longer be read (cut short, or its YAML broken
+    by a hand edit) is `damaged` (how, in words); its `data` then hold only the key it was found by."""
+
+    text: str | None
+    path: str
+    data: dict = field(default_factory=dict)
+    damaged: str | None = None
+
+    def user_parts(self) -> UserParts:
+        """What users added to it, kept by the card that replaces it: of a damaged card, its text above and
+        below the generated markers (its keys cannot be read)."""
+        if self.text is None:
+            return UserParts()
+        if self.damaged is None:
+            return user_parts(self.text, self.path)
+        log.warning(
+            "%s: its YAML front matter %s: it is written again, keeping the text above and below the generated markers "
+            "but not the YAML keys added to it (license, pretty_name, ...) unless the local card has them: add them again",
+            self.path,
+            self.damaged,
+        )
+        return user_text_parts(self.text, self.path)
+
+
+def read_hub_card(text: str | None, path: str) -> HubCard:
+    """A card's text read as a push reads it: a damaged card of eagle3-cache's is written again; front matter
+    that does not parse in any other card is a ManifestError (it may be another dataset's)."""
+    if text is None:
+        return HubCard(None, path)
+    key = damaged_card_key(text)
+    if key is not None:
+        return HubCard(text, path, {key: {}}, front_matter_damage(text))
+    return HubCard(text, path, card_data_of(text, path))
 
 
 def card_files(cache_dir: Path, manifest: dict) -> list[str]:
@@ -125,7 +163,8 @@ class HubPusher:
             log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
         if t.branch != "main":
             self._call("create branch", lambda: self.api.create_branch(t.repo_id, branch=t.branch, repo_type=REPO_TYPE, exist_ok=True))
-        self._check_layout(*self._root_card_data(self.head()))
+        root = self._root(self.head())
+        self._check_layout(root.data, root.text is not None)
         return self
 
     def _check_token_writes(self) -> None:
@@ -230,22 +269,21 @@ class HubPusher:
         removed: set[str] = set()  # reported even when the commit that removed them lost its answer
         for _ in range(attempts):
             head = self.head()
-            root_text = self._root_card(head)
-            root_data = card_data_of(root_text) if root_text is not None else {}
-            self._check_layout(root_data, root_text is not None)
+            root = self._root(head)
+            self._check_layout(root.data, root.text is not None)
             remote = self.remote_shards(head)
             self._check_shards_present(expected, remote)  # at every attempt: a moved branch may hold others' shards
-            if self.owns_folder(root_data):
+            if self.owns_folder(root.data):
                 stale = [f"{t.prefix}data/{name}" for name in sorted(remote) if name not in expected and is_shard_name(name)]
                 stale += self._stale_card_files(head, card_files(cache_dir, manifest))
-                hub_card = root_text if t.config is None else self._config_card(head)
+                hub_card = root if t.config is None else self._config_card(head)
             else:  # another dataset's files: none removed, none written over
                 self._check_nothing_foreign(head, remote, list(expected), expected.get)
                 stale, hub_card = [], None
             removed.update(stale)
             cards = {f"{t.prefix}README.md": self.card_text(cache_dir, manifest, hub_card)}
             if t.config is not None:  # the root card indexes every config
-                cards["README.md"] = self.index_card_text(manifest, root_text)
+                cards["README.md"] = self.index_card_text(manifest, root)
             commit = self._commit_on(head, cache_dir, manifest, stale, cards, message)
             if commit is not None:
                 return commit, sorted(removed)
@@ -266,8 +304,7 @@ class HubPusher:
         over another dataset's files. `own_shards`: this cache's shard names; `sha256_of(name)`: the
         shard's sha256 where this cache has it (asked only for names already on the branch)."""
         head = self.head()
-        root_data, _ = self._root_card_data(head)
-        if not self.owns_folder(root_data):
+        if not self.owns_folder(self._root(head).data):
             self._check_nothing_foreign(head, self.remote_shards(head), own_shards, sha256_of)
 
     def _check_nothing_foreign(
@@ -360,23 +397,29 @@ class HubPusher:
         ops += [CommitOperationAdd(path, text.encode()) for path, text in cards.items()]
         return ops
 
-    def card_text(self, cache_dir: Path, manifest: dict, hub_card: str | None = None) -> str:
+    def card_text(self, cache_dir: Path, manifest: dict, hub_card: HubCard | None = None) -> str:
         """The pushed card. What users added to it is kept: the local card's additions, and those of
         `hub_card` (the card this push replaces) that the local card does not have."""
         t = self.target
         base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
-        kept = merge_user_parts(local_user_parts(cache_dir), user_parts(hub_card) if hub_card is not None else UserParts())
+        kept = merge_user_parts(local_user_parts(cache_dir), hub_card.user_parts() if hub_card is not None else UserParts())
         return render_card(
             manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base, kept=kept
         )
 
-    def index_card_text(self, manifest: dict, root_card: str | None) -> str:
+    def index_card_text(self, manifest: dict, root: HubCard) -> str:
         """The root index card with this config's entry, keeping the other configs' entries and what users added to it."""
         t = self.target
-        root_data = card_data_of(root_card) if root_card is not None else {}
-        index = index_from_card_data(root_data)
+        index = index_from_card_data(root.data)
+        if root.damaged is not None:
+            log.warning(
+                "%s: the index card is damaged, so it lists the configs found in the repo's folders (%s), those of other "
+                "pushes without the revision they were pushed with: push one again to name its own",
+                root.path,
+                ", ".join(sorted({*index, t.config})),
+            )
         index[t.config] = index_entry(manifest, t.config, t.revision)
-        kept = user_parts(root_card) if INDEX_KEY in root_data else UserParts()
+        kept = root.user_parts() if INDEX_KEY in root.data else UserParts()
         return render_index_card(t.repo_id, index, kept=kept)
 
     def _create_tag(self, commit: str) -> None:
@@ -390,20 +433,33 @@ class HubPusher:
                 return  # our own earlier attempt got through; its answer was lost
             raise
 
-    def _root_card_data(self, commit: str) -> tuple[dict, bool]:
-        text = self._root_card(commit)
-        return (card_data_of(text), True) if text is not None else ({}, False)
+    def _root(self, commit: str) -> HubCard:
+        """The root card at `commit`. Of a damaged index card, the configs it listed are found again in their folders."""
+        root = read_hub_card(self._card_at(commit, "README.md", "read root card"), self._where("README.md"))
+        if root.damaged is not None and INDEX_KEY in root.data:
+            return replace(root, data={INDEX_KEY: self._configs_found(commit)})
+        return root
 
-    def _root_card(self, commit: str) -> str | None:
-        return self._card_at(commit, "README.md", "read root card")
-
-    def _config_card(self, commit: str) -> str | None:
-        """The config's own card at `commit`, whose front matter must parse (the root card's is read by `_check_layout`)."""
+    def _config_card(self, commit: str) -> HubCard:
+        """The config's own card at `commit`."""
         path = f"{self.target.prefix}README.md"
-        text = self._card_at(commit, path)
-        if text is not None:
-            card_data_of(text, f"{self.target.repo_id}@{self.target.branch}: {path}")
-        return text
+        return read_hub_card(self._card_at(commit, path), self._where(path))
+
+    def _where(self, path: str) -> str:
+        return f"{self.target.repo_id}@{self.target.branch}: {path}"
+
+    def _configs_found(self, commit: str) -> dict:
+        """The index a damaged root index card held, found again: each top-level folder whose card holds a
+        cache's manifest. Their entries name no revision (only the damaged card knew them), so their usage
+        snippets read the branch until each is pushed again."""
+        t = self.target
+        top = self._call("list folders", lambda: list(self.api.list_repo_tree(t.repo_id, revision=commit, repo_type=REPO_TYPE)))
+        index = {}
+        for folder in sorted(entry.path for entry in top if not hasattr(entry, "blob_id")):
+            text = self._card_at(commit, f"{folder}/README.md")
+            with contextlib.suppress(ManifestError, KeyError, TypeError):  # not a cache's card, or one lacking parts: left out
+                index[folder] = index_entry(card_data_of(text or "")[CARD_KEY], folder)
+        return index
 
     def _card_at(self, commit: str, path: str, what: str = "read card") -> str | None:
         """The text of a card at `commit`; None where there is none."""

@@ -19,6 +19,7 @@ for a hidden cache compares the head file and logit terms it is read through wit
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import random
@@ -69,7 +70,7 @@ def verify_cache(
     manifest = read_manifest(out)
     refuse_incomplete_manifest(out, manifest, fix)
     refuse_shards_only_on_the_hub(out, manifest)
-    problems = check_manifest(out, manifest) + check_shard_list(manifest) + check_totals(out, manifest)
+    problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
     problems += layout_problems
     readable = []
@@ -174,11 +175,32 @@ class Repair:
     def push_again(self) -> str:
         where = self.repo + (f" at revision {self.revision}" if self.revision else "")
         config = f" --hub-config {self.name}" if self.name else ""
+        tagged = self.revision_kind == "tag"
         return (
             f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
-            f"eagle3-cache push DIR {self.repo}{config} [--hub-branch BRANCH] uploads again each shard whose bytes differ on the "
-            "branch, and the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
+            f"eagle3-cache push DIR {self.repo}{config}{self.branch_flag()}{' --hub-tag NEW_TAG' if tagged else ''} uploads again "
+            f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
         )
+
+    def new_tag(self) -> str:
+        if self.revision_kind == "tag":
+            return f"{self.revision} is a tag, which names a fixed version: give the repaired one a new tag (on {self.revision}'s branch)"
+        return "a tag names a fixed version, so give the repaired one a new --hub-tag"
+
+    def branch_flag(self) -> str:
+        """The push's --hub-branch: none for the default branch (main, which verify read without --revision), the
+        branch verified, or a placeholder where the revision is a tag or commit (or the Hub could not say which)."""
+        if self.revision is None:
+            return ""
+        return f" --hub-branch {self.revision}" if self.revision_kind == "branch" else " [--hub-branch BRANCH]"
+
+    @functools.cached_property
+    def revision_kind(self) -> str | None:
+        """Whether the revision verified is a "branch" or a "tag" (None: a commit, or unknown): asked of the Hub
+        only once advice needs it."""
+        from .hub import revision_kind
+
+        return revision_kind(self.repo, self.revision) if self.repo is not None and self.revision is not None else None
 
 
 LOCAL = Repair()  # a local cache's
@@ -232,22 +254,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
 def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
     not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
-    import yaml
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+    from .card import front_matter_damage
 
-    text = card.read_text(encoding="utf-8").removeprefix("\ufeff") if card.is_file() else ""  # as card_data_of reads it
-    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
-        return
-    block = REGEX_YAML_BLOCK.search(text)
-    if block is None:
-        damage = "begins but is never closed (a line holding only ---)"
-    else:
-        try:
-            yaml.safe_load(block.group(2))
-            return
-        except yaml.YAMLError as err:
-            damage = f"does not parse ({' '.join(str(err).split())})"
-    raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
+    damage = front_matter_damage(card.read_text(encoding="utf-8")) if card.is_file() else None
+    if damage is not None:
+        raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
@@ -385,7 +396,7 @@ def refuse_shards_only_on_the_hub(out: Path, manifest: dict) -> None:
         )
 
 
-def check_manifest(out: Path, manifest: dict) -> list[str]:
+def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     problems = []
     if fingerprint(manifest["identity"]) != manifest["fingerprint"]:
         problems.append(
@@ -407,7 +418,7 @@ def check_manifest(out: Path, manifest: dict) -> list[str]:
     problems += [
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
-    return problems + check_card_reads_every_shard(out, sorted(listed))
+    return problems + check_card_reads_every_shard(out, sorted(listed), fix)
 
 
 def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[str], dict]:
@@ -489,7 +500,7 @@ def the_cache_described(manifest: dict) -> str:
 IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
 
 
-def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
+def check_card_reads_every_shard(out: Path, listed: list[str], fix: Repair = LOCAL) -> list[str]:
     """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
     not match would be left out by `datasets` (its split sizes then disagree) and by load_cache; configs
     naming no train split (renamed, or its line deleted) leave every shard out, and both refuse the card."""
@@ -501,11 +512,11 @@ def check_card_reads_every_shard(out: Path, listed: list[str]) -> list[str]:
     if not paths:
         return [
             f"README.md: the card's configs ({one_line(configs)}) name no train split with a path, so `datasets` and load_cache "
-            f"cannot read the shards: restore the card's configs (the build writes split train with path {files}), or rebuild"
+            f"cannot read the shards (the build writes split train with path {files}). {fix.card()}"
         ]
     return [
         f"data/{name}: listed in the manifest, but the card's data_files ({', '.join(paths)}) do not match it, so readers "
-        f"would leave its rows out: restore the card's configs (the build writes {files}), or rebuild"
+        f"would leave its rows out (the build writes {files}). {fix.card()}"
         for name in listed
         if not any(fnmatch.fnmatchcase(f"data/{name}", path) for path in paths)
     ]
@@ -559,7 +570,7 @@ def check_shard_list(manifest: dict) -> list[str]:
     return problems
 
 
-def check_totals(out: Path, manifest: dict) -> list[str]:
+def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
     size) must be the sums over the shards."""
     totals, shards = manifest["totals"], manifest["shards"]
@@ -572,9 +583,7 @@ def check_totals(out: Path, manifest: dict) -> list[str]:
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
     splits = info.get("splits", []) if isinstance(info, dict) else None
     if not isinstance(splits, list) or not all(isinstance(split, dict) for split in splits):
-        return problems + [
-            f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples): restore the card, or rebuild"
-        ]
+        return problems + [f"README.md: dataset_info.splits is {one_line(splits)}, not a list of splits (name, num_examples). {fix.card()}"]
     for split in splits:
         if split.get("num_examples") != sums["samples"]:
             problems.append(

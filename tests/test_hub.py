@@ -343,19 +343,79 @@ def test_config_pushes_keep_what_users_added_to_the_index_and_config_cards(hub, 
     assert_kept(hub_text(hub, "tester/edited-configs"), license="apache-2.0")
 
 
-def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_refused_naming_the_line(hub, v1, v2):
+def commit_card(hub, repo: str, path: str, text: str) -> None:
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        repo, [CommitOperationAdd(path, text.encode())], commit_message="edit", repo_type="dataset"
+    )
+
+
+def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_written_again_keeping_the_users_text(hub, v1, v2, caplog):
+    """Its manifest key shows it is eagle3-cache's: the push writes it again, keeping the text outside the
+    markers (its keys cannot be read), as a --resume does with a local card broken so."""
+    push(v1, "tester/broken-config", config="llama")
+    edit_on_hub(hub, "tester/broken-config", "llama/README.md")
+    broken = hub_text(hub, "tester/broken-config", path="llama/README.md").replace("---\n", "---\nlicense: mit: x\n", 1)
+    commit_card(hub, "tester/broken-config", "llama/README.md", broken)
+    with caplog.at_level(logging.WARNING, logger="builder.push"):
+        push(v2, "tester/broken-config", config="llama")
+    card = hub_text(hub, "tester/broken-config", path="llama/README.md")
+    assert "Our intro." in card and "Cite team X." in card and "license" not in card_data_of(card)
+    assert without_shard_sha256(read_manifest("tester/broken-config", name="llama")) == read_manifest(v2)
+    assert re.search(
+        says(
+            "tester/broken-config@main: llama/README.md: its YAML front matter does not parse (",
+            "it is written again, keeping the text above and below the generated markers but not the YAML keys",
+        ),
+        caplog.text,
+    )
+
+
+def test_a_card_whose_yaml_does_not_parse_and_holds_no_manifest_is_refused_naming_the_line(hub, v1, v2):
     from builder.manifest import ManifestError
 
-    push(v1, "tester/broken-config", config="llama")
-    broken = hub_text(hub, "tester/broken-config", path="llama/README.md").replace("---\n", "---\nlicense: mit: x\n", 1)
-    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
-        "tester/broken-config", [CommitOperationAdd("llama/README.md", broken.encode())], commit_message="edit", repo_type="dataset"
-    )
-    with pytest.raises(ManifestError, match=r"tester/broken-config@main: llama/README.md: expected YAML front matter .*\(line 2: "):
-        push(v2, "tester/broken-config", config="llama")
-    assert hub_text(hub, "tester/broken-config", path="llama/README.md") == broken
+    theirs = "---\nlicense: mit: x\n---\n# Our notes\n"
+    push(v1, "tester/their-broken-card", config="llama")
+    commit_card(hub, "tester/their-broken-card", "llama/README.md", theirs)
+    with pytest.raises(ManifestError, match=r"tester/their-broken-card@main: llama/README.md: expected YAML front matter .*\(line 2: "):
+        push(v2, "tester/their-broken-card", config="llama")
+    assert hub_text(hub, "tester/their-broken-card", path="llama/README.md") == theirs
+    cut_before_its_manifest = hub_text(hub, "tester/their-broken-card")[:40]  # an index card's first lines: no key of eagle3-cache's
+    commit_their_files(hub, "tester/cut-early", {"README.md": cut_before_its_manifest})
+    with pytest.raises(HubError, match=r"has a dataset card that is not an eagle3-cache card: a push would replace it"):
+        push(v1, "tester/cut-early")
+    assert hub_text(hub, "tester/cut-early") == cut_before_its_manifest
+
+
+def test_a_root_card_of_a_cache_cut_short_on_the_hub_is_written_again_by_a_push(hub, v1, v2):
+    """Only a card cut short: the Hub refuses a root card whose YAML does not parse (a config's it takes)."""
+    repo = "tester/cut-root"
+    push(v1, repo)
+    text = hub_text(hub, repo)
+    commit_card(hub, repo, "README.md", text[: len(text) // 2])
+    push(v2, repo, tag="v2")
+    assert without_shard_sha256(read_manifest(repo, revision="v2")) == read_manifest(v2)
+    commit_card(hub, repo, "README.md", text[: len(text) // 2])
+    with pytest.raises(HubError, match="holds a cache at its root"):
+        push(v1, repo, config="llama")
+
+
+def test_an_index_card_damaged_on_the_hub_lists_the_configs_found_in_their_folders(hub, v1, v2, caplog):
+    repo = "tester/damaged-index"
+    push(v1, repo, config="llama", tag="llama-v1")
+    push(v2, repo, config="short", tag="short-v1")
+    text = hub_text(hub, repo)
+    commit_card(hub, repo, "README.md", text[: text.index("eagle3_cache_index:") + 40])  # cut short, its index half gone
+    with pytest.raises(HubError, match=r"holds several caches in sub-folders \(\['llama', 'short'\]\)"):
+        push(v1, repo)
+    with caplog.at_level(logging.WARNING, logger="builder.push"):
+        push(v1, repo, config="llama", tag="llama-v2")
+    root = hub_text(hub, repo)
+    assert sorted(card_data_of(root)["eagle3_cache_index"]) == ["llama", "short"]
+    assert "name='llama', revision='llama-v2'" in root and "name='short', layout=" in root  # its tag was only in the damaged card
+    assert "lists the configs found in the repo's folders (llama, short)" in caplog.text
+    assert_same_content(list(load_cache(repo, name="short", layout="raw")), decoded_rows(v2))
 
 
 def test_local_card_edits_reach_the_hub_and_win_over_the_hubs(hub, v1, tmp_path):

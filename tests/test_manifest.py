@@ -84,6 +84,28 @@ def test_a_card_without_a_manifest_is_refused(manifest, tmp_path):
         read_manifest(tmp_path / "empty")
 
 
+def test_a_local_directory_holding_several_caches_is_told_to_pass_one_of_its_sub_folders(manifest, tmp_path, monkeypatch):
+    """A local copy of a repo holding several caches: push has no --name, but every command takes a config's
+    folder as the directory (it is a cache of its own)."""
+    from builder.cli import main
+    from builder.push import PushTarget, push_cache
+
+    copy_of_repo = tmp_path / "copy"
+    copy_of_repo.mkdir()
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large")}
+    (copy_of_repo / "README.md").write_text(render_index_card("user/caches", index))
+    pick = (
+        rf"holds several caches: pass one of its sub-folders as the directory \({re.escape(str(copy_of_repo / 'large'))}\), "
+        r"or, to verify, export or load_cache, pass one of \['large', 'small'\] as --name \(name= in Python\)$"
+    )
+    with pytest.raises(ManifestError, match=pick):
+        read_manifest(copy_of_repo)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a push needs one; this one is refused before the Hub is asked anything
+    with pytest.raises(ManifestError, match=pick):
+        push_cache(copy_of_repo, PushTarget("user/other"))
+    assert main(["push", str(copy_of_repo), "user/other"]) == 2
+
+
 def test_a_path_that_is_no_directory_is_said_to_be_none_not_an_interrupted_build(tmp_path):
     missing, a_file = tmp_path / "no" / "such" / "dir", tmp_path / "a-file"
     a_file.write_text("x")

@@ -30,6 +30,7 @@ from builder.verify import recompute_samples, verify_cache
 
 SHARD = "train-00001-of-00004.parquet"
 REPAIR = f"to repair: delete data/{SHARD} and run the build again with --resume (it rebuilds only the missing shards)"
+RESTORE_CARD = "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
 
 
 @pytest.fixture(scope="module")
@@ -613,7 +614,7 @@ def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy
     assert verify_cache("tester/damaged", name="llama", revision="main") == [
         f"data/{SHARD}: checksum differs from the manifest (the file is damaged); to repair: push the cache to tester/damaged at "
         "revision main again from an intact local copy (check it first with eagle3-cache verify DIR): eagle3-cache push DIR "
-        "tester/damaged --hub-config llama [--hub-branch BRANCH] uploads again each shard whose bytes differ on the branch, and "
+        "tester/damaged --hub-config llama --hub-branch main uploads again each shard whose bytes differ on the branch, and "
         "the card; a tag names a fixed version, so give the repaired one a new --hub-tag"
     ]
     push_cache(intact, PushTarget("tester/damaged", config="llama"))  # as the message says
@@ -628,6 +629,89 @@ def test_damage_found_in_a_hub_repo_says_to_push_again_from_an_intact_local_copy
         match=r"is never closed .*, as in a card cut short or edited by hand\. Restore it: push the cache to tester/damaged again",
     ):
         verify_cache("tester/damaged", name="llama")
+
+
+def test_card_damage_found_on_a_branch_or_under_a_tag_names_them_in_the_push_it_advises(hub, intact):
+    """The advice for card damage the problem list reports (not a refusal) too; followed literally, it repairs the
+    branch verified, and a tag (a fixed version) is answered by a new one."""
+    from huggingface_hub import HfApi
+
+    from builder.cli import main
+
+    repo, api = "tester/on-dev", HfApi(endpoint=hub.url, token=TOKEN)
+    push_cache(intact, PushTarget(repo, branch="dev", tag="v1"))
+    card = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset", revision="dev")).read_text()
+    renamed = card.replace("  - split: train\n", "  - split: training\n", 1).encode()
+    api.upload_file(path_or_fileobj=renamed, path_in_repo="README.md", repo_id=repo, repo_type="dataset", revision="dev")
+    [problem] = verify_cache(repo, revision="dev")
+    assert re.match(
+        says(
+            "README.md: the card's configs",
+            "name no train split with a path",
+            f"Restore the card: push the cache to {repo} at revision dev again from an intact local copy",
+            f"eagle3-cache push DIR {repo} --hub-branch dev uploads again",
+        ),
+        problem,
+    )
+    assert "[--hub-branch" not in problem
+    api.create_tag(repo, tag="v2", revision="dev", repo_type="dataset")  # the damage, tagged
+    assert main(advised_push(problem, intact)) == 0
+    assert verify_cache(repo, revision="dev") == []
+
+    [problem] = verify_cache(repo, revision="v2")
+    assert re.match(
+        says(
+            f"eagle3-cache push DIR {repo} [--hub-branch BRANCH] --hub-tag NEW_TAG uploads again",
+            "v2 is a tag, which names a fixed version: give the repaired one a new tag",
+        ),
+        problem,
+    )
+    assert main(advised_push(problem, intact)) == 0
+    assert verify_cache(repo, revision="NEW_TAG") == []
+
+
+def advised_push(message: str, cache: Path) -> list[str]:
+    """The push command a verify message advises, as the CLI's arguments: its DIR the intact local copy, its
+    optional flags (in brackets) left out."""
+    command = re.search(r"eagle3-cache (push DIR .*?) uploads again", message).group(1)
+    return [str(cache) if word == "DIR" else word for word in re.sub(r" \[[^]]*\]", "", command).split()]
+
+
+def cut_short(text: str) -> str:
+    return text[: len(text) // 2]
+
+
+def index_cut_short(text: str) -> str:  # within its front matter, after the key that shows it is an index
+    return text[: text.index("eagle3_cache_index:") + 40]
+
+
+def yaml_broken(text: str) -> str:  # the Hub refuses this in a root card; a config's it takes
+    return text.replace("eagle3_cache:\n", "eagle3_cache: [\n", 1)
+
+
+@pytest.mark.parametrize(
+    "config, path, damage",
+    [
+        (None, "README.md", cut_short),
+        ("llama", "llama/README.md", yaml_broken),
+        ("llama", "llama/README.md", cut_short),
+        ("llama", "README.md", index_cut_short),
+    ],
+)
+def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub, intact, config, path, damage):
+    from huggingface_hub import HfApi
+
+    from builder.cli import main
+
+    repo = f"tester/restore-{config}-{damage.__name__}".replace("_", "-")
+    push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, path, repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo=path, repo_id=repo, repo_type="dataset")
+    with pytest.raises(Eagle3CacheError, match=rf"{re.escape(path)} is damaged: .*Restore it: push the cache to {repo} again") as refused:
+        verify_cache(repo, name=config)
+    assert main(advised_push(str(refused.value), intact)) == 0
+    assert verify_cache(repo, name=config) == []
 
 
 # ---- the manifest outside the fingerprint ------------------------------------------------------
@@ -945,8 +1029,8 @@ def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     edit_card(cache, narrow)
     assert verify_cache(cache) == [
         f"data/{shard_name(k, 4)}: listed in the manifest, but the card's data_files (data/train-0000[01]-of-00004.parquet) do "
-        "not match it, so readers would leave its rows out: restore the card's configs (the build writes "
-        "data/train-*-of-00004.parquet), or rebuild"
+        "not match it, so readers would leave its rows out (the build writes data/train-*-of-00004.parquet). "
+        f"{RESTORE_CARD}"
         for k in (2, 3)
     ]
 
@@ -971,9 +1055,11 @@ def test_a_card_whose_configs_name_no_train_split_is_caught(cache, capsys):
         (cache / "README.md").write_text(text.replace(old, new, 1))
         assert verify_cache(cache) == [
             f"README.md: the card's configs ({configs}) name no train split with a path, so `datasets` and load_cache cannot read "
-            "the shards: restore the card's configs (the build writes split train with path data/train-*-of-00004.parquet), or rebuild"
+            f"the shards (the build writes split train with path data/train-*-of-00004.parquet). {RESTORE_CARD}"
         ]
         assert main(["verify", str(cache)]) == 1
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
     capsys.readouterr()
     (cache / "README.md").write_text(text.replace("  data_files:\n  - split: train\n    path: ", "  data_files: ", 1))
     assert verify_cache(cache) == []  # a pattern with no split named: `datasets` reads it as the train split
@@ -1211,9 +1297,11 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
 def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
     edit_card(cache, lambda data: data["dataset_info"].update(splits={"num_bytes": 1, "num_examples": 14}))  # its `- name` line deleted
     assert verify_cache(cache) == [
-        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples): '
-        "restore the card, or rebuild"
+        'README.md: dataset_info.splits is {"num_bytes": 1, "num_examples": 14}, not a list of splits (name, num_examples). '
+        f"{RESTORE_CARD}"
     ]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
 
 
 def test_shards_the_manifests_columns_cannot_decode_are_reported_not_a_traceback(cache):
