@@ -107,6 +107,10 @@ def parse_raw_row(raw: bytes) -> dict:
     return row
 
 
+# The columns of a row a build reads (its conversation, system prompt, tools and id); any other is carried nowhere.
+ROW_COLUMNS_READ = ("messages", "conversations", "system", "tools", "id")
+
+
 def normalize_row(row: dict) -> list[dict[str, Any]]:
     """Return OpenAI-style messages (role, string content, and an OpenAI message's other
     fields), or raise BadRow."""

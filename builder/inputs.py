@@ -19,6 +19,7 @@ import numpy as np
 from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 from datasets.utils.info_utils import is_small_dataset
 
+from .conversations import ROW_COLUMNS_READ
 from .errors import InputError
 from .files import COMPRESSED_SUFFIXES, refuse_pattern_paths
 
@@ -503,10 +504,15 @@ def _load_hub(repo_id: str, config: str | None, split: str | None, revision: str
         # What earlier versions recorded: the rows `datasets` named by the commit, and the data files' hash alone (at the same commit)
         "earlier_content_hashes": [ds._fingerprint, *source.earlier_hashes],
     }
-    typed_as_json = json_columns(ds.features)
-    if typed_as_json:
+    typed_as_json = [column for column in json_columns(ds.features) if _top_column(column) in ROW_COLUMNS_READ]
+    if typed_as_json:  # a Json column the build never reads (metadata) changes no text: the rows stay `datasets`' own
         return _read_again_row_by_row(repo_id, split or "train", source, typed_as_json, ds, info)
     return ds, info
+
+
+def _top_column(path: str) -> str:
+    """The row's column a feature path (`messages[].content`) lies in."""
+    return path.split(".", 1)[0].split("[", 1)[0]
 
 
 def _read_again_row_by_row(repo_id: str, split: str, source, columns: list[str], ds: datasets.Dataset, info: dict):

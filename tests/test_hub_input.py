@@ -632,3 +632,38 @@ def test_a_build_of_the_rows_datasets_changed_is_not_resumed_with_the_rows_read_
     for revision in (None, read):
         with pytest.raises(ResumeMismatch, match=says("input.content_hash", "'tester/json-resumed'", "as Json", "another --output-dir")):
             build(cfg.replace(resume=True, input_revision=revision), progress=False)
+
+
+def chats_with_mixed_metadata(n: int) -> bytes:
+    """Chats whose `meta` column mixes text and objects, which `datasets` types as Json: a column no build reads."""
+    rows = (
+        {
+            "id": f"m{i}",
+            "meta": "web" if i % 2 else {"src": "web"},
+            "messages": [{"role": "user", "content": f"Name {i}."}, {"role": "assistant", "content": f"It is {i}."}],
+        }
+        for i in range(n)
+    )
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def test_a_json_column_no_build_reads_leaves_the_rows_and_their_identity_as_datasets_makes_them(hub):
+    """Only a column the conversation is read from can carry changed text: a metadata column typed as Json
+    neither re-reads the rows nor marks their hash (a build of them begun before still resumes)."""
+    import gzip
+
+    commit_file(hub, "tester/json-metadata", "train.jsonl", chats_with_mixed_metadata(6))
+    rows, info = load_rows("tester/json-metadata")
+    assert "meta" in rows.column_names and "altered_content_hashes" not in info
+    commit_file(hub, "tester/json-metadata-gz", "train.jsonl.gz", gzip.compress(chats_with_mixed_metadata(6), mtime=0))
+    rows, info = load_rows("tester/json-metadata-gz")  # compressed files are not refused: nothing is read again
+    assert len(rows) == 6 and "altered_content_hashes" not in info
+
+
+def test_a_json_id_column_is_read_row_by_row_as_the_sample_ids_come_from_it(hub):
+    """`datasets`' Json reads an id "1e3" back as the number 1000.0: the sample's id would change."""
+    lines = [json.loads(line) for line in text_chat_lines(4).decode().splitlines()]
+    lines[0]["id"], lines[1]["id"] = "1e3", 7
+    commit_file(hub, "tester/json-ids", "train.jsonl", "".join(json.dumps(row) + "\n" for row in lines).encode())
+    rows, info = load_rows("tester/json-ids")
+    assert "altered_content_hashes" in info and json.loads(rows[0]["raw"])["id"] == "1e3"
