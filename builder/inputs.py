@@ -84,9 +84,11 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> tuple[d
     patterns = patterns or inferred_split_patterns(base)
     splits = {}
     for split, split_patterns in patterns.items():
-        files = {Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)}
+        # In `datasets`' order: pattern by pattern as listed, each one's files sorted as whole path strings
+        # (`en-gb/` before `en/`), so rows keep the positions a build of the same files from the Hub gives them.
+        files = list(dict.fromkeys(Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)))
         if files:
-            splits[str(split)] = sorted(files)
+            splits[str(split)] = files
     if not splits:
         _refuse_data_in_no_split(folder, spec, config if configs else None, patterns)
     if not configs:

@@ -431,3 +431,33 @@ def test_a_build_from_a_dataset_saved_with_the_torch_format_equals_one_from_plai
     for got, want in zip(caches["torch"], caches[None]):
         assert got["sample_id"] == want["sample_id"]
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["aux_hidden_states"], want["aux_hidden_states"])
+
+
+ORDERED_CARD = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path:
+    - part-b.jsonl
+    - part-a.jsonl
+---
+"""
+
+
+@pytest.mark.parametrize("layout", ["sibling folders", "card order"])
+def test_a_folder_s_files_are_read_in_the_order_datasets_reads_them(tmp_path, layout):
+    """The rows' positions (`source_index`, the --max-samples draw) are those `datasets`, and so a build of
+    the same files from the Hub, gives them: whole path strings sorted (`en-gb/` before `en/`), and the
+    card's patterns in the order listed."""
+    root = tmp_path / "d"
+    if layout == "sibling folders":
+        for folder in ("en", "en-gb", "en/z"):
+            write_jsonl(root / "data" / folder / "part.jsonl", [chat(f"{folder}-0"), chat(f"{folder}-1")])
+    else:
+        write_jsonl(root / "part-a.jsonl", [chat("a0")])
+        write_jsonl(root / "part-b.jsonl", [chat("b0")])
+        (root / "README.md").write_text(ORDERED_CARD)
+    expected = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf"))["id"]
+    assert ids(load_rows(str(root))[0]) == expected
+    assert expected[0] in ("en-gb-0", "b0")  # the order differs from sorting the paths part by part
