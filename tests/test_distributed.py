@@ -265,15 +265,9 @@ def run_two_ranks(script: str, tmp_path: Path) -> list[list]:
         )
         for rank in (0, 1)
     ]
-    try:
-        outputs = [rank.communicate(timeout=120) for rank in ranks]
-    except subprocess.TimeoutExpired:
-        for rank in ranks:
-            rank.kill()
-        outputs = [rank.communicate() for rank in ranks]
-        pytest.fail("a rank was still waiting after 120 s:\n" + "\n".join(stderr[-2000:] for _, stderr in outputs))
-    assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(stderr[-2000:] for _, stderr in outputs)
-    return [[json.loads(line) for line in stdout.splitlines()] for stdout, _ in outputs]
+    outputs = finish_ranks(ranks)
+    assert [status for status, _, _ in outputs] == [0, 0], "\n".join(stderr[-2000:] for _, _, stderr in outputs)
+    return [[json.loads(line) for line in stdout.splitlines()] for _, stdout, _ in outputs]
 
 
 def test_rank_0s_start_up_error_is_raised_on_every_rank_as_itself(tmp_path):
