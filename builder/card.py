@@ -185,10 +185,47 @@ def damaged_card_key(text: str) -> str | None:
     front matter is damaged (`front_matter_damage`), by the key that front matter still holds: such a
     card cannot be another dataset's, so a push may write it again. None for a card whose front matter
     reads, and for a damaged one holding neither key (cut short before it, or someone else's)."""
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
-
     if front_matter_damage(text) is None:
         return None
-    block = REGEX_YAML_BLOCK.search(text.removeprefix(BOM))
-    front_matter = block.group(2) if block else text  # never closed: all of it
-    return next((key for key in (INDEX_KEY, CARD_KEY) if re.search(rf"^{key}:", front_matter, re.M)), None)
+    keys = {key for _, key in yaml_shaped_keys(text)}
+    return next((key for key in (INDEX_KEY, CARD_KEY) if key in keys), None)
+
+
+# A top-level key line of YAML front matter: a plain or quoted key at the line's start, then `:`
+TOP_LEVEL_KEY = re.compile(r"""^(?:(?P<plain>[A-Za-z_][\w.-]*)|"(?P<double>[^"\n]*)"|'(?P<single>[^'\n]*)')[ \t]*:(?:[ \t]|$)""")
+# Any other line of YAML as eagle3-cache writes it: blank, indented (a nested value), or a list item
+OTHER_YAML_LINE = re.compile(r"^(?:[ \t]|-(?:[ \t]|$)|$)")
+
+
+def front_matter_lines(text: str) -> list[tuple[int, str]]:
+    """(line number in the card, line) of a card's front matter, read as lines (it need not parse): those
+    after the opening `---` down to the closing one, or to the end of a card cut short before it; none
+    where the card has no front matter."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = text.removeprefix(BOM)
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return []
+    block = REGEX_YAML_BLOCK.search(text)
+    first, lines = (block.group(1).count("\n") + 1, block.group(2).split("\n")) if block else (2, text.split("\n")[1:])
+    return [(first + i, line.rstrip("\r")) for i, line in enumerate(lines)]
+
+
+def top_level_key(line: str) -> str | None:
+    match = TOP_LEVEL_KEY.match(line)
+    return None if match is None else next(key for key in match.group("plain", "double", "single") if key is not None)
+
+
+def yaml_shaped_keys(text: str) -> list[tuple[int, str]]:
+    """(line in the card, key) of the top-level keys of a card's front matter, down to its first line not
+    shaped as YAML is written in a card (a top-level `key:`, an indented line, a `- ` list item, a blank
+    line). A heading, prose, a code fence, a comment or a marker there is a README's own text below a
+    `---` rule that merely opens it, so no key shown after it (in a code block, say) is the card's."""
+    keys = []
+    for number, line in front_matter_lines(text):
+        key = top_level_key(line)
+        if key is None and not OTHER_YAML_LINE.match(line):
+            break
+        if key is not None:
+            keys.append((number, key))
+    return keys

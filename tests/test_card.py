@@ -414,3 +414,18 @@ def test_a_card_reads_back_the_strings_it_was_written_with(tmp_path, odd):
     assert read_manifest(tmp_path) == manifest and manifest["identity"]["input"]["data"] == f"/data/{odd}/chats.jsonl"
     text = render_card(manifest, "user/cache", kept=UserParts({"pretty_name": f"team {odd}"}))
     assert manifest_from_card(text) == manifest and card_data_of(text)["pretty_name"] == f"team {odd}"
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["never closed", "closed, YAML broken"])
+def test_a_damaged_front_matter_holds_a_key_of_ours_only_where_every_line_above_it_is_yaml(closed):
+    from builder.card import damaged_card_key
+
+    end = "---\n# body\n" if closed else ""
+    quoted = "\n```yaml\neagle3_cache: [\n```\n"  # `[` never closed: YAML that does not parse, where closed
+    assert damaged_card_key(f"---\n# Our notes{quoted}{end}") is None  # a heading above it
+    assert damaged_card_key(f"---\nOur notes, and our card:{quoted}{end}") is None  # prose
+    assert damaged_card_key(f"---\n{quoted[1:]}{end}") is None  # a code fence
+    assert damaged_card_key(f"---\n#eagle3_cache:\neagle3_cache: [\n{end}") is None  # a comment
+    yaml_above = "license: mit\n'pretty name': x\ntags:\n- a\n  - b\n\ndataset_info:\n  features: []\n"
+    assert damaged_card_key(f"---\n{yaml_above}eagle3_cache: [\n{end}") == "eagle3_cache"
+    assert damaged_card_key(f"\ufeff---\n{yaml_above}eagle3_cache_index: [\n{end}") == "eagle3_cache_index"

@@ -388,6 +388,26 @@ def test_a_card_whose_yaml_does_not_parse_and_holds_no_manifest_is_refused_namin
     assert hub_text(hub, "tester/cut-early") == cut_before_its_manifest
 
 
+def readme_quoting_a_key(key: str) -> str:
+    """Another dataset's README opening with a `---` rule it never closes, that shows a key of
+    eagle3-cache's in a code block below its own text."""
+    return f"---\n# Our notes\n\nOur cards start like this:\n\n```yaml\n{key}:\n  format_version: 1\n```\n\nOur data is in data/.\n"
+
+
+@pytest.mark.parametrize("key, config", [("eagle3_cache", None), ("eagle3_cache_index", "llama")])
+def test_a_readme_never_closing_its_opening_rule_that_quotes_a_key_of_ours_is_another_datasets(hub, v1, key, config):
+    """Front matter never closed holds a key of eagle3-cache's only where every line above the key is
+    YAML: text above it (a heading, prose, a code fence) is a README's own, and the README is refused."""
+    repo = f"tester/quotes-{key}".replace("_", "-")
+    theirs = readme_quoting_a_key(key)
+    commit_their_files(hub, repo, {"README.md": theirs, "data/train-00000-of-00001.parquet": "their rows"})
+    files = sorted(hub.files_at(repo, "main"))
+    with pytest.raises(HubError, match=rf"{repo}@main has a dataset card that is not an eagle3-cache card: a push would replace it"):
+        push(v1, repo, config=config)
+    assert hub_text(hub, repo) == theirs
+    assert sorted(hub.files_at(repo, "main")) == files
+
+
 def test_a_root_card_of_a_cache_cut_short_on_the_hub_is_written_again_by_a_push(hub, v1, v2):
     """Only a card cut short: the Hub refuses a root card whose YAML does not parse (a config's it takes)."""
     repo = "tester/cut-root"
