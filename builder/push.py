@@ -41,7 +41,7 @@ from urllib.parse import quote
 
 from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
-from dataset_card.render import UserParts, merge_user_parts, shard_files, user_parts, user_text_parts
+from dataset_card.render import UserParts, entry_of_a_damaged_card, merge_user_parts, shard_files, user_parts, user_text_parts
 
 from .build_state import read_sidecar, sidecar_path
 from .card import damaged_card_key, existing_pictures, front_matter_damage, local_user_parts
@@ -84,12 +84,14 @@ class PushResult:
 class HubCard:
     """A card on the branch, as a push reads it: its text (None: there is none), where it is, and its front
     matter. A card of eagle3-cache's whose front matter can no longer be read (cut short, or its YAML broken
-    by a hand edit) is `damaged` (how, in words); its `data` then hold only the key it was found by."""
+    by a hand edit) is `damaged` (how, in words); its `data` then hold only the key it was found by. Of a
+    damaged index, `folders` says why each folder that is not listed with a config's whole entry is so."""
 
     text: str | None
     path: str
     data: dict = field(default_factory=dict)
     damaged: str | None = None
+    folders: dict[str, str] = field(default_factory=dict)
 
     def user_parts(self) -> UserParts:
         """What users added to it, kept by the card that replaces it: of a damaged card, its text above and
@@ -412,12 +414,7 @@ class HubPusher:
         t = self.target
         index = index_from_card_data(root.data)
         if root.damaged is not None:
-            log.warning(
-                "%s: the index card is damaged, so it lists the configs found in the repo's folders (%s), those of other "
-                "pushes without the revision they were pushed with: push one again to name its own",
-                root.path,
-                ", ".join(sorted({*index, t.config})),
-            )
+            log.warning("%s: the index card is damaged, so %s", root.path, configs_found_in_words(index, root.folders, t.config))
         index[t.config] = index_entry(manifest, t.config, t.revision)
         kept = root.user_parts() if INDEX_KEY in root.data else UserParts()
         return render_index_card(t.repo_id, index, kept=kept)
@@ -437,7 +434,8 @@ class HubPusher:
         """The root card at `commit`. Of a damaged index card, the configs it listed are found again in their folders."""
         root = read_hub_card(self._card_at(commit, "README.md", "read root card"), self._where("README.md"))
         if root.damaged is not None and INDEX_KEY in root.data:
-            return replace(root, data={INDEX_KEY: self._configs_found(commit)})
+            index, folders = self._configs_found(commit)
+            return replace(root, data={INDEX_KEY: index}, folders=folders)
         return root
 
     def _config_card(self, commit: str) -> HubCard:
@@ -448,18 +446,20 @@ class HubPusher:
     def _where(self, path: str) -> str:
         return f"{self.target.repo_id}@{self.target.branch}: {path}"
 
-    def _configs_found(self, commit: str) -> dict:
-        """The index a damaged root index card held, found again: each top-level folder whose card holds a
-        cache's manifest. Their entries name no revision (only the damaged card knew them), so their usage
-        snippets read the branch until each is pushed again."""
+    def _configs_found(self, commit: str) -> tuple[dict, dict[str, str]]:
+        """The index a damaged root index card held, found again: each top-level folder whose card is a cache's.
+        Their entries name no revision (only the damaged card knew them), so their usage snippets read the
+        branch until each is pushed again. Also {folder: why} for each folder not listed with a whole entry."""
         t = self.target
         top = self._call("list folders", lambda: list(self.api.list_repo_tree(t.repo_id, revision=commit, repo_type=REPO_TYPE)))
-        index = {}
+        index, folders = {}, {}
         for folder in sorted(entry.path for entry in top if not hasattr(entry, "blob_id")):
-            text = self._card_at(commit, f"{folder}/README.md")
-            with contextlib.suppress(ManifestError, KeyError, TypeError):  # not a cache's card, or one lacking parts: left out
-                index[folder] = index_entry(card_data_of(text or "")[CARD_KEY], folder)
-        return index
+            entry, why = config_entry_found(folder, self._card_at(commit, f"{folder}/README.md"))
+            if entry is not None:
+                index[folder] = entry
+            if why is not None:
+                folders[folder] = why
+        return index, folders
 
     def _card_at(self, commit: str, path: str, what: str = "read card") -> str | None:
         """The text of a card at `commit`; None where there is none."""
@@ -484,6 +484,39 @@ class HubPusher:
         if t.config is None and root.get(INDEX_KEY) and CARD_KEY not in root:
             names = sorted(root[INDEX_KEY])
             raise HubError(f"{t.repo_id} holds several caches in sub-folders ({names}); pass --hub-config NAME to add or update one.")
+
+
+def config_entry_found(folder: str, text: str | None) -> tuple[dict | None, str | None]:
+    """The index entry of the config in `folder`, by its card's text (None: it has none), and why it is not a
+    whole one. A cache's card that is damaged keeps the folder listed, as the config's: left out, the folder
+    would be taken for another dataset's, and a push of that config, the way to restore its card, refused."""
+    if text is None:
+        return None, "it has no README.md"
+    if damaged_card_key(text) == CARD_KEY:
+        return entry_of_a_damaged_card(folder), f"its card's YAML front matter {front_matter_damage(text)}"
+    try:
+        manifest = card_data_of(text)[CARD_KEY]
+    except (ManifestError, KeyError):
+        return None, "its README.md is not an eagle3-cache card"
+    try:
+        return index_entry(manifest, folder), None
+    except (KeyError, TypeError):
+        return entry_of_a_damaged_card(folder), "its card's manifest lacks parts, as a card cut short"
+
+
+def configs_found_in_words(index: dict, folders: dict[str, str], pushed: str) -> str:
+    """What a damaged index card's replacement lists, for the warning that it was written again."""
+    others = sorted(set(index) - {pushed})
+    words = f"it lists the configs found in the repo's folders ({', '.join(sorted({*index, pushed}))})"
+    if others:
+        words += f", those of other pushes without the revision they were pushed with ({', '.join(others)}): push one again to name its own"
+    damaged = [f"{folder} ({why})" for folder, why in folders.items() if folder in index and folder != pushed]
+    if damaged:
+        words += f"; listed although its card is damaged, so that pushing that config again restores it: {'; '.join(damaged)}"
+    left_out = [f"{folder} ({why})" for folder, why in folders.items() if folder not in index]
+    if left_out:
+        words += f"; not listed: {'; '.join(left_out)}"
+    return words
 
 
 def refuse_no_local_directory(cache_dir: Path) -> None:

@@ -160,8 +160,18 @@ def index_entry(manifest: dict, config: str | None = None, revision: str | None 
     }
 
 
-def _config_yaml(name: str, entry: dict, prefix: str) -> tuple[dict, dict]:
+def entry_of_a_damaged_card(config: str) -> dict:
+    """The index entry of a config whose own card is damaged (what its manifest said is unknown until it is
+    pushed again): its folder only, so that the index still lists it as a cache's."""
+    return {"path": data_prefix(config).rstrip("/"), "revision": None}
+
+
+def _config_yaml(name: str, entry: dict, prefix: str) -> tuple[dict, dict | None]:
+    """The config's `configs` and `dataset_info` entries; no `dataset_info` for one whose card is damaged
+    (`entry_of_a_damaged_card`): `datasets` then reads its features from its shards."""
     config = {"config_name": name, "data_files": [{"split": "train", "path": f"{prefix}data/{shard_files(entry.get('shards'))}"}]}
+    if "features" not in entry:
+        return config, None
     info = {
         "config_name": name,
         "features": entry["features"],
@@ -356,7 +366,7 @@ def render_index_card(location: str, index: dict, kept: UserParts = UserParts())
     configs, infos = zip(*(_config_yaml(k, v, data_prefix(k)) for k, v in sorted(index.items())))
     data = {
         "configs": list(configs),
-        "dataset_info": list(infos),
+        "dataset_info": [info for info in infos if info is not None],
         "tags": TAGS,
         "eagle3_cache_index": {k: {key: v[key] for key in v if key != "features"} for k, v in sorted(index.items())},
     }

@@ -429,3 +429,16 @@ def test_a_damaged_front_matter_holds_a_key_of_ours_only_where_every_line_above_
     yaml_above = "license: mit\n'pretty name': x\ntags:\n- a\n  - b\n\ndataset_info:\n  features: []\n"
     assert damaged_card_key(f"---\n{yaml_above}eagle3_cache: [\n{end}") == "eagle3_cache"
     assert damaged_card_key(f"\ufeff---\n{yaml_above}eagle3_cache_index: [\n{end}") == "eagle3_cache_index"
+
+
+def test_an_index_lists_a_config_whose_card_is_damaged_by_its_folder_alone(manifest):
+    from dataset_card.render import entry_of_a_damaged_card
+
+    index = {"small": index_entry(manifest, "small", "v1"), "large": entry_of_a_damaged_card("large")}
+    text = render_index_card("user/caches", index)
+    data = card_data_of(text)
+    assert sorted(data["eagle3_cache_index"]) == ["large", "small"]
+    assert [c["data_files"][0]["path"] for c in data["configs"]] == ["large/data/train-*", "small/data/train-*-of-00002.parquet"]
+    assert [info["config_name"] for info in data["dataset_info"]] == ["small"]  # datasets reads large's features from its shards
+    assert "| `large` | its card is damaged: push this config again to restore it |" in text
+    assert index_from_card_data(data)["large"] == {"path": "large", "revision": None}  # so again when read back

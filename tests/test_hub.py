@@ -438,6 +438,35 @@ def test_an_index_card_damaged_on_the_hub_lists_the_configs_found_in_their_folde
     assert_same_content(list(load_cache(repo, name="short", layout="raw")), decoded_rows(v2))
 
 
+def test_a_config_whose_card_is_damaged_too_stays_in_an_index_written_again_and_may_be_pushed(hub, v1, v2, caplog):
+    """Both the index and a config's card damaged: the index written again still lists that config (left out,
+    its folder would be taken for another dataset's, refusing the push that restores its card)."""
+    repo = "tester/damaged-both"
+    push(v1, repo, config="llama", tag="llama-v1")
+    push(v2, repo, config="short", tag="short-v1")
+    text, short = hub_text(hub, repo), hub_text(hub, repo, path="short/README.md")
+    commit_card(hub, repo, "README.md", text[: text.index("eagle3_cache_index:") + 40])
+    commit_card(hub, repo, "short/README.md", short[: len(short) // 2])
+    commit_card(hub, repo, "notes/README.md", "# Our notes\n")
+    with caplog.at_level(logging.WARNING, logger="builder.push"):
+        push(v1, repo, config="llama", tag="llama-v2")
+    assert sorted(card_data_of(hub_text(hub, repo))["eagle3_cache_index"]) == ["llama", "short"]
+    assert re.search(
+        says(
+            "README.md: the index card is damaged, so it lists the configs found in the repo's folders (llama, short), those of",
+            "without the revision they were pushed with (short)",
+            "listed although its card is damaged, so that pushing that config again restores it: short (its card's YAML front",
+            "matter begins but is never closed",
+            "not listed: notes (its README.md is not an eagle3-cache card)",
+        ),
+        caplog.text,
+    )
+    push(v2, repo, config="short", tag="short-v2")
+    assert sorted(card_data_of(hub_text(hub, repo))["eagle3_cache_index"]) == ["llama", "short"]
+    assert_same_content(list(load_cache(repo, name="short", layout="raw")), decoded_rows(v2))
+    assert_same_content(list(load_cache(repo, name="llama", revision="llama-v2", layout="raw")), decoded_rows(v1))
+
+
 def test_local_card_edits_reach_the_hub_and_win_over_the_hubs(hub, v1, tmp_path):
     import shutil
 
