@@ -14,7 +14,7 @@ from pathlib import Path
 import dataset_card
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures, save_inputs
-from dataset_card.render import BOM, UserParts, user_parts, user_text_parts
+from dataset_card.render import BOM, GENERATED_KEYS, UserParts, body_below_front_matter, marked_user_text, markers_missing, user_parts
 
 from .files import write_bytes_atomic, write_text_atomic
 from .manifest import CARD_KEY, INDEX_KEY, assemble_manifest, card_data_of
@@ -130,15 +130,32 @@ def local_user_parts(cache_dir: Path) -> UserParts:
         return UserParts()
     problem = front_matter_problem(text)
     if problem is not None:
-        log.warning(
-            "%s: its YAML front matter cannot be read (%s): it is written again from the build state, keeping the text "
-            "above and below the generated markers but not the YAML keys added to it (license, pretty_name, ...): add "
-            "them again, quoting a value that holds ': '",
-            card,
-            problem,
-        )
-        return user_text_parts(text, str(card))
+        return damaged_card_parts(text, str(card), f"cannot be read ({problem})", "written again from the build state")
     return user_parts(text, str(card)) if is_cache_card_text(text) else UserParts()
+
+
+def damaged_card_parts(text: str, where: str, damage: str, written: str = "written again", kept_keys=()) -> UserParts:
+    """What a card of eagle3-cache's whose front matter cannot be read (`damage`, in words) keeps when it is
+    `written` again: the text above and below its generated markers (none where they are gone), and none of
+    its own keys, which cannot be read; one warning says what is kept and names the keys lost, with their
+    lines, to be added again (those in `kept_keys` aside: the ones the card written takes from elsewhere)."""
+    body = body_below_front_matter(text)
+    found = marked_user_text(body)
+    if found is None:
+        kept = f"{markers_missing(body)}, so none of its text is known to be a user's: all of it is written anew"
+    else:
+        kept = "keeping the text above and below the generated markers"
+    lines_of: dict[str, list[str]] = {}
+    for line, key in front_matter_keys(text):
+        if key not in GENERATED_KEYS and key not in kept_keys:
+            lines_of.setdefault(key, []).append(str(line))
+    lost = [f"{key} (line{'s' if len(lines) > 1 else ''} {', '.join(lines)})" for key, lines in lines_of.items()]
+    if lost:
+        lost_words = f"the YAML keys added to it are lost: {', '.join(lost)}; add them again, quoting a value that holds ': '"
+    else:
+        lost_words = "no YAML key added to it was found in what is left of it"
+    log.warning("%s: its YAML front matter %s: it is %s, %s; %s", where, damage, written, kept, lost_words)
+    return UserParts({}, *(found or (None, None)))
 
 
 def front_matter_problem(text: str) -> str | None:
@@ -176,8 +193,18 @@ def front_matter_damage(text: str) -> str | None:
     try:
         yaml.safe_load(block.group(2))
     except yaml.YAMLError as err:
-        return f"does not parse ({' '.join(str(err).split())})"
+        return f"does not parse ({yaml_error_in_words(err, first_line=block.group(1).count(chr(10)) + 1)})"
     return None
+
+
+def yaml_error_in_words(err: Exception, first_line: int) -> str:
+    """What YAML found wrong with a card's front matter, at its line in the card (YAML counts from the front
+    matter's first line, `first_line` of the card)."""
+    what = ": ".join(part for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    mark = getattr(err, "problem_mark", None)
+    if not what or mark is None:
+        return " ".join(str(err).split())
+    return f"{what}, at line {first_line + mark.line} of the card"
 
 
 def damaged_card_key(text: str) -> str | None:
@@ -214,6 +241,11 @@ def front_matter_lines(text: str) -> list[tuple[int, str]]:
 def top_level_key(line: str) -> str | None:
     match = TOP_LEVEL_KEY.match(line)
     return None if match is None else next(key for key in match.group("plain", "double", "single") if key is not None)
+
+
+def front_matter_keys(text: str) -> list[tuple[int, str]]:
+    """(line in the card, key) of every top-level key line of a card's front matter, read as lines."""
+    return [(number, key) for number, line in front_matter_lines(text) if (key := top_level_key(line)) is not None]
 
 
 def yaml_shaped_keys(text: str) -> list[tuple[int, str]]:

@@ -41,10 +41,10 @@ from urllib.parse import quote
 
 from dataset_card import index_entry, index_from_card_data, render_card, render_index_card
 from dataset_card.pictures import PICTURES
-from dataset_card.render import UserParts, entry_of_a_damaged_card, merge_user_parts, shard_files, user_parts, user_text_parts
+from dataset_card.render import UserParts, entry_of_a_damaged_card, merge_user_parts, shard_files, user_parts
 
 from .build_state import read_sidecar, sidecar_path
-from .card import damaged_card_key, existing_pictures, front_matter_damage, local_user_parts
+from .card import damaged_card_key, damaged_card_parts, existing_pictures, front_matter_damage, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, ManifestError, card_data_of, read_manifest, recorded_checksum
@@ -93,20 +93,14 @@ class HubCard:
     damaged: str | None = None
     folders: dict[str, str] = field(default_factory=dict)
 
-    def user_parts(self) -> UserParts:
+    def user_parts(self, local: UserParts | None = None) -> UserParts:
         """What users added to it, kept by the card that replaces it: of a damaged card, its text above and
-        below the generated markers (its keys cannot be read)."""
+        below the generated markers (its keys cannot be read: those the `local` card has are kept from it)."""
         if self.text is None:
             return UserParts()
         if self.damaged is None:
             return user_parts(self.text, self.path)
-        log.warning(
-            "%s: its YAML front matter %s: it is written again, keeping the text above and below the generated markers "
-            "but not the YAML keys added to it (license, pretty_name, ...) unless the local card has them: add them again",
-            self.path,
-            self.damaged,
-        )
-        return user_text_parts(self.text, self.path)
+        return damaged_card_parts(self.text, self.path, self.damaged, kept_keys=local.keys if local is not None else {})
 
 
 def read_hub_card(text: str | None, path: str) -> HubCard:
@@ -404,7 +398,8 @@ class HubPusher:
         `hub_card` (the card this push replaces) that the local card does not have."""
         t = self.target
         base = f"{hub_endpoint()}/datasets/{t.repo_id}/resolve/{quote(t.revision, safe='')}/{t.prefix}"
-        kept = merge_user_parts(local_user_parts(cache_dir), hub_card.user_parts() if hub_card is not None else UserParts())
+        local = local_user_parts(cache_dir)
+        kept = merge_user_parts(local, hub_card.user_parts(local) if hub_card is not None else UserParts())
         return render_card(
             manifest, t.repo_id, config=t.config, revision=t.revision, pictures=existing_pictures(cache_dir), picture_base=base, kept=kept
         )

@@ -62,34 +62,43 @@ def user_parts(text: str, where: str = "the card written again") -> UserParts:
     return UserParts(keys, *user_text(card.text, where))
 
 
-def user_text_parts(text: str, where: str = "the card written again") -> UserParts:
-    """The user's text of a card whose front matter YAML cannot read (a slip in a hand edit): the
-    front matter is split off unread, so none of its keys are known."""
+def body_below_front_matter(text: str) -> str:
+    """A card's text below its front matter, split off unread (all of it where the front matter is never closed)."""
     from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     text = text.removeprefix(BOM)
     front_matter = REGEX_YAML_BLOCK.search(text)
-    return UserParts({}, *user_text(text[front_matter.end() :] if front_matter else text, where))
+    return text[front_matter.end() :] if front_matter else text
 
 
 def user_text(body: str, where: str) -> tuple[str | None, str | None]:
-    """The text above and below the generated body's markers in a card's body (below its front
-    matter): the body is the first end marker after a start marker, back to the last start marker
-    before it, so a marker a user quotes in their own text, above or below, is theirs."""
-    end = next((m for m in _END_RE.finditer(body) if _START_RE.search(body, 0, m.start())), None)
-    if end is None:  # no markers (a card of an earlier version), or moved: no text known to be the user's
+    """The text above and below the generated body's markers in a card's body (`marked_user_text`);
+    where they are missing, none, and a warning says so."""
+    found = marked_user_text(body)
+    if found is None:  # no markers (a card of an earlier version), or moved: no text known to be the user's
         log.warning(
             "%s: %s, so no text in it is known to be a user's: all of it is written anew, and any text added to it is "
             "not kept; add it again above or below the markers of the card written",
             where,
-            _markers_missing(body),
+            markers_missing(body),
         )
         return None, None
+    return found
+
+
+def marked_user_text(body: str) -> tuple[str, str] | None:
+    """The text above and below the generated body's markers in a card's body (below its front
+    matter), None where they are missing: the body is the first end marker after a start marker,
+    back to the last start marker before it, so a marker a user quotes in their own text, above or
+    below, is theirs."""
+    end = next((m for m in _END_RE.finditer(body) if _START_RE.search(body, 0, m.start())), None)
+    if end is None:
+        return None
     start = list(_START_RE.finditer(body, 0, end.start()))[-1]
     return body[: start.start()], body[end.end() :]
 
 
-def _markers_missing(body: str) -> str:
+def markers_missing(body: str) -> str:
     if _START_RE.search(body) is None:
         return "it has no '<!-- eagle3-cache generated start ... -->' marker (written by an earlier version, or removed)"
     if _END_RE.search(body) is None:

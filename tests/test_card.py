@@ -340,7 +340,10 @@ def test_a_resumed_build_keeps_the_text_of_a_card_whose_yaml_a_hand_edit_broke(t
     )
     assert read_manifest(tmp_path) == manifest
     assert "README.md: its YAML front matter cannot be read (line 2: mapping values are not allowed here)" in caplog.text
-    assert "not the YAML keys added to it" in caplog.text
+    assert (
+        "keeping the text above and below the generated markers; the YAML keys added to it are lost: pretty_name (line 2);" in caplog.text
+    )
+    assert "written anew" not in caplog.text  # one warning, saying what is kept and what is lost
 
 
 def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):

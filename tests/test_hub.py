@@ -366,10 +366,41 @@ def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_written_again_keeping
     assert re.search(
         says(
             "tester/broken-config@main: llama/README.md: its YAML front matter does not parse (",
-            "it is written again, keeping the text above and below the generated markers but not the YAML keys",
+            "mapping values are not allowed here, at line 2 of the card",
+            "it is written again, keeping the text above and below the generated markers; the YAML keys added to it are "
+            "lost: license (lines 2, 3), pretty_name (line 4), language (line 5); add them again",
         ),
         caplog.text,
     )
+    assert "written anew" not in caplog.text  # one warning, saying what is kept and what is lost
+
+
+def test_a_config_card_cut_short_on_the_hub_is_written_anew_with_one_warning_naming_the_keys_it_lost(hub, v1, v2, caplog, tmp_path):
+    """No markers left to keep text by: all of it is written anew, and the keys lost are named with their lines,
+    those the local card has aside (the card written takes them from it)."""
+    import shutil
+
+    repo = "tester/cut-config"
+    push(v1, repo, config="llama")
+    edit_on_hub(hub, repo, "llama/README.md")
+    card = hub_text(hub, repo, path="llama/README.md")
+    commit_card(hub, repo, "llama/README.md", card[: card.index("eagle3_cache:") + 40])
+    cache = Path(shutil.copytree(v2, tmp_path / "cache"))
+    (cache / "README.md").write_text(card_edited_by_user((cache / "README.md").read_text(), keys="language:\n- fr\n"))
+    with caplog.at_level(logging.WARNING, logger="builder.push"):
+        push(cache, repo, config="llama")
+    warnings = [record.getMessage() for record in caplog.records if "llama/README.md" in record.getMessage()]
+    assert len(warnings) == 1
+    assert re.search(
+        says(
+            "llama/README.md: its YAML front matter begins but is never closed",
+            "so none of its text is known to be a user's: all of it is written anew",
+            "the YAML keys added to it are lost: license (line 2), pretty_name (line 3); add them again",
+        ),
+        warnings[0],
+    )
+    assert "language" not in warnings[0] and "keeping the text" not in warnings[0]
+    assert card_data_of(hub_text(hub, repo, path="llama/README.md"))["language"] == ["fr"]
 
 
 def test_a_card_whose_yaml_does_not_parse_and_holds_no_manifest_is_refused_naming_the_line(hub, v1, v2):
