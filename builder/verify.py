@@ -408,6 +408,11 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(f"{VOCAB_FILE}: missing")
     elif not checksum_matches(vocab, manifest, manifest["vocab_file"]):
         problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
+    elif (counted := counted_vocab_size(vocab)) != manifest["target_vocab_size"]:
+        problems.append(
+            f"README.md: the manifest's target_vocab_size {manifest['target_vocab_size']} differs from the {counted} tokens "
+            f"{VOCAB_FILE} counts: readers would size the draft-to-target mapping wrong. {fix.card()}"
+        )
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
@@ -419,6 +424,14 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems + check_card_reads_every_shard(out, sorted(listed), fix)
+
+
+def counted_vocab_size(vocab: Path) -> int:
+    """The target vocabulary the build counted loss tokens over (the vocab file's `token_counts`, one per token id)."""
+    from safetensors import safe_open
+
+    with safe_open(str(vocab), "pt") as f:
+        return f.get_slice("token_counts").get_shape()[0]
 
 
 def check_columns_and_layout(manifest: dict, fix: Repair = LOCAL) -> tuple[list[str], dict]:

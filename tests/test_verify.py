@@ -1022,6 +1022,19 @@ def test_a_column_dtype_or_layout_edited_in_the_card_is_caught_and_the_shards_ch
     assert verify_cache(cache) == []
 
 
+def test_a_target_vocab_size_edited_in_the_card_is_caught(cache):
+    """Readers size the draft-to-target mapping (t2d) by it; the vocab file counts every token of the target."""
+    size = read_manifest(cache)["target_vocab_size"]
+    edit_card(cache, lambda data: data["eagle3_cache"].update(target_vocab_size=size + 1))
+    assert verify_cache(cache) == [
+        f"README.md: the manifest's target_vocab_size {size + 1} differs from the {size} tokens vocab/vocab.safetensors counts: "
+        "readers would size the draft-to-target mapping wrong. Restore the card (run the build command again with --resume: "
+        "it writes the card again, computing nothing), or rebuild"
+    ]
+    edit_card(cache, lambda data: data["eagle3_cache"].update(target_vocab_size=size))
+    assert verify_cache(cache) == []
+
+
 def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     def narrow(data):
         data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
