@@ -268,6 +268,7 @@ MANIFEST_KEYS = (
     "columns",
     "layout",
     "target_vocab_size",
+    "special_token_ids",
     "hidden_size",
     "vocab_file",
     "shards",
@@ -408,11 +409,8 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(f"{VOCAB_FILE}: missing")
     elif not checksum_matches(vocab, manifest, manifest["vocab_file"]):
         problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
-    elif (counted := counted_vocab_size(vocab)) != manifest["target_vocab_size"]:
-        problems.append(
-            f"README.md: the manifest's target_vocab_size {manifest['target_vocab_size']} differs from the {counted} tokens "
-            f"{VOCAB_FILE} counts: readers would size the draft-to-target mapping wrong. {fix.card()}"
-        )
+    else:
+        problems += check_vocab_size(vocab, manifest, fix) + check_special_token_ids(vocab, manifest, fix)
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
@@ -424,6 +422,53 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems + check_card_reads_every_shard(out, sorted(listed), fix)
+
+
+def check_vocab_size(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
+    if (counted := counted_vocab_size(vocab)) == manifest["target_vocab_size"]:
+        return []
+    return [
+        f"README.md: the manifest's target_vocab_size {manifest['target_vocab_size']} differs from the {counted} tokens "
+        f"{VOCAB_FILE} counts: readers would size the draft-to-target mapping wrong. {fix.card()}"
+    ]
+
+
+def check_special_token_ids(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
+    """Readers select a smaller draft vocabulary (reader.draft_selection) from the vocab file's counts and
+    the manifest's special_token_ids, which the fingerprint does not cover: they must be token ids, each
+    once, and where the stored draft vocabulary is itself a selection (not the whole target vocabulary),
+    the ids it was selected with. Caches of earlier versions recorded the specials of their rule (no pad
+    id where the tokenizer has none) and selected with those, so they agree too."""
+    from safetensors.torch import load_file
+
+    from .vocab import select_draft_vocab
+
+    stored = load_file(str(vocab))
+    selected, counts = stored["selected_token_ids"].numpy(), stored["token_counts"].numpy()
+    specials = manifest["special_token_ids"]
+    if not distinct_token_ids(specials, len(counts)):
+        return [
+            f"README.md: the manifest's special_token_ids is {one_line(specials)}, where the build records distinct token ids "
+            f"within 0..{len(counts) - 1}: readers selecting a smaller draft vocabulary would fail or pick other tokens. {fix.card()}"
+        ]
+    if len(selected) >= len(counts):
+        return []  # the whole vocabulary, in id order: no specials selected it
+    reselected = select_draft_vocab(counts, len(selected), specials)
+    if np.array_equal(reselected, selected):
+        return []
+    at = int(np.flatnonzero(reselected != selected)[0])
+    return [
+        f"README.md: the manifest's special_token_ids {specials} select another draft vocabulary from {VOCAB_FILE}'s counts "
+        f"than the {len(selected)} tokens it stores (token {reselected[at]} at position {at}, where it stores "
+        f"{selected[at]}): readers selecting a smaller draft vocabulary would pick other tokens. {fix.card()}"
+    ]
+
+
+def distinct_token_ids(ids, vocab_size: int) -> bool:
+    """A list of token ids within 0..vocab_size-1, each once (YAML reads `true` as a bool, no id)."""
+    if not isinstance(ids, list):
+        return False
+    return all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids) and len(set(ids)) == len(ids)
 
 
 def counted_vocab_size(vocab: Path) -> int:

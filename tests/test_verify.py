@@ -24,7 +24,7 @@ from builder.files import file_hash
 from builder.forward import FAULT_ENV
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
-from builder.reader import read_manifest
+from builder.reader import read_draft_vocab, read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
@@ -1035,6 +1035,30 @@ def test_a_target_vocab_size_edited_in_the_card_is_caught(cache):
     assert verify_cache(cache) == []
 
 
+def test_special_token_ids_edited_in_the_card_are_caught(cache):
+    """Readers select a smaller draft vocabulary from the vocab file's counts and the card's special_token_ids:
+    ids other than those the stored draft vocabulary was selected with make such a read pick other tokens."""
+    specials = read_manifest(cache)["special_token_ids"]
+    smaller = read_draft_vocab(cache, 100).selected_token_ids
+    edit_card(cache, lambda data: data["eagle3_cache"].update(special_token_ids=specials[:-1]))
+    assert not torch.equal(read_draft_vocab(cache, 100).selected_token_ids, smaller)
+    (problem,) = verify_cache(cache)
+    assert re.fullmatch(
+        rf"README\.md: the manifest's special_token_ids {re.escape(str(specials[:-1]))} select another draft vocabulary from "
+        r"vocab/vocab\.safetensors's counts than the 300 tokens it stores \(token \d+ at position 3, where it stores "
+        rf"{specials[-1]}\): readers selecting a smaller draft vocabulary would pick other tokens\. {re.escape(RESTORE_CARD)}",
+        problem,
+    )
+    for edited in ([*specials, specials[0]], [*specials, 1024], [*specials, True], "0, 1"):
+        edit_card(cache, lambda data, edited=edited: data["eagle3_cache"].update(special_token_ids=edited))
+        assert verify_cache(cache) == [
+            f"README.md: the manifest's special_token_ids is {json.dumps(edited)}, where the build records distinct token ids "
+            "within 0..1023: readers selecting a smaller draft vocabulary would fail or pick other tokens. " + RESTORE_CARD
+        ]
+    edit_card(cache, lambda data: data["eagle3_cache"].update(special_token_ids=specials))
+    assert verify_cache(cache) == []
+
+
 def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     def narrow(data):
         data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
@@ -1279,6 +1303,7 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
         "identity.input.shuffle_seed": lambda m: m["identity"]["input"].pop("shuffle_seed"),
         "vocab_file.checksum": lambda m: m["vocab_file"].pop("checksum"),
         "hidden_size": lambda m: m.pop("hidden_size"),
+        "special_token_ids": lambda m: m.pop("special_token_ids"),
     }
     for part, delete in deletions.items():
         edit_card(cache, lambda data, delete=delete: delete(data["eagle3_cache"]))
