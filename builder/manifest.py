@@ -164,7 +164,7 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
             "loss_tokens": loss_tokens,
             "bytes": total_bytes,
             "bytes_per_token": total_bytes / tokens if tokens else 0.0,
-            "argmax_coverage": sum(s["argmax_in_vocab"] for s in shards) / loss_tokens if loss_tokens else 0.0,
+            "argmax_coverage": argmax_coverage(shards),
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
         # the Hub dataset commit this run read (null for local input): informational, the identity hashes the data files
@@ -182,6 +182,12 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         },
         "versions": library_versions(),
     }
+
+
+def argmax_coverage(shards: list[dict]) -> float:
+    """The share of loss tokens whose target argmax is in the draft vocabulary, over the shards' records."""
+    loss_tokens = sum(s["loss_tokens"] for s in shards)
+    return sum(s["argmax_in_vocab"] for s in shards) / loss_tokens if loss_tokens else 0.0
 
 
 # ---- reading (from a card) ------------------------------------------------------------------

@@ -40,7 +40,16 @@ from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
 from .files import file_hash
 from .formats import Layout, encode_aux, encode_targets
-from .manifest import INDEX_KEY, VOCAB_FILE, card_data_of, card_shard_pattern, fingerprint, layout_column_specs, recorded_checksum
+from .manifest import (
+    INDEX_KEY,
+    VOCAB_FILE,
+    argmax_coverage,
+    card_data_of,
+    card_shard_pattern,
+    fingerprint,
+    layout_column_specs,
+    recorded_checksum,
+)
 from .reader import RowDecoder, read_manifest, read_vocab
 from .shards import RAW, is_card_read, shard_name
 
@@ -309,7 +318,7 @@ def missing_manifest_parts(manifest: dict) -> list[str]:
 # The identity's fields verify reads (the checks of rows and input order, the recompute); the fingerprint
 # covers every field, so a field deleted from an identity is damage however it is read.
 IDENTITY_KEYS = ("seq_length", "input", "input.data", "input.content_hash", "input.shuffle_seed", "target", "target.model", "aux_layer_ids")
-SHARD_KEYS = ("rows", "bytes", "tokens")  # with a name and a checksum
+SHARD_KEYS = ("rows", "bytes", "tokens", "loss_tokens", "argmax_in_vocab")  # with a name and a checksum
 COLUMN_KEYS = {"binary": ("dtype", "shape")}  # what a reader decodes a tensor column by, beside its Arrow type
 
 
@@ -628,16 +637,24 @@ def check_shard_list(manifest: dict) -> list[str]:
     return problems
 
 
+SUMMED = {"samples": "rows", "tokens": "tokens", "loss_tokens": "loss_tokens", "bytes": "bytes"}  # totals: shard records' field
+
+
 def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
-    size) must be the sums over the shards."""
+    size) must be the sums over the shards, and argmax_coverage the build's share of their loss tokens."""
     totals, shards = manifest["totals"], manifest["shards"]
-    sums = {"samples": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards), "bytes": sum(s["bytes"] for s in shards)}
+    sums = {key: sum(s[field] for s in shards) for key, field in SUMMED.items()}
     problems = [
         f"README.md: totals.{key} is {totals.get(key)}, the shards sum to {value}: restore the card, or rebuild"
         for key, value in sums.items()
         if totals.get(key) != value
     ]
+    if totals.get("argmax_coverage") != (coverage := argmax_coverage(shards)):
+        problems.append(
+            f"README.md: totals.argmax_coverage is {totals.get('argmax_coverage')}, the shards' argmax_in_vocab over their "
+            f"loss_tokens give {coverage}: restore the card, or rebuild"
+        )
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
     splits = info.get("splits", []) if isinstance(info, dict) else None
     if not isinstance(splits, list) or not all(isinstance(split, dict) for split in splits):

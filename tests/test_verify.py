@@ -22,6 +22,7 @@ from huggingface_hub import DatasetCard
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
+from builder.manifest import argmax_coverage
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
 from builder.reader import read_draft_vocab, read_manifest
@@ -145,6 +146,7 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
                 shard["loss_tokens"] -= 1
         manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
         manifest["totals"]["loss_tokens"] -= 1
+        manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
 
     edit_card(cache, agree)
     return row["sample_id"], int(supervised[0])
@@ -743,17 +745,20 @@ def test_a_shard_removed_with_its_entry_or_listed_twice_is_caught(cache):
 
 
 def test_edited_totals_and_dataset_info_are_caught(cache):
+    totals = read_manifest(cache)["totals"]
+
     def edit_totals(data):
-        data["eagle3_cache"]["totals"] |= {"samples": 15, "tokens": 1, "bytes": 2}
+        data["eagle3_cache"]["totals"] |= {"samples": 15, "tokens": 1, "loss_tokens": 3, "bytes": 2, "argmax_coverage": 0.5}
         data["dataset_info"]["splits"][0]["num_examples"] = 15
 
     edit_card(cache, edit_totals)
     assert verify_cache(cache) == [
         "README.md: totals.samples is 15, the shards sum to 14: restore the card, or rebuild",
-        f"README.md: totals.tokens is 1, the shards sum to {sum(s['tokens'] for s in read_manifest(cache)['shards'])}: "
-        "restore the card, or rebuild",
-        f"README.md: totals.bytes is 2, the shards sum to {sum(s['bytes'] for s in read_manifest(cache)['shards'])}: "
-        "restore the card, or rebuild",
+        f"README.md: totals.tokens is 1, the shards sum to {totals['tokens']}: restore the card, or rebuild",
+        f"README.md: totals.loss_tokens is 3, the shards sum to {totals['loss_tokens']}: restore the card, or rebuild",
+        f"README.md: totals.bytes is 2, the shards sum to {totals['bytes']}: restore the card, or rebuild",
+        f"README.md: totals.argmax_coverage is 0.5, the shards' argmax_in_vocab over their loss_tokens give "
+        f"{totals['argmax_coverage']}: restore the card, or rebuild",
         "README.md: dataset_info says 15 examples in split 'train', the shards hold 14: restore the card, or rebuild",
     ]
 
@@ -1294,6 +1299,8 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
         f"shards[{SHARD}].rows": lambda m: m["shards"][1].pop("rows"),
         f"shards[{SHARD}].bytes": lambda m: m["shards"][1].pop("bytes"),
         f"shards[{SHARD}].tokens": lambda m: m["shards"][1].pop("tokens"),
+        f"shards[{SHARD}].loss_tokens": lambda m: m["shards"][1].pop("loss_tokens"),
+        f"shards[{SHARD}].argmax_in_vocab": lambda m: m["shards"][1].pop("argmax_in_vocab"),
         f"shards[{SHARD}].batching.batch_size": lambda m: m["shards"][1]["batching"].pop("batch_size"),
         "columns.aux_hidden_states.dtype": lambda m: m["columns"]["aux_hidden_states"].pop("dtype"),
         "columns.input_ids.arrow": lambda m: m["columns"]["input_ids"].pop("arrow"),
