@@ -298,8 +298,8 @@ def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
     """The parts a manifest lacks, by name (`shards[NAME].rows`): those of every cache, a hidden cache's
-    head parts, the fields of the identity, layout, columns, files and shards that verify reads, and
-    the batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
+    head parts, the fields of the identity, layout, columns, files and shards that verify reads, the build's
+    pad id, and the batching of shards recorded before each shard carried its own (their batches are rebuilt from it)."""
     missing = [key for key in MANIFEST_KEYS if manifest.get(key) is None]
     if "hidden" in (part_of(manifest, "layout.target_format"), part_of(manifest, "identity.target_format")):
         missing += [key for key in (*HIDDEN_MANIFEST_KEYS, "lm_head_file.path") if lacks(manifest, key)]
@@ -309,6 +309,9 @@ def missing_manifest_parts(manifest: dict) -> list[str]:
     missing += missing_checksum(manifest, "vocab_file", manifest.get("vocab_file"))
     missing += missing_column_fields(manifest.get("columns"))
     missing += missing_shard_fields(manifest, manifest.get("shards"))
+    # The id a recompute pads batches with, as the build did: no default, since every cache readers can read records it
+    # (builds began to in the version that first wrote the `layout`, without which a card is damaged).
+    missing += ["build.pad_token_id"] if lacks(manifest, "build.pad_token_id") else []
     build = manifest.get("build")
     if isinstance(build, dict) and any(isinstance(s, dict) and "batching" not in s for s in manifest.get("shards") or []):
         missing += [f"build.{key}" for key in BATCHING_KEYS if key not in build]
@@ -1396,7 +1399,7 @@ def compare_live(
     ids, attention, loss = pad_batch(
         [r["input_ids"].tolist() for r in member_rows],
         [r["loss_mask"].tolist() for r in member_rows],
-        manifest["build"].get("pad_token_id", 0),
+        manifest["build"]["pad_token_id"],
     )
     dev = target.device
     live = target.supervise(ids.to(target.input_device), attention.to(target.input_device), loss.to(dev), selected)
