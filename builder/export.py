@@ -11,7 +11,7 @@ Both are produced from the reader, so they hold exactly what `load_cache` yields
 states decoded to the cache's --dtype: each trainer's files hold one float dtype.
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
-complete export or as it was (absent, or empty, a `lost+found` folder aside): a full disk, a failed write or a SIGTERM removes
+complete export or as it was (absent, or empty, a mount point's `lost+found` aside): a full disk, a failed write or a SIGTERM removes
 what was written. An existing empty OUT is filled in place (the folder is made inside it and its
 files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
 and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
@@ -133,12 +133,12 @@ def check_out_folder(out: Path) -> None:
             f"{'folder' if len(hidden) == 1 else 'folders'} {', '.join(folder.name for folder in hidden)} and the files it "
             f"had moved up ({names_text(files)}), but no {marker}, the file that marks a complete export; expected a new or "
             f"empty directory for the export. If no export into it is running, delete those (everything in {out}"
-            f"{f' but {LOST_FOUND}' if is_lost_found(out / LOST_FOUND) else ''}), then run the export again."
+            f"{f' but {LOST_FOUND}' if is_file_systems_lost_found(out / LOST_FOUND) else ''}), then run the export again."
         )
     if entries:
         raise ExportError(
-            f"export: {out} is not empty; expected a new or empty directory for the export (an export never overwrites): "
-            "pass a new directory"
+            f"export: {out} is not empty: it holds {names_text(entries)}{lost_found_counted(entries)}; expected a new or empty "
+            "directory for the export (an export never overwrites): pass a new directory"
         )
     check_no_killed_new_out(out)
     check_out_writable(out)
@@ -148,14 +148,27 @@ LOST_FOUND = "lost+found"  # where fsck puts what it recovers: every fresh ext f
 
 
 def held_by(out: Path) -> list[Path]:
-    """What OUT holds, but a `lost+found` folder: the mount point of a fresh ext file system holds
-    one (the file system's, often root's alone), so it counts as empty; the export never writes in
-    it, moves it or deletes it."""
-    return sorted(entry for entry in out.iterdir() if not is_lost_found(entry))
+    """What OUT holds, but the file system's `lost+found` where OUT is a mount point: the root of a
+    fresh ext file system holds one (often root's alone), so it counts as empty; the export never
+    writes in it, moves it or deletes it. Anywhere else such a folder is a folder like any other:
+    SpecForge's reader walks OUT's folders and would take the samples in it for the export's."""
+    return sorted(entry for entry in out.iterdir() if not is_file_systems_lost_found(entry))
 
 
-def is_lost_found(entry: Path) -> bool:
-    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink()
+def is_file_systems_lost_found(entry: Path) -> bool:
+    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink() and is_mount_point(entry.parent)
+
+
+def is_mount_point(folder: Path) -> bool:
+    """Whether `folder` (or the folder a link to it names) is the root of a mounted file system."""
+    return os.path.ismount(folder.resolve())
+
+
+def lost_found_counted(entries: list[Path]) -> str:
+    """Why a `lost+found` among what OUT holds counts: OUT is no mount point (see held_by)."""
+    if not any(entry.name == LOST_FOUND for entry in entries):
+        return ""
+    return f" ({LOST_FOUND} is left out only at a mount point, a file system's root, which this folder is not)"
 
 
 def check_no_killed_new_out(out: Path) -> None:

@@ -559,8 +559,15 @@ def fresh_file_system_root(path: Path) -> Path:
     return path
 
 
-def test_an_export_fills_a_mount_point_holding_only_lost_found_and_leaves_that_folder_alone(hidden_cache, tmp_path):
-    out = fresh_file_system_root(tmp_path / "volume")
+def mounted_at(monkeypatch, root: Path) -> Path:
+    """`root` taken for a mount point (making one needs root), as os.path.ismount answers for it."""
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == root.resolve() or real(path))
+    return root
+
+
+def test_an_export_fills_a_mount_point_holding_only_lost_found_and_leaves_that_folder_alone(hidden_cache, tmp_path, monkeypatch):
+    out = mounted_at(monkeypatch, fresh_file_system_root(tmp_path / "volume"))
     before = (out / "lost+found").stat()
     assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 0
     assert len(list(out.glob("data_*.ckpt"))) == 14 and (out / "vocab_mapping.pt").is_file()
@@ -583,12 +590,26 @@ def test_only_a_lost_found_folder_is_left_out_of_what_makes_out_not_empty(hidden
     assert left_in(beside) == ["lost+found", "notes"] and left_in(a_file) == ["lost+found"]
 
 
+def test_a_lost_found_folder_counts_in_an_out_that_is_no_mount_point(hidden_cache, tmp_path, monkeypatch, nothing_made):
+    """Only a file system's root holds its lost+found: elsewhere the folder is the user's, and SpecForge's
+    reader, which walks OUT's folders, would read the samples in it as the export's."""
+    out = fresh_file_system_root(tmp_path / "folder")
+    (out / "lost+found" / "data_3.ckpt").write_bytes(b"a sample of another export")
+    found = says(f"{out} is not empty: it holds lost+found", "left out only at a mount point", "pass a new directory")
+    with pytest.raises(ExportError, match=found):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 2
+    assert left_in(out) == ["lost+found"] and left_in(out / "lost+found") == ["#1234", "data_3.ckpt"]
+    assert not export_module.is_mount_point(out) and export_module.is_mount_point(mounted_at(monkeypatch, out))
+
+
 def test_the_remains_of_a_killed_export_in_a_mount_point_are_named_without_its_lost_found(hidden_cache, tmp_path, monkeypatch):
     out = fresh_file_system_root(tmp_path / "volume")
-    kill_after_moving_up(monkeypatch, out, "data_10.ckpt", "hard links")
+    kill_after_moving_up(monkeypatch, mounted_at(monkeypatch, out), "data_10.ckpt", "hard links")
     with pytest.raises(Killed):
         export_cache(hidden_cache, "specforge", out, progress=False)
     monkeypatch.undo()
+    mounted_at(monkeypatch, out)
     killed = says("holds the remains of an export that was killed", f"delete those (everything in {out} but lost+found)")
     with pytest.raises(ExportError, match=killed):
         export_cache(hidden_cache, "specforge", out, progress=False)
