@@ -289,26 +289,41 @@ def _no_card(source: CacheSource) -> str:
 
 
 def _why_no_card(source: CacheSource) -> str:
+    unoffered = config_not_offered(source) if source.name is not None else None
+    if unoffered:
+        return unoffered
     if not source.on_hub:
         return (
             "expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: "
             "resume it with --resume)"
         )
-    if source.name is not None:
-        try:
-            root = source.repo_file("README.md")  # the repo's index card
-            root_data = card_data_of(root.read_text(encoding="utf-8"), f"the root card of {source.location}")
-        except FileNotFoundError:
-            root_data = {}
-        index = root_data.get(INDEX_KEY) or {}
-        if index and source.name not in index:
-            return f"the repo holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
-        if CARD_KEY in root_data:
-            return f"the repo holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
     return (
         "the card is pushed last, so a push that stopped partway has none: re-run the push (it resumes), "
         "or read the branch or tag of a finished one with --revision (revision= in Python)"
     )
+
+
+def config_not_offered(source: CacheSource) -> str | None:
+    """Why the repo or directory `source` names a config of does not hold it, by its root card (the
+    index `datasets` finds a config by), and what to pass instead; None where the card lists it."""
+    holder = "repo" if source.on_hub else "directory"
+    root_data = _root_card_data(source)
+    index = root_data.get(INDEX_KEY) or {}
+    if index and source.name not in index:
+        return f"the {holder} holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
+    if CARD_KEY in root_data:
+        return f"the {holder} holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
+    return None
+
+
+def _root_card_data(source: CacheSource) -> dict:
+    """The YAML of the root card of the repo or directory (the index of one holding several caches);
+    empty where there is none."""
+    try:
+        root = source.repo_file("README.md") if source.on_hub else Path(source.location) / "README.md"
+        return card_data_of(root.read_text(encoding="utf-8"), f"the root card of {source.location}")
+    except FileNotFoundError:
+        return {}
 
 
 def manifest_of(source: CacheSource) -> dict:

@@ -31,6 +31,7 @@ from builder.embedded import resolve_target
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
 from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
+from dataset_card import index_entry, render_index_card
 
 
 def read_safetensors(path):
@@ -359,6 +360,30 @@ def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_
     with pytest.raises(ExportError, match=says("no README.md", "expected a finished eagle3-cache directory", "--resume")):
         export_cache(tmp_path / "interrupted", "nemo", tmp_path / "nemo", progress=False)
     assert left_in(tmp_path) == ["a-file", "interrupted"]
+
+
+def folder_of_caches(folder: Path, caches: dict[str, Path]) -> Path:
+    """A local copy of a repo holding several caches: each in its sub-folder, the root card the index listing them."""
+    for name, cache in caches.items():
+        shutil.copytree(cache, folder / name)
+    index = {name: index_entry(read_manifest(cache), name) for name, cache in caches.items()}
+    (folder / "README.md").write_text(render_index_card("user/caches", index))
+    return folder
+
+
+def test_a_config_a_local_folder_does_not_hold_is_refused_by_its_root_card(probs_cache, tmp_path, nothing_made, capsys):
+    """As for a repo on the Hub: a name its index card does not list, or a name for a folder holding one cache at
+    its root, is refused by what the root card holds, not as an interrupted build."""
+    several = folder_of_caches(tmp_path / "copy", {"one": probs_cache, "two": probs_cache})
+    not_listed = "no three/README.md; the directory holds the caches ['one', 'two'], not 'three': pass one of them as --name"
+    assert main(["export", str(several), "--name", "three", "--to", "nemo", str(tmp_path / "three")]) == 2
+    assert not_listed in (refusal := capsys.readouterr().err) and "--resume" not in refusal
+    with pytest.raises(FileNotFoundError, match=re.escape(not_listed)):
+        read_manifest(several, name="three")
+    at_root = "the directory holds one cache, at its root, and no configs: leave out --name one (name= in Python)"
+    assert main(["export", str(probs_cache), "--name", "one", "--to", "nemo", str(tmp_path / "one")]) == 2
+    assert at_root in (refusal := capsys.readouterr().err) and "--resume" not in refusal
+    assert left_in(tmp_path) == ["copy"]
 
 
 def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(probs_cache, tmp_path, nothing_made, capsys):
