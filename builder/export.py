@@ -47,6 +47,7 @@ from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
 from .hub import is_hub_location
+from .manifest import config_not_offered
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .source import CacheSource, open_source
 from .vocab import PAD_ID_WITHOUT_PAD_TOKEN, d2t_t2d
@@ -103,7 +104,12 @@ def cache_source(cache: Path, name: str | None, revision: str | None) -> CacheSo
 
 
 def cache_manifest(source: CacheSource) -> dict:
-    """The manifest of the cache to export, refused with what to pass where there is no finished cache."""
+    """The manifest of the cache to export, refused with what to pass where there is no finished cache,
+    or where a local directory's root card does not list the config named (the reader finds a config's
+    shards by that card, so a config folder with a card of its own is not enough)."""
+    unoffered = config_not_offered(source) if source.name is not None and not source.on_hub else None
+    if unoffered:
+        raise ExportError(f"export: {source.describe()}: {unoffered}")
     try:
         return read_manifest(source)
     except FileNotFoundError as err:  # no card: not a cache, or a build that has not finished

@@ -313,6 +313,13 @@ def config_not_offered(source: CacheSource) -> str | None:
         return f"the {holder} holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
     if CARD_KEY in root_data:
         return f"the {holder} holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
+    if not index and not source.on_hub:  # caches copied side by side into a folder
+        cache = Path(source.location) / source.name
+        named = f" ({cache})" if (cache / "README.md").is_file() else ""
+        return (
+            f"{source.location} has no index card (a README.md listing its caches under '{INDEX_KEY}', as a repo holding "
+            f"several has) to pick a config by: pass the cache's own directory{named} and no --name (name= in Python)"
+        )
     return None
 
 

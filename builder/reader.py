@@ -855,10 +855,31 @@ def _load_rows(
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
         hf = (retry or Retry())("open the shards", load, source.location, explain_permanent=False)
     else:
-        hf = load()
+        hf = opened_locally(load, source)
     if streaming and not source.on_hub:
         memory_map_local_shards(hf)
     return hf
+
+
+class ShardsNotOpened(Eagle3CacheError, ValueError):
+    """`datasets` refused to open a local cache's shards."""
+
+
+def opened_locally(load: functools.partial, source: CacheSource):
+    """`load()`'s dataset; a ValueError of `datasets` (such as a config the directory's root card does
+    not list) raised as this package's error, saying what to pass."""
+    from .manifest import config_not_offered
+
+    try:
+        return load()
+    except ValueError as err:
+        if isinstance(err, Eagle3CacheError):
+            raise
+        hint = config_not_offered(source) if source.name is not None else None
+        raise ShardsNotOpened(
+            f"{source.describe()}: `datasets` could not open its shards ({err}); "
+            + (hint or "expected a cache directory as `eagle3-cache build` wrote it: check it with `eagle3-cache verify`")
+        ) from err
 
 
 def local_scan_options():

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CohereConfig, Gemm
 import builder.export as export_module
 from builder.cli import main
 from builder.embedded import resolve_target
+from builder.errors import Eagle3CacheError
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
 from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
@@ -375,15 +376,39 @@ def test_a_config_a_local_folder_does_not_hold_is_refused_by_its_root_card(probs
     """As for a repo on the Hub: a name its index card does not list, or a name for a folder holding one cache at
     its root, is refused by what the root card holds, not as an interrupted build."""
     several = folder_of_caches(tmp_path / "copy", {"one": probs_cache, "two": probs_cache})
-    not_listed = "no three/README.md; the directory holds the caches ['one', 'two'], not 'three': pass one of them as --name"
+    not_listed = "the directory holds the caches ['one', 'two'], not 'three': pass one of them as --name"
     assert main(["export", str(several), "--name", "three", "--to", "nemo", str(tmp_path / "three")]) == 2
     assert not_listed in (refusal := capsys.readouterr().err) and "--resume" not in refusal
-    with pytest.raises(FileNotFoundError, match=re.escape(not_listed)):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no three/README.md; {not_listed}")):
         read_manifest(several, name="three")
     at_root = "the directory holds one cache, at its root, and no configs: leave out --name one (name= in Python)"
     assert main(["export", str(probs_cache), "--name", "one", "--to", "nemo", str(tmp_path / "one")]) == 2
     assert at_root in (refusal := capsys.readouterr().err) and "--resume" not in refusal
     assert left_in(tmp_path) == ["copy"]
+
+
+def test_a_folder_of_caches_without_an_index_card_is_told_to_pass_the_caches_own_directory(probs_cache, tmp_path, nothing_made, capsys):
+    """Caches copied side by side into a folder: a config's folder has its card, but the reader finds a
+    config by the root card's index, which the folder has none of."""
+    caches = tmp_path / "caches"
+    for name in ("one", "two"):
+        shutil.copytree(probs_cache, caches / name)
+    no_index = (f"{caches} has no index card", f"pass the cache's own directory ({caches / 'one'}) and no --name")
+    assert main(["export", str(caches), "--name", "one", "--to", "nemo", str(tmp_path / "out")]) == 2
+    refusal = capsys.readouterr().err
+    assert refusal.startswith(f"error: export: {caches} (config one): ") and all(fact in refusal for fact in no_index)
+    with pytest.raises(Eagle3CacheError, match=says("BuilderConfig 'one' not found", *no_index)):
+        load_cache(caches, name="one")
+    assert left_in(tmp_path) == ["caches"]
+
+
+def test_a_config_of_a_local_copy_of_a_repo_holding_several_caches_is_exported_by_its_name(probs_cache, tmp_path):
+    several = folder_of_caches(tmp_path / "copy", {"one": probs_cache, "two": probs_cache})
+    assert main(["export", str(several), "--name", "two", "--to", "nemo", str(tmp_path / "two")]) == 0
+    direct = export_cache(probs_cache, "nemo", tmp_path / "direct", progress=False)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "two").iterdir()} == {
+        path.name: path.read_bytes() for path in direct.iterdir()
+    }
 
 
 def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(probs_cache, tmp_path, nothing_made, capsys):
