@@ -46,7 +46,7 @@ from .errors import Eagle3CacheError
 from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
-from .hub import is_hub_location
+from .hub import has_repo_id_shape, is_hub_location
 from .manifest import config_not_offered
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .source import CacheSource, open_source
@@ -95,12 +95,25 @@ def cache_source(cache: Path, name: str | None, revision: str | None) -> CacheSo
             found = "is not a directory" if cache.exists() else "does not exist"
             raise ExportError(f"export: {cache} {found}; expected a cache directory: the --output-dir of a finished `eagle3-cache build`")
         if revision is not None:
-            raise ExportError(
-                f"export: --revision {revision!r} is for a Hub dataset repo id; {cache} is a local directory, which has no "
-                "revisions, so the flag would be ignored: leave it out, or export the repo the cache was pushed to "
-                f"(eagle3-cache export REPO_ID --revision {revision} ...)"
-            )
+            raise ExportError(revision_of_a_directory(cache, revision))
     return open_source(cache, revision=revision, name=name)
+
+
+def revision_of_a_directory(cache: Path, revision: str) -> str:
+    """Why --revision is refused with a local directory, and what to do: where the path is also written
+    as a repo id, the repo was likely meant, and a folder of that name here hides it."""
+    if has_repo_id_shape(cache):
+        return (
+            f"export: --revision {revision!r} is for a Hub dataset repo id, and {cache} is one, but it is also a local "
+            "directory here, which has no revisions: a path that exists is read as the directory, so it hides the repo "
+            f"of that name. To export the repo, run the command from another directory, or rename or move the folder "
+            f"{cache}; to export the folder, leave out --revision"
+        )
+    return (
+        f"export: --revision {revision!r} is for a Hub dataset repo id; {cache} is a local directory, which has no "
+        "revisions, so the flag would be ignored: leave it out, or export the repo the cache was pushed to "
+        f"(eagle3-cache export REPO_ID --revision {revision} ...)"
+    )
 
 
 def cache_manifest(source: CacheSource) -> dict:

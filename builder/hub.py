@@ -58,8 +58,12 @@ def hub_api(token: str | None = None):
 
 def is_hub_location(location) -> bool:
     """A repo id ("user/name") that is not also a local path."""
-    text = str(location)
-    return not Path(text).exists() and re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", text) is not None
+    return not Path(str(location)).exists() and has_repo_id_shape(location)
+
+
+def has_repo_id_shape(location) -> bool:
+    """Whether `location` is written as a repo id ("user/name"), whatever the disk holds."""
+    return re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", str(location)) is not None
 
 
 # ---- retries and errors -----------------------------------------------------------------

@@ -424,6 +424,20 @@ def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(prob
     assert "DIR|REPO" in usage and "--revision REVISION" in usage and "--name CONFIG" in usage
 
 
+def test_a_revision_with_a_local_folder_named_as_a_repo_id_says_the_folder_hides_the_repo(
+    probs_cache, tmp_path, monkeypatch, nothing_made, capsys
+):
+    """A download of a repo into a folder of its own name, here: the repo id given with --revision reads the folder."""
+    shutil.copytree(probs_cache, tmp_path / "tester" / "sel")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "tester/sel", "--revision", "next", "--to", "nemo", "out"]) == 2
+    refusal = capsys.readouterr().err
+    hidden = ("tester/sel is one, but it is also a local directory here", "hides the repo of that name")
+    to_do = ("run the command from another directory", "rename or move the folder tester/sel", "leave out --revision")
+    assert all(fact in refusal for fact in hidden + to_do) and "export REPO_ID" not in refusal
+    assert left_in(tmp_path) == ["tester"]
+
+
 def test_export_command_refuses_without_a_traceback(probs_cache, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     assert main(["export", str(tmp_path / "missing"), "--to", "nemo", str(tmp_path / "e1")]) == 2
