@@ -254,7 +254,7 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
 def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
     not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
-    from .card import front_matter_damage
+    from .manifest import front_matter_damage
 
     damage = front_matter_damage(card.read_text(encoding="utf-8")) if card.is_file() else None
     if damage is not None:
