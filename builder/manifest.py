@@ -21,6 +21,7 @@ from dataset_card.render import BOM
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import merge_quality, quality_report
+from .repair import LOCAL, Repair
 from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings
 from .source import CacheSource, open_source
 from .vocab import vocab_coverage
@@ -252,6 +253,15 @@ def yaml_error_in_words(err: Exception, first_line: int) -> str:
     return f"{what}, at line {first_line + mark.line} of the card"
 
 
+def refuse_damaged_front_matter(text: str, where: str, fix: Repair = LOCAL) -> None:
+    """A card whose YAML front matter (where the manifest lives) begins but is never closed or does not parse was
+    cut short or edited: say so, where (`where` names the card), and how to restore it (`fix`), rather than call it
+    not a cache's."""
+    damage = front_matter_damage(text)
+    if damage is not None:
+        raise ManifestError(f"{where} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
+
+
 def damaged_card_key(text: str) -> str | None:
     """CARD_KEY (a cache's card) or INDEX_KEY (a repo's index card) for a card of eagle3-cache's whose
     front matter is damaged (`front_matter_damage`), by the key that front matter still holds: such a
@@ -403,4 +413,7 @@ def manifest_of(source: CacheSource) -> dict:
     if card_path is None or not card_path.exists():
         raise CardNotFound(f"{source.describe()}: {_no_card(source)}")
     folder = None if source.on_hub else source.location
-    return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}", folder)
+    text = card_path.read_text(encoding="utf-8")
+    fix = Repair(source.location, source.revision, source.name) if source.on_hub else LOCAL
+    refuse_damaged_front_matter(text, f"{source.describe()}: {source.prefix}README.md", fix)
+    return manifest_from_card(text, f"the card of {source.describe()}", folder)
