@@ -253,13 +253,25 @@ def yaml_error_in_words(err: Exception, first_line: int) -> str:
     return f"{what}, at line {first_line + mark.line} of the card"
 
 
-def refuse_damaged_front_matter(text: str, where: str, fix: Repair = LOCAL) -> None:
+def refuse_damaged_front_matter(text: str, where: str, fix: Repair = LOCAL, root: bool = True) -> None:
     """A card whose YAML front matter (where the manifest lives) begins but is never closed or does not parse was
     cut short or edited: say so, where (`where` names the card), and how to restore it (`fix`), rather than call it
-    not a cache's."""
+    not a cache's. `root`: the card is the repo's root card (a cache's or the index), not a config's."""
     damage = front_matter_damage(text)
     if damage is not None:
-        raise ManifestError(f"{where} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
+        advice = fix.damaged_card(push_recognises(text, root), root)
+        raise ManifestError(f"{where} is damaged: its YAML front matter, which holds the manifest, {damage}{advice}")
+
+
+def push_recognises(text: str, root: bool) -> bool:
+    """Whether a push can tell a damaged card is eagle3-cache's, and so writes it again: by the key of a cache's or
+    index card it still shows with only YAML lines above it (`damaged_card_key`); a config's card (`root` False) also
+    where its front matter is never closed, as what is left then reads as no front matter at all, in the folder the
+    root index lists as the config's. Any other card a push takes for another dataset's, and never replaces."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    never_closed = REGEX_YAML_BLOCK.search(text.removeprefix(BOM)) is None
+    return damaged_card_key(text) is not None or (not root and never_closed)
 
 
 def damaged_card_key(text: str) -> str | None:
@@ -415,5 +427,5 @@ def manifest_of(source: CacheSource) -> dict:
     folder = None if source.on_hub else source.location
     text = card_path.read_text(encoding="utf-8")
     fix = Repair(source.location, source.revision, source.name) if source.on_hub else LOCAL
-    refuse_damaged_front_matter(text, f"{source.describe()}: {source.prefix}README.md", fix)
+    refuse_damaged_front_matter(text, f"{source.describe()}: {source.prefix}README.md", fix, root=not source.prefix)
     return manifest_from_card(text, f"the card of {source.describe()}", folder)

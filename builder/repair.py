@@ -6,6 +6,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataset_card import data_prefix
+
 
 @dataclass(frozen=True)
 class Repair:
@@ -54,8 +56,17 @@ class Repair:
             return f"Restore the card: {self.push_again()}"
         return "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
 
-    def damaged_card(self) -> str:
-        """The end of a refusal of a card cut short, edited or lacking a part."""
+    def damaged_card(self, recognised: bool = True, root: bool = True) -> str:
+        """The end of a refusal of a card cut short, edited or lacking a part. `recognised`: whether a push can still
+        tell the card is eagle3-cache's (`manifest.push_recognises`): one it cannot tell from another dataset's it
+        never replaces, so an intact card must be put in its place before the push. `root`: the card is the repo's
+        root card (a cache's, or with `name` the index of configs), not a config's."""
+        if self.repo is not None and not recognised:
+            return (
+                ", as in a card cut short or edited by hand, and what is left of it does not show the key that marks it as "
+                "eagle3-cache's with only YAML lines above it: a push cannot tell it from another dataset's card, and refuses "
+                f"to replace it. Restore it in two steps: {self.put_back_card(root)}; then {self.push_again()}"
+            )
         if self.repo is not None:
             return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
         return (
@@ -74,17 +85,41 @@ class Repair:
             f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
         )
 
+    def put_back_card(self, root: bool) -> str:
+        """How to put an intact card of eagle3-cache's in place of a damaged one, where a push then recognises it: a
+        cache's, from its intact local copy; the index of configs, which only the Hub holds, from the commit before the
+        damage."""
+        if not root or self.name is None:
+            path = "README.md" if root else f"{data_prefix(self.name)}README.md"
+            return f"upload the card of the intact local copy in its place: {self.upload_card('DIR/README.md', path)}"
+        return (
+            "upload the index card of the branch's last commit before the damage in its place: "
+            f"hf download {self.repo} README.md --repo-type dataset --revision COMMIT --local-dir restored, then "
+            f"{self.upload_card('restored/README.md', 'README.md')} (HfApi().list_repo_commits({self.repo!r}, "
+            f"repo_type='dataset'{self.branch_argument()}) lists the commits, newest first)"
+        )
+
+    def upload_card(self, local: str, path: str) -> str:
+        return f"hf upload {self.repo} {local} {path} --repo-type dataset{self.branch_flag('--revision')}"
+
     def new_tag(self) -> str:
         if self.revision_kind == "tag":
             return f"{self.revision} is a tag, which names a fixed version: give the repaired one a new tag (on {self.revision}'s branch)"
         return "a tag names a fixed version, so give the repaired one a new --hub-tag"
 
-    def branch_flag(self) -> str:
-        """The push's --hub-branch: none for the default branch (main, which verify read without --revision), the
-        branch verified, or a placeholder where the revision is a tag or commit (or the Hub could not say which)."""
+    def branch_flag(self, flag: str = "--hub-branch") -> str:
+        """The push's --hub-branch (or another command's `flag` for it): none for the default branch (main, which
+        verify read without --revision), the branch verified, or a placeholder where the revision is a tag or commit
+        (or the Hub could not say which)."""
         if self.revision is None:
             return ""
-        return f" --hub-branch {self.revision}" if self.revision_kind == "branch" else " [--hub-branch BRANCH]"
+        return f" {flag} {self.revision}" if self.revision_kind == "branch" else f" [{flag} BRANCH]"
+
+    def branch_argument(self) -> str:
+        """The branch as a keyword argument of a huggingface_hub call: as `branch_flag`."""
+        if self.revision is None:
+            return ""
+        return f", revision={self.revision!r}" if self.revision_kind == "branch" else ", revision=BRANCH"
 
     @functools.cached_property
     def revision_kind(self) -> str | None:

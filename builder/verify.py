@@ -145,7 +145,7 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None, f
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    refuse_damaged_card(out / "README.md", fix)
+    refuse_damaged_card(out / "README.md", fix, root=name is None)
     if not (out / "README.md").is_file():
         raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
     return out
@@ -169,10 +169,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
     return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
-def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
-    """A card whose YAML front matter begins but is never closed or does not parse (`refuse_damaged_front_matter`)."""
+def refuse_damaged_card(card: Path, fix: Repair = LOCAL, root: bool = True) -> None:
+    """A card whose YAML front matter begins but is never closed or does not parse (`refuse_damaged_front_matter`).
+    `root`: the card is the repo's (or folder's) root card."""
     if card.is_file():
-        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {card}", fix)
+        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {card}", fix, root)
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
