@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from dataset_card.pictures import PICTURES, card_pictures, save_inputs
 from dataset_card.render import BOM, GENERATED_KEYS, UserParts, body_below_front_matter, marked_user_text, markers_missing, user_parts
 
 from .files import write_bytes_atomic, write_text_atomic
-from .manifest import CARD_KEY, INDEX_KEY, assemble_manifest, card_data_of
+from .manifest import CARD_KEY, assemble_manifest, card_data_of, front_matter_keys
 from .manifest import _yaml_problem as yaml_problem
 from .prepare import Prepared
 
@@ -175,89 +174,3 @@ def front_matter_problem(text: str) -> str | None:
 def is_cache_card_text(text: str) -> bool:
     """A card of eagle3-cache's (its front matter holds the manifest), not someone else's README."""
     return CARD_KEY in card_data_of(text)
-
-
-def front_matter_damage(text: str) -> str | None:
-    """How a card's YAML front matter (where the manifest lives) is damaged, in words: it begins but is
-    never closed (a card cut short), or it does not parse (a hand edit); None where it reads, or the
-    card has none."""
-    import yaml
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
-
-    text = text.removeprefix(BOM)  # as card_data_of reads it
-    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
-        return None
-    block = REGEX_YAML_BLOCK.search(text)
-    if block is None:
-        return "begins but is never closed (a line holding only ---)"
-    try:
-        yaml.safe_load(block.group(2))
-    except yaml.YAMLError as err:
-        return f"does not parse ({yaml_error_in_words(err, first_line=block.group(1).count(chr(10)) + 1)})"
-    return None
-
-
-def yaml_error_in_words(err: Exception, first_line: int) -> str:
-    """What YAML found wrong with a card's front matter, at its line in the card (YAML counts from the front
-    matter's first line, `first_line` of the card)."""
-    what = ": ".join(part for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
-    mark = getattr(err, "problem_mark", None)
-    if not what or mark is None:
-        return " ".join(str(err).split())
-    return f"{what}, at line {first_line + mark.line} of the card"
-
-
-def damaged_card_key(text: str) -> str | None:
-    """CARD_KEY (a cache's card) or INDEX_KEY (a repo's index card) for a card of eagle3-cache's whose
-    front matter is damaged (`front_matter_damage`), by the key that front matter still holds: such a
-    card cannot be another dataset's, so a push may write it again. None for a card whose front matter
-    reads, and for a damaged one holding neither key (cut short before it, or someone else's)."""
-    if front_matter_damage(text) is None:
-        return None
-    keys = {key for _, key in yaml_shaped_keys(text)}
-    return next((key for key in (INDEX_KEY, CARD_KEY) if key in keys), None)
-
-
-# A top-level key line of YAML front matter: a plain or quoted key at the line's start, then `:`
-TOP_LEVEL_KEY = re.compile(r"""^(?:(?P<plain>[A-Za-z_][\w.-]*)|"(?P<double>[^"\n]*)"|'(?P<single>[^'\n]*)')[ \t]*:(?:[ \t]|$)""")
-# Any other line of YAML as eagle3-cache writes it: blank, indented (a nested value), or a list item
-OTHER_YAML_LINE = re.compile(r"^(?:[ \t]|-(?:[ \t]|$)|$)")
-
-
-def front_matter_lines(text: str) -> list[tuple[int, str]]:
-    """(line number in the card, line) of a card's front matter, read as lines (it need not parse): those
-    after the opening `---` down to the closing one, or to the end of a card cut short before it; none
-    where the card has no front matter."""
-    from huggingface_hub.repocard import REGEX_YAML_BLOCK
-
-    text = text.removeprefix(BOM)
-    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
-        return []
-    block = REGEX_YAML_BLOCK.search(text)
-    first, lines = (block.group(1).count("\n") + 1, block.group(2).split("\n")) if block else (2, text.split("\n")[1:])
-    return [(first + i, line.rstrip("\r")) for i, line in enumerate(lines)]
-
-
-def top_level_key(line: str) -> str | None:
-    match = TOP_LEVEL_KEY.match(line)
-    return None if match is None else next(key for key in match.group("plain", "double", "single") if key is not None)
-
-
-def front_matter_keys(text: str) -> list[tuple[int, str]]:
-    """(line in the card, key) of every top-level key line of a card's front matter, read as lines."""
-    return [(number, key) for number, line in front_matter_lines(text) if (key := top_level_key(line)) is not None]
-
-
-def yaml_shaped_keys(text: str) -> list[tuple[int, str]]:
-    """(line in the card, key) of the top-level keys of a card's front matter, down to its first line not
-    shaped as YAML is written in a card (a top-level `key:`, an indented line, a `- ` list item, a blank
-    line). A heading, prose, a code fence, a comment or a marker there is a README's own text below a
-    `---` rule that merely opens it, so no key shown after it (in a code block, say) is the card's."""
-    keys = []
-    for number, line in front_matter_lines(text):
-        key = top_level_key(line)
-        if key is None and not OTHER_YAML_LINE.match(line):
-            break
-        if key is not None:
-            keys.append((number, key))
-    return keys

@@ -2,7 +2,8 @@
 the build produced. It lives in the dataset card's YAML under `eagle3_cache`.
 
 Here it is assembled (from the build's records), read back from a card (text, local folder or
-Hub repo), fingerprinted and checked against the format version this package reads.
+Hub repo), fingerprinted and checked against the format version this package reads; a card whose
+front matter is damaged (cut short, or its YAML broken) is told from one that is not a cache's.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dataset_card.render import BOM
+
 from .errors import Eagle3CacheError
 from .files import file_hash
 from .formats import merge_quality, quality_report
+from .repair import LOCAL, Repair
 from .shards import CHECKSUM_ALGORITHM, SCALAR_COLUMNS, column_encodings
 from .source import CacheSource, open_source
 from .vocab import vocab_coverage
@@ -224,6 +229,113 @@ def _yaml_problem(text: str, err: Exception) -> str:
     return f"line {match.group(1).count(chr(10)) + mark.line + 1}: {problem}"
 
 
+def front_matter_damage(text: str) -> str | None:
+    """How a card's YAML front matter (where the manifest lives) is damaged, in words: it begins but is
+    never closed (a card cut short), or it does not parse (a hand edit); None where it reads, or the
+    card has none."""
+    import yaml
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = text.removeprefix(BOM)  # as card_data_of reads it
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return None
+    block = REGEX_YAML_BLOCK.search(text)
+    if block is None:
+        return "begins but is never closed (a line holding only ---)"
+    try:
+        yaml.safe_load(block.group(2))
+    except yaml.YAMLError as err:
+        return f"does not parse ({yaml_error_in_words(err, first_line=block.group(1).count(chr(10)) + 1)})"
+    return None
+
+
+def yaml_error_in_words(err: Exception, first_line: int) -> str:
+    """What YAML found wrong with a card's front matter, at its line in the card (YAML counts from the front
+    matter's first line, `first_line` of the card)."""
+    what = ": ".join(part for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    mark = getattr(err, "problem_mark", None)
+    if not what or mark is None:
+        return " ".join(str(err).split())
+    return f"{what}, at line {first_line + mark.line} of the card"
+
+
+def refuse_damaged_front_matter(text: str, where: str, fix: Repair = LOCAL, root: bool = True) -> None:
+    """A card whose YAML front matter (where the manifest lives) begins but is never closed or does not parse was
+    cut short or edited: say so, where (`where` names the card), and how to restore it (`fix`), rather than call it
+    not a cache's. `root`: the card is the repo's root card (a cache's or the index), not a config's."""
+    damage = front_matter_damage(text)
+    if damage is not None:
+        advice = fix.damaged_card(push_recognises(text, root), root)
+        raise ManifestError(f"{where} is damaged: its YAML front matter, which holds the manifest, {damage}{advice}")
+
+
+def push_recognises(text: str, root: bool) -> bool:
+    """Whether a push can tell a damaged card is eagle3-cache's, and so writes it again: by the key of a cache's or
+    index card it still shows with only YAML lines above it (`damaged_card_key`); a config's card (`root` False) also
+    where its front matter is never closed, as what is left then reads as no front matter at all, in the folder the
+    root index lists as the config's. Any other card a push takes for another dataset's, and never replaces."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    never_closed = REGEX_YAML_BLOCK.search(text.removeprefix(BOM)) is None
+    return damaged_card_key(text) is not None or (not root and never_closed)
+
+
+def damaged_card_key(text: str) -> str | None:
+    """CARD_KEY (a cache's card) or INDEX_KEY (a repo's index card) for a card of eagle3-cache's whose
+    front matter is damaged (`front_matter_damage`), by the key that front matter still holds: such a
+    card cannot be another dataset's, so a push may write it again. None for a card whose front matter
+    reads, and for a damaged one holding neither key (cut short before it, or someone else's)."""
+    if front_matter_damage(text) is None:
+        return None
+    keys = {key for _, key in yaml_shaped_keys(text)}
+    return next((key for key in (INDEX_KEY, CARD_KEY) if key in keys), None)
+
+
+# A top-level key line of YAML front matter: a plain or quoted key at the line's start, then `:`
+TOP_LEVEL_KEY = re.compile(r"""^(?:(?P<plain>[A-Za-z_][\w.-]*)|"(?P<double>[^"\n]*)"|'(?P<single>[^'\n]*)')[ \t]*:(?:[ \t]|$)""")
+# Any other line of YAML as eagle3-cache writes it: blank, indented (a nested value), or a list item
+OTHER_YAML_LINE = re.compile(r"^(?:[ \t]|-(?:[ \t]|$)|$)")
+
+
+def front_matter_lines(text: str) -> list[tuple[int, str]]:
+    """(line number in the card, line) of a card's front matter, read as lines (it need not parse): those
+    after the opening `---` down to the closing one, or to the end of a card cut short before it; none
+    where the card has no front matter."""
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    text = text.removeprefix(BOM)
+    if not re.match(r"\s*---\s*$", text.split("\n", 1)[0]):
+        return []
+    block = REGEX_YAML_BLOCK.search(text)
+    first, lines = (block.group(1).count("\n") + 1, block.group(2).split("\n")) if block else (2, text.split("\n")[1:])
+    return [(first + i, line.rstrip("\r")) for i, line in enumerate(lines)]
+
+
+def top_level_key(line: str) -> str | None:
+    match = TOP_LEVEL_KEY.match(line)
+    return None if match is None else next(key for key in match.group("plain", "double", "single") if key is not None)
+
+
+def front_matter_keys(text: str) -> list[tuple[int, str]]:
+    """(line in the card, key) of every top-level key line of a card's front matter, read as lines."""
+    return [(number, key) for number, line in front_matter_lines(text) if (key := top_level_key(line)) is not None]
+
+
+def yaml_shaped_keys(text: str) -> list[tuple[int, str]]:
+    """(line in the card, key) of the top-level keys of a card's front matter, down to its first line not
+    shaped as YAML is written in a card (a top-level `key:`, an indented line, a `- ` list item, a blank
+    line). A heading, prose, a code fence, a comment or a marker there is a README's own text below a
+    `---` rule that merely opens it, so no key shown after it (in a code block, say) is the card's."""
+    keys = []
+    for number, line in front_matter_lines(text):
+        key = top_level_key(line)
+        if key is None and not OTHER_YAML_LINE.match(line):
+            break
+        if key is not None:
+            keys.append((number, key))
+    return keys
+
+
 def card_shard_pattern(text: str, where: str = "the card") -> str:
     """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
     cards written before the shard count was in it read every `train-*`."""
@@ -341,4 +453,7 @@ def manifest_of(source: CacheSource) -> dict:
     if card_path is None or not card_path.exists():
         raise CardNotFound(f"{source.describe()}: {_no_card(source)}")
     folder = None if source.on_hub else source.location
-    return manifest_from_card(card_path.read_text(encoding="utf-8"), f"the card of {source.describe()}", folder)
+    text = card_path.read_text(encoding="utf-8")
+    fix = Repair(source.location, source.revision, source.name) if source.on_hub else LOCAL
+    refuse_damaged_front_matter(text, f"{source.describe()}: {source.prefix}README.md", fix, root=not source.prefix)
+    return manifest_from_card(text, f"the card of {source.describe()}", folder)

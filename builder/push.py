@@ -44,10 +44,21 @@ from dataset_card.pictures import PICTURES
 from dataset_card.render import UserParts, entry_of_a_damaged_card, merge_user_parts, shard_files, user_parts
 
 from .build_state import read_sidecar, sidecar_path
-from .card import damaged_card_key, damaged_card_parts, existing_pictures, front_matter_damage, local_user_parts
+from .card import damaged_card_parts, existing_pictures, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
-from .manifest import CARD_KEY, INDEX_KEY, LM_HEAD_FILE, VOCAB_FILE, ManifestError, card_data_of, read_manifest, recorded_checksum
+from .manifest import (
+    CARD_KEY,
+    INDEX_KEY,
+    LM_HEAD_FILE,
+    VOCAB_FILE,
+    ManifestError,
+    card_data_of,
+    damaged_card_key,
+    front_matter_damage,
+    read_manifest,
+    recorded_checksum,
+)
 from .push_target import PushTarget, validate_target
 from .shards import is_card_read, is_shard_name
 

@@ -21,6 +21,7 @@ class CacheSource:
     commit: str | None = None  # Hub only
     token: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     retry: Retry | None = field(default=None, repr=False)  # Hub only; None: the default
+    revision: str | None = None  # Hub only: the branch, tag or commit asked for (None: the default branch), pinned as `commit`
 
     @property
     def on_hub(self) -> bool:
@@ -49,7 +50,7 @@ def open_source(
     """`retry`: a `builder.hub.Retry` for the Hub's answer (None: the default)."""
     if is_hub_location(location):
         commit = resolve_commit(str(location), revision, token, retry)
-        return CacheSource(str(location), data_prefix(name), name, commit, token, retry)
+        return CacheSource(str(location), data_prefix(name), name, commit, token, retry, revision)
     if revision is not None:
         raise ValueError(f"revision={revision!r}: only a Hub repo id has revisions, {location} is a local path")
     return CacheSource(str(location), data_prefix(name), name)

@@ -19,7 +19,6 @@ for a hidden cache compares the head file and logit terms it is read through wit
 from __future__ import annotations
 
 import fnmatch
-import functools
 import json
 import logging
 import random
@@ -49,8 +48,10 @@ from .manifest import (
     fingerprint,
     layout_column_specs,
     recorded_checksum,
+    refuse_damaged_front_matter,
 )
 from .reader import RowDecoder, read_manifest, read_vocab
+from .repair import LOCAL, Repair
 from .shards import RAW, is_card_read, shard_name
 
 log = logging.getLogger(__name__)
@@ -124,97 +125,6 @@ class Report(list):
     recomputed = 0
 
 
-@dataclass(frozen=True)
-class Repair:
-    """How to repair what verify finds. A local cache: by the build run again with --resume, which writes
-    again what is missing (the card from its build records, a shard deleted first). A Hub repo (`repo`,
-    at `revision`, config `name`): by a push again from an intact local copy, which uploads again each
-    shard whose bytes differ on the branch, and the card; the build's --resume cannot reach the repo."""
-
-    repo: str | None = None
-    revision: str | None = None
-    name: str | None = None
-
-    @classmethod
-    def of(cls, location: str | Path, revision: str | None, name: str | None) -> Repair:
-        from .hub import is_hub_location
-
-        return cls(str(location), revision, name) if not Path(location).exists() and is_hub_location(location) else cls()
-
-    def shards(self, *names: str) -> str:
-        if self.repo is not None:
-            return f"to repair: {self.push_again()}"
-        # Resume keeps a shard whose size and row count match its record: a damaged one of the same
-        # size would be kept, so it must be deleted first.
-        files = " and ".join(f"data/{name}" for name in names)
-        return f"to repair: delete {files} and run the build again with --resume (it rebuilds only the missing shards)"
-
-    def duplicates(self) -> str:
-        if self.repo is not None:
-            return f"to repair: {self.push_again()}"
-        return (
-            "to repair: delete the shard that should not hold them (if unsure, each of these) and run the build again with "
-            "--resume (it rebuilds only the missing shards), or rebuild"
-        )
-
-    def head_file(self, path: str) -> str:
-        if self.repo is not None:
-            return f"to repair: {self.push_again()}"
-        return (
-            f"to repair: delete {path} and run the build again with --resume (it writes the head rows again from the target, "
-            "computing no shard)"
-        )
-
-    def card(self) -> str:
-        """What to do about a card whose manifest is damaged (a sentence)."""
-        if self.repo is not None:
-            return f"Restore the card: {self.push_again()}"
-        return "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
-
-    def damaged_card(self) -> str:
-        """The end of a refusal of a card cut short, edited or lacking a part."""
-        if self.repo is not None:
-            return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
-        return (
-            ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the "
-            "card again from its build records in .eagle3_build, computing nothing), or download the card again from the repo "
-            "the cache was pushed to"
-        )
-
-    def push_again(self) -> str:
-        where = self.repo + (f" at revision {self.revision}" if self.revision else "")
-        config = f" --hub-config {self.name}" if self.name else ""
-        tagged = self.revision_kind == "tag"
-        return (
-            f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
-            f"eagle3-cache push DIR {self.repo}{config}{self.branch_flag()}{' --hub-tag NEW_TAG' if tagged else ''} uploads again "
-            f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
-        )
-
-    def new_tag(self) -> str:
-        if self.revision_kind == "tag":
-            return f"{self.revision} is a tag, which names a fixed version: give the repaired one a new tag (on {self.revision}'s branch)"
-        return "a tag names a fixed version, so give the repaired one a new --hub-tag"
-
-    def branch_flag(self) -> str:
-        """The push's --hub-branch: none for the default branch (main, which verify read without --revision), the
-        branch verified, or a placeholder where the revision is a tag or commit (or the Hub could not say which)."""
-        if self.revision is None:
-            return ""
-        return f" --hub-branch {self.revision}" if self.revision_kind == "branch" else " [--hub-branch BRANCH]"
-
-    @functools.cached_property
-    def revision_kind(self) -> str | None:
-        """Whether the revision verified is a "branch" or a "tag" (None: a commit, or unknown): asked of the Hub
-        only once advice needs it."""
-        from .hub import revision_kind
-
-        return revision_kind(self.repo, self.revision) if self.repo is not None and self.revision is not None else None
-
-
-LOCAL = Repair()  # a local cache's
-
-
 def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> Path:
     """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
     says whether the repo holds several caches, then the cache: only config `name`'s folder where
@@ -236,7 +146,7 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None, f
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    refuse_damaged_card(out / "README.md", fix)
+    refuse_damaged_card(out / "README.md", fix, root=name is None)
     if not (out / "README.md").is_file():
         raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
     return out
@@ -260,14 +170,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
     return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
-def refuse_damaged_card(card: Path, fix: Repair = LOCAL) -> None:
-    """A card whose YAML front matter (where the manifest lives) begins but is never closed or does
-    not parse was cut short or edited: say so, and how to restore it, rather than call it not ours."""
-    from .card import front_matter_damage
-
-    damage = front_matter_damage(card.read_text(encoding="utf-8")) if card.is_file() else None
-    if damage is not None:
-        raise Eagle3CacheError(f"verify: {card} is damaged: its YAML front matter, which holds the manifest, {damage}{fix.damaged_card()}")
+def refuse_damaged_card(card: Path, fix: Repair = LOCAL, root: bool = True) -> None:
+    """A card whose YAML front matter begins but is never closed or does not parse (`refuse_damaged_front_matter`).
+    `root`: the card is the repo's (or folder's) root card."""
+    if card.is_file():
+        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {card}", fix, root)
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.

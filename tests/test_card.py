@@ -421,7 +421,7 @@ def test_a_card_reads_back_the_strings_it_was_written_with(tmp_path, odd):
 
 @pytest.mark.parametrize("closed", [False, True], ids=["never closed", "closed, YAML broken"])
 def test_a_damaged_front_matter_holds_a_key_of_ours_only_where_every_line_above_it_is_yaml(closed):
-    from builder.card import damaged_card_key
+    from builder.manifest import damaged_card_key
 
     end = "---\n# body\n" if closed else ""
     quoted = "\n```yaml\neagle3_cache: [\n```\n"  # `[` never closed: YAML that does not parse, where closed

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import xxhash
+from helpers import says
 from manifest_inputs import IDENTITY, SHARDS, VOCAB_BYTES, prepared, write_vocab_file
 
 from builder.manifest import (
@@ -122,8 +123,11 @@ def test_a_card_whose_front_matter_is_not_yaml_is_refused_naming_the_file_and_li
     lines[1] = "configs: default: x"  # the card's second line
     (tmp_path / "README.md").write_text("\n".join(lines))
     problem = r"expected YAML front matter .*\(line 2: mapping values are not allowed here\).*restore it, or rebuild"
-    with pytest.raises(ManifestError, match=rf"the card of {tmp_path}.*: {problem}"):
-        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=rf"the card of {tmp_path}: {problem}"):
+        manifest_from_card("\n".join(lines), f"the card of {tmp_path}")
+    damaged = f"{tmp_path}: README.md is damaged: its YAML front matter, which holds the manifest, does not parse"
+    with pytest.raises(ManifestError, match=says(damaged, "at line 2 of the card", "run the build command again with --resume")):
+        read_manifest(tmp_path)  # as verify calls it
     with pytest.raises(ManifestError, match=r"README.md: expected the front matter to be a YAML mapping"):
         manifest_from_card("---\n- a list\n---\n", "README.md")
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import small_config
+from helpers import says, small_config
 
 from builder.pipeline import build
 from builder.reader import ShardFilesMismatch, collate_nemo, load_cache, read_manifest, to_nemo
@@ -154,6 +154,37 @@ def test_reader_errors_are_clear(tmp_path, cache):
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# not a cache\n")
     with pytest.raises(ValueError, match="no 'eagle3_cache' manifest block"):
         read_manifest(tmp_path)
+
+
+def cut_mid_yaml(text: str) -> str:
+    return text[: text.index("eagle3_cache:") + 200]
+
+
+def closing_rule_lost(text: str) -> str:
+    closing = text.index("\n---\n", 4)
+    return text[:closing] + text[closing + len("\n---") :]
+
+
+@pytest.mark.parametrize("damage", [cut_mid_yaml, closing_rule_lost])
+def test_a_card_cut_short_is_called_damaged_with_verifys_advice_not_another_datasets(cache, tmp_path, damage):
+    """What is left of the card is no YAML block, so it holds no manifest: the card is damaged, found as verify
+    finds it, and restored as verify says, not a README that is not eagle3-cache's."""
+    import shutil
+
+    from builder.errors import Eagle3CacheError
+    from builder.manifest import ManifestError
+    from builder.verify import verify_cache
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    (copy / "README.md").write_text(damage((cache / "README.md").read_text()))
+    damaged = f"{copy}: README.md is damaged: its YAML front matter, which holds the manifest, begins but is never closed"
+    for streaming in (True, False):
+        with pytest.raises(ManifestError, match=says(damaged, "Restore it: run the build command again with --resume")) as refused:
+            load_cache(copy, streaming=streaming)
+    with pytest.raises(Eagle3CacheError) as verified:
+        verify_cache(copy)
+    assert str(refused.value).split(" is damaged: ")[1] == str(verified.value).split(" is damaged: ")[1]
 
 
 def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_path, cache):

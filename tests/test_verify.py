@@ -687,6 +687,11 @@ def index_cut_short(text: str) -> str:  # within its front matter, after the key
     return text[: text.index("eagle3_cache_index:") + 40]
 
 
+def cut_above_its_key(text: str) -> str:
+    """A card cut short above the key of a cache's card or an index card: what is left shows neither."""
+    return text[: text.index("eagle3_cache_index:" if "eagle3_cache_index:" in text else "eagle3_cache:")]
+
+
 def yaml_broken(text: str) -> str:  # the Hub refuses this in a root card; a config's it takes
     return text.replace("eagle3_cache:\n", "eagle3_cache: [\n", 1)
 
@@ -698,6 +703,7 @@ def yaml_broken(text: str) -> str:  # the Hub refuses this in a root card; a con
         ("llama", "llama/README.md", yaml_broken),
         ("llama", "llama/README.md", cut_short),
         ("llama", "README.md", index_cut_short),
+        ("llama", "llama/README.md", cut_above_its_key),  # what is left reads as no front matter, in a folder the index lists
     ],
 )
 def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub, intact, config, path, damage):
@@ -713,6 +719,75 @@ def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub
     with pytest.raises(Eagle3CacheError, match=rf"{re.escape(path)} is damaged: .*Restore it: push the cache to {repo} again") as refused:
         verify_cache(repo, name=config)
     assert main(advised_push(str(refused.value), intact)) == 0
+    assert verify_cache(repo, name=config) == []
+
+
+def prose_above_its_key(text: str) -> str:
+    """A line of prose put at the top of a card's front matter: its YAML no longer parses (`: ` twice), and what it
+    shows below the prose could be a README's own text."""
+    return text.replace("---\n", "---\nRead this first: our notes: below\n", 1)
+
+
+def advised_hf_commands(message: str, replace: dict[str, str]) -> list[list[str]]:
+    """The `hf` commands a message advises, as the CLI's arguments, with its placeholders replaced."""
+    commands = [command.strip() for command in re.findall(r"\bhf (?:download|upload) [^,;(]*", message)]
+    return [[replace.get(word, word) for word in command.split()[1:]] for command in commands]
+
+
+LOCAL_CARD, EARLIER_INDEX = "the card of the intact local copy", "the index card of the branch's last commit before the damage"
+
+
+@pytest.mark.parametrize(
+    "config, path, damage, put_back, refused_alone",
+    [
+        (None, "README.md", cut_above_its_key, LOCAL_CARD, "is not an eagle3-cache card"),
+        ("llama", "README.md", cut_above_its_key, EARLIER_INDEX, "is not an eagle3-cache card"),
+        ("llama", "llama/README.md", prose_above_its_key, LOCAL_CARD, "is not eagle3-cache's"),
+    ],
+)
+def test_a_card_a_push_cannot_tell_from_another_datasets_is_restored_in_the_two_steps_verify_advises(
+    hub, intact, tmp_path, capsys, config, path, damage, put_back, refused_alone
+):
+    """A card damaged so that it shows no key of eagle3-cache's with only YAML above it cannot be told from another
+    dataset's, and a push refuses to replace it, as it must (test_hub: a README quoting a key of ours): verify and
+    load_cache say so, and how to put a card back first: a cache's from its intact local copy, an index (only the Hub
+    holds one) from the commit before the damage."""
+    from huggingface_hub import HfApi
+
+    from builder.cli import main
+    from builder.reader import load_cache
+
+    repo = f"tester/unrecognised-{config}-{damage.__name__}".replace("_", "-")
+    push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, path, repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo=path, repo_id=repo, repo_type="dataset")
+    before_the_damage = api.list_repo_commits(repo, repo_type="dataset")[1].commit_id
+    with pytest.raises(
+        Eagle3CacheError,
+        match=says(
+            f"{path} is damaged: its YAML front matter, which holds the manifest, ",
+            "a push cannot tell it from another dataset's card, and refuses to replace it. Restore it in two steps: ",
+            f"upload {put_back} in its place",
+            f"hf upload {repo} ",
+            f" {path} --repo-type dataset",
+            f"; then push the cache to {repo} again",
+        ),
+    ) as refused:
+        verify_cache(repo, name=config)
+    advice = str(refused.value)
+    if path != "README.md" or config is None:  # load_cache reads the config's card, not the index
+        with pytest.raises(Eagle3CacheError) as loaded:
+            load_cache(repo, name=config)
+        assert str(loaded.value).split(" is damaged: ")[1] == advice.split(" is damaged: ")[1]
+    assert main(advised_push(advice, intact)) == 2  # the push alone
+    assert refused_alone in capsys.readouterr().err
+    commands = advised_hf_commands(advice, {"DIR/README.md": str(intact / "README.md"), "COMMIT": before_the_damage})
+    assert [command[0] for command in commands] == (["download", "upload"] if put_back == EARLIER_INDEX else ["upload"])
+    hf = [sys.executable, "-c", "import sys; from huggingface_hub.cli.hf import main; sys.exit(main())"]
+    for command in commands:
+        subprocess.run(hf + command, cwd=tmp_path, check=True, capture_output=True)
+    assert main(advised_push(advice, intact)) == 0
     assert verify_cache(repo, name=config) == []
 
 
