@@ -4,10 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-cache
-# The CPU build of torch on machines without an NVIDIA GPU; the default (CUDA) build where
-# nvidia-smi finds a GPU. A folder of local wheels can be given with FIND_LINKS=--find-links DIR
-# (pip also reads PIP_FIND_LINKS).
-TORCH_SPEC := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
+# The default (CUDA) build of torch where nvidia-smi finds a GPU. Elsewhere the CPU build: on
+# Linux PyPI's torch wheel is the CUDA one (with GBs of nvidia-* packages), so the pin names the
+# +cpu build of PyTorch's CPU index; macOS wheels on PyPI are CPU builds already. A folder of
+# local wheels can be given with FIND_LINKS=--find-links DIR (pip also reads PIP_FIND_LINKS); pip
+# takes a +cpu wheel found there too, and only warns where the CPU index cannot be reached (two
+# retries, not five: pip asks that index for each of torch's dependencies as well).
+TORCH_SPEC := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; \
+	elif [ "$$(uname -s)" = Linux ]; then echo torch==2.13.0+cpu; else echo torch==2.13.0; fi)
+TORCH_INDEX := $(if $(findstring +cpu,$(TORCH_SPEC)),--retries 2 --extra-index-url https://download.pytorch.org/whl/cpu)
 FIND_LINKS ?=
 
 .PHONY: demo test bench clean
@@ -24,7 +29,7 @@ FIND_LINKS ?=
 # install step added here.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(FIND_LINKS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(FIND_LINKS) $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(FIND_LINKS) -e ".[test]"
 	$(PY) -m pip install -q $(FIND_LINKS) --no-deps --upgrade --target $(VENV)/nemo-site nemo-automodel==0.7.0 torchao==0.18.0
 	$(PY) -m pip install -q $(FIND_LINKS) --no-deps --upgrade --target $(VENV)/specforge-site specforge==0.2.0
