@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .batching import expected_rows
@@ -114,7 +115,7 @@ def samples_now(prep: Prepared, k: int, failed: list[dict]) -> ShardSamples:
     table = prep.samples.with_format("arrow")[start : start + expected_rows(prep, k)]
     not_stored = {record["source_index"] for record in failed}
     stored = [i for i, index in enumerate(table.column("source_index").to_pylist()) if index not in not_stored]
-    table = table.take(stored)
+    table = table.take(pa.array(stored, type=pa.int64()))  # typed: a shard whose every sample failed takes none
     return ShardSamples(
         table.column("source_index").to_pylist(),
         list(table.column("input_ids").to_numpy()),

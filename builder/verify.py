@@ -199,8 +199,11 @@ OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
 def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> None:
-    if missing := missing_manifest_parts(manifest):
-        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: its manifest has no {', '.join(missing)}{fix.damaged_card()}")
+    missing, mistyped = missing_manifest_parts(manifest), mistyped_manifest_parts(manifest)
+    damage = [f"its manifest has no {', '.join(missing)}"] if missing else []
+    damage += [f"its manifest's {'; '.join(mistyped)}"] if mistyped else []
+    if damage:
+        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: {'; '.join(damage)}{fix.damaged_card()}")
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
@@ -273,6 +276,24 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
         batching = part_of(shard, "batching")
         missing += [f"{where}.batching.{key}" for key in BATCHING_KEYS if isinstance(batching, dict) and key not in batching]
     return missing
+
+
+def mistyped_manifest_parts(manifest: dict) -> list[str]:
+    """The parts verify sums or pads with that hold another kind of value than every build writes (a card
+    edited by hand), each with what it holds and what is expected; a part missing whole is named as missing."""
+    values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), int)]
+    for position, shard in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
+        where = f"shards[{part_of(shard, 'name') or position}]"
+        values += [(f"{where}.{key}", part_of(shard, key), int) for key in SHARD_KEYS]
+    return [
+        f"{part} is {FOUND_KIND.get(type(value), 'the value')} {one_line(value)}, where {EXPECTED_KIND[kind]} is expected"
+        for part, value, kind in values
+        if value is not None and not (isinstance(value, kind) and not isinstance(value, bool))  # YAML's true is no count
+    ]
+
+
+FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
+EXPECTED_KIND = {int: "a whole number", dict: "a mapping"}
 
 
 def why_no_card(root: Path, name: str | None) -> str:

@@ -26,6 +26,7 @@ from builder.forward import FAULT_ENV
 from builder.lock import LOCK_FILE, CacheLock, CacheLocked
 from builder.pipeline import build
 from builder.reader import read_manifest
+from builder.verify import verify_cache
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_cache.py"
 FLAGS = ["--max-samples", "30", "--shard-size", "3", "--seq-length", "96", "--draft-vocab-size", "200", "--dtype", "fp32", "--quiet"]
@@ -83,8 +84,8 @@ def test_sigkill_at_named_points_then_resume_gives_identical_content(tmp_path):
     assert_same_content(decoded_rows(reference), decoded_rows(out))
 
 
-def poisoned_target(tmp_path: Path, token_id: int) -> Path:
-    """A target whose embedding of one token is NaN: every sample holding it goes non-finite."""
+def poisoned_target(tmp_path: Path, token_id: int | list[int]) -> Path:
+    """A target whose embeddings of these tokens are NaN: every sample holding one goes non-finite."""
     from safetensors.torch import load_file, save_file
 
     target = make_tiny_target(tmp_path / "target", "llama")
@@ -117,6 +118,33 @@ def test_non_finite_samples_are_recorded_not_written(tmp_path):
     # resume accepts shards that are short by exactly their recorded failures
     again = build(small_config(tmp_path / "cache", target, resume=True), progress=False)
     assert again.written == []
+
+
+def target_failing_every_sample_of_the_first_shard(tmp_path: Path) -> Path:
+    """A target with NaN embeddings for one token of each sample of small_config's first shard, held by no
+    sample of another shard: that shard's samples all fail, every other shard is stored whole."""
+    from builder.prepare import prepare
+
+    cfg = small_config(tmp_path / "plan")
+    samples = prepare(cfg).samples["input_ids"]
+    first, others = samples[: cfg.shard_size], samples[cfg.shard_size :]
+    elsewhere = {t for ids in others for t in ids}
+    return poisoned_target(tmp_path, [min(set(ids) - elsewhere) for ids in first])
+
+
+def test_resume_of_a_cache_with_a_shard_whose_every_sample_failed(tmp_path):
+    target = target_failing_every_sample_of_the_first_shard(tmp_path)
+    out = build(small_config(tmp_path / "cache", target), progress=False).output_dir
+    manifest = read_manifest(out)
+    assert [shard["rows"] for shard in manifest["shards"]] == [0, 4, 4, 2]
+    assert [failure["shard"] for failure in manifest["failed"]] == [manifest["shards"][0]["name"]] * 4
+    rows = decoded_rows(out)
+
+    (out / "data" / manifest["shards"][1]["name"]).unlink()  # a shard to rebuild: resume checks the empty one too
+    again = build(small_config(tmp_path / "cache", target, resume=True), progress=False)
+    assert [Path(path).name for path in again.written] == [manifest["shards"][1]["name"]]
+    assert_same_content(decoded_rows(out), rows)  # every value, torch.equal
+    assert verify_cache(out) == []
 
 
 def rare_token(tmp_path: Path) -> int:

@@ -1398,6 +1398,41 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
         (cache / "README.md").write_text(text)
 
 
+@pytest.mark.parametrize(
+    "part, value, found, expected",
+    [
+        ("shards.1.rows", "4", 'the string "4"', "a whole number"),
+        ("shards.1.bytes", 4.5, "the number 4.5", "a whole number"),
+        ("shards.1.tokens", "12", 'the string "12"', "a whole number"),
+        ("shards.1.loss_tokens", {"a": 1}, 'the mapping {"a": 1}', "a whole number"),
+        ("shards.1.argmax_in_vocab", [5], "the list [5]", "a whole number"),
+        ("totals", "x", 'the string "x"', "a mapping"),
+        ("build.pad_token_id", "abc", 'the string "abc"', "a whole number"),
+        ("build.pad_token_id", True, "the boolean true", "a whole number"),
+    ],
+)
+def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
+    """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value:
+    a refusal naming it, what it holds and what is expected, not a traceback."""
+    from builder.cli import main
+
+    *path, key = part.split(".")
+
+    def set_part(data):
+        record = data["eagle3_cache"]
+        for step in path:
+            record = record[int(step)] if isinstance(record, list) else record[step]
+        record[key] = value
+
+    edit_card(cache, set_part)
+    named = part.replace("shards.1.", f"shards[{SHARD}].")
+    message = f"README.md is damaged: its manifest's {named} is {found}, where {expected} is expected"
+    with pytest.raises(Eagle3CacheError, match=re.escape(message) + r", .*Restore it"):
+        verify_cache(cache)
+    assert main(["verify", str(cache), "--recompute", "2"]) == 2
+    assert re.search(re.escape(message), capsys.readouterr().err)
+
+
 def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
     edit_card(cache, lambda data: data["dataset_info"].update(splits={"num_bytes": 1, "num_examples": 14}))  # its `- name` line deleted
     assert verify_cache(cache) == [
