@@ -99,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check every shard against the manifest: presence, size, checksum, schema, rows, shapes, finite "
         "values. With --recompute N, rerun the target on N random samples and compare: exact "
         "in fp32, within one rounding step of bf16/fp16. Only shards computed on this kind of device in this dtype "
-        "(each shard's record says which) can match: others are skipped with a warning; shards computed on another "
-        "CPU instruction set, GPU model or torch/CUDA version are compared within 16 rounding steps, with a warning. "
-        "Exit status 1 on any problem, "
-        "2 when verify cannot run (no finished cache there, another target, nothing to recompute, or shards a build "
-        "uploaded and deleted here: verify the repo instead).",
+        "(each shard's record says which) can match: others are skipped with a warning. A shard computed on another "
+        "CPU instruction set, GPU model or torch/CUDA version is compared within 16 rounding steps in fp32/fp64 "
+        "compute, with a warning, and skipped in bf16/fp16 compute (a GPU's); a recompute with no shard left stops "
+        "with exit status 2. Exit status 1 on any problem, "
+        "2 when verify cannot run (no finished cache there, an unknown repo or config, a damaged card, another "
+        "target, nothing to recompute, or shards a build uploaded and deleted here: verify the repo instead).",
     )
     verify.add_argument("cache_dir", metavar="DIR|REPO", help="cache directory, or a Hub dataset repo id (downloaded)")
     verify.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id (not of a directory)")

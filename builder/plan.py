@@ -24,7 +24,7 @@ from .vocab import vocab_coverage
 log = logging.getLogger(__name__)
 FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TOPK_DEFAULT = 64
-HEAD_FILE_BYTES = 4  # vocab/lm_head.safetensors holds fp32 rows (build.write_head_rows)
+HEAD_FILE_BYTES = 4  # vocab/lm_head.safetensors holds fp32 rows (forward.write_head_rows)
 # Raw bytes over stored bytes with --compression zstd, per part of a row, measured by
 # benchmarks/format_sizes.py on the sample chats: a random-weight Llama (hidden 1024) and the embedded
 # tiny target (aux 1.46-1.58, probs 1.44-1.67, topk 1.7-1.9, hidden 1.47-1.50).

@@ -572,8 +572,8 @@ SUMMED = {"samples": "rows", "tokens": "tokens", "loss_tokens": "loss_tokens", "
 
 
 def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
-    """totals and the card's dataset_info (what the Hub shows, and `datasets` reads as the split
-    size) must be the sums over the shards, and argmax_coverage the build's share of their loss tokens."""
+    """totals and the card's dataset_info (examples and bytes of each split: what the Hub shows, and
+    `datasets` reads as the split size) must be the sums over the shards, and argmax_coverage the build's share of their loss tokens."""
     totals, shards = manifest["totals"], manifest["shards"]
     sums = {key: sum(s[field] for s in shards) for key, field in SUMMED.items()}
     problems = [
@@ -595,6 +595,11 @@ def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
             problems.append(
                 f"README.md: dataset_info says {split.get('num_examples')} examples in split {split.get('name')!r}, "
                 f"the shards hold {sums['samples']}: restore the card, or rebuild"
+            )
+        if split.get("num_bytes") != sums["bytes"]:  # the card writes the shards' bytes (totals.bytes) there
+            problems.append(
+                f"README.md: dataset_info says {split.get('num_bytes')} bytes in split {split.get('name')!r}, "
+                f"the shards hold {sums['bytes']}: restore the card, or rebuild"
             )
     return problems
 

@@ -254,7 +254,8 @@ def aux_storage_text(manifest: dict) -> str:
 
 
 ENCODING_WORDS = {
-    "raw": ": the tensor's bytes as they are (`numpy.frombuffer` in the column's dtype reads them)",
+    # torch, not numpy: numpy has no bfloat16 or float8 dtype to read those columns in.
+    "raw": ": the tensor's bytes as they are (`torch.frombuffer` in the column's dtype reads them)",
     "byte_planes_zstd": (
         ", not readable as plain bytes: a header (`<QB`: element count n, plane count k = bytes per element), then per "
         "plane `<BQ` (codec 0 stored or 1 zstd, stored length), then the k byte planes, most significant byte first, "

@@ -161,6 +161,15 @@ def test_card_says_how_each_tensor_column_is_encoded(tmp_path):
     assert "byte_planes_zstd" not in raw and "decode_value" not in raw
 
 
+def test_card_names_a_raw_reader_that_has_the_columns_dtype(tmp_path):
+    """bf16 (the default dtype) has no numpy dtype: the card names torch's reader for raw columns."""
+    import torch
+
+    raw = card_prose(tmp_path, "probs", dtype="bf16", compression="none")
+    assert "(`torch.frombuffer` in the column's dtype reads them)" in raw and "numpy.frombuffer" not in raw
+    assert torch.equal(torch.frombuffer(bytearray(b"\x80\x3f"), dtype=torch.bfloat16), torch.ones(1, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("column", ["aux_hidden_states", "target_probs", "target_argmax"])
 def test_the_cards_decoding_call_runs_as_written_and_gives_the_recorded_shape(tmp_path, column):
     import math

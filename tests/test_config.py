@@ -104,6 +104,19 @@ def test_help_shows_each_default_and_names_each_choice(capsys):
             assert choice in f.metadata["help"], (f.name, choice)
 
 
+def test_verify_help_says_which_compute_the_rounding_tolerance_serves_and_when_it_exits_2():
+    from builder.verify import ROUNDING_STEPS, TOLERABLE_DTYPES
+
+    description = " ".join(subparser("verify").description.split())
+    assert TOLERABLE_DTYPES == ("float32", "float64")
+    assert f"within {ROUNDING_STEPS} rounding steps in fp32/fp64 compute" in description
+    assert "skipped in bf16/fp16 compute" in description
+    assert "no shard left stops with exit status 2" in description
+    cannot_run = description.split("2 when verify cannot run", 1)[1]
+    for reason in ("no finished cache there", "an unknown repo or config", "a damaged card", "another target", "nothing to recompute"):
+        assert reason in cannot_run, reason
+
+
 def test_push_shares_the_hub_settings():
     push, build = options_of(subparser("push")), options_of(subparser("build"))
     hub = [f.name for f in settings() if f.metadata["group"] == "hub"]

@@ -109,6 +109,7 @@ def rewrite_values(cache, shard_name: str, column: str, change, rows: int | None
             shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
     manifest = card.data["eagle3_cache"]
     manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+    card.data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
     card.save(cache / "README.md")
 
 
@@ -145,6 +146,7 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
                 shard |= {"bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
                 shard["loss_tokens"] -= 1
         manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+        data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
         manifest["totals"]["loss_tokens"] -= 1
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
 
@@ -824,7 +826,7 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
 
     def edit_totals(data):
         data["eagle3_cache"]["totals"] |= {"samples": 15, "tokens": 1, "loss_tokens": 3, "bytes": 2, "argmax_coverage": 0.5}
-        data["dataset_info"]["splits"][0]["num_examples"] = 15
+        data["dataset_info"]["splits"][0] |= {"num_examples": 15, "num_bytes": 2}
 
     edit_card(cache, edit_totals)
     assert verify_cache(cache) == [
@@ -835,6 +837,18 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
         f"README.md: totals.argmax_coverage is 0.5, the shards' argmax_in_vocab over their loss_tokens give "
         f"{totals['argmax_coverage']}: restore the card, or rebuild",
         "README.md: dataset_info says 15 examples in split 'train', the shards hold 14: restore the card, or rebuild",
+        f"README.md: dataset_info says 2 bytes in split 'train', the shards hold {totals['bytes']}: restore the card, or rebuild",
+    ]
+
+
+def test_dataset_info_bytes_edited_alone_are_caught(cache):
+    """`num_bytes` is the split size the Hub shows: the shards' bytes, as the card writes it."""
+    shard_bytes = read_manifest(cache)["totals"]["bytes"]
+    assert verify_cache(cache) == []
+    edit_card(cache, lambda data: data["dataset_info"]["splits"][0].update(num_bytes=shard_bytes + 1))
+    assert verify_cache(cache) == [
+        f"README.md: dataset_info says {shard_bytes + 1} bytes in split 'train', the shards hold {shard_bytes}: "
+        "restore the card, or rebuild"
     ]
 
 
@@ -1002,7 +1016,7 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
                 shard["tokens"] = sum(table.column("num_tokens").to_pylist())
         for key in ("rows", "tokens", "bytes"):
             manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
-        data["dataset_info"]["splits"][0]["num_examples"] = manifest["totals"]["samples"]
+        data["dataset_info"]["splits"][0] |= {"num_examples": manifest["totals"]["samples"], "num_bytes": manifest["totals"]["bytes"]}
 
     edit_card(cache, agree)
 
