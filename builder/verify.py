@@ -827,8 +827,8 @@ def recompute_samples(
     tolerance = tolerance_for({name: comparable[name] for name, _ in chosen}, here)
     model_path = resolve_target(target_model or identity["target"]["model"])
     own_code = runs_own_code(identity["target"], trust_remote_code)
-    check_target(model_path, manifest, own_code)
-    token_problems = check_tokens(out, manifest, model_path, chosen, own_code, fix)
+    specials_problems = check_target(model_path, manifest, own_code, fix)
+    token_problems = specials_problems + check_tokens(out, manifest, model_path, chosen, own_code, fix)
     device, dtype = compute_device()
     model = load_model(model_path, identity["target"]["revision"], own_code, device, dtype)
     target = Target(model, identity["aux_layer_ids"])
@@ -1158,11 +1158,12 @@ def runs_own_code(recorded: dict, trust_remote_code: bool) -> bool:
     return bool(recorded["remote_code"])
 
 
-def check_target(model_path: str, manifest: dict, own_code: bool = False) -> None:
+def check_target(model_path: str, manifest: dict, own_code: bool = False, fix: Repair = LOCAL) -> list[str]:
     """Refuse a target other than the one the cache was built with (another model, the same folder
     retrained, or its own code edited), by the identity fields the build recorded: otherwise every
     sample would be reported as damaged. Fields a Hub target does not record (its commit pins it)
-    are not compared. `own_code`: load it running the code of its own it names."""
+    are not compared. `own_code`: load it running the code of its own it names. Returns the card's
+    problems the build's tokenizer shows (`check_recorded_specials`)."""
     from .prepare import target_differences
     from .target import load_config, load_tokenizer
 
@@ -1176,6 +1177,23 @@ def check_target(model_path: str, manifest: dict, own_code: bool = False) -> Non
             f"verify --recompute: {model_path} is not the target the cache was built with:\n{lines}\n"
             "Pass the build's target with --target-model (the structural checks passed)."
         )
+    return check_recorded_specials(manifest, tokenizer, fix)
+
+
+def check_recorded_specials(manifest: dict, tokenizer, fix: Repair = LOCAL) -> list[str]:
+    """The card's special_token_ids against those of the build's tokenizer (its hash is in the identity, the
+    ids are not): where the stored draft vocabulary is the whole one, no file shows an edit to them, yet a
+    read of a smaller one selects with them. Caches of earlier versions recorded the ids of their rule."""
+    from .vocab import earlier_special_token_ids, special_token_ids
+
+    recorded, vocab_size = manifest["special_token_ids"], manifest["target_vocab_size"]
+    specials = special_token_ids(tokenizer, vocab_size)
+    if recorded in (specials, earlier_special_token_ids(tokenizer, vocab_size)):
+        return []
+    return [
+        f"README.md: the manifest's special_token_ids {recorded} are not those of the build's tokenizer ({specials}): "
+        f"readers selecting a smaller draft vocabulary would pick other tokens. {fix.card()}"
+    ]
 
 
 PRECISION = ("device", "dtype")  # of a compute record: where these differ, no recompute can match

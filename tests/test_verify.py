@@ -1153,6 +1153,23 @@ def test_special_token_ids_edited_in_the_card_are_caught(cache):
     assert verify_cache(cache) == []
 
 
+def test_special_token_ids_edited_in_a_whole_vocabulary_cache_are_caught_by_the_recompute(tmp_path):
+    """A cache storing the whole vocabulary (in id order) shows no edit to the special ids in its files, yet a read of
+    a smaller draft vocabulary selects with them: the recompute, which loads the build's tokenizer, compares them."""
+    whole = build(small_config(tmp_path / "whole", draft_vocab_size=None, max_samples=4), progress=False).output_dir
+    specials = read_manifest(whole)["special_token_ids"]
+    smaller = read_draft_vocab(whole, 100).selected_token_ids
+    edit_card(whole, lambda data: data["eagle3_cache"].update(special_token_ids=specials[:-1]))
+    assert not torch.equal(read_draft_vocab(whole, 100).selected_token_ids, smaller)
+    assert verify_cache(whole) == []  # the files alone cannot show it
+    assert verify_cache(whole, recompute=2) == [
+        f"README.md: the manifest's special_token_ids {specials[:-1]} are not those of the build's tokenizer ({specials}): "
+        f"readers selecting a smaller draft vocabulary would pick other tokens. {RESTORE_CARD}"
+    ]
+    edit_card(whole, lambda data: data["eagle3_cache"].update(special_token_ids=specials))
+    assert verify_cache(whole, recompute=2) == []
+
+
 def test_a_card_whose_data_files_leave_out_listed_shards_is_caught(cache):
     def narrow(data):
         data["configs"][0]["data_files"][0]["path"] = "data/train-0000[01]-of-00004.parquet"
