@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-cache
 # The default (CUDA) build of torch where nvidia-smi finds a GPU. Elsewhere the CPU build: on
-# Linux PyPI's torch wheel is the CUDA one (with GBs of nvidia-* packages), so the pin names the
-# +cpu build of PyTorch's CPU index; macOS wheels on PyPI are CPU builds already. A folder of
-# local wheels can be given with FIND_LINKS=--find-links DIR (pip also reads PIP_FIND_LINKS); pip
-# takes a +cpu wheel found there too, and only warns where the CPU index cannot be reached (two
-# retries, not five: pip asks that index for each of torch's dependencies as well).
+# x86-64 Linux PyPI's torch wheel is the CUDA one (with GBs of nvidia-* packages), so the pin names
+# the +cpu build of PyTorch's CPU index; on macOS PyPI's wheel is the CPU build, and other machines
+# (Linux on ARM) take PyPI's wheel of that version. A folder of local wheels can be given with
+# FIND_LINKS=--find-links DIR (pip also reads PIP_FIND_LINKS); pip takes a +cpu wheel found there
+# too, and only warns where the CPU index cannot be reached (two retries, not five: pip asks that
+# index for each of torch's dependencies as well).
 TORCH_SPEC := $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; \
-	elif [ "$$(uname -s)" = Linux ]; then echo torch==2.13.0+cpu; else echo torch==2.13.0; fi)
+	elif [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ]; then echo torch==2.13.0+cpu; else echo torch==2.13.0; fi)
 TORCH_INDEX := $(if $(findstring +cpu,$(TORCH_SPEC)),--retries 2 --extra-index-url https://download.pytorch.org/whl/cpu)
 FIND_LINKS ?=
 
