@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataset_card.render import BOM
+from dataset_card.render import BOM, data_prefix
 
 from .errors import Eagle3CacheError
 from .files import file_hash
@@ -425,6 +425,8 @@ def config_not_offered(source: CacheSource) -> str | None:
     if index and source.name not in index:
         return f"the {holder} holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
     if CARD_KEY in root_data:
+        if not data_prefix(source.name):  # `default` names the config at the root: this cache
+            return None
         return f"the {holder} holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
     if not index and not source.on_hub:  # caches copied side by side into a folder
         cache = Path(source.location) / source.name
