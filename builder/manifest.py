@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataset_card.render import BOM
+from dataset_card.render import BOM, data_prefix
 
 from .errors import Eagle3CacheError
 from .files import file_hash
@@ -206,13 +206,14 @@ def card_data_of(text: str, where: str = "the card") -> dict:
 
     try:  # a leading byte-order mark (some editors save one) would hide the front matter
         return DatasetCard(text.removeprefix("\ufeff")).data.to_dict()
-    except yaml.YAMLError as err:
-        raise ManifestError(
-            f"{where}: expected YAML front matter between '---' lines, found text YAML cannot parse "
-            f"({_yaml_problem(text, err)}); the card was edited or is not eagle3-cache's: restore it, or rebuild the cache"
-        ) from None
-    except ValueError as err:  # YAML, but not a mapping
-        raise ManifestError(
+    except (yaml.YAMLError, ValueError) as err:
+        # YAML builds some values itself and raises ValueError for one that cannot be (a date like 2024-02-30)
+        if isinstance(err, yaml.YAMLError) or front_matter_damage(text) is not None:
+            raise ManifestError(
+                f"{where}: expected YAML front matter between '---' lines, found text YAML cannot parse "
+                f"({_yaml_problem(text, err)}); the card was edited or is not eagle3-cache's: restore it, or rebuild the cache"
+            ) from None
+        raise ManifestError(  # YAML, but not a mapping
             f"{where}: expected the front matter to be a YAML mapping ({err}); restore the card, or rebuild the cache"
         ) from None
 
@@ -244,7 +245,7 @@ def front_matter_damage(text: str) -> str | None:
         return "begins but is never closed (a line holding only ---)"
     try:
         yaml.safe_load(block.group(2))
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: a value YAML cannot build, as the date 2024-02-30
         return f"does not parse ({yaml_error_in_words(err, first_line=block.group(1).count(chr(10)) + 1)})"
     return None
 
@@ -424,6 +425,8 @@ def config_not_offered(source: CacheSource) -> str | None:
     if index and source.name not in index:
         return f"the {holder} holds the caches {sorted(index)}, not {source.name!r}: pass one of them as --name (name= in Python)"
     if CARD_KEY in root_data:
+        if not data_prefix(source.name):  # `default` names the config at the root: this cache
+            return None
         return f"the {holder} holds one cache, at its root, and no configs: leave out --name {source.name} (name= in Python)"
     if not index and not source.on_hub:  # caches copied side by side into a folder
         cache = Path(source.location) / source.name

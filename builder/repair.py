@@ -62,11 +62,14 @@ class Repair:
         never replaces, so an intact card must be put in its place before the push. `root`: the card is the repo's
         root card (a cache's, or with `name` the index of configs), not a config's."""
         if self.repo is not None and not recognised:
-            return (
+            unrecognised = (
                 ", as in a card cut short or edited by hand, and what is left of it does not show the key that marks it as "
                 "eagle3-cache's with only YAML lines above it: a push cannot tell it from another dataset's card, and refuses "
-                f"to replace it. Restore it in two steps: {self.put_back_card(root)}; then {self.push_again()}"
+                "to replace it"
             )
+            if root and not data_prefix(self.name):  # no config named (or `default`, the root's): which kind is unknown
+                return unrecognised + self.restore_root_card()
+            return f"{unrecognised}. Restore it in two steps: {self.put_back_card(root)}; then {self.push_again()}"
         if self.repo is not None:
             return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
         return (
@@ -85,15 +88,31 @@ class Repair:
             f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
         )
 
+    def restore_root_card(self) -> str:
+        """How to restore a root card verified without a config name that a push cannot recognise: nothing left of it
+        says whether it was a cache's card or the index of a repo holding several caches in sub-folders, and a push
+        of the wrong kind would put a cache at the root beside the configs. The card the branch held before the
+        damage is right for either."""
+        return (
+            "; nor does it tell whether it was a cache's card or the index card of a repo holding several caches in "
+            "sub-folders. Restore it as it was, which is right for either: upload the root card of the branch's last commit "
+            f"before the damage in its place: {self.earlier_root_card()}; then verify the repo again: eagle3-cache verify "
+            f"{self.repo}{self.branch_flag('--revision')} (with --name CONFIG for a cache of a repo holding several) says what "
+            "else to repair, if anything"
+        )
+
     def put_back_card(self, root: bool) -> str:
         """How to put an intact card of eagle3-cache's in place of a damaged one, where a push then recognises it: a
-        cache's, from its intact local copy; the index of configs, which only the Hub holds, from the commit before the
-        damage."""
-        if not root or self.name is None:
-            path = "README.md" if root else f"{data_prefix(self.name)}README.md"
-            return f"upload the card of the intact local copy in its place: {self.upload_card('DIR/README.md', path)}"
+        config's, from its intact local copy; the index of configs (the root card, with `name`), which only the Hub
+        holds, from the commit before the damage."""
+        if root:
+            return f"upload the index card of the branch's last commit before the damage in its place: {self.earlier_root_card()}"
+        config_card = f"{data_prefix(self.name)}README.md"
+        return f"upload the card of the intact local copy in its place: {self.upload_card('DIR/README.md', config_card)}"
+
+    def earlier_root_card(self) -> str:
+        """The `hf` commands that put back the root card of the branch's commit COMMIT, and how to find COMMIT."""
         return (
-            "upload the index card of the branch's last commit before the damage in its place: "
             f"hf download {self.repo} README.md --repo-type dataset --revision COMMIT --local-dir restored, then "
             f"{self.upload_card('restored/README.md', 'README.md')} (HfApi().list_repo_commits({self.repo!r}, "
             f"repo_type='dataset'{self.branch_argument()}) lists the commits, newest first)"

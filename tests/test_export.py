@@ -411,6 +411,15 @@ def test_a_config_of_a_local_copy_of_a_repo_holding_several_caches_is_exported_b
     }
 
 
+def test_a_single_cache_is_exported_by_the_name_default_as_without_a_name(probs_cache, tmp_path):
+    """`default` is the config at the root, as load_cache, read_manifest and verify read it."""
+    assert main(["export", str(probs_cache), "--name", "default", "--to", "nemo", str(tmp_path / "named")]) == 0
+    unnamed = export_cache(probs_cache, "nemo", tmp_path / "unnamed", progress=False)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "named").iterdir()} == {
+        path.name: path.read_bytes() for path in unnamed.iterdir()
+    }
+
+
 def test_a_revision_with_a_local_cache_is_refused_as_a_flag_it_would_ignore(probs_cache, tmp_path, nothing_made, capsys):
     """A directory has no revisions: --revision is for a repo id, as the usage says, not silently dropped."""
     assert main(["export", str(probs_cache), "--revision", "v1", "--to", "nemo", str(tmp_path / "nemo")]) == 2

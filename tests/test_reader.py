@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import says, small_config
 
+from builder.errors import Eagle3CacheError
 from builder.pipeline import build
 from builder.reader import ShardFilesMismatch, collate_nemo, load_cache, read_manifest, to_nemo
 
@@ -171,7 +172,6 @@ def test_a_card_cut_short_is_called_damaged_with_verifys_advice_not_another_data
     finds it, and restored as verify says, not a README that is not eagle3-cache's."""
     import shutil
 
-    from builder.errors import Eagle3CacheError
     from builder.manifest import ManifestError
     from builder.verify import verify_cache
 
@@ -185,6 +185,51 @@ def test_a_card_cut_short_is_called_damaged_with_verifys_advice_not_another_data
     with pytest.raises(Eagle3CacheError) as verified:
         verify_cache(copy)
     assert str(refused.value).split(" is damaged: ")[1] == str(verified.value).split(" is damaged: ")[1]
+
+
+def read_by_load_cache(copy, tmp_path, capsys) -> str:
+    with pytest.raises(Eagle3CacheError) as refused:
+        load_cache(copy, streaming=True)
+    return str(refused.value)
+
+
+def read_by_read_manifest(copy, tmp_path, capsys) -> str:
+    with pytest.raises(Eagle3CacheError) as refused:
+        read_manifest(copy)
+    return str(refused.value)
+
+
+def read_by_export(copy, tmp_path, capsys) -> str:
+    from builder.cli import main
+
+    assert main(["export", str(copy), "--to", "nemo", str(tmp_path / "out")]) == 2
+    return capsys.readouterr().err
+
+
+def read_by_verify(copy, tmp_path, capsys) -> str:
+    from builder.cli import main
+
+    assert main(["verify", str(copy)]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("read", [read_by_load_cache, read_by_read_manifest, read_by_export, read_by_verify])
+def test_a_card_given_a_date_that_does_not_exist_is_called_damaged(cache, tmp_path, capsys, read):
+    """YAML reads `2024-02-30` as a date and raises ValueError, not a YAML error, building it: the card's
+    front matter does not parse, as any a hand edit broke."""
+    import shutil
+
+    from builder.manifest import ManifestError, card_data_of
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    text = (cache / "README.md").read_text().replace("---\n", "---\nreleased: 2024-02-30\n", 1)
+    (copy / "README.md").write_text(text)
+    with pytest.raises(ManifestError, match="found text YAML cannot parse \\(day is out of range for month\\)"):
+        card_data_of(text)
+    message = read(copy, tmp_path, capsys)
+    assert "README.md is damaged: its YAML front matter, which holds the manifest, does not parse (day is out of range" in message
+    assert "Restore it: run the build command again with --resume" in message
 
 
 def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_path, cache):

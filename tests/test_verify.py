@@ -737,12 +737,12 @@ def advised_hf_commands(message: str, replace: dict[str, str]) -> list[list[str]
 
 
 LOCAL_CARD, EARLIER_INDEX = "the card of the intact local copy", "the index card of the branch's last commit before the damage"
+HF = [sys.executable, "-c", "import sys; from huggingface_hub.cli.hf import main; sys.exit(main())"]
 
 
 @pytest.mark.parametrize(
     "config, path, damage, put_back, refused_alone",
     [
-        (None, "README.md", cut_above_its_key, LOCAL_CARD, "is not an eagle3-cache card"),
         ("llama", "README.md", cut_above_its_key, EARLIER_INDEX, "is not an eagle3-cache card"),
         ("llama", "llama/README.md", prose_above_its_key, LOCAL_CARD, "is not eagle3-cache's"),
     ],
@@ -786,11 +786,61 @@ def test_a_card_a_push_cannot_tell_from_another_datasets_is_restored_in_the_two_
     assert refused_alone in capsys.readouterr().err
     commands = advised_hf_commands(advice, {"DIR/README.md": str(intact / "README.md"), "COMMIT": before_the_damage})
     assert [command[0] for command in commands] == (["download", "upload"] if put_back == EARLIER_INDEX else ["upload"])
-    hf = [sys.executable, "-c", "import sys; from huggingface_hub.cli.hf import main; sys.exit(main())"]
     for command in commands:
-        subprocess.run(hf + command, cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(HF + command, cwd=tmp_path, check=True, capture_output=True)
     assert main(advised_push(advice, intact)) == 0
     assert verify_cache(repo, name=config) == []
+
+
+@pytest.mark.parametrize("configs", [[None], ["llama", "short"]], ids=["one cache", "several caches"])
+def test_a_root_card_cut_above_its_key_verified_without_a_name_is_restored_from_the_commit_before_the_damage(
+    hub, intact, tmp_path, configs
+):
+    """What is left of a root card cut short above its key tells neither that it is eagle3-cache's nor whether it was
+    a cache's card or the index of configs in sub-folders. A push of a cache to the root would replace an index with
+    a cache beside the configs, so verify and load_cache without a name advise what is right for both: the root card
+    the branch held before the damage, put back with `hf`; then verify again."""
+    from huggingface_hub import HfApi
+
+    from builder.reader import load_cache
+
+    repo = f"tester/root-cut-{len(configs)}"
+    for config in configs:
+        push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=cut_above_its_key(text).encode(), path_in_repo="README.md", repo_id=repo, repo_type="dataset")
+    before_the_damage = api.list_repo_commits(repo, repo_type="dataset")[1].commit_id
+    with pytest.raises(
+        Eagle3CacheError,
+        match=says(
+            "README.md is damaged: its YAML front matter, which holds the manifest, ",
+            "a push cannot tell it from another dataset's card, and refuses to replace it",
+            "whether it was a cache's card or the index card of a repo holding several caches",
+            "upload the root card of the branch's last commit before the damage in its place",
+            f"hf download {repo} README.md --repo-type dataset --revision COMMIT",
+            f"hf upload {repo} restored/README.md README.md --repo-type dataset",
+            f"HfApi().list_repo_commits('{repo}', repo_type='dataset')",
+            f"then verify the repo again: eagle3-cache verify {repo} (with --name CONFIG",
+        ),
+    ) as refused:
+        verify_cache(repo)
+    advice = str(refused.value)
+    assert "eagle3-cache push" not in advice  # a push to the root is the wrong kind for an index
+    with pytest.raises(Eagle3CacheError) as loaded:
+        load_cache(repo)
+    assert str(loaded.value).split(" is damaged: ")[1] == advice.split(" is damaged: ")[1]
+    commands = advised_hf_commands(advice, {"COMMIT": before_the_damage})
+    assert [command[0] for command in commands] == ["download", "upload"]
+    for command in commands:
+        subprocess.run(HF + command, cwd=tmp_path, check=True, capture_output=True)
+    for config in configs:
+        assert verify_cache(repo, name=config) == []
+        assert sum(1 for _ in load_cache(repo, name=config, streaming=True)) == 14
+    if configs != [None]:
+        assert not any(path.startswith("data/") for path in api.list_repo_files(repo, repo_type="dataset"))  # no root cache
+        with pytest.raises(Eagle3CacheError, match=re.escape(f"{repo} holds several caches {configs}: pass one of them with --name")):
+            verify_cache(repo)
 
 
 # ---- the manifest outside the fingerprint ------------------------------------------------------
