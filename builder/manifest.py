@@ -266,7 +266,7 @@ def refuse_damaged_front_matter(text: str, where: str, fix: Repair = LOCAL, root
     not a cache's. `root`: the card is the repo's root card (a cache's or the index), not a config's."""
     damage = front_matter_damage(text)
     if damage is not None:
-        advice = fix.damaged_card(push_recognises(text, root), root)
+        advice = fix.damaged_card(push_recognises(text, root), root, index=damaged_card_key(text) == INDEX_KEY)
         raise ManifestError(f"{where} is damaged: its YAML front matter, which holds the manifest, {damage}{advice}")
 
 

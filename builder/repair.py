@@ -56,11 +56,12 @@ class Repair:
             return f"Restore the card: {self.push_again()}"
         return "Restore the card (run the build command again with --resume: it writes the card again, computing nothing), or rebuild"
 
-    def damaged_card(self, recognised: bool = True, root: bool = True) -> str:
+    def damaged_card(self, recognised: bool = True, root: bool = True, index: bool = False) -> str:
         """The end of a refusal of a card cut short, edited or lacking a part. `recognised`: whether a push can still
         tell the card is eagle3-cache's (`manifest.push_recognises`): one it cannot tell from another dataset's it
         never replaces, so an intact card must be put in its place before the push. `root`: the card is the repo's
-        root card (a cache's, or with `name` the index of configs), not a config's."""
+        root card (a cache's, or with `name` the index of configs), not a config's. `index`: the card still shows the
+        key of the index of configs."""
         if self.repo is not None and not recognised:
             unrecognised = (
                 ", as in a card cut short or edited by hand, and what is left of it does not show the key that marks it as "
@@ -70,6 +71,8 @@ class Repair:
             if root and not data_prefix(self.name):  # no config named (or `default`, the root's): which kind is unknown
                 return unrecognised + self.restore_root_card()
             return f"{unrecognised}. Restore it in two steps: {self.put_back_card(root)}; then {self.push_again()}"
+        if self.repo is not None and index and not self.name:
+            return f", as in a card cut short or edited by hand. Restore it: {self.push_a_config_again()}"
         if self.repo is not None:
             return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
         return (
@@ -86,6 +89,15 @@ class Repair:
             f"push the cache to {where} again from an intact local copy (check it first with eagle3-cache verify DIR): "
             f"eagle3-cache push DIR {self.repo}{config}{self.branch_flag()}{' --hub-tag NEW_TAG' if tagged else ''} uploads again "
             f"each shard whose bytes differ on the branch, and the card; {self.new_tag()}"
+        )
+
+    def push_a_config_again(self) -> str:
+        """How to restore the damaged index of a repo holding several caches, with no config named: a push of any
+        one of them writes the index again from the configs' folders (a push without a config is refused there)."""
+        return (
+            f"push one of the repo's caches to {self.repo} again from an intact local copy, naming its config: eagle3-cache "
+            f"push DIR {self.repo} --hub-config CONFIG{self.branch_flag()} writes the index card again from the configs' "
+            f"folders; {self.new_tag()}"
         )
 
     def restore_root_card(self) -> str:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import says, small_config
 from hub_server import TOKEN, hub_fixtures
-from huggingface_hub import DatasetCard
+from huggingface_hub import DatasetCard, HfApi
 
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
@@ -722,6 +722,26 @@ def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub
         verify_cache(repo, name=config)
     assert main(advised_push(str(refused.value), intact)) == 0
     assert verify_cache(repo, name=config) == []
+
+
+def test_a_damaged_index_verified_without_a_name_is_restored_by_a_push_of_one_of_its_configs(hub, intact):
+    """A push without a config is refused by a repo holding several caches; a push of any one of them writes the
+    index again from the configs' folders, so verify's advice names one."""
+    from builder.cli import main
+
+    repo = "tester/restore-index-unnamed"
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=index_cut_short(text).encode(), path_in_repo="README.md", repo_id=repo, repo_type="dataset")
+    with pytest.raises(Eagle3CacheError, match=r"README\.md is damaged: .*Restore it: push one of the repo's caches") as refused:
+        verify_cache(repo)
+    command = re.search(r"eagle3-cache (push DIR .*?) writes the index card again", str(refused.value)).group(1)
+    assert main([{"DIR": str(intact), "CONFIG": "short"}.get(word, word) for word in command.split()]) == 0
+    with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\]: pass one of them with --name"):
+        verify_cache(repo)
+    assert verify_cache(repo, name="llama") == [] and verify_cache(repo, name="short") == []
 
 
 def prose_above_its_key(text: str) -> str:
