@@ -12,7 +12,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from builder import compute_target_distribution
 from builder.embedded import resolve_target
-from builder.formats import FP8_MAX, TARGET_FORMATS, Layout, decode_aux, encode_aux, encode_targets, quality_of_batch
+from builder.formats import (
+    FP8_MAX,
+    TARGET_FORMATS,
+    Layout,
+    decode_aux,
+    encode_aux,
+    encode_targets,
+    probs_from_topk,
+    quality_of_batch,
+)
 from builder.pipeline import build
 from builder.placement import plan_memory
 from builder.reader import load_cache, read_manifest
@@ -90,7 +99,19 @@ def test_the_cards_fp8_aux_and_hidden_probs_figures_are_the_largest_differences_
     assert aux_diff < 0.05 and probs_diff < probs_bound  # aux: e4m3 with a per-token scale, then bf16
 
 
+def spread_rebuild(logprobs: torch.Tensor, ids: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:
+    """The top-K rebuilt with the tail spread, from its definition: each kept column holds its own
+    probability, each other column an equal share of what the K leave."""
+    kept = logprobs.float().exp()
+    is_kept = torch.zeros(len(kept), draft_vocab_size, dtype=torch.bool).scatter(1, ids.long(), True)
+    share = (1 - kept.sum(-1, keepdim=True)).clamp(min=0) / (~is_kept).sum(-1, keepdim=True)  # none where rounding passes 1
+    dense = torch.zeros(len(kept), draft_vocab_size).scatter(1, ids.long(), kept)
+    return torch.where(is_kept, dense, share)
+
+
 def test_topk_reports_true_kept_mass_and_kl(topk, model):
+    """The card's figures against the live target and the rebuild written out from its definition,
+    not the reader's (which shares the build's code)."""
     result = topk
     quality = read_manifest(result.output_dir)["quality"]
     selected = torch.as_tensor(result.prepared.selected_token_ids)
@@ -102,7 +123,8 @@ def test_topk_reports_true_kept_mass_and_kl(topk, model):
         loss = torch.as_tensor(sample["loss_mask"]).bool()
         _, live_probs = live(model, sample, selected)
         kept.append(raw[i]["topk_logprobs"].float().exp().sum(-1))
-        rebuilt = unshifted(spread[i], loss)
+        rebuilt = spread_rebuild(raw[i]["topk_logprobs"], raw[i]["topk_ids"], len(selected))
+        torch.testing.assert_close(unshifted(spread[i], loss), rebuilt, rtol=1e-6, atol=1e-9)  # what the reader yields
         kls.append((live_probs * (live_probs.clamp(min=1e-38).log() - rebuilt.clamp(min=1e-38).log())).sum(-1))
         renormed = unshifted(renorm[i], loss)
         assert torch.allclose(renormed.sum(-1), torch.ones(len(renormed)), atol=1e-5)  # renormalised over the K
@@ -113,6 +135,15 @@ def test_topk_reports_true_kept_mass_and_kl(topk, model):
     nearest_rank = kept.sort().values[math.ceil(0.01 * len(kept)) - 1].item()  # the 1st percentile, nearest rank
     assert nearest_rank <= quality["kept_mass_p1"] <= nearest_rank + 1e-3 + 1e-9  # its 0.001-wide histogram bin's upper edge
     assert quality["kl_live_to_rebuilt_spread_mean"] == pytest.approx(kls.mean().item(), rel=1e-4)
+
+
+def test_the_spread_tail_shares_what_the_k_leave_among_the_other_columns():
+    """Kept 0.5 at id 3 and 0.3 at id 0 of 6: the 0.2 left goes to the 4 other columns, 0.05 each;
+    the kept columns hold their own values and the row sums to 1."""
+    logprobs, ids = torch.tensor([[0.5, 0.3]]).log(), torch.tensor([[3, 0]])
+    rebuilt = probs_from_topk(logprobs, ids, 6, spread_tail=True)
+    torch.testing.assert_close(rebuilt, torch.tensor([[0.3, 0.05, 0.05, 0.5, 0.05, 0.05]]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rebuilt.sum(-1), torch.ones(1), rtol=0, atol=1e-6)
 
 
 def test_every_format_yields_the_same_keys_and_shapes(fp8_hidden, topk, tmp_path_factory):
