@@ -15,6 +15,7 @@ from builder.embedded import resolve_target
 from builder.formats import (
     FP8_MAX,
     TARGET_FORMATS,
+    TORCH_DTYPES,
     Layout,
     decode_aux,
     encode_aux,
@@ -144,6 +145,38 @@ def test_the_spread_tail_shares_what_the_k_leave_among_the_other_columns():
     rebuilt = probs_from_topk(logprobs, ids, 6, spread_tail=True)
     torch.testing.assert_close(rebuilt, torch.tensor([[0.3, 0.05, 0.05, 0.5, 0.05, 0.05]]), rtol=1e-6, atol=0)
     torch.testing.assert_close(rebuilt.sum(-1), torch.ones(1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, stored", [("fp32", "fp32"), ("bf16", "fp16"), ("fp16", "fp16")])
+def test_topk_logprobs_are_stored_in_fp16_unless_the_cache_is_fp32(dtype, stored):
+    """Log-probs lie in [-87.34, 0] (floored at the log of the smallest normal fp32), well within fp16's
+    range, where its 10-bit mantissa rounds 8 times finer than bf16's 7 bits: a bf16 cache stores them in fp16."""
+    layout = Layout("topk", dtype, "bf16", 4, 6, 8, 8)
+    assert layout.columns()["topk_logprobs"]["dtype"] == stored
+    probs = torch.softmax(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)), -1)
+    live = {"argmax": probs.argmax(-1), "probs": probs, "log_draft_mass": torch.zeros(3)}
+    assert encode_targets(layout, live)["topk_logprobs"].dtype == TORCH_DTYPES[stored]
+
+
+def test_a_topk_row_with_fewer_than_k_nonzero_probabilities_is_stored_finite_and_kept(tmp_path):
+    """A peaked target's fp32 softmax underflows all but a few probabilities of a row to 0, so its K largest
+    hold zeros, whose log (-inf) would drop the sample as non-finite. They are stored as the log of the
+    smallest normal fp32, -126 ln 2 (a probability of about 1e-38), and every sample is kept."""
+    import shutil
+
+    target = shutil.copytree(resolve_target("tiny-llama"), tmp_path / "target")
+    peaked = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    with torch.no_grad():
+        peaked.lm_head.weight.mul_(100)
+    peaked.save_pretrained(target)
+    result = build(small_config(tmp_path / "cache", target=target, target_format="topk", topk=16, max_samples=4), progress=False)
+    assert result.manifest["failed"] == [] and result.manifest["totals"]["samples"] == 4
+    floor = torch.tensor(-126 * math.log(2), dtype=torch.float32)
+    floored = 0
+    for row in load_cache(result.output_dir, layout="raw", streaming=False):
+        assert torch.isfinite(row["topk_logprobs"]).all()
+        floored += int((row["topk_logprobs"] == floor).sum())
+    assert floored > 0  # the premise: rows with fewer than K non-zero probabilities
 
 
 def test_every_format_yields_the_same_keys_and_shapes(fp8_hidden, topk, tmp_path_factory):
