@@ -30,6 +30,7 @@ from builder.reader import (
     read_draft_vocab,
     read_manifest,
     read_vocab,
+    restrict_probs,
     to_nemo,
 )
 from builder.verify import verify_cache
@@ -143,6 +144,14 @@ def test_an_identity_bf16_vocab_serves_a_smaller_one_by_its_counts(tmp_path_fact
         torch.testing.assert_close(got[i]["target_probs"][mask].float(), want[i]["target_probs"][mask], rtol=3 * 2**-8, atol=1e-6)
 
 
+def test_a_column_order_that_ends_at_the_last_column_is_no_prefix():
+    """The columns of a vocabulary read from a whole-vocabulary cache come in rank order, not id order:
+    a permutation of the first columns, though it ends at the last of them, is read column by column."""
+    rows = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    got = restrict_probs(rows, torch.tensor([1, 0, 2]))
+    torch.testing.assert_close(got, torch.tensor([[2 / 6, 1 / 6, 3 / 6]]), rtol=1e-6, atol=0)
+
+
 def test_the_stored_size_reads_exactly_as_stored(probs300):
     default = load_cache(probs300.output_dir, streaming=False)
     same = load_cache(probs300.output_dir, streaming=False, draft_vocab_size=300)
@@ -212,6 +221,28 @@ def test_topk_spread_tail_over_a_smaller_vocab(topk300):
         for row in range(len(rows)):
             ids = r["topk_ids"][row].long()[inside[row]]
             torch.testing.assert_close(rows[row, ids], kept[row][inside[row]] / scale[row], rtol=1e-6, atol=0)
+
+
+def test_an_identity_topk_vocab_serves_a_smaller_one_at_its_token_ids(tmp_path_factory, fresh100):
+    """A whole-vocabulary top-K cache keeps token ids: read at a smaller vocabulary (ranked by count, not
+    in id order), each kept id lands in its own column there, renormalised over the kept ids that
+    vocabulary holds, as the fresh build's probs are over the same ids."""
+    whole = build_cache(tmp_path_factory, "whole-topk", draft_vocab_size=None, target_format="topk", topk=16)
+    raw = load_cache(whole.output_dir, layout="raw", streaming=False)
+    got = load_cache(whole.output_dir, streaming=False, draft_vocab_size=SMALL)
+    fresh = load_cache(fresh100.output_dir, streaming=False)
+    selected = stored_selected(fresh100)
+    assert torch.equal(draft_vocab(got).selected_token_ids, selected)
+    surviving = 0
+    for i in range(len(raw)):
+        r = raw[i]
+        slots = r["loss_mask"].bool().nonzero().squeeze(-1) - 1  # no loss mask at position 0 in these samples
+        survivors = torch.stack([torch.isin(selected, ids) for ids in r["topk_ids"].long()])
+        want = torch.where(survivors, fresh[i]["target_probs"][slots], torch.zeros(()))
+        want = want / want.sum(-1, keepdim=True).clamp(min=1e-30)
+        torch.testing.assert_close(got[i]["target_probs"][slots], want, rtol=0, atol=2e-6)
+        surviving += int(survivors.sum())
+    assert surviving > 0
 
 
 def test_topk_at_its_own_size_has_no_kept_mass_field(topk300):
