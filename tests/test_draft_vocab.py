@@ -245,6 +245,33 @@ def test_an_identity_topk_vocab_serves_a_smaller_one_at_its_token_ids(tmp_path_f
     assert surviving > 0
 
 
+# Only the assistant turns, each in a generation block: the loss mask starts at position 0.
+ASSISTANT_TURNS_ONLY = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|end|>{% endgeneration %}{% endif %}{% endfor %}"
+)
+
+
+def test_topk_kept_mass_of_a_sample_supervised_from_position_0_lands_in_its_rows_slots(tmp_path_factory):
+    """Position 0 has no slot (slot t carries position t + 1), so its row is dropped: every other row's
+    kept mass lands in that row's slot, as its target_probs do."""
+    template = tmp_path_factory.mktemp("template") / "assistant_turns.jinja"
+    template.write_text(ASSISTANT_TURNS_ONLY)
+    result = build_cache(tmp_path_factory, "from-position-0", target_format="topk", topk=16, max_samples=4, chat_template=str(template))
+    raw = load_cache(result.output_dir, layout="raw", streaming=False)
+    got = load_cache(result.output_dir, streaming=False, draft_vocab_size=SMALL)
+    for i in range(len(raw)):
+        r, g = raw[i], got[i]
+        positions = r["loss_mask"].bool().nonzero().squeeze(-1)
+        assert positions[0] == 0  # the premise
+        kept, inside = r["topk_logprobs"].float().exp()[1:], r["topk_ids"].long()[1:] < SMALL
+        expected = (kept * inside).sum(-1) / (1 - (kept * ~inside).sum(-1))
+        assert (expected[1:] != expected[:-1]).any()  # rows a slot off would show
+        torch.testing.assert_close(g["kept_mass"][positions[1:] - 1], expected, rtol=1e-6, atol=0)
+        off = torch.ones(len(g["kept_mass"]), dtype=torch.bool)
+        off[positions[1:] - 1] = False
+        assert not g["kept_mass"][off].any()
+
+
 def test_topk_at_its_own_size_has_no_kept_mass_field(topk300):
     assert "kept_mass" not in load_cache(topk300.output_dir, streaming=False)[0]
 
