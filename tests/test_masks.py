@@ -218,6 +218,21 @@ CHATML_NO_REASONING = [
 ]
 
 
+# Reasoning that ends with a newline, as the template's text after it begins: the rendering with the
+# reasoning cleared ends the same way, and its newline before the reasoning matches the reasoning's own.
+TRAILING_NEWLINE_ROW = {
+    "id": "trailing-newline",
+    "messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Sure.", "reasoning_content": "Say yes.\n"}],
+}
+CHATML_TRAILING_NEWLINE = [
+    ("prompt", "<|im_start|>user\nHello?<|im_end|>\n"),
+    ("header", "<|im_start|>assistant\n"),
+    ("turn", "<think>\n"),
+    ("reasoning", "Say yes.\n"),
+    ("turn", "\n</think>\n\nSure.<|im_end|>\n"),
+]
+
+
 def test_templates_take_the_prefix_path():
     assert not has_generation_blocks(LLAMA3) and not has_generation_blocks(CHATML) and has_generation_blocks(CHATML_GEN)
 
@@ -237,6 +252,15 @@ def test_chatml_agent_row(tok, options):
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_chatml_empty_think_block_belongs_to_the_generation_prompt(tok, options):
     assert encode_row(NO_REASONING_ROW, tok, CHATML, **options) == expected(tok, CHATML_NO_REASONING, **options)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_reasoning_that_ends_as_the_text_after_it_begins_is_masked_whole(tok, options):
+    """The reasoning lies between the longest common prefix and suffix of the rendering and the rendering
+    with it cleared. Both end in "\\n\\n</think>...", but in the cleared one the first of those newlines is
+    the template's after "<think>", which the common prefix holds already: a suffix sought past the prefix
+    would take it for the reasoning's last newline, which would then stay supervised."""
+    assert encode_row(TRAILING_NEWLINE_ROW, tok, CHATML, **options) == expected(tok, CHATML_TRAILING_NEWLINE, **options)
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
