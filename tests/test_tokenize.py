@@ -117,6 +117,22 @@ def test_mask_values_on_the_shortest_chat(tok):
     assert without_header == [0] * (start + 2) + [1] * (len(tokens) - start - 2)
 
 
+@pytest.mark.parametrize("path", sorted(TEMPLATES))
+def test_a_tokenizer_that_adds_a_bos_itself_gets_only_the_templates(tok, path):
+    """The template writes the BOS; a tokenizer whose post-processor adds one too (as Llama's do) must
+    not add a second: a rendering is text the template wrote whole, tokenized without special tokens.
+    (The generation-block path renders and tokenizes in one call, which adds none either.)"""
+    from tokenizers.processors import TemplateProcessing
+
+    adds_bos = tiny_tokenizer()
+    bos = (adds_bos.bos_token, adds_bos.bos_token_id)
+    adds_bos.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    assert adds_bos("Hi!")["input_ids"] == [bos[1], *tok("Hi!")["input_ids"]]  # the premise
+    ids, mask = encode_messages(SYSTEM_MULTI_TURN, adds_bos, TEMPLATES[path], 4096)
+    assert (ids, mask) == encode_messages(SYSTEM_MULTI_TURN, tok, TEMPLATES[path], 4096)
+    assert ids[0] == bos[1] and ids.count(bos[1]) == 1
+
+
 def test_every_sample_chat_on_both_paths(tok):
     rows = [json.loads(line) for path in (EMBEDDED_INPUTS["sample-sharegpt"], EMBEDDED_INPUTS["sample-openai"]) for line in path.open()]
     assert len(rows) == 300
