@@ -135,15 +135,19 @@ def test_nemo_manifest_records_the_mask_options_the_build_applied(probs_cache, r
     assert written["mask_reasoning_content"] is recorded.get("mask_reasoning_content", False)
 
 
-def test_nemo_export_of_a_topk_cache_stores_values_and_indices(tmp_path):
-    cache = build(small_config(tmp_path / "cache", target_format="topk", topk=8), progress=False).output_dir
+@pytest.mark.parametrize("dtype, values_dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_nemo_export_of_a_topk_cache_stores_values_and_indices(tmp_path, dtype, values_dtype):
+    """The values in the cache's dtype, which the export's manifest names (the top K are picked in fp32)."""
+    cache = build(small_config(tmp_path / "cache", target_format="topk", topk=8, dtype=dtype), progress=False).output_dir
     export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
     shard = read_safetensors(tmp_path / "nemo" / "shard-000000.safetensors")
     assert shard["target_probs_indices"].dtype == torch.int32 and shard["target_probs_values"].shape == (4, 96, 8)
+    assert shard["target_probs_values"].dtype == values_dtype
     want = collate_nemo(list(load_cache(cache, layout="nemo", streaming=False))[:4], pad_to=96)["target_probs"]
     rebuilt = torch.zeros_like(want).scatter(-1, shard["target_probs_indices"].long(), shard["target_probs_values"])
     assert torch.equal(rebuilt, want)
-    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["target_probs_topk"] == 8
+    manifest = json.loads((tmp_path / "nemo" / "manifest.json").read_text())
+    assert manifest["target_probs_topk"] == 8 and manifest["dtype"] == dtype
 
 
 def test_nemo_export_of_a_topk_covering_the_draft_vocabulary_is_dense(tmp_path):
