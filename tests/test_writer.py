@@ -359,3 +359,28 @@ def test_a_checksum_read_that_stops_short_of_the_end_fails_the_shard(tmp_path, m
     with pytest.raises(OSError, match=r"read back 4096 of its 16384 bytes to checksum it; the file changed while written"):
         hasher.finish()
     hasher.discard()
+
+
+def three_sample_batch(finite: list[bool]) -> BatchOutput:
+    """Samples with 2, 3 and 1 loss rows; row r of the per-loss argmax holds r, so each row names its place."""
+    samples = [
+        {"sample_id": f"s{b}", "source_index": b, "num_tokens": 3, "num_loss_tokens": n, "input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}
+        for b, n in enumerate([2, 3, 1])
+    ]
+    columns = {"target_argmax": torch.arange(6, dtype=torch.int32), "hidden": torch.arange(18, dtype=torch.float32).reshape(3, 3, 2)}
+    return BatchOutput([0, 1, 2], samples, columns, frozenset({"target_argmax"}), torch.tensor(finite), {})
+
+
+def test_the_samples_after_a_non_finite_one_keep_their_own_loss_rows():
+    """A non-finite sample is not written, but its loss rows still sit in the batch's per-loss
+    columns: the finite samples after it take the rows after its rows, not its rows."""
+    rows = {position: tensors for position, (_, tensors, _) in three_sample_batch([True, False, True]).split()}
+    assert rows[1] is None
+    assert rows[0]["target_argmax"].words.tolist() == [0, 1]
+    assert rows[2]["target_argmax"].words.tolist() == [5]
+
+
+def test_argmax_in_vocab_counts_each_samples_own_loss_rows():
+    """Rows 0-1 are the first sample's, 2-4 the second's, 5 the third's."""
+    in_vocab = np.array([True, False, True, True, False, True])
+    assert three_sample_batch([True, True, True]).argmax_in_vocab(in_vocab) == [1, 2, 1]
