@@ -16,7 +16,7 @@ import builder.forward as forward
 import builder.shards as shards
 from builder.batching import pad_batch
 from builder.build_state import BUILD_STATE_DIR, sidecar_path
-from builder.forward import all_finite, gil_switch_interval
+from builder.forward import all_finite, finite_rows, gil_switch_interval
 from builder.pipeline import build
 
 
@@ -79,6 +79,29 @@ def test_all_finite_flags_exactly_the_rows_holding_inf_or_nan_even_where_a_sum_w
     by_token = all_finite(rows, (6, 3), bounded=False)
     assert torch.equal(by_token.all(-1), want) and by_token.sum().item() == 18 - 3
     assert torch.equal(all_finite(rows[:0], (0,), bounded=False), torch.ones(0, dtype=torch.bool))
+
+
+def aux_finite_rows(aux: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """finite_rows of a batch whose probs are all finite: only the per-token aux states decide."""
+    loss_positions = attention.reshape(-1).nonzero().squeeze(1)
+    live = {"loss_positions": loss_positions, "probs": torch.full((len(loss_positions), 6), 1 / 6)}
+    return finite_rows(live, {"aux_hidden_states": aux}, attention, frozenset())
+
+
+def test_one_inf_in_a_real_tokens_aux_state_fails_its_sample_and_only_it():
+    attention = torch.ones(3, 3, dtype=torch.long)
+    aux = torch.zeros(3, 3, 4, dtype=torch.bfloat16)
+    aux[1, 1, 2] = float("inf")  # one value of one token of three
+    assert torch.equal(aux_finite_rows(aux, attention), torch.tensor([True, False, True]))
+
+
+def test_nan_only_in_a_samples_padding_does_not_fail_it():
+    """Padding positions are never stored: what the target computed there does not matter."""
+    attention = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    aux = torch.zeros(3, 3, 4, dtype=torch.bfloat16)
+    aux[1, 2, 0] = float("nan")
+    aux[2, 1:] = float("nan")
+    assert torch.equal(aux_finite_rows(aux, attention), torch.tensor([True, True, True]))
 
 
 def test_supervise_gives_empty_outputs_of_the_right_shapes_when_no_row_is_supervised_and_cuts_the_chunk_padding(tmp_path):
