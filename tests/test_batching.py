@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from builder.batching import plan_batches, row_windows, window_bytes
+from builder.batching import expected_rows, plan_batches, row_windows, window_bytes
 from builder.config import BuildConfig
 from builder.formats import Layout
 
@@ -59,3 +60,23 @@ def test_the_default_sort_window_pads_little_where_rows_are_big():
 )
 def test_a_shards_record_names_its_sort_window(record, window):
     assert window_bytes(record) == window
+
+
+def test_batches_run_longest_first_and_fill_the_token_budget_exactly():
+    """Lengths 10, 10, 5, 4, 3, 2 (ties in position order): two rows of 10 fill 20 tokens exactly,
+    a third would need 30; then four rows of at most 5 fill 20 again."""
+    assert plan_batches([3, 10, 4, 10, 2, 5], 20) == [[1, 3], [5, 2, 0, 4]]
+
+
+def test_a_new_batch_is_as_wide_as_its_own_longest_row():
+    """After the 8-token row, the next batch is 2 tokens wide: four rows fit 8 tokens."""
+    assert plan_batches([8, 2, 2, 2, 2], 8) == [[0], [1, 2, 3, 4]]
+
+
+def test_a_batch_holds_at_most_the_batch_size_rows_whatever_the_budget():
+    assert plan_batches([1] * 7, 100, max_batch_size=3) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_each_shard_expects_its_own_share_of_the_samples_and_the_last_the_rest():
+    prep = SimpleNamespace(cfg=SimpleNamespace(shard_size=4), samples=[None] * 10)
+    assert [expected_rows(prep, k) for k in range(3)] == [4, 4, 2]
