@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +14,7 @@ from helpers import batch_rows
 
 from builder import shards
 from builder.config import BuildConfig, validate
-from builder.errors import ConfigError
+from builder.errors import ConfigError, WriteFailed
 from builder.formats import TORCH_DTYPES, Layout
 from builder.plan import writer_feed_warning
 from builder.reader import RowDecoder
@@ -363,3 +365,41 @@ def test_the_forward_estimate_gives_25k_tokens_per_s_for_an_8b_on_an_h100():
     assert 23_000 < rate < 27_000
     assert forward_tokens_per_s(model, "NVIDIA H100 PCIe", loss_share=0.77) < rate  # a lower peak
     assert forward_tokens_per_s(model, "Some Future GPU", loss_share=0.77) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_a_shards_bytes_are_fsynced_before_it_takes_its_name(tmp_path, monkeypatch):
+    """A power cut keeps a rename but not necessarily the bytes written before it: a shard's name
+    may only point at bytes already on disk, or a resume would trust a torn file as finished."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "data" / "s.parquet"
+    write_shard(path, synthetic_batches(), threads=2)
+    (shard_renamed,) = [k for k, event in enumerate(events) if event[0] == "rename" and event[2] == str(path)]
+    temp_name = events[shard_renamed][1]
+    assert ("fsync", temp_name) in events[:shard_renamed]
+
+
+def test_a_shard_whose_checksum_read_stops_short_of_the_end_is_refused(tmp_path, monkeypatch):
+    """A checksum recorded for a file must cover all of it: when reading the file back ends early
+    (the file changed under the writer), the shard fails instead of recording a shorter file's hash."""
+    real_preadv = os.preadv
+
+    def nothing_past_the_first_kilobyte(fd, buffers, offset):
+        return 0 if offset >= 1024 else real_preadv(fd, [buffers[0][: 1024 - offset]], offset)
+
+    monkeypatch.setattr(os, "preadv", nothing_past_the_first_kilobyte)
+    path = tmp_path / "data" / "s.parquet"
+    with pytest.raises(WriteFailed, match=r"read back 1024 of its \d+ bytes to checksum it; the file changed while written"):
+        write_shard(path, synthetic_batches(), threads=2)
+    assert not path.exists()
