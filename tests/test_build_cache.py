@@ -16,6 +16,7 @@ import xxhash
 from helpers import assert_same_content, batch_rows, decoded_rows, record_in_card, says, small_config
 from tiny_targets import (
     make_tiny_target,
+    poisoned_target,
     target_with_another_tokenizer,
     target_with_own_code,
     target_with_truncation_and_padding,
@@ -476,6 +477,44 @@ def test_a_resume_names_a_damaged_token_column_as_damage(full_vocabulary_partial
         match=says("shard train-00000-of-00004.parquet does not match the checksum its record holds: it is damaged", "Delete it and rerun"),
     ):
         build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
+def test_a_resume_refuses_a_finished_shard_that_a_damaged_loss_mask_sets_apart(full_vocabulary_partial, tmp_path):
+    """The loss masks are compared too: a flipped byte there, the token ids intact, is found."""
+    out, cfg = full_vocabulary_partial
+    shutil.copytree(out, tmp_path / "cache")
+    shard = tmp_path / "cache" / "data" / "train-00000-of-00004.parquet"
+    parquet = pq.ParquetFile(shard)
+    column = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index("loss_mask"))
+    data = bytearray(shard.read_bytes())
+    data[column.data_page_offset + column.total_compressed_size - 1] ^= 1  # the chunk's last loss mask value
+    shard.write_bytes(bytes(data))
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(ResumeSamplesDiffer, match=says("shard train-00000-of-00004.parquet", "it is damaged", "has loss_mask ")):
+        build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
+def test_a_resume_refuses_a_finished_shard_holding_fewer_samples_than_this_run_would_write(tmp_path, monkeypatch):
+    """Shard 0's last sample failed (non-finite) and its record says so; under new rules that row is
+    no longer valid and the next one takes its place. The shard's three rows match this run's first
+    three, but this run would write four samples into it: keeping it would lose one. Built over
+    the target's whole vocabulary: a draft vocabulary's ranking would change with the rows."""
+    samples = prepare(small_config(tmp_path / "plan", draft_vocab_size=None)).samples
+    last_of_shard_0 = samples[3]
+    elsewhere = {t for k, ids in enumerate(samples["input_ids"]) if k != 3 for t in ids}
+    (token, *_) = sorted(set(last_of_shard_0["input_ids"]) - elsewhere)
+    cfg = small_config(tmp_path / "cache", poisoned_target(tmp_path, token), draft_vocab_size=None)
+    build(cfg, progress=False)
+    assert [failure["sample_id"] for failure in read_manifest(tmp_path / "cache")["failed"]] == [last_of_shard_0["sample_id"]]
+    conversation_rules_change(monkeypatch, "failed row invalid", invalid(last_of_shard_0["sample_id"]))
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(
+        ResumeSamplesDiffer,
+        match=says("shard train-00000-of-00004.parquet, which this build finished", "it holds 3 samples, where this run has 4"),
+    ):
+        build(cfg.replace(resume=True), progress=False)
     assert files_as_they_were(tmp_path / "cache") == before
 
 

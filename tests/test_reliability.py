@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
-from tiny_targets import make_tiny_target
+from tiny_targets import make_tiny_target, poisoned_target
 
 from builder.build_state import read_sidecar
 from builder.errors import ConfigError, DiskFull, NonFiniteOutput
@@ -82,17 +82,6 @@ def test_sigkill_at_named_points_then_resume_gives_identical_content(tmp_path):
     assert not list((out / "data").glob(".*"))  # temp files of killed writers are gone
     assert not list(drawings.glob("pictures-*"))  # and the killed runs' picture folders
     assert_same_content(decoded_rows(reference), decoded_rows(out))
-
-
-def poisoned_target(tmp_path: Path, token_id: int | list[int]) -> Path:
-    """A target whose embeddings of these tokens are NaN: every sample holding one goes non-finite."""
-    from safetensors.torch import load_file, save_file
-
-    target = make_tiny_target(tmp_path / "target", "llama")
-    weights = load_file(target / "model.safetensors")
-    weights["model.embed_tokens.weight"][token_id] = float("nan")
-    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
-    return target
 
 
 def test_non_finite_samples_are_recorded_not_written(tmp_path):

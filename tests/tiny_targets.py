@@ -229,6 +229,17 @@ def target_with_another_tokenizer(directory: Path) -> Path:
     return directory
 
 
+def poisoned_target(tmp_path: Path, token_id: int | list[int]) -> Path:
+    """A target whose embeddings of these tokens are NaN: every sample holding one goes non-finite."""
+    from safetensors.torch import load_file, save_file
+
+    target = make_tiny_target(tmp_path / "target", "llama")
+    weights = load_file(target / "model.safetensors")
+    weights["model.embed_tokens.weight"][token_id] = float("nan")
+    save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
 def tokenizer_hash_of_earlier_versions(target: Path) -> str:
     """The tokenizer_sha256 versions before this one recorded for a target's tokenizer (and its own
     chat template) where the build process never encoded: the hash of its backend as loaded, the
