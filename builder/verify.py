@@ -631,18 +631,31 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     """Every row's shapes against the manifest, and finite values."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
-    problems = []
+    problems, counted = [], {"tokens": 0, "loss_tokens": 0}
     try:
         decode = RowDecoder(manifest)
         for batch in parquet.iter_batches(batch_size=64):
             for row in batch.to_pylist():
-                problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decode(row), manifest)]
+                decoded = decode(row)
+                counted["tokens"] += decoded["num_tokens"]
+                counted["loss_tokens"] += int(decoded["loss_mask"].sum())
+                problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decoded, manifest)]
     except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
         return problems + [
             f"data/{name}: its rows cannot be decoded as the manifest's columns say ({' '.join(str(err).split())}): the card's "
             f"columns were edited, or the build wrote the shard wrong. {fix.card()}"
         ]
-    return problems
+    return problems + check_shard_counts(shard, counted, fix)
+
+
+def check_shard_counts(shard: dict, counted: dict[str, int], fix: Repair = LOCAL) -> list[str]:
+    """A shard record's token counts against its rows: the totals are checked as their sums, so an edit to a
+    record and the totals together would pass that check."""
+    return [
+        f"README.md: shard {shard['name']}'s record says {shard[key]} {key}, its rows hold {value}. {fix.card()}"
+        for key, value in counted.items()
+        if shard[key] != value
+    ]
 
 
 # ---- across shards ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from builder.forward import FAULT_ENV
 from builder.manifest import argmax_coverage
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
-from builder.reader import read_draft_vocab, read_manifest
+from builder.reader import RowDecoder, read_draft_vocab, read_manifest
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
@@ -911,6 +911,27 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
     ]
 
 
+def test_a_shard_records_token_counts_edited_with_the_totals_are_caught(cache):
+    """The totals are checked as the sums of the shard records, so a record edited together with the totals
+    passes that check: the records' token counts are compared with the rows they describe."""
+    manifest = read_manifest(cache)
+    first = manifest["shards"][0]
+
+    def edit_record_and_totals(data):
+        record = data["eagle3_cache"]["shards"][0]
+        record |= {"tokens": record["tokens"] + 2, "loss_tokens": record["loss_tokens"] + 1}
+        data["eagle3_cache"]["totals"]["tokens"] += 2
+        data["eagle3_cache"]["totals"]["loss_tokens"] += 1
+        data["eagle3_cache"]["totals"]["argmax_coverage"] = argmax_coverage(data["eagle3_cache"]["shards"])
+
+    edit_card(cache, edit_record_and_totals)
+    assert verify_cache(cache) == [
+        f"README.md: shard {first['name']}'s record says {first['tokens'] + 2} tokens, its rows hold {first['tokens']}. {RESTORE_CARD}",
+        f"README.md: shard {first['name']}'s record says {first['loss_tokens'] + 1} loss_tokens, its rows hold "
+        f"{first['loss_tokens']}. {RESTORE_CARD}",
+    ]
+
+
 def test_dataset_info_bytes_edited_alone_are_caught(cache):
     """`num_bytes` is the split size the Hub shows: the shards' bytes, as the card writes it."""
     shard_bytes = read_manifest(cache)["totals"]["bytes"]
@@ -1078,14 +1099,16 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
 
     def agree(data):
         manifest = data["eagle3_cache"]
+        decode = RowDecoder(manifest)
         for shard in manifest["shards"]:
             if shard["name"] in names:
                 path = cache / "data" / shard["name"]
-                table = pq.read_table(path, columns=["num_tokens"])
-                shard |= {"rows": table.num_rows, "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
-                shard["tokens"] = sum(table.column("num_tokens").to_pylist())
-        for key in ("rows", "tokens", "bytes"):
+                rows = [decode(row) for row in pq.read_table(path).to_pylist()]
+                shard |= {"rows": len(rows), "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
+                shard |= {"tokens": sum(r["num_tokens"] for r in rows), "loss_tokens": sum(int(r["loss_mask"].sum()) for r in rows)}
+        for key in ("rows", "tokens", "bytes", "loss_tokens"):
             manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
+        manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
         data["dataset_info"]["splits"][0] |= {"num_examples": manifest["totals"]["samples"], "num_bytes": manifest["totals"]["bytes"]}
 
     edit_card(cache, agree)
