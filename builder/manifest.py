@@ -438,14 +438,56 @@ def config_not_offered(source: CacheSource) -> str | None:
     return None
 
 
+def refuse_damaged_root_card(source: CacheSource) -> None:
+    """Once `datasets` refused to open config `source.name`: the root card it finds configs by, refused as damaged
+    where it is (`refuse_damaged_index`). Read only then, so that a load that opens costs no extra download."""
+    text = _root_card_text(source)
+    if text is not None:
+        refuse_damaged_index(text, _root_card_where(source), source.name, _repair_of(source))
+
+
+def refuse_damaged_index(text: str, where: str, name: str, fix: Repair = LOCAL) -> None:
+    """A root card that fails to offer config `name` to `datasets` for damage: its front matter cut short or broken
+    (`refuse_damaged_front_matter`), or its `configs`, by which `datasets` opens a config, not listing one its index
+    lists (removed or edited by hand). An intact card that does not list `name` is no damage (`config_not_offered`)."""
+    refuse_damaged_front_matter(text, where, fix, root=True)
+    data = card_data_of(text, where)
+    index = data.get(INDEX_KEY)
+    if isinstance(index, dict) and name in index and name not in configs_offered(data):
+        raise ManifestError(
+            f"{where} is damaged: its configs, by which `datasets` opens a config, list no {name!r}, though its index "
+            f"({INDEX_KEY}) lists it{fix.damaged_card(root=True, index=True)}"
+        )
+
+
+def configs_offered(data: dict) -> set:
+    """The config names a card's `configs` offer to `datasets`."""
+    configs = data.get("configs")
+    return {config.get("config_name") for config in configs if isinstance(config, dict)} if isinstance(configs, list) else set()
+
+
 def _root_card_data(source: CacheSource) -> dict:
     """The YAML of the root card of the repo or directory (the index of one holding several caches);
     empty where there is none."""
+    text = _root_card_text(source)
+    return {} if text is None else card_data_of(text, f"the root card of {source.location}")
+
+
+def _root_card_text(source: CacheSource) -> str | None:
     try:
         root = source.repo_file("README.md") if source.on_hub else Path(source.location) / "README.md"
-        return card_data_of(root.read_text(encoding="utf-8"), f"the root card of {source.location}")
+        return root.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
+        return None
+
+
+def _root_card_where(source: CacheSource) -> str:
+    """The root card, as errors name it."""
+    return f"{source.location}@{source.commit[:12]}: README.md" if source.on_hub else str(Path(source.location) / "README.md")
+
+
+def _repair_of(source: CacheSource) -> Repair:
+    return Repair(source.location, source.revision, source.name) if source.on_hub else LOCAL
 
 
 def manifest_of(source: CacheSource) -> dict:
@@ -457,6 +499,6 @@ def manifest_of(source: CacheSource) -> dict:
         raise CardNotFound(f"{source.describe()}: {_no_card(source)}")
     folder = None if source.on_hub else source.location
     text = card_path.read_text(encoding="utf-8")
-    fix = Repair(source.location, source.revision, source.name) if source.on_hub else LOCAL
+    fix = _repair_of(source)
     refuse_damaged_front_matter(text, f"{source.describe()}: {source.prefix}README.md", fix, root=not source.prefix)
     return manifest_from_card(text, f"the card of {source.describe()}", folder)

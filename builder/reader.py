@@ -853,32 +853,38 @@ def _load_rows(
         kwargs["fragment_scan_options"] = local_scan_options()  # what datasets reads with if it cannot be memory-mapped
     load = functools.partial(datasets.load_dataset, source.location, source.name, **kwargs)
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
-        hf = (retry or Retry())("open the shards", load, source.location, explain_permanent=False)
-    else:
-        hf = opened_locally(load, source)
+        load = functools.partial(retry or Retry(), "open the shards", load, source.location, explain_permanent=False)
+    hf = opened(load, source)
     if streaming and not source.on_hub:
         memory_map_local_shards(hf)
     return hf
 
 
 class ShardsNotOpened(Eagle3CacheError, ValueError):
-    """`datasets` refused to open a local cache's shards."""
+    """`datasets` refused to open a cache's shards."""
 
 
-def opened_locally(load: functools.partial, source: CacheSource):
-    """`load()`'s dataset; a ValueError of `datasets` (such as a config the directory's root card does
-    not list) raised as this package's error, saying what to pass."""
-    from .manifest import config_not_offered
+def opened(load: functools.partial, source: CacheSource):
+    """`load()`'s dataset; a ValueError of `datasets` (such as a config the root card does not offer) raised as this
+    package's error, saying what to do. Only then is the root card read, to tell a damaged one (refused with
+    verify's advice) from one that lists other configs: a load that opens costs no extra download."""
+    from .manifest import ManifestError, config_not_offered, refuse_damaged_root_card
 
     try:
         return load()
     except ValueError as err:
         if isinstance(err, Eagle3CacheError):
             raise
+        if source.name is not None:
+            try:
+                refuse_damaged_root_card(source)
+            except ManifestError as damaged:
+                raise damaged from err
         hint = config_not_offered(source) if source.name is not None else None
+        written_by = "a repo as `eagle3-cache push` wrote it" if source.on_hub else "a cache directory as `eagle3-cache build` wrote it"
         raise ShardsNotOpened(
             f"{source.describe()}: `datasets` could not open its shards ({err}); "
-            + (hint or "expected a cache directory as `eagle3-cache build` wrote it: check it with `eagle3-cache verify`")
+            + (hint or f"expected {written_by}: check it with `eagle3-cache verify`")
         ) from err
 
 

@@ -75,6 +75,12 @@ class Repair:
             return f", as in a card cut short or edited by hand. Restore it: {self.push_a_config_again()}"
         if self.repo is not None:
             return f", as in a card cut short or edited by hand. Restore it: {self.push_again()}"
+        if index:  # a build writes no index card: a local one is a copy of a repo's
+            return (
+                ", as in a card cut short or edited by hand. Restore it: download the index card (README.md at the root) again "
+                "from the repo the caches were pushed to; meanwhile a cache of the folder reads from its own sub-folder "
+                "(DIR/CONFIG), with no --name"
+            )
         return (
             ", as in a card cut short or edited by hand. Restore it: run the build command again with --resume (it writes the "
             "card again from its build records in .eagle3_build, computing nothing), or download the card again from the repo "

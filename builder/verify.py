@@ -49,6 +49,7 @@ from .manifest import (
     layout_column_specs,
     recorded_checksum,
     refuse_damaged_front_matter,
+    refuse_damaged_index,
 )
 from .reader import RowDecoder, read_manifest, read_vocab
 from .repair import LOCAL, Repair
@@ -143,6 +144,8 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None, f
         )
     refuse_damaged_card(root / "README.md", fix)
     refuse_unnamed_cache(root, location, name)
+    if name is not None and (root / "README.md").is_file():  # the index `datasets` and load_cache open the config by
+        refuse_damaged_index((root / "README.md").read_text(encoding="utf-8"), f"verify: {root / 'README.md'}", name, fix)
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from builder.config import BuildConfig
 from builder.faults import FAULT_ENV
-from builder.reader import load_cache
+from builder.reader import load_cache, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,3 +183,45 @@ def card_edited_by_user(text: str, keys: str = "license: mit\npretty_name: 'Team
     text = text.replace("---\n", f"---\n{keys}", 1).replace("- eagle3-cache\n", f"- eagle3-cache\n- {tag}\n", 1)
     front_matter, body = text.split("\n---\n\n", 1)  # the body starts with the generated text's start marker
     return f"{front_matter}\n---\n\nOur intro.\n\n{body}\n## Citation\n\nCite team X.\n"
+
+
+def folder_of_caches(folder: Path, caches: dict[str, Path]) -> Path:
+    """A local copy of a repo holding several caches: each in its sub-folder, the root card the index listing them."""
+    import shutil
+
+    from dataset_card import index_entry, render_index_card
+
+    for name, cache in caches.items():
+        shutil.copytree(cache, folder / name)
+    index = {name: index_entry(read_manifest(cache), name) for name, cache in caches.items()}
+    (folder / "README.md").write_text(render_index_card("user/caches", index))
+    return folder
+
+
+def front_matter_edited(text: str, edit) -> str:
+    """A card's text with `edit(data)` applied to its YAML front matter, the text below kept."""
+    import yaml
+
+    _, front, body = text.split("---\n", 2)
+    data = yaml.safe_load(front)
+    edit(data)
+    return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n" + body
+
+
+def index_cut_short(text: str) -> str:
+    """A root index card cut short within its front matter, after the key that shows it is an index."""
+    return text[: text.index("eagle3_cache_index:") + 40]
+
+
+def configs_removed(text: str) -> str:
+    """A root index card whose `configs`, by which `datasets` opens a config, were removed by hand."""
+    return front_matter_edited(text, lambda data: data.pop("configs"))
+
+
+def first_config_renamed(text: str) -> str:
+    """A root index card whose first config (by name) was renamed by hand in its `configs`, not in its index."""
+
+    def rename(data: dict) -> None:
+        data["configs"][0]["config_name"] += "-old"
+
+    return front_matter_edited(text, rename)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import export_signalled_at, record_in_card, says, small_config
+from helpers import export_signalled_at, folder_of_caches, record_in_card, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
 from tiny_targets import _init_weights, _text_settings, tiny_tokenizer
@@ -32,7 +32,6 @@ from builder.errors import Eagle3CacheError
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
 from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
-from dataset_card import index_entry, render_index_card
 
 
 def read_safetensors(path):
@@ -365,15 +364,6 @@ def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_
     with pytest.raises(ExportError, match=says("no README.md", "expected a finished eagle3-cache directory", "--resume")):
         export_cache(tmp_path / "interrupted", "nemo", tmp_path / "nemo", progress=False)
     assert left_in(tmp_path) == ["a-file", "interrupted"]
-
-
-def folder_of_caches(folder: Path, caches: dict[str, Path]) -> Path:
-    """A local copy of a repo holding several caches: each in its sub-folder, the root card the index listing them."""
-    for name, cache in caches.items():
-        shutil.copytree(cache, folder / name)
-    index = {name: index_entry(read_manifest(cache), name) for name, cache in caches.items()}
-    (folder / "README.md").write_text(render_index_card("user/caches", index))
-    return folder
 
 
 def test_a_config_a_local_folder_does_not_hold_is_refused_by_its_root_card(probs_cache, tmp_path, nothing_made, capsys):

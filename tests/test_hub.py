@@ -284,6 +284,28 @@ def test_configs_in_sub_folders_with_an_index_card(hub, v1, v2, tmp_path):
         push(v2, "tester/single", config="other")
 
 
+def test_a_config_whose_folder_holds_a_card_but_that_an_intact_index_does_not_list_is_not_offered(hub, v1, v2):
+    """`datasets` refuses a config the root card does not list: where that card is intact, the refusal names the
+    configs it holds, as for a config with no folder at all, not `datasets`' own "BuilderConfig not found"."""
+    from helpers import front_matter_edited
+
+    from builder.reader import ShardsNotOpened
+
+    repo = "tester/unlisted"
+    push(v1, repo, config="llama")
+    push(v2, repo, config="short")
+
+    def unlisted(data: dict) -> None:
+        data["configs"] = [config for config in data["configs"] if config["config_name"] != "llama"]
+        del data["eagle3_cache_index"]["llama"]
+
+    commit_card(hub, repo, "README.md", front_matter_edited(hub_text(hub, repo), unlisted))
+    with pytest.raises(
+        ShardsNotOpened, match=r"the repo holds the caches \['short'\], not 'llama': pass one of them as --name \(name= in Python\)$"
+    ):
+        load_cache(repo, name="llama", layout="raw")
+
+
 def test_the_readme_says_to_push_the_first_cache_of_a_repo_holding_several_with_a_config_too():
     paragraph = next(p for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if "`--hub-config NAME` puts" in p)
     text = " ".join(paragraph.split())

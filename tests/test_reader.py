@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import says, small_config
+from helpers import configs_removed, first_config_renamed, folder_of_caches, index_cut_short, says, small_config
 
 from builder.errors import Eagle3CacheError
 from builder.pipeline import build
@@ -185,6 +185,28 @@ def test_a_card_cut_short_is_called_damaged_with_verifys_advice_not_another_data
     with pytest.raises(Eagle3CacheError) as verified:
         verify_cache(copy)
     assert str(refused.value).split(" is damaged: ")[1] == str(verified.value).split(" is damaged: ")[1]
+
+
+@pytest.mark.parametrize("damage", [index_cut_short, configs_removed, first_config_renamed])
+def test_a_local_index_card_that_no_longer_offers_a_config_is_refused_with_verifys_advice(cache, tmp_path, damage):
+    """A local copy of a repo holding several caches: an index card damaged so that its `configs`, by which `datasets`
+    opens a config, leave out one its index lists, is called damaged as verify calls it, with the same advice (a build
+    writes no index card: download it again), not a folder without an index card; load_cache leaves it as it is."""
+    from builder.manifest import ManifestError
+    from builder.verify import verify_cache
+
+    folder = folder_of_caches(tmp_path / "copy", {"one": cache, "two": cache})
+    card = folder / "README.md"
+    card.write_text(damage(card.read_text()))
+    written = card.read_bytes()
+    with pytest.raises(Eagle3CacheError, match="README.md is damaged: ") as verified:
+        verify_cache(folder, name="one")
+    restore = "Restore it: download the index card (README.md at the root) again from the repo the caches were pushed to"
+    with pytest.raises(ManifestError, match=says(f"{card} is damaged: ", restore, "reads from its own sub-folder (DIR/CONFIG)")) as loaded:
+        load_cache(folder, name="one", layout="raw")
+    assert str(loaded.value).split(" is damaged: ")[1] == str(verified.value).split(" is damaged: ")[1]
+    assert card.read_bytes() == written
+    assert sum(1 for _ in load_cache(folder / "one", layout="raw")) == 14  # read from its sub-folder, as the advice says
 
 
 def read_by_load_cache(copy, tmp_path, capsys) -> str:

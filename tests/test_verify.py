@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import says, small_config
+from helpers import configs_removed, first_config_renamed, index_cut_short, says, small_config
 from hub_server import TOKEN, hub_fixtures
 from huggingface_hub import DatasetCard, HfApi
 
@@ -685,10 +685,6 @@ def cut_short(text: str) -> str:
     return text[: len(text) // 2]
 
 
-def index_cut_short(text: str) -> str:  # within its front matter, after the key that shows it is an index
-    return text[: text.index("eagle3_cache_index:") + 40]
-
-
 def cut_above_its_key(text: str) -> str:
     """A card cut short above the key of a cache's card or an index card: what is left shows neither."""
     return text[: text.index("eagle3_cache_index:" if "eagle3_cache_index:" in text else "eagle3_cache:")]
@@ -742,6 +738,41 @@ def test_a_damaged_index_verified_without_a_name_is_restored_by_a_push_of_one_of
     with pytest.raises(Eagle3CacheError, match=r"holds several caches \['llama', 'short'\]: pass one of them with --name"):
         verify_cache(repo)
     assert verify_cache(repo, name="llama") == [] and verify_cache(repo, name="short") == []
+
+
+@pytest.mark.parametrize("damage", [index_cut_short, configs_removed, first_config_renamed])
+def test_a_root_index_card_that_no_longer_offers_a_config_is_refused_by_load_cache_with_verifys_advice(hub, intact, monkeypatch, damage):
+    """`datasets` opens a config by the root card's `configs`: an index card damaged so that they leave out a config
+    its index lists is refused by load_cache as verify refuses it, with the same advice, not with `datasets`' own
+    "BuilderConfig not found". The root card is read for this only once `datasets` has refused the config: a load
+    that opens downloads nothing more."""
+    from builder import source as source_module
+    from builder.cli import main
+    from builder.manifest import ManifestError
+    from builder.reader import load_cache
+
+    repo = f"tester/unoffered-{damage.__name__}".replace("_", "-")
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget(repo, config=config))
+    fetched, download = [], source_module.download_file
+    monkeypatch.setattr(source_module, "download_file", lambda repo_id, path, *rest: fetched.append(path) or download(repo_id, path, *rest))
+    assert sum(1 for _ in load_cache(repo, name="llama", layout="raw")) == 14
+    assert "README.md" not in fetched and "llama/README.md" in fetched
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo="README.md", repo_id=repo, repo_type="dataset")
+    with pytest.raises(Eagle3CacheError, match=r"README\.md is damaged: ") as verified:
+        verify_cache(repo, name="llama")
+    advice = str(verified.value)
+    with pytest.raises(
+        ManifestError,
+        match=says(f"{repo}@", ": README.md is damaged: ", f"Restore it: push the cache to {repo} again", "--hub-config llama"),
+    ) as loaded:
+        load_cache(repo, name="llama", layout="raw")
+    assert str(loaded.value).split(" is damaged: ")[1] == advice.split(" is damaged: ")[1]
+    assert main(advised_push(advice, intact)) == 0
+    assert verify_cache(repo, name="llama") == []
+    assert sum(1 for _ in load_cache(repo, name="llama", layout="raw")) == 14
 
 
 def prose_above_its_key(text: str) -> str:
