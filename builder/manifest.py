@@ -402,7 +402,7 @@ def _no_card(source: CacheSource) -> str:
 
 
 def _why_no_card(source: CacheSource) -> str:
-    unoffered = config_not_offered(source) if source.name is not None else None
+    unoffered = config_not_offered(source) or config_card_missing(source) if source.name is not None else None
     if unoffered:
         return unoffered
     if not source.on_hub:
@@ -436,6 +436,22 @@ def config_not_offered(source: CacheSource) -> str | None:
             f"several has) to pick a config by: pass the cache's own directory{named} and no --name (name= in Python)"
         )
     return None
+
+
+def config_card_missing(source: CacheSource) -> str | None:
+    """Why the root index lists config `source.name` though its folder has no card, and what to do; None where
+    the index does not list it."""
+    index = _root_card_data(source).get(INDEX_KEY)
+    if not isinstance(index, dict) or source.name not in index:
+        return None
+    index_card = "README.md" if source.on_hub else str(Path(source.location) / "README.md")  # the message names the repo first
+    return listed_config_without_card(index_card, source.name, _repair_of(source))
+
+
+def listed_config_without_card(index_card: str, name: str, fix: Repair = LOCAL) -> str:
+    """The index card `index_card` lists config `name`, whose folder has no card: a build of it interrupted, a
+    folder copied in part, or a card removed since; the missing card is named by the caller."""
+    return f"the index card {index_card} lists the config {name!r}, whose card is missing: {fix.missing_config_card()}"
 
 
 def refuse_damaged_root_card(source: CacheSource) -> None:

@@ -87,6 +87,18 @@ class Repair:
             "the cache was pushed to"
         )
 
+    def missing_config_card(self) -> str:
+        """What to do about a config the root index lists whose folder has no card (a sentence)."""
+        if self.repo is not None:
+            return (
+                "a push commits a config's card together with its entry in the index, so the card was removed since. "
+                f"Restore it: {self.push_again()}"
+            )
+        return (
+            "the card is written last, so an interrupted build of that config has none: resume it (the same build command, "
+            "with --resume); or the folder was copied or downloaded in part: copy or download it again from where it came from"
+        )
+
     def push_again(self) -> str:
         where = self.repo + (f" at revision {self.revision}" if self.revision else "")
         config = f" --hub-config {self.name}" if self.name else ""

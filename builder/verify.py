@@ -47,6 +47,7 @@ from .manifest import (
     card_shard_pattern,
     fingerprint,
     layout_column_specs,
+    listed_config_without_card,
     recorded_checksum,
     refuse_damaged_front_matter,
     refuse_damaged_index,
@@ -151,7 +152,7 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None, f
     out = root / data_prefix(name)
     refuse_damaged_card(out / "README.md", fix, root=name is None)
     if not (out / "README.md").is_file():
-        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
+        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name, fix)}")
     return out
 
 
@@ -299,8 +300,12 @@ FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: 
 EXPECTED_KIND = {int: "a whole number", dict: "a mapping"}
 
 
-def why_no_card(root: Path, name: str | None) -> str:
-    if name is not None and (root / "README.md").is_file():
+def why_no_card(root: Path, name: str | None, fix: Repair = LOCAL) -> str:
+    card = root / "README.md"
+    index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
+    if name is not None and isinstance(index, dict) and name in index:
+        return listed_config_without_card(str(card), name, fix)
+    if name is not None and card.is_file():
         return f"the cache is at the root of {root}, which holds no configs: leave out --name {name}"
     return (
         "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "

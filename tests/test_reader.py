@@ -209,6 +209,25 @@ def test_a_local_index_card_that_no_longer_offers_a_config_is_refused_with_verif
     assert sum(1 for _ in load_cache(folder / "one", layout="raw")) == 14  # read from its sub-folder, as the advice says
 
 
+def test_a_config_a_local_index_lists_without_its_card_names_the_config_the_index_and_what_to_do(cache, tmp_path):
+    """The index says the config is there; its folder lacks the card: an interrupted build of that config, or a
+    folder copied in part. Not a directory that holds no finished cache."""
+    from builder.manifest import CardNotFound
+    from builder.verify import verify_cache
+
+    folder = folder_of_caches(tmp_path / "copy", {"one": cache, "two": cache})
+    (folder / "one" / "README.md").unlink()
+    listed = f"the index card {folder / 'README.md'} lists the config 'one', whose card is missing: "
+    resume = "an interrupted build of that config has none: resume it (the same build command, with --resume)"
+    what_to_do = (resume, "copy or download it again")
+    with pytest.raises(CardNotFound, match=says(f"{folder} (config one): no one/README.md; {listed}", *what_to_do)) as loaded:
+        load_cache(folder, name="one", layout="raw")
+    assert "expected a finished eagle3-cache directory" not in str(loaded.value)
+    with pytest.raises(Eagle3CacheError, match=says(f"{folder / 'one'} has no README.md", listed, *what_to_do)) as verified:
+        verify_cache(folder, name="one")
+    assert "at the root" not in str(verified.value)
+
+
 def read_by_load_cache(copy, tmp_path, capsys) -> str:
     with pytest.raises(Eagle3CacheError) as refused:
         load_cache(copy, streaming=True)

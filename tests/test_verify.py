@@ -775,6 +775,30 @@ def test_a_root_index_card_that_no_longer_offers_a_config_is_refused_by_load_cac
     assert sum(1 for _ in load_cache(repo, name="llama", layout="raw")) == 14
 
 
+def test_a_config_the_index_lists_whose_card_was_removed_from_the_hub_is_restored_by_the_push_verify_advises(hub, intact):
+    """A push commits a config's card with its entry in the index, so a listed config without its card lost it
+    since: verify and load_cache say which config, which card, and to push it again, not that a push stopped
+    partway (nor that the repo holds one cache at its root)."""
+    from builder.cli import main
+    from builder.manifest import CardNotFound
+    from builder.reader import load_cache
+
+    repo = "tester/card-removed"
+    for config in ("llama", "short"):
+        push_cache(intact, PushTarget(repo, config=config))
+    HfApi(endpoint=hub.url, token=TOKEN).delete_file("llama/README.md", repo, repo_type="dataset")
+    listed = "lists the config 'llama', whose card is missing: a push commits a config's card together with its entry in the index"
+    with pytest.raises(Eagle3CacheError, match=says("llama has no README.md", listed, f"push DIR {repo} --hub-config llama")) as verified:
+        verify_cache(repo, name="llama")
+    advice = str(verified.value)
+    with pytest.raises(CardNotFound, match=says("(config llama): no llama/README.md; the index card README.md ", listed)) as loaded:
+        load_cache(repo, name="llama", layout="raw")
+    assert "stopped partway" not in str(loaded.value) and "at its root" not in advice
+    assert str(loaded.value).split("whose card is missing: ")[1] == advice.split("whose card is missing: ")[1]
+    assert main(advised_push(advice, intact)) == 0
+    assert sum(1 for _ in load_cache(repo, name="llama", layout="raw")) == 14
+
+
 def prose_above_its_key(text: str) -> str:
     """A line of prose put at the top of a card's front matter: its YAML no longer parses (`: ` twice), and what it
     shows below the prose could be a README's own text."""
