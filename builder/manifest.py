@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dataset_card.render import BOM, data_prefix
 
 from .errors import Eagle3CacheError
@@ -187,6 +189,16 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         },
         "versions": library_versions(),
     }
+
+
+def argmax_in_vocab(argmax: np.ndarray, loss_rows: list[int], in_vocab: np.ndarray) -> list[int]:
+    """Each sample's `argmax_in_vocab` count: its loss rows whose target argmax is in the draft vocabulary.
+    `argmax`: the samples' loss rows' target argmax ids, sample after sample; `loss_rows`: each sample's
+    number of them; `in_vocab`: a bool per target token id. One pass over them all, not one small op per
+    sample (the build counts a whole batch at once, verify a stored row)."""
+    hits = np.concatenate(([0], np.cumsum(in_vocab[argmax], dtype=np.int64)))
+    ends = np.cumsum(loss_rows, dtype=np.int64)
+    return (hits[ends] - hits[ends - np.asarray(loss_rows, dtype=np.int64)]).tolist()
 
 
 def argmax_coverage(shards: list[dict]) -> float:

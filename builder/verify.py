@@ -43,6 +43,7 @@ from .manifest import (
     INDEX_KEY,
     VOCAB_FILE,
     argmax_coverage,
+    argmax_in_vocab,
     card_data_of,
     card_shard_pattern,
     fingerprint,
@@ -83,10 +84,10 @@ def verify_cache(
     problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
     problems += layout_problems
-    readable = []
+    readable, in_vocab = [], draft_vocab_mask(out, manifest)
     for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
         file_problems = check_shard_file(out, written, shard, fix)
-        problems += file_problems or check_shard_rows(out, written, shard, fix)
+        problems += file_problems or check_shard_rows(out, written, shard, in_vocab, fix)
         readable += [] if file_problems else [shard["name"]]
     problems += check_across_shards(out, manifest, readable, fix)
     report = Report(problems)
@@ -627,11 +628,12 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     return []
 
 
-def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
-    """Every row's shapes against the manifest, and finite values."""
+def check_shard_rows(out: Path, manifest: dict, shard: dict, in_vocab: np.ndarray | None = None, fix: Repair = LOCAL) -> list[str]:
+    """Every row's shapes against the manifest, and finite values; the shard record's counts against its rows
+    (`in_vocab`, from `draft_vocab_mask`: None where the vocab file cannot tell the argmax rows in the draft vocabulary)."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
-    problems, counted = [], {"tokens": 0, "loss_tokens": 0}
+    problems, counted = [], {"tokens": 0, "loss_tokens": 0} | ({"argmax_in_vocab": 0} if in_vocab is not None else {})
     try:
         decode = RowDecoder(manifest)
         for batch in parquet.iter_batches(batch_size=64):
@@ -639,6 +641,8 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
                 decoded = decode(row)
                 counted["tokens"] += decoded["num_tokens"]
                 counted["loss_tokens"] += int(decoded["loss_mask"].sum())
+                if in_vocab is not None:
+                    counted["argmax_in_vocab"] += argmax_rows_in_vocab(decoded["target_argmax"].numpy(), in_vocab)
                 problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decoded, manifest)]
     except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
         return problems + [
@@ -648,9 +652,30 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     return problems + check_shard_counts(shard, counted, fix)
 
 
+def draft_vocab_mask(out: Path, manifest: dict) -> np.ndarray | None:
+    """A bool per target token id, True for the draft vocabulary's, from the vocab file the build wrote: what the
+    build counted each shard's argmax_in_vocab by. None where the file is missing or damaged (reported)."""
+    from safetensors.numpy import load_file
+
+    vocab = out / VOCAB_FILE
+    if not vocab.exists() or not checksum_matches(vocab, manifest, manifest["vocab_file"]):
+        return None
+    stored = load_file(str(vocab))
+    in_vocab = np.zeros(len(stored["token_counts"]), dtype=bool)
+    in_vocab[stored["selected_token_ids"]] = True
+    return in_vocab
+
+
+def argmax_rows_in_vocab(argmax: np.ndarray, in_vocab: np.ndarray) -> int:
+    """A stored row's argmax_in_vocab, counted as the build counts it; an id outside the target vocabulary (no
+    build stores one) is in no draft vocabulary."""
+    known = argmax[(argmax >= 0) & (argmax < len(in_vocab))]
+    return argmax_in_vocab(known, [len(known)], in_vocab)[0]
+
+
 def check_shard_counts(shard: dict, counted: dict[str, int], fix: Repair = LOCAL) -> list[str]:
-    """A shard record's token counts against its rows: the totals are checked as their sums, so an edit to a
-    record and the totals together would pass that check."""
+    """A shard record's counts against its rows: the totals are checked as their sums, so an edit to a record and
+    the totals together would pass that check."""
     return [
         f"README.md: shard {shard['name']}'s record says {shard[key]} {key}, its rows hold {value}. {fix.card()}"
         for key, value in counted.items()

@@ -25,7 +25,7 @@ from builder.forward import FAULT_ENV
 from builder.manifest import argmax_coverage
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
-from builder.reader import RowDecoder, read_draft_vocab, read_manifest
+from builder.reader import RowDecoder, read_draft_vocab, read_manifest, read_vocab
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
@@ -138,6 +138,8 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
         row[column] = b"".join(encode_value(kept.contiguous(), "byte_planes_zstd").parts)
     row["loss_mask"] = mask.numpy().tobytes()
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path, compression="none")
+    dropped_argmax = int(decode_value(table.column("target_argmax")[0].as_py(), torch.int32)[0])
+    dropped_hit = int(draft_vocab_mask(cache)[dropped_argmax])
 
     def agree(data):
         manifest = data["eagle3_cache"]
@@ -145,6 +147,7 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
             if shard["name"] == shard_name:
                 shard |= {"bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
                 shard["loss_tokens"] -= 1
+                shard["argmax_in_vocab"] -= dropped_hit
         manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
         data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
         manifest["totals"]["loss_tokens"] -= 1
@@ -152,6 +155,12 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
 
     edit_card(cache, agree)
     return row["sample_id"], int(supervised[0])
+
+
+def draft_vocab_mask(cache) -> torch.Tensor:
+    """A bool per target token id: True for the cache's draft vocabulary, as the build counts argmax_in_vocab by."""
+    vocab = read_vocab(cache)
+    return torch.zeros(len(vocab["token_counts"]), dtype=torch.bool).index_fill_(0, vocab["selected_token_ids"], True)
 
 
 def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_rows(cache):
@@ -911,15 +920,18 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
     ]
 
 
-def test_a_shard_records_token_counts_edited_with_the_totals_are_caught(cache):
+def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
     """The totals are checked as the sums of the shard records, so a record edited together with the totals
-    passes that check: the records' token counts are compared with the rows they describe."""
+    passes that check: the records' token, loss-token and argmax-in-vocabulary counts are compared with the rows
+    they describe."""
     manifest = read_manifest(cache)
     first = manifest["shards"][0]
+    assert first["argmax_in_vocab"] > 0
 
     def edit_record_and_totals(data):
         record = data["eagle3_cache"]["shards"][0]
         record |= {"tokens": record["tokens"] + 2, "loss_tokens": record["loss_tokens"] + 1}
+        record["argmax_in_vocab"] -= 1
         data["eagle3_cache"]["totals"]["tokens"] += 2
         data["eagle3_cache"]["totals"]["loss_tokens"] += 1
         data["eagle3_cache"]["totals"]["argmax_coverage"] = argmax_coverage(data["eagle3_cache"]["shards"])
@@ -929,6 +941,8 @@ def test_a_shard_records_token_counts_edited_with_the_totals_are_caught(cache):
         f"README.md: shard {first['name']}'s record says {first['tokens'] + 2} tokens, its rows hold {first['tokens']}. {RESTORE_CARD}",
         f"README.md: shard {first['name']}'s record says {first['loss_tokens'] + 1} loss_tokens, its rows hold "
         f"{first['loss_tokens']}. {RESTORE_CARD}",
+        f"README.md: shard {first['name']}'s record says {first['argmax_in_vocab'] - 1} argmax_in_vocab, its rows hold "
+        f"{first['argmax_in_vocab']}. {RESTORE_CARD}",
     ]
 
 
@@ -1097,6 +1111,8 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
     """Update these shards' records, the totals and dataset_info to agree with their files (as a
     buggy writer or resume would leave them): every per-shard check then passes."""
 
+    in_vocab = draft_vocab_mask(cache)
+
     def agree(data):
         manifest = data["eagle3_cache"]
         decode = RowDecoder(manifest)
@@ -1106,6 +1122,7 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
                 rows = [decode(row) for row in pq.read_table(path).to_pylist()]
                 shard |= {"rows": len(rows), "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
                 shard |= {"tokens": sum(r["num_tokens"] for r in rows), "loss_tokens": sum(int(r["loss_mask"].sum()) for r in rows)}
+                shard["argmax_in_vocab"] = sum(int(in_vocab[r["target_argmax"].long()].sum()) for r in rows)
         for key in ("rows", "tokens", "bytes", "loss_tokens"):
             manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
