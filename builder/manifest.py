@@ -151,7 +151,6 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
     shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`, `compute`: absent in older records
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
-    total_bytes = sum(s["bytes"] for s in shards)
     return {
         "identity": prep.identity,
         "fingerprint": fingerprint(prep.identity),
@@ -169,8 +168,8 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
             "samples": sum(s["rows"] for s in shards),
             "tokens": tokens,
             "loss_tokens": loss_tokens,
-            "bytes": total_bytes,
-            "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+            "bytes": sum(s["bytes"] for s in shards),
+            "bytes_per_token": bytes_per_token(shards),
             "argmax_coverage": argmax_coverage(shards),
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
@@ -199,6 +198,12 @@ def argmax_in_vocab(argmax: np.ndarray, loss_rows: list[int], in_vocab: np.ndarr
     hits = np.concatenate(([0], np.cumsum(in_vocab[argmax], dtype=np.int64)))
     ends = np.cumsum(loss_rows, dtype=np.int64)
     return (hits[ends] - hits[ends - np.asarray(loss_rows, dtype=np.int64)]).tolist()
+
+
+def bytes_per_token(shards: list[dict]) -> float:
+    """The shards' bytes per token, over their records."""
+    tokens = sum(s["tokens"] for s in shards)
+    return sum(s["bytes"] for s in shards) / tokens if tokens else 0.0
 
 
 def argmax_coverage(shards: list[dict]) -> float:

@@ -44,6 +44,7 @@ from .manifest import (
     VOCAB_FILE,
     argmax_coverage,
     argmax_in_vocab,
+    bytes_per_token,
     card_data_of,
     card_shard_pattern,
     fingerprint,
@@ -54,6 +55,7 @@ from .manifest import (
 from .reader import RowDecoder, read_manifest, read_vocab
 from .repair import LOCAL, Repair
 from .shards import RAW, is_card_read, shard_name
+from .vocab import vocab_coverage
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +354,7 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
     else:
         problems += check_vocab_size(vocab, manifest, fix) + check_special_token_ids(vocab, manifest, fix)
+        problems += check_token_coverage(vocab, manifest)
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
@@ -371,6 +374,21 @@ def check_vocab_size(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[s
     return [
         f"README.md: the manifest's target_vocab_size {manifest['target_vocab_size']} differs from the {counted} tokens "
         f"{VOCAB_FILE} counts: readers would size the draft-to-target mapping wrong. {fix.card()}"
+    ]
+
+
+def check_token_coverage(vocab: Path, manifest: dict) -> list[str]:
+    """totals.token_coverage, which the card shows, is the build's share of the loss-masked tokens the vocab file
+    counts whose id it selects: computed by the one function the build computes it by, so the two compare exactly."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(vocab))
+    coverage = vocab_coverage(stored["token_counts"], stored["selected_token_ids"])
+    if manifest["totals"].get("token_coverage") == coverage:
+        return []
+    return [
+        f"README.md: totals.token_coverage is {manifest['totals'].get('token_coverage')}, the share of the loss-masked tokens "
+        f"{VOCAB_FILE} counts whose id is in its draft vocabulary is {coverage}: restore the card, or rebuild"
     ]
 
 
@@ -574,7 +592,8 @@ SUMMED = {"samples": "rows", "tokens": "tokens", "loss_tokens": "loss_tokens", "
 
 def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     """totals and the card's dataset_info (examples and bytes of each split: what the Hub shows, and
-    `datasets` reads as the split size) must be the sums over the shards, and argmax_coverage the build's share of their loss tokens."""
+    `datasets` reads as the split size) must be the sums over the shards, argmax_coverage the build's share of their
+    loss tokens and bytes_per_token their bytes over their tokens, each by the function the build computes it by."""
     totals, shards = manifest["totals"], manifest["shards"]
     sums = {key: sum(s[field] for s in shards) for key, field in SUMMED.items()}
     problems = [
@@ -586,6 +605,11 @@ def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(
             f"README.md: totals.argmax_coverage is {totals.get('argmax_coverage')}, the shards' argmax_in_vocab over their "
             f"loss_tokens give {coverage}: restore the card, or rebuild"
+        )
+    if totals.get("bytes_per_token") != (per_token := bytes_per_token(shards)):
+        problems.append(
+            f"README.md: totals.bytes_per_token is {totals.get('bytes_per_token')}, the shards' bytes over their tokens give "
+            f"{per_token}: restore the card, or rebuild"
         )
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
     splits = info.get("splits", []) if isinstance(info, dict) else None

@@ -22,7 +22,7 @@ from huggingface_hub import DatasetCard, HfApi
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
-from builder.manifest import argmax_coverage
+from builder.manifest import argmax_coverage, bytes_per_token
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
 from builder.reader import RowDecoder, read_draft_vocab, read_manifest, read_vocab
@@ -109,6 +109,7 @@ def rewrite_values(cache, shard_name: str, column: str, change, rows: int | None
             shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
     manifest = card.data["eagle3_cache"]
     manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+    manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
     card.data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
     card.save(cache / "README.md")
 
@@ -149,6 +150,7 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
                 shard["loss_tokens"] -= 1
                 shard["argmax_in_vocab"] -= dropped_hit
         manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+        manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
         data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
         manifest["totals"]["loss_tokens"] -= 1
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
@@ -920,6 +922,19 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
     ]
 
 
+def test_edited_bytes_per_token_and_token_coverage_are_caught(cache):
+    """The card shows both; bytes_per_token is the shards' bytes over their tokens, token_coverage the share of the
+    loss-masked tokens the vocab file counts whose id it selects (the draft vocabulary)."""
+    totals = read_manifest(cache)["totals"]
+    edit_card(cache, lambda data: data["eagle3_cache"]["totals"].update(bytes_per_token=totals["bytes_per_token"] / 2, token_coverage=1.0))
+    assert verify_cache(cache) == [
+        f"README.md: totals.token_coverage is 1.0, the share of the loss-masked tokens vocab/vocab.safetensors counts whose id "
+        f"is in its draft vocabulary is {totals['token_coverage']}: restore the card, or rebuild",
+        f"README.md: totals.bytes_per_token is {totals['bytes_per_token'] / 2}, the shards' bytes over their tokens give "
+        f"{totals['bytes_per_token']}: restore the card, or rebuild",
+    ]
+
+
 def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
     """The totals are checked as the sums of the shard records, so a record edited together with the totals
     passes that check: the records' token, loss-token and argmax-in-vocabulary counts are compared with the rows
@@ -935,6 +950,7 @@ def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
         data["eagle3_cache"]["totals"]["tokens"] += 2
         data["eagle3_cache"]["totals"]["loss_tokens"] += 1
         data["eagle3_cache"]["totals"]["argmax_coverage"] = argmax_coverage(data["eagle3_cache"]["shards"])
+        data["eagle3_cache"]["totals"]["bytes_per_token"] = bytes_per_token(data["eagle3_cache"]["shards"])
 
     edit_card(cache, edit_record_and_totals)
     assert verify_cache(cache) == [
@@ -1126,6 +1142,7 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
         for key in ("rows", "tokens", "bytes", "loss_tokens"):
             manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
+        manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
         data["dataset_info"]["splits"][0] |= {"num_examples": manifest["totals"]["samples"], "num_bytes": manifest["totals"]["bytes"]}
 
     edit_card(cache, agree)
