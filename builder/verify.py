@@ -282,21 +282,35 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
 
 
 def mistyped_manifest_parts(manifest: dict) -> list[str]:
-    """The parts verify sums or pads with that hold another kind of value than every build writes (a card
-    edited by hand), each with what it holds and what is expected; a part missing whole is named as missing."""
+    """The parts verify sums or pads with, and the counts readers report, that hold another kind of value than every
+    build writes (a card edited by hand; a count below 0 among them), each with what it holds and what is expected;
+    a part missing whole is named as missing."""
+    skipped = manifest.get("skipped")
     values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), int)]
+    values += [(f"totals.{key}", part_of(manifest, f"totals.{key}"), COUNT) for key in SUMMED]
+    values += [("skipped", skipped, dict), ("duplicate_ids", manifest.get("duplicate_ids"), COUNT)]
+    values += [(f"skipped.{reason}", count, COUNT) for reason, count in (skipped.items() if isinstance(skipped, dict) else ())]
     for position, shard in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
         where = f"shards[{part_of(shard, 'name') or position}]"
-        values += [(f"{where}.{key}", part_of(shard, key), int) for key in SHARD_KEYS]
+        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS]
     return [
         f"{part} is {FOUND_KIND.get(type(value), 'the value')} {one_line(value)}, where {EXPECTED_KIND[kind]} is expected"
         for part, value, kind in values
-        if value is not None and not (isinstance(value, kind) and not isinstance(value, bool))  # YAML's true is no count
+        if value is not None and not holds(value, kind)
     ]
 
 
+COUNT = "count"  # a kind of value: a whole number, 0 or more
+
+
+def holds(value, kind) -> bool:
+    if kind == COUNT:
+        return holds(value, int) and value >= 0
+    return isinstance(value, kind) and not isinstance(value, bool)  # YAML's true is no number
+
+
 FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
-EXPECTED_KIND = {int: "a whole number", dict: "a mapping"}
+EXPECTED_KIND = {int: "a whole number", COUNT: "a count (a whole number, 0 or more)", dict: "a mapping"}
 
 
 def why_no_card(root: Path, name: str | None) -> str:

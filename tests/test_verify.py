@@ -1556,22 +1556,40 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
         (cache / "README.md").write_text(text)
 
 
+COUNT = "a count (a whole number, 0 or more)"
+
+
 @pytest.mark.parametrize(
     "part, value, found, expected",
     [
-        ("shards.1.rows", "4", 'the string "4"', "a whole number"),
-        ("shards.1.bytes", 4.5, "the number 4.5", "a whole number"),
-        ("shards.1.tokens", "12", 'the string "12"', "a whole number"),
-        ("shards.1.loss_tokens", {"a": 1}, 'the mapping {"a": 1}', "a whole number"),
-        ("shards.1.argmax_in_vocab", [5], "the list [5]", "a whole number"),
+        ("shards.1.rows", "4", 'the string "4"', COUNT),
+        ("shards.1.bytes", 4.5, "the number 4.5", COUNT),
+        ("shards.1.tokens", "12", 'the string "12"', COUNT),
+        ("shards.1.loss_tokens", {"a": 1}, 'the mapping {"a": 1}', COUNT),
+        ("shards.1.argmax_in_vocab", [5], "the list [5]", COUNT),
+        ("shards.1.rows", -4, "the number -4", COUNT),
+        ("shards.1.bytes", -1, "the number -1", COUNT),
+        ("shards.1.tokens", -12, "the number -12", COUNT),
+        ("shards.1.loss_tokens", -3, "the number -3", COUNT),
+        ("shards.1.argmax_in_vocab", -5, "the number -5", COUNT),
+        ("shards.1.rows", True, "the boolean true", COUNT),
         ("totals", "x", 'the string "x"', "a mapping"),
+        ("totals.samples", "14", 'the string "14"', COUNT),
+        ("totals.tokens", -1, "the number -1", COUNT),
+        ("totals.loss_tokens", -2, "the number -2", COUNT),
+        ("totals.bytes", -3, "the number -3", COUNT),
+        ("skipped", [1], "the list [1]", "a mapping"),
+        ("skipped.template_error", "3", 'the string "3"', COUNT),  # summed into the input's row count
+        ("skipped.template_error", -1, "the number -1", COUNT),
+        ("duplicate_ids", -1, "the number -1", COUNT),
         ("build.pad_token_id", "abc", 'the string "abc"', "a whole number"),
         ("build.pad_token_id", True, "the boolean true", "a whole number"),
     ],
 )
 def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
-    """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value:
-    a refusal naming it, what it holds and what is expected, not a traceback."""
+    """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value (a count
+    below 0 among them): a refusal naming it, what it holds and what is expected, not a traceback or a report of
+    other damage."""
     from builder.cli import main
 
     *path, key = part.split(".")
