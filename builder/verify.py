@@ -49,10 +49,11 @@ from .manifest import (
     card_shard_pattern,
     fingerprint,
     layout_column_specs,
+    manifest_from_card,
     recorded_checksum,
     refuse_damaged_front_matter,
 )
-from .reader import RowDecoder, read_manifest, read_vocab
+from .reader import RowDecoder, read_vocab
 from .repair import LOCAL, Repair
 from .shards import RAW, is_card_read, shard_name
 from .vocab import vocab_coverage
@@ -79,9 +80,9 @@ def verify_cache(
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     refuse_flags_without_use(location, recompute, seed, target_model, revision)
     fix = Repair.of(location, revision, name)
-    out = cache_folder(location, revision, name, fix)
-    manifest = read_manifest(out)
-    refuse_incomplete_manifest(out, manifest, fix)
+    out, files = cache_folder(location, revision, name, fix)
+    manifest = manifest_in(out, files)
+    refuse_incomplete_manifest(out, manifest, files, fix)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
@@ -128,31 +129,54 @@ class Report(list):
     recomputed = 0
 
 
-def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> Path:
+@dataclass(frozen=True)
+class CacheFiles:
+    """How verify's refusals name the files it reads: a local folder's by their path; a Hub repo's, which it reads
+    from the local Hub cache's copy, as the reader and the Hub's messages name them, by the repo at the commit read
+    and the path in the repo (the user named the repo, and the copy is no file of theirs to repair)."""
+
+    root: Path  # the directory given, or the snapshot folder of the repo's commit
+    repo: str | None = None  # a Hub repo's id
+
+    def name(self, path: Path) -> str:
+        if self.repo is None:
+            return str(path)
+        at, relative = f"{self.repo}@{self.root.name[:12]}", path.relative_to(self.root).as_posix()
+        return at if relative == "." else f"{at}: {relative}"
+
+
+def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> tuple[Path, CacheFiles]:
     """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
     says whether the repo holds several caches, then the cache: only config `name`'s folder where
-    named); refuses, saying what to do, where there is no finished cache."""
+    named), and how to name its files; refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
     on_hub = not Path(location).exists() and is_hub_location(location)
     if Path(location).exists():
-        root = Path(location)
+        files = CacheFiles(Path(location))
     elif on_hub:
-        root = download(str(location), revision, ["README.md"])
+        files = CacheFiles(download(str(location), revision, ["README.md"]), str(location))
     else:
         raise Eagle3CacheError(
             f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
-    refuse_damaged_card(root / "README.md", fix)
+    root = files.root
+    refuse_damaged_card(root / "README.md", files, fix)
     refuse_unnamed_cache(root, location, name)
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    refuse_damaged_card(out / "README.md", fix, root=name is None)
+    refuse_damaged_card(out / "README.md", files, fix, root=name is None)
     if not (out / "README.md").is_file():
-        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name)}")
-    return out
+        raise Eagle3CacheError(f"verify: {files.name(out)} has no README.md (the card, with the manifest); {why_no_card(files, name)}")
+    return out, files
+
+
+def manifest_in(out: Path, files: CacheFiles) -> dict:
+    """The manifest of the card in `out` (cache_folder refused it damaged), named in refusals as `files` names it."""
+    card = out / "README.md"
+    return manifest_from_card(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}", None if files.repo else out)
 
 
 def refuse_unnamed_cache(root: Path, location: str | Path, name: str | None) -> None:
@@ -173,11 +197,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
     return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
-def refuse_damaged_card(card: Path, fix: Repair = LOCAL, root: bool = True) -> None:
+def refuse_damaged_card(card: Path, files: CacheFiles, fix: Repair = LOCAL, root: bool = True) -> None:
     """A card whose YAML front matter begins but is never closed or does not parse (`refuse_damaged_front_matter`).
     `root`: the card is the repo's (or folder's) root card."""
     if card.is_file():
-        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {card}", fix, root)
+        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}", fix, root)
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
@@ -201,12 +225,12 @@ BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
 OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
-def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> None:
+def refuse_incomplete_manifest(out: Path, manifest: dict, files: CacheFiles, fix: Repair = LOCAL) -> None:
     missing, mistyped = missing_manifest_parts(manifest), mistyped_manifest_parts(manifest)
     damage = [f"its manifest has no {', '.join(missing)}"] if missing else []
     damage += [f"its manifest's {'; '.join(mistyped)}"] if mistyped else []
     if damage:
-        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: {'; '.join(damage)}{fix.damaged_card()}")
+        raise Eagle3CacheError(f"verify: {files.name(out / 'README.md')} is damaged: {'; '.join(damage)}{fix.damaged_card()}")
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
@@ -313,9 +337,9 @@ FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: 
 EXPECTED_KIND = {int: "a whole number", COUNT: "a count (a whole number, 0 or more)", dict: "a mapping"}
 
 
-def why_no_card(root: Path, name: str | None) -> str:
-    if name is not None and (root / "README.md").is_file():
-        return f"the cache is at the root of {root}, which holds no configs: leave out --name {name}"
+def why_no_card(files: CacheFiles, name: str | None) -> str:
+    if name is not None and (files.root / "README.md").is_file():
+        return f"the cache is at the root of {files.name(files.root)}, which holds no configs: leave out --name {name}"
     return (
         "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "
         "Resume it (the same build command with --resume), then verify"

@@ -735,6 +735,39 @@ def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub
     assert verify_cache(repo, name=config) == []
 
 
+def negative_rows(text: str) -> str:
+    card = DatasetCard(text)
+    card.data["eagle3_cache"]["shards"][1]["rows"] = -4
+    return str(card)
+
+
+@pytest.mark.parametrize("config, path", [(None, "README.md"), ("llama", "llama/README.md")])
+def test_a_damaged_hub_card_is_named_by_the_repo_at_the_commit_verified_not_by_its_copy_in_the_local_hub_cache(hub, intact, config, path):
+    """The user named the repo; the local Hub cache's copy of the card is no file they know of (and a push, not an
+    edit of that copy, repairs it): named as the reader and other Hub messages name a repo's file."""
+    repo = f"tester/named-{config}"
+    push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, path, repo_type="dataset")).read_text()
+    for damage in (cut_short, negative_rows):  # its front matter, and its manifest
+        api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo=path, repo_id=repo, repo_type="dataset")
+        commit = api.list_repo_commits(repo, repo_type="dataset")[0].commit_id
+        with pytest.raises(Eagle3CacheError) as refused:
+            verify_cache(repo, name=config)
+        assert str(refused.value).startswith(f"verify: {repo}@{commit[:12]}: {path} is damaged: "), str(refused.value)
+        assert "snapshots" not in str(refused.value)
+
+    push_cache(intact, PushTarget(repo, config=config))
+    commit = api.list_repo_commits(repo, repo_type="dataset")[0].commit_id
+    if config is None:  # a config the repo does not hold: its card is missing
+        with pytest.raises(Eagle3CacheError) as refused:
+            verify_cache(repo, name="short")
+        assert str(refused.value) == (
+            f"verify: {repo}@{commit[:12]}: short has no README.md (the card, with the manifest); the cache is at the root of "
+            f"{repo}@{commit[:12]}, which holds no configs: leave out --name short"
+        )
+
+
 def test_a_damaged_index_verified_without_a_name_is_restored_by_a_push_of_one_of_its_configs(hub, intact):
     """A push without a config is refused by a repo holding several caches; a push of any one of them writes the
     index again from the configs' folders, so verify's advice names one."""
