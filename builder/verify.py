@@ -2,9 +2,11 @@
 
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
 row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
-outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
-over the shards), per-row shapes against the manifest and finite values, and across shards what
-no shard shows alone (source_index unique, shard sizes, failed records). `--recompute N`
+outside it (the shard list: shards 0..N-1 of N, each once; each shard record's counts: its rows';
+totals and dataset_info: the sums over the shards, and the coverages and bytes per token the records
+and vocab file give; every count a whole number, 0 or more), per-row shapes against the manifest and
+finite values, and across shards what no shard shows alone (source_index unique, shard sizes,
+failed records). `--recompute N`
 reruns the target (refused unless its recorded identity matches) on N random samples,
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must

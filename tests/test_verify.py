@@ -51,6 +51,22 @@ def test_intact_cache_passes_with_recompute(intact):
     assert verify_cache(intact, recompute=5, seed=3) == []
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(target_format="topk", topk=8, aux_dtype="fp8"),
+        dict(target_format="hidden", aux_dtype="fp8", dtype="bf16", store_full_head=True),
+        dict(dtype="bf16", compression="none", draft_vocab_size=None),  # the whole vocabulary is the draft's
+    ],
+    ids=["topk-fp8", "hidden-fp8-bf16", "probs-bf16-raw-whole-vocab"],
+)
+def test_intact_caches_of_other_formats_pass(tmp_path, settings):
+    """What verify compares with its rows and records (every count, coverage and bytes per token) is what each
+    format's build writes."""
+    cache = build(small_config(tmp_path / "cache", **settings), progress=False).output_dir
+    assert verify_cache(cache) == []
+
+
 def test_flipped_byte_is_caught(cache):
     path = cache / "data" / SHARD
     data = bytearray(path.read_bytes())
