@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dataset_card.render import BOM, data_prefix
 
 from .errors import Eagle3CacheError
@@ -149,7 +151,6 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
     shards = [{k: s[k] for k in SHARD_FIELDS if k in s} for s in sidecars]  # `batching`, `compute`: absent in older records
     tokens = sum(s["tokens"] for s in shards)
     loss_tokens = sum(s["loss_tokens"] for s in shards)
-    total_bytes = sum(s["bytes"] for s in shards)
     return {
         "identity": prep.identity,
         "fingerprint": fingerprint(prep.identity),
@@ -167,8 +168,8 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
             "samples": sum(s["rows"] for s in shards),
             "tokens": tokens,
             "loss_tokens": loss_tokens,
-            "bytes": total_bytes,
-            "bytes_per_token": total_bytes / tokens if tokens else 0.0,
+            "bytes": sum(s["bytes"] for s in shards),
+            "bytes_per_token": bytes_per_token(shards),
             "argmax_coverage": argmax_coverage(shards),
             "token_coverage": vocab_coverage(prep.token_counts, prep.selected_token_ids),
         },
@@ -187,6 +188,22 @@ def assemble_manifest(out: Path, prep: Prepared, sidecars: list[dict], ranks: li
         },
         "versions": library_versions(),
     }
+
+
+def argmax_in_vocab(argmax: np.ndarray, loss_rows: list[int], in_vocab: np.ndarray) -> list[int]:
+    """Each sample's `argmax_in_vocab` count: its loss rows whose target argmax is in the draft vocabulary.
+    `argmax`: the samples' loss rows' target argmax ids, sample after sample; `loss_rows`: each sample's
+    number of them; `in_vocab`: a bool per target token id. One pass over them all, not one small op per
+    sample (the build counts a whole batch at once, verify a stored row)."""
+    hits = np.concatenate(([0], np.cumsum(in_vocab[argmax], dtype=np.int64)))
+    ends = np.cumsum(loss_rows, dtype=np.int64)
+    return (hits[ends] - hits[ends - np.asarray(loss_rows, dtype=np.int64)]).tolist()
+
+
+def bytes_per_token(shards: list[dict]) -> float:
+    """The shards' bytes per token, over their records."""
+    tokens = sum(s["tokens"] for s in shards)
+    return sum(s["bytes"] for s in shards) / tokens if tokens else 0.0
 
 
 def argmax_coverage(shards: list[dict]) -> float:

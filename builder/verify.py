@@ -2,9 +2,11 @@
 
 Structural checks read every byte once: files present and no strays, sizes, checksums, schema,
 row counts, the identity's fingerprint (an edited manifest no longer matches it), what lies
-outside it (the shard list: shards 0..N-1 of N, each once; totals and dataset_info: the sums
-over the shards), per-row shapes against the manifest and finite values, and across shards what
-no shard shows alone (source_index unique, shard sizes, failed records). `--recompute N`
+outside it (the shard list: shards 0..N-1 of N, each once; each shard record's counts: its rows';
+totals and dataset_info: the sums over the shards, and the coverages and bytes per token the records
+and vocab file give; every count a whole number, 0 or more), per-row shapes against the manifest and
+finite values, and across shards what no shard shows alone (source_index unique, shard sizes,
+failed records). `--recompute N`
 reruns the target (refused unless its recorded identity matches) on N random samples,
 rebuilding each one's exact forward batch from the cached rows (batches depend only on lengths
 and the shard's recorded batching, which a resume may have changed), so fp32 caches must
@@ -43,18 +45,22 @@ from .manifest import (
     INDEX_KEY,
     VOCAB_FILE,
     argmax_coverage,
+    argmax_in_vocab,
+    bytes_per_token,
     card_data_of,
     card_shard_pattern,
     fingerprint,
     layout_column_specs,
     listed_config_without_card,
+    manifest_from_card,
     recorded_checksum,
     refuse_damaged_front_matter,
     refuse_damaged_index,
 )
-from .reader import RowDecoder, read_manifest, read_vocab
+from .reader import RowDecoder, read_vocab
 from .repair import LOCAL, Repair
 from .shards import RAW, is_card_read, shard_name
+from .vocab import vocab_coverage
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +84,17 @@ def verify_cache(
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
     refuse_flags_without_use(location, recompute, seed, target_model, revision)
     fix = Repair.of(location, revision, name)
-    out = cache_folder(location, revision, name, fix)
-    manifest = read_manifest(out)
-    refuse_incomplete_manifest(out, manifest, fix)
+    out, files = cache_folder(location, revision, name, fix)
+    manifest = manifest_in(out, files)
+    refuse_incomplete_manifest(out, manifest, files, fix)
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
     problems += layout_problems
-    readable = []
+    readable, in_vocab = [], draft_vocab_mask(out, manifest)
     for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
         file_problems = check_shard_file(out, written, shard, fix)
-        problems += file_problems or check_shard_rows(out, written, shard, fix)
+        problems += file_problems or check_shard_rows(out, written, shard, in_vocab, fix)
         readable += [] if file_problems else [shard["name"]]
     problems += check_across_shards(out, manifest, readable, fix)
     report = Report(problems)
@@ -127,33 +133,56 @@ class Report(list):
     recomputed = 0
 
 
-def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> Path:
+@dataclass(frozen=True)
+class CacheFiles:
+    """How verify's refusals name the files it reads: a local folder's by their path; a Hub repo's, which it reads
+    from the local Hub cache's copy, as the reader and the Hub's messages name them, by the repo at the commit read
+    and the path in the repo (the user named the repo, and the copy is no file of theirs to repair)."""
+
+    root: Path  # the directory given, or the snapshot folder of the repo's commit
+    repo: str | None = None  # a Hub repo's id
+
+    def name(self, path: Path) -> str:
+        if self.repo is None:
+            return str(path)
+        at, relative = f"{self.repo}@{self.root.name[:12]}", path.relative_to(self.root).as_posix()
+        return at if relative == "." else f"{at}: {relative}"
+
+
+def cache_folder(location: str | Path, revision: str | None, name: str | None, fix: Repair = LOCAL) -> tuple[Path, CacheFiles]:
     """The local folder holding the cache's card, downloading a Hub repo id (its root card first, which
     says whether the repo holds several caches, then the cache: only config `name`'s folder where
-    named); refuses, saying what to do, where there is no finished cache."""
+    named), and how to name its files; refuses, saying what to do, where there is no finished cache."""
     from .hub import is_hub_location
 
     on_hub = not Path(location).exists() and is_hub_location(location)
     if Path(location).exists():
-        root = Path(location)
+        files = CacheFiles(Path(location))
     elif on_hub:
-        root = download(str(location), revision, ["README.md"])
+        files = CacheFiles(download(str(location), revision, ["README.md"]), str(location))
     else:
         raise Eagle3CacheError(
             f"verify: {str(location)!r} is neither a directory nor a Hub dataset repo id (user/name): "
             "pass the output directory of `eagle3-cache build`, or the repo a cache was pushed to"
         )
-    refuse_damaged_card(root / "README.md", fix)
+    root = files.root
+    refuse_damaged_card(root / "README.md", files, fix)
     refuse_unnamed_cache(root, location, name)
     if name is not None and (root / "README.md").is_file():  # the index `datasets` and load_cache open the config by
-        refuse_damaged_index((root / "README.md").read_text(encoding="utf-8"), f"verify: {root / 'README.md'}", name, fix)
+        refuse_damaged_index((root / "README.md").read_text(encoding="utf-8"), f"verify: {files.name(root / 'README.md')}", name, fix)
     if on_hub and (name is not None or (root / "README.md").is_file()):
         download(str(location), snapshot_commit(root, revision), None if name is None else ["README.md", f"{data_prefix(name)}**"])
     out = root / data_prefix(name)
-    refuse_damaged_card(out / "README.md", fix, root=name is None)
+    refuse_damaged_card(out / "README.md", files, fix, root=name is None)
     if not (out / "README.md").is_file():
-        raise Eagle3CacheError(f"verify: {out} has no README.md (the card, with the manifest); {why_no_card(root, name, fix)}")
-    return out
+        raise Eagle3CacheError(f"verify: {files.name(out)} has no README.md (the card, with the manifest); {why_no_card(files, name, fix)}")
+    return out, files
+
+
+def manifest_in(out: Path, files: CacheFiles) -> dict:
+    """The manifest of the card in `out` (cache_folder refused it damaged), named in refusals as `files` names it."""
+    card = out / "README.md"
+    return manifest_from_card(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}", None if files.repo else out)
 
 
 def refuse_unnamed_cache(root: Path, location: str | Path, name: str | None) -> None:
@@ -174,11 +203,11 @@ def snapshot_commit(snapshot: Path, revision: str | None) -> str | None:
     return snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else revision
 
 
-def refuse_damaged_card(card: Path, fix: Repair = LOCAL, root: bool = True) -> None:
+def refuse_damaged_card(card: Path, files: CacheFiles, fix: Repair = LOCAL, root: bool = True) -> None:
     """A card whose YAML front matter begins but is never closed or does not parse (`refuse_damaged_front_matter`).
     `root`: the card is the repo's (or folder's) root card."""
     if card.is_file():
-        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {card}", fix, root)
+        refuse_damaged_front_matter(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}", fix, root)
 
 
 # The parts of the manifest verify (its recompute too) and the reader read; every build writes them.
@@ -202,12 +231,12 @@ BATCHING_KEYS = ("batch_size", "max_tokens_per_batch", "row_group_bytes")
 OPTIONAL_BATCHING_KEYS = ("sort_window_bytes",)
 
 
-def refuse_incomplete_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> None:
+def refuse_incomplete_manifest(out: Path, manifest: dict, files: CacheFiles, fix: Repair = LOCAL) -> None:
     missing, mistyped = missing_manifest_parts(manifest), mistyped_manifest_parts(manifest)
     damage = [f"its manifest has no {', '.join(missing)}"] if missing else []
     damage += [f"its manifest's {'; '.join(mistyped)}"] if mistyped else []
     if damage:
-        raise Eagle3CacheError(f"verify: {out / 'README.md'} is damaged: {'; '.join(damage)}{fix.damaged_card()}")
+        raise Eagle3CacheError(f"verify: {files.name(out / 'README.md')} is damaged: {'; '.join(damage)}{fix.damaged_card()}")
 
 
 def missing_manifest_parts(manifest: dict) -> list[str]:
@@ -283,30 +312,44 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
 
 
 def mistyped_manifest_parts(manifest: dict) -> list[str]:
-    """The parts verify sums or pads with that hold another kind of value than every build writes (a card
-    edited by hand), each with what it holds and what is expected; a part missing whole is named as missing."""
+    """The parts verify sums or pads with, and the counts readers report, that hold another kind of value than every
+    build writes (a card edited by hand; a count below 0 among them), each with what it holds and what is expected;
+    a part missing whole is named as missing."""
+    skipped = manifest.get("skipped")
     values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), int)]
+    values += [(f"totals.{key}", part_of(manifest, f"totals.{key}"), COUNT) for key in SUMMED]
+    values += [("skipped", skipped, dict), ("duplicate_ids", manifest.get("duplicate_ids"), COUNT)]
+    values += [(f"skipped.{reason}", count, COUNT) for reason, count in (skipped.items() if isinstance(skipped, dict) else ())]
     for position, shard in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
         where = f"shards[{part_of(shard, 'name') or position}]"
-        values += [(f"{where}.{key}", part_of(shard, key), int) for key in SHARD_KEYS]
+        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS]
     return [
         f"{part} is {FOUND_KIND.get(type(value), 'the value')} {one_line(value)}, where {EXPECTED_KIND[kind]} is expected"
         for part, value, kind in values
-        if value is not None and not (isinstance(value, kind) and not isinstance(value, bool))  # YAML's true is no count
+        if value is not None and not holds(value, kind)
     ]
 
 
+COUNT = "count"  # a kind of value: a whole number, 0 or more
+
+
+def holds(value, kind) -> bool:
+    if kind == COUNT:
+        return holds(value, int) and value >= 0
+    return isinstance(value, kind) and not isinstance(value, bool)  # YAML's true is no number
+
+
 FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
-EXPECTED_KIND = {int: "a whole number", dict: "a mapping"}
+EXPECTED_KIND = {int: "a whole number", COUNT: "a count (a whole number, 0 or more)", dict: "a mapping"}
 
 
-def why_no_card(root: Path, name: str | None, fix: Repair = LOCAL) -> str:
-    card = root / "README.md"
+def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str:
+    card = files.root / "README.md"
     index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
     if name is not None and isinstance(index, dict) and name in index:
-        return listed_config_without_card(str(card), name, fix)
+        return listed_config_without_card(files.name(card), name, fix)
     if name is not None and card.is_file():
-        return f"the cache is at the root of {root}, which holds no configs: leave out --name {name}"
+        return f"the cache is at the root of {files.name(files.root)}, which holds no configs: leave out --name {name}"
     return (
         "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "
         "Resume it (the same build command with --resume), then verify"
@@ -359,6 +402,7 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
     else:
         problems += check_vocab_size(vocab, manifest, fix) + check_special_token_ids(vocab, manifest, fix)
+        problems += check_token_coverage(vocab, manifest)
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
         problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
@@ -378,6 +422,21 @@ def check_vocab_size(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[s
     return [
         f"README.md: the manifest's target_vocab_size {manifest['target_vocab_size']} differs from the {counted} tokens "
         f"{VOCAB_FILE} counts: readers would size the draft-to-target mapping wrong. {fix.card()}"
+    ]
+
+
+def check_token_coverage(vocab: Path, manifest: dict) -> list[str]:
+    """totals.token_coverage, which the card shows, is the build's share of the loss-masked tokens the vocab file
+    counts whose id it selects: computed by the one function the build computes it by, so the two compare exactly."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(vocab))
+    coverage = vocab_coverage(stored["token_counts"], stored["selected_token_ids"])
+    if manifest["totals"].get("token_coverage") == coverage:
+        return []
+    return [
+        f"README.md: totals.token_coverage is {manifest['totals'].get('token_coverage')}, the share of the loss-masked tokens "
+        f"{VOCAB_FILE} counts whose id is in its draft vocabulary is {coverage}: restore the card, or rebuild"
     ]
 
 
@@ -581,7 +640,8 @@ SUMMED = {"samples": "rows", "tokens": "tokens", "loss_tokens": "loss_tokens", "
 
 def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
     """totals and the card's dataset_info (examples and bytes of each split: what the Hub shows, and
-    `datasets` reads as the split size) must be the sums over the shards, and argmax_coverage the build's share of their loss tokens."""
+    `datasets` reads as the split size) must be the sums over the shards, argmax_coverage the build's share of their
+    loss tokens and bytes_per_token their bytes over their tokens, each by the function the build computes it by."""
     totals, shards = manifest["totals"], manifest["shards"]
     sums = {key: sum(s[field] for s in shards) for key, field in SUMMED.items()}
     problems = [
@@ -593,6 +653,11 @@ def check_totals(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         problems.append(
             f"README.md: totals.argmax_coverage is {totals.get('argmax_coverage')}, the shards' argmax_in_vocab over their "
             f"loss_tokens give {coverage}: restore the card, or rebuild"
+        )
+    if totals.get("bytes_per_token") != (per_token := bytes_per_token(shards)):
+        problems.append(
+            f"README.md: totals.bytes_per_token is {totals.get('bytes_per_token')}, the shards' bytes over their tokens give "
+            f"{per_token}: restore the card, or rebuild"
         )
     info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info") or {}
     splits = info.get("splits", []) if isinstance(info, dict) else None
@@ -635,11 +700,12 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     return []
 
 
-def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL) -> list[str]:
-    """Every row's shapes against the manifest, and finite values."""
+def check_shard_rows(out: Path, manifest: dict, shard: dict, in_vocab: np.ndarray | None = None, fix: Repair = LOCAL) -> list[str]:
+    """Every row's shapes against the manifest, and finite values; the shard record's counts against its rows
+    (`in_vocab`, from `draft_vocab_mask`: None where the vocab file cannot tell the argmax rows in the draft vocabulary)."""
     name, parquet = shard["name"], pq.ParquetFile(out / "data" / shard["name"])
     manifest = manifest | {"layout_columns": Layout(**manifest["layout"]).columns()}
-    problems, counted = [], {"tokens": 0, "loss_tokens": 0}
+    problems, counted = [], {"tokens": 0, "loss_tokens": 0} | ({"argmax_in_vocab": 0} if in_vocab is not None else {})
     try:
         decode = RowDecoder(manifest)
         for batch in parquet.iter_batches(batch_size=64):
@@ -647,6 +713,8 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
                 decoded = decode(row)
                 counted["tokens"] += decoded["num_tokens"]
                 counted["loss_tokens"] += int(decoded["loss_mask"].sum())
+                if in_vocab is not None:
+                    counted["argmax_in_vocab"] += argmax_rows_in_vocab(decoded["target_argmax"].numpy(), in_vocab)
                 problems += [f"data/{name}/{row['sample_id']}: {p}" for p in check_row(decoded, manifest)]
     except (ValueError, RuntimeError) as err:  # values of another size or encoding than the columns say
         return problems + [
@@ -656,9 +724,30 @@ def check_shard_rows(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     return problems + check_shard_counts(shard, counted, fix)
 
 
+def draft_vocab_mask(out: Path, manifest: dict) -> np.ndarray | None:
+    """A bool per target token id, True for the draft vocabulary's, from the vocab file the build wrote: what the
+    build counted each shard's argmax_in_vocab by. None where the file is missing or damaged (reported)."""
+    from safetensors.numpy import load_file
+
+    vocab = out / VOCAB_FILE
+    if not vocab.exists() or not checksum_matches(vocab, manifest, manifest["vocab_file"]):
+        return None
+    stored = load_file(str(vocab))
+    in_vocab = np.zeros(len(stored["token_counts"]), dtype=bool)
+    in_vocab[stored["selected_token_ids"]] = True
+    return in_vocab
+
+
+def argmax_rows_in_vocab(argmax: np.ndarray, in_vocab: np.ndarray) -> int:
+    """A stored row's argmax_in_vocab, counted as the build counts it; an id outside the target vocabulary (no
+    build stores one) is in no draft vocabulary."""
+    known = argmax[(argmax >= 0) & (argmax < len(in_vocab))]
+    return argmax_in_vocab(known, [len(known)], in_vocab)[0]
+
+
 def check_shard_counts(shard: dict, counted: dict[str, int], fix: Repair = LOCAL) -> list[str]:
-    """A shard record's token counts against its rows: the totals are checked as their sums, so an edit to a
-    record and the totals together would pass that check."""
+    """A shard record's counts against its rows: the totals are checked as their sums, so an edit to a record and
+    the totals together would pass that check."""
     return [
         f"README.md: shard {shard['name']}'s record says {shard[key]} {key}, its rows hold {value}. {fix.card()}"
         for key, value in counted.items()

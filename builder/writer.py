@@ -30,6 +30,7 @@ from .build_state import sidecar_path
 from .errors import Eagle3CacheError, NonFiniteOutput, WriteFailed
 from .files import disk_full_error, is_disk_full, write_json_atomic, written_shards_stay_valid
 from .formats import merge_quality
+from .manifest import argmax_in_vocab
 from .shards import HostWords, ShardWriter, column_encodings, encode_columns, shard_schema
 
 QUEUE_DEPTH = 8  # batches in flight between the forward and the writer: bounds host memory
@@ -94,10 +95,7 @@ class BatchOutput:
         """Per sample: its loss rows whose target argmax is in the draft vocabulary (`in_vocab`: a
         bool per token id). One pass over the batch, not one small op per row on the encoders."""
         self.wait()
-        hits = np.concatenate(([0], np.cumsum(in_vocab[self.columns["target_argmax"].numpy()], dtype=np.int64)))
-        ends = np.cumsum([s["num_loss_tokens"] for s in self.samples], dtype=np.int64)
-        starts = ends - [s["num_loss_tokens"] for s in self.samples]
-        return (hits[ends] - hits[starts]).tolist()
+        return argmax_in_vocab(self.columns["target_argmax"].numpy(), [s["num_loss_tokens"] for s in self.samples], in_vocab)
 
     def _stored_tokens(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The padded token ids and loss mask in their stored dtypes (int32, uint8), one cast per batch."""

@@ -22,10 +22,10 @@ from huggingface_hub import DatasetCard, HfApi
 from builder.errors import Eagle3CacheError
 from builder.files import file_hash
 from builder.forward import FAULT_ENV
-from builder.manifest import argmax_coverage
+from builder.manifest import argmax_coverage, bytes_per_token
 from builder.pipeline import build
 from builder.push import PushTarget, push_cache
-from builder.reader import RowDecoder, read_draft_vocab, read_manifest
+from builder.reader import RowDecoder, read_draft_vocab, read_manifest, read_vocab
 from builder.shards import CHECKSUM_ALGORITHM, decode_value, encode_value, shard_name
 from builder.verify import recompute_samples, verify_cache
 
@@ -49,6 +49,22 @@ def cache(intact, tmp_path):
 def test_intact_cache_passes_with_recompute(intact):
     assert verify_cache(intact) == []
     assert verify_cache(intact, recompute=5, seed=3) == []
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(target_format="topk", topk=8, aux_dtype="fp8"),
+        dict(target_format="hidden", aux_dtype="fp8", dtype="bf16", store_full_head=True),
+        dict(dtype="bf16", compression="none", draft_vocab_size=None),  # the whole vocabulary is the draft's
+    ],
+    ids=["topk-fp8", "hidden-fp8-bf16", "probs-bf16-raw-whole-vocab"],
+)
+def test_intact_caches_of_other_formats_pass(tmp_path, settings):
+    """What verify compares with its rows and records (every count, coverage and bytes per token) is what each
+    format's build writes."""
+    cache = build(small_config(tmp_path / "cache", **settings), progress=False).output_dir
+    assert verify_cache(cache) == []
 
 
 def test_flipped_byte_is_caught(cache):
@@ -109,6 +125,7 @@ def rewrite_values(cache, shard_name: str, column: str, change, rows: int | None
             shard["bytes"], shard["checksum"] = path.stat().st_size, file_hash(path, CHECKSUM_ALGORITHM)
     manifest = card.data["eagle3_cache"]
     manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+    manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
     card.data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
     card.save(cache / "README.md")
 
@@ -138,6 +155,8 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
         row[column] = b"".join(encode_value(kept.contiguous(), "byte_planes_zstd").parts)
     row["loss_mask"] = mask.numpy().tobytes()
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path, compression="none")
+    dropped_argmax = int(decode_value(table.column("target_argmax")[0].as_py(), torch.int32)[0])
+    dropped_hit = int(draft_vocab_mask(cache)[dropped_argmax])
 
     def agree(data):
         manifest = data["eagle3_cache"]
@@ -145,13 +164,21 @@ def drop_first_supervised_token(cache, shard_name: str) -> tuple[str, int]:
             if shard["name"] == shard_name:
                 shard |= {"bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
                 shard["loss_tokens"] -= 1
+                shard["argmax_in_vocab"] -= dropped_hit
         manifest["totals"]["bytes"] = sum(shard["bytes"] for shard in manifest["shards"])
+        manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
         data["dataset_info"]["splits"][0]["num_bytes"] = manifest["totals"]["bytes"]
         manifest["totals"]["loss_tokens"] -= 1
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
 
     edit_card(cache, agree)
     return row["sample_id"], int(supervised[0])
+
+
+def draft_vocab_mask(cache) -> torch.Tensor:
+    """A bool per target token id: True for the cache's draft vocabulary, as the build counts argmax_in_vocab by."""
+    vocab = read_vocab(cache)
+    return torch.zeros(len(vocab["token_counts"]), dtype=torch.bool).index_fill_(0, vocab["selected_token_ids"], True)
 
 
 def test_recompute_compares_the_samples_tokens_and_loss_masks_with_their_input_rows(cache):
@@ -720,6 +747,39 @@ def test_a_card_damaged_in_a_hub_repo_is_restored_by_the_push_verify_advises(hub
     assert verify_cache(repo, name=config) == []
 
 
+def negative_rows(text: str) -> str:
+    card = DatasetCard(text)
+    card.data["eagle3_cache"]["shards"][1]["rows"] = -4
+    return str(card)
+
+
+@pytest.mark.parametrize("config, path", [(None, "README.md"), ("llama", "llama/README.md")])
+def test_a_damaged_hub_card_is_named_by_the_repo_at_the_commit_verified_not_by_its_copy_in_the_local_hub_cache(hub, intact, config, path):
+    """The user named the repo; the local Hub cache's copy of the card is no file they know of (and a push, not an
+    edit of that copy, repairs it): named as the reader and other Hub messages name a repo's file."""
+    repo = f"tester/named-{config}"
+    push_cache(intact, PushTarget(repo, config=config))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    text = Path(api.hf_hub_download(repo, path, repo_type="dataset")).read_text()
+    for damage in (cut_short, negative_rows):  # its front matter, and its manifest
+        api.upload_file(path_or_fileobj=damage(text).encode(), path_in_repo=path, repo_id=repo, repo_type="dataset")
+        commit = api.list_repo_commits(repo, repo_type="dataset")[0].commit_id
+        with pytest.raises(Eagle3CacheError) as refused:
+            verify_cache(repo, name=config)
+        assert str(refused.value).startswith(f"verify: {repo}@{commit[:12]}: {path} is damaged: "), str(refused.value)
+        assert "snapshots" not in str(refused.value)
+
+    push_cache(intact, PushTarget(repo, config=config))
+    commit = api.list_repo_commits(repo, repo_type="dataset")[0].commit_id
+    if config is None:  # a config the repo does not hold: its card is missing
+        with pytest.raises(Eagle3CacheError) as refused:
+            verify_cache(repo, name="short")
+        assert str(refused.value) == (
+            f"verify: {repo}@{commit[:12]}: short has no README.md (the card, with the manifest); the cache is at the root of "
+            f"{repo}@{commit[:12]}, which holds no configs: leave out --name short"
+        )
+
+
 def test_a_damaged_index_verified_without_a_name_is_restored_by_a_push_of_one_of_its_configs(hub, intact):
     """A push without a config is refused by a repo holding several caches; a push of any one of them writes the
     index again from the configs' folders, so verify's advice names one."""
@@ -966,24 +1026,43 @@ def test_edited_totals_and_dataset_info_are_caught(cache):
     ]
 
 
-def test_a_shard_records_token_counts_edited_with_the_totals_are_caught(cache):
+def test_edited_bytes_per_token_and_token_coverage_are_caught(cache):
+    """The card shows both; bytes_per_token is the shards' bytes over their tokens, token_coverage the share of the
+    loss-masked tokens the vocab file counts whose id it selects (the draft vocabulary)."""
+    totals = read_manifest(cache)["totals"]
+    edit_card(cache, lambda data: data["eagle3_cache"]["totals"].update(bytes_per_token=totals["bytes_per_token"] / 2, token_coverage=1.0))
+    assert verify_cache(cache) == [
+        f"README.md: totals.token_coverage is 1.0, the share of the loss-masked tokens vocab/vocab.safetensors counts whose id "
+        f"is in its draft vocabulary is {totals['token_coverage']}: restore the card, or rebuild",
+        f"README.md: totals.bytes_per_token is {totals['bytes_per_token'] / 2}, the shards' bytes over their tokens give "
+        f"{totals['bytes_per_token']}: restore the card, or rebuild",
+    ]
+
+
+def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
     """The totals are checked as the sums of the shard records, so a record edited together with the totals
-    passes that check: the records' token counts are compared with the rows they describe."""
+    passes that check: the records' token, loss-token and argmax-in-vocabulary counts are compared with the rows
+    they describe."""
     manifest = read_manifest(cache)
     first = manifest["shards"][0]
+    assert first["argmax_in_vocab"] > 0
 
     def edit_record_and_totals(data):
         record = data["eagle3_cache"]["shards"][0]
         record |= {"tokens": record["tokens"] + 2, "loss_tokens": record["loss_tokens"] + 1}
+        record["argmax_in_vocab"] -= 1
         data["eagle3_cache"]["totals"]["tokens"] += 2
         data["eagle3_cache"]["totals"]["loss_tokens"] += 1
         data["eagle3_cache"]["totals"]["argmax_coverage"] = argmax_coverage(data["eagle3_cache"]["shards"])
+        data["eagle3_cache"]["totals"]["bytes_per_token"] = bytes_per_token(data["eagle3_cache"]["shards"])
 
     edit_card(cache, edit_record_and_totals)
     assert verify_cache(cache) == [
         f"README.md: shard {first['name']}'s record says {first['tokens'] + 2} tokens, its rows hold {first['tokens']}. {RESTORE_CARD}",
         f"README.md: shard {first['name']}'s record says {first['loss_tokens'] + 1} loss_tokens, its rows hold "
         f"{first['loss_tokens']}. {RESTORE_CARD}",
+        f"README.md: shard {first['name']}'s record says {first['argmax_in_vocab'] - 1} argmax_in_vocab, its rows hold "
+        f"{first['argmax_in_vocab']}. {RESTORE_CARD}",
     ]
 
 
@@ -1152,6 +1231,8 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
     """Update these shards' records, the totals and dataset_info to agree with their files (as a
     buggy writer or resume would leave them): every per-shard check then passes."""
 
+    in_vocab = draft_vocab_mask(cache)
+
     def agree(data):
         manifest = data["eagle3_cache"]
         decode = RowDecoder(manifest)
@@ -1161,9 +1242,11 @@ def record_shards_as_they_are(cache, names: set[str]) -> None:
                 rows = [decode(row) for row in pq.read_table(path).to_pylist()]
                 shard |= {"rows": len(rows), "bytes": path.stat().st_size, "checksum": file_hash(path, CHECKSUM_ALGORITHM)}
                 shard |= {"tokens": sum(r["num_tokens"] for r in rows), "loss_tokens": sum(int(r["loss_mask"].sum()) for r in rows)}
+                shard["argmax_in_vocab"] = sum(int(in_vocab[r["target_argmax"].long()].sum()) for r in rows)
         for key in ("rows", "tokens", "bytes", "loss_tokens"):
             manifest["totals"]["samples" if key == "rows" else key] = sum(s[key] for s in manifest["shards"])
         manifest["totals"]["argmax_coverage"] = argmax_coverage(manifest["shards"])
+        manifest["totals"]["bytes_per_token"] = bytes_per_token(manifest["shards"])
         data["dataset_info"]["splits"][0] |= {"num_examples": manifest["totals"]["samples"], "num_bytes": manifest["totals"]["bytes"]}
 
     edit_card(cache, agree)
@@ -1577,22 +1660,40 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
         (cache / "README.md").write_text(text)
 
 
+COUNT = "a count (a whole number, 0 or more)"
+
+
 @pytest.mark.parametrize(
     "part, value, found, expected",
     [
-        ("shards.1.rows", "4", 'the string "4"', "a whole number"),
-        ("shards.1.bytes", 4.5, "the number 4.5", "a whole number"),
-        ("shards.1.tokens", "12", 'the string "12"', "a whole number"),
-        ("shards.1.loss_tokens", {"a": 1}, 'the mapping {"a": 1}', "a whole number"),
-        ("shards.1.argmax_in_vocab", [5], "the list [5]", "a whole number"),
+        ("shards.1.rows", "4", 'the string "4"', COUNT),
+        ("shards.1.bytes", 4.5, "the number 4.5", COUNT),
+        ("shards.1.tokens", "12", 'the string "12"', COUNT),
+        ("shards.1.loss_tokens", {"a": 1}, 'the mapping {"a": 1}', COUNT),
+        ("shards.1.argmax_in_vocab", [5], "the list [5]", COUNT),
+        ("shards.1.rows", -4, "the number -4", COUNT),
+        ("shards.1.bytes", -1, "the number -1", COUNT),
+        ("shards.1.tokens", -12, "the number -12", COUNT),
+        ("shards.1.loss_tokens", -3, "the number -3", COUNT),
+        ("shards.1.argmax_in_vocab", -5, "the number -5", COUNT),
+        ("shards.1.rows", True, "the boolean true", COUNT),
         ("totals", "x", 'the string "x"', "a mapping"),
+        ("totals.samples", "14", 'the string "14"', COUNT),
+        ("totals.tokens", -1, "the number -1", COUNT),
+        ("totals.loss_tokens", -2, "the number -2", COUNT),
+        ("totals.bytes", -3, "the number -3", COUNT),
+        ("skipped", [1], "the list [1]", "a mapping"),
+        ("skipped.template_error", "3", 'the string "3"', COUNT),  # summed into the input's row count
+        ("skipped.template_error", -1, "the number -1", COUNT),
+        ("duplicate_ids", -1, "the number -1", COUNT),
         ("build.pad_token_id", "abc", 'the string "abc"', "a whole number"),
         ("build.pad_token_id", True, "the boolean true", "a whole number"),
     ],
 )
 def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
-    """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value:
-    a refusal naming it, what it holds and what is expected, not a traceback."""
+    """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value (a count
+    below 0 among them): a refusal naming it, what it holds and what is expected, not a traceback or a report of
+    other damage."""
     from builder.cli import main
 
     *path, key = part.split(".")
