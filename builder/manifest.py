@@ -422,7 +422,12 @@ def _why_no_card(source: CacheSource) -> str:
     unoffered = config_not_offered(source) or config_card_missing(source) if source.name is not None else None
     if unoffered:
         return unoffered
-    if not source.on_hub:
+    return unfinished_cache(source.on_hub)
+
+
+def unfinished_cache(on_hub: bool) -> str:
+    """Why a cache has no card where it should, and what to do: the card is written last, and pushed last."""
+    if not on_hub:
         return (
             "expected a finished eagle3-cache directory (the card is written last, so an interrupted build has none: "
             "resume it with --resume)"

@@ -56,6 +56,7 @@ from .manifest import (
     recorded_checksum,
     refuse_damaged_front_matter,
     refuse_damaged_index,
+    unfinished_cache,
 )
 from .reader import RowDecoder, read_vocab
 from .repair import LOCAL, Repair
@@ -350,10 +351,7 @@ def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str
         return listed_config_without_card(files.name(card), name, fix)
     if name is not None and card.is_file():
         return f"the cache is at the root of {files.name(files.root)}, which holds no configs: leave out --name {name}"
-    return (
-        "expected a finished eagle3-cache directory: the card is written last, so an interrupted build has none. "
-        "Resume it (the same build command with --resume), then verify"
-    )
+    return unfinished_cache(on_hub=files.repo is not None)
 
 
 def download(repo_id: str, revision: str | None, only: list[str] | None) -> Path:

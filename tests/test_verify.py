@@ -579,7 +579,7 @@ def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, 
 
     (cache / "README.md").unlink()  # as an interrupted build leaves it: the card is written last
     cases = [
-        (cache, r"has no README.md.*an interrupted build has none\. Resume it \(the same build command with --resume\)"),
+        (cache, r"has no README.md.*an interrupted build has none: resume it with --resume\)"),
         (tmp_path / "nowhere", r"'.*nowhere' is neither a directory nor a Hub dataset repo id"),
         ("tester/nowhere", r"tester/nowhere: no local directory of that name, and the Hub cannot be asked: offline mode is enabled"),
     ]
@@ -591,6 +591,16 @@ def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, 
 
 
 hub_server, hub = hub_fixtures()
+
+
+def test_a_hub_branch_without_a_card_gets_the_hubs_advice_not_a_builds(hub, intact):
+    """A push lands its card last: main holds no card where the push went to another branch, or stopped
+    partway. The advice is the push's (re-run it, or read the branch), as the reader gives it, not a build's."""
+    push_cache(intact, PushTarget("tester/branch-only", branch="next"))
+    with pytest.raises(Eagle3CacheError, match=r"has no README.md .*a push that stopped partway has none: re-run the push") as refused:
+        verify_cache("tester/branch-only")
+    assert "--revision" in str(refused.value) and "--resume" not in str(refused.value)
+    assert verify_cache("tester/branch-only", revision="next") == []
 
 
 def test_verify_one_config_of_a_repo_holding_several(hub, intact, capsys):
