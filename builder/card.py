@@ -16,7 +16,7 @@ from dataset_card.pictures import PICTURES, card_pictures, save_inputs
 from dataset_card.render import BOM, GENERATED_KEYS, UserParts, body_below_front_matter, marked_user_text, markers_missing, user_parts
 
 from .files import write_bytes_atomic, write_text_atomic
-from .manifest import CARD_KEY, assemble_manifest, card_data_of, front_matter_keys
+from .manifest import CARD_KEY, assemble_manifest, card_data_of, front_matter_keys, keys_not_text
 from .manifest import _yaml_problem as yaml_problem
 from .prepare import Prepared
 
@@ -161,6 +161,7 @@ def front_matter_problem(text: str) -> str | None:
     """What YAML finds wrong with a card's front matter, at its line; None where it reads as a mapping."""
     import yaml
     from huggingface_hub import DatasetCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
     try:
         DatasetCard(text)
@@ -168,6 +169,8 @@ def front_matter_problem(text: str) -> str | None:
         return yaml_problem(text, err)
     except ValueError as err:  # YAML, but not a mapping
         return str(err)
+    except TypeError:  # a top-level key YAML reads as no text
+        return keys_not_text(yaml.safe_load(REGEX_YAML_BLOCK.search(text.removeprefix(BOM)).group(2)))
     return None
 
 

@@ -223,6 +223,11 @@ def card_data_of(text: str, where: str = "the card") -> dict:
 
     try:  # a leading byte-order mark (some editors save one) would hide the front matter
         return DatasetCard(text.removeprefix("\ufeff")).data.to_dict()
+    except TypeError:  # huggingface_hub passes the top-level keys as keyword names: one that is no text
+        raise ManifestError(
+            f"{where}: expected YAML front matter whose keys are text, found it {front_matter_damage(text)}; "
+            "the card was edited or is not eagle3-cache's: restore it, or rebuild the cache"
+        ) from None
     except (yaml.YAMLError, ValueError) as err:
         # YAML builds some values itself and raises ValueError for one that cannot be (a date like 2024-02-30)
         if isinstance(err, yaml.YAMLError) or front_matter_damage(text) is not None:
@@ -261,10 +266,23 @@ def front_matter_damage(text: str) -> str | None:
     if block is None:
         return "begins but is never closed (a line holding only ---)"
     try:
-        yaml.safe_load(block.group(2))
+        data = yaml.safe_load(block.group(2))
     except (yaml.YAMLError, ValueError) as err:  # ValueError: a value YAML cannot build, as the date 2024-02-30
         return f"does not parse ({yaml_error_in_words(err, first_line=block.group(1).count(chr(10)) + 1)})"
-    return None
+    odd_keys = keys_not_text(data)
+    return None if odd_keys is None else f"holds {odd_keys}"
+
+
+def keys_not_text(data) -> str | None:
+    """In words, the top-level keys of front matter that YAML reads as no text (`2024:`, `true:`, `null:`), which no
+    reader of cards takes (huggingface_hub passes them as keyword names); None where there are none."""
+    import yaml
+
+    odd = [key for key in data if not isinstance(key, str)] if isinstance(data, dict) else []
+    if not odd:
+        return None
+    as_written = [yaml.safe_dump(key).splitlines()[0] for key in odd]  # 2024-01-01, not datetime.date(2024, 1, 1)
+    return f"top-level keys that are not text ({', '.join(as_written)}: quote such a key)"
 
 
 def yaml_error_in_words(err: Exception, first_line: int) -> str:
@@ -310,7 +328,7 @@ def damaged_card_key(text: str) -> str | None:
 
 
 # A top-level key line of YAML front matter: a plain or quoted key at the line's start, then `:`
-TOP_LEVEL_KEY = re.compile(r"""^(?:(?P<plain>[A-Za-z_][\w.-]*)|"(?P<double>[^"\n]*)"|'(?P<single>[^'\n]*)')[ \t]*:(?:[ \t]|$)""")
+TOP_LEVEL_KEY = re.compile(r"""^(?:(?P<plain>[A-Za-z0-9_][\w.-]*)|"(?P<double>[^"\n]*)"|'(?P<single>[^'\n]*)')[ \t]*:(?:[ \t]|$)""")
 # Any other line of YAML as eagle3-cache writes it: blank, indented (a nested value), or a list item
 OTHER_YAML_LINE = re.compile(r"^(?:[ \t]|-(?:[ \t]|$)|$)")
 

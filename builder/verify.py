@@ -168,7 +168,7 @@ def cache_folder(location: str | Path, revision: str | None, name: str | None, f
         )
     root = files.root
     refuse_damaged_card(root / "README.md", files, fix)
-    refuse_unnamed_cache(root, location, name)
+    refuse_unnamed_cache(files, location, name)
     if name is not None and (root / "README.md").is_file():  # the index `datasets` and load_cache open the config by
         refuse_damaged_index((root / "README.md").read_text(encoding="utf-8"), f"verify: {files.name(root / 'README.md')}", name, fix)
     if on_hub and (name is not None or (root / "README.md").is_file()):
@@ -186,10 +186,10 @@ def manifest_in(out: Path, files: CacheFiles) -> dict:
     return manifest_from_card(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}", None if files.repo else out)
 
 
-def refuse_unnamed_cache(root: Path, location: str | Path, name: str | None) -> None:
+def refuse_unnamed_cache(files: CacheFiles, location: str | Path, name: str | None) -> None:
     """A root card indexing several caches needs one of them named."""
-    card = root / "README.md"
-    index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
+    card = files.root / "README.md"
+    index = card_data_of(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}").get(INDEX_KEY) if card.is_file() else None
     if index and (name is None or name not in index):
         raise Eagle3CacheError(
             f"verify: {location} holds several caches {sorted(index)}"
@@ -346,7 +346,7 @@ EXPECTED_KIND = {int: "a whole number", COUNT: "a count (a whole number, 0 or mo
 
 def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str:
     card = files.root / "README.md"
-    index = card_data_of(card.read_text(encoding="utf-8")).get(INDEX_KEY) if card.is_file() else None
+    index = card_data_of(card.read_text(encoding="utf-8"), f"verify: {files.name(card)}").get(INDEX_KEY) if card.is_file() else None
     if name is not None and isinstance(index, dict) and name in index:
         return listed_config_without_card(files.name(card), name, fix)
     if name is not None and card.is_file():

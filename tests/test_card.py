@@ -355,6 +355,25 @@ def test_a_resumed_build_keeps_the_text_of_a_card_whose_yaml_a_hand_edit_broke(t
     assert "written anew" not in caplog.text  # one warning, saying what is kept and what is lost
 
 
+def test_a_resumed_build_rewrites_a_card_given_a_top_level_key_that_is_no_text(tmp_path, caplog):
+    """`2024:` reads as a number key, which no card reader takes: the resume writes the manifest again from
+    the build state, keeps the user's text and names the key it could not keep."""
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text(), keys="2024: a good year\n"))
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n") and "a good year" not in text
+    assert read_manifest(tmp_path) == manifest
+    assert "its YAML front matter cannot be read (top-level keys that are not text (2024: quote such a key))" in caplog.text
+    assert "the YAML keys added to it are lost: 2024 (line 2)" in caplog.text
+
+
 def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):
     from builder.card import write_card
 

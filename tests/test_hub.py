@@ -397,6 +397,22 @@ def test_a_config_card_whose_yaml_was_broken_on_the_hub_is_written_again_keeping
     assert "written anew" not in caplog.text  # one warning, saying what is kept and what is lost
 
 
+def test_a_config_card_given_a_key_that_is_no_text_on_the_hub_is_written_again_by_a_push(hub, v1, v2, caplog):
+    """`2024:` reads as a number key, which huggingface_hub's card cannot take: the push writes the card again,
+    naming the key it could not keep, rather than stop on the card it cannot read."""
+    push(v1, "tester/number-key", config="llama")
+    edit_on_hub(hub, "tester/number-key", "llama/README.md")
+    edited = hub_text(hub, "tester/number-key", path="llama/README.md").replace("---\n", "---\n2024: a good year\n", 1)
+    commit_card(hub, "tester/number-key", "llama/README.md", edited)
+    with caplog.at_level(logging.WARNING, logger="builder.push"):
+        push(v2, "tester/number-key", config="llama")
+    card = hub_text(hub, "tester/number-key", path="llama/README.md")
+    assert "Our intro." in card and "Cite team X." in card and "a good year" not in card
+    assert without_shard_sha256(read_manifest("tester/number-key", name="llama")) == read_manifest(v2)
+    assert "holds top-level keys that are not text (2024: quote such a key)" in caplog.text
+    assert "the YAML keys added to it are lost: 2024 (line 2)" in caplog.text
+
+
 def test_a_config_card_cut_short_on_the_hub_is_written_anew_with_one_warning_naming_the_keys_it_lost(hub, v1, v2, caplog, tmp_path):
     """No markers left to keep text by: all of it is written anew, and the keys lost are named with their lines,
     those the local card has aside (the card written takes them from it)."""

@@ -273,6 +273,29 @@ def test_a_card_given_a_date_that_does_not_exist_is_called_damaged(cache, tmp_pa
     assert "Restore it: run the build command again with --resume" in message
 
 
+@pytest.mark.parametrize("read", [read_by_load_cache, read_by_read_manifest, read_by_export, read_by_verify])
+@pytest.mark.parametrize("key", ["2024", "true", "null", "2024-01-01"])
+def test_a_card_given_a_top_level_key_that_is_no_text_is_called_damaged(cache, tmp_path, capsys, read, key):
+    """YAML reads `2024:` as a number key, which huggingface_hub's card cannot take (it passes keys as
+    keyword names): a hand edit no reader of cards reads, called damaged with the advice that restores it."""
+    import shutil
+
+    from builder.manifest import ManifestError, card_data_of
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    text = (cache / "README.md").read_text().replace("---\n", f"---\n{key}: a year to remember\n", 1)
+    (copy / "README.md").write_text(text)
+    expected = f"top-level keys that are not text ({key}: quote such a key)"
+    refusal = f"the card: expected YAML front matter whose keys are text, found it holds {expected}"
+    with pytest.raises(ManifestError, match=re.escape(refusal)):
+        card_data_of(text)
+    message = read(copy, tmp_path, capsys)
+    assert f"README.md is damaged: its YAML front matter, which holds the manifest, holds {expected}" in message
+    assert "Restore it: run the build command again with --resume" in message
+    assert (copy / "README.md").read_text() == text
+
+
 def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_path, cache):
     import shutil
 
