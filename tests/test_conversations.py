@@ -135,6 +135,20 @@ def test_a_turn_without_a_text_key_is_a_bad_row_not_an_empty_message():
         normalize_row(row)
 
 
+def test_a_sharegpt_turn_that_calls_tools_without_text_is_a_bad_row_as_its_calls_are_not_read():
+    # A ShareGPT turn gives its role and text only, so its `tool_calls` would not reach the template: built,
+    # the row would train the call as an empty turn. Only an OpenAI message may call tools and leave its text out.
+    calls = [{"function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]
+    row = {"conversations": [{"from": "human", "value": "Rain?"}, {"from": "gpt", "tool_calls": calls}, {"from": "gpt", "value": "No."}]}
+    detail = (
+        "turn 1: no text: expected the turn's text under 'value' (or 'content') (a null for an empty message), "
+        "found the keys ['from', 'tool_calls']; put the text under 'value', or drop the row"
+    )
+    with pytest.raises(BadRow, match=f"^wrong_type: {re.escape(detail)}$") as info:
+        normalize_row(row)
+    assert info.value.reason == "wrong_type"
+
+
 def test_openai_message_fields_reach_the_template():
     # As NeMo Automodel passes them: every field of an OpenAI message; a null one counts as absent.
     row = {
@@ -174,6 +188,33 @@ def test_tool_calls_take_the_shape_templates_read():
         ],
     }
     assert calls[0] == {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}  # the row is not modified
+
+
+def test_an_empty_call_id_or_type_takes_its_default_as_nemo_gives_it():
+    # Arrow and some exporters write "" for a field a call leaves out: it is that field's default, not a name.
+    calls = [
+        {"id": "", "type": "", "function": {"name": "add", "arguments": "{}"}},
+        {"id": "c7", "type": "", "function": {"name": "now", "arguments": "{}"}},
+    ]
+    messages = [{"role": "user", "content": "1+2, and the time?"}, {"role": "assistant", "content": None, "tool_calls": calls}]
+    out = normalize_row({"messages": messages})
+    assert out[1]["tool_calls"] == [
+        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": "{}"}},
+        {"id": "c7", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+    ]
+    chat_dataset = pytest.importorskip("nemo_automodel.components.datasets.llm.chat_dataset")
+    assert out == chat_dataset._normalize_messages(messages)
+
+
+def test_only_an_assistant_message_has_its_calls_and_reasoning_checked_and_reshaped_as_nemo_does():
+    # NeMo Automodel checks and reshapes an assistant's `reasoning_content` and `tool_calls` only; another
+    # message's fields reach the template as they are, so the row is not refused for them either.
+    user = {"role": "user", "content": "q", "reasoning_content": 5, "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]}
+    messages = [user, {"role": "assistant", "content": "a"}]
+    out = normalize_row({"messages": messages})
+    assert out == [user, {"role": "assistant", "content": "a"}]
+    chat_dataset = pytest.importorskip("nemo_automodel.components.datasets.llm.chat_dataset")
+    assert out == chat_dataset._normalize_messages(messages)
 
 
 def test_an_empty_call_list_on_a_plain_answer_is_no_call():
