@@ -63,7 +63,11 @@ def meta_model(config, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # init_empty_weights moves each parameter to meta as it is set, which makes a tied head a copy of the
+    # embedding; tied again, it counts once, as in the loaded target, and placements keep the pair together
+    model.tie_weights()
+    return model
 
 
 @dataclass

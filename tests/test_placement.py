@@ -52,6 +52,23 @@ def test_explicit_per_layer_device_map_gives_the_same_cache(tmp_path, target, si
     assert_same_content(decoded_rows(single_device), decoded_rows(result.output_dir))
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_the_meta_model_ties_a_head_as_the_loaded_target_does(arch):
+    """Its parameters are the weights the memory plan and the device map place: a tied head is the
+    embedding itself, counted once, as in the target loaded with its weights."""
+    from tiny_targets import _config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    config = _config(arch, tiny_tokenizer())
+    loaded = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == config.tie_word_embeddings == (arch == "llama_tied")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in loaded.parameters())
+    plan = dict(gpus_per_target=1, max_tokens=64, num_aux_layers=3)
+    assert plan_memory(config, **plan) == plan_memory(config, **plan, model=loaded)  # the plan builds its own meta model
+
+
 def test_meta_planned_two_device_map_gives_the_same_cache(tmp_path, target, single_device):
     """Plan a 2-GPU placement on the meta model (no weights), then run it with both 'GPUs' as the CPU."""
     from accelerate import infer_auto_device_map
