@@ -8,6 +8,7 @@ and rows whose fields differ in type never meet Arrow's schema inference.
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
 import json
 import logging
@@ -86,7 +87,8 @@ def folder_splits(folder: Path, spec: str, config: str | None = None) -> tuple[d
     for split, split_patterns in patterns.items():
         # In `datasets`' order: pattern by pattern as listed, each one's files sorted as whole path strings
         # (`en-gb/` before `en/`), so rows keep the positions a build of the same files from the Hub gives them.
-        files = list(dict.fromkeys(Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base)))
+        # A file two patterns match is read twice, as there.
+        files = [Path(f) for pattern in split_patterns for f in _resolve_data_files(pattern, base, str(folder / "README.md"))]
         if files:
             splits[str(split)] = files
     if not splits:
@@ -202,7 +204,9 @@ def _is_compressed(name: str) -> bool:
     return Path(name).suffix in COMPRESSED_SUFFIXES
 
 
-def _resolve_data_files(pattern: str, base: str) -> list[str]:
+def _resolve_data_files(pattern: str, base: str, card: str) -> list[str]:
+    if not glob.has_magic(pattern):  # a file named outright: `datasets` refuses it missing, never skips it
+        _refuse_missing_named_file(pattern, base, card)
     files = _data_files(pattern, base)
     compressed = sorted(Path(f).name for f in files if _is_compressed(f))
     if compressed:  # `datasets` would read them: never leave them out unseen
@@ -212,6 +216,21 @@ def _resolve_data_files(pattern: str, base: str) -> list[str]:
             "decompress them first"
         )
     return files
+
+
+def _refuse_missing_named_file(pattern: str, base: str, card: str) -> None:
+    try:
+        named = resolve_pattern(pattern, base)
+    except FileNotFoundError:
+        raise InputError(
+            f"--input-data: the `configs` of {card} name the data file {pattern!r}, and {base} holds no such file; "
+            "expected every file a configuration names to exist: restore it, or fix data_files in the README.md"
+        ) from None
+    if not any(_is_data_file(f) for f in named):
+        raise InputError(
+            f"--input-data: the `configs` of {card} name {pattern!r} as a data file; expected a "
+            f"{'/'.join(DATA_SUFFIXES)} file: convert it, or fix data_files in the README.md"
+        )
 
 
 def _warn_unsplit_files(folder: Path, splits: dict[str, list[Path]]) -> None:

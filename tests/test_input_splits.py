@@ -461,3 +461,32 @@ def test_a_folder_s_files_are_read_in_the_order_datasets_reads_them(tmp_path, la
     expected = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf"))["id"]
     assert ids(load_rows(str(root))[0]) == expected
     assert expected[0] in ("en-gb-0", "b0")  # the order differs from sorting the paths part by part
+
+
+def test_a_card_naming_a_missing_file_is_refused_as_datasets_refuses_it(configured, tmp_path):
+    """A file the card names outright and the folder lacks is not skipped: the build would read fewer rows
+    than the card says the split holds."""
+    (configured / "README.md").write_text(CARD.replace("clean/train-*.jsonl", "[clean/train-0.jsonl, clean/train-1.jsonl]"))
+    with pytest.raises(FileNotFoundError):
+        datasets.load_dataset(str(configured), split="train", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(
+        InputError, match=says("--input-data", "README.md", "'clean/train-1.jsonl'", "no such file", "restore it, or fix data_files")
+    ):
+        load_rows(str(configured))
+    write_jsonl(configured / "clean" / "train-1.jsonl", [chat("clean-train-2")])
+    assert ids(load_rows(str(configured))[0]) == ["clean-train-0", "clean-train-1", "clean-train-2"]
+
+
+def test_a_card_naming_a_file_that_is_not_data_is_refused(configured):
+    (configured / "clean" / "notes.txt").write_text("not chats\n")
+    (configured / "README.md").write_text(CARD.replace("clean/train-*.jsonl", "[clean/train-0.jsonl, clean/notes.txt]"))
+    with pytest.raises(InputError, match=says("--input-data", "'clean/notes.txt' as a data file", ".jsonl", "convert it")):
+        load_rows(str(configured))
+
+
+def test_a_file_two_patterns_match_is_read_twice_as_datasets_reads_it(configured, tmp_path):
+    """The rows' positions stay those of `datasets`, and so of a build of the same files from the Hub."""
+    (configured / "README.md").write_text(CARD.replace("clean/train-*.jsonl", "[clean/train-*.jsonl, clean/train-0.jsonl]"))
+    expected = datasets.load_dataset(str(configured), split="train", cache_dir=str(tmp_path / "hf"))["id"]
+    assert expected == ["clean-train-0", "clean-train-1"] * 2
+    assert ids(load_rows(str(configured))[0]) == expected
