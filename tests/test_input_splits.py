@@ -490,3 +490,52 @@ def test_a_file_two_patterns_match_is_read_twice_as_datasets_reads_it(configured
     expected = datasets.load_dataset(str(configured), split="train", cache_dir=str(tmp_path / "hf"))["id"]
     assert expected == ["clean-train-0", "clean-train-1"] * 2
     assert ids(load_rows(str(configured))[0]) == expected
+
+
+DATA_DIR_CARD = """---
+configs:
+- config_name: raw
+  data_dir: raw
+- config_name: clean
+  data_dir: clean
+  data_files:
+  - split: train
+    path: train-*.jsonl
+---
+"""
+
+
+def test_a_card_configuration_s_data_dir_holds_its_files(configured, tmp_path):
+    """A configuration's `data_dir` is the folder its files lie in, and its `data_files` are relative to it."""
+    (configured / "README.md").write_text(DATA_DIR_CARD)
+    for config, expected in (("raw", ["raw-0", "raw-1"]), ("clean", ["clean-train-0", "clean-train-1"])):
+        assert datasets.load_dataset(str(configured), config, split="train", cache_dir=str(tmp_path / "hf"))["id"] == expected
+        ds, info = load_rows(str(configured), config=config)
+        assert ids(ds) == expected and info["config"] == config
+
+
+def test_card_configs_with_several_defaults_need_input_config(configured, tmp_path):
+    (configured / "README.md").write_text(CARD.replace("- config_name: raw\n", "- config_name: raw\n  default: true\n"))
+    with pytest.raises(ValueError, match="several default configs"):
+        datasets.load_dataset(str(configured), split="train", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(InputError, match=says("--input-config", "['clean', 'raw']", "several defaults", "pass --input-config")):
+        load_rows(str(configured))
+    assert ids(load_rows(str(configured), config="raw")[0]) == ["raw-0", "raw-1"]
+
+
+def test_dotted_file_names_in_a_folder_are_data(tmp_path):
+    """`chats.v2.jsonl` is JSON Lines by its last suffix, as `datasets` reads it."""
+    write_jsonl(tmp_path / "d" / "chats.v2.jsonl", [chat("v2-0"), chat("v2-1")])
+    write_jsonl(tmp_path / "d" / "chats.v3.jsonl", [chat("v3-0")])
+    expected = datasets.load_dataset(str(tmp_path / "d"), split="train", cache_dir=str(tmp_path / "hf"))["id"]
+    assert ids(load_rows(str(tmp_path / "d"))[0]) == expected == ["v2-0", "v2-1", "v3-0"]
+
+
+def test_parquet_parts_whose_columns_are_in_another_order_load_as_one_table(tmp_path):
+    """Chunked writers do not keep the order of a row's keys: the same columns in another order are one schema."""
+    reordered = {"messages": chat("p1", "hey", "ho")["messages"], "id": "p1"}
+    folder = parquet_parts(tmp_path / "pq", [[chat("p0", "hi", "yo")], [reordered]])
+    assert pq.read_schema(folder / "part-1.parquet").names == ["messages", "id"]
+    expected = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "hf"))
+    ds, _ = load_rows(str(folder))
+    assert [ds[i] for i in range(2)] == [expected[i] for i in range(2)] == [chat("p0", "hi", "yo"), chat("p1", "hey", "ho")]

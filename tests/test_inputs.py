@@ -161,6 +161,39 @@ def test_content_hash_changes_with_the_bytes(tmp_path):
     assert len(ds) == 19  # not a stale cached load
 
 
+def split_in_two(folder, data: bytes, at: int):
+    """`data` as two files of a folder, the first holding its first `at` bytes."""
+    folder.mkdir(parents=True)
+    (folder / "part-0.jsonl").write_bytes(data[:at])
+    (folder / "part-1.jsonl").write_bytes(data[at:])
+    return folder
+
+
+def test_the_content_hash_marks_where_each_file_ends(tmp_path):
+    """Bytes moved from the end of one file to the start of the next are other rows: a row cut in two is two bad rows."""
+    lines = [line + b"\n" for line in valid_lines(6)]
+    data, boundary = b"".join(lines), len(b"".join(lines[:3]))
+    whole, whole_info = load_rows(str(split_in_two(tmp_path / "whole", data, boundary)))
+    cut, cut_info = load_rows(str(split_in_two(tmp_path / "cut", data, boundary + 20)))
+    assert (len(whole), len(cut)) == (6, 7)
+    assert cut_info["content_hash"] != whole_info["content_hash"]
+
+
+def test_the_content_hash_sees_an_edit_past_the_first_4_mib_of_a_file(tmp_path):
+    rows = [openai(i, [("user", f"Summarize text {i}."), ("assistant", "x" * (1 << 20))]) for i in range(5)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    before, before_info = load_rows(str(path))
+    data = bytearray(path.read_bytes())
+    assert len(data) > 5 << 20
+    edited = data.rindex(b"x")  # in the last row's reply, past 4 MiB
+    assert edited > 4 << 20
+    data[edited : edited + 1] = b"y"
+    path.write_bytes(bytes(data))
+    after, after_info = load_rows(str(path))
+    assert after_info["content_hash"] != before_info["content_hash"]
+    assert parse_raw_row(after["raw"][-1])["messages"][1]["content"] == "x" * ((1 << 20) - 1) + "y"
+
+
 # ---- DatasetDict splits ---------------------------------------------------------------
 
 
@@ -190,6 +223,13 @@ def test_dataset_dict_without_train_split_lists_the_splits(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(InputError, match=says("--input-data", "nope.jsonl", "does not exist", ".jsonl")):
         load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_a_missing_data_file_given_by_a_relative_name_is_said_not_to_exist(tmp_path, monkeypatch):
+    """A name that ends like a data file is a local path: not looked for on the Hub as a dataset id."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=says("--input-data: 'chats.jsonl' does not exist", "expected a .json/.jsonl/.parquet file")):
+        load_rows("chats.jsonl")
 
 
 def test_empty_directory(tmp_path):
