@@ -172,6 +172,21 @@ def test_the_standalone_yaml_s_settings_are_hashed_as_the_card_s(hub):
     assert info_after["content_hash"] != info["content_hash"]
 
 
+def test_the_standalone_yaml_s_settings_go_over_the_readme_s(hub, monkeypatch):
+    """`datasets` reads .huggingface.yaml over the README's header: a README edit it overrides changes no row,
+    online or offline."""
+    card_dataset(hub, "tester/card-both")
+    commit_file(hub, "tester/card-both", "README.md", card(FIELD.format("curated")))
+    commit_file(hub, "tester/card-both", ".huggingface.yaml", FIELD.format("rejected").encode())
+    rows, info = load_rows("tester/card-both")
+    commit_file(hub, "tester/card-both", "README.md", card(FIELD.format("rejected")))
+    rows_after, info_after = load_rows("tester/card-both")
+    assert [row["id"] for row in rows] == [row["id"] for row in rows_after] == ["bad0", "bad1", "bad2"]
+    assert info_after["revision"] != info["revision"] and info_after["content_hash"] == info["content_hash"]
+    go_offline(monkeypatch)
+    assert load_rows("tester/card-both", revision=info["revision"])[1]["content_hash"] == info["content_hash"]
+
+
 def test_a_card_edit_that_leaves_the_configuration_s_settings_as_they_are_keeps_the_content_hash(hub):
     other = "- config_name: other\n  data_files: chats.json\n  field: {}\n"
     card_dataset(hub, "tester/card-prose")
@@ -191,6 +206,35 @@ def test_offline_the_card_and_the_files_in_the_local_hub_cache_give_the_content_
     go_offline(monkeypatch)
     _, offline = load_rows("tester/card-offline")
     assert offline["content_hash"] == online["content_hash"] and offline["revision"] == online["revision"]
+
+
+def test_offline_an_lfs_data_file_the_card_s_settings_and_a_copied_file_give_the_content_hash_read_online(hub, monkeypatch):
+    """The Hub names an LFS file's bytes by their sha256, as the local Hub cache names its blob; the card's settings
+    are read from the cache; a data file copied into the snapshot, not linked to its blob, is named by no id there."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from builder.hub_inputs import snapshot_folder
+
+    table = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row | {"source": "web"} for row in chat_rows(4, "p")]), table)
+    commit_file(hub, "tester/offline-identity", "train.parquet", table.getvalue())
+    columns = "configs:\n- config_name: default\n  data_files: train.parquet\n  columns: [id, messages]\n"
+    read = commit_file(hub, "tester/offline-identity", "README.md", card(columns))
+    assert hub.files_at("tester/offline-identity", read)["train.parquet"].lfs
+    rows, online = load_rows("tester/offline-identity")
+    assert rows.column_names == ["id", "messages"]  # the card's setting made the rows
+    go_offline(monkeypatch)
+    _, offline = load_rows("tester/offline-identity")
+    assert offline["content_hash"] == online["content_hash"] and offline["revision"] == read
+    linked = snapshot_folder("tester/offline-identity", read) / "train.parquet"
+    data = linked.read_bytes()
+    linked.unlink()
+    linked.write_bytes(data)
+    _, copied = load_rows("tester/offline-identity")
+    assert copied["content_hash"] == online["content_hash"]
 
 
 def test_a_card_edit_that_changes_the_rows_refuses_the_resume_naming_the_commit_the_build_read(hub, tmp_path, monkeypatch):
@@ -273,6 +317,17 @@ def files_only_hash(files: dict[str, bytes]) -> str:
     for path, data in sorted(files.items()):
         h.update(f"{path}\0{git_blob_oid(data)}\n".encode())
     return h.hexdigest()
+
+
+def test_the_data_files_hash_an_earlier_version_recorded_does_not_follow_the_order_they_are_read_in(hub):
+    """That version hashed the files sorted by path: a card that lists them in another order still names its builds."""
+    commit_file(hub, "tester/earlier-order", "part-a.jsonl", chat_lines(2, "a"))
+    commit_file(hub, "tester/earlier-order", "part-b.jsonl", chat_lines(2, "b"))
+    read = commit_file(hub, "tester/earlier-order", "README.md", card(ORDER.format("part-b.jsonl", "part-a.jsonl")))
+    rows, info = load_rows("tester/earlier-order")
+    assert [row["id"] for row in rows] == ["b0", "b1", "a0", "a1"]
+    files = {"part-a.jsonl": chat_lines(2, "a"), "part-b.jsonl": chat_lines(2, "b")}
+    assert info["earlier_content_hashes"][1:] == [f"{files_only_hash(files)}@{read}"]
 
 
 def test_a_build_that_recorded_the_data_files_hash_alone_resumes_at_the_commit_it_read_with_its_identity(hub, tmp_path, monkeypatch):
@@ -493,6 +548,26 @@ def test_a_hub_that_keeps_failing_to_list_the_data_files_is_an_input_error(hub, 
     assert "not compared with their input rows" in verify_warnings(cache, caplog)  # verify says so, and goes on
 
 
+def test_a_data_file_the_hub_does_not_list_at_the_commit_read_is_an_input_error(hub, monkeypatch):
+    """The input is named by the ids of the files `datasets` read: one the Hub's listing lacks names nothing."""
+    import hub_server
+
+    read = hub_dataset(hub, "tester/listing-lacks", 3)
+    real = hub_server.Handler.paths_info
+
+    def listing_without_the_data_file(handler, *args):
+        send = handler._send_json
+        handler._send_json = lambda entries, *rest, **kwargs: send([e for e in entries if e["path"] != "train.jsonl"], *rest, **kwargs)
+        try:
+            return real(handler, *args)
+        finally:
+            del handler._send_json  # the connection's next requests are answered as they are
+
+    monkeypatch.setattr(hub_server.Handler, "paths_info", listing_without_the_data_file)
+    with pytest.raises(InputError, match=says("the Hub lists no train.jsonl", "'tester/listing-lacks'", f"commit {read}", "try again")):
+        load_rows("tester/listing-lacks")
+
+
 def test_verify_reads_a_hub_input_an_earlier_version_recorded_by_its_data_files_hash_alone(hub, tmp_path, caplog):
     from helpers import record_in_card
 
@@ -608,6 +683,30 @@ def test_a_json_column_of_compressed_data_files_is_refused(hub):
     commit_file(hub, "tester/json-compressed", "train.jsonl.gz", gzip.compress(MIXED_LINES, mtime=0))
     with pytest.raises(InputError, match=says("'tester/json-compressed'", "as Json", "train.jsonl.gz", "decompress")):
         load_rows("tester/json-compressed")
+
+
+ENCODED = "configs:\n- config_name: default\n  data_files: train.jsonl\n  encoding: {}\n"
+
+
+def test_a_json_column_of_a_file_with_a_byte_order_mark_read_as_utf_8_sig_is_read_row_by_row(hub, tmp_path):
+    with_mark = b"\xef\xbb\xbf" + MIXED_LINES
+    commit_file(hub, "tester/json-utf-8-sig", "train.jsonl", with_mark)
+    commit_file(hub, "tester/json-utf-8-sig", "README.md", card(ENCODED.format("utf-8-sig")))
+    local = tmp_path / "with-mark.jsonl"
+    local.write_bytes(with_mark)
+    rows, info = load_rows("tester/json-utf-8-sig")
+    assert "altered_content_hashes" in info
+    assert list(rows) == list(load_rows(str(local))[0])
+    assert [json.loads(raw)["id"] for raw in rows["raw"]] == [row["id"] for row in MIXED_CONTENT]
+
+
+def test_a_json_column_of_a_file_the_card_reads_as_latin_1_is_refused(hub):
+    """The row-by-row reader reads UTF-8: the file's accented letters would be other text, or bad rows."""
+    latin_1 = MIXED_LINES.decode().replace("A number", "Un numéro").encode("latin-1")
+    commit_file(hub, "tester/json-latin-1", "train.jsonl", latin_1)
+    commit_file(hub, "tester/json-latin-1", "README.md", card(ENCODED.format("latin-1")))
+    with pytest.raises(InputError, match=says("'tester/json-latin-1'", "as Json", '"encoding": "latin-1"', "JSON Lines")):
+        load_rows("tester/json-latin-1")
 
 
 def text_chat_lines(n: int) -> bytes:
