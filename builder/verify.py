@@ -314,10 +314,10 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
 
 def mistyped_manifest_parts(manifest: dict) -> list[str]:
     """The parts verify sums or pads with, and the counts readers report, that hold another kind of value than every
-    build writes (a card edited by hand; a count below 0 among them), each with what it holds and what is expected;
-    a part missing whole is named as missing."""
+    build writes (a card edited by hand; a count below 0 among them, and a pad id below 0, which a recompute would feed
+    to the embedding), each with what it holds and what is expected; a part missing whole is named as missing."""
     skipped = manifest.get("skipped")
-    values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), int)]
+    values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), TOKEN_ID)]
     values += [(f"totals.{key}", part_of(manifest, f"totals.{key}"), COUNT) for key in SUMMED]
     values += [("skipped", skipped, dict), ("duplicate_ids", manifest.get("duplicate_ids"), COUNT)]
     values += [(f"skipped.{reason}", count, COUNT) for reason, count in (skipped.items() if isinstance(skipped, dict) else ())]
@@ -332,16 +332,17 @@ def mistyped_manifest_parts(manifest: dict) -> list[str]:
 
 
 COUNT = "count"  # a kind of value: a whole number, 0 or more
+TOKEN_ID = "token id"  # the same, an id of the vocabulary
 
 
 def holds(value, kind) -> bool:
-    if kind == COUNT:
+    if kind in (COUNT, TOKEN_ID):
         return holds(value, int) and value >= 0
     return isinstance(value, kind) and not isinstance(value, bool)  # YAML's true is no number
 
 
 FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
-EXPECTED_KIND = {int: "a whole number", COUNT: "a count (a whole number, 0 or more)", dict: "a mapping"}
+EXPECTED_KIND = {COUNT: "a count (a whole number, 0 or more)", TOKEN_ID: "a token id (a whole number, 0 or more)", dict: "a mapping"}
 
 
 def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str:

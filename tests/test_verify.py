@@ -1671,6 +1671,7 @@ def test_a_manifest_lacking_a_field_of_a_shard_column_layout_or_identity_is_call
 
 
 COUNT = "a count (a whole number, 0 or more)"
+TOKEN_ID = "a token id (a whole number, 0 or more)"
 
 
 @pytest.mark.parametrize(
@@ -1696,14 +1697,15 @@ COUNT = "a count (a whole number, 0 or more)"
         ("skipped.template_error", "3", 'the string "3"', COUNT),  # summed into the input's row count
         ("skipped.template_error", -1, "the number -1", COUNT),
         ("duplicate_ids", -1, "the number -1", COUNT),
-        ("build.pad_token_id", "abc", 'the string "abc"', "a whole number"),
-        ("build.pad_token_id", True, "the boolean true", "a whole number"),
+        ("build.pad_token_id", "abc", 'the string "abc"', TOKEN_ID),
+        ("build.pad_token_id", True, "the boolean true", TOKEN_ID),
+        ("build.pad_token_id", -1, "the number -1", TOKEN_ID),  # a recompute would embed it: an IndexError, on CUDA a device assert
     ],
 )
 def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
     """A count verify sums, its totals, or the id a recompute pads with, edited into another kind of value (a count
-    below 0 among them): a refusal naming it, what it holds and what is expected, not a traceback or a report of
-    other damage."""
+    or that id below 0 among them): a refusal naming it, what it holds and what is expected, not a traceback or a
+    report of other damage."""
     from builder.cli import main
 
     *path, key = part.split(".")
