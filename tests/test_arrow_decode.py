@@ -98,3 +98,17 @@ def test_null_and_empty_binary_values_decode(uncompressed):
     assert [r["n"] for r in rows] == [1, 2, 3]
     sliced = arrow_rows(pa.table({"ids": pa.array([b"ab", b"cd", b"ef"]).slice(1)}))
     assert [bytes(r["ids"]) for r in sliced] == [b"cd", b"ef"]
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()], ids=["binary", "large_binary"])
+def test_binary_and_large_binary_values_are_both_views_of_the_values_buffer(kind):
+    """Arrow gives a column over 2 GiB of values as large_binary: its tensors must be the same views, not copies."""
+    stored = [torch.arange(n, dtype=torch.int32) * 7 for n in (3, 5, 1)]
+    array = pa.array([t.numpy().tobytes() for t in stored], type=kind)
+    manifest = {"columns": {"ids": {"arrow": "binary", "dtype": "int32", "shape": ["L"]}}}
+    rows = [RowDecoder(manifest)(row) for row in arrow_rows(pa.table({"ids": array}))]
+    values = array.buffers()[2]
+    for row, expected in zip(rows, stored):
+        assert torch.equal(row["ids"], expected)
+        start = row["ids"].data_ptr()
+        assert values.address <= start and start + expected.nbytes <= values.address + values.size

@@ -1,5 +1,6 @@
 """Local shards stream memory-mapped: the tables `datasets` would read, the same samples, and
-resume states that carry over between the two ways of reading."""
+resume states that carry over between the two ways of reading; streams it cannot mirror are left to
+`datasets`. Splits by rank read whole shards, or whole row groups (of uneven sizes here)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,93 @@ def test_other_streams_are_left_to_datasets(cache, tmp_path):
     assert memory_map_local_shards(datasets_stream(cache)) is True
 
 
-def test_a_stream_that_skips_bad_files_is_left_to_datasets(cache, tmp_path):
-    """`on_bad_files="skip"`: datasets passes over an unreadable file, which the memory-mapped source would raise on."""
+def test_shards_that_are_not_files_on_disk_are_left_to_datasets(cache, tmp_path):
+    """A shard inside an archive has no file to memory-map: datasets reads it through its own file system."""
+    import zipfile
+
+    good = sorted((cache / "data").glob("*.parquet"))[0]
+    archive = tmp_path / "shards.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(good, "train.parquet")
+    rows = datasets.load_dataset("parquet", data_files=f"zip://train.parquet::{archive}", split="train", streaming=True)
+    assert memory_map_local_shards(rows) is False
+    assert ids(rows) == pq.read_table(good, columns=["sample_id"]).column("sample_id").to_pylist()
+
+
+def test_a_shard_without_row_groups_yields_no_table_as_in_datasets(cache, tmp_path):
+    """A Parquet file written with no row group (a writer closed before its first batch) holds no rows:
+    the memory-mapped source passes over it as datasets does, and reads the next file."""
+    good = sorted((cache / "data").glob("*.parquet"))[0]
+    empty = tmp_path / "empty.parquet"
+    pq.ParquetWriter(empty, pq.read_schema(good)).close()
+    assert pq.ParquetFile(empty).num_row_groups == 0
+    hf = datasets.load_dataset("parquet", data_files=[str(empty), str(good)], split="train", streaming=True)
+    examples = table_source(hf)
+    theirs = list(examples.generate_tables_fn(**examples.kwargs))
+    assert memory_map_local_shards(hf) is True
+    ours = list(examples.generate_tables_fn(**examples.kwargs))
+    assert [key for key, _ in ours] == [key for key, _ in theirs] and {key.original_shard_id for key, _ in ours} == {1}
+    for (_, mine), (_, expected) in zip(ours, theirs):
+        assert mine.equals(expected, check_metadata=True)
+    assert ids(hf) == pq.read_table(good, columns=["sample_id"]).column("sample_id").to_pylist()
+
+
+@pytest.mark.parametrize("columns", [None, ["sample_id", "aux_hidden_states"]])
+def test_the_installed_source_reads_the_columns_and_schema_datasets_reads(cache, columns):
+    """What `memory_map_local_shards` puts in place yields datasets' tables: the projected columns, and
+    the schema's metadata (its features) that datasets casts every table to."""
+    hf = datasets_stream(cache, columns)
+    examples = table_source(hf)
+    theirs = list(examples.generate_tables_fn(**examples.kwargs))
+    assert theirs[0][1].schema.metadata  # the features, which the tables must keep
+    assert memory_map_local_shards(hf) is True
+    assert isinstance(examples.generate_tables_fn, MemoryMappedTables)
+    ours = list(examples.generate_tables_fn(**examples.kwargs))
+    assert len(ours) == len(theirs)
+    for (_, mine), (_, expected) in zip(ours, theirs):
+        assert mine.equals(expected, check_metadata=True)
+
+
+# ---- splitting by rank: whole files, or whole row groups when files are fewer than ranks ----------
+
+
+def row_group_ids(cache) -> list[list[list[str]]]:
+    """The sample ids of each row group of each shard."""
+    shards = []
+    for file in sorted((cache / "data").glob("*.parquet")):
+        parquet = pq.ParquetFile(file)
+        shards.append(
+            [parquet.read_row_group(g, columns=["sample_id"]).column("sample_id").to_pylist() for g in range(parquet.num_row_groups)]
+        )
+    return shards
+
+
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_ranks_read_whole_shards_and_whole_row_groups_only_when_shards_are_fewer(cache, caplog, world_size):
+    """Three shards: three ranks read one whole shard each. Four ranks: whole row groups, one in four each,
+    rather than every rank reading all the cache to keep one row in four. Rank 0 says how many samples
+    each rank gets."""
+    shards = row_group_ids(cache)
+    assert len(shards) == 3
+    if world_size <= len(shards):
+        parts = [shards[rank::world_size] for rank in range(world_size)]
+    else:
+        groups = [group for shard in shards for group in shard]
+        parts = [[groups[rank::world_size]] for rank in range(world_size)]
+    expected = [[sample for shard in part for group in shard for sample in group] for part in parts]
+    read = [ids(load_cache(cache, layout="raw", columns=["sample_id"], rank=rank, world_size=world_size)) for rank in range(world_size)]
+    assert read == expected
+    counts = [len(part) for part in expected]
+    warnings = [r.getMessage() for r in caplog.records if "the split gives the ranks" in r.getMessage()]
+    assert len(warnings) == 1 and f"the split gives the ranks {counts} samples" in warnings[0]
+
+
+@pytest.mark.parametrize("on_bad_files", ["skip", "warn"])
+def test_a_stream_that_skips_bad_files_is_left_to_datasets(cache, tmp_path, on_bad_files):
+    """`on_bad_files="skip"` or `"warn"`: datasets passes over an unreadable file, which the memory-mapped source would raise on."""
     good = sorted((cache / "data").glob("*.parquet"))[0]
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not a Parquet file" * 8)
-    rows = datasets.load_dataset("parquet", data_files=[str(good), str(bad)], split="train", streaming=True, on_bad_files="skip")
+    rows = datasets.load_dataset("parquet", data_files=[str(good), str(bad)], split="train", streaming=True, on_bad_files=on_bad_files)
     assert memory_map_local_shards(rows) is False
     assert [row["sample_id"] for row in rows] == pq.read_table(good, columns=["sample_id"]).column("sample_id").to_pylist()

@@ -314,6 +314,23 @@ def test_shard_files_other_than_the_manifests_are_refused_before_any_row(tmp_pat
             load_cache(copy, layout="raw", streaming=streaming)
 
 
+def test_a_shard_of_another_size_than_recorded_is_refused_before_any_row(tmp_path, cache):
+    """Every shard is there by name, one holds other rows (another shard's bytes): reading it would train
+    on rows the card does not describe, so the open refuses it."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shards = sorted((copy / "data").glob("*.parquet"))
+    shards[1].write_bytes(shards[3].read_bytes())
+    for streaming in (True, False):
+        with pytest.raises(
+            ShardFilesMismatch,
+            match=rf"the shard files in data/ are not the ones its card lists \(another size than recorded: {shards[1].name}\)\. ",
+        ):
+            load_cache(copy, layout="raw", streaming=streaming)
+
+
 def with_card_pattern(card, pattern: str) -> None:
     """Rewrite the card's data_files pattern (as a card pushed by an earlier version had it)."""
     text = card.read_text()
@@ -396,18 +413,34 @@ def uneven_split_warnings(location, world_size: int, caplog) -> tuple[list[int],
     return [len(part) for part in parts], warnings
 
 
-@pytest.mark.parametrize("world_size", [2, 4, 5])
-def test_a_split_that_leaves_ranks_unequal_says_so(cache, caplog, world_size):
+@pytest.mark.parametrize("world_size, expected", [(2, [8, 6]), (3, [6, 4, 4]), (4, [4, 4, 4, 2]), (5, [3, 3, 3, 3, 2])])
+def test_a_split_that_leaves_ranks_unequal_says_so(cache, caplog, world_size, expected):
     """14 samples in shards of 4, 4, 4, 2 (one row group each): ranks get different numbers of samples
     (by whole shards, or row by row for more ranks than row groups), so a DDP loop would wait forever on
     the rank with an extra batch; rank 0 says so, with the counts."""
     counts, warnings = uneven_split_warnings(cache, world_size, caplog)
-    assert sum(counts) == 14 and len(set(counts)) > 1
+    assert counts == expected
     assert warnings == [
         f"split_by_rank: the split gives the ranks {counts} samples: a loop that runs a collective"
         + warnings[0].split("a loop that runs a collective")[1]
     ]
     assert "DDP's join()" in warnings[0]
+
+
+def test_a_split_that_gives_every_rank_as_many_samples_does_not_warn(cache, caplog):
+    """Seven ranks, more than the four row groups: each keeps 1 row in 7 of the 14, two samples each."""
+    counts, warnings = uneven_split_warnings(cache, 7, caplog)
+    assert counts == [2] * 7 and warnings == []
+
+
+def test_a_rank_outside_the_world_size_is_refused(cache):
+    """Ranks count from 0: rank 2 of 2 would read a part no rank of a two-process run reads."""
+    for rank, world_size in ((2, 2), (-1, 2), (None, 2)):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(f"rank/world_size: expected 0 <= rank < world_size, both given, got rank={rank}, world_size={world_size}"),
+        ):
+            load_cache(cache, layout="raw", columns=["sample_id"], rank=rank, world_size=world_size)
 
 
 def test_a_split_by_row_groups_that_leaves_ranks_unequal_says_so(tmp_path, caplog):
@@ -585,16 +618,127 @@ def test_resume_state_of_other_settings_is_refused(cache):
         next(iter(plain))
 
 
-def test_a_stream_left_open_at_exit_is_closed_quietly(cache):
-    """A script that stops reading and exits with its iterator still referenced: the read is closed
-    at exit while every module still works, so `datasets` prints no "Exception ignored" traceback."""
-    script = (
-        "import sys\n"
-        "from builder.reader import load_cache\n"
-        "rows = iter(load_cache(sys.argv[1], layout='raw', streaming=True))\n"
-        "next(rows)\n"
-        "print('read one row', flush=True)\n"
+def shard_ids(cache) -> list[list[str]]:
+    import pyarrow.parquet as pq
+
+    return [pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist() for f in sorted((cache / "data").glob("*.parquet"))]
+
+
+def test_a_shuffle_buffer_shuffles_the_order_of_the_shards_by_seed_and_epoch(cache):
+    """A one-row window permutes no rows, so the stream is whole shards in the shuffled order: that order
+    must change with the epoch and the seed, or every epoch starts with the same shard."""
+    shards = shard_ids(cache)
+
+    def shard_order(seed: int, epoch: int) -> tuple[int, ...]:
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=1, seed=seed)
+        dataset.set_epoch(epoch)
+        read = ids(dataset)
+        order, start = [], 0
+        while start < len(read):
+            order.append(next(i for i, shard in enumerate(shards) if read[start : start + len(shard)] == shard))
+            start += len(shards[order[-1]])
+        assert sorted(order) == [0, 1, 2, 3]  # each shard once, whole and in its own order
+        return tuple(order)
+
+    assert len({shard_order(0, epoch) for epoch in range(4)}) > 1
+    assert len({shard_order(seed, 0) for seed in range(4)}) > 1
+
+
+def test_a_state_saved_after_set_epoch_resumes_that_epoch(cache):
+    """The loop moved on to epoch 1 and saved mid-epoch: a restart continues epoch 1's order, not epoch 0's."""
+
+    def open_cache(epoch: int | None = None):
+        dataset = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4, seed=7)
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        return dataset
+
+    epochs = [ids(open_cache(epoch)) for epoch in (0, 1)]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+    for k in (1, 6, 13):
+        saving = open_cache(1)
+        head = ids(itertools.islice(saving, k))
+        state = json.loads(json.dumps(saving.state_dict()))
+        assert state["epoch"] == 1
+        resumed = open_cache()
+        resumed.load_state_dict(state)
+        assert head + ids(resumed) == epochs[1], k
+        assert resumed.epoch == 1
+
+
+def test_a_state_from_another_cache_is_refused(cache, tmp_path):
+    """Its positions count another cache's shards and rows: resuming with it would skip or repeat samples."""
+    import shutil
+
+    from helpers import record_in_card
+
+    other = tmp_path / "other"
+    shutil.copytree(cache, other)
+    record_in_card(other, seq_length=2048)  # another build's card: another fingerprint
+    saving = load_cache(other, layout="raw", columns=["sample_id"])
+    next(iter(saving))
+    theirs, mine = read_manifest(other)["fingerprint"], read_manifest(cache)["fingerprint"]
+    assert theirs != mine
+    with pytest.raises(
+        ValueError,
+        match=says(
+            f"the state was saved by a dataset with fingerprint={theirs!r}; this one expects fingerprint={mine!r}",
+            "Open the same cache",
+        ),
+    ):
+        load_cache(cache, layout="raw", columns=["sample_id"]).load_state_dict(saving.state_dict())
+
+
+def test_a_state_missing_keys_is_refused(cache):
+    """A state cut short (or not a StreamingCacheDataset's) says what it holds, not a KeyError at the next read."""
+    dataset = load_cache(cache, layout="raw", columns=["sample_id"])
+    state = dataset.state_dict()
+    del state["position"]
+    with pytest.raises(
+        ValueError, match=says(f"saved by a dataset with keys {sorted(state)}", "this one expects a StreamingCacheDataset state")
+    ):
+        dataset.load_state_dict(state)
+
+
+def test_every_outage_of_a_stream_gets_the_whole_retry_budget(cache, monkeypatch, caplog):
+    """A long epoch meets many brief outages: each is retried anew once reading resumed, so outages that
+    together outnumber the retries do not stop training."""
+    from builder.hub import Retry
+
+    whole = ids(load_cache(cache, layout="raw", columns=["sample_id"]))
+    dataset = load_cache(cache, layout="raw", columns=["sample_id"], retry=Retry(retries=1, backoff=0))
+    reads, failing = itertools.count(1), {3, 9}
+
+    def with_outages(rows):
+        for row in rows:
+            if next(reads) in failing:
+                raise ConnectionError("connection reset by peer")
+            yield row
+
+    opened = dataset._open
+    monkeypatch.setattr(dataset, "_open", lambda position: with_outages(opened(position)))
+    assert ids(dataset) == whole
+    retried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("streaming read failed")]
+    assert (
+        retried
+        == ["streaming read failed (ConnectionError: connection reset by peer); reopening at the current window, retry 1/1 in 0.0s"] * 2
     )
+
+
+@pytest.mark.parametrize("memory_mapped", [True, False])
+def test_a_stream_left_open_at_exit_is_closed_quietly(cache, memory_mapped):
+    """A script that stops reading and exits with its iterator still referenced: the read is closed
+    at exit while every module still works, so `datasets` prints no "Exception ignored" traceback.
+    Shards `datasets` reads itself (from the Hub, or where they cannot be memory-mapped) too."""
+    lines = [
+        "import sys",
+        "import builder.reader",
+        *([] if memory_mapped else ["builder.reader.memory_map_local_shards = lambda hf: False"]),
+        "rows = iter(builder.reader.load_cache(sys.argv[1], layout='raw', streaming=True))",
+        "next(rows)",
+        "print('read one row', flush=True)",
+    ]
+    script = "\n".join(lines) + "\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "read one row" in done.stdout, done.stderr[-2000:]
