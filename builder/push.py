@@ -441,7 +441,7 @@ class HubPusher:
                 raise
             raise HubError(
                 f"--hub-tag {t.tag}: the tag was created on {t.repo_id} by someone else while this push ran; expected it free, "
-                f"to name this push's commit {commit[:12]}, found it naming commit {found[:12]}. It is left as it is: "
+                f"to name this push's commit {commit[:12]}, found it naming commit {found[:12]}, and it is left as it is. "
                 f"{t.repo_id}@{t.branch} holds this cache at {commit[:12]}: push the same cache with a new --hub-tag to name it "
                 "(its shards are not uploaded again)."
             ) from err
