@@ -1491,7 +1491,7 @@ def test_a_folder_the_index_card_does_not_list_is_another_datasets_and_left_alon
     assert_same_content(list(load_cache(repo, name="short", revision="short-v1", layout="raw")), decoded_rows(v2))
 
 
-def test_a_tag_another_push_created_meanwhile_is_reported_and_not_taken_for_this_pushs(hub, v1, monkeypatch):
+def test_a_tag_another_push_created_meanwhile_is_reported_not_taken_for_this_one(hub, v1, monkeypatch):
     """Tags name immutable versions: one that another push created while this one ran names their commit, so
     the push fails saying what the tag names and how to name this cache; the tag stays theirs."""
     from huggingface_hub import HfApi
