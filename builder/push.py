@@ -432,9 +432,19 @@ class HubPusher:
         try:
             self.api.create_tag(t.repo_id, tag=t.tag, revision=commit, repo_type=REPO_TYPE)
         except HfHubHTTPError as err:
-            if http_status(err) == 409 and self.tag_commit() == commit:
+            if http_status(err) != 409:
+                raise
+            found = self.tag_commit()
+            if found == commit:
                 return  # our own earlier attempt got through; its answer was lost
-            raise
+            if found is None:
+                raise
+            raise HubError(
+                f"--hub-tag {t.tag}: the tag was created on {t.repo_id} by someone else while this push ran; expected it free, "
+                f"to name this push's commit {commit[:12]}, found it naming commit {found[:12]}, and it is left as it is. "
+                f"{t.repo_id}@{t.branch} holds this cache at {commit[:12]}: push the same cache with a new --hub-tag to name it "
+                "(its shards are not uploaded again)."
+            ) from err
 
     def _root(self, commit: str) -> HubCard:
         """The root card at `commit`. Of a damaged index card, the configs it listed are found again in their folders."""

@@ -991,6 +991,118 @@ def test_a_cancelled_uploader_does_not_wait_for_a_request_that_never_returns(hub
     assert (tmp_path / "data" / name).exists() and not hub.files_at("tester/stalled", "main").get(f"data/{name}")
 
 
+def shards_being_built(v1, folder: Path) -> list[Path]:
+    """v1's shards as a build writes them into `folder`, in order (no build records: nothing else is written)."""
+    import shutil
+
+    (folder / "data").mkdir(parents=True)
+    return [Path(shutil.copy(v1 / "data" / shard["name"], folder / "data" / shard["name"])) for shard in read_manifest(v1)["shards"]]
+
+
+def test_an_uploader_commits_at_most_as_many_shards_at_once_as_its_queue_holds(hub, v1, tmp_path, monkeypatch):
+    """Local disk holds at most the queued shards, the one uploading and the one being written: a shard the
+    build hands over while a commit's batch forms waits for the next commit, not joining this one."""
+    import queue
+
+    import builder.push as push_module
+
+    class WriterWaitingForRoom(queue.Queue):
+        """The uploader's queue as a build fills it: a shard handed over while it is full goes in as soon as
+        a place frees, as the build's writer, waiting on the full queue, puts it there."""
+
+        def __init__(self, maxsize: int):
+            super().__init__(maxsize)
+            self.waiting: list = []
+
+        def put(self, item, block=True, timeout=None):
+            with self.mutex:
+                if self._qsize() >= self.maxsize:
+                    self.waiting.append(item)
+                    return
+            super().put(item, block, timeout)
+
+        def _get(self):
+            item = super()._get()
+            if self.waiting:
+                self._put(self.waiting.pop(0))
+            return item
+
+    real_upload, batches, uploading, handed_over = push_module.HubPusher.upload_shards, [], threading.Event(), threading.Event()
+
+    def upload_shards(self, shards):
+        batches.append([Path(path).name for path, _ in shards])
+        uploading.set()
+        assert handed_over.wait(60)  # the first shard uploads while the build hands over the others
+        return real_upload(self, shards)
+
+    monkeypatch.setattr(push_module, "queue", SimpleNamespace(Queue=WriterWaitingForRoom, Empty=queue.Empty, Full=queue.Full))
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", upload_shards)
+    uploader = ShardUploader(PushTarget("tester/bounded-batches"), delete_local=True, max_pending=2, retry=FAST)
+    shards = shards_being_built(v1, tmp_path)
+    uploader.upload(shards[0])
+    assert uploading.wait(60)
+    for path in shards[1:]:
+        uploader.upload(path)
+    handed_over.set()
+    uploader.wait()
+    names = [path.name for path in shards]
+    assert batches == [names[:1], names[1:3], names[3:]]
+    assert data_files(hub, "tester/bounded-batches", "main") == [f"data/{name}" for name in names]
+    assert not any(path.exists() for path in shards)
+
+
+def test_after_a_failed_upload_the_queued_shards_are_neither_sent_nor_deleted(hub, v1, tmp_path, monkeypatch):
+    """The build learns of the failure at its next hand-over; meanwhile a queued shard is not sent (the failure
+    stops the uploads) and stays on disk, where a resume finds it."""
+    import builder.push as push_module
+
+    real_upload, uploading, queued = push_module.HubPusher.upload_shards, threading.Event(), threading.Event()
+
+    def upload_shards(self, shards):
+        uploading.set()
+        assert queued.wait(60)  # the next shard is queued while this one uploads
+        return real_upload(self, shards)
+
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", upload_shards)
+    repo = "tester/failed-upload"
+    uploader = ShardUploader(PushTarget(repo), delete_local=True, max_pending=1, retry=FAST)
+    shards = shards_being_built(v1, tmp_path)[:2]
+    refused = hub.add_fault("POST", r"/commit/", status=403)  # the first commit only
+    uploader.upload(shards[0])
+    assert uploading.wait(60)
+    uploader.upload(shards[1])
+    queued.set()
+    with pytest.raises(
+        HubError, match=f"uploading shards to {repo} failed: upload {shards[0].name} on {repo} failed: the token has no write"
+    ):
+        uploader.wait()
+    assert refused.fired == 1 and len(hub.requests("POST", r"/commit/")) == 1
+    assert all(path.exists() for path in shards) and uploader.uploaded == []
+    sent = {path.rsplit("/", 1)[1] for _, path, _ in hub.requests("PUT", r"/lfs-upload/")}
+    assert file_hash(shards[1], "sha256") not in sent and data_files(hub, repo, "main") == []
+
+
+def test_a_shard_whose_recorded_sha256_the_branch_lacks_is_uploaded_before_it_is_deleted(hub, v1, tmp_path):
+    """A resumed build hands over the sha256 an earlier upload recorded: a shard the branch holds with it is
+    not sent again, and one it does not hold (another branch's upload, a branch reset since) is sent before
+    its local copy goes: never is a shard deleted here that the Hub lacks."""
+    repo = "tester/recorded-sha256"
+    on_hub, missing = shards_being_built(v1, tmp_path / "earlier")[0], shards_being_built(v1, tmp_path / "resumed")[:2]
+    earlier = ShardUploader(PushTarget(repo), retry=FAST)
+    earlier.upload(on_hub)
+    earlier.wait()
+    sha256 = {path.name: file_hash(path, "sha256") for path in missing}
+    hub.reset_counters()
+    uploader = ShardUploader(PushTarget(repo), delete_local=True, retry=FAST)
+    for path in missing:
+        uploader.upload(path, sha256[path.name])
+    uploader.wait()
+    assert uploader.uploaded == [missing[1].name] and not any(path.exists() for path in missing)
+    files = hub.files_at(repo, "main")
+    assert {name: files[f"data/{name}"].sha256 for name in sha256} == sha256
+    assert [path.rsplit("/", 1)[1] for _, path, _ in hub.requests("PUT", r"/lfs-upload/")] == [sha256[missing[1].name]]
+
+
 def test_loopback_hub_speaks_the_listing_and_range_api(hub, pushed_v1, v1):
     """The server itself, through the real client: paths-info, trees, refs, commits, HEAD, Range."""
     from huggingface_hub import HfApi, HfFileSystem
@@ -1268,6 +1380,151 @@ def test_a_push_is_refused_before_any_upload_when_the_cache_misses_a_file_its_ma
     with pytest.raises(HubError, match=r"vocab\.safetensors: the manifest names this file, but the cache folder does not hold it\. Run"):
         push(cache, "tester/no-vocab", tag="v1")
     assert data_files(hub, "tester/no-vocab", "main") == [] and hub.state.bytes_uploaded == 0
+
+
+def test_a_card_naming_the_head_rows_at_another_path_is_refused_before_any_upload(hub, tmp_path):
+    """A push publishes a `hidden` cache's head rows where builds write them: a card edited to name another
+    file would reach the Hub naming a file the push never sends, and no read of that push would open."""
+    import shutil
+
+    from helpers import front_matter_edited
+
+    cache = build(small_config(tmp_path / "hidden", target_format="hidden", max_samples=4), progress=False).output_dir
+    shutil.copy(cache / "vocab" / "lm_head.safetensors", cache / "vocab" / "head_rows.safetensors")  # the file the card names is here
+
+    def head_rows_elsewhere(data: dict) -> None:
+        data["eagle3_cache"]["lm_head_file"]["path"] = "vocab/head_rows.safetensors"
+
+    (cache / "README.md").write_text(front_matter_edited((cache / "README.md").read_text(), head_rows_elsewhere))
+    with pytest.raises(
+        HubError,
+        match=says(
+            "the manifest names 'vocab/head_rows.safetensors' as the file of the head rows; expected 'vocab/lm_head.safetensors'",
+            "The card was edited after the build: build the cache again, then push.",
+        ),
+    ):
+        push(cache, "tester/head-rows-elsewhere", tag="v1")
+    assert data_files(hub, "tester/head-rows-elsewhere", "main") == [] and hub.state.bytes_uploaded == 0
+
+
+def test_a_tag_naming_another_configs_push_is_refused_before_any_upload(hub, v1, v2):
+    """The tag's commit holds no card of this config: the tag names something else, which a push never moves."""
+    repo = "tester/tag-of-another-config"
+    first = push(v1, repo, config="llama", tag="v1")
+    hub.reset_counters()
+    with pytest.raises(
+        HubError,
+        match=says(
+            f"--hub-tag v1: the tag already exists on {repo} and names something else, not this cache ({read_manifest(v2)['fingerprint']})",
+            "choose a new tag",
+        ),
+    ):
+        push(v2, repo, config="short", tag="v1")
+    assert hub.state.bytes_uploaded == 0 and not hub.requests("POST", r"/preupload/|/commit/")
+    assert hub.repo(repo).tags == {"v1": first.commit} and hub.repo(repo).branches["main"] == first.commit
+
+
+def test_files_in_a_sub_folder_of_data_are_not_taken_as_shards(hub, v1):
+    """A card's shard pattern reads the files of data/ itself, none of a sub-folder: another dataset's files
+    there, named as this cache's shards are, neither refuse the push nor are read as its rows, and stay."""
+    repo = "tester/data-sub-folder"
+    theirs = "data/train-v0/train-00001-of-00004.parquet"
+    commit_their_files(hub, repo, {theirs: "their rows"})
+    result = push(v1, repo, tag="v1")
+    assert result.deleted == [] and theirs in hub.files_at(repo, "v1")
+    assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_a_new_version_removes_only_the_shards_of_the_earlier_one_and_keeps_a_users_files(hub, v1, v2):
+    """Files a user added beside the shards (notes, a backup copy of a shard) are not the cache's to remove."""
+    repo = "tester/users-files"
+    push(v1, repo, tag="v1")
+    users = {"data/notes.txt": "where these rows come from\n", "data/train-00000-of-00004.parquet.bak": "a copy kept by hand"}
+    for path, text in users.items():
+        commit_card(hub, repo, path, text)
+    second = push(v2, repo, tag="v2")
+    assert second.deleted == [f"data/train-0000{k}-of-00004.parquet" for k in range(4)]
+    assert data_files(hub, repo, "v2") == sorted([*users, *(f"data/train-0000{k}-of-00003.parquet" for k in range(3))])
+    assert_same_content(list(load_cache(repo, revision="v2", layout="raw")), decoded_rows(v2))
+
+
+def test_another_datasets_file_committed_while_the_shards_upload_is_never_written_over(hub, v1, monkeypatch):
+    """The folder held nothing of another dataset when the push began; their vocab, committed while the shards
+    uploaded, is found at the card's commit: the push stops there, and their file stays as they wrote it."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import builder.push as push_module
+
+    repo, api = "tester/theirs-meanwhile", HfApi(endpoint=hub.url, token=TOKEN)
+    real_upload, theirs = push_module.HubPusher.upload_shards, []
+
+    def their_commit_lands_meanwhile(self, shards):
+        shas = real_upload(self, shards)
+        if not theirs:
+            ops = [CommitOperationAdd("vocab/vocab.safetensors", b"their vocab")]
+            theirs.append(api.create_commit(repo, ops, commit_message="their data", repo_type="dataset").oid)
+        return shas
+
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", their_commit_lands_meanwhile)
+    with pytest.raises(
+        HubError,
+        match=says(
+            f"{repo}@main: no eagle3-cache card describes its root, so its files are taken as another dataset's",
+            "found 1 (vocab/vocab.safetensors). None of them was changed.",
+        ),
+    ):
+        push(v1, repo, tag="v1")
+    assert hub.repo(repo).branches["main"] == theirs[0] and not hub.repo(repo).tags
+    assert hub_text(hub, repo, path="vocab/vocab.safetensors") == "their vocab" and "README.md" not in hub.files_at(repo, "main")
+
+
+def test_a_folder_the_index_card_does_not_list_is_another_datasets_and_left_alone(hub, v1, v2):
+    """Only a config the root index lists is a folder of eagle3-cache's: in any other, a push of that config
+    removes nothing, even files named as shards are."""
+    repo = "tester/unlisted-folder"
+    push(v1, repo, config="llama")
+    theirs = ["short/data/train-00000-of-00002.parquet", "short/data/train-00001-of-00002.parquet"]
+    for path in theirs:
+        commit_card(hub, repo, path, "their rows")
+    result = push(v2, repo, config="short", tag="short-v1")
+    assert result.deleted == [] and set(theirs) <= set(hub.files_at(repo, "short-v1"))
+    assert_same_content(list(load_cache(repo, name="short", revision="short-v1", layout="raw")), decoded_rows(v2))
+
+
+def test_a_tag_another_push_created_meanwhile_is_reported_not_taken_for_this_one(hub, v1, monkeypatch):
+    """Tags name immutable versions: one that another push created while this one ran names their commit, so
+    the push fails saying what the tag names and how to name this cache; the tag stays theirs."""
+    from huggingface_hub import HfApi
+
+    import builder.push as push_module
+
+    repo, api = "tester/tag-race", HfApi(endpoint=hub.url, token=TOKEN)
+    real_commit_card, theirs, ours = push_module.HubPusher._commit_card, [], []
+
+    def another_push_tags_first(self, *args, **kwargs):  # between our card commit and our tag
+        commit, deleted = real_commit_card(self, *args, **kwargs)
+        theirs.append(api.list_repo_commits(repo, repo_type="dataset")[-1].commit_id)  # the repo's first commit
+        api.create_tag(repo, tag="v1", revision=theirs[0], repo_type="dataset")
+        ours.append(commit)
+        return commit, deleted
+
+    monkeypatch.setattr(push_module.HubPusher, "_commit_card", another_push_tags_first)
+    with pytest.raises(HubError) as raced:
+        push(v1, repo, tag="v1")
+    assert re.search(
+        says(
+            f"--hub-tag v1: the tag was created on {repo} by someone else while this push ran",
+            f"expected it free, to name this push's commit {ours[0][:12]}, found it naming commit {theirs[0][:12]}",
+            f"{repo}@main holds this cache at {ours[0][:12]}: push the same cache with a new --hub-tag to name it",
+        ),
+        str(raced.value),
+    ), str(raced.value)
+    assert hub.repo(repo).tags == {"v1": theirs[0]} and hub.repo(repo).branches["main"] == ours[0]
+    monkeypatch.setattr(push_module.HubPusher, "_commit_card", real_commit_card)
+    hub.reset_counters()
+    again = push(v1, repo, tag="v2")  # as the message says
+    assert again.skipped == [s["name"] for s in read_manifest(v1)["shards"]] and not again.uploaded and hub.state.bytes_uploaded == 0
+    assert hub.repo(repo).tags == {"v1": theirs[0], "v2": again.commit}
 
 
 # ---- exporting a Hub cache --------------------------------------------------------------------

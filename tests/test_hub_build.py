@@ -394,3 +394,24 @@ def test_a_build_whose_card_or_tag_the_hub_keeps_failing_says_to_resume_it_or_pu
         assert main(shlex.split(push)[1:]) == 0, capsys.readouterr()
     assert "v1" in hub.repo(repo).tags
     assert_same_content(list(load_cache(repo, revision="v1", layout="raw")), decoded_rows(reference))
+
+
+def test_the_push_a_failed_build_advises_sends_to_its_config_and_branch(hub, tmp_path, quick_upload_retries, capsys):
+    """The advised command names every target flag the build was given: without --hub-config and --hub-branch it
+    would push the cache to the repo's root on main, not where the build's shards are."""
+    import re
+    import shlex
+
+    from builder.cli import main
+    from builder.hub import HubError
+
+    out, repo = tmp_path / "cache", "tester/failing-tag-of-a-config"
+    cfg = small_config(out, max_samples=6, push_to_hub=repo, hub_config="llama", hub_branch="dev", hub_tag="v1")
+    hub.add_fault("POST", r"/tag/", status=502, times=None)
+    push = f"eagle3-cache push {out} {repo} --hub-config llama --hub-branch dev --hub-tag v1"
+    with pytest.raises(HubError, match=rf"(?s)create tag on {repo} failed: .*, or push the finished cache: `{re.escape(push)}`$"):
+        build(cfg, progress=False)
+    hub.clear_faults()
+    assert main(shlex.split(push)[1:]) == 0, capsys.readouterr()
+    assert hub.repo(repo).tags["v1"] == hub.repo(repo).branches["dev"]
+    assert_same_content(list(load_cache(repo, name="llama", revision="v1", layout="raw")), decoded_rows(out))
