@@ -358,6 +358,133 @@ def test_several_system_messages_cannot_fold_into_one_user_turn(tok):
     assert any(encode_row(row, tok, LLAMA3)[1])  # a template that takes system messages renders both
 
 
+# ---- the generation prompt, the EOS leniency and the truncation window at their edges -------
+
+
+def wraps_the_header(counts_messages: bool) -> str:
+    """A template whose generation blocks hold the role header too; one variant opens with the
+    number of messages, so no earlier rendering is a prefix of the whole (the count changes)."""
+    count = "<|system|>\n{{ messages | length }}<|end|>\n" if counts_messages else ""
+    return (
+        "{{ bos_token }}" + count + "{% for m in messages %}{% if m.role == 'assistant' %}"
+        "{% generation %}<|assistant|>\n{{ m.content }}<|end|>\n{% endgeneration %}"
+        "{% else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+
+
+@pytest.mark.parametrize("counts_messages", [False, True])
+def test_the_generation_prompt_is_taken_out_only_after_an_exact_prefix(tok, counts_messages):
+    """Generation blocks need no prefix renderings, so a template that rewrites what came before
+    (here a message count) still builds; but where messages[:i] is not the start of the whole, the
+    turn cannot be placed against the generation prompt, and --mask-generation-prompt keeps it whole."""
+    template = wraps_the_header(counts_messages)
+    ids, mask = encode_row(PLAIN_ROW, tok, template, mask_generation_prompt=True)
+    header = "<|assistant|>\n" if counts_messages else ""
+    assert masked_runs(tok, ids, mask) == [f"{header}42.<|end|>\n", f"{header}49.<|end|>\n"]
+    assert masked_runs(tok, *encode_row(PLAIN_ROW, tok, template)) == ["<|assistant|>\n42.<|end|>\n", "<|assistant|>\n49.<|end|>\n"]
+
+
+# The generation prompt always opens an empty think block; a turn with reasoning writes only its start.
+EMPTY_THINK_PROMPT = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}"
+    "<|im_start|>assistant\n<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
+PARTLY_PROMPTED = [
+    ("prompt", "<|im_start|>user\nHi<|im_end|>\n"),
+    ("turn", "<|im_start|>assistant\n<think>\n"),
+    ("reasoning", "Greet back."),
+    ("turn", "\n</think>\n\nHello.<|im_end|>\n"),
+    ("prompt", "<|im_start|>user\nBye<|im_end|>\n"),
+    ("header", "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+    ("turn", "Bye.<|im_end|>\n"),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_a_turn_that_opens_with_part_of_the_generation_prompt_keeps_it(tok, options):
+    """The generation prompt is taken out only where the turn starts with all of it: the turn with
+    reasoning shares the header and `<think>` with the prompt, not the rest, and a partial match
+    cannot tell template tokens from the message's, so that turn keeps its header."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye."},
+        ]
+    }
+    assert encode_row(row, tok, EMPTY_THINK_PROMPT, **options) == expected(tok, PARTLY_PROMPTED, **options)
+
+
+def test_a_generation_prompt_that_fails_after_the_first_turn_is_a_template_error(tok):
+    raises = LLAMA3.replace(
+        "{% if add_generation_prompt %}", "{% if add_generation_prompt %}{{ raise_exception('no generation prompt here') }}"
+    )
+    assert encode_row(PLAIN_ROW, tok, raises) == encode_row(PLAIN_ROW, tok, LLAMA3)  # the option off: never rendered
+    with pytest.raises(BadRow, match="^template_error: TemplateError: no generation prompt here$") as info:
+        encode_row(PLAIN_ROW, tok, raises, mask_generation_prompt=True)
+    assert info.value.reason == "template_error"
+
+
+ASSISTANT_FIRST_ROW = {
+    "messages": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]
+}
+
+
+def test_a_leading_turn_of_a_template_that_cannot_render_no_messages_keeps_its_header(tok):
+    """With generation blocks a leading assistant turn needs no rendering of no messages, but its
+    generation prompt does: a template that reads messages[0] unguarded leaves that turn's header
+    in the loss under --mask-generation-prompt, and the later turns lose theirs."""
+    template = wraps_the_header(False).replace(
+        "{{ bos_token }}", "{{ bos_token }}{% if messages[0]['role'] != 'system' %}<|system|>\nBe kind.<|end|>\n{% endif %}"
+    )
+    row = ASSISTANT_FIRST_ROW
+    ids, mask = encode_row(row, tok, template, mask_generation_prompt=True)
+    assert masked_runs(tok, ids, mask) == ["<|assistant|>\nHello.<|end|>\n", "Yes.<|end|>\n"]
+    assert tok.decode(ids).startswith("<|bos|><|system|>\nBe kind.<|end|>\n<|assistant|>\nHello.")
+
+
+def test_an_eos_alone_does_not_render_the_start_of_a_conversation(tok):
+    """A rendering may end with an EOS where the whole goes on (ENDS_WITH_EOS), but only after
+    something else, as in NeMo Automodel: this template renders no messages as the EOS alone, which
+    says nothing of where a leading assistant turn starts, so the row is refused. With a BOS before
+    the EOS the turn is located, a token late as the template's other turns are."""
+    row = ASSISTANT_FIRST_ROW
+    assert tok.apply_chat_template([[]], chat_template=ENDS_WITH_EOS, tokenize=False) == [tok.eos_token]
+    with pytest.raises(BadRow, match=r"^template_not_prefix_stable: .*messages\[:0\]") as info:
+        encode_row(row, tok, ENDS_WITH_EOS)
+    assert info.value.reason == "template_not_prefix_stable"
+    assert masked_runs(tok, *encode_row({"messages": row["messages"][1:]}, tok, ENDS_WITH_EOS)) == ["\nYes.<|end|>\n<|eos|>"]
+    with_bos = "{{ bos_token }}" + ENDS_WITH_EOS
+    assert tok.apply_chat_template([[]], chat_template=with_bos, tokenize=False) == [tok.bos_token + tok.eos_token]
+    assert masked_runs(tok, *encode_row(row, tok, with_bos)) == ["\nHello.<|end|>\n<|user|>", "\nYes.<|end|>\n<|eos|>"]
+
+
+# Clearing the reasoning lengthens the rendering: the template writes a placeholder in its place.
+REASONING_PLACEHOLDER = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'assistant' %}"
+    "<|assistant|>\n<think>{{ m.reasoning_content or 'nothing was thought through here' }}</think>{{ m.content }}<|end|>\n"
+    "{% else %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_the_rendering_without_reasoning_is_read_whole_from_a_conversation_of_seq_length_tokens(tok):
+    """As NeMo Automodel reads it: a conversation that reaches seq_length is compared with the
+    untruncated rendering without its reasoning, one shorter with that rendering cut to seq_length.
+    Here the cut one (longer than the conversation) loses the end it shares with it, so all after
+    the reasoning's start leaves the loss; the whole one takes out the reasoning alone."""
+    row = {"messages": [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Sure.", "reasoning_content": "Yes."}]}
+    ids, _ = encode_row(row, tok, REASONING_PLACEHOLDER)
+    n = len(ids)
+    runs = {s: masked_runs(tok, *encode_row(row, tok, REASONING_PLACEHOLDER, s, mask_reasoning_content=True)) for s in (n, n + 1)}
+    assert runs[n] == ["<|assistant|>\n<think>", "</think>Sure.<|end|>\n"]
+    assert runs[n + 1] == ["<|assistant|>\n<think>"]
+
+
 def test_llama3_tool_call_turn_and_tools(tok):
     ids, mask = encode_row(AGENT_ROW, tok, LLAMA3)
     text = tok.decode(ids)
