@@ -88,6 +88,21 @@ def test_the_two_templates_take_the_two_paths(tok):
     assert has_generation_blocks(tok.chat_template)  # the embedded target's own template
 
 
+@pytest.mark.parametrize("tag", ["{%- generation %}", "{%generation%}", "{%-generation-%}", "{%- generation -%}", "{%\tgeneration\n%}"])
+def test_a_generation_tag_is_one_with_or_without_spaces(tok, tag):
+    """Jinja reads `{%generation%}` as the tag `{% generation %}` is, so the template has blocks and
+    they mark the turns (docs/supervision.md: NeMo Automodel's detection, wanting a space, does not)."""
+    template = WITH_GEN.replace("{%- generation %}", tag)
+    assert WITH_GEN.count("{%- generation %}") == 1 and tag in template
+    assert has_generation_blocks(template)
+    ids, mask = encode_messages(SYSTEM_MULTI_TURN, tok, template, 4096)
+    assert masked_runs(tok, ids, mask) == ["42.<|end|>", "49, one more seven.<|end|>"]
+
+
+def test_an_end_tag_or_the_word_alone_is_no_generation_block():
+    assert not has_generation_blocks("{% endgeneration %}{{ 'generation' }}{% if generation %}{% endif %}")
+
+
 @pytest.mark.parametrize("mask_generation_prompt", [False, True])
 @pytest.mark.parametrize("name", sorted(CHATS))
 @pytest.mark.parametrize("path", sorted(TEMPLATES))
@@ -358,6 +373,20 @@ def test_tokenize_rows_values(tmp_path, tok):
         assert record["skip_reason"] == ""
 
 
+def test_a_row_without_an_id_is_named_by_its_input_row(tmp_path, tok):
+    """A sample's id is the row's `id` (a string, or an integer as text), else the index of its input
+    row: not its place in the shuffled order, and bad rows are named alike."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(6)]
+    rows[1]["id"], rows[2]["id"], rows[3]["id"], rows[4]["id"] = None, 7, "named", 1.5
+    rows[5] = {"messages": [{"role": "user", "content": "no answer"}]}
+    out, order = tokenized(write_jsonl(tmp_path / "chats.jsonl", rows), tok, 1)
+    assert list(order) != sorted(order)  # the premise: a place in the order is not the input row
+    names = {0: "0", 1: "1", 2: "7", 3: "named", 4: "4", 5: "5"}
+    assert out["sample_id"] == [names[int(i)] for i in order]
+    assert out["source_index"] == [int(i) for i in order]
+    assert dict(zip(out["sample_id"], out["skip_reason"]))["5"] == "no_assistant_turn"
+
+
 def test_tokenize_rows_same_output_at_num_proc_1_and_2(tmp_path, tok):
     rows = twelve_rows()
     # The same rows in files of other bytes (a trailing blank line is no row), so neither run can be
@@ -418,6 +447,26 @@ def test_mask_options_are_part_of_the_map_fingerprint(tmp_path, tok):
     header = len(tok("<|assistant|>\n", add_special_tokens=False)["input_ids"])
     valid = [i for i, r in enumerate(plain["skip_reason"]) if not r]
     assert [plain["num_loss_tokens"][i] - masked["num_loss_tokens"][i] for i in valid] == [header] * len(valid)
+
+
+def test_the_tokenizing_cache_follows_the_chat_template(tmp_path, tok):
+    """The same rows and tokenizer with another chat template, given with --chat-template or edited in
+    the tokenizer's own config, are tokenized anew: the cached rows of the template before are not reused."""
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=3, max_samples=None)
+    edited = tok.chat_template.replace("{{- bos_token }}", "{{- bos_token ~ '<|system|>\\nBe kind.<|end|>\\n' }}")
+    assert edited != tok.chat_template
+    edited_tok = tiny_tokenizer()
+    edited_tok.chat_template = edited
+    before = tokenize_rows(rows, order, tok, template_of(tok, None), 64, 1)
+    for other_tok, override in ((tok, edited), (edited_tok, None)):  # --chat-template, the tokenizer's own
+        after = tokenize_rows(rows, order, other_tok, template_of(other_tok, override), 64, 1)
+        assert after.cache_files != before.cache_files
+        for record, i in zip(after, order):
+            if not record["skip_reason"]:
+                assert (record["input_ids"], record["loss_mask"]) == encode_messages(normalize_row(twelve_rows()[i]), tok, edited, 64)
+                assert "Be kind." in tok.decode(record["input_ids"])
 
 
 # ---- rows of every turn shape, from JSON and from Parquet ------------------------------------
@@ -617,17 +666,25 @@ def test_tokenizing_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tok
     assert len(out) == 4 and sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
 
 
-def test_the_tokenizing_cache_follows_the_code_that_reads_the_rows(tmp_path):
+@pytest.mark.parametrize("edited", ["tokenize.py", "conversations.py", "inputs.py"])
+def test_the_tokenizing_cache_follows_the_code_that_reads_the_rows(tmp_path, tok, monkeypatch, edited):
     """A saved or Hub dataset's rows keep the fingerprint `datasets` gives them: the code that reads
-    them into rows (inputs.py) keys the tokenizing map along with the code that tokenizes them."""
+    them into rows (inputs.py) and into conversations (conversations.py) keys the tokenizing map along
+    with the code that tokenizes them, so another release of any of the three tokenizes anew."""
     from pathlib import Path
 
+    code = tmp_path / "builder"
+    code.mkdir()
     for name in ("tokenize.py", "conversations.py", "inputs.py"):
-        (tmp_path / name).write_bytes((Path(tokenize_mod.__file__).parent / name).read_bytes())
-    before = tokenize_mod._code_hash(tmp_path)
-    with open(tmp_path / "inputs.py", "a") as f:
+        (code / name).write_bytes((Path(tokenize_mod.__file__).parent / name).read_bytes())
+    assert tokenize_mod._code_hash(code) == tokenize_mod.TOKENIZE_CODE_VERSION  # these files, as installed
+    with open(code / edited, "a") as f:
         f.write("# another release\n")
-    assert tokenize_mod._code_hash(tmp_path) != before
+    path = write_jsonl(tmp_path / "chats.jsonl", twelve_rows())
+    before, _ = tokenized(path, tok, 1)
+    monkeypatch.setattr(tokenize_mod, "TOKENIZE_CODE_VERSION", tokenize_mod._code_hash(code))
+    assert tokenize_mod.TOKENIZE_CODE_VERSION != tokenize_mod._code_hash()
+    assert tokenized(path, tok, 1)[0].cache_files != before.cache_files
 
 
 def test_another_transformers_release_tokenizes_the_rows_anew(tmp_path, tok, monkeypatch):
