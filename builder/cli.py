@@ -299,6 +299,10 @@ def report_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def format_summary(result) -> str:
     from dataset_card import summary_rows
 
@@ -306,7 +310,8 @@ def format_summary(result) -> str:
     written = sum(len(r["shards_written"]) for r in m["build"]["ranks"])
     lines = [
         f"Cache written to {result.output_dir} (fingerprint {m['fingerprint']}; "
-        f"{written} shards written by {result.world_size} processes, {len(m['shards']) - written} already complete)"
+        f"{counted(written, 'shard')} written by {counted(result.world_size, 'process')}, "
+        f"{len(m['shards']) - written} already complete)"
     ]
     lines += [f"  {name:<60s} {value}" for name, value in summary_rows(m)]
     if m["skipped"]:

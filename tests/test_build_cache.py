@@ -31,6 +31,7 @@ import builder.prepare as prepare_module
 import builder.shards as shards_module
 import builder.tokenize as tokenize_module
 from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
+from builder.cli import format_summary
 from builder.conversations import BadRow
 from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
 from builder.files import file_hash
@@ -851,6 +852,15 @@ def test_each_shard_counts_the_argmax_rows_in_the_draft_vocabulary(built):
         counts.append(int(torch.isin(argmax.long(), selected).sum()))
         assert shard["argmax_in_vocab"] == counts[-1], shard["name"]
     assert 0 < sum(counts) < sum(s["loss_tokens"] for s in result.manifest["shards"])  # neither all nor none: the count means something
+
+
+def test_the_summary_counts_shards_and_processes_in_words(built):
+    """One process is "1 process"; the shards of a fresh build are all written by this run."""
+    result, _ = built
+    first = format_summary(result).splitlines()[0]
+    shards = len(result.manifest["shards"])
+    assert shards > 1
+    assert first.endswith(f"{shards} shards written by 1 process, 0 already complete)")
 
 
 def test_resume_takes_a_relative_local_target_and_input_from_another_working_directory(tmp_path, monkeypatch):
