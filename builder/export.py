@@ -137,7 +137,7 @@ def check_out_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     entries = held_by(out) if out.exists() else []
-    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
+    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB) and is_real_folder(entry)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
         raise ExportError(
@@ -175,7 +175,13 @@ def held_by(out: Path) -> list[Path]:
 
 
 def is_file_systems_lost_found(entry: Path) -> bool:
-    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink() and is_mount_point(entry.parent)
+    return entry.name == LOST_FOUND and is_real_folder(entry) and is_mount_point(entry.parent)
+
+
+def is_real_folder(path: Path) -> bool:
+    """Whether `path` is a folder itself, not a file nor a link (to a folder or not): only such a folder,
+    named as an export names its hidden folder, is one; anything else of that name is someone's."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def is_mount_point(folder: Path) -> bool:
@@ -207,14 +213,14 @@ def check_no_killed_new_out(out: Path) -> None:
 
 def killed_new_out_folders(out: Path) -> list[Path]:
     """The folders beside OUT named as an export into a new OUT names the folder it writes in
-    (`.OUT.tmp-PID`, renamed to OUT once complete)."""
+    (`.OUT.tmp-PID`, renamed to OUT once complete); a file or link of such a name is no export's."""
     final = out.resolve()  # where export_folder makes it
     prefix = temp_path(final).name.removesuffix(str(os.getpid()))
     try:
         beside = list(final.parent.iterdir())
     except OSError:  # a parent not made yet, or one this process cannot list
         return []
-    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and path.is_dir())
+    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and is_real_folder(path))
 
 
 def marker_moving_up(folder: Path, files: list[Path]) -> str | None:

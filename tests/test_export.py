@@ -353,6 +353,33 @@ def test_the_hidden_folder_a_killed_export_left_beside_a_new_out_is_named_never_
         export_cache(probs_cache, "nemo", out, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["file", "link to a folder"])
+def test_a_file_or_link_named_like_a_killed_exports_hidden_folder_makes_out_not_empty(probs_cache, tmp_path, nothing_made, kind):
+    """Only a folder of its own is an export's hidden folder: anything else by that name is someone's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "theirs").mkdir()
+    named = out / ".export.tmp-4242"
+    named.write_text("mine") if kind == "file" else named.symlink_to(tmp_path / "theirs")
+    not_empty = says(f"{out} is not empty: it holds .export.tmp-4242", "never overwrites", "pass a new directory")
+    with pytest.raises(ExportError, match=not_empty):
+        export_cache(probs_cache, "nemo", out, progress=False)
+
+
+def test_a_link_beside_a_new_out_named_like_a_killed_exports_folder_is_left_alone(probs_cache, tmp_path):
+    """A link named `.OUT.tmp-PID` beside OUT, even to a folder, is no export's hidden folder: the export
+    runs, and neither the link nor the folder it names is touched."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    link = tmp_path / ".nemo.tmp-4242"
+    link.symlink_to(theirs)
+    out = export_cache(probs_cache, "nemo", tmp_path / "nemo", progress=False)
+    assert (out / "manifest.json").is_file() and left_in(tmp_path) == [".nemo.tmp-4242", "nemo", "theirs"]
+    assert link.is_symlink() and os.readlink(link) == str(theirs) and left_in(theirs) == ["notes.txt"]
+    assert (theirs / "notes.txt").read_text() == "mine"
+
+
 def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_made):
     missing = tmp_path / "missing"
     with pytest.raises(ExportError, match=says(f"{missing} does not exist", "expected a cache directory", "eagle3-cache build")):
