@@ -12,11 +12,12 @@ states decoded to the cache's --dtype: each trainer's files hold one float dtype
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
 complete export or as it was (absent, or empty, a mount point's `lost+found` aside): a full disk, a failed write or a SIGTERM removes
-what was written. An existing empty OUT is filled in place (the folder is made inside it and its
-files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
-and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
-`-part`, which no trainer's reader takes for a file of the export (SpecForge's walks into hidden
-folders); it gets its own name as it leaves the folder.
+what was written (a SIGTERM once its files start moving into OUT waits until the export is complete).
+An existing empty OUT is filled in place (the folder is made inside it and its files moved up, the
+one whose presence marks a complete export last), so OUT keeps its mode, group and mount; a new
+OUT is the folder made beside it, renamed. In the folder each file's name ends in `-part`, which no
+trainer's reader takes for a file of the export (SpecForge's walks into hidden folders); it gets
+its own name as it leaves the folder.
 """
 
 from __future__ import annotations
@@ -303,6 +304,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         with writing(folder, str(out)):
             folder.mkdir(parents=True)
         yield folder
+        hold_sigterm()  # every file written: from here SIGTERM waits until OUT holds the export (or is as it was)
         with writing(folder, str(out)):
             if not in_place:
                 give_final_names(folder)
@@ -311,6 +313,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
                 move_up(folder, final, out, last, moved)
         if not in_place:
             publish(folder, final, out)
+        EXPORT_FAULTS.reached("export_complete")  # OUT holds the complete export
     except BaseException as err:
         written = folder_size(folder) + sum(path.stat().st_size for path in still_ours(moved))
         discard(folder, moved, made)
@@ -332,11 +335,32 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+class HeldSigterm:
+    """SIGTERM's handler while an export completes: records that it arrived instead of raising it."""
+
+    def __init__(self):
+        self.arrived = False
+
+    def __call__(self, signum, frame) -> None:
+        self.arrived = True
+
+
+def hold_sigterm() -> None:
+    """From now until terminated_as_interrupt ends, a SIGTERM is held instead of raised: the export's
+    completion (its files moved into OUT or its folder renamed to OUT, then its hidden folder removed)
+    runs to its end, or, failing, its removal does, so a complete export is never removed for the
+    signal, nor said to be; terminated_as_interrupt then hands the signal to the process's own handling.
+    Where terminated_as_interrupt does not raise SIGTERM (another thread, SIGTERM ignored) nothing changes."""
+    if signal.getsignal(signal.SIGTERM) is raise_terminated:
+        signal.signal(signal.SIGTERM, HeldSigterm())
+
+
 @contextmanager
 def terminated_as_interrupt(out: Path) -> Iterator[None]:
     """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does, so
     what it wrote is removed: by default SIGTERM ends the process where it stands. Once removed, the
     signal is handled as it would have been without the export: by default the process ends by it.
+    A SIGTERM once the export is completing is held until it is complete, then handled so (hold_sigterm).
     Only the main thread receives signals; elsewhere, or where SIGTERM is ignored, nothing changes."""
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
@@ -348,9 +372,11 @@ def terminated_as_interrupt(out: Path) -> Iterator[None]:
     except Terminated:
         pass  # export_folder has removed the partial export
     else:
-        return
+        return  # the export is complete; a SIGTERM held meanwhile is handed on as it returns
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        held = signal.signal(signal.SIGTERM, previous)
+        if isinstance(held, HeldSigterm) and held.arrived:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it, OUT complete or as it was
     os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it
     raise ExportError(f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again.")
 
@@ -497,7 +523,8 @@ def write_error(shown: str, code: int | None, reason: str) -> WriteError:
 
 
 # The export's files, each written durably under its staged name in the hidden folder. A crash test
-# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints).
+# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints),
+# or once OUT holds the complete export (export_complete:1).
 EXPORT_FAULTS = FaultPoints()
 
 
