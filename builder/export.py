@@ -12,11 +12,12 @@ states decoded to the cache's --dtype: each trainer's files hold one float dtype
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
 complete export or as it was (absent, or empty, a mount point's `lost+found` aside): a full disk, a failed write or a SIGTERM removes
-what was written. An existing empty OUT is filled in place (the folder is made inside it and its
-files moved up, the one whose presence marks a complete export last), so OUT keeps its mode, group
-and mount; a new OUT is the folder made beside it, renamed. In the folder each file's name ends in
-`-part`, which no trainer's reader takes for a file of the export (SpecForge's walks into hidden
-folders); it gets its own name as it leaves the folder.
+what was written (a SIGTERM once its files start moving into OUT waits until the export is complete).
+An existing empty OUT is filled in place (the folder is made inside it and its files moved up, the
+one whose presence marks a complete export last), so OUT keeps its mode, group and mount; a new
+OUT is the folder made beside it, renamed. In the folder each file's name ends in `-part`, which no
+trainer's reader takes for a file of the export (SpecForge's walks into hidden folders); it gets
+its own name as it leaves the folder.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def check_out_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
     entries = held_by(out) if out.exists() else []
-    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB)]
+    hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB) and is_real_folder(entry)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
         raise ExportError(
@@ -175,7 +176,13 @@ def held_by(out: Path) -> list[Path]:
 
 
 def is_file_systems_lost_found(entry: Path) -> bool:
-    return entry.name == LOST_FOUND and entry.is_dir() and not entry.is_symlink() and is_mount_point(entry.parent)
+    return entry.name == LOST_FOUND and is_real_folder(entry) and is_mount_point(entry.parent)
+
+
+def is_real_folder(path: Path) -> bool:
+    """Whether `path` is a folder itself, not a file nor a link (to a folder or not): only such a folder,
+    named as an export names its hidden folder, is one; anything else of that name is someone's."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def is_mount_point(folder: Path) -> bool:
@@ -207,14 +214,14 @@ def check_no_killed_new_out(out: Path) -> None:
 
 def killed_new_out_folders(out: Path) -> list[Path]:
     """The folders beside OUT named as an export into a new OUT names the folder it writes in
-    (`.OUT.tmp-PID`, renamed to OUT once complete)."""
+    (`.OUT.tmp-PID`, renamed to OUT once complete); a file or link of such a name is no export's."""
     final = out.resolve()  # where export_folder makes it
     prefix = temp_path(final).name.removesuffix(str(os.getpid()))
     try:
         beside = list(final.parent.iterdir())
     except OSError:  # a parent not made yet, or one this process cannot list
         return []
-    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and path.is_dir())
+    return sorted(path for path in beside if path.name.startswith(prefix) and path.name[len(prefix) :].isdigit() and is_real_folder(path))
 
 
 def marker_moving_up(folder: Path, files: list[Path]) -> str | None:
@@ -297,6 +304,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         with writing(folder, str(out)):
             folder.mkdir(parents=True)
         yield folder
+        hold_sigterm()  # every file written: from here SIGTERM waits until OUT holds the export (or is as it was)
         with writing(folder, str(out)):
             if not in_place:
                 give_final_names(folder)
@@ -305,6 +313,7 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
                 move_up(folder, final, out, last, moved)
         if not in_place:
             publish(folder, final, out)
+        EXPORT_FAULTS.reached("export_complete")  # OUT holds the complete export
     except BaseException as err:
         written = folder_size(folder) + sum(path.stat().st_size for path in still_ours(moved))
         discard(folder, moved, made)
@@ -326,11 +335,32 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+class HeldSigterm:
+    """SIGTERM's handler while an export completes: records that it arrived instead of raising it."""
+
+    def __init__(self):
+        self.arrived = False
+
+    def __call__(self, signum, frame) -> None:
+        self.arrived = True
+
+
+def hold_sigterm() -> None:
+    """From now until terminated_as_interrupt ends, a SIGTERM is held instead of raised: the export's
+    completion (its files moved into OUT or its folder renamed to OUT, then its hidden folder removed)
+    runs to its end, or, failing, its removal does, so a complete export is never removed for the
+    signal, nor said to be; terminated_as_interrupt then hands the signal to the process's own handling.
+    Where terminated_as_interrupt does not raise SIGTERM (another thread, SIGTERM ignored) nothing changes."""
+    if signal.getsignal(signal.SIGTERM) is raise_terminated:
+        signal.signal(signal.SIGTERM, HeldSigterm())
+
+
 @contextmanager
 def terminated_as_interrupt(out: Path) -> Iterator[None]:
     """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does, so
     what it wrote is removed: by default SIGTERM ends the process where it stands. Once removed, the
     signal is handled as it would have been without the export: by default the process ends by it.
+    A SIGTERM once the export is completing is held until it is complete, then handled so (hold_sigterm).
     Only the main thread receives signals; elsewhere, or where SIGTERM is ignored, nothing changes."""
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
@@ -342,9 +372,11 @@ def terminated_as_interrupt(out: Path) -> Iterator[None]:
     except Terminated:
         pass  # export_folder has removed the partial export
     else:
-        return
+        return  # the export is complete; a SIGTERM held meanwhile is handed on as it returns
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        held = signal.signal(signal.SIGTERM, previous)
+        if isinstance(held, HeldSigterm) and held.arrived:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it, OUT complete or as it was
     os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it
     raise ExportError(f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again.")
 
@@ -491,7 +523,8 @@ def write_error(shown: str, code: int | None, reason: str) -> WriteError:
 
 
 # The export's files, each written durably under its staged name in the hidden folder. A crash test
-# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints).
+# kills the process the N-th time one is written (EAGLE3_CACHE_FAULT=export_file:N, see FaultPoints),
+# or once OUT holds the complete export (export_complete:1).
 EXPORT_FAULTS = FaultPoints()
 
 

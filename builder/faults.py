@@ -14,7 +14,8 @@ class FaultPoints:
     the point NAME; `NAME:N:SIGTERM` sends it that signal instead (a scheduler's time limit, `docker
     stop`). The build's points: `after_shard` (this run's shard published: renamed, with its record)
     and `after_batch` (a forward batch handed to the writer); the export's: `export_file` (a file of
-    the export written in its hidden folder)."""
+    the export written in its hidden folder) and `export_complete` (OUT holds the complete export:
+    its marker file moved up, or its folder renamed to OUT)."""
 
     def __init__(self):
         self.spec = os.environ.get(FAULT_ENV)

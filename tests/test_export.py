@@ -30,6 +30,7 @@ from builder.cli import main
 from builder.embedded import resolve_target
 from builder.errors import Eagle3CacheError
 from builder.export import ExportError, export_cache, nemo_manifest, nemo_pad_id
+from builder.faults import FAULT_ENV, FaultPoints
 from builder.pipeline import build
 from builder.reader import collate_nemo, load_cache, read_manifest, read_vocab
 
@@ -351,6 +352,33 @@ def test_the_hidden_folder_a_killed_export_left_beside_a_new_out_is_named_never_
         (tmp_path / others).mkdir()
     with pytest.raises(AssertionError, match="began writing"):  # every check passed
         export_cache(probs_cache, "nemo", out, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["file", "link to a folder"])
+def test_a_file_or_link_named_like_a_killed_exports_hidden_folder_makes_out_not_empty(probs_cache, tmp_path, nothing_made, kind):
+    """Only a folder of its own is an export's hidden folder: anything else by that name is someone's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "theirs").mkdir()
+    named = out / ".export.tmp-4242"
+    named.write_text("mine") if kind == "file" else named.symlink_to(tmp_path / "theirs")
+    not_empty = says(f"{out} is not empty: it holds .export.tmp-4242", "never overwrites", "pass a new directory")
+    with pytest.raises(ExportError, match=not_empty):
+        export_cache(probs_cache, "nemo", out, progress=False)
+
+
+def test_a_link_beside_a_new_out_named_like_a_killed_exports_folder_is_left_alone(probs_cache, tmp_path):
+    """A link named `.OUT.tmp-PID` beside OUT, even to a folder, is no export's hidden folder: the export
+    runs, and neither the link nor the folder it names is touched."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    link = tmp_path / ".nemo.tmp-4242"
+    link.symlink_to(theirs)
+    out = export_cache(probs_cache, "nemo", tmp_path / "nemo", progress=False)
+    assert (out / "manifest.json").is_file() and left_in(tmp_path) == [".nemo.tmp-4242", "nemo", "theirs"]
+    assert link.is_symlink() and os.readlink(link) == str(theirs) and left_in(theirs) == ["notes.txt"]
+    assert (theirs / "notes.txt").read_text() == "mine"
 
 
 def test_export_refuses_a_folder_that_holds_no_finished_cache(tmp_path, nothing_made):
@@ -917,6 +945,53 @@ def test_an_export_terminated_in_a_program_handling_sigterm_removes_what_it_wrot
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert received == [[]] and left_in(tmp_path) == ["sf"]
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def nemo_export(probs_cache, tmp_path_factory) -> dict[str, bytes]:
+    """The files of an uninterrupted nemo export of probs_cache."""
+    return files_in(export_cache(probs_cache, "nemo", tmp_path_factory.mktemp("export") / "nemo", progress=False))
+
+
+@pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
+def test_an_export_terminated_once_complete_stays_complete_and_ends_by_the_signal(probs_cache, nemo_export, tmp_path, out_exists):
+    """SIGTERM once OUT holds the complete export (its marker moved up, or its folder renamed to OUT) is
+    held until the export is done, then ends the process: the complete export is never removed."""
+    out = tmp_path / "nemo"
+    if out_exists:
+        out.mkdir()
+    terminated = export_signalled_at(probs_cache, "nemo", out, "export_complete:1:SIGTERM")
+    assert terminated.returncode == -signal.SIGTERM, terminated.stderr[-2000:]
+    assert left_in(tmp_path) == ["nemo"] and files_in(out) == nemo_export  # no hidden folder, inside OUT or beside it
+
+
+@pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
+def test_an_export_terminated_once_complete_in_a_program_handling_sigterm_calls_its_handler_and_returns(
+    probs_cache, nemo_export, tmp_path, monkeypatch, out_exists
+):
+    """A program with its own SIGTERM handler gets it called once the export is complete, and the
+    export returns: nothing was removed, so nothing is said to be."""
+    out = tmp_path / "nemo"
+    if out_exists:
+        out.mkdir()
+    monkeypatch.setenv(FAULT_ENV, "export_complete:1:SIGTERM")
+    monkeypatch.setattr(export_module, "EXPORT_FAULTS", FaultPoints())
+    received = []
+
+    def handler(signum, frame):
+        received.append((left_in(tmp_path), left_in(out)))  # what is beside OUT and in it when it runs
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert export_cache(probs_cache, "nemo", out, progress=False) == out
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [(["nemo"], sorted(nemo_export))] and files_in(out) == nemo_export
 
 
 # ---- OUT in a folder this process cannot write to --------------------------------------------
