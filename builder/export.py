@@ -12,7 +12,8 @@ states decoded to the cache's --dtype: each trainer's files hold one float dtype
 
 An export is written in a hidden folder and becomes OUT's only once complete, so OUT is either a
 complete export or as it was (absent, or empty, a mount point's `lost+found` aside): a full disk, a failed write or a SIGTERM removes
-what was written (a SIGTERM once its files start moving into OUT waits until the export is complete).
+what was written (a SIGTERM once its files start moving into OUT waits until the export is complete;
+Ctrl-C once it is complete leaves it whole).
 An existing empty OUT is filled in place (the folder is made inside it and its files moved up, the
 one whose presence marks a complete export last), so OUT keeps its mode, group and mount; a new
 OUT is the folder made beside it, renamed. In the folder each file's name ends in `-part`, which no
@@ -315,6 +316,9 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
             publish(folder, final, out)
         EXPORT_FAULTS.reached("export_complete")  # OUT holds the complete export
     except BaseException as err:
+        if out_holds_the_export(in_place, final / last, folder, final, moved):
+            shutil.rmtree(folder, ignore_errors=True)  # an existing OUT's hidden folder: emptied by the move up
+            raise  # an interrupt (Ctrl-C) once the export is complete stops the process but never removes the export
         written = folder_size(folder) + sum(path.stat().st_size for path in still_ours(moved))
         discard(folder, moved, made)
         if isinstance(err, WriteError):
@@ -324,6 +328,14 @@ def export_folder(out: Path, last: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)  # empty now: the export is complete whatever it holds
     for synced in (final if in_place else final.parent, *(parent.parent for parent in made)):  # each folder whose names changed
         fsync_dir(synced)
+
+
+def out_holds_the_export(in_place: bool, marker: Path, folder: Path, final: Path, moved: dict[Path, FileId]) -> bool:
+    """Whether the export is complete in OUT: its marker moved up into the existing OUT, or its
+    folder renamed to the new OUT (the folder's own name is then gone, and OUT is there)."""
+    if in_place:
+        return marker in still_ours(moved)
+    return not os.path.lexists(folder) and final.is_dir()
 
 
 class Terminated(BaseException):

@@ -994,6 +994,24 @@ def test_an_export_terminated_once_complete_in_a_program_handling_sigterm_calls_
     assert received == [(["nemo"], sorted(nemo_export))] and files_in(out) == nemo_export
 
 
+@pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
+def test_ctrl_c_once_the_export_is_complete_stops_it_and_leaves_the_export(probs_cache, nemo_export, tmp_path, monkeypatch, out_exists):
+    """Ctrl-C is not held as SIGTERM is, so it stops the export where it stands: once OUT holds the
+    complete export, what stands is the export, which stays whole, with no hidden folder left."""
+    out = tmp_path / "nemo"
+    if out_exists:
+        out.mkdir()
+    monkeypatch.setenv(FAULT_ENV, "export_complete:1:SIGINT")
+    monkeypatch.setattr(export_module, "EXPORT_FAULTS", FaultPoints())
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_cache(probs_cache, "nemo", out, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert left_in(tmp_path) == ["nemo"] and files_in(out) == nemo_export
+
+
 # ---- OUT in a folder this process cannot write to --------------------------------------------
 
 
