@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -298,6 +299,26 @@ def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     assert_same_content(reference, decoded_rows(resumed.output_dir))
 
 
+def test_resume_rebuilds_a_shard_whose_size_differs_from_its_record_though_it_holds_the_same_rows(tmp_path):
+    """A finished shard written again by another tool (same rows and samples, other bytes): its
+    footer and samples agree with its record, its size does not, and its checksum no longer holds.
+    The resume rebuilds it to the bytes the build wrote; a cache keeping it would fail its checksum."""
+    cfg = small_config(tmp_path / "cache", max_samples=8, shard_size=2)
+    build(cfg, progress=False)
+    data = tmp_path / "cache" / "data"
+    names = sorted(p.name for p in data.glob("*.parquet"))
+    written = (data / names[1]).read_bytes()
+    pq.write_table(pq.read_table(data / names[1]), data / names[1], compression="snappy")
+    assert (data / names[1]).stat().st_size != len(written)
+    assert pq.read_table(data / names[1]).equals(pq.read_table(pa.BufferReader(written)))
+    kept = {name: snapshot(data)[name] for name in names if name != names[1]}
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == [names[1]]
+    assert (data / names[1]).read_bytes() == written
+    assert {name: snapshot(data)[name] for name in kept} == kept
+
+
 def test_resume_stops_at_a_shard_it_cannot_read_and_deletes_nothing(tmp_path, monkeypatch):
     """A read error (an I/O error, a stale handle, its permissions) says nothing about whether a
     shard is complete: the resume stops naming the file and the error, and deletes nothing; once
@@ -461,17 +482,22 @@ def test_a_resume_refuses_a_build_whose_samples_filled_another_number_of_shards(
     assert files_as_they_were(out) == before
 
 
+def flip_last_byte(shard: Path, column: str) -> None:
+    """Flip a bit of the last byte of `column`'s first column chunk (stored raw: the high byte of its
+    last token id, or its last loss mask value), the shard's size and footer left as they were."""
+    parquet = pq.ParquetFile(shard)
+    chunk = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index(column))
+    data = bytearray(shard.read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size - 1] ^= 1
+    shard.write_bytes(bytes(data))
+
+
 def test_a_resume_names_a_damaged_token_column_as_damage(full_vocabulary_partial, tmp_path):
     """A flipped byte in a finished shard's token ids, its size and footer intact: the checksum tells
     damage from another tokenization."""
     out, cfg = full_vocabulary_partial
     shutil.copytree(out, tmp_path / "cache")
-    shard = tmp_path / "cache" / "data" / "train-00000-of-00004.parquet"
-    parquet = pq.ParquetFile(shard)
-    column = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index("input_ids"))
-    data = bytearray(shard.read_bytes())
-    data[column.data_page_offset + column.total_compressed_size - 1] ^= 1  # the high byte of the chunk's last token id
-    shard.write_bytes(bytes(data))
+    flip_last_byte(tmp_path / "cache" / "data" / "train-00000-of-00004.parquet", "input_ids")
     before = files_as_they_were(tmp_path / "cache")
     with pytest.raises(
         ResumeSamplesDiffer,
@@ -485,16 +511,69 @@ def test_a_resume_refuses_a_finished_shard_that_a_damaged_loss_mask_sets_apart(f
     """The loss masks are compared too: a flipped byte there, the token ids intact, is found."""
     out, cfg = full_vocabulary_partial
     shutil.copytree(out, tmp_path / "cache")
-    shard = tmp_path / "cache" / "data" / "train-00000-of-00004.parquet"
-    parquet = pq.ParquetFile(shard)
-    column = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index("loss_mask"))
-    data = bytearray(shard.read_bytes())
-    data[column.data_page_offset + column.total_compressed_size - 1] ^= 1  # the chunk's last loss mask value
-    shard.write_bytes(bytes(data))
+    flip_last_byte(tmp_path / "cache" / "data" / "train-00000-of-00004.parquet", "loss_mask")
     before = files_as_they_were(tmp_path / "cache")
     with pytest.raises(ResumeSamplesDiffer, match=says("shard train-00000-of-00004.parquet", "it is damaged", "has loss_mask ")):
         build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
     assert files_as_they_were(tmp_path / "cache") == before
+
+
+@pytest.fixture(scope="module")
+def two_finished_shards(tmp_path_factory):
+    """A build interrupted after its first two shards (of four)."""
+    cfg = small_config(tmp_path_factory.mktemp("two_finished") / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        interrupted_build(cfg, mp, after_shards=2)
+    return Path(cfg.output_dir), cfg
+
+
+def test_a_resume_checks_the_samples_of_every_finished_shard_not_only_the_first(two_finished_shards, tmp_path):
+    """The damage is in the second (and last) finished shard, the first intact: it is found there."""
+    out, cfg = two_finished_shards
+    shutil.copytree(out, tmp_path / "cache")
+    flip_last_byte(tmp_path / "cache" / "data" / "train-00001-of-00004.parquet", "input_ids")
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(
+        ResumeSamplesDiffer,
+        match=says("shard train-00001-of-00004.parquet does not match the checksum its record holds: it is damaged", "Delete it"),
+    ):
+        build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
+def test_a_resume_stops_at_a_finished_shard_whose_token_columns_cannot_be_read(two_finished_shards, tmp_path, monkeypatch):
+    """The second finished shard's footer reads (its size and rows match its record) but its token
+    columns do not (an I/O error in their pages): whether it holds this run's samples cannot be
+    told, so the resume stops naming the file and the error, and deletes nothing; once the file
+    reads again, the resume keeps it and finishes the build."""
+    out, cfg = two_finished_shards
+    shutil.copytree(out, tmp_path / "cache")
+    cfg = cfg.replace(resume=True, output_dir=str(tmp_path / "cache"))
+    unreadable = tmp_path / "cache" / "data" / "train-00001-of-00004.parquet"
+    real_parquet_file, reads = shards_module.pq.ParquetFile, []
+
+    def token_pages_unreadable(path, *args, **kwargs):
+        parquet = real_parquet_file(path, *args, **kwargs)
+        if Path(path) == unreadable:
+
+            def read(columns=None, *args, **kwargs):
+                reads.append(columns)
+                raise OSError(errno.EIO, "Input/output error")
+
+            parquet.read = read
+        return parquet
+
+    monkeypatch.setattr(shards_module.pq, "ParquetFile", token_pages_unreadable)
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(ShardUnreadable, match=says(str(unreadable), "Input/output error", "nothing was deleted", "Rerun once")):
+        build(cfg, progress=False)
+    assert reads == [list(SAMPLE_COLUMNS)]  # the footer read fine: only the samples' read failed
+    assert files_as_they_were(tmp_path / "cache") == before
+    monkeypatch.undo()
+    kept = snapshot(tmp_path / "cache" / "data")
+    resumed = build(cfg, progress=False)
+    assert resumed.written == ["train-00002-of-00004.parquet", "train-00003-of-00004.parquet"]
+    assert {name: snapshot(tmp_path / "cache" / "data")[name] for name in kept} == kept
 
 
 def test_a_resume_refuses_a_finished_shard_holding_fewer_samples_than_this_run_would_write(tmp_path, monkeypatch):

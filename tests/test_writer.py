@@ -1,5 +1,6 @@
 """The background shard writer: rows round-trip bit-exact, bytes independent of the writer
-threads, stored byte planes as documented, and a failing encoder thread leaves no shard."""
+threads, stored byte planes as documented, and a failing thread (dispatch, encoder, checksum)
+surfaces at the forward's next call, leaves no shard, and an abort stops every thread."""
 
 from __future__ import annotations
 
@@ -384,3 +385,114 @@ def test_argmax_in_vocab_counts_each_samples_own_loss_rows():
     """Rows 0-1 are the first sample's, 2-4 the second's, 5 the third's."""
     in_vocab = np.array([True, False, True, True, False, True])
     assert three_sample_batch([True, True, True]).argmax_in_vocab(in_vocab) == [1, 2, 1]
+
+
+WRITER_THREADS = ("eagle3-shard-writer", "eagle3-shard-dispatch", "eagle3-shard-encoder", "eagle3-shard-checksum")
+
+
+def writer_threads() -> set[threading.Thread]:
+    """The shard writers' threads alive now, known by their names (the encoders' carry a number)."""
+    return {t for t in threading.enumerate() if t.name.startswith(WRITER_THREADS)}
+
+
+def within_a_minute(call):
+    """`call()`'s result (or its exception), run on a thread of its own: a writer that hangs fails
+    the test here rather than hanging it. The bound only matters on a hang."""
+    done: futures.Future = futures.Future()
+
+    def run():
+        try:
+            done.set_result(call())
+        except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+            done.set_exception(err)
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.result(timeout=60)
+
+
+def ended(thread: threading.Thread) -> None:
+    """Wait until `thread` ended: a writer thread ends once it failed (its failure recorded first)."""
+    thread.join(timeout=60)
+    assert not thread.is_alive(), f"{thread.name} still running"
+
+
+class FailedCopy:
+    """A device->host copy whose event reports a device error when waited on, as a CUDA fault does;
+    it records the thread that waited."""
+
+    def __init__(self):
+        self.waited_on: list[str] = []
+
+    def synchronize(self):
+        self.waited_on.append(threading.current_thread().name)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failing_dispatch_thread_surfaces_and_leaves_no_shard(tmp_path):
+    """The dispatch thread waits for each batch's copy to the host: a device error there stops the
+    build with that error (not a build that finishes without the shard, nor one that hangs), and the
+    shard in progress is removed while the shards before it stay."""
+    layout = LAYOUTS["probs"]
+    shards = [window_batches(layout, seed=k, first_row=100 * k) for k in range(2)]
+    failed = shards[1][0][1].ready = FailedCopy()  # the second shard's second batch
+    with pytest.raises(RuntimeError, match=r"the shard writer failed: .*CUDA error: an illegal memory access"):
+        within_a_minute(lambda: write_shards(tmp_path, layout, shards, threads=2))
+    assert failed.waited_on == ["eagle3-shard-dispatch"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["s0.parquet"]
+    assert len(decoded_rows(tmp_path / "data" / "s0.parquet", layout, "zstd")) == sum(n for n, _ in WINDOWS) - 1
+
+
+def started_writer(layout: Layout, threads: int) -> tuple[BackgroundWriter, dict[str, threading.Thread]]:
+    """A BackgroundWriter, and the threads it started, by name."""
+    before = writer_threads()
+    writer = BackgroundWriter(layout, torch.ones(1000, dtype=torch.bool), 4_000, threads=threads)
+    return writer, {t.name: t for t in writer_threads() - before}
+
+
+def test_after_a_writer_failure_each_next_call_raises_it(tmp_path):
+    """Once the writer failed, the forward thread learns it at its next call (the next batch it
+    hands over, the window's end, the shard's close): it stops there instead of running the target
+    on for batches nobody writes, and it is told the first failure."""
+    layout = LAYOUTS["probs"]
+    batches, _ = window_batches(layout, seed=0, first_row=0)
+    (tmp_path / "data").mkdir()
+    writer, threads = started_writer(layout, threads=2)
+    writer.open_shard(tmp_path / "data" / "s0.parquet")
+    batches[0].ready = FailedCopy()
+    writer.submit(batches[0])
+    ended(threads["eagle3-shard-dispatch"])  # it failed on that batch
+    the_failure = r"the shard writer failed: .*CUDA error: an illegal memory access"
+    for next_call in (lambda: writer.submit(batches[1]), lambda: writer.end_window(7), writer.close_shard, writer.finish):
+        with pytest.raises(RuntimeError, match=the_failure):
+            next_call()
+    within_a_minute(writer.abort)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_aborting_after_a_failure_raises_nothing_more_and_stops_every_writer_thread(tmp_path, monkeypatch):
+    """A build that stops (the writer's failure raised, or its own error) aborts the writer: that
+    must not raise the writer's failure again, over the error being raised, and must leave none of
+    the writer's threads (dispatch, writer, encoders, the shard's checksum) behind, nor the shard."""
+
+    def failing_encoder(value, encoding, *args):
+        raise RuntimeError("encoder fault injected")
+
+    monkeypatch.setattr(shards_module, "encode_value", failing_encoder)
+    layout = LAYOUTS["probs"]
+    batches, _ = window_batches(layout, seed=0, first_row=0)
+    (tmp_path / "data").mkdir()
+    before = writer_threads()
+    writer, threads = started_writer(layout, threads=3)
+    encoders = [f"eagle3-shard-encoder_{i}" for i in range(3)]
+    assert sorted(threads) == ["eagle3-shard-dispatch", *encoders, "eagle3-shard-writer"]
+    writer.open_shard(tmp_path / "data" / "s0.parquet")
+    for batch in batches:
+        writer.submit(batch)
+    writer.end_window(7)
+    ended(threads["eagle3-shard-writer"])  # it failed writing the window's first row
+    assert within_a_minute(writer.abort) is None
+    assert [t.name for t in threads.values() if t.is_alive()] == []
+    assert writer_threads() == before  # the shard's checksum thread too
+    assert list((tmp_path / "data").iterdir()) == []
+    with pytest.raises(RuntimeError, match=r"the shard writer failed: .*encoder fault injected"):
+        writer.finish()  # the failure is still the one reported
