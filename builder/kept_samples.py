@@ -24,7 +24,7 @@ from .batching import expected_rows
 from .build_state import BUILD_STATE_DIR, read_sidecar
 from .errors import ResumeSamplesDiffer, ShardUnreadable
 from .files import file_hash
-from .shards import CHECKSUM_ALGORITHM, shard_name
+from .shards import CHECKSUM_ALGORITHM, is_decode_error, shard_name
 
 if TYPE_CHECKING:
     from .prepare import Prepared
@@ -79,13 +79,14 @@ def check_shard_samples(out: Path, prep: Prepared, k: int) -> None:
     path = out / "data" / name
     record = read_sidecar(out, name)
     written, now = written_samples(path), samples_now(prep, k, record.get("failed", []))
-    difference = first_difference(written, now)
+    difference = first_difference(written, now) if isinstance(written, ShardSamples) else written
     if difference is None:
         return
-    if file_hash(path, CHECKSUM_ALGORITHM) != record["checksum"]:
+    checksum_differs = file_hash(path, CHECKSUM_ALGORITHM) != record["checksum"]
+    if checksum_differs or not isinstance(written, ShardSamples):
         raise ResumeSamplesDiffer(
-            f"--resume: shard {name} does not match the checksum its record holds: it is damaged ({difference}), "
-            "and nothing was written or deleted. Delete it and rerun with --resume to rebuild it."
+            f"--resume: shard {name} {'does not match the checksum its record holds: it ' if checksum_differs else ''}is "
+            f"damaged ({difference}), and nothing was written or deleted. Delete it and rerun with --resume to rebuild it."
         )
     raise ResumeSamplesDiffer(
         f"--resume: shard {name}, which this build finished, holds other samples than this run would write "
@@ -93,11 +94,14 @@ def check_shard_samples(out: Path, prep: Prepared, k: int) -> None:
     )
 
 
-def written_samples(path: Path) -> ShardSamples:
-    """A shard's sample columns alone (token ids and loss masks are stored raw: int32, uint8)."""
+def written_samples(path: Path) -> ShardSamples | str:
+    """A shard's sample columns alone (token ids and loss masks are stored raw: int32, uint8), or,
+    where Parquet cannot decode them (damaged bytes), what it says."""
     try:
         table = pq.ParquetFile(path).read(columns=list(SAMPLE_COLUMNS))
-    except OSError as err:
+    except (pa.ArrowInvalid, OSError) as err:
+        if is_decode_error(err):
+            return f"Parquet cannot decode its sample columns: {err}"
         raise ShardUnreadable(
             f"--resume: cannot read {path} to check its samples against this run's ({err.strerror or err}); nothing "
             "was deleted. Rerun once it is readable (check its permissions and its file system)."

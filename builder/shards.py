@@ -510,9 +510,17 @@ def _binary_value(value) -> pa.Array:
 
 def shard_row_count(path: Path) -> int | None:
     """Rows per the Parquet footer, or None when the file is not Parquet (no magic bytes or footer:
-    a file cut short). An OSError reading it is raised: a file that cannot be read now (an I/O
-    error, its permissions) may well be complete."""
+    a file cut short; a footer Parquet cannot decode). An OS error reading it is raised: a file
+    that cannot be read now (an I/O error, its permissions) may well be complete."""
     try:
         return pq.ParquetFile(path).metadata.num_rows
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, OSError) as err:
+        if not is_decode_error(err):
+            raise
         return None
+
+
+def is_decode_error(err: Exception) -> bool:
+    """Whether pyarrow failed on the bytes it read (damaged Parquet), not on reading them: the OS's
+    errors carry an errno; Parquet's own (`Couldn't deserialize thrift`) are OSErrors without one."""
+    return isinstance(err, pa.ArrowInvalid) or (isinstance(err, OSError) and err.errno is None)

@@ -507,6 +507,48 @@ def test_a_resume_names_a_damaged_token_column_as_damage(full_vocabulary_partial
     assert files_as_they_were(tmp_path / "cache") == before
 
 
+def test_a_resume_names_a_token_column_parquet_cannot_decode_as_damage(full_vocabulary_partial, tmp_path):
+    """A damaged page header in a finished shard's token ids (size and footer intact): Parquet's
+    decode error is damage, to delete and rebuild, not a read error to wait out."""
+    out, cfg = full_vocabulary_partial
+    shutil.copytree(out, tmp_path / "cache")
+    shard = tmp_path / "cache" / "data" / "train-00000-of-00004.parquet"
+    parquet = pq.ParquetFile(shard)
+    chunk = parquet.metadata.row_group(0).column(parquet.schema_arrow.names.index("input_ids"))
+    data = bytearray(shard.read_bytes())
+    data[chunk.data_page_offset : chunk.data_page_offset + 8] = bytes(
+        b ^ 0xFF for b in data[chunk.data_page_offset : chunk.data_page_offset + 8]
+    )
+    shard.write_bytes(bytes(data))
+    before = files_as_they_were(tmp_path / "cache")
+    damaged = says(
+        "shard train-00000-of-00004.parquet does not match the checksum its record holds: it is damaged",
+        "Parquet cannot decode its sample columns",
+        "Delete it and rerun",
+    )
+    with pytest.raises(ResumeSamplesDiffer, match=damaged):
+        build(cfg.replace(resume=True, output_dir=str(tmp_path / "cache")), progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
+def test_a_resume_rebuilds_a_shard_whose_footer_parquet_cannot_decode(tmp_path):
+    """A finished shard whose footer is damaged inside (its magic bytes and size intact) is no
+    complete shard, as one without a footer is not: it is rebuilt, never left to stop every resume."""
+    cfg = small_config(tmp_path / "cache", max_samples=4, shard_size=2)
+    build(cfg, progress=False)
+    shard = sorted((tmp_path / "cache" / "data").glob("*.parquet"))[1]
+    whole = shard.read_bytes()
+    footer_length = int.from_bytes(whole[-8:-4], "little")
+    start = len(whole) - 8 - footer_length
+    shard.write_bytes(whole[:start] + bytes(b ^ 0xFF for b in whole[start : start + 16]) + whole[start + 16 :])
+    with pytest.raises(OSError, match="thrift"):
+        pq.ParquetFile(shard)
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == [shard.name]
+    assert shard.read_bytes() == whole
+
+
 def test_a_resume_refuses_a_finished_shard_that_a_damaged_loss_mask_sets_apart(full_vocabulary_partial, tmp_path):
     """The loss masks are compared too: a flipped byte there, the token ids intact, is found."""
     out, cfg = full_vocabulary_partial
