@@ -31,7 +31,7 @@ import builder.placement as placement_module
 import builder.prepare as prepare_module
 import builder.shards as shards_module
 import builder.tokenize as tokenize_module
-from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
+from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE, identity_differences
 from builder.cli import format_summary
 from builder.conversations import BadRow
 from builder.errors import ResumeMismatch, ResumeSamplesDiffer, ShardUnreadable
@@ -777,6 +777,29 @@ def test_a_resume_of_a_build_that_recorded_no_input_config_takes_the_default_it_
     resumed = build(cfg.replace(resume=True, input_config="clean"), progress=False)
     assert resumed.written == ["train-00001-of-00002.parquet"]
     assert_same_content(decoded_rows(reference.output_dir), decoded_rows(resumed.output_dir))
+
+
+def test_only_an_unrecorded_input_config_is_resolved_by_the_content_it_read():
+    """A None recorded by an earlier version is matched by equal content digests; a configuration
+    recorded by name is compared by name, whatever the content, and no digest at all matches nothing."""
+    same_content = {"config": "clean", "content_hash": "h"}
+    assert identity_differences({"input": {"config": None, "content_hash": "h"}}, {"input": same_content}) == {}
+    assert identity_differences({"input": {"config": "raw", "content_hash": "h"}}, {"input": same_content}) == {
+        "input.config": ("raw", "clean")
+    }
+    assert identity_differences({"input": {"config": None}}, {"input": {"config": "clean"}}) == {"input.config": (None, "clean")}
+
+
+def test_a_moved_local_input_is_matched_only_by_a_content_digest_recorded_for_it(tmp_path):
+    """A stored path that leads nowhere now names this run's input only when the recorded digest equals
+    this run's: none recorded (a build that never hashed it) is no match."""
+    here = tmp_path / "chats.jsonl"
+    here.write_text("{}\n")
+    gone = str(tmp_path / "moved-away" / "chats.jsonl")
+    current = {"input": {"data": str(here), "content_hash": "h"}}
+    assert identity_differences({"input": {"data": gone, "content_hash": "h"}}, current) == {}
+    assert set(identity_differences({"input": {"data": gone, "content_hash": "other"}}, current)) == {"input.data", "input.content_hash"}
+    assert identity_differences({"input": {"data": gone}}, {"input": {"data": str(here)}}) == {"input.data": (gone, str(here))}
 
 
 def test_resume_refuses_a_local_target_whose_weights_changed(tmp_path, monkeypatch):
