@@ -190,7 +190,7 @@ def write_shards(state, prep: Prepared, out: Path, result: BuildResult, progress
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
     mine = [k for k in range(prep.num_shards) if k % state.num_processes == state.process_index]
     remote = uploader.remote_shards() if uploader is not None else {}
-    pending = [k for k in mine if not shard_is_complete(out, names[k], expected_rows(prep, k), remote)]
+    pending = [k for k in mine if not shard_is_complete(out, names[k], remote)]
     if uploader is not None:  # finished locally in an earlier run but never uploaded
         for k in mine:
             path = out / "data" / names[k]
@@ -391,39 +391,32 @@ def remove_killed_writers_files(out: Path) -> None:
 def kept_shards(out: Path, prep: Prepared) -> list[int]:
     """The shards a resume keeps as they are: on disk, and matching their record."""
     names = [shard_name(k, prep.num_shards) for k in range(prep.num_shards)]
-    return [
-        k
-        for k in range(prep.num_shards)
-        if (out / "data" / names[k]).exists() and shard_matches_record(out, names[k], expected_rows(prep, k))
-    ]
+    return [k for k in range(prep.num_shards) if (out / "data" / names[k]).exists() and shard_matches_record(out, names[k])]
 
 
-def shard_is_complete(out: Path, name: str, rows: int, remote: dict | None = None) -> bool:
+def shard_is_complete(out: Path, name: str, remote: dict | None = None) -> bool:
     """A shard file exists only once complete (atomic rename); its sidecar and footer must agree.
     With upload-while-building, a shard deleted locally is complete when the Hub has its bytes."""
     path = out / "data" / name
     if not path.exists():
         sidecar = read_sidecar(out, name)
         return bool(remote) and sidecar is not None and sidecar.get("sha256") is not None and remote.get(name) == sidecar["sha256"]
-    if not shard_matches_record(out, name, rows):
+    if not shard_matches_record(out, name):
         log.warning("shard %s exists but does not match its record; it will be rebuilt", name)
         path.unlink()
         return False
     return True
 
 
-def shard_matches_record(out: Path, name: str, rows: int) -> bool:
+def shard_matches_record(out: Path, name: str) -> bool:
     """Size and footer as recorded. A shard that cannot be read now (an I/O error, its permissions)
-    is not known to be incomplete: the resume stops rather than delete what may be valid."""
+    is not known to be incomplete: the resume stops rather than delete what may be valid. Whether it
+    holds the samples this run has for it (their number too) is kept_samples' check, which refuses
+    rather than rebuild: a complete shard holding other samples was written by other rules."""
     path = out / "data" / name
     try:
         sidecar = read_sidecar(out, name)
-        return (
-            sidecar is not None
-            and sidecar["bytes"] == path.stat().st_size
-            and sidecar["rows"] + len(sidecar.get("failed", [])) == rows
-            and shard_row_count(path) == sidecar["rows"]
-        )
+        return sidecar is not None and sidecar["bytes"] == path.stat().st_size and shard_row_count(path) == sidecar["rows"]
     except OSError as err:
         raise ShardUnreadable(
             f"--resume: cannot read {err.filename or path} to check that shard {name} is complete "

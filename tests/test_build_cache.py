@@ -482,6 +482,23 @@ def test_a_resume_refuses_a_build_whose_samples_filled_another_number_of_shards(
     assert files_as_they_were(out) == before
 
 
+def test_a_resume_refuses_a_finished_last_shard_holding_a_row_no_longer_valid(full_vocabulary_partial, tmp_path, monkeypatch):
+    """The last row no longer valid leaves the number of shards as it was, and the finished last
+    shard one sample more than this run has for it: refused as any other shard would be, not deleted
+    as an incomplete one."""
+    out, cfg = full_vocabulary_partial
+    cfg = cfg.replace(resume=True, output_dir=str(tmp_path / "cache"))
+    shutil.copytree(out, tmp_path / "cache")
+    build(cfg, progress=False)
+    last = prepare(cfg).samples["sample_id"][-1]
+    conversation_rules_change(monkeypatch, "last row invalid", invalid(last))
+    assert prepare(cfg).num_shards == 4
+    before = files_as_they_were(tmp_path / "cache")
+    with pytest.raises(ResumeSamplesDiffer, match=says("shard train-00003-of-00004.parquet", "it holds 2 samples, where this run has 1")):
+        build(cfg, progress=False)
+    assert files_as_they_were(tmp_path / "cache") == before
+
+
 def flip_last_byte(shard: Path, column: str) -> None:
     """Flip a bit of the last byte of `column`'s first column chunk (stored raw: the high byte of its
     last token id, or its last loss mask value), the shard's size and footer left as they were."""
