@@ -250,5 +250,14 @@ def sidecar_path(output_dir: Path, shard_name: str) -> Path:
 
 
 def read_sidecar(output_dir: Path, shard_name: str) -> dict | None:
+    """A shard's build record; None where it has none, or one that no longer decodes (damaged since it was
+    written, say cut short or zeroed): its shard is then not known to be complete, and a resume rebuilds it
+    as it rebuilds a shard without a record, rather than stop on a JSON error."""
     path = sidecar_path(output_dir, shard_name)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not text
+        log.warning("the build record %s of shard %s is damaged (%s); it counts as missing", path, shard_name, err)
+        return None

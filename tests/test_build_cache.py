@@ -299,6 +299,25 @@ def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     assert_same_content(reference, decoded_rows(resumed.output_dir))
 
 
+def test_resume_rebuilds_each_shard_whose_record_no_longer_decodes(tmp_path):
+    """A shard's record cut short, or zeroed, since the build wrote it (its shard in place, or gone)
+    counts as missing: the shard is rebuilt to the same bytes, not left to stop every resume on a JSON error."""
+    cfg = small_config(tmp_path / "cache", max_samples=6, shard_size=2)
+    build(cfg, progress=False)
+    data, records = tmp_path / "cache" / "data", tmp_path / "cache" / ".eagle3_build" / "shards"
+    names = sorted(p.name for p in data.glob("*.parquet"))
+    written = {name: (data / name).read_bytes() for name in names}
+    cut_short = records / f"{names[0]}.json"
+    cut_short.write_text(cut_short.read_text()[:20])
+    (records / f"{names[1]}.json").write_bytes(bytes(64))
+    (data / names[1]).unlink()
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == names[:2]
+    assert {name: (data / name).read_bytes() for name in names} == written
+    assert [json.loads((records / f"{name}.json").read_text())["rows"] for name in names] == [2, 2, 2]
+
+
 def test_resume_rebuilds_a_shard_whose_size_differs_from_its_record_though_it_holds_the_same_rows(tmp_path):
     """A finished shard written again by another tool (same rows and samples, other bytes): its
     footer and samples agree with its record, its size does not, and its checksum no longer holds.
