@@ -147,7 +147,18 @@ def is_cache_card(path: Path) -> bool:
 
 def read_identity(output_dir: Path) -> dict | None:
     path = output_dir / BUILD_STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not text: damaged since the build wrote it
+        raise ConfigError(
+            "--output-dir",
+            str(output_dir),
+            f"an interrupted build to resume, with its identity ({BUILD_STATE_FILE}) as the build wrote it",
+            f"{path} is damaged ({err}), so this run's settings cannot be checked against the build's and nothing "
+            "was changed. Build again into a new --output-dir.",
+        ) from err
 
 
 def check_resume(

@@ -1056,6 +1056,31 @@ def test_resume_of_a_cache_without_its_build_state_says_there_is_nothing_to_resu
     assert snapshot(out) == before
 
 
+def test_resume_of_a_build_whose_identity_record_no_longer_decodes_says_what_to_do(tmp_path):
+    """The build's identity cut short since it was written: the resume cannot check this run against
+    it, so it stops saying so, changing nothing, rather than with a JSON error."""
+    from helpers import says
+
+    from builder.build_state import BUILD_STATE_FILE
+    from builder.errors import ConfigError
+
+    out = tmp_path / "cache"
+    cfg = small_config(out, max_samples=4, shard_size=2)
+    build(cfg, progress=False)
+    identity = out / BUILD_STATE_FILE
+    identity.write_text(identity.read_text()[:50])
+    before = snapshot(out)
+    damaged = says(
+        f"--output-dir: expected an interrupted build to resume, with its identity ({BUILD_STATE_FILE})",
+        f"{identity} is damaged",
+        "nothing was changed",
+        "Build again into a new --output-dir",
+    )
+    with pytest.raises(ConfigError, match=damaged):
+        build(cfg.replace(resume=True), progress=False)
+    assert snapshot(out) == before
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
     """/proc/self takes no new folder from anyone, root included: an OSError, told as what to change."""
