@@ -1056,27 +1056,28 @@ def test_resume_of_a_cache_without_its_build_state_says_there_is_nothing_to_resu
     assert snapshot(out) == before
 
 
-def test_resume_of_a_build_whose_identity_record_no_longer_decodes_says_what_to_do(tmp_path):
-    """The build's identity cut short since it was written: the resume cannot check this run against
-    it, so it stops saying so, changing nothing, rather than with a JSON error."""
+@pytest.mark.parametrize(("record", "what"), [("identity.json", "identity"), ("input.json", "record of the input commit read")])
+def test_resume_of_a_build_whose_state_no_longer_decodes_says_what_to_do(tmp_path, record, what):
+    """The build's identity, or its record of the input commit read, cut short since it was written:
+    the resume cannot check this run against the build, so it stops saying so, changing nothing,
+    rather than with a JSON error."""
     from helpers import says
 
-    from builder.build_state import BUILD_STATE_FILE
     from builder.errors import ConfigError
 
     out = tmp_path / "cache"
     cfg = small_config(out, max_samples=4, shard_size=2)
     build(cfg, progress=False)
-    identity = out / BUILD_STATE_FILE
-    identity.write_text(identity.read_text()[:50])
+    damaged = out / BUILD_STATE_DIR / record
+    damaged.write_text(damaged.read_text()[:5])
     before = snapshot(out)
-    damaged = says(
-        f"--output-dir: expected an interrupted build to resume, with its identity ({BUILD_STATE_FILE})",
-        f"{identity} is damaged",
+    refused = says(
+        f"--output-dir: expected an interrupted build to resume, with its {what} ({BUILD_STATE_DIR}/{record})",
+        f"{damaged} is damaged",
         "nothing was changed",
         "Build again into a new --output-dir",
     )
-    with pytest.raises(ConfigError, match=damaged):
+    with pytest.raises(ConfigError, match=refused):
         build(cfg.replace(resume=True), progress=False)
     assert snapshot(out) == before
 
