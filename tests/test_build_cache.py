@@ -278,6 +278,17 @@ def test_a_resume_on_fewer_processes_records_only_its_own_ranks(tmp_path):
     assert read_manifest(tmp_path / "cache")["build"]["ranks"] == again.manifest["build"]["ranks"]
 
 
+def test_a_resume_finishes_the_card_past_an_earlier_runs_damaged_rank_record(tmp_path):
+    """An earlier run's rank record cut short since (no rank of this run, which rewrites its own): the
+    resume writes the card with this run's ranks, instead of stopping on a JSON error once every shard is done."""
+    cfg = small_config(tmp_path / "cache")
+    build(cfg, progress=False)
+    (tmp_path / "cache" / BUILD_STATE_DIR / "ranks" / "rank-00003.json").write_text('{"rank": 3, "world')
+    again = build(cfg.replace(resume=True), progress=False)
+    assert [(r["rank"], r["world_size"], r["shards_written"]) for r in again.manifest["build"]["ranks"]] == [(0, 1, [])]
+    assert read_manifest(tmp_path / "cache")["build"]["ranks"] == again.manifest["build"]["ranks"]
+
+
 def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     """A shard file cut short, one whose footer is damaged at its full size, one without a record:
     each is rebuilt (to the same rows); the intact one is kept as it was."""
