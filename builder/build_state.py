@@ -146,8 +146,25 @@ def is_cache_card(path: Path) -> bool:
 
 
 def read_identity(output_dir: Path) -> dict | None:
-    path = output_dir / BUILD_STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_build_state(output_dir, BUILD_STATE_FILE, "identity")
+
+
+def read_build_state(output_dir: Path, relative: str, what: str) -> dict | None:
+    """A file of the build's state, None where there is none; one damaged since the build wrote it is refused:
+    without it this run cannot be checked against the build."""
+    path = Path(output_dir) / relative
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not text
+        raise ConfigError(
+            "--output-dir",
+            str(output_dir),
+            f"an interrupted build to resume, with its {what} ({relative}) as the build wrote it",
+            f"{path} is damaged ({err}), so this run's settings cannot be checked against the build's and nothing "
+            "was changed. Build again into a new --output-dir.",
+        ) from err
 
 
 def check_resume(
@@ -218,8 +235,7 @@ def read_run_token(output_dir: Path) -> str | None:
 
 
 def read_input_source(output_dir: Path) -> dict | None:
-    path = Path(output_dir) / INPUT_SOURCE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_build_state(output_dir, INPUT_SOURCE_FILE, "record of the input commit read")
 
 
 def refuse_resume_without_build_state(output_dir: Path) -> None:
@@ -250,5 +266,14 @@ def sidecar_path(output_dir: Path, shard_name: str) -> Path:
 
 
 def read_sidecar(output_dir: Path, shard_name: str) -> dict | None:
+    """A shard's build record; None where it has none, or one that no longer decodes (damaged since it was
+    written, say cut short or zeroed): its shard is then not known to be complete, and a resume rebuilds it
+    as it rebuilds a shard without a record, rather than stop on a JSON error."""
     path = sidecar_path(output_dir, shard_name)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # not JSON, or not text
+        log.warning("the build record %s of shard %s is damaged (%s); it counts as missing", path, shard_name, err)
+        return None

@@ -440,8 +440,18 @@ def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: P
 
 def read_rank_stats(out: Path, world_size: int) -> list[dict]:
     """This run's ranks: a resume on fewer processes leaves the earlier run's higher ranks' files behind."""
-    stats = [json.loads(p.read_text()) for p in sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))]
+    stats = [s for s in map(rank_stats, sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))) if s is not None]
     return [s for s in stats if s["world_size"] == world_size and s["rank"] < world_size]
+
+
+def rank_stats(path: Path) -> dict | None:
+    """A rank's stats; None for one that no longer decodes: every rank of this run wrote its own before the
+    card, so a damaged one is an earlier run's, and must not stop the card once every shard is computed."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # not JSON, or not text
+        log.warning("%s is damaged; the card leaves it out (it is no rank's of this run)", path)
+        return None
 
 
 def write_vocab(out: Path, prep: Prepared) -> None:

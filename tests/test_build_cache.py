@@ -278,6 +278,17 @@ def test_a_resume_on_fewer_processes_records_only_its_own_ranks(tmp_path):
     assert read_manifest(tmp_path / "cache")["build"]["ranks"] == again.manifest["build"]["ranks"]
 
 
+def test_a_resume_finishes_the_card_past_an_earlier_runs_damaged_rank_record(tmp_path):
+    """An earlier run's rank record cut short since (no rank of this run, which rewrites its own): the
+    resume writes the card with this run's ranks, instead of stopping on a JSON error once every shard is done."""
+    cfg = small_config(tmp_path / "cache")
+    build(cfg, progress=False)
+    (tmp_path / "cache" / BUILD_STATE_DIR / "ranks" / "rank-00003.json").write_text('{"rank": 3, "world')
+    again = build(cfg.replace(resume=True), progress=False)
+    assert [(r["rank"], r["world_size"], r["shards_written"]) for r in again.manifest["build"]["ranks"]] == [(0, 1, [])]
+    assert read_manifest(tmp_path / "cache")["build"]["ranks"] == again.manifest["build"]["ranks"]
+
+
 def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     """A shard file cut short, one whose footer is damaged at its full size, one without a record:
     each is rebuilt (to the same rows); the intact one is kept as it was."""
@@ -297,6 +308,25 @@ def test_resume_rebuilds_each_shard_that_does_not_match_its_record(tmp_path):
     assert snapshot(data)[names[3]] == kept
     assert (data / names[0]).read_bytes() == whole
     assert_same_content(reference, decoded_rows(resumed.output_dir))
+
+
+def test_resume_rebuilds_each_shard_whose_record_no_longer_decodes(tmp_path):
+    """A shard's record cut short, or zeroed, since the build wrote it (its shard in place, or gone)
+    counts as missing: the shard is rebuilt to the same bytes, not left to stop every resume on a JSON error."""
+    cfg = small_config(tmp_path / "cache", max_samples=6, shard_size=2)
+    build(cfg, progress=False)
+    data, records = tmp_path / "cache" / "data", tmp_path / "cache" / ".eagle3_build" / "shards"
+    names = sorted(p.name for p in data.glob("*.parquet"))
+    written = {name: (data / name).read_bytes() for name in names}
+    cut_short = records / f"{names[0]}.json"
+    cut_short.write_text(cut_short.read_text()[:20])
+    (records / f"{names[1]}.json").write_bytes(bytes(64))
+    (data / names[1]).unlink()
+
+    resumed = build(cfg.replace(resume=True), progress=False)
+    assert resumed.written == names[:2]
+    assert {name: (data / name).read_bytes() for name in names} == written
+    assert [json.loads((records / f"{name}.json").read_text())["rows"] for name in names] == [2, 2, 2]
 
 
 def test_resume_rebuilds_a_shard_whose_size_differs_from_its_record_though_it_holds_the_same_rows(tmp_path):
@@ -1074,6 +1104,32 @@ def test_resume_of_a_cache_without_its_build_state_says_there_is_nothing_to_resu
     with pytest.raises(ConfigError, match=says("It holds shards (data/*.parquet) without its build state", "choose a new --output-dir")):
         build(cfg.replace(resume=True), progress=False)
     del before["README.md"]
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(("record", "what"), [("identity.json", "identity"), ("input.json", "record of the input commit read")])
+def test_resume_of_a_build_whose_state_no_longer_decodes_says_what_to_do(tmp_path, record, what):
+    """The build's identity, or its record of the input commit read, cut short since it was written:
+    the resume cannot check this run against the build, so it stops saying so, changing nothing,
+    rather than with a JSON error."""
+    from helpers import says
+
+    from builder.errors import ConfigError
+
+    out = tmp_path / "cache"
+    cfg = small_config(out, max_samples=4, shard_size=2)
+    build(cfg, progress=False)
+    damaged = out / BUILD_STATE_DIR / record
+    damaged.write_text(damaged.read_text()[:5])
+    before = snapshot(out)
+    refused = says(
+        f"--output-dir: expected an interrupted build to resume, with its {what} ({BUILD_STATE_DIR}/{record})",
+        f"{damaged} is damaged",
+        "nothing was changed",
+        "Build again into a new --output-dir",
+    )
+    with pytest.raises(ConfigError, match=refused):
+        build(cfg.replace(resume=True), progress=False)
     assert snapshot(out) == before
 
 
