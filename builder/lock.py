@@ -22,6 +22,7 @@ from .files import is_disk_full
 
 LOCK_FILE = ".eagle3_build/lock"
 WRITERS_FILE = ".eagle3_build/writers.lock"
+LOCK_FILE_MODE = 0o666  # less the umask, as every file of a cache: in a group-shared folder the group can resume the build
 
 
 class CacheLocked(Eagle3CacheError):
@@ -72,7 +73,7 @@ class CacheLock:
         """The lock file, created with its folder; a folder that cannot be created is the user's to change."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            return os.open(self.path, os.O_CREAT | os.O_RDWR, LOCK_FILE_MODE)
         except OSError as err:
             if is_disk_full(err):
                 raise  # the caller reports a full disk as such
@@ -101,7 +102,7 @@ def check_no_writers(output_dir: Path) -> None:
     """No process of another build holds the writers' lock: taken exclusively for a moment, under
     the cache lock (which keeps every new build out meanwhile), then let go."""
     path = Path(output_dir) / WRITERS_FILE
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, LOCK_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -123,7 +124,7 @@ class WriterHold:
 
     def hold(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, LOCK_FILE_MODE)
         fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a starting build checks, under the cache lock
         self._fd = fd
 

@@ -593,7 +593,7 @@ def mode_of(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture(params=[0o022, 0o077], ids=["umask-022", "umask-077"])
+@pytest.fixture(params=[0o022, 0o002, 0o077], ids=["umask-022", "umask-002", "umask-077"])
 def umask(request):
     previous = os.umask(request.param)
     yield request.param
@@ -603,7 +603,8 @@ def umask(request):
 def test_every_file_of_a_cache_and_its_exports_gets_the_mode_the_umask_gives(umask, tmp_path):
     """safetensors makes its files 0600; those of a cache (the draft vocabulary, a hidden cache's head)
     and of an export (NeMo's shards and target embeddings) get the mode every other file gets, so a
-    cache or export in a group-shared folder is readable by the group, and a private one stays private."""
+    cache or export in a group-shared folder is readable by the group, and a private one stays private.
+    The build's lock files too: under umask 002 the group can open them, so a member can resume the build."""
     cache = build(small_config(tmp_path / "cache", target_format="hidden"), progress=False).output_dir
     export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
     export_cache(cache, "specforge", tmp_path / "sf", progress=False)
