@@ -128,20 +128,38 @@ def load_model(
 ):
     """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit).
     `config`: the target's config when already loaded (`load_config`), so it is not read and parsed again."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        device_map=device_map,
-        max_memory=max_memory,
-        **({"config": config} if config is not None else {}),
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            **({"config": config} if config is not None else {}),
+        )
+    except (OSError, SafetensorError) as err:  # weight files missing, truncated or not downloadable
+        raise InputError(weights_unloadable(model_path, err)) from None
     if device_map is None:
         model = model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def weights_unloadable(model_path: str, err: Exception) -> str:
+    found = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    if Path(model_path).is_dir():
+        return (
+            f"--target-model: cannot load the weights in {model_path!r} ({found}); expected its complete weight files beside "
+            "config.json (model.safetensors, or the index and every shard it names, or pytorch_model.bin): copy or download "
+            "them again from the model's source"
+        )
+    return (
+        f"--target-model: cannot load the weights of {model_path!r} from the Hub or the local Hub cache ({found}); check "
+        "your network and access to the model, or download it first (`hf download`) and build with HF_HUB_OFFLINE=1"
+    )
 
 
 def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
