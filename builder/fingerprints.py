@@ -95,7 +95,7 @@ def _explicit_weights(folder: Path) -> str | None:
 
 def _indexed_files(folder: Path, index: str) -> list[Path]:
     """The files an index maps weights to; each must be there, as transformers will load every one."""
-    files = sorted({folder / name for name in json.loads((folder / index).read_text())["weight_map"].values()})
+    files = sorted({folder / name for name in _weight_map(folder, index).values()})
     missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise ConfigError(
@@ -106,6 +106,26 @@ def _indexed_files(folder: Path, index: str) -> list[Path]:
             "restore the files, or remove the stale index if the weights are saved another way.",
         )
     return files
+
+
+def _weight_map(folder: Path, index: str) -> dict:
+    """An index's `weight_map` (tensor name -> file name), refused by what is wrong with it where it has none."""
+    try:
+        weight_map = json.loads((folder / index).read_text())["weight_map"]
+        if isinstance(weight_map, dict) and all(isinstance(name, str) for name in weight_map.values()):
+            return weight_map
+        found = f"a weight_map of {type(weight_map).__name__}"
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        found = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    except (KeyError, TypeError):
+        found = "no weight_map"
+    raise ConfigError(
+        "--target-model",
+        str(folder),
+        f"a {index} holding a JSON object whose weight_map maps each tensor name to its file name",
+        f"Found {found}. transformers loads the weights through {index} ({_why_loaded(index)}): restore the index "
+        "from the model's source, or remove it if the weights are saved another way.",
+    )
 
 
 def _why_loaded(index: str) -> str:

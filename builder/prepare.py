@@ -370,7 +370,7 @@ def target_differences(manifest: dict, model_path: str, config, tokenizer) -> di
     where both sides have one: a Hub target records its commit instead; a folder whose code the build
     ran must still hold that code), the vocabulary size and the tokenizer."""
     identity, recorded = manifest["identity"], manifest["identity"]["target"]
-    differences = {}
+    differences = _kind_differences(recorded, model_path)
     config_hash = local_config_hash(model_path)
     if None not in (recorded.get("config_sha256"), config_hash) and recorded["config_sha256"] != config_hash:
         differences["target.config_sha256"] = (recorded["config_sha256"], config_hash)
@@ -385,6 +385,14 @@ def target_differences(manifest: dict, model_path: str, config, tokenizer) -> di
     if vocab_size != manifest["target_vocab_size"]:
         differences["target_vocab_size"] = (manifest["target_vocab_size"], vocab_size)
     return differences | _tokenizer_differences(identity, manifest.get("special_token_ids"), tokenizer, vocab_size)
+
+
+def _kind_differences(recorded: dict, model_path: str) -> dict:
+    """A local folder given for a Hub build's target: the build recorded only its commit, which no
+    folder's files can be matched against, so any model with the same tokenizer would pass for it."""
+    if recorded.get("revision") is not None and Path(model_path).is_dir():
+        return {"target.revision": (recorded["revision"], f"no commit: a local folder, not {recorded['model']!r} from the Hub")}
+    return {}
 
 
 def _tokenizer_differences(identity: dict, recorded_specials, tokenizer, vocab_size: int) -> dict:

@@ -42,10 +42,25 @@ def is_ref_name(ref: str) -> bool:
     return all(part and not part.startswith(".") and not part.endswith(".lock") for part in ref.split("/"))
 
 
+def hub_accepts(repo_id: str) -> bool:
+    """huggingface_hub's own check, which refuses names the pattern above lets through ('a--b', 'a-'):
+    without it they would pass here and stop the push at its first request, after the build."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
+
+
 def validate_target(target: PushTarget) -> None:
     """Checks that need no network, run before any data or weights load."""
-    if re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", target.repo_id) is None:
-        raise HubError(f"repo id: expected 'user/name' (letters, digits, '.', '_', '-'), got {target.repo_id!r}")
+    if re.fullmatch(rf"{NAME_PATTERN}/{NAME_PATTERN}", target.repo_id) is None or not hub_accepts(target.repo_id):
+        raise HubError(
+            f"repo id: expected 'user/name' (letters, digits, '.', '_', '-'; no part ending in '-' or '.', no '--' or '..', "
+            f"no '.git' at the end), got {target.repo_id!r}"
+        )
     if target.config is not None and (re.fullmatch(NAME_PATTERN, target.config) is None or target.config in RESERVED_CONFIG_NAMES):
         raise HubError(
             f"--hub-config: expected a folder name (letters, digits, '.', '_', '-') other than {sorted(RESERVED_CONFIG_NAMES)}, "

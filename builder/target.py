@@ -128,20 +128,38 @@ def load_model(
 ):
     """On one device, or placed over several with a `device_map` ("auto" with `max_memory`, or explicit).
     `config`: the target's config when already loaded (`load_config`), so it is not read and parsed again."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        device_map=device_map,
-        max_memory=max_memory,
-        **({"config": config} if config is not None else {}),
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            **({"config": config} if config is not None else {}),
+        )
+    except (OSError, SafetensorError) as err:  # weight files missing, truncated or not downloadable
+        raise InputError(weights_unloadable(model_path, err)) from None
     if device_map is None:
         model = model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def weights_unloadable(model_path: str, err: Exception) -> str:
+    found = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    if Path(model_path).is_dir():
+        return (
+            f"--target-model: cannot load the weights in {model_path!r} ({found}); expected its complete weight files beside "
+            "config.json (model.safetensors, or the index and every shard it names, or pytorch_model.bin): copy or download "
+            "them again from the model's source"
+        )
+    return (
+        f"--target-model: cannot load the weights of {model_path!r} from the Hub or the local Hub cache ({found}); check "
+        "your network and access to the model, or download it first (`hf download`) and build with HF_HUB_OFFLINE=1"
+    )
 
 
 def decoder_layers(model, num_layers: int) -> torch.nn.ModuleList:
@@ -206,6 +224,7 @@ class Target:
         self.hidden_size = cfg.hidden_size
         self.head = model.get_output_embeddings()
         self.transform = head_transform_from(head_spec(model.config)) or (lambda logits: logits)
+        self._logits_dtype: torch.dtype | None = None
         self.embedding_rows = model.get_input_embeddings().weight.shape[0]
         self._captured: dict[int, torch.Tensor] = {}
         layers = decoder_layers(model, cfg.num_hidden_layers)
@@ -241,10 +260,29 @@ class Target:
         self._captured.clear()
         return aux, out.last_hidden_state.to(self.device)
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The dtype of the target's own forward logits. Some widen the head's output before their logit
+        terms (Beam softcaps in fp32): the head path must widen too, or it rounds the terms' result to the
+        head's half precision, which the live target never does. Found once, from a one-token forward."""
+        if self._logits_dtype is None:
+            if self.head.weight.dtype == torch.float32:
+                self._logits_dtype = torch.float32  # nothing wider to widen to
+            else:
+                with torch.inference_mode():
+                    ids = torch.zeros(1, 1, dtype=torch.long, device=self.input_device)
+                    self._logits_dtype = self.model(input_ids=ids, use_cache=False).logits.dtype
+                self._captured.clear()
+        return self._logits_dtype
+
+    def head_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logit terms, applied in the dtype the target's own forward applies them in."""
+        return self.transform(logits.to(self.logits_dtype))
+
     @torch.inference_mode()
     def logits_at(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits `[n, V]` for `[n, H]` rows, in fixed-shape chunks."""
-        return chunked_logits(hidden_rows, self.head, self.transform, width=self.vocab_size)
+        return chunked_logits(hidden_rows, self.head, self.head_transform, width=self.vocab_size)
 
     @torch.inference_mode()
     def check_head(self, probe_ids: torch.Tensor, draft: tuple | None = None) -> float:
@@ -298,7 +336,7 @@ class Target:
         probs, argmax, log_mass = [], [], []
         # Each fixed-shape chunk's [chunk, V] logits are used up while they are still in cache; only the
         # [n, Vd] results are joined. Zero rows pad the last chunk and are cut off after the join.
-        for logits in logit_chunks(rows, self.head, self.transform):
+        for logits in logit_chunks(rows, self.head, self.head_transform):
             sup = compute_target_distribution(logits, None, selected_token_ids)  # every row is a loss position
             probs.append(sup.target_probs)
             argmax.append(sup.argmax)

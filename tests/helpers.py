@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -64,6 +65,14 @@ def assert_same_content(rows_a: list[dict], rows_b: list[dict]) -> None:
                 assert torch.equal(a[key], b[key]), key
             else:
                 assert a[key] == b[key], key
+
+
+def hub_cache_holding(hub_cache: Path, repo_id: str, commit: str, folder: Path) -> None:
+    """`folder`'s files laid out as a download of `repo_id`'s main branch at `commit` leaves them in the local Hub cache."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
 
 
 def says(*facts: str) -> str:

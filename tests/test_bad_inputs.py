@@ -51,6 +51,8 @@ Each case, its outcome and the test that shows it:
   test_model_path_without_tokenizer
 - model path without (or with a broken) config.json: error before any data loads.
   test_model_path_without_config
+- model path whose weight files are missing or truncated: error when the weights load.
+  test_model_path_with_missing_or_truncated_weights
 - unknown dtype: error before anything loads.
   test_validation.py::test_cli_bad_flag_is_one_error_line[--dtype],
   test_validation.py::test_validate_rejects[dtype=*]
@@ -527,6 +529,25 @@ def test_model_path_without_config(tmp_path, capsys, no_data):
         rf"'{re.escape(str(model))}' \((OSError|ValueError): .*\); expected a model directory with its config\.json$",
         out,
     )
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_model_path_with_missing_or_truncated_weights(tmp_path, capsys, damage):
+    """Only loading them shows it: one clear error naming the folder and what transformers found, no traceback."""
+    model = Path(shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], tmp_path / "model"))
+    weights = model / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ("--input-data", "sample-chats", "--max-samples", "4", "--target-model", str(model), "--output-dir", str(tmp_path / "out"))
+    code, stdout, err = cli(capsys, *COMMON, *args)
+    assert code == 2 and stdout == "" and "Traceback" not in err, err
+    assert re.search(
+        rf"^error: --target-model: cannot load the weights in '{re.escape(str(model))}' \((OSError|SafetensorError): .+\); "
+        r"expected its complete weight files beside config\.json .*: copy or download them again from the model's source\n$",
+        err.splitlines(keepends=True)[-1],
+    ), err
 
 
 def test_directory_with_no_data_files(tmp_path, capsys, no_weights):

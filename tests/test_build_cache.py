@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import xxhash
-from helpers import assert_same_content, batch_rows, decoded_rows, record_in_card, says, small_config
+from helpers import assert_same_content, batch_rows, decoded_rows, hub_cache_holding, record_in_card, says, small_config
 from tiny_targets import (
     make_tiny_target,
     poisoned_target,
@@ -1145,14 +1145,6 @@ def test_a_lock_file_that_cannot_be_created_is_a_clear_error():
         ConfigError, match=says("--output-dir", "got '/proc/self/eagle3-cache'", "Creating /proc/self/eagle3-cache", "Choose a writable")
     ):
         CacheLock(Path("/proc/self/eagle3-cache")).acquire()
-
-
-def hub_cache_holding(hub_cache: Path, repo_id: str, commit: str, folder: Path) -> None:
-    """`folder`'s files laid out as a download of `repo_id`'s main branch at `commit` leaves them in the local Hub cache."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 def test_an_offline_build_of_a_downloaded_hub_target_records_the_commit_its_files_load_from(tmp_path, monkeypatch):

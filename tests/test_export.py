@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import export_signalled_at, folder_of_caches, record_in_card, says, small_config
+from helpers import export_signalled_at, folder_of_caches, hub_cache_holding, record_in_card, says, small_config
 from hub_server import hub_fixtures
 from safetensors import safe_open
 from tiny_targets import _init_weights, _text_settings, tiny_tokenizer
@@ -1116,6 +1116,28 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path, noth
     ):
         export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
     assert not (tmp_path / "nemo").exists()
+
+
+def test_nemo_export_refuses_a_local_folder_for_a_hub_builds_target(tmp_path, monkeypatch):
+    """A Hub build recorded its commit, not fingerprints: a local folder cannot be matched against it, so a
+    retrained one must not pass for its target (the export would hand over that model's embeddings)."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef" * 2 + "01234567"
+    hub_cache_holding(tmp_path / "hub", "someorg/tiny", commit, Path(resolve_target("tiny-llama")))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_built = build(small_config(tmp_path / "hub-built", "someorg/tiny", max_samples=4), progress=False).output_dir
+    retrained = copy_of_target(tmp_path / "retrained")
+    rewrite_weights(retrained, lambda t: t | {"model.embed_tokens.weight": t["model.embed_tokens.weight"] + 1})
+    with pytest.raises(
+        ExportError,
+        match=says(
+            "is not the model this cache was built from", f"target.revision: cache has '{commit}'", "a local folder", "'someorg/tiny'"
+        ),
+    ):
+        export_cache(hub_built, "nemo", tmp_path / "nemo", target_model=str(retrained), progress=False)
+    assert not (tmp_path / "nemo").exists()
+    export_cache(hub_built, "nemo", tmp_path / "nemo", progress=False)  # its own target, by its Hub id, still passes
 
 
 def test_nemo_export_refuses_a_target_whose_own_code_changed_after_the_build(tmp_path):

@@ -96,6 +96,26 @@ def test_an_index_naming_missing_files_is_refused_by_name(tmp_path):
         local_weights_sample_hash(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("not json", "Found JSONDecodeError: Expecting value"),
+        ('{"metadata": {}}', "Found no weight_map"),
+        ('{"weight_map": []}', "Found a weight_map of list"),
+    ],
+)
+def test_an_unreadable_index_is_refused_saying_what_it_holds(tmp_path, text, found):
+    """transformers loads the weights through the index, so a damaged one is the target's fault, told as such."""
+    touch(tmp_path, SHARDS[0])
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(
+        ConfigError,
+        match=r"--target-model: expected a model.safetensors.index.json holding a JSON object whose weight_map maps each "
+        rf"tensor name to its file name, got '{tmp_path}'\. {found}.*restore the index",
+    ):
+        local_weights_sample_hash(str(tmp_path))
+
+
 def test_a_cache_fingerprinted_index_first_by_an_earlier_version_still_matches_its_unchanged_folder(tmp_path, caplog):
     """Earlier versions hashed an index's files before the single file transformers loads; a build they
     began (its identity records no `weights_files`) in a folder holding both resumes, verifies and

@@ -65,6 +65,34 @@ def test_supervise_finds_the_loss_rows_of_a_host_mask_as_a_boolean_index_would(t
     target.close()
 
 
+def test_a_half_precision_target_that_softcaps_its_logits_in_fp32_is_supervised_as_its_own_forward_gives_them():
+    """Beam widens its bf16 lm_head output to fp32 before the tanh cap: the head path must too, or the
+    capped logits are rounded to bf16 (up to 1/16 near a cap of 30), which the model's forward never does."""
+    from tiny_targets import _init_weights, tiny_tokenizer
+    from transformers import AutoModelForCausalLM, BeamConfig
+
+    from builder.target import Target
+
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, sliding_window=16)
+    model = AutoModelForCausalLM.from_config(BeamConfig(vocab_size=len(tiny_tokenizer()), **settings, **moe), dtype=torch.float32)
+    _init_weights(model, 0)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logits near the cap, where rounding the capped values shows
+    model = model.to(torch.bfloat16).eval()
+    target = Target(model, [1, 3, 4])
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    own = model(input_ids=ids, attention_mask=attention).logits[0]
+    assert own.dtype == torch.float32 and own.abs().max() > 29  # the model's own fp32 cap, reached
+    selected = torch.arange(0, model.config.vocab_size, 3)
+    live = target.supervise(ids, attention, torch.ones_like(ids), selected)
+    assert torch.equal(live["probs"], torch.softmax(own.index_select(-1, selected), -1))
+    assert torch.equal(live["argmax"], own.argmax(-1))
+    assert target.check_head(ids) == 0.0
+    target.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_all_finite_flags_exactly_the_rows_holding_inf_or_nan_even_where_a_sum_would_overflow(dtype):
     largest = torch.finfo(dtype).max

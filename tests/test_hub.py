@@ -864,9 +864,14 @@ def test_private_repo_needs_the_token(hub, v1, monkeypatch):
     assert len(list(load_cache("tester/secret", revision="v1", token=TOKEN, layout="raw", columns=["sample_id"]))) == 14
 
 
+# names the Hub refuses though made of the characters it takes
+HUB_REFUSED_NAMES = ["tester/my--cache", "tester/my..cache", "tester/cache-", "tester/cache.", "tester-/cache", "tester/cache.git"]
+
+
 def test_bad_arguments_fail_before_any_request(hub, v1, monkeypatch, tmp_path):
     for target, message in [
         (PushTarget("not a repo"), "repo id: expected 'user/name'"),
+        *((PushTarget(name), f"repo id: expected 'user/name' .*got '{name}'") for name in HUB_REFUSED_NAMES),
         (PushTarget("tester/x", tag="v 1"), "--hub-tag: expected a git ref name"),
         (PushTarget("tester/x", config="data"), "--hub-config: expected a folder name"),
     ]:
