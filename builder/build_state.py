@@ -128,9 +128,16 @@ def same_digests(digests: tuple[str, ...], stored: dict, current: dict) -> bool:
 
 
 def holds_cache(out: Path) -> bool:
-    """A build began here (its identity), or finished (its card), or left shards."""
+    """A build here wrote what a new one would lose: its card, shards, or shard records (an upload may have
+    deleted the shard). Its state alone, written as it started, holds nothing of that: a start that failed
+    before its first shard (a target that would not load, its memory) is started over by the same command,
+    fixed, where --resume would refuse the fix (other weights, another --dtype) as another build."""
     out = Path(out)
-    return (out / BUILD_STATE_FILE).exists() or is_cache_card(out / "README.md") or any(out.glob("data/*.parquet"))
+    return is_cache_card(out / "README.md") or any(out.glob("data/*.parquet")) or holds_shard_records(out)
+
+
+def holds_shard_records(out: Path) -> bool:
+    return any((Path(out) / BUILD_STATE_DIR / "shards").glob("*.parquet.json"))
 
 
 def is_cache_card(path: Path) -> bool:
@@ -193,8 +200,14 @@ def check_resume(
         # A Hub input whose content hash could not be told is named by `datasets`' fingerprint of its rows, one of input_hashes
         untold = flatten(identity).get(INPUT_HASH_FIELD) in input_hashes
         altered = flatten(stored).get(INPUT_HASH_FIELD) in accepted_hashes(altered_input_hashes, commit_read)
-        raise ResumeMismatch(differences, hub_input_hint(output_dir, stored, differences, untold, altered))
+        hint = hub_input_hint(output_dir, stored, differences, untold, altered)
+        if not holds_cache(output_dir):
+            hint = " ".join(filter(None, (hint, STARTED_OVER_HINT)))
+        raise ResumeMismatch(differences, hint)
     return stored
+
+
+STARTED_OVER_HINT = "The build begun there wrote no shard yet: run without --resume to start it over with these settings."
 
 
 def hub_input_hint(output_dir: Path, stored: dict, differences: dict, untold: bool = False, altered: bool = False) -> str:

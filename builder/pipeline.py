@@ -371,6 +371,9 @@ def start_or_continue(out: Path, prep: Prepared, resume: bool, lock: CacheLock) 
                 "an empty or new directory",
                 "Another build started writing to it meanwhile; pass --resume to continue that build, or choose another directory.",
             )
+        if (out / BUILD_STATE_FILE).exists():  # holding no shard: a start that failed (holds_cache)
+            log.warning("%s: the build begun there wrote no shard; starting it over with this run's settings", out)
+            remove_killed_writers_files(out)
         write_json_atomic(out / INPUT_SOURCE_FILE, {"revision": prep.input_revision})
         write_json_atomic(out / BUILD_STATE_FILE, prep.identity)
 

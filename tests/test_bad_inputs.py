@@ -91,6 +91,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import assert_same_content, decoded_rows
 
 import builder.placement as placement_mod
 import builder.prepare as prepare_mod
@@ -548,6 +549,28 @@ def test_model_path_with_missing_or_truncated_weights(tmp_path, capsys, damage):
         r"expected its complete weight files beside config\.json .*: copy or download them again from the model's source\n$",
         err.splitlines(keepends=True)[-1],
     ), err
+
+
+def test_a_build_whose_target_failed_to_load_is_started_over_by_the_same_command_once_fixed(tmp_path, capsys, caplog):
+    """The failed start left its build state, naming the weights as they were: a --resume refuses the
+    restored ones as another target, saying to start over; the same command starts over and builds the
+    cache a build of the intact target builds."""
+    model = Path(shutil.copytree(EMBEDDED_TARGETS["tiny-llama"], tmp_path / "model"))
+    weights = model / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    out = tmp_path / "out"
+    args = ("--input-data", "sample-chats", "--max-samples", "4", "--target-model", str(model), "--output-dir", str(out))
+    assert cli(capsys, *COMMON, *args)[0] == 2
+    weights.write_bytes(intact)
+    code, _, err = cli(capsys, *COMMON, *args, "--resume")
+    assert code == 2 and "target.weights_sample_sha256" in err and "run without --resume to start it over" in err, err
+    assert cli(capsys, *COMMON, *args)[0] == 0
+    assert "wrote no shard; starting it over" in caplog.text
+    reference = tmp_path / "reference"
+    assert cli(capsys, *COMMON, *args[:-1], str(reference))[0] == 0
+    assert_same_content(decoded_rows(reference), decoded_rows(out))
+    assert read_manifest(out)["fingerprint"] == read_manifest(reference)["fingerprint"]
 
 
 def test_directory_with_no_data_files(tmp_path, capsys, no_weights):

@@ -11,7 +11,7 @@ from helpers import says
 import builder.placement as placement_mod
 import builder.prepare as prepare_mod
 import builder.target as target_mod
-from builder.build_state import BUILD_STATE_FILE
+from builder.build_state import BUILD_STATE_DIR, BUILD_STATE_FILE
 from builder.cli import main
 from builder.config import BuildConfig, resolve_aux_layer_ids, validate
 from builder.errors import ConfigError
@@ -87,16 +87,30 @@ def test_output_dir_that_is_a_file(tmp_path):
         validate(cfg(tmp_path, dry_run=True))
 
 
-@pytest.mark.parametrize("marker", [BUILD_STATE_FILE, "README.md", "data/train-00000-of-00001.parquet"])
+@pytest.mark.parametrize(
+    "marker", ["README.md", "data/train-00000-of-00001.parquet", f"{BUILD_STATE_DIR}/shards/train-00000-of-00001.parquet.json"]
+)
 def test_output_dir_holding_a_cache_needs_resume(tmp_path, marker):
+    """Its card, a shard, or a shard's record (the shard uploaded and deleted here): what a new build would lose."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / BUILD_STATE_FILE).parent.mkdir()
+    (tmp_path / "out" / BUILD_STATE_FILE).write_text("{}")
     path = tmp_path / "out" / marker
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("---\neagle3_cache: {}\n---\n" if marker == "README.md" else "{}")  # a card: the manifest's key
     with pytest.raises(
         ConfigError,
         match=says("--output-dir", "empty or new directory", str(tmp_path / "out"), "already holds an eagle3-cache build", "--resume"),
     ):
         validate(cfg(tmp_path))
+    validate(cfg(tmp_path, resume=True))
+
+
+def test_output_dir_holding_only_the_state_of_a_start_that_failed_takes_a_new_build(tmp_path):
+    """A build state and nothing written with it (the target failed to load): the same command, fixed, starts over."""
+    (tmp_path / "out" / BUILD_STATE_FILE).parent.mkdir(parents=True)
+    (tmp_path / "out" / BUILD_STATE_FILE).write_text("{}")
+    validate(cfg(tmp_path))
     validate(cfg(tmp_path, resume=True))
     validate(cfg(tmp_path, dry_run=True))
 
