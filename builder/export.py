@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -389,8 +390,11 @@ def terminated_as_interrupt(out: Path) -> Iterator[None]:
         held = signal.signal(signal.SIGTERM, previous)
         if isinstance(held, HeldSigterm) and held.arrived:
             os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it, OUT complete or as it was
+    stopped = f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again."
+    if previous == signal.SIG_DFL:  # the signal ends the process before the error could be told
+        print(f"error: {stopped}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGTERM)  # to the process's own handling of it
-    raise ExportError(f"export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}. Run the export again.")
+    raise ExportError(stopped)
 
 
 def discard(folder: Path, moved: dict[Path, FileId], made: list[Path]) -> None:

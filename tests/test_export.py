@@ -912,12 +912,14 @@ def test_an_export_killed_into_a_new_out_leaves_its_folder_beside_it_which_the_n
 @pytest.mark.parametrize("out_exists", [True, False], ids=["existing empty OUT", "new OUT"])
 def test_an_export_terminated_while_writing_removes_what_it_wrote_and_ends_by_the_signal(probs_cache, tmp_path, out_exists):
     """SIGTERM (a scheduler's time limit, `docker stop`, `kill`) stops the export as Ctrl-C does:
-    what it wrote is removed, inside OUT or beside it, and the process ends by the signal."""
+    what it wrote is removed, inside OUT or beside it, the user is told so, and the process ends by the
+    signal."""
     out = tmp_path / "nemo"
     if out_exists:
         out.mkdir()
     terminated = export_signalled_at(probs_cache, "nemo", out, "export_file:3:SIGTERM")
     assert terminated.returncode == -signal.SIGTERM, terminated.stderr[-2000:]
+    assert f"error: export: stopped by SIGTERM; the partial export was removed: nothing was left at {out}." in terminated.stderr
     assert left_in(tmp_path) == (["nemo"] if out_exists else []) and (not out_exists or left_in(out) == [])
 
 
