@@ -449,7 +449,7 @@ def load_rows(
     path = Path(spec).expanduser().resolve()
     if is_saved_dataset(path):
         _refuse_config(config, spec)
-        loaded = datasets.load_from_disk(str(path))
+        loaded = _load_saved_dataset(path, spec)
         if isinstance(loaded, datasets.Dataset):  # one split, under the name `datasets` gave it, if any
             name = str(loaded.split or "train")
             loaded, split = {name: loaded}, split or name
@@ -466,6 +466,21 @@ def load_rows(
     digest = content_hash(files)  # keys every cache below: a file rewritten with its size and mtime is still a new input
     ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, digest)
     return ds, {"input_data": str(spec), "kind": "files", "config": config, "split": name, "content_hash": digest}
+
+
+def _load_saved_dataset(path: Path, spec: str):
+    """`datasets.load_from_disk`, with a folder it cannot read (a file missing or cut short by an
+    interrupted copy) named rather than failing with the library's raw error."""
+    import pyarrow as pa
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as err:
+        raise InputError(
+            f"--input-data: {spec!r} is a saved dataset (it holds {' or '.join(SAVED_DATASET_MARKERS)}) that `datasets` "
+            f"cannot load ({type(err).__name__}: {_one_line(err)}); expected the whole folder `save_to_disk` wrote: check "
+            "that no file is missing or cut short (an interrupted copy), and copy or save it again"
+        ) from None
 
 
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
