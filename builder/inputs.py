@@ -596,6 +596,8 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
             "are read row by row and bad lines are skipped and counted"
         ) from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
+        if isinstance(err, ValueError):
+            _refuse_config_the_hub_dataset_lacks(repo_id, config, revision)
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
             if is_offline_mode()
@@ -606,6 +608,21 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
             f"({type(err).__name__}: {_one_line(err)}); expected a .json/.jsonl/.parquet file, a directory of them, "
             f"a saved dataset or a reachable Hub dataset id: {hint}"
         ) from None
+
+
+def _refuse_config_the_hub_dataset_lacks(repo_id: str, config: str | None, revision: str | None) -> None:
+    """`datasets` refuses a configuration the dataset lacks, or none where it has several and no default,
+    with a ValueError like any other: say it as for a local folder's card, since the dataset was reached.
+    Nothing where its configurations cannot be listed, or the one read is there."""
+    from datasets.inspect import get_dataset_default_config_name
+
+    try:
+        names = datasets.get_dataset_config_names(repo_id, revision=revision)
+        default = get_dataset_default_config_name(repo_id, revision=revision) if config is None else None
+    except Exception as err:  # unreachable, or no configurations to list: the caller's error stands
+        log.debug("could not list the configurations of %s: %r", repo_id, err)
+        return
+    _config_name({str(name): {"default": name == default} for name in names}, config, repo_id)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
