@@ -120,7 +120,9 @@ def normalize_row(row: dict) -> list[dict[str, Any]]:
     elif row.get("conversations") is not None:
         turns, shape = row["conversations"], SHAREGPT_TURN
     else:
-        raise BadRow("missing_messages", "row has neither 'conversations' (ShareGPT) nor 'messages' (OpenAI)")
+        raise BadRow(
+            "missing_messages", f"row has neither 'conversations' (ShareGPT) nor 'messages' (OpenAI): found {_keys_held(row)}; {PUT_TURNS}"
+        )
     if not isinstance(turns, list):
         raise BadRow("wrong_type", f"expected a list of turns, found {type(turns).__name__}")
     if not turns:
@@ -136,6 +138,18 @@ def normalize_row(row: dict) -> list[dict[str, Any]]:
     if not any(_has_output(m) for m in assistant):
         raise BadRow("no_assistant_turn", f"all {len(assistant)} assistant turns are empty; no assistant text to supervise")
     return messages
+
+
+PUT_TURNS = "put the list of turns under 'messages' (role/content turns) or 'conversations' (from/value turns), or drop the row"
+
+
+def _keys_held(row: dict, limit: int = 10) -> str:
+    """The keys holding a value (Arrow gives a row every column, null where it has none): where the turns
+    may be under another name (`conversation`), or what the row holds instead (`instruction`, `output`)."""
+    held = sorted(str(key) for key, value in row.items() if value is not None)
+    if not held:
+        return "no key with a value"
+    return f"the keys {held[:limit]}{' ...' if len(held) > limit else ''}"
 
 
 def _turn_shape(turns: list, by_name: tuple) -> tuple:

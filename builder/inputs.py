@@ -449,7 +449,7 @@ def load_rows(
     path = Path(spec).expanduser().resolve()
     if is_saved_dataset(path):
         _refuse_config(config, spec)
-        loaded = datasets.load_from_disk(str(path))
+        loaded = _load_saved_dataset(path, spec)
         if isinstance(loaded, datasets.Dataset):  # one split, under the name `datasets` gave it, if any
             name = str(loaded.split or "train")
             loaded, split = {name: loaded}, split or name
@@ -466,6 +466,21 @@ def load_rows(
     digest = content_hash(files)  # keys every cache below: a file rewritten with its size and mtime is still a new input
     ds = _from_parquet_files(files, digest) if files[0].suffix == ".parquet" else _from_json_files(files, digest)
     return ds, {"input_data": str(spec), "kind": "files", "config": config, "split": name, "content_hash": digest}
+
+
+def _load_saved_dataset(path: Path, spec: str):
+    """`datasets.load_from_disk`, with a folder it cannot read (a file missing or cut short by an
+    interrupted copy) named rather than failing with the library's raw error."""
+    import pyarrow as pa
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as err:
+        raise InputError(
+            f"--input-data: {spec!r} is a saved dataset (it holds {' or '.join(SAVED_DATASET_MARKERS)}) that `datasets` "
+            f"cannot load ({type(err).__name__}: {_one_line(err)}); expected the whole folder `save_to_disk` wrote: check "
+            "that no file is missing or cut short (an interrupted copy), and copy or save it again"
+        ) from None
 
 
 def _from_parquet_files(files: list[Path], digest: str) -> datasets.Dataset:
@@ -581,6 +596,8 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
             "are read row by row and bad lines are skipped and counted"
         ) from None
     except (ConnectionError, FileNotFoundError, ValueError) as err:  # offline or unreachable, a malformed id, a missing config
+        if isinstance(err, ValueError):
+            _refuse_config_the_hub_dataset_lacks(repo_id, config, revision)
         hint = (
             "HF_HUB_OFFLINE is set, so only datasets already in the local cache load: unset it, or give a local path"
             if is_offline_mode()
@@ -591,6 +608,21 @@ def _hub_splits(repo_id: str, config: str | None, revision: str | None):
             f"({type(err).__name__}: {_one_line(err)}); expected a .json/.jsonl/.parquet file, a directory of them, "
             f"a saved dataset or a reachable Hub dataset id: {hint}"
         ) from None
+
+
+def _refuse_config_the_hub_dataset_lacks(repo_id: str, config: str | None, revision: str | None) -> None:
+    """`datasets` refuses a configuration the dataset lacks, or none where it has several and no default,
+    with a ValueError like any other: say it as for a local folder's card, since the dataset was reached.
+    Nothing where its configurations cannot be listed, or the one read is there."""
+    from datasets.inspect import get_dataset_default_config_name
+
+    try:
+        names = datasets.get_dataset_config_names(repo_id, revision=revision)
+        default = get_dataset_default_config_name(repo_id, revision=revision) if config is None else None
+    except Exception as err:  # unreachable, or no configurations to list: the caller's error stands
+        log.debug("could not list the configurations of %s: %r", repo_id, err)
+        return
+    _config_name({str(name): {"default": name == default} for name in names}, config, repo_id)
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:

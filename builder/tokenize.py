@@ -374,7 +374,7 @@ def read_template_file(path: str | Path) -> str | dict[str, str]:
     """--chat-template: a Jinja file, or a JSON file holding `{"chat_template": ...}` as model
     repositories ship it (chat_template.json), whose value is a template or named templates."""
     path = Path(path)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is no template text
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

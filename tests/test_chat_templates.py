@@ -76,6 +76,18 @@ def test_chat_template_json_with_named_templates(tmp_path):
     assert read_template_file(path) == {"default": WITH_GEN, "tool_use": NO_GEN}
 
 
+@pytest.mark.parametrize("name, text", [("template.jinja", NO_GEN), ("chat_template.json", json.dumps({"chat_template": NO_GEN}))])
+def test_a_template_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, tok, name, text):
+    """Editors on Windows start UTF-8 files with one: it is no part of the template, and would open every
+    sample with its tokens (or refuse a chat_template.json as not JSON)."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_template_file(path) == NO_GEN
+    ids, _ = encode_messages(normalize_row(ROWS[0]), tok, read_template_file(path), 128)
+    assert ids == encode_messages(normalize_row(ROWS[0]), tok, NO_GEN, 128)[0]
+    assert ids[0] == tok.bos_token_id
+
+
 @pytest.mark.parametrize(
     "text, facts",
     [

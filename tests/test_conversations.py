@@ -665,6 +665,24 @@ def test_bad_row_reason(row, reason, detail):
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    "row, found",
+    [
+        (
+            {"conversation_id": "c1", "conversation": [{"role": "user", "content": "hi"}], "model": None},
+            "the keys ['conversation', 'conversation_id']",
+        ),
+        ({"instruction": "Say hi.", "output": "Hi!", "messages": None}, "the keys ['instruction', 'output']"),
+        ({"messages": None, "conversations": None}, "no key with a value"),
+    ],
+)
+def test_a_row_without_either_list_names_the_keys_it_has(row, found):
+    """Its turns are most likely under another name (lmsys-chat-1m's `conversation`), or it is no chat (Alpaca's
+    instruction/output): the reason says which keys the row has, and where its turns should be."""
+    with pytest.raises(BadRow, match=says("missing_messages", f"found {found}", "put the list of turns under 'messages'")):
+        normalize_row(row)
+
+
 def test_bad_rows_cover_every_reason_raised_before_tokenizing():
     raised = {reason for _, reason, _ in BAD_ROWS} | {"unparseable_json"}
     # The other reasons come from tokenizing (tests/test_tokenize.py).

@@ -184,6 +184,29 @@ def test_saved_dataset_has_one_split(tmp_path):
         load_rows(str(tmp_path / "saved"), split="validation")
 
 
+@pytest.mark.parametrize(
+    "damage, found",
+    [
+        ("arrow_file_gone", "FileNotFoundError"),
+        ("state_cut_short", "JSONDecodeError"),
+        ("arrow_file_cut_short", "ArrowInvalid"),
+    ],
+)
+def test_a_damaged_saved_dataset_is_an_input_error(tmp_path, damage, found):
+    """A saved dataset missing a file or holding one cut short (an interrupted copy) is named, with the fix."""
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([chat(f"r{i}") for i in range(3)]).save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    if damage == "arrow_file_gone":
+        arrow.unlink()
+    elif damage == "state_cut_short":
+        (saved / "state.json").write_text("{")
+    else:
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(InputError, match=says("--input-data", str(saved), "saved dataset", found, "save_to_disk")):
+        load_rows(str(saved))
+
+
 @pytest.mark.parametrize("name", ["validation", "train[:2]"])
 def test_saved_split_keeps_its_name(tmp_path, name):
     """A split saved by itself (`load_dataset(..., split=...)` then `save_to_disk`) is read whole, under its name."""

@@ -666,3 +666,37 @@ def test_a_hub_dataset_records_the_configuration_it_was_read_with(hub):
     _, named = load_rows("tester/chats-one-config", config="default")
     assert left["config"] == named["config"] == "default"
     assert left["content_hash"] == named["content_hash"]
+
+
+@pytest.fixture
+def hub_with_two_configs(hub):
+    """A Hub dataset whose card has configurations `en` and `fr`, neither the default."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    repo_id = "tester/chats-two-configs"
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    card = "---\nconfigs:\n" + "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/*.jsonl\n" for name in ("en", "fr")
+    )
+    api.upload_file(path_or_fileobj=(card + "---\n").encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="dataset")
+    for name in ("en", "fr"):
+        lines = b"\n".join(valid_lines(2)) + b"\n"
+        api.upload_file(path_or_fileobj=lines, path_in_repo=f"{name}/chats.jsonl", repo_id=repo_id, repo_type="dataset")
+    return repo_id
+
+
+@pytest.mark.parametrize(
+    "config, facts",
+    [
+        ("de", ["has configurations ['en', 'fr'], not 'de'", "pass --input-config with one of them"]),
+        (None, ["has configurations ['en', 'fr'] and no default", "pass --input-config with one of them"]),
+    ],
+)
+def test_a_hub_configuration_that_cannot_be_read_is_an_input_config_error(hub_with_two_configs, config, facts):
+    """As for a local folder's card: the dataset was reached, so the error is the configuration, not the path or the network."""
+    with pytest.raises(InputError, match=says("--input-config", repr(hub_with_two_configs), *facts)) as raised:
+        load_rows(hub_with_two_configs, config=config)
+    assert "not a local path" not in str(raised.value) and "network" not in str(raised.value)
+    ds, info = load_rows(hub_with_two_configs, config="fr")
+    assert len(ds) == 2 and info["config"] == "fr"
