@@ -47,6 +47,7 @@ from .build_state import read_sidecar, sidecar_path
 from .card import damaged_card_parts, existing_pictures, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
+from .lock import hold_for_push
 from .manifest import (
     CARD_KEY,
     INDEX_KEY,
@@ -553,10 +554,20 @@ def push_cache(
     shards_per_commit: int = SHARDS_PER_COMMIT,
     retry: Retry | None = None,
 ) -> PushResult:
-    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
+    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push.
+    It holds the cache's lock meanwhile: refused while a build writes the cache, it keeps builds off it."""
     cache_dir = Path(cache_dir)
     validate_target(target)
     refuse_no_local_directory(cache_dir)
+    lock = hold_for_push(cache_dir)
+    try:
+        return push_held_cache(cache_dir, target, shards_per_commit, retry)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def push_held_cache(cache_dir: Path, target: PushTarget, shards_per_commit: int, retry: Retry | None) -> PushResult:
     manifest = read_manifest(cache_dir)
     pusher = HubPusher(target, retry=retry).open()
     if pusher.check_tag(manifest["fingerprint"]):
