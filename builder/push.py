@@ -166,7 +166,8 @@ class HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
         t = self.target
         self._check_token_writes()
-        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
+        private = t.private or None  # None, as huggingface_hub's default: the namespace's default visibility, not public
+        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True))
         if t.private and not self._call("repo info", lambda: self.api.dataset_info(t.repo_id)).private:
             log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
         if t.branch != "main":

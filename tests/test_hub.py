@@ -865,6 +865,16 @@ def test_private_repo_needs_the_token(hub, v1, monkeypatch):
     assert len(list(load_cache("tester/secret", revision="v1", token=TOKEN, layout="raw", columns=["sample_id"]))) == 14
 
 
+def test_a_repo_created_without_private_gets_its_namespaces_default_visibility(hub, v1):
+    """As `hf upload` and `push_to_hub` do: only --private asks for a visibility; an organization whose new repos
+    are private by default does not get a public dataset because the flag was left out."""
+    hub.state.private_by_default.add("acme")
+    push(v1, "acme/internal")
+    assert hub.repo("acme/internal").private
+    push(v1, "tester/open")
+    assert not hub.repo("tester/open").private
+
+
 # names the Hub refuses though made of the characters it takes
 HUB_REFUSED_NAMES = ["tester/my--cache", "tester/my..cache", "tester/cache-", "tester/cache.", "tester-/cache", "tester/cache.git"]
 
