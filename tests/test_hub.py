@@ -843,6 +843,19 @@ def test_a_mistyped_local_path_with_the_hub_unreachable_says_both(unreachable_hu
     assert unreachable_hub.waits == [0.01, 0.02] + [Retry().wait(attempt) for attempt in range(Retry().retries)]
 
 
+def test_a_push_to_a_hub_that_cannot_be_reached_says_to_check_the_network_and_the_endpoint(unreachable_hub, v1, capsys):
+    message = says(
+        f"the Hub at {unreachable_hub.endpoint}",
+        "Connection refused",
+        "check the network connection and HF_ENDPOINT",
+        "re-run the same command",
+    )
+    with pytest.raises(HubError, match=message):
+        push(v1, "tester/unreached")
+    assert main(["push", str(v1), "tester/unreached"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_push_refuses_a_directory_that_is_not_here_before_any_request(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(HubError, match=says("push: caches/llama8b-sharegpt does not exist", "expected a local cache directory")):
