@@ -30,6 +30,7 @@ it from the cache's card.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import shlex
@@ -647,7 +648,12 @@ def record_sha256(shard_path: Path, sha: str) -> None:
     cache_dir = shard_path.parent.parent
     sidecar = read_sidecar(cache_dir, shard_path.name)
     if sidecar is not None and sidecar.get("sha256") != sha:
-        write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
+        try:
+            write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
+        except OSError as err:  # a cache another user built (a group-shared folder): a saving missed, nothing lost
+            if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
+                raise
+            log.info("not keeping the sha256 of %s in its build record (%s); a later push hashes it again", shard_path.name, err)
 
 
 class ShardUploader:

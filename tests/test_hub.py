@@ -1224,6 +1224,29 @@ def test_a_push_by_a_user_who_may_not_write_the_lock_files_still_takes_the_lock(
     push(v1, "tester/shared-folder")
 
 
+def test_a_cache_whose_build_records_this_user_may_not_write_is_pushed(hub, v1, tmp_path, monkeypatch):
+    """A group member pushing a cache another member built (umask 022): the build records, where a push keeps each
+    shard's sha256 to skip hashing it again, are read-only to them. Keeping it is a saving, not a need."""
+    import shutil
+
+    import builder.push as push_module
+
+    cache = tmp_path / "cache"
+    shutil.copytree(v1, cache)
+    for record in (cache / ".eagle3_build" / "shards").glob("*.json"):  # as the build left them: no sha256 yet
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "sha256"}))
+    records = {p.name: p.read_bytes() for p in (cache / ".eagle3_build" / "shards").glob("*.json")}
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(push_module, "write_json_atomic", refused)
+    result = push(cache, "tester/group-member", tag="v1")
+    assert len(result.uploaded) == 4
+    assert {p.name: p.read_bytes() for p in (cache / ".eagle3_build" / "shards").glob("*.json")} == records
+    assert_same_content(list(load_cache("tester/group-member", revision="v1", layout="raw")), decoded_rows(v1))
+
+
 def test_a_push_is_refused_while_ranks_of_a_build_whose_first_process_stopped_still_write(hub, v1):
     still_writing = WriterHold(v1)  # a rank of a build whose rank 0 (and its cache lock) is gone
     still_writing.hold()
