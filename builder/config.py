@@ -209,7 +209,9 @@ class BuildConfig:
     )
     hub_branch: str = setting("main", group="hub", help="branch to commit to, created from main if missing")
     hub_tag: str | None = setting(None, group="hub", help="tag naming this version, created only once every file is committed")
-    private: bool = setting(False, group="hub", help="create the repo private (an existing repo keeps its visibility)")
+    private: bool = setting(
+        False, group="hub", help="create the repo private (without it: the namespace's default visibility; an existing repo keeps its own)"
+    )
 
     def replace(self, **changes) -> BuildConfig:
         return dataclasses.replace(self, **changes)

@@ -130,11 +130,22 @@ def explain(err: BaseException, what: str, repo_id: str, *, rerun: str = RERUN, 
         hint = f"{repo_id} (or the revision) does not exist on {hub_endpoint()}, or it is private and the token cannot see it"
     elif status == 412 and not conflicts:
         hint = "the branch moved while pushing (someone else committed): re-run to push on top of it"
+    elif is_transient(err, conflicts=conflicts, busy=busy) and not answered(err):  # a wrong HF_ENDPOINT never answers
+        hint = f"no answer from the Hub at {hub_endpoint()} ({err}): check the network connection and HF_ENDPOINT; {rerun}"
     elif is_transient(err, conflicts=conflicts, busy=busy):
         hint = f"the Hub kept failing ({err}); {rerun}"
     else:
         hint = str(err)
     return HubError(f"{what} on {repo_id} failed: {hint}")
+
+
+def answered(err: BaseException | None) -> bool:
+    """Whether the Hub answered the failed request at all (an HTTP status anywhere in the cause chain)."""
+    while err is not None:
+        if http_status(err) is not None:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @dataclass

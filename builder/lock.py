@@ -6,6 +6,9 @@ ranks of a build whose rank 0 stopped (a launcher that does not stop them) may s
 The kernel drops the locks when their holder dies (even by SIGKILL), so a dead build's lock is
 taken over with no staleness guesswork and no race between two processes taking it over.
 The files are never deleted: unlinking a locked file lets a second process lock a new inode.
+
+A push (`eagle3-cache push`) holds the same lock for its duration (`hold_for_push`): it is refused
+while a build writes the cache, and a build (or another push) of it is refused while it reads it.
 """
 
 from __future__ import annotations
@@ -29,29 +32,33 @@ class CacheLocked(Eagle3CacheError):
     pass
 
 
-def holder_info() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def holder_info(command: str = "build") -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command}
 
 
 class CacheLock:
-    def __init__(self, output_dir: Path):
+    """`command`: "build", or "push" (which holds it while it reads the cache, and is told so when refused)."""
+
+    def __init__(self, output_dir: Path, command: str = "build"):
         self.path = Path(output_dir) / LOCK_FILE
+        self.command = command
         self._fd: int | None = None
+        self._writable = True
 
     def acquire(self) -> None:
-        fd = self._open()
+        self._lock(self._open())
+
+    def _lock(self, fd: int) -> bool:
+        """Lock `fd`, the lock file opened; False (a push's only) where the file system keeps no locks."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = self._holder()
-            raise CacheLocked(
-                f"--output-dir: {self.path.parent.parent} is being written by pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')} (since {holder.get('since', '?')}); expected no other build on it. "
-                "Wait for that build to finish or stop it (its lock goes with it), then rerun with --resume."
-            ) from None
+            raise CacheLocked(self._refusal(self._holder())) from None
         except OSError as err:  # ENOLCK, ENOSYS, EOPNOTSUPP: the file system keeps no locks
             os.close(fd)
+            if self.command == "push":  # a build refuses such a file system: none writes the cache
+                return False
             raise ConfigError(
                 "--output-dir",
                 str(self.path.parent.parent),
@@ -61,13 +68,41 @@ class CacheLock:
             ) from err
         self._fd = fd  # held from here: `release` unlocks and closes it even if naming the holder fails
         try:
-            check_no_writers(self.path.parent.parent)
+            check_no_writers(self.path.parent.parent, self.command)
         except BaseException:
             self.release()
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder_info()).encode())
-        os.fsync(fd)
+        if self._writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder_info(self.command)).encode())
+            os.fsync(fd)
+        return True
+
+    def _refusal(self, holder: dict) -> str:
+        """Why the lock is refused, by whom, and what to do, as the refused command is told."""
+        out, pushing = self.path.parent.parent, holder.get("command") == "push"
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} (since {holder.get('since', '?')})"
+        if self.command == "push" and pushing:
+            return (
+                f"push: {out} is being pushed by {who}; expected no other push of it (one push of a cache at a time). "
+                "Nothing was uploaded. Wait for that push to finish or stop it, then run this push again: what is "
+                "already on the branch is not uploaded again."
+            )
+        if self.command == "push":
+            return (
+                f"push: {out} is being written by a build, {who}; expected a finished cache that no build writes: "
+                "pushing it now could upload a cache still being written. Nothing was uploaded. Wait for that build to "
+                "finish (or stop it, and finish it with the same build command and --resume), then run this push again."
+            )
+        if pushing:
+            return (
+                f"--output-dir: {out} is being pushed to the Hub by {who}; expected no push or other build of it while "
+                "this build writes it. Wait for that push to finish or stop it, then run this build again."
+            )
+        return (
+            f"--output-dir: {out} is being written by {who}; expected no other build on it. "
+            "Wait for that build to finish or stop it (its lock goes with it), then rerun with --resume."
+        )
 
     def _open(self) -> int:
         """The lock file, created with its folder; a folder that cannot be created is the user's to change."""
@@ -92,20 +127,30 @@ class CacheLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            if self._writable:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
 
-def check_no_writers(output_dir: Path) -> None:
+def check_no_writers(output_dir: Path, command: str = "build") -> None:
     """No process of another build holds the writers' lock: taken exclusively for a moment, under
     the cache lock (which keeps every new build out meanwhile), then let go."""
     path = Path(output_dir) / WRITERS_FILE
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, LOCK_FILE_MODE)
+    fd = open_lock_file(path) if command == "push" else os.open(path, os.O_CREAT | os.O_RDWR, LOCK_FILE_MODE)
+    if fd is None:  # never created: no build ever wrote here
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        if command == "push":
+            raise CacheLocked(
+                f"push: {output_dir} is still being written by processes of a build (its other ranks: the build's first "
+                "process stopped, but they did not); expected a finished cache that no build writes. Nothing was uploaded. "
+                f"Stop them (their locks go with them; `fuser {path}` lists them on each node), finish the build with the "
+                "same build command and --resume, then push again."
+            ) from None
         raise CacheLocked(
             f"--output-dir: {output_dir} is still being written by processes of another build (its other ranks: the "
             "build's first process stopped, but they did not); expected no other build on it. Stop them (their locks "
@@ -113,6 +158,29 @@ def check_no_writers(output_dir: Path) -> None:
         ) from None
     finally:
         os.close(fd)  # closing lets go of the lock
+
+
+def open_lock_file(path: Path) -> int | None:
+    """A lock file a push opens: read-only where this user may not write it (a group-shared cache: flock takes
+    no write access); None where it does not exist and cannot be created (no build ever locked it)."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+def hold_for_push(cache_dir: Path) -> CacheLock | None:
+    """The cache's lock, held by a push until it `release`s it: a push refuses a cache a build (or another push)
+    holds, and keeps them off it meanwhile. None where no build can write the cache: it holds no lock file (no
+    build ever started there: a copied or downloaded cache), or its file system keeps no locks (a build refuses it)."""
+    lock = CacheLock(cache_dir, command="push")
+    fd = open_lock_file(lock.path)
+    if fd is None:
+        return None
+    lock._writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR  # else the holder goes unnamed
+    return lock if lock._lock(fd) else None
 
 
 class WriterHold:

@@ -30,6 +30,7 @@ it from the cache's card.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import queue
 import shlex
@@ -47,6 +48,7 @@ from .build_state import read_sidecar, sidecar_path
 from .card import damaged_card_parts, existing_pictures, local_user_parts
 from .files import file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
+from .lock import hold_for_push
 from .manifest import (
     CARD_KEY,
     INDEX_KEY,
@@ -165,7 +167,8 @@ class HubPusher:
         """Create the repo (and branch) if needed; refuse a layout clash before uploading anything."""
         t = self.target
         self._check_token_writes()
-        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=t.private, exist_ok=True))
+        private = t.private or None  # None, as huggingface_hub's default: the namespace's default visibility, not public
+        self._call("create repo", lambda: self.api.create_repo(t.repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True))
         if t.private and not self._call("repo info", lambda: self.api.dataset_info(t.repo_id)).private:
             log.warning("%s already exists and is public; --private does not change an existing repo's visibility", t.repo_id)
         if t.branch != "main":
@@ -553,10 +556,20 @@ def push_cache(
     shards_per_commit: int = SHARDS_PER_COMMIT,
     retry: Retry | None = None,
 ) -> PushResult:
-    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push."""
+    """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push.
+    It holds the cache's lock meanwhile: refused while a build writes the cache, it keeps builds off it."""
     cache_dir = Path(cache_dir)
     validate_target(target)
     refuse_no_local_directory(cache_dir)
+    lock = hold_for_push(cache_dir)
+    try:
+        return push_held_cache(cache_dir, target, shards_per_commit, retry)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def push_held_cache(cache_dir: Path, target: PushTarget, shards_per_commit: int, retry: Retry | None) -> PushResult:
     manifest = read_manifest(cache_dir)
     pusher = HubPusher(target, retry=retry).open()
     if pusher.check_tag(manifest["fingerprint"]):
@@ -635,7 +648,12 @@ def record_sha256(shard_path: Path, sha: str) -> None:
     cache_dir = shard_path.parent.parent
     sidecar = read_sidecar(cache_dir, shard_path.name)
     if sidecar is not None and sidecar.get("sha256") != sha:
-        write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
+        try:
+            write_json_atomic(sidecar_path(cache_dir, shard_path.name), sidecar | {"sha256": sha})
+        except OSError as err:  # a cache another user built (a group-shared folder): a saving missed, nothing lost
+            if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
+                raise
+            log.info("not keeping the sha256 of %s in its build record (%s); a later push hashes it again", shard_path.name, err)
 
 
 class ShardUploader:

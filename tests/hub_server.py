@@ -146,6 +146,7 @@ class HubState:
         self.bytes_served: dict[str, int] = {}  # path in repo -> bytes sent by resolve
         self.bytes_uploaded = 0  # LFS PUT bodies stored
         self.server_errors: list[str] = []
+        self.private_by_default: set[str] = set()  # namespaces (orgs) whose new repos are private unless told otherwise
         self._counter = 0
         self._salt = os.urandom(8).hex()  # commit ids never repeat across servers (clients cache by commit)
 
@@ -390,7 +391,8 @@ class Handler(BaseHTTPRequestHandler):
         payload = self.json_body()
         repo_type = payload.get("type") or "model"
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
-        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        told = payload.get("visibility") or ({True: "private", False: "public"}.get(payload.get("private")))
+        private = told == "private" if told else repo_id.split("/")[0] in self.state.private_by_default
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
         url = f"{self.server.url}/{prefix}{repo_id}"  # type: ignore[attr-defined]
         self.state.create_repo(repo_type, repo_id, private, url)

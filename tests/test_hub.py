@@ -22,6 +22,7 @@ from hub_server import TOKEN, hub_fixtures, point_clients_at
 from builder.cli import main
 from builder.files import file_hash
 from builder.hub import HubError, Retry
+from builder.lock import CacheLocked, WriterHold
 from builder.manifest import card_data_of
 from builder.pipeline import build
 from builder.push import PushTarget, ShardUploader, push_cache, validate_target, with_shard_sha256
@@ -842,6 +843,19 @@ def test_a_mistyped_local_path_with_the_hub_unreachable_says_both(unreachable_hu
     assert unreachable_hub.waits == [0.01, 0.02] + [Retry().wait(attempt) for attempt in range(Retry().retries)]
 
 
+def test_a_push_to_a_hub_that_cannot_be_reached_says_to_check_the_network_and_the_endpoint(unreachable_hub, v1, capsys):
+    message = says(
+        f"the Hub at {unreachable_hub.endpoint}",
+        "Connection refused",
+        "check the network connection and HF_ENDPOINT",
+        "re-run the same command",
+    )
+    with pytest.raises(HubError, match=message):
+        push(v1, "tester/unreached")
+    assert main(["push", str(v1), "tester/unreached"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_push_refuses_a_directory_that_is_not_here_before_any_request(hub, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(HubError, match=says("push: caches/llama8b-sharegpt does not exist", "expected a local cache directory")):
@@ -862,6 +876,16 @@ def test_private_repo_needs_the_token(hub, v1, monkeypatch):
     with pytest.raises(HubError, match="private"):
         load_cache("tester/secret", revision="v1")
     assert len(list(load_cache("tester/secret", revision="v1", token=TOKEN, layout="raw", columns=["sample_id"]))) == 14
+
+
+def test_a_repo_created_without_private_gets_its_namespaces_default_visibility(hub, v1):
+    """As `hf upload` and `push_to_hub` do: only --private asks for a visibility; an organization whose new repos
+    are private by default does not get a public dataset because the flag was left out."""
+    hub.state.private_by_default.add("acme")
+    push(v1, "acme/internal")
+    assert hub.repo("acme/internal").private
+    push(v1, "tester/open")
+    assert not hub.repo("tester/open").private
 
 
 # names the Hub refuses though made of the characters it takes
@@ -1147,6 +1171,132 @@ def test_a_shard_changed_after_the_build_is_never_pushed(hub, tmp_path):
     build(cfg.replace(resume=True), progress=False)
     push(cache, "tester/damaged", tag="v1")
     assert_same_content(list(load_cache("tester/damaged", revision="v1", layout="raw")), reference)
+
+
+# ---- the cache's lock: no push of a cache a build writes -------------------------------------
+
+HOLD_BUILD_LOCK = """
+import sys
+from builder.lock import CacheLock
+CacheLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+sys.stdin.read()  # holds the lock until killed, however long the test takes
+"""
+
+
+def test_a_push_is_refused_while_a_build_writes_the_cache_naming_it(hub, v1, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_BUILD_LOCK, str(v1)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refusal = says(f"{v1} is being written by a build", f"pid {holder.pid}", "Nothing was uploaded", "Wait for that build to finish")
+        with pytest.raises(CacheLocked, match=refusal):
+            push(v1, "tester/building", tag="v1")
+        assert main(["push", str(v1), "tester/building"]) == 2
+        assert "run this push again" in capsys.readouterr().err
+        assert not hub.requests()  # refused before any request
+    finally:
+        holder.kill()
+        holder.wait()
+    push(v1, "tester/building", tag="v1")  # the build is gone, and its lock with it
+    assert_same_content(list(load_cache("tester/building", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_a_push_by_a_user_who_may_not_write_the_lock_files_still_takes_the_lock(hub, v1, monkeypatch):
+    """A group-shared cache whose lock files this user may only read (a umask 022 build): flock needs no write access."""
+    import builder.lock as lock_module
+
+    real_open = os.open
+
+    def read_only_lock_files(path, flags, *args):
+        if Path(path).parent == v1 / ".eagle3_build" and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_BUILD_LOCK, str(v1)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(lock_module.os, "open", read_only_lock_files)
+        with pytest.raises(CacheLocked, match=says(f"{v1} is being written by a build", f"pid {holder.pid}")):
+            push(v1, "tester/shared-folder")
+    finally:
+        holder.kill()
+        holder.wait()
+    push(v1, "tester/shared-folder")
+
+
+def test_a_cache_whose_build_records_this_user_may_not_write_is_pushed(hub, v1, tmp_path, monkeypatch):
+    """A group member pushing a cache another member built (umask 022): the build records, where a push keeps each
+    shard's sha256 to skip hashing it again, are read-only to them. Keeping it is a saving, not a need."""
+    import shutil
+
+    import builder.push as push_module
+
+    cache = tmp_path / "cache"
+    shutil.copytree(v1, cache)
+    for record in (cache / ".eagle3_build" / "shards").glob("*.json"):  # as the build left them: no sha256 yet
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "sha256"}))
+    records = {p.name: p.read_bytes() for p in (cache / ".eagle3_build" / "shards").glob("*.json")}
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(push_module, "write_json_atomic", refused)
+    result = push(cache, "tester/group-member", tag="v1")
+    assert len(result.uploaded) == 4
+    assert {p.name: p.read_bytes() for p in (cache / ".eagle3_build" / "shards").glob("*.json")} == records
+    assert_same_content(list(load_cache("tester/group-member", revision="v1", layout="raw")), decoded_rows(v1))
+
+
+def test_a_push_is_refused_while_ranks_of_a_build_whose_first_process_stopped_still_write(hub, v1):
+    still_writing = WriterHold(v1)  # a rank of a build whose rank 0 (and its cache lock) is gone
+    still_writing.hold()
+    try:
+        with pytest.raises(CacheLocked, match=says(f"{v1} is still being written by processes of a build", "Stop them", "push again")):
+            push(v1, "tester/orphans")
+        assert not hub.requests()
+    finally:
+        still_writing.release()
+    push(v1, "tester/orphans")
+
+
+def test_a_build_or_another_push_is_refused_while_a_push_reads_the_cache(hub, tmp_path, monkeypatch):
+    import builder.push as push_module
+
+    cfg = small_config(tmp_path / "cache", max_samples=4)
+    cache = build(cfg, progress=False).output_dir
+    before = published_files(cache)
+    real_upload, refusals = push_module.HubPusher.upload_shards, []
+
+    def others_start_meanwhile(self, shards):
+        for start in (lambda: build(cfg.replace(resume=True), progress=False), lambda: push(cache, "tester/elsewhere")):
+            with pytest.raises(CacheLocked, match=says(f"{cache} is being pushed", f"pid {os.getpid()}", "Wait for that push")) as err:
+                start()
+            refusals.append(str(err.value))
+        return real_upload(self, shards)
+
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", others_start_meanwhile)
+    push(cache, "tester/pushing", tag="v1")
+    assert len(refusals) == 2 and "run this build again" in refusals[0] and "run this push again" in refusals[1]
+    assert "tester/elsewhere" not in {repo_id for _, repo_id in hub.state.repos}
+    assert published_files(cache) == before  # nothing of the cache changed
+    monkeypatch.setattr(push_module.HubPusher, "upload_shards", real_upload)
+    push(cache, "tester/elsewhere")  # the push let go of the lock
+    build(cfg.replace(resume=True), progress=False)
+
+
+def published_files(cache: Path) -> dict[str, bytes]:
+    """Every file of a cache but its build state."""
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file() and ".eagle3_build" not in p.parts}
+
+
+def test_a_copied_cache_without_build_state_is_pushed_and_given_none(hub, v1, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(v1, copy, ignore=shutil.ignore_patterns(".eagle3_build"))
+    push(copy, "tester/copied", tag="v1")
+    assert not (copy / ".eagle3_build").exists()
+    assert_same_content(list(load_cache("tester/copied", revision="v1", layout="raw")), decoded_rows(v1))
 
 
 def commit_their_files(hub, repo: str, files: dict[str, str]) -> str:
