@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dataset_card import data_prefix
-from dataset_card.render import shard_files
+from dataset_card.render import features, shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
@@ -91,7 +91,7 @@ def verify_cache(
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
-    problems += layout_problems
+    problems += layout_problems + check_features(out, written, fix)
     readable, in_vocab = [], draft_vocab_mask(out, manifest)
     for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
         file_problems = check_shard_file(out, written, shard, fix)
@@ -562,6 +562,35 @@ def the_cache_described(manifest: dict) -> str:
 
 
 IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
+
+
+def check_features(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
+    """The card's dataset_info.features against the columns the build wrote (`manifest`, as check_columns_and_layout
+    returns it): `datasets`, and load_cache through it, read the shards by these features, so a type edited there
+    stops every read (binary read as string) and a column left out or added reads other columns than the shards hold.
+    A card without features (`datasets` then reads them from the shards) has nothing to compare."""
+    info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info")
+    declared = info.get("features") if isinstance(info, dict) else None
+    if declared is None:
+        return []
+    why = f"`datasets` and load_cache read the shards by these features and would fail or misread them. {fix.card()}"
+    if not isinstance(declared, list) or not all(isinstance(f, dict) for f in declared):
+        return [f"README.md: dataset_info.features is {one_line(declared)}, not a list of columns (name, dtype): {why}"]
+    found = {f.get("name"): f.get("dtype") for f in declared}
+    written = {f["name"]: f["dtype"] for f in features(manifest)}
+    return [
+        f"README.md: dataset_info.features gives {declared_type(name, found)}, where {written_type(name, written)}: {why}"
+        for name in [*written, *(name for name in found if name not in written)]
+        if found.get(name, MISSING) != written.get(name, MISSING)
+    ]
+
+
+def declared_type(name: str, found: dict) -> str:
+    return f"column {name} the type {found[name]!r}" if name in found else f"no column {name}"
+
+
+def written_type(name: str, written: dict) -> str:
+    return f"the shards' column is {written[name]!r}" if name in written else "the shards hold no such column"
 
 
 def check_card_reads_every_shard(out: Path, listed: list[str], fix: Repair = LOCAL) -> list[str]:

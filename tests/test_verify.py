@@ -1087,6 +1087,34 @@ def test_dataset_info_bytes_edited_alone_are_caught(cache):
     ]
 
 
+def test_dataset_info_features_that_differ_from_the_shards_columns_are_caught(cache):
+    """`datasets` (and load_cache through it) reads the shards with the features the card declares: a column's type
+    edited there stops every read, and a column left out or added reads other columns than the shards hold."""
+    from builder.reader import load_cache
+
+    def retype(data):
+        data["dataset_info"]["features"] = [
+            f | {"dtype": "string"} if f["name"] == "target_probs" else f for f in data["dataset_info"]["features"]
+        ]
+
+    edit_card(cache, retype)
+    with pytest.raises(pa.ArrowInvalid):
+        list(load_cache(cache, streaming=True))
+    assert verify_cache(cache) == [
+        "README.md: dataset_info.features gives column target_probs the type 'string', where the shards' column is 'binary': "
+        f"`datasets` and load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}"
+    ]
+    edit_card(
+        cache, lambda data: data["dataset_info"].update(features=data["dataset_info"]["features"][:-1] + [{"name": "x", "dtype": "int64"}])
+    )
+    assert verify_cache(cache) == [
+        "README.md: dataset_info.features gives no column target_probs, where the shards' column is 'binary': `datasets` and "
+        f"load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}",
+        "README.md: dataset_info.features gives column x the type 'int64', where the shards hold no such column: `datasets` "
+        f"and load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}",
+    ]
+
+
 # ---- what the recompute can compare -----------------------------------------------------------
 
 
