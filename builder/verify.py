@@ -39,7 +39,7 @@ from dataset_card.render import features, shard_files
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
-from .files import file_hash
+from .files import file_hash, new_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import (
     INDEX_KEY,
@@ -717,7 +717,9 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
         return [f"data/{name}: missing"]
     if path.stat().st_size != shard["bytes"]:
         return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
-    if not checksum_matches(path, manifest, shard):
+    algorithm, expected = recorded_checksum(manifest, shard)
+    found = digests(path, {algorithm, "sha256"} if shard.get("sha256") else {algorithm})  # one read for both
+    if found[algorithm] != expected:
         return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
@@ -725,7 +727,22 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
         return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
     if parquet.metadata.num_rows != shard["rows"]:
         return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+    if shard.get("sha256") and found["sha256"] != shard["sha256"]:  # a pushed card's: the file's LFS oid
+        return [
+            f"README.md: shard {name}'s record says sha256 {shard['sha256']}, the file's is {found['sha256']}: load_cache "
+            f"refuses a repo whose shard has another sha256 than its card records. {fix.card()}"
+        ]
     return []
+
+
+def digests(path: Path, algorithms: set[str]) -> dict[str, str]:
+    """{algorithm: hex digest} of a file's bytes, read once for all of them."""
+    hashes = {algorithm: new_hash(algorithm) for algorithm in algorithms}
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            for h in hashes.values():
+                h.update(chunk)
+    return {algorithm: h.hexdigest() for algorithm, h in hashes.items()}
 
 
 def check_shard_rows(out: Path, manifest: dict, shard: dict, in_vocab: np.ndarray | None = None, fix: Repair = LOCAL) -> list[str]:

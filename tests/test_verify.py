@@ -593,6 +593,28 @@ def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, 
 hub_server, hub = hub_fixtures()
 
 
+def test_a_pushed_cards_shard_sha256_that_differs_from_the_file_is_caught(hub, intact):
+    """A pushed card records each shard's sha256 (its LFS oid), and load_cache refuses a branch whose file has
+    another: verify, which reads every byte, tells the same."""
+    from builder.reader import ShardFilesMismatch, load_cache
+
+    push_cache(intact, PushTarget("tester/sha"))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    card = DatasetCard.load(api.hf_hub_download("tester/sha", "README.md", repo_type="dataset"))
+    recorded = card.data["eagle3_cache"]["shards"][1]["sha256"]
+    card.data["eagle3_cache"]["shards"][1]["sha256"] = "0" * 64
+    api.upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id="tester/sha", repo_type="dataset")
+    with pytest.raises(ShardFilesMismatch, match="another sha256 than recorded"):
+        load_cache("tester/sha")
+    assert verify_cache("tester/sha") == [
+        f"README.md: shard {SHARD}'s record says sha256 {'0' * 64}, the file's is {recorded}: load_cache refuses a repo whose "
+        "shard has another sha256 than its card records. "
+        "Restore the card: push the cache to tester/sha again from an intact local copy (check it first with eagle3-cache "
+        "verify DIR): eagle3-cache push DIR tester/sha uploads again each shard whose bytes differ on the branch, and the card; "
+        "a tag names a fixed version, so give the repaired one a new --hub-tag"
+    ]
+
+
 def test_a_hub_branch_without_a_card_gets_the_hubs_advice_not_a_builds(hub, intact):
     """A push lands its card last: main holds no card where the push went to another branch, or stopped
     partway. The advice is the push's (re-run it, or read the branch), as the reader gives it, not a build's."""
