@@ -396,15 +396,21 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         )
     vocab = out / VOCAB_FILE
     if not vocab.exists():
-        problems.append(f"{VOCAB_FILE}: missing")
+        problems.append(f"{VOCAB_FILE}: missing; {rewrite(fix, 'it writes the vocab file again, computing no shard')}")
     elif not checksum_matches(vocab, manifest, manifest["vocab_file"]):
-        problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
+        problems.append(
+            f"{VOCAB_FILE}: checksum differs from the manifest (the file is damaged); "
+            f"{rewrite(fix, 'it writes the vocab file again, computing no shard')}"
+        )
     else:
         problems += check_vocab_size(vocab, manifest, fix) + check_special_token_ids(vocab, manifest, fix)
         problems += check_token_coverage(vocab, manifest)
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
-        problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
+        problems.append(
+            f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it); "
+            f"{fix.head_file(head['path'])}"
+        )
     listed = {s["name"] for s in manifest["shards"]}
     files = (out / "data").iterdir() if (out / "data").is_dir() else ()
     pattern = card_shard_pattern((out / "README.md").read_text(encoding="utf-8"))
@@ -413,6 +419,13 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems + check_card_reads_every_shard(out, sorted(listed), fix)
+
+
+def rewrite(fix: Repair, what_resume_does: str) -> str:
+    """How to repair a file a resume writes again as it is (a missing shard, the vocab file): a push for a Hub repo."""
+    return (
+        f"to repair: {fix.push_again()}" if fix.repo is not None else f"to repair: run the build again with --resume ({what_resume_does})"
+    )
 
 
 def check_vocab_size(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
@@ -714,7 +727,7 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
-        return [f"data/{name}: missing"]
+        return [f"data/{name}: missing; {rewrite(fix, 'it rebuilds only the missing shards')}"]
     if path.stat().st_size != shard["bytes"]:
         return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
     algorithm, expected = recorded_checksum(manifest, shard)

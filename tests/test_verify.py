@@ -90,9 +90,26 @@ def test_truncated_shard_is_caught(cache):
     assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced); {REPAIR}"]
 
 
-def test_missing_shard_is_caught(cache):
+def test_missing_shard_is_caught_saying_how_to_repair_it(cache):
     (cache / "data" / SHARD).unlink()
-    assert verify_cache(cache) == [f"data/{SHARD}: missing"]
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: missing; to repair: run the build again with --resume (it rebuilds only the missing shards)"
+    ]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
+
+
+def test_a_missing_or_damaged_vocab_file_is_caught_saying_how_to_repair_it(cache):
+    vocab = cache / "vocab" / "vocab.safetensors"
+    data = bytearray(vocab.read_bytes())
+    data[-3] ^= 0x01
+    vocab.write_bytes(bytes(data))
+    repair = "to repair: run the build again with --resume (it writes the vocab file again, computing no shard)"
+    assert verify_cache(cache) == [f"vocab/vocab.safetensors: checksum differs from the manifest (the file is damaged); {repair}"]
+    vocab.unlink()
+    assert verify_cache(cache) == [f"vocab/vocab.safetensors: missing; {repair}"]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
 
 
 def test_edited_manifest_is_caught(cache):
@@ -1616,6 +1633,21 @@ def rewrite_head_file(cache, change) -> None:
     path = cache / "vocab" / "lm_head.safetensors"
     save_file({k: v.contiguous() for k, v in change(load_file(path)).items()}, str(path))
     edit_card(cache, lambda data: data["eagle3_cache"]["lm_head_file"].__setitem__("checksum", file_hash(path, CHECKSUM_ALGORITHM)))
+
+
+def test_a_missing_or_damaged_head_file_is_caught_saying_how_to_repair_it(hidden_cache):
+    head = hidden_cache / "vocab" / "lm_head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-3] ^= 0x01
+    head.write_bytes(bytes(data))
+    assert verify_cache(hidden_cache) == [
+        "vocab/lm_head.safetensors: missing or its checksum differs from the manifest (every hidden-format sample depends on "
+        "it); to repair: delete vocab/lm_head.safetensors and run the build again with --resume (it writes the head rows "
+        "again from the target, computing no shard)"
+    ]
+    head.unlink()
+    build(small_config(hidden_cache, target_format="hidden", resume=True), progress=False)  # as the message says
+    assert verify_cache(hidden_cache) == []
 
 
 def test_recompute_compares_a_hidden_caches_head_rows_and_logit_terms_with_the_target(hidden_cache):
