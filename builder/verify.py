@@ -39,7 +39,7 @@ from dataset_card.render import features, shard_files
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
-from .files import file_hash, new_hash
+from .files import HASHES, file_hash, new_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import (
     INDEX_KEY,
@@ -253,6 +253,12 @@ def missing_manifest_parts(manifest: dict) -> list[str]:
     missing += missing_checksum(manifest, "vocab_file", manifest.get("vocab_file"))
     missing += missing_column_fields(manifest.get("columns"))
     missing += missing_shard_fields(manifest, manifest.get("shards"))
+    failed = manifest.get("failed")
+    missing += [
+        f"failed[{i}].source_index"
+        for i, f in enumerate(failed if isinstance(failed, list) else ())
+        if isinstance(f, dict) and f.get("source_index") is None
+    ]
     # The id a recompute pads batches with, as the build did: no default, since every cache readers can read records it
     # (builds began to in the version that first wrote the `layout`, without which a card is damaged).
     missing += ["build.pad_token_id"] if lacks(manifest, "build.pad_token_id") else []
@@ -313,17 +319,24 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
 
 
 def mistyped_manifest_parts(manifest: dict) -> list[str]:
-    """The parts verify sums or pads with, and the counts readers report, that hold another kind of value than every
-    build writes (a card edited by hand; a count below 0 among them, and a pad id below 0, which a recompute would feed
-    to the embedding), each with what it holds and what is expected; a part missing whole is named as missing."""
-    skipped = manifest.get("skipped")
+    """The parts verify sums, walks, hashes by or pads with, and the counts readers report, that hold another kind of
+    value than every build writes (a card edited by hand; a count below 0 among them, and a pad id below 0, which a
+    recompute would feed to the embedding), each with what it holds and what is expected; a part missing whole is named
+    as missing."""
+    skipped, failed = manifest.get("skipped"), manifest.get("failed")
     values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), TOKEN_ID)]
+    values += [("checksum_algorithm", manifest.get("checksum_algorithm"), ALGORITHM), ("columns", manifest.get("columns"), dict)]
+    values += [("shards", manifest.get("shards"), list), ("identity.shard_size", part_of(manifest, "identity.shard_size"), COUNT)]
+    values += [("failed", failed, list)] + [(f"failed[{i}]", f, dict) for i, f in enumerate(failed if isinstance(failed, list) else ())]
+    values += [
+        (f"failed[{i}].source_index", part_of(f, "source_index"), COUNT) for i, f in enumerate(failed if isinstance(failed, list) else ())
+    ]
     values += [(f"totals.{key}", part_of(manifest, f"totals.{key}"), COUNT) for key in SUMMED]
     values += [("skipped", skipped, dict), ("duplicate_ids", manifest.get("duplicate_ids"), COUNT)]
     values += [(f"skipped.{reason}", count, COUNT) for reason, count in (skipped.items() if isinstance(skipped, dict) else ())]
     for position, shard in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
-        where = f"shards[{part_of(shard, 'name') or position}]"
-        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS]
+        where = f"shards[{part_of(shard, 'name') if isinstance(part_of(shard, 'name'), str) else position}]"
+        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS] + [(f"{where}.name", part_of(shard, "name"), str)]
     return [
         f"{part} is {FOUND_KIND.get(type(value), 'the value')} {one_line(value)}, where {EXPECTED_KIND[kind]} is expected"
         for part, value, kind in values
@@ -333,16 +346,26 @@ def mistyped_manifest_parts(manifest: dict) -> list[str]:
 
 COUNT = "count"  # a kind of value: a whole number, 0 or more
 TOKEN_ID = "token id"  # the same, an id of the vocabulary
+ALGORITHM = "algorithm"  # the name of a checksum algorithm files.HASHES knows
 
 
 def holds(value, kind) -> bool:
     if kind in (COUNT, TOKEN_ID):
         return holds(value, int) and value >= 0
+    if kind == ALGORITHM:
+        return isinstance(value, str) and value in HASHES
     return isinstance(value, kind) and not isinstance(value, bool)  # YAML's true is no number
 
 
 FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
-EXPECTED_KIND = {COUNT: "a count (a whole number, 0 or more)", TOKEN_ID: "a token id (a whole number, 0 or more)", dict: "a mapping"}
+EXPECTED_KIND = {
+    COUNT: "a count (a whole number, 0 or more)",
+    TOKEN_ID: "a token id (a whole number, 0 or more)",
+    ALGORITHM: f"a checksum algorithm ({', '.join(sorted(HASHES))})",
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+}
 
 
 def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str:

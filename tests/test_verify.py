@@ -1782,6 +1782,11 @@ TOKEN_ID = "a token id (a whole number, 0 or more)"
         ("build.pad_token_id", "abc", 'the string "abc"', TOKEN_ID),
         ("build.pad_token_id", True, "the boolean true", TOKEN_ID),
         ("build.pad_token_id", -1, "the number -1", TOKEN_ID),  # a recompute would embed it: an IndexError, on CUDA a device assert
+        ("checksum_algorithm", "md5", 'the string "md5"', "a checksum algorithm (sha256, xxh3_128)"),  # every file hashed by it
+        ("columns", ["sample_id"], 'the list ["sample_id"]', "a mapping"),
+        ("shards", {"train-00000-of-00004.parquet": 4}, 'the mapping {"train-00000-of-00004.parquet": 4}', "a list"),
+        ("failed", "none", 'the string "none"', "a list"),
+        ("identity.shard_size", "4", 'the string "4"', COUNT),  # every shard's size is compared with it
     ],
 )
 def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
@@ -1805,6 +1810,35 @@ def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, 
         verify_cache(cache)
     assert main(["verify", str(cache), "--recompute", "2"]) == 2
     assert re.search(re.escape(message), capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "part, value, named, found, expected",
+    [
+        ("failed", ["row 3"], "failed[0]", 'the string "row 3"', "a mapping"),
+        ("failed", [{"sample_id": "x", "shard": SHARD}], "failed[0].source_index", None, None),
+        ("failed", [{"sample_id": "x", "shard": SHARD, "source_index": "3"}], "failed[0].source_index", 'the string "3"', COUNT),
+        ("shards.1.name", 7, "shards[1].name", "the number 7", "a string"),
+    ],
+)
+def test_a_list_entry_of_the_manifest_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, named, found, expected):
+    """An entry of the lists verify walks (failed samples, shards), edited into another kind of value or lacking what
+    verify reads of it: a refusal naming it, not a traceback."""
+    from builder.cli import main
+
+    *path, key = part.split(".")
+
+    def set_part(data):
+        record = data["eagle3_cache"]
+        for step in path:
+            record = record[int(step)] if isinstance(record, list) else record[step]
+        record[key] = value
+
+    edit_card(cache, set_part)
+    damage = f"its manifest has no {named}" if found is None else f"its manifest's {named} is {found}, where {expected} is expected"
+    with pytest.raises(Eagle3CacheError, match=re.escape(f"README.md is damaged: {damage}") + r", .*Restore it"):
+        verify_cache(cache)
+    assert main(["verify", str(cache)]) == 2
 
 
 def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
