@@ -759,10 +759,11 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
         return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
+    edited = "the file is as its checksum says: the record was edited"
     if parquet.schema_arrow.names != expected_columns:
-        return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
+        return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns} ({edited}). {fix.card()}"]
     if parquet.metadata.num_rows != shard["rows"]:
-        return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+        return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']} ({edited}). {fix.card()}"]
     if shard.get("sha256") and found["sha256"] != shard["sha256"]:  # a pushed card's: the file's LFS oid
         return [
             f"README.md: shard {name}'s record says sha256 {shard['sha256']}, the file's is {found['sha256']}: load_cache "
@@ -844,7 +845,7 @@ def check_across_shards(out: Path, manifest: dict, readable: list[str], fix: Rep
     rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
     samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
     last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
-    problems = check_failed_records(manifest) + check_shard_sizes(manifest, fix)
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest, readable, fix)
     indices = stored_source_indices(out, readable)
     duplicates = check_unique_source_indices(manifest, indices, fix)
     if problems or duplicates or len(readable) < len(manifest["shards"]):
@@ -875,14 +876,16 @@ def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
     return failed
 
 
-def check_shard_sizes(manifest: dict, fix: Repair = LOCAL) -> list[str]:
+def check_shard_sizes(manifest: dict, readable: list[str], fix: Repair = LOCAL) -> list[str]:
+    """Each readable shard's samples against --shard-size; a shard whose file disagrees with its record (reported)
+    is left out: its record's count may be the edited part, and the advice would delete an intact shard."""
     size = manifest["identity"].get("shard_size")
     if size is None:
         return []
     failed, problems = failed_by_shard(manifest), []
     for shard in manifest["shards"]:
         name, position = shard["name"], shard_position(shard["name"])
-        if position is None:
+        if position is None or name not in readable:
             continue
         held = shard["rows"] + len(failed.get(name, []))
         last = position[0] == position[1] - 1

@@ -1115,6 +1115,17 @@ def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
     ]
 
 
+def test_a_shard_records_rows_edited_are_caught_saying_to_restore_the_card(cache):
+    """The file is as its checksum says, so the record was edited: the card is what to restore, and the intact shard
+    is not called one that samples were dropped from or added to, which advised deleting it."""
+    edit_card(cache, lambda data: data["eagle3_cache"]["shards"][1].update(rows=5))
+    assert verify_cache(cache) == [
+        "README.md: totals.samples is 14, the shards sum to 15: restore the card, or rebuild",
+        "README.md: dataset_info says 14 examples in split 'train', the shards hold 15: restore the card, or rebuild",
+        f"data/{SHARD}: 4 rows, the manifest says 5 (the file is as its checksum says: the record was edited). {RESTORE_CARD}",
+    ]
+
+
 def test_dataset_info_bytes_edited_alone_are_caught(cache):
     """`num_bytes` is the split size the Hub shows: the shards' bytes, as the card writes it."""
     shard_bytes = read_manifest(cache)["totals"]["bytes"]
