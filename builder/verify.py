@@ -751,15 +751,18 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
         return [f"data/{name}: missing; {rewrite(fix, 'it rebuilds only the missing shards')}"]
-    if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
     algorithm, expected = recorded_checksum(manifest, shard)
     found = digests(path, {algorithm, "sha256"} if shard.get("sha256") else {algorithm})  # one read for both
+    edited = "the file is as its checksum says: the record was edited"
+    if path.stat().st_size != shard["bytes"]:
+        size = f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}"
+        return [
+            f"{size} ({edited}). {fix.card()}" if found[algorithm] == expected else f"{size} (truncated or replaced); {fix.shards(name)}"
+        ]
     if found[algorithm] != expected:
         return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
-    edited = "the file is as its checksum says: the record was edited"
     if parquet.schema_arrow.names != expected_columns:
         return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns} ({edited}). {fix.card()}"]
     if parquet.metadata.num_rows != shard["rows"]:

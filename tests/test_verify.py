@@ -1126,6 +1126,16 @@ def test_a_shard_records_rows_edited_are_caught_saying_to_restore_the_card(cache
     ]
 
 
+def test_a_shard_records_bytes_edited_are_caught_saying_to_restore_the_card_not_to_delete_the_shard(cache):
+    """The file's checksum is the record's, so the file is intact and its size in the record was edited."""
+    size = (cache / "data" / SHARD).stat().st_size
+    edit_card(cache, lambda data: data["eagle3_cache"]["shards"][1].update(bytes=size + 1))
+    problems = verify_cache(cache)
+    edited = "the file is as its checksum says: the record was edited"
+    assert f"data/{SHARD}: {size} bytes, the manifest says {size + 1} ({edited}). {RESTORE_CARD}" in problems
+    assert not any("delete data/" in p for p in problems), problems
+
+
 def test_dataset_info_bytes_edited_alone_are_caught(cache):
     """`num_bytes` is the split size the Hub shows: the shards' bytes, as the card writes it."""
     shard_bytes = read_manifest(cache)["totals"]["bytes"]
