@@ -34,12 +34,12 @@ import pyarrow.parquet as pq
 import torch
 
 from dataset_card import data_prefix
-from dataset_card.render import shard_files
+from dataset_card.render import features, shard_files
 
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
-from .files import file_hash
+from .files import HASHES, file_hash, new_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import (
     INDEX_KEY,
@@ -91,7 +91,7 @@ def verify_cache(
     refuse_shards_only_on_the_hub(out, manifest)
     problems = check_manifest(out, manifest, fix) + check_shard_list(manifest) + check_totals(out, manifest, fix)
     layout_problems, written = check_columns_and_layout(manifest, fix)
-    problems += layout_problems
+    problems += layout_problems + check_features(out, written, fix)
     readable, in_vocab = [], draft_vocab_mask(out, manifest)
     for shard in manifest["shards"]:  # against the columns the build wrote, whatever the card now says
         file_problems = check_shard_file(out, written, shard, fix)
@@ -253,6 +253,12 @@ def missing_manifest_parts(manifest: dict) -> list[str]:
     missing += missing_checksum(manifest, "vocab_file", manifest.get("vocab_file"))
     missing += missing_column_fields(manifest.get("columns"))
     missing += missing_shard_fields(manifest, manifest.get("shards"))
+    failed = manifest.get("failed")
+    missing += [
+        f"failed[{i}].source_index"
+        for i, f in enumerate(failed if isinstance(failed, list) else ())
+        if isinstance(f, dict) and f.get("source_index") is None
+    ]
     # The id a recompute pads batches with, as the build did: no default, since every cache readers can read records it
     # (builds began to in the version that first wrote the `layout`, without which a card is damaged).
     missing += ["build.pad_token_id"] if lacks(manifest, "build.pad_token_id") else []
@@ -313,17 +319,24 @@ def missing_shard_fields(manifest: dict, shards) -> list[str]:
 
 
 def mistyped_manifest_parts(manifest: dict) -> list[str]:
-    """The parts verify sums or pads with, and the counts readers report, that hold another kind of value than every
-    build writes (a card edited by hand; a count below 0 among them, and a pad id below 0, which a recompute would feed
-    to the embedding), each with what it holds and what is expected; a part missing whole is named as missing."""
-    skipped = manifest.get("skipped")
+    """The parts verify sums, walks, hashes by or pads with, and the counts readers report, that hold another kind of
+    value than every build writes (a card edited by hand; a count below 0 among them, and a pad id below 0, which a
+    recompute would feed to the embedding), each with what it holds and what is expected; a part missing whole is named
+    as missing."""
+    skipped, failed = manifest.get("skipped"), manifest.get("failed")
     values = [("totals", manifest.get("totals"), dict), ("build.pad_token_id", part_of(manifest, "build.pad_token_id"), TOKEN_ID)]
+    values += [("checksum_algorithm", manifest.get("checksum_algorithm"), ALGORITHM), ("columns", manifest.get("columns"), dict)]
+    values += [("shards", manifest.get("shards"), list), ("identity.shard_size", part_of(manifest, "identity.shard_size"), COUNT)]
+    values += [("failed", failed, list)] + [(f"failed[{i}]", f, dict) for i, f in enumerate(failed if isinstance(failed, list) else ())]
+    values += [
+        (f"failed[{i}].source_index", part_of(f, "source_index"), COUNT) for i, f in enumerate(failed if isinstance(failed, list) else ())
+    ]
     values += [(f"totals.{key}", part_of(manifest, f"totals.{key}"), COUNT) for key in SUMMED]
     values += [("skipped", skipped, dict), ("duplicate_ids", manifest.get("duplicate_ids"), COUNT)]
     values += [(f"skipped.{reason}", count, COUNT) for reason, count in (skipped.items() if isinstance(skipped, dict) else ())]
     for position, shard in enumerate(manifest.get("shards") if isinstance(manifest.get("shards"), list) else []):
-        where = f"shards[{part_of(shard, 'name') or position}]"
-        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS]
+        where = f"shards[{part_of(shard, 'name') if isinstance(part_of(shard, 'name'), str) else position}]"
+        values += [(f"{where}.{key}", part_of(shard, key), COUNT) for key in SHARD_KEYS] + [(f"{where}.name", part_of(shard, "name"), str)]
     return [
         f"{part} is {FOUND_KIND.get(type(value), 'the value')} {one_line(value)}, where {EXPECTED_KIND[kind]} is expected"
         for part, value, kind in values
@@ -333,16 +346,26 @@ def mistyped_manifest_parts(manifest: dict) -> list[str]:
 
 COUNT = "count"  # a kind of value: a whole number, 0 or more
 TOKEN_ID = "token id"  # the same, an id of the vocabulary
+ALGORITHM = "algorithm"  # the name of a checksum algorithm files.HASHES knows
 
 
 def holds(value, kind) -> bool:
     if kind in (COUNT, TOKEN_ID):
         return holds(value, int) and value >= 0
+    if kind == ALGORITHM:
+        return isinstance(value, str) and value in HASHES
     return isinstance(value, kind) and not isinstance(value, bool)  # YAML's true is no number
 
 
 FOUND_KIND = {bool: "the boolean", int: "the number", float: "the number", str: "the string", list: "the list", dict: "the mapping"}
-EXPECTED_KIND = {COUNT: "a count (a whole number, 0 or more)", TOKEN_ID: "a token id (a whole number, 0 or more)", dict: "a mapping"}
+EXPECTED_KIND = {
+    COUNT: "a count (a whole number, 0 or more)",
+    TOKEN_ID: "a token id (a whole number, 0 or more)",
+    ALGORITHM: f"a checksum algorithm ({', '.join(sorted(HASHES))})",
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+}
 
 
 def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str:
@@ -396,15 +419,21 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         )
     vocab = out / VOCAB_FILE
     if not vocab.exists():
-        problems.append(f"{VOCAB_FILE}: missing")
+        problems.append(f"{VOCAB_FILE}: missing; {rewrite(fix, 'it writes the vocab file again, computing no shard')}")
     elif not checksum_matches(vocab, manifest, manifest["vocab_file"]):
-        problems.append(f"{VOCAB_FILE}: checksum differs from the manifest")
+        problems.append(
+            f"{VOCAB_FILE}: checksum differs from the manifest (the file is damaged); "
+            f"{rewrite(fix, 'it writes the vocab file again, computing no shard')}"
+        )
     else:
         problems += check_vocab_size(vocab, manifest, fix) + check_special_token_ids(vocab, manifest, fix)
         problems += check_token_coverage(vocab, manifest)
     head = manifest.get("lm_head_file")
     if head is not None and (not (out / head["path"]).exists() or not checksum_matches(out / head["path"], manifest, head)):
-        problems.append(f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it)")
+        problems.append(
+            f"{head['path']}: missing or its checksum differs from the manifest (every hidden-format sample depends on it); "
+            f"{fix.head_file(head['path'])}"
+        )
     listed = {s["name"] for s in manifest["shards"]}
     files = (out / "data").iterdir() if (out / "data").is_dir() else ()
     pattern = card_shard_pattern((out / "README.md").read_text(encoding="utf-8"))
@@ -413,6 +442,13 @@ def check_manifest(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
         f"data/{stray}: not in the manifest, but the card reads it as a shard (data/{pattern}): move it out of data/" for stray in strays
     ]
     return problems + check_card_reads_every_shard(out, sorted(listed), fix)
+
+
+def rewrite(fix: Repair, what_resume_does: str) -> str:
+    """How to repair a file a resume writes again as it is (a missing shard, the vocab file): a push for a Hub repo."""
+    return (
+        f"to repair: {fix.push_again()}" if fix.repo is not None else f"to repair: run the build again with --resume ({what_resume_does})"
+    )
 
 
 def check_vocab_size(vocab: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
@@ -564,6 +600,35 @@ def the_cache_described(manifest: dict) -> str:
 IDENTITY_LAYOUT_KEYS = ("target_format", "dtype", "aux_dtype", "topk", "draft_vocab_size", "compression")
 
 
+def check_features(out: Path, manifest: dict, fix: Repair = LOCAL) -> list[str]:
+    """The card's dataset_info.features against the columns the build wrote (`manifest`, as check_columns_and_layout
+    returns it): `datasets`, and load_cache through it, read the shards by these features, so a type edited there
+    stops every read (binary read as string) and a column left out or added reads other columns than the shards hold.
+    A card without features (`datasets` then reads them from the shards) has nothing to compare."""
+    info = card_data_of((out / "README.md").read_text(encoding="utf-8")).get("dataset_info")
+    declared = info.get("features") if isinstance(info, dict) else None
+    if declared is None:
+        return []
+    why = f"`datasets` and load_cache read the shards by these features and would fail or misread them. {fix.card()}"
+    if not isinstance(declared, list) or not all(isinstance(f, dict) for f in declared):
+        return [f"README.md: dataset_info.features is {one_line(declared)}, not a list of columns (name, dtype): {why}"]
+    found = {f.get("name"): f.get("dtype") for f in declared}
+    written = {f["name"]: f["dtype"] for f in features(manifest)}
+    return [
+        f"README.md: dataset_info.features gives {declared_type(name, found)}, where {written_type(name, written)}: {why}"
+        for name in [*written, *(name for name in found if name not in written)]
+        if found.get(name, MISSING) != written.get(name, MISSING)
+    ]
+
+
+def declared_type(name: str, found: dict) -> str:
+    return f"column {name} the type {found[name]!r}" if name in found else f"no column {name}"
+
+
+def written_type(name: str, written: dict) -> str:
+    return f"the shards' column is {written[name]!r}" if name in written else "the shards hold no such column"
+
+
 def check_card_reads_every_shard(out: Path, listed: list[str], fix: Repair = LOCAL) -> list[str]:
     """The card's `configs` name the files `datasets` reads as the train split: a listed shard they do
     not match would be left out by `datasets` (its split sizes then disagree) and by load_cache; configs
@@ -685,18 +750,39 @@ def check_shard_file(out: Path, manifest: dict, shard: dict, fix: Repair = LOCAL
     """The file as recorded: present, its size, checksum, columns and row count."""
     name, path = shard["name"], out / "data" / shard["name"]
     if not path.exists():
-        return [f"data/{name}: missing"]
+        return [f"data/{name}: missing; {rewrite(fix, 'it rebuilds only the missing shards')}"]
+    algorithm, expected = recorded_checksum(manifest, shard)
+    found = digests(path, {algorithm, "sha256"} if shard.get("sha256") else {algorithm})  # one read for both
+    edited = "the file is as its checksum says: the record was edited"
     if path.stat().st_size != shard["bytes"]:
-        return [f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']} (truncated or replaced); {fix.shards(name)}"]
-    if not checksum_matches(path, manifest, shard):
+        size = f"data/{name}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}"
+        return [
+            f"{size} ({edited}). {fix.card()}" if found[algorithm] == expected else f"{size} (truncated or replaced); {fix.shards(name)}"
+        ]
+    if found[algorithm] != expected:
         return [f"data/{name}: checksum differs from the manifest (the file is damaged); {fix.shards(name)}"]
     parquet = pq.ParquetFile(path)
     expected_columns = list(manifest["columns"])
     if parquet.schema_arrow.names != expected_columns:
-        return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns}"]
+        return [f"data/{name}: columns {parquet.schema_arrow.names}, expected {expected_columns} ({edited}). {fix.card()}"]
     if parquet.metadata.num_rows != shard["rows"]:
-        return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']}"]
+        return [f"data/{name}: {parquet.metadata.num_rows} rows, the manifest says {shard['rows']} ({edited}). {fix.card()}"]
+    if shard.get("sha256") and found["sha256"] != shard["sha256"]:  # a pushed card's: the file's LFS oid
+        return [
+            f"README.md: shard {name}'s record says sha256 {shard['sha256']}, the file's is {found['sha256']}: load_cache "
+            f"refuses a repo whose shard has another sha256 than its card records. {fix.card()}"
+        ]
     return []
+
+
+def digests(path: Path, algorithms: set[str]) -> dict[str, str]:
+    """{algorithm: hex digest} of a file's bytes, read once for all of them."""
+    hashes = {algorithm: new_hash(algorithm) for algorithm in algorithms}
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            for h in hashes.values():
+                h.update(chunk)
+    return {algorithm: h.hexdigest() for algorithm, h in hashes.items()}
 
 
 def check_shard_rows(out: Path, manifest: dict, shard: dict, in_vocab: np.ndarray | None = None, fix: Repair = LOCAL) -> list[str]:
@@ -762,7 +848,7 @@ def check_across_shards(out: Path, manifest: dict, readable: list[str], fix: Rep
     rows dropped or added, failures recorded in no listed shard. The build gives shard k the input's
     samples k*S to (k+1)*S-1 (S: --shard-size), stored or recorded as failed, so every shard but the
     last holds S of them, and source_index (unlike sample_id) is unique across the cache."""
-    problems = check_failed_records(manifest) + check_shard_sizes(manifest, fix)
+    problems = check_failed_records(manifest) + check_shard_sizes(manifest, readable, fix)
     indices = stored_source_indices(out, readable)
     duplicates = check_unique_source_indices(manifest, indices, fix)
     if problems or duplicates or len(readable) < len(manifest["shards"]):
@@ -793,14 +879,16 @@ def failed_by_shard(manifest: dict) -> dict[str, list[dict]]:
     return failed
 
 
-def check_shard_sizes(manifest: dict, fix: Repair = LOCAL) -> list[str]:
+def check_shard_sizes(manifest: dict, readable: list[str], fix: Repair = LOCAL) -> list[str]:
+    """Each readable shard's samples against --shard-size; a shard whose file disagrees with its record (reported)
+    is left out: its record's count may be the edited part, and the advice would delete an intact shard."""
     size = manifest["identity"].get("shard_size")
     if size is None:
         return []
     failed, problems = failed_by_shard(manifest), []
     for shard in manifest["shards"]:
         name, position = shard["name"], shard_position(shard["name"])
-        if position is None:
+        if position is None or name not in readable:
             continue
         held = shard["rows"] + len(failed.get(name, []))
         last = position[0] == position[1] - 1

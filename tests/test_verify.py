@@ -90,9 +90,26 @@ def test_truncated_shard_is_caught(cache):
     assert verify_cache(cache) == [f"data/{SHARD}: {size // 2} bytes, the manifest says {size} (truncated or replaced); {REPAIR}"]
 
 
-def test_missing_shard_is_caught(cache):
+def test_missing_shard_is_caught_saying_how_to_repair_it(cache):
     (cache / "data" / SHARD).unlink()
-    assert verify_cache(cache) == [f"data/{SHARD}: missing"]
+    assert verify_cache(cache) == [
+        f"data/{SHARD}: missing; to repair: run the build again with --resume (it rebuilds only the missing shards)"
+    ]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
+
+
+def test_a_missing_or_damaged_vocab_file_is_caught_saying_how_to_repair_it(cache):
+    vocab = cache / "vocab" / "vocab.safetensors"
+    data = bytearray(vocab.read_bytes())
+    data[-3] ^= 0x01
+    vocab.write_bytes(bytes(data))
+    repair = "to repair: run the build again with --resume (it writes the vocab file again, computing no shard)"
+    assert verify_cache(cache) == [f"vocab/vocab.safetensors: checksum differs from the manifest (the file is damaged); {repair}"]
+    vocab.unlink()
+    assert verify_cache(cache) == [f"vocab/vocab.safetensors: missing; {repair}"]
+    build(small_config(cache, resume=True), progress=False)  # as the message says
+    assert verify_cache(cache) == []
 
 
 def test_edited_manifest_is_caught(cache):
@@ -593,6 +610,28 @@ def test_no_finished_cache_is_an_error_saying_what_to_do_not_a_traceback(cache, 
 hub_server, hub = hub_fixtures()
 
 
+def test_a_pushed_cards_shard_sha256_that_differs_from_the_file_is_caught(hub, intact):
+    """A pushed card records each shard's sha256 (its LFS oid), and load_cache refuses a branch whose file has
+    another: verify, which reads every byte, tells the same."""
+    from builder.reader import ShardFilesMismatch, load_cache
+
+    push_cache(intact, PushTarget("tester/sha"))
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    card = DatasetCard.load(api.hf_hub_download("tester/sha", "README.md", repo_type="dataset"))
+    recorded = card.data["eagle3_cache"]["shards"][1]["sha256"]
+    card.data["eagle3_cache"]["shards"][1]["sha256"] = "0" * 64
+    api.upload_file(path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id="tester/sha", repo_type="dataset")
+    with pytest.raises(ShardFilesMismatch, match="another sha256 than recorded"):
+        load_cache("tester/sha")
+    assert verify_cache("tester/sha") == [
+        f"README.md: shard {SHARD}'s record says sha256 {'0' * 64}, the file's is {recorded}: load_cache refuses a repo whose "
+        "shard has another sha256 than its card records. "
+        "Restore the card: push the cache to tester/sha again from an intact local copy (check it first with eagle3-cache "
+        "verify DIR): eagle3-cache push DIR tester/sha uploads again each shard whose bytes differ on the branch, and the card; "
+        "a tag names a fixed version, so give the repaired one a new --hub-tag"
+    ]
+
+
 def test_a_hub_branch_without_a_card_gets_the_hubs_advice_not_a_builds(hub, intact):
     """A push lands its card last: main holds no card where the push went to another branch, or stopped
     partway. The advice is the push's (re-run it, or read the branch), as the reader gives it, not a build's."""
@@ -1076,6 +1115,27 @@ def test_a_shard_records_counts_edited_with_the_totals_are_caught(cache):
     ]
 
 
+def test_a_shard_records_rows_edited_are_caught_saying_to_restore_the_card(cache):
+    """The file is as its checksum says, so the record was edited: the card is what to restore, and the intact shard
+    is not called one that samples were dropped from or added to, which advised deleting it."""
+    edit_card(cache, lambda data: data["eagle3_cache"]["shards"][1].update(rows=5))
+    assert verify_cache(cache) == [
+        "README.md: totals.samples is 14, the shards sum to 15: restore the card, or rebuild",
+        "README.md: dataset_info says 14 examples in split 'train', the shards hold 15: restore the card, or rebuild",
+        f"data/{SHARD}: 4 rows, the manifest says 5 (the file is as its checksum says: the record was edited). {RESTORE_CARD}",
+    ]
+
+
+def test_a_shard_records_bytes_edited_are_caught_saying_to_restore_the_card_not_to_delete_the_shard(cache):
+    """The file's checksum is the record's, so the file is intact and its size in the record was edited."""
+    size = (cache / "data" / SHARD).stat().st_size
+    edit_card(cache, lambda data: data["eagle3_cache"]["shards"][1].update(bytes=size + 1))
+    problems = verify_cache(cache)
+    edited = "the file is as its checksum says: the record was edited"
+    assert f"data/{SHARD}: {size} bytes, the manifest says {size + 1} ({edited}). {RESTORE_CARD}" in problems
+    assert not any("delete data/" in p for p in problems), problems
+
+
 def test_dataset_info_bytes_edited_alone_are_caught(cache):
     """`num_bytes` is the split size the Hub shows: the shards' bytes, as the card writes it."""
     shard_bytes = read_manifest(cache)["totals"]["bytes"]
@@ -1084,6 +1144,34 @@ def test_dataset_info_bytes_edited_alone_are_caught(cache):
     assert verify_cache(cache) == [
         f"README.md: dataset_info says {shard_bytes + 1} bytes in split 'train', the shards hold {shard_bytes}: "
         "restore the card, or rebuild"
+    ]
+
+
+def test_dataset_info_features_that_differ_from_the_shards_columns_are_caught(cache):
+    """`datasets` (and load_cache through it) reads the shards with the features the card declares: a column's type
+    edited there stops every read, and a column left out or added reads other columns than the shards hold."""
+    from builder.reader import load_cache
+
+    def retype(data):
+        data["dataset_info"]["features"] = [
+            f | {"dtype": "string"} if f["name"] == "target_probs" else f for f in data["dataset_info"]["features"]
+        ]
+
+    edit_card(cache, retype)
+    with pytest.raises(pa.ArrowInvalid):
+        list(load_cache(cache, streaming=True))
+    assert verify_cache(cache) == [
+        "README.md: dataset_info.features gives column target_probs the type 'string', where the shards' column is 'binary': "
+        f"`datasets` and load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}"
+    ]
+    edit_card(
+        cache, lambda data: data["dataset_info"].update(features=data["dataset_info"]["features"][:-1] + [{"name": "x", "dtype": "int64"}])
+    )
+    assert verify_cache(cache) == [
+        "README.md: dataset_info.features gives no column target_probs, where the shards' column is 'binary': `datasets` and "
+        f"load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}",
+        "README.md: dataset_info.features gives column x the type 'int64', where the shards hold no such column: `datasets` "
+        f"and load_cache read the shards by these features and would fail or misread them. {RESTORE_CARD}",
     ]
 
 
@@ -1568,6 +1656,21 @@ def rewrite_head_file(cache, change) -> None:
     edit_card(cache, lambda data: data["eagle3_cache"]["lm_head_file"].__setitem__("checksum", file_hash(path, CHECKSUM_ALGORITHM)))
 
 
+def test_a_missing_or_damaged_head_file_is_caught_saying_how_to_repair_it(hidden_cache):
+    head = hidden_cache / "vocab" / "lm_head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-3] ^= 0x01
+    head.write_bytes(bytes(data))
+    assert verify_cache(hidden_cache) == [
+        "vocab/lm_head.safetensors: missing or its checksum differs from the manifest (every hidden-format sample depends on "
+        "it); to repair: delete vocab/lm_head.safetensors and run the build again with --resume (it writes the head rows "
+        "again from the target, computing no shard)"
+    ]
+    head.unlink()
+    build(small_config(hidden_cache, target_format="hidden", resume=True), progress=False)  # as the message says
+    assert verify_cache(hidden_cache) == []
+
+
 def test_recompute_compares_a_hidden_caches_head_rows_and_logit_terms_with_the_target(hidden_cache):
     assert verify_cache(hidden_cache, recompute=2) == []
     rewrite_head_file(hidden_cache, lambda head: head | {"draft_rows": head["draft_rows"].flip(0)})  # rows in the wrong order
@@ -1700,6 +1803,11 @@ TOKEN_ID = "a token id (a whole number, 0 or more)"
         ("build.pad_token_id", "abc", 'the string "abc"', TOKEN_ID),
         ("build.pad_token_id", True, "the boolean true", TOKEN_ID),
         ("build.pad_token_id", -1, "the number -1", TOKEN_ID),  # a recompute would embed it: an IndexError, on CUDA a device assert
+        ("checksum_algorithm", "md5", 'the string "md5"', "a checksum algorithm (sha256, xxh3_128)"),  # every file hashed by it
+        ("columns", ["sample_id"], 'the list ["sample_id"]', "a mapping"),
+        ("shards", {"train-00000-of-00004.parquet": 4}, 'the mapping {"train-00000-of-00004.parquet": 4}', "a list"),
+        ("failed", "none", 'the string "none"', "a list"),
+        ("identity.shard_size", "4", 'the string "4"', COUNT),  # every shard's size is compared with it
     ],
 )
 def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, found, expected):
@@ -1723,6 +1831,35 @@ def test_a_manifest_part_holding_another_kind_of_value_is_called_damaged(cache, 
         verify_cache(cache)
     assert main(["verify", str(cache), "--recompute", "2"]) == 2
     assert re.search(re.escape(message), capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "part, value, named, found, expected",
+    [
+        ("failed", ["row 3"], "failed[0]", 'the string "row 3"', "a mapping"),
+        ("failed", [{"sample_id": "x", "shard": SHARD}], "failed[0].source_index", None, None),
+        ("failed", [{"sample_id": "x", "shard": SHARD, "source_index": "3"}], "failed[0].source_index", 'the string "3"', COUNT),
+        ("shards.1.name", 7, "shards[1].name", "the number 7", "a string"),
+    ],
+)
+def test_a_list_entry_of_the_manifest_holding_another_kind_of_value_is_called_damaged(cache, capsys, part, value, named, found, expected):
+    """An entry of the lists verify walks (failed samples, shards), edited into another kind of value or lacking what
+    verify reads of it: a refusal naming it, not a traceback."""
+    from builder.cli import main
+
+    *path, key = part.split(".")
+
+    def set_part(data):
+        record = data["eagle3_cache"]
+        for step in path:
+            record = record[int(step)] if isinstance(record, list) else record[step]
+        record[key] = value
+
+    edit_card(cache, set_part)
+    damage = f"its manifest has no {named}" if found is None else f"its manifest's {named} is {found}, where {expected} is expected"
+    with pytest.raises(Eagle3CacheError, match=re.escape(f"README.md is damaged: {damage}") + r", .*Restore it"):
+        verify_cache(cache)
+    assert main(["verify", str(cache)]) == 2
 
 
 def test_card_parts_outside_the_manifest_of_another_shape_are_reported_not_a_traceback(cache):
