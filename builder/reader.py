@@ -833,6 +833,7 @@ def _load_rows(
     cache_dir: str | None = None,
     retry=None,
 ):
+    """(the `datasets` dataset, whether its shards are read memory-mapped, through no Python file object)."""
     import datasets
 
     from .hub import Retry
@@ -855,9 +856,7 @@ def _load_rows(
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
         load = functools.partial(retry or Retry(), "open the shards", load, source.location, explain_permanent=False)
     hf = opened(load, source)
-    if streaming and not source.on_hub:
-        memory_map_local_shards(hf)
-    return hf
+    return hf, streaming and not source.on_hub and memory_map_local_shards(hf)
 
 
 class ShardsNotOpened(Eagle3CacheError, ValueError):
@@ -989,7 +988,7 @@ def load_cache(
     check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
     wanted = list(decode.columns) if layout != "raw" else checked_columns(columns, manifest)  # decoded layouts: every tensor column
-    hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
+    hf, memory_mapped = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
     hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
     if shuffle_buffer and not streaming:
@@ -1001,7 +1000,9 @@ def load_cache(
     else:
         transform = SampleDecoder(source, manifest, layout, draft_vocab_size=draft_vocab_size, spread_tail=spread_tail, aux_dtype=aux_dtype)
     if streaming:
-        shards = tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
+        # The exit waits only on files a stream read through: a memory-mapped shard has none, and a closed
+        # file of one that the user's own code keeps is no read of Arrow's to wait for.
+        shards = () if memory_mapped else tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
         track_shards(shards)
         describe = None
         if source.on_hub:
