@@ -32,7 +32,7 @@ import torch
 
 from .errors import ConfigError, Eagle3CacheError
 from .files import refuse_pattern_paths
-from .local_shards import memory_map_local_shards
+from .local_shards import DamagedShard, damaged_shard, memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
 from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
@@ -628,9 +628,10 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
         retry = self.retry or Retry()
         if not is_transient(err) or failures > retry.retries:
-            if self.describe_failure is None:
+            failure = err if self.describe_failure is None else self.describe_failure(err, reopened=failures - 1)
+            if failure is err:
                 raise err
-            raise self.describe_failure(err, reopened=failures - 1) from err
+            raise failure from err
         wait = min(retry.backoff * 2 ** (failures - 1), 30.0)
         log.warning(
             "streaming read failed (%s: %s); reopening at the current window, retry %d/%d in %.1fs",
@@ -867,10 +868,16 @@ def opened(load: functools.partial, source: CacheSource):
     """`load()`'s dataset; a ValueError of `datasets` (such as a config the root card does not offer) raised as this
     package's error, saying what to do. Only then is the root card read, to tell a damaged one (refused with
     verify's advice) from one that lists other configs: a load that opens costs no extra download."""
+    from datasets.exceptions import DatasetGenerationError
+
     from .manifest import ManifestError, config_not_offered, refuse_damaged_root_card
 
     try:
         return load()
+    except DatasetGenerationError as err:  # preparing a map-style read: Parquet's error names no shard
+        if source.on_hub or not _read_failure(err.__cause__):
+            raise
+        raise damaged_shard(source.describe(), verify_target(source), err.__cause__, SHARD_DAMAGED) from err
     except ValueError as err:
         if isinstance(err, Eagle3CacheError):
             raise
@@ -885,6 +892,28 @@ def opened(load: functools.partial, source: CacheSource):
             f"{source.describe()}: `datasets` could not open its shards ({err}); "
             + (hint or f"expected {written_by}: check it with `eagle3-cache verify`")
         ) from err
+
+
+SHARD_DAMAGED = "a shard is damaged: `datasets` could not read its shards"
+
+
+def _read_failure(err: BaseException | None) -> bool:
+    import pyarrow as pa
+
+    return isinstance(err, (OSError, pa.ArrowException)) and not isinstance(err, DamagedShard)
+
+
+def verify_target(source: CacheSource) -> str:
+    """What to pass to `eagle3-cache verify` to check this cache."""
+    return f"{source.location} --name {source.name}" if source.name else str(source.location)
+
+
+def local_read_error(err: BaseException, reopened: int, source: CacheSource) -> BaseException:
+    """A local stream's failure as the user's error: a shard `datasets` read itself (not memory-mapped)
+    fails with Parquet's error, which names no file. Any other error is raised as it is."""
+    if not _read_failure(err):
+        return err
+    return damaged_shard(source.describe(), verify_target(source), err, SHARD_DAMAGED)
 
 
 def local_scan_options():
@@ -1004,7 +1033,7 @@ def load_cache(
         # file of one that the user's own code keeps is no read of Arrow's to wait for.
         shards = () if memory_mapped else tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
         track_shards(shards)
-        describe = None
+        describe = functools.partial(local_read_error, source=source)
         if source.on_hub:
             from .hub import read_error
 

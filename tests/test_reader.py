@@ -743,3 +743,71 @@ def test_a_stream_left_open_at_exit_is_closed_quietly(cache, memory_mapped):
     done = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "read one row" in done.stdout, done.stderr[-2000:]
     assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
+def damaged_copy(cache, tmp_path, where: slice):
+    """A copy of the cache whose second shard has bytes overwritten at `where`; its size stays as recorded."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = copy / "data" / "train-00001-of-00004.parquet"
+    damaged = bytearray(shard.read_bytes())
+    damaged[where] = b"\xff" * len(damaged[where])
+    shard.write_bytes(bytes(damaged))
+    return copy, shard
+
+
+@pytest.mark.parametrize("where", [slice(4, 40), slice(-40, -8)], ids=["page header", "footer"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_damaged_shard_is_named_with_what_to_do_when_streamed(cache, tmp_path, where, num_workers):
+    """Parquet's own error names no file ("Couldn't deserialize thrift"): the reader says which shard and how to repair it."""
+    from builder.local_shards import DamagedShard
+
+    copy, shard = damaged_copy(cache, tmp_path, where)
+    loader = torch.utils.data.DataLoader(load_cache(copy, layout="raw"), batch_size=2, num_workers=num_workers, collate_fn=ids)
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{shard}: the shard cannot be read (",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
+        ),
+    ):
+        list(loader)
+
+
+def test_a_damaged_shard_read_map_style_says_what_to_do(cache, tmp_path, monkeypatch):
+    import datasets
+
+    from builder.local_shards import DamagedShard
+
+    # Arrow files are kept per cache content: the intact cache's, prepared by another test, would be read instead.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
+    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
+        ),
+    ):
+        load_cache(copy, layout="raw", streaming=False)
+
+
+def test_a_damaged_shard_datasets_streams_itself_says_what_to_do(cache, tmp_path, monkeypatch):
+    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the file is not known."""
+    import builder.reader as reader
+    from builder.local_shards import DamagedShard
+
+    monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)
+    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+        ),
+    ):
+        list(load_cache(copy, layout="raw"))
