@@ -998,6 +998,7 @@ def load_cache(
             f"None with layout={layout!r}, whose samples are built from every stored column",
             "Only layout='raw' selects columns: pass layout='raw' with columns=, or leave columns= out",
         )
+    checked_split(split, streaming)
     if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
         raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
     if shuffle_buffer is not None:
@@ -1074,6 +1075,24 @@ def read_aux_dtype(aux_dtype) -> torch.dtype | None:
         "a floating torch dtype or one of " + ", ".join(repr(name) for name in names),
         "Pass e.g. aux_dtype=torch.bfloat16 or aux_dtype='bf16' (or None for the default)",
     )
+
+
+def checked_split(split, streaming: bool) -> None:
+    """`split=` at the open: a cache holds one split, `train` (`datasets` would call another one a shard it
+    could not open, after preparing every shard of a map-style read). A map-style read takes `datasets`' slices of it."""
+    import re
+
+    parts = [re.sub(r"\[[^\]]*\]$", "", part.strip()) for part in str(split).split("+")]
+    if split == "train" or (not streaming and all(part == "train" for part in parts)):
+        return
+    if streaming and parts == ["train"]:
+        expected, hint = "'train' for a streamed read", "A stream takes no slice: read split='train' and stop early with itertools.islice"
+    else:
+        expected, hint = (
+            "'train' (a cache holds one split, train)",
+            "Pass split='train', or a slice of it such as 'train[:10%]' with streaming=False",
+        )
+    raise ConfigError("split", split, expected, hint)
 
 
 def checked_seed(seed) -> int:

@@ -811,3 +811,25 @@ def test_a_damaged_shard_datasets_streams_itself_says_what_to_do(cache, tmp_path
         ),
     ):
         list(load_cache(copy, layout="raw"))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_split_the_cache_does_not_hold_is_refused_at_open_without_blaming_the_cache(cache, streaming, monkeypatch):
+    """A cache holds one split, `train`: `split="validation"` is the caller's to change, not a damaged cache to verify,
+    and is refused before a map-style read prepares every shard."""
+    import datasets
+
+    prepared = []
+    monkeypatch.setattr(datasets.builder.DatasetBuilder, "download_and_prepare", lambda *a, **k: prepared.append(1))
+    with pytest.raises(ValueError, match=says("split: expected 'train'", "got 'validation'", "a cache holds one split, train")) as refused:
+        load_cache(cache, layout="raw", split="validation", streaming=streaming)
+    assert "verify" not in str(refused.value) and prepared == []
+
+
+def test_a_slice_of_the_train_split_reads_map_style_and_is_refused_streaming(cache):
+    assert (
+        ids(load_cache(cache, layout="raw", columns=["sample_id"], split="train[:3]", streaming=False))
+        == ids(load_cache(cache, layout="raw", columns=["sample_id"]))[:3]
+    )
+    with pytest.raises(ValueError, match=says("split: expected 'train'", "got 'train[:3]'", "itertools.islice")):
+        load_cache(cache, layout="raw", split="train[:3]", streaming=True)
