@@ -999,8 +999,13 @@ def load_cache(
             "Only layout='raw' selects columns: pass layout='raw' with columns=, or leave columns= out",
         )
     checked_split(split, streaming)
-    if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
-        raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
+    if shuffle_buffer is not None:  # True would be a one-row window: no row shuffled
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, numbers.Integral) or shuffle_buffer < 1:
+            raise ValueError(
+                f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}. "
+                "Give the rows a shuffle window holds, such as shuffle_buffer=1000"
+            )
+        shuffle_buffer = int(shuffle_buffer)  # a numpy int too: the resume state holds it as JSON
     if shuffle_buffer is not None:
         seed = checked_seed(seed)
     if layout != "raw":

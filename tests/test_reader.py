@@ -833,3 +833,15 @@ def test_a_slice_of_the_train_split_reads_map_style_and_is_refused_streaming(cac
     )
     with pytest.raises(ValueError, match=says("split: expected 'train'", "got 'train[:3]'", "itertools.islice")):
         load_cache(cache, layout="raw", split="train[:3]", streaming=True)
+
+
+def test_a_shuffle_buffer_given_as_true_or_a_numpy_int_is_read_as_meant(cache):
+    """`shuffle_buffer=True` read as one row per window shuffled no row (only the shard order): refuse it, saying
+    to give a number of rows; a numpy int (a config's value) is a number of rows like any int."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=says("shuffle_buffer: expected a positive number of rows", "got True")):
+        load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=True)
+    given = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=np.int64(4), seed=7)
+    assert ids(given) == ids(load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4, seed=7))
+    assert json.loads(json.dumps(given.state_dict()))["shuffle_buffer"] == 4  # a checkpoint stores it
