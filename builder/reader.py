@@ -999,6 +999,8 @@ def load_cache(
             "Only layout='raw' selects columns: pass layout='raw' with columns=, or leave columns= out",
         )
     checked_split(split, streaming)
+    if layout == "raw":
+        refuse_decoding_options(draft_vocab_size=draft_vocab_size, aux_dtype=aux_dtype, spread_tail=spread_tail)
     if shuffle_buffer is not None:  # True would be a one-row window: no row shuffled
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, numbers.Integral) or shuffle_buffer < 1:
             raise ValueError(
@@ -1080,6 +1082,19 @@ def read_aux_dtype(aux_dtype) -> torch.dtype | None:
         "a floating torch dtype or one of " + ", ".join(repr(name) for name in names),
         "Pass e.g. aux_dtype=torch.bfloat16 or aux_dtype='bf16' (or None for the default)",
     )
+
+
+def refuse_decoding_options(**options) -> None:
+    """A raw read yields the stored tensors as they are: an option only a decoded layout applies would be ignored,
+    and the trainer would get the stored draft vocabulary or aux dtype without a word."""
+    for option, value in options.items():
+        if value is not None and value is not False:
+            raise ConfigError(
+                option,
+                value,
+                f"{'False' if option == 'spread_tail' else 'None'} with layout='raw', which yields the stored tensors as they are",
+                f"Read with layout='nemo' (or 'specforge') for {option}= to apply, or leave it out",
+            )
 
 
 def checked_split(split, streaming: bool) -> None:

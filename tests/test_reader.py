@@ -845,3 +845,15 @@ def test_a_shuffle_buffer_given_as_true_or_a_numpy_int_is_read_as_meant(cache):
     given = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=np.int64(4), seed=7)
     assert ids(given) == ids(load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4, seed=7))
     assert json.loads(json.dumps(given.state_dict()))["shuffle_buffer"] == 4  # a checkpoint stores it
+
+
+@pytest.mark.parametrize(
+    "option, value", [("draft_vocab_size", 100), ("aux_dtype", torch.float32), ("spread_tail", True)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_raw_read_refuses_the_options_only_decoded_layouts_apply(cache, option, value, streaming):
+    """A raw read yields the stored tensors: a draft vocabulary, aux dtype or tail spread it would not apply
+    would leave the trainer with the stored 300 columns, or fp32 asked and bf16 read, unseen."""
+    with pytest.raises(ValueError, match=says(f"{option}: expected", "with layout='raw'", f"got {value!r}", "layout='nemo'")):
+        load_cache(cache, layout="raw", streaming=streaming, **{option: value})
+    assert set(next(iter(load_cache(cache, layout="raw", streaming=streaming, **{option: None if option != "spread_tail" else False}))))
