@@ -22,14 +22,40 @@ against the manifest before the first row.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 from pyarrow.fs import LocalFileSystem
 
+from .errors import Eagle3CacheError
+
 TABLE_ARGUMENTS = ["files", "row_groups_list"]  # datasets' Parquet table generator, as this source mirrors it
+REPAIR = (
+    "checks every shard against the checksums its card records: delete each shard it names and run the build again "
+    "with --resume (it rebuilds only the missing shards), or copy the cache again from where it came from"
+)
+
+
+class DamagedShard(Eagle3CacheError, OSError):
+    """A cache's shard cannot be read: its bytes are damaged (or the disk failed to read them)."""
+
+
+def damaged_shard(where: str, cache, err: BaseException, what: str = "the shard cannot be read") -> DamagedShard:
+    return DamagedShard(f"{where}: {what} ({type(err).__name__}: {err}). `eagle3-cache verify {cache}` {REPAIR}")
+
+
+@contextlib.contextmanager
+def naming_the_shard(file: str):
+    """Parquet's errors for damaged bytes name no file ("Couldn't deserialize thrift"): say which shard, and what to do."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise damaged_shard(file, Path(file).parent.parent, err) from err
 
 
 class MemoryMappedTables:
@@ -48,15 +74,20 @@ class MemoryMappedTables:
         parquet = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=True))
         filesystem = LocalFileSystem(use_mmap=True)
         for file_index, (file, row_groups) in enumerate(zip(files, row_groups_list)):
-            fragment = parquet.make_fragment(file, filesystem=filesystem)
-            if row_groups is not None:
-                fragment = fragment.subset(row_group_ids=row_groups)
-            if not fragment.row_groups:
-                continue
-            # as datasets reads a fragment: batches of its first row group's rows, no read-ahead across batches
-            batch_size = fragment.row_groups[0].num_rows
-            batches = fragment.to_batches(batch_size=batch_size, columns=self.columns, batch_readahead=0, fragment_readahead=0)
-            for batch_index, batch in enumerate(batches):
+            with naming_the_shard(file):
+                fragment = parquet.make_fragment(file, filesystem=filesystem)
+                if row_groups is not None:
+                    fragment = fragment.subset(row_group_ids=row_groups)
+                if not fragment.row_groups:
+                    continue
+                # as datasets reads a fragment: batches of its first row group's rows, no read-ahead across batches
+                batch_size = fragment.row_groups[0].num_rows
+                batches = iter(fragment.to_batches(batch_size=batch_size, columns=self.columns, batch_readahead=0, fragment_readahead=0))
+            for batch_index in itertools.count():
+                with naming_the_shard(file):  # not around the yield: an error thrown into the generator is not the shard's
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 yield Key(file_index, batch_index), self._cast(pa.Table.from_batches([batch]))
 
     def _cast(self, table: pa.Table) -> pa.Table:

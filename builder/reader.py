@@ -32,7 +32,7 @@ import torch
 
 from .errors import ConfigError, Eagle3CacheError
 from .files import refuse_pattern_paths
-from .local_shards import memory_map_local_shards
+from .local_shards import DamagedShard, damaged_shard, memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
 from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
@@ -628,9 +628,10 @@ class StreamingCacheDataset(torch.utils.data.IterableDataset):
 
         retry = self.retry or Retry()
         if not is_transient(err) or failures > retry.retries:
-            if self.describe_failure is None:
+            failure = err if self.describe_failure is None else self.describe_failure(err, reopened=failures - 1)
+            if failure is err:
                 raise err
-            raise self.describe_failure(err, reopened=failures - 1) from err
+            raise failure from err
         wait = min(retry.backoff * 2 ** (failures - 1), 30.0)
         log.warning(
             "streaming read failed (%s: %s); reopening at the current window, retry %d/%d in %.1fs",
@@ -833,6 +834,7 @@ def _load_rows(
     cache_dir: str | None = None,
     retry=None,
 ):
+    """(the `datasets` dataset, whether its shards are read memory-mapped, through no Python file object)."""
     import datasets
 
     from .hub import Retry
@@ -855,9 +857,7 @@ def _load_rows(
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
         load = functools.partial(retry or Retry(), "open the shards", load, source.location, explain_permanent=False)
     hf = opened(load, source)
-    if streaming and not source.on_hub:
-        memory_map_local_shards(hf)
-    return hf
+    return hf, streaming and not source.on_hub and memory_map_local_shards(hf)
 
 
 class ShardsNotOpened(Eagle3CacheError, ValueError):
@@ -868,10 +868,16 @@ def opened(load: functools.partial, source: CacheSource):
     """`load()`'s dataset; a ValueError of `datasets` (such as a config the root card does not offer) raised as this
     package's error, saying what to do. Only then is the root card read, to tell a damaged one (refused with
     verify's advice) from one that lists other configs: a load that opens costs no extra download."""
+    from datasets.exceptions import DatasetGenerationError
+
     from .manifest import ManifestError, config_not_offered, refuse_damaged_root_card
 
     try:
         return load()
+    except DatasetGenerationError as err:  # preparing a map-style read: Parquet's error names no shard
+        if source.on_hub or not _read_failure(err.__cause__):
+            raise
+        raise damaged_shard(source.describe(), verify_target(source), err.__cause__, SHARD_DAMAGED) from err
     except ValueError as err:
         if isinstance(err, Eagle3CacheError):
             raise
@@ -886,6 +892,28 @@ def opened(load: functools.partial, source: CacheSource):
             f"{source.describe()}: `datasets` could not open its shards ({err}); "
             + (hint or f"expected {written_by}: check it with `eagle3-cache verify`")
         ) from err
+
+
+SHARD_DAMAGED = "a shard is damaged: `datasets` could not read its shards"
+
+
+def _read_failure(err: BaseException | None) -> bool:
+    import pyarrow as pa
+
+    return isinstance(err, (OSError, pa.ArrowException)) and not isinstance(err, DamagedShard)
+
+
+def verify_target(source: CacheSource) -> str:
+    """What to pass to `eagle3-cache verify` to check this cache."""
+    return f"{source.location} --name {source.name}" if source.name else str(source.location)
+
+
+def local_read_error(err: BaseException, reopened: int, source: CacheSource) -> BaseException:
+    """A local stream's failure as the user's error: a shard `datasets` read itself (not memory-mapped)
+    fails with Parquet's error, which names no file. Any other error is raised as it is."""
+    if not _read_failure(err):
+        return err
+    return damaged_shard(source.describe(), verify_target(source), err, SHARD_DAMAGED)
 
 
 def local_scan_options():
@@ -970,8 +998,16 @@ def load_cache(
             f"None with layout={layout!r}, whose samples are built from every stored column",
             "Only layout='raw' selects columns: pass layout='raw' with columns=, or leave columns= out",
         )
-    if shuffle_buffer is not None and (not isinstance(shuffle_buffer, int) or shuffle_buffer < 1):
-        raise ValueError(f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}")
+    checked_split(split, streaming)
+    if layout == "raw":
+        refuse_decoding_options(draft_vocab_size=draft_vocab_size, aux_dtype=aux_dtype, spread_tail=spread_tail)
+    if shuffle_buffer is not None:  # True would be a one-row window: no row shuffled
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, numbers.Integral) or shuffle_buffer < 1:
+            raise ValueError(
+                f"shuffle_buffer: expected a positive number of rows (or None for no shuffle), got {shuffle_buffer!r}. "
+                "Give the rows a shuffle window holds, such as shuffle_buffer=1000"
+            )
+        shuffle_buffer = int(shuffle_buffer)  # a numpy int too: the resume state holds it as JSON
     if shuffle_buffer is not None:
         seed = checked_seed(seed)
     if layout != "raw":
@@ -989,7 +1025,7 @@ def load_cache(
     check_shard_files(source, manifest)
     decode = RowDecoder(manifest)
     wanted = list(decode.columns) if layout != "raw" else checked_columns(columns, manifest)  # decoded layouts: every tensor column
-    hf = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
+    hf, memory_mapped = _load_rows(source, split, streaming, wanted, block_size, _arrow_cache_dir(manifest), retry)
     part = distributed_rank(rank, world_size) if split_by_rank or rank is not None or world_size is not None else (0, 1)
     hf = split_for_rank(hf, *part, rows_per_file={shard["name"]: shard["rows"] for shard in manifest["shards"]})
     if shuffle_buffer and not streaming:
@@ -1001,9 +1037,11 @@ def load_cache(
     else:
         transform = SampleDecoder(source, manifest, layout, draft_vocab_size=draft_vocab_size, spread_tail=spread_tail, aux_dtype=aux_dtype)
     if streaming:
-        shards = tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
+        # The exit waits only on files a stream read through: a memory-mapped shard has none, and a closed
+        # file of one that the user's own code keeps is no read of Arrow's to wait for.
+        shards = () if memory_mapped else tuple(f"{source.prefix}data/{shard['name']}" for shard in manifest["shards"])
         track_shards(shards)
-        describe = None
+        describe = functools.partial(local_read_error, source=source)
         if source.on_hub:
             from .hub import read_error
 
@@ -1044,6 +1082,37 @@ def read_aux_dtype(aux_dtype) -> torch.dtype | None:
         "a floating torch dtype or one of " + ", ".join(repr(name) for name in names),
         "Pass e.g. aux_dtype=torch.bfloat16 or aux_dtype='bf16' (or None for the default)",
     )
+
+
+def refuse_decoding_options(**options) -> None:
+    """A raw read yields the stored tensors as they are: an option only a decoded layout applies would be ignored,
+    and the trainer would get the stored draft vocabulary or aux dtype without a word."""
+    for option, value in options.items():
+        if value is not None and value is not False:
+            raise ConfigError(
+                option,
+                value,
+                f"{'False' if option == 'spread_tail' else 'None'} with layout='raw', which yields the stored tensors as they are",
+                f"Read with layout='nemo' (or 'specforge') for {option}= to apply, or leave it out",
+            )
+
+
+def checked_split(split, streaming: bool) -> None:
+    """`split=` at the open: a cache holds one split, `train` (`datasets` would call another one a shard it
+    could not open, after preparing every shard of a map-style read). A map-style read takes `datasets`' slices of it."""
+    import re
+
+    parts = [re.sub(r"\[[^\]]*\]$", "", part.strip()) for part in str(split).split("+")]
+    if split == "train" or (not streaming and all(part == "train" for part in parts)):
+        return
+    if streaming and parts == ["train"]:
+        expected, hint = "'train' for a streamed read", "A stream takes no slice: read split='train' and stop early with itertools.islice"
+    else:
+        expected, hint = (
+            "'train' (a cache holds one split, train)",
+            "Pass split='train', or a slice of it such as 'train[:10%]' with streaming=False",
+        )
+    raise ConfigError("split", split, expected, hint)
 
 
 def checked_seed(seed) -> int:

@@ -743,3 +743,117 @@ def test_a_stream_left_open_at_exit_is_closed_quietly(cache, memory_mapped):
     done = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "read one row" in done.stdout, done.stderr[-2000:]
     assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
+def damaged_copy(cache, tmp_path, where: slice):
+    """A copy of the cache whose second shard has bytes overwritten at `where`; its size stays as recorded."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    shard = copy / "data" / "train-00001-of-00004.parquet"
+    damaged = bytearray(shard.read_bytes())
+    damaged[where] = b"\xff" * len(damaged[where])
+    shard.write_bytes(bytes(damaged))
+    return copy, shard
+
+
+@pytest.mark.parametrize("where", [slice(4, 40), slice(-40, -8)], ids=["page header", "footer"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_damaged_shard_is_named_with_what_to_do_when_streamed(cache, tmp_path, where, num_workers):
+    """Parquet's own error names no file ("Couldn't deserialize thrift"): the reader says which shard and how to repair it."""
+    from builder.local_shards import DamagedShard
+
+    copy, shard = damaged_copy(cache, tmp_path, where)
+    loader = torch.utils.data.DataLoader(load_cache(copy, layout="raw"), batch_size=2, num_workers=num_workers, collate_fn=ids)
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{shard}: the shard cannot be read (",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
+        ),
+    ):
+        list(loader)
+
+
+def test_a_damaged_shard_read_map_style_says_what_to_do(cache, tmp_path, monkeypatch):
+    import datasets
+
+    from builder.local_shards import DamagedShard
+
+    # Arrow files are kept per cache content: the intact cache's, prepared by another test, would be read instead.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
+    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
+        ),
+    ):
+        load_cache(copy, layout="raw", streaming=False)
+
+
+def test_a_damaged_shard_datasets_streams_itself_says_what_to_do(cache, tmp_path, monkeypatch):
+    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the file is not known."""
+    import builder.reader as reader
+    from builder.local_shards import DamagedShard
+
+    monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)
+    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+        ),
+    ):
+        list(load_cache(copy, layout="raw"))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_split_the_cache_does_not_hold_is_refused_at_open_without_blaming_the_cache(cache, streaming, monkeypatch):
+    """A cache holds one split, `train`: `split="validation"` is the caller's to change, not a damaged cache to verify,
+    and is refused before a map-style read prepares every shard."""
+    import datasets
+
+    prepared = []
+    monkeypatch.setattr(datasets.builder.DatasetBuilder, "download_and_prepare", lambda *a, **k: prepared.append(1))
+    with pytest.raises(ValueError, match=says("split: expected 'train'", "got 'validation'", "a cache holds one split, train")) as refused:
+        load_cache(cache, layout="raw", split="validation", streaming=streaming)
+    assert "verify" not in str(refused.value) and prepared == []
+
+
+def test_a_slice_of_the_train_split_reads_map_style_and_is_refused_streaming(cache):
+    assert (
+        ids(load_cache(cache, layout="raw", columns=["sample_id"], split="train[:3]", streaming=False))
+        == ids(load_cache(cache, layout="raw", columns=["sample_id"]))[:3]
+    )
+    with pytest.raises(ValueError, match=says("split: expected 'train'", "got 'train[:3]'", "itertools.islice")):
+        load_cache(cache, layout="raw", split="train[:3]", streaming=True)
+
+
+def test_a_shuffle_buffer_given_as_true_or_a_numpy_int_is_read_as_meant(cache):
+    """`shuffle_buffer=True` read as one row per window shuffled no row (only the shard order): refuse it, saying
+    to give a number of rows; a numpy int (a config's value) is a number of rows like any int."""
+    import numpy as np
+
+    with pytest.raises(ValueError, match=says("shuffle_buffer: expected a positive number of rows", "got True")):
+        load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=True)
+    given = load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=np.int64(4), seed=7)
+    assert ids(given) == ids(load_cache(cache, layout="raw", columns=["sample_id"], shuffle_buffer=4, seed=7))
+    assert json.loads(json.dumps(given.state_dict()))["shuffle_buffer"] == 4  # a checkpoint stores it
+
+
+@pytest.mark.parametrize(
+    "option, value", [("draft_vocab_size", 100), ("aux_dtype", torch.float32), ("spread_tail", True)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_raw_read_refuses_the_options_only_decoded_layouts_apply(cache, option, value, streaming):
+    """A raw read yields the stored tensors: a draft vocabulary, aux dtype or tail spread it would not apply
+    would leave the trainer with the stored 300 columns, or fp32 asked and bf16 read, unseen."""
+    with pytest.raises(ValueError, match=says(f"{option}: expected", "with layout='raw'", f"got {value!r}", "layout='nemo'")):
+        load_cache(cache, layout="raw", streaming=streaming, **{option: value})
+    assert set(next(iter(load_cache(cache, layout="raw", streaming=streaming, **{option: None if option != "spread_tail" else False}))))

@@ -127,6 +127,7 @@ def test_a_stream_that_failed_mid_shard_leaves_no_file_for_the_exit_to_wait_on(m
 
 def test_a_stream_read_in_a_spawned_worker_records_its_shards_there(monkeypatch, tmp_path):
     monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)  # read through datasets' file, as from the Hub
     out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
     dataset = load_cache(out, layout="raw", columns=["sample_id"], streaming=True)
     # A spawned DataLoader worker gets the dataset pickled, and a fresh module: load_cache never ran there.
@@ -135,6 +136,21 @@ def test_a_stream_read_in_a_spawned_worker_records_its_shards_there(monkeypatch,
     next(rows)
     assert stream_exit.STREAMED_SHARDS == {"data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"}
     rows.close()
+
+
+def test_a_users_own_closed_file_of_a_memory_mapped_shard_is_not_waited_for(monkeypatch, tmp_path, caplog):
+    """Memory-mapped shards are read through no Python file, so Arrow holds none: a script that read a
+    shard's bytes itself (`with open(shard) as f:` at top level keeps `f`) exits at once, not after the timeout."""
+    monkeypatch.setattr(stream_exit, "STREAMED_SHARDS", set())
+    out = build(small_config(tmp_path / "cache", max_samples=4, shard_size=2), progress=False).output_dir
+    dataset = load_cache(out, layout="raw", columns=["sample_id"], streaming=True)
+    assert len(list(pickle.loads(pickle.dumps(dataset)))) == 4  # in a spawned DataLoader worker too
+    with open(out / "data" / "train-00000-of-00002.parquet", "rb") as mine:
+        assert mine.read(4) == b"PAR1"
+    waited = []
+    with caplog.at_level(logging.WARNING, logger="builder.stream_exit"):
+        assert stream_exit.wait_for_released_shards(timeout=0.01, on_waiting=lambda: waited.append(1)) == 0
+    assert waited == [] and "still held" not in caplog.text and mine.closed
 
 
 def test_exit_closes_every_other_stream_when_one_is_being_read_by_another_thread(monkeypatch, streamed):
