@@ -196,6 +196,17 @@ def shard_files(num_shards: int | None) -> str:
     return f"train-*-of-{num_shards:05d}.parquet" if num_shards else "train-*"
 
 
+# The file part of a `data_files` path `_config_yaml` writes (`shard_files`): a user's entry names others
+_GENERATED_SHARDS_RE = re.compile(r"train-\*(?:-of-\d{5}\.parquet)?")
+
+
+def reads_all_shards(path: str, prefix: str = "") -> bool:
+    """Whether a `data_files` path is the one eagle3-cache writes for a cache in folder `prefix` (all its
+    shards), not one a user wrote (a config of their own, as of one shard)."""
+    folder, _, name = path.rpartition("/")
+    return folder == f"{prefix}data" and _GENERATED_SHARDS_RE.fullmatch(name) is not None
+
+
 def card_data(manifest: dict, config: str | None = None) -> dict:
     """YAML front matter: `configs` (so `load_dataset` needs no data_files), features, tags, and
     the full manifest under `eagle3_cache`. Data paths are relative to the card's own folder, so a

@@ -295,6 +295,21 @@ def test_an_index_card_written_again_keeps_what_users_added(manifest):
     assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
 
 
+def with_users_config(text: str) -> str:
+    """A card whose user added a config of their own (its first shard, as a quick sample) beside eagle3-cache's."""
+    own = "- config_name: first-shard\n  data_files:\n  - split: train\n    path: data/train-00000-of-00002.parquet\n"
+    return text.replace("configs:\n", f"configs:\n{own}", 1)
+
+
+def test_the_shards_are_read_by_the_config_eagle3_cache_wrote_not_by_one_a_user_listed_above_it(manifest):
+    """By a user's config of one shard, listed first, three of four shards would be called missing and the cache refused."""
+    from builder.manifest import card_shard_pattern
+
+    assert card_shard_pattern(with_users_config(render_card(manifest, "user/cache"))) == "train-*-of-00002.parquet"
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    assert card_shard_pattern(with_users_config(first)) == "train-*-of-00002.parquet"
+
+
 class DrawnPictures:
     """A drawing whose pictures are done (none here)."""
 
