@@ -35,11 +35,13 @@ _END_RE = re.compile(r"<!-- eagle3-cache generated end\b.*?-->", re.S)
 class UserParts:
     """What people added to a card, kept when eagle3-cache writes it again: the front-matter keys it
     does not write (`tags`: only those beyond its own), and the text above and below the generated
-    body's markers (None: none known, as in a new card or one written before the markers)."""
+    body's markers (None: none known, as in a new card or one written before the markers), and the
+    `configs` entries it does not write (a user's config of their own: a subset of the shards, say)."""
 
     keys: dict = field(default_factory=dict)
     above: str | None = None
     below: str | None = None
+    configs: list = field(default_factory=list)
 
     def tags(self) -> list:
         return list(self.keys.get("tags", []))
@@ -59,7 +61,30 @@ def user_parts(text: str, where: str = "the card written again") -> UserParts:
     tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, *user_text(card.text, where))
+    return UserParts(keys, *user_text(card.text, where), configs=users_configs(data))
+
+
+def users_configs(data: dict) -> list:
+    """The `configs` entries of a card's front matter that eagle3-cache did not write: not named in its
+    index, nor reading all of a cache's shards (`reads_all_shards`) as the one entry of a cache's card does."""
+    configs, index = data.get("configs"), data.get("eagle3_cache_index")
+    listed = index if isinstance(index, dict) else {}
+    return [
+        config
+        for config in (configs if isinstance(configs, list) else [])
+        if isinstance(config, dict) and isinstance(config.get("config_name"), str)
+        if config["config_name"] not in listed and not _generated_files(config["config_name"], config.get("data_files"))
+    ]
+
+
+def _generated_files(name: str, data_files) -> bool:
+    """Whether `data_files` are those `_config_yaml` writes for config `name`, in its own card or the index."""
+    if not (isinstance(data_files, list) and len(data_files) == 1 and isinstance(data_files[0], dict)):
+        return False
+    path = data_files[0].get("path")
+    return (
+        data_files[0].get("split") == "train" and isinstance(path, str) and any(reads_all_shards(path, p) for p in ("", data_prefix(name)))
+    )
 
 
 def body_below_front_matter(text: str) -> str:
@@ -113,7 +138,14 @@ def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:
     tags = _unique(preferred.tags() + other.tags())
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, _first_text(preferred.above, other.above), _first_text(preferred.below, other.below))
+    above, below = _first_text(preferred.above, other.above), _first_text(preferred.below, other.below)
+    return UserParts(keys, above, below, configs=_configs_beside(preferred.configs, other.configs))
+
+
+def _configs_beside(configs: list, others: list) -> list:
+    """`configs`, then those of `others` whose names they do not have."""
+    names = {config["config_name"] for config in configs}
+    return configs + [config for config in others if config["config_name"] not in names]
 
 
 def _first_text(*texts: str | None) -> str | None:
@@ -134,8 +166,9 @@ def _unique(items: list, exclude: list = ()) -> list:
 
 
 def with_user_keys(data: dict, kept: UserParts) -> dict:
-    """Generated front matter with the user's keys beside it, and their tags after eagle3-cache's own."""
-    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS)}
+    """Generated front matter with the user's keys beside it, their tags after eagle3-cache's own, and their
+    configs after eagle3-cache's (one of a name eagle3-cache now writes is replaced)."""
+    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS), "configs": _configs_beside(data["configs"], kept.configs)}
 
 
 def data_prefix(config: str | None) -> str:

@@ -301,6 +301,32 @@ def with_users_config(text: str) -> str:
     return text.replace("configs:\n", f"configs:\n{own}", 1)
 
 
+def test_a_card_written_again_keeps_a_config_users_added(manifest):
+    """`configs` is eagle3-cache's key, but an entry of another name is the user's: `datasets` still offers it."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    from dataset_card.render import user_parts
+
+    text = render_card(other_version(manifest), "user/cache", kept=user_parts(with_users_config(render_card(manifest, "user/cache"))))
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard(text).data)
+    assert configs["first-shard"]["data_files"] == [{"split": "train", "path": "data/train-00000-of-00002.parquet"}]
+    assert configs["default"]["data_files"] == [{"split": "train", "path": "data/train-*-of-00002.parquet"}]
+    assert configs.get_default_config_name() == "default"
+    assert render_card(other_version(manifest), "user/cache", kept=user_parts(text)) == text
+
+
+def test_an_index_card_written_again_keeps_a_config_users_added(manifest):
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    edited = with_users_config(first).replace("data/train-00000", "small/data/train-00000")
+    configs = card_data_of(render_index_card("user/caches", index, kept=user_parts(edited)))["configs"]
+    assert [c["config_name"] for c in configs] == ["large", "small", "first-shard"]
+    assert configs[2]["data_files"] == [{"split": "train", "path": "small/data/train-00000-of-00002.parquet"}]
+
+
 def test_the_shards_are_read_by_the_config_eagle3_cache_wrote_not_by_one_a_user_listed_above_it(manifest):
     """By a user's config of one shard, listed first, three of four shards would be called missing and the cache refused."""
     from builder.manifest import card_shard_pattern
