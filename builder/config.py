@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,28 @@ def parse_layer_ids(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,13,28, got {text!r}") from None
+
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """`--row-group-bytes 64MiB`: a number of bytes, or a size in the units --help shows the default in."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes or a size like 64MiB or 4GiB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
 
 
 def setting(
@@ -149,7 +172,12 @@ class BuildConfig:
     )
     shard_size: int = setting(1000, group="cache", help="samples per Parquet shard", minimum=1)
     row_group_bytes: int = setting(
-        128 << 20, group="cache", help="bytes per Parquet row group", shown_default=lambda v: f"{v >> 20} MiB", minimum=1
+        128 << 20,
+        group="cache",
+        help="bytes per Parquet row group: a number, or a size like 64MiB",
+        shown_default=lambda v: f"{v >> 20} MiB",
+        minimum=1,
+        parse=parse_size,
     )
     # ---- placement
     gpus_per_target: int = setting(
@@ -172,9 +200,11 @@ class BuildConfig:
     sort_window_bytes: int = setting(
         4 << 30,
         group="run",
-        help="host memory for the rows sorted by length before batching (rows are written in build order): bigger pads less",
+        help="host memory for the rows sorted by length before batching (rows are written in build order; a size like 8GiB): "
+        "bigger pads less",
         shown_default=lambda v: f"{v >> 30} GiB",
         minimum=1,
+        parse=parse_size,
     )
     resume: bool = setting(False, group="run", help="continue an interrupted build in --output-dir (identity must match)")
     dry_run: bool = setting(False, group="run", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
