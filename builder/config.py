@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,15 +390,31 @@ def _check_push_target(cfg: BuildConfig) -> None:
 
 
 def _check_declared(cfg: BuildConfig) -> None:
-    """Each setting's declared `minimum` and `choices` (None: unset, always allowed)."""
+    """Each setting's declared `minimum` and `choices`; None only where the setting's type has it (unset)."""
+    hints = typing.get_type_hints(BuildConfig)
     for f in settings():
         value = getattr(cfg, f.name)
         if value is None:
+            if type(None) not in typing.get_args(hints[f.name]):
+                _refuse_none(f, hints[f.name])
             continue
         if f.metadata["minimum"] is not None:
             _at_least(flag_of(f.name), value, f.metadata["minimum"])
         if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
             raise ConfigError(flag_of(f.name), value, f"one of {', '.join(f.metadata['choices'])}")
+
+
+def _refuse_none(f: dataclasses.Field, hint) -> None:
+    """None given for a setting that has no None (settings gathered with None for "not given"), refused before
+    it reaches the build: there it failed late, as the card of a `--target-format` None once every shard was written."""
+    if f.metadata["choices"] is not None:
+        expected = f"one of {', '.join(f.metadata['choices'])}"
+    elif f.metadata["minimum"] is not None:
+        expected = f"an integer >= {f.metadata['minimum']}"
+    else:
+        expected = {bool: "True or False", int: "an integer"}.get(hint, "a value")
+    advice = "Pass one" if f.default is dataclasses.MISSING else f"Leave it out for its default, {f.default!r}"
+    raise ConfigError(flag_of(f.name), None, expected, f"{advice}.")
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:

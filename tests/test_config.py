@@ -167,6 +167,25 @@ def test_a_size_option_takes_the_units_its_help_shows(capsys, f):
     assert f"argument {flag_of(f.name)}: expected a number of bytes or a size like 64MiB or 4GiB, got 'lots'" in capsys.readouterr().err
 
 
+NOT_NONE = [f for f in settings() if type(None) not in getattr(HINTS[f.name], "__args__", ())]
+
+
+@pytest.mark.parametrize("f", NOT_NONE, ids=[f.name for f in NOT_NONE])
+def test_none_is_refused_for_a_setting_that_has_no_none(tmp_path, f):
+    """From the API (settings gathered with None for "not given"): refused before any work, not a KeyError
+    at the card once every shard is written (`target_format`) or a ValueError once the target is loaded."""
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    if f.metadata["choices"]:
+        expected = f"one of {', '.join(f.metadata['choices'])}"
+    elif f.metadata["minimum"] is not None:
+        expected = f"an integer >= {f.metadata['minimum']}"
+    else:
+        expected = {bool: "True or False", int: "an integer", str: "a value"}[HINTS[f.name]]
+    hint = "Pass one" if f.default is dataclasses.MISSING else f"Leave it out for its default, {f.default!r}"
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected {re.escape(expected)}, got None. {re.escape(hint)}.$"):
+        validate(base.replace(**{f.name: None}))
+
+
 def test_the_cli_skips_the_interpreters_final_collection(tmp_path):
     """Any command, even one that stops at --help, leaves every object frozen when the process exits,
     so the exit does not walk what torch, transformers and datasets created."""
