@@ -396,8 +396,23 @@ def manifest_from_card(text: str, where: str = "the card", folder: str | Path | 
             raise ManifestError(f"{where} holds several caches: {how_to_pick(sorted(data[INDEX_KEY]), folder)}")
         raise ManifestError(f"{where} has no '{CARD_KEY}' manifest block; it is not an eagle3-cache dataset card")
     manifest = data[CARD_KEY]
+    check_manifest_shape(manifest, where)
     check_format_version(manifest, where)
     return manifest
+
+
+def check_manifest_shape(manifest, where: str = "the card") -> None:
+    """Refuse a manifest block, or its identity, that a hand edit left no mapping: the first `.get` on it would
+    fail with an AttributeError. The parts inside are checked where they are read (verify names each one)."""
+    for part, value in (
+        ("'eagle3_cache' block", manifest),
+        ("identity", manifest.get("identity", {}) if isinstance(manifest, dict) else {}),
+    ):
+        if not isinstance(value, dict):
+            raise ManifestError(
+                f"{where}: expected its {part} to be a mapping, found {type(value).__name__} {value!r:.60}; "
+                "the card was edited: restore the card, or rebuild the cache"
+            )
 
 
 def how_to_pick(names: list[str], folder: str | Path | None) -> str:
