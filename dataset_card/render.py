@@ -56,12 +56,16 @@ def user_parts(text: str, where: str = "the card written again") -> UserParts:
     from huggingface_hub import DatasetCard
 
     card = DatasetCard(text.removeprefix(BOM))
-    data = card.data.to_dict()
+    return UserParts(users_keys(card.data.to_dict()), *user_text(card.text, where), configs=users_configs(card.data.to_dict()))
+
+
+def users_keys(data: dict) -> dict:
+    """The front-matter keys eagle3-cache does not write, with the tags beyond its own."""
     keys = {key: value for key, value in data.items() if key not in GENERATED_KEYS}
     tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, *user_text(card.text, where), configs=users_configs(data))
+    return keys
 
 
 def users_configs(data: dict) -> list:

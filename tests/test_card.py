@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import MIXED_KEYS, MIXED_VALUES, card_edited_by_user
+from helpers import MIXED_KEYS, MIXED_VALUES, card_edited_by_user, front_matter_edited
 from manifest_inputs import SHARDS, prepared, write_vocab_file
 
 from builder.manifest import assemble_manifest, card_data_of
@@ -413,6 +413,49 @@ def test_a_resumed_build_rewrites_a_card_given_a_top_level_key_that_is_no_text(t
     assert read_manifest(tmp_path) == manifest
     assert "its YAML front matter cannot be read (top-level keys that are not text (2024: quote such a key))" in caplog.text
     assert "the YAML keys added to it are lost: 2024 (line 2)" in caplog.text
+
+
+def test_a_resumed_build_keeps_what_users_added_to_a_card_whose_manifest_block_they_removed(tmp_path):
+    """Its generated markers show eagle3-cache wrote it: the resume writes the manifest again from the build state."""
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    edited = card_edited_by_user((tmp_path / "README.md").read_text())
+    (tmp_path / "README.md").write_text(front_matter_edited(edited, lambda data: data.pop("eagle3_cache")))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert card_data_of(text)["license"] == "mit" and "team-x" in card_data_of(text)["tags"]
+    assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_a_resumed_build_keeps_the_text_of_a_readme_that_is_no_card_of_eagle3_caches_and_says_so(tmp_path, caplog):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    (tmp_path / "README.md").write_text("# Our notes\n\nNothing generated here.\n")
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prepared(tmp_path), SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert text.split("\n---\n", 1)[1].startswith("# Our notes\n\nNothing generated here.\n\n<!-- eagle3-cache generated start")
+    assert f"{tmp_path / 'README.md'}: expected eagle3-cache's card (its front matter holding the manifest, or" in caplog.text
+    assert "found neither: it is written again from the build state, keeping its front-matter keys and, above" in caplog.text
+
+
+def test_a_resumed_build_names_the_keys_lost_with_a_card_cut_short(tmp_path, caplog):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text())[:300])  # in dataset_info
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    assert "its YAML front matter begins but is never closed (a line holding only ---): it is written again" in caplog.text
+    assert "the YAML keys added to it are lost: license (line 2), pretty_name (line 3), language (line 4); add them" in caplog.text
 
 
 def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):
