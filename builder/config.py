@@ -292,9 +292,8 @@ def validate(cfg: BuildConfig) -> None:
         if len(set(cfg.aux_layer_ids)) != len(cfg.aux_layer_ids):
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
-        raise ConfigError(
-            "--chat-template", cfg.chat_template, "a path to a Jinja template file or a chat_template.json", "The file does not exist."
-        )
+        found = "It is a folder: name the template file in it." if Path(cfg.chat_template).is_dir() else "The file does not exist."
+        raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file or a chat_template.json", found)
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
     _check_flags_have_their_use(cfg)
