@@ -69,16 +69,21 @@ def users_keys(data: dict) -> dict:
 
 
 def users_configs(data: dict) -> list:
-    """The `configs` entries of a card's front matter that eagle3-cache did not write: not named in its
-    index, nor reading all of a cache's shards (`reads_all_shards`) as the one entry of a cache's card does."""
+    """The `configs` entries of a card's front matter that hold something a user added: an entry eagle3-cache
+    does not write (one it writes is named in its index, or reads all of a cache's shards, `reads_all_shards`,
+    as the one entry of a cache's card does), or one it writes given settings of theirs (`default: true`)."""
     configs, index = data.get("configs"), data.get("eagle3_cache_index")
     listed = index if isinstance(index, dict) else {}
     return [
         config
         for config in (configs if isinstance(configs, list) else [])
         if isinstance(config, dict) and isinstance(config.get("config_name"), str)
-        if config["config_name"] not in listed and not _generated_files(config["config_name"], config.get("data_files"))
+        if not _written_by_us(config, listed) or set(config) - {"config_name", "data_files"}
     ]
+
+
+def _written_by_us(config: dict, listed=()) -> bool:
+    return config["config_name"] in listed or _generated_files(config["config_name"], config.get("data_files"))
 
 
 def _generated_files(name: str, data_files) -> bool:
@@ -171,8 +176,20 @@ def _unique(items: list, exclude: list = ()) -> list:
 
 def with_user_keys(data: dict, kept: UserParts) -> dict:
     """Generated front matter with the user's keys beside it, their tags after eagle3-cache's own, and their
-    configs after eagle3-cache's (one of a name eagle3-cache now writes is replaced)."""
-    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS), "configs": _configs_beside(data["configs"], kept.configs)}
+    configs after eagle3-cache's."""
+    return (
+        kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS), "configs": with_users_configs(data["configs"], kept.configs)}
+    )
+
+
+def with_users_configs(configs: list, kept: list) -> list:
+    """eagle3-cache's `configs` entries, each with the settings a user gave it (its data files stay eagle3-cache's),
+    then the user's own entries; an entry eagle3-cache wrote for a config it no longer writes here (the local
+    card's `default`, in the card of a config pushed by name) is not the user's."""
+    settings = {config["config_name"]: config for config in kept}
+    ours = [config | {k: v for k, v in settings.get(config["config_name"], {}).items() if k not in config} for config in configs]
+    names = {config["config_name"] for config in configs}
+    return ours + [config for config in kept if config["config_name"] not in names and not _written_by_us(config)]
 
 
 def data_prefix(config: str | None) -> str:

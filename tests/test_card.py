@@ -327,6 +327,23 @@ def test_an_index_card_written_again_keeps_a_config_users_added(manifest):
     assert configs[2]["data_files"] == [{"split": "train", "path": "small/data/train-00000-of-00002.parquet"}]
 
 
+def test_an_index_card_written_again_keeps_the_default_config_a_user_chose(manifest):
+    """`default: true` on one of eagle3-cache's entries lets `load_dataset(repo)` open it without a name."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    edited = first.replace("- config_name: small\n", "- config_name: small\n  default: true\n", 1)
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    text = render_index_card("user/caches", index, kept=user_parts(edited))
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard(text).data)
+    assert configs.get_default_config_name() == "small"
+    assert configs["small"]["data_files"] == [{"split": "train", "path": "small/data/train-*-of-00002.parquet"}]
+    assert render_index_card("user/caches", index, kept=user_parts(text)) == text
+
+
 def test_the_shards_are_read_by_the_config_eagle3_cache_wrote_not_by_one_a_user_listed_above_it(manifest):
     """By a user's config of one shard, listed first, three of four shards would be called missing and the cache refused."""
     from builder.manifest import card_shard_pattern
