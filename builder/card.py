@@ -13,10 +13,20 @@ from pathlib import Path
 import dataset_card
 from dataset_card import render_card
 from dataset_card.pictures import PICTURES, card_pictures, save_inputs
-from dataset_card.render import BOM, GENERATED_KEYS, UserParts, body_below_front_matter, marked_user_text, markers_missing, user_parts
+from dataset_card.render import (
+    BOM,
+    GENERATED_KEYS,
+    UserParts,
+    body_below_front_matter,
+    marked_user_text,
+    markers_missing,
+    user_parts,
+    users_configs,
+    users_keys,
+)
 
 from .files import write_bytes_atomic, write_text_atomic
-from .manifest import CARD_KEY, assemble_manifest, card_data_of, front_matter_keys, keys_not_text
+from .manifest import CARD_KEY, assemble_manifest, card_data_of, front_matter_damage, front_matter_keys, keys_not_text
 from .manifest import _yaml_problem as yaml_problem
 from .prepare import Prepared
 
@@ -130,7 +140,30 @@ def local_user_parts(cache_dir: Path) -> UserParts:
     problem = front_matter_problem(text)
     if problem is not None:
         return damaged_card_parts(text, str(card), f"cannot be read ({problem})", "written again from the build state")
-    return user_parts(text, str(card)) if is_cache_card_text(text) else UserParts()
+    if is_cache_card_text(text):
+        return user_parts(text, str(card))
+    damage = front_matter_damage(text)
+    if damage is not None:  # cut short: what reads of it is no front matter at all
+        return damaged_card_parts(text, str(card), damage, "written again from the build state")
+    if marked_user_text(body_below_front_matter(text)) is not None:  # eagle3-cache's card, its manifest block removed
+        return user_parts(text, str(card))
+    return readme_parts(text, str(card))
+
+
+def readme_parts(text: str, where: str) -> UserParts:
+    """A README in a cache's folder that is no card of eagle3-cache's (put there once the build wrote shards):
+    kept whole, its keys in the card's front matter and its text above the generated text, and a warning says so."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard(text)
+    log.warning(
+        "%s: expected eagle3-cache's card (its front matter holding the manifest, or the generated text's markers), found "
+        "neither: it is written again from the build state, keeping its front-matter keys and, above the generated text, "
+        "its text",
+        where,
+    )
+    data = card.data.to_dict()
+    return UserParts(users_keys(data), card.text.strip("\n") + "\n\n", None, configs=users_configs(data))
 
 
 def damaged_card_parts(text: str, where: str, damage: str, written: str = "written again", kept_keys=()) -> UserParts:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,28 @@ def parse_layer_ids(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,13,28, got {text!r}") from None
+
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    """`--row-group-bytes 64MiB`: a number of bytes, or a size in the units --help shows the default in."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes or a size like 64MiB or 4GiB, got {text!r}")
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
 
 
 def setting(
@@ -149,7 +173,12 @@ class BuildConfig:
     )
     shard_size: int = setting(1000, group="cache", help="samples per Parquet shard", minimum=1)
     row_group_bytes: int = setting(
-        128 << 20, group="cache", help="bytes per Parquet row group", shown_default=lambda v: f"{v >> 20} MiB", minimum=1
+        128 << 20,
+        group="cache",
+        help="bytes per Parquet row group: a number, or a size like 64MiB",
+        shown_default=lambda v: f"{v >> 20} MiB",
+        minimum=1,
+        parse=parse_size,
     )
     # ---- placement
     gpus_per_target: int = setting(
@@ -172,9 +201,11 @@ class BuildConfig:
     sort_window_bytes: int = setting(
         4 << 30,
         group="run",
-        help="host memory for the rows sorted by length before batching (rows are written in build order): bigger pads less",
+        help="host memory for the rows sorted by length before batching (rows are written in build order; a size like 8GiB): "
+        "bigger pads less",
         shown_default=lambda v: f"{v >> 30} GiB",
         minimum=1,
+        parse=parse_size,
     )
     resume: bool = setting(False, group="run", help="continue an interrupted build in --output-dir (identity must match)")
     dry_run: bool = setting(False, group="run", help="print the plan (samples, tokens, vocab coverage, sizes) and write nothing")
@@ -263,9 +294,8 @@ def validate(cfg: BuildConfig) -> None:
         if len(set(cfg.aux_layer_ids)) != len(cfg.aux_layer_ids):
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
-        raise ConfigError(
-            "--chat-template", cfg.chat_template, "a path to a Jinja template file or a chat_template.json", "The file does not exist."
-        )
+        found = "It is a folder: name the template file in it." if Path(cfg.chat_template).is_dir() else "The file does not exist."
+        raise ConfigError("--chat-template", cfg.chat_template, "a path to a Jinja template file or a chat_template.json", found)
     if cfg.delete_local_after_upload and not cfg.push_to_hub:
         raise ConfigError("--delete-local-after-upload", True, "--push-to-hub REPO_ID as well", "Without a push the shards would be lost.")
     _check_flags_have_their_use(cfg)
@@ -361,15 +391,31 @@ def _check_push_target(cfg: BuildConfig) -> None:
 
 
 def _check_declared(cfg: BuildConfig) -> None:
-    """Each setting's declared `minimum` and `choices` (None: unset, always allowed)."""
+    """Each setting's declared `minimum` and `choices`; None only where the setting's type has it (unset)."""
+    hints = typing.get_type_hints(BuildConfig)
     for f in settings():
         value = getattr(cfg, f.name)
         if value is None:
+            if type(None) not in typing.get_args(hints[f.name]):
+                _refuse_none(f, hints[f.name])
             continue
         if f.metadata["minimum"] is not None:
             _at_least(flag_of(f.name), value, f.metadata["minimum"])
         if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
             raise ConfigError(flag_of(f.name), value, f"one of {', '.join(f.metadata['choices'])}")
+
+
+def _refuse_none(f: dataclasses.Field, hint) -> None:
+    """None given for a setting that has no None (settings gathered with None for "not given"), refused before
+    it reaches the build: there it failed late, as the card of a `--target-format` None once every shard was written."""
+    if f.metadata["choices"] is not None:
+        expected = f"one of {', '.join(f.metadata['choices'])}"
+    elif f.metadata["minimum"] is not None:
+        expected = f"an integer >= {f.metadata['minimum']}"
+    else:
+        expected = {bool: "True or False", int: "an integer"}.get(hint, "a value")
+    advice = "Pass one" if f.default is dataclasses.MISSING else f"Leave it out for its default, {f.default!r}"
+    raise ConfigError(flag_of(f.name), None, expected, f"{advice}.")
 
 
 def _at_least(flag: str, value: int, minimum: int) -> None:

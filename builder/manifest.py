@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dataset_card.render import BOM, data_prefix
+from dataset_card.render import BOM, data_prefix, reads_all_shards
 
 from .errors import Eagle3CacheError
 from .files import file_hash
@@ -374,14 +374,17 @@ def yaml_shaped_keys(text: str) -> list[tuple[int, str]]:
 
 def card_shard_pattern(text: str, where: str = "the card") -> str:
     """The file-name pattern the card's `data_files` reads its shards by (`train-*-of-00004.parquet`);
-    cards written before the shard count was in it read every `train-*`."""
+    cards written before the shard count was in it read every `train-*`. The pattern eagle3-cache wrote
+    wins over a config a user added (listed first, one of a single shard would leave the others unread)."""
     configs = card_data_of(text, where).get("configs")
+    paths = []
     for config in configs if isinstance(configs, list) else []:  # not a list: an edited card, refused by `datasets`
         files = config.get("data_files") if isinstance(config, dict) else None
         for entry in files if isinstance(files, list) else []:
             if isinstance(entry, dict) and entry.get("split") == "train" and isinstance(entry.get("path"), str):
-                return entry["path"].rsplit("/", 1)[-1]
-    return "train-*"
+                paths.append(entry["path"])
+    ours = [path for path in paths if reads_all_shards(path, prefix=path.rpartition("data/")[0])]
+    return (ours or paths or ["train-*"])[0].rsplit("/", 1)[-1]
 
 
 def manifest_from_card(text: str, where: str = "the card", folder: str | Path | None = None) -> dict:
@@ -393,8 +396,23 @@ def manifest_from_card(text: str, where: str = "the card", folder: str | Path | 
             raise ManifestError(f"{where} holds several caches: {how_to_pick(sorted(data[INDEX_KEY]), folder)}")
         raise ManifestError(f"{where} has no '{CARD_KEY}' manifest block; it is not an eagle3-cache dataset card")
     manifest = data[CARD_KEY]
+    check_manifest_shape(manifest, where)
     check_format_version(manifest, where)
     return manifest
+
+
+def check_manifest_shape(manifest, where: str = "the card") -> None:
+    """Refuse a manifest block, or its identity, that a hand edit left no mapping: the first `.get` on it would
+    fail with an AttributeError. The parts inside are checked where they are read (verify names each one)."""
+    for part, value in (
+        ("'eagle3_cache' block", manifest),
+        ("identity", manifest.get("identity", {}) if isinstance(manifest, dict) else {}),
+    ):
+        if not isinstance(value, dict):
+            raise ManifestError(
+                f"{where}: expected its {part} to be a mapping, found {type(value).__name__} {value!r:.60}; "
+                "the card was edited: restore the card, or rebuild the cache"
+            )
 
 
 def how_to_pick(names: list[str], folder: str | Path | None) -> str:

@@ -35,11 +35,13 @@ _END_RE = re.compile(r"<!-- eagle3-cache generated end\b.*?-->", re.S)
 class UserParts:
     """What people added to a card, kept when eagle3-cache writes it again: the front-matter keys it
     does not write (`tags`: only those beyond its own), and the text above and below the generated
-    body's markers (None: none known, as in a new card or one written before the markers)."""
+    body's markers (None: none known, as in a new card or one written before the markers), and the
+    `configs` entries it does not write (a user's config of their own: a subset of the shards, say)."""
 
     keys: dict = field(default_factory=dict)
     above: str | None = None
     below: str | None = None
+    configs: list = field(default_factory=list)
 
     def tags(self) -> list:
         return list(self.keys.get("tags", []))
@@ -54,12 +56,44 @@ def user_parts(text: str, where: str = "the card written again") -> UserParts:
     from huggingface_hub import DatasetCard
 
     card = DatasetCard(text.removeprefix(BOM))
-    data = card.data.to_dict()
+    return UserParts(users_keys(card.data.to_dict()), *user_text(card.text, where), configs=users_configs(card.data.to_dict()))
+
+
+def users_keys(data: dict) -> dict:
+    """The front-matter keys eagle3-cache does not write, with the tags beyond its own."""
     keys = {key: value for key, value in data.items() if key not in GENERATED_KEYS}
     tags = _unique(_as_list(data.get("tags")), exclude=TAGS)
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, *user_text(card.text, where))
+    return keys
+
+
+def users_configs(data: dict) -> list:
+    """The `configs` entries of a card's front matter that hold something a user added: an entry eagle3-cache
+    does not write (one it writes is named in its index, or reads all of a cache's shards, `reads_all_shards`,
+    as the one entry of a cache's card does), or one it writes given settings of theirs (`default: true`)."""
+    configs, index = data.get("configs"), data.get("eagle3_cache_index")
+    listed = index if isinstance(index, dict) else {}
+    return [
+        config
+        for config in (configs if isinstance(configs, list) else [])
+        if isinstance(config, dict) and isinstance(config.get("config_name"), str)
+        if not _written_by_us(config, listed) or set(config) - {"config_name", "data_files"}
+    ]
+
+
+def _written_by_us(config: dict, listed=()) -> bool:
+    return config["config_name"] in listed or _generated_files(config["config_name"], config.get("data_files"))
+
+
+def _generated_files(name: str, data_files) -> bool:
+    """Whether `data_files` are those `_config_yaml` writes for config `name`, in its own card or the index."""
+    if not (isinstance(data_files, list) and len(data_files) == 1 and isinstance(data_files[0], dict)):
+        return False
+    path = data_files[0].get("path")
+    return (
+        data_files[0].get("split") == "train" and isinstance(path, str) and any(reads_all_shards(path, p) for p in ("", data_prefix(name)))
+    )
 
 
 def body_below_front_matter(text: str) -> str:
@@ -113,7 +147,14 @@ def merge_user_parts(preferred: UserParts, other: UserParts) -> UserParts:
     tags = _unique(preferred.tags() + other.tags())
     if tags:
         keys["tags"] = tags
-    return UserParts(keys, _first_text(preferred.above, other.above), _first_text(preferred.below, other.below))
+    above, below = _first_text(preferred.above, other.above), _first_text(preferred.below, other.below)
+    return UserParts(keys, above, below, configs=_configs_beside(preferred.configs, other.configs))
+
+
+def _configs_beside(configs: list, others: list) -> list:
+    """`configs`, then those of `others` whose names they do not have."""
+    names = {config["config_name"] for config in configs}
+    return configs + [config for config in others if config["config_name"] not in names]
 
 
 def _first_text(*texts: str | None) -> str | None:
@@ -134,8 +175,21 @@ def _unique(items: list, exclude: list = ()) -> list:
 
 
 def with_user_keys(data: dict, kept: UserParts) -> dict:
-    """Generated front matter with the user's keys beside it, and their tags after eagle3-cache's own."""
-    return kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS)}
+    """Generated front matter with the user's keys beside it, their tags after eagle3-cache's own, and their
+    configs after eagle3-cache's."""
+    return (
+        kept.keys | data | {"tags": TAGS + _unique(kept.tags(), exclude=TAGS), "configs": with_users_configs(data["configs"], kept.configs)}
+    )
+
+
+def with_users_configs(configs: list, kept: list) -> list:
+    """eagle3-cache's `configs` entries, each with the settings a user gave it (its data files stay eagle3-cache's),
+    then the user's own entries; an entry eagle3-cache wrote for a config it no longer writes here (the local
+    card's `default`, in the card of a config pushed by name) is not the user's."""
+    settings = {config["config_name"]: config for config in kept}
+    ours = [config | {k: v for k, v in settings.get(config["config_name"], {}).items() if k not in config} for config in configs]
+    names = {config["config_name"] for config in configs}
+    return ours + [config for config in kept if config["config_name"] not in names and not _written_by_us(config)]
 
 
 def data_prefix(config: str | None) -> str:
@@ -194,6 +248,17 @@ def shard_files(num_shards: int | None) -> str:
     those names, so a stray copy beside them (`... .parquet.bak`) is never read as more rows. Index
     entries pushed before the count was recorded keep the old, wider pattern."""
     return f"train-*-of-{num_shards:05d}.parquet" if num_shards else "train-*"
+
+
+# The file part of a `data_files` path `_config_yaml` writes (`shard_files`): a user's entry names others
+_GENERATED_SHARDS_RE = re.compile(r"train-\*(?:-of-\d{5}\.parquet)?")
+
+
+def reads_all_shards(path: str, prefix: str = "") -> bool:
+    """Whether a `data_files` path is the one eagle3-cache writes for a cache in folder `prefix` (all its
+    shards), not one a user wrote (a config of their own, as of one shard)."""
+    folder, _, name = path.rpartition("/")
+    return folder == f"{prefix}data" and _GENERATED_SHARDS_RE.fullmatch(name) is not None
 
 
 def card_data(manifest: dict, config: str | None = None) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import MIXED_KEYS, MIXED_VALUES, card_edited_by_user
+from helpers import MIXED_KEYS, MIXED_VALUES, card_edited_by_user, front_matter_edited
 from manifest_inputs import SHARDS, prepared, write_vocab_file
 
 from builder.manifest import assemble_manifest, card_data_of
@@ -295,6 +295,64 @@ def test_an_index_card_written_again_keeps_what_users_added(manifest):
     assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
 
 
+def with_users_config(text: str) -> str:
+    """A card whose user added a config of their own (its first shard, as a quick sample) beside eagle3-cache's."""
+    own = "- config_name: first-shard\n  data_files:\n  - split: train\n    path: data/train-00000-of-00002.parquet\n"
+    return text.replace("configs:\n", f"configs:\n{own}", 1)
+
+
+def test_a_card_written_again_keeps_a_config_users_added(manifest):
+    """`configs` is eagle3-cache's key, but an entry of another name is the user's: `datasets` still offers it."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    from dataset_card.render import user_parts
+
+    text = render_card(other_version(manifest), "user/cache", kept=user_parts(with_users_config(render_card(manifest, "user/cache"))))
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard(text).data)
+    assert configs["first-shard"]["data_files"] == [{"split": "train", "path": "data/train-00000-of-00002.parquet"}]
+    assert configs["default"]["data_files"] == [{"split": "train", "path": "data/train-*-of-00002.parquet"}]
+    assert configs.get_default_config_name() == "default"
+    assert render_card(other_version(manifest), "user/cache", kept=user_parts(text)) == text
+
+
+def test_an_index_card_written_again_keeps_a_config_users_added(manifest):
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    edited = with_users_config(first).replace("data/train-00000", "small/data/train-00000")
+    configs = card_data_of(render_index_card("user/caches", index, kept=user_parts(edited)))["configs"]
+    assert [c["config_name"] for c in configs] == ["large", "small", "first-shard"]
+    assert configs[2]["data_files"] == [{"split": "train", "path": "small/data/train-00000-of-00002.parquet"}]
+
+
+def test_an_index_card_written_again_keeps_the_default_config_a_user_chose(manifest):
+    """`default: true` on one of eagle3-cache's entries lets `load_dataset(repo)` open it without a name."""
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard
+
+    from dataset_card.render import user_parts
+
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    edited = first.replace("- config_name: small\n", "- config_name: small\n  default: true\n", 1)
+    index = {"small": index_entry(manifest, "small", "v1"), "large": index_entry(manifest, "large", "v1")}
+    text = render_index_card("user/caches", index, kept=user_parts(edited))
+    configs = MetadataConfigs.from_dataset_card_data(DatasetCard(text).data)
+    assert configs.get_default_config_name() == "small"
+    assert configs["small"]["data_files"] == [{"split": "train", "path": "small/data/train-*-of-00002.parquet"}]
+    assert render_index_card("user/caches", index, kept=user_parts(text)) == text
+
+
+def test_the_shards_are_read_by_the_config_eagle3_cache_wrote_not_by_one_a_user_listed_above_it(manifest):
+    """By a user's config of one shard, listed first, three of four shards would be called missing and the cache refused."""
+    from builder.manifest import card_shard_pattern
+
+    assert card_shard_pattern(with_users_config(render_card(manifest, "user/cache"))) == "train-*-of-00002.parquet"
+    first = render_index_card("user/caches", {"small": index_entry(manifest, "small", "v1")})
+    assert card_shard_pattern(with_users_config(first)) == "train-*-of-00002.parquet"
+
+
 class DrawnPictures:
     """A drawing whose pictures are done (none here)."""
 
@@ -372,6 +430,49 @@ def test_a_resumed_build_rewrites_a_card_given_a_top_level_key_that_is_no_text(t
     assert read_manifest(tmp_path) == manifest
     assert "its YAML front matter cannot be read (top-level keys that are not text (2024: quote such a key))" in caplog.text
     assert "the YAML keys added to it are lost: 2024 (line 2)" in caplog.text
+
+
+def test_a_resumed_build_keeps_what_users_added_to_a_card_whose_manifest_block_they_removed(tmp_path):
+    """Its generated markers show eagle3-cache wrote it: the resume writes the manifest again from the build state."""
+    from builder.card import write_card
+    from builder.reader import read_manifest
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    manifest = write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    edited = card_edited_by_user((tmp_path / "README.md").read_text())
+    (tmp_path / "README.md").write_text(front_matter_edited(edited, lambda data: data.pop("eagle3_cache")))
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert card_data_of(text)["license"] == "mit" and "team-x" in card_data_of(text)["tags"]
+    assert "Our intro." in text and text.endswith("\n## Citation\n\nCite team X.\n")
+    assert read_manifest(tmp_path) == manifest
+
+
+def test_a_resumed_build_keeps_the_text_of_a_readme_that_is_no_card_of_eagle3_caches_and_says_so(tmp_path, caplog):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    (tmp_path / "README.md").write_text("# Our notes\n\nNothing generated here.\n")
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prepared(tmp_path), SHARDS, drawing=DrawnPictures())
+    text = (tmp_path / "README.md").read_text()
+    assert text.split("\n---\n", 1)[1].startswith("# Our notes\n\nNothing generated here.\n\n<!-- eagle3-cache generated start")
+    assert f"{tmp_path / 'README.md'}: expected eagle3-cache's card (its front matter holding the manifest, or" in caplog.text
+    assert "found neither: it is written again from the build state, keeping its front-matter keys and, above" in caplog.text
+
+
+def test_a_resumed_build_names_the_keys_lost_with_a_card_cut_short(tmp_path, caplog):
+    from builder.card import write_card
+
+    write_vocab_file(tmp_path)
+    prep = prepared(tmp_path)
+    write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    (tmp_path / "README.md").write_text(card_edited_by_user((tmp_path / "README.md").read_text())[:300])  # in dataset_info
+    with caplog.at_level("WARNING", logger="builder.card"):
+        write_card(tmp_path, prep, SHARDS, drawing=DrawnPictures())
+    assert "its YAML front matter begins but is never closed (a line holding only ---): it is written again" in caplog.text
+    assert "the YAML keys added to it are lost: license (line 2), pretty_name (line 3), language (line 4); add them" in caplog.text
 
 
 def test_a_card_saved_with_a_byte_order_mark_keeps_what_users_added(tmp_path):

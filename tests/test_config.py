@@ -153,6 +153,39 @@ def test_each_declared_choice_list_is_checked(tmp_path, capsys, f):
     assert capsys.readouterr().err == f"error: {flag_of(f.name)}: expected one of {', '.join(f.metadata['choices'])}, got 'int8'\n"
 
 
+SIZES = [f for f in settings() if callable(f.metadata["shown_default"])]  # --help shows them in MiB or GiB
+
+
+@pytest.mark.parametrize("f", SIZES, ids=[f.name for f in SIZES])
+def test_a_size_option_takes_the_units_its_help_shows(capsys, f):
+    assert [f.name for f in SIZES] == ["row_group_bytes", "sort_window_bytes"]
+    parser = build_parser()
+    for text, size in (("64MiB", 64 << 20), ("2 GiB", 2 << 30), ("1.5KiB", 1536), ("500MB", 500_000_000), ("4096", 4096)):
+        assert getattr(config_from_args(parser.parse_args(["build", flag_of(f.name), text])), f.name) == size, text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["build", flag_of(f.name), "lots"])
+    assert f"argument {flag_of(f.name)}: expected a number of bytes or a size like 64MiB or 4GiB, got 'lots'" in capsys.readouterr().err
+
+
+NOT_NONE = [f for f in settings() if type(None) not in getattr(HINTS[f.name], "__args__", ())]
+
+
+@pytest.mark.parametrize("f", NOT_NONE, ids=[f.name for f in NOT_NONE])
+def test_none_is_refused_for_a_setting_that_has_no_none(tmp_path, f):
+    """From the API (settings gathered with None for "not given"): refused before any work, not a KeyError
+    at the card once every shard is written (`target_format`) or a ValueError once the target is loaded."""
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    if f.metadata["choices"]:
+        expected = f"one of {', '.join(f.metadata['choices'])}"
+    elif f.metadata["minimum"] is not None:
+        expected = f"an integer >= {f.metadata['minimum']}"
+    else:
+        expected = {bool: "True or False", int: "an integer", str: "a value"}[HINTS[f.name]]
+    hint = "Pass one" if f.default is dataclasses.MISSING else f"Leave it out for its default, {f.default!r}"
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected {re.escape(expected)}, got None. {re.escape(hint)}.$"):
+        validate(base.replace(**{f.name: None}))
+
+
 def test_the_cli_skips_the_interpreters_final_collection(tmp_path):
     """Any command, even one that stops at --help, leaves every object frozen when the process exits,
     so the exit does not walk what torch, transformers and datasets created."""

@@ -189,3 +189,24 @@ def test_a_newer_format_version_is_refused_an_older_one_read(manifest):
     for broken in ({}, {"identity": {"format_version": "2"}}, {"identity": {"format_version": 0}}):
         with pytest.raises(ManifestError, match="expected identity.format_version to be a positive integer"):
             check_format_version(broken, "README.md")
+
+
+@pytest.mark.parametrize(
+    "edit, found",
+    [
+        (lambda m: "restored later", "its 'eagle3_cache' block to be a mapping, found str 'restored later'"),
+        (lambda m: [1], "its 'eagle3_cache' block to be a mapping, found list [1]"),
+        (lambda m: m | {"identity": "tiny-llama"}, "its identity to be a mapping, found str 'tiny-llama'"),
+    ],
+)
+def test_a_manifest_block_edited_into_no_mapping_is_refused_saying_so(manifest, edit, found):
+    """Not an AttributeError from the first `.get` on it."""
+    import yaml
+
+    text = render_card(manifest, location="user/cache")
+    _, front, body = text.split("---\n", 2)
+    data = yaml.safe_load(front)
+    data["eagle3_cache"] = edit(data["eagle3_cache"])
+    edited = "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n" + body
+    with pytest.raises(ManifestError, match=f"^user/cache: expected {re.escape(found)}; the card was edited: restore the card, or rebuild"):
+        manifest_from_card(edited, "user/cache")

@@ -79,6 +79,14 @@ def test_missing_chat_template(tmp_path):
         validate(cfg(tmp_path, chat_template=str(missing)))
 
 
+def test_a_chat_template_that_is_a_folder_is_called_one(tmp_path):
+    """The tokenizer's folder, say: not a file that does not exist."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=says("--chat-template", "Jinja template file", str(folder), "It is a folder")):
+        validate(cfg(tmp_path, chat_template=str(folder)))
+
+
 def test_output_dir_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
     with pytest.raises(ConfigError, match=says("--output-dir", "expected a directory", str(tmp_path / "out"), "is a file")):
