@@ -454,10 +454,25 @@ def _no_card(source: CacheSource) -> str:
     return f"no {source.prefix}README.md; {_why_no_card(source)}"
 
 
+def caches_in_sub_folders(folder: Path) -> str | None:
+    """What to do with a directory with no card of its own whose sub-folders hold caches (caches built one by
+    one into OUT/a, OUT/b): each is a cache of its own, to pass as the directory. None: it holds none."""
+    try:
+        cards = sorted(sub / "README.md" for sub in folder.iterdir() if (sub / "README.md").is_file())
+        names = [card.parent.name for card in cards if f"{CARD_KEY}:" in card.read_text(encoding="utf-8", errors="replace")]
+    except OSError:
+        return None
+    if not names:
+        return None
+    return f"its sub-folders {names} hold caches of their own: pass one of them as the directory ({folder / names[0]})"
+
+
 def _why_no_card(source: CacheSource) -> str:
     unoffered = config_not_offered(source) or config_card_missing(source) if source.name is not None else None
     if unoffered:
         return unoffered
+    if not source.on_hub and source.name is None:
+        return caches_in_sub_folders(Path(source.location)) or unfinished_cache(on_hub=False)
     return unfinished_cache(source.on_hub)
 
 

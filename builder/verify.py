@@ -47,6 +47,7 @@ from .manifest import (
     argmax_coverage,
     argmax_in_vocab,
     bytes_per_token,
+    caches_in_sub_folders,
     card_data_of,
     card_shard_pattern,
     fingerprint,
@@ -375,6 +376,8 @@ def why_no_card(files: CacheFiles, name: str | None, fix: Repair = LOCAL) -> str
         return listed_config_without_card(files.name(card), name, fix)
     if name is not None and card.is_file():
         return f"the cache is at the root of {files.name(files.root)}, which holds no configs: leave out --name {name}"
+    if files.repo is None and name is None:
+        return caches_in_sub_folders(files.root) or unfinished_cache(on_hub=False)
     return unfinished_cache(on_hub=files.repo is not None)
 
 

@@ -107,6 +107,33 @@ def test_a_local_directory_holding_several_caches_is_told_to_pass_one_of_its_sub
     assert main(["push", str(copy_of_repo), "user/other"]) == 2
 
 
+def test_a_directory_of_caches_built_one_by_one_is_told_to_pass_one_of_them_not_to_resume(manifest, tmp_path, monkeypatch, capsys):
+    """Caches built into OUT/a and OUT/b, with no index card at OUT: every command given OUT is told to pass
+    one of the sub-folders, not that OUT is an interrupted build to resume."""
+    from builder.cli import main
+    from builder.push import PushTarget, push_cache
+
+    folder = tmp_path / "caches"
+    for name in ("small", "large"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "README.md").write_text(render_card(manifest, location=f"user/{name}"))
+    (folder / "notes").mkdir()  # a folder of the user's own, with a card that is not a cache's
+    (folder / "notes" / "README.md").write_text("---\nlicense: mit\n---\n# notes\n")
+    pick = (
+        r"no README.md; its sub-folders \['large', 'small'\] hold caches of their own: "
+        rf"pass one of them as the directory \({re.escape(str(folder / 'large'))}\)$"
+    )
+    with pytest.raises(CardNotFound, match=pick):
+        read_manifest(folder)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # a push needs one; this one is refused before the Hub is asked anything
+    with pytest.raises(CardNotFound, match=pick):
+        push_cache(folder, PushTarget("user/other"))
+    capsys.readouterr()
+    assert main(["verify", str(folder)]) != 0
+    told = capsys.readouterr().err
+    assert f"hold caches of their own: pass one of them as the directory ({folder / 'large'})" in told and "--resume" not in told
+
+
 def test_a_path_that_is_no_directory_is_said_to_be_none_not_an_interrupted_build(tmp_path):
     missing, a_file = tmp_path / "no" / "such" / "dir", tmp_path / "a-file"
     a_file.write_text("x")
