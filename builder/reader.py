@@ -57,6 +57,35 @@ class CacheMismatch(Eagle3CacheError, ValueError):
         self.differences = differences
 
 
+READ_PARTS = {"fingerprint": str, "columns": dict, "layout": dict, "shards": list}  # what every read of a cache needs
+SHARD_RECORD_PARTS = ("name", "rows", "bytes")
+
+
+def refuse_unreadable_parts(manifest: dict, source: CacheSource) -> None:
+    """A manifest that a hand edit left without a part every read needs is refused naming the part, before a
+    KeyError or TypeError from wherever the part is first read. verify names every damaged part in detail."""
+    from .manifest import ManifestError
+
+    for part, kind in READ_PARTS.items():
+        value = manifest.get(part)
+        found = None
+        if part not in manifest:
+            found = "nothing"
+        elif not isinstance(value, kind):
+            found = type(value).__name__
+        elif part == "shards":
+            broken = [entry for entry in value if not isinstance(entry, dict) or not all(key in entry for key in SHARD_RECORD_PARTS)]
+            missing = [key for key in SHARD_RECORD_PARTS if broken and isinstance(broken[0], dict) and key not in broken[0]]
+            found = f"an entry without {', '.join(missing)}" if missing else "an entry that is no mapping" if broken else None
+        if found is not None:
+            raise ManifestError(
+                f"the card of {source.describe()}: its manifest has no usable '{part}' (found {found}; expected a {kind.__name__}"
+                f"{', each entry with ' + ', '.join(SHARD_RECORD_PARTS) if part == 'shards' else ''}): the card was edited "
+                f"or cut short. Run `eagle3-cache verify {source.location}`, which names what is wrong, then restore the card, "
+                "or rebuild the cache"
+            )
+
+
 class ShardFilesMismatch(Eagle3CacheError, ValueError):
     """The shard files present are not the ones the cache's manifest lists."""
 
@@ -1014,6 +1043,7 @@ def load_cache(
         aux_dtype = read_aux_dtype(aux_dtype)
     source = open_source(location, revision=revision, name=name, token=token, retry=retry)
     manifest = _manifest_of(source)
+    refuse_unreadable_parts(manifest, source)
     if layout == "specforge" and manifest["identity"]["target_format"] != "hidden":
         raise ValueError(
             f"layout='specforge': SpecForge trains from final hidden states, and {source.describe()} was built with "

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import configs_removed, first_config_renamed, folder_of_caches, index_cut_short, says, small_config
+from helpers import configs_removed, first_config_renamed, folder_of_caches, front_matter_edited, index_cut_short, says, small_config
 
 from builder.errors import Eagle3CacheError
 from builder.pipeline import build
@@ -185,6 +185,32 @@ def test_a_card_cut_short_is_called_damaged_with_verifys_advice_not_another_data
     with pytest.raises(Eagle3CacheError) as verified:
         verify_cache(copy)
     assert str(refused.value).split(" is damaged: ")[1] == str(verified.value).split(" is damaged: ")[1]
+
+
+@pytest.mark.parametrize(
+    ("part", "edit", "found"),
+    [
+        ("shards", lambda block: block.pop("shards"), "nothing"),
+        ("columns", lambda block: block.update(columns=["input_ids"]), "list"),
+        ("layout", lambda block: block.pop("layout"), "nothing"),
+        ("shards", lambda block: block["shards"][0].pop("rows"), "an entry without rows"),
+    ],
+)
+def test_a_manifest_part_removed_by_hand_is_refused_naming_it_with_verifys_advice(cache, tmp_path, part, edit, found):
+    """A card whose manifest lost a part every read needs (a hand edit) is refused naming the part and what to
+    do, not with a KeyError or TypeError from wherever it was first read."""
+    import shutil
+
+    from builder.manifest import ManifestError
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    text = (cache / "README.md").read_text()
+    (copy / "README.md").write_text(front_matter_edited(text, lambda data: edit(data["eagle3_cache"])))
+    needs = says(f"the card of {copy}: its manifest has no usable '{part}' (found {found}", f"eagle3-cache verify {copy}")
+    for layout in ("raw", "nemo"):
+        with pytest.raises(ManifestError, match=needs):
+            load_cache(copy, layout=layout)
 
 
 @pytest.mark.parametrize("damage", [index_cut_short, configs_removed, first_config_renamed])
