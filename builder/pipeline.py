@@ -209,7 +209,7 @@ def write_shards(state, prep: Prepared, out: Path, result: BuildResult, progress
 def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawing) -> None:
     """Rank 0, once every rank is done: vocab, head rows, then the card, last (a cache with a card
     is complete), then the upload's closing commit."""
-    result.shards = [read_sidecar(out, shard_name(k, prep.num_shards)) for k in range(prep.num_shards)]
+    result.shards = shard_records(out, prep.num_shards, result.world_size)
     check_every_shard_recorded(out, result.shards, prep.num_shards, result.world_size)
     check_some_stored(result.shards)
     write_vocab(out, prep)
@@ -220,6 +220,32 @@ def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawi
     result.manifest = write_card(out, prep, result.shards, read_rank_stats(out, result.world_size), drawing)
     if uploader is not None:
         result.pushed = uploader.finish(out, result.manifest)  # card, vocab and pictures last, then the tag
+
+
+# How long rank 0 looks again for shard records another rank wrote before it calls them missing: a
+# network file system may show another node's new files late (see RUN_TOKEN_WAIT_SECONDS).
+RECORD_WAIT_SECONDS = 90.0
+
+
+def shard_records(out: Path, num_shards: int, world_size: int) -> list[dict | None]:
+    """Every shard's record, None for one still missing after RECORD_WAIT_SECONDS (on several processes)."""
+    names = [shard_name(k, num_shards) for k in range(num_shards)]
+    records = [read_sidecar(out, name) for name in names]
+    if None not in records or world_size == 1 or RECORD_WAIT_SECONDS <= 0:
+        return records
+    log.warning(
+        "%d of the %d shard records are not in %s yet; looking again for up to %.0f s (a network file system may "
+        "show another node's new files late)",
+        records.count(None),
+        num_shards,
+        out.absolute() / BUILD_STATE_DIR / "shards",
+        RECORD_WAIT_SECONDS,
+    )
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while None in records and time.monotonic() < deadline:
+        time.sleep(1.0)
+        records = [record or read_sidecar(out, name) for record, name in zip(records, names, strict=True)]
+    return records
 
 
 def check_every_shard_recorded(out: Path, records: list[dict | None], num_shards: int, world_size: int) -> None:

@@ -376,11 +376,14 @@ def test_ranks_that_do_not_see_one_output_dir_all_refuse_before_the_target_runs(
     assert not holds_cache(nodes[0] / "cache")
 
 
-def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_path):
+def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_path, monkeypatch):
     """Every rank is done, but rank 1's shards have no record in rank 0's directory (rank 1 wrote into
     another one): rank 0 names the shards and the rank that wrote them, and writes no card."""
     from types import SimpleNamespace
 
+    import builder.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "RECORD_WAIT_SECONDS", 0)  # a local folder: no network file system to wait for
     from builder.build_state import sidecar_path
     from builder.pipeline import BuildResult, finish_cache
 
@@ -393,6 +396,40 @@ def test_shards_of_ranks_that_wrote_elsewhere_are_named_with_their_ranks(tmp_pat
     with pytest.raises(ShardRecordsMissing, match=rf"2 of the 4 shards have no record in .*\({missing}\).*--resume"):
         finish_cache(out, prep, BuildResult(out, prep, rank=0, world_size=2), None, None)
     assert not (out / "README.md").exists()
+
+
+def test_shard_records_another_node_shows_late_are_looked_for_again(tmp_path, monkeypatch):
+    """Every rank is done, but a network file system shows rank 0 the records rank 1 wrote on its node
+    only once its cached view of the folder expires: rank 0 looks again before it refuses, and writes
+    the card with every shard's record."""
+    from types import SimpleNamespace
+
+    import builder.pipeline as pipeline_module
+    from builder.build_state import sidecar_path
+    from builder.pipeline import BuildResult, finish_cache
+
+    out = tmp_path / "cache"
+    prep = SimpleNamespace(num_shards=4, cfg=SimpleNamespace(target_format="logits"))
+    names = [f"train-{k:05d}-of-00004.parquet" for k in range(4)]
+
+    def write_records(ranks_shards):
+        for k in ranks_shards:
+            sidecar_path(out, names[k]).parent.mkdir(parents=True, exist_ok=True)
+            sidecar_path(out, names[k]).write_text(json.dumps({"name": names[k], "rows": 4, "failed": []}))
+
+    write_records((0, 2))  # rank 0's; rank 1's are not shown yet
+    looks, cards = [], []
+
+    def rank_1s_records_show_up(seconds):
+        looks.append(seconds)
+        write_records((1, 3))
+
+    monkeypatch.setattr(pipeline_module.time, "sleep", rank_1s_records_show_up)
+    monkeypatch.setattr(pipeline_module, "write_vocab", lambda out, prep: None)
+    monkeypatch.setattr(pipeline_module, "write_card", lambda out, prep, shards, ranks, drawing: cards.append(shards) or {})
+    finish_cache(out, prep, BuildResult(out, prep, rank=0, world_size=2), None, None)
+    assert [[record["name"] for record in shards] for shards in cards] == [names]
+    assert len(looks) == 1
 
 
 def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
