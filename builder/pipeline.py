@@ -468,7 +468,17 @@ def write_rank_stats(out: Path, result: BuildResult, pending: list[int], prep: P
 
 
 def read_rank_stats(out: Path, world_size: int) -> list[dict]:
-    """This run's ranks: a resume on fewer processes leaves the earlier run's higher ranks' files behind."""
+    """This run's ranks: a resume on fewer processes leaves the earlier run's higher ranks' files behind.
+    Every rank wrote its own before the card; one not shown yet (a network file system) is looked for again."""
+    stats = this_runs_rank_stats(out, world_size)
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while len(stats) < world_size and time.monotonic() < deadline:
+        time.sleep(1.0)
+        stats = this_runs_rank_stats(out, world_size)
+    return stats
+
+
+def this_runs_rank_stats(out: Path, world_size: int) -> list[dict]:
     stats = [s for s in map(rank_stats, sorted((out / BUILD_STATE_DIR / "ranks").glob("rank-*.json"))) if s is not None]
     return [s for s in stats if s["world_size"] == world_size and s["rank"] < world_size]
 

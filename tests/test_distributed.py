@@ -406,6 +406,7 @@ def test_shard_records_another_node_shows_late_are_looked_for_again(tmp_path, mo
 
     import builder.pipeline as pipeline_module
     from builder.build_state import sidecar_path
+    from builder.files import write_json_atomic
     from builder.pipeline import BuildResult, finish_cache
 
     out = tmp_path / "cache"
@@ -418,6 +419,9 @@ def test_shard_records_another_node_shows_late_are_looked_for_again(tmp_path, mo
             sidecar_path(out, names[k]).write_text(json.dumps({"name": names[k], "rows": 4, "failed": []}))
 
     write_records((0, 2))  # rank 0's; rank 1's are not shown yet
+    for rank in (0, 1):
+        stats = {"rank": rank, "world_size": 2, "shards_written": names[rank::2], "samples": 8}
+        write_json_atomic(out / BUILD_STATE_DIR / "ranks" / f"rank-{rank:05d}.json", stats)
     looks, cards = [], []
 
     def rank_1s_records_show_up(seconds):
@@ -429,6 +433,34 @@ def test_shard_records_another_node_shows_late_are_looked_for_again(tmp_path, mo
     monkeypatch.setattr(pipeline_module, "write_card", lambda out, prep, shards, ranks, drawing: cards.append(shards) or {})
     finish_cache(out, prep, BuildResult(out, prep, rank=0, world_size=2), None, None)
     assert [[record["name"] for record in shards] for shards in cards] == [names]
+    assert len(looks) == 1
+
+
+def test_rank_records_another_node_shows_late_are_looked_for_again(tmp_path, monkeypatch):
+    """The card tells of every rank's work: a rank's record that a network file system shows rank 0
+    late is looked for again, not left out (the summary then counted its shards as already complete)."""
+    import builder.pipeline as pipeline_module
+    from builder.files import write_json_atomic
+
+    ranks = tmp_path / BUILD_STATE_DIR / "ranks"
+
+    def record(rank):
+        stats = {"rank": rank, "world_size": 2, "shards_written": [f"train-{rank:05d}-of-00002.parquet"], "samples": 4}
+        write_json_atomic(ranks / f"rank-{rank:05d}.json", stats)
+
+    record(0)
+    looks = []
+
+    def rank_1s_record_shows_up(seconds):
+        looks.append(seconds)
+        record(1)
+
+    monkeypatch.setattr(pipeline_module.time, "sleep", rank_1s_record_shows_up)
+    stats = pipeline_module.read_rank_stats(tmp_path, world_size=2)
+    assert [(s["rank"], s["shards_written"]) for s in stats] == [
+        (0, ["train-00000-of-00002.parquet"]),
+        (1, ["train-00001-of-00002.parquet"]),
+    ]
     assert len(looks) == 1
 
 
