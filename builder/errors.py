@@ -74,6 +74,10 @@ class ShardRecordsMissing(Eagle3CacheError):
     """Every rank finished, but rank 0 finds no record of some shards: their ranks wrote elsewhere."""
 
 
+class OtherRankStopped(Eagle3CacheError):
+    """A rank finished its shards, but another stopped before finishing its own (its output says why)."""
+
+
 class ShardUnreadable(Eagle3CacheError):
     """--resume could not read a shard to check it is complete; it was left as it is."""
 

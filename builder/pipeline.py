@@ -42,6 +42,7 @@ from .errors import (
     ConfigError,
     Eagle3CacheError,
     NonFiniteOutput,
+    OtherRankStopped,
     OutputDirNotShared,
     ProcessCountMismatch,
     ShardRecordsMissing,
@@ -177,7 +178,7 @@ def write_cache(state, prep: Prepared, out: Path, result: BuildResult, progress:
     drawing = PictureDrawing(prep, work_dir=out / BUILD_STATE_DIR) if state.is_main_process else None
     try:
         write_shards(state, prep, out, result, progress, uploader)
-        state.wait_for_everyone()
+        wait_for_other_ranks(state, result)
         if state.is_main_process:
             finish_cache(out, prep, result, uploader, drawing)
     finally:
@@ -204,6 +205,22 @@ def write_shards(state, prep: Prepared, out: Path, result: BuildResult, progress
     write_rank_stats(out, result, pending, prep, time.perf_counter() - started)
     if uploader is not None:
         uploader.wait()  # this rank's shards are all committed
+
+
+def wait_for_other_ranks(state, result: BuildResult) -> None:
+    """Until every rank has written its shards. A rank that stopped meanwhile (an error, a kill) fails the
+    wait where the launcher does not stop the others (gloo: its connection closed): this rank says so in
+    the build's words, its own shards kept, rather than with the process group's error."""
+    try:
+        state.wait_for_everyone()
+    except RuntimeError as err:  # torch.distributed's errors (DistBackendError among them)
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise OtherRankStopped(
+            f"rank {result.rank} finished its shards, but another rank stopped before finishing its own ({cause}); "
+            f"that rank's output says why. The {len(result.written)} shards this rank wrote are kept and the cache "
+            "was not finished (no card): fix what that rank reports, then rerun with --resume, which builds only "
+            "the missing shards."
+        ) from err
 
 
 def finish_cache(out: Path, prep: Prepared, result: BuildResult, uploader, drawing) -> None:

@@ -483,6 +483,40 @@ def test_a_rank_shown_rank_0s_token_late_waits_for_it(tmp_path, monkeypatch):
     assert len(looks) == 1
 
 
+BUILD_WITH_RANK_1_FAILING = textwrap.dedent("""
+    import os, sys
+    import builder.forward as forward
+    from builder.cli import main
+    from builder.errors import WriteFailed
+
+    def failing(*args, **kwargs):
+        raise WriteFailed("writing train-00001-of-00004.parquet failed (Input/output error)")
+
+    if os.environ["RANK"] == "1":
+        forward.write_one_shard = failing
+    sys.exit(main(["build", *sys.argv[1:]]))
+""")
+
+
+def test_a_rank_that_fails_mid_build_stops_the_others_with_a_message_naming_it(tmp_path):
+    """Rank 1 fails while writing its shards under a launcher that does not stop the other ranks: rank 1
+    says why, and rank 0, once its own shards are done, stops too, saying that another rank failed,
+    where to read why, and that its shards are kept for --resume (not a raw error of the process group)."""
+    out = tmp_path / "cache"
+    flags = ["--output-dir", str(out), *FLAGS, "--max-samples", "16", "--shard-size", "4"]
+    (rank_0, _, stderr_0), (rank_1, _, stderr_1) = finish_ranks(start_ranks(BUILD_WITH_RANK_1_FAILING, flags, [tmp_path, tmp_path]))
+    assert rank_1 == 2 and "error: writing train-00001-of-00004.parquet failed (Input/output error)" in stderr_1, stderr_1[-3000:]
+    assert rank_0 == 2, stderr_0[-3000:]
+    assert re.search(
+        r"error: rank 0 finished its shards, but another rank stopped before finishing its own \(.+\); that rank's "
+        r"output says why\. The 2 shards this rank wrote are kept and the cache was not finished \(no card\): fix what "
+        r"that rank reports, then rerun with --resume, which builds only the missing shards\.",
+        stderr_0,
+    ), stderr_0[-3000:]
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == ["train-00000-of-00004.parquet", "train-00002-of-00004.parquet"]
+    assert not (out / "README.md").exists()
+
+
 BUILD_AFTER_THE_CALLERS_STATE = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
