@@ -49,7 +49,7 @@ from .errors import Eagle3CacheError
 from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
-from .hub import has_repo_id_shape, is_hub_location
+from .hub import NAME_PATTERN, has_repo_id_shape, is_hub_location
 from .manifest import config_not_offered
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .source import CacheSource, open_source
@@ -617,6 +617,7 @@ def prepare_nemo(source: CacheSource, manifest: dict, target_model: str | None, 
     identity = manifest["identity"]
     check_three_aux_layers(identity, "nemo")
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
+    check_target_found(model, given=target_model is not None)
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
@@ -730,6 +731,26 @@ def nemo_manifest(source: CacheSource, manifest: dict, num_samples: int) -> dict
         "mask_generation_prompt": bool(identity.get("mask_generation_prompt", False)),
         "mask_reasoning_content": bool(identity.get("mask_reasoning_content", False)),
     }
+
+
+HUB_MODEL_ID = re.compile(rf"{NAME_PATTERN}(/{NAME_PATTERN})?")  # `name` or `namespace/name`
+
+
+def check_target_found(model: str, given: bool) -> None:
+    """Refuse a target named by a path that does not exist here (and, so written, is no Hub id):
+    the folder the manifest names is the build machine's, which a cache copied or pulled elsewhere
+    lacks. Said as the export's own problem: the loader's message is the build's (its flags)."""
+    from .embedded import resolve_target
+
+    path = resolve_target(model)
+    if Path(path).exists() or HUB_MODEL_ID.fullmatch(path):
+        return
+    named = f"--target-model {model!r}" if given else f"the target the cache was built from, {model!r} (its manifest's target.model),"
+    raise ExportError(
+        f"export --to nemo: {named} does not exist here; expected that checkpoint, as a local model folder or a Hub "
+        "model id, for its input embeddings and pad id. Pass --target-model with the path of the checkpoint the cache "
+        "was built from (a copy of it, unchanged since the build, is accepted)."
+    )
 
 
 def target_config_and_tokenizer(model: str, revision: str | None):

@@ -1120,6 +1120,28 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path, noth
     assert not (tmp_path / "nemo").exists()
 
 
+def test_nemo_export_of_a_cache_whose_target_folder_is_gone_says_to_pass_target_model(tmp_path, nothing_made, capsys):
+    """The manifest names the folder the build read the target from, which a cache copied or pulled
+    onto another machine does not have: the export says where that name came from and which of its
+    own flags to pass, not the build's --target-revision, nor that the user's --target-model is wrong."""
+    target = copy_of_target(tmp_path / "target")
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=2), progress=False).output_dir
+    shutil.rmtree(target)
+    with pytest.raises(
+        ExportError,
+        match=says("export --to nemo", f"the target the cache was built from, {str(target)!r}", "does not exist here", "--target-model"),
+    ) as refused:
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert "--target-revision" not in str(refused.value)
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(ExportError, match=says("export --to nemo", f"--target-model {str(missing)!r}", "does not exist")) as refused:
+        export_cache(cache, "nemo", tmp_path / "nemo", target_model=str(missing), progress=False)
+    assert "--target-revision" not in str(refused.value)
+    assert main(["export", str(cache), "--to", "nemo", str(tmp_path / "nemo")]) == 2
+    assert "--target-revision" not in capsys.readouterr().err
+    assert not (tmp_path / "nemo").exists()
+
+
 def test_nemo_export_refuses_a_local_folder_for_a_hub_builds_target(tmp_path, monkeypatch):
     """A Hub build recorded its commit, not fingerprints: a local folder cannot be matched against it, so a
     retrained one must not pass for its target (the export would hand over that model's embeddings)."""
