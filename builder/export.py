@@ -139,7 +139,7 @@ def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
-    entries = held_by(out) if out.exists() else []
+    entries = listed(out) if out.exists() else []
     hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB) and is_real_folder(entry)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
@@ -164,6 +164,18 @@ def check_out_folder(out: Path) -> None:
         )
     check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+def listed(out: Path) -> list[Path]:
+    """What an existing OUT holds (see held_by), refused where it cannot be listed (a drop-box
+    folder one may write in, not read): whether it is empty, as an export needs, cannot be told."""
+    try:
+        return held_by(out)
+    except OSError as err:
+        raise ExportError(
+            f"export: {out} cannot be listed ({err.strerror or err}); expected a new or empty directory the export can "
+            "read and write in: check its permissions (it needs read as well as write) or pass another directory"
+        ) from None
 
 
 LOST_FOUND = "lost+found"  # where fsck puts what it recovers: every fresh ext file system's root holds one

@@ -1092,6 +1092,29 @@ def test_an_out_the_export_cannot_write_is_refused_naming_it_before_anything_is_
     assert left_in(scratch) == [] and left_in(locked) == []
 
 
+def test_an_out_the_export_cannot_list_is_refused_before_anything_is_made(hidden_cache, tmp_path, monkeypatch, nothing_made, capsys):
+    """A drop-box folder (mode 0o733: others may write in it, not list it): whether it is empty cannot
+    be told, so it is refused as one the export cannot use, not with a traceback. Simulated, as root
+    lists any folder."""
+    out = tmp_path / "drop-box"
+    out.mkdir()
+    real = os.listdir
+
+    def listdir(path=".", *args):
+        if Path(os.path.abspath(path)) == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    expected = (f"export: {out} cannot be listed", "Permission denied", "expected a new or empty directory", "pass another directory")
+    with pytest.raises(ExportError, match=says(*expected)):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: export: {out} cannot be listed")
+    monkeypatch.setattr(os, "listdir", real)
+    assert left_in(out) == []
+
+
 # ---- the target the export takes its embeddings and pad id from ----------------------------
 
 
