@@ -629,7 +629,7 @@ def prepare_nemo(source: CacheSource, manifest: dict, target_model: str | None, 
     identity = manifest["identity"]
     check_three_aux_layers(identity, "nemo")
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
-    check_target_found(model, given=target_model is not None)
+    check_target_found(model, target_model is not None, identity["target"])
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
@@ -748,14 +748,17 @@ def nemo_manifest(source: CacheSource, manifest: dict, num_samples: int) -> dict
 HUB_MODEL_ID = re.compile(rf"{NAME_PATTERN}(/{NAME_PATTERN})?")  # `name` or `namespace/name`
 
 
-def check_target_found(model: str, given: bool) -> None:
-    """Refuse a target named by a path that does not exist here (and, so written, is no Hub id):
-    the folder the manifest names is the build machine's, which a cache copied or pulled elsewhere
-    lacks. Said as the export's own problem: the loader's message is the build's (its flags)."""
+def check_target_found(model: str, given: bool, recorded: dict) -> None:
+    """Refuse a target named by a path that does not exist here: the folder the manifest names is the
+    build machine's (or relative to where the build ran), which a cache copied or pulled elsewhere
+    lacks. The build recorded a Hub target's commit, so a recorded target without one was a folder,
+    however it is written; a --target-model is taken for a Hub id where it is written as one. Said as
+    the export's own problem: the loader's message is the build's (its flags)."""
     from .embedded import resolve_target
 
     path = resolve_target(model)
-    if Path(path).exists() or HUB_MODEL_ID.fullmatch(path):
+    hub_id = HUB_MODEL_ID.fullmatch(path) and (given or recorded.get("revision") is not None)
+    if Path(path).exists() or hub_id:
         return
     named = f"--target-model {model!r}" if given else f"the target the cache was built from, {model!r} (its manifest's target.model),"
     raise ExportError(

@@ -1165,6 +1165,23 @@ def test_nemo_export_of_a_cache_whose_target_folder_is_gone_says_to_pass_target_
     assert not (tmp_path / "nemo").exists()
 
 
+def test_nemo_export_of_a_cache_built_from_a_relative_target_folder_run_elsewhere_says_to_pass_target_model(tmp_path, monkeypatch):
+    """`--target-model models/llama` is recorded as given, written like a Hub id: the build recorded no
+    commit for it, so it was a folder, and the export, run from another directory, says so."""
+    copy_of_target(tmp_path / "work" / "models" / "llama")
+    monkeypatch.chdir(tmp_path / "work")
+    cache = build(small_config(tmp_path / "cache", target="models/llama", max_samples=2), progress=False).output_dir
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ExportError,
+        match=says("export --to nemo", "the target the cache was built from, 'models/llama'", "does not exist here", "--target-model"),
+    ):
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert not (tmp_path / "nemo").exists()
+    export_cache(cache, "nemo", tmp_path / "nemo", target_model=str(tmp_path / "work" / "models" / "llama"), progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 2
+
+
 def test_nemo_export_refuses_a_local_folder_for_a_hub_builds_target(tmp_path, monkeypatch):
     """A Hub build recorded its commit, not fingerprints: a local folder cannot be matched against it, so a
     retrained one must not pass for its target (the export would hand over that model's embeddings)."""
