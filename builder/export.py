@@ -282,6 +282,11 @@ def check_out_writable(out: Path) -> None:
             )
         return
     nearest = next(parent for parent in out.absolute().parents if parent.exists())
+    if not nearest.is_dir():  # a file where a folder was meant: no folder can be made under it
+        raise ExportError(
+            f"export: {out} cannot be created: {nearest} is a file, not a folder; expected a new directory under a folder "
+            "you can write to, or an empty one you can write in: pass another directory"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ExportError(
             f"export: {out} cannot be created: {nearest}, the nearest folder of it that exists, is not writable; expected a "

@@ -1092,6 +1092,19 @@ def test_an_out_the_export_cannot_write_is_refused_naming_it_before_anything_is_
     assert left_in(scratch) == [] and left_in(locked) == []
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o755])
+def test_an_out_under_a_file_is_refused_naming_the_file_before_anything_is_made(hidden_cache, tmp_path, nothing_made, mode):
+    """OUT's path goes through a file (a typo, a file where a folder was meant): not a folder that is
+    not writable (a file without x bits fails os.access), nor a failed write once the cache is read
+    (one with x bits, a script, passes it)."""
+    (tmp_path / "notes").write_text("x")
+    (tmp_path / "notes").chmod(mode)
+    out = tmp_path / "notes" / "sf"
+    with pytest.raises(ExportError, match=says(f"{out} cannot be created", f"{tmp_path / 'notes'} is a file", "pass another directory")):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(tmp_path) == ["notes"] and (tmp_path / "notes").read_text() == "x"
+
+
 def test_an_out_the_export_cannot_list_is_refused_before_anything_is_made(hidden_cache, tmp_path, monkeypatch, nothing_made, capsys):
     """A drop-box folder (mode 0o733: others may write in it, not list it): whether it is empty cannot
     be told, so it is refused as one the export cannot use, not with a traceback. Simulated, as root
