@@ -49,7 +49,7 @@ from .errors import Eagle3CacheError
 from .faults import FaultPoints
 from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
-from .hub import has_repo_id_shape, is_hub_location
+from .hub import NAME_PATTERN, has_repo_id_shape, is_hub_location
 from .manifest import config_not_offered
 from .reader import collate_nemo, load_cache, read_manifest, read_vocab
 from .source import CacheSource, open_source
@@ -139,7 +139,7 @@ def check_out_folder(out: Path) -> None:
     """Refuse an OUT the export would overwrite, or could not write in."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"export: {out} is a file; expected a new or empty directory for the export: pass another path")
-    entries = held_by(out) if out.exists() else []
+    entries = listed(out) if out.exists() else []
     hidden = [entry for entry in entries if fnmatch.fnmatch(entry.name, TEMP_GLOB) and is_real_folder(entry)]
     files = [entry for entry in entries if entry not in hidden]
     if entries and not files:
@@ -164,6 +164,18 @@ def check_out_folder(out: Path) -> None:
         )
     check_no_killed_new_out(out)
     check_out_writable(out)
+
+
+def listed(out: Path) -> list[Path]:
+    """What an existing OUT holds (see held_by), refused where it cannot be listed (a drop-box
+    folder one may write in, not read): whether it is empty, as an export needs, cannot be told."""
+    try:
+        return held_by(out)
+    except OSError as err:
+        raise ExportError(
+            f"export: {out} cannot be listed ({err.strerror or err}); expected a new or empty directory the export can "
+            "read and write in: check its permissions (it needs read as well as write) or pass another directory"
+        ) from None
 
 
 LOST_FOUND = "lost+found"  # where fsck puts what it recovers: every fresh ext file system's root holds one
@@ -270,6 +282,11 @@ def check_out_writable(out: Path) -> None:
             )
         return
     nearest = next(parent for parent in out.absolute().parents if parent.exists())
+    if not nearest.is_dir():  # a file where a folder was meant: no folder can be made under it
+        raise ExportError(
+            f"export: {out} cannot be created: {nearest} is a file, not a folder; expected a new directory under a folder "
+            "you can write to, or an empty one you can write in: pass another directory"
+        )
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ExportError(
             f"export: {out} cannot be created: {nearest}, the nearest folder of it that exists, is not writable; expected a "
@@ -617,6 +634,7 @@ def prepare_nemo(source: CacheSource, manifest: dict, target_model: str | None, 
     identity = manifest["identity"]
     check_three_aux_layers(identity, "nemo")
     model, revision = target_model or identity["target"]["model"], identity["target"]["revision"]
+    check_target_found(model, target_model is not None, identity["target"])
     config, tokenizer = target_config_and_tokenizer(model, revision)
     check_target_identity(manifest, model, config, tokenizer)
     embeddings = target_embeddings(model, revision, config)
@@ -730,6 +748,29 @@ def nemo_manifest(source: CacheSource, manifest: dict, num_samples: int) -> dict
         "mask_generation_prompt": bool(identity.get("mask_generation_prompt", False)),
         "mask_reasoning_content": bool(identity.get("mask_reasoning_content", False)),
     }
+
+
+HUB_MODEL_ID = re.compile(rf"{NAME_PATTERN}(/{NAME_PATTERN})?")  # `name` or `namespace/name`
+
+
+def check_target_found(model: str, given: bool, recorded: dict) -> None:
+    """Refuse a target named by a path that does not exist here: the folder the manifest names is the
+    build machine's (or relative to where the build ran), which a cache copied or pulled elsewhere
+    lacks. The build recorded a Hub target's commit, so a recorded target without one was a folder,
+    however it is written; a --target-model is taken for a Hub id where it is written as one. Said as
+    the export's own problem: the loader's message is the build's (its flags)."""
+    from .embedded import resolve_target
+
+    path = resolve_target(model)
+    hub_id = HUB_MODEL_ID.fullmatch(path) and (given or recorded.get("revision") is not None)
+    if Path(path).exists() or hub_id:
+        return
+    named = f"--target-model {model!r}" if given else f"the target the cache was built from, {model!r} (its manifest's target.model),"
+    raise ExportError(
+        f"export --to nemo: {named} does not exist here; expected that checkpoint, as a local model folder or a Hub "
+        "model id, for its input embeddings and pad id. Pass --target-model with the path of the checkpoint the cache "
+        "was built from (a copy of it, unchanged since the build, is accepted)."
+    )
 
 
 def target_config_and_tokenizer(model: str, revision: str | None):

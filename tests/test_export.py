@@ -1092,6 +1092,42 @@ def test_an_out_the_export_cannot_write_is_refused_naming_it_before_anything_is_
     assert left_in(scratch) == [] and left_in(locked) == []
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o755])
+def test_an_out_under_a_file_is_refused_naming_the_file_before_anything_is_made(hidden_cache, tmp_path, nothing_made, mode):
+    """OUT's path goes through a file (a typo, a file where a folder was meant): not a folder that is
+    not writable (a file without x bits fails os.access), nor a failed write once the cache is read
+    (one with x bits, a script, passes it)."""
+    (tmp_path / "notes").write_text("x")
+    (tmp_path / "notes").chmod(mode)
+    out = tmp_path / "notes" / "sf"
+    with pytest.raises(ExportError, match=says(f"{out} cannot be created", f"{tmp_path / 'notes'} is a file", "pass another directory")):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert left_in(tmp_path) == ["notes"] and (tmp_path / "notes").read_text() == "x"
+
+
+def test_an_out_the_export_cannot_list_is_refused_before_anything_is_made(hidden_cache, tmp_path, monkeypatch, nothing_made, capsys):
+    """A drop-box folder (mode 0o733: others may write in it, not list it): whether it is empty cannot
+    be told, so it is refused as one the export cannot use, not with a traceback. Simulated, as root
+    lists any folder."""
+    out = tmp_path / "drop-box"
+    out.mkdir()
+    real = os.listdir
+
+    def listdir(path=".", *args):
+        if Path(os.path.abspath(path)) == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    expected = (f"export: {out} cannot be listed", "Permission denied", "expected a new or empty directory", "pass another directory")
+    with pytest.raises(ExportError, match=says(*expected)):
+        export_cache(hidden_cache, "specforge", out, progress=False)
+    assert main(["export", str(hidden_cache), "--to", "specforge", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: export: {out} cannot be listed")
+    monkeypatch.setattr(os, "listdir", real)
+    assert left_in(out) == []
+
+
 # ---- the target the export takes its embeddings and pad id from ----------------------------
 
 
@@ -1118,6 +1154,45 @@ def test_nemo_export_refuses_a_target_overwritten_after_the_build(tmp_path, noth
     ):
         export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
     assert not (tmp_path / "nemo").exists()
+
+
+def test_nemo_export_of_a_cache_whose_target_folder_is_gone_says_to_pass_target_model(tmp_path, nothing_made, capsys):
+    """The manifest names the folder the build read the target from, which a cache copied or pulled
+    onto another machine does not have: the export says where that name came from and which of its
+    own flags to pass, not the build's --target-revision, nor that the user's --target-model is wrong."""
+    target = copy_of_target(tmp_path / "target")
+    cache = build(small_config(tmp_path / "cache", target=target, max_samples=2), progress=False).output_dir
+    shutil.rmtree(target)
+    with pytest.raises(
+        ExportError,
+        match=says("export --to nemo", f"the target the cache was built from, {str(target)!r}", "does not exist here", "--target-model"),
+    ) as refused:
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert "--target-revision" not in str(refused.value)
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(ExportError, match=says("export --to nemo", f"--target-model {str(missing)!r}", "does not exist")) as refused:
+        export_cache(cache, "nemo", tmp_path / "nemo", target_model=str(missing), progress=False)
+    assert "--target-revision" not in str(refused.value)
+    assert main(["export", str(cache), "--to", "nemo", str(tmp_path / "nemo")]) == 2
+    assert "--target-revision" not in capsys.readouterr().err
+    assert not (tmp_path / "nemo").exists()
+
+
+def test_nemo_export_of_a_cache_built_from_a_relative_target_folder_run_elsewhere_says_to_pass_target_model(tmp_path, monkeypatch):
+    """`--target-model models/llama` is recorded as given, written like a Hub id: the build recorded no
+    commit for it, so it was a folder, and the export, run from another directory, says so."""
+    copy_of_target(tmp_path / "work" / "models" / "llama")
+    monkeypatch.chdir(tmp_path / "work")
+    cache = build(small_config(tmp_path / "cache", target="models/llama", max_samples=2), progress=False).output_dir
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ExportError,
+        match=says("export --to nemo", "the target the cache was built from, 'models/llama'", "does not exist here", "--target-model"),
+    ):
+        export_cache(cache, "nemo", tmp_path / "nemo", progress=False)
+    assert not (tmp_path / "nemo").exists()
+    export_cache(cache, "nemo", tmp_path / "nemo", target_model=str(tmp_path / "work" / "models" / "llama"), progress=False)
+    assert json.loads((tmp_path / "nemo" / "manifest.json").read_text())["num_samples"] == 2
 
 
 def test_nemo_export_refuses_a_local_folder_for_a_hub_builds_target(tmp_path, monkeypatch):
