@@ -1150,6 +1150,7 @@ def test_dataset_info_bytes_edited_alone_are_caught(cache):
 def test_dataset_info_features_that_differ_from_the_shards_columns_are_caught(cache):
     """`datasets` (and load_cache through it) reads the shards with the features the card declares: a column's type
     edited there stops every read, and a column left out or added reads other columns than the shards hold."""
+    from builder.local_shards import DamagedShard
     from builder.reader import load_cache
 
     def retype(data):
@@ -1158,7 +1159,7 @@ def test_dataset_info_features_that_differ_from_the_shards_columns_are_caught(ca
         ]
 
     edit_card(cache, retype)
-    with pytest.raises(pa.ArrowInvalid):
+    with pytest.raises(DamagedShard, match=r"Invalid UTF8 payload.*eagle3-cache verify"):  # verify then names the card
         list(load_cache(cache, streaming=True))
     assert verify_cache(cache) == [
         "README.md: dataset_info.features gives column target_probs the type 'string', where the shards' column is 'binary': "
