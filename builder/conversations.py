@@ -186,6 +186,35 @@ def _with_row_system(row: dict, messages: list[dict]) -> list[dict]:
     return [RowSystemMessage(role="system", content=system), *messages]
 
 
+def without_arrow_filled_nulls(row: dict) -> dict:
+    """An Arrow row (Parquet, a saved or Hub dataset) without the nulls in its tool definitions and tool calls:
+    a table gives each object of a column every key any of them has, null where one has none, so a call's
+    arguments would read {"city": "Oslo", "query": null} and train keys no call held, and a tool's schema
+    another tool's properties. Arrow cannot tell those nulls from ones the data held: both are absent, as a
+    turn's null field is. (A JSON row keeps its nulls: they are the data's.)"""
+    out = dict(row)
+    if isinstance(row.get("tools"), list):
+        out["tools"] = _without_nulls(row["tools"])
+    for key in ("messages", "conversations"):
+        if isinstance(row.get(key), list):
+            out[key] = [_turn_without_call_nulls(turn) for turn in row[key]]
+    return out
+
+
+def _turn_without_call_nulls(turn: Any) -> Any:
+    if not isinstance(turn, dict):
+        return turn
+    return {key: _without_nulls(value) if key in ("tool_calls", "function_call") else value for key, value in turn.items()}
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
 def row_tools(row: dict) -> list[dict] | None:
     """The row's tool definitions for the template: a list of objects, or that list as a
     JSON string (how JSONL and Parquet datasets usually store them); none, empty or a blank

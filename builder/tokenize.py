@@ -33,7 +33,7 @@ import datasets
 import numpy as np
 from jinja2.exceptions import TemplateError
 
-from .conversations import BadRow, normalize_row, opens_with_row_system, parse_raw_row, row_tools
+from .conversations import BadRow, normalize_row, opens_with_row_system, parse_raw_row, row_tools, without_arrow_filled_nulls
 from .errors import InputError
 
 # A tag without spaces (`{%-generation-%}`) is one, as Jinja reads it; NeMo Automodel's detection wants
@@ -548,7 +548,7 @@ def _tokenize_batch(batch, indices, *, tokenizer, template, seq_length, source_i
         source_index = int(source_indices[position])
         ids, mask, reason, detail, parsed = [], [], "", "", None
         try:
-            parsed = parse_raw_row(row["raw"]) if columns == ["raw"] else row
+            parsed = parse_raw_row(row["raw"]) if columns == ["raw"] else without_arrow_filled_nulls(row)
             messages, tools = normalize_row(parsed), row_tools(parsed)
             ids, mask = encode_messages(messages, tokenizer, template, seq_length, tools=tools, **mask_options)
         except BadRow as bad:

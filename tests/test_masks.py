@@ -23,9 +23,10 @@ from builder.config import BuildConfig
 from builder.conversations import BadRow, normalize_row, row_tools
 from builder.embedded import NO_GENERATION_TEMPLATE, WITH_GENERATION_TEMPLATE
 from builder.errors import BadRowError
+from builder.inputs import load_rows, select_rows
 from builder.pipeline import build
 from builder.prepare import prepare
-from builder.tokenize import encode_messages, has_generation_blocks
+from builder.tokenize import encode_messages, has_generation_blocks, tokenize_rows
 
 # Written on one line each (no newline right after a block tag: transformers renders with
 # trim_blocks, which would eat it).
@@ -525,6 +526,61 @@ def test_openai_legacy_function_call_renders_as_the_tool_call(tok):
         ids, mask = encode_row(legacy, tok, template)
         assert (ids, mask) == encode_row(tool_calls, tok, template)
         assert '"name": "get_weather"' in tok.decode([t for t, m in zip(ids, mask) if m])
+
+
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {"name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+}
+# Tool definitions and call arguments as objects, with keys the other row's lack.
+OBJECT_CALL_ROWS = [
+    {
+        "id": "weather",
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "rain"},
+            {"role": "assistant", "content": "Rain."},
+        ],
+    },
+    {
+        "id": "search",
+        "tools": [SEARCH_TOOL],
+        "messages": [
+            {"role": "user", "content": "Find x."},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "search", "arguments": {"query": "x"}}}]},
+            {"role": "tool", "content": "found"},
+            {"role": "assistant", "content": "Found."},
+        ],
+    },
+]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_tool_calls_and_tools_encode_alike_from_json_and_parquet(tmp_path, tok, suffix):
+    """Arrow gives each object of a column every key the column's objects have, null where one has none:
+    from Parquet the weather call's arguments would read {"city": "Oslo", "query": null}, a key no call held,
+    in the supervised tokens, and the search tool's schema a "city" property."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / f"calls.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in OBJECT_CALL_ROWS))
+    else:
+        pq.write_table(pa.Table.from_pylist(OBJECT_CALL_ROWS), path)
+    rows, _ = load_rows(str(path))
+    rows, order = select_rows(rows, seed=0, max_samples=None)
+    out = {record["sample_id"]: record for record in tokenize_rows(rows, order, tok, LLAMA3, 256, 1)}
+    for row in OBJECT_CALL_ROWS:
+        assert (out[row["id"]]["input_ids"], out[row["id"]]["loss_mask"]) == encode_row(row, tok, LLAMA3, 256), row["id"]
+    weather = out["weather"]
+    supervised = tok.decode([t for t, m in zip(weather["input_ids"], weather["loss_mask"]) if m])
+    assert supervised.startswith(
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>'
+    )
+    assert f"Tools: {json.dumps(SEARCH_TOOL)}<|eot_id|>" in tok.decode(out["search"]["input_ids"])
 
 
 # ---- templates that rewrite history: skipped and counted, or --strict ----------------------
