@@ -207,6 +207,13 @@ def _with_system_in_first_user_turn(conversation) -> list:
 
 
 def _encode_with_generation_blocks(messages, chat):
+    if not getattr(chat.tokenizer, "is_fast", False):  # transformers maps the blocks' characters to tokens by offsets
+        raise BadRow(
+            "template_error",
+            "the chat template marks assistant turns with {% generation %} blocks, whose loss mask needs a fast tokenizer's "
+            f"character offsets; found {type(chat.tokenizer).__name__}, a pure-Python tokenizer without them: give the target "
+            "a tokenizer.json (a fast tokenizer), or pass --chat-template with a template without generation blocks",
+        )
     out = _apply_chat_template(
         chat.tokenizer,
         messages,

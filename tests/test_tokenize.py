@@ -604,6 +604,20 @@ def test_a_pure_python_tokenizer_tokenizes_and_has_an_identity():
     assert tokenizer_hash(tok, tok.chat_template) != tokenizer_hash(char_tokenizer(200), tok.chat_template)  # another vocabulary
 
 
+def test_generation_blocks_with_a_pure_python_tokenizer_say_what_they_need():
+    """The blocks' mask maps the template's character spans to tokens by a fast tokenizer's offsets, which a
+    pure-Python one has not: each row says so and what to do, not `TypeError: 'NoneType' object ...`."""
+    tok = char_tokenizer()
+    template = (
+        "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}"
+        "{% endgeneration %}{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    facts = ("{% generation %}", "fast tokenizer", "CharTokenizer", "tokenizer.json", "--chat-template", "without generation blocks")
+    with pytest.raises(BadRow, match="^template_error: " + says(*facts)[4:]):
+        encode_messages(messages, tok, template, 64)
+
+
 def test_the_tokenizer_hash_leaves_out_truncation_and_padding_transformers_turns_off(tmp_path):
     """A tokenizer.json may ship truncation and padding settings, which transformers turns off on the
     first encode call: the hash is the same before and after it, and the same as without them."""
