@@ -346,7 +346,7 @@ def test_a_batchs_device_outputs_are_freed_before_the_next_batchs_forward(tmp_pa
 
     prep = prepare(small_config(tmp_path / "cache", target_format="topk", topk=8, batch_size=2))
     target = Target(load_placed_model(prep), prep.aux_layer_ids)
-    head = forward.HeadRows.of(target, prep.selected_token_ids)
+    head = forward.HeadRows.of(target, prep.selected_token_ids, prep.cfg.target_format)
     previous: dict[str, weakref.ref] = {}
     alive_at_each_start = []
     supervise = Target.supervise
@@ -364,4 +364,41 @@ def test_a_batchs_device_outputs_are_freed_before_the_next_batchs_forward(tmp_pa
         del batch  # the consumer drops each batch at once, as the writer does with its host copies
         batches += 1
     assert batches == 3 and alive_at_each_start == [[], [], []]
+    target.close()
+
+
+@pytest.mark.parametrize("target_format", ["probs", "topk", "hidden"])
+def test_only_a_hidden_build_holds_the_heads_draft_rows_and_the_plan_counts_what_it_holds(tmp_path, target_format):
+    """A `hidden` build rebuilds probs from an fp32 copy of the head's draft rows (start-up check, quality
+    figures); the other formats never read them, so they hold no copy: [Vd, H] fp32 beside the weights
+    (2.1 GB for a 128k vocabulary at H 4096) would be device memory no plan counted."""
+    from helpers import AllocatedBytes
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.placement import memory_plan
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / "llama", "llama")).eval()
+    target = Target(model, [0, 1, 2])
+    selected = list(range(0, model.config.vocab_size, 2))
+    with AllocatedBytes([*model.parameters(), *model.buffers()]) as allocated:
+        head = forward.HeadRows.of(target, selected, target_format)
+    rows_bytes = len(selected) * model.config.hidden_size * 4
+    ids_bytes = len(selected) * 8
+    prep = SimpleNamespace(
+        cfg=small_config(tmp_path / "cache", target_format=target_format),
+        model_config=model.config,
+        aux_layer_ids=[0, 1, 2],
+        selected_token_ids=selected,
+    )
+    plan = memory_plan(prep, dtype_bytes=4)
+    if target_format == "hidden":
+        assert torch.equal(head.draft_rows, model.lm_head.weight[selected])
+        assert allocated.live == rows_bytes + ids_bytes
+        assert plan.head_rows == rows_bytes
+    else:
+        assert head.draft_rows is None and head.transform is None
+        assert allocated.live == ids_bytes
+        assert plan.head_rows == 0
     target.close()
