@@ -402,3 +402,44 @@ def test_only_a_hidden_build_holds_the_heads_draft_rows_and_the_plan_counts_what
         assert allocated.live == ids_bytes
         assert plan.head_rows == 0
     target.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "text_config", "gpt2", "mixtral"])
+def test_a_samples_supervision_does_not_depend_on_the_samples_that_share_its_batch(tmp_path, arch):
+    """Each sample of a right-padded batch against the same sample alone (fp32, CPU). The head is
+    exact: a row's logits come from fixed-shape chunks, so the same final hidden rows give the same
+    probs and argmax bit for bit whatever rows share the chunk. The decoder is exact up to kernel
+    rounding only: a padded batch hands SDPA a mask (another kernel path than the plain causal one of
+    a lone sample), and a mixture of experts groups each expert's tokens over the whole batch, so
+    sums run in another order: within 1e-6 of the states' largest magnitude (a few fp32 ulps), the
+    argmax unchanged."""
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / arch, arch)).eval()
+    target = Target(model, [0, 3, 7])  # 7: the last layer, stored before the final norm
+    generator = torch.Generator().manual_seed(0)
+    lengths = [40, 23, 31, 7]
+    sequences = [torch.randint(5, 300, (n,), generator=generator).tolist() for n in lengths]
+    masks = [(torch.rand(n, generator=generator) > 0.3).tolist() for n in lengths]
+    masks = [[1, *m[1:-1], 1] for m in masks]  # the first and the last position of each sample supervised
+    selected = torch.arange(0, 400, dtype=torch.long)
+    batch = target.supervise(*pad_batch(sequences, masks, 0), selected)
+    offset = 0
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        alone = target.supervise(*pad_batch([sequence], [mask], 0), selected)
+        rows = slice(offset, offset + sum(mask))
+        offset += sum(mask)
+        scale = alone["aux"].abs().max().item()  # Gemma's scaled embeddings make its states ~50x Llama's
+        torch.testing.assert_close(batch["aux"][row, : len(sequence)], alone["aux"][0], rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(batch["probs"][rows], alone["probs"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(batch["argmax"][rows], alone["argmax"])
+        # the same final hidden rows: probs and argmax exactly as alone, whatever else the chunk holds
+        hidden = batch["final_hidden"][row, : len(sequence)][torch.tensor(mask, dtype=torch.bool)]
+        logits = target.logits_at(hidden)
+        assert torch.equal(batch["probs"][rows], torch.softmax(logits.index_select(-1, selected), -1))
+        assert torch.equal(batch["argmax"][rows], logits.argmax(-1))
+    assert offset == len(batch["probs"])
+    target.close()
