@@ -51,7 +51,7 @@ def run_forward(
     model = load_placed_model(prep)
     result.placement = {"gpus_per_target": prep.cfg.gpus_per_target, "device_map": device_map_summary(model)}
     target = Target(model, prep.aux_layer_ids)
-    head = HeadRows.of(target, prep.selected_token_ids)
+    head = HeadRows.of(target, prep.selected_token_ids, prep.cfg.target_format)
     try:
         check_head(prep, target, head)  # before any file is written
     except BaseException:
@@ -302,15 +302,19 @@ def with_tensors_replaced(node, copies: dict):
 @dataclass
 class HeadRows:
     """What every batch needs from the head: the draft ids on the device, and for `hidden` caches
-    the draft rows and logit transform used to rebuild probs (quality report, vocab/lm_head)."""
+    the draft rows and logit transform used to rebuild probs (quality report, start-up check); None
+    for the other formats, which never read them: their fp32 copy is device memory the plan counts
+    only for `hidden` (`MemoryPlan.head_rows`)."""
 
     selected: torch.Tensor
     draft_rows: torch.Tensor | None
     transform: object
 
     @classmethod
-    def of(cls, target: Target, selected_token_ids) -> HeadRows:
+    def of(cls, target: Target, selected_token_ids, target_format: str) -> HeadRows:
         selected = torch.as_tensor(selected_token_ids, device=target.device)
+        if target_format != "hidden":
+            return cls(selected, None, None)
         rows = target.head.weight.index_select(0, selected).float()
         bias = target.head.bias.index_select(0, selected).float() if getattr(target.head, "bias", None) is not None else None
         return cls(selected, rows, head_transform_from(head_spec(target.model.config), bias))

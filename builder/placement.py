@@ -82,6 +82,7 @@ class MemoryPlan:
     head_chunks: int
     outputs: int
     overhead: int
+    head_rows: int = 0  # a `hidden` build's fp32 copy of the head's draft rows (forward.HeadRows)
 
     @property
     def per_gpu(self) -> int:
@@ -95,6 +96,7 @@ class MemoryPlan:
             + self.head_chunks
             + self.outputs
             + self.overhead
+            + self.head_rows
         )
 
     def to_dict(self) -> dict:
@@ -109,6 +111,7 @@ class MemoryPlan:
             f"aux {self.aux_capture / GiB:.1f}",
             f"head {self.head_chunks / GiB:.1f}",
             f"outputs {self.outputs / GiB:.1f}",
+            *([f"head rows {self.head_rows / GiB:.1f}"] if self.head_rows else []),
             f"overhead {self.overhead / GiB:.1f}",
         ]
         return (
@@ -129,11 +132,13 @@ def plan_memory(
     model=None,
     longest_row: int | None = None,
     padded: bool = False,
+    hidden_format: bool = False,
 ) -> MemoryPlan:
     """`dtype_bytes`: 2 where the target computes in bf16 (a GPU), 4 in fp32 (CPU); `aux_dtype`: how the
     cache stores aux states; `model`: the target on the meta device when already built (`meta_model`);
     `longest_row`: tokens of a batch's longest row (default: `max_tokens`, one row); `padded`: whether a
-    batch can hold rows of different lengths (more than one row per batch)."""
+    batch can hold rows of different lengths (more than one row per batch); `hidden_format`: the build
+    keeps an fp32 copy of the head's draft rows to rebuild probs from (--target-format hidden)."""
     from .formats import encoded_aux_bytes
     from .supervision import HEAD_CHUNK_ROWS
     from .target import text_config
@@ -164,6 +169,7 @@ def plan_memory(
         # A batch's supervision before the copy: fp32 probs per block, their concatenation, the cast.
         outputs=max_tokens * (draft_vocab_size or cfg.vocab_size) * (4 * 2 + dtype_bytes),
         overhead=CUDA_CONTEXT_BYTES,
+        head_rows=(draft_vocab_size or cfg.vocab_size) * hidden * 4 if hidden_format else 0,
     )
 
 
@@ -225,7 +231,7 @@ def check_fits(plan: MemoryPlan, available_per_gpu: int) -> None:
 
 def max_memory_map(gpus: list[int], per_gpu: int, plan: MemoryPlan) -> dict:
     """`max_memory` for `from_pretrained(device_map="auto")`: weights only, leaving room for the batch."""
-    room = plan.activations + plan.attention_masks + plan.aux_capture + plan.head_chunks + plan.outputs + plan.overhead
+    room = plan.per_gpu - plan.weights_per_gpu - plan.layer_slack
     return {gpu: max(per_gpu - room, 0) for gpu in gpus} | {"cpu": 0}
 
 
@@ -289,6 +295,7 @@ def memory_plan(prep: Prepared, dtype_bytes: int | None = None, model=None):
         model=model,
         longest_row=min(prep.cfg.seq_length, largest_batch_tokens(prep.cfg)),
         padded=prep.cfg.batch_size > 1,
+        hidden_format=prep.cfg.target_format == "hidden",
     )
 
 

@@ -244,20 +244,49 @@ MAX_ROW_BYTES = 2**31 - 1  # one Parquet binary value (Arrow's int32 offsets)
 
 
 def check_row_sizes(prep: Prepared) -> None:
-    """Refuse, before any weights load, a sample whose row could not be written."""
-    per_token, per_loss = prep.layout.bytes_per_position()
+    """Refuse, before any weights load, a sample one of whose tensors could not be written: each is one
+    binary value of its own column (shards.py), which Arrow's int32 offsets keep under 2 GiB."""
+    from .formats import TORCH_DTYPES
+    from .shards import column_encodings, max_added_bytes
+
     tokens = np.asarray(prep.samples["num_tokens"], dtype=np.int64)
     loss = np.asarray(prep.samples["num_loss_tokens"], dtype=np.int64)
-    sizes = tokens * per_token + loss * per_loss
-    if len(sizes) and sizes.max() > MAX_ROW_BYTES:
-        i = int(sizes.argmax())
-        raise ConfigError(
-            "--seq-length",
-            prep.cfg.seq_length,
-            "samples whose row stays under Parquet's 2 GiB per value",
-            f"A sample of {int(tokens[i])} tokens ({int(loss[i])} supervised) would take {sizes[i] / 2**30:.1f} GiB. "
-            "Lower --seq-length or --draft-vocab-size, or use --target-format topk or hidden.",
-        )
+    if not len(tokens):
+        return
+    columns, encodings = prep.layout.columns(), column_encodings(prep.layout, prep.cfg.compression)
+    over = {}
+    for name, nbytes in prep.layout.column_position_bytes().items():
+        header = max_added_bytes(TORCH_DTYPES[columns[name]["dtype"]].itemsize, encodings[name])
+        sizes = (tokens if columns[name]["per"] == "token" else loss) * nbytes + header
+        if sizes.max() > MAX_ROW_BYTES:
+            over[name] = int(sizes.argmax()), int(sizes.max())
+    if not over:
+        return
+    found = "; ".join(
+        f"a sample of {int(tokens[i])} tokens ({int(loss[i])} supervised) would store {size / 2**30:.1f} GiB in its {name}"
+        for name, (i, size) in over.items()
+    )
+    fp8 = prep.cfg.storage_aux_dtype == "fp8"  # aux states already in 1 byte: only fewer tokens shrink them
+    advice = [
+        "Lower --seq-length",
+        *dict.fromkeys(ROW_SIZE_ADVICE[n] for n in over if n in ROW_SIZE_ADVICE and not (fp8 and n.startswith("aux"))),
+    ]
+    raise ConfigError(
+        "--seq-length",
+        prep.cfg.seq_length,
+        "samples each of whose tensors stays under Parquet's 2 GiB per value",
+        f"{found[0].upper()}{found[1:]}. {', or '.join(advice)}.",
+    )
+
+
+# What shrinks a column's value besides a shorter --seq-length.
+ROW_SIZE_ADVICE = {
+    "aux_hidden_states": "store the aux states in 1 byte with --aux-dtype fp8",
+    "target_probs": "lower --draft-vocab-size, or use --target-format topk or hidden",
+    "topk_logprobs": "lower --topk",
+    "topk_ids": "lower --topk",
+    "final_hidden": "use --target-format probs or topk",
+}
 
 
 def split_valid(tokenized: datasets.Dataset, strict: bool) -> tuple[datasets.Dataset, dict[str, int]]:

@@ -346,7 +346,7 @@ def test_a_batchs_device_outputs_are_freed_before_the_next_batchs_forward(tmp_pa
 
     prep = prepare(small_config(tmp_path / "cache", target_format="topk", topk=8, batch_size=2))
     target = Target(load_placed_model(prep), prep.aux_layer_ids)
-    head = forward.HeadRows.of(target, prep.selected_token_ids)
+    head = forward.HeadRows.of(target, prep.selected_token_ids, prep.cfg.target_format)
     previous: dict[str, weakref.ref] = {}
     alive_at_each_start = []
     supervise = Target.supervise
@@ -364,4 +364,82 @@ def test_a_batchs_device_outputs_are_freed_before_the_next_batchs_forward(tmp_pa
         del batch  # the consumer drops each batch at once, as the writer does with its host copies
         batches += 1
     assert batches == 3 and alive_at_each_start == [[], [], []]
+    target.close()
+
+
+@pytest.mark.parametrize("target_format", ["probs", "topk", "hidden"])
+def test_only_a_hidden_build_holds_the_heads_draft_rows_and_the_plan_counts_what_it_holds(tmp_path, target_format):
+    """A `hidden` build rebuilds probs from an fp32 copy of the head's draft rows (start-up check, quality
+    figures); the other formats never read them, so they hold no copy: [Vd, H] fp32 beside the weights
+    (2.1 GB for a 128k vocabulary at H 4096) would be device memory no plan counted."""
+    from helpers import AllocatedBytes
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.placement import memory_plan
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / "llama", "llama")).eval()
+    target = Target(model, [0, 1, 2])
+    selected = list(range(0, model.config.vocab_size, 2))
+    with AllocatedBytes([*model.parameters(), *model.buffers()]) as allocated:
+        head = forward.HeadRows.of(target, selected, target_format)
+    rows_bytes = len(selected) * model.config.hidden_size * 4
+    ids_bytes = len(selected) * 8
+    prep = SimpleNamespace(
+        cfg=small_config(tmp_path / "cache", target_format=target_format),
+        model_config=model.config,
+        aux_layer_ids=[0, 1, 2],
+        selected_token_ids=selected,
+    )
+    plan = memory_plan(prep, dtype_bytes=4)
+    if target_format == "hidden":
+        assert torch.equal(head.draft_rows, model.lm_head.weight[selected])
+        assert allocated.live == rows_bytes + ids_bytes
+        assert plan.head_rows == rows_bytes
+    else:
+        assert head.draft_rows is None and head.transform is None
+        assert allocated.live == ids_bytes
+        assert plan.head_rows == 0
+    target.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "text_config", "gpt2", "mixtral"])
+def test_a_samples_supervision_does_not_depend_on_the_samples_that_share_its_batch(tmp_path, arch):
+    """Each sample of a right-padded batch against the same sample alone (fp32, CPU). The head is
+    exact: a row's logits come from fixed-shape chunks, so the same final hidden rows give the same
+    probs and argmax bit for bit whatever rows share the chunk. The decoder is exact up to kernel
+    rounding only: a padded batch hands SDPA a mask (another kernel path than the plain causal one of
+    a lone sample), and a mixture of experts groups each expert's tokens over the whole batch, so
+    sums run in another order: within 1e-6 of the states' largest magnitude (a few fp32 ulps), the
+    argmax unchanged."""
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.target import Target
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / arch, arch)).eval()
+    target = Target(model, [0, 3, 7])  # 7: the last layer, stored before the final norm
+    generator = torch.Generator().manual_seed(0)
+    lengths = [40, 23, 31, 7]
+    sequences = [torch.randint(5, 300, (n,), generator=generator).tolist() for n in lengths]
+    masks = [(torch.rand(n, generator=generator) > 0.3).tolist() for n in lengths]
+    masks = [[1, *m[1:-1], 1] for m in masks]  # the first and the last position of each sample supervised
+    selected = torch.arange(0, 400, dtype=torch.long)
+    batch = target.supervise(*pad_batch(sequences, masks, 0), selected)
+    offset = 0
+    for row, (sequence, mask) in enumerate(zip(sequences, masks)):
+        alone = target.supervise(*pad_batch([sequence], [mask], 0), selected)
+        rows = slice(offset, offset + sum(mask))
+        offset += sum(mask)
+        scale = alone["aux"].abs().max().item()  # Gemma's scaled embeddings make its states ~50x Llama's
+        torch.testing.assert_close(batch["aux"][row, : len(sequence)], alone["aux"][0], rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(batch["probs"][rows], alone["probs"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(batch["argmax"][rows], alone["argmax"])
+        # the same final hidden rows: probs and argmax exactly as alone, whatever else the chunk holds
+        hidden = batch["final_hidden"][row, : len(sequence)][torch.tensor(mask, dtype=torch.bool)]
+        logits = target.logits_at(hidden)
+        assert torch.equal(batch["probs"][rows], torch.softmax(logits.index_select(-1, selected), -1))
+        assert torch.equal(batch["argmax"][rows], logits.argmax(-1))
+    assert offset == len(batch["probs"])
     target.close()

@@ -346,6 +346,36 @@ def test_rows_over_two_gib_are_refused_before_weights(tmp_path, monkeypatch):
         prepare(cfg)
 
 
+def test_the_two_gib_limit_is_each_columns_value_and_the_advice_fits_the_column_over_it(tmp_path, monkeypatch):
+    """Each tensor of a row is a Parquet value of its own column. The longest sample (512 tokens, 374
+    supervised) stores 196,608 bytes of aux states (3 x 64 bf16 per token, plus at most 27 of zstd planes'
+    header) and 11,968 of probs over 16 draft tokens: 212,632 in all. Under a 200,000-byte limit every value
+    fits, so the build goes on; under 100,000 the aux states do not, and only a shorter --seq-length or
+    fp8 aux states make them smaller (the draft vocabulary and target format change other columns)."""
+    import builder.prepare as prepare_module
+    from builder.config import BuildConfig
+    from builder.prepare import prepare
+
+    cfg = BuildConfig(
+        target_model="tiny-llama",
+        input_data="sample-chats",
+        output_dir=str(tmp_path / "out"),
+        max_samples=20,
+        seq_length=512,
+        draft_vocab_size=16,
+    )
+    monkeypatch.setattr(prepare_module, "MAX_ROW_BYTES", 200_000)
+    assert max(prepare(cfg).samples["num_tokens"]) == 512
+    monkeypatch.setattr(prepare_module, "MAX_ROW_BYTES", 100_000)
+    with pytest.raises(ConfigError) as refused:
+        prepare(cfg)
+    message = str(refused.value)
+    assert re.search(
+        says("--seq-length", "got 512", "2 GiB per value", "512 tokens (374 supervised)", "aux_hidden_states", "--aux-dtype fp8"), message
+    )
+    assert "--draft-vocab-size" not in message and "--target-format" not in message
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_a_new_output_dir_whose_nearest_existing_folder_is_not_writable_is_refused(tmp_path):
     """/proc/self takes no new folder from anyone, root included (whom no folder mode stops)."""
