@@ -942,8 +942,12 @@ def opened(load: functools.partial, source: CacheSource):
     try:
         return load()
     except DatasetGenerationError as err:  # preparing a map-style read: Parquet's error names no shard
-        if source.on_hub or not _read_failure(err.__cause__):
+        if not _read_failure(err.__cause__):
             raise
+        if source.on_hub:  # the shards were downloaded whole before: the bytes served are damaged
+            from .hub import damaged_hub_shard
+
+            raise damaged_hub_shard(err.__cause__, source.describe(), source.location, source.revision, source.name, SHARD_DAMAGED) from err
         raise damaged_shard(source.describe(), verify_target(source), err.__cause__, SHARD_DAMAGED) from err
     except ValueError as err:
         if isinstance(err, Eagle3CacheError):

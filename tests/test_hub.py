@@ -710,6 +710,24 @@ def test_a_shard_damaged_on_the_hub_is_named_with_what_to_do_when_streamed(hub, 
         assert seen == sample_ids(decoded_rows(v1))[:4]  # shard 0 whole, nothing of shard 1
 
 
+def test_a_shard_damaged_on_the_hub_read_map_style_says_what_to_do(hub, pushed_v1, served_damaged, monkeypatch, tmp_path):
+    """A map-style read prepares every shard at the open: `datasets`' own error only says that generating failed."""
+    from builder.local_shards import DamagedShard
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")  # not an intact copy prepared before
+    served_damaged(slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            "tester/dist@",
+            "a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            "`eagle3-cache verify tester/dist --revision v1` checks every shard against the checksums its card records",
+            "push the cache to tester/dist at revision v1 again from an intact local copy",
+        ),
+    ):
+        load_cache(pushed_v1, revision="v1", layout="raw", streaming=False)
+
+
 def test_only_the_needed_columns_are_downloaded(hub, pushed_v1, v1):
     total = sum(f.stat().st_size for f in (v1 / "data").glob("*.parquet"))
     rows = list(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], block_size=4 << 10))
