@@ -299,12 +299,19 @@ def download_file(repo_id: str, path: str, commit: str, token: str | None = None
         raise err.__cause__ from None  # what stopped the look-up: `Retry` retries it, or says the Hub kept failing
 
 
+SHARD_FILE = "eagle3_cache_shard_file"  # the attribute of an error that names the shard file it was read from
+
+
 def failed_path(err: BaseException) -> str | None:
     """The repo file a failed read asked for: the `.../resolve/<revision>/<path>` URL found in the
-    error's cause chain (the client keeps the request or response on its errors)."""
+    error's cause chain (the client keeps the request or response on its errors), or the `hf://` file
+    the reader names on an error Parquet raised (`SHARD_FILE`)."""
     from urllib.parse import unquote
 
     while err is not None:
+        shard = re.match(r"hf://datasets/[^/]+/[^/@]+@[^/]+/(.+)", getattr(err, SHARD_FILE, ""))
+        if shard:
+            return unquote(shard.group(1))
         for text in (_url_of(err, "response"), _url_of(err, "request"), str(err)):
             match = re.search(r"/resolve/[^/\s]+/([^?#\s'\"]+)", text)
             if match:
@@ -320,8 +327,13 @@ def _url_of(err: BaseException, attribute: str) -> str:
         return ""
 
 
-def read_error(err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int) -> HubError:
-    """A user-facing error for a streaming read that failed for good: which file, which version, why."""
+def read_error(
+    err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int, name: str | None = None
+) -> Eagle3CacheError:
+    """A user-facing error for a streaming read that failed for good: which file, which version, why.
+    Bytes Parquet cannot decode are a damaged shard (`DamagedShard`), with verify's check and the repair."""
+    import pyarrow as pa
+
     path = failed_path(err) or "a data file"
     status = http_status(err)
     while status is None and err.__cause__ is not None:  # `datasets` wraps the client's error
@@ -337,9 +349,24 @@ def read_error(err: BaseException, repo_id: str, revision: str | None, commit: s
             f"the Hub kept failing ({err}) after {reopened} reopening(s); keep `dataset.state_dict()` "
             "and resume from it with `load_state_dict()` once the Hub answers again"
         )
+    elif isinstance(err, (OSError, pa.ArrowException)):  # no Hub answer or broken connection behind it: Parquet's, on the bytes
+        return damaged_hub_shard(err, f"streaming {repo_id}: {path} at {version}", repo_id, revision, name)
     else:
         hint = str(err)
     return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
+
+
+def damaged_hub_shard(
+    err: BaseException, where: str, repo_id: str, revision: str | None, name: str | None, what: str = "the shard is damaged"
+) -> Eagle3CacheError:
+    from .local_shards import DamagedShard
+    from .repair import Repair
+
+    verify = f"eagle3-cache verify {repo_id}" + (f" --revision {revision}" if revision else "") + (f" --name {name}" if name else "")
+    return DamagedShard(
+        f"{where}: {what} ({type(err).__name__}: {err}). `{verify}` checks every shard against the "
+        f"checksums its card records; to repair: {Repair(repo_id, revision, name).push_again()}"
+    )
 
 
 def remote_file_sizes(repo_id: str, revision: str, folder: str, token: str | None = None) -> dict[str, tuple[int, str | None]]:

@@ -32,7 +32,7 @@ import torch
 
 from .errors import ConfigError, Eagle3CacheError
 from .files import refuse_pattern_paths
-from .local_shards import DamagedShard, damaged_shard, memory_map_local_shards
+from .local_shards import TABLE_ARGUMENTS, DamagedShard, _is_datasets_parquet_reader, damaged_shard, memory_map_local_shards
 from .manifest import VOCAB_FILE, read_manifest  # noqa: F401 (read_manifest: public here)
 from .manifest import manifest_of as _manifest_of
 from .shards import PLANES_ZSTD, RAW, TORCH_DTYPES, decode_value, frombuffer
@@ -886,7 +886,45 @@ def _load_rows(
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
         load = functools.partial(retry or Retry(), "open the shards", load, source.location, explain_permanent=False)
     hf = opened(load, source)
+    if streaming and source.on_hub:
+        name_the_shard_of_read_errors(hf)
     return hf, streaming and not source.on_hub and memory_map_local_shards(hf)
+
+
+def name_the_shard_of_read_errors(hf) -> None:
+    """Make `datasets`' Parquet reads of a streaming dataset name the shard file on their errors (`TablesNamingTheirFile`);
+    a stream `datasets` builds in another way (another version) is left as it is: its errors then name no file."""
+    examples = getattr(hf, "_ex_iterable", None)
+    generate = getattr(examples, "generate_tables_fn", None)
+    if _is_datasets_parquet_reader(generate, getattr(generate, "__self__", None)) and sorted(examples.kwargs) == TABLE_ARGUMENTS:
+        examples.generate_tables_fn = TablesNamingTheirFile(generate)
+
+
+class TablesNamingTheirFile:
+    """`datasets`' Parquet table generator, run one file at a time, so that an error reading a file carries its
+    name (`hub.SHARD_FILE`, read by `hub.read_error`): Parquet's own errors name none. The same tables, with the
+    same keys. Picklable, as the generator it wraps (DataLoader workers)."""
+
+    def __init__(self, generate):
+        self.generate = generate
+
+    def __call__(self, files, row_groups_list):
+        from datasets.builder import Key
+
+        from .hub import SHARD_FILE
+
+        for file_index, (file, row_groups) in enumerate(zip(files, row_groups_list)):
+            with contextlib.closing(self.generate(files=[file], row_groups_list=[row_groups])) as tables:
+                while True:
+                    try:
+                        item = next(tables, None)
+                    except Exception as err:  # not around the yield: an error thrown into the generator is not the file's
+                        setattr(err, SHARD_FILE, str(file))
+                        raise
+                    if item is None:
+                        break
+                    key, table = item
+                    yield Key(file_index, key.item_or_batch_id), table
 
 
 class ShardsNotOpened(Eagle3CacheError, ValueError):
@@ -904,8 +942,12 @@ def opened(load: functools.partial, source: CacheSource):
     try:
         return load()
     except DatasetGenerationError as err:  # preparing a map-style read: Parquet's error names no shard
-        if source.on_hub or not _read_failure(err.__cause__):
+        if not _read_failure(err.__cause__):
             raise
+        if source.on_hub:  # the shards were downloaded whole before: the bytes served are damaged
+            from .hub import damaged_hub_shard
+
+            raise damaged_hub_shard(err.__cause__, source.describe(), source.location, source.revision, source.name, SHARD_DAMAGED) from err
         raise damaged_shard(source.describe(), verify_target(source), err.__cause__, SHARD_DAMAGED) from err
     except ValueError as err:
         if isinstance(err, Eagle3CacheError):
@@ -1075,7 +1117,7 @@ def load_cache(
         if source.on_hub:
             from .hub import read_error
 
-            describe = functools.partial(read_error, repo_id=source.location, revision=revision, commit=source.commit)
+            describe = functools.partial(read_error, repo_id=source.location, revision=revision, commit=source.commit, name=source.name)
         dataset = StreamingCacheDataset(
             hf,
             transform,

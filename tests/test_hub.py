@@ -668,6 +668,66 @@ def test_permanent_read_failure_names_the_file_and_the_revision(hub, pushed_v1, 
     assert seen == sample_ids(decoded_rows(v1))[:8]  # shards 0 and 1 were read whole, nothing after
 
 
+@pytest.fixture
+def served_damaged(hub, pushed_v1):
+    """The Hub serves shard 1 of tester/dist with bytes overwritten at a place the test names; its listing still
+    gives the size and sha256 the card records. The stored bytes are put back afterwards: other repos share them."""
+    blob = hub.state.blob_path(hub.files_at(pushed_v1, "v1")["data/train-00001-of-00004.parquet"].sha256)
+    intact = blob.read_bytes()
+
+    def damage(where: slice) -> None:
+        damaged = bytearray(intact)
+        damaged[where] = b"\xff" * len(damaged[where])
+        blob.write_bytes(bytes(damaged))
+
+    yield damage
+    blob.write_bytes(intact)
+
+
+@pytest.mark.parametrize("where", [slice(4, 40), slice(-40, -8)], ids=["page header", "footer"])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_shard_damaged_on_the_hub_is_named_with_what_to_do_when_streamed(hub, pushed_v1, v1, served_damaged, where, num_workers):
+    """Parquet's own error names no file ("Couldn't deserialize thrift"): the reader says which shard of which
+    version cannot be read, how to check the repo and how to repair it, as it does for a local shard."""
+    from builder.local_shards import DamagedShard
+
+    served_damaged(where)
+    seen = []
+    dataset = load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id"], retry=FAST)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=sample_ids)
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            "streaming tester/dist: data/train-00001-of-00004.parquet at revision 'v1' (commit ",
+            "the shard is damaged (",
+            "`eagle3-cache verify tester/dist --revision v1` checks every shard against the checksums its card records",
+            "push the cache to tester/dist at revision v1 again from an intact local copy",
+        ),
+    ):
+        for batch in loader:
+            seen += batch
+    if num_workers == 0:
+        assert seen == sample_ids(decoded_rows(v1))[:4]  # shard 0 whole, nothing of shard 1
+
+
+def test_a_shard_damaged_on_the_hub_read_map_style_says_what_to_do(hub, pushed_v1, served_damaged, monkeypatch, tmp_path):
+    """A map-style read prepares every shard at the open: `datasets`' own error only says that generating failed."""
+    from builder.local_shards import DamagedShard
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")  # not an intact copy prepared before
+    served_damaged(slice(4, 40))
+    with pytest.raises(
+        DamagedShard,
+        match=says(
+            "tester/dist@",
+            "a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            "`eagle3-cache verify tester/dist --revision v1` checks every shard against the checksums its card records",
+            "push the cache to tester/dist at revision v1 again from an intact local copy",
+        ),
+    ):
+        load_cache(pushed_v1, revision="v1", layout="raw", streaming=False)
+
+
 def test_only_the_needed_columns_are_downloaded(hub, pushed_v1, v1):
     total = sum(f.stat().st_size for f in (v1 / "data").glob("*.parquet"))
     rows = list(load_cache(pushed_v1, revision="v1", layout="raw", columns=["sample_id", "input_ids"], block_size=4 << 10))
