@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-cache
+# pytest workers (pytest-xdist), each with one torch thread (tests/conftest.py): the tests spend much of
+# their time in processes they start and in file I/O, so two workers on two cores take half the time of one.
+TEST_WORKERS ?= 2
 # The default (CUDA) build of torch where nvidia-smi finds a GPU. Elsewhere the CPU build: on
 # x86-64 Linux PyPI's torch wheel is the CUDA one (with GBs of nvidia-* packages), so the pin names
 # the +cpu build of PyTorch's CPU index; on macOS PyPI's wheel is the CPU build, and other machines
@@ -45,7 +48,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

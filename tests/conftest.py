@@ -17,6 +17,10 @@ if NEMO_SITE.is_dir():
 # tests that hand an export to SpecForge's own code.
 SPECFORGE_SITE = Path(sys.prefix) / "specforge-site"
 
+# One torch thread per test process, set before torch loads: `make test` runs a pytest worker per core,
+# and the tiny targets gain nothing from more threads, which would only contend; processes tests start
+# inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
