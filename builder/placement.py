@@ -174,10 +174,25 @@ def plan_memory(
 
 
 def mlp_width(cfg) -> int:
-    """Values per token the MLP holds at its peak: gate, up and their product of a dense MLP (3I); of a
+    """Values per token the MLP holds at its peak: gate, up and their product of a gated MLP (3I); c_fc's
+    output and gelu_new's temporaries of GPT-2's (4I: 0.5x, x^3 and 0.044715x^3 alive with x at once); of a
     mixture of experts, whichever is larger, the dense layers' or the routed experts' (`moe_width`)."""
-    dense = 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    dense = (4 if hasattr(cfg, "n_inner") else 3) * dense_mlp_width(cfg)
     return max(dense, moe_width(cfg))
+
+
+def dense_mlp_width(cfg) -> int:
+    """I, a dense MLP's width: `intermediate_size`, or where the config names it `n_inner` (GPT-2 and the
+    configs modelled on it), which transformers reads as 4H when it is None."""
+    if hasattr(cfg, "n_inner"):
+        return cfg.n_inner if cfg.n_inner is not None else 4 * cfg.hidden_size
+    return getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+
+
+def expert_width(cfg) -> int:
+    """I of one routed expert: `moe_intermediate_size` where the config has one (Qwen MoE), else the
+    dense width, which Mixtral's experts have."""
+    return getattr(cfg, "moe_intermediate_size", None) or dense_mlp_width(cfg)
 
 
 def moe_width(cfg) -> int:
@@ -191,8 +206,7 @@ def moe_width(cfg) -> int:
     k = getattr(cfg, "num_experts_per_tok", None)
     if not k or not any(getattr(cfg, field, None) for field in EXPERT_COUNT_FIELDS):
         return 0
-    hidden = cfg.hidden_size
-    expert = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", 4 * hidden)
+    hidden, expert = cfg.hidden_size, expert_width(cfg)
     shared = getattr(cfg, "shared_expert_intermediate_size", None) or (getattr(cfg, "n_shared_experts", None) or 0) * expert
     return k * (hidden + max(4 * expert, 3 * hidden)) + 3 * shared
 

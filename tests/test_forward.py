@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import small_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import builder.forward as forward
 import builder.shards as shards
@@ -442,4 +445,65 @@ def test_a_samples_supervision_does_not_depend_on_the_samples_that_share_its_bat
         assert torch.equal(batch["probs"][rows], torch.softmax(logits.index_select(-1, selected), -1))
         assert torch.equal(batch["argmax"][rows], logits.argmax(-1))
     assert offset == len(batch["probs"])
+    target.close()
+
+
+class LargestMadeFrom(TorchDispatchMode):
+    """The bytes of the largest storage that ops inside it make from `source`'s data: from `source`, a
+    view of it, or a tensor made from it; storages that already existed (an in-place copy's target) are
+    not made there."""
+
+    def __init__(self, source: torch.Tensor):
+        super().__init__()
+        self.derived, self.seen, self.largest = {source.untyped_storage().data_ptr()}, set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        from_source = any(t.untyped_storage().data_ptr() in self.derived for t in inputs)
+        known = {t.untyped_storage().data_ptr() for t in inputs} | self.seen
+        out = func(*args, **(kwargs or {}))
+        for tensor in (t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in known or key in self.derived or storage.nbytes() == 0:
+                continue
+            self.seen.add(key)
+            weakref.finalize(storage, self.seen.discard, key)
+            if from_source:
+                self.derived.add(key)
+                weakref.finalize(storage, self.derived.discard, key)
+                self.largest = max(self.largest, storage.nbytes())
+        return out
+
+
+def test_the_head_file_is_converted_to_fp32_a_chunk_of_rows_at_a_time_and_holds_the_same_bytes(tmp_path, monkeypatch):
+    """With --store-full-head the head file holds every row of the head in fp32. Converted whole, that
+    is [V, H] fp32 beside the weights on the device at start-up (4.2 GB at a 128k vocabulary and H 8192),
+    which the memory plan does not count; converted HEAD_COPY_ROWS rows at a time (the draft rows too),
+    the device holds one chunk's rows, and the file's bytes are those of the whole conversion."""
+    from safetensors.torch import load_file
+    from tiny_targets import make_tiny_target
+    from transformers import AutoModelForCausalLM
+
+    from builder.manifest import LM_HEAD_FILE
+    from builder.target import Target
+
+    # bf16, as a GPU loads it: the conversion makes new fp32 rows (an fp32 head on the CPU needs none)
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_target(tmp_path / "llama", "llama"), dtype=torch.bfloat16).eval()
+    weight = model.lm_head.weight
+    assert weight.shape == (1024, 64)
+    target = Target(model, [0, 1, 2])
+    selected = list(range(0, 1024, 3))  # 342 draft rows: three chunks of 96 and one of 54
+    prep = SimpleNamespace(cfg=SimpleNamespace(store_full_head=True), selected_token_ids=selected)
+    monkeypatch.setattr(forward, "HEAD_COPY_ROWS", 96, raising=False)
+    (tmp_path / "cache" / "vocab").mkdir(parents=True)
+    with torch.inference_mode(), LargestMadeFrom(weight) as made:
+        forward.write_head_rows(tmp_path / "cache", prep, target)
+    stored = load_file(tmp_path / "cache" / LM_HEAD_FILE)
+    assert sorted(stored) == ["draft_rows", "weight"]
+    assert stored["weight"].dtype == stored["draft_rows"].dtype == torch.float32
+    assert torch.equal(stored["weight"], weight.float())
+    assert torch.equal(stored["draft_rows"], weight[selected].float())
+    # one chunk of 96 rows in fp32, not the head's 1024 rows (262,144 bytes)
+    assert made.largest == 96 * 64 * 4 == 24_576
     target.close()

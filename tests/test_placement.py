@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 from helpers import assert_same_content, decoded_rows, says, small_config
-from tiny_targets import make_tiny_target
-from transformers import AutoConfig, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
+from tiny_targets import ARCHITECTURES, make_tiny_target
+from transformers import AutoConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3MoeConfig
 
 import builder.placement as placement_module
 from builder.errors import ConfigError
@@ -368,6 +368,11 @@ def test_a_gpu_group_without_gpus_is_refused_before_anything_is_written(tmp_path
     assert not (tmp_path / "cache").exists()
 
 
+def tiny_gpt2(n_inner: int | None) -> GPT2Config:
+    """TINY_DECODER's shape in GPT-2's names: it has no key-value heads of its own to set."""
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=1024, n_inner=n_inner, bos_token_id=0, eos_token_id=0)
+
+
 TINY_DECODER = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -468,13 +473,16 @@ def test_the_plan_counts_the_attention_masks_sdpa_is_given_for_the_largest_batch
             mlp_only_layers=[],
             **TINY_DECODER,
         ),
+        # GPT-2's MLP, 4 x n_embd wide by default, and 16 x n_embd where its config sets n_inner
+        tiny_gpt2(None),
+        tiny_gpt2(1024),
     ],
-    ids=["dense", "mixtral", "qwen3_moe", "qwen3_moe-wide-experts", "qwen2_moe-shared-expert"],
+    ids=["dense", "mixtral", "qwen3_moe", "qwen3_moe-wide-experts", "qwen2_moe-shared-expert", "gpt2", "gpt2-n_inner"],
 )
 def test_the_forwards_peak_above_the_weights_fits_the_plans_activations_and_aux_states(config):
     """A mixture of experts runs each token through num_experts_per_tok experts as that many sorted rows:
     the plan budgets their working set, not one dense MLP's, whatever the expert width, and any shared
-    expert beside them."""
+    expert beside them. GPT-2's ungated MLP is as wide as its n_inner."""
     import torch
     from helpers import AllocatedBytes
 
@@ -485,3 +493,35 @@ def test_the_forwards_peak_above_the_weights_fits_the_plans_activations_and_aux_
         target.forward(ids, attention)
     plan = plan_memory(config, gpus_per_target=1, max_tokens=tokens, num_aux_layers=2, dtype_bytes=4, aux_dtype="fp32")
     assert allocated.peak <= plan.activations + plan.aux_capture
+
+
+@pytest.mark.parametrize("n_inner, width", [(None, 4 * 64), (1024, 1024)])
+def test_the_plan_takes_gpt2s_mlp_width_from_n_inner_as_transformers_does(n_inner, width):
+    """GPT-2's config names its MLP width n_inner (None: 4 x n_embd), not intermediate_size. Its MLP (c_fc,
+    gelu_new, c_proj) holds c_fc's output and gelu_new's temporaries: four values of that width per token."""
+    config = tiny_gpt2(n_inner)
+    assert placement_module.mlp_width(config) == 4 * width
+    plan = plan_memory(config, gpus_per_target=1, max_tokens=1000, num_aux_layers=2, dtype_bytes=2)
+    # residual stream and norms (4H), the MLP (4I), q, k and v (3H), in bf16
+    assert plan.activations == 1000 * 2 * (4 * 64 + 4 * width + 3 * 64)
+    assert placement_module.dense_mlp_width(config) == width
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_plan_reads_the_mlp_width_each_tiny_architecture_builds(arch):
+    """The width the planner reads from a config is the one the target's MLP is built with: the
+    activations its last projection (down_proj, each expert's, or GPT-2's c_proj) takes."""
+    from tiny_targets import _config, tiny_tokenizer
+
+    from builder.target import EXPERT_COUNT_FIELDS, decoder_layers, text_config
+
+    config = _config(arch, tiny_tokenizer())
+    cfg = text_config(config)
+    params = dict(decoder_layers(meta_model(config), cfg.num_hidden_layers)[0].mlp.named_parameters())
+    if "c_proj.weight" in params:  # GPT-2's Conv1D stores [in, out]
+        built = params["c_proj.weight"].shape[0]
+    else:  # nn.Linear [out, in]; experts [E, out, in]
+        built = next(p for name, p in params.items() if "down_proj" in name).shape[-1]
+    experts = any(getattr(cfg, field, None) for field in EXPERT_COUNT_FIELDS)
+    planned = placement_module.expert_width(cfg) if experts else placement_module.dense_mlp_width(cfg)
+    assert planned == built == {"gpt2": 256, "qwen3_moe": 32}.get(arch, 128)
