@@ -19,6 +19,7 @@ from pathlib import Path
 from .build_state import holds_cache
 from .embedded import DEFAULT_INPUT, DEFAULT_TARGET
 from .errors import ConfigError
+from .files import expand_home
 from .formats import AUX_DTYPES, TARGET_FORMATS
 from .shards import COMPRESSIONS
 
@@ -78,6 +79,7 @@ def setting(
     metavar: str | None = None,
     parse=None,
     api_only: bool = False,
+    path: bool = False,
 ):
     """A BuildConfig field with what the command line and `validate` need to know about it.
 
@@ -86,6 +88,7 @@ def setting(
     (None), or a function of the value (a size in MiB); otherwise --help shows the value itself.
     `choices`, `minimum`: checked by `validate` (a clear error, not argparse's).
     `api_only`: no command-line option.
+    `path`: a leading `~` is the home folder (`expand_home`).
     """
     if group not in SETTING_GROUPS:
         raise ValueError(f"setting group {group!r}: expected one of {list(SETTING_GROUPS)}")
@@ -101,6 +104,7 @@ def setting(
         metavar=metavar,
         parse=parse,
         api_only=api_only,
+        path=path,
     )
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -108,11 +112,17 @@ def setting(
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
     # ---- target
-    target_model: str = setting(group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET)
+    target_model: str = setting(
+        group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET, path=True
+    )
     target_revision: str | None = setting(None, group="target", help="Hub revision (branch, tag or commit) of the target")
     trust_remote_code: bool = setting(False, group="target", help="allow custom model/tokenizer code from the target repo")
     chat_template: str | None = setting(
-        None, group="target", help="chat template overriding the tokenizer's: a Jinja file, or a chat_template.json", metavar="FILE"
+        None,
+        group="target",
+        help="chat template overriding the tokenizer's: a Jinja file, or a chat_template.json",
+        metavar="FILE",
+        path=True,
     )
     aux_layer_ids: tuple[int, ...] | None = setting(
         None, group="target", help="decoder layers whose outputs feed the draft", shown_default="1,N//2-1,N-4", parse=parse_layer_ids
@@ -122,6 +132,7 @@ class BuildConfig:
         group="input",
         help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name",
         cli_default=DEFAULT_INPUT,
+        path=True,
     )
     input_config: str | None = setting(
         None, group="input", help="dataset config name (a Hub dataset's, or one in a local folder's README.md configs)"
@@ -148,7 +159,7 @@ class BuildConfig:
         shown_default="supervised",
     )
     # ---- cache
-    output_dir: str = setting(group="cache", help="cache directory", cli_default="eagle3-cache-out")
+    output_dir: str = setting(group="cache", help="cache directory", cli_default="eagle3-cache-out", path=True)
     draft_vocab_size: int | None = setting(
         None, group="cache", help="draft vocabulary size", shown_default="the full target vocab", minimum=1
     )
@@ -192,6 +203,7 @@ class BuildConfig:
         group="placement",
         help='explicit placement: accelerate\'s "auto", "balanced", "balanced_low_0" or "sequential", a JSON object {module: device}, '
         "or a JSON file",
+        path=True,
     )
     # ---- run
     batch_size: int = setting(8, group="run", help="max samples per forward batch", minimum=1)
@@ -243,6 +255,12 @@ class BuildConfig:
     private: bool = setting(
         False, group="hub", help="create the repo private (without it: the namespace's default visibility; an existing repo keeps its own)"
     )
+
+    def __post_init__(self):
+        # The Python API reads `~/caches/x` as the command line's shell does (frozen: set once, here)
+        for f in settings():
+            if f.metadata["path"]:
+                object.__setattr__(self, f.name, expand_home(getattr(self, f.name)))
 
     def replace(self, **changes) -> BuildConfig:
         return dataclasses.replace(self, **changes)

@@ -242,3 +242,29 @@ def test_quiet_builds_draw_no_progress_bar(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert "Loading weights" not in captured.err and "it/s]" not in captured.err, captured.err[-2000:]
+
+
+def test_path_settings_expand_the_home_folder_as_the_shell_does(tmp_path, monkeypatch):
+    """`~` in a path given to the Python API means the home folder, as the command line's shell reads it: not a
+    folder named `~` under the working directory. Names that are not paths (a Hub id, an embedded name, a JSON
+    device map) are left as they are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "template.jinja").write_text("{{ messages }}")
+    cfg = BuildConfig(
+        target_model="~/models/llama",
+        input_data="~/chats.jsonl",
+        output_dir="~/caches/x",
+        chat_template="~/template.jinja",
+        device_map="~/map.json",
+    )
+    assert (cfg.target_model, cfg.input_data, cfg.output_dir, cfg.chat_template, cfg.device_map) == (
+        f"{tmp_path}/models/llama",
+        f"{tmp_path}/chats.jsonl",
+        f"{tmp_path}/caches/x",
+        f"{tmp_path}/template.jinja",
+        f"{tmp_path}/map.json",
+    )
+    assert cfg.replace(output_dir="~/caches/y").output_dir == f"{tmp_path}/caches/y"
+    named = BuildConfig(target_model="org/model", input_data="sample-chats", output_dir="out", device_map='{"": "cpu"}')
+    assert (named.target_model, named.input_data, named.output_dir, named.device_map) == ("org/model", "sample-chats", "out", '{"": "cpu"}')
+    validate(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir="~/out", chat_template="~/template.jinja"))
