@@ -309,6 +309,8 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.aux_layer_ids is not None:
         if not cfg.aux_layer_ids:
             raise ConfigError("--aux-layer-ids", cfg.aux_layer_ids, "at least one layer id")
+        if any(isinstance(i, bool) for i in cfg.aux_layer_ids):
+            raise ConfigError("--aux-layer-ids", cfg.aux_layer_ids, "integer layer ids", NOT_A_NUMBER)
         if len(set(cfg.aux_layer_ids)) != len(cfg.aux_layer_ids):
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
@@ -409,7 +411,8 @@ def _check_push_target(cfg: BuildConfig) -> None:
 
 
 def _check_declared(cfg: BuildConfig) -> None:
-    """Each setting's declared `minimum` and `choices`; None only where the setting's type has it (unset)."""
+    """Each setting's declared `minimum` and `choices`, an integer setting's type (a bool is none); None only where
+    the setting's type has it (unset)."""
     hints = typing.get_type_hints(BuildConfig)
     for f in settings():
         value = getattr(cfg, f.name)
@@ -417,8 +420,8 @@ def _check_declared(cfg: BuildConfig) -> None:
             if type(None) not in typing.get_args(hints[f.name]):
                 _refuse_none(f, hints[f.name])
             continue
-        if f.metadata["minimum"] is not None:
-            _at_least(flag_of(f.name), value, f.metadata["minimum"])
+        if int in (hints[f.name], *typing.get_args(hints[f.name])):
+            _an_integer(flag_of(f.name), value, f.metadata["minimum"])
         if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
             raise ConfigError(flag_of(f.name), value, f"one of {', '.join(f.metadata['choices'])}")
 
@@ -436,9 +439,16 @@ def _refuse_none(f: dataclasses.Field, hint) -> None:
     raise ConfigError(flag_of(f.name), None, expected, f"{advice}.")
 
 
-def _at_least(flag: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(flag, value, f"an integer >= {minimum}")
+NOT_A_NUMBER = "True and False are not numbers."
+
+
+def _an_integer(flag: str, value, minimum: int | None) -> None:
+    """bool is a subclass of int: `shard_size=True` would otherwise be taken as 1."""
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool):
+        raise ConfigError(flag, value, expected, NOT_A_NUMBER)
+    if not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ConfigError(flag, value, expected)
 
 
 def _check_output_dir(cfg: BuildConfig) -> None:

@@ -268,3 +268,29 @@ def test_path_settings_expand_the_home_folder_as_the_shell_does(tmp_path, monkey
     named = BuildConfig(target_model="org/model", input_data="sample-chats", output_dir="out", device_map='{"": "cpu"}')
     assert (named.target_model, named.input_data, named.output_dir, named.device_map) == ("org/model", "sample-chats", "out", '{"": "cpu"}')
     validate(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir="~/out", chat_template="~/template.jinja"))
+
+
+INTEGERS = [f for f in settings() if int in (HINTS[f.name], *getattr(HINTS[f.name], "__args__", ()))]
+
+
+@pytest.mark.parametrize("f", INTEGERS, ids=[f.name for f in INTEGERS])
+@pytest.mark.parametrize("flag_value", [True, False])
+def test_a_bool_is_refused_for_an_integer_setting(tmp_path, f, flag_value):
+    """bool is a subclass of int: `shard_size=True` must not be taken as 1 sample per shard."""
+    assert {"shard_size", "batch_size", "seq_length", "draft_vocab_size", "topk", "max_samples", "writer_threads"} <= {
+        f.name for f in INTEGERS
+    }
+    in_use = {"target_format": "topk"} if f.name == "topk" else {}
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), **in_use)
+    minimum = f.metadata["minimum"]
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected {expected}, got {flag_value}. True and False are not numbers.$"):
+        validate(base.replace(**{f.name: flag_value}))
+
+
+def test_a_bool_is_refused_as_an_aux_layer_id(tmp_path):
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    with pytest.raises(
+        ConfigError, match=r"^--aux-layer-ids: expected integer layer ids, got \(True, 3\). True and False are not numbers.$"
+    ):
+        validate(base.replace(aux_layer_ids=(True, 3)))
