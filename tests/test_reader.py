@@ -883,3 +883,20 @@ def test_a_raw_read_refuses_the_options_only_decoded_layouts_apply(cache, option
     with pytest.raises(ValueError, match=says(f"{option}: expected", "with layout='raw'", f"got {value!r}", "layout='nemo'")):
         load_cache(cache, layout="raw", streaming=streaming, **{option: value})
     assert set(next(iter(load_cache(cache, layout="raw", streaming=streaming, **{option: None if option != "spread_tail" else False}))))
+
+
+def test_a_cache_path_with_a_tilde_is_read_from_the_home_folder(cache, tmp_path, monkeypatch):
+    """`~` in a path given to the Python API means the home folder, as the command line's shell reads it; a build
+    given `~/...` writes there, not into a folder named `~` under the working directory."""
+    monkeypatch.setenv("HOME", str(cache.parent))
+    monkeypatch.chdir(tmp_path)
+    expected = load_cache(cache, layout="raw", streaming=False)
+    for streaming in (True, False):
+        read = load_cache(f"~/{cache.name}", layout="raw", streaming=streaming)
+        rows = list(read) if streaming else [read[i] for i in range(len(read))]
+        assert len(rows) == 14
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows, expected))
+    assert read_manifest(f"~/{cache.name}")["fingerprint"] == expected.manifest["fingerprint"]
+    built = build(small_config("~/built", max_samples=4), progress=False)
+    assert built.output_dir.resolve() == (cache.parent / "built").resolve()
+    assert (cache.parent / "built" / "README.md").is_file() and not (tmp_path / "~").exists()
