@@ -822,21 +822,25 @@ def test_a_damaged_shard_read_map_style_says_what_to_do(cache, tmp_path, monkeyp
         load_cache(copy, layout="raw", streaming=False)
 
 
-def test_a_damaged_shard_datasets_streams_itself_says_what_to_do(cache, tmp_path, monkeypatch):
-    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the file is not known."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_damaged_shard_datasets_streams_itself_is_named_with_what_to_do(cache, tmp_path, monkeypatch, num_workers):
+    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the shard is named
+    as where they are: Parquet's own error names no file."""
     import builder.reader as reader
     from builder.local_shards import DamagedShard
 
     monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)
-    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    copy, shard = damaged_copy(cache, tmp_path, slice(4, 40))
+    loader = torch.utils.data.DataLoader(load_cache(copy, layout="raw"), batch_size=2, num_workers=num_workers, collate_fn=ids)
     with pytest.raises(
         DamagedShard,
         match=says(
-            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"{shard}: the shard cannot be read (OSError: Couldn't deserialize thrift",
             f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
         ),
     ):
-        list(load_cache(copy, layout="raw"))
+        list(loader)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
