@@ -19,6 +19,7 @@ from pathlib import Path
 from .build_state import holds_cache
 from .embedded import DEFAULT_INPUT, DEFAULT_TARGET
 from .errors import ConfigError
+from .files import expand_home
 from .formats import AUX_DTYPES, TARGET_FORMATS
 from .shards import COMPRESSIONS
 
@@ -78,6 +79,7 @@ def setting(
     metavar: str | None = None,
     parse=None,
     api_only: bool = False,
+    path: bool = False,
 ):
     """A BuildConfig field with what the command line and `validate` need to know about it.
 
@@ -86,6 +88,7 @@ def setting(
     (None), or a function of the value (a size in MiB); otherwise --help shows the value itself.
     `choices`, `minimum`: checked by `validate` (a clear error, not argparse's).
     `api_only`: no command-line option.
+    `path`: a leading `~` is the home folder (`expand_home`).
     """
     if group not in SETTING_GROUPS:
         raise ValueError(f"setting group {group!r}: expected one of {list(SETTING_GROUPS)}")
@@ -101,6 +104,7 @@ def setting(
         metavar=metavar,
         parse=parse,
         api_only=api_only,
+        path=path,
     )
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -108,11 +112,17 @@ def setting(
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
     # ---- target
-    target_model: str = setting(group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET)
+    target_model: str = setting(
+        group="target", help="local model dir, Hub model id, or an embedded name", cli_default=DEFAULT_TARGET, path=True
+    )
     target_revision: str | None = setting(None, group="target", help="Hub revision (branch, tag or commit) of the target")
     trust_remote_code: bool = setting(False, group="target", help="allow custom model/tokenizer code from the target repo")
     chat_template: str | None = setting(
-        None, group="target", help="chat template overriding the tokenizer's: a Jinja file, or a chat_template.json", metavar="FILE"
+        None,
+        group="target",
+        help="chat template overriding the tokenizer's: a Jinja file, or a chat_template.json",
+        metavar="FILE",
+        path=True,
     )
     aux_layer_ids: tuple[int, ...] | None = setting(
         None, group="target", help="decoder layers whose outputs feed the draft", shown_default="1,N//2-1,N-4", parse=parse_layer_ids
@@ -122,6 +132,7 @@ class BuildConfig:
         group="input",
         help=".json/.jsonl/.parquet file, a directory of them, a saved dataset, a Hub dataset id, or an embedded name",
         cli_default=DEFAULT_INPUT,
+        path=True,
     )
     input_config: str | None = setting(
         None, group="input", help="dataset config name (a Hub dataset's, or one in a local folder's README.md configs)"
@@ -148,7 +159,7 @@ class BuildConfig:
         shown_default="supervised",
     )
     # ---- cache
-    output_dir: str = setting(group="cache", help="cache directory", cli_default="eagle3-cache-out")
+    output_dir: str = setting(group="cache", help="cache directory", cli_default="eagle3-cache-out", path=True)
     draft_vocab_size: int | None = setting(
         None, group="cache", help="draft vocabulary size", shown_default="the full target vocab", minimum=1
     )
@@ -192,6 +203,7 @@ class BuildConfig:
         group="placement",
         help='explicit placement: accelerate\'s "auto", "balanced", "balanced_low_0" or "sequential", a JSON object {module: device}, '
         "or a JSON file",
+        path=True,
     )
     # ---- run
     batch_size: int = setting(8, group="run", help="max samples per forward batch", minimum=1)
@@ -244,6 +256,12 @@ class BuildConfig:
         False, group="hub", help="create the repo private (without it: the namespace's default visibility; an existing repo keeps its own)"
     )
 
+    def __post_init__(self):
+        # The Python API reads `~/caches/x` as the command line's shell does (frozen: set once, here)
+        for f in settings():
+            if f.metadata["path"]:
+                object.__setattr__(self, f.name, expand_home(getattr(self, f.name)))
+
     def replace(self, **changes) -> BuildConfig:
         return dataclasses.replace(self, **changes)
 
@@ -291,6 +309,8 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.aux_layer_ids is not None:
         if not cfg.aux_layer_ids:
             raise ConfigError("--aux-layer-ids", cfg.aux_layer_ids, "at least one layer id")
+        if any(isinstance(i, bool) for i in cfg.aux_layer_ids):
+            raise ConfigError("--aux-layer-ids", cfg.aux_layer_ids, "integer layer ids", NOT_A_NUMBER)
         if len(set(cfg.aux_layer_ids)) != len(cfg.aux_layer_ids):
             raise ConfigError("--aux-layer-ids", list(cfg.aux_layer_ids), "distinct layer ids", "Remove the duplicates.")
     if cfg.chat_template is not None and not Path(cfg.chat_template).is_file():
@@ -391,7 +411,8 @@ def _check_push_target(cfg: BuildConfig) -> None:
 
 
 def _check_declared(cfg: BuildConfig) -> None:
-    """Each setting's declared `minimum` and `choices`; None only where the setting's type has it (unset)."""
+    """Each setting's declared `minimum` and `choices`, an integer setting's type (a bool is none); None only where
+    the setting's type has it (unset)."""
     hints = typing.get_type_hints(BuildConfig)
     for f in settings():
         value = getattr(cfg, f.name)
@@ -399,8 +420,8 @@ def _check_declared(cfg: BuildConfig) -> None:
             if type(None) not in typing.get_args(hints[f.name]):
                 _refuse_none(f, hints[f.name])
             continue
-        if f.metadata["minimum"] is not None:
-            _at_least(flag_of(f.name), value, f.metadata["minimum"])
+        if int in (hints[f.name], *typing.get_args(hints[f.name])):
+            _an_integer(flag_of(f.name), value, f.metadata["minimum"])
         if f.metadata["choices"] is not None and value not in f.metadata["choices"]:
             raise ConfigError(flag_of(f.name), value, f"one of {', '.join(f.metadata['choices'])}")
 
@@ -418,9 +439,16 @@ def _refuse_none(f: dataclasses.Field, hint) -> None:
     raise ConfigError(flag_of(f.name), None, expected, f"{advice}.")
 
 
-def _at_least(flag: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(flag, value, f"an integer >= {minimum}")
+NOT_A_NUMBER = "True and False are not numbers."
+
+
+def _an_integer(flag: str, value, minimum: int | None) -> None:
+    """bool is a subclass of int: `shard_size=True` would otherwise be taken as 1."""
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool):
+        raise ConfigError(flag, value, expected, NOT_A_NUMBER)
+    if not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ConfigError(flag, value, expected)
 
 
 def _check_output_dir(cfg: BuildConfig) -> None:

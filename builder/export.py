@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .errors import Eagle3CacheError
 from .faults import FaultPoints
-from .files import DISK_FULL_ERRNOS, TEMP_GLOB, fsync_dir, fsync_file, mode_of_open, temp_path
+from .files import DISK_FULL_ERRNOS, TEMP_GLOB, expand_home, fsync_dir, fsync_file, mode_of_open, temp_path
 from .formats import TORCH_DTYPES
 from .hub import NAME_PATTERN, has_repo_id_shape, is_hub_location
 from .manifest import config_not_offered
@@ -77,7 +77,7 @@ def export_cache(
     `name`: the config (sub-folder) of a repo or folder holding several caches, as load_cache's;
     `revision`: the branch, tag or commit of a Hub repo id (default: main).
     Every refusal (the format, OUT, the cache, the target) comes before anything is made."""
-    cache, out = Path(cache_dir), Path(out_dir)
+    cache, out = expand_home(Path(cache_dir)), expand_home(Path(out_dir))
     if to not in EXPORTS:
         raise ExportError(f"--to: expected one of {', '.join(EXPORTS)}, got {to!r}")
     check_out_folder(out)

@@ -26,6 +26,17 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
+def expand_home(path):
+    """A path given to the Python API with `~` (or `~user`) at its start made the home folder, as the shell
+    makes it for the command line: not a folder named `~` under the working directory. Anything else passes
+    unchanged, of the type given: a Hub repo id, an embedded name or a JSON object never starts with `~`."""
+    if isinstance(path, str) and path.startswith("~"):
+        return os.path.expanduser(path)
+    if isinstance(path, Path) and path.parts[:1] and path.parts[0].startswith("~"):
+        return Path(os.path.expanduser(path))
+    return path
+
+
 def temp_path(path: Path) -> Path:
     """Where `path` is written before it is complete: a hidden name in the same folder (so the
     final rename stays on one file system), per process (ranks never share one)."""

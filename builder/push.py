@@ -46,7 +46,7 @@ from dataset_card.render import UserParts, entry_of_a_damaged_card, merge_user_p
 
 from .build_state import read_sidecar, sidecar_path
 from .card import damaged_card_parts, existing_pictures, local_user_parts
-from .files import file_hash, write_json_atomic
+from .files import expand_home, file_hash, write_json_atomic
 from .hub import REPO_TYPE, RERUN, Cancelled, HubError, Retry, download_file, http_status, hub_api, hub_endpoint, remote_files, remote_paths
 from .lock import hold_for_push
 from .manifest import (
@@ -558,7 +558,7 @@ def push_cache(
 ) -> PushResult:
     """Push a finished cache directory (`eagle3-cache push`); re-running resumes an interrupted push.
     It holds the cache's lock meanwhile: refused while a build writes the cache, it keeps builds off it."""
-    cache_dir = Path(cache_dir)
+    cache_dir = expand_home(Path(cache_dir))
     validate_target(target)
     refuse_no_local_directory(cache_dir)
     lock = hold_for_push(cache_dir)

@@ -886,9 +886,10 @@ def _load_rows(
     if source.on_hub:  # `datasets` asks the Hub about the repo first: one 429 or 503 must not stop a training start
         load = functools.partial(retry or Retry(), "open the shards", load, source.location, explain_permanent=False)
     hf = opened(load, source)
-    if streaming and source.on_hub:
+    memory_mapped = streaming and not source.on_hub and memory_map_local_shards(hf)
+    if streaming and not memory_mapped:  # a stream `datasets` reads itself: from the Hub, or a local shard it could not map
         name_the_shard_of_read_errors(hf)
-    return hf, streaming and not source.on_hub and memory_map_local_shards(hf)
+    return hf, memory_mapped
 
 
 def name_the_shard_of_read_errors(hf) -> None:
@@ -902,8 +903,8 @@ def name_the_shard_of_read_errors(hf) -> None:
 
 class TablesNamingTheirFile:
     """`datasets`' Parquet table generator, run one file at a time, so that an error reading a file carries its
-    name (`hub.SHARD_FILE`, read by `hub.read_error`): Parquet's own errors name none. The same tables, with the
-    same keys. Picklable, as the generator it wraps (DataLoader workers)."""
+    name (`hub.SHARD_FILE`, read by `hub.read_error` and `local_read_error`): Parquet's own errors name none.
+    The same tables, with the same keys. Picklable, as the generator it wraps (DataLoader workers)."""
 
     def __init__(self, generate):
         self.generate = generate
@@ -981,10 +982,16 @@ def verify_target(source: CacheSource) -> str:
 
 def local_read_error(err: BaseException, reopened: int, source: CacheSource) -> BaseException:
     """A local stream's failure as the user's error: a shard `datasets` read itself (not memory-mapped)
-    fails with Parquet's error, which names no file. Any other error is raised as it is."""
+    fails with Parquet's error, which names no file: named by the file `TablesNamingTheirFile` noted on it,
+    as a memory-mapped shard is. Any other error is raised as it is."""
+    from .hub import SHARD_FILE
+
     if not _read_failure(err):
         return err
-    return damaged_shard(source.describe(), verify_target(source), err, SHARD_DAMAGED)
+    shard = getattr(err, SHARD_FILE, None)
+    if shard is None:  # a stream `datasets` built in another way (another version): the shard is not known
+        return damaged_shard(source.describe(), verify_target(source), err, SHARD_DAMAGED)
+    return damaged_shard(shard, verify_target(source), err)
 
 
 def local_scan_options():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dataset_card import data_prefix
 
+from .files import expand_home
 from .hub import Retry, download_file, is_hub_location, resolve_commit
 
 
@@ -48,6 +49,7 @@ def open_source(
     location: str | Path, *, revision: str | None = None, name: str | None = None, token: str | None = None, retry=None
 ) -> CacheSource:
     """`retry`: a `builder.hub.Retry` for the Hub's answer (None: the default)."""
+    location = expand_home(location)
     if is_hub_location(location):
         commit = resolve_commit(str(location), revision, token, retry)
         return CacheSource(str(location), data_prefix(name), name, commit, token, retry, revision)

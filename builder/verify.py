@@ -39,7 +39,7 @@ from dataset_card.render import features, shard_files
 from .batching import pad_batch, plan_batches, row_windows, window_bytes
 from .build_state import read_sidecar
 from .errors import ConfigError, Eagle3CacheError
-from .files import HASHES, file_hash, new_hash
+from .files import HASHES, expand_home, file_hash, new_hash
 from .formats import Layout, encode_aux, encode_targets
 from .manifest import (
     INDEX_KEY,
@@ -84,6 +84,7 @@ def verify_cache(
     `trust_remote_code`: the recompute may run the target's own code, where its build did."""
     if recompute < 0:
         raise ConfigError("--recompute", recompute, "a whole number of samples, 0 or more (0: recompute none)")
+    location = expand_home(location)
     refuse_flags_without_use(location, recompute, seed, target_model, revision)
     fix = Repair.of(location, revision, name)
     out, files = cache_folder(location, revision, name, fix)

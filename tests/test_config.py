@@ -242,3 +242,55 @@ def test_quiet_builds_draw_no_progress_bar(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert "Loading weights" not in captured.err and "it/s]" not in captured.err, captured.err[-2000:]
+
+
+def test_path_settings_expand_the_home_folder_as_the_shell_does(tmp_path, monkeypatch):
+    """`~` in a path given to the Python API means the home folder, as the command line's shell reads it: not a
+    folder named `~` under the working directory. Names that are not paths (a Hub id, an embedded name, a JSON
+    device map) are left as they are."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "template.jinja").write_text("{{ messages }}")
+    cfg = BuildConfig(
+        target_model="~/models/llama",
+        input_data="~/chats.jsonl",
+        output_dir="~/caches/x",
+        chat_template="~/template.jinja",
+        device_map="~/map.json",
+    )
+    assert (cfg.target_model, cfg.input_data, cfg.output_dir, cfg.chat_template, cfg.device_map) == (
+        f"{tmp_path}/models/llama",
+        f"{tmp_path}/chats.jsonl",
+        f"{tmp_path}/caches/x",
+        f"{tmp_path}/template.jinja",
+        f"{tmp_path}/map.json",
+    )
+    assert cfg.replace(output_dir="~/caches/y").output_dir == f"{tmp_path}/caches/y"
+    named = BuildConfig(target_model="org/model", input_data="sample-chats", output_dir="out", device_map='{"": "cpu"}')
+    assert (named.target_model, named.input_data, named.output_dir, named.device_map) == ("org/model", "sample-chats", "out", '{"": "cpu"}')
+    validate(BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir="~/out", chat_template="~/template.jinja"))
+
+
+INTEGERS = [f for f in settings() if int in (HINTS[f.name], *getattr(HINTS[f.name], "__args__", ()))]
+
+
+@pytest.mark.parametrize("f", INTEGERS, ids=[f.name for f in INTEGERS])
+@pytest.mark.parametrize("flag_value", [True, False])
+def test_a_bool_is_refused_for_an_integer_setting(tmp_path, f, flag_value):
+    """bool is a subclass of int: `shard_size=True` must not be taken as 1 sample per shard."""
+    assert {"shard_size", "batch_size", "seq_length", "draft_vocab_size", "topk", "max_samples", "writer_threads"} <= {
+        f.name for f in INTEGERS
+    }
+    in_use = {"target_format": "topk"} if f.name == "topk" else {}
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"), **in_use)
+    minimum = f.metadata["minimum"]
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    with pytest.raises(ConfigError, match=rf"^{flag_of(f.name)}: expected {expected}, got {flag_value}. True and False are not numbers.$"):
+        validate(base.replace(**{f.name: flag_value}))
+
+
+def test_a_bool_is_refused_as_an_aux_layer_id(tmp_path):
+    base = BuildConfig(target_model="tiny-llama", input_data="sample-chats", output_dir=str(tmp_path / "out"))
+    with pytest.raises(
+        ConfigError, match=r"^--aux-layer-ids: expected integer layer ids, got \(True, 3\). True and False are not numbers.$"
+    ):
+        validate(base.replace(aux_layer_ids=(True, 3)))

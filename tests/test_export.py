@@ -106,6 +106,16 @@ def test_nemo_export_matches_the_reader_padded_to_seq_length(probs_cache, tmp_pa
     assert embeddings.dtype == torch.float32 and torch.equal(embeddings, model.get_input_embeddings().weight)
 
 
+def test_export_paths_with_a_tilde_are_in_the_home_folder(probs_cache, tmp_path, monkeypatch):
+    """`~` means the home folder, as the command line's shell reads it, for the cache and OUT alike:
+    not a folder named `~` under the working directory."""
+    monkeypatch.setenv("HOME", str(probs_cache.parent))
+    monkeypatch.chdir(tmp_path)
+    assert export_cache(f"~/{probs_cache.name}", "nemo", "~/nemo", progress=False) == probs_cache.parent / "nemo"
+    assert json.loads((probs_cache.parent / "nemo" / "manifest.json").read_text())["num_samples"] == 14
+    assert not (tmp_path / "~").exists()
+
+
 def test_nemo_pad_id_is_the_one_nemo_loads_the_tokenizer_with(tmp_path):
     """NeMo's tokenizer pads with its pad id, 0 where it has none (as NeMo's loader sets it) or where it is 0."""
     from tiny_targets import target_without_pad_token

@@ -66,6 +66,15 @@ def data_files(hub, repo, revision) -> list[str]:
 # ---- push, then stream back -------------------------------------------------------------------
 
 
+def test_a_cache_path_with_a_tilde_is_pushed_from_the_home_folder(hub, v1, tmp_path, monkeypatch):
+    """`~` means the home folder, as the command line's shell reads it; a repo id is no path and is left as it is."""
+    monkeypatch.setenv("HOME", str(v1.parent))
+    monkeypatch.chdir(tmp_path)
+    result = push(f"~/{v1.name}", "tester/from-home")
+    assert len(result.uploaded) == 4 and not result.skipped
+    assert data_files(hub, "tester/from-home", "main") == [f"data/{shard.name}" for shard in sorted((v1 / "data").iterdir())]
+
+
 def test_push_then_stream_yields_the_local_cache(hub, v1):
     result = push(v1, "tester/roundtrip", tag="v1")
     assert result.tag == "v1" and len(result.uploaded) == 4 and not result.skipped

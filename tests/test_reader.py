@@ -822,21 +822,25 @@ def test_a_damaged_shard_read_map_style_says_what_to_do(cache, tmp_path, monkeyp
         load_cache(copy, layout="raw", streaming=False)
 
 
-def test_a_damaged_shard_datasets_streams_itself_says_what_to_do(cache, tmp_path, monkeypatch):
-    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the file is not known."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_damaged_shard_datasets_streams_itself_is_named_with_what_to_do(cache, tmp_path, monkeypatch, num_workers):
+    """Where the shards are not memory-mapped (read through `datasets`' file, as from the Hub), the shard is named
+    as where they are: Parquet's own error names no file."""
     import builder.reader as reader
     from builder.local_shards import DamagedShard
 
     monkeypatch.setattr(reader, "memory_map_local_shards", lambda hf: False)
-    copy, _ = damaged_copy(cache, tmp_path, slice(4, 40))
+    copy, shard = damaged_copy(cache, tmp_path, slice(4, 40))
+    loader = torch.utils.data.DataLoader(load_cache(copy, layout="raw"), batch_size=2, num_workers=num_workers, collate_fn=ids)
     with pytest.raises(
         DamagedShard,
         match=says(
-            f"{copy}: a shard is damaged: `datasets` could not read its shards (OSError: Couldn't deserialize thrift",
+            f"{shard}: the shard cannot be read (OSError: Couldn't deserialize thrift",
             f"`eagle3-cache verify {copy}` checks every shard against the checksums its card records",
+            "delete each shard it names and run the build again with --resume",
         ),
     ):
-        list(load_cache(copy, layout="raw"))
+        list(loader)
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -883,3 +887,20 @@ def test_a_raw_read_refuses_the_options_only_decoded_layouts_apply(cache, option
     with pytest.raises(ValueError, match=says(f"{option}: expected", "with layout='raw'", f"got {value!r}", "layout='nemo'")):
         load_cache(cache, layout="raw", streaming=streaming, **{option: value})
     assert set(next(iter(load_cache(cache, layout="raw", streaming=streaming, **{option: None if option != "spread_tail" else False}))))
+
+
+def test_a_cache_path_with_a_tilde_is_read_from_the_home_folder(cache, tmp_path, monkeypatch):
+    """`~` in a path given to the Python API means the home folder, as the command line's shell reads it; a build
+    given `~/...` writes there, not into a folder named `~` under the working directory."""
+    monkeypatch.setenv("HOME", str(cache.parent))
+    monkeypatch.chdir(tmp_path)
+    expected = load_cache(cache, layout="raw", streaming=False)
+    for streaming in (True, False):
+        read = load_cache(f"~/{cache.name}", layout="raw", streaming=streaming)
+        rows = list(read) if streaming else [read[i] for i in range(len(read))]
+        assert len(rows) == 14
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows, expected))
+    assert read_manifest(f"~/{cache.name}")["fingerprint"] == expected.manifest["fingerprint"]
+    built = build(small_config("~/built", max_samples=4), progress=False)
+    assert built.output_dir.resolve() == (cache.parent / "built").resolve()
+    assert (cache.parent / "built" / "README.md").is_file() and not (tmp_path / "~").exists()

@@ -51,6 +51,15 @@ def test_intact_cache_passes_with_recompute(intact):
     assert verify_cache(intact, recompute=5, seed=3) == []
 
 
+def test_a_cache_path_with_a_tilde_is_verified_in_the_home_folder(cache, tmp_path, monkeypatch):
+    """`~` means the home folder, as the command line's shell reads it: what is checked is the cache there."""
+    monkeypatch.setenv("HOME", str(cache.parent))
+    monkeypatch.chdir(cache)
+    assert verify_cache(f"~/{cache.name}") == []
+    (cache / "data" / "train-00000-of-00004.parquet").unlink()
+    assert any("train-00000-of-00004.parquet" in problem for problem in verify_cache(f"~/{cache.name}"))
+
+
 @pytest.mark.parametrize(
     "settings",
     [
