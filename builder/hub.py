@@ -327,19 +327,10 @@ def _url_of(err: BaseException, attribute: str) -> str:
         return ""
 
 
-def read_error(
-    err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int, name: str | None = None
-) -> Eagle3CacheError:
-    """A user-facing error for a streaming read that failed for good: which file, which version, why.
-    Bytes Parquet cannot decode are a damaged shard (`DamagedShard`), with verify's check and the repair."""
-    import pyarrow as pa
-
+def read_error(err: BaseException, repo_id: str, revision: str | None, commit: str, reopened: int) -> HubError:
+    """A user-facing error for a streaming read that failed for good: which file, which version, why."""
     path = failed_path(err) or "a data file"
-    status = http_status(err)
-    while status is None and err.__cause__ is not None:  # `datasets` wraps the client's error
-        err = err.__cause__
-        status = http_status(err)
-    version = f"revision {revision!r} (commit {commit[:12]})" if revision else f"commit {commit[:12]} of the default branch"
+    err, status = answer_behind(err)
     if status == 404:
         hint = "the file is not in that commit any more (deleted, or the history was rewritten): open a revision that holds it"
     elif status in (401, 403):
@@ -349,24 +340,31 @@ def read_error(
             f"the Hub kept failing ({err}) after {reopened} reopening(s); keep `dataset.state_dict()` "
             "and resume from it with `load_state_dict()` once the Hub answers again"
         )
-    elif isinstance(err, (OSError, pa.ArrowException)):  # no Hub answer or broken connection behind it: Parquet's, on the bytes
-        return damaged_hub_shard(err, f"streaming {repo_id}: {path} at {version}", repo_id, revision, name)
     else:
         hint = str(err)
-    return HubError(f"streaming {repo_id}: reading {path} at {version} failed: {hint}")
+    return HubError(f"streaming {repo_id}: reading {path} at {read_version(revision, commit)} failed: {hint}")
 
 
-def damaged_hub_shard(
-    err: BaseException, where: str, repo_id: str, revision: str | None, name: str | None, what: str = "the shard is damaged"
-) -> Eagle3CacheError:
-    from .local_shards import DamagedShard
-    from .repair import Repair
+def answer_behind(err: BaseException) -> tuple[BaseException, int | None]:
+    """The error in `err`'s cause chain that carries the Hub's HTTP status, and that status; `err` and None
+    where no answer is behind it (`datasets` wraps the client's error)."""
+    status = http_status(err)
+    while status is None and err.__cause__ is not None:
+        err = err.__cause__
+        status = http_status(err)
+    return err, status
 
-    verify = f"eagle3-cache verify {repo_id}" + (f" --revision {revision}" if revision else "") + (f" --name {name}" if name else "")
-    return DamagedShard(
-        f"{where}: {what} ({type(err).__name__}: {err}). `{verify}` checks every shard against the "
-        f"checksums its card records; to repair: {Repair(repo_id, revision, name).push_again()}"
-    )
+
+def undecodable(err: BaseException) -> bool:
+    """A read that failed on the bytes it got, not on the Hub's answer or the connection: Parquet's error."""
+    import pyarrow as pa
+
+    err, status = answer_behind(err)
+    return status is None and not is_transient(err) and isinstance(err, (OSError, pa.ArrowException))
+
+
+def read_version(revision: str | None, commit: str) -> str:
+    return f"revision {revision!r} (commit {commit[:12]})" if revision else f"commit {commit[:12]} of the default branch"
 
 
 def remote_file_sizes(repo_id: str, revision: str, folder: str, token: str | None = None) -> dict[str, tuple[int, str | None]]:

@@ -946,8 +946,6 @@ def opened(load: functools.partial, source: CacheSource):
         if not _read_failure(err.__cause__):
             raise
         if source.on_hub:  # the shards were downloaded whole before: the bytes served are damaged
-            from .hub import damaged_hub_shard
-
             raise damaged_hub_shard(err.__cause__, source.describe(), source.location, source.revision, source.name, SHARD_DAMAGED) from err
         raise damaged_shard(source.describe(), verify_target(source), err.__cause__, SHARD_DAMAGED) from err
     except ValueError as err:
@@ -992,6 +990,30 @@ def local_read_error(err: BaseException, reopened: int, source: CacheSource) -> 
     if shard is None:  # a stream `datasets` built in another way (another version): the shard is not known
         return damaged_shard(source.describe(), verify_target(source), err, SHARD_DAMAGED)
     return damaged_shard(shard, verify_target(source), err)
+
+
+def hub_read_error(err: BaseException, reopened: int, source: CacheSource, revision: str | None) -> BaseException:
+    """A Hub stream's failure as the user's error: bytes Parquet cannot decode are a damaged shard, named by
+    the file `TablesNamingTheirFile` noted on the error, with verify's check and the repair; the Hub's
+    answers and broken connections as the Hub client tells them (`hub.read_error`)."""
+    from .hub import failed_path, read_error, read_version, undecodable
+
+    if undecodable(err):
+        where = f"streaming {source.location}: {failed_path(err) or 'a data file'} at {read_version(revision, source.commit)}"
+        return damaged_hub_shard(err, where, source.location, revision, source.name)
+    return read_error(err, source.location, revision, source.commit, reopened)
+
+
+def damaged_hub_shard(
+    err: BaseException, where: str, repo_id: str, revision: str | None, name: str | None, what: str = "the shard is damaged"
+) -> DamagedShard:
+    from .repair import Repair
+
+    verify = f"eagle3-cache verify {repo_id}" + (f" --revision {revision}" if revision else "") + (f" --name {name}" if name else "")
+    return DamagedShard(
+        f"{where}: {what} ({type(err).__name__}: {err}). `{verify}` checks every shard against the "
+        f"checksums its card records; to repair: {Repair(repo_id, revision, name).push_again()}"
+    )
 
 
 def local_scan_options():
@@ -1122,9 +1144,7 @@ def load_cache(
         track_shards(shards)
         describe = functools.partial(local_read_error, source=source)
         if source.on_hub:
-            from .hub import read_error
-
-            describe = functools.partial(read_error, repo_id=source.location, revision=revision, commit=source.commit, name=source.name)
+            describe = functools.partial(hub_read_error, source=source, revision=revision)
         dataset = StreamingCacheDataset(
             hf,
             transform,
